@@ -1,0 +1,5 @@
+"""KV cache pytrees and policies."""
+
+from kvjax.cache.dense import KVCache
+
+__all__ = ["KVCache"]

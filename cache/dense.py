@@ -1,0 +1,65 @@
+"""Dense KV cache: a pytree of per-layer keys/values stacked on a leading layer axis."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["k", "v", "pos", "length"], meta_fields=[])
+@dataclasses.dataclass
+class KVCache:
+  """Keys after RoPE. Invariants: row b's slots [0, length[b]) hold its tokens in order,
+  `pos[b, s]` is the position of the token in slot s, slots at and past `length[b]` are free
+  (their contents are undefined and never attended).
+
+  k, v: [L, B, S, K, H]; pos: [B, S] int32; length: [B] int32.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  pos: jax.Array
+  length: jax.Array
+
+  @classmethod
+  def init(cls, *, n_layers: int, batch: int, size: int, n_kv_heads: int, head_dim: int,
+           dtype=jnp.float32) -> KVCache:
+    shape = (n_layers, batch, size, n_kv_heads, head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               pos=jnp.full((batch, size), -1, jnp.int32), length=jnp.zeros((batch,), jnp.int32))
+
+  @property
+  def size(self) -> int:
+    return self.k.shape[2]
+
+  @property
+  def batch(self) -> int:
+    return self.k.shape[1]
+
+  def visible(self) -> jax.Array:
+    """[B, S] bool: the filled slots."""
+    return jnp.arange(self.size)[None, :] < self.length[:, None]
+
+  def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, n_new: jax.Array,
+            layers: tuple[int, int] | None = None, advance: bool = True) -> KVCache:
+    """Stores T new tokens per row at slots [length, length + T); advances length by n_new.
+
+    k, v: [L', B, T, K, H] for the layers `layers` = [start, stop) (all when None);
+    positions: [B, T]; n_new: [B] count of real (non-padding) tokens, <= T. With
+    advance=False the length stays, so a later write for other layers of the same tokens
+    lands in the same slots. Slots past `size` are dropped: callers check capacity first.
+    """
+    start, stop = layers or (0, self.k.shape[0])
+    B, T = positions.shape
+    slots = self.length[:, None] + jnp.arange(T)[None, :]  # [B, T]
+    rows = jnp.arange(B)[:, None]
+    new_k = self.k.at[start:stop, rows, slots].set(k.astype(self.k.dtype), mode="drop")
+    new_v = self.v.at[start:stop, rows, slots].set(v.astype(self.v.dtype), mode="drop")
+    real = jnp.arange(T)[None, :] < n_new[:, None]
+    pos = self.pos.at[rows, slots].set(jnp.where(real, positions, -1), mode="drop")
+    length = self.length + n_new if advance else self.length
+    return KVCache(k=new_k, v=new_v, pos=pos, length=length)

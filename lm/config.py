@@ -1,0 +1,193 @@
+"""Architecture config: one frozen dataclass covers every supported family by flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2")
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
+               "gelu_new": "gelu_tanh", "gelu": "gelu"}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class ConfigError(ValueError):
+  """A config.json that kvjax cannot run (unknown family, unsupported option)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+  """Decoder-only transformer. Hashable: passed to `jax.jit` as a static argument.
+
+  `windows[l]` is layer l's sliding window (a key at position p is visible to a query at q
+  iff q - p < window), 0 for global attention.
+  """
+
+  family: str = "llama"
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  ffn_dim: int
+  norm_eps: float = 1e-6
+  max_position: int = 2048
+  act: str = "silu"  # silu | gelu_tanh | gelu
+  # RoPE
+  rope_theta: float = 10000.0
+  rope_type: str = "default"  # default | linear | llama3
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
+  # family flags
+  qkv_bias: bool = False  # Qwen2; Llama's attention_bias sets qkv_bias and o_bias
+  o_bias: bool = False
+  mlp_bias: bool = False
+  norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + w)
+  scale_embeddings: bool = False  # Gemma: embeddings times sqrt(D)
+  tie_embeddings: bool = False
+  post_norms: bool = False  # Gemma-2: norms after attention and after the MLP too
+  query_pre_attn_scalar: float | None = None  # Gemma-2: scores scaled by this**-0.5
+  attn_softcap: float | None = None
+  final_softcap: float | None = None
+  windows: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ConfigError(f"family {self.family!r} is not one of {FAMILIES}")
+    if self.act not in ("silu", "gelu_tanh", "gelu"):
+      raise ConfigError(f"act {self.act!r} is not one of silu, gelu_tanh, gelu")
+    if self.rope_type not in ROPE_TYPES:
+      raise ConfigError(f"rope_type {self.rope_type!r} is not one of {ROPE_TYPES}")
+    if self.n_heads % self.n_kv_heads:
+      raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+    if not self.windows:
+      object.__setattr__(self, "windows", (0,) * self.n_layers)
+    if len(self.windows) != self.n_layers:
+      raise ConfigError(f"windows has {len(self.windows)} entries for {self.n_layers} layers")
+
+  @property
+  def query_scale(self) -> float:
+    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+  @property
+  def n_params(self) -> int:
+    D, F, N, K, H, V = (self.d_model, self.ffn_dim, self.n_heads, self.n_kv_heads,
+                        self.head_dim, self.vocab_size)
+    per_layer = D * (N + 2 * K) * H + N * H * D + 3 * D * F + (4 if self.post_norms else 2) * D
+    return V * D * (1 if self.tie_embeddings else 2) + self.n_layers * per_layer + D
+
+
+def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
+  """Maps a Hugging Face `config.json` dict (transformers 4.x or 5.x layout) to a Config."""
+  family = hf.get("model_type")
+  if family not in FAMILIES:
+    raise ConfigError(f"{source}: model_type {family!r} is not supported; expected one of {FAMILIES}")
+
+  def need(key):
+    if key not in hf:
+      raise ConfigError(f"{source}: missing required field {key!r} for model_type {family!r}")
+    return hf[key]
+
+  D, N = need("hidden_size"), need("num_attention_heads")
+  L = need("num_hidden_layers")
+  rope = dict(hf.get("rope_parameters") or {})
+  if hf.get("rope_scaling"):  # transformers 4.x
+    rope.update(hf["rope_scaling"])
+  if set(rope) & {"full_attention", "sliding_attention"}:
+    raise ConfigError(f"{source}: per-layer-type rope_parameters are not supported")
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in ROPE_TYPES:
+    raise ConfigError(f"{source}: rope type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
+  act_name = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+  if act_name not in ACTIVATIONS:
+    raise ConfigError(f"{source}: activation {act_name!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
+
+  window = hf.get("sliding_window") or 0
+  layer_types = hf.get("layer_types")
+  if family == "qwen2" and not hf.get("use_sliding_window", False):
+    window = 0
+  if layer_types is not None:
+    if len(layer_types) != L:
+      raise ConfigError(f"{source}: layer_types has {len(layer_types)} entries for {L} layers")
+    windows = tuple(window if t == "sliding_attention" else 0 for t in layer_types)
+  elif family == "gemma2":
+    windows = tuple(window if i % 2 == 0 else 0 for i in range(L))
+  else:
+    windows = (window,) * L
+
+  gemma = family in ("gemma", "gemma2")
+  attention_bias = bool(hf.get("attention_bias", False))
+  return Config(
+      family=family,
+      vocab_size=need("vocab_size"),
+      d_model=D,
+      n_layers=L,
+      n_heads=N,
+      n_kv_heads=hf.get("num_key_value_heads") or N,
+      head_dim=hf.get("head_dim") or D // N,
+      ffn_dim=need("intermediate_size"),
+      norm_eps=hf.get("rms_norm_eps", 1e-6),
+      max_position=hf.get("max_position_embeddings", 2048),
+      act=ACTIVATIONS[act_name],
+      rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+      rope_type=rope_type,
+      rope_factor=float(rope.get("factor", 1.0)),
+      rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+      rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+      rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
+      qkv_bias=family == "qwen2" or attention_bias,
+      o_bias=attention_bias and family != "qwen2",
+      mlp_bias=bool(hf.get("mlp_bias", False)),
+      norm_plus_one=gemma,
+      scale_embeddings=gemma,
+      tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+      post_norms=family == "gemma2",
+      query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if family == "gemma2" else None,
+      attn_softcap=hf.get("attn_logit_softcapping") if family == "gemma2" else None,
+      final_softcap=hf.get("final_logit_softcapping") if family == "gemma2" else None,
+      windows=windows,
+  )
+
+
+def to_hf(cfg: Config) -> dict[str, Any]:
+  """The inverse of `from_hf`: a config.json dict that transformers loads."""
+  hf: dict[str, Any] = {
+      "model_type": cfg.family,
+      "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                         "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM",
+                         "gemma2": "Gemma2ForCausalLM"}[cfg.family]],
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.d_model,
+      "num_hidden_layers": cfg.n_layers,
+      "num_attention_heads": cfg.n_heads,
+      "num_key_value_heads": cfg.n_kv_heads,
+      "head_dim": cfg.head_dim,
+      "intermediate_size": cfg.ffn_dim,
+      "rms_norm_eps": cfg.norm_eps,
+      "max_position_embeddings": cfg.max_position,
+      "hidden_act": {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}[cfg.act],
+      "rope_theta": cfg.rope_theta,
+      "tie_word_embeddings": cfg.tie_embeddings,
+  }
+  if cfg.rope_type != "default":
+    hf["rope_scaling"] = {"rope_type": cfg.rope_type, "factor": cfg.rope_factor}
+    if cfg.rope_type == "llama3":
+      hf["rope_scaling"].update(
+          low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+          original_max_position_embeddings=cfg.rope_original_max_position)
+  if cfg.family == "llama":
+    hf["attention_bias"] = cfg.o_bias
+    hf["mlp_bias"] = cfg.mlp_bias
+  if cfg.family == "gemma2":
+    hf["hidden_activation"] = hf["hidden_act"]
+    hf.update(query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+              attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap)
+  if any(cfg.windows):
+    hf["sliding_window"] = max(cfg.windows)
+    if cfg.family in ("gemma2", "qwen2"):
+      hf["layer_types"] = ["sliding_attention" if w else "full_attention" for w in cfg.windows]
+      hf["use_sliding_window"] = True
+  return hf

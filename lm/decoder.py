@@ -1,0 +1,269 @@
+"""The decoder: Flax NNX modules for every supported family, layers stacked under `lax.scan`.
+
+One forward serves every method: tokens or input embeddings or a mid-stack hidden state in,
+explicit positions, the default causal mask or a caller's mask (e.g. a draft tree), an optional
+layer range, and on request each layer's input hidden state and new K/V.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kvjax.cache.dense import KVCache
+from kvjax.lm import rope
+from kvjax.lm.attention import attend
+from kvjax.lm.config import Config
+
+
+def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, cfg: Config, dtype):
+    self.eps = cfg.norm_eps
+    self.plus_one = cfg.norm_plus_one
+    self.scale = nnx.Param(jnp.zeros((cfg.d_model,), dtype) if cfg.norm_plus_one
+                           else jnp.ones((cfg.d_model,), dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    w = self.scale[...].astype(jnp.float32)
+    return (xf * (1.0 + w if self.plus_one else w)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Projections only; the attention itself is `attend` over cache + new key blocks."""
+
+  def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype):
+    D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    self.q = _init(rngs, (D, N, H), dtype)
+    self.k = _init(rngs, (D, K, H), dtype)
+    self.v = _init(rngs, (D, K, H), dtype)
+    self.o = _init(rngs, (N, H, D), dtype)
+    if cfg.qkv_bias:
+      self.q_bias = nnx.Param(jnp.zeros((N, H), dtype))
+      self.k_bias = nnx.Param(jnp.zeros((K, H), dtype))
+      self.v_bias = nnx.Param(jnp.zeros((K, H), dtype))
+    if cfg.o_bias:
+      self.o_bias = nnx.Param(jnp.zeros((D,), dtype))
+
+  def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H] (before RoPE)."""
+    q = jnp.einsum("btd,dnh->btnh", x, self.q[...])
+    k = jnp.einsum("btd,dkh->btkh", x, self.k[...])
+    v = jnp.einsum("btd,dkh->btkh", x, self.v[...])
+    if hasattr(self, "q_bias"):
+      q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+    return q, k, v
+
+  def out(self, a: jax.Array) -> jax.Array:
+    """a [B, T, N, H] -> [B, T, D]."""
+    y = jnp.einsum("btnh,nhd->btd", a, self.o[...])
+    return y + self.o_bias[...] if hasattr(self, "o_bias") else y
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype):
+    D, F = cfg.d_model, cfg.ffn_dim
+    self.act = cfg.act
+    self.gate = _init(rngs, (D, F), dtype)
+    self.up = _init(rngs, (D, F), dtype)
+    self.down = _init(rngs, (F, D), dtype)
+    if cfg.mlp_bias:
+      self.gate_bias = nnx.Param(jnp.zeros((F,), dtype))
+      self.up_bias = nnx.Param(jnp.zeros((F,), dtype))
+      self.down_bias = nnx.Param(jnp.zeros((D,), dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    g = jnp.einsum("btd,df->btf", x, self.gate[...])
+    u = jnp.einsum("btd,df->btf", x, self.up[...])
+    if hasattr(self, "gate_bias"):
+      g, u = g + self.gate_bias[...], u + self.up_bias[...]
+    g = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+         "gelu": functools.partial(jax.nn.gelu, approximate=False)}[self.act](g)
+    y = jnp.einsum("btf,fd->btd", g * u, self.down[...])
+    return y + self.down_bias[...] if hasattr(self, "down_bias") else y
+
+
+class Block(nnx.Module):
+  """One pre-norm decoder layer (Gemma-2 adds post-norms)."""
+
+  def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype):
+    self.cfg = cfg
+    self.attn_norm = RMSNorm(cfg, dtype)
+    self.attn = Attention(cfg, rngs=rngs, dtype=dtype)
+    self.mlp_norm = RMSNorm(cfg, dtype)
+    self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
+    if cfg.post_norms:
+      self.post_attn_norm = RMSNorm(cfg, dtype)
+      self.post_mlp_norm = RMSNorm(cfg, dtype)
+
+  def __call__(self, x, *, positions, freq, cached, cache_mask, new_mask):
+    """x [B, T, D]; positions [B, T]; cached: (k, v) [B, S, K, H] or None; cache_mask [B, T, S];
+    new_mask [B, T, T]. Returns (x [B, T, D], k, v [B, T, K, H] after RoPE)."""
+    q, k, v = self.attn.qkv(self.attn_norm(x))
+    q, k = rope.apply(q, positions, freq), rope.apply(k, positions, freq)
+    blocks = [(k, v, new_mask)] if cached is None else [(*cached, cache_mask), (k, v, new_mask)]
+    a = self.attn.out(attend(q, blocks, scale=self.cfg.query_scale, softcap=self.cfg.attn_softcap))
+    if self.cfg.post_norms:
+      a = self.post_attn_norm(a)
+    x = x + a
+    m = self.mlp(self.mlp_norm(x))
+    if self.cfg.post_norms:
+      m = self.post_mlp_norm(m)
+    return x + m, k, v
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["logits", "hidden", "layer_inputs", "k", "v"], meta_fields=[])
+@dataclasses.dataclass
+class Output:
+  """logits: [B, T, V] float32 (None when the range stops below the top or logits=False).
+  hidden: [B, T, D] the stream after the last layer run: final-normed (the LM head's input)
+    when the range ends at the top layer, else the raw residual that the next range takes.
+  layer_inputs: [L', B, T, D] the hidden state entering each layer run (on request).
+  k, v: [L', B, T, K, H] each run layer's keys (after RoPE) and values (on request)."""
+
+  logits: jax.Array | None
+  hidden: jax.Array
+  layer_inputs: jax.Array | None = None
+  k: jax.Array | None = None
+  v: jax.Array | None = None
+
+
+class Decoder(nnx.Module):
+  """Embedding, L stacked Blocks (every Param has a leading L axis), final norm, LM head."""
+
+  def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.cfg = cfg
+    self.embed = _init(rngs, (cfg.vocab_size, cfg.d_model), dtype)
+    layers = [nnx.state(Block(cfg, rngs=rngs, dtype=dtype)) for _ in range(cfg.n_layers)]
+    self.blocks = nnx.merge(nnx.graphdef(Block(cfg, rngs=rngs, dtype=dtype)),
+                            jax.tree.map(lambda *a: jnp.stack(a), *layers))
+    self.final_norm = RMSNorm(cfg, dtype)
+    if not cfg.tie_embeddings:
+      self.head = _init(rngs, (cfg.d_model, cfg.vocab_size), dtype)
+
+  @property
+  def dtype(self):
+    return self.embed[...].dtype
+
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """tokens [B, T] -> [B, T, D] (Gemma scales by sqrt(D) in the params' dtype)."""
+    x = jnp.take(self.embed[...], tokens, axis=0)
+    if self.cfg.scale_embeddings:
+      x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
+    return x
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """hidden [..., D] (final-normed) -> [..., V] float32."""
+    w = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
+    logits = jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+    if self.cfg.final_softcap is not None:
+      logits = jnp.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+    return logits
+
+  def __call__(self, tokens: jax.Array | None = None, *, embeds: jax.Array | None = None,
+               hidden: jax.Array | None = None, positions: jax.Array | None = None,
+               cache: KVCache | None = None, mask: jax.Array | None = None,
+               n_new: jax.Array | None = None, layers: tuple[int, int] | None = None,
+               logits: bool = True, return_layer_inputs: bool = False,
+               return_kv: bool = False) -> tuple[Output, KVCache | None]:
+    """Runs layers [start, stop) over T new tokens per row.
+
+    Input, exactly one of: tokens [B, T] int; embeds [B, T, D] (start == 0); hidden [B, T, D],
+    the stream entering layer `start` (start > 0).
+    positions: [B, T] int, default cache.length + arange(T) (arange(T) without a cache).
+    cache: the new tokens attend to its filled slots and are written after them; `length`
+      advances by n_new ([B], default T) only when the range ends at the top layer.
+    mask: [B, T, S + T] bool over (cache slots, new tokens); replaces the default (filled slots,
+      causal among new tokens). Filled-slot and sliding-window limits always apply.
+    """
+    cfg = self.cfg
+    start, stop = layers or (0, cfg.n_layers)
+    if not 0 <= start < stop <= cfg.n_layers:
+      raise ValueError(f"layers={layers} is not a range [start, stop) within [0, {cfg.n_layers}]")
+    x = _input(self, tokens, embeds, hidden, start)
+    B, T, _ = x.shape
+    base = cache.length[:, None] if cache is not None else jnp.zeros((B, 1), jnp.int32)
+    if positions is None:
+      positions = base + jnp.arange(T, dtype=jnp.int32)[None, :]
+    _check_shape("positions", positions, (B, T))
+    if n_new is None:
+      n_new = jnp.full((B,), T, jnp.int32)
+    S = cache.size if cache is not None else 0
+    if mask is None:
+      new_mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+      cache_mask = None if cache is None else jnp.broadcast_to(cache.visible()[:, None], (B, T, S))
+    else:
+      _check_shape("mask", mask, (B, T, S + T))
+      new_mask = mask[:, :, S:]
+      cache_mask = None if cache is None else mask[:, :, :S] & cache.visible()[:, None]
+
+    freq = jnp.asarray(rope.inv_freq(cfg))
+    windows = jnp.asarray(np.array(cfg.windows[start:stop], np.int32))
+    graphdef, stacked = nnx.split(self.blocks)
+    stacked = jax.tree.map(lambda a: a[start:stop], stacked)
+    cached_kv = None if cache is None else (cache.k[start:stop], cache.v[start:stop])
+
+    def window_mask(m, key_pos, window):  # m [B, T, S'], key_pos [B, S']
+      near = positions[:, :, None] - key_pos[:, None, :] < window
+      return m & ((window == 0) | near)
+
+    def body(x, xs):
+      params, window, kv = xs
+      cached, c_mask = None, None
+      if kv is not None:
+        cached, c_mask = kv, window_mask(cache_mask, cache.pos, window)
+      y, k, v = nnx.merge(graphdef, params)(
+          x, positions=positions, freq=freq, cached=cached, cache_mask=c_mask,
+          new_mask=window_mask(new_mask, positions, window))
+      return y, (x if return_layer_inputs else None, k, v)
+
+    x, (layer_inputs, ks, vs) = jax.lax.scan(body, x, (stacked, windows, cached_kv))
+    if cache is not None:
+      cache = cache.write(ks, vs, positions, n_new, layers=(start, stop),
+                          advance=stop == cfg.n_layers)
+    out_logits = None
+    if stop == cfg.n_layers:
+      x = self.final_norm(x)
+      if logits:
+        out_logits = self.logits(x)
+    return Output(logits=out_logits, hidden=x, layer_inputs=layer_inputs,
+                  k=ks if return_kv else None, v=vs if return_kv else None), cache
+
+
+def _check_shape(name, x, shape):
+  if tuple(x.shape) != tuple(shape):
+    raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {tuple(shape)}")
+
+
+def _input(dec: Decoder, tokens, embeds, hidden, start: int) -> jax.Array:
+  given = [n for n, a in (("tokens", tokens), ("embeds", embeds), ("hidden", hidden))
+           if a is not None]
+  if len(given) != 1:
+    raise ValueError(f"pass exactly one of tokens, embeds, hidden; got {given or 'none'}")
+  if start > 0 and hidden is None:
+    raise ValueError(f"a layer range starting at {start} takes `hidden` (the stream entering "
+                     f"layer {start}), not {given[0]}")
+  if start == 0 and hidden is not None:
+    raise ValueError("`hidden` is the input of a range starting above layer 0; use tokens or embeds")
+  D = dec.cfg.d_model
+  if tokens is not None:
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be an int array [B, T]; got {tokens.dtype}{list(tokens.shape)}")
+    return dec.embed_tokens(tokens)
+  x = embeds if embeds is not None else hidden
+  if x.ndim != 3 or x.shape[-1] != D:
+    raise ValueError(f"{given[0]} must be [B, T, {D}]; got {list(x.shape)}")
+  return x.astype(dec.dtype)
