@@ -1,0 +1,194 @@
+"""Params <-> Hugging Face safetensors (single or sharded), and orbax save/restore.
+
+kvjax params are the pure dict of a `Decoder`'s nnx.State: per-layer tensors stacked on a
+leading L axis, projections stored as einsum operands ([D, N, H], [N, H, D], [D, F], ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.lm.config import Config
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+  """A checkpoint whose files or tensors do not match its config."""
+
+
+# Each entry: (our path, HF name, HF shape, to_ours, to_hf). `{i}` marks a per-layer tensor.
+Entry = tuple[tuple[str, ...], str, tuple[int, ...], Callable, Callable]
+
+
+def _entries(cfg: Config) -> list[Entry]:
+  D, N, K, H, F, V = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim,
+                      cfg.vocab_size)
+  same = lambda w: w  # noqa: E731
+
+  def proj_in(a, b):  # torch Linear [a*b, D] -> [D, a, b]
+    return (lambda w: w.T.reshape(D, a, b)), (lambda w: w.reshape(D, a * b).T)
+
+  def dense():  # torch Linear [out, in] -> [in, out]
+    return (lambda w: w.T), (lambda w: w.T)
+
+  def heads(a, b):
+    return (lambda w: w.reshape(a, b)), (lambda w: w.reshape(a * b))
+
+  layer = "model.layers.{i}."
+  e: list[Entry] = [(("embed",), "model.embed_tokens.weight", (V, D), same, same)]
+  mlp_norm = "pre_feedforward_layernorm" if cfg.post_norms else "post_attention_layernorm"
+  e += [
+      (("blocks", "attn_norm", "scale"), layer + "input_layernorm.weight", (D,), same, same),
+      (("blocks", "mlp_norm", "scale"), layer + mlp_norm + ".weight", (D,), same, same),
+      (("blocks", "attn", "q"), layer + "self_attn.q_proj.weight", (N * H, D), *proj_in(N, H)),
+      (("blocks", "attn", "k"), layer + "self_attn.k_proj.weight", (K * H, D), *proj_in(K, H)),
+      (("blocks", "attn", "v"), layer + "self_attn.v_proj.weight", (K * H, D), *proj_in(K, H)),
+      (("blocks", "attn", "o"), layer + "self_attn.o_proj.weight", (D, N * H),
+       lambda w: w.T.reshape(N, H, D), lambda w: w.reshape(N * H, D).T),
+      (("blocks", "mlp", "gate"), layer + "mlp.gate_proj.weight", (F, D), *dense()),
+      (("blocks", "mlp", "up"), layer + "mlp.up_proj.weight", (F, D), *dense()),
+      (("blocks", "mlp", "down"), layer + "mlp.down_proj.weight", (D, F), *dense()),
+  ]
+  if cfg.post_norms:
+    e += [(("blocks", "post_attn_norm", "scale"), layer + "post_attention_layernorm.weight",
+           (D,), same, same),
+          (("blocks", "post_mlp_norm", "scale"), layer + "post_feedforward_layernorm.weight",
+           (D,), same, same)]
+  if cfg.qkv_bias:
+    e += [(("blocks", "attn", f"{n}_bias"), layer + f"self_attn.{n}_proj.bias", (h * H,),
+           *heads(h, H)) for n, h in (("q", N), ("k", K), ("v", K))]
+  if cfg.o_bias:
+    e += [(("blocks", "attn", "o_bias"), layer + "self_attn.o_proj.bias", (D,), same, same)]
+  if cfg.mlp_bias:
+    e += [(("blocks", "mlp", f"{n}_bias"), layer + f"mlp.{n}_proj.bias", (d,), same, same)
+          for n, d in (("gate", F), ("up", F), ("down", D))]
+  e += [(("final_norm", "scale"), "model.norm.weight", (D,), same, same)]
+  if not cfg.tie_embeddings:
+    e += [(("head",), "lm_head.weight", (V, D), *dense())]
+  return e
+
+
+def _names(entry: Entry, cfg: Config) -> list[str]:
+  return [entry[1].format(i=i) for i in range(cfg.n_layers)] if "{i}" in entry[1] else [entry[1]]
+
+
+def _shards(path: str) -> dict[str, str]:
+  """tensor name -> file name, from the index or the single file."""
+  index = os.path.join(path, INDEX)
+  if os.path.exists(index):
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+      raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
+    for file in sorted(set(weight_map.values())):
+      if not os.path.exists(os.path.join(path, file)):
+        raise CheckpointError(f"{index} names shard {file!r}, which is not in {path}")
+    return weight_map
+  single = os.path.join(path, SINGLE)
+  if not os.path.exists(single):
+    raise CheckpointError(f"{path}: no {SINGLE} or {INDEX}")
+  return {name: SINGLE for name in _open(single).keys()}
+
+
+def _open(file: str):
+  from safetensors import safe_open
+  try:
+    return safe_open(file, framework="flax")
+  except Exception as err:  # safetensors raises its own error types for bad headers
+    raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+
+
+def load_hf(path: str, cfg: Config, dtype=None) -> dict[str, Any]:
+  """Reads a HF checkpoint directory into a kvjax params pure dict (dtype: cast, else kept)."""
+  weight_map = _shards(path)
+  handles: dict[str, Any] = {}
+
+  def tensor(name: str, shape: tuple[int, ...]) -> jax.Array:
+    if name not in weight_map:
+      raise CheckpointError(f"{path}: missing tensor {name!r} (expected shape {list(shape)} "
+                            f"from config.json)")
+    file = weight_map[name]
+    if file not in handles:
+      handles[file] = _open(os.path.join(path, file))
+    try:
+      w = handles[file].get_tensor(name)
+    except Exception as err:
+      raise CheckpointError(f"{file}: cannot read tensor {name!r} ({err})") from None
+    if tuple(w.shape) != shape:
+      raise CheckpointError(f"{file}: tensor {name!r} has shape {list(w.shape)}; config.json "
+                            f"implies {list(shape)}")
+    return w if dtype is None else w.astype(dtype)
+
+  params: dict[str, Any] = {}
+  used = set()
+  for entry in _entries(cfg):
+    ours, _, shape, to_ours, _ = entry
+    names = _names(entry, cfg)
+    used.update(names)
+    ws = [to_ours(tensor(n, shape)) for n in names]
+    value = jnp.stack(ws) if "{i}" in entry[1] else ws[0]
+    node = params
+    for key in ours[:-1]:
+      node = node.setdefault(key, {})
+    node[ours[-1]] = value
+  extra = sorted(n for n in weight_map if n not in used and not n.endswith(IGNORED_SUFFIXES)
+                 and not (cfg.tie_embeddings and n == "lm_head.weight"))
+  if extra:
+    shown = ", ".join(repr(n) for n in extra[:5]) + (" ..." if len(extra) > 5 else "")
+    raise CheckpointError(f"{path}: {len(extra)} tensor(s) that a {cfg.family} model with this "
+                          f"config.json does not have: {shown}")
+  return params
+
+
+def hf_tensors(params: dict[str, Any], cfg: Config) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (HF name, array) for every tensor of a kvjax params pure dict."""
+  for entry in _entries(cfg):
+    ours, _, _, _, to_hf = entry
+    value = params
+    for key in ours:
+      value = value[key]
+    names = _names(entry, cfg)
+    if "{i}" in entry[1]:
+      for i, name in enumerate(names):
+        yield name, np.asarray(to_hf(value[i]))
+    else:
+      yield names[0], np.asarray(to_hf(value))
+
+
+def save_hf(path: str, params: dict[str, Any], cfg: Config) -> None:
+  """Writes `model.safetensors` (tensors as stored, e.g. float32 or bfloat16)."""
+  from safetensors.flax import save_file
+  os.makedirs(path, exist_ok=True)
+  tensors = {name: jnp.asarray(np.ascontiguousarray(w)) for name, w in hf_tensors(params, cfg)}
+  save_file(tensors, os.path.join(path, SINGLE), metadata={"format": "pt"})
+
+
+def save_params(path: str, params: Any) -> None:
+  """Saves a params pytree with orbax (path must not exist yet)."""
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(path), params)
+
+
+def restore_params(path: str, like: Any) -> Any:
+  """Restores what `save_params` wrote; `like` gives the tree, shapes and dtypes."""
+  import orbax.checkpoint as ocp
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: no orbax checkpoint directory")
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like)
+  with ocp.StandardCheckpointer() as ckptr:
+    try:
+      return ckptr.restore(os.path.abspath(path), abstract)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+      raise CheckpointError(f"{path}: orbax checkpoint does not match the model ({err})") from None

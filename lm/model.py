@@ -1,0 +1,125 @@
+"""A loaded model: static config + NNX graphdef, params state, tokenizer, generation defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kvjax.lm import checkpoint
+from kvjax.lm.config import Config, ConfigError, from_hf, to_hf
+from kvjax.lm.decoder import Decoder
+from kvjax.lm.tokenizer import Tokenizer, TokenizerError
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """`graphdef` is static (hashable) and `state` a pytree, so jitted steps take
+  `(graphdef, state, ...)` and rebuild the Decoder inside with `nnx.merge`."""
+
+  cfg: Config
+  graphdef: Any
+  state: Any
+  tokenizer: Tokenizer | None = None
+  eos_ids: tuple[int, ...] = ()
+  generation: dict[str, Any] = dataclasses.field(default_factory=dict)
+  path: str | None = None
+
+  @property
+  def decoder(self) -> Decoder:
+    return nnx.merge(self.graphdef, self.state)
+
+  @property
+  def dtype(self):
+    return self.state["embed"][...].dtype
+
+  def params(self) -> dict[str, Any]:
+    """The params as a plain nested dict of arrays."""
+    return nnx.to_pure_dict(self.state)
+
+  def with_params(self, params: dict[str, Any]) -> Model:
+    state = jax.tree.map(lambda a: a, self.state)  # a copy to fill in
+    nnx.replace_by_pure_dict(state, params)
+    return dataclasses.replace(self, state=state)
+
+
+def _abstract(cfg: Config, dtype) -> tuple[Any, Any]:
+  return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype)))
+
+
+def init(cfg: Config, *, seed: int = 0, dtype=jnp.float32, tokenizer: Tokenizer | None = None,
+         eos_ids: tuple[int, ...] = ()) -> Model:
+  """A randomly initialised model (tests, tiny demos)."""
+  graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(seed), dtype=dtype))
+  return Model(cfg, graphdef, state, tokenizer, tuple(eos_ids))
+
+
+def _read_json(file: str, required: bool) -> dict[str, Any] | None:
+  if not os.path.exists(file):
+    if required:
+      raise ConfigError(f"{os.path.dirname(file) or '.'}: no {os.path.basename(file)}")
+    return None
+  try:
+    with open(file) as f:
+      return json.load(f)
+  except json.JSONDecodeError as err:
+    raise ConfigError(f"{file}: invalid JSON ({err})") from None
+
+
+def _eos_ids(gen: dict[str, Any] | None, hf: dict[str, Any], tok: Tokenizer | None) -> tuple:
+  for source in (gen or {}, hf):
+    eos = source.get("eos_token_id")
+    if eos is not None:
+      return tuple(eos) if isinstance(eos, list) else (eos,)
+  return (tok.eos_id,) if tok is not None and tok.eos_id is not None else ()
+
+
+def load(path: str, *, dtype=None) -> Model:
+  """Loads a Hugging Face format directory: config.json, model.safetensors (or sharded with
+  model.safetensors.index.json), tokenizer.json (+ tokenizer_config.json) and, when present,
+  generation_config.json. dtype: cast params to it (default: as stored)."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path!r} is not a model directory (expected config.json, "
+                            "model.safetensors and tokenizer.json in it)")
+  hf = _read_json(os.path.join(path, "config.json"), required=True)
+  cfg = from_hf(hf, source=os.path.join(path, "config.json"))
+  params = checkpoint.load_hf(path, cfg, dtype=dtype)
+  graphdef, state = _abstract(cfg, params["embed"].dtype)
+  nnx.replace_by_pure_dict(state, params)
+  tok = None
+  if os.path.exists(os.path.join(path, "tokenizer.json")):
+    tok = Tokenizer.load(path)
+    if tok.vocab_size > cfg.vocab_size:
+      raise TokenizerError(f"{tok.source}: {tok.vocab_size} tokens, but config.json's "
+                           f"vocab_size is {cfg.vocab_size}: the tokenizer belongs to another model")
+  gen = _read_json(os.path.join(path, "generation_config.json"), required=False)
+  eos = _eos_ids(gen, hf, tok)
+  bad = [i for i in eos if not 0 <= i < cfg.vocab_size]
+  if bad:
+    raise ConfigError(f"{path}: eos_token_id {bad} outside the vocabulary [0, {cfg.vocab_size})")
+  defaults = {k: gen[k] for k in ("do_sample", "temperature", "top_k", "top_p") if gen and k in gen}
+  return Model(cfg, graphdef, state, tok, eos, defaults, path)
+
+
+def save(model: Model, path: str) -> None:
+  """Writes a Hugging Face format directory that `load` and transformers both read."""
+  os.makedirs(path, exist_ok=True)
+  hf = to_hf(model.cfg)
+  if model.eos_ids:
+    hf["eos_token_id"] = list(model.eos_ids) if len(model.eos_ids) > 1 else model.eos_ids[0]
+  hf["torch_dtype"] = hf["dtype"] = str(model.dtype)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2)
+  checkpoint.save_hf(path, model.params(), model.cfg)
+  tok = model.tokenizer
+  if tok is not None:
+    tok.tok.save(os.path.join(path, "tokenizer.json"))
+    conf = {"bos_token": tok.bos, "eos_token": tok.eos, "chat_template": tok.chat_template,
+            "tokenizer_class": "PreTrainedTokenizerFast"}
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+      json.dump({k: v for k, v in conf.items() if v is not None}, f, indent=2)

@@ -1,0 +1,83 @@
+"""Jitted model steps over an explicit cache: `step(graphdef, state, cache, ...) -> (..., cache)`.
+
+Every step donates the cache. Shapes are static, so callers pad prompts to length buckets.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kvjax.cache.dense import KVCache
+from kvjax.lm.sampling import Sampling, sample
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """The padded size for n: the next power of two, at least `minimum`."""
+  size = minimum
+  while size < n:
+    size *= 2
+  return size
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def score(graphdef, state, tokens: jax.Array) -> jax.Array:
+  """tokens [B, T] -> logits [B, T, V] float32: full recompute, no cache."""
+  out, _ = nnx.merge(graphdef, state)(tokens)
+  return out.logits
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def prefill(graphdef, state, cache: KVCache, tokens: jax.Array, lengths: jax.Array):
+  """tokens [B, P] right-padded, lengths [B] real tokens per row (>= 1) -> (logits [B, V] at
+  each row's last real token, cache with row b advanced by lengths[b])."""
+  dec = nnx.merge(graphdef, state)
+  out, cache = dec(tokens, cache=cache, n_new=lengths, logits=False)
+  last = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+  return dec.logits(last), cache
+
+
+def _decode(dec, cache: KVCache, tokens: jax.Array):
+  out, cache = dec(tokens[:, None], cache=cache)
+  return out.logits[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def decode_step(graphdef, state, cache: KVCache, tokens: jax.Array):
+  """tokens [B] -> (logits [B, V] for the next position, cache one token longer per row)."""
+  return _decode(nnx.merge(graphdef, state), cache, tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_steps"),
+                   donate_argnames=("cache",))
+def decode_loop(graphdef, state, cache: KVCache, logits: jax.Array, key: jax.Array,
+                n_steps: jax.Array, stop_ids: jax.Array, *, sampling: Sampling, max_steps: int):
+  """Samples up to n_steps (<= max_steps) tokens per row in one `lax.while_loop`.
+
+  logits [B, V]: the prefill's. A row stops after emitting a token in stop_ids [E] (E >= 1;
+  pad with -1). Returns (tokens [B, max_steps], counts [B] tokens emitted per row, the stop
+  token included, cache).
+  """
+  dec = nnx.merge(graphdef, state)
+  B = logits.shape[0]
+
+  def cond(carry):
+    step, _, _, _, done, _ = carry
+    return (step < n_steps) & ~jnp.all(done)
+
+  def body(carry):
+    step, logits, cache, out, done, counts = carry
+    tok = sample(logits, jax.random.fold_in(key, step), sampling)
+    out = out.at[:, step].set(jnp.where(done, 0, tok))
+    counts = counts + (~done).astype(jnp.int32)
+    done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+    logits, cache = _decode(dec, cache, tok)
+    return step + 1, logits, cache, out, done, counts
+
+  carry = (jnp.int32(0), logits, cache, jnp.zeros((B, max_steps), jnp.int32),
+           jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
+  _, _, cache, out, _, counts = jax.lax.while_loop(cond, body, carry)
+  return out, counts, cache
