@@ -29,6 +29,9 @@ class Model:
   eos_ids: tuple[int, ...] = ()
   generation: dict[str, Any] = dataclasses.field(default_factory=dict)
   path: str | None = None
+  mesh: Any = None  # jax.sharding.Mesh the state is laid out on (see `sharding.shard`)
+  rules: Any = None  # logical-axis rules used with the mesh
+  compiled: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
   @property
   def decoder(self) -> Decoder:

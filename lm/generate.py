@@ -1,0 +1,262 @@
+"""Text generation and scoring: tokenising, padding to buckets, stop handling, timing.
+
+Python orchestration lives here; everything per token runs in the jitted steps of `steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.cache.dense import KVCache
+from kvjax.lm import steps
+from kvjax.lm.model import Model
+from kvjax.lm.sampling import Sampling, sample
+
+Prompt = str | Sequence[int]
+
+
+@dataclasses.dataclass
+class Generation:
+  """texts: the continuation of each prompt (stop token and stop string excluded).
+  tokens: generated ids per prompt; a stop token that ended a row is its last id.
+  finish: per prompt, "stop_token", "stop_string" or "length".
+  stats: prefill_s, decode_s, decode_tokens_per_s, compile_s, prompt_tokens, new_tokens."""
+
+  texts: list[str]
+  tokens: list[list[int]]
+  prompt_tokens: list[list[int]]
+  finish: list[str]
+  stats: dict[str, float]
+
+
+def _run(model: Model, fn, *args, **static) -> tuple[Any, float]:
+  """Calls jitted `fn(graphdef, *args, **static)` through an AOT-compiled executable cached on
+  the model, so timings never include compilation. Returns (result, seconds compiling)."""
+  leaves, tree = jax.tree.flatten(args)
+  key = (fn, tuple(sorted(static.items())), tree,
+         tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
+  compile_s = 0.0
+  if key not in model.compiled:
+    t0 = time.perf_counter()
+    model.compiled[key] = fn.lower(model.graphdef, *args, **static).compile()
+    compile_s = time.perf_counter() - t0
+  return model.compiled[key](*args), compile_s
+
+
+def _tokenize(model: Model, prompts: Prompt | Sequence[Prompt], chat: bool) -> list[list[int]]:
+  if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+    prompts = [prompts]
+  if not len(prompts):
+    raise ValueError("prompts is empty: pass a string, a list of strings or of token-id lists")
+  rows = []
+  for i, p in enumerate(prompts):
+    if isinstance(p, str):
+      if model.tokenizer is None:
+        raise ValueError(f"{model.path}: the model has no tokenizer.json; pass token ids")
+      if chat:
+        p = model.tokenizer.apply_chat_template([{"role": "user", "content": p}])
+      ids = model.tokenizer.encode(p, add_special_tokens=not chat)
+    else:
+      ids = [int(t) for t in np.asarray(p).reshape(-1)]
+    if not ids:
+      raise ValueError(f"prompt {i} is empty: it needs at least one token")
+    bad = [t for t in ids if not 0 <= t < model.cfg.vocab_size]
+    if bad:
+      raise ValueError(f"prompt {i} has token ids {bad[:5]} outside [0, {model.cfg.vocab_size})")
+    rows.append(ids)
+  return rows
+
+
+def new_cache(model: Model, batch: int, size: int) -> KVCache:
+  """An empty dense cache for `batch` rows of `size` slots, laid out like the params."""
+  cfg = model.cfg
+  cache = KVCache.init(n_layers=cfg.n_layers, batch=batch, size=size,
+                       n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, dtype=model.dtype)
+  if model.mesh is not None:
+    from kvjax.lm import sharding
+    cache = sharding.shard_cache(cache, model.mesh, model.rules)
+  return cache
+
+
+def _prefill(model: Model, rows: list[list[int]], max_new_tokens: int):
+  """Pads rows to a length bucket and prefills a cache with room for max_new_tokens more."""
+  cfg = model.cfg
+  longest = max(map(len, rows))
+  if longest + max_new_tokens > cfg.max_position:
+    raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                     f"model's context of {cfg.max_position} positions")
+  P = steps.bucket(longest)
+  tokens = np.zeros((len(rows), P), np.int32)
+  for b, ids in enumerate(rows):
+    tokens[b, :len(ids)] = ids
+  lengths = np.array([len(r) for r in rows], np.int32)
+  cache = new_cache(model, len(rows), steps.bucket(max(P, longest + max_new_tokens)))
+  t0 = time.perf_counter()
+  (logits, cache), compile_s = _run(model, steps.prefill, model.state, cache,
+                                    jnp.asarray(tokens), jnp.asarray(lengths))
+  logits.block_until_ready()
+  return logits, cache, time.perf_counter() - t0 - compile_s, compile_s
+
+
+def _check(model: Model, max_new_tokens: int, sampling: Sampling | None, key) -> Sampling:
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}")
+  sampling = sampling or Sampling()
+  if not isinstance(sampling, Sampling):
+    raise TypeError(f"sampling must be a kvjax.lm.Sampling; got {type(sampling).__name__}")
+  if not sampling.greedy and key is None:
+    raise ValueError("sampling with temperature > 0 needs an explicit PRNG key: "
+                     "key=jax.random.key(seed)")
+  return sampling
+
+
+def _stop_ids(model: Model, stop_tokens: Sequence[int] | None) -> list[int]:
+  ids = list(model.eos_ids if stop_tokens is None else stop_tokens)
+  bad = [t for t in ids if not 0 <= t < model.cfg.vocab_size]
+  if bad:
+    raise ValueError(f"stop_tokens {bad} outside [0, {model.cfg.vocab_size})")
+  return ids
+
+
+def _cut_at_stop(model: Model, ids: list[int], stop: Sequence[str]) -> tuple[str, list[int], bool]:
+  """Text before the first stop string, and the shortest token prefix that produces it."""
+  text = model.tokenizer.decode(ids)
+  hits = [text.find(s) for s in stop if s and s in text]
+  if not hits:
+    return text, ids, False
+  cut = min(hits)
+  lo, hi = 1, len(ids)  # smallest n whose decode reaches past the cut point with a stop string
+  while lo < hi:
+    mid = (lo + hi) // 2
+    t = model.tokenizer.decode(ids[:mid])
+    if any(s in t[cut:] for s in stop if s):
+      hi = mid
+    else:
+      lo = mid + 1
+  return text[:cut], ids[:lo], True
+
+
+def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 64,
+             sampling: Sampling | None = None, key: jax.Array | None = None,
+             stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
+             chat: bool = False) -> Generation:
+  """Generates a continuation for each prompt in one batch (rows may differ in length).
+
+  prompts: a string, token ids, or a list of either. sampling: greedy by default; anything
+  else needs `key`. stop_tokens: default the model's eos ids. stop: strings that end a row
+  (checked on the decoded text; the text is cut before them). chat: wrap each prompt as a
+  user message with the model's chat template.
+  """
+  sampling = _check(model, max_new_tokens, sampling, key)
+  rows = _tokenize(model, prompts, chat)
+  if stop and model.tokenizer is None:
+    raise ValueError("stop strings need the model's tokenizer")
+  stop_ids = _stop_ids(model, stop_tokens) or [-1]
+  logits, cache, prefill_s, compile_p = _prefill(model, rows, max_new_tokens)
+  key = jax.random.key(0) if key is None else key
+  t0 = time.perf_counter()
+  (out, counts, cache), compile_d = _run(
+      model, steps.decode_loop, model.state, cache, logits, key, jnp.int32(max_new_tokens),
+      jnp.asarray(stop_ids, jnp.int32), sampling=sampling, max_steps=steps.bucket(max_new_tokens))
+  out, counts = np.asarray(out), np.asarray(counts)
+  decode_s = time.perf_counter() - t0 - compile_d
+  del cache
+  texts, tokens, finish = [], [], []
+  for b in range(len(rows)):
+    ids = out[b, :counts[b]].tolist()
+    hit_stop = bool(ids) and ids[-1] in stop_ids
+    reason = "stop_token" if hit_stop else "length"
+    text = ""
+    if model.tokenizer is not None:
+      text, ids_cut, cut = _cut_at_stop(model, ids[:-1] if hit_stop else ids, stop)
+      if cut:
+        ids, reason = ids_cut, "stop_string"
+    texts.append(text)
+    tokens.append(ids)
+    finish.append(reason)
+  new = int(counts.sum())
+  stats = dict(prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_p + compile_d,
+               prompt_tokens=sum(map(len, rows)), new_tokens=new,
+               decode_tokens_per_s=new / decode_s if decode_s > 0 else float("nan"))
+  return Generation(texts, tokens, rows, finish, stats)
+
+
+def stream(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
+           sampling: Sampling | None = None, key: jax.Array | None = None,
+           stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
+           chat: bool = False) -> Iterator[str]:
+  """Yields the continuation of one prompt as text pieces while it is generated (one jitted
+  decode step per token). Stops at a stop token, a stop string (not yielded) or the limit."""
+  if model.tokenizer is None:
+    raise ValueError("stream needs the model's tokenizer")
+  sampling = _check(model, max_new_tokens, sampling, key)
+  if not isinstance(prompt, str) and len(prompt) and not isinstance(prompt[0], (int, np.integer)):
+    raise ValueError("stream takes one prompt (a string or token ids); use generate for a batch")
+  rows = _tokenize(model, prompt, chat)
+  stop_ids = set(_stop_ids(model, stop_tokens))
+  logits, cache, _, _ = _prefill(model, rows, max_new_tokens)
+  key = jax.random.key(0) if key is None else key
+  ids: list[int] = []
+  emitted = 0
+  hold = max((len(s) for s in stop), default=1) - 1  # chars that may start a stop string
+  for step in range(max_new_tokens):
+    tok = int(sample(logits, jax.random.fold_in(key, step), sampling)[0])
+    if tok in stop_ids:
+      break
+    ids.append(tok)
+    text = model.tokenizer.decode(ids)
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    if cut >= 0:
+      if cut > emitted:
+        yield text[emitted:cut]
+      return
+    ready = len(text) - hold
+    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+      ready = min(ready, len(text) - 1)
+    if ready > emitted:
+      yield text[emitted:ready]
+      emitted = ready
+    if step + 1 < max_new_tokens:
+      (logits, cache), _ = _run(model, steps.decode_step, model.state, cache,
+                                jnp.asarray([tok], jnp.int32))
+  text = model.tokenizer.decode(ids)
+  if len(text) > emitted:
+    yield text[emitted:]
+
+
+def score(model: Model, token_ids) -> np.ndarray | list[np.ndarray]:
+  """Full-sequence logits with no cache: the ground truth every cache trick is tested against.
+
+  token_ids: [T] -> [T, V]; [B, T] -> [B, T, V]; a list of rows of different lengths -> a list
+  of [T_b, V] arrays. float32 numpy.
+  """
+  if isinstance(token_ids, (np.ndarray, jax.Array)):
+    if np.ndim(token_ids) not in (1, 2):
+      raise ValueError(f"token_ids must be [T] or [B, T]; got shape {np.shape(token_ids)}")
+    single = np.ndim(token_ids) == 1
+    rows = [list(r) for r in np.atleast_2d(np.asarray(token_ids))]
+  else:
+    rows = list(token_ids)
+    single = bool(rows) and isinstance(rows[0], (int, np.integer))
+    rows = [rows] if single else rows
+  if any(isinstance(r, str) for r in rows):
+    raise TypeError("score takes token ids, not text: encode with model.tokenizer first")
+  rows = _tokenize(model, rows, chat=False)
+  ragged = len({len(r) for r in rows}) > 1
+  T = steps.bucket(max(map(len, rows)), minimum=8)
+  tokens = np.zeros((len(rows), T), np.int32)
+  for b, r in enumerate(rows):
+    tokens[b, :len(r)] = r
+  logits, _ = _run(model, steps.score, model.state, jnp.asarray(tokens))
+  logits = np.asarray(logits)
+  if ragged:
+    return [logits[b, :len(r)] for b, r in enumerate(rows)]
+  out = logits[:, :len(rows[0])]
+  return out[0] if single else out
