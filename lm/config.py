@@ -183,7 +183,8 @@ def to_hf(cfg: Config) -> dict[str, Any]:
     hf["mlp_bias"] = cfg.mlp_bias
   if cfg.family == "gemma2":
     hf["hidden_activation"] = hf["hidden_act"]
-    hf.update(query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+    q = cfg.query_pre_attn_scalar
+    hf.update(query_pre_attn_scalar=int(q) if q is not None and float(q).is_integer() else q,
               attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap)
   if any(cfg.windows):
     hf["sliding_window"] = max(cfg.windows)

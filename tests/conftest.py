@@ -1,0 +1,30 @@
+"""Shared fixtures. 8 simulated CPU devices so sharding tests run in the same session."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+from hf_models import FAMILIES, build  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory):
+  """hf_dir(family) -> path of a tiny random HF checkpoint of that family (built once)."""
+  made = {}
+
+  def get(family: str) -> str:
+    if family not in made:
+      made[family] = build(family, str(tmp_path_factory.mktemp(family)))
+    return made[family]
+
+  return get
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+  return request.param
