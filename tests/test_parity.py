@@ -1,0 +1,106 @@
+"""kvjax against Hugging Face transformers, for every supported family (float32, CPU)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from hf_models import prompts
+from kvjax import lm
+from kvjax.cache import KVCache
+from kvjax.lm import steps
+
+
+@pytest.fixture(scope="module")
+def pair(hf_dir):
+  """family -> (kvjax model, transformers model) loaded from the same checkpoint."""
+  import transformers
+  made = {}
+
+  def get(family):
+    if family not in made:
+      path = hf_dir(family)
+      made[family] = (lm.load(path),
+                      transformers.AutoModelForCausalLM.from_pretrained(path).eval())
+    return made[family]
+
+  return get
+
+
+def hf_logits(hf, tokens):
+  with torch.inference_mode():
+    return hf(torch.tensor(tokens)).logits.numpy()
+
+
+def test_full_sequence_logits(pair, family):
+  model, hf = pair(family)
+  tokens = np.array(prompts(lengths=(24, 24)))  # longer than the sliding windows (12)
+  ours = lm.score(model, tokens)
+  assert np.abs(ours - hf_logits(hf, tokens)).max() <= 1e-4
+
+
+def test_prefill_then_decode_equals_score(pair, family):
+  model, _ = pair(family)
+  ids = prompts(lengths=(30,))[0]
+  ref = lm.score(model, ids)
+  cache = KVCache.init(n_layers=model.cfg.n_layers, batch=1, size=64,
+                       n_kv_heads=model.cfg.n_kv_heads, head_dim=model.cfg.head_dim)
+  tokens = np.zeros((1, 32), np.int32)
+  tokens[0, :10] = ids[:10]
+  logits, cache = steps.prefill(model.graphdef, model.state, cache, jnp.asarray(tokens),
+                                jnp.array([10], jnp.int32))
+  got = [np.asarray(logits[0])]
+  for t in ids[10:-1]:
+    logits, cache = steps.decode_step(model.graphdef, model.state, cache, jnp.array([t]))
+    got.append(np.asarray(logits[0]))
+  assert int(cache.length[0]) == len(ids) - 1
+  np.testing.assert_allclose(np.stack(got), ref[9:-1], atol=1e-4, rtol=0)
+
+
+def test_greedy_matches_hf_generate(pair, family):
+  model, hf = pair(family)
+  ids = prompts(lengths=(9,))[0]
+  with torch.inference_mode():
+    ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+  out = lm.generate(model, ids, max_new_tokens=32, stop_tokens=[])
+  assert out.tokens[0] == ref
+  assert out.finish == ["length"]
+
+
+def test_batch_rows_equal_unbatched(pair, family):
+  model, _ = pair(family)
+  rows = prompts(lengths=(7, 3, 18, 11))
+  batched = lm.generate(model, rows, max_new_tokens=20, stop_tokens=[]).tokens
+  for row, got in zip(rows, batched):
+    assert got == lm.generate(model, row, max_new_tokens=20, stop_tokens=[]).tokens[0]
+
+
+def test_hidden_states_match_hf(pair):
+  """layer_inputs[l] is HF's hidden_states[l]; `hidden` is HF's last (final-normed) state."""
+  model, hf = pair("gemma2")
+  tokens = np.array(prompts(lengths=(16,)))
+  out, _ = model.decoder(jnp.asarray(tokens), return_layer_inputs=True)
+  with torch.inference_mode():
+    ref = hf(torch.tensor(tokens), output_hidden_states=True).hidden_states
+  for l in range(model.cfg.n_layers):
+    np.testing.assert_allclose(out.layer_inputs[l], ref[l].numpy(), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(out.hidden, ref[-1].numpy(), atol=1e-4, rtol=0)
+
+
+def test_bfloat16_error_no_worse_than_hf(hf_dir):
+  """bf16 logits sit as close to the float32 truth as transformers' own bf16 run does."""
+  import transformers
+  path = hf_dir("llama")
+  model = lm.load(path, dtype=jnp.bfloat16)
+  assert model.dtype == jnp.bfloat16
+  tokens = np.array(prompts(lengths=(16,)))
+  truth = lm.score(lm.load(path), tokens)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+  with torch.inference_mode():
+    hf_err = np.abs(hf(torch.tensor(tokens)).logits.float().numpy() - truth).mean()
+  ours = lm.score(model, tokens)
+  assert ours.dtype == np.float32
+  assert 0 < np.abs(ours - truth).mean() <= 2 * hf_err
+  out = lm.generate(model, prompts(lengths=(5,))[0], max_new_tokens=8, stop_tokens=[])
+  assert len(out.tokens[0]) == 8
