@@ -77,6 +77,7 @@ class Config:
     D, F, N, K, H, V = (self.d_model, self.ffn_dim, self.n_heads, self.n_kv_heads,
                         self.head_dim, self.vocab_size)
     per_layer = D * (N + 2 * K) * H + N * H * D + 3 * D * F + (4 if self.post_norms else 2) * D
+    per_layer += (N + 2 * K) * H * self.qkv_bias + D * self.o_bias + (2 * F + D) * self.mlp_bias
     return V * D * (1 if self.tie_embeddings else 2) + self.n_layers * per_layer + D
 
 
