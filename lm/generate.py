@@ -191,9 +191,12 @@ def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens
 def stream(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
            sampling: Sampling | None = None, key: jax.Array | None = None,
            stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
-           chat: bool = False) -> Iterator[str]:
+           chat: bool = False, stats: dict | None = None) -> Iterator[str]:
   """Yields the continuation of one prompt as text pieces while it is generated (one jitted
-  decode step per token). Stops at a stop token, a stop string (not yielded) or the limit."""
+  decode step per token). Stops at a stop token, a stop string (not yielded) or the limit.
+
+  stats: a dict to fill, once the stream ends, with prefill_s, decode_s, compile_s,
+  prompt_tokens, new_tokens, decode_tokens_per_s and finish (as `generate` reports them)."""
   if model.tokenizer is None:
     raise ValueError("stream needs the model's tokenizer")
   sampling = _check(model, max_new_tokens, sampling, key)
@@ -201,22 +204,26 @@ def stream(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
     raise ValueError("stream takes one prompt (a string or token ids); use generate for a batch")
   rows = _tokenize(model, prompt, chat)
   stop_ids = set(_stop_ids(model, stop_tokens))
-  logits, cache, _, _ = _prefill(model, rows, max_new_tokens)
+  logits, cache, prefill_s, compile_s = _prefill(model, rows, max_new_tokens)
   key = jax.random.key(0) if key is None else key
   ids: list[int] = []
-  emitted = 0
+  emitted, finish, decode_s = 0, "length", 0.0
   hold = max((len(s) for s in stop), default=1) - 1  # chars that may start a stop string
   for step in range(max_new_tokens):
+    t0 = time.perf_counter()
     tok = int(sample(logits, jax.random.fold_in(key, step), sampling)[0])
-    if tok in stop_ids:
-      break
+    decode_s += time.perf_counter() - t0
     ids.append(tok)
+    if tok in stop_ids:
+      finish = "stop_token"
+      break
     text = model.tokenizer.decode(ids)
     cut = min((text.find(s) for s in stop if s and s in text), default=-1)
     if cut >= 0:
+      finish = "stop_string"
       if cut > emitted:
         yield text[emitted:cut]
-      return
+      break
     ready = len(text) - hold
     if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
       ready = min(ready, len(text) - 1)
@@ -224,11 +231,19 @@ def stream(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
       yield text[emitted:ready]
       emitted = ready
     if step + 1 < max_new_tokens:
-      (logits, cache), _ = _run(model, steps.decode_step, model.state, cache,
+      t0 = time.perf_counter()
+      (logits, cache), c = _run(model, steps.decode_step, model.state, cache,
                                 jnp.asarray([tok], jnp.int32))
-  text = model.tokenizer.decode(ids)
-  if len(text) > emitted:
-    yield text[emitted:]
+      decode_s += time.perf_counter() - t0 - c
+      compile_s += c
+  if finish == "length":
+    text = model.tokenizer.decode(ids)
+    if len(text) > emitted:
+      yield text[emitted:]
+  if stats is not None:
+    stats.update(prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_s,
+                 prompt_tokens=len(rows[0]), new_tokens=len(ids), finish=finish,
+                 decode_tokens_per_s=len(ids) / decode_s if decode_s > 0 else float("nan"))
 
 
 def score(model: Model, token_ids) -> np.ndarray | list[np.ndarray]:

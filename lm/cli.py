@@ -1,0 +1,235 @@
+"""The `kvjax` command line: one program, one subcommand per job, `--json` for machines.
+
+    kvjax generate --model DIR --prompt "Once upon a time" [--max-new-tokens 64] [--json]
+    python -m kvjax generate ...
+
+Each subcommand is added by its own `_add_<name>(subparsers)` function, which sets `run` (does
+the work, returns the exit code) and `check` (cross-flag validation, reports through the
+subcommand's parser). Bad flags exit 2 with an argparse message; a model or input the library
+rejects exits 1 with `kvjax: error: <message>` and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+
+from kvjax.lm.checkpoint import CheckpointError
+from kvjax.lm.config import ConfigError
+from kvjax.lm.tokenizer import TokenizerError
+
+PROG = "kvjax"
+# What the library raises for a model or input it cannot use: shown as one line, exit 1.
+LIBRARY_ERRORS = (ConfigError, CheckpointError, TokenizerError, FileNotFoundError, ValueError)
+DTYPES = ("float32", "bfloat16")
+
+
+def _checked(kind: type, ok: Callable[[float], bool], expected: str) -> Callable[[str], float]:
+  """An argparse `type` that parses `kind` and rejects values failing `ok` with `expected`."""
+
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}") from None
+    if not ok(value):
+      raise argparse.ArgumentTypeError(f"expected {expected}; got {text}")
+    return value
+
+  parse.__name__ = kind.__name__  # argparse names the type in some messages
+  return parse
+
+
+temperature_type = _checked(float, lambda t: math.isfinite(t) and t >= 0,
+                            "a number >= 0 (0 = greedy decoding)")
+top_k_type = _checked(int, lambda k: k >= 0, "an integer >= 0 (0 = off)")
+top_p_type = _checked(float, lambda p: 0 < p <= 1, "a number in (0, 1] (1 = off)")
+max_new_tokens_type = _checked(int, lambda n: n >= 1, "an integer >= 1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The `kvjax` parser with every subcommand."""
+  parser = argparse.ArgumentParser(
+      prog=PROG, description="LLM inference in JAX with the KV cache as an explicit value.")
+  subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+  _add_generate(subparsers)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs `kvjax ARGV...`; returns the exit code (0 ok, 1 library error, 2 bad flags)."""
+  parser = build_parser()
+  try:
+    args = parser.parse_args(argv)
+    args.check(args)
+  except SystemExit as done:  # argparse's error() (2) and --help (0)
+    return done.code or 0
+  try:
+    return args.run(args)
+  except LIBRARY_ERRORS as err:
+    print(f"{PROG}: error: {err}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print(file=sys.stderr)
+    return 130
+
+
+# --- generate ---------------------------------------------------------------------------------
+
+def _add_generate(subparsers) -> None:
+  p = subparsers.add_parser(
+      "generate", help="continue one or more prompts",
+      description="Generates a continuation of each prompt (several --prompt flags run as one "
+      "batch). Greedy unless --temperature > 0. One prompt streams its text as it is produced.")
+  p.add_argument("--model", required=True, metavar="DIR",
+                 help="Hugging Face format model directory (config.json, model.safetensors, "
+                 "tokenizer.json)")
+  p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                 help="prompt text; repeat for a batch; '-' reads it from stdin")
+  p.add_argument("--max-new-tokens", type=max_new_tokens_type, default=64, metavar="N",
+                 help="tokens to generate per prompt at most (default 64)")
+  p.add_argument("--temperature", type=temperature_type, default=0.0, metavar="T",
+                 help="sampling temperature; 0 (default) is greedy decoding")
+  p.add_argument("--top-k", type=top_k_type, default=None, metavar="K",
+                 help="sample from the K most likely tokens (needs --temperature > 0)")
+  p.add_argument("--top-p", type=top_p_type, default=None, metavar="P",
+                 help="nucleus sampling mass in (0, 1] (needs --temperature > 0)")
+  p.add_argument("--seed", type=int, default=0, metavar="S",
+                 help="PRNG seed for sampling (default 0)")
+  p.add_argument("--stop", action="append", default=[], metavar="STR",
+                 help="stop a row when its text contains STR (cut before it); repeatable")
+  p.add_argument("--chat", action="store_true",
+                 help="wrap each prompt as a user message with the model's chat template")
+  p.add_argument("--dtype", choices=DTYPES, default=None,
+                 help="cast the params to this dtype (default: as stored)")
+  p.add_argument("--json", action="store_true",
+                 help="print one JSON object (texts, token ids, timings) instead of text")
+  p.set_defaults(run=_generate, check=lambda args: _check_generate(p, args))
+
+
+def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """Cross-flag rules that argparse types cannot express."""
+  if args.temperature == 0:
+    given = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p)) if v is not None]
+    if given:
+      verb = "applies" if len(given) == 1 else "apply"
+      parser.error(f"{' and '.join(given)} only {verb} when sampling: sampling flags need "
+                   "--temperature > 0 (the default 0 is greedy decoding)")
+  if args.prompt.count("-") > 1:
+    parser.error("--prompt - (read stdin) can be given only once")
+  if any(not s for s in args.stop):
+    parser.error("--stop expects a non-empty string")
+
+
+def _read_prompts(prompts: list[str]) -> list[str]:
+  """Replaces a '-' prompt by stdin (one trailing newline removed)."""
+  out = []
+  for p in prompts:
+    if p == "-":
+      p = sys.stdin.read()
+      p = p[:-1] if p.endswith("\n") else p
+    out.append(p)
+  return out
+
+
+def _load(args: argparse.Namespace):
+  """The model named by --model, cast to --dtype."""
+  import jax.numpy as jnp
+
+  from kvjax.lm.model import load
+  return load(args.model, dtype=None if args.dtype is None else getattr(jnp, args.dtype))
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+  """Keyword arguments shared by `lm.generate` and `lm.stream`."""
+  import jax
+
+  from kvjax.lm.sampling import Sampling
+  sampling = Sampling(temperature=args.temperature, top_k=args.top_k or 0,
+                      top_p=1.0 if args.top_p is None else args.top_p)
+  key = None if sampling.greedy else jax.random.key(args.seed)
+  return dict(max_new_tokens=args.max_new_tokens, sampling=sampling, key=key,
+              stop=tuple(args.stop), chat=args.chat)
+
+
+def _generate(args: argparse.Namespace) -> int:
+  prompts = _read_prompts(args.prompt)
+  model = _load(args)
+  kwargs = _sampling_kwargs(args)
+  if len(prompts) == 1 and not args.json:
+    return _stream_one(model, prompts[0], kwargs)
+  from kvjax.lm.generate import generate
+  out = generate(model, prompts, **kwargs)
+  if args.json:
+    print(json.dumps(_generation_json(args, model, out, kwargs["sampling"])))
+    return 0
+  for i, (prompt, text) in enumerate(zip(prompts, out.texts)):
+    if i:
+      print()
+    print(f"=== [{i + 1}/{len(prompts)}] {_preview(prompt)} ===")
+    print(text)
+  s = out.stats
+  print(f"{PROG}: {len(prompts)} prompts, {s['prompt_tokens']} prompt tokens, "
+        f"prefill {s['prefill_s']:.3f} s; {s['new_tokens']} new tokens in {s['decode_s']:.3f} s "
+        f"({s['decode_tokens_per_s']:.1f} tok/s); compile {s['compile_s']:.2f} s",
+        file=sys.stderr)
+  return 0
+
+
+def _preview(prompt: str, width: int = 60) -> str:
+  """A prompt shortened to one header-line-sized repr."""
+  text = repr(prompt)
+  return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _stream_one(model, prompt: str, kwargs: dict) -> int:
+  """Writes the continuation to stdout as it is produced, then a newline; timings to stderr."""
+  from kvjax.lm.generate import stream
+  stats: dict = {}
+  for piece in stream(model, prompt, stats=stats, **kwargs):
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+  sys.stdout.write("\n")
+  sys.stdout.flush()
+  print(f"{PROG}: {stats['prompt_tokens']} prompt tokens, prefill {stats['prefill_s']:.3f} s; "
+        f"{stats['new_tokens']} new tokens in {stats['decode_s']:.3f} s "
+        f"({stats['decode_tokens_per_s']:.1f} tok/s, {stats['finish']}); "
+        f"compile {stats['compile_s']:.2f} s", file=sys.stderr)
+  return 0
+
+
+def _finite(x: float) -> float | None:
+  """JSON has no NaN/inf: those become null."""
+  return float(x) if math.isfinite(x) else None
+
+
+def _generation_json(args: argparse.Namespace, model, out, sampling) -> dict:
+  """The --json object of `kvjax generate`."""
+  s = out.stats
+  return {
+      "model": args.model,
+      "dtype": str(model.dtype),
+      "text": out.texts,
+      "tokens": out.tokens,
+      "prompt_tokens": out.prompt_tokens,
+      "finish": out.finish,
+      "prefill_s": _finite(s["prefill_s"]),
+      "decode_s": _finite(s["decode_s"]),
+      "compile_s": _finite(s["compile_s"]),
+      "decode_tokens_per_s": _finite(s["decode_tokens_per_s"]),
+      "new_tokens": int(s["new_tokens"]),
+      "max_new_tokens": args.max_new_tokens,
+      "temperature": sampling.temperature,
+      "top_k": sampling.top_k,
+      "top_p": sampling.top_p,
+      "seed": None if sampling.greedy else args.seed,
+      "stop": list(args.stop),
+      "chat": args.chat,
+  }
+
+
+if __name__ == "__main__":
+  sys.exit(main())

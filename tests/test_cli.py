@@ -1,0 +1,209 @@
+"""The `kvjax` command line: `generate` against the library on a tiny random model."""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from kvjax import lm
+from kvjax.lm import tiny
+from kvjax.lm import cli as cli_module
+from kvjax.lm.cli import main
+
+PROMPT = "Once upon a time"
+MAX = 12
+FIELDS = {"tokens", "text", "prompt_tokens", "finish", "prefill_s", "decode_tokens_per_s",
+          "compile_s", "model", "temperature", "top_k", "top_p", "seed", "max_new_tokens"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tiny"))
+  lm.save(tiny.model(), path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+  return lm.load(model_dir)
+
+
+def cli(*argv, stdin=None):
+  """Runs `kvjax ARGV` in-process -> (exit code, stdout, stderr)."""
+  out, err = io.StringIO(), io.StringIO()
+  old_stdin = sys.stdin
+  sys.stdin = io.StringIO(stdin or "")
+  try:
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+      code = main([str(a) for a in argv])
+  finally:
+    sys.stdin = old_stdin
+  return code, out.getvalue(), err.getvalue()
+
+
+def cli_json(model_dir, *argv, stdin=None):
+  """`kvjax generate --model DIR ARGV --json`: stdout must be exactly one JSON object."""
+  code, out, err = cli("generate", "--model", model_dir, *argv, "--json", stdin=stdin)
+  assert code == 0, err
+  return json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def greedy(model_dir):
+  return cli_json(model_dir, "--prompt", PROMPT, "--max-new-tokens", MAX)
+
+
+def test_json_matches_library(greedy, model, model_dir):
+  assert FIELDS <= set(greedy)
+  ref = lm.generate(model, [PROMPT], max_new_tokens=MAX)
+  assert greedy["tokens"] == ref.tokens and greedy["text"] == ref.texts
+  assert greedy["prompt_tokens"] == ref.prompt_tokens and greedy["finish"] == ref.finish
+  assert len(greedy["tokens"][0]) == MAX and greedy["finish"] == ["length"]
+  assert greedy["prefill_s"] > 0 and greedy["decode_tokens_per_s"] > 0
+  assert greedy["model"] == model_dir and greedy["dtype"] == "float32"
+  settings = greedy["temperature"], greedy["top_k"], greedy["top_p"], greedy["seed"]
+  assert settings == (0, 0, 1, None)
+
+
+def test_stream_text_equals_json_text(greedy, model_dir):
+  code, out, err = cli("generate", "--model", model_dir, "--prompt", PROMPT,
+                       "--max-new-tokens", MAX)
+  assert code == 0, err
+  assert out == greedy["text"][0] + "\n"
+  assert f"{len(greedy['tokens'][0])} new tokens" in err and "prefill" in err
+
+
+def test_prompt_from_stdin(greedy, model_dir):
+  got = cli_json(model_dir, "--prompt", "-", "--max-new-tokens", MAX, stdin=PROMPT + "\n")
+  assert got["prompt_tokens"] == greedy["prompt_tokens"] and got["tokens"] == greedy["tokens"]
+
+
+def test_batch_of_two(model, model_dir):
+  prompts = ["Hi", PROMPT + " there was"]
+  argv = ["--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens", MAX]
+  got = cli_json(model_dir, *argv)
+  ref = lm.generate(model, prompts, max_new_tokens=MAX)
+  assert got["tokens"] == ref.tokens and got["text"] == ref.texts and len(got["tokens"]) == 2
+  code, out, err = cli("generate", "--model", model_dir, *argv)
+  assert code == 0, err
+  assert out.index("[1/2] 'Hi'") < out.index(ref.texts[0]) < out.index("[2/2]")
+  assert out.rstrip("\n").endswith(ref.texts[1])
+  assert "tok/s" in err and "prefill" in err
+
+
+def test_sampling_is_reproducible_by_seed(model, model_dir):
+  argv = ["--prompt", PROMPT, "--max-new-tokens", MAX, "--temperature", "1.0", "--top-k", "50"]
+  a = cli_json(model_dir, *argv, "--seed", "3")
+  b = cli_json(model_dir, *argv, "--seed", "3")
+  c = cli_json(model_dir, *argv, "--seed", "4")
+  assert a["tokens"] == b["tokens"] != c["tokens"]
+  ref = lm.generate(model, [PROMPT], max_new_tokens=MAX, key=jax.random.key(3),
+                    sampling=lm.Sampling(temperature=1.0, top_k=50))
+  assert a["tokens"] == ref.tokens
+  assert (a["temperature"], a["top_k"], a["top_p"], a["seed"]) == (1.0, 50, 1.0, 3)
+
+
+def test_stop_cuts_text(greedy, model_dir):
+  text = greedy["text"][0]
+  stop = next(ch for ch in text[1:] if ch != "\ufffd")  # random bytes: mostly invalid UTF-8
+  got = cli_json(model_dir, "--prompt", PROMPT, "--max-new-tokens", MAX, "--stop", stop)
+  assert got["text"] == [text[:text.index(stop)]] and got["finish"] == ["stop_string"]
+  assert got["tokens"][0] == greedy["tokens"][0][:len(got["tokens"][0])]
+  assert len(got["tokens"][0]) < MAX and got["stop"] == [stop]
+
+
+def test_chat(model, model_dir):
+  # "Hi" keeps the templated prompt + MAX in the greedy run's cache bucket (one compile less).
+  got = cli_json(model_dir, "--prompt", "Hi", "--max-new-tokens", MAX, "--chat")
+  ref = lm.generate(model, ["Hi"], max_new_tokens=MAX, chat=True)
+  assert got["chat"] is True and got["prompt_tokens"] == ref.prompt_tokens
+  assert got["tokens"] == ref.tokens
+  assert model.tokenizer.decode(got["prompt_tokens"][0]) == "<|user|>Hi<|assistant|>"
+
+
+def test_dtype_casts_params(model_dir):
+  args = argparse.Namespace(model=model_dir, dtype="bfloat16")
+  assert cli_module._load(args).dtype == jax.numpy.bfloat16
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--temperature", "-1"], ["--temperature", ">= 0"]),
+    (["--temperature", "hot"], ["--temperature", "'hot'"]),
+    (["--temperature", "1", "--top-p", "0"], ["--top-p", "(0, 1]"]),
+    (["--temperature", "1", "--top-p", "1.5"], ["--top-p", "(0, 1]"]),
+    (["--temperature", "1", "--top-k", "-1"], ["--top-k", ">= 0"]),
+    (["--max-new-tokens", "0"], ["--max-new-tokens", ">= 1"]),
+    (["--top-k", "5"], ["--top-k", "--temperature > 0"]),
+    (["--temperature", "0", "--top-p", "0.9"], ["--top-p", "--temperature > 0"]),
+    (["--dtype", "float16"], ["--dtype", "bfloat16"]),
+    (["--prompt", "-"], ["--prompt -", "once"]),
+    (["--stop", ""], ["--stop", "non-empty"]),
+])
+def test_invalid_flags_exit_2(model_dir, flags, words):
+  code, out, err = cli("generate", "--model", model_dir, "--prompt", "-", *flags)
+  assert code == 2 and out == ""
+  assert "kvjax generate: error:" in err
+  for w in words:
+    assert w in err
+
+
+def test_usage_errors(model_dir):
+  assert cli()[0] == 2
+  code, _, err = cli("generate", "--prompt", "x")
+  assert code == 2 and "--model" in err
+  code, out, _ = cli("generate", "--help")
+  assert code == 0 and "--max-new-tokens" in out
+
+
+def _corrupt_tensor(path):
+  with open(os.path.join(path, "model.safetensors"), "wb") as f:
+    f.write(b"\x00garbage")
+  return "model.safetensors"
+
+
+def _unknown_model_type(path):
+  with open(os.path.join(path, "config.json")) as f:
+    config = json.load(f)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({**config, "model_type": "gpt9"}, f)
+  return "config.json"
+
+
+def _missing(path):
+  shutil.rmtree(path)
+  return os.path.basename(path)
+
+
+@pytest.mark.parametrize("breaker", [_corrupt_tensor, _unknown_model_type, _missing])
+def test_broken_model_exit_1(model_dir, tmp_path, breaker):
+  path = str(tmp_path / "model")
+  shutil.copytree(model_dir, path)
+  file = breaker(path)
+  code, out, err = cli("generate", "--model", path, "--prompt", PROMPT)
+  assert code == 1 and out == ""
+  assert err.startswith("kvjax: error: ") and file in err
+  assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_prompt_longer_than_context_exit_1(model_dir):
+  code, out, err = cli("generate", "--model", model_dir, "--prompt", PROMPT,
+                       "--max-new-tokens", 5000)
+  assert code == 1 and out == ""
+  assert err.startswith("kvjax: error: ") and "context of 1024" in err
+
+
+def test_python_dash_m_entry_point(greedy, model_dir):
+  proc = subprocess.run(
+      [sys.executable, "-m", "kvjax", "generate", "--model", model_dir, "--prompt", PROMPT,
+       "--max-new-tokens", str(MAX), "--json"],
+      capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+  assert proc.returncode == 0, proc.stderr
+  got = json.loads(proc.stdout)
+  assert got["tokens"] == greedy["tokens"] and got["text"] == greedy["text"]
