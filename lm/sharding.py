@@ -1,0 +1,173 @@
+"""Data- and tensor-parallel layout with JAX SPMD: logical axes -> mesh axes, no hand-written
+communication.
+
+Every param and cache array has a tuple of logical axis names (one per dimension, from a small
+table keyed by its path); `rules` map logical names onto the axes of a 2-D ("data", "model")
+mesh. Arrays are placed with `NamedSharding`s and the jitted steps of `steps` run unchanged:
+XLA's SPMD partitioner inserts the collectives. A dimension whose size the mesh axis does not
+divide (e.g. 2 kv heads on a 4-way "model" axis, or a batch of 3 on 2-way "data") is replicated
+along that axis rather than rejected, so every model runs on every mesh; only the speed-up for
+that dimension is lost. Results equal the single-device ones up to float summation order.
+
+    mesh = sharding.make_mesh(data=2, model=4)
+    out = lm.generate(sharding.shard(model, mesh), prompts)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from kvjax.cache.dense import KVCache
+from kvjax.lm.model import Model
+
+AXES = ("data", "model")
+
+# (logical axis, mesh axis or None). Logical names not listed are replicated.
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+DEFAULT_RULES: Rules = (
+    ("batch", "data"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("ffn", "model"),
+    ("vocab", "model"),
+)
+
+_NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm")
+
+# Param path ("/"-joined keys of `model.params()`) -> logical axes, one per dimension.
+# Block params carry the stacked leading "layers" axis.
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab", "embed"),
+    "head": ("embed", "vocab"),
+    "final_norm/scale": ("embed",),
+    "blocks/attn/q": ("layers", "embed", "heads", "head_dim"),
+    "blocks/attn/k": ("layers", "embed", "kv_heads", "head_dim"),
+    "blocks/attn/v": ("layers", "embed", "kv_heads", "head_dim"),
+    "blocks/attn/o": ("layers", "heads", "head_dim", "embed"),
+    "blocks/attn/q_bias": ("layers", "heads", "head_dim"),
+    "blocks/attn/k_bias": ("layers", "kv_heads", "head_dim"),
+    "blocks/attn/v_bias": ("layers", "kv_heads", "head_dim"),
+    "blocks/attn/o_bias": ("layers", "embed"),
+    "blocks/mlp/gate": ("layers", "embed", "ffn"),
+    "blocks/mlp/up": ("layers", "embed", "ffn"),
+    "blocks/mlp/down": ("layers", "ffn", "embed"),
+    "blocks/mlp/gate_bias": ("layers", "ffn"),
+    "blocks/mlp/up_bias": ("layers", "ffn"),
+    "blocks/mlp/down_bias": ("layers", "embed"),
+    **{f"blocks/{n}/scale": ("layers", "embed") for n in _NORMS},
+}
+
+# KVCache field -> logical axes (k, v: [L, B, S, K, H]; pos: [B, S]; length: [B]).
+CACHE_AXES: dict[str, tuple[str, ...]] = {
+    "k": ("layers", "batch", "cache_len", "kv_heads", "head_dim"),
+    "v": ("layers", "batch", "cache_len", "kv_heads", "head_dim"),
+    "pos": ("batch", "cache_len"),
+    "length": ("batch",),
+}
+
+
+def _normalize(rules: Rules | None) -> Rules:
+  """rules as a hashable tuple of (logical, mesh axis | tuple of mesh axes | None); None ->
+  DEFAULT_RULES."""
+  if rules is None:
+    return DEFAULT_RULES
+  if isinstance(rules, dict):
+    rules = rules.items()
+  return tuple((str(k), v if v is None or isinstance(v, str) else tuple(v)) for k, v in rules)
+
+
+def make_mesh(data: int = 1, model: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+  """A (data, model) mesh with axes ("data", "model") over exactly data * model devices:
+  `devices`, default all of `jax.devices()` (pass a slice such as `jax.devices()[:4]` to use
+  fewer). Axes are Auto (GSPMD propagates shardings)."""
+  for name, n in (("data", data), ("model", model)):
+    if not isinstance(n, (int, np.integer)) or n < 1:
+      raise ValueError(f"make_mesh: {name} must be an int >= 1; got {n!r}")
+  given = devices is not None
+  devices = list(jax.devices() if devices is None else devices)
+  if data * model != len(devices):
+    where = "given" if given else "available (jax.devices())"
+    hint = "" if given or data * model > len(devices) else (
+        f"; to use a subset pass devices=jax.devices()[:{data * model}]")
+    raise ValueError(f"make_mesh: data={data} x model={model} = {data * model} devices, but "
+                     f"{len(devices)} {'are' if len(devices) != 1 else 'is'} {where}{hint}")
+  return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def logical_spec(axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
+                 rules: Rules = DEFAULT_RULES) -> PartitionSpec:
+  """PartitionSpec for an array of `shape` whose dimensions have logical names `axes`.
+
+  Each dimension takes the mesh axis (or axes) its rule names, unless that mesh axis is not in
+  the mesh, is already used by an earlier dimension, or its size does not divide the
+  dimension: then the dimension is replicated. Trailing replicated dims are kept as None."""
+  if len(axes) != len(shape):
+    raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
+  table = dict(_normalize(rules))
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(axes, shape):
+    target = table.get(name)
+    names = (target,) if isinstance(target, str) else tuple(target or ())
+    ways = int(np.prod([mesh.shape.get(a, 0) for a in names])) if names else 1
+    if (not names or used & set(names) or any(a not in mesh.shape for a in names)
+        or size % ways):
+      spec.append(None)
+      continue
+    used.update(names)
+    spec.append(names[0] if len(names) == 1 else names)
+  return PartitionSpec(*spec)
+
+
+def param_axes(params: dict[str, Any]) -> dict[str, Any]:
+  """The logical axes of each param, as a nested dict shaped like `model.params()`."""
+
+  def axes(path, leaf):
+    key = "/".join(str(getattr(p, "key", p)) for p in path)
+    if key not in PARAM_AXES:
+      raise ValueError(f"sharding: no logical axes for param {key!r}; add it to PARAM_AXES")
+    if len(PARAM_AXES[key]) != np.ndim(leaf):
+      raise ValueError(f"sharding: param {key!r} has shape {np.shape(leaf)}, but PARAM_AXES "
+                       f"names {len(PARAM_AXES[key])} axes {PARAM_AXES[key]}")
+    return PARAM_AXES[key]
+
+  return jax.tree_util.tree_map_with_path(axes, params)
+
+
+def param_shardings(model: Model, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, Any]:
+  """NamedSharding per param, as a nested dict shaped like `model.params()`."""
+  params = model.params()
+  axes = param_axes(params)
+  return jax.tree.map(lambda a, ax: NamedSharding(mesh, logical_spec(ax, a.shape, mesh, rules)),
+                      params, axes)
+
+
+def shard(model: Model, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Model:
+  """`model` with every param placed on `mesh` by its logical axes and `rules` (a hashable
+  tuple of (logical, mesh axis) pairs). The result carries mesh and rules (so `new_cache`
+  lays caches out to match) and an empty compile cache."""
+  rules = _normalize(rules)
+  # Through host memory one param at a time: a device-to-device reshard compiles a small
+  # program per (shape, layout), which costs more than the copy for a one-off placement.
+  params = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), model.params(),
+                        param_shardings(model, mesh, rules))
+  return dataclasses.replace(model.with_params(params), mesh=mesh, rules=rules, compiled={})
+
+
+def cache_shardings(cache: KVCache, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> KVCache:
+  """A KVCache of NamedShardings: k, v by (layers, batch, cache_len, kv_heads, head_dim);
+  pos, length by batch."""
+  return KVCache(**{f: NamedSharding(mesh, logical_spec(axes, getattr(cache, f).shape, mesh,
+                                                        rules))
+                    for f, axes in CACHE_AXES.items()})
+
+
+def shard_cache(cache: KVCache, mesh: Mesh, rules: Rules | None = DEFAULT_RULES) -> KVCache:
+  """`cache` placed on `mesh` (a batch the data axis does not divide is replicated)."""
+  return jax.device_put(cache, cache_shardings(cache, mesh, rules))

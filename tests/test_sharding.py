@@ -1,0 +1,160 @@
+"""Data- and tensor-parallel sharding on 8 simulated CPU devices equals one device."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from hf_models import prompts
+from kvjax import lm
+from kvjax.lm import sharding
+from kvjax.lm.generate import new_cache
+
+MESHES = {"data4": (4, 1), "model4": (1, 4), "data2_model4": (2, 4)}
+# On a 4-way model axis the tiny models' 2 kv heads do not divide: k, v are replicated.
+CASES = [("llama", "data4"), ("llama", "model4"), ("llama", "data2_model4"),
+         ("gemma2", "data2_model4")]
+ROWS = prompts(lengths=(7, 3, 18, 11))  # 18 > gemma2's sliding window of 12
+
+
+def mesh(name):
+  data, model = MESHES[name]
+  return sharding.make_mesh(data, model, jax.devices()[:data * model])
+
+
+def run(model):
+  out = lm.generate(model, ROWS, max_new_tokens=16, stop_tokens=[])
+  return out, lm.score(model, ROWS)
+
+
+@pytest.fixture(scope="module")
+def load(hf_dir):
+  """family -> the unsharded model, loaded once."""
+  made = {}
+
+  def get(family):
+    if family not in made:
+      made[family] = lm.load(hf_dir(family))
+    return made[family]
+
+  return get
+
+
+@pytest.fixture(scope="module")
+def models(load):
+  """family -> (unsharded model, its generate result, its score logits), computed once."""
+  made = {}
+
+  def get(family):
+    if family not in made:
+      made[family] = (load(family), *run(load(family)))
+    return made[family]
+
+  return get
+
+
+def spec(variable):
+  return variable[...].sharding.spec
+
+
+@pytest.mark.parametrize("family,mesh_name", CASES)
+def test_sharded_equals_unsharded(models, family, mesh_name):
+  model, ref, ref_logits = models(family)
+  sharded = sharding.shard(model, mesh(mesh_name))
+  out, logits = run(sharded)
+  assert out.tokens == ref.tokens
+  assert all(len(t) == 16 for t in out.tokens)
+  for got, want in zip(logits, ref_logits, strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  # the params really are spread out: each device holds 1/ways of the vocab
+  ways = MESHES[mesh_name][1]
+  embed = sharded.state["embed"][...]
+  assert {s.data.shape for s in embed.addressable_shards} == {
+      (model.cfg.vocab_size // ways, model.cfg.d_model)}
+  # a second call reuses the executables: shardings are stable from call to call
+  again = lm.generate(sharded, ROWS, max_new_tokens=16, stop_tokens=[])
+  assert again.tokens == ref.tokens and again.stats["compile_s"] == 0
+
+
+def test_param_specs(load):
+  model = load("llama")  # 4 heads, 2 kv heads, ffn 128, vocab 320
+  s4 = sharding.shard(model, mesh("data2_model4")).state
+  assert spec(s4["embed"]) == P("model", None)
+  assert spec(s4["head"]) == P(None, "model")
+  assert spec(s4["blocks"]["attn"]["q"]) == P(None, None, "model", None)
+  assert spec(s4["blocks"]["attn"]["o"]) == P(None, "model", None, None)
+  assert spec(s4["blocks"]["attn"]["k"]) == P(None, None, None, None)  # 2 kv heads: replicated
+  assert spec(s4["blocks"]["mlp"]["gate"]) == P(None, None, "model")
+  assert spec(s4["blocks"]["mlp"]["down"]) == P(None, "model", None)
+  assert spec(s4["blocks"]["attn_norm"]["scale"]) == P(None, None)
+  s2 = sharding.shard(model, sharding.make_mesh(4, 2)).state
+  assert spec(s2["blocks"]["attn"]["k"]) == P(None, None, "model", None)
+  assert spec(s2["blocks"]["attn"]["v"]) == P(None, None, "model", None)
+  s8 = sharding.shard(model, sharding.make_mesh(1, 8)).state  # 4 heads on 8 shards
+  assert spec(s8["blocks"]["attn"]["q"]) == P(None, None, None, None)
+  assert spec(s8["blocks"]["mlp"]["up"]) == P(None, None, "model")
+  assert spec(s8["embed"]) == P("model", None)
+
+
+def test_qkv_bias_specs(load):
+  model = load("qwen2")  # q/k/v biases, 1 kv head
+  state = sharding.shard(model, sharding.make_mesh(2, 4)).state
+  assert spec(state["blocks"]["attn"]["q_bias"]) == P(None, "model", None)
+  assert spec(state["blocks"]["attn"]["k_bias"]) == P(None, None, None)
+
+
+def test_custom_rules(load):
+  model = load("gemma2")
+  sharded = sharding.shard(model, mesh("data2_model4"), rules=(("ffn", "model"),))
+  assert sharded.rules == (("ffn", "model"),)
+  state = sharded.state
+  assert spec(state["embed"]) == P(None, None)
+  assert spec(state["blocks"]["attn"]["q"]) == P(None, None, None, None)
+  assert spec(state["blocks"]["mlp"]["up"]) == P(None, None, "model")
+  cache = new_cache(sharded, 4, 16)
+  assert cache.k.sharding.spec == P(None, None, None, None, None)  # no batch rule
+
+
+def test_new_cache_sharded_on_batch(load):
+  model = sharding.shard(load("llama"), sharding.make_mesh(4, 2))
+  cache = new_cache(model, 8, 32)
+  assert cache.k.sharding.spec == P(None, "data", None, "model", None)
+  assert cache.v.sharding.spec == P(None, "data", None, "model", None)
+  assert cache.pos.sharding.spec == P("data", None)
+  assert cache.length.sharding.spec == P("data")
+  assert {s.data.shape for s in cache.k.addressable_shards} == {(3, 2, 32, 1, 16)}
+  odd = new_cache(model, 3, 32)  # 3 rows on 4 data shards: replicated along data
+  assert odd.k.sharding.spec == P(None, None, None, "model", None)
+  assert odd.length.sharding.spec == P(None)
+  assert new_cache(load("llama"), 8, 32).k.sharding.is_fully_replicated
+
+
+def test_logical_spec():
+  m = sharding.make_mesh(2, 4)
+  assert sharding.logical_spec(("batch", "heads"), (4, 8), m) == P("data", "model")
+  assert sharding.logical_spec(("batch", "heads"), (3, 6), m) == P(None, None)
+  assert sharding.logical_spec(("layers", "embed"), (3, 64), m) == P(None, None)
+  # a mesh axis is used once per array; a rule naming an axis the mesh lacks is ignored
+  assert sharding.logical_spec(("heads", "ffn"), (4, 8), m) == P("model", None)
+  assert sharding.logical_spec(("batch",), (4,), m, (("batch", "pipe"),)) == P(None)
+  both = (("batch", ("data", "model")),)
+  assert sharding.logical_spec(("batch",), (8,), m, both) == P(("data", "model"))
+  assert sharding.logical_spec(("batch",), (4,), m, both) == P(None)
+  with pytest.raises(ValueError, match="do not match shape"):
+    sharding.logical_spec(("batch",), (4, 4), m)
+
+
+def test_make_mesh():
+  m = sharding.make_mesh(2, 4)
+  assert m.axis_names == ("data", "model") and dict(m.shape) == {"data": 2, "model": 4}
+  assert dict(sharding.make_mesh(data=8).shape) == {"data": 8, "model": 1}
+  assert dict(sharding.make_mesh(model=2, devices=jax.devices()[2:4]).shape) == {
+      "data": 1, "model": 2}
+  with pytest.raises(ValueError, match=r"data=3 x model=2 = 6 devices, but 8 are available"):
+    sharding.make_mesh(3, 2)
+  with pytest.raises(ValueError, match=r"devices=jax.devices\(\)\[:4\]"):
+    sharding.make_mesh(2, 2)
+  with pytest.raises(ValueError, match=r"= 8 devices, but 4 are given"):
+    sharding.make_mesh(2, 4, devices=jax.devices()[:4])
+  with pytest.raises(ValueError, match="model must be an int >= 1"):
+    sharding.make_mesh(8, 0)
