@@ -19,6 +19,11 @@ from kvjax.cache.dense import KVCache
 from kvjax.lm import rope
 from kvjax.lm.attention import attend
 from kvjax.lm.config import Config
+from kvjax.lm.sharding import constrain
+
+
+ACTIVATION = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, D]
+LOGITS = ("batch", "seq", "vocab")
 
 
 def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -146,6 +151,7 @@ class Decoder(nnx.Module):
 
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype=jnp.float32):
     self.cfg = cfg
+    self.layout = None  # (mesh, rules) once `sharding.shard` places the model
     self.embed = _init(rngs, (cfg.vocab_size, cfg.d_model), dtype)
     layers = [nnx.state(Block(cfg, rngs=rngs, dtype=dtype)) for _ in range(cfg.n_layers)]
     self.blocks = nnx.merge(nnx.graphdef(Block(cfg, rngs=rngs, dtype=dtype)),
@@ -193,7 +199,7 @@ class Decoder(nnx.Module):
     start, stop = layers or (0, cfg.n_layers)
     if not 0 <= start < stop <= cfg.n_layers:
       raise ValueError(f"layers={layers} is not a range [start, stop) within [0, {cfg.n_layers}]")
-    x = _input(self, tokens, embeds, hidden, start)
+    x = constrain(_input(self, tokens, embeds, hidden, start), ACTIVATION, self.layout)
     B, T, _ = x.shape
     base = cache.length[:, None] if cache is not None else jnp.zeros((B, 1), jnp.int32)
     if positions is None:
@@ -228,7 +234,7 @@ class Decoder(nnx.Module):
       y, k, v = nnx.merge(graphdef, params)(
           x, positions=positions, freq=freq, cached=cached, cache_mask=c_mask,
           new_mask=window_mask(new_mask, positions, window))
-      return y, (x if return_layer_inputs else None, k, v)
+      return constrain(y, ACTIVATION, self.layout), (x if return_layer_inputs else None, k, v)
 
     x, (layer_inputs, ks, vs) = jax.lax.scan(body, x, (stacked, windows, cached_kv))
     if cache is not None:
@@ -238,7 +244,7 @@ class Decoder(nnx.Module):
     if stop == cfg.n_layers:
       x = self.final_norm(x)
       if logits:
-        out_logits = self.logits(x)
+        out_logits = constrain(self.logits(x), LOGITS, self.layout)
     return Output(logits=out_logits, hidden=x, layer_inputs=layer_inputs,
                   k=ks if return_kv else None, v=vs if return_kv else None), cache
 

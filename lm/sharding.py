@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from kvjax.cache.dense import KVCache
-from kvjax.lm.model import Model
+
+if TYPE_CHECKING:
+  from kvjax.lm.model import Model
 
 AXES = ("data", "model")
 
@@ -157,7 +160,20 @@ def shard(model: Model, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Model:
   # program per (shape, layout), which costs more than the copy for a one-off placement.
   params = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), model.params(),
                         param_shardings(model, mesh, rules))
-  return dataclasses.replace(model.with_params(params), mesh=mesh, rules=rules, compiled={})
+  dec = model.with_params(params).decoder
+  dec.layout = (mesh, rules)  # static: the forward constrains its activations to match
+  graphdef, state = nnx.split(dec)
+  return dataclasses.replace(model, graphdef=graphdef, state=state, mesh=mesh, rules=rules,
+                             compiled={})
+
+
+def constrain(x: jax.Array, axes: Sequence[str], layout: tuple[Mesh, Rules] | None) -> jax.Array:
+  """x laid out by its logical `axes` on layout = (mesh, rules); unchanged when layout is None."""
+  if layout is None:
+    return x
+  mesh, rules = layout
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, logical_spec(axes, x.shape, mesh, rules)))
 
 
 def cache_shardings(cache: KVCache, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> KVCache:

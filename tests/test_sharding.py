@@ -1,8 +1,10 @@
 """Data- and tensor-parallel sharding on 8 simulated CPU devices equals one device."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from hf_models import prompts
@@ -71,6 +73,11 @@ def test_sharded_equals_unsharded(models, family, mesh_name):
   embed = sharded.state["embed"][...]
   assert {s.data.shape for s in embed.addressable_shards} == {
       (model.cfg.vocab_size // ways, model.cfg.d_model)}
+  # the forward constrains its activations to the same mesh and rules
+  assert sharded.decoder.layout == (sharded.mesh, sharded.rules)
+  hlo = jax.jit(lambda st: nnx.merge(sharded.graphdef, st)(jnp.zeros((4, 8), jnp.int32))[0]
+                .logits).lower(sharded.state).as_text()
+  assert hlo.count("sharding_constraint") == 3  # embeddings, each layer (one scan body), logits
   # a second call reuses the executables: shardings are stable from call to call
   again = lm.generate(sharded, ROWS, max_new_tokens=16, stop_tokens=[])
   assert again.tokens == ref.tokens and again.stats["compile_s"] == 0
