@@ -91,6 +91,8 @@ def _shards(path: str) -> dict[str, str]:
         weight_map = json.load(f)["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
       raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
+    if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+      raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
     for file in sorted(set(weight_map.values())):
       if not os.path.exists(os.path.join(path, file)):
         raise CheckpointError(f"{index} names shard {file!r}, which is not in {path}")
@@ -118,9 +120,9 @@ def load_hf(path: str, cfg: Config, dtype=None) -> dict[str, Any]:
     if name not in weight_map:
       raise CheckpointError(f"{path}: missing tensor {name!r} (expected shape {list(shape)} "
                             f"from config.json)")
-    file = weight_map[name]
+    file = os.path.join(path, weight_map[name])
     if file not in handles:
-      handles[file] = _open(os.path.join(path, file))
+      handles[file] = _open(file)
     try:
       w = handles[file].get_tensor(name)
     except Exception as err:
@@ -128,6 +130,9 @@ def load_hf(path: str, cfg: Config, dtype=None) -> dict[str, Any]:
     if tuple(w.shape) != shape:
       raise CheckpointError(f"{file}: tensor {name!r} has shape {list(w.shape)}; config.json "
                             f"implies {list(shape)}")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+      raise CheckpointError(f"{file}: tensor {name!r} has dtype {w.dtype}; expected a "
+                            "floating-point dtype")
     return w if dtype is None else w.astype(dtype)
 
   params: dict[str, Any] = {}
@@ -177,6 +182,8 @@ def save_hf(path: str, params: dict[str, Any], cfg: Config) -> None:
 def save_params(path: str, params: Any) -> None:
   """Saves a params pytree with orbax (path must not exist yet)."""
   import orbax.checkpoint as ocp
+  if os.path.exists(path):
+    raise FileExistsError(f"{path} already exists; save_params writes a new directory")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.abspath(path), params)
 
@@ -188,7 +195,27 @@ def restore_params(path: str, like: Any) -> Any:
     raise CheckpointError(f"{path}: no orbax checkpoint directory")
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like)
   with ocp.StandardCheckpointer() as ckptr:
+    # Compare shapes first: a failed restore leaves orbax's async reads printing tracebacks.
+    meta = ckptr.metadata(os.path.abspath(path)).item_metadata
+    if meta is None:
+      raise CheckpointError(f"{path}: not an orbax checkpoint (no metadata; was it written by "
+                            "save_params?)")
+    stored = _shapes(meta.tree)
+    wanted = _shapes(abstract)
+    diff = [f"{k}: stored {list(stored[k])}, model has {list(wanted[k])}"
+            for k in wanted if k in stored and stored[k] != wanted[k]]
+    diff += [f"{k}: missing from the checkpoint" for k in wanted if k not in stored]
+    diff += [f"{k}: not in the model" for k in stored if k not in wanted]
+    if diff:
+      shown = "; ".join(diff[:5]) + (f"; ... ({len(diff)} in all)" if len(diff) > 5 else "")
+      raise CheckpointError(f"{path}: orbax checkpoint does not match the model: {shown}")
     try:
       return ckptr.restore(os.path.abspath(path), abstract)
     except (ValueError, KeyError, FileNotFoundError) as err:
       raise CheckpointError(f"{path}: orbax checkpoint does not match the model ({err})") from None
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """'a/b/c' path -> shape for every leaf (arrays, ShapeDtypeStructs or orbax ArrayMetadata)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(x.shape) for p, x in leaves}

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2")
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_new": "gelu_tanh", "gelu": "gelu"}
 ROPE_TYPES = ("default", "linear", "llama3")
+SIZES = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
+         "max_position")
 
 
 class ConfigError(ValueError):
@@ -55,6 +58,10 @@ class Config:
   windows: tuple[int, ...] = ()
 
   def __post_init__(self):
+    for name in SIZES:
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ConfigError(f"{name} must be an int >= 1; got {v!r}")
     if self.family not in FAMILIES:
       raise ConfigError(f"family {self.family!r} is not one of {FAMILIES}")
     if self.act not in ("silu", "gelu_tanh", "gelu"):
@@ -83,6 +90,8 @@ class Config:
 
 def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
   """Maps a Hugging Face `config.json` dict (transformers 4.x or 5.x layout) to a Config."""
+  if not isinstance(hf, dict):
+    raise ConfigError(f"{source}: expected a JSON object; got {type(hf).__name__}")
   family = hf.get("model_type")
   if family not in FAMILIES:
     raise ConfigError(f"{source}: model_type {family!r} is not supported; expected one of {FAMILIES}")
@@ -90,10 +99,14 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
   def need(key):
     if key not in hf:
       raise ConfigError(f"{source}: missing required field {key!r} for model_type {family!r}")
-    return hf[key]
+    v = hf[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise ConfigError(f"{source}: {key} must be an int >= 1; got {v!r}")
+    return v
 
   D, N = need("hidden_size"), need("num_attention_heads")
   L = need("num_hidden_layers")
+  V, F = need("vocab_size"), need("intermediate_size")
   rope = dict(hf.get("rope_parameters") or {})
   if hf.get("rope_scaling"):  # transformers 4.x
     rope.update(hf["rope_scaling"])
@@ -121,36 +134,39 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
 
   gemma = family in ("gemma", "gemma2")
   attention_bias = bool(hf.get("attention_bias", False))
-  return Config(
-      family=family,
-      vocab_size=need("vocab_size"),
-      d_model=D,
-      n_layers=L,
-      n_heads=N,
-      n_kv_heads=hf.get("num_key_value_heads") or N,
-      head_dim=hf.get("head_dim") or D // N,
-      ffn_dim=need("intermediate_size"),
-      norm_eps=hf.get("rms_norm_eps", 1e-6),
-      max_position=hf.get("max_position_embeddings", 2048),
-      act=ACTIVATIONS[act_name],
-      rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-      rope_type=rope_type,
-      rope_factor=float(rope.get("factor", 1.0)),
-      rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-      rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-      rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
-      qkv_bias=family == "qwen2" or attention_bias,
-      o_bias=attention_bias and family != "qwen2",
-      mlp_bias=bool(hf.get("mlp_bias", False)),
-      norm_plus_one=gemma,
-      scale_embeddings=gemma,
-      tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
-      post_norms=family == "gemma2",
-      query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if family == "gemma2" else None,
-      attn_softcap=hf.get("attn_logit_softcapping") if family == "gemma2" else None,
-      final_softcap=hf.get("final_logit_softcapping") if family == "gemma2" else None,
-      windows=windows,
-  )
+  try:
+    return Config(
+        family=family,
+        vocab_size=V,
+        d_model=D,
+        n_layers=L,
+        n_heads=N,
+        n_kv_heads=hf.get("num_key_value_heads") or N,
+        head_dim=hf.get("head_dim") or D // N,
+        ffn_dim=F,
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_position=hf.get("max_position_embeddings", 2048),
+        act=ACTIVATIONS[act_name],
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_type=rope_type,
+        rope_factor=float(rope.get("factor", 1.0)),
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
+        qkv_bias=family == "qwen2" or attention_bias,
+        o_bias=attention_bias and family != "qwen2",
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        norm_plus_one=gemma,
+        scale_embeddings=gemma,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+        post_norms=family == "gemma2",
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if family == "gemma2" else None,
+        attn_softcap=hf.get("attn_logit_softcapping") if family == "gemma2" else None,
+        final_softcap=hf.get("final_logit_softcapping") if family == "gemma2" else None,
+        windows=windows,
+    )
+  except ConfigError as err:  # e.g. num_key_value_heads that does not divide the heads
+    raise ConfigError(f"{source}: {err}") from None
 
 
 def to_hf(cfg: Config) -> dict[str, Any]:

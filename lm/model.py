@@ -69,16 +69,26 @@ def _read_json(file: str, required: bool) -> dict[str, Any] | None:
     return None
   try:
     with open(file) as f:
-      return json.load(f)
+      data = json.load(f)
   except json.JSONDecodeError as err:
     raise ConfigError(f"{file}: invalid JSON ({err})") from None
+  if not isinstance(data, dict):
+    raise ConfigError(f"{file}: expected a JSON object; got {type(data).__name__}")
+  return data
 
 
-def _eos_ids(gen: dict[str, Any] | None, hf: dict[str, Any], tok: Tokenizer | None) -> tuple:
-  for source in (gen or {}, hf):
+def _eos_ids(gen: dict[str, Any] | None, hf: dict[str, Any], tok: Tokenizer | None,
+             vocab_size: int, path: str) -> tuple:
+  for name, source in (("generation_config.json", gen or {}), ("config.json", hf)):
     eos = source.get("eos_token_id")
     if eos is not None:
-      return tuple(eos) if isinstance(eos, list) else (eos,)
+      eos = tuple(eos) if isinstance(eos, list) else (eos,)
+      bad = [i for i in eos if isinstance(i, bool) or not isinstance(i, int)
+             or not 0 <= i < vocab_size]
+      if bad:
+        raise ConfigError(f"{os.path.join(path, name)}: eos_token_id {bad} is not a token id "
+                          f"in the vocabulary [0, {vocab_size})")
+      return eos
   return (tok.eos_id,) if tok is not None and tok.eos_id is not None else ()
 
 
@@ -89,6 +99,9 @@ def load(path: str, *, dtype=None) -> Model:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path!r} is not a model directory (expected config.json, "
                             "model.safetensors and tokenizer.json in it)")
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"dtype must be a floating-point dtype (e.g. jnp.bfloat16) or None; "
+                     f"got {dtype}")
   hf = _read_json(os.path.join(path, "config.json"), required=True)
   cfg = from_hf(hf, source=os.path.join(path, "config.json"))
   params = checkpoint.load_hf(path, cfg, dtype=dtype)
@@ -101,10 +114,7 @@ def load(path: str, *, dtype=None) -> Model:
       raise TokenizerError(f"{tok.source}: {tok.vocab_size} tokens, but config.json's "
                            f"vocab_size is {cfg.vocab_size}: the tokenizer belongs to another model")
   gen = _read_json(os.path.join(path, "generation_config.json"), required=False)
-  eos = _eos_ids(gen, hf, tok)
-  bad = [i for i in eos if not 0 <= i < cfg.vocab_size]
-  if bad:
-    raise ConfigError(f"{path}: eos_token_id {bad} outside the vocabulary [0, {cfg.vocab_size})")
+  eos = _eos_ids(gen, hf, tok, cfg.vocab_size, path)
   defaults = {k: gen[k] for k in ("do_sample", "temperature", "top_k", "top_p") if gen and k in gen}
   return Model(cfg, graphdef, state, tok, eos, defaults, path)
 

@@ -56,6 +56,12 @@ class Tokenizer:
           conf = json.load(f)
       except json.JSONDecodeError as err:
         raise TokenizerError(f"{conf_file}: invalid JSON ({err})") from None
+      if not isinstance(conf, dict):
+        raise TokenizerError(f"{conf_file}: expected a JSON object; got {type(conf).__name__}")
+    for what in ("bos_token", "eos_token"):
+      token = _token_str(conf.get(what))
+      if token is not None and tok.token_to_id(token) is None:
+        raise TokenizerError(f"{conf_file}: {what} {token!r} is not in the vocabulary of {file}")
     template = conf.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
       named = {t.get("name"): t.get("template") for t in template}

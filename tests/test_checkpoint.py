@@ -1,0 +1,91 @@
+"""Saving and restoring: orbax params checkpoints and Hugging Face format directories."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from kvjax import lm
+from kvjax.lm import tiny
+
+IDS = np.random.RandomState(0).randint(0, 258, (2, 20))
+
+
+@pytest.fixture(scope="module")
+def models():
+  """family -> tiny random model (vocab 258, 2 layers), built once."""
+  made = {}
+
+  def get(family):
+    if family not in made:
+      made[family] = tiny.model(family)
+    return made[family]
+
+  return get
+
+
+def leaves_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(la, lb):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# --- orbax ---------------------------------------------------------------------------------------
+
+
+def test_orbax_round_trip(models, tmp_path):
+  model = models("llama")
+  path = str(tmp_path / "ckpt")
+  lm.save_params(path, model.params())
+  like = jax.eval_shape(model.params)  # shapes and dtypes only: every value comes from disk
+  restored = lm.restore_params(path, like)
+  leaves_equal(restored, model.params())
+  np.testing.assert_array_equal(lm.score(model.with_params(restored), IDS), lm.score(model, IDS))
+
+
+def test_orbax_restore_into_other_shape(models, tmp_path):
+  path = str(tmp_path / "ckpt")
+  lm.save_params(path, models("llama").params())
+  with pytest.raises(lm.CheckpointError) as info:
+    lm.restore_params(path, jax.eval_shape(lambda: tiny.model(n_layers=3).params()))
+  msg = str(info.value)
+  assert path in msg and "does not match the model" in msg
+  assert "blocks/attn/q: stored [2, 64, 4, 16], model has [3, 64, 4, 16]" in msg
+  with pytest.raises(lm.CheckpointError, match="k_bias: missing from the checkpoint"):
+    lm.restore_params(path, jax.eval_shape(lambda: tiny.model("qwen2").params()))  # q/k/v biases
+
+
+def test_orbax_bad_paths(models, tmp_path):
+  params = models("llama").params()
+  with pytest.raises(lm.CheckpointError, match="no orbax checkpoint directory"):
+    lm.restore_params(str(tmp_path / "missing"), params)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(lm.CheckpointError, match="not an orbax checkpoint"):
+    lm.restore_params(str(tmp_path / "empty"), params)
+  with pytest.raises(FileExistsError, match="already exists"):
+    lm.save_params(str(tmp_path / "empty"), params)
+
+
+# --- Hugging Face format -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_save_load_and_transformers(models, family, tmp_path):
+  import transformers
+  model = models(family)
+  path = str(tmp_path / family)
+  lm.save(model, path)
+  ours = lm.score(model, IDS)
+  back = lm.load(path)
+  assert back.cfg == model.cfg and back.eos_ids == model.eos_ids
+  assert back.tokenizer.encode("Hi there") == model.tokenizer.encode("Hi there")
+  leaves_equal(back.params(), model.params())
+  np.testing.assert_array_equal(lm.score(back, IDS), ours)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+  with torch.inference_mode():
+    ref = hf(torch.tensor(IDS)).logits.numpy()
+  assert np.abs(ours).max() > 0.1  # not a degenerate model
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+

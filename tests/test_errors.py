@@ -1,0 +1,460 @@
+"""Bad input gets a specific exception that says what was wrong, where, and what was expected:
+never a traceback from deep inside, a silent truncation, a NaN or an XLA shape error."""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from kvjax import lm
+from kvjax.lm import tiny
+
+UP1 = "model.layers.1.mlp.up_proj.weight"  # [F, D] = [128, 64] in the tiny HF llama
+IDS = [[0, 5, 17, 300, 42, 9, 2, 77, 123, 250, 3, 8]]
+
+
+def raises(exc, fn, *parts):
+  """fn() raises exactly `exc` (not a subclass or a parent) with every part in its message."""
+  with pytest.raises(exc) as info:
+    fn()
+  assert type(info.value) is exc, f"{type(info.value).__name__}: {info.value}"
+  msg = str(info.value)
+  missing = [p for p in parts if str(p) not in msg]
+  assert not missing, f"{missing} not in message: {msg}"
+  return msg
+
+
+@pytest.fixture(scope="module")
+def src(hf_dir):
+  return hf_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def model(src):
+  """The intact tiny llama: vocab 320, 3 layers, d_model 64, 512 positions, eos 2."""
+  return lm.load(src)
+
+
+@pytest.fixture
+def broken(src, tmp_path):
+  """A fresh copy of the tiny llama checkpoint to break one file of."""
+  return shutil.copytree(src, str(tmp_path / "model"))
+
+
+def edit_json(d, name, fn):
+  file = os.path.join(d, name)
+  with open(file) as f:
+    data = json.load(f)
+  fn(data)
+  with open(file, "w") as f:
+    json.dump(data, f)
+
+
+def edit_tensors(d, fn, file="model.safetensors"):
+  tensors = load_file(os.path.join(d, file))
+  fn(tensors)
+  save_file(tensors, os.path.join(d, file), metadata={"format": "pt"})
+
+
+def write(d, name, text: str | bytes):
+  with open(os.path.join(d, name), "wb") as f:
+    f.write(text.encode() if isinstance(text, str) else text)
+
+
+# --- config.json ---------------------------------------------------------------------------------
+
+
+def test_missing_directory(tmp_path):
+  path = str(tmp_path / "nope")
+  raises(FileNotFoundError, lambda: lm.load(path), path, "not a model directory", "config.json")
+
+
+def test_config_missing(broken):
+  os.remove(os.path.join(broken, "config.json"))
+  raises(lm.ConfigError, lambda: lm.load(broken), broken, "no config.json")
+
+
+def test_config_invalid_json(broken):
+  write(broken, "config.json", '{"model_type": "llama",')
+  raises(lm.ConfigError, lambda: lm.load(broken), os.path.join(broken, "config.json"),
+         "invalid JSON")
+
+
+def test_config_not_an_object(broken):
+  write(broken, "config.json", "[1, 2]")
+  raises(lm.ConfigError, lambda: lm.load(broken), os.path.join(broken, "config.json"),
+         "expected a JSON object", "list")
+
+
+def test_unknown_model_type(broken):
+  edit_json(broken, "config.json", lambda c: c.update(model_type="gpt2"))
+  raises(lm.ConfigError, lambda: lm.load(broken), os.path.join(broken, "config.json"),
+         "model_type 'gpt2' is not supported", "llama", "gemma2")
+
+
+def test_unsupported_rope_type(broken):
+  edit_json(broken, "config.json", lambda c: c["rope_parameters"].update(rope_type="yarn"))
+  raises(lm.ConfigError, lambda: lm.load(broken), os.path.join(broken, "config.json"),
+         "rope type 'yarn' is not supported", "llama3")
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "vocab_size", "intermediate_size"])
+def test_missing_required_field(broken, key):
+  edit_json(broken, "config.json", lambda c: c.pop(key))
+  file = os.path.join(broken, "config.json")
+  msg = raises(lm.ConfigError, lambda: lm.load(broken), file, f"missing required field {key!r}")
+  assert msg.count(file) == 1, msg
+
+
+@pytest.mark.parametrize("key,value", [("hidden_size", "64"), ("num_hidden_layers", 0),
+                                       ("vocab_size", 320.0)])
+def test_size_field_not_a_positive_int(broken, key, value):
+  edit_json(broken, "config.json", lambda c: c.update({key: value}))
+  raises(lm.ConfigError, lambda: lm.load(broken), os.path.join(broken, "config.json"),
+         f"{key} must be an int >= 1", f"got {value!r}")
+
+
+def test_kv_heads_not_dividing_heads(broken):
+  edit_json(broken, "config.json", lambda c: c.update(num_key_value_heads=3))
+  raises(lm.ConfigError, lambda: lm.load(broken), os.path.join(broken, "config.json"),
+         "n_heads=4 is not a multiple of n_kv_heads=3")
+
+
+def test_config_rejects_bad_sizes_directly():
+  raises(lm.ConfigError, lambda: tiny.config(n_kv_heads=0), "n_kv_heads must be an int >= 1",
+         "got 0")
+  raises(lm.ConfigError, lambda: tiny.config(family="gpt2"), "family 'gpt2'")
+  raises(lm.ConfigError, lambda: tiny.config(windows=(0,)), "windows has 1 entries for 2 layers")
+
+
+# --- safetensors ---------------------------------------------------------------------------------
+
+
+def test_missing_tensor(broken):
+  edit_tensors(broken, lambda t: t.pop(UP1))
+  raises(lm.CheckpointError, lambda: lm.load(broken), broken, f"missing tensor {UP1!r}",
+         "expected shape [128, 64]")
+
+
+def test_tensor_with_wrong_shape(broken):
+  edit_tensors(broken, lambda t: t.update({UP1: t[UP1][:100]}))
+  raises(lm.CheckpointError, lambda: lm.load(broken), os.path.join(broken, "model.safetensors"),
+         repr(UP1), "shape [100, 64]", "config.json implies [128, 64]")
+
+
+def test_unexpected_extra_tensor(broken):
+  edit_tensors(broken, lambda t: t.update({"model.layers.3.mlp.up_proj.weight": t[UP1]}))
+  raises(lm.CheckpointError, lambda: lm.load(broken), broken, "1 tensor(s)",
+         "'model.layers.3.mlp.up_proj.weight'", "llama")
+
+
+def test_integer_tensor(broken):
+  edit_tensors(broken, lambda t: t.update({"model.norm.weight": np.ones(64, np.int32)}))
+  raises(lm.CheckpointError, lambda: lm.load(broken), os.path.join(broken, "model.safetensors"),
+         "'model.norm.weight'", "dtype int32", "floating-point")
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "empty"])
+def test_corrupt_safetensors(broken, how):
+  file = os.path.join(broken, "model.safetensors")
+  with open(file, "rb") as f:
+    data = f.read()
+  bad = {"truncated": data[:len(data) // 2], "garbage": b"not a safetensors file", "empty": b""}
+  write(broken, "model.safetensors", bad[how])
+  raises(lm.CheckpointError, lambda: lm.load(broken), file, "not a readable safetensors file")
+
+
+def test_no_weights(broken):
+  os.remove(os.path.join(broken, "model.safetensors"))
+  raises(lm.CheckpointError, lambda: lm.load(broken), broken, "no model.safetensors",
+         "model.safetensors.index.json")
+
+
+def test_load_dtype_must_be_float(src):
+  raises(ValueError, lambda: lm.load(src, dtype=jnp.int8), "floating-point dtype", "int8")
+
+
+# --- sharded checkpoints -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded(src, tmp_path_factory):
+  """The same weights, written by transformers in shards of at most 100KB."""
+  import transformers
+  path = str(tmp_path_factory.mktemp("sharded"))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(src)
+  hf.save_pretrained(path, max_shard_size="100KB")
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(src, name), path)
+  return path
+
+
+def shards(path):
+  with open(os.path.join(path, "model.safetensors.index.json")) as f:
+    return sorted(set(json.load(f)["weight_map"].values()))
+
+
+def test_sharded_loads_like_single_file(model, sharded):
+  assert not os.path.exists(os.path.join(sharded, "model.safetensors"))
+  assert len(shards(sharded)) > 1
+  np.testing.assert_array_equal(lm.score(lm.load(sharded), IDS), lm.score(model, IDS))
+
+
+def test_sharded_index_names_absent_shard(sharded, tmp_path):
+  d = shutil.copytree(sharded, str(tmp_path / "model"))
+  gone = shards(d)[1]
+  os.remove(os.path.join(d, gone))
+  raises(lm.CheckpointError, lambda: lm.load(d), os.path.join(d, "model.safetensors.index.json"),
+         f"names shard {gone!r}", "not in")
+
+
+def test_sharded_index_invalid_json(sharded, tmp_path):
+  d = shutil.copytree(sharded, str(tmp_path / "model"))
+  write(d, "model.safetensors.index.json", '{"weight_map": {"model.norm.weight": ')
+  raises(lm.CheckpointError, lambda: lm.load(d), os.path.join(d, "model.safetensors.index.json"),
+         "not a valid safetensors index")
+
+
+@pytest.mark.parametrize("text", ['{"metadata": {}}', '{"weight_map": ["a.safetensors"]}'])
+def test_sharded_index_without_weight_map(sharded, tmp_path, text):
+  d = shutil.copytree(sharded, str(tmp_path / "model"))
+  write(d, "model.safetensors.index.json", text)
+  raises(lm.CheckpointError, lambda: lm.load(d), os.path.join(d, "model.safetensors.index.json"),
+         "weight_map")
+
+
+def test_sharded_index_points_at_wrong_shard(sharded, tmp_path):
+  d = shutil.copytree(sharded, str(tmp_path / "model"))
+  index = "model.safetensors.index.json"
+  with open(os.path.join(d, index)) as f:
+    weight_map = json.load(f)["weight_map"]
+  wrong = next(f for f in shards(d) if f != weight_map["model.norm.weight"])
+  edit_json(d, index, lambda c: c["weight_map"].update({"model.norm.weight": wrong}))
+  raises(lm.CheckpointError, lambda: lm.load(d), os.path.join(d, wrong),
+         "cannot read tensor 'model.norm.weight'")
+
+
+def test_corrupt_shard(sharded, tmp_path):
+  d = shutil.copytree(sharded, str(tmp_path / "model"))
+  bad = shards(d)[0]
+  write(d, bad, b"\x00" * 16)
+  raises(lm.CheckpointError, lambda: lm.load(d), os.path.join(d, bad),
+         "not a readable safetensors file")
+
+
+# --- tokenizer and generation config -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ['{"version": "1.0", "model": 3}', '{"version": "1.0", "mod'])
+def test_corrupt_tokenizer(broken, text):
+  write(broken, "tokenizer.json", text)
+  raises(lm.TokenizerError, lambda: lm.load(broken), os.path.join(broken, "tokenizer.json"),
+         "not a readable tokenizer")
+
+
+def test_tokenizer_larger_than_vocab(broken):
+  tok = tiny.byte_tokenizer()  # 258 tokens; the checkpoint's vocab_size is 320
+  tok.tok.add_tokens([f"<extra_{i}>" for i in range(70)])
+  tok.tok.save(os.path.join(broken, "tokenizer.json"))
+  raises(lm.TokenizerError, lambda: lm.load(broken), os.path.join(broken, "tokenizer.json"),
+         "328 tokens", "vocab_size is 320")
+
+
+def test_tokenizer_config_invalid_json(broken):
+  write(broken, "tokenizer_config.json", "{")
+  raises(lm.TokenizerError, lambda: lm.load(broken),
+         os.path.join(broken, "tokenizer_config.json"), "invalid JSON")
+
+
+def test_eos_token_not_in_vocab(broken):
+  edit_json(broken, "tokenizer_config.json", lambda c: c.update(eos_token="<|eot_id|>"))
+  raises(lm.TokenizerError, lambda: lm.load(broken),
+         os.path.join(broken, "tokenizer_config.json"), "eos_token '<|eot_id|>'",
+         "not in the vocabulary", os.path.join(broken, "tokenizer.json"))
+
+
+@pytest.mark.parametrize("eos,bad", [(320, "[320]"), ([1, -1], "[-1]"), ("</s>", "['</s>']")])
+def test_generation_config_eos_outside_vocab(broken, eos, bad):
+  edit_json(broken, "generation_config.json", lambda c: c.update(eos_token_id=eos))
+  raises(lm.ConfigError, lambda: lm.load(broken),
+         os.path.join(broken, "generation_config.json"), f"eos_token_id {bad}", "[0, 320)")
+
+
+def test_config_eos_outside_vocab(broken):
+  os.remove(os.path.join(broken, "generation_config.json"))
+  edit_json(broken, "config.json", lambda c: c.update(eos_token_id=1000))
+  raises(lm.ConfigError, lambda: lm.load(broken), os.path.join(broken, "config.json"),
+         "eos_token_id [1000]", "[0, 320)")
+
+
+def test_generation_config_invalid_json(broken):
+  write(broken, "generation_config.json", "{")
+  raises(lm.ConfigError, lambda: lm.load(broken),
+         os.path.join(broken, "generation_config.json"), "invalid JSON")
+
+
+# --- dtype ---------------------------------------------------------------------------------------
+
+
+def test_bf16_checkpoint_dtype(src, model, tmp_path):
+  from safetensors.flax import load_file as load_jax, save_file as save_jax
+  d = shutil.copytree(src, str(tmp_path / "bf16"))
+  f32 = load_jax(os.path.join(src, "model.safetensors"))
+  save_jax({k: v.astype(jnp.bfloat16) for k, v in f32.items()},
+           os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+  ref = model
+  kept, cast = lm.load(d), lm.load(d, dtype=jnp.float32)
+  assert kept.dtype == jnp.bfloat16 and cast.dtype == jnp.float32
+  assert {a.dtype for a in jax.tree.leaves(kept.params())} == {jnp.dtype(jnp.bfloat16)}
+  assert {a.dtype for a in jax.tree.leaves(cast.params())} == {jnp.dtype(jnp.float32)}
+  for a, b, r in zip(jax.tree.leaves(kept.params()), jax.tree.leaves(cast.params()),
+                     jax.tree.leaves(ref.params())):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(r.astype(jnp.bfloat16)))
+  logits, want = lm.score(kept, IDS), lm.score(ref, IDS)
+  assert np.isfinite(logits).all()
+  assert np.abs(logits - want).max() < 0.05 * np.abs(want).max()
+
+
+# --- sampling and generation arguments -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,parts", [
+    (dict(temperature=-1), ("temperature must be a number >= 0", "got -1")),
+    (dict(temperature=float("nan")), ("temperature", "got nan")),
+    (dict(top_p=0), ("top_p must be in (0, 1]", "got 0")),
+    (dict(top_p=1.5), ("top_p must be in (0, 1]", "got 1.5")),
+    (dict(top_k=-1), ("top_k must be an int >= 0", "got -1")),
+    (dict(top_k=2.5), ("top_k must be an int >= 0", "got 2.5")),
+])
+def test_bad_sampling(kwargs, parts):
+  raises(ValueError, lambda: lm.Sampling(**kwargs), *parts)
+
+
+def test_sampling_needs_key(model):
+  raises(ValueError, lambda: lm.generate(model, "hi", sampling=lm.Sampling(temperature=0.7)),
+         "temperature > 0", "key=jax.random.key")
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.0])
+def test_bad_max_new_tokens(model, n):
+  raises(ValueError, lambda: lm.generate(model, "hi", max_new_tokens=n),
+         "max_new_tokens must be an int >= 1", f"got {n!r}")
+
+
+def test_sampling_must_be_a_sampling(model):
+  raises(TypeError, lambda: lm.generate(model, "hi", sampling={"temperature": 0.5}),
+         "kvjax.lm.Sampling", "dict")
+
+
+def test_empty_prompt_list(model):
+  raises(ValueError, lambda: lm.generate(model, [], max_new_tokens=2), "prompts is empty")
+
+
+def test_empty_prompt(model):
+  raises(ValueError, lambda: lm.generate(model, [[5, 6], []], max_new_tokens=2),
+         "prompt 1 is empty", "at least one token")
+
+
+@pytest.mark.parametrize("prompt,bad", [([5, 320], "[320]"), ([[5], [-1, 7]], "[-1]")])
+def test_token_ids_out_of_range(model, prompt, bad):
+  raises(ValueError, lambda: lm.generate(model, prompt, max_new_tokens=2),
+         f"token ids {bad}", "outside [0, 320)")
+
+
+def test_stop_tokens_out_of_range(model):
+  raises(ValueError, lambda: lm.generate(model, [5], max_new_tokens=2, stop_tokens=[1000]),
+         "stop_tokens [1000]", "outside [0, 320)")
+
+
+def test_prompt_plus_new_tokens_beyond_context(model):
+  raises(ValueError, lambda: lm.generate(model, [5] * 510, max_new_tokens=5),
+         "prompt (510 tokens)", "max_new_tokens (5)", "context of 512 positions")
+
+
+def test_text_without_tokenizer(model):
+  bare = dataclasses.replace(model, tokenizer=None)
+  raises(ValueError, lambda: lm.generate(bare, "hello", max_new_tokens=2), "no tokenizer",
+         "pass token ids")
+  raises(ValueError, lambda: lm.generate(bare, [5, 6], max_new_tokens=2, stop=["x"]),
+         "stop strings need the model's tokenizer")
+  raises(ValueError, lambda: next(lm.stream(bare, [5, 6], max_new_tokens=2)),
+         "stream needs the model's tokenizer")
+
+
+def test_score_given_text(model):
+  raises(TypeError, lambda: lm.score(model, "hello"), "token ids, not text", "model.tokenizer")
+  raises(TypeError, lambda: lm.score(model, ["hello", "there"]), "token ids, not text")
+
+
+def test_score_3d(model):
+  raises(ValueError, lambda: lm.score(model, np.zeros((1, 2, 3), np.int32)),
+         "token_ids must be [T] or [B, T]", "(1, 2, 3)")
+
+
+def test_score_out_of_range(model):
+  raises(ValueError, lambda: lm.score(model, [[1, 2], [3, 999]]), "prompt 1",
+         "token ids [999]", "outside [0, 320)")
+
+
+# --- decoder forward misuse ----------------------------------------------------------------------
+
+
+TOKENS = jnp.zeros((2, 5), jnp.int32)
+EMBEDS = jnp.zeros((2, 5, 64), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def decoder(model):
+  return model.decoder
+
+
+def test_decoder_tokens_and_embeds(decoder):
+  raises(ValueError, lambda: decoder(TOKENS, embeds=EMBEDS),
+         "exactly one of tokens, embeds, hidden", "['tokens', 'embeds']")
+
+
+def test_decoder_no_input(decoder):
+  raises(ValueError, lambda: decoder(), "exactly one of tokens, embeds, hidden", "none")
+
+
+@pytest.mark.parametrize("layers", [(0, 4), (-1, 2), (1, 1), (2, 1)])
+def test_decoder_layer_range_out_of_bounds(decoder, layers):
+  raises(ValueError, lambda: decoder(TOKENS, layers=layers), f"layers={layers}", "[0, 3]")
+
+
+def test_decoder_mid_range_needs_hidden(decoder):
+  raises(ValueError, lambda: decoder(TOKENS, layers=(1, 2)), "starting at 1", "`hidden`",
+         "not tokens")
+  raises(ValueError, lambda: decoder(embeds=EMBEDS, layers=(1, 2)), "starting at 1", "not embeds")
+  raises(ValueError, lambda: decoder(hidden=EMBEDS), "`hidden`", "above layer 0")
+
+
+def test_decoder_mask_shape(decoder):
+  raises(ValueError, lambda: decoder(TOKENS, mask=jnp.ones((2, 5, 4), bool)), "mask",
+         "(2, 5, 4)", "expected (2, 5, 5)")
+
+
+def test_decoder_positions_shape(decoder):
+  raises(ValueError, lambda: decoder(TOKENS, positions=jnp.zeros((2, 4), jnp.int32)),
+         "positions", "(2, 4)", "expected (2, 5)")
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 32), (5, 64)])
+def test_decoder_embeds_width(decoder, shape):
+  raises(ValueError, lambda: decoder(embeds=jnp.zeros(shape)), "embeds must be [B, T, 64]",
+         f"got {list(shape)}")
+  raises(ValueError, lambda: decoder(hidden=jnp.zeros(shape), layers=(1, 2)),
+         "hidden must be [B, T, 64]", f"got {list(shape)}")
+
+
+@pytest.mark.parametrize("tokens", [jnp.zeros((5,), jnp.int32), jnp.zeros((2, 5), jnp.float32)])
+def test_decoder_tokens_not_int_matrix(decoder, tokens):
+  raises(ValueError, lambda: decoder(tokens), "tokens must be an int array [B, T]",
+         f"{tokens.dtype}{list(tokens.shape)}")
