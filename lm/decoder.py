@@ -201,18 +201,24 @@ class Decoder(nnx.Module):
       raise ValueError(f"layers={layers} is not a range [start, stop) within [0, {cfg.n_layers}]")
     x = constrain(_input(self, tokens, embeds, hidden, start), ACTIVATION, self.layout)
     B, T, _ = x.shape
+    if cache is not None:
+      want = (cfg.n_layers, B, cache.size, cfg.n_kv_heads, cfg.head_dim)
+      if tuple(cache.k.shape) != want:
+        raise ValueError(f"cache.k has shape {tuple(cache.k.shape)}; this model and a batch of "
+                         f"{B} need [L, B, S, K, H] = {want[:2]} + (S,) + {want[3:]}")
     base = cache.length[:, None] if cache is not None else jnp.zeros((B, 1), jnp.int32)
     if positions is None:
       positions = base + jnp.arange(T, dtype=jnp.int32)[None, :]
-    _check_shape("positions", positions, (B, T))
+    _check_shape("positions", positions, (B, T), jnp.integer)
     if n_new is None:
       n_new = jnp.full((B,), T, jnp.int32)
+    _check_shape("n_new", n_new, (B,), jnp.integer)
     S = cache.size if cache is not None else 0
     if mask is None:
       new_mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
       cache_mask = None if cache is None else jnp.broadcast_to(cache.visible()[:, None], (B, T, S))
     else:
-      _check_shape("mask", mask, (B, T, S + T))
+      _check_shape("mask", mask, (B, T, S + T), jnp.bool_)
       new_mask = mask[:, :, S:]
       cache_mask = None if cache is None else mask[:, :, :S] & cache.visible()[:, None]
 
@@ -249,9 +255,10 @@ class Decoder(nnx.Module):
                   k=ks if return_kv else None, v=vs if return_kv else None), cache
 
 
-def _check_shape(name, x, shape):
-  if tuple(x.shape) != tuple(shape):
-    raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {tuple(shape)}")
+def _check_shape(name, x, shape, kind):
+  if tuple(jnp.shape(x)) != tuple(shape) or not jnp.issubdtype(jnp.asarray(x).dtype, kind):
+    raise ValueError(f"{name} must be a {kind.__name__} array of shape {tuple(shape)}; got "
+                     f"{jnp.asarray(x).dtype}{list(jnp.shape(x))}")
 
 
 def _input(dec: Decoder, tokens, embeds, hidden, start: int) -> jax.Array:
@@ -266,6 +273,7 @@ def _input(dec: Decoder, tokens, embeds, hidden, start: int) -> jax.Array:
     raise ValueError("`hidden` is the input of a range starting above layer 0; use tokens or embeds")
   D = dec.cfg.d_model
   if tokens is not None:
+    tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be an int array [B, T]; got {tokens.dtype}{list(tokens.shape)}")
     return dec.embed_tokens(tokens)

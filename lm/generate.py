@@ -51,7 +51,9 @@ def _run(model: Model, fn, *args, **static) -> tuple[Any, float]:
 
 
 def _tokenize(model: Model, prompts: Prompt | Sequence[Prompt], chat: bool) -> list[list[int]]:
-  if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
+  """Each prompt as a list of token ids; text goes through the tokenizer (or chat template)."""
+  if isinstance(prompts, str) or (len(prompts) and not isinstance(prompts[0], str)
+                                  and np.ndim(prompts[0]) == 0):
     prompts = [prompts]
   if not len(prompts):
     raise ValueError("prompts is empty: pass a string, a list of strings or of token-id lists")
@@ -59,12 +61,16 @@ def _tokenize(model: Model, prompts: Prompt | Sequence[Prompt], chat: bool) -> l
   for i, p in enumerate(prompts):
     if isinstance(p, str):
       if model.tokenizer is None:
-        raise ValueError(f"{model.path}: the model has no tokenizer.json; pass token ids")
+        raise ValueError("the model has no tokenizer (no tokenizer.json): pass token ids")
       if chat:
         p = model.tokenizer.apply_chat_template([{"role": "user", "content": p}])
       ids = model.tokenizer.encode(p, add_special_tokens=not chat)
     else:
-      ids = [int(t) for t in np.asarray(p).reshape(-1)]
+      arr = np.asarray(p)
+      if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"prompt {i} must be a string or a flat sequence of int token ids; "
+                         f"got a {arr.dtype} array of shape {arr.shape}")
+      ids = arr.astype(np.int64).tolist()
     if not ids:
       raise ValueError(f"prompt {i} is empty: it needs at least one token")
     bad = [t for t in ids if not 0 <= t < model.cfg.vocab_size]
@@ -156,6 +162,7 @@ def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens
   """
   sampling = _check(model, max_new_tokens, sampling, key)
   rows = _tokenize(model, prompts, chat)
+  stop = [stop] if isinstance(stop, str) else list(stop)
   if stop and model.tokenizer is None:
     raise ValueError("stop strings need the model's tokenizer")
   stop_ids = _stop_ids(model, stop_tokens) or [-1]
@@ -203,6 +210,7 @@ def stream(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
   if not isinstance(prompt, str) and len(prompt) and not isinstance(prompt[0], (int, np.integer)):
     raise ValueError("stream takes one prompt (a string or token ids); use generate for a batch")
   rows = _tokenize(model, prompt, chat)
+  stop = [stop] if isinstance(stop, str) else list(stop)
   stop_ids = set(_stop_ids(model, stop_tokens))
   logits, cache, prefill_s, compile_s = _prefill(model, rows, max_new_tokens)
   key = jax.random.key(0) if key is None else key
@@ -265,6 +273,10 @@ def score(model: Model, token_ids) -> np.ndarray | list[np.ndarray]:
     raise TypeError("score takes token ids, not text: encode with model.tokenizer first")
   rows = _tokenize(model, rows, chat=False)
   ragged = len({len(r) for r in rows}) > 1
+  longest = max(map(len, rows))
+  if longest > model.cfg.max_position:
+    raise ValueError(f"a row of {longest} tokens exceeds the model's context of "
+                     f"{model.cfg.max_position} positions")
   T = steps.bucket(max(map(len, rows)), minimum=8)
   tokens = np.zeros((len(rows), T), np.int32)
   for b, r in enumerate(rows):

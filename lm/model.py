@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -55,10 +56,17 @@ def _abstract(cfg: Config, dtype) -> tuple[Any, Any]:
   return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype)))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _random_state(cfg: Config, dtype, seed: jax.Array):
+  """One compiled program per (config, dtype) builds the params for any seed."""
+  return nnx.state(Decoder(cfg, rngs=nnx.Rngs(jax.random.key(seed)), dtype=dtype))
+
+
 def init(cfg: Config, *, seed: int = 0, dtype=jnp.float32, tokenizer: Tokenizer | None = None,
          eos_ids: tuple[int, ...] = ()) -> Model:
   """A randomly initialised model (tests, tiny demos)."""
-  graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(seed), dtype=dtype))
+  graphdef, _ = _abstract(cfg, dtype)
+  state = _random_state(cfg, jnp.dtype(dtype), jnp.int32(seed))
   return Model(cfg, graphdef, state, tokenizer, tuple(eos_ids))
 
 

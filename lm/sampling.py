@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -17,16 +19,26 @@ class Sampling:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-      raise ValueError(f"temperature must be a number >= 0 (0 = greedy); got {self.temperature!r}")
-    if not (isinstance(self.top_k, int) and self.top_k >= 0):
+    t = self.temperature
+    if not (_real(t) and (t == 0 or (math.isfinite(t) and 1e-6 <= t))):
+      raise ValueError(f"temperature must be 0 (greedy) or a finite number >= 1e-6; got {t!r}")
+    if not (isinstance(self.top_k, numbers.Integral) and not isinstance(self.top_k, bool)
+            and self.top_k >= 0):
       raise ValueError(f"top_k must be an int >= 0 (0 = off); got {self.top_k!r}")
-    if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+    if not (_real(self.top_p) and 0 < self.top_p <= 1):
       raise ValueError(f"top_p must be in (0, 1] (1 = off); got {self.top_p!r}")
+    # plain Python numbers keep the config hashable and its jit cache key stable
+    object.__setattr__(self, "temperature", float(t))
+    object.__setattr__(self, "top_k", int(self.top_k))
+    object.__setattr__(self, "top_p", float(self.top_p))
 
   @property
   def greedy(self) -> bool:
     return self.temperature == 0
+
+
+def _real(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool) and not math.isnan(x)
 
 
 def filter_logits(logits: jax.Array, s: Sampling) -> jax.Array:

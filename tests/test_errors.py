@@ -326,7 +326,11 @@ def test_bf16_checkpoint_dtype(src, model, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,parts", [
-    (dict(temperature=-1), ("temperature must be a number >= 0", "got -1")),
+    (dict(temperature=-1), ("temperature must be 0 (greedy) or a finite number >= 1e-6",
+                            "got -1")),
+    (dict(temperature=float("inf")), ("temperature", "got inf")),
+    (dict(temperature=1e-50), ("temperature", "got 1e-50")),
+    (dict(top_k=True), ("top_k must be an int >= 0", "got True")),
     (dict(temperature=float("nan")), ("temperature", "got nan")),
     (dict(top_p=0), ("top_p must be in (0, 1]", "got 0")),
     (dict(top_p=1.5), ("top_p must be in (0, 1]", "got 1.5")),
@@ -438,12 +442,52 @@ def test_decoder_mid_range_needs_hidden(decoder):
 
 def test_decoder_mask_shape(decoder):
   raises(ValueError, lambda: decoder(TOKENS, mask=jnp.ones((2, 5, 4), bool)), "mask",
-         "(2, 5, 4)", "expected (2, 5, 5)")
+         "bool[2, 5, 4]", "shape (2, 5, 5)")
+  raises(ValueError, lambda: decoder(TOKENS, mask=jnp.ones((2, 5, 5))), "mask must be a bool",
+         "float32[2, 5, 5]")
 
 
 def test_decoder_positions_shape(decoder):
   raises(ValueError, lambda: decoder(TOKENS, positions=jnp.zeros((2, 4), jnp.int32)),
-         "positions", "(2, 4)", "expected (2, 5)")
+         "positions", "int32[2, 4]", "shape (2, 5)")
+  raises(ValueError, lambda: decoder(TOKENS, positions=jnp.zeros((2, 5))), "positions must be "
+         "a integer array", "float32[2, 5]")
+
+
+def test_decoder_cache_and_n_new_mismatch(decoder):
+  from kvjax.cache import KVCache
+  cfg = decoder.cfg
+  wrong_layers = KVCache.init(n_layers=cfg.n_layers + 1, batch=2, size=8,
+                              n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
+  raises(ValueError, lambda: decoder(TOKENS, cache=wrong_layers), "cache.k has shape",
+         f"({cfg.n_layers + 1}, 2, 8")
+  wrong_batch = KVCache.init(n_layers=cfg.n_layers, batch=3, size=8,
+                             n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
+  raises(ValueError, lambda: decoder(TOKENS, cache=wrong_batch), "cache.k has shape",
+         "a batch of 2")
+  raises(ValueError, lambda: decoder(TOKENS, n_new=jnp.ones((3,), jnp.int32)), "n_new",
+         "shape (2,)")
+
+
+def test_prompt_ids_must_be_flat_ints(model):
+  raises(ValueError, lambda: lm.generate(model, [[5.5, 3]], max_new_tokens=2),
+         "prompt 0 must be a string or a flat sequence of int token ids", "float64")
+  raises(ValueError, lambda: lm.generate(model, [[[1, 2], [3, 4]]], max_new_tokens=2),
+         "prompt 0", "shape (2, 2)")
+  raises(ValueError, lambda: lm.score(model, np.array([1.5, 2.0])), "int token ids")
+
+
+def test_score_beyond_context():
+  small = lm.init(tiny.config(max_position=16))
+  raises(ValueError, lambda: lm.score(small, [3] * 20), "20 tokens", "16 positions")
+
+
+def test_bare_stop_string_is_one_stop_string():
+  m = tiny.model(seed=4)
+  text = lm.generate(m, "abc", max_new_tokens=12, stop_tokens=[]).texts[0]
+  needle = text[4:7]
+  out = lm.generate(m, "abc", max_new_tokens=12, stop_tokens=[], stop=needle)
+  assert out.texts[0] == text[:text.index(needle)]
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 32), (5, 64)])
