@@ -32,10 +32,15 @@ def score(graphdef, state, tokens: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def prefill(graphdef, state, cache: KVCache, tokens: jax.Array, lengths: jax.Array):
-  """tokens [B, P] right-padded, lengths [B] real tokens per row (>= 1) -> (logits [B, V] at
-  each row's last real token, cache with row b advanced by lengths[b])."""
+  """Fills an empty cache. tokens [B, P] right-padded, lengths [B] real tokens per row (>= 1)
+  -> (logits [B, V] at each row's last real token, cache with row b holding lengths[b]).
+
+  Runs the cache-free forward (attention over the P prompt tokens only, not the S empty
+  slots) and writes its K/V into the cache once."""
   dec = nnx.merge(graphdef, state)
-  out, cache = dec(tokens, cache=cache, n_new=lengths, logits=False)
+  out, _ = dec(tokens, logits=False, return_kv=True)
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  cache = cache.write(out.k, out.v, positions, lengths)
   last = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
   return dec.logits(last), cache
 
