@@ -18,6 +18,24 @@ class ConfigError(ValueError):
   """A config.json that kvjax cannot run (unknown family, unsupported option)."""
 
 
+def read_json(file: str, *, required: bool, error: type[Exception] | None = None) -> dict | None:
+  """The JSON object in `file`; None when it is absent and not required. Problems raise
+  `error` (default ConfigError) naming the file."""
+  error = error or ConfigError
+  if not os.path.exists(file):
+    if required:
+      raise error(f"{os.path.dirname(file) or '.'}: no {os.path.basename(file)}")
+    return None
+  try:
+    with open(file) as f:
+      data = json.load(f)
+  except json.JSONDecodeError as err:
+    raise error(f"{file}: invalid JSON ({err})") from None
+  if not isinstance(data, dict):
+    raise error(f"{file}: expected a JSON object; got {type(data).__name__}")
+  return data
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
   """Decoder-only transformer. Hashable: passed to `jax.jit` as a static argument.

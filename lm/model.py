@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kvjax.lm import checkpoint
-from kvjax.lm.config import Config, ConfigError, from_hf, to_hf
+from kvjax.lm.config import Config, ConfigError, from_hf, read_json, to_hf
 from kvjax.lm.decoder import Decoder
 from kvjax.lm.tokenizer import Tokenizer, TokenizerError
 
@@ -70,21 +70,6 @@ def init(cfg: Config, *, seed: int = 0, dtype=jnp.float32, tokenizer: Tokenizer 
   return Model(cfg, graphdef, state, tokenizer, tuple(eos_ids))
 
 
-def _read_json(file: str, required: bool) -> dict[str, Any] | None:
-  if not os.path.exists(file):
-    if required:
-      raise ConfigError(f"{os.path.dirname(file) or '.'}: no {os.path.basename(file)}")
-    return None
-  try:
-    with open(file) as f:
-      data = json.load(f)
-  except json.JSONDecodeError as err:
-    raise ConfigError(f"{file}: invalid JSON ({err})") from None
-  if not isinstance(data, dict):
-    raise ConfigError(f"{file}: expected a JSON object; got {type(data).__name__}")
-  return data
-
-
 def _eos_ids(gen: dict[str, Any] | None, hf: dict[str, Any], tok: Tokenizer | None,
              vocab_size: int, path: str) -> tuple:
   for name, source in (("generation_config.json", gen or {}), ("config.json", hf)):
@@ -110,7 +95,7 @@ def load(path: str, *, dtype=None) -> Model:
   if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype must be a floating-point dtype (e.g. jnp.bfloat16) or None; "
                      f"got {dtype}")
-  hf = _read_json(os.path.join(path, "config.json"), required=True)
+  hf = read_json(os.path.join(path, "config.json"), required=True)
   cfg = from_hf(hf, source=os.path.join(path, "config.json"))
   params = checkpoint.load_hf(path, cfg, dtype=dtype)
   graphdef, state = _abstract(cfg, params["embed"].dtype)
@@ -121,7 +106,7 @@ def load(path: str, *, dtype=None) -> Model:
     if tok.vocab_size > cfg.vocab_size:
       raise TokenizerError(f"{tok.source}: {tok.vocab_size} tokens, but config.json's "
                            f"vocab_size is {cfg.vocab_size}: the tokenizer belongs to another model")
-  gen = _read_json(os.path.join(path, "generation_config.json"), required=False)
+  gen = read_json(os.path.join(path, "generation_config.json"), required=False)
   eos = _eos_ids(gen, hf, tok, cfg.vocab_size, path)
   defaults = {k: gen[k] for k in ("do_sample", "temperature", "top_k", "top_p") if gen and k in gen}
   return Model(cfg, graphdef, state, tok, eos, defaults, path)

@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from kvjax.lm.config import read_json
+
 
 class TokenizerError(ValueError):
   """A tokenizer file that is missing, unreadable or inconsistent with the model."""
@@ -48,16 +50,8 @@ class Tokenizer:
       tok = HFTokenizer.from_file(file)
     except Exception as err:
       raise TokenizerError(f"{file}: not a readable tokenizer ({err})") from None
-    conf: dict[str, Any] = {}
     conf_file = os.path.join(path, "tokenizer_config.json")
-    if os.path.exists(conf_file):
-      try:
-        with open(conf_file) as f:
-          conf = json.load(f)
-      except json.JSONDecodeError as err:
-        raise TokenizerError(f"{conf_file}: invalid JSON ({err})") from None
-      if not isinstance(conf, dict):
-        raise TokenizerError(f"{conf_file}: expected a JSON object; got {type(conf).__name__}")
+    conf = read_json(conf_file, required=False, error=TokenizerError) or {}
     for what in ("bos_token", "eos_token"):
       token = _token_str(conf.get(what))
       if token is not None and tok.token_to_id(token) is None:
