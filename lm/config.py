@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import numbers
+import os
 from typing import Any
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2")
