@@ -165,7 +165,8 @@ def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens
   stop = [stop] if isinstance(stop, str) else list(stop)
   if stop and model.tokenizer is None:
     raise ValueError("stop strings need the model's tokenizer")
-  stop_ids = _stop_ids(model, stop_tokens) or [-1]
+  stop_ids = _stop_ids(model, stop_tokens)
+  stop_ids += [-1] * (steps.bucket(len(stop_ids), minimum=4) - len(stop_ids))  # one shape
   logits, cache, prefill_s, compile_p = _prefill(model, rows, max_new_tokens)
   key = jax.random.key(0) if key is None else key
   t0 = time.perf_counter()

@@ -100,6 +100,8 @@ def test_prompt_lengths_in_one_bucket_share_one_executable(model):
   n = len(model.compiled)
   for length in (4, 9, 13):
     lm.generate(model, [7] * length, max_new_tokens=8)
+  for stops in ([], [1, 2], [1, 2, 3]):  # stop ids are padded to one shape too
+    lm.generate(model, [7] * 5, max_new_tokens=8, stop_tokens=stops)
   assert len(model.compiled) == n
 
 
