@@ -56,11 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
       prog=PROG, description="LLM inference in JAX with the KV cache as an explicit value.")
   subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
   _add_generate(subparsers)
+  _add_train(subparsers)
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
   """Runs `kvjax ARGV...`; returns the exit code (0 ok, 1 library error, 2 bad flags)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["train"]:  # forwarded whole, so `kvjax train --help` is the trainer's help
+    from kvjax.train.cli import main as train_main
+    return train_main(argv[1:], prog=f"{PROG} train")
   parser = build_parser()
   try:
     args = parser.parse_args(argv)
@@ -75,6 +80,21 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print(file=sys.stderr)
     return 130
+
+
+# --- train ------------------------------------------------------------------------------------
+
+def _add_train(subparsers) -> None:
+  """`kvjax train TASK ...`: listed here for --help; `main` forwards it to kvjax.train.cli."""
+  p = subparsers.add_parser("train", add_help=False, help="train a model (kvjax train lm --help)",
+                            description="Same as python -m kvjax.train.")
+  p.add_argument("argv", nargs=argparse.REMAINDER)
+
+  def run(args: argparse.Namespace) -> int:
+    from kvjax.train.cli import main as train_main
+    return train_main(args.argv, prog=f"{PROG} train")
+
+  p.set_defaults(run=run, check=lambda args: None)
 
 
 # --- generate ---------------------------------------------------------------------------------

@@ -1,0 +1,63 @@
+"""Training metrics: one JSON object per logged step in `metrics.jsonl`, a PNG loss curve."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+JSONL = "metrics.jsonl"
+PNG = "loss.png"
+
+
+def _clean(value: Any) -> Any:
+  """JSON has no NaN/inf: those become null."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def read(out_dir: str) -> list[dict[str, Any]]:
+  """Every record in out_dir/metrics.jsonl (empty when there is none)."""
+  path = os.path.join(out_dir, JSONL)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate(out_dir: str, step: int) -> None:
+  """Drops records after `step` (a resumed run rewrites the steps after its checkpoint)."""
+  records = [r for r in read(out_dir) if r["step"] <= step]
+  with open(os.path.join(out_dir, JSONL), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def append(out_dir: str, record: dict[str, Any]) -> None:
+  with open(os.path.join(out_dir, JSONL), "a") as f:
+    f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+
+
+def plot(out_dir: str) -> str:
+  """Writes out_dir/loss.png: train loss (and eval loss where present) against step."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  records = read(out_dir)
+  fig, ax = plt.subplots(figsize=(7, 4))
+  train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+  evals = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
+  if train:
+    ax.plot(*zip(*train), label="train loss")
+  if evals:
+    ax.plot(*zip(*evals), "o-", label="eval loss")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss per token (nats)")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  path = os.path.join(out_dir, PNG)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
