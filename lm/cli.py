@@ -66,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
   if argv[:1] == ["train"]:  # forwarded whole, so `kvjax train --help` is the trainer's help
     from kvjax.train.cli import main as train_main
     return train_main(argv[1:], prog=f"{PROG} train")
-  parser = build_parser()
+  return run(build_parser(), argv, lambda args: PROG)
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None, label) -> int:
+  """Parses argv, runs the chosen subcommand; library errors print `label(args): error: ...`
+  and give 1, bad flags 2 (argparse's own message), Ctrl-C 130."""
   try:
     args = parser.parse_args(argv)
     args.check(args)
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     return args.run(args)
   except LIBRARY_ERRORS as err:
-    print(f"{PROG}: error: {err}", file=sys.stderr)
+    print(f"{label(args)}: error: {err}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:
     print(file=sys.stderr)

@@ -19,13 +19,9 @@ import os
 import sys
 import time
 
-from kvjax.lm.checkpoint import CheckpointError
-from kvjax.lm.config import ConfigError
-from kvjax.lm.tokenizer import TokenizerError
+from kvjax.lm.cli import run
 
 PROG = "python -m kvjax.train"
-LIBRARY_ERRORS = (ConfigError,  # kvjax.train's TrainError, DataError, CorpusError are ValueErrors
-                   CheckpointError, TokenizerError, FileNotFoundError, ValueError)
 ARCH = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
 ARCH_DEFAULTS = dict(d_model=128, n_layers=4, n_heads=4)  # only without --init-from
 DEFAULTS = dict(batch_size=16, seq_len=256, steps=1000,
@@ -294,17 +290,4 @@ def run_lm(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
   """Runs `PROG ARGV...`; returns the exit code (0 ok, 1 library error, 2 bad flags)."""
-  parser = build_parser(prog)
-  try:
-    args = parser.parse_args(argv)
-    args.check(args)
-  except SystemExit as done:
-    return done.code or 0
-  try:
-    return args.run(args)
-  except LIBRARY_ERRORS as err:
-    print(f"{prog} {args.task}: error: {err}", file=sys.stderr)
-    return 1
-  except KeyboardInterrupt:
-    print(file=sys.stderr)
-    return 130
+  return run(build_parser(prog), argv, lambda args: f"{prog} {args.task}")
