@@ -313,7 +313,7 @@ def test_bad_config_file_and_missing_flags(text_setup, tmp_path):
   code, _, err = run_cli("train", "lm", "--config", conf)
   assert code == 2 and "steps: expected an integer >= 1" in err
   code, _, err = run_cli("train", "lm", "--text", root / "corpus.txt", "--out", tmp_path)
-  assert code == 2 and "--tokenizer DIR is required" in err
+  assert code == 2 and "--tokenizer DIR is required with --text" in err
   code, _, err = run_cli("train", "lm", "--text", tmp_path / "none.txt", "--tokenizer", tok_dir,
                          "--out", tmp_path / "r")
   assert code == 2 and "none.txt: no such file" in err
@@ -341,3 +341,29 @@ def test_packed_documents_do_not_attend_across_boundaries():
   np.testing.assert_allclose(packed[12:], alone(b), atol=1e-5)  # b's tokens see only b
   unmasked = np.asarray(nll(params, {k: batch[k] for k in ("inputs", "targets")}))
   assert np.abs(unmasked[12:] - packed[12:]).max() > 1e-3
+
+
+def test_cli_data_dir_trains_its_own_tokenizer(tmp_path, monkeypatch):
+  """--data without --tokenizer: a BPE on the corpus' train split, kept in OUT/tokenizer."""
+  monkeypatch.setenv("KVJAX_DATA_DIR", str(tmp_path / "tfds"))
+  words = "to be or not that is the question whether tis nobler in mind".split()
+  rng = np.random.default_rng(1)
+  corpus = tmp_path / "corpus" / "poems"
+  corpus.mkdir(parents=True)
+  for i in range(3):
+    (corpus / f"poem{i}.txt").write_text(" ".join(rng.choice(words, 800)), encoding="utf-8")
+  out = tmp_path / "run"
+  argv = ("train", "lm", "--data", tmp_path / "corpus", "--vocab-size", 320, "--out", out,
+          *FLAGS[:-4], "--steps", 12, "--eval-every", 12, "--data-parallel", 1, "--no-progress",
+          "--json")
+  code, stdout, err = run_cli(*argv)
+  assert code == 0, err
+  assert "BPE" in err and (out / "tokenizer" / "tokenizer.json").is_file()
+  model = lm.load(json.loads(stdout)["export"])  # stdout holds the one JSON object only
+  tok = lm.Tokenizer.load(str(out / "tokenizer"))
+  assert model.cfg.vocab_size == tok.vocab_size > 258  # merges were learned
+  assert model.tokenizer.encode("to be or not") == tok.encode("to be or not")
+  (tmp_path / "x.txt").write_text("some text", encoding="utf-8")
+  code, _, err = run_cli("train", "lm", "--text", tmp_path / "x.txt", "--vocab-size", 320,
+                         "--tokenizer", out / "tokenizer", "--out", tmp_path / "r2")
+  assert code == 2 and "--vocab-size V (>= 300) applies only to --data" in err

@@ -72,7 +72,10 @@ def add_lm(sub) -> argparse.ArgumentParser:
   g.add_argument("--data", metavar="DIR_OR_NAME",
                  help="a corpus read by kvjax.train.data (a directory of .txt/.md or a name)")
   g.add_argument("--tokenizer", metavar="DIR",
-                 help="directory with tokenizer.json (default: --init-from's tokenizer)")
+                 help="directory with tokenizer.json (default: --init-from's tokenizer; with "
+                      "--data, a BPE trained on the corpus' train split into OUT/tokenizer)")
+  g.add_argument("--vocab-size", type=int, metavar="V",
+                 help="--data without --tokenizer: BPE vocabulary size (default 4096)")
   g.add_argument("--genre", action="append", metavar="G",
                  help="--data: train and eval on these genres only (repeatable)")
   g.add_argument("--exclude-genre", action="append", metavar="G",
@@ -131,8 +134,11 @@ def check_lm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     parser.error(f"--text {args.text}: no such file")
   if args.out is None:
     parser.error("--out DIR is required (checkpoints, metrics and the exported model go there)")
-  if args.tokenizer is None and args.init_from is None:
-    parser.error("--tokenizer DIR is required when not fine-tuning with --init-from")
+  if args.tokenizer is None and args.init_from is None and args.data is None:
+    parser.error("--tokenizer DIR is required with --text unless fine-tuning with --init-from")
+  if args.vocab_size is not None and (args.tokenizer is not None or args.data is None
+                                      or args.vocab_size < 300):
+    parser.error("--vocab-size V (>= 300) applies only to --data without --tokenizer")
   if args.warmup >= args.steps:
     parser.error(f"--warmup ({args.warmup}) must be smaller than --steps ({args.steps})")
   if args.init_from is None:
@@ -184,8 +190,20 @@ def _merge_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def _tokenizer(args):
+  """--tokenizer's, else (with --data, not fine-tuning) one trained on the corpus' train split
+  (all genres, so a fine-tune on a genre shares it) and kept in OUT/tokenizer for resumes."""
   from kvjax.lm.tokenizer import Tokenizer
-  return Tokenizer.load(args.tokenizer) if args.tokenizer is not None else None
+  if args.tokenizer is not None:
+    return Tokenizer.load(args.tokenizer)
+  if args.init_from is not None:
+    return None
+  path = os.path.join(args.out, "tokenizer")
+  if not os.path.exists(os.path.join(path, "tokenizer.json")):
+    from kvjax.train.tokenizer import corpus_tokenizer, save_tokenizer
+    print(f"training a {args.vocab_size or 4096}-token BPE on {args.data}'s train split into "
+          f"{path}", file=sys.stderr)
+    save_tokenizer(corpus_tokenizer(args.data, args.vocab_size or 4096, show_progress=False), path)
+  return Tokenizer.load(path)
 
 
 def _model(args):

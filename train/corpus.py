@@ -20,10 +20,12 @@ trains on 26.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
 import re
+import sys
 from collections.abc import Iterable, Sequence
 
 SPLITS = ("train", "validation", "test")
@@ -224,7 +226,8 @@ def builder(source: str | os.PathLike = SHAKESPEARE, *, data_dir: str | None = N
     root, _ = _root(source)
     b = cls(config=config_cls(name=name, source=root, description=f"text files under {root}"),
             data_dir=data_dir, file_format="array_record")
-  b.download_and_prepare()
+  with contextlib.redirect_stdout(sys.stderr):  # TFDS reports on stdout; keep it for --json
+    b.download_and_prepare()
   return b
 
 
