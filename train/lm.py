@@ -379,19 +379,7 @@ def _is_log_step(tc: TrainConfig, step: int, has_eval: bool) -> bool:
           or _is_eval_step(tc, step, has_eval))
 
 
-class _NoBar:
-  def update(self, n):
-    pass
-
-  def set_postfix(self, **kw):
-    pass
-
-  def close(self):
-    pass
-
-
 def _progress(enabled: bool, start: int, total: int):
-  if not enabled:
-    return _NoBar()
   from tqdm import tqdm
-  return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+  return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+              disable=not enabled)
