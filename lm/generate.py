@@ -6,6 +6,7 @@ Python orchestration lives here; everything per token runs in the jitted steps o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -20,6 +21,12 @@ from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling, sample
 
 Prompt = str | Sequence[int]
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _sample_step(logits: jax.Array, key: jax.Array, step: int, sampling: Sampling) -> jax.Array:
+  """The token for decode step `step`: one dispatch per streamed token, as in decode_loop."""
+  return sample(logits, jax.random.fold_in(key, step), sampling)
 
 
 @dataclasses.dataclass
@@ -220,7 +227,7 @@ def stream(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
   hold = max((len(s) for s in stop), default=1) - 1  # chars that may start a stop string
   for step in range(max_new_tokens):
     t0 = time.perf_counter()
-    tok = int(sample(logits, jax.random.fold_in(key, step), sampling)[0])
+    tok = int(_sample_step(logits, key, step, sampling)[0])
     decode_s += time.perf_counter() - t0
     ids.append(tok)
     if tok in stop_ids:

@@ -266,12 +266,6 @@ def test_tokenizer_larger_than_vocab(broken):
          "328 tokens", "vocab_size is 320")
 
 
-def test_tokenizer_config_invalid_json(broken):
-  write(broken, "tokenizer_config.json", "{")
-  raises(lm.TokenizerError, lambda: lm.load(broken),
-         os.path.join(broken, "tokenizer_config.json"), "invalid JSON")
-
-
 def test_eos_token_not_in_vocab(broken):
   edit_json(broken, "tokenizer_config.json", lambda c: c.update(eos_token="<|eot_id|>"))
   raises(lm.TokenizerError, lambda: lm.load(broken),
@@ -293,10 +287,11 @@ def test_config_eos_outside_vocab(broken):
          "eos_token_id [1000]", "[0, 320)")
 
 
-def test_generation_config_invalid_json(broken):
-  write(broken, "generation_config.json", "{")
-  raises(lm.ConfigError, lambda: lm.load(broken),
-         os.path.join(broken, "generation_config.json"), "invalid JSON")
+@pytest.mark.parametrize("name,error", [("tokenizer_config.json", lm.TokenizerError),
+                                        ("generation_config.json", lm.ConfigError)])
+def test_side_file_invalid_json(broken, name, error):
+  write(broken, name, "{")
+  raises(error, lambda: lm.load(broken), os.path.join(broken, name), "invalid JSON")
 
 
 # --- dtype ---------------------------------------------------------------------------------------
