@@ -1,5 +1,7 @@
-"""KV cache pytrees and policies."""
+"""KV cache pytrees and policies: the dense cache, the StreamingLLM sink cache, their views."""
 
 from kvjax.cache.dense import KVCache
+from kvjax.cache.sink import SinkCache
+from kvjax.cache.view import Keys, View
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "Keys", "SinkCache", "View"]

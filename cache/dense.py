@@ -8,6 +8,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kvjax.cache.view import NEW, Keys, View
+
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["k", "v", "pos", "length"], meta_fields=[])
@@ -43,6 +45,24 @@ class KVCache:
   def visible(self) -> jax.Array:
     """[B, S] bool: the filled slots."""
     return jnp.arange(self.size)[None, :] < self.length[:, None]
+
+  def view(self, T: int, positions: jax.Array | None = None,
+           mask: jax.Array | None = None) -> View:
+    """How T new tokens attend: the filled slots, then themselves causally.
+
+    positions: [B, T], default length + arange(T). mask: [B, T, S + T] bool over (slots, new
+    tokens) replacing the default; unfilled slots stay masked."""
+    B, S = self.batch, self.size
+    if positions is None:
+      positions = self.length[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    if mask is None:
+      cache_mask = jnp.broadcast_to(self.visible()[:, None], (B, T, S))
+      new_mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+    else:
+      cache_mask, new_mask = mask[:, :, :S] & self.visible()[:, None], mask[:, :, S:]
+    return View(q_pos=(positions,), new_pos=positions, blocks=(
+        Keys((0, S), 0, cache_mask, positions[:, :, None] - self.pos[:, None, :]),
+        Keys(NEW, 0, new_mask, positions[:, :, None] - positions[:, None, :])))
 
   def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, n_new: jax.Array,
             layers: tuple[int, int] | None = None, advance: bool = True) -> KVCache:

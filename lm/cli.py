@@ -1,6 +1,6 @@
 """The `kvjax` command line: one program, one subcommand per job, `--json` for machines.
 
-    kvjax generate --model DIR --prompt "Once upon a time" [--max-new-tokens 64] [--json]
+    kvjax generate --prompt "ROMEO:" [--model DIR_OR_NAME] [--max-new-tokens 64] [--json]
     python -m kvjax generate ...
 
 Each subcommand is added by its own `_add_<name>(subparsers)` function, which sets `run` (does
@@ -14,17 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 
 from kvjax.lm.checkpoint import CheckpointError
 from kvjax.lm.config import ConfigError
+from kvjax.lm.model import bundled
 from kvjax.lm.tokenizer import TokenizerError
 
 PROG = "kvjax"
 # What the library raises for a model or input it cannot use: shown as one line, exit 1.
 LIBRARY_ERRORS = (ConfigError, CheckpointError, TokenizerError, FileNotFoundError, ValueError)
 DTYPES = ("float32", "bfloat16")
+DEFAULT_MODEL = "shakespeare"  # bundled (see MODELS.md)
 
 
 def _checked(kind: type, ok: Callable[[float], bool], expected: str) -> Callable[[str], float]:
@@ -56,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
       prog=PROG, description="LLM inference in JAX with the KV cache as an explicit value.")
   subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
   _add_generate(subparsers)
+  _add_ppl(subparsers)
   _add_train(subparsers)
   return parser
 
@@ -87,6 +91,68 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, label) -> int:
     return 130
 
 
+# --- ppl --------------------------------------------------------------------------------------
+
+def _add_ppl(subparsers) -> None:
+  from kvjax.lm.streaming import MODES
+  p = subparsers.add_parser(
+      "ppl", help="streaming perplexity of a long text (StreamingLLM)",
+      description="Feeds a text token by token and reports its perplexity under a cache "
+      "policy: dense (everything kept), window (rolling window, no sinks), sink (attention "
+      "sinks + rolling window), recompute (the last W tokens recomputed for every token).")
+  p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR_OR_NAME",
+                 help=f"model directory or bundled model name (default {DEFAULT_MODEL})")
+  p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file ('-' = stdin)")
+  p.add_argument("--cache", choices=MODES, default="sink")
+  p.add_argument("--sinks", type=_checked(int, lambda v: v >= 0, "an integer >= 0"),
+                 default=None, metavar="N", help="attention sinks (--cache sink; default 4)")
+  p.add_argument("--window", type=_checked(int, lambda v: v >= 1, "an integer >= 1"),
+                 default=None, metavar="W",
+                 help="recent tokens kept (window, sink) or recomputed (recompute)")
+  p.add_argument("--dtype", choices=DTYPES, default=None,
+                 help="cast the params to this dtype (default: as stored)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--json", action="store_true",
+                 help="print one JSON object: ppl, tokens, peak_cache_tokens, ms_per_token")
+  p.set_defaults(run=_ppl, check=lambda args: _check_ppl(p, args))
+
+
+def _check_ppl(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  if args.cache == "dense" and (args.window is not None or args.sinks is not None):
+    parser.error("--cache dense keeps every token: --window and --sinks do not apply")
+  if args.cache in ("window", "recompute") and args.sinks:
+    parser.error(f"--cache {args.cache} keeps no sinks; --sinks applies to --cache sink")
+  if args.cache != "dense" and args.window is None:
+    parser.error(f"--cache {args.cache} needs --window W")
+  if args.text != "-" and not os.path.isfile(args.text):
+    parser.error(f"--text {args.text}: no such file")
+
+
+def _ppl(args: argparse.Namespace) -> int:
+  from kvjax.lm.streaming import perplexity
+  if args.text == "-":
+    text = sys.stdin.read()
+  else:
+    with open(args.text, encoding="utf-8") as f:
+      text = f.read()
+  model = _load(args)
+  if model.tokenizer is None:
+    raise ValueError(f"{args.model} has no tokenizer.json to encode the text with")
+  ids = model.tokenizer.encode(text)
+  got = perplexity(model, ids, cache=args.cache, n_sink=args.sinks, window=args.window,
+                   progress=not args.no_progress and not args.json)
+  n_sink = (4 if args.sinks is None else args.sinks) if args.cache == "sink" else 0
+  out = {"model": args.model, "cache": args.cache, "sinks": n_sink, "window": args.window,
+         "ppl": got.ppl, "tokens": got.tokens, "peak_cache_tokens": got.peak_cache_tokens,
+         "ms_per_token": got.ms_per_token}
+  if args.json:
+    print(json.dumps(out))
+  else:
+    print(f"ppl {got.ppl:.3f} over {got.tokens:,} tokens ({args.cache}, peak cache "
+          f"{got.peak_cache_tokens:,} tokens, {got.ms_per_token:.2f} ms/token)")
+  return 0
+
+
 # --- train ------------------------------------------------------------------------------------
 
 def _add_train(subparsers) -> None:
@@ -109,9 +175,10 @@ def _add_generate(subparsers) -> None:
       "generate", help="continue one or more prompts",
       description="Generates a continuation of each prompt (several --prompt flags run as one "
       "batch). Greedy unless --temperature > 0. One prompt streams its text as it is produced.")
-  p.add_argument("--model", required=True, metavar="DIR",
+  p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR_OR_NAME",
                  help="Hugging Face format model directory (config.json, model.safetensors, "
-                 "tokenizer.json)")
+                 "tokenizer.json) or a bundled model name: "
+                 f"{', '.join(bundled()) or 'none installed'} (default {DEFAULT_MODEL})")
   p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                  help="prompt text; repeat for a batch; '-' reads it from stdin")
   p.add_argument("--max-new-tokens", type=max_new_tokens_type, default=64, metavar="N",

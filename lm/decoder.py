@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from kvjax.cache.dense import KVCache
+from kvjax.cache.view import NEW, View, causal
 from kvjax.lm import rope
 from kvjax.lm.attention import attend
 from kvjax.lm.config import Config
@@ -113,20 +114,33 @@ class Block(nnx.Module):
       self.post_attn_norm = RMSNorm(cfg, dtype)
       self.post_mlp_norm = RMSNorm(cfg, dtype)
 
-  def __call__(self, x, *, positions, freq, cached, cache_mask, new_mask):
-    """x [B, T, D]; positions [B, T]; cached: (k, v) [B, S, K, H] or None; cache_mask [B, T, S];
-    new_mask [B, T, T]. Returns (x [B, T, D], k, v [B, T, K, H] after RoPE)."""
+  def __call__(self, x, *, view: View, freq, cached, window):
+    """x [B, T, D]; view: what the T tokens attend to (`kvjax.cache.view`); cached: this
+    layer's (k, v) [B, S, K, H] or None; window: sliding window of the layer (0 = none).
+    Returns (x [B, T, D], k, v [B, T, K, H]) with k as the cache stores it (after RoPE when
+    view.rotated, else before)."""
     q, k, v = self.attn.qkv(self.attn_norm(x))
-    q, k = rope.apply(q, positions, freq), rope.apply(k, positions, freq)
-    blocks = [(k, v, new_mask)] if cached is None else [(*cached, cache_mask), (k, v, new_mask)]
-    a = self.attn.out(attend(q, blocks, scale=self.cfg.query_scale, softcap=self.cfg.attn_softcap))
+    qs = [rope.apply(q, p, freq) for p in view.q_pos]
+    k_rot = rope.apply(k, view.new_pos, freq)
+    blocks = []
+    for keys in view.blocks:
+      if keys.source == NEW:
+        kb, vb = k_rot, v
+      else:
+        lo, hi = keys.source
+        kb, vb = cached[0][:, lo:hi], cached[1][:, lo:hi]
+        if keys.rope_pos is not None:
+          kb = rope.apply(kb, keys.rope_pos, freq)
+      mask = keys.mask & ((window == 0) | (keys.dist < window))
+      blocks.append((qs[keys.frame], kb, vb, mask))
+    a = self.attn.out(attend(blocks, scale=self.cfg.query_scale, softcap=self.cfg.attn_softcap))
     if self.cfg.post_norms:
       a = self.post_attn_norm(a)
     x = x + a
     m = self.mlp(self.mlp_norm(x))
     if self.cfg.post_norms:
       m = self.post_mlp_norm(m)
-    return x + m, k, v
+    return x + m, k_rot if view.rotated else k, v
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -137,7 +151,8 @@ class Output:
   hidden: [B, T, D] the stream after the last layer run: final-normed (the LM head's input)
     when the range ends at the top layer, else the raw residual that the next range takes.
   layer_inputs: [L', B, T, D] the hidden state entering each layer run (on request).
-  k, v: [L', B, T, K, H] each run layer's keys (after RoPE) and values (on request)."""
+  k, v: [L', B, T, K, H] each run layer's keys and values (on request); keys as the cache stores
+    them: after RoPE, except with a SinkCache (before)."""
 
   logits: jax.Array | None
   hidden: jax.Array
@@ -190,8 +205,9 @@ class Decoder(nnx.Module):
     Input, exactly one of: tokens [B, T] int; embeds [B, T, D] (start == 0); hidden [B, T, D],
     the stream entering layer `start` (start > 0).
     positions: [B, T] int, default cache.length + arange(T) (arange(T) without a cache).
-    cache: the new tokens attend to its filled slots and are written after them; `length`
-      advances by n_new ([B], default T) only when the range ends at the top layer.
+    cache: a KVCache or SinkCache; the new tokens attend to what its `view` shows and are
+      written into it; it advances by n_new ([B], default T) only when the range ends at the
+      top layer. A SinkCache assigns positions itself (no `positions`, no `mask`).
     mask: [B, T, S + T] bool over (cache slots, new tokens); replaces the default (filled slots,
       causal among new tokens). Filled-slot and sliding-window limits always apply.
     """
@@ -206,21 +222,20 @@ class Decoder(nnx.Module):
       if tuple(cache.k.shape) != want:
         raise ValueError(f"cache.k has shape {tuple(cache.k.shape)}; this model and a batch of "
                          f"{B} need [L, B, S, K, H] = {want[:2]} + (S,) + {want[3:]}")
-    base = cache.length[:, None] if cache is not None else jnp.zeros((B, 1), jnp.int32)
-    if positions is None:
-      positions = base + jnp.arange(T, dtype=jnp.int32)[None, :]
-    _check_shape("positions", positions, (B, T), jnp.integer)
     if n_new is None:
       n_new = jnp.full((B,), T, jnp.int32)
     _check_shape("n_new", n_new, (B,), jnp.integer)
     S = cache.size if cache is not None else 0
-    if mask is None:
-      new_mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
-      cache_mask = None if cache is None else jnp.broadcast_to(cache.visible()[:, None], (B, T, S))
-    else:
+    if positions is not None:
+      _check_shape("positions", positions, (B, T), jnp.integer)
+    if mask is not None:
       _check_shape("mask", mask, (B, T, S + T), jnp.bool_)
-      new_mask = mask[:, :, S:]
-      cache_mask = None if cache is None else mask[:, :, :S] & cache.visible()[:, None]
+    if cache is None:
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+      view = causal(positions, mask)
+    else:
+      view = cache.view(T, positions=positions, mask=mask)
 
     freq = jnp.asarray(rope.inv_freq(cfg))
     windows = jnp.asarray(np.array(cfg.windows[start:stop], np.int32))
@@ -228,23 +243,14 @@ class Decoder(nnx.Module):
     stacked = jax.tree.map(lambda a: a[start:stop], stacked)
     cached_kv = None if cache is None else (cache.k[start:stop], cache.v[start:stop])
 
-    def window_mask(m, key_pos, window):  # m [B, T, S'], key_pos [B, S']
-      near = positions[:, :, None] - key_pos[:, None, :] < window
-      return m & ((window == 0) | near)
-
     def body(x, xs):
       params, window, kv = xs
-      cached, c_mask = None, None
-      if kv is not None:
-        cached, c_mask = kv, window_mask(cache_mask, cache.pos, window)
-      y, k, v = nnx.merge(graphdef, params)(
-          x, positions=positions, freq=freq, cached=cached, cache_mask=c_mask,
-          new_mask=window_mask(new_mask, positions, window))
+      y, k, v = nnx.merge(graphdef, params)(x, view=view, freq=freq, cached=kv, window=window)
       return constrain(y, ACTIVATION, self.layout), (x if return_layer_inputs else None, k, v)
 
     x, (layer_inputs, ks, vs) = jax.lax.scan(body, x, (stacked, windows, cached_kv))
     if cache is not None:
-      cache = cache.write(ks, vs, positions, n_new, layers=(start, stop),
+      cache = cache.write(ks, vs, view.new_pos, n_new, layers=(start, stop),
                           advance=stop == cfg.n_layers)
     out_logits = None
     if stop == cfg.n_layers:

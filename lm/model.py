@@ -85,13 +85,40 @@ def _eos_ids(gen: dict[str, Any] | None, hf: dict[str, Any], tok: Tokenizer | No
   return (tok.eos_id,) if tok is not None and tok.eos_id is not None else ()
 
 
+# Reference models shipped inside the package (see MODELS.md), loadable by name. They are
+# stored in bfloat16 to keep the package small and load as float32 unless a dtype is given.
+BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+
+
+def bundled() -> tuple[str, ...]:
+  """Names of the models shipped with kvjax (`load(name)` loads one)."""
+  if not os.path.isdir(BUNDLED_DIR):
+    return ()
+  return tuple(sorted(n for n in os.listdir(BUNDLED_DIR)
+                      if os.path.isfile(os.path.join(BUNDLED_DIR, n, "config.json"))))
+
+
+def resolve(path: str) -> tuple[str, bool]:
+  """(directory, is_bundled) of a model directory or bundled model name. A directory that
+  exists wins over a bundled name."""
+  if os.path.isdir(path):
+    return path, False
+  if path in bundled():
+    return os.path.join(BUNDLED_DIR, path), True
+  names = ", ".join(repr(n) for n in bundled()) or "none installed"
+  raise FileNotFoundError(f"{path!r} is not a model directory (expected config.json, "
+                          f"model.safetensors and tokenizer.json in it) or a bundled model "
+                          f"name (bundled: {names})")
+
+
 def load(path: str, *, dtype=None) -> Model:
   """Loads a Hugging Face format directory: config.json, model.safetensors (or sharded with
   model.safetensors.index.json), tokenizer.json (+ tokenizer_config.json) and, when present,
-  generation_config.json. dtype: cast params to it (default: as stored)."""
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path!r} is not a model directory (expected config.json, "
-                            "model.safetensors and tokenizer.json in it)")
+  generation_config.json. `path` may also name a bundled model (`bundled()`, e.g.
+  "shakespeare"). dtype: cast params to it (default: as stored; float32 for bundled models)."""
+  path, is_bundled = resolve(os.fspath(path))
+  if is_bundled and dtype is None:
+    dtype = jnp.float32
   if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype must be a floating-point dtype (e.g. jnp.bfloat16) or None; "
                      f"got {dtype}")

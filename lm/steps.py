@@ -86,3 +86,19 @@ def decode_loop(graphdef, state, cache: KVCache, logits: jax.Array, key: jax.Arr
            jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
   _, _, cache, out, _, counts = jax.lax.while_loop(cond, body, carry)
   return out, counts, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def nll_scan(graphdef, state, cache, tokens: jax.Array, targets: jax.Array):
+  """Feeds tokens [B, C] one at a time (C decode steps in one `lax.scan`) into any cache
+  (KVCache or SinkCache) -> (nll [B, C] float32 of targets [B, C], cache)."""
+  dec = nnx.merge(graphdef, state)
+
+  def body(cache, xs):
+    tok, tgt = xs
+    logits, cache = _decode(dec, cache, tok)
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tgt[:, None], -1)[:, 0]
+    return cache, nll
+
+  cache, nll = jax.lax.scan(body, cache, (tokens.T, targets.T))
+  return nll.T, cache

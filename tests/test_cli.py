@@ -156,8 +156,8 @@ def test_invalid_flags_exit_2(model_dir, flags, words):
 
 def test_usage_errors(model_dir):
   assert cli()[0] == 2
-  code, _, err = cli("generate", "--prompt", "x")
-  assert code == 2 and "--model" in err
+  code, out, err = cli("generate", "--model", "no-such-model", "--prompt", "x")
+  assert code == 1 and out == "" and "no-such-model" in err and "bundled model name" in err
   code, out, _ = cli("generate", "--help")
   assert code == 0 and "--max-new-tokens" in out
 

@@ -359,10 +359,22 @@ def test_cli_data_dir_trains_its_own_tokenizer(tmp_path, monkeypatch):
   code, stdout, err = run_cli(*argv)
   assert code == 0, err
   assert "BPE" in err and (out / "tokenizer" / "tokenizer.json").is_file()
-  model = lm.load(json.loads(stdout)["export"])  # stdout holds the one JSON object only
+  summary = json.loads(stdout)  # stdout holds the one JSON object only
+  model = lm.load(summary["export"])
   tok = lm.Tokenizer.load(str(out / "tokenizer"))
   assert model.cfg.vocab_size == tok.vocab_size > 258  # merges were learned
   assert model.tokenizer.encode("to be or not") == tok.encode("to be or not")
+  # `train eval` on the export reproduces the run's last validation figures
+  code, stdout, err = run_cli("eval", "--model", summary["export"], "--data", tmp_path / "corpus",
+                              "--batch-size", B, "--seq-len", T, "--json", main=train_cli.main)
+  assert code == 0, err
+  got = json.loads(stdout)
+  assert got["split"] == "validation" and got["tokens"] > 0
+  np.testing.assert_allclose([got["loss"], got["bpc"]],
+                             [summary["eval_loss"], summary["eval_bpc"]], rtol=1e-5)
+  code, _, err = run_cli("eval", "--model", summary["export"], "--data", tmp_path / "corpus",
+                         "--genre", "plays", main=train_cli.main)
+  assert code == 1 and "plays" in err and "poems" in err  # unknown genre: the known ones named
   (tmp_path / "x.txt").write_text("some text", encoding="utf-8")
   code, _, err = run_cli("train", "lm", "--text", tmp_path / "x.txt", "--vocab-size", 320,
                          "--tokenizer", out / "tokenizer", "--out", tmp_path / "r2")

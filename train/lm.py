@@ -182,12 +182,6 @@ def make_steps(model: Model, tc: TrainConfig, opt: optax.GradientTransformation)
     nll = _forward_nll(model, params, batch, tc.bf16)
     return masked_loss(nll, batch["mask"])
 
-  @jax.jit
-  def eval_step(params, batch):
-    nll = _forward_nll(model, params, batch, tc.bf16)
-    m = batch["mask"]
-    return jnp.sum(nll * m), jnp.sum(m), jnp.sum(batch["chars"] * m)
-
   def train_step(state, batch):
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
     updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
@@ -196,7 +190,19 @@ def make_steps(model: Model, tc: TrainConfig, opt: optax.GradientTransformation)
              "lr": schedule_lr(state["step"])}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, stats
 
-  return jax.jit(train_step, donate_argnums=0), eval_step
+  return jax.jit(train_step, donate_argnums=0), make_eval_step(model, tc.bf16)
+
+
+def make_eval_step(model: Model, bf16: bool = False):
+  """eval_step(params, batch) -> (sum of masked nll, mask sum, sum of masked chars), jitted."""
+
+  @jax.jit
+  def eval_step(params, batch):
+    nll = _forward_nll(model, params, batch, bf16)
+    m = batch["mask"]
+    return jnp.sum(nll * m), jnp.sum(m), jnp.sum(batch["chars"] * m)
+
+  return eval_step
 
 
 def optimizer_lr(tc: TrainConfig) -> Callable[[jax.Array], jax.Array]:
@@ -278,6 +284,12 @@ def evaluate(eval_step, params, eval_batches, batch_sharding) -> dict[str, float
     raise TrainError("eval batches hold no target with mask 1")
   return {"eval_loss": nll / n, "eval_bpc": nll / math.log(2) / chars if chars else math.nan,
           "eval_tokens": int(n)}
+
+
+def evaluate_model(model: Model, eval_batches: Iterable[Batch]) -> dict[str, float]:
+  """`evaluate` for a model as it is (its params and dtype, one device): eval_loss,
+  eval_bpc, eval_tokens over every batch of `eval_batches`."""
+  return evaluate(make_eval_step(model), model.params(), lambda: eval_batches, None)
 
 
 def _check_resume(out_dir: str, run: dict[str, Any]) -> None:

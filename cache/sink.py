@@ -1,0 +1,156 @@
+"""StreamingLLM cache: attention sinks plus a rolling window, keys stored before RoPE.
+
+Layout, per layer and row: slots [0, n_sink) hold the stream's first n_sink tokens for good;
+slots [n_sink, n_sink + W) are a ring in which stream token i >= n_sink lives at slot
+n_sink + (i - n_sink) % W. `count` tokens have been written; the window keeps stream tokens
+[start, count) (n_sink <= start, count - start <= W). Shapes never change: a write scatters into
+the ring and never reallocates.
+
+Positions are assigned inside the cache at read time, not taken from the text: the sinks are
+0..n_sink-1, the kept window follows in order, so a cache holding tokens [0,1,2,3,6,7,8] decodes
+token 9 at position 7. Keys are rotated when read, so a token's key gets a new position every
+time the window moves.
+
+Eviction: a token written when the window is full replaces the oldest one (per-token policy:
+every token sees the sinks and the W - 1 tokens before it, as in the paper's streaming
+perplexity; a chunk of new tokens evicts as it goes, so chunked prefill equals feeding the
+tokens one by one). `make_room(n)` evicts up front so the next n tokens fit without eviction
+(per-turn policy, the paper's chat demo: room for a prompt and its reply budget at once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.cache.view import NEW, Keys, View
+
+WINDOW_FRAME, SINK_FRAME = 0, 1
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["k", "v", "count", "start"], meta_fields=["n_sink"])
+@dataclasses.dataclass
+class SinkCache:
+  """k, v: [L, B, n_sink + W, K, H] keys before RoPE, values; count, start: [B] int32."""
+
+  k: jax.Array
+  v: jax.Array
+  count: jax.Array
+  start: jax.Array
+  n_sink: int
+
+  @classmethod
+  def init(cls, *, n_layers: int, batch: int, n_sink: int, window: int, n_kv_heads: int,
+           head_dim: int, dtype=jnp.float32) -> SinkCache:
+    """An empty cache: n_sink >= 0 sink slots and a window of W >= 1 slots."""
+    if not isinstance(n_sink, int) or n_sink < 0:
+      raise ValueError(f"n_sink must be an int >= 0; got {n_sink!r}")
+    if not isinstance(window, int) or window < 1:
+      raise ValueError(f"window must be an int >= 1; got {window!r}")
+    shape = (n_layers, batch, n_sink + window, n_kv_heads, head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               count=jnp.zeros((batch,), jnp.int32),
+               start=jnp.full((batch,), n_sink, jnp.int32), n_sink=n_sink)
+
+  @property
+  def size(self) -> int:
+    return self.k.shape[2]
+
+  @property
+  def batch(self) -> int:
+    return self.k.shape[1]
+
+  @property
+  def window(self) -> int:
+    return self.size - self.n_sink
+
+  @property
+  def length(self) -> jax.Array:
+    """[B] tokens held (kept sinks + kept window)."""
+    return jnp.minimum(self.count, self.n_sink) + jnp.maximum(self.count - self.start, 0)
+
+  def make_room(self, n) -> SinkCache:
+    """Evicts the oldest window tokens so that n more tokens (int or [B], at most W) fit
+    without evicting: the per-turn policy. Sinks stay."""
+    if isinstance(n, int) and not 0 <= n <= self.window:
+      raise ValueError(f"make_room({n}): a turn must fit the window of {self.window} tokens")
+    n = jnp.clip(jnp.asarray(n, jnp.int32), 0, self.window)
+    return dataclasses.replace(self, start=jnp.maximum(self.start, self.count + n - self.window))
+
+  def _slot_tokens(self) -> tuple[jax.Array, jax.Array]:
+    """(idx [B, W]: stream index held by each ring slot, kept [B, W]: whether it is kept)."""
+    W, n_s = self.window, self.n_sink
+    last = self.count[:, None] - 1
+    r = jnp.arange(W, dtype=jnp.int32)[None, :]
+    idx = last - jnp.mod(last - n_s - r, W)
+    return idx, (idx >= self.start[:, None]) & (idx >= n_s) & (idx <= last)
+
+  def view(self, T: int, positions: jax.Array | None = None,
+           mask: jax.Array | None = None) -> View:
+    """How T new tokens attend under the per-token policy (see the module docstring).
+
+    Query j (stream index i = count + j) sees the kept sinks, and the window tokens in
+    [max(start, i - W + 1), i]; its in-cache position is p = i for a sink, else
+    n_sink + i - max(start, i - W + 1). Two query frames: the sinks are scored with queries at
+    p and keys at their slot; the window in stream offsets i - base (base is one per row), which
+    equal in-cache positions when T == 1."""
+    if positions is not None or mask is not None:
+      raise ValueError("a SinkCache assigns positions inside the cache itself; call without "
+                       "`positions` and `mask`")
+    n_s, W, B = self.n_sink, self.window, self.batch
+    c = self.count[:, None]
+    j = jnp.arange(T, dtype=jnp.int32)[None, :]
+    i = c + j                                              # [B, T] stream index of each query
+    first = jnp.maximum(self.start[:, None], i - W + 1)    # oldest window token it sees
+    p = jnp.where(i < n_s, i, n_s + i - first)             # in-cache position
+    base = jnp.maximum(self.start, self.count - W + 1)[:, None] - n_s
+    win_pos = i - base
+    blocks = []
+    if n_s:
+      s = jnp.arange(n_s, dtype=jnp.int32)
+      blocks.append(Keys((0, n_s), SINK_FRAME,
+                         jnp.broadcast_to((s[None, :] < c)[:, None], (B, T, n_s)),
+                         p[:, :, None] - s[None, None, :],
+                         rope_pos=jnp.broadcast_to(s, (B, n_s))))
+    idx, kept = self._slot_tokens()
+    blocks.append(Keys((n_s, n_s + W), WINDOW_FRAME,
+                       kept[:, None, :] & (idx[:, None, :] >= first[:, :, None]),
+                       i[:, :, None] - idx[:, None, :],
+                       rope_pos=jnp.where(kept, idx - base, 0)))
+    causal = j[:, :, None] >= j[:, None, :]                 # [1, T, T]
+    key_i = i[:, None, :]                                   # [B, 1, T] stream index of each key
+    blocks.append(Keys(NEW, WINDOW_FRAME, causal & (key_i >= n_s) & (key_i >= first[:, :, None]),
+                       i[:, :, None] - key_i))
+    if n_s:  # new tokens that become sinks; only while count < n_sink, when base == 0
+      blocks.append(Keys(NEW, SINK_FRAME, causal & (key_i < n_s), p[:, :, None] - key_i))
+    return View(q_pos=(win_pos, p), new_pos=win_pos, blocks=tuple(blocks), rotated=False)
+
+  def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, n_new: jax.Array,
+            layers: tuple[int, int] | None = None, advance: bool = True) -> SinkCache:
+    """Stores the first n_new[b] of T new tokens per row (keys before RoPE; `positions` is
+    ignored: positions are assigned at read time), evicting per token.
+
+    k, v: [L', B, T, K, H] for the layers `layers` = [start, stop) (all when None). Of a chunk
+    longer than the window only its last W window tokens are stored (the rest would be
+    evicted within the chunk). With advance=False count and start stay, so a write for other
+    layers of the same tokens lands in the same slots."""
+    lo, hi = layers or (0, self.k.shape[0])
+    B, T = k.shape[1], k.shape[2]
+    n_s, W = self.n_sink, self.window
+    i = self.count[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    end = (self.count + n_new)[:, None]
+    keep = (i < end) & ((i < n_s) | (i >= end - W))
+    slots = jnp.where(i < n_s, i, n_s + jnp.mod(i - n_s, W))
+    slots = jnp.where(keep, slots, self.size)  # out of range: dropped
+    rows = jnp.arange(B)[:, None]
+    new_k = self.k.at[lo:hi, rows, slots].set(k.astype(self.k.dtype), mode="drop")
+    new_v = self.v.at[lo:hi, rows, slots].set(v.astype(self.v.dtype), mode="drop")
+    if not advance:
+      return dataclasses.replace(self, k=new_k, v=new_v)
+    count = self.count + n_new
+    return SinkCache(k=new_k, v=new_v, count=count,
+                     start=jnp.maximum(self.start, count - W), n_sink=n_s)

@@ -1,0 +1,62 @@
+"""What a step's T new tokens attend to: query RoPE frames and blocks of keys.
+
+Every cache describes its read as a `View`, and the decoder applies that view in every layer.
+Keys come in blocks (slices of the cache, the step's new tokens), so attending to a cache never
+copies it into a concatenated buffer. RoPE scores depend only on query position minus key
+position, so a cache may rotate queries and keys in any frame that gives each (query, key)
+pair its intended distance; each block names the query frame it is scored in. The dense cache
+needs one frame; the sink cache two (in-cache positions for the sinks, stream offsets for the
+rolling window, which differ per query inside a chunk that evicts as it goes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEW = "new"  # Keys.source of the step's own tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Keys:
+  """One key block for T queries.
+
+  source: NEW (the step's T tokens, rotated at View.new_pos) or (lo, hi), the cache slots
+    [lo, hi) of the layer (S' = hi - lo).
+  frame: index into View.q_pos of the query rotation this block is scored against.
+  mask: [B, T, S'] bool, which keys each query sees.
+  dist: [B, T, S'] int, query position minus key position in the positions the model is meant
+    to see (sliding-window layers additionally require dist < window).
+  rope_pos: [B, S'] int, positions to rotate stored keys with at read time; None for keys
+    stored after RoPE (and for NEW).
+  """
+
+  source: str | tuple[int, int]
+  frame: int
+  mask: jax.Array
+  dist: jax.Array
+  rope_pos: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+  """q_pos: per frame, [B, T] RoPE positions of the queries. new_pos: [B, T] RoPE positions of
+  the new keys (frame 0's). rotated: the cache stores keys after RoPE (else before; the decoder
+  hands the cache's `write` keys in the form it stores)."""
+
+  q_pos: tuple[jax.Array, ...]
+  new_pos: jax.Array
+  blocks: tuple[Keys, ...]
+  rotated: bool = True
+
+
+def causal(positions: jax.Array, mask: jax.Array | None = None) -> View:
+  """The view without a cache: the T tokens attend among themselves, causally unless `mask`
+  [B, T, T] says otherwise. positions: [B, T]."""
+  B, T = positions.shape
+  if mask is None:
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+  dist = positions[:, :, None] - positions[:, None, :]
+  return View(q_pos=(positions,), new_pos=positions, blocks=(Keys(NEW, 0, mask, dist),))

@@ -1,0 +1,88 @@
+"""The reference models shipped in the package (MODELS.md): loading by name, the CLI default,
+and what they were trained for (the comedy fine-tune beats the base on a held-out comedy)."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_cli import cli
+
+from kvjax import lm
+from kvjax.lm import tiny
+from kvjax.lm.model import BUNDLED_DIR
+from kvjax.train import corpus
+
+NAMES = ("shakespeare", "shakespeare-comedy")
+WINDOW, N_WINDOWS = 256, 3
+
+
+@pytest.fixture(scope="module")
+def models():
+  return {name: lm.load(name) for name in NAMES}
+
+
+def test_bundled_names_and_package_size():
+  assert set(NAMES) <= set(lm.bundled())
+  total = sum(os.path.getsize(os.path.join(root, f))
+              for root, _, files in os.walk(BUNDLED_DIR) for f in files)
+  assert total <= 40 * 2**20
+
+
+def test_load_by_name(models):
+  base, comedy = models["shakespeare"], models["shakespeare-comedy"]
+  assert base.cfg == comedy.cfg and base.cfg.family == "llama"
+  assert base.dtype == jnp.float32  # stored in bfloat16, loaded as float32
+  assert base.path == os.path.join(BUNDLED_DIR, "shakespeare")
+  assert base.tokenizer.tok.to_str() == comedy.tokenizer.tok.to_str()
+  assert base.eos_ids == comedy.eos_ids == (base.tokenizer.eos_id,)
+  assert lm.load("shakespeare", dtype=jnp.bfloat16).dtype == jnp.bfloat16
+
+
+def test_a_directory_wins_over_a_bundled_name(tmp_path, monkeypatch):
+  lm.save(tiny.model(), str(tmp_path / "shakespeare"))
+  monkeypatch.chdir(tmp_path)
+  assert lm.load("shakespeare").cfg == tiny.model().cfg
+
+
+def test_unknown_name_lists_the_bundled_models():
+  with pytest.raises(FileNotFoundError, match="bundled: 'shakespeare', 'shakespeare-comedy'"):
+    lm.load("shakespeare-tragedy")
+
+
+def _held_out(genre: str) -> str:
+  """The text of the test-split play of `genre` (never seen in training)."""
+  docs = corpus.read_documents("shakespeare")
+  split = corpus.assign_splits(docs)
+  (doc,) = [d for d in docs if d.genre == genre and split[d.path] == "test"]
+  return doc.text
+
+
+def _nll_per_token(model, text: str) -> float:
+  """Mean next-token nll over N_WINDOWS windows of WINDOW tokens from the middle of text."""
+  ids = model.tokenizer.encode(text, add_special_tokens=False)
+  mid = len(ids) // 2
+  rows = [ids[mid + i * WINDOW: mid + (i + 1) * WINDOW] for i in range(N_WINDOWS)]
+  nll = []
+  for row, logits in zip(rows, lm.score(model, rows)):
+    logp = logits[:-1] - np.logaddexp.reduce(logits[:-1], axis=-1, keepdims=True)
+    nll.append(-logp[np.arange(len(row) - 1), row[1:]])
+  return float(np.mean(np.concatenate(nll)))
+
+
+def test_comedy_model_beats_base_on_a_held_out_comedy(models):
+  text = _held_out("comedy")
+  base, comedy = (_nll_per_token(models[n], text) for n in NAMES)
+  assert comedy < base
+  # Trained, not random: a uniform guess over 4096 tokens costs ln 4096 = 8.3 nats.
+  assert base < 4.5 and comedy < 4.5
+
+
+def test_generate_defaults_to_shakespeare(models):
+  code, out, err = cli("generate", "--prompt", "ROMEO:", "--max-new-tokens", 8, "--json")
+  assert code == 0, err
+  got = json.loads(out)
+  want = lm.generate(models["shakespeare"], "ROMEO:", max_new_tokens=8)
+  assert got["model"] == "shakespeare" and got["dtype"] == "float32"
+  assert got["tokens"] == want.tokens and got["text"] == want.texts
