@@ -30,15 +30,16 @@ DTYPES = ("float32", "bfloat16")
 DEFAULT_MODEL = "shakespeare"  # bundled (see MODELS.md)
 
 
-def _checked(kind: type, ok: Callable[[float], bool], expected: str) -> Callable[[str], float]:
-  """An argparse `type` that parses `kind` and rejects values failing `ok` with `expected`."""
+def checked(kind: type, ok: Callable[[float], bool], expected: str) -> Callable[[str], float]:
+  """An argparse `type` that parses `kind` and rejects values failing `ok` (and non-finite
+  floats) with `expected`. Shared by every kvjax command line."""
 
   def parse(text: str):
     try:
       value = kind(text)
     except ValueError:
       raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}") from None
-    if not ok(value):
+    if not ok(value) or (kind is float and not math.isfinite(value)):
       raise argparse.ArgumentTypeError(f"expected {expected}; got {text}")
     return value
 
@@ -46,11 +47,11 @@ def _checked(kind: type, ok: Callable[[float], bool], expected: str) -> Callable
   return parse
 
 
-temperature_type = _checked(float, lambda t: math.isfinite(t) and t >= 0,
-                            "a number >= 0 (0 = greedy decoding)")
-top_k_type = _checked(int, lambda k: k >= 0, "an integer >= 0 (0 = off)")
-top_p_type = _checked(float, lambda p: 0 < p <= 1, "a number in (0, 1] (1 = off)")
-max_new_tokens_type = _checked(int, lambda n: n >= 1, "an integer >= 1")
+positive = checked(int, lambda v: v >= 1, "an integer >= 1")
+nonneg = checked(int, lambda v: v >= 0, "an integer >= 0")
+temperature_type = checked(float, lambda t: t >= 0, "a number >= 0 (0 = greedy decoding)")
+top_k_type = checked(int, lambda k: k >= 0, "an integer >= 0 (0 = off)")
+top_p_type = checked(float, lambda p: 0 < p <= 1, "a number in (0, 1] (1 = off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,9 +105,9 @@ def _add_ppl(subparsers) -> None:
                  help=f"model directory or bundled model name (default {DEFAULT_MODEL})")
   p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file ('-' = stdin)")
   p.add_argument("--cache", choices=MODES, default="sink")
-  p.add_argument("--sinks", type=_checked(int, lambda v: v >= 0, "an integer >= 0"),
+  p.add_argument("--sinks", type=nonneg,
                  default=None, metavar="N", help="attention sinks (--cache sink; default 4)")
-  p.add_argument("--window", type=_checked(int, lambda v: v >= 1, "an integer >= 1"),
+  p.add_argument("--window", type=positive,
                  default=None, metavar="W",
                  help="recent tokens kept (window, sink) or recomputed (recompute)")
   p.add_argument("--dtype", choices=DTYPES, default=None,
@@ -181,7 +182,7 @@ def _add_generate(subparsers) -> None:
                  f"{', '.join(bundled()) or 'none installed'} (default {DEFAULT_MODEL})")
   p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                  help="prompt text; repeat for a batch; '-' reads it from stdin")
-  p.add_argument("--max-new-tokens", type=max_new_tokens_type, default=64, metavar="N",
+  p.add_argument("--max-new-tokens", type=positive, default=64, metavar="N",
                  help="tokens to generate per prompt at most (default 64)")
   p.add_argument("--temperature", type=temperature_type, default=0.0, metavar="T",
                  help="sampling temperature; 0 (default) is greedy decoding")

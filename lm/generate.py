@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,20 +40,6 @@ class Generation:
   prompt_tokens: list[list[int]]
   finish: list[str]
   stats: dict[str, float]
-
-
-def _run(model: Model, fn, *args, **static) -> tuple[Any, float]:
-  """Calls jitted `fn(graphdef, *args, **static)` through an AOT-compiled executable cached on
-  the model, so timings never include compilation. Returns (result, seconds compiling)."""
-  leaves, tree = jax.tree.flatten(args)
-  key = (fn, tuple(sorted(static.items())), tree,
-         tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
-  compile_s = 0.0
-  if key not in model.compiled:
-    t0 = time.perf_counter()
-    model.compiled[key] = fn.lower(model.graphdef, *args, **static).compile()
-    compile_s = time.perf_counter() - t0
-  return model.compiled[key](*args), compile_s
 
 
 def _tokenize(model: Model, prompts: Prompt | Sequence[Prompt], chat: bool) -> list[list[int]]:
@@ -112,7 +97,7 @@ def _prefill(model: Model, rows: list[list[int]], max_new_tokens: int):
   lengths = np.array([len(r) for r in rows], np.int32)
   cache = new_cache(model, len(rows), steps.bucket(max(P, longest + max_new_tokens)))
   t0 = time.perf_counter()
-  (logits, cache), compile_s = _run(model, steps.prefill, model.state, cache,
+  (logits, cache), compile_s = steps.call(model, steps.prefill, model.state, cache,
                                     jnp.asarray(tokens), jnp.asarray(lengths))
   logits.block_until_ready()
   return logits, cache, time.perf_counter() - t0 - compile_s, compile_s
@@ -177,7 +162,7 @@ def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens
   logits, cache, prefill_s, compile_p = _prefill(model, rows, max_new_tokens)
   key = jax.random.key(0) if key is None else key
   t0 = time.perf_counter()
-  (out, counts, cache), compile_d = _run(
+  (out, counts, cache), compile_d = steps.call(
       model, steps.decode_loop, model.state, cache, logits, key, jnp.int32(max_new_tokens),
       jnp.asarray(stop_ids, jnp.int32), sampling=sampling, max_steps=steps.bucket(max_new_tokens))
   out, counts = np.asarray(out), np.asarray(counts)
@@ -248,7 +233,7 @@ def stream(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
       emitted = ready
     if step + 1 < max_new_tokens:
       t0 = time.perf_counter()
-      (logits, cache), c = _run(model, steps.decode_step, model.state, cache,
+      (logits, cache), c = steps.call(model, steps.decode_step, model.state, cache,
                                 jnp.asarray([tok], jnp.int32))
       decode_s += time.perf_counter() - t0 - c
       compile_s += c
@@ -289,7 +274,7 @@ def score(model: Model, token_ids) -> np.ndarray | list[np.ndarray]:
   tokens = np.zeros((len(rows), T), np.int32)
   for b, r in enumerate(rows):
     tokens[b, :len(r)] = r
-  logits, _ = _run(model, steps.score, model.state, jnp.asarray(tokens))
+  logits, _ = steps.call(model, steps.score, model.state, jnp.asarray(tokens))
   logits = np.asarray(logits)
   if ragged:
     return [logits[b, :len(r)] for b, r in enumerate(rows)]

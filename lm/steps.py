@@ -6,6 +6,8 @@ Every step donates the cache. Shapes are static, so callers pad prompts to lengt
 from __future__ import annotations
 
 import functools
+import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,21 @@ from flax import nnx
 
 from kvjax.cache.dense import KVCache
 from kvjax.lm.sampling import Sampling, sample
+
+
+def call(model, fn, *args, **static) -> tuple[Any, float]:
+  """Calls jitted step `fn(model.graphdef, *args, **static)` through an AOT-compiled executable
+  cached on the model (`model.compiled`), so timings never include compilation.
+  Returns (result, seconds spent compiling in this call)."""
+  leaves, tree = jax.tree.flatten(args)
+  key = (fn, tuple(sorted(static.items())), tree,
+         tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
+  compile_s = 0.0
+  if key not in model.compiled:
+    t0 = time.perf_counter()
+    model.compiled[key] = fn.lower(model.graphdef, *args, **static).compile()
+    compile_s = time.perf_counter() - t0
+  return model.compiled[key](*args), compile_s
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -88,6 +105,24 @@ def decode_loop(graphdef, state, cache: KVCache, logits: jax.Array, key: jax.Arr
   return out, counts, cache
 
 
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """logits [..., V], targets [...] int -> nll [...] float32 of each target."""
+  logits = logits.astype(jnp.float32)
+  target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits, axis=-1) - target
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "last"))
+def nll(graphdef, state, tokens: jax.Array, targets: jax.Array, *, last: bool = False):
+  """Cache-free nll of targets [B, T] after tokens [B, T] -> [B, T] float32; with last=True,
+  targets [B] of the last position only -> [B] (the LM head runs on that position alone)."""
+  dec = nnx.merge(graphdef, state)
+  if not last:
+    return token_nll(dec(tokens)[0].logits, targets)
+  out, _ = dec(tokens, logits=False)
+  return token_nll(dec.logits(out.hidden[:, -1]), targets)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def nll_scan(graphdef, state, cache, tokens: jax.Array, targets: jax.Array):
   """Feeds tokens [B, C] one at a time (C decode steps in one `lax.scan`) into any cache
@@ -97,8 +132,7 @@ def nll_scan(graphdef, state, cache, tokens: jax.Array, targets: jax.Array):
   def body(cache, xs):
     tok, tgt = xs
     logits, cache = _decode(dec, cache, tok)
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tgt[:, None], -1)[:, 0]
-    return cache, nll
+    return cache, token_nll(logits, tgt)
 
-  cache, nll = jax.lax.scan(body, cache, (tokens.T, targets.T))
-  return nll.T, cache
+  cache, out = jax.lax.scan(body, cache, (tokens.T, targets.T))
+  return out.T, cache

@@ -85,7 +85,6 @@ def perplexity(model: Model, ids: Sequence[int], *, cache: str = "sink",
   else:
     kv = SinkCache.init(n_layers=cfg.n_layers, batch=1, n_sink=n_sink, window=window,
                         n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, dtype=model.dtype)
-  from kvjax.lm.generate import _run
   inputs, targets = ids[:-1], ids[1:]
   n = len(inputs)
   pad = -n % chunk
@@ -94,9 +93,9 @@ def perplexity(model: Model, ids: Sequence[int], *, cache: str = "sink",
   bar = _bar(progress, n, cache)
   for lo in range(0, n + pad, chunk):
     t0 = time.perf_counter()
-    (part, kv), compile_s = _run(model, steps.nll_scan, model.state, kv,
-                                 jnp.asarray(inputs[None, lo:lo + chunk]),
-                                 jnp.asarray(targets[None, lo:lo + chunk]))
+    (part, kv), compile_s = steps.call(model, steps.nll_scan, model.state, kv,
+                                       jnp.asarray(inputs[None, lo:lo + chunk]),
+                                       jnp.asarray(targets[None, lo:lo + chunk]))
     part = np.asarray(part[0])
     seconds += time.perf_counter() - t0 - compile_s
     nll.append(part)
@@ -111,37 +110,31 @@ def perplexity(model: Model, ids: Sequence[int], *, cache: str = "sink",
 def _recompute(model: Model, ids: np.ndarray, window: int, progress: bool,
                batch: int = 16) -> Perplexity:
   """Token i is predicted from ids[max(0, i - window): i] recomputed at positions from 0."""
-  from kvjax.lm.generate import _run
   n = len(ids) - 1
-  W = min(window, len(ids) - 1)
+  W = min(window, n)
   t0 = time.perf_counter()
-  head = jnp.asarray(ids[None, :W])
-  logits, compile_s = _run(model, steps.score, model.state, head)
-  nll = [_nll(np.asarray(logits[0]), ids[1:W + 1])]   # tokens 1..W from one causal pass
+  head, compile_s = steps.call(model, steps.nll, model.state, jnp.asarray(ids[None, :W]),
+                               jnp.asarray(ids[None, 1:W + 1]))
+  nll = [np.asarray(head[0])]                       # tokens 1..W from one causal pass
   seconds = time.perf_counter() - t0 - compile_s
-  starts = np.arange(1, n - W + 1)                 # window [s, s + W) predicts token s + W
+  starts = np.arange(1, n - W + 1)                  # window [s, s + W) predicts token s + W
   bar = _bar(progress, n, "recompute")
   bar.update(W)
   for lo in range(0, len(starts), batch):
     s = starts[lo:lo + batch]
-    rows = np.stack([ids[a:a + W] for a in s] + [ids[:W]] * (batch - len(s)))
+    pad = batch - len(s)
+    rows = np.stack([ids[a:a + W] for a in s] + [ids[:W]] * pad)
+    targets = np.concatenate([ids[s + W], np.zeros(pad, np.int32)])
     t0 = time.perf_counter()
-    logits, compile_s = _run(model, steps.score, model.state, jnp.asarray(rows))
-    last = np.asarray(logits[:len(s), -1])
+    part, compile_s = steps.call(model, steps.nll, model.state, jnp.asarray(rows),
+                                 jnp.asarray(targets), last=True)
+    nll.append(np.asarray(part)[:len(s)])
     seconds += time.perf_counter() - t0 - compile_s
-    nll.append(_nll(last, ids[s + W]))
     bar.update(len(s))
   bar.close()
   nll = np.concatenate(nll)
   return Perplexity(ppl=float(np.exp(nll.mean())), tokens=n, peak_cache_tokens=W,
                     ms_per_token=1e3 * seconds / n, nll=nll)
-
-
-def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-  """logits [T, V], targets [T] -> nll [T] float32."""
-  logits = logits.astype(np.float64)
-  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-  return (lse - logits[np.arange(len(targets)), targets]).astype(np.float32)
 
 
 def _bar(enabled: bool, total: int, mode: str):

@@ -86,7 +86,7 @@ def test_metrics_jsonl_and_png(run30):
 
 
 class Interrupt(Exception):
-  pass
+  """Raised by the crashing batch iterator to stop a run mid-way."""
 
 
 def test_resume_is_bit_identical(tmp_path, run30):

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 
-from kvjax.lm.cli import run
+from kvjax.lm.cli import checked, nonneg, positive, run
 
 PROG = "python -m kvjax.train"
 ARCH = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
@@ -32,28 +31,10 @@ DEFAULTS = dict(batch_size=16, seq_len=256, steps=1000,
                 no_progress=False, json=False)
 
 
-def _checked(kind, ok, expected):
-  """An argparse `type` parsing `kind` and rejecting values failing `ok`."""
-
-  def parse(text):
-    try:
-      value = kind(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}") from None
-    if not ok(value) or (kind is float and not math.isfinite(value)):
-      raise argparse.ArgumentTypeError(f"expected {expected}; got {text}")
-    return value
-
-  parse.__name__ = kind.__name__
-  return parse
-
-
-positive = _checked(int, lambda v: v >= 1, "an integer >= 1")
-nonneg = _checked(int, lambda v: v >= 0, "an integer >= 0")
-pos_float = _checked(float, lambda v: v > 0, "a number > 0")
-nonneg_float = _checked(float, lambda v: v >= 0, "a number >= 0")
-fraction = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-unit = _checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+pos_float = checked(float, lambda v: v > 0, "a number > 0")
+nonneg_float = checked(float, lambda v: v >= 0, "a number >= 0")
+fraction = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+unit = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:

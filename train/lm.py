@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kvjax.lm import sharding
+from kvjax.lm import sharding, steps
 from kvjax.lm.config import to_hf
 from kvjax.lm.model import Model
 from kvjax.train import metrics
@@ -140,9 +140,7 @@ def _forward_nll(model: Model, params, batch, bf16: bool) -> jax.Array:
     T = segments.shape[1]
     mask = (segments[:, :, None] == segments[:, None, :]) & jnp.tril(jnp.ones((T, T), bool))
   out, _ = model.with_params(params).decoder(batch["inputs"], positions=positions, mask=mask)
-  logits = out.logits.astype(jnp.float32)
-  target = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-  return jax.nn.logsumexp(logits, axis=-1) - target
+  return steps.token_nll(out.logits, batch["targets"])
 
 
 def masked_loss(nll: jax.Array, mask: jax.Array) -> jax.Array:
