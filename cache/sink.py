@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache.view import NEW, Keys, View
+from kvjax.pallas_kernels import sink_attention as kernel  # a module: the import is cyclic
 
 WINDOW_FRAME, SINK_FRAME = 0, 1
 
@@ -81,27 +82,20 @@ class SinkCache:
     n = jnp.clip(jnp.asarray(n, jnp.int32), 0, self.window)
     return dataclasses.replace(self, start=jnp.maximum(self.start, self.count + n - self.window))
 
-  def _slot_tokens(self) -> tuple[jax.Array, jax.Array]:
-    """(idx [B, W]: stream index held by each ring slot, kept [B, W]: whether it is kept)."""
-    W, n_s = self.window, self.n_sink
-    last = self.count[:, None] - 1
-    r = jnp.arange(W, dtype=jnp.int32)[None, :]
-    idx = last - jnp.mod(last - n_s - r, W)
-    return idx, (idx >= self.start[:, None]) & (idx >= n_s) & (idx <= last)
-
   def view(self, T: int, positions: jax.Array | None = None,
            mask: jax.Array | None = None) -> View:
     """How T new tokens attend under the per-token policy (see the module docstring).
 
-    Query j (stream index i = count + j) sees the kept sinks, and the window tokens in
-    [max(start, i - W + 1), i]; its in-cache position is p = i for a sink, else
-    n_sink + i - max(start, i - W + 1). Two query frames: the sinks are scored with queries at
-    p and keys at their slot; the window in stream offsets i - base (base is one per row), which
-    equal in-cache positions when T == 1."""
+    Query j (stream index i = count + j) sees the kept sinks, the window tokens in
+    [max(start, i - W + 1), i) and the new tokens before it; its in-cache position is p = i
+    for a sink, else n_sink + i - max(start, i - W + 1). The cache's slots are read by
+    `kvjax.pallas_kernels.sink_attention` (keys rotated at read). The new tokens are blocks in
+    two query frames: window tokens in stream offsets i - base (base is one per row; they equal
+    in-cache positions when T == 1), new sinks in in-cache positions p."""
     if positions is not None or mask is not None:
       raise ValueError("a SinkCache assigns positions inside the cache itself; call without "
                        "`positions` and `mask`")
-    n_s, W, B = self.n_sink, self.window, self.batch
+    n_s, W = self.n_sink, self.window
     c = self.count[:, None]
     j = jnp.arange(T, dtype=jnp.int32)[None, :]
     i = c + j                                              # [B, T] stream index of each query
@@ -109,25 +103,15 @@ class SinkCache:
     p = jnp.where(i < n_s, i, n_s + i - first)             # in-cache position
     base = jnp.maximum(self.start, self.count - W + 1)[:, None] - n_s
     win_pos = i - base
-    blocks = []
-    if n_s:
-      s = jnp.arange(n_s, dtype=jnp.int32)
-      blocks.append(Keys((0, n_s), SINK_FRAME,
-                         jnp.broadcast_to((s[None, :] < c)[:, None], (B, T, n_s)),
-                         p[:, :, None] - s[None, None, :],
-                         rope_pos=jnp.broadcast_to(s, (B, n_s))))
-    idx, kept = self._slot_tokens()
-    blocks.append(Keys((n_s, n_s + W), WINDOW_FRAME,
-                       kept[:, None, :] & (idx[:, None, :] >= first[:, :, None]),
-                       i[:, :, None] - idx[:, None, :],
-                       rope_pos=jnp.where(kept, idx - base, 0)))
     causal = j[:, :, None] >= j[:, None, :]                 # [1, T, T]
     key_i = i[:, None, :]                                   # [B, 1, T] stream index of each key
-    blocks.append(Keys(NEW, WINDOW_FRAME, causal & (key_i >= n_s) & (key_i >= first[:, :, None]),
-                       i[:, :, None] - key_i))
+    blocks = [Keys(NEW, WINDOW_FRAME, causal & (key_i >= n_s) & (key_i >= first[:, :, None]),
+                   i[:, :, None] - key_i)]
     if n_s:  # new tokens that become sinks; only while count < n_sink, when base == 0
       blocks.append(Keys(NEW, SINK_FRAME, causal & (key_i < n_s), p[:, :, None] - key_i))
-    return View(q_pos=(win_pos, p), new_pos=win_pos, blocks=tuple(blocks), rotated=False)
+    read = functools.partial(kernel.sink_attention, count=self.count, start=self.start, n_sink=n_s)
+    return View(q_pos=(win_pos, p), new_pos=win_pos, blocks=tuple(blocks), rotated=False,
+                cache_read=read)
 
   def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, n_new: jax.Array,
             layers: tuple[int, int] | None = None, advance: bool = True) -> SinkCache:

@@ -6,12 +6,14 @@ copies it into a concatenated buffer. RoPE scores depend only on query position 
 position, so a cache may rotate queries and keys in any frame that gives each (query, key)
 pair its intended distance; each block names the query frame it is scored in. The dense cache
 needs one frame; the sink cache two (in-cache positions for the sinks, stream offsets for the
-rolling window, which differ per query inside a chunk that evicts as it goes).
+rolling window, which differ per query inside a chunk that evicts as it goes), and it reads its
+slots itself, in one kernel (`View.cache_read`), leaving only the new tokens as blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,27 +31,28 @@ class Keys:
   mask: [B, T, S'] bool, which keys each query sees.
   dist: [B, T, S'] int, query position minus key position in the positions the model is meant
     to see (sliding-window layers additionally require dist < window).
-  rope_pos: [B, S'] int, positions to rotate stored keys with at read time; None for keys
-    stored after RoPE (and for NEW).
   """
 
   source: str | tuple[int, int]
   frame: int
   mask: jax.Array
   dist: jax.Array
-  rope_pos: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class View:
   """q_pos: per frame, [B, T] RoPE positions of the queries. new_pos: [B, T] RoPE positions of
   the new keys (frame 0's). rotated: the cache stores keys after RoPE (else before; the decoder
-  hands the cache's `write` keys in the form it stores)."""
+  hands the cache's `write` keys in the form it stores). cache_read: when set, the cache's
+  slots are read by this function instead of by blocks: cache_read(q [B, T, N, H] before RoPE,
+  k, v [B, S, K, H] the layer's slots, *, freq, window, scale, softcap) -> (o, lse), a partial
+  softmax for `attend(partial=...)`."""
 
   q_pos: tuple[jax.Array, ...]
   new_pos: jax.Array
   blocks: tuple[Keys, ...]
   rotated: bool = True
+  cache_read: Callable[..., tuple[jax.Array, jax.Array]] | None = None
 
 
 def causal(positions: jax.Array, mask: jax.Array | None = None) -> View:

@@ -13,26 +13,41 @@ NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked query g
 
 
 def attend(blocks: Sequence[tuple[jax.Array, jax.Array, jax.Array, jax.Array]], *,
-           scale: float, softcap: float | None = None) -> jax.Array:
+           scale: float, softcap: float | None = None,
+           partial: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
   """Softmax attention over the union of key/value blocks, each scored with its own queries.
 
   Each block is (q [B, T, N, H], k [B, S, K, H], v [B, S, K, H], mask [B, T, S] bool), with N a
   multiple of K (query head n reads kv head n // (N // K)). The blocks' queries are the same
-  tokens, possibly rotated in different RoPE frames (see `kvjax.cache.view`). Scores and
+  tokens, possibly rotated in different RoPE frames (see `kvjax.cache.view`). partial: the
+  softmax over further keys computed elsewhere (a kernel), as (o [B, T, N, H] float32 its
+  normalized output, lse [B, T, N] its log-sum-exp), merged into the same softmax. Scores and
   softmax in float32; returns [B, T, N, H] in q's dtype.
   """
   q0 = blocks[0][0]
   B, T, N, H = q0.shape
   K = blocks[0][1].shape[2]
+  G = N // K
   scores = []
   for q, k, _, mask in blocks:
-    qg = q.reshape(B, T, K, N // K, H)
+    qg = q.reshape(B, T, K, G, H)
     s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     if softcap is not None:
       s = jnp.tanh(s / softcap) * softcap
     scores.append(jnp.where(mask[:, None, None], s, NEG))
-  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
-  out = jnp.zeros((B, T, K, N // K, H), jnp.float32)
+  scores = jnp.concatenate(scores, axis=-1)                      # [B, K, G, T, S]
+  out = jnp.zeros((B, T, K, G, H), jnp.float32)
+  if partial is None:
+    probs = jax.nn.softmax(scores, axis=-1)
+  else:
+    o, lse = partial
+    lse = lse.reshape(B, T, K, G).transpose(0, 2, 3, 1)[..., None]  # [B, K, G, T, 1]
+    m = jnp.maximum(scores.max(-1, keepdims=True), lse)
+    e = jnp.exp(scores - m)
+    denom = e.sum(-1, keepdims=True) + jnp.exp(lse - m)
+    probs = e / denom
+    w = (jnp.exp(lse - m) / denom)[..., 0].transpose(0, 3, 1, 2)[..., None]  # [B, T, K, G, 1]
+    out = w * o.reshape(B, T, K, G, H)
   start = 0
   for _, k, v, _ in blocks:
     p = probs[..., start:start + k.shape[1]].astype(v.dtype)

@@ -129,11 +129,14 @@ class Block(nnx.Module):
       else:
         lo, hi = keys.source
         kb, vb = cached[0][:, lo:hi], cached[1][:, lo:hi]
-        if keys.rope_pos is not None:
-          kb = rope.apply(kb, keys.rope_pos, freq)
       mask = keys.mask & ((window == 0) | (keys.dist < window))
       blocks.append((qs[keys.frame], kb, vb, mask))
-    a = self.attn.out(attend(blocks, scale=self.cfg.query_scale, softcap=self.cfg.attn_softcap))
+    scale, softcap = self.cfg.query_scale, self.cfg.attn_softcap
+    partial = None
+    if view.cache_read is not None:
+      partial = view.cache_read(q, *cached, freq=freq, window=window, scale=scale,
+                                softcap=softcap)
+    a = self.attn.out(attend(blocks, scale=scale, softcap=softcap, partial=partial))
     if self.cfg.post_norms:
       a = self.post_attn_norm(a)
     x = x + a

@@ -1,0 +1,269 @@
+"""Sink-aware rolling attention: T queries read a StreamingLLM cache (kvjax.cache.sink).
+
+The cache holds, per row, n_sink sink slots and a ring of W slots with keys stored *before*
+RoPE (layout in `kvjax.cache.sink`). The attention computes each slot's stream token from the
+row's fill level, assigns it its in-cache position (sinks 0..n_sink-1, then the kept window in
+chronological order), rotates the keys by those positions and attends, all in one pass over the
+cache. It covers the cache part of a step's read only and returns the partial softmax (o, lse),
+which the caller merges with the step's own tokens (`kvjax.lm.attention.attend(partial=...)`).
+
+Per query j (stream index i = count + j), the per-token policy of the cache:
+  sees sink slot s < min(count, n_sink), scored at distance p - s, where p is its in-cache
+    position (i for i < n_sink, else n_sink + i - first);
+  sees the kept window tokens idx in [first, i), first = max(start, i - W + 1), at distance
+    i - idx;
+  and on sliding-window layers (window > 0) only keys at distance < window.
+RoPE scores depend only on the distance, so the window is scored in one frame per row (keys at
+idx - base, queries at i - base) and the sinks in another (keys at s, queries at p).
+
+    sink_attention(q, k, v, count, start, n_sink=4, freq=rope.inv_freq(cfg), scale=...)
+
+dispatches to the Pallas kernel on GPU/TPU and to `reference` (plain XLA) elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from kvjax.lm import rope
+from kvjax.lm.attention import NEG
+
+IMPLS = ("pallas", "xla")
+
+
+def sink_attention(q: jax.Array, k: jax.Array, v: jax.Array, count: jax.Array,
+                   start: jax.Array, *, n_sink: int, freq: jax.Array, scale: float,
+                   window: jax.Array | int = 0, softcap: float | None = None,
+                   impl: str | None = None, interpret=False,
+                   block: int = 128) -> tuple[jax.Array, jax.Array]:
+  """The cache part of a step's attention, as a partial softmax.
+
+  q: [B, T, N, H] queries before RoPE of stream tokens count..count+T-1.
+  k, v: [B, n_sink + W, K, H] one layer of a SinkCache (keys before RoPE); N % K == 0.
+  count, start: [B] int, the cache's fill levels (`SinkCache.count`, `.start`).
+  freq: [H/2] RoPE inverse frequencies. window: sliding window of the layer (0 = none).
+  impl: "pallas" or "xla"; None picks Pallas on GPU/TPU, else XLA. interpret: for "pallas"
+    off-device: True (generic interpreter) or `pltpu.InterpretParams()` (TPU semantics).
+  Returns o [B, T, N, H] float32 (softmax-weighted values over the visible cache keys, 0 for a
+  query that sees none) and lse [B, T, N] float32 (their log-sum-exp, NEG when none).
+  """
+  B, T, N, H = _check(q, k, v, count, start, n_sink, freq)
+  if impl is None:
+    impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS} or None; got {impl!r}")
+  window = jnp.asarray(window, jnp.int32)
+  if impl == "xla":
+    return reference(q, k, v, count, start, n_sink=n_sink, freq=freq, scale=scale,
+                     window=window, softcap=softcap)
+  tpu = jax.default_backend() == "tpu" or isinstance(interpret, pltpu.InterpretParams)
+  return _pallas(q, k, v, count, start, n_sink=n_sink, freq=freq, scale=scale, window=window,
+                 softcap=softcap, interpret=interpret, block=block, tpu=tpu)
+
+
+def _check(q, k, v, count, start, n_sink, freq):
+  if q.ndim != 4 or k.ndim != 4:
+    raise ValueError(f"q must be [B, T, N, H] and k, v [B, S, K, H]; got q{list(q.shape)}, "
+                     f"k{list(k.shape)}")
+  B, T, N, H = q.shape
+  _, S, K, _ = k.shape
+  if k.shape != v.shape or k.shape[0] != B or k.shape[3] != H or N % K:
+    raise ValueError(f"k and v must both be [B={B}, S, K, H={H}] with N={N} a multiple of K; "
+                     f"got k{list(k.shape)}, v{list(v.shape)}")
+  if not isinstance(n_sink, int) or not 0 <= n_sink < S:
+    raise ValueError(f"n_sink must be an int in [0, S={S}) (the ring needs >= 1 slot); "
+                     f"got {n_sink!r}")
+  for name, x in (("count", count), ("start", start)):
+    if jnp.shape(x) != (B,) or not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
+      raise ValueError(f"{name} must be an int array of shape ({B},); got "
+                       f"{jnp.asarray(x).dtype}{list(jnp.shape(x))}")
+  if jnp.shape(freq) != (H // 2,) or H % 2:
+    raise ValueError(f"freq must be [H/2] = [{H // 2}] (even H); got {list(jnp.shape(freq))}")
+  return B, T, N, H
+
+
+# ---- the cache's geometry, shared by the kernel and the reference (broadcasting int arrays) ----
+
+def _queries(t, count, start, n_sink: int, W: int):
+  """t: query offsets in the step; count, start broadcast against t. Returns (i stream index,
+  first oldest window token seen, p in-cache position, window-frame position, base)."""
+  i = count + t
+  first = jnp.maximum(start, i - W + 1)
+  p = jnp.where(i < n_sink, i, n_sink + i - first)
+  base = jnp.maximum(start, count - W + 1) - n_sink
+  return i, first, p, i - base, base
+
+
+def _slots(slot, count, start, base, n_sink: int, W: int):
+  """slot: cache slot indices. Returns (idx: the stream token a slot holds, kept: whether it is
+  held, rope position of its key in its frame)."""
+  last = count - 1
+  wraps = n_sink // W + 2  # keeps the remainder's argument >= 0 (count >= 0, slot < n_sink + W)
+  ring = last - jax.lax.rem(last - slot + wraps * W, W)
+  sink = slot < n_sink
+  idx = jnp.where(sink, slot, ring)
+  kept = jnp.where(sink, slot < count, (ring >= start) & (ring >= n_sink) & (ring <= last))
+  return idx, kept, jnp.where(sink, slot, idx - base)
+
+
+def _visible(slot, idx, kept, i, first, p, n_sink: int, window):
+  """Whether a query (i, first, p) sees a slot (idx, kept): shapes broadcast."""
+  sink = slot < n_sink
+  dist = jnp.where(sink, p - slot, i - idx)
+  return kept & (sink | (idx >= first)) & ((window == 0) | (dist < window))
+
+
+# ---- plain XLA ----
+
+def reference(q, k, v, count, start, *, n_sink: int, freq, scale: float, window=0,
+              softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
+  """`sink_attention` in plain XLA (same arguments and results)."""
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  G, W = N // K, S - n_sink
+  c, st = count[:, None].astype(jnp.int32), start[:, None].astype(jnp.int32)
+  i, first, p, q_win, base = _queries(jnp.arange(T, dtype=jnp.int32)[None], c, st, n_sink, W)
+  slot = jnp.arange(S, dtype=jnp.int32)[None]
+  idx, kept, k_pos = _slots(slot, c, st, base, n_sink, W)        # [B, S]
+  k = rope.apply(k, k_pos, freq)
+
+  def scores(q_pos, keys):
+    qg = rope.apply(q, q_pos, freq).reshape(B, T, K, G, H)
+    return jnp.einsum("btkgh,bskh->bkgts", qg, keys, preferred_element_type=jnp.float32)
+
+  s = scores(q_win, k[:, n_sink:])
+  if n_sink:
+    s = jnp.concatenate([scores(p, k[:, :n_sink]), s], axis=-1)
+  s = s * scale
+  if softcap is not None:
+    s = jnp.tanh(s / softcap) * softcap
+  vis = _visible(slot[:, None], idx[:, None], kept[:, None], i[..., None], first[..., None],
+                 p[..., None], n_sink, window)[:, None, None]    # [B, 1, 1, T, S]
+  s = jnp.where(vis, s, NEG)
+  m = s.max(-1, keepdims=True)
+  e = jnp.where(vis, jnp.exp(s - m), 0.0)
+  l = e.sum(-1, keepdims=True)
+  probs = (e / jnp.where(l > 0, l, 1.0)).astype(v.dtype)
+  o = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG)[..., 0]  # [B, K, G, T]
+  return o.reshape(B, T, N, H), lse.transpose(0, 3, 1, 2).reshape(B, T, N)
+
+
+# ---- Pallas ----
+
+def _pallas(q, k, v, count, start, *, n_sink, freq, scale, window, softcap, interpret, block,
+            tpu: bool):
+  """One program per batch row; within it, per kv head, an online softmax over key blocks.
+
+  Query rows are laid out (G, Tp) per kv head, Tp a power of two >= 16 (a row's query offset is
+  row & (Tp - 1); Triton's dot needs >= 16 rows, TPU tiles 8). The cache is read as [B, S, K*H]
+  (a free reshape) so every block's last two dims are whole array dims (TPU tiling), and key
+  blocks of `bs` slots are sliced from it; the last block overlaps the previous one and masks
+  slots already seen, so no block runs past S. tpu: lower for Mosaic TPU (scalars in SMEM),
+  else for Triton (Pallas' Mosaic GPU backend is not targeted)."""
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  G = N // K
+  Tp = max(16, pl.next_power_of_2(T))
+  R = G * Tp
+  bs = min(block, 1 << (S.bit_length() - 1))  # a power of two <= S
+  nb = pl.cdiv(S, bs)
+  qr = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)           # [B, K, G, T, H]
+  qr = jnp.pad(qr, ((0, 0), (0, 0), (0, 0), (0, Tp - T), (0, 0))).reshape(B, K, R, H)
+  meta = jnp.stack([count.astype(jnp.int32), start.astype(jnp.int32),
+                    jnp.broadcast_to(window, (B,)).astype(jnp.int32)], axis=1)   # [B, 3]
+  half = H // 2
+  rot = np.zeros((H, H), np.float32)           # x @ rot = rotate_half(x) = [-x2, x1]
+  rot[np.arange(half) + half, np.arange(half)] = -1.0
+  rot[np.arange(half), np.arange(half) + half] = 1.0
+  freq2 = jnp.concatenate([freq, freq]).astype(jnp.float32)[None]   # [1, H]
+  meta_spec = (pl.BlockSpec(memory_space=pltpu.SMEM) if tpu
+               else pl.BlockSpec((B, 3), lambda b: (0, 0)))
+  kernel = functools.partial(_kernel, n_sink=n_sink, W=S - n_sink, Tp=Tp, K=K, H=H,
+                             bs=bs, nb=nb, scale=scale, softcap=softcap)
+  o, lse = pl.pallas_call(
+      kernel,
+      grid=(B,),
+      in_specs=[meta_spec,
+                pl.BlockSpec((None, K, R, H), lambda b: (b, 0, 0, 0)),
+                pl.BlockSpec((None, S, K * H), lambda b: (b, 0, 0)),
+                pl.BlockSpec((None, S, K * H), lambda b: (b, 0, 0)),
+                pl.BlockSpec((H, H), lambda b: (0, 0)),
+                pl.BlockSpec((1, H), lambda b: (0, 0))],
+      out_specs=[pl.BlockSpec((None, K, R, H), lambda b: (b, 0, 0, 0)),
+                 pl.BlockSpec((None, K, R, 1), lambda b: (b, 0, 0, 0))],
+      out_shape=[jax.ShapeDtypeStruct((B, K, R, H), jnp.float32),
+                 jax.ShapeDtypeStruct((B, K, R, 1), jnp.float32)],
+      interpret=interpret,
+      compiler_params=None if tpu else pltriton.CompilerParams(num_warps=4, num_stages=2),
+      name="sink_attention",
+  )(meta, qr, k.reshape(B, S, K * H), v.reshape(B, S, K * H), jnp.asarray(rot), freq2)
+  o = o.reshape(B, K, G, Tp, H)[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+  lse = lse.reshape(B, K, G, Tp)[..., :T].transpose(0, 3, 1, 2).reshape(B, T, N)
+  return o, lse
+
+
+def _kernel(meta_ref, q_ref, k_ref, v_ref, rot_ref, freq_ref, o_ref, lse_ref, *, n_sink, W, Tp,
+            K, H, bs, nb, scale, softcap):
+  """q_ref [K, R, H]; k_ref, v_ref [S, K*H]; o_ref [K, R, H]; lse_ref [K, R, 1]."""
+  b = pl.program_id(0)
+  count, start, window = meta_ref[b, 0], meta_ref[b, 1], meta_ref[b, 2]
+  S = n_sink + W
+  R = q_ref.shape[1]
+  f32 = jnp.float32
+  t = jax.lax.broadcasted_iota(jnp.int32, (R, 1), 0) & (Tp - 1)
+  i, first, p, q_win, base = _queries(t, count, start, n_sink, W)   # [R, 1]
+  freq, rot = freq_ref[...], rot_ref[...]
+  dot_nt = functools.partial(jax.lax.dot_general, dimension_numbers=(((1,), (1,)), ((), ())),
+                             preferred_element_type=f32)
+
+  def rotary(x, pos):                          # x [n, H] f32, pos [n, 1]
+    angle = pos.astype(f32) * freq
+    turned = jnp.dot(x, rot, preferred_element_type=f32, precision=jax.lax.Precision.HIGHEST)
+    return x * jnp.cos(angle) + turned * jnp.sin(angle)
+
+  n_dual = pl.cdiv(n_sink, bs)                  # leading blocks holding sink slots
+  for h in range(K):
+    cols = pl.ds(h * H, H)
+    q = q_ref[h].astype(f32)
+    q_w = rotary(q, q_win).astype(k_ref.dtype)
+    q_s = rotary(q, p).astype(k_ref.dtype) if n_sink else None
+
+    def body(j, carry, dual):
+      m, l, acc = carry
+      lo = jnp.minimum(j * bs, S - bs)
+      col = lo + jax.lax.broadcasted_iota(jnp.int32, (bs, 1), 0)    # [bs, 1] for keys
+      row = lo + jax.lax.broadcasted_iota(jnp.int32, (1, bs), 1)    # [1, bs] for scores
+      _, _, k_pos = _slots(col, count, start, base, n_sink, W)
+      keys = rotary(k_ref[pl.ds(lo, bs), cols].astype(f32), k_pos).astype(k_ref.dtype)
+      s = dot_nt(q_w, keys)                                         # [R, bs]
+      if dual:
+        s = jnp.where(row < n_sink, dot_nt(q_s, keys), s)
+      s = s * scale
+      if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
+      idx, kept, _ = _slots(row, count, start, base, n_sink, W)
+      vis = _visible(row, idx, kept, i, first, p, n_sink, window) & (row >= j * bs)
+      s = jnp.where(vis, s, NEG)
+      m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
+      e = jnp.where(vis, jnp.exp(s - m_new), 0.0)
+      alpha = jnp.exp(m - m_new)
+      vals = v_ref[pl.ds(lo, bs), cols]
+      acc = alpha * acc + jnp.dot(e.astype(vals.dtype), vals, preferred_element_type=f32)
+      return m_new, alpha * l + e.sum(axis=1, keepdims=True), acc
+
+    carry = (jnp.full((R, 1), NEG, f32), jnp.zeros((R, 1), f32), jnp.zeros((R, H), f32))
+    if n_dual:
+      carry = jax.lax.fori_loop(0, n_dual, functools.partial(body, dual=True), carry)
+    m, l, acc = jax.lax.fori_loop(n_dual, nb, functools.partial(body, dual=False), carry)
+    has = l > 0
+    safe = jnp.where(has, l, 1.0)
+    o_ref[h] = acc / safe
+    lse_ref[h] = jnp.where(has, m + jnp.log(safe), NEG)
