@@ -1,6 +1,8 @@
 """The `kvjax` command line: one program, one subcommand per job, `--json` for machines.
 
     kvjax generate --prompt "ROMEO:" [--model DIR_OR_NAME] [--max-new-tokens 64] [--json]
+    kvjax stream --prompt "ROMEO:" --sinks 4 --window 252      (or a chat from stdin)
+    kvjax ppl --text FILE --cache sink --window 252
     python -m kvjax generate ...
 
 Each subcommand is added by its own `_add_<name>(subparsers)` function, which sets `run` (does
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
       prog=PROG, description="LLM inference in JAX with the KV cache as an explicit value.")
   subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
   _add_generate(subparsers)
+  _add_stream(subparsers)
   _add_ppl(subparsers)
   _add_train(subparsers)
   return parser
@@ -90,6 +93,114 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, label) -> int:
   except KeyboardInterrupt:
     print(file=sys.stderr)
     return 130
+
+
+# --- stream -----------------------------------------------------------------------------------
+
+def _add_stream(subparsers) -> None:
+  p = subparsers.add_parser(
+      "stream", help="endless generation or a multi-turn chat in constant memory (StreamingLLM)",
+      description="Generates with a fixed memory budget: --sinks attention sinks plus a rolling "
+      "window of --window tokens, positions assigned inside the cache. With --prompt: one "
+      "endless continuation (until a stop token, --max-new-tokens or Ctrl-C; tokens are evicted "
+      "one by one). Without: a chat, one turn per stdin line, each reply at most "
+      "--max-new-tokens (default 64); each turn first evicts enough old tokens for its prompt "
+      "and reply. Text is printed as it comes.")
+  p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR_OR_NAME",
+                 help=f"model directory or bundled model name (default {DEFAULT_MODEL})")
+  p.add_argument("--prompt", default=None, metavar="TEXT",
+                 help="continue this text endlessly ('-' reads it from stdin); "
+                 "without it, chat: one turn per line of stdin")
+  p.add_argument("--sinks", type=nonneg, default=4, metavar="N",
+                 help="attention sinks: the stream's first N tokens, kept for good (default 4)")
+  p.add_argument("--window", type=checked(int, lambda v: v >= 1, "an integer >= 1 (the "
+                                          "cache holds the sinks plus at least 1 recent token)"),
+                 default=252, metavar="W", help="recent tokens kept (default 252: with 4 sinks, "
+                 "the 256-token context the bundled models were trained on)")
+  p.add_argument("--chunk", type=positive, default=None, metavar="C",
+                 help="prompt tokens fed per step, at most --window (default min(W, 256))")
+  p.add_argument("--max-new-tokens", type=positive, default=None, metavar="N",
+                 help="tokens per reply at most (chat: default 64, at most --window; "
+                 "--prompt: default unlimited)")
+  _add_sampling(p)
+  p.add_argument("--json", action="store_true",
+                 help="print only one JSON object at the end: turns (prompt, text, finish), "
+                 "tokens_generated, peak_cache_tokens, tokens_per_s, timings")
+  p.set_defaults(run=_stream, check=lambda args: _check_stream(p, args))
+
+
+def _check_stream(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  _check_sampling(parser, args)
+  if args.chunk is not None and args.chunk > args.window:
+    parser.error(f"--chunk {args.chunk} exceeds --window {args.window}: a prompt chunk must "
+                 "fit the window")
+  if args.prompt is None:
+    if args.max_new_tokens is None:
+      args.max_new_tokens = 64
+    if args.max_new_tokens > args.window:
+      parser.error(f"--max-new-tokens {args.max_new_tokens} exceeds --window {args.window}: in "
+                   "a chat each reply must fit the window")
+
+
+def _stream(args: argparse.Namespace) -> int:
+  from kvjax.lm.streaming import Stream
+  model = _load(args)
+  sampling, key = _sampling(args)
+  session = Stream(model, n_sink=args.sinks, window=args.window, chunk=args.chunk,
+                   sampling=sampling, key=key)
+  if args.prompt is not None:
+    turns = iter(_read_prompts([args.prompt]))
+  else:
+    turns = _stdin_lines()
+  record, code = [], 0
+  try:
+    for prompt in turns:
+      done: dict = {}
+      pieces = session.turn(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop,
+                            chat=args.chat, done=done)
+      text = []
+      record.append({"prompt": prompt, "text": "", "finish": None})
+      for piece in pieces:
+        text.append(piece)
+        record[-1]["text"] = "".join(text)
+        if not args.json:
+          sys.stdout.write(piece)
+          sys.stdout.flush()
+      record[-1]["finish"] = done["finish"]
+      if not args.json:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+  except KeyboardInterrupt:
+    code = 130
+    if record and record[-1]["finish"] is None:
+      record[-1]["finish"] = "interrupted"
+    if not args.json:
+      sys.stdout.write("\n")
+  s = session.stats
+  if args.json:
+    print(json.dumps({
+        "model": args.model, "sinks": args.sinks, "window": args.window, "turns": record,
+        "tokens_generated": s["tokens_generated"], "prompt_tokens": s["prompt_tokens"],
+        "peak_cache_tokens": s["peak_cache_tokens"], "tokens_per_s": _finite(s["tokens_per_s"]),
+        "prefill_s": s["prefill_s"], "decode_s": s["decode_s"], "compile_s": s["compile_s"]}))
+  else:
+    print(f"{PROG}: {s['tokens_generated']} tokens generated in {s['decode_s']:.2f} s "
+          f"({s['tokens_per_s']:.1f} tok/s) over {len(record)} turn(s); peak cache "
+          f"{s['peak_cache_tokens']} tokens of {args.sinks} sinks + {args.window} window; "
+          f"compile {s['compile_s']:.2f} s", file=sys.stderr)
+  return code
+
+
+def _stdin_lines():
+  """Chat turns: stdin line by line (a prompt on stderr when it is a terminal)."""
+  while True:
+    if sys.stdin.isatty():
+      sys.stderr.write("> ")
+      sys.stderr.flush()
+    line = sys.stdin.readline()
+    if not line:
+      return
+    yield line.rstrip("\n")
 
 
 # --- ppl --------------------------------------------------------------------------------------
@@ -184,6 +295,14 @@ def _add_generate(subparsers) -> None:
                  help="prompt text; repeat for a batch; '-' reads it from stdin")
   p.add_argument("--max-new-tokens", type=positive, default=64, metavar="N",
                  help="tokens to generate per prompt at most (default 64)")
+  _add_sampling(p)
+  p.add_argument("--json", action="store_true",
+                 help="print one JSON object (texts, token ids, timings) instead of text")
+  p.set_defaults(run=_generate, check=lambda args: _check_generate(p, args))
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+  """Sampling, stop, chat-template and dtype flags shared by generate and stream."""
   p.add_argument("--temperature", type=temperature_type, default=0.0, metavar="T",
                  help="sampling temperature; 0 (default) is greedy decoding")
   p.add_argument("--top-k", type=top_k_type, default=None, metavar="K",
@@ -193,28 +312,29 @@ def _add_generate(subparsers) -> None:
   p.add_argument("--seed", type=int, default=0, metavar="S",
                  help="PRNG seed for sampling (default 0)")
   p.add_argument("--stop", action="append", default=[], metavar="STR",
-                 help="stop a row when its text contains STR (cut before it); repeatable")
+                 help="stop a reply when its text contains STR (cut before it); repeatable")
   p.add_argument("--chat", action="store_true",
                  help="wrap each prompt as a user message with the model's chat template")
   p.add_argument("--dtype", choices=DTYPES, default=None,
                  help="cast the params to this dtype (default: as stored)")
-  p.add_argument("--json", action="store_true",
-                 help="print one JSON object (texts, token ids, timings) instead of text")
-  p.set_defaults(run=_generate, check=lambda args: _check_generate(p, args))
 
 
-def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-  """Cross-flag rules that argparse types cannot express."""
+def _check_sampling(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   if args.temperature == 0:
     given = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p)) if v is not None]
     if given:
       verb = "applies" if len(given) == 1 else "apply"
       parser.error(f"{' and '.join(given)} only {verb} when sampling: sampling flags need "
                    "--temperature > 0 (the default 0 is greedy decoding)")
-  if args.prompt.count("-") > 1:
-    parser.error("--prompt - (read stdin) can be given only once")
   if any(not s for s in args.stop):
     parser.error("--stop expects a non-empty string")
+
+
+def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """Cross-flag rules that argparse types cannot express."""
+  _check_sampling(parser, args)
+  if args.prompt.count("-") > 1:
+    parser.error("--prompt - (read stdin) can be given only once")
 
 
 def _read_prompts(prompts: list[str]) -> list[str]:
@@ -236,14 +356,19 @@ def _load(args: argparse.Namespace):
   return load(args.model, dtype=None if args.dtype is None else getattr(jnp, args.dtype))
 
 
-def _sampling_kwargs(args: argparse.Namespace) -> dict:
-  """Keyword arguments shared by `lm.generate` and `lm.stream`."""
+def _sampling(args: argparse.Namespace) -> tuple:
+  """(Sampling, PRNG key or None) from the sampling flags."""
   import jax
 
   from kvjax.lm.sampling import Sampling
   sampling = Sampling(temperature=args.temperature, top_k=args.top_k or 0,
                       top_p=1.0 if args.top_p is None else args.top_p)
-  key = None if sampling.greedy else jax.random.key(args.seed)
+  return sampling, None if sampling.greedy else jax.random.key(args.seed)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+  """Keyword arguments shared by `lm.generate` and `lm.stream`."""
+  sampling, key = _sampling(args)
   return dict(max_new_tokens=args.max_new_tokens, sampling=sampling, key=key,
               stop=tuple(args.stop), chat=args.chat)
 

@@ -207,44 +207,62 @@ def stream(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
   stop_ids = set(_stop_ids(model, stop_tokens))
   logits, cache, prefill_s, compile_s = _prefill(model, rows, max_new_tokens)
   key = jax.random.key(0) if key is None else key
+  decode_s = 0.0
+
+  def tokens() -> Iterator[int]:
+    nonlocal logits, cache, decode_s, compile_s
+    for step in range(max_new_tokens):
+      t0 = time.perf_counter()
+      tok = int(_sample_step(logits, key, step, sampling)[0])
+      decode_s += time.perf_counter() - t0
+      yield tok
+      if step + 1 < max_new_tokens:
+        t0 = time.perf_counter()
+        (logits, cache), c = steps.call(model, steps.decode_step, model.state, cache,
+                                        jnp.asarray([tok], jnp.int32))
+        decode_s += time.perf_counter() - t0 - c
+        compile_s += c
+
+  done: dict = {}
+  yield from detokenize(model, tokens(), stop, stop_ids, done)
+  if stats is not None:
+    n = len(done["ids"])
+    stats.update(prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_s,
+                 prompt_tokens=len(rows[0]), new_tokens=n, finish=done["finish"],
+                 decode_tokens_per_s=n / decode_s if decode_s > 0 else float("nan"))
+
+
+def detokenize(model: Model, tokens: Iterator[int], stop: Sequence[str], stop_ids: set[int],
+               done: dict) -> Iterator[str]:
+  """Yields the text of `tokens` as it becomes final, pulling one token per piece: it ends at a
+  stop token or a stop string (neither yielded) or when `tokens` runs out ("length"). Text that
+  may start a stop string or an unfinished UTF-8 character is held back until it is decided.
+  Fills `done` with ids (every token pulled, a stop token included) and finish."""
   ids: list[int] = []
-  emitted, finish, decode_s = 0, "length", 0.0
+  done.update(ids=ids, finish="length")
+  emitted = 0
   hold = max((len(s) for s in stop), default=1) - 1  # chars that may start a stop string
-  for step in range(max_new_tokens):
-    t0 = time.perf_counter()
-    tok = int(_sample_step(logits, key, step, sampling)[0])
-    decode_s += time.perf_counter() - t0
+  for tok in tokens:
     ids.append(tok)
     if tok in stop_ids:
-      finish = "stop_token"
-      break
+      done["finish"] = "stop_token"
+      return
     text = model.tokenizer.decode(ids)
     cut = min((text.find(s) for s in stop if s and s in text), default=-1)
     if cut >= 0:
-      finish = "stop_string"
+      done["finish"] = "stop_string"
       if cut > emitted:
         yield text[emitted:cut]
-      break
+      return
     ready = len(text) - hold
     if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
       ready = min(ready, len(text) - 1)
     if ready > emitted:
       yield text[emitted:ready]
       emitted = ready
-    if step + 1 < max_new_tokens:
-      t0 = time.perf_counter()
-      (logits, cache), c = steps.call(model, steps.decode_step, model.state, cache,
-                                jnp.asarray([tok], jnp.int32))
-      decode_s += time.perf_counter() - t0 - c
-      compile_s += c
-  if finish == "length":
-    text = model.tokenizer.decode(ids)
-    if len(text) > emitted:
-      yield text[emitted:]
-  if stats is not None:
-    stats.update(prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_s,
-                 prompt_tokens=len(rows[0]), new_tokens=len(ids), finish=finish,
-                 decode_tokens_per_s=len(ids) / decode_s if decode_s > 0 else float("nan"))
+  text = model.tokenizer.decode(ids)
+  if len(text) > emitted:
+    yield text[emitted:]
 
 
 def score(model: Model, token_ids) -> np.ndarray | list[np.ndarray]:

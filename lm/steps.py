@@ -62,6 +62,16 @@ def prefill(graphdef, state, cache: KVCache, tokens: jax.Array, lengths: jax.Arr
   return dec.logits(last), cache
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def extend(graphdef, state, cache, tokens: jax.Array, n_new: jax.Array):
+  """Feeds a chunk into any cache: tokens [B, C] right-padded, n_new [B] real tokens per row
+  (>= 1) -> (logits [B, V] at each row's last real token, cache n_new longer per row)."""
+  dec = nnx.merge(graphdef, state)
+  out, cache = dec(tokens, cache=cache, n_new=n_new, logits=False)
+  last = jnp.take_along_axis(out.hidden, (n_new - 1)[:, None, None], axis=1)[:, 0]
+  return dec.logits(last), cache
+
+
 def _decode(dec, cache: KVCache, tokens: jax.Array):
   out, cache = dec(tokens[:, None], cache=cache)
   return out.logits[:, 0], cache

@@ -1,7 +1,11 @@
-"""Streaming perplexity over a long text, as StreamingLLM measures it: tokens fed one by one.
+"""StreamingLLM for users: streaming perplexity, and endless generation or multi-turn chat in
+constant memory.
 
     from kvjax.lm import streaming
     streaming.perplexity(model, ids, cache="sink", n_sink=4, window=252)
+    chat = streaming.Stream(model, n_sink=4, window=252)
+    for piece in chat.turn("ROMEO:", max_new_tokens=None):   # endless, until a stop token
+      print(piece, end="")
 
 Cache modes (the paper's Table 2 baselines):
   dense      every token kept (refused when the text exceeds the model's context);
@@ -15,15 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache.dense import KVCache
 from kvjax.cache.sink import SinkCache
 from kvjax.lm import steps
+from kvjax.lm.generate import _check as _check_sampling
+from kvjax.lm.generate import _sample_step, _stop_ids, detokenize
 from kvjax.lm.model import Model
+from kvjax.lm.sampling import Sampling
 
 MODES = ("dense", "window", "sink", "recompute")
 
@@ -141,3 +149,133 @@ def _bar(enabled: bool, total: int, mode: str):
   from tqdm import tqdm
   return tqdm(total=total, desc=f"ppl ({mode})", unit="tok", disable=not enabled,
               dynamic_ncols=True)
+
+
+class Stream:
+  """A StreamingLLM session: endless generation or a multi-turn chat in n_sink + window slots.
+
+      s = Stream(model, n_sink=4, window=252)
+      for piece in s.turn("ROMEO:", max_new_tokens=64): ...        # a reply of <= 64 tokens
+      for piece in s.turn("JULIET:", max_new_tokens=None): ...     # endless (stop token ends)
+
+  The session's SinkCache (batch 1) is all the memory it ever holds. A turn feeds its prompt in
+  chunks of `chunk` tokens, then samples one jitted decode step per token. When the prompt and
+  the reply budget fit the window together, the turn first evicts the oldest tokens to make room
+  for both (the per-turn policy of the paper's chat demo); otherwise (endless generation, long
+  prompts) tokens are evicted one by one as they arrive (per-token policy). The last token of a
+  reply (a stop token included) enters the cache at the start of the next turn.
+
+  stats: tokens_generated, prompt_tokens, peak_cache_tokens (most tokens held at once),
+  prefill_s, decode_s, compile_s, tokens_per_s (generated tokens per decode second).
+  """
+
+  def __init__(self, model: Model, *, n_sink: int = 4, window: int, chunk: int | None = None,
+               sampling: Sampling | None = None, key: jax.Array | None = None,
+               stop_tokens: Sequence[int] | None = None):
+    if model.tokenizer is None:
+      raise ValueError("a Stream needs the model's tokenizer (tokenizer.json)")
+    if not isinstance(n_sink, int) or n_sink < 0:
+      raise ValueError(f"n_sink must be an int >= 0; got {n_sink!r}")
+    if not isinstance(window, int) or window < 1:
+      raise ValueError(f"window must be an int >= 1 (the cache needs room besides its "
+                       f"{n_sink} sinks); got {window!r}")
+    if n_sink + window > model.cfg.max_position:
+      raise ValueError(f"sinks + window = {n_sink + window} exceeds the model's context of "
+                       f"{model.cfg.max_position} positions")
+    chunk = min(window, 256) if chunk is None else chunk
+    if not isinstance(chunk, int) or not 1 <= chunk <= window:
+      raise ValueError(f"chunk must be an int in [1, window={window}] (a prefill chunk must fit "
+                       f"the window); got {chunk!r}")
+    self.model, self.chunk = model, chunk
+    self.sampling = _check_sampling(model, 1, sampling, key)
+    self.key = jax.random.key(0) if key is None else key
+    self.stop_ids = set(_stop_ids(model, stop_tokens))
+    cfg = model.cfg
+    self.cache = SinkCache.init(n_layers=cfg.n_layers, batch=1, n_sink=n_sink, window=window,
+                                n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                                dtype=model.dtype)
+    self.logits: jax.Array | None = None   # [1, V] for the next token, once anything is fed
+    self.pending: list[int] = []           # sampled but not yet in the cache
+    self.steps = 0                         # sampling steps so far (folded into the key)
+    self.stats = dict(tokens_generated=0, prompt_tokens=0, peak_cache_tokens=0, prefill_s=0.0,
+                      decode_s=0.0, compile_s=0.0, tokens_per_s=float("nan"))
+
+  def _held(self) -> None:
+    self.stats["peak_cache_tokens"] = max(self.stats["peak_cache_tokens"],
+                                          int(self.cache.length[0]))
+
+  def _feed(self, ids: list[int]) -> None:
+    """Prefills ids in chunks (evicting per token if they overflow the window)."""
+    C = self.chunk
+    for lo in range(0, len(ids), C):
+      part = ids[lo:lo + C]
+      tokens = np.zeros((1, C), np.int32)
+      tokens[0, :len(part)] = part
+      t0 = time.perf_counter()
+      (self.logits, self.cache), c = steps.call(
+          self.model, steps.extend, self.model.state, self.cache, jnp.asarray(tokens),
+          jnp.asarray([len(part)], jnp.int32))
+      self.logits.block_until_ready()
+      self.stats["prefill_s"] += time.perf_counter() - t0 - c
+      self.stats["compile_s"] += c
+
+  def turn(self, prompt: str | Sequence[int] = "", *, max_new_tokens: int | None = 64,
+           stop: Sequence[str] = (), chat: bool = False, done: dict | None = None
+           ) -> Iterator[str]:
+    """Feeds `prompt` (text, or token ids; may be empty after the first turn to continue),
+    then yields the reply's text as it is generated: at most max_new_tokens tokens (None: no
+    limit), ending early at a stop token or stop string (neither yielded). chat: wrap the
+    prompt as a user message with the model's chat template. done: filled at the end with the
+    reply's ids and finish ("stop_token", "stop_string" or "length")."""
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+      raise ValueError(f"max_new_tokens must be an int >= 1 or None; got {max_new_tokens!r}")
+    stop = [stop] if isinstance(stop, str) else list(stop)
+    tok = self.model.tokenizer
+    if isinstance(prompt, str):
+      first = self.logits is None and not self.pending
+      if chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
+      ids = tok.encode(prompt, add_special_tokens=first and not chat) if prompt else []
+    else:
+      ids = [int(t) for t in prompt]
+      bad = [t for t in ids if not 0 <= t < self.model.cfg.vocab_size]
+      if bad:
+        raise ValueError(f"prompt token ids {bad[:5]} outside [0, {self.model.cfg.vocab_size})")
+    ids = self.pending + ids
+    if not ids and self.logits is None:
+      raise ValueError("the first turn needs a non-empty prompt")
+    self.pending = []
+    if max_new_tokens is not None and len(ids) + max_new_tokens <= self.cache.window:
+      self._held()
+      self.cache = self.cache.make_room(len(ids) + max_new_tokens)
+    self.stats["prompt_tokens"] += len(ids)
+    self._feed(ids)
+    done = {} if done is None else done
+    try:
+      yield from detokenize(self.model, self._tokens(max_new_tokens), stop, self.stop_ids, done)
+    finally:
+      self._held()
+      s = self.stats
+      s["tokens_per_s"] = (s["tokens_generated"] / s["decode_s"] if s["decode_s"] > 0
+                           else float("nan"))
+
+  def _tokens(self, limit: int | None) -> Iterator[int]:
+    """Samples tokens, feeding each into the cache only when the next one is wanted."""
+    n = 0
+    while True:
+      t0 = time.perf_counter()
+      tok = int(_sample_step(self.logits, self.key, self.steps, self.sampling)[0])
+      self.stats["decode_s"] += time.perf_counter() - t0
+      self.steps += 1
+      self.stats["tokens_generated"] += 1
+      self.pending = [tok]
+      n += 1
+      yield tok
+      if limit is not None and n >= limit:
+        return
+      t0 = time.perf_counter()
+      (self.logits, self.cache), c = steps.call(self.model, steps.decode_step, self.model.state,
+                                                self.cache, jnp.asarray([tok], jnp.int32))
+      self.stats["decode_s"] += time.perf_counter() - t0 - c
+      self.stats["compile_s"] += c
+      self.pending = []
