@@ -1,0 +1,297 @@
+"""StreamingLLM: quality, per-token cost and memory of the sink cache vs its baselines, one run.
+
+    python benchmarks/streaming.py                      # all parts, ~15 min on 2 CPU cores
+    python benchmarks/streaming.py --parts cost,kernel  # on a GPU: the cost and kernel rows
+
+Parts (--parts, comma-separated):
+  quality  Perplexity of the bundled `shakespeare` model (trained on 256-token windows) on the
+           first --tokens tokens of a held-out play (test split, not a comedy), fed token by
+           token (`kvjax.lm.streaming.perplexity`) with a cache of --cache-size slots:
+           `window` (no sinks), `recompute` (the last --cache-size tokens recomputed from
+           scratch for every token, the quality baseline) and `sink` with 0/1/2/4/8 sinks
+           (window = cache size - sinks), the shape of the StreamingLLM paper's Table 2.
+  cost     Per-token latency at cache sizes --cost-sizes of a random-weight model with the
+           bundled model's shape and a 8192-position context: `sink` = one jitted decode
+           step over a full sink cache (4 sinks); `recompute` = one jitted forward over the
+           last S tokens (what the recompute baseline pays per token). Medians of --repeats
+           timed steps after a warm-up, alternating the two; ratio recompute / sink.
+  memory   Streams --memory-tokens tokens (the held-out play, cycled) through a 4 + 252 sink
+           cache with the bundled model, in chunks of 4096 tokens (one `lax.scan` each):
+           cache bytes, the process's resident memory and the segment's perplexity at each
+           checkpoint (powers of two), with the perplexity of the last 4096 tokens.
+  kernel   Sink-attention decode latency, Pallas kernel vs the XLA reference
+           (`kvjax.pallas_kernels.sink_attention`), one layer, batch 8, 32 query / 8 kv heads,
+           head dim 128, bf16, at each cost size. Only on GPU/TPU: on CPU Pallas runs only
+           interpreted, so the part is reported as not run.
+
+Writes <out>/streaming_<backend>.json (machine, settings, every measurement) and
+<out>/streaming_<backend>.md (the tables, also printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax import lm
+from kvjax.cache.sink import SinkCache
+from kvjax.lm import steps, streaming
+from kvjax.lm.cli import checked, positive
+
+MODEL = "shakespeare"
+PARTS = ("quality", "cost", "memory", "kernel")
+SINKS = (0, 1, 2, 4, 8)
+
+
+def held_out_tokens(model, n: int) -> tuple[np.ndarray, str]:
+  """The first n tokens of the first held-out non-comedy play (test split), and its title."""
+  from kvjax.train import corpus
+  docs = corpus.load_documents(corpus.builder(), "test", exclude_genres=["comedy"])
+  for d in docs:
+    ids = np.asarray(model.tokenizer.encode(d.text), np.int32)
+    if len(ids) >= n:
+      return ids[:n], d.title
+  raise SystemExit(f"no held-out play has {n} tokens")
+
+
+def quality(model, args) -> dict:
+  ids, title = held_out_tokens(model, args.tokens)
+  C = args.cache_size
+  runs = [("window", dict(cache="window", window=C), f"0 + {C}"),
+          ("recompute", dict(cache="recompute", window=C), f"0 + {C}")]
+  runs += [(f"sink {s}", dict(cache="sink", n_sink=s, window=C - s), f"{s} + {C - s}")
+           for s in SINKS]
+  rows = []
+  for name, kw, layout in runs:
+    t0 = time.perf_counter()
+    got = streaming.perplexity(model, ids, progress=not args.quiet, **kw)
+    rows.append(dict(name=name, layout=layout, ppl=got.ppl, tokens=got.tokens,
+                     peak_cache_tokens=got.peak_cache_tokens, ms_per_token=got.ms_per_token,
+                     wall_s=time.perf_counter() - t0))
+    print(f"  {name:10s} {layout:>10s}  ppl {got.ppl:8.3f}", file=sys.stderr)
+  rec = next(r["ppl"] for r in rows if r["name"] == "recompute")
+  for r in rows:
+    r["vs_recompute"] = r["ppl"] / rec
+  return dict(text=title, tokens=int(len(ids)), cache_size=C, rows=rows)
+
+
+def cost_model(max_size: int):
+  """A random model with the bundled model's shape and room for 2 * max_size positions."""
+  cfg = lm.load(MODEL).cfg
+  cfg = dataclasses.replace(cfg, max_position=max(cfg.max_position, 2 * max_size))
+  return lm.init(cfg, seed=0)
+
+
+def _median_ms(fn, repeats: int) -> list[float]:
+  out = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    out.append(1e3 * (time.perf_counter() - t0))
+  return out
+
+
+def cost(args) -> dict:
+  model = cost_model(max(args.cost_sizes))
+  cfg = model.cfg
+  rng = np.random.default_rng(0)
+  rows = []
+  for S in args.cost_sizes:
+    cache = SinkCache.init(n_layers=cfg.n_layers, batch=1, n_sink=4, window=S - 4,
+                           n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, dtype=model.dtype)
+    fill = jnp.asarray(rng.integers(2, cfg.vocab_size, (1, S + 7)), jnp.int32)
+    (_, cache), _ = steps.call(model, steps.extend, model.state, cache, fill,
+                               jnp.asarray([S + 7], jnp.int32))       # full, wrapped around
+    tok = jnp.asarray([5], jnp.int32)
+    window = jnp.asarray(rng.integers(2, cfg.vocab_size, (1, S)), jnp.int32)
+    target = jnp.asarray([7], jnp.int32)
+    state = {"cache": cache}
+
+    def sink_step():
+      (logits, state["cache"]), _ = steps.call(model, steps.decode_step, model.state,
+                                               state["cache"], tok)
+      return logits
+
+    def recompute_step():
+      return steps.call(model, steps.nll, model.state, window, target, last=True)[0]
+
+    sink_step(), recompute_step()                                      # compile, warm up
+    sink, rec = [], []
+    for _ in range(args.repeats):
+      sink += _median_ms(sink_step, 1)
+      rec += _median_ms(recompute_step, 1)
+    row = dict(cache=S, sink_ms=statistics.median(sink), recompute_ms=statistics.median(rec),
+               sink_all_ms=sink, recompute_all_ms=rec)
+    row["ratio"] = row["recompute_ms"] / row["sink_ms"]
+    rows.append(row)
+    print(f"  cache {S:5d}: sink {row['sink_ms']:.2f} ms, recompute {row['recompute_ms']:.2f} "
+          f"ms, {row['ratio']:.1f}x", file=sys.stderr)
+  return dict(model=f"random, shape of {MODEL}", dtype=str(model.dtype),
+              rows=rows)
+
+
+def _rss_mib() -> float:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) / 1024
+  return float("nan")
+
+
+def memory(model, args) -> dict:
+  play, title = held_out_tokens(model, 4097)
+  n = args.memory_tokens
+  reps = -(-(n + 1) // len(play))
+  ids = np.tile(play, reps)[:n + 1]
+  cache = SinkCache.init(n_layers=model.cfg.n_layers, batch=1, n_sink=4, window=252,
+                         n_kv_heads=model.cfg.n_kv_heads, head_dim=model.cfg.head_dim,
+                         dtype=model.dtype)
+  cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
+  C, rows, nll, t0 = 4096, [], [], time.perf_counter()
+  for lo in range(0, n, C):
+    (part, cache), _ = steps.call(model, steps.nll_scan, model.state, cache,
+                                  jnp.asarray(ids[None, lo:lo + C]),
+                                  jnp.asarray(ids[None, lo + 1:lo + C + 1]))
+    nll.append(np.asarray(part[0]))
+    done = lo + C
+    if done & (done - 1) == 0 or done >= n:            # powers of two, and the end
+      rows.append(dict(tokens=done, cache_tokens=int(cache.length[0]),
+                       cache_bytes=sum(x.nbytes for x in jax.tree.leaves(cache)),
+                       rss_mib=_rss_mib(), segment_ppl=float(np.exp(nll[-1].mean())),
+                       elapsed_s=time.perf_counter() - t0))
+      print(f"  {done:7d} tokens: cache {rows[-1]['cache_tokens']} tokens, rss "
+            f"{rows[-1]['rss_mib']:.0f} MiB", file=sys.stderr)
+  return dict(text=f"{title} (first 4097 tokens, cycled)", cache_bytes=cache_bytes, rows=rows)
+
+
+def kernel(args) -> dict:
+  backend = jax.default_backend()
+  if backend not in ("gpu", "tpu"):
+    return dict(run=False, reason=f"backend {backend}: Pallas runs here only interpreted")
+  from kvjax.pallas_kernels.sink_attention import sink_attention
+  rng = np.random.default_rng(0)
+  B, N, K, H = 8, 32, 8, 128
+  freq = 1.0 / (10000.0 ** (np.arange(0, H, 2, dtype=np.float32) / H))
+  rows = []
+  for S in args.cost_sizes:
+    q = jnp.asarray(rng.standard_normal((B, 1, N, H)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((B, S, K, H)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((B, S, K, H)), jnp.bfloat16)
+    count = jnp.asarray(rng.integers(S, 3 * S, B), jnp.int32)
+    start = count - (S - 4)
+    fns = {impl: jax.jit(lambda q, k, v, c, s, impl=impl: sink_attention(
+        q, k, v, c, s, n_sink=4, freq=jnp.asarray(freq), scale=H ** -0.5, impl=impl))
+        for impl in ("pallas", "xla")}
+    outs = {impl: jax.block_until_ready(f(q, k, v, count, start)) for impl, f in fns.items()}
+    err = float(jnp.abs(outs["pallas"][0] - outs["xla"][0]).max())
+    times = {impl: [] for impl in fns}
+    for _ in range(args.repeats):
+      for impl, f in fns.items():
+        times[impl] += _median_ms(lambda: f(q, k, v, count, start), 1)
+    row = dict(cache=S, pallas_ms=statistics.median(times["pallas"]),
+               xla_ms=statistics.median(times["xla"]), max_abs_diff=err)
+    row["speedup"] = row["xla_ms"] / row["pallas_ms"]
+    rows.append(row)
+  return dict(run=True, shape=dict(B=B, N=N, K=K, H=H, dtype="bfloat16"), rows=rows)
+
+
+def markdown(res: dict) -> str:
+  out = [f"Machine: {res['machine']}", ""]
+  if "quality" in res:
+    q = res["quality"]
+    out += [f"**Quality**: bundled `shakespeare`, {q['tokens']:,} tokens of *{q['text']}* "
+            f"(held out), cache {q['cache_size']} slots, fed token by token.", "",
+            "| cache | sinks + window | ppl | vs recompute | ms/token |", "|---|---|---:|---:|---:|"]
+    out += [f"| {r['name']} | {r['layout']} | {r['ppl']:.2f} | {r['vs_recompute']:.3f} | "
+            f"{r['ms_per_token']:.2f} |" for r in q["rows"]]
+    out.append("")
+  if "cost" in res:
+    c = res["cost"]
+    out += [f"**Cost per token** ({c['model']}, {c['dtype']}, batch 1; medians):", "",
+            "| cache | sink decode ms | recompute ms | recompute / sink |",
+            "|---:|---:|---:|---:|"]
+    out += [f"| {r['cache']} | {r['sink_ms']:.2f} | {r['recompute_ms']:.2f} | "
+            f"{r['ratio']:.1f}x |" for r in c["rows"]]
+    out.append("")
+  if "memory" in res:
+    m = res["memory"]
+    out += [f"**Memory** (4 + 252 sink cache, {m['cache_bytes']:,} bytes; {m['text']}):", "",
+            "| tokens streamed | cache tokens | process RSS MiB | ppl of the last 4096 |",
+            "|---:|---:|---:|---:|"]
+    out += [f"| {r['tokens']:,} | {r['cache_tokens']} | {r['rss_mib']:.0f} | "
+            f"{r['segment_ppl']:.2f} |" for r in m["rows"]]
+    out.append("")
+  if "kernel" in res:
+    k = res["kernel"]
+    if not k["run"]:
+      out += [f"**Kernel vs XLA reference**: not run ({k['reason']}).", ""]
+    else:
+      out += [f"**Kernel vs XLA reference** (one layer, {k['shape']}):", "",
+              "| cache | Pallas ms | XLA ms | XLA / Pallas | max abs diff |",
+              "|---:|---:|---:|---:|---:|"]
+      out += [f"| {r['cache']} | {r['pallas_ms']:.3f} | {r['xla_ms']:.3f} | "
+              f"{r['speedup']:.2f}x | {r['max_abs_diff']:.1e} |" for r in k["rows"]]
+      out.append("")
+  return "\n".join(out)
+
+
+def machine() -> str:
+  dev = jax.devices()[0]
+  kind = getattr(dev, "device_kind", dev.platform)
+  return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"JAX {jax.__version__} on {jax.default_backend()} ({kind})")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--parts", default=",".join(PARTS),
+                 help=f"comma-separated subset of {','.join(PARTS)}")
+  p.add_argument("--tokens", type=checked(int, lambda v: v >= 2, "an integer >= 2"),
+                 default=6144, help="held-out tokens for the quality part (default 6144)")
+  p.add_argument("--cache-size", type=checked(int, lambda v: v >= 9, "an integer >= 9"),
+                 default=256, help="cache slots (sinks + window) for the quality part")
+  p.add_argument("--cost-sizes", default="256,512,1024,2048,4096")
+  p.add_argument("--memory-tokens", type=positive, default=131072)
+  p.add_argument("--repeats", type=positive, default=9)
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  args = p.parse_args(argv)
+  parts = args.parts.split(",")
+  bad = [x for x in parts if x not in PARTS]
+  if bad:
+    p.error(f"--parts: unknown {bad}; choose from {', '.join(PARTS)}")
+  try:
+    args.cost_sizes = [int(x) for x in args.cost_sizes.split(",")]
+  except ValueError:
+    p.error(f"--cost-sizes: expected comma-separated integers; got {args.cost_sizes!r}")
+  if min(args.cost_sizes) < 8:
+    p.error("--cost-sizes: each cache size must be >= 8")
+  res = dict(machine=machine(), backend=jax.default_backend(), settings=vars(args))
+  model = lm.load(MODEL) if {"quality", "memory"} & set(parts) else None
+  for part in parts:
+    print(f"{part}:", file=sys.stderr)
+    res[part] = {"quality": lambda: quality(model, args), "cost": lambda: cost(args),
+                 "memory": lambda: memory(model, args), "kernel": lambda: kernel(args)}[part]()
+  os.makedirs(args.out, exist_ok=True)
+  stem = os.path.join(args.out, f"streaming_{jax.default_backend()}")
+  with open(stem + ".json", "w") as f:
+    json.dump(res, f, indent=1)
+  table = markdown(res)
+  with open(stem + ".md", "w") as f:
+    f.write(table + "\n")
+  print(table)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
