@@ -92,7 +92,7 @@ def cost_model(max_size: int):
   return lm.init(cfg, seed=0)
 
 
-def _median_ms(fn, repeats: int) -> list[float]:
+def _times_ms(fn, repeats: int) -> list[float]:
   out = []
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -128,8 +128,8 @@ def cost(args) -> dict:
     sink_step(), recompute_step()                                      # compile, warm up
     sink, rec = [], []
     for _ in range(args.repeats):
-      sink += _median_ms(sink_step, 1)
-      rec += _median_ms(recompute_step, 1)
+      sink += _times_ms(sink_step, 1)
+      rec += _times_ms(recompute_step, 1)
     row = dict(cache=S, sink_ms=statistics.median(sink), recompute_ms=statistics.median(rec),
                sink_all_ms=sink, recompute_all_ms=rec)
     row["ratio"] = row["recompute_ms"] / row["sink_ms"]
@@ -197,7 +197,7 @@ def kernel(args) -> dict:
     times = {impl: [] for impl in fns}
     for _ in range(args.repeats):
       for impl, f in fns.items():
-        times[impl] += _median_ms(lambda: f(q, k, v, count, start), 1)
+        times[impl] += _times_ms(lambda: f(q, k, v, count, start), 1)
     row = dict(cache=S, pallas_ms=statistics.median(times["pallas"]),
                xla_ms=statistics.median(times["xla"]), max_abs_diff=err)
     row["speedup"] = row["xla_ms"] / row["pallas_ms"]
@@ -205,43 +205,43 @@ def kernel(args) -> dict:
   return dict(run=True, shape=dict(B=B, N=N, K=K, H=H, dtype="bfloat16"), rows=rows)
 
 
+def _table(title: str, head: list[str], rows: list[list[str]]) -> list[str]:
+  """A markdown table (first column left-aligned, the rest right) under a bold-led title."""
+  return [title, "", "| " + " | ".join(head) + " |",
+          "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+          *("| " + " | ".join(r) + " |" for r in rows), ""]
+
+
 def markdown(res: dict) -> str:
   out = [f"Machine: {res['machine']}", ""]
   if "quality" in res:
     q = res["quality"]
-    out += [f"**Quality**: bundled `shakespeare`, {q['tokens']:,} tokens of *{q['text']}* "
-            f"(held out), cache {q['cache_size']} slots, fed token by token.", "",
-            "| cache | sinks + window | ppl | vs recompute | ms/token |", "|---|---|---:|---:|---:|"]
-    out += [f"| {r['name']} | {r['layout']} | {r['ppl']:.2f} | {r['vs_recompute']:.3f} | "
-            f"{r['ms_per_token']:.2f} |" for r in q["rows"]]
-    out.append("")
+    out += _table(f"**Quality**: bundled `shakespeare`, {q['tokens']:,} tokens of *{q['text']}* "
+                  f"(held out), cache {q['cache_size']} slots, fed token by token.",
+                  ["cache", "sinks + window", "ppl", "vs recompute", "ms/token"],
+                  [[r["name"], r["layout"], f"{r['ppl']:.2f}", f"{r['vs_recompute']:.3f}",
+                    f"{r['ms_per_token']:.2f}"] for r in q["rows"]])
   if "cost" in res:
     c = res["cost"]
-    out += [f"**Cost per token** ({c['model']}, {c['dtype']}, batch 1; medians):", "",
-            "| cache | sink decode ms | recompute ms | recompute / sink |",
-            "|---:|---:|---:|---:|"]
-    out += [f"| {r['cache']} | {r['sink_ms']:.2f} | {r['recompute_ms']:.2f} | "
-            f"{r['ratio']:.1f}x |" for r in c["rows"]]
-    out.append("")
+    out += _table(f"**Cost per token** ({c['model']}, {c['dtype']}, batch 1; medians):",
+                  ["cache", "sink decode ms", "recompute ms", "recompute / sink"],
+                  [[str(r["cache"]), f"{r['sink_ms']:.2f}", f"{r['recompute_ms']:.2f}",
+                    f"{r['ratio']:.1f}x"] for r in c["rows"]])
   if "memory" in res:
     m = res["memory"]
-    out += [f"**Memory** (4 + 252 sink cache, {m['cache_bytes']:,} bytes; {m['text']}):", "",
-            "| tokens streamed | cache tokens | process RSS MiB | ppl of the last 4096 |",
-            "|---:|---:|---:|---:|"]
-    out += [f"| {r['tokens']:,} | {r['cache_tokens']} | {r['rss_mib']:.0f} | "
-            f"{r['segment_ppl']:.2f} |" for r in m["rows"]]
-    out.append("")
+    out += _table(f"**Memory** (4 + 252 sink cache, {m['cache_bytes']:,} bytes; {m['text']}):",
+                  ["tokens streamed", "cache tokens", "process RSS MiB", "ppl of the last 4096"],
+                  [[f"{r['tokens']:,}", str(r["cache_tokens"]), f"{r['rss_mib']:.0f}",
+                    f"{r['segment_ppl']:.2f}"] for r in m["rows"]])
   if "kernel" in res:
     k = res["kernel"]
     if not k["run"]:
       out += [f"**Kernel vs XLA reference**: not run ({k['reason']}).", ""]
     else:
-      out += [f"**Kernel vs XLA reference** (one layer, {k['shape']}):", "",
-              "| cache | Pallas ms | XLA ms | XLA / Pallas | max abs diff |",
-              "|---:|---:|---:|---:|---:|"]
-      out += [f"| {r['cache']} | {r['pallas_ms']:.3f} | {r['xla_ms']:.3f} | "
-              f"{r['speedup']:.2f}x | {r['max_abs_diff']:.1e} |" for r in k["rows"]]
-      out.append("")
+      out += _table(f"**Kernel vs XLA reference** (one layer, {k['shape']}):",
+                    ["cache", "Pallas ms", "XLA ms", "XLA / Pallas", "max abs diff"],
+                    [[str(r["cache"]), f"{r['pallas_ms']:.3f}", f"{r['xla_ms']:.3f}",
+                      f"{r['speedup']:.2f}x", f"{r['max_abs_diff']:.1e}"] for r in k["rows"]])
   return "\n".join(out)
 
 

@@ -96,13 +96,10 @@ class SinkCache:
       raise ValueError("a SinkCache assigns positions inside the cache itself; call without "
                        "`positions` and `mask`")
     n_s, W = self.n_sink, self.window
-    c = self.count[:, None]
     j = jnp.arange(T, dtype=jnp.int32)[None, :]
-    i = c + j                                              # [B, T] stream index of each query
-    first = jnp.maximum(self.start[:, None], i - W + 1)    # oldest window token it sees
-    p = jnp.where(i < n_s, i, n_s + i - first)             # in-cache position
-    base = jnp.maximum(self.start, self.count - W + 1)[:, None] - n_s
-    win_pos = i - base
+    # [B, T] stream index, oldest window token seen, in-cache position, window-frame position
+    i, first, p, win_pos, _ = kernel.query_positions(j, self.count[:, None],
+                                                     self.start[:, None], n_s, W)
     causal = j[:, :, None] >= j[:, None, :]                 # [1, T, T]
     key_i = i[:, None, :]                                   # [B, 1, T] stream index of each key
     blocks = [Keys(NEW, WINDOW_FRAME, causal & (key_i >= n_s) & (key_i >= first[:, :, None]),

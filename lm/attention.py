@@ -43,10 +43,10 @@ def attend(blocks: Sequence[tuple[jax.Array, jax.Array, jax.Array, jax.Array]], 
     o, lse = partial
     lse = lse.reshape(B, T, K, G).transpose(0, 2, 3, 1)[..., None]  # [B, K, G, T, 1]
     m = jnp.maximum(scores.max(-1, keepdims=True), lse)
-    e = jnp.exp(scores - m)
-    denom = e.sum(-1, keepdims=True) + jnp.exp(lse - m)
+    e, e_partial = jnp.exp(scores - m), jnp.exp(lse - m)
+    denom = e.sum(-1, keepdims=True) + e_partial
     probs = e / denom
-    w = (jnp.exp(lse - m) / denom)[..., 0].transpose(0, 3, 1, 2)[..., None]  # [B, T, K, G, 1]
+    w = (e_partial / denom)[..., 0].transpose(0, 3, 1, 2)[..., None]  # [B, T, K, G, 1]
     out = w * o.reshape(B, T, K, G, H)
   start = 0
   for _, k, v, _ in blocks:

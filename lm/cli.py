@@ -158,11 +158,9 @@ def _stream(args: argparse.Namespace) -> int:
       done: dict = {}
       pieces = session.turn(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop,
                             chat=args.chat, done=done)
-      text = []
-      record.append({"prompt": prompt, "text": "", "finish": None})
+      record.append({"prompt": prompt, "text": [], "finish": "interrupted"})
       for piece in pieces:
-        text.append(piece)
-        record[-1]["text"] = "".join(text)
+        record[-1]["text"].append(piece)
         if not args.json:
           sys.stdout.write(piece)
           sys.stdout.flush()
@@ -172,10 +170,10 @@ def _stream(args: argparse.Namespace) -> int:
         sys.stdout.flush()
   except KeyboardInterrupt:
     code = 130
-    if record and record[-1]["finish"] is None:
-      record[-1]["finish"] = "interrupted"
     if not args.json:
       sys.stdout.write("\n")
+  for turn in record:
+    turn["text"] = "".join(turn["text"])
   s = session.stats
   if args.json:
     print(json.dumps({

@@ -91,9 +91,10 @@ def _check(q, k, v, count, start, n_sink, freq):
 
 # ---- the cache's geometry, shared by the kernel and the reference (broadcasting int arrays) ----
 
-def _queries(t, count, start, n_sink: int, W: int):
+def query_positions(t, count, start, n_sink: int, W: int):
   """t: query offsets in the step; count, start broadcast against t. Returns (i stream index,
-  first oldest window token seen, p in-cache position, window-frame position, base)."""
+  first oldest window token seen, p in-cache position, window-frame position i - base, base).
+  Shared with `SinkCache.view`, which scores the step's own tokens in the same two frames."""
   i = count + t
   first = jnp.maximum(start, i - W + 1)
   p = jnp.where(i < n_sink, i, n_sink + i - first)
@@ -129,7 +130,8 @@ def reference(q, k, v, count, start, *, n_sink: int, freq, scale: float, window=
   S, K = k.shape[1], k.shape[2]
   G, W = N // K, S - n_sink
   c, st = count[:, None].astype(jnp.int32), start[:, None].astype(jnp.int32)
-  i, first, p, q_win, base = _queries(jnp.arange(T, dtype=jnp.int32)[None], c, st, n_sink, W)
+  t = jnp.arange(T, dtype=jnp.int32)[None]
+  i, first, p, q_win, base = query_positions(t, c, st, n_sink, W)   # [B, T]; base [B, 1]
   slot = jnp.arange(S, dtype=jnp.int32)[None]
   idx, kept, k_pos = _slots(slot, c, st, base, n_sink, W)        # [B, S]
   k = rope.apply(k, k_pos, freq)
@@ -160,7 +162,7 @@ def reference(q, k, v, count, start, *, n_sink: int, freq, scale: float, window=
 
 def _pallas(q, k, v, count, start, *, n_sink, freq, scale, window, softcap, interpret, block,
             tpu: bool):
-  """One program per batch row; within it, per kv head, an online softmax over key blocks.
+  """One program per batch row; within it, an online softmax per kv head over key blocks.
 
   Query rows are laid out (G, Tp) per kv head, Tp a power of two >= 16 (a row's query offset is
   row & (Tp - 1); Triton's dot needs >= 16 rows, TPU tiles 8). The cache is read as [B, S, K*H]
@@ -219,50 +221,59 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, rot_ref, freq_ref, o_ref, lse_ref, *,
   R = q_ref.shape[1]
   f32 = jnp.float32
   t = jax.lax.broadcasted_iota(jnp.int32, (R, 1), 0) & (Tp - 1)
-  i, first, p, q_win, base = _queries(t, count, start, n_sink, W)   # [R, 1]
+  i, first, p, q_win, base = query_positions(t, count, start, n_sink, W)   # [R, 1]
   freq, rot = freq_ref[...], rot_ref[...]
   dot_nt = functools.partial(jax.lax.dot_general, dimension_numbers=(((1,), (1,)), ((), ())),
                              preferred_element_type=f32)
 
-  def rotary(x, pos):                          # x [n, H] f32, pos [n, 1]
+  def tables(pos):                             # pos [n, 1] -> RoPE (cos, sin) [n, H]
     angle = pos.astype(f32) * freq
+    return jnp.cos(angle), jnp.sin(angle)
+
+  def rotary(x, cos_sin):                      # x [n, H] f32
     turned = jnp.dot(x, rot, preferred_element_type=f32, precision=jax.lax.Precision.HIGHEST)
-    return x * jnp.cos(angle) + turned * jnp.sin(angle)
+    return x * cos_sin[0] + turned * cos_sin[1]
 
-  n_dual = pl.cdiv(n_sink, bs)                  # leading blocks holding sink slots
-  for h in range(K):
-    cols = pl.ds(h * H, H)
-    q = q_ref[h].astype(f32)
-    q_w = rotary(q, q_win).astype(k_ref.dtype)
-    q_s = rotary(q, p).astype(k_ref.dtype) if n_sink else None
+  dtype = k_ref.dtype
+  win_t, sink_t = tables(q_win), tables(p)
+  qs = [q_ref[h].astype(f32) for h in range(K)]
+  q_w = [rotary(q, win_t).astype(dtype) for q in qs]
+  q_s = [rotary(q, sink_t).astype(dtype) for q in qs] if n_sink else None
 
-    def body(j, carry, dual):
-      m, l, acc = carry
-      lo = jnp.minimum(j * bs, S - bs)
-      col = lo + jax.lax.broadcasted_iota(jnp.int32, (bs, 1), 0)    # [bs, 1] for keys
-      row = lo + jax.lax.broadcasted_iota(jnp.int32, (1, bs), 1)    # [1, bs] for scores
-      _, _, k_pos = _slots(col, count, start, base, n_sink, W)
-      keys = rotary(k_ref[pl.ds(lo, bs), cols].astype(f32), k_pos).astype(k_ref.dtype)
-      s = dot_nt(q_w, keys)                                         # [R, bs]
+  def body(j, carry, dual):
+    """One key block for every kv head: its slots' geometry and RoPE tables computed once."""
+    lo = jnp.minimum(j * bs, S - bs)
+    col = lo + jax.lax.broadcasted_iota(jnp.int32, (bs, 1), 0)    # [bs, 1] for keys
+    row = lo + jax.lax.broadcasted_iota(jnp.int32, (1, bs), 1)    # [1, bs] for scores
+    key_t = tables(_slots(col, count, start, base, n_sink, W)[2])
+    idx, kept, _ = _slots(row, count, start, base, n_sink, W)
+    vis = _visible(row, idx, kept, i, first, p, n_sink, window) & (row >= j * bs)  # [R, bs]
+    out = []
+    for h, (m, l, acc) in enumerate(carry):
+      cols = pl.ds(h * H, H)
+      keys = rotary(k_ref[pl.ds(lo, bs), cols].astype(f32), key_t).astype(dtype)
+      s = dot_nt(q_w[h], keys)                                      # [R, bs]
       if dual:
-        s = jnp.where(row < n_sink, dot_nt(q_s, keys), s)
+        s = jnp.where(row < n_sink, dot_nt(q_s[h], keys), s)
       s = s * scale
       if softcap is not None:
         s = jnp.tanh(s / softcap) * softcap
-      idx, kept, _ = _slots(row, count, start, base, n_sink, W)
-      vis = _visible(row, idx, kept, i, first, p, n_sink, window) & (row >= j * bs)
       s = jnp.where(vis, s, NEG)
       m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
       e = jnp.where(vis, jnp.exp(s - m_new), 0.0)
       alpha = jnp.exp(m - m_new)
       vals = v_ref[pl.ds(lo, bs), cols]
       acc = alpha * acc + jnp.dot(e.astype(vals.dtype), vals, preferred_element_type=f32)
-      return m_new, alpha * l + e.sum(axis=1, keepdims=True), acc
+      out.append((m_new, alpha * l + e.sum(axis=1, keepdims=True), acc))
+    return tuple(out)
 
-    carry = (jnp.full((R, 1), NEG, f32), jnp.zeros((R, 1), f32), jnp.zeros((R, H), f32))
-    if n_dual:
-      carry = jax.lax.fori_loop(0, n_dual, functools.partial(body, dual=True), carry)
-    m, l, acc = jax.lax.fori_loop(n_dual, nb, functools.partial(body, dual=False), carry)
+  carry = tuple((jnp.full((R, 1), NEG, f32), jnp.zeros((R, 1), f32), jnp.zeros((R, H), f32))
+                for _ in range(K))
+  n_dual = pl.cdiv(n_sink, bs)                  # leading blocks holding sink slots
+  if n_dual:
+    carry = jax.lax.fori_loop(0, n_dual, functools.partial(body, dual=True), carry)
+  carry = jax.lax.fori_loop(n_dual, nb, functools.partial(body, dual=False), carry)
+  for h, (m, l, acc) in enumerate(carry):
     has = l > 0
     safe = jnp.where(has, l, 1.0)
     o_ref[h] = acc / safe
