@@ -64,6 +64,17 @@ class KVCache:
         Keys((0, S), 0, cache_mask, positions[:, :, None] - self.pos[:, None, :]),
         Keys(NEW, 0, new_mask, positions[:, :, None] - positions[:, None, :])))
 
+  def tree_view(self, positions: jax.Array, tree: jax.Array) -> View:
+    """How T draft-tree tokens attend (EAGLE verification): every filled slot, and among
+    themselves the tree's ancestry, in one kernel (`kvjax.pallas_kernels.tree_attention`).
+
+    positions: [B, T] (length + the node's depth); tree: [B, T, T] bool, tree[b, i, j] = node
+    j is node i or one of its ancestors."""
+    read = functools.partial(_tree_read, length=self.length, pos=self.pos, q_pos=positions,
+                             tree=tree)
+    return View(q_pos=(positions,), new_pos=positions, blocks=(), cache_read=read,
+                reads_new=True)
+
   def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, n_new: jax.Array,
             layers: tuple[int, int] | None = None, advance: bool = True) -> KVCache:
     """Stores T new tokens per row at slots [length, length + T); advances length by n_new.
@@ -83,3 +94,11 @@ class KVCache:
     pos = self.pos.at[rows, slots].set(jnp.where(real, positions, -1), mode="drop")
     length = self.length + n_new if advance else self.length
     return KVCache(k=new_k, v=new_v, pos=pos, length=length)
+
+
+def _tree_read(q, k, v, *, new, freq, window, scale, softcap, length, pos, q_pos, tree):
+  from kvjax.lm import rope  # here: the kernel module imports kvjax.lm, which imports this one
+  from kvjax.pallas_kernels import tree_attention as kernel
+  q = rope.apply(q, q_pos, freq)
+  return kernel.tree_attention(q, k, v, length, *new, q_pos, pos, tree, scale=scale,
+                               window=window, softcap=softcap)

@@ -46,13 +46,15 @@ class View:
   hands the cache's `write` keys in the form it stores). cache_read: when set, the cache's
   slots are read by this function instead of by blocks: cache_read(q [B, T, N, H] before RoPE,
   k, v [B, S, K, H] the layer's slots, *, freq, window, scale, softcap) -> (o, lse), a partial
-  softmax for `attend(partial=...)`."""
+  softmax for `attend(partial=...)`. reads_new: cache_read also reads the step's own keys,
+  given as `new=(k [B, T, K, H] rotated at new_pos, v)`, and `blocks` is empty."""
 
   q_pos: tuple[jax.Array, ...]
   new_pos: jax.Array
   blocks: tuple[Keys, ...]
   rotated: bool = True
   cache_read: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+  reads_new: bool = False
 
 
 def causal(positions: jax.Array, mask: jax.Array | None = None) -> View:

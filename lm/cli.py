@@ -294,9 +294,30 @@ def _add_generate(subparsers) -> None:
   p.add_argument("--max-new-tokens", type=positive, default=64, metavar="N",
                  help="tokens to generate per prompt at most (default 64)")
   _add_sampling(p)
+  g = p.add_argument_group("speculative decoding (EAGLE; output as without it)")
+  g.add_argument("--speculative", choices=("eagle",), default=None,
+                 help="draft with an EAGLE head and verify a draft tree per target forward")
+  g.add_argument("--head", metavar="DIR_OR_NAME",
+                 help="EAGLE head directory (head.json + params/) or shipped head name "
+                      "(e.g. shakespeare)")
+  g.add_argument("--tree-top-k", type=positive, default=None, metavar="K",
+                 help="children per expanded node, nodes expanded per level (default 8; "
+                      "1 = chain drafting)")
+  g.add_argument("--tree-depth", type=positive, default=None, metavar="D",
+                 help="draft levels, the longest accepted run per forward minus one (default 5)")
+  g.add_argument("--tree-tokens", type=tree_tokens_type, default=None, metavar="N",
+                 help="tree size verified per target forward, root included (default 32); "
+                      "'auto' times sizes 8..64 on this machine first and takes the fastest")
   p.add_argument("--json", action="store_true",
                  help="print one JSON object (texts, token ids, timings) instead of text")
   p.set_defaults(run=_generate, check=lambda args: _check_generate(p, args))
+
+
+def tree_tokens_type(text: str):
+  """--tree-tokens: an int >= 2 or 'auto'."""
+  if text == "auto":
+    return text
+  return checked(int, lambda v: v >= 2, "an integer >= 2 or 'auto'")(text)
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -333,6 +354,23 @@ def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -
   _check_sampling(parser, args)
   if args.prompt.count("-") > 1:
     parser.error("--prompt - (read stdin) can be given only once")
+  tree_flags = [f for f in ("tree_top_k", "tree_depth", "tree_tokens")
+                if getattr(args, f) is not None]
+  if args.speculative is None and (args.head or tree_flags):
+    given = ["--head"] * bool(args.head) + ["--" + f.replace("_", "-") for f in tree_flags]
+    parser.error(f"{', '.join(given)} only apply with --speculative eagle")
+  if args.speculative and not args.head:
+    parser.error("--speculative eagle needs --head DIR_OR_NAME (an EAGLE head trained for "
+                 "the model)")
+  if args.speculative:
+    from kvjax.speculative.tree import TreeSpec
+    given = {f[5:] if f != "tree_tokens" else "total_tokens": getattr(args, f)
+             for f in tree_flags if getattr(args, f) != "auto"}
+    try:
+      args.tree = TreeSpec(**given)
+    except ValueError as err:
+      parser.error(str(err).replace("tree top_k", "--tree-top-k").replace(
+          "tree depth", "--tree-depth").replace("tree total_tokens", "--tree-tokens"))
 
 
 def _read_prompts(prompts: list[str]) -> list[str]:
@@ -375,10 +413,20 @@ def _generate(args: argparse.Namespace) -> int:
   prompts = _read_prompts(args.prompt)
   model = _load(args)
   kwargs = _sampling_kwargs(args)
-  if len(prompts) == 1 and not args.json:
+  if args.speculative:
+    from kvjax import speculative
+    head = speculative.load_head(args.head, model)
+    if args.tree_tokens == "auto":
+      log = lambda msg: print(f"{PROG}: {msg}", file=sys.stderr)
+      args.tree, _ = speculative.auto_tree(model, head, prompts, top_k=args.tree.top_k,
+                                           depth=args.tree.depth, log=log)
+      log(f"auto: --tree-tokens {args.tree.total_tokens}")
+    out = speculative.generate(model, head, prompts, tree=args.tree, **kwargs)
+  elif len(prompts) == 1 and not args.json:
     return _stream_one(model, prompts[0], kwargs)
-  from kvjax.lm.generate import generate
-  out = generate(model, prompts, **kwargs)
+  else:
+    from kvjax.lm.generate import generate
+    out = generate(model, prompts, **kwargs)
   if args.json:
     print(json.dumps(_generation_json(args, model, out, kwargs["sampling"])))
     return 0
@@ -390,8 +438,9 @@ def _generate(args: argparse.Namespace) -> int:
   s = out.stats
   print(f"{PROG}: {len(prompts)} prompts, {s['prompt_tokens']} prompt tokens, "
         f"prefill {s['prefill_s']:.3f} s; {s['new_tokens']} new tokens in {s['decode_s']:.3f} s "
-        f"({s['decode_tokens_per_s']:.1f} tok/s); compile {s['compile_s']:.2f} s",
-        file=sys.stderr)
+        f"({s['decode_tokens_per_s']:.1f} tok/s); compile {s['compile_s']:.2f} s"
+        + (f"; {s['mean_accept_len']:.2f} tokens per target forward ({s['target_forwards']} "
+           "forwards)" if args.speculative else ""), file=sys.stderr)
   return 0
 
 
@@ -444,7 +493,14 @@ def _generation_json(args: argparse.Namespace, model, out, sampling) -> dict:
       "seed": None if sampling.greedy else args.seed,
       "stop": list(args.stop),
       "chat": args.chat,
-  }
+  } | ({} if not args.speculative else {
+      "speculative": args.speculative,
+      "head": args.head,
+      "tree": {"top_k": args.tree.top_k, "depth": args.tree.depth,
+               "total_tokens": args.tree.total_tokens},
+      "mean_accept_len": _finite(s["mean_accept_len"]),
+      "target_forwards": int(s["target_forwards"]),
+  })
 
 
 if __name__ == "__main__":

@@ -134,9 +134,14 @@ class Block(nnx.Module):
     scale, softcap = self.cfg.query_scale, self.cfg.attn_softcap
     partial = None
     if view.cache_read is not None:
+      new = dict(new=(k_rot, v)) if view.reads_new else {}
       partial = view.cache_read(q, *cached, freq=freq, window=window, scale=scale,
-                                softcap=softcap)
-    a = self.attn.out(attend(blocks, scale=scale, softcap=softcap, partial=partial))
+                                softcap=softcap, **new)
+    if blocks:
+      a = attend(blocks, scale=scale, softcap=softcap, partial=partial)
+    else:  # the cache's read covered every key
+      a = partial[0].astype(q.dtype)
+    a = self.attn.out(a)
     if self.cfg.post_norms:
       a = self.post_attn_norm(a)
     x = x + a
@@ -200,6 +205,7 @@ class Decoder(nnx.Module):
   def __call__(self, tokens: jax.Array | None = None, *, embeds: jax.Array | None = None,
                hidden: jax.Array | None = None, positions: jax.Array | None = None,
                cache: KVCache | None = None, mask: jax.Array | None = None,
+               tree: jax.Array | None = None,
                n_new: jax.Array | None = None, layers: tuple[int, int] | None = None,
                logits: bool = True, return_layer_inputs: bool = False,
                return_kv: bool = False) -> tuple[Output, KVCache | None]:
@@ -213,6 +219,9 @@ class Decoder(nnx.Module):
       top layer. A SinkCache assigns positions itself (no `positions`, no `mask`).
     mask: [B, T, S + T] bool over (cache slots, new tokens); replaces the default (filled slots,
       causal among new tokens). Filled-slot and sliding-window limits always apply.
+    tree: [B, T, T] bool, a draft tree's ancestor-or-self mask (EAGLE verification): the T
+      tokens see every filled slot and their ancestors, through the tree-attention kernel.
+      Needs a KVCache and `positions`; excludes `mask`.
     """
     cfg = self.cfg
     start, stop = layers or (0, cfg.n_layers)
@@ -233,25 +242,22 @@ class Decoder(nnx.Module):
       _check_shape("positions", positions, (B, T), jnp.integer)
     if mask is not None:
       _check_shape("mask", mask, (B, T, S + T), jnp.bool_)
-    if cache is None:
+    if tree is not None:
+      if not isinstance(cache, KVCache) or positions is None or mask is not None:
+        raise ValueError("tree= needs a KVCache and positions, and excludes mask=")
+      _check_shape("tree", tree, (B, T, T), jnp.bool_)
+      view = cache.tree_view(positions, tree)
+    elif cache is None:
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
       view = causal(positions, mask)
     else:
       view = cache.view(T, positions=positions, mask=mask)
 
-    freq = jnp.asarray(rope.inv_freq(cfg))
-    windows = jnp.asarray(np.array(cfg.windows[start:stop], np.int32))
-    graphdef, stacked = nnx.split(self.blocks)
-    stacked = jax.tree.map(lambda a: a[start:stop], stacked)
     cached_kv = None if cache is None else (cache.k[start:stop], cache.v[start:stop])
-
-    def body(x, xs):
-      params, window, kv = xs
-      y, k, v = nnx.merge(graphdef, params)(x, view=view, freq=freq, cached=kv, window=window)
-      return constrain(y, ACTIVATION, self.layout), (x if return_layer_inputs else None, k, v)
-
-    x, (layer_inputs, ks, vs) = jax.lax.scan(body, x, (stacked, windows, cached_kv))
+    x, layer_inputs, ks, vs = run_layers(self.blocks, cfg, x, view=view, cached=cached_kv,
+                                         layers=(start, stop), layout=self.layout,
+                                         return_layer_inputs=return_layer_inputs)
     if cache is not None:
       cache = cache.write(ks, vs, view.new_pos, n_new, layers=(start, stop),
                           advance=stop == cfg.n_layers)
@@ -262,6 +268,29 @@ class Decoder(nnx.Module):
         out_logits = constrain(self.logits(x), LOGITS, self.layout)
     return Output(logits=out_logits, hidden=x, layer_inputs=layer_inputs,
                   k=ks if return_kv else None, v=vs if return_kv else None), cache
+
+
+def run_layers(blocks: Block, cfg: Config, x: jax.Array, *, view: View, cached, layers,
+               layout=None, return_layer_inputs: bool = False):
+  """Runs the stacked `blocks` (every Param with a leading layer axis; entries [start, stop)
+  of `layers`) over x [B, T, D] under `lax.scan`, all attending through `view`.
+
+  cached: (k, v) [L', B, S, K, H] the cache's slots of those layers, or None. Returns
+  (x [B, T, D], layer_inputs [L', B, T, D] or None, k, v [L', B, T, K, H]), k in the form the
+  cache stores (see `Block`)."""
+  start, stop = layers
+  freq = jnp.asarray(rope.inv_freq(cfg))
+  windows = jnp.asarray(np.array(cfg.windows[start:stop], np.int32))
+  graphdef, stacked = nnx.split(blocks)
+  stacked = jax.tree.map(lambda a: a[start:stop], stacked)
+
+  def body(x, xs):
+    params, window, kv = xs
+    y, k, v = nnx.merge(graphdef, params)(x, view=view, freq=freq, cached=kv, window=window)
+    return constrain(y, ACTIVATION, layout), (x if return_layer_inputs else None, k, v)
+
+  x, (layer_inputs, ks, vs) = jax.lax.scan(body, x, (stacked, windows, cached))
+  return x, layer_inputs, ks, vs
 
 
 def _check_shape(name, x, shape, kind):

@@ -141,6 +141,26 @@ def _cut_at_stop(model: Model, ids: list[int], stop: Sequence[str]) -> tuple[str
   return text[:cut], ids[:lo], True
 
 
+def outputs(model: Model, out: np.ndarray, counts: np.ndarray, stop: Sequence[str],
+            stop_ids: Sequence[int]) -> tuple[list[str], list[list[int]], list[str]]:
+  """(texts, tokens, finish) of generated rows out [B, >= counts] cut at counts [B], as
+  `Generation` reports them."""
+  texts, tokens, finish = [], [], []
+  for b in range(len(counts)):
+    ids = out[b, :counts[b]].tolist()
+    hit_stop = bool(ids) and ids[-1] in stop_ids
+    reason = "stop_token" if hit_stop else "length"
+    text = ""
+    if model.tokenizer is not None:
+      text, ids_cut, cut = _cut_at_stop(model, ids[:-1] if hit_stop else ids, stop)
+      if cut:
+        ids, reason = ids_cut, "stop_string"
+    texts.append(text)
+    tokens.append(ids)
+    finish.append(reason)
+  return texts, tokens, finish
+
+
 def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 64,
              sampling: Sampling | None = None, key: jax.Array | None = None,
              stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
@@ -168,19 +188,7 @@ def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens
   out, counts = np.asarray(out), np.asarray(counts)
   decode_s = time.perf_counter() - t0 - compile_d
   del cache
-  texts, tokens, finish = [], [], []
-  for b in range(len(rows)):
-    ids = out[b, :counts[b]].tolist()
-    hit_stop = bool(ids) and ids[-1] in stop_ids
-    reason = "stop_token" if hit_stop else "length"
-    text = ""
-    if model.tokenizer is not None:
-      text, ids_cut, cut = _cut_at_stop(model, ids[:-1] if hit_stop else ids, stop)
-      if cut:
-        ids, reason = ids_cut, "stop_string"
-    texts.append(text)
-    tokens.append(ids)
-    finish.append(reason)
+  texts, tokens, finish = outputs(model, out, counts, stop, stop_ids)
   new = int(counts.sum())
   stats = dict(prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_p + compile_d,
                prompt_tokens=sum(map(len, rows)), new_tokens=new,

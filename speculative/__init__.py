@@ -1,0 +1,16 @@
+"""EAGLE speculative decoding: draft heads, dynamic draft trees, lossless verification.
+
+    from kvjax import lm, speculative
+    model = lm.load("shakespeare")
+    head = speculative.load_head("shakespeare", model)
+    out = speculative.generate(model, head, "ROMEO:", max_new_tokens=64,
+                               tree=speculative.TreeSpec(top_k=8, depth=5, total_tokens=32))
+"""
+
+from kvjax.speculative.generate import auto_tree, generate
+from kvjax.speculative.head import HeadConfig, HeadError, LoadedHead, init as init_head
+from kvjax.speculative.head import load as load_head, save as save_head
+from kvjax.speculative.tree import Tree, TreeSpec
+
+__all__ = ["HeadConfig", "HeadError", "LoadedHead", "Tree", "TreeSpec", "auto_tree", "generate",
+           "init_head", "load_head", "save_head"]

@@ -1,0 +1,216 @@
+"""EAGLE speculative decoding on the bundled `shakespeare` model: acceptance and speedup.
+
+    python benchmarks/speculative.py --draft DRAFT_DIR        # CPU; DRAFT_DIR: see below
+
+Held-out prompts: --prompts windows of --prompt-len tokens from the test split's non-comedy
+plays. Each configuration generates --new-tokens tokens per prompt at batch 1 (every prompt
+in turn) and batch 4 (--prompts rows at once, 4 by default), temperature 0 and 1, one
+measured run after one warm-up run (compilation excluded):
+
+  vanilla  kvjax `lm.generate` (jitted prefill + one lax.while_loop of decode steps)
+  chain    EAGLE-1 head, top_k 1 (chain drafting), depth --depth
+  eagle1   EAGLE-2 dynamic tree with the EAGLE-1 head (--top-k, --depth, --tree-tokens)
+  eagle3   the same tree with the EAGLE-3 head
+  hf       the peer: Hugging Face transformers assisted generation, the same target (float32,
+           PyTorch eager) with `assistant_model` = a small draft LM trained with `kvjax train
+           lm` on the same tokenizer (--draft); batch 1 only (transformers' assisted
+           generation takes one row); its speedup is over transformers' own greedy/sampled
+           `generate` of the same prompts, timed in the same run.
+
+Speedup = decode time of vanilla / decode time of the row (kvjax: `stats["decode_s"]`, the
+decode loop only; HF: whole `generate` calls, both sides). Mean acceptance length = tokens per
+target forward, the bonus token included (HF: new tokens / calls of the target's forward).
+The draft model for the peer:
+
+    kvjax train lm --data shakespeare --exclude-genre comedy --tokenizer lm/models/shakespeare \\
+      --d-model 96 --n-layers 2 --n-heads 2 --ffn-dim 256 --max-position 2048 --seq-len 256 \\
+      --batch-size 8 --steps 1200 --warmup 100 --lr 3e-3 --out draft   # -> draft/model
+
+Writes <out>/speculative_<backend>.json and .md (the table, also printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax
+
+from kvjax import lm, speculative
+from kvjax.lm.cli import positive
+from kvjax.lm.sampling import Sampling
+
+MODEL = "shakespeare"
+
+
+def held_out_prompts(model, n: int, length: int) -> list[list[int]]:
+  """n prompts of `length` tokens, one from each held-out non-comedy play (test split), taken
+  from the middle of the play."""
+  from kvjax.train import corpus
+  docs = corpus.load_documents(corpus.builder(), "test", exclude_genres=["comedy"])
+  out = []
+  for i in range(n):
+    ids = model.tokenizer.encode(docs[i % len(docs)].text)
+    start = len(ids) // 2 + (i // len(docs)) * 4 * length
+    out.append(ids[start:start + length])
+  return out
+
+
+def run_kvjax(model, head, prompts, batch, sampling, args, tree):
+  """Generates every prompt (in rows of `batch`) once to warm up, once measured."""
+  def once(seed):
+    decode_s, new, proposed, rounds = 0.0, 0, 0.0, 0
+    for i in range(0, len(prompts), batch):
+      rows = prompts[i:i + batch]
+      kw = dict(max_new_tokens=args.new_tokens, sampling=sampling, stop_tokens=[],
+                key=jax.random.key(seed + i))
+      if head is None:
+        out = lm.generate(model, rows, **kw)
+      else:
+        out = speculative.generate(model, head, rows, tree=tree, **kw)
+        r = sum(out.stats["rounds_per_row"])
+        proposed += out.stats["mean_accept_len"] * r
+        rounds += r
+      decode_s += out.stats["decode_s"]
+      new += out.stats["new_tokens"]
+    return dict(decode_s=decode_s, new_tokens=new, tokens_per_s=new / decode_s,
+                mean_accept_len=proposed / rounds if rounds else None)
+  once(0)
+  return once(1)
+
+
+def run_hf(target, draft, prompts, sampling, args):
+  """transformers assisted generation (batch 1) and plain generate, the same prompts."""
+  import torch
+  calls = {"n": 0}
+  forward = target.forward
+
+  def counted(*a, **k):
+    calls["n"] += 1
+    return forward(*a, **k)
+
+  target.forward = counted
+  kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+            do_sample=not sampling.greedy, pad_token_id=0)
+  if not sampling.greedy:
+    kw.update(temperature=sampling.temperature, top_k=0)
+
+  def once(assisted):
+    t, new = 0.0, 0
+    calls["n"] = 0
+    for i, p in enumerate(prompts):
+      torch.manual_seed(i)
+      ids = torch.tensor([p])
+      t0 = time.perf_counter()
+      with torch.inference_mode():
+        out = target.generate(ids, assistant_model=draft if assisted else None, **kw)
+      t += time.perf_counter() - t0
+      new += out.shape[1] - ids.shape[1]
+    return dict(decode_s=t, new_tokens=new, tokens_per_s=new / t, forwards=calls["n"])
+
+  res = {}
+  for assisted in (False, True):
+    once(assisted)
+    res["assisted" if assisted else "plain"] = once(assisted)
+  a = res["assisted"]
+  a["mean_accept_len"] = a["new_tokens"] / max(a["forwards"], 1)
+  target.forward = forward
+  return res
+
+
+def markdown(res) -> str:
+  lines = [f"Machine: {res['machine']}. Target `{MODEL}` (float32); {res['prompts']} held-out "
+           f"prompts of {res['prompt_len']} tokens, {res['new_tokens']} new tokens each; tree "
+           f"top_k {res['tree']['top_k']}, depth {res['tree']['depth']}, "
+           f"{res['tree']['total_tokens']} tokens; chain depth {res['tree']['depth']}.", "",
+           "| method | batch | temperature | mean accept len | decode tok/s | speedup |",
+           "|---|---:|---:|---:|---:|---:|"]
+  for r in res["rows"]:
+    acc = "" if r.get("mean_accept_len") is None else f"{r['mean_accept_len']:.2f}"
+    lines.append(f"| {r['method']} | {r['batch']} | {r['temperature']:g} | {acc} | "
+                 f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x |")
+  return "\n".join(lines)
+
+
+def machine() -> str:
+  dev = jax.devices()[0]
+  kind = getattr(dev, "device_kind", dev.platform)
+  return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"JAX {jax.__version__} on {jax.default_backend()} ({kind})")
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--head1", default="shakespeare", help="EAGLE-1 head (dir or shipped name)")
+  p.add_argument("--head3", default="shakespeare-eagle3", help="EAGLE-3 head")
+  p.add_argument("--draft", default=None, help="draft LM directory for the HF peer (none: skip)")
+  p.add_argument("--prompts", type=positive, default=4)
+  p.add_argument("--prompt-len", type=positive, default=64)
+  p.add_argument("--new-tokens", type=positive, default=96)
+  p.add_argument("--batches", default="1,4")
+  p.add_argument("--temperatures", default="0,1")
+  p.add_argument("--top-k", type=positive, default=8)
+  p.add_argument("--depth", type=positive, default=5)
+  p.add_argument("--tree-tokens", type=positive, default=32)
+  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  args = p.parse_args(argv)
+  model = lm.load(MODEL)
+  prompts = held_out_prompts(model, args.prompts, args.prompt_len)
+  tree = speculative.TreeSpec(top_k=args.top_k, depth=args.depth, total_tokens=args.tree_tokens)
+  chain = speculative.TreeSpec(top_k=1, depth=args.depth, total_tokens=args.depth + 1)
+  heads = {"eagle1": speculative.load_head(args.head1, model),
+           "eagle3": speculative.load_head(args.head3, model)}
+  res = dict(machine=machine(), prompts=len(prompts), prompt_len=args.prompt_len,
+             new_tokens=args.new_tokens,
+             tree=dict(top_k=tree.top_k, depth=tree.depth, total_tokens=tree.total_tokens),
+             settings=vars(args), rows=[])
+  hf = None
+  if args.draft:
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(os.cpu_count())
+    load = lambda d: AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
+    hf = (load(model.path), load(args.draft))
+  for temp in [float(t) for t in args.temperatures.split(",")]:
+    sampling = Sampling(temperature=temp)
+    for batch in [int(b) for b in args.batches.split(",")]:
+      base = None
+      for method, head, spec in (("kvjax vanilla decode", None, None),
+                                 ("chain drafting, EAGLE-1 head", heads["eagle1"], chain),
+                                 ("EAGLE-2 tree, EAGLE-1 head", heads["eagle1"], tree),
+                                 ("EAGLE-2 tree, EAGLE-3 head", heads["eagle3"], tree)):
+        r = run_kvjax(model, head, prompts, batch, sampling, args, spec)
+        base = base or r["decode_s"]
+        r.update(method=method, batch=batch, temperature=temp, speedup=base / r["decode_s"])
+        res["rows"].append(r)
+        print(f"  T={temp:g} B={batch} {method:28s} accept {r['mean_accept_len'] or 0:.2f} "
+              f"{r['tokens_per_s']:8.1f} tok/s {r['speedup']:.2f}x", file=sys.stderr)
+      if hf and batch == 1:
+        h = run_hf(*hf, prompts, sampling, args)
+        a = h["assisted"]
+        res["rows"].append(dict(method="HF assisted generation (peer)", batch=1,
+                                temperature=temp, mean_accept_len=a["mean_accept_len"],
+                                tokens_per_s=a["tokens_per_s"], decode_s=a["decode_s"],
+                                speedup=h["plain"]["decode_s"] / a["decode_s"],
+                                hf_plain_tokens_per_s=h["plain"]["tokens_per_s"]))
+        print(f"  T={temp:g} B=1 HF assisted: {res['rows'][-1]}", file=sys.stderr)
+  os.makedirs(args.out, exist_ok=True)
+  stem = os.path.join(args.out, f"speculative_{jax.default_backend()}")
+  with open(stem + ".json", "w") as f:
+    json.dump(res, f, indent=1, default=str)
+  table = markdown(res)
+  with open(stem + ".md", "w") as f:
+    f.write(table + "\n")
+  print(table)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,250 @@
+"""Tree attention: T draft-tree tokens read a dense cache and their own ancestry (EAGLE).
+
+Speculative decoding verifies a whole draft tree in one target forward: every tree token
+attends to the row's filled cache slots and, among the tree tokens, to its ancestors and
+itself. The cache (`kvjax.cache.dense.KVCache`) holds keys after RoPE, and the caller rotates
+the queries and the tree's own keys, so the kernel scores plain dot products. It covers every
+key of the step (cache and tree) and returns the softmax as (o, lse), the partial-softmax
+contract of `kvjax.pallas_kernels.sink_attention` (`kvjax.lm.attention.attend(partial=...)`).
+
+Per row b, tree token i (position q_pos[b, i]):
+  sees cache slot s iff s < length[b], and on sliding-window layers (window > 0)
+    q_pos[b, i] - pos[b, s] < window;
+  sees tree token j iff tree_mask[b, i, j], and on sliding-window layers
+    q_pos[b, i] - q_pos[b, j] < window.
+
+    tree_attention(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, scale=...)
+
+dispatches to the Pallas kernel on GPU/TPU and to `reference` (plain XLA) elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from kvjax.lm.attention import NEG
+
+IMPLS = ("pallas", "xla")
+
+
+def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, length: jax.Array,
+                   k_new: jax.Array, v_new: jax.Array, q_pos: jax.Array, pos: jax.Array,
+                   tree_mask: jax.Array, *, scale: float, window: jax.Array | int = 0,
+                   softcap: float | None = None, impl: str | None = None, interpret=False,
+                   block: int = 128) -> tuple[jax.Array, jax.Array]:
+  """A draft tree's attention over the cache and its own ancestry, as a softmax (o, lse).
+
+  q: [B, T, N, H] queries of the T tree tokens, after RoPE.
+  k, v: [B, S, K, H] one layer of a dense cache (keys after RoPE), N % K == 0; slots
+    [0, length[b]) are filled, the rest are never read into the result (any contents).
+  length: [B] int, filled slots per row. pos: [B, S] int, the position in each slot.
+  k_new, v_new: [B, T, K, H] the tree tokens' keys (after RoPE) and values.
+  q_pos: [B, T] int, the tree tokens' positions.
+  tree_mask: [B, T, T] bool, tree_mask[b, i, j] = token i sees token j (ancestor or self).
+  window: sliding window of the layer (0 = none), an int or an int32 scalar (traced is fine).
+  impl: "pallas" or "xla"; None picks Pallas on GPU/TPU, else XLA. interpret: for "pallas"
+    off-device: True (generic interpreter) or `pltpu.InterpretParams()` (TPU semantics).
+  block: cache slots per key block of the kernel (rounded down to a power of two <= S).
+  Returns o [B, T, N, H] float32 (softmax-weighted values over the visible keys, 0 for a query
+  that sees none) and lse [B, T, N] float32 (their log-sum-exp, NEG when none).
+  """
+  _check(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask)
+  if impl is None:
+    impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS} or None; got {impl!r}")
+  window = jnp.asarray(window, jnp.int32)
+  args = (q, k, v, length, k_new, v_new, q_pos, pos, tree_mask)
+  if impl == "xla":
+    return reference(*args, scale=scale, window=window, softcap=softcap)
+  tpu = jax.default_backend() == "tpu" or isinstance(interpret, pltpu.InterpretParams)
+  return _pallas(*args, scale=scale, window=window, softcap=softcap, interpret=interpret,
+                 block=block, tpu=tpu)
+
+
+def _check(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask):
+  if q.ndim != 4 or k.ndim != 4:
+    raise ValueError(f"q must be [B, T, N, H] and k, v [B, S, K, H]; got q{list(q.shape)}, "
+                     f"k{list(k.shape)}")
+  B, T, N, H = q.shape
+  _, S, K, _ = k.shape
+  if k.shape != v.shape or k.shape[0] != B or k.shape[3] != H or S < 1 or N % K:
+    raise ValueError(f"k and v must both be [B={B}, S >= 1, K, H={H}] with N={N} a multiple "
+                     f"of K; got k{list(k.shape)}, v{list(v.shape)}")
+  if k_new.shape != (B, T, K, H) or v_new.shape != (B, T, K, H):
+    raise ValueError(f"k_new and v_new must both be [B, T, K, H] = {[B, T, K, H]}; got "
+                     f"k_new{list(k_new.shape)}, v_new{list(v_new.shape)}")
+  for name, x, shape in (("length", length, (B,)), ("q_pos", q_pos, (B, T)),
+                         ("pos", pos, (B, S))):
+    if jnp.shape(x) != shape or not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
+      raise ValueError(f"{name} must be an int array of shape {shape}; got "
+                       f"{jnp.asarray(x).dtype}{list(jnp.shape(x))}")
+  if jnp.shape(tree_mask) != (B, T, T) or jnp.asarray(tree_mask).dtype != jnp.bool_:
+    raise ValueError(f"tree_mask must be a bool array of shape ({B}, {T}, {T}) (T from q); got "
+                     f"{jnp.asarray(tree_mask).dtype}{list(jnp.shape(tree_mask))}")
+
+
+# ---- visibility, shared by the kernel and the reference (broadcasting int arrays) ----
+
+def _sees_slot(slot, slot_pos, length, q_pos, window):
+  """Whether a query at q_pos sees cache slot `slot` holding position slot_pos."""
+  return (slot < length) & ((window == 0) | (q_pos - slot_pos < window))
+
+
+def _sees_tree(tree_mask, q_pos, window):
+  """tree_mask [B, T, T] narrowed to the sliding window: [B, T, T] bool."""
+  dist = q_pos[:, :, None] - q_pos[:, None, :]
+  return tree_mask & ((window == 0) | (dist < window))
+
+
+# ---- plain XLA ----
+
+def reference(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, *, scale: float,
+              window=0, softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
+  """`tree_attention` in plain XLA (same arguments and results)."""
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  G = N // K
+  length, q_pos = length.astype(jnp.int32), q_pos.astype(jnp.int32)
+  slot = jnp.arange(S, dtype=jnp.int32)[None, None]                      # [1, 1, S]
+  vis = jnp.concatenate([
+      _sees_slot(slot, pos[:, None].astype(jnp.int32), length[:, None, None], q_pos[..., None],
+                 window),
+      _sees_tree(tree_mask, q_pos, window)], axis=-1)[:, None, None]      # [B, 1, 1, T, S+T]
+  v = jnp.where((slot[0] < length[:, None])[..., None, None], v, 0)     # free slots: any bits
+  qg = q.reshape(B, T, K, G, H)
+  s = jnp.concatenate([
+      jnp.einsum("btkgh,bskh->bkgts", qg, keys, preferred_element_type=jnp.float32)
+      for keys in (k, k_new)], axis=-1) * scale                          # [B, K, G, T, S+T]
+  if softcap is not None:
+    s = jnp.tanh(s / softcap) * softcap
+  s = jnp.where(vis, s, NEG)
+  m = s.max(-1, keepdims=True)
+  e = jnp.where(vis, jnp.exp(s - m), 0.0)
+  l = e.sum(-1, keepdims=True)
+  probs = e / jnp.where(l > 0, l, 1.0)
+  o = sum(jnp.einsum("bkgts,bskh->btkgh", p.astype(vals.dtype), vals,
+                     preferred_element_type=jnp.float32)
+          for p, vals in ((probs[..., :S], v), (probs[..., S:], v_new)))
+  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG)[..., 0]  # [B, K, G, T]
+  return o.reshape(B, T, N, H), lse.transpose(0, 3, 1, 2).reshape(B, T, N)
+
+
+# ---- Pallas ----
+
+def _pallas(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, *, scale, window, softcap,
+            interpret, block, tpu: bool):
+  """One program per batch row; within it, per kv head in turn (one head's softmax state live
+  at a time), an online softmax over the cache's key blocks up to the row's length (a dynamic
+  trip count: blocks of free slots are never read), then one block of the T tree keys.
+
+  Query rows are laid out (G, Tp) per kv head, Tp a power of two >= 16 (row r is tree token
+  r & (Tp - 1); Triton's dot needs >= 16 rows, TPU tiles 8); the tree's keys are padded to Tp
+  (padding masked). The cache is read as [B, S, K*H] (a free reshape) so every block's last two
+  dims are whole array dims (TPU tiling), and key blocks of `bs` slots are sliced from it along
+  the sublane dim; the last block overlaps the previous one and masks slots already seen, so no
+  block runs past S. The slots' positions come pre-cut into the same blocks ([nb, bs]), and the
+  tree mask (narrowed to the window) pre-tiled to the query rows ([R, Tp]), so the kernel only
+  slices along sublanes. tpu: lower for Mosaic TPU (scalars in SMEM), else for Triton
+  (Pallas' Mosaic GPU backend is not targeted)."""
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  G = N // K
+  Tp = max(16, pl.next_power_of_2(T))
+  R = G * Tp
+  bs = 1 << (min(block, S).bit_length() - 1)   # a power of two <= S
+  nb = pl.cdiv(S, bs)
+  i32 = jnp.int32
+
+  def pad_t(x, axes):                          # pads the tree axes `axes` of x from T to Tp
+    return jnp.pad(x, [(0, Tp - T) if a in axes else (0, 0) for a in range(x.ndim)])
+
+  qr = pad_t(q.astype(k.dtype).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4), (3,))
+  qr = qr.reshape(B, K, R, H)                                      # [B, K, R, H]
+  q_rows = jnp.tile(pad_t(q_pos.astype(i32), (1,)), (1, G))[..., None]      # [B, R, 1]
+  lo = jnp.minimum(jnp.arange(nb) * bs, S - bs)
+  slot_pos = pos.astype(i32)[:, lo[:, None] + jnp.arange(bs)]      # [B, nb, bs]
+  seen = pad_t(_sees_tree(tree_mask, q_pos.astype(i32), window), (1, 2))
+  seen = jnp.tile(seen, (1, G, 1)).astype(i32)                     # [B, R, Tp]
+  kn = pad_t(k_new.astype(k.dtype).reshape(B, T, K * H), (1,))     # [B, Tp, K*H]
+  vn = pad_t(v_new.astype(v.dtype).reshape(B, T, K * H), (1,))
+  meta = jnp.stack([length.astype(i32), jnp.broadcast_to(window, (B,)).astype(i32)],
+                   axis=1)                                          # [B, 2]
+  meta_spec = (pl.BlockSpec(memory_space=pltpu.SMEM) if tpu
+               else pl.BlockSpec((B, 2), lambda b: (0, 0)))
+  row = lambda *shape: pl.BlockSpec((None, *shape), lambda b: (b,) + (0,) * len(shape))
+  kernel = functools.partial(_kernel, K=K, H=H, bs=bs, nb=nb, scale=scale, softcap=softcap)
+  o, lse = pl.pallas_call(
+      kernel,
+      grid=(B,),
+      in_specs=[meta_spec, row(K, R, H), row(S, K * H), row(S, K * H), row(Tp, K * H),
+                row(Tp, K * H), row(R, 1), row(nb, bs), row(R, Tp)],
+      out_specs=[row(K, R, H), row(K, R, 1)],
+      out_shape=[jax.ShapeDtypeStruct((B, K, R, H), jnp.float32),
+                 jax.ShapeDtypeStruct((B, K, R, 1), jnp.float32)],
+      interpret=interpret,
+      compiler_params=None if tpu else pltriton.CompilerParams(num_warps=4, num_stages=2),
+      name="tree_attention",
+  )(meta, qr, k.reshape(B, S, K * H), v.reshape(B, S, K * H), kn, vn, q_rows, slot_pos, seen)
+  o = o.reshape(B, K, G, Tp, H)[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+  lse = lse.reshape(B, K, G, Tp)[..., :T].transpose(0, 3, 1, 2).reshape(B, T, N)
+  return o, lse
+
+
+def _kernel(meta_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, qp_ref, sp_ref, seen_ref, o_ref,
+            lse_ref, *, K, H, bs, nb, scale, softcap):
+  """q_ref [K, R, H]; k_ref, v_ref [S, K*H]; kn_ref, vn_ref [Tp, K*H]; qp_ref [R, 1] query
+  positions; sp_ref [nb, bs] slot positions per key block; seen_ref [R, Tp] int tree mask;
+  o_ref [K, R, H]; lse_ref [K, R, 1]."""
+  b = pl.program_id(0)
+  length, window = meta_ref[b, 0], meta_ref[b, 1]
+  S = k_ref.shape[0]
+  R = q_ref.shape[1]
+  f32 = jnp.float32
+  q_pos = qp_ref[...]                                               # [R, 1]
+  dot_nt = functools.partial(jax.lax.dot_general, dimension_numbers=(((1,), (1,)), ((), ())),
+                             preferred_element_type=f32)
+
+  def update(carry, s, vis, vals):
+    """One online-softmax step of one kv head: s [R, n] raw scores, vis [R, n], vals [n, H]."""
+    m, l, acc = carry
+    s = s * scale
+    if softcap is not None:
+      s = jnp.tanh(s / softcap) * softcap
+    s = jnp.where(vis, s, NEG)
+    m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
+    e = jnp.where(vis, jnp.exp(s - m_new), 0.0)
+    alpha = jnp.exp(m - m_new)
+    acc = alpha * acc + jnp.dot(e.astype(vals.dtype), vals, preferred_element_type=f32)
+    return m_new, alpha * l + e.sum(axis=1, keepdims=True), acc
+
+  def body(j, carry, h, q):
+    """One cache key block of kv head h (queries q [R, H]). Masks are built at full shape from
+    iotas (no broadcasting of boolean vectors)."""
+    lo = jnp.minimum(j * bs, S - bs)
+    cols = pl.ds(h * H, H)
+    slot = lo + jax.lax.broadcasted_iota(jnp.int32, (R, bs), 1)     # [R, bs]
+    vis = _sees_slot(slot, sp_ref[pl.ds(j, 1), :], length, q_pos, window) & (slot >= j * bs)
+    vals = v_ref[pl.ds(lo, bs), cols]                                # [bs, H]
+    live = lo + jax.lax.broadcasted_iota(jnp.int32, (bs, H), 0) < length
+    vals = jnp.where(live, vals, jnp.zeros_like(vals))              # free slots: any bits
+    return update(carry, dot_nt(q, k_ref[pl.ds(lo, bs), cols]), vis, vals)
+
+  n_live = jnp.minimum((length + bs - 1) >> (bs.bit_length() - 1), nb)   # blocks up to length
+  tree_vis = seen_ref[...] != 0                                     # [R, Tp]
+  for h in range(K):  # one head's softmax state live at a time
+    q = q_ref[h]                                                    # [R, H]
+    init = (jnp.full((R, 1), NEG, f32), jnp.zeros((R, 1), f32), jnp.zeros((R, H), f32))
+    carry = jax.lax.fori_loop(0, n_live, functools.partial(body, h=h, q=q), init)
+    cols = pl.ds(h * H, H)
+    m, l, acc = update(carry, dot_nt(q, kn_ref[:, cols]), tree_vis, vn_ref[:, cols])
+    has = l > 0
+    safe = jnp.where(has, l, 1.0)
+    o_ref[h] = acc / safe
+    lse_ref[h] = jnp.where(has, m + jnp.log(safe), NEG)

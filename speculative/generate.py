@@ -1,0 +1,127 @@
+"""Speculative generation with an EAGLE head: the `lm.generate` of speculative decoding.
+
+    from kvjax import lm, speculative
+    model = lm.load("shakespeare")
+    head = speculative.load_head("shakespeare", model)
+    out = speculative.generate(model, head, ["ROMEO:"], max_new_tokens=64)
+    out.stats["mean_accept_len"]
+
+Greedy output equals `lm.generate`'s token for token; sampled output has the target's
+distribution exactly (`kvjax.speculative.accept`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.lm import steps as lm_steps
+from kvjax.lm.generate import Generation, Prompt, _check, _stop_ids, _tokenize, new_cache, outputs
+from kvjax.lm.model import Model
+from kvjax.lm.sampling import Sampling
+from kvjax.speculative import head as hd
+from kvjax.speculative import steps
+from kvjax.speculative.tree import TreeSpec
+
+
+def sizes(prompt_len: int, max_new_tokens: int, spec: TreeSpec) -> tuple[int, int, int]:
+  """(padded prompt P, target cache slots, head cache slots) for a batch."""
+  P = lm_steps.bucket(prompt_len)
+  reach = prompt_len + max_new_tokens + spec.depth + 1
+  return (P, lm_steps.bucket(max(P, reach)),
+          lm_steps.bucket(max(P, reach, prompt_len + max_new_tokens + spec.draft_slots)))
+
+
+def generate(model: Model, head: hd.LoadedHead, prompts: Prompt | Sequence[Prompt], *,
+             max_new_tokens: int = 64, tree: TreeSpec | None = None,
+             sampling: Sampling | None = None, key: jax.Array | None = None,
+             stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
+             chat: bool = False) -> Generation:
+  """Generates a continuation for each prompt in one batch, drafting with `head`.
+
+  Arguments as for `kvjax.lm.generate`; tree: the draft tree (default TreeSpec(); top_k=1 is
+  chain drafting). stats adds mean_accept_len (tokens per verify forward, the bonus token
+  included, over every row's rounds), target_forwards (verify forwards after the prefill)
+  and rounds_per_row."""
+  tree = tree or TreeSpec()
+  if not isinstance(tree, TreeSpec):
+    raise TypeError(f"tree must be a kvjax.speculative.TreeSpec; got {type(tree).__name__}")
+  if not isinstance(head, hd.LoadedHead):
+    raise TypeError(f"head must be a loaded head (kvjax.speculative.load_head); got "
+                    f"{type(head).__name__}")
+  hd.check(head.hc, model.cfg)
+  if tree.top_k > model.cfg.vocab_size:
+    raise ValueError(f"tree top_k={tree.top_k} exceeds the vocabulary ({model.cfg.vocab_size})")
+  sampling = _check(model, max_new_tokens, sampling, key)
+  rows = _tokenize(model, prompts, chat)
+  stop = [stop] if isinstance(stop, str) else list(stop)
+  if stop and model.tokenizer is None:
+    raise ValueError("stop strings need the model's tokenizer")
+  stop_ids = _stop_ids(model, stop_tokens)
+  stop_ids += [-1] * (lm_steps.bucket(len(stop_ids), minimum=4) - len(stop_ids))
+  longest = max(map(len, rows))
+  if longest + max_new_tokens > model.cfg.max_position:
+    raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                     f"model's context of {model.cfg.max_position} positions")
+  P, S, S_head = sizes(longest, max_new_tokens, tree)
+  tokens = np.zeros((len(rows), P), np.int32)
+  for b, ids in enumerate(rows):
+    tokens[b, :len(ids)] = ids
+  lengths = np.array([len(r) for r in rows], np.int32)
+  cache = new_cache(model, len(rows), S)
+  hcache = hd.new_cache(head.hc, len(rows), S_head, model.dtype)
+  key = jax.random.key(0) if key is None else key
+  static = dict(head_graphdef=head.graphdef, sampling=sampling)
+
+  t0 = time.perf_counter()
+  (root, h, logits, cache, hcache), compile_p = lm_steps.call(
+      model, steps.prefill, model.state, head.state, cache, hcache, jnp.asarray(tokens),
+      jnp.asarray(lengths), key, **static)
+  root.block_until_ready()
+  prefill_s = time.perf_counter() - t0 - compile_p
+  t0 = time.perf_counter()
+  (out, counts, rounds, proposed, n_rounds), compile_d = lm_steps.call(
+      model, steps.loop, model.state, head.state, cache, hcache, root, h, logits, key,
+      jnp.int32(max_new_tokens), jnp.asarray(stop_ids, jnp.int32), spec=tree,
+      max_steps=lm_steps.bucket(max_new_tokens), **static)
+  out, counts = np.asarray(out), np.asarray(counts)
+  decode_s = time.perf_counter() - t0 - compile_d
+  rounds, proposed = np.asarray(rounds), np.asarray(proposed)
+  texts, toks, finish = outputs(model, out, counts, stop, stop_ids)
+  new = int(counts.sum())
+  stats = dict(prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_p + compile_d,
+               prompt_tokens=int(lengths.sum()), new_tokens=new,
+               decode_tokens_per_s=new / decode_s if decode_s > 0 else float("nan"),
+               mean_accept_len=float(proposed.sum() / max(rounds.sum(), 1)),
+               target_forwards=int(n_rounds), rounds_per_row=rounds.tolist())
+  return Generation(texts, toks, rows, finish, stats)
+
+
+def auto_tree(model: Model, head: hd.LoadedHead, prompts: Prompt | Sequence[Prompt], *,
+              top_k: int = 8, depth: int = 5, candidates: Sequence[int] = (8, 16, 24, 32, 48, 64),
+              max_new_tokens: int = 32, log=None) -> tuple[TreeSpec, list[dict]]:
+  """EAGLE's auto mode: picks total_tokens by timing speculative decoding of `prompts` on this
+  machine at each candidate size (compile and one warm-up run excluded, greedy). Sizes the
+  (top_k, depth) tree cannot hold are skipped. Returns (the fastest TreeSpec, per-candidate
+  dicts of total_tokens, decode_tokens_per_s, mean_accept_len). log: print-like callback."""
+  limit = 1 + top_k + (depth - 1) * top_k ** 2
+  sizes_ = sorted({int(n) for n in candidates if 2 <= n <= limit})
+  if not sizes_:
+    raise ValueError(f"no candidate tree size in {list(candidates)} fits top_k={top_k}, "
+                     f"depth={depth} (2..{limit})")
+  table = []
+  for n in sizes_:
+    spec = TreeSpec(top_k=top_k, depth=depth, total_tokens=n)
+    generate(model, head, prompts, max_new_tokens=max_new_tokens, tree=spec)
+    s = generate(model, head, prompts, max_new_tokens=max_new_tokens, tree=spec).stats
+    table.append(dict(total_tokens=n, decode_tokens_per_s=s["decode_tokens_per_s"],
+                      mean_accept_len=s["mean_accept_len"]))
+    if log:
+      log(f"tree tokens {n:3d}: {s['decode_tokens_per_s']:.1f} tok/s, "
+          f"{s['mean_accept_len']:.2f} tokens per forward")
+  best = max(table, key=lambda r: r["decode_tokens_per_s"])
+  return TreeSpec(top_k=top_k, depth=depth, total_tokens=best["total_tokens"]), table

@@ -1,0 +1,244 @@
+"""EAGLE draft heads: one decoder layer that reads the target model's own features.
+
+A head position i holds the pair (f_i, t_{i+1}): the target's feature at position i and the
+embedding of the next token; its output h_i regresses f_{i+1} and, through the target's frozen
+LM head, predicts t_{i+2}. While drafting the head feeds its own outputs back as features.
+
+  eagle1: f = the target's final-normed top hidden state; x = fc(concat(embed(t), f)) [2D -> D,
+    bias]; one decoder layer of the target's family; logits = target LM head(h).
+  eagle3: f = fuse(concat(the hidden states entering layers `fuse_layers`)) [3D -> D], so the
+    head's own outputs live in the same space; x = fc(concat(norm(embed(t)), norm(f))); one
+    decoder layer; logits = target LM head(own final norm(h)). Trained with training-time test.
+
+Embedding and LM head are the target's (frozen, never stored with the head). A head directory
+holds `head.json` (HeadConfig, including the target's architecture) and `params/` (orbax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kvjax.cache.dense import KVCache
+from kvjax.cache.view import causal
+from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
+from kvjax.lm.config import Config
+from kvjax.lm.decoder import Block, RMSNorm, _init, run_layers
+
+KINDS = ("eagle1", "eagle3")
+# Shipped heads (see MODELS.md), loadable by name.
+BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "heads")
+
+
+class HeadError(ValueError):
+  """A head that does not fit its target, or a head directory that cannot be read."""
+
+
+def default_fuse_layers(n_layers: int) -> tuple[int, ...]:
+  """EAGLE-3's low / middle / high layers: the inputs of layers 2, L//2 and L-3 (clipped to
+  [0, L) and made distinct for shallow models)."""
+  want = [min(2, n_layers - 1), n_layers // 2, max(n_layers - 3, 0)]
+  return tuple(sorted(set(want)))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HeadConfig:
+  """kind: "eagle1" or "eagle3". target: the architecture of the model the head was trained
+  for (its layer is one layer of that config). fuse_layers: eagle3's fused layer inputs.
+  target_name: where the target came from (informational)."""
+
+  kind: str
+  target: Config
+  fuse_layers: tuple[int, ...] = ()
+  target_name: str = ""
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise HeadError(f"head kind must be one of {KINDS}; got {self.kind!r}")
+    L = self.target.n_layers
+    if self.kind == "eagle3":
+      if not self.fuse_layers:
+        object.__setattr__(self, "fuse_layers", default_fuse_layers(L))
+      if not all(0 <= i < L for i in self.fuse_layers):
+        raise HeadError(f"fuse_layers {self.fuse_layers} must be layer indices in [0, {L})")
+    elif self.fuse_layers:
+      raise HeadError("fuse_layers applies to eagle3 heads only")
+    object.__setattr__(self, "fuse_layers", tuple(int(i) for i in self.fuse_layers))
+
+  @property
+  def layer(self) -> Config:
+    """The config of the head's one decoder layer: the target's, global attention."""
+    return dataclasses.replace(self.target, n_layers=1, windows=(0,))
+
+  def to_json(self) -> dict[str, Any]:
+    return {"kind": self.kind, "fuse_layers": list(self.fuse_layers),
+            "target_name": self.target_name, "target": dataclasses.asdict(self.target)}
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> HeadConfig:
+    t = dict(d["target"])
+    t["windows"] = tuple(t.get("windows", ()))
+    return cls(kind=d["kind"], target=Config(**t), fuse_layers=tuple(d.get("fuse_layers", ())),
+               target_name=d.get("target_name", ""))
+
+
+class Head(nnx.Module):
+  """The head's params: fc (+ eagle3 fuse and norms) and one stacked decoder layer."""
+
+  def __init__(self, hc: HeadConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    D = hc.target.d_model
+    self.hc = hc
+    if hc.kind == "eagle3":
+      self.fuse = _init(rngs, (len(hc.fuse_layers) * D, D), dtype)
+      self.embed_norm = RMSNorm(hc.target, dtype)
+      self.feature_norm = RMSNorm(hc.target, dtype)
+      self.final_norm = RMSNorm(hc.target, dtype)
+    self.fc = _init(rngs, (2 * D, D), dtype)
+    self.fc_bias = nnx.Param(jnp.zeros((D,), dtype))
+    block = nnx.state(Block(hc.layer, rngs=rngs, dtype=dtype))
+    self.blocks = nnx.merge(nnx.graphdef(Block(hc.layer, rngs=rngs, dtype=dtype)),
+                            jax.tree.map(lambda a: a[None], block))
+
+  def feature(self, hidden: jax.Array, layer_inputs: jax.Array | None) -> jax.Array:
+    """The target's features [B, T, D] from its forward: hidden [B, T, D] (final-normed top
+    state) for eagle1; the fused layer inputs ([L, B, T, D] -> [B, T, D]) for eagle3."""
+    if self.hc.kind == "eagle1":
+      return hidden
+    x = jnp.concatenate([layer_inputs[i] for i in self.hc.fuse_layers], axis=-1)
+    return jnp.einsum("btc,cd->btd", x.astype(self.fuse[...].dtype), self.fuse[...])
+
+  def __call__(self, features: jax.Array, embeds: jax.Array, *, cache: KVCache | None,
+               positions: jax.Array, n_new: jax.Array | None = None,
+               mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    """features, embeds [B, T, D] (the pairs' features and next-token embeddings) -> (h [B, T,
+    D], cache with the T pairs written). cache: the head's KVCache (L = 1), or None to attend
+    among the T pairs only (training); positions [B, T]; n_new [B] real pairs (default T);
+    mask [B, T, S + T] as for the decoder ([B, T, T] without a cache; default causal)."""
+    dtype = self.fc[...].dtype
+    e, f = embeds.astype(dtype), features.astype(dtype)
+    if self.hc.kind == "eagle3":
+      e, f = self.embed_norm(e), self.feature_norm(f)
+    x = jnp.einsum("btc,cd->btd", jnp.concatenate([e, f], -1), self.fc[...]) + self.fc_bias[...]
+    B, T, _ = x.shape
+    if cache is None:
+      x, _, _, _ = run_layers(self.blocks, self.hc.layer, x, view=causal(positions, mask),
+                              cached=None, layers=(0, 1))
+      return x, None
+    view = cache.view(T, positions=positions, mask=mask)
+    x, _, ks, vs = run_layers(self.blocks, self.hc.layer, x, view=view,
+                              cached=(cache.k, cache.v), layers=(0, 1))
+    n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new
+    return x, cache.write(ks, vs, positions, n_new)
+
+  def logits(self, h: jax.Array, target) -> jax.Array:
+    """h [..., D] -> draft logits [..., V] float32 through the target Decoder's LM head."""
+    if self.hc.kind == "eagle3":
+      h = self.final_norm(h)
+    return target.logits(h.astype(target.dtype))
+
+
+def new_cache(hc: HeadConfig, batch: int, size: int, dtype) -> KVCache:
+  t = hc.target
+  return KVCache.init(n_layers=1, batch=batch, size=size, n_kv_heads=t.n_kv_heads,
+                      head_dim=t.head_dim, dtype=dtype)
+
+
+def check(hc: HeadConfig, target: Config) -> None:
+  """Raises HeadError unless the head fits the target's architecture."""
+  names = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+           "ffn_dim")
+  diff = [f"{n} {getattr(hc.target, n)} (model: {getattr(target, n)})" for n in names
+          if getattr(hc.target, n) != getattr(target, n)]
+  if diff:
+    name = f" {hc.target_name!r}" if hc.target_name else ""
+    raise HeadError(f"this {hc.kind} head was trained for another target{name}: " +
+                    ", ".join(diff))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedHead:
+  """A head ready to run: static config + graphdef, params state."""
+
+  hc: HeadConfig
+  graphdef: Any
+  state: Any
+  path: str | None = None
+
+  @property
+  def module(self) -> Head:
+    return nnx.merge(self.graphdef, self.state)
+
+  def params(self) -> dict[str, Any]:
+    return nnx.to_pure_dict(self.state)
+
+  def with_params(self, params: dict[str, Any]) -> LoadedHead:
+    state = jax.tree.map(lambda a: a, self.state)
+    nnx.replace_by_pure_dict(state, params)
+    return dataclasses.replace(self, state=state)
+
+
+def init(target, kind: str = "eagle1", *, seed: int = 0, fuse_layers: tuple[int, ...] = (),
+         copy_top_layer: bool = True) -> LoadedHead:
+  """A fresh head for `target` (a kvjax.lm.Model). copy_top_layer: start its decoder layer
+  from the target's top layer (trains faster than random)."""
+  hc = HeadConfig(kind=kind, target=target.cfg, fuse_layers=fuse_layers,
+                  target_name=os.path.basename(target.path or ""))
+  head = Head(hc, rngs=nnx.Rngs(seed), dtype=target.dtype)
+  graphdef, state = nnx.split(head)
+  if copy_top_layer:
+    params = nnx.to_pure_dict(state)
+    top = jax.tree.map(lambda a: a[-1:], target.params()["blocks"])
+    params["blocks"] = top
+    nnx.replace_by_pure_dict(state, params)
+  return LoadedHead(hc, graphdef, state)
+
+
+def save(head: LoadedHead, path: str) -> None:
+  """Writes head.json and params/ (orbax) into a new directory `path`."""
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "head.json"), "w") as f:
+    json.dump(head.hc.to_json(), f, indent=2)
+  save_params(os.path.join(path, "params"), head.params())
+
+
+def resolve(path: str) -> str:
+  """The directory of a head directory or shipped head name."""
+  if os.path.isdir(path):
+    return path
+  if os.path.isfile(os.path.join(BUNDLED_DIR, path, "head.json")):
+    return os.path.join(BUNDLED_DIR, path)
+  names = sorted(n for n in (os.listdir(BUNDLED_DIR) if os.path.isdir(BUNDLED_DIR) else ())
+                 if os.path.isfile(os.path.join(BUNDLED_DIR, n, "head.json")))
+  raise FileNotFoundError(f"{path!r} is not a head directory (head.json + params/) or a "
+                          f"shipped head name (shipped: {', '.join(names) or 'none'})")
+
+
+def load(path: str, target) -> LoadedHead:
+  """Loads a head directory (or shipped name) for `target` (a kvjax.lm.Model); a head trained
+  for another architecture raises HeadError."""
+  path = resolve(os.fspath(path))
+  file = os.path.join(path, "head.json")
+  try:
+    with open(file) as f:
+      hc = HeadConfig.from_json(json.load(f))
+  except FileNotFoundError:
+    raise HeadError(f"{path}: no head.json (not a head directory)") from None
+  except (json.JSONDecodeError, KeyError, TypeError) as err:
+    raise HeadError(f"{file}: not a head config ({type(err).__name__}: {err})") from None
+  check(hc, target.cfg)
+  hc = dataclasses.replace(hc, target=target.cfg)  # the target's own rope/eps settings
+  graphdef, state = nnx.split(nnx.eval_shape(
+      lambda: Head(hc, rngs=nnx.Rngs(0), dtype=target.dtype)))
+  like = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), nnx.to_pure_dict(state))
+  try:
+    params = restore_params(os.path.join(path, "params"), like)
+  except CheckpointError as err:
+    raise HeadError(str(err)) from None
+  nnx.replace_by_pure_dict(state, params)
+  return LoadedHead(hc, graphdef, state, path)

@@ -1,0 +1,143 @@
+"""The jitted speculative loop: prefill, then rounds of draft -> verify -> accept -> compact.
+
+State between rounds, per row (n = tokens in both caches):
+  target cache: the prompt and every emitted token but the last, in slots [0, n);
+  head cache: the pairs (f_i, t_{i+1}) for i < n, in slots [0, n);
+  root: the last emitted token t_n (in neither cache yet);
+  h, logits: the head's output at pair n - 1 (its guess of f_n) and draft logits for t_{n+1}.
+A round drafts a tree under the root, runs the target once over the T tree tokens (positions
+n + depth, tree mask) and accepts a path of m draft tokens plus a bonus token; it then copies
+the path's K/V (root and accepted nodes) into slots [n, n + m + 1), feeds the head the m + 1
+new pairs, and the bonus becomes the root. A row that is done stops advancing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kvjax.cache.dense import KVCache
+from kvjax.lm.sampling import Sampling, sample
+from kvjax.speculative import accept as acc
+from kvjax.speculative import tree as tr
+
+
+def _forward_features(dec, head, tokens, **kw):
+  out, cache = dec(tokens, return_kv=True, return_layer_inputs=head.hc.kind == "eagle3", **kw)
+  return out, head.feature(out.hidden, out.layer_inputs), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "head_graphdef", "sampling"),
+                   donate_argnames=("cache", "hcache"))
+def prefill(graphdef, state, head_state, cache: KVCache, hcache: KVCache, tokens, lengths,
+            key, *, head_graphdef, sampling: Sampling):
+  """tokens [B, P] right-padded, lengths [B] -> (root [B] the first new token, h [B, D],
+  draft logits [B, V], cache, hcache), both caches holding lengths[b] entries."""
+  dec, head = nnx.merge(graphdef, state), nnx.merge(head_graphdef, head_state)
+  B, P = tokens.shape
+  rows = jnp.arange(B)
+  out, feats, _ = _forward_features(dec, head, tokens, logits=False)
+  positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+  cache = cache.write(out.k, out.v, positions, lengths)
+  last = out.hidden[rows, lengths - 1]
+  root = sample(dec.logits(last), jax.random.fold_in(key, 0), sampling)
+  nxt = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], 1).at[rows, lengths - 1].set(root)
+  hs, hcache = head(feats, dec.embed_tokens(nxt), cache=hcache, positions=positions,
+                    n_new=lengths)
+  h = hs[rows, lengths - 1]
+  return root, h, head.logits(h, dec), cache, hcache
+
+
+def _draft(dec, head, hcache: KVCache, h, logits, root, spec: tr.TreeSpec):
+  n = hcache.length
+  B, S = hcache.batch, hcache.size
+  k = spec.top_k
+  rel = jnp.arange(S) - n[:, None]                                     # [B, S] slot - n
+  in_draft = (rel >= 0) & (rel < spec.draft_slots)
+
+  def step(feats, tokens, positions, anc):
+    nonlocal hcache
+    drafted = jnp.take_along_axis(anc, jnp.clip(rel, 0, spec.draft_slots - 1)[:, None, :]
+                                  .repeat(k, 1), axis=2) & in_draft[:, None]
+    mask = jnp.concatenate([(rel < 0)[:, None] | drafted,
+                            jnp.broadcast_to(jnp.eye(k, dtype=bool), (B, k, k))], axis=2)
+    hs, hcache = head(feats, dec.embed_tokens(tokens), cache=hcache, positions=positions,
+                      mask=mask)
+    return hs, head.logits(hs, dec)
+
+  tree = tr.draft(step, h, logits, root, n, spec)
+  return tree, dataclasses.replace(hcache, length=n)
+
+
+def round_(dec, head, cache, hcache, root, h, logits, key, live, *, spec, sampling):
+  """One draft-verify-accept round. live: [B] rows still generating. Returns (emit [B, depth
+  + 1] the accepted tokens then the bonus, m [B] accepted draft tokens, cache, hcache, root, h,
+  logits); only the first m + 1 entries of emit are meaningful."""
+  B = root.shape[0]
+  rows = jnp.arange(B)[:, None]
+  n = cache.length
+  tree, hcache = _draft(dec, head, hcache, h, logits, root, spec)
+  positions = n[:, None] + tree.depth
+  out, feats, cache = _forward_features(dec, head, tree.tokens, cache=cache, positions=positions,
+                                        tree=tree.mask, n_new=jnp.zeros((B,), jnp.int32))
+  probs = acc.target_probs(out.logits, sampling)
+  path, m, bonus = acc.accept(tree, probs, key, sampling.greedy)
+  D1 = spec.depth + 1
+  j = jnp.arange(D1)[None]
+  path_tokens = jnp.take_along_axis(tree.tokens, path, axis=1)           # [B, D1] root first
+  emit = jnp.where(j < m[:, None], jnp.roll(path_tokens, -1, axis=1), bonus[:, None])
+  n_new = jnp.where(live, m + 1, 0)
+  kv_path = lambda a: jnp.take_along_axis(a, path[None, :, :, None, None], axis=2)
+  new_pos = n[:, None] + j
+  cache = cache.write(kv_path(out.k), kv_path(out.v), new_pos, n_new)
+  hs, hcache = head(feats[rows, path], dec.embed_tokens(emit), cache=hcache, positions=new_pos,
+                    n_new=n_new)
+  h = hs[rows[:, 0], m]
+  return emit, m, cache, hcache, bonus, h, head.logits(h, dec)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "head_graphdef", "spec", "sampling",
+                                             "max_steps"))
+def loop(graphdef, state, head_state, cache, hcache, root, h, logits, key, n_steps, stop_ids,
+         *, head_graphdef, spec: tr.TreeSpec, sampling: Sampling, max_steps: int):
+  """Generates up to n_steps (<= max_steps) tokens per row, the root (from `prefill`) first,
+  in one `lax.while_loop` of rounds. A row stops after a token in stop_ids [E] (pad with -1).
+
+  Returns (tokens [B, max_steps], counts [B] tokens per row (a stop token included), rounds
+  [B] rounds each row took part in, proposed [B] the tokens those rounds produced before any
+  cut at a stop token or the limit (m + 1 each), n_rounds: target verify forwards)."""
+  dec, head = nnx.merge(graphdef, state), nnx.merge(head_graphdef, head_state)
+  B = root.shape[0]
+  D1 = spec.depth + 1
+  is_stop = lambda t: jnp.any(t[..., None] == stop_ids, axis=-1)
+  out = jnp.zeros((B, max_steps + D1), jnp.int32).at[:, 0].set(root)
+  counts = jnp.ones((B,), jnp.int32)
+  done = is_stop(root) | (n_steps <= 1)
+  zeros = jnp.zeros((B,), jnp.int32)
+
+  def body(c):
+    i, cache, hcache, root, h, logits, out, done, counts, rounds, proposed = c
+    live = ~done
+    emit, m, cache, hcache, root, h, logits = round_(
+        dec, head, cache, hcache, root, h, logits, jax.random.fold_in(key, i + 1), live,
+        spec=spec, sampling=sampling)
+    j = jnp.arange(D1)[None]
+    stops = is_stop(emit) & (j <= m[:, None])
+    first = jnp.where(stops.any(1), jnp.argmax(stops, 1), D1)
+    n_emit = jnp.minimum(jnp.minimum(m + 1, first + 1), n_steps - counts)
+    n_emit = jnp.where(live, n_emit, 0)
+    cols = jnp.where(j < n_emit[:, None], counts[:, None] + j, max_steps + D1)
+    out = out.at[jnp.arange(B)[:, None], cols].set(emit, mode="drop")
+    done = done | (live & (first < n_emit)) | (counts + n_emit >= n_steps)
+    return (i + 1, cache, hcache, root, h, logits, out, done, counts + n_emit,
+            rounds + live, proposed + jnp.where(live, m + 1, 0))
+
+  c = (jnp.int32(0), cache, hcache, root, h, logits, out, done, counts, zeros, zeros)
+  # cond reads `done` at index 7 of the carry
+  c = jax.lax.while_loop(lambda c: ~jnp.all(c[7]), body, c)
+  i, cache, hcache, _, _, _, out, _, counts, rounds, proposed = c
+  return out[:, :max_steps], counts, rounds, proposed, i
