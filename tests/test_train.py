@@ -321,7 +321,9 @@ def test_bad_config_file_and_missing_flags(text_setup, tmp_path):
                          tmp_path / "no_tok", "--out", tmp_path / "r", *FLAGS)
   assert code == 1 and "no tokenizer.json" in err
   code, _, err = run_cli("train", "eagle")
-  assert code == 2 and "invalid choice: 'eagle'" in err
+  assert code == 2 and "--target DIR_OR_NAME is required" in err
+  code, _, err = run_cli("train", "coprocessor")
+  assert code == 2 and "invalid choice: 'coprocessor'" in err
 
 
 def test_packed_documents_do_not_attend_across_boundaries():

@@ -1,0 +1,312 @@
+"""EAGLE head training (kvjax.train.eagle): losses, training-time test, resume, export, CLI.
+
+The target is a tiny random 2-layer llama whose LM head is scaled up so its next-token
+distributions are peaked (a random model's are near uniform, leaving the head nothing to
+learn). The CLI run and the library runs share settings, so they share compiled steps.
+"""
+
+import contextlib
+import io
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax import lm, speculative
+from kvjax.lm import tiny
+from kvjax.speculative import head as hd
+from kvjax.train import cli as train_cli
+from kvjax.train import eagle, metrics
+from kvjax.train.text import TextData
+
+B, T, STEPS = 4, 32, 30
+TREE = speculative.TreeSpec(top_k=2, depth=2, total_tokens=3)
+
+
+def run_cli(*argv):
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = train_cli.main([str(a) for a in argv])
+  return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """(root, target dir, corpus path, target Model loaded from the dir)."""
+  root = tmp_path_factory.mktemp("eagle")
+  model = tiny.model("llama", n_layers=2)
+  params = model.params()
+  params["head"] = params["head"] * 40.0  # peaked next-token distributions
+  lm.save(model.with_params(params), str(root / "target"))
+  words = "to be or not that is the question whether tis nobler in mind".split()
+  rng = np.random.default_rng(0)
+  (root / "corpus.txt").write_text(" ".join(rng.choice(words, 1500)), encoding="utf-8")
+  return root, root / "target", root / "corpus.txt", lm.load(str(root / "target"))
+
+
+def text_data(setup):
+  _, _, corpus, target = setup
+  return TextData(str(corpus), target.tokenizer, seq_len=T, batch_size=B, seed=0,
+                  eval_fraction=0.1)
+
+
+def config(out_dir, kind="eagle1", **kw):
+  """The settings of the CLI run below (same compiled steps)."""
+  base = dict(kind=kind, steps=STEPS, batch_size=B, seq_len=T, lr=3e-3, warmup=3,
+              out_dir=str(out_dir), log_every=1, ttt_steps=3)
+  return eagle.EagleConfig(**{**base, **kw})
+
+
+CLI_FLAGS = ("--kind", "eagle1", "--steps", STEPS, "--batch-size", B, "--seq-len", T,
+             "--lr", 3e-3, "--warmup", 3, "--log-every", 1, "--eval-batches", 2,
+             "--eval-prompts", 0, "--no-progress", "--json")
+
+
+@pytest.fixture(scope="module")
+def cli_run(setup):
+  """An uninterrupted 30-step eagle1 run through the CLI -> (out dir, summary)."""
+  root, target_dir, corpus, _ = setup
+  out = root / "e1"
+  code, stdout, err = run_cli("eagle", "--target", target_dir, "--text", corpus, "--out", out,
+                              *CLI_FLAGS)
+  assert code == 0, err
+  return out, json.loads(stdout)
+
+
+@pytest.fixture(scope="module")
+def e3_run(setup):
+  """A 30-step eagle3 run (K = 3) through the library; the target's params before it."""
+  root, _, _, target = setup
+  before = jax.tree.map(np.array, target.params())
+  head = speculative.init_head(target, "eagle3")
+  result = eagle.train(target, head, config(root / "e3", "eagle3"), text_data(setup).train_batches,
+                       progress=False)
+  return result, before, head
+
+
+def losses(records):
+  return [r["loss"] for r in records]
+
+
+def test_eagle1_cli_run_lowers_the_loss(cli_run):
+  out, summary = cli_run
+  records = metrics.read(str(out))
+  assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+  assert {"loss", "feature_loss", "ce", "top1", "lr", "grad_norm"} <= set(records[0])
+  loss = losses(records)
+  assert np.mean(loss[-5:]) < 0.8 * loss[0], loss
+  assert np.mean([r["top1"] for r in records[-5:]]) > records[0]["top1"] + 0.1
+  assert records[-1]["eval_loss"] is not None and summary["eval_loss"] == records[-1]["eval_loss"]
+  assert summary["resumed_from"] == 0 and summary["kind"] == "eagle1"
+  assert os.path.isfile(out / "head" / "head.json") and os.path.isfile(out / metrics.PNG)
+
+
+def test_eagle3_lowers_the_loss_and_leaves_the_target_alone(e3_run, setup):
+  result, before, head = e3_run
+  target = setup[3]
+  loss = losses(result.records)
+  assert np.mean(loss[-5:]) < loss[0] - 0.3, loss
+  assert result.records[-1]["top1_last"] > result.records[0]["top1_last"] + 0.1
+  after = target.params()
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, np.asarray(b), err_msg=str(path))
+  # only head params were trained; the fuse layer (a head param) moved
+  assert jax.tree.structure(result.head.params()) == jax.tree.structure(head.params())
+  assert not np.array_equal(result.head.params()["fuse"], head.params()["fuse"])
+
+
+def test_eagle1_loss_matches_a_hand_computation(setup, cli_run):
+  """SmoothL1(h_i, f_{i+1}) mean over D + 0.1 soft CE(softmax(L_{i+1}), head logits_i), over
+  positions i where t_i, t_{i+1}, t_{i+2} are real (mask[i] and mask[i + 1])."""
+  _, _, _, target = setup
+  head = speculative.init_head(target, "eagle1", seed=3)
+  batch = text_data(setup).batch(0)
+  batch["mask"][0, 10] = 0.0  # drops positions 9 and 10 of row 0
+  batch["mask"][1, 20:] = 0.0
+  ec = config("unused")
+  got = eagle.cached_steps(target, head, ec)[2](head.params(), target.params(),
+                                                 eagle._to_device(batch))
+  dec = target.decoder
+  out, _ = dec(jnp.asarray(batch["inputs"]))
+  f, L = np.asarray(out.hidden), np.asarray(out.logits)
+  module = head.module
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  h, _ = module(jnp.asarray(f), dec.embed_tokens(jnp.asarray(batch["targets"])), cache=None,
+                positions=pos)
+  q = np.asarray(module.logits(h, dec), np.float64)[:, :-1]
+  h = np.asarray(h, np.float64)
+  m = batch["mask"]
+  valid = m[:, :-1] * m[:, 1:]
+  d = h[:, :-1] - f[:, 1:]
+  smooth = np.where(np.abs(d) < 1, 0.5 * d * d, np.abs(d) - 0.5).mean(-1)
+  p = np.exp(L[:, 1:] - L[:, 1:].max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  logq = q - q.max(-1, keepdims=True)
+  logq -= np.log(np.exp(logq).sum(-1, keepdims=True))
+  ce = -(p * logq).sum(-1)
+  feature_loss = (smooth * valid).sum() / valid.sum()
+  token_loss = (ce * valid).sum() / valid.sum()
+  assert float(got["n"]) == valid.sum() == B * (T - 1) - 2 - 12
+  np.testing.assert_allclose(float(got["feature_loss"]), feature_loss, rtol=1e-5)
+  np.testing.assert_allclose(float(got["ce"]), token_loss, rtol=1e-5)
+  np.testing.assert_allclose(float(got["loss"]), feature_loss + 0.1 * token_loss, rtol=1e-5)
+
+
+def test_ttt_masks_k3_t5():
+  # columns: step-0 slots 0-4 | step-1 slots 5-9 | the step's own 5 pairs
+  expected = np.array([
+      # step 0: causal among its own pairs
+      [[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
+       [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0],
+       [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0],
+       [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0],
+       [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]],
+      # step 1 at i: step-0 pairs <= i - 1, itself
+      [[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
+       [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+       [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0],
+       [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+       [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]],
+      # step 2 at i: step-0 pairs <= i - 2, the step-1 pair at i - 1, itself
+      [[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
+       [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+       [1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0],
+       [1, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0],
+       [1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1]],
+  ], bool)
+  np.testing.assert_array_equal(np.asarray(eagle.ttt_masks(3, 5)), expected)
+  # two documents in a row: step-0 keys stay inside the query's document
+  seg = jnp.asarray([[1, 1, 1, 2, 2]])
+  got = np.asarray(eagle.ttt_masks(3, 5, seg))[:, 0]
+  np.testing.assert_array_equal(got[1, 4, :5], [0, 0, 0, 1, 0])
+  np.testing.assert_array_equal(got[0, 3, 10:], [0, 0, 0, 1, 0])
+  # a position counts at step j when t_{i-j} .. t_{i+2} are real: mask[i - j .. i + 1]
+  mask = jnp.asarray([[1, 1, 1, 0, 1, 1, 1, 1.0]])
+  np.testing.assert_array_equal(np.asarray(eagle.valid_masks(mask, 3))[:, 0], [
+      [1, 1, 0, 0, 1, 1, 1, 0], [0, 1, 0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0, 1, 0]])
+
+
+def test_ttt_steps_are_what_drafting_computes(setup):
+  """Step j's output at position i equals a chain draft j levels deep under the context of
+  pairs 0 .. i - j, run pair by pair through the head cache as speculative decoding does."""
+  from flax import nnx
+  _, _, _, target = setup
+  head = speculative.init_head(target, "eagle3", seed=1)
+  rng = np.random.default_rng(4)
+  f = jnp.asarray(rng.normal(size=(1, 8, 64)), jnp.float32)
+  e = jnp.asarray(rng.normal(size=(1, 8, 64)), jnp.float32)
+  pos = jnp.arange(8)[None]
+  n = 4  # context pairs 0 .. 3
+
+  @jax.jit
+  def both(state, f, e):
+    module = nnx.merge(head.graphdef, state)
+    hs = eagle.ttt_forward(module, f, e, pos, 3)
+    cache = hd.new_cache(module.hc, 1, 16, jnp.float32)
+    x, cache = module(f[:, :n], e[:, :n], cache=cache, positions=pos[:, :n])
+    chain = [x]
+    x = x[:, -1:]
+    for level in (1, 2):
+      x, cache = module(x, e[:, n - 1 + level:n + level], cache=cache,
+                        positions=pos[:, n - 1 + level:n + level])
+      chain.append(x[:, 0])
+    return hs, chain
+
+  hs, chain = both(head.state, f, e)
+  np.testing.assert_allclose(chain[0], hs[0][:, :n], atol=1e-5)
+  for level in (1, 2):
+    np.testing.assert_allclose(chain[level], hs[level][:, n - 1 + level], atol=1e-5)
+
+
+class Interrupt(Exception):
+  """Raised by the crashing batch iterator to stop a run mid-way."""
+
+
+def test_resume_is_bit_identical(setup, cli_run, tmp_path):
+  _, _, _, target = setup
+  out, summary = cli_run
+  data = text_data(setup)
+
+  def crashing(start):
+    for i, batch in enumerate(data.train_batches(start), start):
+      if i == 17:
+        raise Interrupt
+      yield batch
+
+  ec = config(tmp_path, save_every=7, keep=2)
+  head = speculative.init_head(target, "eagle1")
+  with pytest.raises(Interrupt):
+    eagle.train(target, head, ec, crashing, progress=False)
+  assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["7", "14"]
+  resumed = eagle.train(target, head, ec, data.train_batches, progress=False)
+  assert resumed.resumed_from == 14
+  assert [r["step"] for r in metrics.read(str(tmp_path))] == list(range(1, STEPS + 1))
+  full = hd.load(summary["export"], target).params()
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(full),
+                          jax.tree.leaves(resumed.head.params())):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+  with pytest.raises(eagle.TrainError, match="different run.*lr"):
+    eagle.train(target, head, config(tmp_path, lr=1e-2), data.train_batches, progress=False)
+
+
+def test_export_loads_and_drafts(setup, cli_run):
+  _, _, _, target = setup
+  _, summary = cli_run
+  head = speculative.load_head(summary["export"], target)
+  assert head.hc.kind == "eagle1"
+  prompt = target.tokenizer.encode("to be or not that is")
+  got = speculative.generate(target, head, [prompt], max_new_tokens=16, tree=TREE)
+  assert got.stats["mean_accept_len"] >= 1.0 and len(got.tokens[0]) == 16
+  val = eagle.validate(target, head, [prompt], config("unused", tree_top_k=2, tree_depth=2,
+                                                      tree_tokens=3, new_tokens=16))
+  assert val == got.stats["mean_accept_len"]
+
+
+def test_self_distill_sequences(setup, tmp_path, monkeypatch):
+  _, _, _, target = setup
+  data = text_data(setup)
+  (train_tokens, doc), _ = eagle.text_streams(data)
+  prompts = eagle.prompts_from_stream(train_tokens, doc, 3, 8, rng=np.random.default_rng(0))
+  path = str(tmp_path / eagle.DISTILL_FILE)
+  seqs = eagle.self_distill(target, prompts, 20, seed=0, path=path, chunk=4, progress=False)
+  assert seqs.shape == (3, 20) and seqs.dtype == np.int32
+  np.testing.assert_array_equal(seqs[:, :8], prompts)
+  assert (seqs[:, 8:] != -1).any()
+  monkeypatch.setattr(sys.modules["kvjax.lm.generate"], "generate", None)  # read back, not made
+  np.testing.assert_array_equal(eagle.self_distill(target, prompts, 20, path=path), seqs)
+  with pytest.raises(eagle.TrainError, match="another run"):
+    eagle.self_distill(target, prompts, 24, path=path)
+  batch = eagle.SequenceData(seqs, batch_size=2, seed=0).batch(0)
+  assert batch["inputs"].shape == (2, 19)
+  np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kind", "eagle2"], "argument --kind: invalid choice: 'eagle2'"),
+    (["--ttt-steps", 0], "--ttt-steps: expected an integer >= 1; got 0"),
+    (["--target", "no-such-model"], "--target: 'no-such-model' is not a model directory"),
+    (["--steps", 5, "--warmup", 5], "--warmup (5) must be smaller than --steps (5)"),
+    (["--tree-top-k", 1, "--tree-tokens", 32],
+     "--tree-top-k/--tree-depth/--tree-tokens: tree total_tokens=32"),
+    (["--data", "x"], "exactly one of --text FILE and --data"),
+])
+def test_bad_flags_exit_2(setup, tmp_path, argv, message):
+  _, target_dir, corpus, _ = setup
+  base = ["eagle", "--target", target_dir, "--text", corpus, "--out", tmp_path]
+  code, _, err = run_cli(*base, *argv)
+  assert code == 2 and message in err, err
+  assert "Traceback" not in err
+
+
+def test_missing_target_and_bad_config(tmp_path, setup):
+  _, _, corpus, _ = setup
+  code, _, err = run_cli("eagle", "--text", corpus, "--out", tmp_path)
+  assert code == 2 and "--target DIR_OR_NAME is required" in err
+  conf = tmp_path / "c.json"
+  conf.write_text(json.dumps({"kind": "medusa"}))
+  code, _, err = run_cli("eagle", "--config", conf)
+  assert code == 2 and "--kind must be one of eagle1, eagle3; got 'medusa'" in err

@@ -1,0 +1,664 @@
+"""Training of EAGLE draft heads (`kvjax.speculative.head`) against a frozen target model.
+
+    model = lm.load("shakespeare")
+    head = speculative.init_head(model, "eagle1")
+    ec = EagleConfig(kind="eagle1", steps=1000, batch_size=16, seq_len=256, out_dir="run")
+    result = train(model, head, ec, batches=data.train_batches, eval_batches=data.eval_batches,
+                   prompts=held_out_prompts)
+    speculative.save_head(result.head, "run/head")
+
+Batches follow the LM trainer's contract (`kvjax.train.lm`): inputs, targets [B, T] int32
+(targets = the next tokens), mask [B, T] float32 (1 = a real target of the input's document),
+optionally segment_ids, positions [B, T] int32 (packed documents). With the T + 1 tokens
+t_0 .. t_T of a row, the frozen target runs once over t_0 .. t_{T-1} (no gradient reaches it;
+its params are never in the optimizer) and gives features f_i and logits L_i (the target's
+distribution of t_{i+1}). Head position i holds the pair (f_i, t_{i+1}); its output h_i
+predicts t_{i+2}, whose target distribution is softmax(L_{i+1}), and (eagle1) regresses f_{i+1}.
+A position counts when t_i .. t_{i+2} are real tokens of one document.
+
+  eagle1: loss = SmoothL1(h_i, f_{i+1}) (mean over D) + ce_weight * CE(softmax(L_{i+1}),
+    head logits_i), masked means; the input features get uniform noise U(-a, a).
+  eagle3: training-time test. Step 0 runs the pairs (fuse(layer inputs)_i, t_{i+1}); step
+    j >= 1 runs at position i the pair (h^{j-1}_{i-1}, t_{i+1}): the previous step's outputs
+    shifted right by one, the tokens teacher-forced. That is what drafting does: a draft
+    node of depth j under a context of pairs 0 .. n - 1 runs at position i = n + j - 1 with
+    its parent's output as feature. Its attention (`ttt_masks`): step-0 pairs <= i - j, the
+    step-s pair at position i - j + s for 1 <= s < j (its draft ancestors), and itself. Every
+    step at position i predicts t_{i+2} (target softmax(L_{i+1})); step j counts where its
+    chain t_{i-j} .. t_{i+2} is real and in one document. loss = sum_j decay^j CE_j / sum_j
+    decay^j; no feature loss.
+
+The train state is the pure pytree {"params": head params, "opt_state", "step"}, checkpointed
+with orbax in OUT/checkpoints; batch i (and the noise of step i) depend only on i and the seed,
+so an interrupted and resumed run ends with the bit-identical params of an uninterrupted one.
+Validation: loss and top-1 agreement on held-out batches, and val_accept_len, the mean tokens
+per target forward of greedy `kvjax.speculative.generate` on held-out prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kvjax.lm.model import Model
+from kvjax.speculative import head as hd
+from kvjax.train import metrics
+from kvjax.train import lm as lm_train
+from kvjax.train.lm import TrainError, _need
+
+Batch = dict[str, np.ndarray]
+DISTILL_FILE = "selfdistill.npy"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EagleConfig:
+  """Hyperparameters and bookkeeping of one head-training run. Hashable.
+
+  kind: "eagle1" or "eagle3" (must match the head). steps, warmup, lr, final_lr_ratio,
+  weight_decay, clip_norm, b1, b2, seed, save_every, keep, eval_every, log_every: as for
+  `kvjax.train.lm.TrainConfig`. ttt_steps: eagle3's unrolled steps K (clipped to seq_len - 1).
+  feature_noise: half-width of the uniform noise on step-0 input features (default 0.1 for
+  eagle1, 0 for eagle3). ce_weight: eagle1's weight of the token loss. step_decay: eagle3's
+  weight ratio between consecutive steps. self_distill, distill_temperature: recorded so a
+  resume uses the same data (the sequences are made by `self_distill`). eval_batches: held-out
+  batches per evaluation. eval_prompts, prompt_len, new_tokens, tree_*: val_accept_len's greedy
+  generation (prompts of prompt_len tokens, new_tokens each, TreeSpec(top_k, depth, tokens)).
+  """
+
+  kind: str = "eagle1"
+  steps: int
+  batch_size: int
+  seq_len: int
+  lr: float = 1e-3
+  warmup: int = 0
+  final_lr_ratio: float = 0.1
+  weight_decay: float = 0.0
+  clip_norm: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.95
+  seed: int = 0
+  ttt_steps: int = 7
+  feature_noise: float | None = None
+  ce_weight: float = 0.1
+  step_decay: float = 0.8
+  self_distill: int = 0
+  distill_temperature: float = 1.0
+  out_dir: str
+  save_every: int = 0
+  keep: int = 3
+  eval_every: int = 0
+  log_every: int = 10
+  eval_batches: int = 8
+  eval_prompts: int = 4
+  prompt_len: int = 64
+  new_tokens: int = 48
+  tree_top_k: int = 8
+  tree_depth: int = 5
+  tree_tokens: int = 32
+
+  def __post_init__(self):
+    if self.kind not in hd.KINDS:
+      raise TrainError(f"kind must be one of {hd.KINDS}; got {self.kind!r}")
+    for name in ("steps", "batch_size", "seq_len", "keep", "ttt_steps", "prompt_len",
+                 "new_tokens", "eval_batches"):
+      _need(name, getattr(self, name), lambda v: v >= 1, "an int >= 1", int)
+    for name in ("warmup", "save_every", "eval_every", "log_every", "seed", "self_distill",
+                 "eval_prompts"):
+      _need(name, getattr(self, name), lambda v: v >= 0, "an int >= 0", int)
+    if self.seq_len < 3:
+      raise TrainError(f"seq_len must be >= 3 (a pair and the token after); got {self.seq_len}")
+    if self.warmup >= self.steps:
+      raise TrainError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps})")
+    _need("lr", self.lr, lambda v: 0 < v < math.inf, "a finite number > 0", float)
+    _need("clip_norm", self.clip_norm, lambda v: 0 < v < math.inf, "a finite number > 0", float)
+    for name in ("weight_decay", "ce_weight"):
+      _need(name, getattr(self, name), lambda v: 0 <= v < math.inf, "a number >= 0", float)
+    for name in ("final_lr_ratio", "step_decay"):
+      _need(name, getattr(self, name), lambda v: 0 <= v <= 1, "a number in [0, 1]", float)
+    for name in ("b1", "b2"):
+      _need(name, getattr(self, name), lambda v: 0 <= v < 1, "a number in [0, 1)", float)
+    _need("distill_temperature", self.distill_temperature, lambda v: v >= 0, "a number >= 0",
+          float)
+    if self.feature_noise is None:
+      object.__setattr__(self, "feature_noise", 0.1 if self.kind == "eagle1" else 0.0)
+    _need("feature_noise", self.feature_noise, lambda v: 0 <= v < math.inf, "a number >= 0",
+          float)
+    if not isinstance(self.out_dir, str) or not self.out_dir:
+      raise TrainError(f"out_dir must be a non-empty path; got {self.out_dir!r}")
+    self.tree  # noqa: B018 (validates the tree settings)
+
+  @property
+  def ttt(self) -> int:
+    """eagle3's unrolled steps: ttt_steps, clipped so step K - 1 has a position to train
+    (j <= i <= T - 2); 1 for eagle1."""
+    return min(self.ttt_steps, self.seq_len - 1) if self.kind == "eagle3" else 1
+
+  @property
+  def tree(self):
+    from kvjax.speculative.tree import TreeSpec
+    try:
+      return TreeSpec(top_k=self.tree_top_k, depth=self.tree_depth,
+                      total_tokens=self.tree_tokens)
+    except ValueError as err:
+      raise TrainError(str(err)) from None
+
+  def resume_key(self) -> dict[str, Any]:
+    """The fields a resumed run must share with the run it continues."""
+    skip = {"out_dir", "save_every", "keep", "eval_every", "log_every", "eval_batches",
+            "eval_prompts", "prompt_len", "new_tokens", "tree_top_k", "tree_depth",
+            "tree_tokens"}
+    out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+    out["ttt_steps"] = self.ttt
+    return out
+
+
+@dataclasses.dataclass
+class Result:
+  """head: the trained head (params on the host); records: the metrics logged by this call;
+  resumed_from: the checkpoint step it started at (0 = fresh)."""
+
+  head: hd.LoadedHead
+  records: list[dict[str, Any]]
+  resumed_from: int
+
+
+# --- losses -----------------------------------------------------------------------------------
+
+def target_forward(dec, batch: dict[str, jax.Array], layer_inputs: bool) -> dict[str, jax.Array]:
+  """The frozen target over batch["inputs"] [B, T] (packed documents kept apart) -> hidden [B,
+  T, D] (final-normed), logits [B, T, V] float32 and, on request, layer_inputs [L, B, T, D];
+  all behind stop_gradient."""
+  mask = None
+  if "segment_ids" in batch:
+    mask = _causal_segments(batch["segment_ids"])
+  out, _ = dec(batch["inputs"], positions=batch.get("positions"), mask=mask,
+               return_layer_inputs=layer_inputs)
+  got = {"hidden": out.hidden, "logits": out.logits}
+  if layer_inputs:
+    got["layer_inputs"] = out.layer_inputs
+  return jax.lax.stop_gradient(got)
+
+
+def _causal_segments(segments: jax.Array) -> jax.Array:
+  """segments [B, T] -> [B, T, T] bool: causal within one document."""
+  T = segments.shape[1]
+  return (segments[:, :, None] == segments[:, None, :]) & jnp.tril(jnp.ones((T, T), bool))
+
+
+def _positions(batch) -> jax.Array:
+  B, T = batch["inputs"].shape
+  pos = batch.get("positions")
+  return pos if pos is not None else jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+
+def smooth_l1(x: jax.Array) -> jax.Array:
+  """Elementwise SmoothL1 (Huber, beta 1): 0.5 x^2 where |x| < 1, else |x| - 0.5."""
+  a = jnp.abs(x)
+  return jnp.where(a < 1.0, 0.5 * x * x, a - 0.5)
+
+
+def soft_ce(target_logits: jax.Array, logits: jax.Array) -> jax.Array:
+  """[..., V], [..., V] -> [...]: cross-entropy of softmax(target_logits) against logits."""
+  p = jax.nn.softmax(target_logits.astype(jnp.float32), -1)
+  return -jnp.sum(p * jax.nn.log_softmax(logits.astype(jnp.float32), -1), -1)
+
+
+def _mean(x: jax.Array, m: jax.Array) -> jax.Array:
+  return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _shift(x: jax.Array, j: int) -> jax.Array:
+  """x [B, T, ...] -> y with y[:, i] = x[:, i - j] (zeros for i < j)."""
+  if j == 0:
+    return x
+  return jnp.pad(x, [(0, 0), (j, 0)] + [(0, 0)] * (x.ndim - 2))[:, :x.shape[1]]
+
+
+def valid_masks(mask: jax.Array, K: int) -> jax.Array:
+  """mask [B, T] (1 = targets[:, i] = t_{i+1} is real and of t_i's document) -> [K, B, T]:
+  step j at position i counts iff mask[k] for every k in [i - j, i + 1] (k < T): the chain
+  t_{i-j} .. t_{i+2} is real and in one document."""
+  nxt = jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))  # mask[i + 1], 0 past the end
+  out, m = [], mask * nxt
+  for j in range(K):
+    m = m * _shift(mask, j) if j else m
+    out.append(m)
+  return jnp.stack(out)
+
+
+def ttt_masks(K: int, T: int, segments: jax.Array | None = None) -> jax.Array:
+  """The attention masks of eagle3's K unrolled steps over a head cache of S = (K - 1) T
+  slots, step s < K - 1 written at slots [s T, s T + T) (its positions 0 .. T - 1).
+
+  Returns [K, T, K T] bool (or [K, B, T, K T] given segments [B, T], which keep documents
+  apart), each step's [T, S + T] mask over (cache slots, its own T pairs): step 0 attends
+  causally among its own pairs; step j >= 1 at position i attends to the step-0 pairs at
+  positions <= i - j, to the step-s pair at position i - j + s (1 <= s < j) and to itself."""
+  i = np.arange(T)[:, None]
+  c = np.arange(T)[None, :]
+  none = np.zeros((T, T), bool)
+  steps = []
+  for j in range(K):
+    blocks = []
+    for s in range(K - 1):
+      if j >= 1 and s == 0:
+        blocks.append(c <= i - j)
+      elif 1 <= s < j:
+        blocks.append(c == i - j + s)
+      else:
+        blocks.append(none)
+    blocks.append(c <= i if j == 0 else c == i)
+    steps.append(np.concatenate(blocks, axis=1))
+  masks = jnp.asarray(np.stack(steps))
+  if segments is None:
+    return masks
+  same = segments[:, :, None] == segments[:, None, :]                  # [B, T, T]
+  return masks[:, None] & jnp.tile(same, (1, 1, K))[None]
+
+
+def eagle1_loss(head: hd.Head, dec, tgt, batch, key, ec: EagleConfig):
+  """(loss, stats) of an eagle1 head on one batch; `tgt` from `target_forward`."""
+  f, logits = tgt["hidden"], tgt["logits"]
+  x = f
+  if ec.feature_noise > 0:
+    x = f + jax.random.uniform(key, f.shape, f.dtype, -ec.feature_noise, ec.feature_noise)
+  mask = None if "segment_ids" not in batch else _causal_segments(batch["segment_ids"])
+  h, _ = head(x, dec.embed_tokens(batch["targets"]), cache=None, positions=_positions(batch),
+              mask=mask)
+  valid = valid_masks(batch["mask"], 1)[0][:, :-1]                      # [B, T - 1]
+  feature_loss = _mean(jnp.mean(smooth_l1(h[:, :-1] - f[:, 1:]), -1), valid)
+  q = head.logits(h[:, :-1], dec)
+  ce = _mean(soft_ce(logits[:, 1:], q), valid)
+  top1 = _mean(jnp.argmax(q, -1) == jnp.argmax(logits[:, 1:], -1), valid)
+  loss = feature_loss + ec.ce_weight * ce
+  return loss, {"loss": loss, "feature_loss": feature_loss, "ce": ce, "top1": top1,
+                "n": jnp.sum(valid)}
+
+
+def ttt_forward(head: hd.Head, features: jax.Array, embeds: jax.Array, positions: jax.Array,
+                K: int, segments: jax.Array | None = None) -> list[jax.Array]:
+  """eagle3's K unrolled steps over T pairs -> [h^0, ..., h^{K-1}], each [B, T, D]: step 0
+  runs the pairs (features_i, embeds_i), step j >= 1 the pairs (h^{j-1}_{i-1}, embeds_i)
+  (zeros at i = 0), attending as `ttt_masks` says. features, embeds [B, T, D]; positions,
+  segments [B, T]."""
+  B, T, _ = features.shape
+  masks = ttt_masks(K, T, segments)
+  if masks.ndim == 3:
+    masks = jnp.broadcast_to(masks[:, None], (K, B) + masks.shape[1:])
+  # a barrier keeps XLA from constant-folding attention over the all-constant first steps
+  masks = jax.lax.optimization_barrier(masks)
+  S = (K - 1) * T
+  cache = hd.new_cache(head.hc, B, 0, features.dtype)
+  x, hs = features, []
+  for j in range(K):
+    # the cache grows by one block per step (slots [0, jT) filled, [jT, jT + T) for this
+    # step's write), so step j attends over (j + 1) T slots, not S, in `ttt_masks`' layout
+    size = min(j + 1, K - 1) * T
+    cache = _grow(cache, size)
+    mask = jnp.concatenate([masks[j][..., :size], masks[j][..., S:]], axis=-1)
+    h, cache = head(x, embeds, cache=cache, positions=positions, mask=mask)
+    hs.append(h)
+    x = _shift(h, 1)
+  return hs
+
+
+def eagle3_loss(head: hd.Head, dec, tgt, batch, key, ec: EagleConfig):
+  """(loss, stats) of an eagle3 head on one batch with ec.ttt unrolled steps."""
+  K = ec.ttt
+  f = head.feature(tgt["hidden"], tgt["layer_inputs"])
+  if ec.feature_noise > 0:
+    f = f + jax.random.uniform(key, f.shape, f.dtype, -ec.feature_noise, ec.feature_noise)
+  hs = ttt_forward(head, f, dec.embed_tokens(batch["targets"]), _positions(batch), K,
+                   batch.get("segment_ids"))
+  label = jnp.pad(tgt["logits"][:, 1:], ((0, 0), (0, 1), (0, 0)))       # L_{i+1}; 0 at T - 1
+  best = jnp.argmax(label, -1)
+  valid = valid_masks(batch["mask"], K)                                  # [K, B, T]
+  weights = [ec.step_decay ** j for j in range(K)]
+  total, stats = 0.0, {}
+  for j, h in enumerate(hs):
+    q = head.logits(h, dec)
+    ce = _mean(soft_ce(label, q), valid[j])
+    total = total + weights[j] * ce
+    if j == 0:
+      stats["ce"] = ce
+      stats["top1"] = _mean(jnp.argmax(q, -1) == best, valid[0])
+    if j == K - 1 and K > 1:
+      stats["top1_last"] = _mean(jnp.argmax(q, -1) == best, valid[j])
+  loss = total / sum(weights)
+  return loss, {"loss": loss, **stats, "n": jnp.sum(valid[0])}
+
+
+def _grow(cache, size: int):
+  """cache with its slot axis padded (free slots) to `size`."""
+  n = size - cache.size
+  if n <= 0:
+    return cache
+  pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, n), (0, 0), (0, 0)])  # noqa: E731
+  pos = jnp.pad(cache.pos, ((0, 0), (0, n)), constant_values=-1)
+  return dataclasses.replace(cache, k=pad(cache.k), v=pad(cache.v), pos=pos)
+
+
+def loss_fn(head: hd.LoadedHead, params, dec, tgt, batch, key, ec: EagleConfig):
+  """(loss, stats) of `head`'s structure with `params` (a pure dict) on one batch."""
+  module = head.with_params(params).module
+  fn = eagle1_loss if ec.kind == "eagle1" else eagle3_loss
+  return fn(module, dec, tgt, batch, key, ec)
+
+
+# --- steps ------------------------------------------------------------------------------------
+
+_STEPS: dict[Any, tuple] = {}  # compiled steps shared by runs of one (target, head) structure
+
+
+def compute_key(ec: EagleConfig) -> tuple:
+  """The EagleConfig fields that change the compiled steps."""
+  return (ec.kind, ec.steps, ec.lr, ec.warmup, ec.final_lr_ratio, ec.weight_decay, ec.clip_norm,
+          ec.b1, ec.b2, ec.ttt, ec.feature_noise, ec.ce_weight, ec.step_decay)
+
+
+def optimizer(ec: EagleConfig) -> optax.GradientTransformation:
+  """clip_by_global_norm(clip_norm), then AdamW under warmup + cosine decay (as for LMs)."""
+  return lm_train.optimizer(ec)  # reads only the optimizer fields, which EagleConfig shares
+
+
+def cached_steps(model: Model, head: hd.LoadedHead, ec: EagleConfig):
+  """(opt_init, train_step, eval_step), built once per process for a (target graphdef, head
+  graphdef, compute settings) so repeated runs (tests, resumes) reuse the compiled programs."""
+  key = (model.graphdef, model.cfg, head.graphdef, compute_key(ec))
+  if key not in _STEPS:
+    opt = optimizer(ec)
+    _STEPS[key] = (jax.jit(opt.init), *make_steps(model, head, ec, opt))
+  return _STEPS[key]
+
+
+def make_steps(model: Model, head: hd.LoadedHead, ec: EagleConfig,
+               opt: optax.GradientTransformation):
+  """train_step(state, target_params, batch, key) -> (state, stats), donating state; stats:
+  loss, ce, top1, feature_loss (eagle1), top1_last (eagle3, K > 1), n (counted positions),
+  grad_norm (before clipping), lr. eval_step(params, target_params, batch) -> stats, no
+  noise. The target's params are an argument, never differentiated (stop_gradient)."""
+  schedule_lr = lm_train.optimizer_lr(ec)
+  clean = dataclasses.replace(ec, feature_noise=0.0)
+  wants_layers = ec.kind == "eagle3"
+
+  def target(target_params, batch):
+    dec = model.with_params(jax.lax.stop_gradient(target_params)).decoder
+    return dec, target_forward(dec, batch, wants_layers)
+
+  def train_step(state, target_params, batch, key):
+    dec, tgt = target(target_params, batch)
+    key = jax.random.fold_in(key, state["step"])
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(head, p, dec, tgt, batch, key, ec),
+                                 has_aux=True)
+    (_, stats), grads = grad_fn(state["params"])
+    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    stats = {**stats, "grad_norm": optax.tree.norm(grads), "lr": schedule_lr(state["step"])}
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, stats
+
+  @jax.jit
+  def eval_step(params, target_params, batch):
+    dec, tgt = target(target_params, batch)
+    return loss_fn(head, params, dec, tgt, batch, jax.random.key(0), clean)[1]
+
+  return jax.jit(train_step, donate_argnums=0), eval_step
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def check_batch(batch: Batch, ec: EagleConfig, vocab_size: int, step: int) -> None:
+  """Raises TrainError unless batch holds inputs, targets, mask [B, T] in the vocabulary."""
+  keys = {"inputs": np.integer, "targets": np.integer, "mask": np.floating}
+  if not isinstance(batch, dict) or not set(keys) <= set(batch):
+    got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+    raise TrainError(f"batch {step}: expected a dict with keys {sorted(keys)}; got {got}")
+  want = (ec.batch_size, ec.seq_len)
+  optional = {k: np.integer for k in lm_train.OPTIONAL_KEYS if k in batch}
+  for key, kind in {**keys, **optional}.items():
+    a = np.asarray(batch[key])
+    if a.shape != want or not np.issubdtype(a.dtype, kind):
+      raise TrainError(f"batch {step}: {key} must be a {kind.__name__} array of shape "
+                       f"[B, T] = {list(want)}; got {a.dtype}{list(a.shape)}")
+  for key in ("inputs", "targets"):
+    a = np.asarray(batch[key])
+    if a.min() < 0 or a.max() >= vocab_size:
+      raise TrainError(f"batch {step}: {key} has token ids outside [0, {vocab_size}) "
+                       f"(min {a.min()}, max {a.max()}): the data and the target's vocabulary "
+                       "disagree")
+
+
+def _to_device(batch: Batch) -> dict[str, jax.Array]:
+  out = {"inputs": np.asarray(batch["inputs"], np.int32),
+         "targets": np.asarray(batch["targets"], np.int32),
+         "mask": np.asarray(batch["mask"], np.float32)}
+  for key in lm_train.OPTIONAL_KEYS:
+    if key in batch:
+      out[key] = np.asarray(batch[key], np.int32)
+  return jax.device_put(out)
+
+
+def evaluate(eval_step, params, target_params, eval_batches: Iterable[Batch],
+             n_batches: int) -> dict[str, float]:
+  """eval_<stat> for every stat of eval_step: means over the counted positions of the first
+  n_batches held-out batches (eval_n: the positions counted)."""
+  sums: dict[str, float] = {}
+  total = 0.0
+  for batch in itertools.islice(eval_batches, n_batches):
+    stats = jax.device_get(eval_step(params, target_params, _to_device(batch)))
+    n = float(stats.pop("n"))
+    total += n
+    for k, v in stats.items():
+      sums[k] = sums.get(k, 0.0) + float(v) * n
+  if total == 0:
+    raise TrainError("eval batches hold no position to score (mask 1 on three tokens in a row)")
+  return {**{f"eval_{k}": v / total for k, v in sums.items()}, "eval_n": int(total)}
+
+
+def validate(model: Model, head: hd.LoadedHead, prompts: Sequence[Sequence[int]],
+             ec: EagleConfig) -> float:
+  """Mean accepted tokens per target forward (the bonus token included) of greedy
+  speculative generation of ec.new_tokens tokens after each prompt, in one batch."""
+  from kvjax.speculative.generate import generate
+  out = generate(model, head, [list(map(int, p)) for p in prompts],
+                 max_new_tokens=ec.new_tokens, tree=ec.tree)
+  return float(out.stats["mean_accept_len"])
+
+
+def _json(x):
+  """x as it reads back from JSON (tuples become lists), for comparing with run.json."""
+  import json
+  return json.loads(json.dumps(x))
+
+
+def train(model: Model, head: hd.LoadedHead, ec: EagleConfig,
+          batches: Callable[[int], Iterable[Batch]] | Iterable[Batch],
+          eval_batches: Callable[[], Iterable[Batch]] | None = None,
+          prompts: Sequence[Sequence[int]] | None = None, *, progress: bool = True) -> Result:
+  """Trains `head`'s params against the frozen `model` for ec.steps steps (resuming from
+  ec.out_dir's latest checkpoint when there is one). Writes metrics.jsonl, loss.png,
+  checkpoints/ and run.json under ec.out_dir. batches: as for `kvjax.train.lm.train`.
+  eval_batches: () -> held-out batches (the first ec.eval_batches are scored). prompts: token
+  ids of held-out prompts for val_accept_len (the first ec.eval_prompts are used)."""
+  import orbax.checkpoint as ocp
+  if head.hc.kind != ec.kind:
+    raise TrainError(f"the head is {head.hc.kind} but the run trains {ec.kind}")
+  hd.check(head.hc, model.cfg)
+  if model.cfg.max_position < ec.seq_len:
+    raise TrainError(f"seq_len {ec.seq_len} exceeds the target's max_position "
+                     f"{model.cfg.max_position}")
+  prompts = list(prompts or [])[:ec.eval_prompts]
+  if prompts:
+    longest = max(map(len, prompts))
+    if longest + ec.new_tokens > model.cfg.max_position:
+      raise TrainError(f"validation prompts of {longest} tokens + {ec.new_tokens} new tokens "
+                       f"exceed the target's max_position {model.cfg.max_position}")
+  os.makedirs(ec.out_dir, exist_ok=True)
+  hc = head.hc.to_json()
+  hc.pop("target_name")
+  lm_train._check_resume(ec.out_dir, _json({"model": hc, "train": ec.resume_key()}))
+  dtype = jax.tree.leaves(head.state)[0].dtype
+  work = head.with_params(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), head.params()))
+  opt_init, train_step, eval_step = cached_steps(model, work, ec)
+  target_params = model.params()
+  base_key = jax.random.key(ec.seed)
+  has_eval = eval_batches is not None or bool(prompts)
+  params = work.params()
+  state = {"params": params, "opt_state": opt_init(params), "step": jnp.zeros((), jnp.int32)}
+  records: list[dict[str, Any]] = []
+  with lm_train._manager(ec) as manager:
+    start = 0
+    if manager.latest_step() is not None:
+      state = lm_train._restore(manager, state)
+      start = int(state["step"])
+    metrics.truncate(ec.out_dir, start)
+    it = lm_train._batch_iter(batches, start)
+    bar = lm_train._progress(progress, start, ec.steps)
+    t0, tokens = time.perf_counter(), 0.0
+    for step in range(start + 1, ec.steps + 1):
+      batch = next(it, None)
+      if batch is None:
+        raise TrainError(f"the batch iterator ended before step {step} of {ec.steps}")
+      check_batch(batch, ec, model.cfg.vocab_size, step - 1)
+      tokens += float(np.sum(batch["mask"]))
+      state, stats = train_step(state, target_params, _to_device(batch), base_key)
+      if lm_train._is_log_step(ec, step, has_eval):
+        stats = jax.device_get(stats)
+        stats.pop("n")
+        record = {"step": step, **{k: float(v) for k, v in stats.items()}}
+        record["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
+        if lm_train._is_eval_step(ec, step, has_eval):
+          if eval_batches is not None:
+            record.update(evaluate(eval_step, state["params"], target_params, eval_batches(),
+                                   ec.eval_batches))
+          if prompts:
+            record["val_accept_len"] = validate(model, work.with_params(state["params"]),
+                                                prompts, ec)
+        records.append(record)
+        metrics.append(ec.out_dir, record)
+        post = {"loss": f"{record['loss']:.4f}", "top1": f"{record['top1']:.3f}"}
+        if "val_accept_len" in record:
+          post["accept"] = f"{record['val_accept_len']:.2f}"
+        bar.set_postfix(post)
+        t0, tokens = time.perf_counter(), 0.0  # the rate excludes evaluation
+      bar.update(1)
+      if (ec.save_every and step % ec.save_every == 0) or step == ec.steps:
+        manager.save(step, args=ocp.args.StandardSave(state))
+        metrics.plot(ec.out_dir)
+        t0, tokens = time.perf_counter(), 0.0
+    bar.close()
+    manager.wait_until_finished()
+  metrics.plot(ec.out_dir)
+  host = jax.tree.map(lambda a: np.asarray(a).astype(dtype), jax.device_get(state["params"]))
+  return Result(head=head.with_params(host), records=records, resumed_from=start)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def prompts_from_stream(tokens: np.ndarray, doc: np.ndarray, n: int, length: int, *,
+                        rng: np.random.Generator | None = None) -> list[list[int]]:
+  """n prompts of `length` tokens, each inside one document of a token stream (tokens, doc
+  [N]): evenly spaced over the stream, or drawn at random with `rng`."""
+  tokens, doc = np.asarray(tokens), np.asarray(doc)
+  if n == 0:
+    return []
+  ok = np.flatnonzero(doc[:len(doc) - length + 1] == doc[length - 1:]) if len(doc) >= length \
+      else np.zeros(0, np.int64)
+  if not len(ok):
+    raise TrainError(f"no document of the held-out / prompt text has {length} tokens for a "
+                     "prompt")
+  if rng is None:
+    starts = ok[np.linspace(0, len(ok) - 1, n).round().astype(np.int64)]
+  else:
+    starts = rng.choice(ok, n, replace=len(ok) < n)
+  return [tokens[s:s + length].tolist() for s in starts]
+
+
+def text_streams(td) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+  """The (tokens, doc) streams of a `kvjax.train.text.TextData`'s train and held-out parts."""
+  train = td.windows[:td.n_train, :-1].ravel()
+  held = td.windows[td.n_train:, :-1].ravel()
+  return (train, np.zeros(len(train), np.int32)), (held, np.zeros(len(held), np.int32))
+
+
+def self_distill(model: Model, prompts: Sequence[Sequence[int]], length: int, *,
+                 temperature: float = 1.0, seed: int = 0, path: str | None = None,
+                 chunk: int = 32, progress: bool = True) -> np.ndarray:
+  """The target's own continuations of `prompts` as training sequences: [N, length] int32,
+  each row a prompt and what `kvjax.lm.generate` (greedy at temperature 0, else sampled) made
+  after it up to `length` tokens, -1 after a stop token. With `path` (a .npy file) the result
+  is made once and read back afterwards."""
+  from kvjax.lm.generate import generate
+  from kvjax.lm.sampling import Sampling
+  n = len(prompts)
+  if path is not None and os.path.exists(path):
+    seqs = np.load(path)
+    if seqs.shape != (n, length):
+      raise TrainError(f"{path} holds {seqs.shape[0]} sequences of {seqs.shape[1]} tokens, not "
+                       f"{n} of {length}: it belongs to another run; pass a new out dir")
+    return seqs
+  longest = max(map(len, prompts))
+  if longest >= length or length > model.cfg.max_position:
+    raise TrainError(f"self-distillation needs prompts ({longest} tokens) shorter than the "
+                     f"sequences ({length}), which must fit max_position "
+                     f"{model.cfg.max_position}")
+  sampling = Sampling(temperature=float(temperature))
+  seqs = np.full((n, length), -1, np.int32)
+  from tqdm import tqdm
+  bar = tqdm(total=n, desc="self-distill", unit="seq", dynamic_ncols=True, disable=not progress)
+  for s in range(0, n, chunk):
+    rows = [list(map(int, p)) for p in prompts[s:s + chunk]]
+    rows += [rows[0]] * (chunk - len(rows))  # one batch shape for every chunk
+    out = generate(model, rows, max_new_tokens=length - min(map(len, rows)), sampling=sampling,
+                   key=jax.random.fold_in(jax.random.key(seed), s))
+    for r in range(min(chunk, n - s)):
+      ids = (rows[r] + out.tokens[r])[:length]
+      seqs[s + r, :len(ids)] = ids
+    bar.update(min(chunk, n - s))
+  bar.close()
+  if path is not None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.npy"
+    np.save(tmp, seqs)
+    os.replace(tmp, path)
+  return seqs
+
+
+class SequenceData:
+  """Batches of fixed sequences [N, T + 1] (-1 = no token), T = seq_len: batch i is a pure
+  function of (seed, i), rows in epoch-wise permutations."""
+
+  def __init__(self, seqs: np.ndarray, *, batch_size: int, seed: int = 0):
+    seqs = np.asarray(seqs)
+    if seqs.ndim != 2 or seqs.shape[1] < 2 or not len(seqs):
+      raise TrainError(f"sequences must be [N, T + 1] with T >= 1; got {list(seqs.shape)}")
+    self.seqs, self.batch_size, self.seed = seqs, batch_size, seed
+
+  @functools.lru_cache(maxsize=4)
+  def _perm(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng((self.seed, epoch)).permutation(len(self.seqs))
+
+  def batch(self, i: int) -> Batch:
+    n, B = len(self.seqs), self.batch_size
+    rows = [self._perm(k // n)[k % n] for k in range(i * B, (i + 1) * B)]
+    w = self.seqs[np.asarray(rows)]
+    real = (w[:, :-1] >= 0) & (w[:, 1:] >= 0)
+    return {"inputs": np.maximum(w[:, :-1], 0).astype(np.int32),
+            "targets": np.maximum(w[:, 1:], 0).astype(np.int32),
+            "mask": real.astype(np.float32)}
+
+  def train_batches(self, start: int = 0):
+    i = start
+    while True:
+      yield self.batch(i)
+      i += 1
