@@ -59,6 +59,7 @@ from kvjax.train.lm import TrainError, _need
 
 Batch = dict[str, np.ndarray]
 DISTILL_FILE = "selfdistill.npy"
+PLOT_LABEL = "head loss"  # eagle1: SmoothL1 + 0.1 CE; eagle3: step-weighted CE
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -554,11 +555,11 @@ def train(model: Model, head: hd.LoadedHead, ec: EagleConfig,
       bar.update(1)
       if (ec.save_every and step % ec.save_every == 0) or step == ec.steps:
         manager.save(step, args=ocp.args.StandardSave(state))
-        metrics.plot(ec.out_dir)
+        metrics.plot(ec.out_dir, PLOT_LABEL)
         t0, tokens = time.perf_counter(), 0.0
     bar.close()
     manager.wait_until_finished()
-  metrics.plot(ec.out_dir)
+  metrics.plot(ec.out_dir, PLOT_LABEL)
   host = jax.tree.map(lambda a: np.asarray(a).astype(dtype), jax.device_get(state["params"]))
   return Result(head=head.with_params(host), records=records, resumed_from=start)
 

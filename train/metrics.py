@@ -39,8 +39,9 @@ def append(out_dir: str, record: dict[str, Any]) -> None:
     f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
 
 
-def plot(out_dir: str) -> str:
-  """Writes out_dir/loss.png: train loss (and eval loss where present) against step."""
+def plot(out_dir: str, ylabel: str = "loss per token (nats)") -> str:
+  """Writes out_dir/loss.png: train loss (and eval loss where present) against step, and
+  val_accept_len (EAGLE heads) on a second axis where present."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -53,9 +54,18 @@ def plot(out_dir: str) -> str:
   if evals:
     ax.plot(*zip(*evals), "o-", label="eval loss")
   ax.set_xlabel("step")
-  ax.set_ylabel("loss per token (nats)")
+  ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)
-  ax.legend()
+  handles, labels = ax.get_legend_handles_labels()
+  accept = [(r["step"], r["val_accept_len"]) for r in records
+            if r.get("val_accept_len") is not None]
+  if accept:
+    ax2 = ax.twinx()
+    ax2.plot(*zip(*accept), "s--", color="tab:green", label="val accept len")
+    ax2.set_ylabel("tokens per target forward")
+    h2, l2 = ax2.get_legend_handles_labels()
+    handles, labels = handles + h2, labels + l2
+  ax.legend(handles, labels)
   fig.tight_layout()
   path = os.path.join(out_dir, PNG)
   fig.savefig(path, dpi=100)
