@@ -42,6 +42,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 # HF LlamaConfig fields of each benchmark model.
 CONFIGS = {
@@ -219,22 +220,13 @@ def bandwidth_bound(cfg, n_params: int, itemsize: int, batch: int, args,
   return out
 
 
-def _cpu_name() -> str:
-  name = platform.processor()
-  if not name and os.path.exists("/proc/cpuinfo"):
-    with open("/proc/cpuinfo") as f:
-      name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                  "")
-  return name or platform.machine()
-
-
 def machine_info(hf) -> dict:
   import flax
   import jaxlib
   import torch
   import transformers
   return dict(
-      processor=_cpu_name(), cpu_count=os.cpu_count(), platform=platform.platform(),
+      processor=cpu_name(), cpu_count=os.cpu_count(), platform=platform.platform(),
       python=platform.python_version(), jax=jax.__version__, jaxlib=jaxlib.__version__,
       flax=flax.__version__, torch=torch.__version__, transformers=transformers.__version__,
       jax_backend=jax.default_backend(), jax_devices=[str(d) for d in jax.devices()],

@@ -11,6 +11,8 @@ measured run after one warm-up run (compilation excluded):
   chain    EAGLE-1 head, top_k 1 (chain drafting), depth --depth
   eagle1   EAGLE-2 dynamic tree with the EAGLE-1 head (--top-k, --depth, --tree-tokens)
   eagle3   the same tree with the EAGLE-3 head
+  small    EAGLE-1 head with a small tree (--small-tree top_k,depth,tokens; default 4,3,8),
+           the size that suits a CPU, where verifying 32 tokens costs several decode steps
   hf       the peer: Hugging Face transformers assisted generation, the same target (float32,
            PyTorch eager) with `assistant_model` = a small draft LM trained with `kvjax train
            lm` on the same tokenizer (--draft); batch 1 only (transformers' assisted
@@ -34,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -43,6 +44,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import jax
 
+from machine import describe
 from kvjax import lm, speculative
 from kvjax.lm.cli import positive
 from kvjax.lm.sampling import Sampling
@@ -139,12 +141,6 @@ def markdown(res) -> str:
   return "\n".join(lines)
 
 
-def machine() -> str:
-  dev = jax.devices()[0]
-  kind = getattr(dev, "device_kind", dev.platform)
-  return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"JAX {jax.__version__} on {jax.default_backend()} ({kind})")
-
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -159,15 +155,18 @@ def main(argv=None) -> int:
   p.add_argument("--top-k", type=positive, default=8)
   p.add_argument("--depth", type=positive, default=5)
   p.add_argument("--tree-tokens", type=positive, default=32)
+  p.add_argument("--small-tree", default="4,3,8", help="top_k,depth,tokens of the small tree")
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = p.parse_args(argv)
   model = lm.load(MODEL)
   prompts = held_out_prompts(model, args.prompts, args.prompt_len)
   tree = speculative.TreeSpec(top_k=args.top_k, depth=args.depth, total_tokens=args.tree_tokens)
   chain = speculative.TreeSpec(top_k=1, depth=args.depth, total_tokens=args.depth + 1)
+  k, d, n = (int(x) for x in args.small_tree.split(","))
+  small = speculative.TreeSpec(top_k=k, depth=d, total_tokens=n)
   heads = {"eagle1": speculative.load_head(args.head1, model),
            "eagle3": speculative.load_head(args.head3, model)}
-  res = dict(machine=machine(), prompts=len(prompts), prompt_len=args.prompt_len,
+  res = dict(machine=describe(), prompts=len(prompts), prompt_len=args.prompt_len,
              new_tokens=args.new_tokens,
              tree=dict(top_k=tree.top_k, depth=tree.depth, total_tokens=tree.total_tokens),
              settings=vars(args), rows=[])
@@ -185,12 +184,14 @@ def main(argv=None) -> int:
       for method, head, spec in (("kvjax vanilla decode", None, None),
                                  ("chain drafting, EAGLE-1 head", heads["eagle1"], chain),
                                  ("EAGLE-2 tree, EAGLE-1 head", heads["eagle1"], tree),
-                                 ("EAGLE-2 tree, EAGLE-3 head", heads["eagle3"], tree)):
+                                 ("EAGLE-2 tree, EAGLE-3 head", heads["eagle3"], tree),
+                                 (f"EAGLE-2 small tree ({k}/{d}/{n}), EAGLE-1 head",
+                                  heads["eagle1"], small)):
         r = run_kvjax(model, head, prompts, batch, sampling, args, spec)
         base = base or r["decode_s"]
         r.update(method=method, batch=batch, temperature=temp, speedup=base / r["decode_s"])
         res["rows"].append(r)
-        print(f"  T={temp:g} B={batch} {method:28s} accept {r['mean_accept_len'] or 0:.2f} "
+        print(f"  T={temp:g} B={batch} {method:40s} accept {r['mean_accept_len'] or 0:.2f} "
               f"{r['tokens_per_s']:8.1f} tok/s {r['speedup']:.2f}x", file=sys.stderr)
       if hf and batch == 1:
         h = run_hf(*hf, prompts, sampling, args)

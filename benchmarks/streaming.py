@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from machine import describe
 from kvjax import lm
 from kvjax.cache.sink import SinkCache
 from kvjax.lm import steps, streaming
@@ -245,12 +245,6 @@ def markdown(res: dict) -> str:
   return "\n".join(out)
 
 
-def machine() -> str:
-  dev = jax.devices()[0]
-  kind = getattr(dev, "device_kind", dev.platform)
-  return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"JAX {jax.__version__} on {jax.default_backend()} ({kind})")
-
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -276,7 +270,7 @@ def main(argv=None) -> int:
     p.error(f"--cost-sizes: expected comma-separated integers; got {args.cost_sizes!r}")
   if min(args.cost_sizes) < 8:
     p.error("--cost-sizes: each cache size must be >= 8")
-  res = dict(machine=machine(), backend=jax.default_backend(), settings=vars(args))
+  res = dict(machine=describe(), backend=jax.default_backend(), settings=vars(args))
   model = lm.load(MODEL) if {"quality", "memory"} & set(parts) else None
   for part in parts:
     print(f"{part}:", file=sys.stderr)
