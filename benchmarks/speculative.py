@@ -68,22 +68,25 @@ def held_out_prompts(model, n: int, length: int) -> list[list[int]]:
 def run_kvjax(model, head, prompts, batch, sampling, args, tree):
   """Generates every prompt (in rows of `batch`) once to warm up, once measured."""
   def once(seed):
-    decode_s, new, proposed, rounds = 0.0, 0, 0.0, 0
+    decode_s, new, proposed, rounds, forwards = 0.0, 0, 0.0, 0, 0
     for i in range(0, len(prompts), batch):
       rows = prompts[i:i + batch]
       kw = dict(max_new_tokens=args.new_tokens, sampling=sampling, stop_tokens=[],
                 key=jax.random.key(seed + i))
       if head is None:
         out = lm.generate(model, rows, **kw)
+        forwards += args.new_tokens  # one decode step per token (the prefill's is not timed)
       else:
         out = speculative.generate(model, head, rows, tree=tree, **kw)
         r = sum(out.stats["rounds_per_row"])
         proposed += out.stats["mean_accept_len"] * r
         rounds += r
+        forwards += out.stats["target_forwards"]
       decode_s += out.stats["decode_s"]
       new += out.stats["new_tokens"]
     return dict(decode_s=decode_s, new_tokens=new, tokens_per_s=new / decode_s,
-                mean_accept_len=proposed / rounds if rounds else None)
+                mean_accept_len=proposed / rounds if rounds else None,
+                target_forwards=forwards, ms_per_forward=1e3 * decode_s / forwards)
   once(0)
   return once(1)
 
@@ -132,11 +135,13 @@ def markdown(res) -> str:
            f"prompts of {res['prompt_len']} tokens, {res['new_tokens']} new tokens each; tree "
            f"top_k {res['tree']['top_k']}, depth {res['tree']['depth']}, "
            f"{res['tree']['total_tokens']} tokens; chain depth {res['tree']['depth']}.", "",
-           "| method | batch | temperature | mean accept len | decode tok/s | speedup |",
-           "|---|---:|---:|---:|---:|---:|"]
+           "| method | batch | temperature | mean accept len | ms per target forward | "
+           "decode tok/s | speedup |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
   for r in res["rows"]:
     acc = "" if r.get("mean_accept_len") is None else f"{r['mean_accept_len']:.2f}"
-    lines.append(f"| {r['method']} | {r['batch']} | {r['temperature']:g} | {acc} | "
+    ms = "" if r.get("ms_per_forward") is None else f"{r['ms_per_forward']:.2f}"
+    lines.append(f"| {r['method']} | {r['batch']} | {r['temperature']:g} | {acc} | {ms} | "
                  f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x |")
   return "\n".join(lines)
 
@@ -199,6 +204,7 @@ def main(argv=None) -> int:
         res["rows"].append(dict(method="HF assisted generation (peer)", batch=1,
                                 temperature=temp, mean_accept_len=a["mean_accept_len"],
                                 tokens_per_s=a["tokens_per_s"], decode_s=a["decode_s"],
+                                ms_per_forward=1e3 * a["decode_s"] / max(a["forwards"], 1),
                                 speedup=h["plain"]["decode_s"] / a["decode_s"],
                                 hf_plain_tokens_per_s=h["plain"]["tokens_per_s"]))
         print(f"  T={temp:g} B=1 HF assisted: {res['rows'][-1]}", file=sys.stderr)

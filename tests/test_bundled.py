@@ -86,3 +86,35 @@ def test_generate_defaults_to_shakespeare(models):
   want = lm.generate(models["shakespeare"], "ROMEO:", max_new_tokens=8)
   assert got["model"] == "shakespeare" and got["dtype"] == "float32"
   assert got["tokens"] == want.tokens and got["text"] == want.texts
+
+
+HEADS = {"shakespeare": "eagle1", "shakespeare-eagle3": "eagle3"}
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_shipped_heads_draft_for_shakespeare(models, name):
+  """Each shipped EAGLE head loads by name against `shakespeare`, its greedy speculative output
+  equals plain greedy decoding, and it was trained: its drafts are accepted on a held-out play
+  well beyond the 1 token per forward of an untrained head."""
+  from kvjax import speculative
+  base = models["shakespeare"]
+  head = speculative.load_head(name, base)
+  assert head.hc.kind == HEADS[name] and head.hc.target_name == "shakespeare"
+  ids = base.tokenizer.encode(_held_out("tragedy"), add_special_tokens=False)
+  prompt = ids[len(ids) // 2:len(ids) // 2 + 64]
+  tree = speculative.TreeSpec(top_k=4, depth=4, total_tokens=12)
+  got = speculative.generate(base, head, [prompt], max_new_tokens=48, tree=tree, stop_tokens=[])
+  want = lm.generate(base, [prompt], max_new_tokens=48, stop_tokens=[])
+  assert got.tokens == want.tokens
+  assert got.stats["mean_accept_len"] > 1.8, got.stats
+
+
+def test_cli_speculative_with_the_shipped_head(models):
+  code, out, err = cli("generate", "--prompt", "**HAMLET**", "--max-new-tokens", 16,
+                       "--speculative", "eagle", "--head", "shakespeare", "--tree-top-k", 2,
+                       "--tree-depth", 3, "--tree-tokens", 6, "--json")
+  assert code == 0, err
+  got = json.loads(out)
+  want = lm.generate(models["shakespeare"], "**HAMLET**", max_new_tokens=16)
+  assert got["tokens"] == want.tokens and got["head"] == "shakespeare"
+  assert got["target_forwards"] >= 1 and got["mean_accept_len"] >= 1.0

@@ -331,3 +331,16 @@ def test_tree_forward_kernel_equals_mask_path(family, monkeypatch):
                       functools.partial(orig, impl="pallas", interpret=True, block=16))
   got, _ = dec(tree.tokens, cache=cache, positions=positions, tree=tree.mask)
   np.testing.assert_allclose(got.logits, want.logits, atol=2e-4)
+
+
+def test_auto_tree_picks_the_fastest_measured_size(model, head):
+  logged = []
+  spec, table = speculative.auto_tree(model, head, [PROMPTS[0]], top_k=2, depth=2,
+                                      candidates=(5, 3, 99), max_new_tokens=6, log=logged.append)
+  # 99 exceeds the 1 + 2 + 4 nodes a top_k 2, depth 2 tree can hold; sizes are tried in order
+  assert [r["total_tokens"] for r in table] == [3, 5] and len(logged) == 2
+  fastest = max(table, key=lambda r: r["decode_tokens_per_s"])
+  assert spec == TreeSpec(top_k=2, depth=2, total_tokens=fastest["total_tokens"])
+  assert all(r["mean_accept_len"] >= 1.0 for r in table)
+  with pytest.raises(ValueError, match="no candidate tree size in \\[99\\] fits top_k=2"):
+    speculative.auto_tree(model, head, [PROMPTS[0]], top_k=2, depth=2, candidates=(99,))
