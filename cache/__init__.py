@@ -1,4 +1,5 @@
-"""KV cache pytrees and policies: the dense cache, the StreamingLLM sink cache, their views."""
+"""KV cache pytrees and policies: the dense cache, the StreamingLLM sink cache, their views;
+DroidSpeak cross-model reuse in `kvjax.cache.droidspeak`."""
 
 from kvjax.cache.dense import KVCache
 from kvjax.cache.sink import SinkCache

@@ -1,0 +1,164 @@
+"""DroidSpeak cache reuse (kvjax.cache.droidspeak): plans, capture, the receiver's prefill.
+
+The pair is a tiny 4-layer llama and a "fine-tune" of it: the same params plus noise, so the
+two models agree in architecture but not in any layer's output.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax import lm
+from kvjax.cache import droidspeak as ds
+from kvjax.lm import steps, tiny
+from kvjax.lm.generate import new_cache
+
+L = 4
+PREFIXES = [[5, 9, 12, 40, 7, 7, 100, 3, 18, 22, 31], [44, 2, 90, 16, 8]]
+
+
+@pytest.fixture(scope="module")
+def pair():
+  sender = tiny.model("llama", n_layers=L, seed=0)
+  rng = np.random.default_rng(1)
+  tuned = jax.tree.map(lambda a: a + 0.05 * np.std(a) * rng.standard_normal(a.shape)
+                       .astype(np.float32), sender.params())
+  return sender, sender.with_params(tuned)
+
+
+def padded(rows, P=16):
+  tokens = np.zeros((len(rows), P), np.int32)
+  for b, r in enumerate(rows):
+    tokens[b, :len(r)] = r
+  return jnp.asarray(tokens), jnp.asarray([len(r) for r in rows], jnp.int32)
+
+
+def own_prefill(model, tokens, lengths, size=16):
+  _, cache = steps.prefill(model.graphdef, model.state, new_cache(model, tokens.shape[0], size),
+                           tokens, lengths)
+  return cache
+
+
+def assert_cache_equal(a, b, lengths, atol=0.0):
+  """Equal K/V in every filled slot, equal positions and lengths."""
+  np.testing.assert_array_equal(a.length, b.length)
+  np.testing.assert_array_equal(a.pos, b.pos)
+  for b_, n in enumerate(np.asarray(lengths)):
+    for name in ("k", "v"):
+      x, y = np.asarray(getattr(a, name))[:, b_, :n], np.asarray(getattr(b, name))[:, b_, :n]
+      np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=f"{name} row {b_}")
+
+
+def test_plan_values():
+  p = ds.Plan.parse("1-3", L)
+  assert p.groups == ((1, 3),) and p.recomputed == (1, 2) and p.reused == (0, 3)
+  assert p.e_layers == (1,) and p.recomputed_fraction == 0.5 and str(p) == "1-3"
+  assert ds.Plan.parse("full", L) == ds.Plan.full(L) and ds.Plan.full(L).e_layers == ()
+  assert ds.Plan.parse("none", L) == ds.Plan.reuse_all(L) and str(ds.Plan.reuse_all(L)) == "none"
+  assert ds.Plan.kv_from(2, L).groups == ((0, 2),) and ds.Plan.kv_from(0, L).groups == ()
+  assert ds.Plan.parse(" 0-1, 2-4 ", L).groups == ((0, 1), (2, 4))
+  assert hash(p) == hash(ds.Plan.parse("1-3", L))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0-2,1-3", "overlap or are out of order"),
+    ("2-4,0-1", "overlap or are out of order"),
+    ("1-5", r"group \[1, 5\) is not a non-empty layer range within \[0, 4\)"),
+    ("2-2", r"group \[2, 2\) is not a non-empty"),
+    ("1:3", "'1:3' is not a group 'start-stop'"),
+])
+def test_bad_plans(text, message):
+  with pytest.raises(ds.DroidSpeakError, match=message):
+    ds.Plan.parse(text, L)
+
+
+def test_full_recompute_equals_the_receivers_own_prefill(pair):
+  sender, receiver = pair
+  tokens, lengths = padded(PREFIXES)
+  plan = ds.Plan.full(L)
+  sent = ds.capture(sender, tokens, lengths, plan)
+  assert sent.k.shape[0] == 0 and sent.e.shape[0] == 0  # nothing of the sender is needed
+  got = ds.receive(receiver, sent, size=16)
+  assert_cache_equal(got, own_prefill(receiver, tokens, lengths), lengths)
+
+
+def test_reuse_all_equals_the_senders_cache(pair):
+  sender, receiver = pair
+  tokens, lengths = padded(PREFIXES)
+  sent = ds.capture(sender, tokens, lengths, ds.Plan.reuse_all(L))
+  assert sent.k.shape[0] == L and sent.e.shape[0] == 0
+  got = ds.receive(receiver, sent, size=16)
+  assert_cache_equal(got, own_prefill(sender, tokens, lengths), lengths)
+
+
+@pytest.mark.parametrize("text", ["1-3", "0-1,2-4", "3-4"])
+def test_mixed_plan_equals_a_layer_by_layer_computation(pair, text):
+  """Reused layers: the sender's K/V; each group: the sender's hidden state entering its first
+  layer, then the receiver's layers one at a time."""
+  sender, receiver = pair
+  tokens, lengths = padded(PREFIXES)
+  plan = ds.Plan.parse(text, L)
+  sent = ds.capture(sender, tokens, lengths, plan)
+  got = ds.receive(receiver, sent, size=24)
+  assert got.size == 24
+  out, _ = sender.decoder(tokens, return_kv=True, return_layer_inputs=True)
+  k, v = np.array(out.k), np.array(out.v)
+  dec = receiver.decoder
+  for s, e in plan.groups:
+    x = dec.embed_tokens(tokens) if s == 0 else out.layer_inputs[s]
+    for i in range(s, e):
+      step, _ = dec(**({"embeds": x} if i == 0 else {"hidden": x}), layers=(i, i + 1),
+                    return_kv=True, logits=False)
+      k[i], v[i] = step.k[0], step.v[0]
+      x = step.hidden
+  for b, n in enumerate(np.asarray(lengths)):
+    np.testing.assert_allclose(np.asarray(got.k)[:, b, :n], k[:, b, :n], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(got.v)[:, b, :n], v[:, b, :n], atol=2e-5, rtol=0)
+  np.testing.assert_array_equal(got.length, lengths)
+  for j, i in enumerate(plan.reused):  # reused layers hold the sender's K/V bit for bit
+    np.testing.assert_array_equal(np.asarray(got.k)[i, :, :16], np.asarray(sent.k)[j])
+    np.testing.assert_array_equal(np.asarray(got.v)[i, :, :16], np.asarray(sent.v)[j])
+
+
+def test_the_receiver_continues_from_the_spliced_cache(pair):
+  """New tokens attend to the spliced cache: with a full-recompute plan the receiver's next
+  logits are its own (lm.score); with a mixed plan they are the receiver's over that cache."""
+  sender, receiver = pair
+  prefix, suffix = PREFIXES[0], [61, 62, 63]
+  tokens, lengths = padded([prefix])
+  want = lm.score(receiver, prefix + suffix)[-1]
+  cache = ds.receive(receiver, ds.capture(sender, tokens, lengths, ds.Plan.full(L)), size=32)
+  logits, cache = steps.extend(receiver.graphdef, receiver.state, cache,
+                               jnp.asarray([suffix], jnp.int32), jnp.asarray([3], jnp.int32))
+  np.testing.assert_allclose(logits[0], want, atol=1e-4)
+  assert int(cache.length[0]) == len(prefix) + 3
+  mixed = ds.receive(receiver, ds.capture(sender, tokens, lengths, ds.Plan.parse("2-4", L)),
+                     size=32)
+  logits2, _ = steps.extend(receiver.graphdef, receiver.state, mixed,
+                            jnp.asarray([suffix], jnp.int32), jnp.asarray([3], jnp.int32))
+  assert np.isfinite(np.asarray(logits2)).all()
+  assert not np.allclose(logits2[0], want, atol=1e-4)  # layers 0-1 are the sender's
+
+
+def test_mismatches_get_clear_errors(pair):
+  sender, receiver = pair
+  tokens, lengths = padded(PREFIXES)
+  other = tiny.model("llama", n_layers=3)
+  with pytest.raises(ds.DroidSpeakError, match="n_layers 4 vs 3"):
+    ds.check_pair(sender, other)
+  ds.check_pair(sender, receiver)
+  with pytest.raises(ds.DroidSpeakError, match="plan is for 4 layers; the sender has 3"):
+    ds.capture(other, tokens, lengths, ds.Plan.full(L))
+  sent = ds.capture(sender, tokens, lengths, ds.Plan.parse("1-2", L))
+  with pytest.raises(ds.DroidSpeakError, match="plan is for 4 layers; the receiver has 3"):
+    ds.receive(other, sent)
+  with pytest.raises(ds.DroidSpeakError, match="size 8 cannot hold the 16-token"):
+    ds.receive(receiver, sent, size=8)
+  with pytest.raises(ds.DroidSpeakError, match=r"lengths must lie in \[1, 16\]"):
+    ds.capture(sender, tokens, jnp.asarray([0, 5], jnp.int32), ds.Plan.full(L))
+  with pytest.raises(ds.DroidSpeakError, match="tokens must be an int array"):
+    ds.capture(sender, np.zeros((2, 16), np.float32), lengths, ds.Plan.full(L))
+  with pytest.raises(ds.DroidSpeakError, match=r"capture.e has shape"):
+    import dataclasses
+    ds.receive(receiver, dataclasses.replace(sent, e=sent.e[:, :1]))
