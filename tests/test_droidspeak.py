@@ -162,3 +162,70 @@ def test_mismatches_get_clear_errors(pair):
   with pytest.raises(ds.DroidSpeakError, match=r"capture.e has shape"):
     import dataclasses
     ds.receive(receiver, dataclasses.replace(sent, e=sent.e[:, :1]))
+
+
+# --- the transfer payload -----------------------------------------------------------------
+
+def _sent(pair, text="1-3"):
+  sender, _ = pair
+  tokens, lengths = padded(PREFIXES)
+  return ds.capture(sender, tokens, lengths, ds.Plan.parse(text, L))
+
+
+def test_payload_round_trip_file_and_socket(pair, tmp_path):
+  import threading
+  from kvjax.cache import payload as pl
+  sender, receiver = pair
+  sent = _sent(pair)
+  data = pl.encode(sent, sender)
+  pl.write(str(tmp_path / "p.bin"), data)
+  back = pl.decode(pl.read(str(tmp_path / "p.bin")), receiver, sender=sender, prefix=PREFIXES)
+  assert back.plan == sent.plan
+  for name in ("tokens", "lengths", "k", "v", "e"):
+    np.testing.assert_array_equal(np.asarray(getattr(back, name)), np.asarray(getattr(sent, name)))
+  got = []
+  ready = threading.Event()
+  port = {}
+
+  def listen():
+    got.append(pl.serve_once(0, timeout=30, on_listen=lambda p: (port.setdefault("p", p),
+                                                                 ready.set())))
+
+  t = threading.Thread(target=listen)
+  t.start()
+  assert ready.wait(30)
+  pl.send(data, port["p"])
+  t.join(30)
+  assert got == [data]
+  header, _ = pl.read_header(data)
+  assert header["plan"] == "1-3" and header["prefix"] == PREFIXES and header["dtype"] == "float32"
+
+
+def test_payload_refuses_what_is_not_for_this_receiver(pair):
+  from kvjax.cache import payload as pl
+  sender, receiver = pair
+  data = pl.encode(_sent(pair), sender)
+  with pytest.raises(pl.PayloadError, match="another architecture"):
+    pl.decode(data, tiny.model("llama", n_layers=L + 1), sender=sender)
+  no_tok = lm.init(receiver.cfg, seed=0)
+  with pytest.raises(pl.PayloadError, match="another tokenizer"):
+    pl.decode(data, no_tok)
+  with pytest.raises(pl.PayloadError, match="another sender than the expected one"):
+    pl.decode(data, receiver, sender=receiver)
+  with pytest.raises(pl.PayloadError, match=r"prefix \(\[11, 5\] tokens per row\) is not"):
+    pl.decode(data, receiver, prefix=[PREFIXES[0], PREFIXES[1][:-1]])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: d[:-7], "truncated or padded payload"),
+    (lambda d: d[:20], "truncated payload: the header needs"),
+    (lambda d: d[:-3] + bytes([d[-3] ^ 1]) + d[-2:], "SHA-256 does not match"),
+    (lambda d: b"GARBAGE!" + d[8:], "not a kvjax DroidSpeak payload"),
+    (lambda d: d[:13] + b"}" + d[14:], "corrupt payload header"),
+])
+def test_payload_refuses_damaged_bytes(pair, damage, message):
+  from kvjax.cache import payload as pl
+  sender, receiver = pair
+  data = pl.encode(_sent(pair), sender)
+  with pytest.raises(pl.PayloadError, match=message):
+    pl.decode(damage(data), receiver)

@@ -1,0 +1,197 @@
+"""The DroidSpeak transfer payload: a sender's `Capture` as bytes, checked on arrival.
+
+Layout (all integers little-endian):
+
+    magic      8 bytes   b"KVJXDS01"
+    n_header   uint32    length of the header
+    header     n_header bytes of UTF-8 JSON:
+                 format: 1
+                 fingerprint: {architecture, tokenizer, sender}: SHA-256 hex digests of the
+                   model config (canonical JSON), the tokenizer (its JSON), the sender's params
+                 plan: the plan as text ("1-3", "none", ...), n_layers
+                 prefix: the token ids of each row (unpadded); padded: P; positions: "arange"
+                 dtype: the K/V/E dtype name
+                 tensors: [{name, shape, offset, nbytes}] for k, v, e, offsets into the data
+                 data_bytes, data_sha256: the length and SHA-256 of the data section
+    data       data_bytes bytes: the tensors, C order, back to back
+
+`decode` refuses, with a `PayloadError` that says what differs, a payload that is truncated or
+corrupt (bad magic, header, length or checksum), or whose architecture, tokenizer, sender or
+prefix is not the one the receiver expects. Over TCP (`send` / `serve_once`) the payload goes
+as one uint64 length and the bytes, loopback by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import socket
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.cache.droidspeak import Capture, Plan
+
+MAGIC = b"KVJXDS01"
+FORMAT = 1
+TENSORS = ("k", "v", "e")
+
+
+class PayloadError(ValueError):
+  """A payload that is not for this receiver, or not a whole, intact payload."""
+
+
+def _sha(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+def fingerprint(model) -> dict[str, str]:
+  """{architecture, tokenizer, sender}: digests of the config, the tokenizer JSON and the
+  params (the `sender` entry identifies this exact model as a sender)."""
+  arch = json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=list).encode()
+  tok = model.tokenizer.tok.to_str().encode() if model.tokenizer is not None else b""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(model.params()):
+    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return {"architecture": _sha(arch), "tokenizer": _sha(tok), "sender": h.hexdigest()}
+
+
+def encode(sent: Capture, sender) -> bytes:
+  """The payload of `sent`, captured by `sender` (a kvjax.lm.Model)."""
+  lengths = np.asarray(sent.lengths)
+  tokens = np.asarray(sent.tokens)
+  arrays = {name: np.ascontiguousarray(np.asarray(getattr(sent, name))) for name in TENSORS}
+  dtype = arrays["k"].dtype
+  tensors, offset, chunks = [], 0, []
+  for name, a in arrays.items():
+    raw = a.astype(dtype).tobytes()
+    tensors.append({"name": name, "shape": list(a.shape), "offset": offset, "nbytes": len(raw)})
+    chunks.append(raw)
+    offset += len(raw)
+  data = b"".join(chunks)
+  header = {"format": FORMAT, "fingerprint": fingerprint(sender),
+            "plan": str(sent.plan), "n_layers": sent.plan.n_layers,
+            "prefix": [tokens[b, :n].tolist() for b, n in enumerate(lengths)],
+            "padded": int(tokens.shape[1]), "positions": "arange", "dtype": str(dtype),
+            "tensors": tensors, "data_bytes": len(data), "data_sha256": _sha(data)}
+  head = json.dumps(header).encode()
+  return MAGIC + struct.pack("<I", len(head)) + head + data
+
+
+def read_header(payload: bytes) -> tuple[dict, bytes]:
+  """(header, data) of a whole, intact payload; PayloadError otherwise."""
+  if len(payload) < len(MAGIC) + 4 or payload[:len(MAGIC)] != MAGIC:
+    raise PayloadError(f"not a kvjax DroidSpeak payload (expected magic {MAGIC!r}, got "
+                       f"{payload[:len(MAGIC)]!r})")
+  (n,) = struct.unpack("<I", payload[len(MAGIC):len(MAGIC) + 4])
+  start = len(MAGIC) + 4
+  if len(payload) < start + n:
+    raise PayloadError(f"truncated payload: the header needs {n} bytes, {len(payload) - start} "
+                       "arrived")
+  try:
+    header = json.loads(payload[start:start + n])
+    want = int(header["data_bytes"])
+  except (ValueError, KeyError, TypeError) as err:
+    raise PayloadError(f"corrupt payload header ({type(err).__name__}: {err})") from None
+  if header.get("format") != FORMAT:
+    raise PayloadError(f"payload format {header.get('format')!r}; this kvjax reads {FORMAT}")
+  data = payload[start + n:]
+  if len(data) != want:
+    raise PayloadError(f"truncated or padded payload: {len(data)} data bytes, the header says "
+                       f"{want}")
+  if _sha(data) != header["data_sha256"]:
+    raise PayloadError("corrupt payload: the data's SHA-256 does not match the header's")
+  return header, data
+
+
+def decode(payload: bytes, receiver, *, sender=None, prefix: list[list[int]] | None = None
+           ) -> Capture:
+  """The Capture in `payload`, checked against the receiver (architecture and tokenizer), the
+  expected sender (a Model, or its `fingerprint()["sender"]`), and the expected prefix token
+  ids per row when given."""
+  header, data = read_header(payload)
+  fp, mine = header["fingerprint"], fingerprint(receiver)
+  for key, what in (("architecture", "architecture"), ("tokenizer", "tokenizer")):
+    if fp.get(key) != mine[key]:
+      raise PayloadError(f"the payload was made by a model with another {what} than the "
+                         f"receiver's ({key} fingerprint {str(fp.get(key))[:12]}... vs "
+                         f"{mine[key][:12]}...)")
+  if sender is not None:
+    want = sender if isinstance(sender, str) else fingerprint(sender)["sender"]
+    if fp.get("sender") != want:
+      raise PayloadError(f"the payload comes from another sender than the expected one "
+                         f"(params fingerprint {str(fp.get('sender'))[:12]}... vs {want[:12]}...)")
+  rows = header["prefix"]
+  if prefix is not None and [list(map(int, r)) for r in prefix] != rows:
+    raise PayloadError(f"the payload's prefix ({[len(r) for r in rows]} tokens per row) is not "
+                       f"the receiver's ({[len(r) for r in prefix]}): they must be the same "
+                       "token ids")
+  plan = Plan.parse(header["plan"], int(header["n_layers"]))
+  dtype = np.dtype(jnp.dtype(header["dtype"]))
+  arrays = {}
+  for t in header["tensors"]:
+    raw = data[t["offset"]:t["offset"] + t["nbytes"]]
+    if len(raw) != t["nbytes"] or int(np.prod(t["shape"])) * dtype.itemsize != t["nbytes"]:
+      raise PayloadError(f"corrupt payload: tensor {t['name']} of shape {t['shape']} does not fit "
+                         f"its {t['nbytes']} bytes")
+    arrays[t["name"]] = np.frombuffer(raw, dtype).reshape(t["shape"])
+  if set(arrays) != set(TENSORS):
+    raise PayloadError(f"corrupt payload: tensors {sorted(arrays)}, expected {list(TENSORS)}")
+  P = int(header["padded"])
+  tokens = np.zeros((len(rows), P), np.int32)
+  for b, r in enumerate(rows):
+    tokens[b, :len(r)] = r
+  return Capture(tokens=jnp.asarray(tokens), lengths=jnp.asarray([len(r) for r in rows],
+                                                                 jnp.int32),
+                 k=jnp.asarray(arrays["k"]), v=jnp.asarray(arrays["v"]),
+                 e=jnp.asarray(arrays["e"]), plan=plan)
+
+
+def write(path: str, payload: bytes) -> None:
+  with open(path, "wb") as f:
+    f.write(payload)
+
+
+def read(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def send(payload: bytes, port: int, host: str = "127.0.0.1", timeout: float = 60.0) -> None:
+  """Sends one payload to a `serve_once` listener."""
+  with socket.create_connection((host, port), timeout=timeout) as s:
+    s.sendall(struct.pack("<Q", len(payload)) + payload)
+
+
+def serve_once(port: int, host: str = "127.0.0.1", timeout: float = 60.0,
+               on_listen=None) -> bytes:
+  """Listens on host:port (port 0: any free one), accepts one connection and returns the
+  payload it sends. on_listen(port) is called once listening (for port 0)."""
+  with socket.create_server((host, port)) as srv:
+    srv.settimeout(timeout)
+    if on_listen is not None:
+      on_listen(srv.getsockname()[1])
+    try:
+      conn, _ = srv.accept()
+    except TimeoutError:
+      raise PayloadError(f"no sender connected to {host}:{port} within {timeout:g} s") from None
+    with conn:
+      conn.settimeout(timeout)
+      head = _recv(conn, 8)
+      (n,) = struct.unpack("<Q", head)
+      return _recv(conn, n)
+
+
+def _recv(conn, n: int) -> bytes:
+  chunks, got = [], 0
+  while got < n:
+    chunk = conn.recv(min(n - got, 1 << 20))
+    if not chunk:
+      raise PayloadError(f"the sender closed the connection after {got} of {n} bytes "
+                         "(truncated payload)")
+    chunks.append(chunk)
+    got += len(chunk)
+  return b"".join(chunks)
