@@ -229,3 +229,35 @@ def test_payload_refuses_damaged_bytes(pair, damage, message):
   data = pl.encode(_sent(pair), sender)
   with pytest.raises(pl.PayloadError, match=message):
     pl.decode(damage(data), receiver)
+
+
+# --- compare runs (kvjax.lm.droidspeak) ---------------------------------------------------
+
+PROMPT = [int(x) for x in np.random.default_rng(5).integers(3, 200, 40)]
+
+
+def test_compare_full_plan_matches_lm_score(pair):
+  from kvjax.lm import droidspeak as run
+  sender, receiver = pair
+  r = run.compare(sender, receiver, ds.Plan.full(L), PROMPT, eval_tokens=8, max_new_tokens=6,
+                  repeats=1)
+  logits = np.asarray(lm.score(receiver, PROMPT))
+  logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+  want = -np.mean([logp[i - 1, PROMPT[i]] for i in range(len(PROMPT) - 8, len(PROMPT))])
+  np.testing.assert_allclose(r["loss_full"], want, rtol=1e-5)
+  np.testing.assert_allclose(r["loss_reuse"], want, rtol=1e-5)
+  assert r["tokens"] == r["tokens_full"] and r["agreement"] == 1.0 and len(r["tokens"]) == 6
+  assert r["tokens_full"] == lm.generate(receiver, [PROMPT], max_new_tokens=6,
+                                         stop_tokens=[]).tokens[0]
+  assert r["prefix_tokens"] == len(PROMPT) - 9 and r["prefill_s_full"] > 0
+
+
+def test_compare_reuse_differs_from_full(pair):
+  from kvjax.lm import droidspeak as run
+  sender, receiver = pair
+  r = run.compare(sender, receiver, ds.Plan.reuse_all(L), PROMPT, eval_tokens=8,
+                  max_new_tokens=0, repeats=1)
+  assert r["loss_reuse"] != r["loss_full"] and np.isfinite(r["loss_reuse"])
+  assert r["recomputed_layers"] == [] and r["tokens"] == []
+  with pytest.raises(ValueError, match="needs at least 10"):
+    run.compare(sender, receiver, ds.Plan.full(L), PROMPT[:9], eval_tokens=8)
