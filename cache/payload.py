@@ -9,7 +9,9 @@ Layout (all integers little-endian):
                  fingerprint: {architecture, tokenizer, sender}: SHA-256 hex digests of the
                    model config (canonical JSON), the tokenizer (its JSON), the sender's params
                  plan: the plan as text ("1-3", "none", ...), n_layers
-                 prefix: the token ids of each row (unpadded); padded: P; positions: "arange"
+                 prefix: the token ids of each row (unpadded); padded: the sender's padded
+                   length P (tensors hold the first max(len(row)) slots, decode pads to P);
+                   positions: "arange"
                  dtype: the K/V/E dtype name
                  tensors: [{name, shape, offset, nbytes}] for k, v, e, offsets into the data
                  data_bytes, data_sha256: the length and SHA-256 of the data section
@@ -63,7 +65,9 @@ def encode(sent: Capture, sender) -> bytes:
   """The payload of `sent`, captured by `sender` (a kvjax.lm.Model)."""
   lengths = np.asarray(sent.lengths)
   tokens = np.asarray(sent.tokens)
-  arrays = {name: np.ascontiguousarray(np.asarray(getattr(sent, name))) for name in TENSORS}
+  n = int(lengths.max())  # slots past every row's prefix are padding: not sent
+  arrays = {name: np.ascontiguousarray(np.asarray(getattr(sent, name))[:, :, :n])
+            for name in TENSORS}
   dtype = arrays["k"].dtype
   tensors, offset, chunks = [], 0, []
   for name, a in arrays.items():
@@ -141,6 +145,12 @@ def decode(payload: bytes, receiver, *, sender=None, prefix: list[list[int]] | N
   if set(arrays) != set(TENSORS):
     raise PayloadError(f"corrupt payload: tensors {sorted(arrays)}, expected {list(TENSORS)}")
   P = int(header["padded"])
+  n = max(map(len, rows))
+  if n > P or any(a.shape[2] != n for a in arrays.values()):
+    raise PayloadError(f"corrupt payload: tensors of {[a.shape[2] for a in arrays.values()]} "
+                       f"slots for a {n}-token prefix padded to {P}")
+  pad = lambda a: np.pad(a, [(0, 0), (0, 0), (0, P - n)] + [(0, 0)] * (a.ndim - 3))  # noqa: E731
+  arrays = {k: pad(a) for k, a in arrays.items()}
   tokens = np.zeros((len(rows), P), np.int32)
   for b, r in enumerate(rows):
     tokens[b, :len(r)] = r

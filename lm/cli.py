@@ -3,6 +3,7 @@
     kvjax generate --prompt "ROMEO:" [--model DIR_OR_NAME] [--max-new-tokens 64] [--json]
     kvjax stream --prompt "ROMEO:" --sinks 4 --window 252      (or a chat from stdin)
     kvjax ppl --text FILE --cache sink --window 252
+    kvjax droidspeak {run,send,receive} --plan 0-1 --prompt-file FILE   (kvjax.lm.droidspeak_cli)
     python -m kvjax generate ...
 
 Each subcommand is added by its own `_add_<name>(subparsers)` function, which sets `run` (does
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_stream(subparsers)
   _add_ppl(subparsers)
   _add_train(subparsers)
+  from kvjax.lm import droidspeak_cli
+  droidspeak_cli.add(subparsers)
   return parser
 
 

@@ -60,8 +60,8 @@ def _tail(graphdef, state, cache, tokens, targets):
 
 
 def continue_from(model: Model, cache, tail: list[int], max_new_tokens: int) -> dict:
-  """Feeds the tail after a prefix cache -> {loss: mean nll of tail[1:], tokens: the greedy
-  continuation of max_new_tokens tokens}."""
+  """Feeds the tail after a prefix cache -> {loss: mean nll of tail[1:] (None for a 1-token
+  tail), tokens: the greedy continuation of max_new_tokens tokens}."""
   t = jnp.asarray([tail], jnp.int32)
   (nll, logits, cache), _ = steps.call(model, _tail, model.state, cache, t, t[:, 1:])
   out = []
@@ -71,7 +71,8 @@ def continue_from(model: Model, cache, tail: list[int], max_new_tokens: int) -> 
         jnp.int32(max_new_tokens), jnp.asarray([-1], jnp.int32),
         sampling=Sampling(), max_steps=steps.bucket(max_new_tokens))
     out = np.asarray(toks)[0, :int(counts[0])].tolist()
-  return {"loss": float(np.mean(np.asarray(nll))), "tokens": out}
+  loss = float(np.mean(np.asarray(nll))) if len(tail) > 1 else None
+  return {"loss": loss, "tokens": out}
 
 
 def _median_s(fn, repeats: int) -> tuple[float, object]:

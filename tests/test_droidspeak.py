@@ -181,8 +181,17 @@ def test_payload_round_trip_file_and_socket(pair, tmp_path):
   pl.write(str(tmp_path / "p.bin"), data)
   back = pl.decode(pl.read(str(tmp_path / "p.bin")), receiver, sender=sender, prefix=PREFIXES)
   assert back.plan == sent.plan
-  for name in ("tokens", "lengths", "k", "v", "e"):
+  for name in ("tokens", "lengths"):
     np.testing.assert_array_equal(np.asarray(getattr(back, name)), np.asarray(getattr(sent, name)))
+  n = max(map(len, PREFIXES))  # slots past the longest prefix are padding, not sent
+  for name in ("k", "v", "e"):
+    a, b = np.asarray(getattr(back, name)), np.asarray(getattr(sent, name))
+    assert a.shape == b.shape
+    np.testing.assert_array_equal(a[:, :, :n], b[:, :, :n])
+    assert not a[:, :, n:].any()
+  assert_cache_equal(ds.receive(receiver, back), ds.receive(receiver, sent), sent.lengths)
+  sizes = sum(getattr(sent, name).size for name in ("k", "v", "e"))
+  assert pl.read_header(data)[0]["data_bytes"] == sizes // 16 * n * 4  # float32, n of 16 slots
   got = []
   ready = threading.Event()
   port = {}
@@ -261,3 +270,93 @@ def test_compare_reuse_differs_from_full(pair):
   assert r["recomputed_layers"] == [] and r["tokens"] == []
   with pytest.raises(ValueError, match="needs at least 10"):
     run.compare(sender, receiver, ds.Plan.full(L), PROMPT[:9], eval_tokens=8)
+
+
+# --- kvjax droidspeak {run,send,receive} --------------------------------------------------
+
+TEXT = "To be, or not to be, that is the question: whether tis nobler in the mind to suffer"
+
+
+@pytest.fixture(scope="module")
+def pair_dirs(pair, tmp_path_factory):
+  root = tmp_path_factory.mktemp("pair")
+  for name, model in zip(("sender", "receiver"), pair):
+    lm.save(model, str(root / name))
+  return str(root / "sender"), str(root / "receiver")
+
+
+def test_cli_run_json(pair_dirs, pair):
+  import json
+  from test_cli import cli
+  s, r = pair_dirs
+  code, out, err = cli("droidspeak", "run", "--sender", s, "--receiver", r, "--plan", "full",
+                       "--prompt", TEXT, "--eval-tokens", 16, "--max-new-tokens", 5,
+                       "--repeats", 1, "--json")
+  assert code == 0, err
+  got = json.loads(out)
+  keys = {"prefill_s_full", "prefill_s_reuse", "prefill_speedup", "loss_full", "loss_reuse",
+          "tokens", "text", "agreement", "plan"}
+  assert keys <= set(got) and got["plan"] == "0-4" and got["loss_full"] == got["loss_reuse"]
+  want = lm.generate(pair[1], TEXT, max_new_tokens=5, stop_tokens=[]).tokens[0]
+  assert got["tokens"] == want and got["prefill_speedup"] > 0
+
+
+def test_cli_send_and_receive_in_two_processes(pair_dirs, pair, tmp_path):
+  """receive listens in a process of its own (port 0: it prints the port), send runs here; the
+  file route gives the same continuation, and with a full plan it is the receiver's own."""
+  import json
+  import os
+  import subprocess
+  import sys
+  from test_cli import cli
+  s, r = pair_dirs
+  recv = [sys.executable, "-m", "kvjax", "droidspeak", "receive", "--receiver", r, "--sender", s,
+          "--prompt", TEXT, "--max-new-tokens", 6, "--json"]
+  proc = subprocess.Popen([str(a) for a in recv + ["--port", 0, "--timeout", 120]],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "XLA_FLAGS": ""})
+  try:
+    line = proc.stderr.readline()
+    assert "listening on 127.0.0.1:" in line, line + proc.stderr.read()
+    port = int(line.rsplit(":", 1)[1])
+    code, _, err = cli("droidspeak", "send", "--sender", s, "--plan", "1-3", "--prompt", TEXT,
+                       "--port", port)
+    assert code == 0, err
+    out, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, err
+  tcp = json.loads(out)
+  assert tcp["plan"] == "1-3" and tcp["recomputed_layers"] == [1, 2] and len(tcp["tokens"]) == 6
+  code, _, err = cli("droidspeak", "send", "--sender", s, "--plan", "1-3", "--prompt", TEXT,
+                     "--out", tmp_path / "p.bin")
+  assert code == 0, err
+  code, out, err = cli(*recv[3:], "--in", tmp_path / "p.bin")
+  assert code == 0, err
+  assert json.loads(out)["tokens"] == tcp["tokens"]
+  cli("droidspeak", "send", "--sender", s, "--plan", "full", "--prompt", TEXT,
+      "--out", tmp_path / "full.bin")
+  code, out, err = cli(*recv[3:], "--in", tmp_path / "full.bin")
+  assert code == 0, err
+  assert json.loads(out)["tokens"] == lm.generate(pair[1], TEXT, max_new_tokens=6,
+                                                  stop_tokens=[]).tokens[0]
+
+
+def test_cli_errors(pair_dirs, tmp_path):
+  from test_cli import cli
+  s, r = pair_dirs
+  code, _, err = cli("droidspeak", "run", "--sender", s, "--receiver", r, "--prompt", TEXT)
+  assert code == 2 and "--plan" in err
+  code, _, err = cli("droidspeak", "run", "--sender", s, "--receiver", r, "--plan", "0-9",
+                     "--prompt", TEXT)
+  assert code == 1 and "group [0, 9) is not a non-empty layer range" in err
+  code, _, err = cli("droidspeak", "send", "--sender", s, "--plan", "full", "--prompt-file",
+                     tmp_path / "none.txt", "--out", tmp_path / "p.bin")
+  assert code == 2 and "none.txt: no such file" in err
+  (tmp_path / "junk.bin").write_bytes(b"not a payload")
+  code, _, err = cli("droidspeak", "receive", "--receiver", r, "--prompt", TEXT, "--in",
+                     tmp_path / "junk.bin")
+  assert code == 1 and "not a kvjax DroidSpeak payload" in err
+  code, _, err = cli("droidspeak", "receive", "--receiver", r, "--prompt", TEXT, "--port", 0,
+                     "--timeout", 1)
+  assert code == 1 and "no sender connected" in err

@@ -1,0 +1,193 @@
+"""`kvjax droidspeak {run,send,receive}`: cross-model cache reuse from the command line.
+
+    kvjax droidspeak run --sender shakespeare --receiver shakespeare-comedy --plan 0-1 \
+        --prompt-file scene.txt --json
+    kvjax droidspeak receive --receiver shakespeare-comedy --sender shakespeare \
+        --prompt-file scene.txt --port 7000 &            # one process ...
+    kvjax droidspeak send --sender shakespeare --plan 0-1 --prompt-file scene.txt --port 7000
+                                                         # ... and another
+
+A plan is comma-separated layer groups 'start-stop' (stop exclusive) that the receiver
+recomputes, 'full' or 'none'. send ships the K/V (and E) of every prompt token but the last;
+receive checks the payload against its own model, the expected sender and its own tokenization
+of the prompt, prefills from it, feeds the last token and continues greedily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from kvjax.lm.cli import nonneg, positive
+
+DEFAULT_SENDER, DEFAULT_RECEIVER = "shakespeare", "shakespeare-comedy"
+
+
+def add(subparsers) -> None:
+  p = subparsers.add_parser("droidspeak", help="reuse a sender model's KV/E cache in a "
+                            "fine-tuned receiver (DroidSpeak)", description=__doc__.split("\n")[0])
+  sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+  r = sub.add_parser("run", help="full prefill vs reuse under a plan, on one prompt")
+  _models(r, sender=True, receiver=True)
+  _plan(r)
+  _prompt(r)
+  r.add_argument("--eval-tokens", type=positive, default=64, metavar="E",
+                 help="score the receiver on the prompt's last E tokens (default 64)")
+  r.add_argument("--max-new-tokens", type=nonneg, default=32, metavar="N")
+  r.add_argument("--repeats", type=positive, default=5, help="timed prefills (median)")
+  r.add_argument("--json", action="store_true", help="print one JSON object")
+  r.set_defaults(run=_run, check=lambda args: _check(r, args))
+  s = sub.add_parser("send", help="capture a prompt's prefix with the sender and ship it")
+  _models(s, sender=True)
+  _plan(s)
+  _prompt(s)
+  _where(s, "write the payload to FILE", "--out")
+  s.add_argument("--json", action="store_true")
+  s.set_defaults(run=_send, check=lambda args: _check(s, args))
+  v = sub.add_parser("receive", help="take a payload, prefill from it and continue")
+  _models(v, receiver=True)
+  v.add_argument("--sender", metavar="DIR_OR_NAME", default=None,
+                 help="refuse a payload from any other sender (checked by params fingerprint)")
+  _prompt(v)
+  _where(v, "read the payload from FILE", "--in")
+  v.add_argument("--timeout", type=positive, default=120, help="seconds to wait for a sender")
+  v.add_argument("--max-new-tokens", type=nonneg, default=32, metavar="N")
+  v.add_argument("--json", action="store_true")
+  v.set_defaults(run=_receive, check=lambda args: _check(v, args))
+
+
+def _models(p, sender=False, receiver=False):
+  if sender:
+    p.add_argument("--sender", metavar="DIR_OR_NAME", default=DEFAULT_SENDER,
+                   help=f"the model whose cache is reused (default {DEFAULT_SENDER})")
+  if receiver:
+    p.add_argument("--receiver", metavar="DIR_OR_NAME", default=DEFAULT_RECEIVER,
+                   help=f"the fine-tune that reuses it (default {DEFAULT_RECEIVER})")
+
+
+def _plan(p):
+  p.add_argument("--plan", required=True, metavar="PLAN",
+                 help="layer groups the receiver recomputes: 'start-stop,...' (stop exclusive), "
+                      "'full' or 'none'")
+
+
+def _prompt(p):
+  g = p.add_mutually_exclusive_group(required=True)
+  g.add_argument("--prompt", metavar="TEXT")
+  g.add_argument("--prompt-file", metavar="FILE")
+
+
+def _where(p, file_help, flag):
+  g = p.add_mutually_exclusive_group(required=True)
+  g.add_argument(flag, dest="file", metavar="FILE", help=file_help)
+  g.add_argument("--port", type=nonneg, help="loopback TCP port (receive: 0 = any free port, "
+                 "printed on stderr)")
+  p.add_argument("--host", default="127.0.0.1", help="TCP host (default 127.0.0.1)")
+
+
+def _check(parser, args) -> None:
+  if args.prompt_file is not None:
+    if not os.path.isfile(args.prompt_file):
+      parser.error(f"--prompt-file {args.prompt_file}: no such file")
+    with open(args.prompt_file, encoding="utf-8") as f:
+      args.prompt = f.read()
+  if not args.prompt.strip():
+    parser.error("the prompt is empty")
+  if getattr(args, "action", None) == "send" and args.port == 0:
+    parser.error("send --port needs the receiver's port (>= 1)")
+
+
+def _ids(model, text: str) -> list[int]:
+  if model.tokenizer is None:
+    raise ValueError(f"{model.path}: no tokenizer.json to encode the prompt")
+  return model.tokenizer.encode(text)
+
+
+def _plan_for(model, text: str):
+  from kvjax.cache.droidspeak import Plan
+  return Plan.parse(text, model.cfg.n_layers)
+
+
+def _run(args) -> int:
+  from kvjax.lm import droidspeak
+  from kvjax.lm.model import load
+  sender, receiver = load(args.sender), load(args.receiver)
+  ids = _ids(receiver, args.prompt)
+  if _ids(sender, args.prompt) != ids:
+    raise ValueError("sender and receiver tokenize the prompt differently: DroidSpeak needs "
+                     "one tokenizer")
+  r = droidspeak.compare(sender, receiver, _plan_for(receiver, args.plan), ids,
+                         eval_tokens=args.eval_tokens, max_new_tokens=args.max_new_tokens,
+                         repeats=args.repeats)
+  r["text"] = receiver.tokenizer.decode(r["tokens"])
+  if args.json:
+    print(json.dumps({"sender": args.sender, "receiver": args.receiver, **r}))
+  else:
+    print(r["text"])
+    print(f"kvjax droidspeak: plan {r['plan']} (recompute layers {r['recomputed_layers']}) over "
+          f"a {r['prefix_tokens']}-token prefix: prefill {r['prefill_s_full'] * 1e3:.2f} ms full "
+          f"vs {r['prefill_s_reuse'] * 1e3:.2f} ms reuse ({r['prefill_speedup']:.2f}x); loss "
+          f"over the last {r['eval_tokens']} tokens {r['loss_full']:.4f} full vs "
+          f"{r['loss_reuse']:.4f} reuse; greedy agreement {r['agreement']:.2f}", file=sys.stderr)
+  return 0
+
+
+def _send(args) -> int:
+  from kvjax.cache import droidspeak as ds
+  from kvjax.cache import payload
+  from kvjax.lm import droidspeak
+  from kvjax.lm.model import load
+  sender = load(args.sender)
+  ids = _ids(sender, args.prompt)
+  if len(ids) < 2:
+    raise ValueError("the prompt needs at least 2 tokens (a prefix and the token the receiver "
+                     "feeds itself)")
+  tokens, lengths = droidspeak._padded(ids[:-1])
+  t0 = time.perf_counter()
+  sent = ds.capture(sender, tokens, lengths, _plan_for(sender, args.plan))
+  data = payload.encode(sent, sender)
+  capture_s = time.perf_counter() - t0
+  if args.file is not None:
+    payload.write(args.file, data)
+  else:
+    payload.send(data, args.port, args.host)
+  where = args.file or f"{args.host}:{args.port}"
+  summary = {"plan": str(sent.plan), "prefix_tokens": len(ids) - 1, "bytes": len(data),
+             "to": where, "capture_s": capture_s}
+  if args.json:
+    print(json.dumps(summary))
+  else:
+    print(f"kvjax droidspeak send: {len(data):,} bytes (plan {sent.plan}, "
+          f"{len(ids) - 1}-token prefix) to {where}", file=sys.stderr)
+  return 0
+
+
+def _receive(args) -> int:
+  from kvjax.cache import droidspeak as ds
+  from kvjax.cache import payload
+  from kvjax.lm import droidspeak, steps
+  from kvjax.lm.model import load
+  receiver = load(args.receiver)
+  expected = payload.fingerprint(load(args.sender))["sender"] if args.sender else None
+  ids = _ids(receiver, args.prompt)
+  if args.file is not None:
+    data = payload.read(args.file)
+  else:
+    def listening(port):
+      print(f"kvjax droidspeak receive: listening on {args.host}:{port}", file=sys.stderr,
+            flush=True)
+    data = payload.serve_once(args.port, args.host, timeout=args.timeout, on_listen=listening)
+  sent = payload.decode(data, receiver, sender=expected, prefix=[ids[:-1]])
+  cache = ds.receive(receiver, sent, size=steps.bucket(len(ids) + args.max_new_tokens))
+  out = droidspeak.continue_from(receiver, cache, ids[-1:], args.max_new_tokens)
+  text = receiver.tokenizer.decode(out["tokens"])
+  if args.json:
+    print(json.dumps({"plan": str(sent.plan), "prefix_tokens": len(ids) - 1,
+                      "bytes": len(data), "recomputed_layers": list(sent.plan.recomputed),
+                      "tokens": out["tokens"], "text": text}))
+  else:
+    print(text)
+  return 0
