@@ -40,6 +40,25 @@ def add(subparsers) -> None:
   r.add_argument("--repeats", type=positive, default=5, help="timed prefills (median)")
   r.add_argument("--json", action="store_true", help="print one JSON object")
   r.set_defaults(run=_run, check=lambda args: _check(r, args))
+  f = sub.add_parser("profile", help="measure every single-group plan (and the best unions of "
+                     "two) on a text; print the Pareto front")
+  _models(f, sender=True, receiver=True)
+  f.add_argument("--text", metavar="FILE", help="profiling text (default: the bundled corpus' "
+                 "validation plays)")
+  f.add_argument("--prompts", type=positive, default=4, help="windows of the text (default 4)")
+  f.add_argument("--prefix-tokens", type=positive, default=512, metavar="P",
+                 help="reused prefix per window (default 512)")
+  f.add_argument("--eval-tokens", type=positive, default=64, metavar="E")
+  f.add_argument("--max-new-tokens", type=nonneg, default=16, metavar="N",
+                 help="greedy tokens compared with the full prefill's (default 16)")
+  f.add_argument("--repeats", type=positive, default=3)
+  f.add_argument("--unions", type=nonneg, default=4,
+                 help="pair up this many best single groups (default 4)")
+  f.add_argument("--out", metavar="FILE", help="also write the profile here (default: the "
+                 "pair's stored profile, which --plan auto reads)")
+  f.add_argument("--no-progress", action="store_true")
+  f.add_argument("--json", action="store_true")
+  f.set_defaults(run=_profile, check=lambda args: _check_profile(f, args))
   s = sub.add_parser("send", help="capture a prompt's prefix with the sender and ship it")
   _models(s, sender=True)
   _plan(s)
@@ -71,7 +90,12 @@ def _models(p, sender=False, receiver=False):
 def _plan(p):
   p.add_argument("--plan", required=True, metavar="PLAN",
                  help="layer groups the receiver recomputes: 'start-stop,...' (stop exclusive), "
-                      "'full' or 'none'")
+                      "'full', 'none', or (run) 'auto': the stored profile's pick")
+  p.add_argument("--min-kept", type=_fraction, default=None, metavar="F",
+                 help="auto: the fastest plan keeping this share of the fine-tune's advantage "
+                      "(default 0.9)")
+  p.add_argument("--min-speedup", type=_pos_float, default=None, metavar="X",
+                 help="auto: the best plan with at least this prefill speedup")
 
 
 def _prompt(p):
@@ -88,7 +112,30 @@ def _where(p, file_help, flag):
   p.add_argument("--host", default="127.0.0.1", help="TCP host (default 127.0.0.1)")
 
 
+def _fraction(text):
+  from kvjax.lm.cli import checked
+  return checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")(text)
+
+
+def _pos_float(text):
+  from kvjax.lm.cli import checked
+  return checked(float, lambda v: v > 0, "a number > 0")(text)
+
+
+def _check_profile(parser, args) -> None:
+  if args.text is not None and not os.path.isfile(args.text):
+    parser.error(f"--text {args.text}: no such file")
+
+
 def _check(parser, args) -> None:
+  plan = getattr(args, "plan", None)
+  kept, speed = getattr(args, "min_kept", None), getattr(args, "min_speedup", None)
+  if args.action == "send" and plan == "auto":
+    parser.error("send --plan auto: give the plan (kvjax droidspeak run picks auto plans)")
+  if (kept is not None or speed is not None) and plan != "auto":
+    parser.error("--min-kept / --min-speedup only apply with --plan auto")
+  if kept is not None and speed is not None:
+    parser.error("give --min-kept or --min-speedup, not both")
   if args.prompt_file is not None:
     if not os.path.isfile(args.prompt_file):
       parser.error(f"--prompt-file {args.prompt_file}: no such file")
@@ -96,7 +143,7 @@ def _check(parser, args) -> None:
       args.prompt = f.read()
   if not args.prompt.strip():
     parser.error("the prompt is empty")
-  if getattr(args, "action", None) == "send" and args.port == 0:
+  if args.action == "send" and args.port == 0:
     parser.error("send --port needs the receiver's port (>= 1)")
 
 
@@ -119,6 +166,10 @@ def _run(args) -> int:
   if _ids(sender, args.prompt) != ids:
     raise ValueError("sender and receiver tokenize the prompt differently: DroidSpeak needs "
                      "one tokenizer")
+  if args.plan == "auto":
+    prof = _stored_profile(sender, receiver, args)
+    args.plan = droidspeak.pick(prof, min_kept=args.min_kept, min_speedup=args.min_speedup)
+    print(f"kvjax droidspeak: auto plan {args.plan}", file=sys.stderr)
   r = droidspeak.compare(sender, receiver, _plan_for(receiver, args.plan), ids,
                          eval_tokens=args.eval_tokens, max_new_tokens=args.max_new_tokens,
                          repeats=args.repeats)
@@ -132,6 +183,71 @@ def _run(args) -> int:
           f"vs {r['prefill_s_reuse'] * 1e3:.2f} ms reuse ({r['prefill_speedup']:.2f}x); loss "
           f"over the last {r['eval_tokens']} tokens {r['loss_full']:.4f} full vs "
           f"{r['loss_reuse']:.4f} reuse; greedy agreement {r['agreement']:.2f}", file=sys.stderr)
+  return 0
+
+
+def _profile_prompts(model, text: str, args) -> list[list[int]]:
+  from kvjax.lm import droidspeak
+  return droidspeak.windows(_ids(model, text), args.prompts,
+                            args.prefix_tokens + args.eval_tokens + 1)
+
+
+def _stored_profile(sender, receiver, args) -> dict:
+  """The pair's stored profile, made once on the bundled validation text when missing."""
+  from kvjax.lm import droidspeak
+  path = droidspeak.profile_path(sender, receiver)
+  if os.path.isfile(path):
+    with open(path) as f:
+      return json.load(f)
+  print(f"kvjax droidspeak: no stored profile for this pair; profiling once on the bundled "
+        f"validation text into {path}", file=sys.stderr)
+  ns = argparse.Namespace(prompts=4, prefix_tokens=512, eval_tokens=64)
+  prof = droidspeak.profile(sender, receiver,
+                            _profile_prompts(receiver, droidspeak.validation_text(), ns))
+  _write_json(path, prof)
+  return prof
+
+
+def _write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def _profile(args) -> int:
+  from kvjax.cache import droidspeak as ds
+  from kvjax.lm import droidspeak
+  from kvjax.lm.model import load
+  sender, receiver = load(args.sender), load(args.receiver)
+  ds.check_pair(sender, receiver)
+  if args.text is None:
+    text = droidspeak.validation_text()
+  else:
+    with open(args.text, encoding="utf-8") as f:
+      text = f.read()
+  prof = droidspeak.profile(sender, receiver, _profile_prompts(receiver, text, args),
+                            eval_tokens=args.eval_tokens, max_new_tokens=args.max_new_tokens,
+                            repeats=args.repeats, unions=args.unions,
+                            progress=not args.no_progress)
+  prof.update(sender=args.sender, receiver=args.receiver, text=args.text or "bundled validation")
+  stored = droidspeak.profile_path(sender, receiver)
+  for path in {stored, args.out or stored}:
+    _write_json(path, prof)
+  if args.json:
+    print(json.dumps(prof))
+  else:
+    print("| plan | recomputed | prefill ms | speedup | loss | advantage kept | agreement |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in prof["rows"]:
+      mark = " *" if r["plan"] in prof["pareto"] else ""
+      print(f"| {r['plan']}{mark} | {r['recomputed_fraction']:.2f} | "
+            f"{r['prefill_s_reuse'] * 1e3:.2f} | {r['prefill_speedup']:.2f}x | "
+            f"{r['loss_reuse']:.4f} | {r['advantage_kept']:.2f} | {r['agreement']:.2f} |")
+    print(f"* Pareto front; full prefill {prof['rows'][0]['prefill_s_full'] * 1e3:.2f} ms, "
+          f"sender loss {prof['rows'][0]['loss_sender']:.4f}; stored in {stored}",
+          file=sys.stderr)
   return 0
 
 

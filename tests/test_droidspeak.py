@@ -4,6 +4,8 @@ The pair is a tiny 4-layer llama and a "fine-tune" of it: the same params plus n
 two models agree in architecture but not in any layer's output.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -360,3 +362,62 @@ def test_cli_errors(pair_dirs, tmp_path):
   code, _, err = cli("droidspeak", "receive", "--receiver", r, "--prompt", TEXT, "--port", 0,
                      "--timeout", 1)
   assert code == 1 and "no sender connected" in err
+
+
+def test_profile_pareto_and_pick(pair):
+  from kvjax.lm import droidspeak as run
+  sender, receiver = pair
+  prompts = run.windows(PROMPT * 2, 2, 30)
+  prof = run.profile(sender, receiver, prompts, eval_tokens=8, max_new_tokens=4, repeats=1,
+                     unions=3, progress=False)
+  plans = {r["plan"] for r in prof["rows"]}
+  singles = {str(p) for p in run.single_groups(L)}
+  assert len(singles) == L * (L + 1) // 2 and singles | {"none"} <= plans
+  assert all(len(r["groups"]) == 2 for r in prof["rows"] if r["plan"] not in singles | {"none"})
+  full = next(r for r in prof["rows"] if r["plan"] == "0-4")
+  np.testing.assert_allclose(full["loss_reuse"], full["loss_full"], rtol=1e-6)
+  np.testing.assert_allclose(full["advantage_kept"], 1.0, rtol=1e-4)
+  assert full["agreement"] == 1.0
+  # the front: each plan faster than the next and worse in loss
+  front = [next(r for r in prof["rows"] if r["plan"] == p) for p in prof["pareto"]]
+  assert all(a["prefill_s_reuse"] <= b["prefill_s_reuse"] and a["loss_reuse"] > b["loss_reuse"]
+             for a, b in zip(front, front[1:]))
+  assert run.pareto([{"plan": "a", "prefill_s_reuse": 1, "loss_reuse": 2},
+                     {"plan": "b", "prefill_s_reuse": 2, "loss_reuse": 3},
+                     {"plan": "c", "prefill_s_reuse": 3, "loss_reuse": 1}]) == ["a", "c"]
+  rows = {"rows": [dict(plan="none", prefill_s_reuse=1, prefill_speedup=9, loss_reuse=5.0,
+                        advantage_kept=0.2),
+                   dict(plan="0-1", prefill_s_reuse=2, prefill_speedup=4, loss_reuse=4.1,
+                        advantage_kept=0.95),
+                   dict(plan="0-4", prefill_s_reuse=8, prefill_speedup=1, loss_reuse=4.0,
+                        advantage_kept=1.0)]}
+  assert run.pick(rows) == "0-1" and run.pick(rows, min_kept=0.99) == "0-4"
+  assert run.pick(rows, min_speedup=5) == "none" and run.pick(rows, min_speedup=3) == "0-1"
+  with pytest.raises(ValueError, match="no profiled plan reaches a 10x"):
+    run.pick(rows, min_speedup=10)
+
+
+def test_cli_profile_then_auto_plan(pair_dirs, tmp_path, monkeypatch):
+  import json
+  from test_cli import cli
+  s, r = pair_dirs
+  monkeypatch.setenv("KVJAX_DROIDSPEAK_DIR", str(tmp_path / "profiles"))
+  (tmp_path / "t.txt").write_text(TEXT * 3, encoding="utf-8")
+  code, out, err = cli("droidspeak", "profile", "--sender", s, "--receiver", r, "--text",
+                       tmp_path / "t.txt", "--prompts", 2, "--prefix-tokens", 20,
+                       "--eval-tokens", 8, "--max-new-tokens", 2, "--repeats", 1,
+                       "--no-progress", "--json")
+  assert code == 0, err
+  prof = json.loads(out)
+  assert prof["pareto"] and {"none", "0-4"} <= {row["plan"] for row in prof["rows"]}
+  assert len(os.listdir(tmp_path / "profiles")) == 1  # stored for --plan auto
+  want = json.loads(json.dumps(prof))
+  code, out, err = cli("droidspeak", "run", "--sender", s, "--receiver", r, "--plan", "auto",
+                       "--min-speedup", 0.01, "--prompt", TEXT, "--eval-tokens", 8,
+                       "--max-new-tokens", 2, "--repeats", 1, "--json")
+  assert code == 0, err
+  from kvjax.lm import droidspeak as run
+  assert json.loads(out)["plan"] == run.pick(want, min_speedup=0.01)  # lowest loss of all
+  code, _, err = cli("droidspeak", "run", "--sender", s, "--receiver", r, "--plan", "0-1",
+                     "--min-kept", 0.5, "--prompt", TEXT)
+  assert code == 2 and "only apply with --plan auto" in err
