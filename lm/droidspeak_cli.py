@@ -21,9 +21,11 @@ import os
 import sys
 import time
 
-from kvjax.lm.cli import nonneg, positive
+from kvjax.lm.cli import checked, nonneg, positive
 
 DEFAULT_SENDER, DEFAULT_RECEIVER = "shakespeare", "shakespeare-comedy"
+_fraction = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+_pos_float = checked(float, lambda v: v > 0, "a number > 0")
 
 
 def add(subparsers) -> None:
@@ -32,7 +34,7 @@ def add(subparsers) -> None:
   sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
   r = sub.add_parser("run", help="full prefill vs reuse under a plan, on one prompt")
   _models(r, sender=True, receiver=True)
-  _plan(r)
+  _plan(r, auto=True)
   _prompt(r)
   r.add_argument("--eval-tokens", type=positive, default=64, metavar="E",
                  help="score the receiver on the prompt's last E tokens (default 64)")
@@ -87,10 +89,12 @@ def _models(p, sender=False, receiver=False):
                    help=f"the fine-tune that reuses it (default {DEFAULT_RECEIVER})")
 
 
-def _plan(p):
+def _plan(p, auto=False):
   p.add_argument("--plan", required=True, metavar="PLAN",
                  help="layer groups the receiver recomputes: 'start-stop,...' (stop exclusive), "
-                      "'full', 'none', or (run) 'auto': the stored profile's pick")
+                      "'full' or 'none'" + (", or 'auto': the stored profile's pick" if auto else ""))
+  if not auto:
+    return
   p.add_argument("--min-kept", type=_fraction, default=None, metavar="F",
                  help="auto: the fastest plan keeping this share of the fine-tune's advantage "
                       "(default 0.9)")
@@ -110,16 +114,6 @@ def _where(p, file_help, flag):
   g.add_argument("--port", type=nonneg, help="loopback TCP port (receive: 0 = any free port, "
                  "printed on stderr)")
   p.add_argument("--host", default="127.0.0.1", help="TCP host (default 127.0.0.1)")
-
-
-def _fraction(text):
-  from kvjax.lm.cli import checked
-  return checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")(text)
-
-
-def _pos_float(text):
-  from kvjax.lm.cli import checked
-  return checked(float, lambda v: v > 0, "a number > 0")(text)
 
 
 def _check_profile(parser, args) -> None:
