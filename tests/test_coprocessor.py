@@ -1,8 +1,6 @@
 """The cache coprocessor (kvjax.coprocessor): latents read the frozen cache, augment appends
 them at the next positions, files and mismatches."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
