@@ -28,7 +28,6 @@ Writes <out>/decode_<backend>.json (machine, config, every measurement, ratios k
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -42,7 +41,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from machine import cpu_name  # noqa: E402
+from report import cpu_name, write  # noqa: E402
 
 # HF LlamaConfig fields of each benchmark model.
 CONFIGS = {
@@ -302,12 +301,7 @@ def main(argv=None) -> dict:
     g = r["greedy_agreement"]
     print(f"batch {r['batch']}: greedy tokens identical in {g['rows_identical']}/{g['rows']} rows "
           f"(mean common prefix {g['mean_common_prefix']:.1f} of {args.new_tokens})")
-  os.makedirs(args.out, exist_ok=True)
-  stem = os.path.join(args.out, f"decode_{jax.default_backend()}")
-  with open(stem + ".json", "w") as f:
-    json.dump(report, f, indent=2)
-  with open(stem + ".md", "w") as f:
-    f.write(table)
+  stem = write(args.out, "decode", report, table)
   print(f"wrote {stem}.json and {stem}.md in {report['runtime_s']:.0f} s")
   return report
 

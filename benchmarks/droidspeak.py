@@ -28,14 +28,13 @@ speedup over the receiver's full prefill (the first row). Writes <out>/droidspea
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 
 import numpy as np
 
-from machine import describe
+import report
 from kvjax import lm
 from kvjax.cache import droidspeak as ds
 from kvjax.lm import droidspeak as run
@@ -88,7 +87,7 @@ def main(argv=None) -> int:
   plans += [(f"DroidSpeak {p}", ds.Plan.parse(p, L)) for p in prof["pareto"]
             if p not in {str(q) for _, q in plans}]
   ids = receiver.tokenizer.encode(held_out_comedy())
-  res = dict(machine=describe(), settings=vars(args), profile=prof, rows=[])
+  res = dict(machine=report.describe(), settings=vars(args), profile=prof, rows=[])
   for P in [int(x) for x in args.prefix_lens.split(",")]:
     prompts = run.windows(ids, args.prompts, P + args.eval_tokens + 1)
     refs = [run.reference(sender, receiver, w, eval_tokens=args.eval_tokens,
@@ -121,14 +120,8 @@ def main(argv=None) -> int:
                                 speedup=full_s / lm_s))
       print(f"  P={P} {name:28s} loss {loss:.4f} kept {row['kept']:.2f} "
             f"{row['prefill_ms']:.2f} ms {row['speedup']:.2f}x", file=sys.stderr)
-  os.makedirs(args.out, exist_ok=True)
-  import jax
-  stem = os.path.join(args.out, f"droidspeak_{jax.default_backend()}")
-  with open(stem + ".json", "w") as f:
-    json.dump(res, f, indent=1)
   table = markdown(res)
-  with open(stem + ".md", "w") as f:
-    f.write(table + "\n")
+  report.write(args.out, "droidspeak", res, table)
   print(table)
   return 0
 

@@ -34,7 +34,6 @@ Writes <out>/speculative_<backend>.json and .md (the table, also printed).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -44,7 +43,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import jax
 
-from machine import describe
+import report
 from kvjax import lm, speculative
 from kvjax.lm.cli import positive
 from kvjax.lm.sampling import Sampling
@@ -171,7 +170,7 @@ def main(argv=None) -> int:
   small = speculative.TreeSpec(top_k=k, depth=d, total_tokens=n)
   heads = {"eagle1": speculative.load_head(args.head1, model),
            "eagle3": speculative.load_head(args.head3, model)}
-  res = dict(machine=describe(), prompts=len(prompts), prompt_len=args.prompt_len,
+  res = dict(machine=report.describe(), prompts=len(prompts), prompt_len=args.prompt_len,
              new_tokens=args.new_tokens,
              tree=dict(top_k=tree.top_k, depth=tree.depth, total_tokens=tree.total_tokens),
              settings=vars(args), rows=[])
@@ -208,13 +207,8 @@ def main(argv=None) -> int:
                                 speedup=h["plain"]["decode_s"] / a["decode_s"],
                                 hf_plain_tokens_per_s=h["plain"]["tokens_per_s"]))
         print(f"  T={temp:g} B=1 HF assisted: {res['rows'][-1]}", file=sys.stderr)
-  os.makedirs(args.out, exist_ok=True)
-  stem = os.path.join(args.out, f"speculative_{jax.default_backend()}")
-  with open(stem + ".json", "w") as f:
-    json.dump(res, f, indent=1, default=str)
   table = markdown(res)
-  with open(stem + ".md", "w") as f:
-    f.write(table + "\n")
+  report.write(args.out, "speculative", res, table)
   print(table)
   return 0
 

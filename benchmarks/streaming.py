@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -42,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from machine import describe
+import report
 from kvjax import lm
 from kvjax.cache.sink import SinkCache
 from kvjax.lm import steps, streaming
@@ -270,19 +269,14 @@ def main(argv=None) -> int:
     p.error(f"--cost-sizes: expected comma-separated integers; got {args.cost_sizes!r}")
   if min(args.cost_sizes) < 8:
     p.error("--cost-sizes: each cache size must be >= 8")
-  res = dict(machine=describe(), backend=jax.default_backend(), settings=vars(args))
+  res = dict(machine=report.describe(), backend=jax.default_backend(), settings=vars(args))
   model = lm.load(MODEL) if {"quality", "memory"} & set(parts) else None
   for part in parts:
     print(f"{part}:", file=sys.stderr)
     res[part] = {"quality": lambda: quality(model, args), "cost": lambda: cost(args),
                  "memory": lambda: memory(model, args), "kernel": lambda: kernel(args)}[part]()
-  os.makedirs(args.out, exist_ok=True)
-  stem = os.path.join(args.out, f"streaming_{jax.default_backend()}")
-  with open(stem + ".json", "w") as f:
-    json.dump(res, f, indent=1)
   table = markdown(res)
-  with open(stem + ".md", "w") as f:
-    f.write(table + "\n")
+  report.write(args.out, "streaming", res, table)
   print(table)
   return 0
 

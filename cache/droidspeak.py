@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kvjax.cache.dense import KVCache
+from kvjax.lm import config
 
 
 class DroidSpeakError(ValueError):
@@ -132,9 +133,7 @@ class Capture:
 
 def check_pair(sender, receiver) -> None:
   """Raises DroidSpeakError unless sender and receiver share the architecture (and RoPE)."""
-  a, b = sender.cfg, receiver.cfg
-  diff = [f"{f.name} {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}"
-          for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+  diff = config.diff(sender.cfg, receiver.cfg, other="receiver")
   if diff:
     raise DroidSpeakError("sender and receiver must share the architecture and RoPE (the "
                           "receiver a fine-tune of the sender's base); they differ in "

@@ -25,7 +25,6 @@ as one uint64 length and the bytes, loopback by default.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import socket
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache.droidspeak import Capture, Plan
+from kvjax.lm import config
 
 MAGIC = b"KVJXDS01"
 FORMAT = 1
@@ -50,15 +50,18 @@ def _sha(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()
 
 
-def fingerprint(model) -> dict[str, str]:
-  """{architecture, tokenizer, sender}: digests of the config, the tokenizer JSON and the
-  params (the `sender` entry identifies this exact model as a sender)."""
-  arch = json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=list).encode()
+def fingerprint(model, *, params: bool = True) -> dict[str, str]:
+  """{architecture, tokenizer, sender}: digests of the config, the tokenizer JSON and (unless
+  params=False) the params, the `sender` entry that identifies this exact model."""
+  arch = json.dumps(config.to_dict(model.cfg), sort_keys=True).encode()
   tok = model.tokenizer.tok.to_str().encode() if model.tokenizer is not None else b""
-  h = hashlib.sha256()
-  for leaf in jax.tree.leaves(model.params()):
-    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-  return {"architecture": _sha(arch), "tokenizer": _sha(tok), "sender": h.hexdigest()}
+  out = {"architecture": _sha(arch), "tokenizer": _sha(tok)}
+  if params:
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(model.params()):
+      h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    out["sender"] = h.hexdigest()
+  return out
 
 
 def encode(sent: Capture, sender) -> bytes:
@@ -117,7 +120,7 @@ def decode(payload: bytes, receiver, *, sender=None, prefix: list[list[int]] | N
   expected sender (a Model, or its `fingerprint()["sender"]`), and the expected prefix token
   ids per row when given."""
   header, data = read_header(payload)
-  fp, mine = header["fingerprint"], fingerprint(receiver)
+  fp, mine = header["fingerprint"], fingerprint(receiver, params=False)
   for key, what in (("architecture", "architecture"), ("tokenizer", "tokenizer")):
     if fp.get(key) != mine[key]:
       raise PayloadError(f"the payload was made by a model with another {what} than the "

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from kvjax.cache.dense import KVCache
+from kvjax.lm import config
 from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config
 from kvjax.lm.model import Model
@@ -61,14 +62,12 @@ class CoprocessorConfig:
 
   def to_json(self) -> dict[str, Any]:
     return {"n_latents": int(self.n_latents), "init": self.init, "base_name": self.base_name,
-            "base": dataclasses.asdict(self.base)}
+            "base": config.to_dict(self.base)}
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> CoprocessorConfig:
-    b = dict(d["base"])
-    b["windows"] = tuple(b.get("windows", ()))
-    return cls(n_latents=d["n_latents"], init=d.get("init", "copy"), base=Config(**b),
-               base_name=d.get("base_name", ""))
+    return cls(n_latents=d["n_latents"], init=d.get("init", "copy"),
+               base=config.from_dict(d["base"]), base_name=d.get("base_name", ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +90,7 @@ class Coprocessor:
 
 def check(cc: CoprocessorConfig, base: Config) -> None:
   """Raises CoprocessorError unless the coprocessor was made for this base architecture."""
-  diff = [f"{f.name} {getattr(cc.base, f.name)!r} (model: {getattr(base, f.name)!r})"
-          for f in dataclasses.fields(base) if getattr(cc.base, f.name) != getattr(base, f.name)]
+  diff = config.diff(cc.base, base)
   if diff:
     name = f" {cc.base_name!r}" if cc.base_name else ""
     raise CoprocessorError(f"this coprocessor was made for another base model{name}: "
@@ -170,12 +168,10 @@ def load(path: str, base: Model) -> Coprocessor:
   CoprocessorError naming each mismatched field."""
   path = os.fspath(path)
   file = os.path.join(path, CONFIG_FILE)
+  d = config.read_json(file, required=True, error=CoprocessorError)
   try:
-    with open(file) as f:
-      cc = CoprocessorConfig.from_json(json.load(f))
-  except FileNotFoundError:
-    raise CoprocessorError(f"{path}: no {CONFIG_FILE} (not a coprocessor directory)") from None
-  except (json.JSONDecodeError, KeyError, TypeError) as err:
+    cc = CoprocessorConfig.from_json(d)
+  except (KeyError, TypeError) as err:
     raise CoprocessorError(f"{file}: not a coprocessor config ({type(err).__name__}: {err})"
                            ) from None
   check(cc, base.cfg)

@@ -108,6 +108,28 @@ class Config:
     return V * D * (1 if self.tie_embeddings else 2) + self.n_layers * per_layer + D
 
 
+def to_dict(cfg: Config) -> dict[str, Any]:
+  """The config as a JSON-ready dict (kvjax's own field names; `from_dict` reads it back)."""
+  d = dataclasses.asdict(cfg)
+  d["windows"] = list(cfg.windows)
+  return d
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+  """The inverse of `to_dict` (lists back to tuples)."""
+  d = dict(d)
+  d["windows"] = tuple(d.get("windows", ()))
+  return Config(**d)
+
+
+def diff(a: Config, b: Config, *, names: tuple[str, ...] | None = None,
+         other: str = "model") -> list[str]:
+  """'name a (other: b)' for each field (of `names`, default all) where a and b differ."""
+  names = names or tuple(f.name for f in dataclasses.fields(Config))
+  return [f"{n} {getattr(a, n)!r} ({other}: {getattr(b, n)!r})" for n in names
+          if getattr(a, n) != getattr(b, n)]
+
+
 def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
   """Maps a Hugging Face `config.json` dict (transformers 4.x or 5.x layout) to a Config."""
   if not isinstance(hf, dict):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import os
 import statistics
 import time
 
@@ -27,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from kvjax.cache import droidspeak as ds
+from kvjax.cache.payload import fingerprint
 from kvjax.lm import steps
 from kvjax.lm.generate import new_cache
 from kvjax.lm.model import Model
@@ -45,7 +48,7 @@ def split_prompt(ids: list[int], eval_tokens: int) -> tuple[list[int], list[int]
   return ids[:cut], ids[cut:]
 
 
-def _padded(prefix: list[int]) -> tuple[jax.Array, jax.Array]:
+def padded(prefix: list[int]) -> tuple[jax.Array, jax.Array]:
   P = steps.bucket(len(prefix))
   tokens = np.zeros((1, P), np.int32)
   tokens[0, :len(prefix)] = prefix
@@ -114,7 +117,7 @@ def reference(sender: Model, receiver: Model, ids: list[int], *, eval_tokens: in
   if len(ids) + max_new_tokens > receiver.cfg.max_position:
     raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                      f"the model's context of {receiver.cfg.max_position} positions")
-  tokens, lengths = _padded(prefix)
+  tokens, lengths = padded(prefix)
   size = steps.bucket(len(ids) + max_new_tokens)
 
   def full(model):
@@ -266,9 +269,6 @@ def windows(ids: list[int], n: int, length: int) -> list[list[int]]:
 def profile_path(sender: Model, receiver: Model) -> str:
   """Where the stored profile of a pair lives: $KVJAX_DROIDSPEAK_DIR (default
   ~/.cache/kvjax/droidspeak)/<digest of both models' params>.json."""
-  import hashlib
-  import os
-  from kvjax.cache.payload import fingerprint
   root = os.environ.get("KVJAX_DROIDSPEAK_DIR") or os.path.join(
       os.path.expanduser("~"), ".cache", "kvjax", "droidspeak")
   key = hashlib.sha256((fingerprint(sender)["sender"] + fingerprint(receiver)["sender"])

@@ -15,7 +15,6 @@ of the prompt, prefills from it, feeds the last token and continues greedily.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -180,10 +179,10 @@ def _run(args) -> int:
   return 0
 
 
-def _profile_prompts(model, text: str, args) -> list[list[int]]:
+def _profile_prompts(model, text: str, n: int, prefix_tokens: int,
+                     eval_tokens: int) -> list[list[int]]:
   from kvjax.lm import droidspeak
-  return droidspeak.windows(_ids(model, text), args.prompts,
-                            args.prefix_tokens + args.eval_tokens + 1)
+  return droidspeak.windows(_ids(model, text), n, prefix_tokens + eval_tokens + 1)
 
 
 def _stored_profile(sender, receiver, args) -> dict:
@@ -195,9 +194,8 @@ def _stored_profile(sender, receiver, args) -> dict:
       return json.load(f)
   print(f"kvjax droidspeak: no stored profile for this pair; profiling once on the bundled "
         f"validation text into {path}", file=sys.stderr)
-  ns = argparse.Namespace(prompts=4, prefix_tokens=512, eval_tokens=64)
   prof = droidspeak.profile(sender, receiver,
-                            _profile_prompts(receiver, droidspeak.validation_text(), ns))
+                            _profile_prompts(receiver, droidspeak.validation_text(), 4, 512, 64))
   _write_json(path, prof)
   return prof
 
@@ -221,7 +219,9 @@ def _profile(args) -> int:
   else:
     with open(args.text, encoding="utf-8") as f:
       text = f.read()
-  prof = droidspeak.profile(sender, receiver, _profile_prompts(receiver, text, args),
+  prompts = _profile_prompts(receiver, text, args.prompts, args.prefix_tokens,
+                            args.eval_tokens)
+  prof = droidspeak.profile(sender, receiver, prompts,
                             eval_tokens=args.eval_tokens, max_new_tokens=args.max_new_tokens,
                             repeats=args.repeats, unions=args.unions,
                             progress=not args.no_progress)
@@ -255,7 +255,7 @@ def _send(args) -> int:
   if len(ids) < 2:
     raise ValueError("the prompt needs at least 2 tokens (a prefix and the token the receiver "
                      "feeds itself)")
-  tokens, lengths = droidspeak._padded(ids[:-1])
+  tokens, lengths = droidspeak.padded(ids[:-1])
   t0 = time.perf_counter()
   sent = ds.capture(sender, tokens, lengths, _plan_for(sender, args.plan))
   data = payload.encode(sent, sender)

@@ -27,6 +27,7 @@ from flax import nnx
 
 from kvjax.cache.dense import KVCache
 from kvjax.cache.view import causal
+from kvjax.lm import config
 from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config
 from kvjax.lm.decoder import Block, RMSNorm, _init, run_layers
@@ -78,14 +79,12 @@ class HeadConfig:
 
   def to_json(self) -> dict[str, Any]:
     return {"kind": self.kind, "fuse_layers": list(self.fuse_layers),
-            "target_name": self.target_name, "target": dataclasses.asdict(self.target)}
+            "target_name": self.target_name, "target": config.to_dict(self.target)}
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> HeadConfig:
-    t = dict(d["target"])
-    t["windows"] = tuple(t.get("windows", ()))
-    return cls(kind=d["kind"], target=Config(**t), fuse_layers=tuple(d.get("fuse_layers", ())),
-               target_name=d.get("target_name", ""))
+    return cls(kind=d["kind"], target=config.from_dict(d["target"]),
+               fuse_layers=tuple(d.get("fuse_layers", ())), target_name=d.get("target_name", ""))
 
 
 class Head(nnx.Module):
@@ -153,8 +152,7 @@ def check(hc: HeadConfig, target: Config) -> None:
   """Raises HeadError unless the head fits the target's architecture."""
   names = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
            "ffn_dim")
-  diff = [f"{n} {getattr(hc.target, n)} (model: {getattr(target, n)})" for n in names
-          if getattr(hc.target, n) != getattr(target, n)]
+  diff = config.diff(hc.target, target, names=names)
   if diff:
     name = f" {hc.target_name!r}" if hc.target_name else ""
     raise HeadError(f"this {hc.kind} head was trained for another target{name}: " +
@@ -224,12 +222,10 @@ def load(path: str, target) -> LoadedHead:
   for another architecture raises HeadError."""
   path = resolve(os.fspath(path))
   file = os.path.join(path, "head.json")
+  d = config.read_json(file, required=True, error=HeadError)
   try:
-    with open(file) as f:
-      hc = HeadConfig.from_json(json.load(f))
-  except FileNotFoundError:
-    raise HeadError(f"{path}: no head.json (not a head directory)") from None
-  except (json.JSONDecodeError, KeyError, TypeError) as err:
+    hc = HeadConfig.from_json(d)
+  except (KeyError, TypeError) as err:
     raise HeadError(f"{file}: not a head config ({type(err).__name__}: {err})") from None
   check(hc, target.cfg)
   hc = dataclasses.replace(hc, target=target.cfg)  # the target's own rope/eps settings

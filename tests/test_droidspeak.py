@@ -147,7 +147,7 @@ def test_mismatches_get_clear_errors(pair):
   sender, receiver = pair
   tokens, lengths = padded(PREFIXES)
   other = tiny.model("llama", n_layers=3)
-  with pytest.raises(ds.DroidSpeakError, match="n_layers 4 vs 3"):
+  with pytest.raises(ds.DroidSpeakError, match=r"n_layers 4 \(receiver: 3\)"):
     ds.check_pair(sender, other)
   ds.check_pair(sender, receiver)
   with pytest.raises(ds.DroidSpeakError, match="plan is for 4 layers; the sender has 3"):

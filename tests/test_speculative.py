@@ -264,7 +264,7 @@ def test_head_roundtrip_and_mismatch(model, head, tmp_path):
     speculative.load_head(str(tmp_path / "nope"), model)
   (tmp_path / "bad").mkdir()
   (tmp_path / "bad" / "head.json").write_text("{\"kind\": 3")
-  with pytest.raises(speculative.HeadError, match="not a head config"):
+  with pytest.raises(speculative.HeadError, match="head.json: invalid JSON"):
     speculative.load_head(str(tmp_path / "bad"), model)
   with pytest.raises(speculative.HeadError, match="kind must be one of"):
     hd.HeadConfig(kind="medusa", target=model.cfg)

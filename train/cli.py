@@ -160,17 +160,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def check_lm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   """Merges --config and the defaults into args; cross-flag rules (errors exit 2)."""
-  if args.config is not None:
-    _merge_config(parser, args)
-  for key, value in DEFAULTS.items():
-    if getattr(args, key) is None:
-      setattr(args, key, value)
-  if (args.text is None) == (args.data is None):
-    parser.error("give exactly one of --text FILE and --data DIR_OR_NAME")
-  if args.text is not None and not os.path.isfile(args.text):
-    parser.error(f"--text {args.text}: no such file")
-  if args.out is None:
-    parser.error("--out DIR is required (checkpoints, metrics and the exported model go there)")
+  _settle(parser, args, DEFAULTS)
+  _check_run_flags(parser, args, "checkpoints, metrics and the exported model")
   if args.tokenizer is None and args.init_from is None and args.data is None:
     parser.error("--tokenizer DIR is required with --text unless fine-tuning with --init-from")
   if args.vocab_size is not None and (args.tokenizer is not None or args.data is None
@@ -190,6 +181,27 @@ def check_lm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                    "pass --head-dim")
   if args.max_position is not None and args.max_position < args.seq_len:
     parser.error(f"--max-position {args.max_position} is smaller than --seq-len {args.seq_len}")
+
+
+def _settle(parser: argparse.ArgumentParser, args: argparse.Namespace, defaults: dict) -> None:
+  """Fills args left None from --config, then from `defaults`."""
+  if args.config is not None:
+    _merge_config(parser, args)
+  for key, value in defaults.items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
+
+
+def _check_run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                     goes_to_out: str) -> None:
+  """The data and output rules every training task shares: one of --text / --data, an
+  existing --text file, and --out."""
+  if (args.text is None) == (args.data is None):
+    parser.error("give exactly one of --text FILE and --data DIR_OR_NAME")
+  if args.text is not None and not os.path.isfile(args.text):
+    parser.error(f"--text {args.text}: no such file")
+  if args.out is None:
+    parser.error(f"--out DIR is required ({goes_to_out} go there)")
 
 
 def _merge_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -437,11 +449,7 @@ def check_eagle(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
   from kvjax.lm.model import resolve
   from kvjax.speculative.head import KINDS
   from kvjax.speculative.tree import TreeSpec
-  if args.config is not None:
-    _merge_config(parser, args)
-  for key, value in EAGLE_DEFAULTS.items():
-    if getattr(args, key) is None:
-      setattr(args, key, value)
+  _settle(parser, args, EAGLE_DEFAULTS)
   if args.kind not in KINDS:
     parser.error(f"--kind must be one of {', '.join(KINDS)}; got {args.kind!r}")
   if args.target is None:
@@ -450,12 +458,7 @@ def check_eagle(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     resolve(args.target)
   except FileNotFoundError as err:
     parser.error(f"--target: {err}")
-  if (args.text is None) == (args.data is None):
-    parser.error("give exactly one of --text FILE and --data DIR_OR_NAME")
-  if args.text is not None and not os.path.isfile(args.text):
-    parser.error(f"--text {args.text}: no such file")
-  if args.out is None:
-    parser.error("--out DIR is required (checkpoints, metrics and the head go there)")
+  _check_run_flags(parser, args, "checkpoints, metrics and the head")
   if args.warmup >= args.steps:
     parser.error(f"--warmup ({args.warmup}) must be smaller than --steps ({args.steps})")
   try:

@@ -63,13 +63,12 @@ PLOT_LABEL = "head loss"  # eagle1: SmoothL1 + 0.1 CE; eagle3: step-weighted CE
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EagleConfig:
-  """Hyperparameters and bookkeeping of one head-training run. Hashable.
+class EagleConfig(lm_train.RunConfig):
+  """Hyperparameters and bookkeeping of one head-training run (RunConfig's fields, lr 1e-3 and
+  no weight decay by default, and:). Hashable.
 
-  kind: "eagle1" or "eagle3" (must match the head). steps, warmup, lr, final_lr_ratio,
-  weight_decay, clip_norm, b1, b2, seed, save_every, keep, eval_every, log_every: as for
-  `kvjax.train.lm.TrainConfig`. ttt_steps: eagle3's unrolled steps K (clipped to seq_len - 1).
-  feature_noise: half-width of the uniform noise on step-0 input features (default 0.1 for
+  kind: "eagle1" or "eagle3" (must match the head). ttt_steps: eagle3's unrolled steps K
+  (clipped to seq_len - 1). feature_noise: half-width of the uniform noise on step-0 input features (default 0.1 for
   eagle1, 0 for eagle3). ce_weight: eagle1's weight of the token loss. step_decay: eagle3's
   weight ratio between consecutive steps. self_distill, distill_temperature: recorded so a
   resume uses the same data (the sequences are made by `self_distill`). eval_batches: held-out
@@ -78,28 +77,14 @@ class EagleConfig:
   """
 
   kind: str = "eagle1"
-  steps: int
-  batch_size: int
-  seq_len: int
   lr: float = 1e-3
-  warmup: int = 0
-  final_lr_ratio: float = 0.1
   weight_decay: float = 0.0
-  clip_norm: float = 1.0
-  b1: float = 0.9
-  b2: float = 0.95
-  seed: int = 0
   ttt_steps: int = 7
   feature_noise: float | None = None
   ce_weight: float = 0.1
   step_decay: float = 0.8
   self_distill: int = 0
   distill_temperature: float = 1.0
-  out_dir: str
-  save_every: int = 0
-  keep: int = 3
-  eval_every: int = 0
-  log_every: int = 10
   eval_batches: int = 8
   eval_prompts: int = 4
   prompt_len: int = 64
@@ -111,32 +96,21 @@ class EagleConfig:
   def __post_init__(self):
     if self.kind not in hd.KINDS:
       raise TrainError(f"kind must be one of {hd.KINDS}; got {self.kind!r}")
-    for name in ("steps", "batch_size", "seq_len", "keep", "ttt_steps", "prompt_len",
-                 "new_tokens", "eval_batches"):
+    super().__post_init__()
+    for name in ("ttt_steps", "prompt_len", "new_tokens", "eval_batches"):
       _need(name, getattr(self, name), lambda v: v >= 1, "an int >= 1", int)
-    for name in ("warmup", "save_every", "eval_every", "log_every", "seed", "self_distill",
-                 "eval_prompts"):
+    for name in ("self_distill", "eval_prompts"):
       _need(name, getattr(self, name), lambda v: v >= 0, "an int >= 0", int)
     if self.seq_len < 3:
       raise TrainError(f"seq_len must be >= 3 (a pair and the token after); got {self.seq_len}")
-    if self.warmup >= self.steps:
-      raise TrainError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps})")
-    _need("lr", self.lr, lambda v: 0 < v < math.inf, "a finite number > 0", float)
-    _need("clip_norm", self.clip_norm, lambda v: 0 < v < math.inf, "a finite number > 0", float)
-    for name in ("weight_decay", "ce_weight"):
-      _need(name, getattr(self, name), lambda v: 0 <= v < math.inf, "a number >= 0", float)
-    for name in ("final_lr_ratio", "step_decay"):
-      _need(name, getattr(self, name), lambda v: 0 <= v <= 1, "a number in [0, 1]", float)
-    for name in ("b1", "b2"):
-      _need(name, getattr(self, name), lambda v: 0 <= v < 1, "a number in [0, 1)", float)
+    _need("ce_weight", self.ce_weight, lambda v: 0 <= v < math.inf, "a number >= 0", float)
+    _need("step_decay", self.step_decay, lambda v: 0 <= v <= 1, "a number in [0, 1]", float)
     _need("distill_temperature", self.distill_temperature, lambda v: v >= 0, "a number >= 0",
           float)
     if self.feature_noise is None:
       object.__setattr__(self, "feature_noise", 0.1 if self.kind == "eagle1" else 0.0)
     _need("feature_noise", self.feature_noise, lambda v: 0 <= v < math.inf, "a number >= 0",
           float)
-    if not isinstance(self.out_dir, str) or not self.out_dir:
-      raise TrainError(f"out_dir must be a non-empty path; got {self.out_dir!r}")
     self.tree  # noqa: B018 (validates the tree settings)
 
   @property
@@ -368,17 +342,12 @@ def compute_key(ec: EagleConfig) -> tuple:
           ec.b1, ec.b2, ec.ttt, ec.feature_noise, ec.ce_weight, ec.step_decay)
 
 
-def optimizer(ec: EagleConfig) -> optax.GradientTransformation:
-  """clip_by_global_norm(clip_norm), then AdamW under warmup + cosine decay (as for LMs)."""
-  return lm_train.optimizer(ec)  # reads only the optimizer fields, which EagleConfig shares
-
-
 def cached_steps(model: Model, head: hd.LoadedHead, ec: EagleConfig):
   """(opt_init, train_step, eval_step), built once per process for a (target graphdef, head
   graphdef, compute settings) so repeated runs (tests, resumes) reuse the compiled programs."""
   key = (model.graphdef, model.cfg, head.graphdef, compute_key(ec))
   if key not in _STEPS:
-    opt = optimizer(ec)
+    opt = lm_train.optimizer(ec)
     _STEPS[key] = (jax.jit(opt.init), *make_steps(model, head, ec, opt))
   return _STEPS[key]
 
@@ -418,35 +387,16 @@ def make_steps(model: Model, head: hd.LoadedHead, ec: EagleConfig,
 
 # --- training ---------------------------------------------------------------------------------
 
+BATCH_KEYS = {k: v for k, v in lm_train.BATCH_KEYS.items() if k != "chars"}
+
+
 def check_batch(batch: Batch, ec: EagleConfig, vocab_size: int, step: int) -> None:
   """Raises TrainError unless batch holds inputs, targets, mask [B, T] in the vocabulary."""
-  keys = {"inputs": np.integer, "targets": np.integer, "mask": np.floating}
-  if not isinstance(batch, dict) or not set(keys) <= set(batch):
-    got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-    raise TrainError(f"batch {step}: expected a dict with keys {sorted(keys)}; got {got}")
-  want = (ec.batch_size, ec.seq_len)
-  optional = {k: np.integer for k in lm_train.OPTIONAL_KEYS if k in batch}
-  for key, kind in {**keys, **optional}.items():
-    a = np.asarray(batch[key])
-    if a.shape != want or not np.issubdtype(a.dtype, kind):
-      raise TrainError(f"batch {step}: {key} must be a {kind.__name__} array of shape "
-                       f"[B, T] = {list(want)}; got {a.dtype}{list(a.shape)}")
-  for key in ("inputs", "targets"):
-    a = np.asarray(batch[key])
-    if a.min() < 0 or a.max() >= vocab_size:
-      raise TrainError(f"batch {step}: {key} has token ids outside [0, {vocab_size}) "
-                       f"(min {a.min()}, max {a.max()}): the data and the target's vocabulary "
-                       "disagree")
+  lm_train.check_batch(batch, ec, vocab_size, step, keys=BATCH_KEYS)
 
 
 def _to_device(batch: Batch) -> dict[str, jax.Array]:
-  out = {"inputs": np.asarray(batch["inputs"], np.int32),
-         "targets": np.asarray(batch["targets"], np.int32),
-         "mask": np.asarray(batch["mask"], np.float32)}
-  for key in lm_train.OPTIONAL_KEYS:
-    if key in batch:
-      out[key] = np.asarray(batch[key], np.int32)
-  return jax.device_put(out)
+  return lm_train._to_device(batch, keys=BATCH_KEYS)
 
 
 def evaluate(eval_step, params, target_params, eval_batches: Iterable[Batch],

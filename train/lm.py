@@ -54,15 +54,14 @@ class TrainError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-  """Hyperparameters and bookkeeping of one run. Hashable.
+class RunConfig:
+  """What every training run has (TrainConfig's and kvjax.train.eagle.EagleConfig's base).
 
   steps: optimizer steps in total (a resumed run continues up to it).
   warmup: linear warmup steps from 0 to lr, then cosine decay to lr * final_lr_ratio at `steps`.
+  weight_decay, clip_norm (global norm), b1, b2: AdamW's.
   save_every / eval_every / log_every: in steps; 0 = only at the end (save, eval) or never (log).
   keep: how many checkpoints the manager keeps.
-  data_parallel, model_parallel: mesh shape; data_parallel 0 = every device / model_parallel.
-    A 1 x 1 mesh means no mesh (plain single-device arrays).
   """
 
   steps: int
@@ -75,20 +74,17 @@ class TrainConfig:
   clip_norm: float = 1.0
   b1: float = 0.9
   b2: float = 0.95
-  bf16: bool = False
   seed: int = 0
   out_dir: str
   save_every: int = 0
   keep: int = 3
   eval_every: int = 0
   log_every: int = 10
-  data_parallel: int = 0
-  model_parallel: int = 1
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "seq_len", "keep", "model_parallel"):
+    for name in ("steps", "batch_size", "seq_len", "keep"):
       _need(name, getattr(self, name), lambda v: v >= 1, "an int >= 1", int)
-    for name in ("warmup", "save_every", "eval_every", "log_every", "data_parallel", "seed"):
+    for name in ("warmup", "save_every", "eval_every", "log_every", "seed"):
       _need(name, getattr(self, name), lambda v: v >= 0, "an int >= 0", int)
     if self.warmup >= self.steps:
       raise TrainError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps})")
@@ -101,6 +97,25 @@ class TrainConfig:
       _need(name, getattr(self, name), lambda v: 0 <= v < 1, "a number in [0, 1)", float)
     if not isinstance(self.out_dir, str) or not self.out_dir:
       raise TrainError(f"out_dir must be a non-empty path; got {self.out_dir!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig(RunConfig):
+  """Hyperparameters and bookkeeping of one LM run (fields of RunConfig, and:). Hashable.
+
+  bf16: bfloat16 compute, float32 params and optimizer state.
+  data_parallel, model_parallel: mesh shape; data_parallel 0 = every device / model_parallel.
+    A 1 x 1 mesh means no mesh (plain single-device arrays).
+  """
+
+  bf16: bool = False
+  data_parallel: int = 0
+  model_parallel: int = 1
+
+  def __post_init__(self):
+    super().__post_init__()
+    _need("model_parallel", self.model_parallel, lambda v: v >= 1, "an int >= 1", int)
+    _need("data_parallel", self.data_parallel, lambda v: v >= 0, "an int >= 0", int)
 
   def resume_key(self) -> dict[str, Any]:
     """The fields a resumed run must share with the run it continues."""
@@ -125,7 +140,7 @@ class Result:
   resumed_from: int
 
 
-def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+def optimizer(tc: RunConfig) -> optax.GradientTransformation:
   """clip_by_global_norm(clip_norm), then AdamW under warmup + cosine decay."""
   return optax.chain(optax.clip_by_global_norm(tc.clip_norm),
                      optax.adamw(optimizer_lr(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
@@ -203,7 +218,7 @@ def make_eval_step(model: Model, bf16: bool = False):
   return eval_step
 
 
-def optimizer_lr(tc: TrainConfig) -> Callable[[jax.Array], jax.Array]:
+def optimizer_lr(tc: RunConfig) -> Callable[[jax.Array], jax.Array]:
   """The learning rate used at a step (the same schedule `optimizer` builds)."""
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup, decay_steps=tc.steps,
@@ -230,14 +245,16 @@ def _batch_sharding(mesh, batch_size: int):
   return NamedSharding(mesh, spec)
 
 
-def check_batch(batch: Batch, tc: TrainConfig, vocab_size: int, step: int) -> None:
-  """Raises TrainError unless batch matches the contract (shapes [B, T], dtypes, token range)."""
-  if not isinstance(batch, dict) or not set(BATCH_KEYS) <= set(batch):
+def check_batch(batch: Batch, tc: RunConfig, vocab_size: int, step: int,
+                keys: dict = BATCH_KEYS) -> None:
+  """Raises TrainError unless batch matches the contract (shapes [B, T], dtypes, token range).
+  keys: the required arrays and their kinds (EAGLE batches need no "chars")."""
+  if not isinstance(batch, dict) or not set(keys) <= set(batch):
     got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-    raise TrainError(f"batch {step}: expected a dict with keys {sorted(BATCH_KEYS)}; got {got}")
+    raise TrainError(f"batch {step}: expected a dict with keys {sorted(keys)}; got {got}")
   want = (tc.batch_size, tc.seq_len)
   optional = {k: np.integer for k in OPTIONAL_KEYS if k in batch}
-  for key, kind in {**BATCH_KEYS, **optional}.items():
+  for key, kind in {**keys, **optional}.items():
     a = batch[key]
     if tuple(np.shape(a)) != want or not np.issubdtype(np.asarray(a).dtype, kind):
       raise TrainError(f"batch {step}: {key} must be a {kind.__name__} array of shape "
@@ -250,12 +267,11 @@ def check_batch(batch: Batch, tc: TrainConfig, vocab_size: int, step: int) -> No
                        "disagree")
 
 
-def _to_device(batch: Batch, sharding_) -> dict[str, jax.Array]:
-  """The contract's arrays (plus segment_ids, positions [B, T] int32 when present) on device."""
-  out = {"inputs": np.asarray(batch["inputs"], np.int32),
-         "targets": np.asarray(batch["targets"], np.int32),
-         "mask": np.asarray(batch["mask"], np.float32),
-         "chars": np.asarray(batch["chars"], np.float32)}
+def _to_device(batch: Batch, sharding_=None, keys: dict = BATCH_KEYS) -> dict[str, jax.Array]:
+  """The `keys` arrays (int32 / float32 by kind; plus segment_ids, positions [B, T] int32 when
+  present) on device."""
+  out = {k: np.asarray(batch[k], np.int32 if kind is np.integer else np.float32)
+         for k, kind in keys.items()}
   for key in OPTIONAL_KEYS:
     if key in batch:
       out[key] = np.asarray(batch[key], np.int32)

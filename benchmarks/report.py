@@ -1,7 +1,8 @@
-"""What the benchmarks ran on, for their JSON and tables."""
+"""What the benchmarks ran on, and where they write their results."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 
@@ -24,3 +25,14 @@ def describe() -> str:
   kind = getattr(dev, "device_kind", dev.platform)
   return (f"{cpu_name()}, {os.cpu_count()} cores, JAX {jax.__version__} on "
           f"{jax.default_backend()} ({kind})")
+
+
+def write(out_dir: str, name: str, results: dict, table: str) -> str:
+  """Writes <out_dir>/<name>_<backend>.json (results) and .md (table); returns that stem."""
+  os.makedirs(out_dir, exist_ok=True)
+  stem = os.path.join(out_dir, f"{name}_{jax.default_backend()}")
+  with open(stem + ".json", "w") as f:
+    json.dump(results, f, indent=1, default=str)
+  with open(stem + ".md", "w") as f:
+    f.write(table.rstrip("\n") + "\n")
+  return stem
