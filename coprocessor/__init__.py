@@ -1,14 +1,15 @@
 """Differentiable cache augmentation: a coprocessor writes latent embeddings into a frozen
-model's KV cache (`kvjax.coprocessor.model`).
+model's KV cache (`kvjax.coprocessor.model`; training in `kvjax.train.coprocessor`).
 
     from kvjax import lm, coprocessor
     base = lm.load("shakespeare")
-    cop = coprocessor.init(base, n_latents=16)
+    cop = coprocessor.load("shakespeare-16", base)
     cache = coprocessor.augment(base, cop, cache)
+    out = lm.generate(base, "ROMEO.", coprocessor=cop)
 """
 
 from kvjax.coprocessor.model import (Coprocessor, CoprocessorConfig, CoprocessorError, augment,
-                                     init, load, save)
+                                     init, insert, latents, load, resolve, save, shipped)
 
-__all__ = ["Coprocessor", "CoprocessorConfig", "CoprocessorError", "augment", "init", "load",
-           "save"]
+__all__ = ["Coprocessor", "CoprocessorConfig", "CoprocessorError", "augment", "init", "insert",
+           "latents", "load", "resolve", "save", "shipped"]

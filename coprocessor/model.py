@@ -1,18 +1,25 @@
 """The cache coprocessor: reads a frozen model's KV cache, writes latent embeddings into it.
 
-The coprocessor has the frozen base model's architecture (its decoder starts as a copy of the
-base's params, or from scratch) and N trainable soft-token embeddings. Given the base's cache
-of a prefix, it runs the N soft tokens as input embeddings at positions length .. length + N - 1
-with its layer i attending to the base's layer-i K/V of the prefix and to the soft tokens' own
-K/V; its final-normed hidden states there are the N latents. `augment` then runs the frozen
-base over the latents as input embeddings at the same positions, which appends their K/V to
-the base's cache; decoding continues from it as usual.
+The coprocessor has the frozen base model's architecture and N trainable soft-token
+embeddings. Given the base's cache of a prefix, it runs the N soft tokens as input embeddings
+at positions length .. length + N - 1 with its layer i attending to the base's layer-i K/V of
+the prefix and to the soft tokens' own K/V; its final-normed hidden states there are the N
+latents. `augment` then runs the frozen base over the latents as input embeddings at the same
+positions, which appends their K/V to the base's cache; decoding continues from it as usual.
 
     cop = coprocessor.init(base, n_latents=16)           # copy of base + 16 soft tokens
     cache = coprocessor.augment(base, cop, cache)        # cache.length grows by 16
 
+Its decoder starts as a copy of the base's layers ("copy", trained in full), from scratch
+("scratch"), or as the frozen base's layers plus trainable low-rank deltas ("lora": W + a @ b
+on every projection, b zero so it starts as the copy). The coprocessor never reads or writes
+tokens, so it keeps no embedding table or LM head of its own. The pause-token baseline
+(kind "pause") has only the N soft tokens: they are the latents, inserted with no
+coprocessor.
+
 A coprocessor directory holds `coprocessor.json` (CoprocessorConfig, with the base's
-architecture) and `params/` (orbax: {"decoder": ..., "soft": [N, D]}).
+architecture) and `params/` (orbax, the trainable params: "soft" [N, D] and, for a
+coprocessor, "final_norm" and "blocks" or "lora").
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 from typing import Any
 
@@ -34,58 +42,82 @@ from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config
 from kvjax.lm.model import Model
 
-INITS = ("copy", "scratch")
+KINDS = ("coprocessor", "pause")
+INITS = ("copy", "scratch", "lora")
 CONFIG_FILE = "coprocessor.json"
+# The block projections LoRA adapts, with how many leading axes (after L) are the input.
+LORA_TARGETS = {("attn", "q"): 1, ("attn", "k"): 1, ("attn", "v"): 1, ("attn", "o"): 2,
+                ("mlp", "gate"): 1, ("mlp", "up"): 1, ("mlp", "down"): 1}
+BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
 
 
 class CoprocessorError(ValueError):
   """A coprocessor that does not fit its base model, bad settings, or an unreadable directory."""
 
 
+def _is_int(n) -> bool:
+  return not isinstance(n, bool) and isinstance(n, (int, np.integer))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CoprocessorConfig:
   """n_latents: N soft tokens / latents per augmentation. base: the frozen model's
-  architecture. init: how the decoder started ("copy" of the base's params or "scratch").
-  base_name: where the base came from (informational)."""
+  architecture. kind: "coprocessor" or "pause" (the soft tokens alone are the latents).
+  init: how a coprocessor's decoder started ("copy", "scratch" or "lora"; "none" for pause).
+  lora_rank: r of the "lora" deltas. base_name: where the base came from (informational)."""
 
   n_latents: int
   base: Config
+  kind: str = "coprocessor"
   init: str = "copy"
+  lora_rank: int = 16
   base_name: str = ""
 
   def __post_init__(self):
     n = self.n_latents
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+    if not _is_int(n) or n < 1:
       raise CoprocessorError(f"n_latents must be an int >= 1; got {n!r}")
-    if self.init not in INITS:
+    if self.kind not in KINDS:
+      raise CoprocessorError(f"kind must be one of {KINDS}; got {self.kind!r}")
+    if self.kind == "pause":
+      object.__setattr__(self, "init", "none")
+    elif self.init not in INITS:
       raise CoprocessorError(f"init must be one of {INITS}; got {self.init!r}")
+    if not _is_int(self.lora_rank) or self.lora_rank < 1:
+      raise CoprocessorError(f"lora_rank must be an int >= 1; got {self.lora_rank!r}")
 
   def to_json(self) -> dict[str, Any]:
-    return {"n_latents": int(self.n_latents), "init": self.init, "base_name": self.base_name,
+    return {"n_latents": int(self.n_latents), "kind": self.kind, "init": self.init,
+            "lora_rank": int(self.lora_rank), "base_name": self.base_name,
             "base": config.to_dict(self.base)}
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> CoprocessorConfig:
-    return cls(n_latents=d["n_latents"], init=d.get("init", "copy"),
+    return cls(n_latents=d["n_latents"], kind=d.get("kind", "coprocessor"),
+               init=d.get("init", "copy"), lora_rank=d.get("lora_rank", 16),
                base=config.from_dict(d["base"]), base_name=d.get("base_name", ""))
 
 
 @dataclasses.dataclass(frozen=True)
 class Coprocessor:
-  """cc: its config; decoder: a kvjax Model of the base's architecture (its params are the
-  coprocessor's, tokenizer-less); soft: [N, D] the soft-token embeddings."""
+  """cc: its config; params: the trainable params, a pure dict ("soft" [N, D], and for a
+  coprocessor "final_norm" and "blocks" (copy, scratch) or "lora" {"attn": {"q": {"a", "b"},
+  ...}, "mlp": ...}); path: the directory it was loaded from."""
 
   cc: CoprocessorConfig
-  decoder: Model
-  soft: jax.Array
+  params: dict[str, Any]
   path: str | None = None
 
-  def params(self) -> dict[str, Any]:
-    return {"decoder": self.decoder.params(), "soft": self.soft}
+  @property
+  def soft(self) -> jax.Array:
+    return self.params["soft"]
+
+  @property
+  def n_latents(self) -> int:
+    return self.cc.n_latents
 
   def with_params(self, params: dict[str, Any]) -> Coprocessor:
-    return dataclasses.replace(self, decoder=self.decoder.with_params(params["decoder"]),
-                               soft=params["soft"])
+    return dataclasses.replace(self, params=params)
 
 
 def check(cc: CoprocessorConfig, base: Config) -> None:
@@ -97,28 +129,96 @@ def check(cc: CoprocessorConfig, base: Config) -> None:
                            + ", ".join(diff))
 
 
-def init(base: Model, n_latents: int, *, init: str = "copy", seed: int = 0) -> Coprocessor:
-  """A new coprocessor for `base`: its decoder a copy of base's params ("copy") or freshly
-  initialised ("scratch"); soft tokens drawn like embeddings (std 0.02)."""
+def _lora_init(blocks: dict[str, Any], rank: int, key: jax.Array) -> dict[str, Any]:
+  """Low-rank deltas for every LORA_TARGETS weight W [L, *in, *out]: a [L, in, r] ~ N(0,
+  1 / in), b [L, r, out] = 0."""
+  out: dict[str, Any] = {}
+  for i, ((group, name), n_in) in enumerate(LORA_TARGETS.items()):
+    w = blocks[group][name]
+    fan_in = math.prod(w.shape[1:1 + n_in])
+    fan_out = math.prod(w.shape[1 + n_in:])
+    a = jax.random.normal(jax.random.fold_in(key, i), (w.shape[0], fan_in, rank)) / fan_in ** .5
+    out.setdefault(group, {})[name] = {"a": a.astype(w.dtype),
+                                       "b": jnp.zeros((w.shape[0], rank, fan_out), w.dtype)}
+  return out
+
+
+def _lora_merge(blocks: dict[str, Any], lora: dict[str, Any]) -> dict[str, Any]:
+  """The base's block params with W + a @ b on every adapted weight."""
+  merged = jax.tree.map(lambda x: x, blocks)
+  for (group, name), _ in LORA_TARGETS.items():
+    w, ab = blocks[group][name], lora[group][name]
+    delta = jnp.einsum("lir,lro->lio", ab["a"], ab["b"])
+    merged[group][name] = w + delta.reshape(w.shape).astype(w.dtype)
+  return merged
+
+
+def init(base: Model, n_latents: int, *, kind: str = "coprocessor", init: str = "copy",
+         lora_rank: int = 16, seed: int = 0) -> Coprocessor:
+  """A new coprocessor (or pause-token set) for `base`: its decoder a copy of base's layers
+  ("copy"), freshly initialised ("scratch") or the base's plus zero low-rank deltas ("lora");
+  soft tokens drawn like embeddings (std 0.02)."""
   from kvjax.lm.model import init as init_model
-  cc = CoprocessorConfig(n_latents=n_latents, base=base.cfg, init=init,
-                         base_name=os.path.basename(base.path or ""))
-  if init == "copy":
-    decoder = base.with_params(jax.tree.map(jnp.array, base.params()))
-  else:
-    decoder = init_model(base.cfg, seed=seed + 1, dtype=base.dtype)
-  decoder = dataclasses.replace(decoder, tokenizer=None, path=None, compiled={})
+  cc = CoprocessorConfig(n_latents=n_latents, base=base.cfg, kind=kind, init=init,
+                         lora_rank=lora_rank, base_name=os.path.basename(base.path or ""))
   soft = 0.02 * jax.random.normal(jax.random.key(seed), (n_latents, base.cfg.d_model))
-  return Coprocessor(cc, decoder, soft.astype(base.dtype))
+  params: dict[str, Any] = {"soft": soft.astype(base.dtype)}
+  if cc.kind == "coprocessor":
+    source = base.params()
+    if cc.init == "scratch":
+      source = init_model(base.cfg, seed=seed + 1, dtype=base.dtype).params()
+    if cc.init == "lora":
+      params["lora"] = _lora_init(source["blocks"], cc.lora_rank, jax.random.key(seed + 2))
+    else:
+      params["blocks"] = jax.tree.map(jnp.array, source["blocks"])
+    params["final_norm"] = _latent_norm(source["final_norm"], source["embed"], base.cfg)
+  return Coprocessor(cc, params)
 
 
-def latents_of(cop_dec, soft: jax.Array, cache: KVCache) -> jax.Array:
-  """soft [N, D] read through `cop_dec` (a Decoder) over the base's cache -> latents [B, N,
-  D]: the soft tokens at positions cache.length + arange(N) attend to the cache's filled
-  slots (layer i to layer i) and causally to each other. The cache is not changed."""
-  B, N = cache.batch, soft.shape[0]
-  embeds = jnp.broadcast_to(soft[None].astype(cop_dec.dtype), (B, N, soft.shape[-1]))
-  out, _ = cop_dec(embeds=embeds, cache=cache, logits=False)
+def _latent_norm(final_norm: dict[str, Any], embed: jax.Array, cfg: Config) -> dict[str, Any]:
+  """The coprocessor's output norm: the source's, rescaled so the latents start at the RMS of
+  the token embeddings the base takes as input. (The final-normed hidden state is an LM-head
+  input, ~20x larger than an embedding in the shipped model; inserted at that size it swamps
+  the attention of the tokens after it.)"""
+  w = final_norm["scale"].astype(jnp.float32)
+  gain = 1.0 + w if cfg.norm_plus_one else w
+  emb = jnp.sqrt(jnp.mean(jnp.square(embed.astype(jnp.float32))))
+  if cfg.scale_embeddings:
+    emb = emb * cfg.d_model ** 0.5
+  gain = gain * emb / jnp.sqrt(jnp.mean(jnp.square(gain)))
+  return {"scale": (gain - 1.0 if cfg.norm_plus_one else gain).astype(final_norm["scale"].dtype)}
+
+
+def decoder(graphdef, state, cc: CoprocessorConfig, params: dict[str, Any]):
+  """The coprocessor's Decoder built from the base's (graphdef, state): its own layers
+  (copy/scratch) or the base's plus the LoRA deltas, over the base's (never used) embedding
+  and head. None for pause tokens. Traceable: state and params may hold tracers."""
+  if cc.kind == "pause":
+    return None
+  own = {"final_norm": params["final_norm"]}
+  if cc.init == "lora":
+    own["blocks"] = _lora_merge(nnx.to_pure_dict(state)["blocks"], params["lora"])
+  else:
+    own["blocks"] = params["blocks"]
+  state = jax.tree.map(lambda a: a, state)  # a copy to fill in
+  nnx.replace_by_pure_dict(state, own)
+  return nnx.merge(graphdef, state)
+
+
+def latents_of(cop_dec, soft: jax.Array, cache: KVCache, *, positions: jax.Array | None = None,
+               mask: jax.Array | None = None, copies: int = 1) -> jax.Array:
+  """soft [N, D] read through `cop_dec` (a Decoder; None = pause tokens) over the base's cache
+  -> latents [B, copies * N, D]. By default the soft tokens sit at positions cache.length +
+  arange(N), attend to the cache's filled slots (layer i to layer i) and causally to each
+  other; `positions` [B, copies * N] and `mask` [B, copies * N, S + copies * N] say otherwise
+  (several traces in one pass). The cache is not changed. Pause tokens: soft, broadcast."""
+  B = cache.batch
+  x = jnp.broadcast_to(jnp.tile(soft, (copies, 1))[None], (B, copies * soft.shape[0],
+                                                           soft.shape[-1]))
+  if cop_dec is None:
+    return x
+  out, _ = cop_dec(embeds=x.astype(cop_dec.dtype), cache=cache, positions=positions, mask=mask,
+                   logits=False)
   return out.hidden
 
 
@@ -129,44 +229,113 @@ def augment_with(base_dec, latents: jax.Array, cache: KVCache) -> KVCache:
   return cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cop_graphdef"),
-                   donate_argnames=("cache",))
-def _augment(graphdef, state, cop_graphdef, cop_state, soft, cache):
-  latents = latents_of(nnx.merge(cop_graphdef, cop_state), soft, cache)
+@functools.partial(jax.jit, static_argnames=("graphdef", "cc"))
+def _latents(graphdef, state, cc, params, cache):
+  return latents_of(decoder(graphdef, state, cc, params), params["soft"], cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _insert(graphdef, state, latents, cache):
   return augment_with(nnx.merge(graphdef, state), latents, cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cc"), donate_argnames=("cache",))
+def _augment(graphdef, state, cc, params, cache):
+  latents = latents_of(decoder(graphdef, state, cc, params), params["soft"], cache)
+  return augment_with(nnx.merge(graphdef, state), latents, cache)
+
+
+def _check_use(base: Model, cop: Coprocessor, cache, extra: int = 0) -> None:
+  check(cop.cc, base.cfg)
+  if not isinstance(cache, KVCache):
+    raise TypeError(f"the coprocessor takes a dense KVCache; got {type(cache).__name__}")
+  need = int(np.max(np.asarray(cache.length))) + cop.n_latents + extra
+  if need > cache.size:
+    raise CoprocessorError(f"the cache has {cache.size} slots; augmenting its longest row "
+                           f"needs {need} ({cop.n_latents} latents)")
+  if need > base.cfg.max_position:
+    raise CoprocessorError(f"augmenting reaches position {need}, past the model's context of "
+                           f"{base.cfg.max_position}")
+
+
+def latents(base: Model, cop: Coprocessor, cache: KVCache) -> jax.Array:
+  """The coprocessor's N latents [B, N, D] for the base's cache (jitted; the cache is kept),
+  to `insert` now or later (the delayed setting)."""
+  _check_use(base, cop, cache)
+  return _latents(base.graphdef, base.state, cop.cc, cop.params, cache)
+
+
+def insert(base: Model, latents: jax.Array, cache: KVCache) -> KVCache:
+  """Appends latents [B, N, D] to the base's cache at its next positions (jitted; donates
+  `cache`)."""
+  B, N, D = latents.shape
+  if D != base.cfg.d_model or B != cache.batch:
+    raise CoprocessorError(f"latents must be [B={cache.batch}, N, D={base.cfg.d_model}]; got "
+                           f"{list(latents.shape)}")
+  if int(np.max(np.asarray(cache.length))) + N > min(cache.size, base.cfg.max_position):
+    raise CoprocessorError(f"the cache has no room for {N} latents after its longest row")
+  return _insert(base.graphdef, base.state, latents, cache)
 
 
 def augment(base: Model, cop: Coprocessor, cache: KVCache) -> KVCache:
   """Augments the base's cache: appends the N latents the coprocessor computes from it
   (jitted; donates `cache`). Each row needs N free slots."""
-  check(cop.cc, base.cfg)
-  if not isinstance(cache, KVCache):
-    raise TypeError(f"augment takes a dense KVCache; got {type(cache).__name__}")
-  need = int(np.max(np.asarray(cache.length))) + cop.cc.n_latents
-  if need > cache.size:
-    raise CoprocessorError(f"the cache has {cache.size} slots; augmenting its longest row "
-                           f"needs {need} ({cop.cc.n_latents} latents)")
-  if need > base.cfg.max_position:
-    raise CoprocessorError(f"augmenting reaches position {need}, past the model's context of "
-                           f"{base.cfg.max_position}")
-  return _augment(base.graphdef, base.state, cop.decoder.graphdef, cop.decoder.state,
-                  cop.soft, cache)
+  _check_use(base, cop, cache)
+  return _augment(base.graphdef, base.state, cop.cc, cop.params, cache)
 
 
 # --- files ------------------------------------------------------------------------------------
 
-def save(cop: Coprocessor, path: str) -> None:
-  """Writes coprocessor.json and params/ (orbax) into a new directory `path`."""
+def _like(cc: CoprocessorConfig, base: Model) -> dict[str, Any]:
+  """Zeros shaped like a coprocessor's trainable params for `base`."""
+  zeros = lambda t: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), t)  # noqa: E731
+  like = {"soft": jnp.zeros((cc.n_latents, base.cfg.d_model), base.dtype)}
+  if cc.kind == "coprocessor":
+    p = jax.eval_shape(base.params)
+    if cc.init == "lora":
+      like["lora"] = zeros(jax.eval_shape(lambda b: _lora_init(b, cc.lora_rank,
+                                                               jax.random.key(0)), p["blocks"]))
+    else:
+      like["blocks"] = zeros(p["blocks"])
+    like["final_norm"] = zeros(p["final_norm"])
+  return like
+
+
+def save(cop: Coprocessor, path: str, *, dtype=None) -> None:
+  """Writes coprocessor.json and params/ (orbax; cast to `dtype` when given, e.g. bfloat16
+  to ship) into a new directory `path`."""
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(cop.cc.to_json(), f, indent=2)
-  save_params(os.path.join(path, "params"), jax.device_get(cop.params()))
+  params = jax.device_get(cop.params)
+  if dtype is not None:
+    params = jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
+  save_params(os.path.join(path, "params"), params)
+
+
+def shipped() -> tuple[str, ...]:
+  """Names of the coprocessors shipped with kvjax (`load(name, base)` loads one)."""
+  if not os.path.isdir(BUNDLED_DIR):
+    return ()
+  return tuple(sorted(n for n in os.listdir(BUNDLED_DIR)
+                      if os.path.isfile(os.path.join(BUNDLED_DIR, n, CONFIG_FILE))))
+
+
+def resolve(path: str) -> str:
+  """The directory of a coprocessor directory or shipped name (a directory wins)."""
+  if os.path.isdir(path):
+    return path
+  if path in shipped():
+    return os.path.join(BUNDLED_DIR, path)
+  raise FileNotFoundError(f"{path!r} is not a coprocessor directory ({CONFIG_FILE} + params/) "
+                          f"or a shipped coprocessor name (shipped: "
+                          f"{', '.join(shipped()) or 'none'})")
 
 
 def load(path: str, base: Model) -> Coprocessor:
-  """Loads a coprocessor directory for `base`; one made for another architecture raises
-  CoprocessorError naming each mismatched field."""
-  path = os.fspath(path)
+  """Loads a coprocessor directory or shipped name for `base` (params in base's dtype); one
+  made for another architecture raises CoprocessorError naming each mismatched field."""
+  path = resolve(os.fspath(path))
   file = os.path.join(path, CONFIG_FILE)
   d = config.read_json(file, required=True, error=CoprocessorError)
   try:
@@ -176,11 +345,8 @@ def load(path: str, base: Model) -> Coprocessor:
                            ) from None
   check(cc, base.cfg)
   cc = dataclasses.replace(cc, base=base.cfg)
-  like = {"decoder": base.params(),
-          "soft": jnp.zeros((cc.n_latents, base.cfg.d_model), base.dtype)}
   try:
-    params = restore_params(os.path.join(path, "params"), like)
+    params = restore_params(os.path.join(path, "params"), _like(cc, base))
   except CheckpointError as err:
     raise CoprocessorError(str(err)) from None
-  decoder = dataclasses.replace(base, tokenizer=None, path=None, compiled={})
-  return Coprocessor(cc, decoder.with_params(params["decoder"]), params["soft"], path)
+  return Coprocessor(cc, params, path)

@@ -164,13 +164,15 @@ def outputs(model: Model, out: np.ndarray, counts: np.ndarray, stop: Sequence[st
 def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 64,
              sampling: Sampling | None = None, key: jax.Array | None = None,
              stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
-             chat: bool = False) -> Generation:
+             chat: bool = False, coprocessor=None, delay: int = 0) -> Generation:
   """Generates a continuation for each prompt in one batch (rows may differ in length).
 
   prompts: a string, token ids, or a list of either. sampling: greedy by default; anything
   else needs `key`. stop_tokens: default the model's eos ids. stop: strings that end a row
   (checked on the decoded text; the text is cut before them). chat: wrap each prompt as a
-  user message with the model's chat template.
+  user message with the model's chat template. coprocessor: a `kvjax.coprocessor.Coprocessor`
+  for this model: its latents augment the cache before the prompt's last token (see
+  `kvjax.coprocessor.generate`); delay: they arrive that many tokens late.
   """
   sampling = _check(model, max_new_tokens, sampling, key)
   rows = _tokenize(model, prompts, chat)
@@ -179,21 +181,46 @@ def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens
     raise ValueError("stop strings need the model's tokenizer")
   stop_ids = _stop_ids(model, stop_tokens)
   stop_ids += [-1] * (steps.bucket(len(stop_ids), minimum=4) - len(stop_ids))  # one shape
-  logits, cache, prefill_s, compile_p = _prefill(model, rows, max_new_tokens)
   key = jax.random.key(0) if key is None else key
+  early = np.zeros((len(rows), 0), np.int32)
+  if coprocessor is None:
+    if delay:
+      raise ValueError("delay applies only with a coprocessor")
+    logits, cache, prefill_s, compile_p = _prefill(model, rows, max_new_tokens)
+  else:
+    from kvjax.coprocessor.generate import prefill as augmented
+    logits, cache, early, prefill_s, compile_p = augmented(
+        model, coprocessor, rows, max_new_tokens, delay=delay, sampling=sampling, key=key)
+    key = jax.random.fold_in(key, early.shape[1])
+  rest = max_new_tokens - early.shape[1]
   t0 = time.perf_counter()
   (out, counts, cache), compile_d = steps.call(
-      model, steps.decode_loop, model.state, cache, logits, key, jnp.int32(max_new_tokens),
-      jnp.asarray(stop_ids, jnp.int32), sampling=sampling, max_steps=steps.bucket(max_new_tokens))
+      model, steps.decode_loop, model.state, cache, logits, key, jnp.int32(rest),
+      jnp.asarray(stop_ids, jnp.int32), sampling=sampling, max_steps=steps.bucket(rest))
   out, counts = np.asarray(out), np.asarray(counts)
   decode_s = time.perf_counter() - t0 - compile_d
   del cache
+  if early.shape[1]:  # tokens sampled before delayed latents arrived come first
+    out, counts = _join(early, out, counts, stop_ids)
   texts, tokens, finish = outputs(model, out, counts, stop, stop_ids)
   new = int(counts.sum())
   stats = dict(prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_p + compile_d,
                prompt_tokens=sum(map(len, rows)), new_tokens=new,
                decode_tokens_per_s=new / decode_s if decode_s > 0 else float("nan"))
   return Generation(texts, tokens, rows, finish, stats)
+
+
+def _join(early: np.ndarray, out: np.ndarray, counts: np.ndarray,
+          stop_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+  """early [B, k] then out [B, M] (counts [B]) as one output, a row ending at its first stop."""
+  k = early.shape[1]
+  joined = np.concatenate([early, out], axis=1)
+  total = k + counts
+  for b in range(len(early)):
+    hits = [i for i in range(k) if early[b, i] in stop_ids]
+    if hits:
+      total[b] = hits[0] + 1
+  return joined, total
 
 
 def stream(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,

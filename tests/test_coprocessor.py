@@ -21,6 +21,10 @@ def base():
   return tiny.model("llama", n_layers=2)
 
 
+def cop_dec(base, cop):
+  return cpm.decoder(base.graphdef, base.state, cop.cc, cop.params)
+
+
 def prefilled(base, rows=ROWS, size=32):
   tokens = np.zeros((len(rows), 8), np.int32)
   for b, r in enumerate(rows):
@@ -35,9 +39,9 @@ def test_copy_latents_equal_a_cache_free_forward_over_prefix_and_soft_tokens(bas
   compute over [embed(prefix); soft] in one cache-free forward, at the soft positions."""
   cop = cp.init(base, N, seed=3)
   cache = prefilled(base)
-  got = cpm.latents_of(cop.decoder.decoder, cop.soft, cache)
+  got = cpm.latents_of(cop_dec(base, cop), cop.soft, cache)
   assert got.shape == (2, N, base.cfg.d_model)
-  dec = base.decoder
+  dec = cop_dec(base, cop)  # the base's layers (copied) and embedding, its own output norm
   for b, r in enumerate(ROWS):
     x = jnp.concatenate([dec.embed_tokens(jnp.asarray([r])), cop.soft[None]], axis=1)
     out, _ = dec(embeds=x, logits=False)
@@ -48,7 +52,7 @@ def test_augment_appends_the_latents_at_the_next_positions(base):
   cop = cp.init(base, N, init="scratch", seed=1)
   cache = prefilled(base)
   before = jax.tree.map(np.array, cache)
-  latents = cpm.latents_of(cop.decoder.decoder, cop.soft, cache)
+  latents = cpm.latents_of(cop_dec(base, cop), cop.soft, cache)
   aug = cp.augment(base, cop, cache)
   np.testing.assert_array_equal(aug.length, [len(r) + N for r in ROWS])
   want = cpm.augment_with(base.decoder, latents, jax.tree.map(jnp.asarray, before))
@@ -66,8 +70,8 @@ def test_augment_appends_the_latents_at_the_next_positions(base):
 
 def test_latents_depend_on_the_prefix(base):
   cop = cp.init(base, N)
-  a = cpm.latents_of(cop.decoder.decoder, cop.soft, prefilled(base, [ROWS[0]]))
-  b = cpm.latents_of(cop.decoder.decoder, cop.soft, prefilled(base, [ROWS[0][:-1] + [9]]))
+  a = cpm.latents_of(cop_dec(base, cop), cop.soft, prefilled(base, [ROWS[0]]))
+  b = cpm.latents_of(cop_dec(base, cop), cop.soft, prefilled(base, [ROWS[0][:-1] + [9]]))
   assert not np.allclose(a, b, atol=1e-4)
 
 
@@ -76,7 +80,7 @@ def test_save_load_and_mismatch(base, tmp_path):
   cp.save(cop, str(tmp_path / "c"))
   back = cp.load(str(tmp_path / "c"), base)
   assert back.cc == cop.cc
-  for a, b in zip(jax.tree.leaves(cop.params()), jax.tree.leaves(back.params())):
+  for a, b in zip(jax.tree.leaves(cop.params), jax.tree.leaves(back.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   other = tiny.model("llama", n_layers=3)
   with pytest.raises(cp.CoprocessorError, match="n_layers 2 \\(model: 3\\)"):
@@ -100,4 +104,84 @@ def test_augment_needs_room(base):
                                                 "needs 12"):
     cp.augment(base, cop, cache)
   with pytest.raises(cp.CoprocessorError, match="init must be one of"):
-    cp.init(base, N, init="lora")
+    cp.init(base, N, init="bogus")
+
+
+def test_generate_with_a_coprocessor_is_the_augmented_greedy_path(base):
+  """lm.generate(coprocessor=) equals doing it by hand: prefill all but the prompt's last
+  token, augment, feed the last token, then greedy decoding; rows of different lengths."""
+  cop = cp.init(base, N, seed=5)
+  got = lm.generate(base, ROWS, max_new_tokens=6, coprocessor=cop, stop_tokens=[])
+  for b, r in enumerate(ROWS):
+    cache = prefilled(base, [r[:-1]] if len(r) > 1 else [[0]], size=64)
+    cache = cp.augment(base, cop, cache)
+    want = []
+    logits, cache = steps.extend(base.graphdef, base.state, cache, jnp.asarray([[r[-1]]]),
+                                 jnp.asarray([1], jnp.int32))
+    for _ in range(6):
+      want.append(int(np.argmax(logits[0])))
+      logits, cache = steps.decode_step(base.graphdef, base.state, cache,
+                                        jnp.asarray([want[-1]], jnp.int32))
+    assert got.tokens[b] == want
+
+
+def test_generate_with_delayed_latents(base):
+  """delay k: the first k tokens are the plain greedy ones (the latents are not there yet);
+  after them the latents read from the prompt's cache are inserted."""
+  cop = cp.init(base, N, seed=6)
+  plain = lm.generate(base, ROWS, max_new_tokens=8, stop_tokens=[])
+  for k in (1, 3):
+    got = lm.generate(base, ROWS, max_new_tokens=8, coprocessor=cop, delay=k, stop_tokens=[])
+    for b, r in enumerate(ROWS):
+      assert got.tokens[b][:k] == plain.tokens[b][:k]
+      cache = prefilled(base, [r[:-1]], size=64)
+      lat = cp.latents(base, cop, cache)
+      fed = [r[-1]] + plain.tokens[b][:k - 1]
+      logits, cache = steps.extend(base.graphdef, base.state, cache, jnp.asarray([fed]),
+                                   jnp.asarray([k], jnp.int32))
+      cache = cp.insert(base, lat, cache)
+      logits, cache = steps.decode_step(base.graphdef, base.state, cache,
+                                        jnp.asarray([got.tokens[b][k - 1]], jnp.int32))
+      assert got.tokens[b][k] == int(np.argmax(logits[0]))
+
+
+def test_no_coprocessor_leaves_generation_unchanged(base):
+  """Augmenting is opt-in: coprocessor=None is plain generation, bit for bit, and the base's
+  params are untouched by making and using a coprocessor."""
+  before = jax.tree.map(np.array, base.params())
+  plain = lm.generate(base, ROWS, max_new_tokens=6)
+  cop = cp.init(base, N, seed=7)
+  lm.generate(base, ROWS, max_new_tokens=6, coprocessor=cop)
+  again = lm.generate(base, ROWS, max_new_tokens=6, coprocessor=None)
+  assert again.tokens == plain.tokens
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, base.params()))
+  with pytest.raises(ValueError, match="delay applies only with a coprocessor"):
+    lm.generate(base, ROWS, max_new_tokens=6, delay=2)
+  with pytest.raises(ValueError, match="delay 6 >= max_new_tokens 6"):
+    lm.generate(base, ROWS, max_new_tokens=6, coprocessor=cop, delay=6)
+
+
+def test_lora_and_pause_kinds(base, tmp_path):
+  """LoRA starts as the copy (b = 0) and stores only its deltas; pause tokens are the
+  latents themselves; both save and load."""
+  copy, lora = cp.init(base, N, seed=1), cp.init(base, N, init="lora", lora_rank=4, seed=1)
+  cache = prefilled(base)
+  np.testing.assert_allclose(cp.latents(base, lora, cache), cp.latents(base, copy, cache),
+                             atol=1e-5)
+  assert "blocks" not in lora.params and lora.params["lora"]["attn"]["q"]["a"].shape[-1] == 4
+  pause = cp.init(base, N, kind="pause", seed=2)
+  assert set(pause.params) == {"soft"} and pause.cc.init == "none"
+  np.testing.assert_array_equal(cp.latents(base, pause, cache)[1], pause.soft)
+  for name, c in (("lora", lora), ("pause", pause)):
+    cp.save(c, str(tmp_path / name))
+    back = cp.load(str(tmp_path / name), base)
+    assert back.cc == c.cc
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, c.params),
+                 jax.tree.map(np.asarray, back.params))
+
+
+def test_latents_start_at_the_embedding_scale(base):
+  cop = cp.init(base, N)
+  lat = np.asarray(cp.latents(base, cop, prefilled(base)))
+  emb = np.sqrt(np.mean(np.asarray(base.params()["embed"]) ** 2))
+  assert 0.5 * emb < np.sqrt(np.mean(lat ** 2)) < 2 * emb

@@ -53,6 +53,10 @@ def plot(out_dir: str, ylabel: str = "loss per token (nats)") -> str:
     ax.plot(*zip(*train), label="train loss")
   if evals:
     ax.plot(*zip(*evals), "o-", label="eval loss")
+  base = [(r["step"], r["eval_base_loss"]) for r in records
+          if r.get("eval_base_loss") is not None]
+  if base:  # coprocessors: the frozen model's own eval loss on the same targets
+    ax.plot(*zip(*base), "x:", color="tab:gray", label="eval loss, no augmentation")
   ax.set_xlabel("step")
   ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)
