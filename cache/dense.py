@@ -16,7 +16,8 @@ from kvjax.cache.view import NEW, Keys, View
 @dataclasses.dataclass
 class KVCache:
   """Keys after RoPE. Invariants: row b's slots [0, length[b]) hold its tokens in order,
-  `pos[b, s]` is the position of the token in slot s, slots at and past `length[b]` are free
+  `pos[b, s]` is the position of the token in slot s (nondecreasing; equal to s unless
+  coprocessor latents share a position), slots at and past `length[b]` are free
   (their contents are undefined and never attended).
 
   k, v: [L, B, S, K, H]; pos: [B, S] int32; length: [B] int32.
@@ -46,15 +47,20 @@ class KVCache:
     """[B, S] bool: the filled slots."""
     return jnp.arange(self.size)[None, :] < self.length[:, None]
 
+  def next_position(self) -> jax.Array:
+    """[B] int32: the position of each row's next token, one past the highest position it
+    holds (= length, unless latents were inserted that share a position; 0 when empty)."""
+    return jnp.max(jnp.where(self.visible(), self.pos, -1), axis=1) + 1
+
   def view(self, T: int, positions: jax.Array | None = None,
            mask: jax.Array | None = None) -> View:
     """How T new tokens attend: the filled slots, then themselves causally.
 
-    positions: [B, T], default length + arange(T). mask: [B, T, S + T] bool over (slots, new
+    positions: [B, T], default next_position() + arange(T). mask: [B, T, S + T] bool over (slots, new
     tokens) replacing the default; unfilled slots stay masked."""
     B, S = self.batch, self.size
     if positions is None:
-      positions = self.length[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+      positions = self.next_position()[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     if mask is None:
       cache_mask = jnp.broadcast_to(self.visible()[:, None], (B, T, S))
       new_mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))

@@ -216,7 +216,7 @@ def _add_ppl(subparsers) -> None:
   p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR_OR_NAME",
                  help=f"model directory or bundled model name (default {DEFAULT_MODEL})")
   p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file ('-' = stdin)")
-  p.add_argument("--cache", choices=MODES, default="sink")
+  p.add_argument("--cache", choices=MODES, default=None, help="cache policy (default sink)")
   p.add_argument("--sinks", type=nonneg,
                  default=None, metavar="N", help="attention sinks (--cache sink; default 4)")
   p.add_argument("--window", type=positive,
@@ -224,21 +224,61 @@ def _add_ppl(subparsers) -> None:
                  help="recent tokens kept (window, sink) or recomputed (recompute)")
   p.add_argument("--dtype", choices=DTYPES, default=None,
                  help="cast the params to this dtype (default: as stored)")
+  g = p.add_argument_group(
+      "cache augmentation: perplexity of the 1st .. A-th token after augmentation points, with "
+      "and without the coprocessor's latents (instead of a streaming run)")
+  g.add_argument("--coprocessor", metavar="DIR_OR_NAME", default=None,
+                 help="coprocessor directory or shipped name (e.g. shakespeare-16)")
+  g.add_argument("--ahead", type=positive, default=32, metavar="A",
+                 help="positions after each point to score (default 32)")
+  g.add_argument("--points", type=positive, default=16, metavar="M",
+                 help="augmentation points per window, spread evenly (default 16)")
+  g.add_argument("--seq-len", type=checked(int, lambda v: v >= 2, "an integer >= 2"),
+                 default=256, metavar="T", help="the text is cut into windows of T tokens "
+                 "(default 256); points read only their own window")
+  g.add_argument("--delay", type=nonneg, default=0, metavar="K",
+                 help="insert the latents K tokens after their point (default 0)")
+  g.add_argument("--batch-size", type=positive, default=8, metavar="B",
+                 help="windows per forward (default 8)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--json", action="store_true",
-                 help="print one JSON object: ppl, tokens, peak_cache_tokens, ms_per_token")
+                 help="print one JSON object: ppl, tokens, peak_cache_tokens, ms_per_token "
+                      "(with --coprocessor: ppl_base_by_position, ppl_aug_by_position, "
+                      "relative_reduction_by_position, ...)")
   p.set_defaults(run=_ppl, check=lambda args: _check_ppl(p, args))
 
 
 def _check_ppl(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  if args.text != "-" and not os.path.isfile(args.text):
+    parser.error(f"--text {args.text}: no such file")
+  if args.coprocessor is not None:
+    given = [f"--{f}" for f in ("cache", "sinks", "window") if getattr(args, f) is not None]
+    if given:
+      parser.error(f"{', '.join(given)}: streaming-cache flags do not apply with --coprocessor")
+    from kvjax.coprocessor.model import resolve as resolve_cop
+    try:
+      resolve_cop(args.coprocessor)
+    except FileNotFoundError as err:
+      parser.error(f"--coprocessor: {err}")
+    if args.ahead >= args.seq_len:
+      parser.error(f"--ahead ({args.ahead}) must be smaller than --seq-len ({args.seq_len})")
+    room = args.seq_len - args.ahead - args.delay
+    if room < args.points:
+      parser.error(f"--points {args.points} need as many positions in [1, --seq-len - --ahead "
+                   f"- --delay] = [1, {room}]")
+    return
+  changed = [f"--{f.replace('_', '-')}" for f, d in (("ahead", 32), ("points", 16),
+                                                    ("seq_len", 256), ("delay", 0),
+                                                    ("batch_size", 8)) if getattr(args, f) != d]
+  if changed:
+    parser.error(f"{', '.join(changed)} apply only with --coprocessor")
+  args.cache = args.cache or "sink"
   if args.cache == "dense" and (args.window is not None or args.sinks is not None):
     parser.error("--cache dense keeps every token: --window and --sinks do not apply")
   if args.cache in ("window", "recompute") and args.sinks:
     parser.error(f"--cache {args.cache} keeps no sinks; --sinks applies to --cache sink")
   if args.cache != "dense" and args.window is None:
     parser.error(f"--cache {args.cache} needs --window W")
-  if args.text != "-" and not os.path.isfile(args.text):
-    parser.error(f"--text {args.text}: no such file")
 
 
 def _ppl(args: argparse.Namespace) -> int:
@@ -252,6 +292,8 @@ def _ppl(args: argparse.Namespace) -> int:
   if model.tokenizer is None:
     raise ValueError(f"{args.model} has no tokenizer.json to encode the text with")
   ids = model.tokenizer.encode(text)
+  if args.coprocessor is not None:
+    return _ppl_augmented(args, model, ids)
   got = perplexity(model, ids, cache=args.cache, n_sink=args.sinks, window=args.window,
                    progress=not args.no_progress and not args.json)
   n_sink = (4 if args.sinks is None else args.sinks) if args.cache == "sink" else 0
@@ -263,6 +305,41 @@ def _ppl(args: argparse.Namespace) -> int:
   else:
     print(f"ppl {got.ppl:.3f} over {got.tokens:,} tokens ({args.cache}, peak cache "
           f"{got.peak_cache_tokens:,} tokens, {got.ms_per_token:.2f} ms/token)")
+  return 0
+
+
+def _ppl_augmented(args: argparse.Namespace, model, ids: list[int]) -> int:
+  """`kvjax ppl --coprocessor`: perplexity by position after augmentation points."""
+  import numpy as np
+
+  from kvjax import coprocessor
+  from kvjax.train.coprocessor import by_position
+  cop = coprocessor.load(args.coprocessor, model)
+  T = args.seq_len
+  if len(ids) < 2:
+    raise ValueError("the text has fewer than 2 tokens")
+  n = -(-(len(ids) - 1) // T)  # windows of T targets; consecutive windows share one token
+  windows = np.full((n, T + 1), -1, np.int64)
+  for r in range(n):
+    w = ids[r * T:r * T + T + 1]
+    windows[r, :len(w)] = w
+  got = by_position(model, cop, windows, ahead=args.ahead, points=args.points,
+                    delay=args.delay, batch_size=args.batch_size,
+                    progress=not args.no_progress and not args.json)
+  out = {"model": args.model, "coprocessor": args.coprocessor, "latents": cop.n_latents,
+         "kind": cop.cc.kind, "delay": args.delay, "seq_len": T, "tokens": len(ids),
+         "windows": n, **got.to_json()}
+  if args.json:
+    print(json.dumps(out))
+    return 0
+  red = got.relative_reduction
+  print(f"{args.coprocessor} ({cop.n_latents} latents) on {len(ids):,} tokens, {got.points:,} "
+        f"points, delay {args.delay}:")
+  print("position  ppl base  ppl aug  reduction")
+  for a in sorted({0, 1, 3, 7, 15, 31, args.ahead - 1} & set(range(args.ahead))):
+    print(f"{a + 1:8d}  {got.ppl_base[a]:8.3f}  {got.ppl_aug[a]:7.3f}  {100 * red[a]:8.2f}%")
+  print(f"all {args.ahead}: loss {got.loss_base:.4f} -> {got.loss_aug:.4f} nats "
+        f"({100 * out['relative_reduction_all']:.2f}% lower ppl)")
   return 0
 
 
@@ -311,6 +388,13 @@ def _add_generate(subparsers) -> None:
   g.add_argument("--tree-tokens", type=tree_tokens_type, default=None, metavar="N",
                  help="tree size verified per target forward, root included (default 32); "
                       "'auto' times sizes 8..64 on this machine first and takes the fastest")
+  g = p.add_argument_group("cache augmentation (a trained coprocessor writes latents into the "
+                            "cache before the prompt's last token)")
+  g.add_argument("--coprocessor", metavar="DIR_OR_NAME", default=None,
+                 help="coprocessor directory (coprocessor.json + params/) or shipped name "
+                      "(e.g. shakespeare-16)")
+  g.add_argument("--delay", type=nonneg, default=None, metavar="K",
+                 help="the latents arrive K tokens late (asynchronous augmentation; default 0)")
   p.add_argument("--json", action="store_true",
                  help="print one JSON object (texts, token ids, timings) instead of text")
   p.set_defaults(run=_generate, check=lambda args: _check_generate(p, args))
@@ -362,6 +446,20 @@ def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -
   if args.speculative is None and (args.head or tree_flags):
     given = ["--head"] * bool(args.head) + ["--" + f.replace("_", "-") for f in tree_flags]
     parser.error(f"{', '.join(given)} only apply with --speculative eagle")
+  if args.delay is not None and args.coprocessor is None:
+    parser.error("--delay applies only with --coprocessor")
+  if args.coprocessor is not None and args.speculative:
+    parser.error("--coprocessor and --speculative do not combine (the EAGLE head drafts from "
+                 "an unaugmented cache)")
+  if args.coprocessor is not None:
+    from kvjax.coprocessor.model import resolve as resolve_cop
+    try:
+      resolve_cop(args.coprocessor)
+    except FileNotFoundError as err:
+      parser.error(f"--coprocessor: {err}")
+    if (args.delay or 0) >= args.max_new_tokens:
+      parser.error(f"--delay {args.delay} must be smaller than --max-new-tokens "
+                   f"{args.max_new_tokens}")
   if args.speculative and not args.head:
     parser.error("--speculative eagle needs --head DIR_OR_NAME (an EAGLE head trained for "
                  "the model)")
@@ -425,6 +523,11 @@ def _generate(args: argparse.Namespace) -> int:
                                            depth=args.tree.depth, log=log)
       log(f"auto: --tree-tokens {args.tree.total_tokens}")
     out = speculative.generate(model, head, prompts, tree=args.tree, **kwargs)
+  elif args.coprocessor is not None:
+    from kvjax import coprocessor
+    from kvjax.lm.generate import generate
+    cop = coprocessor.load(args.coprocessor, model)
+    out = generate(model, prompts, coprocessor=cop, delay=args.delay or 0, **kwargs)
   elif len(prompts) == 1 and not args.json:
     return _stream_one(model, prompts[0], kwargs)
   else:
@@ -503,6 +606,9 @@ def _generation_json(args: argparse.Namespace, model, out, sampling) -> dict:
                "total_tokens": args.tree.total_tokens},
       "mean_accept_len": _finite(s["mean_accept_len"]),
       "target_forwards": int(s["target_forwards"]),
+  }) | ({} if args.coprocessor is None else {
+      "coprocessor": args.coprocessor,
+      "delay": args.delay or 0,
   })
 
 

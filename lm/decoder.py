@@ -213,7 +213,8 @@ class Decoder(nnx.Module):
 
     Input, exactly one of: tokens [B, T] int; embeds [B, T, D] (start == 0); hidden [B, T, D],
     the stream entering layer `start` (start > 0).
-    positions: [B, T] int, default cache.length + arange(T) (arange(T) without a cache).
+    positions: [B, T] int, default cache.next_position() + arange(T) (arange(T) without a
+      cache).
     cache: a KVCache or SinkCache; the new tokens attend to what its `view` shows and are
       written into it; it advances by n_new ([B], default T) only when the range ends at the
       top layer. A SinkCache assigns positions itself (no `positions`, no `mask`).

@@ -48,7 +48,9 @@ def test_copy_latents_equal_a_cache_free_forward_over_prefix_and_soft_tokens(bas
     np.testing.assert_allclose(got[b], out.hidden[0, len(r):], atol=2e-5)
 
 
-def test_augment_appends_the_latents_at_the_next_positions(base):
+def test_augment_appends_the_latents_in_the_next_slots(base):
+  """The latents fill the next N slots, all at the last token's position; the prefix is
+  untouched and the next token keeps the position it has without augmentation."""
   cop = cp.init(base, N, init="scratch", seed=1)
   cache = prefilled(base)
   before = jax.tree.map(np.array, cache)
@@ -58,14 +60,16 @@ def test_augment_appends_the_latents_at_the_next_positions(base):
   want = cpm.augment_with(base.decoder, latents, jax.tree.map(jnp.asarray, before))
   for b, r in enumerate(ROWS):
     n = len(r)
-    np.testing.assert_array_equal(aug.pos[b, :n + N], np.arange(n + N))
+    np.testing.assert_array_equal(aug.pos[b, :n + N], list(range(n)) + [n - 1] * N)
     np.testing.assert_array_equal(aug.k[:, b, :n], before.k[:, b, :n])   # prefix untouched
     np.testing.assert_allclose(aug.k[:, b, n:n + N], want.k[:, b, n:n + N], atol=1e-5)
     np.testing.assert_allclose(aug.v[:, b, n:n + N], want.v[:, b, n:n + N], atol=1e-5)
-  # decoding goes on after the latents: the next token sits at position length + N
+  # decoding goes on after the latents: the next token sits at slot n + N, position n
   logits, after = steps.extend(base.graphdef, base.state, aug, jnp.asarray([[1], [1]]),
                                jnp.asarray([1, 1], jnp.int32))
-  assert after.pos[0, len(ROWS[0]) + N] == len(ROWS[0]) + N and np.isfinite(logits).all()
+  n = len(ROWS[0])
+  assert after.pos[0, n + N] == n and after.length[0] == n + N + 1
+  assert np.isfinite(logits).all()
 
 
 def test_latents_depend_on_the_prefix(base):

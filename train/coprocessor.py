@@ -11,9 +11,10 @@ Batches follow the LM trainer's contract (`kvjax.train.lm`): inputs, targets [B,
 mask [B, T] float32, optionally segment_ids, positions (packed documents). With the tokens
 x_0 .. x_T of a row (inputs = x_0 .. x_{T-1}, targets = x_1 .. x_T), an augmentation point p
 (1 <= p, p + A <= T) splits the row into the prefix x_<p, whose cache the coprocessor reads,
-and what follows. Its trace is what generation does after augmenting there: the N latents go
-in at positions p .. p + N - 1 and the A ahead tokens x_p .. x_{p+A-1} follow at positions
-p + N .., teacher-forced; the loss is the nll of their next tokens x_{p+1} .. x_{p+A} (ahead
+and what follows. Its trace is what generation does after augmenting there: the coprocessor
+reads the prefix with its soft tokens at positions p .. p + N - 1, the N latents go into the
+base's next slots at position p - 1 (`kvjax.coprocessor.model.LATENT_POSITION`), and the A
+ahead tokens x_p .. x_{p+A-1} follow at their own positions p .., teacher-forced; the loss is the nll of their next tokens x_{p+1} .. x_{p+A} (ahead
 position a = 1 .. A). With delay k the latents are still read from x_<p but inserted after
 x_<p+k (the asynchronous setting): the trace starts at p + k.
 
@@ -188,8 +189,11 @@ def multi_trace(base_dec, cop_dec, soft: jax.Array, batch: dict[str, jax.Array],
   valid = (inside & same_doc & (_take(batch["mask"], idx) > 0)).astype(jnp.float32)
   x = jnp.concatenate([latents.reshape(B, M, N, -1).astype(base_dec.dtype),
                        base_dec.embed_tokens(_take(inputs, idx))], axis=2)
-  out, _ = base_dec(embeds=x.reshape(B, M * (N + A), -1), cache=cache,
-                    positions=positions_of(at, N + A), mask=mask_of(at, N + A), logits=False)
+  offsets = jnp.concatenate([jnp.full((N,), cpm.LATENT_POSITION, jnp.int32),
+                             jnp.arange(A, dtype=jnp.int32)])               # latents, ahead
+  base_pos = (_take(pos, at)[..., None] + offsets).reshape(B, M * (N + A))
+  out, _ = base_dec(embeds=x.reshape(B, M * (N + A), -1), cache=cache, positions=base_pos,
+                    mask=mask_of(at, N + A), logits=False)
   hidden = out.hidden.reshape(B, M, N + A, -1)[:, :, N:]                # the ahead tokens
   nll_aug = token_nll(base_dec.logits(hidden), _take(targets, idx))
   return {"nll_aug": nll_aug, "nll_base": _take(nll_main, idx), "valid": valid}
