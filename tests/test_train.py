@@ -323,7 +323,9 @@ def test_bad_config_file_and_missing_flags(text_setup, tmp_path):
   code, _, err = run_cli("train", "eagle")
   assert code == 2 and "--target DIR_OR_NAME is required" in err
   code, _, err = run_cli("train", "coprocessor")
-  assert code == 2 and "invalid choice: 'coprocessor'" in err
+  assert code == 2 and "--base DIR_OR_NAME is required" in err
+  code, _, err = run_cli("train", "nope")
+  assert code == 2 and "invalid choice: 'nope'" in err
 
 
 def test_packed_documents_do_not_attend_across_boundaries():

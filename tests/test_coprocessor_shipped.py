@@ -1,0 +1,38 @@
+"""The shipped coprocessors for the bundled `shakespeare` model: names, size, loading, use."""
+
+import json
+import os
+
+import numpy as np
+
+from kvjax import coprocessor as cp
+from kvjax import lm
+from kvjax.coprocessor.model import BUNDLED_DIR
+
+from test_cli import cli
+
+
+def test_names_size_and_configs():
+  assert cp.shipped() == ("shakespeare-16", "shakespeare-8")
+  size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(BUNDLED_DIR)
+             for f in fs)
+  assert size <= 16e6, size
+  base = lm.load("shakespeare")
+  for name, n in (("shakespeare-8", 8), ("shakespeare-16", 16)):
+    cop = cp.load(name, base)
+    assert cop.n_latents == n and cop.cc.kind == "coprocessor" and cop.cc.init == "copy"
+    assert cop.cc.base_name == "shakespeare" and cop.soft.dtype == base.dtype
+  other = lm.load("shakespeare-comedy")  # same architecture: loads (a base_name is advisory)
+  assert cp.load("shakespeare-8", other).n_latents == 8
+
+
+def test_cli_generate_with_a_shipped_coprocessor_equals_the_library():
+  code, out, err = cli("generate", "--coprocessor", "shakespeare-16", "--prompt", "ROMEO.",
+                       "--max-new-tokens", 12, "--json")
+  assert code == 0, err
+  base = lm.load("shakespeare")
+  want = lm.generate(base, "ROMEO.", max_new_tokens=12,
+                     coprocessor=cp.load("shakespeare-16", base))
+  got = json.loads(out)
+  assert got["tokens"] == want.tokens and got["coprocessor"] == "shakespeare-16"
+  assert np.isfinite(got["decode_tokens_per_s"])
