@@ -5,10 +5,12 @@
 Runs: a coprocessor and the pause-token baseline for each of --latents, trained with one
 recipe (`python -m kvjax.train coprocessor --base shakespeare --data shakespeare --genre
 comedy ...`, the flags in RECIPE) into --runs/<kind>-<N>; --train trains the missing ones
-first. Measured on --windows 256-token windows of the test split's plays (held out from the
-base and from the coprocessors), --points augmentation points per window spread evenly, the
-32 tokens after each scored with and without the latents (`kvjax.train.coprocessor.
-by_position`, the one-pass forward that the tests hold equal to augmenting trace by trace):
+first. Measured on --windows 256-token windows of the test split's comedy (a held-out play of
+the genre the runs trained on; the runs' own validation is the validation split's comedy) and,
+for the --delay-of count, of all six test plays, --points augmentation points per window
+spread evenly, the 32 tokens after each scored with and without the latents
+(`kvjax.train.coprocessor.by_position`, the one-pass forward that the tests hold equal to
+augmenting trace by trace):
 
   rows          each kind and latent count on time (delay 0); the --delay-of run's latents
                 arriving k = 1, 2, 3 tokens late
@@ -46,12 +48,14 @@ RECIPE = ["--base", "shakespeare", "--data", "shakespeare", "--genre", "comedy",
 POSITIONS = (1, 2, 4, 8, 16, 32)
 
 
-def test_text() -> str:
-  """The test split's plays, one after another (held out from every model here)."""
+def held_out(genre: str | None) -> str:
+  """The test split's plays of a genre (all genres for None), one after another: held out
+  from the base and from every coprocessor here."""
   from kvjax.train import corpus
   docs = corpus.read_documents("shakespeare")
   split = corpus.assign_splits(docs)
-  return "\n\n".join(d.text for d in docs if split[d.path] == "test")
+  return "\n\n".join(d.text for d in docs if split[d.path] == "test"
+                     and (genre is None or d.genre == genre))
 
 
 def windows(ids: list[int], n: int, T: int) -> np.ndarray:
@@ -111,15 +115,16 @@ def main(argv=None) -> int:
   p.add_argument("--latents", default="4,8,16,32")
   p.add_argument("--delay-of", type=positive, default=16,
                  help="the latent count whose coprocessor also runs delayed")
-  p.add_argument("--windows", type=positive, default=96)
+  p.add_argument("--windows", type=positive, default=64)
   p.add_argument("--points", type=positive, default=16)
   p.add_argument("--repeats", type=positive, default=20)
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = p.parse_args(argv)
   counts = [int(x) for x in args.latents.split(",")]
   base = lm.load("shakespeare")
-  ids = base.tokenizer.encode(test_text())
+  ids = base.tokenizer.encode(held_out("comedy"))
   w = windows(ids, args.windows, 256)
+  w_all = windows(base.tokenizer.encode(held_out(None)), args.windows, 256)
   res = dict(machine=report.describe(), settings=vars(args), recipe=RECIPE, rows=[], cost=[])
   for kind in ("coprocessor", "pause"):
     for n in counts:
@@ -131,12 +136,16 @@ def main(argv=None) -> int:
         return 1
       cop = cp.load(path, base)
       delays = (0, 1, 2, 3) if kind == "coprocessor" and n == args.delay_of else (0,)
-      for k in delays:
-        got = ct.by_position(base, cop, w, ahead=32, points=args.points, delay=k)
-        row = {"kind": kind, "latents": n, "delay": k, **got.to_json()}
+      sets = [("comedy", k) for k in delays]
+      if n == args.delay_of:
+        sets.append(("all", 0))
+      for text, k in sets:
+        got = ct.by_position(base, cop, w if text == "comedy" else w_all, ahead=32,
+                             points=args.points, delay=k)
+        row = {"kind": kind, "latents": n, "delay": k, "text": text, **got.to_json()}
         res["rows"].append(row)
         red = got.relative_reduction
-        print(f"  {kind}-{n} delay {k}: " + " ".join(
+        print(f"  {kind}-{n} {text} delay {k}: " + " ".join(
             f"@{a} {100 * red[a - 1]:+.2f}%" for a in POSITIONS), file=sys.stderr)
       if kind == "coprocessor":
         res["cost"].append({"latents": n, **cost(base, cop, ids[:256], args.repeats)})
@@ -149,15 +158,17 @@ def main(argv=None) -> int:
 def markdown(res) -> str:
   s = res["settings"]
   lines = [f"Machine: {res['machine']}. Base `shakespeare` (float32, frozen); {s['windows']} "
-           f"windows of 256 tokens from the test split's plays, {s['points']} augmentation "
-           f"points each, {s['steps']} training steps per run. Relative perplexity reduction "
-           "(1 - ppl_aug / ppl_base) at the k-th token after the point; higher is better.", "",
-           "| kind | latents | delay | ppl base @1 | ppl aug @1 | "
+           f"windows of 256 tokens from the test split's comedy (text `comedy`; `all`: its six "
+           f"plays of every genre), {s['points']} augmentation points each, {s['steps']} "
+           "training steps per run on the train split's comedies. Relative perplexity "
+           "reduction (1 - ppl_aug / ppl_base) at the k-th token after the point; higher is "
+           "better.", "",
+           "| kind | latents | delay | text | ppl base @1 | ppl aug @1 | "
            + " | ".join(f"@{a}" for a in POSITIONS) + " | all 32 |",
-           "|---|---:|---:|---:|---:|" + "---:|" * (len(POSITIONS) + 1)]
+           "|---|---:|---:|---|---:|---:|" + "---:|" * (len(POSITIONS) + 1)]
   for r in res["rows"]:
     red = r["relative_reduction_by_position"]
-    lines.append(f"| {r['kind']} | {r['latents']} | {r['delay']} | "
+    lines.append(f"| {r['kind']} | {r['latents']} | {r['delay']} | {r['text']} | "
                  f"{r['ppl_base_by_position'][0]:.2f} | {r['ppl_aug_by_position'][0]:.2f} | "
                  + " | ".join(f"{100 * red[a - 1]:+.2f}%" for a in POSITIONS)
                  + f" | {100 * r['relative_reduction_all']:+.2f}% |")

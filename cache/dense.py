@@ -49,8 +49,9 @@ class KVCache:
 
   def next_position(self) -> jax.Array:
     """[B] int32: the position of each row's next token, one past the highest position it
-    holds (= length, unless latents were inserted that share a position; 0 when empty)."""
-    return jnp.max(jnp.where(self.visible(), self.pos, -1), axis=1) + 1
+    holds and at least 0 (= length, unless coprocessor latents were inserted at earlier
+    positions)."""
+    return jnp.maximum(jnp.max(jnp.where(self.visible(), self.pos, -1), axis=1) + 1, 0)
 
   def view(self, T: int, positions: jax.Array | None = None,
            mask: jax.Array | None = None) -> View:

@@ -72,7 +72,7 @@ def prefill(model: Model, cop: cpm.Coprocessor, rows: list[list[int]], max_new_t
     early.append(tok)
     if i + 1 < delay:
       logits, cache = call(steps.decode_step, cache, tok)
-  cache = cpm.insert(model, latents, cache)
+  cache = cpm.insert(model, cop, latents, cache)
   logits, cache = call(steps.decode_step, cache, early[-1])
   jax.block_until_ready(logits)
   return (logits, cache, np.stack([np.asarray(t) for t in early], 1).astype(np.int32),

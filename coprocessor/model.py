@@ -45,11 +45,12 @@ from kvjax.lm.config import Config
 from kvjax.lm.model import Model
 
 KINDS = ("coprocessor", "pause")
-# Where the frozen base sees the latents: every one at the position of the prefix's last
-# token (offset -1 from the next token's), so the tokens after them keep their positions and
-# their RoPE distances to the prefix. (At "the next positions", p .. p + N - 1, every later
-# token would sit N positions further from its prefix than the frozen model was trained on;
-# on the shipped model that alone raises the next token's nll from 4.34 to 6.12 nats.)
+# Where the frozen base sees the latents by default: every one at the position of the
+# prefix's last token (offset -1 from the next token's), so the tokens after them keep their
+# positions and their RoPE distances to the prefix. (At "the next positions", p .. p + N - 1,
+# every later token would sit N positions further from its prefix than the frozen model was
+# trained on; on the shipped model that alone raises the next token's nll from 4.34 to 6.12
+# nats.) CoprocessorConfig.latent_offset chooses another offset (<= -1).
 LATENT_POSITION = -1
 INITS = ("copy", "scratch", "lora")
 CONFIG_FILE = "coprocessor.json"
@@ -72,13 +73,16 @@ class CoprocessorConfig:
   """n_latents: N soft tokens / latents per augmentation. base: the frozen model's
   architecture. kind: "coprocessor" or "pause" (the soft tokens alone are the latents).
   init: how a coprocessor's decoder started ("copy", "scratch" or "lora"; "none" for pause).
-  lora_rank: r of the "lora" deltas. base_name: where the base came from (informational)."""
+  lora_rank: r of the "lora" deltas. latent_offset: the base sees every latent at the next
+  token's position + latent_offset (<= -1, so the next token keeps its position).
+  base_name: where the base came from (informational)."""
 
   n_latents: int
   base: Config
   kind: str = "coprocessor"
   init: str = "copy"
   lora_rank: int = 16
+  latent_offset: int = LATENT_POSITION
   base_name: str = ""
 
   def __post_init__(self):
@@ -93,16 +97,20 @@ class CoprocessorConfig:
       raise CoprocessorError(f"init must be one of {INITS}; got {self.init!r}")
     if not _is_int(self.lora_rank) or self.lora_rank < 1:
       raise CoprocessorError(f"lora_rank must be an int >= 1; got {self.lora_rank!r}")
+    if not _is_int(self.latent_offset) or self.latent_offset > -1:
+      raise CoprocessorError(f"latent_offset must be an int <= -1; got {self.latent_offset!r}")
 
   def to_json(self) -> dict[str, Any]:
     return {"n_latents": int(self.n_latents), "kind": self.kind, "init": self.init,
-            "lora_rank": int(self.lora_rank), "base_name": self.base_name,
+            "lora_rank": int(self.lora_rank), "latent_offset": int(self.latent_offset),
+            "base_name": self.base_name,
             "base": config.to_dict(self.base)}
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> CoprocessorConfig:
     return cls(n_latents=d["n_latents"], kind=d.get("kind", "coprocessor"),
                init=d.get("init", "copy"), lora_rank=d.get("lora_rank", 16),
+               latent_offset=d.get("latent_offset", LATENT_POSITION),
                base=config.from_dict(d["base"]), base_name=d.get("base_name", ""))
 
 
@@ -162,13 +170,15 @@ def _lora_merge(blocks: dict[str, Any], lora: dict[str, Any]) -> dict[str, Any]:
 
 
 def init(base: Model, n_latents: int, *, kind: str = "coprocessor", init: str = "copy",
-         lora_rank: int = 16, seed: int = 0) -> Coprocessor:
+         lora_rank: int = 16, latent_offset: int = LATENT_POSITION,
+         seed: int = 0) -> Coprocessor:
   """A new coprocessor (or pause-token set) for `base`: its decoder a copy of base's layers
   ("copy"), freshly initialised ("scratch") or the base's plus zero low-rank deltas ("lora");
   soft tokens drawn like embeddings (std 0.02)."""
   from kvjax.lm.model import init as init_model
   cc = CoprocessorConfig(n_latents=n_latents, base=base.cfg, kind=kind, init=init,
-                         lora_rank=lora_rank, base_name=os.path.basename(base.path or ""))
+                         lora_rank=lora_rank, latent_offset=latent_offset,
+                         base_name=os.path.basename(base.path or ""))
   soft = 0.02 * jax.random.normal(jax.random.key(seed), (n_latents, base.cfg.d_model))
   params: dict[str, Any] = {"soft": soft.astype(base.dtype)}
   if cc.kind == "coprocessor":
@@ -217,8 +227,8 @@ def latents_of(cop_dec, soft: jax.Array, cache: KVCache, *, positions: jax.Array
                mask: jax.Array | None = None, copies: int = 1) -> jax.Array:
   """soft [N, D] read through `cop_dec` (a Decoder; None = pause tokens) over the base's cache
   -> latents [B, copies * N, D]. By default the soft tokens sit at positions
-  cache.next_position() + arange(N), attend to the cache's filled slots (layer i to layer i) and causally to each
-  other; `positions` [B, copies * N] and `mask` [B, copies * N, S + copies * N] say otherwise
+  cache.next_position() + arange(N), attend to the cache's filled slots (layer i to layer i)
+  and causally to each other; `positions` [B, copies * N] and `mask` [B, copies * N, S + copies * N] say otherwise
   (several traces in one pass). The cache is not changed. Pause tokens: soft, broadcast."""
   B = cache.batch
   x = jnp.broadcast_to(jnp.tile(soft, (copies, 1))[None], (B, copies * soft.shape[0],
@@ -230,12 +240,13 @@ def latents_of(cop_dec, soft: jax.Array, cache: KVCache, *, positions: jax.Array
   return out.hidden
 
 
-def augment_with(base_dec, latents: jax.Array, cache: KVCache) -> KVCache:
+def augment_with(base_dec, latents: jax.Array, cache: KVCache,
+                 offset: int = LATENT_POSITION) -> KVCache:
   """The base run over latents [B, N, D] as input embeddings after the cache -> the cache
-  with their K/V appended in the next N slots (length + N), all at the position of the last
-  token (`LATENT_POSITION`), so the next token keeps its own position."""
+  with their K/V appended in the next N slots (length + N), all at the next token's position
+  + offset (default: the last token's), so the next token keeps its own position."""
   B, N, _ = latents.shape
-  at = jnp.broadcast_to((cache.next_position() + LATENT_POSITION)[:, None], (B, N))
+  at = jnp.broadcast_to((cache.next_position() + offset)[:, None], (B, N))
   _, cache = base_dec(embeds=latents, cache=cache, positions=at, logits=False)
   return cache
 
@@ -245,15 +256,15 @@ def _latents(graphdef, state, cc, params, cache):
   return latents_of(decoder(graphdef, state, cc, params), params["soft"], cache)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _insert(graphdef, state, latents, cache):
-  return augment_with(nnx.merge(graphdef, state), latents, cache)
+@functools.partial(jax.jit, static_argnames=("graphdef", "offset"), donate_argnames=("cache",))
+def _insert(graphdef, state, latents, cache, offset):
+  return augment_with(nnx.merge(graphdef, state), latents, cache, offset)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cc"), donate_argnames=("cache",))
 def _augment(graphdef, state, cc, params, cache):
   latents = latents_of(decoder(graphdef, state, cc, params), params["soft"], cache)
-  return augment_with(nnx.merge(graphdef, state), latents, cache)
+  return augment_with(nnx.merge(graphdef, state), latents, cache, cc.latent_offset)
 
 
 def _check_use(base: Model, cop: Coprocessor, cache, extra: int = 0) -> None:
@@ -276,16 +287,16 @@ def latents(base: Model, cop: Coprocessor, cache: KVCache) -> jax.Array:
   return _latents(base.graphdef, base.state, cop.cc, cop.params, cache)
 
 
-def insert(base: Model, latents: jax.Array, cache: KVCache) -> KVCache:
-  """Appends latents [B, N, D] to the base's cache at its next positions (jitted; donates
-  `cache`)."""
+def insert(base: Model, cop: Coprocessor, latents: jax.Array, cache: KVCache) -> KVCache:
+  """Appends latents [B, N, D] (of `cop`, e.g. read earlier by `latents`) to the base's cache
+  in its next slots (jitted; donates `cache`)."""
   B, N, D = latents.shape
   if D != base.cfg.d_model or B != cache.batch:
     raise CoprocessorError(f"latents must be [B={cache.batch}, N, D={base.cfg.d_model}]; got "
                            f"{list(latents.shape)}")
   if int(np.max(np.asarray(cache.length))) + N > min(cache.size, base.cfg.max_position):
     raise CoprocessorError(f"the cache has no room for {N} latents after its longest row")
-  return _insert(base.graphdef, base.state, latents, cache)
+  return _insert(base.graphdef, base.state, latents, cache, cop.cc.latent_offset)
 
 
 def augment(base: Model, cop: Coprocessor, cache: KVCache) -> KVCache:

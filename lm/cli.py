@@ -3,6 +3,8 @@
     kvjax generate --prompt "ROMEO:" [--model DIR_OR_NAME] [--max-new-tokens 64] [--json]
     kvjax stream --prompt "ROMEO:" --sinks 4 --window 252      (or a chat from stdin)
     kvjax ppl --text FILE --cache sink --window 252
+    kvjax generate --prompt "ROMEO:" --coprocessor shakespeare-16 [--delay 2]
+    kvjax ppl --text FILE --coprocessor shakespeare-16 --json   (ppl by position after points)
     kvjax droidspeak {run,send,receive} --plan 0-1 --prompt-file FILE   (kvjax.lm.droidspeak_cli)
     python -m kvjax generate ...
 

@@ -143,7 +143,7 @@ def test_generate_with_delayed_latents(base):
       fed = [r[-1]] + plain.tokens[b][:k - 1]
       logits, cache = steps.extend(base.graphdef, base.state, cache, jnp.asarray([fed]),
                                    jnp.asarray([k], jnp.int32))
-      cache = cp.insert(base, lat, cache)
+      cache = cp.insert(base, cop, lat, cache)
       logits, cache = steps.decode_step(base.graphdef, base.state, cache,
                                         jnp.asarray([got.tokens[b][k - 1]], jnp.int32))
       assert got.tokens[b][k] == int(np.argmax(logits[0]))

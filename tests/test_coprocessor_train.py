@@ -42,17 +42,17 @@ def trace_nll(base, cop, row, p, delay):
   if delay:
     _, cache = steps.extend(base.graphdef, base.state, cache,
                             jnp.asarray([row[p:p + delay]]), jnp.asarray([delay], jnp.int32))
-  cache = cp.insert(base, lat, cache)
+  cache = cp.insert(base, cop, lat, cache)
   q = p + delay
   out, _ = base.decoder(jnp.asarray([row[q:q + A]]), cache=cache)
   return np.asarray(steps.token_nll(out.logits[0], jnp.asarray(row[q + 1:q + A + 1])))
 
 
-@pytest.mark.parametrize("kind,init,delay", [("coprocessor", "copy", 0),
-                                             ("coprocessor", "lora", 2),
-                                             ("pause", "copy", 1)])
-def test_one_pass_equals_trace_by_trace(base, kind, init, delay):
-  cop = cp.init(base, N, kind=kind, init=init, seed=4)
+@pytest.mark.parametrize("kind,init,delay,offset", [("coprocessor", "copy", 0, -1),
+                                                    ("coprocessor", "lora", 2, -1),
+                                                    ("pause", "copy", 1, -9)])
+def test_one_pass_equals_trace_by_trace(base, kind, init, delay, offset):
+  cop = cp.init(base, N, kind=kind, init=init, latent_offset=offset, seed=4)
   if init == "lora":  # nonzero deltas, so the LoRA path is exercised
     cop = cop.with_params(jax.tree.map(lambda a: a + 0.05, cop.params))
   w = rows()
@@ -60,7 +60,7 @@ def test_one_pass_equals_trace_by_trace(base, kind, init, delay):
   base_dec = base.decoder
   cop_dec = cpm.decoder(base.graphdef, base.state, cop.cc, cop.params)
   got = ct.multi_trace(base_dec, cop_dec, cop.soft, jax.tree.map(jnp.asarray, batch_of(w)),
-                       jnp.asarray(points), ahead=A, delay=delay)
+                       jnp.asarray(points), ahead=A, delay=delay, latent_offset=offset)
   plain = np.asarray(steps.token_nll(base_dec(jnp.asarray(w[:, :-1]))[0].logits,
                                      jnp.asarray(w[:, 1:])))
   for b in range(2):
@@ -87,8 +87,10 @@ def test_packed_documents_stay_apart(base):
   w2[0, :10] = (w2[0, :10] + 7) % 200  # another first document
   b2 = {**b1, "inputs": w2[:, :-1], "targets": w2[:, 1:]}
   pts = jnp.asarray([[8, 13]], jnp.int32)
-  run = lambda b: ct.multi_trace(base.decoder, cop_dec, cop.soft, jax.tree.map(jnp.asarray, b),  # noqa: E731
-                                 pts, ahead=A)
+  def run(b):
+    return ct.multi_trace(base.decoder, cop_dec, cop.soft, jax.tree.map(jnp.asarray, b), pts,
+                          ahead=A)
+
   g1, g2 = run(b1), run(b2)
   np.testing.assert_allclose(g1["nll_aug"][0, 1], g2["nll_aug"][0, 1], atol=1e-5)
   np.testing.assert_array_equal(g1["valid"][0, 0], [1, 0, 0, 0])  # inputs 10, 11: document 2
@@ -118,7 +120,6 @@ def test_training_lowers_the_loss_and_leaves_the_base_unchanged(base, tmp_path):
   res = ct.train(base, cop, ac, _batches(2), lambda: held, progress=False)
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, base.params()))
   first, last = res.records[0], res.records[-1]
-  print([(r["loss"], r["base_loss"]) for r in res.records])
   assert last["loss"] < first["loss"] and last["loss"] < last["base_loss"] - 0.02
   assert "eval_reduction_1" in res.records[-1] and "eval_base_loss" in res.records[-1]
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), cop.params, res.coprocessor.params)

@@ -559,8 +559,9 @@ def run_eagle(args: argparse.Namespace) -> int:
 
 # --- coprocessor ------------------------------------------------------------------------------
 
-COP_DEFAULTS = dict(kind="coprocessor", init="copy", lora_rank=16, ahead=16, points=16, delay=0,
-                    batch_size=8, seq_len=256, steps=1000, lr=3e-4, warmup=50, weight_decay=0.0,
+COP_DEFAULTS = dict(kind="coprocessor", init="copy", lora_rank=16, latent_offset=-1, ahead=16,
+                    points=16, delay=0,
+                    batch_size=8, seq_len=256, steps=1000, lr=1e-3, warmup=50, weight_decay=0.0,
                     clip_norm=1.0, final_lr_ratio=0.1, seed=0, save_every=0, keep=3,
                     eval_every=0, log_every=10, eval_batches=8, eval_fraction=0.1,
                     eval_split="validation", no_progress=False, json=False)
@@ -592,6 +593,9 @@ def add_coprocessor(sub) -> argparse.ArgumentParser:
   p.add_argument("--init", choices=INITS, help="coprocessor start: a copy of the base trained "
                  "in full (default), from scratch, or LoRA deltas on the frozen copy")
   p.add_argument("--lora-rank", type=positive, metavar="R", help="--init lora: rank (default 16)")
+  p.add_argument("--latent-offset", type=checked(int, lambda v: v <= -1, "an integer <= -1"),
+                 metavar="O", help="the base sees the latents at the next token's position + O "
+                 "(default -1: the prefix's last token's)")
   g = p.add_argument_group("data (tokenized with the base's tokenizer)")
   g.add_argument("--text", metavar="FILE", help="train on one plain-text file")
   g.add_argument("--data", metavar="DIR_OR_NAME",
@@ -615,7 +619,7 @@ def add_coprocessor(sub) -> argparse.ArgumentParser:
   g.add_argument("--seq-len", type=checked(int, lambda v: v >= 2, "an integer >= 2"),
                  metavar="T")
   g.add_argument("--steps", type=positive, metavar="N")
-  g.add_argument("--lr", type=pos_float, metavar="LR", help="peak learning rate (default 3e-4)")
+  g.add_argument("--lr", type=pos_float, metavar="LR", help="peak learning rate (default 1e-3)")
   g.add_argument("--warmup", type=nonneg, metavar="N", help="linear warmup steps (default 50)")
   g.add_argument("--final-lr-ratio", type=unit, metavar="R",
                  help="cosine decay ends at lr * R (default 0.1)")
@@ -690,7 +694,8 @@ def run_coprocessor(args: argparse.Namespace) -> int:
   os.makedirs(args.out, exist_ok=True)
   batches, eval_batches = _data(args, base.tokenizer)
   cop = coprocessor.init(base, args.latents, kind=args.kind, init=args.init,
-                         lora_rank=args.lora_rank, seed=args.seed)
+                         lora_rank=args.lora_rank, latent_offset=args.latent_offset,
+                         seed=args.seed)
   result = train(base, cop, ac, batches, eval_batches, progress=not args.no_progress)
   export = args.export or os.path.join(args.out, "coprocessor")
   coprocessor.save(result.coprocessor, export)

@@ -13,9 +13,9 @@ x_0 .. x_T of a row (inputs = x_0 .. x_{T-1}, targets = x_1 .. x_T), an augmenta
 (1 <= p, p + A <= T) splits the row into the prefix x_<p, whose cache the coprocessor reads,
 and what follows. Its trace is what generation does after augmenting there: the coprocessor
 reads the prefix with its soft tokens at positions p .. p + N - 1, the N latents go into the
-base's next slots at position p - 1 (`kvjax.coprocessor.model.LATENT_POSITION`), and the A
-ahead tokens x_p .. x_{p+A-1} follow at their own positions p .., teacher-forced; the loss is the nll of their next tokens x_{p+1} .. x_{p+A} (ahead
-position a = 1 .. A). With delay k the latents are still read from x_<p but inserted after
+base's next slots at position p - 1 (or p + CoprocessorConfig.latent_offset), and the A
+ahead tokens x_p .. x_{p+A-1} follow at their own positions p .., teacher-forced; the loss
+is the nll of their next tokens x_{p+1} .. x_{p+A} (ahead position a = 1 .. A). With delay k the latents are still read from x_<p but inserted after
 x_<p+k (the asynchronous setting): the trace starts at p + k.
 
 All M traces of a row run in one pass (`multi_trace`): the frozen base runs once over the
@@ -66,14 +66,14 @@ BATCH_KEYS = {k: v for k, v in lm_train.BATCH_KEYS.items() if k != "chars"}
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AugmentConfig(lm_train.RunConfig):
   """Hyperparameters and bookkeeping of one coprocessor-training run (RunConfig's fields, lr
-  3e-4 and no weight decay by default, and:). Hashable.
+  1e-3 and no weight decay by default, and:). Hashable.
 
   ahead: A teacher-forced tokens scored after each augmentation point. points: M
   augmentation points per sequence, drawn without replacement from [1, seq_len - ahead -
   delay] (all in one pass). delay: latents inserted this many tokens after their point.
   eval_batches: held-out batches per evaluation."""
 
-  lr: float = 3e-4
+  lr: float = 1e-3
   weight_decay: float = 0.0
   ahead: int = 16
   points: int = 16
@@ -144,12 +144,14 @@ def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def multi_trace(base_dec, cop_dec, soft: jax.Array, batch: dict[str, jax.Array],
-                points: jax.Array, *, ahead: int, delay: int = 0) -> dict[str, jax.Array]:
+                points: jax.Array, *, ahead: int, delay: int = 0,
+                latent_offset: int = cpm.LATENT_POSITION) -> dict[str, jax.Array]:
   """Every augmentation trace of a batch in one pass (see the module docstring).
 
   base_dec: the frozen base's Decoder; cop_dec: the coprocessor's (None = pause tokens);
   soft [N, D]; batch: inputs, targets, mask [B, T] (+ segment_ids, positions); points [B, M]
-  int32 with 1 <= p and p + delay < T. Returns nll_aug, nll_base, valid: [B, M, A] float32,
+  int32 with 1 <= p and p + delay < T; latent_offset: where the base sees the latents (the
+  coprocessor's CoprocessorConfig.latent_offset). Returns nll_aug, nll_base, valid: [B, M, A] float32,
   the augmented and unaugmented nll of the target at ahead position a + 1 of trace j, and 1
   where that target counts (inside the row, a real target of the point's document). The
   first pass (the base over the row) is behind stop_gradient."""
@@ -189,7 +191,7 @@ def multi_trace(base_dec, cop_dec, soft: jax.Array, batch: dict[str, jax.Array],
   valid = (inside & same_doc & (_take(batch["mask"], idx) > 0)).astype(jnp.float32)
   x = jnp.concatenate([latents.reshape(B, M, N, -1).astype(base_dec.dtype),
                        base_dec.embed_tokens(_take(inputs, idx))], axis=2)
-  offsets = jnp.concatenate([jnp.full((N,), cpm.LATENT_POSITION, jnp.int32),
+  offsets = jnp.concatenate([jnp.full((N,), latent_offset, jnp.int32),
                              jnp.arange(A, dtype=jnp.int32)])               # latents, ahead
   base_pos = (_take(pos, at)[..., None] + offsets).reshape(B, M * (N + A))
   out, _ = base_dec(embeds=x.reshape(B, M * (N + A), -1), cache=cache, positions=base_pos,
@@ -249,7 +251,7 @@ def make_steps(base: Model, cc: cpm.CoprocessorConfig, ac: AugmentConfig,
   def loss_fn(params, base_params, batch, points):
     base_dec, cop_dec = _decoders(base, base_params, cc, params)
     got = multi_trace(base_dec, cop_dec, params["soft"], batch, points, ahead=ac.ahead,
-                      delay=ac.delay)
+                      delay=ac.delay, latent_offset=cc.latent_offset)
     stats = trace_stats(got)
     return stats["loss"], stats
 
@@ -266,7 +268,7 @@ def make_steps(base: Model, cc: cpm.CoprocessorConfig, ac: AugmentConfig,
   def eval_step(params, base_params, batch, points, *, ahead=ac.ahead, delay=ac.delay):
     base_dec, cop_dec = _decoders(base, base_params, cc, params)
     return trace_stats(multi_trace(base_dec, cop_dec, params["soft"], batch, points,
-                                   ahead=ahead, delay=delay))
+                                   ahead=ahead, delay=delay, latent_offset=cc.latent_offset))
 
   return jax.jit(train_step, donate_argnums=0), eval_step
 
