@@ -1,16 +1,17 @@
 """Cache augmentation on the bundled `shakespeare` model: perplexity after augmentation points.
 
-    python benchmarks/coprocessor.py --train     # trains what is missing, then measures (CPU)
+    python benchmarks/coprocessor.py --train --runs runs/cop-bench   # trains what is missing,
+                                                                      # then measures (CPU)
 
 Runs: a coprocessor and the pause-token baseline for each of --latents, trained with one
 recipe (`python -m kvjax.train coprocessor --base shakespeare --data shakespeare --genre
 comedy ...`, the flags in RECIPE) into --runs/<kind>-<N>; --train trains the missing ones
 first. Measured on --windows 256-token windows of the test split's comedy (a held-out play of
 the genre the runs trained on; the runs' own validation is the validation split's comedy) and,
-for the --delay-of count, of all six test plays, --points augmentation points per window
-spread evenly, the 32 tokens after each scored with and without the latents
-(`kvjax.train.coprocessor.by_position`, the one-pass forward that the tests hold equal to
-augmenting trace by trace):
+for the --delay-of count, of all six test plays and of the train comedies the runs saw;
+--points augmentation points per window spread evenly, the 32 tokens after each scored with
+and without the latents (`kvjax.train.coprocessor.by_position`, the one-pass forward that the
+tests hold equal to augmenting trace by trace):
 
   rows          each kind and latent count on time (delay 0); the --delay-of run's latents
                 arriving k = 1, 2, 3 tokens late
@@ -48,13 +49,12 @@ RECIPE = ["--base", "shakespeare", "--data", "shakespeare", "--genre", "comedy",
 POSITIONS = (1, 2, 4, 8, 16, 32)
 
 
-def held_out(genre: str | None) -> str:
-  """The test split's plays of a genre (all genres for None), one after another: held out
-  from the base and from every coprocessor here."""
+def plays(split_name: str, genre: str | None) -> str:
+  """The plays of a split and genre (all genres for None), one after another."""
   from kvjax.train import corpus
   docs = corpus.read_documents("shakespeare")
   split = corpus.assign_splits(docs)
-  return "\n\n".join(d.text for d in docs if split[d.path] == "test"
+  return "\n\n".join(d.text for d in docs if split[d.path] == split_name
                      and (genre is None or d.genre == genre))
 
 
@@ -108,7 +108,7 @@ def cost(base, cop, prompt: list[int], repeats: int) -> dict:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--runs", default="runs/coprocessor-bench",
+  p.add_argument("--runs", default="runs/cop-bench",
                  help="where the runs live (<kind>-<N>/coprocessor)")
   p.add_argument("--train", action="store_true", help="train the missing runs first")
   p.add_argument("--steps", type=positive, default=200, help="training steps of each run")
@@ -122,9 +122,10 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   counts = [int(x) for x in args.latents.split(",")]
   base = lm.load("shakespeare")
-  ids = base.tokenizer.encode(held_out("comedy"))
-  w = windows(ids, args.windows, 256)
-  w_all = windows(base.tokenizer.encode(held_out(None)), args.windows, 256)
+  ids = base.tokenizer.encode(plays("test", "comedy"))
+  texts = {"comedy": windows(ids, args.windows, 256),
+           "all": windows(base.tokenizer.encode(plays("test", None)), args.windows, 256),
+           "seen": windows(base.tokenizer.encode(plays("train", "comedy")), args.windows, 256)}
   res = dict(machine=report.describe(), settings=vars(args), recipe=RECIPE, rows=[], cost=[])
   for kind in ("coprocessor", "pause"):
     for n in counts:
@@ -138,10 +139,9 @@ def main(argv=None) -> int:
       delays = (0, 1, 2, 3) if kind == "coprocessor" and n == args.delay_of else (0,)
       sets = [("comedy", k) for k in delays]
       if n == args.delay_of:
-        sets.append(("all", 0))
+        sets += [("all", 0), ("seen", 0)]
       for text, k in sets:
-        got = ct.by_position(base, cop, w if text == "comedy" else w_all, ahead=32,
-                             points=args.points, delay=k)
+        got = ct.by_position(base, cop, texts[text], ahead=32, points=args.points, delay=k)
         row = {"kind": kind, "latents": n, "delay": k, "text": text, **got.to_json()}
         res["rows"].append(row)
         red = got.relative_reduction
@@ -158,11 +158,12 @@ def main(argv=None) -> int:
 def markdown(res) -> str:
   s = res["settings"]
   lines = [f"Machine: {res['machine']}. Base `shakespeare` (float32, frozen); {s['windows']} "
-           f"windows of 256 tokens from the test split's comedy (text `comedy`; `all`: its six "
-           f"plays of every genre), {s['points']} augmentation points each, {s['steps']} "
-           "training steps per run on the train split's comedies. Relative perplexity "
-           "reduction (1 - ppl_aug / ppl_base) at the k-th token after the point; higher is "
-           "better.", "",
+           f"windows of 256 tokens from the test split's comedy (text `comedy`, held out; "
+           f"`all`: the test split's six plays of every genre; `seen`: the train split's "
+           f"comedies the runs trained on), {s['points']} augmentation points each, "
+           f"{s['steps']} training steps per run on the train split's comedies. Relative "
+           "perplexity reduction (1 - ppl_aug / ppl_base) at the k-th token after the point; "
+           "higher is better.", "",
            "| kind | latents | delay | text | ppl base @1 | ppl aug @1 | "
            + " | ".join(f"@{a}" for a in POSITIONS) + " | all 32 |",
            "|---|---:|---:|---|---:|---:|" + "---:|" * (len(POSITIONS) + 1)]

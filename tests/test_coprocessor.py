@@ -49,8 +49,9 @@ def test_copy_latents_equal_a_cache_free_forward_over_prefix_and_soft_tokens(bas
 
 
 def test_augment_appends_the_latents_in_the_next_slots(base):
-  """The latents fill the next N slots, all at the last token's position; the prefix is
-  untouched and the next token keeps the position it has without augmentation."""
+  """The latents fill the next N slots, all at the next token's position + latent_offset
+  (default -33: 32 behind the last token); the prefix is untouched and the next token keeps
+  the position it has without augmentation."""
   cop = cp.init(base, N, init="scratch", seed=1)
   cache = prefilled(base)
   before = jax.tree.map(np.array, cache)
@@ -60,7 +61,8 @@ def test_augment_appends_the_latents_in_the_next_slots(base):
   want = cpm.augment_with(base.decoder, latents, jax.tree.map(jnp.asarray, before))
   for b, r in enumerate(ROWS):
     n = len(r)
-    np.testing.assert_array_equal(aug.pos[b, :n + N], list(range(n)) + [n - 1] * N)
+    np.testing.assert_array_equal(aug.pos[b, :n + N],
+                                  list(range(n)) + [n + cpm.LATENT_POSITION] * N)
     np.testing.assert_array_equal(aug.k[:, b, :n], before.k[:, b, :n])   # prefix untouched
     np.testing.assert_allclose(aug.k[:, b, n:n + N], want.k[:, b, n:n + N], atol=1e-5)
     np.testing.assert_allclose(aug.v[:, b, n:n + N], want.v[:, b, n:n + N], atol=1e-5)

@@ -559,7 +559,7 @@ def run_eagle(args: argparse.Namespace) -> int:
 
 # --- coprocessor ------------------------------------------------------------------------------
 
-COP_DEFAULTS = dict(kind="coprocessor", init="copy", lora_rank=16, latent_offset=-1, ahead=16,
+COP_DEFAULTS = dict(kind="coprocessor", init="copy", lora_rank=16, latent_offset=-33, ahead=16,
                     points=16, delay=0,
                     batch_size=8, seq_len=256, steps=1000, lr=1e-3, warmup=50, weight_decay=0.0,
                     clip_norm=1.0, final_lr_ratio=0.1, seed=0, save_every=0, keep=3,
@@ -595,7 +595,7 @@ def add_coprocessor(sub) -> argparse.ArgumentParser:
   p.add_argument("--lora-rank", type=positive, metavar="R", help="--init lora: rank (default 16)")
   p.add_argument("--latent-offset", type=checked(int, lambda v: v <= -1, "an integer <= -1"),
                  metavar="O", help="the base sees the latents at the next token's position + O "
-                 "(default -1: the prefix's last token's)")
+                 "(default -33: 32 behind the prefix's last token)")
   g = p.add_argument_group("data (tokenized with the base's tokenizer)")
   g.add_argument("--text", metavar="FILE", help="train on one plain-text file")
   g.add_argument("--data", metavar="DIR_OR_NAME",

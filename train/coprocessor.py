@@ -13,7 +13,7 @@ x_0 .. x_T of a row (inputs = x_0 .. x_{T-1}, targets = x_1 .. x_T), an augmenta
 (1 <= p, p + A <= T) splits the row into the prefix x_<p, whose cache the coprocessor reads,
 and what follows. Its trace is what generation does after augmenting there: the coprocessor
 reads the prefix with its soft tokens at positions p .. p + N - 1, the N latents go into the
-base's next slots at position p - 1 (or p + CoprocessorConfig.latent_offset), and the A
+base's next slots at position p + CoprocessorConfig.latent_offset (default p - 33), and the A
 ahead tokens x_p .. x_{p+A-1} follow at their own positions p .., teacher-forced; the loss
 is the nll of their next tokens x_{p+1} .. x_{p+A} (ahead position a = 1 .. A). With delay k the latents are still read from x_<p but inserted after
 x_<p+k (the asynchronous setting): the trace starts at p + k.
