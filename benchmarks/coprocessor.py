@@ -18,8 +18,8 @@ tests hold equal to augmenting trace by trace):
   columns       relative perplexity reduction (1 - ppl_aug / ppl_base) at ahead positions 1, 2,
                 4, 8, 16, 32, and over all 32
   cost          augmenting a 256-token prompt's cache (coprocessor pass + the base over the
-                latents, one jitted call, batch 1) against one decode step, medians of
-                --repeats
+                latents, one AOT-compiled call, batch 1) against one AOT-compiled decode
+                step, medians of --repeats
 
 Writes <out>/coprocessor_<backend>.json and .md.
 """
@@ -78,32 +78,33 @@ def train_missing(runs: str, kind: str, n: int, steps_: int) -> str:
 
 
 def cost(base, cop, prompt: list[int], repeats: int) -> dict:
-  """ms of augmenting the prompt's cache vs one decode step after it (batch 1)."""
+  """ms of augmenting the prompt's cache (one AOT-compiled call: the coprocessor pass and the
+  base over the latents) vs one AOT-compiled decode step after it (batch 1), medians."""
+  from kvjax.coprocessor import model as cpm
   P = len(prompt)
   tokens = jnp.asarray([prompt], jnp.int32)
+  tok = jnp.asarray([5], jnp.int32)
 
   def fresh():
     _, cache = steps.prefill(base.graphdef, base.state, new_cache(base, 1, 512), tokens,
                              jnp.asarray([P], jnp.int32))
-    return cache
+    return jax.block_until_ready(cache)
 
-  def augment():
-    cache = fresh()
-    t0 = time.perf_counter()
-    jax.block_until_ready(cp.augment(base, cop, cache))
-    return time.perf_counter() - t0
+  aug = cpm._augment.lower(base.graphdef, base.state, cop.cc, cop.params, fresh()).compile()
+  dec = steps.decode_step.lower(base.graphdef, base.state, fresh(), tok).compile()
 
-  def decode():
-    cache = fresh()
-    t0 = time.perf_counter()
-    jax.block_until_ready(steps.decode_step(base.graphdef, base.state, cache,
-                                            jnp.asarray([5], jnp.int32)))
-    return time.perf_counter() - t0
+  def timed(run):
+    out = []
+    for _ in range(repeats + 1):
+      cache = fresh()
+      t0 = time.perf_counter()
+      jax.block_until_ready(run(cache))
+      out.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(out[1:]))
 
-  augment(), decode()
-  aug = 1e3 * float(np.median([augment() for _ in range(repeats)]))
-  dec = 1e3 * float(np.median([decode() for _ in range(repeats)]))
-  return {"augment_ms": aug, "decode_step_ms": dec, "ratio": aug / dec}
+  a = timed(lambda c: aug(base.state, cop.params, c))
+  d = timed(lambda c: dec(base.state, c, tok))
+  return {"augment_ms": a, "decode_step_ms": d, "ratio": a / d}
 
 
 def main(argv=None) -> int:
