@@ -101,9 +101,7 @@ def add_lm(sub) -> argparse.ArgumentParser:
   g.add_argument("--data-parallel", type=nonneg, metavar="N",
                  help="mesh 'data' axis size (0 = all devices / --model-parallel)")
   g.add_argument("--model-parallel", type=positive, metavar="N", help="mesh 'model' axis size")
-  g.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
-  g.add_argument("--json", action="store_true", default=None,
-                 help="print one JSON summary object on stdout")
+  _add_output_flags(g)
   p.set_defaults(run=run_lm, check=lambda args: check_lm(p, args))
   return p
 
@@ -379,16 +377,9 @@ kvjax.speculative.save_head to --export (default OUT/head). Exit codes: 0 ok, 1 
 data/target/run, 2 bad flags."""
 
 
-def add_eagle(sub) -> argparse.ArgumentParser:
-  """The `eagle` subcommand; every default is None so --config and EAGLE_DEFAULTS fill in."""
-  from kvjax.speculative.head import KINDS
-  p = sub.add_parser("eagle", help="train an EAGLE draft head for a frozen target model",
-                     description=EAGLE_DESCRIPTION, argument_default=None)
-  p.add_argument("--config", metavar="FILE", help="JSON object of settings (flags win)")
-  p.add_argument("--target", metavar="DIR_OR_NAME",
-                 help="the frozen target: a model directory or bundled name (e.g. shakespeare)")
-  p.add_argument("--kind", choices=KINDS, help="head kind (default eagle1)")
-  g = p.add_argument_group("data (tokenized with the target's tokenizer)")
+def _add_data_flags(p: argparse.ArgumentParser, frozen: str):
+  """--text / --data and the held-out flags of a task training against a frozen model."""
+  g = p.add_argument_group(f"data (tokenized with the {frozen}'s tokenizer)")
   g.add_argument("--text", metavar="FILE", help="train on one plain-text file")
   g.add_argument("--data", metavar="DIR_OR_NAME",
                  help="a corpus read by kvjax.train.data (a directory of .txt/.md or a name)")
@@ -400,6 +391,48 @@ def add_eagle(sub) -> argparse.ArgumentParser:
                  "validation)")
   g.add_argument("--eval-fraction", type=fraction, metavar="F",
                  help="--text: fraction of the text held out (default 0.1)")
+  return g
+
+
+def _add_schedule_flags(g, *, warmup: int) -> None:
+  """Steps, AdamW, warmup + cosine and seed flags (lr default 1e-3, no weight decay)."""
+  g.add_argument("--steps", type=positive, metavar="N")
+  g.add_argument("--lr", type=pos_float, metavar="LR", help="peak learning rate (default 1e-3)")
+  g.add_argument("--warmup", type=nonneg, metavar="N",
+                 help=f"linear warmup steps (default {warmup})")
+  g.add_argument("--final-lr-ratio", type=unit, metavar="R",
+                 help="cosine decay ends at lr * R (default 0.1)")
+  g.add_argument("--weight-decay", type=nonneg_float, metavar="WD", help="default 0")
+  g.add_argument("--clip-norm", type=pos_float, metavar="C", help="global gradient norm clip")
+  g.add_argument("--seed", type=nonneg, metavar="S")
+
+
+def _add_period_flags(g) -> None:
+  """Checkpoint and validation periods."""
+  g.add_argument("--save-every", type=nonneg, metavar="N", help="checkpoint period (0 = end only)")
+  g.add_argument("--keep", type=positive, metavar="N", help="checkpoints kept (default 3)")
+  g.add_argument("--eval-every", type=nonneg, metavar="N", help="validation period (0 = end "
+                 "only)")
+  g.add_argument("--eval-batches", type=positive, metavar="N",
+                 help="held-out batches per validation (default 8)")
+
+
+def _add_output_flags(g) -> None:
+  g.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
+  g.add_argument("--json", action="store_true", default=None,
+                 help="print one JSON summary object on stdout")
+
+
+def add_eagle(sub) -> argparse.ArgumentParser:
+  """The `eagle` subcommand; every default is None so --config and EAGLE_DEFAULTS fill in."""
+  from kvjax.speculative.head import KINDS
+  p = sub.add_parser("eagle", help="train an EAGLE draft head for a frozen target model",
+                     description=EAGLE_DESCRIPTION, argument_default=None)
+  p.add_argument("--config", metavar="FILE", help="JSON object of settings (flags win)")
+  p.add_argument("--target", metavar="DIR_OR_NAME",
+                 help="the frozen target: a model directory or bundled name (e.g. shakespeare)")
+  p.add_argument("--kind", choices=KINDS, help="head kind (default eagle1)")
+  g = _add_data_flags(p, "target")
   g.add_argument("--self-distill", type=nonneg, metavar="N",
                  help="train on N sequences the target generates after corpus prompts instead "
                       "(0 = off, the default)")
@@ -409,14 +442,7 @@ def add_eagle(sub) -> argparse.ArgumentParser:
   g.add_argument("--batch-size", type=positive, metavar="B")
   g.add_argument("--seq-len", type=checked(int, lambda v: v >= 3, "an integer >= 3"),
                  metavar="T")
-  g.add_argument("--steps", type=positive, metavar="N")
-  g.add_argument("--lr", type=pos_float, metavar="LR", help="peak learning rate (default 1e-3)")
-  g.add_argument("--warmup", type=nonneg, metavar="N", help="linear warmup steps (default 100)")
-  g.add_argument("--final-lr-ratio", type=unit, metavar="R",
-                 help="cosine decay ends at lr * R (default 0.1)")
-  g.add_argument("--weight-decay", type=nonneg_float, metavar="WD", help="default 0")
-  g.add_argument("--clip-norm", type=pos_float, metavar="C", help="global gradient norm clip")
-  g.add_argument("--seed", type=nonneg, metavar="S")
+  _add_schedule_flags(g, warmup=100)
   g.add_argument("--ttt-steps", type=positive, metavar="K",
                  help="eagle3: unrolled training-time-test steps (default 7; clipped to "
                       "--seq-len - 1)")
@@ -425,12 +451,7 @@ def add_eagle(sub) -> argparse.ArgumentParser:
                       "0 for eagle3)")
   g = p.add_argument_group("run")
   g.add_argument("--out", metavar="DIR", help="run directory (checkpoints, metrics, head)")
-  g.add_argument("--save-every", type=nonneg, metavar="N", help="checkpoint period (0 = end only)")
-  g.add_argument("--keep", type=positive, metavar="N", help="checkpoints kept (default 3)")
-  g.add_argument("--eval-every", type=nonneg, metavar="N", help="validation period (0 = end "
-                 "only)")
-  g.add_argument("--eval-batches", type=positive, metavar="N",
-                 help="held-out batches per validation (default 8)")
+  _add_period_flags(g)
   g.add_argument("--eval-prompts", type=nonneg, metavar="N",
                  help="held-out prompts for val_accept_len (default 4; 0 = off)")
   g.add_argument("--tree-top-k", type=positive, metavar="K", help="validation draft tree "
@@ -439,9 +460,7 @@ def add_eagle(sub) -> argparse.ArgumentParser:
   g.add_argument("--tree-tokens", type=positive, metavar="N", help="default 32")
   g.add_argument("--log-every", type=nonneg, metavar="N", help="metrics period (default 10)")
   g.add_argument("--export", metavar="DIR", help="head directory (default OUT/head)")
-  g.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
-  g.add_argument("--json", action="store_true", default=None,
-                 help="print one JSON summary object on stdout")
+  _add_output_flags(g)
   p.set_defaults(run=run_eagle, check=lambda args: check_eagle(p, args))
   return p
 
@@ -596,18 +615,7 @@ def add_coprocessor(sub) -> argparse.ArgumentParser:
   p.add_argument("--latent-offset", type=checked(int, lambda v: v <= -1, "an integer <= -1"),
                  metavar="O", help="the base sees the latents at the next token's position + O "
                  "(default -33: 32 behind the prefix's last token)")
-  g = p.add_argument_group("data (tokenized with the base's tokenizer)")
-  g.add_argument("--text", metavar="FILE", help="train on one plain-text file")
-  g.add_argument("--data", metavar="DIR_OR_NAME",
-                 help="a corpus read by kvjax.train.data (a directory of .txt/.md or a name)")
-  g.add_argument("--genre", action="append", metavar="G",
-                 help="--data: train and eval on these genres only (repeatable)")
-  g.add_argument("--exclude-genre", action="append", metavar="G",
-                 help="--data: leave these genres out (repeatable)")
-  g.add_argument("--eval-split", metavar="SPLIT", help="--data: held-out split (default "
-                 "validation)")
-  g.add_argument("--eval-fraction", type=fraction, metavar="F",
-                 help="--text: fraction of the text held out (default 0.1)")
+  _add_data_flags(p, "base")
   g = p.add_argument_group("optimisation")
   g.add_argument("--ahead", type=positive, metavar="A",
                  help="teacher-forced tokens scored after each point (default 16)")
@@ -618,29 +626,15 @@ def add_coprocessor(sub) -> argparse.ArgumentParser:
   g.add_argument("--batch-size", type=positive, metavar="B")
   g.add_argument("--seq-len", type=checked(int, lambda v: v >= 2, "an integer >= 2"),
                  metavar="T")
-  g.add_argument("--steps", type=positive, metavar="N")
-  g.add_argument("--lr", type=pos_float, metavar="LR", help="peak learning rate (default 1e-3)")
-  g.add_argument("--warmup", type=nonneg, metavar="N", help="linear warmup steps (default 50)")
-  g.add_argument("--final-lr-ratio", type=unit, metavar="R",
-                 help="cosine decay ends at lr * R (default 0.1)")
-  g.add_argument("--weight-decay", type=nonneg_float, metavar="WD", help="default 0")
-  g.add_argument("--clip-norm", type=pos_float, metavar="C", help="global gradient norm clip")
-  g.add_argument("--seed", type=nonneg, metavar="S")
+  _add_schedule_flags(g, warmup=50)
   g = p.add_argument_group("run")
   g.add_argument("--out", metavar="DIR", help="run directory (checkpoints, metrics, "
                  "coprocessor)")
-  g.add_argument("--save-every", type=nonneg, metavar="N", help="checkpoint period (0 = end only)")
-  g.add_argument("--keep", type=positive, metavar="N", help="checkpoints kept (default 3)")
-  g.add_argument("--eval-every", type=nonneg, metavar="N", help="validation period (0 = end "
-                 "only)")
-  g.add_argument("--eval-batches", type=positive, metavar="N",
-                 help="held-out batches per validation (default 8)")
+  _add_period_flags(g)
   g.add_argument("--log-every", type=nonneg, metavar="N", help="metrics period (default 10)")
   g.add_argument("--export", metavar="DIR", help="coprocessor directory (default "
                  "OUT/coprocessor)")
-  g.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
-  g.add_argument("--json", action="store_true", default=None,
-                 help="print one JSON summary object on stdout")
+  _add_output_flags(g)
   p.set_defaults(run=run_coprocessor, check=lambda args: check_coprocessor(p, args))
   return p
 
