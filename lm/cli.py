@@ -339,9 +339,9 @@ def _ppl_augmented(args: argparse.Namespace, model, ids: list[int]) -> int:
         f"points, delay {args.delay}:")
   print("position  ppl base  ppl aug  reduction")
   for a in sorted({0, 1, 3, 7, 15, 31, args.ahead - 1} & set(range(args.ahead))):
-    print(f"{a + 1:8d}  {got.ppl_base[a]:8.3f}  {got.ppl_aug[a]:7.3f}  {100 * red[a]:8.2f}%")
+    print(f"{a + 1:8d}  {got.ppl_base[a]:8.3f}  {got.ppl_aug[a]:7.3f}  {100 * red[a]:+8.2f}%")
   print(f"all {args.ahead}: loss {got.loss_base:.4f} -> {got.loss_aug:.4f} nats "
-        f"({100 * out['relative_reduction_all']:.2f}% lower ppl)")
+        f"(perplexity reduction {100 * out['relative_reduction_all']:+.2f}%)")
   return 0
 
 
