@@ -41,7 +41,6 @@ import functools
 import itertools
 import math
 import os
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -54,7 +53,6 @@ from kvjax.cache.dense import KVCache
 from kvjax.coprocessor import model as cpm
 from kvjax.lm.model import Model
 from kvjax.lm.steps import token_nll
-from kvjax.train import metrics
 from kvjax.train import lm as lm_train
 from kvjax.train.lm import TrainError, _need
 
@@ -360,6 +358,7 @@ def by_position(base: Model, cop: cpm.Coprocessor, windows: np.ndarray, *, ahead
   bar = tqdm(total=len(rows) // batch_size, desc="augmented ppl", unit="batch",
              dynamic_ncols=True, disable=not progress)
   pts = jnp.asarray(even_points(batch_size, T, points, ahead, delay))
+  base_params = base.params()
 
   def stats():
     for s in range(0, len(rows), batch_size):
@@ -367,7 +366,7 @@ def by_position(base: Model, cop: cpm.Coprocessor, windows: np.ndarray, *, ahead
       real = (w[:, :-1] >= 0) & (w[:, 1:] >= 0)
       batch = {"inputs": np.maximum(w[:, :-1], 0), "targets": np.maximum(w[:, 1:], 0),
                "mask": real.astype(np.float32)}
-      got = dict(eval_step(cop.params, base.params(), _to_device(batch), pts))
+      got = dict(eval_step(cop.params, base_params, _to_device(batch), pts))
       got["points"] = int(np.sum(real[:, np.asarray(pts[0])]))
       bar.update(1)
       yield got
@@ -401,7 +400,6 @@ def train(base: Model, cop: cpm.Coprocessor, ac: AugmentConfig,
   for ac.steps steps, resuming from ac.out_dir's latest checkpoint when there is one. Writes
   metrics.jsonl, loss.png, checkpoints/ and run.json under ac.out_dir. batches: as for
   `kvjax.train.lm.train`; eval_batches: () -> held-out batches (the first ac.eval_batches)."""
-  import orbax.checkpoint as ocp
   cpm.check(cop.cc, base.cfg)
   need = ac.seq_len + cop.n_latents + ac.ahead
   if base.cfg.max_position < need:
@@ -418,47 +416,24 @@ def train(base: Model, cop: cpm.Coprocessor, ac: AugmentConfig,
   base_params = work.params()
   params = f32(cop.params)
   state = {"params": params, "opt_state": opt_init(params), "step": jnp.zeros((), jnp.int32)}
-  records: list[dict[str, Any]] = []
-  has_eval = eval_batches is not None
-  with lm_train._manager(ac) as manager:
-    start = 0
-    if manager.latest_step() is not None:
-      state = lm_train._restore(manager, state)
-      start = int(state["step"])
-    metrics.truncate(ac.out_dir, start)
-    it = lm_train._batch_iter(batches, start)
-    bar = lm_train._progress(progress, start, ac.steps)
-    t0, done = time.perf_counter(), 0
-    for step in range(start + 1, ac.steps + 1):
-      batch = next(it, None)
-      if batch is None:
-        raise TrainError(f"the batch iterator ended before step {step} of {ac.steps}")
-      check_batch(batch, ac, base.cfg.vocab_size, step - 1)
-      pts = sample_points(ac.seed, step - 1, ac.batch_size, ac.seq_len, ac.points, ac.ahead,
-                          ac.delay)
-      state, stats = train_step(state, base_params, _to_device(batch), jnp.asarray(pts))
-      done += 1
-      if lm_train._is_log_step(ac, step, has_eval):
-        stats = jax.device_get(stats)
-        record = {"step": step, **{k: float(v) for k, v in stats.items()}}
-        record["steps_per_s"] = done / max(time.perf_counter() - t0, 1e-9)
-        if lm_train._is_eval_step(ac, step, has_eval):
-          record.update(evaluate(eval_step, state["params"], base_params, eval_batches(),
-                                 ac.eval_batches, ac))
-        records.append(record)
-        metrics.append(ac.out_dir, record)
-        post = {"loss": f"{record['loss']:.4f}", "base": f"{record['base_loss']:.4f}"}
-        if "eval_reduction_1" in record:
-          post["val_red1"] = f"{100 * record['eval_reduction_1']:.2f}%"
-        bar.set_postfix(post)
-        t0, done = time.perf_counter(), 0  # the rate excludes evaluation
-      bar.update(1)
-      if (ac.save_every and step % ac.save_every == 0) or step == ac.steps:
-        manager.save(step, args=ocp.args.StandardSave(state))
-        metrics.plot(ac.out_dir, PLOT_LABEL)
-        t0, done = time.perf_counter(), 0
-    bar.close()
-    manager.wait_until_finished()
-  metrics.plot(ac.out_dir, PLOT_LABEL)
+
+  def step(state, batch, i):
+    check_batch(batch, ac, base.cfg.vocab_size, i)
+    pts = sample_points(ac.seed, i, ac.batch_size, ac.seq_len, ac.points, ac.ahead, ac.delay)
+    return train_step(state, base_params, _to_device(batch), jnp.asarray(pts))
+
+  def evaluate_(state):
+    return evaluate(eval_step, state["params"], base_params, eval_batches(), ac.eval_batches, ac)
+
+  def postfix(record):
+    post = {"loss": f"{record['loss']:.4f}", "base": f"{record['base_loss']:.4f}"}
+    if "eval_reduction_1" in record:
+      post["val_red1"] = f"{100 * record['eval_reduction_1']:.2f}%"
+    return post
+
+  state, records, start = lm_train.run_loop(
+      ac, state, batches, step, evaluate=evaluate_ if eval_batches is not None else None,
+      amount=lambda batch: 1.0, rate_name="steps_per_s", postfix=postfix,
+      plot_label=PLOT_LABEL, progress=progress)
   host = jax.tree.map(lambda a: np.asarray(a).astype(dtype), jax.device_get(state["params"]))
   return Result(coprocessor=cop.with_params(host), records=records, resumed_from=start)

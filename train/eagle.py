@@ -42,7 +42,6 @@ import functools
 import itertools
 import math
 import os
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -53,7 +52,6 @@ import optax
 
 from kvjax.lm.model import Model
 from kvjax.speculative import head as hd
-from kvjax.train import metrics
 from kvjax.train import lm as lm_train
 from kvjax.train.lm import TrainError, _need
 
@@ -441,7 +439,6 @@ def train(model: Model, head: hd.LoadedHead, ec: EagleConfig,
   checkpoints/ and run.json under ec.out_dir. batches: as for `kvjax.train.lm.train`.
   eval_batches: () -> held-out batches (the first ec.eval_batches are scored). prompts: token
   ids of held-out prompts for val_accept_len (the first ec.eval_prompts are used)."""
-  import orbax.checkpoint as ocp
   if head.hc.kind != ec.kind:
     raise TrainError(f"the head is {head.hc.kind} but the run trains {ec.kind}")
   hd.check(head.hc, model.cfg)
@@ -466,50 +463,30 @@ def train(model: Model, head: hd.LoadedHead, ec: EagleConfig,
   has_eval = eval_batches is not None or bool(prompts)
   params = work.params()
   state = {"params": params, "opt_state": opt_init(params), "step": jnp.zeros((), jnp.int32)}
-  records: list[dict[str, Any]] = []
-  with lm_train._manager(ec) as manager:
-    start = 0
-    if manager.latest_step() is not None:
-      state = lm_train._restore(manager, state)
-      start = int(state["step"])
-    metrics.truncate(ec.out_dir, start)
-    it = lm_train._batch_iter(batches, start)
-    bar = lm_train._progress(progress, start, ec.steps)
-    t0, tokens = time.perf_counter(), 0.0
-    for step in range(start + 1, ec.steps + 1):
-      batch = next(it, None)
-      if batch is None:
-        raise TrainError(f"the batch iterator ended before step {step} of {ec.steps}")
-      check_batch(batch, ec, model.cfg.vocab_size, step - 1)
-      tokens += float(np.sum(batch["mask"]))
-      state, stats = train_step(state, target_params, _to_device(batch), base_key)
-      if lm_train._is_log_step(ec, step, has_eval):
-        stats = jax.device_get(stats)
-        stats.pop("n")
-        record = {"step": step, **{k: float(v) for k, v in stats.items()}}
-        record["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
-        if lm_train._is_eval_step(ec, step, has_eval):
-          if eval_batches is not None:
-            record.update(evaluate(eval_step, state["params"], target_params, eval_batches(),
-                                   ec.eval_batches))
-          if prompts:
-            record["val_accept_len"] = validate(model, work.with_params(state["params"]),
-                                                prompts, ec)
-        records.append(record)
-        metrics.append(ec.out_dir, record)
-        post = {"loss": f"{record['loss']:.4f}", "top1": f"{record['top1']:.3f}"}
-        if "val_accept_len" in record:
-          post["accept"] = f"{record['val_accept_len']:.2f}"
-        bar.set_postfix(post)
-        t0, tokens = time.perf_counter(), 0.0  # the rate excludes evaluation
-      bar.update(1)
-      if (ec.save_every and step % ec.save_every == 0) or step == ec.steps:
-        manager.save(step, args=ocp.args.StandardSave(state))
-        metrics.plot(ec.out_dir, PLOT_LABEL)
-        t0, tokens = time.perf_counter(), 0.0
-    bar.close()
-    manager.wait_until_finished()
-  metrics.plot(ec.out_dir, PLOT_LABEL)
+
+  def step(state, batch, i):
+    check_batch(batch, ec, model.cfg.vocab_size, i)
+    return train_step(state, target_params, _to_device(batch), base_key)
+
+  def evaluate_(state):
+    record = {}
+    if eval_batches is not None:
+      record.update(evaluate(eval_step, state["params"], target_params, eval_batches(),
+                             ec.eval_batches))
+    if prompts:
+      record["val_accept_len"] = validate(model, work.with_params(state["params"]), prompts, ec)
+    return record
+
+  def postfix(record):
+    post = {"loss": f"{record['loss']:.4f}", "top1": f"{record['top1']:.3f}"}
+    if "val_accept_len" in record:
+      post["accept"] = f"{record['val_accept_len']:.2f}"
+    return post
+
+  state, records, start = lm_train.run_loop(
+      ec, state, batches, step, evaluate=evaluate_ if has_eval else None,
+      amount=lambda batch: float(np.sum(batch["mask"])), rate_name="tokens_per_s",
+      postfix=postfix, plot_label=PLOT_LABEL, progress=progress)
   host = jax.tree.map(lambda a: np.asarray(a).astype(dtype), jax.device_get(state["params"]))
   return Result(head=head.with_params(host), records=records, resumed_from=start)
 

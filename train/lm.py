@@ -343,7 +343,6 @@ def train(model: Model, tc: TrainConfig, batches: Callable[[int], Iterable[Batch
           progress: bool = True) -> Result:
   """Trains model's params for tc.steps steps (resuming from tc.out_dir's latest checkpoint when
   there is one). Writes metrics.jsonl, loss.png, checkpoints/ and run.json under tc.out_dir."""
-  import orbax.checkpoint as ocp
   if model.cfg.max_position < tc.seq_len:
     raise TrainError(f"seq_len {tc.seq_len} exceeds the model's max_position "
                      f"{model.cfg.max_position}")
@@ -357,42 +356,73 @@ def train(model: Model, tc: TrainConfig, batches: Callable[[int], Iterable[Batch
   opt_init, train_step, eval_step = cached_steps(work, tc)
   params = work.params()
   state = {"params": params, "opt_state": opt_init(params), "step": jnp.zeros((), jnp.int32)}
+
+  def step(state, batch, i):
+    check_batch(batch, tc, model.cfg.vocab_size, i)
+    return train_step(state, _to_device(batch, batch_sharding))
+
+  def evaluate_(state):
+    return evaluate(eval_step, state["params"], eval_batches, batch_sharding)
+
+  state, records, start = run_loop(
+      tc, state, batches, step, evaluate=evaluate_ if eval_batches is not None else None,
+      amount=lambda batch: float(np.sum(batch["mask"])), rate_name="tokens_per_s",
+      postfix=lambda r: {"loss": f"{r['loss']:.4f}", "tok_s": f"{r['tokens_per_s']:.0f}"},
+      progress=progress)
+  host = jax.tree.map(np.asarray, jax.device_get(state["params"]))
+  return Result(model=base.with_params(host), records=records, resumed_from=start)
+
+
+def run_loop(rc: RunConfig, state, batches, step: Callable, *,
+             evaluate: Callable[[Any], dict[str, float]] | None,
+             amount: Callable[[Batch], float], rate_name: str,
+             postfix: Callable[[dict[str, Any]], dict[str, str]],
+             plot_label: str | None = None, progress: bool = True):
+  """The loop every trainer shares: resume from rc.out_dir's latest checkpoint, then for steps
+  start + 1 .. rc.steps take the next batch and run `step(state, batch, i) -> (state, stats)`
+  (i = the 0-based step index); on log steps record the stats (without "n"), the rate
+  (`amount` of the batches per second, excluding evaluation and checkpoint writes, as
+  `rate_name`) and, on eval steps, `evaluate(state)`; checkpoint every rc.save_every steps
+  and at the end; metrics.jsonl and loss.png. Returns (state, records, start step)."""
+  import orbax.checkpoint as ocp
+  label = {} if plot_label is None else {"ylabel": plot_label}
   records: list[dict[str, Any]] = []
-  with _manager(tc) as manager:
+  has_eval = evaluate is not None
+  with _manager(rc) as manager:
     start = 0
     if manager.latest_step() is not None:
       state = _restore(manager, state)
       start = int(state["step"])
-    metrics.truncate(tc.out_dir, start)
+    metrics.truncate(rc.out_dir, start)
     it = _batch_iter(batches, start)
-    bar = _progress(progress, start, tc.steps)
-    t0, tokens = time.perf_counter(), 0.0
-    for step in range(start + 1, tc.steps + 1):
+    bar = _progress(progress, start, rc.steps)
+    t0, done = time.perf_counter(), 0.0
+    for i in range(start + 1, rc.steps + 1):
       batch = next(it, None)
       if batch is None:
-        raise TrainError(f"the batch iterator ended before step {step} of {tc.steps}")
-      check_batch(batch, tc, model.cfg.vocab_size, step - 1)
-      tokens += float(np.sum(batch["mask"]))
-      state, stats = train_step(state, _to_device(batch, batch_sharding))
-      if _is_log_step(tc, step, eval_batches is not None):
-        record = {"step": step, **{k: float(v) for k, v in stats.items()}}
-        record["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
-        if _is_eval_step(tc, step, eval_batches is not None):
-          record.update(evaluate(eval_step, state["params"], eval_batches, batch_sharding))
+        raise TrainError(f"the batch iterator ended before step {i} of {rc.steps}")
+      state, stats = step(state, batch, i - 1)  # checks the batch first
+      done += amount(batch)
+      if _is_log_step(rc, i, has_eval):
+        stats = jax.device_get(stats)
+        stats.pop("n", None)
+        record = {"step": i, **{k: float(v) for k, v in stats.items()}}
+        record[rate_name] = done / max(time.perf_counter() - t0, 1e-9)
+        if _is_eval_step(rc, i, has_eval):
+          record.update(evaluate(state))
         records.append(record)
-        metrics.append(tc.out_dir, record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        t0, tokens = time.perf_counter(), 0.0
+        metrics.append(rc.out_dir, record)
+        bar.set_postfix(postfix(record))
+        t0, done = time.perf_counter(), 0.0  # the rate excludes evaluation
       bar.update(1)
-      if (tc.save_every and step % tc.save_every == 0) or step == tc.steps:
-        manager.save(step, args=ocp.args.StandardSave(state))
-        metrics.plot(tc.out_dir)
-        t0, tokens = time.perf_counter(), 0.0  # the rate excludes checkpoint writes
+      if (rc.save_every and i % rc.save_every == 0) or i == rc.steps:
+        manager.save(i, args=ocp.args.StandardSave(state))
+        metrics.plot(rc.out_dir, **label)
+        t0, done = time.perf_counter(), 0.0  # and checkpoint writes
     bar.close()
     manager.wait_until_finished()
-  metrics.plot(tc.out_dir)
-  host = jax.tree.map(np.asarray, jax.device_get(state["params"]))
-  return Result(model=base.with_params(host), records=records, resumed_from=start)
+  metrics.plot(rc.out_dir, **label)
+  return state, records, start
 
 
 def _is_eval_step(tc: TrainConfig, step: int, has_eval: bool) -> bool:
