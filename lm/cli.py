@@ -262,12 +262,10 @@ def _check_ppl(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
       resolve_cop(args.coprocessor)
     except FileNotFoundError as err:
       parser.error(f"--coprocessor: {err}")
-    if args.ahead >= args.seq_len:
-      parser.error(f"--ahead ({args.ahead}) must be smaller than --seq-len ({args.seq_len})")
-    room = args.seq_len - args.ahead - args.delay
-    if room < args.points:
-      parser.error(f"--points {args.points} need as many positions in [1, --seq-len - --ahead "
-                   f"- --delay] = [1, {room}]")
+    from kvjax.train.coprocessor import room_error
+    error = room_error(args.seq_len, args.ahead, args.points, args.delay, flags=True)
+    if error:
+      parser.error(error)
     return
   changed = [f"--{f.replace('_', '-')}" for f, d in (("ahead", 32), ("points", 16),
                                                     ("seq_len", 256), ("delay", 0),

@@ -117,7 +117,7 @@ def test_train_cli_runs_and_saves(dirs):
     ([], "--latents N is required"),
     (["--latents", "2", "--kind", "pause", "--init", "lora"], "--init and --lora-rank apply"),
     (["--latents", "2", "--points", "30", "--seq-len", "24", "--ahead", "4"],
-     "--points 30 need as many positions"),
+     "30 points need 30 distinct positions in [1, --seq-len - --ahead - --delay] = [1, 20]"),
 ])
 def test_train_flag_errors_exit_2(dirs, argv, words):
   code, _, err = run_train("coprocessor", "--base", dirs["model"], "--text", dirs["text.txt"],

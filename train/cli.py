@@ -167,8 +167,6 @@ def check_lm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   if args.vocab_size is not None and (args.tokenizer is not None or args.data is None
                                       or args.vocab_size < 300):
     parser.error("--vocab-size V (>= 300) applies only to --data without --tokenizer")
-  if args.warmup >= args.steps:
-    parser.error(f"--warmup ({args.warmup}) must be smaller than --steps ({args.steps})")
   if args.init_from is None:
     for key, value in ARCH_DEFAULTS.items():
       if getattr(args, key) is None:
@@ -194,14 +192,28 @@ def _settle(parser: argparse.ArgumentParser, args: argparse.Namespace, defaults:
 
 def _check_run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
                      goes_to_out: str) -> None:
-  """The data and output rules every training task shares: one of --text / --data, an
-  existing --text file, and --out."""
+  """The data, output and schedule rules every training task shares: one of --text / --data,
+  an existing --text file, --out, and --warmup below --steps."""
   if (args.text is None) == (args.data is None):
     parser.error("give exactly one of --text FILE and --data DIR_OR_NAME")
   if args.text is not None and not os.path.isfile(args.text):
     parser.error(f"--text {args.text}: no such file")
   if args.out is None:
     parser.error(f"--out DIR is required ({goes_to_out} go there)")
+  if args.warmup >= args.steps:
+    parser.error(f"--warmup ({args.warmup}) must be smaller than --steps ({args.steps})")
+
+
+def _check_frozen(parser: argparse.ArgumentParser, args: argparse.Namespace, dest: str,
+                  role: str) -> None:
+  """--<dest> DIR_OR_NAME (the frozen model a task trains against) is given and resolves."""
+  from kvjax.lm.model import resolve
+  if getattr(args, dest) is None:
+    parser.error(f"--{dest} DIR_OR_NAME is required ({role})")
+  try:
+    resolve(getattr(args, dest))
+  except FileNotFoundError as err:
+    parser.error(f"--{dest}: {err}")
 
 
 def _merge_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -467,21 +479,13 @@ def add_eagle(sub) -> argparse.ArgumentParser:
 
 def check_eagle(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   """Merges --config and the defaults into args; cross-flag rules (errors exit 2)."""
-  from kvjax.lm.model import resolve
   from kvjax.speculative.head import KINDS
   from kvjax.speculative.tree import TreeSpec
   _settle(parser, args, EAGLE_DEFAULTS)
   if args.kind not in KINDS:
     parser.error(f"--kind must be one of {', '.join(KINDS)}; got {args.kind!r}")
-  if args.target is None:
-    parser.error("--target DIR_OR_NAME is required (the model the head drafts for)")
-  try:
-    resolve(args.target)
-  except FileNotFoundError as err:
-    parser.error(f"--target: {err}")
+  _check_frozen(parser, args, "target", "the model the head drafts for")
   _check_run_flags(parser, args, "checkpoints, metrics and the head")
-  if args.warmup >= args.steps:
-    parser.error(f"--warmup ({args.warmup}) must be smaller than --steps ({args.steps})")
   try:
     TreeSpec(top_k=args.tree_top_k, depth=args.tree_depth, total_tokens=args.tree_tokens)
   except ValueError as err:
@@ -641,25 +645,15 @@ def add_coprocessor(sub) -> argparse.ArgumentParser:
 
 def check_coprocessor(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   """Merges --config and the defaults into args; cross-flag rules (errors exit 2)."""
-  from kvjax.lm.model import resolve
   _settle(parser, args, COP_DEFAULTS)
-  if args.base is None:
-    parser.error("--base DIR_OR_NAME is required (the frozen model the coprocessor serves)")
+  _check_frozen(parser, args, "base", "the frozen model the coprocessor serves")
   if args.latents is None:
     parser.error("--latents N is required (latents per augmentation, e.g. 16)")
-  try:
-    resolve(args.base)
-  except FileNotFoundError as err:
-    parser.error(f"--base: {err}")
   _check_run_flags(parser, args, "checkpoints, metrics and the coprocessor")
-  if args.warmup >= args.steps:
-    parser.error(f"--warmup ({args.warmup}) must be smaller than --steps ({args.steps})")
-  if args.ahead >= args.seq_len:
-    parser.error(f"--ahead ({args.ahead}) must be smaller than --seq-len ({args.seq_len})")
-  room = args.seq_len - args.ahead - args.delay
-  if room < args.points:
-    parser.error(f"--points {args.points} need as many positions in [1, --seq-len - --ahead - "
-                 f"--delay] = [1, {room}]")
+  from kvjax.train.coprocessor import room_error
+  error = room_error(args.seq_len, args.ahead, args.points, args.delay, flags=True)
+  if error:
+    parser.error(error)
   if args.kind == "pause" and (args.init != "copy" or args.lora_rank != 16):
     parser.error("--init and --lora-rank apply to --kind coprocessor, not to pause tokens")
 

@@ -83,13 +83,9 @@ class AugmentConfig(lm_train.RunConfig):
     for name in ("ahead", "points", "eval_batches"):
       _need(name, getattr(self, name), lambda v: v >= 1, "an int >= 1", int)
     _need("delay", self.delay, lambda v: v >= 0, "an int >= 0", int)
-    room = self.seq_len - self.ahead - self.delay
-    if self.ahead >= self.seq_len:
-      raise TrainError(f"ahead ({self.ahead}) must be smaller than seq_len ({self.seq_len}): "
-                       "each point needs a prefix and its ahead tokens inside the sequence")
-    if room < self.points:
-      raise TrainError(f"{self.points} points need {self.points} distinct positions in [1, "
-                       f"seq_len - ahead - delay] = [1, {room}]")
+    error = room_error(self.seq_len, self.ahead, self.points, self.delay)
+    if error:
+      raise TrainError(error)
 
   def resume_key(self) -> dict[str, Any]:
     """The fields a resumed run must share with the run it continues."""
@@ -109,6 +105,21 @@ class Result:
 
 # --- the one-pass multi-trace forward ---------------------------------------------------------
 
+def room_error(seq_len: int, ahead: int, points: int, delay: int, *,
+               flags: bool = False) -> str | None:
+  """Why `points` augmentation points with `ahead` tokens (`delay` late) do not fit in a
+  sequence of seq_len inputs, or None. flags: name the settings as command-line flags."""
+  name = (lambda f: "--" + f.replace("_", "-")) if flags else (lambda f: f)  # noqa: E731
+  if ahead >= seq_len:
+    return (f"{name('ahead')} ({ahead}) must be smaller than {name('seq_len')} ({seq_len}): "
+            "each point needs a prefix and its ahead tokens inside the sequence")
+  room = seq_len - ahead - delay
+  if room < points:
+    return (f"{points} points need {points} distinct positions in [1, {name('seq_len')} - "
+            f"{name('ahead')} - {name('delay')}] = [1, {room}]")
+  return None
+
+
 def sample_points(seed: int, step: int, batch: int, seq_len: int, points: int, ahead: int,
                   delay: int = 0) -> np.ndarray:
   """[B, M] int32 sorted distinct points per row in [1, seq_len - ahead - delay]: a pure
@@ -122,10 +133,10 @@ def sample_points(seed: int, step: int, batch: int, seq_len: int, points: int, a
 def even_points(batch: int, seq_len: int, points: int, ahead: int, delay: int = 0) -> np.ndarray:
   """[B, M] int32: M points spread evenly over [1, seq_len - ahead - delay], the same in every
   row (evaluation)."""
+  error = room_error(seq_len, ahead, points, delay)
+  if error:
+    raise TrainError(error)
   hi = seq_len - ahead - delay
-  if hi < points:
-    raise TrainError(f"{points} points need {points} distinct positions in [1, seq_len - ahead "
-                     f"- delay] = [1, {hi}]")
   p = np.unique(np.linspace(1, hi, points).round().astype(np.int32))
   return np.broadcast_to(p, (batch, len(p))).copy()
 
