@@ -2,6 +2,8 @@
 augmenting trace by trace through the inference path, the base never changes, resume,
 errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,7 +58,7 @@ def test_one_pass_equals_trace_by_trace(base, kind, init, delay, offset):
   if init == "lora":  # nonzero deltas, so the LoRA path is exercised
     cop = cop.with_params(jax.tree.map(lambda a: a + 0.05, cop.params))
   w = rows()
-  points = np.array([[1, 5, 9, 17], [2, 3, 11, 16]], np.int32)
+  points = np.array([[1, 9, 17], [3, 11, 16]], np.int32)
   base_dec = base.decoder
   cop_dec = cpm.decoder(base.graphdef, base.state, cop.cc, cop.params)
   got = ct.multi_trace(base_dec, cop_dec, cop.soft, jax.tree.map(jnp.asarray, batch_of(w)),
@@ -113,8 +115,8 @@ def _batches(B, seed=0):
 def test_training_lowers_the_loss_and_leaves_the_base_unchanged(base, tmp_path):
   before = jax.tree.map(np.array, base.params())
   cop = cp.init(base, N)
-  ac = ct.AugmentConfig(steps=12, batch_size=2, seq_len=T, ahead=A, points=4, lr=3e-3,
-                        out_dir=str(tmp_path / "run"), log_every=1, eval_every=6,
+  ac = ct.AugmentConfig(steps=8, batch_size=2, seq_len=T, ahead=A, points=4, lr=4e-3,
+                        out_dir=str(tmp_path / "run"), log_every=1, eval_every=4,
                         eval_batches=1)
   held = [batch_of(rows(99, 2))]
   res = ct.train(base, cop, ac, _batches(2), lambda: held, progress=False)
@@ -125,18 +127,15 @@ def test_training_lowers_the_loss_and_leaves_the_base_unchanged(base, tmp_path):
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), cop.params, res.coprocessor.params)
   assert all(jax.tree.leaves(changed))
   assert (tmp_path / "run" / "loss.png").exists()
-  # resume: 6 steps, then on to 12, ends bit-identical with the uninterrupted run
-  half = ct.AugmentConfig(**{**ac.__dict__, "out_dir": str(tmp_path / "r2"), "steps": 12})
-  import dataclasses
-  first = dataclasses.replace(half, steps=12)
-  # an interrupted run: the iterator runs dry after 6 batches
+  # resume: an interrupted run (the iterator runs dry after 4 batches), then on to 8, ends
+  # bit-identical with the uninterrupted run
+  first = dataclasses.replace(ac, out_dir=str(tmp_path / "r2"), save_every=4)
   gen = _batches(2)
-  with pytest.raises(TrainError, match="ended before step 7"):
-    ct.train(base, cop, dataclasses.replace(first, save_every=6),
-             lambda s: (b for _, b in zip(range(6 - s), gen(s))), progress=False)
-  again = ct.train(base, cop, dataclasses.replace(first, save_every=6), _batches(2),
-                   progress=False)
-  assert again.resumed_from == 6
+  with pytest.raises(TrainError, match="ended before step 5"):
+    ct.train(base, cop, first, lambda s: (b for _, b in zip(range(4 - s), gen(s))),
+             progress=False)
+  again = ct.train(base, cop, first, _batches(2), progress=False)
+  assert again.resumed_from == 4
   jax.tree.map(np.testing.assert_array_equal, res.coprocessor.params, again.coprocessor.params)
 
 
