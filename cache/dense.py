@@ -43,6 +43,10 @@ class KVCache:
   def batch(self) -> int:
     return self.k.shape[1]
 
+  def layer_slots(self, start: int, stop: int) -> tuple[jax.Array, jax.Array]:
+    """(k, v) [L', B, S, K, H] of layers [start, stop): what the decoder scans over."""
+    return self.k[start:stop], self.v[start:stop]
+
   def visible(self) -> jax.Array:
     """[B, S] bool: the filled slots."""
     return jnp.arange(self.size)[None, :] < self.length[:, None]

@@ -57,6 +57,10 @@ class SinkCache:
                count=jnp.zeros((batch,), jnp.int32),
                start=jnp.full((batch,), n_sink, jnp.int32), n_sink=n_sink)
 
+  def layer_slots(self, start: int, stop: int) -> tuple[jax.Array, jax.Array]:
+    """(k, v) [L', B, S, K, H] of layers [start, stop): what the decoder scans over."""
+    return self.k[start:stop], self.v[start:stop]
+
   @property
   def size(self) -> int:
     return self.k.shape[2]

@@ -19,13 +19,15 @@ import jax
 import jax.numpy as jnp
 
 NEW = "new"  # Keys.source of the step's own tokens
+SHARED = "shared"  # Keys.source of a prefix every row reads (`kvjax.cache.prefix`)
 
 
 @dataclasses.dataclass(frozen=True)
 class Keys:
   """One key block for T queries.
 
-  source: NEW (the step's T tokens, rotated at View.new_pos) or (lo, hi), the cache slots
+  source: NEW (the step's T tokens, rotated at View.new_pos), SHARED (the slots of a prefix
+    stored once for all rows, keys [S', K, H] with no batch axis) or (lo, hi), the cache slots
     [lo, hi) of the layer (S' = hi - lo).
   frame: index into View.q_pos of the query rotation this block is scored against.
   mask: [B, T, S'] bool, which keys each query sees.

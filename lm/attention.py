@@ -18,7 +18,8 @@ def attend(blocks: Sequence[tuple[jax.Array, jax.Array, jax.Array, jax.Array]], 
   """Softmax attention over the union of key/value blocks, each scored with its own queries.
 
   Each block is (q [B, T, N, H], k [B, S, K, H], v [B, S, K, H], mask [B, T, S] bool), with N a
-  multiple of K (query head n reads kv head n // (N // K)). The blocks' queries are the same
+  multiple of K (query head n reads kv head n // (N // K)); k and v may be [S, K, H], keys
+  every row reads (a shared prefix), scored without broadcasting them over B. The blocks' queries are the same
   tokens, possibly rotated in different RoPE frames (see `kvjax.cache.view`). partial: the
   softmax over further keys computed elsewhere (a kernel), as (o [B, T, N, H] float32 its
   normalized output, lse [B, T, N] its log-sum-exp), merged into the same softmax. Scores and
@@ -26,12 +27,13 @@ def attend(blocks: Sequence[tuple[jax.Array, jax.Array, jax.Array, jax.Array]], 
   """
   q0 = blocks[0][0]
   B, T, N, H = q0.shape
-  K = blocks[0][1].shape[2]
+  K = blocks[0][1].shape[-2]
   G = N // K
   scores = []
   for q, k, _, mask in blocks:
     qg = q.reshape(B, T, K, G, H)
-    s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum(f"btkgh,{_keys(k)}->bkgts", qg, k,
+                   preferred_element_type=jnp.float32) * scale
     if softcap is not None:
       s = jnp.tanh(s / softcap) * softcap
     scores.append(jnp.where(mask[:, None, None], s, NEG))
@@ -50,7 +52,12 @@ def attend(blocks: Sequence[tuple[jax.Array, jax.Array, jax.Array, jax.Array]], 
     out = w * o.reshape(B, T, K, G, H)
   start = 0
   for _, k, v, _ in blocks:
-    p = probs[..., start:start + k.shape[1]].astype(v.dtype)
-    out += jnp.einsum("bkgts,bskh->btkgh", p, v, preferred_element_type=jnp.float32)
-    start += k.shape[1]
+    p = probs[..., start:start + k.shape[-3]].astype(v.dtype)
+    out += jnp.einsum(f"bkgts,{_keys(v)}->btkgh", p, v, preferred_element_type=jnp.float32)
+    start += k.shape[-3]
   return out.reshape(B, T, N, H).astype(q0.dtype)
+
+
+def _keys(k: jax.Array) -> str:
+  """The einsum letters of a key/value block: per row, or shared by every row."""
+  return "bskh" if k.ndim == 4 else "skh"

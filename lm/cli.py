@@ -6,6 +6,7 @@
     kvjax generate --prompt "ROMEO:" --coprocessor shakespeare-16 [--delay 2]
     kvjax ppl --text FILE --coprocessor shakespeare-16 --json   (ppl by position after points)
     kvjax droidspeak {run,send,receive} --plan 0-1 --prompt-file FILE   (kvjax.lm.droidspeak_cli)
+    kvjax sot --question "..." [--skeleton "1. ...\\n2. ..."] [--json]      (kvjax.lm.sot_cli)
     python -m kvjax generate ...
 
 Each subcommand is added by its own `_add_<name>(subparsers)` function, which sets `run` (does
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_train(subparsers)
   from kvjax.lm import droidspeak_cli
   droidspeak_cli.add(subparsers)
+  from kvjax.lm import sot_cli
+  sot_cli.add(subparsers)
   return parser
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from kvjax.cache.dense import KVCache
-from kvjax.cache.view import NEW, View, causal
+from kvjax.cache.view import NEW, SHARED, View, causal
 from kvjax.lm import rope
 from kvjax.lm.attention import attend
 from kvjax.lm.config import Config
@@ -116,7 +116,8 @@ class Block(nnx.Module):
 
   def __call__(self, x, *, view: View, freq, cached, window):
     """x [B, T, D]; view: what the T tokens attend to (`kvjax.cache.view`); cached: this
-    layer's (k, v) [B, S, K, H] or None; window: sliding window of the layer (0 = none).
+    layer's slots from the cache's `layer_slots` ((k, v) [B, S, K, H], then for a
+    PrefixCache the shared prefix's (k, v) [S0, K, H]) or None; window: sliding window of the layer (0 = none).
     Returns (x [B, T, D], k, v [B, T, K, H]) with k as the cache stores it (after RoPE when
     view.rotated, else before)."""
     q, k, v = self.attn.qkv(self.attn_norm(x))
@@ -126,6 +127,8 @@ class Block(nnx.Module):
     for keys in view.blocks:
       if keys.source == NEW:
         kb, vb = k_rot, v
+      elif keys.source == SHARED:
+        kb, vb = cached[2], cached[3]
       else:
         lo, hi = keys.source
         kb, vb = cached[0][:, lo:hi], cached[1][:, lo:hi]
@@ -135,7 +138,7 @@ class Block(nnx.Module):
     partial = None
     if view.cache_read is not None:
       new = dict(new=(k_rot, v)) if view.reads_new else {}
-      partial = view.cache_read(q, *cached, freq=freq, window=window, scale=scale,
+      partial = view.cache_read(q, *cached[:2], freq=freq, window=window, scale=scale,
                                 softcap=softcap, **new)
     if blocks:
       a = attend(blocks, scale=scale, softcap=softcap, partial=partial)
@@ -255,7 +258,7 @@ class Decoder(nnx.Module):
     else:
       view = cache.view(T, positions=positions, mask=mask)
 
-    cached_kv = None if cache is None else (cache.k[start:stop], cache.v[start:stop])
+    cached_kv = None if cache is None else cache.layer_slots(start, stop)
     x, layer_inputs, ks, vs = run_layers(self.blocks, cfg, x, view=view, cached=cached_kv,
                                          layers=(start, stop), layout=self.layout,
                                          return_layer_inputs=return_layer_inputs)
@@ -276,7 +279,7 @@ def run_layers(blocks: Block, cfg: Config, x: jax.Array, *, view: View, cached, 
   """Runs the stacked `blocks` (every Param with a leading layer axis; entries [start, stop)
   of `layers`) over x [B, T, D] under `lax.scan`, all attending through `view`.
 
-  cached: (k, v) [L', B, S, K, H] the cache's slots of those layers, or None. Returns
+  cached: the cache's `layer_slots(start, stop)` (arrays with a leading L' axis), or None. Returns
   (x [B, T, D], layer_inputs [L', B, T, D] or None, k, v [L', B, T, K, H]), k in the form the
   cache stores (see `Block`)."""
   start, stop = layers

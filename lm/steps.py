@@ -93,26 +93,51 @@ def decode_loop(graphdef, state, cache: KVCache, logits: jax.Array, key: jax.Arr
   pad with -1). Returns (tokens [B, max_steps], counts [B] tokens emitted per row, the stop
   token included, cache).
   """
-  dec = nnx.merge(graphdef, state)
   B = logits.shape[0]
+  out, _, counts, _, cache = _loop(
+      nnx.merge(graphdef, state), cache, logits, key, jnp.int32(0), jnp.zeros((B,), bool),
+      jnp.zeros((B,), jnp.int32), jnp.broadcast_to(n_steps, (B,)), stop_ids, sampling,
+      max_steps)
+  return out, counts, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_steps"),
+                   donate_argnames=("cache",))
+def decode_more(graphdef, state, cache, logits: jax.Array, key: jax.Array, start: jax.Array,
+                done: jax.Array, counts: jax.Array, budget: jax.Array, stop_ids: jax.Array, *,
+                sampling: Sampling, max_steps: int):
+  """Resumable decode_loop with a budget per row: runs at most max_steps more steps, from
+  global step `start` (the PRNG stream continues: several calls sample what one call would).
+
+  done [B] rows already finished, counts [B] tokens they emitted so far, budget [B] the most
+  tokens a row may emit. A row finishes at a stop token or when counts reaches its budget.
+  Returns (tokens [B, max_steps] of these steps (0 once a row is done), done, counts, logits
+  [B, V] for each row's next token, cache).
+  """
+  return _loop(nnx.merge(graphdef, state), cache, logits, key, start, done, counts, budget,
+               stop_ids, sampling, max_steps)
+
+
+def _loop(dec, cache, logits, key, start, done, counts, budget, stop_ids, sampling, max_steps):
+  B = logits.shape[0]
+  done = done | (counts >= budget)
 
   def cond(carry):
     step, _, _, _, done, _ = carry
-    return (step < n_steps) & ~jnp.all(done)
+    return (step < max_steps) & ~jnp.all(done)
 
   def body(carry):
     step, logits, cache, out, done, counts = carry
-    tok = sample(logits, jax.random.fold_in(key, step), sampling)
+    tok = sample(logits, jax.random.fold_in(key, start + step), sampling)
     out = out.at[:, step].set(jnp.where(done, 0, tok))
     counts = counts + (~done).astype(jnp.int32)
-    done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+    done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1) | (counts >= budget)
     logits, cache = _decode(dec, cache, tok)
     return step + 1, logits, cache, out, done, counts
 
-  carry = (jnp.int32(0), logits, cache, jnp.zeros((B, max_steps), jnp.int32),
-           jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32))
-  _, _, cache, out, _, counts = jax.lax.while_loop(cond, body, carry)
-  return out, counts, cache
+  carry = (jnp.int32(0), logits, cache, jnp.zeros((B, max_steps), jnp.int32), done, counts)
+  _, logits, cache, out, done, counts = jax.lax.while_loop(cond, body, carry)
+  return out, done, counts, logits, cache
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:

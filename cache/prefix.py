@@ -1,0 +1,79 @@
+"""Shared-prefix cache: one prefix stored once, read by B rows that each continue it.
+
+Skeleton-of-Thought expands P points of one skeleton at once: every row starts with the same
+question + skeleton tokens. Broadcasting a dense cache to P rows would store that prefix P
+times; this cache keeps it once, with no batch axis, and gives each row slots only for its own
+tokens. Attention reads the prefix as one key block that every row's queries score against
+(`kvjax.lm.attention.attend` takes a block with keys [S, K, H]), so a decode step reads the
+prefix's keys once for all rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.cache.dense import KVCache
+from kvjax.cache.view import SHARED, Keys, View
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PrefixCache:
+  """prefix: a one-row KVCache holding the shared tokens (slots [0, prefix.length[0])).
+  rows: a B-row KVCache of each row's own tokens, at positions after the prefix's.
+
+  Reads as a dense cache whose row b holds the prefix then rows' slots of b; writes go to
+  `rows`. Shapes: prefix.k [L, 1, S0, K, H]; rows.k [L, B, S, K, H] (same L, K, H, dtype).
+  """
+
+  prefix: KVCache
+  rows: KVCache
+
+  @property
+  def k(self) -> jax.Array:  # the rows' slots: what the decoder checks and writes
+    return self.rows.k
+
+  @property
+  def size(self) -> int:
+    return self.rows.size
+
+  @property
+  def batch(self) -> int:
+    return self.rows.batch
+
+  @property
+  def length(self) -> jax.Array:
+    """[B] tokens each row reads: the prefix's and its own."""
+    return self.prefix.length[0] + self.rows.length
+
+  def next_position(self) -> jax.Array:
+    """[B] int32: one past the highest position a row holds (the prefix's when it has none)."""
+    return jnp.maximum(self.rows.next_position(), self.prefix.next_position()[0])
+
+  def layer_slots(self, start: int, stop: int) -> tuple[jax.Array, ...]:
+    """Per-layer arrays the decoder scans over: rows' k, v [L', B, S, K, H], then the
+    prefix's k, v [L', S0, K, H]."""
+    return (self.rows.k[start:stop], self.rows.v[start:stop],
+            self.prefix.k[start:stop, 0], self.prefix.v[start:stop, 0])
+
+  def view(self, T: int, positions: jax.Array | None = None,
+           mask: jax.Array | None = None) -> View:
+    """T new tokens per row attend to the prefix, their row's slots, then causally to
+    themselves. positions: [B, T], default next_position() + arange(T)."""
+    if mask is not None:
+      raise ValueError("a PrefixCache takes no explicit mask: its rows read the whole prefix")
+    if positions is None:
+      positions = self.next_position()[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    own = self.rows.view(T, positions)
+    B, S0 = self.batch, self.prefix.size
+    shared = Keys(SHARED, 0, jnp.broadcast_to(self.prefix.visible()[0], (B, T, S0)),
+                  positions[:, :, None] - self.prefix.pos[0][None, None, :])
+    return dataclasses.replace(own, blocks=(shared, *own.blocks))
+
+  def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, n_new: jax.Array,
+            layers: tuple[int, int] | None = None, advance: bool = True) -> PrefixCache:
+    """Stores the new tokens in the rows' slots (see `KVCache.write`)."""
+    return PrefixCache(self.prefix, self.rows.write(k, v, positions, n_new, layers, advance))
