@@ -1,7 +1,7 @@
 """Skeleton-of-Thought on the bundled `shakespeare` model: latency and cache memory against a
 normal answer of the same number of tokens, and against the reference implementation's batching.
 
-    python benchmarks/sot.py                 # 3, 5 and 8 points x 48 tokens, CPU: about 1 min
+    python benchmarks/sot.py         # 3, 5, 8 points x 48 tokens, and 5 x 24 / 96: ~3 min on CPU
 
 For each skeleton (supplied: the bundled model writes verse, it follows no instructions) the same
 P x N tokens are generated three ways, greedy, every row running its full budget (no stop tokens):
@@ -90,16 +90,16 @@ def _normal_cache_bytes(model, prompt_len: int, new: int) -> int:
 
 
 def markdown(res: dict) -> str:
-  lines = [f"Machine: {res['machine']}. Model `{res['model']}`, greedy, {res['point_tokens']} "
-           f"tokens per point, medians of {res['repeats']}.", "",
-           "| points | tokens | prefix shared | normal | repeated-prefix SoT | shared-prefix SoT "
+  lines = [f"Machine: {res['machine']}. Model `{res['model']}`, greedy, medians of "
+           f"{res['repeats']}.", "",
+           "| points x tokens | tokens | prefix shared | normal | repeated-prefix SoT | shared-prefix SoT "
            "| speedup (repeated) | speedup (shared) | cache: normal / repeated / shared |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
   for r in res["rows"]:
     s, c = r["seconds"], r["cache_bytes"]
     mib = lambda b: f"{b / 2**20:.2f}"
-    lines.append(f"| {r['points']} | {r['tokens']} | {r['prefix_tokens_shared']} | "
-                 f"{s['normal'] * 1e3:.0f} ms | {s['repeated'] * 1e3:.0f} ms | "
+    lines.append(f"| {r['points']} x {r['point_tokens']} | {r['tokens']} | "
+                 f"{r['prefix_tokens_shared']} | {s['normal'] * 1e3:.0f} ms | {s['repeated'] * 1e3:.0f} ms | "
                  f"{s['shared'] * 1e3:.0f} ms | {r['speedup']['repeated']:.2f}x | "
                  f"**{r['speedup']['shared']:.2f}x** | {mib(c['normal'])} / {mib(c['repeated'])} "
                  f"/ {mib(c['shared'])} MiB |")
@@ -109,21 +109,23 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="shakespeare")
-  p.add_argument("--points", default="3,5,8", help="skeleton sizes among 3, 5, 8")
-  p.add_argument("--point-tokens", type=positive, default=48)
+  p.add_argument("--runs", default="3x48,5x24,5x48,5x96,8x48",
+                 help="comma-separated POINTSxTOKENS: skeleton size (3, 5 or 8) x tokens per point")
   p.add_argument("--repeats", type=positive, default=7)
   p.add_argument("--out", default="benchmarks/results")
   args = p.parse_args(argv)
-  sizes = [int(x) for x in args.points.split(",")]
-  if set(sizes) - set(SKELETONS):
-    p.error(f"--points takes sizes among {sorted(SKELETONS)}; got {args.points}")
+  try:
+    runs = [tuple(int(x) for x in r.split("x")) for r in args.runs.split(",")]
+    assert all(len(r) == 2 and r[0] in SKELETONS and r[1] >= 1 for r in runs)
+  except (ValueError, AssertionError):
+    p.error(f"--runs takes POINTSxTOKENS items with POINTS among {sorted(SKELETONS)}; "
+            f"got {args.runs!r}")
   model = lm.load(args.model)
-  res = dict(machine=report.describe(), model=args.model, point_tokens=args.point_tokens,
-             repeats=args.repeats, rows=[])
-  for P in sizes:
+  res = dict(machine=report.describe(), model=args.model, repeats=args.repeats, rows=[])
+  for P, N in runs:
     q, skeleton = SKELETONS[P]
-    row = measure(model, q, skeleton, args.point_tokens, args.repeats)
-    print(f"{P} points: normal {row['seconds']['normal']:.3f} s, repeated "
+    row = measure(model, q, skeleton, N, args.repeats)
+    print(f"{P} x {N}: normal {row['seconds']['normal']:.3f} s, repeated "
           f"{row['seconds']['repeated']:.3f} s, shared {row['seconds']['shared']:.3f} s "
           f"({row['speedup']['shared']:.2f}x)", file=sys.stderr)
     res["rows"].append(row)

@@ -62,7 +62,9 @@ def run(model: Model, question: str, *, skeleton: str | None = None, max_points:
   normal answer's budget. router: one of `sot_router.ROUTERS`. stop: strings that end a point
   (and the skeleton). share: prefill question + skeleton once (False: every row repeats it, as
   the reference implementation batches). on_point(i, text): called for points 1..P in order as
-  soon as each and every point before it is written (decoding in `chunk`-step calls)."""
+  soon as each and every point before it is written. With on_point or stop strings, decoding
+  runs in `chunk`-step calls, between which finished rows are checked (a row whose text reached
+  a stop string stops there); else in one call."""
   if not isinstance(question, str) or not question.strip():
     raise ValueError(f"the question is empty: pass the text to answer; got {question!r}")
   prompts = prompts or Prompts()
@@ -107,7 +109,7 @@ def run(model: Model, question: str, *, skeleton: str | None = None, max_points:
   expansions: list[str] = [""] * len(points)
   for row in expand_stream(model, prompts.expand_ids(model, question, points),
                            max_new_tokens=point_tokens, share=share,
-                           chunk=chunk if on_point else None, stats=stats, **kw):
+                           chunk=chunk if on_point or stop else None, stats=stats, **kw):
     expansions[row.index] = row.text
     if on_point is not None:
       on_point(row.index + 1, prompts.prefill(row.index + 1, points[row.index]) + row.text)

@@ -121,7 +121,8 @@ def _sot(args) -> int:
                   "reason": ans.route.reason},
         "stats": {**s, "compile_s": ans.stats["compile_s"]}, "model": args.model}))
     return 0
-  route = f"routed {ans.route.router}: {ans.route.reason}; "
+  route = ("" if ans.route.router == "supplied" else
+           f"router {ans.route.router}: {ans.route.reason}; ")
   if s["mode"] == "normal":
     print(f"{PROG}: {route}answered normally: {s['generated_tokens']} tokens in "
           f"{s['latency_s']:.3f} s", file=sys.stderr)

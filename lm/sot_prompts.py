@@ -6,8 +6,9 @@ expansion, so it continues that point only. A model with a chat template (tokeni
 gets the message through it with the prefill appended after the generation prompt; a model
 without one gets `Prompts.plain`. Every field can be overridden, also from a JSON file.
 
-The expansion template puts the question and the skeleton before the point's own instruction,
-so the P expansion prompts share their first tokens and `kvjax.lm.expand` prefills them once.
+The expansion template puts the question, the skeleton and the instruction before the point's
+number, so the P expansion prompts share all but their last few tokens, and `kvjax.lm.expand`
+prefills the shared part once.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ SKELETON = (
     "line, with nothing else.\n\nQuestion: {question}")
 EXPAND = (
     "You are writing one part of an answer.\n\nQuestion: {question}\n\nThe answer's skeleton:\n"
-    "{skeleton}\n\nWrite only point {i}, in one or two short sentences. Do not write any other "
-    "point.")
+    "{skeleton}\n\nExpand one point of the skeleton in one or two short sentences, and write "
+    "no other point. The point to expand is point {i}.")
 ANSWER = "{question}"
 
 # the placeholders each template may use, and those it must
