@@ -28,13 +28,14 @@ from kvjax.lm.sampling import Sampling
 
 @dataclasses.dataclass
 class Row:
-  """One finished row: its index in the batch, text, generated ids and finish reason (as in
-  `Generation`)."""
+  """One finished row: its index in the batch, text, generated ids, finish reason (as in
+  `Generation`) and prompt ids."""
 
   index: int
   text: str
   tokens: list[int]
   finish: str
+  prompt: list[int]
 
 
 def common_prefix(rows: Sequence[Sequence[int]]) -> int:
@@ -60,8 +61,7 @@ def expand(model: Model, prompts: Sequence[Prompt], *, max_new_tokens: int | Seq
   rows = list(expand_stream(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                             key=key, stop=stop, stop_tokens=stop_tokens, chat=chat, share=share,
                             chunk=None, stats=stats))
-  prompt_rows = stats.pop("prompt_rows")
-  return Generation([r.text for r in rows], [r.tokens for r in rows], prompt_rows,
+  return Generation([r.text for r in rows], [r.tokens for r in rows], [r.prompt for r in rows],
                     [r.finish for r in rows], stats)
 
 
@@ -122,14 +122,14 @@ def expand_stream(model: Model, prompts: Sequence[Prompt], *,
     while emitted < B and done_np[emitted]:
       b = emitted
       texts, tokens, finish = outputs(model, so_far[b:b + 1], counts_np[b:b + 1], stop, stop_ids)
-      outs[b] = Row(b, texts[0], tokens[0], finish[0])
+      outs[b] = Row(b, texts[0], tokens[0], finish[0], rows[b])
       emitted += 1
       if emitted == B and stats is not None:
         new = sum(len(r.tokens) for r in outs)
         stats.update(prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_s,
                      prompt_tokens=sum(map(len, rows)), new_tokens=new,
                      decode_tokens_per_s=new / decode_s if decode_s > 0 else float("nan"),
-                     prefix_tokens_shared=n, cache_bytes=cache_bytes, prompt_rows=rows)
+                     prefix_tokens_shared=n, cache_bytes=cache_bytes)
       yield outs[b]
 
 

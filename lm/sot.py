@@ -107,6 +107,8 @@ def run(model: Model, question: str, *, skeleton: str | None = None, max_points:
 
   stats: dict = {}
   expansions: list[str] = [""] * len(points)
+  if key is not None:  # the expansions sample apart from the skeleton
+    kw["key"] = jax.random.fold_in(key, 1)
   for row in expand_stream(model, prompts.expand_ids(model, question, points),
                            max_new_tokens=point_tokens, share=share,
                            chunk=chunk if on_point or stop else None, stats=stats, **kw):

@@ -4,13 +4,24 @@ The suite is dominated by XLA compile time on a 2-core CPU, so it runs with XLA'
 optimizations off (JAX_DISABLE_MOST_OPTIMIZATIONS: the same programs, compiled about twice as
 fast); benchmarks and user runs compile with them on. Set JAX_DISABLE_MOST_OPTIMIZATIONS=0 to
 test the optimized programs.
+
+Tests build many fresh tiny models whose programs are identical, and each model's executables
+are cached on the model; a persistent compilation cache shared by the session's workers and
+subprocesses (a fresh temporary directory, removed at the end) compiles each program once.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first process (xdist's controller)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvjax-tests-xla-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

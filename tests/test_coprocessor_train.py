@@ -3,11 +3,13 @@ augmenting trace by trace through the inference path, the base never changes, re
 errors."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from kvjax import coprocessor as cp
 from kvjax.coprocessor import model as cpm
@@ -46,8 +48,21 @@ def trace_nll(base, cop, row, p, delay):
                             jnp.asarray([row[p:p + delay]]), jnp.asarray([delay], jnp.int32))
   cache = cp.insert(base, cop, lat, cache)
   q = p + delay
-  out, _ = base.decoder(jnp.asarray([row[q:q + A]]), cache=cache)
-  return np.asarray(steps.token_nll(out.logits[0], jnp.asarray(row[q + 1:q + A + 1])))
+  logits = _ahead_logits(base.graphdef, base.state, cache, jnp.asarray([row[q:q + A]]))
+  return np.asarray(steps.token_nll(logits[0], jnp.asarray(row[q + 1:q + A + 1])))
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _ahead_logits(graphdef, state, cache, tokens):
+  return nnx.merge(graphdef, state)(tokens, cache=cache)[0].logits
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cc", "delay"))
+def one_pass(graphdef, state, cc, params, batch, points, *, delay=0):
+  """multi_trace, jitted (eager, it dispatches op by op)."""
+  return ct.multi_trace(nnx.merge(graphdef, state), cpm.decoder(graphdef, state, cc, params),
+                        params["soft"], batch, points, ahead=A, delay=delay,
+                        latent_offset=cc.latent_offset)
 
 
 @pytest.mark.parametrize("kind,init,delay,offset", [("coprocessor", "copy", 0, -1),
@@ -59,12 +74,10 @@ def test_one_pass_equals_trace_by_trace(base, kind, init, delay, offset):
     cop = cop.with_params(jax.tree.map(lambda a: a + 0.05, cop.params))
   w = rows()
   points = np.array([[1, 9, 17], [3, 11, 16]], np.int32)
-  base_dec = base.decoder
-  cop_dec = cpm.decoder(base.graphdef, base.state, cop.cc, cop.params)
-  got = ct.multi_trace(base_dec, cop_dec, cop.soft, jax.tree.map(jnp.asarray, batch_of(w)),
-                       jnp.asarray(points), ahead=A, delay=delay, latent_offset=offset)
-  plain = np.asarray(steps.token_nll(base_dec(jnp.asarray(w[:, :-1]))[0].logits,
-                                     jnp.asarray(w[:, 1:])))
+  got = one_pass(base.graphdef, base.state, cop.cc, cop.params,
+                 jax.tree.map(jnp.asarray, batch_of(w)), jnp.asarray(points), delay=delay)
+  plain = np.asarray(steps.nll(base.graphdef, base.state, jnp.asarray(w[:, :-1]),
+                               jnp.asarray(w[:, 1:])))
   for b in range(2):
     for j, p in enumerate(points[b]):
       q = p + delay
@@ -79,7 +92,6 @@ def test_packed_documents_stay_apart(base):
   """With segment ids, a trace reads only its own document: tokens of an earlier document
   in the row change nothing, and targets of the next document do not count."""
   cop = cp.init(base, N, seed=1)
-  cop_dec = cpm.decoder(base.graphdef, base.state, cop.cc, cop.params)
   w = rows(3, B=1)
   seg = np.where(np.arange(T) < 10, 1, 2)[None].astype(np.int32)
   pos = np.where(np.arange(T) < 10, np.arange(T), np.arange(T) - 10)[None].astype(np.int32)
@@ -89,9 +101,9 @@ def test_packed_documents_stay_apart(base):
   w2[0, :10] = (w2[0, :10] + 7) % 200  # another first document
   b2 = {**b1, "inputs": w2[:, :-1], "targets": w2[:, 1:]}
   pts = jnp.asarray([[8, 13]], jnp.int32)
-  def run(b):
-    return ct.multi_trace(base.decoder, cop_dec, cop.soft, jax.tree.map(jnp.asarray, b), pts,
-                          ahead=A)
+  def run(b, at=pts):
+    return one_pass(base.graphdef, base.state, cop.cc, cop.params,
+                    jax.tree.map(jnp.asarray, b), at)
 
   g1, g2 = run(b1), run(b2)
   np.testing.assert_allclose(g1["nll_aug"][0, 1], g2["nll_aug"][0, 1], atol=1e-5)
@@ -99,8 +111,7 @@ def test_packed_documents_stay_apart(base):
   # and the second-document trace equals the same document alone in its own row
   alone = np.full((1, T + 1), 5, np.int32)
   alone[0, :T + 1 - 10] = w[0, 10:]
-  g3 = ct.multi_trace(base.decoder, cop_dec, cop.soft, jax.tree.map(jnp.asarray,
-                      batch_of(alone)), jnp.asarray([[3, 4]], jnp.int32), ahead=A)
+  g3 = run(batch_of(alone), jnp.asarray([[3, 4]], jnp.int32))
   np.testing.assert_allclose(g1["nll_aug"][0, 1], g3["nll_aug"][0, 0], atol=1e-4)
 
 

@@ -406,7 +406,7 @@ def test_cli_profile_then_auto_plan(pair_dirs, tmp_path, monkeypatch):
   code, out, err = cli("droidspeak", "profile", "--sender", s, "--receiver", r, "--text",
                        tmp_path / "t.txt", "--prompts", 2, "--prefix-tokens", 20,
                        "--eval-tokens", 8, "--max-new-tokens", 2, "--repeats", 1,
-                       "--no-progress", "--json")
+                       "--unions", 0, "--no-progress", "--json")
   assert code == 0, err
   prof = json.loads(out)
   assert prof["pareto"] and {"none", "0-4"} <= {row["plan"] for row in prof["rows"]}
