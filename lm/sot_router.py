@@ -17,7 +17,7 @@ from collections.abc import Callable
 ROUTERS = ("prompt", "rules", "always", "never")
 
 _UNSUITABLE = (  # checked first: any match wins over a suitable cue
-    ("math", r"\d\s*[+*×÷^=]\s*\d|\d\s+[-/]\s+\d|\d\s*% of\b|\b(?:solve|calculat\w*|compute"
+    ("math", r"\d+\s*[+*×÷^=]\s*\d+|\d+\s+[-/]\s+\d+|\d+\s*% of\b|\b(?:solve|calculat\w*|compute"
      r"|equations?|integrals?|derivatives?|prove|proof)\b"),
     ("fermi", r"\bestimate how (?:many|much)\b|\bfermi\b|\bhow many\b[^.?!]*?\b(?:in the world"
      r"|on earth|in a lifetime|are there)\b"),

@@ -54,9 +54,11 @@ def held(i, n_sink, window):
 
 
 def expected(model, tokens, n_sink, window):
-  """[N, V]: lm.score of each token's re-positioned sequence, at its last position."""
-  return np.stack([lm.score(model, [int(tokens[j]) for j in held(i, n_sink, window)])[-1]
-                   for i in range(len(tokens))])
+  """[N, V]: lm.score of each token's re-positioned sequence, at its last position (the N
+  sequences scored as one padded batch)."""
+  rows = [[int(tokens[j]) for j in held(i, n_sink, window)] for i in range(len(tokens))]
+  scored = lm.score(model, rows)
+  return np.stack([scored[b][len(r) - 1] for b, r in enumerate(rows)])
 
 
 def tokens_of(n, seed=0, batch=1):
@@ -128,8 +130,8 @@ def test_batch_rows_at_different_fills(model, deep):
   (one layer) and their unbatched token-by-token runs (three layers)."""
   n_sink, window = 3, 6
   toks = tokens_of(30, seed=4, batch=2)
-  _batched_fills(model, toks, n_sink, window, lambda b, i: lm.score(
-      model, [int(toks[b, t]) for t in held(i, n_sink, window)])[-1])
+  ref = [expected(model, toks[b], n_sink, window) for b in range(2)]
+  _batched_fills(model, toks, n_sink, window, lambda b, i: ref[b][i])
   singles = [feed(deep, new_sink(deep, 1, n_sink, window), toks[b:b + 1], 1)[0][0]
              for b in range(2)]
   _batched_fills(deep, toks, n_sink, window, lambda b, i: singles[b][i])

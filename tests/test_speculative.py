@@ -240,12 +240,12 @@ def test_sampled_tokens_follow_the_target(monkeypatch):
   assert out.stats["mean_accept_len"] > 1.2  # drafts do get accepted
   p1 = jax.nn.softmax(lm.score(model, prompt)[-1])
   rows = [prompt + [a] for a in range(12)]
-  p2_given = jax.nn.softmax(np.stack([lm.score(model, r)[-1] for r in rows]), -1)
+  p2_given = jax.nn.softmax(lm.score(model, np.array(rows))[:, -1], -1)
   p2 = np.asarray(p1 @ p2_given)
   assert chi2_p(toks[:, 0], np.asarray(p1)) > 1e-3
   assert chi2_p(toks[:, 1], p2) > 1e-3
   rows3 = [prompt + [a, b] for a in range(12) for b in range(12)]
-  p3_given = jax.nn.softmax(np.stack([lm.score(model, r)[-1] for r in rows3]), -1)
+  p3_given = jax.nn.softmax(lm.score(model, np.array(rows3))[:, -1], -1)
   joint = (np.asarray(p1)[:, None] * np.asarray(p2_given)).reshape(-1)
   assert chi2_p(toks[:, 2], np.asarray(joint @ p3_given)) > 1e-3
 
