@@ -65,28 +65,17 @@ def measure(model, question: str, skeleton: str, point_tokens: int, repeats: int
       times[k].append(g.stats["prefill_s"] + g.stats["decode_s"])
       last[k] = g
   med = {k: statistics.median(v) for k, v in times.items()}
-  normal_bytes = _normal_cache_bytes(model, len(answer), total)
   return dict(points=len(points), point_tokens=point_tokens, tokens=total, question=question,
               prompt_tokens=[len(r) for r in rows],
               prefix_tokens_shared=last["shared"].stats["prefix_tokens_shared"],
               seconds=med, all_seconds=times,
-              cache_bytes=dict(normal=normal_bytes,
+              cache_bytes=dict(normal=last["normal"].stats["cache_bytes"],
                                repeated=last["repeated"].stats["cache_bytes"],
                                shared=last["shared"].stats["cache_bytes"]),
               speedup=dict(repeated=med["normal"] / med["repeated"],
                            shared=med["normal"] / med["shared"]),
               shared_vs_repeated=med["repeated"] / med["shared"],
               same_tokens=last["shared"].tokens == last["repeated"].tokens)
-
-
-def _normal_cache_bytes(model, prompt_len: int, new: int) -> int:
-  """The bytes of the one-row dense cache `lm.generate` allocates (`generate._prefill`'s size)."""
-  import jax
-
-  from kvjax.lm import steps
-  from kvjax.lm.generate import new_cache
-  size = steps.bucket(max(steps.bucket(prompt_len), prompt_len + new))
-  return sum(x.nbytes for x in jax.tree.leaves(new_cache(model, 1, size)))
 
 
 def markdown(res: dict) -> str:

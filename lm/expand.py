@@ -21,7 +21,7 @@ import numpy as np
 from kvjax.cache.prefix import PrefixCache
 from kvjax.lm import steps
 from kvjax.lm.generate import (Generation, Prompt, _check, _prefill, _stop_ids, _tokenize,
-                               new_cache, outputs)
+                               check_context, nbytes, new_cache, outputs, pad)
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
 
@@ -75,7 +75,7 @@ def expand_stream(model: Model, prompts: Sequence[Prompt], *,
 
   chunk: decode steps per jitted call between checks (None: one call for the whole budget; rows
   then arrive together). Sampling continues one PRNG stream across calls, so the rows are the
-  same for any chunk. stats: a dict filled as `expand` reports it once the last row is out."""
+  same for any chunk. stats: a dict filled as `expand` reports it once the stream ends."""
   rows = _tokenize(model, prompts, chat)
   B = len(rows)
   budgets = _budgets(max_new_tokens, B)
@@ -94,10 +94,10 @@ def expand_stream(model: Model, prompts: Sequence[Prompt], *,
     logits, cache, prefill_s, compile_s = _shared_prefill(model, rows, n, int(budgets.max()))
   else:
     logits, cache, prefill_s, compile_s = _prefill(model, rows, int(budgets.max()))
-  cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
+  cache_bytes = nbytes(cache)
   per_call = steps.bucket(int(budgets.max())) if chunk is None else chunk
 
-  stop_arr = jnp.asarray(stop_ids, jnp.int32)
+  stop_arr, budget_arr = jnp.asarray(stop_ids, jnp.int32), jnp.asarray(budgets)
   done, counts = jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32)
   pieces, decode_s, n_steps, emitted = [], 0.0, 0, 0
   outs: list = [None] * B
@@ -105,14 +105,14 @@ def expand_stream(model: Model, prompts: Sequence[Prompt], *,
     t0 = time.perf_counter()
     (out, done, counts, logits, cache), c = steps.call(
         model, steps.decode_more, model.state, cache, logits, key, jnp.int32(n_steps), done,
-        counts, jnp.asarray(budgets), stop_arr, sampling=sampling, max_steps=per_call)
+        counts, budget_arr, stop_arr, sampling=sampling, max_steps=per_call)
     out, done_np, counts_np = np.asarray(out), np.asarray(done), np.asarray(counts)
     decode_s += time.perf_counter() - t0 - c
     compile_s += c
     pieces.append(out)
     n_steps += per_call
     so_far = np.concatenate(pieces, axis=1)
-    if stop and model.tokenizer is not None:  # a row whose text reached a stop string is done
+    if stop:  # a row whose text reached a stop string is done
       hit = [b for b in range(B) if not done_np[b] and _has_stop(model, so_far[b, :counts_np[b]],
                                                                  stop)]
       if hit:
@@ -124,13 +124,13 @@ def expand_stream(model: Model, prompts: Sequence[Prompt], *,
       texts, tokens, finish = outputs(model, so_far[b:b + 1], counts_np[b:b + 1], stop, stop_ids)
       outs[b] = Row(b, texts[0], tokens[0], finish[0], rows[b])
       emitted += 1
-      if emitted == B and stats is not None:
-        new = sum(len(r.tokens) for r in outs)
-        stats.update(prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_s,
-                     prompt_tokens=sum(map(len, rows)), new_tokens=new,
-                     decode_tokens_per_s=new / decode_s if decode_s > 0 else float("nan"),
-                     prefix_tokens_shared=n, cache_bytes=cache_bytes)
       yield outs[b]
+  if stats is not None:
+    new = sum(len(r.tokens) for r in outs)
+    stats.update(prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_s,
+                 prompt_tokens=sum(map(len, rows)), new_tokens=new,
+                 decode_tokens_per_s=new / decode_s if decode_s > 0 else float("nan"),
+                 prefix_tokens_shared=n, cache_bytes=cache_bytes)
 
 
 def _budgets(max_new_tokens, B: int) -> np.ndarray:
@@ -152,17 +152,12 @@ def _has_stop(model: Model, ids: np.ndarray, stop: Sequence[str]) -> bool:
 def _shared_prefill(model: Model, rows: list[list[int]], n: int, budget: int):
   """Prefills the first n tokens (shared by every row) once, then each row's suffix over them.
   Returns (logits [B, V] at each row's last token, PrefixCache, seconds, compile seconds)."""
-  longest = max(map(len, rows))
-  if longest + budget > model.cfg.max_position:
-    raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({budget}) exceeds the "
-                     f"model's context of {model.cfg.max_position} positions")
+  check_context(model, rows, budget)
   _, prefix, prefill_s, compile_s = _prefill(model, [rows[0][:n]], 0)
   suffixes = [r[n:] for r in rows]
-  C = steps.bucket(max(map(len, suffixes)), minimum=8)
-  tokens = np.zeros((len(rows), C), np.int32)
-  for b, s in enumerate(suffixes):
-    tokens[b, :len(s)] = s
-  own = new_cache(model, len(rows), steps.bucket(max(map(len, suffixes)) + budget))
+  longest = max(map(len, suffixes))
+  tokens = pad(suffixes, steps.bucket(longest, minimum=8))
+  own = new_cache(model, len(rows), steps.bucket(longest + budget))
   cache = PrefixCache(prefix=prefix, rows=own)
   t0 = time.perf_counter()
   (logits, cache), c = steps.call(model, steps.extend, model.state, cache, jnp.asarray(tokens),

@@ -33,7 +33,8 @@ class Generation:
   """texts: the continuation of each prompt (stop token and stop string excluded).
   tokens: generated ids per prompt; a stop token that ended a row is its last id.
   finish: per prompt, "stop_token", "stop_string" or "length".
-  stats: prefill_s, decode_s, decode_tokens_per_s, compile_s, prompt_tokens, new_tokens."""
+  stats: prefill_s, decode_s, decode_tokens_per_s, compile_s, prompt_tokens, new_tokens,
+  cache_bytes (the decode cache's arrays)."""
 
   texts: list[str]
   tokens: list[list[int]]
@@ -83,17 +84,33 @@ def new_cache(model: Model, batch: int, size: int) -> KVCache:
   return cache
 
 
-def _prefill(model: Model, rows: list[list[int]], max_new_tokens: int):
-  """Pads rows to a length bucket and prefills a cache with room for max_new_tokens more."""
-  cfg = model.cfg
-  longest = max(map(len, rows))
-  if longest + max_new_tokens > cfg.max_position:
-    raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                     f"model's context of {cfg.max_position} positions")
-  P = steps.bucket(longest)
-  tokens = np.zeros((len(rows), P), np.int32)
+def pad(rows: Sequence[Sequence[int]], width: int) -> np.ndarray:
+  """rows right-padded with 0 to [B, width] int32."""
+  tokens = np.zeros((len(rows), width), np.int32)
   for b, ids in enumerate(rows):
     tokens[b, :len(ids)] = ids
+  return tokens
+
+
+def check_context(model: Model, rows: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+  """Refuses prompts that cannot take max_new_tokens more tokens within the model's context."""
+  longest = max(map(len, rows))
+  if longest + max_new_tokens > model.cfg.max_position:
+    raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                     f"model's context of {model.cfg.max_position} positions")
+
+
+def nbytes(tree) -> int:
+  """Bytes of a pytree's arrays (a cache's memory)."""
+  return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def _prefill(model: Model, rows: list[list[int]], max_new_tokens: int):
+  """Pads rows to a length bucket and prefills a cache with room for max_new_tokens more."""
+  check_context(model, rows, max_new_tokens)
+  longest = max(map(len, rows))
+  P = steps.bucket(longest)
+  tokens = pad(rows, P)
   lengths = np.array([len(r) for r in rows], np.int32)
   cache = new_cache(model, len(rows), steps.bucket(max(P, longest + max_new_tokens)))
   t0 = time.perf_counter()
@@ -192,6 +209,7 @@ def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens
     logits, cache, early, prefill_s, compile_p = augmented(
         model, coprocessor, rows, max_new_tokens, delay=delay, sampling=sampling, key=key)
     key = jax.random.fold_in(key, early.shape[1])
+  cache_bytes = nbytes(cache)
   rest = max_new_tokens - early.shape[1]
   t0 = time.perf_counter()
   (out, counts, cache), compile_d = steps.call(
@@ -205,7 +223,7 @@ def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens
   texts, tokens, finish = outputs(model, out, counts, stop, stop_ids)
   new = int(counts.sum())
   stats = dict(prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_p + compile_d,
-               prompt_tokens=sum(map(len, rows)), new_tokens=new,
+               prompt_tokens=sum(map(len, rows)), new_tokens=new, cache_bytes=cache_bytes,
                decode_tokens_per_s=new / decode_s if decode_s > 0 else float("nan"))
   return Generation(texts, tokens, rows, finish, stats)
 
@@ -323,10 +341,7 @@ def score(model: Model, token_ids) -> np.ndarray | list[np.ndarray]:
   if longest > model.cfg.max_position:
     raise ValueError(f"a row of {longest} tokens exceeds the model's context of "
                      f"{model.cfg.max_position} positions")
-  T = steps.bucket(max(map(len, rows)), minimum=8)
-  tokens = np.zeros((len(rows), T), np.int32)
-  for b, r in enumerate(rows):
-    tokens[b, :len(r)] = r
+  tokens = pad(rows, steps.bucket(longest, minimum=8))
   logits, _ = steps.call(model, steps.score, model.state, jnp.asarray(tokens))
   logits = np.asarray(logits)
   if ragged:

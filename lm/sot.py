@@ -37,7 +37,7 @@ class Answer:
   stats: mode ("sot" or "normal"), latency_s (route + skeleton + expansion, compilation
   excluded), route_s, skeleton_s, expand_s, compile_s, skeleton_tokens and answer_tokens
   (generated), generated_tokens (both), prefix_tokens_shared, cache_bytes (the expansion's
-  decode cache)."""
+  decode cache, or the normal answer's)."""
 
   question: str
   route: Route
@@ -80,7 +80,7 @@ def run(model: Model, question: str, *, skeleton: str | None = None, max_points:
     decision = route(question, router, ask=ask)
     t_route = time.perf_counter() - t0 - compile_s
   else:
-    parse_points(skeleton, max_points=max_points)  # errors before any work
+    points = parse_points(skeleton, max_points=max_points)  # errors before any work
     decision = Route(True, "supplied", "a skeleton was supplied")
   if not decision.suitable:
     g = generate(model, [prompts.answer_ids(model, question)], max_new_tokens=answer_tokens, **kw)
@@ -89,7 +89,7 @@ def run(model: Model, question: str, *, skeleton: str | None = None, max_points:
         mode="normal", latency_s=t_route + s["prefill_s"] + s["decode_s"], route_s=t_route,
         skeleton_s=0.0, expand_s=0.0, compile_s=compile_s + s["compile_s"], skeleton_tokens=0,
         answer_tokens=s["new_tokens"], generated_tokens=s["new_tokens"],
-        prefix_tokens_shared=0, cache_bytes=0))
+        prefix_tokens_shared=0, cache_bytes=s["cache_bytes"]))
 
   skeleton_s, skeleton_n = 0.0, 0
   if skeleton is None:
@@ -98,7 +98,7 @@ def run(model: Model, question: str, *, skeleton: str | None = None, max_points:
     skeleton = prompts.skeleton_prefill + g.texts[0]
     skeleton_s = g.stats["prefill_s"] + g.stats["decode_s"]
     skeleton_n, compile_s = g.stats["new_tokens"], compile_s + g.stats["compile_s"]
-  points = parse_points(skeleton, max_points=max_points)
+    points = parse_points(skeleton, max_points=max_points)
   if not isinstance(point_tokens, int):
     point_tokens = list(point_tokens)
     if len(point_tokens) != len(points):
