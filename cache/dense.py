@@ -8,7 +8,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache.view import NEW, Keys, View
+from kvjax.cache.view import Keys, View, new_keys
+
+# logical axes of a K/V array [L, B, K, S, H]; shardings derive from each cache's AXES
+LAYOUT = ("layers", "batch", "kv_heads", "cache_len", "head_dim")
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -20,8 +23,12 @@ class KVCache:
   coprocessor latents share a position), slots at and past `length[b]` are free
   (their contents are undefined and never attended).
 
-  k, v: [L, B, S, K, H]; pos: [B, S] int32; length: [B] int32.
+  k, v: [L, B, K, S, H] (kv heads before slots: attention reads each (row, head) as one
+  contiguous [S, H] matrix, so no step transposes the cache); pos: [B, S] int32; length: [B]
+  int32.
   """
+
+  AXES = {"k": LAYOUT, "v": LAYOUT, "pos": ("batch", "cache_len"), "length": ("batch",)}
 
   k: jax.Array
   v: jax.Array
@@ -31,21 +38,21 @@ class KVCache:
   @classmethod
   def init(cls, *, n_layers: int, batch: int, size: int, n_kv_heads: int, head_dim: int,
            dtype=jnp.float32) -> KVCache:
-    shape = (n_layers, batch, size, n_kv_heads, head_dim)
+    shape = (n_layers, batch, n_kv_heads, size, head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                pos=jnp.full((batch, size), -1, jnp.int32), length=jnp.zeros((batch,), jnp.int32))
 
   @property
   def size(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
   @property
   def batch(self) -> int:
     return self.k.shape[1]
 
-  def layer_slots(self, start: int, stop: int) -> tuple[jax.Array, jax.Array]:
-    """(k, v) [L', B, S, K, H] of layers [start, stop): what the decoder scans over."""
-    return self.k[start:stop], self.v[start:stop]
+  def slots(self) -> tuple[jax.Array, jax.Array]:
+    """(k, v) [L, B, K, S, H]: what the decoder's layers read, each its own layer, in place."""
+    return self.k, self.v
 
   def visible(self) -> jax.Array:
     """[B, S] bool: the filled slots."""
@@ -63,17 +70,13 @@ class KVCache:
 
     positions: [B, T], default next_position() + arange(T). mask: [B, T, S + T] bool over (slots, new
     tokens) replacing the default; unfilled slots stay masked."""
-    B, S = self.batch, self.size
+    S = self.size
     if positions is None:
       positions = self.next_position()[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    if mask is None:
-      cache_mask = jnp.broadcast_to(self.visible()[:, None], (B, T, S))
-      new_mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
-    else:
-      cache_mask, new_mask = mask[:, :, :S] & self.visible()[:, None], mask[:, :, S:]
+    cache_mask, new_mask = (None, None) if mask is None else (mask[:, :, :S], mask[:, :, S:])
     return View(q_pos=(positions,), new_pos=positions, blocks=(
-        Keys((0, S), 0, cache_mask, positions[:, :, None] - self.pos[:, None, :]),
-        Keys(NEW, 0, new_mask, positions[:, :, None] - positions[:, None, :])))
+        Keys((0, S), 0, self.visible(), positions, self.pos, mask=cache_mask),
+        new_keys(positions, new_mask)))
 
   def tree_view(self, positions: jax.Array, tree: jax.Array) -> View:
     """How T draft-tree tokens attend (EAGLE verification): every filled slot, and among
@@ -90,7 +93,7 @@ class KVCache:
             layers: tuple[int, int] | None = None, advance: bool = True) -> KVCache:
     """Stores T new tokens per row at slots [length, length + T); advances length by n_new.
 
-    k, v: [L', B, T, K, H] for the layers `layers` = [start, stop) (all when None);
+    k, v: [L', B, K, T, H] for the layers `layers` = [start, stop) (all when None);
     positions: [B, T]; n_new: [B] count of real (non-padding) tokens, <= T. With
     advance=False the length stays, so a later write for other layers of the same tokens
     lands in the same slots. Slots past `size` are dropped: callers check capacity first.
@@ -98,13 +101,23 @@ class KVCache:
     start, stop = layers or (0, self.k.shape[0])
     B, T = positions.shape
     slots = self.length[:, None] + jnp.arange(T)[None, :]  # [B, T]
+    new_k = scatter_slots(self.k, k, slots, start, stop)
+    new_v = scatter_slots(self.v, v, slots, start, stop)
     rows = jnp.arange(B)[:, None]
-    new_k = self.k.at[start:stop, rows, slots].set(k.astype(self.k.dtype), mode="drop")
-    new_v = self.v.at[start:stop, rows, slots].set(v.astype(self.v.dtype), mode="drop")
     real = jnp.arange(T)[None, :] < n_new[:, None]
     pos = self.pos.at[rows, slots].set(jnp.where(real, positions, -1), mode="drop")
     length = self.length + n_new if advance else self.length
     return KVCache(k=new_k, v=new_v, pos=pos, length=length)
+
+
+def scatter_slots(dst: jax.Array, src: jax.Array, slots: jax.Array, start: int,
+                  stop: int) -> jax.Array:
+  """dst [L, B, K, S, H] with layers [start, stop) of src [L', B, K, T, H] written at slots
+  [B, T] (per row; slots >= S are dropped)."""
+  rows = jnp.arange(slots.shape[0])[:, None]
+  # the advanced indices (rows, slots) move to the front: the update is [B, T, L', K, H]
+  upd = src.astype(dst.dtype).transpose(1, 3, 0, 2, 4)
+  return dst.at[start:stop, rows, :, slots].set(upd, mode="drop")
 
 
 def _tree_read(q, k, v, *, new, freq, window, scale, softcap, length, pos, q_pos, tree):

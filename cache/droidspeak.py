@@ -119,8 +119,8 @@ class Capture:
   """What the sender hands over for a plan: only what the plan needs.
 
   tokens: [B, P] int32 the prefix (right-padded); lengths: [B] int32 real tokens per row.
-  k, v: [R, B, P, K, H] keys (after RoPE) and values of the R = len(plan.reused) reused
-    layers, in layer order. e: [G, B, P, D] the hidden states entering each of plan.e_layers.
+  k, v: [R, B, K, P, H] keys (after RoPE) and values of the R = len(plan.reused) reused
+    layers, in layer order (the caches' layout). e: [G, B, P, D] the hidden states entering each of plan.e_layers.
   """
 
   tokens: jax.Array
@@ -186,7 +186,7 @@ def _receive(graphdef, state, sent: Capture, *, size: int) -> KVCache:
   cfg = dec.cfg
   B, P = sent.tokens.shape
   positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-  k = jnp.zeros((cfg.n_layers, B, P, cfg.n_kv_heads, cfg.head_dim), dec.dtype)
+  k = jnp.zeros((cfg.n_layers, B, cfg.n_kv_heads, P, cfg.head_dim), dec.dtype)
   v = jnp.zeros_like(k)
   if plan.reused:
     keep = jnp.asarray(plan.reused, jnp.int32)
@@ -213,7 +213,7 @@ def receive(receiver, sent: Capture, size: int | None = None) -> KVCache:
                           f"{cfg.n_layers}")
   B, P = sent.tokens.shape
   D, K, H = cfg.d_model, cfg.n_kv_heads, cfg.head_dim
-  want = {"k": (len(plan.reused), B, P, K, H), "v": (len(plan.reused), B, P, K, H),
+  want = {"k": (len(plan.reused), B, K, P, H), "v": (len(plan.reused), B, K, P, H),
           "e": (len(plan.e_layers), B, P, D)}
   for name, shape in want.items():
     got = tuple(getattr(sent, name).shape)

@@ -5,7 +5,8 @@ Layout (all integers little-endian):
     magic      8 bytes   b"KVJXDS01"
     n_header   uint32    length of the header
     header     n_header bytes of UTF-8 JSON:
-                 format: 1
+                 format: 2 (format 1 stored K/V as [R, B, P, K, H]; 2 as [R, B, K, P, H],
+                   the caches' layout)
                  fingerprint: {architecture, tokenizer, sender}: SHA-256 hex digests of the
                    model config (canonical JSON), the tokenizer (its JSON), the sender's params
                  plan: the plan as text ("1-3", "none", ...), n_layers
@@ -38,8 +39,9 @@ from kvjax.cache.droidspeak import Capture, Plan
 from kvjax.lm import config
 
 MAGIC = b"KVJXDS01"
-FORMAT = 1
+FORMAT = 2
 TENSORS = ("k", "v", "e")
+SLOT_AXIS = {"k": 3, "v": 3, "e": 2}  # k, v [R, B, K, P, H]; e [G, B, P, D]
 
 
 class PayloadError(ValueError):
@@ -69,8 +71,9 @@ def encode(sent: Capture, sender) -> bytes:
   lengths = np.asarray(sent.lengths)
   tokens = np.asarray(sent.tokens)
   n = int(lengths.max())  # slots past every row's prefix are padding: not sent
-  arrays = {name: np.ascontiguousarray(np.asarray(getattr(sent, name))[:, :, :n])
-            for name in TENSORS}
+  arrays = {name: np.ascontiguousarray(
+      np.take(np.asarray(getattr(sent, name)), np.arange(n), axis=SLOT_AXIS[name]))
+      for name in TENSORS}
   dtype = arrays["k"].dtype
   tensors, offset, chunks = [], 0, []
   for name, a in arrays.items():
@@ -104,7 +107,9 @@ def read_header(payload: bytes) -> tuple[dict, bytes]:
   except (ValueError, KeyError, TypeError) as err:
     raise PayloadError(f"corrupt payload header ({type(err).__name__}: {err})") from None
   if header.get("format") != FORMAT:
-    raise PayloadError(f"payload format {header.get('format')!r}; this kvjax reads {FORMAT}")
+    raise PayloadError(f"payload format version {header.get('format')!r}, but this kvjax reads "
+                       f"format version {FORMAT} only: re-send it from a sender running the "
+                       "same kvjax version")
   data = payload[start + n:]
   if len(data) != want:
     raise PayloadError(f"truncated or padded payload: {len(data)} data bytes, the header says "
@@ -149,11 +154,18 @@ def decode(payload: bytes, receiver, *, sender=None, prefix: list[list[int]] | N
     raise PayloadError(f"corrupt payload: tensors {sorted(arrays)}, expected {list(TENSORS)}")
   P = int(header["padded"])
   n = max(map(len, rows))
-  if n > P or any(a.shape[2] != n for a in arrays.values()):
-    raise PayloadError(f"corrupt payload: tensors of {[a.shape[2] for a in arrays.values()]} "
-                       f"slots for a {n}-token prefix padded to {P}")
-  pad = lambda a: np.pad(a, [(0, 0), (0, 0), (0, P - n)] + [(0, 0)] * (a.ndim - 3))  # noqa: E731
-  arrays = {k: pad(a) for k, a in arrays.items()}
+  slots = {name: (a.shape[SLOT_AXIS[name]] if a.ndim > SLOT_AXIS[name] else None)
+           for name, a in arrays.items()}
+  if n > P or any(s != n for s in slots.values()):
+    raise PayloadError(f"corrupt payload: tensors of {list(slots.values())} slots for a "
+                       f"{n}-token prefix padded to {P}")
+
+  def pad(name, a):
+    widths = [(0, 0)] * a.ndim
+    widths[SLOT_AXIS[name]] = (0, P - n)
+    return np.pad(a, widths)
+
+  arrays = {name: pad(name, a) for name, a in arrays.items()}
   tokens = np.zeros((len(rows), P), np.int32)
   for b, r in enumerate(rows):
     tokens[b, :len(r)] = r

@@ -26,7 +26,9 @@ class PrefixCache:
   rows: a B-row KVCache of each row's own tokens, at positions after the prefix's.
 
   Reads as a dense cache whose row b holds the prefix then rows' slots of b; writes go to
-  `rows`. Shapes: prefix.k [L, 1, S0, K, H]; rows.k [L, B, S, K, H] (same L, K, H, dtype).
+  `rows`. Shapes: prefix.k [L, 1, K, S0, H]; rows.k [L, B, K, S, H] (same L, K, H, dtype).
+  Shardings: each field is a KVCache with its own AXES (the one-row prefix is replicated
+  over the batch axis, since 1 row divides no data axis).
   """
 
   prefix: KVCache
@@ -53,11 +55,10 @@ class PrefixCache:
     """[B] int32: one past the highest position a row holds (the prefix's when it has none)."""
     return jnp.maximum(self.rows.next_position(), self.prefix.next_position()[0])
 
-  def layer_slots(self, start: int, stop: int) -> tuple[jax.Array, ...]:
-    """Per-layer arrays the decoder scans over: rows' k, v [L', B, S, K, H], then the
-    prefix's k, v [L', S0, K, H]."""
-    return (self.rows.k[start:stop], self.rows.v[start:stop],
-            self.prefix.k[start:stop, 0], self.prefix.v[start:stop, 0])
+  def slots(self) -> tuple[jax.Array, ...]:
+    """What the decoder's layers read, each its own layer, in place: rows' k, v
+    [L, B, K, S, H], then the prefix's k, v [L, K, S0, H]."""
+    return self.rows.k, self.rows.v, self.prefix.k[:, 0], self.prefix.v[:, 0]
 
   def view(self, T: int, positions: jax.Array | None = None,
            mask: jax.Array | None = None) -> View:
@@ -68,9 +69,7 @@ class PrefixCache:
     if positions is None:
       positions = self.next_position()[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     own = self.rows.view(T, positions)
-    B, S0 = self.batch, self.prefix.size
-    shared = Keys(SHARED, 0, jnp.broadcast_to(self.prefix.visible()[0], (B, T, S0)),
-                  positions[:, :, None] - self.prefix.pos[0][None, None, :])
+    shared = Keys(SHARED, 0, self.prefix.visible()[:1], positions, self.prefix.pos[:1])
     return dataclasses.replace(own, blocks=(shared, *own.blocks))
 
   def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, n_new: jax.Array,

@@ -26,6 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kvjax.cache.dense import LAYOUT, scatter_slots
 from kvjax.cache.view import NEW, Keys, View
 from kvjax.pallas_kernels import sink_attention as kernel  # a module: the import is cyclic
 
@@ -36,7 +37,9 @@ WINDOW_FRAME, SINK_FRAME = 0, 1
                    data_fields=["k", "v", "count", "start"], meta_fields=["n_sink"])
 @dataclasses.dataclass
 class SinkCache:
-  """k, v: [L, B, n_sink + W, K, H] keys before RoPE, values; count, start: [B] int32."""
+  """k, v: [L, B, K, n_sink + W, H] keys before RoPE, values; count, start: [B] int32."""
+
+  AXES = {"k": LAYOUT, "v": LAYOUT, "count": ("batch",), "start": ("batch",)}
 
   k: jax.Array
   v: jax.Array
@@ -52,18 +55,18 @@ class SinkCache:
       raise ValueError(f"n_sink must be an int >= 0; got {n_sink!r}")
     if not isinstance(window, int) or window < 1:
       raise ValueError(f"window must be an int >= 1; got {window!r}")
-    shape = (n_layers, batch, n_sink + window, n_kv_heads, head_dim)
+    shape = (n_layers, batch, n_kv_heads, n_sink + window, head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                count=jnp.zeros((batch,), jnp.int32),
                start=jnp.full((batch,), n_sink, jnp.int32), n_sink=n_sink)
 
-  def layer_slots(self, start: int, stop: int) -> tuple[jax.Array, jax.Array]:
-    """(k, v) [L', B, S, K, H] of layers [start, stop): what the decoder scans over."""
-    return self.k[start:stop], self.v[start:stop]
+  def slots(self) -> tuple[jax.Array, jax.Array]:
+    """(k, v) [L, B, K, S, H]: what the decoder's layers read, each its own layer, in place."""
+    return self.k, self.v
 
   @property
   def size(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
   @property
   def batch(self) -> int:
@@ -104,12 +107,12 @@ class SinkCache:
     # [B, T] stream index, oldest window token seen, in-cache position, window-frame position
     i, first, p, win_pos, _ = kernel.query_positions(j, self.count[:, None],
                                                      self.start[:, None], n_s, W)
-    causal = j[:, :, None] >= j[:, None, :]                 # [1, T, T]
     key_i = i[:, None, :]                                   # [B, 1, T] stream index of each key
-    blocks = [Keys(NEW, WINDOW_FRAME, causal & (key_i >= n_s) & (key_i >= first[:, :, None]),
-                   i[:, :, None] - key_i)]
+    ones = jnp.ones((1, T), bool)
+    blocks = [Keys(NEW, WINDOW_FRAME, ones, i, i, causal=True,
+                   mask=(key_i >= n_s) & (key_i >= first[:, :, None]))]
     if n_s:  # new tokens that become sinks; only while count < n_sink, when base == 0
-      blocks.append(Keys(NEW, SINK_FRAME, causal & (key_i < n_s), p[:, :, None] - key_i))
+      blocks.append(Keys(NEW, SINK_FRAME, i < n_s, p, i, causal=True))
     read = functools.partial(kernel.sink_attention, count=self.count, start=self.start, n_sink=n_s)
     return View(q_pos=(win_pos, p), new_pos=win_pos, blocks=tuple(blocks), rotated=False,
                 cache_read=read)
@@ -119,21 +122,20 @@ class SinkCache:
     """Stores the first n_new[b] of T new tokens per row (keys before RoPE; `positions` is
     ignored: positions are assigned at read time), evicting per token.
 
-    k, v: [L', B, T, K, H] for the layers `layers` = [start, stop) (all when None). Of a chunk
+    k, v: [L', B, K, T, H] for the layers `layers` = [start, stop) (all when None). Of a chunk
     longer than the window only its last W window tokens are stored (the rest would be
     evicted within the chunk). With advance=False count and start stay, so a write for other
     layers of the same tokens lands in the same slots."""
     lo, hi = layers or (0, self.k.shape[0])
-    B, T = k.shape[1], k.shape[2]
+    B, T = k.shape[1], k.shape[3]
     n_s, W = self.n_sink, self.window
     i = self.count[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     end = (self.count + n_new)[:, None]
     keep = (i < end) & ((i < n_s) | (i >= end - W))
     slots = jnp.where(i < n_s, i, n_s + jnp.mod(i - n_s, W))
     slots = jnp.where(keep, slots, self.size)  # out of range: dropped
-    rows = jnp.arange(B)[:, None]
-    new_k = self.k.at[lo:hi, rows, slots].set(k.astype(self.k.dtype), mode="drop")
-    new_v = self.v.at[lo:hi, rows, slots].set(v.astype(self.v.dtype), mode="drop")
+    new_k = scatter_slots(self.k, k, slots, lo, hi)
+    new_v = scatter_slots(self.v, v, slots, lo, hi)
     if not advance:
       return dataclasses.replace(self, k=new_k, v=new_v)
     count = self.count + n_new

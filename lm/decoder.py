@@ -18,6 +18,7 @@ from flax import nnx
 from kvjax.cache.dense import KVCache
 from kvjax.cache.view import NEW, SHARED, View, causal
 from kvjax.lm import rope
+from kvjax.lm.attention import KeyBlock
 from kvjax.lm.attention import attend
 from kvjax.lm.config import Config
 from kvjax.lm.sharding import constrain
@@ -114,34 +115,35 @@ class Block(nnx.Module):
       self.post_attn_norm = RMSNorm(cfg, dtype)
       self.post_mlp_norm = RMSNorm(cfg, dtype)
 
-  def __call__(self, x, *, view: View, freq, cached, window):
-    """x [B, T, D]; view: what the T tokens attend to (`kvjax.cache.view`); cached: this
-    layer's slots from the cache's `layer_slots` ((k, v) [B, S, K, H], then for a
-    PrefixCache the shared prefix's (k, v) [S0, K, H]) or None; window: sliding window of the layer (0 = none).
-    Returns (x [B, T, D], k, v [B, T, K, H]) with k as the cache stores it (after RoPE when
-    view.rotated, else before)."""
+  def __call__(self, x, *, view: View, freq, cached, layer, window):
+    """x [B, T, D]; view: what the T tokens attend to (`kvjax.cache.view`); cached: the
+    cache's `slots()` (every layer's (k, v) [L, B, K, S, H], then for a PrefixCache the shared
+    prefix's (k, v) [L, K, S0, H]) or None, read at `layer` (an int32 scalar) in place;
+    window: sliding window of the layer (0 = none). Returns (x [B, T, D], k, v [B, K, T, H])
+    in the caches' layout, with k as the cache stores it (after RoPE when view.rotated, else
+    before)."""
     q, k, v = self.attn.qkv(self.attn_norm(x))
     qs = [rope.apply(q, p, freq) for p in view.q_pos]
-    k_rot = rope.apply(k, view.new_pos, freq)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]: the new tokens only
+    k_rot = rope.apply(k, view.new_pos, freq, heads_first=True)
     blocks = []
     for keys in view.blocks:
       if keys.source == NEW:
-        kb, vb = k_rot, v
+        blocks.append(KeyBlock(qs[keys.frame], k_rot, v, keys))
       elif keys.source == SHARED:
-        kb, vb = cached[2], cached[3]
+        blocks.append(KeyBlock(qs[keys.frame], cached[2], cached[3], keys, layer))
+      elif keys.source == (0, cached[0].shape[3]):
+        blocks.append(KeyBlock(qs[keys.frame], cached[0], cached[1], keys, layer))
       else:
-        lo, hi = keys.source
-        kb, vb = cached[0][:, lo:hi], cached[1][:, lo:hi]
-      mask = keys.mask & ((window == 0) | (keys.dist < window))
-      blocks.append((qs[keys.frame], kb, vb, mask))
+        raise ValueError(f"a view's cache block must cover every slot; got {keys.source}")
     scale, softcap = self.cfg.query_scale, self.cfg.attn_softcap
     partial = None
     if view.cache_read is not None:
       new = dict(new=(k_rot, v)) if view.reads_new else {}
-      partial = view.cache_read(q, *cached[:2], freq=freq, window=window, scale=scale,
-                                softcap=softcap, **new)
+      partial = view.cache_read(q, cached[0][layer], cached[1][layer], freq=freq,
+                                window=window, scale=scale, softcap=softcap, **new)
     if blocks:
-      a = attend(blocks, scale=scale, softcap=softcap, partial=partial)
+      a = attend(blocks, scale=scale, softcap=softcap, window=window, partial=partial)
     else:  # the cache's read covered every key
       a = partial[0].astype(q.dtype)
     a = self.attn.out(a)
@@ -162,8 +164,8 @@ class Output:
   hidden: [B, T, D] the stream after the last layer run: final-normed (the LM head's input)
     when the range ends at the top layer, else the raw residual that the next range takes.
   layer_inputs: [L', B, T, D] the hidden state entering each layer run (on request).
-  k, v: [L', B, T, K, H] each run layer's keys and values (on request); keys as the cache stores
-    them: after RoPE, except with a SinkCache (before)."""
+  k, v: [L', B, K, T, H] each run layer's keys and values (on request), in the caches' layout;
+    keys as the cache stores them: after RoPE, except with a SinkCache (before)."""
 
   logits: jax.Array | None
   hidden: jax.Array
@@ -234,10 +236,10 @@ class Decoder(nnx.Module):
     x = constrain(_input(self, tokens, embeds, hidden, start), ACTIVATION, self.layout)
     B, T, _ = x.shape
     if cache is not None:
-      want = (cfg.n_layers, B, cache.size, cfg.n_kv_heads, cfg.head_dim)
+      want = (cfg.n_layers, B, cfg.n_kv_heads, cache.size, cfg.head_dim)
       if tuple(cache.k.shape) != want:
         raise ValueError(f"cache.k has shape {tuple(cache.k.shape)}; this model and a batch of "
-                         f"{B} need [L, B, S, K, H] = {want[:2]} + (S,) + {want[3:]}")
+                         f"{B} need [L, B, K, S, H] = {want[:3]} + (S,) + {want[4:]}")
     if n_new is None:
       n_new = jnp.full((B,), T, jnp.int32)
     _check_shape("n_new", n_new, (B,), jnp.integer)
@@ -258,7 +260,7 @@ class Decoder(nnx.Module):
     else:
       view = cache.view(T, positions=positions, mask=mask)
 
-    cached_kv = None if cache is None else cache.layer_slots(start, stop)
+    cached_kv = None if cache is None else cache.slots()
     x, layer_inputs, ks, vs = run_layers(self.blocks, cfg, x, view=view, cached=cached_kv,
                                          layers=(start, stop), layout=self.layout,
                                          return_layer_inputs=return_layer_inputs)
@@ -279,8 +281,9 @@ def run_layers(blocks: Block, cfg: Config, x: jax.Array, *, view: View, cached, 
   """Runs the stacked `blocks` (every Param with a leading layer axis; entries [start, stop)
   of `layers`) over x [B, T, D] under `lax.scan`, all attending through `view`.
 
-  cached: the cache's `layer_slots(start, stop)` (arrays with a leading L' axis), or None. Returns
-  (x [B, T, D], layer_inputs [L', B, T, D] or None, k, v [L', B, T, K, H]), k in the form the
+  cached: the cache's `slots()` (arrays with a leading L axis: all layers, read in place at
+  each layer's own index), or None. Returns
+  (x [B, T, D], layer_inputs [L', B, T, D] or None, k, v [L', B, K, T, H]), k in the form the
   cache stores (see `Block`)."""
   start, stop = layers
   freq = jnp.asarray(rope.inv_freq(cfg))
@@ -289,11 +292,13 @@ def run_layers(blocks: Block, cfg: Config, x: jax.Array, *, view: View, cached, 
   stacked = jax.tree.map(lambda a: a[start:stop], stacked)
 
   def body(x, xs):
-    params, window, kv = xs
-    y, k, v = nnx.merge(graphdef, params)(x, view=view, freq=freq, cached=kv, window=window)
+    params, window, layer = xs
+    y, k, v = nnx.merge(graphdef, params)(x, view=view, freq=freq, cached=cached, layer=layer,
+                                          window=window)
     return constrain(y, ACTIVATION, layout), (x if return_layer_inputs else None, k, v)
 
-  x, (layer_inputs, ks, vs) = jax.lax.scan(body, x, (stacked, windows, cached))
+  index = jnp.arange(start, stop, dtype=jnp.int32)
+  x, (layer_inputs, ks, vs) = jax.lax.scan(body, x, (stacked, windows, index))
   return x, layer_inputs, ks, vs
 
 

@@ -24,8 +24,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from kvjax.cache.dense import KVCache
-
 if TYPE_CHECKING:
   from kvjax.lm.model import Model
 
@@ -66,13 +64,6 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     **{f"blocks/{n}/scale": ("layers", "embed") for n in _NORMS},
 }
 
-# KVCache field -> logical axes (k, v: [L, B, S, K, H]; pos: [B, S]; length: [B]).
-CACHE_AXES: dict[str, tuple[str, ...]] = {
-    "k": ("layers", "batch", "cache_len", "kv_heads", "head_dim"),
-    "v": ("layers", "batch", "cache_len", "kv_heads", "head_dim"),
-    "pos": ("batch", "cache_len"),
-    "length": ("batch",),
-}
 
 
 def _normalize(rules: Rules | None) -> Rules:
@@ -176,14 +167,25 @@ def constrain(x: jax.Array, axes: Sequence[str], layout: tuple[Mesh, Rules] | No
       x, NamedSharding(mesh, logical_spec(axes, x.shape, mesh, rules)))
 
 
-def cache_shardings(cache: KVCache, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> KVCache:
-  """A KVCache of NamedShardings: k, v by (layers, batch, cache_len, kv_heads, head_dim);
-  pos, length by batch."""
-  return KVCache(**{f: NamedSharding(mesh, logical_spec(axes, getattr(cache, f).shape, mesh,
-                                                        rules))
-                    for f, axes in CACHE_AXES.items()})
+def cache_shardings(cache, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+  """The cache (any of `kvjax.cache`'s dataclasses) with a NamedSharding in place of each
+  array: every array field by the logical axes its class declares once in `AXES` (K/V
+  [L, B, K, S, H] by (layers, batch, kv_heads, cache_len, head_dim)); a field holding a cache
+  (PrefixCache's prefix and rows) by that cache's own declaration."""
+  axes = getattr(type(cache), "AXES", {})
+  out = {}
+  for f in dataclasses.fields(cache):
+    x = getattr(cache, f.name)
+    if dataclasses.is_dataclass(x):
+      out[f.name] = cache_shardings(x, mesh, rules)
+    elif isinstance(x, jax.Array | np.ndarray):
+      if f.name not in axes:
+        raise ValueError(f"sharding: {type(cache).__name__}.{f.name} has no logical axes; "
+                         f"declare them in {type(cache).__name__}.AXES")
+      out[f.name] = NamedSharding(mesh, logical_spec(axes[f.name], x.shape, mesh, rules))
+  return dataclasses.replace(cache, **out)
 
 
-def shard_cache(cache: KVCache, mesh: Mesh, rules: Rules | None = DEFAULT_RULES) -> KVCache:
+def shard_cache(cache, mesh: Mesh, rules: Rules | None = DEFAULT_RULES):
   """`cache` placed on `mesh` (a batch the data axis does not divide is replicated)."""
   return jax.device_put(cache, cache_shardings(cache, mesh, rules))

@@ -34,23 +34,27 @@ from jax.experimental.pallas import triton as pltriton
 
 from kvjax.lm import rope
 from kvjax.lm.attention import NEG
+from kvjax.pallas_kernels import splits
 
 IMPLS = ("pallas", "xla")
+STEPS = 4  # key blocks per program: a chunk of STEPS * block slots
 
 
 def sink_attention(q: jax.Array, k: jax.Array, v: jax.Array, count: jax.Array,
                    start: jax.Array, *, n_sink: int, freq: jax.Array, scale: float,
                    window: jax.Array | int = 0, softcap: float | None = None,
-                   impl: str | None = None, interpret=False,
-                   block: int = 128) -> tuple[jax.Array, jax.Array]:
+                   impl: str | None = None, interpret=False, block: int = 128,
+                   steps: int = STEPS) -> tuple[jax.Array, jax.Array]:
   """The cache part of a step's attention, as a partial softmax.
 
   q: [B, T, N, H] queries before RoPE of stream tokens count..count+T-1.
-  k, v: [B, n_sink + W, K, H] one layer of a SinkCache (keys before RoPE); N % K == 0.
+  k, v: [B, K, n_sink + W, H] one layer of a SinkCache (keys before RoPE); N % K == 0.
   count, start: [B] int, the cache's fill levels (`SinkCache.count`, `.start`).
   freq: [H/2] RoPE inverse frequencies. window: sliding window of the layer (0 = none).
   impl: "pallas" or "xla"; None picks Pallas on GPU/TPU, else XLA. interpret: for "pallas"
     off-device: True (generic interpreter) or `pltpu.InterpretParams()` (TPU semantics).
+  block: slots per key block (rounded down to a power of two <= S); steps: key blocks per
+    program (the grid splits each row's keys into chunks of steps * block slots).
   Returns o [B, T, N, H] float32 (softmax-weighted values over the visible cache keys, 0 for a
   query that sees none) and lse [B, T, N] float32 (their log-sum-exp, NEG when none).
   """
@@ -65,17 +69,17 @@ def sink_attention(q: jax.Array, k: jax.Array, v: jax.Array, count: jax.Array,
                      window=window, softcap=softcap)
   tpu = jax.default_backend() == "tpu" or isinstance(interpret, pltpu.InterpretParams)
   return _pallas(q, k, v, count, start, n_sink=n_sink, freq=freq, scale=scale, window=window,
-                 softcap=softcap, interpret=interpret, block=block, tpu=tpu)
+                 softcap=softcap, interpret=interpret, block=block, tpu=tpu, steps=steps)
 
 
 def _check(q, k, v, count, start, n_sink, freq):
   if q.ndim != 4 or k.ndim != 4:
-    raise ValueError(f"q must be [B, T, N, H] and k, v [B, S, K, H]; got q{list(q.shape)}, "
+    raise ValueError(f"q must be [B, T, N, H] and k, v [B, K, S, H]; got q{list(q.shape)}, "
                      f"k{list(k.shape)}")
   B, T, N, H = q.shape
-  _, S, K, _ = k.shape
+  _, K, S, _ = k.shape
   if k.shape != v.shape or k.shape[0] != B or k.shape[3] != H or N % K:
-    raise ValueError(f"k and v must both be [B={B}, S, K, H={H}] with N={N} a multiple of K; "
+    raise ValueError(f"k and v must both be [B={B}, K, S, H={H}] with N={N} a multiple of K; "
                      f"got k{list(k.shape)}, v{list(v.shape)}")
   if not isinstance(n_sink, int) or not 0 <= n_sink < S:
     raise ValueError(f"n_sink must be an int in [0, S={S}) (the ring needs >= 1 slot); "
@@ -127,22 +131,25 @@ def reference(q, k, v, count, start, *, n_sink: int, freq, scale: float, window=
               softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
   """`sink_attention` in plain XLA (same arguments and results)."""
   B, T, N, H = q.shape
-  S, K = k.shape[1], k.shape[2]
+  K, S = k.shape[1], k.shape[2]
   G, W = N // K, S - n_sink
   c, st = count[:, None].astype(jnp.int32), start[:, None].astype(jnp.int32)
   t = jnp.arange(T, dtype=jnp.int32)[None]
   i, first, p, q_win, base = query_positions(t, c, st, n_sink, W)   # [B, T]; base [B, 1]
   slot = jnp.arange(S, dtype=jnp.int32)[None]
   idx, kept, k_pos = _slots(slot, c, st, base, n_sink, W)        # [B, S]
-  k = rope.apply(k, k_pos, freq)
+  k = rope.apply(k, k_pos, freq, heads_first=True)
+
+  f32 = jnp.float32  # operands rounded to the inputs' dtype, products in float32 (as a
+  # bfloat16 x bfloat16 -> float32 dot, which XLA CPU cannot always run natively)
 
   def scores(q_pos, keys):
     qg = rope.apply(q, q_pos, freq).reshape(B, T, K, G, H)
-    return jnp.einsum("btkgh,bskh->bkgts", qg, keys, preferred_element_type=jnp.float32)
+    return jnp.einsum("btkgh,bksh->bkgts", qg.astype(f32), keys.astype(f32))
 
-  s = scores(q_win, k[:, n_sink:])
+  s = scores(q_win, k[:, :, n_sink:])
   if n_sink:
-    s = jnp.concatenate([scores(p, k[:, :n_sink]), s], axis=-1)
+    s = jnp.concatenate([scores(p, k[:, :, :n_sink]), s], axis=-1)
   s = s * scale
   if softcap is not None:
     s = jnp.tanh(s / softcap) * softcap
@@ -153,7 +160,7 @@ def reference(q, k, v, count, start, *, n_sink: int, freq, scale: float, window=
   e = jnp.where(vis, jnp.exp(s - m), 0.0)
   l = e.sum(-1, keepdims=True)
   probs = (e / jnp.where(l > 0, l, 1.0)).astype(v.dtype)
-  o = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+  o = jnp.einsum("bkgts,bksh->btkgh", probs.astype(f32), v.astype(f32))
   lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG)[..., 0]  # [B, K, G, T]
   return o.reshape(B, T, N, H), lse.transpose(0, 3, 1, 2).reshape(B, T, N)
 
@@ -161,22 +168,25 @@ def reference(q, k, v, count, start, *, n_sink: int, freq, scale: float, window=
 # ---- Pallas ----
 
 def _pallas(q, k, v, count, start, *, n_sink, freq, scale, window, softcap, interpret, block,
-            tpu: bool):
-  """One program per batch row; within it, an online softmax per kv head over key blocks.
+            tpu: bool, steps: int = STEPS):
+  """Flash decoding over a grid (row, kv head, key split): each program reads one chunk of
+  `steps` key blocks of `bs` slots of one (row, kv head) in place from the cache's
+  [B, K, S, H] layout, carries an online softmax across its blocks (stopping at the row's
+  filled slots), and leaves a partial softmax; `splits.merge` joins the chunks. Every grid
+  axis is parallel: no program waits for another, so a long cache feeds many cores.
 
-  Query rows are laid out (G, Tp) per kv head, Tp a power of two >= 16 (a row's query offset is
-  row & (Tp - 1); Triton's dot needs >= 16 rows, TPU tiles 8). The cache is read as [B, S, K*H]
-  (a free reshape) so every block's last two dims are whole array dims (TPU tiling), and key
-  blocks of `bs` slots are sliced from it; the last block overlaps the previous one and masks
-  slots already seen, so no block runs past S. tpu: lower for Mosaic TPU (scalars in SMEM),
-  else for Triton (Pallas' Mosaic GPU backend is not targeted)."""
+  Query rows are laid out (G, Tp) per kv head, Tp a power of two >= 16 (a row's query offset
+  is row & (Tp - 1); Triton's dot needs >= 16 rows, TPU tiles 8). Blocks are (R, H) queries
+  and (chunk, H) keys: H is the whole last dim and chunk a multiple of 8 (TPU tiling); a last
+  chunk past S is masked (its slots >= S are never seen, their values zeroed). tpu: lower for
+  Mosaic TPU (scalars in SMEM), else for Triton (Pallas' Mosaic GPU backend is not
+  targeted)."""
   B, T, N, H = q.shape
-  S, K = k.shape[1], k.shape[2]
+  K, S = k.shape[1], k.shape[2]
   G = N // K
   Tp = max(16, pl.next_power_of_2(T))
   R = G * Tp
-  bs = min(block, 1 << (S.bit_length() - 1))  # a power of two <= S
-  nb = pl.cdiv(S, bs)
+  bs, chunk, n_split = splits.split_sizes(S, block, steps)
   qr = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)           # [B, K, G, T, H]
   qr = jnp.pad(qr, ((0, 0), (0, 0), (0, 0), (0, Tp - T), (0, 0))).reshape(B, K, R, H)
   meta = jnp.stack([count.astype(jnp.int32), start.astype(jnp.int32),
@@ -187,39 +197,47 @@ def _pallas(q, k, v, count, start, *, n_sink, freq, scale, window, softcap, inte
   rot[np.arange(half), np.arange(half) + half] = 1.0
   freq2 = jnp.concatenate([freq, freq]).astype(jnp.float32)[None]   # [1, H]
   meta_spec = (pl.BlockSpec(memory_space=pltpu.SMEM) if tpu
-               else pl.BlockSpec((B, 3), lambda b: (0, 0)))
-  kernel = functools.partial(_kernel, n_sink=n_sink, W=S - n_sink, Tp=Tp, K=K, H=H,
-                             bs=bs, nb=nb, scale=scale, softcap=softcap)
+               else pl.BlockSpec((B, 3), lambda b, h, c: (0, 0)))
+  kv_spec = pl.BlockSpec((None, None, chunk, H), lambda b, h, c: (b, h, c, 0))
+  out_spec = lambda n: pl.BlockSpec((None, None, None, R, n), lambda b, h, c: (b, h, c, 0, 0))
+  kernel = functools.partial(_kernel, n_sink=n_sink, W=S - n_sink, S=S, Tp=Tp, bs=bs,
+                             n_sub=chunk // bs, scale=scale, softcap=softcap)
+  cost = pl.estimate_cost(
+      lambda q, k, v, c, s, f, w: reference(q, k, v, c, s, n_sink=n_sink, freq=f, scale=scale,
+                                            window=w, softcap=softcap),
+      *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, count, start, freq, window)))
   o, lse = pl.pallas_call(
       kernel,
-      grid=(B,),
+      grid=(B, K, n_split),
       in_specs=[meta_spec,
-                pl.BlockSpec((None, K, R, H), lambda b: (b, 0, 0, 0)),
-                pl.BlockSpec((None, S, K * H), lambda b: (b, 0, 0)),
-                pl.BlockSpec((None, S, K * H), lambda b: (b, 0, 0)),
-                pl.BlockSpec((H, H), lambda b: (0, 0)),
-                pl.BlockSpec((1, H), lambda b: (0, 0))],
-      out_specs=[pl.BlockSpec((None, K, R, H), lambda b: (b, 0, 0, 0)),
-                 pl.BlockSpec((None, K, R, 1), lambda b: (b, 0, 0, 0))],
-      out_shape=[jax.ShapeDtypeStruct((B, K, R, H), jnp.float32),
-                 jax.ShapeDtypeStruct((B, K, R, 1), jnp.float32)],
+                pl.BlockSpec((None, None, R, H), lambda b, h, c: (b, h, 0, 0)),
+                kv_spec, kv_spec,
+                pl.BlockSpec((H, H), lambda b, h, c: (0, 0)),
+                pl.BlockSpec((1, H), lambda b, h, c: (0, 0))],
+      out_specs=[out_spec(H), out_spec(1)],
+      out_shape=[jax.ShapeDtypeStruct((B, K, n_split, R, H), jnp.float32),
+                 jax.ShapeDtypeStruct((B, K, n_split, R, 1), jnp.float32)],
       interpret=interpret,
-      compiler_params=None if tpu else pltriton.CompilerParams(num_warps=4, num_stages=2),
+      compiler_params=(pltpu.CompilerParams(dimension_semantics=("parallel",) * 3) if tpu
+                       else pltriton.CompilerParams(num_warps=4, num_stages=2)),
+      cost_estimate=cost,
       name="sink_attention",
-  )(meta, qr, k.reshape(B, S, K * H), v.reshape(B, S, K * H), jnp.asarray(rot), freq2)
+  )(meta, qr, k, v, jnp.asarray(rot), freq2)
+  o, lse = splits.merge(o, lse)                                     # [B, K, R, H], [B, K, R, 1]
   o = o.reshape(B, K, G, Tp, H)[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
   lse = lse.reshape(B, K, G, Tp)[..., :T].transpose(0, 3, 1, 2).reshape(B, T, N)
   return o, lse
 
 
-def _kernel(meta_ref, q_ref, k_ref, v_ref, rot_ref, freq_ref, o_ref, lse_ref, *, n_sink, W, Tp,
-            K, H, bs, nb, scale, softcap):
-  """q_ref [K, R, H]; k_ref, v_ref [S, K*H]; o_ref [K, R, H]; lse_ref [K, R, 1]."""
-  b = pl.program_id(0)
+def _kernel(meta_ref, q_ref, k_ref, v_ref, rot_ref, freq_ref, o_ref, lse_ref, *, n_sink, W, S,
+            Tp, bs, n_sub, scale, softcap):
+  """One (row b, kv head, chunk c): q_ref [R, H]; k_ref, v_ref [chunk, H] slots
+  [c * chunk, (c + 1) * chunk); o_ref [R, H]; lse_ref [R, 1]."""
+  b, c = pl.program_id(0), pl.program_id(2)
   count, start, window = meta_ref[b, 0], meta_ref[b, 1], meta_ref[b, 2]
-  S = n_sink + W
-  R = q_ref.shape[1]
+  R, H = q_ref.shape
   f32 = jnp.float32
+  c0 = c * (bs * n_sub)                         # the chunk's first slot
   t = jax.lax.broadcasted_iota(jnp.int32, (R, 1), 0) & (Tp - 1)
   i, first, p, q_win, base = query_positions(t, count, start, n_sink, W)   # [R, 1]
   freq, rot = freq_ref[...], rot_ref[...]
@@ -235,46 +253,46 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, rot_ref, freq_ref, o_ref, lse_ref, *,
     return x * cos_sin[0] + turned * cos_sin[1]
 
   dtype = k_ref.dtype
-  win_t, sink_t = tables(q_win), tables(p)
-  qs = [q_ref[h].astype(f32) for h in range(K)]
-  q_w = [rotary(q, win_t).astype(dtype) for q in qs]
-  q_s = [rotary(q, sink_t).astype(dtype) for q in qs] if n_sink else None
+  q = q_ref[...].astype(f32)
+  q_w = rotary(q, tables(q_win)).astype(dtype)
+  q_s = rotary(q, tables(p)).astype(dtype) if n_sink else None
 
   def body(j, carry, dual):
-    """One key block for every kv head: its slots' geometry and RoPE tables computed once."""
-    lo = jnp.minimum(j * bs, S - bs)
-    col = lo + jax.lax.broadcasted_iota(jnp.int32, (bs, 1), 0)    # [bs, 1] for keys
-    row = lo + jax.lax.broadcasted_iota(jnp.int32, (1, bs), 1)    # [1, bs] for scores
-    key_t = tables(_slots(col, count, start, base, n_sink, W)[2])
+    """Key block j of the chunk: its slots' geometry and RoPE tables, then one online step."""
+    m, l, acc = carry
+    lo = j * bs
+    col = c0 + lo + jax.lax.broadcasted_iota(jnp.int32, (bs, 1), 0)    # [bs, 1] for keys
+    row = c0 + lo + jax.lax.broadcasted_iota(jnp.int32, (1, bs), 1)    # [1, bs] for scores
+    _, kept_col, key_pos = _slots(col, count, start, base, n_sink, W)
     idx, kept, _ = _slots(row, count, start, base, n_sink, W)
-    vis = _visible(row, idx, kept, i, first, p, n_sink, window) & (row >= j * bs)  # [R, bs]
-    out = []
-    for h, (m, l, acc) in enumerate(carry):
-      cols = pl.ds(h * H, H)
-      keys = rotary(k_ref[pl.ds(lo, bs), cols].astype(f32), key_t).astype(dtype)
-      s = dot_nt(q_w[h], keys)                                      # [R, bs]
-      if dual:
-        s = jnp.where(row < n_sink, dot_nt(q_s[h], keys), s)
-      s = s * scale
-      if softcap is not None:
-        s = jnp.tanh(s / softcap) * softcap
-      s = jnp.where(vis, s, NEG)
-      m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
-      e = jnp.where(vis, jnp.exp(s - m_new), 0.0)
-      alpha = jnp.exp(m - m_new)
-      vals = v_ref[pl.ds(lo, bs), cols]
-      acc = alpha * acc + jnp.dot(e.astype(vals.dtype), vals, preferred_element_type=f32)
-      out.append((m_new, alpha * l + e.sum(axis=1, keepdims=True), acc))
-    return tuple(out)
+    vis = _visible(row, idx, kept, i, first, p, n_sink, window) & (row < S)   # [R, bs]
+    keys = rotary(k_ref[pl.ds(lo, bs), :].astype(f32), tables(key_pos)).astype(dtype)
+    s = dot_nt(q_w, keys)                                            # [R, bs]
+    if dual:
+      s = jnp.where(row < n_sink, dot_nt(q_s, keys), s)
+    s = s * scale
+    if softcap is not None:
+      s = jnp.tanh(s / softcap) * softcap
+    s = jnp.where(vis, s, NEG)
+    m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
+    e = jnp.where(vis, jnp.exp(s - m_new), 0.0)
+    alpha = jnp.exp(m - m_new)
+    vals = v_ref[pl.ds(lo, bs), :]
+    live = jnp.broadcast_to(kept_col & (col < S), vals.shape)          # past S: any bits
+    vals = jnp.where(live, vals, jnp.zeros_like(vals))
+    acc = alpha * acc + jnp.dot(e.astype(vals.dtype), vals, preferred_element_type=f32)
+    return m_new, alpha * l + e.sum(axis=1, keepdims=True), acc
 
-  carry = tuple((jnp.full((R, 1), NEG, f32), jnp.zeros((R, 1), f32), jnp.zeros((R, H), f32))
-                for _ in range(K))
-  n_dual = pl.cdiv(n_sink, bs)                  # leading blocks holding sink slots
-  if n_dual:
+  filled = jnp.minimum(count, S)                # slots at and past `count` were never written
+  n_live = jnp.clip(splits.cdiv_pow2(filled - c0, bs), 0, n_sub)
+  carry = (jnp.full((R, 1), NEG, f32), jnp.zeros((R, 1), f32), jnp.zeros((R, H), f32))
+  if n_sink:  # leading blocks holding sink slots score against both query frames
+    n_dual = jnp.clip(splits.cdiv_pow2(n_sink - c0, bs), 0, n_live)
     carry = jax.lax.fori_loop(0, n_dual, functools.partial(body, dual=True), carry)
-  carry = jax.lax.fori_loop(n_dual, nb, functools.partial(body, dual=False), carry)
-  for h, (m, l, acc) in enumerate(carry):
-    has = l > 0
-    safe = jnp.where(has, l, 1.0)
-    o_ref[h] = acc / safe
-    lse_ref[h] = jnp.where(has, m + jnp.log(safe), NEG)
+  else:
+    n_dual = 0
+  m, l, acc = jax.lax.fori_loop(n_dual, n_live, functools.partial(body, dual=False), carry)
+  has = l > 0
+  safe = jnp.where(has, l, 1.0)
+  o_ref[...] = acc / safe
+  lse_ref[...] = jnp.where(has, m + jnp.log(safe), NEG)

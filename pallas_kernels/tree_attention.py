@@ -29,28 +29,32 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from kvjax.lm.attention import NEG
+from kvjax.pallas_kernels import splits
 
 IMPLS = ("pallas", "xla")
+STEPS = 4  # key blocks per program: a chunk of STEPS * block slots
 
 
 def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, length: jax.Array,
                    k_new: jax.Array, v_new: jax.Array, q_pos: jax.Array, pos: jax.Array,
                    tree_mask: jax.Array, *, scale: float, window: jax.Array | int = 0,
                    softcap: float | None = None, impl: str | None = None, interpret=False,
-                   block: int = 128) -> tuple[jax.Array, jax.Array]:
+                   block: int = 128, steps: int = STEPS) -> tuple[jax.Array, jax.Array]:
   """A draft tree's attention over the cache and its own ancestry, as a softmax (o, lse).
 
   q: [B, T, N, H] queries of the T tree tokens, after RoPE.
-  k, v: [B, S, K, H] one layer of a dense cache (keys after RoPE), N % K == 0; slots
+  k, v: [B, K, S, H] one layer of a dense cache (keys after RoPE), N % K == 0; slots
     [0, length[b]) are filled, the rest are never read into the result (any contents).
   length: [B] int, filled slots per row. pos: [B, S] int, the position in each slot.
-  k_new, v_new: [B, T, K, H] the tree tokens' keys (after RoPE) and values.
+  k_new, v_new: [B, K, T, H] the tree tokens' keys (after RoPE) and values.
   q_pos: [B, T] int, the tree tokens' positions.
   tree_mask: [B, T, T] bool, tree_mask[b, i, j] = token i sees token j (ancestor or self).
   window: sliding window of the layer (0 = none), an int or an int32 scalar (traced is fine).
   impl: "pallas" or "xla"; None picks Pallas on GPU/TPU, else XLA. interpret: for "pallas"
     off-device: True (generic interpreter) or `pltpu.InterpretParams()` (TPU semantics).
-  block: cache slots per key block of the kernel (rounded down to a power of two <= S).
+  block: cache slots per key block of the kernel (rounded down to a power of two <= S);
+  steps: key blocks per program (the grid splits each row's cache into chunks of steps *
+    block slots).
   Returns o [B, T, N, H] float32 (softmax-weighted values over the visible keys, 0 for a query
   that sees none) and lse [B, T, N] float32 (their log-sum-exp, NEG when none).
   """
@@ -65,20 +69,20 @@ def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, length: jax.Array,
     return reference(*args, scale=scale, window=window, softcap=softcap)
   tpu = jax.default_backend() == "tpu" or isinstance(interpret, pltpu.InterpretParams)
   return _pallas(*args, scale=scale, window=window, softcap=softcap, interpret=interpret,
-                 block=block, tpu=tpu)
+                 block=block, tpu=tpu, steps=steps)
 
 
 def _check(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask):
   if q.ndim != 4 or k.ndim != 4:
-    raise ValueError(f"q must be [B, T, N, H] and k, v [B, S, K, H]; got q{list(q.shape)}, "
+    raise ValueError(f"q must be [B, T, N, H] and k, v [B, K, S, H]; got q{list(q.shape)}, "
                      f"k{list(k.shape)}")
   B, T, N, H = q.shape
-  _, S, K, _ = k.shape
+  _, K, S, _ = k.shape
   if k.shape != v.shape or k.shape[0] != B or k.shape[3] != H or S < 1 or N % K:
-    raise ValueError(f"k and v must both be [B={B}, S >= 1, K, H={H}] with N={N} a multiple "
+    raise ValueError(f"k and v must both be [B={B}, K, S >= 1, H={H}] with N={N} a multiple "
                      f"of K; got k{list(k.shape)}, v{list(v.shape)}")
-  if k_new.shape != (B, T, K, H) or v_new.shape != (B, T, K, H):
-    raise ValueError(f"k_new and v_new must both be [B, T, K, H] = {[B, T, K, H]}; got "
+  if k_new.shape != (B, K, T, H) or v_new.shape != (B, K, T, H):
+    raise ValueError(f"k_new and v_new must both be [B, K, T, H] = {[B, K, T, H]}; got "
                      f"k_new{list(k_new.shape)}, v_new{list(v_new.shape)}")
   for name, x, shape in (("length", length, (B,)), ("q_pos", q_pos, (B, T)),
                          ("pos", pos, (B, S))):
@@ -109,7 +113,7 @@ def reference(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, *, scale: fl
               window=0, softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
   """`tree_attention` in plain XLA (same arguments and results)."""
   B, T, N, H = q.shape
-  S, K = k.shape[1], k.shape[2]
+  K, S = k.shape[1], k.shape[2]
   G = N // K
   length, q_pos = length.astype(jnp.int32), q_pos.astype(jnp.int32)
   slot = jnp.arange(S, dtype=jnp.int32)[None, None]                      # [1, 1, S]
@@ -117,10 +121,11 @@ def reference(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, *, scale: fl
       _sees_slot(slot, pos[:, None].astype(jnp.int32), length[:, None, None], q_pos[..., None],
                  window),
       _sees_tree(tree_mask, q_pos, window)], axis=-1)[:, None, None]      # [B, 1, 1, T, S+T]
-  v = jnp.where((slot[0] < length[:, None])[..., None, None], v, 0)     # free slots: any bits
-  qg = q.reshape(B, T, K, G, H)
+  v = jnp.where((slot[0] < length[:, None])[:, None, :, None], v, 0)   # free slots: any bits
+  f32 = jnp.float32  # operands in their dtype, products in float32 (see sink_attention)
+  qg = q.astype(k.dtype).astype(f32).reshape(B, T, K, G, H)
   s = jnp.concatenate([
-      jnp.einsum("btkgh,bskh->bkgts", qg, keys, preferred_element_type=jnp.float32)
+      jnp.einsum("btkgh,bksh->bkgts", qg, keys.astype(k.dtype).astype(f32))
       for keys in (k, k_new)], axis=-1) * scale                          # [B, K, G, T, S+T]
   if softcap is not None:
     s = jnp.tanh(s / softcap) * softcap
@@ -129,8 +134,8 @@ def reference(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, *, scale: fl
   e = jnp.where(vis, jnp.exp(s - m), 0.0)
   l = e.sum(-1, keepdims=True)
   probs = e / jnp.where(l > 0, l, 1.0)
-  o = sum(jnp.einsum("bkgts,bskh->btkgh", p.astype(vals.dtype), vals,
-                     preferred_element_type=jnp.float32)
+  o = sum(jnp.einsum("bkgts,bksh->btkgh", p.astype(v.dtype).astype(f32),
+                     vals.astype(v.dtype).astype(f32))
           for p, vals in ((probs[..., :S], v), (probs[..., S:], v_new)))
   lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG)[..., 0]  # [B, K, G, T]
   return o.reshape(B, T, N, H), lse.transpose(0, 3, 1, 2).reshape(B, T, N)
@@ -139,27 +144,29 @@ def reference(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, *, scale: fl
 # ---- Pallas ----
 
 def _pallas(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, *, scale, window, softcap,
-            interpret, block, tpu: bool):
-  """One program per batch row; within it, per kv head in turn (one head's softmax state live
-  at a time), an online softmax over the cache's key blocks up to the row's length (a dynamic
-  trip count: blocks of free slots are never read), then one block of the T tree keys.
+            interpret, block, tpu: bool, steps: int = STEPS):
+  """Flash decoding over a grid (row, kv head, key split): each program reads one chunk of
+  `steps` key blocks of `bs` cache slots of one (row, kv head) in place from the cache's
+  [B, K, S, H] layout, with an online softmax across its blocks up to the row's length (a
+  dynamic trip count: blocks of free slots are never read); the first chunk also scores the
+  T tree keys. `splits.merge` joins the chunks' partial softmaxes. Every grid axis is
+  parallel.
 
   Query rows are laid out (G, Tp) per kv head, Tp a power of two >= 16 (row r is tree token
   r & (Tp - 1); Triton's dot needs >= 16 rows, TPU tiles 8); the tree's keys are padded to Tp
-  (padding masked). The cache is read as [B, S, K*H] (a free reshape) so every block's last two
-  dims are whole array dims (TPU tiling), and key blocks of `bs` slots are sliced from it along
-  the sublane dim; the last block overlaps the previous one and masks slots already seen, so no
-  block runs past S. The slots' positions come pre-cut into the same blocks ([nb, bs]), and the
-  tree mask (narrowed to the window) pre-tiled to the query rows ([R, Tp]), so the kernel only
+  (padding masked). Blocks: queries (R, H), keys (chunk, H) with H the whole last dim and
+  chunk a multiple of 8 (TPU tiling); a last chunk past S is masked and its values zeroed.
+  The slots' positions come pre-cut into the same blocks ([n_split, n_sub, bs]) and the tree
+  mask (narrowed to the window) pre-tiled to the query rows ([R, Tp]), so the kernel only
   slices along sublanes. tpu: lower for Mosaic TPU (scalars in SMEM), else for Triton
   (Pallas' Mosaic GPU backend is not targeted)."""
   B, T, N, H = q.shape
-  S, K = k.shape[1], k.shape[2]
+  K, S = k.shape[1], k.shape[2]
   G = N // K
   Tp = max(16, pl.next_power_of_2(T))
   R = G * Tp
-  bs = 1 << (min(block, S).bit_length() - 1)   # a power of two <= S
-  nb = pl.cdiv(S, bs)
+  bs, chunk, n_split = splits.split_sizes(S, block, steps)
+  n_sub = chunk // bs
   i32 = jnp.int32
 
   def pad_t(x, axes):                          # pads the tree axes `axes` of x from T to Tp
@@ -168,51 +175,64 @@ def _pallas(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, *, scale, wind
   qr = pad_t(q.astype(k.dtype).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4), (3,))
   qr = qr.reshape(B, K, R, H)                                      # [B, K, R, H]
   q_rows = jnp.tile(pad_t(q_pos.astype(i32), (1,)), (1, G))[..., None]      # [B, R, 1]
-  lo = jnp.minimum(jnp.arange(nb) * bs, S - bs)
-  slot_pos = pos.astype(i32)[:, lo[:, None] + jnp.arange(bs)]      # [B, nb, bs]
+  slot_pos = jnp.pad(pos.astype(i32), ((0, 0), (0, n_split * chunk - S)), constant_values=-1)
+  slot_pos = slot_pos.reshape(B, n_split, n_sub, bs)               # the key blocks' positions
   seen = pad_t(_sees_tree(tree_mask, q_pos.astype(i32), window), (1, 2))
   seen = jnp.tile(seen, (1, G, 1)).astype(i32)                     # [B, R, Tp]
-  kn = pad_t(k_new.astype(k.dtype).reshape(B, T, K * H), (1,))     # [B, Tp, K*H]
-  vn = pad_t(v_new.astype(v.dtype).reshape(B, T, K * H), (1,))
+  kn = pad_t(k_new.astype(k.dtype), (2,))                          # [B, K, Tp, H]
+  vn = pad_t(v_new.astype(v.dtype), (2,))
   meta = jnp.stack([length.astype(i32), jnp.broadcast_to(window, (B,)).astype(i32)],
                    axis=1)                                          # [B, 2]
   meta_spec = (pl.BlockSpec(memory_space=pltpu.SMEM) if tpu
-               else pl.BlockSpec((B, 2), lambda b: (0, 0)))
-  row = lambda *shape: pl.BlockSpec((None, *shape), lambda b: (b,) + (0,) * len(shape))
-  kernel = functools.partial(_kernel, K=K, H=H, bs=bs, nb=nb, scale=scale, softcap=softcap)
+               else pl.BlockSpec((B, 2), lambda b, h, c: (0, 0)))
+  head = lambda n: pl.BlockSpec((None, None, n, H), lambda b, h, c: (b, h, 0, 0))
+  kv_spec = pl.BlockSpec((None, None, chunk, H), lambda b, h, c: (b, h, c, 0))
+  row = lambda *shape: pl.BlockSpec((None, *shape), lambda b, h, c: (b,) + (0,) * len(shape))
+  out_spec = lambda n: pl.BlockSpec((None, None, None, R, n), lambda b, h, c: (b, h, c, 0, 0))
+  kernel = functools.partial(_kernel, bs=bs, n_sub=n_sub, S=S, scale=scale, softcap=softcap)
+  args = (q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, window)
+  cost = pl.estimate_cost(
+      lambda *a: reference(*a[:-1], scale=scale, window=a[-1], softcap=softcap),
+      *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args))
   o, lse = pl.pallas_call(
       kernel,
-      grid=(B,),
-      in_specs=[meta_spec, row(K, R, H), row(S, K * H), row(S, K * H), row(Tp, K * H),
-                row(Tp, K * H), row(R, 1), row(nb, bs), row(R, Tp)],
-      out_specs=[row(K, R, H), row(K, R, 1)],
-      out_shape=[jax.ShapeDtypeStruct((B, K, R, H), jnp.float32),
-                 jax.ShapeDtypeStruct((B, K, R, 1), jnp.float32)],
+      grid=(B, K, n_split),
+      in_specs=[meta_spec, head(R), kv_spec, kv_spec, head(Tp), head(Tp), row(R, 1),
+                pl.BlockSpec((None, None, n_sub, bs), lambda b, h, c: (b, c, 0, 0)),
+                row(R, Tp)],
+      out_specs=[out_spec(H), out_spec(1)],
+      out_shape=[jax.ShapeDtypeStruct((B, K, n_split, R, H), jnp.float32),
+                 jax.ShapeDtypeStruct((B, K, n_split, R, 1), jnp.float32)],
       interpret=interpret,
-      compiler_params=None if tpu else pltriton.CompilerParams(num_warps=4, num_stages=2),
+      compiler_params=(pltpu.CompilerParams(dimension_semantics=("parallel",) * 3) if tpu
+                       else pltriton.CompilerParams(num_warps=4, num_stages=2)),
+      cost_estimate=cost,
       name="tree_attention",
-  )(meta, qr, k.reshape(B, S, K * H), v.reshape(B, S, K * H), kn, vn, q_rows, slot_pos, seen)
+  )(meta, qr, k, v, kn, vn, q_rows, slot_pos, seen)
+  o, lse = splits.merge(o, lse)                                     # [B, K, R, H], [B, K, R, 1]
   o = o.reshape(B, K, G, Tp, H)[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
   lse = lse.reshape(B, K, G, Tp)[..., :T].transpose(0, 3, 1, 2).reshape(B, T, N)
   return o, lse
 
 
 def _kernel(meta_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, qp_ref, sp_ref, seen_ref, o_ref,
-            lse_ref, *, K, H, bs, nb, scale, softcap):
-  """q_ref [K, R, H]; k_ref, v_ref [S, K*H]; kn_ref, vn_ref [Tp, K*H]; qp_ref [R, 1] query
-  positions; sp_ref [nb, bs] slot positions per key block; seen_ref [R, Tp] int tree mask;
-  o_ref [K, R, H]; lse_ref [K, R, 1]."""
-  b = pl.program_id(0)
+            lse_ref, *, bs, n_sub, S, scale, softcap):
+  """One (row b, kv head, chunk c): q_ref [R, H]; k_ref, v_ref [chunk, H] slots
+  [c * chunk, (c + 1) * chunk); kn_ref, vn_ref [Tp, H]; qp_ref [R, 1] query positions; sp_ref
+  [n_sub, bs] slot positions per key block; seen_ref [R, Tp] int tree mask; o_ref [R, H];
+  lse_ref [R, 1]."""
+  b, c = pl.program_id(0), pl.program_id(2)
   length, window = meta_ref[b, 0], meta_ref[b, 1]
-  S = k_ref.shape[0]
-  R = q_ref.shape[1]
+  R, H = q_ref.shape
   f32 = jnp.float32
+  c0 = c * (bs * n_sub)
   q_pos = qp_ref[...]                                               # [R, 1]
+  q = q_ref[...]                                                    # [R, H]
   dot_nt = functools.partial(jax.lax.dot_general, dimension_numbers=(((1,), (1,)), ((), ())),
                              preferred_element_type=f32)
 
   def update(carry, s, vis, vals):
-    """One online-softmax step of one kv head: s [R, n] raw scores, vis [R, n], vals [n, H]."""
+    """One online-softmax step: s [R, n] raw scores, vis [R, n], vals [n, H]."""
     m, l, acc = carry
     s = s * scale
     if softcap is not None:
@@ -224,27 +244,23 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, qp_ref, sp_ref, seen_
     acc = alpha * acc + jnp.dot(e.astype(vals.dtype), vals, preferred_element_type=f32)
     return m_new, alpha * l + e.sum(axis=1, keepdims=True), acc
 
-  def body(j, carry, h, q):
-    """One cache key block of kv head h (queries q [R, H]). Masks are built at full shape from
-    iotas (no broadcasting of boolean vectors)."""
-    lo = jnp.minimum(j * bs, S - bs)
-    cols = pl.ds(h * H, H)
-    slot = lo + jax.lax.broadcasted_iota(jnp.int32, (R, bs), 1)     # [R, bs]
-    vis = _sees_slot(slot, sp_ref[pl.ds(j, 1), :], length, q_pos, window) & (slot >= j * bs)
-    vals = v_ref[pl.ds(lo, bs), cols]                                # [bs, H]
-    live = lo + jax.lax.broadcasted_iota(jnp.int32, (bs, H), 0) < length
+  def body(j, carry):
+    """Key block j of the chunk. Masks are built at full shape from iotas (no broadcasting of
+    boolean vectors)."""
+    lo = j * bs
+    slot = c0 + lo + jax.lax.broadcasted_iota(jnp.int32, (R, bs), 1)     # [R, bs]
+    vis = _sees_slot(slot, sp_ref[pl.ds(j, 1), :], length, q_pos, window)
+    vals = v_ref[pl.ds(lo, bs), :]                                   # [bs, H]
+    live = c0 + lo + jax.lax.broadcasted_iota(jnp.int32, (bs, H), 0) < length
     vals = jnp.where(live, vals, jnp.zeros_like(vals))              # free slots: any bits
-    return update(carry, dot_nt(q, k_ref[pl.ds(lo, bs), cols]), vis, vals)
+    return update(carry, dot_nt(q, k_ref[pl.ds(lo, bs), :]), vis, vals)
 
-  n_live = jnp.minimum((length + bs - 1) >> (bs.bit_length() - 1), nb)   # blocks up to length
-  tree_vis = seen_ref[...] != 0                                     # [R, Tp]
-  for h in range(K):  # one head's softmax state live at a time
-    q = q_ref[h]                                                    # [R, H]
-    init = (jnp.full((R, 1), NEG, f32), jnp.zeros((R, 1), f32), jnp.zeros((R, H), f32))
-    carry = jax.lax.fori_loop(0, n_live, functools.partial(body, h=h, q=q), init)
-    cols = pl.ds(h * H, H)
-    m, l, acc = update(carry, dot_nt(q, kn_ref[:, cols]), tree_vis, vn_ref[:, cols])
-    has = l > 0
-    safe = jnp.where(has, l, 1.0)
-    o_ref[h] = acc / safe
-    lse_ref[h] = jnp.where(has, m + jnp.log(safe), NEG)
+  n_live = jnp.clip(splits.cdiv_pow2(jnp.minimum(length, S) - c0, bs), 0, n_sub)
+  init = (jnp.full((R, 1), NEG, f32), jnp.zeros((R, 1), f32), jnp.zeros((R, H), f32))
+  carry = jax.lax.fori_loop(0, n_live, body, init)
+  tree_vis = (seen_ref[...] != 0) & (c == 0)                        # [R, Tp]: chunk 0 only
+  m, l, acc = update(carry, dot_nt(q, kn_ref[...]), tree_vis, vn_ref[...])
+  has = l > 0
+  safe = jnp.where(has, l, 1.0)
+  o_ref[...] = acc / safe
+  lse_ref[...] = jnp.where(has, m + jnp.log(safe), NEG)

@@ -91,7 +91,7 @@ def round_(dec, head, cache, hcache, root, h, logits, key, live, *, spec, sampli
   path_tokens = jnp.take_along_axis(tree.tokens, path, axis=1)           # [B, D1] root first
   emit = jnp.where(j < m[:, None], jnp.roll(path_tokens, -1, axis=1), bonus[:, None])
   n_new = jnp.where(live, m + 1, 0)
-  kv_path = lambda a: jnp.take_along_axis(a, path[None, :, :, None, None], axis=2)
+  kv_path = lambda a: jnp.take_along_axis(a, path[None, :, None, :, None], axis=3)  # [L,B,K,D1,H]
   new_pos = n[:, None] + j
   cache = cache.write(kv_path(out.k), kv_path(out.v), new_pos, n_new)
   hs, hcache = head(feats[rows, path], dec.embed_tokens(emit), cache=hcache, positions=new_pos,

@@ -63,9 +63,9 @@ def test_augment_appends_the_latents_in_the_next_slots(base):
     n = len(r)
     np.testing.assert_array_equal(aug.pos[b, :n + N],
                                   list(range(n)) + [n + cpm.LATENT_POSITION] * N)
-    np.testing.assert_array_equal(aug.k[:, b, :n], before.k[:, b, :n])   # prefix untouched
-    np.testing.assert_allclose(aug.k[:, b, n:n + N], want.k[:, b, n:n + N], atol=1e-5)
-    np.testing.assert_allclose(aug.v[:, b, n:n + N], want.v[:, b, n:n + N], atol=1e-5)
+    np.testing.assert_array_equal(aug.k[:, b, :, :n], before.k[:, b, :, :n])  # prefix untouched
+    np.testing.assert_allclose(aug.k[:, b, :, n:n + N], want.k[:, b, :, n:n + N], atol=1e-5)
+    np.testing.assert_allclose(aug.v[:, b, :, n:n + N], want.v[:, b, :, n:n + N], atol=1e-5)
   # decoding goes on after the latents: the next token sits at slot n + N, position n
   logits, after = steps.extend(base.graphdef, base.state, aug, jnp.asarray([[1], [1]]),
                                jnp.asarray([1, 1], jnp.int32))

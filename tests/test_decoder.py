@@ -56,8 +56,8 @@ def test_embeds_input_equals_tokens(dec):
 def test_return_kv_is_what_the_cache_stores(dec):
   x = tokens(5)
   out, c = dec(x, cache=empty_cache(dec), return_kv=True)
-  np.testing.assert_allclose(c.k[:, :, :5], out.k, atol=0)
-  np.testing.assert_allclose(c.v[:, :, :5], out.v, atol=0)
+  np.testing.assert_allclose(c.k[:, :, :, :5], out.k, atol=0)
+  np.testing.assert_allclose(c.v[:, :, :, :5], out.v, atol=0)
   assert c.pos[0, :6].tolist() == [0, 1, 2, 3, 4, -1]
 
 

@@ -48,7 +48,8 @@ def assert_cache_equal(a, b, lengths, atol=0.0):
   np.testing.assert_array_equal(a.pos, b.pos)
   for b_, n in enumerate(np.asarray(lengths)):
     for name in ("k", "v"):
-      x, y = np.asarray(getattr(a, name))[:, b_, :n], np.asarray(getattr(b, name))[:, b_, :n]
+      x = np.asarray(getattr(a, name))[:, b_, :, :n]  # [L, K, n, H]
+      y = np.asarray(getattr(b, name))[:, b_, :, :n]
       np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=f"{name} row {b_}")
 
 
@@ -115,12 +116,12 @@ def test_mixed_plan_equals_a_layer_by_layer_computation(pair, text):
       k[i], v[i] = step.k[0], step.v[0]
       x = step.hidden
   for b, n in enumerate(np.asarray(lengths)):
-    np.testing.assert_allclose(np.asarray(got.k)[:, b, :n], k[:, b, :n], atol=2e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(got.v)[:, b, :n], v[:, b, :n], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(got.k)[:, b, :, :n], k[:, b, :, :n], atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(got.v)[:, b, :, :n], v[:, b, :, :n], atol=2e-5, rtol=0)
   np.testing.assert_array_equal(got.length, lengths)
   for j, i in enumerate(plan.reused):  # reused layers hold the sender's K/V bit for bit
-    np.testing.assert_array_equal(np.asarray(got.k)[i, :, :16], np.asarray(sent.k)[j])
-    np.testing.assert_array_equal(np.asarray(got.v)[i, :, :16], np.asarray(sent.v)[j])
+    np.testing.assert_array_equal(np.asarray(got.k)[i, :, :, :16], np.asarray(sent.k)[j])
+    np.testing.assert_array_equal(np.asarray(got.v)[i, :, :, :16], np.asarray(sent.v)[j])
 
 
 def test_the_receiver_continues_from_the_spliced_cache(pair):
@@ -189,8 +190,9 @@ def test_payload_round_trip_file_and_socket(pair, tmp_path):
   for name in ("k", "v", "e"):
     a, b = np.asarray(getattr(back, name)), np.asarray(getattr(sent, name))
     assert a.shape == b.shape
-    np.testing.assert_array_equal(a[:, :, :n], b[:, :, :n])
-    assert not a[:, :, n:].any()
+    axis = pl.SLOT_AXIS[name]  # k, v [R, B, K, P, H]; e [G, B, P, D]
+    np.testing.assert_array_equal(np.take(a, range(n), axis), np.take(b, range(n), axis))
+    assert not np.take(a, range(n, a.shape[axis]), axis).any()
   assert_cache_equal(ds.receive(receiver, back), ds.receive(receiver, sent), sent.lengths)
   sizes = sum(getattr(sent, name).size for name in ("k", "v", "e"))
   assert pl.read_header(data)[0]["data_bytes"] == sizes // 16 * n * 4  # float32, n of 16 slots
@@ -225,6 +227,24 @@ def test_payload_refuses_what_is_not_for_this_receiver(pair):
     pl.decode(data, receiver, sender=receiver)
   with pytest.raises(pl.PayloadError, match=r"prefix \(\[11, 5\] tokens per row\) is not"):
     pl.decode(data, receiver, prefix=[PREFIXES[0], PREFIXES[1][:-1]])
+
+
+def test_payload_of_another_format_version_is_refused(pair):
+  """A format-1 payload (K/V as [R, B, P, K, H], before the cache layout moved kv heads before
+  slots) is refused with both versions named, never reinterpreted."""
+  import json
+  import struct
+  from kvjax.cache import payload as pl
+  sender, receiver = pair
+  data = pl.encode(_sent(pair), sender)
+  (n,) = struct.unpack("<I", data[8:12])
+  header = json.loads(data[12:12 + n])
+  header["format"] = 1
+  head = json.dumps(header).encode()
+  old = data[:8] + struct.pack("<I", len(head)) + head + data[12 + n:]
+  with pytest.raises(pl.PayloadError, match=r"format version 1, but this kvjax reads format "
+                                            r"version 2"):
+    pl.decode(old, receiver)
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -125,13 +125,13 @@ def test_custom_rules(load):
 def test_new_cache_sharded_on_batch(load):
   model = sharding.shard(load("llama"), sharding.make_mesh(4, 2))
   cache = new_cache(model, 8, 32)
-  assert cache.k.sharding.spec == P(None, "data", None, "model", None)
-  assert cache.v.sharding.spec == P(None, "data", None, "model", None)
+  assert cache.k.sharding.spec == P(None, "data", "model", None, None)
+  assert cache.v.sharding.spec == P(None, "data", "model", None, None)
   assert cache.pos.sharding.spec == P("data", None)
   assert cache.length.sharding.spec == P("data")
-  assert {s.data.shape for s in cache.k.addressable_shards} == {(3, 2, 32, 1, 16)}
+  assert {s.data.shape for s in cache.k.addressable_shards} == {(3, 2, 1, 32, 16)}
   odd = new_cache(model, 3, 32)  # 3 rows on 4 data shards: replicated along data
-  assert odd.k.sharding.spec == P(None, None, None, "model", None)
+  assert odd.k.sharding.spec == P(None, None, "model", None, None)
   assert odd.length.sharding.spec == P(None)
   assert new_cache(load("llama"), 8, 32).k.sharding.is_fully_replicated
 

@@ -35,8 +35,8 @@ def states(n_sink, W, B, rng):
 def inputs(B, T, N, K, H, n_sink, W, dtype, seed=0):
   rng = np.random.default_rng(seed)
   q = rng.standard_normal((B, T, N, H))
-  k = rng.standard_normal((B, n_sink + W, K, H))
-  v = rng.standard_normal((B, n_sink + W, K, H))
+  k = rng.standard_normal((B, K, n_sink + W, H))
+  v = rng.standard_normal((B, K, n_sink + W, H))
   count, start = states(n_sink, W, B, rng)
   cast = lambda x: jnp.asarray(x, dtype)
   return cast(q), cast(k), cast(v), count, start
@@ -70,6 +70,21 @@ def test_kernel_equals_reference(case, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_long_cache(mode):
+  """A long, odd-sized cache (4 sinks + a ring of 8201: S = 8205 > 8192, K * H = 1024) with the
+  default blocks: 17 key splits per (row, kv head), the last one past S."""
+  B, T, N, K, H, n_sink, W = 2, 1, 16, 8, 128, 4, 8201
+  q, k, v, count, start = inputs(B, T, N, K, H, n_sink, W, jnp.float32, seed=4)
+  kw = dict(n_sink=n_sink, freq=jnp.asarray(rope_freq(H)), scale=H ** -0.5)
+  run = lambda **extra: jax.jit(functools.partial(sink_attention, **kw, **extra))(
+      q, k, v, count, start)
+  want_o, want_lse = run(impl="xla")
+  got_o, got_lse = run(impl="pallas", interpret=MODES[mode])
+  np.testing.assert_allclose(got_o, want_o, atol=2e-5)
+  np.testing.assert_allclose(got_lse, want_lse, atol=2e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_bfloat16(mode):
   q, k, v, count, start = inputs(6, 1, 8, 2, 32, 4, 20, jnp.bfloat16, seed=1)
   kw = dict(n_sink=4, freq=jnp.asarray(rope_freq(32)), scale=32 ** -0.5)
@@ -93,11 +108,11 @@ def test_reference_equals_attention_over_the_repositioned_cache():
     c, s = int(count[b]), int(start[b])
     toks = list(range(min(c, n_sink))) + list(range(max(s, c - W + 1), c))
     slots = [t if t < n_sink else n_sink + (t - n_sink) % W for t in toks]
-    kk = np_rope(k[b, slots, 0], np.arange(len(slots)), freq)      # [n, H]
+    kk = np_rope(k[b, 0, slots], np.arange(len(slots)), freq)      # [n, H]
     qq = np_rope(q[b, :, 0], np.array([len(slots)]), freq)[0]       # [H]
     sc = kk @ qq * 0.25
     np.testing.assert_allclose(lse[b, 0, 0], np.log(np.exp(sc).sum()), atol=1e-5)
-    np.testing.assert_allclose(o[b, 0, 0], np.exp(sc) @ v[b, slots, 0] / np.exp(sc).sum(),
+    np.testing.assert_allclose(o[b, 0, 0], np.exp(sc) @ v[b, 0, slots] / np.exp(sc).sum(),
                                atol=1e-5)
 
 
@@ -137,7 +152,7 @@ def test_kernel_lowers_for_the_device(platform, shape):
   device compiler itself runs only on the device)."""
   B, T, N, K, H, n_sink, W = shape
   q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
-  k = jax.ShapeDtypeStruct((B, n_sink + W, K, H), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((B, K, n_sink + W, H), jnp.bfloat16)
   rows = jax.ShapeDtypeStruct((B,), jnp.int32)
   fn = functools.partial(kernel._pallas, n_sink=n_sink, freq=jnp.ones(H // 2), scale=0.1,
                          window=jnp.int32(0), softcap=None, interpret=False, block=128,

@@ -218,8 +218,8 @@ def test_compaction(model, head, monkeypatch):
   assert int(cache.length[0]) == int(hcache.length[0]) == n
   for a, b in ((cache, cache2), (hcache, hcache2)):
     np.testing.assert_array_equal(a.pos[0, :n], b.pos[0, :n])
-    np.testing.assert_allclose(a.k[:, 0, :n], b.k[:, 0, :n], atol=2e-5)
-    np.testing.assert_allclose(a.v[:, 0, :n], b.v[:, 0, :n], atol=2e-5)
+    np.testing.assert_allclose(a.k[:, 0, :, :n], b.k[:, 0, :, :n], atol=2e-5)
+    np.testing.assert_allclose(a.v[:, 0, :, :n], b.v[:, 0, :, :n], atol=2e-5)
   assert int(root[0]) == seq[n]
   np.testing.assert_allclose(h, h2, atol=2e-5)
 

@@ -9,7 +9,8 @@ import pytest
 from jax import export
 from jax.experimental.pallas import tpu as pltpu
 
-from kvjax.lm.attention import NEG, attend
+from kvjax.cache.view import Keys
+from kvjax.lm.attention import NEG, KeyBlock, attend
 from kvjax.pallas_kernels import tree_attention as kernel
 from kvjax.pallas_kernels.tree_attention import reference, tree_attention
 
@@ -45,6 +46,7 @@ def inputs(B, T, N, K, H, S, shape, dtype, seed=0, lengths=()):
   q_pos = length[:, None] + np.stack(depths)
   q, k_new, v_new = (rng.standard_normal((B, T, n, H)) for n in (N, K, K))
   cast = lambda x: jnp.asarray(x, dtype)
+  k, v, k_new, v_new = (x.transpose(0, 2, 1, 3) for x in (k, v, k_new, v_new))  # [B, K, S, H]
   return (cast(q), cast(k), cast(v), jnp.asarray(length), cast(k_new), cast(v_new),
           jnp.asarray(q_pos), jnp.asarray(pos), jnp.asarray(np.stack(masks)))
 
@@ -81,6 +83,18 @@ def test_kernel_equals_reference(case, mode):
   np.testing.assert_allclose(got_lse, want_lse, atol=1e-5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_long_cache(mode):
+  """A long, odd-sized cache (S = 8203 > 8192, K * H = 1024, rows filled to 8203 and 5000)
+  with the default blocks: 17 key splits per (row, kv head), the last one past S, and chunks
+  past a row's length skipped."""
+  args = inputs(2, 5, 16, 8, 128, 8203, "tree", jnp.float32, seed=5, lengths=(8203, 5000))
+  want_o, want_lse = run(args, scale=128 ** -0.5, impl="xla")
+  got_o, got_lse = run(args, scale=128 ** -0.5, impl="pallas", interpret=MODES[mode])
+  np.testing.assert_allclose(got_o, want_o, atol=2e-5)
+  np.testing.assert_allclose(got_lse, want_lse, atol=2e-5, rtol=1e-6)
+
+
 def test_bfloat16():
   """bf16 cache and queries, f32 scores and accumulation; TPU semantics only (to save time:
   the generic interpreter is covered in f32)."""
@@ -102,6 +116,7 @@ def test_reference_equals_attention_over_the_concatenated_keys():
   fn = jax.jit(functools.partial(reference, scale=0.3, softcap=cap))
   o, lse = fn(*args, window=jnp.int32(window))
   q, k, v, length, k_new, v_new, q_pos, pos, tree_mask = (np.asarray(x) for x in args)
+  k, v, k_new, v_new = (x.transpose(0, 2, 1, 3) for x in (k, v, k_new, v_new))  # [B, S, K, H]
   for b in range(B):
     n = length[b]
     keys = np.concatenate([k[b, :n], k_new[b]]).astype(np.float64)      # [n + T, K, H]
@@ -128,8 +143,9 @@ def test_partial_merges_through_attend():
   def both(args):
     whole, _ = tree_attention(*args, scale=0.25)
     only_tree = tree_attention(q, k, v, jnp.zeros_like(length), *args[4:], scale=0.25)
-    filled = jnp.arange(16)[None, None] < length[:, None, None]         # [B, 1, S]
-    cache = (q, jnp.nan_to_num(k), jnp.nan_to_num(v), jnp.broadcast_to(filled, (3, 5, 16)))
+    filled = jnp.arange(16)[None] < length[:, None]                    # [B, S]
+    keys = Keys((0, 16), 0, filled, q_pos, pos)
+    cache = KeyBlock(q, jnp.nan_to_num(k), jnp.nan_to_num(v), keys)
     return attend([cache], scale=0.25, partial=only_tree), whole
 
   merged, whole = both(args)
@@ -143,8 +159,8 @@ def test_kernel_lowers_for_the_device(platform, shape):
   device compiler itself runs only on the device)."""
   B, T, N, K, H, S = shape
   q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
-  k = jax.ShapeDtypeStruct((B, S, K, H), jnp.bfloat16)
-  new = jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((B, K, S, H), jnp.bfloat16)
+  new = jax.ShapeDtypeStruct((B, K, T, H), jnp.bfloat16)
   ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
   fn = functools.partial(kernel._pallas, scale=0.1, softcap=None, interpret=False, block=128,
                          tpu=platform == "tpu")
@@ -164,8 +180,8 @@ def test_errors():
     tree_attention(q[:, :, :3], *args[1:], scale=0.25)
   with pytest.raises(ValueError, match="impl must be one of"):
     tree_attention(*args, scale=0.25, impl="triton")
-  with pytest.raises(ValueError, match=r"k_new and v_new must both be \[B, T, K, H\]"):
-    tree_attention(*args[:4], k_new[:, :2], *args[5:], scale=0.25)
+  with pytest.raises(ValueError, match=r"k_new and v_new must both be \[B, K, T, H\]"):
+    tree_attention(*args[:4], k_new[:, :, :2], *args[5:], scale=0.25)
   with pytest.raises(ValueError, match=r"q_pos must be an int array of shape \(2, 3\)"):
     tree_attention(*args[:6], q_pos.astype(jnp.float32), *args[7:], scale=0.25)
   with pytest.raises(ValueError, match=r"length must be an int array of shape \(2,\)"):

@@ -1,0 +1,107 @@
+"""Blocked attention (online softmax over key blocks, query blocks, skipped blocks) equals the
+unblocked reference, for every kind of key block a cache hands the decoder."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax import lm
+from kvjax.cache import KVCache
+from kvjax.cache.view import NEW, SHARED, Keys, new_keys
+from kvjax.lm import attention, tiny
+from kvjax.lm.attention import NEG, KeyBlock, attend, reference
+
+B, N, K, H = 2, 4, 2, 8
+
+
+def _arrays(rng, T, S, shared=False, layers=None):
+  lead = () if layers is None else (layers,)
+  kv = lead + ((K, S, H) if shared else (B, K, S, H))
+  return (jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32),
+          jnp.asarray(rng.standard_normal(kv), jnp.float32),
+          jnp.asarray(rng.standard_normal(kv), jnp.float32))
+
+
+def _run(blocks, **kw):
+  """attend with tiny blocks (many loop iterations, overlapping last blocks) vs reference."""
+  ref = jax.jit(lambda: reference(blocks, scale=0.3, **kw))()
+  got = jax.jit(lambda: attend(blocks, scale=0.3, block_k=5, block_q=3, **kw))()
+  return np.asarray(got), np.asarray(ref)
+
+
+@pytest.mark.parametrize("window", [0, 4])
+@pytest.mark.parametrize("T", [1, 7, 16])
+def test_cache_block_with_free_slots(T, window):
+  """A cache block of 23 slots whose rows hold 9 and 17 tokens (blocks past both are skipped),
+  read in place at layer 1 of a stacked [L, B, K, S, H] array, then the new tokens causally."""
+  rng = np.random.default_rng(T)
+  S = 23
+  q, k, v = _arrays(rng, T, S, layers=3)
+  qn, kn, vn = _arrays(rng, T, T)
+  length = jnp.asarray([9, 17])
+  pos = jnp.broadcast_to(jnp.arange(S), (B, S))
+  positions = length[:, None] + jnp.arange(T)[None]
+  cache = Keys((0, S), 0, pos < length[:, None], positions, pos)
+  blocks = [KeyBlock(q, k, v, cache, jnp.int32(1)), KeyBlock(q, kn, vn, new_keys(positions))]
+  got, ref = _run(blocks, window=window, softcap=20.0)
+  np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_long_causal_prefill_skips_the_upper_triangle(window):
+  """The cache-free prefill of 37 tokens (13 query blocks x 8 key blocks, most skipped)."""
+  rng = np.random.default_rng(1)
+  T = 37
+  q, k, v = _arrays(rng, T, T)
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+  got, ref = _run([KeyBlock(q, k, v, new_keys(positions))], window=window)
+  np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
+  # and the reference is plain softmax attention
+  s = jnp.einsum("btkgh,bskh->bkgts", q.reshape(B, T, K, 2, H), k.transpose(0, 2, 1, 3)) * 0.3
+  d = positions[:, :, None] - positions[:, None, :]
+  vis = (d >= 0) & ((window == 0) | (d < window))
+  p = jax.nn.softmax(jnp.where(vis[:, None, None], s, -jnp.inf), -1)
+  want = jnp.einsum("bkgts,bskh->btkgh", p, v.transpose(0, 2, 1, 3)).reshape(B, T, N, H)
+  np.testing.assert_allclose(ref, want, atol=2e-5, rtol=1e-5)
+
+
+def test_shared_prefix_explicit_mask_and_partial():
+  """A shared prefix block (no batch axis), an explicit mask on the new tokens, and a partial
+  softmax from elsewhere merged in; a query that sees nothing gets 0."""
+  rng = np.random.default_rng(2)
+  T, S0 = 6, 19
+  q, k0, v0 = _arrays(rng, T, S0, shared=True, layers=2)
+  _, kn, vn = _arrays(rng, T, T)
+  positions = S0 + jnp.broadcast_to(jnp.arange(T), (B, T))
+  valid = (jnp.arange(S0) < 15)[None]
+  shared = Keys(SHARED, 0, valid, positions, jnp.arange(S0)[None])
+  tree = jnp.asarray(rng.random((B, T, T)) < 0.5) | jnp.eye(T, dtype=bool)
+  own = Keys(NEW, 0, jnp.ones((1, T), bool), positions, positions, mask=tree)
+  o = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+  lse = jnp.asarray(rng.standard_normal((B, T, N)), jnp.float32).at[0, 0].set(NEG)
+  blocks = [KeyBlock(q, k0, v0, shared, jnp.int32(1)), KeyBlock(q, kn, vn, own)]
+  got, ref = _run(blocks, partial=(o, lse))
+  np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)
+  nothing = Keys(NEW, 0, jnp.zeros((1, T), bool), positions, positions)
+  got, ref = _run([KeyBlock(q, kn, vn, nothing)])
+  assert np.all(got == 0) and np.all(ref == 0)
+
+
+def test_decoder_with_small_blocks_equals_score(monkeypatch):
+  """End to end through the decoder: a 40-token prompt prefilled, then extended by 9 and
+  decoded, with 8-slot key blocks and 4-query blocks, equals lm.score (full recompute)."""
+  model = tiny.model("gemma2", windows=(6, 0))
+  ids = np.random.default_rng(3).integers(2, 258, 52).tolist()
+  want = np.asarray(lm.score(model, ids))
+  monkeypatch.setattr(attention, "BLOCK_K", 8)
+  monkeypatch.setattr(attention, "BLOCK_Q", 4)
+  dec = model.decoder
+  cache = KVCache.init(n_layers=2, batch=1, size=64, n_kv_heads=2, head_dim=16)
+  prefill = jax.jit(lambda c, t: dec(t, cache=c))
+  (out, cache) = prefill(cache, jnp.asarray([ids[:40]]))
+  np.testing.assert_allclose(out.logits[0], want[:40], atol=1e-4, rtol=1e-4)
+  out, cache = jax.jit(lambda c, t: dec(t, cache=c))(cache, jnp.asarray([ids[40:49]]))
+  np.testing.assert_allclose(out.logits[0], want[40:49], atol=1e-4, rtol=1e-4)
+  out, _ = jax.jit(lambda c, t: dec(t, cache=c))(cache, jnp.asarray([ids[49:50]]))
+  np.testing.assert_allclose(out.logits[0, 0], want[49], atol=1e-4, rtol=1e-4)
