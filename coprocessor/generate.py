@@ -19,14 +19,14 @@ import numpy as np
 from kvjax.coprocessor import model as cpm
 from kvjax.lm import steps
 from kvjax.lm.model import Model
-from kvjax.lm.sampling import Sampling
+from kvjax.lm.sampling import Sampling, sample
 
 
 def prefill(model: Model, cop: cpm.Coprocessor, rows: list[list[int]], max_new_tokens: int,
             *, delay: int, sampling: Sampling, key: jax.Array):
   """(logits [B, V] of the next token after the latents, cache, early [B, delay] int32 (the
   tokens sampled before the latents arrived), prefill_s, compile_s) for prompts `rows`."""
-  from kvjax.lm.generate import _sample_step, new_cache
+  from kvjax.lm.generate import new_cache
   cpm.check(cop.cc, model.cfg)
   if not isinstance(delay, (int, np.integer)) or isinstance(delay, bool) or delay < 0:
     raise ValueError(f"delay must be an int >= 0; got {delay!r}")
@@ -50,9 +50,9 @@ def prefill(model: Model, cop: cpm.Coprocessor, rows: list[list[int]], max_new_t
   t0 = time.perf_counter()
   compile_s = 0.0
 
-  def call(fn, *args):
+  def call(fn, *args, **static):
     nonlocal compile_s
-    out, c = steps.call(model, fn, model.state, *args)
+    out, c = steps.call(model, fn, model.state, *args, **static)
     compile_s += c
     return out
 
@@ -67,11 +67,11 @@ def prefill(model: Model, cop: cpm.Coprocessor, rows: list[list[int]], max_new_t
   latents = cpm.latents(model, cop, cache)
   logits, cache = call(steps.extend, cache, last, one)
   early = []
-  for i in range(delay):
-    tok = _sample_step(logits, key, i, sampling)
+  for i in range(delay - 1):  # tokens sampled and fed before the latents arrive
+    tok, logits, cache = call(steps.sample_decode, cache, logits, key, jnp.int32(i),
+                              sampling=sampling)
     early.append(tok)
-    if i + 1 < delay:
-      logits, cache = call(steps.decode_step, cache, tok)
+  early.append(sample(logits, jax.random.fold_in(key, delay - 1), sampling))  # fed after them
   cache = cpm.insert(model, cop, latents, cache)
   logits, cache = call(steps.decode_step, cache, early[-1])
   jax.block_until_ready(logits)

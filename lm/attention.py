@@ -24,11 +24,13 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache.view import Keys
+from kvjax.cache.view import Keys, new_keys
 
 NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked query gives no NaN
-BLOCK_K = 512  # key slots per block of the online softmax
-BLOCK_Q = 512  # queries per block when T is long
+BLOCK_K = 256  # key slots per block of the online softmax
+BLOCK_Q = 256  # queries per block when T is long
+BLOCK_K_FEW = 512  # key slots per block when T <= FEW queries (decode): fewer, longer steps
+FEW = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +66,12 @@ def attend(blocks: Sequence[KeyBlock], *, scale: float, softcap: float | None = 
   partial: the softmax over further keys computed elsewhere (a kernel), as (o [B, T, N, H]
   float32 its normalized output, lse [B, T, N] its log-sum-exp, NEG when empty), merged into
   the same softmax. block_k, block_q: key slots and queries per block (default the module's
-  BLOCK_K, BLOCK_Q, read at trace time). Scores and softmax in float32; returns [B, T, N, H] in
-  q's dtype; a query that sees no key gets 0.
+  BLOCK_K, BLOCK_Q, read at trace time; BLOCK_K_FEW keys for up to FEW queries). Scores and
+  softmax in float32; returns [B, T, N, H] in q's dtype; a query that sees no key gets 0.
   """
-  block_k, block_q = block_k or BLOCK_K, block_q or BLOCK_Q
+  T = blocks[0].q.shape[1]
+  block_k = block_k or (BLOCK_K_FEW if T <= FEW else BLOCK_K)
+  block_q = block_q or BLOCK_Q
   q0 = blocks[0].q
   B, T, N, H = q0.shape
   window = jnp.asarray(window, jnp.int32)
@@ -111,11 +115,11 @@ def _take(x: jax.Array | None, axis: int, lo, n: int):
 
 
 def _scores_step(carry, qg, k, v, sees, scale, softcap):
-  """One online-softmax step. qg [B, tq, K, G, H]; k, v [B, K, n, H] or [K, n, H]; sees
+  """One online-softmax step. qg [B, K, G, tq, H]; k, v [B, K, n, H] or [K, n, H]; sees
   [B, tq, n] bool; carry (acc [B, K, G, tq, H], m, l [B, K, G, tq]) float32."""
   acc, m, l = carry
   kk = "bknh" if k.ndim == 4 else "knh"
-  s = jnp.einsum(f"btkgh,{kk}->bkgtn", qg, k, preferred_element_type=jnp.float32) * scale
+  s = jnp.einsum(f"bkgth,{kk}->bkgtn", qg, k, preferred_element_type=jnp.float32) * scale
   if softcap is not None:
     s = jnp.tanh(s / softcap) * softcap
   vis = sees[:, None, None]                                          # [B, 1, 1, tq, n]
@@ -149,7 +153,7 @@ def _block(blk: KeyBlock, scale, softcap, window, block_k: int, block_q: int):
   G = N // K
   S = blk.size
   f32 = jnp.float32
-  qg = q.reshape(B, T, K, G, H)
+  qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)           # [B, K, G, T, H], once
   if S <= block_k and T <= block_q:  # one block: no loop
     init = (jnp.zeros((B, K, G, T, H), f32), jnp.full((B, K, G, T), NEG, f32),
             jnp.zeros((B, K, G, T), f32))
@@ -178,7 +182,7 @@ def _block(blk: KeyBlock, scale, softcap, window, block_k: int, block_q: int):
     far = (window > 0) & ((kb_max == none) | (q_min - kb_max >= window))  # [n_kb] unseen
     lo = jnp.where(far.all(), n_kb, jnp.argmin(far))
     lo = jnp.minimum(lo, hi)
-    qb = _take(qg, 1, t0, bq)
+    qb = _take(qg, 3, t0, bq)
 
     def body(j, carry):
       s0 = kb_lo[j]
@@ -202,6 +206,40 @@ def _block(blk: KeyBlock, scale, softcap, window, block_k: int, block_q: int):
                  for o, p in zip(out, part))
 
   return jax.lax.fori_loop(0, n_qb, q_body, out)
+
+
+CAUSAL_IMPLS = ("xla", "cudnn", "tpu_flash")
+
+
+def causal(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+           impl: str | None = None) -> jax.Array:
+  """Causal self-attention of a prompt with no cache, no window and no softcap (the prefill
+  of most models), through the best kernel of the device: one dispatch.
+
+  q [B, T, N, H] and k, v [B, K, T, H] (the caches' layout), N % K == 0, query t sees keys
+  [0, t]. impl: "xla" (`attend`: blocked online softmax, the CPU path and the reference),
+  "cudnn" (`jax.nn.dot_product_attention`, cuDNN's flash attention on GPU, XLA elsewhere) or
+  "tpu_flash" (`jax.experimental.pallas.ops.tpu.flash_attention`); None picks by backend.
+  Returns [B, T, N, H] in q's dtype."""
+  if impl is None:
+    impl = {"gpu": "cudnn", "tpu": "tpu_flash"}.get(jax.default_backend(), "xla")
+  if impl not in CAUSAL_IMPLS:
+    raise ValueError(f"impl must be one of {CAUSAL_IMPLS} or None; got {impl!r}")
+  B, T, N, H = q.shape
+  K = k.shape[1]
+  if impl == "xla":
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return attend([KeyBlock(q, k, v, new_keys(positions))], scale=scale)
+  if impl == "cudnn":
+    out = jax.nn.dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                       scale=scale, is_causal=True)
+    return out.astype(q.dtype)
+  from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+  G = N // K
+  kv = lambda a: jnp.repeat(a, G, axis=1) if G > 1 else a  # noqa: E731  (the kernel is MHA)
+  out = tpu_flash.flash_attention(q.transpose(0, 2, 1, 3), kv(k), kv(v), causal=True,
+                                  sm_scale=scale)
+  return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 def reference(blocks: Sequence[KeyBlock], *, scale: float, softcap: float | None = None,

@@ -18,8 +18,8 @@ from flax import nnx
 from kvjax.cache.dense import KVCache
 from kvjax.cache.view import NEW, SHARED, View, causal
 from kvjax.lm import rope
-from kvjax.lm.attention import KeyBlock
-from kvjax.lm.attention import attend
+from kvjax.lm.attention import KeyBlock, attend
+from kvjax.lm.attention import causal as causal_attention
 from kvjax.lm.config import Config
 from kvjax.lm.sharding import constrain
 
@@ -115,6 +115,16 @@ class Block(nnx.Module):
       self.post_attn_norm = RMSNorm(cfg, dtype)
       self.post_mlp_norm = RMSNorm(cfg, dtype)
 
+  def _plain_causal(self, view: View, T: int) -> bool:
+    """Whether this layer's attention is a long prompt's causal self-attention with nothing
+    else (no cache, mask, window or softcap): the case `attention.causal` dispatches to the
+    device's flash kernel (cuDNN, TPU flash) rather than the blocked XLA path."""
+    cfg = self.cfg
+    return (jax.default_backend() != "cpu" and T > 1 and view.cache_read is None
+            and len(view.blocks) == 1 and view.blocks[0].source == NEW
+            and view.blocks[0].causal and view.blocks[0].mask is None
+            and not any(cfg.windows) and cfg.attn_softcap is None)
+
   def __call__(self, x, *, view: View, freq, cached, layer, window):
     """x [B, T, D]; view: what the T tokens attend to (`kvjax.cache.view`); cached: the
     cache's `slots()` (every layer's (k, v) [L, B, K, S, H], then for a PrefixCache the shared
@@ -142,7 +152,9 @@ class Block(nnx.Module):
       new = dict(new=(k_rot, v)) if view.reads_new else {}
       partial = view.cache_read(q, cached[0][layer], cached[1][layer], freq=freq,
                                 window=window, scale=scale, softcap=softcap, **new)
-    if blocks:
+    if self._plain_causal(view, T=x.shape[1]):  # a prompt with no cache: the device's kernel
+      a = causal_attention(qs[0], k_rot, v, scale=scale)
+    elif blocks:
       a = attend(blocks, scale=scale, softcap=softcap, window=window, partial=partial)
     else:  # the cache's read covered every key
       a = partial[0].astype(q.dtype)

@@ -22,12 +22,6 @@ from kvjax.lm.sampling import Sampling, sample
 Prompt = str | Sequence[int]
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def _sample_step(logits: jax.Array, key: jax.Array, step: int, sampling: Sampling) -> jax.Array:
-  """The token for decode step `step`: one dispatch per streamed token, as in decode_loop."""
-  return sample(logits, jax.random.fold_in(key, step), sampling)
-
-
 @dataclasses.dataclass
 class Generation:
   """texts: the continuation of each prompt (stop token and stop string excluded).
@@ -246,7 +240,7 @@ def stream(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
            stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
            chat: bool = False, stats: dict | None = None) -> Iterator[str]:
   """Yields the continuation of one prompt as text pieces while it is generated (one jitted
-  decode step per token). Stops at a stop token, a stop string (not yielded) or the limit.
+  step per token: sampling and the decode step fused, one dispatch). Stops at a stop token, a stop string (not yielded) or the limit.
 
   stats: a dict to fill, once the stream ends, with prefill_s, decode_s, compile_s,
   prompt_tokens, new_tokens, decode_tokens_per_s and finish (as `generate` reports them)."""
@@ -264,17 +258,14 @@ def stream(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
 
   def tokens() -> Iterator[int]:
     nonlocal logits, cache, decode_s, compile_s
-    for step in range(max_new_tokens):
+    for step in range(max_new_tokens):  # one dispatch and one host read per token
       t0 = time.perf_counter()
-      tok = int(_sample_step(logits, key, step, sampling)[0])
-      decode_s += time.perf_counter() - t0
+      (tok, logits, cache), c = steps.call(model, steps.sample_decode, model.state, cache,
+                                           logits, key, jnp.int32(step), sampling=sampling)
+      tok = int(tok[0])
+      decode_s += time.perf_counter() - t0 - c
+      compile_s += c
       yield tok
-      if step + 1 < max_new_tokens:
-        t0 = time.perf_counter()
-        (logits, cache), c = steps.call(model, steps.decode_step, model.state, cache,
-                                        jnp.asarray([tok], jnp.int32))
-        decode_s += time.perf_counter() - t0 - c
-        compile_s += c
 
   done: dict = {}
   yield from detokenize(model, tokens(), stop, stop_ids, done)

@@ -5,6 +5,7 @@ Every step donates the cache. Shapes are static, so callers pad prompts to lengt
 
 from __future__ import annotations
 
+import collections
 import functools
 import time
 from typing import Any
@@ -17,27 +18,47 @@ from kvjax.cache.dense import KVCache
 from kvjax.lm.sampling import Sampling, sample
 
 
+# AOT-compiled executables shared by every Model: two models of one config, dtype and layout
+# (two loads of a checkpoint, a DroidSpeak sender and receiver, a fine-tune and its base) have
+# equal graphdefs, so each program compiles once per process. Least recently used beyond
+# EXECUTABLES_KEPT are dropped.
+EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
+EXECUTABLES_KEPT = 256
+compilations = 0  # programs compiled by `call` in this process (tests count them)
+
+
 def call(model, fn, *args, **static) -> tuple[Any, float]:
   """Calls jitted step `fn(model.graphdef, *args, **static)` through an AOT-compiled executable
-  cached on the model (`model.compiled`), so timings never include compilation.
+  (kept in `model.compiled` and shared through `EXECUTABLES` with every model of the same
+  graphdef), so timings never include compilation.
   Returns (result, seconds spent compiling in this call)."""
+  global compilations
   leaves, tree = jax.tree.flatten(args)
   key = (fn, tuple(sorted(static.items())), tree,
          tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
   compile_s = 0.0
   if key not in model.compiled:
-    t0 = time.perf_counter()
-    model.compiled[key] = fn.lower(model.graphdef, *args, **static).compile()
-    compile_s = time.perf_counter() - t0
+    shared = (key, model.graphdef)
+    if shared not in EXECUTABLES:
+      t0 = time.perf_counter()
+      EXECUTABLES[shared] = fn.lower(model.graphdef, *args, **static).compile()
+      compile_s = time.perf_counter() - t0
+      compilations += 1
+      while len(EXECUTABLES) > EXECUTABLES_KEPT:
+        EXECUTABLES.popitem(last=False)
+    EXECUTABLES.move_to_end(shared)
+    model.compiled[key] = EXECUTABLES[shared]
   return model.compiled[key](*args), compile_s
 
 
-def bucket(n: int, minimum: int = 16) -> int:
-  """The padded size for n: the next power of two, at least `minimum`."""
+def bucket(n: int, minimum: int = 16, step: int = 512) -> int:
+  """The padded size for n: the next power of two (at least `minimum`) up to `step`, then the
+  next multiple of `step` (padding wastes < step slots: a long prompt is not padded to twice
+  its length, and few shapes still need compiling)."""
   size = minimum
-  while size < n:
+  while size < min(n, step):
     size *= 2
-  return size
+  return size if size >= n else -(-n // step) * step
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -81,6 +102,17 @@ def _decode(dec, cache: KVCache, tokens: jax.Array):
 def decode_step(graphdef, state, cache: KVCache, tokens: jax.Array):
   """tokens [B] -> (logits [B, V] for the next position, cache one token longer per row)."""
   return _decode(nnx.merge(graphdef, state), cache, tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
+def sample_decode(graphdef, state, cache, logits: jax.Array, key: jax.Array, step: jax.Array, *,
+                  sampling: Sampling):
+  """One streamed token in one dispatch: samples from logits [B, V] (PRNG fold_in(key, step),
+  as decode_loop's step `step`) and feeds the token -> (tokens [B], logits [B, V] for the
+  position after it, cache one token longer per row)."""
+  tok = sample(logits, jax.random.fold_in(key, step), sampling)
+  logits, cache = _decode(nnx.merge(graphdef, state), cache, tok)
+  return tok, logits, cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_steps"),

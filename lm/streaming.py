@@ -29,7 +29,7 @@ from kvjax.cache.dense import KVCache
 from kvjax.cache.sink import SinkCache
 from kvjax.lm import steps
 from kvjax.lm.generate import _check as _check_sampling
-from kvjax.lm.generate import _sample_step, _stop_ids, detokenize
+from kvjax.lm.generate import _stop_ids, detokenize
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
 
@@ -162,8 +162,8 @@ class Stream:
   chunks of `chunk` tokens, then samples one jitted decode step per token. When the prompt and
   the reply budget fit the window together, the turn first evicts the oldest tokens to make room
   for both (the per-turn policy of the paper's chat demo); otherwise (endless generation, long
-  prompts) tokens are evicted one by one as they arrive (per-token policy). The last token of a
-  reply (a stop token included) enters the cache at the start of the next turn.
+  prompts) tokens are evicted one by one as they arrive (per-token policy). Each sampled token
+  (a stop token included) enters the cache in the dispatch that samples it.
 
   stats: tokens_generated, prompt_tokens, peak_cache_tokens (most tokens held at once),
   prefill_s, decode_s, compile_s, tokens_per_s (generated tokens per decode second).
@@ -195,7 +195,6 @@ class Stream:
                                 n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
                                 dtype=model.dtype)
     self.logits: jax.Array | None = None   # [1, V] for the next token, once anything is fed
-    self.pending: list[int] = []           # sampled but not yet in the cache
     self.steps = 0                         # sampling steps so far (folded into the key)
     self.stats = dict(tokens_generated=0, prompt_tokens=0, peak_cache_tokens=0, prefill_s=0.0,
                       decode_s=0.0, compile_s=0.0, tokens_per_s=float("nan"))
@@ -232,7 +231,7 @@ class Stream:
     stop = [stop] if isinstance(stop, str) else list(stop)
     tok = self.model.tokenizer
     if isinstance(prompt, str):
-      first = self.logits is None and not self.pending
+      first = self.logits is None
       if chat:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}])
       ids = tok.encode(prompt, add_special_tokens=first and not chat) if prompt else []
@@ -241,10 +240,8 @@ class Stream:
       bad = [t for t in ids if not 0 <= t < self.model.cfg.vocab_size]
       if bad:
         raise ValueError(f"prompt token ids {bad[:5]} outside [0, {self.model.cfg.vocab_size})")
-    ids = self.pending + ids
     if not ids and self.logits is None:
       raise ValueError("the first turn needs a non-empty prompt")
-    self.pending = []
     if max_new_tokens is not None and len(ids) + max_new_tokens <= self.cache.window:
       self._held()
       self.cache = self.cache.make_room(len(ids) + max_new_tokens)
@@ -260,22 +257,19 @@ class Stream:
                            else float("nan"))
 
   def _tokens(self, limit: int | None) -> Iterator[int]:
-    """Samples tokens, feeding each into the cache only when the next one is wanted."""
+    """Samples tokens, each fed into the cache in the same dispatch (steps.sample_decode)."""
     n = 0
     while True:
       t0 = time.perf_counter()
-      tok = int(_sample_step(self.logits, self.key, self.steps, self.sampling)[0])
-      self.stats["decode_s"] += time.perf_counter() - t0
+      (tok, self.logits, self.cache), c = steps.call(
+          self.model, steps.sample_decode, self.model.state, self.cache, self.logits, self.key,
+          jnp.int32(self.steps), sampling=self.sampling)
+      tok = int(tok[0])
+      self.stats["decode_s"] += time.perf_counter() - t0 - c
+      self.stats["compile_s"] += c
       self.steps += 1
       self.stats["tokens_generated"] += 1
-      self.pending = [tok]
       n += 1
       yield tok
       if limit is not None and n >= limit:
         return
-      t0 = time.perf_counter()
-      (self.logits, self.cache), c = steps.call(self.model, steps.decode_step, self.model.state,
-                                                self.cache, jnp.asarray([tok], jnp.int32))
-      self.stats["decode_s"] += time.perf_counter() - t0 - c
-      self.stats["compile_s"] += c
-      self.pending = []

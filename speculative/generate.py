@@ -84,7 +84,7 @@ def generate(model: Model, head: hd.LoadedHead, prompts: Prompt | Sequence[Promp
   root.block_until_ready()
   prefill_s = time.perf_counter() - t0 - compile_p
   t0 = time.perf_counter()
-  (out, counts, rounds, proposed, n_rounds), compile_d = lm_steps.call(
+  (out, counts, rounds, proposed, n_rounds, _, _), compile_d = lm_steps.call(
       model, steps.loop, model.state, head.state, cache, hcache, root, h, logits, key,
       jnp.int32(max_new_tokens), jnp.asarray(stop_ids, jnp.int32), spec=tree,
       max_steps=lm_steps.bucket(max_new_tokens), **static)

@@ -101,7 +101,7 @@ def round_(dec, head, cache, hcache, root, h, logits, key, live, *, spec, sampli
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "head_graphdef", "spec", "sampling",
-                                             "max_steps"))
+                                             "max_steps"), donate_argnames=("cache", "hcache"))
 def loop(graphdef, state, head_state, cache, hcache, root, h, logits, key, n_steps, stop_ids,
          *, head_graphdef, spec: tr.TreeSpec, sampling: Sampling, max_steps: int):
   """Generates up to n_steps (<= max_steps) tokens per row, the root (from `prefill`) first,
@@ -109,7 +109,8 @@ def loop(graphdef, state, head_state, cache, hcache, root, h, logits, key, n_ste
 
   Returns (tokens [B, max_steps], counts [B] tokens per row (a stop token included), rounds
   [B] rounds each row took part in, proposed [B] the tokens those rounds produced before any
-  cut at a stop token or the limit (m + 1 each), n_rounds: target verify forwards)."""
+  cut at a stop token or the limit (m + 1 each), n_rounds: target verify forwards, cache,
+  hcache). Both caches are donated: the loop updates them in place."""
   dec, head = nnx.merge(graphdef, state), nnx.merge(head_graphdef, head_state)
   B = root.shape[0]
   D1 = spec.depth + 1
@@ -140,4 +141,4 @@ def loop(graphdef, state, head_state, cache, hcache, root, h, logits, key, n_ste
   # cond reads `done` at index 7 of the carry
   c = jax.lax.while_loop(lambda c: ~jnp.all(c[7]), body, c)
   i, cache, hcache, _, _, _, out, _, counts, rounds, proposed = c
-  return out[:, :max_steps], counts, rounds, proposed, i
+  return out[:, :max_steps], counts, rounds, proposed, i, cache, hcache

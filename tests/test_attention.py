@@ -105,3 +105,30 @@ def test_decoder_with_small_blocks_equals_score(monkeypatch):
   np.testing.assert_allclose(out.logits[0], want[40:49], atol=1e-4, rtol=1e-4)
   out, _ = jax.jit(lambda c, t: dec(t, cache=c))(cache, jnp.asarray([ids[49:50]]))
   np.testing.assert_allclose(out.logits[0, 0], want[49], atol=1e-4, rtol=1e-4)
+
+
+def test_causal_dispatch_impls_agree():
+  """attention.causal, the prefill dispatch: its XLA path and jax.nn.dot_product_attention (the
+  cuDNN path on GPU; XLA's version here) equal the reference, GQA 2:1."""
+  rng = np.random.default_rng(4)
+  T = 21
+  q, k, v = _arrays(rng, T, T)
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+  want = np.asarray(reference([KeyBlock(q, k, v, new_keys(positions))], scale=0.3))
+  for impl in ("xla", "cudnn"):
+    got = jax.jit(lambda q, k, v, impl=impl: attention.causal(q, k, v, scale=0.3, impl=impl))(
+        q, k, v)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="impl must be one of"):
+    attention.causal(q, k, v, scale=0.3, impl="triton")
+
+
+def test_causal_dispatch_lowers_for_tpu():
+  """The TPU path (jax.experimental.pallas.ops.tpu.flash_attention, kv heads repeated for its
+  MHA kernel) lowers to Mosaic TPU from this CPU machine (jax.export)."""
+  from jax import export
+  q = jax.ShapeDtypeStruct((1, 256, 8, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 2, 256, 128), jnp.bfloat16)
+  fn = jax.jit(lambda q, k, v: attention.causal(q, k, v, scale=0.1, impl="tpu_flash"))
+  exported = export.export(fn, platforms=["tpu"])(q, kv, kv)
+  assert "tpu_custom_call" in exported.mlir_module()

@@ -207,3 +207,27 @@ def test_python_dash_m_entry_point(greedy, model_dir):
   assert proc.returncode == 0, proc.stderr
   got = json.loads(proc.stdout)
   assert got["tokens"] == greedy["tokens"] and got["text"] == greedy["text"]
+
+
+def test_bench(model_dir):
+  """kvjax bench: one decode cell and one prefill cell, with the bound from the bandwidth it
+  measured; text and JSON; a grid past the context and bad lists are one-line errors."""
+  code, out, err = cli("bench", "--model", model_dir, "--batches", "1,2", "--contexts", "8",
+                       "--prefill", "8", "--new-tokens", "2", "--repeats", "1", "--json")
+  assert code == 0, err
+  report = json.loads(out)
+  assert report["bandwidth_gbs"]["copy"] > 0 and report["bandwidth_gbs"]["read"] > 0
+  decode = [c for c in report["cells"] if c["kind"] == "decode"]
+  assert [(c["batch"], c["length"]) for c in decode] == [(1, 8), (2, 8)]
+  for c in decode:
+    assert c["kvjax_s"] > 0 and 0 < c["fraction"] and c["bytes_per_step"]["kv"] > 0
+    assert c["bound_s"] == pytest.approx(
+        c["bytes_per_step"]["total"] / (report["bandwidth_gbs"]["copy"] * 1e9))
+  assert decode[1]["bytes_per_step"]["kv"] == 2 * decode[0]["bytes_per_step"]["kv"]
+  code, out, err = cli("bench", "--model", model_dir, "--batches", "1", "--contexts", "8",
+                       "--prefill", "8", "--new-tokens", "2", "--repeats", "1")
+  assert code == 0 and "kvjax share of bound" in out and "prefill tokens" in out
+  code, _, err = cli("bench", "--model", model_dir, "--contexts", "1020", "--new-tokens", "8")
+  assert code == 1 and "exceeds the model's 1024 positions" in err
+  code, _, err = cli("bench", "--model", model_dir, "--batches", "1,x")
+  assert code == 2 and "comma-separated integers" in err

@@ -128,3 +128,21 @@ def test_score_shapes(model):
   ragged = lm.score(model, [ids, ids[:4]])
   np.testing.assert_allclose(ragged[0], one, atol=1e-5)
   np.testing.assert_allclose(ragged[1], one[:4], atol=1e-5)
+
+
+def test_models_of_one_config_share_executables(tmp_path):
+  """Two loads of one checkpoint compile each program once: the second model's generate and
+  stream reuse the first's executables (steps.EXECUTABLES, keyed by graphdef and shapes)."""
+  from kvjax.lm import steps
+  lm.save(tiny.model(seed=4), str(tmp_path))
+  a, b = lm.load(str(tmp_path)), lm.load(str(tmp_path))
+  steps.EXECUTABLES.clear()
+  before = steps.compilations
+  first = lm.generate(a, [5, 6, 7], max_new_tokens=3)
+  "".join(lm.stream(a, [5, 6, 7], max_new_tokens=3, stop_tokens=[]))
+  compiled = steps.compilations - before
+  assert compiled == 3 and first.stats["compile_s"] > 0  # prefill, decode loop, stream step
+  again = lm.generate(b, [5, 6, 7], max_new_tokens=3)
+  "".join(lm.stream(b, [5, 6, 7], max_new_tokens=3, stop_tokens=[]))
+  assert steps.compilations - before == compiled and again.stats["compile_s"] == 0
+  assert again.tokens == first.tokens

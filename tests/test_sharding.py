@@ -165,3 +165,23 @@ def test_make_mesh():
     sharding.make_mesh(2, 4, devices=jax.devices()[:4])
   with pytest.raises(ValueError, match="model must be an int >= 1"):
     sharding.make_mesh(8, 0)
+
+
+def test_every_cache_type_shards_from_its_declared_axes(load):
+  """SinkCache and PrefixCache take their shardings from their own AXES declarations, like
+  KVCache: K/V by (layers, batch, kv_heads, cache_len, head_dim), per-row scalars by batch; a
+  shared prefix (one row) is replicated along the data axis."""
+  from kvjax.cache import KVCache, PrefixCache, SinkCache
+  mesh = sharding.make_mesh(4, 2)
+  cfg = load("llama").cfg
+  dims = dict(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
+  sink = sharding.shard_cache(SinkCache.init(batch=8, n_sink=2, window=14, **dims), mesh)
+  assert sink.k.sharding.spec == sink.v.sharding.spec == P(None, "data", "model", None, None)
+  assert sink.count.sharding.spec == sink.start.sharding.spec == P("data")
+  assert sink.n_sink == 2
+  shared = PrefixCache(prefix=KVCache.init(batch=1, size=24, **dims),
+                       rows=KVCache.init(batch=8, size=16, **dims))
+  shared = sharding.shard_cache(shared, mesh)
+  assert shared.prefix.k.sharding.spec == P(None, None, "model", None, None)
+  assert shared.rows.k.sharding.spec == P(None, "data", "model", None, None)
+  assert shared.rows.pos.sharding.spec == P("data", None)

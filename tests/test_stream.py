@@ -57,14 +57,15 @@ def test_each_turn_makes_room_for_its_prompt_and_reply(one_layer):
   n_sink, W = 2, 40
   s = streaming.Stream(one_layer, n_sink=n_sink, window=W, stop_tokens=())
   reply(s, PROMPT, max_new_tokens=20)
-  before = int(s.cache.count[0])                       # the last reply token is still pending
+  before = int(s.cache.count[0])                       # every reply token is in the cache
+  assert before == len(one_layer.tokenizer.encode(PROMPT)) + 20
   prompt = " and more"
-  n = 1 + len(one_layer.tokenizer.encode(prompt, add_special_tokens=False))
+  n = len(one_layer.tokenizer.encode(prompt, add_special_tokens=False))
   _, done = reply(s, prompt, max_new_tokens=16)
   assert len(done["ids"]) == 16
   # room was made once, up front: no token of the turn evicted another one of it
   assert int(s.cache.start[0]) == max(n_sink, before + n + 16 - W)
-  assert int(s.cache.count[0]) == before + n + 15
+  assert int(s.cache.count[0]) == before + n + 16
   assert s.stats["peak_cache_tokens"] <= n_sink + W
 
 
