@@ -39,6 +39,8 @@ class Keys:
     difference is the distance that sliding-window layers limit to < window).
   causal: key s is seen only by queries t >= s (a block of the step's own tokens, S' == T).
   mask: [B, T, S'] bool or None, a further explicit mask (draft trees, packed documents).
+  full: every key is valid (`valid` is all true), so attention may skip masking the blocks a
+    causal order alone decides.
 
   Query t sees key s iff valid[s] & (not causal or s <= t) & mask[t, s], and on a
   sliding-window layer q_pos[t] - k_pos[s] < window.
@@ -51,6 +53,7 @@ class Keys:
   k_pos: jax.Array
   causal: bool = False
   mask: jax.Array | None = None
+  full: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +79,7 @@ def new_keys(positions: jax.Array, mask: jax.Array | None = None, frame: int = 0
   positions: [B, T]."""
   B, T = positions.shape
   return Keys(NEW, frame, jnp.ones((1, T), bool), positions, positions, causal=mask is None,
-              mask=mask)
+              mask=mask, full=True)
 
 
 def causal(positions: jax.Array, mask: jax.Array | None = None) -> View:

@@ -19,6 +19,7 @@ against.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -116,16 +117,19 @@ def _take(x: jax.Array | None, axis: int, lo, n: int):
 
 def _scores_step(carry, qg, k, v, sees, scale, softcap):
   """One online-softmax step. qg [B, K, G, tq, H]; k, v [B, K, n, H] or [K, n, H]; sees
-  [B, tq, n] bool; carry (acc [B, K, G, tq, H], m, l [B, K, G, tq]) float32."""
+  [B, tq, n] bool, or None when every query sees every key; carry (acc [B, K, G, tq, H], m, l [B, K, G, tq]) float32."""
   acc, m, l = carry
   kk = "bknh" if k.ndim == 4 else "knh"
   s = jnp.einsum(f"bkgth,{kk}->bkgtn", qg, k, preferred_element_type=jnp.float32) * scale
   if softcap is not None:
     s = jnp.tanh(s / softcap) * softcap
-  vis = sees[:, None, None]                                          # [B, 1, 1, tq, n]
-  s = jnp.where(vis, s, NEG)
+  if sees is not None:  # None: every query sees every key of the block (no mask to apply)
+    vis = sees[:, None, None]                                        # [B, 1, 1, tq, n]
+    s = jnp.where(vis, s, NEG)
   m_new = jnp.maximum(m, s.max(-1))
-  e = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
+  e = jnp.exp(s - m_new[..., None])
+  if sees is not None:
+    e = jnp.where(vis, e, 0.0)
   alpha = jnp.exp(m - m_new)
   pv = jnp.einsum(f"bkgtn,{kk}->bkgth", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return acc * alpha[..., None] + pv, m_new, l * alpha + e.sum(-1)
@@ -184,14 +188,22 @@ def _block(blk: KeyBlock, scale, softcap, window, block_k: int, block_q: int):
     lo = jnp.minimum(lo, hi)
     qb = _take(qg, 3, t0, bq)
 
-    def body(j, carry):
+    def body(j, carry, masked=True):
       s0 = kb_lo[j]
       k, v = _read(blk.k, blk.layer, s0, bk), _read(blk.v, blk.layer, s0, bk)
-      sees = _sees(keys, t0, bq, s0, bk, window) & (s0 + jnp.arange(bk) >= j * bk)
+      sees = (_sees(keys, t0, bq, s0, bk, window) & (s0 + jnp.arange(bk) >= j * bk)
+              if masked else None)
       return _scores_step(carry, qb, k, v, sees, scale, softcap)
 
     init = (jnp.zeros((B, K, G, bq, H), f32), jnp.full((B, K, G, bq), NEG, f32),
             jnp.zeros((B, K, G, bq), f32))
+    if keys.full and keys.causal and keys.mask is None:
+      # blocks wholly below the causal diagonal (and not clamped) need no mask when there is
+      # no window: every query of the block sees every key
+      split = jnp.where(window == 0, jnp.clip((t0 + 1) // bk, lo, min(S // bk, n_kb)), lo)
+      split = jnp.minimum(split, hi)
+      init = jax.lax.fori_loop(lo, split, functools.partial(body, masked=False), init)
+      lo = split
     return jax.lax.fori_loop(lo, hi, body, init)
 
   if n_qb == 1:
