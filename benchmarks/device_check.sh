@@ -5,7 +5,7 @@
 # benchmarks/results/device_<backend>.{json,md}, which the README quotes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pip install -q --no-deps -e .
+pip install -q --no-deps -e . || pip install -q --no-deps --no-build-isolation -e .
 pip install -q pytest safetensors tokenizers jinja2 tqdm >/dev/null 2>&1 || true
 # the kernel-vs-reference tests (interpret and TPU-interpret modes, lowering) on this machine
 python -m pytest -q -p no:xdist -o addopts="--import-mode=importlib" \

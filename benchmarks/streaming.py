@@ -184,8 +184,8 @@ def kernel(args) -> dict:
   rows = []
   for S in args.cost_sizes:
     q = jnp.asarray(rng.standard_normal((B, 1, N, H)), jnp.bfloat16)
-    k = jnp.asarray(rng.standard_normal((B, S, K, H)), jnp.bfloat16)
-    v = jnp.asarray(rng.standard_normal((B, S, K, H)), jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((B, K, S, H)), jnp.bfloat16)  # the caches' layout
+    v = jnp.asarray(rng.standard_normal((B, K, S, H)), jnp.bfloat16)
     count = jnp.asarray(rng.integers(S, 3 * S, B), jnp.int32)
     start = count - (S - 4)
     fns = {impl: jax.jit(lambda q, k, v, c, s, impl=impl: sink_attention(
