@@ -9,8 +9,9 @@ A block longer than `block_k` keys is read `block_k` slots at a time with an onl
 (flash attention in plain XLA): only the key blocks that some query of the query block can see
 are visited (a dynamic trip count: the filled part of a cache, the causal triangle, the sliding
 window), and queries are taken `block_q` at a time, so no [T, S] scores exist for long T. Cached
-K/V are read in place from the cache's stacked [L, B, K, S, H] arrays, `block_k` slots of one
-layer at a time: no step copies a layer's whole cache.
+K/V are read from the cache's stacked [L, B, K, S, H] arrays `block_k` slots of one layer at a
+time (a dynamic slice per block, which XLA's CPU backend materialises as a block-sized copy
+before the dot); no step copies or transposes a layer's whole cache.
 
 `reference` is the same attention with one unblocked softmax: the ground truth tests compare
 against.
@@ -231,13 +232,15 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
   q [B, T, N, H] and k, v [B, K, T, H] (the caches' layout), N % K == 0, query t sees keys
   [0, t]. impl: "xla" (`attend`: blocked online softmax, the CPU path and the reference),
   "cudnn" (`jax.nn.dot_product_attention`, cuDNN's flash attention on GPU, XLA elsewhere) or
-  "tpu_flash" (`jax.experimental.pallas.ops.tpu.flash_attention`); None picks by backend.
+  "tpu_flash" (`jax.experimental.pallas.ops.tpu.flash_attention`, whose blocks need T % 128
+  == 0); None picks by backend (on TPU the XLA path for a T the kernel cannot tile).
   Returns [B, T, N, H] in q's dtype."""
+  B, T, N, H = q.shape
   if impl is None:
     impl = {"gpu": "cudnn", "tpu": "tpu_flash"}.get(jax.default_backend(), "xla")
+    impl = "xla" if impl == "tpu_flash" and T % 128 else impl
   if impl not in CAUSAL_IMPLS:
     raise ValueError(f"impl must be one of {CAUSAL_IMPLS} or None; got {impl!r}")
-  B, T, N, H = q.shape
   K = k.shape[1]
   if impl == "xla":
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
