@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache.view import Keys, View, new_keys
+from kvjax.cache.view import CACHE, Keys, View, new_keys
 
 # logical axes of a K/V array [L, B, K, S, H]; shardings derive from each cache's AXES
 LAYOUT = ("layers", "batch", "kv_heads", "cache_len", "head_dim")
@@ -75,7 +75,7 @@ class KVCache:
       positions = self.next_position()[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     cache_mask, new_mask = (None, None) if mask is None else (mask[:, :, :S], mask[:, :, S:])
     return View(q_pos=(positions,), new_pos=positions, blocks=(
-        Keys((0, S), 0, self.visible(), positions, self.pos, mask=cache_mask),
+        Keys(CACHE, 0, self.visible(), positions, self.pos, mask=cache_mask),
         new_keys(positions, new_mask)))
 
   def tree_view(self, positions: jax.Array, tree: jax.Array) -> View:

@@ -120,7 +120,8 @@ class Capture:
 
   tokens: [B, P] int32 the prefix (right-padded); lengths: [B] int32 real tokens per row.
   k, v: [R, B, K, P, H] keys (after RoPE) and values of the R = len(plan.reused) reused
-    layers, in layer order (the caches' layout). e: [G, B, P, D] the hidden states entering each of plan.e_layers.
+    layers, in layer order (the caches' layout). e: [G, B, P, D] the hidden states entering
+    each of plan.e_layers.
   """
 
   tokens: jax.Array

@@ -127,7 +127,7 @@ class SinkCache:
     evicted within the chunk). With advance=False count and start stay, so a write for other
     layers of the same tokens lands in the same slots."""
     lo, hi = layers or (0, self.k.shape[0])
-    B, T = k.shape[1], k.shape[3]
+    T = k.shape[3]
     n_s, W = self.n_sink, self.window
     i = self.count[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     end = (self.count + n_new)[:, None]

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 NEW = "new"  # Keys.source of the step's own tokens
 SHARED = "shared"  # Keys.source of a prefix every row reads (`kvjax.cache.prefix`)
+CACHE = "cache"  # Keys.source of the cache's own slots (all of them, read at the layer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +32,8 @@ class Keys:
   """One key block of S' keys for T queries.
 
   source: NEW (the step's T tokens, rotated at View.new_pos), SHARED (the slots of a prefix
-    stored once for all rows, keys [K, S', H] with no batch axis) or (lo, hi), the cache slots
-    [lo, hi) of the layer (S' = hi - lo).
+    stored once for all rows, keys [K, S', H] with no batch axis) or CACHE (every slot of the
+    cache's layer, S' = S).
   frame: index into View.q_pos of the query rotation this block is scored against.
   valid: [B or 1, S'] bool, the keys that hold a token.
   q_pos: [B, T], k_pos: [B or 1, S'] int, the positions the model is meant to see (their
@@ -46,7 +47,7 @@ class Keys:
   sliding-window layer q_pos[t] - k_pos[s] < window.
   """
 
-  source: str | tuple[int, int]
+  source: str
   frame: int
   valid: jax.Array
   q_pos: jax.Array
@@ -77,7 +78,7 @@ class View:
 def new_keys(positions: jax.Array, mask: jax.Array | None = None, frame: int = 0) -> Keys:
   """The step's own T tokens as keys: causal unless `mask` [B, T, T] says otherwise.
   positions: [B, T]."""
-  B, T = positions.shape
+  T = positions.shape[1]
   return Keys(NEW, frame, jnp.ones((1, T), bool), positions, positions, causal=mask is None,
               mask=mask, full=True)
 

@@ -51,10 +51,6 @@ class KeyBlock:
   layer: jax.Array | None = None
 
   @property
-  def shared(self) -> bool:
-    return self.k.ndim - (self.layer is not None) == 3
-
-  @property
   def size(self) -> int:
     return self.k.shape[-2]
 
@@ -71,11 +67,10 @@ def attend(blocks: Sequence[KeyBlock], *, scale: float, softcap: float | None = 
   BLOCK_K, BLOCK_Q, read at trace time; BLOCK_K_FEW keys for up to FEW queries). Scores and
   softmax in float32; returns [B, T, N, H] in q's dtype; a query that sees no key gets 0.
   """
-  T = blocks[0].q.shape[1]
-  block_k = block_k or (BLOCK_K_FEW if T <= FEW else BLOCK_K)
-  block_q = block_q or BLOCK_Q
   q0 = blocks[0].q
   B, T, N, H = q0.shape
+  block_k = block_k or (BLOCK_K_FEW if T <= FEW else BLOCK_K)
+  block_q = block_q or BLOCK_Q
   window = jnp.asarray(window, jnp.int32)
   parts = [_block(b, scale, softcap, window, block_k, block_q) for b in blocks]
   if partial is not None:
@@ -118,7 +113,8 @@ def _take(x: jax.Array | None, axis: int, lo, n: int):
 
 def _scores_step(carry, qg, k, v, sees, scale, softcap):
   """One online-softmax step. qg [B, K, G, tq, H]; k, v [B, K, n, H] or [K, n, H]; sees
-  [B, tq, n] bool, or None when every query sees every key; carry (acc [B, K, G, tq, H], m, l [B, K, G, tq]) float32."""
+  [B, tq, n] bool, or None when every query sees every key; carry (acc [B, K, G, tq, H],
+  m, l [B, K, G, tq]) float32."""
   acc, m, l = carry
   kk = "bknh" if k.ndim == 4 else "knh"
   s = jnp.einsum(f"bkgth,{kk}->bkgtn", qg, k, preferred_element_type=jnp.float32) * scale

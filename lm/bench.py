@@ -88,10 +88,12 @@ class Grid:
     for name in ("new_tokens", "repeats"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-    longest = max((*self.contexts, *(p - 1 for p in self.prefill)), default=0)
-    if longest + self.new_tokens > model.cfg.max_position:
-      raise ValueError(f"a context of {longest} + {self.new_tokens} new tokens exceeds the "
-                       f"model's {model.cfg.max_position} positions")
+    # a decode cell runs new_tokens steps after its context; a prefill cell samples one token
+    need = max((*(c + self.new_tokens for c in self.contexts), *(p + 1 for p in self.prefill)))
+    if need > model.cfg.max_position:
+      raise ValueError(f"the grid needs {need} positions (contexts {list(self.contexts)} + "
+                       f"{self.new_tokens} new tokens, prefill {list(self.prefill)} + 1), more "
+                       f"than the model's {model.cfg.max_position} positions")
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int) -> np.ndarray:

@@ -61,6 +61,12 @@ top_k_type = checked(int, lambda k: k >= 0, "an integer >= 0 (0 = off)")
 top_p_type = checked(float, lambda p: 0 < p <= 1, "a number in (0, 1] (1 = off)")
 
 
+def add_model_flag(p: argparse.ArgumentParser) -> None:
+  """--model DIR_OR_NAME, default the bundled DEFAULT_MODEL (every subcommand that loads one)."""
+  p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR_OR_NAME",
+                 help=f"model directory or bundled model name (default {DEFAULT_MODEL})")
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The `kvjax` parser with every subcommand."""
   parser = argparse.ArgumentParser(
@@ -123,8 +129,7 @@ def _add_bench(subparsers) -> None:
       "reports each decode cell against its memory-bandwidth bound: the bytes a step reads "
       "(weights + K/V at the mean context) over the bandwidth of a large array copy measured "
       "in the same run. Prompts are random token ids.")
-  p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR_OR_NAME",
-                 help=f"model directory or bundled model name (default {DEFAULT_MODEL})")
+  add_model_flag(p)
   p.add_argument("--dtype", choices=DTYPES, help="cast the params (default: as stored)")
   p.add_argument("--batches", type=ints_type, default=(1, 8), metavar="B,B",
                  help="decode batch sizes (default 1,8)")
@@ -170,8 +175,7 @@ def _add_stream(subparsers) -> None:
       "one by one). Without: a chat, one turn per stdin line, each reply at most "
       "--max-new-tokens (default 64); each turn first evicts enough old tokens for its prompt "
       "and reply. Text is printed as it comes.")
-  p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR_OR_NAME",
-                 help=f"model directory or bundled model name (default {DEFAULT_MODEL})")
+  add_model_flag(p)
   p.add_argument("--prompt", default=None, metavar="TEXT",
                  help="continue this text endlessly ('-' reads it from stdin); "
                  "without it, chat: one turn per line of stdin")
@@ -274,8 +278,7 @@ def _add_ppl(subparsers) -> None:
       description="Feeds a text token by token and reports its perplexity under a cache "
       "policy: dense (everything kept), window (rolling window, no sinks), sink (attention "
       "sinks + rolling window), recompute (the last W tokens recomputed for every token).")
-  p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR_OR_NAME",
-                 help=f"model directory or bundled model name (default {DEFAULT_MODEL})")
+  add_model_flag(p)
   p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file ('-' = stdin)")
   p.add_argument("--cache", choices=MODES, default=None, help="cache policy (default sink)")
   p.add_argument("--sinks", type=nonneg,

@@ -116,14 +116,14 @@ class Block(nnx.Module):
       self.post_mlp_norm = RMSNorm(cfg, dtype)
 
   def _plain_causal(self, view: View, T: int) -> bool:
-    """Whether this layer's attention is a long prompt's causal self-attention with nothing
-    else (no cache, mask, window or softcap): the case `attention.causal` dispatches to the
-    device's flash kernel (cuDNN, TPU flash) rather than the blocked XLA path."""
+    """Whether this layer's attention is a prompt's causal self-attention with nothing else
+    (no cache, mask, window or softcap): the case `attention.causal` dispatches to the
+    device's kernel (cuDNN, TPU flash; the blocked XLA path on CPU)."""
     cfg = self.cfg
-    return (jax.default_backend() != "cpu" and T > 1 and view.cache_read is None
-            and len(view.blocks) == 1 and view.blocks[0].source == NEW
-            and view.blocks[0].causal and view.blocks[0].mask is None
-            and not any(cfg.windows) and cfg.attn_softcap is None)
+    return (T > 1 and view.cache_read is None and len(view.blocks) == 1
+            and view.blocks[0].source == NEW and view.blocks[0].causal
+            and view.blocks[0].mask is None and not any(cfg.windows)
+            and cfg.attn_softcap is None)
 
   def __call__(self, x, *, view: View, freq, cached, layer, window):
     """x [B, T, D]; view: what the T tokens attend to (`kvjax.cache.view`); cached: the
@@ -142,17 +142,15 @@ class Block(nnx.Module):
         blocks.append(KeyBlock(qs[keys.frame], k_rot, v, keys))
       elif keys.source == SHARED:
         blocks.append(KeyBlock(qs[keys.frame], cached[2], cached[3], keys, layer))
-      elif keys.source == (0, cached[0].shape[3]):
+      else:  # CACHE
         blocks.append(KeyBlock(qs[keys.frame], cached[0], cached[1], keys, layer))
-      else:
-        raise ValueError(f"a view's cache block must cover every slot; got {keys.source}")
     scale, softcap = self.cfg.query_scale, self.cfg.attn_softcap
     partial = None
     if view.cache_read is not None:
       new = dict(new=(k_rot, v)) if view.reads_new else {}
       partial = view.cache_read(q, cached[0][layer], cached[1][layer], freq=freq,
                                 window=window, scale=scale, softcap=softcap, **new)
-    if self._plain_causal(view, T=x.shape[1]):  # a prompt with no cache: the device's kernel
+    if self._plain_causal(view, T=x.shape[1]):  # a prompt with no cache: one dispatch
       a = causal_attention(qs[0], k_rot, v, scale=scale)
     elif blocks:
       a = attend(blocks, scale=scale, softcap=softcap, window=window, partial=partial)

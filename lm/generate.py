@@ -6,7 +6,6 @@ Python orchestration lives here; everything per token runs in the jitted steps o
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Iterator, Sequence
 
@@ -17,7 +16,7 @@ import numpy as np
 from kvjax.cache.dense import KVCache
 from kvjax.lm import steps
 from kvjax.lm.model import Model
-from kvjax.lm.sampling import Sampling, sample
+from kvjax.lm.sampling import Sampling
 
 Prompt = str | Sequence[int]
 
@@ -240,7 +239,8 @@ def stream(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
            stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
            chat: bool = False, stats: dict | None = None) -> Iterator[str]:
   """Yields the continuation of one prompt as text pieces while it is generated (one jitted
-  step per token: sampling and the decode step fused, one dispatch). Stops at a stop token, a stop string (not yielded) or the limit.
+  step per token: sampling and the decode step fused, one dispatch). Stops at a stop token, a
+  stop string (not yielded) or the limit.
 
   stats: a dict to fill, once the stream ends, with prefill_s, decode_s, compile_s,
   prompt_tokens, new_tokens, decode_tokens_per_s and finish (as `generate` reports them)."""

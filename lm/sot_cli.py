@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import sys
 
-from kvjax.lm.cli import (DEFAULT_MODEL, PROG, _add_sampling, _check_sampling, _load,
-                          _read_prompts, _sampling, positive)
+from kvjax.lm.cli import (PROG, _add_sampling, _check_sampling, _load, _read_prompts,
+                          _sampling, add_model_flag, positive)
 
 
 def add(subparsers) -> None:
@@ -24,8 +24,7 @@ def add(subparsers) -> None:
       "gives it), then every point is expanded in one batched decode that prefills the "
       "question and skeleton once. Reports the latency against a normal answer of the same "
       "number of generated tokens, timed in the same run (compilation excluded).")
-  p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR_OR_NAME",
-                 help=f"model directory or bundled model name (default {DEFAULT_MODEL})")
+  add_model_flag(p)
   p.add_argument("--question", required=True, metavar="TEXT", help="the question ('-': stdin)")
   p.add_argument("--skeleton", default=None, metavar="TEXT",
                  help="the points to expand, e.g. '1. A\\n2. B' (literal \\n separates lines; "

@@ -259,7 +259,6 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, rot_ref, freq_ref, o_ref, lse_ref, *,
 
   def body(j, carry, dual):
     """Key block j of the chunk: its slots' geometry and RoPE tables, then one online step."""
-    m, l, acc = carry
     lo = j * bs
     col = c0 + lo + jax.lax.broadcasted_iota(jnp.int32, (bs, 1), 0)    # [bs, 1] for keys
     row = c0 + lo + jax.lax.broadcasted_iota(jnp.int32, (1, bs), 1)    # [1, bs] for scores
@@ -270,29 +269,18 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, rot_ref, freq_ref, o_ref, lse_ref, *,
     s = dot_nt(q_w, keys)                                            # [R, bs]
     if dual:
       s = jnp.where(row < n_sink, dot_nt(q_s, keys), s)
-    s = s * scale
-    if softcap is not None:
-      s = jnp.tanh(s / softcap) * softcap
-    s = jnp.where(vis, s, NEG)
-    m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
-    e = jnp.where(vis, jnp.exp(s - m_new), 0.0)
-    alpha = jnp.exp(m - m_new)
     vals = v_ref[pl.ds(lo, bs), :]
     live = jnp.broadcast_to(kept_col & (col < S), vals.shape)          # past S: any bits
     vals = jnp.where(live, vals, jnp.zeros_like(vals))
-    acc = alpha * acc + jnp.dot(e.astype(vals.dtype), vals, preferred_element_type=f32)
-    return m_new, alpha * l + e.sum(axis=1, keepdims=True), acc
+    return splits.online_step(carry, s, vis, vals, scale=scale, softcap=softcap)
 
   filled = jnp.minimum(count, S)                # slots at and past `count` were never written
   n_live = jnp.clip(splits.cdiv_pow2(filled - c0, bs), 0, n_sub)
-  carry = (jnp.full((R, 1), NEG, f32), jnp.zeros((R, 1), f32), jnp.zeros((R, H), f32))
+  carry = splits.start(R, H)
   if n_sink:  # leading blocks holding sink slots score against both query frames
     n_dual = jnp.clip(splits.cdiv_pow2(n_sink - c0, bs), 0, n_live)
     carry = jax.lax.fori_loop(0, n_dual, functools.partial(body, dual=True), carry)
   else:
     n_dual = 0
-  m, l, acc = jax.lax.fori_loop(n_dual, n_live, functools.partial(body, dual=False), carry)
-  has = l > 0
-  safe = jnp.where(has, l, 1.0)
-  o_ref[...] = acc / safe
-  lse_ref[...] = jnp.where(has, m + jnp.log(safe), NEG)
+  carry = jax.lax.fori_loop(n_dual, n_live, functools.partial(body, dual=False), carry)
+  o_ref[...], lse_ref[...] = splits.finish(carry)

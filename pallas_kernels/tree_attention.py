@@ -231,18 +231,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, qp_ref, sp_ref, seen_
   dot_nt = functools.partial(jax.lax.dot_general, dimension_numbers=(((1,), (1,)), ((), ())),
                              preferred_element_type=f32)
 
-  def update(carry, s, vis, vals):
-    """One online-softmax step: s [R, n] raw scores, vis [R, n], vals [n, H]."""
-    m, l, acc = carry
-    s = s * scale
-    if softcap is not None:
-      s = jnp.tanh(s / softcap) * softcap
-    s = jnp.where(vis, s, NEG)
-    m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
-    e = jnp.where(vis, jnp.exp(s - m_new), 0.0)
-    alpha = jnp.exp(m - m_new)
-    acc = alpha * acc + jnp.dot(e.astype(vals.dtype), vals, preferred_element_type=f32)
-    return m_new, alpha * l + e.sum(axis=1, keepdims=True), acc
+  update = functools.partial(splits.online_step, scale=scale, softcap=softcap)
 
   def body(j, carry):
     """Key block j of the chunk. Masks are built at full shape from iotas (no broadcasting of
@@ -256,11 +245,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, qp_ref, sp_ref, seen_
     return update(carry, dot_nt(q, k_ref[pl.ds(lo, bs), :]), vis, vals)
 
   n_live = jnp.clip(splits.cdiv_pow2(jnp.minimum(length, S) - c0, bs), 0, n_sub)
-  init = (jnp.full((R, 1), NEG, f32), jnp.zeros((R, 1), f32), jnp.zeros((R, H), f32))
-  carry = jax.lax.fori_loop(0, n_live, body, init)
+  carry = jax.lax.fori_loop(0, n_live, body, splits.start(R, H))
   tree_vis = (seen_ref[...] != 0) & (c == 0)                        # [R, Tp]: chunk 0 only
-  m, l, acc = update(carry, dot_nt(q, kn_ref[...]), tree_vis, vn_ref[...])
-  has = l > 0
-  safe = jnp.where(has, l, 1.0)
-  o_ref[...] = acc / safe
-  lse_ref[...] = jnp.where(has, m + jnp.log(safe), NEG)
+  o_ref[...], lse_ref[...] = splits.finish(update(carry, dot_nt(q, kn_ref[...]), tree_vis,
+                                                 vn_ref[...]))

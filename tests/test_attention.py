@@ -8,7 +8,7 @@ import pytest
 
 from kvjax import lm
 from kvjax.cache import KVCache
-from kvjax.cache.view import NEW, SHARED, Keys, new_keys
+from kvjax.cache.view import CACHE, NEW, SHARED, Keys, new_keys
 from kvjax.lm import attention, tiny
 from kvjax.lm.attention import NEG, KeyBlock, attend, reference
 
@@ -42,7 +42,7 @@ def test_cache_block_with_free_slots(T, window):
   length = jnp.asarray([9, 17])
   pos = jnp.broadcast_to(jnp.arange(S), (B, S))
   positions = length[:, None] + jnp.arange(T)[None]
-  cache = Keys((0, S), 0, pos < length[:, None], positions, pos)
+  cache = Keys(CACHE, 0, pos < length[:, None], positions, pos)
   blocks = [KeyBlock(q, k, v, cache, jnp.int32(1)), KeyBlock(q, kn, vn, new_keys(positions))]
   got, ref = _run(blocks, window=window, softcap=20.0)
   np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-5)

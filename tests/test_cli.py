@@ -228,6 +228,6 @@ def test_bench(model_dir):
                        "--prefill", "8", "--new-tokens", "2", "--repeats", "1")
   assert code == 0 and "kvjax share of bound" in out and "prefill tokens" in out
   code, _, err = cli("bench", "--model", model_dir, "--contexts", "1020", "--new-tokens", "8")
-  assert code == 1 and "exceeds the model's 1024 positions" in err
+  assert code == 1 and "the grid needs 1028 positions" in err and "model's 1024 positions" in err
   code, _, err = cli("bench", "--model", model_dir, "--batches", "1,x")
   assert code == 2 and "comma-separated integers" in err

@@ -9,7 +9,7 @@ import pytest
 from jax import export
 from jax.experimental.pallas import tpu as pltpu
 
-from kvjax.cache.view import Keys
+from kvjax.cache.view import CACHE, Keys
 from kvjax.lm.attention import NEG, KeyBlock, attend
 from kvjax.pallas_kernels import tree_attention as kernel
 from kvjax.pallas_kernels.tree_attention import reference, tree_attention
@@ -144,7 +144,7 @@ def test_partial_merges_through_attend():
     whole, _ = tree_attention(*args, scale=0.25)
     only_tree = tree_attention(q, k, v, jnp.zeros_like(length), *args[4:], scale=0.25)
     filled = jnp.arange(16)[None] < length[:, None]                    # [B, S]
-    keys = Keys((0, 16), 0, filled, q_pos, pos)
+    keys = Keys(CACHE, 0, filled, q_pos, pos)
     cache = KeyBlock(q, jnp.nan_to_num(k), jnp.nan_to_num(v), keys)
     return attend([cache], scale=0.25, partial=only_tree), whole
 
