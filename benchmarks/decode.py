@@ -2,6 +2,9 @@
 
     python benchmarks/decode.py                                   # ~10M Llama, CPU, float32
     python benchmarks/decode.py --config 1b --batches 1,8,32      # ~1B Llama, bf16, on a GPU
+    python benchmarks/decode.py --peers hf,llamacpp,gemma \
+        --llamacpp-python PEERS/llama/bin/python --llamacpp-converter LLAMA_CPP/convert_hf_to_gguf.py \
+        --gemma-python PEERS/gemma/bin/python                     # + llama.cpp and gemma
 
 Builds a random Llama-architecture checkpoint with transformers (`save_pretrained` to a temp
 dir), loads it with `kvjax.lm.load` and `LlamaForCausalLM.from_pretrained`, and measures the
@@ -20,13 +23,23 @@ Every decode cell also gets its memory-bandwidth bound: the bytes a step reads (
 at the mean context) over the bandwidth of a large array copy measured in the same run, and
 the fraction of it each side reaches. Medians of --repeats rounds after a warm-up round.
 
+Optional peers, each in its own virtual environment (never part of CI; README of benchmarks/
+says how to make them), answering over a pipe (peer_protocol.py) so that they too interleave:
+  llamacpp: llama.cpp through llama-cpp-python (peer_llamacpp.py) on the same checkpoint,
+         converted to GGUF by llama.cpp's own converter, weights and K/V in the benchmark dtype.
+  gemma: the gemma library's sampler (peer_gemma.py) on a random Gemma-2 of the same shape; kvjax
+         runs a random HF Gemma-2 checkpoint of that shape for this table (the `gemma2` report).
+
 Writes <out>/decode_<backend>.json and .md (the tables, also printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +50,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from peer_protocol import ProcessPeer  # noqa: E402
 from report import cpu_name, write  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # HF LlamaConfig fields of each benchmark model.
 CONFIGS = {
@@ -51,6 +67,10 @@ CONFIGS = {
                max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=True),
 }
 DEFAULT_DTYPE = {"10m": "float32", "1b": "bfloat16"}
+# The Gemma-2 features that the `gemma` peer's table adds to a config's shape (HF Gemma2Config).
+GEMMA2 = dict(attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
+              tie_word_embeddings=True)
+PEERS = ("hf", "llamacpp", "gemma")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -68,10 +88,31 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompts")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                 "results"))
+  ap.add_argument("--peers", default="hf",
+                  help=f"comma-separated, of {','.join(PEERS)} (default: hf)")
+  ap.add_argument("--llamacpp-python", help="python of the venv with llama-cpp-python")
+  ap.add_argument("--llamacpp-converter", help="llama.cpp's convert_hf_to_gguf.py (the source "
+                  "tree of the installed llama-cpp-python's llama.cpp)")
+  ap.add_argument("--gemma-python", help="python of the venv with PyPI gemma")
+  ap.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads")
   ap.add_argument("--allow-cpu-1b", action="store_true",
                   help="run --config 1b even when JAX's backend is the CPU (slow, ~5 GB)")
   args = ap.parse_args(argv)
   args.dtype = args.dtype or DEFAULT_DTYPE[args.config]
+  args.peers = tuple(p for p in args.peers.split(",") if p)
+  bad = [p for p in args.peers if p not in PEERS]
+  if bad or not args.peers:
+    ap.error(f"--peers: expected a comma-separated list of {', '.join(PEERS)}; got "
+             f"{','.join(args.peers) or 'nothing'}")
+  need = {"llamacpp": ("llamacpp_python", "llamacpp_converter"), "gemma": ("gemma_python",)}
+  for peer, names in need.items():
+    for name in names if peer in args.peers else ():
+      path = getattr(args, name)
+      if not path or not os.path.isfile(path):
+        ap.error(f"--peers {peer} needs --{name.replace('_', '-')} (an existing file); got "
+                 f"{path!r}")
+  if "llamacpp" in args.peers and args.dtype == "float16":
+    ap.error("--peers llamacpp: use --dtype float32 or bfloat16 (the converter's f32 / bf16)")
   for name in ("batches", "contexts", "prefill"):
     try:
       setattr(args, name, parse_ints(getattr(args, name)))
@@ -91,19 +132,58 @@ def torch_device():
   return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_checkpoint(config: str, dtype: str, path: str, seed: int) -> int:
-  """Saves a randomly initialised LlamaForCausalLM to path; returns its parameter count."""
+def build_checkpoint(config: str, dtype: str, path: str, seed: int,
+                     family: str = "llama") -> int:
+  """Saves a randomly initialised LlamaForCausalLM (or, family "gemma2", Gemma2ForCausalLM with
+  the config's shape and GEMMA2's features) to path; returns its parameter count."""
   import torch
   import transformers
   transformers.utils.logging.disable_progress_bar()
   torch.manual_seed(seed)
-  hf_cfg = transformers.LlamaConfig(**CONFIGS[config])
+  if family == "gemma2":
+    hf_cfg = transformers.Gemma2Config(**gemma2_shape(config))
+    cls = transformers.Gemma2ForCausalLM
+  else:
+    hf_cfg, cls = transformers.LlamaConfig(**CONFIGS[config]), transformers.LlamaForCausalLM
   with torch.device(torch_device()):
-    model = transformers.LlamaForCausalLM._from_config(hf_cfg, dtype=getattr(torch, dtype))
+    model = cls._from_config(hf_cfg, dtype=getattr(torch, dtype))
   model.save_pretrained(path)
   n = sum(p.numel() for p in model.parameters())
   del model
   return n
+
+
+def gemma2_shape(config: str) -> dict:
+  """The HF Gemma2Config fields of the gemma peer's model: the config's shape, Gemma-2 features
+  (query scaled by 1/sqrt(head_dim), as the gemma library's default)."""
+  shape = {k: v for k, v in CONFIGS[config].items() if k not in ("rope_theta",)}
+  return {**shape, **GEMMA2, "query_pre_attn_scalar": shape["head_dim"]}
+
+
+def llamacpp_peer(args, path: str, work: str) -> ProcessPeer:
+  """Converts the checkpoint at path to GGUF with llama.cpp's converter and starts the worker.
+  The converter needs a tokenizer: the bundled Shakespeare BPE is copied in (its 4,096 ids
+  are padded to the config's vocabulary by the converter; the benchmark feeds ids, not text)."""
+  from kvjax.lm.model import resolve
+  tok, _ = resolve("shakespeare")
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(tok, name), os.path.join(path, name))
+  gguf = os.path.join(work, "model.gguf")
+  outtype = {"float32": "f32", "bfloat16": "bf16"}[args.dtype]
+  print(f"converting to GGUF ({outtype}) with {args.llamacpp_converter}", file=sys.stderr)
+  subprocess.run([args.llamacpp_python, os.path.join(HERE, "peer_llamacpp.py"), "convert",
+                  "--hf", path, "--converter", args.llamacpp_converter, "--out", gguf,
+                  "--outtype", outtype], check=True, stdout=sys.stderr)
+  kv_type = "f32" if args.dtype == "float32" else "f16"
+  return ProcessPeer([args.llamacpp_python, os.path.join(HERE, "peer_llamacpp.py"), "serve",
+                      "--gguf", gguf, "--threads", str(args.threads), "--kv-type", kv_type],
+                     "llama.cpp")
+
+
+def gemma_peer(args) -> ProcessPeer:
+  return ProcessPeer([args.gemma_python, os.path.join(HERE, "peer_gemma.py"), "serve",
+                      "--shape", json.dumps(gemma2_shape(args.config)), "--dtype", args.dtype,
+                      "--seed", str(args.seed)], "gemma")
 
 
 def load_models(path: str, dtype: str):
@@ -171,28 +251,48 @@ def machine_info(hf) -> dict:
 
 
 def main(argv=None) -> dict:
+  from kvjax import lm
   from kvjax.lm import bench
   args = parse_args(argv)
   t_start = time.perf_counter()
-  with tempfile.TemporaryDirectory(prefix="kvjax_bench_") as path:
+  grid = bench.Grid(batches=args.batches, contexts=args.contexts, prefill=args.prefill,
+                    new_tokens=args.new_tokens, repeats=args.repeats, seed=args.seed)
+  progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+  started = []
+  with tempfile.TemporaryDirectory(prefix="kvjax_bench_") as work:
+    path = os.path.join(work, "llama")
     print(f"building a random {args.config} Llama checkpoint ({args.dtype})", file=sys.stderr)
     n_params = build_checkpoint(args.config, args.dtype, path, args.seed)
     kv, hf = load_models(path, args.dtype)
-  info = machine_info(hf)
-  grid = bench.Grid(batches=args.batches, contexts=args.contexts, prefill=args.prefill,
-                    new_tokens=args.new_tokens, repeats=args.repeats, seed=args.seed)
-  report = bench.run(kv, grid, peer=hf_peer(hf),
-                     progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    peers = {"HF": hf_peer(hf)} if "hf" in args.peers else {}
+    try:
+      if "llamacpp" in args.peers:
+        started.append(llamacpp_peer(args, path, work))
+        peers["llama.cpp"] = started[-1]
+      if "gemma" in args.peers:
+        started.append(gemma_peer(args))
+        gpath = os.path.join(work, "gemma2")
+        build_checkpoint(args.config, args.dtype, gpath, args.seed, family="gemma2")
+        kv_gemma = lm.load(gpath, dtype=jnp.dtype(args.dtype))
+      info = machine_info(hf)
+      info["peers"] = {p.name: p.info for p in started}
+      report = bench.run(kv, grid, peers=peers, progress=progress) if peers else None
+      if "gemma" in args.peers:
+        progress("Gemma-2 shape: kvjax vs the gemma library's sampler")
+        gemma = bench.run(kv_gemma, grid, peers={"gemma": started[-1]}, progress=progress)
+    finally:
+      for p in started:
+        p.close()
   info["load_average_end"] = list(os.getloadavg())
+  report = report or dict(machine=gemma["machine"], bandwidth_gbs=gemma["bandwidth_gbs"],
+                          grid=gemma["grid"], peers=[], cells=[])
   report.update(machine={**report["machine"], **info},
                 config=dict(name=args.config, hf=CONFIGS[args.config], n_params=n_params,
                             dtype=args.dtype),
                 runtime_s=time.perf_counter() - t_start)
-  for c in report["cells"]:
-    if c["kind"] == "decode":
-      c["peer_fraction"] = c["bound_s"] / c["peer_s"]
   m = report["machine"]
-  head = (f"# decode benchmark: kvjax vs transformers ({m['jax_backend']})\n\n"
+  head = (f"# decode benchmark: kvjax vs {', '.join(report['peers'] or ['gemma'])} "
+          f"({m['jax_backend']})\n\n"
           f"{args.config} Llama ({n_params / 1e6:,.1f}M params, {args.dtype}), greedy, "
           f"{args.new_tokens} decode steps per cell, median of {args.repeats} interleaved "
           f"rounds. {m['processor']} ({m['cpu_count']} cpus), jax {m['jax']} on "
@@ -200,7 +300,15 @@ def main(argv=None) -> dict:
           f"{m['transformers']}, {m['hf_attn_implementation']} attention, "
           f"{m['torch_threads']} threads). Load average at start "
           f"{m['load_average_start'][0]:.2f}, end {m['load_average_end'][0]:.2f}.\n\n")
-  table = head + bench.markdown(report, peer="HF")
+  for name, peer_info in info["peers"].items():
+    shown = {k: v for k, v in peer_info.items() if k != "system_info"}
+    head += f"{name}: {json.dumps(shown)}\n\n"
+  table = head + (bench.markdown(report) if report["cells"] else "")
+  if "gemma" in args.peers:
+    report["gemma2"] = dict(gemma, hf=gemma2_shape(args.config))
+    table += (f"\n## Gemma-2 shape ({args.config}'s shape with soft-caps, alternating "
+              f"{GEMMA2['sliding_window']}-token sliding windows, tied embeddings): kvjax vs "
+              f"the gemma library's sampler\n\n" + bench.markdown(gemma))
   print(table)
   stem = write(args.out, "decode", report, table)
   print(f"wrote {stem}.json and {stem}.md in {report['runtime_s']:.0f} s")

@@ -14,10 +14,11 @@ Medians of `repeats` runs, cells interleaved per repeat so that every cell sees 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -119,23 +120,27 @@ def cells(grid: Grid) -> list[tuple[str, int, int]]:
           + [("prefill", 1, p) for p in grid.prefill])
 
 
-def run(model: Model, grid: Grid, *, peer: Callable | None = None,
+def run(model: Model, grid: Grid, *, peers: Mapping[str, Callable] | None = None,
         progress: Callable[[str], None] | None = None) -> dict:
   """Measures every cell of the grid: a warm-up run, then `repeats` rounds over all cells.
 
-  peer(kind, ids, new_tokens) -> seconds (per decode step, or of the prefill): another
-  implementation measured on the same prompts, interleaved with kvjax cell by cell.
-  Returns {machine, bandwidth_gbs, cells: [...]}; each cell has kind, batch, length, kvjax_s
-  (median), runs, and for decode cells mean_context, bytes_per_step, bound_s, fraction (bound
-  / measured), plus peer_s and ratio (peer_s / kvjax_s: > 1 means kvjax is faster) with a peer.
+  peers: {name: fn(kind, ids, new_tokens) -> seconds (per decode step, or of the prefill)},
+  other implementations measured on the same prompts, interleaved with kvjax cell by cell.
+  Returns {machine, bandwidth_gbs, grid, peers: [names], cells: [...]}; each cell has kind,
+  batch, length, kvjax_s (median), runs, for decode cells mean_context, bytes_per_step,
+  bound_s, fraction (bound / measured), and per peer peers[name] = {s (median), runs, ratio
+  (s / kvjax_s: > 1 means kvjax is faster), and for decode cells fraction}.
   """
   grid.check(model)
+  peers = dict(peers or {})
+  if "kvjax" in peers:
+    raise ValueError("a peer cannot be named 'kvjax'")
   vocab = model.cfg.vocab_size
   todo = [(kind, b, n, prompts(b, n, vocab, grid.seed)) for kind, b, n in cells(grid)]
   sides = {"kvjax": lambda kind, ids: (decode(model, ids, grid.new_tokens) if kind == "decode"
                                        else prefill(model, ids))}
-  if peer is not None:
-    sides["peer"] = lambda kind, ids: peer(kind, ids, grid.new_tokens)
+  for name, fn in peers.items():
+    sides[name] = functools.partial(lambda fn, kind, ids: fn(kind, ids, grid.new_tokens), fn)
   times = {(name, i): [] for name in sides for i in range(len(todo))}
   for r in range(grid.repeats + 1):  # round 0 warms up (compiles), then timed rounds
     for i, (kind, b, n, ids) in enumerate(todo):
@@ -159,11 +164,15 @@ def run(model: Model, grid: Grid, *, peer: Callable | None = None,
       cell["kvjax_tok_s"] = b / cell["kvjax_s"]
     else:
       cell["kvjax_tok_s"] = b * n / cell["kvjax_s"]
-    if peer is not None:
-      cell.update(peer_s=statistics.median(times["peer", i]), peer_runs=times["peer", i])
-      cell["ratio"] = cell["peer_s"] / cell["kvjax_s"]
+    cell["peers"] = {}
+    for name in peers:
+      s = statistics.median(times[name, i])
+      cell["peers"][name] = dict(s=s, runs=times[name, i], ratio=s / cell["kvjax_s"])
+      if kind == "decode":
+        cell["peers"][name]["fraction"] = cell["bound_s"] / s
     out.append(cell)
-  return dict(machine=machine(), bandwidth_gbs=bw, grid=dataclasses.asdict(grid), cells=out)
+  return dict(machine=machine(), bandwidth_gbs=bw, grid=dataclasses.asdict(grid),
+              peers=list(peers), cells=out)
 
 
 def machine() -> dict:
@@ -172,34 +181,34 @@ def machine() -> dict:
               processor=platform.processor() or platform.machine(), jax=jax.__version__)
 
 
-def markdown(report: dict, peer: str | None = None) -> str:
-  """The decode and prefill tables of `run`'s report."""
+def markdown(report: dict) -> str:
+  """The decode and prefill tables of `run`'s report, a pair of columns per peer."""
   bw = report["bandwidth_gbs"]
-  peer_cols = f" | {peer} ms/step | kvjax speed / {peer}" if peer else ""
-  peer_rule = " | ---: | ---:" if peer else ""
+  peers = report.get("peers", [])
+  cols = "".join(f" | {p} ms/step | kvjax speed / {p}" for p in peers)
+  rule = " | ---: | ---:" * len(peers)
   lines = [f"Measured bandwidth: {bw['copy']:.1f} GB/s (array copy, read + write), "
            f"{bw['read']:.1f} GB/s (read).", "",
            f"| batch | context | kvjax ms/step | MB read/step | bound ms | kvjax share of bound"
-           f"{peer_cols} |",
-           f"| ---: | ---: | ---: | ---: | ---: | ---:{peer_rule} |"]
+           f"{cols} |",
+           f"| ---: | ---: | ---: | ---: | ---: | ---:{rule} |"]
   for c in report["cells"]:
     if c["kind"] != "decode":
       continue
     row = (f"| {c['batch']} | {c['length']} | {c['kvjax_s'] * 1e3:.2f} | "
            f"{c['bytes_per_step']['total'] / 1e6:.1f} | {c['bound_s'] * 1e3:.2f} | "
            f"{c['fraction']:.0%}")
-    if peer:
-      row += f" | {c['peer_s'] * 1e3:.2f} | {c['ratio']:.2f}"
+    row += "".join(f" | {c['peers'][p]['s'] * 1e3:.2f} | {c['peers'][p]['ratio']:.2f}"
+                   for p in peers)
     lines.append(row + " |")
-  peer_cols = f" | {peer} tokens/s | kvjax / {peer}" if peer else ""
-  lines += ["", f"| prefill tokens | kvjax tokens/s{peer_cols} |",
-            f"| ---: | ---:{peer_rule} |"]
+  cols = "".join(f" | {p} tokens/s | kvjax / {p}" for p in peers)
+  lines += ["", f"| prefill tokens | kvjax tokens/s{cols} |", f"| ---: | ---:{rule} |"]
   for c in report["cells"]:
     if c["kind"] != "prefill":
       continue
     row = f"| {c['length']} | {c['kvjax_tok_s']:,.0f}"
-    if peer:
-      row += f" | {c['length'] / c['peer_s']:,.0f} | {c['ratio']:.2f}"
+    row += "".join(f" | {c['length'] / c['peers'][p]['s']:,.0f} | {c['peers'][p]['ratio']:.2f}"
+                   for p in peers)
     lines.append(row + " |")
   return "\n".join(lines) + "\n"
 

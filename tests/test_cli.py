@@ -209,6 +209,38 @@ def test_python_dash_m_entry_point(greedy, model_dir):
   assert got["tokens"] == greedy["tokens"] and got["text"] == greedy["text"]
 
 
+def test_bench_peers_interleaved(model):
+  """lm.bench.run with peers: each peer is called on the same prompts as kvjax, cell by cell
+  within every round, and gets its median, ratio and (decode) share of the bound; markdown has
+  a pair of columns per peer; a peer may not take kvjax's name."""
+  from kvjax.lm import bench
+  grid = bench.Grid(batches=(2,), contexts=(8,), prefill=(6,), new_tokens=2, repeats=2)
+  calls = []
+
+  def peer(name, seconds):
+    def fn(kind, ids, new_tokens):
+      calls.append((name, kind, ids.shape, new_tokens, ids.sum()))
+      return seconds
+    return fn
+
+  report = bench.run(model, grid, peers={"a": peer("a", 0.5), "b": peer("b", 2.0)})
+  assert report["peers"] == ["a", "b"]
+  # 3 rounds (warm-up + 2) x 2 cells x 2 peers, a before b, same ids for both
+  assert [c[:4] for c in calls] == [(n, k, s, 2) for _ in range(3)
+                                    for k, s in (("decode", (2, 8)), ("prefill", (1, 6)))
+                                    for n in "ab"]
+  assert all(calls[i][4] == calls[i + 1][4] for i in range(0, len(calls), 2))
+  for c in report["cells"]:
+    assert c["peers"]["a"]["s"] == 0.5 and c["peers"]["b"]["runs"] == [2.0, 2.0]
+    assert c["peers"]["b"]["ratio"] == pytest.approx(2.0 / c["kvjax_s"])
+    if c["kind"] == "decode":
+      assert c["peers"]["a"]["fraction"] == pytest.approx(c["bound_s"] / 0.5)
+  table = bench.markdown(report)
+  assert "a ms/step | kvjax speed / a | b ms/step" in table and "b tokens/s | kvjax / b" in table
+  with pytest.raises(ValueError, match="cannot be named 'kvjax'"):
+    bench.run(model, grid, peers={"kvjax": peer("x", 1.0)})
+
+
 def test_bench(model_dir):
   """kvjax bench: one decode cell and one prefill cell, with the bound from the bandwidth it
   measured; text and JSON; a grid past the context and bad lists are one-line errors."""
