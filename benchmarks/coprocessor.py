@@ -10,7 +10,7 @@ first. Measured on --windows 256-token windows of the test split's comedy (a hel
 the genre the runs trained on; the runs' own validation is the validation split's comedy) and,
 for the --delay-of count, of all six test plays and of the train comedies the runs saw;
 --points augmentation points per window spread evenly, the 32 tokens after each scored with
-and without the latents (`kvjax.train.coprocessor.by_position`, the one-pass forward that the
+and without the latents (`kvjax.coprocessor.traces.by_position`, the one-pass forward that the
 tests hold equal to augmenting trace by trace):
 
   rows          each kind and latent count on time (delay 0); the --delay-of run's latents
@@ -37,6 +37,7 @@ import numpy as np
 
 import report
 from kvjax import coprocessor as cp
+from kvjax.coprocessor import traces
 from kvjax import lm
 from kvjax.lm import steps
 from kvjax.lm.cli import positive
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
       if n == args.delay_of:
         sets += [("all", 0), ("seen", 0)]
       for text, k in sets:
-        got = ct.by_position(base, cop, texts[text], ahead=32, points=args.points, delay=k)
+        got = traces.by_position(base, cop, texts[text], ahead=32, points=args.points, delay=k)
         row = {"kind": kind, "latents": n, "delay": k, "text": text, **got.to_json()}
         res["rows"].append(row)
         red = got.relative_reduction

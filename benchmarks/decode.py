@@ -3,7 +3,8 @@
     python benchmarks/decode.py                                   # ~10M Llama, CPU, float32
     python benchmarks/decode.py --config 1b --batches 1,8,32      # ~1B Llama, bf16, on a GPU
     python benchmarks/decode.py --peers hf,llamacpp,gemma \
-        --llamacpp-python PEERS/llama/bin/python --llamacpp-converter LLAMA_CPP/convert_hf_to_gguf.py \
+        --llamacpp-python PEERS/llama/bin/python \
+        --llamacpp-converter LLAMA_CPP/convert_hf_to_gguf.py \
         --gemma-python PEERS/gemma/bin/python                     # + llama.cpp and gemma
 
 Builds a random Llama-architecture checkpoint with transformers (`save_pretrained` to a temp

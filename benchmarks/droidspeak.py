@@ -2,8 +2,8 @@
 
     python benchmarks/droidspeak.py          # CPU, ~10 min on 2 cores
 
-One run: first the offline profile (`kvjax.lm.droidspeak.profile`) on the validation plays
-(4 windows, 512-token prefixes), which gives the Pareto front and the best KV-only plan [0, k);
+One run: first the offline profile (`kvjax.cache.droidspeak.profile.profile`) on the
+validation plays (4 windows, 512-token prefixes), which gives the Pareto front and the best KV-only plan [0, k);
 then, on the held-out comedy of the test split (The Comedy of Errors), --prompts windows per
 prefix length in --prefix-lens, each a prefix the receiver reuses and --eval-tokens scored
 tokens after it. Rows per prefix length:
@@ -37,7 +37,7 @@ import numpy as np
 import report
 from kvjax import lm
 from kvjax.cache import droidspeak as ds
-from kvjax.lm import droidspeak as run
+from kvjax.cache.droidspeak import profile as run
 from kvjax.lm.cli import positive
 
 

@@ -26,10 +26,10 @@ import sys
 
 import report
 from kvjax import lm
-from kvjax.lm import expand as ex
+from kvjax.lm.sot import expansion as ex
 from kvjax.lm.cli import positive
-from kvjax.lm.sot_points import parse_points
-from kvjax.lm.sot_prompts import Prompts
+from kvjax.lm.sot.points import parse_points
+from kvjax.lm.sot.prompts import Prompts
 
 SKELETONS = {  # points -> (question, skeleton)
     3: ("Why does Hamlet delay his revenge?",

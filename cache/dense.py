@@ -8,16 +8,35 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache.view import CACHE, Keys, View, new_keys
+from kvjax.cache.view import CACHE, Keys, Slots, View, new_keys
 
 # logical axes of a K/V array [L, B, K, S, H]; shardings derive from each cache's AXES
 LAYOUT = ("layers", "batch", "kv_heads", "cache_len", "head_dim")
 
 
+class StackedSlots:
+  """size, batch and slots() of a cache whose own fields k, v are [L, B, K, S, H] (LAYOUT)."""
+
+  k: jax.Array
+  v: jax.Array
+
+  @property
+  def size(self) -> int:
+    return self.k.shape[3]
+
+  @property
+  def batch(self) -> int:
+    return self.k.shape[1]
+
+  def slots(self) -> Slots:
+    """k, v [L, B, K, S, H]: what the decoder's layers read, each its own layer, in place."""
+    return Slots(self.k, self.v)
+
+
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["k", "v", "pos", "length"], meta_fields=[])
 @dataclasses.dataclass
-class KVCache:
+class KVCache(StackedSlots):
   """Keys after RoPE. Invariants: row b's slots [0, length[b]) hold its tokens in order,
   `pos[b, s]` is the position of the token in slot s (nondecreasing; equal to s unless
   coprocessor latents share a position), slots at and past `length[b]` are free
@@ -42,18 +61,6 @@ class KVCache:
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                pos=jnp.full((batch, size), -1, jnp.int32), length=jnp.zeros((batch,), jnp.int32))
 
-  @property
-  def size(self) -> int:
-    return self.k.shape[3]
-
-  @property
-  def batch(self) -> int:
-    return self.k.shape[1]
-
-  def slots(self) -> tuple[jax.Array, jax.Array]:
-    """(k, v) [L, B, K, S, H]: what the decoder's layers read, each its own layer, in place."""
-    return self.k, self.v
-
   def visible(self) -> jax.Array:
     """[B, S] bool: the filled slots."""
     return jnp.arange(self.size)[None, :] < self.length[:, None]
@@ -77,17 +84,6 @@ class KVCache:
     return View(q_pos=(positions,), new_pos=positions, blocks=(
         Keys(CACHE, 0, self.visible(), positions, self.pos, mask=cache_mask),
         new_keys(positions, new_mask)))
-
-  def tree_view(self, positions: jax.Array, tree: jax.Array) -> View:
-    """How T draft-tree tokens attend (EAGLE verification): every filled slot, and among
-    themselves the tree's ancestry, in one kernel (`kvjax.pallas_kernels.tree_attention`).
-
-    positions: [B, T] (length + the node's depth); tree: [B, T, T] bool, tree[b, i, j] = node
-    j is node i or one of its ancestors."""
-    read = functools.partial(_tree_read, length=self.length, pos=self.pos, q_pos=positions,
-                             tree=tree)
-    return View(q_pos=(positions,), new_pos=positions, blocks=(), cache_read=read,
-                reads_new=True)
 
   def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, n_new: jax.Array,
             layers: tuple[int, int] | None = None, advance: bool = True) -> KVCache:
@@ -118,11 +114,3 @@ def scatter_slots(dst: jax.Array, src: jax.Array, slots: jax.Array, start: int,
   # the advanced indices (rows, slots) move to the front: the update is [B, T, L', K, H]
   upd = src.astype(dst.dtype).transpose(1, 3, 0, 2, 4)
   return dst.at[start:stop, rows, :, slots].set(upd, mode="drop")
-
-
-def _tree_read(q, k, v, *, new, freq, window, scale, softcap, length, pos, q_pos, tree):
-  from kvjax.lm import rope  # here: the kernel module imports kvjax.lm, which imports this one
-  from kvjax.pallas_kernels import tree_attention as kernel
-  q = rope.apply(q, q_pos, freq)
-  return kernel.tree_attention(q, k, v, length, *new, q_pos, pos, tree, scale=scale,
-                               window=window, softcap=softcap)

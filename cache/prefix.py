@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache.dense import KVCache
-from kvjax.cache.view import SHARED, Keys, View
+from kvjax.cache.view import SHARED, Keys, Slots, View
 
 
 @jax.tree_util.register_dataclass
@@ -35,10 +35,6 @@ class PrefixCache:
   rows: KVCache
 
   @property
-  def k(self) -> jax.Array:  # the rows' slots: what the decoder checks and writes
-    return self.rows.k
-
-  @property
   def size(self) -> int:
     return self.rows.size
 
@@ -55,10 +51,10 @@ class PrefixCache:
     """[B] int32: one past the highest position a row holds (the prefix's when it has none)."""
     return jnp.maximum(self.rows.next_position(), self.prefix.next_position()[0])
 
-  def slots(self) -> tuple[jax.Array, ...]:
-    """What the decoder's layers read, each its own layer, in place: rows' k, v
-    [L, B, K, S, H], then the prefix's k, v [L, K, S0, H]."""
-    return self.rows.k, self.rows.v, self.prefix.k[:, 0], self.prefix.v[:, 0]
+  def slots(self) -> Slots:
+    """What the decoder's layers read, each its own layer, in place: the rows' k, v
+    [L, B, K, S, H] and the prefix's [L, K, S0, H] as the shared slots."""
+    return Slots(self.rows.k, self.rows.v, self.prefix.k[:, 0], self.prefix.v[:, 0])
 
   def view(self, T: int, positions: jax.Array | None = None,
            mask: jax.Array | None = None) -> View:

@@ -26,9 +26,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kvjax.cache.dense import LAYOUT, scatter_slots
+from kvjax.cache.dense import LAYOUT, StackedSlots, scatter_slots
 from kvjax.cache.view import NEW, Keys, View
-from kvjax.pallas_kernels import sink_attention as kernel  # a module: the import is cyclic
+from kvjax.pallas_kernels import sink_attention as kernel
 
 WINDOW_FRAME, SINK_FRAME = 0, 1
 
@@ -36,7 +36,7 @@ WINDOW_FRAME, SINK_FRAME = 0, 1
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["k", "v", "count", "start"], meta_fields=["n_sink"])
 @dataclasses.dataclass
-class SinkCache:
+class SinkCache(StackedSlots):
   """k, v: [L, B, K, n_sink + W, H] keys before RoPE, values; count, start: [B] int32."""
 
   AXES = {"k": LAYOUT, "v": LAYOUT, "count": ("batch",), "start": ("batch",)}
@@ -59,18 +59,6 @@ class SinkCache:
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                count=jnp.zeros((batch,), jnp.int32),
                start=jnp.full((batch,), n_sink, jnp.int32), n_sink=n_sink)
-
-  def slots(self) -> tuple[jax.Array, jax.Array]:
-    """(k, v) [L, B, K, S, H]: what the decoder's layers read, each its own layer, in place."""
-    return self.k, self.v
-
-  @property
-  def size(self) -> int:
-    return self.k.shape[3]
-
-  @property
-  def batch(self) -> int:
-    return self.k.shape[1]
 
   @property
   def window(self) -> int:

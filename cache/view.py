@@ -27,6 +27,20 @@ SHARED = "shared"  # Keys.source of a prefix every row reads (`kvjax.cache.prefi
 CACHE = "cache"  # Keys.source of the cache's own slots (all of them, read at the layer)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Slots:
+  """What a step's layers read from a cache: every layer stacked on the leading L axis, each
+  layer read at its own index in place (never copied whole). k, v: [L, B, K, S, H] the rows'
+  own slots (Keys source CACHE); shared_k, shared_v: [L, K, S0, H] a prefix stored once that
+  every row reads (source SHARED; `kvjax.cache.prefix`), or None."""
+
+  k: jax.Array
+  v: jax.Array
+  shared_k: jax.Array | None = None
+  shared_v: jax.Array | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Keys:
   """One key block of S' keys for T queries.

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache.view import Keys, new_keys
+from kvjax.pallas_kernels.splits import NEG
 
-NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked query gives no NaN
 BLOCK_K = 256  # key slots per block of the online softmax
 BLOCK_Q = 256  # queries per block when T is long
 BLOCK_K_FEW = 512  # key slots per block when T <= FEW queries (decode): fewer, longer steps

@@ -28,7 +28,7 @@ ACTIVATION = ("batch", "seq", "embed")  # logical axes of the residual stream [B
 LOGITS = ("batch", "seq", "vocab")
 
 
-def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
+def init_param(rngs: nnx.Rngs, shape, dtype, std=0.02):
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
 
 
@@ -52,10 +52,10 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype):
     D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    self.q = _init(rngs, (D, N, H), dtype)
-    self.k = _init(rngs, (D, K, H), dtype)
-    self.v = _init(rngs, (D, K, H), dtype)
-    self.o = _init(rngs, (N, H, D), dtype)
+    self.q = init_param(rngs, (D, N, H), dtype)
+    self.k = init_param(rngs, (D, K, H), dtype)
+    self.v = init_param(rngs, (D, K, H), dtype)
+    self.o = init_param(rngs, (N, H, D), dtype)
     if cfg.qkv_bias:
       self.q_bias = nnx.Param(jnp.zeros((N, H), dtype))
       self.k_bias = nnx.Param(jnp.zeros((K, H), dtype))
@@ -83,9 +83,9 @@ class MLP(nnx.Module):
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype):
     D, F = cfg.d_model, cfg.ffn_dim
     self.act = cfg.act
-    self.gate = _init(rngs, (D, F), dtype)
-    self.up = _init(rngs, (D, F), dtype)
-    self.down = _init(rngs, (F, D), dtype)
+    self.gate = init_param(rngs, (D, F), dtype)
+    self.up = init_param(rngs, (D, F), dtype)
+    self.down = init_param(rngs, (F, D), dtype)
     if cfg.mlp_bias:
       self.gate_bias = nnx.Param(jnp.zeros((F,), dtype))
       self.up_bias = nnx.Param(jnp.zeros((F,), dtype))
@@ -127,8 +127,7 @@ class Block(nnx.Module):
 
   def __call__(self, x, *, view: View, freq, cached, layer, window):
     """x [B, T, D]; view: what the T tokens attend to (`kvjax.cache.view`); cached: the
-    cache's `slots()` (every layer's (k, v) [L, B, K, S, H], then for a PrefixCache the shared
-    prefix's (k, v) [L, K, S0, H]) or None, read at `layer` (an int32 scalar) in place;
+    cache's `Slots` (every layer stacked) or None, read at `layer` (an int32 scalar) in place;
     window: sliding window of the layer (0 = none). Returns (x [B, T, D], k, v [B, K, T, H])
     in the caches' layout, with k as the cache stores it (after RoPE when view.rotated, else
     before)."""
@@ -141,14 +140,14 @@ class Block(nnx.Module):
       if keys.source == NEW:
         blocks.append(KeyBlock(qs[keys.frame], k_rot, v, keys))
       elif keys.source == SHARED:
-        blocks.append(KeyBlock(qs[keys.frame], cached[2], cached[3], keys, layer))
+        blocks.append(KeyBlock(qs[keys.frame], cached.shared_k, cached.shared_v, keys, layer))
       else:  # CACHE
-        blocks.append(KeyBlock(qs[keys.frame], cached[0], cached[1], keys, layer))
+        blocks.append(KeyBlock(qs[keys.frame], cached.k, cached.v, keys, layer))
     scale, softcap = self.cfg.query_scale, self.cfg.attn_softcap
     partial = None
     if view.cache_read is not None:
       new = dict(new=(k_rot, v)) if view.reads_new else {}
-      partial = view.cache_read(q, cached[0][layer], cached[1][layer], freq=freq,
+      partial = view.cache_read(q, cached.k[layer], cached.v[layer], freq=freq,
                                 window=window, scale=scale, softcap=softcap, **new)
     if self._plain_causal(view, T=x.shape[1]):  # a prompt with no cache: one dispatch
       a = causal_attention(qs[0], k_rot, v, scale=scale)
@@ -190,13 +189,13 @@ class Decoder(nnx.Module):
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype=jnp.float32):
     self.cfg = cfg
     self.layout = None  # (mesh, rules) once `sharding.shard` places the model
-    self.embed = _init(rngs, (cfg.vocab_size, cfg.d_model), dtype)
+    self.embed = init_param(rngs, (cfg.vocab_size, cfg.d_model), dtype)
     layers = [nnx.state(Block(cfg, rngs=rngs, dtype=dtype)) for _ in range(cfg.n_layers)]
     self.blocks = nnx.merge(nnx.graphdef(Block(cfg, rngs=rngs, dtype=dtype)),
                             jax.tree.map(lambda *a: jnp.stack(a), *layers))
     self.final_norm = RMSNorm(cfg, dtype)
     if not cfg.tie_embeddings:
-      self.head = _init(rngs, (cfg.d_model, cfg.vocab_size), dtype)
+      self.head = init_param(rngs, (cfg.d_model, cfg.vocab_size), dtype)
 
   @property
   def dtype(self):
@@ -220,7 +219,7 @@ class Decoder(nnx.Module):
   def __call__(self, tokens: jax.Array | None = None, *, embeds: jax.Array | None = None,
                hidden: jax.Array | None = None, positions: jax.Array | None = None,
                cache: KVCache | None = None, mask: jax.Array | None = None,
-               tree: jax.Array | None = None,
+               view: View | None = None,
                n_new: jax.Array | None = None, layers: tuple[int, int] | None = None,
                logits: bool = True, return_layer_inputs: bool = False,
                return_kv: bool = False) -> tuple[Output, KVCache | None]:
@@ -235,9 +234,10 @@ class Decoder(nnx.Module):
       top layer. A SinkCache assigns positions itself (no `positions`, no `mask`).
     mask: [B, T, S + T] bool over (cache slots, new tokens); replaces the default (filled slots,
       causal among new tokens). Filled-slot and sliding-window limits always apply.
-    tree: [B, T, T] bool, a draft tree's ancestor-or-self mask (EAGLE verification): the T
-      tokens see every filled slot and their ancestors, through the tree-attention kernel.
-      Needs a KVCache and `positions`; excludes `mask`.
+    view: how the T tokens attend, built by the caller over `cache` when neither the cache's
+      default view nor a mask says it (a draft tree read by its kernel:
+      `kvjax.speculative.verify.tree_view`); its new_pos are the tokens' positions. Excludes
+      `positions` and `mask`.
     """
     cfg = self.cfg
     start, stop = layers or (0, cfg.n_layers)
@@ -245,11 +245,12 @@ class Decoder(nnx.Module):
       raise ValueError(f"layers={layers} is not a range [start, stop) within [0, {cfg.n_layers}]")
     x = constrain(_input(self, tokens, embeds, hidden, start), ACTIVATION, self.layout)
     B, T, _ = x.shape
+    cached = None if cache is None else cache.slots()
     if cache is not None:
       want = (cfg.n_layers, B, cfg.n_kv_heads, cache.size, cfg.head_dim)
-      if tuple(cache.k.shape) != want:
-        raise ValueError(f"cache.k has shape {tuple(cache.k.shape)}; this model and a batch of "
-                         f"{B} need [L, B, K, S, H] = {want[:3]} + (S,) + {want[4:]}")
+      if tuple(cached.k.shape) != want:
+        raise ValueError(f"the cache's slots have shape {tuple(cached.k.shape)}; this model and "
+                         f"a batch of {B} need [L, B, K, S, H] = {want[:3]} + (S,) + {want[4:]}")
     if n_new is None:
       n_new = jnp.full((B,), T, jnp.int32)
     _check_shape("n_new", n_new, (B,), jnp.integer)
@@ -258,11 +259,11 @@ class Decoder(nnx.Module):
       _check_shape("positions", positions, (B, T), jnp.integer)
     if mask is not None:
       _check_shape("mask", mask, (B, T, S + T), jnp.bool_)
-    if tree is not None:
-      if not isinstance(cache, KVCache) or positions is None or mask is not None:
-        raise ValueError("tree= needs a KVCache and positions, and excludes mask=")
-      _check_shape("tree", tree, (B, T, T), jnp.bool_)
-      view = cache.tree_view(positions, tree)
+    if view is not None:
+      if cache is None or positions is not None or mask is not None:
+        raise ValueError("view= needs the cache it was built over, and excludes positions= "
+                         "and mask= (they are the view's)")
+      _check_shape("view.new_pos", view.new_pos, (B, T), jnp.integer)
     elif cache is None:
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -270,8 +271,7 @@ class Decoder(nnx.Module):
     else:
       view = cache.view(T, positions=positions, mask=mask)
 
-    cached_kv = None if cache is None else cache.slots()
-    x, layer_inputs, ks, vs = run_layers(self.blocks, cfg, x, view=view, cached=cached_kv,
+    x, layer_inputs, ks, vs = run_layers(self.blocks, cfg, x, view=view, cached=cached,
                                          layers=(start, stop), layout=self.layout,
                                          return_layer_inputs=return_layer_inputs)
     if cache is not None:
@@ -291,7 +291,7 @@ def run_layers(blocks: Block, cfg: Config, x: jax.Array, *, view: View, cached, 
   """Runs the stacked `blocks` (every Param with a leading layer axis; entries [start, stop)
   of `layers`) over x [B, T, D] under `lax.scan`, all attending through `view`.
 
-  cached: the cache's `slots()` (arrays with a leading L axis: all layers, read in place at
+  cached: the cache's `Slots` (arrays with a leading L axis: all layers, read in place at
   each layer's own index), or None. Returns
   (x [B, T, D], layer_inputs [L', B, T, D] or None, k, v [L', B, K, T, H]), k in the form the
   cache stores (see `Block`)."""

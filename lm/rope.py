@@ -1,12 +1,14 @@
-"""Rotary position embeddings (the rotate-half layout of Hugging Face checkpoints)."""
+"""Rotary position embeddings (the rotate-half layout of Hugging Face checkpoints): a config's
+inverse frequencies; `apply` rotates (it lives with the kernels, `kvjax.pallas_kernels.rope`)."""
 
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kvjax.lm.config import Config
+from kvjax.pallas_kernels.rope import apply
+
+__all__ = ["apply", "inv_freq"]
 
 
 def inv_freq(cfg: Config) -> np.ndarray:
@@ -26,16 +28,3 @@ def inv_freq(cfg: Config) -> np.ndarray:
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
   return freq
-
-
-def apply(x: jax.Array, positions: jax.Array, freq: jax.Array, *,
-          heads_first: bool = False) -> jax.Array:
-  """Rotates x [B, T, N, H] (heads_first: [B, N, T, H], the caches' layout) by positions
-  [B, T]; computed in float32, returned in x.dtype."""
-  angles = positions[..., None].astype(jnp.float32) * freq  # [B, T, H/2]
-  head_axis = 1 if heads_first else 2
-  sin = jnp.expand_dims(jnp.sin(angles), head_axis)
-  cos = jnp.expand_dims(jnp.cos(angles), head_axis)
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)

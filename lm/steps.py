@@ -6,6 +6,7 @@ Every step donates the cache. Shapes are static, so callers pad prompts to lengt
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import time
 from typing import Any
@@ -150,26 +151,42 @@ def decode_more(graphdef, state, cache, logits: jax.Array, key: jax.Array, start
                stop_ids, sampling, max_steps)
 
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["step", "logits", "cache", "out", "done", "counts"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+  """The carry of the decode `while_loop`. step: [] int32 steps taken in this call; logits
+  [B, V] for each row's next token; cache; out [B, max_steps] int32 tokens emitted (0 once a
+  row is done); done [B] bool; counts [B] int32 tokens each row emitted, calls before included."""
+
+  step: jax.Array
+  logits: jax.Array
+  cache: Any
+  out: jax.Array
+  done: jax.Array
+  counts: jax.Array
+
+
 def _loop(dec, cache, logits, key, start, done, counts, budget, stop_ids, sampling, max_steps):
   B = logits.shape[0]
-  done = done | (counts >= budget)
 
-  def cond(carry):
-    step, _, _, _, done, _ = carry
-    return (step < max_steps) & ~jnp.all(done)
+  def cond(s: DecodeState):
+    return (s.step < max_steps) & ~jnp.all(s.done)
 
-  def body(carry):
-    step, logits, cache, out, done, counts = carry
-    tok = sample(logits, jax.random.fold_in(key, start + step), sampling)
-    out = out.at[:, step].set(jnp.where(done, 0, tok))
-    counts = counts + (~done).astype(jnp.int32)
-    done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1) | (counts >= budget)
-    logits, cache = _decode(dec, cache, tok)
-    return step + 1, logits, cache, out, done, counts
+  def body(s: DecodeState) -> DecodeState:
+    tok = sample(s.logits, jax.random.fold_in(key, start + s.step), sampling)
+    counts = s.counts + (~s.done).astype(jnp.int32)
+    done = s.done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1) | (counts >= budget)
+    logits, cache = _decode(dec, s.cache, tok)
+    return DecodeState(step=s.step + 1, logits=logits, cache=cache,
+                       out=s.out.at[:, s.step].set(jnp.where(s.done, 0, tok)), done=done,
+                       counts=counts)
 
-  carry = (jnp.int32(0), logits, cache, jnp.zeros((B, max_steps), jnp.int32), done, counts)
-  _, logits, cache, out, done, counts = jax.lax.while_loop(cond, body, carry)
-  return out, done, counts, logits, cache
+  s = jax.lax.while_loop(cond, body, DecodeState(
+      step=jnp.int32(0), logits=logits, cache=cache, out=jnp.zeros((B, max_steps), jnp.int32),
+      done=done | (counts >= budget), counts=counts))
+  return s.out, s.done, s.counts, s.logits, s.cache
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:

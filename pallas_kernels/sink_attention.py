@@ -30,14 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
 
-from kvjax.lm import rope
-from kvjax.lm.attention import NEG
-from kvjax.pallas_kernels import splits
+from kvjax.pallas_kernels import rope, splits
+from kvjax.pallas_kernels.splits import NEG
 
 IMPLS = ("pallas", "xla")
 STEPS = 4  # key blocks per program: a chunk of STEPS * block slots
+COUNT, START, WINDOW = range(3)  # the columns of the kernel's per-row scalar table (SMEM)
 
 
 def sink_attention(q: jax.Array, k: jax.Array, v: jax.Array, count: jax.Array,
@@ -181,16 +180,10 @@ def _pallas(q, k, v, count, start, *, n_sink, freq, scale, window, softcap, inte
   chunk past S is masked (its slots >= S are never seen, their values zeroed). tpu: lower for
   Mosaic TPU (scalars in SMEM), else for Triton (Pallas' Mosaic GPU backend is not
   targeted)."""
-  B, T, N, H = q.shape
-  K, S = k.shape[1], k.shape[2]
-  G = N // K
-  Tp = max(16, pl.next_power_of_2(T))
-  R = G * Tp
-  bs, chunk, n_split = splits.split_sizes(S, block, steps)
-  qr = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)           # [B, K, G, T, H]
-  qr = jnp.pad(qr, ((0, 0), (0, 0), (0, 0), (0, Tp - T), (0, 0))).reshape(B, K, R, H)
-  meta = jnp.stack([count.astype(jnp.int32), start.astype(jnp.int32),
-                    jnp.broadcast_to(window, (B,)).astype(jnp.int32)], axis=1)   # [B, 3]
+  B, T, N, H, K, S, G, Tp, R, bs, chunk, n_split = splits.sizes(q, k, block, steps)
+  qr = splits.pack_queries(q, K, Tp)                                # [B, K, R, H]
+  meta = jnp.stack([count.astype(jnp.int32), start.astype(jnp.int32),   # [B, 3]: COUNT, START,
+                    jnp.broadcast_to(window, (B,)).astype(jnp.int32)], axis=1)  # WINDOW
   half = H // 2
   rot = np.zeros((H, H), np.float32)           # x @ rot = rotate_half(x) = [-x2, x1]
   rot[np.arange(half) + half, np.arange(half)] = -1.0
@@ -199,34 +192,19 @@ def _pallas(q, k, v, count, start, *, n_sink, freq, scale, window, softcap, inte
   meta_spec = (pl.BlockSpec(memory_space=pltpu.SMEM) if tpu
                else pl.BlockSpec((B, 3), lambda b, h, c: (0, 0)))
   kv_spec = pl.BlockSpec((None, None, chunk, H), lambda b, h, c: (b, h, c, 0))
-  out_spec = lambda n: pl.BlockSpec((None, None, None, R, n), lambda b, h, c: (b, h, c, 0, 0))
   kernel = functools.partial(_kernel, n_sink=n_sink, W=S - n_sink, S=S, Tp=Tp, bs=bs,
                              n_sub=chunk // bs, scale=scale, softcap=softcap)
   cost = pl.estimate_cost(
       lambda q, k, v, c, s, f, w: reference(q, k, v, c, s, n_sink=n_sink, freq=f, scale=scale,
                                             window=w, softcap=softcap),
       *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, count, start, freq, window)))
-  o, lse = pl.pallas_call(
-      kernel,
-      grid=(B, K, n_split),
-      in_specs=[meta_spec,
-                pl.BlockSpec((None, None, R, H), lambda b, h, c: (b, h, 0, 0)),
-                kv_spec, kv_spec,
-                pl.BlockSpec((H, H), lambda b, h, c: (0, 0)),
-                pl.BlockSpec((1, H), lambda b, h, c: (0, 0))],
-      out_specs=[out_spec(H), out_spec(1)],
-      out_shape=[jax.ShapeDtypeStruct((B, K, n_split, R, H), jnp.float32),
-                 jax.ShapeDtypeStruct((B, K, n_split, R, 1), jnp.float32)],
-      interpret=interpret,
-      compiler_params=(pltpu.CompilerParams(dimension_semantics=("parallel",) * 3) if tpu
-                       else pltriton.CompilerParams(num_warps=4, num_stages=2)),
-      cost_estimate=cost,
-      name="sink_attention",
-  )(meta, qr, k, v, jnp.asarray(rot), freq2)
-  o, lse = splits.merge(o, lse)                                     # [B, K, R, H], [B, K, R, 1]
-  o = o.reshape(B, K, G, Tp, H)[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
-  lse = lse.reshape(B, K, G, Tp)[..., :T].transpose(0, 3, 1, 2).reshape(B, T, N)
-  return o, lse
+  in_specs = [meta_spec, pl.BlockSpec((None, None, R, H), lambda b, h, c: (b, h, 0, 0)),
+              kv_spec, kv_spec, pl.BlockSpec((H, H), lambda b, h, c: (0, 0)),
+              pl.BlockSpec((1, H), lambda b, h, c: (0, 0))]
+  o, lse = splits.call(kernel, (meta, qr, k, v, jnp.asarray(rot), freq2), in_specs=in_specs,
+                       grid=(B, K, n_split), rows=R, head_dim=H, tpu=tpu, interpret=interpret,
+                       cost=cost, name="sink_attention")          # [B, K, R, H], [B, K, R, 1]
+  return splits.unpack(o, lse, G, T)
 
 
 def _kernel(meta_ref, q_ref, k_ref, v_ref, rot_ref, freq_ref, o_ref, lse_ref, *, n_sink, W, S,
@@ -234,7 +212,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, rot_ref, freq_ref, o_ref, lse_ref, *,
   """One (row b, kv head, chunk c): q_ref [R, H]; k_ref, v_ref [chunk, H] slots
   [c * chunk, (c + 1) * chunk); o_ref [R, H]; lse_ref [R, 1]."""
   b, c = pl.program_id(0), pl.program_id(2)
-  count, start, window = meta_ref[b, 0], meta_ref[b, 1], meta_ref[b, 2]
+  count, start, window = meta_ref[b, COUNT], meta_ref[b, START], meta_ref[b, WINDOW]
   R, H = q_ref.shape
   f32 = jnp.float32
   c0 = c * (bs * n_sub)                         # the chunk's first slot

@@ -6,10 +6,15 @@ leaves per chunk a normalized output and its log-sum-exp; the merge is a few XLA
 [..., C, R] values, nothing of the size of the cache.
 """
 
+from collections.abc import Callable, Sequence
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
-from kvjax.lm.attention import NEG
+NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked query gives no NaN
 
 
 def online_step(carry, s, vis, vals, *, scale: float, softcap: float | None):
@@ -51,6 +56,27 @@ def merge(o: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
   return (w * o).sum(axis=-3) / safe, jnp.where(l > 0, m[..., 0, :, :] + jnp.log(safe), NEG)
 
 
+def sizes(q: jax.Array, k: jax.Array, block: int, steps: int) -> tuple[int, ...]:
+  """The layout of a split kernel for q [B, T, N, H] over k [B, K, S, H]: (B, T, N, H, K, S,
+  G, Tp, R, bs, chunk, n_split). Each kv head's G = N / K query heads x T queries make R = G Tp
+  query rows, Tp a power of two >= 16 (Triton's dot needs >= 16 rows, TPU tiles 8); keys come
+  in blocks of bs slots, chunks of `steps` blocks per program, n_split programs per (row, kv
+  head) (`split_sizes`)."""
+  B, T, N, H = q.shape
+  K, S = k.shape[1], k.shape[2]
+  G = N // K
+  Tp = max(16, pl.next_power_of_2(T))
+  return (B, T, N, H, K, S, G, Tp, G * Tp, *split_sizes(S, block, steps))
+
+
+def pack_queries(q: jax.Array, K: int, Tp: int) -> jax.Array:
+  """q [B, T, N, H] -> [B, K, G Tp, H]: each kv head's query rows, T padded to Tp (the
+  inverse of `unpack`)."""
+  B, T, N, H = q.shape
+  qr = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)    # [B, K, G, T, H]
+  return jnp.pad(qr, ((0, 0), (0, 0), (0, 0), (0, Tp - T), (0, 0))).reshape(B, K, -1, H)
+
+
 def split_sizes(S: int, block: int, steps: int) -> tuple[int, int, int]:
   """(bs, chunk, n_split) for S keys: key blocks of bs slots (a power of two <= min(block, S)),
   `steps` of them per program (fewer when S is short), n_split programs per (row, kv head)."""
@@ -62,3 +88,35 @@ def split_sizes(S: int, block: int, steps: int) -> tuple[int, int, int]:
 def cdiv_pow2(x, d: int):
   """ceil(x / d) for a power of two d, as shifts (traced ints; negative x gives <= 0)."""
   return (x + d - 1) >> (d.bit_length() - 1)
+
+
+def call(kernel: Callable, args: Sequence[jax.Array], *, in_specs: list,
+         grid: tuple[int, int, int], rows: int, head_dim: int, tpu: bool, interpret, cost,
+         name: str):
+  """Runs a split kernel over grid (B, K, C) (row, kv head, key split; all parallel) and merges
+  its splits: each program writes the normalized o [R, H] and lse [R, 1] of its chunk ->
+  (o [B, K, R, H], lse [B, K, R, 1]) float32 over every key."""
+  B, K, C = grid
+  R, H = rows, head_dim
+  def out_spec(n):
+    return pl.BlockSpec((None, None, None, R, n), lambda b, h, c: (b, h, c, 0, 0))
+
+  o, lse = pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=[out_spec(H), out_spec(1)],
+      out_shape=[jax.ShapeDtypeStruct((B, K, C, R, H), jnp.float32),
+                 jax.ShapeDtypeStruct((B, K, C, R, 1), jnp.float32)],
+      interpret=interpret,
+      compiler_params=(pltpu.CompilerParams(dimension_semantics=("parallel",) * 3) if tpu
+                       else pltriton.CompilerParams(num_warps=4, num_stages=2)),
+      cost_estimate=cost, name=name)(*args)
+  return merge(o, lse)
+
+
+def unpack(o: jax.Array, lse: jax.Array, G: int, T: int) -> tuple[jax.Array, jax.Array]:
+  """o [B, K, G Tp, H], lse [B, K, G Tp, 1] (each kv head's G query heads x T queries padded
+  to Tp, as the kernels lay out their rows) -> o [B, T, N, H], lse [B, T, N] (N = K G)."""
+  B, K, R, H = o.shape
+  Tp = R // G
+  o = o.reshape(B, K, G, Tp, H)[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
+  lse = lse.reshape(B, K, G, Tp)[..., :T].transpose(0, 3, 1, 2).reshape(B, T, K * G)
+  return o, lse

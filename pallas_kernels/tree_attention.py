@@ -26,13 +26,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
 
-from kvjax.lm.attention import NEG
 from kvjax.pallas_kernels import splits
+from kvjax.pallas_kernels.splits import NEG
 
 IMPLS = ("pallas", "xla")
 STEPS = 4  # key blocks per program: a chunk of STEPS * block slots
+LENGTH, WINDOW = range(2)  # the columns of the kernel's per-row scalar table (SMEM)
 
 
 def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, length: jax.Array,
@@ -160,20 +160,14 @@ def _pallas(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, *, scale, wind
   mask (narrowed to the window) pre-tiled to the query rows ([R, Tp]), so the kernel only
   slices along sublanes. tpu: lower for Mosaic TPU (scalars in SMEM), else for Triton
   (Pallas' Mosaic GPU backend is not targeted)."""
-  B, T, N, H = q.shape
-  K, S = k.shape[1], k.shape[2]
-  G = N // K
-  Tp = max(16, pl.next_power_of_2(T))
-  R = G * Tp
-  bs, chunk, n_split = splits.split_sizes(S, block, steps)
+  B, T, N, H, K, S, G, Tp, R, bs, chunk, n_split = splits.sizes(q, k, block, steps)
   n_sub = chunk // bs
   i32 = jnp.int32
 
   def pad_t(x, axes):                          # pads the tree axes `axes` of x from T to Tp
     return jnp.pad(x, [(0, Tp - T) if a in axes else (0, 0) for a in range(x.ndim)])
 
-  qr = pad_t(q.astype(k.dtype).reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4), (3,))
-  qr = qr.reshape(B, K, R, H)                                      # [B, K, R, H]
+  qr = splits.pack_queries(q.astype(k.dtype), K, Tp)              # [B, K, R, H]
   q_rows = jnp.tile(pad_t(q_pos.astype(i32), (1,)), (1, G))[..., None]      # [B, R, 1]
   slot_pos = jnp.pad(pos.astype(i32), ((0, 0), (0, n_split * chunk - S)), constant_values=-1)
   slot_pos = slot_pos.reshape(B, n_split, n_sub, bs)               # the key blocks' positions
@@ -182,37 +176,23 @@ def _pallas(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, *, scale, wind
   kn = pad_t(k_new.astype(k.dtype), (2,))                          # [B, K, Tp, H]
   vn = pad_t(v_new.astype(v.dtype), (2,))
   meta = jnp.stack([length.astype(i32), jnp.broadcast_to(window, (B,)).astype(i32)],
-                   axis=1)                                          # [B, 2]
+                   axis=1)                                          # [B, 2]: LENGTH, WINDOW
   meta_spec = (pl.BlockSpec(memory_space=pltpu.SMEM) if tpu
                else pl.BlockSpec((B, 2), lambda b, h, c: (0, 0)))
   head = lambda n: pl.BlockSpec((None, None, n, H), lambda b, h, c: (b, h, 0, 0))
   kv_spec = pl.BlockSpec((None, None, chunk, H), lambda b, h, c: (b, h, c, 0))
   row = lambda *shape: pl.BlockSpec((None, *shape), lambda b, h, c: (b,) + (0,) * len(shape))
-  out_spec = lambda n: pl.BlockSpec((None, None, None, R, n), lambda b, h, c: (b, h, c, 0, 0))
   kernel = functools.partial(_kernel, bs=bs, n_sub=n_sub, S=S, scale=scale, softcap=softcap)
   args = (q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, window)
   cost = pl.estimate_cost(
       lambda *a: reference(*a[:-1], scale=scale, window=a[-1], softcap=softcap),
       *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args))
-  o, lse = pl.pallas_call(
-      kernel,
-      grid=(B, K, n_split),
-      in_specs=[meta_spec, head(R), kv_spec, kv_spec, head(Tp), head(Tp), row(R, 1),
-                pl.BlockSpec((None, None, n_sub, bs), lambda b, h, c: (b, c, 0, 0)),
-                row(R, Tp)],
-      out_specs=[out_spec(H), out_spec(1)],
-      out_shape=[jax.ShapeDtypeStruct((B, K, n_split, R, H), jnp.float32),
-                 jax.ShapeDtypeStruct((B, K, n_split, R, 1), jnp.float32)],
-      interpret=interpret,
-      compiler_params=(pltpu.CompilerParams(dimension_semantics=("parallel",) * 3) if tpu
-                       else pltriton.CompilerParams(num_warps=4, num_stages=2)),
-      cost_estimate=cost,
-      name="tree_attention",
-  )(meta, qr, k, v, kn, vn, q_rows, slot_pos, seen)
-  o, lse = splits.merge(o, lse)                                     # [B, K, R, H], [B, K, R, 1]
-  o = o.reshape(B, K, G, Tp, H)[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
-  lse = lse.reshape(B, K, G, Tp)[..., :T].transpose(0, 3, 1, 2).reshape(B, T, N)
-  return o, lse
+  in_specs = [meta_spec, head(R), kv_spec, kv_spec, head(Tp), head(Tp), row(R, 1),
+              pl.BlockSpec((None, None, n_sub, bs), lambda b, h, c: (b, c, 0, 0)), row(R, Tp)]
+  o, lse = splits.call(kernel, (meta, qr, k, v, kn, vn, q_rows, slot_pos, seen),
+                       in_specs=in_specs, grid=(B, K, n_split), rows=R, head_dim=H, tpu=tpu,
+                       interpret=interpret, cost=cost, name="tree_attention")
+  return splits.unpack(o, lse, G, T)
 
 
 def _kernel(meta_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, qp_ref, sp_ref, seen_ref, o_ref,
@@ -222,7 +202,7 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, qp_ref, sp_ref, seen_
   [n_sub, bs] slot positions per key block; seen_ref [R, Tp] int tree mask; o_ref [R, H];
   lse_ref [R, 1]."""
   b, c = pl.program_id(0), pl.program_id(2)
-  length, window = meta_ref[b, 0], meta_ref[b, 1]
+  length, window = meta_ref[b, LENGTH], meta_ref[b, WINDOW]
   R, H = q_ref.shape
   f32 = jnp.float32
   c0 = c * (bs * n_sub)

@@ -20,10 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.lm import steps as lm_steps
-from kvjax.lm.generate import Generation, Prompt, _check, _stop_ids, _tokenize, new_cache, outputs
+from kvjax.lm.engine import (Prompt, check_request, new_cache, outputs, padded_stop_ids,
+                             tokenize)
+from kvjax.lm.generate import Generation
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
-from kvjax.speculative import head as hd
+from kvjax.speculative import head as heads
 from kvjax.speculative import steps
 from kvjax.speculative.tree import TreeSpec
 
@@ -36,7 +38,7 @@ def sizes(prompt_len: int, max_new_tokens: int, spec: TreeSpec) -> tuple[int, in
           lm_steps.bucket(max(P, reach, prompt_len + max_new_tokens + spec.draft_slots)))
 
 
-def generate(model: Model, head: hd.LoadedHead, prompts: Prompt | Sequence[Prompt], *,
+def generate(model: Model, head: heads.LoadedHead, prompts: Prompt | Sequence[Prompt], *,
              max_new_tokens: int = 64, tree: TreeSpec | None = None,
              sampling: Sampling | None = None, key: jax.Array | None = None,
              stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
@@ -50,19 +52,18 @@ def generate(model: Model, head: hd.LoadedHead, prompts: Prompt | Sequence[Promp
   tree = tree or TreeSpec()
   if not isinstance(tree, TreeSpec):
     raise TypeError(f"tree must be a kvjax.speculative.TreeSpec; got {type(tree).__name__}")
-  if not isinstance(head, hd.LoadedHead):
+  if not isinstance(head, heads.LoadedHead):
     raise TypeError(f"head must be a loaded head (kvjax.speculative.load_head); got "
                     f"{type(head).__name__}")
-  hd.check(head.hc, model.cfg)
+  heads.check(head.hc, model.cfg)
   if tree.top_k > model.cfg.vocab_size:
     raise ValueError(f"tree top_k={tree.top_k} exceeds the vocabulary ({model.cfg.vocab_size})")
-  sampling = _check(model, max_new_tokens, sampling, key)
-  rows = _tokenize(model, prompts, chat)
+  sampling = check_request(model, max_new_tokens, sampling, key)
+  rows = tokenize(model, prompts, chat)
   stop = [stop] if isinstance(stop, str) else list(stop)
   if stop and model.tokenizer is None:
     raise ValueError("stop strings need the model's tokenizer")
-  stop_ids = _stop_ids(model, stop_tokens)
-  stop_ids += [-1] * (lm_steps.bucket(len(stop_ids), minimum=4) - len(stop_ids))
+  stops = padded_stop_ids(model, stop_tokens)
   longest = max(map(len, rows))
   if longest + max_new_tokens > model.cfg.max_position:
     raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
@@ -73,7 +74,7 @@ def generate(model: Model, head: hd.LoadedHead, prompts: Prompt | Sequence[Promp
     tokens[b, :len(ids)] = ids
   lengths = np.array([len(r) for r in rows], np.int32)
   cache = new_cache(model, len(rows), S)
-  hcache = hd.new_cache(head.hc, len(rows), S_head, model.dtype)
+  hcache = heads.new_cache(head.hc, len(rows), S_head, model.dtype)
   key = jax.random.key(0) if key is None else key
   static = dict(head_graphdef=head.graphdef, sampling=sampling)
 
@@ -86,12 +87,12 @@ def generate(model: Model, head: hd.LoadedHead, prompts: Prompt | Sequence[Promp
   t0 = time.perf_counter()
   (out, counts, rounds, proposed, n_rounds, _, _), compile_d = lm_steps.call(
       model, steps.loop, model.state, head.state, cache, hcache, root, h, logits, key,
-      jnp.int32(max_new_tokens), jnp.asarray(stop_ids, jnp.int32), spec=tree,
+      jnp.int32(max_new_tokens), jnp.asarray(stops, jnp.int32), spec=tree,
       max_steps=lm_steps.bucket(max_new_tokens), **static)
   out, counts = np.asarray(out), np.asarray(counts)
   decode_s = time.perf_counter() - t0 - compile_d
   rounds, proposed = np.asarray(rounds), np.asarray(proposed)
-  texts, toks, finish = outputs(model, out, counts, stop, stop_ids)
+  texts, toks, finish = outputs(model, out, counts, stop, stops)
   new = int(counts.sum())
   stats = dict(prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_p + compile_d,
                prompt_tokens=int(lengths.sum()), new_tokens=new,
@@ -101,7 +102,7 @@ def generate(model: Model, head: hd.LoadedHead, prompts: Prompt | Sequence[Promp
   return Generation(texts, toks, rows, finish, stats)
 
 
-def auto_tree(model: Model, head: hd.LoadedHead, prompts: Prompt | Sequence[Prompt], *,
+def auto_tree(model: Model, head: heads.LoadedHead, prompts: Prompt | Sequence[Prompt], *,
               top_k: int = 8, depth: int = 5, candidates: Sequence[int] = (8, 16, 24, 32, 48, 64),
               max_new_tokens: int = 32, log=None) -> tuple[TreeSpec, list[dict]]:
   """EAGLE's auto mode: picks total_tokens by timing speculative decoding of `prompts` on this

@@ -30,7 +30,7 @@ from kvjax.cache.view import causal
 from kvjax.lm import config
 from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config
-from kvjax.lm.decoder import Block, RMSNorm, _init, run_layers
+from kvjax.lm.decoder import Block, RMSNorm, init_param, run_layers
 
 KINDS = ("eagle1", "eagle3")
 # Shipped heads (see MODELS.md), loadable by name.
@@ -94,11 +94,11 @@ class Head(nnx.Module):
     D = hc.target.d_model
     self.hc = hc
     if hc.kind == "eagle3":
-      self.fuse = _init(rngs, (len(hc.fuse_layers) * D, D), dtype)
+      self.fuse = init_param(rngs, (len(hc.fuse_layers) * D, D), dtype)
       self.embed_norm = RMSNorm(hc.target, dtype)
       self.feature_norm = RMSNorm(hc.target, dtype)
       self.final_norm = RMSNorm(hc.target, dtype)
-    self.fc = _init(rngs, (2 * D, D), dtype)
+    self.fc = init_param(rngs, (2 * D, D), dtype)
     self.fc_bias = nnx.Param(jnp.zeros((D,), dtype))
     block = nnx.state(Block(hc.layer, rngs=rngs, dtype=dtype))
     self.blocks = nnx.merge(nnx.graphdef(Block(hc.layer, rngs=rngs, dtype=dtype)),
@@ -131,7 +131,7 @@ class Head(nnx.Module):
       return x, None
     view = cache.view(T, positions=positions, mask=mask)
     x, _, ks, vs = run_layers(self.blocks, self.hc.layer, x, view=view,
-                              cached=(cache.k, cache.v), layers=(0, 1))
+                              cached=cache.slots(), layers=(0, 1))
     n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new
     return x, cache.write(ks, vs, positions, n_new)
 

@@ -22,8 +22,9 @@ from flax import nnx
 
 from kvjax.cache.dense import KVCache
 from kvjax.lm.sampling import Sampling, sample
-from kvjax.speculative import accept as acc
-from kvjax.speculative import tree as tr
+from kvjax.speculative import accept
+from kvjax.speculative import tree as trees
+from kvjax.speculative import verify
 
 
 def _forward_features(dec, head, tokens, **kw):
@@ -52,7 +53,7 @@ def prefill(graphdef, state, head_state, cache: KVCache, hcache: KVCache, tokens
   return root, h, head.logits(h, dec), cache, hcache
 
 
-def _draft(dec, head, hcache: KVCache, h, logits, root, spec: tr.TreeSpec):
+def _draft(dec, head, hcache: KVCache, h, logits, root, spec: trees.TreeSpec):
   n = hcache.length
   B, S = hcache.batch, hcache.size
   k = spec.top_k
@@ -69,11 +70,11 @@ def _draft(dec, head, hcache: KVCache, h, logits, root, spec: tr.TreeSpec):
                       mask=mask)
     return hs, head.logits(hs, dec)
 
-  tree = tr.draft(step, h, logits, root, n, spec)
+  tree = trees.draft(step, h, logits, root, n, spec)
   return tree, dataclasses.replace(hcache, length=n)
 
 
-def round_(dec, head, cache, hcache, root, h, logits, key, live, *, spec, sampling):
+def draft_verify(dec, head, cache, hcache, root, h, logits, key, live, *, spec, sampling):
   """One draft-verify-accept round. live: [B] rows still generating. Returns (emit [B, depth
   + 1] the accepted tokens then the bonus, m [B] accepted draft tokens, cache, hcache, root, h,
   logits); only the first m + 1 entries of emit are meaningful."""
@@ -82,10 +83,11 @@ def round_(dec, head, cache, hcache, root, h, logits, key, live, *, spec, sampli
   n = cache.length
   tree, hcache = _draft(dec, head, hcache, h, logits, root, spec)
   positions = n[:, None] + tree.depth
-  out, feats, cache = _forward_features(dec, head, tree.tokens, cache=cache, positions=positions,
-                                        tree=tree.mask, n_new=jnp.zeros((B,), jnp.int32))
-  probs = acc.target_probs(out.logits, sampling)
-  path, m, bonus = acc.accept(tree, probs, key, sampling.greedy)
+  view = verify.tree_view(cache, positions, tree.mask)
+  out, feats, cache = _forward_features(dec, head, tree.tokens, cache=cache, view=view,
+                                        n_new=jnp.zeros((B,), jnp.int32))
+  probs = accept.target_probs(out.logits, sampling)
+  path, m, bonus = accept.accept(tree, probs, key, sampling.greedy)
   D1 = spec.depth + 1
   j = jnp.arange(D1)[None]
   path_tokens = jnp.take_along_axis(tree.tokens, path, axis=1)           # [B, D1] root first
@@ -100,10 +102,34 @@ def round_(dec, head, cache, hcache, root, h, logits, key, live, *, spec, sampli
   return emit, m, cache, hcache, bonus, h, head.logits(h, dec)
 
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["round", "cache", "hcache", "root", "h", "logits", "out", "done",
+                                "counts", "rounds", "proposed"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class LoopState:
+  """The carry of the speculative `while_loop`. round: [] int32 rounds run (target verify
+  forwards); cache, hcache: the target's and the head's; root [B] each row's last accepted
+  token (the next tree's root), h [B, D] its feature, logits [B, V] the head's draft logits
+  from it; out [B, max_steps + D1] int32 tokens emitted; done [B] bool; counts [B] tokens
+  per row; rounds [B] rounds each row took part in; proposed [B] the tokens they produced."""
+
+  round: jax.Array
+  cache: KVCache
+  hcache: KVCache
+  root: jax.Array
+  h: jax.Array
+  logits: jax.Array
+  out: jax.Array
+  done: jax.Array
+  counts: jax.Array
+  rounds: jax.Array
+  proposed: jax.Array
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "head_graphdef", "spec", "sampling",
                                              "max_steps"), donate_argnames=("cache", "hcache"))
 def loop(graphdef, state, head_state, cache, hcache, root, h, logits, key, n_steps, stop_ids,
-         *, head_graphdef, spec: tr.TreeSpec, sampling: Sampling, max_steps: int):
+         *, head_graphdef, spec: trees.TreeSpec, sampling: Sampling, max_steps: int):
   """Generates up to n_steps (<= max_steps) tokens per row, the root (from `prefill`) first,
   in one `lax.while_loop` of rounds. A row stops after a token in stop_ids [E] (pad with -1).
 
@@ -120,25 +146,25 @@ def loop(graphdef, state, head_state, cache, hcache, root, h, logits, key, n_ste
   done = is_stop(root) | (n_steps <= 1)
   zeros = jnp.zeros((B,), jnp.int32)
 
-  def body(c):
-    i, cache, hcache, root, h, logits, out, done, counts, rounds, proposed = c
-    live = ~done
-    emit, m, cache, hcache, root, h, logits = round_(
-        dec, head, cache, hcache, root, h, logits, jax.random.fold_in(key, i + 1), live,
-        spec=spec, sampling=sampling)
+  def body(s: LoopState) -> LoopState:
+    live = ~s.done
+    emit, m, cache, hcache, root, h, logits = draft_verify(
+        dec, head, s.cache, s.hcache, s.root, s.h, s.logits, jax.random.fold_in(key, s.round + 1),
+        live, spec=spec, sampling=sampling)
     j = jnp.arange(D1)[None]
     stops = is_stop(emit) & (j <= m[:, None])
     first = jnp.where(stops.any(1), jnp.argmax(stops, 1), D1)
-    n_emit = jnp.minimum(jnp.minimum(m + 1, first + 1), n_steps - counts)
+    n_emit = jnp.minimum(jnp.minimum(m + 1, first + 1), n_steps - s.counts)
     n_emit = jnp.where(live, n_emit, 0)
-    cols = jnp.where(j < n_emit[:, None], counts[:, None] + j, max_steps + D1)
-    out = out.at[jnp.arange(B)[:, None], cols].set(emit, mode="drop")
-    done = done | (live & (first < n_emit)) | (counts + n_emit >= n_steps)
-    return (i + 1, cache, hcache, root, h, logits, out, done, counts + n_emit,
-            rounds + live, proposed + jnp.where(live, m + 1, 0))
+    cols = jnp.where(j < n_emit[:, None], s.counts[:, None] + j, max_steps + D1)
+    return LoopState(
+        round=s.round + 1, cache=cache, hcache=hcache, root=root, h=h, logits=logits,
+        out=s.out.at[jnp.arange(B)[:, None], cols].set(emit, mode="drop"),
+        done=s.done | (live & (first < n_emit)) | (s.counts + n_emit >= n_steps),
+        counts=s.counts + n_emit, rounds=s.rounds + live,
+        proposed=s.proposed + jnp.where(live, m + 1, 0))
 
-  c = (jnp.int32(0), cache, hcache, root, h, logits, out, done, counts, zeros, zeros)
-  # cond reads `done` at index 7 of the carry
-  c = jax.lax.while_loop(lambda c: ~jnp.all(c[7]), body, c)
-  i, cache, hcache, _, _, _, out, _, counts, rounds, proposed = c
-  return out[:, :max_steps], counts, rounds, proposed, i, cache, hcache
+  s = jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, LoopState(
+      round=jnp.int32(0), cache=cache, hcache=hcache, root=root, h=h, logits=logits, out=out,
+      done=done, counts=counts, rounds=zeros, proposed=zeros))
+  return s.out[:, :max_steps], s.counts, s.rounds, s.proposed, s.round, s.cache, s.hcache

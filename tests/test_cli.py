@@ -130,7 +130,7 @@ def test_chat(model, model_dir):
 
 def test_dtype_casts_params(model_dir):
   args = argparse.Namespace(model=model_dir, dtype="bfloat16")
-  assert cli_module._load(args).dtype == jax.numpy.bfloat16
+  assert cli_module.load_model(args).dtype == jax.numpy.bfloat16
 
 
 @pytest.mark.parametrize("flags, words", [

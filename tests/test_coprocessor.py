@@ -114,10 +114,10 @@ def test_augment_needs_room(base):
 
 
 def test_generate_with_a_coprocessor_is_the_augmented_greedy_path(base):
-  """lm.generate(coprocessor=) equals doing it by hand: prefill all but the prompt's last
+  """coprocessor.generate equals doing it by hand: prefill all but the prompt's last
   token, augment, feed the last token, then greedy decoding; rows of different lengths."""
   cop = cp.init(base, N, seed=5)
-  got = lm.generate(base, ROWS, max_new_tokens=6, coprocessor=cop, stop_tokens=[])
+  got = cp.generate(base, cop, ROWS, max_new_tokens=6, stop_tokens=[])
   for b, r in enumerate(ROWS):
     cache = prefilled(base, [r[:-1]] if len(r) > 1 else [[0]], size=64)
     cache = cp.augment(base, cop, cache)
@@ -137,7 +137,7 @@ def test_generate_with_delayed_latents(base):
   cop = cp.init(base, N, seed=6)
   plain = lm.generate(base, ROWS, max_new_tokens=8, stop_tokens=[])
   for k in (1, 3):
-    got = lm.generate(base, ROWS, max_new_tokens=8, coprocessor=cop, delay=k, stop_tokens=[])
+    got = cp.generate(base, cop, ROWS, max_new_tokens=8, delay=k, stop_tokens=[])
     for b, r in enumerate(ROWS):
       assert got.tokens[b][:k] == plain.tokens[b][:k]
       cache = prefilled(base, [r[:-1]], size=64)
@@ -152,19 +152,25 @@ def test_generate_with_delayed_latents(base):
 
 
 def test_no_coprocessor_leaves_generation_unchanged(base):
-  """Augmenting is opt-in: coprocessor=None is plain generation, bit for bit, and the base's
-  params are untouched by making and using a coprocessor."""
+  """Augmenting is opt-in: prefill=None is plain generation, bit for bit, and the base's
+  params are untouched by making and using a coprocessor. The deprecated spelling
+  lm.generate(coprocessor=, delay=) warns and gives the same tokens."""
   before = jax.tree.map(np.array, base.params())
   plain = lm.generate(base, ROWS, max_new_tokens=6)
   cop = cp.init(base, N, seed=7)
-  lm.generate(base, ROWS, max_new_tokens=6, coprocessor=cop)
-  again = lm.generate(base, ROWS, max_new_tokens=6, coprocessor=None)
+  augmented = cp.generate(base, cop, ROWS, max_new_tokens=6, delay=1)
+  again = lm.generate(base, ROWS, max_new_tokens=6, prefill=None)
   assert again.tokens == plain.tokens
+  with pytest.warns(DeprecationWarning, match="kvjax.coprocessor.generate"):
+    old = lm.generate(base, ROWS, max_new_tokens=6, coprocessor=cop, delay=1)
+  assert old.tokens == augmented.tokens
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, base.params()))
   with pytest.raises(ValueError, match="delay applies only with a coprocessor"):
     lm.generate(base, ROWS, max_new_tokens=6, delay=2)
   with pytest.raises(ValueError, match="delay 6 >= max_new_tokens 6"):
-    lm.generate(base, ROWS, max_new_tokens=6, coprocessor=cop, delay=6)
+    cp.generate(base, cop, ROWS, max_new_tokens=6, delay=6)
+  with pytest.raises(TypeError, match="cop must be a kvjax.coprocessor.Coprocessor"):
+    cp.generate(base, "shakespeare-16", ROWS)
 
 
 def test_lora_and_pause_kinds(base, tmp_path):

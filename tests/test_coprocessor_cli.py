@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kvjax import coprocessor as cp
+from kvjax.coprocessor import traces
 from kvjax import lm
 from kvjax.lm import tiny
 from kvjax.train import coprocessor as ct
@@ -34,8 +35,8 @@ def test_generate_matches_the_library(dirs):
   assert code == 0, err
   got = json.loads(out)
   base = lm.load(dirs["model"])
-  want = lm.generate(base, "Now is the", max_new_tokens=8, delay=1,
-                     coprocessor=cp.load(dirs["cop"], base))
+  want = cp.generate(base, cp.load(dirs["cop"], base), "Now is the", max_new_tokens=8,
+                     delay=1)
   assert got["tokens"] == want.tokens and got["coprocessor"] == dirs["cop"]
   assert got["delay"] == 1
 
@@ -54,7 +55,7 @@ def test_ppl_by_position_matches_the_library(dirs):
   for r in range(n):
     w = ids[r * 32:r * 32 + 33]
     windows[r, :len(w)] = w
-  want = ct.by_position(base, cp.load(dirs["cop"], base), windows, ahead=4, points=3)
+  want = traces.by_position(base, cp.load(dirs["cop"], base), windows, ahead=4, points=3)
   np.testing.assert_allclose(got["ppl_aug_by_position"], want.ppl_aug, rtol=1e-5)
   np.testing.assert_allclose(got["ppl_base_by_position"], want.ppl_base, rtol=1e-5)
   code, out, err = cli("ppl", "--model", dirs["model"], "--coprocessor", dirs["cop"], "--text",

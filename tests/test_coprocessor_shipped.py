@@ -31,8 +31,7 @@ def test_cli_generate_with_a_shipped_coprocessor_equals_the_library():
                        "--max-new-tokens", 12, "--json")
   assert code == 0, err
   base = lm.load("shakespeare")
-  want = lm.generate(base, "ROMEO.", max_new_tokens=12,
-                     coprocessor=cp.load("shakespeare-16", base))
+  want = cp.generate(base, cp.load("shakespeare-16", base), "ROMEO.", max_new_tokens=12)
   got = json.loads(out)
   assert got["tokens"] == want.tokens and got["coprocessor"] == "shakespeare-16"
   assert np.isfinite(got["decode_tokens_per_s"])

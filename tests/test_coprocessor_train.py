@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from kvjax import coprocessor as cp
+from kvjax.coprocessor import traces
 from kvjax.coprocessor import model as cpm
 from kvjax.lm import steps, tiny
 from kvjax.lm.generate import new_cache
@@ -60,7 +61,7 @@ def _ahead_logits(graphdef, state, cache, tokens):
 @functools.partial(jax.jit, static_argnames=("graphdef", "cc", "delay"))
 def one_pass(graphdef, state, cc, params, batch, points, *, delay=0):
   """multi_trace, jitted (eager, it dispatches op by op)."""
-  return ct.multi_trace(nnx.merge(graphdef, state), cpm.decoder(graphdef, state, cc, params),
+  return traces.multi_trace(nnx.merge(graphdef, state), cpm.decoder(graphdef, state, cc, params),
                         params["soft"], batch, points, ahead=A, delay=delay,
                         latent_offset=cc.latent_offset)
 
@@ -153,7 +154,7 @@ def test_training_lowers_the_loss_and_leaves_the_base_unchanged(base, tmp_path):
 def test_by_position_matches_the_training_metric(base):
   cop = cp.init(base, N, seed=2)
   w = np.concatenate([rows(5, 3), np.full((1, T + 1), -1, np.int32)])
-  got = ct.by_position(base, cop, w, ahead=A, points=4, batch_size=2)
+  got = traces.by_position(base, cop, w, ahead=A, points=4, batch_size=2)
   assert got.ppl_base.shape == (A,) and np.all(got.targets == 12)
   assert np.all(np.isfinite(got.relative_reduction))
   j = got.to_json()

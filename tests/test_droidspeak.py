@@ -13,6 +13,7 @@ import pytest
 
 from kvjax import lm
 from kvjax.cache import droidspeak as ds
+from kvjax.cache.droidspeak import wire
 from kvjax.lm import steps, tiny
 from kvjax.lm.generate import new_cache
 
@@ -177,7 +178,7 @@ def _sent(pair, text="1-3"):
 
 def test_payload_round_trip_file_and_socket(pair, tmp_path):
   import threading
-  from kvjax.cache import payload as pl
+  from kvjax.cache.droidspeak import payload as pl
   sender, receiver = pair
   sent = _sent(pair)
   data = pl.encode(sent, sender)
@@ -201,13 +202,13 @@ def test_payload_round_trip_file_and_socket(pair, tmp_path):
   port = {}
 
   def listen():
-    got.append(pl.serve_once(0, timeout=30, on_listen=lambda p: (port.setdefault("p", p),
+    got.append(wire.serve_once(0, timeout=30, on_listen=lambda p: (port.setdefault("p", p),
                                                                  ready.set())))
 
   t = threading.Thread(target=listen)
   t.start()
   assert ready.wait(30)
-  pl.send(data, port["p"])
+  wire.send(data, port["p"])
   t.join(30)
   assert got == [data]
   header, _ = pl.read_header(data)
@@ -215,7 +216,7 @@ def test_payload_round_trip_file_and_socket(pair, tmp_path):
 
 
 def test_payload_refuses_what_is_not_for_this_receiver(pair):
-  from kvjax.cache import payload as pl
+  from kvjax.cache.droidspeak import payload as pl
   sender, receiver = pair
   data = pl.encode(_sent(pair), sender)
   with pytest.raises(pl.PayloadError, match="another architecture"):
@@ -234,7 +235,7 @@ def test_payload_of_another_format_version_is_refused(pair):
   slots) is refused with both versions named, never reinterpreted."""
   import json
   import struct
-  from kvjax.cache import payload as pl
+  from kvjax.cache.droidspeak import payload as pl
   sender, receiver = pair
   data = pl.encode(_sent(pair), sender)
   (n,) = struct.unpack("<I", data[8:12])
@@ -255,20 +256,20 @@ def test_payload_of_another_format_version_is_refused(pair):
     (lambda d: d[:13] + b"}" + d[14:], "corrupt payload header"),
 ])
 def test_payload_refuses_damaged_bytes(pair, damage, message):
-  from kvjax.cache import payload as pl
+  from kvjax.cache.droidspeak import payload as pl
   sender, receiver = pair
   data = pl.encode(_sent(pair), sender)
   with pytest.raises(pl.PayloadError, match=message):
     pl.decode(damage(data), receiver)
 
 
-# --- compare runs (kvjax.lm.droidspeak) ---------------------------------------------------
+# --- compare runs (kvjax.cache.droidspeak.profile) --------------------------------------
 
 PROMPT = [int(x) for x in np.random.default_rng(5).integers(3, 200, 40)]
 
 
 def test_compare_full_plan_matches_lm_score(pair):
-  from kvjax.lm import droidspeak as run
+  from kvjax.cache.droidspeak import profile as run
   sender, receiver = pair
   r = run.compare(sender, receiver, ds.Plan.full(L), PROMPT, eval_tokens=8, max_new_tokens=6,
                   repeats=1)
@@ -284,7 +285,7 @@ def test_compare_full_plan_matches_lm_score(pair):
 
 
 def test_compare_reuse_differs_from_full(pair):
-  from kvjax.lm import droidspeak as run
+  from kvjax.cache.droidspeak import profile as run
   sender, receiver = pair
   r = run.compare(sender, receiver, ds.Plan.reuse_all(L), PROMPT, eval_tokens=8,
                   max_new_tokens=0, repeats=1)
@@ -385,7 +386,7 @@ def test_cli_errors(pair_dirs, tmp_path):
 
 
 def test_profile_pareto_and_pick(pair):
-  from kvjax.lm import droidspeak as run
+  from kvjax.cache.droidspeak import profile as run
   sender, receiver = pair
   prompts = run.windows(PROMPT * 2, 2, 30)
   prof = run.profile(sender, receiver, prompts, eval_tokens=8, max_new_tokens=4, repeats=1,
@@ -436,7 +437,7 @@ def test_cli_profile_then_auto_plan(pair_dirs, tmp_path, monkeypatch):
                        "--min-speedup", 0.01, "--prompt", TEXT, "--eval-tokens", 8,
                        "--max-new-tokens", 2, "--repeats", 1, "--json")
   assert code == 0, err
-  from kvjax.lm import droidspeak as run
+  from kvjax.cache.droidspeak import profile as run
   assert json.loads(out)["plan"] == run.pick(want, min_speedup=0.01)  # lowest loss of all
   code, _, err = cli("droidspeak", "run", "--sender", s, "--receiver", r, "--plan", "0-1",
                      "--min-kept", 0.5, "--prompt", TEXT)

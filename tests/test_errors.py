@@ -454,11 +454,11 @@ def test_decoder_cache_and_n_new_mismatch(decoder):
   cfg = decoder.cfg
   wrong_layers = KVCache.init(n_layers=cfg.n_layers + 1, batch=2, size=8,
                               n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
-  raises(ValueError, lambda: decoder(TOKENS, cache=wrong_layers), "cache.k has shape",
+  raises(ValueError, lambda: decoder(TOKENS, cache=wrong_layers), "the cache's slots have shape",
          f"({cfg.n_layers + 1}, 2, {cfg.n_kv_heads}, 8")
   wrong_batch = KVCache.init(n_layers=cfg.n_layers, batch=3, size=8,
                              n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
-  raises(ValueError, lambda: decoder(TOKENS, cache=wrong_batch), "cache.k has shape",
+  raises(ValueError, lambda: decoder(TOKENS, cache=wrong_batch), "the cache's slots have shape",
          "a batch of 2")
   raises(ValueError, lambda: decoder(TOKENS, n_new=jnp.ones((3,), jnp.int32)), "n_new",
          "shape (2,)")

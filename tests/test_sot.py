@@ -9,11 +9,11 @@ import pytest
 
 from kvjax import lm
 from kvjax.cache.prefix import PrefixCache
-from kvjax.lm import expand as ex
+from kvjax.lm.sot import expansion as ex
 from kvjax.lm import sot, steps, tiny
-from kvjax.lm.generate import _prefill, new_cache
-from kvjax.lm.sot_points import SkeletonError, parse_points
-from kvjax.lm.sot_prompts import Prompts
+from kvjax.lm.engine import new_cache, prefill
+from kvjax.lm.sot.points import SkeletonError, parse_points
+from kvjax.lm.sot.prompts import Prompts
 
 SKELETON = "1. Dark room\n2) Cool air\n(3) No coffee late"
 QUESTION = "How can I sleep better?"
@@ -38,7 +38,7 @@ def test_prefix_cache_equals_full_recompute(family):
   rows = rows_of()
   n = ex.common_prefix(rows)
   assert n == 21
-  _, prefix, _, _ = _prefill(m, [rows[0][:n]], 0)
+  _, prefix, _, _ = prefill(m, [rows[0][:n]], 0)
   cache = PrefixCache(prefix=prefix, rows=new_cache(m, 3, 32))
   suffix = np.zeros((3, 16), np.int32)
   for b, r in enumerate(rows):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from kvjax.lm.sot_points import SkeletonError, parse_points
-from kvjax.lm.sot_router import ROUTERS, Route, parse_verdict, route, router_question, rules_route
+from kvjax.lm.sot.points import SkeletonError, parse_points
+from kvjax.lm.sot.router import ROUTERS, Route, parse_verdict, route, router_question, rules_route
 
 TEN = "\n".join(f"{i}. point {i}" for i in range(1, 11))
 

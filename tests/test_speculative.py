@@ -17,7 +17,7 @@ from kvjax.lm import tiny
 from kvjax.lm.sampling import Sampling
 from kvjax.speculative import accept as acc
 from kvjax.speculative import head as hd
-from kvjax.speculative import steps, tree as tr
+from kvjax.speculative import steps, tree as tr, verify
 from kvjax.speculative.generate import sizes
 from kvjax.speculative.tree import TreeSpec
 
@@ -206,7 +206,7 @@ def test_compaction(model, head, monkeypatch):
   @functools.partial(jax.jit, static_argnames=("graphdef", "head_graphdef"))
   def one_round(graphdef, state, head_graphdef, head_state, cache, hcache, root, h, logits):
     dec, hm = nnx.merge(graphdef, state), nnx.merge(head_graphdef, head_state)
-    return steps.round_(dec, hm, cache, hcache, root, h, logits, jax.random.key(0),
+    return steps.draft_verify(dec, hm, cache, hcache, root, h, logits, jax.random.key(0),
                         jnp.ones((1,), bool), spec=spec, sampling=Sampling())
 
   root, h, logits, cache, hcache = prefilled(seq[:n0])
@@ -329,7 +329,7 @@ def test_tree_forward_kernel_equals_mask_path(family, monkeypatch):
   orig = kernel.tree_attention
   monkeypatch.setattr(kernel, "tree_attention",
                       functools.partial(orig, impl="pallas", interpret=True, block=16))
-  got, _ = dec(tree.tokens, cache=cache, positions=positions, tree=tree.mask)
+  got, _ = dec(tree.tokens, cache=cache, view=verify.tree_view(cache, positions, tree.mask))
   np.testing.assert_allclose(got.logits, want.logits, atol=2e-4)
 
 

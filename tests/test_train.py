@@ -329,7 +329,7 @@ def test_bad_config_file_and_missing_flags(text_setup, tmp_path):
 
 
 def test_packed_documents_do_not_attend_across_boundaries():
-  from kvjax.train.lm import _forward_nll
+  from kvjax.train.lm import forward_nll
   model = tiny_model()
   rng = np.random.default_rng(2)
   a, b = rng.integers(2, V, (1, 12)), rng.integers(2, V, (1, 20))
@@ -337,7 +337,7 @@ def test_packed_documents_do_not_attend_across_boundaries():
   batch = {"inputs": row[:, :-1], "targets": row[:, 1:],
            "segment_ids": np.array([[1] * 12 + [2] * 19]),
            "positions": np.array([list(range(12)) + list(range(19))])}
-  nll = jax.jit(lambda params, batch: _forward_nll(model, params, batch, False)[0])
+  nll = jax.jit(lambda params, batch: forward_nll(model, params, batch, False)[0])
   params = model.params()
   packed = np.asarray(nll(params, batch))
   alone = lambda x: np.asarray(nll(params, {"inputs": x[:, :-1], "targets": x[:, 1:]}))  # noqa: E731

@@ -129,7 +129,7 @@ def test_eagle1_loss_matches_a_hand_computation(setup, cli_run):
   batch["mask"][1, 20:] = 0.0
   ec = config("unused")
   got = eagle.cached_steps(target, head, ec)[2](head.params(), target.params(),
-                                                 eagle._to_device(batch))
+                                                 eagle.to_device(batch))
   dec = target.decoder
   out, _ = dec(jnp.asarray(batch["inputs"]))
   f, L = np.asarray(out.hidden), np.asarray(out.logits)

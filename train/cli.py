@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-from kvjax.lm.cli import checked, nonneg, positive, run
+from kvjax.lm.cli.flags import checked, nonneg, positive, run
 
 PROG = "python -m kvjax.train"
 ARCH = ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
@@ -554,17 +554,17 @@ def run_eagle(args: argparse.Namespace) -> int:
   """Trains the head, saves it, prints a summary; returns 0."""
   import jax
   from kvjax.lm.model import load
-  from kvjax.speculative import head as hd
+  from kvjax.speculative import head as heads
   from kvjax.train.eagle import train
   t0 = time.perf_counter()
   ec = _eagle_config(args)
   model = load(args.target)
   os.makedirs(args.out, exist_ok=True)
   batches, eval_batches, prompts = _eagle_data(args, model, ec)
-  head = hd.init(model, ec.kind, seed=args.seed)
+  head = heads.init(model, ec.kind, seed=args.seed)
   result = train(model, head, ec, batches, eval_batches, prompts, progress=not args.no_progress)
   export = args.export or os.path.join(args.out, "head")
-  hd.save(result.head, export)
+  heads.save(result.head, export)
   last = result.records[-1] if result.records else {}
   keys = ("loss", "feature_loss", "ce", "top1", "eval_loss", "eval_top1", "val_accept_len")
   summary = {"out": args.out, "export": export, "kind": ec.kind, "target": args.target,
@@ -650,7 +650,7 @@ def check_coprocessor(parser: argparse.ArgumentParser, args: argparse.Namespace)
   if args.latents is None:
     parser.error("--latents N is required (latents per augmentation, e.g. 16)")
   _check_run_flags(parser, args, "checkpoints, metrics and the coprocessor")
-  from kvjax.train.coprocessor import room_error
+  from kvjax.coprocessor.traces import room_error
   error = room_error(args.seq_len, args.ahead, args.points, args.delay, flags=True)
   if error:
     parser.error(error)

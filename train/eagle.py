@@ -40,20 +40,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import math
 import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kvjax.lm.generate import generate
 from kvjax.lm.model import Model
-from kvjax.speculative import head as hd
-from kvjax.train import lm as lm_train
-from kvjax.train.lm import TrainError, _need
+from kvjax.lm.sampling import Sampling
+from kvjax.speculative import head as heads
+from kvjax.speculative.generate import generate as speculative_generate
+from kvjax.speculative.tree import TreeSpec
+from kvjax.train import loop
+from kvjax.train.loop import RunConfig, TrainError, compiled
 
 Batch = dict[str, np.ndarray]
 DISTILL_FILE = "selfdistill.npy"
@@ -61,7 +64,7 @@ PLOT_LABEL = "head loss"  # eagle1: SmoothL1 + 0.1 CE; eagle3: step-weighted CE
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EagleConfig(lm_train.RunConfig):
+class EagleConfig(RunConfig):
   """Hyperparameters and bookkeeping of one head-training run (RunConfig's fields, lr 1e-3 and
   no weight decay by default, and:). Hashable.
 
@@ -91,24 +94,21 @@ class EagleConfig(lm_train.RunConfig):
   tree_depth: int = 5
   tree_tokens: int = 32
 
+  DOMAINS = {**RunConfig.DOMAINS,
+             **dict.fromkeys(("ttt_steps", "prompt_len", "new_tokens", "eval_batches"),
+                             loop.INT_POSITIVE),
+             **dict.fromkeys(("self_distill", "eval_prompts"), loop.INT_NONNEG),
+             **dict.fromkeys(("ce_weight", "distill_temperature", "feature_noise"), loop.NONNEG),
+             "step_decay": loop.UNIT}
+
   def __post_init__(self):
-    if self.kind not in hd.KINDS:
-      raise TrainError(f"kind must be one of {hd.KINDS}; got {self.kind!r}")
-    super().__post_init__()
-    for name in ("ttt_steps", "prompt_len", "new_tokens", "eval_batches"):
-      _need(name, getattr(self, name), lambda v: v >= 1, "an int >= 1", int)
-    for name in ("self_distill", "eval_prompts"):
-      _need(name, getattr(self, name), lambda v: v >= 0, "an int >= 0", int)
-    if self.seq_len < 3:
-      raise TrainError(f"seq_len must be >= 3 (a pair and the token after); got {self.seq_len}")
-    _need("ce_weight", self.ce_weight, lambda v: 0 <= v < math.inf, "a number >= 0", float)
-    _need("step_decay", self.step_decay, lambda v: 0 <= v <= 1, "a number in [0, 1]", float)
-    _need("distill_temperature", self.distill_temperature, lambda v: v >= 0, "a number >= 0",
-          float)
+    if self.kind not in heads.KINDS:
+      raise TrainError(f"kind must be one of {heads.KINDS}; got {self.kind!r}")
     if self.feature_noise is None:
       object.__setattr__(self, "feature_noise", 0.1 if self.kind == "eagle1" else 0.0)
-    _need("feature_noise", self.feature_noise, lambda v: 0 <= v < math.inf, "a number >= 0",
-          float)
+    super().__post_init__()
+    if self.seq_len < 3:
+      raise TrainError(f"seq_len must be >= 3 (a pair and the token after); got {self.seq_len}")
     self.tree  # noqa: B018 (validates the tree settings)
 
   @property
@@ -119,21 +119,22 @@ class EagleConfig(lm_train.RunConfig):
 
   @property
   def tree(self):
-    from kvjax.speculative.tree import TreeSpec
     try:
       return TreeSpec(top_k=self.tree_top_k, depth=self.tree_depth,
                       total_tokens=self.tree_tokens)
     except ValueError as err:
       raise TrainError(str(err)) from None
 
+  VALIDATION: ClassVar[frozenset[str]] = frozenset(
+      {"eval_batches", "eval_prompts", "prompt_len", "new_tokens", "tree_top_k", "tree_depth",
+       "tree_tokens"})
+  # self_distill and distill_temperature make the data (outside the steps) and must resume
+  BOOKKEEPING = RunConfig.BOOKKEEPING | VALIDATION | {"self_distill", "distill_temperature"}
+  NOT_RESUMED = RunConfig.NOT_RESUMED | VALIDATION
+
   def resume_key(self) -> dict[str, Any]:
-    """The fields a resumed run must share with the run it continues."""
-    skip = {"out_dir", "save_every", "keep", "eval_every", "log_every", "eval_batches",
-            "eval_prompts", "prompt_len", "new_tokens", "tree_top_k", "tree_depth",
-            "tree_tokens"}
-    out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
-    out["ttt_steps"] = self.ttt
-    return out
+    """The fields a resumed run must share with the run it continues (ttt_steps as clipped)."""
+    return {**super().resume_key(), "ttt_steps": self.ttt}
 
 
 @dataclasses.dataclass
@@ -141,7 +142,7 @@ class Result:
   """head: the trained head (params on the host); records: the metrics logged by this call;
   resumed_from: the checkpoint step it started at (0 = fresh)."""
 
-  head: hd.LoadedHead
+  head: heads.LoadedHead
   records: list[dict[str, Any]]
   resumed_from: int
 
@@ -240,7 +241,7 @@ def ttt_masks(K: int, T: int, segments: jax.Array | None = None) -> jax.Array:
   return masks[:, None] & jnp.tile(same, (1, 1, K))[None]
 
 
-def eagle1_loss(head: hd.Head, dec, tgt, batch, key, ec: EagleConfig):
+def eagle1_loss(head: heads.Head, dec, tgt, batch, key, ec: EagleConfig):
   """(loss, stats) of an eagle1 head on one batch; `tgt` from `target_forward`."""
   f, logits = tgt["hidden"], tgt["logits"]
   x = f
@@ -259,7 +260,7 @@ def eagle1_loss(head: hd.Head, dec, tgt, batch, key, ec: EagleConfig):
                 "n": jnp.sum(valid)}
 
 
-def ttt_forward(head: hd.Head, features: jax.Array, embeds: jax.Array, positions: jax.Array,
+def ttt_forward(head: heads.Head, features: jax.Array, embeds: jax.Array, positions: jax.Array,
                 K: int, segments: jax.Array | None = None) -> list[jax.Array]:
   """eagle3's K unrolled steps over T pairs -> [h^0, ..., h^{K-1}], each [B, T, D]: step 0
   runs the pairs (features_i, embeds_i), step j >= 1 the pairs (h^{j-1}_{i-1}, embeds_i)
@@ -272,7 +273,7 @@ def ttt_forward(head: hd.Head, features: jax.Array, embeds: jax.Array, positions
   # a barrier keeps XLA from constant-folding attention over the all-constant first steps
   masks = jax.lax.optimization_barrier(masks)
   S = (K - 1) * T
-  cache = hd.new_cache(head.hc, B, 0, features.dtype)
+  cache = heads.new_cache(head.hc, B, 0, features.dtype)
   x, hs = features, []
   for j in range(K):
     # the cache grows by one block per step (slots [0, jT) filled, [jT, jT + T) for this
@@ -286,7 +287,7 @@ def ttt_forward(head: hd.Head, features: jax.Array, embeds: jax.Array, positions
   return hs
 
 
-def eagle3_loss(head: hd.Head, dec, tgt, batch, key, ec: EagleConfig):
+def eagle3_loss(head: heads.Head, dec, tgt, batch, key, ec: EagleConfig):
   """(loss, stats) of an eagle3 head on one batch with ec.ttt unrolled steps."""
   K = ec.ttt
   f = head.feature(tgt["hidden"], tgt["layer_inputs"])
@@ -322,7 +323,7 @@ def _grow(cache, size: int):
   return dataclasses.replace(cache, k=pad(cache.k), v=pad(cache.v), pos=pos)
 
 
-def loss_fn(head: hd.LoadedHead, params, dec, tgt, batch, key, ec: EagleConfig):
+def loss_fn(head: heads.LoadedHead, params, dec, tgt, batch, key, ec: EagleConfig):
   """(loss, stats) of `head`'s structure with `params` (a pure dict) on one batch."""
   module = head.with_params(params).module
   fn = eagle1_loss if ec.kind == "eagle1" else eagle3_loss
@@ -331,32 +332,20 @@ def loss_fn(head: hd.LoadedHead, params, dec, tgt, batch, key, ec: EagleConfig):
 
 # --- steps ------------------------------------------------------------------------------------
 
-_STEPS: dict[Any, tuple] = {}  # compiled steps shared by runs of one (target, head) structure
+def cached_steps(model: Model, head: heads.LoadedHead, ec: EagleConfig):
+  """(opt_init, train_step, eval_step) for a (target graphdef, head graphdef) and ec
+  (`loop.compiled`), so repeated runs (tests, resumes) reuse the compiled programs."""
+  return compiled((model.graphdef, model.cfg, head.graphdef), ec,
+                  lambda opt: make_steps(model, head, ec, opt))
 
 
-def compute_key(ec: EagleConfig) -> tuple:
-  """The EagleConfig fields that change the compiled steps."""
-  return (ec.kind, ec.steps, ec.lr, ec.warmup, ec.final_lr_ratio, ec.weight_decay, ec.clip_norm,
-          ec.b1, ec.b2, ec.ttt, ec.feature_noise, ec.ce_weight, ec.step_decay)
-
-
-def cached_steps(model: Model, head: hd.LoadedHead, ec: EagleConfig):
-  """(opt_init, train_step, eval_step), built once per process for a (target graphdef, head
-  graphdef, compute settings) so repeated runs (tests, resumes) reuse the compiled programs."""
-  key = (model.graphdef, model.cfg, head.graphdef, compute_key(ec))
-  if key not in _STEPS:
-    opt = lm_train.optimizer(ec)
-    _STEPS[key] = (jax.jit(opt.init), *make_steps(model, head, ec, opt))
-  return _STEPS[key]
-
-
-def make_steps(model: Model, head: hd.LoadedHead, ec: EagleConfig,
+def make_steps(model: Model, head: heads.LoadedHead, ec: EagleConfig,
                opt: optax.GradientTransformation):
   """train_step(state, target_params, batch, key) -> (state, stats), donating state; stats:
   loss, ce, top1, feature_loss (eagle1), top1_last (eagle3, K > 1), n (counted positions),
   grad_norm (before clipping), lr. eval_step(params, target_params, batch) -> stats, no
   noise. The target's params are an argument, never differentiated (stop_gradient)."""
-  schedule_lr = lm_train.optimizer_lr(ec)
+  schedule_lr = loop.optimizer_lr(ec)
   clean = dataclasses.replace(ec, feature_noise=0.0)
   wants_layers = ec.kind == "eagle3"
 
@@ -385,16 +374,17 @@ def make_steps(model: Model, head: hd.LoadedHead, ec: EagleConfig,
 
 # --- training ---------------------------------------------------------------------------------
 
-BATCH_KEYS = {k: v for k, v in lm_train.BATCH_KEYS.items() if k != "chars"}
+BATCH_KEYS = {k: v for k, v in loop.BATCH_KEYS.items() if k != "chars"}
 
 
 def check_batch(batch: Batch, ec: EagleConfig, vocab_size: int, step: int) -> None:
   """Raises TrainError unless batch holds inputs, targets, mask [B, T] in the vocabulary."""
-  lm_train.check_batch(batch, ec, vocab_size, step, keys=BATCH_KEYS)
+  loop.check_batch(batch, ec, vocab_size, step, keys=BATCH_KEYS)
 
 
-def _to_device(batch: Batch) -> dict[str, jax.Array]:
-  return lm_train._to_device(batch, keys=BATCH_KEYS)
+def to_device(batch: Batch) -> dict[str, jax.Array]:
+  """The batch's inputs, targets, mask (and packing arrays) on the device."""
+  return loop.to_device(batch, keys=BATCH_KEYS)
 
 
 def evaluate(eval_step, params, target_params, eval_batches: Iterable[Batch],
@@ -404,7 +394,7 @@ def evaluate(eval_step, params, target_params, eval_batches: Iterable[Batch],
   sums: dict[str, float] = {}
   total = 0.0
   for batch in itertools.islice(eval_batches, n_batches):
-    stats = jax.device_get(eval_step(params, target_params, _to_device(batch)))
+    stats = jax.device_get(eval_step(params, target_params, to_device(batch)))
     n = float(stats.pop("n"))
     total += n
     for k, v in stats.items():
@@ -414,12 +404,11 @@ def evaluate(eval_step, params, target_params, eval_batches: Iterable[Batch],
   return {**{f"eval_{k}": v / total for k, v in sums.items()}, "eval_n": int(total)}
 
 
-def validate(model: Model, head: hd.LoadedHead, prompts: Sequence[Sequence[int]],
+def validate(model: Model, head: heads.LoadedHead, prompts: Sequence[Sequence[int]],
              ec: EagleConfig) -> float:
   """Mean accepted tokens per target forward (the bonus token included) of greedy
   speculative generation of ec.new_tokens tokens after each prompt, in one batch."""
-  from kvjax.speculative.generate import generate
-  out = generate(model, head, [list(map(int, p)) for p in prompts],
+  out = speculative_generate(model, head, [list(map(int, p)) for p in prompts],
                  max_new_tokens=ec.new_tokens, tree=ec.tree)
   return float(out.stats["mean_accept_len"])
 
@@ -430,7 +419,7 @@ def _json(x):
   return json.loads(json.dumps(x))
 
 
-def train(model: Model, head: hd.LoadedHead, ec: EagleConfig,
+def train(model: Model, head: heads.LoadedHead, ec: EagleConfig,
           batches: Callable[[int], Iterable[Batch]] | Iterable[Batch],
           eval_batches: Callable[[], Iterable[Batch]] | None = None,
           prompts: Sequence[Sequence[int]] | None = None, *, progress: bool = True) -> Result:
@@ -441,7 +430,7 @@ def train(model: Model, head: hd.LoadedHead, ec: EagleConfig,
   ids of held-out prompts for val_accept_len (the first ec.eval_prompts are used)."""
   if head.hc.kind != ec.kind:
     raise TrainError(f"the head is {head.hc.kind} but the run trains {ec.kind}")
-  hd.check(head.hc, model.cfg)
+  heads.check(head.hc, model.cfg)
   if model.cfg.max_position < ec.seq_len:
     raise TrainError(f"seq_len {ec.seq_len} exceeds the target's max_position "
                      f"{model.cfg.max_position}")
@@ -454,7 +443,7 @@ def train(model: Model, head: hd.LoadedHead, ec: EagleConfig,
   os.makedirs(ec.out_dir, exist_ok=True)
   hc = head.hc.to_json()
   hc.pop("target_name")
-  lm_train._check_resume(ec.out_dir, _json({"model": hc, "train": ec.resume_key()}))
+  loop.check_resume(ec.out_dir, _json({"model": hc, "train": ec.resume_key()}))
   dtype = jax.tree.leaves(head.state)[0].dtype
   work = head.with_params(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), head.params()))
   opt_init, train_step, eval_step = cached_steps(model, work, ec)
@@ -466,7 +455,7 @@ def train(model: Model, head: hd.LoadedHead, ec: EagleConfig,
 
   def step(state, batch, i):
     check_batch(batch, ec, model.cfg.vocab_size, i)
-    return train_step(state, target_params, _to_device(batch), base_key)
+    return train_step(state, target_params, to_device(batch), base_key)
 
   def evaluate_(state):
     record = {}
@@ -483,7 +472,7 @@ def train(model: Model, head: hd.LoadedHead, ec: EagleConfig,
       post["accept"] = f"{record['val_accept_len']:.2f}"
     return post
 
-  state, records, start = lm_train.run_loop(
+  state, records, start = loop.run_loop(
       ec, state, batches, step, evaluate=evaluate_ if has_eval else None,
       amount=lambda batch: float(np.sum(batch["mask"])), rate_name="tokens_per_s",
       postfix=postfix, plot_label=PLOT_LABEL, progress=progress)
@@ -526,8 +515,6 @@ def self_distill(model: Model, prompts: Sequence[Sequence[int]], length: int, *,
   each row a prompt and what `kvjax.lm.generate` (greedy at temperature 0, else sampled) made
   after it up to `length` tokens, -1 after a stop token. With `path` (a .npy file) the result
   is made once and read back afterwards."""
-  from kvjax.lm.generate import generate
-  from kvjax.lm.sampling import Sampling
   n = len(prompts)
   if path is not None and os.path.exists(path):
     seqs = np.load(path)

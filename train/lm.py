@@ -22,11 +22,9 @@ masked mean cross-entropy in float32.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -37,66 +35,7 @@ import optax
 from kvjax.lm import sharding, steps
 from kvjax.lm.config import to_hf
 from kvjax.lm.model import Model
-from kvjax.train import metrics
-
-Batch = dict[str, np.ndarray]
-BATCH_KEYS = {"inputs": np.integer, "targets": np.integer, "mask": np.floating,
-              "chars": np.floating}
-# Optional int [B, T] arrays of packed batches: document index of each input inside its row
-# and its position inside that document. When given, attention stays within a document.
-OPTIONAL_KEYS = ("segment_ids", "positions")
-CHECKPOINTS = "checkpoints"
-RUN_FILE = "run.json"
-
-
-class TrainError(ValueError):
-  """A training setup that cannot run (bad hyperparameters, mismatched resume, bad batch)."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RunConfig:
-  """What every training run has (TrainConfig's and kvjax.train.eagle.EagleConfig's base).
-
-  steps: optimizer steps in total (a resumed run continues up to it).
-  warmup: linear warmup steps from 0 to lr, then cosine decay to lr * final_lr_ratio at `steps`.
-  weight_decay, clip_norm (global norm), b1, b2: AdamW's.
-  save_every / eval_every / log_every: in steps; 0 = only at the end (save, eval) or never (log).
-  keep: how many checkpoints the manager keeps.
-  """
-
-  steps: int
-  batch_size: int
-  seq_len: int
-  lr: float = 3e-3
-  warmup: int = 0
-  final_lr_ratio: float = 0.1
-  weight_decay: float = 0.1
-  clip_norm: float = 1.0
-  b1: float = 0.9
-  b2: float = 0.95
-  seed: int = 0
-  out_dir: str
-  save_every: int = 0
-  keep: int = 3
-  eval_every: int = 0
-  log_every: int = 10
-
-  def __post_init__(self):
-    for name in ("steps", "batch_size", "seq_len", "keep"):
-      _need(name, getattr(self, name), lambda v: v >= 1, "an int >= 1", int)
-    for name in ("warmup", "save_every", "eval_every", "log_every", "seed"):
-      _need(name, getattr(self, name), lambda v: v >= 0, "an int >= 0", int)
-    if self.warmup >= self.steps:
-      raise TrainError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps})")
-    _need("lr", self.lr, lambda v: 0 < v < math.inf, "a finite number > 0", float)
-    _need("weight_decay", self.weight_decay, lambda v: 0 <= v < math.inf, "a number >= 0", float)
-    _need("clip_norm", self.clip_norm, lambda v: 0 < v < math.inf, "a finite number > 0", float)
-    _need("final_lr_ratio", self.final_lr_ratio, lambda v: 0 <= v <= 1, "a number in [0, 1]",
-          float)
-    for name in ("b1", "b2"):
-      _need(name, getattr(self, name), lambda v: 0 <= v < 1, "a number in [0, 1)", float)
-    if not isinstance(self.out_dir, str) or not self.out_dir:
-      raise TrainError(f"out_dir must be a non-empty path; got {self.out_dir!r}")
+from kvjax.train.loop import (INT_NONNEG, INT_POSITIVE, Batch, RunConfig, TrainError, check_batch, check_resume, compiled, optimizer_lr, run_loop, to_device)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -112,22 +51,10 @@ class TrainConfig(RunConfig):
   data_parallel: int = 0
   model_parallel: int = 1
 
-  def __post_init__(self):
-    super().__post_init__()
-    _need("model_parallel", self.model_parallel, lambda v: v >= 1, "an int >= 1", int)
-    _need("data_parallel", self.data_parallel, lambda v: v >= 0, "an int >= 0", int)
-
-  def resume_key(self) -> dict[str, Any]:
-    """The fields a resumed run must share with the run it continues."""
-    skip = {"out_dir", "save_every", "keep", "eval_every", "log_every", "data_parallel",
-            "model_parallel"}
-    return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
-
-
-def _need(name, value, ok, expected, kind):
-  numeric = (int,) if kind is int else (int, float)
-  if isinstance(value, bool) or not isinstance(value, numeric) or not ok(value):
-    raise TrainError(f"{name} must be {expected}; got {value!r}")
+  DOMAINS = {**RunConfig.DOMAINS, "model_parallel": INT_POSITIVE, "data_parallel": INT_NONNEG}
+  # the mesh shape is in the model's graphdef, which keys the steps too
+  BOOKKEEPING = RunConfig.BOOKKEEPING | {"data_parallel", "model_parallel"}
+  NOT_RESUMED = RunConfig.NOT_RESUMED | {"data_parallel", "model_parallel"}
 
 
 @dataclasses.dataclass
@@ -140,13 +67,7 @@ class Result:
   resumed_from: int
 
 
-def optimizer(tc: RunConfig) -> optax.GradientTransformation:
-  """clip_by_global_norm(clip_norm), then AdamW under warmup + cosine decay."""
-  return optax.chain(optax.clip_by_global_norm(tc.clip_norm),
-                     optax.adamw(optimizer_lr(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
-
-
-def _forward_nll(model: Model, params, batch, bf16: bool) -> jax.Array:
+def forward_nll(model: Model, params, batch, bf16: bool) -> jax.Array:
   """params (pure dict, float32) -> nll [B, T] float32 of each target (unmasked)."""
   if bf16:
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
@@ -163,25 +84,11 @@ def masked_loss(nll: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-_STEPS: dict[Any, tuple] = {}  # compiled steps shared by runs of one model structure
-
-
-def compute_key(tc: TrainConfig) -> tuple:
-  """The TrainConfig fields that change the compiled steps."""
-  return (tc.steps, tc.lr, tc.warmup, tc.final_lr_ratio, tc.weight_decay, tc.clip_norm, tc.b1,
-          tc.b2, tc.bf16)
-
-
 def cached_steps(model: Model, tc: TrainConfig):
   """(opt_init, train_step, eval_step) for model's graphdef (which includes its mesh layout)
-  and tc's compute fields, built once per process so repeated runs (tests, resumes) reuse the
-  compiled programs. The steps close over `model` only for its state's structure: every leaf
-  is replaced by the params passed in."""
-  key = (model.graphdef, model.cfg, compute_key(tc))
-  if key not in _STEPS:
-    opt = optimizer(tc)
-    _STEPS[key] = (jax.jit(opt.init), *make_steps(model, tc, opt))
-  return _STEPS[key]
+  and tc (`loop.compiled`). The steps close over `model` only for its state's structure:
+  every leaf is replaced by the params passed in."""
+  return compiled((model.graphdef, model.cfg), tc, lambda opt: make_steps(model, tc, opt))
 
 
 def make_steps(model: Model, tc: TrainConfig, opt: optax.GradientTransformation):
@@ -192,7 +99,7 @@ def make_steps(model: Model, tc: TrainConfig, opt: optax.GradientTransformation)
   schedule_lr = optimizer_lr(tc)
 
   def loss_fn(params, batch):
-    nll = _forward_nll(model, params, batch, tc.bf16)
+    nll = forward_nll(model, params, batch, tc.bf16)
     return masked_loss(nll, batch["mask"])
 
   def train_step(state, batch):
@@ -211,18 +118,11 @@ def make_eval_step(model: Model, bf16: bool = False):
 
   @jax.jit
   def eval_step(params, batch):
-    nll = _forward_nll(model, params, batch, bf16)
+    nll = forward_nll(model, params, batch, bf16)
     m = batch["mask"]
     return jnp.sum(nll * m), jnp.sum(m), jnp.sum(batch["chars"] * m)
 
   return eval_step
-
-
-def optimizer_lr(tc: RunConfig) -> Callable[[jax.Array], jax.Array]:
-  """The learning rate used at a step (the same schedule `optimizer` builds)."""
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup, decay_steps=tc.steps,
-      end_value=tc.lr * tc.final_lr_ratio)
 
 
 def make_mesh(tc: TrainConfig):
@@ -245,54 +145,11 @@ def _batch_sharding(mesh, batch_size: int):
   return NamedSharding(mesh, spec)
 
 
-def check_batch(batch: Batch, tc: RunConfig, vocab_size: int, step: int,
-                keys: dict = BATCH_KEYS) -> None:
-  """Raises TrainError unless batch matches the contract (shapes [B, T], dtypes, token range).
-  keys: the required arrays and their kinds (EAGLE batches need no "chars")."""
-  if not isinstance(batch, dict) or not set(keys) <= set(batch):
-    got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-    raise TrainError(f"batch {step}: expected a dict with keys {sorted(keys)}; got {got}")
-  want = (tc.batch_size, tc.seq_len)
-  optional = {k: np.integer for k in OPTIONAL_KEYS if k in batch}
-  for key, kind in {**keys, **optional}.items():
-    a = batch[key]
-    if tuple(np.shape(a)) != want or not np.issubdtype(np.asarray(a).dtype, kind):
-      raise TrainError(f"batch {step}: {key} must be a {kind.__name__} array of shape "
-                       f"[B, T] = {list(want)}; got {np.asarray(a).dtype}{list(np.shape(a))}")
-  for key in ("inputs", "targets"):
-    a = np.asarray(batch[key])
-    if a.min() < 0 or a.max() >= vocab_size:
-      raise TrainError(f"batch {step}: {key} has token ids outside [0, {vocab_size}) "
-                       f"(min {a.min()}, max {a.max()}): the data and the model's vocabulary "
-                       "disagree")
-
-
-def _to_device(batch: Batch, sharding_=None, keys: dict = BATCH_KEYS) -> dict[str, jax.Array]:
-  """The `keys` arrays (int32 / float32 by kind; plus segment_ids, positions [B, T] int32 when
-  present) on device."""
-  out = {k: np.asarray(batch[k], np.int32 if kind is np.integer else np.float32)
-         for k, kind in keys.items()}
-  for key in OPTIONAL_KEYS:
-    if key in batch:
-      out[key] = np.asarray(batch[key], np.int32)
-  return jax.device_put(out, sharding_) if sharding_ is not None else jax.device_put(out)
-
-
-def _batch_iter(batches, start: int) -> Iterator[Batch]:
-  """The batches for steps start, start + 1, ... from a callable or an iterable."""
-  if callable(batches):
-    return iter(batches(start))
-  it = iter(batches)
-  for _ in range(start):
-    next(it)
-  return it
-
-
 def evaluate(eval_step, params, eval_batches, batch_sharding) -> dict[str, float]:
   """eval_loss (nats per target token) and eval_bpc (bits per character) over every batch."""
   nll = n = chars = 0.0
   for batch in eval_batches():
-    s = eval_step(params, _to_device(batch, batch_sharding))
+    s = eval_step(params, to_device(batch, batch_sharding))
     nll, n, chars = nll + float(s[0]), n + float(s[1]), chars + float(s[2])
   if n == 0:
     raise TrainError("eval batches hold no target with mask 1")
@@ -306,38 +163,6 @@ def evaluate_model(model: Model, eval_batches: Iterable[Batch]) -> dict[str, flo
   return evaluate(make_eval_step(model), model.params(), lambda: eval_batches, None)
 
 
-def _check_resume(out_dir: str, run: dict[str, Any]) -> None:
-  """Writes out_dir/run.json, or checks that a run already there is the same run."""
-  path = os.path.join(out_dir, RUN_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    for part in ("model", "train"):
-      if old.get(part) != run[part]:
-        diff = sorted(k for k in set(old.get(part, {})) | set(run[part])
-                      if old.get(part, {}).get(k) != run[part].get(k))
-        raise TrainError(f"{out_dir} holds checkpoints of a different run ({part} settings "
-                         f"differ: {', '.join(diff)}); resume with the same settings or pass a "
-                         "new out dir")
-  with open(path, "w") as f:
-    json.dump(run, f, indent=2)
-
-
-def _manager(tc: TrainConfig):
-  import orbax.checkpoint as ocp
-  options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep, create=True,
-                                         enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(tc.out_dir, CHECKPOINTS)),
-                               options=options)
-
-
-def _restore(manager, state):
-  """The latest checkpoint restored with state's structure, shapes, dtypes and shardings."""
-  import orbax.checkpoint as ocp
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
-
-
 def train(model: Model, tc: TrainConfig, batches: Callable[[int], Iterable[Batch]] | Iterable[Batch],
           eval_batches: Callable[[], Iterable[Batch]] | None = None, *,
           progress: bool = True) -> Result:
@@ -347,7 +172,7 @@ def train(model: Model, tc: TrainConfig, batches: Callable[[int], Iterable[Batch
     raise TrainError(f"seq_len {tc.seq_len} exceeds the model's max_position "
                      f"{model.cfg.max_position}")
   os.makedirs(tc.out_dir, exist_ok=True)
-  _check_resume(tc.out_dir, {"model": to_hf(model.cfg), "train": tc.resume_key()})
+  check_resume(tc.out_dir, {"model": to_hf(model.cfg), "train": tc.resume_key()})
   base = dataclasses.replace(model, state=jax.tree.map(lambda a: a.astype(jnp.float32),
                                                        model.state), compiled={})
   mesh = make_mesh(tc)
@@ -359,7 +184,7 @@ def train(model: Model, tc: TrainConfig, batches: Callable[[int], Iterable[Batch
 
   def step(state, batch, i):
     check_batch(batch, tc, model.cfg.vocab_size, i)
-    return train_step(state, _to_device(batch, batch_sharding))
+    return train_step(state, to_device(batch, batch_sharding))
 
   def evaluate_(state):
     return evaluate(eval_step, state["params"], eval_batches, batch_sharding)
@@ -373,69 +198,3 @@ def train(model: Model, tc: TrainConfig, batches: Callable[[int], Iterable[Batch
   return Result(model=base.with_params(host), records=records, resumed_from=start)
 
 
-def run_loop(rc: RunConfig, state, batches, step: Callable, *,
-             evaluate: Callable[[Any], dict[str, float]] | None,
-             amount: Callable[[Batch], float], rate_name: str,
-             postfix: Callable[[dict[str, Any]], dict[str, str]],
-             plot_label: str | None = None, progress: bool = True):
-  """The loop every trainer shares: resume from rc.out_dir's latest checkpoint, then for steps
-  start + 1 .. rc.steps take the next batch and run `step(state, batch, i) -> (state, stats)`
-  (i = the 0-based step index); on log steps record the stats (without "n"), the rate
-  (`amount` of the batches per second, excluding evaluation and checkpoint writes, as
-  `rate_name`) and, on eval steps, `evaluate(state)`; checkpoint every rc.save_every steps
-  and at the end; metrics.jsonl and loss.png. Returns (state, records, start step)."""
-  import orbax.checkpoint as ocp
-  label = {} if plot_label is None else {"ylabel": plot_label}
-  records: list[dict[str, Any]] = []
-  has_eval = evaluate is not None
-  with _manager(rc) as manager:
-    start = 0
-    if manager.latest_step() is not None:
-      state = _restore(manager, state)
-      start = int(state["step"])
-    metrics.truncate(rc.out_dir, start)
-    it = _batch_iter(batches, start)
-    bar = _progress(progress, start, rc.steps)
-    t0, done = time.perf_counter(), 0.0
-    for i in range(start + 1, rc.steps + 1):
-      batch = next(it, None)
-      if batch is None:
-        raise TrainError(f"the batch iterator ended before step {i} of {rc.steps}")
-      state, stats = step(state, batch, i - 1)  # checks the batch first
-      done += amount(batch)
-      if _is_log_step(rc, i, has_eval):
-        stats = jax.device_get(stats)
-        stats.pop("n", None)
-        record = {"step": i, **{k: float(v) for k, v in stats.items()}}
-        record[rate_name] = done / max(time.perf_counter() - t0, 1e-9)
-        if _is_eval_step(rc, i, has_eval):
-          record.update(evaluate(state))
-        records.append(record)
-        metrics.append(rc.out_dir, record)
-        bar.set_postfix(postfix(record))
-        t0, done = time.perf_counter(), 0.0  # the rate excludes evaluation
-      bar.update(1)
-      if (rc.save_every and i % rc.save_every == 0) or i == rc.steps:
-        manager.save(i, args=ocp.args.StandardSave(state))
-        metrics.plot(rc.out_dir, **label)
-        t0, done = time.perf_counter(), 0.0  # and checkpoint writes
-    bar.close()
-    manager.wait_until_finished()
-  metrics.plot(rc.out_dir, **label)
-  return state, records, start
-
-
-def _is_eval_step(tc: TrainConfig, step: int, has_eval: bool) -> bool:
-  return has_eval and ((tc.eval_every > 0 and step % tc.eval_every == 0) or step == tc.steps)
-
-
-def _is_log_step(tc: TrainConfig, step: int, has_eval: bool) -> bool:
-  """Log steps: every log_every, every eval step and the last step."""
-  return ((tc.log_every > 0 and step % tc.log_every == 0) or step == tc.steps
-          or _is_eval_step(tc, step, has_eval))
-
-
-def _progress(enabled: bool, start: int, total: int):
-  from tqdm import tqdm
-  return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
-              disable=not enabled)

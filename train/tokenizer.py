@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterable
 
 from kvjax.lm.tokenizer import Tokenizer
+from kvjax.train import corpus
 
 BOS, EOS = "<s>", "</s>"
 N_BASE = 2 + 256  # specials + byte alphabet: the smallest vocabulary
@@ -59,7 +60,6 @@ def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
 def corpus_tokenizer(source="shakespeare", vocab_size: int = 4096, *, data_dir: str | None = None,
                      show_progress: bool = True) -> Tokenizer:
   """A tokenizer trained on the train split (all genres) of a corpus (see kvjax.train.corpus)."""
-  from kvjax.train import corpus
   b = corpus.builder(source, data_dir=data_dir)
   texts = [d.text for d in corpus.load_documents(b, "train")]
   return train_tokenizer(texts, vocab_size, show_progress=show_progress)

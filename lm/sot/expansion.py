@@ -20,8 +20,9 @@ import numpy as np
 
 from kvjax.cache.prefix import PrefixCache
 from kvjax.lm import steps
-from kvjax.lm.generate import (Generation, Prompt, _check, _prefill, _stop_ids, _tokenize,
-                               check_context, nbytes, new_cache, outputs, pad)
+from kvjax.lm.engine import (Prompt, check_context, check_request, nbytes, new_cache, outputs,
+                             pad, padded_stop_ids, prefill, tokenize)
+from kvjax.lm.generate import Generation
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
 
@@ -76,28 +77,27 @@ def expand_stream(model: Model, prompts: Sequence[Prompt], *,
   chunk: decode steps per jitted call between checks (None: one call for the whole budget; rows
   then arrive together). Sampling continues one PRNG stream across calls, so the rows are the
   same for any chunk. stats: a dict filled as `expand` reports it once the stream ends."""
-  rows = _tokenize(model, prompts, chat)
+  rows = tokenize(model, prompts, chat)
   B = len(rows)
   budgets = _budgets(max_new_tokens, B)
-  sampling = _check(model, int(budgets.min()), sampling, key)
+  sampling = check_request(model, int(budgets.min()), sampling, key)
   stop = [stop] if isinstance(stop, str) else list(stop)
   if stop and model.tokenizer is None:
     raise ValueError("stop strings need the model's tokenizer")
   if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
     raise ValueError(f"chunk must be an int >= 1 or None; got {chunk!r}")
-  stop_ids = _stop_ids(model, stop_tokens)
-  stop_ids += [-1] * (steps.bucket(len(stop_ids), minimum=4) - len(stop_ids))
+  stops = padded_stop_ids(model, stop_tokens)
   key = jax.random.key(0) if key is None else key
   n = common_prefix(rows) if share and B > 1 else 0
   n = min(n, min(map(len, rows)) - 1)  # every row keeps a token of its own to prefill
   if n > 0:
     logits, cache, prefill_s, compile_s = _shared_prefill(model, rows, n, int(budgets.max()))
   else:
-    logits, cache, prefill_s, compile_s = _prefill(model, rows, int(budgets.max()))
+    logits, cache, prefill_s, compile_s = prefill(model, rows, int(budgets.max()))
   cache_bytes = nbytes(cache)
   per_call = steps.bucket(int(budgets.max())) if chunk is None else chunk
 
-  stop_arr, budget_arr = jnp.asarray(stop_ids, jnp.int32), jnp.asarray(budgets)
+  stop_arr, budget_arr = jnp.asarray(stops, jnp.int32), jnp.asarray(budgets)
   done, counts = jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32)
   pieces, decode_s, n_steps, emitted = [], 0.0, 0, 0
   outs: list = [None] * B
@@ -121,7 +121,7 @@ def expand_stream(model: Model, prompts: Sequence[Prompt], *,
         done = jnp.asarray(done_np)
     while emitted < B and done_np[emitted]:
       b = emitted
-      texts, tokens, finish = outputs(model, so_far[b:b + 1], counts_np[b:b + 1], stop, stop_ids)
+      texts, tokens, finish = outputs(model, so_far[b:b + 1], counts_np[b:b + 1], stop, stops)
       outs[b] = Row(b, texts[0], tokens[0], finish[0], rows[b])
       emitted += 1
       yield outs[b]
@@ -153,7 +153,7 @@ def _shared_prefill(model: Model, rows: list[list[int]], n: int, budget: int):
   """Prefills the first n tokens (shared by every row) once, then each row's suffix over them.
   Returns (logits [B, V] at each row's last token, PrefixCache, seconds, compile seconds)."""
   check_context(model, rows, budget)
-  _, prefix, prefill_s, compile_s = _prefill(model, [rows[0][:n]], 0)
+  _, prefix, prefill_s, compile_s = prefill(model, [rows[0][:n]], 0)
   suffixes = [r[n:] for r in rows]
   longest = max(map(len, suffixes))
   tokens = pad(suffixes, steps.bucket(longest, minimum=8))

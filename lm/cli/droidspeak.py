@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from kvjax.lm.cli import checked, nonneg, positive
+from kvjax.lm.cli.flags import checked, nonneg, positive
 
 DEFAULT_SENDER, DEFAULT_RECEIVER = "shakespeare", "shakespeare-comedy"
 _fraction = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
@@ -152,7 +152,7 @@ def _plan_for(model, text: str):
 
 
 def _run(args) -> int:
-  from kvjax.lm import droidspeak
+  from kvjax.cache.droidspeak import profile
   from kvjax.lm.model import load
   sender, receiver = load(args.sender), load(args.receiver)
   ids = _ids(receiver, args.prompt)
@@ -161,9 +161,9 @@ def _run(args) -> int:
                      "one tokenizer")
   if args.plan == "auto":
     prof = _stored_profile(sender, receiver, args)
-    args.plan = droidspeak.pick(prof, min_kept=args.min_kept, min_speedup=args.min_speedup)
+    args.plan = profile.pick(prof, min_kept=args.min_kept, min_speedup=args.min_speedup)
     print(f"kvjax droidspeak: auto plan {args.plan}", file=sys.stderr)
-  r = droidspeak.compare(sender, receiver, _plan_for(receiver, args.plan), ids,
+  r = profile.compare(sender, receiver, _plan_for(receiver, args.plan), ids,
                          eval_tokens=args.eval_tokens, max_new_tokens=args.max_new_tokens,
                          repeats=args.repeats)
   r["text"] = receiver.tokenizer.decode(r["tokens"])
@@ -181,21 +181,21 @@ def _run(args) -> int:
 
 def _profile_prompts(model, text: str, n: int, prefix_tokens: int,
                      eval_tokens: int) -> list[list[int]]:
-  from kvjax.lm import droidspeak
-  return droidspeak.windows(_ids(model, text), n, prefix_tokens + eval_tokens + 1)
+  from kvjax.cache.droidspeak import profile
+  return profile.windows(_ids(model, text), n, prefix_tokens + eval_tokens + 1)
 
 
 def _stored_profile(sender, receiver, args) -> dict:
   """The pair's stored profile, made once on the bundled validation text when missing."""
-  from kvjax.lm import droidspeak
-  path = droidspeak.profile_path(sender, receiver)
+  from kvjax.cache.droidspeak import profile
+  path = profile.profile_path(sender, receiver)
   if os.path.isfile(path):
     with open(path) as f:
       return json.load(f)
   print(f"kvjax droidspeak: no stored profile for this pair; profiling once on the bundled "
         f"validation text into {path}", file=sys.stderr)
-  prof = droidspeak.profile(sender, receiver,
-                            _profile_prompts(receiver, droidspeak.validation_text(), 4, 512, 64))
+  prof = profile.profile(sender, receiver,
+                            _profile_prompts(receiver, validation_text(), 4, 512, 64))
   _write_json(path, prof)
   return prof
 
@@ -209,24 +209,24 @@ def _write_json(path: str, obj) -> None:
 
 
 def _profile(args) -> int:
-  from kvjax.cache import droidspeak as ds
-  from kvjax.lm import droidspeak
+  from kvjax.cache import droidspeak
+  from kvjax.cache.droidspeak import profile
   from kvjax.lm.model import load
   sender, receiver = load(args.sender), load(args.receiver)
-  ds.check_pair(sender, receiver)
+  droidspeak.check_pair(sender, receiver)
   if args.text is None:
-    text = droidspeak.validation_text()
+    text = validation_text()
   else:
     with open(args.text, encoding="utf-8") as f:
       text = f.read()
   prompts = _profile_prompts(receiver, text, args.prompts, args.prefix_tokens,
                             args.eval_tokens)
-  prof = droidspeak.profile(sender, receiver, prompts,
+  prof = profile.profile(sender, receiver, prompts,
                             eval_tokens=args.eval_tokens, max_new_tokens=args.max_new_tokens,
                             repeats=args.repeats, unions=args.unions,
                             progress=not args.no_progress)
   prof.update(sender=args.sender, receiver=args.receiver, text=args.text or "bundled validation")
-  stored = droidspeak.profile_path(sender, receiver)
+  stored = profile.profile_path(sender, receiver)
   for path in {stored, args.out or stored}:
     _write_json(path, prof)
   if args.json:
@@ -246,24 +246,24 @@ def _profile(args) -> int:
 
 
 def _send(args) -> int:
-  from kvjax.cache import droidspeak as ds
-  from kvjax.cache import payload
-  from kvjax.lm import droidspeak
+  from kvjax.cache import droidspeak
+  from kvjax.cache.droidspeak import payload, wire
+  from kvjax.cache.droidspeak import profile
   from kvjax.lm.model import load
   sender = load(args.sender)
   ids = _ids(sender, args.prompt)
   if len(ids) < 2:
     raise ValueError("the prompt needs at least 2 tokens (a prefix and the token the receiver "
                      "feeds itself)")
-  tokens, lengths = droidspeak.padded(ids[:-1])
+  tokens, lengths = profile.padded(ids[:-1])
   t0 = time.perf_counter()
-  sent = ds.capture(sender, tokens, lengths, _plan_for(sender, args.plan))
+  sent = droidspeak.capture(sender, tokens, lengths, _plan_for(sender, args.plan))
   data = payload.encode(sent, sender)
   capture_s = time.perf_counter() - t0
   if args.file is not None:
     payload.write(args.file, data)
   else:
-    payload.send(data, args.port, args.host)
+    wire.send(data, args.port, args.host)
   where = args.file or f"{args.host}:{args.port}"
   summary = {"plan": str(sent.plan), "prefix_tokens": len(ids) - 1, "bytes": len(data),
              "to": where, "capture_s": capture_s}
@@ -276,9 +276,10 @@ def _send(args) -> int:
 
 
 def _receive(args) -> int:
-  from kvjax.cache import droidspeak as ds
-  from kvjax.cache import payload
-  from kvjax.lm import droidspeak, steps
+  from kvjax.cache import droidspeak
+  from kvjax.cache.droidspeak import payload, wire
+  from kvjax.cache.droidspeak import profile
+  from kvjax.lm import steps
   from kvjax.lm.model import load
   receiver = load(args.receiver)
   expected = payload.fingerprint(load(args.sender))["sender"] if args.sender else None
@@ -289,10 +290,10 @@ def _receive(args) -> int:
     def listening(port):
       print(f"kvjax droidspeak receive: listening on {args.host}:{port}", file=sys.stderr,
             flush=True)
-    data = payload.serve_once(args.port, args.host, timeout=args.timeout, on_listen=listening)
+    data = wire.serve_once(args.port, args.host, timeout=args.timeout, on_listen=listening)
   sent = payload.decode(data, receiver, sender=expected, prefix=[ids[:-1]])
-  cache = ds.receive(receiver, sent, size=steps.bucket(len(ids) + args.max_new_tokens))
-  out = droidspeak.continue_from(receiver, cache, ids[-1:], args.max_new_tokens)
+  cache = droidspeak.receive(receiver, sent, size=steps.bucket(len(ids) + args.max_new_tokens))
+  out = profile.continue_from(receiver, cache, ids[-1:], args.max_new_tokens)
   text = receiver.tokenizer.decode(out["tokens"])
   if args.json:
     print(json.dumps({"plan": str(sent.plan), "prefix_tokens": len(ids) - 1,
@@ -301,3 +302,12 @@ def _receive(args) -> int:
   else:
     print(text)
   return 0
+
+
+def validation_text() -> str:
+  """The bundled profiling text: the Shakespeare corpus' validation plays (never trained on
+  by the bundled models), joined."""
+  from kvjax.train import corpus
+  docs = corpus.read_documents("shakespeare")
+  split = corpus.assign_splits(docs)
+  return "\n\n".join(d.text for d in docs if split[d.path] == "validation")

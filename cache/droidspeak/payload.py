@@ -20,22 +20,20 @@ Layout (all integers little-endian):
 
 `decode` refuses, with a `PayloadError` that says what differs, a payload that is truncated or
 corrupt (bad magic, header, length or checksum), or whose architecture, tokenizer, sender or
-prefix is not the one the receiver expects. Over TCP (`send` / `serve_once`) the payload goes
-as one uint64 length and the bytes, loopback by default.
+prefix is not the one the receiver expects. Over TCP it goes by `kvjax.cache.droidspeak.wire`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import struct
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache.droidspeak import Capture, Plan
+from kvjax.cache.droidspeak.reuse import Capture, Plan
 from kvjax.lm import config
 
 MAGIC = b"KVJXDS01"
@@ -183,40 +181,3 @@ def write(path: str, payload: bytes) -> None:
 def read(path: str) -> bytes:
   with open(path, "rb") as f:
     return f.read()
-
-
-def send(payload: bytes, port: int, host: str = "127.0.0.1", timeout: float = 60.0) -> None:
-  """Sends one payload to a `serve_once` listener."""
-  with socket.create_connection((host, port), timeout=timeout) as s:
-    s.sendall(struct.pack("<Q", len(payload)) + payload)
-
-
-def serve_once(port: int, host: str = "127.0.0.1", timeout: float = 60.0,
-               on_listen=None) -> bytes:
-  """Listens on host:port (port 0: any free one), accepts one connection and returns the
-  payload it sends. on_listen(port) is called once listening (for port 0)."""
-  with socket.create_server((host, port)) as srv:
-    srv.settimeout(timeout)
-    if on_listen is not None:
-      on_listen(srv.getsockname()[1])
-    try:
-      conn, _ = srv.accept()
-    except TimeoutError:
-      raise PayloadError(f"no sender connected to {host}:{port} within {timeout:g} s") from None
-    with conn:
-      conn.settimeout(timeout)
-      head = _recv(conn, 8)
-      (n,) = struct.unpack("<Q", head)
-      return _recv(conn, n)
-
-
-def _recv(conn, n: int) -> bytes:
-  chunks, got = [], 0
-  while got < n:
-    chunk = conn.recv(min(n - got, 1 << 20))
-    if not chunk:
-      raise PayloadError(f"the sender closed the connection after {got} of {n} bytes "
-                         "(truncated payload)")
-    chunks.append(chunk)
-    got += len(chunk)
-  return b"".join(chunks)

@@ -1,23 +1,8 @@
-"""StreamingLLM for users: streaming perplexity, and endless generation or multi-turn chat in
-constant memory.
-
-    from kvjax.lm import streaming
-    streaming.perplexity(model, ids, cache="sink", n_sink=4, window=252)
-    chat = streaming.Stream(model, n_sink=4, window=252)
-    for piece in chat.turn("ROMEO:", max_new_tokens=None):   # endless, until a stop token
-      print(piece, end="")
-
-Cache modes (the paper's Table 2 baselines):
-  dense      every token kept (refused when the text exceeds the model's context);
-  window     a rolling window of `window` tokens, no sinks (positions re-assigned in the cache);
-  sink       `n_sink` attention sinks + a rolling window of `window` tokens (StreamingLLM);
-  recompute  for every token, the previous `window` tokens recomputed from scratch at
-             positions 0..window-1 (the quality baseline; O(window) work per token).
-"""
+"""A StreamingLLM session: endless generation or a multi-turn chat in constant memory (a
+SinkCache of n_sink + window slots is all it ever holds)."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 
@@ -25,131 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache.dense import KVCache
 from kvjax.cache.sink import SinkCache
 from kvjax.lm import steps
-from kvjax.lm.generate import _check as _check_sampling
-from kvjax.lm.generate import _stop_ids, detokenize
+from kvjax.lm.engine import check_request, detokenize, stop_ids
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
-
-MODES = ("dense", "window", "sink", "recompute")
-
-
-@dataclasses.dataclass
-class Perplexity:
-  """ppl = exp(mean nll) over `tokens` predicted tokens (every token but the first);
-  nll [tokens] float32 per predicted token; peak_cache_tokens: most tokens held at once;
-  ms_per_token: wall time per predicted token, compilation excluded."""
-
-  ppl: float
-  tokens: int
-  peak_cache_tokens: int
-  ms_per_token: float
-  nll: np.ndarray
-
-
-def _check(model: Model, ids: Sequence[int], cache: str, n_sink: int, window: int | None):
-  if cache not in MODES:
-    raise ValueError(f"cache must be one of {', '.join(MODES)}; got {cache!r}")
-  ids = np.asarray(ids)
-  if ids.ndim != 1 or len(ids) < 2 or not np.issubdtype(ids.dtype, np.integer):
-    raise ValueError(f"expected a 1-D sequence of at least 2 token ids; got shape {ids.shape}")
-  if ids.min() < 0 or ids.max() >= model.cfg.vocab_size:
-    raise ValueError(f"token ids outside [0, {model.cfg.vocab_size})")
-  if not isinstance(n_sink, int) or n_sink < 0:
-    raise ValueError(f"n_sink must be an int >= 0; got {n_sink!r}")
-  if cache == "dense":
-    if len(ids) > model.cfg.max_position:
-      raise ValueError(f"the text has {len(ids)} tokens, more than the model's context of "
-                       f"{model.cfg.max_position}: a dense cache cannot hold it (use "
-                       "--cache sink, window or recompute)")
-    return ids.astype(np.int32)
-  if not isinstance(window, int) or window < 1:
-    raise ValueError(f"cache={cache!r} needs window >= 1; got {window!r}")
-  if cache != "sink" and n_sink:
-    raise ValueError(f"cache={cache!r} keeps no sinks; n_sink={n_sink} applies to cache='sink'")
-  if n_sink + window > model.cfg.max_position:
-    raise ValueError(f"sinks + window = {n_sink + window} exceeds the model's context of "
-                     f"{model.cfg.max_position} positions")
-  return ids.astype(np.int32)
-
-
-def perplexity(model: Model, ids: Sequence[int], *, cache: str = "sink",
-               n_sink: int | None = None, window: int | None = None, chunk: int = 256,
-               progress: bool = False) -> Perplexity:
-  """Perplexity of ids [N] under `cache` (see the module docstring); n_sink defaults to 4 for
-  cache="sink" (other modes keep none). Tokens are fed one at a time through the jitted decode
-  step, `chunk` per dispatch (a `lax.scan`)."""
-  if n_sink is None:
-    n_sink = 4 if cache == "sink" else 0
-  ids = _check(model, ids, cache, n_sink, window)
-  if cache == "recompute":
-    return _recompute(model, ids, window, progress)
-  cfg = model.cfg
-  if cache == "dense":
-    kv = KVCache.init(n_layers=cfg.n_layers, batch=1, size=steps.bucket(len(ids)),
-                      n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, dtype=model.dtype)
-  else:
-    kv = SinkCache.init(n_layers=cfg.n_layers, batch=1, n_sink=n_sink, window=window,
-                        n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, dtype=model.dtype)
-  inputs, targets = ids[:-1], ids[1:]
-  n = len(inputs)
-  pad = -n % chunk
-  inputs, targets = np.pad(inputs, (0, pad)), np.pad(targets, (0, pad))
-  nll, seconds = [], 0.0
-  bar = _bar(progress, n, cache)
-  for lo in range(0, n + pad, chunk):
-    t0 = time.perf_counter()
-    (part, kv), compile_s = steps.call(model, steps.nll_scan, model.state, kv,
-                                       jnp.asarray(inputs[None, lo:lo + chunk]),
-                                       jnp.asarray(targets[None, lo:lo + chunk]))
-    part = np.asarray(part[0])
-    seconds += time.perf_counter() - t0 - compile_s
-    nll.append(part)
-    bar.update(min(chunk, n - lo))
-  bar.close()
-  nll = np.concatenate(nll)[:n]
-  peak = n if cache == "dense" else min(n, kv.size)
-  return Perplexity(ppl=float(np.exp(nll.mean())), tokens=n, peak_cache_tokens=int(peak),
-                    ms_per_token=1e3 * seconds / n, nll=nll)
-
-
-def _recompute(model: Model, ids: np.ndarray, window: int, progress: bool,
-               batch: int = 16) -> Perplexity:
-  """Token i is predicted from ids[max(0, i - window): i] recomputed at positions from 0."""
-  n = len(ids) - 1
-  W = min(window, n)
-  t0 = time.perf_counter()
-  head, compile_s = steps.call(model, steps.nll, model.state, jnp.asarray(ids[None, :W]),
-                               jnp.asarray(ids[None, 1:W + 1]))
-  nll = [np.asarray(head[0])]                       # tokens 1..W from one causal pass
-  seconds = time.perf_counter() - t0 - compile_s
-  starts = np.arange(1, n - W + 1)                  # window [s, s + W) predicts token s + W
-  bar = _bar(progress, n, "recompute")
-  bar.update(W)
-  for lo in range(0, len(starts), batch):
-    s = starts[lo:lo + batch]
-    pad = batch - len(s)
-    rows = np.stack([ids[a:a + W] for a in s] + [ids[:W]] * pad)
-    targets = np.concatenate([ids[s + W], np.zeros(pad, np.int32)])
-    t0 = time.perf_counter()
-    part, compile_s = steps.call(model, steps.nll, model.state, jnp.asarray(rows),
-                                 jnp.asarray(targets), last=True)
-    nll.append(np.asarray(part)[:len(s)])
-    seconds += time.perf_counter() - t0 - compile_s
-    bar.update(len(s))
-  bar.close()
-  nll = np.concatenate(nll)
-  return Perplexity(ppl=float(np.exp(nll.mean())), tokens=n, peak_cache_tokens=W,
-                    ms_per_token=1e3 * seconds / n, nll=nll)
-
-
-def _bar(enabled: bool, total: int, mode: str):
-  from tqdm import tqdm
-  return tqdm(total=total, desc=f"ppl ({mode})", unit="tok", disable=not enabled,
-              dynamic_ncols=True)
-
 
 class Stream:
   """A StreamingLLM session: endless generation or a multi-turn chat in n_sink + window slots.
@@ -187,9 +52,9 @@ class Stream:
       raise ValueError(f"chunk must be an int in [1, window={window}] (a prefill chunk must fit "
                        f"the window); got {chunk!r}")
     self.model, self.chunk = model, chunk
-    self.sampling = _check_sampling(model, 1, sampling, key)
+    self.sampling = check_request(model, 1, sampling, key)
     self.key = jax.random.key(0) if key is None else key
-    self.stop_ids = set(_stop_ids(model, stop_tokens))
+    self.stop_ids = set(stop_ids(model, stop_tokens))
     cfg = model.cfg
     self.cache = SinkCache.init(n_layers=cfg.n_layers, batch=1, n_sink=n_sink, window=window,
                                 n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,

@@ -7,9 +7,9 @@
 
 Stages: the router (rules, the model's own verdict, always, never) decides whether the question
 suits independent points; the model writes a skeleton after the prefill "1." (or the caller
-supplies one), parsed by `sot_points.parse_points`; the P point prompts share the question and
-the skeleton, which `kvjax.lm.expand` prefills once, and all points decode together, each
-stopping on its own. A question the router sends away is answered in one normal pass.
+supplies one), parsed by `kvjax.lm.sot.points.parse_points`; the P point prompts share the
+question and the skeleton, which `kvjax.lm.sot.expansion` prefills once, and all points decode
+together, each stopping on its own. A question the router sends away is answered in one normal pass.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from collections.abc import Callable, Sequence
 
 import jax
 
-from kvjax.lm.expand import expand_stream
+from kvjax.lm.sot.expansion import expand_stream
 from kvjax.lm.generate import generate
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
-from kvjax.lm.sot_points import parse_points
-from kvjax.lm.sot_prompts import Prompts
-from kvjax.lm.sot_router import Route, route
+from kvjax.lm.sot.points import parse_points
+from kvjax.lm.sot.prompts import Prompts
+from kvjax.lm.sot.router import Route, route
 
 
 @dataclasses.dataclass
@@ -59,8 +59,8 @@ def run(model: Model, question: str, *, skeleton: str | None = None, max_points:
   skeleton: the points to expand (any format `parse_points` reads; the router is then not
   asked); else the model writes one in at most skeleton_tokens. max_points: more points is an
   error, never a cut. point_tokens: each point's budget (or one per point). answer_tokens: the
-  normal answer's budget. router: one of `sot_router.ROUTERS`. stop: strings that end a point
-  (and the skeleton). share: prefill question + skeleton once (False: every row repeats it, as
+  normal answer's budget. router: one of `kvjax.lm.sot.router.ROUTERS`. stop: strings that end
+  a point (and the skeleton). share: prefill question + skeleton once (False: every row repeats it, as
   the reference implementation batches). on_point(i, text): called for points 1..P in order as
   soon as each and every point before it is written. With on_point or stop strings, decoding
   runs in `chunk`-step calls, between which finished rows are checked (a row whose text reached

@@ -7,10 +7,9 @@ starts after it. `compare` runs the receiver's own full prefill and the plan's r
 side on the same prompt and times both prefills.
 
     from kvjax import lm
-    from kvjax.cache.droidspeak import Plan
-    from kvjax.lm import droidspeak
+    from kvjax.cache.droidspeak import Plan, profile
     sender, receiver = lm.load("shakespeare"), lm.load("shakespeare-comedy")
-    r = droidspeak.compare(sender, receiver, Plan.parse("0-1", 4), ids, eval_tokens=64)
+    r = profile.compare(sender, receiver, Plan.parse("0-1", 4), ids, eval_tokens=64)
     r["prefill_speedup"], r["loss_full"], r["loss_reuse"]
 """
 
@@ -28,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kvjax.cache import droidspeak as ds
-from kvjax.cache.payload import fingerprint
+from kvjax.cache.droidspeak import reuse
+from kvjax.cache.droidspeak.payload import fingerprint
 from kvjax.lm import steps
-from kvjax.lm.generate import new_cache
+from kvjax.lm.engine import new_cache
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
 
@@ -111,7 +110,7 @@ class Reference:
 def reference(sender: Model, receiver: Model, ids: list[int], *, eval_tokens: int = 64,
               max_new_tokens: int = 32, repeats: int = 5) -> Reference:
   """The baseline that plans are measured against (see Reference)."""
-  ds.check_pair(sender, receiver)
+  reuse.check_pair(sender, receiver)
   ids = list(map(int, ids))
   prefix, tail = split_prompt(ids, eval_tokens)
   if len(ids) + max_new_tokens > receiver.cfg.max_position:
@@ -132,14 +131,14 @@ def reference(sender: Model, receiver: Model, ids: list[int], *, eval_tokens: in
                    continuation=a["tokens"])
 
 
-def measure(sender: Model, receiver: Model, plan: ds.Plan, ref: Reference, *,
+def measure(sender: Model, receiver: Model, plan: reuse.Plan, ref: Reference, *,
             repeats: int = 5) -> dict:
   """Reuse under `plan` on ref's prompt: prefill_s_reuse (median seconds of the receiver's
   prefill from the capture; the capture is the sender's own prefill, not timed), loss_reuse,
   tokens (the greedy continuation), agreement (fraction of positions where it equals the
   full prefill's continuation)."""
-  sent = ds.capture(sender, ref.tokens, ref.lengths, plan)
-  reuse_s, cache = _median_s(lambda: ds.receive(receiver, sent, size=ref.size), repeats)
+  sent = reuse.capture(sender, ref.tokens, ref.lengths, plan)
+  reuse_s, cache = _median_s(lambda: reuse.receive(receiver, sent, size=ref.size), repeats)
   b = continue_from(receiver, cache, ref.tail, len(ref.continuation))
   n = len(ref.continuation)
   agree = (float(np.mean(np.asarray(ref.continuation) == np.asarray(b["tokens"][:n])))
@@ -149,7 +148,7 @@ def measure(sender: Model, receiver: Model, plan: ds.Plan, ref: Reference, *,
           "loss_reuse": b["loss"], "tokens": b["tokens"], "agreement": agree}
 
 
-def compare(sender: Model, receiver: Model, plan: ds.Plan, ids: list[int], *,
+def compare(sender: Model, receiver: Model, plan: reuse.Plan, ids: list[int], *,
             eval_tokens: int = 64, max_new_tokens: int = 32, repeats: int = 5) -> dict:
   """The receiver's own prefill of the prompt's prefix against reuse under `plan`: the fields
   of `measure` plus prefix_tokens, eval_tokens, prefill_s_full, prefill_speedup, loss_full (the
@@ -168,13 +167,13 @@ def compare(sender: Model, receiver: Model, plan: ds.Plan, ids: list[int], *,
 
 # --- offline profiling ------------------------------------------------------------------------
 
-def single_groups(n_layers: int) -> list[ds.Plan]:
+def single_groups(n_layers: int) -> list[reuse.Plan]:
   """Every plan of one contiguous group [s, e), the full recompute [0, L) included."""
-  return [ds.Plan(n_layers=n_layers, groups=((s, e),))
+  return [reuse.Plan(n_layers=n_layers, groups=((s, e),))
           for s in range(n_layers) for e in range(s + 1, n_layers + 1)]
 
 
-def _aggregate(plan: ds.Plan, refs: list[Reference], runs: list[dict]) -> dict:
+def _aggregate(plan: reuse.Plan, refs: list[Reference], runs: list[dict]) -> dict:
   full = float(np.mean([r.prefill_s for r in refs]))
   reuse = float(np.mean([m["prefill_s_reuse"] for m in runs]))
   loss_full = float(np.mean([r.loss_full for r in refs]))
@@ -213,7 +212,7 @@ def profile(sender: Model, receiver: Model, prompts: list[list[int]], *, eval_to
   refs = [reference(sender, receiver, ids, eval_tokens=eval_tokens,
                     max_new_tokens=max_new_tokens, repeats=repeats)
           for ids in tqdm(prompts, desc="reference", disable=not progress)]
-  plans = [ds.Plan.reuse_all(L)] + single_groups(L)
+  plans = [reuse.Plan.reuse_all(L)] + single_groups(L)
   rows: dict[str, dict] = {}
 
   def run(batch):
@@ -229,7 +228,7 @@ def profile(sender: Model, receiver: Model, prompts: list[list[int]], *, eval_to
     for b in ranked[i + 1:]:
       (s0, e0), (s1, e1) = sorted(a.groups + b.groups)
       if e0 < s1:  # disjoint and not adjacent (adjacent groups are one group)
-        pairs.append(ds.Plan(n_layers=L, groups=((s0, e0), (s1, e1))))
+        pairs.append(reuse.Plan(n_layers=L, groups=((s0, e0), (s1, e1))))
   run([p for p in pairs if str(p) not in rows])
   table = sorted(rows.values(), key=lambda r: r["prefill_s_reuse"])
   return {"rows": table, "pareto": pareto(table),
@@ -274,12 +273,3 @@ def profile_path(sender: Model, receiver: Model) -> str:
   key = hashlib.sha256((fingerprint(sender)["sender"] + fingerprint(receiver)["sender"])
                        .encode()).hexdigest()[:24]
   return os.path.join(root, key + ".json")
-
-
-def validation_text() -> str:
-  """The bundled profiling text: the Shakespeare corpus' validation plays (never trained on
-  by the bundled models), joined."""
-  from kvjax.train import corpus
-  docs = corpus.read_documents("shakespeare")
-  split = corpus.assign_splits(docs)
-  return "\n\n".join(d.text for d in docs if split[d.path] == "validation")

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import sys
 
-from kvjax.lm.cli import (PROG, _add_sampling, _check_sampling, _load, _read_prompts,
-                          _sampling, add_model_flag, positive)
+from kvjax.lm.cli.flags import (PROG, add_model_flag, add_sampling_flags, check_sampling_flags,
+                                load_model, positive, read_prompts, sampling_from_flags)
 
 
 def add(subparsers) -> None:
@@ -42,7 +42,7 @@ def add(subparsers) -> None:
                  help="decide whether the question suits SoT: ask the model (prompt), keyword "
                  "rules, always or never (default rules; always with --skeleton)")
   p.add_argument("--prompts", default=None, metavar="FILE",
-                 help="JSON object overriding prompt templates (fields of kvjax.lm.sot_prompts."
+                 help="JSON object overriding prompt templates (fields of kvjax.lm.sot.prompts."
                  "Prompts: skeleton, skeleton_prefill, expand, expand_prefill, answer, plain, chat)")
   p.add_argument("--repeat-prefix", action="store_true",
                  help="batch the full point prompts (every row stores question + skeleton) "
@@ -50,7 +50,7 @@ def add(subparsers) -> None:
   p.add_argument("--no-baseline", action="store_true",
                  help="skip timing the normal answer (sequential_latency_s and speedup are "
                  "null; they are also null when the router declines SoT)")
-  _add_sampling(p)
+  add_sampling_flags(p)
   p.add_argument("--json", action="store_true",
                  help="print one JSON object: skeleton, points, answer, latency_s, "
                  "sequential_latency_s, speedup, prefix_tokens_shared, route, stats")
@@ -58,7 +58,7 @@ def add(subparsers) -> None:
 
 
 def _check(parser, args) -> None:
-  _check_sampling(parser, args)
+  check_sampling_flags(parser, args)
   if args.skeleton is not None and args.router not in (None, "always"):
     parser.error(f"--router {args.router} does not apply with --skeleton: a supplied skeleton "
                  "is always expanded")
@@ -70,17 +70,17 @@ def _check(parser, args) -> None:
 
 def _sot(args) -> int:
   from kvjax.lm import sot
-  from kvjax.lm.sot_prompts import Prompts
-  question = _read_prompts([args.question])[0]
+  from kvjax.lm.sot.prompts import Prompts
+  question = read_prompts([args.question])[0]
   skeleton = None
   if args.skeleton is not None:
-    skeleton = _read_prompts([args.skeleton])[0].replace("\\n", "\n")
+    skeleton = read_prompts([args.skeleton])[0].replace("\\n", "\n")
   prompts = Prompts.load(args.prompts) if args.prompts else Prompts()
   if args.chat:
     import dataclasses
     prompts = dataclasses.replace(prompts, chat=True)
-  model = _load(args)
-  sampling, key = _sampling(args)
+  model = load_model(args)
+  sampling, key = sampling_from_flags(args)
   shown = 0
 
   def show(i: int, text: str) -> None:

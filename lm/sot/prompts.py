@@ -7,7 +7,7 @@ gets the message through it with the prefill appended after the generation promp
 without one gets `Prompts.plain`. Every field can be overridden, also from a JSON file.
 
 The expansion template puts the question, the skeleton and the instruction before the point's
-number, so the P expansion prompts share all but their last few tokens, and `kvjax.lm.expand`
+number, so the P expansion prompts share all but their last few tokens, and `kvjax.lm.sot.expansion`
 prefills the shared part once.
 """
 

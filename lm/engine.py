@@ -1,0 +1,201 @@
+"""The request engine every generation path shares: prompts to token rows, the request's checks,
+stop ids, padding to a length bucket, the cache of a request and its prefill, and turning
+generated ids back into text (whole rows, or incrementally for streaming).
+
+`kvjax.lm.generate`, token streaming, StreamingLLM, Skeleton-of-Thought expansion, EAGLE, the
+coprocessor and DroidSpeak all set requests up through these functions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.cache.dense import KVCache
+from kvjax.lm import sharding, steps
+from kvjax.lm.model import Model
+from kvjax.lm.sampling import Sampling
+
+Prompt = str | Sequence[int]
+
+
+def tokenize(model: Model, prompts: Prompt | Sequence[Prompt], chat: bool) -> list[list[int]]:
+  """Each prompt as a list of token ids; text goes through the tokenizer (or chat template)."""
+  if isinstance(prompts, str) or (len(prompts) and not isinstance(prompts[0], str)
+                                  and np.ndim(prompts[0]) == 0):
+    prompts = [prompts]
+  if not len(prompts):
+    raise ValueError("prompts is empty: pass a string, a list of strings or of token-id lists")
+  rows = []
+  for i, p in enumerate(prompts):
+    if isinstance(p, str):
+      if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer (no tokenizer.json): pass token ids")
+      if chat:
+        p = model.tokenizer.apply_chat_template([{"role": "user", "content": p}])
+      ids = model.tokenizer.encode(p, add_special_tokens=not chat)
+    else:
+      arr = np.asarray(p)
+      if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"prompt {i} must be a string or a flat sequence of int token ids; "
+                         f"got a {arr.dtype} array of shape {arr.shape}")
+      ids = arr.astype(np.int64).tolist()
+    if not ids:
+      raise ValueError(f"prompt {i} is empty: it needs at least one token")
+    bad = [t for t in ids if not 0 <= t < model.cfg.vocab_size]
+    if bad:
+      raise ValueError(f"prompt {i} has token ids {bad[:5]} outside [0, {model.cfg.vocab_size})")
+    rows.append(ids)
+  return rows
+
+
+def new_cache(model: Model, batch: int, size: int) -> KVCache:
+  """An empty dense cache for `batch` rows of `size` slots, laid out like the params."""
+  cfg = model.cfg
+  cache = KVCache.init(n_layers=cfg.n_layers, batch=batch, size=size,
+                       n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, dtype=model.dtype)
+  if model.mesh is not None:
+    cache = sharding.shard_cache(cache, model.mesh, model.rules)
+  return cache
+
+
+def pad(rows: Sequence[Sequence[int]], width: int) -> np.ndarray:
+  """rows right-padded with 0 to [B, width] int32."""
+  tokens = np.zeros((len(rows), width), np.int32)
+  for b, ids in enumerate(rows):
+    tokens[b, :len(ids)] = ids
+  return tokens
+
+
+def check_context(model: Model, rows: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+  """Refuses prompts that cannot take max_new_tokens more tokens within the model's context."""
+  longest = max(map(len, rows))
+  if longest + max_new_tokens > model.cfg.max_position:
+    raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                     f"model's context of {model.cfg.max_position} positions")
+
+
+def nbytes(tree) -> int:
+  """Bytes of a pytree's arrays (a cache's memory)."""
+  return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def prefill(model: Model, rows: list[list[int]], max_new_tokens: int):
+  """Pads rows to a length bucket and prefills a cache with room for max_new_tokens more."""
+  check_context(model, rows, max_new_tokens)
+  longest = max(map(len, rows))
+  P = steps.bucket(longest)
+  tokens = pad(rows, P)
+  lengths = np.array([len(r) for r in rows], np.int32)
+  cache = new_cache(model, len(rows), steps.bucket(max(P, longest + max_new_tokens)))
+  t0 = time.perf_counter()
+  (logits, cache), compile_s = steps.call(model, steps.prefill, model.state, cache,
+                                    jnp.asarray(tokens), jnp.asarray(lengths))
+  logits.block_until_ready()
+  return logits, cache, time.perf_counter() - t0 - compile_s, compile_s
+
+
+def check_request(model: Model, max_new_tokens: int, sampling: Sampling | None, key) -> Sampling:
+  """The request's sampling (greedy by default), after checking max_new_tokens and the key."""
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}")
+  sampling = sampling or Sampling()
+  if not isinstance(sampling, Sampling):
+    raise TypeError(f"sampling must be a kvjax.lm.Sampling; got {type(sampling).__name__}")
+  if not sampling.greedy and key is None:
+    raise ValueError("sampling with temperature > 0 needs an explicit PRNG key: "
+                     "key=jax.random.key(seed)")
+  return sampling
+
+
+def stop_ids(model: Model, stop_tokens: Sequence[int] | None) -> list[int]:
+  """The ids that end a row: stop_tokens, or the model's eos ids when None (checked)."""
+  ids = list(model.eos_ids if stop_tokens is None else stop_tokens)
+  bad = [t for t in ids if not 0 <= t < model.cfg.vocab_size]
+  if bad:
+    raise ValueError(f"stop_tokens {bad} outside [0, {model.cfg.vocab_size})")
+  return ids
+
+
+def padded_stop_ids(model: Model, stop_tokens: Sequence[int] | None) -> list[int]:
+  """stop_ids padded with -1 to a bucket of at least 4 entries: one compiled shape for every
+  request's stop list."""
+  ids = stop_ids(model, stop_tokens)
+  return ids + [-1] * (steps.bucket(len(ids), minimum=4) - len(ids))
+
+
+def _cut_at_stop(model: Model, ids: list[int], stop: Sequence[str]) -> tuple[str, list[int], bool]:
+  """Text before the first stop string, and the shortest token prefix that produces it."""
+  text = model.tokenizer.decode(ids)
+  hits = [text.find(s) for s in stop if s and s in text]
+  if not hits:
+    return text, ids, False
+  cut = min(hits)
+  lo, hi = 1, len(ids)  # smallest n whose decode reaches past the cut point with a stop string
+  while lo < hi:
+    mid = (lo + hi) // 2
+    t = model.tokenizer.decode(ids[:mid])
+    if any(s in t[cut:] for s in stop if s):
+      hi = mid
+    else:
+      lo = mid + 1
+  return text[:cut], ids[:lo], True
+
+
+def outputs(model: Model, out: np.ndarray, counts: np.ndarray, stop: Sequence[str],
+            stop_ids: Sequence[int]) -> tuple[list[str], list[list[int]], list[str]]:
+  """(texts, tokens, finish) of generated rows out [B, >= counts] cut at counts [B], as
+  `Generation` reports them."""
+  texts, tokens, finish = [], [], []
+  for b in range(len(counts)):
+    ids = out[b, :counts[b]].tolist()
+    hit_stop = bool(ids) and ids[-1] in stop_ids
+    reason = "stop_token" if hit_stop else "length"
+    text = ""
+    if model.tokenizer is not None:
+      text, ids_cut, cut = _cut_at_stop(model, ids[:-1] if hit_stop else ids, stop)
+      if cut:
+        ids, reason = ids_cut, "stop_string"
+    texts.append(text)
+    tokens.append(ids)
+    finish.append(reason)
+  return texts, tokens, finish
+
+
+def detokenize(model: Model, tokens: Iterator[int], stop: Sequence[str], stop_ids: set[int],
+               done: dict) -> Iterator[str]:
+  """Yields the text of `tokens` as it becomes final, pulling one token per piece: it ends at a
+  stop token or a stop string (neither yielded) or when `tokens` runs out ("length"). Text that
+  may start a stop string or an unfinished UTF-8 character is held back until it is decided.
+  Fills `done` with ids (every token pulled, a stop token included) and finish."""
+  ids: list[int] = []
+  done.update(ids=ids, finish="length")
+  emitted = 0
+  hold = max((len(s) for s in stop), default=1) - 1  # chars that may start a stop string
+  for tok in tokens:
+    ids.append(tok)
+    if tok in stop_ids:
+      done["finish"] = "stop_token"
+      return
+    text = model.tokenizer.decode(ids)
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    if cut >= 0:
+      done["finish"] = "stop_string"
+      if cut > emitted:
+        yield text[emitted:cut]
+      return
+    ready = len(text) - hold
+    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
+      ready = min(ready, len(text) - 1)
+    if ready > emitted:
+      yield text[emitted:ready]
+      emitted = ready
+  text = model.tokenizer.decode(ids)
+  if len(text) > emitted:
+    yield text[emitted:]
+
+

@@ -1,0 +1,297 @@
+"""The trainer core every task shares (lm, eagle, coprocessor): the run config, AdamW under
+warmup + cosine decay, the cache of compiled steps, batch checks and transfer, the run loop
+(resume from orbax checkpoints, metrics, evaluation, progress), the run record.
+
+A task supplies its loss (compiled into train / eval steps by `compiled`), its batches and its
+validation; `run_loop` does the rest:
+
+    opt_init, train_step, eval_step = compiled((model.graphdef, model.cfg), rc, build)
+    state, records, start = run_loop(rc, state, batches, step, evaluate=..., ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from kvjax.train import metrics
+
+Batch = dict[str, np.ndarray]
+
+BATCH_KEYS = {"inputs": np.integer, "targets": np.integer, "mask": np.floating,
+              "chars": np.floating}
+# Optional int [B, T] arrays of packed batches: document index of each input inside its row
+# and its position inside that document. When given, attention stays within a document.
+OPTIONAL_KEYS = ("segment_ids", "positions")
+CHECKPOINTS = "checkpoints"
+RUN_FILE = "run.json"
+
+
+class TrainError(ValueError):
+  """A training setup that cannot run (bad hyperparameters, mismatched resume, bad batch)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+  """The values a config field may take: a number of `kind` (int: an int; float: an int or a
+  float; never a bool) for which ok(value), described as `expected`."""
+
+  kind: type
+  ok: Callable[[float], bool]
+  expected: str
+
+
+INT_POSITIVE = Domain(int, lambda v: v >= 1, "an int >= 1")
+INT_NONNEG = Domain(int, lambda v: v >= 0, "an int >= 0")
+POSITIVE = Domain(float, lambda v: 0 < v < math.inf, "a finite number > 0")
+NONNEG = Domain(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+UNIT = Domain(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+UNIT_OPEN = Domain(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+  """What every training run has (TrainConfig's and kvjax.train.eagle.EagleConfig's base).
+
+  steps: optimizer steps in total (a resumed run continues up to it).
+  warmup: linear warmup steps from 0 to lr, then cosine decay to lr * final_lr_ratio at `steps`.
+  weight_decay, clip_norm (global norm), b1, b2: AdamW's.
+  save_every / eval_every / log_every: in steps; 0 = only at the end (save, eval) or never (log).
+  keep: how many checkpoints the manager keeps.
+
+  BOOKKEEPING: the fields no compiled step reads (where and how often to save, log and
+  evaluate; the seed, which only orders the data or is passed in as a PRNG key): every other
+  field keys the compiled steps (`compiled`), so a field a loss reads can never reuse a step
+  built for another value. NOT_RESUMED: the fields a resumed run may change. DOMAINS: each
+  numeric field's domain, checked on construction (a subclass extends it).
+  """
+
+  BOOKKEEPING: ClassVar[frozenset[str]] = frozenset(
+      {"out_dir", "save_every", "keep", "eval_every", "log_every", "seed"})
+  NOT_RESUMED: ClassVar[frozenset[str]] = frozenset(
+      {"out_dir", "save_every", "keep", "eval_every", "log_every"})
+
+  steps: int
+  batch_size: int
+  seq_len: int
+  lr: float = 3e-3
+  warmup: int = 0
+  final_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.95
+  seed: int = 0
+  out_dir: str
+  save_every: int = 0
+  keep: int = 3
+  eval_every: int = 0
+  log_every: int = 10
+
+  DOMAINS: ClassVar[dict[str, Domain]] = {
+      **dict.fromkeys(("steps", "batch_size", "seq_len", "keep"), INT_POSITIVE),
+      **dict.fromkeys(("warmup", "save_every", "eval_every", "log_every", "seed"), INT_NONNEG),
+      "lr": POSITIVE, "weight_decay": NONNEG, "clip_norm": POSITIVE, "final_lr_ratio": UNIT,
+      "b1": UNIT_OPEN, "b2": UNIT_OPEN}
+
+  def __post_init__(self):
+    for name, domain in self.DOMAINS.items():
+      require(name, getattr(self, name), domain.ok, domain.expected, domain.kind)
+    if self.warmup >= self.steps:
+      raise TrainError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps})")
+    if not isinstance(self.out_dir, str) or not self.out_dir:
+      raise TrainError(f"out_dir must be a non-empty path; got {self.out_dir!r}")
+
+  def compute_key(self) -> tuple:
+    """The config as the compiled steps see it: its type and every field but BOOKKEEPING."""
+    return (type(self), *((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                          if f.name not in self.BOOKKEEPING))
+
+  def resume_key(self) -> dict[str, Any]:
+    """The fields a resumed run must share with the run it continues."""
+    return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.NOT_RESUMED}
+
+
+def require(name, value, ok, expected, kind):
+  """TrainError unless value is a number of `kind` (an int for int; no bool) for which ok(value)."""
+  numeric = (int,) if kind is int else (int, float)
+  if isinstance(value, bool) or not isinstance(value, numeric) or not ok(value):
+    raise TrainError(f"{name} must be {expected}; got {value!r}")
+
+
+def optimizer(tc: RunConfig) -> optax.GradientTransformation:
+  """clip_by_global_norm(clip_norm), then AdamW under warmup + cosine decay."""
+  return optax.chain(optax.clip_by_global_norm(tc.clip_norm),
+                     optax.adamw(optimizer_lr(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
+
+
+def optimizer_lr(tc: RunConfig) -> Callable[[jax.Array], jax.Array]:
+  """The learning rate used at a step (the same schedule `optimizer` builds)."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup, decay_steps=tc.steps,
+      end_value=tc.lr * tc.final_lr_ratio)
+
+
+def check_batch(batch: Batch, tc: RunConfig, vocab_size: int, step: int,
+                keys: dict = BATCH_KEYS) -> None:
+  """Raises TrainError unless batch matches the contract (shapes [B, T], dtypes, token range).
+  keys: the required arrays and their kinds (EAGLE batches need no "chars")."""
+  if not isinstance(batch, dict) or not set(keys) <= set(batch):
+    got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+    raise TrainError(f"batch {step}: expected a dict with keys {sorted(keys)}; got {got}")
+  want = (tc.batch_size, tc.seq_len)
+  optional = {k: np.integer for k in OPTIONAL_KEYS if k in batch}
+  for key, kind in {**keys, **optional}.items():
+    a = batch[key]
+    if tuple(np.shape(a)) != want or not np.issubdtype(np.asarray(a).dtype, kind):
+      raise TrainError(f"batch {step}: {key} must be a {kind.__name__} array of shape "
+                       f"[B, T] = {list(want)}; got {np.asarray(a).dtype}{list(np.shape(a))}")
+  for key in ("inputs", "targets"):
+    a = np.asarray(batch[key])
+    if a.min() < 0 or a.max() >= vocab_size:
+      raise TrainError(f"batch {step}: {key} has token ids outside [0, {vocab_size}) "
+                       f"(min {a.min()}, max {a.max()}): the data and the model's vocabulary "
+                       "disagree")
+
+
+def to_device(batch: Batch, sharding_=None, keys: dict = BATCH_KEYS) -> dict[str, jax.Array]:
+  """The `keys` arrays (int32 / float32 by kind; plus segment_ids, positions [B, T] int32 when
+  present) on device."""
+  out = {k: np.asarray(batch[k], np.int32 if kind is np.integer else np.float32)
+         for k, kind in keys.items()}
+  for key in OPTIONAL_KEYS:
+    if key in batch:
+      out[key] = np.asarray(batch[key], np.int32)
+  return jax.device_put(out, sharding_) if sharding_ is not None else jax.device_put(out)
+
+
+def batch_iter(batches, start: int) -> Iterator[Batch]:
+  """The batches for steps start, start + 1, ... from a callable or an iterable."""
+  if callable(batches):
+    return iter(batches(start))
+  it = iter(batches)
+  for _ in range(start):
+    next(it)
+  return it
+
+
+def check_resume(out_dir: str, run: dict[str, Any]) -> None:
+  """Writes out_dir/run.json, or checks that a run already there is the same run."""
+  path = os.path.join(out_dir, RUN_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    for part in ("model", "train"):
+      if old.get(part) != run[part]:
+        diff = sorted(k for k in set(old.get(part, {})) | set(run[part])
+                      if old.get(part, {}).get(k) != run[part].get(k))
+        raise TrainError(f"{out_dir} holds checkpoints of a different run ({part} settings "
+                         f"differ: {', '.join(diff)}); resume with the same settings or pass a "
+                         "new out dir")
+  with open(path, "w") as f:
+    json.dump(run, f, indent=2)
+
+
+def _manager(tc: RunConfig):
+  options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(tc.out_dir, CHECKPOINTS)),
+                               options=options)
+
+
+def _restore(manager, state):
+  """The latest checkpoint restored with state's structure, shapes, dtypes and shardings."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+
+
+def run_loop(rc: RunConfig, state, batches, step: Callable, *,
+             evaluate: Callable[[Any], dict[str, float]] | None,
+             amount: Callable[[Batch], float], rate_name: str,
+             postfix: Callable[[dict[str, Any]], dict[str, str]],
+             plot_label: str | None = None, progress: bool = True):
+  """The loop every trainer shares: resume from rc.out_dir's latest checkpoint, then for steps
+  start + 1 .. rc.steps take the next batch and run `step(state, batch, i) -> (state, stats)`
+  (i = the 0-based step index); on log steps record the stats (without "n"), the rate
+  (`amount` of the batches per second, excluding evaluation and checkpoint writes, as
+  `rate_name`) and, on eval steps, `evaluate(state)`; checkpoint every rc.save_every steps
+  and at the end; metrics.jsonl and loss.png. Returns (state, records, start step)."""
+  label = {} if plot_label is None else {"ylabel": plot_label}
+  records: list[dict[str, Any]] = []
+  has_eval = evaluate is not None
+  with _manager(rc) as manager:
+    start = 0
+    if manager.latest_step() is not None:
+      state = _restore(manager, state)
+      start = int(state["step"])
+    metrics.truncate(rc.out_dir, start)
+    it = batch_iter(batches, start)
+    bar = _progress(progress, start, rc.steps)
+    t0, done = time.perf_counter(), 0.0
+    for i in range(start + 1, rc.steps + 1):
+      batch = next(it, None)
+      if batch is None:
+        raise TrainError(f"the batch iterator ended before step {i} of {rc.steps}")
+      state, stats = step(state, batch, i - 1)  # checks the batch first
+      done += amount(batch)
+      if _is_log_step(rc, i, has_eval):
+        stats = jax.device_get(stats)
+        stats.pop("n", None)
+        record = {"step": i, **{k: float(v) for k, v in stats.items()}}
+        record[rate_name] = done / max(time.perf_counter() - t0, 1e-9)
+        if _is_eval_step(rc, i, has_eval):
+          record.update(evaluate(state))
+        records.append(record)
+        metrics.append(rc.out_dir, record)
+        bar.set_postfix(postfix(record))
+        t0, done = time.perf_counter(), 0.0  # the rate excludes evaluation
+      bar.update(1)
+      if (rc.save_every and i % rc.save_every == 0) or i == rc.steps:
+        manager.save(i, args=ocp.args.StandardSave(state))
+        metrics.plot(rc.out_dir, **label)
+        t0, done = time.perf_counter(), 0.0  # and checkpoint writes
+    bar.close()
+    manager.wait_until_finished()
+  metrics.plot(rc.out_dir, **label)
+  return state, records, start
+
+
+def _is_eval_step(tc: RunConfig, step: int, has_eval: bool) -> bool:
+  return has_eval and ((tc.eval_every > 0 and step % tc.eval_every == 0) or step == tc.steps)
+
+
+def _is_log_step(tc: RunConfig, step: int, has_eval: bool) -> bool:
+  """Log steps: every log_every, every eval step and the last step."""
+  return ((tc.log_every > 0 and step % tc.log_every == 0) or step == tc.steps
+          or _is_eval_step(tc, step, has_eval))
+
+
+def _progress(enabled: bool, start: int, total: int):
+  return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+              disable=not enabled)
+
+
+STEPS: dict[Any, tuple] = {}  # compiled steps, shared by every run of one structure and config
+
+
+def compiled(structure: tuple, rc: RunConfig, build: Callable[[optax.GradientTransformation],
+                                                            tuple]) -> tuple:
+  """(opt_init, *build(optimizer(rc))), built once per process for `structure` (the graphdefs
+  and configs of the models the steps close over) and rc's compute_key, so that repeated runs
+  (tests, resumes) reuse the compiled programs."""
+  key = (*structure, rc.compute_key())
+  if key not in STEPS:
+    opt = optimizer(rc)
+    STEPS[key] = (jax.jit(opt.init), *build(opt))
+  return STEPS[key]
