@@ -42,7 +42,6 @@ from kvjax import lm
 from kvjax.lm import steps
 from kvjax.lm.cli import positive
 from kvjax.lm.generate import new_cache
-from kvjax.train import coprocessor as ct
 
 RECIPE = ["--base", "shakespeare", "--data", "shakespeare", "--genre", "comedy", "--points", "8",
           "--ahead", "16", "--batch-size", "8", "--seq-len", "256", "--lr", "1e-3", "--warmup",

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
   res = dict(machine=report.describe(), settings=vars(args), profile=prof, rows=[])
   for P in [int(x) for x in args.prefix_lens.split(",")]:
     prompts = run.windows(ids, args.prompts, P + args.eval_tokens + 1)
-    refs = [run.reference(sender, receiver, w, eval_tokens=args.eval_tokens,
+    refs = [run.baseline(sender, receiver, w, eval_tokens=args.eval_tokens,
                           max_new_tokens=args.new_tokens, repeats=args.repeats) for w in prompts]
     gain = np.mean([r.loss_sender - r.loss_full for r in refs])
     lm_s = float(np.mean([r.prefill_s for r in refs]))

@@ -45,7 +45,7 @@ from kvjax.lm import config
 from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config
 from kvjax.lm import steps
-from kvjax.lm.engine import new_cache
+from kvjax.lm.engine import new_cache, pad
 from kvjax.lm.model import Model
 from kvjax.lm.model import init as init_model
 from kvjax.lm.sampling import Sampling, sample
@@ -413,9 +413,7 @@ def augmented_prefill(model: Model, rows: list[list[int]], max_new_tokens: int, 
                      f"{model.cfg.max_position} positions")
   B = len(rows)
   P = steps.bucket(longest)
-  tokens = np.zeros((B, P), np.int32)
-  for b, ids in enumerate(rows):
-    tokens[b, :len(ids) - 1] = ids[:-1]
+  tokens = pad([ids[:-1] for ids in rows], P)
   last = jnp.asarray([[ids[-1]] for ids in rows], jnp.int32)
   one = jnp.ones((B,), jnp.int32)
   cache = new_cache(model, B, steps.bucket(longest + N + max_new_tokens))

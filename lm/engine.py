@@ -8,6 +8,7 @@ coprocessor and DroidSpeak all set requests up through these functions.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 
@@ -51,6 +52,33 @@ def tokenize(model: Model, prompts: Prompt | Sequence[Prompt], chat: bool) -> li
       raise ValueError(f"prompt {i} has token ids {bad[:5]} outside [0, {model.cfg.vocab_size})")
     rows.append(ids)
   return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """A checked generation request. rows: each prompt's token ids; sampling; key: the PRNG key
+  (key(0) for greedy requests that gave none); stop: stop strings (non-empty only with a
+  tokenizer); stop_ids: the ids that end a row, padded with -1 to one compiled shape."""
+
+  rows: list[list[int]]
+  sampling: Sampling
+  key: jax.Array
+  stop: list[str]
+  stop_ids: list[int]
+
+
+def request(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int,
+            sampling: Sampling | None, key, stop: str | Sequence[str],
+            stop_tokens: Sequence[int] | None, chat: bool) -> Request:
+  """Every request's setup: the prompts tokenized and checked, the sampling and key checked,
+  the stop strings and ids. Arguments as for `kvjax.lm.generate`."""
+  sampling = check_request(model, max_new_tokens, sampling, key)
+  rows = tokenize(model, prompts, chat)
+  stop = [stop] if isinstance(stop, str) else list(stop)
+  if stop and model.tokenizer is None:
+    raise ValueError("stop strings need the model's tokenizer")
+  return Request(rows=rows, sampling=sampling, key=jax.random.key(0) if key is None else key,
+                 stop=stop, stop_ids=padded_stop_ids(model, stop_tokens))
 
 
 def new_cache(model: Model, batch: int, size: int) -> KVCache:

@@ -21,7 +21,8 @@ from kvjax.lm.engine import (Prompt, check_context, detokenize, nbytes, new_cach
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
 
-__all__ = ["Generation", "Prefill", "Prompt", "check_context", "detokenize", "generate", "nbytes",
+__all__ = ["Generation", "Prefill", "Prompt", "check_context", "detokenize", "generate",
+           "generate_iter", "nbytes",
            "new_cache", "outputs", "pad", "score", "stream"]
 
 class Prefill(Protocol):
@@ -64,13 +65,9 @@ def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens
   cache); default `engine.prefill`. coprocessor, delay: deprecated spelling of
   prefill=coprocessor.prefiller(delay) (`kvjax.coprocessor.generate` is the method's entry).
   """
-  sampling = engine.check_request(model, max_new_tokens, sampling, key)
-  rows = tokenize(model, prompts, chat)
-  stop = [stop] if isinstance(stop, str) else list(stop)
-  if stop and model.tokenizer is None:
-    raise ValueError("stop strings need the model's tokenizer")
-  stops = engine.padded_stop_ids(model, stop_tokens)
-  key = jax.random.key(0) if key is None else key
+  req = engine.request(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                       key=key, stop=stop, stop_tokens=stop_tokens, chat=chat)
+  rows, sampling, key, stop, stops = req.rows, req.sampling, req.key, req.stop, req.stop_ids
   if coprocessor is not None:
     if prefill is not None:
       raise ValueError("pass prefill= or the deprecated coprocessor=, not both")
@@ -119,7 +116,7 @@ def _join(early: np.ndarray, out: np.ndarray, counts: np.ndarray,
   return joined, total
 
 
-def stream(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
+def generate_iter(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
            sampling: Sampling | None = None, key: jax.Array | None = None,
            stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
            chat: bool = False, stats: dict | None = None) -> Iterator[str]:
@@ -131,14 +128,12 @@ def stream(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
   prompt_tokens, new_tokens, decode_tokens_per_s and finish (as `generate` reports them)."""
   if model.tokenizer is None:
     raise ValueError("stream needs the model's tokenizer")
-  sampling = engine.check_request(model, max_new_tokens, sampling, key)
   if not isinstance(prompt, str) and len(prompt) and not isinstance(prompt[0], (int, np.integer)):
     raise ValueError("stream takes one prompt (a string or token ids); use generate for a batch")
-  rows = tokenize(model, prompt, chat)
-  stop = [stop] if isinstance(stop, str) else list(stop)
-  stop_ids = set(engine.stop_ids(model, stop_tokens))
+  req = engine.request(model, prompt, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
+                       stop=stop, stop_tokens=stop_tokens, chat=chat)
+  rows, sampling, key, stop, stop_ids = req.rows, req.sampling, req.key, req.stop, set(req.stop_ids)
   logits, cache, prefill_s, compile_s = engine.prefill(model, rows, max_new_tokens)
-  key = jax.random.key(0) if key is None else key
   decode_s = 0.0
 
   def tokens() -> Iterator[int]:
@@ -191,3 +186,11 @@ def score(model: Model, token_ids) -> np.ndarray | list[np.ndarray]:
     return [logits[b, :len(r)] for b, r in enumerate(rows)]
   out = logits[:, :len(rows[0])]
   return out[0] if single else out
+
+
+def stream(*args, **kwargs) -> Iterator[str]:
+  """Deprecated name of `generate_iter` (token streaming; StreamingLLM is `kvjax.lm.streaming`),
+  kept for one release."""
+  warnings.warn("lm.stream is deprecated: use lm.generate_iter (token streaming); StreamingLLM "
+                "is kvjax.lm.streaming", DeprecationWarning, stacklevel=2)
+  return generate_iter(*args, **kwargs)

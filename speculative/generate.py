@@ -19,23 +19,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.lm import steps as lm_steps
-from kvjax.lm.engine import (Prompt, check_request, new_cache, outputs, padded_stop_ids,
-                             tokenize)
+from kvjax.lm import steps
+from kvjax.lm.engine import Prompt, check_context, new_cache, outputs, pad, request
 from kvjax.lm.generate import Generation
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
 from kvjax.speculative import head as heads
-from kvjax.speculative import steps
+from kvjax.speculative import decoding
 from kvjax.speculative.tree import TreeSpec
 
 
 def sizes(prompt_len: int, max_new_tokens: int, spec: TreeSpec) -> tuple[int, int, int]:
   """(padded prompt P, target cache slots, head cache slots) for a batch."""
-  P = lm_steps.bucket(prompt_len)
+  P = steps.bucket(prompt_len)
   reach = prompt_len + max_new_tokens + spec.depth + 1
-  return (P, lm_steps.bucket(max(P, reach)),
-          lm_steps.bucket(max(P, reach, prompt_len + max_new_tokens + spec.draft_slots)))
+  return (P, steps.bucket(max(P, reach)),
+          steps.bucket(max(P, reach, prompt_len + max_new_tokens + spec.draft_slots)))
 
 
 def generate(model: Model, head: heads.LoadedHead, prompts: Prompt | Sequence[Prompt], *,
@@ -58,37 +57,28 @@ def generate(model: Model, head: heads.LoadedHead, prompts: Prompt | Sequence[Pr
   heads.check(head.hc, model.cfg)
   if tree.top_k > model.cfg.vocab_size:
     raise ValueError(f"tree top_k={tree.top_k} exceeds the vocabulary ({model.cfg.vocab_size})")
-  sampling = check_request(model, max_new_tokens, sampling, key)
-  rows = tokenize(model, prompts, chat)
-  stop = [stop] if isinstance(stop, str) else list(stop)
-  if stop and model.tokenizer is None:
-    raise ValueError("stop strings need the model's tokenizer")
-  stops = padded_stop_ids(model, stop_tokens)
-  longest = max(map(len, rows))
-  if longest + max_new_tokens > model.cfg.max_position:
-    raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                     f"model's context of {model.cfg.max_position} positions")
-  P, S, S_head = sizes(longest, max_new_tokens, tree)
-  tokens = np.zeros((len(rows), P), np.int32)
-  for b, ids in enumerate(rows):
-    tokens[b, :len(ids)] = ids
+  req = request(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
+                stop=stop, stop_tokens=stop_tokens, chat=chat)
+  rows, sampling, key, stop, stops = req.rows, req.sampling, req.key, req.stop, req.stop_ids
+  check_context(model, rows, max_new_tokens)
+  P, S, S_head = sizes(max(map(len, rows)), max_new_tokens, tree)
+  tokens = pad(rows, P)
   lengths = np.array([len(r) for r in rows], np.int32)
   cache = new_cache(model, len(rows), S)
   hcache = heads.new_cache(head.hc, len(rows), S_head, model.dtype)
-  key = jax.random.key(0) if key is None else key
   static = dict(head_graphdef=head.graphdef, sampling=sampling)
 
   t0 = time.perf_counter()
-  (root, h, logits, cache, hcache), compile_p = lm_steps.call(
-      model, steps.prefill, model.state, head.state, cache, hcache, jnp.asarray(tokens),
+  (root, h, logits, cache, hcache), compile_p = steps.call(
+      model, decoding.prefill, model.state, head.state, cache, hcache, jnp.asarray(tokens),
       jnp.asarray(lengths), key, **static)
   root.block_until_ready()
   prefill_s = time.perf_counter() - t0 - compile_p
   t0 = time.perf_counter()
-  (out, counts, rounds, proposed, n_rounds, _, _), compile_d = lm_steps.call(
-      model, steps.loop, model.state, head.state, cache, hcache, root, h, logits, key,
+  (out, counts, rounds, proposed, n_rounds, _, _), compile_d = steps.call(
+      model, decoding.loop, model.state, head.state, cache, hcache, root, h, logits, key,
       jnp.int32(max_new_tokens), jnp.asarray(stops, jnp.int32), spec=tree,
-      max_steps=lm_steps.bucket(max_new_tokens), **static)
+      max_steps=steps.bucket(max_new_tokens), **static)
   out, counts = np.asarray(out), np.asarray(counts)
   decode_s = time.perf_counter() - t0 - compile_d
   rounds, proposed = np.asarray(rounds), np.asarray(proposed)

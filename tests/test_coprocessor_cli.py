@@ -10,7 +10,6 @@ from kvjax import coprocessor as cp
 from kvjax.coprocessor import traces
 from kvjax import lm
 from kvjax.lm import tiny
-from kvjax.train import coprocessor as ct
 from kvjax.train.cli import main as train_main
 
 from test_cli import cli

@@ -383,7 +383,7 @@ def test_text_without_tokenizer(model):
          "pass token ids")
   raises(ValueError, lambda: lm.generate(bare, [5, 6], max_new_tokens=2, stop=["x"]),
          "stop strings need the model's tokenizer")
-  raises(ValueError, lambda: next(lm.stream(bare, [5, 6], max_new_tokens=2)),
+  raises(ValueError, lambda: next(lm.generate_iter(bare, [5, 6], max_new_tokens=2)),
          "stream needs the model's tokenizer")
 
 

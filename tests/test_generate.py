@@ -50,7 +50,7 @@ def test_stop_string_cuts_text_and_tokens(model):
 def test_stream_yields_the_generated_text(model):
   for stop in ([], ["zz"]):
     ref = lm.generate(model, "Once", max_new_tokens=24, stop_tokens=[], stop=stop).texts[0]
-    pieces = list(lm.stream(model, "Once", max_new_tokens=24, stop_tokens=[], stop=stop))
+    pieces = list(lm.generate_iter(model, "Once", max_new_tokens=24, stop_tokens=[], stop=stop))
     assert "".join(pieces) == ref
     assert len(pieces) > 1
 
@@ -58,7 +58,7 @@ def test_stream_yields_the_generated_text(model):
 def test_stream_stops_at_stop_string_early(model):
   text = lm.generate(model, "Once", max_new_tokens=24, stop_tokens=[]).texts[0]
   needle = text[3:5]
-  got = "".join(lm.stream(model, "Once", max_new_tokens=24, stop_tokens=[], stop=[needle]))
+  got = "".join(lm.generate_iter(model, "Once", max_new_tokens=24, stop_tokens=[], stop=[needle]))
   assert got == text[:text.index(needle)]
 
 
@@ -139,10 +139,10 @@ def test_models_of_one_config_share_executables(tmp_path):
   steps.EXECUTABLES.clear()
   before = steps.compilations
   first = lm.generate(a, [5, 6, 7], max_new_tokens=3)
-  "".join(lm.stream(a, [5, 6, 7], max_new_tokens=3, stop_tokens=[]))
+  "".join(lm.generate_iter(a, [5, 6, 7], max_new_tokens=3, stop_tokens=[]))
   compiled = steps.compilations - before
   assert compiled == 3 and first.stats["compile_s"] > 0  # prefill, decode loop, stream step
   again = lm.generate(b, [5, 6, 7], max_new_tokens=3)
-  "".join(lm.stream(b, [5, 6, 7], max_new_tokens=3, stop_tokens=[]))
+  "".join(lm.generate_iter(b, [5, 6, 7], max_new_tokens=3, stop_tokens=[]))
   assert steps.compilations - before == compiled and again.stats["compile_s"] == 0
   assert again.tokens == first.tokens

@@ -17,7 +17,7 @@ from kvjax.lm import tiny
 from kvjax.lm.sampling import Sampling
 from kvjax.speculative import accept as acc
 from kvjax.speculative import head as hd
-from kvjax.speculative import steps, tree as tr, verify
+from kvjax.speculative import decoding, tree as tr, verify
 from kvjax.speculative.generate import sizes
 from kvjax.speculative.tree import TreeSpec
 
@@ -137,7 +137,7 @@ def oracle(monkeypatch, rows, correct_levels):
   for b, r in enumerate(rows):
     F[b, :len(r)] = r
   F, good = jnp.asarray(F), jnp.asarray(correct_levels)
-  orig = steps._draft
+  orig = decoding._draft
 
   def draft(dec, head, hcache, h, logits, root, spec):
     tree, hc = orig(dec, head, hcache, h, logits, root, spec)
@@ -153,7 +153,7 @@ def oracle(monkeypatch, rows, correct_levels):
       node = jnp.where(child >= 0, child, node)
     return dataclasses.replace(tree, tokens=toks), hc
 
-  monkeypatch.setattr(steps, "_draft", draft)
+  monkeypatch.setattr(decoding, "_draft", draft)
 
 
 @pytest.mark.parametrize("spec", [TreeSpec(top_k=1, depth=4, total_tokens=5),
@@ -199,14 +199,14 @@ def test_compaction(model, head, monkeypatch):
     toks[0, :len(tokens)] = tokens
     cache = new_cache(model, B, S)
     hcache = hd.new_cache(head.hc, B, S_head, model.dtype)
-    return steps.prefill(model.graphdef, model.state, head.state, cache, hcache,
+    return decoding.prefill(model.graphdef, model.state, head.state, cache, hcache,
                          jnp.asarray(toks), jnp.asarray([len(tokens)], jnp.int32),
                          jax.random.key(0), head_graphdef=head.graphdef, sampling=Sampling())
 
   @functools.partial(jax.jit, static_argnames=("graphdef", "head_graphdef"))
   def one_round(graphdef, state, head_graphdef, head_state, cache, hcache, root, h, logits):
     dec, hm = nnx.merge(graphdef, state), nnx.merge(head_graphdef, head_state)
-    return steps.draft_verify(dec, hm, cache, hcache, root, h, logits, jax.random.key(0),
+    return decoding.draft_verify(dec, hm, cache, hcache, root, h, logits, jax.random.key(0),
                         jnp.ones((1,), bool), spec=spec, sampling=Sampling())
 
   root, h, logits, cache, hcache = prefilled(seq[:n0])

@@ -1,4 +1,4 @@
-"""Endless generation and chat in constant memory (`streaming.Stream`, `kvjax stream`)."""
+"""Endless generation and chat in constant memory (`streaming.Session`, `kvjax stream`)."""
 
 import json
 
@@ -35,7 +35,7 @@ def test_endless_generation_equals_score_of_the_repositioned_sequence(one_layer)
   each greedy token is the argmax of `lm.score` on the sinks + the window before it (exact for
   one layer, see test_sink)."""
   n_sink, W = 2, 12
-  s = streaming.Stream(one_layer, n_sink=n_sink, window=W, chunk=5, stop_tokens=())
+  s = streaming.Session(one_layer, n_sink=n_sink, window=W, chunk=5, stop_tokens=())
   text, done = reply(s, PROMPT, max_new_tokens=60)
   ids = one_layer.tokenizer.encode(PROMPT) + done["ids"]
   n = len(ids) - len(done["ids"])
@@ -47,7 +47,7 @@ def test_endless_generation_equals_score_of_the_repositioned_sequence(one_layer)
 
 
 def test_equals_dense_generation_while_nothing_is_evicted(one_layer):
-  s = streaming.Stream(one_layer, n_sink=4, window=100, stop_tokens=())
+  s = streaming.Session(one_layer, n_sink=4, window=100, stop_tokens=())
   text, done = reply(s, PROMPT, max_new_tokens=24)
   ref = lm.generate(one_layer, PROMPT, max_new_tokens=24, stop_tokens=())
   assert done["ids"] == ref.tokens[0] and text == ref.texts[0]
@@ -55,7 +55,7 @@ def test_equals_dense_generation_while_nothing_is_evicted(one_layer):
 
 def test_each_turn_makes_room_for_its_prompt_and_reply(one_layer):
   n_sink, W = 2, 40
-  s = streaming.Stream(one_layer, n_sink=n_sink, window=W, stop_tokens=())
+  s = streaming.Session(one_layer, n_sink=n_sink, window=W, stop_tokens=())
   reply(s, PROMPT, max_new_tokens=20)
   before = int(s.cache.count[0])                       # every reply token is in the cache
   assert before == len(one_layer.tokenizer.encode(PROMPT)) + 20
@@ -71,9 +71,9 @@ def test_each_turn_makes_room_for_its_prompt_and_reply(one_layer):
 
 def test_continue_with_an_empty_turn(one_layer):
   """An empty turn continues the previous reply: two halves equal one whole."""
-  a = streaming.Stream(one_layer, n_sink=2, window=16, stop_tokens=())
+  a = streaming.Session(one_layer, n_sink=2, window=16, stop_tokens=())
   _, whole = reply(a, PROMPT, max_new_tokens=30)
-  b = streaming.Stream(one_layer, n_sink=2, window=16, stop_tokens=())
+  b = streaming.Session(one_layer, n_sink=2, window=16, stop_tokens=())
   _, first = reply(b, PROMPT, max_new_tokens=12)
   _, second = reply(b, "", max_new_tokens=18)
   assert first["ids"] + second["ids"] == whole["ids"]
@@ -87,11 +87,11 @@ def test_continue_with_an_empty_turn(one_layer):
 ])
 def test_bad_session(one_layer, kwargs, message):
   with pytest.raises(ValueError, match=message):
-    streaming.Stream(one_layer, **kwargs)
+    streaming.Session(one_layer, **kwargs)
 
 
 def test_bad_turns(one_layer):
-  s = streaming.Stream(one_layer, window=8)
+  s = streaming.Session(one_layer, window=8)
   with pytest.raises(ValueError, match="first turn needs a non-empty prompt"):
     list(s.turn(""))
   with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1 or None"):
@@ -108,7 +108,7 @@ def test_cli_chat_json(model_dir, one_layer):
   assert [t["prompt"] for t in got["turns"]] == ["hello there", "and again"]
   assert {"tokens_generated", "peak_cache_tokens", "tokens_per_s"} <= set(got)
   assert got["peak_cache_tokens"] <= 26 and got["tokens_per_s"] > 0
-  s = streaming.Stream(one_layer, n_sink=2, window=24)
+  s = streaming.Session(one_layer, n_sink=2, window=24)
   texts = ["".join(s.turn(p, max_new_tokens=10)) for p in ("hello there", "and again")]
   assert [t["text"] for t in got["turns"]] == texts
   assert got["tokens_generated"] == s.stats["tokens_generated"]
@@ -118,7 +118,7 @@ def test_cli_endless_prompt_prints_text(model_dir, one_layer):
   code, out, err = cli("stream", "--model", model_dir, "--prompt", PROMPT, "--sinks", 2,
                        "--window", 16, "--max-new-tokens", 50)
   assert code == 0, err
-  s = streaming.Stream(one_layer, n_sink=2, window=16)
+  s = streaming.Session(one_layer, n_sink=2, window=16)
   assert out == "".join(s.turn(PROMPT, max_new_tokens=50)) + "\n"
   assert "peak cache 18 tokens" in err
 
@@ -133,3 +133,13 @@ def test_cli_endless_prompt_prints_text(model_dir, one_layer):
 def test_cli_flag_errors(model_dir, argv, words):
   code, out, err = cli("stream", "--model", model_dir, *argv, stdin="hi\n")
   assert code == 2 and words in err and out == "", err
+
+
+def test_old_names_warn_and_still_work(one_layer):
+  """lm.stream and streaming.Stream, the old names, are aliases for one release."""
+  with pytest.warns(DeprecationWarning, match="streaming.Session"):
+    s = streaming.Stream(one_layer, n_sink=2, window=16, stop_tokens=())
+  assert isinstance(s, streaming.Session)
+  with pytest.warns(DeprecationWarning, match="lm.generate_iter"):
+    old = list(lm.stream(one_layer, [5, 6, 7], max_new_tokens=3, stop_tokens=[]))
+  assert old == list(lm.generate_iter(one_layer, [5, 6, 7], max_new_tokens=3, stop_tokens=[]))

@@ -42,7 +42,7 @@ PAD = 0
 
 
 @dataclasses.dataclass(frozen=True)
-class Stream:
+class SplitTokens:
   """A split as one token stream. tokens, chars, doc: [N]; doc[i] = document index of token i."""
   tokens: np.ndarray  # int32
   chars: np.ndarray   # float32
@@ -57,7 +57,7 @@ class Stream:
 def token_chars(offsets: np.ndarray, n_chars: int) -> np.ndarray:
   """chars [n] from char offsets [n, 2]: each character counts for the first token reaching it.
 
-  Tokens sharing a character (byte pieces of one multi-byte character) count it once. Raises
+  SplitTokens sharing a character (byte pieces of one multi-byte character) count it once. Raises
   if the tokens do not reach the end of the text (a tokenizer that drops text).
   """
   ends = offsets[:, 1].astype(np.int64) if len(offsets) else np.zeros(0, np.int64)
@@ -69,7 +69,7 @@ def token_chars(offsets: np.ndarray, n_chars: int) -> np.ndarray:
   return chars.astype(np.float32)
 
 
-def tokenize(texts: Sequence[str], tokenizer: Tokenizer, titles: Sequence[str] = ()) -> Stream:
+def tokenize(texts: Sequence[str], tokenizer: Tokenizer, titles: Sequence[str] = ()) -> SplitTokens:
   """The stream <s> t1 </s> <s> t2 </s> ... of the texts (tokenized without the post-processor)."""
   if tokenizer.bos_id is None or tokenizer.eos_id is None:
     raise CorpusError(f"{tokenizer.source}: packing needs bos and eos tokens "
@@ -84,11 +84,11 @@ def tokenize(texts: Sequence[str], tokenizer: Tokenizer, titles: Sequence[str] =
     chars += [[0.0], c, [0.0]]
     doc.append(np.full(len(enc.ids) + 2, i, np.int32))
   cat = lambda parts, dt: np.concatenate([np.asarray(p, dt) for p in parts])
-  return Stream(cat(tokens, np.int32), cat(chars, np.float32), np.concatenate(doc),
+  return SplitTokens(cat(tokens, np.int32), cat(chars, np.float32), np.concatenate(doc),
                 tuple(titles) or tuple(f"doc{i}" for i in range(len(texts))))
 
 
-def row(stream: Stream, r: int, seq_len: int) -> dict[str, np.ndarray]:
+def row(stream: SplitTokens, r: int, seq_len: int) -> dict[str, np.ndarray]:
   """Row r (a padding row if r >= n_rows): the dict of [T] arrays described in the docstring."""
   lo = r * seq_len
   hi = min(lo + seq_len + 1, len(stream.tokens))
@@ -116,7 +116,7 @@ def _stack(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def split_stream(source, split: str, tokenizer: Tokenizer, *, genres: Iterable[str] | None = None,
                  exclude_genres: Iterable[str] | None = None,
-                 data_dir: str | None = None) -> Stream:
+                 data_dir: str | None = None) -> SplitTokens:
   """The token stream of one split of a corpus (a name, a directory or a prepared builder)."""
   b = source if hasattr(source, "as_data_source") else corpus.builder(source, data_dir=data_dir)
   docs = corpus.load_documents(b, split, genres, exclude_genres)

@@ -90,7 +90,7 @@ def _median_s(fn, repeats: int) -> tuple[float, object]:
 
 
 @dataclasses.dataclass
-class Reference:
+class Baseline:
   """One prompt's baseline: the receiver's own full prefill (timed) and what follows it, and
   the sender's own loss on the same tail (the fine-tune's advantage is loss_sender -
   loss_full)."""
@@ -107,9 +107,9 @@ class Reference:
   continuation: list[int]
 
 
-def reference(sender: Model, receiver: Model, ids: list[int], *, eval_tokens: int = 64,
-              max_new_tokens: int = 32, repeats: int = 5) -> Reference:
-  """The baseline that plans are measured against (see Reference)."""
+def baseline(sender: Model, receiver: Model, ids: list[int], *, eval_tokens: int = 64,
+              max_new_tokens: int = 32, repeats: int = 5) -> Baseline:
+  """The baseline that plans are measured against (see Baseline)."""
   reuse.check_pair(sender, receiver)
   ids = list(map(int, ids))
   prefix, tail = split_prompt(ids, eval_tokens)
@@ -126,12 +126,12 @@ def reference(sender: Model, receiver: Model, ids: list[int], *, eval_tokens: in
   full_s, cache = _median_s(lambda: full(receiver), repeats)
   a = continue_from(receiver, cache, tail, max_new_tokens)
   own = continue_from(sender, full(sender), tail, 0)
-  return Reference(ids=ids, prefix=prefix, tail=tail, tokens=tokens, lengths=lengths, size=size,
+  return Baseline(ids=ids, prefix=prefix, tail=tail, tokens=tokens, lengths=lengths, size=size,
                    prefill_s=full_s, loss_full=a["loss"], loss_sender=own["loss"],
                    continuation=a["tokens"])
 
 
-def measure(sender: Model, receiver: Model, plan: reuse.Plan, ref: Reference, *,
+def measure(sender: Model, receiver: Model, plan: reuse.Plan, ref: Baseline, *,
             repeats: int = 5) -> dict:
   """Reuse under `plan` on ref's prompt: prefill_s_reuse (median seconds of the receiver's
   prefill from the capture; the capture is the sender's own prefill, not timed), loss_reuse,
@@ -155,7 +155,7 @@ def compare(sender: Model, receiver: Model, plan: reuse.Plan, ids: list[int], *,
   receiver's mean next-token loss over the prompt's last eval_tokens tokens after its own
   prefill), loss_sender (the sender's, after its own), tokens_full (the full prefill's greedy
   continuation)."""
-  ref = reference(sender, receiver, ids, eval_tokens=eval_tokens,
+  ref = baseline(sender, receiver, ids, eval_tokens=eval_tokens,
                   max_new_tokens=max_new_tokens, repeats=repeats)
   r = measure(sender, receiver, plan, ref, repeats=repeats)
   return {**r, "prefix_tokens": len(ref.prefix), "eval_tokens": eval_tokens,
@@ -173,7 +173,7 @@ def single_groups(n_layers: int) -> list[reuse.Plan]:
           for s in range(n_layers) for e in range(s + 1, n_layers + 1)]
 
 
-def _aggregate(plan: reuse.Plan, refs: list[Reference], runs: list[dict]) -> dict:
+def _aggregate(plan: reuse.Plan, refs: list[Baseline], runs: list[dict]) -> dict:
   full = float(np.mean([r.prefill_s for r in refs]))
   reuse = float(np.mean([m["prefill_s_reuse"] for m in runs]))
   loss_full = float(np.mean([r.loss_full for r in refs]))
@@ -209,7 +209,7 @@ def profile(sender: Model, receiver: Model, prompts: list[list[int]], *, eval_to
   with the full prefill and the recomputed-layer fraction. Returns {rows, pareto, settings}."""
   from tqdm import tqdm
   L = receiver.cfg.n_layers
-  refs = [reference(sender, receiver, ids, eval_tokens=eval_tokens,
+  refs = [baseline(sender, receiver, ids, eval_tokens=eval_tokens,
                     max_new_tokens=max_new_tokens, repeats=repeats)
           for ids in tqdm(prompts, desc="reference", disable=not progress)]
   plans = [reuse.Plan.reuse_all(L)] + single_groups(L)

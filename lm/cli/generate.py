@@ -145,9 +145,9 @@ def _preview(prompt: str, width: int = 60) -> str:
 
 def _stream_one(model, prompt: str, kwargs: dict) -> int:
   """Writes the continuation to stdout as it is produced, then a newline; timings to stderr."""
-  from kvjax.lm.generate import stream
+  from kvjax.lm.generate import generate_iter
   stats: dict = {}
-  for piece in stream(model, prompt, stats=stats, **kwargs):
+  for piece in generate_iter(model, prompt, stats=stats, **kwargs):
     sys.stdout.write(piece)
     sys.stdout.flush()
   sys.stdout.write("\n")

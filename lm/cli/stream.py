@@ -1,5 +1,5 @@
 """`kvjax stream`: StreamingLLM generation or a multi-turn chat in constant memory
-(`kvjax.lm.streaming.Stream`)."""
+(`kvjax.lm.streaming.Session`)."""
 
 from __future__ import annotations
 
@@ -57,10 +57,10 @@ def _check_stream(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def _stream(args: argparse.Namespace) -> int:
-  from kvjax.lm.streaming import Stream
+  from kvjax.lm.streaming import Session
   model = load_model(args)
   sampling, key = sampling_from_flags(args)
-  session = Stream(model, n_sink=args.sinks, window=args.window, chunk=args.chunk,
+  session = Session(model, n_sink=args.sinks, window=args.window, chunk=args.chunk,
                    sampling=sampling, key=key)
   if args.prompt is not None:
     turns = iter(read_prompts([args.prompt]))

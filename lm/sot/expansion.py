@@ -20,8 +20,8 @@ import numpy as np
 
 from kvjax.cache.prefix import PrefixCache
 from kvjax.lm import steps
-from kvjax.lm.engine import (Prompt, check_context, check_request, nbytes, new_cache, outputs,
-                             pad, padded_stop_ids, prefill, tokenize)
+from kvjax.lm.engine import (Prompt, check_context, nbytes, new_cache, outputs, pad, prefill,
+                             request)
 from kvjax.lm.generate import Generation
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
@@ -77,17 +77,13 @@ def expand_stream(model: Model, prompts: Sequence[Prompt], *,
   chunk: decode steps per jitted call between checks (None: one call for the whole budget; rows
   then arrive together). Sampling continues one PRNG stream across calls, so the rows are the
   same for any chunk. stats: a dict filled as `expand` reports it once the stream ends."""
-  rows = tokenize(model, prompts, chat)
+  req = request(model, prompts, max_new_tokens=1, sampling=sampling, key=key, stop=stop,
+                stop_tokens=stop_tokens, chat=chat)   # the budgets are checked per row below
+  rows, sampling, key, stop, stops = req.rows, req.sampling, req.key, req.stop, req.stop_ids
   B = len(rows)
   budgets = _budgets(max_new_tokens, B)
-  sampling = check_request(model, int(budgets.min()), sampling, key)
-  stop = [stop] if isinstance(stop, str) else list(stop)
-  if stop and model.tokenizer is None:
-    raise ValueError("stop strings need the model's tokenizer")
   if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
     raise ValueError(f"chunk must be an int >= 1 or None; got {chunk!r}")
-  stops = padded_stop_ids(model, stop_tokens)
-  key = jax.random.key(0) if key is None else key
   n = common_prefix(rows) if share and B > 1 else 0
   n = min(n, min(map(len, rows)) - 1)  # every row keeps a token of its own to prefill
   if n > 0:

@@ -3,15 +3,15 @@ chat in constant memory, on `kvjax.cache.sink.SinkCache` and its Pallas kernel.
 
     from kvjax.lm import streaming
     streaming.perplexity(model, ids, cache="sink", n_sink=4, window=252)
-    chat = streaming.Stream(model, n_sink=4, window=252)
+    chat = streaming.Session(model, n_sink=4, window=252)
     for piece in chat.turn("ROMEO:", max_new_tokens=None):   # endless, until a stop token
       print(piece, end="")
 
 perplexity.py: `perplexity` over the cache modes (`MODES`: dense, window, sink, recompute).
-session.py: `Stream`, the session of a chat or an endless generation.
+session.py: `Session`, a chat or an endless generation (`Stream`: its deprecated name).
 """
 
 from kvjax.lm.streaming.perplexity import MODES, Perplexity, perplexity
-from kvjax.lm.streaming.session import Stream
+from kvjax.lm.streaming.session import Session, Stream
 
-__all__ = ["MODES", "Perplexity", "Stream", "perplexity"]
+__all__ = ["MODES", "Perplexity", "Session", "Stream", "perplexity"]

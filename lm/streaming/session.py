@@ -4,6 +4,7 @@ SinkCache of n_sink + window slots is all it ever holds)."""
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -16,10 +17,10 @@ from kvjax.lm.engine import check_request, detokenize, stop_ids
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
 
-class Stream:
+class Session:
   """A StreamingLLM session: endless generation or a multi-turn chat in n_sink + window slots.
 
-      s = Stream(model, n_sink=4, window=252)
+      s = Session(model, n_sink=4, window=252)
       for piece in s.turn("ROMEO:", max_new_tokens=64): ...        # a reply of <= 64 tokens
       for piece in s.turn("JULIET:", max_new_tokens=None): ...     # endless (stop token ends)
 
@@ -138,3 +139,12 @@ class Stream:
       yield tok
       if limit is not None and n >= limit:
         return
+
+
+class Stream(Session):
+  """Deprecated name of `Session`, kept for one release."""
+
+  def __init__(self, *args, **kwargs):
+    warnings.warn("kvjax.lm.streaming.Stream is deprecated: use streaming.Session",
+                  DeprecationWarning, stacklevel=2)
+    super().__init__(*args, **kwargs)
