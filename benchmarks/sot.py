@@ -8,10 +8,10 @@ P x N tokens are generated three ways, greedy, every row running its full budget
 
   normal      one answer of P x N tokens after the normal question prompt (`lm.generate`)
   repeated    the P point prompts batched whole (every row prefills and stores question +
-              skeleton: how the reference implementation batches expansions) (`lm.expand`,
+              skeleton: how the reference implementation batches expansions) (`sot.expand`,
               share=False)
   shared      the same P prompts with their common prefix prefilled once into a one-row cache
-              every row reads (`lm.expand`, the default; what `kvjax sot` runs)
+              every row reads (`sot.expand`, the default; what `kvjax sot` runs)
 
 Timed: prefill + decode, compilation excluded (AOT executables cached on the model, one warm
 call first), medians of --repeats, the three interleaved in each repeat. Cache memory: the bytes

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache.droidspeak.reuse import Capture, Plan
-from kvjax.lm import config
+from kvjax.lm import config, engine
 
 MAGIC = b"KVJXDS01"
 FORMAT = 2
@@ -164,10 +164,7 @@ def decode(payload: bytes, receiver, *, sender=None, prefix: list[list[int]] | N
     return np.pad(a, widths)
 
   arrays = {name: pad(name, a) for name, a in arrays.items()}
-  tokens = np.zeros((len(rows), P), np.int32)
-  for b, r in enumerate(rows):
-    tokens[b, :len(r)] = r
-  return Capture(tokens=jnp.asarray(tokens), lengths=jnp.asarray([len(r) for r in rows],
+  return Capture(tokens=jnp.asarray(engine.pad(rows, P)), lengths=jnp.asarray([len(r) for r in rows],
                                                                  jnp.int32),
                  k=jnp.asarray(arrays["k"]), v=jnp.asarray(arrays["v"]),
                  e=jnp.asarray(arrays["e"]), plan=plan)

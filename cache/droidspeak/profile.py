@@ -30,7 +30,7 @@ from flax import nnx
 from kvjax.cache.droidspeak import reuse
 from kvjax.cache.droidspeak.payload import fingerprint
 from kvjax.lm import steps
-from kvjax.lm.engine import new_cache
+from kvjax.lm.engine import new_cache, pad
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
 
@@ -48,10 +48,9 @@ def split_prompt(ids: list[int], eval_tokens: int) -> tuple[list[int], list[int]
 
 
 def padded(prefix: list[int]) -> tuple[jax.Array, jax.Array]:
-  P = steps.bucket(len(prefix))
-  tokens = np.zeros((1, P), np.int32)
-  tokens[0, :len(prefix)] = prefix
-  return jnp.asarray(tokens), jnp.asarray([len(prefix)], jnp.int32)
+  """One prefix as tokens [1, P] padded to its length bucket, and its length [1]."""
+  return (jnp.asarray(pad([prefix], steps.bucket(len(prefix)))),
+          jnp.asarray([len(prefix)], jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
