@@ -118,14 +118,37 @@ def test_imports_run_one_way():
   assert not bad, "\n".join(bad)
 
 
+def module_aliases(path: str, known: dict[str, str]) -> dict[str, str]:
+  """Local name -> kvjax module, for every name a module binds to another kvjax module."""
+  out = {}
+  for node in ast.walk(ast.parse(open(path).read(), path)):
+    if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kvjax"):
+      for a in node.names:
+        if f"{node.module}.{a.name}" in known:
+          out[a.asname or a.name] = f"{node.module}.{a.name}"
+    elif isinstance(node, ast.Import):
+      for a in node.names:
+        if a.name.startswith("kvjax") and a.asname:
+          out[a.asname] = a.name
+  return out
+
+
 def test_no_private_name_crosses_a_module():
+  """Neither `from kvjax.x import _name` nor `x._name` on another kvjax module."""
   known = modules()
   bad = []
   for name, path in known.items():
+    where = os.path.relpath(path, ROOT)
     for target, names, line, _ in imports(name, path):
       for n in names:
         if n.startswith("_") and f"{target}.{n}" not in known:
-          bad.append(f"{os.path.relpath(path, ROOT)}:{line}: {name} imports {target}.{n}")
+          bad.append(f"{where}:{line}: {name} imports {target}.{n}")
+    aliases = module_aliases(path, known)
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+          and node.value.id in aliases and node.attr.startswith("_")
+          and not node.attr.startswith("__")):
+        bad.append(f"{where}:{node.lineno}: {name} uses {aliases[node.value.id]}.{node.attr}")
   assert not bad, "\n".join(bad)
 
 
@@ -136,6 +159,8 @@ def test_no_private_name_crosses_a_module():
      "test_imports_run_one_way", "inside a function"),
     ("from kvjax.cache.view import _private\n", "test_no_private_name_crosses_a_module",
      "imports kvjax.cache.view._private"),
+    ("from kvjax.cache import view\nx = view._private\n", "test_no_private_name_crosses_a_module",
+     "uses kvjax.cache.view._private"),
 ])
 def test_the_checks_catch_a_violation(tmp_path, monkeypatch, source, check, expect):
   """Each check fails on a violation planted in a cache module (none can pass vacuously)."""
