@@ -55,16 +55,31 @@ class KeyBlock:
     return self.k.shape[-2]
 
 
+@dataclasses.dataclass(frozen=True)
+class Dropout:
+  """Dropout while training (never passed by an inference path). rate: residual dropout of
+  each layer's attention and MLP outputs; attn_rate: of the attention probabilities; key: a
+  PRNG key, folded per layer and per (query block, key block)."""
+
+  rate: float
+  attn_rate: float
+  key: jax.Array
+
+
 def attend(blocks: Sequence[KeyBlock], *, scale: float, softcap: float | None = None,
            window: jax.Array | int = 0, partial: tuple[jax.Array, jax.Array] | None = None,
-           block_k: int | None = None, block_q: int | None = None) -> jax.Array:
+           block_k: int | None = None, block_q: int | None = None,
+           dropout: tuple[float, jax.Array] | None = None) -> jax.Array:
   """Softmax attention over the union of the blocks' keys.
 
   window: the layer's sliding window (0 = none): a query sees only keys at distance < window.
   partial: the softmax over further keys computed elsewhere (a kernel), as (o [B, T, N, H]
   float32 its normalized output, lse [B, T, N] its log-sum-exp, NEG when empty), merged into
   the same softmax. block_k, block_q: key slots and queries per block (default the module's
-  BLOCK_K, BLOCK_Q, read at trace time; BLOCK_K_FEW keys for up to FEW queries). Scores and
+  BLOCK_K, BLOCK_Q, read at trace time; BLOCK_K_FEW keys for up to FEW queries). dropout:
+  (rate, key) drops each attention probability with that rate (the rest scaled by 1 / (1 -
+  rate); the softmax's normaliser is the undropped one), the mask drawn per (block, query
+  block, key block) from key. Scores and
   softmax in float32; returns [B, T, N, H] in q's dtype; a query that sees no key gets 0.
   """
   q0 = blocks[0].q
@@ -72,7 +87,9 @@ def attend(blocks: Sequence[KeyBlock], *, scale: float, softcap: float | None = 
   block_k = block_k or (BLOCK_K_FEW if T <= FEW else BLOCK_K)
   block_q = block_q or BLOCK_Q
   window = jnp.asarray(window, jnp.int32)
-  parts = [_block(b, scale, softcap, window, block_k, block_q) for b in blocks]
+  parts = [_block(b, scale, softcap, window, block_k, block_q,
+                  None if dropout is None else (dropout[0], jax.random.fold_in(dropout[1], i)))
+           for i, b in enumerate(blocks)]
   if partial is not None:
     o, lse = partial
     K = parts[0][0].shape[1]
@@ -111,10 +128,10 @@ def _take(x: jax.Array | None, axis: int, lo, n: int):
   return None if x is None else jax.lax.dynamic_slice_in_dim(x, lo, n, axis)
 
 
-def _scores_step(carry, qg, k, v, sees, scale, softcap):
+def _scores_step(carry, qg, k, v, sees, scale, softcap, drop=None):
   """One online-softmax step. qg [B, K, G, tq, H]; k, v [B, K, n, H] or [K, n, H]; sees
   [B, tq, n] bool, or None when every query sees every key; carry (acc [B, K, G, tq, H],
-  m, l [B, K, G, tq]) float32."""
+  m, l [B, K, G, tq]) float32; drop: (rate, key) of this step's probabilities, or None."""
   acc, m, l = carry
   kk = "bknh" if k.ndim == 4 else "knh"
   s = jnp.einsum(f"bkgth,{kk}->bkgtn", qg, k, preferred_element_type=jnp.float32) * scale
@@ -128,7 +145,12 @@ def _scores_step(carry, qg, k, v, sees, scale, softcap):
   if sees is not None:
     e = jnp.where(vis, e, 0.0)
   alpha = jnp.exp(m - m_new)
-  pv = jnp.einsum(f"bkgtn,{kk}->bkgth", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  kept = e
+  if drop is not None:
+    rate, key = drop
+    kept = jnp.where(jax.random.bernoulli(key, 1.0 - rate, e.shape), e / (1.0 - rate), 0.0)
+  pv = jnp.einsum(f"bkgtn,{kk}->bkgth", kept.astype(v.dtype), v,
+                  preferred_element_type=jnp.float32)
   return acc * alpha[..., None] + pv, m_new, l * alpha + e.sum(-1)
 
 
@@ -146,8 +168,15 @@ def _sees(keys: Keys, t0, tq: int, s0, n: int, window) -> jax.Array:
   return sees
 
 
-def _block(blk: KeyBlock, scale, softcap, window, block_k: int, block_q: int):
-  """(acc [B, K, G, T, H], m, l [B, K, G, T]) float32: the unnormalized softmax of one block."""
+def _block(blk: KeyBlock, scale, softcap, window, block_k: int, block_q: int, dropout=None):
+  """(acc [B, K, G, T, H], m, l [B, K, G, T]) float32: the unnormalized softmax of one block;
+  dropout: (rate, key) or None (see `attend`)."""
+
+  def drop_at(t0, s0):
+    if dropout is None:
+      return None
+    return dropout[0], jax.random.fold_in(jax.random.fold_in(dropout[1], t0), s0)
+
   q, keys = blk.q, blk.keys
   B, T, N, H = q.shape
   K = blk.k.shape[-3]
@@ -159,7 +188,8 @@ def _block(blk: KeyBlock, scale, softcap, window, block_k: int, block_q: int):
     init = (jnp.zeros((B, K, G, T, H), f32), jnp.full((B, K, G, T), NEG, f32),
             jnp.zeros((B, K, G, T), f32))
     k, v = _read(blk.k, blk.layer, 0, S), _read(blk.v, blk.layer, 0, S)
-    return _scores_step(init, qg, k, v, _sees(keys, 0, T, 0, S, window), scale, softcap)
+    return _scores_step(init, qg, k, v, _sees(keys, 0, T, 0, S, window), scale, softcap,
+                        drop_at(0, 0))
 
   bk, bq = min(block_k, S), min(block_q, T)
   n_kb, n_qb = -(-S // bk), -(-T // bq)
@@ -190,7 +220,7 @@ def _block(blk: KeyBlock, scale, softcap, window, block_k: int, block_q: int):
       k, v = _read(blk.k, blk.layer, s0, bk), _read(blk.v, blk.layer, s0, bk)
       sees = (_sees(keys, t0, bq, s0, bk, window) & (s0 + jnp.arange(bk) >= j * bk)
               if masked else None)
-      return _scores_step(carry, qb, k, v, sees, scale, softcap)
+      return _scores_step(carry, qb, k, v, sees, scale, softcap, drop_at(t0, s0))
 
     init = (jnp.zeros((B, K, G, bq, H), f32), jnp.full((B, K, G, bq), NEG, f32),
             jnp.zeros((B, K, G, bq), f32))

@@ -18,7 +18,7 @@ from flax import nnx
 from kvjax.cache.dense import KVCache
 from kvjax.cache.view import NEW, SHARED, View, causal
 from kvjax.lm import rope
-from kvjax.lm.attention import KeyBlock, attend
+from kvjax.lm.attention import Dropout, KeyBlock, attend
 from kvjax.lm.attention import causal as causal_attention
 from kvjax.lm.config import Config
 from kvjax.lm.sharding import constrain
@@ -125,12 +125,15 @@ class Block(nnx.Module):
             and view.blocks[0].mask is None and not any(cfg.windows)
             and cfg.attn_softcap is None)
 
-  def __call__(self, x, *, view: View, freq, cached, layer, window):
+  def __call__(self, x, *, view: View, freq, cached, layer, window,
+               dropout: Dropout | None = None):
     """x [B, T, D]; view: what the T tokens attend to (`kvjax.cache.view`); cached: the
     cache's `Slots` (every layer stacked) or None, read at `layer` (an int32 scalar) in place;
     window: sliding window of the layer (0 = none). Returns (x [B, T, D], k, v [B, K, T, H])
     in the caches' layout, with k as the cache stores it (after RoPE when view.rotated, else
-    before)."""
+    before). dropout: training's (`attention.Dropout`), with keys folded by layer."""
+    drop_keys = (None if dropout is None
+                 else jax.random.split(jax.random.fold_in(dropout.key, layer), 3))
     q, k, v = self.attn.qkv(self.attn_norm(x))
     qs = [rope.apply(q, p, freq) for p in view.q_pos]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]: the new tokens only
@@ -149,20 +152,23 @@ class Block(nnx.Module):
       new = dict(new=(k_rot, v)) if view.reads_new else {}
       partial = view.cache_read(q, cached.k[layer], cached.v[layer], freq=freq,
                                 window=window, scale=scale, softcap=softcap, **new)
-    if self._plain_causal(view, T=x.shape[1]):  # a prompt with no cache: one dispatch
+    attn_drop = None if dropout is None or not dropout.attn_rate else (dropout.attn_rate,
+                                                                        drop_keys[0])
+    if self._plain_causal(view, T=x.shape[1]) and attn_drop is None:  # one dispatch
       a = causal_attention(qs[0], k_rot, v, scale=scale)
     elif blocks:
-      a = attend(blocks, scale=scale, softcap=softcap, window=window, partial=partial)
+      a = attend(blocks, scale=scale, softcap=softcap, window=window, partial=partial,
+                 dropout=attn_drop)
     else:  # the cache's read covered every key
       a = partial[0].astype(q.dtype)
     a = self.attn.out(a)
     if self.cfg.post_norms:
       a = self.post_attn_norm(a)
-    x = x + a
+    x = x + _drop(a, dropout, drop_keys, 1)
     m = self.mlp(self.mlp_norm(x))
     if self.cfg.post_norms:
       m = self.post_mlp_norm(m)
-    return x + m, k_rot if view.rotated else k, v
+    return x + _drop(m, dropout, drop_keys, 2), k_rot if view.rotated else k, v
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -222,7 +228,8 @@ class Decoder(nnx.Module):
                view: View | None = None,
                n_new: jax.Array | None = None, layers: tuple[int, int] | None = None,
                logits: bool = True, return_layer_inputs: bool = False,
-               return_kv: bool = False) -> tuple[Output, KVCache | None]:
+               return_kv: bool = False,
+               dropout: Dropout | None = None) -> tuple[Output, KVCache | None]:
     """Runs layers [start, stop) over T new tokens per row.
 
     Input, exactly one of: tokens [B, T] int; embeds [B, T, D] (start == 0); hidden [B, T, D],
@@ -238,6 +245,8 @@ class Decoder(nnx.Module):
       default view nor a mask says it (a draft tree read by its kernel:
       `kvjax.speculative.verify.tree_view`); its new_pos are the tokens' positions. Excludes
       `positions` and `mask`.
+    dropout: training's dropout (`kvjax.lm.attention.Dropout`: residual and attention rates,
+      a key); every inference path leaves it None.
     """
     cfg = self.cfg
     start, stop = layers or (0, cfg.n_layers)
@@ -273,7 +282,8 @@ class Decoder(nnx.Module):
 
     x, layer_inputs, ks, vs = run_layers(self.blocks, cfg, x, view=view, cached=cached,
                                          layers=(start, stop), layout=self.layout,
-                                         return_layer_inputs=return_layer_inputs)
+                                         return_layer_inputs=return_layer_inputs,
+                                         dropout=dropout)
     if cache is not None:
       cache = cache.write(ks, vs, view.new_pos, n_new, layers=(start, stop),
                           advance=stop == cfg.n_layers)
@@ -287,7 +297,7 @@ class Decoder(nnx.Module):
 
 
 def run_layers(blocks: Block, cfg: Config, x: jax.Array, *, view: View, cached, layers,
-               layout=None, return_layer_inputs: bool = False):
+               layout=None, return_layer_inputs: bool = False, dropout: Dropout | None = None):
   """Runs the stacked `blocks` (every Param with a leading layer axis; entries [start, stop)
   of `layers`) over x [B, T, D] under `lax.scan`, all attending through `view`.
 
@@ -304,12 +314,20 @@ def run_layers(blocks: Block, cfg: Config, x: jax.Array, *, view: View, cached, 
   def body(x, xs):
     params, window, layer = xs
     y, k, v = nnx.merge(graphdef, params)(x, view=view, freq=freq, cached=cached, layer=layer,
-                                          window=window)
+                                          window=window, dropout=dropout)
     return constrain(y, ACTIVATION, layout), (x if return_layer_inputs else None, k, v)
 
   index = jnp.arange(start, stop, dtype=jnp.int32)
   x, (layer_inputs, ks, vs) = jax.lax.scan(body, x, (stacked, windows, index))
   return x, layer_inputs, ks, vs
+
+
+def _drop(x: jax.Array, dropout: Dropout | None, keys, i: int) -> jax.Array:
+  """Residual dropout of a sublayer's output x (identity without training's dropout)."""
+  if dropout is None or not dropout.rate:
+    return x
+  keep = jax.random.bernoulli(keys[i], 1.0 - dropout.rate, x.shape)
+  return jnp.where(keep, x / (1.0 - dropout.rate), 0).astype(x.dtype)
 
 
 def _check_shape(name, x, shape, kind):

@@ -111,11 +111,13 @@ def resolve(path: str) -> tuple[str, bool]:
                           f"name (bundled: {names})")
 
 
-def load(path: str, *, dtype=None) -> Model:
+def load(path: str, *, dtype=None, weights: bool = True) -> Model:
   """Loads a Hugging Face format directory: config.json, model.safetensors (or sharded with
   model.safetensors.index.json), tokenizer.json (+ tokenizer_config.json) and, when present,
   generation_config.json. `path` may also name a bundled model (`bundled()`, e.g.
-  "shakespeare"). dtype: cast params to it (default: as stored; float32 for bundled models)."""
+  "shakespeare"). dtype: cast params to it (default: as stored; float32 for bundled models).
+  weights=False: the directory's config and tokenizer with freshly initialised params (seed 0;
+  the directory may hold no weights, as `save(weights=False)` writes it)."""
   path, is_bundled = resolve(os.fspath(path))
   if is_bundled and dtype is None:
     dtype = jnp.float32
@@ -124,9 +126,14 @@ def load(path: str, *, dtype=None) -> Model:
                      f"got {dtype}")
   hf = read_json(os.path.join(path, "config.json"), required=True)
   cfg = from_hf(hf, source=os.path.join(path, "config.json"))
-  params = checkpoint.load_hf(path, cfg, dtype=dtype)
-  graphdef, state = _abstract(cfg, params["embed"].dtype)
-  nnx.replace_by_pure_dict(state, params)
+  if weights:
+    params = checkpoint.load_hf(path, cfg, dtype=dtype)
+    graphdef, state = _abstract(cfg, params["embed"].dtype)
+    nnx.replace_by_pure_dict(state, params)
+  else:
+    dtype = jnp.dtype(dtype or jnp.float32)
+    graphdef, _ = _abstract(cfg, dtype)
+    state = _random_state(cfg, dtype, jnp.int32(0))
   tok = None
   if os.path.exists(os.path.join(path, "tokenizer.json")):
     tok = Tokenizer.load(path)
@@ -139,8 +146,9 @@ def load(path: str, *, dtype=None) -> Model:
   return Model(cfg, graphdef, state, tok, eos, defaults, path)
 
 
-def save(model: Model, path: str) -> None:
-  """Writes a Hugging Face format directory that `load` and transformers both read."""
+def save(model: Model, path: str, *, weights: bool = True) -> None:
+  """Writes a Hugging Face format directory that `load` and transformers both read
+  (weights=False: config and tokenizer only, for `load(weights=False)`)."""
   os.makedirs(path, exist_ok=True)
   hf = to_hf(model.cfg)
   if model.eos_ids:
@@ -148,7 +156,8 @@ def save(model: Model, path: str) -> None:
   hf["torch_dtype"] = hf["dtype"] = str(model.dtype)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(hf, f, indent=2)
-  checkpoint.save_hf(path, model.params(), model.cfg)
+  if weights:
+    checkpoint.save_hf(path, model.params(), model.cfg)
   tok = model.tokenizer
   if tok is not None:
     tok.tok.save(os.path.join(path, "tokenizer.json"))

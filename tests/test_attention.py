@@ -132,3 +132,39 @@ def test_causal_dispatch_lowers_for_tpu():
   fn = jax.jit(lambda q, k, v: attention.causal(q, k, v, scale=0.1, impl="tpu_flash"))
   exported = export.export(fn, platforms=["tpu"])(q, kv, kv)
   assert "tpu_custom_call" in exported.mlir_module()
+
+
+def test_attention_dropout_is_unbiased_and_keyed():
+  """attend(dropout=(rate, key)) drops attention probabilities: a different output per key,
+  the same for one key, equal to no dropout at rate 0, and on average (over keys) the
+  undropped attention, with tiny blocks (the mask is drawn per query block x key block)."""
+  rng = np.random.default_rng(3)
+  T = 7
+  q, k, v = _arrays(rng, T, T)
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+  blocks = [KeyBlock(q, k, v, new_keys(positions))]
+  run = jax.jit(lambda key, rate: attend(blocks, scale=0.3, block_k=5, block_q=3,
+                                         dropout=(rate, key)))
+  plain = np.asarray(attend(blocks, scale=0.3, block_k=5, block_q=3))
+  a, b = run(jax.random.key(0), 0.3), run(jax.random.key(1), 0.3)
+  assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-2
+  np.testing.assert_array_equal(a, run(jax.random.key(0), 0.3))
+  np.testing.assert_allclose(run(jax.random.key(0), 0.0), plain, atol=1e-6)
+  draws = np.stack([np.asarray(run(jax.random.key(i), 0.3)) for i in range(400)])
+  err = np.abs(draws.mean(0) - plain) / (draws.std(0) / np.sqrt(len(draws)) + 1e-6)
+  assert err.max() < 5.0, err.max()  # within 5 standard errors everywhere: unbiased
+
+
+def test_decoder_dropout_only_when_asked():
+  """Residual + attention dropout change the training forward (per key) and nothing else: a
+  forward without it (every inference path) is the plain one."""
+  model = tiny.model()
+  dec = model.decoder
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.cfg.vocab_size, (2, 9)))
+  plain = np.asarray(dec(tokens)[0].logits)
+  drop = lambda seed, r=0.2, a=0.1: np.asarray(dec(tokens, dropout=attention.Dropout(  # noqa
+      r, a, jax.random.key(seed)))[0].logits)
+  assert np.abs(drop(0) - plain).max() > 1e-3 and np.abs(drop(0) - drop(1)).max() > 1e-3
+  np.testing.assert_array_equal(drop(0), drop(0))
+  np.testing.assert_allclose(drop(0, 0.0, 0.0), plain, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(lm.score(model, np.asarray(tokens))), plain, atol=1e-4)

@@ -203,6 +203,33 @@ def test_packing_mask_shift_chars_and_reconstruction(tok):
   assert np.array_equal(np.diff(r["positions"][:k]), np.ones(k - 1))
 
 
+def test_bos_rows_start_with_bos_and_count_every_target_once(tok):
+  """bos=True: every row's first input is <s> (position 0, in the segment of the token after
+  it), its target masked; the other targets are the stream's, each counted exactly once with
+  the same mask and chars as plain packing, so loss and bits per character mean the same."""
+  texts = ["To be, or not to be: that is the question.", "é日本 — x", "a",
+           "Line one\nline two\n" * 9]
+  stream = data.tokenize(texts, tok)
+  T = 16
+  rows = [data.row(stream, r, T, tok.bos_id) for r in range(stream.n_rows(T, bos=True))]
+  plain = _rows(stream, T)
+  assert len(rows) == -(-(len(stream.tokens) - 1) // (T - 1))
+  for r in rows:
+    real = r["segment_ids"] > 0
+    assert r["inputs"][0] == tok.bos_id and r["positions"][0] == 0 and r["mask"][0] == 0
+    assert r["segment_ids"][0] == r["segment_ids"][1] == 1 or not real[1]
+    if real[1] and r["inputs"][1] != tok.bos_id:  # a row starting mid-document
+      assert r["positions"][1] == 1
+  # the counted targets, in order, are plain packing's counted targets
+  def counted(rs, key):
+    return np.concatenate([r[key][r["mask"] > 0] for r in rs])
+  for key in ("targets", "chars"):
+    assert np.array_equal(counted(rows, key), counted(plain, key))
+  assert sum(r["mask"].sum() for r in rows) == sum(r["mask"].sum() for r in plain)
+  with pytest.raises(ValueError, match="seq_len >= 2"):
+    data.batches("unused", "train", tok, batch_size=1, seq_len=1, bos=True)
+
+
 def test_chars_count_each_character_once():
   offsets = np.array([[0, 1], [1, 2], [1, 2], [2, 5], [5, 6]])  # two byte pieces of char 1
   assert data.token_chars(offsets, 6).tolist() == [1, 1, 0, 3, 1]

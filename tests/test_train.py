@@ -109,8 +109,9 @@ def test_resume_is_bit_identical(tmp_path, run30):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
-  assert resumed.records[-1] == {**full.records[-1], "tokens_per_s": resumed.records[-1][
-      "tokens_per_s"]}
+  timed = ("tokens_per_s", "mfu")  # measured rates differ from run to run
+  assert ({k: v for k, v in resumed.records[-1].items() if k not in timed}
+          == {k: v for k, v in full.records[-1].items() if k not in timed})
   # an iterable (not a callable) is skipped forward on resume: same result
   cut2 = config(tmp_path / "cut2", save_every=10)
   with pytest.raises(Interrupt):
@@ -383,3 +384,90 @@ def test_cli_data_dir_trains_its_own_tokenizer(tmp_path, monkeypatch):
   code, _, err = run_cli("train", "lm", "--text", tmp_path / "x.txt", "--vocab-size", 320,
                          "--tokenizer", out / "tokenizer", "--out", tmp_path / "r2")
   assert code == 2 and "--vocab-size V (>= 300) applies only to --data" in err
+
+
+def test_mfu_and_step_flops(run30):
+  """Every logged record carries mfu: the step's FLOPs (step_flops) per second over the
+  measured matmul peak, a fraction in (0, 1]."""
+  from kvjax.train.lm import step_flops
+  _, result = run30
+  assert all(0 < r["mfu"] <= 1 for r in result.records)
+  cfg = tiny_model().cfg
+  one = step_flops(cfg, 1, T)
+  assert step_flops(cfg, B, T) == pytest.approx(B * one)
+  # 6 FLOPs per parameter and token dominate; attention adds L * 6 * N * H * (T + 1) per token
+  matmul = cfg.n_layers * (2 * 32 * 4 * 8 + 2 * 32 * 2 * 8 + 3 * 32 * 64) + 32 * cfg.vocab_size
+  assert one == pytest.approx(6 * matmul * T + 6 * cfg.n_layers * 4 * 8 * (T + 1) * T)
+
+
+def plateau(start, seed=0):
+  """Batches after which the model stops improving on eval_batches: random targets."""
+  i = start
+  while True:
+    rng = np.random.default_rng((seed, i))
+    yield {"inputs": rng.integers(2, V, (B, T)).astype(np.int32),
+           "targets": rng.integers(2, V, (B, T)).astype(np.int32),
+           "mask": np.ones((B, T), np.float32), "chars": np.ones((B, T), np.float32)}
+    i += 1
+
+
+def test_keep_best_patience_and_export(tmp_path):
+  """keep_best keeps the state of the best eval_bpc in OUT/best; patience stops a run whose
+  eval stops improving (a checkpoint at the stop, stopped_early in the record, a rerun trains
+  nothing more); `train export --step best|N` writes that state as an HF directory equal to
+  the params at that step; bad steps and runs are one-line errors."""
+  from kvjax.train import loop
+  from kvjax.train.lm import export
+  out = tmp_path / "run"
+  tc = config(out, steps=60, eval_every=5, keep_best=True, patience=2, save_every=5, keep=20)
+  result = train(tiny_model(), tc, plateau, eval_batches, progress=False)
+  evals = [r for r in result.records if "eval_bpc" in r]
+  best = loop.read_best(str(out))
+  assert best["value"] == min(r["eval_bpc"] for r in evals)
+  assert best["step"] == min(evals, key=lambda r: r["eval_bpc"])["step"]
+  last = result.records[-1]
+  assert last.get("stopped_early") == 1.0 and last["step"] < 60
+  assert [r["step"] for r in evals][-1] == last["step"] and best["evals_since"] == 2
+  again = train(tiny_model(), tc, plateau, eval_batches, progress=False)
+  assert again.records == [] and again.resumed_from == last["step"]
+  got = export(str(out), "best", str(tmp_path / "best"))
+  loaded = lm.load(str(tmp_path / "best"))
+  assert loaded.tokenizer is not None and loaded.cfg == got.cfg
+  at_step = export(str(out), best["step"], str(tmp_path / "at_step"))  # the regular checkpoint
+  for (_, a), (_, b) in zip(leaves(loaded.params()), leaves(at_step.params())):
+    np.testing.assert_array_equal(a, b)
+  assert any(np.any(a != b) for (_, a), (_, b) in zip(leaves(got.params()),
+                                                      leaves(result.model.params())))
+  code, stdout, err = run_cli("train", "export", "--run", out, "--step", 5, "--out",
+                              tmp_path / "five", "--json")
+  assert code == 0, err
+  assert json.loads(stdout)["step"] == 5
+  assert lm.load(str(tmp_path / "five")).cfg == got.cfg
+  code, _, err = run_cli("train", "export", "--run", out, "--step", 7)
+  assert code == 1 and "no checkpoint 7" in err and "kept steps" in err
+  code, _, err = run_cli("train", "export", "--run", tmp_path, "--step", "best")
+  assert code == 1 and "is not an LM training run" in err
+  code, _, err = run_cli("train", "export", "--run", out, "--step", "latest")
+  assert code == 2 and "a step >= 1 or 'best'" in err
+  with pytest.raises(TrainError, match="patience .* needs eval_every"):
+    config(tmp_path, patience=2, eval_every=0)
+
+
+def test_dropout_trains_deterministically_and_only_in_training(tmp_path, run30):
+  """dropout / attn_dropout change the training forward (other params than without them),
+  the same for the same seed; evaluation runs without them (eval_loss of the trained params
+  equals evaluate_model's); bad rates are refused."""
+  from kvjax.train.lm import evaluate_model
+  kw = dict(steps=10, eval_every=10, dropout=0.2, attn_dropout=0.1)
+  a = train(tiny_model(), config(tmp_path / "a", **kw), synthetic, eval_batches, progress=False)
+  b = train(tiny_model(), config(tmp_path / "b", **kw), synthetic, eval_batches, progress=False)
+  c = train(tiny_model(), config(tmp_path / "c", steps=10, eval_every=10), synthetic,
+            eval_batches, progress=False)
+  for (_, x), (_, y) in zip(leaves(a.model.params()), leaves(b.model.params())):
+    np.testing.assert_array_equal(x, y)
+  assert any(np.any(x != y) for (_, x), (_, y) in zip(leaves(a.model.params()),
+                                                      leaves(c.model.params())))
+  assert a.records[-1]["eval_loss"] == pytest.approx(
+      evaluate_model(a.model, eval_batches())["eval_loss"], rel=1e-5)
+  with pytest.raises(TrainError, match="dropout must be a number in \\[0, 1\\)"):
+    config(tmp_path, dropout=1.0)

@@ -49,9 +49,10 @@ class SplitTokens:
   doc: np.ndarray     # int32
   titles: tuple[str, ...]
 
-  def n_rows(self, seq_len: int) -> int:
-    """Rows of seq_len targets needed to cover the N - 1 targets."""
-    return -(-(len(self.tokens) - 1) // seq_len)
+  def n_rows(self, seq_len: int, bos: bool = False) -> int:
+    """Rows of seq_len targets needed to cover the N - 1 targets (with bos rows, seq_len - 1
+    real targets each)."""
+    return -(-(len(self.tokens) - 1) // (seq_len - 1 if bos else seq_len))
 
 
 def token_chars(offsets: np.ndarray, n_chars: int) -> np.ndarray:
@@ -88,8 +89,12 @@ def tokenize(texts: Sequence[str], tokenizer: Tokenizer, titles: Sequence[str] =
                 tuple(titles) or tuple(f"doc{i}" for i in range(len(texts))))
 
 
-def row(stream: SplitTokens, r: int, seq_len: int) -> dict[str, np.ndarray]:
-  """Row r (a padding row if r >= n_rows): the dict of [T] arrays described in the docstring."""
+def row(stream: SplitTokens, r: int, seq_len: int,
+        bos_id: int | None = None) -> dict[str, np.ndarray]:
+  """Row r (a padding row if r >= n_rows): the dict of [T] arrays described in the docstring;
+  with bos_id, a row that starts with it (`bos_row`)."""
+  if bos_id is not None:
+    return bos_row(stream, r, seq_len, bos_id)
   lo = r * seq_len
   hi = min(lo + seq_len + 1, len(stream.tokens))
   n = max(hi - lo - 1, 0)  # real targets in this row
@@ -107,6 +112,35 @@ def row(stream: SplitTokens, r: int, seq_len: int) -> dict[str, np.ndarray]:
   idx = np.arange(n)
   starts = np.where(np.concatenate([[True], doc_in[1:] != doc_in[:-1]]), idx, 0)
   out["positions"][:n] = idx - np.maximum.accumulate(starts)
+  return out
+
+
+def bos_row(stream: SplitTokens, r: int, seq_len: int, bos_id: int) -> dict[str, np.ndarray]:
+  """Row r when every row starts with the BOS token, as real LMs are trained: the window
+  w = stream[r (T - 1) : r (T - 1) + T], inputs = [BOS] + w[:-1], targets = w. The BOS input
+  joins the segment of the token after it at position 0 (so a row that starts mid-document
+  sees it at positions 1, 2, ...); its target w[0] is masked, being the last target of the
+  row before. Every stream target thus counts once, with T - 1 per row. (A row whose window
+  starts at a document's own <s> begins <s> <s>.)"""
+  T = seq_len
+  lo = r * (T - 1)
+  hi = min(lo + T, len(stream.tokens))
+  m = max(hi - lo, 0)
+  out = {"inputs": np.full(T, PAD, np.int32), "targets": np.full(T, PAD, np.int32),
+         "mask": np.zeros(T, np.float32), "chars": np.zeros(T, np.float32),
+         "segment_ids": np.zeros(T, np.int32), "positions": np.zeros(T, np.int32)}
+  if m < 2:
+    return out
+  docs = stream.doc[lo:hi]
+  doc_in = np.concatenate([docs[:1], docs[:-1]])   # BOS takes the doc of the token after it
+  out["inputs"][:m] = np.concatenate([[bos_id], stream.tokens[lo:hi - 1]])
+  out["targets"][:m] = stream.tokens[lo:hi]
+  out["mask"][1:m] = doc_in[1:] == docs[1:]
+  out["chars"][:m] = stream.chars[lo:hi]
+  out["segment_ids"][:m] = doc_in - doc_in[0] + 1
+  idx = np.arange(m)
+  starts = np.where(np.concatenate([[True], doc_in[1:] != doc_in[:-1]]), idx, 0)
+  out["positions"][:m] = idx - np.maximum.accumulate(starts)
   return out
 
 
@@ -136,18 +170,23 @@ def _check_shape(batch_size: int, seq_len: int) -> None:
 def batches(source: str | os.PathLike, split: str, tokenizer: Tokenizer, *, batch_size: int,
             seq_len: int, seed: int = 0, genres: Iterable[str] | None = None,
             exclude_genres: Iterable[str] | None = None, shuffle: bool = True,
-            repeat: bool = True, start: int = 0, data_dir: str | None = None):
+            repeat: bool = True, start: int = 0, data_dir: str | None = None,
+            bos: bool = False):
   """grain.MapDataset of packed batches ([B, T] dicts, see module docstring) of one split.
 
   shuffle: rows in a fresh permutation each epoch (seeded by seed). repeat: endless epochs whose
   batches may straddle two epochs; else one epoch, the last batch padded with empty rows
-  (mask 0). start: drop the first `start` batches (resume). Deterministic for a seed.
+  (mask 0). start: drop the first `start` batches (resume). bos: every row starts with the
+  tokenizer's BOS token (`bos_row`). Deterministic for a seed.
   """
   import grain
   _check_shape(batch_size, seq_len)
+  if bos and seq_len < 2:
+    raise ValueError(f"rows that start with BOS need seq_len >= 2; got {seq_len}")
   stream = split_stream(source, split, tokenizer, genres=genres, exclude_genres=exclude_genres,
                         data_dir=data_dir)
-  n = stream.n_rows(seq_len)
+  bos_id = tokenizer.bos_id if bos else None
+  n = stream.n_rows(seq_len, bos)
   if not repeat:
     n = -(-n // batch_size) * batch_size  # pad to whole batches with empty rows
   ds = grain.MapDataset.range(n)
@@ -155,14 +194,15 @@ def batches(source: str | os.PathLike, split: str, tokenizer: Tokenizer, *, batc
     ds = ds.shuffle(seed=seed)
   if repeat:
     ds = ds.repeat()
-  ds = ds.map(lambda r: row(stream, int(r), seq_len)).batch(batch_size, batch_fn=_stack)
+  ds = ds.map(lambda r: row(stream, int(r), seq_len, bos_id)).batch(batch_size, batch_fn=_stack)
   return ds[start:] if start else ds
 
 
 def eval_batches(source: str | os.PathLike, split: str, tokenizer: Tokenizer, *,
                  batch_size: int, seq_len: int, genres: Iterable[str] | None = None,
-                 exclude_genres: Iterable[str] | None = None, data_dir: str | None = None):
+                 exclude_genres: Iterable[str] | None = None, data_dir: str | None = None,
+                 bos: bool = False):
   """One pass over a split in order, no shuffling: every target exactly once (last batch padded)."""
   return batches(source, split, tokenizer, batch_size=batch_size, seq_len=seq_len,
                  genres=genres, exclude_genres=exclude_genres, shuffle=False, repeat=False,
-                 data_dir=data_dir)
+                 data_dir=data_dir, bos=bos)

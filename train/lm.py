@@ -22,6 +22,7 @@ masked mean cross-entropy in float32.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -33,9 +34,14 @@ import numpy as np
 import optax
 
 from kvjax.lm import sharding, steps
+from kvjax.lm.attention import Dropout
 from kvjax.lm.config import to_hf
-from kvjax.lm.model import Model
-from kvjax.train.loop import (INT_NONNEG, INT_POSITIVE, Batch, RunConfig, TrainError, check_batch, check_resume, compiled, optimizer_lr, run_loop, to_device)
+from kvjax.lm.model import Model, load, save
+from kvjax.train.loop import (INT_NONNEG, INT_POSITIVE, RUN_FILE, UNIT_OPEN, Batch, RunConfig, TrainError,
+                              check_batch, check_resume, compiled, optimizer, optimizer_lr,
+                              restore_step, run_loop, to_device)
+
+SPEC = "spec"  # OUT/spec: the run's config.json and tokenizer, without weights
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,15 +49,20 @@ class TrainConfig(RunConfig):
   """Hyperparameters and bookkeeping of one LM run (fields of RunConfig, and:). Hashable.
 
   bf16: bfloat16 compute, float32 params and optimizer state.
+  dropout, attn_dropout: residual and attention-probability dropout rates of the training
+    forward (evaluation and every inference path run without them).
   data_parallel, model_parallel: mesh shape; data_parallel 0 = every device / model_parallel.
     A 1 x 1 mesh means no mesh (plain single-device arrays).
   """
 
   bf16: bool = False
+  dropout: float = 0.0
+  attn_dropout: float = 0.0
   data_parallel: int = 0
   model_parallel: int = 1
 
-  DOMAINS = {**RunConfig.DOMAINS, "model_parallel": INT_POSITIVE, "data_parallel": INT_NONNEG}
+  DOMAINS = {**RunConfig.DOMAINS, "model_parallel": INT_POSITIVE, "data_parallel": INT_NONNEG,
+             "dropout": UNIT_OPEN, "attn_dropout": UNIT_OPEN}
   # the mesh shape is in the model's graphdef, which keys the steps too
   BOOKKEEPING = RunConfig.BOOKKEEPING | {"data_parallel", "model_parallel"}
   NOT_RESUMED = RunConfig.NOT_RESUMED | {"data_parallel", "model_parallel"}
@@ -67,15 +78,18 @@ class Result:
   resumed_from: int
 
 
-def forward_nll(model: Model, params, batch, bf16: bool) -> jax.Array:
-  """params (pure dict, float32) -> nll [B, T] float32 of each target (unmasked)."""
+def forward_nll(model: Model, params, batch, bf16: bool,
+                dropout: Dropout | None = None) -> jax.Array:
+  """params (pure dict, float32) -> nll [B, T] float32 of each target (unmasked); dropout only
+  in the training step."""
   if bf16:
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
   segments, positions, mask = batch.get("segment_ids"), batch.get("positions"), None
   if segments is not None:  # packed documents: attend only within a row's own document
     T = segments.shape[1]
     mask = (segments[:, :, None] == segments[:, None, :]) & jnp.tril(jnp.ones((T, T), bool))
-  out, _ = model.with_params(params).decoder(batch["inputs"], positions=positions, mask=mask)
+  out, _ = model.with_params(params).decoder(batch["inputs"], positions=positions, mask=mask,
+                                             dropout=dropout)
   return steps.token_nll(out.logits, batch["targets"])
 
 
@@ -92,18 +106,21 @@ def cached_steps(model: Model, tc: TrainConfig):
 
 
 def make_steps(model: Model, tc: TrainConfig, opt: optax.GradientTransformation):
-  """(train_step(state, batch) -> (state, stats), eval_step(params, batch) -> sums).
+  """(train_step(state, batch, key) -> (state, stats), eval_step(params, batch) -> sums).
 
-  train_step donates `state`; stats: loss, grad_norm (before clipping), lr (of this step).
+  train_step donates `state`; key: the run's PRNG key (dropout, folded with the step); stats: loss, grad_norm (before clipping), lr (of this step).
   eval_step returns (sum of masked nll, mask sum, sum of masked chars)."""
   schedule_lr = optimizer_lr(tc)
 
-  def loss_fn(params, batch):
-    nll = forward_nll(model, params, batch, tc.bf16)
+  def loss_fn(params, batch, dropout):
+    nll = forward_nll(model, params, batch, tc.bf16, dropout)
     return masked_loss(nll, batch["mask"])
 
-  def train_step(state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
+  def train_step(state, batch, key):
+    dropout = None
+    if tc.dropout or tc.attn_dropout:
+      dropout = Dropout(tc.dropout, tc.attn_dropout, jax.random.fold_in(key, state["step"]))
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, dropout)
     updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     stats = {"loss": loss, "grad_norm": optax.tree.norm(grads),
@@ -175,16 +192,18 @@ def train(model: Model, tc: TrainConfig, batches: Callable[[int], Iterable[Batch
   check_resume(tc.out_dir, {"model": to_hf(model.cfg), "train": tc.resume_key()})
   base = dataclasses.replace(model, state=jax.tree.map(lambda a: a.astype(jnp.float32),
                                                        model.state), compiled={})
+  save(base, os.path.join(tc.out_dir, SPEC), weights=False)  # what `export` builds upon
   mesh = make_mesh(tc)
   work = sharding.shard(base, mesh) if mesh is not None else base
   batch_sharding = _batch_sharding(mesh, tc.batch_size) if mesh is not None else None
   opt_init, train_step, eval_step = cached_steps(work, tc)
   params = work.params()
   state = {"params": params, "opt_state": opt_init(params), "step": jnp.zeros((), jnp.int32)}
+  key = jax.random.key(tc.seed)
 
   def step(state, batch, i):
     check_batch(batch, tc, model.cfg.vocab_size, i)
-    return train_step(state, to_device(batch, batch_sharding))
+    return train_step(state, to_device(batch, batch_sharding), key)
 
   def evaluate_(state):
     return evaluate(eval_step, state["params"], eval_batches, batch_sharding)
@@ -193,8 +212,40 @@ def train(model: Model, tc: TrainConfig, batches: Callable[[int], Iterable[Batch
       tc, state, batches, step, evaluate=evaluate_ if eval_batches is not None else None,
       amount=lambda batch: float(np.sum(batch["mask"])), rate_name="tokens_per_s",
       postfix=lambda r: {"loss": f"{r['loss']:.4f}", "tok_s": f"{r['tokens_per_s']:.0f}"},
-      progress=progress)
+      progress=progress, flops=lambda batch: step_flops(model.cfg, *np.shape(batch["inputs"])),
+      best_metric="eval_bpc")
   host = jax.tree.map(np.asarray, jax.device_get(state["params"]))
   return Result(model=base.with_params(host), records=records, resumed_from=start)
+
+
+def step_flops(cfg, batch: int, seq_len: int) -> float:
+  """Training FLOPs of one step on [batch, seq_len] tokens: 3x the forward (backward = 2x),
+  the forward 2 FLOPs per multiply-add of every projection and the LM head per token, plus
+  causal attention's scores and values (T / 2 keys per query on average)."""
+  D, F, N, K, H, V, L = (cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                         cfg.vocab_size, cfg.n_layers)
+  per_token = 2 * (L * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + D * V)
+  per_token += L * 2 * 2 * N * H * (seq_len + 1) / 2
+  return 3.0 * per_token * batch * seq_len
+
+
+def export(run_dir: str, step: int | str, out: str) -> Model:
+  """Writes checkpoint `step` (an int among the kept ones, or "best") of the LM run in run_dir
+  as a Hugging Face directory at out (float32, with the run's tokenizer); returns the model."""
+  spec = os.path.join(run_dir, SPEC)
+  if not os.path.exists(os.path.join(run_dir, RUN_FILE)) or not os.path.isdir(spec):
+    raise TrainError(f"{run_dir} is not an LM training run (no {RUN_FILE} and {SPEC}/ there)")
+  with open(os.path.join(run_dir, RUN_FILE)) as f:
+    run = json.load(f)
+  fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  tc = TrainConfig(**{k: v for k, v in run["train"].items() if k in fields}, out_dir=run_dir)
+  model = load(spec, weights=False)
+  params = jax.tree.map(lambda a: np.asarray(a, np.float32), model.params())
+  state = {"params": params, "opt_state": optimizer(tc).init(params),
+           "step": jnp.zeros((), jnp.int32)}
+  state, _ = restore_step(tc, state, step)
+  trained = model.with_params(jax.tree.map(np.asarray, jax.device_get(state["params"])))
+  save(trained, out)
+  return trained
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -35,6 +36,7 @@ BATCH_KEYS = {"inputs": np.integer, "targets": np.integer, "mask": np.floating,
 # and its position inside that document. When given, attention stays within a document.
 OPTIONAL_KEYS = ("segment_ids", "positions")
 CHECKPOINTS = "checkpoints"
+BEST = "best"  # OUT/best: the state of the best evaluation, and best.json
 RUN_FILE = "run.json"
 
 
@@ -69,6 +71,9 @@ class RunConfig:
   weight_decay, clip_norm (global norm), b1, b2: AdamW's.
   save_every / eval_every / log_every: in steps; 0 = only at the end (save, eval) or never (log).
   keep: how many checkpoints the manager keeps.
+  keep_best: also keep the state of the best evaluation so far (by the task's best metric,
+    e.g. eval_bpc) in OUT/best, whatever `keep` drops. patience: stop early after this many
+    evaluations in a row without a new best (0 = never; needs eval_every).
 
   BOOKKEEPING: the fields no compiled step reads (where and how often to save, log and
   evaluate; the seed, which only orders the data or is passed in as a PRNG key): every other
@@ -78,9 +83,10 @@ class RunConfig:
   """
 
   BOOKKEEPING: ClassVar[frozenset[str]] = frozenset(
-      {"out_dir", "save_every", "keep", "eval_every", "log_every", "seed"})
+      {"out_dir", "save_every", "keep", "eval_every", "log_every", "seed", "keep_best",
+       "patience"})
   NOT_RESUMED: ClassVar[frozenset[str]] = frozenset(
-      {"out_dir", "save_every", "keep", "eval_every", "log_every"})
+      {"out_dir", "save_every", "keep", "eval_every", "log_every", "keep_best", "patience"})
 
   steps: int
   batch_size: int
@@ -98,10 +104,13 @@ class RunConfig:
   keep: int = 3
   eval_every: int = 0
   log_every: int = 10
+  keep_best: bool = False
+  patience: int = 0
 
   DOMAINS: ClassVar[dict[str, Domain]] = {
       **dict.fromkeys(("steps", "batch_size", "seq_len", "keep"), INT_POSITIVE),
-      **dict.fromkeys(("warmup", "save_every", "eval_every", "log_every", "seed"), INT_NONNEG),
+      **dict.fromkeys(("warmup", "save_every", "eval_every", "log_every", "seed", "patience"),
+                      INT_NONNEG),
       "lr": POSITIVE, "weight_decay": NONNEG, "clip_norm": POSITIVE, "final_lr_ratio": UNIT,
       "b1": UNIT_OPEN, "b2": UNIT_OPEN}
 
@@ -110,6 +119,11 @@ class RunConfig:
       require(name, getattr(self, name), domain.ok, domain.expected, domain.kind)
     if self.warmup >= self.steps:
       raise TrainError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps})")
+    if self.patience and not self.eval_every:
+      raise TrainError("patience (early stopping) needs eval_every > 0: it counts evaluations")
+    for name in ("keep_best",):
+      if not isinstance(getattr(self, name), bool):
+        raise TrainError(f"{name} must be a bool; got {getattr(self, name)!r}")
     if not isinstance(self.out_dir, str) or not self.out_dir:
       raise TrainError(f"out_dir must be a non-empty path; got {self.out_dir!r}")
 
@@ -203,10 +217,12 @@ def check_resume(out_dir: str, run: dict[str, Any]) -> None:
     json.dump(run, f, indent=2)
 
 
-def _manager(tc: RunConfig):
-  options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep, create=True,
-                                         enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(tc.out_dir, CHECKPOINTS)),
+def _manager(tc: RunConfig, where: str = CHECKPOINTS, keep: int | None = -1):
+  """The orbax manager of OUT/where, keeping tc.keep checkpoints (keep=-1), `keep`, or all
+  (None)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep if keep == -1 else keep,
+                                         create=True, enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(tc.out_dir, where)),
                                options=options)
 
 
@@ -220,51 +236,133 @@ def run_loop(rc: RunConfig, state, batches, step: Callable, *,
              evaluate: Callable[[Any], dict[str, float]] | None,
              amount: Callable[[Batch], float], rate_name: str,
              postfix: Callable[[dict[str, Any]], dict[str, str]],
-             plot_label: str | None = None, progress: bool = True):
+             plot_label: str | None = None, progress: bool = True,
+             flops: Callable[[Batch], float] | None = None,
+             best_metric: str | None = None):
   """The loop every trainer shares: resume from rc.out_dir's latest checkpoint, then for steps
   start + 1 .. rc.steps take the next batch and run `step(state, batch, i) -> (state, stats)`
   (i = the 0-based step index); on log steps record the stats (without "n"), the rate
   (`amount` of the batches per second, excluding evaluation and checkpoint writes, as
-  `rate_name`) and, on eval steps, `evaluate(state)`; checkpoint every rc.save_every steps
-  and at the end; metrics.jsonl and loss.png. Returns (state, records, start step)."""
+  `rate_name`), with `flops` (a step's training FLOPs on its batch) the model FLOPs
+  utilisation `mfu` against this device's measured matmul peak, and, on eval steps,
+  `evaluate(state)`; checkpoint every rc.save_every steps and at the end; metrics.jsonl and
+  loss.png. best_metric (an evaluate key, lower is better): with rc.keep_best the best state is
+  kept in OUT/best; with rc.patience the run stops after that many evaluations without a new
+  best (the last state is checkpointed; its record has stopped_early). Returns (state,
+  records, start step)."""
   label = {} if plot_label is None else {"ylabel": plot_label}
   records: list[dict[str, Any]] = []
   has_eval = evaluate is not None
-  with _manager(rc) as manager:
+  tracking = best_metric is not None and has_eval and (rc.keep_best or rc.patience)
+  peak = matmul_peak() if flops is not None else None
+  with _manager(rc) as manager, _manager(rc, BEST, 1) as best_manager:
     start = 0
     if manager.latest_step() is not None:
       state = _restore(manager, state)
       start = int(state["step"])
     metrics.truncate(rc.out_dir, start)
+    best = read_best(rc.out_dir)
+    end = rc.steps
+    if tracking and rc.patience and best and best["evals_since"] >= rc.patience:
+      end = start  # this run already stopped early: nothing more to train
     it = batch_iter(batches, start)
     bar = _progress(progress, start, rc.steps)
-    t0, done = time.perf_counter(), 0.0
-    for i in range(start + 1, rc.steps + 1):
+    t0, done, work = time.perf_counter(), 0.0, 0.0
+    for i in range(start + 1, end + 1):
       batch = next(it, None)
       if batch is None:
         raise TrainError(f"the batch iterator ended before step {i} of {rc.steps}")
       state, stats = step(state, batch, i - 1)  # checks the batch first
       done += amount(batch)
+      work += flops(batch) if flops is not None else 0.0
+      stop = False
       if _is_log_step(rc, i, has_eval):
         stats = jax.device_get(stats)
         stats.pop("n", None)
         record = {"step": i, **{k: float(v) for k, v in stats.items()}}
-        record[rate_name] = done / max(time.perf_counter() - t0, 1e-9)
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        record[rate_name] = done / elapsed
+        if peak:
+          record["mfu"] = work / elapsed / peak
         if _is_eval_step(rc, i, has_eval):
           record.update(evaluate(state))
+          if tracking:
+            value = record[best_metric]
+            if best is None or value < best["value"]:
+              best = {"step": i, "metric": best_metric, "value": value, "evals_since": 0}
+              if rc.keep_best:
+                best_manager.save(i, args=ocp.args.StandardSave(state), force=True)
+            else:
+              best["evals_since"] += 1
+            _write_best(rc.out_dir, best)
+            stop = bool(rc.patience) and best["evals_since"] >= rc.patience
+            record["best_" + best_metric] = best["value"]
+            if stop:
+              record["stopped_early"] = 1.0
         records.append(record)
         metrics.append(rc.out_dir, record)
-        bar.set_postfix(postfix(record))
-        t0, done = time.perf_counter(), 0.0  # the rate excludes evaluation
+        bar.set_postfix(postfix(record) | ({"mfu": f"{record['mfu']:.0%}"} if peak else {}))
+        t0, done, work = time.perf_counter(), 0.0, 0.0  # the rates exclude evaluation
       bar.update(1)
-      if (rc.save_every and i % rc.save_every == 0) or i == rc.steps:
-        manager.save(i, args=ocp.args.StandardSave(state))
+      if (rc.save_every and i % rc.save_every == 0) or i == rc.steps or stop:
+        manager.save(i, args=ocp.args.StandardSave(state), force=True)
         metrics.plot(rc.out_dir, **label)
-        t0, done = time.perf_counter(), 0.0  # and checkpoint writes
+        t0, done, work = time.perf_counter(), 0.0, 0.0  # and checkpoint writes
+      if stop:
+        break
     bar.close()
     manager.wait_until_finished()
+    best_manager.wait_until_finished()
   metrics.plot(rc.out_dir, **label)
   return state, records, start
+
+
+def read_best(out_dir: str) -> dict[str, Any] | None:
+  """OUT/best/best.json: {step, metric, value, evals_since} of the best evaluation, or None."""
+  path = os.path.join(out_dir, BEST, "best.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_best(out_dir: str, best: dict[str, Any]) -> None:
+  os.makedirs(os.path.join(out_dir, BEST), exist_ok=True)
+  with open(os.path.join(out_dir, BEST, "best.json"), "w") as f:
+    json.dump(best, f)
+
+
+_PEAK: list[float] = []
+
+
+def matmul_peak(n: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of the default device on a float32 [n, n] x [n, n] matmul, best of `repeats`
+  (measured once per process): the peak MFU is reported against."""
+  if not _PEAK:
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      f(x).block_until_ready()
+      best = min(best, time.perf_counter() - t0)
+    _PEAK.append(2 * n ** 3 / best)
+  return _PEAK[0]
+
+
+def restore_step(rc: RunConfig, state, step: int | str):
+  """The state of checkpoint `step` (an int kept in OUT/checkpoints, or "best": OUT/best) of
+  run rc, restored with state's structure; TrainError naming what is there otherwise."""
+  where = BEST if step == "best" else CHECKPOINTS
+  with _manager(rc, where, None) as manager:
+    steps = sorted(manager.all_steps())
+    want = steps[-1] if step == "best" and steps else step
+    if want not in steps:
+      kept = f"kept steps: {steps}" if steps else "none kept"
+      raise TrainError(f"{os.path.join(rc.out_dir, where)} has no checkpoint {step} ({kept})")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    return manager.restore(want, args=ocp.args.StandardRestore(abstract)), want
 
 
 def _is_eval_step(tc: RunConfig, step: int, has_eval: bool) -> bool:

@@ -154,7 +154,7 @@ def data_batches(args, tok):
     raise TrainError(f"--data needs the kvjax.train.data module, which cannot be imported "
                      f"({err}); use --text FILE to train on a plain-text file") from None
   common = dict(batch_size=args.batch_size, seq_len=args.seq_len, genres=args.genre,
-                exclude_genres=args.exclude_genre)
+                exclude_genres=args.exclude_genre, bos=bool(getattr(args, "bos_rows", False)))
   train_ds = data.batches(args.data, "train", tok, seed=args.seed, **common)  # checks the corpus
   held: list = []
 

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from kvjax.lm.cli.flags import nonneg, positive
+from kvjax.lm.cli.flags import checked, nonneg, positive
 from kvjax.train.cli.common import (add_output_flags, check_run_flags, data_batches, fraction,
                                     nonneg_float, pos_float, settle, unit)
 
@@ -27,6 +27,7 @@ ARCH_DEFAULTS = dict(d_model=128, n_layers=4, n_heads=4)  # only without --init-
 DEFAULTS = dict(batch_size=16, seq_len=256, steps=1000,
                 lr=3e-3, warmup=100, weight_decay=0.1, clip_norm=1.0, final_lr_ratio=0.1,
                 bf16=False, seed=0, save_every=0, keep=3, eval_every=0, log_every=10,
+                keep_best=False, patience=0, bos_rows=False, dropout=0.0, attn_dropout=0.0,
                 eval_fraction=0.1, eval_split="validation", rope_theta=10000.0, data_parallel=0, model_parallel=1,
                 no_progress=False, json=False)
 
@@ -50,6 +51,9 @@ def add_lm(sub) -> argparse.ArgumentParser:
   g.add_argument("--exclude-genre", action="append", metavar="G",
                  help="--data: leave these genres out (repeatable)")
   g.add_argument("--eval-split", metavar="SPLIT", help="--data: eval split (default validation)")
+  g.add_argument("--bos-rows", action="store_true", default=None,
+                 help="--data: start every packed row with the tokenizer's BOS token, as real "
+                 "LMs are trained (default: rows start wherever the stream is)")
   g.add_argument("--eval-fraction", type=fraction, metavar="F",
                  help="--text: fraction of the text held out for eval (default 0.1)")
   g = p.add_argument_group("model (vocab_size comes from the tokenizer)")
@@ -72,12 +76,23 @@ def add_lm(sub) -> argparse.ArgumentParser:
   g.add_argument("--clip-norm", type=pos_float, metavar="C", help="global gradient norm clip")
   g.add_argument("--bf16", action="store_true", default=None,
                  help="bfloat16 compute (params and optimizer state stay float32)")
+  g.add_argument("--dropout", type=fraction, metavar="P",
+                 help="residual dropout of every attention and MLP output while training "
+                 "(default 0)")
+  g.add_argument("--attn-dropout", type=fraction, metavar="P",
+                 help="dropout of the attention probabilities while training (default 0)")
   g.add_argument("--seed", type=nonneg, metavar="S")
   g = p.add_argument_group("run")
   g.add_argument("--out", metavar="DIR", help="run directory (checkpoints, metrics, model)")
   g.add_argument("--save-every", type=nonneg, metavar="N", help="checkpoint period (0 = end only)")
   g.add_argument("--keep", type=positive, metavar="N", help="checkpoints kept (default 3)")
   g.add_argument("--eval-every", type=nonneg, metavar="N", help="eval period (0 = end only)")
+  g.add_argument("--keep-best", action="store_true", default=None,
+                 help="also keep the checkpoint of the best validation bits per character in "
+                 "OUT/best (export it with `train export --step best`)")
+  g.add_argument("--patience", type=nonneg, metavar="N",
+                 help="stop early after N evaluations without a better validation bits per "
+                 "character (0 = never; needs --eval-every)")
   g.add_argument("--log-every", type=nonneg, metavar="N", help="metrics period (default 10)")
   g.add_argument("--export", metavar="DIR", help="HF-format export directory (default OUT/model)")
   g.add_argument("--data-parallel", type=nonneg, metavar="N",
@@ -107,6 +122,9 @@ def check_lm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.head_dim is None and args.d_model % heads:
       parser.error(f"--d-model {args.d_model} is not divisible by --n-heads {heads}; "
                    "pass --head-dim")
+  if args.bos_rows and args.data is None:
+    parser.error("--bos-rows applies to --data (a --text file is one document that already "
+                 "starts with BOS)")
   if args.max_position is not None and args.max_position < args.seq_len:
     parser.error(f"--max-position {args.max_position} is smaller than --seq-len {args.seq_len}")
 
@@ -169,9 +187,11 @@ def _train_config(args):
   return TrainConfig(
       steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
       warmup=args.warmup, final_lr_ratio=args.final_lr_ratio, weight_decay=args.weight_decay,
-      clip_norm=args.clip_norm, bf16=args.bf16, seed=args.seed, out_dir=args.out,
+      clip_norm=args.clip_norm, bf16=args.bf16, dropout=args.dropout,
+      attn_dropout=args.attn_dropout, seed=args.seed, out_dir=args.out,
       save_every=args.save_every, keep=args.keep, eval_every=args.eval_every,
-      log_every=args.log_every, data_parallel=args.data_parallel,
+      log_every=args.log_every, keep_best=args.keep_best, patience=args.patience,
+      data_parallel=args.data_parallel,
       model_parallel=args.model_parallel)
 
 
@@ -198,4 +218,40 @@ def run_lm(args: argparse.Namespace) -> int:
     loss = "" if summary["loss"] is None else f"loss {summary['loss']:.4f}{bpc}; "
     print(f"trained {model.cfg.n_params:,} params for {tc.steps} steps ({loss}"
           f"{summary['wall_s']:.1f} s); model exported to {export}", file=sys.stderr)
+  return 0
+
+
+def add_export(sub) -> argparse.ArgumentParser:
+  """`export`: a kept checkpoint of an LM run as a Hugging Face directory."""
+  p = sub.add_parser("export", help="write a kept checkpoint of an lm run as an HF directory",
+                     description="Writes checkpoint --step of the lm run in --run (a step kept "
+                     "in RUN/checkpoints, or 'best': the best validation checkpoint a "
+                     "--keep-best run kept) as a Hugging Face directory that kvjax and "
+                     "transformers load.")
+  p.add_argument("--run", required=True, dest="run_dir", metavar="DIR",
+                 help="the lm run's --out directory")
+  p.add_argument("--step", required=True, type=step_type, metavar="{N,best}",
+                 help="a kept step, or best")
+  p.add_argument("--out", metavar="DIR", help="where to write it (default RUN/model-STEP)")
+  p.add_argument("--json", action="store_true", help="print a JSON summary")
+  p.set_defaults(run=run_export, check=lambda args: None)
+  return p
+
+
+def step_type(text: str):
+  if text == "best":
+    return text
+  return checked(int, lambda v: v >= 1, "a step >= 1 or 'best'")(text)
+
+
+def run_export(args: argparse.Namespace) -> int:
+  from kvjax.train.lm import export
+  out = args.out or os.path.join(args.run_dir, f"model-{args.step}")
+  model = export(args.run_dir, args.step, out)
+  summary = {"run": args.run_dir, "step": args.step, "out": out, "n_params": model.cfg.n_params}
+  if args.json:
+    print(json.dumps(summary))
+  else:
+    print(f"wrote step {args.step} of {args.run_dir} ({model.cfg.n_params:,} params) to {out}",
+          file=sys.stderr)
   return 0

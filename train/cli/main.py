@@ -25,7 +25,7 @@ from kvjax.train.cli.common import PROG
 from kvjax.train.cli.coprocessor import add_coprocessor
 from kvjax.train.cli.eagle import add_eagle
 from kvjax.train.cli.eval import add_eval
-from kvjax.train.cli.lm import add_lm
+from kvjax.train.cli.lm import add_export, add_lm
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -35,6 +35,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
   add_eval(sub)
   add_eagle(sub)
   add_coprocessor(sub)
+  add_export(sub)
   return parser
 
 
