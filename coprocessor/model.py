@@ -45,6 +45,7 @@ from kvjax.lm import config
 from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config
 from kvjax.lm import steps
+from kvjax.lm.attention import Training
 from kvjax.lm.engine import new_cache, pad
 from kvjax.lm.model import Model
 from kvjax.lm.model import init as init_model
@@ -237,19 +238,21 @@ def decoder(graphdef, state, cc: CoprocessorConfig, params: dict[str, Any]):
 
 
 def latents_of(cop_dec, soft: jax.Array, cache: KVCache, *, positions: jax.Array | None = None,
-               mask: jax.Array | None = None, copies: int = 1) -> jax.Array:
+               mask: jax.Array | None = None, copies: int = 1,
+               training: Training | None = None) -> jax.Array:
   """soft [N, D] read through `cop_dec` (a Decoder; None = pause tokens) over the base's cache
   -> latents [B, copies * N, D]. By default the soft tokens sit at positions
   cache.next_position() + arange(N), attend to the cache's filled slots (layer i to layer i)
   and causally to each other; `positions` [B, copies * N] and `mask` [B, copies * N, S + copies * N] say otherwise
-  (several traces in one pass). The cache is not changed. Pause tokens: soft, broadcast."""
+  (several traces in one pass). The cache is not changed. Pause tokens: soft, broadcast.
+  training: the training forward (`kvjax.lm.attention.Training`)."""
   B = cache.batch
   x = jnp.broadcast_to(jnp.tile(soft, (copies, 1))[None], (B, copies * soft.shape[0],
                                                            soft.shape[-1]))
   if cop_dec is None:
     return x
   out, _ = cop_dec(embeds=x.astype(cop_dec.dtype), cache=cache, positions=positions, mask=mask,
-                   logits=False)
+                   logits=False, training=training)
   return out.hidden
 
 

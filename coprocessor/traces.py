@@ -37,6 +37,7 @@ from tqdm import tqdm
 from kvjax.cache.dense import KVCache
 from kvjax.coprocessor.model import (LATENT_POSITION, Coprocessor, CoprocessorConfig,
                                      CoprocessorError, check, decoder, latents_of)
+from kvjax.lm.attention import Training
 from kvjax.lm.model import Model
 from kvjax.lm.steps import token_nll
 
@@ -80,7 +81,8 @@ def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 def multi_trace(base_dec, cop_dec, soft: jax.Array, batch: dict[str, jax.Array],
                 points: jax.Array, *, ahead: int, delay: int = 0,
-                latent_offset: int = LATENT_POSITION) -> dict[str, jax.Array]:
+                latent_offset: int = LATENT_POSITION,
+                training: Training | None = None) -> dict[str, jax.Array]:
   """Every augmentation trace of a batch in one pass (see the module docstring).
 
   base_dec: the frozen base's Decoder; cop_dec: the coprocessor's (None = pause tokens);
@@ -116,7 +118,7 @@ def multi_trace(base_dec, cop_dec, soft: jax.Array, batch: dict[str, jax.Array],
     return (_take(pos, at)[..., None] + jnp.arange(n, dtype=jnp.int32)).reshape(B, M * n)
 
   latents = latents_of(cop_dec, soft, cache, positions=positions_of(points, N),
-                           mask=mask_of(points, N), copies=M)            # [B, M N, D]
+                           mask=mask_of(points, N), copies=M, training=training)            # [B, M N, D]
   at = points + delay                                                   # insertion points
   idx = at[..., None] + jnp.arange(A)                                   # [B, M, A]
   inside = idx < T
@@ -130,6 +132,7 @@ def multi_trace(base_dec, cop_dec, soft: jax.Array, batch: dict[str, jax.Array],
                              jnp.arange(A, dtype=jnp.int32)])               # latents, ahead
   base_pos = (_take(pos, at)[..., None] + offsets).reshape(B, M * (N + A))
   out, _ = base_dec(embeds=x.reshape(B, M * (N + A), -1), cache=cache, positions=base_pos,
+                    training=training,
                     mask=mask_of(at, N + A), logits=False)
   hidden = out.hidden.reshape(B, M, N + A, -1)[:, :, N:]                # the ahead tokens
   nll_aug = token_nll(base_dec.logits(hidden), _take(targets, idx))

@@ -18,7 +18,7 @@ from flax import nnx
 from kvjax.cache.dense import KVCache
 from kvjax.cache.view import NEW, SHARED, View, causal
 from kvjax.lm import rope
-from kvjax.lm.attention import Dropout, KeyBlock, attend
+from kvjax.lm.attention import KeyBlock, Training, attend
 from kvjax.lm.attention import causal as causal_attention
 from kvjax.lm.config import Config
 from kvjax.lm.sharding import constrain
@@ -126,12 +126,14 @@ class Block(nnx.Module):
             and cfg.attn_softcap is None)
 
   def __call__(self, x, *, view: View, freq, cached, layer, window,
-               dropout: Dropout | None = None):
+               training: Training | None = None):
     """x [B, T, D]; view: what the T tokens attend to (`kvjax.cache.view`); cached: the
     cache's `Slots` (every layer stacked) or None, read at `layer` (an int32 scalar) in place;
     window: sliding window of the layer (0 = none). Returns (x [B, T, D], k, v [B, K, T, H])
     in the caches' layout, with k as the cache stores it (after RoPE when view.rotated, else
-    before). dropout: training's (`attention.Dropout`), with keys folded by layer."""
+    before). training: the training forward's settings (`attention.Training`: differentiable
+    attention, dropout keys folded by layer)."""
+    dropout = training if training is not None and (training.rate or training.attn_rate) else None
     drop_keys = (None if dropout is None
                  else jax.random.split(jax.random.fold_in(dropout.key, layer), 3))
     q, k, v = self.attn.qkv(self.attn_norm(x))
@@ -154,11 +156,11 @@ class Block(nnx.Module):
                                 window=window, scale=scale, softcap=softcap, **new)
     attn_drop = None if dropout is None or not dropout.attn_rate else (dropout.attn_rate,
                                                                         drop_keys[0])
-    if self._plain_causal(view, T=x.shape[1]) and attn_drop is None:  # one dispatch
+    if self._plain_causal(view, T=x.shape[1]) and training is None:  # one dispatch
       a = causal_attention(qs[0], k_rot, v, scale=scale)
     elif blocks:
       a = attend(blocks, scale=scale, softcap=softcap, window=window, partial=partial,
-                 dropout=attn_drop)
+                 differentiable=training is not None, dropout=attn_drop)
     else:  # the cache's read covered every key
       a = partial[0].astype(q.dtype)
     a = self.attn.out(a)
@@ -229,7 +231,7 @@ class Decoder(nnx.Module):
                n_new: jax.Array | None = None, layers: tuple[int, int] | None = None,
                logits: bool = True, return_layer_inputs: bool = False,
                return_kv: bool = False,
-               dropout: Dropout | None = None) -> tuple[Output, KVCache | None]:
+               training: Training | None = None) -> tuple[Output, KVCache | None]:
     """Runs layers [start, stop) over T new tokens per row.
 
     Input, exactly one of: tokens [B, T] int; embeds [B, T, D] (start == 0); hidden [B, T, D],
@@ -245,8 +247,9 @@ class Decoder(nnx.Module):
       default view nor a mask says it (a draft tree read by its kernel:
       `kvjax.speculative.verify.tree_view`); its new_pos are the tokens' positions. Excludes
       `positions` and `mask`.
-    dropout: training's dropout (`kvjax.lm.attention.Dropout`: residual and attention rates,
-      a key); every inference path leaves it None.
+    training: the training forward (`kvjax.lm.attention.Training`: attention loops that
+      reverse-mode differentiation can run at any length, optional dropout rates and a key);
+      every inference path leaves it None.
     """
     cfg = self.cfg
     start, stop = layers or (0, cfg.n_layers)
@@ -283,7 +286,7 @@ class Decoder(nnx.Module):
     x, layer_inputs, ks, vs = run_layers(self.blocks, cfg, x, view=view, cached=cached,
                                          layers=(start, stop), layout=self.layout,
                                          return_layer_inputs=return_layer_inputs,
-                                         dropout=dropout)
+                                         training=training)
     if cache is not None:
       cache = cache.write(ks, vs, view.new_pos, n_new, layers=(start, stop),
                           advance=stop == cfg.n_layers)
@@ -297,7 +300,8 @@ class Decoder(nnx.Module):
 
 
 def run_layers(blocks: Block, cfg: Config, x: jax.Array, *, view: View, cached, layers,
-               layout=None, return_layer_inputs: bool = False, dropout: Dropout | None = None):
+               layout=None, return_layer_inputs: bool = False,
+               training: Training | None = None):
   """Runs the stacked `blocks` (every Param with a leading layer axis; entries [start, stop)
   of `layers`) over x [B, T, D] under `lax.scan`, all attending through `view`.
 
@@ -314,7 +318,7 @@ def run_layers(blocks: Block, cfg: Config, x: jax.Array, *, view: View, cached, 
   def body(x, xs):
     params, window, layer = xs
     y, k, v = nnx.merge(graphdef, params)(x, view=view, freq=freq, cached=cached, layer=layer,
-                                          window=window, dropout=dropout)
+                                          window=window, training=training)
     return constrain(y, ACTIVATION, layout), (x if return_layer_inputs else None, k, v)
 
   index = jnp.arange(start, stop, dtype=jnp.int32)
@@ -322,7 +326,7 @@ def run_layers(blocks: Block, cfg: Config, x: jax.Array, *, view: View, cached, 
   return x, layer_inputs, ks, vs
 
 
-def _drop(x: jax.Array, dropout: Dropout | None, keys, i: int) -> jax.Array:
+def _drop(x: jax.Array, dropout: Training | None, keys, i: int) -> jax.Array:
   """Residual dropout of a sublayer's output x (identity without training's dropout)."""
   if dropout is None or not dropout.rate:
     return x

@@ -30,6 +30,7 @@ from kvjax.cache.view import causal
 from kvjax.lm import config
 from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config
+from kvjax.lm.attention import Training
 from kvjax.lm.decoder import Block, RMSNorm, init_param, run_layers
 
 KINDS = ("eagle1", "eagle3")
@@ -114,11 +115,13 @@ class Head(nnx.Module):
 
   def __call__(self, features: jax.Array, embeds: jax.Array, *, cache: KVCache | None,
                positions: jax.Array, n_new: jax.Array | None = None,
-               mask: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+               mask: jax.Array | None = None,
+               training: Training | None = None) -> tuple[jax.Array, KVCache | None]:
     """features, embeds [B, T, D] (the pairs' features and next-token embeddings) -> (h [B, T,
     D], cache with the T pairs written). cache: the head's KVCache (L = 1), or None to attend
     among the T pairs only (training); positions [B, T]; n_new [B] real pairs (default T);
-    mask [B, T, S + T] as for the decoder ([B, T, T] without a cache; default causal)."""
+    mask [B, T, S + T] as for the decoder ([B, T, T] without a cache; default causal);
+    training: the training forward (`kvjax.lm.attention.Training`), as for the decoder."""
     dtype = self.fc[...].dtype
     e, f = embeds.astype(dtype), features.astype(dtype)
     if self.hc.kind == "eagle3":
@@ -127,11 +130,11 @@ class Head(nnx.Module):
     B, T, _ = x.shape
     if cache is None:
       x, _, _, _ = run_layers(self.blocks, self.hc.layer, x, view=causal(positions, mask),
-                              cached=None, layers=(0, 1))
+                              cached=None, layers=(0, 1), training=training)
       return x, None
     view = cache.view(T, positions=positions, mask=mask)
     x, _, ks, vs = run_layers(self.blocks, self.hc.layer, x, view=view,
-                              cached=cache.slots(), layers=(0, 1))
+                              cached=cache.slots(), layers=(0, 1), training=training)
     n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new
     return x, cache.write(ks, vs, positions, n_new)
 

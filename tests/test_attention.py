@@ -162,9 +162,36 @@ def test_decoder_dropout_only_when_asked():
   dec = model.decoder
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.cfg.vocab_size, (2, 9)))
   plain = np.asarray(dec(tokens)[0].logits)
-  drop = lambda seed, r=0.2, a=0.1: np.asarray(dec(tokens, dropout=attention.Dropout(  # noqa
+  drop = lambda seed, r=0.2, a=0.1: np.asarray(dec(tokens, training=attention.Training(  # noqa
       r, a, jax.random.key(seed)))[0].logits)
   assert np.abs(drop(0) - plain).max() > 1e-3 and np.abs(drop(0) - drop(1)).max() > 1e-3
   np.testing.assert_array_equal(drop(0), drop(0))
   np.testing.assert_allclose(drop(0, 0.0, 0.0), plain, atol=1e-5)
   np.testing.assert_allclose(np.asarray(lm.score(model, np.asarray(tokens))), plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("one_step", [True, False])
+def test_differentiable_attention_has_the_reference_gradient(monkeypatch, one_step):
+  """attend(differentiable=True) (the training forward) runs reverse-mode at any length, in
+  one step or in static loops over tiny blocks, with the unblocked reference's values and
+  gradients; the inference path (dynamic trip counts) cannot be differentiated."""
+  if not one_step:
+    monkeypatch.setattr(attention, "TRAIN_ONE_STEP", 0)
+  rng = np.random.default_rng(5)
+  T = 19
+  q, k, v = _arrays(rng, T, T)
+  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+  seg = jnp.asarray(np.repeat([[1] * 11 + [2] * 8], B, 0))
+  mask = seg[:, :, None] == seg[:, None, :]
+
+  def loss(fn, q, k, v, **kw):
+    blocks = [KeyBlock(q, k, v, new_keys(positions, mask & jnp.tril(jnp.ones((T, T), bool))))]
+    return jnp.sum(fn(blocks, scale=0.3, window=6, **kw) ** 2)
+
+  want = jax.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2))(q, k, v)
+  got = jax.jit(jax.grad(lambda *a: loss(attend, *a, block_k=5, block_q=3, differentiable=True),
+                         argnums=(0, 1, 2)))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=2e-4, rtol=2e-4)
+  with pytest.raises(ValueError, match="Reverse-mode differentiation"):
+    jax.grad(lambda q: loss(attend, q, k, v, block_k=5, block_q=3))(q)

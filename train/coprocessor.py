@@ -38,6 +38,7 @@ import optax
 from kvjax.coprocessor import model as cop_model
 from kvjax.coprocessor.traces import (accumulate, decoders, even_points, multi_trace, room_error,
                                       trace_stats)
+from kvjax.lm.attention import Training
 from kvjax.lm.model import Model
 from kvjax.train import loop
 from kvjax.train.loop import RunConfig, TrainError, compiled
@@ -118,7 +119,7 @@ def make_steps(base: Model, cc: cop_model.CoprocessorConfig, ac: AugmentConfig,
   def loss_fn(params, base_params, batch, points):
     base_dec, cop_dec = decoders(base, base_params, cc, params)
     got = multi_trace(base_dec, cop_dec, params["soft"], batch, points, ahead=ac.ahead,
-                      delay=ac.delay, latent_offset=cc.latent_offset)
+                      delay=ac.delay, latent_offset=cc.latent_offset, training=Training())
     stats = trace_stats(got)
     return stats["loss"], stats
 

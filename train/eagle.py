@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kvjax.lm.attention import Training
 from kvjax.lm.generate import generate
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
@@ -249,6 +250,7 @@ def eagle1_loss(head: heads.Head, dec, tgt, batch, key, ec: EagleConfig):
     x = f + jax.random.uniform(key, f.shape, f.dtype, -ec.feature_noise, ec.feature_noise)
   mask = None if "segment_ids" not in batch else _causal_segments(batch["segment_ids"])
   h, _ = head(x, dec.embed_tokens(batch["targets"]), cache=None, positions=_positions(batch),
+              training=Training(),
               mask=mask)
   valid = valid_masks(batch["mask"], 1)[0][:, :-1]                      # [B, T - 1]
   feature_loss = _mean(jnp.mean(smooth_l1(h[:, :-1] - f[:, 1:]), -1), valid)
@@ -281,7 +283,8 @@ def ttt_forward(head: heads.Head, features: jax.Array, embeds: jax.Array, positi
     size = min(j + 1, K - 1) * T
     cache = _grow(cache, size)
     mask = jnp.concatenate([masks[j][..., :size], masks[j][..., S:]], axis=-1)
-    h, cache = head(x, embeds, cache=cache, positions=positions, mask=mask)
+    h, cache = head(x, embeds, cache=cache, positions=positions, mask=mask,
+                    training=Training())
     hs.append(h)
     x = _shift(h, 1)
   return hs

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from kvjax.lm import sharding, steps
-from kvjax.lm.attention import Dropout
+from kvjax.lm.attention import Training
 from kvjax.lm.config import to_hf
 from kvjax.lm.model import Model, load, save
 from kvjax.train.loop import (INT_NONNEG, INT_POSITIVE, RUN_FILE, UNIT_OPEN, Batch, RunConfig, TrainError,
@@ -79,9 +79,10 @@ class Result:
 
 
 def forward_nll(model: Model, params, batch, bf16: bool,
-                dropout: Dropout | None = None) -> jax.Array:
-  """params (pure dict, float32) -> nll [B, T] float32 of each target (unmasked); dropout only
-  in the training step."""
+                training: Training | None = None) -> jax.Array:
+  """params (pure dict, float32) -> nll [B, T] float32 of each target (unmasked). training:
+  the training step's forward (differentiable attention at any length, dropout); None for
+  evaluation."""
   if bf16:
     params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
   segments, positions, mask = batch.get("segment_ids"), batch.get("positions"), None
@@ -89,7 +90,7 @@ def forward_nll(model: Model, params, batch, bf16: bool,
     T = segments.shape[1]
     mask = (segments[:, :, None] == segments[:, None, :]) & jnp.tril(jnp.ones((T, T), bool))
   out, _ = model.with_params(params).decoder(batch["inputs"], positions=positions, mask=mask,
-                                             dropout=dropout)
+                                             training=training)
   return steps.token_nll(out.logits, batch["targets"])
 
 
@@ -112,15 +113,13 @@ def make_steps(model: Model, tc: TrainConfig, opt: optax.GradientTransformation)
   eval_step returns (sum of masked nll, mask sum, sum of masked chars)."""
   schedule_lr = optimizer_lr(tc)
 
-  def loss_fn(params, batch, dropout):
-    nll = forward_nll(model, params, batch, tc.bf16, dropout)
+  def loss_fn(params, batch, training):
+    nll = forward_nll(model, params, batch, tc.bf16, training)
     return masked_loss(nll, batch["mask"])
 
   def train_step(state, batch, key):
-    dropout = None
-    if tc.dropout or tc.attn_dropout:
-      dropout = Dropout(tc.dropout, tc.attn_dropout, jax.random.fold_in(key, state["step"]))
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, dropout)
+    training = Training(tc.dropout, tc.attn_dropout, jax.random.fold_in(key, state["step"]))
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, training)
     updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     stats = {"loss": loss, "grad_norm": optax.tree.norm(grads),
