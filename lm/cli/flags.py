@@ -155,3 +155,16 @@ def stdin_lines():
     if not line:
       return
     yield line.rstrip("\n")
+
+
+def read_text(path: str) -> str:
+  """The UTF-8 text of a --text file ("-" = stdin); ValueError naming the file otherwise."""
+  try:
+    if path == "-":
+      return sys.stdin.read()
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  except UnicodeDecodeError as err:
+    raise ValueError(f"--text {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+  except OSError as err:
+    raise ValueError(f"--text {path}: {err.strerror}") from None

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvjax.lm.cli import bench, droidspeak, generate, ppl, sot, stream
+from kvjax.lm.cli import bench, droidspeak, generate, ppl, sinks, sot, stream
 from kvjax.lm.cli.flags import PROG, run
 
 
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
   for command in (generate, stream, ppl):
     command.add(subparsers)
   _add_train(subparsers)
-  for command in (bench, droidspeak, sot):
+  for command in (bench, droidspeak, sot, sinks):
     command.add(subparsers)
   return parser
 

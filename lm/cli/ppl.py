@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-from kvjax.lm.cli.flags import DTYPES, checked, positive, nonneg, add_model_flag, load_model
+from kvjax.lm.cli.flags import (DTYPES, add_model_flag, checked, load_model, nonneg, positive,
+                                read_text)
 
 
 def add(subparsers) -> None:
@@ -85,11 +85,7 @@ def _check_ppl(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def _ppl(args: argparse.Namespace) -> int:
   from kvjax.lm.streaming import perplexity
-  if args.text == "-":
-    text = sys.stdin.read()
-  else:
-    with open(args.text, encoding="utf-8") as f:
-      text = f.read()
+  text = read_text(args.text)
   model = load_model(args)
   if model.tokenizer is None:
     raise ValueError(f"{args.model} has no tokenizer.json to encode the text with")
