@@ -471,3 +471,9 @@ def test_dropout_trains_deterministically_and_only_in_training(tmp_path, run30):
       evaluate_model(a.model, eval_batches())["eval_loss"], rel=1e-5)
   with pytest.raises(TrainError, match="dropout must be a number in \\[0, 1\\)"):
     config(tmp_path, dropout=1.0)
+
+
+def test_keep_best_without_evaluation_is_refused(tmp_path):
+  with pytest.raises(TrainError, match="need held-out evaluation batches"):
+    train(tiny_model(), config(tmp_path / "r", steps=2, eval_every=1, keep_best=True),
+          synthetic, None, progress=False)

@@ -219,6 +219,6 @@ def train(base: Model, cop: cop_model.Coprocessor, ac: AugmentConfig,
   state, records, start = loop.run_loop(
       ac, state, batches, step, evaluate=evaluate_ if eval_batches is not None else None,
       amount=lambda batch: 1.0, rate_name="steps_per_s", postfix=postfix,
-      plot_label=PLOT_LABEL, progress=progress)
+      plot_label=PLOT_LABEL, progress=progress, best_metric="eval_loss")
   host = jax.tree.map(lambda a: np.asarray(a).astype(dtype), jax.device_get(state["params"]))
   return Result(coprocessor=cop.with_params(host), records=records, resumed_from=start)

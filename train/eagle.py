@@ -478,7 +478,8 @@ def train(model: Model, head: heads.LoadedHead, ec: EagleConfig,
   state, records, start = loop.run_loop(
       ec, state, batches, step, evaluate=evaluate_ if has_eval else None,
       amount=lambda batch: float(np.sum(batch["mask"])), rate_name="tokens_per_s",
-      postfix=postfix, plot_label=PLOT_LABEL, progress=progress)
+      postfix=postfix, plot_label=PLOT_LABEL, progress=progress,
+      best_metric="eval_loss" if eval_batches is not None else None)
   host = jax.tree.map(lambda a: np.asarray(a).astype(dtype), jax.device_get(state["params"]))
   return Result(head=head.with_params(host), records=records, resumed_from=start)
 

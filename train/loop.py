@@ -254,6 +254,9 @@ def run_loop(rc: RunConfig, state, batches, step: Callable, *,
   records: list[dict[str, Any]] = []
   has_eval = evaluate is not None
   tracking = best_metric is not None and has_eval and (rc.keep_best or rc.patience)
+  if (rc.keep_best or rc.patience) and not tracking:
+    raise TrainError("keep_best and patience need held-out evaluation batches (a validation "
+                     "metric to compare)")
   peak = matmul_peak() if flops is not None else None
   with _manager(rc) as manager, _manager(rc, BEST, 1) as best_manager:
     start = 0
