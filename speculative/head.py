@@ -23,15 +23,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kvjax.cache.dense import KVCache
 from kvjax.cache.view import causal
 from kvjax.lm import config
 from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
-from kvjax.lm.config import Config
 from kvjax.lm.attention import Training
+from kvjax.lm.config import Config
 from kvjax.lm.decoder import Block, RMSNorm, init_param, run_layers
+from kvjax.pallas_kernels.splits import NEG
 
 KINDS = ("eagle1", "eagle3")
 # Shipped heads (see MODELS.md), loadable by name.
@@ -53,11 +55,15 @@ def default_fuse_layers(n_layers: int) -> tuple[int, ...]:
 class HeadConfig:
   """kind: "eagle1" or "eagle3". target: the architecture of the model the head was trained
   for (its layer is one layer of that config). fuse_layers: eagle3's fused layer inputs.
-  target_name: where the target came from (informational)."""
+  draft_vocab: eagle3's reduced draft vocabulary, the target ids of its N tokens (EAGLE-3's
+  d2t map; most frequent first): the head drafts through its own [D, N] LM head over them
+  (empty: through the target's LM head over the whole vocabulary). target_name: where the
+  target came from (informational)."""
 
   kind: str
   target: Config
   fuse_layers: tuple[int, ...] = ()
+  draft_vocab: tuple[int, ...] = ()
   target_name: str = ""
 
   def __post_init__(self):
@@ -72,6 +78,15 @@ class HeadConfig:
     elif self.fuse_layers:
       raise HeadError("fuse_layers applies to eagle3 heads only")
     object.__setattr__(self, "fuse_layers", tuple(int(i) for i in self.fuse_layers))
+    ids = tuple(int(i) for i in self.draft_vocab)
+    V = self.target.vocab_size
+    if ids and self.kind != "eagle3":
+      raise HeadError("a reduced draft vocabulary (draft_vocab) applies to eagle3 heads only")
+    if ids and (len(set(ids)) != len(ids) or not all(0 <= i < V for i in ids)):
+      raise HeadError(f"draft_vocab must be distinct token ids in [0, {V}); got "
+                      f"{len(ids)} ids, {len(set(ids))} distinct, range "
+                      f"[{min(ids)}, {max(ids)}]")
+    object.__setattr__(self, "draft_vocab", ids)
 
   @property
   def layer(self) -> Config:
@@ -80,12 +95,14 @@ class HeadConfig:
 
   def to_json(self) -> dict[str, Any]:
     return {"kind": self.kind, "fuse_layers": list(self.fuse_layers),
-            "target_name": self.target_name, "target": config.to_dict(self.target)}
+            "draft_vocab": list(self.draft_vocab), "target_name": self.target_name,
+            "target": config.to_dict(self.target)}
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> HeadConfig:
     return cls(kind=d["kind"], target=config.from_dict(d["target"]),
-               fuse_layers=tuple(d.get("fuse_layers", ())), target_name=d.get("target_name", ""))
+               fuse_layers=tuple(d.get("fuse_layers", ())),
+               draft_vocab=tuple(d.get("draft_vocab", ())), target_name=d.get("target_name", ""))
 
 
 class Head(nnx.Module):
@@ -99,6 +116,8 @@ class Head(nnx.Module):
       self.embed_norm = RMSNorm(hc.target, dtype)
       self.feature_norm = RMSNorm(hc.target, dtype)
       self.final_norm = RMSNorm(hc.target, dtype)
+    if hc.draft_vocab:
+      self.draft_head = init_param(rngs, (D, len(hc.draft_vocab)), dtype)
     self.fc = init_param(rngs, (2 * D, D), dtype)
     self.fc_bias = nnx.Param(jnp.zeros((D,), dtype))
     block = nnx.state(Block(hc.layer, rngs=rngs, dtype=dtype))
@@ -139,10 +158,24 @@ class Head(nnx.Module):
     return x, cache.write(ks, vs, positions, n_new)
 
   def logits(self, h: jax.Array, target) -> jax.Array:
-    """h [..., D] -> draft logits [..., V] float32 through the target Decoder's LM head."""
-    if self.hc.kind == "eagle3":
-      h = self.final_norm(h)
-    return target.logits(h.astype(target.dtype))
+    """h [..., D] -> draft logits [..., V] float32 through the target Decoder's LM head, or with
+    a reduced draft vocabulary its draft logits at their target ids (NEG elsewhere: never
+    drafted)."""
+    if not self.hc.draft_vocab:
+      if self.hc.kind == "eagle3":
+        h = self.final_norm(h)
+      return target.logits(h.astype(target.dtype))
+    z = self.draft_logits(h, target)
+    full = jnp.full((*z.shape[:-1], self.hc.target.vocab_size), NEG, jnp.float32)
+    return full.at[..., jnp.asarray(self.hc.draft_vocab)].set(z)
+
+  def draft_logits(self, h: jax.Array, target) -> jax.Array:
+    """h [..., D] -> [..., N] float32 logits over the reduced draft vocabulary (its own LM
+    head, the target's final soft-cap)."""
+    z = jnp.einsum("...d,dn->...n", self.final_norm(h), self.draft_head[...],
+                   preferred_element_type=jnp.float32)
+    cap = self.hc.target.final_softcap
+    return z if cap is None else jnp.tanh(z / cap) * cap
 
 
 def new_cache(hc: HeadConfig, batch: int, size: int, dtype) -> KVCache:
@@ -185,11 +218,13 @@ class LoadedHead:
 
 
 def init(target, kind: str = "eagle1", *, seed: int = 0, fuse_layers: tuple[int, ...] = (),
-         copy_top_layer: bool = True) -> LoadedHead:
+         draft_vocab: tuple[int, ...] = (), copy_top_layer: bool = True) -> LoadedHead:
   """A fresh head for `target` (a kvjax.lm.Model). copy_top_layer: start its decoder layer
-  from the target's top layer (trains faster than random)."""
+  from the target's top layer (trains faster than random). draft_vocab: eagle3's reduced
+  draft vocabulary (`draft_vocabulary`); its LM head starts as the target's columns of
+  those tokens."""
   hc = HeadConfig(kind=kind, target=target.cfg, fuse_layers=fuse_layers,
-                  target_name=os.path.basename(target.path or ""))
+                  draft_vocab=tuple(draft_vocab), target_name=os.path.basename(target.path or ""))
   head = Head(hc, rngs=nnx.Rngs(seed), dtype=target.dtype)
   graphdef, state = nnx.split(head)
   if copy_top_layer:
@@ -197,7 +232,24 @@ def init(target, kind: str = "eagle1", *, seed: int = 0, fuse_layers: tuple[int,
     top = jax.tree.map(lambda a: a[-1:], target.params()["blocks"])
     params["blocks"] = top
     nnx.replace_by_pure_dict(state, params)
+  if hc.draft_vocab:
+    params = nnx.to_pure_dict(state)
+    t = target.params()
+    w = t["embed"].T if target.cfg.tie_embeddings else t["head"]           # [D, V]
+    params["draft_head"] = jnp.asarray(w)[:, jnp.asarray(hc.draft_vocab)].astype(target.dtype)
+    nnx.replace_by_pure_dict(state, params)
   return LoadedHead(hc, graphdef, state)
+
+
+def draft_vocabulary(token_ids, n: int, vocab_size: int) -> tuple[int, ...]:
+  """EAGLE-3's reduced draft vocabulary: the n most frequent ids of token_ids (any int array
+  of target tokens; ties by smaller id), most frequent first."""
+  if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= vocab_size:
+    raise HeadError(f"the draft vocabulary size must be an int in [1, {vocab_size}]; got {n!r}")
+  ids = np.asarray(token_ids).reshape(-1)
+  counts = np.bincount(ids[(ids >= 0) & (ids < vocab_size)], minlength=vocab_size)
+  order = np.lexsort((np.arange(vocab_size), -counts))
+  return tuple(int(i) for i in order[:n])
 
 
 def save(head: LoadedHead, path: str) -> None:

@@ -475,5 +475,5 @@ def test_dropout_trains_deterministically_and_only_in_training(tmp_path, run30):
 
 def test_keep_best_without_evaluation_is_refused(tmp_path):
   with pytest.raises(TrainError, match="need held-out evaluation batches"):
-    train(tiny_model(), config(tmp_path / "r", steps=2, eval_every=1, keep_best=True),
+    train(tiny_model(), config(tmp_path / "r", steps=4, eval_every=1, keep_best=True),
           synthetic, None, progress=False)

@@ -7,6 +7,7 @@ learn). The CLI run and the library runs share settings, so they share compiled 
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from kvjax import lm, speculative
 from kvjax.lm import tiny
@@ -310,3 +312,45 @@ def test_missing_target_and_bad_config(tmp_path, setup):
   conf.write_text(json.dumps({"kind": "medusa"}))
   code, _, err = run_cli("eagle", "--config", conf)
   assert code == 2 and "--kind must be one of eagle1, eagle3; got 'medusa'" in err
+
+
+def test_eagle3_reduced_draft_vocabulary(setup, tmp_path):
+  """An eagle3 head with a reduced draft vocabulary (EAGLE-3's d2t): the N most frequent
+  target tokens of the first batches (kvjax train eagle --draft-vocab N), its own LM head
+  started from the target's columns, drafts only those tokens, trains (loss over the draft
+  vocabulary at positions whose target argmax is in it), saves and loads with its map, and
+  speculative generation stays lossless."""
+  root, target_dir, corpus, target = setup
+  out = tmp_path / "e3v"
+  flags = [f for f in CLI_FLAGS]
+  flags[flags.index("eagle1")] = "eagle3"
+  code, stdout, err = run_cli("eagle", "--target", target_dir, "--text", corpus, "--out", out,
+                              "--draft-vocab", 24, *flags)
+  assert code == 0, err
+  head = speculative.load_head(str(out / "head"), target)
+  d2t = head.hc.draft_vocab
+  assert len(d2t) == 24 and len(set(d2t)) == 24
+  data = text_data(setup)
+  first = np.concatenate([b["targets"][b["mask"] > 0] for b in
+                          itertools.islice(data.train_batches(0), 64)])
+  counts = np.bincount(first, minlength=target.cfg.vocab_size)
+  assert list(d2t) == sorted(range(target.cfg.vocab_size), key=lambda i: (-counts[i], i))[:24]
+  records = metrics.read(str(out))
+  assert np.isfinite([r["loss"] for r in records]).all()
+  assert np.mean(losses(records)[-5:]) < losses(records)[0]
+  h = jnp.ones((2, target.cfg.d_model), jnp.float32)
+  logits = np.asarray(nnx.merge(head.graphdef, head.state).logits(h, target.decoder))
+  outside = np.setdiff1d(np.arange(target.cfg.vocab_size), d2t)
+  assert (logits[:, outside] < -1e30).all() and set(np.argmax(logits, -1)) <= set(d2t)
+  prompt = target.tokenizer.encode("to be or not")
+  want = lm.generate(target, [prompt], max_new_tokens=16, stop_tokens=[])
+  got = speculative.generate(target, head, [prompt], max_new_tokens=16, stop_tokens=[],
+                             tree=TREE)
+  assert got.tokens == want.tokens
+  code, _, err = run_cli("eagle", "--target", target_dir, "--text", corpus, "--out",
+                         tmp_path / "x", "--draft-vocab", 8, *CLI_FLAGS)
+  assert code == 2 and "--draft-vocab applies to --kind eagle3" in err
+  with pytest.raises(speculative.HeadError, match="distinct token ids"):
+    speculative.init_head(target, "eagle3", draft_vocab=(3, 3))
+  with pytest.raises(speculative.HeadError, match="eagle3 heads only"):
+    speculative.init_head(target, "eagle1", draft_vocab=(3, 4))

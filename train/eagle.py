@@ -301,17 +301,24 @@ def eagle3_loss(head: heads.Head, dec, tgt, batch, key, ec: EagleConfig):
   label = jnp.pad(tgt["logits"][:, 1:], ((0, 0), (0, 1), (0, 0)))       # L_{i+1}; 0 at T - 1
   best = jnp.argmax(label, -1)
   valid = valid_masks(batch["mask"], K)                                  # [K, B, T]
+  d2t = jnp.asarray(head.hc.draft_vocab, jnp.int32)
+  if head.hc.draft_vocab:
+    # a reduced draft vocabulary (EAGLE-3): the target's distribution renormalised over the N
+    # draft tokens is the label, at positions whose target argmax is one of them
+    label = label[..., d2t]
+    valid = valid * jnp.isin(best, d2t)[None]
   weights = [ec.step_decay ** j for j in range(K)]
   total, stats = 0.0, {}
   for j, h in enumerate(hs):
-    q = head.logits(h, dec)
+    q = head.draft_logits(h, dec) if head.hc.draft_vocab else head.logits(h, dec)
     ce = _mean(soft_ce(label, q), valid[j])
     total = total + weights[j] * ce
+    drafted = d2t[jnp.argmax(q, -1)] if head.hc.draft_vocab else jnp.argmax(q, -1)
     if j == 0:
       stats["ce"] = ce
-      stats["top1"] = _mean(jnp.argmax(q, -1) == best, valid[0])
+      stats["top1"] = _mean(drafted == best, valid[0])
     if j == K - 1 and K > 1:
-      stats["top1_last"] = _mean(jnp.argmax(q, -1) == best, valid[j])
+      stats["top1_last"] = _mean(drafted == best, valid[j])
   loss = total / sum(weights)
   return loss, {"loss": loss, **stats, "n": jnp.sum(valid[0])}
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
 import time
+
+import numpy as np
 
 from kvjax.lm.cli.flags import checked, nonneg, positive
 from kvjax.train.cli.common import (add_data_flags, add_output_flags, add_period_flags,
@@ -19,7 +22,7 @@ EAGLE_DEFAULTS = dict(kind="eagle1", batch_size=16, seq_len=256, steps=1000, lr=
                       self_distill=0, distill_temperature=1.0, save_every=0, keep=3,
                       eval_every=0, log_every=10, eval_batches=8, eval_prompts=4,
                       tree_top_k=8, tree_depth=5, tree_tokens=32, eval_fraction=0.1,
-                      eval_split="validation", no_progress=False, json=False)
+                      eval_split="validation", draft_vocab=0, no_progress=False, json=False)
 
 
 EAGLE_DESCRIPTION = """\
@@ -45,6 +48,10 @@ def add_eagle(sub) -> argparse.ArgumentParser:
   p.add_argument("--target", metavar="DIR_OR_NAME",
                  help="the frozen target: a model directory or bundled name (e.g. shakespeare)")
   p.add_argument("--kind", choices=KINDS, help="head kind (default eagle1)")
+  p.add_argument("--draft-vocab", type=nonneg, metavar="N",
+                 help="eagle3: a reduced draft vocabulary of the N most frequent target tokens "
+                 "of the first 64 training batches, with its own LM head (0 = the target's LM "
+                 "head over the whole vocabulary, the default)")
   g = add_data_flags(p, "target")
   g.add_argument("--self-distill", type=nonneg, metavar="N",
                  help="train on N sequences the target generates after corpus prompts instead "
@@ -85,6 +92,8 @@ def check_eagle(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
   settle(parser, args, EAGLE_DEFAULTS)
   if args.kind not in KINDS:
     parser.error(f"--kind must be one of {', '.join(KINDS)}; got {args.kind!r}")
+  if args.draft_vocab and args.kind != "eagle3":
+    parser.error("--draft-vocab applies to --kind eagle3")
   check_frozen(parser, args, "target", "the model the head drafts for")
   check_run_flags(parser, args, "checkpoints, metrics and the head")
   try:
@@ -162,7 +171,12 @@ def run_eagle(args: argparse.Namespace) -> int:
   model = load(args.target)
   os.makedirs(args.out, exist_ok=True)
   batches, eval_batches, prompts = _eagle_data(args, model, ec)
-  head = heads.init(model, ec.kind, seed=args.seed)
+  draft_vocab = ()
+  if args.draft_vocab:  # the most frequent targets of the first batches: the same on resume
+    first = [b["targets"][b["mask"] > 0] for b in itertools.islice(batches(0), 64)]
+    draft_vocab = heads.draft_vocabulary(np.concatenate(first), args.draft_vocab,
+                                         model.cfg.vocab_size)
+  head = heads.init(model, ec.kind, seed=args.seed, draft_vocab=draft_vocab)
   result = train(model, head, ec, batches, eval_batches, prompts, progress=not args.no_progress)
   export = args.export or os.path.join(args.out, "head")
   heads.save(result.head, export)
