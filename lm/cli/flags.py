@@ -168,3 +168,12 @@ def read_text(path: str) -> str:
     raise ValueError(f"--text {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
   except OSError as err:
     raise ValueError(f"--text {path}: {err.strerror}") from None
+
+
+def model_and_text(args: argparse.Namespace):
+  """(the --model, cast to --dtype, and the token ids of the --text file it encodes)."""
+  text = read_text(args.text)
+  model = load_model(args)
+  if model.tokenizer is None:
+    raise ValueError(f"{args.model} has no tokenizer.json to encode the text with")
+  return model, model.tokenizer.encode(text)

@@ -7,8 +7,8 @@ import argparse
 import json
 import os
 
-from kvjax.lm.cli.flags import (DTYPES, add_model_flag, checked, load_model, nonneg, positive,
-                                read_text)
+from kvjax.lm.cli.flags import (DTYPES, add_model_flag, checked, model_and_text, nonneg,
+                                positive)
 
 
 def add(subparsers) -> None:
@@ -85,11 +85,7 @@ def _check_ppl(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def _ppl(args: argparse.Namespace) -> int:
   from kvjax.lm.streaming import perplexity
-  text = read_text(args.text)
-  model = load_model(args)
-  if model.tokenizer is None:
-    raise ValueError(f"{args.model} has no tokenizer.json to encode the text with")
-  ids = model.tokenizer.encode(text)
+  model, ids = model_and_text(args)
   if args.coprocessor is not None:
     return _ppl_augmented(args, model, ids)
   got = perplexity(model, ids, cache=args.cache, n_sink=args.sinks, window=args.window,

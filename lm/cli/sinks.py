@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from kvjax.lm.cli.flags import DTYPES, add_model_flag, load_model, positive, read_text
+from kvjax.lm.cli.flags import DTYPES, add_model_flag, model_and_text, positive
 
 
 def add(subparsers) -> None:
@@ -40,11 +40,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def _sinks(args: argparse.Namespace) -> int:
   from kvjax.lm.streaming import sinks
-  text = read_text(args.text)
-  model = load_model(args)
-  if model.tokenizer is None:
-    raise ValueError(f"{args.model} has no tokenizer.json to encode the text with")
-  ids = model.tokenizer.encode(text)
+  model, ids = model_and_text(args)
   if args.tokens is not None:
     if args.tokens > len(ids):
       raise ValueError(f"--tokens {args.tokens}: the text has only {len(ids)} tokens")
