@@ -108,11 +108,15 @@ def row(stream: SplitTokens, r: int, seq_len: int,
   out["targets"][:n] = stream.tokens[lo + 1:hi]
   out["mask"][:n] = doc_in == doc_out
   out["chars"][:n] = stream.chars[lo + 1:hi]
-  out["segment_ids"][:n] = doc_in - doc_in[0] + 1
-  idx = np.arange(n)
-  starts = np.where(np.concatenate([[True], doc_in[1:] != doc_in[:-1]]), idx, 0)
-  out["positions"][:n] = idx - np.maximum.accumulate(starts)
+  out["segment_ids"][:n], out["positions"][:n] = _segments(doc_in)
   return out
+
+
+def _segments(doc_in: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(segment ids 1, 2, ..., position inside the segment) of a row's inputs, by document."""
+  idx = np.arange(len(doc_in))
+  starts = np.where(np.concatenate([[True], doc_in[1:] != doc_in[:-1]]), idx, 0)
+  return doc_in - doc_in[0] + 1, idx - np.maximum.accumulate(starts)
 
 
 def bos_row(stream: SplitTokens, r: int, seq_len: int, bos_id: int) -> dict[str, np.ndarray]:
@@ -137,10 +141,7 @@ def bos_row(stream: SplitTokens, r: int, seq_len: int, bos_id: int) -> dict[str,
   out["targets"][:m] = stream.tokens[lo:hi]
   out["mask"][1:m] = doc_in[1:] == docs[1:]
   out["chars"][:m] = stream.chars[lo:hi]
-  out["segment_ids"][:m] = doc_in - doc_in[0] + 1
-  idx = np.arange(m)
-  starts = np.where(np.concatenate([[True], doc_in[1:] != doc_in[:-1]]), idx, 0)
-  out["positions"][:m] = idx - np.maximum.accumulate(starts)
+  out["segment_ids"][:m], out["positions"][:m] = _segments(doc_in)
   return out
 
 

@@ -121,9 +121,8 @@ class RunConfig:
       raise TrainError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps})")
     if self.patience and not self.eval_every:
       raise TrainError("patience (early stopping) needs eval_every > 0: it counts evaluations")
-    for name in ("keep_best",):
-      if not isinstance(getattr(self, name), bool):
-        raise TrainError(f"{name} must be a bool; got {getattr(self, name)!r}")
+    if not isinstance(self.keep_best, bool):
+      raise TrainError(f"keep_best must be a bool; got {self.keep_best!r}")
     if not isinstance(self.out_dir, str) or not self.out_dir:
       raise TrainError(f"out_dir must be a non-empty path; got {self.out_dir!r}")
 
