@@ -66,7 +66,7 @@ def bits_per_char(model, tail: list[int], loss: float) -> float:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--prefix-lens", default="256,512,1024,1900")
+  p.add_argument("--prefix-lens", default="256,512,1024")
   p.add_argument("--prompts", type=positive, default=4)
   p.add_argument("--eval-tokens", type=positive, default=64)
   p.add_argument("--new-tokens", type=positive, default=16)

@@ -252,12 +252,16 @@ def draft_vocabulary(token_ids, n: int, vocab_size: int) -> tuple[int, ...]:
   return tuple(int(i) for i in order[:n])
 
 
-def save(head: LoadedHead, path: str) -> None:
-  """Writes head.json and params/ (orbax) into a new directory `path`."""
+def save(head: LoadedHead, path: str, *, dtype=None) -> None:
+  """Writes head.json and params/ (orbax; cast to `dtype` when given, e.g. bfloat16 to ship)
+  into a new directory `path`. `load` casts the params to the target's dtype."""
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "head.json"), "w") as f:
     json.dump(head.hc.to_json(), f, indent=2)
-  save_params(os.path.join(path, "params"), head.params())
+  params = jax.device_get(head.params())
+  if dtype is not None:
+    params = jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
+  save_params(os.path.join(path, "params"), params)
 
 
 def resolve(path: str) -> str:

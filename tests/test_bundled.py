@@ -23,11 +23,17 @@ def models():
   return {name: lm.load(name) for name in NAMES}
 
 
-def test_bundled_names_and_package_size():
+def _size(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path)
+             for f in files)
+
+
+def test_bundled_names_and_shipped_weights_size():
+  """Everything kvjax ships (models, EAGLE heads, coprocessors) fits in 80 MB."""
+  from kvjax.coprocessor.model import BUNDLED_DIR as COPROCESSORS
+  from kvjax.speculative.head import BUNDLED_DIR as HEADS
   assert set(NAMES) <= set(lm.bundled())
-  total = sum(os.path.getsize(os.path.join(root, f))
-              for root, _, files in os.walk(BUNDLED_DIR) for f in files)
-  assert total <= 40 * 2**20
+  assert _size(BUNDLED_DIR) + _size(HEADS) + _size(COPROCESSORS) <= 80e6
 
 
 def test_load_by_name(models):
