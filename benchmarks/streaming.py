@@ -4,9 +4,9 @@
     python benchmarks/streaming.py --parts cost,kernel  # on a GPU: the cost and kernel rows
 
 Parts (--parts, comma-separated):
-  quality  Perplexity of the bundled `shakespeare` model (trained on 256-token windows) on the
-           first --tokens tokens of a held-out play (test split, not a comedy), fed token by
-           token (`kvjax.lm.streaming.perplexity`) with a cache of --cache-size slots:
+  quality  Perplexity of the bundled `shakespeare` model on the first --tokens tokens of a
+           held-out play (test split, not a comedy), fed token by token
+           (`kvjax.lm.streaming.perplexity`) with a cache of --cache-size slots:
            `window` (no sinks), `recompute` (the last --cache-size tokens recomputed from
            scratch for every token, the quality baseline) and `sink` with 0/1/2/4/8 sinks
            (window = cache size - sinks), the shape of the StreamingLLM paper's Table 2.
