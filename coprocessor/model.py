@@ -345,10 +345,7 @@ def save(cop: Coprocessor, path: str, *, dtype=None) -> None:
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, CONFIG_FILE), "w") as f:
     json.dump(cop.cc.to_json(), f, indent=2)
-  params = jax.device_get(cop.params)
-  if dtype is not None:
-    params = jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
-  save_params(os.path.join(path, "params"), params)
+  save_params(os.path.join(path, "params"), cop.params, dtype=dtype)
 
 
 def shipped() -> tuple[str, ...]:

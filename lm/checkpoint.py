@@ -179,11 +179,14 @@ def save_hf(path: str, params: dict[str, Any], cfg: Config) -> None:
   save_file(tensors, os.path.join(path, SINGLE), metadata={"format": "pt"})
 
 
-def save_params(path: str, params: Any) -> None:
-  """Saves a params pytree with orbax (path must not exist yet)."""
+def save_params(path: str, params: Any, *, dtype=None) -> None:
+  """Saves a params pytree with orbax (path must not exist yet), cast to `dtype` when given
+  (e.g. bfloat16 to ship); `restore_params` casts back to its `like`'s dtypes."""
   import orbax.checkpoint as ocp
   if os.path.exists(path):
     raise FileExistsError(f"{path} already exists; save_params writes a new directory")
+  if dtype is not None:
+    params = jax.tree.map(lambda a: np.asarray(a).astype(dtype), jax.device_get(params))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.abspath(path), params)
 

@@ -258,10 +258,7 @@ def save(head: LoadedHead, path: str, *, dtype=None) -> None:
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "head.json"), "w") as f:
     json.dump(head.hc.to_json(), f, indent=2)
-  params = jax.device_get(head.params())
-  if dtype is not None:
-    params = jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
-  save_params(os.path.join(path, "params"), params)
+  save_params(os.path.join(path, "params"), head.params(), dtype=dtype)
 
 
 def resolve(path: str) -> str:

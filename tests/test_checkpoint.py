@@ -1,6 +1,7 @@
 """Saving and restoring: orbax params checkpoints and Hugging Face format directories."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -43,6 +44,18 @@ def test_orbax_round_trip(models, tmp_path):
   restored = lm.restore_params(path, like)
   leaves_equal(restored, model.params())
   np.testing.assert_array_equal(lm.score(model.with_params(restored), IDS), lm.score(model, IDS))
+
+
+
+def test_orbax_saved_in_bfloat16_restores_in_the_likes_dtype(models, tmp_path):
+  model = models("llama")
+  path = str(tmp_path / "ckpt16")
+  lm.save_params(path, model.params(), dtype=jnp.bfloat16)
+  restored = lm.restore_params(path, jax.eval_shape(model.params))
+  want = jax.tree.map(lambda a: np.asarray(a).astype(jnp.bfloat16).astype(np.float32),
+                      model.params())
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(restored))
+  leaves_equal(restored, want)
 
 
 def test_orbax_restore_into_other_shape(models, tmp_path):

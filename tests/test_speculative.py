@@ -262,6 +262,12 @@ def test_head_roundtrip_and_mismatch(model, head, tmp_path):
     speculative.generate(other, head, "x", max_new_tokens=2)
   with pytest.raises(FileNotFoundError, match="not a head directory"):
     speculative.load_head(str(tmp_path / "nope"), model)
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "head.json").write_text("{\"kind\": 3")
+  with pytest.raises(speculative.HeadError, match="head.json: invalid JSON"):
+    speculative.load_head(str(tmp_path / "bad"), model)
+  with pytest.raises(speculative.HeadError, match="kind must be one of"):
+    hd.HeadConfig(kind="medusa", target=model.cfg)
 
 
 def test_head_saved_in_bfloat16_loads_in_the_targets_dtype(model, head, tmp_path):
@@ -270,12 +276,6 @@ def test_head_saved_in_bfloat16_loads_in_the_targets_dtype(model, head, tmp_path
   for a, b in zip(jax.tree.leaves(head.params()), jax.tree.leaves(back.params())):
     assert b.dtype == model.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(a).astype(jnp.bfloat16).astype(np.float32), b)
-  (tmp_path / "bad").mkdir()
-  (tmp_path / "bad" / "head.json").write_text("{\"kind\": 3")
-  with pytest.raises(speculative.HeadError, match="head.json: invalid JSON"):
-    speculative.load_head(str(tmp_path / "bad"), model)
-  with pytest.raises(speculative.HeadError, match="kind must be one of"):
-    hd.HeadConfig(kind="medusa", target=model.cfg)
 
 
 def test_eagle3_head_runs(model):
