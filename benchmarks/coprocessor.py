@@ -1,6 +1,6 @@
 """Cache augmentation on the bundled `shakespeare` model: perplexity after augmentation points.
 
-    python benchmarks/coprocessor.py          # the shipped shakespeare-8 and -16 (CPU, ~10 min)
+    python benchmarks/coprocessor.py          # the shipped shakespeare-8 and -16 (CPU, ~4.5 min)
     python benchmarks/coprocessor.py --coprocessors shakespeare-16,runs/pause-16/coprocessor
 
 Each of --coprocessors (a shipped name or a `kvjax train coprocessor` export directory; the

@@ -3,7 +3,11 @@
     python benchmarks/droidspeak.py          # CPU, ~10 min on 2 cores
 
 One run: first the offline profile (`kvjax.cache.droidspeak.profile.profile`) on the
-validation plays (4 windows, 512-token prefixes), which gives the Pareto front and the best KV-only plan [0, k);
+validation comedy, As You Like It (4 windows, 512-token prefixes: the receiver's domain, where
+its advantage over the sender is what a plan should keep; on the other validation plays the
+comedy fine-tune's advantage is near zero and the kept share is noise), which gives the Pareto
+front, the best KV-only plan [0, k) and the plans `profile.pick` chooses for >= 90% kept and
+for >= 1.7x;
 then, on the held-out comedy of the test split (The Comedy of Errors), --prompts windows per
 prefix length in --prefix-lens, each a prefix the receiver reuses and --eval-tokens scored
 tokens after it. Rows per prefix length:
@@ -15,7 +19,7 @@ tokens after it. Rows per prefix length:
                              last token's logits (what `lm.generate` pays)
   full KV reuse              every layer's K/V from the sender (plan none)
   KV reuse from layer k      recompute [0, k), reuse [k, L): the profile's best k
-  DroidSpeak <plan>          each plan on the profile's Pareto front
+  DroidSpeak <plan>          each plan on the profile's Pareto front, and the two picks
   sender itself              the base model's own loss on the same text (no receiver)
 
 Columns: the receiver's mean next-token loss over the scored tokens and in bits per character,
@@ -41,11 +45,12 @@ from kvjax.cache.droidspeak import profile as run
 from kvjax.lm.cli import positive
 
 
-def held_out_comedy() -> str:
+def comedy(split: str) -> str:
+  """The one comedy of a split: As You Like It (validation), The Comedy of Errors (test)."""
   from kvjax.train import corpus
   docs = corpus.read_documents("shakespeare")
-  split = corpus.assign_splits(docs)
-  (doc,) = [d for d in docs if d.genre == "comedy" and split[d.path] == "test"]
+  splits = corpus.assign_splits(docs)
+  (doc,) = [d for d in docs if d.genre == "comedy" and splits[d.path] == split]
   return doc.text
 
 
@@ -75,18 +80,25 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   sender, receiver = lm.load("shakespeare"), lm.load("shakespeare-comedy")
   L = receiver.cfg.n_layers
-  print("profiling on the validation plays ...", file=sys.stderr)
+  print("profiling on the validation comedy ...", file=sys.stderr)
   prof = run.profile(sender, receiver,
-                     run.windows(receiver.tokenizer.encode(run.validation_text()), 4,
+                     run.windows(receiver.tokenizer.encode(comedy("validation")), 4,
                                  512 + args.eval_tokens + 1),
                      eval_tokens=args.eval_tokens, max_new_tokens=args.new_tokens,
                      repeats=3, progress=False)
   kv = best_kv_only(prof, L)
   plans = [("receiver full prefill", ds.Plan.full(L)), ("full KV reuse", ds.Plan.reuse_all(L)),
            (f"KV reuse from layer {kv.groups[0][1] if kv.groups else 0}", kv)]
-  plans += [(f"DroidSpeak {p}", ds.Plan.parse(p, L)) for p in prof["pareto"]
-            if p not in {str(q) for _, q in plans}]
-  ids = receiver.tokenizer.encode(held_out_comedy())
+  picks = []
+  for kw in (dict(min_kept=0.9), dict(min_speedup=1.7)):
+    try:
+      picks.append(run.pick(prof, **kw))
+    except ValueError as err:
+      print(f"  pick({kw}): {err}", file=sys.stderr)
+  for p in list(prof["pareto"]) + picks:
+    if p not in {str(q) for _, q in plans}:
+      plans.append((f"DroidSpeak {p}", ds.Plan.parse(p, L)))
+  ids = receiver.tokenizer.encode(comedy("test"))
   res = dict(machine=report.describe(), settings=vars(args), profile=prof, rows=[])
   for P in [int(x) for x in args.prefix_lens.split(",")]:
     prompts = run.windows(ids, args.prompts, P + args.eval_tokens + 1)

@@ -21,6 +21,7 @@ of the decode cache's arrays. Writes <out>/sot_<backend>.json and .md.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
   p.add_argument("--runs", default="3x48,5x24,5x48,5x96,8x48",
                  help="comma-separated POINTSxTOKENS: skeleton size (3, 5 or 8) x tokens per point")
   p.add_argument("--repeats", type=positive, default=7)
-  p.add_argument("--out", default="benchmarks/results")
+  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = p.parse_args(argv)
   try:
     runs = [tuple(int(x) for x in r.split("x")) for r in args.runs.split(",")]

@@ -1,6 +1,6 @@
 """StreamingLLM: quality, per-token cost and memory of the sink cache vs its baselines, one run.
 
-    python benchmarks/streaming.py                      # all parts, ~15 min on 2 CPU cores
+    python benchmarks/streaming.py                      # all parts, ~23 min on 2 CPU cores
     python benchmarks/streaming.py --parts cost,kernel  # on a GPU: the cost and kernel rows
 
 Parts (--parts, comma-separated):

@@ -106,6 +106,8 @@ def test_shipped_heads_draft_for_shakespeare(models, name):
   base = models["shakespeare"]
   head = speculative.load_head(name, base)
   assert head.hc.kind == HEADS[name] and head.hc.target_name == "shakespeare"
+  if head.hc.kind == "eagle3":  # EAGLE-3's low / middle / high layers of 12, a reduced vocabulary
+    assert head.hc.fuse_layers == (2, 6, 9) and len(head.hc.draft_vocab) == 1024
   ids = base.tokenizer.encode(_held_out("tragedy"), add_special_tokens=False)
   prompt = ids[len(ids) // 2:len(ids) // 2 + 64]
   tree = speculative.TreeSpec(top_k=4, depth=4, total_tokens=12)

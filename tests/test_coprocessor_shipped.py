@@ -16,7 +16,7 @@ def test_names_and_configs():
   base = lm.load("shakespeare")
   for name, n in (("shakespeare-8", 8), ("shakespeare-16", 16)):
     cop = cp.load(name, base)
-    assert cop.n_latents == n and cop.cc.kind == "coprocessor" and cop.cc.init == "copy"
+    assert cop.n_latents == n and cop.cc.kind == "coprocessor" and cop.cc.init == "lora"
     assert cop.cc.base_name == "shakespeare" and cop.soft.dtype == base.dtype
   other = lm.load("shakespeare-comedy")  # same architecture: loads (a base_name is advisory)
   assert cp.load("shakespeare-8", other).n_latents == 8
