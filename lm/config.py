@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import os
 from typing import Any
@@ -13,11 +14,42 @@ ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"
                "gelu_new": "gelu_tanh", "gelu": "gelu"}
 ROPE_TYPES = ("default", "linear", "llama3")
 SIZES = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
-         "max_position")
+         "max_position", "rope_original_max_position")
+POSITIVE = ("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor",
+            "rope_high_freq_factor")  # finite numbers > 0
+OPTIONAL_POSITIVE = ("query_pre_attn_scalar", "attn_softcap", "final_softcap")  # None or > 0
+FLAGS = ("qkv_bias", "o_bias", "mlp_bias", "norm_plus_one", "scale_embeddings",
+         "tie_embeddings", "post_norms")
+# Config field -> the Hugging Face config.json key it is read from (for error messages).
+HF_KEYS = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
+           "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
+           "head_dim": "head_dim", "ffn_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
+           "max_position": "max_position_embeddings", "rope_theta": "rope_theta",
+           "rope_factor": "rope_scaling.factor",
+           "rope_low_freq_factor": "rope_scaling.low_freq_factor",
+           "rope_high_freq_factor": "rope_scaling.high_freq_factor",
+           "rope_original_max_position": "rope_scaling.original_max_position_embeddings",
+           "query_pre_attn_scalar": "query_pre_attn_scalar",
+           "attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
+           "windows": "sliding_window"}
 
 
 class ConfigError(ValueError):
-  """A config.json that kvjax cannot run (unknown family, unsupported option)."""
+  """A config that kvjax cannot run (unknown family, unsupported option, a value outside its
+  domain). `field` names the offending Config field when there is one."""
+
+  def __init__(self, message: str, *, field: str | None = None):
+    super().__init__(message)
+    self.field = field
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_positive(v) -> bool:
+  return (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+          and v > 0)
 
 
 def read_json(file: str, *, required: bool, error: type[Exception] | None = None) -> dict | None:
@@ -78,10 +110,26 @@ class Config:
   windows: tuple[int, ...] = ()
 
   def __post_init__(self):
+    """Checks every field for its domain; ConfigError (with `.field`) names the first bad one."""
+    def bad(name, expected):
+      raise ConfigError(f"{name} must be {expected}; got {getattr(self, name)!r}", field=name)
+
     for name in SIZES:
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-        raise ConfigError(f"{name} must be an int >= 1; got {v!r}")
+      if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+        bad(name, "an int >= 1")
+    for name in POSITIVE:
+      if not _is_positive(getattr(self, name)):
+        bad(name, "a finite number > 0")
+    for name in OPTIONAL_POSITIVE:
+      if getattr(self, name) is not None and not _is_positive(getattr(self, name)):
+        bad(name, "null or a finite number > 0")
+    for name in FLAGS:
+      if not isinstance(getattr(self, name), bool):
+        bad(name, "true or false")
+    if self.rope_type == "llama3" and self.rope_low_freq_factor >= self.rope_high_freq_factor:
+      raise ConfigError(f"rope_low_freq_factor ({self.rope_low_freq_factor!r}) must be below "
+                        f"rope_high_freq_factor ({self.rope_high_freq_factor!r}) for llama3 "
+                        "RoPE scaling", field="rope_low_freq_factor")
     if self.family not in FAMILIES:
       raise ConfigError(f"family {self.family!r} is not one of {FAMILIES}")
     if self.act not in ("silu", "gelu_tanh", "gelu"):
@@ -89,11 +137,15 @@ class Config:
     if self.rope_type not in ROPE_TYPES:
       raise ConfigError(f"rope_type {self.rope_type!r} is not one of {ROPE_TYPES}")
     if self.n_heads % self.n_kv_heads:
-      raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+      raise ConfigError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}",
+                        field="n_kv_heads")
     if not self.windows:
       object.__setattr__(self, "windows", (0,) * self.n_layers)
     if len(self.windows) != self.n_layers:
-      raise ConfigError(f"windows has {len(self.windows)} entries for {self.n_layers} layers")
+      raise ConfigError(f"windows has {len(self.windows)} entries for {self.n_layers} layers",
+                        field="windows")
+    if not all(_is_int(w) and w >= 0 for w in self.windows):
+      bad("windows", "ints >= 0 (0: global attention)")
 
   @property
   def query_scale(self) -> float:
@@ -146,9 +198,22 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
       raise ConfigError(f"{source}: {key} must be an int >= 1; got {v!r}")
     return v
 
+  def opt(key, default, table=hf):
+    """table[key], or default when the key is absent or null (as transformers reads it); a
+    present value is never replaced, so Config's checks see it."""
+    v = table.get(key)
+    return default if v is None else v
+
+  def num(v):
+    """Real numbers as float (ints in JSON); anything else unchanged, for Config to refuse."""
+    return float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
+
   D, N = need("hidden_size"), need("num_attention_heads")
   L = need("num_hidden_layers")
   V, F = need("vocab_size"), need("intermediate_size")
+  if hf.get("head_dim") is None and D % N:
+    raise ConfigError(f"{source}: hidden_size {D} is not a multiple of num_attention_heads {N} "
+                      "and there is no head_dim")
   rope = dict(hf.get("rope_parameters") or {})
   if hf.get("rope_scaling"):  # transformers 4.x
     rope.update(hf["rope_scaling"])
@@ -161,7 +226,10 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
   if act_name not in ACTIVATIONS:
     raise ConfigError(f"{source}: activation {act_name!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
 
-  window = hf.get("sliding_window") or 0
+  window = opt("sliding_window", 0)
+  if not _is_int(window) or window < 0:
+    raise ConfigError(f"{source}: sliding_window must be an int >= 0 (0 or null: none); got "
+                      f"{window!r}", field="windows")
   layer_types = hf.get("layer_types")
   if family == "qwen2" and not hf.get("use_sliding_window", False):
     window = 0
@@ -183,18 +251,18 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
         d_model=D,
         n_layers=L,
         n_heads=N,
-        n_kv_heads=hf.get("num_key_value_heads") or N,
-        head_dim=hf.get("head_dim") or D // N,
+        n_kv_heads=opt("num_key_value_heads", N),
+        head_dim=opt("head_dim", D // N),
         ffn_dim=F,
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        max_position=hf.get("max_position_embeddings", 2048),
+        norm_eps=num(opt("rms_norm_eps", 1e-6)),
+        max_position=opt("max_position_embeddings", 2048),
         act=ACTIVATIONS[act_name],
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_theta=num(opt("rope_theta", opt("rope_theta", 10000.0), rope)),
         rope_type=rope_type,
-        rope_factor=float(rope.get("factor", 1.0)),
-        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-        rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
+        rope_factor=num(opt("factor", 1.0, rope)),
+        rope_low_freq_factor=num(opt("low_freq_factor", 1.0, rope)),
+        rope_high_freq_factor=num(opt("high_freq_factor", 4.0, rope)),
+        rope_original_max_position=opt("original_max_position_embeddings", 8192, rope),
         qkv_bias=family == "qwen2" or attention_bias,
         o_bias=attention_bias and family != "qwen2",
         mlp_bias=bool(hf.get("mlp_bias", False)),
@@ -207,8 +275,11 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
         final_softcap=hf.get("final_logit_softcapping") if family == "gemma2" else None,
         windows=windows,
     )
-  except ConfigError as err:  # e.g. num_key_value_heads that does not divide the heads
-    raise ConfigError(f"{source}: {err}") from None
+  except ConfigError as err:  # a value outside its domain: name the config.json key
+    msg, key = str(err), HF_KEYS.get(err.field or "")
+    if key and msg.startswith(err.field):
+      msg = key + msg[len(err.field):]
+    raise ConfigError(f"{source}: {msg}", field=err.field) from None
 
 
 def to_hf(cfg: Config) -> dict[str, Any]:

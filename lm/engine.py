@@ -9,6 +9,7 @@ coprocessor and DroidSpeak all set requests up through these functions.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Iterator, Sequence
 
@@ -34,8 +35,7 @@ def tokenize(model: Model, prompts: Prompt | Sequence[Prompt], chat: bool) -> li
   rows = []
   for i, p in enumerate(prompts):
     if isinstance(p, str):
-      if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer (no tokenizer.json): pass token ids")
+      require_tokenizer(model, "a text prompt (pass token ids instead)")
       if chat:
         p = model.tokenizer.apply_chat_template([{"role": "user", "content": p}])
       ids = model.tokenizer.encode(p, add_special_tokens=not chat)
@@ -127,9 +127,20 @@ def prefill(model: Model, rows: list[list[int]], max_new_tokens: int):
   return logits, cache, time.perf_counter() - t0 - compile_s, compile_s
 
 
+def require_tokenizer(model: Model, what: str):
+  """model.tokenizer, or a ValueError saying that `what` needs it and which file is missing."""
+  if model.tokenizer is None:
+    file = os.path.join(model.path, "tokenizer.json") if model.path else None
+    why = (f"there is no {file}" if file and not os.path.exists(file)
+           else "this Model has no tokenizer (tokenizer=None)")
+    raise ValueError(f"{what} needs the model's tokenizer: {why}")
+  return model.tokenizer
+
+
 def check_request(model: Model, max_new_tokens: int, sampling: Sampling | None, key) -> Sampling:
   """The request's sampling (greedy by default), after checking max_new_tokens and the key."""
-  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+  if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer))
+      or max_new_tokens < 1):
     raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}")
   sampling = sampling or Sampling()
   if not isinstance(sampling, Sampling):

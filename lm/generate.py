@@ -126,8 +126,7 @@ def generate_iter(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
 
   stats: a dict to fill, once the stream ends, with prefill_s, decode_s, compile_s,
   prompt_tokens, new_tokens, decode_tokens_per_s and finish (as `generate` reports them)."""
-  if model.tokenizer is None:
-    raise ValueError("stream needs the model's tokenizer")
+  engine.require_tokenizer(model, "stream")
   if not isinstance(prompt, str) and len(prompt) and not isinstance(prompt[0], (int, np.integer)):
     raise ValueError("stream takes one prompt (a string or token ids); use generate for a batch")
   req = engine.request(model, prompt, max_new_tokens=max_new_tokens, sampling=sampling, key=key,

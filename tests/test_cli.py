@@ -134,7 +134,9 @@ def test_dtype_casts_params(model_dir):
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--temperature", "-1"], ["--temperature", ">= 0"]),
+    (["--temperature", "-1"], ["--temperature", ">= 1e-6"]),
+    (["--temperature", "1e-9"], ["--temperature", "0 (greedy decoding) or a finite number >= 1e-6"]),
+    (["--temperature", "inf"], ["--temperature", "finite"]),
     (["--temperature", "hot"], ["--temperature", "'hot'"]),
     (["--temperature", "1", "--top-p", "0"], ["--top-p", "(0, 1]"]),
     (["--temperature", "1", "--top-p", "1.5"], ["--top-p", "(0, 1]"]),

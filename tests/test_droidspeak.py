@@ -383,6 +383,8 @@ def test_cli_errors(pair_dirs, tmp_path):
   code, _, err = cli("droidspeak", "receive", "--receiver", r, "--prompt", TEXT, "--port", 0,
                      "--timeout", 1)
   assert code == 1 and "no sender connected" in err
+  port = int(err.split("no sender connected to 127.0.0.1:")[1].split()[0])
+  assert port > 0, err  # the port it listened on, not the 0 it was given
 
 
 def test_profile_pareto_and_pick(pair):

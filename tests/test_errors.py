@@ -133,6 +133,71 @@ def test_config_rejects_bad_sizes_directly():
   raises(lm.ConfigError, lambda: tiny.config(windows=(0,)), "windows has 1 entries for 2 layers")
 
 
+# Every numeric field is checked for its domain, named by its config.json key; a present value
+# is never replaced by a default (only an absent or null one is, as transformers reads it).
+@pytest.mark.parametrize("key,value,expected", [
+    ("num_key_value_heads", 0, "an int >= 1"), ("head_dim", 0, "an int >= 1"),
+    ("max_position_embeddings", -5, "an int >= 1"),
+    ("rms_norm_eps", -1e-6, "a finite number > 0"), ("rms_norm_eps", 0, "a finite number > 0"),
+    ("rms_norm_eps", float("nan"), "a finite number > 0"),
+    ("rms_norm_eps", "1e-6", "a finite number > 0"),
+    ("rope_parameters.rope_theta", 0, "a finite number > 0"),
+    ("rope_parameters.rope_theta", float("inf"), "a finite number > 0"),
+    ("sliding_window", -1, "an int >= 0"),
+])
+def test_config_value_outside_its_domain(broken, key, value, expected):
+  def put(c):
+    table, _, name = key.rpartition(".")
+    (c[table] if table else c)[name] = value
+  edit_json(broken, "config.json", put)
+  name = key.rpartition(".")[2]
+  raises(lm.ConfigError, lambda: lm.load(broken), os.path.join(broken, "config.json"),
+         f"{name} must be {expected}", f"got {value!r}")
+
+
+def test_config_rope_scaling_factor_checked(broken):
+  edit_json(broken, "config.json",
+            lambda c: c["rope_parameters"].update(rope_type="linear", factor=0.0))
+  raises(lm.ConfigError, lambda: lm.load(broken), "rope_scaling.factor must be a finite number > 0",
+         "got 0.0")
+
+
+def test_config_null_means_default(broken):
+  """transformers reads a null num_key_value_heads / head_dim as "absent": so does kvjax."""
+  from kvjax.lm import config
+  with open(os.path.join(broken, "config.json")) as f:
+    hf = json.load(f)
+  cfg = config.from_hf({**hf, "num_key_value_heads": None, "head_dim": None})
+  assert (cfg.n_kv_heads, cfg.head_dim) == (hf["num_attention_heads"],
+                                            hf["hidden_size"] // hf["num_attention_heads"])
+
+
+def test_config_head_dim_not_derivable(broken):
+  edit_json(broken, "config.json", lambda c: (c.pop("head_dim", None),
+                                              c.update(num_attention_heads=3)))
+  raises(lm.ConfigError, lambda: lm.load(broken), "hidden_size 64 is not a multiple of "
+         "num_attention_heads 3", "no head_dim")
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("norm_eps", -1.0, "a finite number > 0"), ("rope_theta", 0.0, "a finite number > 0"),
+    ("rope_factor", float("inf"), "a finite number > 0"),
+    ("attn_softcap", 0.0, "null or a finite number > 0"),
+    ("query_pre_attn_scalar", -4, "null or a finite number > 0"),
+    ("qkv_bias", 1, "true or false"), ("windows", (-1, 0), "ints >= 0"),
+    ("rope_original_max_position", 0, "an int >= 1"),
+])
+def test_config_fields_checked_directly(field, value, expected):
+  raises(lm.ConfigError, lambda: tiny.config(**{field: value}), f"{field} must be {expected}",
+         f"got {value!r}")
+
+
+def test_config_llama3_rope_factors_ordered():
+  raises(lm.ConfigError, lambda: tiny.config(rope_type="llama3", rope_factor=8.0,
+                                             rope_low_freq_factor=4.0, rope_high_freq_factor=4.0),
+         "rope_low_freq_factor (4.0) must be below rope_high_freq_factor (4.0)")
+
+
 # --- safetensors ---------------------------------------------------------------------------------
 
 
@@ -384,7 +449,24 @@ def test_text_without_tokenizer(model):
   raises(ValueError, lambda: lm.generate(bare, [5, 6], max_new_tokens=2, stop=["x"]),
          "stop strings need the model's tokenizer")
   raises(ValueError, lambda: next(lm.generate_iter(bare, [5, 6], max_new_tokens=2)),
-         "stream needs the model's tokenizer")
+         "stream needs the model's tokenizer", "tokenizer=None")
+
+
+def test_missing_tokenizer_file_is_named(broken):
+  os.remove(os.path.join(broken, "tokenizer.json"))
+  bare = lm.load(broken)
+  assert bare.tokenizer is None
+  file = os.path.join(broken, "tokenizer.json")
+  raises(ValueError, lambda: lm.generate(bare, "hello", max_new_tokens=2),
+         "a text prompt (pass token ids instead) needs the model's tokenizer", f"no {file}")
+  raises(ValueError, lambda: next(lm.generate_iter(bare, [5, 6], max_new_tokens=2)),
+         "stream needs the model's tokenizer", f"no {file}")
+
+
+@pytest.mark.parametrize("n", [True, False, 0, -1, 2.0, "3"])
+def test_max_new_tokens_must_be_a_positive_int(model, n):
+  raises(ValueError, lambda: lm.generate(model, [[5, 6]], max_new_tokens=n),
+         "max_new_tokens must be an int >= 1", f"got {n!r}")
 
 
 def test_score_given_text(model):

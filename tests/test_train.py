@@ -477,3 +477,46 @@ def test_keep_best_without_evaluation_is_refused(tmp_path):
   with pytest.raises(TrainError, match="need held-out evaluation batches"):
     train(tiny_model(), config(tmp_path / "r", steps=4, eval_every=1, keep_best=True),
           synthetic, None, progress=False)
+
+
+def test_ctrl_c_says_where_to_resume(tmp_path):
+  """Ctrl-C during training raises TrainInterrupted (a KeyboardInterrupt) naming the last
+  step done and the latest checkpoint; the same run resumes from that checkpoint. The CLI
+  prints it as one line and exits 130."""
+  from kvjax.train.loop import TrainInterrupted
+  out = tmp_path / "run"
+  tc = config(out, steps=10, save_every=2, eval_every=0)
+
+  def until(n):
+    def batches(start, seed=0):
+      for i, b in enumerate(plateau(start, seed), start):
+        if i == n:
+          raise KeyboardInterrupt
+        yield b
+    return batches
+
+  with pytest.raises(TrainInterrupted) as info:
+    train(tiny_model(), tc, until(5), progress=False)
+  msg = str(info.value)
+  assert "interrupted after step 5 of 10" in msg
+  assert f"latest checkpoint is step 4 in {out / 'checkpoints'}" in msg and "resume" in msg
+  again = train(tiny_model(), tc, plateau, progress=False)
+  assert again.resumed_from == 4
+  with pytest.raises(TrainInterrupted, match="no checkpoint was written yet"):
+    train(tiny_model(), config(tmp_path / "r2", steps=10, save_every=4), until(2),
+          progress=False)
+
+
+def test_cli_prints_the_interrupt_message(capsys):
+  """The CLIs' runner prints an interrupt's message as one line (a bare Ctrl-C: a newline)."""
+  import argparse
+  from kvjax.lm.cli import flags
+  from kvjax.train.loop import TrainInterrupted
+  p = argparse.ArgumentParser()
+  p.set_defaults(check=lambda a: None, task="lm",
+                 run=lambda a: (_ for _ in ()).throw(TrainInterrupted("interrupted after step 3")))
+  assert flags.run(p, [], lambda a: f"kvjax train {a.task}") == 130
+  assert capsys.readouterr().err.strip() == "kvjax train lm: interrupted after step 3"
+  p.set_defaults(run=lambda a: (_ for _ in ()).throw(KeyboardInterrupt()))
+  assert flags.run(p, [], lambda a: "x") == 130
+  assert capsys.readouterr().err == "\n"

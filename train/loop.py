@@ -44,6 +44,10 @@ class TrainError(ValueError):
   """A training setup that cannot run (bad hyperparameters, mismatched resume, bad batch)."""
 
 
+class TrainInterrupted(KeyboardInterrupt):
+  """Ctrl-C during training; its message says where the run stopped and how to resume."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Domain:
   """The values a config field may take: a number of `kind` (int: an int; float: an int or a
@@ -270,48 +274,59 @@ def run_loop(rc: RunConfig, state, batches, step: Callable, *,
     it = batch_iter(batches, start)
     bar = _progress(progress, start, rc.steps)
     t0, done, work = time.perf_counter(), 0.0, 0.0
-    for i in range(start + 1, end + 1):
-      batch = next(it, None)
-      if batch is None:
-        raise TrainError(f"the batch iterator ended before step {i} of {rc.steps}")
-      state, stats = step(state, batch, i - 1)  # checks the batch first
-      done += amount(batch)
-      work += flops(batch) if flops is not None else 0.0
-      stop = False
-      if _is_log_step(rc, i, has_eval):
-        stats = jax.device_get(stats)
-        stats.pop("n", None)
-        record = {"step": i, **{k: float(v) for k, v in stats.items()}}
-        elapsed = max(time.perf_counter() - t0, 1e-9)
-        record[rate_name] = done / elapsed
-        if peak:
-          record["mfu"] = work / elapsed / peak
-        if _is_eval_step(rc, i, has_eval):
-          record.update(evaluate(state))
-          if tracking:
-            value = record[best_metric]
-            if best is None or value < best["value"]:
-              best = {"step": i, "metric": best_metric, "value": value, "evals_since": 0}
-              if rc.keep_best:
-                best_manager.save(i, args=ocp.args.StandardSave(state), force=True)
-            else:
-              best["evals_since"] += 1
-            _write_best(rc.out_dir, best)
-            stop = bool(rc.patience) and best["evals_since"] >= rc.patience
-            record["best_" + best_metric] = best["value"]
-            if stop:
-              record["stopped_early"] = 1.0
-        records.append(record)
-        metrics.append(rc.out_dir, record)
-        bar.set_postfix(postfix(record) | ({"mfu": f"{record['mfu']:.0%}"} if peak else {}))
-        t0, done, work = time.perf_counter(), 0.0, 0.0  # the rates exclude evaluation
-      bar.update(1)
-      if (rc.save_every and i % rc.save_every == 0) or i == rc.steps or stop:
-        manager.save(i, args=ocp.args.StandardSave(state), force=True)
-        metrics.plot(rc.out_dir, **label)
-        t0, done, work = time.perf_counter(), 0.0, 0.0  # and checkpoint writes
-      if stop:
-        break
+    reached = start
+    try:
+      for i in range(start + 1, end + 1):
+        batch = next(it, None)
+        if batch is None:
+          raise TrainError(f"the batch iterator ended before step {i} of {rc.steps}")
+        state, stats = step(state, batch, i - 1)  # checks the batch first
+        reached = i
+        done += amount(batch)
+        work += flops(batch) if flops is not None else 0.0
+        stop = False
+        if _is_log_step(rc, i, has_eval):
+          stats = jax.device_get(stats)
+          stats.pop("n", None)
+          record = {"step": i, **{k: float(v) for k, v in stats.items()}}
+          elapsed = max(time.perf_counter() - t0, 1e-9)
+          record[rate_name] = done / elapsed
+          if peak:
+            record["mfu"] = work / elapsed / peak
+          if _is_eval_step(rc, i, has_eval):
+            record.update(evaluate(state))
+            if tracking:
+              value = record[best_metric]
+              if best is None or value < best["value"]:
+                best = {"step": i, "metric": best_metric, "value": value, "evals_since": 0}
+                if rc.keep_best:
+                  best_manager.save(i, args=ocp.args.StandardSave(state), force=True)
+              else:
+                best["evals_since"] += 1
+              _write_best(rc.out_dir, best)
+              stop = bool(rc.patience) and best["evals_since"] >= rc.patience
+              record["best_" + best_metric] = best["value"]
+              if stop:
+                record["stopped_early"] = 1.0
+          records.append(record)
+          metrics.append(rc.out_dir, record)
+          bar.set_postfix(postfix(record) | ({"mfu": f"{record['mfu']:.0%}"} if peak else {}))
+          t0, done, work = time.perf_counter(), 0.0, 0.0  # the rates exclude evaluation
+        bar.update(1)
+        if (rc.save_every and i % rc.save_every == 0) or i == rc.steps or stop:
+          manager.save(i, args=ocp.args.StandardSave(state), force=True)
+          metrics.plot(rc.out_dir, **label)
+          t0, done, work = time.perf_counter(), 0.0, 0.0  # and checkpoint writes
+        if stop:
+          break
+    except KeyboardInterrupt:
+      bar.close()
+      manager.wait_until_finished()
+      kept = manager.latest_step()
+      where = (f"the latest checkpoint is step {kept} in {os.path.join(rc.out_dir, CHECKPOINTS)}"
+               if kept is not None else "no checkpoint was written yet")
+      raise TrainInterrupted(f"interrupted after step {reached} of {rc.steps}; {where}; run "
+                             "the same command to resume from it") from None
     bar.close()
     manager.wait_until_finished()
     best_manager.wait_until_finished()

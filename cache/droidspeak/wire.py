@@ -21,8 +21,9 @@ def serve_once(port: int, host: str = "127.0.0.1", timeout: float = 60.0,
   payload it sends. on_listen(port) is called once listening (for port 0)."""
   with socket.create_server((host, port)) as srv:
     srv.settimeout(timeout)
+    port = srv.getsockname()[1]  # the port listened on (port 0 picks one)
     if on_listen is not None:
-      on_listen(srv.getsockname()[1])
+      on_listen(port)
     try:
       conn, _ = srv.accept()
     except TimeoutError:

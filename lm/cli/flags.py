@@ -38,7 +38,8 @@ def checked(kind: type, ok: Callable[[float], bool], expected: str) -> Callable[
 
 positive = checked(int, lambda v: v >= 1, "an integer >= 1")
 nonneg = checked(int, lambda v: v >= 0, "an integer >= 0")
-temperature_type = checked(float, lambda t: t >= 0, "a number >= 0 (0 = greedy decoding)")
+temperature_type = checked(float, lambda t: t == 0 or 1e-6 <= t < float("inf"),
+                           "0 (greedy decoding) or a finite number >= 1e-6")
 top_k_type = checked(int, lambda k: k >= 0, "an integer >= 0 (0 = off)")
 top_p_type = checked(float, lambda p: 0 < p <= 1, "a number in (0, 1] (1 = off)")
 
@@ -62,8 +63,8 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, label) -> int:
   except LIBRARY_ERRORS as err:
     print(f"{label(args)}: error: {err}", file=sys.stderr)
     return 1
-  except KeyboardInterrupt:
-    print(file=sys.stderr)
+  except KeyboardInterrupt as err:  # a message (e.g. training's: where to resume) or none
+    print(f"\n{label(args)}: {err}" if str(err) else "", file=sys.stderr)
     return 130
 
 
@@ -90,7 +91,8 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--chat", action="store_true",
                  help="wrap each prompt as a user message with the model's chat template")
   p.add_argument("--dtype", choices=DTYPES, default=None,
-                 help="cast the params to this dtype (default: as stored)")
+                 help="cast the params to this dtype (default: as stored; float32 for the bundled "
+                 "models, which are stored in bfloat16)")
 
 
 def check_sampling_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

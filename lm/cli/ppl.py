@@ -25,9 +25,11 @@ def add(subparsers) -> None:
                  default=None, metavar="N", help="attention sinks (--cache sink; default 4)")
   p.add_argument("--window", type=positive,
                  default=None, metavar="W",
-                 help="recent tokens kept (window, sink) or recomputed (recompute)")
+                 help="recent tokens kept (window, sink) or recomputed (recompute), the token "
+                 "being scored included: the streaming-llm reference's recent_size is W - 1")
   p.add_argument("--dtype", choices=DTYPES, default=None,
-                 help="cast the params to this dtype (default: as stored)")
+                 help="cast the params to this dtype (default: as stored; float32 for the bundled "
+                 "models, which are stored in bfloat16)")
   g = p.add_argument_group(
       "cache augmentation: perplexity of the 1st .. A-th token after augmentation points, with "
       "and without the coprocessor's latents (instead of a streaming run)")

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import string
 
+from kvjax.lm import engine
 from kvjax.lm.model import Model
 
 SKELETON = (
@@ -100,8 +101,7 @@ class Prompts:
 
   def render(self, model: Model, user: str, prefill: str = "") -> list[int]:
     """The token ids of a user message and the start of the reply."""
-    if model.tokenizer is None:
-      raise ValueError("Skeleton-of-Thought needs the model's tokenizer (tokenizer.json)")
+    engine.require_tokenizer(model, "Skeleton-of-Thought")
     tok = model.tokenizer
     if self.uses_chat(model):
       text = tok.apply_chat_template([{"role": "user", "content": user}]) + prefill

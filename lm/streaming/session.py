@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache.sink import SinkCache
-from kvjax.lm import steps
+from kvjax.lm import engine, steps
 from kvjax.lm.engine import check_request, detokenize, stop_ids
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
@@ -38,8 +38,7 @@ class Session:
   def __init__(self, model: Model, *, n_sink: int = 4, window: int, chunk: int | None = None,
                sampling: Sampling | None = None, key: jax.Array | None = None,
                stop_tokens: Sequence[int] | None = None):
-    if model.tokenizer is None:
-      raise ValueError("a Stream needs the model's tokenizer (tokenizer.json)")
+    engine.require_tokenizer(model, "a streaming session")
     if not isinstance(n_sink, int) or n_sink < 0:
       raise ValueError(f"n_sink must be an int >= 0; got {n_sink!r}")
     if not isinstance(window, int) or window < 1:
