@@ -7,6 +7,7 @@ import json
 import math
 import numbers
 import os
+import re
 from typing import Any
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2")
@@ -208,21 +209,33 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
     """Real numbers as float (ints in JSON); anything else unchanged, for Config to refuse."""
     return float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
 
+  def typed(key, kind, expected, default=None):
+    """hf[key] when it is of `kind` (absent or null: default), else a ConfigError."""
+    v = hf.get(key)
+    if v is None:
+      return default
+    if not isinstance(v, kind):
+      raise ConfigError(f"{source}: {key} must be {expected}; got {v!r}")
+    return v
+
+  def flag(key, default=False):
+    return typed(key, bool, "true or false", default)
+
   D, N = need("hidden_size"), need("num_attention_heads")
   L = need("num_hidden_layers")
   V, F = need("vocab_size"), need("intermediate_size")
   if hf.get("head_dim") is None and D % N:
     raise ConfigError(f"{source}: hidden_size {D} is not a multiple of num_attention_heads {N} "
                       "and there is no head_dim")
-  rope = dict(hf.get("rope_parameters") or {})
-  if hf.get("rope_scaling"):  # transformers 4.x
-    rope.update(hf["rope_scaling"])
+  rope = dict(typed("rope_parameters", dict, "an object or null", {}))
+  rope.update(typed("rope_scaling", dict, "an object or null", {}))  # transformers 4.x
   if set(rope) & {"full_attention", "sliding_attention"}:
     raise ConfigError(f"{source}: per-layer-type rope_parameters are not supported")
   rope_type = rope.get("rope_type", rope.get("type", "default"))
-  if rope_type not in ROPE_TYPES:
+  if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
     raise ConfigError(f"{source}: rope type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
-  act_name = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+  act_name = (typed("hidden_activation", str, "a string or null")
+              or typed("hidden_act", str, "a string or null") or "silu")
   if act_name not in ACTIVATIONS:
     raise ConfigError(f"{source}: activation {act_name!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
 
@@ -230,12 +243,16 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
   if not _is_int(window) or window < 0:
     raise ConfigError(f"{source}: sliding_window must be an int >= 0 (0 or null: none); got "
                       f"{window!r}", field="windows")
-  layer_types = hf.get("layer_types")
-  if family == "qwen2" and not hf.get("use_sliding_window", False):
+  layer_types = typed("layer_types", list, "a list of layer types or null")
+  if family == "qwen2" and not flag("use_sliding_window"):
     window = 0
   if layer_types is not None:
     if len(layer_types) != L:
       raise ConfigError(f"{source}: layer_types has {len(layer_types)} entries for {L} layers")
+    odd = [t for t in layer_types if t not in ("sliding_attention", "full_attention")]
+    if odd:
+      raise ConfigError(f"{source}: layer_types entries must be 'sliding_attention' or "
+                        f"'full_attention'; got {odd[0]!r}")
     windows = tuple(window if t == "sliding_attention" else 0 for t in layer_types)
   elif family == "gemma2":
     windows = tuple(window if i % 2 == 0 else 0 for i in range(L))
@@ -243,7 +260,7 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
     windows = (window,) * L
 
   gemma = family in ("gemma", "gemma2")
-  attention_bias = bool(hf.get("attention_bias", False))
+  attention_bias = flag("attention_bias")
   try:
     return Config(
         family=family,
@@ -265,10 +282,10 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
         rope_original_max_position=opt("original_max_position_embeddings", 8192, rope),
         qkv_bias=family == "qwen2" or attention_bias,
         o_bias=attention_bias and family != "qwen2",
-        mlp_bias=bool(hf.get("mlp_bias", False)),
+        mlp_bias=flag("mlp_bias"),
         norm_plus_one=gemma,
         scale_embeddings=gemma,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+        tie_embeddings=flag("tie_word_embeddings", gemma),
         post_norms=family == "gemma2",
         query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if family == "gemma2" else None,
         attn_softcap=hf.get("attn_logit_softcapping") if family == "gemma2" else None,
@@ -276,9 +293,8 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
         windows=windows,
     )
   except ConfigError as err:  # a value outside its domain: name the config.json key
-    msg, key = str(err), HF_KEYS.get(err.field or "")
-    if key and msg.startswith(err.field):
-      msg = key + msg[len(err.field):]
+    names = "|".join(sorted(HF_KEYS, key=len, reverse=True))
+    msg = re.sub(rf"\b({names})\b", lambda m: HF_KEYS[m.group(1)], str(err))
     raise ConfigError(f"{source}: {msg}", field=err.field) from None
 
 

@@ -123,7 +123,7 @@ def test_size_field_not_a_positive_int(broken, key, value):
 def test_kv_heads_not_dividing_heads(broken):
   edit_json(broken, "config.json", lambda c: c.update(num_key_value_heads=3))
   raises(lm.ConfigError, lambda: lm.load(broken), os.path.join(broken, "config.json"),
-         "n_heads=4 is not a multiple of n_kv_heads=3")
+         "num_attention_heads=4 is not a multiple of num_key_value_heads=3")
 
 
 def test_config_rejects_bad_sizes_directly():

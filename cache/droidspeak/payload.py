@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache.droidspeak.reuse import Capture, Plan
+from kvjax.cache.droidspeak.reuse import Capture, DroidSpeakError, Plan
 from kvjax.lm import config, engine
 
 MAGIC = b"KVJXDS01"
@@ -121,8 +121,23 @@ def decode(payload: bytes, receiver, *, sender=None, prefix: list[list[int]] | N
            ) -> Capture:
   """The Capture in `payload`, checked against the receiver (architecture and tokenizer), the
   expected sender (a Model, or its `fingerprint()["sender"]`), and the expected prefix token
-  ids per row when given."""
+  ids per row when given. Whatever is wrong with a payload is a PayloadError (a header that
+  parses as JSON but lacks a field, or holds one of the wrong type or shape, included)."""
   header, data = read_header(payload)
+  try:
+    return _capture(header, data, receiver, sender, prefix)
+  except PayloadError:
+    raise
+  except DroidSpeakError as err:
+    raise PayloadError(f"the payload's plan cannot be used: {err}") from None
+  except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as err:
+    raise PayloadError(f"corrupt payload header ({type(err).__name__}: {err})") from None
+
+
+def _capture(header: dict, data: bytes, receiver, sender, prefix) -> Capture:
+  """decode's checks and arrays, on a header of any content (decode maps its errors)."""
+  if not isinstance(header, dict):
+    raise PayloadError(f"corrupt payload header: a JSON {type(header).__name__}, not an object")
   fp, mine = header["fingerprint"], fingerprint(receiver, params=False)
   for key, what in (("architecture", "architecture"), ("tokenizer", "tokenizer")):
     if fp.get(key) != mine[key]:
@@ -152,6 +167,16 @@ def decode(payload: bytes, receiver, *, sender=None, prefix: list[list[int]] | N
     raise PayloadError(f"corrupt payload: tensors {sorted(arrays)}, expected {list(TENSORS)}")
   P = int(header["padded"])
   n = max(map(len, rows))
+  cfg = receiver.cfg
+  want = {"k": {1: len(rows), 2: cfg.n_kv_heads, 4: cfg.head_dim},
+          "v": {1: len(rows), 2: cfg.n_kv_heads, 4: cfg.head_dim},
+          "e": {1: len(rows), 3: cfg.d_model}}
+  for name, dims in want.items():
+    a = arrays[name]
+    if a.ndim != SLOT_AXIS[name] + 2 or any(
+        a.shape[i] != d for i, d in dims.items()):
+      raise PayloadError(f"corrupt payload: tensor {name} has shape {list(a.shape)}, which does "
+                         f"not fit {len(rows)} rows of this receiver")
   slots = {name: (a.shape[SLOT_AXIS[name]] if a.ndim > SLOT_AXIS[name] else None)
            for name, a in arrays.items()}
   if n > P or any(s != n for s in slots.values()):
