@@ -111,8 +111,9 @@ def _open(file: str):
     raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
 
 
-def load_hf(path: str, cfg: Config, dtype=None) -> dict[str, Any]:
-  """Reads a HF checkpoint directory into a kvjax params pure dict (dtype: cast, else kept)."""
+def load_hf(path: str, cfg: Config, dtype=None, *, check_finite: bool = True) -> dict[str, Any]:
+  """Reads a HF checkpoint directory into a kvjax params pure dict (dtype: cast, else kept).
+  check_finite: refuse a tensor holding NaN or Inf, naming it (one reduction per tensor)."""
   weight_map = _shards(path)
   handles: dict[str, Any] = {}
 
@@ -133,6 +134,11 @@ def load_hf(path: str, cfg: Config, dtype=None) -> dict[str, Any]:
     if not jnp.issubdtype(w.dtype, jnp.floating):
       raise CheckpointError(f"{file}: tensor {name!r} has dtype {w.dtype}; expected a "
                             "floating-point dtype")
+    if check_finite and not bool(jnp.isfinite(w).all()):
+      bad = int(w.size - jnp.isfinite(w).sum())
+      raise CheckpointError(f"{file}: tensor {name!r} holds {bad} non-finite value(s) (NaN or "
+                            f"Inf) of {w.size}; load with check_finite=False (--no-check-finite) "
+                            "to skip this check")
     return w if dtype is None else w.astype(dtype)
 
   params: dict[str, Any] = {}

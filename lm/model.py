@@ -111,13 +111,15 @@ def resolve(path: str) -> tuple[str, bool]:
                           f"name (bundled: {names})")
 
 
-def load(path: str, *, dtype=None, weights: bool = True) -> Model:
+def load(path: str, *, dtype=None, weights: bool = True, check_finite: bool = True) -> Model:
   """Loads a Hugging Face format directory: config.json, model.safetensors (or sharded with
   model.safetensors.index.json), tokenizer.json (+ tokenizer_config.json) and, when present,
   generation_config.json. `path` may also name a bundled model (`bundled()`, e.g.
   "shakespeare"). dtype: cast params to it (default: as stored; float32 for bundled models).
   weights=False: the directory's config and tokenizer with freshly initialised params (seed 0;
-  the directory may hold no weights, as `save(weights=False)` writes it)."""
+  the directory may hold no weights, as `save(weights=False)` writes it). check_finite: a
+  tensor holding NaN or Inf is a CheckpointError naming it (False skips the check, for huge
+  checkpoints)."""
   path, is_bundled = resolve(os.fspath(path))
   if is_bundled and dtype is None:
     dtype = jnp.float32
@@ -127,7 +129,7 @@ def load(path: str, *, dtype=None, weights: bool = True) -> Model:
   hf = read_json(os.path.join(path, "config.json"), required=True)
   cfg = from_hf(hf, source=os.path.join(path, "config.json"))
   if weights:
-    params = checkpoint.load_hf(path, cfg, dtype=dtype)
+    params = checkpoint.load_hf(path, cfg, dtype=dtype, check_finite=check_finite)
     graphdef, state = _abstract(cfg, params["embed"].dtype)
     nnx.replace_by_pure_dict(state, params)
   else:

@@ -225,6 +225,35 @@ def test_integer_tensor(broken):
          "'model.norm.weight'", "dtype int32", "floating-point")
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_named(broken, bad):
+  """One NaN / Inf in one norm vector is enough to make every logit NaN: refused at load,
+  naming the tensor; check_finite=False (--no-check-finite) loads it anyway."""
+  def poison(t):
+    w = np.array(t["model.layers.1.input_layernorm.weight"])
+    w[7] = bad
+    t["model.layers.1.input_layernorm.weight"] = w
+  edit_tensors(broken, poison)
+  raises(lm.CheckpointError, lambda: lm.load(broken), os.path.join(broken, "model.safetensors"),
+         "'model.layers.1.input_layernorm.weight'", "1 non-finite value(s)", "of 64",
+         "check_finite=False")
+  loaded = lm.load(broken, check_finite=False)
+  assert not np.isfinite(np.asarray(loaded.params()["blocks"]["attn_norm"]["scale"])).all()
+  code, out, err = _kvjax("generate", "--model", broken, "--prompt", "hi", "--max-new-tokens", 2)
+  assert code == 1 and out == "" and "non-finite" in err and "Traceback" not in err
+  assert len(err.strip().splitlines()) == 1, err
+
+
+def _kvjax(*argv):
+  import contextlib
+  import io
+  from kvjax.lm import cli
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = cli.main([str(a) for a in argv])
+  return code, out.getvalue(), err.getvalue()
+
+
 @pytest.mark.parametrize("how", ["truncated", "garbage", "empty"])
 def test_corrupt_safetensors(broken, how):
   file = os.path.join(broken, "model.safetensors")

@@ -48,6 +48,13 @@ def add_model_flag(p: argparse.ArgumentParser) -> None:
   """--model DIR_OR_NAME, default the bundled DEFAULT_MODEL (every subcommand that loads one)."""
   p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR_OR_NAME",
                  help=f"model directory or bundled model name (default {DEFAULT_MODEL})")
+  add_finite_flag(p)
+
+
+def add_finite_flag(p: argparse.ArgumentParser) -> None:
+  """--no-check-finite: load without checking every weight for NaN / Inf."""
+  p.add_argument("--no-check-finite", dest="check_finite", action="store_false",
+                 help="skip the check that every weight is finite (for huge checkpoints)")
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None, label) -> int:
@@ -118,11 +125,13 @@ def read_prompts(prompts: list[str]) -> list[str]:
 
 
 def load_model(args: argparse.Namespace):
-  """The model named by --model, cast to --dtype."""
+  """The model named by --model, cast to --dtype (its weights checked finite unless
+  --no-check-finite)."""
   import jax.numpy as jnp
 
   from kvjax.lm.model import load
-  return load(args.model, dtype=None if args.dtype is None else getattr(jnp, args.dtype))
+  return load(args.model, dtype=None if args.dtype is None else getattr(jnp, args.dtype),
+              check_finite=getattr(args, "check_finite", True))
 
 
 def sampling_from_flags(args: argparse.Namespace) -> tuple:

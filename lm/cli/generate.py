@@ -8,9 +8,9 @@ import json
 import sys
 
 from kvjax.lm.model import bundled
-from kvjax.lm.cli.flags import (DEFAULT_MODEL, PROG, add_sampling_flags, check_sampling_flags,
-                                checked, finite, load_model, nonneg, positive, read_prompts,
-                                sampling_kwargs)
+from kvjax.lm.cli.flags import (DEFAULT_MODEL, PROG, add_finite_flag, add_sampling_flags,
+                                check_sampling_flags, checked, finite, load_model, nonneg,
+                                positive, read_prompts, sampling_kwargs)
 
 
 def add(subparsers) -> None:
@@ -22,6 +22,7 @@ def add(subparsers) -> None:
                  help="Hugging Face format model directory (config.json, model.safetensors, "
                  "tokenizer.json) or a bundled model name: "
                  f"{', '.join(bundled()) or 'none installed'} (default {DEFAULT_MODEL})")
+  add_finite_flag(p)
   p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                  help="prompt text; repeat for a batch; '-' reads it from stdin")
   p.add_argument("--max-new-tokens", type=positive, default=64, metavar="N",
