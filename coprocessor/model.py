@@ -47,7 +47,7 @@ from kvjax.lm.config import Config
 from kvjax.lm import steps
 from kvjax.lm.attention import Training
 from kvjax.lm.engine import new_cache, pad
-from kvjax.lm.model import Model
+from kvjax.lm.model import Model, check_fingerprint, params_fingerprint
 from kvjax.lm.model import init as init_model
 from kvjax.lm.sampling import Sampling, sample
 
@@ -85,7 +85,8 @@ class CoprocessorConfig:
   init: how a coprocessor's decoder started ("copy", "scratch" or "lora"; "none" for pause).
   lora_rank: r of the "lora" deltas. latent_offset: the base sees every latent at the next
   token's position + latent_offset (<= -1, so the next token keeps its position).
-  base_name: where the base came from (informational)."""
+  base_name: where the base came from (informational). base_fingerprint: the
+  `lm.params_fingerprint` of the base it was trained with ("": not recorded)."""
 
   n_latents: int
   base: Config
@@ -94,6 +95,7 @@ class CoprocessorConfig:
   lora_rank: int = 16
   latent_offset: int = LATENT_POSITION
   base_name: str = ""
+  base_fingerprint: str = ""
 
   def __post_init__(self):
     n = self.n_latents
@@ -113,7 +115,7 @@ class CoprocessorConfig:
   def to_json(self) -> dict[str, Any]:
     return {"n_latents": int(self.n_latents), "kind": self.kind, "init": self.init,
             "lora_rank": int(self.lora_rank), "latent_offset": int(self.latent_offset),
-            "base_name": self.base_name,
+            "base_name": self.base_name, "base_fingerprint": self.base_fingerprint,
             "base": config.to_dict(self.base)}
 
   @classmethod
@@ -121,7 +123,8 @@ class CoprocessorConfig:
     return cls(n_latents=d["n_latents"], kind=d.get("kind", "coprocessor"),
                init=d.get("init", "copy"), lora_rank=d.get("lora_rank", 16),
                latent_offset=d.get("latent_offset", LATENT_POSITION),
-               base=config.from_dict(d["base"]), base_name=d.get("base_name", ""))
+               base=config.from_dict(d["base"]), base_name=d.get("base_name", ""),
+               base_fingerprint=d.get("base_fingerprint", ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +195,8 @@ def init(base: Model, n_latents: int, *, kind: str = "coprocessor", init: str = 
   soft tokens drawn like embeddings (std 0.02)."""
   cc = CoprocessorConfig(n_latents=n_latents, base=base.cfg, kind=kind, init=init,
                          lora_rank=lora_rank, latent_offset=latent_offset,
-                         base_name=os.path.basename(base.path or ""))
+                         base_name=os.path.basename(base.path or ""),
+                         base_fingerprint=params_fingerprint(base))
   soft = 0.02 * jax.random.normal(jax.random.key(seed), (n_latents, base.cfg.d_model))
   params: dict[str, Any] = {"soft": soft.astype(base.dtype)}
   if cc.kind == "coprocessor":
@@ -367,9 +371,11 @@ def resolve(path: str) -> str:
                           f"{', '.join(shipped()) or 'none'})")
 
 
-def load(path: str, base: Model) -> Coprocessor:
+def load(path: str, base: Model, *, allow_other_params: bool = False) -> Coprocessor:
   """Loads a coprocessor directory or shipped name for `base` (params in base's dtype); one
-  made for another architecture raises CoprocessorError naming each mismatched field."""
+  made for another architecture raises CoprocessorError naming each mismatched field, and so
+  does one trained with other params of the same architecture (its `base_fingerprint`),
+  unless allow_other_params, which warns instead."""
   path = resolve(os.fspath(path))
   file = os.path.join(path, CONFIG_FILE)
   d = config.read_json(file, required=True, error=CoprocessorError)
@@ -379,6 +385,9 @@ def load(path: str, base: Model) -> Coprocessor:
     raise CoprocessorError(f"{file}: not a coprocessor config ({type(err).__name__}: {err})"
                            ) from None
   check(cc, base.cfg)
+  check_fingerprint(cc.base_fingerprint, base, what=f"the coprocessor {path}",
+                    allow=allow_other_params, error=CoprocessorError,
+                    flag="allow_other_params=True (--allow-other-params)")
   cc = dataclasses.replace(cc, base=base.cfg)
   try:
     params = restore_params(os.path.join(path, "params"), _like(cc, base))

@@ -14,12 +14,12 @@ from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config, ConfigError
 from kvjax.lm.decoder import Decoder, Output
 from kvjax.lm.generate import Generation, generate, generate_iter, score, stream
-from kvjax.lm.model import Model, bundled, init, load, save
+from kvjax.lm.model import Model, bundled, init, load, params_fingerprint, save
 from kvjax.lm.sampling import Sampling
 from kvjax.lm.tokenizer import Tokenizer, TokenizerError
 
 __all__ = [
     "CheckpointError", "Config", "ConfigError", "Decoder", "Generation", "Model", "Output",
     "Sampling", "Tokenizer", "TokenizerError", "bundled", "generate", "generate_iter", "init",
-    "load", "restore_params", "save", "save_params", "score", "stream",
+    "load", "params_fingerprint", "restore_params", "save", "save_params", "score", "stream",
 ]

@@ -90,6 +90,44 @@ def _eos_ids(gen: dict[str, Any] | None, hf: dict[str, Any], tok: Tokenizer | No
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 
 
+def params_fingerprint(model: Model, *, sample: int = 4096) -> str:
+  """A short digest of model's params that artifacts trained against them record (EAGLE heads,
+  coprocessors): every leaf's path and shape and up to `sample` evenly strided values rounded
+  to bfloat16, so the same weights loaded in float32 or bfloat16 give the same digest and a
+  fine-tune of the same architecture another. Reads sample x leaves values, not the params."""
+  import hashlib
+
+  import numpy as np
+  h = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(model.params()),
+                           key=lambda pl: jax.tree_util.keystr(pl[0])):
+    flat = jnp.ravel(leaf)
+    step = max(1, flat.size // sample)
+    picked = np.asarray(flat[::step][:sample].astype(jnp.bfloat16).astype(jnp.float32))
+    h.update(f"{jax.tree_util.keystr(path)}{tuple(leaf.shape)}".encode())
+    h.update(picked.tobytes())
+  return h.hexdigest()[:32]
+
+
+def check_fingerprint(recorded: str, model: Model, *, what: str, allow: bool,
+                      error: type[Exception], flag: str) -> None:
+  """An artifact trained against params with fingerprint `recorded` ("": not recorded, nothing
+  to check) is used with `model`: `error` when model's params differ, or with allow a warning."""
+  if not recorded:
+    return
+  got = params_fingerprint(model)
+  if got == recorded:
+    return
+  name = f" {model.path}" if model.path else ""
+  msg = (f"{what} was trained against other params (fingerprint {recorded[:12]}...) than this "
+         f"model's{name} ({got[:12]}...): the same architecture with other weights, e.g. a "
+         "fine-tune")
+  if not allow:
+    raise error(f"{msg}; pass {flag} to use it anyway")
+  import warnings
+  warnings.warn(f"{msg}; using it anyway", stacklevel=3)
+
+
 def bundled() -> tuple[str, ...]:
   """Names of the models shipped with kvjax (`load(name)` loads one)."""
   if not os.path.isdir(BUNDLED_DIR):

@@ -33,6 +33,7 @@ from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.attention import Training
 from kvjax.lm.config import Config
 from kvjax.lm.decoder import Block, RMSNorm, init_param, run_layers
+from kvjax.lm.model import check_fingerprint, params_fingerprint
 from kvjax.pallas_kernels.splits import NEG
 
 KINDS = ("eagle1", "eagle3")
@@ -65,6 +66,7 @@ class HeadConfig:
   fuse_layers: tuple[int, ...] = ()
   draft_vocab: tuple[int, ...] = ()
   target_name: str = ""
+  target_fingerprint: str = ""  # lm.params_fingerprint of the params trained against ("": unknown)
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -96,13 +98,15 @@ class HeadConfig:
   def to_json(self) -> dict[str, Any]:
     return {"kind": self.kind, "fuse_layers": list(self.fuse_layers),
             "draft_vocab": list(self.draft_vocab), "target_name": self.target_name,
+            "target_fingerprint": self.target_fingerprint,
             "target": config.to_dict(self.target)}
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> HeadConfig:
     return cls(kind=d["kind"], target=config.from_dict(d["target"]),
                fuse_layers=tuple(d.get("fuse_layers", ())),
-               draft_vocab=tuple(d.get("draft_vocab", ())), target_name=d.get("target_name", ""))
+               draft_vocab=tuple(d.get("draft_vocab", ())), target_name=d.get("target_name", ""),
+               target_fingerprint=d.get("target_fingerprint", ""))
 
 
 class Head(nnx.Module):
@@ -224,7 +228,8 @@ def init(target, kind: str = "eagle1", *, seed: int = 0, fuse_layers: tuple[int,
   draft vocabulary (`draft_vocabulary`); its LM head starts as the target's columns of
   those tokens."""
   hc = HeadConfig(kind=kind, target=target.cfg, fuse_layers=fuse_layers,
-                  draft_vocab=tuple(draft_vocab), target_name=os.path.basename(target.path or ""))
+                  draft_vocab=tuple(draft_vocab), target_name=os.path.basename(target.path or ""),
+                  target_fingerprint=params_fingerprint(target))
   head = Head(hc, rngs=nnx.Rngs(seed), dtype=target.dtype)
   graphdef, state = nnx.split(head)
   if copy_top_layer:
@@ -273,9 +278,11 @@ def resolve(path: str) -> str:
                           f"shipped head name (shipped: {', '.join(names) or 'none'})")
 
 
-def load(path: str, target) -> LoadedHead:
+def load(path: str, target, *, allow_other_params: bool = False) -> LoadedHead:
   """Loads a head directory (or shipped name) for `target` (a kvjax.lm.Model); a head trained
-  for another architecture raises HeadError."""
+  for another architecture raises HeadError, and so does one trained against other params of
+  the same architecture (its recorded `target_fingerprint`), unless allow_other_params, which
+  warns instead."""
   path = resolve(os.fspath(path))
   file = os.path.join(path, "head.json")
   d = config.read_json(file, required=True, error=HeadError)
@@ -284,6 +291,9 @@ def load(path: str, target) -> LoadedHead:
   except (KeyError, TypeError) as err:
     raise HeadError(f"{file}: not a head config ({type(err).__name__}: {err})") from None
   check(hc, target.cfg)
+  check_fingerprint(hc.target_fingerprint, target, what=f"the head {path}",
+                    allow=allow_other_params, error=HeadError,
+                    flag="allow_other_params=True (--allow-other-params)")
   hc = dataclasses.replace(hc, target=target.cfg)  # the target's own rope/eps settings
   graphdef, state = nnx.split(nnx.eval_shape(
       lambda: Head(hc, rngs=nnx.Rngs(0), dtype=target.dtype)))

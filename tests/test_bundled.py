@@ -126,3 +126,39 @@ def test_cli_speculative_with_the_shipped_head(models):
   want = lm.generate(models["shakespeare"], "**HAMLET**", max_new_tokens=16)
   assert got["tokens"] == want.tokens and got["head"] == "shakespeare"
   assert got["target_forwards"] >= 1 and got["mean_accept_len"] >= 1.0
+
+
+def test_shipped_artifacts_refuse_the_other_bundled_model(models):
+  """The shipped heads and coprocessors record `shakespeare`'s params fingerprint: on
+  `shakespeare-comedy` (same architecture, other weights) they are refused, naming both
+  fingerprints, unless allowed, which warns; the fingerprint does not depend on the dtype."""
+  import jax.numpy as jnp
+  from kvjax import coprocessor, speculative
+  from kvjax.coprocessor import CoprocessorError
+  from kvjax.speculative.head import HeadError
+  base, comedy = models["shakespeare"], models["shakespeare-comedy"]
+  assert lm.params_fingerprint(base) == lm.params_fingerprint(
+      lm.load("shakespeare", dtype=jnp.bfloat16)) != lm.params_fingerprint(comedy)
+  for name in HEADS:
+    with pytest.raises(HeadError, match="trained against other params"):
+      speculative.load_head(name, comedy)
+    with pytest.warns(UserWarning, match="using it anyway"):
+      speculative.load_head(name, comedy, allow_other_params=True)
+  for name in ("shakespeare-8", "shakespeare-16"):
+    with pytest.raises(CoprocessorError, match="allow_other_params=True"):
+      coprocessor.load(name, comedy)
+    with pytest.warns(UserWarning, match="other weights"):
+      coprocessor.load(name, comedy, allow_other_params=True)
+  code, _, err = _cli("generate", "--model", "shakespeare-comedy", "--prompt", "x",
+                      "--max-new-tokens", 2, "--coprocessor", "shakespeare-8")
+  assert code == 1 and "--allow-other-params" in err and len(err.strip().splitlines()) == 1
+
+
+def _cli(*argv):
+  import contextlib
+  import io
+  from kvjax.lm import cli
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = cli.main([str(a) for a in argv])
+  return code, out.getvalue(), err.getvalue()

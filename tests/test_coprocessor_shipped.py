@@ -4,6 +4,7 @@ counts in tests/test_bundled.py's 80 MB budget)."""
 import json
 
 import numpy as np
+import pytest
 
 from kvjax import coprocessor as cp
 from kvjax import lm
@@ -18,8 +19,9 @@ def test_names_and_configs():
     cop = cp.load(name, base)
     assert cop.n_latents == n and cop.cc.kind == "coprocessor" and cop.cc.init == "lora"
     assert cop.cc.base_name == "shakespeare" and cop.soft.dtype == base.dtype
-  other = lm.load("shakespeare-comedy")  # same architecture: loads (a base_name is advisory)
-  assert cp.load("shakespeare-8", other).n_latents == 8
+  other = lm.load("shakespeare-comedy")  # same architecture, other weights: refused by default
+  with pytest.raises(cp.CoprocessorError, match="trained against other params"):
+    cp.load("shakespeare-8", other)
 
 
 def test_cli_generate_with_a_shipped_coprocessor_equals_the_library():

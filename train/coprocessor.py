@@ -193,6 +193,7 @@ def train(base: Model, cop: cop_model.Coprocessor, ac: AugmentConfig,
   os.makedirs(ac.out_dir, exist_ok=True)
   cc = cop.cc.to_json()
   cc.pop("base_name")
+  cc.pop("base_fingerprint")
   loop.check_resume(ac.out_dir, _json({"model": cc, "train": ac.resume_key()}))
   dtype = cop.soft.dtype
   f32 = lambda t: jax.tree.map(lambda a: jnp.array(a, jnp.float32), t)  # copies  # noqa: E731

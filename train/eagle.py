@@ -453,6 +453,7 @@ def train(model: Model, head: heads.LoadedHead, ec: EagleConfig,
   os.makedirs(ec.out_dir, exist_ok=True)
   hc = head.hc.to_json()
   hc.pop("target_name")
+  hc.pop("target_fingerprint")
   loop.check_resume(ec.out_dir, _json({"model": hc, "train": ec.resume_key()}))
   dtype = jax.tree.leaves(head.state)[0].dtype
   work = head.with_params(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), head.params()))

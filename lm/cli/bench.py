@@ -19,7 +19,8 @@ def add(subparsers) -> None:
       "(weights + K/V at the mean context) over the bandwidth of a large array copy measured "
       "in the same run. Prompts are random token ids.")
   add_model_flag(p)
-  p.add_argument("--dtype", choices=DTYPES, help="cast the params (default: as stored; float32 for the bundled models)")
+  p.add_argument("--dtype", choices=DTYPES,
+                 help="cast the params (default: as stored; float32 for the bundled models)")
   p.add_argument("--batches", type=ints_type, default=(1, 8), metavar="B,B",
                  help="decode batch sizes (default 1,8)")
   p.add_argument("--contexts", type=ints_type, default=(256, 1024), metavar="C,C",

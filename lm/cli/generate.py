@@ -49,6 +49,9 @@ def add(subparsers) -> None:
                       "(e.g. shakespeare-16)")
   g.add_argument("--delay", type=nonneg, default=None, metavar="K",
                  help="the latents arrive K tokens late (asynchronous augmentation; default 0)")
+  p.add_argument("--allow-other-params", action="store_true",
+                 help="use a head or coprocessor trained against other weights of the same "
+                 "architecture (it records their fingerprint; a warning is printed)")
   p.add_argument("--json", action="store_true",
                  help="print one JSON object (texts, token ids, timings) instead of text")
   p.set_defaults(run=_generate, check=lambda args: _check_generate(p, args))
@@ -105,7 +108,7 @@ def _generate(args: argparse.Namespace) -> int:
   kwargs = sampling_kwargs(args)
   if args.speculative:
     from kvjax import speculative
-    head = speculative.load_head(args.head, model)
+    head = speculative.load_head(args.head, model, allow_other_params=args.allow_other_params)
     if args.tree_tokens == "auto":
       log = lambda msg: print(f"{PROG}: {msg}", file=sys.stderr)
       args.tree, _ = speculative.auto_tree(model, head, prompts, top_k=args.tree.top_k,
@@ -114,7 +117,7 @@ def _generate(args: argparse.Namespace) -> int:
     out = speculative.generate(model, head, prompts, tree=args.tree, **kwargs)
   elif args.coprocessor is not None:
     from kvjax import coprocessor
-    cop = coprocessor.load(args.coprocessor, model)
+    cop = coprocessor.load(args.coprocessor, model, allow_other_params=args.allow_other_params)
     out = coprocessor.generate(model, cop, prompts, delay=args.delay or 0, **kwargs)
   elif len(prompts) == 1 and not args.json:
     return _stream_one(model, prompts[0], kwargs)

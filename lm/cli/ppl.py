@@ -46,6 +46,9 @@ def add(subparsers) -> None:
                  help="insert the latents K tokens after their point (default 0)")
   g.add_argument("--batch-size", type=positive, default=8, metavar="B",
                  help="windows per forward (default 8)")
+  p.add_argument("--allow-other-params", action="store_true",
+                 help="use a coprocessor trained against other weights of the same "
+                 "architecture (it records their fingerprint; a warning is printed)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--json", action="store_true",
                  help="print one JSON object: ppl, tokens, peak_cache_tokens, ms_per_token "
@@ -110,7 +113,7 @@ def _ppl_augmented(args: argparse.Namespace, model, ids: list[int]) -> int:
 
   from kvjax import coprocessor
   from kvjax.coprocessor.traces import by_position
-  cop = coprocessor.load(args.coprocessor, model)
+  cop = coprocessor.load(args.coprocessor, model, allow_other_params=args.allow_other_params)
   T = args.seq_len
   if len(ids) < 2:
     raise ValueError("the text has fewer than 2 tokens")
