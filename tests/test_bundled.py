@@ -149,16 +149,6 @@ def test_shipped_artifacts_refuse_the_other_bundled_model(models):
       coprocessor.load(name, comedy)
     with pytest.warns(UserWarning, match="other weights"):
       coprocessor.load(name, comedy, allow_other_params=True)
-  code, _, err = _cli("generate", "--model", "shakespeare-comedy", "--prompt", "x",
-                      "--max-new-tokens", 2, "--coprocessor", "shakespeare-8")
+  code, _, err = cli("generate", "--model", "shakespeare-comedy", "--prompt", "x",
+                     "--max-new-tokens", 2, "--coprocessor", "shakespeare-8")
   assert code == 1 and "--allow-other-params" in err and len(err.strip().splitlines()) == 1
-
-
-def _cli(*argv):
-  import contextlib
-  import io
-  from kvjax.lm import cli
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = cli.main([str(a) for a in argv])
-  return code, out.getvalue(), err.getvalue()

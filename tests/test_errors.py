@@ -15,6 +15,8 @@ from safetensors.numpy import load_file, save_file
 from kvjax import lm
 from kvjax.lm import tiny
 
+from test_cli import cli
+
 UP1 = "model.layers.1.mlp.up_proj.weight"  # [F, D] = [128, 64] in the tiny HF llama
 IDS = [[0, 5, 17, 300, 42, 9, 2, 77, 123, 250, 3, 8]]
 
@@ -239,19 +241,10 @@ def test_non_finite_weights_are_named(broken, bad):
          "check_finite=False")
   loaded = lm.load(broken, check_finite=False)
   assert not np.isfinite(np.asarray(loaded.params()["blocks"]["attn_norm"]["scale"])).all()
-  code, out, err = _kvjax("generate", "--model", broken, "--prompt", "hi", "--max-new-tokens", 2)
+  code, out, err = cli("generate", "--model", broken, "--prompt", "hi", "--max-new-tokens", 2)
   assert code == 1 and out == "" and "non-finite" in err and "Traceback" not in err
   assert len(err.strip().splitlines()) == 1, err
 
-
-def _kvjax(*argv):
-  import contextlib
-  import io
-  from kvjax.lm import cli
-  out, err = io.StringIO(), io.StringIO()
-  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-    code = cli.main([str(a) for a in argv])
-  return code, out.getvalue(), err.getvalue()
 
 
 @pytest.mark.parametrize("how", ["truncated", "garbage", "empty"])
