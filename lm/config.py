@@ -210,13 +210,11 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
     return float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
 
   def typed(key, kind, expected, default=None):
-    """hf[key] when it is of `kind` (absent or null: default), else a ConfigError."""
+    """opt(key, default), refusing a present value that is not of `kind`."""
     v = hf.get(key)
-    if v is None:
-      return default
-    if not isinstance(v, kind):
+    if v is not None and not isinstance(v, kind):
       raise ConfigError(f"{source}: {key} must be {expected}; got {v!r}")
-    return v
+    return opt(key, default)
 
   def flag(key, default=False):
     return typed(key, bool, "true or false", default)
@@ -274,7 +272,7 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
         norm_eps=num(opt("rms_norm_eps", 1e-6)),
         max_position=opt("max_position_embeddings", 2048),
         act=ACTIVATIONS[act_name],
-        rope_theta=num(opt("rope_theta", opt("rope_theta", 10000.0), rope)),
+        rope_theta=num(opt("rope_theta", opt("rope_theta", 10000.0), table=rope)),  # 5.x, 4.x
         rope_type=rope_type,
         rope_factor=num(opt("factor", 1.0, rope)),
         rope_low_freq_factor=num(opt("low_freq_factor", 1.0, rope)),

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kvjax.lm import checkpoint
@@ -95,9 +98,6 @@ def params_fingerprint(model: Model, *, sample: int = 4096) -> str:
   coprocessors): every leaf's path and shape and up to `sample` evenly strided values rounded
   to bfloat16, so the same weights loaded in float32 or bfloat16 give the same digest and a
   fine-tune of the same architecture another. Reads sample x leaves values, not the params."""
-  import hashlib
-
-  import numpy as np
   h = hashlib.sha256()
   for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(model.params()),
                            key=lambda pl: jax.tree_util.keystr(pl[0])):
@@ -124,7 +124,6 @@ def check_fingerprint(recorded: str, model: Model, *, what: str, allow: bool,
          "fine-tune")
   if not allow:
     raise error(f"{msg}; pass {flag} to use it anyway")
-  import warnings
   warnings.warn(f"{msg}; using it anyway", stacklevel=3)
 
 

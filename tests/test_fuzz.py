@@ -107,12 +107,6 @@ def sent():
   return model, payload.encode(capture, model)
 
 
-def _split(data: bytes):
-  n = struct.unpack("<I", data[len(payload.MAGIC):len(payload.MAGIC) + 4])[0]
-  start = len(payload.MAGIC) + 4
-  return json.loads(data[start:start + n]), data[start + n:]
-
-
 def _join(header, body: bytes) -> bytes:
   head = json.dumps(header).encode()
   return payload.MAGIC + struct.pack("<I", len(head)) + head + body
@@ -142,7 +136,7 @@ def test_payload_header_fields_of_any_value(sent, key, value, drop):
   is missing or holds anything at all: decoded into a capture of the receiver's shapes, or a
   PayloadError."""
   model, data = sent
-  header, body = _split(data)
+  header, body = payload.read_header(data)
   if drop:
     header.pop(key)
   else:

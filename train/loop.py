@@ -274,14 +274,12 @@ def run_loop(rc: RunConfig, state, batches, step: Callable, *,
     it = batch_iter(batches, start)
     bar = _progress(progress, start, rc.steps)
     t0, done, work = time.perf_counter(), 0.0, 0.0
-    reached = start
     try:
       for i in range(start + 1, end + 1):
         batch = next(it, None)
         if batch is None:
           raise TrainError(f"the batch iterator ended before step {i} of {rc.steps}")
         state, stats = step(state, batch, i - 1)  # checks the batch first
-        reached = i
         done += amount(batch)
         work += flops(batch) if flops is not None else 0.0
         stop = False
@@ -325,7 +323,8 @@ def run_loop(rc: RunConfig, state, batches, step: Callable, *,
       kept = manager.latest_step()
       where = (f"the latest checkpoint is step {kept} in {os.path.join(rc.out_dir, CHECKPOINTS)}"
                if kept is not None else "no checkpoint was written yet")
-      raise TrainInterrupted(f"interrupted after step {reached} of {rc.steps}; {where}; run "
+      done_steps = int(state["step"])  # the last step whose update completed
+      raise TrainInterrupted(f"interrupted after step {done_steps} of {rc.steps}; {where}; run "
                              "the same command to resume from it") from None
     bar.close()
     manager.wait_until_finished()

@@ -29,12 +29,12 @@ import hashlib
 import json
 import struct
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache.droidspeak.reuse import Capture, DroidSpeakError, Plan
 from kvjax.lm import config, engine
+from kvjax.lm.model import params_fingerprint
 
 MAGIC = b"KVJXDS01"
 FORMAT = 2
@@ -52,15 +52,13 @@ def _sha(data: bytes) -> str:
 
 def fingerprint(model, *, params: bool = True) -> dict[str, str]:
   """{architecture, tokenizer, sender}: digests of the config, the tokenizer JSON and (unless
-  params=False) the params, the `sender` entry that identifies this exact model."""
+  params=False) the params (`lm.params_fingerprint`), the `sender` entry that identifies the
+  model's weights."""
   arch = json.dumps(config.to_dict(model.cfg), sort_keys=True).encode()
   tok = model.tokenizer.tok.to_str().encode() if model.tokenizer is not None else b""
   out = {"architecture": _sha(arch), "tokenizer": _sha(tok)}
   if params:
-    h = hashlib.sha256()
-    for leaf in jax.tree.leaves(model.params()):
-      h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-    out["sender"] = h.hexdigest()
+    out["sender"] = params_fingerprint(model)
   return out
 
 
@@ -173,12 +171,10 @@ def _capture(header: dict, data: bytes, receiver, sender, prefix) -> Capture:
           "e": {1: len(rows), 3: cfg.d_model}}
   for name, dims in want.items():
     a = arrays[name]
-    if a.ndim != SLOT_AXIS[name] + 2 or any(
-        a.shape[i] != d for i, d in dims.items()):
+    if a.ndim != SLOT_AXIS[name] + 2 or any(a.shape[i] != d for i, d in dims.items()):
       raise PayloadError(f"corrupt payload: tensor {name} has shape {list(a.shape)}, which does "
                          f"not fit {len(rows)} rows of this receiver")
-  slots = {name: (a.shape[SLOT_AXIS[name]] if a.ndim > SLOT_AXIS[name] else None)
-           for name, a in arrays.items()}
+  slots = {name: a.shape[SLOT_AXIS[name]] for name, a in arrays.items()}
   if n > P or any(s != n for s in slots.values()):
     raise PayloadError(f"corrupt payload: tensors of {list(slots.values())} slots for a "
                        f"{n}-token prefix padded to {P}")

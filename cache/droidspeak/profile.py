@@ -269,6 +269,7 @@ def profile_path(sender: Model, receiver: Model) -> str:
   ~/.cache/kvjax/droidspeak)/<digest of both models' params>.json."""
   root = os.environ.get("KVJAX_DROIDSPEAK_DIR") or os.path.join(
       os.path.expanduser("~"), ".cache", "kvjax", "droidspeak")
-  key = hashlib.sha256((fingerprint(sender)["sender"] + fingerprint(receiver)["sender"])
+  key = hashlib.sha256((fingerprint(sender)["sender"] + fingerprint(receiver)["sender"]
+                        + str(receiver.dtype))
                        .encode()).hexdigest()[:24]
   return os.path.join(root, key + ".json")
