@@ -89,6 +89,8 @@ def cost(base, cop, prompt: list[int], repeats: int) -> dict:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", default="shakespeare",
+                 help="base (dir or bundled name; default shakespeare, the shipped ones' base)")
   p.add_argument("--coprocessors", default="shakespeare-8,shakespeare-16",
                  help="comma-separated shipped names or coprocessor directories")
   p.add_argument("--delay-of", type=positive, default=16,
@@ -99,7 +101,7 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=positive, default=20)
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = p.parse_args(argv)
-  base = lm.load("shakespeare")
+  base = lm.load(args.model)
   held = base.tokenizer.encode(plays("test"))
   texts = {"held-out": windows(held, args.windows, args.window_len),
            "seen": windows(base.tokenizer.encode(plays("train")), args.windows, args.window_len)}
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
 
 def markdown(res) -> str:
   s = res["settings"]
-  lines = [f"Machine: {res['machine']}. Base `shakespeare` (float32, frozen); {s['windows']} "
+  lines = [f"Machine: {res['machine']}. Base `{s['model']}` (float32, frozen); {s['windows']} "
            f"windows of {s['window_len']} tokens from the test split's non-comedy plays (text "
            "`held-out`: never trained on by the base or the coprocessors; `seen`: the train "
            f"split's non-comedy plays they trained on), {s['points']} augmentation points "

@@ -66,8 +66,12 @@ CONFIGS = {
     "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=True),
+    # 0.14M parameters: a smoke run of this script (tests/test_benchmarks.py), not a benchmark.
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 max_position_embeddings=512),
 }
-DEFAULT_DTYPE = {"10m": "float32", "1b": "bfloat16"}
+DEFAULT_DTYPE = {"10m": "float32", "1b": "bfloat16", "tiny": "float32"}
 # The Gemma-2 features that the `gemma` peer's table adds to a config's shape (HF Gemma2Config).
 GEMMA2 = dict(attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
               tie_word_embeddings=True)

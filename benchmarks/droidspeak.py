@@ -71,6 +71,12 @@ def bits_per_char(model, tail: list[int], loss: float) -> float:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--sender", default="shakespeare", help="dir or bundled name")
+  p.add_argument("--receiver", default="shakespeare-comedy", help="dir or bundled name")
+  p.add_argument("--profile-windows", type=positive, default=4,
+                 help="validation windows the profile runs on")
+  p.add_argument("--profile-prefix", type=positive, default=512,
+                 help="the profile windows' prefix length")
   p.add_argument("--prefix-lens", default="256,512,1024")
   p.add_argument("--prompts", type=positive, default=4)
   p.add_argument("--eval-tokens", type=positive, default=64)
@@ -78,12 +84,12 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=positive, default=5)
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = p.parse_args(argv)
-  sender, receiver = lm.load("shakespeare"), lm.load("shakespeare-comedy")
+  sender, receiver = lm.load(args.sender), lm.load(args.receiver)
   L = receiver.cfg.n_layers
   print("profiling on the validation comedy ...", file=sys.stderr)
   prof = run.profile(sender, receiver,
-                     run.windows(receiver.tokenizer.encode(comedy("validation")), 4,
-                                 512 + args.eval_tokens + 1),
+                     run.windows(receiver.tokenizer.encode(comedy("validation")),
+                                 args.profile_windows, args.profile_prefix + args.eval_tokens + 1),
                      eval_tokens=args.eval_tokens, max_new_tokens=args.new_tokens,
                      repeats=3, progress=False)
   kv = best_kv_only(prof, L)
@@ -140,7 +146,7 @@ def main(argv=None) -> int:
 
 def markdown(res) -> str:
   s = res["settings"]
-  lines = [f"Machine: {res['machine']}. Sender `shakespeare`, receiver `shakespeare-comedy` "
+  lines = [f"Machine: {res['machine']}. Sender `{s['sender']}`, receiver `{s['receiver']}` "
            f"(float32); {s['prompts']} windows of The Comedy of Errors (held out) per prefix "
            f"length; loss over the {s['eval_tokens']} tokens after the prefix; agreement over "
            f"{s['new_tokens']} greedy tokens; prefill: median of {s['repeats']}.", "",

@@ -130,8 +130,9 @@ def run_hf(target, draft, prompts, sampling, args):
 
 
 def markdown(res) -> str:
-  lines = [f"Machine: {res['machine']}. Target `{MODEL}` (float32); {res['prompts']} held-out "
-           f"prompts of {res['prompt_len']} tokens, {res['new_tokens']} new tokens each; tree "
+  lines = [f"Machine: {res['machine']}. Target `{res['settings']['model']}` (float32); "
+           f"{res['prompts']} held-out prompts of {res['prompt_len']} tokens, "
+           f"{res['new_tokens']} new tokens each; tree "
            f"top_k {res['tree']['top_k']}, depth {res['tree']['depth']}, "
            f"{res['tree']['total_tokens']} tokens; chain depth {res['tree']['depth']}.", "",
            "| method | batch | temperature | mean accept len | ms per target forward | "
@@ -148,6 +149,8 @@ def markdown(res) -> str:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", default=MODEL, help="target (dir or bundled name; default "
+                 f"{MODEL}, the shipped heads' target)")
   p.add_argument("--head1", default="shakespeare", help="EAGLE-1 head (dir or shipped name)")
   p.add_argument("--head3", default="shakespeare-eagle3", help="EAGLE-3 head")
   p.add_argument("--draft", default=None, help="draft LM directory for the HF peer (none: skip)")
@@ -162,7 +165,7 @@ def main(argv=None) -> int:
   p.add_argument("--small-tree", default="4,3,8", help="top_k,depth,tokens of the small tree")
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   args = p.parse_args(argv)
-  model = lm.load(MODEL)
+  model = lm.load(args.model)
   prompts = held_out_prompts(model, args.prompts, args.prompt_len)
   tree = speculative.TreeSpec(top_k=args.top_k, depth=args.depth, total_tokens=args.tree_tokens)
   chain = speculative.TreeSpec(top_k=1, depth=args.depth, total_tokens=args.depth + 1)

@@ -19,6 +19,11 @@ Parts (--parts, comma-separated):
            cache with the bundled model, in chunks of 4096 tokens (one `lax.scan` each):
            cache bytes, the process's resident memory and the segment's perplexity at each
            checkpoint (powers of two), with the perplexity of the last 4096 tokens.
+  endless  One sampled stream of --endless-tokens tokens through a 4 + 252 sink cache
+           (`streaming.Session`, as `kvjax stream` runs it): wall time per token between
+           the pieces the caller receives over each doubling of the stream, and what the
+           text bookkeeping costs per token (incremental detokenisation vs a decode of the
+           whole reply so far, the cost of re-decoding at every token).
   kernel   Sink-attention decode latency, Pallas kernel vs the XLA reference
            (`kvjax.pallas_kernels.sink_attention`), one layer, batch 8, 32 query / 8 kv heads,
            head dim 128, bf16, at each cost size. Only on GPU/TPU: on CPU Pallas runs only
@@ -46,9 +51,10 @@ from kvjax import lm
 from kvjax.cache.sink import SinkCache
 from kvjax.lm import steps, streaming
 from kvjax.lm.cli import checked, positive
+from kvjax.lm.detokenize import Detokenizer
 
 MODEL = "shakespeare"
-PARTS = ("quality", "cost", "memory", "kernel")
+PARTS = ("quality", "cost", "memory", "endless", "kernel")
 SINKS = (0, 1, 2, 4, 8)
 
 
@@ -158,11 +164,11 @@ def memory(model, args) -> dict:
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
   C, rows, nll, t0 = 4096, [], [], time.perf_counter()
   for lo in range(0, n, C):
+    done = min(lo + C, n)  # the last chunk may be shorter (one more compile)
     (part, cache), _ = steps.call(model, steps.nll_scan, model.state, cache,
-                                  jnp.asarray(ids[None, lo:lo + C]),
-                                  jnp.asarray(ids[None, lo + 1:lo + C + 1]))
+                                  jnp.asarray(ids[None, lo:done]),
+                                  jnp.asarray(ids[None, lo + 1:done + 1]))
     nll.append(np.asarray(part[0]))
-    done = lo + C
     if done & (done - 1) == 0 or done >= n:            # powers of two, and the end
       rows.append(dict(tokens=done, cache_tokens=int(cache.length[0]),
                        cache_bytes=sum(x.nbytes for x in jax.tree.leaves(cache)),
@@ -171,6 +177,51 @@ def memory(model, args) -> dict:
       print(f"  {done:7d} tokens: cache {rows[-1]['cache_tokens']} tokens, rss "
             f"{rows[-1]['rss_mib']:.0f} MiB", file=sys.stderr)
   return dict(text=f"{title} (first 4097 tokens, cycled)", cache_bytes=cache_bytes, rows=rows)
+
+
+def endless(model, args) -> dict:
+  """One endless stream of --endless-tokens sampled tokens (4 + 252 sink cache, temperature 1)
+  as a user reads it (`kvjax stream --prompt`: no ids or text kept): the wall time between
+  pieces, per token, over each doubling of the stream (from the first piece: the prompt's
+  prefill and the compile come before it), and the cost of the text bookkeeping at that
+  length, on the held-out play's ids cycled: one `Detokenizer.push` per token (what each token
+  pays) vs one decode of the whole text so far (what re-decoding at every token would pay)."""
+  session = streaming.Session(model, n_sink=4, window=252, sampling=lm.Sampling(temperature=1.0),
+                              key=jax.random.key(0), stop_tokens=())
+  n, done = args.endless_tokens, {}
+  marks = [m for m in (2 ** i for i in range(10, 40)) if m < n] + [n]
+  seen, rss, at, first = [], [], 0, None
+  t0 = time.perf_counter()
+  for _ in session.turn("ROMEO:\n", max_new_tokens=n, done=done, keep_ids=False):
+    if first is None:
+      first = (session.stats["tokens_generated"], time.perf_counter())
+    while at < len(marks) and session.stats["tokens_generated"] >= marks[at]:
+      seen.append(time.perf_counter())
+      rss.append(_rss_mib())
+      at += 1
+  wall_s = time.perf_counter() - t0
+  play, title = held_out_tokens(model, 4097)
+  ids = np.tile(play, -(-n // len(play)))[:n].tolist()
+  rows, (lo, t_lo) = [], first
+  for m, t, r in zip(marks, seen, rss):
+    tail = ids[max(0, m - 1000):m]
+    det = Detokenizer(model.tokenizer)
+    t1 = time.perf_counter()
+    for tok in tail:
+      det.push(tok)
+    push_us = 1e6 * (time.perf_counter() - t1) / len(tail)
+    t1 = time.perf_counter()
+    model.tokenizer.decode(ids[:m])
+    whole_us = 1e6 * (time.perf_counter() - t1)
+    rows.append(dict(tokens=m, from_tokens=lo, ms_per_token=1e3 * (t - t_lo) / (m - lo),
+                     push_us=push_us, whole_decode_us=whole_us, rss_mib=r))
+    print(f"  tokens {lo:7d}-{m:7d}: {rows[-1]['ms_per_token']:.2f} ms/token, rss {r:.0f} MiB; "
+          f"push {push_us:.1f} us, whole decode {whole_us:.0f} us", file=sys.stderr)
+    lo, t_lo = m, t
+  s = session.stats
+  return dict(tokens=done["n"], wall_s=wall_s, decode_s=s["decode_s"], prefill_s=s["prefill_s"],
+              compile_s=s["compile_s"], tokens_per_s=s["tokens_per_s"],
+              bookkeeping_text=f"{title} (first 4097 tokens, cycled)", rows=rows)
 
 
 def kernel(args) -> dict:
@@ -232,6 +283,16 @@ def markdown(res: dict) -> str:
                   ["tokens streamed", "cache tokens", "process RSS MiB", "ppl of the last 4096"],
                   [[f"{r['tokens']:,}", str(r["cache_tokens"]), f"{r['rss_mib']:.0f}",
                     f"{r['segment_ppl']:.2f}"] for r in m["rows"]])
+  if "endless" in res:
+    e = res["endless"]
+    out += _table(f"**Endless stream, per-token wall time** (bundled `{MODEL}`, 4 + 252 sink "
+                  f"cache, temperature 1; {e['tokens']:,} tokens in {e['wall_s']:.0f} s, "
+                  f"{e['tokens_per_s']:.0f} tok/s as reported):",
+                  ["tokens", "ms per token", "detokenize us / token", "whole-reply decode us",
+                   "process RSS MiB"],
+                  [[f"{r['from_tokens']:,}-{r['tokens']:,}", f"{r['ms_per_token']:.2f}",
+                    f"{r['push_us']:.1f}", f"{r['whole_decode_us']:,.0f}", f"{r['rss_mib']:.0f}"]
+                   for r in e["rows"]])
   if "kernel" in res:
     k = res["kernel"]
     if not k["run"]:
@@ -255,6 +316,8 @@ def main(argv=None) -> int:
                  default=256, help="cache slots (sinks + window) for the quality part")
   p.add_argument("--cost-sizes", default="256,512,1024,2048,4096")
   p.add_argument("--memory-tokens", type=positive, default=131072)
+  p.add_argument("--endless-tokens", type=checked(int, lambda v: v >= 1024, "an integer >= 1024"),
+                 default=131072, help="tokens of the endless stream (default 131072)")
   p.add_argument("--repeats", type=positive, default=9)
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -270,11 +333,12 @@ def main(argv=None) -> int:
   if min(args.cost_sizes) < 8:
     p.error("--cost-sizes: each cache size must be >= 8")
   res = dict(machine=report.describe(), backend=jax.default_backend(), settings=vars(args))
-  model = lm.load(MODEL) if {"quality", "memory"} & set(parts) else None
+  model = lm.load(MODEL) if {"quality", "memory", "endless"} & set(parts) else None
   for part in parts:
     print(f"{part}:", file=sys.stderr)
     res[part] = {"quality": lambda: quality(model, args), "cost": lambda: cost(args),
-                 "memory": lambda: memory(model, args), "kernel": lambda: kernel(args)}[part]()
+                 "memory": lambda: memory(model, args), "endless": lambda: endless(model, args),
+                 "kernel": lambda: kernel(args)}[part]()
   table = markdown(res)
   report.write(args.out, "streaming", res, table)
   print(table)

@@ -46,7 +46,7 @@ from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config
 from kvjax.lm import steps
 from kvjax.lm.attention import Training
-from kvjax.lm.engine import new_cache, pad
+from kvjax.lm.engine import check_finite, new_cache, pad
 from kvjax.lm.model import Model, check_fingerprint, params_fingerprint
 from kvjax.lm.model import init as init_model
 from kvjax.lm.sampling import Sampling, sample
@@ -447,8 +447,9 @@ def augmented_prefill(model: Model, rows: list[list[int]], max_new_tokens: int, 
   logits, cache = call(steps.extend, cache, last, one)
   early = []
   for i in range(delay - 1):  # tokens sampled and fed before the latents arrive
-    tok, logits, cache = call(steps.sample_decode, cache, logits, key, jnp.int32(i),
-                              sampling=sampling)
+    tok, bad, logits, cache = call(steps.sample_decode, cache, logits, key, jnp.int32(i),
+                                   sampling=sampling)
+    check_finite(model, bad, "the coprocessor's delayed prefill")
     early.append(tok)
   early.append(sample(logits, jax.random.fold_in(key, delay - 1), sampling))  # fed after them
   cache = insert(model, cop, z, cache)

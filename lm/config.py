@@ -109,6 +109,9 @@ class Config:
   attn_softcap: float | None = None
   final_softcap: float | None = None
   windows: tuple[int, ...] = ()
+  # ids the tokenizer has, when fewer than vocab_size (a padded embedding): the logits of ids
+  # >= tokenizer_size are masked, so they are never sampled. Set by `lm.load`; not in config.json
+  tokenizer_size: int | None = None
 
   def __post_init__(self):
     """Checks every field for its domain; ConfigError (with `.field`) names the first bad one."""
@@ -131,6 +134,9 @@ class Config:
       raise ConfigError(f"rope_low_freq_factor ({self.rope_low_freq_factor!r}) must be below "
                         f"rope_high_freq_factor ({self.rope_high_freq_factor!r}) for llama3 "
                         "RoPE scaling", field="rope_low_freq_factor")
+    if self.tokenizer_size is not None and not (
+        _is_int(self.tokenizer_size) and 1 <= self.tokenizer_size <= self.vocab_size):
+      bad("tokenizer_size", f"null or an int in [1, vocab_size={self.vocab_size}]")
     if self.family not in FAMILIES:
       raise ConfigError(f"family {self.family!r} is not one of {FAMILIES}")
     if self.act not in ("silu", "gelu_tanh", "gelu"):

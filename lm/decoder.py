@@ -217,12 +217,12 @@ class Decoder(nnx.Module):
     return x
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    """hidden [..., D] (final-normed) -> [..., V] float32."""
+    """hidden [..., D] (final-normed) -> [..., V] float32 (padding ids masked)."""
     w = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
     logits = jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
     if self.cfg.final_softcap is not None:
       logits = jnp.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
-    return logits
+    return mask_padding(logits, self.cfg)
 
   def __call__(self, tokens: jax.Array | None = None, *, embeds: jax.Array | None = None,
                hidden: jax.Array | None = None, positions: jax.Array | None = None,
@@ -297,6 +297,16 @@ class Decoder(nnx.Module):
         out_logits = constrain(self.logits(x), LOGITS, self.layout)
     return Output(logits=out_logits, hidden=x, layer_inputs=layer_inputs,
                   k=ks if return_kv else None, v=vs if return_kv else None), cache
+
+
+def mask_padding(logits: jax.Array, cfg: Config) -> jax.Array:
+  """logits [..., V] float32 with the ids the tokenizer lacks (>= cfg.tokenizer_size) at the
+  lowest float32: probability exactly 0 in every softmax, never an argmax, and finite (a
+  product with a zero probability stays 0 in losses)."""
+  if cfg.tokenizer_size is None or cfg.tokenizer_size == cfg.vocab_size:
+    return logits
+  real = jnp.arange(logits.shape[-1]) < cfg.tokenizer_size
+  return jnp.where(real, logits, jnp.finfo(jnp.float32).min)
 
 
 def run_layers(blocks: Block, cfg: Config, x: jax.Array, *, view: View, cached, layers,

@@ -19,6 +19,7 @@ import numpy as np
 
 from kvjax.cache.dense import KVCache
 from kvjax.lm import sharding, steps
+from kvjax.lm.detokenize import Detokenizer
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
 
@@ -107,6 +108,23 @@ def check_context(model: Model, rows: Sequence[Sequence[int]], max_new_tokens: i
                      f"model's context of {model.cfg.max_position} positions")
 
 
+class NonFiniteError(FloatingPointError):
+  """The model's logits became NaN or infinite during a call: its output would be garbage."""
+
+
+def check_finite(model: Model, bad, what: str) -> None:
+  """Raises NonFiniteError if any row of bad [B] bool (a jitted loop's `steps.nonfinite`
+  flag, or a host array's) is set, naming the rows and what to try."""
+  bad = np.asarray(bad).reshape(-1)
+  if bad.any():
+    rows = np.flatnonzero(bad).tolist()
+    raise NonFiniteError(
+        f"{what}: the logits of row(s) {rows[:8]}{' ...' if len(rows) > 8 else ''} became NaN "
+        f"or infinite, so the output would be garbage; the weights or activations overflow in "
+        f"{model.dtype} (try float32: lm.load(..., dtype=jnp.float32), --dtype float32) or the "
+        "checkpoint holds non-finite values (lm.load checks it unless check_finite=False)")
+
+
 def nbytes(tree) -> int:
   """Bytes of a pytree's arrays (a cache's memory)."""
   return sum(x.nbytes for x in jax.tree.leaves(tree))
@@ -138,10 +156,25 @@ def require_tokenizer(model: Model, what: str):
 
 
 def check_request(model: Model, max_new_tokens: int, sampling: Sampling | None, key) -> Sampling:
-  """The request's sampling (greedy by default), after checking max_new_tokens and the key."""
+  """The request's sampling (greedy by default), after checking max_new_tokens and the key: None
+  or one JAX PRNG key (a typed key of shape (), or a legacy jax.random.PRNGKey, uint32[2]);
+  TypeError saying what a key is otherwise."""
   if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer))
       or max_new_tokens < 1):
     raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}")
+  if key is not None:
+    shape, dtype = getattr(key, "shape", None), getattr(key, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    if not ((typed and shape == ()) or (not typed and dtype == np.uint32 and shape == (2,))):
+      if typed:
+        got = f"an array of keys of shape {shape} (pass one of them)"
+      elif shape is not None and dtype is not None:
+        kind = "numpy" if isinstance(key, np.ndarray) else "jax"
+        got = f"a {kind} {dtype} array of shape {tuple(shape)}"
+      else:
+        got = type(key).__name__
+      raise TypeError(f"key must be a JAX PRNG key, e.g. jax.random.key(0) (or a legacy "
+                      f"jax.random.PRNGKey(0), uint32[2]); got {got}")
   sampling = sampling or Sampling()
   if not isinstance(sampling, Sampling):
     raise TypeError(f"sampling must be a kvjax.lm.Sampling; got {type(sampling).__name__}")
@@ -205,36 +238,61 @@ def outputs(model: Model, out: np.ndarray, counts: np.ndarray, stop: Sequence[st
   return texts, tokens, finish
 
 
+def timed(pieces: Iterator[str], stats: dict) -> Iterator[str]:
+  """Yields pieces, adding to stats["decode_s"] the seconds spent producing each (decode steps,
+  detokenisation, stop checks), less the compile seconds the producer added to
+  stats["compile_s"] meanwhile. The consumer's time between pieces is not counted."""
+  pieces = iter(pieces)
+  while True:
+    t0, c0 = time.perf_counter(), stats["compile_s"]
+    piece = next(pieces, None)
+    stats["decode_s"] += time.perf_counter() - t0 - (stats["compile_s"] - c0)
+    if piece is None:
+      return
+    yield piece
+
+
 def detokenize(model: Model, tokens: Iterator[int], stop: Sequence[str], stop_ids: set[int],
-               done: dict) -> Iterator[str]:
+               done: dict, *, keep_ids: bool = True) -> Iterator[str]:
   """Yields the text of `tokens` as it becomes final, pulling one token per piece: it ends at a
   stop token or a stop string (neither yielded) or when `tokens` runs out ("length"). Text that
   may start a stop string or an unfinished UTF-8 character is held back until it is decided.
-  Fills `done` with ids (every token pulled, a stop token included) and finish."""
+  Fills `done` with n (tokens pulled, a stop token included), finish and, with keep_ids, ids
+  (those tokens; an endless stream that needs none keeps constant memory without them).
+
+  Work per token is bounded (`Detokenizer` decodes a short window of recent ids; stop strings
+  are searched in the text not yet yielded, at most the longest stop string plus one piece),
+  so an endless stream costs the same per token at its millionth token as at its first."""
   ids: list[int] = []
-  done.update(ids=ids, finish="length")
-  emitted = 0
+  done.update(n=0, finish="length", **({"ids": ids} if keep_ids else {}))
+  text = Detokenizer(require_tokenizer(model, "detokenisation"))
   hold = max((len(s) for s in stop), default=1) - 1  # chars that may start a stop string
+  pending = ""  # decoded, not yet yielded: every stop string that starts here is still unseen
+
+  def cut(pending: str) -> int:
+    return min((pending.find(s) for s in stop if s and s in pending), default=-1)
+
   for tok in tokens:
-    ids.append(tok)
+    done["n"] += 1
+    if keep_ids:
+      ids.append(tok)
     if tok in stop_ids:
       done["finish"] = "stop_token"
-      return
-    text = model.tokenizer.decode(ids)
-    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
-    if cut >= 0:
+      break
+    pending += text.push(tok)
+    at = cut(pending)
+    if at >= 0:
       done["finish"] = "stop_string"
-      if cut > emitted:
-        yield text[emitted:cut]
+      if at:
+        yield pending[:at]
       return
-    ready = len(text) - hold
-    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next byte
-      ready = min(ready, len(text) - 1)
-    if ready > emitted:
-      yield text[emitted:ready]
-      emitted = ready
-  text = model.tokenizer.decode(ids)
-  if len(text) > emitted:
-    yield text[emitted:]
-
-
+    if len(pending) > hold:
+      yield pending[:len(pending) - hold]
+      pending = pending[len(pending) - hold:]
+  pending += text.flush()
+  at = cut(pending)
+  if at >= 0:
+    done["finish"] = "stop_string"
+    pending = pending[:at]
+  if pending:
+    yield pending

@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.lm import engine, steps
-from kvjax.lm.engine import (Prompt, check_context, detokenize, nbytes, new_cache, outputs,
-                             pad, tokenize)
+from kvjax.lm.engine import (NonFiniteError, Prompt, check_context, detokenize, nbytes,
+                             new_cache, outputs, pad, tokenize)
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
 
-__all__ = ["Generation", "Prefill", "Prompt", "check_context", "detokenize", "generate",
+__all__ = ["Generation", "NonFiniteError", "Prefill", "Prompt", "check_context", "detokenize",
+           "generate",
            "generate_iter", "nbytes",
            "new_cache", "outputs", "pad", "score", "stream"]
 
@@ -87,12 +88,13 @@ def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens
   cache_bytes = nbytes(cache)
   rest = max_new_tokens - early.shape[1]
   t0 = time.perf_counter()
-  (out, counts, cache), compile_d = steps.call(
+  (out, counts, bad, cache), compile_d = steps.call(
       model, steps.decode_loop, model.state, cache, logits, key, jnp.int32(rest),
       jnp.asarray(stops, jnp.int32), sampling=sampling, max_steps=steps.bucket(rest))
   out, counts = np.asarray(out), np.asarray(counts)
   decode_s = time.perf_counter() - t0 - compile_d
   del cache
+  engine.check_finite(model, bad, "generate")
   if early.shape[1]:  # tokens sampled before delayed latents arrived come first
     out, counts = _join(early, out, counts, stops)
   texts, tokens, finish = outputs(model, out, counts, stop, stops)
@@ -125,7 +127,8 @@ def generate_iter(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
   stop string (not yielded) or the limit.
 
   stats: a dict to fill, once the stream ends, with prefill_s, decode_s, compile_s,
-  prompt_tokens, new_tokens, decode_tokens_per_s and finish (as `generate` reports them)."""
+  prompt_tokens, new_tokens, decode_tokens_per_s and finish (as `generate` reports them;
+  decode_s also counts the detokenisation, everything between the caller's pieces)."""
   engine.require_tokenizer(model, "stream")
   if not isinstance(prompt, str) and len(prompt) and not isinstance(prompt[0], (int, np.integer)):
     raise ValueError("stream takes one prompt (a string or token ids); use generate for a batch")
@@ -133,24 +136,24 @@ def generate_iter(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
                        stop=stop, stop_tokens=stop_tokens, chat=chat)
   rows, sampling, key, stop, stop_ids = req.rows, req.sampling, req.key, req.stop, set(req.stop_ids)
   logits, cache, prefill_s, compile_s = engine.prefill(model, rows, max_new_tokens)
-  decode_s = 0.0
+  acc = dict(decode_s=0.0, compile_s=compile_s)
 
   def tokens() -> Iterator[int]:
-    nonlocal logits, cache, decode_s, compile_s
+    nonlocal logits, cache
     for step in range(max_new_tokens):  # one dispatch and one host read per token
-      t0 = time.perf_counter()
-      (tok, logits, cache), c = steps.call(model, steps.sample_decode, model.state, cache,
-                                           logits, key, jnp.int32(step), sampling=sampling)
-      tok = int(tok[0])
-      decode_s += time.perf_counter() - t0 - c
-      compile_s += c
-      yield tok
+      (tok, bad, logits, cache), c = steps.call(
+          model, steps.sample_decode, model.state, cache, logits, key, jnp.int32(step),
+          sampling=sampling)
+      acc["compile_s"] += c
+      tok, bad = jax.device_get((tok, bad))
+      engine.check_finite(model, bad, f"generate_iter (token {step})")
+      yield int(tok[0])
 
   done: dict = {}
-  yield from detokenize(model, tokens(), stop, stop_ids, done)
+  yield from engine.timed(detokenize(model, tokens(), stop, stop_ids, done), acc)
   if stats is not None:
-    n = len(done["ids"])
-    stats.update(prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_s,
+    n, decode_s = done["n"], acc["decode_s"]
+    stats.update(prefill_s=prefill_s, decode_s=decode_s, compile_s=acc["compile_s"],
                  prompt_tokens=len(rows[0]), new_tokens=n, finish=done["finish"],
                  decode_tokens_per_s=n / decode_s if decode_s > 0 else float("nan"))
 
@@ -181,6 +184,8 @@ def score(model: Model, token_ids) -> np.ndarray | list[np.ndarray]:
   tokens = pad(rows, steps.bucket(longest, minimum=8))
   logits, _ = steps.call(model, steps.score, model.state, jnp.asarray(tokens))
   logits = np.asarray(logits)
+  engine.check_finite(model, [not np.isfinite(logits[b, :len(r)]).all()
+                              for b, r in enumerate(rows)], "score")
   if ragged:
     return [logits[b, :len(r)] for b, r in enumerate(rows)]
   out = logits[:, :len(rows[0])]

@@ -55,6 +55,11 @@ class Model:
     return dataclasses.replace(self, state=state)
 
 
+class VocabPaddingWarning(UserWarning):
+  """`lm.load` found a config vocab_size larger than the tokenizer (a padded embedding, common
+  in HF checkpoints): the padding ids are masked (`Config.tokenizer_size`), never sampled."""
+
+
 def _abstract(cfg: Config, dtype) -> tuple[Any, Any]:
   return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype)))
 
@@ -165,6 +170,17 @@ def load(path: str, *, dtype=None, weights: bool = True, check_finite: bool = Tr
                      f"got {dtype}")
   hf = read_json(os.path.join(path, "config.json"), required=True)
   cfg = from_hf(hf, source=os.path.join(path, "config.json"))
+  tok = None
+  if os.path.exists(os.path.join(path, "tokenizer.json")):
+    tok = Tokenizer.load(path)
+    if tok.vocab_size > cfg.vocab_size:
+      raise TokenizerError(f"{tok.source}: {tok.vocab_size} tokens, but config.json's "
+                           f"vocab_size is {cfg.vocab_size}: the tokenizer belongs to another model")
+    if tok.vocab_size < cfg.vocab_size:
+      warnings.warn(f"{path}: config.json's vocab_size {cfg.vocab_size} pads the tokenizer's "
+                    f"{tok.vocab_size} tokens; ids {tok.vocab_size}..{cfg.vocab_size - 1} are "
+                    "masked in the logits (never sampled)", VocabPaddingWarning, stacklevel=2)
+      cfg = dataclasses.replace(cfg, tokenizer_size=tok.vocab_size)
   if weights:
     params = checkpoint.load_hf(path, cfg, dtype=dtype, check_finite=check_finite)
     graphdef, state = _abstract(cfg, params["embed"].dtype)
@@ -173,12 +189,6 @@ def load(path: str, *, dtype=None, weights: bool = True, check_finite: bool = Tr
     dtype = jnp.dtype(dtype or jnp.float32)
     graphdef, _ = _abstract(cfg, dtype)
     state = _random_state(cfg, dtype, jnp.int32(0))
-  tok = None
-  if os.path.exists(os.path.join(path, "tokenizer.json")):
-    tok = Tokenizer.load(path)
-    if tok.vocab_size > cfg.vocab_size:
-      raise TokenizerError(f"{tok.source}: {tok.vocab_size} tokens, but config.json's "
-                           f"vocab_size is {cfg.vocab_size}: the tokenizer belongs to another model")
   gen = read_json(os.path.join(path, "generation_config.json"), required=False)
   eos = _eos_ids(gen, hf, tok, cfg.vocab_size, path)
   defaults = {k: gen[k] for k in ("do_sample", "temperature", "top_k", "top_p") if gen and k in gen}

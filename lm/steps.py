@@ -94,6 +94,12 @@ def extend(graphdef, state, cache, tokens: jax.Array, n_new: jax.Array):
   return dec.logits(last), cache
 
 
+def nonfinite(logits: jax.Array) -> jax.Array:
+  """logits [B, ..., V] -> [B] bool: the row holds a NaN or an infinity (its sample would be
+  garbage). Loops carry it out so the host checks once per call (`engine.check_finite`)."""
+  return ~jnp.isfinite(logits).reshape(logits.shape[0], -1).all(axis=-1)
+
+
 def _decode(dec, cache: KVCache, tokens: jax.Array):
   out, cache = dec(tokens[:, None], cache=cache)
   return out.logits[:, 0], cache
@@ -109,11 +115,13 @@ def decode_step(graphdef, state, cache: KVCache, tokens: jax.Array):
 def sample_decode(graphdef, state, cache, logits: jax.Array, key: jax.Array, step: jax.Array, *,
                   sampling: Sampling):
   """One streamed token in one dispatch: samples from logits [B, V] (PRNG fold_in(key, step),
-  as decode_loop's step `step`) and feeds the token -> (tokens [B], logits [B, V] for the
-  position after it, cache one token longer per row)."""
+  as decode_loop's step `step`) and feeds the token -> (tokens [B], bad [B] the logits it
+  sampled from were not finite, logits [B, V] for the position after it, cache one token
+  longer per row)."""
   tok = sample(logits, jax.random.fold_in(key, step), sampling)
+  bad = nonfinite(logits)
   logits, cache = _decode(nnx.merge(graphdef, state), cache, tok)
-  return tok, logits, cache
+  return tok, bad, logits, cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_steps"),
@@ -124,14 +132,14 @@ def decode_loop(graphdef, state, cache: KVCache, logits: jax.Array, key: jax.Arr
 
   logits [B, V]: the prefill's. A row stops after emitting a token in stop_ids [E] (E >= 1;
   pad with -1). Returns (tokens [B, max_steps], counts [B] tokens emitted per row, the stop
-  token included, cache).
+  token included, bad [B] a row sampled from logits that were not finite, cache).
   """
   B = logits.shape[0]
-  out, _, counts, _, cache = _loop(
+  out, _, counts, bad, _, cache = _loop(
       nnx.merge(graphdef, state), cache, logits, key, jnp.int32(0), jnp.zeros((B,), bool),
       jnp.zeros((B,), jnp.int32), jnp.broadcast_to(n_steps, (B,)), stop_ids, sampling,
       max_steps)
-  return out, counts, cache
+  return out, counts, bad, cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_steps"),
@@ -144,21 +152,23 @@ def decode_more(graphdef, state, cache, logits: jax.Array, key: jax.Array, start
 
   done [B] rows already finished, counts [B] tokens they emitted so far, budget [B] the most
   tokens a row may emit. A row finishes at a stop token or when counts reaches its budget.
-  Returns (tokens [B, max_steps] of these steps (0 once a row is done), done, counts, logits
-  [B, V] for each row's next token, cache).
+  Returns (tokens [B, max_steps] of these steps (0 once a row is done), done, counts, bad [B]
+  a row sampled from logits that were not finite in these steps, logits [B, V] for each row's
+  next token, cache).
   """
   return _loop(nnx.merge(graphdef, state), cache, logits, key, start, done, counts, budget,
                stop_ids, sampling, max_steps)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["step", "logits", "cache", "out", "done", "counts"],
+                   data_fields=["step", "logits", "cache", "out", "done", "counts", "bad"],
                    meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
   """The carry of the decode `while_loop`. step: [] int32 steps taken in this call; logits
   [B, V] for each row's next token; cache; out [B, max_steps] int32 tokens emitted (0 once a
-  row is done); done [B] bool; counts [B] int32 tokens each row emitted, calls before included."""
+  row is done); done [B] bool; counts [B] int32 tokens each row emitted, calls before included;
+  bad [B] bool a live row sampled from logits that were not finite."""
 
   step: jax.Array
   logits: jax.Array
@@ -166,6 +176,7 @@ class DecodeState:
   out: jax.Array
   done: jax.Array
   counts: jax.Array
+  bad: jax.Array
 
 
 def _loop(dec, cache, logits, key, start, done, counts, budget, stop_ids, sampling, max_steps):
@@ -181,12 +192,12 @@ def _loop(dec, cache, logits, key, start, done, counts, budget, stop_ids, sampli
     logits, cache = _decode(dec, s.cache, tok)
     return DecodeState(step=s.step + 1, logits=logits, cache=cache,
                        out=s.out.at[:, s.step].set(jnp.where(s.done, 0, tok)), done=done,
-                       counts=counts)
+                       counts=counts, bad=s.bad | (~s.done & nonfinite(s.logits)))
 
   s = jax.lax.while_loop(cond, body, DecodeState(
       step=jnp.int32(0), logits=logits, cache=cache, out=jnp.zeros((B, max_steps), jnp.int32),
-      done=done | (counts >= budget), counts=counts))
-  return s.out, s.done, s.counts, s.logits, s.cache
+      done=done | (counts >= budget), counts=counts, bad=jnp.zeros((B,), bool)))
+  return s.out, s.done, s.counts, s.bad, s.logits, s.cache
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:

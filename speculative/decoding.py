@@ -22,6 +22,7 @@ from flax import nnx
 
 from kvjax.cache.dense import KVCache
 from kvjax.lm.sampling import Sampling, sample
+from kvjax.lm.steps import nonfinite
 from kvjax.speculative import accept
 from kvjax.speculative import tree as trees
 from kvjax.speculative import verify
@@ -37,7 +38,8 @@ def _forward_features(dec, head, tokens, **kw):
 def prefill(graphdef, state, head_state, cache: KVCache, hcache: KVCache, tokens, lengths,
             key, *, head_graphdef, sampling: Sampling):
   """tokens [B, P] right-padded, lengths [B] -> (root [B] the first new token, h [B, D],
-  draft logits [B, V], cache, hcache), both caches holding lengths[b] entries."""
+  draft logits [B, V], cache, hcache, bad [B] the target's logits for the root were not
+  finite), both caches holding lengths[b] entries."""
   dec, head = nnx.merge(graphdef, state), nnx.merge(head_graphdef, head_state)
   B, P = tokens.shape
   rows = jnp.arange(B)
@@ -45,12 +47,13 @@ def prefill(graphdef, state, head_state, cache: KVCache, hcache: KVCache, tokens
   positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
   cache = cache.write(out.k, out.v, positions, lengths)
   last = out.hidden[rows, lengths - 1]
-  root = sample(dec.logits(last), jax.random.fold_in(key, 0), sampling)
+  target = dec.logits(last)
+  root = sample(target, jax.random.fold_in(key, 0), sampling)
   nxt = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], 1).at[rows, lengths - 1].set(root)
   hs, hcache = head(feats, dec.embed_tokens(nxt), cache=hcache, positions=positions,
                     n_new=lengths)
   h = hs[rows, lengths - 1]
-  return root, h, head.logits(h, dec), cache, hcache
+  return root, h, head.logits(h, dec), cache, hcache, nonfinite(target)
 
 
 def _draft(dec, head, hcache: KVCache, h, logits, root, spec: trees.TreeSpec):
@@ -77,7 +80,8 @@ def _draft(dec, head, hcache: KVCache, h, logits, root, spec: trees.TreeSpec):
 def draft_verify(dec, head, cache, hcache, root, h, logits, key, live, *, spec, sampling):
   """One draft-verify-accept round. live: [B] rows still generating. Returns (emit [B, depth
   + 1] the accepted tokens then the bonus, m [B] accepted draft tokens, cache, hcache, root, h,
-  logits); only the first m + 1 entries of emit are meaningful."""
+  logits, bad [B] a live row's verify logits were not finite); only the first m + 1 entries of
+  emit are meaningful."""
   B = root.shape[0]
   rows = jnp.arange(B)[:, None]
   n = cache.length
@@ -99,19 +103,20 @@ def draft_verify(dec, head, cache, hcache, root, h, logits, key, live, *, spec, 
   hs, hcache = head(feats[rows, path], dec.embed_tokens(emit), cache=hcache, positions=new_pos,
                     n_new=n_new)
   h = hs[rows[:, 0], m]
-  return emit, m, cache, hcache, bonus, h, head.logits(h, dec)
+  return emit, m, cache, hcache, bonus, h, head.logits(h, dec), live & nonfinite(out.logits)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["round", "cache", "hcache", "root", "h", "logits", "out", "done",
-                                "counts", "rounds", "proposed"], meta_fields=[])
+                                "counts", "rounds", "proposed", "bad"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class LoopState:
   """The carry of the speculative `while_loop`. round: [] int32 rounds run (target verify
   forwards); cache, hcache: the target's and the head's; root [B] each row's last accepted
   token (the next tree's root), h [B, D] its feature, logits [B, V] the head's draft logits
   from it; out [B, max_steps + D1] int32 tokens emitted; done [B] bool; counts [B] tokens
-  per row; rounds [B] rounds each row took part in; proposed [B] the tokens they produced."""
+  per row; rounds [B] rounds each row took part in; proposed [B] the tokens they produced; bad
+  [B] a row's target logits were not finite in a round it took part in."""
 
   round: jax.Array
   cache: KVCache
@@ -124,19 +129,22 @@ class LoopState:
   counts: jax.Array
   rounds: jax.Array
   proposed: jax.Array
+  bad: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "head_graphdef", "spec", "sampling",
                                              "max_steps"), donate_argnames=("cache", "hcache"))
-def loop(graphdef, state, head_state, cache, hcache, root, h, logits, key, n_steps, stop_ids,
+def loop(graphdef, state, head_state, cache, hcache, root, h, logits, bad, key, n_steps, stop_ids,
          *, head_graphdef, spec: trees.TreeSpec, sampling: Sampling, max_steps: int):
   """Generates up to n_steps (<= max_steps) tokens per row, the root (from `prefill`) first,
   in one `lax.while_loop` of rounds. A row stops after a token in stop_ids [E] (pad with -1).
+  bad [B]: the prefill's non-finite flag, carried on.
 
   Returns (tokens [B, max_steps], counts [B] tokens per row (a stop token included), rounds
   [B] rounds each row took part in, proposed [B] the tokens those rounds produced before any
-  cut at a stop token or the limit (m + 1 each), n_rounds: target verify forwards, cache,
-  hcache). Both caches are donated: the loop updates them in place."""
+  cut at a stop token or the limit (m + 1 each), n_rounds: target verify forwards, bad [B]
+  non-finite target logits in the prefill or a round, cache, hcache). Both caches are
+  donated: the loop updates them in place."""
   dec, head = nnx.merge(graphdef, state), nnx.merge(head_graphdef, head_state)
   B = root.shape[0]
   D1 = spec.depth + 1
@@ -148,7 +156,7 @@ def loop(graphdef, state, head_state, cache, hcache, root, h, logits, key, n_ste
 
   def body(s: LoopState) -> LoopState:
     live = ~s.done
-    emit, m, cache, hcache, root, h, logits = draft_verify(
+    emit, m, cache, hcache, root, h, logits, bad = draft_verify(
         dec, head, s.cache, s.hcache, s.root, s.h, s.logits, jax.random.fold_in(key, s.round + 1),
         live, spec=spec, sampling=sampling)
     j = jnp.arange(D1)[None]
@@ -162,9 +170,10 @@ def loop(graphdef, state, head_state, cache, hcache, root, h, logits, key, n_ste
         out=s.out.at[jnp.arange(B)[:, None], cols].set(emit, mode="drop"),
         done=s.done | (live & (first < n_emit)) | (s.counts + n_emit >= n_steps),
         counts=s.counts + n_emit, rounds=s.rounds + live,
-        proposed=s.proposed + jnp.where(live, m + 1, 0))
+        proposed=s.proposed + jnp.where(live, m + 1, 0), bad=s.bad | bad)
 
   s = jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, LoopState(
       round=jnp.int32(0), cache=cache, hcache=hcache, root=root, h=h, logits=logits, out=out,
-      done=done, counts=counts, rounds=zeros, proposed=zeros))
-  return s.out[:, :max_steps], s.counts, s.rounds, s.proposed, s.round, s.cache, s.hcache
+      done=done, counts=counts, rounds=zeros, proposed=zeros, bad=bad))
+  return (s.out[:, :max_steps], s.counts, s.rounds, s.proposed, s.round, s.bad, s.cache,
+          s.hcache)

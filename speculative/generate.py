@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.lm import steps
-from kvjax.lm.engine import Prompt, check_context, new_cache, outputs, pad, request
+from kvjax.lm.engine import Prompt, check_context, check_finite, new_cache, outputs, pad, request
 from kvjax.lm.generate import Generation
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
@@ -69,18 +69,19 @@ def generate(model: Model, head: heads.LoadedHead, prompts: Prompt | Sequence[Pr
   static = dict(head_graphdef=head.graphdef, sampling=sampling)
 
   t0 = time.perf_counter()
-  (root, h, logits, cache, hcache), compile_p = steps.call(
+  (root, h, logits, cache, hcache, bad), compile_p = steps.call(
       model, decoding.prefill, model.state, head.state, cache, hcache, jnp.asarray(tokens),
       jnp.asarray(lengths), key, **static)
   root.block_until_ready()
   prefill_s = time.perf_counter() - t0 - compile_p
   t0 = time.perf_counter()
-  (out, counts, rounds, proposed, n_rounds, _, _), compile_d = steps.call(
-      model, decoding.loop, model.state, head.state, cache, hcache, root, h, logits, key,
+  (out, counts, rounds, proposed, n_rounds, bad, _, _), compile_d = steps.call(
+      model, decoding.loop, model.state, head.state, cache, hcache, root, h, logits, bad, key,
       jnp.int32(max_new_tokens), jnp.asarray(stops, jnp.int32), spec=tree,
       max_steps=steps.bucket(max_new_tokens), **static)
   out, counts = np.asarray(out), np.asarray(counts)
   decode_s = time.perf_counter() - t0 - compile_d
+  check_finite(model, bad, "speculative generate")
   rounds, proposed = np.asarray(rounds), np.asarray(proposed)
   texts, toks, finish = outputs(model, out, counts, stop, stops)
   new = int(counts.sum())

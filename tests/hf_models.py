@@ -1,10 +1,21 @@
-"""Tiny random Hugging Face models of every supported family, built offline from configs."""
+"""Tiny random Hugging Face models of every supported family, built offline from configs.
+
+Weights are drawn at unit gain (each matrix N(0, GAIN^2 / fan_in), biases N(0, BIAS^2), norm
+scales their init plus noise), so activations, attention scores and logits are O(1): every
+family feature (qkv bias, scaled embeddings, sliding windows, RoPE scaling, both soft-caps)
+moves the logits by far more than the parity tolerance, and greedy decoding has clear margins.
+The soft-caps are set low (the released Gemma-2 uses 50 and 30) so that they bite at O(1).
+"""
+
+import math
 
 import numpy as np
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2")
 VOCAB = 320
 
+GAIN, BIAS = 1.0, 1.0
+ATTN_SOFTCAP, FINAL_SOFTCAP = 3.0, 5.0
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
@@ -17,22 +28,30 @@ def _classes(family):
                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
           rope_theta=500000.0)),
       "mistral": (t.MistralConfig, t.MistralForCausalLM, dict(sliding_window=12)),
-      "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM, dict(num_key_value_heads=1)),
+      "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM, dict(
+          num_key_value_heads=1, rope_scaling={"rope_type": "linear", "factor": 4.0})),
       "gemma": (t.GemmaConfig, t.GemmaForCausalLM, dict(head_dim=16)),
       "gemma2": (t.Gemma2Config, t.Gemma2ForCausalLM, dict(
-          head_dim=16, sliding_window=12, query_pre_attn_scalar=24)),
+          head_dim=16, sliding_window=12, query_pre_attn_scalar=24,
+          attn_logit_softcapping=ATTN_SOFTCAP, final_logit_softcapping=FINAL_SOFTCAP,
+          tie_word_embeddings=False)),  # gemma ties; a tied head makes greedy repeat a token
   }[family]
 
 
 def hf_model(family: str, seed: int = 0, **overrides):
-  """A random transformers model; weights get extra noise so no logit is degenerate."""
+  """A random transformers model at unit gain (see the module docstring)."""
   import torch
   config_cls, model_cls, extra = _classes(family)
   torch.manual_seed(seed)
   model = model_cls(config_cls(**{**COMMON, **extra, **overrides})).eval()
   with torch.no_grad():
-    for p in model.parameters():
-      p.add_(torch.randn_like(p) * 0.05)
+    for name, p in model.named_parameters():  # a tied LM head is the embedding, drawn once
+      if "norm" in name:  # RMSNorm scales: 1 + noise (Gemma: 0 + noise, it scales by 1 + w)
+        p.add_(torch.randn_like(p) * 0.1)
+      elif p.ndim == 1:  # qkv biases
+        p.normal_(0, BIAS)
+      else:  # torch Linear [out, in] and the embedding [V, D]: fan-in is dim 1
+        p.normal_(0, GAIN / math.sqrt(p.shape[1]))
   return model
 
 
@@ -41,6 +60,8 @@ def build(family: str, path: str, seed: int = 0, **overrides) -> str:
   from kvjax.lm.tiny import byte_tokenizer
   hf_model(family, seed, **overrides).save_pretrained(path)
   tok = byte_tokenizer()
+  # ids past the 258 byte tokens are real tokens (not a padded embedding, which kvjax masks)
+  tok.tok.add_tokens([f"<extra_{i}>" for i in range(VOCAB - tok.vocab_size)])
   tok.tok.save(f"{path}/tokenizer.json")
   import json
   with open(f"{path}/tokenizer_config.json", "w") as f:

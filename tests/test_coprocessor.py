@@ -1,10 +1,13 @@
 """The cache coprocessor (kvjax.coprocessor): latents read the frozen cache, augment appends
 them at the next positions, files and mismatches."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from kvjax import coprocessor as cp
 from kvjax import lm
@@ -48,30 +51,65 @@ def test_copy_latents_equal_a_cache_free_forward_over_prefix_and_soft_tokens(bas
     np.testing.assert_allclose(got[b], out.hidden[0, len(r):], atol=2e-5)
 
 
-def test_augment_appends_the_latents_in_the_next_slots(base):
+@pytest.mark.parametrize("init", ["copy", "scratch"])
+def test_augment_appends_the_latents_in_the_next_slots(base, init):
   """The latents fill the next N slots, all at the next token's position + latent_offset
   (default -33: 32 behind the last token); the prefix is untouched and the next token keeps
-  the position it has without augmentation."""
-  cop = cp.init(base, N, init="scratch", seed=1)
+  the position it has without augmentation. Expected values from cache-free forwards: the
+  base over [embed(prefix); latents; embed(next)] at positions [0 .. n-1, n - 33 (N times),
+  n], causal in slot order, gives the K/V of the latents' slots and the next token's logits;
+  a copied coprocessor's latents come from its own cache-free forward over
+  [embed(prefix); soft], a scratch one's (whose layers read the base's K/V, which no
+  cache-free forward of its own reproduces) from `latents`."""
+  cop = cp.init(base, N, init=init, seed=1)
   cache = prefilled(base)
   before = jax.tree.map(np.array, cache)
-  latents = cpm.latents_of(cop_dec(base, cop), cop.soft, cache)
+  lat = cp.latents(base, cop, cache)                                        # [B, N, D]
   aug = cp.augment(base, cop, cache)
+  nxt = jnp.asarray([[1], [1]])
+  logits, after = steps.extend(base.graphdef, base.state, jax.tree.map(jnp.copy, aug), nxt,
+                               jnp.asarray([1, 1], jnp.int32))
   np.testing.assert_array_equal(aug.length, [len(r) + N for r in ROWS])
-  want = cpm.augment_with(base.decoder, latents, jax.tree.map(jnp.asarray, before))
   for b, r in enumerate(ROWS):
     n = len(r)
     np.testing.assert_array_equal(aug.pos[b, :n + N],
                                   list(range(n)) + [n + cpm.LATENT_POSITION] * N)
     np.testing.assert_array_equal(aug.k[:, b, :, :n], before.k[:, b, :, :n])  # prefix untouched
-    np.testing.assert_allclose(aug.k[:, b, :, n:n + N], want.k[:, b, :, n:n + N], atol=1e-5)
-    np.testing.assert_allclose(aug.v[:, b, :, n:n + N], want.v[:, b, :, n:n + N], atol=1e-5)
-  # decoding goes on after the latents: the next token sits at slot n + N, position n
-  logits, after = steps.extend(base.graphdef, base.state, aug, jnp.asarray([[1], [1]]),
-                               jnp.asarray([1, 1], jnp.int32))
-  n = len(ROWS[0])
-  assert after.pos[0, n + N] == n and after.length[0] == n + N + 1
-  assert np.isfinite(logits).all()
+    prefix = jnp.asarray([r])
+    latents = (_copy_latents(base.graphdef, base.state, cop.cc, cop.params, prefix)
+               if init == "copy" else lat[b:b + 1])
+    ref = _base_forward(base.graphdef, base.state, prefix, latents, nxt[b:b + 1],
+                        cop.cc.latent_offset)
+    np.testing.assert_allclose(aug.k[:, b, :, n:n + N], ref.k[:, 0, :, n:n + N], atol=2e-5)
+    np.testing.assert_allclose(aug.v[:, b, :, n:n + N], ref.v[:, 0, :, n:n + N], atol=2e-5)
+    # decoding goes on after the latents: the next token sits at slot n + N, position n
+    assert after.pos[b, n + N] == n and after.length[b] == n + N + 1
+    np.testing.assert_allclose(logits[b], ref.logits[0, -1], atol=1e-4)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cc"))
+def _copy_latents(graphdef, state, cc, params, prefix):
+  """A copied coprocessor, cache-free, over [embed(prefix); soft] (prefix [1, n]) -> its
+  hidden states at the soft tokens [1, N, D]."""
+  n = prefix.shape[1]
+  x = jnp.concatenate([nnx.merge(graphdef, state).embed_tokens(prefix), params["soft"][None]],
+                      axis=1)                                               # [1, n + N, D]
+  own, _ = cpm.decoder(graphdef, state, cc, params)(embeds=x, logits=False)
+  return own.hidden[:, n:]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "offset"))
+def _base_forward(graphdef, state, prefix, latents, nxt, offset):
+  """The base, cache-free, over [embed(prefix); latents; embed(nxt)] (prefix [1, n], latents
+  [1, N, D], nxt [1, 1]) at positions [0 .. n-1, n + offset (N times), n], causal in slot
+  order -> its Output (K/V [L, 1, K, T, H], logits [1, T, V])."""
+  dec, n, N = nnx.merge(graphdef, state), prefix.shape[1], latents.shape[1]
+  x = jnp.concatenate([dec.embed_tokens(prefix), latents, dec.embed_tokens(nxt)], axis=1)
+  T = x.shape[1]                                                            # n + N + 1
+  pos = jnp.concatenate([jnp.arange(n), jnp.full((N,), n + offset), jnp.asarray([n])])
+  out, _ = dec(embeds=x, positions=pos[None].astype(jnp.int32),
+               mask=jnp.tril(jnp.ones((1, T, T), bool)), return_kv=True)
+  return out
 
 
 def test_latents_depend_on_the_prefix(base):

@@ -66,15 +66,33 @@ def one_pass(graphdef, state, cc, params, batch, points, *, delay=0):
                         latent_offset=cc.latent_offset)
 
 
+def perturbed(cop, scale=0.05, seed=7):
+  """cop with every trainable leaf (soft tokens, norm, blocks or both LoRA factors) moved by
+  scale * N(0, 1) noise from a fixed key: no factor stays zero or constant, so the latents
+  genuinely depend on the prefix they read (LoRA's b = 0, or one constant added to every
+  weight, makes its latents all but independent of the cache)."""
+  leaves, tree = jax.tree.flatten(cop.params)
+  key = jax.random.key(seed)
+  return cop.with_params(jax.tree.unflatten(tree, [
+      a + scale * jax.random.normal(jax.random.fold_in(key, i), a.shape, a.dtype)
+      for i, a in enumerate(leaves)]))
+
+
 @pytest.mark.parametrize("kind,init,delay,offset", [("coprocessor", "copy", 0, -1),
                                                     ("coprocessor", "lora", 2, -1),
                                                     ("pause", "copy", 1, -9)])
 def test_one_pass_equals_trace_by_trace(base, kind, init, delay, offset):
-  cop = cp.init(base, N, kind=kind, init=init, latent_offset=offset, seed=4)
-  if init == "lora":  # nonzero deltas, so the LoRA path is exercised
-    cop = cop.with_params(jax.tree.map(lambda a: a + 0.05, cop.params))
+  """Every trace of the one-pass forward equals the inference path run for that trace alone
+  (prefill x_<p, latents, delay tokens, insert, ahead tokens), with params perturbed so that
+  each case reads the cache: a coprocessor's latents change with the prefix they read."""
+  cop = perturbed(cp.init(base, N, kind=kind, init=init, latent_offset=offset, seed=4))
   w = rows()
   points = np.array([[1, 9, 17], [3, 11, 16]], np.int32)
+  if kind == "coprocessor":  # the latents of x_<9 and of x_<10 differ: the cache is read
+    lat = [cp.latents(base, cop, steps.prefill(
+        base.graphdef, base.state, new_cache(base, 1, 32), jnp.asarray(w[:1, :16]),
+        jnp.asarray([p], jnp.int32))[1]) for p in (9, 10)]
+    assert np.abs(np.asarray(lat[0]) - np.asarray(lat[1])).max() > 1e-2
   got = one_pass(base.graphdef, base.state, cop.cc, cop.params,
                  jax.tree.map(jnp.asarray, batch_of(w)), jnp.asarray(points), delay=delay)
   plain = np.asarray(steps.nll(base.graphdef, base.state, jnp.asarray(w[:, :-1]),

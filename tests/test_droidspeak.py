@@ -96,10 +96,12 @@ def test_reuse_all_equals_the_senders_cache(pair):
   assert_cache_equal(got, own_prefill(sender, tokens, lengths), lengths)
 
 
-@pytest.mark.parametrize("text", ["1-3", "0-1,2-4", "3-4"])
+@pytest.mark.parametrize("text", ["1-3", "0-1,2-4", "3-4", "1-2,3-4", "0-1,2-3,3-4"])
 def test_mixed_plan_equals_a_layer_by_layer_computation(pair, text):
   """Reused layers: the sender's K/V; each group: the sender's hidden state entering its first
-  layer, then the receiver's layers one at a time."""
+  layer, then the receiver's layers one at a time. Plans of several groups starting at
+  different E layers ("1-2,3-4"; "2-3,3-4" after a layer-0 group: the group at 3 starts from
+  the sender's E at 3, not from the group before it) read each group's own E."""
   sender, receiver = pair
   tokens, lengths = padded(PREFIXES)
   plan = ds.Plan.parse(text, L)

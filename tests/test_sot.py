@@ -3,6 +3,7 @@ generating each point alone, independent stops, streaming order, prompts, routin
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -95,6 +96,25 @@ def test_rows_stop_independently(model):
   assert order == [0, 1, 2] and [r.tokens for r in streamed] == got.tokens
 
 
+def test_sampled_rows_are_the_same_for_any_chunk(model):
+  """Sampling continues one PRNG stream (fold_in(key, step)) across the chunked calls: with
+  one key, every chunking yields the rows of one call, and without sharing those are the
+  rows of lm.generate over the same batch, each cut at its own budget."""
+  rows, budgets = rows_of(), [6, 14, 9]
+  s, key = lm.Sampling(temperature=0.8, top_k=40), jax.random.key(3)
+  ref = lm.generate(model, rows, max_new_tokens=14, sampling=s, key=key, stop_tokens=[])
+  want = [t[:n] for t, n in zip(ref.tokens, budgets)]
+  greedy = lm.generate(model, rows, max_new_tokens=14, stop_tokens=[])
+  assert all(a != b for a, b in zip(ref.tokens, greedy.tokens))  # it does sample
+
+  def run(**kw):
+    return [r.tokens for r in ex.expand_stream(model, rows, max_new_tokens=budgets, sampling=s,
+                                               key=key, stop_tokens=[], **kw)]
+  assert run(share=False, chunk=4) == want
+  assert run(chunk=4) == run(chunk=None) == ex.expand(model, rows, max_new_tokens=budgets,
+                                                      sampling=s, key=key, stop_tokens=[]).tokens
+
+
 def test_stop_strings_end_rows_in_streaming(model):
   rows = rows_of()
   free = ex.expand(model, rows, max_new_tokens=10, stop_tokens=[])
@@ -155,6 +175,23 @@ def test_model_written_skeleton_and_routing(model):
     ans = sot.run(model, QUESTION, skeleton_tokens=9, point_tokens=3)
     assert ans.skeleton == written and ans.points == points
     assert ans.stats["skeleton_tokens"] == len(skel.tokens[0])
+
+
+def test_model_written_points_are_expanded(model):
+  """The success branch of a model-written skeleton: with the prefill "1. Dark room\\n2. " the
+  tiny model writes point 2 itself, and every point (its own included) is expanded as
+  generating that point's prompt alone does; the answer joins "{i}. {point}" + expansion."""
+  prompts = Prompts(skeleton_prefill="1. Dark room\n2. ")
+  ans = sot.run(model, QUESTION, skeleton_tokens=9, point_tokens=[4, 6], prompts=prompts)
+  skel = lm.generate(model, [prompts.skeleton_ids(model, QUESTION, 10)], max_new_tokens=9)
+  assert ans.skeleton == "1. Dark room\n2. " + skel.texts[0]
+  assert ans.points == ["Dark room", " ".join(skel.texts[0].split())]  # point 2: the model's
+  assert ans.stats["mode"] == "sot" and ans.stats["skeleton_tokens"] == len(skel.tokens[0])
+  alone = [lm.generate(model, [p], max_new_tokens=n).texts[0]
+           for p, n in zip(prompts.expand_ids(model, QUESTION, ans.points), [4, 6])]
+  assert ans.expansions == alone and all(alone)
+  assert ans.answer == "\n".join(f"{i}. {p}{e.rstrip()}"
+                                 for i, (p, e) in enumerate(zip(ans.points, alone), 1))
 
 
 def test_plain_prompts_and_overrides(model, tmp_path):

@@ -209,12 +209,12 @@ def test_compaction(model, head, monkeypatch):
     return decoding.draft_verify(dec, hm, cache, hcache, root, h, logits, jax.random.key(0),
                         jnp.ones((1,), bool), spec=spec, sampling=Sampling())
 
-  root, h, logits, cache, hcache = prefilled(seq[:n0])
-  emit, m, cache, hcache, root, h, logits = one_round(
+  root, h, logits, cache, hcache, _ = prefilled(seq[:n0])
+  emit, m, cache, hcache, root, h, logits, _ = one_round(
       model.graphdef, model.state, head.graphdef, head.state, cache, hcache, root, h, logits)
   assert int(m[0]) == 3 and emit[0, :4].tolist() == seq[n0 + 1:n0 + 5]
   n = n0 + 4
-  _, h2, logits2, cache2, hcache2 = prefilled(seq[:n])
+  _, h2, logits2, cache2, hcache2, _ = prefilled(seq[:n])
   assert int(cache.length[0]) == int(hcache.length[0]) == n
   for a, b in ((cache, cache2), (hcache, hcache2)):
     np.testing.assert_array_equal(a.pos[0, :n], b.pos[0, :n])

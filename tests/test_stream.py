@@ -143,3 +143,14 @@ def test_old_names_warn_and_still_work(one_layer):
   with pytest.warns(DeprecationWarning, match="lm.generate_iter"):
     old = list(lm.stream(one_layer, [5, 6, 7], max_new_tokens=3, stop_tokens=[]))
   assert old == list(lm.generate_iter(one_layer, [5, 6, 7], max_new_tokens=3, stop_tokens=[]))
+
+
+def test_a_reply_can_keep_no_ids(one_layer):
+  """keep_ids=False (what `kvjax stream` uses, so an endless reply holds constant memory): the
+  same text, only the count of its tokens."""
+  kept, bare = ({}, {})
+  texts = ["".join(streaming.Session(one_layer, n_sink=2, window=12, stop_tokens=()).turn(
+      PROMPT, max_new_tokens=30, done=done, keep_ids=keep)) for done, keep in ((kept, True),
+                                                                             (bare, False))]
+  assert texts[0] == texts[1] and texts[0] == one_layer.tokenizer.decode(kept["ids"])
+  assert "ids" not in bare and bare["n"] == kept["n"] == 30

@@ -12,9 +12,12 @@ validation; `run_loop` does the rest:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
+import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
@@ -220,19 +223,128 @@ def check_resume(out_dir: str, run: dict[str, Any]) -> None:
     json.dump(run, f, indent=2)
 
 
-def _manager(tc: RunConfig, where: str = CHECKPOINTS, keep: int | None = -1):
+def _manager(tc: RunConfig, where: str = CHECKPOINTS, keep: int | None = -1,
+             check: int | str | None = None):
   """The orbax manager of OUT/where, keeping tc.keep checkpoints (keep=-1), `keep`, or all
-  (None)."""
+  (None), after `check_checkpoints(OUT/where, check)` (before orbax opens it and logs about
+  what it finds)."""
+  path = os.path.join(tc.out_dir, where)
+  check_checkpoints(path, check)
   options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep if keep == -1 else keep,
                                          create=True, enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(tc.out_dir, where)),
-                               options=options)
+  return ocp.CheckpointManager(os.path.abspath(path), options=options)
 
 
-def _restore(manager, state):
-  """The latest checkpoint restored with state's structure, shapes, dtypes and shardings."""
+def check_checkpoints(path: str, step: int | str | None = "latest") -> None:
+  """TrainError when the checkpoint directory path (e.g. OUT/checkpoints) is there but no
+  directory, or when its step dir `step` ("latest": the highest) is visibly damaged (see
+  `_damage`): found before any training starts, not at the first save or the restore."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise TrainError(f"{path} is not a directory: it is where the run keeps its checkpoints; "
+                     "remove it or pass a new out dir")
+  steps = _step_dirs(path)
+  if step == "latest":
+    step = max(steps, default=None)
+  if step in steps:
+    why = _damage(os.path.join(path, str(step)))
+    if why:
+      raise _damaged(path, step, steps, why)
+
+
+def _step_dirs(path: str) -> list[int]:
+  """The steps of the checkpoint directories under path (orbax names them by step)."""
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(n) for n in os.listdir(path)
+                if n.isdigit() and os.path.isdir(os.path.join(path, n)))
+
+
+def _damage(where: str) -> str | None:
+  """What makes the checkpoint dir `where` unreadable on sight (empty, no default/ item, an
+  empty file in it: a write cut short or a truncated copy), or None."""
+  if not os.listdir(where):
+    return "it is empty"
+  item = os.path.join(where, "default")
+  if not os.path.isdir(item):
+    return "it has no default/ item"
+  empty = [os.path.relpath(os.path.join(d, f), where) for d, _, files in os.walk(item)
+           for f in files if os.path.getsize(os.path.join(d, f)) == 0]
+  if empty:
+    return f"empty file {empty[0]}" + (f" and {len(empty) - 1} more" if len(empty) > 1 else "")
+  return None
+
+
+def _damaged(path: str, step: int, steps: list[int], why: str) -> TrainError:
+  """The error for checkpoint `step` under path that cannot be read: which directory, why,
+  and which checkpoint removing it falls back to."""
+  where = os.path.join(path, str(step))
+  earlier = [s for s in steps if s < step]
+  then = f"resume from step {max(earlier)}" if earlier else "start afresh"
+  return TrainError(f"{where}: the checkpoint of step {step} cannot be read ({why}); it is "
+                    f"damaged (e.g. a write that was cut short): remove {where} to {then}")
+
+
+def _restore(manager, state, step: int | None = None):
+  """Checkpoint `step` (default the latest) restored with state's structure, shapes, dtypes
+  and shardings; TrainError naming its directory when it cannot be read (and what orbax's
+  abandoned reads of it would print later is dropped: see `_drop_leftovers`)."""
+  step = manager.latest_step() if step is None else step
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+  _drop_leftovers(None)  # hooked before the restore: leftovers may come before it fails
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as err:  # orbax and tensorstore raise many kinds for damaged files
+    path = str(manager.directory)
+    where = os.path.join(path, str(step))
+    failure = _damaged(path, step, list(manager.all_steps()), _damage(where) or _first_line(err))
+  _drop_leftovers(where)
+  gc.collect()  # collect what is collectable now, while the hooks are surely in place
+  raise failure
+
+
+def _first_line(err: Exception) -> str:
+  """`Type: the first line of err's message`, tensorstore's spec dump cut off, at most ~160
+  characters."""
+  text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+  text = text.split(" See full TensorStore")[0].split(" [tensorstore_spec=")[0]
+  text = text if len(text) <= 160 else text[:157] + "..."
+  return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+_DAMAGED: set[str] = set()  # checkpoint dirs already reported as unreadable
+
+
+def _drop_leftovers(where: str | None) -> None:
+  """Once a restore of checkpoint dir `where` failed (and was reported), drops what orbax's
+  abandoned reads of it make Python print later, often at exit, as tracebacks and error logs:
+  unraisable exceptions (coroutines garbage-collected with an error about `where`, callbacks
+  into orbax's event loop after it closed) and asyncio's "exception was never retrieved" logs
+  about `where`. Anything else passes. The hooks go in once (again when a test runner swaps
+  sys.unraisablehook)."""
+  if where is not None:
+    _DAMAGED.add(os.path.abspath(where))
+
+  def about_damaged(err) -> bool:
+    return err is not None and any(d in str(err) for d in _DAMAGED)
+
+  previous = sys.unraisablehook
+  if not getattr(previous, "kvjax_leftovers", False):
+    def hook(unraisable):
+      err = unraisable.exc_value
+      closed = isinstance(err, RuntimeError) and str(err) == "Event loop is closed"
+      if not (closed or about_damaged(err)):
+        previous(unraisable)
+
+    hook.kvjax_leftovers = True
+    sys.unraisablehook = hook
+  log = logging.getLogger("asyncio")
+  if not any(getattr(f, "kvjax_leftovers", False) for f in log.filters):
+    def keep(record) -> bool:
+      err = record.exc_info[1] if record.exc_info else None
+      return not ("exception was never retrieved" in record.getMessage() and about_damaged(err))
+
+    keep.kvjax_leftovers = True
+    log.addFilter(keep)
 
 
 def run_loop(rc: RunConfig, state, batches, step: Callable, *,
@@ -261,7 +373,7 @@ def run_loop(rc: RunConfig, state, batches, step: Callable, *,
     raise TrainError("keep_best and patience need held-out evaluation batches (a validation "
                      "metric to compare)")
   peak = matmul_peak() if flops is not None else None
-  with _manager(rc) as manager, _manager(rc, BEST, 1) as best_manager:
+  with _manager(rc, check="latest") as manager, _manager(rc, BEST, 1) as best_manager:
     start = 0
     if manager.latest_step() is not None:
       state = _restore(manager, state)
@@ -371,14 +483,13 @@ def restore_step(rc: RunConfig, state, step: int | str):
   """The state of checkpoint `step` (an int kept in OUT/checkpoints, or "best": OUT/best) of
   run rc, restored with state's structure; TrainError naming what is there otherwise."""
   where = BEST if step == "best" else CHECKPOINTS
-  with _manager(rc, where, None) as manager:
+  with _manager(rc, where, None, check="latest" if step == "best" else step) as manager:
     steps = sorted(manager.all_steps())
     want = steps[-1] if step == "best" and steps else step
     if want not in steps:
       kept = f"kept steps: {steps}" if steps else "none kept"
       raise TrainError(f"{os.path.join(rc.out_dir, where)} has no checkpoint {step} ({kept})")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    return manager.restore(want, args=ocp.args.StandardRestore(abstract)), want
+    return _restore(manager, state, want), want
 
 
 def _is_eval_step(tc: RunConfig, step: int, has_eval: bool) -> bool:

@@ -30,7 +30,7 @@ from flax import nnx
 from kvjax.cache.droidspeak import reuse
 from kvjax.cache.droidspeak.payload import fingerprint
 from kvjax.lm import steps
-from kvjax.lm.engine import new_cache, pad
+from kvjax.lm.engine import check_finite, new_cache, pad
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
 
@@ -68,10 +68,11 @@ def continue_from(model: Model, cache, tail: list[int], max_new_tokens: int) -> 
   (nll, logits, cache), _ = steps.call(model, _tail, model.state, cache, t, t[:, 1:])
   out = []
   if max_new_tokens:
-    (toks, counts, _), _ = steps.call(
+    (toks, counts, bad, _), _ = steps.call(
         model, steps.decode_loop, model.state, cache, logits, jax.random.key(0),
         jnp.int32(max_new_tokens), jnp.asarray([-1], jnp.int32),
         sampling=Sampling(), max_steps=steps.bucket(max_new_tokens))
+    check_finite(model, bad, "the profile's continuation")
     out = np.asarray(toks)[0, :int(counts[0])].tolist()
   loss = float(np.mean(np.asarray(nll))) if len(tail) > 1 else None
   return {"loss": loss, "tokens": out}

@@ -20,7 +20,8 @@ import os
 import sys
 import time
 
-from kvjax.lm.cli.flags import checked, nonneg, positive
+from kvjax.lm.cli.flags import (check_input_file, check_output, checked, nonneg, output_error,
+                                port_type, positive, read_text, text_type)
 
 DEFAULT_SENDER, DEFAULT_RECEIVER = "shakespeare", "shakespeare-comedy"
 _fraction = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
@@ -103,21 +104,22 @@ def _plan(p, auto=False):
 
 def _prompt(p):
   g = p.add_mutually_exclusive_group(required=True)
-  g.add_argument("--prompt", metavar="TEXT")
-  g.add_argument("--prompt-file", metavar="FILE")
+  g.add_argument("--prompt", type=text_type, metavar="TEXT")
+  g.add_argument("--prompt-file", metavar="FILE", help="UTF-8 text file")
 
 
 def _where(p, file_help, flag):
   g = p.add_mutually_exclusive_group(required=True)
   g.add_argument(flag, dest="file", metavar="FILE", help=file_help)
-  g.add_argument("--port", type=nonneg, help="loopback TCP port (receive: 0 = any free port, "
-                 "printed on stderr)")
-  p.add_argument("--host", default="127.0.0.1", help="TCP host (default 127.0.0.1)")
+  g.add_argument("--port", type=port_type, help="loopback TCP port (receive: 0 = any free "
+                 "port, printed on stderr)")
+  p.add_argument("--host", default="127.0.0.1", type=text_type,
+                 help="TCP host (default 127.0.0.1)")
 
 
 def _check_profile(parser, args) -> None:
-  if args.text is not None and not os.path.isfile(args.text):
-    parser.error(f"--text {args.text}: no such file")
+  check_input_file(parser, "--text", args.text)
+  check_output(parser, "--out", args.out, directory=False)
 
 
 def _check(parser, args) -> None:
@@ -130,10 +132,15 @@ def _check(parser, args) -> None:
   if kept is not None and speed is not None:
     parser.error("give --min-kept or --min-speedup, not both")
   if args.prompt_file is not None:
-    if not os.path.isfile(args.prompt_file):
-      parser.error(f"--prompt-file {args.prompt_file}: no such file")
-    with open(args.prompt_file, encoding="utf-8") as f:
-      args.prompt = f.read()
+    check_input_file(parser, "--prompt-file", args.prompt_file)
+    try:
+      args.prompt = read_text(args.prompt_file, "--prompt-file")
+    except ValueError as err:
+      parser.error(str(err))
+  if args.action == "send":
+    check_output(parser, "--out", args.file, directory=False)
+  if args.action == "receive":
+    check_input_file(parser, "--in", args.file)
   if not args.prompt.strip():
     parser.error("the prompt is empty")
   if args.action == "send" and args.port == 0:
@@ -192,6 +199,9 @@ def _stored_profile(sender, receiver, args) -> dict:
   if os.path.isfile(path):
     with open(path) as f:
       return json.load(f)
+  unwritable = output_error(path, directory=False)  # found before the profiling, not after
+  if unwritable:
+    raise ValueError(f"--plan auto: the pair's stored profile {path}: {unwritable}")
   print(f"kvjax droidspeak: no stored profile for this pair; profiling once on the bundled "
         f"validation text into {path}", file=sys.stderr)
   prof = profile.profile(sender, receiver,
@@ -214,11 +224,11 @@ def _profile(args) -> int:
   from kvjax.lm.model import load
   sender, receiver = load(args.sender), load(args.receiver)
   droidspeak.check_pair(sender, receiver)
-  if args.text is None:
-    text = validation_text()
-  else:
-    with open(args.text, encoding="utf-8") as f:
-      text = f.read()
+  stored = profile.profile_path(sender, receiver)
+  unwritable = output_error(stored, directory=False)  # found before the profiling, not after
+  if unwritable:
+    raise ValueError(f"the pair's stored profile {stored}: {unwritable}")
+  text = validation_text() if args.text is None else read_text(args.text)
   prompts = _profile_prompts(receiver, text, args.prompts, args.prefix_tokens,
                             args.eval_tokens)
   prof = profile.profile(sender, receiver, prompts,
@@ -226,7 +236,6 @@ def _profile(args) -> int:
                             repeats=args.repeats, unions=args.unions,
                             progress=not args.no_progress)
   prof.update(sender=args.sender, receiver=args.receiver, text=args.text or "bundled validation")
-  stored = profile.profile_path(sender, receiver)
   for path in {stored, args.out or stored}:
     _write_json(path, prof)
   if args.json:

@@ -10,7 +10,7 @@ import sys
 from kvjax.lm.model import bundled
 from kvjax.lm.cli.flags import (DEFAULT_MODEL, PROG, add_finite_flag, add_sampling_flags,
                                 check_sampling_flags, checked, finite, load_model, nonneg,
-                                positive, read_prompts, sampling_kwargs)
+                                positive, read_prompts, sampling_kwargs, text_type)
 
 
 def add(subparsers) -> None:
@@ -23,7 +23,7 @@ def add(subparsers) -> None:
                  "tokenizer.json) or a bundled model name: "
                  f"{', '.join(bundled()) or 'none installed'} (default {DEFAULT_MODEL})")
   add_finite_flag(p)
-  p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+  p.add_argument("--prompt", action="append", type=text_type, required=True, metavar="TEXT",
                  help="prompt text; repeat for a batch; '-' reads it from stdin")
   p.add_argument("--max-new-tokens", type=positive, default=64, metavar="N",
                  help="tokens to generate per prompt at most (default 64)")
@@ -95,6 +95,8 @@ def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     from kvjax.speculative.tree import TreeSpec
     given = {f[5:] if f != "tree_tokens" else "total_tokens": getattr(args, f)
              for f in tree_flags if getattr(args, f) != "auto"}
+    if args.tree_tokens == "auto":  # auto_tree picks the size; check the shape alone
+      given["total_tokens"] = 2
     try:
       args.tree = TreeSpec(**given)
     except ValueError as err:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
-from kvjax.lm.cli.flags import (DTYPES, add_model_flag, checked, model_and_text, nonneg,
-                                positive)
+from kvjax.lm.cli.flags import (DTYPES, add_model_flag, check_input_file, checked,
+                                model_and_text, nonneg, positive)
 
 
 def add(subparsers) -> None:
@@ -58,8 +57,7 @@ def add(subparsers) -> None:
 
 
 def _check_ppl(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-  if args.text != "-" and not os.path.isfile(args.text):
-    parser.error(f"--text {args.text}: no such file")
+  check_input_file(parser, "--text", args.text)
   if args.coprocessor is not None:
     given = [f"--{f}" for f in ("cache", "sinks", "window") if getattr(args, f) is not None]
     if given:

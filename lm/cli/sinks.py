@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-from kvjax.lm.cli.flags import DTYPES, add_model_flag, model_and_text, positive
+from kvjax.lm.cli.flags import (DTYPES, add_model_flag, check_input_file, check_output,
+                                model_and_text, positive)
 
 
 def add(subparsers) -> None:
@@ -32,10 +32,8 @@ def add(subparsers) -> None:
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-  if args.text != "-" and not os.path.isfile(args.text):
-    parser.error(f"--text {args.text}: no such file")
-  if args.png is not None and os.path.isdir(args.png):
-    parser.error(f"--png {args.png} is a directory; expected a file path")
+  check_input_file(parser, "--text", args.text)
+  check_output(parser, "--png", args.png, directory=False)
 
 
 def _sinks(args: argparse.Namespace) -> int:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import sys
 
-from kvjax.lm.cli.flags import (PROG, add_model_flag, add_sampling_flags, check_sampling_flags,
-                                load_model, positive, read_prompts, sampling_from_flags)
+from kvjax.lm.cli.flags import (PROG, add_model_flag, add_sampling_flags, check_input_file,
+                                check_sampling_flags, load_model, positive, read_prompts,
+                                read_text, sampling_from_flags, text_type)
 
 
 def add(subparsers) -> None:
@@ -25,8 +26,9 @@ def add(subparsers) -> None:
       "question and skeleton once. Reports the latency against a normal answer of the same "
       "number of generated tokens, timed in the same run (compilation excluded).")
   add_model_flag(p)
-  p.add_argument("--question", required=True, metavar="TEXT", help="the question ('-': stdin)")
-  p.add_argument("--skeleton", default=None, metavar="TEXT",
+  p.add_argument("--question", required=True, type=text_type, metavar="TEXT",
+                 help="the question ('-': stdin)")
+  p.add_argument("--skeleton", default=None, type=text_type, metavar="TEXT",
                  help="the points to expand, e.g. '1. A\\n2. B' (literal \\n separates lines; "
                  "'-': stdin); skips the skeleton stage and the router. Needed for models that "
                  "cannot follow instructions, such as the bundled Shakespeare models")
@@ -66,15 +68,21 @@ def _check(parser, args) -> None:
     parser.error("--question and --skeleton cannot both read stdin ('-')")
   if not args.question.strip():
     parser.error("--question is empty: pass the text to answer")
+  check_input_file(parser, "--prompts", args.prompts)
+  if args.prompts is not None:
+    try:
+      read_text(args.prompts, "--prompts")  # UTF-8 text (Prompts.load checks the JSON)
+    except ValueError as err:
+      parser.error(str(err))
 
 
 def _sot(args) -> int:
   from kvjax.lm import sot
   from kvjax.lm.sot.prompts import Prompts
-  question = read_prompts([args.question])[0]
+  question = read_prompts([args.question], "--question")[0]
   skeleton = None
   if args.skeleton is not None:
-    skeleton = read_prompts([args.skeleton])[0].replace("\\n", "\n")
+    skeleton = read_prompts([args.skeleton], "--skeleton")[0].replace("\\n", "\n")
   prompts = Prompts.load(args.prompts) if args.prompts else Prompts()
   if args.chat:
     import dataclasses

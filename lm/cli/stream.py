@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from kvjax.lm.cli.flags import (PROG, add_model_flag, add_sampling_flags, check_sampling_flags,
                                 checked, finite, load_model, nonneg, positive, read_prompts,
-                                sampling_from_flags, stdin_lines)
+                                sampling_from_flags, stdin_lines, text_type)
 
 
 def add(subparsers) -> None:
@@ -22,7 +23,7 @@ def add(subparsers) -> None:
       "--max-new-tokens (default 64); each turn first evicts enough old tokens for its prompt "
       "and reply. Text is printed as it comes.")
   add_model_flag(p)
-  p.add_argument("--prompt", default=None, metavar="TEXT",
+  p.add_argument("--prompt", default=None, type=text_type, metavar="TEXT",
                  help="continue this text endlessly ('-' reads it from stdin); "
                  "without it, chat: one turn per line of stdin")
   p.add_argument("--sinks", type=nonneg, default=4, metavar="N",
@@ -58,24 +59,26 @@ def _check_stream(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 def _stream(args: argparse.Namespace) -> int:
   from kvjax.lm.streaming import Session
+  if args.prompt is not None:  # read (and checked) before the model loads
+    turns = iter(read_prompts([args.prompt]))
+  else:
+    turns = stdin_lines()
   model = load_model(args)
   sampling, key = sampling_from_flags(args)
   session = Session(model, n_sink=args.sinks, window=args.window, chunk=args.chunk,
                    sampling=sampling, key=key)
-  if args.prompt is not None:
-    turns = iter(read_prompts([args.prompt]))
-  else:
-    turns = stdin_lines()
   record, code = [], 0
+  t0 = time.perf_counter()
   try:
     for prompt in turns:
       done: dict = {}
       pieces = session.turn(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop,
-                            chat=args.chat, done=done)
+                            chat=args.chat, done=done, keep_ids=False)
       record.append({"prompt": prompt, "text": [], "finish": "interrupted"})
-      for piece in pieces:
-        record[-1]["text"].append(piece)
-        if not args.json:
+      for piece in pieces:  # the text is kept only for --json: an endless stream holds none
+        if args.json:
+          record[-1]["text"].append(piece)
+        else:
           sys.stdout.write(piece)
           sys.stdout.flush()
       record[-1]["finish"] = done["finish"]
@@ -86,6 +89,7 @@ def _stream(args: argparse.Namespace) -> int:
     code = 130
     if not args.json:
       sys.stdout.write("\n")
+  wall_s = time.perf_counter() - t0  # prefill, decode, detokenisation, printing, compile
   for turn in record:
     turn["text"] = "".join(turn["text"])
   s = session.stats
@@ -94,10 +98,12 @@ def _stream(args: argparse.Namespace) -> int:
         "model": args.model, "sinks": args.sinks, "window": args.window, "turns": record,
         "tokens_generated": s["tokens_generated"], "prompt_tokens": s["prompt_tokens"],
         "peak_cache_tokens": s["peak_cache_tokens"], "tokens_per_s": finite(s["tokens_per_s"]),
-        "prefill_s": s["prefill_s"], "decode_s": s["decode_s"], "compile_s": s["compile_s"]}))
+        "prefill_s": s["prefill_s"], "decode_s": s["decode_s"], "compile_s": s["compile_s"],
+        "wall_s": wall_s}))
   else:
     print(f"{PROG}: {s['tokens_generated']} tokens generated in {s['decode_s']:.2f} s "
-          f"({s['tokens_per_s']:.1f} tok/s) over {len(record)} turn(s); peak cache "
-          f"{s['peak_cache_tokens']} tokens of {args.sinks} sinks + {args.window} window; "
-          f"compile {s['compile_s']:.2f} s", file=sys.stderr)
+          f"({s['tokens_per_s']:.1f} tok/s, decoding and detokenising) over {len(record)} "
+          f"turn(s); {wall_s:.2f} s in all with prefill {s['prefill_s']:.2f} s and compile "
+          f"{s['compile_s']:.2f} s; peak cache {s['peak_cache_tokens']} tokens of "
+          f"{args.sinks} sinks + {args.window} window", file=sys.stderr)
   return code

@@ -20,8 +20,9 @@ import numpy as np
 
 from kvjax.cache.prefix import PrefixCache
 from kvjax.lm import steps
-from kvjax.lm.engine import (Prompt, check_context, nbytes, new_cache, outputs, pad, prefill,
-                             request)
+from kvjax.lm.engine import (Prompt, check_context, check_finite, nbytes, new_cache, outputs,
+                             pad, prefill, request)
+from kvjax.lm.detokenize import Detokenizer
 from kvjax.lm.generate import Generation
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
@@ -96,25 +97,30 @@ def expand_stream(model: Model, prompts: Sequence[Prompt], *,
   stop_arr, budget_arr = jnp.asarray(stops, jnp.int32), jnp.asarray(budgets)
   done, counts = jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32)
   pieces, decode_s, n_steps, emitted = [], 0.0, 0, 0
+  before = np.zeros(B, np.int32)  # tokens each row had emitted before this call
+  watch = [_StopWatch(model.tokenizer, stop) for _ in range(B)] if stop else []
   outs: list = [None] * B
   while emitted < B:
     t0 = time.perf_counter()
-    (out, done, counts, logits, cache), c = steps.call(
+    (out, done, counts, bad, logits, cache), c = steps.call(
         model, steps.decode_more, model.state, cache, logits, key, jnp.int32(n_steps), done,
         counts, budget_arr, stop_arr, sampling=sampling, max_steps=per_call)
     out, done_np, counts_np = np.asarray(out), np.asarray(done), np.asarray(counts)
+    check_finite(model, bad, "point expansion")
     decode_s += time.perf_counter() - t0 - c
     compile_s += c
     pieces.append(out)
     n_steps += per_call
-    so_far = np.concatenate(pieces, axis=1)
     if stop:  # a row whose text reached a stop string is done
-      hit = [b for b in range(B) if not done_np[b] and _has_stop(model, so_far[b, :counts_np[b]],
-                                                                 stop)]
+      hit = [b for b in range(B) if before[b] < counts_np[b]
+             and watch[b].feed(out[b, :counts_np[b] - before[b]]) and not done_np[b]]
       if hit:
         done_np = done_np.copy()
         done_np[hit] = True
         done = jnp.asarray(done_np)
+    before = counts_np
+    if emitted < B and done_np[emitted]:
+      so_far = np.concatenate(pieces, axis=1)
     while emitted < B and done_np[emitted]:
       b = emitted
       texts, tokens, finish = outputs(model, so_far[b:b + 1], counts_np[b:b + 1], stop, stops)
@@ -140,9 +146,19 @@ def _budgets(max_new_tokens, B: int) -> np.ndarray:
   return np.asarray(budgets, np.int32)
 
 
-def _has_stop(model: Model, ids: np.ndarray, stop: Sequence[str]) -> bool:
-  text = model.tokenizer.decode(ids.tolist())
-  return any(s and s in text for s in stop)
+class _StopWatch:
+  """Whether one row's text has reached a stop string, fed the row's new ids call by call:
+  bounded work per token (incremental detokenisation, and a search of the new text after the
+  tail of the old that a stop string could start in)."""
+
+  def __init__(self, tokenizer, stop: Sequence[str]):
+    self.text, self.stop = Detokenizer(tokenizer), [s for s in stop if s]
+    self.keep, self.tail = max(map(len, self.stop), default=1) - 1, ""
+
+  def feed(self, ids: np.ndarray) -> bool:
+    seen = self.tail + "".join(self.text.push(int(t)) for t in ids)
+    self.tail = seen[len(seen) - self.keep:] if self.keep else ""
+    return any(s in seen for s in self.stop)
 
 
 def _shared_prefill(model: Model, rows: list[list[int]], n: int, budget: int):

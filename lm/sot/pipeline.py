@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 
+from kvjax.lm.engine import check_request
 from kvjax.lm.sot.expansion import expand_stream
 from kvjax.lm.generate import generate
 from kvjax.lm.model import Model
@@ -67,6 +68,7 @@ def run(model: Model, question: str, *, skeleton: str | None = None, max_points:
   a stop string stops there); else in one call."""
   if not isinstance(question, str) or not question.strip():
     raise ValueError(f"the question is empty: pass the text to answer; got {question!r}")
+  check_request(model, 1, sampling, key)  # a bad key or sampling fails before any work
   prompts = prompts or Prompts()
   kw = dict(sampling=sampling, key=key, stop=stop)
   t_route, compile_s = 0.0, 0.0

@@ -23,6 +23,7 @@ import numpy as np
 from kvjax.cache.dense import KVCache
 from kvjax.cache.sink import SinkCache
 from kvjax.lm import steps
+from kvjax.lm.engine import check_finite
 from kvjax.lm.model import Model
 
 MODES = ("dense", "window", "sink", "recompute")
@@ -102,6 +103,7 @@ def perplexity(model: Model, ids: Sequence[int], *, cache: str = "sink",
     bar.update(min(chunk, n - lo))
   bar.close()
   nll = np.concatenate(nll)[:n]
+  check_finite(model, [not np.isfinite(nll).all()], f"perplexity with the {cache} cache")
   peak = n if cache == "dense" else min(n, kv.size)
   return Perplexity(ppl=float(np.exp(nll.mean())), tokens=n, peak_cache_tokens=int(peak),
                     ms_per_token=1e3 * seconds / n, nll=nll)
@@ -133,6 +135,7 @@ def _recompute(model: Model, ids: np.ndarray, window: int, progress: bool,
     bar.update(len(s))
   bar.close()
   nll = np.concatenate(nll)
+  check_finite(model, [not np.isfinite(nll).all()], "perplexity with recompute")
   return Perplexity(ppl=float(np.exp(nll.mean())), tokens=n, peak_cache_tokens=W,
                     ms_per_token=1e3 * seconds / n, nll=nll)
 

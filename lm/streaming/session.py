@@ -32,7 +32,8 @@ class Session:
   (a stop token included) enters the cache in the dispatch that samples it.
 
   stats: tokens_generated, prompt_tokens, peak_cache_tokens (most tokens held at once),
-  prefill_s, decode_s, compile_s, tokens_per_s (generated tokens per decode second).
+  prefill_s, decode_s (the seconds spent producing the replies' text: decode steps and
+  detokenisation, compile excluded), compile_s, tokens_per_s (generated tokens per decode_s).
   """
 
   def __init__(self, model: Model, *, n_sink: int = 4, window: int, chunk: int | None = None,
@@ -84,13 +85,14 @@ class Session:
       self.stats["compile_s"] += c
 
   def turn(self, prompt: str | Sequence[int] = "", *, max_new_tokens: int | None = 64,
-           stop: Sequence[str] = (), chat: bool = False, done: dict | None = None
-           ) -> Iterator[str]:
+           stop: Sequence[str] = (), chat: bool = False, done: dict | None = None,
+           keep_ids: bool = True) -> Iterator[str]:
     """Feeds `prompt` (text, or token ids; may be empty after the first turn to continue),
     then yields the reply's text as it is generated: at most max_new_tokens tokens (None: no
     limit), ending early at a stop token or stop string (neither yielded). chat: wrap the
     prompt as a user message with the model's chat template. done: filled at the end with the
-    reply's ids and finish ("stop_token", "stop_string" or "length")."""
+    reply's ids (keep_ids=False: only their number n, so that an endless reply holds constant
+    memory) and finish ("stop_token", "stop_string" or "length")."""
     if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
       raise ValueError(f"max_new_tokens must be an int >= 1 or None; got {max_new_tokens!r}")
     stop = [stop] if isinstance(stop, str) else list(stop)
@@ -114,7 +116,10 @@ class Session:
     self._feed(ids)
     done = {} if done is None else done
     try:
-      yield from detokenize(self.model, self._tokens(max_new_tokens), stop, self.stop_ids, done)
+      yield from engine.timed(
+          detokenize(self.model, self._tokens(max_new_tokens), stop, self.stop_ids, done,
+                     keep_ids=keep_ids),
+          self.stats)
     finally:
       self._held()
       s = self.stats
@@ -125,12 +130,12 @@ class Session:
     """Samples tokens, each fed into the cache in the same dispatch (steps.sample_decode)."""
     n = 0
     while True:
-      t0 = time.perf_counter()
-      (tok, self.logits, self.cache), c = steps.call(
+      (tok, bad, self.logits, self.cache), c = steps.call(
           self.model, steps.sample_decode, self.model.state, self.cache, self.logits, self.key,
           jnp.int32(self.steps), sampling=self.sampling)
+      tok, bad = jax.device_get((tok, bad))
+      engine.check_finite(self.model, bad, f"streaming session (token {self.steps})")
       tok = int(tok[0])
-      self.stats["decode_s"] += time.perf_counter() - t0 - c
       self.stats["compile_s"] += c
       self.steps += 1
       self.stats["tokens_generated"] += 1

@@ -7,7 +7,8 @@ import argparse
 import json
 import os
 
-from kvjax.lm.cli.flags import checked, nonneg, positive
+from kvjax.lm.cli.flags import (check_input_file, check_output, checked, nonneg, positive,
+                                seed_type, utf8_error)
 
 PROG = "python -m kvjax.train"
 
@@ -36,13 +37,17 @@ def settle(parser: argparse.ArgumentParser, args: argparse.Namespace, defaults: 
 def check_run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
                      goes_to_out: str) -> None:
   """The data, output and schedule rules every training task shares: one of --text / --data,
-  an existing --text file, --out, and --warmup below --steps."""
+  a readable --text file, a writable --out (and --export), whose latest checkpoint (when
+  resuming) is not visibly damaged (TrainError, exit 1), and --warmup below --steps."""
   if (args.text is None) == (args.data is None):
     parser.error("give exactly one of --text FILE and --data DIR_OR_NAME")
-  if args.text is not None and not os.path.isfile(args.text):
-    parser.error(f"--text {args.text}: no such file")
+  check_input_file(parser, "--text", args.text)
   if args.out is None:
     parser.error(f"--out DIR is required ({goes_to_out} go there)")
+  check_output(parser, "--out", args.out, directory=True)
+  check_output(parser, "--export", getattr(args, "export", None), directory=True)
+  from kvjax.train.loop import CHECKPOINTS, check_checkpoints
+  check_checkpoints(os.path.join(args.out, CHECKPOINTS))  # a resume's, before the model loads
   if args.warmup >= args.steps:
     parser.error(f"--warmup ({args.warmup}) must be smaller than --steps ({args.steps})")
 
@@ -62,10 +67,12 @@ def check_frozen(parser: argparse.ArgumentParser, args: argparse.Namespace, dest
 def merge_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   """Fills args left None from the JSON object in --config, parsed by each flag's type."""
   try:
-    with open(args.config) as f:
-      conf = json.load(f)
+    with open(args.config, "rb") as f:
+      conf = json.loads(f.read().decode("utf-8"))
   except OSError as err:
     parser.error(f"--config {args.config}: {err.strerror}")
+  except UnicodeDecodeError as err:
+    parser.error(f"--config {args.config}: not UTF-8 text ({utf8_error(err)})")
   except json.JSONDecodeError as err:
     parser.error(f"--config {args.config}: invalid JSON ({err})")
   if not isinstance(conf, dict):
@@ -120,7 +127,7 @@ def add_schedule_flags(g, *, warmup: int) -> None:
                  help="cosine decay ends at lr * R (default 0.1)")
   g.add_argument("--weight-decay", type=nonneg_float, metavar="WD", help="default 0")
   g.add_argument("--clip-norm", type=pos_float, metavar="C", help="global gradient norm clip")
-  g.add_argument("--seed", type=nonneg, metavar="S")
+  g.add_argument("--seed", type=seed_type, metavar="S", help="in [0, 2**32) (default 0)")
 
 
 def add_period_flags(g) -> None:
@@ -139,12 +146,20 @@ def add_output_flags(g) -> None:
                  help="print one JSON summary object on stdout")
 
 
+def text_data(args, tok):
+  """The --text file as kvjax.train.text.TextData; DataError naming it when it is not UTF-8."""
+  from kvjax.train.text import DataError, TextData
+  try:
+    return TextData(args.text, tok, seq_len=args.seq_len, batch_size=args.batch_size,
+                    seed=args.seed, eval_fraction=args.eval_fraction)
+  except UnicodeDecodeError as err:
+    raise DataError(f"--text {args.text}: not UTF-8 text ({utf8_error(err)})") from None
+
+
 def data_batches(args, tok):
   """(train batches: start_step -> iterator, eval batches: () -> iterable)."""
   if args.text is not None:
-    from kvjax.train.text import TextData
-    data = TextData(args.text, tok, seq_len=args.seq_len, batch_size=args.batch_size,
-                    seed=args.seed, eval_fraction=args.eval_fraction)
+    data = text_data(args, tok)
     eval_batches = data.eval_batches if args.eval_fraction > 0 else None
     return data.train_batches, eval_batches
   from kvjax.train.lm import TrainError

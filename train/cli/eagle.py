@@ -14,7 +14,7 @@ import numpy as np
 from kvjax.lm.cli.flags import checked, nonneg, positive
 from kvjax.train.cli.common import (add_data_flags, add_output_flags, add_period_flags,
                                     add_schedule_flags, check_frozen, check_run_flags, data_batches,
-                                    nonneg_float, settle)
+                                    nonneg_float, settle, text_data)
 
 
 EAGLE_DEFAULTS = dict(kind="eagle1", batch_size=16, seq_len=256, steps=1000, lr=1e-3, warmup=100,
@@ -123,9 +123,7 @@ def _eagle_data(args, model, ec):
   if tok is None:
     raise TrainError(f"--target {args.target} has no tokenizer.json")
   if args.text is not None:
-    from kvjax.train.text import TextData
-    td = TextData(args.text, tok, seq_len=args.seq_len, batch_size=args.batch_size,
-                  seed=args.seed, eval_fraction=args.eval_fraction)
+    td = text_data(args, tok)
     batches = td.train_batches
     eval_batches = td.eval_batches if args.eval_fraction > 0 else None
     train_stream, held_stream = eagle.text_streams(td)

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from kvjax.lm.cli.flags import checked, nonneg, positive
+from kvjax.lm.cli.flags import check_output, checked, nonneg, positive, seed_type
 from kvjax.train.cli.common import (add_output_flags, check_run_flags, data_batches, fraction,
                                     nonneg_float, pos_float, settle, unit)
 
@@ -81,7 +81,7 @@ def add_lm(sub) -> argparse.ArgumentParser:
                  "(default 0)")
   g.add_argument("--attn-dropout", type=fraction, metavar="P",
                  help="dropout of the attention probabilities while training (default 0)")
-  g.add_argument("--seed", type=nonneg, metavar="S")
+  g.add_argument("--seed", type=seed_type, metavar="S", help="in [0, 2**32) (default 0)")
   g = p.add_argument_group("run")
   g.add_argument("--out", metavar="DIR", help="run directory (checkpoints, metrics, model)")
   g.add_argument("--save-every", type=nonneg, metavar="N", help="checkpoint period (0 = end only)")
@@ -234,8 +234,16 @@ def add_export(sub) -> argparse.ArgumentParser:
                  help="a kept step, or best")
   p.add_argument("--out", metavar="DIR", help="where to write it (default RUN/model-STEP)")
   p.add_argument("--json", action="store_true", help="print a JSON summary")
-  p.set_defaults(run=run_export, check=lambda args: None)
+  p.set_defaults(run=run_export, check=lambda args: check_export(p, args))
   return p
+
+
+def check_export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """--run is a directory and --out can be written."""
+  if not os.path.isdir(args.run_dir):
+    why = "not a directory" if os.path.exists(args.run_dir) else "no such directory"
+    parser.error(f"--run {args.run_dir}: {why}")
+  check_output(parser, "--out", args.out, directory=True)
 
 
 def step_type(text: str):

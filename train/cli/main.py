@@ -11,7 +11,9 @@
 Settings come from flags, then `--config FILE` (a JSON object keyed by flag names with
 underscores, e.g. {"d_model": 128, "bf16": true}), then the defaults. A run resumes from the
 latest checkpoint in --out. At the end the model is exported as a Hugging Face directory
-(--export, default OUT/model). Exit codes: 0 ok, 1 bad data/model/run, 2 bad flags.
+(--export, default OUT/model). Exit codes: 0 ok, 1 bad data/model/run (a damaged checkpoint
+included), 2 bad flags (an unwritable --out or --export included, found before training
+starts); every error is one line on stderr.
 
 One module per task (lm, eval, eagle, coprocessor); `common` holds what they share.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvjax.lm.cli.flags import run
+from kvjax.lm.cli.flags import Parser, run
 from kvjax.train.cli.common import PROG
 from kvjax.train.cli.coprocessor import add_coprocessor
 from kvjax.train.cli.eagle import add_eagle
@@ -29,7 +31,7 @@ from kvjax.train.cli.lm import add_export, add_lm
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog=prog, description="Train kvjax models.")
+  parser = Parser(prog=prog, description="Train kvjax models.")
   sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
   add_lm(sub)
   add_eval(sub)
