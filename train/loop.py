@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
@@ -292,7 +293,12 @@ def _restore(manager, state, step: int | None = None):
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   _drop_leftovers(None)  # hooked before the restore: leftovers may come before it fails
   try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    with warnings.catch_warnings(record=True) as seen:
+      warnings.simplefilter("always")
+      restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    for w in seen:  # the restore worked: its warnings are real, shown as they would have been
+      warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return restored
   except Exception as err:  # orbax and tensorstore raise many kinds for damaged files
     path = str(manager.directory)
     where = os.path.join(path, str(step))
@@ -319,10 +325,14 @@ def _drop_leftovers(where: str | None) -> None:
   abandoned reads of it make Python print later, often at exit, as tracebacks and error logs:
   unraisable exceptions (coroutines garbage-collected with an error about `where`, callbacks
   into orbax's event loop after it closed) and asyncio's "exception was never retrieved" logs
-  about `where`. Anything else passes. The hooks go in once (again when a test runner swaps
+  about `where`, and the RuntimeWarnings of coroutines it abandoned ("never awaited"). Anything
+  else passes. The hooks go in once (again when a test runner swaps
   sys.unraisablehook)."""
   if where is not None:
     _DAMAGED.add(os.path.abspath(where))
+    # an abandoned read's coroutine, collected later, warns that it was never awaited
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+                            category=RuntimeWarning)
 
   def about_damaged(err) -> bool:
     return err is not None and any(d in str(err) for d in _DAMAGED)
