@@ -67,6 +67,9 @@ def _entries(cfg: Config) -> list[Entry]:
   if cfg.qkv_bias:
     e += [(("blocks", "attn", f"{n}_bias"), layer + f"self_attn.{n}_proj.bias", (h * H,),
            *heads(h, H)) for n, h in (("q", N), ("k", K), ("v", K))]
+  if cfg.qk_norm:
+    e += [(("blocks", "attn", f"{n}_norm", "scale"), layer + f"self_attn.{n}_norm.weight", (H,),
+           same, same) for n in ("q", "k")]
   if cfg.o_bias:
     e += [(("blocks", "attn", "o_bias"), layer + "self_attn.o_proj.bias", (D,), same, same)]
   if cfg.mlp_bias:

@@ -10,7 +10,12 @@ import os
 import re
 from typing import Any
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                 "gemma3_text": "Gemma3ForCausalLM"}
+LAYER_TYPES = ("sliding_attention", "full_attention")
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_new": "gelu_tanh", "gelu": "gelu"}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -18,9 +23,10 @@ SIZES = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim
          "max_position", "rope_original_max_position")
 POSITIVE = ("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor",
             "rope_high_freq_factor")  # finite numbers > 0
-OPTIONAL_POSITIVE = ("query_pre_attn_scalar", "attn_softcap", "final_softcap")  # None or > 0
+OPTIONAL_POSITIVE = ("query_pre_attn_scalar", "attn_softcap", "final_softcap",
+                     "rope_local_theta")  # None or > 0
 FLAGS = ("qkv_bias", "o_bias", "mlp_bias", "norm_plus_one", "scale_embeddings",
-         "tie_embeddings", "post_norms")
+         "tie_embeddings", "post_norms", "qk_norm")
 # Config field -> the Hugging Face config.json key it is read from (for error messages).
 HF_KEYS = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
            "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
@@ -32,7 +38,7 @@ HF_KEYS = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "nu
            "rope_original_max_position": "rope_scaling.original_max_position_embeddings",
            "query_pre_attn_scalar": "query_pre_attn_scalar",
            "attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
-           "windows": "sliding_window"}
+           "rope_local_theta": "rope_local_base_freq", "windows": "sliding_window"}
 
 
 class ConfigError(ValueError):
@@ -76,7 +82,9 @@ class Config:
   """Decoder-only transformer. Hashable: passed to `jax.jit` as a static argument.
 
   `windows[l]` is layer l's sliding window (a key at position p is visible to a query at q
-  iff q - p < window), 0 for global attention.
+  iff q - p < window), 0 for global attention. RoPE: global layers (window 0) rotate by
+  `rope_theta` with the `rope_type` scaling; sliding-window layers do the same unless
+  `rope_local_theta` is set (Gemma 3's local layers), then by plain RoPE at that base.
   """
 
   family: str = "llama"
@@ -97,6 +105,7 @@ class Config:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_position: int = 8192
+  rope_local_theta: float | None = None  # Gemma 3: sliding layers' own base, without scaling
   # family flags
   qkv_bias: bool = False  # Qwen2; Llama's attention_bias sets qkv_bias and o_bias
   o_bias: bool = False
@@ -105,6 +114,7 @@ class Config:
   scale_embeddings: bool = False  # Gemma: embeddings times sqrt(D)
   tie_embeddings: bool = False
   post_norms: bool = False  # Gemma-2: norms after attention and after the MLP too
+  qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head's q and k [H] before RoPE
   query_pre_attn_scalar: float | None = None  # Gemma-2: scores scaled by this**-0.5
   attn_softcap: float | None = None
   final_softcap: float | None = None
@@ -164,6 +174,7 @@ class Config:
                         self.head_dim, self.vocab_size)
     per_layer = D * (N + 2 * K) * H + N * H * D + 3 * D * F + (4 if self.post_norms else 2) * D
     per_layer += (N + 2 * K) * H * self.qkv_bias + D * self.o_bias + (2 * F + D) * self.mlp_bias
+    per_layer += 2 * H * self.qk_norm
     return V * D * (1 if self.tie_embeddings else 2) + self.n_layers * per_layer + D
 
 
@@ -231,10 +242,8 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
   if hf.get("head_dim") is None and D % N:
     raise ConfigError(f"{source}: hidden_size {D} is not a multiple of num_attention_heads {N} "
                       "and there is no head_dim")
-  rope = dict(typed("rope_parameters", dict, "an object or null", {}))
-  rope.update(typed("rope_scaling", dict, "an object or null", {}))  # transformers 4.x
-  if set(rope) & {"full_attention", "sliding_attention"}:
-    raise ConfigError(f"{source}: per-layer-type rope_parameters are not supported")
+  gemma3 = family == "gemma3_text"
+  rope, local_rope = _rope_tables(hf, family, source)
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
     raise ConfigError(f"{source}: rope type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
@@ -248,22 +257,41 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
     raise ConfigError(f"{source}: sliding_window must be an int >= 0 (0 or null: none); got "
                       f"{window!r}", field="windows")
   layer_types = typed("layer_types", list, "a list of layer types or null")
-  if family == "qwen2" and not flag("use_sliding_window"):
+  qwen = family in ("qwen2", "qwen3")
+  if qwen and not flag("use_sliding_window"):
     window = 0
   if layer_types is not None:
     if len(layer_types) != L:
       raise ConfigError(f"{source}: layer_types has {len(layer_types)} entries for {L} layers")
-    odd = [t for t in layer_types if t not in ("sliding_attention", "full_attention")]
+    odd = [t for t in layer_types if t not in LAYER_TYPES]
     if odd:
       raise ConfigError(f"{source}: layer_types entries must be 'sliding_attention' or "
                         f"'full_attention'; got {odd[0]!r}")
-    windows = tuple(window if t == "sliding_attention" else 0 for t in layer_types)
+    sliding = [t == "sliding_attention" for t in layer_types]
   elif family == "gemma2":
-    windows = tuple(window if i % 2 == 0 else 0 for i in range(L))
+    sliding = [i % 2 == 0 for i in range(L)]
+  elif gemma3:  # transformers' default pattern: every sliding_window_pattern-th layer is global
+    pattern = opt("sliding_window_pattern", 6)
+    if not _is_int(pattern) or pattern < 1:
+      raise ConfigError(f"{source}: sliding_window_pattern must be an int >= 1; got {pattern!r}")
+    sliding = [(i + 1) % pattern != 0 for i in range(L)]
+  elif qwen:  # transformers: layers from max_window_layers on slide
+    first = opt("max_window_layers", 28)
+    if not _is_int(first) or first < 0:
+      raise ConfigError(f"{source}: max_window_layers must be an int >= 0; got {first!r}")
+    sliding = [i >= first for i in range(L)]
   else:
-    windows = (window,) * L
+    sliding = [True] * L
+  if gemma3 and window == 0 and any(sliding):
+    raise ConfigError(f"{source}: sliding_window must be an int >= 1 for a gemma3_text model "
+                      "with sliding_attention layers; got null or 0", field="windows")
+  windows = tuple(window if s else 0 for s in sliding)
+  if gemma3 and flag("use_bidirectional_attention"):
+    raise ConfigError(f"{source}: use_bidirectional_attention: true (Gemma 3 as an encoder) is "
+                      "not supported; kvjax decodes causally")
 
-  gemma = family in ("gemma", "gemma2")
+  gemma = family in ("gemma", "gemma2", "gemma3_text")
+  gemma_post = family in ("gemma2", "gemma3_text")  # post norms, query scalar, soft-caps
   attention_bias = flag("attention_bias")
   try:
     return Config(
@@ -278,22 +306,27 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
         norm_eps=num(opt("rms_norm_eps", 1e-6)),
         max_position=opt("max_position_embeddings", 2048),
         act=ACTIVATIONS[act_name],
-        rope_theta=num(opt("rope_theta", opt("rope_theta", 10000.0), table=rope)),  # 5.x, 4.x
+        rope_theta=num(opt("rope_theta", opt("rope_theta", 1e6 if gemma3 else 10000.0),
+                           table=rope)),  # 5.x, 4.x
         rope_type=rope_type,
         rope_factor=num(opt("factor", 1.0, rope)),
         rope_low_freq_factor=num(opt("low_freq_factor", 1.0, rope)),
         rope_high_freq_factor=num(opt("high_freq_factor", 4.0, rope)),
         rope_original_max_position=opt("original_max_position_embeddings", 8192, rope),
+        rope_local_theta=(num(opt("rope_theta", opt("rope_local_base_freq", 10000.0),
+                                  table=local_rope)) if gemma3 else None),
         qkv_bias=family == "qwen2" or attention_bias,
         o_bias=attention_bias and family != "qwen2",
         mlp_bias=flag("mlp_bias"),
         norm_plus_one=gemma,
         scale_embeddings=gemma,
         tie_embeddings=flag("tie_word_embeddings", gemma),
-        post_norms=family == "gemma2",
-        query_pre_attn_scalar=hf.get("query_pre_attn_scalar") if family == "gemma2" else None,
-        attn_softcap=hf.get("attn_logit_softcapping") if family == "gemma2" else None,
-        final_softcap=hf.get("final_logit_softcapping") if family == "gemma2" else None,
+        post_norms=gemma_post,
+        qk_norm=family in ("qwen3", "gemma3_text"),
+        query_pre_attn_scalar=(num(opt("query_pre_attn_scalar", 256 if gemma3 else None))
+                               if gemma_post else None),
+        attn_softcap=hf.get("attn_logit_softcapping") if gemma_post else None,
+        final_softcap=hf.get("final_logit_softcapping") if gemma_post else None,
         windows=windows,
     )
   except ConfigError as err:  # a value outside its domain: name the config.json key
@@ -302,13 +335,58 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
     raise ConfigError(f"{source}: {msg}", field=err.field) from None
 
 
+def _rope_tables(hf: dict[str, Any], family: str, source: str) -> tuple[dict, dict]:
+  """(global, local) RoPE parameter tables of a config.json: transformers 5.x
+  `rope_parameters` (flat, or per layer type for gemma3_text: {"full_attention": {...},
+  "sliding_attention": {...}}) updated by 4.x `rope_scaling`, which like transformers applies to
+  the global layers. The local table is empty unless given per layer type; it may only set
+  rope_theta (Gemma 3's local layers use plain RoPE)."""
+  tables = {}
+  for key in ("rope_parameters", "rope_scaling"):
+    v = hf.get(key)
+    if v is not None and not isinstance(v, dict):
+      raise ConfigError(f"{source}: {key} must be an object or null; got {v!r}")
+    tables[key] = dict(v or {})
+  rope, local = tables["rope_parameters"], {}
+  if set(rope) & set(LAYER_TYPES):
+    if family != "gemma3_text":
+      raise ConfigError(f"{source}: per-layer-type rope_parameters are only read for "
+                        f"gemma3_text; model_type {family!r} takes one flat object")
+    odd = sorted(set(rope) - set(LAYER_TYPES))
+    if odd:
+      raise ConfigError(f"{source}: rope_parameters has both per-layer-type entries and {odd[0]!r}")
+    for t in LAYER_TYPES:
+      if not isinstance(rope.get(t) or {}, dict):
+        raise ConfigError(f"{source}: rope_parameters.{t} must be an object or null; got "
+                          f"{rope[t]!r}")
+    rope, local = dict(rope.get("full_attention") or {}), dict(rope.get("sliding_attention") or {})
+    local_type = local.get("rope_type", local.get("type", "default"))
+    if local_type != "default":
+      raise ConfigError(f"{source}: rope_parameters.sliding_attention.rope_type {local_type!r} is "
+                        "not supported; Gemma 3's local layers use 'default'")
+  rope.update(tables["rope_scaling"])  # transformers 4.x
+  return rope, local
+
+
 def to_hf(cfg: Config) -> dict[str, Any]:
-  """The inverse of `from_hf`: a config.json dict that transformers loads."""
+  """The inverse of `from_hf`: a config.json dict that transformers loads. ConfigError for a
+  config whose q/k norm or local RoPE base its family's config.json cannot say."""
+  gemma3 = cfg.family == "gemma3_text"
+  if cfg.qk_norm != (cfg.family in ("qwen3", "gemma3_text")):
+    raise ConfigError(f"qk_norm={cfg.qk_norm} cannot be written for family {cfg.family!r} "
+                      "(transformers' qwen3 and gemma3_text always have q/k norms, the others "
+                      "never)", field="qk_norm")
+  if cfg.rope_local_theta is not None and not gemma3:
+    raise ConfigError(f"rope_local_theta={cfg.rope_local_theta!r} cannot be written for family "
+                      f"{cfg.family!r} (only gemma3_text has a local RoPE base)",
+                      field="rope_local_theta")
+  if gemma3 and cfg.rope_local_theta is None and cfg.rope_type != "default" and any(cfg.windows):
+    raise ConfigError("a gemma3_text config.json cannot say rope_local_theta=None (local layers "
+                      f"with the global {cfg.rope_type} scaling); set rope_local_theta",
+                      field="rope_local_theta")
   hf: dict[str, Any] = {
       "model_type": cfg.family,
-      "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                         "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM",
-                         "gemma2": "Gemma2ForCausalLM"}[cfg.family]],
+      "architectures": [ARCHITECTURES[cfg.family]],
       "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.d_model,
       "num_hidden_layers": cfg.n_layers,
@@ -329,16 +407,22 @@ def to_hf(cfg: Config) -> dict[str, Any]:
           low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
           original_max_position_embeddings=cfg.rope_original_max_position)
   if cfg.family == "llama":
-    hf["attention_bias"] = cfg.o_bias
     hf["mlp_bias"] = cfg.mlp_bias
-  if cfg.family == "gemma2":
+  if cfg.family in ("llama", "qwen3", "gemma3_text"):
+    hf["attention_bias"] = cfg.o_bias
+  if gemma3:
+    hf["rope_local_base_freq"] = cfg.rope_local_theta or cfg.rope_theta
+    hf["use_bidirectional_attention"] = False
+    hf["sliding_window"] = max(cfg.windows) or None
+    hf["layer_types"] = ["sliding_attention" if w else "full_attention" for w in cfg.windows]
+  if cfg.family in ("gemma2", "gemma3_text"):
     hf["hidden_activation"] = hf["hidden_act"]
     q = cfg.query_pre_attn_scalar
     hf.update(query_pre_attn_scalar=int(q) if q is not None and float(q).is_integer() else q,
               attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap)
-  if any(cfg.windows):
+  if any(cfg.windows) and not gemma3:
     hf["sliding_window"] = max(cfg.windows)
-    if cfg.family in ("gemma2", "qwen2"):
+    if cfg.family in ("gemma2", "qwen2", "qwen3"):
       hf["layer_types"] = ["sliding_attention" if w else "full_attention" for w in cfg.windows]
       hf["use_sliding_window"] = True
   return hf

@@ -33,12 +33,14 @@ def init_param(rngs: nnx.Rngs, shape, dtype, std=0.02):
 
 
 class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis, of size dim (default d_model; head_dim for q/k norms)."""
 
-  def __init__(self, cfg: Config, dtype):
+  def __init__(self, cfg: Config, dtype, dim: int | None = None):
+    dim = dim or cfg.d_model
     self.eps = cfg.norm_eps
     self.plus_one = cfg.norm_plus_one
-    self.scale = nnx.Param(jnp.zeros((cfg.d_model,), dtype) if cfg.norm_plus_one
-                           else jnp.ones((cfg.d_model,), dtype))
+    self.scale = nnx.Param(jnp.zeros((dim,), dtype) if cfg.norm_plus_one
+                           else jnp.ones((dim,), dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
@@ -62,14 +64,20 @@ class Attention(nnx.Module):
       self.v_bias = nnx.Param(jnp.zeros((K, H), dtype))
     if cfg.o_bias:
       self.o_bias = nnx.Param(jnp.zeros((D,), dtype))
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(cfg, dtype, dim=H)
+      self.k_norm = RMSNorm(cfg, dtype, dim=H)
 
   def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H] (before RoPE)."""
+    """x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H] (before RoPE; after the biases and,
+    with qk_norm, each head's q and k RMSNorm)."""
     q = jnp.einsum("btd,dnh->btnh", x, self.q[...])
     k = jnp.einsum("btd,dkh->btkh", x, self.k[...])
     v = jnp.einsum("btd,dkh->btkh", x, self.v[...])
     if hasattr(self, "q_bias"):
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+    if hasattr(self, "q_norm"):
+      q, k = self.q_norm(q), self.k_norm(k)
     return q, k, v
 
   def out(self, a: jax.Array) -> jax.Array:
@@ -129,7 +137,8 @@ class Block(nnx.Module):
                training: Training | None = None):
     """x [B, T, D]; view: what the T tokens attend to (`kvjax.cache.view`); cached: the
     cache's `Slots` (every layer stacked) or None, read at `layer` (an int32 scalar) in place;
-    window: sliding window of the layer (0 = none). Returns (x [B, T, D], k, v [B, K, T, H])
+    freq: the layer's RoPE inverse frequencies [H/2] (`rope.layer_freqs`); window: sliding
+    window of the layer (0 = none). Returns (x [B, T, D], k, v [B, K, T, H])
     in the caches' layout, with k as the cache stores it (after RoPE when view.rotated, else
     before). training: the training forward's settings (`attention.Training`: differentiable
     attention, dropout keys folded by layer)."""
@@ -320,19 +329,19 @@ def run_layers(blocks: Block, cfg: Config, x: jax.Array, *, view: View, cached, 
   (x [B, T, D], layer_inputs [L', B, T, D] or None, k, v [L', B, K, T, H]), k in the form the
   cache stores (see `Block`)."""
   start, stop = layers
-  freq = jnp.asarray(rope.inv_freq(cfg))
+  freqs = jnp.asarray(rope.layer_freqs(cfg)[start:stop])  # [L', H/2]
   windows = jnp.asarray(np.array(cfg.windows[start:stop], np.int32))
   graphdef, stacked = nnx.split(blocks)
   stacked = jax.tree.map(lambda a: a[start:stop], stacked)
 
   def body(x, xs):
-    params, window, layer = xs
+    params, freq, window, layer = xs
     y, k, v = nnx.merge(graphdef, params)(x, view=view, freq=freq, cached=cached, layer=layer,
                                           window=window, training=training)
     return constrain(y, ACTIVATION, layout), (x if return_layer_inputs else None, k, v)
 
   index = jnp.arange(start, stop, dtype=jnp.int32)
-  x, (layer_inputs, ks, vs) = jax.lax.scan(body, x, (stacked, windows, index))
+  x, (layer_inputs, ks, vs) = jax.lax.scan(body, x, (stacked, freqs, windows, index))
   return x, layer_inputs, ks, vs
 
 

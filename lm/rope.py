@@ -1,5 +1,6 @@
 """Rotary position embeddings (the rotate-half layout of Hugging Face checkpoints): a config's
-inverse frequencies; `apply` rotates (it lives with the kernels, `kvjax.pallas_kernels.rope`)."""
+inverse frequencies, per layer (Gemma 3's local layers have their own base); `apply` rotates
+(it lives with the kernels, `kvjax.pallas_kernels.rope`)."""
 
 import math
 
@@ -8,13 +9,26 @@ import numpy as np
 from kvjax.lm.config import Config
 from kvjax.pallas_kernels.rope import apply
 
-__all__ = ["apply", "inv_freq"]
+__all__ = ["apply", "inv_freq", "layer_freqs"]
 
 
-def inv_freq(cfg: Config) -> np.ndarray:
-  """[H/2] float32 inverse frequencies, with `linear` or `llama3` scaling applied."""
+def layer_freqs(cfg: Config) -> np.ndarray:
+  """[L, H/2] float32: layer l's inverse frequencies, `inv_freq(cfg, layer=l)`."""
+  return np.stack([inv_freq(cfg, layer=l) for l in range(cfg.n_layers)])
+
+
+def _base(theta: float, H: int) -> np.ndarray:
+  return (1.0 / (theta ** (np.arange(0, H, 2, dtype=np.float32) / H))).astype(np.float32)
+
+
+def inv_freq(cfg: Config, layer: int | None = None) -> np.ndarray:
+  """[H/2] float32 inverse frequencies of `layer` (None: a global layer's): with `linear` or
+  `llama3` scaling applied, except on a sliding-window layer of a config with
+  `rope_local_theta`, which rotates by plain RoPE at that base."""
   H = cfg.head_dim
-  freq = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float32) / H))
+  if layer is not None and cfg.rope_local_theta is not None and cfg.windows[layer]:
+    return _base(cfg.rope_local_theta, H)
+  freq = _base(cfg.rope_theta, H)
   if cfg.rope_type == "linear":
     return (freq / cfg.rope_factor).astype(np.float32)
   if cfg.rope_type == "llama3":

@@ -55,6 +55,8 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "blocks/attn/k_bias": ("layers", "kv_heads", "head_dim"),
     "blocks/attn/v_bias": ("layers", "kv_heads", "head_dim"),
     "blocks/attn/o_bias": ("layers", "embed"),
+    "blocks/attn/q_norm/scale": ("layers", "head_dim"),
+    "blocks/attn/k_norm/scale": ("layers", "head_dim"),
     "blocks/mlp/gate": ("layers", "embed", "ffn"),
     "blocks/mlp/up": ("layers", "embed", "ffn"),
     "blocks/mlp/down": ("layers", "ffn", "embed"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvjax.lm.config import Config
+from kvjax.lm.config import FAMILIES, Config
 from kvjax.lm.model import Model, init, save
 from kvjax.lm.tokenizer import Tokenizer
 
@@ -38,13 +38,19 @@ def config(family: str = "llama", **overrides) -> Config:
   """A ~0.2M-parameter config of the given family over the 258-token byte vocabulary."""
   base = dict(family=family, vocab_size=258, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
               head_dim=16, ffn_dim=128, max_position=1024)
-  if family in ("gemma", "gemma2"):
+  if family in ("gemma", "gemma2", "gemma3_text"):
     base.update(act="gelu_tanh", norm_plus_one=True, scale_embeddings=True, tie_embeddings=True)
   if family == "gemma2":
     base.update(post_norms=True, query_pre_attn_scalar=16.0, attn_softcap=50.0,
                 final_softcap=30.0, windows=(32, 0))
+  if family == "gemma3_text":  # two local layers (own RoPE base), then a global one
+    base.update(n_layers=3, post_norms=True, qk_norm=True, query_pre_attn_scalar=16.0,
+                windows=(32, 32, 0), rope_theta=1e6, rope_local_theta=1e4,
+                rope_type="linear", rope_factor=8.0)
   if family == "qwen2":
     base.update(qkv_bias=True)
+  if family == "qwen3":
+    base.update(qk_norm=True)
   base.update(overrides)
   return Config(**base)
 
@@ -57,7 +63,7 @@ def model(family: str = "llama", seed: int = 0, **overrides) -> Model:
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m kvjax.lm.tiny", description=__doc__.split("\n")[0])
   ap.add_argument("out", help="directory to write")
-  ap.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2", "gemma", "gemma2"])
+  ap.add_argument("--family", default="llama", choices=FAMILIES)
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)
   m = model(args.family, args.seed)

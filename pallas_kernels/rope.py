@@ -1,6 +1,6 @@
 """Rotary position embeddings applied to queries and keys (the rotate-half layout of Hugging
 Face checkpoints). Here, below the caches and the core, because the kernels rotate the keys
-they read; the inverse frequencies of a model's config are `kvjax.lm.rope.inv_freq`."""
+they read; the inverse frequencies of a model's layers are `kvjax.lm.rope.layer_freqs`."""
 
 import jax
 import jax.numpy as jnp

@@ -16,7 +16,7 @@ Per query j (stream index i = count + j), the per-token policy of the cache:
 RoPE scores depend only on the distance, so the window is scored in one frame per row (keys at
 idx - base, queries at i - base) and the sinks in another (keys at s, queries at p).
 
-    sink_attention(q, k, v, count, start, n_sink=4, freq=rope.inv_freq(cfg), scale=...)
+    sink_attention(q, k, v, count, start, n_sink=4, freq=rope.inv_freq(cfg, layer=l), scale=...)
 
 dispatches to the Pallas kernel on GPU/TPU and to `reference` (plain XLA) elsewhere.
 """

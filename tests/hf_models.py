@@ -2,8 +2,8 @@
 
 Weights are drawn at unit gain (each matrix N(0, GAIN^2 / fan_in), biases N(0, BIAS^2), norm
 scales their init plus noise), so activations, attention scores and logits are O(1): every
-family feature (qkv bias, scaled embeddings, sliding windows, RoPE scaling, both soft-caps)
-moves the logits by far more than the parity tolerance, and greedy decoding has clear margins.
+family feature (qkv bias, q/k norms, scaled embeddings, sliding windows, RoPE scaling, Gemma 3's
+local RoPE base, both soft-caps) moves the logits by far more than the parity tolerance, and greedy decoding has clear margins.
 The soft-caps are set low (the released Gemma-2 uses 50 and 30) so that they bite at O(1).
 """
 
@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 VOCAB = 320
 
 GAIN, BIAS = 1.0, 1.0
@@ -30,11 +30,19 @@ def _classes(family):
       "mistral": (t.MistralConfig, t.MistralForCausalLM, dict(sliding_window=12)),
       "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM, dict(
           num_key_value_heads=1, rope_scaling={"rope_type": "linear", "factor": 4.0})),
+      "qwen3": (t.Qwen3Config, t.Qwen3ForCausalLM, dict(
+          head_dim=24, use_sliding_window=True, sliding_window=12, max_window_layers=1)),
       "gemma": (t.GemmaConfig, t.GemmaForCausalLM, dict(head_dim=16)),
       "gemma2": (t.Gemma2Config, t.Gemma2ForCausalLM, dict(
           head_dim=16, sliding_window=12, query_pre_attn_scalar=24,
           attn_logit_softcapping=ATTN_SOFTCAP, final_logit_softcapping=FINAL_SOFTCAP,
           tie_word_embeddings=False)),  # gemma ties; a tied head makes greedy repeat a token
+      "gemma3_text": (t.Gemma3TextConfig, t.Gemma3ForCausalLM, dict(
+          head_dim=16, sliding_window=12, sliding_window_pattern=2, query_pre_attn_scalar=24,
+          rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                              "rope_theta": 1e6},
+                           "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+          tie_word_embeddings=False)),  # no soft-caps, as released; layers: local, global, local
   }[family]
 
 

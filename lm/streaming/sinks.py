@@ -82,7 +82,7 @@ def _mass(graphdef, state, tokens, *, sink_tokens: int):
   out, _ = dec(tokens, logits=False, return_layer_inputs=True)
   T = tokens.shape[1]
   positions = jnp.arange(T, dtype=jnp.int32)[None]
-  freq = jnp.asarray(rope.inv_freq(cfg))
+  freqs = jnp.asarray(rope.layer_freqs(cfg))                            # [L, H/2]
   graph, stacked = nnx.split(dec.blocks)
   G = cfg.n_heads // cfg.n_kv_heads
   t_all = jnp.arange(T)
@@ -90,8 +90,8 @@ def _mass(graphdef, state, tokens, *, sink_tokens: int):
   def layer(l):
     blk = nnx.merge(graph, jax.tree.map(lambda a: a[l], stacked))
     q, k, _ = blk.attn.qkv(blk.attn_norm(out.layer_inputs[l]))
-    q = rope.apply(q, positions, freq)[0].astype(jnp.float32)             # [T, N, H]
-    k = jnp.repeat(rope.apply(k, positions, freq)[0].astype(jnp.float32), G, axis=1)
+    q = rope.apply(q, positions, freqs[l])[0].astype(jnp.float32)             # [T, N, H]
+    k = jnp.repeat(rope.apply(k, positions, freqs[l])[0].astype(jnp.float32), G, axis=1)
     window = jnp.asarray(cfg.windows, jnp.int32)[l]
     total = jnp.zeros((cfg.n_heads,), jnp.float32)
     for t0 in range(sink_tokens, T, QUERY_CHUNK):
