@@ -356,7 +356,7 @@ def _rope_tables(hf: dict[str, Any], family: str, source: str) -> tuple[dict, di
     if odd:
       raise ConfigError(f"{source}: rope_parameters has both per-layer-type entries and {odd[0]!r}")
     for t in LAYER_TYPES:
-      if not isinstance(rope.get(t) or {}, dict):
+      if rope.get(t) is not None and not isinstance(rope[t], dict):
         raise ConfigError(f"{source}: rope_parameters.{t} must be an object or null; got "
                           f"{rope[t]!r}")
     rope, local = dict(rope.get("full_attention") or {}), dict(rope.get("sliding_attention") or {})

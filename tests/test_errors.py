@@ -194,6 +194,79 @@ def test_config_fields_checked_directly(field, value, expected):
          f"got {value!r}")
 
 
+@pytest.mark.parametrize("field,value,expected", [
+    ("rope_local_theta", 0.0, "null or a finite number > 0"),
+    ("rope_local_theta", float("nan"), "null or a finite number > 0"),
+    ("rope_local_theta", "1e4", "null or a finite number > 0"),
+    ("qk_norm", 1, "true or false"),
+])
+def test_new_family_fields_checked_directly(field, value, expected):
+  raises(lm.ConfigError, lambda: tiny.config("gemma3_text", **{field: value}),
+         f"{field} must be {expected}", f"got {value!r}")
+
+
+def gemma3_hf(**changes):
+  """The tiny gemma3_text config as config.json says it (to_hf), with `changes`."""
+  from kvjax.lm import config
+  return {**config.to_hf(tiny.config("gemma3_text")), **changes}
+
+
+G3 = "m/config.json"
+
+
+@pytest.mark.parametrize("changes,parts", [
+    (dict(use_bidirectional_attention=True), ["use_bidirectional_attention: true", "causally"]),
+    (dict(use_bidirectional_attention="yes"), ["use_bidirectional_attention must be true or false"]),
+    (dict(sliding_window=None), ["sliding_window must be an int >= 1", "gemma3_text",
+                                 "sliding_attention layers"]),
+    (dict(layer_types=None, sliding_window_pattern=0), ["sliding_window_pattern must be an int >= 1"]),
+    (dict(rope_local_base_freq=-1.0), ["rope_local_base_freq must be null or a finite number > 0",
+                                       "got -1.0"]),
+    (dict(query_pre_attn_scalar=0), ["query_pre_attn_scalar must be null or a finite number > 0"]),
+    (dict(rope_parameters={"full_attention": {"rope_theta": 1e6},
+                           "sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
+     ["rope_parameters.sliding_attention.rope_type 'linear' is not supported", "'default'"]),
+    (dict(rope_parameters={"full_attention": 0, "sliding_attention": {}}),
+     ["rope_parameters.full_attention must be an object or null", "got 0"]),
+    (dict(rope_parameters={"full_attention": {}, "rope_theta": 1e4}),
+     ["rope_parameters has both per-layer-type entries and 'rope_theta'"]),
+    (dict(rope_parameters={"full_attention": {}, "sliding_attention": {"rope_theta": 0}}),
+     ["rope_local_base_freq must be null or a finite number > 0", "got 0"]),
+])
+def test_gemma3_config_errors(changes, parts):
+  from kvjax.lm import config
+  raises(lm.ConfigError, lambda: config.from_hf(gemma3_hf(**changes), G3), G3, *parts)
+
+
+def test_per_layer_type_rope_only_for_gemma3(broken):
+  edit_json(broken, "config.json", lambda c: c.update(rope_parameters={
+      "full_attention": {"rope_theta": 1e6}, "sliding_attention": {"rope_theta": 1e4}}))
+  raises(lm.ConfigError, lambda: lm.load(broken), os.path.join(broken, "config.json"),
+         "per-layer-type rope_parameters are only read for gemma3_text", "'llama'")
+
+
+def test_qwen_window_layers_domain():
+  from kvjax.lm import config
+  hf = {**config.to_hf(tiny.config("qwen3")), "use_sliding_window": True, "sliding_window": 8,
+        "max_window_layers": -1}
+  raises(lm.ConfigError, lambda: config.from_hf(hf, G3), G3,
+         "max_window_layers must be an int >= 0", "got -1")
+
+
+@pytest.mark.parametrize("family,changes,parts", [
+    ("llama", dict(qk_norm=True), ["qk_norm=True cannot be written for family 'llama'"]),
+    ("qwen3", dict(qk_norm=False), ["qk_norm=False cannot be written for family 'qwen3'"]),
+    ("mistral", dict(rope_local_theta=1e4), ["rope_local_theta=10000.0 cannot be written",
+                                              "'mistral'"]),
+    ("gemma3_text", dict(rope_local_theta=None), ["cannot say rope_local_theta=None",
+                                                   "linear scaling"]),
+])
+def test_to_hf_refuses_what_config_json_cannot_say(family, changes, parts):
+  from kvjax.lm import config
+  cfg = tiny.config(family, **changes)
+  raises(lm.ConfigError, lambda: config.to_hf(cfg), *parts)
+
+
 def test_config_llama3_rope_factors_ordered():
   raises(lm.ConfigError, lambda: tiny.config(rope_type="llama3", rope_factor=8.0,
                                              rope_low_freq_factor=4.0, rope_high_freq_factor=4.0),

@@ -1,7 +1,8 @@
 """kvjax against Hugging Face transformers, for every supported family (float32, CPU).
 
 The tiny models (hf_models) have O(1) logits, so dropping any family feature from kvjax (qkv
-bias, scaled embeddings, a sliding window, RoPE scaling, either soft-cap) moves its logits by
+bias, scaled embeddings, a sliding window, RoPE scaling, either soft-cap; Qwen3's and Gemma 3's
+q/k norms, Gemma 3's local RoPE base, its post norms and query scalar) moves its logits by
 0.4 or more against the 1e-4 tolerance, and changes its greedy tokens (all but the final
 soft-cap, which is monotone and cannot change an argmax).
 """

@@ -15,7 +15,7 @@ from kvjax.lm.generate import new_cache
 MESHES = {"data4": (4, 1), "model4": (1, 4), "data2_model4": (2, 4)}
 # On a 4-way model axis the tiny models' 2 kv heads do not divide: k, v are replicated.
 CASES = [("llama", "data4"), ("llama", "model4"), ("llama", "data2_model4"),
-         ("gemma2", "data2_model4")]
+         ("gemma2", "data2_model4"), ("qwen3", "data2_model4"), ("gemma3_text", "data2_model4")]
 ROWS = prompts(lengths=(7, 3, 18, 11))  # 18 > gemma2's sliding window of 12
 
 
@@ -108,6 +108,14 @@ def test_qkv_bias_specs(load):
   state = sharding.shard(model, sharding.make_mesh(2, 4)).state
   assert spec(state["blocks"]["attn"]["q_bias"]) == P(None, "model", None)
   assert spec(state["blocks"]["attn"]["k_bias"]) == P(None, None, None)
+
+
+def test_qk_norm_specs(load):
+  """Per-head q/k norm scales [L, H] are replicated (no rule shards head_dim)."""
+  state = sharding.shard(load("gemma3_text"), sharding.make_mesh(2, 4)).state
+  for n in ("q_norm", "k_norm"):
+    assert spec(state["blocks"]["attn"][n]["scale"]) == P(None, None)
+    assert state["blocks"]["attn"][n]["scale"][...].shape == (3, 16)
 
 
 def test_custom_rules(load):
