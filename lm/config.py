@@ -16,6 +16,9 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
                  "gemma3_text": "Gemma3ForCausalLM"}
 LAYER_TYPES = ("sliding_attention", "full_attention")
+# transformers' defaults where a config.json omits the key
+MAX_POSITION = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "gemma": 8192,
+                "gemma2": 8192, "gemma3_text": 131072}
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_new": "gelu_tanh", "gelu": "gelu"}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -248,7 +251,8 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
   if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
     raise ConfigError(f"{source}: rope type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
   act_name = (typed("hidden_activation", str, "a string or null")
-              or typed("hidden_act", str, "a string or null") or "silu")
+              or typed("hidden_act", str, "a string or null")
+              or ("gelu_pytorch_tanh" if family.startswith("gemma") else "silu"))
   if act_name not in ACTIVATIONS:
     raise ConfigError(f"{source}: activation {act_name!r} is not supported; expected one of {sorted(ACTIVATIONS)}")
 
@@ -304,7 +308,7 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
         head_dim=opt("head_dim", D // N),
         ffn_dim=F,
         norm_eps=num(opt("rms_norm_eps", 1e-6)),
-        max_position=opt("max_position_embeddings", 2048),
+        max_position=opt("max_position_embeddings", MAX_POSITION[family]),
         act=ACTIVATIONS[act_name],
         rope_theta=num(opt("rope_theta", opt("rope_theta", 1e6 if gemma3 else 10000.0),
                            table=rope)),  # 5.x, 4.x

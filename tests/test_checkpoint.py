@@ -84,7 +84,7 @@ def test_orbax_bad_paths(models, tmp_path):
 # --- Hugging Face format -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3", "gemma3_text"])
 def test_save_load_and_transformers(models, family, tmp_path):
   import transformers
   model = models(family)
@@ -102,3 +102,32 @@ def test_save_load_and_transformers(models, family, tmp_path):
   assert np.abs(ours).max() > 0.1  # not a degenerate model
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
+
+
+def test_gemma3_config_layouts_read_like_transformers(tmp_path):
+  """A transformers 4.x style gemma3_text config.json (rope_theta, rope_local_base_freq,
+  rope_scaling, no layer_types: the default pattern of 6) and the 5.x one transformers writes
+  from it (per-layer-type rope_parameters, layer_types) give the same Config; to_hf's config
+  goes through transformers and back unchanged."""
+  import json
+  import transformers
+  from kvjax.lm import config
+  legacy = dict(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=7,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=12,
+                rope_theta=1e6, rope_local_base_freq=2e4,
+                rope_scaling={"rope_type": "linear", "factor": 8.0})
+  cfg = config.from_hf({"model_type": "gemma3_text", **legacy})
+  assert cfg.windows == (12, 12, 12, 12, 12, 0, 12)
+  assert (cfg.rope_theta, cfg.rope_local_theta, cfg.rope_type, cfg.rope_factor) == (
+      1e6, 2e4, "linear", 8.0)
+  assert cfg.query_pre_attn_scalar == 256 and cfg.tie_embeddings and cfg.qk_norm
+  transformers.Gemma3TextConfig(**legacy).save_pretrained(tmp_path)
+  with open(tmp_path / "config.json") as f:
+    saved = json.load(f)
+  assert set(saved["rope_parameters"]) == {"full_attention", "sliding_attention"}
+  assert config.from_hf(saved) == cfg
+  for family in ("gemma3_text", "qwen3"):
+    cfg = tiny.config(family, windows=(8, 0, 8) if family == "gemma3_text" else (0, 8))
+    hf = config.to_hf(cfg)
+    hf_cls = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    assert config.from_hf(hf_cls.to_dict()) == cfg, family
