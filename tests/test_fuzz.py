@@ -60,6 +60,39 @@ def test_config_reader_accepts_or_names_the_problem(changes):
   in_domain(cfg)
 
 
+NEW_KEYS = ["rope_parameters", "layer_types", "sliding_window", "sliding_window_pattern",
+            "rope_local_base_freq", "query_pre_attn_scalar", "use_bidirectional_attention",
+            "use_sliding_window", "max_window_layers", "attention_bias", "rope_scaling"]
+ROPE_TABLE = (st.integers(-3, 3) | st.text(min_size=1, max_size=3) | st.lists(JSON, max_size=2)
+              | st.fixed_dictionaries({}, optional={"rope_theta": JSON, "rope_type": JSON,
+                                                    "factor": JSON}))
+ROPE_TABLES = st.fixed_dictionaries({}, optional={"full_attention": ROPE_TABLE,
+                                                  "sliding_attention": ROPE_TABLE,
+                                                  "rope_theta": JSON})
+
+
+@FAST
+@given(family=st.sampled_from(["qwen3", "gemma3_text"]),
+       changes=st.dictionaries(st.sampled_from(NEW_KEYS), JSON, max_size=3),
+       rope=st.none() | ROPE_TABLES)
+def test_config_reader_new_families(family, changes, rope):
+  """qwen3 and gemma3_text keys (per-layer-type rope_parameters, layer patterns, the local
+  RoPE base): accepted into the domain or refused naming the file."""
+  hf = {**HF, "model_type": family, **changes}
+  if rope is not None:
+    hf["rope_parameters"] = rope
+  try:
+    cfg = config.from_hf(hf, "fuzz/config.json")
+  except config.ConfigError as err:
+    assert str(err).startswith("fuzz/config.json: "), err
+    return
+  in_domain(cfg)
+  assert cfg.qk_norm
+  local = cfg.rope_local_theta
+  assert (local is None) == (family == "qwen3")
+  assert local is None or (math.isfinite(local) and local > 0)
+
+
 @FAST
 @given(value=JSON | st.floats(-1e9, 1e9))
 def test_each_numeric_field_checked(value):
