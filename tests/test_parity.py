@@ -95,6 +95,11 @@ def test_batch_rows_equal_unbatched(pair, family):
     assert got == lm.generate(model, row, max_new_tokens=32, stop_tokens=[]).tokens[0]
 
 
+def test_n_params_match_hf(pair, family):
+  model, hf = pair(family)
+  assert model.cfg.n_params == sum(p.numel() for p in hf.parameters())
+
+
 def test_hidden_states_match_hf(pair, family):
   """layer_inputs[l] is HF's hidden_states[l]; `hidden` is HF's last (final-normed) state."""
   model, hf = pair(family)
