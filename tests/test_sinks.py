@@ -67,3 +67,18 @@ def test_cli_json_text_and_png(tmp_path):
   (tmp_path / "bad.txt").write_bytes(b"\xff\xfe bad")
   code, _, err = cli("sinks", "--model", model_dir, "--text", str(tmp_path / "bad.txt"))
   assert code == 1 and "not UTF-8" in err and len(err.strip().splitlines()) == 1
+
+
+def test_mass_matches_transformers_attentions(hf_dir):
+  """Gemma 3 (q/k norms, local layers with their own RoPE base, a sliding window): each
+  layer's mass is transformers' attention probabilities on the first tokens."""
+  import torch
+  import transformers
+  path = hf_dir("gemma3_text")
+  ids = IDS[:40]
+  got = sinks.attention_mass(lm.load(path), ids, sink_tokens=4).mass
+  hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+  with torch.inference_mode():
+    probs = hf.eval()(torch.tensor([ids]), output_attentions=True).attentions
+  want = np.stack([p[0, :, 4:, :4].sum(-1).mean(-1).numpy() for p in probs])  # [L, N]
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
