@@ -10,14 +10,14 @@ import os
 import re
 from typing import Any
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3")
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_new": "gelu_tanh", "gelu": "gelu"}
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 SIZES = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
          "max_position", "rope_original_max_position")
 POSITIVE = ("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor",
-            "rope_high_freq_factor")  # finite numbers > 0
+            "rope_high_freq_factor", "rope_attention_factor")  # finite numbers > 0
 OPTIONAL_POSITIVE = ("query_pre_attn_scalar", "attn_softcap", "final_softcap")  # None or > 0
 FLAGS = ("qkv_bias", "o_bias", "mlp_bias", "norm_plus_one", "scale_embeddings",
          "tie_embeddings", "post_norms")
@@ -30,6 +30,9 @@ HF_KEYS = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "nu
            "rope_low_freq_factor": "rope_scaling.low_freq_factor",
            "rope_high_freq_factor": "rope_scaling.high_freq_factor",
            "rope_original_max_position": "rope_scaling.original_max_position_embeddings",
+           "rope_short_factor": "rope_scaling.short_factor",
+           "rope_long_factor": "rope_scaling.long_factor",
+           "rope_attention_factor": "rope_scaling.attention_factor",
            "query_pre_attn_scalar": "query_pre_attn_scalar",
            "attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
            "windows": "sliding_window"}
@@ -77,6 +80,14 @@ class Config:
 
   `windows[l]` is layer l's sliding window (a key at position p is visible to a query at q
   iff q - p < window), 0 for global attention.
+
+  `longrope` RoPE (Phi-3): inv_freq = 1 / (rope_short_factor * theta^(2i/H)), with cos and sin
+  scaled by rope_attention_factor (folded into `query_scale` as its square: exact, since the
+  scores are the only use of rotated keys, whether a cache stores them rotated or re-rotates
+  them). Hugging Face switches every position to rope_long_factor once a forward's sequence
+  passes rope_original_max_position; kvjax's cached keys keep the positions they were written
+  at, so it serves only the short regime: max_position <= rope_original_max_position (`from_hf`
+  caps it there). rope_long_factor is kept for `to_hf`.
   """
 
   family: str = "llama"
@@ -97,6 +108,9 @@ class Config:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_position: int = 8192
+  rope_short_factor: tuple[float, ...] = ()  # longrope: [H/2] factors dividing inv_freq
+  rope_long_factor: tuple[float, ...] = ()  # longrope: unused (see above), kept for to_hf
+  rope_attention_factor: float = 1.0  # longrope: cos and sin times this
   # family flags
   qkv_bias: bool = False  # Qwen2; Llama's attention_bias sets qkv_bias and o_bias
   o_bias: bool = False
@@ -134,6 +148,17 @@ class Config:
       raise ConfigError(f"rope_low_freq_factor ({self.rope_low_freq_factor!r}) must be below "
                         f"rope_high_freq_factor ({self.rope_high_freq_factor!r}) for llama3 "
                         "RoPE scaling", field="rope_low_freq_factor")
+    for name in ("rope_short_factor", "rope_long_factor"):
+      v = getattr(self, name)
+      n = self.head_dim // 2 if self.rope_type == "longrope" else 0
+      if not (isinstance(v, tuple) and len(v) == n and all(_is_positive(x) for x in v)):
+        bad(name, f"a tuple of {n} finite numbers > 0 (head_dim / 2)" if n else
+            f"() unless rope_type is 'longrope' (it is {self.rope_type!r})")
+    if self.rope_type == "longrope" and self.max_position > self.rope_original_max_position:
+      raise ConfigError(f"max_position ({self.max_position}) must be <= "
+                        f"rope_original_max_position ({self.rope_original_max_position}) with "
+                        "longrope RoPE: kvjax serves its short-factor regime only",
+                        field="max_position")
     if self.tokenizer_size is not None and not (
         _is_int(self.tokenizer_size) and 1 <= self.tokenizer_size <= self.vocab_size):
       bad("tokenizer_size", f"null or an int in [1, vocab_size={self.vocab_size}]")
@@ -156,7 +181,8 @@ class Config:
 
   @property
   def query_scale(self) -> float:
-    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+    """Scores' scale, times the square of longrope's attention factor (see the class doc)."""
+    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5 * self.rope_attention_factor ** 2
 
   @property
   def n_params(self) -> int:
@@ -171,6 +197,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
   """The config as a JSON-ready dict (kvjax's own field names; `from_dict` reads it back)."""
   d = dataclasses.asdict(cfg)
   d["windows"] = list(cfg.windows)
+  d["rope_short_factor"], d["rope_long_factor"] = (list(cfg.rope_short_factor),
+                                                   list(cfg.rope_long_factor))
   return d
 
 
@@ -178,6 +206,8 @@ def from_dict(d: dict[str, Any]) -> Config:
   """The inverse of `to_dict` (lists back to tuples)."""
   d = dict(d)
   d["windows"] = tuple(d.get("windows", ()))
+  for name in ("rope_short_factor", "rope_long_factor"):
+    d[name] = tuple(d.get(name, ()))
   return Config(**d)
 
 
@@ -236,8 +266,25 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
   if set(rope) & {"full_attention", "sliding_attention"}:
     raise ConfigError(f"{source}: per-layer-type rope_parameters are not supported")
   rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if family == "phi3" and rope_type in ("su", "yarn"):  # Phi3Config reads both as longrope
+    rope_type = "longrope"
   if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
     raise ConfigError(f"{source}: rope type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
+  if (family == "phi3") != (rope_type == "longrope") and rope_type != "default":
+    raise ConfigError(f"{source}: rope type {rope_type!r} is not supported for model_type "
+                      f"{family!r}" + (" (phi3: default or longrope)" if family == "phi3" else ""))
+  for table, where in ((rope, "rope_scaling."), (hf, "")):
+    if opt("partial_rotary_factor", 1.0, table) != 1.0:
+      raise ConfigError(f"{source}: {where}partial_rotary_factor "
+                        f"{table['partial_rotary_factor']!r} is not supported (only 1.0: RoPE "
+                        "over the whole head)")
+  phi3 = family == "phi3"
+  max_position = opt("max_position_embeddings", 4096 if phi3 else 2048)
+  longrope = {}
+  if rope_type == "longrope":
+    longrope = _longrope(hf, rope, max_position, source)
+    if _is_int(max_position):  # the short-factor regime only (see Config)
+      max_position = min(max_position, longrope["rope_original_max_position"])
   act_name = (typed("hidden_activation", str, "a string or null")
               or typed("hidden_act", str, "a string or null") or "silu")
   if act_name not in ACTIVATIONS:
@@ -275,15 +322,16 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
         n_kv_heads=opt("num_key_value_heads", N),
         head_dim=opt("head_dim", D // N),
         ffn_dim=F,
-        norm_eps=num(opt("rms_norm_eps", 1e-6)),
-        max_position=opt("max_position_embeddings", 2048),
+        norm_eps=num(opt("rms_norm_eps", 1e-5 if phi3 else 1e-6)),
+        max_position=max_position,
         act=ACTIVATIONS[act_name],
         rope_theta=num(opt("rope_theta", opt("rope_theta", 10000.0), table=rope)),  # 5.x, 4.x
         rope_type=rope_type,
         rope_factor=num(opt("factor", 1.0, rope)),
         rope_low_freq_factor=num(opt("low_freq_factor", 1.0, rope)),
         rope_high_freq_factor=num(opt("high_freq_factor", 4.0, rope)),
-        rope_original_max_position=opt("original_max_position_embeddings", 8192, rope),
+        rope_original_max_position=longrope.pop("rope_original_max_position",
+                                                opt("original_max_position_embeddings", 8192, rope)),
         qkv_bias=family == "qwen2" or attention_bias,
         o_bias=attention_bias and family != "qwen2",
         mlp_bias=flag("mlp_bias"),
@@ -295,11 +343,49 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
         attn_softcap=hf.get("attn_logit_softcapping") if family == "gemma2" else None,
         final_softcap=hf.get("final_logit_softcapping") if family == "gemma2" else None,
         windows=windows,
+        **longrope,
     )
   except ConfigError as err:  # a value outside its domain: name the config.json key
     names = "|".join(sorted(HF_KEYS, key=len, reverse=True))
     msg = re.sub(rf"\b({names})\b", lambda m: HF_KEYS[m.group(1)], str(err))
     raise ConfigError(f"{source}: {msg}", field=err.field) from None
+
+
+def _longrope(hf: dict, rope: dict, max_position, source: str) -> dict[str, Any]:
+  """Config fields of Phi-3's longrope scaling, as transformers derives them: the pretraining
+  length from the top-level original_max_position_embeddings (4096 when absent, whatever
+  rope_scaling says), the attention factor given, or from `factor` (default max_position /
+  that length): sqrt(1 + ln(factor) / ln(length)) when factor > 1, else 1."""
+  original = hf.get("original_max_position_embeddings")
+  original = 4096 if original is None else original
+  if not _is_int(original) or original < 1:
+    raise ConfigError(f"{source}: original_max_position_embeddings must be an int >= 1; got "
+                      f"{original!r}", field="rope_original_max_position")
+  factors = {}
+  for key in ("short_factor", "long_factor"):
+    v = rope.get(key)
+    if not isinstance(v, list):
+      raise ConfigError(f"{source}: rope_scaling.{key} must be a list of numbers for longrope; "
+                        f"got {v!r}", field=f"rope_{key}")
+    factors[f"rope_{key}"] = tuple(float(x) if _is_positive(x) else x for x in v)
+  attention = rope.get("attention_factor")
+  if attention is None:
+    factor = rope.get("factor")
+    if factor is None:  # a bad max_position_embeddings is Config's to name
+      factor = max_position / original if _is_int(max_position) and max_position > 0 else 1.0
+    if not _is_positive(factor):
+      raise ConfigError(f"{source}: rope_scaling.factor must be a finite number > 0; got "
+                        f"{factor!r}", field="rope_attention_factor")
+    attention = 1.0
+    if factor > 1.0:
+      if original == 1:
+        raise ConfigError(f"{source}: original_max_position_embeddings 1 cannot derive "
+                          "longrope's attention factor (ln 1 = 0); give "
+                          "rope_scaling.attention_factor", field="rope_attention_factor")
+      attention = math.sqrt(1 + math.log(factor) / math.log(original))
+  elif isinstance(attention, numbers.Real) and not isinstance(attention, bool):
+    attention = float(attention)
+  return dict(rope_original_max_position=original, rope_attention_factor=attention, **factors)
 
 
 def to_hf(cfg: Config) -> dict[str, Any]:
@@ -308,7 +394,8 @@ def to_hf(cfg: Config) -> dict[str, Any]:
       "model_type": cfg.family,
       "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                          "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM",
-                         "gemma2": "Gemma2ForCausalLM"}[cfg.family]],
+                         "gemma2": "Gemma2ForCausalLM",
+                         "phi3": "Phi3ForCausalLM"}[cfg.family]],
       "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.d_model,
       "num_hidden_layers": cfg.n_layers,
@@ -328,6 +415,13 @@ def to_hf(cfg: Config) -> dict[str, Any]:
       hf["rope_scaling"].update(
           low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
           original_max_position_embeddings=cfg.rope_original_max_position)
+    if cfg.rope_type == "longrope":  # the attention factor as is: max_position is capped
+      hf["rope_scaling"] = {"rope_type": "longrope", "short_factor": list(cfg.rope_short_factor),
+                            "long_factor": list(cfg.rope_long_factor),
+                            "attention_factor": cfg.rope_attention_factor}
+      hf["original_max_position_embeddings"] = cfg.rope_original_max_position
+  if cfg.family == "phi3" and cfg.head_dim == cfg.d_model // cfg.n_heads:
+    del hf["head_dim"]  # Phi3Config has none: hidden_size / num_attention_heads
   if cfg.family == "llama":
     hf["attention_bias"] = cfg.o_bias
     hf["mlp_bias"] = cfg.mlp_bias

@@ -12,8 +12,13 @@ __all__ = ["apply", "inv_freq"]
 
 
 def inv_freq(cfg: Config) -> np.ndarray:
-  """[H/2] float32 inverse frequencies, with `linear` or `llama3` scaling applied."""
+  """[H/2] float32 inverse frequencies, with `linear`, `llama3` or `longrope` scaling applied
+  (longrope: its short factors; the attention factor is in `Config.query_scale`)."""
   H = cfg.head_dim
+  if cfg.rope_type == "longrope":
+    short = np.asarray(cfg.rope_short_factor, np.float32)
+    return (1.0 / (short * cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float32) / H))).astype(
+        np.float32)
   freq = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float32) / H))
   if cfg.rope_type == "linear":
     return (freq / cfg.rope_factor).astype(np.float32)

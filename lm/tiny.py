@@ -45,6 +45,11 @@ def config(family: str = "llama", **overrides) -> Config:
                 final_softcap=30.0, windows=(32, 0))
   if family == "qwen2":
     base.update(qkv_bias=True)
+  if family == "phi3":  # fused checkpoint tensors, a window on every layer, longrope
+    base.update(windows=(16, 16), rope_type="longrope", rope_original_max_position=1024,
+                rope_short_factor=(1.0, 1.5, 1.2, 2.8, 1.1, 2.4, 3.9, 1.7),
+                rope_long_factor=(2.0, 3.0, 5.0, 8.0, 11.0, 18.0, 30.0, 41.0),
+                rope_attention_factor=1.2)
   base.update(overrides)
   return Config(**base)
 
@@ -57,7 +62,7 @@ def model(family: str = "llama", seed: int = 0, **overrides) -> Model:
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m kvjax.lm.tiny", description=__doc__.split("\n")[0])
   ap.add_argument("out", help="directory to write")
-  ap.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2", "gemma", "gemma2"])
+  ap.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2", "gemma", "gemma2", "phi3"])
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)
   m = model(args.family, args.seed)
