@@ -422,6 +422,8 @@ def to_hf(cfg: Config) -> dict[str, Any]:
       hf["original_max_position_embeddings"] = cfg.rope_original_max_position
   if cfg.family == "phi3" and cfg.head_dim == cfg.d_model // cfg.n_heads:
     del hf["head_dim"]  # Phi3Config has none: hidden_size / num_attention_heads
+  if cfg.family == "phi3":  # Phi3Config's default pad id 32000 is an embedding row (padding_idx)
+    hf["pad_token_id"] = None
   if cfg.family == "llama":
     hf["attention_bias"] = cfg.o_bias
     hf["mlp_bias"] = cfg.mlp_bias
