@@ -27,7 +27,10 @@ class CheckpointError(ValueError):
 
 
 # Each entry: (our path, HF name, HF shape, to_ours, to_hf). `{i}` marks a per-layer tensor.
-Entry = tuple[tuple[str, ...], str, tuple[int, ...], Callable, Callable]
+# A fused HF tensor (Phi-3's qkv_proj, gate_up_proj) has a list of our paths: to_ours returns
+# one array per path, in order, and to_hf takes them in that order.
+Path = tuple[str, ...]
+Entry = tuple[Path | list[Path], str, tuple[int, ...], Callable, Callable]
 
 
 def _entries(cfg: Config) -> list[Entry]:
@@ -44,6 +47,12 @@ def _entries(cfg: Config) -> list[Entry]:
   def heads(a, b):
     return (lambda w: w.reshape(a, b)), (lambda w: w.reshape(a * b))
 
+  def fused(*shapes):  # torch Linears' rows stacked [sum(prod(shape)), D] -> [D, *shape] each
+    bounds = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
+    return ((lambda w: tuple(w[lo:hi].T.reshape(D, *s)
+                             for lo, hi, s in zip(bounds[:-1], bounds[1:], shapes))),
+            (lambda *ws: jnp.concatenate([w.reshape(D, -1).T for w in ws])))
+
   layer = "model.layers.{i}."
   e: list[Entry] = [(("embed",), "model.embed_tokens.weight", (V, D), same, same)]
   mlp_norm = "pre_feedforward_layernorm" if cfg.post_norms else "post_attention_layernorm"
@@ -59,6 +68,13 @@ def _entries(cfg: Config) -> list[Entry]:
       (("blocks", "mlp", "up"), layer + "mlp.up_proj.weight", (F, D), *dense()),
       (("blocks", "mlp", "down"), layer + "mlp.down_proj.weight", (D, F), *dense()),
   ]
+  if cfg.family == "phi3":  # fused: q, k, v rows in one tensor; gate rows, then up rows
+    fuse = {("blocks", "attn", n) for n in "qkv"} | {("blocks", "mlp", n) for n in ("gate", "up")}
+    e = [x for x in e if x[0] not in fuse]
+    e += [([("blocks", "attn", n) for n in "qkv"], layer + "self_attn.qkv_proj.weight",
+           ((N + 2 * K) * H, D), *fused((N, H), (K, H), (K, H))),
+          ([("blocks", "mlp", "gate"), ("blocks", "mlp", "up")], layer + "mlp.gate_up_proj.weight",
+           (2 * F, D), *fused((F,), (F,)))]
   if cfg.post_norms:
     e += [(("blocks", "post_attn_norm", "scale"), layer + "post_attention_layernorm.weight",
            (D,), same, same),
@@ -150,12 +166,15 @@ def load_hf(path: str, cfg: Config, dtype=None, *, check_finite: bool = True) ->
     ours, _, shape, to_ours, _ = entry
     names = _names(entry, cfg)
     used.update(names)
+    paths = ours if isinstance(ours, list) else [ours]
     ws = [to_ours(tensor(n, shape)) for n in names]
-    value = jnp.stack(ws) if "{i}" in entry[1] else ws[0]
-    node = params
-    for key in ours[:-1]:
-      node = node.setdefault(key, {})
-    node[ours[-1]] = value
+    ws = ws if isinstance(ours, list) else [(w,) for w in ws]  # per name: one array per path
+    for j, path_ in enumerate(paths):
+      value = jnp.stack([w[j] for w in ws]) if "{i}" in entry[1] else ws[0][j]
+      node = params
+      for key in path_[:-1]:
+        node = node.setdefault(key, {})
+      node[path_[-1]] = value
   extra = sorted(n for n in weight_map if n not in used and not n.endswith(IGNORED_SUFFIXES)
                  and not (cfg.tie_embeddings and n == "lm_head.weight"))
   if extra:
@@ -169,15 +188,18 @@ def hf_tensors(params: dict[str, Any], cfg: Config) -> Iterator[tuple[str, np.nd
   """Yields (HF name, array) for every tensor of a kvjax params pure dict."""
   for entry in _entries(cfg):
     ours, _, _, _, to_hf = entry
-    value = params
-    for key in ours:
-      value = value[key]
+    values = []
+    for path_ in ours if isinstance(ours, list) else [ours]:
+      value = params
+      for key in path_:
+        value = value[key]
+      values.append(value)
     names = _names(entry, cfg)
     if "{i}" in entry[1]:
       for i, name in enumerate(names):
-        yield name, np.asarray(to_hf(value[i]))
+        yield name, np.asarray(to_hf(*(v[i] for v in values)))
     else:
-      yield names[0], np.asarray(to_hf(value))
+      yield names[0], np.asarray(to_hf(*values))
 
 
 def save_hf(path: str, params: dict[str, Any], cfg: Config) -> None:

@@ -10,22 +10,22 @@ import os
 import re
 from typing import Any
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                 "gemma3_text": "Gemma3ForCausalLM"}
+                 "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 LAYER_TYPES = ("sliding_attention", "full_attention")
 # transformers' defaults where a config.json omits the key
 MAX_POSITION = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "gemma": 8192,
-                "gemma2": 8192, "gemma3_text": 131072}
+                "gemma2": 8192, "gemma3_text": 131072, "phi3": 4096}
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_new": "gelu_tanh", "gelu": "gelu"}
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 SIZES = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
          "max_position", "rope_original_max_position")
 POSITIVE = ("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor",
-            "rope_high_freq_factor")  # finite numbers > 0
+            "rope_high_freq_factor", "rope_attention_factor")  # finite numbers > 0
 OPTIONAL_POSITIVE = ("query_pre_attn_scalar", "attn_softcap", "final_softcap",
                      "rope_local_theta")  # None or > 0
 FLAGS = ("qkv_bias", "o_bias", "mlp_bias", "norm_plus_one", "scale_embeddings",
@@ -39,6 +39,9 @@ HF_KEYS = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "nu
            "rope_low_freq_factor": "rope_scaling.low_freq_factor",
            "rope_high_freq_factor": "rope_scaling.high_freq_factor",
            "rope_original_max_position": "rope_scaling.original_max_position_embeddings",
+           "rope_short_factor": "rope_scaling.short_factor",
+           "rope_long_factor": "rope_scaling.long_factor",
+           "rope_attention_factor": "rope_scaling.attention_factor",
            "query_pre_attn_scalar": "query_pre_attn_scalar",
            "attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
            "rope_local_theta": "rope_local_base_freq", "windows": "sliding_window"}
@@ -88,6 +91,14 @@ class Config:
   iff q - p < window), 0 for global attention. RoPE: global layers (window 0) rotate by
   `rope_theta` with the `rope_type` scaling; sliding-window layers do the same unless
   `rope_local_theta` is set (Gemma 3's local layers), then by plain RoPE at that base.
+
+  `longrope` RoPE (Phi-3): inv_freq = 1 / (rope_short_factor * theta^(2i/H)), with cos and sin
+  scaled by rope_attention_factor (folded into `query_scale` as its square: exact, since the
+  scores are the only use of rotated keys, whether a cache stores them rotated or re-rotates
+  them). Hugging Face switches every position to rope_long_factor once a forward's sequence
+  passes rope_original_max_position; kvjax's cached keys keep the positions they were written
+  at, so it serves only the short regime: max_position <= rope_original_max_position (`from_hf`
+  caps it there). rope_long_factor is kept for `to_hf`.
   """
 
   family: str = "llama"
@@ -109,6 +120,9 @@ class Config:
   rope_high_freq_factor: float = 4.0
   rope_original_max_position: int = 8192
   rope_local_theta: float | None = None  # Gemma 3: sliding layers' own base, without scaling
+  rope_short_factor: tuple[float, ...] = ()  # longrope: [H/2] factors dividing inv_freq
+  rope_long_factor: tuple[float, ...] = ()  # longrope: unused (see above), kept for to_hf
+  rope_attention_factor: float = 1.0  # longrope: cos and sin times this
   # family flags
   qkv_bias: bool = False  # Qwen2; Llama's attention_bias sets qkv_bias and o_bias
   o_bias: bool = False
@@ -147,6 +161,17 @@ class Config:
       raise ConfigError(f"rope_low_freq_factor ({self.rope_low_freq_factor!r}) must be below "
                         f"rope_high_freq_factor ({self.rope_high_freq_factor!r}) for llama3 "
                         "RoPE scaling", field="rope_low_freq_factor")
+    for name in ("rope_short_factor", "rope_long_factor"):
+      v = getattr(self, name)
+      n = self.head_dim // 2 if self.rope_type == "longrope" else 0
+      if not (isinstance(v, tuple) and len(v) == n and all(_is_positive(x) for x in v)):
+        bad(name, f"a tuple of {n} finite numbers > 0 (head_dim / 2)" if n else
+            f"() unless rope_type is 'longrope' (it is {self.rope_type!r})")
+    if self.rope_type == "longrope" and self.max_position > self.rope_original_max_position:
+      raise ConfigError(f"max_position ({self.max_position}) must be <= "
+                        f"rope_original_max_position ({self.rope_original_max_position}) with "
+                        "longrope RoPE: kvjax serves its short-factor regime only",
+                        field="max_position")
     if self.tokenizer_size is not None and not (
         _is_int(self.tokenizer_size) and 1 <= self.tokenizer_size <= self.vocab_size):
       bad("tokenizer_size", f"null or an int in [1, vocab_size={self.vocab_size}]")
@@ -169,7 +194,8 @@ class Config:
 
   @property
   def query_scale(self) -> float:
-    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+    """Scores' scale, times the square of longrope's attention factor (see the class doc)."""
+    return (self.query_pre_attn_scalar or self.head_dim) ** -0.5 * self.rope_attention_factor ** 2
 
   @property
   def n_params(self) -> int:
@@ -185,6 +211,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
   """The config as a JSON-ready dict (kvjax's own field names; `from_dict` reads it back)."""
   d = dataclasses.asdict(cfg)
   d["windows"] = list(cfg.windows)
+  d["rope_short_factor"], d["rope_long_factor"] = (list(cfg.rope_short_factor),
+                                                   list(cfg.rope_long_factor))
   return d
 
 
@@ -192,6 +220,8 @@ def from_dict(d: dict[str, Any]) -> Config:
   """The inverse of `to_dict` (lists back to tuples)."""
   d = dict(d)
   d["windows"] = tuple(d.get("windows", ()))
+  for name in ("rope_short_factor", "rope_long_factor"):
+    d[name] = tuple(d.get(name, ()))
   return Config(**d)
 
 
@@ -248,8 +278,25 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
   gemma3 = family == "gemma3_text"
   rope, local_rope = _rope_tables(hf, family, source)
   rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if family == "phi3" and rope_type in ("su", "yarn"):  # Phi3Config reads both as longrope
+    rope_type = "longrope"
   if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
     raise ConfigError(f"{source}: rope type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
+  if (family == "phi3") != (rope_type == "longrope") and rope_type != "default":
+    raise ConfigError(f"{source}: rope type {rope_type!r} is not supported for model_type "
+                      f"{family!r}" + (" (phi3: default or longrope)" if family == "phi3" else ""))
+  for table, where in ((rope, "rope_scaling."), (hf, "")):
+    if opt("partial_rotary_factor", 1.0, table) != 1.0:
+      raise ConfigError(f"{source}: {where}partial_rotary_factor "
+                        f"{table['partial_rotary_factor']!r} is not supported (only 1.0: RoPE "
+                        "over the whole head)")
+  phi3 = family == "phi3"
+  max_position = opt("max_position_embeddings", MAX_POSITION[family])
+  longrope = {}
+  if rope_type == "longrope":
+    longrope = _longrope(hf, rope, max_position, source)
+    if _is_int(max_position):  # the short-factor regime only (see Config)
+      max_position = min(max_position, longrope["rope_original_max_position"])
   act_name = (typed("hidden_activation", str, "a string or null")
               or typed("hidden_act", str, "a string or null")
               or ("gelu_pytorch_tanh" if family.startswith("gemma") else "silu"))
@@ -307,8 +354,8 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
         n_kv_heads=opt("num_key_value_heads", N),
         head_dim=opt("head_dim", D // N),
         ffn_dim=F,
-        norm_eps=num(opt("rms_norm_eps", 1e-6)),
-        max_position=opt("max_position_embeddings", MAX_POSITION[family]),
+        norm_eps=num(opt("rms_norm_eps", 1e-5 if phi3 else 1e-6)),
+        max_position=max_position,
         act=ACTIVATIONS[act_name],
         rope_theta=num(opt("rope_theta", opt("rope_theta", 1e6 if gemma3 else 10000.0),
                            table=rope)),  # 5.x, 4.x
@@ -316,7 +363,8 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
         rope_factor=num(opt("factor", 1.0, rope)),
         rope_low_freq_factor=num(opt("low_freq_factor", 1.0, rope)),
         rope_high_freq_factor=num(opt("high_freq_factor", 4.0, rope)),
-        rope_original_max_position=opt("original_max_position_embeddings", 8192, rope),
+        rope_original_max_position=longrope.pop("rope_original_max_position",
+                                                opt("original_max_position_embeddings", 8192, rope)),
         rope_local_theta=(num(opt("rope_theta", opt("rope_local_base_freq", 10000.0),
                                   table=local_rope)) if gemma3 else None),
         qkv_bias=family == "qwen2" or attention_bias,
@@ -332,6 +380,7 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
         attn_softcap=hf.get("attn_logit_softcapping") if gemma_post else None,
         final_softcap=hf.get("final_logit_softcapping") if gemma_post else None,
         windows=windows,
+        **longrope,
     )
   except ConfigError as err:  # a value outside its domain: name the config.json key
     names = "|".join(sorted(HF_KEYS, key=len, reverse=True))
@@ -370,6 +419,41 @@ def _rope_tables(hf: dict[str, Any], family: str, source: str) -> tuple[dict, di
                         "not supported; Gemma 3's local layers use 'default'")
   rope.update(tables["rope_scaling"])  # transformers 4.x
   return rope, local
+def _longrope(hf: dict, rope: dict, max_position, source: str) -> dict[str, Any]:
+  """Config fields of Phi-3's longrope scaling, as transformers derives them: the pretraining
+  length from the top-level original_max_position_embeddings (4096 when absent, whatever
+  rope_scaling says), the attention factor given, or from `factor` (default max_position /
+  that length): sqrt(1 + ln(factor) / ln(length)) when factor > 1, else 1."""
+  original = hf.get("original_max_position_embeddings")
+  original = 4096 if original is None else original
+  if not _is_int(original) or original < 1:
+    raise ConfigError(f"{source}: original_max_position_embeddings must be an int >= 1; got "
+                      f"{original!r}", field="rope_original_max_position")
+  factors = {}
+  for key in ("short_factor", "long_factor"):
+    v = rope.get(key)
+    if not isinstance(v, list):
+      raise ConfigError(f"{source}: rope_scaling.{key} must be a list of numbers for longrope; "
+                        f"got {v!r}", field=f"rope_{key}")
+    factors[f"rope_{key}"] = tuple(float(x) if _is_positive(x) else x for x in v)
+  attention = rope.get("attention_factor")
+  if attention is None:
+    factor = rope.get("factor")
+    if factor is None:  # a bad max_position_embeddings is Config's to name
+      factor = max_position / original if _is_int(max_position) and max_position > 0 else 1.0
+    if not _is_positive(factor):
+      raise ConfigError(f"{source}: rope_scaling.factor must be a finite number > 0; got "
+                        f"{factor!r}", field="rope_attention_factor")
+    attention = 1.0
+    if factor > 1.0:
+      if original == 1:
+        raise ConfigError(f"{source}: original_max_position_embeddings 1 cannot derive "
+                          "longrope's attention factor (ln 1 = 0); give "
+                          "rope_scaling.attention_factor", field="rope_attention_factor")
+      attention = math.sqrt(1 + math.log(factor) / math.log(original))
+  elif isinstance(attention, numbers.Real) and not isinstance(attention, bool):
+    attention = float(attention)
+  return dict(rope_original_max_position=original, rope_attention_factor=attention, **factors)
 
 
 def to_hf(cfg: Config) -> dict[str, Any]:
@@ -410,6 +494,15 @@ def to_hf(cfg: Config) -> dict[str, Any]:
       hf["rope_scaling"].update(
           low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
           original_max_position_embeddings=cfg.rope_original_max_position)
+    if cfg.rope_type == "longrope":  # the attention factor as is: max_position is capped
+      hf["rope_scaling"] = {"rope_type": "longrope", "short_factor": list(cfg.rope_short_factor),
+                            "long_factor": list(cfg.rope_long_factor),
+                            "attention_factor": cfg.rope_attention_factor}
+      hf["original_max_position_embeddings"] = cfg.rope_original_max_position
+  if cfg.family == "phi3" and cfg.head_dim == cfg.d_model // cfg.n_heads:
+    del hf["head_dim"]  # Phi3Config has none: hidden_size / num_attention_heads
+  if cfg.family == "phi3":  # Phi3Config's default pad id 32000 is an embedding row (padding_idx)
+    hf["pad_token_id"] = None
   if cfg.family == "llama":
     hf["mlp_bias"] = cfg.mlp_bias
   if cfg.family in ("llama", "qwen3", "gemma3_text"):

@@ -22,13 +22,18 @@ def _base(theta: float, H: int) -> np.ndarray:
 
 
 def inv_freq(cfg: Config, layer: int | None = None) -> np.ndarray:
-  """[H/2] float32 inverse frequencies of `layer` (None: a global layer's): with `linear` or
-  `llama3` scaling applied, except on a sliding-window layer of a config with
+  """[H/2] float32 inverse frequencies of `layer` (None: a global layer's): with `linear`,
+  `llama3` or `longrope` scaling applied (longrope: its short factors; the attention factor is
+  in `Config.query_scale`), except on a sliding-window layer of a config with
   `rope_local_theta`, which rotates by plain RoPE at that base."""
   H = cfg.head_dim
   if layer is not None and cfg.rope_local_theta is not None and cfg.windows[layer]:
     return _base(cfg.rope_local_theta, H)
   freq = _base(cfg.rope_theta, H)
+  if cfg.rope_type == "longrope":
+    short = np.asarray(cfg.rope_short_factor, np.float32)
+    return (1.0 / (short * cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float32) / H))).astype(
+        np.float32)
   if cfg.rope_type == "linear":
     return (freq / cfg.rope_factor).astype(np.float32)
   if cfg.rope_type == "llama3":

@@ -51,6 +51,11 @@ def config(family: str = "llama", **overrides) -> Config:
     base.update(qkv_bias=True)
   if family == "qwen3":
     base.update(qk_norm=True)
+  if family == "phi3":  # fused checkpoint tensors, a window on every layer, longrope
+    base.update(windows=(16, 16), rope_type="longrope", rope_original_max_position=1024,
+                rope_short_factor=(1.0, 1.5, 1.2, 2.8, 1.1, 2.4, 3.9, 1.7),
+                rope_long_factor=(2.0, 3.0, 5.0, 8.0, 11.0, 18.0, 30.0, 41.0),
+                rope_attention_factor=1.2)
   base.update(overrides)
   return Config(**base)
 

@@ -11,11 +11,16 @@ import math
 
 import numpy as np
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 VOCAB = 320
 
 GAIN, BIAS = 1.0, 1.0
 ATTN_SOFTCAP, FINAL_SOFTCAP = 3.0, 5.0
+# Phi-3's longrope, head_dim 16: uneven short factors (the regime kvjax runs) against a
+# pretraining length of 128 > the tests' positions, and max_position 512: attention factor
+# sqrt(1 + ln 4 / ln 128) = 1.13 on cos and sin (scores x 1.29).
+SHORT = [1.0, 1.6, 1.2, 3.0, 1.1, 2.5, 4.0, 1.8]
+LONG = [2.0, 3.5, 6.0, 9.0, 12.0, 20.0, 31.0, 40.0]
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
@@ -43,6 +48,10 @@ def _classes(family):
                                               "rope_theta": 1e6},
                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
           tie_word_embeddings=False)),  # no soft-caps, as released; layers: local, global, local
+      "phi3": (t.Phi3Config, t.Phi3ForCausalLM, dict(
+          sliding_window=12, original_max_position_embeddings=128,
+          rope_scaling={"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG},
+          bos_token_id=0, eos_token_id=1, pad_token_id=None)),  # its defaults: ids >= 32000
   }[family]
 
 

@@ -84,7 +84,7 @@ def test_orbax_bad_paths(models, tmp_path):
 # --- Hugging Face format -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3", "gemma3_text", "phi3"])  # phi3: fused, longrope
 def test_save_load_and_transformers(models, family, tmp_path):
   import transformers
   model = models(family)
@@ -131,3 +131,17 @@ def test_gemma3_config_layouts_read_like_transformers(tmp_path):
     hf = config.to_hf(cfg)
     hf_cls = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
     assert config.from_hf(hf_cls.to_dict()) == cfg, family
+
+
+def test_phi3_fused_tensors_written_back(hf_dir, tmp_path):
+  """transformers' phi3 -> kvjax -> lm.save: the same tensors (qkv_proj, gate_up_proj fused
+  again, bit for bit) and a config.json that reads back to the same Config."""
+  from safetensors.numpy import load_file
+  src = hf_dir("phi3")
+  model = lm.load(src)
+  lm.save(model, str(tmp_path / "out"))
+  want, got = (load_file(f"{d}/model.safetensors") for d in (src, str(tmp_path / "out")))
+  assert "model.layers.2.self_attn.qkv_proj.weight" in got and sorted(got) == sorted(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+  assert lm.load(str(tmp_path / "out"), weights=False).cfg == model.cfg

@@ -340,6 +340,71 @@ def test_load_dtype_must_be_float(src):
   raises(ValueError, lambda: lm.load(src, dtype=jnp.int8), "floating-point dtype", "int8")
 
 
+# --- Phi-3: fused tensors, longrope ------------------------------------------------------------
+
+
+QKV1 = "model.layers.1.self_attn.qkv_proj.weight"  # [(N + 2K) H, D] = [128, 64] in the tiny phi3
+GATE_UP0 = "model.layers.0.mlp.gate_up_proj.weight"  # [2F, D] = [256, 64]
+
+
+@pytest.fixture
+def phi3(hf_dir, tmp_path):
+  """A fresh copy of the tiny phi3 checkpoint (3 layers, head_dim 16, longrope) to break."""
+  return shutil.copytree(hf_dir("phi3"), str(tmp_path / "phi3"))
+
+
+def test_fused_tensor_checks_name_the_fused_tensor(phi3):
+  file = os.path.join(phi3, "model.safetensors")
+  edit_tensors(phi3, lambda t: t.pop(GATE_UP0))
+  raises(lm.CheckpointError, lambda: lm.load(phi3), f"missing tensor {GATE_UP0!r}",
+         "expected shape [256, 64]")
+  edit_tensors(phi3, lambda t: t.update({QKV1: t[QKV1][:96]}))  # read before any gate_up
+  raises(lm.CheckpointError, lambda: lm.load(phi3), file, repr(QKV1), "shape [96, 64]",
+         "config.json implies [128, 64]")
+
+
+def test_fused_tensor_non_finite_is_named(phi3):
+  def poison(t):
+    w = np.array(t[GATE_UP0])
+    w[200, 3] = np.nan  # in the up half
+    t[GATE_UP0] = w
+  edit_tensors(phi3, poison)
+  raises(lm.CheckpointError, lambda: lm.load(phi3), repr(GATE_UP0), "1 non-finite value(s)")
+
+
+@pytest.mark.parametrize("key,value,parts", [
+    ("short_factor", [1.0] * 7, ["rope_scaling.short_factor must be a tuple of 8 finite numbers "
+                                 "> 0 (head_dim / 2)", "got (1.0,"]),
+    ("long_factor", [1.0] * 7 + [0], ["rope_scaling.long_factor must be a tuple of 8", "0)"]),
+    ("short_factor", [1.0] * 7 + [float("nan")], ["rope_scaling.short_factor must be", "nan"]),
+    ("short_factor", "1.0", ["rope_scaling.short_factor must be a list of numbers", "'1.0'"]),
+    ("long_factor", None, ["rope_scaling.long_factor must be a list of numbers", "None"]),
+    ("attention_factor", -1.0, ["rope_scaling.attention_factor must be a finite number > 0"]),
+    ("factor", "4", ["rope_scaling.factor must be a finite number > 0", "'4'"]),
+    ("partial_rotary_factor", 0.5, ["rope_scaling.partial_rotary_factor 0.5 is not supported"]),
+    ("rope_type", "linear", ["rope type 'linear' is not supported for model_type 'phi3'"]),
+])
+def test_longrope_fields_named(phi3, key, value, parts):
+  edit_json(phi3, "config.json", lambda c: c["rope_parameters"].update({key: value}))
+  raises(lm.ConfigError, lambda: lm.load(phi3), os.path.join(phi3, "config.json"), *parts)
+
+
+def test_longrope_serves_the_short_regime_only(phi3):
+  """max_position_embeddings 512 is capped at original_max_position_embeddings 128 (past it,
+  transformers re-rotates every position with the long factors; a cache cannot)."""
+  model = lm.load(phi3, weights=False)
+  assert (model.cfg.max_position, model.cfg.rope_original_max_position) == (128, 128)
+  raises(ValueError, lambda: lm.generate(model, [5] * 100, max_new_tokens=29),
+         "context of 128 positions")
+  raises(lm.ConfigError, lambda: tiny.config("phi3", max_position=2048),
+         "max_position (2048) must be <= rope_original_max_position (1024)", "short-factor")
+  raises(lm.ConfigError, lambda: tiny.config(rope_short_factor=(1.0,) * 8),
+         "rope_short_factor must be () unless rope_type is 'longrope'")
+  edit_json(phi3, "config.json", lambda c: c.update(model_type="llama"))
+  raises(lm.ConfigError, lambda: lm.load(phi3), "rope type 'longrope' is not supported for "
+         "model_type 'llama'")
+
+
 # --- sharded checkpoints -------------------------------------------------------------------------
 
 

@@ -15,7 +15,8 @@ from kvjax.lm.generate import new_cache
 MESHES = {"data4": (4, 1), "model4": (1, 4), "data2_model4": (2, 4)}
 # On a 4-way model axis the tiny models' 2 kv heads do not divide: k, v are replicated.
 CASES = [("llama", "data4"), ("llama", "model4"), ("llama", "data2_model4"),
-         ("gemma2", "data2_model4"), ("qwen3", "data2_model4"), ("gemma3_text", "data2_model4")]
+         ("gemma2", "data2_model4"), ("qwen3", "data2_model4"), ("gemma3_text", "data2_model4"),
+         ("phi3", "data2_model4")]
 ROWS = prompts(lengths=(7, 3, 18, 11))  # 18 > gemma2's sliding window of 12
 
 

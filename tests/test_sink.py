@@ -156,10 +156,11 @@ def _batched_fills(model, toks, n_sink, window, want):
 
 @pytest.mark.parametrize("family, windows", [("gemma2", (5,)), ("gemma2", (0,)),
                                               ("mistral", (6,)), ("qwen2", (0,)),
-                                              ("gemma3_text", (5,))])
+                                              ("gemma3_text", (5,)), ("phi3", (6,))])
 def test_families(family, windows):
   """Gemma-2's local layers keep their own (smaller) window inside the cache; a Gemma 3 local
-  layer's keys are re-rotated by its own RoPE base (1e4, not the global 1e6 with scaling)."""
+  layer's keys are re-rotated by its own RoPE base (1e4, not the global 1e6 with scaling).
+  Phi-3's longrope attention factor holds on the keys the cache re-rotates."""
   model = tiny.model(family, n_layers=1, windows=windows)
   toks = tokens_of(30, seed=5)
   got, _ = feed(model, new_sink(model, 1, 4, 9), toks, 4)
