@@ -26,13 +26,20 @@ class CheckpointError(ValueError):
   """A checkpoint whose files or tensors do not match its config."""
 
 
-# Each entry: (our path, HF name, HF shape, to_ours, to_hf). `{i}` marks a per-layer tensor.
+# Each entry: (our path, HF name, HF shape, to_ours, to_hf). `{i}` marks a per-layer tensor,
+# `{e}` a per-expert one (stacked on an expert axis after the layer axis).
 Entry = tuple[tuple[str, ...], str, tuple[int, ...], Callable, Callable]
+# A Mixtral checkpoint in transformers 5's in-memory layout (experts fused per layer) has this
+# tensor; save_pretrained and published checkpoints write one tensor per expert instead.
+FUSED_EXPERTS = "model.layers.0.mlp.experts.gate_up_proj"
 
 
-def _entries(cfg: Config) -> list[Entry]:
+def _entries(cfg: Config, *, fused: bool = False) -> list[Entry]:
+  """fused: read the experts from FUSED_EXPERTS' layout (load only; saving writes per-expert
+  tensors)."""
   D, N, K, H, F, V = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim,
                       cfg.vocab_size)
+  E = cfg.n_experts
   same = lambda w: w  # noqa: E731
 
   def proj_in(a, b):  # torch Linear [a*b, D] -> [D, a, b]
@@ -55,10 +62,25 @@ def _entries(cfg: Config) -> list[Entry]:
       (("blocks", "attn", "v"), layer + "self_attn.v_proj.weight", (K * H, D), *proj_in(K, H)),
       (("blocks", "attn", "o"), layer + "self_attn.o_proj.weight", (D, N * H),
        lambda w: w.T.reshape(N, H, D), lambda w: w.reshape(N * H, D).T),
-      (("blocks", "mlp", "gate"), layer + "mlp.gate_proj.weight", (F, D), *dense()),
-      (("blocks", "mlp", "up"), layer + "mlp.up_proj.weight", (F, D), *dense()),
-      (("blocks", "mlp", "down"), layer + "mlp.down_proj.weight", (D, F), *dense()),
   ]
+  if not E:
+    e += [(("blocks", "mlp", "gate"), layer + "mlp.gate_proj.weight", (F, D), *dense()),
+          (("blocks", "mlp", "up"), layer + "mlp.up_proj.weight", (F, D), *dense()),
+          (("blocks", "mlp", "down"), layer + "mlp.down_proj.weight", (D, F), *dense())]
+  elif fused:  # gate_up [E, 2F, D] (gate rows first), down [E, D, F]
+    swap = lambda w: w.transpose(0, 2, 1)  # noqa: E731
+    e += [(("blocks", "moe", "router"), layer + "mlp.gate.weight", (E, D), *dense()),
+          (("blocks", "moe", "gate"), layer + "mlp.experts.gate_up_proj", (E, 2 * F, D),
+           lambda w: swap(w[:, :F]), None),
+          (("blocks", "moe", "up"), layer + "mlp.experts.gate_up_proj", (E, 2 * F, D),
+           lambda w: swap(w[:, F:]), None),
+          (("blocks", "moe", "down"), layer + "mlp.experts.down_proj", (E, D, F), swap, None)]
+  else:  # per expert: w1 gate, w3 up [F, D], w2 down [D, F]
+    moe = layer + "block_sparse_moe."
+    e += [(("blocks", "moe", "router"), moe + "gate.weight", (E, D), *dense()),
+          (("blocks", "moe", "gate"), moe + "experts.{e}.w1.weight", (F, D), *dense()),
+          (("blocks", "moe", "up"), moe + "experts.{e}.w3.weight", (F, D), *dense()),
+          (("blocks", "moe", "down"), moe + "experts.{e}.w2.weight", (D, F), *dense())]
   if cfg.post_norms:
     e += [(("blocks", "post_attn_norm", "scale"), layer + "post_attention_layernorm.weight",
            (D,), same, same),
@@ -79,7 +101,15 @@ def _entries(cfg: Config) -> list[Entry]:
 
 
 def _names(entry: Entry, cfg: Config) -> list[str]:
-  return [entry[1].format(i=i) for i in range(cfg.n_layers)] if "{i}" in entry[1] else [entry[1]]
+  """The entry's names, one per layer for a per-layer tensor (a per-expert one keeps `{e}`)."""
+  if "{i}" not in entry[1]:
+    return [entry[1]]
+  return [entry[1].format(i=i, e="{e}") for i in range(cfg.n_layers)]
+
+
+def _experts(name: str, cfg: Config) -> list[str]:
+  """name's per-expert names (`{e}` filled), or [name] when it is not per expert."""
+  return [name.format(e=e) for e in range(cfg.n_experts)] if "{e}" in name else [name]
 
 
 def _shards(path: str) -> dict[str, str]:
@@ -143,11 +173,15 @@ def load_hf(path: str, cfg: Config, dtype=None, *, check_finite: bool = True) ->
 
   params: dict[str, Any] = {}
   used = set()
-  for entry in _entries(cfg):
+  fused = bool(cfg.n_experts) and FUSED_EXPERTS in weight_map
+  for entry in _entries(cfg, fused=fused):
     ours, _, shape, to_ours, _ = entry
     names = _names(entry, cfg)
-    used.update(names)
-    ws = [to_ours(tensor(n, shape)) for n in names]
+    ws = []
+    for group in (_experts(n, cfg) for n in names):
+      used.update(group)
+      w = [to_ours(tensor(n, shape)) for n in group]
+      ws.append(jnp.stack(w) if "{e}" in entry[1] else w[0])
     value = jnp.stack(ws) if "{i}" in entry[1] else ws[0]
     node = params
     for key in ours[:-1]:
@@ -172,7 +206,11 @@ def hf_tensors(params: dict[str, Any], cfg: Config) -> Iterator[tuple[str, np.nd
     names = _names(entry, cfg)
     if "{i}" in entry[1]:
       for i, name in enumerate(names):
-        yield name, np.asarray(to_hf(value[i]))
+        if "{e}" in name:
+          for e, expert in enumerate(_experts(name, cfg)):
+            yield expert, np.asarray(to_hf(value[i][e]))
+        else:
+          yield name, np.asarray(to_hf(value[i]))
     else:
       yield names[0], np.asarray(to_hf(value))
 

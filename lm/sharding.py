@@ -37,6 +37,7 @@ DEFAULT_RULES: Rules = (
     ("kv_heads", "model"),
     ("ffn", "model"),
     ("vocab", "model"),
+    ("experts", "model"),  # expert parallelism: ahead of ffn in each expert array, so it wins
 )
 
 _NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm")
@@ -61,6 +62,10 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "blocks/mlp/gate_bias": ("layers", "ffn"),
     "blocks/mlp/up_bias": ("layers", "ffn"),
     "blocks/mlp/down_bias": ("layers", "embed"),
+    "blocks/moe/router": ("layers", "embed", "experts"),
+    "blocks/moe/gate": ("layers", "experts", "embed", "ffn"),
+    "blocks/moe/up": ("layers", "experts", "embed", "ffn"),
+    "blocks/moe/down": ("layers", "experts", "ffn", "embed"),
     **{f"blocks/{n}/scale": ("layers", "embed") for n in _NORMS},
 }
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvjax.lm.config import Config
+from kvjax.lm.config import FAMILIES, Config
 from kvjax.lm.model import Model, init, save
 from kvjax.lm.tokenizer import Tokenizer
 
@@ -45,6 +45,8 @@ def config(family: str = "llama", **overrides) -> Config:
                 final_softcap=30.0, windows=(32, 0))
   if family == "qwen2":
     base.update(qkv_bias=True)
+  if family == "mixtral":
+    base.update(n_experts=4, n_experts_per_tok=2, ffn_dim=64, windows=(32, 32))
   base.update(overrides)
   return Config(**base)
 
@@ -57,7 +59,7 @@ def model(family: str = "llama", seed: int = 0, **overrides) -> Model:
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m kvjax.lm.tiny", description=__doc__.split("\n")[0])
   ap.add_argument("out", help="directory to write")
-  ap.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2", "gemma", "gemma2"])
+  ap.add_argument("--family", default="llama", choices=list(FAMILIES))
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)
   m = model(args.family, args.seed)

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "mixtral")
 VOCAB = 320
 
 GAIN, BIAS = 1.0, 1.0
@@ -35,6 +35,8 @@ def _classes(family):
           head_dim=16, sliding_window=12, query_pre_attn_scalar=24,
           attn_logit_softcapping=ATTN_SOFTCAP, final_logit_softcapping=FINAL_SOFTCAP,
           tie_word_embeddings=False)),  # gemma ties; a tied head makes greedy repeat a token
+      "mixtral": (t.MixtralConfig, t.MixtralForCausalLM, dict(
+          num_local_experts=4, num_experts_per_tok=2, sliding_window=12)),
   }[family]
 
 
@@ -50,8 +52,8 @@ def hf_model(family: str, seed: int = 0, **overrides):
         p.add_(torch.randn_like(p) * 0.1)
       elif p.ndim == 1:  # qkv biases
         p.normal_(0, BIAS)
-      else:  # torch Linear [out, in] and the embedding [V, D]: fan-in is dim 1
-        p.normal_(0, GAIN / math.sqrt(p.shape[1]))
+      else:  # torch Linear [out, in], fused experts [E, out, in], the embedding [V, D]
+        p.normal_(0, GAIN / math.sqrt(p.shape[-1]))
   return model
 
 
