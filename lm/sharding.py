@@ -8,6 +8,8 @@ XLA's SPMD partitioner inserts the collectives. A dimension whose size the mesh 
 divide (e.g. 2 kv heads on a 4-way "model" axis, or a batch of 3 on 2-way "data") is replicated
 along that axis rather than rejected, so every model runs on every mesh; only the speed-up for
 that dimension is lost. Results equal the single-device ones up to float summation order.
+A mixture of experts' expert axis ("experts") takes the model axis ahead of its ffn axis
+(expert parallelism); when the experts do not divide it, their ffn dimension takes it instead.
 
     mesh = sharding.make_mesh(data=2, model=4)
     out = lm.generate(sharding.shard(model, mesh), prompts)
