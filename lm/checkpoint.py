@@ -26,16 +26,23 @@ class CheckpointError(ValueError):
   """A checkpoint whose files or tensors do not match its config."""
 
 
-# Each entry: (our path, HF name, HF shape, to_ours, to_hf). `{i}` marks a per-layer tensor.
-# A fused HF tensor (Phi-3's qkv_proj, gate_up_proj) has a list of our paths: to_ours returns
-# one array per path, in order, and to_hf takes them in that order.
+# Each entry: (our path, HF name, HF shape, to_ours, to_hf). `{i}` marks a per-layer tensor,
+# `{e}` a per-expert one (stacked on an expert axis after the layer axis). A fused HF tensor
+# (Phi-3's qkv_proj, gate_up_proj) has a list of our paths: to_ours returns one array per path,
+# in order, and to_hf takes them in that order.
 Path = tuple[str, ...]
 Entry = tuple[Path | list[Path], str, tuple[int, ...], Callable, Callable]
+# A Mixtral checkpoint in transformers 5's in-memory layout (experts fused per layer) has this
+# tensor; save_pretrained and published checkpoints write one tensor per expert instead.
+FUSED_EXPERTS = "model.layers.0.mlp.experts.gate_up_proj"
 
 
-def _entries(cfg: Config) -> list[Entry]:
+def _entries(cfg: Config, *, fused: bool = False) -> list[Entry]:
+  """fused: read the experts from FUSED_EXPERTS' layout (load only; saving writes per-expert
+  tensors)."""
   D, N, K, H, F, V = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim,
                       cfg.vocab_size)
+  E = cfg.n_experts
   same = lambda w: w  # noqa: E731
 
   def proj_in(a, b):  # torch Linear [a*b, D] -> [D, a, b]
@@ -64,13 +71,27 @@ def _entries(cfg: Config) -> list[Entry]:
       (("blocks", "attn", "v"), layer + "self_attn.v_proj.weight", (K * H, D), *proj_in(K, H)),
       (("blocks", "attn", "o"), layer + "self_attn.o_proj.weight", (D, N * H),
        lambda w: w.T.reshape(N, H, D), lambda w: w.reshape(N * H, D).T),
-      (("blocks", "mlp", "gate"), layer + "mlp.gate_proj.weight", (F, D), *dense()),
-      (("blocks", "mlp", "up"), layer + "mlp.up_proj.weight", (F, D), *dense()),
-      (("blocks", "mlp", "down"), layer + "mlp.down_proj.weight", (D, F), *dense()),
   ]
+  if not E:
+    e += [(("blocks", "mlp", "gate"), layer + "mlp.gate_proj.weight", (F, D), *dense()),
+          (("blocks", "mlp", "up"), layer + "mlp.up_proj.weight", (F, D), *dense()),
+          (("blocks", "mlp", "down"), layer + "mlp.down_proj.weight", (D, F), *dense())]
+  elif fused:  # gate_up [E, 2F, D] (gate rows first), down [E, D, F]
+    swap = lambda w: w.transpose(0, 2, 1)  # noqa: E731
+    e += [(("blocks", "moe", "router"), layer + "mlp.gate.weight", (E, D), *dense()),
+          ([("blocks", "moe", "gate"), ("blocks", "moe", "up")],
+           layer + "mlp.experts.gate_up_proj", (E, 2 * F, D),
+           lambda w: (swap(w[:, :F]), swap(w[:, F:])), None),
+          (("blocks", "moe", "down"), layer + "mlp.experts.down_proj", (E, D, F), swap, None)]
+  else:  # per expert: w1 gate, w3 up [F, D], w2 down [D, F]
+    moe = layer + "block_sparse_moe."
+    e += [(("blocks", "moe", "router"), moe + "gate.weight", (E, D), *dense()),
+          (("blocks", "moe", "gate"), moe + "experts.{e}.w1.weight", (F, D), *dense()),
+          (("blocks", "moe", "up"), moe + "experts.{e}.w3.weight", (F, D), *dense()),
+          (("blocks", "moe", "down"), moe + "experts.{e}.w2.weight", (D, F), *dense())]
   if cfg.family == "phi3":  # fused: q, k, v rows in one tensor; gate rows, then up rows
     fuse = {("blocks", "attn", n) for n in "qkv"} | {("blocks", "mlp", n) for n in ("gate", "up")}
-    e = [x for x in e if x[0] not in fuse]
+    e = [x for x in e if isinstance(x[0], list) or x[0] not in fuse]
     e += [([("blocks", "attn", n) for n in "qkv"], layer + "self_attn.qkv_proj.weight",
            ((N + 2 * K) * H, D), *fused((N, H), (K, H), (K, H))),
           ([("blocks", "mlp", "gate"), ("blocks", "mlp", "up")], layer + "mlp.gate_up_proj.weight",
@@ -98,7 +119,15 @@ def _entries(cfg: Config) -> list[Entry]:
 
 
 def _names(entry: Entry, cfg: Config) -> list[str]:
-  return [entry[1].format(i=i) for i in range(cfg.n_layers)] if "{i}" in entry[1] else [entry[1]]
+  """The entry's names, one per layer for a per-layer tensor (a per-expert one keeps `{e}`)."""
+  if "{i}" not in entry[1]:
+    return [entry[1]]
+  return [entry[1].format(i=i, e="{e}") for i in range(cfg.n_layers)]
+
+
+def _experts(name: str, cfg: Config) -> list[str]:
+  """name's per-expert names (`{e}` filled), or [name] when it is not per expert."""
+  return [name.format(e=e) for e in range(cfg.n_experts)] if "{e}" in name else [name]
 
 
 def _shards(path: str) -> dict[str, str]:
@@ -162,13 +191,18 @@ def load_hf(path: str, cfg: Config, dtype=None, *, check_finite: bool = True) ->
 
   params: dict[str, Any] = {}
   used = set()
-  for entry in _entries(cfg):
+  fused = bool(cfg.n_experts) and FUSED_EXPERTS in weight_map
+  for entry in _entries(cfg, fused=fused):
     ours, _, shape, to_ours, _ = entry
     names = _names(entry, cfg)
-    used.update(names)
     paths = ours if isinstance(ours, list) else [ours]
-    ws = [to_ours(tensor(n, shape)) for n in names]
-    ws = ws if isinstance(ours, list) else [(w,) for w in ws]  # per name: one array per path
+    ws = []  # per layer: one array per path (per-expert tensors stacked on the expert axis)
+    for group in (_experts(n, cfg) for n in names):
+      used.update(group)
+      got = [to_ours(tensor(n, shape)) for n in group]
+      got = got if isinstance(ours, list) else [(w,) for w in got]
+      ws.append(tuple(jnp.stack([g[j] for g in got]) for j in range(len(paths)))
+                if "{e}" in entry[1] else got[0])
     for j, path_ in enumerate(paths):
       value = jnp.stack([w[j] for w in ws]) if "{i}" in entry[1] else ws[0][j]
       node = params
@@ -197,7 +231,11 @@ def hf_tensors(params: dict[str, Any], cfg: Config) -> Iterator[tuple[str, np.nd
     names = _names(entry, cfg)
     if "{i}" in entry[1]:
       for i, name in enumerate(names):
-        yield name, np.asarray(to_hf(*(v[i] for v in values)))
+        if "{e}" in name:
+          for e, expert in enumerate(_experts(name, cfg)):
+            yield expert, np.asarray(to_hf(*(v[i][e] for v in values)))
+        else:
+          yield name, np.asarray(to_hf(*(v[i] for v in values)))
     else:
       yield names[0], np.asarray(to_hf(*values))
 

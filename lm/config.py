@@ -10,15 +10,17 @@ import os
 import re
 from typing import Any
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+            "mixtral")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                 "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+                 "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                 "mixtral": "MixtralForCausalLM"}
 LAYER_TYPES = ("sliding_attention", "full_attention")
 # transformers' defaults where a config.json omits the key
 MAX_POSITION = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "gemma": 8192,
-                "gemma2": 8192, "gemma3_text": 131072, "phi3": 4096}
+                "gemma2": 8192, "gemma3_text": 131072, "phi3": 4096, "mixtral": 131072}
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_new": "gelu_tanh", "gelu": "gelu"}
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
@@ -29,7 +31,7 @@ POSITIVE = ("norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor",
 OPTIONAL_POSITIVE = ("query_pre_attn_scalar", "attn_softcap", "final_softcap",
                      "rope_local_theta")  # None or > 0
 FLAGS = ("qkv_bias", "o_bias", "mlp_bias", "norm_plus_one", "scale_embeddings",
-         "tie_embeddings", "post_norms", "qk_norm")
+         "tie_embeddings", "post_norms", "qk_norm", "moe_renormalize")
 # Config field -> the Hugging Face config.json key it is read from (for error messages).
 HF_KEYS = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
            "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads",
@@ -44,7 +46,8 @@ HF_KEYS = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "nu
            "rope_attention_factor": "rope_scaling.attention_factor",
            "query_pre_attn_scalar": "query_pre_attn_scalar",
            "attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
-           "rope_local_theta": "rope_local_base_freq", "windows": "sliding_window"}
+           "rope_local_theta": "rope_local_base_freq", "windows": "sliding_window",
+           "n_experts": "num_local_experts", "n_experts_per_tok": "num_experts_per_tok"}
 
 
 class ConfigError(ValueError):
@@ -99,6 +102,12 @@ class Config:
   passes rope_original_max_position; kvjax's cached keys keep the positions they were written
   at, so it serves only the short regime: max_position <= rope_original_max_position (`from_hf`
   caps it there). rope_long_factor is kept for `to_hf`.
+
+  Mixture of experts (`n_experts` > 0, Mixtral): every layer's MLP is `n_experts` experts of
+  width `ffn_dim` and a router; each token takes the softmax (float32) over the router's
+  logits, keeps its `n_experts_per_tok` largest probabilities and, with `moe_renormalize`,
+  rescales those to sum to 1 (Mixtral; Qwen3-MoE's `norm_topk_prob`), and sums the chosen
+  experts' outputs weighted by them. No capacity: no token is ever dropped.
   """
 
   family: str = "llama"
@@ -136,6 +145,10 @@ class Config:
   attn_softcap: float | None = None
   final_softcap: float | None = None
   windows: tuple[int, ...] = ()
+  # mixture of experts (0: a dense MLP); see the class docstring
+  n_experts: int = 0
+  n_experts_per_tok: int = 0
+  moe_renormalize: bool = True
   # ids the tokenizer has, when fewer than vocab_size (a padded embedding): the logits of ids
   # >= tokenizer_size are masked, so they are never sampled. Set by `lm.load`; not in config.json
   tokenizer_size: int | None = None
@@ -175,6 +188,18 @@ class Config:
     if self.tokenizer_size is not None and not (
         _is_int(self.tokenizer_size) and 1 <= self.tokenizer_size <= self.vocab_size):
       bad("tokenizer_size", f"null or an int in [1, vocab_size={self.vocab_size}]")
+    for name in ("n_experts", "n_experts_per_tok"):
+      if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+        bad(name, "an int >= 0")
+    if self.n_experts and not 1 <= self.n_experts_per_tok <= self.n_experts:
+      bad("n_experts_per_tok", f"an int in [1, n_experts={self.n_experts}]")
+    if not self.n_experts and self.n_experts_per_tok:
+      bad("n_experts_per_tok", "0 without experts (n_experts=0: a dense MLP)")
+    if self.n_experts and self.mlp_bias:
+      raise ConfigError("mlp_bias is not supported with experts (n_experts > 0)",
+                        field="mlp_bias")
+    if self.family == "mixtral" and not self.n_experts:
+      bad("n_experts", "an int >= 1 for family 'mixtral'")
     if self.family not in FAMILIES:
       raise ConfigError(f"family {self.family!r} is not one of {FAMILIES}")
     if self.act not in ("silu", "gelu_tanh", "gelu"):
@@ -201,7 +226,8 @@ class Config:
   def n_params(self) -> int:
     D, F, N, K, H, V = (self.d_model, self.ffn_dim, self.n_heads, self.n_kv_heads,
                         self.head_dim, self.vocab_size)
-    per_layer = D * (N + 2 * K) * H + N * H * D + 3 * D * F + (4 if self.post_norms else 2) * D
+    mlp = 3 * D * F if not self.n_experts else self.n_experts * (3 * D * F + D)  # + router
+    per_layer = D * (N + 2 * K) * H + N * H * D + mlp + (4 if self.post_norms else 2) * D
     per_layer += (N + 2 * K) * H * self.qkv_bias + D * self.o_bias + (2 * F + D) * self.mlp_bias
     per_layer += 2 * H * self.qk_norm
     return V * D * (1 if self.tie_embeddings else 2) + self.n_layers * per_layer + D
@@ -343,6 +369,7 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
 
   gemma = family in ("gemma", "gemma2", "gemma3_text")
   gemma_post = family in ("gemma2", "gemma3_text")  # post norms, query scalar, soft-caps
+  moe = family == "mixtral"
   attention_bias = flag("attention_bias")
   try:
     return Config(
@@ -357,8 +384,8 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
         norm_eps=num(opt("rms_norm_eps", 1e-5 if phi3 else 1e-6)),
         max_position=max_position,
         act=ACTIVATIONS[act_name],
-        rope_theta=num(opt("rope_theta", opt("rope_theta", 1e6 if gemma3 else 10000.0),
-                           table=rope)),  # 5.x, 4.x
+        rope_theta=num(opt("rope_theta", opt("rope_theta", 1e6 if gemma3 or moe else 10000.0),
+                           table=rope)),  # 5.x, 4.x; Gemma 3's and Mixtral's default is 1e6
         rope_type=rope_type,
         rope_factor=num(opt("factor", 1.0, rope)),
         rope_low_freq_factor=num(opt("low_freq_factor", 1.0, rope)),
@@ -380,6 +407,8 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
         attn_softcap=hf.get("attn_logit_softcapping") if gemma_post else None,
         final_softcap=hf.get("final_logit_softcapping") if gemma_post else None,
         windows=windows,
+        n_experts=opt("num_local_experts", 8) if moe else 0,  # transformers' defaults
+        n_experts_per_tok=opt("num_experts_per_tok", 2) if moe else 0,
         **longrope,
     )
   except ConfigError as err:  # a value outside its domain: name the config.json key
@@ -458,7 +487,7 @@ def _longrope(hf: dict, rope: dict, max_position, source: str) -> dict[str, Any]
 
 def to_hf(cfg: Config) -> dict[str, Any]:
   """The inverse of `from_hf`: a config.json dict that transformers loads. ConfigError for a
-  config whose q/k norm or local RoPE base its family's config.json cannot say."""
+  config whose q/k norm, local RoPE base or experts its family's config.json cannot say."""
   gemma3 = cfg.family == "gemma3_text"
   if cfg.qk_norm != (cfg.family in ("qwen3", "gemma3_text")):
     raise ConfigError(f"qk_norm={cfg.qk_norm} cannot be written for family {cfg.family!r} "
@@ -472,6 +501,10 @@ def to_hf(cfg: Config) -> dict[str, Any]:
     raise ConfigError("a gemma3_text config.json cannot say rope_local_theta=None (local layers "
                       f"with the global {cfg.rope_type} scaling); set rope_local_theta",
                       field="rope_local_theta")
+  if cfg.n_experts and (cfg.family != "mixtral" or not cfg.moe_renormalize):
+    raise ConfigError(f"experts (n_experts={cfg.n_experts}, moe_renormalize="
+                      f"{cfg.moe_renormalize}) have no config.json form for family "
+                      f"{cfg.family!r}: only 'mixtral', which renormalises", field="n_experts")
   hf: dict[str, Any] = {
       "model_type": cfg.family,
       "architectures": [ARCHITECTURES[cfg.family]],
@@ -512,6 +545,8 @@ def to_hf(cfg: Config) -> dict[str, Any]:
     hf["use_bidirectional_attention"] = False
     hf["sliding_window"] = max(cfg.windows) or None
     hf["layer_types"] = ["sliding_attention" if w else "full_attention" for w in cfg.windows]
+  if cfg.family == "mixtral":
+    hf.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.n_experts_per_tok)
   if cfg.family in ("gemma2", "gemma3_text"):
     hf["hidden_activation"] = hf["hidden_act"]
     q = cfg.query_pre_attn_scalar

@@ -86,6 +86,10 @@ class Attention(nnx.Module):
     return y + self.o_bias[...] if hasattr(self, "o_bias") else y
 
 
+ACT = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+       "gelu": functools.partial(jax.nn.gelu, approximate=False)}
+
+
 class MLP(nnx.Module):
 
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype):
@@ -104,10 +108,82 @@ class MLP(nnx.Module):
     u = jnp.einsum("btd,df->btf", x, self.up[...])
     if hasattr(self, "gate_bias"):
       g, u = g + self.gate_bias[...], u + self.up_bias[...]
-    g = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-         "gelu": functools.partial(jax.nn.gelu, approximate=False)}[self.act](g)
+    g = ACT[self.act](g)
     y = jnp.einsum("btf,fd->btd", g * u, self.down[...])
     return y + self.down_bias[...] if hasattr(self, "down_bias") else y
+
+
+def route(logits: jax.Array, k: int, renormalize: bool) -> tuple[jax.Array, jax.Array]:
+  """Router logits [..., E] float32 -> (weights [..., k] float32, experts [..., k] int32):
+  the k largest of softmax(logits) (softmax over all E experts first, as Mixtral and
+  Qwen3-MoE do), rescaled to sum to 1 when `renormalize`. Ties go to the lower expert id."""
+  weights, experts = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), k)
+  if renormalize:
+    weights = weights / weights.sum(axis=-1, keepdims=True)
+  return weights, experts.astype(jnp.int32)
+
+
+class MoE(nnx.Module):
+  """Mixture-of-experts MLP (Mixtral): router [D, E]; experts gate, up [E, D, F], down
+  [E, F, D]; `route` picks k of E experts per token; exact and capacity-free (no token is
+  dropped, each token's output depends on that token alone).
+
+  Cost per token (N = B * T tokens): router 2·D·E FLOPs, experts 6·k·D·F FLOPs (k/E of a
+  dense evaluation of every expert), in one of two exact forms chosen by shape:
+  - grouped (N * k >= E, e.g. prefill): the N * k (token, expert) pairs sorted by expert,
+    each expert's rows one group of `jax.lax.ragged_dot`. TPU and GPU run it as a grouped
+    matmul (6·N·k·D·F FLOPs, every expert's weights read once); XLA:CPU has no ragged dot
+    and jax lowers it there to a masked dense dot over all E groups (E times the FLOPs,
+    same result: the other groups contribute exact zeros).
+  - gathered (N * k < E, e.g. decoding a few rows): each token's k experts' weights
+    gathered and applied as batched matmuls: 6·N·k·D·F FLOPs and only N * k experts' weights
+    read from memory instead of all E.
+  """
+
+  def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype):
+    D, F, E = cfg.d_model, cfg.ffn_dim, cfg.n_experts
+    self.act = cfg.act
+    self.k = cfg.n_experts_per_tok
+    self.renormalize = cfg.moe_renormalize
+    self.router = init_param(rngs, (D, E), dtype)
+    self.gate = init_param(rngs, (E, D, F), dtype)
+    self.up = init_param(rngs, (E, D, F), dtype)
+    self.down = init_param(rngs, (E, F, D), dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [B, T, D] -> [B, T, D]. The router's logits are computed in x's dtype and then
+    taken to float32 (as transformers does); the k outputs are combined in float32."""
+    B, T, D = x.shape
+    logits = jnp.einsum("btd,de->bte", x, self.router[...]).astype(jnp.float32)
+    weights, experts = route(logits, self.k, self.renormalize)  # [B, T, k]
+    xs, weights, experts = x.reshape(B * T, D), weights.reshape(B * T, -1), experts.reshape(B * T, -1)
+    E = self.router.shape[-1]
+    y = (self._gathered if B * T * self.k < E else self._grouped)(xs, experts)  # [N, k, D]
+    y = jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights)
+    return y.astype(x.dtype).reshape(B, T, D)
+
+  def _ffn(self, g, u):
+    return ACT[self.act](g) * u
+
+  def _grouped(self, x: jax.Array, experts: jax.Array) -> jax.Array:
+    """x [N, D], experts [N, k] -> each pair's expert output [N, k, D] (one ragged dot per
+    projection over the pairs sorted by expert)."""
+    N, k = experts.shape
+    E = self.router.shape[-1]
+    flat = experts.reshape(N * k)
+    order = jnp.argsort(flat, stable=True)  # pair n * k + j, sorted by its expert
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # rows per expert
+    xs = x[order // k]  # [N * k, D]
+    g = jax.lax.ragged_dot(xs, self.gate[...], sizes)
+    u = jax.lax.ragged_dot(xs, self.up[...], sizes)
+    ys = jax.lax.ragged_dot(self._ffn(g, u), self.down[...], sizes)  # [N * k, D]
+    return jnp.zeros_like(ys).at[order].set(ys).reshape(N, k, -1)
+
+  def _gathered(self, x: jax.Array, experts: jax.Array) -> jax.Array:
+    """x [N, D], experts [N, k] -> [N, k, D] from each token's own k experts' weights."""
+    g = jnp.einsum("nd,nkdf->nkf", x, self.gate[...][experts])
+    u = jnp.einsum("nd,nkdf->nkf", x, self.up[...][experts])
+    return jnp.einsum("nkf,nkfd->nkd", self._ffn(g, u), self.down[...][experts])
 
 
 class Block(nnx.Module):
@@ -118,7 +194,10 @@ class Block(nnx.Module):
     self.attn_norm = RMSNorm(cfg, dtype)
     self.attn = Attention(cfg, rngs=rngs, dtype=dtype)
     self.mlp_norm = RMSNorm(cfg, dtype)
-    self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
+    if cfg.n_experts:
+      self.moe = MoE(cfg, rngs=rngs, dtype=dtype)
+    else:
+      self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
     if cfg.post_norms:
       self.post_attn_norm = RMSNorm(cfg, dtype)
       self.post_mlp_norm = RMSNorm(cfg, dtype)
@@ -176,7 +255,7 @@ class Block(nnx.Module):
     if self.cfg.post_norms:
       a = self.post_attn_norm(a)
     x = x + _drop(a, dropout, drop_keys, 1)
-    m = self.mlp(self.mlp_norm(x))
+    m = (self.moe if self.cfg.n_experts else self.mlp)(self.mlp_norm(x))
     if self.cfg.post_norms:
       m = self.post_mlp_norm(m)
     return x + _drop(m, dropout, drop_keys, 2), k_rot if view.rotated else k, v

@@ -8,6 +8,8 @@ XLA's SPMD partitioner inserts the collectives. A dimension whose size the mesh 
 divide (e.g. 2 kv heads on a 4-way "model" axis, or a batch of 3 on 2-way "data") is replicated
 along that axis rather than rejected, so every model runs on every mesh; only the speed-up for
 that dimension is lost. Results equal the single-device ones up to float summation order.
+A mixture of experts' expert axis ("experts") takes the model axis ahead of its ffn axis
+(expert parallelism); when the experts do not divide it, their ffn dimension takes it instead.
 
     mesh = sharding.make_mesh(data=2, model=4)
     out = lm.generate(sharding.shard(model, mesh), prompts)
@@ -37,6 +39,7 @@ DEFAULT_RULES: Rules = (
     ("kv_heads", "model"),
     ("ffn", "model"),
     ("vocab", "model"),
+    ("experts", "model"),  # expert parallelism: ahead of ffn in each expert array, so it wins
 )
 
 _NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm")
@@ -63,6 +66,10 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "blocks/mlp/gate_bias": ("layers", "ffn"),
     "blocks/mlp/up_bias": ("layers", "ffn"),
     "blocks/mlp/down_bias": ("layers", "embed"),
+    "blocks/moe/router": ("layers", "embed", "experts"),
+    "blocks/moe/gate": ("layers", "experts", "embed", "ffn"),
+    "blocks/moe/up": ("layers", "experts", "embed", "ffn"),
+    "blocks/moe/down": ("layers", "experts", "ffn", "embed"),
     **{f"blocks/{n}/scale": ("layers", "embed") for n in _NORMS},
 }
 

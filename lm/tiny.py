@@ -56,6 +56,8 @@ def config(family: str = "llama", **overrides) -> Config:
                 rope_short_factor=(1.0, 1.5, 1.2, 2.8, 1.1, 2.4, 3.9, 1.7),
                 rope_long_factor=(2.0, 3.0, 5.0, 8.0, 11.0, 18.0, 30.0, 41.0),
                 rope_attention_factor=1.2)
+  if family == "mixtral":
+    base.update(n_experts=4, n_experts_per_tok=2, ffn_dim=64, windows=(32, 32))
   base.update(overrides)
   return Config(**base)
 

@@ -11,7 +11,8 @@ import math
 
 import numpy as np
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+            "mixtral")
 VOCAB = 320
 
 GAIN, BIAS = 1.0, 1.0
@@ -52,6 +53,8 @@ def _classes(family):
           sliding_window=12, original_max_position_embeddings=128,
           rope_scaling={"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG},
           bos_token_id=0, eos_token_id=1, pad_token_id=None)),  # its defaults: ids >= 32000
+      "mixtral": (t.MixtralConfig, t.MixtralForCausalLM, dict(
+          num_local_experts=4, num_experts_per_tok=2, sliding_window=12)),
   }[family]
 
 
@@ -67,8 +70,8 @@ def hf_model(family: str, seed: int = 0, **overrides):
         p.add_(torch.randn_like(p) * 0.1)
       elif p.ndim == 1:  # qkv biases
         p.normal_(0, BIAS)
-      else:  # torch Linear [out, in] and the embedding [V, D]: fan-in is dim 1
-        p.normal_(0, GAIN / math.sqrt(p.shape[1]))
+      else:  # torch Linear [out, in], fused experts [E, out, in], the embedding [V, D]
+        p.normal_(0, GAIN / math.sqrt(p.shape[-1]))
   return model
 
 

@@ -84,7 +84,7 @@ def test_orbax_bad_paths(models, tmp_path):
 # --- Hugging Face format -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3", "gemma3_text", "phi3", "mixtral"])
 def test_save_load_and_transformers(models, family, tmp_path):
   import transformers
   model = models(family)
@@ -145,3 +145,32 @@ def test_phi3_fused_tensors_written_back(hf_dir, tmp_path):
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
   assert lm.load(str(tmp_path / "out"), weights=False).cfg == model.cfg
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])
+def test_n_params_counts_every_weight(models, family):
+  model = models(family)
+  assert model.cfg.n_params == sum(a.size for a in jax.tree.leaves(model.params()))
+
+
+def test_experts_load_from_either_layout(hf_dir, tmp_path):
+  """Mixtral's experts load from the per-expert tensors that save_pretrained and published
+  checkpoints write (block_sparse_moe.experts.{e}.w1/w2/w3, block_sparse_moe.gate) and from
+  transformers 5's fused in-memory layout (mlp.experts.gate_up_proj [E, 2F, D] with gate rows
+  first, mlp.experts.down_proj [E, D, F], mlp.gate) alike."""
+  import shutil
+  from safetensors.numpy import load_file, save_file
+  src = hf_dir("mixtral")
+  path = shutil.copytree(src, str(tmp_path / "fused"))
+  per_expert = load_file(f"{src}/model.safetensors")
+  fused = {}
+  cfg = lm.load(src).cfg
+  for name, w in per_expert.items():
+    if ".block_sparse_moe.experts." not in name:
+      fused[name.replace(".block_sparse_moe.", ".mlp.")] = w
+  for i in range(cfg.n_layers):
+    old = f"model.layers.{i}.block_sparse_moe.experts.{{}}.{{}}.weight"
+    stack = lambda n: np.stack([per_expert[old.format(e, n)] for e in range(cfg.n_experts)])  # noqa: E731
+    fused[f"model.layers.{i}.mlp.experts.gate_up_proj"] = np.concatenate(
+        [stack("w1"), stack("w3")], axis=1)
+    fused[f"model.layers.{i}.mlp.experts.down_proj"] = stack("w2")
+  save_file(fused, f"{path}/model.safetensors", metadata={"format": "pt"})
+  leaves_equal(lm.load(path).params(), lm.load(src).params())

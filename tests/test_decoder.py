@@ -1,5 +1,6 @@
 """The one forward: layer ranges, input embeddings, explicit positions and masks, captures."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -125,3 +126,37 @@ def test_padded_rows_do_not_leak(dec):
   nxt, _ = dec(x[:, :1], cache=c)
   ref2, _ = dec(jnp.concatenate([x[1:, :5], x[1:, :1]], axis=1))
   np.testing.assert_allclose(nxt.logits[1, 0], ref2.logits[0, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_experts_route_and_both_forms_equal_every_expert_dense(renormalize):
+  """`route` keeps the k largest of the softmax over all E experts (before the top-k, so
+  without renormalisation the k weights sum to below 1, as Qwen3-MoE's norm_topk_prob=False
+  has it); the grouped (ragged dot) and gathered forms equal every expert evaluated densely
+  and combined with the routing weights (zero for the experts not chosen). 10 tokens take
+  the grouped form, 1 token the gathered one."""
+  from flax import nnx
+  from kvjax.lm.decoder import MoE, route
+  cfg = tiny.config("mixtral", n_experts=6, n_experts_per_tok=3, moe_renormalize=renormalize)
+  moe = MoE(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32)
+  for w in (moe.router, moe.gate, moe.up, moe.down):
+    w[...] = w[...] * 30  # O(1) router logits and expert outputs
+  x = jnp.asarray(np.random.RandomState(0).randn(2, 5, cfg.d_model), jnp.float32)
+  logits = jnp.einsum("btd,de->bte", x, moe.router[...])
+  probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+  weights, experts = route(logits, 3, renormalize)
+  top = np.argsort(-probs, axis=-1)[..., :3]
+  np.testing.assert_array_equal(np.sort(experts, -1), np.sort(top, -1))
+  kept = np.take_along_axis(probs, np.asarray(experts), -1)
+  np.testing.assert_allclose(weights, kept / kept.sum(-1, keepdims=True) if renormalize
+                             else kept, rtol=1e-6)
+  dense = np.zeros_like(probs)  # [B, T, E]: each expert's weight, 0 where not chosen
+  np.put_along_axis(dense, np.asarray(experts), np.asarray(weights), -1)
+  h = jax.nn.silu(jnp.einsum("btd,edf->btef", x, moe.gate[...])) * jnp.einsum(
+      "btd,edf->btef", x, moe.up[...])
+  want = jnp.einsum("btef,efd,bte->btd", h, moe.down[...], dense)
+  np.testing.assert_allclose(moe(x), want, atol=1e-4, rtol=1e-5)  # 10 tokens: grouped
+  for b in range(2):  # one token, 3 of 6 experts: gathered
+    for t in range(5):
+      np.testing.assert_allclose(moe(x[b:b + 1, t:t + 1])[0, 0], want[b, t], atol=1e-4,
+                                 rtol=1e-5)

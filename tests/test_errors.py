@@ -273,6 +273,57 @@ def test_config_llama3_rope_factors_ordered():
          "rope_low_freq_factor (4.0) must be below rope_high_freq_factor (4.0)")
 
 
+@pytest.mark.parametrize("overrides,expected", [
+    (dict(n_experts_per_tok=5), "n_experts_per_tok must be an int in [1, n_experts=4]; got 5"),
+    (dict(n_experts_per_tok=0), "n_experts_per_tok must be an int in [1, n_experts=4]; got 0"),
+    (dict(n_experts=-1), "n_experts must be an int >= 0; got -1"),
+    (dict(n_experts=0, n_experts_per_tok=0), "n_experts must be an int >= 1 for family 'mixtral'"),
+    (dict(n_experts=2.0), "n_experts must be an int >= 0; got 2.0"),
+    (dict(moe_renormalize=1), "moe_renormalize must be true or false; got 1"),
+    (dict(mlp_bias=True), "mlp_bias is not supported with experts (n_experts > 0)"),
+])
+def test_config_expert_fields_checked(overrides, expected):
+  raises(lm.ConfigError, lambda: tiny.config("mixtral", **overrides), expected)
+
+
+def test_config_experts_need_a_moe_family():
+  raises(lm.ConfigError, lambda: tiny.config(n_experts_per_tok=2),
+         "n_experts_per_tok must be 0 without experts (n_experts=0: a dense MLP); got 2")
+  from kvjax.lm import config
+  for cfg in (tiny.config(n_experts=4, n_experts_per_tok=2),  # a llama with experts
+              tiny.config("mixtral", moe_renormalize=False)):
+    raises(lm.ConfigError, lambda: config.to_hf(cfg), "no config.json form for family",
+           f"{cfg.family!r}")
+
+
+@pytest.fixture
+def broken_moe(hf_dir, tmp_path):
+  """A fresh copy of the tiny mixtral checkpoint (4 experts, top-2, 3 layers)."""
+  return shutil.copytree(hf_dir("mixtral"), str(tmp_path / "moe"))
+
+
+def test_config_experts_per_token_named_by_its_key(broken_moe):
+  edit_json(broken_moe, "config.json", lambda c: c.update(num_experts_per_tok=5))
+  raises(lm.ConfigError, lambda: lm.load(broken_moe), os.path.join(broken_moe, "config.json"),
+         "num_experts_per_tok must be an int in [1, num_local_experts=4]; got 5")
+
+
+def test_missing_expert_tensor(broken_moe):
+  name = "model.layers.2.block_sparse_moe.experts.3.w2.weight"
+  edit_tensors(broken_moe, lambda t: t.pop(name))
+  raises(lm.CheckpointError, lambda: lm.load(broken_moe), f"missing tensor {name!r}",
+         "expected shape [64, 128]")
+
+
+def test_extra_expert_tensor(broken_moe):
+  """A checkpoint with more experts than config.json's num_local_experts is refused."""
+  w1 = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
+  extra = "model.layers.0.block_sparse_moe.experts.4.w1.weight"
+  edit_tensors(broken_moe, lambda t: t.update({extra: t[w1]}))
+  raises(lm.CheckpointError, lambda: lm.load(broken_moe), f"1 tensor(s) that a mixtral model",
+         repr(extra))
+
+
 # --- safetensors ---------------------------------------------------------------------------------
 
 

@@ -94,6 +94,26 @@ def test_config_reader_new_families(family, changes, rope):
 
 
 @FAST
+@given(changes=st.dictionaries(st.sampled_from(["num_local_experts", "num_experts_per_tok",
+                                                "sliding_window", "intermediate_size"]),
+                               JSON | st.integers(-2, 9), min_size=1, max_size=3))
+def test_expert_fields_accepted_or_named(changes):
+  hf = {**HF, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2,
+        **changes}
+  try:
+    cfg = config.from_hf(hf, "fuzz/config.json")
+  except config.ConfigError as err:
+    assert str(err).startswith("fuzz/config.json: "), err
+    return
+  in_domain(cfg)
+  assert 1 <= cfg.n_experts_per_tok <= cfg.n_experts
+  for key, field in (("num_local_experts", "n_experts"), ("num_experts_per_tok",
+                                                          "n_experts_per_tok")):
+    if changes.get(key) is not None:  # used as given
+      assert getattr(cfg, field) == changes[key]
+
+
+@FAST
 @given(value=JSON | st.floats(-1e9, 1e9))
 def test_each_numeric_field_checked(value):
   for key in ("rms_norm_eps", "rope_theta", "num_key_value_heads", "head_dim",

@@ -16,7 +16,7 @@ MESHES = {"data4": (4, 1), "model4": (1, 4), "data2_model4": (2, 4)}
 # On a 4-way model axis the tiny models' 2 kv heads do not divide: k, v are replicated.
 CASES = [("llama", "data4"), ("llama", "model4"), ("llama", "data2_model4"),
          ("gemma2", "data2_model4"), ("qwen3", "data2_model4"), ("gemma3_text", "data2_model4"),
-         ("phi3", "data2_model4")]
+         ("phi3", "data2_model4"), ("mixtral", "data2_model4")]  # mixtral: 4 experts on 4 shards
 ROWS = prompts(lengths=(7, 3, 18, 11))  # 18 > gemma2's sliding window of 12
 
 
@@ -102,6 +102,31 @@ def test_param_specs(load):
   assert spec(s8["blocks"]["attn"]["q"]) == P(None, None, None, None)
   assert spec(s8["blocks"]["mlp"]["up"]) == P(None, None, "model")
   assert spec(s8["embed"]) == P("model", None)
+
+
+def test_expert_specs(load):
+  """Experts shard on the model axis when it divides them (expert parallelism: one expert per
+  device on 4 shards), else their ffn dimension does."""
+  model = load("mixtral")  # 4 experts, ffn 128
+  moe = sharding.shard(model, mesh("data2_model4")).state["blocks"]["moe"]
+  assert spec(moe["gate"]) == spec(moe["up"]) == P(None, "model", None, None)
+  assert spec(moe["down"]) == P(None, "model", None, None)
+  assert spec(moe["router"]) == P(None, None, "model")
+  assert {s.data.shape for s in moe["gate"][...].addressable_shards} == {(3, 1, 64, 128)}
+  moe8 = sharding.shard(model, sharding.make_mesh(1, 8)).state["blocks"]["moe"]
+  assert spec(moe8["gate"]) == P(None, None, None, "model")
+  assert spec(moe8["down"]) == P(None, None, "model", None)
+  assert spec(moe8["router"]) == P(None, None, None)
+
+
+def test_experts_sharded_decode_one_row(load):
+  """One row decodes through the gathered experts form (k=2 of 4 experts per step); sharded
+  on the expert axis, it equals one device."""
+  model = load("mixtral")
+  row = ROWS[2]
+  want = lm.generate(model, row, max_new_tokens=8, stop_tokens=[]).tokens
+  sharded = sharding.shard(model, mesh("model4"))
+  assert lm.generate(sharded, row, max_new_tokens=8, stop_tokens=[]).tokens == want
 
 
 def test_qkv_bias_specs(load):
