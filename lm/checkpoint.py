@@ -54,7 +54,7 @@ def _entries(cfg: Config, *, fused: bool = False) -> list[Entry]:
   def heads(a, b):
     return (lambda w: w.reshape(a, b)), (lambda w: w.reshape(a * b))
 
-  def fused(*shapes):  # torch Linears' rows stacked [sum(prod(shape)), D] -> [D, *shape] each
+  def rows(*shapes):  # torch Linears' rows stacked [sum(prod(shape)), D] -> [D, *shape] each
     bounds = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
     return ((lambda w: tuple(w[lo:hi].T.reshape(D, *s)
                              for lo, hi, s in zip(bounds[:-1], bounds[1:], shapes))),
@@ -93,9 +93,9 @@ def _entries(cfg: Config, *, fused: bool = False) -> list[Entry]:
     fuse = {("blocks", "attn", n) for n in "qkv"} | {("blocks", "mlp", n) for n in ("gate", "up")}
     e = [x for x in e if isinstance(x[0], list) or x[0] not in fuse]
     e += [([("blocks", "attn", n) for n in "qkv"], layer + "self_attn.qkv_proj.weight",
-           ((N + 2 * K) * H, D), *fused((N, H), (K, H), (K, H))),
+           ((N + 2 * K) * H, D), *rows((N, H), (K, H), (K, H))),
           ([("blocks", "mlp", "gate"), ("blocks", "mlp", "up")], layer + "mlp.gate_up_proj.weight",
-           (2 * F, D), *fused((F,), (F,)))]
+           (2 * F, D), *rows((F,), (F,)))]
   if cfg.post_norms:
     e += [(("blocks", "post_attn_norm", "scale"), layer + "post_attention_layernorm.weight",
            (D,), same, same),

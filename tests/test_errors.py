@@ -320,7 +320,7 @@ def test_extra_expert_tensor(broken_moe):
   w1 = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
   extra = "model.layers.0.block_sparse_moe.experts.4.w1.weight"
   edit_tensors(broken_moe, lambda t: t.update({extra: t[w1]}))
-  raises(lm.CheckpointError, lambda: lm.load(broken_moe), f"1 tensor(s) that a mixtral model",
+  raises(lm.CheckpointError, lambda: lm.load(broken_moe), "1 tensor(s) that a mixtral model",
          repr(extra))
 
 
