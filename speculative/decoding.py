@@ -108,15 +108,16 @@ def draft_verify(dec, head, cache, hcache, root, h, logits, key, live, *, spec, 
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["round", "cache", "hcache", "root", "h", "logits", "out", "done",
-                                "counts", "rounds", "proposed", "bad"], meta_fields=[])
+                                "counts", "rounds", "accepted", "bad"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class LoopState:
   """The carry of the speculative `while_loop`. round: [] int32 rounds run (target verify
   forwards); cache, hcache: the target's and the head's; root [B] each row's last accepted
   token (the next tree's root), h [B, D] its feature, logits [B, V] the head's draft logits
   from it; out [B, max_steps + D1] int32 tokens emitted; done [B] bool; counts [B] tokens
-  per row; rounds [B] rounds each row took part in; proposed [B] the tokens they produced; bad
-  [B] a row's target logits were not finite in a round it took part in."""
+  per row; rounds [B] rounds each row took part in; accepted [B, max_steps] the tokens each
+  round produced for each row (m + 1; 0 once the row is done); bad [B] a row's target logits
+  were not finite in a round it took part in."""
 
   round: jax.Array
   cache: KVCache
@@ -128,7 +129,7 @@ class LoopState:
   done: jax.Array
   counts: jax.Array
   rounds: jax.Array
-  proposed: jax.Array
+  accepted: jax.Array
   bad: jax.Array
 
 
@@ -141,8 +142,9 @@ def loop(graphdef, state, head_state, cache, hcache, root, h, logits, bad, key, 
   bad [B]: the prefill's non-finite flag, carried on.
 
   Returns (tokens [B, max_steps], counts [B] tokens per row (a stop token included), rounds
-  [B] rounds each row took part in, proposed [B] the tokens those rounds produced before any
-  cut at a stop token or the limit (m + 1 each), n_rounds: target verify forwards, bad [B]
+  [B] rounds each row took part in, accepted [B, max_steps] the tokens each round produced
+  before any cut at a stop token or the limit (m + 1; row b's rounds are its first rounds[b]
+  columns, 0 after), n_rounds: target verify forwards, bad [B]
   non-finite target logits in the prefill or a round, cache, hcache). Both caches are
   donated: the loop updates them in place."""
   dec, head = nnx.merge(graphdef, state), nnx.merge(head_graphdef, head_state)
@@ -170,10 +172,12 @@ def loop(graphdef, state, head_state, cache, hcache, root, h, logits, bad, key, 
         out=s.out.at[jnp.arange(B)[:, None], cols].set(emit, mode="drop"),
         done=s.done | (live & (first < n_emit)) | (s.counts + n_emit >= n_steps),
         counts=s.counts + n_emit, rounds=s.rounds + live,
-        proposed=s.proposed + jnp.where(live, m + 1, 0), bad=s.bad | bad)
+        accepted=s.accepted.at[:, s.round].set(jnp.where(live, m + 1, 0), mode="drop"),
+        bad=s.bad | bad)
 
   s = jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, LoopState(
       round=jnp.int32(0), cache=cache, hcache=hcache, root=root, h=h, logits=logits, out=out,
-      done=done, counts=counts, rounds=zeros, proposed=zeros, bad=bad))
-  return (s.out[:, :max_steps], s.counts, s.rounds, s.proposed, s.round, s.bad, s.cache,
+      done=done, counts=counts, rounds=zeros, accepted=jnp.zeros((B, max_steps), jnp.int32),
+      bad=bad))
+  return (s.out[:, :max_steps], s.counts, s.rounds, s.accepted, s.round, s.bad, s.cache,
           s.hcache)

@@ -46,8 +46,9 @@ def generate(model: Model, head: heads.LoadedHead, prompts: Prompt | Sequence[Pr
 
   Arguments as for `kvjax.lm.generate`; tree: the draft tree (default TreeSpec(); top_k=1 is
   chain drafting). stats adds mean_accept_len (tokens per verify forward, the bonus token
-  included, over every row's rounds), target_forwards (verify forwards after the prefill)
-  and rounds_per_row."""
+  included, over every row's rounds), target_forwards (verify forwards after the prefill),
+  rounds_per_row, and accept_lens (per row, the tokens each of its rounds produced, in order:
+  what mean_accept_len averages)."""
   tree = tree or TreeSpec()
   if not isinstance(tree, TreeSpec):
     raise TypeError(f"tree must be a kvjax.speculative.TreeSpec; got {type(tree).__name__}")
@@ -75,21 +76,22 @@ def generate(model: Model, head: heads.LoadedHead, prompts: Prompt | Sequence[Pr
   root.block_until_ready()
   prefill_s = time.perf_counter() - t0 - compile_p
   t0 = time.perf_counter()
-  (out, counts, rounds, proposed, n_rounds, bad, _, _), compile_d = steps.call(
+  (out, counts, rounds, accepted, n_rounds, bad, _, _), compile_d = steps.call(
       model, decoding.loop, model.state, head.state, cache, hcache, root, h, logits, bad, key,
       jnp.int32(max_new_tokens), jnp.asarray(stops, jnp.int32), spec=tree,
       max_steps=steps.bucket(max_new_tokens), **static)
   out, counts = np.asarray(out), np.asarray(counts)
   decode_s = time.perf_counter() - t0 - compile_d
   check_finite(model, bad, "speculative generate")
-  rounds, proposed = np.asarray(rounds), np.asarray(proposed)
+  rounds, accepted = np.asarray(rounds), np.asarray(accepted)
   texts, toks, finish = outputs(model, out, counts, stop, stops)
   new = int(counts.sum())
   stats = dict(prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_p + compile_d,
                prompt_tokens=int(lengths.sum()), new_tokens=new,
                decode_tokens_per_s=new / decode_s if decode_s > 0 else float("nan"),
-               mean_accept_len=float(proposed.sum() / max(rounds.sum(), 1)),
-               target_forwards=int(n_rounds), rounds_per_row=rounds.tolist())
+               mean_accept_len=float(accepted.sum() / max(rounds.sum(), 1)),
+               target_forwards=int(n_rounds), rounds_per_row=rounds.tolist(),
+               accept_lens=[a[:r].tolist() for a, r in zip(accepted, rounds)])
   return Generation(texts, toks, rows, finish, stats)
 
 

@@ -169,6 +169,12 @@ def test_greedy_tree_equals_vanilla_batch4(model, head, monkeypatch, spec):
   assert all(len(t) == 29 for t in out.tokens)
   rounds = out.stats["rounds_per_row"]
   assert len(set(rounds)) > 1 and out.stats["mean_accept_len"] > 1.8
+  lens = out.stats["accept_lens"]  # per round: the oracle's right levels + the bonus token
+  assert [len(a) for a in lens] == rounds
+  assert sum(map(sum, lens)) / sum(rounds) == pytest.approx(out.stats["mean_accept_len"])
+  if spec.top_k == 1:  # a chain holds every right level up to its depth (the oracle's rows end
+    for a, g in zip(lens, [4, 1, 2, 3]):  # at the 29th token: the last round may find fewer)
+      assert set(a[:-1]) == {min(g, spec.depth) + 1} and 1 <= a[-1] <= min(g, spec.depth) + 1
 
 
 def test_stop_tokens_and_limit(model, head, monkeypatch):
