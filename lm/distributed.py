@@ -26,7 +26,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Sharding
 
-__all__ = ["ENV", "fetch", "initialize", "is_main", "put"]
+__all__ = ["ENV", "barrier", "fetch", "initialize", "is_main", "put"]
 
 # argument -> the environment variable read when the argument is None (JAX's own names).
 ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
@@ -85,6 +85,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 def is_main() -> bool:
   """True on process 0, the one that writes files and prints progress."""
   return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (no-op in a single process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def put(x, sharding: Sharding | None = None):
