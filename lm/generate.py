@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.lm import engine, steps
+from kvjax.lm import distributed, engine, steps
 from kvjax.lm.engine import (NonFiniteError, Prompt, check_context, detokenize, nbytes,
                              new_cache, outputs, pad, tokenize)
 from kvjax.lm.model import Model
@@ -91,7 +91,7 @@ def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens
   (out, counts, bad, cache), compile_d = steps.call(
       model, steps.decode_loop, model.state, cache, logits, key, jnp.int32(rest),
       jnp.asarray(stops, jnp.int32), sampling=sampling, max_steps=steps.bucket(rest))
-  out, counts = np.asarray(out), np.asarray(counts)
+  out, counts, bad = distributed.fetch((out, counts, bad))  # rows from every process
   decode_s = time.perf_counter() - t0 - compile_d
   del cache
   engine.check_finite(model, bad, "generate")
@@ -145,7 +145,7 @@ def generate_iter(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
           model, steps.sample_decode, model.state, cache, logits, key, jnp.int32(step),
           sampling=sampling)
       acc["compile_s"] += c
-      tok, bad = jax.device_get((tok, bad))
+      tok, bad = distributed.fetch((tok, bad))
       engine.check_finite(model, bad, f"generate_iter (token {step})")
       yield int(tok[0])
 
@@ -183,7 +183,7 @@ def score(model: Model, token_ids) -> np.ndarray | list[np.ndarray]:
                      f"{model.cfg.max_position} positions")
   tokens = pad(rows, steps.bucket(longest, minimum=8))
   logits, _ = steps.call(model, steps.score, model.state, jnp.asarray(tokens))
-  logits = np.asarray(logits)
+  logits = distributed.fetch(logits)
   engine.check_finite(model, [not np.isfinite(logits[b, :len(r)]).all()
                               for b, r in enumerate(rows)], "score")
   if ragged:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kvjax.lm import sharding, steps
+from kvjax.lm import distributed, sharding, steps
 from kvjax.lm.attention import Training
 from kvjax.lm.config import to_hf
 from kvjax.lm.model import Model, load, save
@@ -191,7 +191,8 @@ def train(model: Model, tc: TrainConfig, batches: Callable[[int], Iterable[Batch
   check_resume(tc.out_dir, {"model": to_hf(model.cfg), "train": tc.resume_key()})
   base = dataclasses.replace(model, state=jax.tree.map(lambda a: a.astype(jnp.float32),
                                                        model.state), compiled={})
-  save(base, os.path.join(tc.out_dir, SPEC), weights=False)  # what `export` builds upon
+  if distributed.is_main():
+    save(base, os.path.join(tc.out_dir, SPEC), weights=False)  # what `export` builds upon
   mesh = make_mesh(tc)
   work = sharding.shard(base, mesh) if mesh is not None else base
   batch_sharding = _batch_sharding(mesh, tc.batch_size) if mesh is not None else None
@@ -213,7 +214,7 @@ def train(model: Model, tc: TrainConfig, batches: Callable[[int], Iterable[Batch
       postfix=lambda r: {"loss": f"{r['loss']:.4f}", "tok_s": f"{r['tokens_per_s']:.0f}"},
       progress=progress, flops=lambda batch: step_flops(model.cfg, *np.shape(batch["inputs"])),
       best_metric="eval_bpc")
-  host = jax.tree.map(np.asarray, jax.device_get(state["params"]))
+  host = distributed.fetch(state["params"])  # gathered from every process
   return Result(model=base.with_params(host), records=records, resumed_from=start)
 
 

@@ -30,6 +30,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+from kvjax.lm import distributed
 from kvjax.train import metrics
 
 Batch = dict[str, np.ndarray]
@@ -188,13 +189,14 @@ def check_batch(batch: Batch, tc: RunConfig, vocab_size: int, step: int,
 
 def to_device(batch: Batch, sharding_=None, keys: dict = BATCH_KEYS) -> dict[str, jax.Array]:
   """The `keys` arrays (int32 / float32 by kind; plus segment_ids, positions [B, T] int32 when
-  present) on device."""
+  present) on device: placed with sharding_ (the same global batch on every process, each
+  taking the shards it holds), or on the default device."""
   out = {k: np.asarray(batch[k], np.int32 if kind is np.integer else np.float32)
          for k, kind in keys.items()}
   for key in OPTIONAL_KEYS:
     if key in batch:
       out[key] = np.asarray(batch[key], np.int32)
-  return jax.device_put(out, sharding_) if sharding_ is not None else jax.device_put(out)
+  return distributed.put(out, sharding_)
 
 
 def batch_iter(batches, start: int) -> Iterator[Batch]:
@@ -208,7 +210,8 @@ def batch_iter(batches, start: int) -> Iterator[Batch]:
 
 
 def check_resume(out_dir: str, run: dict[str, Any]) -> None:
-  """Writes out_dir/run.json, or checks that a run already there is the same run."""
+  """Writes out_dir/run.json, or checks that a run already there is the same run (every
+  process checks; process 0 writes)."""
   path = os.path.join(out_dir, RUN_FILE)
   if os.path.exists(path):
     with open(path) as f:
@@ -220,8 +223,10 @@ def check_resume(out_dir: str, run: dict[str, Any]) -> None:
         raise TrainError(f"{out_dir} holds checkpoints of a different run ({part} settings "
                          f"differ: {', '.join(diff)}); resume with the same settings or pass a "
                          "new out dir")
-  with open(path, "w") as f:
-    json.dump(run, f, indent=2)
+  distributed.barrier("kvjax check_resume")  # every process has read run.json before it is written
+  if distributed.is_main():
+    with open(path, "w") as f:
+      json.dump(run, f, indent=2)
 
 
 def _manager(tc: RunConfig, where: str = CHECKPOINTS, keep: int | None = -1,
@@ -388,13 +393,15 @@ def run_loop(rc: RunConfig, state, batches, step: Callable, *,
     if manager.latest_step() is not None:
       state = _restore(manager, state)
       start = int(state["step"])
-    metrics.truncate(rc.out_dir, start)
+    main = distributed.is_main()  # the one process that writes files and shows progress
+    if main:
+      metrics.truncate(rc.out_dir, start)
     best = read_best(rc.out_dir)
     end = rc.steps
     if tracking and rc.patience and best and best["evals_since"] >= rc.patience:
       end = start  # this run already stopped early: nothing more to train
     it = batch_iter(batches, start)
-    bar = _progress(progress, start, rc.steps)
+    bar = _progress(progress and main, start, rc.steps)
     t0, done, work = time.perf_counter(), 0.0, 0.0
     try:
       for i in range(start + 1, end + 1):
@@ -406,7 +413,7 @@ def run_loop(rc: RunConfig, state, batches, step: Callable, *,
         work += flops(batch) if flops is not None else 0.0
         stop = False
         if _is_log_step(rc, i, has_eval):
-          stats = jax.device_get(stats)
+          stats = distributed.fetch(stats)
           stats.pop("n", None)
           record = {"step": i, **{k: float(v) for k, v in stats.items()}}
           elapsed = max(time.perf_counter() - t0, 1e-9)
@@ -423,19 +430,22 @@ def run_loop(rc: RunConfig, state, batches, step: Callable, *,
                   best_manager.save(i, args=ocp.args.StandardSave(state), force=True)
               else:
                 best["evals_since"] += 1
-              _write_best(rc.out_dir, best)
+              if main:
+                _write_best(rc.out_dir, best)
               stop = bool(rc.patience) and best["evals_since"] >= rc.patience
               record["best_" + best_metric] = best["value"]
               if stop:
                 record["stopped_early"] = 1.0
           records.append(record)
-          metrics.append(rc.out_dir, record)
+          if main:
+            metrics.append(rc.out_dir, record)
           bar.set_postfix(postfix(record) | ({"mfu": f"{record['mfu']:.0%}"} if peak else {}))
           t0, done, work = time.perf_counter(), 0.0, 0.0  # the rates exclude evaluation
         bar.update(1)
         if (rc.save_every and i % rc.save_every == 0) or i == rc.steps or stop:
           manager.save(i, args=ocp.args.StandardSave(state), force=True)
-          metrics.plot(rc.out_dir, **label)
+          if main:
+            metrics.plot(rc.out_dir, **label)
           t0, done, work = time.perf_counter(), 0.0, 0.0  # and checkpoint writes
         if stop:
           break
@@ -451,7 +461,8 @@ def run_loop(rc: RunConfig, state, batches, step: Callable, *,
     bar.close()
     manager.wait_until_finished()
     best_manager.wait_until_finished()
-  metrics.plot(rc.out_dir, **label)
+  if distributed.is_main():
+    metrics.plot(rc.out_dir, **label)
   return state, records, start
 
 
