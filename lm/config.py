@@ -216,6 +216,13 @@ class Config:
                         field="windows")
     if not all(_is_int(w) and w >= 0 for w in self.windows):
       bad("windows", "ints >= 0 (0: global attention)")
+    if self.family == "phi3" and (len(set(self.windows)) > 1 or self.qkv_bias or self.o_bias
+                                  or self.mlp_bias or self.post_norms):
+      raise ConfigError("phi3 has one sliding_window for every layer and no biases or post-norms "
+                        f"(its checkpoint format); got windows={self.windows}, "
+                        f"qkv_bias={self.qkv_bias}, o_bias={self.o_bias}, "
+                        f"mlp_bias={self.mlp_bias}, post_norms={self.post_norms}",
+                        field="windows" if len(set(self.windows)) > 1 else None)
 
   @property
   def query_scale(self) -> float:
@@ -370,7 +377,7 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
   gemma = family in ("gemma", "gemma2", "gemma3_text")
   gemma_post = family in ("gemma2", "gemma3_text")  # post norms, query scalar, soft-caps
   moe = family == "mixtral"
-  attention_bias = flag("attention_bias")
+  attention_bias = flag("attention_bias") and not phi3  # Phi-3's Linears have no bias
   try:
     return Config(
         family=family,
@@ -387,7 +394,7 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
         rope_theta=num(opt("rope_theta", opt("rope_theta", 1e6 if gemma3 or moe else 10000.0),
                            table=rope)),  # 5.x, 4.x; Gemma 3's and Mixtral's default is 1e6
         rope_type=rope_type,
-        rope_factor=num(opt("factor", 1.0, rope)),
+        rope_factor=1.0 if longrope else num(opt("factor", 1.0, rope)),  # longrope: folded
         rope_low_freq_factor=num(opt("low_freq_factor", 1.0, rope)),
         rope_high_freq_factor=num(opt("high_freq_factor", 4.0, rope)),
         rope_original_max_position=longrope.pop("rope_original_max_position",
@@ -396,7 +403,7 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
                                   table=local_rope)) if gemma3 else None),
         qkv_bias=family == "qwen2" or attention_bias,
         o_bias=attention_bias and family != "qwen2",
-        mlp_bias=flag("mlp_bias"),
+        mlp_bias=flag("mlp_bias") and not phi3,
         norm_plus_one=gemma,
         scale_embeddings=gemma,
         tie_embeddings=flag("tie_word_embeddings", gemma),

@@ -451,6 +451,10 @@ def test_longrope_serves_the_short_regime_only(phi3):
          "max_position (2048) must be <= rope_original_max_position (1024)", "short-factor")
   raises(lm.ConfigError, lambda: tiny.config(rope_short_factor=(1.0,) * 8),
          "rope_short_factor must be () unless rope_type is 'longrope'")
+  raises(lm.ConfigError, lambda: tiny.config("phi3", windows=(16, 0)),
+         "phi3 has one sliding_window for every layer", "windows=(16, 0)")
+  edit_json(phi3, "config.json", lambda c: c.update(attention_bias=True, mlp_bias=True))
+  assert lm.load(phi3, weights=False).cfg == model.cfg  # Phi-3's Linears ignore both
   edit_json(phi3, "config.json", lambda c: c.update(model_type="llama"))
   raises(lm.ConfigError, lambda: lm.load(phi3), "rope type 'longrope' is not supported for "
          "model_type 'llama'")
