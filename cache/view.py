@@ -78,8 +78,9 @@ class View:
   hands the cache's `write` keys in the form it stores). cache_read: when set, the cache's
   slots are read by this function instead of by blocks: cache_read(q [B, T, N, H] before RoPE,
   k, v [B, K, S, H] the layer's slots, *, freq, window, scale, softcap) -> (o, lse), a partial
-  softmax for `attend(partial=...)`. reads_new: cache_read also reads the step's own keys,
-  given as `new=(k [B, K, T, H] rotated at new_pos, v)`, and `blocks` is empty."""
+  softmax for `attend(partial=...)`; freq [H/2] is the layer's own RoPE (layers may differ).
+  reads_new: cache_read also reads the step's own keys, given as `new=(k [B, K, T, H] rotated
+  at new_pos, v)`, and `blocks` is empty."""
 
   q_pos: tuple[jax.Array, ...]
   new_pos: jax.Array

@@ -43,10 +43,11 @@ def config(family: str = "llama", **overrides) -> Config:
   if family == "gemma2":
     base.update(post_norms=True, query_pre_attn_scalar=16.0, attn_softcap=50.0,
                 final_softcap=30.0, windows=(32, 0))
-  if family == "gemma3_text":  # two local layers (own RoPE base), then a global one
-    base.update(n_layers=3, post_norms=True, qk_norm=True, query_pre_attn_scalar=16.0,
-                windows=(32, 32, 0), rope_theta=1e6, rope_local_theta=1e4,
-                rope_type="linear", rope_factor=8.0)
+  if family == "gemma3_text":  # local layers (own RoPE base); every third and the last global
+    L = overrides.get("n_layers", 3)
+    base.update(n_layers=L, post_norms=True, qk_norm=True, query_pre_attn_scalar=16.0,
+                windows=tuple(0 if (i + 1) % 3 == 0 or i == L - 1 else 32 for i in range(L)),
+                rope_theta=1e6, rope_local_theta=1e4, rope_type="linear", rope_factor=8.0)
   if family == "qwen2":
     base.update(qkv_bias=True)
   if family == "qwen3":

@@ -216,10 +216,12 @@ G3 = "m/config.json"
 
 @pytest.mark.parametrize("changes,parts", [
     (dict(use_bidirectional_attention=True), ["use_bidirectional_attention: true", "causally"]),
-    (dict(use_bidirectional_attention="yes"), ["use_bidirectional_attention must be true or false"]),
+    (dict(use_bidirectional_attention="yes"),
+     ["use_bidirectional_attention must be true or false"]),
     (dict(sliding_window=None), ["sliding_window must be an int >= 1", "gemma3_text",
                                  "sliding_attention layers"]),
-    (dict(layer_types=None, sliding_window_pattern=0), ["sliding_window_pattern must be an int >= 1"]),
+    (dict(layer_types=None, sliding_window_pattern=0),
+     ["sliding_window_pattern must be an int >= 1"]),
     (dict(rope_local_base_freq=-1.0), ["rope_local_base_freq must be null or a finite number > 0",
                                        "got -1.0"]),
     (dict(query_pre_attn_scalar=0), ["query_pre_attn_scalar must be null or a finite number > 0"]),

@@ -321,10 +321,11 @@ def test_cli_batch1(model, head, tmp_path):
   assert code == 1 and "not a head directory" in err
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text"])
 def test_tree_forward_kernel_equals_mask_path(family, monkeypatch):
   """The verify forward through the tree-attention kernel (Pallas, interpret mode) equals the
-  decoder's generic mask path over the same cache and tree (gemma2: window + softcap)."""
+  decoder's generic mask path over the same cache and tree (gemma2: window + softcap;
+  gemma3_text: a local layer with its own RoPE base, q/k norms)."""
   from kvjax.pallas_kernels import tree_attention as kernel
   model = tiny.model(family, n_layers=2)
   dec = model.decoder
