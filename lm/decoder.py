@@ -156,9 +156,10 @@ class MoE(nnx.Module):
     B, T, D = x.shape
     logits = jnp.einsum("btd,de->bte", x, self.router[...]).astype(jnp.float32)
     weights, experts = route(logits, self.k, self.renormalize)  # [B, T, k]
-    xs, weights, experts = x.reshape(B * T, D), weights.reshape(B * T, -1), experts.reshape(B * T, -1)
-    E = self.router.shape[-1]
-    y = (self._gathered if B * T * self.k < E else self._grouped)(xs, experts)  # [N, k, D]
+    N, E = B * T, self.router.shape[-1]
+    weights, experts = weights.reshape(N, self.k), experts.reshape(N, self.k)
+    form = self._gathered if N * self.k < E else self._grouped
+    y = form(x.reshape(N, D), experts)  # [N, k, D]
     y = jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights)
     return y.astype(x.dtype).reshape(B, T, D)
 

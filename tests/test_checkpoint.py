@@ -168,7 +168,8 @@ def test_experts_load_from_either_layout(hf_dir, tmp_path):
       fused[name.replace(".block_sparse_moe.", ".mlp.")] = w
   for i in range(cfg.n_layers):
     old = f"model.layers.{i}.block_sparse_moe.experts.{{}}.{{}}.weight"
-    stack = lambda n: np.stack([per_expert[old.format(e, n)] for e in range(cfg.n_experts)])  # noqa: E731
+    def stack(n, old=old):
+      return np.stack([per_expert[old.format(e, n)] for e in range(cfg.n_experts)])
     fused[f"model.layers.{i}.mlp.experts.gate_up_proj"] = np.concatenate(
         [stack("w1"), stack("w3")], axis=1)
     fused[f"model.layers.{i}.mlp.experts.down_proj"] = stack("w2")
