@@ -177,3 +177,44 @@ def test_mismatched_published_heads(target, tmp_path, kind, edit, msg):
     f.write_bytes(f.read_bytes()[:100])
   with pytest.raises(speculative.HeadError, match=msg):
     speculative.load_head(path, model)
+
+
+def eagle_llm_cnets():
+  """PyPI eagle-llm's eagle/model/cnets.py, imported from where it is installed (under pytest's
+  importlib mode a checkout directory named `eagle` shadows its top-level package)."""
+  import importlib
+  import importlib.metadata
+  import sys
+  root = str(importlib.metadata.distribution("eagle-llm").locate_file(""))
+  ours = lambda k: k == "eagle" or k.startswith("eagle.")
+  saved = {k: sys.modules.pop(k) for k in list(sys.modules) if ours(k)}
+  sys.path.insert(0, root)
+  try:
+    return importlib.import_module("eagle.model.cnets")
+  finally:
+    sys.path.remove(root)
+    for k in [k for k in sys.modules if ours(k)]:
+      del sys.modules[k]
+    sys.modules.update(saved)
+
+
+def test_eagle1_reference_is_eagle_llms(target):
+  """The EAGLE-1 reference above is PyPI eagle-llm's own draft model (eagle/model/cnets.py,
+  strict load of the same tensors) on the same features and tokens."""
+  import types
+  Model = eagle_llm_cnets().Model
+  hf, _ = target
+  cfg = types.SimpleNamespace(  # the LlamaConfig fields cnets.py reads (it predates rope_type)
+      hidden_size=D, intermediate_size=F, num_attention_heads=N, num_key_value_heads=K,
+      num_hidden_layers=1, vocab_size=V, rms_norm_eps=1e-6, max_position_embeddings=512,
+      pretraining_tp=1, rope_scaling=None, hidden_act="silu", pad_token_id=None)
+  m = Model(cfg, bias=True).eval()
+  w = draft_tensors("eagle1", seed=3)
+  m.load_state_dict({**w, "embed_tokens.weight": hf.model.embed_tokens.weight.detach()},
+                    strict=True)
+  with torch.no_grad():
+    feats = hf(torch.tensor(TOKENS)[None], output_hidden_states=True).hidden_states[-1]
+    h = m(feats, torch.tensor(TOKENS[1:] + [TOKENS[-1]])[None])
+  ref, _ = reference("eagle1", w, hf, TOKENS)
+  assert h.abs().max() > 0.1
+  np.testing.assert_allclose(h.numpy(), ref.numpy(), atol=1e-5)
