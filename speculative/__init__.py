@@ -10,9 +10,10 @@
 from kvjax.speculative.generate import auto_tree, generate
 from kvjax.speculative.head import HeadConfig, HeadError, LoadedHead, draft_vocabulary
 from kvjax.speculative.head import init as init_head
+from kvjax.speculative.formats import export as export_head
 from kvjax.speculative.formats import load as load_head
 from kvjax.speculative.head import save as save_head
 from kvjax.speculative.tree import Tree, TreeSpec
 
 __all__ = ["HeadConfig", "HeadError", "LoadedHead", "Tree", "TreeSpec", "auto_tree",
-           "draft_vocabulary", "generate", "init_head", "load_head", "save_head"]
+           "draft_vocabulary", "export_head", "generate", "init_head", "load_head", "save_head"]

@@ -22,6 +22,7 @@ Both run as HeadConfig(published=True) heads (`kvjax.speculative.head`).
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -113,6 +114,9 @@ def _config(path: str, target, kind: str) -> tuple[dict, HeadConfig]:
   hd = d.get("head_dim") or t.d_model // t.n_heads
   if hd != t.head_dim:
     raise HeadError(f"{file}: head_dim is {hd}; the target has {t.head_dim}")
+  if d.get("rope_theta", t.rope_theta) != t.rope_theta:
+    raise HeadError(f"{file}: rope_theta is {d['rope_theta']}; the target's is {t.rope_theta} "
+                    "(kvjax runs the head's layer with the target's RoPE)")
   if d.get("num_hidden_layers", 1) != 1:
     raise HeadError(f"{file}: num_hidden_layers is {d['num_hidden_layers']}; an EAGLE head "
                     "has one decoder layer")
@@ -207,3 +211,85 @@ def _take(w: dict, file: str, name: str, shape: tuple[int, ...], dtype=np.float3
   if a.shape != tuple(shape):
     raise HeadError(f"{file}: tensor {name} has shape {list(a.shape)}; expected {list(shape)}")
   return a.astype(dtype)
+
+
+def export(head: LoadedHead, path: str, *, format: str | None = None) -> str:
+  """Writes `head` into a new directory `path` in a published layout (`format`: "eagle1",
+  "eagle3" or None for the head's kind): config.json + model.safetensors (float32), the
+  tensors and config fields this module's `load`, SafeAILab's EAGLE, vLLM's and SGLang's
+  llama_eagle3 readers read (midlayer.* -> their layers.0.*, d2t as offsets, t2d; the
+  embedding is the target's, not stored). Only published-architecture heads (HeadConfig
+  published=True: read from published files, or trained with `init(..., published=True)`)
+  export: kvjax's own eagle1/eagle3 compute something else. Returns path."""
+  from safetensors.numpy import save_file
+  hc = head.hc
+  fmt = format or hc.kind
+  if fmt not in ("eagle1", "eagle3"):
+    raise HeadError(f"export format must be 'eagle1' or 'eagle3'; got {format!r}")
+  if fmt != hc.kind:
+    raise HeadError(f"an {hc.kind} head cannot be exported in the {fmt} layout (another "
+                    "architecture); export it as " + hc.kind)
+  if not hc.published:
+    raise HeadError(f"this head has kvjax's own {hc.kind} architecture ("
+                    + ("its decoder layer's input norm" if hc.kind == "eagle1" else
+                       "a 2D -> D fc before a standard decoder layer")
+                    + "), which published readers would compute differently; train it with "
+                    "the published architecture (--published) to export it")
+  t = hc.target
+  if t.family not in ("llama", "mistral") or t.qkv_bias or t.o_bias or t.mlp_bias:
+    raise HeadError(f"the published EAGLE layouts are Llama layers; this head's target is "
+                    f"{t.family!r}")
+  p = jax.tree.map(lambda a: np.asarray(a, np.float32), head.params())
+  b = jax.tree.map(lambda a: a[0], p["blocks"])
+  D, C = t.d_model, b["attn"]["q"].shape[0]
+  pre = "layers.0." if fmt == "eagle1" else "midlayer."
+  w = {pre + "self_attn.q_proj.weight": b["attn"]["q"].reshape(C, -1).T,
+       pre + "self_attn.k_proj.weight": b["attn"]["k"].reshape(C, -1).T,
+       pre + "self_attn.v_proj.weight": b["attn"]["v"].reshape(C, -1).T,
+       pre + "self_attn.o_proj.weight": b["attn"]["o"].reshape(-1, D).T,
+       pre + "mlp.gate_proj.weight": b["mlp"]["gate"].T, pre + "mlp.up_proj.weight": b["mlp"]["up"].T,
+       pre + "mlp.down_proj.weight": b["mlp"]["down"].T,
+       pre + "post_attention_layernorm.weight": b["mlp_norm"]["scale"]}
+  cfg = {"architectures": ["LlamaForCausalLM" if fmt == "eagle1" else "LlamaForCausalLMEagle3"],
+         "model_type": "llama", "hidden_size": D, "intermediate_size": t.ffn_dim,
+         "num_attention_heads": t.n_heads, "num_key_value_heads": t.n_kv_heads,
+         "head_dim": t.head_dim, "num_hidden_layers": 1, "vocab_size": t.vocab_size,
+         "rms_norm_eps": t.norm_eps, "hidden_act": "silu", "tie_word_embeddings": False,
+         "max_position_embeddings": t.max_position, "torch_dtype": "float32",
+         **_rope(t)}
+  if fmt == "eagle1":
+    w["fc.weight"], w["fc.bias"] = p["fc"].T, p["fc_bias"]
+    cfg["bias"] = True
+  else:
+    if min(hc.fuse_layers) < 1:
+      raise HeadError(f"fuse_layers {hc.fuse_layers}: the embeddings (layer 0's input) are no "
+                      "target layer's output; the EAGLE-3 config cannot name them")
+    vocab = np.asarray(hc.draft_vocab, np.int64)
+    t2d = np.zeros((t.vocab_size,), bool)
+    t2d[vocab] = True
+    w.update({"fc.weight": p["fuse"].T, pre + "input_layernorm.weight": p["embed_norm"]["scale"],
+              pre + "hidden_norm.weight": p["feature_norm"]["scale"],
+              "norm.weight": p["final_norm"]["scale"], "lm_head.weight": p["draft_head"].T,
+              "d2t": vocab - np.arange(len(vocab)), "t2d": t2d})
+    cfg.update(draft_vocab_size=len(vocab), target_hidden_size=D, eagle_config={
+        "eagle_aux_hidden_state_layer_ids": [i - 1 for i in hc.fuse_layers],
+        "use_aux_hidden_state": True})
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(cfg, f, indent=2)
+  save_file({k: np.ascontiguousarray(v) for k, v in w.items()},
+            os.path.join(path, "model.safetensors"))
+  return path
+
+
+def _rope(t) -> dict:
+  """The target's RoPE as HF config fields (the head's layer rotates as the target does)."""
+  d = {"rope_theta": t.rope_theta}
+  if t.rope_type == "linear":
+    d["rope_scaling"] = {"rope_type": "linear", "factor": t.rope_factor}
+  elif t.rope_type == "llama3":
+    d["rope_scaling"] = {"rope_type": "llama3", "factor": t.rope_factor,
+                         "low_freq_factor": t.rope_low_freq_factor,
+                         "high_freq_factor": t.rope_high_freq_factor,
+                         "original_max_position_embeddings": t.rope_original_max_position}
+  return d

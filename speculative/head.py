@@ -252,19 +252,28 @@ class LoadedHead:
 
 
 def init(target, kind: str = "eagle1", *, seed: int = 0, fuse_layers: tuple[int, ...] = (),
-         draft_vocab: tuple[int, ...] = (), copy_top_layer: bool = True) -> LoadedHead:
+         draft_vocab: tuple[int, ...] = (), copy_top_layer: bool = True,
+         published: bool = False) -> LoadedHead:
   """A fresh head for `target` (a kvjax.lm.Model). copy_top_layer: start its decoder layer
   from the target's top layer (trains faster than random). draft_vocab: eagle3's reduced
   draft vocabulary (`draft_vocabulary`); its LM head starts as the target's columns of
-  those tokens."""
+  those tokens. published: the reference architecture (`HeadConfig`; exportable to the
+  published layouts); a published eagle3 head without a draft_vocab gets the whole vocabulary,
+  and its 2D-wide q/k/v start random (the rest of the layer from the target's top layer)."""
+  if published and kind == "eagle3" and not draft_vocab:
+    draft_vocab = tuple(range(target.cfg.vocab_size))
   hc = HeadConfig(kind=kind, target=target.cfg, fuse_layers=fuse_layers,
                   draft_vocab=tuple(draft_vocab), target_name=os.path.basename(target.path or ""),
-                  target_fingerprint=params_fingerprint(target))
+                  target_fingerprint=params_fingerprint(target), published=published)
   head = Head(hc, rngs=nnx.Rngs(seed), dtype=target.dtype)
   graphdef, state = nnx.split(head)
   if copy_top_layer:
     params = nnx.to_pure_dict(state)
     top = jax.tree.map(lambda a: a[-1:], target.params()["blocks"])
+    if published:
+      del top["attn_norm"]
+      if kind == "eagle3":
+        top["attn"].update({n: params["blocks"]["attn"][n] for n in ("q", "k", "v")})
     params["blocks"] = top
     nnx.replace_by_pure_dict(state, params)
   if hc.draft_vocab:

@@ -218,3 +218,38 @@ def test_eagle1_reference_is_eagle_llms(target):
   ref, _ = reference("eagle1", w, hf, TOKENS)
   assert h.abs().max() > 0.1
   np.testing.assert_allclose(h.numpy(), ref.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_export_loads_back_and_into_the_reference(target, tmp_path, kind):
+  """A kvjax-trained published-architecture head exports to the published layout: load_head
+  reads it back drafting the same logits, and the torch reference (strict: exactly the
+  tensors it reads) computes the same draft logits from the exported tensors."""
+  from safetensors.torch import load_file
+  hf, model = target
+  fuse = tuple(i + 1 for i in AUX) if kind == "eagle3" else ()
+  head = speculative.init_head(model, kind, seed=5, fuse_layers=fuse, published=True,
+                               draft_vocab=tuple(range(0, V, 3)) if kind == "eagle3" else ())
+  path = speculative.export_head(head, str(tmp_path / "x"))
+  back = speculative.load_head(path, model)
+  np.testing.assert_array_equal(kvjax_draft(back, model, TOKENS), kvjax_draft(head, model, TOKENS))
+  w = load_file(path + "/model.safetensors")
+  assert set(w) == set(draft_tensors(kind, seed=0, n_draft=len(head.hc.draft_vocab) or V))
+  _, ref = reference(kind, w, hf, TOKENS)
+  on = np.isfinite(ref.numpy())
+  np.testing.assert_allclose(kvjax_draft(head, model, TOKENS)[on], ref.numpy()[on], atol=1e-4,
+                             rtol=1e-4)
+  cfg = json.loads((tmp_path / "x" / "config.json").read_text())
+  if kind == "eagle3":
+    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == AUX
+    assert cfg["draft_vocab_size"] == len(head.hc.draft_vocab)
+
+
+def test_export_refuses_kvjax_architectures(target, tmp_path):
+  _, model = target
+  for kind in ("eagle1", "eagle3"):
+    with pytest.raises(speculative.HeadError, match="kvjax's own"):
+      speculative.export_head(speculative.init_head(model, kind), str(tmp_path / kind))
+  with pytest.raises(speculative.HeadError, match="cannot be exported in the eagle3 layout"):
+    speculative.export_head(speculative.init_head(model, "eagle1", published=True),
+                            str(tmp_path / "x"), format="eagle3")
