@@ -10,6 +10,7 @@ the target is a tiny random HF llama (plain RoPE, as the reference heads rotate)
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -230,6 +231,9 @@ def test_export_loads_back_and_into_the_reference(target, tmp_path, kind):
   fuse = tuple(i + 1 for i in AUX) if kind == "eagle3" else ()
   head = speculative.init_head(model, kind, seed=5, fuse_layers=fuse, published=True,
                                draft_vocab=tuple(range(0, V, 3)) if kind == "eagle3" else ())
+  rng = np.random.default_rng(0)  # every tensor off its init (norm scales of ones, zero bias)
+  head = head.with_params(jax.tree.map(
+      lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(a.dtype), head.params()))
   path = speculative.export_head(head, str(tmp_path / "x"))
   back = speculative.load_head(path, model)
   np.testing.assert_array_equal(kvjax_draft(back, model, TOKENS), kvjax_draft(head, model, TOKENS))
