@@ -261,6 +261,9 @@ def export(head: LoadedHead, path: str, *, format: str | None = None) -> str:
     w["fc.weight"], w["fc.bias"] = p["fc"].T, p["fc_bias"]
     cfg["bias"] = True
   else:
+    if len(hc.fuse_layers) != 3:
+      raise HeadError(f"fuse_layers {hc.fuse_layers}: the EAGLE-3 layout fuses exactly 3 target "
+                      "hidden states")
     if min(hc.fuse_layers) < 1:
       raise HeadError(f"fuse_layers {hc.fuse_layers}: the embeddings (layer 0's input) are no "
                       "target layer's output; the EAGLE-3 config cannot name them")
