@@ -13,9 +13,11 @@ num_attention_heads, num_key_value_heads, intermediate_size, vocab_size, ...) an
     (embeddings), midlayer.hidden_norm (fused feature), midlayer.self_attn.{q,k,v}_proj
     [*, 2D], o_proj, post_attention_layernorm, mlp.*; norm.weight; lm_head.weight [N, D]; d2t
     [N] (draft id i -> target id i + d2t[i]); t2d [V] bool (target ids the draft covers).
-    config: draft_vocab_size (N), eagle_config.eagle_aux_hidden_state_layer_ids (SGLang's and
-    SpecForge's convention: id i = the output of target layer i = kvjax layer_inputs[i + 1];
-    absent: EAGLE-3's default, the inputs of layers 2, L//2, L-3).
+    config: draft_vocab_size (N); the fused layers as eagle_config.eagle_aux_hidden_state_layer_ids
+    (SGLang's and SpecForge's convention: id i = the output of target layer i = kvjax
+    layer_inputs[i + 1]; SGLang adds the 1) and/or a top-level eagle_aux_hidden_state_layer_ids
+    (vLLM's: layer inputs, used as they are); neither: EAGLE-3's default, the inputs of layers
+    2, L//2, L-3. `export` writes both.
 
 Both run as HeadConfig(published=True) heads (`kvjax.speculative.head`).
 """
@@ -125,13 +127,23 @@ def _config(path: str, target, kind: str) -> tuple[dict, HeadConfig]:
                          target_name=str(d.get("_name_or_path", "")))
   L = t.n_layers
   ids = (d.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-  if ids is None:
-    fuse = tuple(sorted({2, L // 2, L - 3}))
-  else:
-    if not all(isinstance(i, int) and 0 <= i < L - 1 for i in ids):
-      raise HeadError(f"{file}: eagle_config.eagle_aux_hidden_state_layer_ids {ids} must be "
-                      f"target layer ids in [0, {L - 1}) (the target has {L} layers)")
+  inputs = d.get("eagle_aux_hidden_state_layer_ids")  # vLLM's: layer inputs
+  for name, v, lo in (("eagle_config.eagle_aux_hidden_state_layer_ids", ids, 0),
+                      ("eagle_aux_hidden_state_layer_ids", inputs, 1)):
+    if v is not None and not (isinstance(v, list) and all(
+        isinstance(i, int) and lo <= i < L - 1 + lo for i in v)):
+      raise HeadError(f"{file}: {name} {v} must be a list of target layer ids in [{lo}, "
+                      f"{L - 1 + lo}) (the target has {L} layers)")
+  if ids is not None and inputs is not None and [i + 1 for i in ids] != inputs:
+    raise HeadError(f"{file}: eagle_config.eagle_aux_hidden_state_layer_ids {ids} (layer "
+                    f"outputs) and eagle_aux_hidden_state_layer_ids {inputs} (layer inputs) "
+                    "name different layers")
+  if ids is not None:
     fuse = tuple(i + 1 for i in ids)
+  elif inputs is not None:
+    fuse = tuple(inputs)
+  else:
+    fuse = tuple(sorted({2, L // 2, L - 3}))
   if len(fuse) != 3 or len(set(fuse)) != 3 or not all(0 <= i < L for i in fuse):
     raise HeadError(f"{file}: the fused hidden states {fuse} (inputs of target layers) must be "
                     f"3 distinct layers of the target's {L}")
@@ -276,7 +288,8 @@ def export(head: LoadedHead, path: str, *, format: str | None = None) -> str:
               "d2t": vocab - np.arange(len(vocab)), "t2d": t2d})
     cfg.update(draft_vocab_size=len(vocab), target_hidden_size=D, eagle_config={
         "eagle_aux_hidden_state_layer_ids": [i - 1 for i in hc.fuse_layers],
-        "use_aux_hidden_state": True})
+        "use_aux_hidden_state": True},
+        eagle_aux_hidden_state_layer_ids=list(hc.fuse_layers))
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(cfg, f, indent=2)

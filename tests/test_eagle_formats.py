@@ -160,6 +160,8 @@ def test_published_head_drafts_as_the_reference(target, tmp_path, kind, n_draft)
     ("eagle3", dict(cfg=dict(vocab_size=999)), "vocab_size is 999"),
     ("eagle3", dict(cfg=dict(eagle_config={"eagle_aux_hidden_state_layer_ids": [0, 1, 5]})),
      "eagle_aux_hidden_state_layer_ids"),
+    ("eagle3", dict(cfg=dict(eagle_aux_hidden_state_layer_ids=[1, 2, 2])),
+     "name different layers"),
     ("eagle3", dict(shape="fc.weight"), "fc.weight has shape"),
     ("eagle3", dict(corrupt=True), "cannot read the weights"),
 ])
@@ -245,7 +247,8 @@ def test_export_loads_back_and_into_the_reference(target, tmp_path, kind):
                              rtol=1e-4)
   cfg = json.loads((tmp_path / "x" / "config.json").read_text())
   if kind == "eagle3":
-    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == AUX
+    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == AUX  # SGLang: outputs
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == [i + 1 for i in AUX]  # vLLM: inputs
     assert cfg["draft_vocab_size"] == len(head.hc.draft_vocab)
 
 
