@@ -5,6 +5,11 @@
     head = speculative.load_head("shakespeare", model)
     out = speculative.generate(model, head, "ROMEO:", max_new_tokens=64,
                                tree=speculative.TreeSpec(top_k=8, depth=5, total_tokens=32))
+
+load_head also reads published heads (SafeAILab EAGLE-1/2 and EAGLE-3 / SpecForge layouts:
+config.json + model.safetensors or pytorch_model.bin); export_head writes a published-
+architecture head (init_head(..., published=True), `kvjax train eagle --published`) in those
+layouts for vLLM and SGLang (`kvjax.speculative.formats`).
 """
 
 from kvjax.speculative.generate import auto_tree, generate
