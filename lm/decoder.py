@@ -214,18 +214,20 @@ class Block(nnx.Module):
             and cfg.attn_softcap is None)
 
   def __call__(self, x, *, view: View, freq, cached, layer, window,
-               training: Training | None = None):
+               training: Training | None = None, attn_in: jax.Array | None = None):
     """x [B, T, D]; view: what the T tokens attend to (`kvjax.cache.view`); cached: the
     cache's `Slots` (every layer stacked) or None, read at `layer` (an int32 scalar) in place;
     freq: the layer's RoPE inverse frequencies [H/2] (`rope.layer_freqs`); window: sliding
     window of the layer (0 = none). Returns (x [B, T, D], k, v [B, K, T, H])
     in the caches' layout, with k as the cache stores it (after RoPE when view.rotated, else
     before). training: the training forward's settings (`attention.Training`: differentiable
-    attention, dropout keys folded by layer)."""
+    attention, dropout keys folded by layer). attn_in [B, T, C]: the attention's input in place
+    of attn_norm(x) (published EAGLE heads: no input norm, or a 2D-wide input over q/k/v
+    [C, N, H]); the residual stays x."""
     dropout = training if training is not None and (training.rate or training.attn_rate) else None
     drop_keys = (None if dropout is None
                  else jax.random.split(jax.random.fold_in(dropout.key, layer), 3))
-    q, k, v = self.attn.qkv(self.attn_norm(x))
+    q, k, v = self.attn.qkv(self.attn_norm(x) if attn_in is None else attn_in)
     qs = [rope.apply(q, p, freq) for p in view.q_pos]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]: the new tokens only
     k_rot = rope.apply(k, view.new_pos, freq, heads_first=True)
@@ -400,14 +402,15 @@ def mask_padding(logits: jax.Array, cfg: Config) -> jax.Array:
 
 def run_layers(blocks: Block, cfg: Config, x: jax.Array, *, view: View, cached, layers,
                layout=None, return_layer_inputs: bool = False,
-               training: Training | None = None):
+               training: Training | None = None, attn_in: jax.Array | None = None):
   """Runs the stacked `blocks` (every Param with a leading layer axis; entries [start, stop)
   of `layers`) over x [B, T, D] under `lax.scan`, all attending through `view`.
 
   cached: the cache's `Slots` (arrays with a leading L axis: all layers, read in place at
   each layer's own index), or None. Returns
   (x [B, T, D], layer_inputs [L', B, T, D] or None, k, v [L', B, K, T, H]), k in the form the
-  cache stores (see `Block`)."""
+  cache stores (see `Block`). attn_in: every layer's attention input (`Block`; one-layer
+  stacks, the EAGLE heads)."""
   start, stop = layers
   freqs = jnp.asarray(rope.layer_freqs(cfg)[start:stop])  # [L', H/2]
   windows = jnp.asarray(np.array(cfg.windows[start:stop], np.int32))
@@ -417,7 +420,7 @@ def run_layers(blocks: Block, cfg: Config, x: jax.Array, *, view: View, cached, 
   def body(x, xs):
     params, freq, window, layer = xs
     y, k, v = nnx.merge(graphdef, params)(x, view=view, freq=freq, cached=cached, layer=layer,
-                                          window=window, training=training)
+                                          window=window, training=training, attn_in=attn_in)
     return constrain(y, ACTIVATION, layout), (x if return_layer_inputs else None, k, v)
 
   index = jnp.arange(start, stop, dtype=jnp.int32)

@@ -5,13 +5,20 @@
     head = speculative.load_head("shakespeare", model)
     out = speculative.generate(model, head, "ROMEO:", max_new_tokens=64,
                                tree=speculative.TreeSpec(top_k=8, depth=5, total_tokens=32))
+
+load_head also reads published heads (SafeAILab EAGLE-1/2 and EAGLE-3 / SpecForge layouts:
+config.json + model.safetensors or pytorch_model.bin); export_head writes a published-
+architecture head (init_head(..., published=True), `kvjax train eagle --published`) in those
+layouts for vLLM and SGLang (`kvjax.speculative.formats`).
 """
 
 from kvjax.speculative.generate import auto_tree, generate
 from kvjax.speculative.head import HeadConfig, HeadError, LoadedHead, draft_vocabulary
 from kvjax.speculative.head import init as init_head
-from kvjax.speculative.head import load as load_head, save as save_head
+from kvjax.speculative.formats import export as export_head
+from kvjax.speculative.formats import load as load_head
+from kvjax.speculative.head import save as save_head
 from kvjax.speculative.tree import Tree, TreeSpec
 
 __all__ = ["HeadConfig", "HeadError", "LoadedHead", "Tree", "TreeSpec", "auto_tree",
-           "draft_vocabulary", "generate", "init_head", "load_head", "save_head"]
+           "draft_vocabulary", "export_head", "generate", "init_head", "load_head", "save_head"]

@@ -10,8 +10,18 @@ LM head, predicts t_{i+2}. While drafting the head feeds its own outputs back as
     head's own outputs live in the same space; x = fc(concat(norm(embed(t)), norm(f))); one
     decoder layer; logits = target LM head(own final norm(h)). Trained with training-time test.
 
-Embedding and LM head are the target's (frozen, never stored with the head). A head directory
-holds `head.json` (HeadConfig, including the target's architecture) and `params/` (orbax).
+published=True: the reference (SafeAILab/EAGLE) architectures, as published heads run
+(`kvjax.speculative.formats` reads and writes their files):
+  eagle1: as above, but the decoder layer has no input norm (cnets.py's layer 0): its
+    attention reads fc(...) itself.
+  eagle3: no 2D -> D fc: the fused feature f (fuse [3D, D], no bias) is the layer's residual;
+    its attention reads concat(norm(embed(t)), norm(f)) [2D] (q/k/v [2D, N, H]); then the
+    layer's post-attention norm and MLP; logits = own LM head(final norm(h)) over the draft
+    vocabulary (always present; the whole vocabulary when draft_vocab_size = vocab_size).
+
+Embedding and LM head (eagle1, kvjax eagle3) are the target's (frozen, never stored with the
+head). A head directory holds `head.json` (HeadConfig, including the target's architecture) and
+`params/` (orbax).
 """
 
 from __future__ import annotations
@@ -59,7 +69,8 @@ class HeadConfig:
   draft_vocab: eagle3's reduced draft vocabulary, the target ids of its N tokens (EAGLE-3's
   d2t map; most frequent first): the head drafts through its own [D, N] LM head over them
   (empty: through the target's LM head over the whole vocabulary). target_name: where the
-  target came from (informational)."""
+  target came from (informational). published: the reference architecture of `kind` (see the
+  module docstring); a published eagle3 head always has a draft_vocab."""
 
   kind: str
   target: Config
@@ -67,6 +78,7 @@ class HeadConfig:
   draft_vocab: tuple[int, ...] = ()
   target_name: str = ""
   target_fingerprint: str = ""  # lm.params_fingerprint of the params trained against ("": unknown)
+  published: bool = False
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -89,6 +101,9 @@ class HeadConfig:
                       f"{len(ids)} ids, {len(set(ids))} distinct, range "
                       f"[{min(ids)}, {max(ids)}]")
     object.__setattr__(self, "draft_vocab", ids)
+    if self.published and self.kind == "eagle3" and not ids:
+      raise HeadError("a published eagle3 head has its own LM head: it needs a draft_vocab "
+                      "(every target id, in order, for a full-vocabulary head)")
 
   @property
   def layer(self) -> Config:
@@ -98,7 +113,7 @@ class HeadConfig:
   def to_json(self) -> dict[str, Any]:
     return {"kind": self.kind, "fuse_layers": list(self.fuse_layers),
             "draft_vocab": list(self.draft_vocab), "target_name": self.target_name,
-            "target_fingerprint": self.target_fingerprint,
+            "target_fingerprint": self.target_fingerprint, "published": self.published,
             "target": config.to_dict(self.target)}
 
   @classmethod
@@ -106,7 +121,8 @@ class HeadConfig:
     return cls(kind=d["kind"], target=config.from_dict(d["target"]),
                fuse_layers=tuple(d.get("fuse_layers", ())),
                draft_vocab=tuple(d.get("draft_vocab", ())), target_name=d.get("target_name", ""),
-               target_fingerprint=d.get("target_fingerprint", ""))
+               target_fingerprint=d.get("target_fingerprint", ""),
+               published=bool(d.get("published", False)))
 
 
 class Head(nnx.Module):
@@ -122,11 +138,19 @@ class Head(nnx.Module):
       self.final_norm = RMSNorm(hc.target, dtype)
     if hc.draft_vocab:
       self.draft_head = init_param(rngs, (D, len(hc.draft_vocab)), dtype)
-    self.fc = init_param(rngs, (2 * D, D), dtype)
-    self.fc_bias = nnx.Param(jnp.zeros((D,), dtype))
-    block = nnx.state(Block(hc.layer, rngs=rngs, dtype=dtype))
-    self.blocks = nnx.merge(nnx.graphdef(Block(hc.layer, rngs=rngs, dtype=dtype)),
-                            jax.tree.map(lambda a: a[None], block))
+    if not (hc.published and hc.kind == "eagle3"):
+      self.fc = init_param(rngs, (2 * D, D), dtype)
+      self.fc_bias = nnx.Param(jnp.zeros((D,), dtype))
+    block = Block(hc.layer, rngs=rngs, dtype=dtype)
+    if hc.published:  # no input norm; eagle3's attention reads the 2D concat
+      del block.attn_norm
+      if hc.kind == "eagle3":
+        t = hc.target
+        block.attn.q = init_param(rngs, (2 * D, t.n_heads, t.head_dim), dtype)
+        block.attn.k = init_param(rngs, (2 * D, t.n_kv_heads, t.head_dim), dtype)
+        block.attn.v = init_param(rngs, (2 * D, t.n_kv_heads, t.head_dim), dtype)
+    graphdef, state = nnx.split(block)
+    self.blocks = nnx.merge(graphdef, jax.tree.map(lambda a: a[None], state))
 
   def feature(self, hidden: jax.Array, layer_inputs: jax.Array | None) -> jax.Array:
     """The target's features [B, T, D] from its forward: hidden [B, T, D] (final-normed top
@@ -145,19 +169,25 @@ class Head(nnx.Module):
     among the T pairs only (training); positions [B, T]; n_new [B] real pairs (default T);
     mask [B, T, S + T] as for the decoder ([B, T, T] without a cache; default causal);
     training: the training forward (`kvjax.lm.attention.Training`), as for the decoder."""
-    dtype = self.fc[...].dtype
+    hc = self.hc
+    dtype = self.blocks.mlp.down[...].dtype
     e, f = embeds.astype(dtype), features.astype(dtype)
-    if self.hc.kind == "eagle3":
-      e, f = self.embed_norm(e), self.feature_norm(f)
-    x = jnp.einsum("btc,cd->btd", jnp.concatenate([e, f], -1), self.fc[...]) + self.fc_bias[...]
+    if hc.kind == "eagle3":
+      e, n = self.embed_norm(e), self.feature_norm(f)
+    if hc.published and hc.kind == "eagle3":
+      x, attn_in = f, jnp.concatenate([e, n], -1)                          # residual f; [B, T, 2D]
+    else:
+      ef = jnp.concatenate([e, n if hc.kind == "eagle3" else f], -1)
+      x = jnp.einsum("btc,cd->btd", ef, self.fc[...]) + self.fc_bias[...]
+      attn_in = x if hc.published else None
     B, T, _ = x.shape
     if cache is None:
-      x, _, _, _ = run_layers(self.blocks, self.hc.layer, x, view=causal(positions, mask),
-                              cached=None, layers=(0, 1), training=training)
+      x, _, _, _ = run_layers(self.blocks, hc.layer, x, view=causal(positions, mask),
+                              cached=None, layers=(0, 1), training=training, attn_in=attn_in)
       return x, None
     view = cache.view(T, positions=positions, mask=mask)
-    x, _, ks, vs = run_layers(self.blocks, self.hc.layer, x, view=view,
-                              cached=cache.slots(), layers=(0, 1), training=training)
+    x, _, ks, vs = run_layers(self.blocks, hc.layer, x, view=view, cached=cache.slots(),
+                              layers=(0, 1), training=training, attn_in=attn_in)
     n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new
     return x, cache.write(ks, vs, positions, n_new)
 
@@ -222,19 +252,28 @@ class LoadedHead:
 
 
 def init(target, kind: str = "eagle1", *, seed: int = 0, fuse_layers: tuple[int, ...] = (),
-         draft_vocab: tuple[int, ...] = (), copy_top_layer: bool = True) -> LoadedHead:
+         draft_vocab: tuple[int, ...] = (), copy_top_layer: bool = True,
+         published: bool = False) -> LoadedHead:
   """A fresh head for `target` (a kvjax.lm.Model). copy_top_layer: start its decoder layer
   from the target's top layer (trains faster than random). draft_vocab: eagle3's reduced
   draft vocabulary (`draft_vocabulary`); its LM head starts as the target's columns of
-  those tokens."""
+  those tokens. published: the reference architecture (`HeadConfig`; exportable to the
+  published layouts); a published eagle3 head without a draft_vocab gets the whole vocabulary,
+  and its 2D-wide q/k/v start random (the rest of the layer from the target's top layer)."""
+  if published and kind == "eagle3" and not draft_vocab:
+    draft_vocab = tuple(range(target.cfg.vocab_size))
   hc = HeadConfig(kind=kind, target=target.cfg, fuse_layers=fuse_layers,
                   draft_vocab=tuple(draft_vocab), target_name=os.path.basename(target.path or ""),
-                  target_fingerprint=params_fingerprint(target))
+                  target_fingerprint=params_fingerprint(target), published=published)
   head = Head(hc, rngs=nnx.Rngs(seed), dtype=target.dtype)
   graphdef, state = nnx.split(head)
   if copy_top_layer:
     params = nnx.to_pure_dict(state)
     top = jax.tree.map(lambda a: a[-1:], target.params()["blocks"])
+    if published:
+      del top["attn_norm"]
+      if kind == "eagle3":
+        top["attn"].update({n: params["blocks"]["attn"][n] for n in ("q", "k", "v")})
     params["blocks"] = top
     nnx.replace_by_pure_dict(state, params)
   if hc.draft_vocab:

@@ -354,3 +354,26 @@ def test_eagle3_reduced_draft_vocabulary(setup, tmp_path):
     speculative.init_head(target, "eagle3", draft_vocab=(3, 3))
   with pytest.raises(speculative.HeadError, match="eagle3 heads only"):
     speculative.init_head(target, "eagle1", draft_vocab=(3, 4))
+
+
+def test_published_eagle1_trains_and_exports(setup, tmp_path):
+  """kvjax train eagle --published --export-format eagle1: the reference architecture,
+  written in the published layout, loads back (load_head detects it) and stays lossless."""
+  root, target_dir, corpus, target = setup
+  out = tmp_path / "pub"
+  code, _, err = run_cli("eagle", "--target", target_dir, "--text", corpus, "--out", out,
+                         "--published", "--export-format", "eagle1", *CLI_FLAGS)
+  assert code == 0, err
+  assert sorted(os.listdir(out / "head")) == ["config.json", "model.safetensors"]
+  head = speculative.load_head(str(out / "head"), target)
+  assert head.hc.published and head.hc.kind == "eagle1"
+  prompt = target.tokenizer.encode("to be or not")
+  want = lm.generate(target, [prompt], max_new_tokens=16, stop_tokens=[])
+  got = speculative.generate(target, head, [prompt], max_new_tokens=16, stop_tokens=[],
+                             tree=TREE)
+  assert got.tokens == want.tokens
+  for extra, msg in ((("--export-format", "eagle1"), "needs --published"),
+                     (("--published", "--export-format", "eagle3"), "--kind is eagle1")):
+    code, _, err = run_cli("eagle", "--target", target_dir, "--text", corpus, "--out",
+                           tmp_path / "x", *extra, *CLI_FLAGS)
+    assert code == 2 and msg in err, err

@@ -22,7 +22,8 @@ EAGLE_DEFAULTS = dict(kind="eagle1", batch_size=16, seq_len=256, steps=1000, lr=
                       self_distill=0, distill_temperature=1.0, save_every=0, keep=3,
                       eval_every=0, log_every=10, eval_batches=8, eval_prompts=4,
                       tree_top_k=8, tree_depth=5, tree_tokens=32, eval_fraction=0.1,
-                      eval_split="validation", draft_vocab=0, no_progress=False, json=False)
+                      eval_split="validation", draft_vocab=0, no_progress=False, json=False,
+                      published=False, export_format="kvjax")
 
 
 EAGLE_DESCRIPTION = """\
@@ -52,6 +53,13 @@ def add_eagle(sub) -> argparse.ArgumentParser:
                  help="eagle3: a reduced draft vocabulary of the N most frequent target tokens "
                  "of the first 64 training batches, with its own LM head (0 = the target's LM "
                  "head over the whole vocabulary, the default)")
+  p.add_argument("--published", action="store_true", default=None,
+                 help="train the reference (SafeAILab EAGLE) architecture of --kind, which "
+                 "--export-format eagle1/eagle3 writes for vLLM and SGLang (default: kvjax's own)")
+  p.add_argument("--export-format", choices=("kvjax", "eagle1", "eagle3"),
+                 help="the saved head's format: kvjax (head.json + params/, the default) or a "
+                 "published layout (config.json + model.safetensors; needs --published and the "
+                 "format of --kind)")
   g = add_data_flags(p, "target")
   g.add_argument("--self-distill", type=nonneg, metavar="N",
                  help="train on N sequences the target generates after corpus prompts instead "
@@ -94,6 +102,14 @@ def check_eagle(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     parser.error(f"--kind must be one of {', '.join(KINDS)}; got {args.kind!r}")
   if args.draft_vocab and args.kind != "eagle3":
     parser.error("--draft-vocab applies to --kind eagle3")
+  if args.export_format not in ("kvjax", "eagle1", "eagle3"):
+    parser.error(f"--export-format must be kvjax, eagle1 or eagle3; got {args.export_format!r}")
+  if args.export_format != "kvjax" and not args.published:
+    parser.error(f"--export-format {args.export_format} needs --published (kvjax's own "
+                 f"{args.kind} architecture has no published layout)")
+  if args.export_format != "kvjax" and args.export_format != args.kind:
+    parser.error(f"--export-format {args.export_format} writes {args.export_format} heads; "
+                 f"--kind is {args.kind}")
   check_frozen(parser, args, "target", "the model the head drafts for")
   check_run_flags(parser, args, "checkpoints, metrics and the head")
   try:
@@ -162,6 +178,7 @@ def run_eagle(args: argparse.Namespace) -> int:
   """Trains the head, saves it, prints a summary; returns 0."""
   import jax
   from kvjax.lm.model import load
+  from kvjax.speculative import formats
   from kvjax.speculative import head as heads
   from kvjax.train.eagle import train
   t0 = time.perf_counter()
@@ -174,10 +191,14 @@ def run_eagle(args: argparse.Namespace) -> int:
     first = [b["targets"][b["mask"] > 0] for b in itertools.islice(batches(0), 64)]
     draft_vocab = heads.draft_vocabulary(np.concatenate(first), args.draft_vocab,
                                          model.cfg.vocab_size)
-  head = heads.init(model, ec.kind, seed=args.seed, draft_vocab=draft_vocab)
+  head = heads.init(model, ec.kind, seed=args.seed, draft_vocab=draft_vocab,
+                    published=bool(args.published))
   result = train(model, head, ec, batches, eval_batches, prompts, progress=not args.no_progress)
   export = args.export or os.path.join(args.out, "head")
-  heads.save(result.head, export)
+  if args.export_format == "kvjax":
+    heads.save(result.head, export)
+  else:
+    formats.export(result.head, export, format=args.export_format)
   last = result.records[-1] if result.records else {}
   keys = ("loss", "feature_loss", "ce", "top1", "eval_loss", "eval_top1", "val_accept_len")
   summary = {"out": args.out, "export": export, "kind": ec.kind, "target": args.target,
