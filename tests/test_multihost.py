@@ -34,8 +34,12 @@ def free_port() -> int:
 
 
 def worker_env() -> dict[str, str]:
-  """This environment without conftest's 8 simulated devices (each worker sets its own 2)."""
+  """This environment without conftest's 8 simulated devices (each worker sets its own 2) and
+  without the session's persistent compilation cache: its keys ignore the device count, so a
+  program compiled by a 2-process gloo worker would be served to the 8-device test processes
+  (which crashed them)."""
   env = dict(os.environ)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
   flags = env.get("XLA_FLAGS", "").split()
   env["XLA_FLAGS"] = " ".join(f for f in flags if "xla_force_host_platform_device_count" not in f)
   return env
