@@ -350,6 +350,36 @@ def read_prompts(prompts: list[str], flag: str = "--prompt") -> list[str]:
   return out
 
 
+def add_distributed_flags(p: argparse.ArgumentParser) -> None:
+  """--coordinator, --num-processes, --process-id: one process per host on one mesh
+  (`kvjax.lm.distributed.initialize`; unset flags read JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES, JAX_PROCESS_ID)."""
+  g = p.add_argument_group("several hosts (jax.distributed; every process runs the same "
+                           "command; process 0 prints and writes)")
+  g.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                 help="address of process 0 (default $JAX_COORDINATOR_ADDRESS)")
+  g.add_argument("--num-processes", type=positive, default=None, metavar="N",
+                 help="processes in the run (default $JAX_NUM_PROCESSES)")
+  g.add_argument("--process-id", type=nonneg, default=None, metavar="I",
+                 help="this process, 0 .. N-1 (default $JAX_PROCESS_ID)")
+  g.add_argument("--distributed", action="store_true",
+                 help="join a cluster JAX detects itself (Cloud TPU pod, SLURM, Open MPI)")
+
+
+def start_distributed(args: argparse.Namespace) -> bool:
+  """Joins the other processes when a distributed flag or JAX_COORDINATOR_ADDRESS is set
+  (before any device is touched); off process 0, stdout is silenced. Returns whether it did."""
+  from kvjax.lm import distributed
+  given = (args.coordinator, args.num_processes, args.process_id)
+  if not (args.distributed or any(v is not None for v in given)
+          or os.environ.get(distributed.ENV["coordinator"])):
+    return False
+  distributed.initialize(*given)
+  if not distributed.is_main():
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+  return True
+
+
 def load_model(args: argparse.Namespace):
   """The model named by --model, cast to --dtype (its weights checked finite unless
   --no-check-finite)."""

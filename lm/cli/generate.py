@@ -8,9 +8,10 @@ import json
 import sys
 
 from kvjax.lm.model import bundled
-from kvjax.lm.cli.flags import (DEFAULT_MODEL, PROG, add_finite_flag, add_sampling_flags,
-                                check_sampling_flags, checked, finite, load_model, nonneg,
-                                positive, read_prompts, sampling_kwargs, text_type)
+from kvjax.lm.cli.flags import (DEFAULT_MODEL, PROG, add_distributed_flags, add_finite_flag,
+                                add_sampling_flags, check_sampling_flags, checked, finite,
+                                load_model, nonneg, positive, read_prompts, sampling_kwargs,
+                                start_distributed, text_type)
 
 
 def add(subparsers) -> None:
@@ -54,6 +55,13 @@ def add(subparsers) -> None:
                  "architecture (it records their fingerprint; a warning is printed)")
   p.add_argument("--json", action="store_true",
                  help="print one JSON object (texts, token ids, timings) instead of text")
+  g = p.add_argument_group("sharding (plain generation: not with --speculative, --coprocessor)")
+  g.add_argument("--data-parallel", type=positive, default=None, metavar="N",
+                 help="mesh 'data' axis size (prompts split across it; default: all devices "
+                 "/ --model-parallel when sharding)")
+  g.add_argument("--model-parallel", type=positive, default=None, metavar="N",
+                 help="mesh 'model' axis size (heads, ffn, vocab split across it; default 1)")
+  add_distributed_flags(p)
   p.set_defaults(run=_generate, check=lambda args: _check_generate(p, args))
 
 
@@ -88,6 +96,11 @@ def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if (args.delay or 0) >= args.max_new_tokens:
       parser.error(f"--delay {args.delay} must be smaller than --max-new-tokens "
                    f"{args.max_new_tokens}")
+  sharded = [f for f in ("data_parallel", "model_parallel", "coordinator", "num_processes",
+                         "process_id", "distributed") if getattr(args, f) not in (None, False)]
+  if sharded and (args.speculative or args.coprocessor is not None):
+    parser.error(f"--{sharded[0].replace('_', '-')} applies only to plain generation (not "
+                 "--speculative or --coprocessor)")
   if args.speculative and not args.head:
     parser.error("--speculative eagle needs --head DIR_OR_NAME (an EAGLE head trained for "
                  "the model)")
@@ -106,7 +119,19 @@ def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 def _generate(args: argparse.Namespace) -> int:
   prompts = read_prompts(args.prompt)
+  multi = start_distributed(args)
   model = load_model(args)
+  if multi or args.data_parallel or args.model_parallel:
+    import jax
+
+    from kvjax.lm import sharding
+    model_ways = args.model_parallel or 1
+    data = args.data_parallel or max(1, len(jax.devices()) // model_ways)
+    if data * model_ways > len(jax.devices()):
+      raise ValueError(f"--data-parallel {data} x --model-parallel {model_ways} needs "
+                       f"{data * model_ways} devices; {len(jax.devices())} available")
+    mesh = sharding.make_mesh(data, model_ways, jax.devices()[:data * model_ways])
+    model = sharding.shard(model, mesh)
   kwargs = sampling_kwargs(args)
   if args.speculative:
     from kvjax import speculative
@@ -121,7 +146,7 @@ def _generate(args: argparse.Namespace) -> int:
     from kvjax import coprocessor
     cop = coprocessor.load(args.coprocessor, model, allow_other_params=args.allow_other_params)
     out = coprocessor.generate(model, cop, prompts, delay=args.delay or 0, **kwargs)
-  elif len(prompts) == 1 and not args.json:
+  elif len(prompts) == 1 and not args.json and not multi:
     return _stream_one(model, prompts[0], kwargs)
   else:
     from kvjax.lm.generate import generate

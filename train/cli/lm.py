@@ -8,7 +8,9 @@ import os
 import sys
 import time
 
-from kvjax.lm.cli.flags import check_output, checked, nonneg, positive, seed_type
+from kvjax.lm import distributed
+from kvjax.lm.cli.flags import (add_distributed_flags, check_output, checked, nonneg, positive,
+                                seed_type, start_distributed)
 from kvjax.train.cli.common import (add_output_flags, check_run_flags, data_batches, fraction,
                                     nonneg_float, pos_float, settle, unit)
 
@@ -99,6 +101,7 @@ def add_lm(sub) -> argparse.ArgumentParser:
                  help="mesh 'data' axis size (0 = all devices / --model-parallel)")
   g.add_argument("--model-parallel", type=positive, metavar="N", help="mesh 'model' axis size")
   add_output_flags(g)
+  add_distributed_flags(p)
   p.set_defaults(run=run_lm, check=lambda args: check_lm(p, args))
   return p
 
@@ -200,12 +203,14 @@ def run_lm(args: argparse.Namespace) -> int:
   from kvjax.lm.model import save
   from kvjax.train.lm import train
   t0 = time.perf_counter()
+  start_distributed(args)
   tc = _train_config(args)
   model = _model(args)
   batches, eval_batches = data_batches(args, model.tokenizer)
   result = train(model, tc, batches, eval_batches, progress=not args.no_progress)
   export = args.export or os.path.join(args.out, "model")
-  save(result.model, export)
+  if distributed.is_main():
+    save(result.model, export)
   last = result.records[-1] if result.records else {}
   summary = {"out": args.out, "export": export, "steps": tc.steps,
              "resumed_from": result.resumed_from, "n_params": model.cfg.n_params,
