@@ -64,7 +64,8 @@ KINDS = ("coprocessor", "pause")
 LATENT_POSITION = -33
 INITS = ("copy", "scratch", "lora")
 CONFIG_FILE = "coprocessor.json"
-# The block projections LoRA adapts, with how many leading axes (after L) are the input.
+# The block projections LoRA adapts, with how many leading axes (after L) are the input (those
+# a base has: a mixture-of-experts base has no dense MLP, so its LoRA adapts attention only).
 LORA_TARGETS = {("attn", "q"): 1, ("attn", "k"): 1, ("attn", "v"): 1, ("attn", "o"): 2,
                 ("mlp", "gate"): 1, ("mlp", "up"): 1, ("mlp", "down"): 1}
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
@@ -168,6 +169,8 @@ def _lora_init(blocks: dict[str, Any], rank: int, key: jax.Array) -> dict[str, A
   1 / in), b [L, r, out] = 0."""
   out: dict[str, Any] = {}
   for i, ((group, name), n_in) in enumerate(LORA_TARGETS.items()):
+    if group not in blocks:
+      continue
     w = blocks[group][name]
     fan_in = math.prod(w.shape[1:1 + n_in])
     fan_out = math.prod(w.shape[1 + n_in:])
@@ -181,6 +184,8 @@ def _lora_merge(blocks: dict[str, Any], lora: dict[str, Any]) -> dict[str, Any]:
   """The base's block params with W + a @ b on every adapted weight."""
   merged = jax.tree.map(lambda x: x, blocks)
   for (group, name), _ in LORA_TARGETS.items():
+    if group not in lora:
+      continue
     w, ab = blocks[group][name], lora[group][name]
     delta = jnp.einsum("lir,lro->lio", ab["a"], ab["b"])
     merged[group][name] = w + delta.reshape(w.shape).astype(w.dtype)

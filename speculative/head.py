@@ -170,7 +170,7 @@ class Head(nnx.Module):
     mask [B, T, S + T] as for the decoder ([B, T, T] without a cache; default causal);
     training: the training forward (`kvjax.lm.attention.Training`), as for the decoder."""
     hc = self.hc
-    dtype = self.blocks.mlp.down[...].dtype
+    dtype = self.blocks.attn.o[...].dtype
     e, f = embeds.astype(dtype), features.astype(dtype)
     if hc.kind == "eagle3":
       e, n = self.embed_norm(e), self.feature_norm(f)
