@@ -160,6 +160,11 @@ def test_published_head_drafts_as_the_reference(target, tmp_path, kind, n_draft)
     ("eagle1", dict(add="layers.0.input_layernorm.weight"), "unexpected tensors"),
     ("eagle3", dict(cfg=dict(hidden_size=32)), "hidden_size is 32"),
     ("eagle3", dict(cfg=dict(vocab_size=999)), "vocab_size is 999"),
+    ("eagle1", dict(cfg=dict(rms_norm_eps=1e-5)), "rms_norm_eps is 1e-05"),
+    ("eagle3", dict(cfg=dict(rope_parameters={"rope_theta": 5e5}), uncfg="rope_theta"),
+     "rope_theta is 500000.0"),
+    ("eagle3", dict(cfg=dict(norm_output=False)), "norm_output False"),
+    ("eagle3", dict(cfg=dict(fc_norm=True)), "fc_norm True"),
     ("eagle3", dict(cfg=dict(eagle_config={"eagle_aux_hidden_state_layer_ids": [0, 1, 5]})),
      "eagle_aux_hidden_state_layer_ids"),
     ("eagle3", dict(cfg=dict(eagle_aux_hidden_state_layer_ids=[1, 2, 2])),
@@ -177,6 +182,10 @@ def test_mismatched_published_heads(target, tmp_path, kind, edit, msg):
   if "shape" in edit:
     w[edit["shape"]] = w[edit["shape"]][:, :2 * D]
   path = write_head(tmp_path / "h", kind, w, **edit.get("cfg", {}))
+  if "uncfg" in edit:
+    f = tmp_path / "h" / "config.json"
+    f.write_text(json.dumps({k: v for k, v in json.loads(f.read_text()).items()
+                             if k != edit["uncfg"]}))
   if edit.get("corrupt"):
     f = tmp_path / "h" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:100])
