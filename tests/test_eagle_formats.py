@@ -293,6 +293,7 @@ def specforge_draft(m, hf, tokens):
 
 
 @pytest.mark.filterwarnings("ignore:flash_attn is not found")  # its CUDA backend; sdpa runs
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch's mkldnn
 def test_eagle3_reference_is_specforges(target, tmp_path):
   """kvjax's published EAGLE-3 head is PyPI specforge's own draft model (SGLang's trainer,
   LlamaForCausalLMEagle3): an exported head builds it through SpecForge's config reader from
