@@ -18,6 +18,9 @@ num_attention_heads, num_key_value_heads, intermediate_size, vocab_size, ...) an
     layer_inputs[i + 1]; SGLang adds the 1) and/or a top-level eagle_aux_hidden_state_layer_ids
     (vLLM's: layer inputs, used as they are); neither: EAGLE-3's default, the inputs of layers
     2, L//2, L-3. `export` writes both.
+    rope_theta (or transformers 5's rope_parameters.rope_theta) and rms_norm_eps must be the
+    target's: the head's layer runs with the target's RoPE and norms. SpecForge's variants
+    norm_output false and fc_norm true are refused.
 
 Both run as HeadConfig(published=True) heads (`kvjax.speculative.head`).
 """
@@ -116,9 +119,19 @@ def _config(path: str, target, kind: str) -> tuple[dict, HeadConfig]:
   hd = d.get("head_dim") or t.d_model // t.n_heads
   if hd != t.head_dim:
     raise HeadError(f"{file}: head_dim is {hd}; the target has {t.head_dim}")
-  if d.get("rope_theta", t.rope_theta) != t.rope_theta:
-    raise HeadError(f"{file}: rope_theta is {d['rope_theta']}; the target's is {t.rope_theta} "
+  rope = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+  theta = d.get("rope_theta", rope.get("rope_theta", t.rope_theta))       # transformers 5 nests it
+  if theta != t.rope_theta:
+    raise HeadError(f"{file}: rope_theta is {theta}; the target's is {t.rope_theta} "
                     "(kvjax runs the head's layer with the target's RoPE)")
+  if d.get("rms_norm_eps", t.norm_eps) != t.norm_eps:
+    raise HeadError(f"{file}: rms_norm_eps is {d['rms_norm_eps']!r}; the target's is "
+                    f"{t.norm_eps} (kvjax's head norms with the target's)")
+  if kind == "eagle3" and (d.get("norm_output", True) is not True or d.get("fc_norm", False)):
+    raise HeadError(f"{file}: norm_output {d.get('norm_output', True)!r}, fc_norm "
+                    f"{d.get('fc_norm', False)!r}: SpecForge's variants (draft logits from the "
+                    "un-normed state; a norm per fused hidden state) are not the EAGLE-3 "
+                    "architecture kvjax runs (norm_output true, fc_norm false)")
   if d.get("num_hidden_layers", 1) != 1:
     raise HeadError(f"{file}: num_hidden_layers is {d['num_hidden_layers']}; an EAGLE head "
                     "has one decoder layer")

@@ -4,7 +4,9 @@ SGLang layout) load into kvjax and draft exactly as a torch reference of the pub
 The reference below re-expresses the published draft models (the key layout and forward of
 cnets1.py's Model with layer 0 lacking input_layernorm, and of cnets.py's Model with midlayer's
 two input norms, 2D-wide q/k/v, residual from the fused feature, own norm + lm_head, d2t);
-the target is a tiny random HF llama (plain RoPE, as the reference heads rotate).
+the target is a tiny random HF llama (plain RoPE, as the reference heads rotate). The published
+code itself, from PyPI (installed --no-deps): eagle-llm's EAGLE-1 model is the reference, and
+kvjax's EAGLE-3 heads are SpecForge's LlamaForCausalLMEagle3 in both directions.
 """
 
 import json
@@ -158,6 +160,11 @@ def test_published_head_drafts_as_the_reference(target, tmp_path, kind, n_draft)
     ("eagle1", dict(add="layers.0.input_layernorm.weight"), "unexpected tensors"),
     ("eagle3", dict(cfg=dict(hidden_size=32)), "hidden_size is 32"),
     ("eagle3", dict(cfg=dict(vocab_size=999)), "vocab_size is 999"),
+    ("eagle1", dict(cfg=dict(rms_norm_eps=1e-5)), "rms_norm_eps is 1e-05"),
+    ("eagle3", dict(cfg=dict(rope_parameters={"rope_theta": 5e5}), uncfg="rope_theta"),
+     "rope_theta is 500000.0"),
+    ("eagle3", dict(cfg=dict(norm_output=False)), "norm_output False"),
+    ("eagle3", dict(cfg=dict(fc_norm=True)), "fc_norm True"),
     ("eagle3", dict(cfg=dict(eagle_config={"eagle_aux_hidden_state_layer_ids": [0, 1, 5]})),
      "eagle_aux_hidden_state_layer_ids"),
     ("eagle3", dict(cfg=dict(eagle_aux_hidden_state_layer_ids=[1, 2, 2])),
@@ -175,6 +182,10 @@ def test_mismatched_published_heads(target, tmp_path, kind, edit, msg):
   if "shape" in edit:
     w[edit["shape"]] = w[edit["shape"]][:, :2 * D]
   path = write_head(tmp_path / "h", kind, w, **edit.get("cfg", {}))
+  if "uncfg" in edit:
+    f = tmp_path / "h" / "config.json"
+    f.write_text(json.dumps({k: v for k, v in json.loads(f.read_text()).items()
+                             if k != edit["uncfg"]}))
   if edit.get("corrupt"):
     f = tmp_path / "h" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:100])
@@ -182,18 +193,20 @@ def test_mismatched_published_heads(target, tmp_path, kind, edit, msg):
     speculative.load_head(path, model)
 
 
-def eagle_llm_cnets():
-  """PyPI eagle-llm's eagle/model/cnets.py, imported from where it is installed (under pytest's
-  importlib mode a checkout directory named `eagle` shadows its top-level package)."""
+def installed(dist: str, module: str):
+  """`module` of the installed PyPI distribution `dist`, imported from where it is installed:
+  under pytest's importlib mode a checkout directory named like its top-level package (eagle-
+  llm's `eagle`, specforge's `specforge`) is that package."""
   import importlib
   import importlib.metadata
   import sys
-  root = str(importlib.metadata.distribution("eagle-llm").locate_file(""))
-  ours = lambda k: k == "eagle" or k.startswith("eagle.")
+  root = str(importlib.metadata.distribution(dist).locate_file(""))
+  top = module.split(".")[0]
+  ours = lambda k: k == top or k.startswith(top + ".")
   saved = {k: sys.modules.pop(k) for k in list(sys.modules) if ours(k)}
   sys.path.insert(0, root)
   try:
-    return importlib.import_module("eagle.model.cnets")
+    return importlib.import_module(module)
   finally:
     sys.path.remove(root)
     for k in [k for k in sys.modules if ours(k)]:
@@ -205,7 +218,7 @@ def test_eagle1_reference_is_eagle_llms(target):
   """The EAGLE-1 reference above is PyPI eagle-llm's own draft model (eagle/model/cnets.py,
   strict load of the same tensors) on the same features and tokens."""
   import types
-  Model = eagle_llm_cnets().Model
+  Model = installed("eagle-llm", "eagle.model.cnets").Model
   hf, _ = target
   cfg = types.SimpleNamespace(  # the LlamaConfig fields cnets.py reads (it predates rope_type)
       hidden_size=D, intermediate_size=F, num_attention_heads=N, num_key_value_heads=K,
@@ -223,6 +236,18 @@ def test_eagle1_reference_is_eagle_llms(target):
   np.testing.assert_allclose(h.numpy(), ref.numpy(), atol=1e-5)
 
 
+def published_head(model, kind):
+  """A kvjax published-architecture head as training leaves it (eagle3: fusing the inputs of
+  layers 1-3, a draft vocabulary of every third id): every tensor moved off its init (norm
+  scales of ones, zero bias)."""
+  fuse = tuple(i + 1 for i in AUX) if kind == "eagle3" else ()
+  head = speculative.init_head(model, kind, seed=5, fuse_layers=fuse, published=True,
+                               draft_vocab=tuple(range(0, V, 3)) if kind == "eagle3" else ())
+  rng = np.random.default_rng(0)
+  return head.with_params(jax.tree.map(
+      lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(a.dtype), head.params()))
+
+
 @pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
 def test_export_loads_back_and_into_the_reference(target, tmp_path, kind):
   """A kvjax-trained published-architecture head exports to the published layout: load_head
@@ -230,12 +255,7 @@ def test_export_loads_back_and_into_the_reference(target, tmp_path, kind):
   tensors it reads) computes the same draft logits from the exported tensors."""
   from safetensors.torch import load_file
   hf, model = target
-  fuse = tuple(i + 1 for i in AUX) if kind == "eagle3" else ()
-  head = speculative.init_head(model, kind, seed=5, fuse_layers=fuse, published=True,
-                               draft_vocab=tuple(range(0, V, 3)) if kind == "eagle3" else ())
-  rng = np.random.default_rng(0)  # every tensor off its init (norm scales of ones, zero bias)
-  head = head.with_params(jax.tree.map(
-      lambda a: a + 0.1 * rng.standard_normal(a.shape).astype(a.dtype), head.params()))
+  head = published_head(model, kind)
   path = speculative.export_head(head, str(tmp_path / "x"))
   back = speculative.load_head(path, model)
   np.testing.assert_array_equal(kvjax_draft(back, model, TOKENS), kvjax_draft(head, model, TOKENS))
@@ -250,6 +270,66 @@ def test_export_loads_back_and_into_the_reference(target, tmp_path, kind):
     assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == AUX  # SGLang: outputs
     assert cfg["eagle_aux_hidden_state_layer_ids"] == [i + 1 for i in AUX]  # vLLM: inputs
     assert cfg["draft_vocab_size"] == len(head.hc.draft_vocab)
+
+
+def specforge_draft(m, hf, tokens):
+  """SpecForge draft model m's logits over its draft vocabulary [T, N] for pairs (feature_i,
+  token_{i+1}) through the calls its trainer makes for the first TTT step (sdpa backend), and
+  (checked equal) through its forward; the features are the target hidden states its
+  eagle_config ids name (SGLang's capture, which SpecForge trains from: id i = the output of
+  layer i = HF hidden_states[i + 1]). Its torch.compile'd norms and RoPE run eager."""
+  T = len(tokens)
+  with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+    out = hf(torch.tensor(tokens)[None], output_hidden_states=True)
+    feats = torch.cat([out.hidden_states[i + 1]
+                       for i in m.config.eagle_config["eagle_aux_hidden_state_layer_ids"]], -1)
+    emb = m.embed_input_ids(torch.tensor(tokens[1:] + [tokens[-1]])[None])
+    f = m.project_hidden_states(feats)
+    mask = m.prepare_decoder_attention_mask(torch.ones(1, T, dtype=torch.bool), f, 1, T, 0)
+    h = m.backbone(emb, f, [[], []], mask, torch.arange(T)[None])
+    z = m.compute_logits(h)[0].numpy()
+    np.testing.assert_allclose(m.lm_head(m(feats, emb))[0].numpy(), z, atol=1e-5, rtol=1e-5)
+  return z
+
+
+@pytest.mark.filterwarnings("ignore:flash_attn is not found")  # its CUDA backend; sdpa runs
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch's mkldnn
+def test_eagle3_reference_is_specforges(target, tmp_path):
+  """kvjax's published EAGLE-3 head is PyPI specforge's own draft model (SGLang's trainer,
+  LlamaForCausalLMEagle3): an exported head builds it through SpecForge's config reader from
+  the exported config.json and loads strictly (+ the target's embedding); a head SpecForge
+  then writes as its SGLang serving export does (save_pretrained without the embedding,
+  legacy RoPE fields) loads into kvjax; both draft as SpecForge does at the target ids d2t
+  names."""
+  from safetensors.torch import load_file
+  auto = installed("specforge", "specforge.modeling.auto")
+  hf, model = target
+  head = published_head(model, "eagle3")
+  path = speculative.export_head(head, str(tmp_path / "x"))
+  m = auto.AutoDraftModel.from_config(  # attention_backend="sdpa"
+      auto.AutoDraftModelConfig.from_file(path + "/config.json")).eval()
+  m.load_state_dict({**load_file(path + "/model.safetensors"),
+                     "embed_tokens.weight": hf.model.embed_tokens.weight.detach()}, strict=True)
+  ids = (torch.arange(m.config.draft_vocab_size) + m.d2t).numpy()
+  assert ids.tolist() == list(head.hc.draft_vocab) == m.t2d.nonzero()[:, 0].tolist()
+  z = specforge_draft(m, hf, TOKENS)
+  assert np.abs(z).max() > 1
+  np.testing.assert_allclose(kvjax_draft(head, model, TOKENS)[0][:, ids], z, atol=1e-4,
+                             rtol=1e-4)
+
+  g = torch.Generator().manual_seed(1)
+  with torch.no_grad():
+    for name, p in m.named_parameters():
+      if name != "embed_tokens.weight":
+        p.add_(0.1 * torch.randn(p.shape, generator=g))
+  out = str(tmp_path / "specforge")
+  m.save_pretrained(out, state_dict={k: v for k, v in m.state_dict().items() if "embed" not in k})
+  installed("specforge", "specforge.export.checkpoint_io").apply_legacy_rope_scaling(out)
+  back = speculative.load_head(out, model)
+  z2 = specforge_draft(m, hf, TOKENS)
+  assert np.abs(z2 - z).max() > 0.1
+  np.testing.assert_allclose(kvjax_draft(back, model, TOKENS)[0][:, ids], z2, atol=1e-4,
+                             rtol=1e-4)
 
 
 def test_export_refuses_kvjax_architectures(target, tmp_path):
