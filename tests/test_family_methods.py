@@ -4,7 +4,7 @@ own building blocks).
 
   sinks        streaming perplexity through a SinkCache == -log softmax of `lm.score` on the
                re-positioned sequence the cache holds (exact for a one-layer model);
-  EAGLE        speculative greedy output == plain greedy (lossless), eagle1 and eagle3 heads;
+  EAGLE        speculative greedy output == plain greedy (lossless), an eagle3 head;
   DroidSpeak   a mixed reuse plan == the receiver's layers run by hand over the sender's E;
   coprocessor  augmented greedy generation == prefill, augment and greedy decoding by hand;
   SoT          the shared-prefix expansion of rows == `lm.generate` of each row alone.
@@ -51,10 +51,10 @@ def test_sink_stream_equals_rescoring_what_the_cache_holds(fam):
   np.testing.assert_allclose(got.nll, want, atol=2e-4)
 
 
-@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
-def test_speculative_greedy_is_lossless(fam, kind):
+def test_speculative_greedy_is_lossless(fam):
+  """An EAGLE-3 head (the three fused layer inputs: the target's features at every depth)."""
   model = tiny.model(fam, n_layers=3, **windows(fam, 3))
-  head = speculative.init_head(model, kind, seed=1, copy_top_layer=False)
+  head = speculative.init_head(model, "eagle3", seed=1, copy_top_layer=False)
   plain = lm.generate(model, ROWS, max_new_tokens=16, stop_tokens=[])
   spec = speculative.generate(model, head, ROWS, max_new_tokens=16, stop_tokens=[],
                               tree=speculative.TreeSpec(top_k=2, depth=3, total_tokens=6))
