@@ -87,7 +87,6 @@ def read_tensors(path: str) -> tuple[str, dict[str, np.ndarray]]:
 
 
 def _np(t) -> np.ndarray:
-  import torch
   return (t.float() if t.is_floating_point() else t).numpy()
 
 
