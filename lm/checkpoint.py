@@ -61,18 +61,26 @@ def _entries(cfg: Config, *, fused: bool = False) -> list[Entry]:
             (lambda *ws: jnp.concatenate([w.reshape(D, -1).T for w in ws])))
 
   layer = "model.layers.{i}."
+  phi3 = cfg.family == "phi3"  # fused: q, k, v rows in one tensor; gate rows, then up rows
   e: list[Entry] = [(("embed",), "model.embed_tokens.weight", (V, D), same, same)]
   mlp_norm = "pre_feedforward_layernorm" if cfg.post_norms else "post_attention_layernorm"
   e += [
       (("blocks", "attn_norm", "scale"), layer + "input_layernorm.weight", (D,), same, same),
       (("blocks", "mlp_norm", "scale"), layer + mlp_norm + ".weight", (D,), same, same),
-      (("blocks", "attn", "q"), layer + "self_attn.q_proj.weight", (N * H, D), *proj_in(N, H)),
-      (("blocks", "attn", "k"), layer + "self_attn.k_proj.weight", (K * H, D), *proj_in(K, H)),
-      (("blocks", "attn", "v"), layer + "self_attn.v_proj.weight", (K * H, D), *proj_in(K, H)),
       (("blocks", "attn", "o"), layer + "self_attn.o_proj.weight", (D, N * H),
        lambda w: w.T.reshape(N, H, D), lambda w: w.reshape(N * H, D).T),
   ]
-  if not E:
+  if phi3:
+    e += [([("blocks", "attn", n) for n in "qkv"], layer + "self_attn.qkv_proj.weight",
+           ((N + 2 * K) * H, D), *rows((N, H), (K, H), (K, H)))]
+  else:
+    e += [(("blocks", "attn", n), layer + f"self_attn.{n}_proj.weight", (h * H, D), *proj_in(h, H))
+          for n, h in (("q", N), ("k", K), ("v", K))]
+  if phi3:
+    e += [([("blocks", "mlp", "gate"), ("blocks", "mlp", "up")], layer + "mlp.gate_up_proj.weight",
+           (2 * F, D), *rows((F,), (F,))),
+          (("blocks", "mlp", "down"), layer + "mlp.down_proj.weight", (D, F), *dense())]
+  elif not E:
     e += [(("blocks", "mlp", "gate"), layer + "mlp.gate_proj.weight", (F, D), *dense()),
           (("blocks", "mlp", "up"), layer + "mlp.up_proj.weight", (F, D), *dense()),
           (("blocks", "mlp", "down"), layer + "mlp.down_proj.weight", (D, F), *dense())]
@@ -89,13 +97,6 @@ def _entries(cfg: Config, *, fused: bool = False) -> list[Entry]:
           (("blocks", "moe", "gate"), moe + "experts.{e}.w1.weight", (F, D), *dense()),
           (("blocks", "moe", "up"), moe + "experts.{e}.w3.weight", (F, D), *dense()),
           (("blocks", "moe", "down"), moe + "experts.{e}.w2.weight", (D, F), *dense())]
-  if cfg.family == "phi3":  # fused: q, k, v rows in one tensor; gate rows, then up rows
-    fuse = {("blocks", "attn", n) for n in "qkv"} | {("blocks", "mlp", n) for n in ("gate", "up")}
-    e = [x for x in e if isinstance(x[0], list) or x[0] not in fuse]
-    e += [([("blocks", "attn", n) for n in "qkv"], layer + "self_attn.qkv_proj.weight",
-           ((N + 2 * K) * H, D), *rows((N, H), (K, H), (K, H))),
-          ([("blocks", "mlp", "gate"), ("blocks", "mlp", "up")], layer + "mlp.gate_up_proj.weight",
-           (2 * F, D), *rows((F,), (F,)))]
   if cfg.post_norms:
     e += [(("blocks", "post_attn_norm", "scale"), layer + "post_attention_layernorm.weight",
            (D,), same, same),

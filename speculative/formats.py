@@ -47,16 +47,26 @@ def detect(path: str) -> str:
   """"kvjax" (head.json), "eagle1" or "eagle3" (config.json + weights) for a head directory."""
   if os.path.isfile(os.path.join(path, "head.json")):
     return "kvjax"
+  file, w = read_tensors(published_dir(path))
+  return published_kind(file, w)
+
+
+def published_dir(path: str) -> str:
+  """path, checked to be a published head's directory (config.json)."""
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise HeadError(f"{path}: neither a kvjax head (head.json) nor a published EAGLE head "
                     f"(config.json + {' or '.join(WEIGHTS)})")
-  names = set(read_tensors(path)[1])
-  if "midlayer.post_attention_layernorm.weight" in names:
+  return path
+
+
+def published_kind(file: str, w: dict) -> str:
+  """"eagle3" or "eagle1", from the tensor names w of weights file `file`."""
+  if "midlayer.post_attention_layernorm.weight" in w:
     return "eagle3"
-  if "layers.0.post_attention_layernorm.weight" in names:
+  if "layers.0.post_attention_layernorm.weight" in w:
     return "eagle1"
-  raise HeadError(f"{weights_file(path)}: neither EAGLE-3 tensors (midlayer.*) nor EAGLE-1 "
-                  f"tensors (layers.0.*)")
+  raise HeadError(f"{file}: neither EAGLE-3 tensors (midlayer.*) nor EAGLE-1 tensors "
+                  "(layers.0.*)")
 
 
 def weights_file(path: str) -> str:
@@ -96,13 +106,14 @@ def load(path: str, target, *, allow_other_params: bool = False) -> LoadedHead:
   the field or tensor."""
   path = resolve(os.fspath(path)) if not os.path.isfile(
       os.path.join(os.fspath(path), "config.json")) else os.fspath(path)
-  kind = detect(path)
-  if kind == "kvjax":
+  if os.path.isfile(os.path.join(path, "head.json")):
     return load_kvjax(path, target, allow_other_params=allow_other_params)
-  return load_published(path, target, kind)
+  return load_published(published_dir(path), target)
 
 
-def _config(path: str, target, kind: str) -> tuple[dict, HeadConfig]:
+def _config(path: str, target, kind: str) -> tuple[dict, tuple[int, ...]]:
+  """(config.json's dict, the fused target layers (inputs; () for eagle1)), checked against
+  the target."""
   file = os.path.join(path, "config.json")
   d = config.read_json(file, required=True, error=HeadError)
   t = target.cfg
@@ -135,8 +146,7 @@ def _config(path: str, target, kind: str) -> tuple[dict, HeadConfig]:
     raise HeadError(f"{file}: num_hidden_layers is {d['num_hidden_layers']}; an EAGLE head "
                     "has one decoder layer")
   if kind == "eagle1":
-    return d, HeadConfig(kind="eagle1", target=t, published=True,
-                         target_name=str(d.get("_name_or_path", "")))
+    return d, ()
   L = t.n_layers
   ids = (d.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
   inputs = d.get("eagle_aux_hidden_state_layer_ids")  # vLLM's: layer inputs
@@ -162,15 +172,16 @@ def _config(path: str, target, kind: str) -> tuple[dict, HeadConfig]:
   return d, fuse
 
 
-def load_published(path: str, target, kind: str) -> LoadedHead:
-  """A published EAGLE-1/2 or EAGLE-3 head (detected `kind`) for `target`."""
+def load_published(path: str, target) -> LoadedHead:
+  """A published EAGLE-1/2 or EAGLE-3 head (the kind from its tensors) for `target`."""
   t = target.cfg
   D, N, K, H, F = t.d_model, t.n_heads, t.n_kv_heads, t.head_dim, t.ffn_dim
-  d, hc = _config(path, target, kind)
   file, w = read_tensors(path)
+  kind = published_kind(file, w)
+  d, fuse = _config(path, target, kind)
   pre = "layers.0." if kind == "eagle1" else "midlayer."
+  vocab = ()
   if kind == "eagle3":
-    fuse = hc
     Nd = d.get("draft_vocab_size", t.vocab_size)
     d2t = _take(w, file, "d2t", (Nd,), dtype=np.int64)
     t2d = _take(w, file, "t2d", (t.vocab_size,), dtype=bool)
@@ -180,9 +191,9 @@ def load_published(path: str, target, kind: str) -> LoadedHead:
                       f"distinct ids, not all in [0, {t.vocab_size})")
     if t2d.sum() != Nd or not t2d[vocab].all():
       raise HeadError(f"{file}: t2d marks {int(t2d.sum())} target ids; d2t maps to {Nd} others")
-    hc = HeadConfig(kind="eagle3", target=t, fuse_layers=fuse, published=True,
-                    draft_vocab=tuple(int(i) for i in vocab),
-                    target_name=str(d.get("_name_or_path", "")))
+  hc = HeadConfig(kind=kind, target=t, fuse_layers=fuse, published=True,
+                  draft_vocab=tuple(int(i) for i in vocab),
+                  target_name=str(d.get("_name_or_path", "")))
   check(hc, t)
   C = 2 * D if kind == "eagle3" else D
   lin = lambda name, o, i: _take(w, file, name, (o, i)).T                 # [in, out]
@@ -271,7 +282,8 @@ def export(head: LoadedHead, path: str, *, format: str | None = None) -> str:
        pre + "self_attn.k_proj.weight": b["attn"]["k"].reshape(C, -1).T,
        pre + "self_attn.v_proj.weight": b["attn"]["v"].reshape(C, -1).T,
        pre + "self_attn.o_proj.weight": b["attn"]["o"].reshape(-1, D).T,
-       pre + "mlp.gate_proj.weight": b["mlp"]["gate"].T, pre + "mlp.up_proj.weight": b["mlp"]["up"].T,
+       pre + "mlp.gate_proj.weight": b["mlp"]["gate"].T,
+       pre + "mlp.up_proj.weight": b["mlp"]["up"].T,
        pre + "mlp.down_proj.weight": b["mlp"]["down"].T,
        pre + "post_attention_layernorm.weight": b["mlp_norm"]["scale"]}
   cfg = {"architectures": ["LlamaForCausalLM" if fmt == "eagle1" else "LlamaForCausalLMEagle3"],
@@ -280,7 +292,7 @@ def export(head: LoadedHead, path: str, *, format: str | None = None) -> str:
          "head_dim": t.head_dim, "num_hidden_layers": 1, "vocab_size": t.vocab_size,
          "rms_norm_eps": t.norm_eps, "hidden_act": "silu", "tie_word_embeddings": False,
          "max_position_embeddings": t.max_position, "torch_dtype": "float32",
-         **_rope(t)}
+         **{k: v for k, v in config.to_hf(t).items() if k in ("rope_theta", "rope_scaling")}}
   if fmt == "eagle1":
     w["fc.weight"], w["fc.bias"] = p["fc"].T, p["fc_bias"]
     cfg["bias"] = True
@@ -309,15 +321,3 @@ def export(head: LoadedHead, path: str, *, format: str | None = None) -> str:
             os.path.join(path, "model.safetensors"))
   return path
 
-
-def _rope(t) -> dict:
-  """The target's RoPE as HF config fields (the head's layer rotates as the target does)."""
-  d = {"rope_theta": t.rope_theta}
-  if t.rope_type == "linear":
-    d["rope_scaling"] = {"rope_type": "linear", "factor": t.rope_factor}
-  elif t.rope_type == "llama3":
-    d["rope_scaling"] = {"rope_type": "llama3", "factor": t.rope_factor,
-                         "low_freq_factor": t.rope_low_freq_factor,
-                         "high_freq_factor": t.rope_high_freq_factor,
-                         "original_max_position_embeddings": t.rope_original_max_position}
-  return d

@@ -21,26 +21,10 @@ from kvjax import lm
 from kvjax.lm import distributed, sharding, tiny
 from kvjax.lm.generate import new_cache
 from kvjax.train.lm import TrainConfig, make_mesh, train
+from test_train import ARCH, B, T, eval_batches, synthetic  # the single-process tests' data
 
-B, T, V = 4, 32, 258
-ARCH = dict(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64)
 ROWS = [[0, 5, 6, 7], [0, 9, 10, 40, 41], [0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [0, 11]]
 STEPS = 10
-
-
-def synthetic(start, seed=0):
-  """Batch i (a function of seed and i only), the same global batch on every process."""
-  i = start
-  while True:
-    rng = np.random.default_rng((seed, i))
-    seq = (rng.integers(2, V, (B, 1)) + np.arange(T + 1)) % V
-    yield {"inputs": seq[:, :-1].astype(np.int32), "targets": seq[:, 1:].astype(np.int32),
-           "mask": np.ones((B, T), np.float32), "chars": np.ones((B, T), np.float32)}
-    i += 1
-
-
-def eval_batches():
-  return [next(synthetic(10**6))]
 
 
 def config(out_dir, data_parallel=2, model_parallel=2):
