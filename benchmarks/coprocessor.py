@@ -48,16 +48,16 @@ POSITIONS = (1, 2, 4, 8, 16, 32)
 def plays(split_name: str) -> str:
   """The non-comedy plays of a split, one after another."""
   from kvjax.train import corpus
+
   docs = corpus.read_documents("shakespeare")
   split = corpus.assign_splits(docs)
-  return "\n\n".join(d.text for d in docs if split[d.path] == split_name
-                     and d.genre != "comedy")
+  return "\n\n".join(d.text for d in docs if split[d.path] == split_name and d.genre != "comedy")
 
 
 def windows(ids: list[int], n: int, T: int) -> np.ndarray:
   """n windows of T + 1 tokens spread evenly over ids."""
   starts = np.linspace(0, len(ids) - T - 1, n).round().astype(int)
-  return np.stack([ids[s:s + T + 1] for s in starts]).astype(np.int64)
+  return np.stack([ids[s : s + T + 1] for s in starts]).astype(np.int64)
 
 
 def cost(base, cop, prompt: list[int], repeats: int) -> dict:
@@ -69,8 +69,9 @@ def cost(base, cop, prompt: list[int], repeats: int) -> dict:
   tok = jnp.asarray([5], jnp.int32)
 
   def fresh():
-    _, cache = steps.prefill(base.graphdef, base.state, new_cache(base, 1, P + 256), tokens,
-                             jnp.asarray([P], jnp.int32))
+    _, cache = steps.prefill(
+      base.graphdef, base.state, new_cache(base, 1, P + 256), tokens, jnp.asarray([P], jnp.int32)
+    )
     return jax.block_until_ready(cache)
 
   def timed(run):
@@ -89,12 +90,22 @@ def cost(base, cop, prompt: list[int], repeats: int) -> dict:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--model", default="shakespeare",
-                 help="base (dir or bundled name; default shakespeare, the shipped ones' base)")
-  p.add_argument("--coprocessors", default="shakespeare-8,shakespeare-16",
-                 help="comma-separated shipped names or coprocessor directories")
-  p.add_argument("--delay-of", type=positive, default=16,
-                 help="the latent count whose coprocessor also runs delayed and on `seen`")
+  p.add_argument(
+    "--model",
+    default="shakespeare",
+    help="base (dir or bundled name; default shakespeare, the shipped ones' base)",
+  )
+  p.add_argument(
+    "--coprocessors",
+    default="shakespeare-8,shakespeare-16",
+    help="comma-separated shipped names or coprocessor directories",
+  )
+  p.add_argument(
+    "--delay-of",
+    type=positive,
+    default=16,
+    help="the latent count whose coprocessor also runs delayed and on `seen`",
+  )
   p.add_argument("--windows", type=positive, default=64)
   p.add_argument("--window-len", type=positive, default=256)
   p.add_argument("--points", type=positive, default=16)
@@ -103,8 +114,10 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   base = lm.load(args.model)
   held = base.tokenizer.encode(plays("test"))
-  texts = {"held-out": windows(held, args.windows, args.window_len),
-           "seen": windows(base.tokenizer.encode(plays("train")), args.windows, args.window_len)}
+  texts = {
+    "held-out": windows(held, args.windows, args.window_len),
+    "seen": windows(base.tokenizer.encode(plays("train")), args.windows, args.window_len),
+  }
   res = dict(machine=report.describe(), settings=vars(args), rows=[], cost=[])
   for name in args.coprocessors.split(","):
     cop = cp.load(name, base)
@@ -115,14 +128,23 @@ def main(argv=None) -> int:
       sets.append(("seen", 0))
     for text, k in sets:
       got = traces.by_position(base, cop, texts[text], ahead=32, points=args.points, delay=k)
-      res["rows"].append({"coprocessor": name, "kind": kind, "latents": n, "delay": k,
-                          "text": text, **got.to_json()})
+      res["rows"].append(
+        {"coprocessor": name, "kind": kind, "latents": n, "delay": k, "text": text, **got.to_json()}
+      )
       red = got.relative_reduction
-      print(f"  {name} {text} delay {k}: " + " ".join(
-          f"@{a} {100 * red[a - 1]:+.2f}%" for a in POSITIONS), file=sys.stderr)
+      print(
+        f"  {name} {text} delay {k}: "
+        + " ".join(f"@{a} {100 * red[a - 1]:+.2f}%" for a in POSITIONS),
+        file=sys.stderr,
+      )
     if kind == "coprocessor":
-      res["cost"].append({"latents": n, "coprocessor": name,
-                          **cost(base, cop, held[:args.window_len], args.repeats)})
+      res["cost"].append(
+        {
+          "latents": n,
+          "coprocessor": name,
+          **cost(base, cop, held[: args.window_len], args.repeats),
+        }
+      )
   table = markdown(res)
   report.write(args.out, "coprocessor", res, table)
   print(table)
@@ -131,27 +153,37 @@ def main(argv=None) -> int:
 
 def markdown(res) -> str:
   s = res["settings"]
-  lines = [f"Machine: {res['machine']}. Base `{s['model']}` (float32, frozen); {s['windows']} "
-           f"windows of {s['window_len']} tokens from the test split's non-comedy plays (text "
-           "`held-out`: never trained on by the base or the coprocessors; `seen`: the train "
-           f"split's non-comedy plays they trained on), {s['points']} augmentation points "
-           "each. Relative perplexity reduction (1 - ppl_aug / ppl_base) at the k-th token "
-           "after the point; higher is better.", "",
-           "| coprocessor | kind | latents | delay | text | ppl base @1 | ppl aug @1 | "
-           + " | ".join(f"@{a}" for a in POSITIONS) + " | all 32 |",
-           "|---|---|---:|---:|---|---:|---:|" + "---:|" * (len(POSITIONS) + 1)]
+  lines = [
+    f"Machine: {res['machine']}. Base `{s['model']}` (float32, frozen); {s['windows']} "
+    f"windows of {s['window_len']} tokens from the test split's non-comedy plays (text "
+    "`held-out`: never trained on by the base or the coprocessors; `seen`: the train "
+    f"split's non-comedy plays they trained on), {s['points']} augmentation points "
+    "each. Relative perplexity reduction (1 - ppl_aug / ppl_base) at the k-th token "
+    "after the point; higher is better.",
+    "",
+    "| coprocessor | kind | latents | delay | text | ppl base @1 | ppl aug @1 | "
+    + " | ".join(f"@{a}" for a in POSITIONS)
+    + " | all 32 |",
+    "|---|---|---:|---:|---|---:|---:|" + "---:|" * (len(POSITIONS) + 1),
+  ]
   for r in res["rows"]:
     red = r["relative_reduction_by_position"]
-    lines.append(f"| {r['coprocessor']} | {r['kind']} | {r['latents']} | {r['delay']} | "
-                 f"{r['text']} | {r['ppl_base_by_position'][0]:.2f} | "
-                 f"{r['ppl_aug_by_position'][0]:.2f} | "
-                 + " | ".join(f"{100 * red[a - 1]:+.2f}%" for a in POSITIONS)
-                 + f" | {100 * r['relative_reduction_all']:+.2f}% |")
-  lines += ["", f"| latents | augment ms ({s['window_len']}-token prompt) | one decode step ms "
-            "| ratio |", "|---:|---:|---:|---:|"]
+    lines.append(
+      f"| {r['coprocessor']} | {r['kind']} | {r['latents']} | {r['delay']} | "
+      f"{r['text']} | {r['ppl_base_by_position'][0]:.2f} | "
+      f"{r['ppl_aug_by_position'][0]:.2f} | "
+      + " | ".join(f"{100 * red[a - 1]:+.2f}%" for a in POSITIONS)
+      + f" | {100 * r['relative_reduction_all']:+.2f}% |"
+    )
+  lines += [
+    "",
+    f"| latents | augment ms ({s['window_len']}-token prompt) | one decode step ms | ratio |",
+    "|---:|---:|---:|---:|",
+  ]
   for c in res["cost"]:
-    lines.append(f"| {c['latents']} | {c['augment_ms']:.2f} | {c['decode_step_ms']:.2f} | "
-                 f"{c['ratio']:.1f}x |")
+    lines.append(
+      f"| {c['latents']} | {c['augment_ms']:.2f} | {c['decode_step_ms']:.2f} | {c['ratio']:.1f}x |"
+    )
   return "\n".join(lines)
 
 

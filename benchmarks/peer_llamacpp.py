@@ -43,8 +43,10 @@ def convert(args: argparse.Namespace) -> None:
     try:
       return known(self, tokenizer)
     except NotImplementedError:
-      print("peer_llamacpp: unknown tokenizer hash, using the byte-level 'gpt-2' "
-            "pre-tokenizer", file=sys.stderr)
+      print(
+        "peer_llamacpp: unknown tokenizer hash, using the byte-level 'gpt-2' pre-tokenizer",
+        file=sys.stderr,
+      )
       return "gpt-2"
 
   base.TextModel.get_vocab_base_pre = pre_tokenizer
@@ -58,6 +60,7 @@ class Runner:
   def __init__(self, gguf: str, threads: int, kv_type: str, n_batch: int):
     import llama_cpp
     import numpy as np
+
     self.c, self.np = llama_cpp, np
     self._quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)
     llama_cpp.llama_log_set(self._quiet, ctypes.c_void_p())  # llama.cpp's load/graph logs off
@@ -108,9 +111,10 @@ class Runner:
     ctx, batch = self.context(1, len(row) + 1)
     t0 = time.perf_counter()
     for start in range(0, len(row), self.n_batch):
-      chunk = row[start:start + self.n_batch]
-      self._decode(ctx, batch, [(t, start + j, 0, start + j == len(row) - 1)
-                                for j, t in enumerate(chunk)])
+      chunk = row[start : start + self.n_batch]
+      self._decode(
+        ctx, batch, [(t, start + j, 0, start + j == len(row) - 1) for j, t in enumerate(chunk)]
+      )
     self._argmax(ctx, -1)
     return time.perf_counter() - t0
 
@@ -120,8 +124,14 @@ class Runner:
     toks = []
     for s, row in enumerate(ids):  # each row's prompt into its own sequence (not timed)
       for start in range(0, n, self.n_batch):
-        self._decode(ctx, batch, [(t, start + j, s, start + j == n - 1)
-                                  for j, t in enumerate(row[start:start + self.n_batch])])
+        self._decode(
+          ctx,
+          batch,
+          [
+            (t, start + j, s, start + j == n - 1)
+            for j, t in enumerate(row[start : start + self.n_batch])
+          ],
+        )
       toks.append(self._argmax(ctx, -1))
     t0 = time.perf_counter()
     for step in range(new_tokens):
@@ -133,16 +143,23 @@ class Runner:
 def serve(args: argparse.Namespace) -> None:
   import llama_cpp
   from peer_protocol import serve as loop
+
   runner = Runner(args.gguf, args.threads, args.kv_type, args.n_batch)
-  info = dict(llama_cpp_python=llama_cpp.__version__, gguf=os.path.basename(args.gguf),
-              threads=args.threads, kv_type=args.kv_type, n_batch=args.n_batch,
-              system_info=llama_cpp.llama_print_system_info().decode(errors="replace"))
+  info = dict(
+    llama_cpp_python=llama_cpp.__version__,
+    gguf=os.path.basename(args.gguf),
+    threads=args.threads,
+    kv_type=args.kv_type,
+    n_batch=args.n_batch,
+    system_info=llama_cpp.llama_print_system_info().decode(errors="replace"),
+  )
   loop(info, runner.decode, runner.prefill)
 
 
 def main(argv=None) -> None:
-  ap = argparse.ArgumentParser(prog="python benchmarks/peer_llamacpp.py",
-                               description=__doc__.split("\n")[0])
+  ap = argparse.ArgumentParser(
+    prog="python benchmarks/peer_llamacpp.py", description=__doc__.split("\n")[0]
+  )
   sub = ap.add_subparsers(dest="cmd", required=True)
   c = sub.add_parser("convert", help="HF checkpoint -> GGUF with llama.cpp's converter")
   c.add_argument("--hf", required=True)

@@ -22,24 +22,27 @@ class ProcessPeer:
 
   def __init__(self, argv: list[str], name: str):
     self.name = name
-    self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 text=True, bufsize=1)
+    self.proc = subprocess.Popen(
+      argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+    )
     self.info = self._read()["info"]
 
   def _read(self) -> dict:
     line = self.proc.stdout.readline()
     if not line:
       code = self.proc.wait()
-      raise RuntimeError(f"the {self.name} peer exited (status {code}) before answering; "
-                         "its error is above")
+      raise RuntimeError(
+        f"the {self.name} peer exited (status {code}) before answering; its error is above"
+      )
     msg = json.loads(line)
     if "error" in msg:
       raise RuntimeError(f"the {self.name} peer failed: {msg['error']}")
     return msg
 
   def __call__(self, kind: str, ids, new_tokens: int) -> float:
-    self.proc.stdin.write(json.dumps(dict(kind=kind, ids=ids.tolist(),
-                                          new_tokens=new_tokens)) + "\n")
+    self.proc.stdin.write(
+      json.dumps(dict(kind=kind, ids=ids.tolist(), new_tokens=new_tokens)) + "\n"
+    )
     return float(self._read()["seconds"])
 
   def close(self) -> None:

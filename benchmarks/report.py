@@ -14,8 +14,9 @@ def cpu_name() -> str:
   name = platform.processor()
   if not name and os.path.exists("/proc/cpuinfo"):
     with open("/proc/cpuinfo") as f:
-      name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                  "")
+      name = next(
+        (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), ""
+      )
   return name or platform.machine()
 
 
@@ -23,8 +24,10 @@ def describe() -> str:
   """'<cpu>, <n> cores, JAX <version> on <backend> (<device kind>)'."""
   dev = jax.devices()[0]
   kind = getattr(dev, "device_kind", dev.platform)
-  return (f"{cpu_name()}, {os.cpu_count()} cores, JAX {jax.__version__} on "
-          f"{jax.default_backend()} ({kind})")
+  return (
+    f"{cpu_name()}, {os.cpu_count()} cores, JAX {jax.__version__} on "
+    f"{jax.default_backend()} ({kind})"
+  )
 
 
 def write(out_dir: str, name: str, results: dict, table: str) -> str:

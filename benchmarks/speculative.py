@@ -55,23 +55,29 @@ def held_out_prompts(model, n: int, length: int) -> list[list[int]]:
   """n prompts of `length` tokens, one from each held-out non-comedy play (test split), taken
   from the middle of the play."""
   from kvjax.train import corpus
+
   docs = corpus.load_documents(corpus.builder(), "test", exclude_genres=["comedy"])
   out = []
   for i in range(n):
     ids = model.tokenizer.encode(docs[i % len(docs)].text)
     start = len(ids) // 2 + (i // len(docs)) * 4 * length
-    out.append(ids[start:start + length])
+    out.append(ids[start : start + length])
   return out
 
 
 def run_kvjax(model, head, prompts, batch, sampling, args, tree):
   """Generates every prompt (in rows of `batch`) once to warm up, once measured."""
+
   def once(seed):
     decode_s, new, proposed, rounds, forwards = 0.0, 0, 0.0, 0, 0
     for i in range(0, len(prompts), batch):
-      rows = prompts[i:i + batch]
-      kw = dict(max_new_tokens=args.new_tokens, sampling=sampling, stop_tokens=[],
-                key=jax.random.key(seed + i))
+      rows = prompts[i : i + batch]
+      kw = dict(
+        max_new_tokens=args.new_tokens,
+        sampling=sampling,
+        stop_tokens=[],
+        key=jax.random.key(seed + i),
+      )
       if head is None:
         out = lm.generate(model, rows, **kw)
         forwards += args.new_tokens  # one decode step per token (the prefill's is not timed)
@@ -83,9 +89,15 @@ def run_kvjax(model, head, prompts, batch, sampling, args, tree):
         forwards += out.stats["target_forwards"]
       decode_s += out.stats["decode_s"]
       new += out.stats["new_tokens"]
-    return dict(decode_s=decode_s, new_tokens=new, tokens_per_s=new / decode_s,
-                mean_accept_len=proposed / rounds if rounds else None,
-                target_forwards=forwards, ms_per_forward=1e3 * decode_s / forwards)
+    return dict(
+      decode_s=decode_s,
+      new_tokens=new,
+      tokens_per_s=new / decode_s,
+      mean_accept_len=proposed / rounds if rounds else None,
+      target_forwards=forwards,
+      ms_per_forward=1e3 * decode_s / forwards,
+    )
+
   once(0)
   return once(1)
 
@@ -93,6 +105,7 @@ def run_kvjax(model, head, prompts, batch, sampling, args, tree):
 def run_hf(target, draft, prompts, sampling, args):
   """transformers assisted generation (batch 1) and plain generate, the same prompts."""
   import torch
+
   calls = {"n": 0}
   forward = target.forward
 
@@ -101,8 +114,12 @@ def run_hf(target, draft, prompts, sampling, args):
     return forward(*a, **k)
 
   target.forward = counted
-  kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-            do_sample=not sampling.greedy, pad_token_id=0)
+  kw = dict(
+    max_new_tokens=args.new_tokens,
+    min_new_tokens=args.new_tokens,
+    do_sample=not sampling.greedy,
+    pad_token_id=0,
+  )
   if not sampling.greedy:
     kw.update(temperature=sampling.temperature, top_k=0)
 
@@ -130,27 +147,34 @@ def run_hf(target, draft, prompts, sampling, args):
 
 
 def markdown(res) -> str:
-  lines = [f"Machine: {res['machine']}. Target `{res['settings']['model']}` (float32); "
-           f"{res['prompts']} held-out prompts of {res['prompt_len']} tokens, "
-           f"{res['new_tokens']} new tokens each; tree "
-           f"top_k {res['tree']['top_k']}, depth {res['tree']['depth']}, "
-           f"{res['tree']['total_tokens']} tokens; chain depth {res['tree']['depth']}.", "",
-           "| method | batch | temperature | mean accept len | ms per target forward | "
-           "decode tok/s | speedup |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+  lines = [
+    f"Machine: {res['machine']}. Target `{res['settings']['model']}` (float32); "
+    f"{res['prompts']} held-out prompts of {res['prompt_len']} tokens, "
+    f"{res['new_tokens']} new tokens each; tree "
+    f"top_k {res['tree']['top_k']}, depth {res['tree']['depth']}, "
+    f"{res['tree']['total_tokens']} tokens; chain depth {res['tree']['depth']}.",
+    "",
+    "| method | batch | temperature | mean accept len | ms per target forward | "
+    "decode tok/s | speedup |",
+    "|---|---:|---:|---:|---:|---:|---:|",
+  ]
   for r in res["rows"]:
     acc = "" if r.get("mean_accept_len") is None else f"{r['mean_accept_len']:.2f}"
     ms = "" if r.get("ms_per_forward") is None else f"{r['ms_per_forward']:.2f}"
-    lines.append(f"| {r['method']} | {r['batch']} | {r['temperature']:g} | {acc} | {ms} | "
-                 f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x |")
+    lines.append(
+      f"| {r['method']} | {r['batch']} | {r['temperature']:g} | {acc} | {ms} | "
+      f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x |"
+    )
   return "\n".join(lines)
-
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--model", default=MODEL, help="target (dir or bundled name; default "
-                 f"{MODEL}, the shipped heads' target)")
+  p.add_argument(
+    "--model",
+    default=MODEL,
+    help=f"target (dir or bundled name; default {MODEL}, the shipped heads' target)",
+  )
   p.add_argument("--head1", default="shakespeare", help="EAGLE-1 head (dir or shipped name)")
   p.add_argument("--head3", default="shakespeare-eagle3", help="EAGLE-3 head")
   p.add_argument("--draft", default=None, help="draft LM directory for the HF peer (none: skip)")
@@ -171,16 +195,24 @@ def main(argv=None) -> int:
   chain = speculative.TreeSpec(top_k=1, depth=args.depth, total_tokens=args.depth + 1)
   k, d, n = (int(x) for x in args.small_tree.split(","))
   small = speculative.TreeSpec(top_k=k, depth=d, total_tokens=n)
-  heads = {"eagle1": speculative.load_head(args.head1, model),
-           "eagle3": speculative.load_head(args.head3, model)}
-  res = dict(machine=report.describe(), prompts=len(prompts), prompt_len=args.prompt_len,
-             new_tokens=args.new_tokens,
-             tree=dict(top_k=tree.top_k, depth=tree.depth, total_tokens=tree.total_tokens),
-             settings=vars(args), rows=[])
+  heads = {
+    "eagle1": speculative.load_head(args.head1, model),
+    "eagle3": speculative.load_head(args.head3, model),
+  }
+  res = dict(
+    machine=report.describe(),
+    prompts=len(prompts),
+    prompt_len=args.prompt_len,
+    new_tokens=args.new_tokens,
+    tree=dict(top_k=tree.top_k, depth=tree.depth, total_tokens=tree.total_tokens),
+    settings=vars(args),
+    rows=[],
+  )
   hf = None
   if args.draft:
     import torch
     from transformers import AutoModelForCausalLM
+
     torch.set_num_threads(os.cpu_count())
     load = lambda d: AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32).eval()
     hf = (load(model.path), load(args.draft))
@@ -188,27 +220,38 @@ def main(argv=None) -> int:
     sampling = Sampling(temperature=temp)
     for batch in [int(b) for b in args.batches.split(",")]:
       base = None
-      for method, head, spec in (("kvjax vanilla decode", None, None),
-                                 ("chain drafting, EAGLE-1 head", heads["eagle1"], chain),
-                                 ("EAGLE-2 tree, EAGLE-1 head", heads["eagle1"], tree),
-                                 ("EAGLE-2 tree, EAGLE-3 head", heads["eagle3"], tree),
-                                 (f"EAGLE-2 small tree ({k}/{d}/{n}), EAGLE-1 head",
-                                  heads["eagle1"], small)):
+      for method, head, spec in (
+        ("kvjax vanilla decode", None, None),
+        ("chain drafting, EAGLE-1 head", heads["eagle1"], chain),
+        ("EAGLE-2 tree, EAGLE-1 head", heads["eagle1"], tree),
+        ("EAGLE-2 tree, EAGLE-3 head", heads["eagle3"], tree),
+        (f"EAGLE-2 small tree ({k}/{d}/{n}), EAGLE-1 head", heads["eagle1"], small),
+      ):
         r = run_kvjax(model, head, prompts, batch, sampling, args, spec)
         base = base or r["decode_s"]
         r.update(method=method, batch=batch, temperature=temp, speedup=base / r["decode_s"])
         res["rows"].append(r)
-        print(f"  T={temp:g} B={batch} {method:40s} accept {r['mean_accept_len'] or 0:.2f} "
-              f"{r['tokens_per_s']:8.1f} tok/s {r['speedup']:.2f}x", file=sys.stderr)
+        print(
+          f"  T={temp:g} B={batch} {method:40s} accept {r['mean_accept_len'] or 0:.2f} "
+          f"{r['tokens_per_s']:8.1f} tok/s {r['speedup']:.2f}x",
+          file=sys.stderr,
+        )
       if hf and batch == 1:
         h = run_hf(*hf, prompts, sampling, args)
         a = h["assisted"]
-        res["rows"].append(dict(method="HF assisted generation (peer)", batch=1,
-                                temperature=temp, mean_accept_len=a["mean_accept_len"],
-                                tokens_per_s=a["tokens_per_s"], decode_s=a["decode_s"],
-                                ms_per_forward=1e3 * a["decode_s"] / max(a["forwards"], 1),
-                                speedup=h["plain"]["decode_s"] / a["decode_s"],
-                                hf_plain_tokens_per_s=h["plain"]["tokens_per_s"]))
+        res["rows"].append(
+          dict(
+            method="HF assisted generation (peer)",
+            batch=1,
+            temperature=temp,
+            mean_accept_len=a["mean_accept_len"],
+            tokens_per_s=a["tokens_per_s"],
+            decode_s=a["decode_s"],
+            ms_per_forward=1e3 * a["decode_s"] / max(a["forwards"], 1),
+            speedup=h["plain"]["decode_s"] / a["decode_s"],
+            hf_plain_tokens_per_s=h["plain"]["tokens_per_s"],
+          )
+        )
         print(f"  T={temp:g} B=1 HF assisted: {res['rows'][-1]}", file=sys.stderr)
   table = markdown(res)
   report.write(args.out, "speculative", res, table)

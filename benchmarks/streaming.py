@@ -61,6 +61,7 @@ SINKS = (0, 1, 2, 4, 8)
 def held_out_tokens(model, n: int) -> tuple[np.ndarray, str]:
   """The first n tokens of the first held-out non-comedy play (test split), and its title."""
   from kvjax.train import corpus
+
   docs = corpus.load_documents(corpus.builder(), "test", exclude_genres=["comedy"])
   for d in docs:
     ids = np.asarray(model.tokenizer.encode(d.text), np.int32)
@@ -72,17 +73,28 @@ def held_out_tokens(model, n: int) -> tuple[np.ndarray, str]:
 def quality(model, args) -> dict:
   ids, title = held_out_tokens(model, args.tokens)
   C = args.cache_size
-  runs = [("window", dict(cache="window", window=C), f"0 + {C}"),
-          ("recompute", dict(cache="recompute", window=C), f"0 + {C}")]
-  runs += [(f"sink {s}", dict(cache="sink", n_sink=s, window=C - s), f"{s} + {C - s}")
-           for s in SINKS]
+  runs = [
+    ("window", dict(cache="window", window=C), f"0 + {C}"),
+    ("recompute", dict(cache="recompute", window=C), f"0 + {C}"),
+  ]
+  runs += [
+    (f"sink {s}", dict(cache="sink", n_sink=s, window=C - s), f"{s} + {C - s}") for s in SINKS
+  ]
   rows = []
   for name, kw, layout in runs:
     t0 = time.perf_counter()
     got = streaming.perplexity(model, ids, progress=not args.quiet, **kw)
-    rows.append(dict(name=name, layout=layout, ppl=got.ppl, tokens=got.tokens,
-                     peak_cache_tokens=got.peak_cache_tokens, ms_per_token=got.ms_per_token,
-                     wall_s=time.perf_counter() - t0))
+    rows.append(
+      dict(
+        name=name,
+        layout=layout,
+        ppl=got.ppl,
+        tokens=got.tokens,
+        peak_cache_tokens=got.peak_cache_tokens,
+        ms_per_token=got.ms_per_token,
+        wall_s=time.perf_counter() - t0,
+      )
+    )
     print(f"  {name:10s} {layout:>10s}  ppl {got.ppl:8.3f}", file=sys.stderr)
   rec = next(r["ppl"] for r in rows if r["name"] == "recompute")
   for r in rows:
@@ -112,37 +124,53 @@ def cost(args) -> dict:
   rng = np.random.default_rng(0)
   rows = []
   for S in args.cost_sizes:
-    cache = SinkCache.init(n_layers=cfg.n_layers, batch=1, n_sink=4, window=S - 4,
-                           n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, dtype=model.dtype)
+    cache = SinkCache.init(
+      n_layers=cfg.n_layers,
+      batch=1,
+      n_sink=4,
+      window=S - 4,
+      n_kv_heads=cfg.n_kv_heads,
+      head_dim=cfg.head_dim,
+      dtype=model.dtype,
+    )
     fill = jnp.asarray(rng.integers(2, cfg.vocab_size, (1, S + 7)), jnp.int32)
-    (_, cache), _ = steps.call(model, steps.extend, model.state, cache, fill,
-                               jnp.asarray([S + 7], jnp.int32))       # full, wrapped around
+    (_, cache), _ = steps.call(
+      model, steps.extend, model.state, cache, fill, jnp.asarray([S + 7], jnp.int32)
+    )  # full, wrapped around
     tok = jnp.asarray([5], jnp.int32)
     window = jnp.asarray(rng.integers(2, cfg.vocab_size, (1, S)), jnp.int32)
     target = jnp.asarray([7], jnp.int32)
     state = {"cache": cache}
 
     def sink_step():
-      (logits, state["cache"]), _ = steps.call(model, steps.decode_step, model.state,
-                                               state["cache"], tok)
+      (logits, state["cache"]), _ = steps.call(
+        model, steps.decode_step, model.state, state["cache"], tok
+      )
       return logits
 
     def recompute_step():
       return steps.call(model, steps.nll, model.state, window, target, last=True)[0]
 
-    sink_step(), recompute_step()                                      # compile, warm up
+    sink_step(), recompute_step()  # compile, warm up
     sink, rec = [], []
     for _ in range(args.repeats):
       sink += _times_ms(sink_step, 1)
       rec += _times_ms(recompute_step, 1)
-    row = dict(cache=S, sink_ms=statistics.median(sink), recompute_ms=statistics.median(rec),
-               sink_all_ms=sink, recompute_all_ms=rec)
+    row = dict(
+      cache=S,
+      sink_ms=statistics.median(sink),
+      recompute_ms=statistics.median(rec),
+      sink_all_ms=sink,
+      recompute_all_ms=rec,
+    )
     row["ratio"] = row["recompute_ms"] / row["sink_ms"]
     rows.append(row)
-    print(f"  cache {S:5d}: sink {row['sink_ms']:.2f} ms, recompute {row['recompute_ms']:.2f} "
-          f"ms, {row['ratio']:.1f}x", file=sys.stderr)
-  return dict(model=f"random, shape of {MODEL}", dtype=str(model.dtype),
-              rows=rows)
+    print(
+      f"  cache {S:5d}: sink {row['sink_ms']:.2f} ms, recompute {row['recompute_ms']:.2f} "
+      f"ms, {row['ratio']:.1f}x",
+      file=sys.stderr,
+    )
+  return dict(model=f"random, shape of {MODEL}", dtype=str(model.dtype), rows=rows)
 
 
 def _rss_mib() -> float:
@@ -157,25 +185,45 @@ def memory(model, args) -> dict:
   play, title = held_out_tokens(model, 4097)
   n = args.memory_tokens
   reps = -(-(n + 1) // len(play))
-  ids = np.tile(play, reps)[:n + 1]
-  cache = SinkCache.init(n_layers=model.cfg.n_layers, batch=1, n_sink=4, window=252,
-                         n_kv_heads=model.cfg.n_kv_heads, head_dim=model.cfg.head_dim,
-                         dtype=model.dtype)
+  ids = np.tile(play, reps)[: n + 1]
+  cache = SinkCache.init(
+    n_layers=model.cfg.n_layers,
+    batch=1,
+    n_sink=4,
+    window=252,
+    n_kv_heads=model.cfg.n_kv_heads,
+    head_dim=model.cfg.head_dim,
+    dtype=model.dtype,
+  )
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
   C, rows, nll, t0 = 4096, [], [], time.perf_counter()
   for lo in range(0, n, C):
     done = min(lo + C, n)  # the last chunk may be shorter (one more compile)
-    (part, cache), _ = steps.call(model, steps.nll_scan, model.state, cache,
-                                  jnp.asarray(ids[None, lo:done]),
-                                  jnp.asarray(ids[None, lo + 1:done + 1]))
+    (part, cache), _ = steps.call(
+      model,
+      steps.nll_scan,
+      model.state,
+      cache,
+      jnp.asarray(ids[None, lo:done]),
+      jnp.asarray(ids[None, lo + 1 : done + 1]),
+    )
     nll.append(np.asarray(part[0]))
-    if done & (done - 1) == 0 or done >= n:            # powers of two, and the end
-      rows.append(dict(tokens=done, cache_tokens=int(cache.length[0]),
-                       cache_bytes=sum(x.nbytes for x in jax.tree.leaves(cache)),
-                       rss_mib=_rss_mib(), segment_ppl=float(np.exp(nll[-1].mean())),
-                       elapsed_s=time.perf_counter() - t0))
-      print(f"  {done:7d} tokens: cache {rows[-1]['cache_tokens']} tokens, rss "
-            f"{rows[-1]['rss_mib']:.0f} MiB", file=sys.stderr)
+    if done & (done - 1) == 0 or done >= n:  # powers of two, and the end
+      rows.append(
+        dict(
+          tokens=done,
+          cache_tokens=int(cache.length[0]),
+          cache_bytes=sum(x.nbytes for x in jax.tree.leaves(cache)),
+          rss_mib=_rss_mib(),
+          segment_ppl=float(np.exp(nll[-1].mean())),
+          elapsed_s=time.perf_counter() - t0,
+        )
+      )
+      print(
+        f"  {done:7d} tokens: cache {rows[-1]['cache_tokens']} tokens, rss "
+        f"{rows[-1]['rss_mib']:.0f} MiB",
+        file=sys.stderr,
+      )
   return dict(text=f"{title} (first 4097 tokens, cycled)", cache_bytes=cache_bytes, rows=rows)
 
 
@@ -186,10 +234,16 @@ def endless(model, args) -> dict:
   prefill and the compile come before it), and the cost of the text bookkeeping at that
   length, on the held-out play's ids cycled: one `Detokenizer.push` per token (what each token
   pays) vs one decode of the whole text so far (what re-decoding at every token would pay)."""
-  session = streaming.Session(model, n_sink=4, window=252, sampling=lm.Sampling(temperature=1.0),
-                              key=jax.random.key(0), stop_tokens=())
+  session = streaming.Session(
+    model,
+    n_sink=4,
+    window=252,
+    sampling=lm.Sampling(temperature=1.0),
+    key=jax.random.key(0),
+    stop_tokens=(),
+  )
   n, done = args.endless_tokens, {}
-  marks = [m for m in (2 ** i for i in range(10, 40)) if m < n] + [n]
+  marks = [m for m in (2**i for i in range(10, 40)) if m < n] + [n]
   seen, rss, at, first = [], [], 0, None
   t0 = time.perf_counter()
   for _ in session.turn("ROMEO:\n", max_new_tokens=n, done=done, keep_ids=False):
@@ -204,7 +258,7 @@ def endless(model, args) -> dict:
   ids = np.tile(play, -(-n // len(play)))[:n].tolist()
   rows, (lo, t_lo) = [], first
   for m, t, r in zip(marks, seen, rss):
-    tail = ids[max(0, m - 1000):m]
+    tail = ids[max(0, m - 1000) : m]
     det = Detokenizer(model.tokenizer)
     t1 = time.perf_counter()
     for tok in tail:
@@ -213,15 +267,33 @@ def endless(model, args) -> dict:
     t1 = time.perf_counter()
     model.tokenizer.decode(ids[:m])
     whole_us = 1e6 * (time.perf_counter() - t1)
-    rows.append(dict(tokens=m, from_tokens=lo, ms_per_token=1e3 * (t - t_lo) / (m - lo),
-                     push_us=push_us, whole_decode_us=whole_us, rss_mib=r))
-    print(f"  tokens {lo:7d}-{m:7d}: {rows[-1]['ms_per_token']:.2f} ms/token, rss {r:.0f} MiB; "
-          f"push {push_us:.1f} us, whole decode {whole_us:.0f} us", file=sys.stderr)
+    rows.append(
+      dict(
+        tokens=m,
+        from_tokens=lo,
+        ms_per_token=1e3 * (t - t_lo) / (m - lo),
+        push_us=push_us,
+        whole_decode_us=whole_us,
+        rss_mib=r,
+      )
+    )
+    print(
+      f"  tokens {lo:7d}-{m:7d}: {rows[-1]['ms_per_token']:.2f} ms/token, rss {r:.0f} MiB; "
+      f"push {push_us:.1f} us, whole decode {whole_us:.0f} us",
+      file=sys.stderr,
+    )
     lo, t_lo = m, t
   s = session.stats
-  return dict(tokens=done["n"], wall_s=wall_s, decode_s=s["decode_s"], prefill_s=s["prefill_s"],
-              compile_s=s["compile_s"], tokens_per_s=s["tokens_per_s"],
-              bookkeeping_text=f"{title} (first 4097 tokens, cycled)", rows=rows)
+  return dict(
+    tokens=done["n"],
+    wall_s=wall_s,
+    decode_s=s["decode_s"],
+    prefill_s=s["prefill_s"],
+    compile_s=s["compile_s"],
+    tokens_per_s=s["tokens_per_s"],
+    bookkeeping_text=f"{title} (first 4097 tokens, cycled)",
+    rows=rows,
+  )
 
 
 def kernel(args) -> dict:
@@ -229,6 +301,7 @@ def kernel(args) -> dict:
   if backend not in ("gpu", "tpu"):
     return dict(run=False, reason=f"backend {backend}: Pallas runs here only interpreted")
   from kvjax.pallas_kernels.sink_attention import sink_attention
+
   rng = np.random.default_rng(0)
   B, N, K, H = 8, 32, 8, 128
   freq = 1.0 / (10000.0 ** (np.arange(0, H, 2, dtype=np.float32) / H))
@@ -239,17 +312,26 @@ def kernel(args) -> dict:
     v = jnp.asarray(rng.standard_normal((B, K, S, H)), jnp.bfloat16)
     count = jnp.asarray(rng.integers(S, 3 * S, B), jnp.int32)
     start = count - (S - 4)
-    fns = {impl: jax.jit(lambda q, k, v, c, s, impl=impl: sink_attention(
-        q, k, v, c, s, n_sink=4, freq=jnp.asarray(freq), scale=H ** -0.5, impl=impl))
-        for impl in ("pallas", "xla")}
+    fns = {
+      impl: jax.jit(
+        lambda q, k, v, c, s, impl=impl: sink_attention(
+          q, k, v, c, s, n_sink=4, freq=jnp.asarray(freq), scale=H**-0.5, impl=impl
+        )
+      )
+      for impl in ("pallas", "xla")
+    }
     outs = {impl: jax.block_until_ready(f(q, k, v, count, start)) for impl, f in fns.items()}
     err = float(jnp.abs(outs["pallas"][0] - outs["xla"][0]).max())
     times = {impl: [] for impl in fns}
     for _ in range(args.repeats):
       for impl, f in fns.items():
         times[impl] += _times_ms(lambda: f(q, k, v, count, start), 1)
-    row = dict(cache=S, pallas_ms=statistics.median(times["pallas"]),
-               xla_ms=statistics.median(times["xla"]), max_abs_diff=err)
+    row = dict(
+      cache=S,
+      pallas_ms=statistics.median(times["pallas"]),
+      xla_ms=statistics.median(times["xla"]),
+      max_abs_diff=err,
+    )
     row["speedup"] = row["xla_ms"] / row["pallas_ms"]
     rows.append(row)
   return dict(run=True, shape=dict(B=B, N=N, K=K, H=H, dtype="bfloat16"), rows=rows)
@@ -257,67 +339,131 @@ def kernel(args) -> dict:
 
 def _table(title: str, head: list[str], rows: list[list[str]]) -> list[str]:
   """A markdown table (first column left-aligned, the rest right) under a bold-led title."""
-  return [title, "", "| " + " | ".join(head) + " |",
-          "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
-          *("| " + " | ".join(r) + " |" for r in rows), ""]
+  return [
+    title,
+    "",
+    "| " + " | ".join(head) + " |",
+    "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+    *("| " + " | ".join(r) + " |" for r in rows),
+    "",
+  ]
 
 
 def markdown(res: dict) -> str:
   out = [f"Machine: {res['machine']}", ""]
   if "quality" in res:
     q = res["quality"]
-    out += _table(f"**Quality**: bundled `shakespeare`, {q['tokens']:,} tokens of *{q['text']}* "
-                  f"(held out), cache {q['cache_size']} slots, fed token by token.",
-                  ["cache", "sinks + window", "ppl", "vs recompute", "ms/token"],
-                  [[r["name"], r["layout"], f"{r['ppl']:.2f}", f"{r['vs_recompute']:.3f}",
-                    f"{r['ms_per_token']:.2f}"] for r in q["rows"]])
+    out += _table(
+      f"**Quality**: bundled `shakespeare`, {q['tokens']:,} tokens of *{q['text']}* "
+      f"(held out), cache {q['cache_size']} slots, fed token by token.",
+      ["cache", "sinks + window", "ppl", "vs recompute", "ms/token"],
+      [
+        [
+          r["name"],
+          r["layout"],
+          f"{r['ppl']:.2f}",
+          f"{r['vs_recompute']:.3f}",
+          f"{r['ms_per_token']:.2f}",
+        ]
+        for r in q["rows"]
+      ],
+    )
   if "cost" in res:
     c = res["cost"]
-    out += _table(f"**Cost per token** ({c['model']}, {c['dtype']}, batch 1; medians):",
-                  ["cache", "sink decode ms", "recompute ms", "recompute / sink"],
-                  [[str(r["cache"]), f"{r['sink_ms']:.2f}", f"{r['recompute_ms']:.2f}",
-                    f"{r['ratio']:.1f}x"] for r in c["rows"]])
+    out += _table(
+      f"**Cost per token** ({c['model']}, {c['dtype']}, batch 1; medians):",
+      ["cache", "sink decode ms", "recompute ms", "recompute / sink"],
+      [
+        [str(r["cache"]), f"{r['sink_ms']:.2f}", f"{r['recompute_ms']:.2f}", f"{r['ratio']:.1f}x"]
+        for r in c["rows"]
+      ],
+    )
   if "memory" in res:
     m = res["memory"]
-    out += _table(f"**Memory** (4 + 252 sink cache, {m['cache_bytes']:,} bytes; {m['text']}):",
-                  ["tokens streamed", "cache tokens", "process RSS MiB", "ppl of the last 4096"],
-                  [[f"{r['tokens']:,}", str(r["cache_tokens"]), f"{r['rss_mib']:.0f}",
-                    f"{r['segment_ppl']:.2f}"] for r in m["rows"]])
+    out += _table(
+      f"**Memory** (4 + 252 sink cache, {m['cache_bytes']:,} bytes; {m['text']}):",
+      ["tokens streamed", "cache tokens", "process RSS MiB", "ppl of the last 4096"],
+      [
+        [
+          f"{r['tokens']:,}",
+          str(r["cache_tokens"]),
+          f"{r['rss_mib']:.0f}",
+          f"{r['segment_ppl']:.2f}",
+        ]
+        for r in m["rows"]
+      ],
+    )
   if "endless" in res:
     e = res["endless"]
-    out += _table(f"**Endless stream, per-token wall time** (bundled `{MODEL}`, 4 + 252 sink "
-                  f"cache, temperature 1; {e['tokens']:,} tokens in {e['wall_s']:.0f} s, "
-                  f"{e['tokens_per_s']:.0f} tok/s as reported):",
-                  ["tokens", "ms per token", "detokenize us / token", "whole-reply decode us",
-                   "process RSS MiB"],
-                  [[f"{r['from_tokens']:,}-{r['tokens']:,}", f"{r['ms_per_token']:.2f}",
-                    f"{r['push_us']:.1f}", f"{r['whole_decode_us']:,.0f}", f"{r['rss_mib']:.0f}"]
-                   for r in e["rows"]])
+    out += _table(
+      f"**Endless stream, per-token wall time** (bundled `{MODEL}`, 4 + 252 sink "
+      f"cache, temperature 1; {e['tokens']:,} tokens in {e['wall_s']:.0f} s, "
+      f"{e['tokens_per_s']:.0f} tok/s as reported):",
+      [
+        "tokens",
+        "ms per token",
+        "detokenize us / token",
+        "whole-reply decode us",
+        "process RSS MiB",
+      ],
+      [
+        [
+          f"{r['from_tokens']:,}-{r['tokens']:,}",
+          f"{r['ms_per_token']:.2f}",
+          f"{r['push_us']:.1f}",
+          f"{r['whole_decode_us']:,.0f}",
+          f"{r['rss_mib']:.0f}",
+        ]
+        for r in e["rows"]
+      ],
+    )
   if "kernel" in res:
     k = res["kernel"]
     if not k["run"]:
       out += [f"**Kernel vs XLA reference**: not run ({k['reason']}).", ""]
     else:
-      out += _table(f"**Kernel vs XLA reference** (one layer, {k['shape']}):",
-                    ["cache", "Pallas ms", "XLA ms", "XLA / Pallas", "max abs diff"],
-                    [[str(r["cache"]), f"{r['pallas_ms']:.3f}", f"{r['xla_ms']:.3f}",
-                      f"{r['speedup']:.2f}x", f"{r['max_abs_diff']:.1e}"] for r in k["rows"]])
+      out += _table(
+        f"**Kernel vs XLA reference** (one layer, {k['shape']}):",
+        ["cache", "Pallas ms", "XLA ms", "XLA / Pallas", "max abs diff"],
+        [
+          [
+            str(r["cache"]),
+            f"{r['pallas_ms']:.3f}",
+            f"{r['xla_ms']:.3f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['max_abs_diff']:.1e}",
+          ]
+          for r in k["rows"]
+        ],
+      )
   return "\n".join(out)
-
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--parts", default=",".join(PARTS),
-                 help=f"comma-separated subset of {','.join(PARTS)}")
-  p.add_argument("--tokens", type=checked(int, lambda v: v >= 2, "an integer >= 2"),
-                 default=6144, help="held-out tokens for the quality part (default 6144)")
-  p.add_argument("--cache-size", type=checked(int, lambda v: v >= 9, "an integer >= 9"),
-                 default=256, help="cache slots (sinks + window) for the quality part")
+  p.add_argument(
+    "--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}"
+  )
+  p.add_argument(
+    "--tokens",
+    type=checked(int, lambda v: v >= 2, "an integer >= 2"),
+    default=6144,
+    help="held-out tokens for the quality part (default 6144)",
+  )
+  p.add_argument(
+    "--cache-size",
+    type=checked(int, lambda v: v >= 9, "an integer >= 9"),
+    default=256,
+    help="cache slots (sinks + window) for the quality part",
+  )
   p.add_argument("--cost-sizes", default="256,512,1024,2048,4096")
   p.add_argument("--memory-tokens", type=positive, default=131072)
-  p.add_argument("--endless-tokens", type=checked(int, lambda v: v >= 1024, "an integer >= 1024"),
-                 default=131072, help="tokens of the endless stream (default 131072)")
+  p.add_argument(
+    "--endless-tokens",
+    type=checked(int, lambda v: v >= 1024, "an integer >= 1024"),
+    default=131072,
+    help="tokens of the endless stream (default 131072)",
+  )
   p.add_argument("--repeats", type=positive, default=9)
   p.add_argument("--quiet", action="store_true", help="no progress bars")
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -336,9 +482,13 @@ def main(argv=None) -> int:
   model = lm.load(MODEL) if {"quality", "memory", "endless"} & set(parts) else None
   for part in parts:
     print(f"{part}:", file=sys.stderr)
-    res[part] = {"quality": lambda: quality(model, args), "cost": lambda: cost(args),
-                 "memory": lambda: memory(model, args), "endless": lambda: endless(model, args),
-                 "kernel": lambda: kernel(args)}[part]()
+    res[part] = {
+      "quality": lambda: quality(model, args),
+      "cost": lambda: cost(args),
+      "memory": lambda: memory(model, args),
+      "endless": lambda: endless(model, args),
+      "kernel": lambda: kernel(args),
+    }[part]()
   table = markdown(res)
   report.write(args.out, "streaming", res, table)
   print(table)

@@ -33,8 +33,9 @@ class StackedSlots:
     return Slots(self.k, self.v)
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["k", "v", "pos", "length"], meta_fields=[])
+@functools.partial(
+  jax.tree_util.register_dataclass, data_fields=["k", "v", "pos", "length"], meta_fields=[]
+)
 @dataclasses.dataclass
 class KVCache(StackedSlots):
   """Keys after RoPE. Invariants: row b's slots [0, length[b]) hold its tokens in order,
@@ -55,11 +56,16 @@ class KVCache(StackedSlots):
   length: jax.Array
 
   @classmethod
-  def init(cls, *, n_layers: int, batch: int, size: int, n_kv_heads: int, head_dim: int,
-           dtype=jnp.float32) -> KVCache:
+  def init(
+    cls, *, n_layers: int, batch: int, size: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32
+  ) -> KVCache:
     shape = (n_layers, batch, n_kv_heads, size, head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               pos=jnp.full((batch, size), -1, jnp.int32), length=jnp.zeros((batch,), jnp.int32))
+    return cls(
+      k=jnp.zeros(shape, dtype),
+      v=jnp.zeros(shape, dtype),
+      pos=jnp.full((batch, size), -1, jnp.int32),
+      length=jnp.zeros((batch,), jnp.int32),
+    )
 
   def visible(self) -> jax.Array:
     """[B, S] bool: the filled slots."""
@@ -71,8 +77,7 @@ class KVCache(StackedSlots):
     positions)."""
     return jnp.maximum(jnp.max(jnp.where(self.visible(), self.pos, -1), axis=1) + 1, 0)
 
-  def view(self, T: int, positions: jax.Array | None = None,
-           mask: jax.Array | None = None) -> View:
+  def view(self, T: int, positions: jax.Array | None = None, mask: jax.Array | None = None) -> View:
     """How T new tokens attend: the filled slots, then themselves causally.
 
     positions: [B, T], default next_position() + arange(T). mask: [B, T, S + T] bool over (slots, new
@@ -81,12 +86,24 @@ class KVCache(StackedSlots):
     if positions is None:
       positions = self.next_position()[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     cache_mask, new_mask = (None, None) if mask is None else (mask[:, :, :S], mask[:, :, S:])
-    return View(q_pos=(positions,), new_pos=positions, blocks=(
+    return View(
+      q_pos=(positions,),
+      new_pos=positions,
+      blocks=(
         Keys(CACHE, 0, self.visible(), positions, self.pos, mask=cache_mask),
-        new_keys(positions, new_mask)))
+        new_keys(positions, new_mask),
+      ),
+    )
 
-  def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, n_new: jax.Array,
-            layers: tuple[int, int] | None = None, advance: bool = True) -> KVCache:
+  def write(
+    self,
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,
+    n_new: jax.Array,
+    layers: tuple[int, int] | None = None,
+    advance: bool = True,
+  ) -> KVCache:
     """Stores T new tokens per row at slots [length, length + T); advances length by n_new.
 
     k, v: [L', B, K, T, H] for the layers `layers` = [start, stop) (all when None);
@@ -106,8 +123,9 @@ class KVCache(StackedSlots):
     return KVCache(k=new_k, v=new_v, pos=pos, length=length)
 
 
-def scatter_slots(dst: jax.Array, src: jax.Array, slots: jax.Array, start: int,
-                  stop: int) -> jax.Array:
+def scatter_slots(
+  dst: jax.Array, src: jax.Array, slots: jax.Array, start: int, stop: int
+) -> jax.Array:
   """dst [L, B, K, S, H] with layers [start, stop) of src [L', B, K, T, H] written at slots
   [B, T] (per row; slots >= S are dropped)."""
   rows = jnp.arange(slots.shape[0])[:, None]

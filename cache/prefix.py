@@ -56,8 +56,7 @@ class PrefixCache:
     [L, B, K, S, H] and the prefix's [L, K, S0, H] as the shared slots."""
     return Slots(self.rows.k, self.rows.v, self.prefix.k[:, 0], self.prefix.v[:, 0])
 
-  def view(self, T: int, positions: jax.Array | None = None,
-           mask: jax.Array | None = None) -> View:
+  def view(self, T: int, positions: jax.Array | None = None, mask: jax.Array | None = None) -> View:
     """T new tokens per row attend to the prefix, their row's slots, then causally to
     themselves. positions: [B, T], default next_position() + arange(T)."""
     if mask is not None:
@@ -68,7 +67,14 @@ class PrefixCache:
     shared = Keys(SHARED, 0, self.prefix.visible()[:1], positions, self.prefix.pos[:1])
     return dataclasses.replace(own, blocks=(shared, *own.blocks))
 
-  def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, n_new: jax.Array,
-            layers: tuple[int, int] | None = None, advance: bool = True) -> PrefixCache:
+  def write(
+    self,
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,
+    n_new: jax.Array,
+    layers: tuple[int, int] | None = None,
+    advance: bool = True,
+  ) -> PrefixCache:
     """Stores the new tokens in the rows' slots (see `KVCache.write`)."""
     return PrefixCache(self.prefix, self.rows.write(k, v, positions, n_new, layers, advance))

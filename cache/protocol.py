@@ -35,15 +35,21 @@ class Cache(Protocol):
     """The arrays the decoder's layers read, each at its own layer index."""
     ...
 
-  def view(self, T: int, positions: jax.Array | None = None,
-           mask: jax.Array | None = None) -> View:
+  def view(self, T: int, positions: jax.Array | None = None, mask: jax.Array | None = None) -> View:
     """How T new tokens per row attend to this cache and to each other. positions: [B, T]
     (default: each row's next positions); mask: [B, T, S + T] bool over (slots, new tokens),
     for caches that take one (others raise ValueError)."""
     ...
 
-  def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, n_new: jax.Array,
-            layers: tuple[int, int] | None = None, advance: bool = True) -> Cache:
+  def write(
+    self,
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,
+    n_new: jax.Array,
+    layers: tuple[int, int] | None = None,
+    advance: bool = True,
+  ) -> Cache:
     """The cache with T new tokens' k, v [L', B, K, T, H] (layers [start, stop), all when
     None) stored at positions [B, T]; n_new [B] real tokens per row; advance=False keeps the
     length (a later write of other layers of the same tokens lands in the same slots)."""

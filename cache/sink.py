@@ -33,8 +33,9 @@ from kvjax.pallas_kernels import sink_attention as kernel
 WINDOW_FRAME, SINK_FRAME = 0, 1
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["k", "v", "count", "start"], meta_fields=["n_sink"])
+@functools.partial(
+  jax.tree_util.register_dataclass, data_fields=["k", "v", "count", "start"], meta_fields=["n_sink"]
+)
 @dataclasses.dataclass
 class SinkCache(StackedSlots):
   """k, v: [L, B, K, n_sink + W, H] keys before RoPE, values; count, start: [B] int32."""
@@ -48,17 +49,30 @@ class SinkCache(StackedSlots):
   n_sink: int
 
   @classmethod
-  def init(cls, *, n_layers: int, batch: int, n_sink: int, window: int, n_kv_heads: int,
-           head_dim: int, dtype=jnp.float32) -> SinkCache:
+  def init(
+    cls,
+    *,
+    n_layers: int,
+    batch: int,
+    n_sink: int,
+    window: int,
+    n_kv_heads: int,
+    head_dim: int,
+    dtype=jnp.float32,
+  ) -> SinkCache:
     """An empty cache: n_sink >= 0 sink slots and a window of W >= 1 slots."""
     if not isinstance(n_sink, int) or n_sink < 0:
       raise ValueError(f"n_sink must be an int >= 0; got {n_sink!r}")
     if not isinstance(window, int) or window < 1:
       raise ValueError(f"window must be an int >= 1; got {window!r}")
     shape = (n_layers, batch, n_kv_heads, n_sink + window, head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               count=jnp.zeros((batch,), jnp.int32),
-               start=jnp.full((batch,), n_sink, jnp.int32), n_sink=n_sink)
+    return cls(
+      k=jnp.zeros(shape, dtype),
+      v=jnp.zeros(shape, dtype),
+      count=jnp.zeros((batch,), jnp.int32),
+      start=jnp.full((batch,), n_sink, jnp.int32),
+      n_sink=n_sink,
+    )
 
   @property
   def window(self) -> int:
@@ -77,8 +91,7 @@ class SinkCache(StackedSlots):
     n = jnp.clip(jnp.asarray(n, jnp.int32), 0, self.window)
     return dataclasses.replace(self, start=jnp.maximum(self.start, self.count + n - self.window))
 
-  def view(self, T: int, positions: jax.Array | None = None,
-           mask: jax.Array | None = None) -> View:
+  def view(self, T: int, positions: jax.Array | None = None, mask: jax.Array | None = None) -> View:
     """How T new tokens attend under the per-token policy (see the module docstring).
 
     Query j (stream index i = count + j) sees the kept sinks, the window tokens in
@@ -88,25 +101,44 @@ class SinkCache(StackedSlots):
     two query frames: window tokens in stream offsets i - base (base is one per row; they equal
     in-cache positions when T == 1), new sinks in in-cache positions p."""
     if positions is not None or mask is not None:
-      raise ValueError("a SinkCache assigns positions inside the cache itself; call without "
-                       "`positions` and `mask`")
+      raise ValueError(
+        "a SinkCache assigns positions inside the cache itself; call without `positions` and `mask`"
+      )
     n_s, W = self.n_sink, self.window
     j = jnp.arange(T, dtype=jnp.int32)[None, :]
     # [B, T] stream index, oldest window token seen, in-cache position, window-frame position
-    i, first, p, win_pos, _ = kernel.query_positions(j, self.count[:, None],
-                                                     self.start[:, None], n_s, W)
-    key_i = i[:, None, :]                                   # [B, 1, T] stream index of each key
+    i, first, p, win_pos, _ = kernel.query_positions(
+      j, self.count[:, None], self.start[:, None], n_s, W
+    )
+    key_i = i[:, None, :]  # [B, 1, T] stream index of each key
     ones = jnp.ones((1, T), bool)
-    blocks = [Keys(NEW, WINDOW_FRAME, ones, i, i, causal=True,
-                   mask=(key_i >= n_s) & (key_i >= first[:, :, None]))]
+    blocks = [
+      Keys(
+        NEW,
+        WINDOW_FRAME,
+        ones,
+        i,
+        i,
+        causal=True,
+        mask=(key_i >= n_s) & (key_i >= first[:, :, None]),
+      )
+    ]
     if n_s:  # new tokens that become sinks; only while count < n_sink, when base == 0
       blocks.append(Keys(NEW, SINK_FRAME, i < n_s, p, i, causal=True))
     read = functools.partial(kernel.sink_attention, count=self.count, start=self.start, n_sink=n_s)
-    return View(q_pos=(win_pos, p), new_pos=win_pos, blocks=tuple(blocks), rotated=False,
-                cache_read=read)
+    return View(
+      q_pos=(win_pos, p), new_pos=win_pos, blocks=tuple(blocks), rotated=False, cache_read=read
+    )
 
-  def write(self, k: jax.Array, v: jax.Array, positions: jax.Array, n_new: jax.Array,
-            layers: tuple[int, int] | None = None, advance: bool = True) -> SinkCache:
+  def write(
+    self,
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,
+    n_new: jax.Array,
+    layers: tuple[int, int] | None = None,
+    advance: bool = True,
+  ) -> SinkCache:
     """Stores the first n_new[b] of T new tokens per row (keys before RoPE; `positions` is
     ignored: positions are assigned at read time), evicting per token.
 
@@ -127,5 +159,6 @@ class SinkCache(StackedSlots):
     if not advance:
       return dataclasses.replace(self, k=new_k, v=new_v)
     count = self.count + n_new
-    return SinkCache(k=new_k, v=new_v, count=count,
-                     start=jnp.maximum(self.start, count - W), n_sink=n_s)
+    return SinkCache(
+      k=new_k, v=new_v, count=count, start=jnp.maximum(self.start, count - W), n_sink=n_s
+    )

@@ -94,8 +94,16 @@ def new_keys(positions: jax.Array, mask: jax.Array | None = None, frame: int = 0
   """The step's own T tokens as keys: causal unless `mask` [B, T, T] says otherwise.
   positions: [B, T]."""
   T = positions.shape[1]
-  return Keys(NEW, frame, jnp.ones((1, T), bool), positions, positions, causal=mask is None,
-              mask=mask, full=True)
+  return Keys(
+    NEW,
+    frame,
+    jnp.ones((1, T), bool),
+    positions,
+    positions,
+    causal=mask is None,
+    mask=mask,
+    full=True,
+  )
 
 
 def causal(positions: jax.Array, mask: jax.Array | None = None) -> View:

@@ -9,8 +9,31 @@ model's KV cache (`kvjax.coprocessor.model`; training in `kvjax.train.coprocesso
 """
 
 from kvjax.coprocessor.generate import generate
-from kvjax.coprocessor.model import (Coprocessor, CoprocessorConfig, CoprocessorError, augment,
-                                     init, insert, latents, load, resolve, save, shipped)
+from kvjax.coprocessor.model import (
+  Coprocessor,
+  CoprocessorConfig,
+  CoprocessorError,
+  augment,
+  init,
+  insert,
+  latents,
+  load,
+  resolve,
+  save,
+  shipped,
+)
 
-__all__ = ["Coprocessor", "CoprocessorConfig", "CoprocessorError", "augment", "generate", "init",
-           "insert", "latents", "load", "resolve", "save", "shipped"]
+__all__ = [
+  "Coprocessor",
+  "CoprocessorConfig",
+  "CoprocessorError",
+  "augment",
+  "generate",
+  "init",
+  "insert",
+  "latents",
+  "load",
+  "resolve",
+  "save",
+  "shipped",
+]

@@ -11,8 +11,9 @@ from kvjax.lm.generate import generate as lm_generate
 from kvjax.lm.model import Model
 
 
-def generate(base: Model, cop: Coprocessor, prompts: Prompt | Sequence[Prompt], *,
-             delay: int = 0, **kwargs) -> Generation:
+def generate(
+  base: Model, cop: Coprocessor, prompts: Prompt | Sequence[Prompt], *, delay: int = 0, **kwargs
+) -> Generation:
   """`kvjax.lm.generate(base, prompts, **kwargs)` with the latents of `cop` inserted before each
   prompt's last token, arriving `delay` tokens late (0: before it)."""
   if not isinstance(cop, Coprocessor):

@@ -66,8 +66,15 @@ INITS = ("copy", "scratch", "lora")
 CONFIG_FILE = "coprocessor.json"
 # The block projections LoRA adapts, with how many leading axes (after L) are the input (those
 # a base has: a mixture-of-experts base has no dense MLP, so its LoRA adapts attention only).
-LORA_TARGETS = {("attn", "q"): 1, ("attn", "k"): 1, ("attn", "v"): 1, ("attn", "o"): 2,
-                ("mlp", "gate"): 1, ("mlp", "up"): 1, ("mlp", "down"): 1}
+LORA_TARGETS = {
+  ("attn", "q"): 1,
+  ("attn", "k"): 1,
+  ("attn", "v"): 1,
+  ("attn", "o"): 2,
+  ("mlp", "gate"): 1,
+  ("mlp", "up"): 1,
+  ("mlp", "down"): 1,
+}
 BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
 
 
@@ -114,18 +121,29 @@ class CoprocessorConfig:
       raise CoprocessorError(f"latent_offset must be an int <= -1; got {self.latent_offset!r}")
 
   def to_json(self) -> dict[str, Any]:
-    return {"n_latents": int(self.n_latents), "kind": self.kind, "init": self.init,
-            "lora_rank": int(self.lora_rank), "latent_offset": int(self.latent_offset),
-            "base_name": self.base_name, "base_fingerprint": self.base_fingerprint,
-            "base": config.to_dict(self.base)}
+    return {
+      "n_latents": int(self.n_latents),
+      "kind": self.kind,
+      "init": self.init,
+      "lora_rank": int(self.lora_rank),
+      "latent_offset": int(self.latent_offset),
+      "base_name": self.base_name,
+      "base_fingerprint": self.base_fingerprint,
+      "base": config.to_dict(self.base),
+    }
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> CoprocessorConfig:
-    return cls(n_latents=d["n_latents"], kind=d.get("kind", "coprocessor"),
-               init=d.get("init", "copy"), lora_rank=d.get("lora_rank", 16),
-               latent_offset=d.get("latent_offset", LATENT_POSITION),
-               base=config.from_dict(d["base"]), base_name=d.get("base_name", ""),
-               base_fingerprint=d.get("base_fingerprint", ""))
+    return cls(
+      n_latents=d["n_latents"],
+      kind=d.get("kind", "coprocessor"),
+      init=d.get("init", "copy"),
+      lora_rank=d.get("lora_rank", 16),
+      latent_offset=d.get("latent_offset", LATENT_POSITION),
+      base=config.from_dict(d["base"]),
+      base_name=d.get("base_name", ""),
+      base_fingerprint=d.get("base_fingerprint", ""),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,8 +178,9 @@ def check(cc: CoprocessorConfig, base: Config) -> None:
   diff = config.diff(cc.base, base)
   if diff:
     name = f" {cc.base_name!r}" if cc.base_name else ""
-    raise CoprocessorError(f"this coprocessor was made for another base model{name}: "
-                           + ", ".join(diff))
+    raise CoprocessorError(
+      f"this coprocessor was made for another base model{name}: " + ", ".join(diff)
+    )
 
 
 def _lora_init(blocks: dict[str, Any], rank: int, key: jax.Array) -> dict[str, Any]:
@@ -172,11 +191,13 @@ def _lora_init(blocks: dict[str, Any], rank: int, key: jax.Array) -> dict[str, A
     if group not in blocks:
       continue
     w = blocks[group][name]
-    fan_in = math.prod(w.shape[1:1 + n_in])
-    fan_out = math.prod(w.shape[1 + n_in:])
-    a = jax.random.normal(jax.random.fold_in(key, i), (w.shape[0], fan_in, rank)) / fan_in ** .5
-    out.setdefault(group, {})[name] = {"a": a.astype(w.dtype),
-                                       "b": jnp.zeros((w.shape[0], rank, fan_out), w.dtype)}
+    fan_in = math.prod(w.shape[1 : 1 + n_in])
+    fan_out = math.prod(w.shape[1 + n_in :])
+    a = jax.random.normal(jax.random.fold_in(key, i), (w.shape[0], fan_in, rank)) / fan_in**0.5
+    out.setdefault(group, {})[name] = {
+      "a": a.astype(w.dtype),
+      "b": jnp.zeros((w.shape[0], rank, fan_out), w.dtype),
+    }
   return out
 
 
@@ -192,16 +213,29 @@ def _lora_merge(blocks: dict[str, Any], lora: dict[str, Any]) -> dict[str, Any]:
   return merged
 
 
-def init(base: Model, n_latents: int, *, kind: str = "coprocessor", init: str = "copy",
-         lora_rank: int = 16, latent_offset: int = LATENT_POSITION,
-         seed: int = 0) -> Coprocessor:
+def init(
+  base: Model,
+  n_latents: int,
+  *,
+  kind: str = "coprocessor",
+  init: str = "copy",
+  lora_rank: int = 16,
+  latent_offset: int = LATENT_POSITION,
+  seed: int = 0,
+) -> Coprocessor:
   """A new coprocessor (or pause-token set) for `base`: its decoder a copy of base's layers
   ("copy"), freshly initialised ("scratch") or the base's plus zero low-rank deltas ("lora");
   soft tokens drawn like embeddings (std 0.02)."""
-  cc = CoprocessorConfig(n_latents=n_latents, base=base.cfg, kind=kind, init=init,
-                         lora_rank=lora_rank, latent_offset=latent_offset,
-                         base_name=os.path.basename(base.path or ""),
-                         base_fingerprint=params_fingerprint(base))
+  cc = CoprocessorConfig(
+    n_latents=n_latents,
+    base=base.cfg,
+    kind=kind,
+    init=init,
+    lora_rank=lora_rank,
+    latent_offset=latent_offset,
+    base_name=os.path.basename(base.path or ""),
+    base_fingerprint=params_fingerprint(base),
+  )
   soft = 0.02 * jax.random.normal(jax.random.key(seed), (n_latents, base.cfg.d_model))
   params: dict[str, Any] = {"soft": soft.astype(base.dtype)}
   if cc.kind == "coprocessor":
@@ -225,7 +259,7 @@ def _latent_norm(final_norm: dict[str, Any], embed: jax.Array, cfg: Config) -> d
   gain = 1.0 + w if cfg.norm_plus_one else w
   emb = jnp.sqrt(jnp.mean(jnp.square(embed.astype(jnp.float32))))
   if cfg.scale_embeddings:
-    emb = emb * cfg.d_model ** 0.5
+    emb = emb * cfg.d_model**0.5
   gain = gain * emb / jnp.sqrt(jnp.mean(jnp.square(gain)))
   return {"scale": (gain - 1.0 if cfg.norm_plus_one else gain).astype(final_norm["scale"].dtype)}
 
@@ -246,9 +280,16 @@ def decoder(graphdef, state, cc: CoprocessorConfig, params: dict[str, Any]):
   return nnx.merge(graphdef, state)
 
 
-def latents_of(cop_dec, soft: jax.Array, cache: KVCache, *, positions: jax.Array | None = None,
-               mask: jax.Array | None = None, copies: int = 1,
-               training: Training | None = None) -> jax.Array:
+def latents_of(
+  cop_dec,
+  soft: jax.Array,
+  cache: KVCache,
+  *,
+  positions: jax.Array | None = None,
+  mask: jax.Array | None = None,
+  copies: int = 1,
+  training: Training | None = None,
+) -> jax.Array:
   """soft [N, D] read through `cop_dec` (a Decoder; None = pause tokens) over the base's cache
   -> latents [B, copies * N, D]. By default the soft tokens sit at positions
   cache.next_position() + arange(N), attend to the cache's filled slots (layer i to layer i)
@@ -256,17 +297,25 @@ def latents_of(cop_dec, soft: jax.Array, cache: KVCache, *, positions: jax.Array
   (several traces in one pass). The cache is not changed. Pause tokens: soft, broadcast.
   training: the training forward (`kvjax.lm.attention.Training`)."""
   B = cache.batch
-  x = jnp.broadcast_to(jnp.tile(soft, (copies, 1))[None], (B, copies * soft.shape[0],
-                                                           soft.shape[-1]))
+  x = jnp.broadcast_to(
+    jnp.tile(soft, (copies, 1))[None], (B, copies * soft.shape[0], soft.shape[-1])
+  )
   if cop_dec is None:
     return x
-  out, _ = cop_dec(embeds=x.astype(cop_dec.dtype), cache=cache, positions=positions, mask=mask,
-                   logits=False, training=training)
+  out, _ = cop_dec(
+    embeds=x.astype(cop_dec.dtype),
+    cache=cache,
+    positions=positions,
+    mask=mask,
+    logits=False,
+    training=training,
+  )
   return out.hidden
 
 
-def augment_with(base_dec, latents: jax.Array, cache: KVCache,
-                 offset: int = LATENT_POSITION) -> KVCache:
+def augment_with(
+  base_dec, latents: jax.Array, cache: KVCache, offset: int = LATENT_POSITION
+) -> KVCache:
   """The base run over latents [B, N, D] as input embeddings after the cache -> the cache
   with their K/V appended in the next N slots (length + N), all at the next token's position
   + offset, so the next token keeps its own position."""
@@ -298,11 +347,14 @@ def _check_use(base: Model, cop: Coprocessor, cache, extra: int = 0) -> None:
     raise TypeError(f"the coprocessor takes a dense KVCache; got {type(cache).__name__}")
   need = int(np.max(np.asarray(cache.length))) + cop.n_latents + extra
   if need > cache.size:
-    raise CoprocessorError(f"the cache has {cache.size} slots; augmenting its longest row "
-                           f"needs {need} ({cop.n_latents} latents)")
+    raise CoprocessorError(
+      f"the cache has {cache.size} slots; augmenting its longest row "
+      f"needs {need} ({cop.n_latents} latents)"
+    )
   if need > base.cfg.max_position:
-    raise CoprocessorError(f"augmenting reaches position {need}, past the model's context of "
-                           f"{base.cfg.max_position}")
+    raise CoprocessorError(
+      f"augmenting reaches position {need}, past the model's context of {base.cfg.max_position}"
+    )
 
 
 def latents(base: Model, cop: Coprocessor, cache: KVCache) -> jax.Array:
@@ -317,8 +369,9 @@ def insert(base: Model, cop: Coprocessor, latents: jax.Array, cache: KVCache) ->
   in its next slots (jitted; donates `cache`)."""
   B, N, D = latents.shape
   if D != base.cfg.d_model or B != cache.batch:
-    raise CoprocessorError(f"latents must be [B={cache.batch}, N, D={base.cfg.d_model}]; got "
-                           f"{list(latents.shape)}")
+    raise CoprocessorError(
+      f"latents must be [B={cache.batch}, N, D={base.cfg.d_model}]; got {list(latents.shape)}"
+    )
   if int(np.max(np.asarray(cache.length))) + N > min(cache.size, base.cfg.max_position):
     raise CoprocessorError(f"the cache has no room for {N} latents after its longest row")
   return _insert(base.graphdef, base.state, latents, cache, cop.cc.latent_offset)
@@ -333,6 +386,7 @@ def augment(base: Model, cop: Coprocessor, cache: KVCache) -> KVCache:
 
 # --- files ------------------------------------------------------------------------------------
 
+
 def _like(cc: CoprocessorConfig, base: Model) -> dict[str, Any]:
   """Zeros shaped like a coprocessor's trainable params for `base`."""
   zeros = lambda t: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), t)  # noqa: E731
@@ -340,8 +394,9 @@ def _like(cc: CoprocessorConfig, base: Model) -> dict[str, Any]:
   if cc.kind == "coprocessor":
     p = jax.eval_shape(base.params)
     if cc.init == "lora":
-      like["lora"] = zeros(jax.eval_shape(lambda b: _lora_init(b, cc.lora_rank,
-                                                               jax.random.key(0)), p["blocks"]))
+      like["lora"] = zeros(
+        jax.eval_shape(lambda b: _lora_init(b, cc.lora_rank, jax.random.key(0)), p["blocks"])
+      )
     else:
       like["blocks"] = zeros(p["blocks"])
     like["final_norm"] = zeros(p["final_norm"])
@@ -361,8 +416,13 @@ def shipped() -> tuple[str, ...]:
   """Names of the coprocessors shipped with kvjax (`load(name, base)` loads one)."""
   if not os.path.isdir(BUNDLED_DIR):
     return ()
-  return tuple(sorted(n for n in os.listdir(BUNDLED_DIR)
-                      if os.path.isfile(os.path.join(BUNDLED_DIR, n, CONFIG_FILE))))
+  return tuple(
+    sorted(
+      n
+      for n in os.listdir(BUNDLED_DIR)
+      if os.path.isfile(os.path.join(BUNDLED_DIR, n, CONFIG_FILE))
+    )
+  )
 
 
 def resolve(path: str) -> str:
@@ -371,9 +431,11 @@ def resolve(path: str) -> str:
     return path
   if path in shipped():
     return os.path.join(BUNDLED_DIR, path)
-  raise FileNotFoundError(f"{path!r} is not a coprocessor directory ({CONFIG_FILE} + params/) "
-                          f"or a shipped coprocessor name (shipped: "
-                          f"{', '.join(shipped()) or 'none'})")
+  raise FileNotFoundError(
+    f"{path!r} is not a coprocessor directory ({CONFIG_FILE} + params/) "
+    f"or a shipped coprocessor name (shipped: "
+    f"{', '.join(shipped()) or 'none'})"
+  )
 
 
 def load(path: str, base: Model, *, allow_other_params: bool = False) -> Coprocessor:
@@ -387,12 +449,18 @@ def load(path: str, base: Model, *, allow_other_params: bool = False) -> Coproce
   try:
     cc = CoprocessorConfig.from_json(d)
   except (KeyError, TypeError) as err:
-    raise CoprocessorError(f"{file}: not a coprocessor config ({type(err).__name__}: {err})"
-                           ) from None
+    raise CoprocessorError(
+      f"{file}: not a coprocessor config ({type(err).__name__}: {err})"
+    ) from None
   check(cc, base.cfg)
-  check_fingerprint(cc.base_fingerprint, base, what=f"the coprocessor {path}",
-                    allow=allow_other_params, error=CoprocessorError,
-                    flag="allow_other_params=True (--allow-other-params)")
+  check_fingerprint(
+    cc.base_fingerprint,
+    base,
+    what=f"the coprocessor {path}",
+    allow=allow_other_params,
+    error=CoprocessorError,
+    flag="allow_other_params=True (--allow-other-params)",
+  )
   cc = dataclasses.replace(cc, base=base.cfg)
   try:
     params = restore_params(os.path.join(path, "params"), _like(cc, base))
@@ -401,8 +469,16 @@ def load(path: str, base: Model, *, allow_other_params: bool = False) -> Coproce
   return Coprocessor(cc, params, path)
 
 
-def augmented_prefill(model: Model, rows: list[list[int]], max_new_tokens: int, *,
-                      cop: Coprocessor, delay: int, sampling: Sampling, key: jax.Array):
+def augmented_prefill(
+  model: Model,
+  rows: list[list[int]],
+  max_new_tokens: int,
+  *,
+  cop: Coprocessor,
+  delay: int,
+  sampling: Sampling,
+  key: jax.Array,
+):
   """(logits [B, V] of the next token after the latents, cache, early [B, delay] int32 (the
   tokens sampled before the latents arrived), prefill_s, compile_s) for prompts `rows`: the
   `kvjax.lm.generate.Prefill` of `Coprocessor.prefiller`.
@@ -417,14 +493,18 @@ def augmented_prefill(model: Model, rows: list[list[int]], max_new_tokens: int, 
   if not isinstance(delay, (int, np.integer)) or isinstance(delay, bool) or delay < 0:
     raise ValueError(f"delay must be an int >= 0; got {delay!r}")
   if delay >= max_new_tokens:
-    raise ValueError(f"delay {delay} >= max_new_tokens {max_new_tokens}: the latents would "
-                     "arrive after the last new token")
+    raise ValueError(
+      f"delay {delay} >= max_new_tokens {max_new_tokens}: the latents would "
+      "arrive after the last new token"
+    )
   N = cop.n_latents
   longest = max(map(len, rows))
   if longest + N + max_new_tokens > model.cfg.max_position:
-    raise ValueError(f"prompt ({longest} tokens) + {N} latents + max_new_tokens "
-                     f"({max_new_tokens}) exceeds the model's context of "
-                     f"{model.cfg.max_position} positions")
+    raise ValueError(
+      f"prompt ({longest} tokens) + {N} latents + max_new_tokens "
+      f"({max_new_tokens}) exceeds the model's context of "
+      f"{model.cfg.max_position} positions"
+    )
   B = len(rows)
   P = steps.bucket(longest)
   tokens = pad([ids[:-1] for ids in rows], P)
@@ -440,25 +520,37 @@ def augmented_prefill(model: Model, rows: list[list[int]], max_new_tokens: int, 
     compile_s += c
     return out
 
-  _, cache = call(steps.prefill, cache, jnp.asarray(tokens),
-                  jnp.asarray([len(r) - 1 for r in rows], jnp.int32))
+  _, cache = call(
+    steps.prefill, cache, jnp.asarray(tokens), jnp.asarray([len(r) - 1 for r in rows], jnp.int32)
+  )
   if delay == 0:
     cache = augment(model, cop, cache)
     logits, cache = call(steps.extend, cache, last, one)
     jax.block_until_ready(logits)
-    return logits, cache, np.zeros((B, 0), np.int32), time.perf_counter() - t0 - compile_s, \
-        compile_s
+    return (
+      logits,
+      cache,
+      np.zeros((B, 0), np.int32),
+      time.perf_counter() - t0 - compile_s,
+      compile_s,
+    )
   z = latents(model, cop, cache)  # read now, inserted `delay` tokens later
   logits, cache = call(steps.extend, cache, last, one)
   early = []
   for i in range(delay - 1):  # tokens sampled and fed before the latents arrive
-    tok, bad, logits, cache = call(steps.sample_decode, cache, logits, key, jnp.int32(i),
-                                   sampling=sampling)
+    tok, bad, logits, cache = call(
+      steps.sample_decode, cache, logits, key, jnp.int32(i), sampling=sampling
+    )
     check_finite(model, bad, "the coprocessor's delayed prefill")
     early.append(tok)
   early.append(sample(logits, jax.random.fold_in(key, delay - 1), sampling))  # fed after them
   cache = insert(model, cop, z, cache)
   logits, cache = call(steps.decode_step, cache, early[-1])
   jax.block_until_ready(logits)
-  return (logits, cache, np.stack([np.asarray(t) for t in early], 1).astype(np.int32),
-          time.perf_counter() - t0 - compile_s, compile_s)
+  return (
+    logits,
+    cache,
+    np.stack([np.asarray(t) for t in early], 1).astype(np.int32),
+    time.perf_counter() - t0 - compile_s,
+    compile_s,
+  )

@@ -35,25 +35,37 @@ import numpy as np
 from tqdm import tqdm
 
 from kvjax.cache.dense import KVCache
-from kvjax.coprocessor.model import (LATENT_POSITION, Coprocessor, CoprocessorConfig,
-                                     CoprocessorError, check, decoder, latents_of)
+from kvjax.coprocessor.model import (
+  LATENT_POSITION,
+  Coprocessor,
+  CoprocessorConfig,
+  CoprocessorError,
+  check,
+  decoder,
+  latents_of,
+)
 from kvjax.lm.attention import Training
 from kvjax.lm.model import Model
 from kvjax.lm.steps import token_nll
 
 
-def room_error(seq_len: int, ahead: int, points: int, delay: int, *,
-               flags: bool = False) -> str | None:
+def room_error(
+  seq_len: int, ahead: int, points: int, delay: int, *, flags: bool = False
+) -> str | None:
   """Why `points` augmentation points with `ahead` tokens (`delay` late) do not fit in a
   sequence of seq_len inputs, or None. flags: name the settings as command-line flags."""
   name = (lambda f: "--" + f.replace("_", "-")) if flags else (lambda f: f)  # noqa: E731
   if ahead >= seq_len:
-    return (f"{name('ahead')} ({ahead}) must be smaller than {name('seq_len')} ({seq_len}): "
-            "each point needs a prefix and its ahead tokens inside the sequence")
+    return (
+      f"{name('ahead')} ({ahead}) must be smaller than {name('seq_len')} ({seq_len}): "
+      "each point needs a prefix and its ahead tokens inside the sequence"
+    )
   room = seq_len - ahead - delay
   if room < points:
-    return (f"{points} points need {points} distinct positions in [1, {name('seq_len')} - "
-            f"{name('ahead')} - {name('delay')}] = [1, {room}]")
+    return (
+      f"{points} points need {points} distinct positions in [1, {name('seq_len')} - "
+      f"{name('ahead')} - {name('delay')}] = [1, {room}]"
+    )
   return None
 
 
@@ -79,10 +91,18 @@ def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx.reshape(B, -1), axis=1).reshape(idx.shape)
 
 
-def multi_trace(base_dec, cop_dec, soft: jax.Array, batch: dict[str, jax.Array],
-                points: jax.Array, *, ahead: int, delay: int = 0,
-                latent_offset: int = LATENT_POSITION,
-                training: Training | None = None) -> dict[str, jax.Array]:
+def multi_trace(
+  base_dec,
+  cop_dec,
+  soft: jax.Array,
+  batch: dict[str, jax.Array],
+  points: jax.Array,
+  *,
+  ahead: int,
+  delay: int = 0,
+  latent_offset: int = LATENT_POSITION,
+  training: Training | None = None,
+) -> dict[str, jax.Array]:
   """Every augmentation trace of a batch in one pass (see the module docstring).
 
   base_dec: the frozen base's Decoder; cop_dec: the coprocessor's (None = pause tokens);
@@ -102,7 +122,7 @@ def multi_trace(base_dec, cop_dec, soft: jax.Array, batch: dict[str, jax.Array],
   causal = (seg[:, :, None] == seg[:, None, :]) & jnp.tril(jnp.ones((T, T), bool))
   main, _ = base_dec(inputs, positions=pos, mask=causal, return_kv=True)
   main = jax.lax.stop_gradient(main)
-  nll_main = token_nll(main.logits, targets)                            # [B, T]
+  nll_main = token_nll(main.logits, targets)  # [B, T]
   cache = KVCache(k=main.k, v=main.v, pos=pos, length=jnp.full((B,), T, jnp.int32))
   slots = jnp.arange(T)
 
@@ -117,24 +137,43 @@ def multi_trace(base_dec, cop_dec, soft: jax.Array, batch: dict[str, jax.Array],
   def positions_of(at, n):
     return (_take(pos, at)[..., None] + jnp.arange(n, dtype=jnp.int32)).reshape(B, M * n)
 
-  latents = latents_of(cop_dec, soft, cache, positions=positions_of(points, N),
-                           mask=mask_of(points, N), copies=M, training=training)            # [B, M N, D]
-  at = points + delay                                                   # insertion points
-  idx = at[..., None] + jnp.arange(A)                                   # [B, M, A]
+  latents = latents_of(
+    cop_dec,
+    soft,
+    cache,
+    positions=positions_of(points, N),
+    mask=mask_of(points, N),
+    copies=M,
+    training=training,
+  )  # [B, M N, D]
+  at = points + delay  # insertion points
+  idx = at[..., None] + jnp.arange(A)  # [B, M, A]
   inside = idx < T
   idx = jnp.minimum(idx, T - 1)
-  same_doc = (_take(seg, idx) == _take(seg, points)[..., None]) \
-      & (_take(seg, at) == _take(seg, points))[..., None]
+  same_doc = (_take(seg, idx) == _take(seg, points)[..., None]) & (
+    _take(seg, at) == _take(seg, points)
+  )[..., None]
   valid = (inside & same_doc & (_take(batch["mask"], idx) > 0)).astype(jnp.float32)
-  x = jnp.concatenate([latents.reshape(B, M, N, -1).astype(base_dec.dtype),
-                       base_dec.embed_tokens(_take(inputs, idx))], axis=2)
-  offsets = jnp.concatenate([jnp.full((N,), latent_offset, jnp.int32),
-                             jnp.arange(A, dtype=jnp.int32)])               # latents, ahead
+  x = jnp.concatenate(
+    [
+      latents.reshape(B, M, N, -1).astype(base_dec.dtype),
+      base_dec.embed_tokens(_take(inputs, idx)),
+    ],
+    axis=2,
+  )
+  offsets = jnp.concatenate(
+    [jnp.full((N,), latent_offset, jnp.int32), jnp.arange(A, dtype=jnp.int32)]
+  )  # latents, ahead
   base_pos = (_take(pos, at)[..., None] + offsets).reshape(B, M * (N + A))
-  out, _ = base_dec(embeds=x.reshape(B, M * (N + A), -1), cache=cache, positions=base_pos,
-                    training=training,
-                    mask=mask_of(at, N + A), logits=False)
-  hidden = out.hidden.reshape(B, M, N + A, -1)[:, :, N:]                # the ahead tokens
+  out, _ = base_dec(
+    embeds=x.reshape(B, M * (N + A), -1),
+    cache=cache,
+    positions=base_pos,
+    training=training,
+    mask=mask_of(at, N + A),
+    logits=False,
+  )
+  hidden = out.hidden.reshape(B, M, N + A, -1)[:, :, N:]  # the ahead tokens
   nll_aug = token_nll(base_dec.logits(hidden), _take(targets, idx))
   return {"nll_aug": nll_aug, "nll_base": _take(nll_main, idx), "valid": valid}
 
@@ -153,9 +192,14 @@ def trace_stats(got: dict[str, jax.Array]) -> dict[str, jax.Array]:
   n = jnp.sum(v)
   loss = jnp.sum(got["nll_aug"] * v) / jnp.maximum(n, 1.0)
   base_loss = jnp.sum(got["nll_base"] * v) / jnp.maximum(n, 1.0)
-  return {"loss": loss, "base_loss": base_loss, "n": n,
-          "sum_aug": jnp.sum(got["nll_aug"] * v, (0, 1)),
-          "sum_base": jnp.sum(got["nll_base"] * v, (0, 1)), "count": jnp.sum(v, (0, 1))}
+  return {
+    "loss": loss,
+    "base_loss": base_loss,
+    "n": n,
+    "sum_aug": jnp.sum(got["nll_aug"] * v, (0, 1)),
+    "sum_base": jnp.sum(got["nll_base"] * v, (0, 1)),
+    "count": jnp.sum(v, (0, 1)),
+  }
 
 
 @dataclasses.dataclass
@@ -176,12 +220,16 @@ class ByPosition:
     return 1.0 - self.ppl_aug / self.ppl_base
 
   def to_json(self) -> dict[str, Any]:
-    return {"ppl_base_by_position": self.ppl_base.tolist(),
-            "ppl_aug_by_position": self.ppl_aug.tolist(),
-            "relative_reduction_by_position": self.relative_reduction.tolist(),
-            "loss_base": self.loss_base, "loss_aug": self.loss_aug,
-            "relative_reduction_all": 1.0 - math.exp(self.loss_aug - self.loss_base),
-            "targets_by_position": self.targets.astype(int).tolist(), "points": self.points}
+    return {
+      "ppl_base_by_position": self.ppl_base.tolist(),
+      "ppl_aug_by_position": self.ppl_aug.tolist(),
+      "relative_reduction_by_position": self.relative_reduction.tolist(),
+      "loss_base": self.loss_base,
+      "loss_aug": self.loss_aug,
+      "relative_reduction_all": 1.0 - math.exp(self.loss_aug - self.loss_base),
+      "targets_by_position": self.targets.astype(int).tolist(),
+      "points": self.points,
+    }
 
 
 def accumulate(stats: Iterable[dict[str, Any]]) -> ByPosition:
@@ -190,50 +238,78 @@ def accumulate(stats: Iterable[dict[str, Any]]) -> ByPosition:
   points = 0
   for s in stats:
     s = jax.device_get(s)
-    aug, base = aug + np.asarray(s["sum_aug"], np.float64), base + np.asarray(s["sum_base"],
-                                                                              np.float64)
+    aug, base = (
+      aug + np.asarray(s["sum_aug"], np.float64),
+      base + np.asarray(s["sum_base"], np.float64),
+    )
     count = count + np.asarray(s["count"], np.float64)
     points += int(s.get("points", 0))
   count = np.asarray(count)
   if not np.all(count > 0):
     raise CoprocessorError("the evaluation text holds no target to score at some ahead position")
-  return ByPosition(ppl_base=np.exp(base / count), ppl_aug=np.exp(aug / count),
-                    loss_base=float(np.sum(base) / np.sum(count)),
-                    loss_aug=float(np.sum(aug) / np.sum(count)), targets=count, points=points)
+  return ByPosition(
+    ppl_base=np.exp(base / count),
+    ppl_aug=np.exp(aug / count),
+    loss_base=float(np.sum(base) / np.sum(count)),
+    loss_aug=float(np.sum(aug) / np.sum(count)),
+    targets=count,
+    points=points,
+  )
 
 
-def by_position(base: Model, cop: Coprocessor, windows: np.ndarray, *, ahead: int = 32,
-                points: int = 16, delay: int = 0, batch_size: int = 8,
-                progress: bool = False) -> ByPosition:
+def by_position(
+  base: Model,
+  cop: Coprocessor,
+  windows: np.ndarray,
+  *,
+  ahead: int = 32,
+  points: int = 16,
+  delay: int = 0,
+  batch_size: int = 8,
+  progress: bool = False,
+) -> ByPosition:
   """Perplexity by ahead position over held-out token windows [R, T + 1] (-1 = no token; one
   document per window), with M points per window spread evenly over [1, T - ahead - delay],
   every trace run in the one-pass forward (equal, as tested, to augmenting trace by trace)."""
   check(cop.cc, base.cfg)
   windows = np.asarray(windows)
   if windows.ndim != 2 or windows.shape[1] < 3 or not len(windows):
-    raise CoprocessorError(f"windows must be [R, T + 1] with R >= 1, T >= 2; got {list(windows.shape)}")
+    raise CoprocessorError(
+      f"windows must be [R, T + 1] with R >= 1, T >= 2; got {list(windows.shape)}"
+    )
   T = windows.shape[1] - 1
   if ahead >= T:
     raise CoprocessorError(f"ahead ({ahead}) must be smaller than the window's {T} inputs")
   if T + cop.n_latents + ahead > base.cfg.max_position:
-    raise CoprocessorError(f"windows of {T} tokens + {cop.n_latents} latents + {ahead} ahead exceed "
-                     f"the model's context of {base.cfg.max_position}")
+    raise CoprocessorError(
+      f"windows of {T} tokens + {cop.n_latents} latents + {ahead} ahead exceed "
+      f"the model's context of {base.cfg.max_position}"
+    )
   eval_step = trace_step(base, cop.cc)
   pad = (-len(windows)) % batch_size
   rows = np.concatenate([windows, np.full((pad, T + 1), -1, windows.dtype)])
-  bar = tqdm(total=len(rows) // batch_size, desc="augmented ppl", unit="batch",
-             dynamic_ncols=True, disable=not progress)
+  bar = tqdm(
+    total=len(rows) // batch_size,
+    desc="augmented ppl",
+    unit="batch",
+    dynamic_ncols=True,
+    disable=not progress,
+  )
   pts = jnp.asarray(even_points(batch_size, T, points, ahead, delay))
   base_params = base.params()
 
   def stats():
     for s in range(0, len(rows), batch_size):
-      w = rows[s:s + batch_size]
+      w = rows[s : s + batch_size]
       real = (w[:, :-1] >= 0) & (w[:, 1:] >= 0)
-      batch = {"inputs": np.maximum(w[:, :-1], 0), "targets": np.maximum(w[:, 1:], 0),
-               "mask": real.astype(np.float32)}
-      got = dict(eval_step(cop.params, base_params, jax.device_put(batch), pts, ahead=ahead,
-                           delay=delay))
+      batch = {
+        "inputs": np.maximum(w[:, :-1], 0),
+        "targets": np.maximum(w[:, 1:], 0),
+        "mask": real.astype(np.float32),
+      }
+      got = dict(
+        eval_step(cop.params, base_params, jax.device_put(batch), pts, ahead=ahead, delay=delay)
+      )
       got["points"] = int(np.sum(real[:, np.asarray(pts[0])]))
       bar.update(1)
       yield got
@@ -248,11 +324,23 @@ def trace_step(base: Model, cc: CoprocessorConfig) -> Callable:
   per base structure and coprocessor config, kept): every trace of a batch in one pass."""
   key = (base.graphdef, base.cfg, cc)
   if key not in _TRACE_STEPS:
+
     @functools.partial(jax.jit, static_argnames=("ahead", "delay"))
     def step(params, base_params, batch, points, *, ahead, delay):
       base_dec, cop_dec = decoders(base, base_params, cc, params)
-      return trace_stats(multi_trace(base_dec, cop_dec, params["soft"], batch, points,
-                                     ahead=ahead, delay=delay, latent_offset=cc.latent_offset))
+      return trace_stats(
+        multi_trace(
+          base_dec,
+          cop_dec,
+          params["soft"],
+          batch,
+          points,
+          ahead=ahead,
+          delay=delay,
+          latent_offset=cc.latent_offset,
+        )
+      )
+
     _TRACE_STEPS[key] = step
   return _TRACE_STEPS[key]
 

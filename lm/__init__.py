@@ -13,16 +13,33 @@ DeprecationWarning; StreamingLLM is `kvjax.lm.streaming` and `kvjax stream`.)
 from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config, ConfigError
 from kvjax.lm.decoder import Decoder, Output
-from kvjax.lm.generate import (Generation, NonFiniteError, generate, generate_iter, score,
-                               stream)
-from kvjax.lm.model import (Model, VocabPaddingWarning, bundled, init, load, params_fingerprint,
-                            save)
+from kvjax.lm.generate import Generation, NonFiniteError, generate, generate_iter, score, stream
+from kvjax.lm.model import Model, VocabPaddingWarning, bundled, init, load, params_fingerprint, save
 from kvjax.lm.sampling import Sampling
 from kvjax.lm.tokenizer import Tokenizer, TokenizerError
 
 __all__ = [
-    "CheckpointError", "Config", "ConfigError", "Decoder", "Generation", "Model",
-    "NonFiniteError", "Output", "Sampling", "Tokenizer", "TokenizerError", "VocabPaddingWarning",
-    "bundled", "generate", "generate_iter", "init",
-    "load", "params_fingerprint", "restore_params", "save", "save_params", "score", "stream",
+  "CheckpointError",
+  "Config",
+  "ConfigError",
+  "Decoder",
+  "Generation",
+  "Model",
+  "NonFiniteError",
+  "Output",
+  "Sampling",
+  "Tokenizer",
+  "TokenizerError",
+  "VocabPaddingWarning",
+  "bundled",
+  "generate",
+  "generate_iter",
+  "init",
+  "load",
+  "params_fingerprint",
+  "restore_params",
+  "save",
+  "save_params",
+  "score",
+  "stream",
 ]

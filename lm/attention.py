@@ -72,11 +72,18 @@ class Training:
   key: jax.Array | None = None
 
 
-def attend(blocks: Sequence[KeyBlock], *, scale: float, softcap: float | None = None,
-           window: jax.Array | int = 0, partial: tuple[jax.Array, jax.Array] | None = None,
-           block_k: int | None = None, block_q: int | None = None,
-           differentiable: bool = False,
-           dropout: tuple[float, jax.Array] | None = None) -> jax.Array:
+def attend(
+  blocks: Sequence[KeyBlock],
+  *,
+  scale: float,
+  softcap: float | None = None,
+  window: jax.Array | int = 0,
+  partial: tuple[jax.Array, jax.Array] | None = None,
+  block_k: int | None = None,
+  block_q: int | None = None,
+  differentiable: bool = False,
+  dropout: tuple[float, jax.Array] | None = None,
+) -> jax.Array:
   """Softmax attention over the union of the blocks' keys.
 
   window: the layer's sliding window (0 = none): a query sees only keys at distance < window.
@@ -96,15 +103,25 @@ def attend(blocks: Sequence[KeyBlock], *, scale: float, softcap: float | None = 
   block_k = block_k or (BLOCK_K_FEW if T <= FEW else BLOCK_K)
   block_q = block_q or BLOCK_Q
   window = jnp.asarray(window, jnp.int32)
-  parts = [_block(b, scale, softcap, window, block_k, block_q, differentiable,
-                  None if dropout is None else (dropout[0], jax.random.fold_in(dropout[1], i)))
-           for i, b in enumerate(blocks)]
+  parts = [
+    _block(
+      b,
+      scale,
+      softcap,
+      window,
+      block_k,
+      block_q,
+      differentiable,
+      None if dropout is None else (dropout[0], jax.random.fold_in(dropout[1], i)),
+    )
+    for i, b in enumerate(blocks)
+  ]
   if partial is not None:
     o, lse = partial
     K = parts[0][0].shape[1]
-    m = _heads_first(lse.astype(jnp.float32), K)                     # [B, K, G, T]
+    m = _heads_first(lse.astype(jnp.float32), K)  # [B, K, G, T]
     l = (m > NEG / 2).astype(jnp.float32)
-    acc = _heads_first(o.astype(jnp.float32), K) * l[..., None]     # [B, K, G, T, H]
+    acc = _heads_first(o.astype(jnp.float32), K) * l[..., None]  # [B, K, G, T, H]
     parts.append((acc, m, l))
   m = parts[0][1]
   for _, mi, _ in parts[1:]:
@@ -113,7 +130,7 @@ def attend(blocks: Sequence[KeyBlock], *, scale: float, softcap: float | None = 
   for ai, mi, li in parts:
     w = jnp.exp(mi - m)
     acc, l = acc + ai * w[..., None], l + li * w
-  out = acc / jnp.where(l > 0, l, 1.0)[..., None]                    # [B, K, G, T, H]
+  out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [B, K, G, T, H]
   return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q0.dtype)
 
 
@@ -147,7 +164,7 @@ def _scores_step(carry, qg, k, v, sees, scale, softcap, drop=None):
   if softcap is not None:
     s = jnp.tanh(s / softcap) * softcap
   if sees is not None:  # None: every query sees every key of the block (no mask to apply)
-    vis = sees[:, None, None]                                        # [B, 1, 1, tq, n]
+    vis = sees[:, None, None]  # [B, 1, 1, tq, n]
     s = jnp.where(vis, s, NEG)
   m_new = jnp.maximum(m, s.max(-1))
   e = jnp.exp(s - m_new[..., None])
@@ -158,16 +175,15 @@ def _scores_step(carry, qg, k, v, sees, scale, softcap, drop=None):
   if drop is not None:
     rate, key = drop
     kept = jnp.where(jax.random.bernoulli(key, 1.0 - rate, e.shape), e / (1.0 - rate), 0.0)
-  pv = jnp.einsum(f"bkgtn,{kk}->bkgth", kept.astype(v.dtype), v,
-                  preferred_element_type=jnp.float32)
+  pv = jnp.einsum(f"bkgtn,{kk}->bkgth", kept.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return acc * alpha[..., None] + pv, m_new, l * alpha + e.sum(-1)
 
 
 def _sees(keys: Keys, t0, tq: int, s0, n: int, window) -> jax.Array:
   """[B, tq, n] bool: whether queries [t0, t0 + tq) see keys [s0, s0 + n) of the block."""
-  valid = _take(keys.valid, 1, s0, n)[:, None, :]                    # [B|1, 1, n]
-  q_pos = _take(keys.q_pos, 1, t0, tq)[:, :, None]                   # [B, tq, 1]
-  k_pos = _take(keys.k_pos, 1, s0, n)[:, None, :]                    # [B|1, 1, n]
+  valid = _take(keys.valid, 1, s0, n)[:, None, :]  # [B|1, 1, n]
+  q_pos = _take(keys.q_pos, 1, t0, tq)[:, :, None]  # [B, tq, 1]
+  k_pos = _take(keys.k_pos, 1, s0, n)[:, None, :]  # [B|1, 1, n]
   sees = valid & ((window == 0) | (q_pos - k_pos < window))
   if keys.causal:
     t = t0 + jnp.arange(tq)[:, None]
@@ -177,8 +193,16 @@ def _sees(keys: Keys, t0, tq: int, s0, n: int, window) -> jax.Array:
   return sees
 
 
-def _block(blk: KeyBlock, scale, softcap, window, block_k: int, block_q: int,
-           differentiable: bool = False, dropout=None):
+def _block(
+  blk: KeyBlock,
+  scale,
+  softcap,
+  window,
+  block_k: int,
+  block_q: int,
+  differentiable: bool = False,
+  dropout=None,
+):
   """(acc [B, K, G, T, H], m, l [B, K, G, T]) float32: the unnormalized softmax of one block;
   differentiable, dropout: see `attend`."""
 
@@ -193,31 +217,35 @@ def _block(blk: KeyBlock, scale, softcap, window, block_k: int, block_q: int,
   G = N // K
   S = blk.size
   f32 = jnp.float32
-  qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)           # [B, K, G, T, H], once
+  qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H], once
   if (S <= block_k and T <= block_q) or (differentiable and S * T <= TRAIN_ONE_STEP):
     # one step: no loop
-    init = (jnp.zeros((B, K, G, T, H), f32), jnp.full((B, K, G, T), NEG, f32),
-            jnp.zeros((B, K, G, T), f32))
+    init = (
+      jnp.zeros((B, K, G, T, H), f32),
+      jnp.full((B, K, G, T), NEG, f32),
+      jnp.zeros((B, K, G, T), f32),
+    )
     k, v = _read(blk.k, blk.layer, 0, S), _read(blk.v, blk.layer, 0, S)
-    return _scores_step(init, qg, k, v, _sees(keys, 0, T, 0, S, window), scale, softcap,
-                        drop_at(0, 0))
+    return _scores_step(
+      init, qg, k, v, _sees(keys, 0, T, 0, S, window), scale, softcap, drop_at(0, 0)
+    )
 
   bk, bq = min(block_k, S), min(block_q, T)
   n_kb, n_qb = -(-S // bk), -(-T // bq)
   # which key blocks any query can see at all: filled slots, and per query block the causal
   # bound and the sliding window's lower bound (positions in the window's frame)
-  kb_lo = jnp.minimum(jnp.arange(n_kb) * bk, S - bk)                # clamped block starts
+  kb_lo = jnp.minimum(jnp.arange(n_kb) * bk, S - bk)  # clamped block starts
   slot = jnp.arange(S)
   rows = max(keys.valid.shape[0], keys.k_pos.shape[0])
   valid = jnp.broadcast_to(keys.valid, (rows, S))
-  last = jnp.max(jnp.where(valid, slot, -1))                         # last filled slot
+  last = jnp.max(jnp.where(valid, slot, -1))  # last filled slot
   none = jnp.iinfo(jnp.int32).min
   k_pos_max = jnp.where(valid, jnp.broadcast_to(keys.k_pos, (rows, S)), none).max(0)  # [S]
-  kb_max = jax.ops.segment_max(k_pos_max, slot // bk, n_kb)          # [n_kb], none: empty
+  kb_max = jax.ops.segment_max(k_pos_max, slot // bk, n_kb)  # [n_kb], none: empty
 
   def q_block(t0):
     """acc, m, l of queries [t0, t0 + bq)."""
-    hi = jnp.minimum(last // bk + 1, n_kb)                           # blocks past `last`: empty
+    hi = jnp.minimum(last // bk + 1, n_kb)  # blocks past `last`: empty
     if keys.causal:
       hi = jnp.minimum(hi, (t0 + bq - 1) // bk + 1)
     q_min = _take(keys.q_pos, 1, t0, bq).min()
@@ -229,12 +257,16 @@ def _block(blk: KeyBlock, scale, softcap, window, block_k: int, block_q: int,
     def body(j, carry, masked=True):
       s0 = kb_lo[j]
       k, v = _read(blk.k, blk.layer, s0, bk), _read(blk.v, blk.layer, s0, bk)
-      sees = (_sees(keys, t0, bq, s0, bk, window) & (s0 + jnp.arange(bk) >= j * bk)
-              if masked else None)
+      sees = (
+        _sees(keys, t0, bq, s0, bk, window) & (s0 + jnp.arange(bk) >= j * bk) if masked else None
+      )
       return _scores_step(carry, qb, k, v, sees, scale, softcap, drop_at(t0, s0))
 
-    init = (jnp.zeros((B, K, G, bq, H), f32), jnp.full((B, K, G, bq), NEG, f32),
-            jnp.zeros((B, K, G, bq), f32))
+    init = (
+      jnp.zeros((B, K, G, bq, H), f32),
+      jnp.full((B, K, G, bq), NEG, f32),
+      jnp.zeros((B, K, G, bq), f32),
+    )
     if differentiable:  # static trip count: every key block, the unseen ones masked
       return jax.lax.fori_loop(0, n_kb, body, init)
     if keys.full and keys.causal and keys.mask is None:
@@ -248,14 +280,16 @@ def _block(blk: KeyBlock, scale, softcap, window, block_k: int, block_q: int,
 
   if n_qb == 1:
     return q_block(0)
-  out = (jnp.zeros((B, K, G, T, H), f32), jnp.full((B, K, G, T), NEG, f32),
-         jnp.zeros((B, K, G, T), f32))
+  out = (
+    jnp.zeros((B, K, G, T, H), f32),
+    jnp.full((B, K, G, T), NEG, f32),
+    jnp.zeros((B, K, G, T), f32),
+  )
 
   def q_body(i, out):
     t0 = jnp.minimum(i * bq, T - bq)  # the last block overlaps: its rows are recomputed alike
     part = q_block(t0)
-    return tuple(jax.lax.dynamic_update_slice_in_dim(o, p, t0, axis=3)
-                 for o, p in zip(out, part))
+    return tuple(jax.lax.dynamic_update_slice_in_dim(o, p, t0, axis=3) for o, p in zip(out, part))
 
   return jax.lax.fori_loop(0, n_qb, q_body, out)
 
@@ -263,8 +297,9 @@ def _block(blk: KeyBlock, scale, softcap, window, block_k: int, block_q: int,
 CAUSAL_IMPLS = ("xla", "cudnn", "tpu_flash")
 
 
-def causal(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-           impl: str | None = None) -> jax.Array:
+def causal(
+  q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, impl: str | None = None
+) -> jax.Array:
   """Causal self-attention of a prompt with no cache, no window and no softcap (the prefill
   of most models), through the best kernel of the device: one dispatch.
 
@@ -285,21 +320,30 @@ def causal(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     return attend([KeyBlock(q, k, v, new_keys(positions))], scale=scale)
   if impl == "cudnn":
-    out = jax.nn.dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-                                       scale=scale, is_causal=True)
+    out = jax.nn.dot_product_attention(
+      q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=scale, is_causal=True
+    )
     return out.astype(q.dtype)
   from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+
   G = N // K
   kv = lambda a: jnp.repeat(a, G, axis=1) if G > 1 else a  # noqa: E731  (the kernel is MHA)
-  out = tpu_flash.flash_attention(q.transpose(0, 2, 1, 3), kv(k), kv(v), causal=True,
-                                  sm_scale=scale)
+  out = tpu_flash.flash_attention(
+    q.transpose(0, 2, 1, 3), kv(k), kv(v), causal=True, sm_scale=scale
+  )
   return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def reference(blocks: Sequence[KeyBlock], *, scale: float, softcap: float | None = None,
-              window: jax.Array | int = 0,
-              partial: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+def reference(
+  blocks: Sequence[KeyBlock],
+  *,
+  scale: float,
+  softcap: float | None = None,
+  window: jax.Array | int = 0,
+  partial: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array:
   """`attend` with every block read whole and one softmax: [B, T, S] masks and scores."""
   big = 1 << 30
-  return attend(blocks, scale=scale, softcap=softcap, window=window, partial=partial,
-                block_k=big, block_q=big)
+  return attend(
+    blocks, scale=scale, softcap=softcap, window=window, partial=partial, block_k=big, block_q=big
+  )

@@ -92,9 +92,11 @@ class Grid:
     # a decode cell runs new_tokens steps after its context; a prefill cell samples one token
     need = max((*(c + self.new_tokens for c in self.contexts), *(p + 1 for p in self.prefill)))
     if need > model.cfg.max_position:
-      raise ValueError(f"the grid needs {need} positions (contexts {list(self.contexts)} + "
-                       f"{self.new_tokens} new tokens, prefill {list(self.prefill)} + 1), more "
-                       f"than the model's {model.cfg.max_position} positions")
+      raise ValueError(
+        f"the grid needs {need} positions (contexts {list(self.contexts)} + "
+        f"{self.new_tokens} new tokens, prefill {list(self.prefill)} + 1), more "
+        f"than the model's {model.cfg.max_position} positions"
+      )
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int) -> np.ndarray:
@@ -116,12 +118,18 @@ def prefill(model: Model, ids: np.ndarray) -> float:
 
 def cells(grid: Grid) -> list[tuple[str, int, int]]:
   """("decode", B, C) for every batch x context, then ("prefill", 1, P)."""
-  return ([("decode", b, c) for b in grid.batches for c in grid.contexts]
-          + [("prefill", 1, p) for p in grid.prefill])
+  return [("decode", b, c) for b in grid.batches for c in grid.contexts] + [
+    ("prefill", 1, p) for p in grid.prefill
+  ]
 
 
-def run(model: Model, grid: Grid, *, peers: Mapping[str, Callable] | None = None,
-        progress: Callable[[str], None] | None = None) -> dict:
+def run(
+  model: Model,
+  grid: Grid,
+  *,
+  peers: Mapping[str, Callable] | None = None,
+  progress: Callable[[str], None] | None = None,
+) -> dict:
   """Measures every cell of the grid: a warm-up run, then `repeats` rounds over all cells.
 
   peers: {name: fn(kind, ids, new_tokens) -> seconds (per decode step, or of the prefill)},
@@ -137,16 +145,21 @@ def run(model: Model, grid: Grid, *, peers: Mapping[str, Callable] | None = None
     raise ValueError("a peer cannot be named 'kvjax'")
   vocab = model.cfg.vocab_size
   todo = [(kind, b, n, prompts(b, n, vocab, grid.seed)) for kind, b, n in cells(grid)]
-  sides = {"kvjax": lambda kind, ids: (decode(model, ids, grid.new_tokens) if kind == "decode"
-                                       else prefill(model, ids))}
+  sides = {
+    "kvjax": lambda kind, ids: (
+      decode(model, ids, grid.new_tokens) if kind == "decode" else prefill(model, ids)
+    )
+  }
   for name, fn in peers.items():
     sides[name] = functools.partial(lambda fn, kind, ids: fn(kind, ids, grid.new_tokens), fn)
   times = {(name, i): [] for name in sides for i in range(len(todo))}
   for r in range(grid.repeats + 1):  # round 0 warms up (compiles), then timed rounds
     for i, (kind, b, n, ids) in enumerate(todo):
       if progress:
-        progress(f"{'warm-up' if r == 0 else f'round {r}/{grid.repeats}'}: {kind} B={b} "
-                 f"{'C' if kind == 'decode' else 'P'}={n}")
+        progress(
+          f"{'warm-up' if r == 0 else f'round {r}/{grid.repeats}'}: {kind} B={b} "
+          f"{'C' if kind == 'decode' else 'P'}={n}"
+        )
       for name, fn in sides.items():
         t = fn(kind, ids)
         if r:
@@ -154,8 +167,13 @@ def run(model: Model, grid: Grid, *, peers: Mapping[str, Callable] | None = None
   bw = bandwidth()
   out = []
   for i, (kind, b, n, _) in enumerate(todo):
-    cell = dict(kind=kind, batch=b, length=n, kvjax_s=statistics.median(times["kvjax", i]),
-                runs=times["kvjax", i])
+    cell = dict(
+      kind=kind,
+      batch=b,
+      length=n,
+      kvjax_s=statistics.median(times["kvjax", i]),
+      runs=times["kvjax", i],
+    )
     if kind == "decode":
       ctx = n + grid.new_tokens / 2
       nb = step_bytes(model, b, ctx)
@@ -171,14 +189,20 @@ def run(model: Model, grid: Grid, *, peers: Mapping[str, Callable] | None = None
       if kind == "decode":
         cell["peers"][name]["fraction"] = cell["bound_s"] / s
     out.append(cell)
-  return dict(machine=machine(), bandwidth_gbs=bw, grid=dataclasses.asdict(grid),
-              peers=list(peers), cells=out)
+  return dict(
+    machine=machine(), bandwidth_gbs=bw, grid=dataclasses.asdict(grid), peers=list(peers), cells=out
+  )
 
 
 def machine() -> dict:
-  return dict(backend=jax.default_backend(), device=str(jax.devices()[0]),
-              device_kind=jax.devices()[0].device_kind, platform=platform.platform(),
-              processor=platform.processor() or platform.machine(), jax=jax.__version__)
+  return dict(
+    backend=jax.default_backend(),
+    device=str(jax.devices()[0]),
+    device_kind=jax.devices()[0].device_kind,
+    platform=platform.platform(),
+    processor=platform.processor() or platform.machine(),
+    jax=jax.__version__,
+  )
 
 
 def markdown(report: dict) -> str:
@@ -187,19 +211,24 @@ def markdown(report: dict) -> str:
   peers = report.get("peers", [])
   cols = "".join(f" | {p} ms/step | kvjax speed / {p}" for p in peers)
   rule = " | ---: | ---:" * len(peers)
-  lines = [f"Measured bandwidth: {bw['copy']:.1f} GB/s (array copy, read + write), "
-           f"{bw['read']:.1f} GB/s (read).", "",
-           f"| batch | context | kvjax ms/step | MB read/step | bound ms | kvjax share of bound"
-           f"{cols} |",
-           f"| ---: | ---: | ---: | ---: | ---: | ---:{rule} |"]
+  lines = [
+    f"Measured bandwidth: {bw['copy']:.1f} GB/s (array copy, read + write), "
+    f"{bw['read']:.1f} GB/s (read).",
+    "",
+    f"| batch | context | kvjax ms/step | MB read/step | bound ms | kvjax share of bound{cols} |",
+    f"| ---: | ---: | ---: | ---: | ---: | ---:{rule} |",
+  ]
   for c in report["cells"]:
     if c["kind"] != "decode":
       continue
-    row = (f"| {c['batch']} | {c['length']} | {c['kvjax_s'] * 1e3:.2f} | "
-           f"{c['bytes_per_step']['total'] / 1e6:.1f} | {c['bound_s'] * 1e3:.2f} | "
-           f"{c['fraction']:.0%}")
-    row += "".join(f" | {c['peers'][p]['s'] * 1e3:.2f} | {c['peers'][p]['ratio']:.2f}"
-                   for p in peers)
+    row = (
+      f"| {c['batch']} | {c['length']} | {c['kvjax_s'] * 1e3:.2f} | "
+      f"{c['bytes_per_step']['total'] / 1e6:.1f} | {c['bound_s'] * 1e3:.2f} | "
+      f"{c['fraction']:.0%}"
+    )
+    row += "".join(
+      f" | {c['peers'][p]['s'] * 1e3:.2f} | {c['peers'][p]['ratio']:.2f}" for p in peers
+    )
     lines.append(row + " |")
   cols = "".join(f" | {p} tokens/s | kvjax / {p}" for p in peers)
   lines += ["", f"| prefill tokens | kvjax tokens/s{cols} |", f"| ---: | ---:{rule} |"]
@@ -207,8 +236,9 @@ def markdown(report: dict) -> str:
     if c["kind"] != "prefill":
       continue
     row = f"| {c['length']} | {c['kvjax_tok_s']:,.0f}"
-    row += "".join(f" | {c['length'] / c['peers'][p]['s']:,.0f} | {c['peers'][p]['ratio']:.2f}"
-                   for p in peers)
+    row += "".join(
+      f" | {c['length'] / c['peers'][p]['s']:,.0f} | {c['peers'][p]['ratio']:.2f}" for p in peers
+    )
     lines.append(row + " |")
   return "\n".join(lines) + "\n"
 
@@ -222,4 +252,3 @@ def parse_ints(text: str) -> tuple[int, ...]:
   if not values or min(values) < 1:
     raise ValueError(f"expected comma-separated integers >= 1; got {text!r}")
   return values
-

@@ -40,8 +40,14 @@ FUSED_EXPERTS = "model.layers.0.mlp.experts.gate_up_proj"
 def _entries(cfg: Config, *, fused: bool = False) -> list[Entry]:
   """fused: read the experts from FUSED_EXPERTS' layout (load only; saving writes per-expert
   tensors)."""
-  D, N, K, H, F, V = (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim,
-                      cfg.vocab_size)
+  D, N, K, H, F, V = (
+    cfg.d_model,
+    cfg.n_heads,
+    cfg.n_kv_heads,
+    cfg.head_dim,
+    cfg.ffn_dim,
+    cfg.vocab_size,
+  )
   E = cfg.n_experts
   same = lambda w: w  # noqa: E731
 
@@ -56,63 +62,121 @@ def _entries(cfg: Config, *, fused: bool = False) -> list[Entry]:
 
   def rows(*shapes):  # torch Linears' rows stacked [sum(prod(shape)), D] -> [D, *shape] each
     bounds = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
-    return ((lambda w: tuple(w[lo:hi].T.reshape(D, *s)
-                             for lo, hi, s in zip(bounds[:-1], bounds[1:], shapes))),
-            (lambda *ws: jnp.concatenate([w.reshape(D, -1).T for w in ws])))
+    return (
+      (
+        lambda w: tuple(
+          w[lo:hi].T.reshape(D, *s) for lo, hi, s in zip(bounds[:-1], bounds[1:], shapes)
+        )
+      ),
+      (lambda *ws: jnp.concatenate([w.reshape(D, -1).T for w in ws])),
+    )
 
   layer = "model.layers.{i}."
   phi3 = cfg.family == "phi3"  # fused: q, k, v rows in one tensor; gate rows, then up rows
   e: list[Entry] = [(("embed",), "model.embed_tokens.weight", (V, D), same, same)]
   mlp_norm = "pre_feedforward_layernorm" if cfg.post_norms else "post_attention_layernorm"
   e += [
-      (("blocks", "attn_norm", "scale"), layer + "input_layernorm.weight", (D,), same, same),
-      (("blocks", "mlp_norm", "scale"), layer + mlp_norm + ".weight", (D,), same, same),
-      (("blocks", "attn", "o"), layer + "self_attn.o_proj.weight", (D, N * H),
-       lambda w: w.T.reshape(N, H, D), lambda w: w.reshape(N * H, D).T),
+    (("blocks", "attn_norm", "scale"), layer + "input_layernorm.weight", (D,), same, same),
+    (("blocks", "mlp_norm", "scale"), layer + mlp_norm + ".weight", (D,), same, same),
+    (
+      ("blocks", "attn", "o"),
+      layer + "self_attn.o_proj.weight",
+      (D, N * H),
+      lambda w: w.T.reshape(N, H, D),
+      lambda w: w.reshape(N * H, D).T,
+    ),
   ]
   if phi3:
-    e += [([("blocks", "attn", n) for n in "qkv"], layer + "self_attn.qkv_proj.weight",
-           ((N + 2 * K) * H, D), *rows((N, H), (K, H), (K, H)))]
+    e += [
+      (
+        [("blocks", "attn", n) for n in "qkv"],
+        layer + "self_attn.qkv_proj.weight",
+        ((N + 2 * K) * H, D),
+        *rows((N, H), (K, H), (K, H)),
+      )
+    ]
   else:
-    e += [(("blocks", "attn", n), layer + f"self_attn.{n}_proj.weight", (h * H, D), *proj_in(h, H))
-          for n, h in (("q", N), ("k", K), ("v", K))]
+    e += [
+      (("blocks", "attn", n), layer + f"self_attn.{n}_proj.weight", (h * H, D), *proj_in(h, H))
+      for n, h in (("q", N), ("k", K), ("v", K))
+    ]
   if phi3:
-    e += [([("blocks", "mlp", "gate"), ("blocks", "mlp", "up")], layer + "mlp.gate_up_proj.weight",
-           (2 * F, D), *rows((F,), (F,))),
-          (("blocks", "mlp", "down"), layer + "mlp.down_proj.weight", (D, F), *dense())]
+    e += [
+      (
+        [("blocks", "mlp", "gate"), ("blocks", "mlp", "up")],
+        layer + "mlp.gate_up_proj.weight",
+        (2 * F, D),
+        *rows((F,), (F,)),
+      ),
+      (("blocks", "mlp", "down"), layer + "mlp.down_proj.weight", (D, F), *dense()),
+    ]
   elif not E:
-    e += [(("blocks", "mlp", "gate"), layer + "mlp.gate_proj.weight", (F, D), *dense()),
-          (("blocks", "mlp", "up"), layer + "mlp.up_proj.weight", (F, D), *dense()),
-          (("blocks", "mlp", "down"), layer + "mlp.down_proj.weight", (D, F), *dense())]
+    e += [
+      (("blocks", "mlp", "gate"), layer + "mlp.gate_proj.weight", (F, D), *dense()),
+      (("blocks", "mlp", "up"), layer + "mlp.up_proj.weight", (F, D), *dense()),
+      (("blocks", "mlp", "down"), layer + "mlp.down_proj.weight", (D, F), *dense()),
+    ]
   elif fused:  # gate_up [E, 2F, D] (gate rows first), down [E, D, F]
     swap = lambda w: w.transpose(0, 2, 1)  # noqa: E731
-    e += [(("blocks", "moe", "router"), layer + "mlp.gate.weight", (E, D), *dense()),
-          ([("blocks", "moe", "gate"), ("blocks", "moe", "up")],
-           layer + "mlp.experts.gate_up_proj", (E, 2 * F, D),
-           lambda w: (swap(w[:, :F]), swap(w[:, F:])), None),
-          (("blocks", "moe", "down"), layer + "mlp.experts.down_proj", (E, D, F), swap, None)]
+    e += [
+      (("blocks", "moe", "router"), layer + "mlp.gate.weight", (E, D), *dense()),
+      (
+        [("blocks", "moe", "gate"), ("blocks", "moe", "up")],
+        layer + "mlp.experts.gate_up_proj",
+        (E, 2 * F, D),
+        lambda w: (swap(w[:, :F]), swap(w[:, F:])),
+        None,
+      ),
+      (("blocks", "moe", "down"), layer + "mlp.experts.down_proj", (E, D, F), swap, None),
+    ]
   else:  # per expert: w1 gate, w3 up [F, D], w2 down [D, F]
     moe = layer + "block_sparse_moe."
-    e += [(("blocks", "moe", "router"), moe + "gate.weight", (E, D), *dense()),
-          (("blocks", "moe", "gate"), moe + "experts.{e}.w1.weight", (F, D), *dense()),
-          (("blocks", "moe", "up"), moe + "experts.{e}.w3.weight", (F, D), *dense()),
-          (("blocks", "moe", "down"), moe + "experts.{e}.w2.weight", (D, F), *dense())]
+    e += [
+      (("blocks", "moe", "router"), moe + "gate.weight", (E, D), *dense()),
+      (("blocks", "moe", "gate"), moe + "experts.{e}.w1.weight", (F, D), *dense()),
+      (("blocks", "moe", "up"), moe + "experts.{e}.w3.weight", (F, D), *dense()),
+      (("blocks", "moe", "down"), moe + "experts.{e}.w2.weight", (D, F), *dense()),
+    ]
   if cfg.post_norms:
-    e += [(("blocks", "post_attn_norm", "scale"), layer + "post_attention_layernorm.weight",
-           (D,), same, same),
-          (("blocks", "post_mlp_norm", "scale"), layer + "post_feedforward_layernorm.weight",
-           (D,), same, same)]
+    e += [
+      (
+        ("blocks", "post_attn_norm", "scale"),
+        layer + "post_attention_layernorm.weight",
+        (D,),
+        same,
+        same,
+      ),
+      (
+        ("blocks", "post_mlp_norm", "scale"),
+        layer + "post_feedforward_layernorm.weight",
+        (D,),
+        same,
+        same,
+      ),
+    ]
   if cfg.qkv_bias:
-    e += [(("blocks", "attn", f"{n}_bias"), layer + f"self_attn.{n}_proj.bias", (h * H,),
-           *heads(h, H)) for n, h in (("q", N), ("k", K), ("v", K))]
+    e += [
+      (("blocks", "attn", f"{n}_bias"), layer + f"self_attn.{n}_proj.bias", (h * H,), *heads(h, H))
+      for n, h in (("q", N), ("k", K), ("v", K))
+    ]
   if cfg.qk_norm:
-    e += [(("blocks", "attn", f"{n}_norm", "scale"), layer + f"self_attn.{n}_norm.weight", (H,),
-           same, same) for n in ("q", "k")]
+    e += [
+      (
+        ("blocks", "attn", f"{n}_norm", "scale"),
+        layer + f"self_attn.{n}_norm.weight",
+        (H,),
+        same,
+        same,
+      )
+      for n in ("q", "k")
+    ]
   if cfg.o_bias:
     e += [(("blocks", "attn", "o_bias"), layer + "self_attn.o_proj.bias", (D,), same, same)]
   if cfg.mlp_bias:
-    e += [(("blocks", "mlp", f"{n}_bias"), layer + f"mlp.{n}_proj.bias", (d,), same, same)
-          for n, d in (("gate", F), ("up", F), ("down", D))]
+    e += [
+      (("blocks", "mlp", f"{n}_bias"), layer + f"mlp.{n}_proj.bias", (d,), same, same)
+      for n, d in (("gate", F), ("up", F), ("down", D))
+    ]
   e += [(("final_norm", "scale"), "model.norm.weight", (D,), same, same)]
   if not cfg.tie_embeddings:
     e += [(("head",), "lm_head.weight", (V, D), *dense())]
@@ -154,6 +218,7 @@ def _shards(path: str) -> dict[str, str]:
 
 def _open(file: str):
   from safetensors import safe_open
+
   try:
     return safe_open(file, framework="flax")
   except Exception as err:  # safetensors raises its own error types for bad headers
@@ -168,8 +233,9 @@ def load_hf(path: str, cfg: Config, dtype=None, *, check_finite: bool = True) ->
 
   def tensor(name: str, shape: tuple[int, ...]) -> jax.Array:
     if name not in weight_map:
-      raise CheckpointError(f"{path}: missing tensor {name!r} (expected shape {list(shape)} "
-                            f"from config.json)")
+      raise CheckpointError(
+        f"{path}: missing tensor {name!r} (expected shape {list(shape)} from config.json)"
+      )
     file = os.path.join(path, weight_map[name])
     if file not in handles:
       handles[file] = _open(file)
@@ -178,16 +244,20 @@ def load_hf(path: str, cfg: Config, dtype=None, *, check_finite: bool = True) ->
     except Exception as err:
       raise CheckpointError(f"{file}: cannot read tensor {name!r} ({err})") from None
     if tuple(w.shape) != shape:
-      raise CheckpointError(f"{file}: tensor {name!r} has shape {list(w.shape)}; config.json "
-                            f"implies {list(shape)}")
+      raise CheckpointError(
+        f"{file}: tensor {name!r} has shape {list(w.shape)}; config.json implies {list(shape)}"
+      )
     if not jnp.issubdtype(w.dtype, jnp.floating):
-      raise CheckpointError(f"{file}: tensor {name!r} has dtype {w.dtype}; expected a "
-                            "floating-point dtype")
+      raise CheckpointError(
+        f"{file}: tensor {name!r} has dtype {w.dtype}; expected a floating-point dtype"
+      )
     if check_finite and not bool(jnp.isfinite(w).all()):
       bad = int(w.size - jnp.isfinite(w).sum())
-      raise CheckpointError(f"{file}: tensor {name!r} holds {bad} non-finite value(s) (NaN or "
-                            f"Inf) of {w.size}; load with check_finite=False (--no-check-finite) "
-                            "to skip this check")
+      raise CheckpointError(
+        f"{file}: tensor {name!r} holds {bad} non-finite value(s) (NaN or "
+        f"Inf) of {w.size}; load with check_finite=False (--no-check-finite) "
+        "to skip this check"
+      )
     return w if dtype is None else w.astype(dtype)
 
   params: dict[str, Any] = {}
@@ -202,20 +272,30 @@ def load_hf(path: str, cfg: Config, dtype=None, *, check_finite: bool = True) ->
       used.update(group)
       got = [to_ours(tensor(n, shape)) for n in group]
       got = got if isinstance(ours, list) else [(w,) for w in got]
-      ws.append(tuple(jnp.stack([g[j] for g in got]) for j in range(len(paths)))
-                if "{e}" in entry[1] else got[0])
+      ws.append(
+        tuple(jnp.stack([g[j] for g in got]) for j in range(len(paths)))
+        if "{e}" in entry[1]
+        else got[0]
+      )
     for j, path_ in enumerate(paths):
       value = jnp.stack([w[j] for w in ws]) if "{i}" in entry[1] else ws[0][j]
       node = params
       for key in path_[:-1]:
         node = node.setdefault(key, {})
       node[path_[-1]] = value
-  extra = sorted(n for n in weight_map if n not in used and not n.endswith(IGNORED_SUFFIXES)
-                 and not (cfg.tie_embeddings and n == "lm_head.weight"))
+  extra = sorted(
+    n
+    for n in weight_map
+    if n not in used
+    and not n.endswith(IGNORED_SUFFIXES)
+    and not (cfg.tie_embeddings and n == "lm_head.weight")
+  )
   if extra:
     shown = ", ".join(repr(n) for n in extra[:5]) + (" ..." if len(extra) > 5 else "")
-    raise CheckpointError(f"{path}: {len(extra)} tensor(s) that a {cfg.family} model with this "
-                          f"config.json does not have: {shown}")
+    raise CheckpointError(
+      f"{path}: {len(extra)} tensor(s) that a {cfg.family} model with this "
+      f"config.json does not have: {shown}"
+    )
   return params
 
 
@@ -244,6 +324,7 @@ def hf_tensors(params: dict[str, Any], cfg: Config) -> Iterator[tuple[str, np.nd
 def save_hf(path: str, params: dict[str, Any], cfg: Config) -> None:
   """Writes `model.safetensors` (tensors as stored, e.g. float32 or bfloat16)."""
   from safetensors.flax import save_file
+
   os.makedirs(path, exist_ok=True)
   tensors = {name: jnp.asarray(np.ascontiguousarray(w)) for name, w in hf_tensors(params, cfg)}
   save_file(tensors, os.path.join(path, SINGLE), metadata={"format": "pt"})
@@ -253,6 +334,7 @@ def save_params(path: str, params: Any, *, dtype=None) -> None:
   """Saves a params pytree with orbax (path must not exist yet), cast to `dtype` when given
   (e.g. bfloat16 to ship); `restore_params` casts back to its `like`'s dtypes."""
   import orbax.checkpoint as ocp
+
   if os.path.exists(path):
     raise FileExistsError(f"{path} already exists; save_params writes a new directory")
   if dtype is not None:
@@ -264,6 +346,7 @@ def save_params(path: str, params: Any, *, dtype=None) -> None:
 def restore_params(path: str, like: Any) -> Any:
   """Restores what `save_params` wrote; `like` gives the tree, shapes and dtypes."""
   import orbax.checkpoint as ocp
+
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: no orbax checkpoint directory")
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like)
@@ -271,12 +354,16 @@ def restore_params(path: str, like: Any) -> Any:
     # Compare shapes first: a failed restore leaves orbax's async reads printing tracebacks.
     meta = ckptr.metadata(os.path.abspath(path)).item_metadata
     if meta is None:
-      raise CheckpointError(f"{path}: not an orbax checkpoint (no metadata; was it written by "
-                            "save_params?)")
+      raise CheckpointError(
+        f"{path}: not an orbax checkpoint (no metadata; was it written by save_params?)"
+      )
     stored = _shapes(meta.tree)
     wanted = _shapes(abstract)
-    diff = [f"{k}: stored {list(stored[k])}, model has {list(wanted[k])}"
-            for k in wanted if k in stored and stored[k] != wanted[k]]
+    diff = [
+      f"{k}: stored {list(stored[k])}, model has {list(wanted[k])}"
+      for k in wanted
+      if k in stored and stored[k] != wanted[k]
+    ]
     diff += [f"{k}: missing from the checkpoint" for k in wanted if k not in stored]
     diff += [f"{k}: not in the model" for k in stored if k not in wanted]
     if diff:

@@ -39,8 +39,9 @@ class RMSNorm(nnx.Module):
     dim = dim or cfg.d_model
     self.eps = cfg.norm_eps
     self.plus_one = cfg.norm_plus_one
-    self.scale = nnx.Param(jnp.zeros((dim,), dtype) if cfg.norm_plus_one
-                           else jnp.ones((dim,), dtype))
+    self.scale = nnx.Param(
+      jnp.zeros((dim,), dtype) if cfg.norm_plus_one else jnp.ones((dim,), dtype)
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
@@ -86,12 +87,14 @@ class Attention(nnx.Module):
     return y + self.o_bias[...] if hasattr(self, "o_bias") else y
 
 
-ACT = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
-       "gelu": functools.partial(jax.nn.gelu, approximate=False)}
+ACT = {
+  "silu": jax.nn.silu,
+  "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+  "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
 
 
 class MLP(nnx.Module):
-
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype):
     D, F = cfg.d_model, cfg.ffn_dim
     self.act = cfg.act
@@ -208,13 +211,29 @@ class Block(nnx.Module):
     (no cache, mask, window or softcap): the case `attention.causal` dispatches to the
     device's kernel (cuDNN, TPU flash; the blocked XLA path on CPU)."""
     cfg = self.cfg
-    return (T > 1 and view.cache_read is None and len(view.blocks) == 1
-            and view.blocks[0].source == NEW and view.blocks[0].causal
-            and view.blocks[0].mask is None and not any(cfg.windows)
-            and cfg.attn_softcap is None)
+    return (
+      T > 1
+      and view.cache_read is None
+      and len(view.blocks) == 1
+      and view.blocks[0].source == NEW
+      and view.blocks[0].causal
+      and view.blocks[0].mask is None
+      and not any(cfg.windows)
+      and cfg.attn_softcap is None
+    )
 
-  def __call__(self, x, *, view: View, freq, cached, layer, window,
-               training: Training | None = None, attn_in: jax.Array | None = None):
+  def __call__(
+    self,
+    x,
+    *,
+    view: View,
+    freq,
+    cached,
+    layer,
+    window,
+    training: Training | None = None,
+    attn_in: jax.Array | None = None,
+  ):
     """x [B, T, D]; view: what the T tokens attend to (`kvjax.cache.view`); cached: the
     cache's `Slots` (every layer stacked) or None, read at `layer` (an int32 scalar) in place;
     freq: the layer's RoPE inverse frequencies [H/2] (`rope.layer_freqs`); window: sliding
@@ -225,8 +244,9 @@ class Block(nnx.Module):
     of attn_norm(x) (published EAGLE heads: no input norm, or a 2D-wide input over q/k/v
     [C, N, H]); the residual stays x."""
     dropout = training if training is not None and (training.rate or training.attn_rate) else None
-    drop_keys = (None if dropout is None
-                 else jax.random.split(jax.random.fold_in(dropout.key, layer), 3))
+    drop_keys = (
+      None if dropout is None else jax.random.split(jax.random.fold_in(dropout.key, layer), 3)
+    )
     q, k, v = self.attn.qkv(self.attn_norm(x) if attn_in is None else attn_in)
     qs = [rope.apply(q, p, freq) for p in view.q_pos]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]: the new tokens only
@@ -243,15 +263,31 @@ class Block(nnx.Module):
     partial = None
     if view.cache_read is not None:
       new = dict(new=(k_rot, v)) if view.reads_new else {}
-      partial = view.cache_read(q, cached.k[layer], cached.v[layer], freq=freq,
-                                window=window, scale=scale, softcap=softcap, **new)
-    attn_drop = None if dropout is None or not dropout.attn_rate else (dropout.attn_rate,
-                                                                        drop_keys[0])
+      partial = view.cache_read(
+        q,
+        cached.k[layer],
+        cached.v[layer],
+        freq=freq,
+        window=window,
+        scale=scale,
+        softcap=softcap,
+        **new,
+      )
+    attn_drop = (
+      None if dropout is None or not dropout.attn_rate else (dropout.attn_rate, drop_keys[0])
+    )
     if self._plain_causal(view, T=x.shape[1]) and training is None:  # one dispatch
       a = causal_attention(qs[0], k_rot, v, scale=scale)
     elif blocks:
-      a = attend(blocks, scale=scale, softcap=softcap, window=window, partial=partial,
-                 differentiable=training is not None, dropout=attn_drop)
+      a = attend(
+        blocks,
+        scale=scale,
+        softcap=softcap,
+        window=window,
+        partial=partial,
+        differentiable=training is not None,
+        dropout=attn_drop,
+      )
     else:  # the cache's read covered every key
       a = partial[0].astype(q.dtype)
     a = self.attn.out(a)
@@ -264,8 +300,11 @@ class Block(nnx.Module):
     return x + _drop(m, dropout, drop_keys, 2), k_rot if view.rotated else k, v
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["logits", "hidden", "layer_inputs", "k", "v"], meta_fields=[])
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=["logits", "hidden", "layer_inputs", "k", "v"],
+  meta_fields=[],
+)
 @dataclasses.dataclass
 class Output:
   """logits: [B, T, V] float32 (None when the range stops below the top or logits=False).
@@ -290,8 +329,10 @@ class Decoder(nnx.Module):
     self.layout = None  # (mesh, rules) once `sharding.shard` places the model
     self.embed = init_param(rngs, (cfg.vocab_size, cfg.d_model), dtype)
     layers = [nnx.state(Block(cfg, rngs=rngs, dtype=dtype)) for _ in range(cfg.n_layers)]
-    self.blocks = nnx.merge(nnx.graphdef(Block(cfg, rngs=rngs, dtype=dtype)),
-                            jax.tree.map(lambda *a: jnp.stack(a), *layers))
+    self.blocks = nnx.merge(
+      nnx.graphdef(Block(cfg, rngs=rngs, dtype=dtype)),
+      jax.tree.map(lambda *a: jnp.stack(a), *layers),
+    )
     self.final_norm = RMSNorm(cfg, dtype)
     if not cfg.tie_embeddings:
       self.head = init_param(rngs, (cfg.d_model, cfg.vocab_size), dtype)
@@ -304,7 +345,7 @@ class Decoder(nnx.Module):
     """tokens [B, T] -> [B, T, D] (Gemma scales by sqrt(D) in the params' dtype)."""
     x = jnp.take(self.embed[...], tokens, axis=0)
     if self.cfg.scale_embeddings:
-      x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
+      x = x * jnp.asarray(self.cfg.d_model**0.5, x.dtype)
     return x
 
   def logits(self, hidden: jax.Array) -> jax.Array:
@@ -315,14 +356,23 @@ class Decoder(nnx.Module):
       logits = jnp.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
     return mask_padding(logits, self.cfg)
 
-  def __call__(self, tokens: jax.Array | None = None, *, embeds: jax.Array | None = None,
-               hidden: jax.Array | None = None, positions: jax.Array | None = None,
-               cache: KVCache | None = None, mask: jax.Array | None = None,
-               view: View | None = None,
-               n_new: jax.Array | None = None, layers: tuple[int, int] | None = None,
-               logits: bool = True, return_layer_inputs: bool = False,
-               return_kv: bool = False,
-               training: Training | None = None) -> tuple[Output, KVCache | None]:
+  def __call__(
+    self,
+    tokens: jax.Array | None = None,
+    *,
+    embeds: jax.Array | None = None,
+    hidden: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+    mask: jax.Array | None = None,
+    view: View | None = None,
+    n_new: jax.Array | None = None,
+    layers: tuple[int, int] | None = None,
+    logits: bool = True,
+    return_layer_inputs: bool = False,
+    return_kv: bool = False,
+    training: Training | None = None,
+  ) -> tuple[Output, KVCache | None]:
     """Runs layers [start, stop) over T new tokens per row.
 
     Input, exactly one of: tokens [B, T] int; embeds [B, T, D] (start == 0); hidden [B, T, D],
@@ -352,8 +402,10 @@ class Decoder(nnx.Module):
     if cache is not None:
       want = (cfg.n_layers, B, cfg.n_kv_heads, cache.size, cfg.head_dim)
       if tuple(cached.k.shape) != want:
-        raise ValueError(f"the cache's slots have shape {tuple(cached.k.shape)}; this model and "
-                         f"a batch of {B} need [L, B, K, S, H] = {want[:3]} + (S,) + {want[4:]}")
+        raise ValueError(
+          f"the cache's slots have shape {tuple(cached.k.shape)}; this model and "
+          f"a batch of {B} need [L, B, K, S, H] = {want[:3]} + (S,) + {want[4:]}"
+        )
     if n_new is None:
       n_new = jnp.full((B,), T, jnp.int32)
     _check_shape("n_new", n_new, (B,), jnp.integer)
@@ -364,8 +416,10 @@ class Decoder(nnx.Module):
       _check_shape("mask", mask, (B, T, S + T), jnp.bool_)
     if view is not None:
       if cache is None or positions is not None or mask is not None:
-        raise ValueError("view= needs the cache it was built over, and excludes positions= "
-                         "and mask= (they are the view's)")
+        raise ValueError(
+          "view= needs the cache it was built over, and excludes positions= "
+          "and mask= (they are the view's)"
+        )
       _check_shape("view.new_pos", view.new_pos, (B, T), jnp.integer)
     elif cache is None:
       if positions is None:
@@ -374,20 +428,33 @@ class Decoder(nnx.Module):
     else:
       view = cache.view(T, positions=positions, mask=mask)
 
-    x, layer_inputs, ks, vs = run_layers(self.blocks, cfg, x, view=view, cached=cached,
-                                         layers=(start, stop), layout=self.layout,
-                                         return_layer_inputs=return_layer_inputs,
-                                         training=training)
+    x, layer_inputs, ks, vs = run_layers(
+      self.blocks,
+      cfg,
+      x,
+      view=view,
+      cached=cached,
+      layers=(start, stop),
+      layout=self.layout,
+      return_layer_inputs=return_layer_inputs,
+      training=training,
+    )
     if cache is not None:
-      cache = cache.write(ks, vs, view.new_pos, n_new, layers=(start, stop),
-                          advance=stop == cfg.n_layers)
+      cache = cache.write(
+        ks, vs, view.new_pos, n_new, layers=(start, stop), advance=stop == cfg.n_layers
+      )
     out_logits = None
     if stop == cfg.n_layers:
       x = self.final_norm(x)
       if logits:
         out_logits = constrain(self.logits(x), LOGITS, self.layout)
-    return Output(logits=out_logits, hidden=x, layer_inputs=layer_inputs,
-                  k=ks if return_kv else None, v=vs if return_kv else None), cache
+    return Output(
+      logits=out_logits,
+      hidden=x,
+      layer_inputs=layer_inputs,
+      k=ks if return_kv else None,
+      v=vs if return_kv else None,
+    ), cache
 
 
 def mask_padding(logits: jax.Array, cfg: Config) -> jax.Array:
@@ -400,9 +467,19 @@ def mask_padding(logits: jax.Array, cfg: Config) -> jax.Array:
   return jnp.where(real, logits, jnp.finfo(jnp.float32).min)
 
 
-def run_layers(blocks: Block, cfg: Config, x: jax.Array, *, view: View, cached, layers,
-               layout=None, return_layer_inputs: bool = False,
-               training: Training | None = None, attn_in: jax.Array | None = None):
+def run_layers(
+  blocks: Block,
+  cfg: Config,
+  x: jax.Array,
+  *,
+  view: View,
+  cached,
+  layers,
+  layout=None,
+  return_layer_inputs: bool = False,
+  training: Training | None = None,
+  attn_in: jax.Array | None = None,
+):
   """Runs the stacked `blocks` (every Param with a leading layer axis; entries [start, stop)
   of `layers`) over x [B, T, D] under `lax.scan`, all attending through `view`.
 
@@ -419,8 +496,16 @@ def run_layers(blocks: Block, cfg: Config, x: jax.Array, *, view: View, cached, 
 
   def body(x, xs):
     params, freq, window, layer = xs
-    y, k, v = nnx.merge(graphdef, params)(x, view=view, freq=freq, cached=cached, layer=layer,
-                                          window=window, training=training, attn_in=attn_in)
+    y, k, v = nnx.merge(graphdef, params)(
+      x,
+      view=view,
+      freq=freq,
+      cached=cached,
+      layer=layer,
+      window=window,
+      training=training,
+      attn_in=attn_in,
+    )
     return constrain(y, ACTIVATION, layout), (x if return_layer_inputs else None, k, v)
 
   index = jnp.arange(start, stop, dtype=jnp.int32)
@@ -438,25 +523,34 @@ def _drop(x: jax.Array, dropout: Training | None, keys, i: int) -> jax.Array:
 
 def _check_shape(name, x, shape, kind):
   if tuple(jnp.shape(x)) != tuple(shape) or not jnp.issubdtype(jnp.asarray(x).dtype, kind):
-    raise ValueError(f"{name} must be a {kind.__name__} array of shape {tuple(shape)}; got "
-                     f"{jnp.asarray(x).dtype}{list(jnp.shape(x))}")
+    raise ValueError(
+      f"{name} must be a {kind.__name__} array of shape {tuple(shape)}; got "
+      f"{jnp.asarray(x).dtype}{list(jnp.shape(x))}"
+    )
 
 
 def _input(dec: Decoder, tokens, embeds, hidden, start: int) -> jax.Array:
-  given = [n for n, a in (("tokens", tokens), ("embeds", embeds), ("hidden", hidden))
-           if a is not None]
+  given = [
+    n for n, a in (("tokens", tokens), ("embeds", embeds), ("hidden", hidden)) if a is not None
+  ]
   if len(given) != 1:
     raise ValueError(f"pass exactly one of tokens, embeds, hidden; got {given or 'none'}")
   if start > 0 and hidden is None:
-    raise ValueError(f"a layer range starting at {start} takes `hidden` (the stream entering "
-                     f"layer {start}), not {given[0]}")
+    raise ValueError(
+      f"a layer range starting at {start} takes `hidden` (the stream entering "
+      f"layer {start}), not {given[0]}"
+    )
   if start == 0 and hidden is not None:
-    raise ValueError("`hidden` is the input of a range starting above layer 0; use tokens or embeds")
+    raise ValueError(
+      "`hidden` is the input of a range starting above layer 0; use tokens or embeds"
+    )
   D = dec.cfg.d_model
   if tokens is not None:
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise ValueError(f"tokens must be an int array [B, T]; got {tokens.dtype}{list(tokens.shape)}")
+      raise ValueError(
+        f"tokens must be an int array [B, T]; got {tokens.dtype}{list(tokens.shape)}"
+      )
     return dec.embed_tokens(tokens)
   x = embeds if embeds is not None else hidden
   if x.ndim != 3 or x.shape[-1] != D:

@@ -27,8 +27,8 @@ class Detokenizer:
     self.decode = tokenizer.decode
     self.max_hold = max_hold
     self.window: list[int] = []  # context ids (already emitted), then ids not yet emitted
-    self.read = 0                # window[:read] is the context
-    self.base = ""               # decode(window[:read])
+    self.read = 0  # window[:read] is the context
+    self.base = ""  # decode(window[:read])
 
   def push(self, token: int) -> str:
     """Adds one id; returns the text that became final ('' while a character is unfinished)."""
@@ -54,8 +54,8 @@ class Detokenizer:
 
   def _emit(self, j: int, text: str) -> str:
     """Emits text = decode(window[:j]) past the context; window[read:j] becomes the context."""
-    piece = text[len(self.base):]
-    self.window = self.window[self.read:]
+    piece = text[len(self.base) :]
+    self.window = self.window[self.read :]
     self.read = j - self.read
-    self.base = self.decode(self.window[:self.read])
+    self.base = self.decode(self.window[: self.read])
     return piece

@@ -29,8 +29,12 @@ from jax.sharding import Sharding
 __all__ = ["ENV", "barrier", "fetch", "initialize", "is_main", "put"]
 
 # argument -> the environment variable read when the argument is None (JAX's own names).
-ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
-       "process_id": "JAX_PROCESS_ID", "local_devices": "KVJAX_LOCAL_DEVICES"}
+ENV = {
+  "coordinator": "JAX_COORDINATOR_ADDRESS",
+  "num_processes": "JAX_NUM_PROCESSES",
+  "process_id": "JAX_PROCESS_ID",
+  "local_devices": "KVJAX_LOCAL_DEVICES",
+}
 
 
 def _env_int(name: str, value: int | None) -> int | None:
@@ -45,9 +49,14 @@ def _env_int(name: str, value: int | None) -> int | None:
     raise ValueError(f"{ENV[name]}={raw!r}: expected an int") from None
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, local_devices: int | None = None,
-               timeout_s: int = 300) -> None:
+def initialize(
+  coordinator: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  local_devices: int | None = None,
+  timeout_s: int = 300,
+) -> None:
   """Joins this process to the others (`jax.distributed.initialize`); call it first, before
   anything touches a device.
 
@@ -65,21 +74,26 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < lo):
       raise ValueError(f"distributed.initialize: {name} must be an int >= {lo}; got {n!r}")
   if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
-    raise ValueError(f"distributed.initialize: process_id must be in [0, {num_processes}); "
-                     f"got {process_id!r}")
-  if coordinator is not None and (":" not in coordinator or
-                                  not coordinator.rsplit(":", 1)[1].isdigit()):
+    raise ValueError(
+      f"distributed.initialize: process_id must be in [0, {num_processes}); got {process_id!r}"
+    )
+  if coordinator is not None and (
+    ":" not in coordinator or not coordinator.rsplit(":", 1)[1].isdigit()
+  ):
     raise ValueError(f"distributed.initialize: coordinator must be HOST:PORT; got {coordinator!r}")
   given = [coordinator is not None, num_processes is not None, process_id is not None]
   if any(given) and not all(given):
     missing = [n for n, g in zip(("coordinator", "num_processes", "process_id"), given) if not g]
-    raise ValueError(f"distributed.initialize: {', '.join(missing)} missing (pass it, or set "
-                     f"{', '.join(ENV[n] for n in missing)}); give all three, or none to "
-                     "auto-detect the cluster")
+    raise ValueError(
+      f"distributed.initialize: {', '.join(missing)} missing (pass it, or set "
+      f"{', '.join(ENV[n] for n in missing)}); give all three, or none to "
+      "auto-detect the cluster"
+    )
   if local_devices is not None:
     jax.config.update("jax_num_cpu_devices", local_devices)
-  jax.distributed.initialize(coordinator, num_processes, process_id,
-                             initialization_timeout=timeout_s)
+  jax.distributed.initialize(
+    coordinator, num_processes, process_id, initialization_timeout=timeout_s
+  )
 
 
 def is_main() -> bool:

@@ -28,8 +28,9 @@ Prompt = str | Sequence[int]
 
 def tokenize(model: Model, prompts: Prompt | Sequence[Prompt], chat: bool) -> list[list[int]]:
   """Each prompt as a list of token ids; text goes through the tokenizer (or chat template)."""
-  if isinstance(prompts, str) or (len(prompts) and not isinstance(prompts[0], str)
-                                  and np.ndim(prompts[0]) == 0):
+  if isinstance(prompts, str) or (
+    len(prompts) and not isinstance(prompts[0], str) and np.ndim(prompts[0]) == 0
+  ):
     prompts = [prompts]
   if not len(prompts):
     raise ValueError("prompts is empty: pass a string, a list of strings or of token-id lists")
@@ -43,8 +44,10 @@ def tokenize(model: Model, prompts: Prompt | Sequence[Prompt], chat: bool) -> li
     else:
       arr = np.asarray(p)
       if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
-        raise ValueError(f"prompt {i} must be a string or a flat sequence of int token ids; "
-                         f"got a {arr.dtype} array of shape {arr.shape}")
+        raise ValueError(
+          f"prompt {i} must be a string or a flat sequence of int token ids; "
+          f"got a {arr.dtype} array of shape {arr.shape}"
+        )
       ids = arr.astype(np.int64).tolist()
     if not ids:
       raise ValueError(f"prompt {i} is empty: it needs at least one token")
@@ -68,9 +71,17 @@ class Request:
   stop_ids: list[int]
 
 
-def request(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int,
-            sampling: Sampling | None, key, stop: str | Sequence[str],
-            stop_tokens: Sequence[int] | None, chat: bool) -> Request:
+def request(
+  model: Model,
+  prompts: Prompt | Sequence[Prompt],
+  *,
+  max_new_tokens: int,
+  sampling: Sampling | None,
+  key,
+  stop: str | Sequence[str],
+  stop_tokens: Sequence[int] | None,
+  chat: bool,
+) -> Request:
   """Every request's setup: the prompts tokenized and checked, the sampling and key checked,
   the stop strings and ids. Arguments as for `kvjax.lm.generate`."""
   sampling = check_request(model, max_new_tokens, sampling, key)
@@ -78,15 +89,26 @@ def request(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens:
   stop = [stop] if isinstance(stop, str) else list(stop)
   if stop and model.tokenizer is None:
     raise ValueError("stop strings need the model's tokenizer")
-  return Request(rows=rows, sampling=sampling, key=jax.random.key(0) if key is None else key,
-                 stop=stop, stop_ids=padded_stop_ids(model, stop_tokens))
+  return Request(
+    rows=rows,
+    sampling=sampling,
+    key=jax.random.key(0) if key is None else key,
+    stop=stop,
+    stop_ids=padded_stop_ids(model, stop_tokens),
+  )
 
 
 def new_cache(model: Model, batch: int, size: int) -> KVCache:
   """An empty dense cache for `batch` rows of `size` slots, laid out like the params."""
   cfg = model.cfg
-  cache = KVCache.init(n_layers=cfg.n_layers, batch=batch, size=size,
-                       n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, dtype=model.dtype)
+  cache = KVCache.init(
+    n_layers=cfg.n_layers,
+    batch=batch,
+    size=size,
+    n_kv_heads=cfg.n_kv_heads,
+    head_dim=cfg.head_dim,
+    dtype=model.dtype,
+  )
   if model.mesh is not None:
     cache = sharding.shard_cache(cache, model.mesh, model.rules)
   return cache
@@ -96,7 +118,7 @@ def pad(rows: Sequence[Sequence[int]], width: int) -> np.ndarray:
   """rows right-padded with 0 to [B, width] int32."""
   tokens = np.zeros((len(rows), width), np.int32)
   for b, ids in enumerate(rows):
-    tokens[b, :len(ids)] = ids
+    tokens[b, : len(ids)] = ids
   return tokens
 
 
@@ -104,8 +126,10 @@ def check_context(model: Model, rows: Sequence[Sequence[int]], max_new_tokens: i
   """Refuses prompts that cannot take max_new_tokens more tokens within the model's context."""
   longest = max(map(len, rows))
   if longest + max_new_tokens > model.cfg.max_position:
-    raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                     f"model's context of {model.cfg.max_position} positions")
+    raise ValueError(
+      f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+      f"model's context of {model.cfg.max_position} positions"
+    )
 
 
 class NonFiniteError(FloatingPointError):
@@ -119,10 +143,11 @@ def check_finite(model: Model, bad, what: str) -> None:
   if bad.any():
     rows = np.flatnonzero(bad).tolist()
     raise NonFiniteError(
-        f"{what}: the logits of row(s) {rows[:8]}{' ...' if len(rows) > 8 else ''} became NaN "
-        f"or infinite, so the output would be garbage; the weights or activations overflow in "
-        f"{model.dtype} (try float32: lm.load(..., dtype=jnp.float32), --dtype float32) or the "
-        "checkpoint holds non-finite values (lm.load checks it unless check_finite=False)")
+      f"{what}: the logits of row(s) {rows[:8]}{' ...' if len(rows) > 8 else ''} became NaN "
+      f"or infinite, so the output would be garbage; the weights or activations overflow in "
+      f"{model.dtype} (try float32: lm.load(..., dtype=jnp.float32), --dtype float32) or the "
+      "checkpoint holds non-finite values (lm.load checks it unless check_finite=False)"
+    )
 
 
 def nbytes(tree) -> int:
@@ -139,8 +164,9 @@ def prefill(model: Model, rows: list[list[int]], max_new_tokens: int):
   lengths = np.array([len(r) for r in rows], np.int32)
   cache = new_cache(model, len(rows), steps.bucket(max(P, longest + max_new_tokens)))
   t0 = time.perf_counter()
-  (logits, cache), compile_s = steps.call(model, steps.prefill, model.state, cache,
-                                    jnp.asarray(tokens), jnp.asarray(lengths))
+  (logits, cache), compile_s = steps.call(
+    model, steps.prefill, model.state, cache, jnp.asarray(tokens), jnp.asarray(lengths)
+  )
   logits.block_until_ready()
   return logits, cache, time.perf_counter() - t0 - compile_s, compile_s
 
@@ -149,8 +175,11 @@ def require_tokenizer(model: Model, what: str):
   """model.tokenizer, or a ValueError saying that `what` needs it and which file is missing."""
   if model.tokenizer is None:
     file = os.path.join(model.path, "tokenizer.json") if model.path else None
-    why = (f"there is no {file}" if file and not os.path.exists(file)
-           else "this Model has no tokenizer (tokenizer=None)")
+    why = (
+      f"there is no {file}"
+      if file and not os.path.exists(file)
+      else "this Model has no tokenizer (tokenizer=None)"
+    )
     raise ValueError(f"{what} needs the model's tokenizer: {why}")
   return model.tokenizer
 
@@ -159,8 +188,11 @@ def check_request(model: Model, max_new_tokens: int, sampling: Sampling | None, 
   """The request's sampling (greedy by default), after checking max_new_tokens and the key: None
   or one JAX PRNG key (a typed key of shape (), or a legacy jax.random.PRNGKey, uint32[2]);
   TypeError saying what a key is otherwise."""
-  if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer))
-      or max_new_tokens < 1):
+  if (
+    isinstance(max_new_tokens, bool)
+    or not isinstance(max_new_tokens, (int, np.integer))
+    or max_new_tokens < 1
+  ):
     raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}")
   if key is not None:
     shape, dtype = getattr(key, "shape", None), getattr(key, "dtype", None)
@@ -173,14 +205,17 @@ def check_request(model: Model, max_new_tokens: int, sampling: Sampling | None, 
         got = f"a {kind} {dtype} array of shape {tuple(shape)}"
       else:
         got = type(key).__name__
-      raise TypeError(f"key must be a JAX PRNG key, e.g. jax.random.key(0) (or a legacy "
-                      f"jax.random.PRNGKey(0), uint32[2]); got {got}")
+      raise TypeError(
+        f"key must be a JAX PRNG key, e.g. jax.random.key(0) (or a legacy "
+        f"jax.random.PRNGKey(0), uint32[2]); got {got}"
+      )
   sampling = sampling or Sampling()
   if not isinstance(sampling, Sampling):
     raise TypeError(f"sampling must be a kvjax.lm.Sampling; got {type(sampling).__name__}")
   if not sampling.greedy and key is None:
-    raise ValueError("sampling with temperature > 0 needs an explicit PRNG key: "
-                     "key=jax.random.key(seed)")
+    raise ValueError(
+      "sampling with temperature > 0 needs an explicit PRNG key: key=jax.random.key(seed)"
+    )
   return sampling
 
 
@@ -218,13 +253,14 @@ def _cut_at_stop(model: Model, ids: list[int], stop: Sequence[str]) -> tuple[str
   return text[:cut], ids[:lo], True
 
 
-def outputs(model: Model, out: np.ndarray, counts: np.ndarray, stop: Sequence[str],
-            stop_ids: Sequence[int]) -> tuple[list[str], list[list[int]], list[str]]:
+def outputs(
+  model: Model, out: np.ndarray, counts: np.ndarray, stop: Sequence[str], stop_ids: Sequence[int]
+) -> tuple[list[str], list[list[int]], list[str]]:
   """(texts, tokens, finish) of generated rows out [B, >= counts] cut at counts [B], as
   `Generation` reports them."""
   texts, tokens, finish = [], [], []
   for b in range(len(counts)):
-    ids = out[b, :counts[b]].tolist()
+    ids = out[b, : counts[b]].tolist()
     hit_stop = bool(ids) and ids[-1] in stop_ids
     reason = "stop_token" if hit_stop else "length"
     text = ""
@@ -252,8 +288,15 @@ def timed(pieces: Iterator[str], stats: dict) -> Iterator[str]:
     yield piece
 
 
-def detokenize(model: Model, tokens: Iterator[int], stop: Sequence[str], stop_ids: set[int],
-               done: dict, *, keep_ids: bool = True) -> Iterator[str]:
+def detokenize(
+  model: Model,
+  tokens: Iterator[int],
+  stop: Sequence[str],
+  stop_ids: set[int],
+  done: dict,
+  *,
+  keep_ids: bool = True,
+) -> Iterator[str]:
   """Yields the text of `tokens` as it becomes final, pulling one token per piece: it ends at a
   stop token or a stop string (neither yielded) or when `tokens` runs out ("length"). Text that
   may start a stop string or an unfinished UTF-8 character is held back until it is decided.
@@ -287,8 +330,8 @@ def detokenize(model: Model, tokens: Iterator[int], stop: Sequence[str], stop_id
         yield pending[:at]
       return
     if len(pending) > hold:
-      yield pending[:len(pending) - hold]
-      pending = pending[len(pending) - hold:]
+      yield pending[: len(pending) - hold]
+      pending = pending[len(pending) - hold :]
   pending += text.flush()
   at = cut(pending)
   if at >= 0:

@@ -16,15 +16,37 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.lm import distributed, engine, steps
-from kvjax.lm.engine import (NonFiniteError, Prompt, check_context, detokenize, nbytes,
-                             new_cache, outputs, pad, tokenize)
+from kvjax.lm.engine import (
+  NonFiniteError,
+  Prompt,
+  check_context,
+  detokenize,
+  nbytes,
+  new_cache,
+  outputs,
+  pad,
+  tokenize,
+)
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
 
-__all__ = ["Generation", "NonFiniteError", "Prefill", "Prompt", "check_context", "detokenize",
-           "generate",
-           "generate_iter", "nbytes",
-           "new_cache", "outputs", "pad", "score", "stream"]
+__all__ = [
+  "Generation",
+  "NonFiniteError",
+  "Prefill",
+  "Prompt",
+  "check_context",
+  "detokenize",
+  "generate",
+  "generate_iter",
+  "nbytes",
+  "new_cache",
+  "outputs",
+  "pad",
+  "score",
+  "stream",
+]
+
 
 class Prefill(Protocol):
   """A request's prefill done another way than `engine.prefill` (the coprocessor's augmented
@@ -32,8 +54,15 @@ class Prefill(Protocol):
   int32 tokens already sampled and fed (k >= 0; they come first in the output), prefill_s,
   compile_s). The cache must have room for max_new_tokens - k more tokens."""
 
-  def __call__(self, model: Model, rows: list[list[int]], max_new_tokens: int, *,
-               sampling: Sampling, key: jax.Array): ...
+  def __call__(
+    self,
+    model: Model,
+    rows: list[list[int]],
+    max_new_tokens: int,
+    *,
+    sampling: Sampling,
+    key: jax.Array,
+  ): ...
 
 
 @dataclasses.dataclass
@@ -51,11 +80,20 @@ class Generation:
   stats: dict[str, float]
 
 
-def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int = 64,
-             sampling: Sampling | None = None, key: jax.Array | None = None,
-             stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
-             chat: bool = False, prefill: Prefill | None = None, coprocessor=None,
-             delay: int = 0) -> Generation:
+def generate(
+  model: Model,
+  prompts: Prompt | Sequence[Prompt],
+  *,
+  max_new_tokens: int = 64,
+  sampling: Sampling | None = None,
+  key: jax.Array | None = None,
+  stop: Sequence[str] = (),
+  stop_tokens: Sequence[int] | None = None,
+  chat: bool = False,
+  prefill: Prefill | None = None,
+  coprocessor=None,
+  delay: int = 0,
+) -> Generation:
   """Generates a continuation for each prompt in one batch (rows may differ in length).
 
   prompts: a string, token ids, or a list of either. sampling: greedy by default; anything
@@ -66,15 +104,26 @@ def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens
   cache); default `engine.prefill`. coprocessor, delay: deprecated spelling of
   prefill=coprocessor.prefiller(delay) (`kvjax.coprocessor.generate` is the method's entry).
   """
-  req = engine.request(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                       key=key, stop=stop, stop_tokens=stop_tokens, chat=chat)
+  req = engine.request(
+    model,
+    prompts,
+    max_new_tokens=max_new_tokens,
+    sampling=sampling,
+    key=key,
+    stop=stop,
+    stop_tokens=stop_tokens,
+    chat=chat,
+  )
   rows, sampling, key, stop, stops = req.rows, req.sampling, req.key, req.stop, req.stop_ids
   if coprocessor is not None:
     if prefill is not None:
       raise ValueError("pass prefill= or the deprecated coprocessor=, not both")
-    warnings.warn("lm.generate(coprocessor=, delay=) is deprecated: use "
-                  "kvjax.coprocessor.generate(model, cop, prompts, delay=...)",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn(
+      "lm.generate(coprocessor=, delay=) is deprecated: use "
+      "kvjax.coprocessor.generate(model, cop, prompts, delay=...)",
+      DeprecationWarning,
+      stacklevel=2,
+    )
     prefill = coprocessor.prefiller(delay)
   elif delay:
     raise ValueError("delay applies only with a coprocessor")
@@ -83,14 +132,24 @@ def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens
     logits, cache, prefill_s, compile_p = engine.prefill(model, rows, max_new_tokens)
   else:
     logits, cache, early, prefill_s, compile_p = prefill(
-        model, rows, max_new_tokens, sampling=sampling, key=key)
+      model, rows, max_new_tokens, sampling=sampling, key=key
+    )
     key = jax.random.fold_in(key, early.shape[1])
   cache_bytes = nbytes(cache)
   rest = max_new_tokens - early.shape[1]
   t0 = time.perf_counter()
   (out, counts, bad, cache), compile_d = steps.call(
-      model, steps.decode_loop, model.state, cache, logits, key, jnp.int32(rest),
-      jnp.asarray(stops, jnp.int32), sampling=sampling, max_steps=steps.bucket(rest))
+    model,
+    steps.decode_loop,
+    model.state,
+    cache,
+    logits,
+    key,
+    jnp.int32(rest),
+    jnp.asarray(stops, jnp.int32),
+    sampling=sampling,
+    max_steps=steps.bucket(rest),
+  )
   out, counts, bad = distributed.fetch((out, counts, bad))  # rows from every process
   decode_s = time.perf_counter() - t0 - compile_d
   del cache
@@ -99,14 +158,21 @@ def generate(model: Model, prompts: Prompt | Sequence[Prompt], *, max_new_tokens
     out, counts = _join(early, out, counts, stops)
   texts, tokens, finish = outputs(model, out, counts, stop, stops)
   new = int(counts.sum())
-  stats = dict(prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_p + compile_d,
-               prompt_tokens=sum(map(len, rows)), new_tokens=new, cache_bytes=cache_bytes,
-               decode_tokens_per_s=new / decode_s if decode_s > 0 else float("nan"))
+  stats = dict(
+    prefill_s=prefill_s,
+    decode_s=decode_s,
+    compile_s=compile_p + compile_d,
+    prompt_tokens=sum(map(len, rows)),
+    new_tokens=new,
+    cache_bytes=cache_bytes,
+    decode_tokens_per_s=new / decode_s if decode_s > 0 else float("nan"),
+  )
   return Generation(texts, tokens, rows, finish, stats)
 
 
-def _join(early: np.ndarray, out: np.ndarray, counts: np.ndarray,
-          stop_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def _join(
+  early: np.ndarray, out: np.ndarray, counts: np.ndarray, stop_ids: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
   """early [B, k] then out [B, M] (counts [B]) as one output, a row ending at its first stop."""
   k = early.shape[1]
   joined = np.concatenate([early, out], axis=1)
@@ -118,10 +184,18 @@ def _join(early: np.ndarray, out: np.ndarray, counts: np.ndarray,
   return joined, total
 
 
-def generate_iter(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
-           sampling: Sampling | None = None, key: jax.Array | None = None,
-           stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
-           chat: bool = False, stats: dict | None = None) -> Iterator[str]:
+def generate_iter(
+  model: Model,
+  prompt: Prompt,
+  *,
+  max_new_tokens: int = 256,
+  sampling: Sampling | None = None,
+  key: jax.Array | None = None,
+  stop: Sequence[str] = (),
+  stop_tokens: Sequence[int] | None = None,
+  chat: bool = False,
+  stats: dict | None = None,
+) -> Iterator[str]:
   """Yields the continuation of one prompt as text pieces while it is generated (one jitted
   step per token: sampling and the decode step fused, one dispatch). Stops at a stop token, a
   stop string (not yielded) or the limit.
@@ -132,8 +206,16 @@ def generate_iter(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
   engine.require_tokenizer(model, "stream")
   if not isinstance(prompt, str) and len(prompt) and not isinstance(prompt[0], (int, np.integer)):
     raise ValueError("stream takes one prompt (a string or token ids); use generate for a batch")
-  req = engine.request(model, prompt, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
-                       stop=stop, stop_tokens=stop_tokens, chat=chat)
+  req = engine.request(
+    model,
+    prompt,
+    max_new_tokens=max_new_tokens,
+    sampling=sampling,
+    key=key,
+    stop=stop,
+    stop_tokens=stop_tokens,
+    chat=chat,
+  )
   rows, sampling, key, stop, stop_ids = req.rows, req.sampling, req.key, req.stop, set(req.stop_ids)
   logits, cache, prefill_s, compile_s = engine.prefill(model, rows, max_new_tokens)
   acc = dict(decode_s=0.0, compile_s=compile_s)
@@ -142,8 +224,15 @@ def generate_iter(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
     nonlocal logits, cache
     for step in range(max_new_tokens):  # one dispatch and one host read per token
       (tok, bad, logits, cache), c = steps.call(
-          model, steps.sample_decode, model.state, cache, logits, key, jnp.int32(step),
-          sampling=sampling)
+        model,
+        steps.sample_decode,
+        model.state,
+        cache,
+        logits,
+        key,
+        jnp.int32(step),
+        sampling=sampling,
+      )
       acc["compile_s"] += c
       tok, bad = distributed.fetch((tok, bad))
       engine.check_finite(model, bad, f"generate_iter (token {step})")
@@ -153,9 +242,15 @@ def generate_iter(model: Model, prompt: Prompt, *, max_new_tokens: int = 256,
   yield from engine.timed(detokenize(model, tokens(), stop, stop_ids, done), acc)
   if stats is not None:
     n, decode_s = done["n"], acc["decode_s"]
-    stats.update(prefill_s=prefill_s, decode_s=decode_s, compile_s=acc["compile_s"],
-                 prompt_tokens=len(rows[0]), new_tokens=n, finish=done["finish"],
-                 decode_tokens_per_s=n / decode_s if decode_s > 0 else float("nan"))
+    stats.update(
+      prefill_s=prefill_s,
+      decode_s=decode_s,
+      compile_s=acc["compile_s"],
+      prompt_tokens=len(rows[0]),
+      new_tokens=n,
+      finish=done["finish"],
+      decode_tokens_per_s=n / decode_s if decode_s > 0 else float("nan"),
+    )
 
 
 def score(model: Model, token_ids) -> np.ndarray | list[np.ndarray]:
@@ -179,22 +274,28 @@ def score(model: Model, token_ids) -> np.ndarray | list[np.ndarray]:
   ragged = len({len(r) for r in rows}) > 1
   longest = max(map(len, rows))
   if longest > model.cfg.max_position:
-    raise ValueError(f"a row of {longest} tokens exceeds the model's context of "
-                     f"{model.cfg.max_position} positions")
+    raise ValueError(
+      f"a row of {longest} tokens exceeds the model's context of {model.cfg.max_position} positions"
+    )
   tokens = pad(rows, steps.bucket(longest, minimum=8))
   logits, _ = steps.call(model, steps.score, model.state, jnp.asarray(tokens))
   logits = distributed.fetch(logits)
-  engine.check_finite(model, [not np.isfinite(logits[b, :len(r)]).all()
-                              for b, r in enumerate(rows)], "score")
+  engine.check_finite(
+    model, [not np.isfinite(logits[b, : len(r)]).all() for b, r in enumerate(rows)], "score"
+  )
   if ragged:
-    return [logits[b, :len(r)] for b, r in enumerate(rows)]
-  out = logits[:, :len(rows[0])]
+    return [logits[b, : len(r)] for b, r in enumerate(rows)]
+  out = logits[:, : len(rows[0])]
   return out[0] if single else out
 
 
 def stream(*args, **kwargs) -> Iterator[str]:
   """Deprecated name of `generate_iter` (token streaming; StreamingLLM is `kvjax.lm.streaming`),
   kept for one release."""
-  warnings.warn("lm.stream is deprecated: use lm.generate_iter (token streaming); StreamingLLM "
-                "is kvjax.lm.streaming", DeprecationWarning, stacklevel=2)
+  warnings.warn(
+    "lm.stream is deprecated: use lm.generate_iter (token streaming); StreamingLLM "
+    "is kvjax.lm.streaming",
+    DeprecationWarning,
+    stacklevel=2,
+  )
   return generate_iter(*args, **kwargs)

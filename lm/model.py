@@ -70,25 +70,35 @@ def _random_state(cfg: Config, dtype, seed: jax.Array):
   return nnx.state(Decoder(cfg, rngs=nnx.Rngs(jax.random.key(seed)), dtype=dtype))
 
 
-def init(cfg: Config, *, seed: int = 0, dtype=jnp.float32, tokenizer: Tokenizer | None = None,
-         eos_ids: tuple[int, ...] = ()) -> Model:
+def init(
+  cfg: Config,
+  *,
+  seed: int = 0,
+  dtype=jnp.float32,
+  tokenizer: Tokenizer | None = None,
+  eos_ids: tuple[int, ...] = (),
+) -> Model:
   """A randomly initialised model (tests, tiny demos)."""
   graphdef, _ = _abstract(cfg, dtype)
   state = _random_state(cfg, jnp.dtype(dtype), jnp.int32(seed))
   return Model(cfg, graphdef, state, tokenizer, tuple(eos_ids))
 
 
-def _eos_ids(gen: dict[str, Any] | None, hf: dict[str, Any], tok: Tokenizer | None,
-             vocab_size: int, path: str) -> tuple:
+def _eos_ids(
+  gen: dict[str, Any] | None, hf: dict[str, Any], tok: Tokenizer | None, vocab_size: int, path: str
+) -> tuple:
   for name, source in (("generation_config.json", gen or {}), ("config.json", hf)):
     eos = source.get("eos_token_id")
     if eos is not None:
       eos = tuple(eos) if isinstance(eos, list) else (eos,)
-      bad = [i for i in eos if isinstance(i, bool) or not isinstance(i, int)
-             or not 0 <= i < vocab_size]
+      bad = [
+        i for i in eos if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size
+      ]
       if bad:
-        raise ConfigError(f"{os.path.join(path, name)}: eos_token_id {bad} is not a token id "
-                          f"in the vocabulary [0, {vocab_size})")
+        raise ConfigError(
+          f"{os.path.join(path, name)}: eos_token_id {bad} is not a token id "
+          f"in the vocabulary [0, {vocab_size})"
+        )
       return eos
   return (tok.eos_id,) if tok is not None and tok.eos_id is not None else ()
 
@@ -104,8 +114,9 @@ def params_fingerprint(model: Model, *, sample: int = 4096) -> str:
   to bfloat16, so the same weights loaded in float32 or bfloat16 give the same digest and a
   fine-tune of the same architecture another. Reads sample x leaves values, not the params."""
   h = hashlib.sha256()
-  for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(model.params()),
-                           key=lambda pl: jax.tree_util.keystr(pl[0])):
+  for path, leaf in sorted(
+    jax.tree_util.tree_leaves_with_path(model.params()), key=lambda pl: jax.tree_util.keystr(pl[0])
+  ):
     flat = jnp.ravel(leaf)
     step = max(1, flat.size // sample)
     picked = np.asarray(flat[::step][:sample].astype(jnp.bfloat16).astype(jnp.float32))
@@ -114,8 +125,9 @@ def params_fingerprint(model: Model, *, sample: int = 4096) -> str:
   return h.hexdigest()[:32]
 
 
-def check_fingerprint(recorded: str, model: Model, *, what: str, allow: bool,
-                      error: type[Exception], flag: str) -> None:
+def check_fingerprint(
+  recorded: str, model: Model, *, what: str, allow: bool, error: type[Exception], flag: str
+) -> None:
   """An artifact trained against params with fingerprint `recorded` ("": not recorded, nothing
   to check) is used with `model`: `error` when model's params differ, or with allow a warning."""
   if not recorded:
@@ -124,9 +136,11 @@ def check_fingerprint(recorded: str, model: Model, *, what: str, allow: bool,
   if got == recorded:
     return
   name = f" {model.path}" if model.path else ""
-  msg = (f"{what} was trained against other params (fingerprint {recorded[:12]}...) than this "
-         f"model's{name} ({got[:12]}...): the same architecture with other weights, e.g. a "
-         "fine-tune")
+  msg = (
+    f"{what} was trained against other params (fingerprint {recorded[:12]}...) than this "
+    f"model's{name} ({got[:12]}...): the same architecture with other weights, e.g. a "
+    "fine-tune"
+  )
   if not allow:
     raise error(f"{msg}; pass {flag} to use it anyway")
   warnings.warn(f"{msg}; using it anyway", stacklevel=3)
@@ -136,8 +150,13 @@ def bundled() -> tuple[str, ...]:
   """Names of the models shipped with kvjax (`load(name)` loads one)."""
   if not os.path.isdir(BUNDLED_DIR):
     return ()
-  return tuple(sorted(n for n in os.listdir(BUNDLED_DIR)
-                      if os.path.isfile(os.path.join(BUNDLED_DIR, n, "config.json"))))
+  return tuple(
+    sorted(
+      n
+      for n in os.listdir(BUNDLED_DIR)
+      if os.path.isfile(os.path.join(BUNDLED_DIR, n, "config.json"))
+    )
+  )
 
 
 def resolve(path: str) -> tuple[str, bool]:
@@ -148,9 +167,11 @@ def resolve(path: str) -> tuple[str, bool]:
   if path in bundled():
     return os.path.join(BUNDLED_DIR, path), True
   names = ", ".join(repr(n) for n in bundled()) or "none installed"
-  raise FileNotFoundError(f"{path!r} is not a model directory (expected config.json, "
-                          f"model.safetensors and tokenizer.json in it) or a bundled model "
-                          f"name (bundled: {names})")
+  raise FileNotFoundError(
+    f"{path!r} is not a model directory (expected config.json, "
+    f"model.safetensors and tokenizer.json in it) or a bundled model "
+    f"name (bundled: {names})"
+  )
 
 
 def load(path: str, *, dtype=None, weights: bool = True, check_finite: bool = True) -> Model:
@@ -166,20 +187,27 @@ def load(path: str, *, dtype=None, weights: bool = True, check_finite: bool = Tr
   if is_bundled and dtype is None:
     dtype = jnp.float32
   if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"dtype must be a floating-point dtype (e.g. jnp.bfloat16) or None; "
-                     f"got {dtype}")
+    raise ValueError(
+      f"dtype must be a floating-point dtype (e.g. jnp.bfloat16) or None; got {dtype}"
+    )
   hf = read_json(os.path.join(path, "config.json"), required=True)
   cfg = from_hf(hf, source=os.path.join(path, "config.json"))
   tok = None
   if os.path.exists(os.path.join(path, "tokenizer.json")):
     tok = Tokenizer.load(path)
     if tok.vocab_size > cfg.vocab_size:
-      raise TokenizerError(f"{tok.source}: {tok.vocab_size} tokens, but config.json's "
-                           f"vocab_size is {cfg.vocab_size}: the tokenizer belongs to another model")
+      raise TokenizerError(
+        f"{tok.source}: {tok.vocab_size} tokens, but config.json's "
+        f"vocab_size is {cfg.vocab_size}: the tokenizer belongs to another model"
+      )
     if tok.vocab_size < cfg.vocab_size:
-      warnings.warn(f"{path}: config.json's vocab_size {cfg.vocab_size} pads the tokenizer's "
-                    f"{tok.vocab_size} tokens; ids {tok.vocab_size}..{cfg.vocab_size - 1} are "
-                    "masked in the logits (never sampled)", VocabPaddingWarning, stacklevel=2)
+      warnings.warn(
+        f"{path}: config.json's vocab_size {cfg.vocab_size} pads the tokenizer's "
+        f"{tok.vocab_size} tokens; ids {tok.vocab_size}..{cfg.vocab_size - 1} are "
+        "masked in the logits (never sampled)",
+        VocabPaddingWarning,
+        stacklevel=2,
+      )
       cfg = dataclasses.replace(cfg, tokenizer_size=tok.vocab_size)
   if weights:
     params = checkpoint.load_hf(path, cfg, dtype=dtype, check_finite=check_finite)
@@ -210,7 +238,11 @@ def save(model: Model, path: str, *, weights: bool = True) -> None:
   tok = model.tokenizer
   if tok is not None:
     tok.tok.save(os.path.join(path, "tokenizer.json"))
-    conf = {"bos_token": tok.bos, "eos_token": tok.eos, "chat_template": tok.chat_template,
-            "tokenizer_class": "PreTrainedTokenizerFast"}
+    conf = {
+      "bos_token": tok.bos,
+      "eos_token": tok.eos,
+      "chat_template": tok.chat_template,
+      "tokenizer_class": "PreTrainedTokenizerFast",
+    }
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
       json.dump({k: v for k, v in conf.items() if v is not None}, f, indent=2)

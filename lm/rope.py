@@ -33,7 +33,8 @@ def inv_freq(cfg: Config, layer: int | None = None) -> np.ndarray:
   if cfg.rope_type == "longrope":
     short = np.asarray(cfg.rope_short_factor, np.float32)
     return (1.0 / (short * cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float32) / H))).astype(
-        np.float32)
+      np.float32
+    )
   if cfg.rope_type == "linear":
     return (freq / cfg.rope_factor).astype(np.float32)
   if cfg.rope_type == "llama3":
@@ -41,8 +42,9 @@ def inv_freq(cfg: Config, layer: int | None = None) -> np.ndarray:
     high_wavelen = cfg.rope_original_max_position / cfg.rope_high_freq_factor
     wavelen = 2 * math.pi / freq
     scaled = np.where(wavelen > low_wavelen, freq / cfg.rope_factor, freq)
-    smooth = ((cfg.rope_original_max_position / wavelen - cfg.rope_low_freq_factor)
-              / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+    smooth = (cfg.rope_original_max_position / wavelen - cfg.rope_low_freq_factor) / (
+      cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)

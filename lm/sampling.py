@@ -22,8 +22,11 @@ class Sampling:
     t = self.temperature
     if not (_real(t) and (t == 0 or (math.isfinite(t) and 1e-6 <= t))):
       raise ValueError(f"temperature must be 0 (greedy) or a finite number >= 1e-6; got {t!r}")
-    if not (isinstance(self.top_k, numbers.Integral) and not isinstance(self.top_k, bool)
-            and self.top_k >= 0):
+    if not (
+      isinstance(self.top_k, numbers.Integral)
+      and not isinstance(self.top_k, bool)
+      and self.top_k >= 0
+    ):
       raise ValueError(f"top_k must be an int >= 0 (0 = off); got {self.top_k!r}")
     if not (_real(self.top_p) and 0 < self.top_p <= 1):
       raise ValueError(f"top_p must be in (0, 1] (1 = off); got {self.top_p!r}")
@@ -53,8 +56,9 @@ def filter_logits(logits: jax.Array, s: Sampling) -> jax.Array:
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
     drop_sorted = before >= s.top_p  # keep the smallest prefix whose mass reaches top_p
-    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
-        drop_sorted)
+    drop = (
+      jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+    )
     logits = jnp.where(drop, -jnp.inf, logits)
   return logits
 

@@ -34,12 +34,12 @@ AXES = ("data", "model")
 # (logical axis, mesh axis or None). Logical names not listed are replicated.
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 DEFAULT_RULES: Rules = (
-    ("batch", "data"),
-    ("heads", "model"),
-    ("kv_heads", "model"),
-    ("ffn", "model"),
-    ("vocab", "model"),
-    ("experts", "model"),  # expert parallelism: ahead of ffn in each expert array, so it wins
+  ("batch", "data"),
+  ("heads", "model"),
+  ("kv_heads", "model"),
+  ("ffn", "model"),
+  ("vocab", "model"),
+  ("experts", "model"),  # expert parallelism: ahead of ffn in each expert array, so it wins
 )
 
 _NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm")
@@ -47,32 +47,31 @@ _NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm")
 # Param path ("/"-joined keys of `model.params()`) -> logical axes, one per dimension.
 # Block params carry the stacked leading "layers" axis.
 PARAM_AXES: dict[str, tuple[str, ...]] = {
-    "embed": ("vocab", "embed"),
-    "head": ("embed", "vocab"),
-    "final_norm/scale": ("embed",),
-    "blocks/attn/q": ("layers", "embed", "heads", "head_dim"),
-    "blocks/attn/k": ("layers", "embed", "kv_heads", "head_dim"),
-    "blocks/attn/v": ("layers", "embed", "kv_heads", "head_dim"),
-    "blocks/attn/o": ("layers", "heads", "head_dim", "embed"),
-    "blocks/attn/q_bias": ("layers", "heads", "head_dim"),
-    "blocks/attn/k_bias": ("layers", "kv_heads", "head_dim"),
-    "blocks/attn/v_bias": ("layers", "kv_heads", "head_dim"),
-    "blocks/attn/o_bias": ("layers", "embed"),
-    "blocks/attn/q_norm/scale": ("layers", "head_dim"),
-    "blocks/attn/k_norm/scale": ("layers", "head_dim"),
-    "blocks/mlp/gate": ("layers", "embed", "ffn"),
-    "blocks/mlp/up": ("layers", "embed", "ffn"),
-    "blocks/mlp/down": ("layers", "ffn", "embed"),
-    "blocks/mlp/gate_bias": ("layers", "ffn"),
-    "blocks/mlp/up_bias": ("layers", "ffn"),
-    "blocks/mlp/down_bias": ("layers", "embed"),
-    "blocks/moe/router": ("layers", "embed", "experts"),
-    "blocks/moe/gate": ("layers", "experts", "embed", "ffn"),
-    "blocks/moe/up": ("layers", "experts", "embed", "ffn"),
-    "blocks/moe/down": ("layers", "experts", "ffn", "embed"),
-    **{f"blocks/{n}/scale": ("layers", "embed") for n in _NORMS},
+  "embed": ("vocab", "embed"),
+  "head": ("embed", "vocab"),
+  "final_norm/scale": ("embed",),
+  "blocks/attn/q": ("layers", "embed", "heads", "head_dim"),
+  "blocks/attn/k": ("layers", "embed", "kv_heads", "head_dim"),
+  "blocks/attn/v": ("layers", "embed", "kv_heads", "head_dim"),
+  "blocks/attn/o": ("layers", "heads", "head_dim", "embed"),
+  "blocks/attn/q_bias": ("layers", "heads", "head_dim"),
+  "blocks/attn/k_bias": ("layers", "kv_heads", "head_dim"),
+  "blocks/attn/v_bias": ("layers", "kv_heads", "head_dim"),
+  "blocks/attn/o_bias": ("layers", "embed"),
+  "blocks/attn/q_norm/scale": ("layers", "head_dim"),
+  "blocks/attn/k_norm/scale": ("layers", "head_dim"),
+  "blocks/mlp/gate": ("layers", "embed", "ffn"),
+  "blocks/mlp/up": ("layers", "embed", "ffn"),
+  "blocks/mlp/down": ("layers", "ffn", "embed"),
+  "blocks/mlp/gate_bias": ("layers", "ffn"),
+  "blocks/mlp/up_bias": ("layers", "ffn"),
+  "blocks/mlp/down_bias": ("layers", "embed"),
+  "blocks/moe/router": ("layers", "embed", "experts"),
+  "blocks/moe/gate": ("layers", "experts", "embed", "ffn"),
+  "blocks/moe/up": ("layers", "experts", "embed", "ffn"),
+  "blocks/moe/down": ("layers", "experts", "ffn", "embed"),
+  **{f"blocks/{n}/scale": ("layers", "embed") for n in _NORMS},
 }
-
 
 
 def _normalize(rules: Rules | None) -> Rules:
@@ -96,15 +95,21 @@ def make_mesh(data: int = 1, model: int = 1, devices: Sequence[Any] | None = Non
   devices = list(jax.devices() if devices is None else devices)
   if data * model != len(devices):
     where = "given" if given else "available (jax.devices())"
-    hint = "" if given or data * model > len(devices) else (
-        f"; to use a subset pass devices=jax.devices()[:{data * model}]")
-    raise ValueError(f"make_mesh: data={data} x model={model} = {data * model} devices, but "
-                     f"{len(devices)} {'are' if len(devices) != 1 else 'is'} {where}{hint}")
+    hint = (
+      ""
+      if given or data * model > len(devices)
+      else (f"; to use a subset pass devices=jax.devices()[:{data * model}]")
+    )
+    raise ValueError(
+      f"make_mesh: data={data} x model={model} = {data * model} devices, but "
+      f"{len(devices)} {'are' if len(devices) != 1 else 'is'} {where}{hint}"
+    )
   return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
-def logical_spec(axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
-                 rules: Rules = DEFAULT_RULES) -> PartitionSpec:
+def logical_spec(
+  axes: Sequence[str], shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> PartitionSpec:
   """PartitionSpec for an array of `shape` whose dimensions have logical names `axes`.
 
   Each dimension takes the mesh axis (or axes) its rule names, unless that mesh axis is not in
@@ -119,8 +124,7 @@ def logical_spec(axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
     target = table.get(name)
     names = (target,) if isinstance(target, str) else tuple(target or ())
     ways = int(np.prod([mesh.shape.get(a, 0) for a in names])) if names else 1
-    if (not names or used & set(names) or any(a not in mesh.shape for a in names)
-        or size % ways):
+    if not names or used & set(names) or any(a not in mesh.shape for a in names) or size % ways:
       spec.append(None)
       continue
     used.update(names)
@@ -136,8 +140,10 @@ def param_axes(params: dict[str, Any]) -> dict[str, Any]:
     if key not in PARAM_AXES:
       raise ValueError(f"sharding: no logical axes for param {key!r}; add it to PARAM_AXES")
     if len(PARAM_AXES[key]) != np.ndim(leaf):
-      raise ValueError(f"sharding: param {key!r} has shape {np.shape(leaf)}, but PARAM_AXES "
-                       f"names {len(PARAM_AXES[key])} axes {PARAM_AXES[key]}")
+      raise ValueError(
+        f"sharding: param {key!r} has shape {np.shape(leaf)}, but PARAM_AXES "
+        f"names {len(PARAM_AXES[key])} axes {PARAM_AXES[key]}"
+      )
     return PARAM_AXES[key]
 
   return jax.tree_util.tree_map_with_path(axes, params)
@@ -147,8 +153,9 @@ def param_shardings(model: Model, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> d
   """NamedSharding per param, as a nested dict shaped like `model.params()`."""
   params = model.params()
   axes = param_axes(params)
-  return jax.tree.map(lambda a, ax: NamedSharding(mesh, logical_spec(ax, a.shape, mesh, rules)),
-                      params, axes)
+  return jax.tree.map(
+    lambda a, ax: NamedSharding(mesh, logical_spec(ax, a.shape, mesh, rules)), params, axes
+  )
 
 
 def shard(model: Model, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Model:
@@ -158,13 +165,17 @@ def shard(model: Model, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Model:
   rules = _normalize(rules)
   # Through host memory one param at a time: a device-to-device reshard compiles a small
   # program per (shape, layout), which costs more than the copy for a one-off placement.
-  params = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), model.params(),
-                        param_shardings(model, mesh, rules))
+  params = jax.tree.map(
+    lambda a, s: jax.device_put(np.asarray(a), s),
+    model.params(),
+    param_shardings(model, mesh, rules),
+  )
   dec = model.with_params(params).decoder
   dec.layout = (mesh, rules)  # static: the forward constrains its activations to match
   graphdef, state = nnx.split(dec)
-  return dataclasses.replace(model, graphdef=graphdef, state=state, mesh=mesh, rules=rules,
-                             compiled={})
+  return dataclasses.replace(
+    model, graphdef=graphdef, state=state, mesh=mesh, rules=rules, compiled={}
+  )
 
 
 def constrain(x: jax.Array, axes: Sequence[str], layout: tuple[Mesh, Rules] | None) -> jax.Array:
@@ -173,7 +184,8 @@ def constrain(x: jax.Array, axes: Sequence[str], layout: tuple[Mesh, Rules] | No
     return x
   mesh, rules = layout
   return jax.lax.with_sharding_constraint(
-      x, NamedSharding(mesh, logical_spec(axes, x.shape, mesh, rules)))
+    x, NamedSharding(mesh, logical_spec(axes, x.shape, mesh, rules))
+  )
 
 
 def cache_shardings(cache, mesh: Mesh, rules: Rules = DEFAULT_RULES):
@@ -189,8 +201,10 @@ def cache_shardings(cache, mesh: Mesh, rules: Rules = DEFAULT_RULES):
       out[f.name] = cache_shardings(x, mesh, rules)
     elif isinstance(x, jax.Array | np.ndarray):
       if f.name not in axes:
-        raise ValueError(f"sharding: {type(cache).__name__}.{f.name} has no logical axes; "
-                         f"declare them in {type(cache).__name__}.AXES")
+        raise ValueError(
+          f"sharding: {type(cache).__name__}.{f.name} has no logical axes; "
+          f"declare them in {type(cache).__name__}.AXES"
+        )
       out[f.name] = NamedSharding(mesh, logical_spec(axes[f.name], x.shape, mesh, rules))
   return dataclasses.replace(cache, **out)
 

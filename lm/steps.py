@@ -35,8 +35,12 @@ def call(model, fn, *args, **static) -> tuple[Any, float]:
   Returns (result, seconds spent compiling in this call)."""
   global compilations
   leaves, tree = jax.tree.flatten(args)
-  key = (fn, tuple(sorted(static.items())), tree,
-         tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves))
+  key = (
+    fn,
+    tuple(sorted(static.items())),
+    tree,
+    tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves),
+  )
   compile_s = 0.0
   if key not in model.compiled:
     shared = (key, model.graphdef)
@@ -112,8 +116,9 @@ def decode_step(graphdef, state, cache: KVCache, tokens: jax.Array):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
-def sample_decode(graphdef, state, cache, logits: jax.Array, key: jax.Array, step: jax.Array, *,
-                  sampling: Sampling):
+def sample_decode(
+  graphdef, state, cache, logits: jax.Array, key: jax.Array, step: jax.Array, *, sampling: Sampling
+):
   """One streamed token in one dispatch: samples from logits [B, V] (PRNG fold_in(key, step),
   as decode_loop's step `step`) and feeds the token -> (tokens [B], bad [B] the logits it
   sampled from were not finite, logits [B, V] for the position after it, cache one token
@@ -124,10 +129,21 @@ def sample_decode(graphdef, state, cache, logits: jax.Array, key: jax.Array, ste
   return tok, bad, logits, cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_steps"),
-                   donate_argnames=("cache",))
-def decode_loop(graphdef, state, cache: KVCache, logits: jax.Array, key: jax.Array,
-                n_steps: jax.Array, stop_ids: jax.Array, *, sampling: Sampling, max_steps: int):
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "sampling", "max_steps"), donate_argnames=("cache",)
+)
+def decode_loop(
+  graphdef,
+  state,
+  cache: KVCache,
+  logits: jax.Array,
+  key: jax.Array,
+  n_steps: jax.Array,
+  stop_ids: jax.Array,
+  *,
+  sampling: Sampling,
+  max_steps: int,
+):
   """Samples up to n_steps (<= max_steps) tokens per row in one `lax.while_loop`.
 
   logits [B, V]: the prefill's. A row stops after emitting a token in stop_ids [E] (E >= 1;
@@ -136,17 +152,39 @@ def decode_loop(graphdef, state, cache: KVCache, logits: jax.Array, key: jax.Arr
   """
   B = logits.shape[0]
   out, _, counts, bad, _, cache = _loop(
-      nnx.merge(graphdef, state), cache, logits, key, jnp.int32(0), jnp.zeros((B,), bool),
-      jnp.zeros((B,), jnp.int32), jnp.broadcast_to(n_steps, (B,)), stop_ids, sampling,
-      max_steps)
+    nnx.merge(graphdef, state),
+    cache,
+    logits,
+    key,
+    jnp.int32(0),
+    jnp.zeros((B,), bool),
+    jnp.zeros((B,), jnp.int32),
+    jnp.broadcast_to(n_steps, (B,)),
+    stop_ids,
+    sampling,
+    max_steps,
+  )
   return out, counts, bad, cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "max_steps"),
-                   donate_argnames=("cache",))
-def decode_more(graphdef, state, cache, logits: jax.Array, key: jax.Array, start: jax.Array,
-                done: jax.Array, counts: jax.Array, budget: jax.Array, stop_ids: jax.Array, *,
-                sampling: Sampling, max_steps: int):
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "sampling", "max_steps"), donate_argnames=("cache",)
+)
+def decode_more(
+  graphdef,
+  state,
+  cache,
+  logits: jax.Array,
+  key: jax.Array,
+  start: jax.Array,
+  done: jax.Array,
+  counts: jax.Array,
+  budget: jax.Array,
+  stop_ids: jax.Array,
+  *,
+  sampling: Sampling,
+  max_steps: int,
+):
   """Resumable decode_loop with a budget per row: runs at most max_steps more steps, from
   global step `start` (the PRNG stream continues: several calls sample what one call would).
 
@@ -156,13 +194,26 @@ def decode_more(graphdef, state, cache, logits: jax.Array, key: jax.Array, start
   a row sampled from logits that were not finite in these steps, logits [B, V] for each row's
   next token, cache).
   """
-  return _loop(nnx.merge(graphdef, state), cache, logits, key, start, done, counts, budget,
-               stop_ids, sampling, max_steps)
+  return _loop(
+    nnx.merge(graphdef, state),
+    cache,
+    logits,
+    key,
+    start,
+    done,
+    counts,
+    budget,
+    stop_ids,
+    sampling,
+    max_steps,
+  )
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["step", "logits", "cache", "out", "done", "counts", "bad"],
-                   meta_fields=[])
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=["step", "logits", "cache", "out", "done", "counts", "bad"],
+  meta_fields=[],
+)
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
   """The carry of the decode `while_loop`. step: [] int32 steps taken in this call; logits
@@ -190,13 +241,29 @@ def _loop(dec, cache, logits, key, start, done, counts, budget, stop_ids, sampli
     counts = s.counts + (~s.done).astype(jnp.int32)
     done = s.done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1) | (counts >= budget)
     logits, cache = _decode(dec, s.cache, tok)
-    return DecodeState(step=s.step + 1, logits=logits, cache=cache,
-                       out=s.out.at[:, s.step].set(jnp.where(s.done, 0, tok)), done=done,
-                       counts=counts, bad=s.bad | (~s.done & nonfinite(s.logits)))
+    return DecodeState(
+      step=s.step + 1,
+      logits=logits,
+      cache=cache,
+      out=s.out.at[:, s.step].set(jnp.where(s.done, 0, tok)),
+      done=done,
+      counts=counts,
+      bad=s.bad | (~s.done & nonfinite(s.logits)),
+    )
 
-  s = jax.lax.while_loop(cond, body, DecodeState(
-      step=jnp.int32(0), logits=logits, cache=cache, out=jnp.zeros((B, max_steps), jnp.int32),
-      done=done | (counts >= budget), counts=counts, bad=jnp.zeros((B,), bool)))
+  s = jax.lax.while_loop(
+    cond,
+    body,
+    DecodeState(
+      step=jnp.int32(0),
+      logits=logits,
+      cache=cache,
+      out=jnp.zeros((B, max_steps), jnp.int32),
+      done=done | (counts >= budget),
+      counts=counts,
+      bad=jnp.zeros((B,), bool),
+    ),
+  )
   return s.out, s.done, s.counts, s.bad, s.logits, s.cache
 
 

@@ -22,8 +22,15 @@ def _token_str(value: Any) -> str | None:
 class Tokenizer:
   """Wraps `tokenizers.Tokenizer`; encodes with the file's own post-processor (e.g. BOS)."""
 
-  def __init__(self, tok, *, bos: str | None = None, eos: str | None = None,
-               chat_template: str | None = None, source: str = "tokenizer.json"):
+  def __init__(
+    self,
+    tok,
+    *,
+    bos: str | None = None,
+    eos: str | None = None,
+    chat_template: str | None = None,
+    source: str = "tokenizer.json",
+  ):
     self.tok = tok
     self.source = source
     self.bos = bos
@@ -43,6 +50,7 @@ class Tokenizer:
   @classmethod
   def load(cls, path: str) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
+
     file = os.path.join(path, "tokenizer.json")
     if not os.path.exists(file):
       raise TokenizerError(f"{path}: no tokenizer.json")
@@ -64,8 +72,13 @@ class Tokenizer:
     if template is None and os.path.exists(jinja_file):
       with open(jinja_file) as f:
         template = f.read()
-    return cls(tok, bos=_token_str(conf.get("bos_token")), eos=_token_str(conf.get("eos_token")),
-               chat_template=template, source=file)
+    return cls(
+      tok,
+      bos=_token_str(conf.get("bos_token")),
+      eos=_token_str(conf.get("eos_token")),
+      chat_template=template,
+      source=file,
+    )
 
   @property
   def vocab_size(self) -> int:
@@ -79,22 +92,29 @@ class Tokenizer:
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
     return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-  def apply_chat_template(self, messages: list[dict[str, str]],
-                          add_generation_prompt: bool = True) -> str:
+  def apply_chat_template(
+    self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+  ) -> str:
     """Renders messages ([{"role": ..., "content": ...}]) with the model's jinja2 template."""
     if self.chat_template is None:
-      raise TokenizerError(f"{self.source}: the model has no chat template "
-                           "(tokenizer_config.json has no chat_template)")
+      raise TokenizerError(
+        f"{self.source}: the model has no chat template "
+        "(tokenizer_config.json has no chat_template)"
+      )
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
       raise jinja2.exceptions.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(
+      trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
     env.globals["raise_exception"] = raise_exception
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, indent=indent, ensure_ascii=False)
     return env.from_string(self.chat_template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt,
-        bos_token=self.bos or "", eos_token=self.eos or "")
+      messages=messages,
+      add_generation_prompt=add_generation_prompt,
+      bos_token=self.bos or "",
+      eos_token=self.eos or "",
+    )

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 
 
-def apply(x: jax.Array, positions: jax.Array, freq: jax.Array, *,
-          heads_first: bool = False) -> jax.Array:
+def apply(
+  x: jax.Array, positions: jax.Array, freq: jax.Array, *, heads_first: bool = False
+) -> jax.Array:
   """Rotates x [B, T, N, H] (heads_first: [B, N, T, H], the caches' layout) by positions
   [B, T]; computed in float32, returned in x.dtype."""
   angles = positions[..., None].astype(jnp.float32) * freq  # [B, T, H/2]

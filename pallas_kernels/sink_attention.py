@@ -39,11 +39,23 @@ STEPS = 4  # key blocks per program: a chunk of STEPS * block slots
 COUNT, START, WINDOW = range(3)  # the columns of the kernel's per-row scalar table (SMEM)
 
 
-def sink_attention(q: jax.Array, k: jax.Array, v: jax.Array, count: jax.Array,
-                   start: jax.Array, *, n_sink: int, freq: jax.Array, scale: float,
-                   window: jax.Array | int = 0, softcap: float | None = None,
-                   impl: str | None = None, interpret=False, block: int = 128,
-                   steps: int = STEPS) -> tuple[jax.Array, jax.Array]:
+def sink_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  count: jax.Array,
+  start: jax.Array,
+  *,
+  n_sink: int,
+  freq: jax.Array,
+  scale: float,
+  window: jax.Array | int = 0,
+  softcap: float | None = None,
+  impl: str | None = None,
+  interpret=False,
+  block: int = 128,
+  steps: int = STEPS,
+) -> tuple[jax.Array, jax.Array]:
   """The cache part of a step's attention, as a partial softmax.
 
   q: [B, T, N, H] queries before RoPE of stream tokens count..count+T-1.
@@ -64,35 +76,57 @@ def sink_attention(q: jax.Array, k: jax.Array, v: jax.Array, count: jax.Array,
     raise ValueError(f"impl must be one of {IMPLS} or None; got {impl!r}")
   window = jnp.asarray(window, jnp.int32)
   if impl == "xla":
-    return reference(q, k, v, count, start, n_sink=n_sink, freq=freq, scale=scale,
-                     window=window, softcap=softcap)
+    return reference(
+      q, k, v, count, start, n_sink=n_sink, freq=freq, scale=scale, window=window, softcap=softcap
+    )
   tpu = jax.default_backend() == "tpu" or isinstance(interpret, pltpu.InterpretParams)
-  return _pallas(q, k, v, count, start, n_sink=n_sink, freq=freq, scale=scale, window=window,
-                 softcap=softcap, interpret=interpret, block=block, tpu=tpu, steps=steps)
+  return _pallas(
+    q,
+    k,
+    v,
+    count,
+    start,
+    n_sink=n_sink,
+    freq=freq,
+    scale=scale,
+    window=window,
+    softcap=softcap,
+    interpret=interpret,
+    block=block,
+    tpu=tpu,
+    steps=steps,
+  )
 
 
 def _check(q, k, v, count, start, n_sink, freq):
   if q.ndim != 4 or k.ndim != 4:
-    raise ValueError(f"q must be [B, T, N, H] and k, v [B, K, S, H]; got q{list(q.shape)}, "
-                     f"k{list(k.shape)}")
+    raise ValueError(
+      f"q must be [B, T, N, H] and k, v [B, K, S, H]; got q{list(q.shape)}, k{list(k.shape)}"
+    )
   B, T, N, H = q.shape
   _, K, S, _ = k.shape
   if k.shape != v.shape or k.shape[0] != B or k.shape[3] != H or N % K:
-    raise ValueError(f"k and v must both be [B={B}, K, S, H={H}] with N={N} a multiple of K; "
-                     f"got k{list(k.shape)}, v{list(v.shape)}")
+    raise ValueError(
+      f"k and v must both be [B={B}, K, S, H={H}] with N={N} a multiple of K; "
+      f"got k{list(k.shape)}, v{list(v.shape)}"
+    )
   if not isinstance(n_sink, int) or not 0 <= n_sink < S:
-    raise ValueError(f"n_sink must be an int in [0, S={S}) (the ring needs >= 1 slot); "
-                     f"got {n_sink!r}")
+    raise ValueError(
+      f"n_sink must be an int in [0, S={S}) (the ring needs >= 1 slot); got {n_sink!r}"
+    )
   for name, x in (("count", count), ("start", start)):
     if jnp.shape(x) != (B,) or not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
-      raise ValueError(f"{name} must be an int array of shape ({B},); got "
-                       f"{jnp.asarray(x).dtype}{list(jnp.shape(x))}")
+      raise ValueError(
+        f"{name} must be an int array of shape ({B},); got "
+        f"{jnp.asarray(x).dtype}{list(jnp.shape(x))}"
+      )
   if jnp.shape(freq) != (H // 2,) or H % 2:
     raise ValueError(f"freq must be [H/2] = [{H // 2}] (even H); got {list(jnp.shape(freq))}")
   return B, T, N, H
 
 
 # ---- the cache's geometry, shared by the kernel and the reference (broadcasting int arrays) ----
+
 
 def query_positions(t, count, start, n_sink: int, W: int):
   """t: query offsets in the step; count, start broadcast against t. Returns (i stream index,
@@ -126,17 +160,19 @@ def _visible(slot, idx, kept, i, first, p, n_sink: int, window):
 
 # ---- plain XLA ----
 
-def reference(q, k, v, count, start, *, n_sink: int, freq, scale: float, window=0,
-              softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
+
+def reference(
+  q, k, v, count, start, *, n_sink: int, freq, scale: float, window=0, softcap: float | None = None
+) -> tuple[jax.Array, jax.Array]:
   """`sink_attention` in plain XLA (same arguments and results)."""
   B, T, N, H = q.shape
   K, S = k.shape[1], k.shape[2]
   G, W = N // K, S - n_sink
   c, st = count[:, None].astype(jnp.int32), start[:, None].astype(jnp.int32)
   t = jnp.arange(T, dtype=jnp.int32)[None]
-  i, first, p, q_win, base = query_positions(t, c, st, n_sink, W)   # [B, T]; base [B, 1]
+  i, first, p, q_win, base = query_positions(t, c, st, n_sink, W)  # [B, T]; base [B, 1]
   slot = jnp.arange(S, dtype=jnp.int32)[None]
-  idx, kept, k_pos = _slots(slot, c, st, base, n_sink, W)        # [B, S]
+  idx, kept, k_pos = _slots(slot, c, st, base, n_sink, W)  # [B, S]
   k = rope.apply(k, k_pos, freq, heads_first=True)
 
   f32 = jnp.float32  # operands rounded to the inputs' dtype, products in float32 (as a
@@ -152,8 +188,16 @@ def reference(q, k, v, count, start, *, n_sink: int, freq, scale: float, window=
   s = s * scale
   if softcap is not None:
     s = jnp.tanh(s / softcap) * softcap
-  vis = _visible(slot[:, None], idx[:, None], kept[:, None], i[..., None], first[..., None],
-                 p[..., None], n_sink, window)[:, None, None]    # [B, 1, 1, T, S]
+  vis = _visible(
+    slot[:, None],
+    idx[:, None],
+    kept[:, None],
+    i[..., None],
+    first[..., None],
+    p[..., None],
+    n_sink,
+    window,
+  )[:, None, None]  # [B, 1, 1, T, S]
   s = jnp.where(vis, s, NEG)
   m = s.max(-1, keepdims=True)
   e = jnp.where(vis, jnp.exp(s - m), 0.0)
@@ -166,8 +210,24 @@ def reference(q, k, v, count, start, *, n_sink: int, freq, scale: float, window=
 
 # ---- Pallas ----
 
-def _pallas(q, k, v, count, start, *, n_sink, freq, scale, window, softcap, interpret, block,
-            tpu: bool, steps: int = STEPS):
+
+def _pallas(
+  q,
+  k,
+  v,
+  count,
+  start,
+  *,
+  n_sink,
+  freq,
+  scale,
+  window,
+  softcap,
+  interpret,
+  block,
+  tpu: bool,
+  steps: int = STEPS,
+):
   """Flash decoding over a grid (row, kv head, key split): each program reads one chunk of
   `steps` key blocks of `bs` slots of one (row, kv head) in place from the cache's
   [B, K, S, H] layout, carries an online softmax across its blocks (stopping at the row's
@@ -181,52 +241,102 @@ def _pallas(q, k, v, count, start, *, n_sink, freq, scale, window, softcap, inte
   Mosaic TPU (scalars in SMEM), else for Triton (Pallas' Mosaic GPU backend is not
   targeted)."""
   B, T, N, H, K, S, G, Tp, R, bs, chunk, n_split = splits.sizes(q, k, block, steps)
-  qr = splits.pack_queries(q, K, Tp)                                # [B, K, R, H]
-  meta = jnp.stack([count.astype(jnp.int32), start.astype(jnp.int32),   # [B, 3]: COUNT, START,
-                    jnp.broadcast_to(window, (B,)).astype(jnp.int32)], axis=1)  # WINDOW
+  qr = splits.pack_queries(q, K, Tp)  # [B, K, R, H]
+  meta = jnp.stack(
+    [
+      count.astype(jnp.int32),
+      start.astype(jnp.int32),  # [B, 3]: COUNT, START,
+      jnp.broadcast_to(window, (B,)).astype(jnp.int32),
+    ],
+    axis=1,
+  )  # WINDOW
   half = H // 2
-  rot = np.zeros((H, H), np.float32)           # x @ rot = rotate_half(x) = [-x2, x1]
+  rot = np.zeros((H, H), np.float32)  # x @ rot = rotate_half(x) = [-x2, x1]
   rot[np.arange(half) + half, np.arange(half)] = -1.0
   rot[np.arange(half), np.arange(half) + half] = 1.0
-  freq2 = jnp.concatenate([freq, freq]).astype(jnp.float32)[None]   # [1, H]
-  meta_spec = (pl.BlockSpec(memory_space=pltpu.SMEM) if tpu
-               else pl.BlockSpec((B, 3), lambda b, h, c: (0, 0)))
+  freq2 = jnp.concatenate([freq, freq]).astype(jnp.float32)[None]  # [1, H]
+  meta_spec = (
+    pl.BlockSpec(memory_space=pltpu.SMEM) if tpu else pl.BlockSpec((B, 3), lambda b, h, c: (0, 0))
+  )
   kv_spec = pl.BlockSpec((None, None, chunk, H), lambda b, h, c: (b, h, c, 0))
-  kernel = functools.partial(_kernel, n_sink=n_sink, W=S - n_sink, S=S, Tp=Tp, bs=bs,
-                             n_sub=chunk // bs, scale=scale, softcap=softcap)
+  kernel = functools.partial(
+    _kernel,
+    n_sink=n_sink,
+    W=S - n_sink,
+    S=S,
+    Tp=Tp,
+    bs=bs,
+    n_sub=chunk // bs,
+    scale=scale,
+    softcap=softcap,
+  )
   cost = pl.estimate_cost(
-      lambda q, k, v, c, s, f, w: reference(q, k, v, c, s, n_sink=n_sink, freq=f, scale=scale,
-                                            window=w, softcap=softcap),
-      *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, count, start, freq, window)))
-  in_specs = [meta_spec, pl.BlockSpec((None, None, R, H), lambda b, h, c: (b, h, 0, 0)),
-              kv_spec, kv_spec, pl.BlockSpec((H, H), lambda b, h, c: (0, 0)),
-              pl.BlockSpec((1, H), lambda b, h, c: (0, 0))]
-  o, lse = splits.call(kernel, (meta, qr, k, v, jnp.asarray(rot), freq2), in_specs=in_specs,
-                       grid=(B, K, n_split), rows=R, head_dim=H, tpu=tpu, interpret=interpret,
-                       cost=cost, name="sink_attention")          # [B, K, R, H], [B, K, R, 1]
+    lambda q, k, v, c, s, f, w: reference(
+      q, k, v, c, s, n_sink=n_sink, freq=f, scale=scale, window=w, softcap=softcap
+    ),
+    *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, count, start, freq, window)),
+  )
+  in_specs = [
+    meta_spec,
+    pl.BlockSpec((None, None, R, H), lambda b, h, c: (b, h, 0, 0)),
+    kv_spec,
+    kv_spec,
+    pl.BlockSpec((H, H), lambda b, h, c: (0, 0)),
+    pl.BlockSpec((1, H), lambda b, h, c: (0, 0)),
+  ]
+  o, lse = splits.call(
+    kernel,
+    (meta, qr, k, v, jnp.asarray(rot), freq2),
+    in_specs=in_specs,
+    grid=(B, K, n_split),
+    rows=R,
+    head_dim=H,
+    tpu=tpu,
+    interpret=interpret,
+    cost=cost,
+    name="sink_attention",
+  )  # [B, K, R, H], [B, K, R, 1]
   return splits.unpack(o, lse, G, T)
 
 
-def _kernel(meta_ref, q_ref, k_ref, v_ref, rot_ref, freq_ref, o_ref, lse_ref, *, n_sink, W, S,
-            Tp, bs, n_sub, scale, softcap):
+def _kernel(
+  meta_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  rot_ref,
+  freq_ref,
+  o_ref,
+  lse_ref,
+  *,
+  n_sink,
+  W,
+  S,
+  Tp,
+  bs,
+  n_sub,
+  scale,
+  softcap,
+):
   """One (row b, kv head, chunk c): q_ref [R, H]; k_ref, v_ref [chunk, H] slots
   [c * chunk, (c + 1) * chunk); o_ref [R, H]; lse_ref [R, 1]."""
   b, c = pl.program_id(0), pl.program_id(2)
   count, start, window = meta_ref[b, COUNT], meta_ref[b, START], meta_ref[b, WINDOW]
   R, H = q_ref.shape
   f32 = jnp.float32
-  c0 = c * (bs * n_sub)                         # the chunk's first slot
+  c0 = c * (bs * n_sub)  # the chunk's first slot
   t = jax.lax.broadcasted_iota(jnp.int32, (R, 1), 0) & (Tp - 1)
-  i, first, p, q_win, base = query_positions(t, count, start, n_sink, W)   # [R, 1]
+  i, first, p, q_win, base = query_positions(t, count, start, n_sink, W)  # [R, 1]
   freq, rot = freq_ref[...], rot_ref[...]
-  dot_nt = functools.partial(jax.lax.dot_general, dimension_numbers=(((1,), (1,)), ((), ())),
-                             preferred_element_type=f32)
+  dot_nt = functools.partial(
+    jax.lax.dot_general, dimension_numbers=(((1,), (1,)), ((), ())), preferred_element_type=f32
+  )
 
-  def tables(pos):                             # pos [n, 1] -> RoPE (cos, sin) [n, H]
+  def tables(pos):  # pos [n, 1] -> RoPE (cos, sin) [n, H]
     angle = pos.astype(f32) * freq
     return jnp.cos(angle), jnp.sin(angle)
 
-  def rotary(x, cos_sin):                      # x [n, H] f32
+  def rotary(x, cos_sin):  # x [n, H] f32
     turned = jnp.dot(x, rot, preferred_element_type=f32, precision=jax.lax.Precision.HIGHEST)
     return x * cos_sin[0] + turned * cos_sin[1]
 
@@ -238,21 +348,21 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, rot_ref, freq_ref, o_ref, lse_ref, *,
   def body(j, carry, dual):
     """Key block j of the chunk: its slots' geometry and RoPE tables, then one online step."""
     lo = j * bs
-    col = c0 + lo + jax.lax.broadcasted_iota(jnp.int32, (bs, 1), 0)    # [bs, 1] for keys
-    row = c0 + lo + jax.lax.broadcasted_iota(jnp.int32, (1, bs), 1)    # [1, bs] for scores
+    col = c0 + lo + jax.lax.broadcasted_iota(jnp.int32, (bs, 1), 0)  # [bs, 1] for keys
+    row = c0 + lo + jax.lax.broadcasted_iota(jnp.int32, (1, bs), 1)  # [1, bs] for scores
     _, kept_col, key_pos = _slots(col, count, start, base, n_sink, W)
     idx, kept, _ = _slots(row, count, start, base, n_sink, W)
-    vis = _visible(row, idx, kept, i, first, p, n_sink, window) & (row < S)   # [R, bs]
+    vis = _visible(row, idx, kept, i, first, p, n_sink, window) & (row < S)  # [R, bs]
     keys = rotary(k_ref[pl.ds(lo, bs), :].astype(f32), tables(key_pos)).astype(dtype)
-    s = dot_nt(q_w, keys)                                            # [R, bs]
+    s = dot_nt(q_w, keys)  # [R, bs]
     if dual:
       s = jnp.where(row < n_sink, dot_nt(q_s, keys), s)
     vals = v_ref[pl.ds(lo, bs), :]
-    live = jnp.broadcast_to(kept_col & (col < S), vals.shape)          # past S: any bits
+    live = jnp.broadcast_to(kept_col & (col < S), vals.shape)  # past S: any bits
     vals = jnp.where(live, vals, jnp.zeros_like(vals))
     return splits.online_step(carry, s, vis, vals, scale=scale, softcap=softcap)
 
-  filled = jnp.minimum(count, S)                # slots at and past `count` were never written
+  filled = jnp.minimum(count, S)  # slots at and past `count` were never written
   n_live = jnp.clip(splits.cdiv_pow2(filled - c0, bs), 0, n_sub)
   carry = splits.start(R, H)
   if n_sink:  # leading blocks holding sink slots score against both query frames

@@ -50,7 +50,7 @@ def merge(o: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
   """o [..., C, R, H] float32 (each split's softmax-weighted values, 0 when it saw no key),
   lse [..., C, R, 1] (NEG when it saw none) -> (o [..., R, H], lse [..., R, 1]) of the union."""
   m = lse.max(axis=-3, keepdims=True)
-  w = jnp.where(lse > NEG / 2, jnp.exp(lse - m), 0.0)               # [..., C, R, 1]
+  w = jnp.where(lse > NEG / 2, jnp.exp(lse - m), 0.0)  # [..., C, R, 1]
   l = w.sum(axis=-3)
   safe = jnp.where(l > 0, l, 1.0)
   return (w * o).sum(axis=-3) / safe, jnp.where(l > 0, m[..., 0, :, :] + jnp.log(safe), NEG)
@@ -73,7 +73,7 @@ def pack_queries(q: jax.Array, K: int, Tp: int) -> jax.Array:
   """q [B, T, N, H] -> [B, K, G Tp, H]: each kv head's query rows, T padded to Tp (the
   inverse of `unpack`)."""
   B, T, N, H = q.shape
-  qr = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)    # [B, K, G, T, H]
+  qr = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
   return jnp.pad(qr, ((0, 0), (0, 0), (0, 0), (0, Tp - T), (0, 0))).reshape(B, K, -1, H)
 
 
@@ -90,25 +90,46 @@ def cdiv_pow2(x, d: int):
   return (x + d - 1) >> (d.bit_length() - 1)
 
 
-def call(kernel: Callable, args: Sequence[jax.Array], *, in_specs: list,
-         grid: tuple[int, int, int], rows: int, head_dim: int, tpu: bool, interpret, cost,
-         name: str):
+def call(
+  kernel: Callable,
+  args: Sequence[jax.Array],
+  *,
+  in_specs: list,
+  grid: tuple[int, int, int],
+  rows: int,
+  head_dim: int,
+  tpu: bool,
+  interpret,
+  cost,
+  name: str,
+):
   """Runs a split kernel over grid (B, K, C) (row, kv head, key split; all parallel) and merges
   its splits: each program writes the normalized o [R, H] and lse [R, 1] of its chunk ->
   (o [B, K, R, H], lse [B, K, R, 1]) float32 over every key."""
   B, K, C = grid
   R, H = rows, head_dim
+
   def out_spec(n):
     return pl.BlockSpec((None, None, None, R, n), lambda b, h, c: (b, h, c, 0, 0))
 
   o, lse = pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=[out_spec(H), out_spec(1)],
-      out_shape=[jax.ShapeDtypeStruct((B, K, C, R, H), jnp.float32),
-                 jax.ShapeDtypeStruct((B, K, C, R, 1), jnp.float32)],
-      interpret=interpret,
-      compiler_params=(pltpu.CompilerParams(dimension_semantics=("parallel",) * 3) if tpu
-                       else pltriton.CompilerParams(num_warps=4, num_stages=2)),
-      cost_estimate=cost, name=name)(*args)
+    kernel,
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=[out_spec(H), out_spec(1)],
+    out_shape=[
+      jax.ShapeDtypeStruct((B, K, C, R, H), jnp.float32),
+      jax.ShapeDtypeStruct((B, K, C, R, 1), jnp.float32),
+    ],
+    interpret=interpret,
+    compiler_params=(
+      pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
+      if tpu
+      else pltriton.CompilerParams(num_warps=4, num_stages=2)
+    ),
+    cost_estimate=cost,
+    name=name,
+  )(*args)
   return merge(o, lse)
 
 

@@ -35,11 +35,25 @@ STEPS = 4  # key blocks per program: a chunk of STEPS * block slots
 LENGTH, WINDOW = range(2)  # the columns of the kernel's per-row scalar table (SMEM)
 
 
-def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, length: jax.Array,
-                   k_new: jax.Array, v_new: jax.Array, q_pos: jax.Array, pos: jax.Array,
-                   tree_mask: jax.Array, *, scale: float, window: jax.Array | int = 0,
-                   softcap: float | None = None, impl: str | None = None, interpret=False,
-                   block: int = 128, steps: int = STEPS) -> tuple[jax.Array, jax.Array]:
+def tree_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  length: jax.Array,
+  k_new: jax.Array,
+  v_new: jax.Array,
+  q_pos: jax.Array,
+  pos: jax.Array,
+  tree_mask: jax.Array,
+  *,
+  scale: float,
+  window: jax.Array | int = 0,
+  softcap: float | None = None,
+  impl: str | None = None,
+  interpret=False,
+  block: int = 128,
+  steps: int = STEPS,
+) -> tuple[jax.Array, jax.Array]:
   """A draft tree's attention over the cache and its own ancestry, as a softmax (o, lse).
 
   q: [B, T, N, H] queries of the T tree tokens, after RoPE.
@@ -68,33 +82,50 @@ def tree_attention(q: jax.Array, k: jax.Array, v: jax.Array, length: jax.Array,
   if impl == "xla":
     return reference(*args, scale=scale, window=window, softcap=softcap)
   tpu = jax.default_backend() == "tpu" or isinstance(interpret, pltpu.InterpretParams)
-  return _pallas(*args, scale=scale, window=window, softcap=softcap, interpret=interpret,
-                 block=block, tpu=tpu, steps=steps)
+  return _pallas(
+    *args,
+    scale=scale,
+    window=window,
+    softcap=softcap,
+    interpret=interpret,
+    block=block,
+    tpu=tpu,
+    steps=steps,
+  )
 
 
 def _check(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask):
   if q.ndim != 4 or k.ndim != 4:
-    raise ValueError(f"q must be [B, T, N, H] and k, v [B, K, S, H]; got q{list(q.shape)}, "
-                     f"k{list(k.shape)}")
+    raise ValueError(
+      f"q must be [B, T, N, H] and k, v [B, K, S, H]; got q{list(q.shape)}, k{list(k.shape)}"
+    )
   B, T, N, H = q.shape
   _, K, S, _ = k.shape
   if k.shape != v.shape or k.shape[0] != B or k.shape[3] != H or S < 1 or N % K:
-    raise ValueError(f"k and v must both be [B={B}, K, S >= 1, H={H}] with N={N} a multiple "
-                     f"of K; got k{list(k.shape)}, v{list(v.shape)}")
+    raise ValueError(
+      f"k and v must both be [B={B}, K, S >= 1, H={H}] with N={N} a multiple "
+      f"of K; got k{list(k.shape)}, v{list(v.shape)}"
+    )
   if k_new.shape != (B, K, T, H) or v_new.shape != (B, K, T, H):
-    raise ValueError(f"k_new and v_new must both be [B, K, T, H] = {[B, K, T, H]}; got "
-                     f"k_new{list(k_new.shape)}, v_new{list(v_new.shape)}")
-  for name, x, shape in (("length", length, (B,)), ("q_pos", q_pos, (B, T)),
-                         ("pos", pos, (B, S))):
+    raise ValueError(
+      f"k_new and v_new must both be [B, K, T, H] = {[B, K, T, H]}; got "
+      f"k_new{list(k_new.shape)}, v_new{list(v_new.shape)}"
+    )
+  for name, x, shape in (("length", length, (B,)), ("q_pos", q_pos, (B, T)), ("pos", pos, (B, S))):
     if jnp.shape(x) != shape or not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
-      raise ValueError(f"{name} must be an int array of shape {shape}; got "
-                       f"{jnp.asarray(x).dtype}{list(jnp.shape(x))}")
+      raise ValueError(
+        f"{name} must be an int array of shape {shape}; got "
+        f"{jnp.asarray(x).dtype}{list(jnp.shape(x))}"
+      )
   if jnp.shape(tree_mask) != (B, T, T) or jnp.asarray(tree_mask).dtype != jnp.bool_:
-    raise ValueError(f"tree_mask must be a bool array of shape ({B}, {T}, {T}) (T from q); got "
-                     f"{jnp.asarray(tree_mask).dtype}{list(jnp.shape(tree_mask))}")
+    raise ValueError(
+      f"tree_mask must be a bool array of shape ({B}, {T}, {T}) (T from q); got "
+      f"{jnp.asarray(tree_mask).dtype}{list(jnp.shape(tree_mask))}"
+    )
 
 
 # ---- visibility, shared by the kernel and the reference (broadcasting int arrays) ----
+
 
 def _sees_slot(slot, slot_pos, length, q_pos, window):
   """Whether a query at q_pos sees cache slot `slot` holding position slot_pos."""
@@ -109,24 +140,49 @@ def _sees_tree(tree_mask, q_pos, window):
 
 # ---- plain XLA ----
 
-def reference(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, *, scale: float,
-              window=0, softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
+
+def reference(
+  q,
+  k,
+  v,
+  length,
+  k_new,
+  v_new,
+  q_pos,
+  pos,
+  tree_mask,
+  *,
+  scale: float,
+  window=0,
+  softcap: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """`tree_attention` in plain XLA (same arguments and results)."""
   B, T, N, H = q.shape
   K, S = k.shape[1], k.shape[2]
   G = N // K
   length, q_pos = length.astype(jnp.int32), q_pos.astype(jnp.int32)
-  slot = jnp.arange(S, dtype=jnp.int32)[None, None]                      # [1, 1, S]
-  vis = jnp.concatenate([
-      _sees_slot(slot, pos[:, None].astype(jnp.int32), length[:, None, None], q_pos[..., None],
-                 window),
-      _sees_tree(tree_mask, q_pos, window)], axis=-1)[:, None, None]      # [B, 1, 1, T, S+T]
-  v = jnp.where((slot[0] < length[:, None])[:, None, :, None], v, 0)   # free slots: any bits
+  slot = jnp.arange(S, dtype=jnp.int32)[None, None]  # [1, 1, S]
+  vis = jnp.concatenate(
+    [
+      _sees_slot(
+        slot, pos[:, None].astype(jnp.int32), length[:, None, None], q_pos[..., None], window
+      ),
+      _sees_tree(tree_mask, q_pos, window),
+    ],
+    axis=-1,
+  )[:, None, None]  # [B, 1, 1, T, S+T]
+  v = jnp.where((slot[0] < length[:, None])[:, None, :, None], v, 0)  # free slots: any bits
   f32 = jnp.float32  # operands in their dtype, products in float32 (see sink_attention)
   qg = q.astype(k.dtype).astype(f32).reshape(B, T, K, G, H)
-  s = jnp.concatenate([
-      jnp.einsum("btkgh,bksh->bkgts", qg, keys.astype(k.dtype).astype(f32))
-      for keys in (k, k_new)], axis=-1) * scale                          # [B, K, G, T, S+T]
+  s = (
+    jnp.concatenate(
+      [
+        jnp.einsum("btkgh,bksh->bkgts", qg, keys.astype(k.dtype).astype(f32)) for keys in (k, k_new)
+      ],
+      axis=-1,
+    )
+    * scale
+  )  # [B, K, G, T, S+T]
   if softcap is not None:
     s = jnp.tanh(s / softcap) * softcap
   s = jnp.where(vis, s, NEG)
@@ -134,17 +190,36 @@ def reference(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, *, scale: fl
   e = jnp.where(vis, jnp.exp(s - m), 0.0)
   l = e.sum(-1, keepdims=True)
   probs = e / jnp.where(l > 0, l, 1.0)
-  o = sum(jnp.einsum("bkgts,bksh->btkgh", p.astype(v.dtype).astype(f32),
-                     vals.astype(v.dtype).astype(f32))
-          for p, vals in ((probs[..., :S], v), (probs[..., S:], v_new)))
+  o = sum(
+    jnp.einsum("bkgts,bksh->btkgh", p.astype(v.dtype).astype(f32), vals.astype(v.dtype).astype(f32))
+    for p, vals in ((probs[..., :S], v), (probs[..., S:], v_new))
+  )
   lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG)[..., 0]  # [B, K, G, T]
   return o.reshape(B, T, N, H), lse.transpose(0, 3, 1, 2).reshape(B, T, N)
 
 
 # ---- Pallas ----
 
-def _pallas(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, *, scale, window, softcap,
-            interpret, block, tpu: bool, steps: int = STEPS):
+
+def _pallas(
+  q,
+  k,
+  v,
+  length,
+  k_new,
+  v_new,
+  q_pos,
+  pos,
+  tree_mask,
+  *,
+  scale,
+  window,
+  softcap,
+  interpret,
+  block,
+  tpu: bool,
+  steps: int = STEPS,
+):
   """Flash decoding over a grid (row, kv head, key split): each program reads one chunk of
   `steps` key blocks of `bs` cache slots of one (row, kv head) in place from the cache's
   [B, K, S, H] layout, with an online softmax across its blocks up to the row's length (a
@@ -164,39 +239,77 @@ def _pallas(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, *, scale, wind
   n_sub = chunk // bs
   i32 = jnp.int32
 
-  def pad_t(x, axes):                          # pads the tree axes `axes` of x from T to Tp
+  def pad_t(x, axes):  # pads the tree axes `axes` of x from T to Tp
     return jnp.pad(x, [(0, Tp - T) if a in axes else (0, 0) for a in range(x.ndim)])
 
-  qr = splits.pack_queries(q.astype(k.dtype), K, Tp)              # [B, K, R, H]
-  q_rows = jnp.tile(pad_t(q_pos.astype(i32), (1,)), (1, G))[..., None]      # [B, R, 1]
+  qr = splits.pack_queries(q.astype(k.dtype), K, Tp)  # [B, K, R, H]
+  q_rows = jnp.tile(pad_t(q_pos.astype(i32), (1,)), (1, G))[..., None]  # [B, R, 1]
   slot_pos = jnp.pad(pos.astype(i32), ((0, 0), (0, n_split * chunk - S)), constant_values=-1)
-  slot_pos = slot_pos.reshape(B, n_split, n_sub, bs)               # the key blocks' positions
+  slot_pos = slot_pos.reshape(B, n_split, n_sub, bs)  # the key blocks' positions
   seen = pad_t(_sees_tree(tree_mask, q_pos.astype(i32), window), (1, 2))
-  seen = jnp.tile(seen, (1, G, 1)).astype(i32)                     # [B, R, Tp]
-  kn = pad_t(k_new.astype(k.dtype), (2,))                          # [B, K, Tp, H]
+  seen = jnp.tile(seen, (1, G, 1)).astype(i32)  # [B, R, Tp]
+  kn = pad_t(k_new.astype(k.dtype), (2,))  # [B, K, Tp, H]
   vn = pad_t(v_new.astype(v.dtype), (2,))
-  meta = jnp.stack([length.astype(i32), jnp.broadcast_to(window, (B,)).astype(i32)],
-                   axis=1)                                          # [B, 2]: LENGTH, WINDOW
-  meta_spec = (pl.BlockSpec(memory_space=pltpu.SMEM) if tpu
-               else pl.BlockSpec((B, 2), lambda b, h, c: (0, 0)))
+  meta = jnp.stack(
+    [length.astype(i32), jnp.broadcast_to(window, (B,)).astype(i32)], axis=1
+  )  # [B, 2]: LENGTH, WINDOW
+  meta_spec = (
+    pl.BlockSpec(memory_space=pltpu.SMEM) if tpu else pl.BlockSpec((B, 2), lambda b, h, c: (0, 0))
+  )
   head = lambda n: pl.BlockSpec((None, None, n, H), lambda b, h, c: (b, h, 0, 0))
   kv_spec = pl.BlockSpec((None, None, chunk, H), lambda b, h, c: (b, h, c, 0))
   row = lambda *shape: pl.BlockSpec((None, *shape), lambda b, h, c: (b,) + (0,) * len(shape))
   kernel = functools.partial(_kernel, bs=bs, n_sub=n_sub, S=S, scale=scale, softcap=softcap)
   args = (q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, window)
   cost = pl.estimate_cost(
-      lambda *a: reference(*a[:-1], scale=scale, window=a[-1], softcap=softcap),
-      *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args))
-  in_specs = [meta_spec, head(R), kv_spec, kv_spec, head(Tp), head(Tp), row(R, 1),
-              pl.BlockSpec((None, None, n_sub, bs), lambda b, h, c: (b, c, 0, 0)), row(R, Tp)]
-  o, lse = splits.call(kernel, (meta, qr, k, v, kn, vn, q_rows, slot_pos, seen),
-                       in_specs=in_specs, grid=(B, K, n_split), rows=R, head_dim=H, tpu=tpu,
-                       interpret=interpret, cost=cost, name="tree_attention")
+    lambda *a: reference(*a[:-1], scale=scale, window=a[-1], softcap=softcap),
+    *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args),
+  )
+  in_specs = [
+    meta_spec,
+    head(R),
+    kv_spec,
+    kv_spec,
+    head(Tp),
+    head(Tp),
+    row(R, 1),
+    pl.BlockSpec((None, None, n_sub, bs), lambda b, h, c: (b, c, 0, 0)),
+    row(R, Tp),
+  ]
+  o, lse = splits.call(
+    kernel,
+    (meta, qr, k, v, kn, vn, q_rows, slot_pos, seen),
+    in_specs=in_specs,
+    grid=(B, K, n_split),
+    rows=R,
+    head_dim=H,
+    tpu=tpu,
+    interpret=interpret,
+    cost=cost,
+    name="tree_attention",
+  )
   return splits.unpack(o, lse, G, T)
 
 
-def _kernel(meta_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, qp_ref, sp_ref, seen_ref, o_ref,
-            lse_ref, *, bs, n_sub, S, scale, softcap):
+def _kernel(
+  meta_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  kn_ref,
+  vn_ref,
+  qp_ref,
+  sp_ref,
+  seen_ref,
+  o_ref,
+  lse_ref,
+  *,
+  bs,
+  n_sub,
+  S,
+  scale,
+  softcap,
+):
   """One (row b, kv head, chunk c): q_ref [R, H]; k_ref, v_ref [chunk, H] slots
   [c * chunk, (c + 1) * chunk); kn_ref, vn_ref [Tp, H]; qp_ref [R, 1] query positions; sp_ref
   [n_sub, bs] slot positions per key block; seen_ref [R, Tp] int tree mask; o_ref [R, H];
@@ -206,10 +319,11 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, qp_ref, sp_ref, seen_
   R, H = q_ref.shape
   f32 = jnp.float32
   c0 = c * (bs * n_sub)
-  q_pos = qp_ref[...]                                               # [R, 1]
-  q = q_ref[...]                                                    # [R, H]
-  dot_nt = functools.partial(jax.lax.dot_general, dimension_numbers=(((1,), (1,)), ((), ())),
-                             preferred_element_type=f32)
+  q_pos = qp_ref[...]  # [R, 1]
+  q = q_ref[...]  # [R, H]
+  dot_nt = functools.partial(
+    jax.lax.dot_general, dimension_numbers=(((1,), (1,)), ((), ())), preferred_element_type=f32
+  )
 
   update = functools.partial(splits.online_step, scale=scale, softcap=softcap)
 
@@ -217,15 +331,16 @@ def _kernel(meta_ref, q_ref, k_ref, v_ref, kn_ref, vn_ref, qp_ref, sp_ref, seen_
     """Key block j of the chunk. Masks are built at full shape from iotas (no broadcasting of
     boolean vectors)."""
     lo = j * bs
-    slot = c0 + lo + jax.lax.broadcasted_iota(jnp.int32, (R, bs), 1)     # [R, bs]
+    slot = c0 + lo + jax.lax.broadcasted_iota(jnp.int32, (R, bs), 1)  # [R, bs]
     vis = _sees_slot(slot, sp_ref[pl.ds(j, 1), :], length, q_pos, window)
-    vals = v_ref[pl.ds(lo, bs), :]                                   # [bs, H]
+    vals = v_ref[pl.ds(lo, bs), :]  # [bs, H]
     live = c0 + lo + jax.lax.broadcasted_iota(jnp.int32, (bs, H), 0) < length
-    vals = jnp.where(live, vals, jnp.zeros_like(vals))              # free slots: any bits
+    vals = jnp.where(live, vals, jnp.zeros_like(vals))  # free slots: any bits
     return update(carry, dot_nt(q, k_ref[pl.ds(lo, bs), :]), vis, vals)
 
   n_live = jnp.clip(splits.cdiv_pow2(jnp.minimum(length, S) - c0, bs), 0, n_sub)
   carry = jax.lax.fori_loop(0, n_live, body, splits.start(R, H))
-  tree_vis = (seen_ref[...] != 0) & (c == 0)                        # [R, Tp]: chunk 0 only
-  o_ref[...], lse_ref[...] = splits.finish(update(carry, dot_nt(q, kn_ref[...]), tree_vis,
-                                                 vn_ref[...]))
+  tree_vis = (seen_ref[...] != 0) & (c == 0)  # [R, Tp]: chunk 0 only
+  o_ref[...], lse_ref[...] = splits.finish(
+    update(carry, dot_nt(q, kn_ref[...]), tree_vis, vn_ref[...])
+  )

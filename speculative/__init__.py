@@ -20,5 +20,17 @@ from kvjax.speculative.formats import load as load_head
 from kvjax.speculative.head import save as save_head
 from kvjax.speculative.tree import Tree, TreeSpec
 
-__all__ = ["HeadConfig", "HeadError", "LoadedHead", "Tree", "TreeSpec", "auto_tree",
-           "draft_vocabulary", "export_head", "generate", "init_head", "load_head", "save_head"]
+__all__ = [
+  "HeadConfig",
+  "HeadError",
+  "LoadedHead",
+  "Tree",
+  "TreeSpec",
+  "auto_tree",
+  "draft_vocabulary",
+  "export_head",
+  "generate",
+  "init_head",
+  "load_head",
+  "save_head",
+]

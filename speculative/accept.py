@@ -39,7 +39,8 @@ def accept(tree: Tree, probs: jax.Array, key: jax.Array, greedy: bool):
   depth = tree.paths.shape[-1] - 1
   keys = jax.random.split(key, B)
   return jax.vmap(lambda *a: _walk(*a, depth=depth, k=k, greedy=greedy))(
-      tree.tokens, tree.children, probs, keys)
+    tree.tokens, tree.children, probs, keys
+  )
 
 
 def _walk(tokens, children, probs, key, *, depth: int, k: int, greedy: bool):
@@ -61,8 +62,9 @@ def _walk(tokens, children, probs, key, *, depth: int, k: int, greedy: bool):
     r = jnp.where(moved, probs[node], r)
     return (node, alive & moved, r), jnp.where(moved, chosen, -1)
 
-  (node, _, r), steps = jax.lax.scan(level, (jnp.int32(0), jnp.bool_(True), probs[0]),
-                                     jax.random.split(key, depth + 1)[:depth])
+  (node, _, r), steps = jax.lax.scan(
+    level, (jnp.int32(0), jnp.bool_(True), probs[0]), jax.random.split(key, depth + 1)[:depth]
+  )
   n = jnp.sum(steps >= 0).astype(jnp.int32)
   path = jnp.concatenate([jnp.zeros((1,), jnp.int32), steps])
   path = jnp.where(jnp.arange(depth + 1) <= n, path, node)  # accepted steps are a prefix

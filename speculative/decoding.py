@@ -33,10 +33,24 @@ def _forward_features(dec, head, tokens, **kw):
   return out, head.feature(out.hidden, out.layer_inputs), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "head_graphdef", "sampling"),
-                   donate_argnames=("cache", "hcache"))
-def prefill(graphdef, state, head_state, cache: KVCache, hcache: KVCache, tokens, lengths,
-            key, *, head_graphdef, sampling: Sampling):
+@functools.partial(
+  jax.jit,
+  static_argnames=("graphdef", "head_graphdef", "sampling"),
+  donate_argnames=("cache", "hcache"),
+)
+def prefill(
+  graphdef,
+  state,
+  head_state,
+  cache: KVCache,
+  hcache: KVCache,
+  tokens,
+  lengths,
+  key,
+  *,
+  head_graphdef,
+  sampling: Sampling,
+):
   """tokens [B, P] right-padded, lengths [B] -> (root [B] the first new token, h [B, D],
   draft logits [B, V], cache, hcache, bad [B] the target's logits for the root were not
   finite), both caches holding lengths[b] entries."""
@@ -50,8 +64,7 @@ def prefill(graphdef, state, head_state, cache: KVCache, hcache: KVCache, tokens
   target = dec.logits(last)
   root = sample(target, jax.random.fold_in(key, 0), sampling)
   nxt = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], 1).at[rows, lengths - 1].set(root)
-  hs, hcache = head(feats, dec.embed_tokens(nxt), cache=hcache, positions=positions,
-                    n_new=lengths)
+  hs, hcache = head(feats, dec.embed_tokens(nxt), cache=hcache, positions=positions, n_new=lengths)
   h = hs[rows, lengths - 1]
   return root, h, head.logits(h, dec), cache, hcache, nonfinite(target)
 
@@ -60,17 +73,21 @@ def _draft(dec, head, hcache: KVCache, h, logits, root, spec: trees.TreeSpec):
   n = hcache.length
   B, S = hcache.batch, hcache.size
   k = spec.top_k
-  rel = jnp.arange(S) - n[:, None]                                     # [B, S] slot - n
+  rel = jnp.arange(S) - n[:, None]  # [B, S] slot - n
   in_draft = (rel >= 0) & (rel < spec.draft_slots)
 
   def step(feats, tokens, positions, anc):
     nonlocal hcache
-    drafted = jnp.take_along_axis(anc, jnp.clip(rel, 0, spec.draft_slots - 1)[:, None, :]
-                                  .repeat(k, 1), axis=2) & in_draft[:, None]
-    mask = jnp.concatenate([(rel < 0)[:, None] | drafted,
-                            jnp.broadcast_to(jnp.eye(k, dtype=bool), (B, k, k))], axis=2)
-    hs, hcache = head(feats, dec.embed_tokens(tokens), cache=hcache, positions=positions,
-                      mask=mask)
+    drafted = (
+      jnp.take_along_axis(
+        anc, jnp.clip(rel, 0, spec.draft_slots - 1)[:, None, :].repeat(k, 1), axis=2
+      )
+      & in_draft[:, None]
+    )
+    mask = jnp.concatenate(
+      [(rel < 0)[:, None] | drafted, jnp.broadcast_to(jnp.eye(k, dtype=bool), (B, k, k))], axis=2
+    )
+    hs, hcache = head(feats, dec.embed_tokens(tokens), cache=hcache, positions=positions, mask=mask)
     return hs, head.logits(hs, dec)
 
   tree = trees.draft(step, h, logits, root, n, spec)
@@ -88,27 +105,44 @@ def draft_verify(dec, head, cache, hcache, root, h, logits, key, live, *, spec, 
   tree, hcache = _draft(dec, head, hcache, h, logits, root, spec)
   positions = n[:, None] + tree.depth
   view = verify.tree_view(cache, positions, tree.mask)
-  out, feats, cache = _forward_features(dec, head, tree.tokens, cache=cache, view=view,
-                                        n_new=jnp.zeros((B,), jnp.int32))
+  out, feats, cache = _forward_features(
+    dec, head, tree.tokens, cache=cache, view=view, n_new=jnp.zeros((B,), jnp.int32)
+  )
   probs = accept.target_probs(out.logits, sampling)
   path, m, bonus = accept.accept(tree, probs, key, sampling.greedy)
   D1 = spec.depth + 1
   j = jnp.arange(D1)[None]
-  path_tokens = jnp.take_along_axis(tree.tokens, path, axis=1)           # [B, D1] root first
+  path_tokens = jnp.take_along_axis(tree.tokens, path, axis=1)  # [B, D1] root first
   emit = jnp.where(j < m[:, None], jnp.roll(path_tokens, -1, axis=1), bonus[:, None])
   n_new = jnp.where(live, m + 1, 0)
   kv_path = lambda a: jnp.take_along_axis(a, path[None, :, None, :, None], axis=3)  # [L,B,K,D1,H]
   new_pos = n[:, None] + j
   cache = cache.write(kv_path(out.k), kv_path(out.v), new_pos, n_new)
-  hs, hcache = head(feats[rows, path], dec.embed_tokens(emit), cache=hcache, positions=new_pos,
-                    n_new=n_new)
+  hs, hcache = head(
+    feats[rows, path], dec.embed_tokens(emit), cache=hcache, positions=new_pos, n_new=n_new
+  )
   h = hs[rows[:, 0], m]
   return emit, m, cache, hcache, bonus, h, head.logits(h, dec), live & nonfinite(out.logits)
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["round", "cache", "hcache", "root", "h", "logits", "out", "done",
-                                "counts", "rounds", "accepted", "bad"], meta_fields=[])
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=[
+    "round",
+    "cache",
+    "hcache",
+    "root",
+    "h",
+    "logits",
+    "out",
+    "done",
+    "counts",
+    "rounds",
+    "accepted",
+    "bad",
+  ],
+  meta_fields=[],
+)
 @dataclasses.dataclass(frozen=True)
 class LoopState:
   """The carry of the speculative `while_loop`. round: [] int32 rounds run (target verify
@@ -133,10 +167,30 @@ class LoopState:
   bad: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "head_graphdef", "spec", "sampling",
-                                             "max_steps"), donate_argnames=("cache", "hcache"))
-def loop(graphdef, state, head_state, cache, hcache, root, h, logits, bad, key, n_steps, stop_ids,
-         *, head_graphdef, spec: trees.TreeSpec, sampling: Sampling, max_steps: int):
+@functools.partial(
+  jax.jit,
+  static_argnames=("graphdef", "head_graphdef", "spec", "sampling", "max_steps"),
+  donate_argnames=("cache", "hcache"),
+)
+def loop(
+  graphdef,
+  state,
+  head_state,
+  cache,
+  hcache,
+  root,
+  h,
+  logits,
+  bad,
+  key,
+  n_steps,
+  stop_ids,
+  *,
+  head_graphdef,
+  spec: trees.TreeSpec,
+  sampling: Sampling,
+  max_steps: int,
+):
   """Generates up to n_steps (<= max_steps) tokens per row, the root (from `prefill`) first,
   in one `lax.while_loop` of rounds. A row stops after a token in stop_ids [E] (pad with -1).
   bad [B]: the prefill's non-finite flag, carried on.
@@ -159,8 +213,18 @@ def loop(graphdef, state, head_state, cache, hcache, root, h, logits, bad, key, 
   def body(s: LoopState) -> LoopState:
     live = ~s.done
     emit, m, cache, hcache, root, h, logits, bad = draft_verify(
-        dec, head, s.cache, s.hcache, s.root, s.h, s.logits, jax.random.fold_in(key, s.round + 1),
-        live, spec=spec, sampling=sampling)
+      dec,
+      head,
+      s.cache,
+      s.hcache,
+      s.root,
+      s.h,
+      s.logits,
+      jax.random.fold_in(key, s.round + 1),
+      live,
+      spec=spec,
+      sampling=sampling,
+    )
     j = jnp.arange(D1)[None]
     stops = is_stop(emit) & (j <= m[:, None])
     first = jnp.where(stops.any(1), jnp.argmax(stops, 1), D1)
@@ -168,16 +232,36 @@ def loop(graphdef, state, head_state, cache, hcache, root, h, logits, bad, key, 
     n_emit = jnp.where(live, n_emit, 0)
     cols = jnp.where(j < n_emit[:, None], s.counts[:, None] + j, max_steps + D1)
     return LoopState(
-        round=s.round + 1, cache=cache, hcache=hcache, root=root, h=h, logits=logits,
-        out=s.out.at[jnp.arange(B)[:, None], cols].set(emit, mode="drop"),
-        done=s.done | (live & (first < n_emit)) | (s.counts + n_emit >= n_steps),
-        counts=s.counts + n_emit, rounds=s.rounds + live,
-        accepted=s.accepted.at[:, s.round].set(jnp.where(live, m + 1, 0), mode="drop"),
-        bad=s.bad | bad)
+      round=s.round + 1,
+      cache=cache,
+      hcache=hcache,
+      root=root,
+      h=h,
+      logits=logits,
+      out=s.out.at[jnp.arange(B)[:, None], cols].set(emit, mode="drop"),
+      done=s.done | (live & (first < n_emit)) | (s.counts + n_emit >= n_steps),
+      counts=s.counts + n_emit,
+      rounds=s.rounds + live,
+      accepted=s.accepted.at[:, s.round].set(jnp.where(live, m + 1, 0), mode="drop"),
+      bad=s.bad | bad,
+    )
 
-  s = jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, LoopState(
-      round=jnp.int32(0), cache=cache, hcache=hcache, root=root, h=h, logits=logits, out=out,
-      done=done, counts=counts, rounds=zeros, accepted=jnp.zeros((B, max_steps), jnp.int32),
-      bad=bad))
-  return (s.out[:, :max_steps], s.counts, s.rounds, s.accepted, s.round, s.bad, s.cache,
-          s.hcache)
+  s = jax.lax.while_loop(
+    lambda s: ~jnp.all(s.done),
+    body,
+    LoopState(
+      round=jnp.int32(0),
+      cache=cache,
+      hcache=hcache,
+      root=root,
+      h=h,
+      logits=logits,
+      out=out,
+      done=done,
+      counts=counts,
+      rounds=zeros,
+      accepted=jnp.zeros((B, max_steps), jnp.int32),
+      bad=bad,
+    ),
+  )
+  return (s.out[:, :max_steps], s.counts, s.rounds, s.accepted, s.round, s.bad, s.cache, s.hcache)

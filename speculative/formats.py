@@ -44,7 +44,7 @@ WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 def detect(path: str) -> str:
-  """"kvjax" (head.json), "eagle1" or "eagle3" (config.json + weights) for a head directory."""
+  """ "kvjax" (head.json), "eagle1" or "eagle3" (config.json + weights) for a head directory."""
   if os.path.isfile(os.path.join(path, "head.json")):
     return "kvjax"
   file, w = read_tensors(published_dir(path))
@@ -54,19 +54,20 @@ def detect(path: str) -> str:
 def published_dir(path: str) -> str:
   """path, checked to be a published head's directory (config.json)."""
   if not os.path.isfile(os.path.join(path, "config.json")):
-    raise HeadError(f"{path}: neither a kvjax head (head.json) nor a published EAGLE head "
-                    f"(config.json + {' or '.join(WEIGHTS)})")
+    raise HeadError(
+      f"{path}: neither a kvjax head (head.json) nor a published EAGLE head "
+      f"(config.json + {' or '.join(WEIGHTS)})"
+    )
   return path
 
 
 def published_kind(file: str, w: dict) -> str:
-  """"eagle3" or "eagle1", from the tensor names w of weights file `file`."""
+  """ "eagle3" or "eagle1", from the tensor names w of weights file `file`."""
   if "midlayer.post_attention_layernorm.weight" in w:
     return "eagle3"
   if "layers.0.post_attention_layernorm.weight" in w:
     return "eagle1"
-  raise HeadError(f"{file}: neither EAGLE-3 tensors (midlayer.*) nor EAGLE-1 tensors "
-                  "(layers.0.*)")
+  raise HeadError(f"{file}: neither EAGLE-3 tensors (midlayer.*) nor EAGLE-1 tensors (layers.0.*)")
 
 
 def weights_file(path: str) -> str:
@@ -82,14 +83,18 @@ def read_tensors(path: str) -> tuple[str, dict[str, np.ndarray]]:
   try:
     if file.endswith(".safetensors"):
       from safetensors.numpy import load_file
+
       try:
         return file, dict(load_file(file))
       except TypeError:  # bfloat16: numpy cannot hold it, read through torch
         from safetensors.torch import load_file as load_torch
+
         return file, {k: _np(v) for k, v in load_torch(file).items()}
     import torch
-    return file, {k: _np(v) for k, v in torch.load(file, map_location="cpu",
-                                                     weights_only=True).items()}
+
+    return file, {
+      k: _np(v) for k, v in torch.load(file, map_location="cpu", weights_only=True).items()
+    }
   except HeadError:
     raise
   except Exception as err:  # noqa: BLE001 - a corrupt file: name it
@@ -104,8 +109,11 @@ def load(path: str, target, *, allow_other_params: bool = False) -> LoadedHead:
   """A head directory or shipped name, in kvjax's format or a published one (see the module
   docstring), for `target` (a kvjax.lm.Model). Mismatches raise HeadError naming the file and
   the field or tensor."""
-  path = resolve(os.fspath(path)) if not os.path.isfile(
-      os.path.join(os.fspath(path), "config.json")) else os.fspath(path)
+  path = (
+    resolve(os.fspath(path))
+    if not os.path.isfile(os.path.join(os.fspath(path), "config.json"))
+    else os.fspath(path)
+  )
   if os.path.isfile(os.path.join(path, "head.json")):
     return load_kvjax(path, target, allow_other_params=allow_other_params)
   return load_published(published_dir(path), target)
@@ -117,9 +125,13 @@ def _config(path: str, target, kind: str) -> tuple[dict, tuple[int, ...]]:
   file = os.path.join(path, "config.json")
   d = config.read_json(file, required=True, error=HeadError)
   t = target.cfg
-  want = {"hidden_size": t.d_model, "vocab_size": t.vocab_size,
-          "num_attention_heads": t.n_heads, "num_key_value_heads": t.n_kv_heads,
-          "intermediate_size": t.ffn_dim}
+  want = {
+    "hidden_size": t.d_model,
+    "vocab_size": t.vocab_size,
+    "num_attention_heads": t.n_heads,
+    "num_key_value_heads": t.n_kv_heads,
+    "intermediate_size": t.ffn_dim,
+  }
   if kind == "eagle3":
     want["target_hidden_size"] = t.d_model
   for name, v in want.items():
@@ -130,36 +142,50 @@ def _config(path: str, target, kind: str) -> tuple[dict, tuple[int, ...]]:
   if hd != t.head_dim:
     raise HeadError(f"{file}: head_dim is {hd}; the target has {t.head_dim}")
   rope = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
-  theta = d.get("rope_theta", rope.get("rope_theta", t.rope_theta))       # transformers 5 nests it
+  theta = d.get("rope_theta", rope.get("rope_theta", t.rope_theta))  # transformers 5 nests it
   if theta != t.rope_theta:
-    raise HeadError(f"{file}: rope_theta is {theta}; the target's is {t.rope_theta} "
-                    "(kvjax runs the head's layer with the target's RoPE)")
+    raise HeadError(
+      f"{file}: rope_theta is {theta}; the target's is {t.rope_theta} "
+      "(kvjax runs the head's layer with the target's RoPE)"
+    )
   if d.get("rms_norm_eps", t.norm_eps) != t.norm_eps:
-    raise HeadError(f"{file}: rms_norm_eps is {d['rms_norm_eps']!r}; the target's is "
-                    f"{t.norm_eps} (kvjax's head norms with the target's)")
+    raise HeadError(
+      f"{file}: rms_norm_eps is {d['rms_norm_eps']!r}; the target's is "
+      f"{t.norm_eps} (kvjax's head norms with the target's)"
+    )
   if kind == "eagle3" and (d.get("norm_output", True) is not True or d.get("fc_norm", False)):
-    raise HeadError(f"{file}: norm_output {d.get('norm_output', True)!r}, fc_norm "
-                    f"{d.get('fc_norm', False)!r}: SpecForge's variants (draft logits from the "
-                    "un-normed state; a norm per fused hidden state) are not the EAGLE-3 "
-                    "architecture kvjax runs (norm_output true, fc_norm false)")
+    raise HeadError(
+      f"{file}: norm_output {d.get('norm_output', True)!r}, fc_norm "
+      f"{d.get('fc_norm', False)!r}: SpecForge's variants (draft logits from the "
+      "un-normed state; a norm per fused hidden state) are not the EAGLE-3 "
+      "architecture kvjax runs (norm_output true, fc_norm false)"
+    )
   if d.get("num_hidden_layers", 1) != 1:
-    raise HeadError(f"{file}: num_hidden_layers is {d['num_hidden_layers']}; an EAGLE head "
-                    "has one decoder layer")
+    raise HeadError(
+      f"{file}: num_hidden_layers is {d['num_hidden_layers']}; an EAGLE head has one decoder layer"
+    )
   if kind == "eagle1":
     return d, ()
   L = t.n_layers
   ids = (d.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
   inputs = d.get("eagle_aux_hidden_state_layer_ids")  # vLLM's: layer inputs
-  for name, v, lo in (("eagle_config.eagle_aux_hidden_state_layer_ids", ids, 0),
-                      ("eagle_aux_hidden_state_layer_ids", inputs, 1)):
-    if v is not None and not (isinstance(v, list) and all(
-        isinstance(i, int) and lo <= i < L - 1 + lo for i in v)):
-      raise HeadError(f"{file}: {name} {v} must be a list of target layer ids in [{lo}, "
-                      f"{L - 1 + lo}) (the target has {L} layers)")
+  for name, v, lo in (
+    ("eagle_config.eagle_aux_hidden_state_layer_ids", ids, 0),
+    ("eagle_aux_hidden_state_layer_ids", inputs, 1),
+  ):
+    if v is not None and not (
+      isinstance(v, list) and all(isinstance(i, int) and lo <= i < L - 1 + lo for i in v)
+    ):
+      raise HeadError(
+        f"{file}: {name} {v} must be a list of target layer ids in [{lo}, "
+        f"{L - 1 + lo}) (the target has {L} layers)"
+      )
   if ids is not None and inputs is not None and [i + 1 for i in ids] != inputs:
-    raise HeadError(f"{file}: eagle_config.eagle_aux_hidden_state_layer_ids {ids} (layer "
-                    f"outputs) and eagle_aux_hidden_state_layer_ids {inputs} (layer inputs) "
-                    "name different layers")
+    raise HeadError(
+      f"{file}: eagle_config.eagle_aux_hidden_state_layer_ids {ids} (layer "
+      f"outputs) and eagle_aux_hidden_state_layer_ids {inputs} (layer inputs) "
+      "name different layers"
+    )
   if ids is not None:
     fuse = tuple(i + 1 for i in ids)
   elif inputs is not None:
@@ -167,8 +193,10 @@ def _config(path: str, target, kind: str) -> tuple[dict, tuple[int, ...]]:
   else:
     fuse = tuple(sorted({2, L // 2, L - 3}))
   if len(fuse) != 3 or len(set(fuse)) != 3 or not all(0 <= i < L for i in fuse):
-    raise HeadError(f"{file}: the fused hidden states {fuse} (inputs of target layers) must be "
-                    f"3 distinct layers of the target's {L}")
+    raise HeadError(
+      f"{file}: the fused hidden states {fuse} (inputs of target layers) must be "
+      f"3 distinct layers of the target's {L}"
+    )
   return d, fuse
 
 
@@ -187,31 +215,44 @@ def load_published(path: str, target) -> LoadedHead:
     t2d = _take(w, file, "t2d", (t.vocab_size,), dtype=bool)
     vocab = np.arange(Nd) + d2t
     if (vocab < 0).any() or (vocab >= t.vocab_size).any() or len(set(vocab.tolist())) != Nd:
-      raise HeadError(f"{file}: d2t maps the {Nd} draft ids to {len(set(vocab.tolist()))} "
-                      f"distinct ids, not all in [0, {t.vocab_size})")
+      raise HeadError(
+        f"{file}: d2t maps the {Nd} draft ids to {len(set(vocab.tolist()))} "
+        f"distinct ids, not all in [0, {t.vocab_size})"
+      )
     if t2d.sum() != Nd or not t2d[vocab].all():
       raise HeadError(f"{file}: t2d marks {int(t2d.sum())} target ids; d2t maps to {Nd} others")
-  hc = HeadConfig(kind=kind, target=t, fuse_layers=fuse, published=True,
-                  draft_vocab=tuple(int(i) for i in vocab),
-                  target_name=str(d.get("_name_or_path", "")))
+  hc = HeadConfig(
+    kind=kind,
+    target=t,
+    fuse_layers=fuse,
+    published=True,
+    draft_vocab=tuple(int(i) for i in vocab),
+    target_name=str(d.get("_name_or_path", "")),
+  )
   check(hc, t)
   C = 2 * D if kind == "eagle3" else D
-  lin = lambda name, o, i: _take(w, file, name, (o, i)).T                 # [in, out]
+  lin = lambda name, o, i: _take(w, file, name, (o, i)).T  # [in, out]
   blocks = {
-      "attn": {"q": lin(pre + "self_attn.q_proj.weight", N * H, C).reshape(C, N, H),
-               "k": lin(pre + "self_attn.k_proj.weight", K * H, C).reshape(C, K, H),
-               "v": lin(pre + "self_attn.v_proj.weight", K * H, C).reshape(C, K, H),
-               "o": lin(pre + "self_attn.o_proj.weight", D, N * H).reshape(N, H, D)},
-      "mlp": {"gate": lin(pre + "mlp.gate_proj.weight", F, D),
-              "up": lin(pre + "mlp.up_proj.weight", F, D),
-              "down": lin(pre + "mlp.down_proj.weight", D, F)},
-      "mlp_norm": {"scale": _take(w, file, pre + "post_attention_layernorm.weight", (D,))}}
+    "attn": {
+      "q": lin(pre + "self_attn.q_proj.weight", N * H, C).reshape(C, N, H),
+      "k": lin(pre + "self_attn.k_proj.weight", K * H, C).reshape(C, K, H),
+      "v": lin(pre + "self_attn.v_proj.weight", K * H, C).reshape(C, K, H),
+      "o": lin(pre + "self_attn.o_proj.weight", D, N * H).reshape(N, H, D),
+    },
+    "mlp": {
+      "gate": lin(pre + "mlp.gate_proj.weight", F, D),
+      "up": lin(pre + "mlp.up_proj.weight", F, D),
+      "down": lin(pre + "mlp.down_proj.weight", D, F),
+    },
+    "mlp_norm": {"scale": _take(w, file, pre + "post_attention_layernorm.weight", (D,))},
+  }
   params = {"blocks": jax.tree.map(lambda a: a[None], blocks)}
   if kind == "eagle1":
     params["fc"] = lin("fc.weight", D, 2 * D)
     bias = d.get("bias", True)
-    params["fc_bias"] = (_take(w, file, "fc.bias", (D,)) if bias or "fc.bias" in w
-                         else np.zeros((D,), np.float32))
+    params["fc_bias"] = (
+      _take(w, file, "fc.bias", (D,)) if bias or "fc.bias" in w else np.zeros((D,), np.float32)
+    )
   else:
     params["fuse"] = lin("fc.weight", D, 3 * D)
     params["embed_norm"] = {"scale": _take(w, file, pre + "input_layernorm.weight", (D,))}
@@ -222,19 +263,25 @@ def load_published(path: str, target) -> LoadedHead:
     e = _take(w, file, "embed_tokens.weight", (t.vocab_size, D))
     ref = np.asarray(target.params()["embed"], np.float32)
     if not np.allclose(e, ref, rtol=1e-2, atol=1e-2 * float(np.abs(ref).max())):
-      raise HeadError(f"{file}: embed_tokens.weight is not the target's embedding (the head "
-                      "was trained for another target)")
+      raise HeadError(
+        f"{file}: embed_tokens.weight is not the target's embedding (the head "
+        "was trained for another target)"
+      )
   if w:
     raise HeadError(f"{file}: unexpected tensors for an {kind} head: {sorted(w)[:8]}")
-  graphdef, state = nnx.split(nnx.eval_shape(
-      lambda: Head(hc, rngs=nnx.Rngs(0), dtype=target.dtype)))
+  graphdef, state = nnx.split(
+    nnx.eval_shape(lambda: Head(hc, rngs=nnx.Rngs(0), dtype=target.dtype))
+  )
   shapes = nnx.to_pure_dict(state)
   got = jax.tree.structure(params), jax.tree.structure(shapes)
   if got[0] != got[1]:
     raise HeadError(f"{file}: the tensors do not make an {kind} head ({got[0]} vs {got[1]})")
-  nnx.replace_by_pure_dict(state, jax.tree.map(
-      lambda a, s: jnp.asarray(a, target.dtype if s.dtype != jnp.int32 else s.dtype),
-      params, shapes))
+  nnx.replace_by_pure_dict(
+    state,
+    jax.tree.map(
+      lambda a, s: jnp.asarray(a, target.dtype if s.dtype != jnp.int32 else s.dtype), params, shapes
+    ),
+  )
   return LoadedHead(hc, graphdef, state, path)
 
 
@@ -257,67 +304,103 @@ def export(head: LoadedHead, path: str, *, format: str | None = None) -> str:
   published=True: read from published files, or trained with `init(..., published=True)`)
   export: kvjax's own eagle1/eagle3 compute something else. Returns path."""
   from safetensors.numpy import save_file
+
   hc = head.hc
   fmt = format or hc.kind
   if fmt not in ("eagle1", "eagle3"):
     raise HeadError(f"export format must be 'eagle1' or 'eagle3'; got {format!r}")
   if fmt != hc.kind:
-    raise HeadError(f"an {hc.kind} head cannot be exported in the {fmt} layout (another "
-                    "architecture); export it as " + hc.kind)
+    raise HeadError(
+      f"an {hc.kind} head cannot be exported in the {fmt} layout (another "
+      "architecture); export it as " + hc.kind
+    )
   if not hc.published:
-    raise HeadError(f"this head has kvjax's own {hc.kind} architecture ("
-                    + ("its decoder layer's input norm" if hc.kind == "eagle1" else
-                       "a 2D -> D fc before a standard decoder layer")
-                    + "), which published readers would compute differently; train it with "
-                    "the published architecture (--published) to export it")
+    raise HeadError(
+      f"this head has kvjax's own {hc.kind} architecture ("
+      + (
+        "its decoder layer's input norm"
+        if hc.kind == "eagle1"
+        else "a 2D -> D fc before a standard decoder layer"
+      )
+      + "), which published readers would compute differently; train it with "
+      "the published architecture (--published) to export it"
+    )
   t = hc.target
   if t.family not in ("llama", "mistral") or t.qkv_bias or t.o_bias or t.mlp_bias:
-    raise HeadError(f"the published EAGLE layouts are Llama layers; this head's target is "
-                    f"{t.family!r}")
+    raise HeadError(
+      f"the published EAGLE layouts are Llama layers; this head's target is {t.family!r}"
+    )
   p = jax.tree.map(lambda a: np.asarray(a, np.float32), head.params())
   b = jax.tree.map(lambda a: a[0], p["blocks"])
   D, C = t.d_model, b["attn"]["q"].shape[0]
   pre = "layers.0." if fmt == "eagle1" else "midlayer."
-  w = {pre + "self_attn.q_proj.weight": b["attn"]["q"].reshape(C, -1).T,
-       pre + "self_attn.k_proj.weight": b["attn"]["k"].reshape(C, -1).T,
-       pre + "self_attn.v_proj.weight": b["attn"]["v"].reshape(C, -1).T,
-       pre + "self_attn.o_proj.weight": b["attn"]["o"].reshape(-1, D).T,
-       pre + "mlp.gate_proj.weight": b["mlp"]["gate"].T,
-       pre + "mlp.up_proj.weight": b["mlp"]["up"].T,
-       pre + "mlp.down_proj.weight": b["mlp"]["down"].T,
-       pre + "post_attention_layernorm.weight": b["mlp_norm"]["scale"]}
-  cfg = {"architectures": ["LlamaForCausalLM" if fmt == "eagle1" else "LlamaForCausalLMEagle3"],
-         "model_type": "llama", "hidden_size": D, "intermediate_size": t.ffn_dim,
-         "num_attention_heads": t.n_heads, "num_key_value_heads": t.n_kv_heads,
-         "head_dim": t.head_dim, "num_hidden_layers": 1, "vocab_size": t.vocab_size,
-         "rms_norm_eps": t.norm_eps, "hidden_act": "silu", "tie_word_embeddings": False,
-         "max_position_embeddings": t.max_position, "torch_dtype": "float32",
-         **{k: v for k, v in config.to_hf(t).items() if k in ("rope_theta", "rope_scaling")}}
+  w = {
+    pre + "self_attn.q_proj.weight": b["attn"]["q"].reshape(C, -1).T,
+    pre + "self_attn.k_proj.weight": b["attn"]["k"].reshape(C, -1).T,
+    pre + "self_attn.v_proj.weight": b["attn"]["v"].reshape(C, -1).T,
+    pre + "self_attn.o_proj.weight": b["attn"]["o"].reshape(-1, D).T,
+    pre + "mlp.gate_proj.weight": b["mlp"]["gate"].T,
+    pre + "mlp.up_proj.weight": b["mlp"]["up"].T,
+    pre + "mlp.down_proj.weight": b["mlp"]["down"].T,
+    pre + "post_attention_layernorm.weight": b["mlp_norm"]["scale"],
+  }
+  cfg = {
+    "architectures": ["LlamaForCausalLM" if fmt == "eagle1" else "LlamaForCausalLMEagle3"],
+    "model_type": "llama",
+    "hidden_size": D,
+    "intermediate_size": t.ffn_dim,
+    "num_attention_heads": t.n_heads,
+    "num_key_value_heads": t.n_kv_heads,
+    "head_dim": t.head_dim,
+    "num_hidden_layers": 1,
+    "vocab_size": t.vocab_size,
+    "rms_norm_eps": t.norm_eps,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "max_position_embeddings": t.max_position,
+    "torch_dtype": "float32",
+    **{k: v for k, v in config.to_hf(t).items() if k in ("rope_theta", "rope_scaling")},
+  }
   if fmt == "eagle1":
     w["fc.weight"], w["fc.bias"] = p["fc"].T, p["fc_bias"]
     cfg["bias"] = True
   else:
     if len(hc.fuse_layers) != 3:
-      raise HeadError(f"fuse_layers {hc.fuse_layers}: the EAGLE-3 layout fuses exactly 3 target "
-                      "hidden states")
+      raise HeadError(
+        f"fuse_layers {hc.fuse_layers}: the EAGLE-3 layout fuses exactly 3 target hidden states"
+      )
     if min(hc.fuse_layers) < 1:
-      raise HeadError(f"fuse_layers {hc.fuse_layers}: the embeddings (layer 0's input) are no "
-                      "target layer's output; the EAGLE-3 config cannot name them")
+      raise HeadError(
+        f"fuse_layers {hc.fuse_layers}: the embeddings (layer 0's input) are no "
+        "target layer's output; the EAGLE-3 config cannot name them"
+      )
     vocab = np.asarray(hc.draft_vocab, np.int64)
     t2d = np.zeros((t.vocab_size,), bool)
     t2d[vocab] = True
-    w.update({"fc.weight": p["fuse"].T, pre + "input_layernorm.weight": p["embed_norm"]["scale"],
-              pre + "hidden_norm.weight": p["feature_norm"]["scale"],
-              "norm.weight": p["final_norm"]["scale"], "lm_head.weight": p["draft_head"].T,
-              "d2t": vocab - np.arange(len(vocab)), "t2d": t2d})
-    cfg.update(draft_vocab_size=len(vocab), target_hidden_size=D, eagle_config={
+    w.update(
+      {
+        "fc.weight": p["fuse"].T,
+        pre + "input_layernorm.weight": p["embed_norm"]["scale"],
+        pre + "hidden_norm.weight": p["feature_norm"]["scale"],
+        "norm.weight": p["final_norm"]["scale"],
+        "lm_head.weight": p["draft_head"].T,
+        "d2t": vocab - np.arange(len(vocab)),
+        "t2d": t2d,
+      }
+    )
+    cfg.update(
+      draft_vocab_size=len(vocab),
+      target_hidden_size=D,
+      eagle_config={
         "eagle_aux_hidden_state_layer_ids": [i - 1 for i in hc.fuse_layers],
-        "use_aux_hidden_state": True},
-        eagle_aux_hidden_state_layer_ids=list(hc.fuse_layers))
+        "use_aux_hidden_state": True,
+      },
+      eagle_aux_hidden_state_layer_ids=list(hc.fuse_layers),
+    )
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(cfg, f, indent=2)
-  save_file({k: np.ascontiguousarray(v) for k, v in w.items()},
-            os.path.join(path, "model.safetensors"))
+  save_file(
+    {k: np.ascontiguousarray(v) for k, v in w.items()}, os.path.join(path, "model.safetensors")
+  )
   return path
-

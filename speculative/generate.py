@@ -33,15 +33,26 @@ def sizes(prompt_len: int, max_new_tokens: int, spec: TreeSpec) -> tuple[int, in
   """(padded prompt P, target cache slots, head cache slots) for a batch."""
   P = steps.bucket(prompt_len)
   reach = prompt_len + max_new_tokens + spec.depth + 1
-  return (P, steps.bucket(max(P, reach)),
-          steps.bucket(max(P, reach, prompt_len + max_new_tokens + spec.draft_slots)))
+  return (
+    P,
+    steps.bucket(max(P, reach)),
+    steps.bucket(max(P, reach, prompt_len + max_new_tokens + spec.draft_slots)),
+  )
 
 
-def generate(model: Model, head: heads.LoadedHead, prompts: Prompt | Sequence[Prompt], *,
-             max_new_tokens: int = 64, tree: TreeSpec | None = None,
-             sampling: Sampling | None = None, key: jax.Array | None = None,
-             stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
-             chat: bool = False) -> Generation:
+def generate(
+  model: Model,
+  head: heads.LoadedHead,
+  prompts: Prompt | Sequence[Prompt],
+  *,
+  max_new_tokens: int = 64,
+  tree: TreeSpec | None = None,
+  sampling: Sampling | None = None,
+  key: jax.Array | None = None,
+  stop: Sequence[str] = (),
+  stop_tokens: Sequence[int] | None = None,
+  chat: bool = False,
+) -> Generation:
   """Generates a continuation for each prompt in one batch, drafting with `head`.
 
   Arguments as for `kvjax.lm.generate`; tree: the draft tree (default TreeSpec(); top_k=1 is
@@ -53,13 +64,22 @@ def generate(model: Model, head: heads.LoadedHead, prompts: Prompt | Sequence[Pr
   if not isinstance(tree, TreeSpec):
     raise TypeError(f"tree must be a kvjax.speculative.TreeSpec; got {type(tree).__name__}")
   if not isinstance(head, heads.LoadedHead):
-    raise TypeError(f"head must be a loaded head (kvjax.speculative.load_head); got "
-                    f"{type(head).__name__}")
+    raise TypeError(
+      f"head must be a loaded head (kvjax.speculative.load_head); got {type(head).__name__}"
+    )
   heads.check(head.hc, model.cfg)
   if tree.top_k > model.cfg.vocab_size:
     raise ValueError(f"tree top_k={tree.top_k} exceeds the vocabulary ({model.cfg.vocab_size})")
-  req = request(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, key=key,
-                stop=stop, stop_tokens=stop_tokens, chat=chat)
+  req = request(
+    model,
+    prompts,
+    max_new_tokens=max_new_tokens,
+    sampling=sampling,
+    key=key,
+    stop=stop,
+    stop_tokens=stop_tokens,
+    chat=chat,
+  )
   rows, sampling, key, stop, stops = req.rows, req.sampling, req.key, req.stop, req.stop_ids
   check_context(model, rows, max_new_tokens)
   P, S, S_head = sizes(max(map(len, rows)), max_new_tokens, tree)
@@ -71,51 +91,96 @@ def generate(model: Model, head: heads.LoadedHead, prompts: Prompt | Sequence[Pr
 
   t0 = time.perf_counter()
   (root, h, logits, cache, hcache, bad), compile_p = steps.call(
-      model, decoding.prefill, model.state, head.state, cache, hcache, jnp.asarray(tokens),
-      jnp.asarray(lengths), key, **static)
+    model,
+    decoding.prefill,
+    model.state,
+    head.state,
+    cache,
+    hcache,
+    jnp.asarray(tokens),
+    jnp.asarray(lengths),
+    key,
+    **static,
+  )
   root.block_until_ready()
   prefill_s = time.perf_counter() - t0 - compile_p
   t0 = time.perf_counter()
   (out, counts, rounds, accepted, n_rounds, bad, _, _), compile_d = steps.call(
-      model, decoding.loop, model.state, head.state, cache, hcache, root, h, logits, bad, key,
-      jnp.int32(max_new_tokens), jnp.asarray(stops, jnp.int32), spec=tree,
-      max_steps=steps.bucket(max_new_tokens), **static)
+    model,
+    decoding.loop,
+    model.state,
+    head.state,
+    cache,
+    hcache,
+    root,
+    h,
+    logits,
+    bad,
+    key,
+    jnp.int32(max_new_tokens),
+    jnp.asarray(stops, jnp.int32),
+    spec=tree,
+    max_steps=steps.bucket(max_new_tokens),
+    **static,
+  )
   out, counts = np.asarray(out), np.asarray(counts)
   decode_s = time.perf_counter() - t0 - compile_d
   check_finite(model, bad, "speculative generate")
   rounds, accepted = np.asarray(rounds), np.asarray(accepted)
   texts, toks, finish = outputs(model, out, counts, stop, stops)
   new = int(counts.sum())
-  stats = dict(prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_p + compile_d,
-               prompt_tokens=int(lengths.sum()), new_tokens=new,
-               decode_tokens_per_s=new / decode_s if decode_s > 0 else float("nan"),
-               mean_accept_len=float(accepted.sum() / max(rounds.sum(), 1)),
-               target_forwards=int(n_rounds), rounds_per_row=rounds.tolist(),
-               accept_lens=[a[:r].tolist() for a, r in zip(accepted, rounds)])
+  stats = dict(
+    prefill_s=prefill_s,
+    decode_s=decode_s,
+    compile_s=compile_p + compile_d,
+    prompt_tokens=int(lengths.sum()),
+    new_tokens=new,
+    decode_tokens_per_s=new / decode_s if decode_s > 0 else float("nan"),
+    mean_accept_len=float(accepted.sum() / max(rounds.sum(), 1)),
+    target_forwards=int(n_rounds),
+    rounds_per_row=rounds.tolist(),
+    accept_lens=[a[:r].tolist() for a, r in zip(accepted, rounds)],
+  )
   return Generation(texts, toks, rows, finish, stats)
 
 
-def auto_tree(model: Model, head: heads.LoadedHead, prompts: Prompt | Sequence[Prompt], *,
-              top_k: int = 8, depth: int = 5, candidates: Sequence[int] = (8, 16, 24, 32, 48, 64),
-              max_new_tokens: int = 32, log=None) -> tuple[TreeSpec, list[dict]]:
+def auto_tree(
+  model: Model,
+  head: heads.LoadedHead,
+  prompts: Prompt | Sequence[Prompt],
+  *,
+  top_k: int = 8,
+  depth: int = 5,
+  candidates: Sequence[int] = (8, 16, 24, 32, 48, 64),
+  max_new_tokens: int = 32,
+  log=None,
+) -> tuple[TreeSpec, list[dict]]:
   """EAGLE's auto mode: picks total_tokens by timing speculative decoding of `prompts` on this
   machine at each candidate size (compile and one warm-up run excluded, greedy). Sizes the
   (top_k, depth) tree cannot hold are skipped. Returns (the fastest TreeSpec, per-candidate
   dicts of total_tokens, decode_tokens_per_s, mean_accept_len). log: print-like callback."""
-  limit = 1 + top_k + (depth - 1) * top_k ** 2
+  limit = 1 + top_k + (depth - 1) * top_k**2
   sizes_ = sorted({int(n) for n in candidates if 2 <= n <= limit})
   if not sizes_:
-    raise ValueError(f"no candidate tree size in {list(candidates)} fits top_k={top_k}, "
-                     f"depth={depth} (2..{limit})")
+    raise ValueError(
+      f"no candidate tree size in {list(candidates)} fits top_k={top_k}, depth={depth} (2..{limit})"
+    )
   table = []
   for n in sizes_:
     spec = TreeSpec(top_k=top_k, depth=depth, total_tokens=n)
     generate(model, head, prompts, max_new_tokens=max_new_tokens, tree=spec)
     s = generate(model, head, prompts, max_new_tokens=max_new_tokens, tree=spec).stats
-    table.append(dict(total_tokens=n, decode_tokens_per_s=s["decode_tokens_per_s"],
-                      mean_accept_len=s["mean_accept_len"]))
+    table.append(
+      dict(
+        total_tokens=n,
+        decode_tokens_per_s=s["decode_tokens_per_s"],
+        mean_accept_len=s["mean_accept_len"],
+      )
+    )
     if log:
-      log(f"tree tokens {n:3d}: {s['decode_tokens_per_s']:.1f} tok/s, "
-          f"{s['mean_accept_len']:.2f} tokens per forward")
+      log(
+        f"tree tokens {n:3d}: {s['decode_tokens_per_s']:.1f} tok/s, "
+        f"{s['mean_accept_len']:.2f} tokens per forward"
+      )
   best = max(table, key=lambda r: r["decode_tokens_per_s"])
   return TreeSpec(top_k=top_k, depth=depth, total_tokens=best["total_tokens"]), table

@@ -97,13 +97,17 @@ class HeadConfig:
     if ids and self.kind != "eagle3":
       raise HeadError("a reduced draft vocabulary (draft_vocab) applies to eagle3 heads only")
     if ids and (len(set(ids)) != len(ids) or not all(0 <= i < V for i in ids)):
-      raise HeadError(f"draft_vocab must be distinct token ids in [0, {V}); got "
-                      f"{len(ids)} ids, {len(set(ids))} distinct, range "
-                      f"[{min(ids)}, {max(ids)}]")
+      raise HeadError(
+        f"draft_vocab must be distinct token ids in [0, {V}); got "
+        f"{len(ids)} ids, {len(set(ids))} distinct, range "
+        f"[{min(ids)}, {max(ids)}]"
+      )
     object.__setattr__(self, "draft_vocab", ids)
     if self.published and self.kind == "eagle3" and not ids:
-      raise HeadError("a published eagle3 head has its own LM head: it needs a draft_vocab "
-                      "(every target id, in order, for a full-vocabulary head)")
+      raise HeadError(
+        "a published eagle3 head has its own LM head: it needs a draft_vocab "
+        "(every target id, in order, for a full-vocabulary head)"
+      )
 
   @property
   def layer(self) -> Config:
@@ -111,18 +115,27 @@ class HeadConfig:
     return dataclasses.replace(self.target, n_layers=1, windows=(0,))
 
   def to_json(self) -> dict[str, Any]:
-    return {"kind": self.kind, "fuse_layers": list(self.fuse_layers),
-            "draft_vocab": list(self.draft_vocab), "target_name": self.target_name,
-            "target_fingerprint": self.target_fingerprint, "published": self.published,
-            "target": config.to_dict(self.target)}
+    return {
+      "kind": self.kind,
+      "fuse_layers": list(self.fuse_layers),
+      "draft_vocab": list(self.draft_vocab),
+      "target_name": self.target_name,
+      "target_fingerprint": self.target_fingerprint,
+      "published": self.published,
+      "target": config.to_dict(self.target),
+    }
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> HeadConfig:
-    return cls(kind=d["kind"], target=config.from_dict(d["target"]),
-               fuse_layers=tuple(d.get("fuse_layers", ())),
-               draft_vocab=tuple(d.get("draft_vocab", ())), target_name=d.get("target_name", ""),
-               target_fingerprint=d.get("target_fingerprint", ""),
-               published=bool(d.get("published", False)))
+    return cls(
+      kind=d["kind"],
+      target=config.from_dict(d["target"]),
+      fuse_layers=tuple(d.get("fuse_layers", ())),
+      draft_vocab=tuple(d.get("draft_vocab", ())),
+      target_name=d.get("target_name", ""),
+      target_fingerprint=d.get("target_fingerprint", ""),
+      published=bool(d.get("published", False)),
+    )
 
 
 class Head(nnx.Module):
@@ -160,10 +173,17 @@ class Head(nnx.Module):
     x = jnp.concatenate([layer_inputs[i] for i in self.hc.fuse_layers], axis=-1)
     return jnp.einsum("btc,cd->btd", x.astype(self.fuse[...].dtype), self.fuse[...])
 
-  def __call__(self, features: jax.Array, embeds: jax.Array, *, cache: KVCache | None,
-               positions: jax.Array, n_new: jax.Array | None = None,
-               mask: jax.Array | None = None,
-               training: Training | None = None) -> tuple[jax.Array, KVCache | None]:
+  def __call__(
+    self,
+    features: jax.Array,
+    embeds: jax.Array,
+    *,
+    cache: KVCache | None,
+    positions: jax.Array,
+    n_new: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    training: Training | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
     """features, embeds [B, T, D] (the pairs' features and next-token embeddings) -> (h [B, T,
     D], cache with the T pairs written). cache: the head's KVCache (L = 1), or None to attend
     among the T pairs only (training); positions [B, T]; n_new [B] real pairs (default T);
@@ -175,19 +195,35 @@ class Head(nnx.Module):
     if hc.kind == "eagle3":
       e, n = self.embed_norm(e), self.feature_norm(f)
     if hc.published and hc.kind == "eagle3":
-      x, attn_in = f, jnp.concatenate([e, n], -1)                          # residual f; [B, T, 2D]
+      x, attn_in = f, jnp.concatenate([e, n], -1)  # residual f; [B, T, 2D]
     else:
       ef = jnp.concatenate([e, n if hc.kind == "eagle3" else f], -1)
       x = jnp.einsum("btc,cd->btd", ef, self.fc[...]) + self.fc_bias[...]
       attn_in = x if hc.published else None
     B, T, _ = x.shape
     if cache is None:
-      x, _, _, _ = run_layers(self.blocks, hc.layer, x, view=causal(positions, mask),
-                              cached=None, layers=(0, 1), training=training, attn_in=attn_in)
+      x, _, _, _ = run_layers(
+        self.blocks,
+        hc.layer,
+        x,
+        view=causal(positions, mask),
+        cached=None,
+        layers=(0, 1),
+        training=training,
+        attn_in=attn_in,
+      )
       return x, None
     view = cache.view(T, positions=positions, mask=mask)
-    x, _, ks, vs = run_layers(self.blocks, hc.layer, x, view=view, cached=cache.slots(),
-                              layers=(0, 1), training=training, attn_in=attn_in)
+    x, _, ks, vs = run_layers(
+      self.blocks,
+      hc.layer,
+      x,
+      view=view,
+      cached=cache.slots(),
+      layers=(0, 1),
+      training=training,
+      attn_in=attn_in,
+    )
     n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new
     return x, cache.write(ks, vs, positions, n_new)
 
@@ -206,27 +242,36 @@ class Head(nnx.Module):
   def draft_logits(self, h: jax.Array, target) -> jax.Array:
     """h [..., D] -> [..., N] float32 logits over the reduced draft vocabulary (its own LM
     head, the target's final soft-cap)."""
-    z = jnp.einsum("...d,dn->...n", self.final_norm(h), self.draft_head[...],
-                   preferred_element_type=jnp.float32)
+    z = jnp.einsum(
+      "...d,dn->...n", self.final_norm(h), self.draft_head[...], preferred_element_type=jnp.float32
+    )
     cap = self.hc.target.final_softcap
     return z if cap is None else jnp.tanh(z / cap) * cap
 
 
 def new_cache(hc: HeadConfig, batch: int, size: int, dtype) -> KVCache:
   t = hc.target
-  return KVCache.init(n_layers=1, batch=batch, size=size, n_kv_heads=t.n_kv_heads,
-                      head_dim=t.head_dim, dtype=dtype)
+  return KVCache.init(
+    n_layers=1, batch=batch, size=size, n_kv_heads=t.n_kv_heads, head_dim=t.head_dim, dtype=dtype
+  )
 
 
 def check(hc: HeadConfig, target: Config) -> None:
   """Raises HeadError unless the head fits the target's architecture."""
-  names = ("family", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-           "ffn_dim")
+  names = (
+    "family",
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "ffn_dim",
+  )
   diff = config.diff(hc.target, target, names=names)
   if diff:
     name = f" {hc.target_name!r}" if hc.target_name else ""
-    raise HeadError(f"this {hc.kind} head was trained for another target{name}: " +
-                    ", ".join(diff))
+    raise HeadError(f"this {hc.kind} head was trained for another target{name}: " + ", ".join(diff))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,9 +296,16 @@ class LoadedHead:
     return dataclasses.replace(self, state=state)
 
 
-def init(target, kind: str = "eagle1", *, seed: int = 0, fuse_layers: tuple[int, ...] = (),
-         draft_vocab: tuple[int, ...] = (), copy_top_layer: bool = True,
-         published: bool = False) -> LoadedHead:
+def init(
+  target,
+  kind: str = "eagle1",
+  *,
+  seed: int = 0,
+  fuse_layers: tuple[int, ...] = (),
+  draft_vocab: tuple[int, ...] = (),
+  copy_top_layer: bool = True,
+  published: bool = False,
+) -> LoadedHead:
   """A fresh head for `target` (a kvjax.lm.Model). copy_top_layer: start its decoder layer
   from the target's top layer (trains faster than random). draft_vocab: eagle3's reduced
   draft vocabulary (`draft_vocabulary`); its LM head starts as the target's columns of
@@ -262,9 +314,15 @@ def init(target, kind: str = "eagle1", *, seed: int = 0, fuse_layers: tuple[int,
   and its 2D-wide q/k/v start random (the rest of the layer from the target's top layer)."""
   if published and kind == "eagle3" and not draft_vocab:
     draft_vocab = tuple(range(target.cfg.vocab_size))
-  hc = HeadConfig(kind=kind, target=target.cfg, fuse_layers=fuse_layers,
-                  draft_vocab=tuple(draft_vocab), target_name=os.path.basename(target.path or ""),
-                  target_fingerprint=params_fingerprint(target), published=published)
+  hc = HeadConfig(
+    kind=kind,
+    target=target.cfg,
+    fuse_layers=fuse_layers,
+    draft_vocab=tuple(draft_vocab),
+    target_name=os.path.basename(target.path or ""),
+    target_fingerprint=params_fingerprint(target),
+    published=published,
+  )
   head = Head(hc, rngs=nnx.Rngs(seed), dtype=target.dtype)
   graphdef, state = nnx.split(head)
   if copy_top_layer:
@@ -279,7 +337,7 @@ def init(target, kind: str = "eagle1", *, seed: int = 0, fuse_layers: tuple[int,
   if hc.draft_vocab:
     params = nnx.to_pure_dict(state)
     t = target.params()
-    w = t["embed"].T if target.cfg.tie_embeddings else t["head"]           # [D, V]
+    w = t["embed"].T if target.cfg.tie_embeddings else t["head"]  # [D, V]
     params["draft_head"] = jnp.asarray(w)[:, jnp.asarray(hc.draft_vocab)].astype(target.dtype)
     nnx.replace_by_pure_dict(state, params)
   return LoadedHead(hc, graphdef, state)
@@ -311,10 +369,15 @@ def resolve(path: str) -> str:
     return path
   if os.path.isfile(os.path.join(BUNDLED_DIR, path, "head.json")):
     return os.path.join(BUNDLED_DIR, path)
-  names = sorted(n for n in (os.listdir(BUNDLED_DIR) if os.path.isdir(BUNDLED_DIR) else ())
-                 if os.path.isfile(os.path.join(BUNDLED_DIR, n, "head.json")))
-  raise FileNotFoundError(f"{path!r} is not a head directory (head.json + params/) or a "
-                          f"shipped head name (shipped: {', '.join(names) or 'none'})")
+  names = sorted(
+    n
+    for n in (os.listdir(BUNDLED_DIR) if os.path.isdir(BUNDLED_DIR) else ())
+    if os.path.isfile(os.path.join(BUNDLED_DIR, n, "head.json"))
+  )
+  raise FileNotFoundError(
+    f"{path!r} is not a head directory (head.json + params/) or a "
+    f"shipped head name (shipped: {', '.join(names) or 'none'})"
+  )
 
 
 def load(path: str, target, *, allow_other_params: bool = False) -> LoadedHead:
@@ -330,12 +393,18 @@ def load(path: str, target, *, allow_other_params: bool = False) -> LoadedHead:
   except (KeyError, TypeError) as err:
     raise HeadError(f"{file}: not a head config ({type(err).__name__}: {err})") from None
   check(hc, target.cfg)
-  check_fingerprint(hc.target_fingerprint, target, what=f"the head {path}",
-                    allow=allow_other_params, error=HeadError,
-                    flag="allow_other_params=True (--allow-other-params)")
+  check_fingerprint(
+    hc.target_fingerprint,
+    target,
+    what=f"the head {path}",
+    allow=allow_other_params,
+    error=HeadError,
+    flag="allow_other_params=True (--allow-other-params)",
+  )
   hc = dataclasses.replace(hc, target=target.cfg)  # the target's own rope/eps settings
-  graphdef, state = nnx.split(nnx.eval_shape(
-      lambda: Head(hc, rngs=nnx.Rngs(0), dtype=target.dtype)))
+  graphdef, state = nnx.split(
+    nnx.eval_shape(lambda: Head(hc, rngs=nnx.Rngs(0), dtype=target.dtype))
+  )
   like = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), nnx.to_pure_dict(state))
   try:
     params = restore_params(os.path.join(path, "params"), like)

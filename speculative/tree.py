@@ -35,17 +35,20 @@ class TreeSpec:
       if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"tree {name} must be an int >= 1; got {v!r}")
     if self.total_tokens < 2:
-      raise ValueError(f"tree total_tokens must be >= 2 (the root plus at least one draft "
-                       f"token); got {self.total_tokens}")
+      raise ValueError(
+        f"tree total_tokens must be >= 2 (the root plus at least one draft "
+        f"token); got {self.total_tokens}"
+      )
     if self.total_tokens - 1 > self.candidates:
       raise ValueError(
-          f"tree total_tokens={self.total_tokens} is more than the root plus the "
-          f"{self.candidates} candidates that top_k={self.top_k}, depth={self.depth} draft "
-          f"(top_k + (depth - 1) * top_k**2); lower it or raise top_k / depth")
+        f"tree total_tokens={self.total_tokens} is more than the root plus the "
+        f"{self.candidates} candidates that top_k={self.top_k}, depth={self.depth} draft "
+        f"(top_k + (depth - 1) * top_k**2); lower it or raise top_k / depth"
+      )
 
   @property
   def candidates(self) -> int:
-    return self.top_k + (self.depth - 1) * self.top_k ** 2
+    return self.top_k + (self.depth - 1) * self.top_k**2
 
   @property
   def draft_slots(self) -> int:
@@ -53,9 +56,11 @@ class TreeSpec:
     return (self.depth - 1) * self.top_k
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["tokens", "parent", "depth", "mask", "paths", "children"],
-                   meta_fields=[])
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=["tokens", "parent", "depth", "mask", "paths", "children"],
+  meta_fields=[],
+)
 @dataclasses.dataclass
 class Tree:
   """A batch of draft trees of T = total_tokens nodes (node 0 the root; a parent precedes its
@@ -76,8 +81,9 @@ class Tree:
   children: jax.Array
 
 
-def build(root: jax.Array, tokens: jax.Array, scores: jax.Array, parents: jax.Array,
-          spec: TreeSpec) -> Tree:
+def build(
+  root: jax.Array, tokens: jax.Array, scores: jax.Array, parents: jax.Array, spec: TreeSpec
+) -> Tree:
   """Keeps the best candidates as a tree.
 
   root: [B] int; tokens, scores: [B, C] candidates' tokens and cumulative draft
@@ -85,14 +91,15 @@ def build(root: jax.Array, tokens: jax.Array, scores: jax.Array, parents: jax.Ar
   a lower index. C = spec.candidates, laid out level by level."""
   B, C = tokens.shape
   n, T = spec.total_tokens - 1, spec.total_tokens
-  level = jnp.asarray(_levels(spec))                                  # [C]
-  sel = jnp.sort(jax.lax.top_k(scores, n)[1], axis=-1)                 # [B, n] candidate ids
+  level = jnp.asarray(_levels(spec))  # [C]
+  sel = jnp.sort(jax.lax.top_k(scores, n)[1], axis=-1)  # [B, n] candidate ids
   rows = jnp.arange(B)[:, None]
   node_of = jnp.full((B, C), -1, jnp.int32).at[rows, sel].set(jnp.arange(1, T, dtype=jnp.int32))
   cand_parent = jnp.take_along_axis(parents, sel, axis=1)
-  parent = jnp.where(cand_parent < 0, 0,
-                     jnp.take_along_axis(node_of, jnp.maximum(cand_parent, 0), axis=1))
-  parent = jnp.concatenate([jnp.full((B, 1), -1, jnp.int32), parent], axis=1)   # [B, T]
+  parent = jnp.where(
+    cand_parent < 0, 0, jnp.take_along_axis(node_of, jnp.maximum(cand_parent, 0), axis=1)
+  )
+  parent = jnp.concatenate([jnp.full((B, 1), -1, jnp.int32), parent], axis=1)  # [B, T]
   tree_tokens = jnp.concatenate([root[:, None], jnp.take_along_axis(tokens, sel, axis=1)], 1)
   depth = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), level[sel]], axis=1)
   score = jnp.concatenate([jnp.zeros((B, 1)), jnp.take_along_axis(scores, sel, axis=1)], 1)
@@ -107,30 +114,32 @@ def structure(tokens, parent, depth, score, spec: TreeSpec) -> Tree:
   mask = jnp.broadcast_to(eye, (B, T, T))
   up = jnp.maximum(parent, 0)
   for _ in range(spec.depth):  # each pass adds one more generation of ancestors
-    inherited = jnp.take_along_axis(mask, up[:, :, None], axis=1)   # [B, T, T] parent's row
+    inherited = jnp.take_along_axis(mask, up[:, :, None], axis=1)  # [B, T, T] parent's row
     mask = eye | (inherited & (parent >= 0)[:, :, None])
   at_depth = mask[..., None] & (depth[:, None, :, None] == jnp.arange(spec.depth + 1))
   paths = jnp.where(at_depth.any(2), jnp.argmax(at_depth, axis=2), -1).astype(jnp.int32)
-  sibling = jnp.where(parent[:, None, :] == jnp.arange(T)[None, :, None], score[:, None, :],
-                      -jnp.inf)                                        # [B, T(parent), T]
+  sibling = jnp.where(
+    parent[:, None, :] == jnp.arange(T)[None, :, None], score[:, None, :], -jnp.inf
+  )  # [B, T(parent), T]
   k = min(spec.top_k, T)
   top, idx = jax.lax.top_k(sibling, k)
   children = jnp.where(top > -jnp.inf, idx, -1).astype(jnp.int32)
   if k < spec.top_k:
     children = jnp.pad(children, ((0, 0), (0, 0), (0, spec.top_k - k)), constant_values=-1)
-  return Tree(tokens=tokens, parent=parent, depth=depth, mask=mask, paths=paths,
-              children=children)
+  return Tree(tokens=tokens, parent=parent, depth=depth, mask=mask, paths=paths, children=children)
 
 
 def _levels(spec: TreeSpec) -> np.ndarray:
   """[C] the draft level (1..depth) of each candidate."""
   k = spec.top_k
-  return np.concatenate([np.ones(k, np.int32)] +
-                        [np.full(k * k, l + 1, np.int32) for l in range(1, spec.depth)])
+  return np.concatenate(
+    [np.ones(k, np.int32)] + [np.full(k * k, l + 1, np.int32) for l in range(1, spec.depth)]
+  )
 
 
-def draft(step, h: jax.Array, logits: jax.Array, root: jax.Array, ctx: jax.Array,
-          spec: TreeSpec) -> Tree:
+def draft(
+  step, h: jax.Array, logits: jax.Array, root: jax.Array, ctx: jax.Array, spec: TreeSpec
+) -> Tree:
   """Grows and keeps the tree (EAGLE-2).
 
   step(features [B, k, D], tokens [B, k], positions [B, k], cache_mask [B, k, S_draft]) ->
@@ -158,15 +167,17 @@ def draft(step, h: jax.Array, logits: jax.Array, root: jax.Array, ctx: jax.Array
     toks.append(t.reshape(B, k * k))
     scores.append(cum)
     parents.append(jnp.repeat(cand, k, axis=1))
-    best = jax.lax.top_k(cum, k)[1]                                    # [B, k]
-    j = best // k                                                      # parent in the frontier
-    slot = (level - 1) * k + j                                         # its drafting slot
-    anc = (jnp.take_along_axis(anc, j[:, :, None], axis=1)
-           | (jnp.arange(spec.draft_slots) == slot[:, :, None]))
+    best = jax.lax.top_k(cum, k)[1]  # [B, k]
+    j = best // k  # parent in the frontier
+    slot = (level - 1) * k + j  # its drafting slot
+    anc = jnp.take_along_axis(anc, j[:, :, None], axis=1) | (
+      jnp.arange(spec.draft_slots) == slot[:, :, None]
+    )
     tok = t.reshape(B, k * k)[rows, best]
     logp = cum[rows, best]
     feat = feat[rows, j]
     cand = base + best
     base += k * k
-  return build(root, jnp.concatenate(toks, 1), jnp.concatenate(scores, 1),
-               jnp.concatenate(parents, 1), spec)
+  return build(
+    root, jnp.concatenate(toks, 1), jnp.concatenate(scores, 1), jnp.concatenate(parents, 1), spec
+  )

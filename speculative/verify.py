@@ -26,10 +26,11 @@ def tree_view(cache: KVCache, positions: jax.Array, tree: jax.Array) -> View:
     raise TypeError(f"a tree is verified against a KVCache; got {type(cache).__name__}")
   B, T = positions.shape
   if tree.shape != (B, T, T) or tree.dtype != jnp.bool_:
-    raise ValueError(f"tree must be bool [B, T, T] = {(B, T, T)} for positions {(B, T)}; got "
-                     f"{tree.dtype} {tuple(tree.shape)}")
-  read = functools.partial(_read, length=cache.length, pos=cache.pos, q_pos=positions,
-                           tree=tree)
+    raise ValueError(
+      f"tree must be bool [B, T, T] = {(B, T, T)} for positions {(B, T)}; got "
+      f"{tree.dtype} {tuple(tree.shape)}"
+    )
+  read = functools.partial(_read, length=cache.length, pos=cache.pos, q_pos=positions, tree=tree)
   return View(q_pos=(positions,), new_pos=positions, blocks=(), cache_read=read, reads_new=True)
 
 
@@ -37,5 +38,6 @@ def _read(q, k, v, *, new, freq, window, scale, softcap, length, pos, q_pos, tre
   """The View's cache_read: q [B, T, N, H] before RoPE, k, v [B, K, S, H] one layer's slots,
   new: the tree's own (k rotated, v) [B, K, T, H] -> (o, lse) over slots and tree at once."""
   q = rope.apply(q, q_pos, freq)
-  return kernel.tree_attention(q, k, v, length, *new, q_pos, pos, tree, scale=scale,
-                               window=window, softcap=softcap)
+  return kernel.tree_attention(
+    q, k, v, length, *new, q_pos, pos, tree, scale=scale, window=window, softcap=softcap
+  )

@@ -11,8 +11,17 @@ import math
 
 import numpy as np
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
-            "mixtral")
+FAMILIES = (
+  "llama",
+  "mistral",
+  "qwen2",
+  "qwen3",
+  "gemma",
+  "gemma2",
+  "gemma3_text",
+  "phi3",
+  "mixtral",
+)
 VOCAB = 320
 
 GAIN, BIAS = 1.0, 1.0
@@ -22,45 +31,98 @@ ATTN_SOFTCAP, FINAL_SOFTCAP = 3.0, 5.0
 # sqrt(1 + ln 4 / ln 128) = 1.13 on cos and sin (scores x 1.29).
 SHORT = [1.0, 1.6, 1.2, 3.0, 1.1, 2.5, 4.0, 1.8]
 LONG = [2.0, 3.5, 6.0, 9.0, 12.0, 20.0, 31.0, 40.0]
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+COMMON = dict(
+  vocab_size=VOCAB,
+  hidden_size=64,
+  intermediate_size=128,
+  num_hidden_layers=3,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=512,
+)
 
 
 def _classes(family):
   import transformers as t
+
   return {
-      "llama": (t.LlamaConfig, t.LlamaForCausalLM, dict(
-          rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-          rope_theta=500000.0)),
-      "mistral": (t.MistralConfig, t.MistralForCausalLM, dict(sliding_window=12)),
-      "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM, dict(
-          num_key_value_heads=1, rope_scaling={"rope_type": "linear", "factor": 4.0})),
-      "qwen3": (t.Qwen3Config, t.Qwen3ForCausalLM, dict(
-          head_dim=24, use_sliding_window=True, sliding_window=12, max_window_layers=1)),
-      "gemma": (t.GemmaConfig, t.GemmaForCausalLM, dict(head_dim=16)),
-      "gemma2": (t.Gemma2Config, t.Gemma2ForCausalLM, dict(
-          head_dim=16, sliding_window=12, query_pre_attn_scalar=24,
-          attn_logit_softcapping=ATTN_SOFTCAP, final_logit_softcapping=FINAL_SOFTCAP,
-          tie_word_embeddings=False)),  # gemma ties; a tied head makes greedy repeat a token
-      "gemma3_text": (t.Gemma3TextConfig, t.Gemma3ForCausalLM, dict(
-          head_dim=16, sliding_window=12, sliding_window_pattern=2, query_pre_attn_scalar=24,
-          rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
-                                              "rope_theta": 1e6},
-                           "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
-          tie_word_embeddings=False)),  # no soft-caps, as released; layers: local, global, local
-      "phi3": (t.Phi3Config, t.Phi3ForCausalLM, dict(
-          sliding_window=12, original_max_position_embeddings=128,
-          rope_scaling={"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG},
-          bos_token_id=0, eos_token_id=1, pad_token_id=None)),  # its defaults: ids >= 32000
-      "mixtral": (t.MixtralConfig, t.MixtralForCausalLM, dict(
-          num_local_experts=4, num_experts_per_tok=2, sliding_window=12)),
+    "llama": (
+      t.LlamaConfig,
+      t.LlamaForCausalLM,
+      dict(
+        rope_scaling={
+          "rope_type": "llama3",
+          "factor": 8.0,
+          "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64,
+        },
+        rope_theta=500000.0,
+      ),
+    ),
+    "mistral": (t.MistralConfig, t.MistralForCausalLM, dict(sliding_window=12)),
+    "qwen2": (
+      t.Qwen2Config,
+      t.Qwen2ForCausalLM,
+      dict(num_key_value_heads=1, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    ),
+    "qwen3": (
+      t.Qwen3Config,
+      t.Qwen3ForCausalLM,
+      dict(head_dim=24, use_sliding_window=True, sliding_window=12, max_window_layers=1),
+    ),
+    "gemma": (t.GemmaConfig, t.GemmaForCausalLM, dict(head_dim=16)),
+    "gemma2": (
+      t.Gemma2Config,
+      t.Gemma2ForCausalLM,
+      dict(
+        head_dim=16,
+        sliding_window=12,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=ATTN_SOFTCAP,
+        final_logit_softcapping=FINAL_SOFTCAP,
+        tie_word_embeddings=False,
+      ),
+    ),  # gemma ties; a tied head makes greedy repeat a token
+    "gemma3_text": (
+      t.Gemma3TextConfig,
+      t.Gemma3ForCausalLM,
+      dict(
+        head_dim=16,
+        sliding_window=12,
+        sliding_window_pattern=2,
+        query_pre_attn_scalar=24,
+        rope_parameters={
+          "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+        tie_word_embeddings=False,
+      ),
+    ),  # no soft-caps, as released; layers: local, global, local
+    "phi3": (
+      t.Phi3Config,
+      t.Phi3ForCausalLM,
+      dict(
+        sliding_window=12,
+        original_max_position_embeddings=128,
+        rope_scaling={"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG},
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=None,
+      ),
+    ),  # its defaults: ids >= 32000
+    "mixtral": (
+      t.MixtralConfig,
+      t.MixtralForCausalLM,
+      dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=12),
+    ),
   }[family]
 
 
 def hf_model(family: str, seed: int = 0, **overrides):
   """A random transformers model at unit gain (see the module docstring)."""
   import torch
+
   config_cls, model_cls, extra = _classes(family)
   torch.manual_seed(seed)
   model = model_cls(config_cls(**{**COMMON, **extra, **overrides})).eval()
@@ -78,15 +140,24 @@ def hf_model(family: str, seed: int = 0, **overrides):
 def build(family: str, path: str, seed: int = 0, **overrides) -> str:
   """Saves hf_model(...) with save_pretrained plus the byte tokenizer; returns path."""
   from kvjax.lm.tiny import byte_tokenizer
+
   hf_model(family, seed, **overrides).save_pretrained(path)
   tok = byte_tokenizer()
   # ids past the 258 byte tokens are real tokens (not a padded embedding, which kvjax masks)
   tok.tok.add_tokens([f"<extra_{i}>" for i in range(VOCAB - tok.vocab_size)])
   tok.tok.save(f"{path}/tokenizer.json")
   import json
+
   with open(f"{path}/tokenizer_config.json", "w") as f:
-    json.dump({"bos_token": tok.bos, "eos_token": tok.eos, "chat_template": tok.chat_template,
-               "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+    json.dump(
+      {
+        "bos_token": tok.bos,
+        "eos_token": tok.eos,
+        "chat_template": tok.chat_template,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+      },
+      f,
+    )
   return path
 
 

@@ -28,9 +28,19 @@ STEPS = 10
 
 
 def config(out_dir, data_parallel=2, model_parallel=2):
-  return TrainConfig(steps=STEPS, batch_size=B, seq_len=T, lr=1e-2, warmup=3, out_dir=out_dir,
-                     log_every=1, eval_every=5, save_every=5, data_parallel=data_parallel,
-                     model_parallel=model_parallel)
+  return TrainConfig(
+    steps=STEPS,
+    batch_size=B,
+    seq_len=T,
+    lr=1e-2,
+    warmup=3,
+    out_dir=out_dir,
+    log_every=1,
+    eval_every=5,
+    save_every=5,
+    data_parallel=data_parallel,
+    model_parallel=model_parallel,
+  )
 
 
 def spans(x) -> bool:
@@ -56,24 +66,36 @@ def main(pid: int, n: int, port: int, out: str) -> None:
   gen = lm.generate(model, ROWS, max_new_tokens=12, stop_tokens=[])
   cache = new_cache(model, len(ROWS), 32)
   log("generated")
-  trained = train(tiny.model(**ARCH), config(os.path.join(out, "run")), synthetic,
-                  eval_batches, progress=True)
+  trained = train(
+    tiny.model(**ARCH), config(os.path.join(out, "run")), synthetic, eval_batches, progress=True
+  )
   log("trained")
   report = {
-      "process": jax.process_index(), "processes": jax.process_count(),
-      "devices": len(jax.devices()), "local_devices": len(jax.local_devices()),
-      "mesh": where(mesh), "train_mesh": where(make_mesh(config(out))),
-      "tokens": gen.tokens, "finish": gen.finish,
-      "spans": {"embed": spans(model.state["embed"][...]), "cache_k": spans(cache.k),
-                "cache_length": spans(cache.length)},
-      "losses": [r["loss"] for r in trained.records],
-      "eval_loss": trained.records[-1]["eval_loss"],
+    "process": jax.process_index(),
+    "processes": jax.process_count(),
+    "devices": len(jax.devices()),
+    "local_devices": len(jax.local_devices()),
+    "mesh": where(mesh),
+    "train_mesh": where(make_mesh(config(out))),
+    "tokens": gen.tokens,
+    "finish": gen.finish,
+    "spans": {
+      "embed": spans(model.state["embed"][...]),
+      "cache_k": spans(cache.k),
+      "cache_length": spans(cache.length),
+    },
+    "losses": [r["loss"] for r in trained.records],
+    "eval_loss": trained.records[-1]["eval_loss"],
   }
   with open(os.path.join(out, f"result{pid}.json"), "w") as f:
     json.dump(report, f)
-  np.savez(os.path.join(out, f"params{pid}.npz"),
-           **{jax.tree_util.keystr(k): v for k, v in
-              jax.tree_util.tree_leaves_with_path(trained.model.params())})
+  np.savez(
+    os.path.join(out, f"params{pid}.npz"),
+    **{
+      jax.tree_util.keystr(k): v
+      for k, v in jax.tree_util.tree_leaves_with_path(trained.model.params())
+    },
+  )
 
 
 if __name__ == "__main__":

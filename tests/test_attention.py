@@ -18,9 +18,11 @@ B, N, K, H = 2, 4, 2, 8
 def _arrays(rng, T, S, shared=False, layers=None):
   lead = () if layers is None else (layers,)
   kv = lead + ((K, S, H) if shared else (B, K, S, H))
-  return (jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32),
-          jnp.asarray(rng.standard_normal(kv), jnp.float32),
-          jnp.asarray(rng.standard_normal(kv), jnp.float32))
+  return (
+    jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32),
+    jnp.asarray(rng.standard_normal(kv), jnp.float32),
+    jnp.asarray(rng.standard_normal(kv), jnp.float32),
+  )
 
 
 def _run(blocks, **kw):
@@ -117,7 +119,8 @@ def test_causal_dispatch_impls_agree():
   want = np.asarray(reference([KeyBlock(q, k, v, new_keys(positions))], scale=0.3))
   for impl in ("xla", "cudnn"):
     got = jax.jit(lambda q, k, v, impl=impl: attention.causal(q, k, v, scale=0.3, impl=impl))(
-        q, k, v)
+      q, k, v
+    )
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
   with pytest.raises(ValueError, match="impl must be one of"):
     attention.causal(q, k, v, scale=0.3, impl="triton")
@@ -127,6 +130,7 @@ def test_causal_dispatch_lowers_for_tpu():
   """The TPU path (jax.experimental.pallas.ops.tpu.flash_attention, kv heads repeated for its
   MHA kernel) lowers to Mosaic TPU from this CPU machine (jax.export)."""
   from jax import export
+
   q = jax.ShapeDtypeStruct((1, 256, 8, 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, 2, 256, 128), jnp.bfloat16)
   fn = jax.jit(lambda q, k, v: attention.causal(q, k, v, scale=0.1, impl="tpu_flash"))
@@ -143,8 +147,9 @@ def test_attention_dropout_is_unbiased_and_keyed():
   q, k, v = _arrays(rng, T, T)
   positions = jnp.broadcast_to(jnp.arange(T), (B, T))
   blocks = [KeyBlock(q, k, v, new_keys(positions))]
-  run = jax.jit(lambda key, rate: attend(blocks, scale=0.3, block_k=5, block_q=3,
-                                         dropout=(rate, key)))
+  run = jax.jit(
+    lambda key, rate: attend(blocks, scale=0.3, block_k=5, block_q=3, dropout=(rate, key))
+  )
   plain = np.asarray(attend(blocks, scale=0.3, block_k=5, block_q=3))
   a, b = run(jax.random.key(0), 0.3), run(jax.random.key(1), 0.3)
   assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-2
@@ -162,8 +167,14 @@ def test_decoder_dropout_only_when_asked():
   dec = model.decoder
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.cfg.vocab_size, (2, 9)))
   plain = np.asarray(dec(tokens)[0].logits)
-  drop = lambda seed, r=0.2, a=0.1: np.asarray(dec(tokens, training=attention.Training(  # noqa
-      r, a, jax.random.key(seed)))[0].logits)
+  drop = lambda seed, r=0.2, a=0.1: np.asarray(
+    dec(
+      tokens,
+      training=attention.Training(  # noqa
+        r, a, jax.random.key(seed)
+      ),
+    )[0].logits
+  )
   assert np.abs(drop(0) - plain).max() > 1e-3 and np.abs(drop(0) - drop(1)).max() > 1e-3
   np.testing.assert_array_equal(drop(0), drop(0))
   np.testing.assert_allclose(drop(0, 0.0, 0.0), plain, atol=1e-5)
@@ -189,8 +200,11 @@ def test_differentiable_attention_has_the_reference_gradient(monkeypatch, one_st
     return jnp.sum(fn(blocks, scale=0.3, window=6, **kw) ** 2)
 
   want = jax.grad(lambda *a: loss(reference, *a), argnums=(0, 1, 2))(q, k, v)
-  got = jax.jit(jax.grad(lambda *a: loss(attend, *a, block_k=5, block_q=3, differentiable=True),
-                         argnums=(0, 1, 2)))(q, k, v)
+  got = jax.jit(
+    jax.grad(
+      lambda *a: loss(attend, *a, block_k=5, block_q=3, differentiable=True), argnums=(0, 1, 2)
+    )
+  )(q, k, v)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, atol=2e-4, rtol=2e-4)
   with pytest.raises(ValueError, match="Reverse-mode differentiation"):

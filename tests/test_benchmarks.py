@@ -63,11 +63,13 @@ def dirs(tmp_path_factory):
   coprocessor."""
   root = tmp_path_factory.mktemp("bench")
   tok = Tokenizer.load(resolve("shakespeare")[0])
-  base = lm.init(tiny.config(vocab_size=tok.vocab_size, n_layers=2), tokenizer=tok,
-                 eos_ids=(tok.eos_id,))
+  base = lm.init(
+    tiny.config(vocab_size=tok.vocab_size, n_layers=2), tokenizer=tok, eos_ids=(tok.eos_id,)
+  )
   rng = np.random.default_rng(1)
-  tuned = jax.tree.map(lambda a: a + 0.05 * np.std(a) * rng.standard_normal(a.shape)
-                       .astype(np.float32), base.params())
+  tuned = jax.tree.map(
+    lambda a: a + 0.05 * np.std(a) * rng.standard_normal(a.shape).astype(np.float32), base.params()
+  )
   paths = {k: str(root / k) for k in ("lm", "comedy", "head1", "head3", "cop")}
   lm.save(base, paths["lm"])
   lm.save(base.with_params(tuned), paths["comedy"])
@@ -86,14 +88,14 @@ def torch_threads():
   torch.set_num_threads(n)
 
 
-FAKE_PEER = '''import os, sys
+FAKE_PEER = """import os, sys
 sys.path.insert(0, {bench!r})
 from peer_protocol import serve
 if sys.argv[2] == "convert":  # peer_llamacpp.py convert ... --out FILE
   open(sys.argv[sys.argv.index("--out") + 1], "w").close()
 else:  # serve: constant timings
   serve({{"fake": os.path.basename(sys.argv[1])}}, lambda ids, n: 1e-3, lambda ids: 2e-3)
-'''
+"""
 
 
 @pytest.fixture
@@ -111,11 +113,32 @@ def fake_python(tmp_path):
 def test_decode(tmp_path, fake_python, torch_threads):
   """HF, llama.cpp (faked) and gemma (faked) peers, one decode and one prefill cell."""
   torch.set_num_threads(1)  # a tiny model's forward is 10x slower on two shared cores
-  got = script("decode").main(["--config", "tiny", "--batches", "1", "--contexts", "8", "--prefill", "8",
-                               "--new-tokens", "2", "--repeats", "1", "--out", str(tmp_path),
-                               "--peers", "hf,llamacpp,gemma", "--llamacpp-python", fake_python,
-                               "--llamacpp-converter", fake_python, "--gemma-python",
-                               fake_python])
+  got = script("decode").main(
+    [
+      "--config",
+      "tiny",
+      "--batches",
+      "1",
+      "--contexts",
+      "8",
+      "--prefill",
+      "8",
+      "--new-tokens",
+      "2",
+      "--repeats",
+      "1",
+      "--out",
+      str(tmp_path),
+      "--peers",
+      "hf,llamacpp,gemma",
+      "--llamacpp-python",
+      fake_python,
+      "--llamacpp-converter",
+      fake_python,
+      "--gemma-python",
+      fake_python,
+    ]
+  )
   assert written(tmp_path, "decode") == json.loads(json.dumps(got, default=str))
   assert got["peers"] == ["HF", "llama.cpp"] and got["config"]["name"] == "tiny"
   assert [c["kind"] for c in got["cells"]] == ["decode", "prefill"]
@@ -123,8 +146,10 @@ def test_decode(tmp_path, fake_python, torch_threads):
     assert cell["kvjax_s"] > 0 and cell["peers"]["HF"]["s"] > 0
     assert cell["peers"]["llama.cpp"]["s"] == (1e-3 if cell["kind"] == "decode" else 2e-3)
   assert {"bandwidth_gbs", "grid", "runtime_s"} <= set(got)
-  assert got["machine"]["peers"] == {"llama.cpp": {"fake": "peer_llamacpp.py"},
-                                     "gemma": {"fake": "peer_gemma.py"}}
+  assert got["machine"]["peers"] == {
+    "llama.cpp": {"fake": "peer_llamacpp.py"},
+    "gemma": {"fake": "peer_gemma.py"},
+  }
   gemma = got["gemma2"]
   assert gemma["peers"] == ["gemma"] and gemma["hf"]["final_logit_softcapping"] == 30.0
   assert [c["peers"]["gemma"]["s"] for c in gemma["cells"]] == [1e-3, 2e-3]
@@ -132,11 +157,41 @@ def test_decode(tmp_path, fake_python, torch_threads):
 
 def test_speculative(tmp_path, dirs, torch_threads):
   """Every method row, and the HF assisted-generation peer (the "fine-tune" as its draft)."""
-  assert script("speculative").main([
-      "--model", dirs["lm"], "--head1", dirs["head1"], "--head3", dirs["head3"],
-      "--draft", dirs["comedy"], "--prompts", "1", "--prompt-len", "8", "--new-tokens", "4",
-      "--batches", "1", "--temperatures", "0", "--top-k", "2", "--depth", "2",
-      "--tree-tokens", "4", "--small-tree", "2,2,3", "--out", str(tmp_path)]) == 0
+  assert (
+    script("speculative").main(
+      [
+        "--model",
+        dirs["lm"],
+        "--head1",
+        dirs["head1"],
+        "--head3",
+        dirs["head3"],
+        "--draft",
+        dirs["comedy"],
+        "--prompts",
+        "1",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "4",
+        "--batches",
+        "1",
+        "--temperatures",
+        "0",
+        "--top-k",
+        "2",
+        "--depth",
+        "2",
+        "--tree-tokens",
+        "4",
+        "--small-tree",
+        "2,2,3",
+        "--out",
+        str(tmp_path),
+      ]
+    )
+    == 0
+  )
   got = written(tmp_path, "speculative")
   assert got["tree"] == {"top_k": 2, "depth": 2, "total_tokens": 4}
   rows = got["rows"]
@@ -152,14 +207,34 @@ def test_streaming(tmp_path, dirs, monkeypatch):
   memory part's stream is not a multiple of its 4096-token chunks."""
   bench = script("streaming")
   monkeypatch.setattr(bench, "MODEL", dirs["lm"])
-  assert bench.main(["--tokens", "24", "--cache-size", "10", "--cost-sizes", "8",
-                     "--memory-tokens", "4100", "--endless-tokens", "1024", "--repeats", "1",
-                     "--quiet", "--out", str(tmp_path)]) == 0
+  assert (
+    bench.main(
+      [
+        "--tokens",
+        "24",
+        "--cache-size",
+        "10",
+        "--cost-sizes",
+        "8",
+        "--memory-tokens",
+        "4100",
+        "--endless-tokens",
+        "1024",
+        "--repeats",
+        "1",
+        "--quiet",
+        "--out",
+        str(tmp_path),
+      ]
+    )
+    == 0
+  )
   got = written(tmp_path, "streaming")
   assert set(bench.PARTS) <= set(got)
   q = got["quality"]
   assert [r["name"] for r in q["rows"]] == ["window", "recompute"] + [
-      f"sink {s}" for s in bench.SINKS]
+    f"sink {s}" for s in bench.SINKS
+  ]
   assert all(r["tokens"] == 23 and r["ppl"] > 0 for r in q["rows"])
   assert [r["cache"] for r in got["cost"]["rows"]] == [8]
   assert [r["tokens"] for r in got["memory"]["rows"]] == [4096, 4100]  # a short last chunk
@@ -167,10 +242,30 @@ def test_streaming(tmp_path, dirs, monkeypatch):
 
 
 def test_droidspeak(tmp_path, dirs):
-  got = script("droidspeak").main([
-      "--sender", dirs["lm"], "--receiver", dirs["comedy"], "--profile-windows", "1",
-      "--profile-prefix", "8", "--prefix-lens", "8", "--prompts", "1", "--eval-tokens", "4",
-      "--new-tokens", "2", "--repeats", "1", "--out", str(tmp_path)])
+  got = script("droidspeak").main(
+    [
+      "--sender",
+      dirs["lm"],
+      "--receiver",
+      dirs["comedy"],
+      "--profile-windows",
+      "1",
+      "--profile-prefix",
+      "8",
+      "--prefix-lens",
+      "8",
+      "--prompts",
+      "1",
+      "--eval-tokens",
+      "4",
+      "--new-tokens",
+      "2",
+      "--repeats",
+      "1",
+      "--out",
+      str(tmp_path),
+    ]
+  )
   assert got == 0
   res = written(tmp_path, "droidspeak")
   assert {"rows", "pareto", "settings"} <= set(res["profile"])
@@ -183,12 +278,37 @@ def test_droidspeak(tmp_path, dirs):
 
 def test_coprocessor(tmp_path, dirs):
   """The coprocessor on time, 1-3 tokens late and on seen text, and its cost."""
-  assert script("coprocessor").main([
-      "--model", dirs["lm"], "--coprocessors", dirs["cop"], "--delay-of", "4", "--windows", "1",
-      "--window-len", "40", "--points", "1", "--repeats", "1", "--out", str(tmp_path)]) == 0
+  assert (
+    script("coprocessor").main(
+      [
+        "--model",
+        dirs["lm"],
+        "--coprocessors",
+        dirs["cop"],
+        "--delay-of",
+        "4",
+        "--windows",
+        "1",
+        "--window-len",
+        "40",
+        "--points",
+        "1",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path),
+      ]
+    )
+    == 0
+  )
   got = written(tmp_path, "coprocessor")
   assert [(r["delay"], r["text"]) for r in got["rows"]] == [
-      (0, "held-out"), (1, "held-out"), (2, "held-out"), (3, "held-out"), (0, "seen")]
+    (0, "held-out"),
+    (1, "held-out"),
+    (2, "held-out"),
+    (3, "held-out"),
+    (0, "seen"),
+  ]
   for r in got["rows"]:
     assert len(r["relative_reduction_by_position"]) == 32 and r["latents"] == 4
   (cost,) = got["cost"]
@@ -196,8 +316,12 @@ def test_coprocessor(tmp_path, dirs):
 
 
 def test_sot(tmp_path, dirs):
-  assert script("sot").main(["--model", dirs["lm"], "--runs", "3x2", "--repeats", "1",
-                             "--out", str(tmp_path)]) == 0
+  assert (
+    script("sot").main(
+      ["--model", dirs["lm"], "--runs", "3x2", "--repeats", "1", "--out", str(tmp_path)]
+    )
+    == 0
+  )
   (row,) = written(tmp_path, "sot")["rows"]
   assert row["points"] == 3 and row["tokens"] == 6 and row["same_tokens"]
   assert set(row["seconds"]) == set(row["cache_bytes"]) == {"normal", "repeated", "shared"}

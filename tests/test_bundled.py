@@ -24,14 +24,16 @@ def models():
 
 
 def _size(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path)
-             for f in files)
+  return sum(
+    os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
+  )
 
 
 def test_bundled_names_and_shipped_weights_size():
   """Everything kvjax ships (models, EAGLE heads, coprocessors) fits in 80 MB."""
   from kvjax.coprocessor.model import BUNDLED_DIR as COPROCESSORS
   from kvjax.speculative.head import BUNDLED_DIR as HEADS
+
   assert set(NAMES) <= set(lm.bundled())
   assert _size(BUNDLED_DIR) + _size(HEADS) + _size(COPROCESSORS) <= 80e6
 
@@ -69,7 +71,7 @@ def _nll_per_token(model, text: str) -> float:
   """Mean next-token nll over N_WINDOWS windows of WINDOW tokens from the middle of text."""
   ids = model.tokenizer.encode(text, add_special_tokens=False)
   mid = len(ids) // 2
-  rows = [ids[mid + i * WINDOW: mid + (i + 1) * WINDOW] for i in range(N_WINDOWS)]
+  rows = [ids[mid + i * WINDOW : mid + (i + 1) * WINDOW] for i in range(N_WINDOWS)]
   nll = []
   for row, logits in zip(rows, lm.score(model, rows)):
     logp = logits[:-1] - np.logaddexp.reduce(logits[:-1], axis=-1, keepdims=True)
@@ -103,13 +105,14 @@ def test_shipped_heads_draft_for_shakespeare(models, name):
   equals plain greedy decoding, and it was trained: its drafts are accepted on a held-out play
   well beyond the 1 token per forward of an untrained head."""
   from kvjax import speculative
+
   base = models["shakespeare"]
   head = speculative.load_head(name, base)
   assert head.hc.kind == HEADS[name] and head.hc.target_name == "shakespeare"
   if head.hc.kind == "eagle3":  # EAGLE-3's low / middle / high layers of 12, a reduced vocabulary
     assert head.hc.fuse_layers == (2, 6, 9) and len(head.hc.draft_vocab) == 1024
   ids = base.tokenizer.encode(_held_out("tragedy"), add_special_tokens=False)
-  prompt = ids[len(ids) // 2:len(ids) // 2 + 64]
+  prompt = ids[len(ids) // 2 : len(ids) // 2 + 64]
   tree = speculative.TreeSpec(top_k=4, depth=4, total_tokens=12)
   got = speculative.generate(base, head, [prompt], max_new_tokens=48, tree=tree, stop_tokens=[])
   want = lm.generate(base, [prompt], max_new_tokens=48, stop_tokens=[])
@@ -118,9 +121,24 @@ def test_shipped_heads_draft_for_shakespeare(models, name):
 
 
 def test_cli_speculative_with_the_shipped_head(models):
-  code, out, err = cli("generate", "--prompt", "**HAMLET**", "--max-new-tokens", 16,
-                       "--speculative", "eagle", "--head", "shakespeare", "--tree-top-k", 2,
-                       "--tree-depth", 3, "--tree-tokens", 6, "--json")
+  code, out, err = cli(
+    "generate",
+    "--prompt",
+    "**HAMLET**",
+    "--max-new-tokens",
+    16,
+    "--speculative",
+    "eagle",
+    "--head",
+    "shakespeare",
+    "--tree-top-k",
+    2,
+    "--tree-depth",
+    3,
+    "--tree-tokens",
+    6,
+    "--json",
+  )
   assert code == 0, err
   got = json.loads(out)
   want = lm.generate(models["shakespeare"], "**HAMLET**", max_new_tokens=16)
@@ -136,9 +154,13 @@ def test_shipped_artifacts_refuse_the_other_bundled_model(models):
   from kvjax import coprocessor, speculative
   from kvjax.coprocessor import CoprocessorError
   from kvjax.speculative.head import HeadError
+
   base, comedy = models["shakespeare"], models["shakespeare-comedy"]
-  assert lm.params_fingerprint(base) == lm.params_fingerprint(
-      lm.load("shakespeare", dtype=jnp.bfloat16)) != lm.params_fingerprint(comedy)
+  assert (
+    lm.params_fingerprint(base)
+    == lm.params_fingerprint(lm.load("shakespeare", dtype=jnp.bfloat16))
+    != lm.params_fingerprint(comedy)
+  )
   for name in HEADS:
     with pytest.raises(HeadError, match="trained against other params"):
       speculative.load_head(name, comedy)
@@ -149,6 +171,15 @@ def test_shipped_artifacts_refuse_the_other_bundled_model(models):
       coprocessor.load(name, comedy)
     with pytest.warns(UserWarning, match="other weights"):
       coprocessor.load(name, comedy, allow_other_params=True)
-  code, _, err = cli("generate", "--model", "shakespeare-comedy", "--prompt", "x",
-                     "--max-new-tokens", 2, "--coprocessor", "shakespeare-8")
+  code, _, err = cli(
+    "generate",
+    "--model",
+    "shakespeare-comedy",
+    "--prompt",
+    "x",
+    "--max-new-tokens",
+    2,
+    "--coprocessor",
+    "shakespeare-8",
+  )
   assert code == 1 and "--allow-other-params" in err and len(err.strip().splitlines()) == 1

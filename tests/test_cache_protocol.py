@@ -15,8 +15,7 @@ L, B, K, S, H = 2, 3, 2, 8, 4
 def caches():
   dense = KVCache.init(n_layers=L, batch=B, size=S, n_kv_heads=K, head_dim=H)
   sink = SinkCache.init(n_layers=L, batch=B, n_sink=2, window=S - 2, n_kv_heads=K, head_dim=H)
-  prefix = PrefixCache(KVCache.init(n_layers=L, batch=1, size=5, n_kv_heads=K, head_dim=H),
-                       dense)
+  prefix = PrefixCache(KVCache.init(n_layers=L, batch=1, size=5, n_kv_heads=K, head_dim=H), dense)
   return {"dense": dense, "sink": sink, "prefix": prefix}
 
 

@@ -46,14 +46,14 @@ def test_orbax_round_trip(models, tmp_path):
   np.testing.assert_array_equal(lm.score(model.with_params(restored), IDS), lm.score(model, IDS))
 
 
-
 def test_orbax_saved_in_bfloat16_restores_in_the_likes_dtype(models, tmp_path):
   model = models("llama")
   path = str(tmp_path / "ckpt16")
   lm.save_params(path, model.params(), dtype=jnp.bfloat16)
   restored = lm.restore_params(path, jax.eval_shape(model.params))
-  want = jax.tree.map(lambda a: np.asarray(a).astype(jnp.bfloat16).astype(np.float32),
-                      model.params())
+  want = jax.tree.map(
+    lambda a: np.asarray(a).astype(jnp.bfloat16).astype(np.float32), model.params()
+  )
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(restored))
   leaves_equal(restored, want)
 
@@ -87,6 +87,7 @@ def test_orbax_bad_paths(models, tmp_path):
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3", "gemma3_text", "phi3", "mixtral"])
 def test_save_load_and_transformers(models, family, tmp_path):
   import transformers
+
   model = models(family)
   path = str(tmp_path / family)
   lm.save(model, path)
@@ -103,7 +104,6 @@ def test_save_load_and_transformers(models, family, tmp_path):
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
-
 def test_gemma3_config_layouts_read_like_transformers(tmp_path):
   """A transformers 4.x style gemma3_text config.json (rope_theta, rope_local_base_freq,
   rope_scaling, no layer_types: the default pattern of 6) and the 5.x one transformers writes
@@ -112,14 +112,28 @@ def test_gemma3_config_layouts_read_like_transformers(tmp_path):
   import json
   import transformers
   from kvjax.lm import config
-  legacy = dict(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=7,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=12,
-                rope_theta=1e6, rope_local_base_freq=2e4,
-                rope_scaling={"rope_type": "linear", "factor": 8.0})
+
+  legacy = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=7,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    sliding_window=12,
+    rope_theta=1e6,
+    rope_local_base_freq=2e4,
+    rope_scaling={"rope_type": "linear", "factor": 8.0},
+  )
   cfg = config.from_hf({"model_type": "gemma3_text", **legacy})
   assert cfg.windows == (12, 12, 12, 12, 12, 0, 12)
   assert (cfg.rope_theta, cfg.rope_local_theta, cfg.rope_type, cfg.rope_factor) == (
-      1e6, 2e4, "linear", 8.0)
+    1e6,
+    2e4,
+    "linear",
+    8.0,
+  )
   assert cfg.query_pre_attn_scalar == 256 and cfg.tie_embeddings and cfg.qk_norm
   transformers.Gemma3TextConfig(**legacy).save_pretrained(tmp_path)
   with open(tmp_path / "config.json") as f:
@@ -137,6 +151,7 @@ def test_phi3_fused_tensors_written_back(hf_dir, tmp_path):
   """transformers' phi3 -> kvjax -> lm.save: the same tensors (qkv_proj, gate_up_proj fused
   again, bit for bit) and a config.json that reads back to the same Config."""
   from safetensors.numpy import load_file
+
   src = hf_dir("phi3")
   model = lm.load(src)
   lm.save(model, str(tmp_path / "out"))
@@ -145,6 +160,8 @@ def test_phi3_fused_tensors_written_back(hf_dir, tmp_path):
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
   assert lm.load(str(tmp_path / "out"), weights=False).cfg == model.cfg
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral"])
 def test_n_params_counts_every_weight(models, family):
   model = models(family)
@@ -158,6 +175,7 @@ def test_experts_load_from_either_layout(hf_dir, tmp_path):
   first, mlp.experts.down_proj [E, D, F], mlp.gate) alike."""
   import shutil
   from safetensors.numpy import load_file, save_file
+
   src = hf_dir("mixtral")
   path = shutil.copytree(src, str(tmp_path / "fused"))
   per_expert = load_file(f"{src}/model.safetensors")
@@ -168,10 +186,13 @@ def test_experts_load_from_either_layout(hf_dir, tmp_path):
       fused[name.replace(".block_sparse_moe.", ".mlp.")] = w
   for i in range(cfg.n_layers):
     old = f"model.layers.{i}.block_sparse_moe.experts.{{}}.{{}}.weight"
+
     def stack(n, old=old):
       return np.stack([per_expert[old.format(e, n)] for e in range(cfg.n_experts)])
+
     fused[f"model.layers.{i}.mlp.experts.gate_up_proj"] = np.concatenate(
-        [stack("w1"), stack("w3")], axis=1)
+      [stack("w1"), stack("w3")], axis=1
+    )
     fused[f"model.layers.{i}.mlp.experts.down_proj"] = stack("w2")
   save_file(fused, f"{path}/model.safetensors", metadata={"format": "pt"})
   leaves_equal(lm.load(path).params(), lm.load(src).params())

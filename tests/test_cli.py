@@ -19,8 +19,21 @@ from kvjax.lm.cli import main
 
 PROMPT = "Once upon a time"
 MAX = 12
-FIELDS = {"tokens", "text", "prompt_tokens", "finish", "prefill_s", "decode_tokens_per_s",
-          "compile_s", "model", "temperature", "top_k", "top_p", "seed", "max_new_tokens"}
+FIELDS = {
+  "tokens",
+  "text",
+  "prompt_tokens",
+  "finish",
+  "prefill_s",
+  "decode_tokens_per_s",
+  "compile_s",
+  "model",
+  "temperature",
+  "top_k",
+  "top_p",
+  "seed",
+  "max_new_tokens",
+}
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +86,9 @@ def test_json_matches_library(greedy, model, model_dir):
 
 
 def test_stream_text_equals_json_text(greedy, model_dir):
-  code, out, err = cli("generate", "--model", model_dir, "--prompt", PROMPT,
-                       "--max-new-tokens", MAX)
+  code, out, err = cli(
+    "generate", "--model", model_dir, "--prompt", PROMPT, "--max-new-tokens", MAX
+  )
   assert code == 0, err
   assert out == greedy["text"][0] + "\n"
   assert f"{len(greedy['tokens'][0])} new tokens" in err and "prefill" in err
@@ -104,8 +118,13 @@ def test_sampling_is_reproducible_by_seed(model, model_dir):
   b = cli_json(model_dir, *argv, "--seed", "3")
   c = cli_json(model_dir, *argv, "--seed", "4")
   assert a["tokens"] == b["tokens"] != c["tokens"]
-  ref = lm.generate(model, [PROMPT], max_new_tokens=MAX, key=jax.random.key(3),
-                    sampling=lm.Sampling(temperature=1.0, top_k=50))
+  ref = lm.generate(
+    model,
+    [PROMPT],
+    max_new_tokens=MAX,
+    key=jax.random.key(3),
+    sampling=lm.Sampling(temperature=1.0, top_k=50),
+  )
   assert a["tokens"] == ref.tokens
   assert (a["temperature"], a["top_k"], a["top_p"], a["seed"]) == (1.0, 50, 1.0, 3)
 
@@ -114,8 +133,8 @@ def test_stop_cuts_text(greedy, model_dir):
   text = greedy["text"][0]
   stop = next(ch for ch in text[1:] if ch != "\ufffd")  # random bytes: mostly invalid UTF-8
   got = cli_json(model_dir, "--prompt", PROMPT, "--max-new-tokens", MAX, "--stop", stop)
-  assert got["text"] == [text[:text.index(stop)]] and got["finish"] == ["stop_string"]
-  assert got["tokens"][0] == greedy["tokens"][0][:len(got["tokens"][0])]
+  assert got["text"] == [text[: text.index(stop)]] and got["finish"] == ["stop_string"]
+  assert got["tokens"][0] == greedy["tokens"][0][: len(got["tokens"][0])]
   assert len(got["tokens"][0]) < MAX and got["stop"] == [stop]
 
 
@@ -133,9 +152,14 @@ def test_dtype_casts_params(model_dir):
   assert cli_module.load_model(args).dtype == jax.numpy.bfloat16
 
 
-@pytest.mark.parametrize("flags, words", [
+@pytest.mark.parametrize(
+  "flags, words",
+  [
     (["--temperature", "-1"], ["--temperature", ">= 1e-6"]),
-    (["--temperature", "1e-9"], ["--temperature", "0 (greedy decoding) or a finite number >= 1e-6"]),
+    (
+      ["--temperature", "1e-9"],
+      ["--temperature", "0 (greedy decoding) or a finite number >= 1e-6"],
+    ),
     (["--temperature", "inf"], ["--temperature", "finite"]),
     (["--temperature", "hot"], ["--temperature", "'hot'"]),
     (["--temperature", "1", "--top-p", "0"], ["--top-p", "(0, 1]"]),
@@ -147,7 +171,8 @@ def test_dtype_casts_params(model_dir):
     (["--dtype", "float16"], ["--dtype", "bfloat16"]),
     (["--prompt", "-"], ["--prompt -", "once"]),
     (["--stop", ""], ["--stop", "non-empty"]),
-])
+  ],
+)
 def test_invalid_flags_exit_2(model_dir, flags, words):
   code, out, err = cli("generate", "--model", model_dir, "--prompt", "-", *flags)
   assert code == 2 and out == ""
@@ -195,17 +220,33 @@ def test_broken_model_exit_1(model_dir, tmp_path, breaker):
 
 
 def test_prompt_longer_than_context_exit_1(model_dir):
-  code, out, err = cli("generate", "--model", model_dir, "--prompt", PROMPT,
-                       "--max-new-tokens", 5000)
+  code, out, err = cli(
+    "generate", "--model", model_dir, "--prompt", PROMPT, "--max-new-tokens", 5000
+  )
   assert code == 1 and out == ""
   assert err.startswith("kvjax: error: ") and "context of 1024" in err
 
 
 def test_python_dash_m_entry_point(greedy, model_dir):
   proc = subprocess.run(
-      [sys.executable, "-m", "kvjax", "generate", "--model", model_dir, "--prompt", PROMPT,
-       "--max-new-tokens", str(MAX), "--json"],
-      capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+    [
+      sys.executable,
+      "-m",
+      "kvjax",
+      "generate",
+      "--model",
+      model_dir,
+      "--prompt",
+      PROMPT,
+      "--max-new-tokens",
+      str(MAX),
+      "--json",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "XLA_FLAGS": ""},
+  )
   assert proc.returncode == 0, proc.stderr
   got = json.loads(proc.stdout)
   assert got["tokens"] == greedy["tokens"] and got["text"] == greedy["text"]
@@ -216,6 +257,7 @@ def test_bench_peers_interleaved(model):
   within every round, and gets its median, ratio and (decode) share of the bound; markdown has
   a pair of columns per peer; a peer may not take kvjax's name."""
   from kvjax.lm import bench
+
   grid = bench.Grid(batches=(2,), contexts=(8,), prefill=(6,), new_tokens=2, repeats=2)
   calls = []
 
@@ -223,14 +265,18 @@ def test_bench_peers_interleaved(model):
     def fn(kind, ids, new_tokens):
       calls.append((name, kind, ids.shape, new_tokens, ids.sum()))
       return seconds
+
     return fn
 
   report = bench.run(model, grid, peers={"a": peer("a", 0.5), "b": peer("b", 2.0)})
   assert report["peers"] == ["a", "b"]
   # 3 rounds (warm-up + 2) x 2 cells x 2 peers, a before b, same ids for both
-  assert [c[:4] for c in calls] == [(n, k, s, 2) for _ in range(3)
-                                    for k, s in (("decode", (2, 8)), ("prefill", (1, 6)))
-                                    for n in "ab"]
+  assert [c[:4] for c in calls] == [
+    (n, k, s, 2)
+    for _ in range(3)
+    for k, s in (("decode", (2, 8)), ("prefill", (1, 6)))
+    for n in "ab"
+  ]
   assert all(calls[i][4] == calls[i + 1][4] for i in range(0, len(calls), 2))
   for c in report["cells"]:
     assert c["peers"]["a"]["s"] == 0.5 and c["peers"]["b"]["runs"] == [2.0, 2.0]
@@ -246,8 +292,22 @@ def test_bench_peers_interleaved(model):
 def test_bench(model_dir):
   """kvjax bench: one decode cell and one prefill cell, with the bound from the bandwidth it
   measured; text and JSON; a grid past the context and bad lists are one-line errors."""
-  code, out, err = cli("bench", "--model", model_dir, "--batches", "1,2", "--contexts", "8",
-                       "--prefill", "8", "--new-tokens", "2", "--repeats", "1", "--json")
+  code, out, err = cli(
+    "bench",
+    "--model",
+    model_dir,
+    "--batches",
+    "1,2",
+    "--contexts",
+    "8",
+    "--prefill",
+    "8",
+    "--new-tokens",
+    "2",
+    "--repeats",
+    "1",
+    "--json",
+  )
   assert code == 0, err
   report = json.loads(out)
   assert report["bandwidth_gbs"]["copy"] > 0 and report["bandwidth_gbs"]["read"] > 0
@@ -256,10 +316,24 @@ def test_bench(model_dir):
   for c in decode:
     assert c["kvjax_s"] > 0 and 0 < c["fraction"] and c["bytes_per_step"]["kv"] > 0
     assert c["bound_s"] == pytest.approx(
-        c["bytes_per_step"]["total"] / (report["bandwidth_gbs"]["copy"] * 1e9))
+      c["bytes_per_step"]["total"] / (report["bandwidth_gbs"]["copy"] * 1e9)
+    )
   assert decode[1]["bytes_per_step"]["kv"] == 2 * decode[0]["bytes_per_step"]["kv"]
-  code, out, err = cli("bench", "--model", model_dir, "--batches", "1", "--contexts", "8",
-                       "--prefill", "8", "--new-tokens", "2", "--repeats", "1")
+  code, out, err = cli(
+    "bench",
+    "--model",
+    model_dir,
+    "--batches",
+    "1",
+    "--contexts",
+    "8",
+    "--prefill",
+    "8",
+    "--new-tokens",
+    "2",
+    "--repeats",
+    "1",
+  )
   assert code == 0 and "kvjax share of bound" in out and "prefill tokens" in out
   code, _, err = cli("bench", "--model", model_dir, "--contexts", "1020", "--new-tokens", "8")
   assert code == 1 and "the grid needs 1028 positions" in err and "model's 1024 positions" in err

@@ -36,8 +36,7 @@ def dirs(tmp_path_factory, model):
   lm.save(model, str(root / "model"))
   speculative.save_head(speculative.init_head(model, "eagle1", seed=1), str(root / "head"))
   (root / "text.txt").write_text(TEXT, encoding="utf-8")
-  return {k: str(root / v) for k, v in
-          (("model", "model"), ("head", "head"), ("text", "text.txt"))}
+  return {k: str(root / v) for k, v in (("model", "model"), ("head", "head"), ("text", "text.txt"))}
 
 
 def nll(logits: np.ndarray, targets) -> np.ndarray:
@@ -60,7 +59,7 @@ def test_ppl_cache_modes_equal_score(model, dirs, cache):
   if cache == "dense":
     losses = nll(lm.score(model, ids)[:-1], ids[1:])
   else:
-    rows = [ids[max(0, i - W):i] for i in range(1, len(ids))]
+    rows = [ids[max(0, i - W) : i] for i in range(1, len(ids))]
     losses = nll([logits[-1] for logits in lm.score(model, rows)], ids[1:])
   assert got["ppl"] == pytest.approx(float(np.exp(losses.mean())), rel=1e-5)
   assert got["cache"] == cache and got["tokens"] == n
@@ -72,15 +71,29 @@ def test_stream_chunked_prompt_equals_score_of_the_cache(model, dirs):
   """`stream --chunk 5` (the 42-token prompt in chunks of 5, 2 left over, evicting as it goes
   through 2 sinks + a 12-token window): each greedy token is the argmax of `lm.score` on the
   sinks and the window before it."""
-  code, out, err = cli("stream", "--model", dirs["model"], "--prompt", PROMPT, "--sinks", 2,
-                       "--window", W, "--chunk", 5, "--max-new-tokens", 24, "--json")
+  code, out, err = cli(
+    "stream",
+    "--model",
+    dirs["model"],
+    "--prompt",
+    PROMPT,
+    "--sinks",
+    2,
+    "--window",
+    W,
+    "--chunk",
+    5,
+    "--max-new-tokens",
+    24,
+    "--json",
+  )
   assert code == 0, err
   got = json.loads(out)
   ids = model.tokenizer.encode(PROMPT)
   n = len(ids)
   assert n % 5 and n > 2 + W
   for _ in range(24):
-    seen = ids[:2] + ids[max(2, len(ids) - W):]
+    seen = ids[:2] + ids[max(2, len(ids) - W) :]
     ids.append(int(np.argmax(lm.score(model, seen)[-1])))
     if ids[-1] in model.eos_ids:
       break
@@ -95,9 +108,26 @@ def test_stream_chunked_prompt_equals_score_of_the_cache(model, dirs):
 def test_generate_tree_tokens_auto_is_lossless(model, dirs):
   """`--tree-tokens auto` times the tree sizes that fit top_k 2, depth 3 (only 8: at most
   1 + 2 + 2 * 4 = 11 tokens), takes one, and its greedy tokens are plain `lm.generate`'s."""
-  code, out, err = cli("generate", "--model", dirs["model"], "--prompt", PROMPT,
-                       "--max-new-tokens", 12, "--speculative", "eagle", "--head", dirs["head"],
-                       "--tree-top-k", 2, "--tree-depth", 3, "--tree-tokens", "auto", "--json")
+  code, out, err = cli(
+    "generate",
+    "--model",
+    dirs["model"],
+    "--prompt",
+    PROMPT,
+    "--max-new-tokens",
+    12,
+    "--speculative",
+    "eagle",
+    "--head",
+    dirs["head"],
+    "--tree-top-k",
+    2,
+    "--tree-depth",
+    3,
+    "--tree-tokens",
+    "auto",
+    "--json",
+  )
   assert code == 0, err
   got = json.loads(out)
   ref = lm.generate(model, PROMPT, max_new_tokens=12)
@@ -114,9 +144,21 @@ def test_sot_model_written_skeleton(model, dirs, tmp_path):
   prompts_file = tmp_path / "prompts.json"
   prompts_file.write_text(json.dumps({"skeleton_prefill": "1. "}), encoding="utf-8")
   question = "How can I sleep better?"
-  code, out, err = cli("sot", "--model", dirs["model"], "--question", question,
-                       "--prompts", prompts_file, "--skeleton-tokens", 10, "--point-tokens", 6,
-                       "--no-baseline", "--json")
+  code, out, err = cli(
+    "sot",
+    "--model",
+    dirs["model"],
+    "--question",
+    question,
+    "--prompts",
+    prompts_file,
+    "--skeleton-tokens",
+    10,
+    "--point-tokens",
+    6,
+    "--no-baseline",
+    "--json",
+  )
   assert code == 0, err
   got = json.loads(out)
   prompts = Prompts(skeleton_prefill="1. ")

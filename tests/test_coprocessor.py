@@ -31,9 +31,14 @@ def cop_dec(base, cop):
 def prefilled(base, rows=ROWS, size=32):
   tokens = np.zeros((len(rows), 8), np.int32)
   for b, r in enumerate(rows):
-    tokens[b, :len(r)] = r
-  _, cache = steps.prefill(base.graphdef, base.state, new_cache(base, len(rows), size),
-                           jnp.asarray(tokens), jnp.asarray([len(r) for r in rows], jnp.int32))
+    tokens[b, : len(r)] = r
+  _, cache = steps.prefill(
+    base.graphdef,
+    base.state,
+    new_cache(base, len(rows), size),
+    jnp.asarray(tokens),
+    jnp.asarray([len(r) for r in rows], jnp.int32),
+  )
   return cache
 
 
@@ -48,7 +53,7 @@ def test_copy_latents_equal_a_cache_free_forward_over_prefix_and_soft_tokens(bas
   for b, r in enumerate(ROWS):
     x = jnp.concatenate([dec.embed_tokens(jnp.asarray([r])), cop.soft[None]], axis=1)
     out, _ = dec(embeds=x, logits=False)
-    np.testing.assert_allclose(got[b], out.hidden[0, len(r):], atol=2e-5)
+    np.testing.assert_allclose(got[b], out.hidden[0, len(r) :], atol=2e-5)
 
 
 @pytest.mark.parametrize("init", ["copy", "scratch"])
@@ -64,24 +69,30 @@ def test_augment_appends_the_latents_in_the_next_slots(base, init):
   cop = cp.init(base, N, init=init, seed=1)
   cache = prefilled(base)
   before = jax.tree.map(np.array, cache)
-  lat = cp.latents(base, cop, cache)                                        # [B, N, D]
+  lat = cp.latents(base, cop, cache)  # [B, N, D]
   aug = cp.augment(base, cop, cache)
   nxt = jnp.asarray([[1], [1]])
-  logits, after = steps.extend(base.graphdef, base.state, jax.tree.map(jnp.copy, aug), nxt,
-                               jnp.asarray([1, 1], jnp.int32))
+  logits, after = steps.extend(
+    base.graphdef, base.state, jax.tree.map(jnp.copy, aug), nxt, jnp.asarray([1, 1], jnp.int32)
+  )
   np.testing.assert_array_equal(aug.length, [len(r) + N for r in ROWS])
   for b, r in enumerate(ROWS):
     n = len(r)
-    np.testing.assert_array_equal(aug.pos[b, :n + N],
-                                  list(range(n)) + [n + cpm.LATENT_POSITION] * N)
+    np.testing.assert_array_equal(
+      aug.pos[b, : n + N], list(range(n)) + [n + cpm.LATENT_POSITION] * N
+    )
     np.testing.assert_array_equal(aug.k[:, b, :, :n], before.k[:, b, :, :n])  # prefix untouched
     prefix = jnp.asarray([r])
-    latents = (_copy_latents(base.graphdef, base.state, cop.cc, cop.params, prefix)
-               if init == "copy" else lat[b:b + 1])
-    ref = _base_forward(base.graphdef, base.state, prefix, latents, nxt[b:b + 1],
-                        cop.cc.latent_offset)
-    np.testing.assert_allclose(aug.k[:, b, :, n:n + N], ref.k[:, 0, :, n:n + N], atol=2e-5)
-    np.testing.assert_allclose(aug.v[:, b, :, n:n + N], ref.v[:, 0, :, n:n + N], atol=2e-5)
+    latents = (
+      _copy_latents(base.graphdef, base.state, cop.cc, cop.params, prefix)
+      if init == "copy"
+      else lat[b : b + 1]
+    )
+    ref = _base_forward(
+      base.graphdef, base.state, prefix, latents, nxt[b : b + 1], cop.cc.latent_offset
+    )
+    np.testing.assert_allclose(aug.k[:, b, :, n : n + N], ref.k[:, 0, :, n : n + N], atol=2e-5)
+    np.testing.assert_allclose(aug.v[:, b, :, n : n + N], ref.v[:, 0, :, n : n + N], atol=2e-5)
     # decoding goes on after the latents: the next token sits at slot n + N, position n
     assert after.pos[b, n + N] == n and after.length[b] == n + N + 1
     np.testing.assert_allclose(logits[b], ref.logits[0, -1], atol=1e-4)
@@ -92,8 +103,9 @@ def _copy_latents(graphdef, state, cc, params, prefix):
   """A copied coprocessor, cache-free, over [embed(prefix); soft] (prefix [1, n]) -> its
   hidden states at the soft tokens [1, N, D]."""
   n = prefix.shape[1]
-  x = jnp.concatenate([nnx.merge(graphdef, state).embed_tokens(prefix), params["soft"][None]],
-                      axis=1)                                               # [1, n + N, D]
+  x = jnp.concatenate(
+    [nnx.merge(graphdef, state).embed_tokens(prefix), params["soft"][None]], axis=1
+  )  # [1, n + N, D]
   own, _ = cpm.decoder(graphdef, state, cc, params)(embeds=x, logits=False)
   return own.hidden[:, n:]
 
@@ -105,10 +117,14 @@ def _base_forward(graphdef, state, prefix, latents, nxt, offset):
   order -> its Output (K/V [L, 1, K, T, H], logits [1, T, V])."""
   dec, n, N = nnx.merge(graphdef, state), prefix.shape[1], latents.shape[1]
   x = jnp.concatenate([dec.embed_tokens(prefix), latents, dec.embed_tokens(nxt)], axis=1)
-  T = x.shape[1]                                                            # n + N + 1
+  T = x.shape[1]  # n + N + 1
   pos = jnp.concatenate([jnp.arange(n), jnp.full((N,), n + offset), jnp.asarray([n])])
-  out, _ = dec(embeds=x, positions=pos[None].astype(jnp.int32),
-               mask=jnp.tril(jnp.ones((1, T, T), bool)), return_kv=True)
+  out, _ = dec(
+    embeds=x,
+    positions=pos[None].astype(jnp.int32),
+    mask=jnp.tril(jnp.ones((1, T, T), bool)),
+    return_kv=True,
+  )
   return out
 
 
@@ -144,8 +160,9 @@ def test_bad_latent_counts(base, n):
 def test_augment_needs_room(base):
   cop = cp.init(base, N)
   cache = prefilled(base, size=10)  # the 8-token row has 2 free slots, 4 latents need 4
-  with pytest.raises(cp.CoprocessorError, match="has 10 slots; augmenting its longest row "
-                                                "needs 12"):
+  with pytest.raises(
+    cp.CoprocessorError, match="has 10 slots; augmenting its longest row needs 12"
+  ):
     cp.augment(base, cop, cache)
   with pytest.raises(cp.CoprocessorError, match="init must be one of"):
     cp.init(base, N, init="bogus")
@@ -160,12 +177,14 @@ def test_generate_with_a_coprocessor_is_the_augmented_greedy_path(base):
     cache = prefilled(base, [r[:-1]] if len(r) > 1 else [[0]], size=64)
     cache = cp.augment(base, cop, cache)
     want = []
-    logits, cache = steps.extend(base.graphdef, base.state, cache, jnp.asarray([[r[-1]]]),
-                                 jnp.asarray([1], jnp.int32))
+    logits, cache = steps.extend(
+      base.graphdef, base.state, cache, jnp.asarray([[r[-1]]]), jnp.asarray([1], jnp.int32)
+    )
     for _ in range(6):
       want.append(int(np.argmax(logits[0])))
-      logits, cache = steps.decode_step(base.graphdef, base.state, cache,
-                                        jnp.asarray([want[-1]], jnp.int32))
+      logits, cache = steps.decode_step(
+        base.graphdef, base.state, cache, jnp.asarray([want[-1]], jnp.int32)
+      )
     assert got.tokens[b] == want
 
 
@@ -180,12 +199,14 @@ def test_generate_with_delayed_latents(base):
       assert got.tokens[b][:k] == plain.tokens[b][:k]
       cache = prefilled(base, [r[:-1]], size=64)
       lat = cp.latents(base, cop, cache)
-      fed = [r[-1]] + plain.tokens[b][:k - 1]
-      logits, cache = steps.extend(base.graphdef, base.state, cache, jnp.asarray([fed]),
-                                   jnp.asarray([k], jnp.int32))
+      fed = [r[-1]] + plain.tokens[b][: k - 1]
+      logits, cache = steps.extend(
+        base.graphdef, base.state, cache, jnp.asarray([fed]), jnp.asarray([k], jnp.int32)
+      )
       cache = cp.insert(base, cop, lat, cache)
-      logits, cache = steps.decode_step(base.graphdef, base.state, cache,
-                                        jnp.asarray([got.tokens[b][k - 1]], jnp.int32))
+      logits, cache = steps.decode_step(
+        base.graphdef, base.state, cache, jnp.asarray([got.tokens[b][k - 1]], jnp.int32)
+      )
       assert got.tokens[b][k] == int(np.argmax(logits[0]))
 
 
@@ -216,8 +237,9 @@ def test_lora_and_pause_kinds(base, tmp_path):
   latents themselves; both save and load."""
   copy, lora = cp.init(base, N, seed=1), cp.init(base, N, init="lora", lora_rank=4, seed=1)
   cache = prefilled(base)
-  np.testing.assert_allclose(cp.latents(base, lora, cache), cp.latents(base, copy, cache),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    cp.latents(base, lora, cache), cp.latents(base, copy, cache), atol=1e-5
+  )
   assert "blocks" not in lora.params and lora.params["lora"]["attn"]["q"]["a"].shape[-1] == 4
   pause = cp.init(base, N, kind="pause", seed=2)
   assert set(pause.params) == {"soft"} and pause.cc.init == "none"
@@ -226,12 +248,15 @@ def test_lora_and_pause_kinds(base, tmp_path):
     cp.save(c, str(tmp_path / name))
     back = cp.load(str(tmp_path / name), base)
     assert back.cc == c.cc
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, c.params),
-                 jax.tree.map(np.asarray, back.params))
+    jax.tree.map(
+      np.testing.assert_array_equal,
+      jax.tree.map(np.asarray, c.params),
+      jax.tree.map(np.asarray, back.params),
+    )
 
 
 def test_latents_start_at_the_embedding_scale(base):
   cop = cp.init(base, N)
   lat = np.asarray(cp.latents(base, cop, prefilled(base)))
   emb = np.sqrt(np.mean(np.asarray(base.params()["embed"]) ** 2))
-  assert 0.5 * emb < np.sqrt(np.mean(lat ** 2)) < 2 * emb
+  assert 0.5 * emb < np.sqrt(np.mean(lat**2)) < 2 * emb

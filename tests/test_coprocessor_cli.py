@@ -14,8 +14,10 @@ from kvjax.train.cli import main as train_main
 
 from test_cli import cli
 
-TEXT = ("Now is the winter of our discontent made glorious summer by this sun of York; "
-        "and all the clouds that lour'd upon our house in the deep bosom of the ocean buried. ") * 3
+TEXT = (
+  "Now is the winter of our discontent made glorious summer by this sun of York; "
+  "and all the clouds that lour'd upon our house in the deep bosom of the ocean buried. "
+) * 3
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +31,45 @@ def dirs(tmp_path_factory):
 
 
 def test_generate_matches_the_library(dirs):
-  code, out, err = cli("generate", "--model", dirs["model"], "--coprocessor", dirs["cop"],
-                       "--prompt", "Now is the", "--max-new-tokens", 8, "--delay", 1, "--json")
+  code, out, err = cli(
+    "generate",
+    "--model",
+    dirs["model"],
+    "--coprocessor",
+    dirs["cop"],
+    "--prompt",
+    "Now is the",
+    "--max-new-tokens",
+    8,
+    "--delay",
+    1,
+    "--json",
+  )
   assert code == 0, err
   got = json.loads(out)
   base = lm.load(dirs["model"])
-  want = cp.generate(base, cp.load(dirs["cop"], base), "Now is the", max_new_tokens=8,
-                     delay=1)
+  want = cp.generate(base, cp.load(dirs["cop"], base), "Now is the", max_new_tokens=8, delay=1)
   assert got["tokens"] == want.tokens and got["coprocessor"] == dirs["cop"]
   assert got["delay"] == 1
 
 
 def test_ppl_by_position_matches_the_library(dirs):
-  code, out, err = cli("ppl", "--model", dirs["model"], "--coprocessor", dirs["cop"], "--text",
-                       dirs["text.txt"], "--ahead", 4, "--points", 3, "--seq-len", 32, "--json")
+  code, out, err = cli(
+    "ppl",
+    "--model",
+    dirs["model"],
+    "--coprocessor",
+    dirs["cop"],
+    "--text",
+    dirs["text.txt"],
+    "--ahead",
+    4,
+    "--points",
+    3,
+    "--seq-len",
+    32,
+    "--json",
+  )
   assert code == 0, err
   got = json.loads(out)
   for key in ("ppl_base_by_position", "ppl_aug_by_position", "relative_reduction_by_position"):
@@ -52,28 +79,62 @@ def test_ppl_by_position_matches_the_library(dirs):
   n = -(-(len(ids) - 1) // 32)
   windows = np.full((n, 33), -1)
   for r in range(n):
-    w = ids[r * 32:r * 32 + 33]
-    windows[r, :len(w)] = w
+    w = ids[r * 32 : r * 32 + 33]
+    windows[r, : len(w)] = w
   want = traces.by_position(base, cp.load(dirs["cop"], base), windows, ahead=4, points=3)
   np.testing.assert_allclose(got["ppl_aug_by_position"], want.ppl_aug, rtol=1e-5)
   np.testing.assert_allclose(got["ppl_base_by_position"], want.ppl_base, rtol=1e-5)
-  code, out, err = cli("ppl", "--model", dirs["model"], "--coprocessor", dirs["cop"], "--text",
-                       dirs["text.txt"], "--ahead", 4, "--points", 3, "--seq-len", 32)
+  code, out, err = cli(
+    "ppl",
+    "--model",
+    dirs["model"],
+    "--coprocessor",
+    dirs["cop"],
+    "--text",
+    dirs["text.txt"],
+    "--ahead",
+    4,
+    "--points",
+    3,
+    "--seq-len",
+    32,
+  )
   assert code == 0 and "reduction" in out, err
 
 
-@pytest.mark.parametrize("argv,words", [
+@pytest.mark.parametrize(
+  "argv,words",
+  [
     (["generate", "--prompt", "x", "--delay", "1"], "--delay applies only with --coprocessor"),
     (["generate", "--prompt", "x", "--coprocessor", "nope"], "not a coprocessor directory"),
-    (["generate", "--prompt", "x", "--coprocessor", "COP", "--delay", "9",
-      "--max-new-tokens", "9"], "--delay 9 must be smaller than --max-new-tokens 9"),
-    (["ppl", "--text", "TEXT", "--coprocessor", "COP", "--cache", "sink"],
-     "streaming-cache flags do not apply"),
-    (["ppl", "--text", "TEXT", "--coprocessor", "COP", "--ahead", "32", "--seq-len", "32"],
-     "--ahead (32) must be smaller than --seq-len (32)"),
-    (["ppl", "--text", "TEXT", "--window", "8", "--ahead", "4"],
-     "--ahead apply only with --coprocessor"),
-])
+    (
+      [
+        "generate",
+        "--prompt",
+        "x",
+        "--coprocessor",
+        "COP",
+        "--delay",
+        "9",
+        "--max-new-tokens",
+        "9",
+      ],
+      "--delay 9 must be smaller than --max-new-tokens 9",
+    ),
+    (
+      ["ppl", "--text", "TEXT", "--coprocessor", "COP", "--cache", "sink"],
+      "streaming-cache flags do not apply",
+    ),
+    (
+      ["ppl", "--text", "TEXT", "--coprocessor", "COP", "--ahead", "32", "--seq-len", "32"],
+      "--ahead (32) must be smaller than --seq-len (32)",
+    ),
+    (
+      ["ppl", "--text", "TEXT", "--window", "8", "--ahead", "4"],
+      "--ahead apply only with --coprocessor",
+    ),
+  ],
+)
 def test_flag_errors_exit_2(dirs, argv, words):
   argv = [dirs["cop"] if a == "COP" else dirs["text.txt"] if a == "TEXT" else a for a in argv]
   code, _, err = cli(*argv[:1], "--model", dirs["model"], *argv[1:])
@@ -90,6 +151,7 @@ def test_coprocessor_for_another_base_exit_1(dirs, tmp_path):
 def run_train(*argv):
   import contextlib
   import io
+
   out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     code = train_main([str(a) for a in argv])
@@ -98,10 +160,33 @@ def run_train(*argv):
 
 def test_train_cli_runs_and_saves(dirs):
   out = dirs["root"] / "run"
-  code, stdout, err = run_train("coprocessor", "--base", dirs["model"], "--latents", 2,
-                                "--text", dirs["text.txt"], "--seq-len", 24, "--ahead", 4,
-                                "--points", 3, "--batch-size", 2, "--steps", 3, "--warmup", 1,
-                                "--kind", "pause", "--out", out, "--no-progress", "--json")
+  code, stdout, err = run_train(
+    "coprocessor",
+    "--base",
+    dirs["model"],
+    "--latents",
+    2,
+    "--text",
+    dirs["text.txt"],
+    "--seq-len",
+    24,
+    "--ahead",
+    4,
+    "--points",
+    3,
+    "--batch-size",
+    2,
+    "--steps",
+    3,
+    "--warmup",
+    1,
+    "--kind",
+    "pause",
+    "--out",
+    out,
+    "--no-progress",
+    "--json",
+  )
   assert code == 0, err
   summary = json.loads(stdout)
   assert summary["kind"] == "pause" and summary["n_params"] == 2 * 64
@@ -110,16 +195,31 @@ def test_train_cli_runs_and_saves(dirs):
   assert (out / "metrics.jsonl").exists() and (out / "loss.png").exists()
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["--latents", "2", "--ahead", "24", "--seq-len", "24"],
-     "--ahead (24) must be smaller than --seq-len (24)"),
+@pytest.mark.parametrize(
+  "argv,words",
+  [
+    (
+      ["--latents", "2", "--ahead", "24", "--seq-len", "24"],
+      "--ahead (24) must be smaller than --seq-len (24)",
+    ),
     (["--latents", "0"], "--latents: expected an integer >= 1; got 0"),
     ([], "--latents N is required"),
     (["--latents", "2", "--kind", "pause", "--init", "lora"], "--init and --lora-rank apply"),
-    (["--latents", "2", "--points", "30", "--seq-len", "24", "--ahead", "4"],
-     "30 points need 30 distinct positions in [1, --seq-len - --ahead - --delay] = [1, 20]"),
-])
+    (
+      ["--latents", "2", "--points", "30", "--seq-len", "24", "--ahead", "4"],
+      "30 points need 30 distinct positions in [1, --seq-len - --ahead - --delay] = [1, 20]",
+    ),
+  ],
+)
 def test_train_flag_errors_exit_2(dirs, argv, words):
-  code, _, err = run_train("coprocessor", "--base", dirs["model"], "--text", dirs["text.txt"],
-                           "--out", str(dirs["root"] / "bad"), *argv)
+  code, _, err = run_train(
+    "coprocessor",
+    "--base",
+    dirs["model"],
+    "--text",
+    dirs["text.txt"],
+    "--out",
+    str(dirs["root"] / "bad"),
+    *argv,
+  )
   assert code == 2 and words in err, err

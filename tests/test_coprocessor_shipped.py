@@ -25,8 +25,16 @@ def test_names_and_configs():
 
 
 def test_cli_generate_with_a_shipped_coprocessor_equals_the_library():
-  code, out, err = cli("generate", "--coprocessor", "shakespeare-16", "--prompt", "ROMEO.",
-                       "--max-new-tokens", 12, "--json")
+  code, out, err = cli(
+    "generate",
+    "--coprocessor",
+    "shakespeare-16",
+    "--prompt",
+    "ROMEO.",
+    "--max-new-tokens",
+    12,
+    "--json",
+  )
   assert code == 0, err
   base = lm.load("shakespeare")
   want = cp.generate(base, cp.load("shakespeare-16", base), "ROMEO.", max_new_tokens=12)

@@ -41,16 +41,26 @@ def trace_nll(base, cop, row, p, delay):
   tokens, insert the latents, then the A ahead tokens -> nll [A] of their next tokens."""
   tokens = np.zeros((1, 32), np.int32)
   tokens[0, :p] = row[:p]
-  _, cache = steps.prefill(base.graphdef, base.state, new_cache(base, 1, 64),
-                           jnp.asarray(tokens), jnp.asarray([p], jnp.int32))
+  _, cache = steps.prefill(
+    base.graphdef,
+    base.state,
+    new_cache(base, 1, 64),
+    jnp.asarray(tokens),
+    jnp.asarray([p], jnp.int32),
+  )
   lat = cp.latents(base, cop, cache)
   if delay:
-    _, cache = steps.extend(base.graphdef, base.state, cache,
-                            jnp.asarray([row[p:p + delay]]), jnp.asarray([delay], jnp.int32))
+    _, cache = steps.extend(
+      base.graphdef,
+      base.state,
+      cache,
+      jnp.asarray([row[p : p + delay]]),
+      jnp.asarray([delay], jnp.int32),
+    )
   cache = cp.insert(base, cop, lat, cache)
   q = p + delay
-  logits = _ahead_logits(base.graphdef, base.state, cache, jnp.asarray([row[q:q + A]]))
-  return np.asarray(steps.token_nll(logits[0], jnp.asarray(row[q + 1:q + A + 1])))
+  logits = _ahead_logits(base.graphdef, base.state, cache, jnp.asarray([row[q : q + A]]))
+  return np.asarray(steps.token_nll(logits[0], jnp.asarray(row[q + 1 : q + A + 1])))
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
@@ -61,9 +71,16 @@ def _ahead_logits(graphdef, state, cache, tokens):
 @functools.partial(jax.jit, static_argnames=("graphdef", "cc", "delay"))
 def one_pass(graphdef, state, cc, params, batch, points, *, delay=0):
   """multi_trace, jitted (eager, it dispatches op by op)."""
-  return traces.multi_trace(nnx.merge(graphdef, state), cpm.decoder(graphdef, state, cc, params),
-                        params["soft"], batch, points, ahead=A, delay=delay,
-                        latent_offset=cc.latent_offset)
+  return traces.multi_trace(
+    nnx.merge(graphdef, state),
+    cpm.decoder(graphdef, state, cc, params),
+    params["soft"],
+    batch,
+    points,
+    ahead=A,
+    delay=delay,
+    latent_offset=cc.latent_offset,
+  )
 
 
 def perturbed(cop, scale=0.05, seed=7):
@@ -73,14 +90,21 @@ def perturbed(cop, scale=0.05, seed=7):
   weight, makes its latents all but independent of the cache)."""
   leaves, tree = jax.tree.flatten(cop.params)
   key = jax.random.key(seed)
-  return cop.with_params(jax.tree.unflatten(tree, [
-      a + scale * jax.random.normal(jax.random.fold_in(key, i), a.shape, a.dtype)
-      for i, a in enumerate(leaves)]))
+  return cop.with_params(
+    jax.tree.unflatten(
+      tree,
+      [
+        a + scale * jax.random.normal(jax.random.fold_in(key, i), a.shape, a.dtype)
+        for i, a in enumerate(leaves)
+      ],
+    )
+  )
 
 
-@pytest.mark.parametrize("kind,init,delay,offset", [("coprocessor", "copy", 0, -1),
-                                                    ("coprocessor", "lora", 2, -1),
-                                                    ("pause", "copy", 1, -9)])
+@pytest.mark.parametrize(
+  "kind,init,delay,offset",
+  [("coprocessor", "copy", 0, -1), ("coprocessor", "lora", 2, -1), ("pause", "copy", 1, -9)],
+)
 def test_one_pass_equals_trace_by_trace(base, kind, init, delay, offset):
   """Every trace of the one-pass forward equals the inference path run for that trace alone
   (prefill x_<p, latents, delay tokens, insert, ahead tokens), with params perturbed so that
@@ -89,21 +113,41 @@ def test_one_pass_equals_trace_by_trace(base, kind, init, delay, offset):
   w = rows()
   points = np.array([[1, 9, 17], [3, 11, 16]], np.int32)
   if kind == "coprocessor":  # the latents of x_<9 and of x_<10 differ: the cache is read
-    lat = [cp.latents(base, cop, steps.prefill(
-        base.graphdef, base.state, new_cache(base, 1, 32), jnp.asarray(w[:1, :16]),
-        jnp.asarray([p], jnp.int32))[1]) for p in (9, 10)]
+    lat = [
+      cp.latents(
+        base,
+        cop,
+        steps.prefill(
+          base.graphdef,
+          base.state,
+          new_cache(base, 1, 32),
+          jnp.asarray(w[:1, :16]),
+          jnp.asarray([p], jnp.int32),
+        )[1],
+      )
+      for p in (9, 10)
+    ]
     assert np.abs(np.asarray(lat[0]) - np.asarray(lat[1])).max() > 1e-2
-  got = one_pass(base.graphdef, base.state, cop.cc, cop.params,
-                 jax.tree.map(jnp.asarray, batch_of(w)), jnp.asarray(points), delay=delay)
-  plain = np.asarray(steps.nll(base.graphdef, base.state, jnp.asarray(w[:, :-1]),
-                               jnp.asarray(w[:, 1:])))
+  got = one_pass(
+    base.graphdef,
+    base.state,
+    cop.cc,
+    cop.params,
+    jax.tree.map(jnp.asarray, batch_of(w)),
+    jnp.asarray(points),
+    delay=delay,
+  )
+  plain = np.asarray(
+    steps.nll(base.graphdef, base.state, jnp.asarray(w[:, :-1]), jnp.asarray(w[:, 1:]))
+  )
   for b in range(2):
     for j, p in enumerate(points[b]):
       q = p + delay
       n = min(A, T - q)
-      np.testing.assert_allclose(got["nll_aug"][b, j, :n], trace_nll(base, cop, w[b], p, delay)[:n],
-                                 atol=2e-4)
-      np.testing.assert_allclose(got["nll_base"][b, j, :n], plain[b, q:q + n], atol=2e-4)
+      np.testing.assert_allclose(
+        got["nll_aug"][b, j, :n], trace_nll(base, cop, w[b], p, delay)[:n], atol=2e-4
+      )
+      np.testing.assert_allclose(got["nll_base"][b, j, :n], plain[b, q : q + n], atol=2e-4)
       np.testing.assert_array_equal(got["valid"][b, j], np.arange(A) < n)
 
 
@@ -120,34 +164,45 @@ def test_packed_documents_stay_apart(base):
   w2[0, :10] = (w2[0, :10] + 7) % 200  # another first document
   b2 = {**b1, "inputs": w2[:, :-1], "targets": w2[:, 1:]}
   pts = jnp.asarray([[8, 13]], jnp.int32)
+
   def run(b, at=pts):
-    return one_pass(base.graphdef, base.state, cop.cc, cop.params,
-                    jax.tree.map(jnp.asarray, b), at)
+    return one_pass(base.graphdef, base.state, cop.cc, cop.params, jax.tree.map(jnp.asarray, b), at)
 
   g1, g2 = run(b1), run(b2)
   np.testing.assert_allclose(g1["nll_aug"][0, 1], g2["nll_aug"][0, 1], atol=1e-5)
   np.testing.assert_array_equal(g1["valid"][0, 0], [1, 0, 0, 0])  # inputs 10, 11: document 2
   # and the second-document trace equals the same document alone in its own row
   alone = np.full((1, T + 1), 5, np.int32)
-  alone[0, :T + 1 - 10] = w[0, 10:]
+  alone[0, : T + 1 - 10] = w[0, 10:]
   g3 = run(batch_of(alone), jnp.asarray([[3, 4]], jnp.int32))
   np.testing.assert_allclose(g1["nll_aug"][0, 1], g3["nll_aug"][0, 0], atol=1e-4)
 
 
 def _batches(B, seed=0):
   """The same rows at every step (the points differ), so a few steps can fit them."""
+
   def gen(start):
     while True:
       yield batch_of(rows(seed, B))
+
   return gen
 
 
 def test_training_lowers_the_loss_and_leaves_the_base_unchanged(base, tmp_path):
   before = jax.tree.map(np.array, base.params())
   cop = cp.init(base, N)
-  ac = ct.AugmentConfig(steps=8, batch_size=2, seq_len=T, ahead=A, points=4, lr=4e-3,
-                        out_dir=str(tmp_path / "run"), log_every=1, eval_every=4,
-                        eval_batches=1)
+  ac = ct.AugmentConfig(
+    steps=8,
+    batch_size=2,
+    seq_len=T,
+    ahead=A,
+    points=4,
+    lr=4e-3,
+    out_dir=str(tmp_path / "run"),
+    log_every=1,
+    eval_every=4,
+    eval_batches=1,
+  )
   held = [batch_of(rows(99, 2))]
   res = ct.train(base, cop, ac, _batches(2), lambda: held, progress=False)
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, base.params()))
@@ -162,8 +217,7 @@ def test_training_lowers_the_loss_and_leaves_the_base_unchanged(base, tmp_path):
   first = dataclasses.replace(ac, out_dir=str(tmp_path / "r2"), save_every=4)
   gen = _batches(2)
   with pytest.raises(TrainError, match="ended before step 5"):
-    ct.train(base, cop, first, lambda s: (b for _, b in zip(range(4 - s), gen(s))),
-             progress=False)
+    ct.train(base, cop, first, lambda s: (b for _, b in zip(range(4 - s), gen(s))), progress=False)
   again = ct.train(base, cop, first, _batches(2), progress=False)
   assert again.resumed_from == 4
   jax.tree.map(np.testing.assert_array_equal, res.coprocessor.params, again.coprocessor.params)
@@ -187,7 +241,8 @@ def test_errors(base, tmp_path):
   with pytest.raises(TrainError, match="ahead must be an int >= 1"):
     ct.AugmentConfig(steps=2, batch_size=1, seq_len=T, ahead=0, out_dir="x")
   other = tiny.model("llama", n_layers=3)
-  ac = ct.AugmentConfig(steps=2, batch_size=2, seq_len=T, ahead=A, points=2,
-                        out_dir=str(tmp_path / "e"))
+  ac = ct.AugmentConfig(
+    steps=2, batch_size=2, seq_len=T, ahead=A, points=2, out_dir=str(tmp_path / "e")
+  )
   with pytest.raises(cp.CoprocessorError, match="made for another base"):
     ct.train(other, cp.init(base, N), ac, _batches(2), progress=False)

@@ -41,14 +41,18 @@ def _write(root, files):
 
 # --- corpus and split ---------------------------------------------------------------------------
 
+
 def test_split_is_by_play_disjoint_complete_and_deterministic(built, docs):
   plays = glob.glob(os.path.join(corpus.shakespeare_dir(), "*", "*.md"))
   assert len(plays) == 38
   paths = {s: {d.path for d in docs[s]} for s in corpus.SPLITS}
   assert sum(len(p) for p in paths.values()) == 38
   assert set.union(*paths.values()) == {os.path.relpath(p, corpus.shakespeare_dir()) for p in plays}
-  assert not (paths["train"] & paths["validation"] or paths["train"] & paths["test"]
-              or paths["validation"] & paths["test"])
+  assert not (
+    paths["train"] & paths["validation"]
+    or paths["train"] & paths["test"]
+    or paths["validation"] & paths["test"]
+  )
   genres = set(corpus.genre_names(built))
   assert genres == {"comedy", "history", "problem", "roman", "romance", "tragedy"}
   for s in ("validation", "test"):
@@ -68,8 +72,10 @@ def test_genre_filter_and_unknown_genre(built, docs):
   assert comedies and all(d.genre == "comedy" for d in comedies)
   assert others and all(d.genre != "comedy" for d in others)
   assert len(comedies) + len(others) == len(docs["train"])
-  assert corpus.load_documents(built, "train", genres=["comedy", "history"],
-                               exclude_genres=["history"]) == comedies
+  assert (
+    corpus.load_documents(built, "train", genres=["comedy", "history"], exclude_genres=["history"])
+    == comedies
+  )
   with pytest.raises(CorpusError, match="unknown genre 'farce'.*comedy"):
     corpus.load_documents(built, "train", genres=["farce"])
   with pytest.raises(CorpusError, match="unknown genre 'Comedy'"):
@@ -81,22 +87,29 @@ def test_genre_filter_and_unknown_genre(built, docs):
 
 
 def test_directory_corpus(tmp_path):
-  root = _write(tmp_path / "mine", {
+  root = _write(
+    tmp_path / "mine",
+    {
       "loose.txt": "Loose text.\r\nSecond line.   \r\n\r\n",
       "empty.txt": " \n\n",
       "notes.csv": "ignored",
       ".hidden/x.txt": "ignored",
       **{f"Poems/p{i}.md": f"# Poem {i}\n\nverse {i}  \nline" for i in range(4)},
       "letters/deep/l.txt": "Dear friend,\nfarewell.",
-  })
+    },
+  )
   b = corpus.builder(root, data_dir=str(tmp_path / "tfds"))
   assert corpus.genre_names(b) == ["letters", "poems", "unknown"]
   got = {d.path: d for s in corpus.SPLITS for d in corpus.load_documents(b, s)}
-  assert sorted(got) == sorted(["loose.txt", "letters/deep/l.txt"]
-                               + [f"Poems/p{i}.md" for i in range(4)])
-  assert got["loose.txt"] == corpus.Document("Loose", "unknown", "Loose text.\nSecond line.",
-                                             "loose.txt")
-  assert got["Poems/p2.md"].title == "Poem 2" and got["Poems/p2.md"].text == "# Poem 2\n\nverse 2\nline"
+  assert sorted(got) == sorted(
+    ["loose.txt", "letters/deep/l.txt"] + [f"Poems/p{i}.md" for i in range(4)]
+  )
+  assert got["loose.txt"] == corpus.Document(
+    "Loose", "unknown", "Loose text.\nSecond line.", "loose.txt"
+  )
+  assert (
+    got["Poems/p2.md"].title == "Poem 2" and got["Poems/p2.md"].text == "# Poem 2\n\nverse 2\nline"
+  )
   assert got["letters/deep/l.txt"].genre == "letters"
   held = [d.genre for s in ("validation", "test") for d in corpus.load_documents(b, s)]
   assert held == ["poems", "poems"]  # genres of < 3 documents stay in train
@@ -120,6 +133,7 @@ def test_missing_and_empty_corpus_errors(tmp_path):
 
 
 # --- tokenizer ----------------------------------------------------------------------------------
+
 
 def test_tokenizer_round_trip_and_load(tmp_path, tok, docs):
   assert tok.vocab_size == VOCAB and (tok.bos_id, tok.eos_id) == (0, 1)
@@ -154,6 +168,7 @@ def test_tokenizer_is_trained_on_the_train_split_only(tmp_path):
 
 # --- packing ------------------------------------------------------------------------------------
 
+
 def _rows(stream, seq_len):
   return [data.row(stream, r, seq_len) for r in range(stream.n_rows(seq_len))]
 
@@ -171,8 +186,12 @@ def _documents_from_targets(targets, mask, tok):
 
 
 def test_packing_mask_shift_chars_and_reconstruction(tok):
-  texts = ["To be, or not to be: that is the question.", "é日本 — x", "a",
-           "Line one\nline two\n" * 9]
+  texts = [
+    "To be, or not to be: that is the question.",
+    "é日本 — x",
+    "a",
+    "Line one\nline two\n" * 9,
+  ]
   stream = data.tokenize(texts, tok)
   T = 16
   rows = _rows(stream, T)
@@ -207,8 +226,12 @@ def test_bos_rows_start_with_bos_and_count_every_target_once(tok):
   """bos=True: every row's first input is <s> (position 0, in the segment of the token after
   it), its target masked; the other targets are the stream's, each counted exactly once with
   the same mask and chars as plain packing, so loss and bits per character mean the same."""
-  texts = ["To be, or not to be: that is the question.", "é日本 — x", "a",
-           "Line one\nline two\n" * 9]
+  texts = [
+    "To be, or not to be: that is the question.",
+    "é日本 — x",
+    "a",
+    "Line one\nline two\n" * 9,
+  ]
   stream = data.tokenize(texts, tok)
   T = 16
   rows = [data.row(stream, r, T, tok.bos_id) for r in range(stream.n_rows(T, bos=True))]
@@ -220,9 +243,11 @@ def test_bos_rows_start_with_bos_and_count_every_target_once(tok):
     assert r["segment_ids"][0] == r["segment_ids"][1] == 1 or not real[1]
     if real[1] and r["inputs"][1] != tok.bos_id:  # a row starting mid-document
       assert r["positions"][1] == 1
+
   # the counted targets, in order, are plain packing's counted targets
   def counted(rs, key):
     return np.concatenate([r[key][r["mask"] > 0] for r in rs])
+
   for key in ("targets", "chars"):
     assert np.array_equal(counted(rows, key), counted(plain, key))
   assert sum(r["mask"].sum() for r in rows) == sum(r["mask"].sum() for r in plain)
@@ -248,7 +273,9 @@ def test_eval_batches_cover_every_token_once(built, tok, docs):
   real = flat["segment_ids"] > 0
   n = int(real.sum())
   assert real[:n].all()
-  assert _documents_from_targets(flat["targets"][:n], flat["mask"][:n], tok) == [d.text for d in val]
+  assert _documents_from_targets(flat["targets"][:n], flat["mask"][:n], tok) == [
+    d.text for d in val
+  ]
   assert (flat["chars"] * flat["mask"]).sum() == sum(len(d.text) for d in val)
 
 
@@ -260,8 +287,9 @@ def test_train_batches_shuffled_deterministic_and_filtered(built, tok):
   for i in (0, 3, 50):
     assert all(np.array_equal(a[i][k], b[i][k]) for k in a[i])
   assert not np.array_equal(a[0]["inputs"], c[0]["inputs"])
-  assert np.array_equal(data.batches(built, "validation", tok, seed=0, start=3, **kw)[0]["inputs"],
-                        a[3]["inputs"])
+  assert np.array_equal(
+    data.batches(built, "validation", tok, seed=0, start=3, **kw)[0]["inputs"], a[3]["inputs"]
+  )
   # one shuffled epoch holds the same rows as the in-order pass
   epoch = data.batches(built, "validation", tok, seed=0, repeat=False, **kw)
   ordered = data.eval_batches(built, "validation", tok, **kw)
@@ -272,7 +300,8 @@ def test_train_batches_shuffled_deterministic_and_filtered(built, tok):
   comedy = corpus.load_documents(built, "validation", genres=["comedy"])
   assert len(comedy) == 1
   assert tok.decode(np.concatenate([x["inputs"] for x in ordered]).reshape(-1)).startswith(
-      comedy[0].text[:200])
+    comedy[0].text[:200]
+  )
   with pytest.raises(CorpusError, match="unknown genre 'farce'"):
     data.batches(built, "train", tok, batch_size=2, seq_len=8, genres=["farce"])
   with pytest.raises(ValueError, match="seq_len must be a positive int"):

@@ -21,8 +21,9 @@ def tokens(n, seed=0, batch=1):
 
 def empty_cache(dec, batch=1, size=32):
   c = dec.cfg
-  return KVCache.init(n_layers=c.n_layers, batch=batch, size=size, n_kv_heads=c.n_kv_heads,
-                      head_dim=c.head_dim)
+  return KVCache.init(
+    n_layers=c.n_layers, batch=batch, size=size, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim
+  )
 
 
 def test_layer_ranges_chain_to_the_full_forward(dec):
@@ -137,6 +138,7 @@ def test_experts_route_and_both_forms_equal_every_expert_dense(renormalize):
   the grouped form, 1 token the gathered one."""
   from flax import nnx
   from kvjax.lm.decoder import MoE, route
+
   cfg = tiny.config("mixtral", n_experts=6, n_experts_per_tok=3, moe_renormalize=renormalize)
   moe = MoE(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32)
   for w in (moe.router, moe.gate, moe.up, moe.down):
@@ -148,15 +150,18 @@ def test_experts_route_and_both_forms_equal_every_expert_dense(renormalize):
   top = np.argsort(-probs, axis=-1)[..., :3]
   np.testing.assert_array_equal(np.sort(experts, -1), np.sort(top, -1))
   kept = np.take_along_axis(probs, np.asarray(experts), -1)
-  np.testing.assert_allclose(weights, kept / kept.sum(-1, keepdims=True) if renormalize
-                             else kept, rtol=1e-6)
+  np.testing.assert_allclose(
+    weights, kept / kept.sum(-1, keepdims=True) if renormalize else kept, rtol=1e-6
+  )
   dense = np.zeros_like(probs)  # [B, T, E]: each expert's weight, 0 where not chosen
   np.put_along_axis(dense, np.asarray(experts), np.asarray(weights), -1)
   h = jax.nn.silu(jnp.einsum("btd,edf->btef", x, moe.gate[...])) * jnp.einsum(
-      "btd,edf->btef", x, moe.up[...])
+    "btd,edf->btef", x, moe.up[...]
+  )
   want = jnp.einsum("btef,efd,bte->btd", h, moe.down[...], dense)
   np.testing.assert_allclose(moe(x), want, atol=1e-4, rtol=1e-5)  # 10 tokens: grouped
   for b in range(2):  # one token, 3 of 6 experts: gathered
     for t in range(5):
-      np.testing.assert_allclose(moe(x[b:b + 1, t:t + 1])[0, 0], want[b, t], atol=1e-4,
-                                 rtol=1e-5)
+      np.testing.assert_allclose(
+        moe(x[b : b + 1, t : t + 1])[0, 0], want[b, t], atol=1e-4, rtol=1e-5
+      )

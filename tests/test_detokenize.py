@@ -23,14 +23,37 @@ EURO = [8, 9, 10]  # the SentencePiece tokenizer's byte tokens of "€" (E2 82 A
 
 def sentencepiece() -> Tokenizer:
   """A Llama-2-style tokenizer: Metaspace pieces, byte fallback, the leading space stripped."""
-  vocab = {"<unk>": 0, "▁": 1, "a": 2, "b": 3, "▁a": 4, "▁b": 5, "ab": 6, "▁ab": 7,
-           "<0xE2>": 8, "<0x82>": 9, "<0xAC>": 10, "c": 11}
-  tok = HFTokenizer(models.BPE(vocab=vocab, merges=[("a", "b"), ("▁", "a"), ("▁", "b"),
-                                                    ("▁a", "b")],
-                               unk_token="<unk>", byte_fallback=True))
+  vocab = {
+    "<unk>": 0,
+    "▁": 1,
+    "a": 2,
+    "b": 3,
+    "▁a": 4,
+    "▁b": 5,
+    "ab": 6,
+    "▁ab": 7,
+    "<0xE2>": 8,
+    "<0x82>": 9,
+    "<0xAC>": 10,
+    "c": 11,
+  }
+  tok = HFTokenizer(
+    models.BPE(
+      vocab=vocab,
+      merges=[("a", "b"), ("▁", "a"), ("▁", "b"), ("▁a", "b")],
+      unk_token="<unk>",
+      byte_fallback=True,
+    )
+  )
   tok.pre_tokenizer = pre_tokenizers.Metaspace()
-  tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                   decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+  tok.decoder = decoders.Sequence(
+    [
+      decoders.Replace("▁", " "),
+      decoders.ByteFallback(),
+      decoders.Fuse(),
+      decoders.Strip(" ", 1, 0),
+    ]
+  )
   return Tokenizer(tok)
 
 
@@ -52,8 +75,9 @@ def test_byte_level_stream_equals_the_whole_decode(ids):
 
 
 @SETTINGS
-@hypothesis.given(st.lists(st.one_of(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 11]),
-                                     st.just(-1)), max_size=120))
+@hypothesis.given(
+  st.lists(st.one_of(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 11]), st.just(-1)), max_size=120)
+)
 def test_sentencepiece_stream_keeps_its_spaces(ids):
   """A decoder that strips the leading space of a text keeps every later one in a stream
   (the window keeps context), and byte-fallback characters arrive whole."""
@@ -96,10 +120,14 @@ def test_work_per_token_is_bounded():
   per token stay constant (a whole-reply decode per token,
   the old cost, would reach 20,000 ids)."""
   shakespeare = Tokenizer.load(resolve("shakespeare")[0])
-  text = ("ROMEO: But soft, what light through yonder window breaks? It is the east, and "
-          "Juliet is the sun. \u00e6\u00f8 \u20ac ") * 150
-  for tok, ids in ((shakespeare, shakespeare.encode(text)[:20000]),
-                   (BYTE, BYTE.encode(text, add_special_tokens=False)[:20000])):
+  text = (
+    "ROMEO: But soft, what light through yonder window breaks? It is the east, and "
+    "Juliet is the sun. \u00e6\u00f8 \u20ac "
+  ) * 150
+  for tok, ids in (
+    (shakespeare, shakespeare.encode(text)[:20000]),
+    (BYTE, BYTE.encode(text, add_special_tokens=False)[:20000]),
+  ):
     counting = Counting(tok)
     streams = types.SimpleNamespace(tokenizer=counting, path=None)
     text = "".join(engine.detokenize(streams, iter(ids), ["\n\n\n"], {-1}, {}))
@@ -116,12 +144,15 @@ def test_stop_token_keeps_the_held_text():
   assert text == "abcdef" and done["finish"] == "stop_token" and done["ids"] == ids
 
 
-@pytest.mark.parametrize("stop,want,finish", [
+@pytest.mark.parametrize(
+  "stop,want,finish",
+  [
     (["cd"], "ab€", "stop_string"),
-    (["€"], "ab", "stop_string"),          # a stop string made of a split character
-    (["b€c"], "a", "stop_string"),         # spanning pieces
+    (["€"], "ab", "stop_string"),  # a stop string made of a split character
+    (["b€c"], "a", "stop_string"),  # spanning pieces
     (["zz"], "ab€cd", "length"),
-])
+  ],
+)
 def test_stop_strings_across_pieces(stop, want, finish):
   ids = BYTE.encode("ab€cd", add_special_tokens=False)
   done = {}
@@ -135,7 +166,6 @@ def test_stream_matches_generate_with_stop_strings():
   model = tiny.model(n_layers=1)
   free = lm.generate(model, "to be", max_new_tokens=40, stop_tokens=())
   needle = free.texts[0][20:22]
-  got = "".join(lm.generate_iter(model, "to be", max_new_tokens=40, stop_tokens=(),
-                                 stop=[needle]))
+  got = "".join(lm.generate_iter(model, "to be", max_new_tokens=40, stop_tokens=(), stop=[needle]))
   want = lm.generate(model, "to be", max_new_tokens=40, stop_tokens=(), stop=[needle])
   assert got == want.texts[0] and needle not in got

@@ -43,8 +43,10 @@ def test_sink_stream_equals_rescoring_what_the_cache_holds(fam):
   ids = np.random.default_rng(0).integers(2, 258, 40).tolist()
   n_sink, window = 2, 7
   got = perplexity(model, ids, cache="sink", n_sink=n_sink, window=window, chunk=16)
-  rows = [ids[:min(n_sink, i + 1)] + ids[max(n_sink, i - window + 1):i + 1]
-          for i in range(len(ids) - 1)]
+  rows = [
+    ids[: min(n_sink, i + 1)] + ids[max(n_sink, i - window + 1) : i + 1]
+    for i in range(len(ids) - 1)
+  ]
   scored = lm.score(model, rows)
   want = [-jax.nn.log_softmax(scored[b][len(r) - 1])[ids[b + 1]] for b, r in enumerate(rows)]
   assert got.peak_cache_tokens == n_sink + window
@@ -56,8 +58,14 @@ def test_speculative_greedy_is_lossless(fam):
   model = tiny.model(fam, n_layers=3, **windows(fam, 3))
   head = speculative.init_head(model, "eagle3", seed=1, copy_top_layer=False)
   plain = lm.generate(model, ROWS, max_new_tokens=16, stop_tokens=[])
-  spec = speculative.generate(model, head, ROWS, max_new_tokens=16, stop_tokens=[],
-                              tree=speculative.TreeSpec(top_k=2, depth=3, total_tokens=6))
+  spec = speculative.generate(
+    model,
+    head,
+    ROWS,
+    max_new_tokens=16,
+    stop_tokens=[],
+    tree=speculative.TreeSpec(top_k=2, depth=3, total_tokens=6),
+  )
   assert spec.tokens == plain.tokens
   assert spec.stats["target_forwards"] >= 1
 
@@ -66,12 +74,15 @@ def test_droidspeak_mixed_plan_equals_the_layers_by_hand(fam):
   L = 4
   sender = tiny.model(fam, n_layers=L, **windows(fam, L))
   rng = np.random.default_rng(1)
-  receiver = sender.with_params(jax.tree.map(
+  receiver = sender.with_params(
+    jax.tree.map(
       lambda a: a + 0.05 * np.std(a) * rng.standard_normal(a.shape).astype(np.float32),
-      sender.params()))
+      sender.params(),
+    )
+  )
   tokens = np.zeros((2, 16), np.int32)
   for b, r in enumerate(ROWS):
-    tokens[b, :len(r)] = r
+    tokens[b, : len(r)] = r
   lengths = jnp.asarray([len(r) for r in ROWS], jnp.int32)
   tokens = jnp.asarray(tokens)
   plan = ds.Plan.parse("0-1,2-4", L)  # two groups from different E layers, layers 1 reused
@@ -81,8 +92,12 @@ def test_droidspeak_mixed_plan_equals_the_layers_by_hand(fam):
   for s, e in plan.groups:
     x = receiver.decoder.embed_tokens(tokens) if s == 0 else out.layer_inputs[s]
     for i in range(s, e):
-      step, _ = receiver.decoder(**({"embeds": x} if i == 0 else {"hidden": x}),
-                                 layers=(i, i + 1), return_kv=True, logits=False)
+      step, _ = receiver.decoder(
+        **({"embeds": x} if i == 0 else {"hidden": x}),
+        layers=(i, i + 1),
+        return_kv=True,
+        logits=False,
+      )
       k[i], v[i] = step.k[0], step.v[0]
       x = step.hidden
   for b, n in enumerate(np.asarray(lengths)):
@@ -96,17 +111,24 @@ def test_coprocessor_generation_is_the_augmented_greedy_path(fam):
   got = coprocessor.generate(base, cop, ROWS, max_new_tokens=6, stop_tokens=[])
   for b, r in enumerate(ROWS):
     tokens = np.zeros((1, 16), np.int32)
-    tokens[0, :len(r) - 1] = r[:-1]
-    _, cache = steps.prefill(base.graphdef, base.state, new_cache(base, 1, 64),
-                             jnp.asarray(tokens), jnp.asarray([len(r) - 1], jnp.int32))
+    tokens[0, : len(r) - 1] = r[:-1]
+    _, cache = steps.prefill(
+      base.graphdef,
+      base.state,
+      new_cache(base, 1, 64),
+      jnp.asarray(tokens),
+      jnp.asarray([len(r) - 1], jnp.int32),
+    )
     cache = coprocessor.augment(base, cop, cache)
-    logits, cache = steps.extend(base.graphdef, base.state, cache, jnp.asarray([[r[-1]]]),
-                                 jnp.asarray([1], jnp.int32))
+    logits, cache = steps.extend(
+      base.graphdef, base.state, cache, jnp.asarray([[r[-1]]]), jnp.asarray([1], jnp.int32)
+    )
     want = []
     for _ in range(6):
       want.append(int(np.argmax(logits[0])))
-      logits, cache = steps.decode_step(base.graphdef, base.state, cache,
-                                        jnp.asarray([want[-1]], jnp.int32))
+      logits, cache = steps.decode_step(
+        base.graphdef, base.state, cache, jnp.asarray([want[-1]], jnp.int32)
+      )
     assert got.tokens[b] == want
 
 

@@ -20,7 +20,7 @@ def test_stop_token_ends_row_and_is_reported(model):
   stop = free.tokens[0][4]
   first = free.tokens[0].index(stop)
   out = lm.generate(model, "abc", max_new_tokens=12, stop_tokens=[stop])
-  assert out.tokens[0] == free.tokens[0][:first + 1]
+  assert out.tokens[0] == free.tokens[0][: first + 1]
   assert out.finish == ["stop_token"]
   assert out.texts[0] == model.tokenizer.decode(free.tokens[0][:first])
 
@@ -30,7 +30,7 @@ def test_rows_stop_independently(model):
   stop = free.tokens[0][2]
   out = lm.generate(model, ["abc", "xyz"], max_new_tokens=10, stop_tokens=[stop])
   for got, ref in zip(out.tokens, free.tokens):
-    expect = ref[:ref.index(stop) + 1] if stop in ref else ref
+    expect = ref[: ref.index(stop) + 1] if stop in ref else ref
     assert got == expect
 
 
@@ -59,7 +59,7 @@ def test_stream_stops_at_stop_string_early(model):
   text = lm.generate(model, "Once", max_new_tokens=24, stop_tokens=[]).texts[0]
   needle = text[3:5]
   got = "".join(lm.generate_iter(model, "Once", max_new_tokens=24, stop_tokens=[], stop=[needle]))
-  assert got == text[:text.index(needle)]
+  assert got == text[: text.index(needle)]
 
 
 def test_sampling_is_reproducible_and_key_dependent(model):
@@ -73,8 +73,14 @@ def test_sampling_is_reproducible_and_key_dependent(model):
 
 def test_top_k_one_is_greedy(model):
   greedy = lm.generate(model, "abc", max_new_tokens=12, stop_tokens=[])
-  top1 = lm.generate(model, "abc", max_new_tokens=12, stop_tokens=[],
-                     sampling=lm.Sampling(temperature=0.7, top_k=1), key=jax.random.key(0))
+  top1 = lm.generate(
+    model,
+    "abc",
+    max_new_tokens=12,
+    stop_tokens=[],
+    sampling=lm.Sampling(temperature=0.7, top_k=1),
+    key=jax.random.key(0),
+  )
   assert top1.tokens == greedy.tokens
 
 
@@ -111,7 +117,8 @@ def test_stats_and_finish(model):
 def test_chat_template_prompt(model):
   out = lm.generate(model, "hi", max_new_tokens=4, stop_tokens=[], chat=True)
   assert model.tokenizer.decode(out.prompt_tokens[0], skip_special_tokens=False) == (
-      "<s><|user|>hi</s><|assistant|>")
+    "<s><|user|>hi</s><|assistant|>"
+  )
 
 
 def test_score_shapes(model):
@@ -127,6 +134,7 @@ def test_models_of_one_config_share_executables(tmp_path):
   """Two loads of one checkpoint compile each program once: the second model's generate and
   stream reuse the first's executables (steps.EXECUTABLES, keyed by graphdef and shapes)."""
   from kvjax.lm import steps
+
   lm.save(tiny.model(seed=4), str(tmp_path))
   a, b = lm.load(str(tmp_path)), lm.load(str(tmp_path))
   steps.EXECUTABLES.clear()

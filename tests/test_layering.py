@@ -17,20 +17,20 @@ KERNELS, CACHES, CORE, METHODS, TRAINING, CLI = range(6)
 NAMES = ("kernels", "caches", "lm core", "methods", "training", "command lines")
 # Modules of a folder that sit above the folder's own layer, by dotted-name prefix.
 LAYERS = {
-    "kvjax.pallas_kernels": KERNELS,
-    "kvjax.cache": CACHES,
-    "kvjax.cache.droidspeak": METHODS,
-    "kvjax.lm": CORE,
-    "kvjax.lm.streaming": METHODS,
-    "kvjax.lm.sot": METHODS,
-    "kvjax.speculative": METHODS,
-    "kvjax.coprocessor": METHODS,
-    "kvjax.train": TRAINING,
-    "kvjax.lm.cli": CLI,
-    "kvjax.train.cli": CLI,
-    "kvjax.train.__main__": CLI,
-    "kvjax.__main__": CLI,
-    "kvjax": CLI,  # the root package's own __init__ (its public surface)
+  "kvjax.pallas_kernels": KERNELS,
+  "kvjax.cache": CACHES,
+  "kvjax.cache.droidspeak": METHODS,
+  "kvjax.lm": CORE,
+  "kvjax.lm.streaming": METHODS,
+  "kvjax.lm.sot": METHODS,
+  "kvjax.speculative": METHODS,
+  "kvjax.coprocessor": METHODS,
+  "kvjax.train": TRAINING,
+  "kvjax.lm.cli": CLI,
+  "kvjax.train.cli": CLI,
+  "kvjax.train.__main__": CLI,
+  "kvjax.__main__": CLI,
+  "kvjax": CLI,  # the root package's own __init__ (its public surface)
 }
 
 
@@ -46,8 +46,10 @@ def layer(module: str) -> int:
 
 def modules() -> dict[str, str]:
   """Dotted name -> path of every module of the package."""
-  out = {"kvjax": os.path.join(ROOT, "__init__.py"),
-         "kvjax.__main__": os.path.join(ROOT, "__main__.py")}
+  out = {
+    "kvjax": os.path.join(ROOT, "__init__.py"),
+    "kvjax.__main__": os.path.join(ROOT, "__main__.py"),
+  }
   for pkg in PACKAGES:
     for dirpath, _, files in os.walk(os.path.join(ROOT, pkg)):
       rel = os.path.relpath(dirpath, ROOT).replace(os.sep, ".")
@@ -86,7 +88,7 @@ def imports(name: str, path: str):
       target = node.module or ""
       if node.level:
         base = package.split(".")
-        target = ".".join(base[:len(base) - node.level + 1] + ([target] if target else []))
+        target = ".".join(base[: len(base) - node.level + 1] + ([target] if target else []))
       if target.startswith("kvjax"):
         yield target, [a.name for a in node.names], node.lineno, node in top
 
@@ -110,11 +112,15 @@ def test_imports_run_one_way():
     for target, names, line, at_top in imports(name, path):
       for mod in resolved(target, names, known):
         if layer(mod) > mine:
-          bad.append(f"{os.path.relpath(path, ROOT)}:{line}: {name} ({NAMES[mine]}) imports "
-                     f"{mod} ({NAMES[layer(mod)]})")
+          bad.append(
+            f"{os.path.relpath(path, ROOT)}:{line}: {name} ({NAMES[mine]}) imports "
+            f"{mod} ({NAMES[layer(mod)]})"
+          )
       if not at_top and mine != CLI:
-        bad.append(f"{os.path.relpath(path, ROOT)}:{line}: {name} imports {target} inside a "
-                   "function (only the command lines may)")
+        bad.append(
+          f"{os.path.relpath(path, ROOT)}:{line}: {name} imports {target} inside a "
+          "function (only the command lines may)"
+        )
   assert not bad, "\n".join(bad)
 
 
@@ -145,23 +151,42 @@ def test_no_private_name_crosses_a_module():
           bad.append(f"{where}:{line}: {name} imports {target}.{n}")
     aliases = module_aliases(path, known)
     for node in ast.walk(ast.parse(open(path).read(), path)):
-      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-          and node.value.id in aliases and node.attr.startswith("_")
-          and not node.attr.startswith("__")):
+      if (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in aliases
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+      ):
         bad.append(f"{where}:{node.lineno}: {name} uses {aliases[node.value.id]}.{node.attr}")
   assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("source, check, expect", [
-    ("from kvjax.train import corpus\n", "test_imports_run_one_way",
-     "imports kvjax.train.corpus (training)"),
-    ("from kvjax.pallas_kernels import splits\ndef f():\n  from kvjax.cache import view\n",
-     "test_imports_run_one_way", "inside a function"),
-    ("from kvjax.cache.view import _private\n", "test_no_private_name_crosses_a_module",
-     "imports kvjax.cache.view._private"),
-    ("from kvjax.cache import view\nx = view._private\n", "test_no_private_name_crosses_a_module",
-     "uses kvjax.cache.view._private"),
-])
+@pytest.mark.parametrize(
+  "source, check, expect",
+  [
+    (
+      "from kvjax.train import corpus\n",
+      "test_imports_run_one_way",
+      "imports kvjax.train.corpus (training)",
+    ),
+    (
+      "from kvjax.pallas_kernels import splits\ndef f():\n  from kvjax.cache import view\n",
+      "test_imports_run_one_way",
+      "inside a function",
+    ),
+    (
+      "from kvjax.cache.view import _private\n",
+      "test_no_private_name_crosses_a_module",
+      "imports kvjax.cache.view._private",
+    ),
+    (
+      "from kvjax.cache import view\nx = view._private\n",
+      "test_no_private_name_crosses_a_module",
+      "uses kvjax.cache.view._private",
+    ),
+  ],
+)
 def test_the_checks_catch_a_violation(tmp_path, monkeypatch, source, check, expect):
   """Each check fails on a violation planted in a cache module (none can pass vacuously)."""
   path = tmp_path / "planted.py"

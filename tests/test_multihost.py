@@ -48,14 +48,16 @@ def worker_env() -> dict[str, str]:
 def start(out_dir, commands=None) -> list[tuple[subprocess.Popen, str]]:
   """Starts the 2 workers (or `commands`, one argv per process) -> [(process, its log file)]."""
   port = free_port()
-  commands = commands or [[sys.executable, worker.__file__, str(i), "2", str(port), str(out_dir)]
-                          for i in range(2)]
+  commands = commands or [
+    [sys.executable, worker.__file__, str(i), "2", str(port), str(out_dir)] for i in range(2)
+  ]
   procs = []
   for i, cmd in enumerate(commands):
     log = os.path.join(out_dir, f"worker{i}.log")
     with open(log, "w") as f:
-      procs.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=worker_env()),
-                    log))
+      procs.append(
+        (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=worker_env()), log)
+      )
   return procs
 
 
@@ -94,11 +96,14 @@ def pair(tmp_path_factory):
   out = tmp_path_factory.mktemp("multihost")
   procs = start(out)
   try:
-    ref_gen = lm.generate(tiny.model(**worker.ARCH), worker.ROWS, max_new_tokens=12,
-                          stop_tokens=[])
-    ref_train = train(tiny.model(**worker.ARCH),
-                      worker.config(str(out / "single"), data_parallel=1, model_parallel=1),
-                      worker.synthetic, worker.eval_batches, progress=False)
+    ref_gen = lm.generate(tiny.model(**worker.ARCH), worker.ROWS, max_new_tokens=12, stop_tokens=[])
+    ref_train = train(
+      tiny.model(**worker.ARCH),
+      worker.config(str(out / "single"), data_parallel=1, model_parallel=1),
+      worker.synthetic,
+      worker.eval_batches,
+      progress=False,
+    )
   finally:
     wait(procs)
   reports = [json.loads((out / f"result{i}.json").read_text()) for i in range(2)]
@@ -133,8 +138,9 @@ def test_training_equals_one_process(pair):
     ref_params = jax.tree_util.tree_leaves_with_path(ref.model.params())
     assert sorted(p) == sorted(jax.tree_util.keystr(k) for k, _ in ref_params)
     for k, v in ref_params:
-      np.testing.assert_allclose(p[jax.tree_util.keystr(k)], v, atol=2e-5, rtol=2e-4,
-                                 err_msg=jax.tree_util.keystr(k))
+      np.testing.assert_allclose(
+        p[jax.tree_util.keystr(k)], v, atol=2e-5, rtol=2e-4, err_msg=jax.tree_util.keystr(k)
+      )
   # one writer: each step logged once; both processes' checkpoints in one orbax directory
   assert [rec["step"] for rec in metrics.read(run)] == list(range(1, worker.STEPS + 1))
   assert sorted(os.listdir(run / "checkpoints")) == ["10", "5"]
@@ -145,12 +151,19 @@ def test_a_dead_worker_fails_fast_with_its_output(tmp_path):
   """Worker 1 dies at once: worker 0, waiting for it at the coordinator, is killed and the
   failure shows worker 1's output, long before the coordinator's own timeout (60 s)."""
   port = free_port()
-  procs = start(tmp_path, [
+  procs = start(
+    tmp_path,
+    [
       [sys.executable, worker.__file__, "0", "2", str(port), str(tmp_path)],
-      [sys.executable, "-c", "import sys; sys.exit('worker 1: planted failure')"]])
+      [sys.executable, "-c", "import sys; sys.exit('worker 1: planted failure')"],
+    ],
+  )
   t0 = time.monotonic()
-  with pytest.raises(pytest.fail.Exception, match=r"(?s)worker 1 exited with status 1.*"
-                                                  r"planted failure"):
+  with pytest.raises(
+    pytest.fail.Exception,
+    match=r"(?s)worker 1 exited with status 1.*"
+    r"planted failure",
+  ):
     wait(procs)
   assert time.monotonic() - t0 < 20
   assert procs[0][0].returncode != 0  # killed, not left waiting

@@ -60,13 +60,16 @@ def test_the_clean_model_runs(clean, late):
   with pytest.raises(lm.NonFiniteError):
     for p in s.turn(PROMPT, max_new_tokens=16, done=done):
       pieces.append(p)
-  assert done["ids"] == out.tokens[0][:step + 1]  # the tokens up to the poisoned one came out
+  assert done["ids"] == out.tokens[0][: step + 1]  # the tokens up to the poisoned one came out
 
 
 def test_generate_and_its_streams_raise(late, early):
   model, step = late
-  raises(lambda: lm.generate(model, [PROMPT, "ab"], max_new_tokens=16, stop_tokens=()),
-         "generate", "row(s) [0]")
+  raises(
+    lambda: lm.generate(model, [PROMPT, "ab"], max_new_tokens=16, stop_tokens=()),
+    "generate",
+    "row(s) [0]",
+  )
   pieces = []
   with pytest.raises(lm.NonFiniteError, match=f"generate_iter \\(token {step + 1}\\)"):
     for p in lm.generate_iter(model, PROMPT, max_new_tokens=16, stop_tokens=()):
@@ -88,20 +91,28 @@ def test_streaming_session_and_perplexity_raise(late, early):
 def test_method_loops_raise(clean, late, early):
   model, _ = late
   head = speculative.init_head(clean, "eagle1", seed=1)
-  raises(lambda: speculative.generate(model, head, [PROMPT], max_new_tokens=16,
-                                      stop_tokens=()), "speculative generate")
-  raises(lambda: sot.expand(model, [PROMPT, PROMPT + " b"], max_new_tokens=16,
-                            stop_tokens=()), "point expansion")
+  raises(
+    lambda: speculative.generate(model, head, [PROMPT], max_new_tokens=16, stop_tokens=()),
+    "speculative generate",
+  )
+  raises(
+    lambda: sot.expand(model, [PROMPT, PROMPT + " b"], max_new_tokens=16, stop_tokens=()),
+    "point expansion",
+  )
   cop = coprocessor.init(clean, 2, init="lora")
   for delay in (0, 3):  # latents before the last prompt token, or 3 tokens late
-    raises(lambda: coprocessor.generate(early, cop, PROMPT, max_new_tokens=16, delay=delay,
-                                        stop_tokens=()))
+    raises(
+      lambda: coprocessor.generate(
+        early, cop, PROMPT, max_new_tokens=16, delay=delay, stop_tokens=()
+      )
+    )
 
 
 def test_cli_prints_one_line(early, tmp_path):
   path = str(tmp_path / "nan")
   lm.save(early, path)
-  code, out, err = cli("generate", "--model", path, "--no-check-finite", "--prompt", PROMPT,
-                       "--max-new-tokens", "4")
+  code, out, err = cli(
+    "generate", "--model", path, "--no-check-finite", "--prompt", PROMPT, "--max-new-tokens", "4"
+  )
   assert code == 1 and out == "" and len(err.strip().splitlines()) == 1, err
   assert "NaN or infinite" in err and "Traceback" not in err

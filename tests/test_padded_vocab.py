@@ -33,8 +33,11 @@ def padded(tmp_path_factory):
   raw = dominated_by_padding(tiny.model(n_layers=1, vocab_size=320))
   path = str(tmp_path_factory.mktemp("padded") / "model")
   lm.save(raw, path)
-  with pytest.warns(lm.VocabPaddingWarning, match=r"vocab_size 320 pads the tokenizer's 258 "
-                    r"tokens; ids 258\.\.319 are masked"):
+  with pytest.warns(
+    lm.VocabPaddingWarning,
+    match=r"vocab_size 320 pads the tokenizer's 258 "
+    r"tokens; ids 258\.\.319 are masked",
+  ):
     model = lm.load(path)
   return model, raw
 
@@ -66,19 +69,22 @@ def test_no_path_samples_a_padding_id(padded):
   key = jax.random.key(0)
   hot = lm.Sampling(temperature=1.5)
   runs = {
-      "greedy": lm.generate(model, PROMPTS, max_new_tokens=32, stop_tokens=()).tokens,
-      "sampled": lm.generate(model, PROMPTS, max_new_tokens=32, sampling=hot, key=key,
-                             stop_tokens=()).tokens,
-      "sot": sot.expand(model, PROMPTS, max_new_tokens=24, sampling=hot, key=key,
-                        stop_tokens=()).tokens,
+    "greedy": lm.generate(model, PROMPTS, max_new_tokens=32, stop_tokens=()).tokens,
+    "sampled": lm.generate(
+      model, PROMPTS, max_new_tokens=32, sampling=hot, key=key, stop_tokens=()
+    ).tokens,
+    "sot": sot.expand(
+      model, PROMPTS, max_new_tokens=24, sampling=hot, key=key, stop_tokens=()
+    ).tokens,
   }
   done = {}
   session = streaming.Session(model, n_sink=2, window=16, sampling=hot, key=key, stop_tokens=())
   "".join(session.turn(PROMPTS[0], max_new_tokens=40, done=done))
   runs["stream"] = [done["ids"]]
   head = speculative.init_head(model, "eagle1", seed=1)
-  runs["eagle"] = speculative.generate(model, head, PROMPTS, max_new_tokens=24, sampling=hot,
-                                       key=key, stop_tokens=()).tokens
+  runs["eagle"] = speculative.generate(
+    model, head, PROMPTS, max_new_tokens=24, sampling=hot, key=key, stop_tokens=()
+  ).tokens
   for name, rows in runs.items():
     assert all(0 <= t < T for row in rows for t in row), name
     assert sum(map(len, rows)) >= 24, name
@@ -88,8 +94,9 @@ def test_cli_reports_the_padding_in_one_line(padded, tmp_path):
   model, raw = padded
   path = str(tmp_path / "model")
   lm.save(raw, path)
-  code, out, err = cli("generate", "--model", path, "--prompt", PROMPTS[0], "--max-new-tokens",
-                       "8", "--json")
+  code, out, err = cli(
+    "generate", "--model", path, "--prompt", PROMPTS[0], "--max-new-tokens", "8", "--json"
+  )
   lines = err.strip().splitlines()
   assert code == 0 and len(lines) == 1 and lines[0].startswith("kvjax: warning: "), err
   assert "ids 258..319 are masked" in lines[0]

@@ -31,13 +31,13 @@ def one_torch_thread():
 def pair(hf_dir):
   """family -> (kvjax model, transformers model) loaded from the same checkpoint."""
   import transformers
+
   made = {}
 
   def get(family):
     if family not in made:
       path = hf_dir(family)
-      made[family] = (lm.load(path),
-                      transformers.AutoModelForCausalLM.from_pretrained(path).eval())
+      made[family] = (lm.load(path), transformers.AutoModelForCausalLM.from_pretrained(path).eval())
     return made[family]
 
   return get
@@ -59,12 +59,18 @@ def test_prefill_then_decode_equals_score(pair, family):
   model, _ = pair(family)
   ids = prompts(lengths=(30,))[0]
   ref = lm.score(model, ids)
-  cache = KVCache.init(n_layers=model.cfg.n_layers, batch=1, size=64,
-                       n_kv_heads=model.cfg.n_kv_heads, head_dim=model.cfg.head_dim)
+  cache = KVCache.init(
+    n_layers=model.cfg.n_layers,
+    batch=1,
+    size=64,
+    n_kv_heads=model.cfg.n_kv_heads,
+    head_dim=model.cfg.head_dim,
+  )
   tokens = np.zeros((1, 32), np.int32)
   tokens[0, :10] = ids[:10]
-  logits, cache = steps.prefill(model.graphdef, model.state, cache, jnp.asarray(tokens),
-                                jnp.array([10], jnp.int32))
+  logits, cache = steps.prefill(
+    model.graphdef, model.state, cache, jnp.asarray(tokens), jnp.array([10], jnp.int32)
+  )
   got = [np.asarray(logits[0])]
   for t in ids[10:-1]:
     logits, cache = steps.decode_step(model.graphdef, model.state, cache, jnp.array([t]))
@@ -80,9 +86,12 @@ def test_greedy_matches_hf_generate(pair, family):
   """A batch of greedy rows equals transformers' generate of each row alone."""
   model, hf = pair(family)
   with torch.inference_mode():
-    ref = [hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
-                       eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-           for ids in ROWS]
+    ref = [
+      hf.generate(
+        torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
+      )[0, len(ids) :].tolist()
+      for ids in ROWS
+    ]
   out = lm.generate(model, ROWS, max_new_tokens=32, stop_tokens=[])
   assert out.tokens == ref
   assert out.finish == ["length"] * len(ROWS)
@@ -115,6 +124,7 @@ def test_hidden_states_match_hf(pair, family):
 def test_bfloat16_error_no_worse_than_hf(hf_dir):
   """bf16 logits sit as close to the float32 truth as transformers' own bf16 run does."""
   import transformers
+
   path = hf_dir("llama")
   model = lm.load(path, dtype=jnp.bfloat16)
   assert model.dtype == jnp.bfloat16

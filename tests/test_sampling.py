@@ -23,7 +23,7 @@ def exact(t: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
   z = LOGITS / t
   order = np.argsort(-z)
   keep = np.zeros(len(z), bool)
-  keep[order[:top_k or len(z)]] = True
+  keep[order[: top_k or len(z)]] = True
   q = np.where(keep, np.exp(z - z.max()), 0.0)
   q /= q.sum()
   mass = 0.0
@@ -39,8 +39,9 @@ def sigmas(freq: np.ndarray, p: np.ndarray) -> float:
   probability 0 drawn at all counts as infinitely far)."""
   std = np.sqrt(p * (1 - p) / DRAWS)
   dev = np.abs(freq - p)
-  return float(np.max(np.where(p > 0, dev / np.where(p > 0, std, 1.0),
-                               np.where(dev > 0, np.inf, 0.0))))
+  return float(
+    np.max(np.where(p > 0, dev / np.where(p > 0, std, 1.0), np.where(dev > 0, np.inf, 0.0)))
+  )
 
 
 @functools.partial(jax.jit, static_argnames="s")
@@ -49,14 +50,17 @@ def draw(logits: jax.Array, key: jax.Array, s: lm.Sampling) -> jax.Array:
   return sampling_lib.sample(jnp.broadcast_to(logits, (DRAWS, logits.shape[0])), key, s)
 
 
-@pytest.mark.parametrize("t, top_k, top_p", [
-    (0.5, 0, 1.0), (2.0, 0, 1.0),  # temperature alone, below and above 1
-    (0.7, 3, 1.0),                 # top-k
-    (1.5, 0, 0.8),                 # top-p: 0.401, 0.637, 0.784 above the 4th token, 0.890 the 5th
-    (1.6, 5, 0.9),                 # both: top-p on the top-5's renormalised mass
-])
-def test_sampled_frequencies_are_the_exact_softmax_of_the_filtered_tempered_logits(
-    t, top_k, top_p):
+@pytest.mark.parametrize(
+  "t, top_k, top_p",
+  [
+    (0.5, 0, 1.0),
+    (2.0, 0, 1.0),  # temperature alone, below and above 1
+    (0.7, 3, 1.0),  # top-k
+    (1.5, 0, 0.8),  # top-p: 0.401, 0.637, 0.784 above the 4th token, 0.890 the 5th
+    (1.6, 5, 0.9),  # both: top-p on the top-5's renormalised mass
+  ],
+)
+def test_sampled_frequencies_are_the_exact_softmax_of_the_filtered_tempered_logits(t, top_k, top_p):
   """200k draws (one fixed key): every token's frequency lies within 5 binomial sigmas of
   the exact distribution, and a filtered-out token is never drawn. The nearby wrong
   distributions (temperature 1.1 t; top_k + 1; top-p keeping one token more or fewer) are
@@ -72,7 +76,10 @@ def test_sampled_frequencies_are_the_exact_softmax_of_the_filtered_tempered_logi
       q = np.where(np.isin(np.arange(len(LOGITS)), order[:n]), exact(t, top_k), 0.0)
       wrong.append(q / q.sum())
   assert all(sigmas(w, want) > 10 for w in wrong)  # the bound is tight enough to tell them apart
-  toks = draw(jnp.asarray(LOGITS, jnp.float32), jax.random.key(11),
-              lm.Sampling(temperature=t, top_k=top_k, top_p=top_p))
+  toks = draw(
+    jnp.asarray(LOGITS, jnp.float32),
+    jax.random.key(11),
+    lm.Sampling(temperature=t, top_k=top_k, top_p=top_p),
+  )
   freq = np.bincount(np.asarray(toks), minlength=len(LOGITS)) / DRAWS
   assert sigmas(freq, want) < TOLERANCE, (freq, want)

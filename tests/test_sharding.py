@@ -14,15 +14,22 @@ from kvjax.lm.generate import new_cache
 
 MESHES = {"data4": (4, 1), "model4": (1, 4), "data2_model4": (2, 4)}
 # On a 4-way model axis the tiny models' 2 kv heads do not divide: k, v are replicated.
-CASES = [("llama", "data4"), ("llama", "model4"), ("llama", "data2_model4"),
-         ("gemma2", "data2_model4"), ("qwen3", "data2_model4"), ("gemma3_text", "data2_model4"),
-         ("phi3", "data2_model4"), ("mixtral", "data2_model4")]  # mixtral: 4 experts on 4 shards
+CASES = [
+  ("llama", "data4"),
+  ("llama", "model4"),
+  ("llama", "data2_model4"),
+  ("gemma2", "data2_model4"),
+  ("qwen3", "data2_model4"),
+  ("gemma3_text", "data2_model4"),
+  ("phi3", "data2_model4"),
+  ("mixtral", "data2_model4"),
+]  # mixtral: 4 experts on 4 shards
 ROWS = prompts(lengths=(7, 3, 18, 11))  # 18 > gemma2's sliding window of 12
 
 
 def mesh(name):
   data, model = MESHES[name]
-  return sharding.make_mesh(data, model, jax.devices()[:data * model])
+  return sharding.make_mesh(data, model, jax.devices()[: data * model])
 
 
 def run(model):
@@ -73,11 +80,15 @@ def test_sharded_equals_unsharded(models, family, mesh_name):
   ways = MESHES[mesh_name][1]
   embed = sharded.state["embed"][...]
   assert {s.data.shape for s in embed.addressable_shards} == {
-      (model.cfg.vocab_size // ways, model.cfg.d_model)}
+    (model.cfg.vocab_size // ways, model.cfg.d_model)
+  }
   # the forward constrains its activations to the same mesh and rules
   assert sharded.decoder.layout == (sharded.mesh, sharded.rules)
-  hlo = jax.jit(lambda st: nnx.merge(sharded.graphdef, st)(jnp.zeros((4, 8), jnp.int32))[0]
-                .logits).lower(sharded.state).as_text()
+  hlo = (
+    jax.jit(lambda st: nnx.merge(sharded.graphdef, st)(jnp.zeros((4, 8), jnp.int32))[0].logits)
+    .lower(sharded.state)
+    .as_text()
+  )
   assert hlo.count("sharding_constraint") == 3  # embeddings, each layer (one scan body), logits
   # a second call reuses the executables: shardings are stable from call to call
   again = lm.generate(sharded, ROWS, max_new_tokens=16, stop_tokens=[])
@@ -190,7 +201,9 @@ def test_make_mesh():
   assert m.axis_names == ("data", "model") and dict(m.shape) == {"data": 2, "model": 4}
   assert dict(sharding.make_mesh(data=8).shape) == {"data": 8, "model": 1}
   assert dict(sharding.make_mesh(model=2, devices=jax.devices()[2:4]).shape) == {
-      "data": 1, "model": 2}
+    "data": 1,
+    "model": 2,
+  }
   with pytest.raises(ValueError, match=r"data=3 x model=2 = 6 devices, but 8 are available"):
     sharding.make_mesh(3, 2)
   with pytest.raises(ValueError, match=r"devices=jax.devices\(\)\[:4\]"):
@@ -206,6 +219,7 @@ def test_every_cache_type_shards_from_its_declared_axes(load):
   KVCache: K/V by (layers, batch, kv_heads, cache_len, head_dim), per-row scalars by batch; a
   shared prefix (one row) is replicated along the data axis."""
   from kvjax.cache import KVCache, PrefixCache, SinkCache
+
   mesh = sharding.make_mesh(4, 2)
   cfg = load("llama").cfg
   dims = dict(n_layers=cfg.n_layers, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
@@ -213,8 +227,9 @@ def test_every_cache_type_shards_from_its_declared_axes(load):
   assert sink.k.sharding.spec == sink.v.sharding.spec == P(None, "data", "model", None, None)
   assert sink.count.sharding.spec == sink.start.sharding.spec == P("data")
   assert sink.n_sink == 2
-  shared = PrefixCache(prefix=KVCache.init(batch=1, size=24, **dims),
-                       rows=KVCache.init(batch=8, size=16, **dims))
+  shared = PrefixCache(
+    prefix=KVCache.init(batch=1, size=24, **dims), rows=KVCache.init(batch=8, size=16, **dims)
+  )
   shared = sharding.shard_cache(shared, mesh)
   assert shared.prefix.k.sharding.spec == P(None, None, "model", None, None)
   assert shared.rows.k.sharding.spec == P(None, "data", "model", None, None)

@@ -32,8 +32,15 @@ def _step(graphdef, state, cache, tokens, n_new):
 
 def new_sink(model, batch, n_sink, window):
   cfg = model.cfg
-  return SinkCache.init(n_layers=cfg.n_layers, batch=batch, n_sink=n_sink, window=window,
-                        n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, dtype=model.dtype)
+  return SinkCache.init(
+    n_layers=cfg.n_layers,
+    batch=batch,
+    n_sink=n_sink,
+    window=window,
+    n_kv_heads=cfg.n_kv_heads,
+    head_dim=cfg.head_dim,
+    dtype=model.dtype,
+  )
 
 
 def feed(model, cache, tokens, chunk):
@@ -41,9 +48,14 @@ def feed(model, cache, tokens, chunk):
   B, N = tokens.shape
   out = []
   for lo in range(0, N, chunk):
-    part = tokens[:, lo:lo + chunk]
-    logits, cache = _step(model.graphdef, model.state, cache, jnp.asarray(part),
-                          jnp.full((B,), part.shape[1], jnp.int32))
+    part = tokens[:, lo : lo + chunk]
+    logits, cache = _step(
+      model.graphdef,
+      model.state,
+      cache,
+      jnp.asarray(part),
+      jnp.full((B,), part.shape[1], jnp.int32),
+    )
     out.append(np.asarray(logits))
   return np.concatenate(out, axis=1), cache
 
@@ -80,8 +92,9 @@ def test_equals_dense_cache_while_nothing_is_evicted(deep):
   toks = tokens_of(30)
   sink, _ = feed(model, new_sink(model, 1, 4, 40), toks, 1)
   cfg = model.cfg
-  dense = KVCache.init(n_layers=cfg.n_layers, batch=1, size=64, n_kv_heads=cfg.n_kv_heads,
-                       head_dim=cfg.head_dim)
+  dense = KVCache.init(
+    n_layers=cfg.n_layers, batch=1, size=64, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim
+  )
   want, _ = feed(model, dense, toks, 1)
   np.testing.assert_allclose(sink, want, atol=ATOL)
   np.testing.assert_allclose(sink[0], lm.score(model, toks[0]), atol=ATOL)
@@ -118,7 +131,7 @@ def test_per_turn_policy_makes_room_for_the_whole_turn(model):
   assert int(cache.length[0]) == n_sink + 5
   got, cache = feed(model, cache, turn, 7)
   kept = np.concatenate([first[0, :n_sink], first[0, 15:]])
-  want = lm.score(model, [int(t) for t in np.concatenate([kept, turn[0]])])[len(kept):]
+  want = lm.score(model, [int(t) for t in np.concatenate([kept, turn[0]])])[len(kept) :]
   np.testing.assert_allclose(got[0], want, atol=ATOL)
   assert int(cache.length[0]) == n_sink + window
   with pytest.raises(ValueError, match="fit the window of 12"):
@@ -132,8 +145,9 @@ def test_batch_rows_at_different_fills(model, deep):
   toks = tokens_of(30, seed=4, batch=2)
   ref = [expected(model, toks[b], n_sink, window) for b in range(2)]
   _batched_fills(model, toks, n_sink, window, lambda b, i: ref[b][i])
-  singles = [feed(deep, new_sink(deep, 1, n_sink, window), toks[b:b + 1], 1)[0][0]
-             for b in range(2)]
+  singles = [
+    feed(deep, new_sink(deep, 1, n_sink, window), toks[b : b + 1], 1)[0][0] for b in range(2)
+  ]
   _batched_fills(deep, toks, n_sink, window, lambda b, i: singles[b][i])
 
 
@@ -144,9 +158,10 @@ def _batched_fills(model, toks, n_sink, window, want):
   for n0, n1 in counts:
     T = max(n0, n1)
     part = np.zeros((2, T), np.int32)
-    part[0, :n0], part[1, :n1] = toks[0, pos[0]:pos[0] + n0], toks[1, pos[1]:pos[1] + n1]
-    logits, cache = _step(model.graphdef, model.state, cache, jnp.asarray(part),
-                          jnp.asarray([n0, n1], jnp.int32))
+    part[0, :n0], part[1, :n1] = toks[0, pos[0] : pos[0] + n0], toks[1, pos[1] : pos[1] + n1]
+    logits, cache = _step(
+      model.graphdef, model.state, cache, jnp.asarray(part), jnp.asarray([n0, n1], jnp.int32)
+    )
     for b, n in enumerate((n0, n1)):
       for j in range(n):
         np.testing.assert_allclose(np.asarray(logits)[b, j], want(b, pos[b] + j), atol=ATOL)
@@ -154,9 +169,17 @@ def _batched_fills(model, toks, n_sink, window, want):
   np.testing.assert_array_equal(np.asarray(cache.count), pos)
 
 
-@pytest.mark.parametrize("family, windows", [("gemma2", (5,)), ("gemma2", (0,)),
-                                              ("mistral", (6,)), ("qwen2", (0,)),
-                                              ("gemma3_text", (5,)), ("phi3", (6,))])
+@pytest.mark.parametrize(
+  "family, windows",
+  [
+    ("gemma2", (5,)),
+    ("gemma2", (0,)),
+    ("mistral", (6,)),
+    ("qwen2", (0,)),
+    ("gemma3_text", (5,)),
+    ("phi3", (6,)),
+  ],
+)
 def test_families(family, windows):
   """Gemma-2's local layers keep their own (smaller) window inside the cache; a Gemma 3 local
   layer's keys are re-rotated by its own RoPE base (1e4, not the global 1e6 with scaling).
@@ -179,8 +202,7 @@ def test_bfloat16(model):
 def test_errors(model):
   cache = new_sink(model, 1, 4, 8)
   with pytest.raises(ValueError, match="assigns positions"):
-    model.decoder(jnp.zeros((1, 2), jnp.int32), cache=cache,
-                  positions=jnp.zeros((1, 2), jnp.int32))
+    model.decoder(jnp.zeros((1, 2), jnp.int32), cache=cache, positions=jnp.zeros((1, 2), jnp.int32))
   with pytest.raises(ValueError, match="window must be an int >= 1"):
     new_sink(model, 1, 4, 0)
   with pytest.raises(ValueError, match="n_sink must be an int >= 0"):

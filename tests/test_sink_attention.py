@@ -22,8 +22,14 @@ MODES = {"interpret": True, "tpu-interpret": pltpu.InterpretParams()}
 def states(n_sink, W, B, rng):
   """B rows at different fills: empty, partly filled sinks, odd fills, many wraps, and a
   per-turn make_room that left free slots (start beyond count - W)."""
-  counts = [0, max(n_sink - 1, 0), n_sink + 3, n_sink + W - 1, n_sink + 5 * W + 3,
-            n_sink + 7 * W + W // 2][:B]
+  counts = [
+    0,
+    max(n_sink - 1, 0),
+    n_sink + 3,
+    n_sink + W - 1,
+    n_sink + 5 * W + 3,
+    n_sink + 7 * W + W // 2,
+  ][:B]
   counts += list(rng.integers(0, n_sink + 9 * W, B - len(counts)))
   starts = []
   for c in counts:
@@ -43,12 +49,12 @@ def inputs(B, T, N, K, H, n_sink, W, dtype, seed=0):
 
 
 CASES = [  # B, T, N, K, H, n_sink, W, window, softcap
-    (6, 1, 4, 4, 16, 4, 20, 0, None),      # decode, MHA
-    (6, 1, 8, 2, 16, 4, 21, 0, None),      # GQA 4:1, odd window
-    (6, 3, 4, 1, 32, 2, 13, 0, None),      # a chunk of 3 (evicts within it), MQA
-    (6, 1, 4, 2, 16, 0, 24, 0, None),      # no sinks
-    (6, 2, 4, 2, 16, 4, 20, 7, 50.0),      # sliding-window layer, softcap
-    (2, 1, 2, 1, 16, 12, 9, 0, None),      # more sinks than a key block
+  (6, 1, 4, 4, 16, 4, 20, 0, None),  # decode, MHA
+  (6, 1, 8, 2, 16, 4, 21, 0, None),  # GQA 4:1, odd window
+  (6, 3, 4, 1, 32, 2, 13, 0, None),  # a chunk of 3 (evicts within it), MQA
+  (6, 1, 4, 2, 16, 0, 24, 0, None),  # no sinks
+  (6, 2, 4, 2, 16, 4, 20, 7, 50.0),  # sliding-window layer, softcap
+  (2, 1, 2, 1, 16, 12, 9, 0, None),  # more sinks than a key block
 ]
 
 
@@ -57,11 +63,13 @@ CASES = [  # B, T, N, K, H, n_sink, W, window, softcap
 def test_kernel_equals_reference(case, mode):
   B, T, N, K, H, n_sink, W, window, softcap = case
   q, k, v, count, start = inputs(B, T, N, K, H, n_sink, W, jnp.float32)
-  kw = dict(n_sink=n_sink, freq=jnp.asarray(rope_freq(H)), scale=H ** -0.5, window=window,
-            softcap=softcap)
+  kw = dict(
+    n_sink=n_sink, freq=jnp.asarray(rope_freq(H)), scale=H**-0.5, window=window, softcap=softcap
+  )
   want_o, want_lse = sink_attention(q, k, v, count, start, impl="xla", **kw)
-  got_o, got_lse = sink_attention(q, k, v, count, start, impl="pallas", interpret=MODES[mode],
-                                  block=8, **kw)
+  got_o, got_lse = sink_attention(
+    q, k, v, count, start, impl="pallas", interpret=MODES[mode], block=8, **kw
+  )
   np.testing.assert_allclose(got_o, want_o, atol=2e-5)
   np.testing.assert_allclose(got_lse, want_lse, atol=2e-5, rtol=1e-6)
   empty = np.asarray(count) == 0
@@ -75,9 +83,10 @@ def test_long_cache(mode):
   default blocks: 17 key splits per (row, kv head), the last one past S."""
   B, T, N, K, H, n_sink, W = 2, 1, 16, 8, 128, 4, 8201
   q, k, v, count, start = inputs(B, T, N, K, H, n_sink, W, jnp.float32, seed=4)
-  kw = dict(n_sink=n_sink, freq=jnp.asarray(rope_freq(H)), scale=H ** -0.5)
+  kw = dict(n_sink=n_sink, freq=jnp.asarray(rope_freq(H)), scale=H**-0.5)
   run = lambda **extra: jax.jit(functools.partial(sink_attention, **kw, **extra))(
-      q, k, v, count, start)
+    q, k, v, count, start
+  )
   want_o, want_lse = run(impl="xla")
   got_o, got_lse = run(impl="pallas", interpret=MODES[mode])
   np.testing.assert_allclose(got_o, want_o, atol=2e-5)
@@ -87,10 +96,11 @@ def test_long_cache(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_bfloat16(mode):
   q, k, v, count, start = inputs(6, 1, 8, 2, 32, 4, 20, jnp.bfloat16, seed=1)
-  kw = dict(n_sink=4, freq=jnp.asarray(rope_freq(32)), scale=32 ** -0.5)
+  kw = dict(n_sink=4, freq=jnp.asarray(rope_freq(32)), scale=32**-0.5)
   want_o, want_lse = reference(q, k, v, count, start, **kw)
-  got_o, got_lse = sink_attention(q, k, v, count, start, impl="pallas", interpret=MODES[mode],
-                                  block=8, **kw)
+  got_o, got_lse = sink_attention(
+    q, k, v, count, start, impl="pallas", interpret=MODES[mode], block=8, **kw
+  )
   assert got_o.dtype == jnp.float32
   np.testing.assert_allclose(got_o, want_o, atol=3e-2)
   np.testing.assert_allclose(got_lse, want_lse, atol=3e-2)
@@ -108,12 +118,13 @@ def test_reference_equals_attention_over_the_repositioned_cache():
     c, s = int(count[b]), int(start[b])
     toks = list(range(min(c, n_sink))) + list(range(max(s, c - W + 1), c))
     slots = [t if t < n_sink else n_sink + (t - n_sink) % W for t in toks]
-    kk = np_rope(k[b, 0, slots], np.arange(len(slots)), freq)      # [n, H]
-    qq = np_rope(q[b, :, 0], np.array([len(slots)]), freq)[0]       # [H]
+    kk = np_rope(k[b, 0, slots], np.arange(len(slots)), freq)  # [n, H]
+    qq = np_rope(q[b, :, 0], np.array([len(slots)]), freq)[0]  # [H]
     sc = kk @ qq * 0.25
     np.testing.assert_allclose(lse[b, 0, 0], np.log(np.exp(sc).sum()), atol=1e-5)
-    np.testing.assert_allclose(o[b, 0, 0], np.exp(sc) @ v[b, 0, slots] / np.exp(sc).sum(),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      o[b, 0, 0], np.exp(sc) @ v[b, 0, slots] / np.exp(sc).sum(), atol=1e-5
+    )
 
 
 def np_rope(x, pos, freq):
@@ -131,8 +142,14 @@ def test_model_decodes_through_the_kernel(monkeypatch):
 
   def run():  # traced afresh, so it picks up the patched dispatch
     step = jax.jit(lambda state, cache, t: steps.decode_step(model.graphdef, state, cache, t))
-    cache = SinkCache.init(n_layers=cfg.n_layers, batch=2, n_sink=2, window=5,
-                           n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
+    cache = SinkCache.init(
+      n_layers=cfg.n_layers,
+      batch=2,
+      n_sink=2,
+      window=5,
+      n_kv_heads=cfg.n_kv_heads,
+      head_dim=cfg.head_dim,
+    )
     out = []
     for t in range(toks.shape[1]):
       logits, cache = step(model.state, cache, toks[:, t])
@@ -140,8 +157,9 @@ def test_model_decodes_through_the_kernel(monkeypatch):
     return np.stack(out)
 
   want = run()
-  monkeypatch.setattr(kernel, "sink_attention",
-                      functools.partial(sink_attention, impl="pallas", interpret=True))
+  monkeypatch.setattr(
+    kernel, "sink_attention", functools.partial(sink_attention, impl="pallas", interpret=True)
+  )
   np.testing.assert_allclose(run(), want, atol=2e-5)
 
 
@@ -154,12 +172,21 @@ def test_kernel_lowers_for_the_device(platform, shape):
   q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((B, K, n_sink + W, H), jnp.bfloat16)
   rows = jax.ShapeDtypeStruct((B,), jnp.int32)
-  fn = functools.partial(kernel._pallas, n_sink=n_sink, freq=jnp.ones(H // 2), scale=0.1,
-                         window=jnp.int32(0), softcap=None, interpret=False, block=128,
-                         tpu=platform == "tpu")
+  fn = functools.partial(
+    kernel._pallas,
+    n_sink=n_sink,
+    freq=jnp.ones(H // 2),
+    scale=0.1,
+    window=jnp.int32(0),
+    softcap=None,
+    interpret=False,
+    block=128,
+    tpu=platform == "tpu",
+  )
   triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
   exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=[triton])(
-      q, k, k, rows, rows)
+    q, k, k, rows, rows
+  )
   assert ("tpu_custom_call" if platform == "tpu" else "xla.gpu.triton") in exported.mlir_module()
 
 

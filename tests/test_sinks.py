@@ -50,12 +50,14 @@ def test_cli_json_text_and_png(tmp_path):
   text = tmp_path / "t.txt"
   text.write_text("To be, or not to be, that is the question. " * 4, encoding="utf-8")
   png = tmp_path / "s.png"
-  code, out, err = cli("sinks", "--model", model_dir, "--text", str(text), "--png", str(png),
-                       "--json")
+  code, out, err = cli(
+    "sinks", "--model", model_dir, "--text", str(text), "--png", str(png), "--json"
+  )
   assert code == 0, err
   got = json.loads(out)
-  want = sinks.attention_mass(lm.load(model_dir), lm.load(model_dir).tokenizer.encode(
-      text.read_text()))
+  want = sinks.attention_mass(
+    lm.load(model_dir), lm.load(model_dir).tokenizer.encode(text.read_text())
+  )
   np.testing.assert_allclose(got["mass"], want.mass, rtol=1e-5)
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   code, out, _ = cli("sinks", "--model", model_dir, "--text", str(text), "--tokens", "40")
@@ -74,6 +76,7 @@ def test_mass_matches_transformers_attentions(hf_dir):
   layer's mass is transformers' attention probabilities on the first tokens."""
   import torch
   import transformers
+
   path = hf_dir("gemma3_text")
   ids = IDS[:40]
   got = sinks.attention_mass(lm.load(path), ids, sink_tokens=4).mass

@@ -43,7 +43,7 @@ def test_prefix_cache_equals_full_recompute(family):
   cache = PrefixCache(prefix=prefix, rows=new_cache(m, 3, 32))
   suffix = np.zeros((3, 16), np.int32)
   for b, r in enumerate(rows):
-    suffix[b, :len(r) - n] = r[n:]
+    suffix[b, : len(r) - n] = r[n:]
   lens = jnp.asarray([len(r) - n for r in rows], jnp.int32)
   logits, cache = steps.extend(m.graphdef, m.state, cache, jnp.asarray(suffix), lens)
   nxt = [[7, 9, 11], [12, 13, 14]]
@@ -86,12 +86,11 @@ def test_rows_stop_independently(model):
   firsts = [t.index(stop) if stop in t else None for t in free.tokens]
   got = ex.expand(model, rows, max_new_tokens=12, stop_tokens=[stop])
   for b in range(3):
-    want = free.tokens[b] if firsts[b] is None else free.tokens[b][:firsts[b] + 1]
+    want = free.tokens[b] if firsts[b] is None else free.tokens[b][: firsts[b] + 1]
     assert got.tokens[b] == want
     assert got.finish[b] == ("length" if firsts[b] is None else "stop_token")
   assert got.finish[1] == "stop_token" and len(got.tokens[1]) <= 5
-  streamed = list(ex.expand_stream(model, rows, max_new_tokens=12, stop_tokens=[stop],
-                                   chunk=3))
+  streamed = list(ex.expand_stream(model, rows, max_new_tokens=12, stop_tokens=[stop], chunk=3))
   order = [r.index for r in streamed]
   assert order == [0, 1, 2] and [r.tokens for r in streamed] == got.tokens
 
@@ -108,11 +107,19 @@ def test_sampled_rows_are_the_same_for_any_chunk(model):
   assert all(a != b for a, b in zip(ref.tokens, greedy.tokens))  # it does sample
 
   def run(**kw):
-    return [r.tokens for r in ex.expand_stream(model, rows, max_new_tokens=budgets, sampling=s,
-                                               key=key, stop_tokens=[], **kw)]
+    return [
+      r.tokens
+      for r in ex.expand_stream(
+        model, rows, max_new_tokens=budgets, sampling=s, key=key, stop_tokens=[], **kw
+      )
+    ]
+
   assert run(share=False, chunk=4) == want
-  assert run(chunk=4) == run(chunk=None) == ex.expand(model, rows, max_new_tokens=budgets,
-                                                      sampling=s, key=key, stop_tokens=[]).tokens
+  assert (
+    run(chunk=4)
+    == run(chunk=None)
+    == ex.expand(model, rows, max_new_tokens=budgets, sampling=s, key=key, stop_tokens=[]).tokens
+  )
 
 
 def test_stop_strings_end_rows_in_streaming(model):
@@ -121,9 +128,10 @@ def test_stop_strings_end_rows_in_streaming(model):
   text = free.texts[2]
   stop = text[3:5]
   got = ex.expand(model, rows, max_new_tokens=10, stop_tokens=[], stop=[stop])
-  streamed = list(ex.expand_stream(model, rows, max_new_tokens=10, stop_tokens=[],
-                                   stop=[stop], chunk=2))
-  assert got.texts[2] == text[:text.find(stop)] and got.finish[2] == "stop_string"
+  streamed = list(
+    ex.expand_stream(model, rows, max_new_tokens=10, stop_tokens=[], stop=[stop], chunk=2)
+  )
+  assert got.texts[2] == text[: text.find(stop)] and got.finish[2] == "stop_string"
   assert [r.text for r in streamed] == got.texts and [r.tokens for r in streamed] == got.tokens
 
 
@@ -131,8 +139,14 @@ def test_sot_expands_each_point_as_its_own_prompt(model):
   """A supplied skeleton: the points are parsed, each expansion prompt goes through the chat
   template with "{i}. {point}" prefilled, and each expansion equals generating it alone."""
   seen = []
-  ans = sot.run(model, QUESTION, skeleton=SKELETON, point_tokens=[5, 8, 6],
-                on_point=lambda i, t: seen.append((i, t)), chunk=2)
+  ans = sot.run(
+    model,
+    QUESTION,
+    skeleton=SKELETON,
+    point_tokens=[5, 8, 6],
+    on_point=lambda i, t: seen.append((i, t)),
+    chunk=2,
+  )
   assert ans.points == ["Dark room", "Cool air", "No coffee late"]
   prompts = Prompts().expand_ids(model, QUESTION, ans.points)
   text = model.tokenizer.decode(prompts[1], skip_special_tokens=False)
@@ -144,8 +158,9 @@ def test_sot_expands_each_point_as_its_own_prompt(model):
     assert ans.expansions[i] == alone.texts[0]
     n_tokens += len(alone.tokens[0])
   assert [i for i, _ in seen] == [1, 2, 3]
-  assert [t for _, t in seen] == [f"{i}. {p}{e}" for i, (p, e) in
-                                  enumerate(zip(ans.points, ans.expansions), 1)]
+  assert [t for _, t in seen] == [
+    f"{i}. {p}{e}" for i, (p, e) in enumerate(zip(ans.points, ans.expansions), 1)
+  ]
   assert ans.answer.split("\n")[0].startswith("1. Dark room")
   s = ans.stats
   assert s["mode"] == "sot" and s["prefix_tokens_shared"] > 40 and s["skeleton_tokens"] == 0
@@ -187,11 +202,14 @@ def test_model_written_points_are_expanded(model):
   assert ans.skeleton == "1. Dark room\n2. " + skel.texts[0]
   assert ans.points == ["Dark room", " ".join(skel.texts[0].split())]  # point 2: the model's
   assert ans.stats["mode"] == "sot" and ans.stats["skeleton_tokens"] == len(skel.tokens[0])
-  alone = [lm.generate(model, [p], max_new_tokens=n).texts[0]
-           for p, n in zip(prompts.expand_ids(model, QUESTION, ans.points), [4, 6])]
+  alone = [
+    lm.generate(model, [p], max_new_tokens=n).texts[0]
+    for p, n in zip(prompts.expand_ids(model, QUESTION, ans.points), [4, 6])
+  ]
   assert ans.expansions == alone and all(alone)
-  assert ans.answer == "\n".join(f"{i}. {p}{e.rstrip()}"
-                                 for i, (p, e) in enumerate(zip(ans.points, alone), 1))
+  assert ans.answer == "\n".join(
+    f"{i}. {p}{e.rstrip()}" for i, (p, e) in enumerate(zip(ans.points, alone), 1)
+  )
 
 
 def test_plain_prompts_and_overrides(model, tmp_path):
@@ -200,24 +218,31 @@ def test_plain_prompts_and_overrides(model, tmp_path):
   text = model.tokenizer.decode(ids[0], skip_special_tokens=False)
   assert "<|user|>" not in text and text.endswith("\n\n1. a")
   f = tmp_path / "p.json"
-  f.write_text(json.dumps({"expand": "Q: {question}\n{skeleton}\nPoint {i}:",
-                           "expand_prefill": "", "chat": False}))
+  f.write_text(
+    json.dumps(
+      {"expand": "Q: {question}\n{skeleton}\nPoint {i}:", "expand_prefill": "", "chat": False}
+    )
+  )
   custom = Prompts.load(str(f))
   ids = custom.expand_ids(model, QUESTION, ["a", "b"])
-  assert model.tokenizer.decode(ids[1]).endswith("Q: How can I sleep better?\n1. a\n2. b\n"
-                                                 "Point 2:\n\n")
-  bad = [({"expand": "{question} {skeleton}", "expand_prefill": ""}, "name {i} or {point}"),
-         ({"skeleton": "{question} {colour}"}, "Prompts.skeleton may use"),
-         ({"plain": "{prefill}{user}"}, "must end with {prefill}"),
-         ({"answer": "{question"}, "not a valid template")]
+  assert model.tokenizer.decode(ids[1]).endswith(
+    "Q: How can I sleep better?\n1. a\n2. b\nPoint 2:\n\n"
+  )
+  bad = [
+    ({"expand": "{question} {skeleton}", "expand_prefill": ""}, "name {i} or {point}"),
+    ({"skeleton": "{question} {colour}"}, "Prompts.skeleton may use"),
+    ({"plain": "{prefill}{user}"}, "must end with {prefill}"),
+    ({"answer": "{question"}, "not a valid template"),
+  ]
   for fields, match in bad:
     with pytest.raises(ValueError, match=match):
       Prompts(**fields)
   f.write_text(json.dumps({"expnd": "x"}))
   with pytest.raises(ValueError, match="keys among"):
     Prompts.load(str(f))
-  no_chat = lm.Model(model.cfg, model.graphdef, model.state,
-                     lm.Tokenizer(model.tokenizer.tok), model.eos_ids)
+  no_chat = lm.Model(
+    model.cfg, model.graphdef, model.state, lm.Tokenizer(model.tokenizer.tok), model.eos_ids
+  )
   assert not Prompts().uses_chat(no_chat)
   with pytest.raises(ValueError, match="no chat template"):
     Prompts(chat=True).uses_chat(no_chat)

@@ -8,21 +8,32 @@ from kvjax.lm.sot.router import ROUTERS, Route, parse_verdict, route, router_que
 TEN = "\n".join(f"{i}. point {i}" for i in range(1, 11))
 
 
-@pytest.mark.parametrize("text, points", [
+@pytest.mark.parametrize(
+  "text, points",
+  [
     ("1. Buy tools\n2. Plan route\n3. Pack food", ["Buy tools", "Plan route", "Pack food"]),
     ("1) Buy tools\n2) Plan route", ["Buy tools", "Plan route"]),
     ("(1) Buy tools\n(2) Plan route", ["Buy tools", "Plan route"]),
     ("1: Buy tools\n2 - Plan route\n  3. Pack food", ["Buy tools", "Plan route", "Pack food"]),
-    ("- Buy tools\n* Plan route\n• Pack food\n+ Rest\n– Leave", ["Buy tools", "Plan route",
-                                                               "Pack food", "Rest", "Leave"]),
+    (
+      "- Buy tools\n* Plan route\n• Pack food\n+ Rest\n– Leave",
+      ["Buy tools", "Plan route", "Pack food", "Rest", "Leave"],
+    ),
     ("- Travel\n  - flights\n- Stay", ["Travel flights", "Stay"]),  # deeper bullet continues
-    ("**1.** Buy tools\n**2. Plan route**\n3. **Pack food**: snacks",
-     ["Buy tools", "Plan route", "Pack food: snacks"]),
-    ("**1. Budget:** set a limit\n2. __Track__ spending", ["Budget: set a limit", "Track spending"]),
+    (
+      "**1.** Buy tools\n**2. Plan route**\n3. **Pack food**: snacks",
+      ["Buy tools", "Plan route", "Pack food: snacks"],
+    ),
+    (
+      "**1. Budget:** set a limit\n2. __Track__ spending",
+      ["Budget: set a limit", "Track spending"],
+    ),
     ("### 1. Sleep\n### 2. Diet", ["Sleep", "Diet"]),
     ("1. Choose a\n   good topic\n2. Outline", ["Choose a good topic", "Outline"]),
-    ("1. Preparation:\n   - buy tools\n   * pack food\n2. Travel",
-     ["Preparation: buy tools pack food", "Travel"]),
+    (
+      "1. Preparation:\n   - buy tools\n   * pack food\n2. Travel",
+      ["Preparation: buy tools pack food", "Travel"],
+    ),
     ("1. Sleep\n2. Diet\n2. Diet again\n   more\n3. Exercise", ["Sleep", "Diet", "Exercise"]),
     ("1. Sleep\n2. Diet\n4. Exercise", ["Sleep", "Diet", "Exercise"]),
     ("Sure, here is the skeleton:\n\n1. Sleep\n2. Diet", ["Sleep", "Diet"]),
@@ -37,7 +48,8 @@ TEN = "\n".join(f"{i}. point {i}" for i in range(1, 11))
     ("1. Sleep\n2.\n3. Diet", ["Sleep", "Diet"]),  # an empty point is dropped
     ("- intro\n1. Sleep\n2. Diet", ["Sleep", "Diet"]),  # numbers exist: bullets are not points
     (TEN, [f"point {i}" for i in range(1, 11)]),  # exactly max_points
-])
+  ],
+)
 def test_parse_points(text, points):
   assert parse_points(text) == points
 
@@ -74,7 +86,9 @@ def test_not_a_str(text):
     parse_points(text)
 
 
-@pytest.mark.parametrize("question, suitable, rule", [
+@pytest.mark.parametrize(
+  "question, suitable, rule",
+  [
     ("What is 37 * 49?", False, "math"),
     ("Solve x^2 - 4 = 0 for x.", False, "math"),
     ("Estimate how many piano tuners work in Chicago.", False, "fermi"),
@@ -93,7 +107,8 @@ def test_not_a_str(text):
     ("Compare cats and dogs as pets.", True, "comparison"),
     ("Why is the sky blue?", True, "no rule matched"),
     ("List ways to solve this equation.", False, "math"),  # unsuitable cues win
-])
+  ],
+)
 def test_rules_route(question, suitable, rule):
   r = rules_route(question)
   assert (r.suitable, r.router) == (suitable, "rules") and r.reason.startswith(rule)
@@ -106,13 +121,28 @@ def test_rules_reason_names_the_match():
   assert rules_route("How can I improve my sleep?").suitable  # "improve" is not "prove"
 
 
-@pytest.mark.parametrize("answer, verdict", [
-    ("Yes.", True), ("yes, because the points are independent", True), ("No", False),
-    ("NO!", False), ("Answer: yes", True), ("**Yes**", True), ("suitable", True),
-    ("unsuitable", False), ("not suitable", False), ("It is not suitable.", False),
-    ("true", True), ("False.", False), ("I don't know", None), ("maybe", None), ("", None),
-    ("I know the answer: no", False), ("Nothing to add. Yes", True),
-])
+@pytest.mark.parametrize(
+  "answer, verdict",
+  [
+    ("Yes.", True),
+    ("yes, because the points are independent", True),
+    ("No", False),
+    ("NO!", False),
+    ("Answer: yes", True),
+    ("**Yes**", True),
+    ("suitable", True),
+    ("unsuitable", False),
+    ("not suitable", False),
+    ("It is not suitable.", False),
+    ("true", True),
+    ("False.", False),
+    ("I don't know", None),
+    ("maybe", None),
+    ("", None),
+    ("I know the answer: no", False),
+    ("Nothing to add. Yes", True),
+  ],
+)
 def test_parse_verdict(answer, verdict):
   assert parse_verdict(answer) is verdict
 
@@ -134,8 +164,9 @@ def test_route():
   assert route(q) == rules_route(q)
   fallback = route("Write a poem about rain.", "prompt", ask=lambda text: "maybe")
   assert (fallback.suitable, fallback.router) == (False, "prompt")
-  assert fallback.reason == ("the model's answer 'maybe' is neither yes nor no; rules: "
-                             "creative: 'write a poem'")
+  assert fallback.reason == (
+    "the model's answer 'maybe' is neither yes nor no; rules: creative: 'write a poem'"
+  )
 
 
 def test_route_errors():

@@ -39,8 +39,8 @@ def test_endless_generation_equals_score_of_the_repositioned_sequence(one_layer)
   text, done = reply(s, PROMPT, max_new_tokens=60)
   ids = one_layer.tokenizer.encode(PROMPT) + done["ids"]
   n = len(ids) - len(done["ids"])
-  for i in range(n, len(ids)):     # token i was predicted after tokens [0, i)
-    seen = ids[:min(n_sink, i)] + ids[max(n_sink, i - W):i]
+  for i in range(n, len(ids)):  # token i was predicted after tokens [0, i)
+    seen = ids[: min(n_sink, i)] + ids[max(n_sink, i - W) : i]
     assert ids[i] == int(np.argmax(lm.score(one_layer, seen)[-1])), i
   assert text == one_layer.tokenizer.decode(done["ids"])
   assert s.stats["peak_cache_tokens"] == n_sink + W and s.stats["tokens_generated"] == 60
@@ -57,7 +57,7 @@ def test_each_turn_makes_room_for_its_prompt_and_reply(one_layer):
   n_sink, W = 2, 40
   s = streaming.Session(one_layer, n_sink=n_sink, window=W, stop_tokens=())
   reply(s, PROMPT, max_new_tokens=20)
-  before = int(s.cache.count[0])                       # every reply token is in the cache
+  before = int(s.cache.count[0])  # every reply token is in the cache
   assert before == len(one_layer.tokenizer.encode(PROMPT)) + 20
   prompt = " and more"
   n = len(one_layer.tokenizer.encode(prompt, add_special_tokens=False))
@@ -79,12 +79,15 @@ def test_continue_with_an_empty_turn(one_layer):
   assert first["ids"] + second["ids"] == whole["ids"]
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(window=0), "window must be an int >= 1"),
     (dict(window=8, n_sink=-1), "n_sink must be an int >= 0"),
     (dict(window=8, chunk=9), r"chunk must be an int in \[1, window=8\]"),
     (dict(window=1020, n_sink=8), "exceeds the model's context of 1024"),
-])
+  ],
+)
 def test_bad_session(one_layer, kwargs, message):
   with pytest.raises(ValueError, match=message):
     streaming.Session(one_layer, **kwargs)
@@ -101,8 +104,19 @@ def test_bad_turns(one_layer):
 
 
 def test_cli_chat_json(model_dir, one_layer):
-  code, out, err = cli("stream", "--model", model_dir, "--sinks", 2, "--window", 24,
-                       "--max-new-tokens", 10, "--json", stdin="hello there\nand again\n")
+  code, out, err = cli(
+    "stream",
+    "--model",
+    model_dir,
+    "--sinks",
+    2,
+    "--window",
+    24,
+    "--max-new-tokens",
+    10,
+    "--json",
+    stdin="hello there\nand again\n",
+  )
   assert code == 0, err
   got = json.loads(out)
   assert [t["prompt"] for t in got["turns"]] == ["hello there", "and again"]
@@ -115,21 +129,35 @@ def test_cli_chat_json(model_dir, one_layer):
 
 
 def test_cli_endless_prompt_prints_text(model_dir, one_layer):
-  code, out, err = cli("stream", "--model", model_dir, "--prompt", PROMPT, "--sinks", 2,
-                       "--window", 16, "--max-new-tokens", 50)
+  code, out, err = cli(
+    "stream",
+    "--model",
+    model_dir,
+    "--prompt",
+    PROMPT,
+    "--sinks",
+    2,
+    "--window",
+    16,
+    "--max-new-tokens",
+    50,
+  )
   assert code == 0, err
   s = streaming.Session(one_layer, n_sink=2, window=16)
   assert out == "".join(s.turn(PROMPT, max_new_tokens=50)) + "\n"
   assert "peak cache 18 tokens" in err
 
 
-@pytest.mark.parametrize("argv, words", [
+@pytest.mark.parametrize(
+  "argv, words",
+  [
     (["--sinks", -1], "--sinks: expected an integer >= 0"),
     (["--window", 0], "--window: expected an integer >= 1 (the cache holds the sinks plus"),
     (["--window", 8, "--chunk", 16], "--chunk 16 exceeds --window 8"),
     (["--window", 8, "--max-new-tokens", 9], "each reply must fit the window"),
     (["--top-k", 5], "--top-k only applies when sampling"),
-])
+  ],
+)
 def test_cli_flag_errors(model_dir, argv, words):
   code, out, err = cli("stream", "--model", model_dir, *argv, stdin="hi\n")
   assert code == 2 and words in err and out == "", err
@@ -149,8 +177,13 @@ def test_a_reply_can_keep_no_ids(one_layer):
   """keep_ids=False (what `kvjax stream` uses, so an endless reply holds constant memory): the
   same text, only the count of its tokens."""
   kept, bare = ({}, {})
-  texts = ["".join(streaming.Session(one_layer, n_sink=2, window=12, stop_tokens=()).turn(
-      PROMPT, max_new_tokens=30, done=done, keep_ids=keep)) for done, keep in ((kept, True),
-                                                                             (bare, False))]
+  texts = [
+    "".join(
+      streaming.Session(one_layer, n_sink=2, window=12, stop_tokens=()).turn(
+        PROMPT, max_new_tokens=30, done=done, keep_ids=keep
+      )
+    )
+    for done, keep in ((kept, True), (bare, False))
+  ]
   assert texts[0] == texts[1] and texts[0] == one_layer.tokenizer.decode(kept["ids"])
   assert "ids" not in bare and bare["n"] == kept["n"] == 30

@@ -53,7 +53,7 @@ def test_window_equals_recompute_for_one_layer(one_layer):
   np.testing.assert_allclose(window.nll, recompute.nll, atol=2e-4)
   assert window.peak_cache_tokens == recompute.peak_cache_tokens == 9
   for i in (5, 30, 58):  # token i + 1 from the previous (at most) 9 tokens, positions from 0
-    ctx = ids[max(0, i + 1 - 9):i + 2]
+    ctx = ids[max(0, i + 1 - 9) : i + 2]
     assert abs(recompute.nll[i] - nll_of_score(one_layer, ctx)[-1]) < 2e-4
 
 
@@ -65,13 +65,16 @@ def test_sink_chunks_do_not_change_the_result(deep):
   assert a.peak_cache_tokens == 12
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     (dict(cache="dense"), "more than the model's context"),
     (dict(cache="window", window=0), "window >= 1"),
     (dict(cache="recompute", window=4, n_sink=2), "keeps no sinks"),
     (dict(cache="sink", n_sink=-1, window=4), "n_sink must be an int >= 0"),
     (dict(cache="lru", window=4), "cache must be one of"),
-])
+  ],
+)
 def test_bad_arguments(kwargs, message):
   model = tiny.model(n_layers=1, max_position=32)
   with pytest.raises(ValueError, match=message):
@@ -83,8 +86,20 @@ def test_cli(tmp_path, one_layer):
   lm.save(one_layer, str(path))
   text = tmp_path / "t.txt"
   text.write_text("to be or not to be, that is the question " * 4, encoding="utf-8")
-  code, out, err = cli("ppl", "--model", path, "--text", text, "--cache", "sink", "--sinks", 2,
-                       "--window", 16, "--json")
+  code, out, err = cli(
+    "ppl",
+    "--model",
+    path,
+    "--text",
+    text,
+    "--cache",
+    "sink",
+    "--sinks",
+    2,
+    "--window",
+    16,
+    "--json",
+  )
   assert code == 0, err
   got = json.loads(out)
   ids = one_layer.tokenizer.encode(text.read_text(encoding="utf-8"))
@@ -92,9 +107,11 @@ def test_cli(tmp_path, one_layer):
   assert got["ppl"] == pytest.approx(want.ppl, rel=1e-5)
   assert got["tokens"] == len(ids) - 1 and got["peak_cache_tokens"] == 18
   assert set(got) >= {"ppl", "tokens", "peak_cache_tokens", "ms_per_token"}
-  for argv, words in [(["--cache", "sink"], "needs --window"),
-                      (["--cache", "window", "--window", 8, "--sinks", 4], "keeps no sinks"),
-                      (["--cache", "dense", "--window", 8], "do not apply"),
-                      (["--cache", "sink", "--window", 0], "--window")]:
+  for argv, words in [
+    (["--cache", "sink"], "needs --window"),
+    (["--cache", "window", "--window", 8, "--sinks", 4], "keeps no sinks"),
+    (["--cache", "dense", "--window", 8], "do not apply"),
+    (["--cache", "sink", "--window", 0], "--window"),
+  ]:
     code, out, err = cli("ppl", "--model", path, "--text", text, *argv)
     assert code == 2 and words in err and out == ""

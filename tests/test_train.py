@@ -31,8 +31,12 @@ def synthetic(start, seed=0):
   while True:
     rng = np.random.default_rng((seed, i))
     seq = (rng.integers(2, V, (B, 1)) + np.arange(T + 1)) % V
-    yield {"inputs": seq[:, :-1].astype(np.int32), "targets": seq[:, 1:].astype(np.int32),
-           "mask": np.ones((B, T), np.float32), "chars": np.ones((B, T), np.float32)}
+    yield {
+      "inputs": seq[:, :-1].astype(np.int32),
+      "targets": seq[:, 1:].astype(np.int32),
+      "mask": np.ones((B, T), np.float32),
+      "chars": np.ones((B, T), np.float32),
+    }
     i += 1
 
 
@@ -41,8 +45,17 @@ def eval_batches():
 
 
 def config(out_dir, **kw):
-  base = dict(steps=30, batch_size=B, seq_len=T, lr=1e-2, warmup=3, out_dir=str(out_dir),
-              log_every=1, eval_every=10, data_parallel=1)
+  base = dict(
+    steps=30,
+    batch_size=B,
+    seq_len=T,
+    lr=1e-2,
+    warmup=3,
+    out_dir=str(out_dir),
+    log_every=1,
+    eval_every=10,
+    data_parallel=1,
+  )
   base.update(kw)
   return TrainConfig(**base)
 
@@ -110,8 +123,9 @@ def test_resume_is_bit_identical(tmp_path, run30):
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=str(k))
   timed = ("tokens_per_s", "mfu")  # measured rates differ from run to run
-  assert ({k: v for k, v in resumed.records[-1].items() if k not in timed}
-          == {k: v for k, v in full.records[-1].items() if k not in timed})
+  assert {k: v for k, v in resumed.records[-1].items() if k not in timed} == {
+    k: v for k, v in full.records[-1].items() if k not in timed
+  }
   # an iterable (not a callable) is skipped forward on resume: same result
   cut2 = config(tmp_path / "cut2", save_every=10)
   with pytest.raises(Interrupt):
@@ -130,13 +144,19 @@ def test_resume_with_other_settings_is_refused(run30):
 
 def test_mesh_matches_single_device(tmp_path, run30):
   _, single = run30
-  sharded = train(tiny_model(), config(tmp_path, data_parallel=2, model_parallel=2), synthetic,
-                  eval_batches, progress=False)
+  sharded = train(
+    tiny_model(),
+    config(tmp_path, data_parallel=2, model_parallel=2),
+    synthetic,
+    eval_batches,
+    progress=False,
+  )
   a = dict(leaves(single.model.params()))
   for k, v in leaves(sharded.model.params()):
     np.testing.assert_allclose(v, a[k], atol=2e-5, rtol=2e-4, err_msg=str(k))
-  assert sharded.records[-1]["eval_loss"] == pytest.approx(single.records[-1]["eval_loss"],
-                                                           abs=1e-4)
+  assert sharded.records[-1]["eval_loss"] == pytest.approx(
+    single.records[-1]["eval_loss"], abs=1e-4
+  )
 
 
 def test_bf16_compute_keeps_float32_params(tmp_path, run30):
@@ -151,10 +171,12 @@ def test_bf16_compute_keeps_float32_params(tmp_path, run30):
 def test_export_loads_in_transformers(run30, tmp_path):
   import torch
   from transformers import LlamaForCausalLM
+
   _, result = run30
   lm.save(result.model, str(tmp_path))
-  assert {"config.json", "model.safetensors", "tokenizer.json",
-          "tokenizer_config.json"} <= set(os.listdir(tmp_path))
+  assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(
+    os.listdir(tmp_path)
+  )
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["model_type"] == "llama"
   ids = np.random.default_rng(1).integers(0, V, (2, 24))
@@ -169,8 +191,12 @@ def test_export_loads_in_transformers(run30, tmp_path):
 def test_bad_batches_and_configs_are_rejected(tmp_path):
   def wrong_shape(start):
     while True:
-      yield {"inputs": np.zeros((B, T + 1), np.int32), "targets": np.zeros((B, T), np.int32),
-             "mask": np.ones((B, T), np.float32), "chars": np.ones((B, T), np.float32)}
+      yield {
+        "inputs": np.zeros((B, T + 1), np.int32),
+        "targets": np.zeros((B, T), np.int32),
+        "mask": np.ones((B, T), np.float32),
+        "chars": np.ones((B, T), np.float32),
+      }
 
   with pytest.raises(TrainError, match=r"inputs must be .*\[4, 32\]"):
     train(tiny_model(), config(tmp_path / "a"), wrong_shape, progress=False)
@@ -194,6 +220,7 @@ def test_bad_batches_and_configs_are_rejected(tmp_path):
 
 # --- text data ----------------------------------------------------------------------------------
 
+
 def test_text_windows(tmp_path):
   tok = tiny.byte_tokenizer()
   words = ["Thé", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog."]
@@ -210,9 +237,12 @@ def test_text_windows(tmp_path):
   evals = data.eval_batches()
   assert sum(b["mask"].sum() for b in evals) == (len(data.windows) - data.n_train) * 16
   # train batches draw only the first n_train windows; eval batches only the rest
-  held = {w.tobytes() for w in data.windows[data.n_train:]}
-  seen = {np.concatenate([r, t[-1:]]).tobytes()
-          for i in range(20) for r, t in zip(data.batch(i)["inputs"], data.batch(i)["targets"])}
+  held = {w.tobytes() for w in data.windows[data.n_train :]}
+  seen = {
+    np.concatenate([r, t[-1:]]).tobytes()
+    for i in range(20)
+    for r, t in zip(data.batch(i)["inputs"], data.batch(i)["targets"])
+  }
   assert len(seen) == data.n_train and not seen & held
   with pytest.raises(DataError, match="empty"):
     (tmp_path / "e.txt").write_text("  \n")
@@ -222,6 +252,7 @@ def test_text_windows(tmp_path):
 
 
 # --- command line -------------------------------------------------------------------------------
+
 
 def run_cli(*argv, main=lm_cli.main):
   out, err = io.StringIO(), io.StringIO()
@@ -237,8 +268,9 @@ def text_setup(tmp_path_factory):
   tok_dir = root / "tok"
   tok_dir.mkdir()
   tok.tok.save(str(tok_dir / "tokenizer.json"))
-  (tok_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>",
-                                                             "eos_token": "</s>"}))
+  (tok_dir / "tokenizer_config.json").write_text(
+    json.dumps({"bos_token": "<s>", "eos_token": "</s>"})
+  )
   words = "to be or not that is the question whether tis nobler in mind".split()
   rng = np.random.default_rng(0)
   (root / "corpus.txt").write_text(" ".join(rng.choice(words, 1500)), encoding="utf-8")
@@ -247,16 +279,44 @@ def text_setup(tmp_path_factory):
 
 # The same architecture and compute settings as `config()` + `tiny_model()`, so the CLI runs
 # reuse the compiled steps of the library tests.
-FLAGS = ("--d-model", 32, "--n-layers", 2, "--n-heads", 4, "--n-kv-heads", 2, "--ffn-dim", 64,
-         "--max-position", 1024, "--batch-size", B, "--seq-len", T, "--lr", 1e-2, "--warmup", 3,
-         "--steps", 30, "--eval-every", 10, "--data-parallel", 1, "--no-progress", "--json")
+FLAGS = (
+  "--d-model",
+  32,
+  "--n-layers",
+  2,
+  "--n-heads",
+  4,
+  "--n-kv-heads",
+  2,
+  "--ffn-dim",
+  64,
+  "--max-position",
+  1024,
+  "--batch-size",
+  B,
+  "--seq-len",
+  T,
+  "--lr",
+  1e-2,
+  "--warmup",
+  3,
+  "--steps",
+  30,
+  "--eval-every",
+  10,
+  "--data-parallel",
+  1,
+  "--no-progress",
+  "--json",
+)
 
 
 def test_cli_end_to_end_on_text(text_setup):
   root, tok_dir = text_setup
   out = root / "run"
-  code, stdout, err = run_cli("train", "lm", "--text", root / "corpus.txt", "--tokenizer",
-                              tok_dir, "--out", out, *FLAGS)
+  code, stdout, err = run_cli(
+    "train", "lm", "--text", root / "corpus.txt", "--tokenizer", tok_dir, "--out", out, *FLAGS
+  )
   assert code == 0, err
   summary = json.loads(stdout)
   assert summary["resumed_from"] == 0 and summary["eval_bpc"] < 5.0
@@ -265,12 +325,33 @@ def test_cli_end_to_end_on_text(text_setup):
   assert model.cfg.max_position >= T
   # fine-tune the export with the same architecture, settings from a --config file
   conf = root / "ft.json"
-  conf.write_text(json.dumps({"text": str(root / "corpus.txt"), "steps": 30, "warmup": 3,
-                              "batch_size": B, "seq_len": T, "data_parallel": 1,
-                              "d_model": 32, "lr": 1e-2, "bf16": False}))
-  code, stdout, err = run_cli("lm", "--config", conf, "--init-from", summary["export"],
-                              "--out", root / "ft", "--no-progress", "--json",
-                              main=train_cli.main)
+  conf.write_text(
+    json.dumps(
+      {
+        "text": str(root / "corpus.txt"),
+        "steps": 30,
+        "warmup": 3,
+        "batch_size": B,
+        "seq_len": T,
+        "data_parallel": 1,
+        "d_model": 32,
+        "lr": 1e-2,
+        "bf16": False,
+      }
+    )
+  )
+  code, stdout, err = run_cli(
+    "lm",
+    "--config",
+    conf,
+    "--init-from",
+    summary["export"],
+    "--out",
+    root / "ft",
+    "--no-progress",
+    "--json",
+    main=train_cli.main,
+  )
   assert code == 0, err
   tuned = json.loads(stdout)
   assert tuned["eval_bpc"] < summary["eval_bpc"]  # 30 more steps on the same text
@@ -281,26 +362,57 @@ def test_init_from_other_architecture_is_a_clear_error(text_setup, run30, tmp_pa
   root, tok_dir = text_setup
   _, result = run30
   lm.save(result.model, str(tmp_path / "base"))
-  code, _, err = run_cli("train", "lm", "--text", root / "corpus.txt", "--init-from",
-                         tmp_path / "base", "--out", tmp_path / "x", "--d-model", 64,
-                         "--n-layers", 3, "--steps", 5, "--warmup", 1)
+  code, _, err = run_cli(
+    "train",
+    "lm",
+    "--text",
+    root / "corpus.txt",
+    "--init-from",
+    tmp_path / "base",
+    "--out",
+    tmp_path / "x",
+    "--d-model",
+    64,
+    "--n-layers",
+    3,
+    "--steps",
+    5,
+    "--warmup",
+    1,
+  )
   assert code == 1
   assert "architecture differs" in err and "d_model=32 (requested 64)" in err
   assert "n_layers=2 (requested 3)" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv, message", [
+@pytest.mark.parametrize(
+  "argv, message",
+  [
     (["--steps", 0], "--steps: expected an integer >= 1"),
     (["--lr", "-1"], "--lr: expected a number > 0"),
     (["--steps", 5, "--warmup", 5], "--warmup (5) must be smaller than --steps (5)"),
     (["--data", "x"], "exactly one of --text FILE and --data"),
     (["--n-heads", 3], "--d-model 32 is not divisible by --n-heads 3"),
     (["--max-position", 8], "--max-position 8 is smaller than --seq-len 32"),
-])
+  ],
+)
 def test_bad_flags(text_setup, tmp_path, argv, message):
   root, tok_dir = text_setup
-  code, _, err = run_cli("train", "lm", "--text", root / "corpus.txt", "--tokenizer", tok_dir,
-                         "--out", tmp_path, "--d-model", 32, "--seq-len", T, *argv)
+  code, _, err = run_cli(
+    "train",
+    "lm",
+    "--text",
+    root / "corpus.txt",
+    "--tokenizer",
+    tok_dir,
+    "--out",
+    tmp_path,
+    "--d-model",
+    32,
+    "--seq-len",
+    T,
+    *argv,
+  )
   assert code == 2 and message in err, err
 
 
@@ -315,11 +427,21 @@ def test_bad_config_file_and_missing_flags(text_setup, tmp_path):
   assert code == 2 and "steps: expected an integer >= 1" in err
   code, _, err = run_cli("train", "lm", "--text", root / "corpus.txt", "--out", tmp_path)
   assert code == 2 and "--tokenizer DIR is required with --text" in err
-  code, _, err = run_cli("train", "lm", "--text", tmp_path / "none.txt", "--tokenizer", tok_dir,
-                         "--out", tmp_path / "r")
+  code, _, err = run_cli(
+    "train", "lm", "--text", tmp_path / "none.txt", "--tokenizer", tok_dir, "--out", tmp_path / "r"
+  )
   assert code == 2 and "none.txt: no such file" in err
-  code, _, err = run_cli("train", "lm", "--text", root / "corpus.txt", "--tokenizer",
-                         tmp_path / "no_tok", "--out", tmp_path / "r", *FLAGS)
+  code, _, err = run_cli(
+    "train",
+    "lm",
+    "--text",
+    root / "corpus.txt",
+    "--tokenizer",
+    tmp_path / "no_tok",
+    "--out",
+    tmp_path / "r",
+    *FLAGS,
+  )
   assert code == 1 and "no tokenizer.json" in err
   code, _, err = run_cli("train", "eagle")
   assert code == 2 and "--target DIR_OR_NAME is required" in err
@@ -331,13 +453,17 @@ def test_bad_config_file_and_missing_flags(text_setup, tmp_path):
 
 def test_packed_documents_do_not_attend_across_boundaries():
   from kvjax.train.lm import forward_nll
+
   model = tiny_model()
   rng = np.random.default_rng(2)
   a, b = rng.integers(2, V, (1, 12)), rng.integers(2, V, (1, 20))
   row = np.concatenate([a, b], axis=1)
-  batch = {"inputs": row[:, :-1], "targets": row[:, 1:],
-           "segment_ids": np.array([[1] * 12 + [2] * 19]),
-           "positions": np.array([list(range(12)) + list(range(19))])}
+  batch = {
+    "inputs": row[:, :-1],
+    "targets": row[:, 1:],
+    "segment_ids": np.array([[1] * 12 + [2] * 19]),
+    "positions": np.array([list(range(12)) + list(range(19))]),
+  }
   nll = jax.jit(lambda params, batch: forward_nll(model, params, batch, False)[0])
   params = model.params()
   packed = np.asarray(nll(params, batch))
@@ -358,9 +484,25 @@ def test_cli_data_dir_trains_its_own_tokenizer(tmp_path, monkeypatch):
   for i in range(3):
     (corpus / f"poem{i}.txt").write_text(" ".join(rng.choice(words, 800)), encoding="utf-8")
   out = tmp_path / "run"
-  argv = ("train", "lm", "--data", tmp_path / "corpus", "--vocab-size", 320, "--out", out,
-          *FLAGS[:-4], "--steps", 12, "--eval-every", 12, "--data-parallel", 1, "--no-progress",
-          "--json")
+  argv = (
+    "train",
+    "lm",
+    "--data",
+    tmp_path / "corpus",
+    "--vocab-size",
+    320,
+    "--out",
+    out,
+    *FLAGS[:-4],
+    "--steps",
+    12,
+    "--eval-every",
+    12,
+    "--data-parallel",
+    1,
+    "--no-progress",
+    "--json",
+  )
   code, stdout, err = run_cli(*argv)
   assert code == 0, err
   assert "BPE" in err and (out / "tokenizer" / "tokenizer.json").is_file()
@@ -370,19 +512,49 @@ def test_cli_data_dir_trains_its_own_tokenizer(tmp_path, monkeypatch):
   assert model.cfg.vocab_size == tok.vocab_size > 258  # merges were learned
   assert model.tokenizer.encode("to be or not") == tok.encode("to be or not")
   # `train eval` on the export reproduces the run's last validation figures
-  code, stdout, err = run_cli("eval", "--model", summary["export"], "--data", tmp_path / "corpus",
-                              "--batch-size", B, "--seq-len", T, "--json", main=train_cli.main)
+  code, stdout, err = run_cli(
+    "eval",
+    "--model",
+    summary["export"],
+    "--data",
+    tmp_path / "corpus",
+    "--batch-size",
+    B,
+    "--seq-len",
+    T,
+    "--json",
+    main=train_cli.main,
+  )
   assert code == 0, err
   got = json.loads(stdout)
   assert got["split"] == "validation" and got["tokens"] > 0
-  np.testing.assert_allclose([got["loss"], got["bpc"]],
-                             [summary["eval_loss"], summary["eval_bpc"]], rtol=1e-5)
-  code, _, err = run_cli("eval", "--model", summary["export"], "--data", tmp_path / "corpus",
-                         "--genre", "plays", main=train_cli.main)
+  np.testing.assert_allclose(
+    [got["loss"], got["bpc"]], [summary["eval_loss"], summary["eval_bpc"]], rtol=1e-5
+  )
+  code, _, err = run_cli(
+    "eval",
+    "--model",
+    summary["export"],
+    "--data",
+    tmp_path / "corpus",
+    "--genre",
+    "plays",
+    main=train_cli.main,
+  )
   assert code == 1 and "plays" in err and "poems" in err  # unknown genre: the known ones named
   (tmp_path / "x.txt").write_text("some text", encoding="utf-8")
-  code, _, err = run_cli("train", "lm", "--text", tmp_path / "x.txt", "--vocab-size", 320,
-                         "--tokenizer", out / "tokenizer", "--out", tmp_path / "r2")
+  code, _, err = run_cli(
+    "train",
+    "lm",
+    "--text",
+    tmp_path / "x.txt",
+    "--vocab-size",
+    320,
+    "--tokenizer",
+    out / "tokenizer",
+    "--out",
+    tmp_path / "r2",
+  )
   assert code == 2 and "--vocab-size V (>= 300) applies only to --data" in err
 
 
@@ -390,6 +562,7 @@ def test_mfu_and_step_flops(run30):
   """Every logged record carries mfu: the step's FLOPs (step_flops) per second over the
   measured matmul peak, a fraction in (0, 1]."""
   from kvjax.train.lm import step_flops
+
   _, result = run30
   assert all(0 < r["mfu"] <= 1 for r in result.records)
   cfg = tiny_model().cfg
@@ -405,9 +578,12 @@ def plateau(start, seed=0):
   i = start
   while True:
     rng = np.random.default_rng((seed, i))
-    yield {"inputs": rng.integers(2, V, (B, T)).astype(np.int32),
-           "targets": rng.integers(2, V, (B, T)).astype(np.int32),
-           "mask": np.ones((B, T), np.float32), "chars": np.ones((B, T), np.float32)}
+    yield {
+      "inputs": rng.integers(2, V, (B, T)).astype(np.int32),
+      "targets": rng.integers(2, V, (B, T)).astype(np.int32),
+      "mask": np.ones((B, T), np.float32),
+      "chars": np.ones((B, T), np.float32),
+    }
     i += 1
 
 
@@ -418,6 +594,7 @@ def test_keep_best_patience_and_export(tmp_path):
   the params at that step; bad steps and runs are one-line errors."""
   from kvjax.train import loop
   from kvjax.train.lm import export
+
   out = tmp_path / "run"
   tc = config(out, steps=60, eval_every=5, keep_best=True, patience=2, save_every=5, keep=20)
   result = train(tiny_model(), tc, plateau, eval_batches, progress=False)
@@ -436,10 +613,12 @@ def test_keep_best_patience_and_export(tmp_path):
   at_step = export(str(out), best["step"], str(tmp_path / "at_step"))  # the regular checkpoint
   for (_, a), (_, b) in zip(leaves(loaded.params()), leaves(at_step.params())):
     np.testing.assert_array_equal(a, b)
-  assert any(np.any(a != b) for (_, a), (_, b) in zip(leaves(got.params()),
-                                                      leaves(result.model.params())))
-  code, stdout, err = run_cli("train", "export", "--run", out, "--step", 5, "--out",
-                              tmp_path / "five", "--json")
+  assert any(
+    np.any(a != b) for (_, a), (_, b) in zip(leaves(got.params()), leaves(result.model.params()))
+  )
+  code, stdout, err = run_cli(
+    "train", "export", "--run", out, "--step", 5, "--out", tmp_path / "five", "--json"
+  )
   assert code == 0, err
   assert json.loads(stdout)["step"] == 5
   assert lm.load(str(tmp_path / "five")).cfg == got.cfg
@@ -458,25 +637,38 @@ def test_dropout_trains_deterministically_and_only_in_training(tmp_path, run30):
   the same for the same seed; evaluation runs without them (eval_loss of the trained params
   equals evaluate_model's); bad rates are refused."""
   from kvjax.train.lm import evaluate_model
+
   kw = dict(steps=10, eval_every=10, dropout=0.2, attn_dropout=0.1)
   a = train(tiny_model(), config(tmp_path / "a", **kw), synthetic, eval_batches, progress=False)
   b = train(tiny_model(), config(tmp_path / "b", **kw), synthetic, eval_batches, progress=False)
-  c = train(tiny_model(), config(tmp_path / "c", steps=10, eval_every=10), synthetic,
-            eval_batches, progress=False)
+  c = train(
+    tiny_model(),
+    config(tmp_path / "c", steps=10, eval_every=10),
+    synthetic,
+    eval_batches,
+    progress=False,
+  )
   for (_, x), (_, y) in zip(leaves(a.model.params()), leaves(b.model.params())):
     np.testing.assert_array_equal(x, y)
-  assert any(np.any(x != y) for (_, x), (_, y) in zip(leaves(a.model.params()),
-                                                      leaves(c.model.params())))
+  assert any(
+    np.any(x != y) for (_, x), (_, y) in zip(leaves(a.model.params()), leaves(c.model.params()))
+  )
   assert a.records[-1]["eval_loss"] == pytest.approx(
-      evaluate_model(a.model, eval_batches())["eval_loss"], rel=1e-5)
+    evaluate_model(a.model, eval_batches())["eval_loss"], rel=1e-5
+  )
   with pytest.raises(TrainError, match="dropout must be a number in \\[0, 1\\)"):
     config(tmp_path, dropout=1.0)
 
 
 def test_keep_best_without_evaluation_is_refused(tmp_path):
   with pytest.raises(TrainError, match="need held-out evaluation batches"):
-    train(tiny_model(), config(tmp_path / "r", steps=4, eval_every=1, keep_best=True),
-          synthetic, None, progress=False)
+    train(
+      tiny_model(),
+      config(tmp_path / "r", steps=4, eval_every=1, keep_best=True),
+      synthetic,
+      None,
+      progress=False,
+    )
 
 
 def test_ctrl_c_says_where_to_resume(tmp_path):
@@ -484,6 +676,7 @@ def test_ctrl_c_says_where_to_resume(tmp_path):
   step done and the latest checkpoint; the same run resumes from that checkpoint. The CLI
   prints it as one line and exits 130."""
   from kvjax.train.loop import TrainInterrupted
+
   out = tmp_path / "run"
   tc = config(out, steps=10, save_every=2, eval_every=0)
 
@@ -493,6 +686,7 @@ def test_ctrl_c_says_where_to_resume(tmp_path):
         if i == n:
           raise KeyboardInterrupt
         yield b
+
     return batches
 
   with pytest.raises(TrainInterrupted) as info:
@@ -503,8 +697,7 @@ def test_ctrl_c_says_where_to_resume(tmp_path):
   again = train(tiny_model(), tc, plateau, progress=False)
   assert again.resumed_from == 4
   with pytest.raises(TrainInterrupted, match="no checkpoint was written yet"):
-    train(tiny_model(), config(tmp_path / "r2", steps=10, save_every=4), until(2),
-          progress=False)
+    train(tiny_model(), config(tmp_path / "r2", steps=10, save_every=4), until(2), progress=False)
 
 
 def test_cli_prints_the_interrupt_message(capsys):
@@ -512,9 +705,13 @@ def test_cli_prints_the_interrupt_message(capsys):
   import argparse
   from kvjax.lm.cli import flags
   from kvjax.train.loop import TrainInterrupted
+
   p = argparse.ArgumentParser()
-  p.set_defaults(check=lambda a: None, task="lm",
-                 run=lambda a: (_ for _ in ()).throw(TrainInterrupted("interrupted after step 3")))
+  p.set_defaults(
+    check=lambda a: None,
+    task="lm",
+    run=lambda a: (_ for _ in ()).throw(TrainInterrupted("interrupted after step 3")),
+  )
   assert flags.run(p, [], lambda a: f"kvjax train {a.task}") == 130
   assert capsys.readouterr().err.strip() == "kvjax train lm: interrupted after step 3"
   p.set_defaults(run=lambda a: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -52,20 +52,47 @@ def setup(tmp_path_factory):
 
 def text_data(setup):
   _, _, corpus, target = setup
-  return TextData(str(corpus), target.tokenizer, seq_len=T, batch_size=B, seed=0,
-                  eval_fraction=0.1)
+  return TextData(str(corpus), target.tokenizer, seq_len=T, batch_size=B, seed=0, eval_fraction=0.1)
 
 
 def config(out_dir, kind="eagle1", **kw):
   """The settings of the CLI run below (same compiled steps)."""
-  base = dict(kind=kind, steps=STEPS, batch_size=B, seq_len=T, lr=3e-3, warmup=3,
-              out_dir=str(out_dir), log_every=1, ttt_steps=3)
+  base = dict(
+    kind=kind,
+    steps=STEPS,
+    batch_size=B,
+    seq_len=T,
+    lr=3e-3,
+    warmup=3,
+    out_dir=str(out_dir),
+    log_every=1,
+    ttt_steps=3,
+  )
   return eagle.EagleConfig(**{**base, **kw})
 
 
-CLI_FLAGS = ("--kind", "eagle1", "--steps", STEPS, "--batch-size", B, "--seq-len", T,
-             "--lr", 3e-3, "--warmup", 3, "--log-every", 1, "--eval-batches", 2,
-             "--eval-prompts", 0, "--no-progress", "--json")
+CLI_FLAGS = (
+  "--kind",
+  "eagle1",
+  "--steps",
+  STEPS,
+  "--batch-size",
+  B,
+  "--seq-len",
+  T,
+  "--lr",
+  3e-3,
+  "--warmup",
+  3,
+  "--log-every",
+  1,
+  "--eval-batches",
+  2,
+  "--eval-prompts",
+  0,
+  "--no-progress",
+  "--json",
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +100,9 @@ def cli_run(setup):
   """An uninterrupted 30-step eagle1 run through the CLI -> (out dir, summary)."""
   root, target_dir, corpus, _ = setup
   out = root / "e1"
-  code, stdout, err = run_cli("eagle", "--target", target_dir, "--text", corpus, "--out", out,
-                              *CLI_FLAGS)
+  code, stdout, err = run_cli(
+    "eagle", "--target", target_dir, "--text", corpus, "--out", out, *CLI_FLAGS
+  )
   assert code == 0, err
   return out, json.loads(stdout)
 
@@ -85,8 +113,9 @@ def e3_run(setup):
   root, _, _, target = setup
   before = jax.tree.map(np.array, target.params())
   head = speculative.init_head(target, "eagle3")
-  result = eagle.train(target, head, config(root / "e3", "eagle3"), text_data(setup).train_batches,
-                       progress=False)
+  result = eagle.train(
+    target, head, config(root / "e3", "eagle3"), text_data(setup).train_batches, progress=False
+  )
   return result, before, head
 
 
@@ -130,15 +159,17 @@ def test_eagle1_loss_matches_a_hand_computation(setup, cli_run):
   batch["mask"][0, 10] = 0.0  # drops positions 9 and 10 of row 0
   batch["mask"][1, 20:] = 0.0
   ec = config("unused")
-  got = eagle.cached_steps(target, head, ec)[2](head.params(), target.params(),
-                                                 eagle.to_device(batch))
+  got = eagle.cached_steps(target, head, ec)[2](
+    head.params(), target.params(), eagle.to_device(batch)
+  )
   dec = target.decoder
   out, _ = dec(jnp.asarray(batch["inputs"]))
   f, L = np.asarray(out.hidden), np.asarray(out.logits)
   module = head.module
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-  h, _ = module(jnp.asarray(f), dec.embed_tokens(jnp.asarray(batch["targets"])), cache=None,
-                positions=pos)
+  h, _ = module(
+    jnp.asarray(f), dec.embed_tokens(jnp.asarray(batch["targets"])), cache=None, positions=pos
+  )
   q = np.asarray(module.logits(h, dec), np.float64)[:, :-1]
   h = np.asarray(h, np.float64)
   m = batch["mask"]
@@ -160,26 +191,35 @@ def test_eagle1_loss_matches_a_hand_computation(setup, cli_run):
 
 def test_ttt_masks_k3_t5():
   # columns: step-0 slots 0-4 | step-1 slots 5-9 | the step's own 5 pairs
-  expected = np.array([
+  expected = np.array(
+    [
       # step 0: causal among its own pairs
-      [[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
-       [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0],
-       [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0],
-       [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0],
-       [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1]],
+      [
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1],
+      ],
       # step 1 at i: step-0 pairs <= i - 1, itself
-      [[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
-       [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
-       [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0],
-       [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
-       [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]],
+      [
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
+        [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+      ],
       # step 2 at i: step-0 pairs <= i - 2, the step-1 pair at i - 1, itself
-      [[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
-       [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0],
-       [1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0],
-       [1, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0],
-       [1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1]],
-  ], bool)
+      [
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+        [1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1],
+      ],
+    ],
+    bool,
+  )
   np.testing.assert_array_equal(np.asarray(eagle.ttt_masks(3, 5)), expected)
   # two documents in a row: step-0 keys stay inside the query's document
   seg = jnp.asarray([[1, 1, 1, 2, 2]])
@@ -188,14 +228,17 @@ def test_ttt_masks_k3_t5():
   np.testing.assert_array_equal(got[0, 3, 10:], [0, 0, 0, 1, 0])
   # a position counts at step j when t_{i-j} .. t_{i+2} are real: mask[i - j .. i + 1]
   mask = jnp.asarray([[1, 1, 1, 0, 1, 1, 1, 1.0]])
-  np.testing.assert_array_equal(np.asarray(eagle.valid_masks(mask, 3))[:, 0], [
-      [1, 1, 0, 0, 1, 1, 1, 0], [0, 1, 0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0, 1, 0]])
+  np.testing.assert_array_equal(
+    np.asarray(eagle.valid_masks(mask, 3))[:, 0],
+    [[1, 1, 0, 0, 1, 1, 1, 0], [0, 1, 0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0, 1, 0]],
+  )
 
 
 def test_ttt_steps_are_what_drafting_computes(setup):
   """Step j's output at position i equals a chain draft j levels deep under the context of
   pairs 0 .. i - j, run pair by pair through the head cache as speculative decoding does."""
   from flax import nnx
+
   _, _, _, target = setup
   head = speculative.init_head(target, "eagle3", seed=1)
   rng = np.random.default_rng(4)
@@ -213,8 +256,9 @@ def test_ttt_steps_are_what_drafting_computes(setup):
     chain = [x]
     x = x[:, -1:]
     for level in (1, 2):
-      x, cache = module(x, e[:, n - 1 + level:n + level], cache=cache,
-                        positions=pos[:, n - 1 + level:n + level])
+      x, cache = module(
+        x, e[:, n - 1 + level : n + level], cache=cache, positions=pos[:, n - 1 + level : n + level]
+      )
       chain.append(x[:, 0])
     return hs, chain
 
@@ -248,8 +292,9 @@ def test_resume_is_bit_identical(setup, cli_run, tmp_path):
   assert resumed.resumed_from == 14
   assert [r["step"] for r in metrics.read(str(tmp_path))] == list(range(1, STEPS + 1))
   full = hd.load(summary["export"], target).params()
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(full),
-                          jax.tree.leaves(resumed.head.params())):
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(full), jax.tree.leaves(resumed.head.params())
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
   with pytest.raises(eagle.TrainError, match="different run.*lr"):
     eagle.train(target, head, config(tmp_path, lr=1e-2), data.train_batches, progress=False)
@@ -263,8 +308,12 @@ def test_export_loads_and_drafts(setup, cli_run):
   prompt = target.tokenizer.encode("to be or not that is")
   got = speculative.generate(target, head, [prompt], max_new_tokens=16, tree=TREE)
   assert got.stats["mean_accept_len"] >= 1.0 and len(got.tokens[0]) == 16
-  val = eagle.validate(target, head, [prompt], config("unused", tree_top_k=2, tree_depth=2,
-                                                      tree_tokens=3, new_tokens=16))
+  val = eagle.validate(
+    target,
+    head,
+    [prompt],
+    config("unused", tree_top_k=2, tree_depth=2, tree_tokens=3, new_tokens=16),
+  )
   assert val == got.stats["mean_accept_len"]
 
 
@@ -287,15 +336,20 @@ def test_self_distill_sequences(setup, tmp_path, monkeypatch):
   np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
 
 
-@pytest.mark.parametrize("argv, message", [
+@pytest.mark.parametrize(
+  "argv, message",
+  [
     (["--kind", "eagle2"], "argument --kind: invalid choice: 'eagle2'"),
     (["--ttt-steps", 0], "--ttt-steps: expected an integer >= 1; got 0"),
     (["--target", "no-such-model"], "--target: 'no-such-model' is not a model directory"),
     (["--steps", 5, "--warmup", 5], "--warmup (5) must be smaller than --steps (5)"),
-    (["--tree-top-k", 1, "--tree-tokens", 32],
-     "--tree-top-k/--tree-depth/--tree-tokens: tree total_tokens=32"),
+    (
+      ["--tree-top-k", 1, "--tree-tokens", 32],
+      "--tree-top-k/--tree-depth/--tree-tokens: tree total_tokens=32",
+    ),
     (["--data", "x"], "exactly one of --text FILE and --data"),
-])
+  ],
+)
 def test_bad_flags_exit_2(setup, tmp_path, argv, message):
   _, target_dir, corpus, _ = setup
   base = ["eagle", "--target", target_dir, "--text", corpus, "--out", tmp_path]
@@ -324,15 +378,17 @@ def test_eagle3_reduced_draft_vocabulary(setup, tmp_path):
   out = tmp_path / "e3v"
   flags = [f for f in CLI_FLAGS]
   flags[flags.index("eagle1")] = "eagle3"
-  code, stdout, err = run_cli("eagle", "--target", target_dir, "--text", corpus, "--out", out,
-                              "--draft-vocab", 24, *flags)
+  code, stdout, err = run_cli(
+    "eagle", "--target", target_dir, "--text", corpus, "--out", out, "--draft-vocab", 24, *flags
+  )
   assert code == 0, err
   head = speculative.load_head(str(out / "head"), target)
   d2t = head.hc.draft_vocab
   assert len(d2t) == 24 and len(set(d2t)) == 24
   data = text_data(setup)
-  first = np.concatenate([b["targets"][b["mask"] > 0] for b in
-                          itertools.islice(data.train_batches(0), 64)])
+  first = np.concatenate(
+    [b["targets"][b["mask"] > 0] for b in itertools.islice(data.train_batches(0), 64)]
+  )
   counts = np.bincount(first, minlength=target.cfg.vocab_size)
   assert list(d2t) == sorted(range(target.cfg.vocab_size), key=lambda i: (-counts[i], i))[:24]
   records = metrics.read(str(out))
@@ -344,11 +400,20 @@ def test_eagle3_reduced_draft_vocabulary(setup, tmp_path):
   assert (logits[:, outside] < -1e30).all() and set(np.argmax(logits, -1)) <= set(d2t)
   prompt = target.tokenizer.encode("to be or not")
   want = lm.generate(target, [prompt], max_new_tokens=16, stop_tokens=[])
-  got = speculative.generate(target, head, [prompt], max_new_tokens=16, stop_tokens=[],
-                             tree=TREE)
+  got = speculative.generate(target, head, [prompt], max_new_tokens=16, stop_tokens=[], tree=TREE)
   assert got.tokens == want.tokens
-  code, _, err = run_cli("eagle", "--target", target_dir, "--text", corpus, "--out",
-                         tmp_path / "x", "--draft-vocab", 8, *CLI_FLAGS)
+  code, _, err = run_cli(
+    "eagle",
+    "--target",
+    target_dir,
+    "--text",
+    corpus,
+    "--out",
+    tmp_path / "x",
+    "--draft-vocab",
+    8,
+    *CLI_FLAGS,
+  )
   assert code == 2 and "--draft-vocab applies to --kind eagle3" in err
   with pytest.raises(speculative.HeadError, match="distinct token ids"):
     speculative.init_head(target, "eagle3", draft_vocab=(3, 3))
@@ -361,19 +426,32 @@ def test_published_eagle1_trains_and_exports(setup, tmp_path):
   written in the published layout, loads back (load_head detects it) and stays lossless."""
   root, target_dir, corpus, target = setup
   out = tmp_path / "pub"
-  code, _, err = run_cli("eagle", "--target", target_dir, "--text", corpus, "--out", out,
-                         "--published", "--export-format", "eagle1", *CLI_FLAGS)
+  code, _, err = run_cli(
+    "eagle",
+    "--target",
+    target_dir,
+    "--text",
+    corpus,
+    "--out",
+    out,
+    "--published",
+    "--export-format",
+    "eagle1",
+    *CLI_FLAGS,
+  )
   assert code == 0, err
   assert sorted(os.listdir(out / "head")) == ["config.json", "model.safetensors"]
   head = speculative.load_head(str(out / "head"), target)
   assert head.hc.published and head.hc.kind == "eagle1"
   prompt = target.tokenizer.encode("to be or not")
   want = lm.generate(target, [prompt], max_new_tokens=16, stop_tokens=[])
-  got = speculative.generate(target, head, [prompt], max_new_tokens=16, stop_tokens=[],
-                             tree=TREE)
+  got = speculative.generate(target, head, [prompt], max_new_tokens=16, stop_tokens=[], tree=TREE)
   assert got.tokens == want.tokens
-  for extra, msg in ((("--export-format", "eagle1"), "needs --published"),
-                     (("--published", "--export-format", "eagle3"), "--kind is eagle1")):
-    code, _, err = run_cli("eagle", "--target", target_dir, "--text", corpus, "--out",
-                           tmp_path / "x", *extra, *CLI_FLAGS)
+  for extra, msg in (
+    (("--export-format", "eagle1"), "needs --published"),
+    (("--published", "--export-format", "eagle3"), "--kind is eagle1"),
+  ):
+    code, _, err = run_cli(
+      "eagle", "--target", target_dir, "--text", corpus, "--out", tmp_path / "x", *extra, *CLI_FLAGS
+    )
     assert code == 2 and msg in err, err

@@ -35,7 +35,7 @@ def inputs(B, T, N, K, H, S, shape, dtype, seed=0, lengths=()):
   lengths = list(lengths) + list(rng.integers(0, S + 1, B - len(lengths)))
   length = np.asarray(lengths, np.int32)
   k, v = (rng.standard_normal((B, S, K, H)) for _ in range(2))
-  free = np.arange(S)[None] >= length[:, None]                   # [B, S]
+  free = np.arange(S)[None] >= length[:, None]  # [B, S]
   for x in (k, v):
     junk = rng.standard_normal(x.shape) * 1e4
     junk.reshape(-1)[::97] = np.nan
@@ -47,15 +47,24 @@ def inputs(B, T, N, K, H, S, shape, dtype, seed=0, lengths=()):
   q, k_new, v_new = (rng.standard_normal((B, T, n, H)) for n in (N, K, K))
   cast = lambda x: jnp.asarray(x, dtype)
   k, v, k_new, v_new = (x.transpose(0, 2, 1, 3) for x in (k, v, k_new, v_new))  # [B, K, S, H]
-  return (cast(q), cast(k), cast(v), jnp.asarray(length), cast(k_new), cast(v_new),
-          jnp.asarray(q_pos), jnp.asarray(pos), jnp.asarray(np.stack(masks)))
+  return (
+    cast(q),
+    cast(k),
+    cast(v),
+    jnp.asarray(length),
+    cast(k_new),
+    cast(v_new),
+    jnp.asarray(q_pos),
+    jnp.asarray(pos),
+    jnp.asarray(np.stack(masks)),
+  )
 
 
 CASES = [  # B, T, N, K, H, S, tree shape, window, softcap, lengths
-    (4, 6, 2, 2, 16, 24, "tree", 0, None, (0, 24, 7, 17)),      # MHA, an empty and a full row
-    (3, 5, 8, 2, 16, 21, "chain", 0, None, (21, 0, 13)),       # GQA 4:1, overlapping last block
-    (3, 7, 4, 2, 16, 24, "tree", 6, 30.0, (0, 23, 11)),        # sliding window, softcap
-    (3, 1, 4, 1, 32, 19, "chain", 0, None, (19, 0, 5)),        # MQA, one token (decode)
+  (4, 6, 2, 2, 16, 24, "tree", 0, None, (0, 24, 7, 17)),  # MHA, an empty and a full row
+  (3, 5, 8, 2, 16, 21, "chain", 0, None, (21, 0, 13)),  # GQA 4:1, overlapping last block
+  (3, 7, 4, 2, 16, 24, "tree", 6, 30.0, (0, 23, 11)),  # sliding window, softcap
+  (3, 1, 4, 1, 32, 19, "chain", 0, None, (19, 0, 5)),  # MQA, one token (decode)
 ]
 
 
@@ -69,7 +78,7 @@ def case_data(case):
   """The inputs, keyword arguments and reference result of a case (shared by both modes)."""
   B, T, N, K, H, S, shape, window, softcap, lengths = case
   args = inputs(B, T, N, K, H, S, shape, jnp.float32, lengths=lengths)
-  kw = dict(scale=H ** -0.5, window=window, softcap=softcap)
+  kw = dict(scale=H**-0.5, window=window, softcap=softcap)
   return args, kw, run(args, impl="xla", **kw)
 
 
@@ -89,8 +98,8 @@ def test_long_cache(mode):
   with the default blocks: 17 key splits per (row, kv head), the last one past S, and chunks
   past a row's length skipped."""
   args = inputs(2, 5, 16, 8, 128, 8203, "tree", jnp.float32, seed=5, lengths=(8203, 5000))
-  want_o, want_lse = run(args, scale=128 ** -0.5, impl="xla")
-  got_o, got_lse = run(args, scale=128 ** -0.5, impl="pallas", interpret=MODES[mode])
+  want_o, want_lse = run(args, scale=128**-0.5, impl="xla")
+  got_o, got_lse = run(args, scale=128**-0.5, impl="pallas", interpret=MODES[mode])
   np.testing.assert_allclose(got_o, want_o, atol=2e-5)
   np.testing.assert_allclose(got_lse, want_lse, atol=2e-5, rtol=1e-6)
 
@@ -99,9 +108,10 @@ def test_bfloat16():
   """bf16 cache and queries, f32 scores and accumulation; TPU semantics only (to save time:
   the generic interpreter is covered in f32)."""
   args = inputs(2, 6, 8, 2, 32, 20, "tree", jnp.bfloat16, seed=1, lengths=(20, 6))
-  want_o, want_lse = run(args, scale=32 ** -0.5, impl="xla")
-  got_o, got_lse = run(args, scale=32 ** -0.5, impl="pallas", interpret=MODES["tpu-interpret"],
-                       block=8)
+  want_o, want_lse = run(args, scale=32**-0.5, impl="xla")
+  got_o, got_lse = run(
+    args, scale=32**-0.5, impl="pallas", interpret=MODES["tpu-interpret"], block=8
+  )
   assert got_o.dtype == got_lse.dtype == jnp.float32
   np.testing.assert_allclose(got_o, want_o, atol=3e-2)
   np.testing.assert_allclose(got_lse, want_lse, atol=3e-2)
@@ -119,17 +129,18 @@ def test_reference_equals_attention_over_the_concatenated_keys():
   k, v, k_new, v_new = (x.transpose(0, 2, 1, 3) for x in (k, v, k_new, v_new))  # [B, S, K, H]
   for b in range(B):
     n = length[b]
-    keys = np.concatenate([k[b, :n], k_new[b]]).astype(np.float64)      # [n + T, K, H]
+    keys = np.concatenate([k[b, :n], k_new[b]]).astype(np.float64)  # [n + T, K, H]
     vals = np.concatenate([v[b, :n], v_new[b]]).astype(np.float64)
     k_pos = np.concatenate([pos[b, :n], q_pos[b]])
     vis = np.concatenate([np.ones((T, n), bool), tree_mask[b]], axis=1)
-    vis &= q_pos[b][:, None] - k_pos[None] < window                    # [T, n + T]
+    vis &= q_pos[b][:, None] - k_pos[None] < window  # [T, n + T]
     for h in range(N):
       sc = q[b, :, h].astype(np.float64) @ keys[:, h // (N // K)].T * 0.3
       sc = np.where(vis, np.tanh(sc / cap) * cap, -np.inf)
       e = np.exp(sc - sc.max(-1, keepdims=True))
-      np.testing.assert_allclose(o[b, :, h], e @ vals[:, h // (N // K)] / e.sum(-1)[:, None],
-                                 atol=1e-5)
+      np.testing.assert_allclose(
+        o[b, :, h], e @ vals[:, h // (N // K)] / e.sum(-1)[:, None], atol=1e-5
+      )
       np.testing.assert_allclose(lse[b, :, h], np.log(np.exp(sc).sum(-1)), atol=1e-5)
 
 
@@ -143,7 +154,7 @@ def test_partial_merges_through_attend():
   def both(args):
     whole, _ = tree_attention(*args, scale=0.25)
     only_tree = tree_attention(q, k, v, jnp.zeros_like(length), *args[4:], scale=0.25)
-    filled = jnp.arange(16)[None] < length[:, None]                    # [B, S]
+    filled = jnp.arange(16)[None] < length[:, None]  # [B, S]
     keys = Keys(CACHE, 0, filled, q_pos, pos)
     cache = KeyBlock(q, jnp.nan_to_num(k), jnp.nan_to_num(v), keys)
     return attend([cache], scale=0.25, partial=only_tree), whole
@@ -162,12 +173,22 @@ def test_kernel_lowers_for_the_device(platform, shape):
   k = jax.ShapeDtypeStruct((B, K, S, H), jnp.bfloat16)
   new = jax.ShapeDtypeStruct((B, K, T, H), jnp.bfloat16)
   ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-  fn = functools.partial(kernel._pallas, scale=0.1, softcap=None, interpret=False, block=128,
-                         tpu=platform == "tpu")
+  fn = functools.partial(
+    kernel._pallas, scale=0.1, softcap=None, interpret=False, block=128, tpu=platform == "tpu"
+  )
   triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
   exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=[triton])(
-      q, k, k, ints(B), new, new, ints(B, T), ints(B, S),
-      jax.ShapeDtypeStruct((B, T, T), jnp.bool_), window=ints())
+    q,
+    k,
+    k,
+    ints(B),
+    new,
+    new,
+    ints(B, T),
+    ints(B, S),
+    jax.ShapeDtypeStruct((B, T, T), jnp.bool_),
+    window=ints(),
+  )
   assert ("tpu_custom_call" if platform == "tpu" else "xla.gpu.triton") in exported.mlir_module()
 
 

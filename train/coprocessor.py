@@ -36,8 +36,14 @@ import numpy as np
 import optax
 
 from kvjax.coprocessor import model as cop_model
-from kvjax.coprocessor.traces import (accumulate, decoders, even_points, multi_trace, room_error,
-                                      trace_stats)
+from kvjax.coprocessor.traces import (
+  accumulate,
+  decoders,
+  even_points,
+  multi_trace,
+  room_error,
+  trace_stats,
+)
 from kvjax.lm.attention import Training
 from kvjax.lm.model import Model
 from kvjax.train import loop
@@ -65,8 +71,11 @@ class AugmentConfig(RunConfig):
   delay: int = 0
   eval_batches: int = 8
 
-  DOMAINS = {**RunConfig.DOMAINS, **dict.fromkeys(("ahead", "points", "eval_batches"),
-                                                    loop.INT_POSITIVE), "delay": loop.INT_NONNEG}
+  DOMAINS = {
+    **RunConfig.DOMAINS,
+    **dict.fromkeys(("ahead", "points", "eval_batches"), loop.INT_POSITIVE),
+    "delay": loop.INT_NONNEG,
+  }
 
   def __post_init__(self):
     super().__post_init__()
@@ -91,8 +100,9 @@ class Result:
 # --- the one-pass multi-trace forward ---------------------------------------------------------
 
 
-def sample_points(seed: int, step: int, batch: int, seq_len: int, points: int, ahead: int,
-                  delay: int = 0) -> np.ndarray:
+def sample_points(
+  seed: int, step: int, batch: int, seq_len: int, points: int, ahead: int, delay: int = 0
+) -> np.ndarray:
   """[B, M] int32 sorted distinct points per row in [1, seq_len - ahead - delay]: a pure
   function of (seed, step)."""
   rng = np.random.default_rng((seed, step, 7))
@@ -103,14 +113,16 @@ def sample_points(seed: int, step: int, batch: int, seq_len: int, points: int, a
 
 # --- steps ------------------------------------------------------------------------------------
 
+
 def cached_steps(base: Model, cc: cop_model.CoprocessorConfig, ac: AugmentConfig):
   """(opt_init, train_step, eval_step) for a (base graphdef, coprocessor config) and ac
   (`loop.compiled`)."""
   return compiled((base.graphdef, base.cfg, cc), ac, lambda opt: make_steps(base, cc, ac, opt))
 
 
-def make_steps(base: Model, cc: cop_model.CoprocessorConfig, ac: AugmentConfig,
-               opt: optax.GradientTransformation):
+def make_steps(
+  base: Model, cc: cop_model.CoprocessorConfig, ac: AugmentConfig, opt: optax.GradientTransformation
+):
   """train_step(state, base_params, batch, points) -> (state, stats), donating state; stats:
   loss, base_loss, n, grad_norm (before clipping), lr. eval_step(params, base_params, batch,
   points) -> `trace_stats`. The base's params are an argument, never differentiated."""
@@ -118,14 +130,24 @@ def make_steps(base: Model, cc: cop_model.CoprocessorConfig, ac: AugmentConfig,
 
   def loss_fn(params, base_params, batch, points):
     base_dec, cop_dec = decoders(base, base_params, cc, params)
-    got = multi_trace(base_dec, cop_dec, params["soft"], batch, points, ahead=ac.ahead,
-                      delay=ac.delay, latent_offset=cc.latent_offset, training=Training())
+    got = multi_trace(
+      base_dec,
+      cop_dec,
+      params["soft"],
+      batch,
+      points,
+      ahead=ac.ahead,
+      delay=ac.delay,
+      latent_offset=cc.latent_offset,
+      training=Training(),
+    )
     stats = trace_stats(got)
     return stats["loss"], stats
 
   def train_step(state, base_params, batch, points):
-    (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], base_params,
-                                                                  batch, points)
+    (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state["params"], base_params, batch, points
+    )
     updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     stats = {k: stats[k] for k in ("loss", "base_loss", "n")}
@@ -135,8 +157,18 @@ def make_steps(base: Model, cc: cop_model.CoprocessorConfig, ac: AugmentConfig,
   @functools.partial(jax.jit, static_argnames=("ahead", "delay"))
   def eval_step(params, base_params, batch, points, *, ahead=ac.ahead, delay=ac.delay):
     base_dec, cop_dec = decoders(base, base_params, cc, params)
-    return trace_stats(multi_trace(base_dec, cop_dec, params["soft"], batch, points,
-                                   ahead=ahead, delay=delay, latent_offset=cc.latent_offset))
+    return trace_stats(
+      multi_trace(
+        base_dec,
+        cop_dec,
+        params["soft"],
+        batch,
+        points,
+        ahead=ahead,
+        delay=delay,
+        latent_offset=cc.latent_offset,
+      )
+    )
 
   return jax.jit(train_step, donate_argnums=0), eval_step
 
@@ -144,23 +176,29 @@ def make_steps(base: Model, cc: cop_model.CoprocessorConfig, ac: AugmentConfig,
 # --- evaluation -------------------------------------------------------------------------------
 
 
-def evaluate(eval_step, params, base_params, eval_batches: Iterable[Batch], n_batches: int,
-             ac: AugmentConfig) -> dict[str, float]:
+def evaluate(
+  eval_step, params, base_params, eval_batches: Iterable[Batch], n_batches: int, ac: AugmentConfig
+) -> dict[str, float]:
   """eval_loss, eval_base_loss (means over the counted ahead targets of the first n_batches
   held-out batches, points spread evenly), eval_reduction_1 (relative ppl reduction at ahead
   position 1) and eval_reduction (over every ahead position)."""
+
   def stats():
     for batch in itertools.islice(eval_batches, n_batches):
       pts = even_points(ac.batch_size, ac.seq_len, ac.points, ac.ahead, ac.delay)
       yield eval_step(params, base_params, to_device(batch), jnp.asarray(pts))
 
   got = accumulate(stats())
-  return {"eval_loss": got.loss_aug, "eval_base_loss": got.loss_base,
-          "eval_reduction_1": float(got.relative_reduction[0]),
-          "eval_reduction": 1.0 - math.exp(got.loss_aug - got.loss_base)}
+  return {
+    "eval_loss": got.loss_aug,
+    "eval_base_loss": got.loss_base,
+    "eval_reduction_1": float(got.relative_reduction[0]),
+    "eval_reduction": 1.0 - math.exp(got.loss_aug - got.loss_base),
+  }
 
 
 # --- training ---------------------------------------------------------------------------------
+
 
 def check_batch(batch: Batch, ac: AugmentConfig, vocab_size: int, step: int) -> None:
   """Raises TrainError unless batch holds inputs, targets, mask [B, T] in the vocabulary."""
@@ -174,13 +212,19 @@ def to_device(batch: Batch) -> dict[str, jax.Array]:
 
 def _json(x):
   import json
+
   return json.loads(json.dumps(x))
 
 
-def train(base: Model, cop: cop_model.Coprocessor, ac: AugmentConfig,
-          batches: Callable[[int], Iterable[Batch]] | Iterable[Batch],
-          eval_batches: Callable[[], Iterable[Batch]] | None = None, *,
-          progress: bool = True) -> Result:
+def train(
+  base: Model,
+  cop: cop_model.Coprocessor,
+  ac: AugmentConfig,
+  batches: Callable[[int], Iterable[Batch]] | Iterable[Batch],
+  eval_batches: Callable[[], Iterable[Batch]] | None = None,
+  *,
+  progress: bool = True,
+) -> Result:
   """Trains `cop`'s params (coprocessor and soft tokens, float32) against the frozen `base`
   for ac.steps steps, resuming from ac.out_dir's latest checkpoint when there is one. Writes
   metrics.jsonl, loss.png, checkpoints/ and run.json under ac.out_dir. batches: as for
@@ -188,8 +232,10 @@ def train(base: Model, cop: cop_model.Coprocessor, ac: AugmentConfig,
   cop_model.check(cop.cc, base.cfg)
   need = ac.seq_len + cop.n_latents + ac.ahead
   if base.cfg.max_position < need:
-    raise TrainError(f"seq_len {ac.seq_len} + {cop.n_latents} latents + ahead {ac.ahead} "
-                     f"exceeds the base's max_position {base.cfg.max_position}")
+    raise TrainError(
+      f"seq_len {ac.seq_len} + {cop.n_latents} latents + ahead {ac.ahead} "
+      f"exceeds the base's max_position {base.cfg.max_position}"
+    )
   os.makedirs(ac.out_dir, exist_ok=True)
   cc = cop.cc.to_json()
   cc.pop("base_name")
@@ -218,8 +264,17 @@ def train(base: Model, cop: cop_model.Coprocessor, ac: AugmentConfig,
     return post
 
   state, records, start = loop.run_loop(
-      ac, state, batches, step, evaluate=evaluate_ if eval_batches is not None else None,
-      amount=lambda batch: 1.0, rate_name="steps_per_s", postfix=postfix,
-      plot_label=PLOT_LABEL, progress=progress, best_metric="eval_loss")
+    ac,
+    state,
+    batches,
+    step,
+    evaluate=evaluate_ if eval_batches is not None else None,
+    amount=lambda batch: 1.0,
+    rate_name="steps_per_s",
+    postfix=postfix,
+    plot_label=PLOT_LABEL,
+    progress=progress,
+    best_metric="eval_loss",
+  )
   host = jax.tree.map(lambda a: np.asarray(a).astype(dtype), jax.device_get(state["params"]))
   return Result(coprocessor=cop.with_params(host), records=records, resumed_from=start)

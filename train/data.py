@@ -44,9 +44,10 @@ PAD = 0
 @dataclasses.dataclass(frozen=True)
 class SplitTokens:
   """A split as one token stream. tokens, chars, doc: [N]; doc[i] = document index of token i."""
+
   tokens: np.ndarray  # int32
-  chars: np.ndarray   # float32
-  doc: np.ndarray     # int32
+  chars: np.ndarray  # float32
+  doc: np.ndarray  # int32
   titles: tuple[str, ...]
 
   def n_rows(self, seq_len: int, bos: bool = False) -> int:
@@ -65,16 +66,20 @@ def token_chars(offsets: np.ndarray, n_chars: int) -> np.ndarray:
   reach = np.maximum.accumulate(np.concatenate([[0], ends]))
   chars = reach[1:] - reach[:-1]
   if reach[-1] != n_chars:
-    raise CorpusError(f"tokenizer offsets cover {reach[-1]} of {n_chars} characters; "
-                      "bits per character needs a tokenizer that keeps all text")
+    raise CorpusError(
+      f"tokenizer offsets cover {reach[-1]} of {n_chars} characters; "
+      "bits per character needs a tokenizer that keeps all text"
+    )
   return chars.astype(np.float32)
 
 
 def tokenize(texts: Sequence[str], tokenizer: Tokenizer, titles: Sequence[str] = ()) -> SplitTokens:
   """The stream <s> t1 </s> <s> t2 </s> ... of the texts (tokenized without the post-processor)."""
   if tokenizer.bos_id is None or tokenizer.eos_id is None:
-    raise CorpusError(f"{tokenizer.source}: packing needs bos and eos tokens "
-                      "(tokenizer_config.json bos_token / eos_token)")
+    raise CorpusError(
+      f"{tokenizer.source}: packing needs bos and eos tokens "
+      "(tokenizer_config.json bos_token / eos_token)"
+    )
   if not texts:
     raise CorpusError("no documents to tokenize")
   encs = tokenizer.tok.encode_batch(list(texts), add_special_tokens=False)
@@ -85,12 +90,17 @@ def tokenize(texts: Sequence[str], tokenizer: Tokenizer, titles: Sequence[str] =
     chars += [[0.0], c, [0.0]]
     doc.append(np.full(len(enc.ids) + 2, i, np.int32))
   cat = lambda parts, dt: np.concatenate([np.asarray(p, dt) for p in parts])
-  return SplitTokens(cat(tokens, np.int32), cat(chars, np.float32), np.concatenate(doc),
-                tuple(titles) or tuple(f"doc{i}" for i in range(len(texts))))
+  return SplitTokens(
+    cat(tokens, np.int32),
+    cat(chars, np.float32),
+    np.concatenate(doc),
+    tuple(titles) or tuple(f"doc{i}" for i in range(len(texts))),
+  )
 
 
-def row(stream: SplitTokens, r: int, seq_len: int,
-        bos_id: int | None = None) -> dict[str, np.ndarray]:
+def row(
+  stream: SplitTokens, r: int, seq_len: int, bos_id: int | None = None
+) -> dict[str, np.ndarray]:
   """Row r (a padding row if r >= n_rows): the dict of [T] arrays described in the docstring;
   with bos_id, a row that starts with it (`bos_row`)."""
   if bos_id is not None:
@@ -98,16 +108,21 @@ def row(stream: SplitTokens, r: int, seq_len: int,
   lo = r * seq_len
   hi = min(lo + seq_len + 1, len(stream.tokens))
   n = max(hi - lo - 1, 0)  # real targets in this row
-  out = {"inputs": np.full(seq_len, PAD, np.int32), "targets": np.full(seq_len, PAD, np.int32),
-         "mask": np.zeros(seq_len, np.float32), "chars": np.zeros(seq_len, np.float32),
-         "segment_ids": np.zeros(seq_len, np.int32), "positions": np.zeros(seq_len, np.int32)}
+  out = {
+    "inputs": np.full(seq_len, PAD, np.int32),
+    "targets": np.full(seq_len, PAD, np.int32),
+    "mask": np.zeros(seq_len, np.float32),
+    "chars": np.zeros(seq_len, np.float32),
+    "segment_ids": np.zeros(seq_len, np.int32),
+    "positions": np.zeros(seq_len, np.int32),
+  }
   if n == 0:
     return out
-  doc_in, doc_out = stream.doc[lo:lo + n], stream.doc[lo + 1:hi]
-  out["inputs"][:n] = stream.tokens[lo:lo + n]
-  out["targets"][:n] = stream.tokens[lo + 1:hi]
+  doc_in, doc_out = stream.doc[lo : lo + n], stream.doc[lo + 1 : hi]
+  out["inputs"][:n] = stream.tokens[lo : lo + n]
+  out["targets"][:n] = stream.tokens[lo + 1 : hi]
   out["mask"][:n] = doc_in == doc_out
-  out["chars"][:n] = stream.chars[lo + 1:hi]
+  out["chars"][:n] = stream.chars[lo + 1 : hi]
   out["segment_ids"][:n], out["positions"][:n] = _segments(doc_in)
   return out
 
@@ -130,14 +145,19 @@ def bos_row(stream: SplitTokens, r: int, seq_len: int, bos_id: int) -> dict[str,
   lo = r * (T - 1)
   hi = min(lo + T, len(stream.tokens))
   m = max(hi - lo, 0)
-  out = {"inputs": np.full(T, PAD, np.int32), "targets": np.full(T, PAD, np.int32),
-         "mask": np.zeros(T, np.float32), "chars": np.zeros(T, np.float32),
-         "segment_ids": np.zeros(T, np.int32), "positions": np.zeros(T, np.int32)}
+  out = {
+    "inputs": np.full(T, PAD, np.int32),
+    "targets": np.full(T, PAD, np.int32),
+    "mask": np.zeros(T, np.float32),
+    "chars": np.zeros(T, np.float32),
+    "segment_ids": np.zeros(T, np.int32),
+    "positions": np.zeros(T, np.int32),
+  }
   if m < 2:
     return out
   docs = stream.doc[lo:hi]
-  doc_in = np.concatenate([docs[:1], docs[:-1]])   # BOS takes the doc of the token after it
-  out["inputs"][:m] = np.concatenate([[bos_id], stream.tokens[lo:hi - 1]])
+  doc_in = np.concatenate([docs[:1], docs[:-1]])  # BOS takes the doc of the token after it
+  out["inputs"][:m] = np.concatenate([[bos_id], stream.tokens[lo : hi - 1]])
   out["targets"][:m] = stream.tokens[lo:hi]
   out["mask"][1:m] = doc_in[1:] == docs[1:]
   out["chars"][:m] = stream.chars[lo:hi]
@@ -149,16 +169,24 @@ def _stack(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def split_stream(source, split: str, tokenizer: Tokenizer, *, genres: Iterable[str] | None = None,
-                 exclude_genres: Iterable[str] | None = None,
-                 data_dir: str | None = None) -> SplitTokens:
+def split_stream(
+  source,
+  split: str,
+  tokenizer: Tokenizer,
+  *,
+  genres: Iterable[str] | None = None,
+  exclude_genres: Iterable[str] | None = None,
+  data_dir: str | None = None,
+) -> SplitTokens:
   """The token stream of one split of a corpus (a name, a directory or a prepared builder)."""
   b = source if hasattr(source, "as_data_source") else corpus.builder(source, data_dir=data_dir)
   docs = corpus.load_documents(b, split, genres, exclude_genres)
   if not docs:
-    raise CorpusError(f"split {split!r} of {b.builder_config.name} has no documents"
-                      + (f" with genres {list(genres)}" if genres is not None else "")
-                      + (f" without {list(exclude_genres)}" if exclude_genres else ""))
+    raise CorpusError(
+      f"split {split!r} of {b.builder_config.name} has no documents"
+      + (f" with genres {list(genres)}" if genres is not None else "")
+      + (f" without {list(exclude_genres)}" if exclude_genres else "")
+    )
   return tokenize([d.text for d in docs], tokenizer, [d.title for d in docs])
 
 
@@ -168,11 +196,22 @@ def _check_shape(batch_size: int, seq_len: int) -> None:
       raise ValueError(f"{name} must be a positive int; got {v!r}")
 
 
-def batches(source: str | os.PathLike, split: str, tokenizer: Tokenizer, *, batch_size: int,
-            seq_len: int, seed: int = 0, genres: Iterable[str] | None = None,
-            exclude_genres: Iterable[str] | None = None, shuffle: bool = True,
-            repeat: bool = True, start: int = 0, data_dir: str | None = None,
-            bos: bool = False):
+def batches(
+  source: str | os.PathLike,
+  split: str,
+  tokenizer: Tokenizer,
+  *,
+  batch_size: int,
+  seq_len: int,
+  seed: int = 0,
+  genres: Iterable[str] | None = None,
+  exclude_genres: Iterable[str] | None = None,
+  shuffle: bool = True,
+  repeat: bool = True,
+  start: int = 0,
+  data_dir: str | None = None,
+  bos: bool = False,
+):
   """grain.MapDataset of packed batches ([B, T] dicts, see module docstring) of one split.
 
   shuffle: rows in a fresh permutation each epoch (seeded by seed). repeat: endless epochs whose
@@ -181,11 +220,13 @@ def batches(source: str | os.PathLike, split: str, tokenizer: Tokenizer, *, batc
   tokenizer's BOS token (`bos_row`). Deterministic for a seed.
   """
   import grain
+
   _check_shape(batch_size, seq_len)
   if bos and seq_len < 2:
     raise ValueError(f"rows that start with BOS need seq_len >= 2; got {seq_len}")
-  stream = split_stream(source, split, tokenizer, genres=genres, exclude_genres=exclude_genres,
-                        data_dir=data_dir)
+  stream = split_stream(
+    source, split, tokenizer, genres=genres, exclude_genres=exclude_genres, data_dir=data_dir
+  )
   bos_id = tokenizer.bos_id if bos else None
   n = stream.n_rows(seq_len, bos)
   if not repeat:
@@ -199,11 +240,29 @@ def batches(source: str | os.PathLike, split: str, tokenizer: Tokenizer, *, batc
   return ds[start:] if start else ds
 
 
-def eval_batches(source: str | os.PathLike, split: str, tokenizer: Tokenizer, *,
-                 batch_size: int, seq_len: int, genres: Iterable[str] | None = None,
-                 exclude_genres: Iterable[str] | None = None, data_dir: str | None = None,
-                 bos: bool = False):
+def eval_batches(
+  source: str | os.PathLike,
+  split: str,
+  tokenizer: Tokenizer,
+  *,
+  batch_size: int,
+  seq_len: int,
+  genres: Iterable[str] | None = None,
+  exclude_genres: Iterable[str] | None = None,
+  data_dir: str | None = None,
+  bos: bool = False,
+):
   """One pass over a split in order, no shuffling: every target exactly once (last batch padded)."""
-  return batches(source, split, tokenizer, batch_size=batch_size, seq_len=seq_len,
-                 genres=genres, exclude_genres=exclude_genres, shuffle=False, repeat=False,
-                 data_dir=data_dir, bos=bos)
+  return batches(
+    source,
+    split,
+    tokenizer,
+    batch_size=batch_size,
+    seq_len=seq_len,
+    genres=genres,
+    exclude_genres=exclude_genres,
+    shuffle=False,
+    repeat=False,
+    data_dir=data_dir,
+    bos=bos,
+  )

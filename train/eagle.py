@@ -95,12 +95,13 @@ class EagleConfig(RunConfig):
   tree_depth: int = 5
   tree_tokens: int = 32
 
-  DOMAINS = {**RunConfig.DOMAINS,
-             **dict.fromkeys(("ttt_steps", "prompt_len", "new_tokens", "eval_batches"),
-                             loop.INT_POSITIVE),
-             **dict.fromkeys(("self_distill", "eval_prompts"), loop.INT_NONNEG),
-             **dict.fromkeys(("ce_weight", "distill_temperature", "feature_noise"), loop.NONNEG),
-             "step_decay": loop.UNIT}
+  DOMAINS = {
+    **RunConfig.DOMAINS,
+    **dict.fromkeys(("ttt_steps", "prompt_len", "new_tokens", "eval_batches"), loop.INT_POSITIVE),
+    **dict.fromkeys(("self_distill", "eval_prompts"), loop.INT_NONNEG),
+    **dict.fromkeys(("ce_weight", "distill_temperature", "feature_noise"), loop.NONNEG),
+    "step_decay": loop.UNIT,
+  }
 
   def __post_init__(self):
     if self.kind not in heads.KINDS:
@@ -121,14 +122,21 @@ class EagleConfig(RunConfig):
   @property
   def tree(self):
     try:
-      return TreeSpec(top_k=self.tree_top_k, depth=self.tree_depth,
-                      total_tokens=self.tree_tokens)
+      return TreeSpec(top_k=self.tree_top_k, depth=self.tree_depth, total_tokens=self.tree_tokens)
     except ValueError as err:
       raise TrainError(str(err)) from None
 
   VALIDATION: ClassVar[frozenset[str]] = frozenset(
-      {"eval_batches", "eval_prompts", "prompt_len", "new_tokens", "tree_top_k", "tree_depth",
-       "tree_tokens"})
+    {
+      "eval_batches",
+      "eval_prompts",
+      "prompt_len",
+      "new_tokens",
+      "tree_top_k",
+      "tree_depth",
+      "tree_tokens",
+    }
+  )
   # self_distill and distill_temperature make the data (outside the steps) and must resume
   BOOKKEEPING = RunConfig.BOOKKEEPING | VALIDATION | {"self_distill", "distill_temperature"}
   NOT_RESUMED = RunConfig.NOT_RESUMED | VALIDATION
@@ -150,6 +158,7 @@ class Result:
 
 # --- losses -----------------------------------------------------------------------------------
 
+
 def target_forward(dec, batch: dict[str, jax.Array], layer_inputs: bool) -> dict[str, jax.Array]:
   """The frozen target over batch["inputs"] [B, T] (packed documents kept apart) -> hidden [B,
   T, D] (final-normed), logits [B, T, V] float32 and, on request, layer_inputs [L, B, T, D];
@@ -157,8 +166,9 @@ def target_forward(dec, batch: dict[str, jax.Array], layer_inputs: bool) -> dict
   mask = None
   if "segment_ids" in batch:
     mask = _causal_segments(batch["segment_ids"])
-  out, _ = dec(batch["inputs"], positions=batch.get("positions"), mask=mask,
-               return_layer_inputs=layer_inputs)
+  out, _ = dec(
+    batch["inputs"], positions=batch.get("positions"), mask=mask, return_layer_inputs=layer_inputs
+  )
   got = {"hidden": out.hidden, "logits": out.logits}
   if layer_inputs:
     got["layer_inputs"] = out.layer_inputs
@@ -197,7 +207,7 @@ def _shift(x: jax.Array, j: int) -> jax.Array:
   """x [B, T, ...] -> y with y[:, i] = x[:, i - j] (zeros for i < j)."""
   if j == 0:
     return x
-  return jnp.pad(x, [(0, 0), (j, 0)] + [(0, 0)] * (x.ndim - 2))[:, :x.shape[1]]
+  return jnp.pad(x, [(0, 0), (j, 0)] + [(0, 0)] * (x.ndim - 2))[:, : x.shape[1]]
 
 
 def valid_masks(mask: jax.Array, K: int) -> jax.Array:
@@ -238,7 +248,7 @@ def ttt_masks(K: int, T: int, segments: jax.Array | None = None) -> jax.Array:
   masks = jnp.asarray(np.stack(steps))
   if segments is None:
     return masks
-  same = segments[:, :, None] == segments[:, None, :]                  # [B, T, T]
+  same = segments[:, :, None] == segments[:, None, :]  # [B, T, T]
   return masks[:, None] & jnp.tile(same, (1, 1, K))[None]
 
 
@@ -249,21 +259,37 @@ def eagle1_loss(head: heads.Head, dec, tgt, batch, key, ec: EagleConfig):
   if ec.feature_noise > 0:
     x = f + jax.random.uniform(key, f.shape, f.dtype, -ec.feature_noise, ec.feature_noise)
   mask = None if "segment_ids" not in batch else _causal_segments(batch["segment_ids"])
-  h, _ = head(x, dec.embed_tokens(batch["targets"]), cache=None, positions=_positions(batch),
-              training=Training(),
-              mask=mask)
-  valid = valid_masks(batch["mask"], 1)[0][:, :-1]                      # [B, T - 1]
+  h, _ = head(
+    x,
+    dec.embed_tokens(batch["targets"]),
+    cache=None,
+    positions=_positions(batch),
+    training=Training(),
+    mask=mask,
+  )
+  valid = valid_masks(batch["mask"], 1)[0][:, :-1]  # [B, T - 1]
   feature_loss = _mean(jnp.mean(smooth_l1(h[:, :-1] - f[:, 1:]), -1), valid)
   q = head.logits(h[:, :-1], dec)
   ce = _mean(soft_ce(logits[:, 1:], q), valid)
   top1 = _mean(jnp.argmax(q, -1) == jnp.argmax(logits[:, 1:], -1), valid)
   loss = feature_loss + ec.ce_weight * ce
-  return loss, {"loss": loss, "feature_loss": feature_loss, "ce": ce, "top1": top1,
-                "n": jnp.sum(valid)}
+  return loss, {
+    "loss": loss,
+    "feature_loss": feature_loss,
+    "ce": ce,
+    "top1": top1,
+    "n": jnp.sum(valid),
+  }
 
 
-def ttt_forward(head: heads.Head, features: jax.Array, embeds: jax.Array, positions: jax.Array,
-                K: int, segments: jax.Array | None = None) -> list[jax.Array]:
+def ttt_forward(
+  head: heads.Head,
+  features: jax.Array,
+  embeds: jax.Array,
+  positions: jax.Array,
+  K: int,
+  segments: jax.Array | None = None,
+) -> list[jax.Array]:
   """eagle3's K unrolled steps over T pairs -> [h^0, ..., h^{K-1}], each [B, T, D]: step 0
   runs the pairs (features_i, embeds_i), step j >= 1 the pairs (h^{j-1}_{i-1}, embeds_i)
   (zeros at i = 0), attending as `ttt_masks` says. features, embeds [B, T, D]; positions,
@@ -283,8 +309,7 @@ def ttt_forward(head: heads.Head, features: jax.Array, embeds: jax.Array, positi
     size = min(j + 1, K - 1) * T
     cache = _grow(cache, size)
     mask = jnp.concatenate([masks[j][..., :size], masks[j][..., S:]], axis=-1)
-    h, cache = head(x, embeds, cache=cache, positions=positions, mask=mask,
-                    training=Training())
+    h, cache = head(x, embeds, cache=cache, positions=positions, mask=mask, training=Training())
     hs.append(h)
     x = _shift(h, 1)
   return hs
@@ -296,18 +321,19 @@ def eagle3_loss(head: heads.Head, dec, tgt, batch, key, ec: EagleConfig):
   f = head.feature(tgt["hidden"], tgt["layer_inputs"])
   if ec.feature_noise > 0:
     f = f + jax.random.uniform(key, f.shape, f.dtype, -ec.feature_noise, ec.feature_noise)
-  hs = ttt_forward(head, f, dec.embed_tokens(batch["targets"]), _positions(batch), K,
-                   batch.get("segment_ids"))
-  label = jnp.pad(tgt["logits"][:, 1:], ((0, 0), (0, 1), (0, 0)))       # L_{i+1}; 0 at T - 1
+  hs = ttt_forward(
+    head, f, dec.embed_tokens(batch["targets"]), _positions(batch), K, batch.get("segment_ids")
+  )
+  label = jnp.pad(tgt["logits"][:, 1:], ((0, 0), (0, 1), (0, 0)))  # L_{i+1}; 0 at T - 1
   best = jnp.argmax(label, -1)
-  valid = valid_masks(batch["mask"], K)                                  # [K, B, T]
+  valid = valid_masks(batch["mask"], K)  # [K, B, T]
   d2t = jnp.asarray(head.hc.draft_vocab, jnp.int32)
   if head.hc.draft_vocab:
     # a reduced draft vocabulary (EAGLE-3): the target's distribution renormalised over the N
     # draft tokens is the label, at positions whose target argmax is one of them
     label = label[..., d2t]
     valid = valid * jnp.isin(best, d2t)[None]
-  weights = [ec.step_decay ** j for j in range(K)]
+  weights = [ec.step_decay**j for j in range(K)]
   total, stats = 0.0, {}
   for j, h in enumerate(hs):
     q = head.draft_logits(h, dec) if head.hc.draft_vocab else head.logits(h, dec)
@@ -342,15 +368,18 @@ def loss_fn(head: heads.LoadedHead, params, dec, tgt, batch, key, ec: EagleConfi
 
 # --- steps ------------------------------------------------------------------------------------
 
+
 def cached_steps(model: Model, head: heads.LoadedHead, ec: EagleConfig):
   """(opt_init, train_step, eval_step) for a (target graphdef, head graphdef) and ec
   (`loop.compiled`), so repeated runs (tests, resumes) reuse the compiled programs."""
-  return compiled((model.graphdef, model.cfg, head.graphdef), ec,
-                  lambda opt: make_steps(model, head, ec, opt))
+  return compiled(
+    (model.graphdef, model.cfg, head.graphdef), ec, lambda opt: make_steps(model, head, ec, opt)
+  )
 
 
-def make_steps(model: Model, head: heads.LoadedHead, ec: EagleConfig,
-               opt: optax.GradientTransformation):
+def make_steps(
+  model: Model, head: heads.LoadedHead, ec: EagleConfig, opt: optax.GradientTransformation
+):
   """train_step(state, target_params, batch, key) -> (state, stats), donating state; stats:
   loss, ce, top1, feature_loss (eagle1), top1_last (eagle3, K > 1), n (counted positions),
   grad_norm (before clipping), lr. eval_step(params, target_params, batch) -> stats, no
@@ -366,8 +395,7 @@ def make_steps(model: Model, head: heads.LoadedHead, ec: EagleConfig,
   def train_step(state, target_params, batch, key):
     dec, tgt = target(target_params, batch)
     key = jax.random.fold_in(key, state["step"])
-    grad_fn = jax.value_and_grad(lambda p: loss_fn(head, p, dec, tgt, batch, key, ec),
-                                 has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p: loss_fn(head, p, dec, tgt, batch, key, ec), has_aux=True)
     (_, stats), grads = grad_fn(state["params"])
     updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -397,8 +425,9 @@ def to_device(batch: Batch) -> dict[str, jax.Array]:
   return loop.to_device(batch, keys=BATCH_KEYS)
 
 
-def evaluate(eval_step, params, target_params, eval_batches: Iterable[Batch],
-             n_batches: int) -> dict[str, float]:
+def evaluate(
+  eval_step, params, target_params, eval_batches: Iterable[Batch], n_batches: int
+) -> dict[str, float]:
   """eval_<stat> for every stat of eval_step: means over the counted positions of the first
   n_batches held-out batches (eval_n: the positions counted)."""
   sums: dict[str, float] = {}
@@ -414,25 +443,34 @@ def evaluate(eval_step, params, target_params, eval_batches: Iterable[Batch],
   return {**{f"eval_{k}": v / total for k, v in sums.items()}, "eval_n": int(total)}
 
 
-def validate(model: Model, head: heads.LoadedHead, prompts: Sequence[Sequence[int]],
-             ec: EagleConfig) -> float:
+def validate(
+  model: Model, head: heads.LoadedHead, prompts: Sequence[Sequence[int]], ec: EagleConfig
+) -> float:
   """Mean accepted tokens per target forward (the bonus token included) of greedy
   speculative generation of ec.new_tokens tokens after each prompt, in one batch."""
-  out = speculative_generate(model, head, [list(map(int, p)) for p in prompts],
-                 max_new_tokens=ec.new_tokens, tree=ec.tree)
+  out = speculative_generate(
+    model, head, [list(map(int, p)) for p in prompts], max_new_tokens=ec.new_tokens, tree=ec.tree
+  )
   return float(out.stats["mean_accept_len"])
 
 
 def _json(x):
   """x as it reads back from JSON (tuples become lists), for comparing with run.json."""
   import json
+
   return json.loads(json.dumps(x))
 
 
-def train(model: Model, head: heads.LoadedHead, ec: EagleConfig,
-          batches: Callable[[int], Iterable[Batch]] | Iterable[Batch],
-          eval_batches: Callable[[], Iterable[Batch]] | None = None,
-          prompts: Sequence[Sequence[int]] | None = None, *, progress: bool = True) -> Result:
+def train(
+  model: Model,
+  head: heads.LoadedHead,
+  ec: EagleConfig,
+  batches: Callable[[int], Iterable[Batch]] | Iterable[Batch],
+  eval_batches: Callable[[], Iterable[Batch]] | None = None,
+  prompts: Sequence[Sequence[int]] | None = None,
+  *,
+  progress: bool = True,
+) -> Result:
   """Trains `head`'s params against the frozen `model` for ec.steps steps (resuming from
   ec.out_dir's latest checkpoint when there is one). Writes metrics.jsonl, loss.png,
   checkpoints/ and run.json under ec.out_dir. batches: as for `kvjax.train.lm.train`.
@@ -442,14 +480,17 @@ def train(model: Model, head: heads.LoadedHead, ec: EagleConfig,
     raise TrainError(f"the head is {head.hc.kind} but the run trains {ec.kind}")
   heads.check(head.hc, model.cfg)
   if model.cfg.max_position < ec.seq_len:
-    raise TrainError(f"seq_len {ec.seq_len} exceeds the target's max_position "
-                     f"{model.cfg.max_position}")
-  prompts = list(prompts or [])[:ec.eval_prompts]
+    raise TrainError(
+      f"seq_len {ec.seq_len} exceeds the target's max_position {model.cfg.max_position}"
+    )
+  prompts = list(prompts or [])[: ec.eval_prompts]
   if prompts:
     longest = max(map(len, prompts))
     if longest + ec.new_tokens > model.cfg.max_position:
-      raise TrainError(f"validation prompts of {longest} tokens + {ec.new_tokens} new tokens "
-                       f"exceed the target's max_position {model.cfg.max_position}")
+      raise TrainError(
+        f"validation prompts of {longest} tokens + {ec.new_tokens} new tokens "
+        f"exceed the target's max_position {model.cfg.max_position}"
+      )
   os.makedirs(ec.out_dir, exist_ok=True)
   hc = head.hc.to_json()
   hc.pop("target_name")
@@ -471,8 +512,9 @@ def train(model: Model, head: heads.LoadedHead, ec: EagleConfig,
   def evaluate_(state):
     record = {}
     if eval_batches is not None:
-      record.update(evaluate(eval_step, state["params"], target_params, eval_batches(),
-                             ec.eval_batches))
+      record.update(
+        evaluate(eval_step, state["params"], target_params, eval_batches(), ec.eval_batches)
+      )
     if prompts:
       record["val_accept_len"] = validate(model, work.with_params(state["params"]), prompts, ec)
     return record
@@ -484,45 +526,70 @@ def train(model: Model, head: heads.LoadedHead, ec: EagleConfig,
     return post
 
   state, records, start = loop.run_loop(
-      ec, state, batches, step, evaluate=evaluate_ if has_eval else None,
-      amount=lambda batch: float(np.sum(batch["mask"])), rate_name="tokens_per_s",
-      postfix=postfix, plot_label=PLOT_LABEL, progress=progress,
-      best_metric="eval_loss" if eval_batches is not None else None)
+    ec,
+    state,
+    batches,
+    step,
+    evaluate=evaluate_ if has_eval else None,
+    amount=lambda batch: float(np.sum(batch["mask"])),
+    rate_name="tokens_per_s",
+    postfix=postfix,
+    plot_label=PLOT_LABEL,
+    progress=progress,
+    best_metric="eval_loss" if eval_batches is not None else None,
+  )
   host = jax.tree.map(lambda a: np.asarray(a).astype(dtype), jax.device_get(state["params"]))
   return Result(head=head.with_params(host), records=records, resumed_from=start)
 
 
 # --- data -------------------------------------------------------------------------------------
 
-def prompts_from_stream(tokens: np.ndarray, doc: np.ndarray, n: int, length: int, *,
-                        rng: np.random.Generator | None = None) -> list[list[int]]:
+
+def prompts_from_stream(
+  tokens: np.ndarray,
+  doc: np.ndarray,
+  n: int,
+  length: int,
+  *,
+  rng: np.random.Generator | None = None,
+) -> list[list[int]]:
   """n prompts of `length` tokens, each inside one document of a token stream (tokens, doc
   [N]): evenly spaced over the stream, or drawn at random with `rng`."""
   tokens, doc = np.asarray(tokens), np.asarray(doc)
   if n == 0:
     return []
-  ok = np.flatnonzero(doc[:len(doc) - length + 1] == doc[length - 1:]) if len(doc) >= length \
-      else np.zeros(0, np.int64)
+  ok = (
+    np.flatnonzero(doc[: len(doc) - length + 1] == doc[length - 1 :])
+    if len(doc) >= length
+    else np.zeros(0, np.int64)
+  )
   if not len(ok):
-    raise TrainError(f"no document of the held-out / prompt text has {length} tokens for a "
-                     "prompt")
+    raise TrainError(f"no document of the held-out / prompt text has {length} tokens for a prompt")
   if rng is None:
     starts = ok[np.linspace(0, len(ok) - 1, n).round().astype(np.int64)]
   else:
     starts = rng.choice(ok, n, replace=len(ok) < n)
-  return [tokens[s:s + length].tolist() for s in starts]
+  return [tokens[s : s + length].tolist() for s in starts]
 
 
 def text_streams(td) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
   """The (tokens, doc) streams of a `kvjax.train.text.TextData`'s train and held-out parts."""
-  train = td.windows[:td.n_train, :-1].ravel()
-  held = td.windows[td.n_train:, :-1].ravel()
+  train = td.windows[: td.n_train, :-1].ravel()
+  held = td.windows[td.n_train :, :-1].ravel()
   return (train, np.zeros(len(train), np.int32)), (held, np.zeros(len(held), np.int32))
 
 
-def self_distill(model: Model, prompts: Sequence[Sequence[int]], length: int, *,
-                 temperature: float = 1.0, seed: int = 0, path: str | None = None,
-                 chunk: int = 32, progress: bool = True) -> np.ndarray:
+def self_distill(
+  model: Model,
+  prompts: Sequence[Sequence[int]],
+  length: int,
+  *,
+  temperature: float = 1.0,
+  seed: int = 0,
+  path: str | None = None,
+  chunk: int = 32,
+  progress: bool = True,
+) -> np.ndarray:
   """The target's own continuations of `prompts` as training sequences: [N, length] int32,
   each row a prompt and what `kvjax.lm.generate` (greedy at temperature 0, else sampled) made
   after it up to `length` tokens, -1 after a stop token. With `path` (a .npy file) the result
@@ -531,26 +598,36 @@ def self_distill(model: Model, prompts: Sequence[Sequence[int]], length: int, *,
   if path is not None and os.path.exists(path):
     seqs = np.load(path)
     if seqs.shape != (n, length):
-      raise TrainError(f"{path} holds {seqs.shape[0]} sequences of {seqs.shape[1]} tokens, not "
-                       f"{n} of {length}: it belongs to another run; pass a new out dir")
+      raise TrainError(
+        f"{path} holds {seqs.shape[0]} sequences of {seqs.shape[1]} tokens, not "
+        f"{n} of {length}: it belongs to another run; pass a new out dir"
+      )
     return seqs
   longest = max(map(len, prompts))
   if longest >= length or length > model.cfg.max_position:
-    raise TrainError(f"self-distillation needs prompts ({longest} tokens) shorter than the "
-                     f"sequences ({length}), which must fit max_position "
-                     f"{model.cfg.max_position}")
+    raise TrainError(
+      f"self-distillation needs prompts ({longest} tokens) shorter than the "
+      f"sequences ({length}), which must fit max_position "
+      f"{model.cfg.max_position}"
+    )
   sampling = Sampling(temperature=float(temperature))
   seqs = np.full((n, length), -1, np.int32)
   from tqdm import tqdm
+
   bar = tqdm(total=n, desc="self-distill", unit="seq", dynamic_ncols=True, disable=not progress)
   for s in range(0, n, chunk):
-    rows = [list(map(int, p)) for p in prompts[s:s + chunk]]
+    rows = [list(map(int, p)) for p in prompts[s : s + chunk]]
     rows += [rows[0]] * (chunk - len(rows))  # one batch shape for every chunk
-    out = generate(model, rows, max_new_tokens=length - min(map(len, rows)), sampling=sampling,
-                   key=jax.random.fold_in(jax.random.key(seed), s))
+    out = generate(
+      model,
+      rows,
+      max_new_tokens=length - min(map(len, rows)),
+      sampling=sampling,
+      key=jax.random.fold_in(jax.random.key(seed), s),
+    )
     for r in range(min(chunk, n - s)):
       ids = (rows[r] + out.tokens[r])[:length]
-      seqs[s + r, :len(ids)] = ids
+      seqs[s + r, : len(ids)] = ids
     bar.update(min(chunk, n - s))
   bar.close()
   if path is not None:
@@ -580,9 +657,11 @@ class SequenceData:
     rows = [self._perm(k // n)[k % n] for k in range(i * B, (i + 1) * B)]
     w = self.seqs[np.asarray(rows)]
     real = (w[:, :-1] >= 0) & (w[:, 1:] >= 0)
-    return {"inputs": np.maximum(w[:, :-1], 0).astype(np.int32),
-            "targets": np.maximum(w[:, 1:], 0).astype(np.int32),
-            "mask": real.astype(np.float32)}
+    return {
+      "inputs": np.maximum(w[:, :-1], 0).astype(np.int32),
+      "targets": np.maximum(w[:, 1:], 0).astype(np.int32),
+      "mask": real.astype(np.float32),
+    }
 
   def train_batches(self, start: int = 0):
     i = start

@@ -37,9 +37,23 @@ from kvjax.lm import distributed, sharding, steps
 from kvjax.lm.attention import Training
 from kvjax.lm.config import to_hf
 from kvjax.lm.model import Model, load, save
-from kvjax.train.loop import (INT_NONNEG, INT_POSITIVE, RUN_FILE, UNIT_OPEN, Batch, RunConfig, TrainError,
-                              check_batch, check_resume, compiled, optimizer, optimizer_lr,
-                              restore_step, run_loop, to_device)
+from kvjax.train.loop import (
+  INT_NONNEG,
+  INT_POSITIVE,
+  RUN_FILE,
+  UNIT_OPEN,
+  Batch,
+  RunConfig,
+  TrainError,
+  check_batch,
+  check_resume,
+  compiled,
+  optimizer,
+  optimizer_lr,
+  restore_step,
+  run_loop,
+  to_device,
+)
 
 SPEC = "spec"  # OUT/spec: the run's config.json and tokenizer, without weights
 
@@ -61,8 +75,13 @@ class TrainConfig(RunConfig):
   data_parallel: int = 0
   model_parallel: int = 1
 
-  DOMAINS = {**RunConfig.DOMAINS, "model_parallel": INT_POSITIVE, "data_parallel": INT_NONNEG,
-             "dropout": UNIT_OPEN, "attn_dropout": UNIT_OPEN}
+  DOMAINS = {
+    **RunConfig.DOMAINS,
+    "model_parallel": INT_POSITIVE,
+    "data_parallel": INT_NONNEG,
+    "dropout": UNIT_OPEN,
+    "attn_dropout": UNIT_OPEN,
+  }
   # the mesh shape is in the model's graphdef, which keys the steps too
   BOOKKEEPING = RunConfig.BOOKKEEPING | {"data_parallel", "model_parallel"}
   NOT_RESUMED = RunConfig.NOT_RESUMED | {"data_parallel", "model_parallel"}
@@ -78,8 +97,9 @@ class Result:
   resumed_from: int
 
 
-def forward_nll(model: Model, params, batch, bf16: bool,
-                training: Training | None = None) -> jax.Array:
+def forward_nll(
+  model: Model, params, batch, bf16: bool, training: Training | None = None
+) -> jax.Array:
   """params (pure dict, float32) -> nll [B, T] float32 of each target (unmasked). training:
   the training step's forward (differentiable attention at any length, dropout); None for
   evaluation."""
@@ -89,8 +109,9 @@ def forward_nll(model: Model, params, batch, bf16: bool,
   if segments is not None:  # packed documents: attend only within a row's own document
     T = segments.shape[1]
     mask = (segments[:, :, None] == segments[:, None, :]) & jnp.tril(jnp.ones((T, T), bool))
-  out, _ = model.with_params(params).decoder(batch["inputs"], positions=positions, mask=mask,
-                                             training=training)
+  out, _ = model.with_params(params).decoder(
+    batch["inputs"], positions=positions, mask=mask, training=training
+  )
   return steps.token_nll(out.logits, batch["targets"])
 
 
@@ -122,8 +143,7 @@ def make_steps(model: Model, tc: TrainConfig, opt: optax.GradientTransformation)
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, training)
     updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    stats = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-             "lr": schedule_lr(state["step"])}
+    stats = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule_lr(state["step"])}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, stats
 
   return jax.jit(train_step, donate_argnums=0), make_eval_step(model, tc.bf16)
@@ -146,17 +166,21 @@ def make_mesh(tc: TrainConfig):
   n = len(jax.devices())
   data = tc.data_parallel or max(1, n // tc.model_parallel)
   if data * tc.model_parallel > n:
-    raise TrainError(f"data_parallel={data} x model_parallel={tc.model_parallel} needs "
-                     f"{data * tc.model_parallel} devices; {n} available")
+    raise TrainError(
+      f"data_parallel={data} x model_parallel={tc.model_parallel} needs "
+      f"{data * tc.model_parallel} devices; {n} available"
+    )
   if data * tc.model_parallel == 1:
     return None
-  return sharding.make_mesh(data=data, model=tc.model_parallel,
-                            devices=jax.devices()[:data * tc.model_parallel])
+  return sharding.make_mesh(
+    data=data, model=tc.model_parallel, devices=jax.devices()[: data * tc.model_parallel]
+  )
 
 
 def _batch_sharding(mesh, batch_size: int):
   """Batch rows on "data" (replicated when "data" does not divide B)."""
   from jax.sharding import NamedSharding, PartitionSpec
+
   spec = PartitionSpec("data") if batch_size % mesh.shape["data"] == 0 else PartitionSpec()
   return NamedSharding(mesh, spec)
 
@@ -169,8 +193,11 @@ def evaluate(eval_step, params, eval_batches, batch_sharding) -> dict[str, float
     nll, n, chars = nll + float(s[0]), n + float(s[1]), chars + float(s[2])
   if n == 0:
     raise TrainError("eval batches hold no target with mask 1")
-  return {"eval_loss": nll / n, "eval_bpc": nll / math.log(2) / chars if chars else math.nan,
-          "eval_tokens": int(n)}
+  return {
+    "eval_loss": nll / n,
+    "eval_bpc": nll / math.log(2) / chars if chars else math.nan,
+    "eval_tokens": int(n),
+  }
 
 
 def evaluate_model(model: Model, eval_batches: Iterable[Batch]) -> dict[str, float]:
@@ -179,18 +206,25 @@ def evaluate_model(model: Model, eval_batches: Iterable[Batch]) -> dict[str, flo
   return evaluate(make_eval_step(model), model.params(), lambda: eval_batches, None)
 
 
-def train(model: Model, tc: TrainConfig, batches: Callable[[int], Iterable[Batch]] | Iterable[Batch],
-          eval_batches: Callable[[], Iterable[Batch]] | None = None, *,
-          progress: bool = True) -> Result:
+def train(
+  model: Model,
+  tc: TrainConfig,
+  batches: Callable[[int], Iterable[Batch]] | Iterable[Batch],
+  eval_batches: Callable[[], Iterable[Batch]] | None = None,
+  *,
+  progress: bool = True,
+) -> Result:
   """Trains model's params for tc.steps steps (resuming from tc.out_dir's latest checkpoint when
   there is one). Writes metrics.jsonl, loss.png, checkpoints/ and run.json under tc.out_dir."""
   if model.cfg.max_position < tc.seq_len:
-    raise TrainError(f"seq_len {tc.seq_len} exceeds the model's max_position "
-                     f"{model.cfg.max_position}")
+    raise TrainError(
+      f"seq_len {tc.seq_len} exceeds the model's max_position {model.cfg.max_position}"
+    )
   os.makedirs(tc.out_dir, exist_ok=True)
   check_resume(tc.out_dir, {"model": to_hf(model.cfg), "train": tc.resume_key()})
-  base = dataclasses.replace(model, state=jax.tree.map(lambda a: a.astype(jnp.float32),
-                                                       model.state), compiled={})
+  base = dataclasses.replace(
+    model, state=jax.tree.map(lambda a: a.astype(jnp.float32), model.state), compiled={}
+  )
   if distributed.is_main():
     save(base, os.path.join(tc.out_dir, SPEC), weights=False)  # what `export` builds upon
   mesh = make_mesh(tc)
@@ -209,11 +243,18 @@ def train(model: Model, tc: TrainConfig, batches: Callable[[int], Iterable[Batch
     return evaluate(eval_step, state["params"], eval_batches, batch_sharding)
 
   state, records, start = run_loop(
-      tc, state, batches, step, evaluate=evaluate_ if eval_batches is not None else None,
-      amount=lambda batch: float(np.sum(batch["mask"])), rate_name="tokens_per_s",
-      postfix=lambda r: {"loss": f"{r['loss']:.4f}", "tok_s": f"{r['tokens_per_s']:.0f}"},
-      progress=progress, flops=lambda batch: step_flops(model.cfg, *np.shape(batch["inputs"])),
-      best_metric="eval_bpc")
+    tc,
+    state,
+    batches,
+    step,
+    evaluate=evaluate_ if eval_batches is not None else None,
+    amount=lambda batch: float(np.sum(batch["mask"])),
+    rate_name="tokens_per_s",
+    postfix=lambda r: {"loss": f"{r['loss']:.4f}", "tok_s": f"{r['tokens_per_s']:.0f}"},
+    progress=progress,
+    flops=lambda batch: step_flops(model.cfg, *np.shape(batch["inputs"])),
+    best_metric="eval_bpc",
+  )
   host = distributed.fetch(state["params"])  # gathered from every process
   return Result(model=base.with_params(host), records=records, resumed_from=start)
 
@@ -222,8 +263,15 @@ def step_flops(cfg, batch: int, seq_len: int) -> float:
   """Training FLOPs of one step on [batch, seq_len] tokens: 3x the forward (backward = 2x),
   the forward 2 FLOPs per multiply-add of every projection and the LM head per token, plus
   causal attention's scores and values (T / 2 keys per query on average)."""
-  D, F, N, K, H, V, L = (cfg.d_model, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                         cfg.vocab_size, cfg.n_layers)
+  D, F, N, K, H, V, L = (
+    cfg.d_model,
+    cfg.ffn_dim,
+    cfg.n_heads,
+    cfg.n_kv_heads,
+    cfg.head_dim,
+    cfg.vocab_size,
+    cfg.n_layers,
+  )
   per_token = 2 * (L * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + D * V)
   per_token += L * 2 * 2 * N * H * (seq_len + 1) / 2
   return 3.0 * per_token * batch * seq_len
@@ -241,11 +289,12 @@ def export(run_dir: str, step: int | str, out: str) -> Model:
   tc = TrainConfig(**{k: v for k, v in run["train"].items() if k in fields}, out_dir=run_dir)
   model = load(spec, weights=False)
   params = jax.tree.map(lambda a: np.asarray(a, np.float32), model.params())
-  state = {"params": params, "opt_state": optimizer(tc).init(params),
-           "step": jnp.zeros((), jnp.int32)}
+  state = {
+    "params": params,
+    "opt_state": optimizer(tc).init(params),
+    "step": jnp.zeros((), jnp.int32),
+  }
   state, _ = restore_step(tc, state, step)
   trained = model.with_params(jax.tree.map(np.asarray, jax.device_get(state["params"])))
   save(trained, out)
   return trained
-
-

@@ -35,8 +35,12 @@ from kvjax.train import metrics
 
 Batch = dict[str, np.ndarray]
 
-BATCH_KEYS = {"inputs": np.integer, "targets": np.integer, "mask": np.floating,
-              "chars": np.floating}
+BATCH_KEYS = {
+  "inputs": np.integer,
+  "targets": np.integer,
+  "mask": np.floating,
+  "chars": np.floating,
+}
 # Optional int [B, T] arrays of packed batches: document index of each input inside its row
 # and its position inside that document. When given, attention stays within a document.
 OPTIONAL_KEYS = ("segment_ids", "positions")
@@ -92,10 +96,11 @@ class RunConfig:
   """
 
   BOOKKEEPING: ClassVar[frozenset[str]] = frozenset(
-      {"out_dir", "save_every", "keep", "eval_every", "log_every", "seed", "keep_best",
-       "patience"})
+    {"out_dir", "save_every", "keep", "eval_every", "log_every", "seed", "keep_best", "patience"}
+  )
   NOT_RESUMED: ClassVar[frozenset[str]] = frozenset(
-      {"out_dir", "save_every", "keep", "eval_every", "log_every", "keep_best", "patience"})
+    {"out_dir", "save_every", "keep", "eval_every", "log_every", "keep_best", "patience"}
+  )
 
   steps: int
   batch_size: int
@@ -117,11 +122,17 @@ class RunConfig:
   patience: int = 0
 
   DOMAINS: ClassVar[dict[str, Domain]] = {
-      **dict.fromkeys(("steps", "batch_size", "seq_len", "keep"), INT_POSITIVE),
-      **dict.fromkeys(("warmup", "save_every", "eval_every", "log_every", "seed", "patience"),
-                      INT_NONNEG),
-      "lr": POSITIVE, "weight_decay": NONNEG, "clip_norm": POSITIVE, "final_lr_ratio": UNIT,
-      "b1": UNIT_OPEN, "b2": UNIT_OPEN}
+    **dict.fromkeys(("steps", "batch_size", "seq_len", "keep"), INT_POSITIVE),
+    **dict.fromkeys(
+      ("warmup", "save_every", "eval_every", "log_every", "seed", "patience"), INT_NONNEG
+    ),
+    "lr": POSITIVE,
+    "weight_decay": NONNEG,
+    "clip_norm": POSITIVE,
+    "final_lr_ratio": UNIT,
+    "b1": UNIT_OPEN,
+    "b2": UNIT_OPEN,
+  }
 
   def __post_init__(self):
     for name, domain in self.DOMAINS.items():
@@ -137,8 +148,14 @@ class RunConfig:
 
   def compute_key(self) -> tuple:
     """The config as the compiled steps see it: its type and every field but BOOKKEEPING."""
-    return (type(self), *((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
-                          if f.name not in self.BOOKKEEPING))
+    return (
+      type(self),
+      *(
+        (f.name, getattr(self, f.name))
+        for f in dataclasses.fields(self)
+        if f.name not in self.BOOKKEEPING
+      ),
+    )
 
   def resume_key(self) -> dict[str, Any]:
     """The fields a resumed run must share with the run it continues."""
@@ -154,19 +171,26 @@ def require(name, value, ok, expected, kind):
 
 def optimizer(tc: RunConfig) -> optax.GradientTransformation:
   """clip_by_global_norm(clip_norm), then AdamW under warmup + cosine decay."""
-  return optax.chain(optax.clip_by_global_norm(tc.clip_norm),
-                     optax.adamw(optimizer_lr(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
+  return optax.chain(
+    optax.clip_by_global_norm(tc.clip_norm),
+    optax.adamw(optimizer_lr(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay),
+  )
 
 
 def optimizer_lr(tc: RunConfig) -> Callable[[jax.Array], jax.Array]:
   """The learning rate used at a step (the same schedule `optimizer` builds)."""
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup, decay_steps=tc.steps,
-      end_value=tc.lr * tc.final_lr_ratio)
+    init_value=0.0,
+    peak_value=tc.lr,
+    warmup_steps=tc.warmup,
+    decay_steps=tc.steps,
+    end_value=tc.lr * tc.final_lr_ratio,
+  )
 
 
-def check_batch(batch: Batch, tc: RunConfig, vocab_size: int, step: int,
-                keys: dict = BATCH_KEYS) -> None:
+def check_batch(
+  batch: Batch, tc: RunConfig, vocab_size: int, step: int, keys: dict = BATCH_KEYS
+) -> None:
   """Raises TrainError unless batch matches the contract (shapes [B, T], dtypes, token range).
   keys: the required arrays and their kinds (EAGLE batches need no "chars")."""
   if not isinstance(batch, dict) or not set(keys) <= set(batch):
@@ -177,22 +201,28 @@ def check_batch(batch: Batch, tc: RunConfig, vocab_size: int, step: int,
   for key, kind in {**keys, **optional}.items():
     a = batch[key]
     if tuple(np.shape(a)) != want or not np.issubdtype(np.asarray(a).dtype, kind):
-      raise TrainError(f"batch {step}: {key} must be a {kind.__name__} array of shape "
-                       f"[B, T] = {list(want)}; got {np.asarray(a).dtype}{list(np.shape(a))}")
+      raise TrainError(
+        f"batch {step}: {key} must be a {kind.__name__} array of shape "
+        f"[B, T] = {list(want)}; got {np.asarray(a).dtype}{list(np.shape(a))}"
+      )
   for key in ("inputs", "targets"):
     a = np.asarray(batch[key])
     if a.min() < 0 or a.max() >= vocab_size:
-      raise TrainError(f"batch {step}: {key} has token ids outside [0, {vocab_size}) "
-                       f"(min {a.min()}, max {a.max()}): the data and the model's vocabulary "
-                       "disagree")
+      raise TrainError(
+        f"batch {step}: {key} has token ids outside [0, {vocab_size}) "
+        f"(min {a.min()}, max {a.max()}): the data and the model's vocabulary "
+        "disagree"
+      )
 
 
 def to_device(batch: Batch, sharding_=None, keys: dict = BATCH_KEYS) -> dict[str, jax.Array]:
   """The `keys` arrays (int32 / float32 by kind; plus segment_ids, positions [B, T] int32 when
   present) on device: placed with sharding_ (the same global batch on every process, each
   taking the shards it holds), or on the default device."""
-  out = {k: np.asarray(batch[k], np.int32 if kind is np.integer else np.float32)
-         for k, kind in keys.items()}
+  out = {
+    k: np.asarray(batch[k], np.int32 if kind is np.integer else np.float32)
+    for k, kind in keys.items()
+  }
   for key in OPTIONAL_KEYS:
     if key in batch:
       out[key] = np.asarray(batch[key], np.int32)
@@ -218,26 +248,33 @@ def check_resume(out_dir: str, run: dict[str, Any]) -> None:
       old = json.load(f)
     for part in ("model", "train"):
       if old.get(part) != run[part]:
-        diff = sorted(k for k in set(old.get(part, {})) | set(run[part])
-                      if old.get(part, {}).get(k) != run[part].get(k))
-        raise TrainError(f"{out_dir} holds checkpoints of a different run ({part} settings "
-                         f"differ: {', '.join(diff)}); resume with the same settings or pass a "
-                         "new out dir")
+        diff = sorted(
+          k
+          for k in set(old.get(part, {})) | set(run[part])
+          if old.get(part, {}).get(k) != run[part].get(k)
+        )
+        raise TrainError(
+          f"{out_dir} holds checkpoints of a different run ({part} settings "
+          f"differ: {', '.join(diff)}); resume with the same settings or pass a "
+          "new out dir"
+        )
   distributed.barrier("kvjax check_resume")  # every process has read run.json before it is written
   if distributed.is_main():
     with open(path, "w") as f:
       json.dump(run, f, indent=2)
 
 
-def _manager(tc: RunConfig, where: str = CHECKPOINTS, keep: int | None = -1,
-             check: int | str | None = None):
+def _manager(
+  tc: RunConfig, where: str = CHECKPOINTS, keep: int | None = -1, check: int | str | None = None
+):
   """The orbax manager of OUT/where, keeping tc.keep checkpoints (keep=-1), `keep`, or all
   (None), after `check_checkpoints(OUT/where, check)` (before orbax opens it and logs about
   what it finds)."""
   path = os.path.join(tc.out_dir, where)
   check_checkpoints(path, check)
-  options = ocp.CheckpointManagerOptions(max_to_keep=tc.keep if keep == -1 else keep,
-                                         create=True, enable_async_checkpointing=False)
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=tc.keep if keep == -1 else keep, create=True, enable_async_checkpointing=False
+  )
   return ocp.CheckpointManager(os.path.abspath(path), options=options)
 
 
@@ -246,8 +283,10 @@ def check_checkpoints(path: str, step: int | str | None = "latest") -> None:
   directory, or when its step dir `step` ("latest": the highest) is visibly damaged (see
   `_damage`): found before any training starts, not at the first save or the restore."""
   if os.path.exists(path) and not os.path.isdir(path):
-    raise TrainError(f"{path} is not a directory: it is where the run keeps its checkpoints; "
-                     "remove it or pass a new out dir")
+    raise TrainError(
+      f"{path} is not a directory: it is where the run keeps its checkpoints; "
+      "remove it or pass a new out dir"
+    )
   steps = _step_dirs(path)
   if step == "latest":
     step = max(steps, default=None)
@@ -261,8 +300,9 @@ def _step_dirs(path: str) -> list[int]:
   """The steps of the checkpoint directories under path (orbax names them by step)."""
   if not os.path.isdir(path):
     return []
-  return sorted(int(n) for n in os.listdir(path)
-                if n.isdigit() and os.path.isdir(os.path.join(path, n)))
+  return sorted(
+    int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n))
+  )
 
 
 def _damage(where: str) -> str | None:
@@ -273,8 +313,12 @@ def _damage(where: str) -> str | None:
   item = os.path.join(where, "default")
   if not os.path.isdir(item):
     return "it has no default/ item"
-  empty = [os.path.relpath(os.path.join(d, f), where) for d, _, files in os.walk(item)
-           for f in files if os.path.getsize(os.path.join(d, f)) == 0]
+  empty = [
+    os.path.relpath(os.path.join(d, f), where)
+    for d, _, files in os.walk(item)
+    for f in files
+    if os.path.getsize(os.path.join(d, f)) == 0
+  ]
   if empty:
     return f"empty file {empty[0]}" + (f" and {len(empty) - 1} more" if len(empty) > 1 else "")
   return None
@@ -286,8 +330,10 @@ def _damaged(path: str, step: int, steps: list[int], why: str) -> TrainError:
   where = os.path.join(path, str(step))
   earlier = [s for s in steps if s < step]
   then = f"resume from step {max(earlier)}" if earlier else "start afresh"
-  return TrainError(f"{where}: the checkpoint of step {step} cannot be read ({why}); it is "
-                    f"damaged (e.g. a write that was cut short): remove {where} to {then}")
+  return TrainError(
+    f"{where}: the checkpoint of step {step} cannot be read ({why}); it is "
+    f"damaged (e.g. a write that was cut short): remove {where} to {then}"
+  )
 
 
 def _restore(manager, state, step: int | None = None):
@@ -336,14 +382,16 @@ def _drop_leftovers(where: str | None) -> None:
   if where is not None:
     _DAMAGED.add(os.path.abspath(where))
     # an abandoned read's coroutine, collected later, warns that it was never awaited
-    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
-                            category=RuntimeWarning)
+    warnings.filterwarnings(
+      "ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning
+    )
 
   def about_damaged(err) -> bool:
     return err is not None and any(d in str(err) for d in _DAMAGED)
 
   previous = sys.unraisablehook
   if not getattr(previous, "kvjax_leftovers", False):
+
     def hook(unraisable):
       err = unraisable.exc_value
       closed = isinstance(err, RuntimeError) and str(err) == "Event loop is closed"
@@ -354,6 +402,7 @@ def _drop_leftovers(where: str | None) -> None:
     sys.unraisablehook = hook
   log = logging.getLogger("asyncio")
   if not any(getattr(f, "kvjax_leftovers", False) for f in log.filters):
+
     def keep(record) -> bool:
       err = record.exc_info[1] if record.exc_info else None
       return not ("exception was never retrieved" in record.getMessage() and about_damaged(err))
@@ -362,13 +411,21 @@ def _drop_leftovers(where: str | None) -> None:
     log.addFilter(keep)
 
 
-def run_loop(rc: RunConfig, state, batches, step: Callable, *,
-             evaluate: Callable[[Any], dict[str, float]] | None,
-             amount: Callable[[Batch], float], rate_name: str,
-             postfix: Callable[[dict[str, Any]], dict[str, str]],
-             plot_label: str | None = None, progress: bool = True,
-             flops: Callable[[Batch], float] | None = None,
-             best_metric: str | None = None):
+def run_loop(
+  rc: RunConfig,
+  state,
+  batches,
+  step: Callable,
+  *,
+  evaluate: Callable[[Any], dict[str, float]] | None,
+  amount: Callable[[Batch], float],
+  rate_name: str,
+  postfix: Callable[[dict[str, Any]], dict[str, str]],
+  plot_label: str | None = None,
+  progress: bool = True,
+  flops: Callable[[Batch], float] | None = None,
+  best_metric: str | None = None,
+):
   """The loop every trainer shares: resume from rc.out_dir's latest checkpoint, then for steps
   start + 1 .. rc.steps take the next batch and run `step(state, batch, i) -> (state, stats)`
   (i = the 0-based step index); on log steps record the stats (without "n"), the rate
@@ -385,8 +442,9 @@ def run_loop(rc: RunConfig, state, batches, step: Callable, *,
   has_eval = evaluate is not None
   tracking = best_metric is not None and has_eval and (rc.keep_best or rc.patience)
   if (rc.keep_best or rc.patience) and not tracking:
-    raise TrainError("keep_best and patience need held-out evaluation batches (a validation "
-                     "metric to compare)")
+    raise TrainError(
+      "keep_best and patience need held-out evaluation batches (a validation metric to compare)"
+    )
   peak = matmul_peak() if flops is not None else None
   with _manager(rc, check="latest") as manager, _manager(rc, BEST, 1) as best_manager:
     start = 0
@@ -453,11 +511,16 @@ def run_loop(rc: RunConfig, state, batches, step: Callable, *,
       bar.close()
       manager.wait_until_finished()
       kept = manager.latest_step()
-      where = (f"the latest checkpoint is step {kept} in {os.path.join(rc.out_dir, CHECKPOINTS)}"
-               if kept is not None else "no checkpoint was written yet")
+      where = (
+        f"the latest checkpoint is step {kept} in {os.path.join(rc.out_dir, CHECKPOINTS)}"
+        if kept is not None
+        else "no checkpoint was written yet"
+      )
       done_steps = int(state["step"])  # the last step whose update completed
-      raise TrainInterrupted(f"interrupted after step {done_steps} of {rc.steps}; {where}; run "
-                             "the same command to resume from it") from None
+      raise TrainInterrupted(
+        f"interrupted after step {done_steps} of {rc.steps}; {where}; run "
+        "the same command to resume from it"
+      ) from None
     bar.close()
     manager.wait_until_finished()
     best_manager.wait_until_finished()
@@ -496,7 +559,7 @@ def matmul_peak(n: int = 1024, repeats: int = 5) -> float:
       t0 = time.perf_counter()
       f(x).block_until_ready()
       best = min(best, time.perf_counter() - t0)
-    _PEAK.append(2 * n ** 3 / best)
+    _PEAK.append(2 * n**3 / best)
   return _PEAK[0]
 
 
@@ -519,20 +582,25 @@ def _is_eval_step(tc: RunConfig, step: int, has_eval: bool) -> bool:
 
 def _is_log_step(tc: RunConfig, step: int, has_eval: bool) -> bool:
   """Log steps: every log_every, every eval step and the last step."""
-  return ((tc.log_every > 0 and step % tc.log_every == 0) or step == tc.steps
-          or _is_eval_step(tc, step, has_eval))
+  return (
+    (tc.log_every > 0 and step % tc.log_every == 0)
+    or step == tc.steps
+    or _is_eval_step(tc, step, has_eval)
+  )
 
 
 def _progress(enabled: bool, start: int, total: int):
-  return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
-              disable=not enabled)
+  return tqdm(
+    total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not enabled
+  )
 
 
 STEPS: dict[Any, tuple] = {}  # compiled steps, shared by every run of one structure and config
 
 
-def compiled(structure: tuple, rc: RunConfig, build: Callable[[optax.GradientTransformation],
-                                                            tuple]) -> tuple:
+def compiled(
+  structure: tuple, rc: RunConfig, build: Callable[[optax.GradientTransformation], tuple]
+) -> tuple:
   """(opt_init, *build(optimizer(rc))), built once per process for `structure` (the graphdefs
   and configs of the models the steps close over) and rc's compute_key, so that repeated runs
   (tests, resumes) reuse the compiled programs."""

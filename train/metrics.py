@@ -43,8 +43,10 @@ def plot(out_dir: str, ylabel: str = "loss per token (nats)") -> str:
   """Writes out_dir/loss.png: train loss (and eval loss where present) against step, and
   val_accept_len (EAGLE heads) on a second axis where present."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   records = read(out_dir)
   fig, ax = plt.subplots(figsize=(7, 4))
   train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
@@ -53,16 +55,16 @@ def plot(out_dir: str, ylabel: str = "loss per token (nats)") -> str:
     ax.plot(*zip(*train), label="train loss")
   if evals:
     ax.plot(*zip(*evals), "o-", label="eval loss")
-  base = [(r["step"], r["eval_base_loss"]) for r in records
-          if r.get("eval_base_loss") is not None]
+  base = [(r["step"], r["eval_base_loss"]) for r in records if r.get("eval_base_loss") is not None]
   if base:  # coprocessors: the frozen model's own eval loss on the same targets
     ax.plot(*zip(*base), "x:", color="tab:gray", label="eval loss, no augmentation")
   ax.set_xlabel("step")
   ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)
   handles, labels = ax.get_legend_handles_labels()
-  accept = [(r["step"], r["val_accept_len"]) for r in records
-            if r.get("val_accept_len") is not None]
+  accept = [
+    (r["step"], r["val_accept_len"]) for r in records if r.get("val_accept_len") is not None
+  ]
   if accept:
     ax2 = ax.twinx()
     ax2.plot(*zip(*accept), "s--", color="tab:green", label="val accept len")

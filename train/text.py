@@ -39,8 +39,16 @@ def encode(text: str, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
 class TextData:
   """Windows of one tokenised text file; see the module docstring."""
 
-  def __init__(self, path: str, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
-               seed: int = 0, eval_fraction: float = 0.1):
+  def __init__(
+    self,
+    path: str,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    eval_fraction: float = 0.1,
+  ):
     if not os.path.isfile(path):
       raise DataError(f"--text {path!r}: no such file")
     with open(path, encoding="utf-8") as f:
@@ -52,9 +60,11 @@ class TextData:
     n = (len(tokens) - 1) // T
     n_eval = max(1, round(n * eval_fraction)) if eval_fraction > 0 else 0
     if n - n_eval < 1:
-      raise DataError(f"--text {path!r}: {len(tokens)} tokens make {n} windows of "
-                      f"{T} + 1 tokens; need at least {n_eval + 1} (train + eval): use a longer "
-                      "file or a smaller --seq-len")
+      raise DataError(
+        f"--text {path!r}: {len(tokens)} tokens make {n} windows of "
+        f"{T} + 1 tokens; need at least {n_eval + 1} (train + eval): use a longer "
+        "file or a smaller --seq-len"
+      )
     starts = np.arange(n) * T
     idx = starts[:, None] + np.arange(T + 1)[None, :]
     self.windows = tokens[idx]  # [W, T + 1]
@@ -71,8 +81,12 @@ class TextData:
     """rows [B] window indices; valid [B] bool (False rows are padding with mask 0)."""
     w = self.windows[rows]
     mask = np.broadcast_to(valid[:, None], (len(rows), self.seq_len)).astype(np.float32)
-    return {"inputs": w[:, :-1].astype(np.int32), "targets": w[:, 1:].astype(np.int32),
-            "mask": mask, "chars": self.window_chars[rows].astype(np.float32)}
+    return {
+      "inputs": w[:, :-1].astype(np.int32),
+      "targets": w[:, 1:].astype(np.int32),
+      "mask": mask,
+      "chars": self.window_chars[rows].astype(np.float32),
+    }
 
   def batch(self, i: int) -> dict[str, np.ndarray]:
     """Train batch i (a pure function of seed and i)."""
@@ -92,9 +106,9 @@ class TextData:
     held = np.arange(self.n_train, len(self.windows))
     out = []
     for s in range(0, len(held), self.batch_size):
-      rows = held[s:s + self.batch_size]
+      rows = held[s : s + self.batch_size]
       valid = np.ones(self.batch_size, bool)
-      valid[len(rows):] = False
+      valid[len(rows) :] = False
       rows = np.pad(rows, (0, self.batch_size - len(rows)), constant_values=held[0])
       out.append(self._batch(rows, valid))
     return out

@@ -13,8 +13,23 @@ profile.py: runs and measures plans (`compare`, `profile`, `pick`, the stored pr
 """
 
 from kvjax.cache.droidspeak import payload, profile, wire
-from kvjax.cache.droidspeak.reuse import (Capture, DroidSpeakError, Plan, capture, check_pair,
-                                          receive)
+from kvjax.cache.droidspeak.reuse import (
+  Capture,
+  DroidSpeakError,
+  Plan,
+  capture,
+  check_pair,
+  receive,
+)
 
-__all__ = ["Capture", "DroidSpeakError", "Plan", "capture", "check_pair", "payload", "profile",
-           "receive", "wire"]
+__all__ = [
+  "Capture",
+  "DroidSpeakError",
+  "Plan",
+  "capture",
+  "check_pair",
+  "payload",
+  "profile",
+  "receive",
+  "wire",
+]

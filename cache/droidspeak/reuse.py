@@ -48,12 +48,13 @@ class Plan:
     groups = tuple((int(s), int(e)) for s, e in self.groups)
     for s, e in groups:
       if not 0 <= s < e <= L:
-        raise DroidSpeakError(f"group [{s}, {e}) is not a non-empty layer range within "
-                              f"[0, {L})")
+        raise DroidSpeakError(f"group [{s}, {e}) is not a non-empty layer range within [0, {L})")
     for (s0, e0), (s1, e1) in zip(groups, groups[1:]):
       if s1 < e0:
-        raise DroidSpeakError(f"groups [{s0}, {e0}) and [{s1}, {e1}) overlap or are out of "
-                              "order; give disjoint groups in increasing order")
+        raise DroidSpeakError(
+          f"groups [{s0}, {e0}) and [{s1}, {e1}) overlap or are out of "
+          "order; give disjoint groups in increasing order"
+        )
     object.__setattr__(self, "groups", groups)
 
   @classmethod
@@ -82,9 +83,11 @@ class Plan:
     for part in text.split(","):
       m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
       if not m:
-        raise DroidSpeakError(f"plan {text!r}: {part.strip()!r} is not a group 'start-stop' "
-                              "(layers start..stop-1); expected e.g. '0-2,5-7', 'full' or "
-                              "'none'")
+        raise DroidSpeakError(
+          f"plan {text!r}: {part.strip()!r} is not a group 'start-stop' "
+          "(layers start..stop-1); expected e.g. '0-2,5-7', 'full' or "
+          "'none'"
+        )
       groups.append((int(m[1]), int(m[2])))
     return cls(n_layers=n_layers, groups=tuple(groups))
 
@@ -112,8 +115,11 @@ class Plan:
     return len(self.recomputed) / self.n_layers
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["tokens", "lengths", "k", "v", "e"], meta_fields=["plan"])
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=["tokens", "lengths", "k", "v", "e"],
+  meta_fields=["plan"],
+)
 @dataclasses.dataclass
 class Capture:
   """What the sender hands over for a plan: only what the plan needs.
@@ -136,37 +142,46 @@ def check_pair(sender, receiver) -> None:
   """Raises DroidSpeakError unless sender and receiver share the architecture (and RoPE)."""
   diff = config.diff(sender.cfg, receiver.cfg, other="receiver")
   if diff:
-    raise DroidSpeakError("sender and receiver must share the architecture and RoPE (the "
-                          "receiver a fine-tune of the sender's base); they differ in "
-                          + ", ".join(diff))
+    raise DroidSpeakError(
+      "sender and receiver must share the architecture and RoPE (the "
+      "receiver a fine-tune of the sender's base); they differ in " + ", ".join(diff)
+    )
 
 
 def _check_prefix(model, tokens, lengths) -> None:
   tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
   if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise DroidSpeakError(f"tokens must be an int array [B, P]; got {tokens.dtype}"
-                          f"{list(tokens.shape)}")
+    raise DroidSpeakError(
+      f"tokens must be an int array [B, P]; got {tokens.dtype}{list(tokens.shape)}"
+    )
   B, P = tokens.shape
   if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
-    raise DroidSpeakError(f"lengths must be an int array [B] = [{B}]; got {lengths.dtype}"
-                          f"{list(lengths.shape)}")
+    raise DroidSpeakError(
+      f"lengths must be an int array [B] = [{B}]; got {lengths.dtype}{list(lengths.shape)}"
+    )
   if int(lengths.min()) < 1 or int(lengths.max()) > P:
-    raise DroidSpeakError(f"lengths must lie in [1, {P}] (the padded prefix); got "
-                          f"{lengths.tolist()}")
+    raise DroidSpeakError(
+      f"lengths must lie in [1, {P}] (the padded prefix); got {lengths.tolist()}"
+    )
   if P > model.cfg.max_position:
-    raise DroidSpeakError(f"a prefix of {P} tokens exceeds the model's context of "
-                          f"{model.cfg.max_position} positions")
+    raise DroidSpeakError(
+      f"a prefix of {P} tokens exceeds the model's context of {model.cfg.max_position} positions"
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
 def _capture(graphdef, state, tokens, lengths, *, plan: Plan) -> Capture:
-  out, _ = nnx.merge(graphdef, state)(tokens, logits=False, return_kv=True,
-                                      return_layer_inputs=bool(plan.e_layers))
+  out, _ = nnx.merge(graphdef, state)(
+    tokens, logits=False, return_kv=True, return_layer_inputs=bool(plan.e_layers)
+  )
   keep = jnp.asarray(plan.reused, jnp.int32)
   e_idx = jnp.asarray(plan.e_layers, jnp.int32)
   B, P = tokens.shape
-  e = (out.layer_inputs[e_idx] if plan.e_layers
-       else jnp.zeros((0, B, P, out.hidden.shape[-1]), out.hidden.dtype))
+  e = (
+    out.layer_inputs[e_idx]
+    if plan.e_layers
+    else jnp.zeros((0, B, P, out.hidden.shape[-1]), out.hidden.dtype)
+  )
   return Capture(tokens=tokens, lengths=lengths, k=out.k[keep], v=out.v[keep], e=e, plan=plan)
 
 
@@ -174,11 +189,17 @@ def capture(sender, tokens, lengths, plan: Plan) -> Capture:
   """The sender's prefill of the prefix, keeping the K/V of the plan's reused layers and the E
   cache at its group starts. tokens [B, P] right-padded, lengths [B]."""
   if plan.n_layers != sender.cfg.n_layers:
-    raise DroidSpeakError(f"the plan is for {plan.n_layers} layers; the sender has "
-                          f"{sender.cfg.n_layers}")
+    raise DroidSpeakError(
+      f"the plan is for {plan.n_layers} layers; the sender has {sender.cfg.n_layers}"
+    )
   _check_prefix(sender, tokens, lengths)
-  return _capture(sender.graphdef, sender.state, jnp.asarray(tokens, jnp.int32),
-                  jnp.asarray(lengths, jnp.int32), plan=plan)
+  return _capture(
+    sender.graphdef,
+    sender.state,
+    jnp.asarray(tokens, jnp.int32),
+    jnp.asarray(lengths, jnp.int32),
+    plan=plan,
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "size"))
@@ -193,12 +214,17 @@ def _receive(graphdef, state, sent: Capture, *, size: int) -> KVCache:
     keep = jnp.asarray(plan.reused, jnp.int32)
     k, v = k.at[keep].set(sent.k.astype(k.dtype)), v.at[keep].set(sent.v.astype(v.dtype))
   for s, e in plan.groups:
-    inputs = (dict(tokens=sent.tokens) if s == 0
-              else dict(hidden=sent.e[plan.e_layers.index(s)]))
+    inputs = dict(tokens=sent.tokens) if s == 0 else dict(hidden=sent.e[plan.e_layers.index(s)])
     out, _ = dec(**inputs, positions=positions, layers=(s, e), logits=False, return_kv=True)
     k, v = k.at[s:e].set(out.k.astype(k.dtype)), v.at[s:e].set(out.v.astype(v.dtype))
-  cache = KVCache.init(n_layers=cfg.n_layers, batch=B, size=size, n_kv_heads=cfg.n_kv_heads,
-                       head_dim=cfg.head_dim, dtype=dec.dtype)
+  cache = KVCache.init(
+    n_layers=cfg.n_layers,
+    batch=B,
+    size=size,
+    n_kv_heads=cfg.n_kv_heads,
+    head_dim=cfg.head_dim,
+    dtype=dec.dtype,
+  )
   return cache.write(k, v, positions, sent.lengths)
 
 
@@ -210,17 +236,22 @@ def receive(receiver, sent: Capture, size: int | None = None) -> KVCache:
     raise TypeError(f"sent must be a kvjax.cache.droidspeak.Capture; got {type(sent).__name__}")
   cfg, plan = receiver.cfg, sent.plan
   if plan.n_layers != cfg.n_layers:
-    raise DroidSpeakError(f"the capture's plan is for {plan.n_layers} layers; the receiver has "
-                          f"{cfg.n_layers}")
+    raise DroidSpeakError(
+      f"the capture's plan is for {plan.n_layers} layers; the receiver has {cfg.n_layers}"
+    )
   B, P = sent.tokens.shape
   D, K, H = cfg.d_model, cfg.n_kv_heads, cfg.head_dim
-  want = {"k": (len(plan.reused), B, K, P, H), "v": (len(plan.reused), B, K, P, H),
-          "e": (len(plan.e_layers), B, P, D)}
+  want = {
+    "k": (len(plan.reused), B, K, P, H),
+    "v": (len(plan.reused), B, K, P, H),
+    "e": (len(plan.e_layers), B, P, D),
+  }
   for name, shape in want.items():
     got = tuple(getattr(sent, name).shape)
     if got != shape:
-      raise DroidSpeakError(f"capture.{name} has shape {got}; plan {plan} and this receiver "
-                            f"need {shape}")
+      raise DroidSpeakError(
+        f"capture.{name} has shape {got}; plan {plan} and this receiver need {shape}"
+      )
   size = P if size is None else size
   if size < P:
     raise DroidSpeakError(f"size {size} cannot hold the {P}-token (padded) prefix")

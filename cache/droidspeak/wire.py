@@ -22,8 +22,7 @@ def send(payload: bytes, port: int, host: str = "127.0.0.1", timeout: float = 60
     raise _named(err, host, port, "send to") from None
 
 
-def serve_once(port: int, host: str = "127.0.0.1", timeout: float = 60.0,
-               on_listen=None) -> bytes:
+def serve_once(port: int, host: str = "127.0.0.1", timeout: float = 60.0, on_listen=None) -> bytes:
   """Listens on host:port (port 0: any free one), accepts one connection and returns the
   payload it sends. on_listen(port) is called once listening (for port 0)."""
   check_port(port)
@@ -47,23 +46,25 @@ def serve_once(port: int, host: str = "127.0.0.1", timeout: float = 60.0,
         (n,) = struct.unpack("<Q", head)
         return _recv(conn, n)
       except TimeoutError:
-        raise PayloadError(f"the sender on {host}:{port} went quiet for {timeout:g} s "
-                           "(truncated payload)") from None
+        raise PayloadError(
+          f"the sender on {host}:{port} went quiet for {timeout:g} s (truncated payload)"
+        ) from None
 
 
 def check_port(port) -> None:
   """ValueError unless port is an int in [0, 65535]."""
-  if (isinstance(port, bool) or not isinstance(port, numbers.Integral)
-      or not 0 <= port <= 65535):
+  if isinstance(port, bool) or not isinstance(port, numbers.Integral) or not 0 <= port <= 65535:
     raise ValueError(f"port must be an int in [0, 65535]; got {port!r}")
 
 
 def _named(err: OSError, host: str, port: int, doing: str) -> OSError:
   """err as the same OSError class with a message naming host:port and the likely cause."""
   where = f"{host}:{port}"
-  why = {errno.ECONNREFUSED: "nothing is listening there (start the receiver first)",
-         errno.EADDRINUSE: "the port is already in use (pick another, or 0 for any free one)",
-         errno.EADDRNOTAVAIL: "the host is not an address of this machine"}.get(err.errno)
+  why = {
+    errno.ECONNREFUSED: "nothing is listening there (start the receiver first)",
+    errno.EADDRINUSE: "the port is already in use (pick another, or 0 for any free one)",
+    errno.EADDRNOTAVAIL: "the host is not an address of this machine",
+  }.get(err.errno)
   if isinstance(err, socket.gaierror):
     why = f"unknown host ({err.strerror})"
   elif isinstance(err, TimeoutError):
@@ -78,8 +79,9 @@ def _recv(conn, n: int) -> bytes:
   while got < n:
     chunk = conn.recv(min(n - got, 1 << 20))
     if not chunk:
-      raise PayloadError(f"the sender closed the connection after {got} of {n} bytes "
-                         "(truncated payload)")
+      raise PayloadError(
+        f"the sender closed the connection after {got} of {n} bytes (truncated payload)"
+      )
     chunks.append(chunk)
     got += len(chunk)
   return b"".join(chunks)

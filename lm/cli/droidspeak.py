@@ -20,8 +20,17 @@ import os
 import sys
 import time
 
-from kvjax.lm.cli.flags import (check_input_file, check_output, checked, nonneg, output_error,
-                                port_type, positive, read_text, text_type)
+from kvjax.lm.cli.flags import (
+  check_input_file,
+  check_output,
+  checked,
+  nonneg,
+  output_error,
+  port_type,
+  positive,
+  read_text,
+  text_type,
+)
 
 DEFAULT_SENDER, DEFAULT_RECEIVER = "shakespeare", "shakespeare-comedy"
 _fraction = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
@@ -29,35 +38,62 @@ _pos_float = checked(float, lambda v: v > 0, "a number > 0")
 
 
 def add(subparsers) -> None:
-  p = subparsers.add_parser("droidspeak", help="reuse a sender model's KV/E cache in a "
-                            "fine-tuned receiver (DroidSpeak)", description=__doc__.split("\n")[0])
+  p = subparsers.add_parser(
+    "droidspeak",
+    help="reuse a sender model's KV/E cache in a fine-tuned receiver (DroidSpeak)",
+    description=__doc__.split("\n")[0],
+  )
   sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
   r = sub.add_parser("run", help="full prefill vs reuse under a plan, on one prompt")
   _models(r, sender=True, receiver=True)
   _plan(r, auto=True)
   _prompt(r)
-  r.add_argument("--eval-tokens", type=positive, default=64, metavar="E",
-                 help="score the receiver on the prompt's last E tokens (default 64)")
+  r.add_argument(
+    "--eval-tokens",
+    type=positive,
+    default=64,
+    metavar="E",
+    help="score the receiver on the prompt's last E tokens (default 64)",
+  )
   r.add_argument("--max-new-tokens", type=nonneg, default=32, metavar="N")
   r.add_argument("--repeats", type=positive, default=5, help="timed prefills (median)")
   r.add_argument("--json", action="store_true", help="print one JSON object")
   r.set_defaults(run=_run, check=lambda args: _check(r, args))
-  f = sub.add_parser("profile", help="measure every single-group plan (and the best unions of "
-                     "two) on a text; print the Pareto front")
+  f = sub.add_parser(
+    "profile",
+    help="measure every single-group plan (and the best unions of "
+    "two) on a text; print the Pareto front",
+  )
   _models(f, sender=True, receiver=True)
-  f.add_argument("--text", metavar="FILE", help="profiling text (default: the bundled corpus' "
-                 "validation plays)")
+  f.add_argument(
+    "--text", metavar="FILE", help="profiling text (default: the bundled corpus' validation plays)"
+  )
   f.add_argument("--prompts", type=positive, default=4, help="windows of the text (default 4)")
-  f.add_argument("--prefix-tokens", type=positive, default=512, metavar="P",
-                 help="reused prefix per window (default 512)")
+  f.add_argument(
+    "--prefix-tokens",
+    type=positive,
+    default=512,
+    metavar="P",
+    help="reused prefix per window (default 512)",
+  )
   f.add_argument("--eval-tokens", type=positive, default=64, metavar="E")
-  f.add_argument("--max-new-tokens", type=nonneg, default=16, metavar="N",
-                 help="greedy tokens compared with the full prefill's (default 16)")
+  f.add_argument(
+    "--max-new-tokens",
+    type=nonneg,
+    default=16,
+    metavar="N",
+    help="greedy tokens compared with the full prefill's (default 16)",
+  )
   f.add_argument("--repeats", type=positive, default=3)
-  f.add_argument("--unions", type=nonneg, default=4,
-                 help="pair up this many best single groups (default 4)")
-  f.add_argument("--out", metavar="FILE", help="also write the profile here (default: the "
-                 "pair's stored profile, which --plan auto reads)")
+  f.add_argument(
+    "--unions", type=nonneg, default=4, help="pair up this many best single groups (default 4)"
+  )
+  f.add_argument(
+    "--out",
+    metavar="FILE",
+    help="also write the profile here (default: the "
+    "pair's stored profile, which --plan auto reads)",
+  )
   f.add_argument("--no-progress", action="store_true")
   f.add_argument("--json", action="store_true")
   f.set_defaults(run=_profile, check=lambda args: _check_profile(f, args))
@@ -70,8 +106,12 @@ def add(subparsers) -> None:
   s.set_defaults(run=_send, check=lambda args: _check(s, args))
   v = sub.add_parser("receive", help="take a payload, prefill from it and continue")
   _models(v, receiver=True)
-  v.add_argument("--sender", metavar="DIR_OR_NAME", default=None,
-                 help="refuse a payload from any other sender (checked by params fingerprint)")
+  v.add_argument(
+    "--sender",
+    metavar="DIR_OR_NAME",
+    default=None,
+    help="refuse a payload from any other sender (checked by params fingerprint)",
+  )
   _prompt(v)
   _where(v, "read the payload from FILE", "--in")
   v.add_argument("--timeout", type=positive, default=120, help="seconds to wait for a sender")
@@ -82,24 +122,45 @@ def add(subparsers) -> None:
 
 def _models(p, sender=False, receiver=False):
   if sender:
-    p.add_argument("--sender", metavar="DIR_OR_NAME", default=DEFAULT_SENDER,
-                   help=f"the model whose cache is reused (default {DEFAULT_SENDER})")
+    p.add_argument(
+      "--sender",
+      metavar="DIR_OR_NAME",
+      default=DEFAULT_SENDER,
+      help=f"the model whose cache is reused (default {DEFAULT_SENDER})",
+    )
   if receiver:
-    p.add_argument("--receiver", metavar="DIR_OR_NAME", default=DEFAULT_RECEIVER,
-                   help=f"the fine-tune that reuses it (default {DEFAULT_RECEIVER})")
+    p.add_argument(
+      "--receiver",
+      metavar="DIR_OR_NAME",
+      default=DEFAULT_RECEIVER,
+      help=f"the fine-tune that reuses it (default {DEFAULT_RECEIVER})",
+    )
 
 
 def _plan(p, auto=False):
-  p.add_argument("--plan", required=True, metavar="PLAN",
-                 help="layer groups the receiver recomputes: 'start-stop,...' (stop exclusive), "
-                      "'full' or 'none'" + (", or 'auto': the stored profile's pick" if auto else ""))
+  p.add_argument(
+    "--plan",
+    required=True,
+    metavar="PLAN",
+    help="layer groups the receiver recomputes: 'start-stop,...' (stop exclusive), "
+    "'full' or 'none'" + (", or 'auto': the stored profile's pick" if auto else ""),
+  )
   if not auto:
     return
-  p.add_argument("--min-kept", type=_fraction, default=None, metavar="F",
-                 help="auto: the fastest plan keeping this share of the fine-tune's advantage "
-                      "(default 0.9)")
-  p.add_argument("--min-speedup", type=_pos_float, default=None, metavar="X",
-                 help="auto: the best plan with at least this prefill speedup")
+  p.add_argument(
+    "--min-kept",
+    type=_fraction,
+    default=None,
+    metavar="F",
+    help="auto: the fastest plan keeping this share of the fine-tune's advantage (default 0.9)",
+  )
+  p.add_argument(
+    "--min-speedup",
+    type=_pos_float,
+    default=None,
+    metavar="X",
+    help="auto: the best plan with at least this prefill speedup",
+  )
 
 
 def _prompt(p):
@@ -111,10 +172,12 @@ def _prompt(p):
 def _where(p, file_help, flag):
   g = p.add_mutually_exclusive_group(required=True)
   g.add_argument(flag, dest="file", metavar="FILE", help=file_help)
-  g.add_argument("--port", type=port_type, help="loopback TCP port (receive: 0 = any free "
-                 "port, printed on stderr)")
-  p.add_argument("--host", default="127.0.0.1", type=text_type,
-                 help="TCP host (default 127.0.0.1)")
+  g.add_argument(
+    "--port",
+    type=port_type,
+    help="loopback TCP port (receive: 0 = any free port, printed on stderr)",
+  )
+  p.add_argument("--host", default="127.0.0.1", type=text_type, help="TCP host (default 127.0.0.1)")
 
 
 def _check_profile(parser, args) -> None:
@@ -155,46 +218,61 @@ def _ids(model, text: str) -> list[int]:
 
 def _plan_for(model, text: str):
   from kvjax.cache.droidspeak import Plan
+
   return Plan.parse(text, model.cfg.n_layers)
 
 
 def _run(args) -> int:
   from kvjax.cache.droidspeak import profile
   from kvjax.lm.model import load
+
   sender, receiver = load(args.sender), load(args.receiver)
   ids = _ids(receiver, args.prompt)
   if _ids(sender, args.prompt) != ids:
-    raise ValueError("sender and receiver tokenize the prompt differently: DroidSpeak needs "
-                     "one tokenizer")
+    raise ValueError(
+      "sender and receiver tokenize the prompt differently: DroidSpeak needs one tokenizer"
+    )
   if args.plan == "auto":
     prof = _stored_profile(sender, receiver, args)
     args.plan = profile.pick(prof, min_kept=args.min_kept, min_speedup=args.min_speedup)
     print(f"kvjax droidspeak: auto plan {args.plan}", file=sys.stderr)
-  r = profile.compare(sender, receiver, _plan_for(receiver, args.plan), ids,
-                         eval_tokens=args.eval_tokens, max_new_tokens=args.max_new_tokens,
-                         repeats=args.repeats)
+  r = profile.compare(
+    sender,
+    receiver,
+    _plan_for(receiver, args.plan),
+    ids,
+    eval_tokens=args.eval_tokens,
+    max_new_tokens=args.max_new_tokens,
+    repeats=args.repeats,
+  )
   r["text"] = receiver.tokenizer.decode(r["tokens"])
   if args.json:
     print(json.dumps({"sender": args.sender, "receiver": args.receiver, **r}))
   else:
     print(r["text"])
-    print(f"kvjax droidspeak: plan {r['plan']} (recompute layers {r['recomputed_layers']}) over "
-          f"a {r['prefix_tokens']}-token prefix: prefill {r['prefill_s_full'] * 1e3:.2f} ms full "
-          f"vs {r['prefill_s_reuse'] * 1e3:.2f} ms reuse ({r['prefill_speedup']:.2f}x); loss "
-          f"over the last {r['eval_tokens']} tokens {r['loss_full']:.4f} full vs "
-          f"{r['loss_reuse']:.4f} reuse; greedy agreement {r['agreement']:.2f}", file=sys.stderr)
+    print(
+      f"kvjax droidspeak: plan {r['plan']} (recompute layers {r['recomputed_layers']}) over "
+      f"a {r['prefix_tokens']}-token prefix: prefill {r['prefill_s_full'] * 1e3:.2f} ms full "
+      f"vs {r['prefill_s_reuse'] * 1e3:.2f} ms reuse ({r['prefill_speedup']:.2f}x); loss "
+      f"over the last {r['eval_tokens']} tokens {r['loss_full']:.4f} full vs "
+      f"{r['loss_reuse']:.4f} reuse; greedy agreement {r['agreement']:.2f}",
+      file=sys.stderr,
+    )
   return 0
 
 
-def _profile_prompts(model, text: str, n: int, prefix_tokens: int,
-                     eval_tokens: int) -> list[list[int]]:
+def _profile_prompts(
+  model, text: str, n: int, prefix_tokens: int, eval_tokens: int
+) -> list[list[int]]:
   from kvjax.cache.droidspeak import profile
+
   return profile.windows(_ids(model, text), n, prefix_tokens + eval_tokens + 1)
 
 
 def _stored_profile(sender, receiver, args) -> dict:
   """The pair's stored profile, made once on the bundled validation text when missing."""
   from kvjax.cache.droidspeak import profile
+
   path = profile.profile_path(sender, receiver)
   if os.path.isfile(path):
     with open(path) as f:
@@ -202,10 +280,14 @@ def _stored_profile(sender, receiver, args) -> dict:
   unwritable = output_error(path, directory=False)  # found before the profiling, not after
   if unwritable:
     raise ValueError(f"--plan auto: the pair's stored profile {path}: {unwritable}")
-  print(f"kvjax droidspeak: no stored profile for this pair; profiling once on the bundled "
-        f"validation text into {path}", file=sys.stderr)
-  prof = profile.profile(sender, receiver,
-                            _profile_prompts(receiver, validation_text(), 4, 512, 64))
+  print(
+    f"kvjax droidspeak: no stored profile for this pair; profiling once on the bundled "
+    f"validation text into {path}",
+    file=sys.stderr,
+  )
+  prof = profile.profile(
+    sender, receiver, _profile_prompts(receiver, validation_text(), 4, 512, 64)
+  )
   _write_json(path, prof)
   return prof
 
@@ -222,6 +304,7 @@ def _profile(args) -> int:
   from kvjax.cache import droidspeak
   from kvjax.cache.droidspeak import profile
   from kvjax.lm.model import load
+
   sender, receiver = load(args.sender), load(args.receiver)
   droidspeak.check_pair(sender, receiver)
   stored = profile.profile_path(sender, receiver)
@@ -229,12 +312,17 @@ def _profile(args) -> int:
   if unwritable:
     raise ValueError(f"the pair's stored profile {stored}: {unwritable}")
   text = validation_text() if args.text is None else read_text(args.text)
-  prompts = _profile_prompts(receiver, text, args.prompts, args.prefix_tokens,
-                            args.eval_tokens)
-  prof = profile.profile(sender, receiver, prompts,
-                            eval_tokens=args.eval_tokens, max_new_tokens=args.max_new_tokens,
-                            repeats=args.repeats, unions=args.unions,
-                            progress=not args.no_progress)
+  prompts = _profile_prompts(receiver, text, args.prompts, args.prefix_tokens, args.eval_tokens)
+  prof = profile.profile(
+    sender,
+    receiver,
+    prompts,
+    eval_tokens=args.eval_tokens,
+    max_new_tokens=args.max_new_tokens,
+    repeats=args.repeats,
+    unions=args.unions,
+    progress=not args.no_progress,
+  )
   prof.update(sender=args.sender, receiver=args.receiver, text=args.text or "bundled validation")
   for path in {stored, args.out or stored}:
     _write_json(path, prof)
@@ -245,12 +333,16 @@ def _profile(args) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in prof["rows"]:
       mark = " *" if r["plan"] in prof["pareto"] else ""
-      print(f"| {r['plan']}{mark} | {r['recomputed_fraction']:.2f} | "
-            f"{r['prefill_s_reuse'] * 1e3:.2f} | {r['prefill_speedup']:.2f}x | "
-            f"{r['loss_reuse']:.4f} | {r['advantage_kept']:.2f} | {r['agreement']:.2f} |")
-    print(f"* Pareto front; full prefill {prof['rows'][0]['prefill_s_full'] * 1e3:.2f} ms, "
-          f"sender loss {prof['rows'][0]['loss_sender']:.4f}; stored in {stored}",
-          file=sys.stderr)
+      print(
+        f"| {r['plan']}{mark} | {r['recomputed_fraction']:.2f} | "
+        f"{r['prefill_s_reuse'] * 1e3:.2f} | {r['prefill_speedup']:.2f}x | "
+        f"{r['loss_reuse']:.4f} | {r['advantage_kept']:.2f} | {r['agreement']:.2f} |"
+      )
+    print(
+      f"* Pareto front; full prefill {prof['rows'][0]['prefill_s_full'] * 1e3:.2f} ms, "
+      f"sender loss {prof['rows'][0]['loss_sender']:.4f}; stored in {stored}",
+      file=sys.stderr,
+    )
   return 0
 
 
@@ -259,11 +351,13 @@ def _send(args) -> int:
   from kvjax.cache.droidspeak import payload, wire
   from kvjax.cache.droidspeak import profile
   from kvjax.lm.model import load
+
   sender = load(args.sender)
   ids = _ids(sender, args.prompt)
   if len(ids) < 2:
-    raise ValueError("the prompt needs at least 2 tokens (a prefix and the token the receiver "
-                     "feeds itself)")
+    raise ValueError(
+      "the prompt needs at least 2 tokens (a prefix and the token the receiver feeds itself)"
+    )
   tokens, lengths = profile.padded(ids[:-1])
   t0 = time.perf_counter()
   sent = droidspeak.capture(sender, tokens, lengths, _plan_for(sender, args.plan))
@@ -274,13 +368,21 @@ def _send(args) -> int:
   else:
     wire.send(data, args.port, args.host)
   where = args.file or f"{args.host}:{args.port}"
-  summary = {"plan": str(sent.plan), "prefix_tokens": len(ids) - 1, "bytes": len(data),
-             "to": where, "capture_s": capture_s}
+  summary = {
+    "plan": str(sent.plan),
+    "prefix_tokens": len(ids) - 1,
+    "bytes": len(data),
+    "to": where,
+    "capture_s": capture_s,
+  }
   if args.json:
     print(json.dumps(summary))
   else:
-    print(f"kvjax droidspeak send: {len(data):,} bytes (plan {sent.plan}, "
-          f"{len(ids) - 1}-token prefix) to {where}", file=sys.stderr)
+    print(
+      f"kvjax droidspeak send: {len(data):,} bytes (plan {sent.plan}, "
+      f"{len(ids) - 1}-token prefix) to {where}",
+      file=sys.stderr,
+    )
   return 0
 
 
@@ -290,24 +392,37 @@ def _receive(args) -> int:
   from kvjax.cache.droidspeak import profile
   from kvjax.lm import steps
   from kvjax.lm.model import load
+
   receiver = load(args.receiver)
   expected = payload.fingerprint(load(args.sender))["sender"] if args.sender else None
   ids = _ids(receiver, args.prompt)
   if args.file is not None:
     data = payload.read(args.file)
   else:
+
     def listening(port):
-      print(f"kvjax droidspeak receive: listening on {args.host}:{port}", file=sys.stderr,
-            flush=True)
+      print(
+        f"kvjax droidspeak receive: listening on {args.host}:{port}", file=sys.stderr, flush=True
+      )
+
     data = wire.serve_once(args.port, args.host, timeout=args.timeout, on_listen=listening)
   sent = payload.decode(data, receiver, sender=expected, prefix=[ids[:-1]])
   cache = droidspeak.receive(receiver, sent, size=steps.bucket(len(ids) + args.max_new_tokens))
   out = profile.continue_from(receiver, cache, ids[-1:], args.max_new_tokens)
   text = receiver.tokenizer.decode(out["tokens"])
   if args.json:
-    print(json.dumps({"plan": str(sent.plan), "prefix_tokens": len(ids) - 1,
-                      "bytes": len(data), "recomputed_layers": list(sent.plan.recomputed),
-                      "tokens": out["tokens"], "text": text}))
+    print(
+      json.dumps(
+        {
+          "plan": str(sent.plan),
+          "prefix_tokens": len(ids) - 1,
+          "bytes": len(data),
+          "recomputed_layers": list(sent.plan.recomputed),
+          "tokens": out["tokens"],
+          "text": text,
+        }
+      )
+    )
   else:
     print(text)
   return 0
@@ -317,6 +432,7 @@ def validation_text() -> str:
   """The bundled profiling text: the Shakespeare corpus' validation plays (never trained on
   by the bundled models), joined."""
   from kvjax.train import corpus
+
   docs = corpus.read_documents("shakespeare")
   split = corpus.assign_splits(docs)
   return "\n\n".join(d.text for d in docs if split[d.path] == "validation")

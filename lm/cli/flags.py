@@ -24,8 +24,16 @@ from kvjax.lm.tokenizer import TokenizerError
 PROG = "kvjax"
 # What `run` reports as one line (ValueError covers every kvjax error class and undecodable
 # text; OSError missing, unreadable or unwritable files and sockets); anything else is a bug.
-LIBRARY_ERRORS = (ConfigError, CheckpointError, TokenizerError, ValueError, OSError,
-                  OverflowError, jinja2.TemplateError, NonFiniteError)
+LIBRARY_ERRORS = (
+  ConfigError,
+  CheckpointError,
+  TokenizerError,
+  ValueError,
+  OSError,
+  OverflowError,
+  jinja2.TemplateError,
+  NonFiniteError,
+)
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MODEL = "shakespeare"  # bundled (see MODELS.md)
 INT_LIMIT = 2**31 - 1  # integer flags above it overflow the int32 arrays they size
@@ -44,8 +52,9 @@ def one_line(message: str) -> str:
   return re.sub(r"\s*\n\s*", " ", str(message).strip())
 
 
-def checked(kind: type, ok: Callable[[float], bool], expected: str,
-            limit: int | None = INT_LIMIT) -> Callable[[str], float]:
+def checked(
+  kind: type, ok: Callable[[float], bool], expected: str, limit: int | None = INT_LIMIT
+) -> Callable[[str], float]:
   """An argparse `type` that parses `kind` and rejects values failing `ok` (and non-finite
   floats, and ints beyond +-limit) with `expected`. Shared by every kvjax command line."""
 
@@ -66,8 +75,11 @@ def checked(kind: type, ok: Callable[[float], bool], expected: str,
 
 positive = checked(int, lambda v: v >= 1, "an integer >= 1")
 nonneg = checked(int, lambda v: v >= 0, "an integer >= 0")
-temperature_type = checked(float, lambda t: t == 0 or 1e-6 <= t < float("inf"),
-                           "0 (greedy decoding) or a finite number >= 1e-6")
+temperature_type = checked(
+  float,
+  lambda t: t == 0 or 1e-6 <= t < float("inf"),
+  "0 (greedy decoding) or a finite number >= 1e-6",
+)
 top_k_type = checked(int, lambda k: k >= 0, "an integer >= 0 (0 = off)")
 top_p_type = checked(float, lambda p: 0 < p <= 1, "a number in (0, 1] (1 = off)")
 # jax.random.key(seed) keeps the low 32 bits (2**32 is seed 0 again) and overflows at 2**63
@@ -127,15 +139,23 @@ def read_stdin(what: str) -> str:
 
 def add_model_flag(p: argparse.ArgumentParser) -> None:
   """--model DIR_OR_NAME, default the bundled DEFAULT_MODEL (every subcommand that loads one)."""
-  p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR_OR_NAME",
-                 help=f"model directory or bundled model name (default {DEFAULT_MODEL})")
+  p.add_argument(
+    "--model",
+    default=DEFAULT_MODEL,
+    metavar="DIR_OR_NAME",
+    help=f"model directory or bundled model name (default {DEFAULT_MODEL})",
+  )
   add_finite_flag(p)
 
 
 def add_finite_flag(p: argparse.ArgumentParser) -> None:
   """--no-check-finite: load without checking every weight for NaN / Inf."""
-  p.add_argument("--no-check-finite", dest="check_finite", action="store_false",
-                 help="skip the check that every weight is finite (for huge checkpoints)")
+  p.add_argument(
+    "--no-check-finite",
+    dest="check_finite",
+    action="store_false",
+    help="skip the check that every weight is finite (for huge checkpoints)",
+  )
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None, label) -> int:
@@ -151,7 +171,8 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, label) -> int:
   try:
     with warnings.catch_warnings():  # a warning is one line too: `kvjax: warning: ...`
       warnings.showwarning = lambda message, *_: print(
-          f"{label(args)}: warning: {one_line(message)}", file=sys.stderr)
+        f"{label(args)}: warning: {one_line(message)}", file=sys.stderr
+      )
       args.check(args)
       return args.run(args)
   except SystemExit as done:  # a check's parser.error
@@ -167,22 +188,31 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None, label) -> int:
     return 1
 
 
-def describe(err: BaseException, args: argparse.Namespace | None = None,
-             parser: argparse.ArgumentParser | None = None) -> str:
+def describe(
+  err: BaseException,
+  args: argparse.Namespace | None = None,
+  parser: argparse.ArgumentParser | None = None,
+) -> str:
   """The one-line message for an error `run` reports: what failed, on which file, port, flag
   or model, and what was expected."""
   if isinstance(err, UnicodeDecodeError):  # a source that did not name itself (see decode)
     return f"input is not UTF-8 text ({utf8_error(err)})"
   if isinstance(err, UnicodeEncodeError):
-    what = err.object[err.start:err.end]
+    what = err.object[err.start : err.end]
     msg = f"cannot encode {what!r} as {err.encoding} ({err.reason})"
     out = getattr(sys.stdout, "encoding", None) or ""
     if out.lower().replace("-", "") != "utf8":
       msg += f"; stdout's encoding is {out or 'unknown'}: set PYTHONIOENCODING=utf-8"
     return msg
   if isinstance(err, jinja2.TemplateError):
-    model = next((getattr(args, a) for a in ("model", "receiver", "target", "base")
-                  if isinstance(getattr(args, a, None), str)), "the model")
+    model = next(
+      (
+        getattr(args, a)
+        for a in ("model", "receiver", "target", "base")
+        if isinstance(getattr(args, a, None), str)
+      ),
+      "the model",
+    )
     where = f" (line {err.lineno})" if getattr(err, "lineno", None) else ""
     return f"the chat template of {model} failed{where}: {err.message or type(err).__name__}"
   if isinstance(err, OSError):
@@ -192,8 +222,11 @@ def describe(err: BaseException, args: argparse.Namespace | None = None,
   return str(err)
 
 
-def os_message(err: OSError, args: argparse.Namespace | None = None,
-               parser: argparse.ArgumentParser | None = None) -> str:
+def os_message(
+  err: OSError,
+  args: argparse.Namespace | None = None,
+  parser: argparse.ArgumentParser | None = None,
+) -> str:
   """`[--flag] PATH: what is wrong` for an OSError on a file (the flag whose path holds it,
   when args has one), its own message otherwise (a socket's names its host and port)."""
   what = err.strerror or str(err) or type(err).__name__
@@ -221,7 +254,8 @@ def flag_of_path(args, parser, path: str) -> str | None:
     if target == given:
       return options[dest]
     if target.startswith(given.rstrip(os.sep) + os.sep) and (
-        best is None or len(given) > len(os.path.abspath(best[1]))):
+      best is None or len(given) > len(os.path.abspath(best[1]))
+    ):
       best = options[dest], value
   return None if best is None else f"{best[0]} {best[1]}:"
 
@@ -263,8 +297,9 @@ def check_input_file(parser: argparse.ArgumentParser, flag: str, path: str | Non
     parser.error(f"{flag} {path}: not readable (permission denied)")
 
 
-def check_output(parser: argparse.ArgumentParser, flag: str, path: str | None, *,
-                 directory: bool) -> None:
+def check_output(
+  parser: argparse.ArgumentParser, flag: str, path: str | None, *, directory: bool
+) -> None:
   """parser.error unless path (a file, or with directory=True a directory) can be written: it
   is of that kind or absent, and the directory it is or goes into is writable. Checked before
   the work starts, so that a long run does not end on a path it cannot write."""
@@ -297,6 +332,7 @@ def output_error(path: str, *, directory: bool) -> str | None:
 
 def ints_type(text: str) -> tuple[int, ...]:
   from kvjax.lm.bench import parse_ints
+
   try:
     values = parse_ints(text)
   except ValueError as err:
@@ -308,21 +344,54 @@ def ints_type(text: str) -> tuple[int, ...]:
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
   """Sampling, stop, chat-template and dtype flags shared by generate and stream."""
-  p.add_argument("--temperature", type=temperature_type, default=0.0, metavar="T",
-                 help="sampling temperature; 0 (default) is greedy decoding")
-  p.add_argument("--top-k", type=top_k_type, default=None, metavar="K",
-                 help="sample from the K most likely tokens (needs --temperature > 0)")
-  p.add_argument("--top-p", type=top_p_type, default=None, metavar="P",
-                 help="nucleus sampling mass in (0, 1] (needs --temperature > 0)")
-  p.add_argument("--seed", type=seed_type, default=0, metavar="S",
-                 help="PRNG seed for sampling, in [0, 2**32) (default 0)")
-  p.add_argument("--stop", action="append", type=text_type, default=[], metavar="STR",
-                 help="stop a reply when its text contains STR (cut before it); repeatable")
-  p.add_argument("--chat", action="store_true",
-                 help="wrap each prompt as a user message with the model's chat template")
-  p.add_argument("--dtype", choices=DTYPES, default=None,
-                 help="cast the params to this dtype (default: as stored; float32 for the bundled "
-                 "models, which are stored in bfloat16)")
+  p.add_argument(
+    "--temperature",
+    type=temperature_type,
+    default=0.0,
+    metavar="T",
+    help="sampling temperature; 0 (default) is greedy decoding",
+  )
+  p.add_argument(
+    "--top-k",
+    type=top_k_type,
+    default=None,
+    metavar="K",
+    help="sample from the K most likely tokens (needs --temperature > 0)",
+  )
+  p.add_argument(
+    "--top-p",
+    type=top_p_type,
+    default=None,
+    metavar="P",
+    help="nucleus sampling mass in (0, 1] (needs --temperature > 0)",
+  )
+  p.add_argument(
+    "--seed",
+    type=seed_type,
+    default=0,
+    metavar="S",
+    help="PRNG seed for sampling, in [0, 2**32) (default 0)",
+  )
+  p.add_argument(
+    "--stop",
+    action="append",
+    type=text_type,
+    default=[],
+    metavar="STR",
+    help="stop a reply when its text contains STR (cut before it); repeatable",
+  )
+  p.add_argument(
+    "--chat",
+    action="store_true",
+    help="wrap each prompt as a user message with the model's chat template",
+  )
+  p.add_argument(
+    "--dtype",
+    choices=DTYPES,
+    default=None,
+    help="cast the params to this dtype (default: as stored; float32 for the bundled "
+    "models, which are stored in bfloat16)",
+  )
 
 
 def check_sampling_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -330,8 +399,10 @@ def check_sampling_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
     given = [f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p)) if v is not None]
     if given:
       verb = "applies" if len(given) == 1 else "apply"
-      parser.error(f"{' and '.join(given)} only {verb} when sampling: sampling flags need "
-                   "--temperature > 0 (the default 0 is greedy decoding)")
+      parser.error(
+        f"{' and '.join(given)} only {verb} when sampling: sampling flags need "
+        "--temperature > 0 (the default 0 is greedy decoding)"
+      )
   if any(not s for s in args.stop):
     parser.error("--stop expects a non-empty string")
 
@@ -354,25 +425,48 @@ def add_distributed_flags(p: argparse.ArgumentParser) -> None:
   """--coordinator, --num-processes, --process-id: one process per host on one mesh
   (`kvjax.lm.distributed.initialize`; unset flags read JAX_COORDINATOR_ADDRESS,
   JAX_NUM_PROCESSES, JAX_PROCESS_ID)."""
-  g = p.add_argument_group("several hosts (jax.distributed; every process runs the same "
-                           "command; process 0 prints and writes)")
-  g.add_argument("--coordinator", metavar="HOST:PORT", default=None,
-                 help="address of process 0 (default $JAX_COORDINATOR_ADDRESS)")
-  g.add_argument("--num-processes", type=positive, default=None, metavar="N",
-                 help="processes in the run (default $JAX_NUM_PROCESSES)")
-  g.add_argument("--process-id", type=nonneg, default=None, metavar="I",
-                 help="this process, 0 .. N-1 (default $JAX_PROCESS_ID)")
-  g.add_argument("--distributed", action="store_true",
-                 help="join a cluster JAX detects itself (Cloud TPU pod, SLURM, Open MPI)")
+  g = p.add_argument_group(
+    "several hosts (jax.distributed; every process runs the same "
+    "command; process 0 prints and writes)"
+  )
+  g.add_argument(
+    "--coordinator",
+    metavar="HOST:PORT",
+    default=None,
+    help="address of process 0 (default $JAX_COORDINATOR_ADDRESS)",
+  )
+  g.add_argument(
+    "--num-processes",
+    type=positive,
+    default=None,
+    metavar="N",
+    help="processes in the run (default $JAX_NUM_PROCESSES)",
+  )
+  g.add_argument(
+    "--process-id",
+    type=nonneg,
+    default=None,
+    metavar="I",
+    help="this process, 0 .. N-1 (default $JAX_PROCESS_ID)",
+  )
+  g.add_argument(
+    "--distributed",
+    action="store_true",
+    help="join a cluster JAX detects itself (Cloud TPU pod, SLURM, Open MPI)",
+  )
 
 
 def start_distributed(args: argparse.Namespace) -> bool:
   """Joins the other processes when a distributed flag or JAX_COORDINATOR_ADDRESS is set
   (before any device is touched); off process 0, stdout is silenced. Returns whether it did."""
   from kvjax.lm import distributed
+
   given = (args.coordinator, args.num_processes, args.process_id)
-  if not (args.distributed or any(v is not None for v in given)
-          or os.environ.get(distributed.ENV["coordinator"])):
+  if not (
+    args.distributed
+    or any(v is not None for v in given)
+    or os.environ.get(distributed.ENV["coordinator"])
+  ):
     return False
   distributed.initialize(*given)
   if not distributed.is_main():
@@ -386,8 +480,12 @@ def load_model(args: argparse.Namespace):
   import jax.numpy as jnp
 
   from kvjax.lm.model import load
-  return load(args.model, dtype=None if args.dtype is None else getattr(jnp, args.dtype),
-              check_finite=getattr(args, "check_finite", True))
+
+  return load(
+    args.model,
+    dtype=None if args.dtype is None else getattr(jnp, args.dtype),
+    check_finite=getattr(args, "check_finite", True),
+  )
 
 
 def sampling_from_flags(args: argparse.Namespace) -> tuple:
@@ -395,16 +493,25 @@ def sampling_from_flags(args: argparse.Namespace) -> tuple:
   import jax
 
   from kvjax.lm.sampling import Sampling
-  sampling = Sampling(temperature=args.temperature, top_k=args.top_k or 0,
-                      top_p=1.0 if args.top_p is None else args.top_p)
+
+  sampling = Sampling(
+    temperature=args.temperature,
+    top_k=args.top_k or 0,
+    top_p=1.0 if args.top_p is None else args.top_p,
+  )
   return sampling, None if sampling.greedy else jax.random.key(args.seed)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
   """Keyword arguments shared by `lm.generate` and `lm.stream`."""
   sampling, key = sampling_from_flags(args)
-  return dict(max_new_tokens=args.max_new_tokens, sampling=sampling, key=key,
-              stop=tuple(args.stop), chat=args.chat)
+  return dict(
+    max_new_tokens=args.max_new_tokens,
+    sampling=sampling,
+    key=key,
+    stop=tuple(args.stop),
+    chat=args.chat,
+  )
 
 
 def finite(x: float) -> float | None:

@@ -8,59 +8,135 @@ import json
 import sys
 
 from kvjax.lm.model import bundled
-from kvjax.lm.cli.flags import (DEFAULT_MODEL, PROG, add_distributed_flags, add_finite_flag,
-                                add_sampling_flags, check_sampling_flags, checked, finite,
-                                load_model, nonneg, positive, read_prompts, sampling_kwargs,
-                                start_distributed, text_type)
+from kvjax.lm.cli.flags import (
+  DEFAULT_MODEL,
+  PROG,
+  add_distributed_flags,
+  add_finite_flag,
+  add_sampling_flags,
+  check_sampling_flags,
+  checked,
+  finite,
+  load_model,
+  nonneg,
+  positive,
+  read_prompts,
+  sampling_kwargs,
+  start_distributed,
+  text_type,
+)
 
 
 def add(subparsers) -> None:
   p = subparsers.add_parser(
-      "generate", help="continue one or more prompts",
-      description="Generates a continuation of each prompt (several --prompt flags run as one "
-      "batch). Greedy unless --temperature > 0. One prompt streams its text as it is produced.")
-  p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR_OR_NAME",
-                 help="Hugging Face format model directory (config.json, model.safetensors, "
-                 "tokenizer.json) or a bundled model name: "
-                 f"{', '.join(bundled()) or 'none installed'} (default {DEFAULT_MODEL})")
+    "generate",
+    help="continue one or more prompts",
+    description="Generates a continuation of each prompt (several --prompt flags run as one "
+    "batch). Greedy unless --temperature > 0. One prompt streams its text as it is produced.",
+  )
+  p.add_argument(
+    "--model",
+    default=DEFAULT_MODEL,
+    metavar="DIR_OR_NAME",
+    help="Hugging Face format model directory (config.json, model.safetensors, "
+    "tokenizer.json) or a bundled model name: "
+    f"{', '.join(bundled()) or 'none installed'} (default {DEFAULT_MODEL})",
+  )
   add_finite_flag(p)
-  p.add_argument("--prompt", action="append", type=text_type, required=True, metavar="TEXT",
-                 help="prompt text; repeat for a batch; '-' reads it from stdin")
-  p.add_argument("--max-new-tokens", type=positive, default=64, metavar="N",
-                 help="tokens to generate per prompt at most (default 64)")
+  p.add_argument(
+    "--prompt",
+    action="append",
+    type=text_type,
+    required=True,
+    metavar="TEXT",
+    help="prompt text; repeat for a batch; '-' reads it from stdin",
+  )
+  p.add_argument(
+    "--max-new-tokens",
+    type=positive,
+    default=64,
+    metavar="N",
+    help="tokens to generate per prompt at most (default 64)",
+  )
   add_sampling_flags(p)
   g = p.add_argument_group("speculative decoding (EAGLE; output as without it)")
-  g.add_argument("--speculative", choices=("eagle",), default=None,
-                 help="draft with an EAGLE head and verify a draft tree per target forward")
-  g.add_argument("--head", metavar="DIR_OR_NAME",
-                 help="EAGLE head directory (head.json + params/) or shipped head name "
-                      "(e.g. shakespeare)")
-  g.add_argument("--tree-top-k", type=positive, default=None, metavar="K",
-                 help="children per expanded node, nodes expanded per level (default 8; "
-                      "1 = chain drafting)")
-  g.add_argument("--tree-depth", type=positive, default=None, metavar="D",
-                 help="draft levels, the longest accepted run per forward minus one (default 5)")
-  g.add_argument("--tree-tokens", type=tree_tokens_type, default=None, metavar="N",
-                 help="tree size verified per target forward, root included (default 32); "
-                      "'auto' times sizes 8..64 on this machine first and takes the fastest")
-  g = p.add_argument_group("cache augmentation (a trained coprocessor writes latents into the "
-                            "cache before the prompt's last token)")
-  g.add_argument("--coprocessor", metavar="DIR_OR_NAME", default=None,
-                 help="coprocessor directory (coprocessor.json + params/) or shipped name "
-                      "(e.g. shakespeare-16)")
-  g.add_argument("--delay", type=nonneg, default=None, metavar="K",
-                 help="the latents arrive K tokens late (asynchronous augmentation; default 0)")
-  p.add_argument("--allow-other-params", action="store_true",
-                 help="use a head or coprocessor trained against other weights of the same "
-                 "architecture (it records their fingerprint; a warning is printed)")
-  p.add_argument("--json", action="store_true",
-                 help="print one JSON object (texts, token ids, timings) instead of text")
+  g.add_argument(
+    "--speculative",
+    choices=("eagle",),
+    default=None,
+    help="draft with an EAGLE head and verify a draft tree per target forward",
+  )
+  g.add_argument(
+    "--head",
+    metavar="DIR_OR_NAME",
+    help="EAGLE head directory (head.json + params/) or shipped head name (e.g. shakespeare)",
+  )
+  g.add_argument(
+    "--tree-top-k",
+    type=positive,
+    default=None,
+    metavar="K",
+    help="children per expanded node, nodes expanded per level (default 8; 1 = chain drafting)",
+  )
+  g.add_argument(
+    "--tree-depth",
+    type=positive,
+    default=None,
+    metavar="D",
+    help="draft levels, the longest accepted run per forward minus one (default 5)",
+  )
+  g.add_argument(
+    "--tree-tokens",
+    type=tree_tokens_type,
+    default=None,
+    metavar="N",
+    help="tree size verified per target forward, root included (default 32); "
+    "'auto' times sizes 8..64 on this machine first and takes the fastest",
+  )
+  g = p.add_argument_group(
+    "cache augmentation (a trained coprocessor writes latents into the "
+    "cache before the prompt's last token)"
+  )
+  g.add_argument(
+    "--coprocessor",
+    metavar="DIR_OR_NAME",
+    default=None,
+    help="coprocessor directory (coprocessor.json + params/) or shipped name (e.g. shakespeare-16)",
+  )
+  g.add_argument(
+    "--delay",
+    type=nonneg,
+    default=None,
+    metavar="K",
+    help="the latents arrive K tokens late (asynchronous augmentation; default 0)",
+  )
+  p.add_argument(
+    "--allow-other-params",
+    action="store_true",
+    help="use a head or coprocessor trained against other weights of the same "
+    "architecture (it records their fingerprint; a warning is printed)",
+  )
+  p.add_argument(
+    "--json",
+    action="store_true",
+    help="print one JSON object (texts, token ids, timings) instead of text",
+  )
   g = p.add_argument_group("sharding (plain generation: not with --speculative, --coprocessor)")
-  g.add_argument("--data-parallel", type=positive, default=None, metavar="N",
-                 help="mesh 'data' axis size (prompts split across it; default: all devices "
-                 "/ --model-parallel when sharding)")
-  g.add_argument("--model-parallel", type=positive, default=None, metavar="N",
-                 help="mesh 'model' axis size (heads, ffn, vocab split across it; default 1)")
+  g.add_argument(
+    "--data-parallel",
+    type=positive,
+    default=None,
+    metavar="N",
+    help="mesh 'data' axis size (prompts split across it; default: all devices "
+    "/ --model-parallel when sharding)",
+  )
+  g.add_argument(
+    "--model-parallel",
+    type=positive,
+    default=None,
+    metavar="N",
+    help="mesh 'model' axis size (heads, ffn, vocab split across it; default 1)",
+  )
   add_distributed_flags(p)
   p.set_defaults(run=_generate, check=lambda args: _check_generate(p, args))
 
@@ -77,44 +153,70 @@ def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -
   check_sampling_flags(parser, args)
   if args.prompt.count("-") > 1:
     parser.error("--prompt - (read stdin) can be given only once")
-  tree_flags = [f for f in ("tree_top_k", "tree_depth", "tree_tokens")
-                if getattr(args, f) is not None]
+  tree_flags = [
+    f for f in ("tree_top_k", "tree_depth", "tree_tokens") if getattr(args, f) is not None
+  ]
   if args.speculative is None and (args.head or tree_flags):
     given = ["--head"] * bool(args.head) + ["--" + f.replace("_", "-") for f in tree_flags]
     parser.error(f"{', '.join(given)} only apply with --speculative eagle")
   if args.delay is not None and args.coprocessor is None:
     parser.error("--delay applies only with --coprocessor")
   if args.coprocessor is not None and args.speculative:
-    parser.error("--coprocessor and --speculative do not combine (the EAGLE head drafts from "
-                 "an unaugmented cache)")
+    parser.error(
+      "--coprocessor and --speculative do not combine (the EAGLE head drafts from "
+      "an unaugmented cache)"
+    )
   if args.coprocessor is not None:
     from kvjax.coprocessor.model import resolve as resolve_cop
+
     try:
       resolve_cop(args.coprocessor)
     except FileNotFoundError as err:
       parser.error(f"--coprocessor: {err}")
     if (args.delay or 0) >= args.max_new_tokens:
-      parser.error(f"--delay {args.delay} must be smaller than --max-new-tokens "
-                   f"{args.max_new_tokens}")
-  sharded = [f for f in ("data_parallel", "model_parallel", "coordinator", "num_processes",
-                         "process_id", "distributed") if getattr(args, f) not in (None, False)]
+      parser.error(
+        f"--delay {args.delay} must be smaller than --max-new-tokens {args.max_new_tokens}"
+      )
+  sharded = [
+    f
+    for f in (
+      "data_parallel",
+      "model_parallel",
+      "coordinator",
+      "num_processes",
+      "process_id",
+      "distributed",
+    )
+    if getattr(args, f) not in (None, False)
+  ]
   if sharded and (args.speculative or args.coprocessor is not None):
-    parser.error(f"--{sharded[0].replace('_', '-')} applies only to plain generation (not "
-                 "--speculative or --coprocessor)")
+    parser.error(
+      f"--{sharded[0].replace('_', '-')} applies only to plain generation (not "
+      "--speculative or --coprocessor)"
+    )
   if args.speculative and not args.head:
-    parser.error("--speculative eagle needs --head DIR_OR_NAME (an EAGLE head trained for "
-                 "the model)")
+    parser.error(
+      "--speculative eagle needs --head DIR_OR_NAME (an EAGLE head trained for the model)"
+    )
   if args.speculative:
     from kvjax.speculative.tree import TreeSpec
-    given = {f[5:] if f != "tree_tokens" else "total_tokens": getattr(args, f)
-             for f in tree_flags if getattr(args, f) != "auto"}
+
+    given = {
+      f[5:] if f != "tree_tokens" else "total_tokens": getattr(args, f)
+      for f in tree_flags
+      if getattr(args, f) != "auto"
+    }
     if args.tree_tokens == "auto":  # auto_tree picks the size; check the shape alone
       given["total_tokens"] = 2
     try:
       args.tree = TreeSpec(**given)
     except ValueError as err:
-      parser.error(str(err).replace("tree top_k", "--tree-top-k").replace(
-          "tree depth", "--tree-depth").replace("tree total_tokens", "--tree-tokens"))
+      parser.error(
+        str(err)
+        .replace("tree top_k", "--tree-top-k")
+        .replace("tree depth", "--tree-depth")
+        .replace("tree total_tokens", "--tree-tokens")
+      )
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -125,31 +227,38 @@ def _generate(args: argparse.Namespace) -> int:
     import jax
 
     from kvjax.lm import sharding
+
     model_ways = args.model_parallel or 1
     data = args.data_parallel or max(1, len(jax.devices()) // model_ways)
     if data * model_ways > len(jax.devices()):
-      raise ValueError(f"--data-parallel {data} x --model-parallel {model_ways} needs "
-                       f"{data * model_ways} devices; {len(jax.devices())} available")
-    mesh = sharding.make_mesh(data, model_ways, jax.devices()[:data * model_ways])
+      raise ValueError(
+        f"--data-parallel {data} x --model-parallel {model_ways} needs "
+        f"{data * model_ways} devices; {len(jax.devices())} available"
+      )
+    mesh = sharding.make_mesh(data, model_ways, jax.devices()[: data * model_ways])
     model = sharding.shard(model, mesh)
   kwargs = sampling_kwargs(args)
   if args.speculative:
     from kvjax import speculative
+
     head = speculative.load_head(args.head, model, allow_other_params=args.allow_other_params)
     if args.tree_tokens == "auto":
       log = lambda msg: print(f"{PROG}: {msg}", file=sys.stderr)
-      args.tree, _ = speculative.auto_tree(model, head, prompts, top_k=args.tree.top_k,
-                                           depth=args.tree.depth, log=log)
+      args.tree, _ = speculative.auto_tree(
+        model, head, prompts, top_k=args.tree.top_k, depth=args.tree.depth, log=log
+      )
       log(f"auto: --tree-tokens {args.tree.total_tokens}")
     out = speculative.generate(model, head, prompts, tree=args.tree, **kwargs)
   elif args.coprocessor is not None:
     from kvjax import coprocessor
+
     cop = coprocessor.load(args.coprocessor, model, allow_other_params=args.allow_other_params)
     out = coprocessor.generate(model, cop, prompts, delay=args.delay or 0, **kwargs)
   elif len(prompts) == 1 and not args.json and not multi:
     return _stream_one(model, prompts[0], kwargs)
   else:
     from kvjax.lm.generate import generate
+
     out = generate(model, prompts, **kwargs)
   if args.json:
     print(json.dumps(_generation_json(args, model, out, kwargs["sampling"])))
@@ -160,40 +269,51 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"=== [{i + 1}/{len(prompts)}] {_preview(prompt)} ===")
     print(text)
   s = out.stats
-  print(f"{PROG}: {len(prompts)} prompts, {s['prompt_tokens']} prompt tokens, "
-        f"prefill {s['prefill_s']:.3f} s; {s['new_tokens']} new tokens in {s['decode_s']:.3f} s "
-        f"({s['decode_tokens_per_s']:.1f} tok/s); compile {s['compile_s']:.2f} s"
-        + (f"; {s['mean_accept_len']:.2f} tokens per target forward ({s['target_forwards']} "
-           "forwards)" if args.speculative else ""), file=sys.stderr)
+  print(
+    f"{PROG}: {len(prompts)} prompts, {s['prompt_tokens']} prompt tokens, "
+    f"prefill {s['prefill_s']:.3f} s; {s['new_tokens']} new tokens in {s['decode_s']:.3f} s "
+    f"({s['decode_tokens_per_s']:.1f} tok/s); compile {s['compile_s']:.2f} s"
+    + (
+      f"; {s['mean_accept_len']:.2f} tokens per target forward ({s['target_forwards']} forwards)"
+      if args.speculative
+      else ""
+    ),
+    file=sys.stderr,
+  )
   return 0
 
 
 def _preview(prompt: str, width: int = 60) -> str:
   """A prompt shortened to one header-line-sized repr."""
   text = repr(prompt)
-  return text if len(text) <= width else text[:width - 3] + "..."
+  return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _stream_one(model, prompt: str, kwargs: dict) -> int:
   """Writes the continuation to stdout as it is produced, then a newline; timings to stderr."""
   from kvjax.lm.generate import generate_iter
+
   stats: dict = {}
   for piece in generate_iter(model, prompt, stats=stats, **kwargs):
     sys.stdout.write(piece)
     sys.stdout.flush()
   sys.stdout.write("\n")
   sys.stdout.flush()
-  print(f"{PROG}: {stats['prompt_tokens']} prompt tokens, prefill {stats['prefill_s']:.3f} s; "
-        f"{stats['new_tokens']} new tokens in {stats['decode_s']:.3f} s "
-        f"({stats['decode_tokens_per_s']:.1f} tok/s, {stats['finish']}); "
-        f"compile {stats['compile_s']:.2f} s", file=sys.stderr)
+  print(
+    f"{PROG}: {stats['prompt_tokens']} prompt tokens, prefill {stats['prefill_s']:.3f} s; "
+    f"{stats['new_tokens']} new tokens in {stats['decode_s']:.3f} s "
+    f"({stats['decode_tokens_per_s']:.1f} tok/s, {stats['finish']}); "
+    f"compile {stats['compile_s']:.2f} s",
+    file=sys.stderr,
+  )
   return 0
 
 
 def _generation_json(args: argparse.Namespace, model, out, sampling) -> dict:
   """The --json object of `kvjax generate`."""
   s = out.stats
-  return {
+  return (
+    {
       "model": args.model,
       "dtype": str(model.dtype),
       "text": out.texts,
@@ -212,14 +332,28 @@ def _generation_json(args: argparse.Namespace, model, out, sampling) -> dict:
       "seed": None if sampling.greedy else args.seed,
       "stop": list(args.stop),
       "chat": args.chat,
-  } | ({} if not args.speculative else {
-      "speculative": args.speculative,
-      "head": args.head,
-      "tree": {"top_k": args.tree.top_k, "depth": args.tree.depth,
-               "total_tokens": args.tree.total_tokens},
-      "mean_accept_len": finite(s["mean_accept_len"]),
-      "target_forwards": int(s["target_forwards"]),
-  }) | ({} if args.coprocessor is None else {
-      "coprocessor": args.coprocessor,
-      "delay": args.delay or 0,
-  })
+    }
+    | (
+      {}
+      if not args.speculative
+      else {
+        "speculative": args.speculative,
+        "head": args.head,
+        "tree": {
+          "top_k": args.tree.top_k,
+          "depth": args.tree.depth,
+          "total_tokens": args.tree.total_tokens,
+        },
+        "mean_accept_len": finite(s["mean_accept_len"]),
+        "target_forwards": int(s["target_forwards"]),
+      }
+    )
+    | (
+      {}
+      if args.coprocessor is None
+      else {
+        "coprocessor": args.coprocessor,
+        "delay": args.delay or 0,
+      }
+    )
+  )

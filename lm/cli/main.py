@@ -31,7 +31,8 @@ from kvjax.lm.cli.flags import PROG, Parser, run
 def build_parser() -> argparse.ArgumentParser:
   """The `kvjax` parser with every subcommand."""
   parser = Parser(
-      prog=PROG, description="LLM inference in JAX with the KV cache as an explicit value.")
+    prog=PROG, description="LLM inference in JAX with the KV cache as an explicit value."
+  )
   subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
   for command in (generate, stream, ppl):
     command.add(subparsers)
@@ -46,18 +47,24 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ["train"]:  # forwarded whole, so `kvjax train --help` is the trainer's help
     from kvjax.train.cli import main as train_main
+
     return train_main(argv[1:], prog=f"{PROG} train")
   return run(build_parser(), argv, lambda args: PROG)
 
 
 def _add_train(subparsers) -> None:
   """`kvjax train TASK ...`: listed here for --help; `main` forwards it to kvjax.train.cli."""
-  p = subparsers.add_parser("train", add_help=False, help="train a model (kvjax train lm --help)",
-                            description="Same as python -m kvjax.train.")
+  p = subparsers.add_parser(
+    "train",
+    add_help=False,
+    help="train a model (kvjax train lm --help)",
+    description="Same as python -m kvjax.train.",
+  )
   p.add_argument("argv", nargs=argparse.REMAINDER)
 
   def run(args: argparse.Namespace) -> int:
     from kvjax.train.cli import main as train_main
+
     return train_main(args.argv, prog=f"{PROG} train")
 
   p.set_defaults(run=run, check=lambda args: None)

@@ -7,25 +7,43 @@ import argparse
 import json
 import sys
 
-from kvjax.lm.cli.flags import (DTYPES, add_model_flag, check_input_file, check_output,
-                                model_and_text, positive)
+from kvjax.lm.cli.flags import (
+  DTYPES,
+  add_model_flag,
+  check_input_file,
+  check_output,
+  model_and_text,
+  positive,
+)
 
 
 def add(subparsers) -> None:
   p = subparsers.add_parser(
-      "sinks", help="attention mass on a text's first tokens, per layer and head",
-      description="Runs the model's causal attention over a text and reports, for every layer "
-      "and head, the attention probability that queries put on the first --sink-tokens "
-      "positions (averaged over the queries after them), next to what evenly spread attention "
-      "would give. A model that forms attention sinks (StreamingLLM) puts far more than that "
-      "share there.")
+    "sinks",
+    help="attention mass on a text's first tokens, per layer and head",
+    description="Runs the model's causal attention over a text and reports, for every layer "
+    "and head, the attention probability that queries put on the first --sink-tokens "
+    "positions (averaged over the queries after them), next to what evenly spread attention "
+    "would give. A model that forms attention sinks (StreamingLLM) puts far more than that "
+    "share there.",
+  )
   add_model_flag(p)
   p.add_argument("--dtype", choices=DTYPES, help="cast the params (default: as stored)")
   p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file ('-' = stdin)")
-  p.add_argument("--tokens", type=positive, default=None, metavar="T",
-                 help="use the first T tokens of the text (default: all, within the context)")
-  p.add_argument("--sink-tokens", type=positive, default=4, metavar="K",
-                 help="how many first positions count as sinks (default 4)")
+  p.add_argument(
+    "--tokens",
+    type=positive,
+    default=None,
+    metavar="T",
+    help="use the first T tokens of the text (default: all, within the context)",
+  )
+  p.add_argument(
+    "--sink-tokens",
+    type=positive,
+    default=4,
+    metavar="K",
+    help="how many first positions count as sinks (default 4)",
+  )
   p.add_argument("--png", metavar="FILE", help="also write the heatmap as a PNG")
   p.add_argument("--json", action="store_true", help="print the report as JSON")
   p.set_defaults(run=_sinks, check=lambda args: _check(p, args))
@@ -38,21 +56,27 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def _sinks(args: argparse.Namespace) -> int:
   from kvjax.lm.streaming import sinks
+
   model, ids = model_and_text(args)
   if args.tokens is not None:
     if args.tokens > len(ids):
       raise ValueError(f"--tokens {args.tokens}: the text has only {len(ids)} tokens")
-    ids = ids[:args.tokens]
+    ids = ids[: args.tokens]
   report = sinks.attention_mass(model, ids, sink_tokens=args.sink_tokens)
   if args.png is not None:
-    sinks.heatmap(report, args.png, title=f"{args.model}: attention on the first "
-                  f"{args.sink_tokens} of {report.tokens} tokens")
+    sinks.heatmap(
+      report,
+      args.png,
+      title=f"{args.model}: attention on the first {args.sink_tokens} of {report.tokens} tokens",
+    )
   out = {"model": args.model, **report.to_json(), "png": args.png}
   if args.json:
     print(json.dumps(out))
     return 0
-  print(f"{args.model}: attention mass on the first {args.sink_tokens} of {report.tokens} "
-        f"tokens (mean over heads; uniform attention would give the second column)")
+  print(
+    f"{args.model}: attention mass on the first {args.sink_tokens} of {report.tokens} "
+    f"tokens (mean over heads; uniform attention would give the second column)"
+  )
   for l, (m, u) in enumerate(zip(report.mass.mean(1), report.uniform)):
     heads = " ".join(f"{x:.2f}" for x in report.mass[l])
     print(f"layer {l:2d}: {m:.3f}  (uniform {u:.3f}, {m / u:5.1f}x)  heads {heads}")

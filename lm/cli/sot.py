@@ -13,57 +13,114 @@ from __future__ import annotations
 import json
 import sys
 
-from kvjax.lm.cli.flags import (PROG, add_model_flag, add_sampling_flags, check_input_file,
-                                check_sampling_flags, load_model, positive, read_prompts,
-                                read_text, sampling_from_flags, text_type)
+from kvjax.lm.cli.flags import (
+  PROG,
+  add_model_flag,
+  add_sampling_flags,
+  check_input_file,
+  check_sampling_flags,
+  load_model,
+  positive,
+  read_prompts,
+  read_text,
+  sampling_from_flags,
+  text_type,
+)
 
 
 def add(subparsers) -> None:
   p = subparsers.add_parser(
-      "sot", help="answer as a skeleton of points, expanded in parallel (Skeleton-of-Thought)",
-      description="Skeleton-of-Thought: the model writes a skeleton of points (or --skeleton "
-      "gives it), then every point is expanded in one batched decode that prefills the "
-      "question and skeleton once. Reports the latency against a normal answer of the same "
-      "number of generated tokens, timed in the same run (compilation excluded).")
+    "sot",
+    help="answer as a skeleton of points, expanded in parallel (Skeleton-of-Thought)",
+    description="Skeleton-of-Thought: the model writes a skeleton of points (or --skeleton "
+    "gives it), then every point is expanded in one batched decode that prefills the "
+    "question and skeleton once. Reports the latency against a normal answer of the same "
+    "number of generated tokens, timed in the same run (compilation excluded).",
+  )
   add_model_flag(p)
-  p.add_argument("--question", required=True, type=text_type, metavar="TEXT",
-                 help="the question ('-': stdin)")
-  p.add_argument("--skeleton", default=None, type=text_type, metavar="TEXT",
-                 help="the points to expand, e.g. '1. A\\n2. B' (literal \\n separates lines; "
-                 "'-': stdin); skips the skeleton stage and the router. Needed for models that "
-                 "cannot follow instructions, such as the bundled Shakespeare models")
-  p.add_argument("--max-points", type=positive, default=10, metavar="P",
-                 help="a skeleton with more points is an error (default 10)")
-  p.add_argument("--point-tokens", type=positive, default=64, metavar="N",
-                 help="new tokens per point at most (default 64)")
-  p.add_argument("--skeleton-tokens", type=positive, default=128, metavar="N",
-                 help="new tokens for the skeleton at most (default 128)")
-  p.add_argument("--answer-tokens", type=positive, default=256, metavar="N",
-                 help="new tokens for a normal answer when the router declines SoT (default 256)")
-  p.add_argument("--router", choices=("prompt", "rules", "always", "never"), default=None,
-                 help="decide whether the question suits SoT: ask the model (prompt), keyword "
-                 "rules, always or never (default rules; always with --skeleton)")
-  p.add_argument("--prompts", default=None, metavar="FILE",
-                 help="JSON object overriding prompt templates (fields of kvjax.lm.sot.prompts."
-                 "Prompts: skeleton, skeleton_prefill, expand, expand_prefill, answer, plain, chat)")
-  p.add_argument("--repeat-prefix", action="store_true",
-                 help="batch the full point prompts (every row stores question + skeleton) "
-                 "instead of prefilling the shared prefix once: the reference implementation's way")
-  p.add_argument("--no-baseline", action="store_true",
-                 help="skip timing the normal answer (sequential_latency_s and speedup are "
-                 "null; they are also null when the router declines SoT)")
+  p.add_argument(
+    "--question", required=True, type=text_type, metavar="TEXT", help="the question ('-': stdin)"
+  )
+  p.add_argument(
+    "--skeleton",
+    default=None,
+    type=text_type,
+    metavar="TEXT",
+    help="the points to expand, e.g. '1. A\\n2. B' (literal \\n separates lines; "
+    "'-': stdin); skips the skeleton stage and the router. Needed for models that "
+    "cannot follow instructions, such as the bundled Shakespeare models",
+  )
+  p.add_argument(
+    "--max-points",
+    type=positive,
+    default=10,
+    metavar="P",
+    help="a skeleton with more points is an error (default 10)",
+  )
+  p.add_argument(
+    "--point-tokens",
+    type=positive,
+    default=64,
+    metavar="N",
+    help="new tokens per point at most (default 64)",
+  )
+  p.add_argument(
+    "--skeleton-tokens",
+    type=positive,
+    default=128,
+    metavar="N",
+    help="new tokens for the skeleton at most (default 128)",
+  )
+  p.add_argument(
+    "--answer-tokens",
+    type=positive,
+    default=256,
+    metavar="N",
+    help="new tokens for a normal answer when the router declines SoT (default 256)",
+  )
+  p.add_argument(
+    "--router",
+    choices=("prompt", "rules", "always", "never"),
+    default=None,
+    help="decide whether the question suits SoT: ask the model (prompt), keyword "
+    "rules, always or never (default rules; always with --skeleton)",
+  )
+  p.add_argument(
+    "--prompts",
+    default=None,
+    metavar="FILE",
+    help="JSON object overriding prompt templates (fields of kvjax.lm.sot.prompts."
+    "Prompts: skeleton, skeleton_prefill, expand, expand_prefill, answer, plain, chat)",
+  )
+  p.add_argument(
+    "--repeat-prefix",
+    action="store_true",
+    help="batch the full point prompts (every row stores question + skeleton) "
+    "instead of prefilling the shared prefix once: the reference implementation's way",
+  )
+  p.add_argument(
+    "--no-baseline",
+    action="store_true",
+    help="skip timing the normal answer (sequential_latency_s and speedup are "
+    "null; they are also null when the router declines SoT)",
+  )
   add_sampling_flags(p)
-  p.add_argument("--json", action="store_true",
-                 help="print one JSON object: skeleton, points, answer, latency_s, "
-                 "sequential_latency_s, speedup, prefix_tokens_shared, route, stats")
+  p.add_argument(
+    "--json",
+    action="store_true",
+    help="print one JSON object: skeleton, points, answer, latency_s, "
+    "sequential_latency_s, speedup, prefix_tokens_shared, route, stats",
+  )
   p.set_defaults(run=_sot, check=lambda args: _check(p, args))
 
 
 def _check(parser, args) -> None:
   check_sampling_flags(parser, args)
   if args.skeleton is not None and args.router not in (None, "always"):
-    parser.error(f"--router {args.router} does not apply with --skeleton: a supplied skeleton "
-                 "is always expanded")
+    parser.error(
+      f"--router {args.router} does not apply with --skeleton: a supplied skeleton "
+      "is always expanded"
+    )
   if args.question == "-" and args.skeleton == "-":
     parser.error("--question and --skeleton cannot both read stdin ('-')")
   if not args.question.strip():
@@ -79,6 +136,7 @@ def _check(parser, args) -> None:
 def _sot(args) -> int:
   from kvjax.lm import sot
   from kvjax.lm.sot.prompts import Prompts
+
   question = read_prompts([args.question], "--question")[0]
   skeleton = None
   if args.skeleton is not None:
@@ -86,6 +144,7 @@ def _sot(args) -> int:
   prompts = Prompts.load(args.prompts) if args.prompts else Prompts()
   if args.chat:
     import dataclasses
+
     prompts = dataclasses.replace(prompts, chat=True)
   model = load_model(args)
   sampling, key = sampling_from_flags(args)
@@ -99,10 +158,19 @@ def _sot(args) -> int:
     sys.stdout.flush()
     shown += 1
 
-  kw = dict(skeleton=skeleton, max_points=args.max_points, point_tokens=args.point_tokens,
-            skeleton_tokens=args.skeleton_tokens, answer_tokens=args.answer_tokens,
-            router=args.router or "rules", prompts=prompts, sampling=sampling, key=key,
-            stop=tuple(args.stop), share=not args.repeat_prefix)
+  kw = dict(
+    skeleton=skeleton,
+    max_points=args.max_points,
+    point_tokens=args.point_tokens,
+    skeleton_tokens=args.skeleton_tokens,
+    answer_tokens=args.answer_tokens,
+    router=args.router or "rules",
+    prompts=prompts,
+    sampling=sampling,
+    key=key,
+    stop=tuple(args.stop),
+    share=not args.repeat_prefix,
+  )
   ans = sot.run(model, question, on_point=None if args.json else show, **kw)
   if not args.json:
     sys.stdout.write((ans.answer if ans.stats["mode"] == "normal" else "") + "\n")
@@ -119,24 +187,43 @@ def _sot(args) -> int:
     seq = sot.normal_latency(model, question, n, prompts=prompts)["latency_s"]
     speedup = seq / s["latency_s"] if s["latency_s"] > 0 else None
   if args.json:
-    print(json.dumps({
-        "question": question, "skeleton": ans.skeleton, "points": ans.points,
-        "expansions": ans.expansions, "answer": ans.answer, "latency_s": s["latency_s"],
-        "sequential_latency_s": seq, "speedup": speedup,
-        "prefix_tokens_shared": s["prefix_tokens_shared"],
-        "route": {"suitable": ans.route.suitable, "router": ans.route.router,
-                  "reason": ans.route.reason},
-        "stats": {**s, "compile_s": ans.stats["compile_s"]}, "model": args.model}))
+    print(
+      json.dumps(
+        {
+          "question": question,
+          "skeleton": ans.skeleton,
+          "points": ans.points,
+          "expansions": ans.expansions,
+          "answer": ans.answer,
+          "latency_s": s["latency_s"],
+          "sequential_latency_s": seq,
+          "speedup": speedup,
+          "prefix_tokens_shared": s["prefix_tokens_shared"],
+          "route": {
+            "suitable": ans.route.suitable,
+            "router": ans.route.router,
+            "reason": ans.route.reason,
+          },
+          "stats": {**s, "compile_s": ans.stats["compile_s"]},
+          "model": args.model,
+        }
+      )
+    )
     return 0
-  route = ("" if ans.route.router == "supplied" else
-           f"router {ans.route.router}: {ans.route.reason}; ")
+  route = (
+    "" if ans.route.router == "supplied" else f"router {ans.route.router}: {ans.route.reason}; "
+  )
   if s["mode"] == "normal":
-    print(f"{PROG}: {route}answered normally: {s['generated_tokens']} tokens in "
-          f"{s['latency_s']:.3f} s", file=sys.stderr)
+    print(
+      f"{PROG}: {route}answered normally: {s['generated_tokens']} tokens in {s['latency_s']:.3f} s",
+      file=sys.stderr,
+    )
     return 0
-  line = (f"{PROG}: {route}{len(ans.points)} points, {s['generated_tokens']} tokens in "
-          f"{s['latency_s']:.3f} s (skeleton {s['skeleton_s']:.3f} s, expansion "
-          f"{s['expand_s']:.3f} s, {s['prefix_tokens_shared']} prefix tokens shared)")
+  line = (
+    f"{PROG}: {route}{len(ans.points)} points, {s['generated_tokens']} tokens in "
+    f"{s['latency_s']:.3f} s (skeleton {s['skeleton_s']:.3f} s, expansion "
+    f"{s['expand_s']:.3f} s, {s['prefix_tokens_shared']} prefix tokens shared)"
+  )
   if seq is not None:
     line += f"; a normal answer of as many tokens {seq:.3f} s: {speedup:.2f}x"
   print(line, file=sys.stderr)

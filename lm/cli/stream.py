@@ -8,72 +8,128 @@ import json
 import sys
 import time
 
-from kvjax.lm.cli.flags import (PROG, add_model_flag, add_sampling_flags, check_sampling_flags,
-                                checked, finite, load_model, nonneg, positive, read_prompts,
-                                sampling_from_flags, stdin_lines, text_type)
+from kvjax.lm.cli.flags import (
+  PROG,
+  add_model_flag,
+  add_sampling_flags,
+  check_sampling_flags,
+  checked,
+  finite,
+  load_model,
+  nonneg,
+  positive,
+  read_prompts,
+  sampling_from_flags,
+  stdin_lines,
+  text_type,
+)
 
 
 def add(subparsers) -> None:
   p = subparsers.add_parser(
-      "stream", help="endless generation or a multi-turn chat in constant memory (StreamingLLM)",
-      description="Generates with a fixed memory budget: --sinks attention sinks plus a rolling "
-      "window of --window tokens, positions assigned inside the cache. With --prompt: one "
-      "endless continuation (until a stop token, --max-new-tokens or Ctrl-C; tokens are evicted "
-      "one by one). Without: a chat, one turn per stdin line, each reply at most "
-      "--max-new-tokens (default 64); each turn first evicts enough old tokens for its prompt "
-      "and reply. Text is printed as it comes.")
+    "stream",
+    help="endless generation or a multi-turn chat in constant memory (StreamingLLM)",
+    description="Generates with a fixed memory budget: --sinks attention sinks plus a rolling "
+    "window of --window tokens, positions assigned inside the cache. With --prompt: one "
+    "endless continuation (until a stop token, --max-new-tokens or Ctrl-C; tokens are evicted "
+    "one by one). Without: a chat, one turn per stdin line, each reply at most "
+    "--max-new-tokens (default 64); each turn first evicts enough old tokens for its prompt "
+    "and reply. Text is printed as it comes.",
+  )
   add_model_flag(p)
-  p.add_argument("--prompt", default=None, type=text_type, metavar="TEXT",
-                 help="continue this text endlessly ('-' reads it from stdin); "
-                 "without it, chat: one turn per line of stdin")
-  p.add_argument("--sinks", type=nonneg, default=4, metavar="N",
-                 help="attention sinks: the stream's first N tokens, kept for good (default 4)")
-  p.add_argument("--window", type=checked(int, lambda v: v >= 1, "an integer >= 1 (the "
-                                          "cache holds the sinks plus at least 1 recent token)"),
-                 default=252, metavar="W", help="recent tokens kept (default 252: with 4 sinks, "
-                 "the 256-token context the bundled models were trained on)")
-  p.add_argument("--chunk", type=positive, default=None, metavar="C",
-                 help="prompt tokens fed per step, at most --window (default min(W, 256))")
-  p.add_argument("--max-new-tokens", type=positive, default=None, metavar="N",
-                 help="tokens per reply at most (chat: default 64, at most --window; "
-                 "--prompt: default unlimited)")
+  p.add_argument(
+    "--prompt",
+    default=None,
+    type=text_type,
+    metavar="TEXT",
+    help="continue this text endlessly ('-' reads it from stdin); "
+    "without it, chat: one turn per line of stdin",
+  )
+  p.add_argument(
+    "--sinks",
+    type=nonneg,
+    default=4,
+    metavar="N",
+    help="attention sinks: the stream's first N tokens, kept for good (default 4)",
+  )
+  p.add_argument(
+    "--window",
+    type=checked(
+      int,
+      lambda v: v >= 1,
+      "an integer >= 1 (the cache holds the sinks plus at least 1 recent token)",
+    ),
+    default=252,
+    metavar="W",
+    help="recent tokens kept (default 252: with 4 sinks, "
+    "the 256-token context the bundled models were trained on)",
+  )
+  p.add_argument(
+    "--chunk",
+    type=positive,
+    default=None,
+    metavar="C",
+    help="prompt tokens fed per step, at most --window (default min(W, 256))",
+  )
+  p.add_argument(
+    "--max-new-tokens",
+    type=positive,
+    default=None,
+    metavar="N",
+    help="tokens per reply at most (chat: default 64, at most --window; "
+    "--prompt: default unlimited)",
+  )
   add_sampling_flags(p)
-  p.add_argument("--json", action="store_true",
-                 help="print only one JSON object at the end: turns (prompt, text, finish), "
-                 "tokens_generated, peak_cache_tokens, tokens_per_s, timings")
+  p.add_argument(
+    "--json",
+    action="store_true",
+    help="print only one JSON object at the end: turns (prompt, text, finish), "
+    "tokens_generated, peak_cache_tokens, tokens_per_s, timings",
+  )
   p.set_defaults(run=_stream, check=lambda args: _check_stream(p, args))
 
 
 def _check_stream(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   check_sampling_flags(parser, args)
   if args.chunk is not None and args.chunk > args.window:
-    parser.error(f"--chunk {args.chunk} exceeds --window {args.window}: a prompt chunk must "
-                 "fit the window")
+    parser.error(
+      f"--chunk {args.chunk} exceeds --window {args.window}: a prompt chunk must fit the window"
+    )
   if args.prompt is None:
     if args.max_new_tokens is None:
       args.max_new_tokens = 64
     if args.max_new_tokens > args.window:
-      parser.error(f"--max-new-tokens {args.max_new_tokens} exceeds --window {args.window}: in "
-                   "a chat each reply must fit the window")
+      parser.error(
+        f"--max-new-tokens {args.max_new_tokens} exceeds --window {args.window}: in "
+        "a chat each reply must fit the window"
+      )
 
 
 def _stream(args: argparse.Namespace) -> int:
   from kvjax.lm.streaming import Session
+
   if args.prompt is not None:  # read (and checked) before the model loads
     turns = iter(read_prompts([args.prompt]))
   else:
     turns = stdin_lines()
   model = load_model(args)
   sampling, key = sampling_from_flags(args)
-  session = Session(model, n_sink=args.sinks, window=args.window, chunk=args.chunk,
-                   sampling=sampling, key=key)
+  session = Session(
+    model, n_sink=args.sinks, window=args.window, chunk=args.chunk, sampling=sampling, key=key
+  )
   record, code = [], 0
   t0 = time.perf_counter()
   try:
     for prompt in turns:
       done: dict = {}
-      pieces = session.turn(prompt, max_new_tokens=args.max_new_tokens, stop=args.stop,
-                            chat=args.chat, done=done, keep_ids=False)
+      pieces = session.turn(
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop,
+        chat=args.chat,
+        done=done,
+        keep_ids=False,
+      )
       record.append({"prompt": prompt, "text": [], "finish": "interrupted"})
       for piece in pieces:  # the text is kept only for --json: an endless stream holds none
         if args.json:
@@ -94,16 +150,31 @@ def _stream(args: argparse.Namespace) -> int:
     turn["text"] = "".join(turn["text"])
   s = session.stats
   if args.json:
-    print(json.dumps({
-        "model": args.model, "sinks": args.sinks, "window": args.window, "turns": record,
-        "tokens_generated": s["tokens_generated"], "prompt_tokens": s["prompt_tokens"],
-        "peak_cache_tokens": s["peak_cache_tokens"], "tokens_per_s": finite(s["tokens_per_s"]),
-        "prefill_s": s["prefill_s"], "decode_s": s["decode_s"], "compile_s": s["compile_s"],
-        "wall_s": wall_s}))
+    print(
+      json.dumps(
+        {
+          "model": args.model,
+          "sinks": args.sinks,
+          "window": args.window,
+          "turns": record,
+          "tokens_generated": s["tokens_generated"],
+          "prompt_tokens": s["prompt_tokens"],
+          "peak_cache_tokens": s["peak_cache_tokens"],
+          "tokens_per_s": finite(s["tokens_per_s"]),
+          "prefill_s": s["prefill_s"],
+          "decode_s": s["decode_s"],
+          "compile_s": s["compile_s"],
+          "wall_s": wall_s,
+        }
+      )
+    )
   else:
-    print(f"{PROG}: {s['tokens_generated']} tokens generated in {s['decode_s']:.2f} s "
-          f"({s['tokens_per_s']:.1f} tok/s, decoding and detokenising) over {len(record)} "
-          f"turn(s); {wall_s:.2f} s in all with prefill {s['prefill_s']:.2f} s and compile "
-          f"{s['compile_s']:.2f} s; peak cache {s['peak_cache_tokens']} tokens of "
-          f"{args.sinks} sinks + {args.window} window", file=sys.stderr)
+    print(
+      f"{PROG}: {s['tokens_generated']} tokens generated in {s['decode_s']:.2f} s "
+      f"({s['tokens_per_s']:.1f} tok/s, decoding and detokenising) over {len(record)} "
+      f"turn(s); {wall_s:.2f} s in all with prefill {s['prefill_s']:.2f} s and compile "
+      f"{s['compile_s']:.2f} s; peak cache {s['peak_cache_tokens']} tokens of "
+      f"{args.sinks} sinks + {args.window} window",
+      file=sys.stderr,
+    )
   return code

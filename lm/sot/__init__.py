@@ -17,5 +17,17 @@ from kvjax.lm.sot.points import SkeletonError, parse_points
 from kvjax.lm.sot.prompts import Prompts
 from kvjax.lm.sot.router import ROUTERS, Route, route
 
-__all__ = ["Answer", "Prompts", "ROUTERS", "Route", "SkeletonError", "common_prefix", "expand",
-           "expand_stream", "normal_latency", "parse_points", "route", "run"]
+__all__ = [
+  "Answer",
+  "Prompts",
+  "ROUTERS",
+  "Route",
+  "SkeletonError",
+  "common_prefix",
+  "expand",
+  "expand_stream",
+  "normal_latency",
+  "parse_points",
+  "route",
+  "run",
+]

@@ -20,8 +20,17 @@ import numpy as np
 
 from kvjax.cache.prefix import PrefixCache
 from kvjax.lm import steps
-from kvjax.lm.engine import (Prompt, check_context, check_finite, nbytes, new_cache, outputs,
-                             pad, prefill, request)
+from kvjax.lm.engine import (
+  Prompt,
+  check_context,
+  check_finite,
+  nbytes,
+  new_cache,
+  outputs,
+  pad,
+  prefill,
+  request,
+)
 from kvjax.lm.detokenize import Detokenizer
 from kvjax.lm.generate import Generation
 from kvjax.lm.model import Model
@@ -49,10 +58,18 @@ def common_prefix(rows: Sequence[Sequence[int]]) -> int:
   return n
 
 
-def expand(model: Model, prompts: Sequence[Prompt], *, max_new_tokens: int | Sequence[int] = 64,
-           sampling: Sampling | None = None, key: jax.Array | None = None,
-           stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
-           chat: bool = False, share: bool = True) -> Generation:
+def expand(
+  model: Model,
+  prompts: Sequence[Prompt],
+  *,
+  max_new_tokens: int | Sequence[int] = 64,
+  sampling: Sampling | None = None,
+  key: jax.Array | None = None,
+  stop: Sequence[str] = (),
+  stop_tokens: Sequence[int] | None = None,
+  chat: bool = False,
+  share: bool = True,
+) -> Generation:
   """Generates a continuation of every prompt in one batch, prefilling their common prefix once.
 
   Arguments as in `lm.generate`, except max_new_tokens, which may give each row its own budget.
@@ -60,26 +77,59 @@ def expand(model: Model, prompts: Sequence[Prompt], *, max_new_tokens: int | Seq
   stats add prefix_tokens_shared (0 without sharing) and cache_bytes (the decode cache's
   arrays)."""
   stats: dict = {}
-  rows = list(expand_stream(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                            key=key, stop=stop, stop_tokens=stop_tokens, chat=chat, share=share,
-                            chunk=None, stats=stats))
-  return Generation([r.text for r in rows], [r.tokens for r in rows], [r.prompt for r in rows],
-                    [r.finish for r in rows], stats)
+  rows = list(
+    expand_stream(
+      model,
+      prompts,
+      max_new_tokens=max_new_tokens,
+      sampling=sampling,
+      key=key,
+      stop=stop,
+      stop_tokens=stop_tokens,
+      chat=chat,
+      share=share,
+      chunk=None,
+      stats=stats,
+    )
+  )
+  return Generation(
+    [r.text for r in rows],
+    [r.tokens for r in rows],
+    [r.prompt for r in rows],
+    [r.finish for r in rows],
+    stats,
+  )
 
 
-def expand_stream(model: Model, prompts: Sequence[Prompt], *,
-                  max_new_tokens: int | Sequence[int] = 64, sampling: Sampling | None = None,
-                  key: jax.Array | None = None, stop: Sequence[str] = (),
-                  stop_tokens: Sequence[int] | None = None, chat: bool = False,
-                  share: bool = True, chunk: int | None = 16,
-                  stats: dict | None = None) -> Iterator[Row]:
+def expand_stream(
+  model: Model,
+  prompts: Sequence[Prompt],
+  *,
+  max_new_tokens: int | Sequence[int] = 64,
+  sampling: Sampling | None = None,
+  key: jax.Array | None = None,
+  stop: Sequence[str] = (),
+  stop_tokens: Sequence[int] | None = None,
+  chat: bool = False,
+  share: bool = True,
+  chunk: int | None = 16,
+  stats: dict | None = None,
+) -> Iterator[Row]:
   """`expand`, yielding rows in order: row i as soon as it and every row before it finished.
 
   chunk: decode steps per jitted call between checks (None: one call for the whole budget; rows
   then arrive together). Sampling continues one PRNG stream across calls, so the rows are the
   same for any chunk. stats: a dict filled as `expand` reports it once the stream ends."""
-  req = request(model, prompts, max_new_tokens=1, sampling=sampling, key=key, stop=stop,
-                stop_tokens=stop_tokens, chat=chat)   # the budgets are checked per row below
+  req = request(
+    model,
+    prompts,
+    max_new_tokens=1,
+    sampling=sampling,
+    key=key,
+    stop=stop,
+    stop_tokens=stop_tokens,
+    chat=chat,
+  )  # the budgets are checked per row below
   rows, sampling, key, stop, stops = req.rows, req.sampling, req.key, req.stop, req.stop_ids
   B = len(rows)
   budgets = _budgets(max_new_tokens, B)
@@ -103,8 +153,20 @@ def expand_stream(model: Model, prompts: Sequence[Prompt], *,
   while emitted < B:
     t0 = time.perf_counter()
     (out, done, counts, bad, logits, cache), c = steps.call(
-        model, steps.decode_more, model.state, cache, logits, key, jnp.int32(n_steps), done,
-        counts, budget_arr, stop_arr, sampling=sampling, max_steps=per_call)
+      model,
+      steps.decode_more,
+      model.state,
+      cache,
+      logits,
+      key,
+      jnp.int32(n_steps),
+      done,
+      counts,
+      budget_arr,
+      stop_arr,
+      sampling=sampling,
+      max_steps=per_call,
+    )
     out, done_np, counts_np = np.asarray(out), np.asarray(done), np.asarray(counts)
     check_finite(model, bad, "point expansion")
     decode_s += time.perf_counter() - t0 - c
@@ -112,8 +174,13 @@ def expand_stream(model: Model, prompts: Sequence[Prompt], *,
     pieces.append(out)
     n_steps += per_call
     if stop:  # a row whose text reached a stop string is done
-      hit = [b for b in range(B) if before[b] < counts_np[b]
-             and watch[b].feed(out[b, :counts_np[b] - before[b]]) and not done_np[b]]
+      hit = [
+        b
+        for b in range(B)
+        if before[b] < counts_np[b]
+        and watch[b].feed(out[b, : counts_np[b] - before[b]])
+        and not done_np[b]
+      ]
       if hit:
         done_np = done_np.copy()
         done_np[hit] = True
@@ -123,26 +190,34 @@ def expand_stream(model: Model, prompts: Sequence[Prompt], *,
       so_far = np.concatenate(pieces, axis=1)
     while emitted < B and done_np[emitted]:
       b = emitted
-      texts, tokens, finish = outputs(model, so_far[b:b + 1], counts_np[b:b + 1], stop, stops)
+      texts, tokens, finish = outputs(model, so_far[b : b + 1], counts_np[b : b + 1], stop, stops)
       outs[b] = Row(b, texts[0], tokens[0], finish[0], rows[b])
       emitted += 1
       yield outs[b]
   if stats is not None:
     new = sum(len(r.tokens) for r in outs)
-    stats.update(prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_s,
-                 prompt_tokens=sum(map(len, rows)), new_tokens=new,
-                 decode_tokens_per_s=new / decode_s if decode_s > 0 else float("nan"),
-                 prefix_tokens_shared=n, cache_bytes=cache_bytes)
+    stats.update(
+      prefill_s=prefill_s,
+      decode_s=decode_s,
+      compile_s=compile_s,
+      prompt_tokens=sum(map(len, rows)),
+      new_tokens=new,
+      decode_tokens_per_s=new / decode_s if decode_s > 0 else float("nan"),
+      prefix_tokens_shared=n,
+      cache_bytes=cache_bytes,
+    )
 
 
 def _budgets(max_new_tokens, B: int) -> np.ndarray:
   if isinstance(max_new_tokens, (int, np.integer)):
     max_new_tokens = [max_new_tokens] * B
   budgets = list(max_new_tokens)
-  if len(budgets) != B or any(isinstance(m, bool) or not isinstance(m, (int, np.integer))
-                              or m < 1 for m in budgets):
-    raise ValueError(f"max_new_tokens must be an int >= 1 or {B} of them (one per prompt); "
-                     f"got {max_new_tokens!r}")
+  if len(budgets) != B or any(
+    isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1 for m in budgets
+  ):
+    raise ValueError(
+      f"max_new_tokens must be an int >= 1 or {B} of them (one per prompt); got {max_new_tokens!r}"
+    )
   return np.asarray(budgets, np.int32)
 
 
@@ -157,7 +232,7 @@ class _StopWatch:
 
   def feed(self, ids: np.ndarray) -> bool:
     seen = self.tail + "".join(self.text.push(int(t)) for t in ids)
-    self.tail = seen[len(seen) - self.keep:] if self.keep else ""
+    self.tail = seen[len(seen) - self.keep :] if self.keep else ""
     return any(s in seen for s in self.stop)
 
 
@@ -172,7 +247,13 @@ def _shared_prefill(model: Model, rows: list[list[int]], n: int, budget: int):
   own = new_cache(model, len(rows), steps.bucket(longest + budget))
   cache = PrefixCache(prefix=prefix, rows=own)
   t0 = time.perf_counter()
-  (logits, cache), c = steps.call(model, steps.extend, model.state, cache, jnp.asarray(tokens),
-                                  jnp.asarray([len(s) for s in suffixes], jnp.int32))
+  (logits, cache), c = steps.call(
+    model,
+    steps.extend,
+    model.state,
+    cache,
+    jnp.asarray(tokens),
+    jnp.asarray([len(s) for s in suffixes], jnp.int32),
+  )
   logits.block_until_ready()
   return logits, cache, prefill_s + time.perf_counter() - t0 - c, compile_s + c

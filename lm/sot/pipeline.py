@@ -49,12 +49,24 @@ class Answer:
   stats: dict
 
 
-def run(model: Model, question: str, *, skeleton: str | None = None, max_points: int = 10,
-        point_tokens: int | Sequence[int] = 64, skeleton_tokens: int = 128,
-        answer_tokens: int = 256, router: str = "always", prompts: Prompts | None = None,
-        sampling: Sampling | None = None, key: jax.Array | None = None,
-        stop: Sequence[str] = (), share: bool = True,
-        on_point: Callable[[int, str], None] | None = None, chunk: int = 16) -> Answer:
+def run(
+  model: Model,
+  question: str,
+  *,
+  skeleton: str | None = None,
+  max_points: int = 10,
+  point_tokens: int | Sequence[int] = 64,
+  skeleton_tokens: int = 128,
+  answer_tokens: int = 256,
+  router: str = "always",
+  prompts: Prompts | None = None,
+  sampling: Sampling | None = None,
+  key: jax.Array | None = None,
+  stop: Sequence[str] = (),
+  share: bool = True,
+  on_point: Callable[[int, str], None] | None = None,
+  chunk: int = 16,
+) -> Answer:
   """Answers `question` by Skeleton-of-Thought (or normally, when `router` says so).
 
   skeleton: the points to expand (any format `parse_points` reads; the router is then not
@@ -73,11 +85,13 @@ def run(model: Model, question: str, *, skeleton: str | None = None, max_points:
   kw = dict(sampling=sampling, key=key, stop=stop)
   t_route, compile_s = 0.0, 0.0
   if skeleton is None:
+
     def ask(text: str) -> str:
       nonlocal compile_s
       g = generate(model, [prompts.render(model, text)], max_new_tokens=8)
       compile_s += g.stats["compile_s"]
       return g.texts[0]
+
     t0 = time.perf_counter()
     decision = route(question, router, ask=ask)
     t_route = time.perf_counter() - t0 - compile_s
@@ -87,16 +101,36 @@ def run(model: Model, question: str, *, skeleton: str | None = None, max_points:
   if not decision.suitable:
     g = generate(model, [prompts.answer_ids(model, question)], max_new_tokens=answer_tokens, **kw)
     s = g.stats
-    return Answer(question, decision, None, [], [], g.texts[0], dict(
-        mode="normal", latency_s=t_route + s["prefill_s"] + s["decode_s"], route_s=t_route,
-        skeleton_s=0.0, expand_s=0.0, compile_s=compile_s + s["compile_s"], skeleton_tokens=0,
-        answer_tokens=s["new_tokens"], generated_tokens=s["new_tokens"],
-        prefix_tokens_shared=0, cache_bytes=s["cache_bytes"]))
+    return Answer(
+      question,
+      decision,
+      None,
+      [],
+      [],
+      g.texts[0],
+      dict(
+        mode="normal",
+        latency_s=t_route + s["prefill_s"] + s["decode_s"],
+        route_s=t_route,
+        skeleton_s=0.0,
+        expand_s=0.0,
+        compile_s=compile_s + s["compile_s"],
+        skeleton_tokens=0,
+        answer_tokens=s["new_tokens"],
+        generated_tokens=s["new_tokens"],
+        prefix_tokens_shared=0,
+        cache_bytes=s["cache_bytes"],
+      ),
+    )
 
   skeleton_s, skeleton_n = 0.0, 0
   if skeleton is None:
-    g = generate(model, [prompts.skeleton_ids(model, question, max_points)],
-                 max_new_tokens=skeleton_tokens, **kw)
+    g = generate(
+      model,
+      [prompts.skeleton_ids(model, question, max_points)],
+      max_new_tokens=skeleton_tokens,
+      **kw,
+    )
     skeleton = prompts.skeleton_prefill + g.texts[0]
     skeleton_s = g.stats["prefill_s"] + g.stats["decode_s"]
     skeleton_n, compile_s = g.stats["new_tokens"], compile_s + g.stats["compile_s"]
@@ -104,38 +138,62 @@ def run(model: Model, question: str, *, skeleton: str | None = None, max_points:
   if not isinstance(point_tokens, int):
     point_tokens = list(point_tokens)
     if len(point_tokens) != len(points):
-      raise ValueError(f"point_tokens gives {len(point_tokens)} budgets for "
-                       f"{len(points)} points")
+      raise ValueError(f"point_tokens gives {len(point_tokens)} budgets for {len(points)} points")
 
   stats: dict = {}
   expansions: list[str] = [""] * len(points)
   if key is not None:  # the expansions sample apart from the skeleton
     kw["key"] = jax.random.fold_in(key, 1)
-  for row in expand_stream(model, prompts.expand_ids(model, question, points),
-                           max_new_tokens=point_tokens, share=share,
-                           chunk=chunk if on_point or stop else None, stats=stats, **kw):
+  for row in expand_stream(
+    model,
+    prompts.expand_ids(model, question, points),
+    max_new_tokens=point_tokens,
+    share=share,
+    chunk=chunk if on_point or stop else None,
+    stats=stats,
+    **kw,
+  ):
     expansions[row.index] = row.text
     if on_point is not None:
       on_point(row.index + 1, prompts.prefill(row.index + 1, points[row.index]) + row.text)
   expand_s = stats["prefill_s"] + stats["decode_s"]
-  answer = "\n".join(prompts.prefill(i, p) + e.rstrip()
-                     for i, (p, e) in enumerate(zip(points, expansions), 1))
-  return Answer(question, decision, skeleton, points, expansions, answer, dict(
-      mode="sot", latency_s=t_route + skeleton_s + expand_s, route_s=t_route,
-      skeleton_s=skeleton_s, expand_s=expand_s, compile_s=compile_s + stats["compile_s"],
-      skeleton_tokens=skeleton_n, answer_tokens=stats["new_tokens"],
+  answer = "\n".join(
+    prompts.prefill(i, p) + e.rstrip() for i, (p, e) in enumerate(zip(points, expansions), 1)
+  )
+  return Answer(
+    question,
+    decision,
+    skeleton,
+    points,
+    expansions,
+    answer,
+    dict(
+      mode="sot",
+      latency_s=t_route + skeleton_s + expand_s,
+      route_s=t_route,
+      skeleton_s=skeleton_s,
+      expand_s=expand_s,
+      compile_s=compile_s + stats["compile_s"],
+      skeleton_tokens=skeleton_n,
+      answer_tokens=stats["new_tokens"],
       generated_tokens=skeleton_n + stats["new_tokens"],
-      prefix_tokens_shared=stats["prefix_tokens_shared"], cache_bytes=stats["cache_bytes"]))
+      prefix_tokens_shared=stats["prefix_tokens_shared"],
+      cache_bytes=stats["cache_bytes"],
+    ),
+  )
 
 
-def normal_latency(model: Model, question: str, n_tokens: int, *,
-                   prompts: Prompts | None = None) -> dict:
+def normal_latency(
+  model: Model, question: str, n_tokens: int, *, prompts: Prompts | None = None
+) -> dict:
   """Seconds to answer `question` normally with exactly n_tokens new tokens (stop tokens
   ignored), as SoT's baseline at equal generated tokens: latency_s (prefill + decode,
   compilation excluded), tokens, compile_s."""
   prompts = prompts or Prompts()
-  g = generate(model, [prompts.answer_ids(model, question)], max_new_tokens=n_tokens,
-               stop_tokens=[])
+  g = generate(
+    model, [prompts.answer_ids(model, question)], max_new_tokens=n_tokens, stop_tokens=[]
+  )
   s = g.stats
-  return dict(latency_s=s["prefill_s"] + s["decode_s"], tokens=s["new_tokens"],
-              compile_s=s["compile_s"])
+  return dict(
+    latency_s=s["prefill_s"] + s["decode_s"], tokens=s["new_tokens"], compile_s=s["compile_s"]
+  )

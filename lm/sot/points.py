@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import re
 
-_NUMBERED = re.compile(r"\s*(?:#{1,6}\s*)?(?:\*\*|__)?(?:\((\d{1,3})\)|(\d{1,3})(?:[.):]|\s+-))"
-                       r"(?:\*\*|__)?(?=\s|$)")
+_NUMBERED = re.compile(
+  r"\s*(?:#{1,6}\s*)?(?:\*\*|__)?(?:\((\d{1,3})\)|(\d{1,3})(?:[.):]|\s+-))"
+  r"(?:\*\*|__)?(?=\s|$)"
+)
 _BULLET = re.compile(r"(\s*)[-*•+–—](?=\s)")
 _EMPHASIS = re.compile(r"\*\*|(?<!\w)__|__(?!\w)")  # bold markers; "__" inside a word stays
 
@@ -24,16 +26,16 @@ class SkeletonError(ValueError):
 def _marker(line: str) -> tuple[int, str] | None:
   """(number, rest of the line) for a numbered line, else None."""
   m = _NUMBERED.match(line)
-  return None if m is None else (int(m.group(1) or m.group(2)), line[m.end():])
+  return None if m is None else (int(m.group(1) or m.group(2)), line[m.end() :])
 
 
 def _split_inline(n: int, text: str) -> list[tuple[int, str]]:
   """[(n, text)], split where "k. " or "k) " with k exactly one more than the number before it
   follows whitespace: "a 2. b 3. c" after 1 gives [(1, "a"), (2, "b"), (3, "c")]."""
   out = []
-  while (m := re.search(rf"(?<=\s){n + 1}[.)]\s+(?=\S)", text)) and text[:m.start()].strip():
-    out.append((n, text[:m.start()]))
-    n, text = n + 1, text[m.end():]
+  while (m := re.search(rf"(?<=\s){n + 1}[.)]\s+(?=\S)", text)) and text[: m.start()].strip():
+    out.append((n, text[: m.start()]))
+    n, text = n + 1, text[m.end() :]
   return out + [(n, text)]
 
 
@@ -98,13 +100,13 @@ def parse_points(text: str, *, max_points: int = 10) -> list[str]:
     elif bullet and not numbered and (indent is None or len(bullet.group(1)) <= indent):
       indent = len(bullet.group(1)) if indent is None else indent
       start(None)
-      current.append(line[bullet.end():])
+      current.append(line[bullet.end() :])
     elif current is None and not dropped:
       continue  # leading chatter
     elif blank and not bullet:
       break  # trailing chatter after the list
     else:
-      rest = line[bullet.end():] if bullet else line
+      rest = line[bullet.end() :] if bullet else line
       if numbered:
         add(None, rest)
       else:
@@ -114,9 +116,12 @@ def parse_points(text: str, *, max_points: int = 10) -> list[str]:
   if not found:
     snippet = text.strip()
     snippet = snippet if len(snippet) <= 80 else snippet[:77] + "..."
-    raise SkeletonError("the skeleton has no points: expected numbered lines such as '1. ...' "
-                        f"or bullets such as '- ...'; got {snippet!r}")
+    raise SkeletonError(
+      "the skeleton has no points: expected numbered lines such as '1. ...' "
+      f"or bullets such as '- ...'; got {snippet!r}"
+    )
   if len(found) > max_points:
-    raise SkeletonError(f"the skeleton has {len(found)} points, more than max_points={max_points}"
-                        " (--max-points)")
+    raise SkeletonError(
+      f"the skeleton has {len(found)} points, more than max_points={max_points} (--max-points)"
+    )
   return found

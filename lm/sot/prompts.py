@@ -21,22 +21,26 @@ from kvjax.lm import engine
 from kvjax.lm.model import Model
 
 SKELETON = (
-    "You are an organizer. Do not answer the question below; write only the skeleton of an "
-    "answer: a numbered list of at most {max_points} short points (3-5 words each), one per "
-    "line, with nothing else.\n\nQuestion: {question}")
+  "You are an organizer. Do not answer the question below; write only the skeleton of an "
+  "answer: a numbered list of at most {max_points} short points (3-5 words each), one per "
+  "line, with nothing else.\n\nQuestion: {question}"
+)
 EXPAND = (
-    "You are writing one part of an answer.\n\nQuestion: {question}\n\nThe answer's skeleton:\n"
-    "{skeleton}\n\nExpand one point of the skeleton in one or two short sentences, and write "
-    "no other point. The point to expand is point {i}.")
+  "You are writing one part of an answer.\n\nQuestion: {question}\n\nThe answer's skeleton:\n"
+  "{skeleton}\n\nExpand one point of the skeleton in one or two short sentences, and write "
+  "no other point. The point to expand is point {i}."
+)
 ANSWER = "{question}"
 
 # the placeholders each template may use, and those it must
-_FIELDS = {"skeleton": ({"question", "max_points"}, {"question"}),
-           "skeleton_prefill": (set(), set()),
-           "expand": ({"question", "skeleton", "i", "point"}, {"question"}),
-           "expand_prefill": ({"i", "point"}, set()),
-           "answer": ({"question"}, {"question"}),
-           "plain": ({"user", "prefill"}, {"user", "prefill"})}
+_FIELDS = {
+  "skeleton": ({"question", "max_points"}, {"question"}),
+  "skeleton_prefill": (set(), set()),
+  "expand": ({"question", "skeleton", "i", "point"}, {"question"}),
+  "expand_prefill": ({"i", "point"}, set()),
+  "answer": ({"question"}, {"question"}),
+  "plain": ({"user", "prefill"}, {"user", "prefill"}),
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,11 +71,15 @@ class Prompts:
       except ValueError as err:
         raise ValueError(f"Prompts.{name} is not a valid template ({err}): {text!r}") from None
       if used - allowed or required - used:
-        raise ValueError(f"Prompts.{name} may use {_names(allowed)} and must use "
-                         f"{_names(required)}; it uses {_names(used)}")
+        raise ValueError(
+          f"Prompts.{name} may use {_names(allowed)} and must use "
+          f"{_names(required)}; it uses {_names(used)}"
+        )
     if not {"i", "point"} & _used(self.expand + self.expand_prefill):
-      raise ValueError("Prompts.expand or Prompts.expand_prefill must name {i} or {point}: "
-                       "otherwise every point gets the same prompt")
+      raise ValueError(
+        "Prompts.expand or Prompts.expand_prefill must name {i} or {point}: "
+        "otherwise every point gets the same prompt"
+      )
     if not self.plain.endswith("{prefill}"):
       raise ValueError("Prompts.plain must end with {prefill}: the model continues from there")
     if self.chat not in (True, False, None):
@@ -88,15 +96,18 @@ class Prompts:
     fields = {f.name for f in dataclasses.fields(cls)}
     if not isinstance(data, dict) or set(data) - fields:
       extra = sorted(set(data) - fields) if isinstance(data, dict) else type(data).__name__
-      raise ValueError(f"{path}: expected a JSON object with keys among {sorted(fields)}; "
-                       f"got {extra}")
+      raise ValueError(
+        f"{path}: expected a JSON object with keys among {sorted(fields)}; got {extra}"
+      )
     return cls(**data)
 
   def uses_chat(self, model: Model) -> bool:
     has = model.tokenizer is not None and model.tokenizer.chat_template is not None
     if self.chat and not has:
-      raise ValueError("Prompts.chat=True, but the model has no chat template "
-                       "(tokenizer_config.json has no chat_template)")
+      raise ValueError(
+        "Prompts.chat=True, but the model has no chat template "
+        "(tokenizer_config.json has no chat_template)"
+      )
     return has if self.chat is None else self.chat
 
   def render(self, model: Model, user: str, prefill: str = "") -> list[int]:
@@ -115,9 +126,14 @@ class Prompts:
   def expand_ids(self, model: Model, question: str, points: list[str]) -> list[list[int]]:
     """One prompt per point; they share every token up to the point's own instruction."""
     skeleton = listing(points)
-    return [self.render(model, self.expand.format(question=question, skeleton=skeleton, i=i,
-                                                  point=p), self.prefill(i, p))
-            for i, p in enumerate(points, 1)]
+    return [
+      self.render(
+        model,
+        self.expand.format(question=question, skeleton=skeleton, i=i, point=p),
+        self.prefill(i, p),
+      )
+      for i, p in enumerate(points, 1)
+    ]
 
   def prefill(self, i: int, point: str) -> str:
     return self.expand_prefill.format(i=i, point=point)

@@ -17,26 +17,53 @@ from collections.abc import Callable
 ROUTERS = ("prompt", "rules", "always", "never")
 
 _UNSUITABLE = (  # checked first: any match wins over a suitable cue
-    ("math", r"\d+\s*[+*×÷^=]\s*\d+|\d+\s+[-/]\s+\d+|\d+\s*% of\b|\b(?:solve|calculat\w*|compute"
-     r"|equations?|integrals?|derivatives?|prove|proof)\b"),
-    ("fermi", r"\bestimate how (?:many|much)\b|\bfermi\b|\bhow many\b[^.?!]*?\b(?:in the world"
-     r"|on earth|in a lifetime|are there)\b"),
-    ("code", r"\bwrite (?:me )?(?:an? |the |some )?(?:\w+ )?(?:function|program|script|class"
-     r"|method|query|regex)\b|\bcode\b|\bimplement\w*|\bpython\b|\bdebug\w*|\bjavascript\b"
-     r"|\bc\+\+|\bsql\b"),
-    ("creative", r"\b(?:write|compose) (?:me )?(?:an? |the |some )?(?:\w+ ){0,2}?(?:poem|story"
-     r"|essay|song|letter|haiku|sonnet|limerick|lyrics|speech)s?\b"),
-    ("fact", r"\bwhat is the (?:capital|population) of\b|\bwho (?:wrote|invented|painted"
-     r"|discovered|composed|founded)\b|\bwhen (?:did|was|were)\b|\b(?:what|which) year\b"),
+  (
+    "math",
+    r"\d+\s*[+*×÷^=]\s*\d+|\d+\s+[-/]\s+\d+|\d+\s*% of\b|\b(?:solve|calculat\w*|compute"
+    r"|equations?|integrals?|derivatives?|prove|proof)\b",
+  ),
+  (
+    "fermi",
+    r"\bestimate how (?:many|much)\b|\bfermi\b|\bhow many\b[^.?!]*?\b(?:in the world"
+    r"|on earth|in a lifetime|are there)\b",
+  ),
+  (
+    "code",
+    r"\bwrite (?:me )?(?:an? |the |some )?(?:\w+ )?(?:function|program|script|class"
+    r"|method|query|regex)\b|\bcode\b|\bimplement\w*|\bpython\b|\bdebug\w*|\bjavascript\b"
+    r"|\bc\+\+|\bsql\b",
+  ),
+  (
+    "creative",
+    r"\b(?:write|compose) (?:me )?(?:an? |the |some )?(?:\w+ ){0,2}?(?:poem|story"
+    r"|essay|song|letter|haiku|sonnet|limerick|lyrics|speech)s?\b",
+  ),
+  (
+    "fact",
+    r"\bwhat is the (?:capital|population) of\b|\bwho (?:wrote|invented|painted"
+    r"|discovered|composed|founded)\b|\bwhen (?:did|was|were)\b|\b(?:what|which) year\b",
+  ),
 )
 _SUITABLE = (
-    ("list-like", r"\b(?:tips|ways|ideas|reasons|advantages|disadvantages|benefits|pros and cons"
-     r"|strategies|suggestions|examples|factors|steps|list)\b|\bwhat are some\b"
-     r"|\bhow (?:can|could|do|should) i improve\b"),
-    ("comparison", r"\bcompar\w*|\bdifferences?\b|\bversus\b|\bvs\.?(?=\s)"),
+  (
+    "list-like",
+    r"\b(?:tips|ways|ideas|reasons|advantages|disadvantages|benefits|pros and cons"
+    r"|strategies|suggestions|examples|factors|steps|list)\b|\bwhat are some\b"
+    r"|\bhow (?:can|could|do|should) i improve\b",
+  ),
+  ("comparison", r"\bcompar\w*|\bdifferences?\b|\bversus\b|\bvs\.?(?=\s)"),
 )
-_VERDICTS = {"yes": True, "yeah": True, "yep": True, "true": True, "suitable": True,
-             "no": False, "nope": False, "false": False, "unsuitable": False}
+_VERDICTS = {
+  "yes": True,
+  "yeah": True,
+  "yep": True,
+  "true": True,
+  "suitable": True,
+  "no": False,
+  "nope": False,
+  "false": False,
+  "unsuitable": False,
+}
 _NEGATIONS = {"not", "isn't", "cannot", "can't", "won't", "doesn't", "aren't"}
 
 
@@ -59,7 +86,7 @@ def _checked(question: str) -> str:
 
 def _quote(text: str, limit: int = 40) -> str:
   text = " ".join(text.split())
-  return repr(text if len(text) <= limit else text[:limit - 3] + "...")
+  return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 def rules_route(question: str) -> Route:
@@ -75,13 +102,15 @@ def rules_route(question: str) -> Route:
 
 def router_question(question: str) -> str:
   """What the prompt router asks the model about `question`."""
-  return ("Decide how the question below is best answered. Answer \"yes\" if a good answer is "
-          "a handful of separate points, each of which can be explained fully on its own "
-          "without reading the explanations of the others. Answer \"no\" if the answer must be "
-          "worked out step by step with each step using earlier results (a calculation, an "
-          "estimate, code), must be one continuous piece of writing, or is a single short "
-          "fact. Reply with one word only: yes or no.\n\n"
-          f"Question: {question}\n\nReply (yes or no):")
+  return (
+    'Decide how the question below is best answered. Answer "yes" if a good answer is '
+    "a handful of separate points, each of which can be explained fully on its own "
+    'without reading the explanations of the others. Answer "no" if the answer must be '
+    "worked out step by step with each step using earlier results (a calculation, an "
+    "estimate, code), must be one continuous piece of writing, or is a single short "
+    "fact. Reply with one word only: yes or no.\n\n"
+    f"Question: {question}\n\nReply (yes or no):"
+  )
 
 
 def parse_verdict(answer: str) -> bool | None:
@@ -98,8 +127,9 @@ def parse_verdict(answer: str) -> bool | None:
   return None
 
 
-def route(question: str, router: str = "rules", *,
-          ask: Callable[[str], str] | None = None) -> Route:
+def route(
+  question: str, router: str = "rules", *, ask: Callable[[str], str] | None = None
+) -> Route:
   """Route `question` with `router` (one of ROUTERS). "prompt" puts `router_question(question)`
   to the model through `ask` (text in, the model's answer out) and falls back to the rules,
   saying so in the reason, when the answer is neither yes nor no."""
@@ -111,12 +141,17 @@ def route(question: str, router: str = "rules", *,
   if router == "rules":
     return rules_route(question)
   if ask is None:
-    raise ValueError("the prompt router needs ask=, a callable that puts a question to the "
-                     "model and returns its answer")
+    raise ValueError(
+      "the prompt router needs ask=, a callable that puts a question to the "
+      "model and returns its answer"
+    )
   answer = ask(router_question(question))
   verdict = parse_verdict(answer)
   if verdict is not None:
     return Route(verdict, "prompt", f"the model answered {_quote(answer)}")
   rules = rules_route(question)
-  return Route(rules.suitable, "prompt", f"the model's answer {_quote(answer)} is neither yes "
-               f"nor no; rules: {rules.reason}")
+  return Route(
+    rules.suitable,
+    "prompt",
+    f"the model's answer {_quote(answer)} is neither yes nor no; rules: {rules.reason}",
+  )

@@ -54,23 +54,34 @@ def _check(model: Model, ids: Sequence[int], cache: str, n_sink: int, window: in
     raise ValueError(f"n_sink must be an int >= 0; got {n_sink!r}")
   if cache == "dense":
     if len(ids) > model.cfg.max_position:
-      raise ValueError(f"the text has {len(ids)} tokens, more than the model's context of "
-                       f"{model.cfg.max_position}: a dense cache cannot hold it (use "
-                       "--cache sink, window or recompute)")
+      raise ValueError(
+        f"the text has {len(ids)} tokens, more than the model's context of "
+        f"{model.cfg.max_position}: a dense cache cannot hold it (use "
+        "--cache sink, window or recompute)"
+      )
     return ids.astype(np.int32)
   if not isinstance(window, int) or window < 1:
     raise ValueError(f"cache={cache!r} needs window >= 1; got {window!r}")
   if cache != "sink" and n_sink:
     raise ValueError(f"cache={cache!r} keeps no sinks; n_sink={n_sink} applies to cache='sink'")
   if n_sink + window > model.cfg.max_position:
-    raise ValueError(f"sinks + window = {n_sink + window} exceeds the model's context of "
-                     f"{model.cfg.max_position} positions")
+    raise ValueError(
+      f"sinks + window = {n_sink + window} exceeds the model's context of "
+      f"{model.cfg.max_position} positions"
+    )
   return ids.astype(np.int32)
 
 
-def perplexity(model: Model, ids: Sequence[int], *, cache: str = "sink",
-               n_sink: int | None = None, window: int | None = None, chunk: int = 256,
-               progress: bool = False) -> Perplexity:
+def perplexity(
+  model: Model,
+  ids: Sequence[int],
+  *,
+  cache: str = "sink",
+  n_sink: int | None = None,
+  window: int | None = None,
+  chunk: int = 256,
+  progress: bool = False,
+) -> Perplexity:
   """Perplexity of ids [N] under `cache` (see the module docstring); n_sink defaults to 4 for
   cache="sink" (other modes keep none). Tokens are fed one at a time through the jitted decode
   step, `chunk` per dispatch (a `lax.scan`)."""
@@ -81,11 +92,24 @@ def perplexity(model: Model, ids: Sequence[int], *, cache: str = "sink",
     return _recompute(model, ids, window, progress)
   cfg = model.cfg
   if cache == "dense":
-    kv = KVCache.init(n_layers=cfg.n_layers, batch=1, size=steps.bucket(len(ids)),
-                      n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, dtype=model.dtype)
+    kv = KVCache.init(
+      n_layers=cfg.n_layers,
+      batch=1,
+      size=steps.bucket(len(ids)),
+      n_kv_heads=cfg.n_kv_heads,
+      head_dim=cfg.head_dim,
+      dtype=model.dtype,
+    )
   else:
-    kv = SinkCache.init(n_layers=cfg.n_layers, batch=1, n_sink=n_sink, window=window,
-                        n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, dtype=model.dtype)
+    kv = SinkCache.init(
+      n_layers=cfg.n_layers,
+      batch=1,
+      n_sink=n_sink,
+      window=window,
+      n_kv_heads=cfg.n_kv_heads,
+      head_dim=cfg.head_dim,
+      dtype=model.dtype,
+    )
   inputs, targets = ids[:-1], ids[1:]
   n = len(inputs)
   pad = -n % chunk
@@ -94,9 +118,14 @@ def perplexity(model: Model, ids: Sequence[int], *, cache: str = "sink",
   bar = _bar(progress, n, cache)
   for lo in range(0, n + pad, chunk):
     t0 = time.perf_counter()
-    (part, kv), compile_s = steps.call(model, steps.nll_scan, model.state, kv,
-                                       jnp.asarray(inputs[None, lo:lo + chunk]),
-                                       jnp.asarray(targets[None, lo:lo + chunk]))
+    (part, kv), compile_s = steps.call(
+      model,
+      steps.nll_scan,
+      model.state,
+      kv,
+      jnp.asarray(inputs[None, lo : lo + chunk]),
+      jnp.asarray(targets[None, lo : lo + chunk]),
+    )
     part = np.asarray(part[0])
     seconds += time.perf_counter() - t0 - compile_s
     nll.append(part)
@@ -105,42 +134,57 @@ def perplexity(model: Model, ids: Sequence[int], *, cache: str = "sink",
   nll = np.concatenate(nll)[:n]
   check_finite(model, [not np.isfinite(nll).all()], f"perplexity with the {cache} cache")
   peak = n if cache == "dense" else min(n, kv.size)
-  return Perplexity(ppl=float(np.exp(nll.mean())), tokens=n, peak_cache_tokens=int(peak),
-                    ms_per_token=1e3 * seconds / n, nll=nll)
+  return Perplexity(
+    ppl=float(np.exp(nll.mean())),
+    tokens=n,
+    peak_cache_tokens=int(peak),
+    ms_per_token=1e3 * seconds / n,
+    nll=nll,
+  )
 
 
-def _recompute(model: Model, ids: np.ndarray, window: int, progress: bool,
-               batch: int = 16) -> Perplexity:
+def _recompute(
+  model: Model, ids: np.ndarray, window: int, progress: bool, batch: int = 16
+) -> Perplexity:
   """Token i is predicted from ids[max(0, i - window): i] recomputed at positions from 0."""
   n = len(ids) - 1
   W = min(window, n)
   t0 = time.perf_counter()
-  head, compile_s = steps.call(model, steps.nll, model.state, jnp.asarray(ids[None, :W]),
-                               jnp.asarray(ids[None, 1:W + 1]))
-  nll = [np.asarray(head[0])]                       # tokens 1..W from one causal pass
+  head, compile_s = steps.call(
+    model, steps.nll, model.state, jnp.asarray(ids[None, :W]), jnp.asarray(ids[None, 1 : W + 1])
+  )
+  nll = [np.asarray(head[0])]  # tokens 1..W from one causal pass
   seconds = time.perf_counter() - t0 - compile_s
-  starts = np.arange(1, n - W + 1)                  # window [s, s + W) predicts token s + W
+  starts = np.arange(1, n - W + 1)  # window [s, s + W) predicts token s + W
   bar = _bar(progress, n, "recompute")
   bar.update(W)
   for lo in range(0, len(starts), batch):
-    s = starts[lo:lo + batch]
+    s = starts[lo : lo + batch]
     pad = batch - len(s)
-    rows = np.stack([ids[a:a + W] for a in s] + [ids[:W]] * pad)
+    rows = np.stack([ids[a : a + W] for a in s] + [ids[:W]] * pad)
     targets = np.concatenate([ids[s + W], np.zeros(pad, np.int32)])
     t0 = time.perf_counter()
-    part, compile_s = steps.call(model, steps.nll, model.state, jnp.asarray(rows),
-                                 jnp.asarray(targets), last=True)
-    nll.append(np.asarray(part)[:len(s)])
+    part, compile_s = steps.call(
+      model, steps.nll, model.state, jnp.asarray(rows), jnp.asarray(targets), last=True
+    )
+    nll.append(np.asarray(part)[: len(s)])
     seconds += time.perf_counter() - t0 - compile_s
     bar.update(len(s))
   bar.close()
   nll = np.concatenate(nll)
   check_finite(model, [not np.isfinite(nll).all()], "perplexity with recompute")
-  return Perplexity(ppl=float(np.exp(nll.mean())), tokens=n, peak_cache_tokens=W,
-                    ms_per_token=1e3 * seconds / n, nll=nll)
+  return Perplexity(
+    ppl=float(np.exp(nll.mean())),
+    tokens=n,
+    peak_cache_tokens=W,
+    ms_per_token=1e3 * seconds / n,
+    nll=nll,
+  )
 
 
 def _bar(enabled: bool, total: int, mode: str):
   from tqdm import tqdm
-  return tqdm(total=total, desc=f"ppl ({mode})", unit="tok", disable=not enabled,
-              dynamic_ncols=True)
+
+  return tqdm(
+    total=total, desc=f"ppl ({mode})", unit="tok", disable=not enabled, dynamic_ncols=True
+  )

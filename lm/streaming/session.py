@@ -17,6 +17,7 @@ from kvjax.lm.engine import check_request, detokenize, stop_ids
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
 
+
 class Session:
   """A StreamingLLM session: endless generation or a multi-turn chat in n_sink + window slots.
 
@@ -36,57 +37,97 @@ class Session:
   detokenisation, compile excluded), compile_s, tokens_per_s (generated tokens per decode_s).
   """
 
-  def __init__(self, model: Model, *, n_sink: int = 4, window: int, chunk: int | None = None,
-               sampling: Sampling | None = None, key: jax.Array | None = None,
-               stop_tokens: Sequence[int] | None = None):
+  def __init__(
+    self,
+    model: Model,
+    *,
+    n_sink: int = 4,
+    window: int,
+    chunk: int | None = None,
+    sampling: Sampling | None = None,
+    key: jax.Array | None = None,
+    stop_tokens: Sequence[int] | None = None,
+  ):
     engine.require_tokenizer(model, "a streaming session")
     if not isinstance(n_sink, int) or n_sink < 0:
       raise ValueError(f"n_sink must be an int >= 0; got {n_sink!r}")
     if not isinstance(window, int) or window < 1:
-      raise ValueError(f"window must be an int >= 1 (the cache needs room besides its "
-                       f"{n_sink} sinks); got {window!r}")
+      raise ValueError(
+        f"window must be an int >= 1 (the cache needs room besides its "
+        f"{n_sink} sinks); got {window!r}"
+      )
     if n_sink + window > model.cfg.max_position:
-      raise ValueError(f"sinks + window = {n_sink + window} exceeds the model's context of "
-                       f"{model.cfg.max_position} positions")
+      raise ValueError(
+        f"sinks + window = {n_sink + window} exceeds the model's context of "
+        f"{model.cfg.max_position} positions"
+      )
     chunk = min(window, 256) if chunk is None else chunk
     if not isinstance(chunk, int) or not 1 <= chunk <= window:
-      raise ValueError(f"chunk must be an int in [1, window={window}] (a prefill chunk must fit "
-                       f"the window); got {chunk!r}")
+      raise ValueError(
+        f"chunk must be an int in [1, window={window}] (a prefill chunk must fit "
+        f"the window); got {chunk!r}"
+      )
     self.model, self.chunk = model, chunk
     self.sampling = check_request(model, 1, sampling, key)
     self.key = jax.random.key(0) if key is None else key
     self.stop_ids = set(stop_ids(model, stop_tokens))
     cfg = model.cfg
-    self.cache = SinkCache.init(n_layers=cfg.n_layers, batch=1, n_sink=n_sink, window=window,
-                                n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                                dtype=model.dtype)
-    self.logits: jax.Array | None = None   # [1, V] for the next token, once anything is fed
-    self.steps = 0                         # sampling steps so far (folded into the key)
-    self.stats = dict(tokens_generated=0, prompt_tokens=0, peak_cache_tokens=0, prefill_s=0.0,
-                      decode_s=0.0, compile_s=0.0, tokens_per_s=float("nan"))
+    self.cache = SinkCache.init(
+      n_layers=cfg.n_layers,
+      batch=1,
+      n_sink=n_sink,
+      window=window,
+      n_kv_heads=cfg.n_kv_heads,
+      head_dim=cfg.head_dim,
+      dtype=model.dtype,
+    )
+    self.logits: jax.Array | None = None  # [1, V] for the next token, once anything is fed
+    self.steps = 0  # sampling steps so far (folded into the key)
+    self.stats = dict(
+      tokens_generated=0,
+      prompt_tokens=0,
+      peak_cache_tokens=0,
+      prefill_s=0.0,
+      decode_s=0.0,
+      compile_s=0.0,
+      tokens_per_s=float("nan"),
+    )
 
   def _held(self) -> None:
-    self.stats["peak_cache_tokens"] = max(self.stats["peak_cache_tokens"],
-                                          int(self.cache.length[0]))
+    self.stats["peak_cache_tokens"] = max(
+      self.stats["peak_cache_tokens"], int(self.cache.length[0])
+    )
 
   def _feed(self, ids: list[int]) -> None:
     """Prefills ids in chunks (evicting per token if they overflow the window)."""
     C = self.chunk
     for lo in range(0, len(ids), C):
-      part = ids[lo:lo + C]
+      part = ids[lo : lo + C]
       tokens = np.zeros((1, C), np.int32)
-      tokens[0, :len(part)] = part
+      tokens[0, : len(part)] = part
       t0 = time.perf_counter()
       (self.logits, self.cache), c = steps.call(
-          self.model, steps.extend, self.model.state, self.cache, jnp.asarray(tokens),
-          jnp.asarray([len(part)], jnp.int32))
+        self.model,
+        steps.extend,
+        self.model.state,
+        self.cache,
+        jnp.asarray(tokens),
+        jnp.asarray([len(part)], jnp.int32),
+      )
       self.logits.block_until_ready()
       self.stats["prefill_s"] += time.perf_counter() - t0 - c
       self.stats["compile_s"] += c
 
-  def turn(self, prompt: str | Sequence[int] = "", *, max_new_tokens: int | None = 64,
-           stop: Sequence[str] = (), chat: bool = False, done: dict | None = None,
-           keep_ids: bool = True) -> Iterator[str]:
+  def turn(
+    self,
+    prompt: str | Sequence[int] = "",
+    *,
+    max_new_tokens: int | None = 64,
+    stop: Sequence[str] = (),
+    chat: bool = False,
+    done: dict | None = None,
+    keep_ids: bool = True,
+  ) -> Iterator[str]:
     """Feeds `prompt` (text, or token ids; may be empty after the first turn to continue),
     then yields the reply's text as it is generated: at most max_new_tokens tokens (None: no
     limit), ending early at a stop token or stop string (neither yielded). chat: wrap the
@@ -117,22 +158,32 @@ class Session:
     done = {} if done is None else done
     try:
       yield from engine.timed(
-          detokenize(self.model, self._tokens(max_new_tokens), stop, self.stop_ids, done,
-                     keep_ids=keep_ids),
-          self.stats)
+        detokenize(
+          self.model, self._tokens(max_new_tokens), stop, self.stop_ids, done, keep_ids=keep_ids
+        ),
+        self.stats,
+      )
     finally:
       self._held()
       s = self.stats
-      s["tokens_per_s"] = (s["tokens_generated"] / s["decode_s"] if s["decode_s"] > 0
-                           else float("nan"))
+      s["tokens_per_s"] = (
+        s["tokens_generated"] / s["decode_s"] if s["decode_s"] > 0 else float("nan")
+      )
 
   def _tokens(self, limit: int | None) -> Iterator[int]:
     """Samples tokens, each fed into the cache in the same dispatch (steps.sample_decode)."""
     n = 0
     while True:
       (tok, bad, self.logits, self.cache), c = steps.call(
-          self.model, steps.sample_decode, self.model.state, self.cache, self.logits, self.key,
-          jnp.int32(self.steps), sampling=self.sampling)
+        self.model,
+        steps.sample_decode,
+        self.model.state,
+        self.cache,
+        self.logits,
+        self.key,
+        jnp.int32(self.steps),
+        sampling=self.sampling,
+      )
       tok, bad = jax.device_get((tok, bad))
       engine.check_finite(self.model, bad, f"streaming session (token {self.steps})")
       tok = int(tok[0])
@@ -149,6 +200,9 @@ class Stream(Session):
   """Deprecated name of `Session`, kept for one release."""
 
   def __init__(self, *args, **kwargs):
-    warnings.warn("kvjax.lm.streaming.Stream is deprecated: use streaming.Session",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn(
+      "kvjax.lm.streaming.Stream is deprecated: use streaming.Session",
+      DeprecationWarning,
+      stacklevel=2,
+    )
     super().__init__(*args, **kwargs)

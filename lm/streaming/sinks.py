@@ -40,10 +40,14 @@ class SinkReport:
   sink_tokens: int
 
   def to_json(self) -> dict:
-    return {"tokens": self.tokens, "sink_tokens": self.sink_tokens,
-            "mass": self.mass.tolist(), "mean_by_layer": self.mass.mean(1).tolist(),
-            "uniform_by_layer": self.uniform.tolist(),
-            "ratio_by_layer": (self.mass.mean(1) / self.uniform).tolist()}
+    return {
+      "tokens": self.tokens,
+      "sink_tokens": self.sink_tokens,
+      "mass": self.mass.tolist(),
+      "mean_by_layer": self.mass.mean(1).tolist(),
+      "uniform_by_layer": self.uniform.tolist(),
+      "ratio_by_layer": (self.mass.mean(1) / self.uniform).tolist(),
+    }
 
 
 def attention_mass(model: Model, ids: Sequence[int], *, sink_tokens: int = 4) -> SinkReport:
@@ -58,14 +62,17 @@ def attention_mass(model: Model, ids: Sequence[int], *, sink_tokens: int = 4) ->
   if T <= sink_tokens:
     raise ValueError(f"the text has {T} tokens: it needs more than sink_tokens={sink_tokens}")
   if T > model.cfg.max_position:
-    raise ValueError(f"the text has {T} tokens, more than the model's context of "
-                     f"{model.cfg.max_position} positions")
+    raise ValueError(
+      f"the text has {T} tokens, more than the model's context of "
+      f"{model.cfg.max_position} positions"
+    )
   bad = ids[(ids < 0) | (ids >= model.cfg.vocab_size)]
   if bad.size:
     raise ValueError(f"token ids {bad[:5].tolist()} outside [0, {model.cfg.vocab_size})")
-  mass = np.asarray(_mass(model.graphdef, model.state, jnp.asarray(ids[None], jnp.int32),
-                          sink_tokens=sink_tokens))
-  visible = np.arange(sink_tokens, T) + 1.0                     # keys a query at t sees
+  mass = np.asarray(
+    _mass(model.graphdef, model.state, jnp.asarray(ids[None], jnp.int32), sink_tokens=sink_tokens)
+  )
+  visible = np.arange(sink_tokens, T) + 1.0  # keys a query at t sees
   uniform = []
   for window in model.cfg.windows:
     seen = np.minimum(visible, window) if window else visible
@@ -82,7 +89,7 @@ def _mass(graphdef, state, tokens, *, sink_tokens: int):
   out, _ = dec(tokens, logits=False, return_layer_inputs=True)
   T = tokens.shape[1]
   positions = jnp.arange(T, dtype=jnp.int32)[None]
-  freqs = jnp.asarray(rope.layer_freqs(cfg))                            # [L, H/2]
+  freqs = jnp.asarray(rope.layer_freqs(cfg))  # [L, H/2]
   graph, stacked = nnx.split(dec.blocks)
   G = cfg.n_heads // cfg.n_kv_heads
   t_all = jnp.arange(T)
@@ -90,17 +97,17 @@ def _mass(graphdef, state, tokens, *, sink_tokens: int):
   def layer(l):
     blk = nnx.merge(graph, jax.tree.map(lambda a: a[l], stacked))
     q, k, _ = blk.attn.qkv(blk.attn_norm(out.layer_inputs[l]))
-    q = rope.apply(q, positions, freqs[l])[0].astype(jnp.float32)             # [T, N, H]
+    q = rope.apply(q, positions, freqs[l])[0].astype(jnp.float32)  # [T, N, H]
     k = jnp.repeat(rope.apply(k, positions, freqs[l])[0].astype(jnp.float32), G, axis=1)
     window = jnp.asarray(cfg.windows, jnp.int32)[l]
     total = jnp.zeros((cfg.n_heads,), jnp.float32)
     for t0 in range(sink_tokens, T, QUERY_CHUNK):
-      t = t_all[t0:t0 + QUERY_CHUNK]
-      s = jnp.einsum("tnh,snh->nts", q[t0:t0 + QUERY_CHUNK], k) * cfg.query_scale
+      t = t_all[t0 : t0 + QUERY_CHUNK]
+      s = jnp.einsum("tnh,snh->nts", q[t0 : t0 + QUERY_CHUNK], k) * cfg.query_scale
       if cfg.attn_softcap is not None:
         s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
       sees = (t_all[None] <= t[:, None]) & ((window == 0) | (t[:, None] - t_all[None] < window))
-      p = jax.nn.softmax(jnp.where(sees[None], s, -jnp.inf), axis=-1)   # [N, tq, T]
+      p = jax.nn.softmax(jnp.where(sees[None], s, -jnp.inf), axis=-1)  # [N, tq, T]
       total = total + p[:, :, :sink_tokens].sum((1, 2))
     return total / (T - sink_tokens)
 
@@ -110,8 +117,10 @@ def _mass(graphdef, state, tokens, *, sink_tokens: int):
 def heatmap(report: SinkReport, path: str, *, title: str = "") -> None:
   """Writes the [L, N] mass as a PNG heatmap (layers down, heads across)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   L, N = report.mass.shape
   fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.5 * N), 1.2 + 0.35 * L))
   im = ax.imshow(report.mass, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
@@ -119,8 +128,10 @@ def heatmap(report: SinkReport, path: str, *, title: str = "") -> None:
   ax.set_ylabel("layer")
   ax.set_xticks(range(N))
   ax.set_yticks(range(L))
-  ax.set_title(title or f"attention mass on the first {report.sink_tokens} tokens "
-               f"({report.tokens} tokens)", fontsize=9)
+  ax.set_title(
+    title or f"attention mass on the first {report.sink_tokens} tokens ({report.tokens} tokens)",
+    fontsize=9,
+  )
   fig.colorbar(im, ax=ax)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

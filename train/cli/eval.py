@@ -12,22 +12,42 @@ from kvjax.lm.cli.flags import positive
 def add_eval(sub) -> argparse.ArgumentParser:
   """The `eval` subcommand: a model's loss and bits per character on a corpus split."""
   p = sub.add_parser(
-      "eval", help="a model's loss and bits per character on a corpus split",
-      description="Scores every token of a corpus split once, in windows of --seq-len tokens "
-      "(no context carried between windows), and reports nats per token and bits per "
-      "character (tokenizer-independent).")
-  p.add_argument("--model", required=True, metavar="DIR_OR_NAME",
-                 help="model directory or bundled model name (e.g. shakespeare)")
-  p.add_argument("--data", required=True, metavar="DIR_OR_NAME",
-                 help="'shakespeare' (the bundled plays) or a directory of .txt/.md files")
-  p.add_argument("--split", default="validation", choices=("train", "validation", "test"),
-                 help="corpus split (default validation)")
+    "eval",
+    help="a model's loss and bits per character on a corpus split",
+    description="Scores every token of a corpus split once, in windows of --seq-len tokens "
+    "(no context carried between windows), and reports nats per token and bits per "
+    "character (tokenizer-independent).",
+  )
+  p.add_argument(
+    "--model",
+    required=True,
+    metavar="DIR_OR_NAME",
+    help="model directory or bundled model name (e.g. shakespeare)",
+  )
+  p.add_argument(
+    "--data",
+    required=True,
+    metavar="DIR_OR_NAME",
+    help="'shakespeare' (the bundled plays) or a directory of .txt/.md files",
+  )
+  p.add_argument(
+    "--split",
+    default="validation",
+    choices=("train", "validation", "test"),
+    help="corpus split (default validation)",
+  )
   p.add_argument("--genre", action="append", metavar="G", help="only these genres (repeatable)")
-  p.add_argument("--exclude-genre", action="append", metavar="G",
-                 help="all genres but these (repeatable)")
+  p.add_argument(
+    "--exclude-genre", action="append", metavar="G", help="all genres but these (repeatable)"
+  )
   p.add_argument("--batch-size", type=positive, default=16, metavar="B")
-  p.add_argument("--seq-len", type=positive, default=256, metavar="T",
-                 help="window length in tokens (default 256)")
+  p.add_argument(
+    "--seq-len",
+    type=positive,
+    default=256,
+    metavar="T",
+    help="window length in tokens (default 256)",
+  )
   p.add_argument("--json", action="store_true", help="print one JSON object")
   p.set_defaults(run=run_eval, check=lambda args: None)
   return p
@@ -38,24 +58,42 @@ def run_eval(args: argparse.Namespace) -> int:
   from kvjax.lm.model import load
   from kvjax.train import data
   from kvjax.train.lm import TrainError, evaluate_model
+
   model = load(args.model)
   if model.tokenizer is None:
     raise TrainError(f"--model {args.model} has no tokenizer.json")
   if model.cfg.max_position < args.seq_len:
-    raise TrainError(f"--seq-len {args.seq_len} exceeds the model's max_position "
-                     f"{model.cfg.max_position}")
+    raise TrainError(
+      f"--seq-len {args.seq_len} exceeds the model's max_position {model.cfg.max_position}"
+    )
   t0 = time.perf_counter()
-  batches = data.eval_batches(args.data, args.split, model.tokenizer, batch_size=args.batch_size,
-                              seq_len=args.seq_len, genres=args.genre,
-                              exclude_genres=args.exclude_genre)
+  batches = data.eval_batches(
+    args.data,
+    args.split,
+    model.tokenizer,
+    batch_size=args.batch_size,
+    seq_len=args.seq_len,
+    genres=args.genre,
+    exclude_genres=args.exclude_genre,
+  )
   got = evaluate_model(model, batches)
-  out = {"model": args.model, "data": args.data, "split": args.split, "genre": args.genre,
-         "exclude_genre": args.exclude_genre, "seq_len": args.seq_len,
-         "loss": got["eval_loss"], "bpc": got["eval_bpc"], "tokens": got["eval_tokens"],
-         "wall_s": time.perf_counter() - t0}
+  out = {
+    "model": args.model,
+    "data": args.data,
+    "split": args.split,
+    "genre": args.genre,
+    "exclude_genre": args.exclude_genre,
+    "seq_len": args.seq_len,
+    "loss": got["eval_loss"],
+    "bpc": got["eval_bpc"],
+    "tokens": got["eval_tokens"],
+    "wall_s": time.perf_counter() - t0,
+  }
   if args.json:
     print(json.dumps(out))
   else:
-    print(f"{args.model} on {args.data} {args.split}: {out['loss']:.4f} nats/token, "
-          f"{out['bpc']:.4f} bits/char over {out['tokens']:,} tokens")
+    print(
+      f"{args.model} on {args.data} {args.split}: {out['loss']:.4f} nats/token, "
+      f"{out['bpc']:.4f} bits/char over {out['tokens']:,} tokens"
+    )
   return 0
