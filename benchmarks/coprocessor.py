@@ -33,11 +33,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 import report
+
 from kvjax import coprocessor as cp
-from kvjax.coprocessor import traces
 from kvjax import lm
+from kvjax.coprocessor import traces
 from kvjax.lm import steps
 from kvjax.lm.cli import positive
 from kvjax.lm.generate import new_cache

@@ -48,11 +48,11 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from peer_protocol import ProcessPeer  # noqa: E402
-from report import cpu_name, write  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from peer_protocol import ProcessPeer
+from report import cpu_name, write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -275,6 +275,7 @@ def load_models(path: str, dtype: str):
   """The checkpoint as (kvjax Model, transformers model in eval mode on torch_device())."""
   import torch
   import transformers
+
   from kvjax import lm
 
   transformers.utils.logging.disable_progress_bar()
@@ -362,7 +363,7 @@ def main(argv=None) -> dict:
     repeats=args.repeats,
     seed=args.seed,
   )
-  progress = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+  progress = lambda msg: print(msg, file=sys.stderr, flush=True)
   started = []
   with tempfile.TemporaryDirectory(prefix="kvjax_bench_") as work:
     path = os.path.join(work, "llama")

@@ -33,7 +33,7 @@ from kvjax.pallas_kernels import sink_attention as sink
 from kvjax.pallas_kernels import tree_attention as tree
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from report import describe, write  # noqa: E402
+from report import describe, write
 
 CONFIGS = {  # kvjax configs of random models for the decode grid
   "10m": dict(
@@ -110,7 +110,7 @@ def kernel_rows(quick: bool, repeats: int, on_device: bool) -> list[dict]:
       count = jnp.full((B,), S + 100, jnp.int32)  # a full, wrapped ring
       start = count - (S - n_sink)
       freq = jnp.asarray(1.0 / 10000.0 ** (np.arange(0, H, 2, dtype=np.float32) / H))
-      run = lambda impl, **kw: sink.sink_attention(  # noqa: E731
+      run = lambda impl, **kw: sink.sink_attention(
         q, k, v, count, start, n_sink=n_sink, freq=freq, scale=H**-0.5, impl=impl, **kw
       )
       rows.append(compare("sink_attention", run, shape, dtype, repeats, on_device))
@@ -119,7 +119,7 @@ def kernel_rows(quick: bool, repeats: int, on_device: bool) -> list[dict]:
       q_pos = length[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
       mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
       kn = jnp.asarray(rng.standard_normal((B, K, T, H)), dtype)
-      run = lambda impl, **kw: tree.tree_attention(  # noqa: E731
+      run = lambda impl, **kw: tree.tree_attention(
         q, k, v, length, kn, kn, q_pos, pos, mask, scale=H**-0.5, impl=impl, **kw
       )
       rows.append(compare("tree_attention", run, shape, dtype, repeats, on_device))

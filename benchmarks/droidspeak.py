@@ -37,8 +37,8 @@ import os
 import sys
 
 import numpy as np
-
 import report
+
 from kvjax import lm
 from kvjax.cache import droidspeak as ds
 from kvjax.cache.droidspeak import profile as run
@@ -208,7 +208,7 @@ def markdown(res) -> str:
     "agreement | prefill ms | speedup |",
     "|---:|---|---|---:|---:|---:|---:|---:|---:|",
   ]
-  fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+  fmt = lambda v, f: "" if v is None else format(v, f)
   for r in res["rows"]:
     lines.append(
       f"| {r['prefix']} | {r['method']} | {r['plan']} | {r['loss']:.4f} | "

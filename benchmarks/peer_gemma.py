@@ -98,7 +98,7 @@ class Runner:
     loop = self.loop(cache_length)
     run = lambda s: loop.sample(
       params=self.params,
-      init_state=s,  # noqa: E731
+      init_state=s,
       max_new_tokens=self.jnp.asarray(new_tokens),
     )
     self.jax.block_until_ready(state)

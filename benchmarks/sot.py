@@ -26,9 +26,10 @@ import statistics
 import sys
 
 import report
+
 from kvjax import lm
-from kvjax.lm.sot import expansion as ex
 from kvjax.lm.cli import positive
+from kvjax.lm.sot import expansion as ex
 from kvjax.lm.sot.points import parse_points
 from kvjax.lm.sot.prompts import Prompts
 

@@ -42,8 +42,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import jax
-
 import report
+
 from kvjax import lm, speculative
 from kvjax.lm.cli import positive
 from kvjax.lm.sampling import Sampling

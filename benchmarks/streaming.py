@@ -45,8 +45,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 import report
+
 from kvjax import lm
 from kvjax.cache.sink import SinkCache
 from kvjax.lm import steps, streaming
@@ -99,7 +99,7 @@ def quality(model, args) -> dict:
   rec = next(r["ppl"] for r in rows if r["name"] == "recompute")
   for r in rows:
     r["vs_recompute"] = r["ppl"] / rec
-  return dict(text=title, tokens=int(len(ids)), cache_size=C, rows=rows)
+  return dict(text=title, tokens=len(ids), cache_size=C, rows=rows)
 
 
 def cost_model(max_size: int):

@@ -41,11 +41,10 @@ import numpy as np
 from flax import nnx
 
 from kvjax.cache.dense import KVCache
-from kvjax.lm import config
+from kvjax.lm import config, steps
+from kvjax.lm.attention import Training
 from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config
-from kvjax.lm import steps
-from kvjax.lm.attention import Training
 from kvjax.lm.engine import check_finite, new_cache, pad
 from kvjax.lm.model import Model, check_fingerprint, params_fingerprint
 from kvjax.lm.model import init as init_model
@@ -368,7 +367,7 @@ def insert(base: Model, cop: Coprocessor, latents: jax.Array, cache: KVCache) ->
   """Appends latents [B, N, D] (of `cop`, e.g. read earlier by `latents`) to the base's cache
   in its next slots (jitted; donates `cache`)."""
   B, N, D = latents.shape
-  if D != base.cfg.d_model or B != cache.batch:
+  if base.cfg.d_model != D or cache.batch != B:
     raise CoprocessorError(
       f"latents must be [B={cache.batch}, N, D={base.cfg.d_model}]; got {list(latents.shape)}"
     )
@@ -389,7 +388,7 @@ def augment(base: Model, cop: Coprocessor, cache: KVCache) -> KVCache:
 
 def _like(cc: CoprocessorConfig, base: Model) -> dict[str, Any]:
   """Zeros shaped like a coprocessor's trainable params for `base`."""
-  zeros = lambda t: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), t)  # noqa: E731
+  zeros = lambda t: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), t)
   like = {"soft": jnp.zeros((cc.n_latents, base.cfg.d_model), base.dtype)}
   if cc.kind == "coprocessor":
     p = jax.eval_shape(base.params)

@@ -54,7 +54,7 @@ def room_error(
 ) -> str | None:
   """Why `points` augmentation points with `ahead` tokens (`delay` late) do not fit in a
   sequence of seq_len inputs, or None. flags: name the settings as command-line flags."""
-  name = (lambda f: "--" + f.replace("_", "-")) if flags else (lambda f: f)  # noqa: E731
+  name = (lambda f: "--" + f.replace("_", "-")) if flags else (lambda f: f)
   if ahead >= seq_len:
     return (
       f"{name('ahead')} ({ahead}) must be smaller than {name('seq_len')} ({seq_len}): "

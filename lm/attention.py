@@ -218,7 +218,7 @@ def _block(
   S = blk.size
   f32 = jnp.float32
   qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H], once
-  if (S <= block_k and T <= block_q) or (differentiable and S * T <= TRAIN_ONE_STEP):
+  if (block_k >= S and block_q >= T) or (differentiable and S * T <= TRAIN_ONE_STEP):
     # one step: no loop
     init = (
       jnp.zeros((B, K, G, T, H), f32),
@@ -327,7 +327,7 @@ def causal(
   from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 
   G = N // K
-  kv = lambda a: jnp.repeat(a, G, axis=1) if G > 1 else a  # noqa: E731  (the kernel is MHA)
+  kv = lambda a: jnp.repeat(a, G, axis=1) if G > 1 else a
   out = tpu_flash.flash_attention(
     q.transpose(0, 2, 1, 3), kv(k), kv(v), causal=True, sm_scale=scale
   )

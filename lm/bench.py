@@ -36,12 +36,12 @@ def bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> dict[str, float]:
   x = jnp.ones((n,), jnp.float32)
   if jax.default_backend() == "cpu":
     a, b = np.ones(n, np.float32), np.empty(n, np.float32)
-    copy = lambda: np.copyto(b, a)  # noqa: E731
+    copy = lambda: np.copyto(b, a)
   else:
     f = jax.jit(lambda x: x + 1.0)
-    copy = lambda: f(x).block_until_ready()  # noqa: E731
+    copy = lambda: f(x).block_until_ready()
   total = jax.jit(jnp.sum)
-  read = lambda: total(x).block_until_ready()  # noqa: E731
+  read = lambda: total(x).block_until_ready()
   out = {}
   for name, fn, moved in (("copy", copy, 2 * nbytes), ("read", read, nbytes)):
     fn()

@@ -49,7 +49,7 @@ def _entries(cfg: Config, *, fused: bool = False) -> list[Entry]:
     cfg.vocab_size,
   )
   E = cfg.n_experts
-  same = lambda w: w  # noqa: E731
+  same = lambda w: w
 
   def proj_in(a, b):  # torch Linear [a*b, D] -> [D, a, b]
     return (lambda w: w.T.reshape(D, a, b)), (lambda w: w.reshape(D, a * b).T)
@@ -117,7 +117,7 @@ def _entries(cfg: Config, *, fused: bool = False) -> list[Entry]:
       (("blocks", "mlp", "down"), layer + "mlp.down_proj.weight", (D, F), *dense()),
     ]
   elif fused:  # gate_up [E, 2F, D] (gate rows first), down [E, D, F]
-    swap = lambda w: w.transpose(0, 2, 1)  # noqa: E731
+    swap = lambda w: w.transpose(0, 2, 1)
     e += [
       (("blocks", "moe", "router"), layer + "mlp.gate.weight", (E, D), *dense()),
       (
@@ -213,7 +213,7 @@ def _shards(path: str) -> dict[str, str]:
   single = os.path.join(path, SINGLE)
   if not os.path.exists(single):
     raise CheckpointError(f"{path}: no {SINGLE} or {INDEX}")
-  return {name: SINGLE for name in _open(single).keys()}
+  return dict.fromkeys(_open(single).keys(), SINGLE)
 
 
 def _open(file: str):

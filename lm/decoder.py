@@ -23,7 +23,6 @@ from kvjax.lm.attention import causal as causal_attention
 from kvjax.lm.config import Config
 from kvjax.lm.sharding import constrain
 
-
 ACTIVATION = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, D]
 LOGITS = ("batch", "seq", "vocab")
 

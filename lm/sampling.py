@@ -20,7 +20,7 @@ class Sampling:
 
   def __post_init__(self):
     t = self.temperature
-    if not (_real(t) and (t == 0 or (math.isfinite(t) and 1e-6 <= t))):
+    if not (_real(t) and (t == 0 or (math.isfinite(t) and t >= 1e-6))):
       raise ValueError(f"temperature must be 0 (greedy) or a finite number >= 1e-6; got {t!r}")
     if not (
       isinstance(self.top_k, numbers.Integral)

@@ -18,7 +18,6 @@ from flax import nnx
 from kvjax.cache.dense import KVCache
 from kvjax.lm.sampling import Sampling, sample
 
-
 # AOT-compiled executables shared by every Model: two models of one config, dtype and layout
 # (two loads of a checkpoint, a DroidSpeak sender and receiver, a fine-tune and its base) have
 # equal graphdefs, so each program compiles once per process. Least recently used beyond

@@ -24,7 +24,8 @@ CHAT_TEMPLATE = (
 
 def byte_tokenizer() -> Tokenizer:
   """Byte-level BPE with no merges: ids 0, 1 are <s>, </s>; then the 256 byte symbols."""
-  from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+  from tokenizers import Tokenizer as HFTokenizer
+  from tokenizers import decoders, models, pre_tokenizers, processors
 
   alphabet = pre_tokenizers.ByteLevel.alphabet()
   vocab = {BOS: 0, EOS: 1, **{s: i + 2 for i, s in enumerate(sorted(alphabet))}}

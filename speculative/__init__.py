@@ -12,11 +12,11 @@ architecture head (init_head(..., published=True), `kvjax train eagle --publishe
 layouts for vLLM and SGLang (`kvjax.speculative.formats`).
 """
 
+from kvjax.speculative.formats import export as export_head
+from kvjax.speculative.formats import load as load_head
 from kvjax.speculative.generate import auto_tree, generate
 from kvjax.speculative.head import HeadConfig, HeadError, LoadedHead, draft_vocabulary
 from kvjax.speculative.head import init as init_head
-from kvjax.speculative.formats import export as export_head
-from kvjax.speculative.formats import load as load_head
 from kvjax.speculative.head import save as save_head
 from kvjax.speculative.tree import Tree, TreeSpec
 

@@ -23,9 +23,8 @@ from flax import nnx
 from kvjax.cache.dense import KVCache
 from kvjax.lm.sampling import Sampling, sample
 from kvjax.lm.steps import nonfinite
-from kvjax.speculative import accept
+from kvjax.speculative import accept, verify
 from kvjax.speculative import tree as trees
-from kvjax.speculative import verify
 
 
 def _forward_features(dec, head, tokens, **kw):

@@ -36,9 +36,8 @@ import numpy as np
 from flax import nnx
 
 from kvjax.lm import config
-from kvjax.speculative.head import Head, HeadConfig, HeadError, LoadedHead, check
+from kvjax.speculative.head import Head, HeadConfig, HeadError, LoadedHead, check, resolve
 from kvjax.speculative.head import load as load_kvjax
-from kvjax.speculative.head import resolve
 
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
@@ -97,7 +96,7 @@ def read_tensors(path: str) -> tuple[str, dict[str, np.ndarray]]:
     }
   except HeadError:
     raise
-  except Exception as err:  # noqa: BLE001 - a corrupt file: name it
+  except Exception as err:
     raise HeadError(f"{file}: cannot read the weights ({type(err).__name__}: {err})") from None
 
 

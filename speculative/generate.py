@@ -24,8 +24,8 @@ from kvjax.lm.engine import Prompt, check_context, check_finite, new_cache, outp
 from kvjax.lm.generate import Generation
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
-from kvjax.speculative import head as heads
 from kvjax.speculative import decoding
+from kvjax.speculative import head as heads
 from kvjax.speculative.tree import TreeSpec
 
 

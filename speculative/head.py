@@ -39,8 +39,8 @@ from flax import nnx
 from kvjax.cache.dense import KVCache
 from kvjax.cache.view import causal
 from kvjax.lm import config
-from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.attention import Training
+from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config
 from kvjax.lm.decoder import Block, RMSNorm, init_param, run_layers
 from kvjax.lm.model import check_fingerprint, params_fingerprint

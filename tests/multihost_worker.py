@@ -16,12 +16,12 @@ import time
 
 import jax
 import numpy as np
+from test_train import ARCH, B, T, eval_batches, synthetic  # the single-process tests' data
 
 from kvjax import lm
 from kvjax.lm import distributed, sharding, tiny
 from kvjax.lm.generate import new_cache
 from kvjax.train.lm import TrainConfig, make_mesh, train
-from test_train import ARCH, B, T, eval_batches, synthetic  # the single-process tests' data
 
 ROWS = [[0, 5, 6, 7], [0, 9, 10, 40, 41], [0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [0, 11]]
 STEPS = 10

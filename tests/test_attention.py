@@ -170,9 +170,7 @@ def test_decoder_dropout_only_when_asked():
   drop = lambda seed, r=0.2, a=0.1: np.asarray(
     dec(
       tokens,
-      training=attention.Training(  # noqa
-        r, a, jax.random.key(seed)
-      ),
+      training=attention.Training(r, a, jax.random.key(seed)),
     )[0].logits
   )
   assert np.abs(drop(0) - plain).max() > 1e-3 and np.abs(drop(0) - drop(1)).max() > 1e-3

@@ -151,6 +151,7 @@ def test_shipped_artifacts_refuse_the_other_bundled_model(models):
   `shakespeare-comedy` (same architecture, other weights) they are refused, naming both
   fingerprints, unless allowed, which warns; the fingerprint does not depend on the dtype."""
   import jax.numpy as jnp
+
   from kvjax import coprocessor, speculative
   from kvjax.coprocessor import CoprocessorError
   from kvjax.speculative.head import HeadError

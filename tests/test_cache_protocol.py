@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import pytest
 
 from kvjax import speculative
-from kvjax.speculative import head as heads
 from kvjax.cache import Cache, KVCache, PrefixCache, SinkCache, Slots
 from kvjax.lm import tiny
+from kvjax.speculative import head as heads
 
 L, B, K, S, H = 2, 3, 2, 8, 4
 

@@ -110,7 +110,9 @@ def test_gemma3_config_layouts_read_like_transformers(tmp_path):
   from it (per-layer-type rope_parameters, layer_types) give the same Config; to_hf's config
   goes through transformers and back unchanged."""
   import json
+
   import transformers
+
   from kvjax.lm import config
 
   legacy = dict(
@@ -174,6 +176,7 @@ def test_experts_load_from_either_layout(hf_dir, tmp_path):
   transformers 5's fused in-memory layout (mlp.experts.gate_up_proj [E, 2F, D] with gate rows
   first, mlp.experts.down_proj [E, D, F], mlp.gate) alike."""
   import shutil
+
   from safetensors.numpy import load_file, save_file
 
   src = hf_dir("mixtral")

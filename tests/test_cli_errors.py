@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from test_cli import cli
 
 from kvjax import coprocessor, lm, speculative
 from kvjax.cache.droidspeak import wire
@@ -32,8 +33,6 @@ from kvjax.lm.streaming import Session
 from kvjax.speculative import head as heads
 from kvjax.train.lm import TrainConfig
 from kvjax.train.loop import optimizer
-
-from test_cli import cli
 
 BAD = b"ab\xff\xfecd"  # not UTF-8 from byte 2 on
 ESC = "ab\udcffcd"  # the text Python makes of such bytes on argv (and on stdin under C.UTF-8)

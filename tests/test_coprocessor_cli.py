@@ -5,14 +5,13 @@ import json
 
 import numpy as np
 import pytest
+from test_cli import cli
 
 from kvjax import coprocessor as cp
-from kvjax.coprocessor import traces
 from kvjax import lm
+from kvjax.coprocessor import traces
 from kvjax.lm import tiny
 from kvjax.train.cli import main as train_main
-
-from test_cli import cli
 
 TEXT = (
   "Now is the winter of our discontent made glorious summer by this sun of York; "

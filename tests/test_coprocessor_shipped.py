@@ -5,11 +5,10 @@ import json
 
 import numpy as np
 import pytest
+from test_cli import cli
 
 from kvjax import coprocessor as cp
 from kvjax import lm
-
-from test_cli import cli
 
 
 def test_names_and_configs():

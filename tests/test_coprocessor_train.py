@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from kvjax import coprocessor as cp
-from kvjax.coprocessor import traces
 from kvjax.coprocessor import model as cpm
+from kvjax.coprocessor import traces
 from kvjax.lm import steps, tiny
 from kvjax.lm.generate import new_cache
 from kvjax.train import coprocessor as ct

@@ -137,6 +137,7 @@ def test_experts_route_and_both_forms_equal_every_expert_dense(renormalize):
   and combined with the routing weights (zero for the experts not chosen). 10 tokens take
   the grouped form, 1 token the gathered one."""
   from flax import nnx
+
   from kvjax.lm.decoder import MoE, route
 
   cfg = tiny.config("mixtral", n_experts=6, n_experts_per_tok=3, moe_renormalize=renormalize)

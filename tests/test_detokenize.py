@@ -7,7 +7,8 @@ import types
 import hypothesis
 import pytest
 from hypothesis import strategies as st
-from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
 
 from kvjax import lm
 from kvjax.lm import engine, tiny

@@ -203,6 +203,7 @@ def _sent(pair, text="1-3"):
 
 def test_payload_round_trip_file_and_socket(pair, tmp_path):
   import threading
+
   from kvjax.cache.droidspeak import payload as pl
 
   sender, receiver = pair
@@ -263,6 +264,7 @@ def test_payload_of_another_format_version_is_refused(pair):
   slots) is refused with both versions named, never reinterpreted."""
   import json
   import struct
+
   from kvjax.cache.droidspeak import payload as pl
 
   sender, receiver = pair
@@ -351,6 +353,7 @@ def pair_dirs(pair, tmp_path_factory):
 
 def test_cli_run_json(pair_dirs, pair):
   import json
+
   from test_cli import cli
 
   s, r = pair_dirs
@@ -398,6 +401,7 @@ def test_cli_send_and_receive_in_two_processes(pair_dirs, pair, tmp_path):
   import os
   import subprocess
   import sys
+
   from test_cli import cli
 
   s, r = pair_dirs
@@ -554,6 +558,7 @@ def test_profile_pareto_and_pick(pair):
 
 def test_cli_profile_then_auto_plan(pair_dirs, tmp_path, monkeypatch):
   import json
+
   from test_cli import cli
 
   s, r = pair_dirs

@@ -11,11 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
+from test_cli import cli
 
 from kvjax import lm
 from kvjax.lm import tiny
-
-from test_cli import cli
 
 UP1 = "model.layers.1.mlp.up_proj.weight"  # [F, D] = [128, 64] in the tiny HF llama
 IDS = [[0, 5, 17, 300, 42, 9, 2, 77, 123, 250, 3, 8]]
@@ -844,7 +843,8 @@ def test_side_file_invalid_json(broken, name, error):
 
 
 def test_bf16_checkpoint_dtype(src, model, tmp_path):
-  from safetensors.flax import load_file as load_jax, save_file as save_jax
+  from safetensors.flax import load_file as load_jax
+  from safetensors.flax import save_file as save_jax
 
   d = shutil.copytree(src, str(tmp_path / "bf16"))
   f32 = load_jax(os.path.join(src, "model.safetensors"))

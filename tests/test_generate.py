@@ -86,7 +86,7 @@ def test_top_k_one_is_greedy(model):
 
 def test_filter_logits_top_k_and_top_p():
   logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
-  kept = lambda s: np.isfinite(np.asarray(sampling_lib.filter_logits(logits, s)))[0]  # noqa: E731
+  kept = lambda s: np.isfinite(np.asarray(sampling_lib.filter_logits(logits, s)))[0]
   assert kept(lm.Sampling(temperature=1.0, top_k=2)).tolist() == [1, 1, 0, 0, 0]
   # top_p keeps the smallest prefix whose mass reaches p: 0.5 + 0.2 >= 0.6
   assert kept(lm.Sampling(temperature=1.0, top_p=0.6)).tolist() == [1, 1, 0, 0, 0]

@@ -15,10 +15,10 @@ import sys
 import time
 
 import jax
+import multihost_worker as worker
 import numpy as np
 import pytest
 
-import multihost_worker as worker
 from kvjax import lm
 from kvjax.lm import tiny
 from kvjax.train import metrics

@@ -4,11 +4,11 @@ the largest."""
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from test_cli import cli
 
-import jax
 from kvjax import lm, speculative
 from kvjax.lm import sot, streaming, tiny
 

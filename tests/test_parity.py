@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from hf_models import prompts
+
 from kvjax import lm
 from kvjax.cache import KVCache
 from kvjax.lm import steps

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_models import prompts
 from jax.sharding import PartitionSpec as P
 
-from hf_models import prompts
 from kvjax import lm
 from kvjax.lm import sharding
 from kvjax.lm.generate import new_cache

@@ -9,9 +9,8 @@ import pytest
 from jax import export
 from jax.experimental.pallas import tpu as pltpu
 
-from kvjax.lm import tiny
 from kvjax.cache.sink import SinkCache
-from kvjax.lm import steps
+from kvjax.lm import steps, tiny
 from kvjax.lm.attention import NEG
 from kvjax.pallas_kernels import sink_attention as kernel
 from kvjax.pallas_kernels.sink_attention import reference, sink_attention

@@ -10,9 +10,9 @@ import pytest
 
 from kvjax import lm
 from kvjax.cache.prefix import PrefixCache
-from kvjax.lm.sot import expansion as ex
 from kvjax.lm import sot, steps, tiny
 from kvjax.lm.engine import new_cache, prefill
+from kvjax.lm.sot import expansion as ex
 from kvjax.lm.sot.points import SkeletonError, parse_points
 from kvjax.lm.sot.prompts import Prompts
 

@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from test_cli import cli
 
 from kvjax import lm
 from kvjax.lm import sot, tiny
-from test_cli import cli
 
 QUESTION = "How can I sleep better?"
 SKELETON = r"1. Dark room\n2. Cool air\n3. No coffee late"

@@ -12,12 +12,13 @@ from scipy import stats
 
 from kvjax import lm, speculative
 from kvjax.lm import steps as lm_steps
-from kvjax.lm.generate import new_cache
 from kvjax.lm import tiny
+from kvjax.lm.generate import new_cache
 from kvjax.lm.sampling import Sampling
 from kvjax.speculative import accept as acc
+from kvjax.speculative import decoding, verify
 from kvjax.speculative import head as hd
-from kvjax.speculative import decoding, tree as tr, verify
+from kvjax.speculative import tree as tr
 from kvjax.speculative.generate import sizes
 from kvjax.speculative.tree import TreeSpec
 
@@ -349,8 +350,9 @@ def test_eagle3_head_runs(model):
 
 
 def test_cli_batch1(model, head, tmp_path):
-  from test_cli import cli
   import json
+
+  from test_cli import cli
 
   lm.save(model, str(tmp_path / "m"))
   hd.save(head, str(tmp_path / "h"))

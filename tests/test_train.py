@@ -271,7 +271,21 @@ def text_setup(tmp_path_factory):
   (tok_dir / "tokenizer_config.json").write_text(
     json.dumps({"bos_token": "<s>", "eos_token": "</s>"})
   )
-  words = "to be or not that is the question whether tis nobler in mind".split()
+  words = [
+    "to",
+    "be",
+    "or",
+    "not",
+    "that",
+    "is",
+    "the",
+    "question",
+    "whether",
+    "tis",
+    "nobler",
+    "in",
+    "mind",
+  ]
   rng = np.random.default_rng(0)
   (root / "corpus.txt").write_text(" ".join(rng.choice(words, 1500)), encoding="utf-8")
   return root, tok_dir
@@ -467,7 +481,7 @@ def test_packed_documents_do_not_attend_across_boundaries():
   nll = jax.jit(lambda params, batch: forward_nll(model, params, batch, False)[0])
   params = model.params()
   packed = np.asarray(nll(params, batch))
-  alone = lambda x: np.asarray(nll(params, {"inputs": x[:, :-1], "targets": x[:, 1:]}))  # noqa: E731
+  alone = lambda x: np.asarray(nll(params, {"inputs": x[:, :-1], "targets": x[:, 1:]}))
   np.testing.assert_allclose(packed[:11], alone(a), atol=1e-5)
   np.testing.assert_allclose(packed[12:], alone(b), atol=1e-5)  # b's tokens see only b
   unmasked = np.asarray(nll(params, {k: batch[k] for k in ("inputs", "targets")}))
@@ -477,7 +491,21 @@ def test_packed_documents_do_not_attend_across_boundaries():
 def test_cli_data_dir_trains_its_own_tokenizer(tmp_path, monkeypatch):
   """--data without --tokenizer: a BPE on the corpus' train split, kept in OUT/tokenizer."""
   monkeypatch.setenv("KVJAX_DATA_DIR", str(tmp_path / "tfds"))
-  words = "to be or not that is the question whether tis nobler in mind".split()
+  words = [
+    "to",
+    "be",
+    "or",
+    "not",
+    "that",
+    "is",
+    "the",
+    "question",
+    "whether",
+    "tis",
+    "nobler",
+    "in",
+    "mind",
+  ]
   rng = np.random.default_rng(1)
   corpus = tmp_path / "corpus" / "poems"
   corpus.mkdir(parents=True)
@@ -703,6 +731,7 @@ def test_ctrl_c_says_where_to_resume(tmp_path):
 def test_cli_prints_the_interrupt_message(capsys):
   """The CLIs' runner prints an interrupt's message as one line (a bare Ctrl-C: a newline)."""
   import argparse
+
   from kvjax.lm.cli import flags
   from kvjax.train.loop import TrainInterrupted
 

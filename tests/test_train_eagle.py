@@ -44,7 +44,21 @@ def setup(tmp_path_factory):
   params = model.params()
   params["head"] = params["head"] * 40.0  # peaked next-token distributions
   lm.save(model.with_params(params), str(root / "target"))
-  words = "to be or not that is the question whether tis nobler in mind".split()
+  words = [
+    "to",
+    "be",
+    "or",
+    "not",
+    "that",
+    "is",
+    "the",
+    "question",
+    "whether",
+    "tis",
+    "nobler",
+    "in",
+    "mind",
+  ]
   rng = np.random.default_rng(0)
   (root / "corpus.txt").write_text(" ".join(rng.choice(words, 1500)), encoding="utf-8")
   return root, root / "target", root / "corpus.txt", lm.load(str(root / "target"))

@@ -242,7 +242,7 @@ def train(
   cc.pop("base_fingerprint")
   loop.check_resume(ac.out_dir, _json({"model": cc, "train": ac.resume_key()}))
   dtype = cop.soft.dtype
-  f32 = lambda t: jax.tree.map(lambda a: jnp.array(a, jnp.float32), t)  # copies  # noqa: E731
+  f32 = lambda t: jax.tree.map(lambda a: jnp.array(a, jnp.float32), t)  # copies
   work = dataclasses.replace(base, state=f32(base.state), compiled={})
   opt_init, train_step, eval_step = cached_steps(work, cop.cc, ac)
   base_params = work.params()

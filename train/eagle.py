@@ -354,7 +354,7 @@ def _grow(cache, size: int):
   n = size - cache.size
   if n <= 0:
     return cache
-  pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, 0), (0, n), (0, 0)])  # noqa: E731
+  pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, 0), (0, n), (0, 0)])
   pos = jnp.pad(cache.pos, ((0, 0), (0, n)), constant_values=-1)
   return dataclasses.replace(cache, k=pad(cache.k), v=pad(cache.v), pos=pos)
 

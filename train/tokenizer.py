@@ -29,6 +29,8 @@ def train_tokenizer(
   times). Pass only training text: validation/test text must not shape the vocabulary."""
   from tokenizers import (
     Tokenizer as HFTokenizer,
+  )
+  from tokenizers import (
     decoders,
     models,
     pre_tokenizers,

@@ -163,7 +163,7 @@ def _check_prefix(model, tokens, lengths) -> None:
     raise DroidSpeakError(
       f"lengths must lie in [1, {P}] (the padded prefix); got {lengths.tolist()}"
     )
-  if P > model.cfg.max_position:
+  if model.cfg.max_position < P:
     raise DroidSpeakError(
       f"a prefix of {P} tokens exceeds the model's context of {model.cfg.max_position} positions"
     )

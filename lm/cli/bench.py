@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from kvjax.lm.cli.flags import DTYPES, positive, add_model_flag, ints_type, load_model
+from kvjax.lm.cli.flags import DTYPES, add_model_flag, ints_type, load_model, positive
 
 
 def add(subparsers) -> None:

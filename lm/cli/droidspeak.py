@@ -348,8 +348,7 @@ def _profile(args) -> int:
 
 def _send(args) -> int:
   from kvjax.cache import droidspeak
-  from kvjax.cache.droidspeak import payload, wire
-  from kvjax.cache.droidspeak import profile
+  from kvjax.cache.droidspeak import payload, profile, wire
   from kvjax.lm.model import load
 
   sender = load(args.sender)
@@ -388,8 +387,7 @@ def _send(args) -> int:
 
 def _receive(args) -> int:
   from kvjax.cache import droidspeak
-  from kvjax.cache.droidspeak import payload, wire
-  from kvjax.cache.droidspeak import profile
+  from kvjax.cache.droidspeak import payload, profile, wire
   from kvjax.lm import steps
   from kvjax.lm.model import load
 

@@ -7,7 +7,6 @@ import argparse
 import json
 import sys
 
-from kvjax.lm.model import bundled
 from kvjax.lm.cli.flags import (
   DEFAULT_MODEL,
   PROG,
@@ -25,6 +24,7 @@ from kvjax.lm.cli.flags import (
   start_distributed,
   text_type,
 )
+from kvjax.lm.model import bundled
 
 
 def add(subparsers) -> None:

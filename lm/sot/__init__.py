@@ -18,9 +18,9 @@ from kvjax.lm.sot.prompts import Prompts
 from kvjax.lm.sot.router import ROUTERS, Route, route
 
 __all__ = [
+  "ROUTERS",
   "Answer",
   "Prompts",
-  "ROUTERS",
   "Route",
   "SkeletonError",
   "common_prefix",

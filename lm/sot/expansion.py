@@ -20,6 +20,7 @@ import numpy as np
 
 from kvjax.cache.prefix import PrefixCache
 from kvjax.lm import steps
+from kvjax.lm.detokenize import Detokenizer
 from kvjax.lm.engine import (
   Prompt,
   check_context,
@@ -31,7 +32,6 @@ from kvjax.lm.engine import (
   prefill,
   request,
 )
-from kvjax.lm.detokenize import Detokenizer
 from kvjax.lm.generate import Generation
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling

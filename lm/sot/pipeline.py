@@ -21,10 +21,10 @@ from collections.abc import Callable, Sequence
 import jax
 
 from kvjax.lm.engine import check_request
-from kvjax.lm.sot.expansion import expand_stream
 from kvjax.lm.generate import generate
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
+from kvjax.lm.sot.expansion import expand_stream
 from kvjax.lm.sot.points import parse_points
 from kvjax.lm.sot.prompts import Prompts
 from kvjax.lm.sot.router import Route, route

@@ -59,9 +59,9 @@ def attention_mass(model: Model, ids: Sequence[int], *, sink_tokens: int = 4) ->
   if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or sink_tokens < 1:
     raise ValueError(f"sink_tokens must be an int >= 1; got {sink_tokens!r}")
   T = len(ids)
-  if T <= sink_tokens:
+  if sink_tokens >= T:
     raise ValueError(f"the text has {T} tokens: it needs more than sink_tokens={sink_tokens}")
-  if T > model.cfg.max_position:
+  if model.cfg.max_position < T:
     raise ValueError(
       f"the text has {T} tokens, more than the model's context of "
       f"{model.cfg.max_position} positions"

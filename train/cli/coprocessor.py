@@ -20,7 +20,6 @@ from kvjax.train.cli.common import (
   settle,
 )
 
-
 COP_DEFAULTS = dict(
   kind="coprocessor",
   init="copy",

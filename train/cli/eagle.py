@@ -25,7 +25,6 @@ from kvjax.train.cli.common import (
   text_data,
 )
 
-
 EAGLE_DEFAULTS = dict(
   kind="eagle1",
   batch_size=16,
@@ -281,6 +280,7 @@ def _eagle_data(args, model, ec):
 def run_eagle(args: argparse.Namespace) -> int:
   """Trains the head, saves it, prints a summary; returns 0."""
   import jax
+
   from kvjax.lm.model import load
   from kvjax.speculative import formats
   from kvjax.speculative import head as heads

@@ -29,7 +29,6 @@ from kvjax.train.cli.common import (
   unit,
 )
 
-
 DESCRIPTION = """\
 Settings come from flags, then `--config FILE` (a JSON object keyed by flag names with
 underscores, e.g. {"d_model": 128, "bf16": true}), then the defaults. A run resumes from the
