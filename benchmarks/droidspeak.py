@@ -2,7 +2,7 @@
 
     python benchmarks/droidspeak.py          # CPU, ~10 min on 2 cores
 
-One run: first the offline profile (`kvjax.cache.droidspeak.profile.profile`) on the
+One run: first the offline profile (`kvjax.lm.droidspeak.profile.profile`) on the
 validation comedy, As You Like It (4 windows, 512-token prefixes: the receiver's domain, where
 its advantage over the sender is what a plan should keep; on the other validation plays the
 comedy fine-tune's advantage is near zero and the kept share is noise), which gives the Pareto
@@ -41,7 +41,7 @@ import report
 
 from kvjax import lm
 from kvjax.cache import droidspeak as ds
-from kvjax.cache.droidspeak import profile as run
+from kvjax.lm.droidspeak import profile as run
 from kvjax.lm.cli import positive
 
 

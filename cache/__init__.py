@@ -1,6 +1,5 @@
 """KV cache pytrees and policies: the dense cache, the StreamingLLM sink cache, the shared-prefix
-cache, their views, and the protocol every cache satisfies (`Cache`); DroidSpeak cross-model
-reuse in `kvjax.cache.droidspeak`."""
+cache, their views, and the protocol every cache satisfies (`Cache`)."""
 
 from kvjax.cache.dense import KVCache
 from kvjax.cache.prefix import PrefixCache

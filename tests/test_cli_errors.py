@@ -26,7 +26,7 @@ import pytest
 from test_cli import cli
 
 from kvjax import coprocessor, lm, speculative
-from kvjax.cache.droidspeak import wire
+from kvjax.lm.droidspeak import wire
 from kvjax.lm import engine, sot, tiny
 from kvjax.lm.cli import build_parser, flags
 from kvjax.lm.streaming import Session

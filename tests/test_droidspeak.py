@@ -1,4 +1,4 @@
-"""DroidSpeak cache reuse (kvjax.cache.droidspeak): plans, capture, the receiver's prefill.
+"""DroidSpeak cache reuse (kvjax.lm.droidspeak): plans, capture, the receiver's prefill.
 
 The pair is a tiny 4-layer llama and a "fine-tune" of it: the same params plus noise, so the
 two models agree in architecture but not in any layer's output.
@@ -13,7 +13,7 @@ import pytest
 
 from kvjax import lm
 from kvjax.cache import droidspeak as ds
-from kvjax.cache.droidspeak import wire
+from kvjax.lm.droidspeak import wire
 from kvjax.lm import steps, tiny
 from kvjax.lm.generate import new_cache
 
@@ -204,7 +204,7 @@ def _sent(pair, text="1-3"):
 def test_payload_round_trip_file_and_socket(pair, tmp_path):
   import threading
 
-  from kvjax.cache.droidspeak import payload as pl
+  from kvjax.lm.droidspeak import payload as pl
 
   sender, receiver = pair
   sent = _sent(pair)
@@ -244,7 +244,7 @@ def test_payload_round_trip_file_and_socket(pair, tmp_path):
 
 
 def test_payload_refuses_what_is_not_for_this_receiver(pair):
-  from kvjax.cache.droidspeak import payload as pl
+  from kvjax.lm.droidspeak import payload as pl
 
   sender, receiver = pair
   data = pl.encode(_sent(pair), sender)
@@ -265,7 +265,7 @@ def test_payload_of_another_format_version_is_refused(pair):
   import json
   import struct
 
-  from kvjax.cache.droidspeak import payload as pl
+  from kvjax.lm.droidspeak import payload as pl
 
   sender, receiver = pair
   data = pl.encode(_sent(pair), sender)
@@ -293,7 +293,7 @@ def test_payload_of_another_format_version_is_refused(pair):
   ],
 )
 def test_payload_refuses_damaged_bytes(pair, damage, message):
-  from kvjax.cache.droidspeak import payload as pl
+  from kvjax.lm.droidspeak import payload as pl
 
   sender, receiver = pair
   data = pl.encode(_sent(pair), sender)
@@ -301,13 +301,13 @@ def test_payload_refuses_damaged_bytes(pair, damage, message):
     pl.decode(damage(data), receiver)
 
 
-# --- compare runs (kvjax.cache.droidspeak.profile) --------------------------------------
+# --- compare runs (kvjax.lm.droidspeak.profile) --------------------------------------
 
 PROMPT = [int(x) for x in np.random.default_rng(5).integers(3, 200, 40)]
 
 
 def test_compare_full_plan_matches_lm_score(pair):
-  from kvjax.cache.droidspeak import profile as run
+  from kvjax.lm.droidspeak import profile as run
 
   sender, receiver = pair
   r = run.compare(
@@ -326,7 +326,7 @@ def test_compare_full_plan_matches_lm_score(pair):
 
 
 def test_compare_reuse_differs_from_full(pair):
-  from kvjax.cache.droidspeak import profile as run
+  from kvjax.lm.droidspeak import profile as run
 
   sender, receiver = pair
   r = run.compare(
@@ -515,7 +515,7 @@ def test_cli_errors(pair_dirs, tmp_path):
 
 
 def test_profile_pareto_and_pick(pair):
-  from kvjax.cache.droidspeak import profile as run
+  from kvjax.lm.droidspeak import profile as run
 
   sender, receiver = pair
   prompts = run.windows(PROMPT * 2, 2, 30)
@@ -615,7 +615,7 @@ def test_cli_profile_then_auto_plan(pair_dirs, tmp_path, monkeypatch):
     "--json",
   )
   assert code == 0, err
-  from kvjax.cache.droidspeak import profile as run
+  from kvjax.lm.droidspeak import profile as run
 
   assert json.loads(out)["plan"] == run.pick(want, min_speedup=0.01)  # lowest loss of all
   code, _, err = cli(

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from kvjax import lm
 from kvjax.cache import droidspeak as ds
-from kvjax.cache.droidspeak import payload
+from kvjax.lm.droidspeak import payload
 from kvjax.lm import config, tiny
 from kvjax.lm.sot.points import SkeletonError, parse_points
 

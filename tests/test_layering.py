@@ -19,10 +19,10 @@ NAMES = ("kernels", "caches", "lm core", "methods", "training", "command lines")
 LAYERS = {
   "kvjax.pallas_kernels": KERNELS,
   "kvjax.cache": CACHES,
-  "kvjax.cache.droidspeak": METHODS,
   "kvjax.lm": CORE,
   "kvjax.lm.streaming": METHODS,
   "kvjax.lm.sot": METHODS,
+  "kvjax.lm.droidspeak": METHODS,
   "kvjax.speculative": METHODS,
   "kvjax.coprocessor": METHODS,
   "kvjax.train": TRAINING,

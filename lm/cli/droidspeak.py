@@ -217,13 +217,13 @@ def _ids(model, text: str) -> list[int]:
 
 
 def _plan_for(model, text: str):
-  from kvjax.cache.droidspeak import Plan
+  from kvjax.lm.droidspeak import Plan
 
   return Plan.parse(text, model.cfg.n_layers)
 
 
 def _run(args) -> int:
-  from kvjax.cache.droidspeak import profile
+  from kvjax.lm.droidspeak import profile
   from kvjax.lm.model import load
 
   sender, receiver = load(args.sender), load(args.receiver)
@@ -264,14 +264,14 @@ def _run(args) -> int:
 def _profile_prompts(
   model, text: str, n: int, prefix_tokens: int, eval_tokens: int
 ) -> list[list[int]]:
-  from kvjax.cache.droidspeak import profile
+  from kvjax.lm.droidspeak import profile
 
   return profile.windows(_ids(model, text), n, prefix_tokens + eval_tokens + 1)
 
 
 def _stored_profile(sender, receiver, args) -> dict:
   """The pair's stored profile, made once on the bundled validation text when missing."""
-  from kvjax.cache.droidspeak import profile
+  from kvjax.lm.droidspeak import profile
 
   path = profile.profile_path(sender, receiver)
   if os.path.isfile(path):
@@ -302,7 +302,7 @@ def _write_json(path: str, obj) -> None:
 
 def _profile(args) -> int:
   from kvjax.cache import droidspeak
-  from kvjax.cache.droidspeak import profile
+  from kvjax.lm.droidspeak import profile
   from kvjax.lm.model import load
 
   sender, receiver = load(args.sender), load(args.receiver)
@@ -348,7 +348,7 @@ def _profile(args) -> int:
 
 def _send(args) -> int:
   from kvjax.cache import droidspeak
-  from kvjax.cache.droidspeak import payload, profile, wire
+  from kvjax.lm.droidspeak import payload, profile, wire
   from kvjax.lm.model import load
 
   sender = load(args.sender)
@@ -387,7 +387,7 @@ def _send(args) -> int:
 
 def _receive(args) -> int:
   from kvjax.cache import droidspeak
-  from kvjax.cache.droidspeak import payload, profile, wire
+  from kvjax.lm.droidspeak import payload, profile, wire
   from kvjax.lm import steps
   from kvjax.lm.model import load
 

@@ -9,7 +9,7 @@ import numbers
 import socket
 import struct
 
-from kvjax.cache.droidspeak.payload import PayloadError
+from kvjax.lm.droidspeak.payload import PayloadError
 
 
 def send(payload: bytes, port: int, host: str = "127.0.0.1", timeout: float = 60.0) -> None:

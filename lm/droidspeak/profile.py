@@ -7,7 +7,7 @@ starts after it. `compare` runs the receiver's own full prefill and the plan's r
 side on the same prompt and times both prefills.
 
     from kvjax import lm
-    from kvjax.cache.droidspeak import Plan, profile
+    from kvjax.lm.droidspeak import Plan, profile
     sender, receiver = lm.load("shakespeare"), lm.load("shakespeare-comedy")
     r = profile.compare(sender, receiver, Plan.parse("0-1", 4), ids, eval_tokens=64)
     r["prefill_speedup"], r["loss_full"], r["loss_reuse"]
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kvjax.cache.droidspeak import reuse
-from kvjax.cache.droidspeak.payload import fingerprint
+from kvjax.lm.droidspeak import reuse
+from kvjax.lm.droidspeak.payload import fingerprint
 from kvjax.lm import steps
 from kvjax.lm.engine import check_finite, new_cache, pad
 from kvjax.lm.model import Model

@@ -7,13 +7,13 @@ payload.py: a `Capture` as versioned bytes with the sender's fingerprint, checke
 wire.py: a payload over TCP (`send`, `serve_once`).
 profile.py: runs and measures plans (`compare`, `profile`, `pick`, the stored profile).
 
-    from kvjax.cache.droidspeak import Plan, capture, receive
+    from kvjax.lm.droidspeak import Plan, capture, receive
     plan = Plan.parse("1-3", n_layers=4)
     cache = receive(receiver, capture(sender, tokens, lengths, plan), size=256)
 """
 
-from kvjax.cache.droidspeak import payload, profile, wire
-from kvjax.cache.droidspeak.reuse import (
+from kvjax.lm.droidspeak import payload, profile, wire
+from kvjax.lm.droidspeak.reuse import (
   Capture,
   DroidSpeakError,
   Plan,

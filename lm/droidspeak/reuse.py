@@ -233,7 +233,7 @@ def receive(receiver, sent: Capture, size: int | None = None) -> KVCache:
   from the sender's E at its start, or from the tokens at layer 0), the sender's elsewhere.
   size: cache slots (default: the padded prefix length P); row b holds lengths[b] tokens."""
   if not isinstance(sent, Capture):
-    raise TypeError(f"sent must be a kvjax.cache.droidspeak.Capture; got {type(sent).__name__}")
+    raise TypeError(f"sent must be a kvjax.lm.droidspeak.Capture; got {type(sent).__name__}")
   cfg, plan = receiver.cfg, sent.plan
   if plan.n_layers != cfg.n_layers:
     raise DroidSpeakError(

@@ -20,7 +20,7 @@ Layout (all integers little-endian):
 
 `decode` refuses, with a `PayloadError` that says what differs, a payload that is truncated or
 corrupt (bad magic, header, length or checksum), or whose architecture, tokenizer, sender or
-prefix is not the one the receiver expects. Over TCP it goes by `kvjax.cache.droidspeak.wire`.
+prefix is not the one the receiver expects. Over TCP it goes by `kvjax.lm.droidspeak.wire`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import struct
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache.droidspeak.reuse import Capture, DroidSpeakError, Plan
+from kvjax.lm.droidspeak.reuse import Capture, DroidSpeakError, Plan
 from kvjax.lm import config, engine
 from kvjax.lm.model import params_fingerprint
 
