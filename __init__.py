@@ -1,3 +1,3 @@
 """kvjax: LLM inference in JAX with the KV cache as an explicit value."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

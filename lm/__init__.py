@@ -6,14 +6,13 @@
     logits = lm.score(model, out.prompt_tokens[0] + out.tokens[0])
     for piece in lm.generate_iter(model, "Once", max_new_tokens=32): print(piece, end="")
 
-(`lm.stream`, the old name of `generate_iter`, still works for one release with a
-DeprecationWarning; StreamingLLM is `kvjax.lm.streaming` and `kvjax stream`.)
+StreamingLLM (attention sinks) is `kvjax.lm.streaming` and `kvjax stream`.
 """
 
 from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config, ConfigError
 from kvjax.lm.decoder import Decoder, Output
-from kvjax.lm.generate import Generation, NonFiniteError, generate, generate_iter, score, stream
+from kvjax.lm.generate import Generation, NonFiniteError, generate, generate_iter, score
 from kvjax.lm.model import Model, VocabPaddingWarning, bundled, init, load, params_fingerprint, save
 from kvjax.lm.sampling import Sampling
 from kvjax.lm.tokenizer import Tokenizer, TokenizerError
@@ -41,5 +40,4 @@ __all__ = [
   "save",
   "save_params",
   "score",
-  "stream",
 ]

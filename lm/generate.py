@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -44,7 +43,6 @@ __all__ = [
   "outputs",
   "pad",
   "score",
-  "stream",
 ]
 
 
@@ -91,8 +89,6 @@ def generate(
   stop_tokens: Sequence[int] | None = None,
   chat: bool = False,
   prefill: Prefill | None = None,
-  coprocessor=None,
-  delay: int = 0,
 ) -> Generation:
   """Generates a continuation for each prompt in one batch (rows may differ in length).
 
@@ -101,8 +97,7 @@ def generate(
   (checked on the decoded text; the text is cut before them). chat: wrap each prompt as a
   user message with the model's chat template. prefill: a request's prefill done another way
   (a `Prefill`, e.g. `kvjax.coprocessor.Coprocessor.prefiller(delay)`: latents augment the
-  cache); default `engine.prefill`. coprocessor, delay: deprecated spelling of
-  prefill=coprocessor.prefiller(delay) (`kvjax.coprocessor.generate` is the method's entry).
+  cache); default `engine.prefill` (`kvjax.coprocessor.generate` is the coprocessor's entry).
   """
   req = engine.request(
     model,
@@ -115,18 +110,6 @@ def generate(
     chat=chat,
   )
   rows, sampling, key, stop, stops = req.rows, req.sampling, req.key, req.stop, req.stop_ids
-  if coprocessor is not None:
-    if prefill is not None:
-      raise ValueError("pass prefill= or the deprecated coprocessor=, not both")
-    warnings.warn(
-      "lm.generate(coprocessor=, delay=) is deprecated: use "
-      "kvjax.coprocessor.generate(model, cop, prompts, delay=...)",
-      DeprecationWarning,
-      stacklevel=2,
-    )
-    prefill = coprocessor.prefiller(delay)
-  elif delay:
-    raise ValueError("delay applies only with a coprocessor")
   early = np.zeros((len(rows), 0), np.int32)
   if prefill is None:
     logits, cache, prefill_s, compile_p = engine.prefill(model, rows, max_new_tokens)
@@ -203,9 +186,11 @@ def generate_iter(
   stats: a dict to fill, once the stream ends, with prefill_s, decode_s, compile_s,
   prompt_tokens, new_tokens, decode_tokens_per_s and finish (as `generate` reports them;
   decode_s also counts the detokenisation, everything between the caller's pieces)."""
-  engine.require_tokenizer(model, "stream")
+  engine.require_tokenizer(model, "generate_iter")
   if not isinstance(prompt, str) and len(prompt) and not isinstance(prompt[0], (int, np.integer)):
-    raise ValueError("stream takes one prompt (a string or token ids); use generate for a batch")
+    raise ValueError(
+      "generate_iter takes one prompt (a string or token ids); use generate for a batch"
+    )
   req = engine.request(
     model,
     prompt,
@@ -287,15 +272,3 @@ def score(model: Model, token_ids) -> np.ndarray | list[np.ndarray]:
     return [logits[b, : len(r)] for b, r in enumerate(rows)]
   out = logits[:, : len(rows[0])]
   return out[0] if single else out
-
-
-def stream(*args, **kwargs) -> Iterator[str]:
-  """Deprecated name of `generate_iter` (token streaming; StreamingLLM is `kvjax.lm.streaming`),
-  kept for one release."""
-  warnings.warn(
-    "lm.stream is deprecated: use lm.generate_iter (token streaming); StreamingLLM "
-    "is kvjax.lm.streaming",
-    DeprecationWarning,
-    stacklevel=2,
-  )
-  return generate_iter(*args, **kwargs)

@@ -212,20 +212,16 @@ def test_generate_with_delayed_latents(base):
 
 def test_no_coprocessor_leaves_generation_unchanged(base):
   """Augmenting is opt-in: prefill=None is plain generation, bit for bit, and the base's
-  params are untouched by making and using a coprocessor. The deprecated spelling
-  lm.generate(coprocessor=, delay=) warns and gives the same tokens."""
+  params are untouched by making and using a coprocessor."""
   before = jax.tree.map(np.array, base.params())
   plain = lm.generate(base, ROWS, max_new_tokens=6)
   cop = cp.init(base, N, seed=7)
-  augmented = cp.generate(base, cop, ROWS, max_new_tokens=6, delay=1)
+  cp.generate(base, cop, ROWS, max_new_tokens=6, delay=1)
   again = lm.generate(base, ROWS, max_new_tokens=6, prefill=None)
   assert again.tokens == plain.tokens
-  with pytest.warns(DeprecationWarning, match="kvjax.coprocessor.generate"):
-    old = lm.generate(base, ROWS, max_new_tokens=6, coprocessor=cop, delay=1)
-  assert old.tokens == augmented.tokens
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, base.params()))
-  with pytest.raises(ValueError, match="delay applies only with a coprocessor"):
-    lm.generate(base, ROWS, max_new_tokens=6, delay=2)
+  with pytest.raises(TypeError, match="coprocessor"):  # the spelling removed in 0.2.0
+    lm.generate(base, ROWS, max_new_tokens=6, coprocessor=cop, delay=2)
   with pytest.raises(ValueError, match="delay 6 >= max_new_tokens 6"):
     cp.generate(base, cop, ROWS, max_new_tokens=6, delay=6)
   with pytest.raises(TypeError, match="cop must be a kvjax.coprocessor.Coprocessor"):

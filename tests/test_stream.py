@@ -163,16 +163,6 @@ def test_cli_flag_errors(model_dir, argv, words):
   assert code == 2 and words in err and out == "", err
 
 
-def test_old_names_warn_and_still_work(one_layer):
-  """lm.stream and streaming.Stream, the old names, are aliases for one release."""
-  with pytest.warns(DeprecationWarning, match="streaming.Session"):
-    s = streaming.Stream(one_layer, n_sink=2, window=16, stop_tokens=())
-  assert isinstance(s, streaming.Session)
-  with pytest.warns(DeprecationWarning, match="lm.generate_iter"):
-    old = list(lm.stream(one_layer, [5, 6, 7], max_new_tokens=3, stop_tokens=[]))
-  assert old == list(lm.generate_iter(one_layer, [5, 6, 7], max_new_tokens=3, stop_tokens=[]))
-
-
 def test_a_reply_can_keep_no_ids(one_layer):
   """keep_ids=False (what `kvjax stream` uses, so an endless reply holds constant memory): the
   same text, only the count of its tokens."""

@@ -8,10 +8,10 @@ chat in constant memory, on `kvjax.cache.sink.SinkCache` and its Pallas kernel.
       print(piece, end="")
 
 perplexity.py: `perplexity` over the cache modes (`MODES`: dense, window, sink, recompute).
-session.py: `Session`, a chat or an endless generation (`Stream`: its deprecated name).
+session.py: `Session`, a chat or an endless generation.
 """
 
 from kvjax.lm.streaming.perplexity import MODES, Perplexity, perplexity
-from kvjax.lm.streaming.session import Session, Stream
+from kvjax.lm.streaming.session import Session
 
-__all__ = ["MODES", "Perplexity", "Session", "Stream", "perplexity"]
+__all__ = ["MODES", "Perplexity", "Session", "perplexity"]

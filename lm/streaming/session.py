@@ -4,7 +4,6 @@ SinkCache of n_sink + window slots is all it ever holds)."""
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -194,15 +193,3 @@ class Session:
       yield tok
       if limit is not None and n >= limit:
         return
-
-
-class Stream(Session):
-  """Deprecated name of `Session`, kept for one release."""
-
-  def __init__(self, *args, **kwargs):
-    warnings.warn(
-      "kvjax.lm.streaming.Stream is deprecated: use streaming.Session",
-      DeprecationWarning,
-      stacklevel=2,
-    )
-    super().__init__(*args, **kwargs)
