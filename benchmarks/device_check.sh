@@ -9,5 +9,5 @@ pip install -q --no-deps -e . || pip install -q --no-deps --no-build-isolation -
 pip install -q pytest safetensors tokenizers jinja2 tqdm >/dev/null 2>&1 || true
 # the kernel-vs-reference tests (interpret and TPU-interpret modes, lowering) on this machine
 python -m pytest -q -p no:xdist -o addopts="--import-mode=importlib" \
-  tests/test_sink_attention.py tests/test_tree_attention.py tests/test_attention.py || true
+  tests/kernels/test_sink_attention.py tests/kernels/test_tree_attention.py tests/lm/test_attention.py || true
 timeout 480 python benchmarks/device_check.py "$@"

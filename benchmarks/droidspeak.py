@@ -40,9 +40,9 @@ import numpy as np
 import report
 
 from kvjax import lm
-from kvjax.cache import droidspeak as ds
-from kvjax.lm.droidspeak import profile as run
+from kvjax.lm import droidspeak as ds
 from kvjax.lm.cli import positive
+from kvjax.lm.droidspeak import profile as run
 
 
 def comedy(split: str) -> str:

@@ -301,7 +301,7 @@ def _write_json(path: str, obj) -> None:
 
 
 def _profile(args) -> int:
-  from kvjax.cache import droidspeak
+  from kvjax.lm import droidspeak
   from kvjax.lm.droidspeak import profile
   from kvjax.lm.model import load
 
@@ -347,7 +347,7 @@ def _profile(args) -> int:
 
 
 def _send(args) -> int:
-  from kvjax.cache import droidspeak
+  from kvjax.lm import droidspeak
   from kvjax.lm.droidspeak import payload, profile, wire
   from kvjax.lm.model import load
 
@@ -386,9 +386,8 @@ def _send(args) -> int:
 
 
 def _receive(args) -> int:
-  from kvjax.cache import droidspeak
+  from kvjax.lm import droidspeak, steps
   from kvjax.lm.droidspeak import payload, profile, wire
-  from kvjax.lm import steps
   from kvjax.lm.model import load
 
   receiver = load(args.receiver)

@@ -32,8 +32,8 @@ import struct
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.lm.droidspeak.reuse import Capture, DroidSpeakError, Plan
 from kvjax.lm import config, engine
+from kvjax.lm.droidspeak.reuse import Capture, DroidSpeakError, Plan
 from kvjax.lm.model import params_fingerprint
 
 MAGIC = b"KVJXDS01"

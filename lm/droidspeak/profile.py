@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kvjax.lm import steps
 from kvjax.lm.droidspeak import reuse
 from kvjax.lm.droidspeak.payload import fingerprint
-from kvjax.lm import steps
 from kvjax.lm.engine import check_finite, new_cache, pad
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling

@@ -1,0 +1,361 @@
+"""Smoke runs of every benchmark script (benchmarks/*.py) at tiny sizes, in-process: each exits
+cleanly and writes the JSON and markdown it promises, with the fields its README describes.
+
+The scripts run on tiny random models that share the bundled Shakespeare tokenizer (the corpus
+texts the scripts read tokenize fast with it), with EAGLE heads and a coprocessor made for
+them, so that one compile of each program suffices and nothing waits on a 12-layer model.
+What needs software CI lacks is replaced by stand-ins speaking the same protocol: llama.cpp's
+converter and worker and the gemma library's worker are a fake peer process
+(`peer_protocol.serve` with constant timings), so decode.py's whole peer orchestration runs;
+peer_llamacpp.py and peer_gemma.py themselves (which import llama_cpp / gemma) are only
+checked to parse their command lines.
+"""
+
+import importlib.util
+import json
+import os
+import stat
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from kvjax import coprocessor, lm, speculative
+from kvjax.lm import tiny
+from kvjax.lm.model import resolve
+from kvjax.lm.tokenizer import Tokenizer
+
+BENCH = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"
+)
+
+
+def script(name: str):
+  """benchmarks/<name>.py imported as a module named bench_<name> (no clash with kvjax's
+  names), with benchmarks/ on sys.path while it imports its siblings (report,
+  peer_protocol), as running the script puts it there."""
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.path.insert(0, BENCH)
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(BENCH)
+  return module
+
+
+report, peer_protocol = script("report"), script("peer_protocol")
+
+
+def written(out, name: str) -> dict:
+  """The results <out>/<name>_<backend>.json (its .md beside it, not empty)."""
+  stem = os.path.join(str(out), f"{name}_{jax.default_backend()}")
+  with open(stem + ".md") as f:
+    assert f.read().strip()
+  with open(stem + ".json") as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+  """{lm, comedy, head1, head3, cop}: a tiny 2-layer llama over the Shakespeare tokenizer, a
+  "fine-tune" of it (params plus noise), its EAGLE-1 and EAGLE-3 heads, a 4-latent
+  coprocessor."""
+  root = tmp_path_factory.mktemp("bench")
+  tok = Tokenizer.load(resolve("shakespeare")[0])
+  base = lm.init(
+    tiny.config(vocab_size=tok.vocab_size, n_layers=2), tokenizer=tok, eos_ids=(tok.eos_id,)
+  )
+  rng = np.random.default_rng(1)
+  tuned = jax.tree.map(
+    lambda a: a + 0.05 * np.std(a) * rng.standard_normal(a.shape).astype(np.float32), base.params()
+  )
+  paths = {k: str(root / k) for k in ("lm", "comedy", "head1", "head3", "cop")}
+  lm.save(base, paths["lm"])
+  lm.save(base.with_params(tuned), paths["comedy"])
+  base = lm.load(paths["lm"])
+  speculative.save_head(speculative.init_head(base, "eagle1", seed=1), paths["head1"])
+  speculative.save_head(speculative.init_head(base, "eagle3", seed=2), paths["head3"])
+  coprocessor.save(coprocessor.init(base, 4), paths["cop"])
+  return paths
+
+
+@pytest.fixture
+def torch_threads():
+  """Restores torch's thread count (speculative.py sets it to the machine's cores)."""
+  n = torch.get_num_threads()
+  yield
+  torch.set_num_threads(n)
+
+
+FAKE_PEER = """import os, sys
+sys.path.insert(0, {bench!r})
+from peer_protocol import serve
+if sys.argv[2] == "convert":  # peer_llamacpp.py convert ... --out FILE
+  open(sys.argv[sys.argv.index("--out") + 1], "w").close()
+else:  # serve: constant timings
+  serve({{"fake": os.path.basename(sys.argv[1])}}, lambda ids, n: 1e-3, lambda ids: 2e-3)
+"""
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+  """An executable standing in for a peer's virtualenv python: it runs FAKE_PEER, which
+  answers peer_llamacpp.py's convert and serve and peer_gemma.py's serve."""
+  worker = tmp_path / "fake_peer.py"
+  worker.write_text(FAKE_PEER.format(bench=BENCH))
+  exe = tmp_path / "python"
+  exe.write_text(f'#!/bin/sh\nexec {sys.executable} {worker} "$@"\n')
+  exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+  return str(exe)
+
+
+def test_decode(tmp_path, fake_python, torch_threads):
+  """HF, llama.cpp (faked) and gemma (faked) peers, one decode and one prefill cell."""
+  torch.set_num_threads(1)  # a tiny model's forward is 10x slower on two shared cores
+  got = script("decode").main(
+    [
+      "--config",
+      "tiny",
+      "--batches",
+      "1",
+      "--contexts",
+      "8",
+      "--prefill",
+      "8",
+      "--new-tokens",
+      "2",
+      "--repeats",
+      "1",
+      "--out",
+      str(tmp_path),
+      "--peers",
+      "hf,llamacpp,gemma",
+      "--llamacpp-python",
+      fake_python,
+      "--llamacpp-converter",
+      fake_python,
+      "--gemma-python",
+      fake_python,
+    ]
+  )
+  assert written(tmp_path, "decode") == json.loads(json.dumps(got, default=str))
+  assert got["peers"] == ["HF", "llama.cpp"] and got["config"]["name"] == "tiny"
+  assert [c["kind"] for c in got["cells"]] == ["decode", "prefill"]
+  for cell in got["cells"]:
+    assert cell["kvjax_s"] > 0 and cell["peers"]["HF"]["s"] > 0
+    assert cell["peers"]["llama.cpp"]["s"] == (1e-3 if cell["kind"] == "decode" else 2e-3)
+  assert {"bandwidth_gbs", "grid", "runtime_s"} <= set(got)
+  assert got["machine"]["peers"] == {
+    "llama.cpp": {"fake": "peer_llamacpp.py"},
+    "gemma": {"fake": "peer_gemma.py"},
+  }
+  gemma = got["gemma2"]
+  assert gemma["peers"] == ["gemma"] and gemma["hf"]["final_logit_softcapping"] == 30.0
+  assert [c["peers"]["gemma"]["s"] for c in gemma["cells"]] == [1e-3, 2e-3]
+
+
+def test_speculative(tmp_path, dirs, torch_threads):
+  """Every method row, and the HF assisted-generation peer (the "fine-tune" as its draft)."""
+  assert (
+    script("speculative").main(
+      [
+        "--model",
+        dirs["lm"],
+        "--head1",
+        dirs["head1"],
+        "--head3",
+        dirs["head3"],
+        "--draft",
+        dirs["comedy"],
+        "--prompts",
+        "1",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "4",
+        "--batches",
+        "1",
+        "--temperatures",
+        "0",
+        "--top-k",
+        "2",
+        "--depth",
+        "2",
+        "--tree-tokens",
+        "4",
+        "--small-tree",
+        "2,2,3",
+        "--out",
+        str(tmp_path),
+      ]
+    )
+    == 0
+  )
+  got = written(tmp_path, "speculative")
+  assert got["tree"] == {"top_k": 2, "depth": 2, "total_tokens": 4}
+  rows = got["rows"]
+  assert len(rows) == 6 and rows[-1]["method"] == "HF assisted generation (peer)"
+  assert rows[0]["method"] == "kvjax vanilla decode" and rows[0]["speedup"] == 1.0
+  for r in rows:
+    assert r["tokens_per_s"] > 0 and r["speedup"] > 0
+  assert all(r["new_tokens"] == 4 and r["mean_accept_len"] >= 1 for r in rows[1:5])
+
+
+def test_streaming(tmp_path, dirs, monkeypatch):
+  """Every part (kernel: reported as not run on the CPU) with the tiny model as MODEL; the
+  memory part's stream is not a multiple of its 4096-token chunks."""
+  bench = script("streaming")
+  monkeypatch.setattr(bench, "MODEL", dirs["lm"])
+  assert (
+    bench.main(
+      [
+        "--tokens",
+        "24",
+        "--cache-size",
+        "10",
+        "--cost-sizes",
+        "8",
+        "--memory-tokens",
+        "4100",
+        "--endless-tokens",
+        "1024",
+        "--repeats",
+        "1",
+        "--quiet",
+        "--out",
+        str(tmp_path),
+      ]
+    )
+    == 0
+  )
+  got = written(tmp_path, "streaming")
+  assert set(bench.PARTS) <= set(got)
+  q = got["quality"]
+  assert [r["name"] for r in q["rows"]] == ["window", "recompute"] + [
+    f"sink {s}" for s in bench.SINKS
+  ]
+  assert all(r["tokens"] == 23 and r["ppl"] > 0 for r in q["rows"])
+  assert [r["cache"] for r in got["cost"]["rows"]] == [8]
+  assert [r["tokens"] for r in got["memory"]["rows"]] == [4096, 4100]  # a short last chunk
+  assert got["endless"]["rows"] and got["kernel"]["run"] is (jax.default_backend() != "cpu")
+
+
+def test_droidspeak(tmp_path, dirs):
+  got = script("droidspeak").main(
+    [
+      "--sender",
+      dirs["lm"],
+      "--receiver",
+      dirs["comedy"],
+      "--profile-windows",
+      "1",
+      "--profile-prefix",
+      "8",
+      "--prefix-lens",
+      "8",
+      "--prompts",
+      "1",
+      "--eval-tokens",
+      "4",
+      "--new-tokens",
+      "2",
+      "--repeats",
+      "1",
+      "--out",
+      str(tmp_path),
+    ]
+  )
+  assert got == 0
+  res = written(tmp_path, "droidspeak")
+  assert {"rows", "pareto", "settings"} <= set(res["profile"])
+  methods = [r["method"] for r in res["rows"]]
+  assert methods[:3] == ["sender itself", "receiver full prefill", "receiver lm prefill"]
+  assert "full KV reuse" in methods
+  for r in res["rows"]:
+    assert r["prefix"] == 8 and np.isfinite(r["loss"]) and r["bpc"] > 0
+
+
+def test_coprocessor(tmp_path, dirs):
+  """The coprocessor on time, 1-3 tokens late and on seen text, and its cost."""
+  assert (
+    script("coprocessor").main(
+      [
+        "--model",
+        dirs["lm"],
+        "--coprocessors",
+        dirs["cop"],
+        "--delay-of",
+        "4",
+        "--windows",
+        "1",
+        "--window-len",
+        "40",
+        "--points",
+        "1",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path),
+      ]
+    )
+    == 0
+  )
+  got = written(tmp_path, "coprocessor")
+  assert [(r["delay"], r["text"]) for r in got["rows"]] == [
+    (0, "held-out"),
+    (1, "held-out"),
+    (2, "held-out"),
+    (3, "held-out"),
+    (0, "seen"),
+  ]
+  for r in got["rows"]:
+    assert len(r["relative_reduction_by_position"]) == 32 and r["latents"] == 4
+  (cost,) = got["cost"]
+  assert cost["augment_ms"] > 0 and cost["decode_step_ms"] > 0
+
+
+def test_sot(tmp_path, dirs):
+  assert (
+    script("sot").main(
+      ["--model", dirs["lm"], "--runs", "3x2", "--repeats", "1", "--out", str(tmp_path)]
+    )
+    == 0
+  )
+  (row,) = written(tmp_path, "sot")["rows"]
+  assert row["points"] == 3 and row["tokens"] == 6 and row["same_tokens"]
+  assert set(row["seconds"]) == set(row["cache_bytes"]) == {"normal", "repeated", "shared"}
+  assert row["cache_bytes"]["shared"] < row["cache_bytes"]["repeated"]
+
+
+def test_report_writes_json_and_markdown(tmp_path):
+  stem = report.write(str(tmp_path / "new"), "x", {"a": np.float32(1.5)}, "| t |\n\n")
+  assert stem == str(tmp_path / "new" / f"x_{jax.default_backend()}")
+  assert written(tmp_path / "new", "x") == {"a": "1.5"}
+  with open(stem + ".md") as f:
+    assert f.read() == "| t |\n"
+  assert report.cpu_name() and f"{os.cpu_count()} cores" in report.describe()
+
+
+def test_peer_protocol_round_trip(fake_python):
+  """A worker's answers, its errors (raised here) and its exit."""
+  peer = peer_protocol.ProcessPeer([fake_python, "peer_x.py", "serve"], "fake")
+  try:
+    assert peer.info == {"fake": "peer_x.py"}
+    assert peer("decode", np.zeros((2, 3), np.int32), 4) == 1e-3
+    assert peer("prefill", np.zeros((1, 5), np.int32), 0) == 2e-3
+    with pytest.raises(RuntimeError, match="the fake peer failed: ValueError: unknown request"):
+      peer("train", np.zeros((1, 1), np.int32), 0)
+  finally:
+    peer.close()
+  assert peer.proc.returncode == 0
+
+
+@pytest.mark.parametrize("name", ["peer_llamacpp", "peer_gemma"])
+def test_peer_workers_parse_their_flags(name, capsys):
+  """Without llama_cpp / gemma installed only the command line can run."""
+  with pytest.raises(SystemExit) as exit_:
+    script(name).main(["--help"])
+  assert exit_.value.code == 0 and "serve" in capsys.readouterr().out
