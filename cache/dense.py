@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,12 @@ class KVCache(StackedSlots):
   int32.
   """
 
-  AXES = {"k": LAYOUT, "v": LAYOUT, "pos": ("batch", "cache_len"), "length": ("batch",)}
+  AXES: ClassVar[dict[str, tuple[str, ...]]] = {
+    "k": LAYOUT,
+    "v": LAYOUT,
+    "pos": ("batch", "cache_len"),
+    "length": ("batch",),
+  }
 
   k: jax.Array
   v: jax.Array
@@ -80,8 +86,8 @@ class KVCache(StackedSlots):
   def view(self, T: int, positions: jax.Array | None = None, mask: jax.Array | None = None) -> View:
     """How T new tokens attend: the filled slots, then themselves causally.
 
-    positions: [B, T], default next_position() + arange(T). mask: [B, T, S + T] bool over (slots, new
-    tokens) replacing the default; unfilled slots stay masked."""
+    positions: [B, T], default next_position() + arange(T). mask: [B, T, S + T] bool over
+    (slots, new tokens) replacing the default; unfilled slots stay masked."""
     S = self.size
     if positions is None:
       positions = self.next_position()[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,12 @@ WINDOW_FRAME, SINK_FRAME = 0, 1
 class SinkCache(StackedSlots):
   """k, v: [L, B, K, n_sink + W, H] keys before RoPE, values; count, start: [B] int32."""
 
-  AXES = {"k": LAYOUT, "v": LAYOUT, "count": ("batch",), "start": ("batch",)}
+  AXES: ClassVar[dict[str, tuple[str, ...]]] = {
+    "k": LAYOUT,
+    "v": LAYOUT,
+    "count": ("batch",),
+    "start": ("batch",),
+  }
 
   k: jax.Array
   v: jax.Array

@@ -1,4 +1,5 @@
-"""Tokenizer from `tokenizer.json`, special tokens and chat template from `tokenizer_config.json`."""
+"""Tokenizer from `tokenizer.json`; special tokens and chat template from
+`tokenizer_config.json`."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ def accept(tree: Tree, probs: jax.Array, key: jax.Array, greedy: bool):
 
   Returns (path [B, depth + 1] int32: the accepted nodes, root first, padded with the last
   accepted node; n_accepted [B] int32: draft tokens accepted (0..depth); bonus [B] int32)."""
-  B, T, k = tree.children.shape
+  B, _, k = tree.children.shape
   depth = tree.paths.shape[-1] - 1
   keys = jax.random.split(key, B)
   return jax.vmap(lambda *a: _walk(*a, depth=depth, k=k, greedy=greedy))(

@@ -27,6 +27,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
+from typing import ClassVar
 
 SPLITS = ("train", "validation", "test")
 SHAKESPEARE = "shakespeare"
@@ -189,7 +190,7 @@ def _builder_class():
     """Documents of a text corpus (module kvjax.train.corpus), split by document."""
 
     VERSION = tfds.core.Version(VERSION)
-    BUILDER_CONFIGS = [
+    BUILDER_CONFIGS: ClassVar[list] = [
       CorpusConfig(
         name=SHAKESPEARE,
         source=SHAKESPEARE,

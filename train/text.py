@@ -36,6 +36,13 @@ def encode(text: str, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
   return tokens, chars
 
 
+@functools.lru_cache(maxsize=8)
+def permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The order of n training rows in one epoch: a function of (seed, epoch) only, so a resumed
+  run sees the batches it would have seen (cached: consecutive steps read the same epoch)."""
+  return np.random.default_rng((seed, epoch)).permutation(n)
+
+
 class TextData:
   """Windows of one tokenised text file; see the module docstring."""
 
@@ -73,9 +80,8 @@ class TextData:
     self.seq_len, self.batch_size, self.seed = T, batch_size, seed
     self.n_tokens, self.n_chars = len(tokens), len(text)
 
-  @functools.lru_cache(maxsize=4)
   def _perm(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng((self.seed, epoch)).permutation(self.n_train)
+    return permutation(self.seed, epoch, self.n_train)
 
   def _batch(self, rows: np.ndarray, valid: np.ndarray) -> dict[str, np.ndarray]:
     """rows [B] window indices; valid [B] bool (False rows are padding with mask 0)."""

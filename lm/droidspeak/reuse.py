@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import re
 
 import jax
@@ -49,7 +50,7 @@ class Plan:
     for s, e in groups:
       if not 0 <= s < e <= L:
         raise DroidSpeakError(f"group [{s}, {e}) is not a non-empty layer range within [0, {L})")
-    for (s0, e0), (s1, e1) in zip(groups, groups[1:]):
+    for (s0, e0), (s1, e1) in itertools.pairwise(groups):
       if s1 < e0:
         raise DroidSpeakError(
           f"groups [{s0}, {e0}) and [{s1}, {e1}) overlap or are out of "

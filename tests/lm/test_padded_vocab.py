@@ -91,7 +91,7 @@ def test_no_path_samples_a_padding_id(padded):
 
 
 def test_cli_reports_the_padding_in_one_line(padded, tmp_path):
-  model, raw = padded
+  _, raw = padded
   path = str(tmp_path / "model")
   lm.save(raw, path)
   code, out, err = cli(

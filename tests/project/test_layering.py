@@ -62,6 +62,11 @@ def modules() -> dict[str, str]:
   return out
 
 
+def read(path: str) -> str:
+  with open(path) as f:
+    return f.read()
+
+
 def _type_checking(node: ast.AST) -> bool:
   return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
 
@@ -69,7 +74,7 @@ def _type_checking(node: ast.AST) -> bool:
 def imports(name: str, path: str):
   """(target module, imported names, line, at module level) of each kvjax import of a module;
   imports under `if TYPE_CHECKING:` are annotations only and left out."""
-  tree = ast.parse(open(path).read(), path)
+  tree = ast.parse(read(path), path)
   package = name if path.endswith("__init__.py") else name.rsplit(".", 1)[0]
   top = set()
   for node in tree.body:
@@ -127,7 +132,7 @@ def test_imports_run_one_way():
 def module_aliases(path: str, known: dict[str, str]) -> dict[str, str]:
   """Local name -> kvjax module, for every name a module binds to another kvjax module."""
   out = {}
-  for node in ast.walk(ast.parse(open(path).read(), path)):
+  for node in ast.walk(ast.parse(read(path), path)):
     if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kvjax"):
       for a in node.names:
         if f"{node.module}.{a.name}" in known:
@@ -150,7 +155,7 @@ def test_no_private_name_crosses_a_module():
         if n.startswith("_") and f"{target}.{n}" not in known:
           bad.append(f"{where}:{line}: {name} imports {target}.{n}")
     aliases = module_aliases(path, known)
-    for node in ast.walk(ast.parse(open(path).read(), path)):
+    for node in ast.walk(ast.parse(read(path), path)):
       if (
         isinstance(node, ast.Attribute)
         and isinstance(node.value, ast.Name)

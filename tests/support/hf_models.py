@@ -3,7 +3,8 @@
 Weights are drawn at unit gain (each matrix N(0, GAIN^2 / fan_in), biases N(0, BIAS^2), norm
 scales their init plus noise), so activations, attention scores and logits are O(1): every
 family feature (qkv bias, q/k norms, scaled embeddings, sliding windows, RoPE scaling, Gemma 3's
-local RoPE base, both soft-caps) moves the logits by far more than the parity tolerance, and greedy decoding has clear margins.
+local RoPE base, both soft-caps) moves the logits by far more than the parity tolerance, and
+greedy decoding has clear margins.
 The soft-caps are set low (the released Gemma-2 uses 50 and 30) so that they bite at O(1).
 """
 

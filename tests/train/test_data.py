@@ -1,6 +1,7 @@
 """Corpus (TFDS array_record), split by play, BPE tokenizer and packed batches."""
 
 import glob
+import itertools
 import os
 
 import numpy as np
@@ -76,7 +77,7 @@ def test_genre_filter_and_unknown_genre(built, docs):
     corpus.load_documents(built, "train", genres=["comedy", "history"], exclude_genres=["history"])
     == comedies
   )
-  with pytest.raises(CorpusError, match="unknown genre 'farce'.*comedy"):
+  with pytest.raises(CorpusError, match=r"unknown genre 'farce'.*comedy"):
     corpus.load_documents(built, "train", genres=["farce"])
   with pytest.raises(CorpusError, match="unknown genre 'Comedy'"):
     corpus.load_documents(built, "train", exclude_genres=["Comedy"])
@@ -113,7 +114,7 @@ def test_directory_corpus(tmp_path):
   assert got["letters/deep/l.txt"].genre == "letters"
   held = [d.genre for s in ("validation", "test") for d in corpus.load_documents(b, s)]
   assert held == ["poems", "poems"]  # genres of < 3 documents stay in train
-  with pytest.raises(CorpusError, match="unknown genre 'comedy'.*letters, poems, unknown"):
+  with pytest.raises(CorpusError, match=r"unknown genre 'comedy'.*letters, poems, unknown"):
     corpus.load_documents(b, "train", genres=["comedy"])
 
 
@@ -124,10 +125,10 @@ def test_missing_and_empty_corpus_errors(tmp_path):
   with pytest.raises(CorpusError, match="not a directory"):
     corpus.builder(tmp_path / "a_file.txt", data_dir=str(tmp_path / "tfds"))
   no_text = _write(tmp_path / "no_text", {"data.csv": "a,b", "README": "x"})
-  with pytest.raises(CorpusError, match="no .txt or .md files"):
+  with pytest.raises(CorpusError, match=r"no .txt or .md files"):
     corpus.builder(no_text, data_dir=str(tmp_path / "tfds"))
   blank = _write(tmp_path / "blank", {"a.txt": "", "b.md": "  \n \n"})
-  with pytest.raises(CorpusError, match="all 2 .txt/.md files are empty"):
+  with pytest.raises(CorpusError, match=r"all 2 .txt/.md files are empty"):
     corpus.builder(blank, data_dir=str(tmp_path / "tfds"))
   assert not os.path.exists(tmp_path / "tfds" / "kvjax_corpus")  # nothing half-written
 
@@ -149,7 +150,7 @@ def test_tokenizer_round_trip_and_load(tmp_path, tok, docs):
   assert loaded.encode(play) == tok.encode(play) and loaded.decode(tok.encode(play)) == play
   with pytest.raises(ValueError, match="at least 258"):
     train_tokenizer(["abc"], 100)
-  with pytest.raises(ValueError, match="no .*texts"):
+  with pytest.raises(ValueError, match=r"no .*texts"):
     train_tokenizer(["", ""], 300)
 
 
@@ -199,7 +200,7 @@ def test_packing_mask_shift_chars_and_reconstruction(tok):
   assert len(rows) == -(-n_targets // T) and len(rows) * T > n_targets
   real = np.concatenate([r["segment_ids"] > 0 for r in rows])
   assert real.sum() == n_targets and real[:n_targets].all()
-  for r, nxt in zip(rows, rows[1:]):
+  for r, nxt in itertools.pairwise(rows):
     assert np.array_equal(r["inputs"][1:], r["targets"][:-1])  # shifted by one
     assert r["targets"][-1] == nxt["inputs"][0]  # windows overlap by one token
   inputs = np.concatenate([r["inputs"] for r in rows])[:n_targets]
