@@ -1,7 +1,8 @@
 """The timing and size statistics a generation reports (`Generation.stats`, the CLIs' --json).
 
 Every generating entry point (`lm.generate`, `lm.generate_iter`, `speculative.generate`,
-Skeleton-of-Thought's expansion) reports the same core keys, built here, and adds its own.
+Skeleton-of-Thought's expansion) reports the same core keys, built here, and adds its own; a
+streaming session's tokens_per_s is the same rate.
 """
 
 from __future__ import annotations
