@@ -82,7 +82,8 @@ CONFIGS = {
     rope_theta=500000.0,
     tie_word_embeddings=True,
   ),
-  # 0.14M parameters: a smoke run of this script (tests/project/test_benchmarks.py), not a benchmark.
+  # 0.14M parameters: a smoke run of this script (tests/project/test_benchmarks.py), not a
+  # benchmark.
   "tiny": dict(
     vocab_size=512,
     hidden_size=64,

@@ -110,8 +110,8 @@ def kernel_rows(quick: bool, repeats: int, on_device: bool) -> list[dict]:
       count = jnp.full((B,), S + 100, jnp.int32)  # a full, wrapped ring
       start = count - (S - n_sink)
       freq = jnp.asarray(1.0 / 10000.0 ** (np.arange(0, H, 2, dtype=np.float32) / H))
-      run = lambda impl, **kw: sink.sink_attention(
-        q, k, v, count, start, n_sink=n_sink, freq=freq, scale=H**-0.5, impl=impl, **kw
+      run = functools.partial(
+        sink.sink_attention, q, k, v, count, start, n_sink=n_sink, freq=freq, scale=H**-0.5
       )
       rows.append(compare("sink_attention", run, shape, dtype, repeats, on_device))
       length = jnp.asarray(rng.integers(S // 2, S + 1, B), jnp.int32)
@@ -119,8 +119,8 @@ def kernel_rows(quick: bool, repeats: int, on_device: bool) -> list[dict]:
       q_pos = length[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
       mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
       kn = jnp.asarray(rng.standard_normal((B, K, T, H)), dtype)
-      run = lambda impl, **kw: tree.tree_attention(
-        q, k, v, length, kn, kn, q_pos, pos, mask, scale=H**-0.5, impl=impl, **kw
+      run = functools.partial(
+        tree.tree_attention, q, k, v, length, kn, kn, q_pos, pos, mask, scale=H**-0.5
       )
       rows.append(compare("tree_attention", run, shape, dtype, repeats, on_device))
   return rows

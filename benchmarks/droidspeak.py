@@ -26,7 +26,8 @@ Columns: the receiver's mean next-token loss over the scored tokens and in bits 
 the share of the fine-tune's advantage over the sender kept ((loss_sender - loss) /
 (loss_sender - loss_full)), greedy agreement of --new-tokens continuation tokens with the full
 prefill's, the receiver's prefill time (median of --repeats, mean over the windows) and the
-speedup over the receiver's full prefill (the first row). Writes <out>/droidspeak_<backend>.json and .md.
+speedup over the receiver's full prefill (the first row). Writes <out>/droidspeak_<backend>.json
+and .md.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def bits_per_char(model, tail: list[int], loss: float) -> float:
   return loss * (len(tail) - 1) / math.log(2) / chars
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--sender", default="shakespeare", help="dir or bundled name")
   p.add_argument("--receiver", default="shakespeare-comedy", help="dir or bundled name")
@@ -87,7 +88,11 @@ def main(argv=None) -> int:
   p.add_argument("--new-tokens", type=positive, default=16)
   p.add_argument("--repeats", type=positive, default=5)
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-  args = p.parse_args(argv)
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
   sender, receiver = lm.load(args.sender), lm.load(args.receiver)
   L = receiver.cfg.n_layers
   print("profiling on the validation comedy ...", file=sys.stderr)
@@ -104,6 +109,22 @@ def main(argv=None) -> int:
     repeats=3,
     progress=False,
   )
+  plans = plans_to_measure(prof, L)
+  ids = receiver.tokenizer.encode(comedy("test"))
+  res = dict(machine=report.describe(), settings=vars(args), profile=prof, rows=[])
+  for P in [int(x) for x in args.prefix_lens.split(",")]:
+    res["rows"] += rows_at(
+      sender, receiver, plans, run.windows(ids, args.prompts, P + args.eval_tokens + 1), P, args
+    )
+  table = markdown(res)
+  report.write(args.out, "droidspeak", res, table)
+  print(table)
+  return 0
+
+
+def plans_to_measure(prof: dict, L: int) -> list[tuple[str, ds.Plan]]:
+  """(row name, plan) of each measured plan: the receiver's full prefill first, full KV reuse,
+  the best KV-only plan, then the profile's Pareto front and its picks."""
   kv = best_kv_only(prof, L)
   plans = [
     ("receiver full prefill", ds.Plan.full(L)),
@@ -119,81 +140,80 @@ def main(argv=None) -> int:
   for p in list(prof["pareto"]) + picks:
     if p not in {str(q) for _, q in plans}:
       plans.append((f"DroidSpeak {p}", ds.Plan.parse(p, L)))
-  ids = receiver.tokenizer.encode(comedy("test"))
-  res = dict(machine=report.describe(), settings=vars(args), profile=prof, rows=[])
-  for P in [int(x) for x in args.prefix_lens.split(",")]:
-    prompts = run.windows(ids, args.prompts, P + args.eval_tokens + 1)
-    refs = [
-      run.baseline(
-        sender,
-        receiver,
-        w,
-        eval_tokens=args.eval_tokens,
-        max_new_tokens=args.new_tokens,
-        repeats=args.repeats,
-      )
-      for w in prompts
-    ]
-    gain = np.mean([r.loss_sender - r.loss_full for r in refs])
-    lm_s = float(np.mean([r.prefill_s for r in refs]))
-    full_s = None  # the plan [0, L)'s prefill time, measured first
-    sender_loss = float(np.mean([r.loss_sender for r in refs]))
-    res["rows"].append(
-      dict(
-        method="sender itself",
-        plan="",
-        prefix=P,
-        loss=sender_loss,
-        bpc=float(np.mean([bits_per_char(sender, r.tail, r.loss_sender) for r in refs])),
-        kept=0.0,
-        agreement=None,
-        prefill_ms=None,
-        speedup=None,
-      )
+  return plans
+
+
+def rows_at(sender, receiver, plans, prompts, P: int, args) -> list[dict]:
+  """The table's rows for prefix length P over the windows `prompts`: the sender itself, each
+  plan, and the receiver's lm prefill after its full prefill."""
+  refs = [
+    run.baseline(
+      sender,
+      receiver,
+      w,
+      eval_tokens=args.eval_tokens,
+      max_new_tokens=args.new_tokens,
+      repeats=args.repeats,
     )
-    for name, plan in plans:
-      ms = [run.measure(sender, receiver, plan, r, repeats=args.repeats) for r in refs]
-      loss = float(np.mean([m["loss_reuse"] for m in ms]))
-      reuse_s = float(np.mean([m["prefill_s_reuse"] for m in ms]))
-      full_s = full_s or reuse_s
-      row = dict(
-        method=name,
-        plan=str(plan),
-        prefix=P,
-        loss=loss,
-        bpc=float(
-          np.mean([bits_per_char(receiver, r.tail, m["loss_reuse"]) for r, m in zip(refs, ms)])
-        ),
-        kept=float((sender_loss - loss) / gain) if gain > 0 else float("nan"),
-        agreement=float(np.mean([m["agreement"] for m in ms])),
-        prefill_ms=1e3 * reuse_s,
-        speedup=full_s / reuse_s,
-        full_prefill_ms=1e3 * full_s,
-      )
-      res["rows"].append(row)
-      if plan == ds.Plan.full(L):
-        res["rows"].append(
-          dict(
-            method="receiver lm prefill",
-            plan="",
-            prefix=P,
-            loss=float(np.mean([r.loss_full for r in refs])),
-            bpc=row["bpc"],
-            kept=1.0,
-            agreement=1.0,
-            prefill_ms=1e3 * lm_s,
-            speedup=full_s / lm_s,
-          )
+    for w in prompts
+  ]
+  gain = np.mean([r.loss_sender - r.loss_full for r in refs])
+  lm_s = float(np.mean([r.prefill_s for r in refs]))
+  full_s = None  # the plan [0, L)'s prefill time, measured first
+  sender_loss = float(np.mean([r.loss_sender for r in refs]))
+  rows = [
+    dict(
+      method="sender itself",
+      plan="",
+      prefix=P,
+      loss=sender_loss,
+      bpc=float(np.mean([bits_per_char(sender, r.tail, r.loss_sender) for r in refs])),
+      kept=0.0,
+      agreement=None,
+      prefill_ms=None,
+      speedup=None,
+    )
+  ]
+  for name, plan in plans:
+    ms = [run.measure(sender, receiver, plan, r, repeats=args.repeats) for r in refs]
+    loss = float(np.mean([m["loss_reuse"] for m in ms]))
+    reuse_s = float(np.mean([m["prefill_s_reuse"] for m in ms]))
+    full_s = full_s or reuse_s
+    row = dict(
+      method=name,
+      plan=str(plan),
+      prefix=P,
+      loss=loss,
+      bpc=float(
+        np.mean([bits_per_char(receiver, r.tail, m["loss_reuse"]) for r, m in zip(refs, ms)])
+      ),
+      kept=float((sender_loss - loss) / gain) if gain > 0 else float("nan"),
+      agreement=float(np.mean([m["agreement"] for m in ms])),
+      prefill_ms=1e3 * reuse_s,
+      speedup=full_s / reuse_s,
+      full_prefill_ms=1e3 * full_s,
+    )
+    rows.append(row)
+    if plan == ds.Plan.full(receiver.cfg.n_layers):
+      rows.append(
+        dict(
+          method="receiver lm prefill",
+          plan="",
+          prefix=P,
+          loss=float(np.mean([r.loss_full for r in refs])),
+          bpc=row["bpc"],
+          kept=1.0,
+          agreement=1.0,
+          prefill_ms=1e3 * lm_s,
+          speedup=full_s / lm_s,
         )
-      print(
-        f"  P={P} {name:28s} loss {loss:.4f} kept {row['kept']:.2f} "
-        f"{row['prefill_ms']:.2f} ms {row['speedup']:.2f}x",
-        file=sys.stderr,
       )
-  table = markdown(res)
-  report.write(args.out, "droidspeak", res, table)
-  print(table)
-  return 0
+    print(
+      f"  P={P} {name:28s} loss {loss:.4f} kept {row['kept']:.2f} "
+      f"{row['prefill_ms']:.2f} ms {row['speedup']:.2f}x",
+      file=sys.stderr,
+    )
+  return rows
 
 
 def markdown(res) -> str:

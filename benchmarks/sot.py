@@ -65,7 +65,7 @@ def measure(model, question: str, skeleton: str, point_tokens: int, repeats: int
   }
   times: dict = {k: [] for k in runs}
   last: dict = {}
-  for k, run in runs.items():
+  for run in runs.values():
     run()  # compile + warm
   for _ in range(repeats):
     for k, run in runs.items():

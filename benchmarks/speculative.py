@@ -168,7 +168,7 @@ def markdown(res) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument(
     "--model",
@@ -188,17 +188,49 @@ def main(argv=None) -> int:
   p.add_argument("--tree-tokens", type=positive, default=32)
   p.add_argument("--small-tree", default="4,3,8", help="top_k,depth,tokens of the small tree")
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-  args = p.parse_args(argv)
-  model = lm.load(args.model)
-  prompts = held_out_prompts(model, args.prompts, args.prompt_len)
-  tree = speculative.TreeSpec(top_k=args.top_k, depth=args.depth, total_tokens=args.tree_tokens)
+  return p.parse_args(argv)
+
+
+def methods(model, args, tree: speculative.TreeSpec) -> list[tuple]:
+  """(row name, head or None for vanilla decoding, draft tree) of each kvjax row; tree: the
+  main draft tree (--top-k, --depth, --tree-tokens)."""
   chain = speculative.TreeSpec(top_k=1, depth=args.depth, total_tokens=args.depth + 1)
   k, d, n = (int(x) for x in args.small_tree.split(","))
   small = speculative.TreeSpec(top_k=k, depth=d, total_tokens=n)
-  heads = {
-    "eagle1": speculative.load_head(args.head1, model),
-    "eagle3": speculative.load_head(args.head3, model),
-  }
+  eagle1 = speculative.load_head(args.head1, model)
+  eagle3 = speculative.load_head(args.head3, model)
+  return [
+    ("kvjax vanilla decode", None, None),
+    ("chain drafting, EAGLE-1 head", eagle1, chain),
+    ("EAGLE-2 tree, EAGLE-1 head", eagle1, tree),
+    ("EAGLE-2 tree, EAGLE-3 head", eagle3, tree),
+    (f"EAGLE-2 small tree ({k}/{d}/{n}), EAGLE-1 head", eagle1, small),
+  ]
+
+
+def hf_row(hf, prompts, sampling, args) -> dict:
+  """The HF assisted-generation peer's row (batch 1), its speedup over HF's plain generate."""
+  h = run_hf(*hf, prompts, sampling, args)
+  a = h["assisted"]
+  return dict(
+    method="HF assisted generation (peer)",
+    batch=1,
+    temperature=sampling.temperature,
+    mean_accept_len=a["mean_accept_len"],
+    tokens_per_s=a["tokens_per_s"],
+    decode_s=a["decode_s"],
+    ms_per_forward=1e3 * a["decode_s"] / max(a["forwards"], 1),
+    speedup=h["plain"]["decode_s"] / a["decode_s"],
+    hf_plain_tokens_per_s=h["plain"]["tokens_per_s"],
+  )
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  model = lm.load(args.model)
+  prompts = held_out_prompts(model, args.prompts, args.prompt_len)
+  tree = speculative.TreeSpec(top_k=args.top_k, depth=args.depth, total_tokens=args.tree_tokens)
+  rows = methods(model, args, tree)
   res = dict(
     machine=report.describe(),
     prompts=len(prompts),
@@ -220,13 +252,7 @@ def main(argv=None) -> int:
     sampling = Sampling(temperature=temp)
     for batch in [int(b) for b in args.batches.split(",")]:
       base = None
-      for method, head, spec in (
-        ("kvjax vanilla decode", None, None),
-        ("chain drafting, EAGLE-1 head", heads["eagle1"], chain),
-        ("EAGLE-2 tree, EAGLE-1 head", heads["eagle1"], tree),
-        ("EAGLE-2 tree, EAGLE-3 head", heads["eagle3"], tree),
-        (f"EAGLE-2 small tree ({k}/{d}/{n}), EAGLE-1 head", heads["eagle1"], small),
-      ):
+      for method, head, spec in rows:
         r = run_kvjax(model, head, prompts, batch, sampling, args, spec)
         base = base or r["decode_s"]
         r.update(method=method, batch=batch, temperature=temp, speedup=base / r["decode_s"])
@@ -237,21 +263,7 @@ def main(argv=None) -> int:
           file=sys.stderr,
         )
       if hf and batch == 1:
-        h = run_hf(*hf, prompts, sampling, args)
-        a = h["assisted"]
-        res["rows"].append(
-          dict(
-            method="HF assisted generation (peer)",
-            batch=1,
-            temperature=temp,
-            mean_accept_len=a["mean_accept_len"],
-            tokens_per_s=a["tokens_per_s"],
-            decode_s=a["decode_s"],
-            ms_per_forward=1e3 * a["decode_s"] / max(a["forwards"], 1),
-            speedup=h["plain"]["decode_s"] / a["decode_s"],
-            hf_plain_tokens_per_s=h["plain"]["tokens_per_s"],
-          )
-        )
+        res["rows"].append(hf_row(hf, prompts, sampling, args))
         print(f"  T={temp:g} B=1 HF assisted: {res['rows'][-1]}", file=sys.stderr)
   table = markdown(res)
   report.write(args.out, "speculative", res, table)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -118,44 +119,51 @@ def _times_ms(fn, repeats: int) -> list[float]:
   return out
 
 
+def cost_at(model, S: int, rng, repeats: int) -> tuple[list[float], list[float]]:
+  """(ms of each decode step with a full, wrapped 4 + (S - 4) sink cache, ms of each
+  recompute of the next token's nll over the last S tokens), `repeats` of each, alternated."""
+  cfg = model.cfg
+  cache = SinkCache.init(
+    n_layers=cfg.n_layers,
+    batch=1,
+    n_sink=4,
+    window=S - 4,
+    n_kv_heads=cfg.n_kv_heads,
+    head_dim=cfg.head_dim,
+    dtype=model.dtype,
+  )
+  fill = jnp.asarray(rng.integers(2, cfg.vocab_size, (1, S + 7)), jnp.int32)
+  (_, cache), _ = steps.call(
+    model, steps.extend, model.state, cache, fill, jnp.asarray([S + 7], jnp.int32)
+  )  # full, wrapped around
+  tok = jnp.asarray([5], jnp.int32)
+  window = jnp.asarray(rng.integers(2, cfg.vocab_size, (1, S)), jnp.int32)
+  target = jnp.asarray([7], jnp.int32)
+  state = {"cache": cache}
+
+  def sink_step():
+    (logits, state["cache"]), _ = steps.call(
+      model, steps.decode_step, model.state, state["cache"], tok
+    )
+    return logits
+
+  def recompute_step():
+    return steps.call(model, steps.nll, model.state, window, target, last=True)[0]
+
+  sink_step(), recompute_step()  # compile, warm up
+  sink, rec = [], []
+  for _ in range(repeats):
+    sink += _times_ms(sink_step, 1)
+    rec += _times_ms(recompute_step, 1)
+  return sink, rec
+
+
 def cost(args) -> dict:
   model = cost_model(max(args.cost_sizes))
-  cfg = model.cfg
   rng = np.random.default_rng(0)
   rows = []
   for S in args.cost_sizes:
-    cache = SinkCache.init(
-      n_layers=cfg.n_layers,
-      batch=1,
-      n_sink=4,
-      window=S - 4,
-      n_kv_heads=cfg.n_kv_heads,
-      head_dim=cfg.head_dim,
-      dtype=model.dtype,
-    )
-    fill = jnp.asarray(rng.integers(2, cfg.vocab_size, (1, S + 7)), jnp.int32)
-    (_, cache), _ = steps.call(
-      model, steps.extend, model.state, cache, fill, jnp.asarray([S + 7], jnp.int32)
-    )  # full, wrapped around
-    tok = jnp.asarray([5], jnp.int32)
-    window = jnp.asarray(rng.integers(2, cfg.vocab_size, (1, S)), jnp.int32)
-    target = jnp.asarray([7], jnp.int32)
-    state = {"cache": cache}
-
-    def sink_step():
-      (logits, state["cache"]), _ = steps.call(
-        model, steps.decode_step, model.state, state["cache"], tok
-      )
-      return logits
-
-    def recompute_step():
-      return steps.call(model, steps.nll, model.state, window, target, last=True)[0]
-
-    sink_step(), recompute_step()  # compile, warm up
-    sink, rec = [], []
-    for _ in range(args.repeats):
-      sink += _times_ms(sink_step, 1)
-      rec += _times_ms(recompute_step, 1)
+    sink, rec = cost_at(model, S, rng, args.repeats)
     row = dict(
       cache=S,
       sink_ms=statistics.median(sink),
@@ -325,7 +333,7 @@ def kernel(args) -> dict:
     times = {impl: [] for impl in fns}
     for _ in range(args.repeats):
       for impl, f in fns.items():
-        times[impl] += _times_ms(lambda: f(q, k, v, count, start), 1)
+        times[impl] += _times_ms(functools.partial(f, q, k, v, count, start), 1)
     row = dict(
       cache=S,
       pallas_ms=statistics.median(times["pallas"]),
@@ -351,92 +359,105 @@ def _table(title: str, head: list[str], rows: list[list[str]]) -> list[str]:
 
 def markdown(res: dict) -> str:
   out = [f"Machine: {res['machine']}", ""]
-  if "quality" in res:
-    q = res["quality"]
-    out += _table(
-      f"**Quality**: bundled `shakespeare`, {q['tokens']:,} tokens of *{q['text']}* "
-      f"(held out), cache {q['cache_size']} slots, fed token by token.",
-      ["cache", "sinks + window", "ppl", "vs recompute", "ms/token"],
-      [
-        [
-          r["name"],
-          r["layout"],
-          f"{r['ppl']:.2f}",
-          f"{r['vs_recompute']:.3f}",
-          f"{r['ms_per_token']:.2f}",
-        ]
-        for r in q["rows"]
-      ],
-    )
-  if "cost" in res:
-    c = res["cost"]
-    out += _table(
-      f"**Cost per token** ({c['model']}, {c['dtype']}, batch 1; medians):",
-      ["cache", "sink decode ms", "recompute ms", "recompute / sink"],
-      [
-        [str(r["cache"]), f"{r['sink_ms']:.2f}", f"{r['recompute_ms']:.2f}", f"{r['ratio']:.1f}x"]
-        for r in c["rows"]
-      ],
-    )
-  if "memory" in res:
-    m = res["memory"]
-    out += _table(
-      f"**Memory** (4 + 252 sink cache, {m['cache_bytes']:,} bytes; {m['text']}):",
-      ["tokens streamed", "cache tokens", "process RSS MiB", "ppl of the last 4096"],
-      [
-        [
-          f"{r['tokens']:,}",
-          str(r["cache_tokens"]),
-          f"{r['rss_mib']:.0f}",
-          f"{r['segment_ppl']:.2f}",
-        ]
-        for r in m["rows"]
-      ],
-    )
-  if "endless" in res:
-    e = res["endless"]
-    out += _table(
-      f"**Endless stream, per-token wall time** (bundled `{MODEL}`, 4 + 252 sink "
-      f"cache, temperature 1; {e['tokens']:,} tokens in {e['wall_s']:.0f} s, "
-      f"{e['tokens_per_s']:.0f} tok/s as reported):",
-      [
-        "tokens",
-        "ms per token",
-        "detokenize us / token",
-        "whole-reply decode us",
-        "process RSS MiB",
-      ],
-      [
-        [
-          f"{r['from_tokens']:,}-{r['tokens']:,}",
-          f"{r['ms_per_token']:.2f}",
-          f"{r['push_us']:.1f}",
-          f"{r['whole_decode_us']:,.0f}",
-          f"{r['rss_mib']:.0f}",
-        ]
-        for r in e["rows"]
-      ],
-    )
-  if "kernel" in res:
-    k = res["kernel"]
-    if not k["run"]:
-      out += [f"**Kernel vs XLA reference**: not run ({k['reason']}).", ""]
-    else:
-      out += _table(
-        f"**Kernel vs XLA reference** (one layer, {k['shape']}):",
-        ["cache", "Pallas ms", "XLA ms", "XLA / Pallas", "max abs diff"],
-        [
-          [
-            str(r["cache"]),
-            f"{r['pallas_ms']:.3f}",
-            f"{r['xla_ms']:.3f}",
-            f"{r['speedup']:.2f}x",
-            f"{r['max_abs_diff']:.1e}",
-          ]
-          for r in k["rows"]
-        ],
-      )
+  for name, table in (
+    ("quality", quality_table),
+    ("cost", cost_table),
+    ("memory", memory_table),
+    ("endless", endless_table),
+    ("kernel", kernel_table),
+  ):
+    if name in res:
+      out += table(res[name])
   return "\n".join(out)
+
+
+def quality_table(q: dict) -> list[str]:
+  return _table(
+    f"**Quality**: bundled `shakespeare`, {q['tokens']:,} tokens of *{q['text']}* "
+    f"(held out), cache {q['cache_size']} slots, fed token by token.",
+    ["cache", "sinks + window", "ppl", "vs recompute", "ms/token"],
+    [
+      [
+        r["name"],
+        r["layout"],
+        f"{r['ppl']:.2f}",
+        f"{r['vs_recompute']:.3f}",
+        f"{r['ms_per_token']:.2f}",
+      ]
+      for r in q["rows"]
+    ],
+  )
+
+
+def cost_table(c: dict) -> list[str]:
+  return _table(
+    f"**Cost per token** ({c['model']}, {c['dtype']}, batch 1; medians):",
+    ["cache", "sink decode ms", "recompute ms", "recompute / sink"],
+    [
+      [str(r["cache"]), f"{r['sink_ms']:.2f}", f"{r['recompute_ms']:.2f}", f"{r['ratio']:.1f}x"]
+      for r in c["rows"]
+    ],
+  )
+
+
+def memory_table(m: dict) -> list[str]:
+  return _table(
+    f"**Memory** (4 + 252 sink cache, {m['cache_bytes']:,} bytes; {m['text']}):",
+    ["tokens streamed", "cache tokens", "process RSS MiB", "ppl of the last 4096"],
+    [
+      [
+        f"{r['tokens']:,}",
+        str(r["cache_tokens"]),
+        f"{r['rss_mib']:.0f}",
+        f"{r['segment_ppl']:.2f}",
+      ]
+      for r in m["rows"]
+    ],
+  )
+
+
+def endless_table(e: dict) -> list[str]:
+  return _table(
+    f"**Endless stream, per-token wall time** (bundled `{MODEL}`, 4 + 252 sink "
+    f"cache, temperature 1; {e['tokens']:,} tokens in {e['wall_s']:.0f} s, "
+    f"{e['tokens_per_s']:.0f} tok/s as reported):",
+    [
+      "tokens",
+      "ms per token",
+      "detokenize us / token",
+      "whole-reply decode us",
+      "process RSS MiB",
+    ],
+    [
+      [
+        f"{r['from_tokens']:,}-{r['tokens']:,}",
+        f"{r['ms_per_token']:.2f}",
+        f"{r['push_us']:.1f}",
+        f"{r['whole_decode_us']:,.0f}",
+        f"{r['rss_mib']:.0f}",
+      ]
+      for r in e["rows"]
+    ],
+  )
+
+
+def kernel_table(k: dict) -> list[str]:
+  if not k["run"]:
+    return [f"**Kernel vs XLA reference**: not run ({k['reason']}).", ""]
+  return _table(
+    f"**Kernel vs XLA reference** (one layer, {k['shape']}):",
+    ["cache", "Pallas ms", "XLA ms", "XLA / Pallas", "max abs diff"],
+    [
+      [
+        str(r["cache"]),
+        f"{r['pallas_ms']:.3f}",
+        f"{r['xla_ms']:.3f}",
+        f"{r['speedup']:.2f}x",
+        f"{r['max_abs_diff']:.1e}",
+      ]
+      for r in k["rows"]
+    ],
+  )
 
 
 def main(argv=None) -> int:

@@ -108,10 +108,10 @@ def multi_trace(
   base_dec: the frozen base's Decoder; cop_dec: the coprocessor's (None = pause tokens);
   soft [N, D]; batch: inputs, targets, mask [B, T] (+ segment_ids, positions); points [B, M]
   int32 with 1 <= p and p + delay < T; latent_offset: where the base sees the latents (the
-  coprocessor's CoprocessorConfig.latent_offset). Returns nll_aug, nll_base, valid: [B, M, A] float32,
-  the augmented and unaugmented nll of the target at ahead position a + 1 of trace j, and 1
-  where that target counts (inside the row, a real target of the point's document). The
-  first pass (the base over the row) is behind stop_gradient."""
+  coprocessor's CoprocessorConfig.latent_offset). Returns nll_aug, nll_base, valid: [B, M, A]
+  float32, the augmented and unaugmented nll of the target at ahead position a + 1 of trace
+  j, and 1 where that target counts (inside the row, a real target of the point's document).
+  The first pass (the base over the row) is behind stop_gradient."""
   inputs, targets = batch["inputs"], batch["targets"]
   B, T = inputs.shape
   M, N, A = points.shape[1], soft.shape[0], ahead
@@ -124,36 +124,17 @@ def multi_trace(
   main = jax.lax.stop_gradient(main)
   nll_main = token_nll(main.logits, targets)  # [B, T]
   cache = KVCache(k=main.k, v=main.v, pos=pos, length=jnp.full((B,), T, jnp.int32))
-  slots = jnp.arange(T)
-
-  def sees(at):  # [B, M] -> [B, M, T]: the prefix slots of `at`'s document before `at`
-    return (slots < at[..., None]) & (seg[:, None, :] == _take(seg, at)[..., None])
-
-  def mask_of(at, n):  # the [B, M n, T + M n] mask of M blocks of n items inserted at `at`
-    prefix = jnp.broadcast_to(sees(at)[:, :, None], (B, M, n, T)).reshape(B, M * n, T)
-    own = jnp.broadcast_to(jnp.asarray(_block_causal(M, n)), (B, M * n, M * n))
-    return jnp.concatenate([prefix, own], axis=-1)
-
-  def positions_of(at, n):
-    return (_take(pos, at)[..., None] + jnp.arange(n, dtype=jnp.int32)).reshape(B, M * n)
-
   latents = latents_of(
     cop_dec,
     soft,
     cache,
-    positions=positions_of(points, N),
-    mask=mask_of(points, N),
+    positions=_block_positions(pos, points, N),
+    mask=_block_mask(seg, points, N),
     copies=M,
     training=training,
   )  # [B, M N, D]
   at = points + delay  # insertion points
-  idx = at[..., None] + jnp.arange(A)  # [B, M, A]
-  inside = idx < T
-  idx = jnp.minimum(idx, T - 1)
-  same_doc = (_take(seg, idx) == _take(seg, points)[..., None]) & (
-    _take(seg, at) == _take(seg, points)
-  )[..., None]
-  valid = (inside & same_doc & (_take(batch["mask"], idx) > 0)).astype(jnp.float32)
+  idx, valid = _ahead_targets(batch["mask"], seg, points, at, A)
   x = jnp.concatenate(
     [
       latents.reshape(B, M, N, -1).astype(base_dec.dtype),
@@ -170,12 +151,44 @@ def multi_trace(
     cache=cache,
     positions=base_pos,
     training=training,
-    mask=mask_of(at, N + A),
+    mask=_block_mask(seg, at, N + A),
     logits=False,
   )
   hidden = out.hidden.reshape(B, M, N + A, -1)[:, :, N:]  # the ahead tokens
   nll_aug = token_nll(base_dec.logits(hidden), _take(targets, idx))
   return {"nll_aug": nll_aug, "nll_base": _take(nll_main, idx), "valid": valid}
+
+
+def _block_mask(seg: jax.Array, at: jax.Array, n: int) -> jax.Array:
+  """seg [B, T] segment ids, at [B, M] insertion points -> [B, M n, T + M n] bool: the mask of
+  M blocks of n items inserted at `at`, block j seeing the slots of at_j's document before
+  at_j and, causally, its own items."""
+  B, T = seg.shape
+  M = at.shape[1]
+  prefix = (jnp.arange(T) < at[..., None]) & (seg[:, None, :] == _take(seg, at)[..., None])
+  prefix = jnp.broadcast_to(prefix[:, :, None], (B, M, n, T)).reshape(B, M * n, T)
+  own = jnp.broadcast_to(jnp.asarray(_block_causal(M, n)), (B, M * n, M * n))
+  return jnp.concatenate([prefix, own], axis=-1)
+
+
+def _block_positions(pos: jax.Array, at: jax.Array, n: int) -> jax.Array:
+  """pos [B, T], at [B, M] -> [B, M n]: block j's items at positions pos[at_j] + 0 .. n - 1."""
+  B, M = at.shape
+  return (_take(pos, at)[..., None] + jnp.arange(n, dtype=jnp.int32)).reshape(B, M * n)
+
+
+def _ahead_targets(mask, seg, points, at, A: int) -> tuple[jax.Array, jax.Array]:
+  """(idx [B, M, A] the input slots of each trace's ahead tokens (clamped to T - 1), valid
+  [B, M, A] float32: 1 where the target counts: inside the row, a real target (mask [B, T])
+  of the point's document, the insertion point at [B, M] in that document too)."""
+  T = seg.shape[1]
+  idx = at[..., None] + jnp.arange(A)  # [B, M, A]
+  inside = idx < T
+  idx = jnp.minimum(idx, T - 1)
+  same_doc = (_take(seg, idx) == _take(seg, points)[..., None]) & (
+    _take(seg, at) == _take(seg, points)
+  )[..., None]
+  return idx, (inside & same_doc & (_take(mask, idx) > 0)).astype(jnp.float32)
 
 
 def decoders(base: Model, base_params, cc, params):

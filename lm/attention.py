@@ -22,12 +22,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from kvjax.cache.view import Keys, new_keys
-from kvjax.pallas_kernels.splits import NEG
+from kvjax.pallas_kernels import splits
 
 BLOCK_K = 256  # key slots per block of the online softmax
 BLOCK_Q = 256  # queries per block when T is long
@@ -117,28 +118,22 @@ def attend(
     for i, b in enumerate(blocks)
   ]
   if partial is not None:
+    K = blocks[0].k.shape[-3]
     o, lse = partial
-    K = parts[0][0].shape[1]
-    m = _heads_first(lse.astype(jnp.float32), K)  # [B, K, G, T]
-    l = (m > NEG / 2).astype(jnp.float32)
-    acc = _heads_first(o.astype(jnp.float32), K) * l[..., None]  # [B, K, G, T, H]
-    parts.append((acc, m, l))
-  m = parts[0][1]
-  for _, mi, _ in parts[1:]:
-    m = jnp.maximum(m, mi)
-  acc, l = 0.0, 0.0
-  for ai, mi, li in parts:
-    w = jnp.exp(mi - m)
-    acc, l = acc + ai * w[..., None], l + li * w
-  out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [B, K, G, T, H]
+    parts.append(splits.carry_of(_heads_first(o.astype(jnp.float32), K), _heads_first(lse, K)))
+  if len(parts) == 1:
+    carry = parts[0]
+  else:  # the parts stacked on a new axis -3: [B, K, G, C, T, .]
+    carry = splits.combine(tuple(jnp.stack(x, axis=-3) for x in zip(*parts)))
+  out, _ = splits.finish(carry)  # [B, K, G, T, H]
   return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q0.dtype)
 
 
 def _heads_first(x: jax.Array, K: int) -> jax.Array:
-  """[B, T, N, ...] -> [B, K, G, T, ...]."""
-  B, T, N = x.shape[:3]
-  x = x.reshape(B, T, K, N // K, *x.shape[3:])
-  return jnp.moveaxis(x, 1, 3)
+  """[B, T, N, H] -> [B, K, G, T, H]; [B, T, N] -> [B, K, G, T, 1]."""
+  x = x if x.ndim == 4 else x.astype(jnp.float32)[..., None]
+  B, T, N, H = x.shape
+  return x.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
 
 
 def _read(a: jax.Array, layer, lo, n: int) -> jax.Array:
@@ -155,28 +150,23 @@ def _take(x: jax.Array | None, axis: int, lo, n: int):
 
 
 def _scores_step(carry, qg, k, v, sees, scale, softcap, drop=None):
-  """One online-softmax step. qg [B, K, G, tq, H]; k, v [B, K, n, H] or [K, n, H]; sees
-  [B, tq, n] bool, or None when every query sees every key; carry (acc [B, K, G, tq, H],
-  m, l [B, K, G, tq]) float32; drop: (rate, key) of this step's probabilities, or None."""
-  acc, m, l = carry
+  """One online-softmax step (`splits.online_step`). qg [B, K, G, tq, H]; k, v [B, K, n, H] or
+  [K, n, H]; sees [B, tq, n] bool, or None when every query sees every key; carry (m, l [B, K,
+  G, tq, 1], acc [B, K, G, tq, H]) float32; drop: (rate, key) of this step's probabilities, or
+  None."""
   kk = "bknh" if k.ndim == 4 else "knh"
-  s = jnp.einsum(f"bkgth,{kk}->bkgtn", qg, k, preferred_element_type=jnp.float32) * scale
-  if softcap is not None:
-    s = jnp.tanh(s / softcap) * softcap
-  if sees is not None:  # None: every query sees every key of the block (no mask to apply)
-    vis = sees[:, None, None]  # [B, 1, 1, tq, n]
-    s = jnp.where(vis, s, NEG)
-  m_new = jnp.maximum(m, s.max(-1))
-  e = jnp.exp(s - m_new[..., None])
-  if sees is not None:
-    e = jnp.where(vis, e, 0.0)
-  alpha = jnp.exp(m - m_new)
-  kept = e
-  if drop is not None:
-    rate, key = drop
-    kept = jnp.where(jax.random.bernoulli(key, 1.0 - rate, e.shape), e / (1.0 - rate), 0.0)
-  pv = jnp.einsum(f"bkgtn,{kk}->bkgth", kept.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return acc * alpha[..., None] + pv, m_new, l * alpha + e.sum(-1)
+  s = jnp.einsum(f"bkgth,{kk}->bkgtn", qg, k, preferred_element_type=jnp.float32)
+  vis = None if sees is None else sees[:, None, None]  # [B, 1, 1, tq, n]
+  return splits.online_step(
+    carry,
+    s,
+    vis,
+    v,
+    scale=scale,
+    softcap=softcap,
+    values=f"bkgtn,{kk}->bkgth",
+    drop=drop,
+  )
 
 
 def _sees(keys: Keys, t0, tq: int, s0, n: int, window) -> jax.Array:
@@ -193,6 +183,13 @@ def _sees(keys: Keys, t0, tq: int, s0, n: int, window) -> jax.Array:
   return sees
 
 
+def _drop_at(dropout, t0, s0):
+  """The dropout (rate, key) of the step over queries from t0 and keys from s0, or None."""
+  if dropout is None:
+    return None
+  return dropout[0], jax.random.fold_in(jax.random.fold_in(dropout[1], t0), s0)
+
+
 def _block(
   blk: KeyBlock,
   scale,
@@ -203,95 +200,114 @@ def _block(
   differentiable: bool = False,
   dropout=None,
 ):
-  """(acc [B, K, G, T, H], m, l [B, K, G, T]) float32: the unnormalized softmax of one block;
-  differentiable, dropout: see `attend`."""
-
-  def drop_at(t0, s0):
-    if dropout is None:
-      return None
-    return dropout[0], jax.random.fold_in(jax.random.fold_in(dropout[1], t0), s0)
-
+  """The carry (m, l [B, K, G, T, 1], acc [B, K, G, T, H]) float32 of one block's unnormalized
+  softmax; differentiable, dropout: see `attend`."""
   q, keys = blk.q, blk.keys
   B, T, N, H = q.shape
   K = blk.k.shape[-3]
-  G = N // K
   S = blk.size
-  f32 = jnp.float32
-  qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H], once
+  qg = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H], once
   if (block_k >= S and block_q >= T) or (differentiable and S * T <= TRAIN_ONE_STEP):
     # one step: no loop
-    init = (
-      jnp.zeros((B, K, G, T, H), f32),
-      jnp.full((B, K, G, T), NEG, f32),
-      jnp.zeros((B, K, G, T), f32),
-    )
     k, v = _read(blk.k, blk.layer, 0, S), _read(blk.v, blk.layer, 0, S)
+    sees = _sees(keys, 0, T, 0, S, window)
     return _scores_step(
-      init, qg, k, v, _sees(keys, 0, T, 0, S, window), scale, softcap, drop_at(0, 0)
+      splits.start(qg.shape[:4], H), qg, k, v, sees, scale, softcap, _drop_at(dropout, 0, 0)
+    )
+  scan = _Scan.of(blk, qg, window, min(block_k, S), min(block_q, T), scale, softcap)
+  q_block = functools.partial(scan.q_block, differentiable=differentiable, dropout=dropout)
+  n_qb = -(-T // scan.bq)
+  if n_qb == 1:
+    return q_block(0)
+
+  def q_body(i, out):
+    t0 = jnp.minimum(i * scan.bq, T - scan.bq)  # the last block overlaps: its rows recomputed
+    part = q_block(t0)
+    return tuple(jax.lax.dynamic_update_slice_in_dim(o, p, t0, axis=3) for o, p in zip(out, part))
+
+  return jax.lax.fori_loop(0, n_qb, q_body, splits.start(qg.shape[:4], H))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scan:
+  """A key block read bk slots at a time for queries bq at a time, and which of its bk-slot
+  key blocks any query can see at all: filled slots (up to `last`), and per query block the
+  causal bound and the sliding window's lower bound (kb_max: each key block's largest key
+  position in the window's frame, `none` for an empty one)."""
+
+  blk: KeyBlock
+  qg: jax.Array  # [B, K, G, T, H]
+  window: jax.Array
+  bk: int
+  bq: int
+  scale: float
+  softcap: float | None
+  kb_lo: jax.Array  # [n_kb] the key blocks' starts, the last clamped to end at S
+  last: jax.Array  # [] the last filled slot (-1: none)
+  kb_max: jax.Array  # [n_kb]
+
+  none: ClassVar[int] = int(jnp.iinfo(jnp.int32).min)
+
+  @classmethod
+  def of(cls, blk: KeyBlock, qg, window, bk: int, bq: int, scale, softcap) -> _Scan:
+    keys, S = blk.keys, blk.size
+    n_kb = -(-S // bk)
+    slot = jnp.arange(S)
+    rows = max(keys.valid.shape[0], keys.k_pos.shape[0])
+    valid = jnp.broadcast_to(keys.valid, (rows, S))
+    k_pos = jnp.broadcast_to(keys.k_pos, (rows, S))
+    k_pos_max = jnp.where(valid, k_pos, cls.none).max(0)  # [S]
+    return cls(
+      blk,
+      qg,
+      window,
+      bk,
+      bq,
+      scale,
+      softcap,
+      kb_lo=jnp.minimum(jnp.arange(n_kb) * bk, S - bk),
+      last=jnp.max(jnp.where(valid, slot, -1)),
+      kb_max=jax.ops.segment_max(k_pos_max, slot // bk, n_kb),
     )
 
-  bk, bq = min(block_k, S), min(block_q, T)
-  n_kb, n_qb = -(-S // bk), -(-T // bq)
-  # which key blocks any query can see at all: filled slots, and per query block the causal
-  # bound and the sliding window's lower bound (positions in the window's frame)
-  kb_lo = jnp.minimum(jnp.arange(n_kb) * bk, S - bk)  # clamped block starts
-  slot = jnp.arange(S)
-  rows = max(keys.valid.shape[0], keys.k_pos.shape[0])
-  valid = jnp.broadcast_to(keys.valid, (rows, S))
-  last = jnp.max(jnp.where(valid, slot, -1))  # last filled slot
-  none = jnp.iinfo(jnp.int32).min
-  k_pos_max = jnp.where(valid, jnp.broadcast_to(keys.k_pos, (rows, S)), none).max(0)  # [S]
-  kb_max = jax.ops.segment_max(k_pos_max, slot // bk, n_kb)  # [n_kb], none: empty
-
-  def q_block(t0):
-    """acc, m, l of queries [t0, t0 + bq)."""
-    hi = jnp.minimum(last // bk + 1, n_kb)  # blocks past `last`: empty
+  def visible(self, t0) -> tuple[jax.Array, jax.Array]:
+    """[lo, hi): the key blocks some query of [t0, t0 + bq) may see."""
+    keys, bk, n_kb = self.blk.keys, self.bk, self.kb_lo.shape[0]
+    hi = jnp.minimum(self.last // bk + 1, n_kb)  # blocks past `last`: empty
     if keys.causal:
-      hi = jnp.minimum(hi, (t0 + bq - 1) // bk + 1)
-    q_min = _take(keys.q_pos, 1, t0, bq).min()
-    far = (window > 0) & ((kb_max == none) | (q_min - kb_max >= window))  # [n_kb] unseen
-    lo = jnp.where(far.all(), n_kb, jnp.argmin(far))
-    lo = jnp.minimum(lo, hi)
-    qb = _take(qg, 3, t0, bq)
+      hi = jnp.minimum(hi, (t0 + self.bq - 1) // bk + 1)
+    q_min = _take(keys.q_pos, 1, t0, self.bq).min()
+    unseen = (self.window > 0) & ((self.kb_max == self.none) | (q_min - self.kb_max >= self.window))
+    lo = jnp.where(unseen.all(), n_kb, jnp.argmin(unseen))
+    return jnp.minimum(lo, hi), hi
+
+  def q_block(self, t0, *, differentiable: bool, dropout):
+    """The carry of queries [t0, t0 + bq) over the key blocks they can see."""
+    blk, keys, bk, bq = self.blk, self.blk.keys, self.bk, self.bq
+    S, n_kb = blk.size, self.kb_lo.shape[0]
+    qb = _take(self.qg, 3, t0, bq)
 
     def body(j, carry, masked=True):
-      s0 = kb_lo[j]
+      s0 = self.kb_lo[j]
       k, v = _read(blk.k, blk.layer, s0, bk), _read(blk.v, blk.layer, s0, bk)
-      sees = (
-        _sees(keys, t0, bq, s0, bk, window) & (s0 + jnp.arange(bk) >= j * bk) if masked else None
-      )
-      return _scores_step(carry, qb, k, v, sees, scale, softcap, drop_at(t0, s0))
+      sees = None
+      if masked:  # a clamped last block: its slots before j * bk were visited already
+        sees = _sees(keys, t0, bq, s0, bk, self.window) & (s0 + jnp.arange(bk) >= j * bk)
+      drop = _drop_at(dropout, t0, s0)
+      return _scores_step(carry, qb, k, v, sees, self.scale, self.softcap, drop)
 
-    init = (
-      jnp.zeros((B, K, G, bq, H), f32),
-      jnp.full((B, K, G, bq), NEG, f32),
-      jnp.zeros((B, K, G, bq), f32),
-    )
+    init = splits.start(qb.shape[:4], qb.shape[-1])
     if differentiable:  # static trip count: every key block, the unseen ones masked
       return jax.lax.fori_loop(0, n_kb, body, init)
+    lo, hi = self.visible(t0)
     if keys.full and keys.causal and keys.mask is None:
       # blocks wholly below the causal diagonal (and not clamped) need no mask when there is
       # no window: every query of the block sees every key
-      split = jnp.where(window == 0, jnp.clip((t0 + 1) // bk, lo, min(S // bk, n_kb)), lo)
+      split = jnp.where(self.window == 0, jnp.clip((t0 + 1) // bk, lo, min(S // bk, n_kb)), lo)
       split = jnp.minimum(split, hi)
       init = jax.lax.fori_loop(lo, split, functools.partial(body, masked=False), init)
       lo = split
     return jax.lax.fori_loop(lo, hi, body, init)
-
-  if n_qb == 1:
-    return q_block(0)
-  out = (
-    jnp.zeros((B, K, G, T, H), f32),
-    jnp.full((B, K, G, T), NEG, f32),
-    jnp.zeros((B, K, G, T), f32),
-  )
-
-  def q_body(i, out):
-    t0 = jnp.minimum(i * bq, T - bq)  # the last block overlaps: its rows are recomputed alike
-    part = q_block(t0)
-    return tuple(jax.lax.dynamic_update_slice_in_dim(o, p, t0, axis=3) for o, p in zip(out, part))
-
-  return jax.lax.fori_loop(0, n_qb, q_body, out)
 
 
 CAUSAL_IMPLS = ("xla", "cudnn", "tpu_flash")
@@ -309,7 +325,7 @@ def causal(
   "tpu_flash" (`jax.experimental.pallas.ops.tpu.flash_attention`, whose blocks need T % 128
   == 0); None picks by backend (on TPU the XLA path for a T the kernel cannot tile).
   Returns [B, T, N, H] in q's dtype."""
-  B, T, N, H = q.shape
+  B, T, N, _ = q.shape
   if impl is None:
     impl = {"gpu": "cudnn", "tpu": "tpu_flash"}.get(jax.default_backend(), "xla")
     impl = "xla" if impl == "tpu_flash" and T % 128 else impl

@@ -28,6 +28,7 @@ from kvjax.lm.engine import (
 )
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
+from kvjax.lm.stats import decode_stats
 
 __all__ = [
   "Generation",
@@ -109,7 +110,7 @@ def generate(
     stop_tokens=stop_tokens,
     chat=chat,
   )
-  rows, sampling, key, stop, stops = req.rows, req.sampling, req.key, req.stop, req.stop_ids
+  rows, sampling, key = req.rows, req.sampling, req.key
   early = np.zeros((len(rows), 0), np.int32)
   if prefill is None:
     logits, cache, prefill_s, compile_p = engine.prefill(model, rows, max_new_tokens)
@@ -119,38 +120,47 @@ def generate(
     )
     key = jax.random.fold_in(key, early.shape[1])
   cache_bytes = nbytes(cache)
-  rest = max_new_tokens - early.shape[1]
+  out, counts, decode_s, compile_d = _decode(
+    model, cache, logits, key, max_new_tokens - early.shape[1], req
+  )
+  if early.shape[1]:  # tokens sampled before delayed latents arrived come first
+    out, counts = _join(early, out, counts, req.stop_ids)
+  texts, tokens, finish = outputs(model, out, counts, req.stop, req.stop_ids)
+  stats = decode_stats(
+    prefill_s=prefill_s,
+    decode_s=decode_s,
+    compile_s=compile_p + compile_d,
+    prompt_tokens=sum(map(len, rows)),
+    new_tokens=int(counts.sum()),
+    cache_bytes=cache_bytes,
+  )
+  return Generation(texts, tokens, rows, finish, stats)
+
+
+def _decode(
+  model: Model, cache, logits: jax.Array, key: jax.Array, n: int, req: engine.Request
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+  """Decodes up to n tokens per row from the prefill's logits [B, V] and cache (donated) in
+  one `steps.decode_loop` call -> (tokens [B, M], counts [B] (every process's rows), decode
+  seconds, compile seconds); raises NonFiniteError for a row that sampled from NaN logits."""
   t0 = time.perf_counter()
-  (out, counts, bad, cache), compile_d = steps.call(
+  dec, compile_s = steps.call(
     model,
     steps.decode_loop,
     model.state,
     cache,
     logits,
     key,
-    jnp.int32(rest),
-    jnp.asarray(stops, jnp.int32),
-    sampling=sampling,
-    max_steps=steps.bucket(rest),
+    jnp.int32(n),
+    jnp.asarray(req.stop_ids, jnp.int32),
+    sampling=req.sampling,
+    max_steps=steps.bucket(n),
   )
-  out, counts, bad = distributed.fetch((out, counts, bad))  # rows from every process
-  decode_s = time.perf_counter() - t0 - compile_d
-  del cache
+  out, counts, bad = distributed.fetch((dec.tokens, dec.counts, dec.bad))
+  decode_s = time.perf_counter() - t0 - compile_s
+  del dec  # the decode cache
   engine.check_finite(model, bad, "generate")
-  if early.shape[1]:  # tokens sampled before delayed latents arrived come first
-    out, counts = _join(early, out, counts, stops)
-  texts, tokens, finish = outputs(model, out, counts, stop, stops)
-  new = int(counts.sum())
-  stats = dict(
-    prefill_s=prefill_s,
-    decode_s=decode_s,
-    compile_s=compile_p + compile_d,
-    prompt_tokens=sum(map(len, rows)),
-    new_tokens=new,
-    cache_bytes=cache_bytes,
-    decode_tokens_per_s=new / decode_s if decode_s > 0 else float("nan"),
-  )
-  return Generation(texts, tokens, rows, finish, stats)
+  return out, counts, decode_s, compile_s
 
 
 def _join(
@@ -226,15 +236,15 @@ def generate_iter(
   done: dict = {}
   yield from engine.timed(detokenize(model, tokens(), stop, stop_ids, done), acc)
   if stats is not None:
-    n, decode_s = done["n"], acc["decode_s"]
     stats.update(
-      prefill_s=prefill_s,
-      decode_s=decode_s,
-      compile_s=acc["compile_s"],
-      prompt_tokens=len(rows[0]),
-      new_tokens=n,
-      finish=done["finish"],
-      decode_tokens_per_s=n / decode_s if decode_s > 0 else float("nan"),
+      decode_stats(
+        prefill_s=prefill_s,
+        decode_s=acc["decode_s"],
+        compile_s=acc["compile_s"],
+        prompt_tokens=len(rows[0]),
+        new_tokens=done["n"],
+        finish=done["finish"],
+      )
     )
 
 

@@ -129,86 +129,6 @@ def sample_decode(
 
 
 @functools.partial(
-  jax.jit, static_argnames=("graphdef", "sampling", "max_steps"), donate_argnames=("cache",)
-)
-def decode_loop(
-  graphdef,
-  state,
-  cache: KVCache,
-  logits: jax.Array,
-  key: jax.Array,
-  n_steps: jax.Array,
-  stop_ids: jax.Array,
-  *,
-  sampling: Sampling,
-  max_steps: int,
-):
-  """Samples up to n_steps (<= max_steps) tokens per row in one `lax.while_loop`.
-
-  logits [B, V]: the prefill's. A row stops after emitting a token in stop_ids [E] (E >= 1;
-  pad with -1). Returns (tokens [B, max_steps], counts [B] tokens emitted per row, the stop
-  token included, bad [B] a row sampled from logits that were not finite, cache).
-  """
-  B = logits.shape[0]
-  out, _, counts, bad, _, cache = _loop(
-    nnx.merge(graphdef, state),
-    cache,
-    logits,
-    key,
-    jnp.int32(0),
-    jnp.zeros((B,), bool),
-    jnp.zeros((B,), jnp.int32),
-    jnp.broadcast_to(n_steps, (B,)),
-    stop_ids,
-    sampling,
-    max_steps,
-  )
-  return out, counts, bad, cache
-
-
-@functools.partial(
-  jax.jit, static_argnames=("graphdef", "sampling", "max_steps"), donate_argnames=("cache",)
-)
-def decode_more(
-  graphdef,
-  state,
-  cache,
-  logits: jax.Array,
-  key: jax.Array,
-  start: jax.Array,
-  done: jax.Array,
-  counts: jax.Array,
-  budget: jax.Array,
-  stop_ids: jax.Array,
-  *,
-  sampling: Sampling,
-  max_steps: int,
-):
-  """Resumable decode_loop with a budget per row: runs at most max_steps more steps, from
-  global step `start` (the PRNG stream continues: several calls sample what one call would).
-
-  done [B] rows already finished, counts [B] tokens they emitted so far, budget [B] the most
-  tokens a row may emit. A row finishes at a stop token or when counts reaches its budget.
-  Returns (tokens [B, max_steps] of these steps (0 once a row is done), done, counts, bad [B]
-  a row sampled from logits that were not finite in these steps, logits [B, V] for each row's
-  next token, cache).
-  """
-  return _loop(
-    nnx.merge(graphdef, state),
-    cache,
-    logits,
-    key,
-    start,
-    done,
-    counts,
-    budget,
-    stop_ids,
-    sampling,
-    max_steps,
-  )
-
-
-@functools.partial(
   jax.tree_util.register_dataclass,
   data_fields=["step", "logits", "cache", "out", "done", "counts", "bad"],
   meta_fields=[],
@@ -229,8 +149,109 @@ class DecodeState:
   bad: jax.Array
 
 
-def _loop(dec, cache, logits, key, start, done, counts, budget, stop_ids, sampling, max_steps):
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=["tokens", "counts", "done", "bad", "logits", "cache"],
+  meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+  """What `decode_loop` and `decode_more` return.
+
+  tokens: [B, max_steps] int32 the tokens of this call's steps (0 once a row is done; row b's
+    are its first counts[b] columns for a call that started at counts 0).
+  counts: [B] int32 tokens each row has emitted, earlier calls and a stop token included.
+  done: [B] bool the row finished (a stop token or its budget).
+  bad: [B] bool a live row sampled from logits that were not finite in this call.
+  logits: [B, V] each row's logits for its next token (what a further call starts from).
+  cache: the donated cache, each row as long as its tokens fed.
+  """
+
+  tokens: jax.Array
+  counts: jax.Array
+  done: jax.Array
+  bad: jax.Array
+  logits: jax.Array
+  cache: Any
+
+
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "sampling", "max_steps"), donate_argnames=("cache",)
+)
+def decode_loop(
+  graphdef,
+  state,
+  cache: KVCache,
+  logits: jax.Array,
+  key: jax.Array,
+  n_steps: jax.Array,
+  stop_ids: jax.Array,
+  *,
+  sampling: Sampling,
+  max_steps: int,
+) -> Decoded:
+  """Samples up to n_steps (<= max_steps) tokens per row in one `lax.while_loop`.
+
+  logits [B, V]: the prefill's. A row stops after emitting a token in stop_ids [E] (E >= 1;
+  pad with -1). Returns `Decoded` (tokens [B, max_steps], counts [B] tokens per row, the stop
+  token included).
+  """
   B = logits.shape[0]
+  start = DecodeState(
+    step=jnp.int32(0),
+    logits=logits,
+    cache=cache,
+    out=jnp.zeros((B, max_steps), jnp.int32),
+    done=jnp.zeros((B,), bool),
+    counts=jnp.zeros((B,), jnp.int32),
+    bad=jnp.zeros((B,), bool),
+  )
+  budget = jnp.broadcast_to(n_steps, (B,))
+  return _loop(nnx.merge(graphdef, state), start, key, jnp.int32(0), budget, stop_ids, sampling)
+
+
+@functools.partial(
+  jax.jit, static_argnames=("graphdef", "sampling", "max_steps"), donate_argnames=("cache",)
+)
+def decode_more(
+  graphdef,
+  state,
+  cache,
+  logits: jax.Array,
+  key: jax.Array,
+  start: jax.Array,
+  done: jax.Array,
+  counts: jax.Array,
+  budget: jax.Array,
+  stop_ids: jax.Array,
+  *,
+  sampling: Sampling,
+  max_steps: int,
+) -> Decoded:
+  """Resumable decode_loop with a budget per row: runs at most max_steps more steps, from
+  global step `start` (the PRNG stream continues: several calls sample what one call would).
+
+  done [B] rows already finished, counts [B] tokens they emitted so far, budget [B] the most
+  tokens a row may emit. A row finishes at a stop token or when counts reaches its budget.
+  Returns `Decoded` of these steps (its logits and cache are what the next call takes).
+  """
+  B = logits.shape[0]
+  carry = DecodeState(
+    step=jnp.int32(0),
+    logits=logits,
+    cache=cache,
+    out=jnp.zeros((B, max_steps), jnp.int32),
+    done=done,
+    counts=counts,
+    bad=jnp.zeros((B,), bool),
+  )
+  return _loop(nnx.merge(graphdef, state), carry, key, start, budget, stop_ids, sampling)
+
+
+def _loop(dec, s: DecodeState, key, start, budget, stop_ids, sampling) -> Decoded:
+  """Runs the decode `while_loop` from carry s (out sized [B, max_steps]) until every row is
+  done or max_steps steps were taken; step i samples with PRNG fold_in(key, start + i)."""
+  max_steps = s.out.shape[1]
 
   def cond(s: DecodeState):
     return (s.step < max_steps) & ~jnp.all(s.done)
@@ -250,20 +271,10 @@ def _loop(dec, cache, logits, key, start, done, counts, budget, stop_ids, sampli
       bad=s.bad | (~s.done & nonfinite(s.logits)),
     )
 
-  s = jax.lax.while_loop(
-    cond,
-    body,
-    DecodeState(
-      step=jnp.int32(0),
-      logits=logits,
-      cache=cache,
-      out=jnp.zeros((B, max_steps), jnp.int32),
-      done=done | (counts >= budget),
-      counts=counts,
-      bad=jnp.zeros((B,), bool),
-    ),
+  s = jax.lax.while_loop(cond, body, dataclasses.replace(s, done=s.done | (s.counts >= budget)))
+  return Decoded(
+    tokens=s.out, counts=s.counts, done=s.done, bad=s.bad, logits=s.logits, cache=s.cache
   )
-  return s.out, s.done, s.counts, s.bad, s.logits, s.cache
 
 
 def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -69,7 +69,7 @@ def sink_attention(
   Returns o [B, T, N, H] float32 (softmax-weighted values over the visible cache keys, 0 for a
   query that sees none) and lse [B, T, N] float32 (their log-sum-exp, NEG when none).
   """
-  B, T, N, H = _check(q, k, v, count, start, n_sink, freq)
+  _check(q, k, v, count, start, n_sink, freq)
   if impl is None:
     impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
   if impl not in IMPLS:
@@ -240,20 +240,16 @@ def _pallas(
   chunk past S is masked (its slots >= S are never seen, their values zeroed). tpu: lower for
   Mosaic TPU (scalars in SMEM), else for Triton (Pallas' Mosaic GPU backend is not
   targeted)."""
-  B, T, N, H, K, S, G, Tp, R, bs, chunk, n_split = splits.sizes(q, k, block, steps)
+  B, T, _, H, K, S, G, Tp, R, bs, chunk, n_split = splits.sizes(q, k, block, steps)
   qr = splits.pack_queries(q, K, Tp)  # [B, K, R, H]
   meta = jnp.stack(
     [
       count.astype(jnp.int32),
-      start.astype(jnp.int32),  # [B, 3]: COUNT, START,
+      start.astype(jnp.int32),
       jnp.broadcast_to(window, (B,)).astype(jnp.int32),
     ],
     axis=1,
-  )  # WINDOW
-  half = H // 2
-  rot = np.zeros((H, H), np.float32)  # x @ rot = rotate_half(x) = [-x2, x1]
-  rot[np.arange(half) + half, np.arange(half)] = -1.0
-  rot[np.arange(half), np.arange(half) + half] = 1.0
+  )  # [B, 3]: COUNT, START, WINDOW
   freq2 = jnp.concatenate([freq, freq]).astype(jnp.float32)[None]  # [1, H]
   meta_spec = (
     pl.BlockSpec(memory_space=pltpu.SMEM) if tpu else pl.BlockSpec((B, 3), lambda b, h, c: (0, 0))
@@ -270,11 +266,8 @@ def _pallas(
     scale=scale,
     softcap=softcap,
   )
-  cost = pl.estimate_cost(
-    lambda q, k, v, c, s, f, w: reference(
-      q, k, v, c, s, n_sink=n_sink, freq=f, scale=scale, window=w, softcap=softcap
-    ),
-    *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, count, start, freq, window)),
+  cost = _cost(
+    q, k, v, count, start, n_sink=n_sink, freq=freq, scale=scale, window=window, softcap=softcap
   )
   in_specs = [
     meta_spec,
@@ -286,7 +279,7 @@ def _pallas(
   ]
   o, lse = splits.call(
     kernel,
-    (meta, qr, k, v, jnp.asarray(rot), freq2),
+    (meta, qr, k, v, jnp.asarray(_rotate_half(H)), freq2),
     in_specs=in_specs,
     grid=(B, K, n_split),
     rows=R,
@@ -297,6 +290,25 @@ def _pallas(
     name="sink_attention",
   )  # [B, K, R, H], [B, K, R, 1]
   return splits.unpack(o, lse, G, T)
+
+
+def _rotate_half(H: int) -> np.ndarray:
+  """[H, H] float32 rot with x @ rot = rotate_half(x) = [-x2, x1] (RoPE as a matmul)."""
+  half = H // 2
+  rot = np.zeros((H, H), np.float32)
+  rot[np.arange(half) + half, np.arange(half)] = -1.0
+  rot[np.arange(half), np.arange(half) + half] = 1.0
+  return rot
+
+
+def _cost(q, k, v, count, start, *, n_sink, freq, scale, window, softcap) -> pl.CostEstimate:
+  """The kernel's cost estimate: that of `reference` on the same operands."""
+  return pl.estimate_cost(
+    lambda q, k, v, c, s, f, w: reference(
+      q, k, v, c, s, n_sink=n_sink, freq=f, scale=scale, window=w, softcap=softcap
+    ),
+    *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v, count, start, freq, window)),
+  )
 
 
 def _kernel(

@@ -1,5 +1,6 @@
-"""Flash decoding's pieces shared by the kernels: the online-softmax step a program runs per key
-block, its finish, and the merge of the key splits' partial softmaxes.
+"""Flash decoding's pieces shared by the kernels and by `kvjax.lm.attention`: the
+online-softmax step a program runs per key block, its finish, and the merge of the key splits'
+partial softmaxes.
 
 A kernel whose grid splits a row's keys into C chunks (so one long cache feeds many programs)
 leaves per chunk a normalized output and its log-sum-exp; the merge is a few XLA ops over
@@ -17,43 +18,84 @@ from jax.experimental.pallas import triton as pltriton
 NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked query gives no NaN
 
 
-def online_step(carry, s, vis, vals, *, scale: float, softcap: float | None):
-  """One online-softmax step inside a kernel: carry (m, l [R, 1], acc [R, H]) float32, raw
-  scores s [R, n], vis [R, n] bool, values vals [n, H] (zeroed where not visible)."""
+def online_step(
+  carry,
+  s: jax.Array,
+  vis: jax.Array | None,
+  vals: jax.Array,
+  *,
+  scale: float,
+  softcap: float | None,
+  values: str | None = None,
+  drop: tuple[float, jax.Array] | None = None,
+):
+  """One online-softmax step over a block of n keys: a kernel program's per key block, or one
+  step of `kvjax.lm.attention`'s blocked XLA attention.
+
+  carry: (m, l [..., R, 1], acc [..., R, H]) float32 (`start`); s: [..., R, n] raw scores
+  (scaled and soft-capped here); vis: bool broadcastable to s, or None when every query sees
+  every key. vals: with values=None (inside a kernel) [n, H], zeroed where not visible (free
+  slots may hold any bits), and s [R, n]; else any operand of the einsum `values`
+  (probabilities, vals) -> [..., R, H]. drop: (rate, key) drops each probability that weights
+  the values (the kept ones scaled by 1 / (1 - rate); l sums the undropped ones), or None."""
   m, l, acc = carry
   s = s * scale
   if softcap is not None:
     s = jnp.tanh(s / softcap) * softcap
-  s = jnp.where(vis, s, NEG)
-  m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
-  e = jnp.where(vis, jnp.exp(s - m_new), 0.0)
+  if vis is not None:
+    s = jnp.where(vis, s, NEG)
+  m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))
+  e = jnp.exp(s - m_new)
+  if vis is not None:
+    e = jnp.where(vis, e, 0.0)
   alpha = jnp.exp(m - m_new)
-  acc = alpha * acc + jnp.dot(e.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
-  return m_new, alpha * l + e.sum(axis=1, keepdims=True), acc
+  acc = alpha * acc
+  p = e
+  if drop is not None:
+    rate, key = drop
+    p = jnp.where(jax.random.bernoulli(key, 1.0 - rate, e.shape), e / (1.0 - rate), 0.0)
+  if values is None:
+    acc = acc + jnp.dot(p.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
+  else:
+    acc = acc + jnp.einsum(values, p.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
+  return m_new, alpha * l + e.sum(axis=-1, keepdims=True), acc
 
 
-def start(R: int, H: int):
-  """The carry of a program that has seen no key yet."""
+def start(rows: int | tuple[int, ...], H: int):
+  """The carry of query rows (R, or a shape [..., R]) that have seen no key yet."""
+  rows = (rows,) if isinstance(rows, int) else tuple(rows)
   f32 = jnp.float32
-  return jnp.full((R, 1), NEG, f32), jnp.zeros((R, 1), f32), jnp.zeros((R, H), f32)
+  return jnp.full((*rows, 1), NEG, f32), jnp.zeros((*rows, 1), f32), jnp.zeros((*rows, H), f32)
 
 
 def finish(carry) -> tuple[jax.Array, jax.Array]:
-  """(o [R, H], lse [R, 1]) of a program's carry: 0 and NEG for a row that saw no key."""
+  """(o [..., R, H], lse [..., R, 1]) of a carry: 0 and NEG for a row that saw no key."""
   m, l, acc = carry
   has = l > 0
   safe = jnp.where(has, l, 1.0)
   return acc / safe, jnp.where(has, m + jnp.log(safe), NEG)
 
 
+def combine(carry):
+  """The carry of the union of C disjoint key sets from their carries stacked on axis -3:
+  (m, l [..., C, R, 1], acc [..., C, R, H]) -> (m, l [..., R, 1], acc [..., R, H])."""
+  m, l, acc = carry
+  m_all = m.max(axis=-3)
+  w = jnp.exp(m - jnp.expand_dims(m_all, -3))  # [..., C, R, 1]
+  return m_all, (w * l).sum(axis=-3), (w * acc).sum(axis=-3)
+
+
 def merge(o: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
   """o [..., C, R, H] float32 (each split's softmax-weighted values, 0 when it saw no key),
   lse [..., C, R, 1] (NEG when it saw none) -> (o [..., R, H], lse [..., R, 1]) of the union."""
-  m = lse.max(axis=-3, keepdims=True)
-  w = jnp.where(lse > NEG / 2, jnp.exp(lse - m), 0.0)  # [..., C, R, 1]
-  l = w.sum(axis=-3)
-  safe = jnp.where(l > 0, l, 1.0)
-  return (w * o).sum(axis=-3) / safe, jnp.where(l > 0, m[..., 0, :, :] + jnp.log(safe), NEG)
+  return finish(combine(carry_of(o, lse)))
+
+
+def carry_of(o: jax.Array, lse: jax.Array):
+  """The carry (m, l, acc) of a finished softmax o [..., R, H], lse [..., R, 1] (NEG for a row
+  that saw no key), with m = lse: l is 1, or 0 (and acc 0) for a row that saw none."""
+  seen = (lse > NEG / 2).astype(jnp.float32)
+  return lse, seen, o * seen
 
 
 def sizes(q: jax.Array, k: jax.Array, block: int, steps: int) -> tuple[int, ...]:

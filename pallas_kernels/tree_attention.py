@@ -235,24 +235,11 @@ def _pallas(
   mask (narrowed to the window) pre-tiled to the query rows ([R, Tp]), so the kernel only
   slices along sublanes. tpu: lower for Mosaic TPU (scalars in SMEM), else for Triton
   (Pallas' Mosaic GPU backend is not targeted)."""
-  B, T, N, H, K, S, G, Tp, R, bs, chunk, n_split = splits.sizes(q, k, block, steps)
+  B, T, _, H, K, S, G, Tp, R, bs, chunk, n_split = splits.sizes(q, k, block, steps)
   n_sub = chunk // bs
-  i32 = jnp.int32
-
-  def pad_t(x, axes):  # pads the tree axes `axes` of x from T to Tp
-    return jnp.pad(x, [(0, Tp - T) if a in axes else (0, 0) for a in range(x.ndim)])
-
-  qr = splits.pack_queries(q.astype(k.dtype), K, Tp)  # [B, K, R, H]
-  q_rows = jnp.tile(pad_t(q_pos.astype(i32), (1,)), (1, G))[..., None]  # [B, R, 1]
-  slot_pos = jnp.pad(pos.astype(i32), ((0, 0), (0, n_split * chunk - S)), constant_values=-1)
-  slot_pos = slot_pos.reshape(B, n_split, n_sub, bs)  # the key blocks' positions
-  seen = pad_t(_sees_tree(tree_mask, q_pos.astype(i32), window), (1, 2))
-  seen = jnp.tile(seen, (1, G, 1)).astype(i32)  # [B, R, Tp]
-  kn = pad_t(k_new.astype(k.dtype), (2,))  # [B, K, Tp, H]
-  vn = pad_t(v_new.astype(v.dtype), (2,))
-  meta = jnp.stack(
-    [length.astype(i32), jnp.broadcast_to(window, (B,)).astype(i32)], axis=1
-  )  # [B, 2]: LENGTH, WINDOW
+  operands = _operands(
+    q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, window, Tp=Tp, chunk=chunk, bs=bs
+  )
   meta_spec = (
     pl.BlockSpec(memory_space=pltpu.SMEM) if tpu else pl.BlockSpec((B, 2), lambda b, h, c: (0, 0))
   )
@@ -278,7 +265,7 @@ def _pallas(
   ]
   o, lse = splits.call(
     kernel,
-    (meta, qr, k, v, kn, vn, q_rows, slot_pos, seen),
+    operands,
     in_specs=in_specs,
     grid=(B, K, n_split),
     rows=R,
@@ -289,6 +276,31 @@ def _pallas(
     name="tree_attention",
   )
   return splits.unpack(o, lse, G, T)
+
+
+def _operands(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, window, *, Tp, chunk, bs):
+  """The kernel's operands in its layout: (meta [B, 2] (LENGTH, WINDOW), queries [B, K, R, H],
+  k, v, the tree's keys and values [B, K, Tp, H], query positions [B, R, 1], slot positions
+  [B, n_split, n_sub, bs] (-1 past S), tree mask [B, R, Tp] int)."""
+  B, T = q.shape[:2]
+  K, S = k.shape[1], k.shape[2]
+  G = q.shape[2] // K
+  i32 = jnp.int32
+
+  def pad_t(x, axes):  # pads the tree axes `axes` of x from T to Tp
+    return jnp.pad(x, [(0, Tp - T) if a in axes else (0, 0) for a in range(x.ndim)])
+
+  qr = splits.pack_queries(q.astype(k.dtype), K, Tp)  # [B, K, R, H]
+  q_rows = jnp.tile(pad_t(q_pos.astype(i32), (1,)), (1, G))[..., None]  # [B, R, 1]
+  n_split = -(-S // chunk)
+  slot_pos = jnp.pad(pos.astype(i32), ((0, 0), (0, n_split * chunk - S)), constant_values=-1)
+  slot_pos = slot_pos.reshape(B, n_split, chunk // bs, bs)  # the key blocks' positions
+  seen = pad_t(_sees_tree(tree_mask, q_pos.astype(i32), window), (1, 2))
+  seen = jnp.tile(seen, (1, G, 1)).astype(i32)  # [B, R, Tp]
+  kn = pad_t(k_new.astype(k.dtype), (2,))  # [B, K, Tp, H]
+  vn = pad_t(v_new.astype(v.dtype), (2,))
+  meta = jnp.stack([length.astype(i32), jnp.broadcast_to(window, (B,)).astype(i32)], axis=1)
+  return meta, qr, k, v, kn, vn, q_rows, slot_pos, seen
 
 
 def _kernel(

@@ -33,6 +33,45 @@ def _forward_features(dec, head, tokens, **kw):
 
 
 @functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=["cache", "hcache", "root", "h", "logits", "bad"],
+  meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class Frontier:
+  """Where each row stands between rounds (the module docstring's state, n tokens in both
+  caches).
+
+  cache, hcache: the target's and the head's caches, n entries per row.
+  root: [B] int32 the last emitted token t_n (in neither cache yet).
+  h: [B, D] the head's output at pair n - 1; logits: [B, V] its draft logits for t_{n+1}.
+  bad: [B] bool the target logits the newest tokens came from were not finite (after a round,
+    for the rows that took part in it).
+  """
+
+  cache: KVCache
+  hcache: KVCache
+  root: jax.Array
+  h: jax.Array
+  logits: jax.Array
+  bad: jax.Array
+
+
+@functools.partial(
+  jax.tree_util.register_dataclass, data_fields=["front", "emit", "m"], meta_fields=[]
+)
+@dataclasses.dataclass(frozen=True)
+class Round:
+  """One draft-verify-accept round. front: the rows after it (a row that was not live keeps
+  its caches' lengths); emit: [B, depth + 1] int32 the accepted draft tokens then the bonus,
+  only the first m + 1 meaningful; m: [B] int32 draft tokens accepted."""
+
+  front: Frontier
+  emit: jax.Array
+  m: jax.Array
+
+
+@functools.partial(
   jax.jit,
   static_argnames=("graphdef", "head_graphdef", "sampling"),
   donate_argnames=("cache", "hcache"),
@@ -49,10 +88,10 @@ def prefill(
   *,
   head_graphdef,
   sampling: Sampling,
-):
-  """tokens [B, P] right-padded, lengths [B] -> (root [B] the first new token, h [B, D],
-  draft logits [B, V], cache, hcache, bad [B] the target's logits for the root were not
-  finite), both caches holding lengths[b] entries."""
+) -> Frontier:
+  """tokens [B, P] right-padded, lengths [B] -> the first `Frontier`: both caches holding
+  lengths[b] entries, root the first new token (bad: the target's logits for it were not
+  finite)."""
   dec, head = nnx.merge(graphdef, state), nnx.merge(head_graphdef, head_state)
   B, P = tokens.shape
   rows = jnp.arange(B)
@@ -65,7 +104,7 @@ def prefill(
   nxt = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], 1).at[rows, lengths - 1].set(root)
   hs, hcache = head(feats, dec.embed_tokens(nxt), cache=hcache, positions=positions, n_new=lengths)
   h = hs[rows, lengths - 1]
-  return root, h, head.logits(h, dec), cache, hcache, nonfinite(target)
+  return Frontier(cache, hcache, root, h, head.logits(h, dec), nonfinite(target))
 
 
 def _draft(dec, head, hcache: KVCache, h, logits, root, spec: trees.TreeSpec):
@@ -93,15 +132,13 @@ def _draft(dec, head, hcache: KVCache, h, logits, root, spec: trees.TreeSpec):
   return tree, dataclasses.replace(hcache, length=n)
 
 
-def draft_verify(dec, head, cache, hcache, root, h, logits, key, live, *, spec, sampling):
-  """One draft-verify-accept round. live: [B] rows still generating. Returns (emit [B, depth
-  + 1] the accepted tokens then the bonus, m [B] accepted draft tokens, cache, hcache, root, h,
-  logits, bad [B] a live row's verify logits were not finite); only the first m + 1 entries of
-  emit are meaningful."""
-  B = root.shape[0]
+def draft_verify(dec, head, front: Frontier, key, live, *, spec, sampling) -> Round:
+  """One draft-verify-accept round from `front`. live: [B] rows still generating."""
+  B = front.root.shape[0]
   rows = jnp.arange(B)[:, None]
+  cache = front.cache
   n = cache.length
-  tree, hcache = _draft(dec, head, hcache, h, logits, root, spec)
+  tree, hcache = _draft(dec, head, front.hcache, front.h, front.logits, front.root, spec)
   positions = n[:, None] + tree.depth
   view = verify.tree_view(cache, positions, tree.mask)
   out, feats, cache = _forward_features(
@@ -121,43 +158,25 @@ def draft_verify(dec, head, cache, hcache, root, h, logits, key, live, *, spec, 
     feats[rows, path], dec.embed_tokens(emit), cache=hcache, positions=new_pos, n_new=n_new
   )
   h = hs[rows[:, 0], m]
-  return emit, m, cache, hcache, bonus, h, head.logits(h, dec), live & nonfinite(out.logits)
+  bad = live & nonfinite(out.logits)
+  return Round(Frontier(cache, hcache, bonus, h, head.logits(h, dec), bad), emit, m)
 
 
 @functools.partial(
   jax.tree_util.register_dataclass,
-  data_fields=[
-    "round",
-    "cache",
-    "hcache",
-    "root",
-    "h",
-    "logits",
-    "out",
-    "done",
-    "counts",
-    "rounds",
-    "accepted",
-    "bad",
-  ],
+  data_fields=["round", "front", "out", "done", "counts", "rounds", "accepted", "bad"],
   meta_fields=[],
 )
 @dataclasses.dataclass(frozen=True)
 class LoopState:
   """The carry of the speculative `while_loop`. round: [] int32 rounds run (target verify
-  forwards); cache, hcache: the target's and the head's; root [B] each row's last accepted
-  token (the next tree's root), h [B, D] its feature, logits [B, V] the head's draft logits
-  from it; out [B, max_steps + D1] int32 tokens emitted; done [B] bool; counts [B] tokens
-  per row; rounds [B] rounds each row took part in; accepted [B, max_steps] the tokens each
-  round produced for each row (m + 1; 0 once the row is done); bad [B] a row's target logits
-  were not finite in a round it took part in."""
+  forwards); front: where each row stands; out [B, max_steps + D1] int32 tokens emitted; done
+  [B] bool; counts [B] tokens per row; rounds [B] rounds each row took part in; accepted [B,
+  max_steps] the tokens each round produced for each row (m + 1; 0 once the row is done); bad
+  [B] a row's target logits were not finite in the prefill or a round it took part in."""
 
   round: jax.Array
-  cache: KVCache
-  hcache: KVCache
-  root: jax.Array
-  h: jax.Array
-  logits: jax.Array
+  front: Frontier
   out: jax.Array
   done: jax.Array
   counts: jax.Array
@@ -167,20 +186,44 @@ class LoopState:
 
 
 @functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=["tokens", "counts", "rounds", "accepted", "n_rounds", "bad", "front"],
+  meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class Generated:
+  """What `loop` returns.
+
+  tokens: [B, max_steps] int32 row b's tokens in its first counts[b] columns (the root first).
+  counts: [B] int32 tokens per row, a stop token included.
+  rounds: [B] int32 rounds each row took part in.
+  accepted: [B, max_steps] int32 the tokens each round produced before any cut at a stop token
+    or the limit (m + 1): row b's rounds are its first rounds[b] columns, 0 after.
+  n_rounds: [] int32 target verify forwards.
+  bad: [B] bool non-finite target logits in the prefill or a round the row took part in.
+  front: where each row stands after its last round, in the donated buffers (both caches
+    updated in place).
+  """
+
+  tokens: jax.Array
+  counts: jax.Array
+  rounds: jax.Array
+  accepted: jax.Array
+  n_rounds: jax.Array
+  bad: jax.Array
+  front: Frontier
+
+
+@functools.partial(
   jax.jit,
   static_argnames=("graphdef", "head_graphdef", "spec", "sampling", "max_steps"),
-  donate_argnames=("cache", "hcache"),
+  donate_argnames=("front",),
 )
 def loop(
   graphdef,
   state,
   head_state,
-  cache,
-  hcache,
-  root,
-  h,
-  logits,
-  bad,
+  front: Frontier,
   key,
   n_steps,
   stop_ids,
@@ -189,78 +232,64 @@ def loop(
   spec: trees.TreeSpec,
   sampling: Sampling,
   max_steps: int,
-):
-  """Generates up to n_steps (<= max_steps) tokens per row, the root (from `prefill`) first,
-  in one `lax.while_loop` of rounds. A row stops after a token in stop_ids [E] (pad with -1).
-  bad [B]: the prefill's non-finite flag, carried on.
-
-  Returns (tokens [B, max_steps], counts [B] tokens per row (a stop token included), rounds
-  [B] rounds each row took part in, accepted [B, max_steps] the tokens each round produced
-  before any cut at a stop token or the limit (m + 1; row b's rounds are its first rounds[b]
-  columns, 0 after), n_rounds: target verify forwards, bad [B]
-  non-finite target logits in the prefill or a round, cache, hcache). Both caches are
-  donated: the loop updates them in place."""
+) -> Generated:
+  """Generates up to n_steps (<= max_steps) tokens per row, the root of `front` (from
+  `prefill`) first, in one `lax.while_loop` of rounds. A row stops after a token in stop_ids
+  [E] (pad with -1). front is donated: the loop updates it (both caches) in place."""
   dec, head = nnx.merge(graphdef, state), nnx.merge(head_graphdef, head_state)
-  B = root.shape[0]
+  B = front.root.shape[0]
   D1 = spec.depth + 1
   is_stop = lambda t: jnp.any(t[..., None] == stop_ids, axis=-1)
-  out = jnp.zeros((B, max_steps + D1), jnp.int32).at[:, 0].set(root)
-  counts = jnp.ones((B,), jnp.int32)
-  done = is_stop(root) | (n_steps <= 1)
-  zeros = jnp.zeros((B,), jnp.int32)
 
   def body(s: LoopState) -> LoopState:
-    live = ~s.done
-    emit, m, cache, hcache, root, h, logits, bad = draft_verify(
-      dec,
-      head,
-      s.cache,
-      s.hcache,
-      s.root,
-      s.h,
-      s.logits,
-      jax.random.fold_in(key, s.round + 1),
-      live,
-      spec=spec,
-      sampling=sampling,
-    )
-    j = jnp.arange(D1)[None]
-    stops = is_stop(emit) & (j <= m[:, None])
-    first = jnp.where(stops.any(1), jnp.argmax(stops, 1), D1)
-    n_emit = jnp.minimum(jnp.minimum(m + 1, first + 1), n_steps - s.counts)
-    n_emit = jnp.where(live, n_emit, 0)
-    cols = jnp.where(j < n_emit[:, None], s.counts[:, None] + j, max_steps + D1)
-    return LoopState(
-      round=s.round + 1,
-      cache=cache,
-      hcache=hcache,
-      root=root,
-      h=h,
-      logits=logits,
-      out=s.out.at[jnp.arange(B)[:, None], cols].set(emit, mode="drop"),
-      done=s.done | (live & (first < n_emit)) | (s.counts + n_emit >= n_steps),
-      counts=s.counts + n_emit,
-      rounds=s.rounds + live,
-      accepted=s.accepted.at[:, s.round].set(jnp.where(live, m + 1, 0), mode="drop"),
-      bad=s.bad | bad,
-    )
+    key_s = jax.random.fold_in(key, s.round + 1)
+    r = draft_verify(dec, head, s.front, key_s, ~s.done, spec=spec, sampling=sampling)
+    return _advance(s, r, is_stop, n_steps)
 
   s = jax.lax.while_loop(
     lambda s: ~jnp.all(s.done),
     body,
     LoopState(
       round=jnp.int32(0),
-      cache=cache,
-      hcache=hcache,
-      root=root,
-      h=h,
-      logits=logits,
-      out=out,
-      done=done,
-      counts=counts,
-      rounds=zeros,
+      front=front,
+      out=jnp.zeros((B, max_steps + D1), jnp.int32).at[:, 0].set(front.root),
+      done=is_stop(front.root) | (n_steps <= 1),
+      counts=jnp.ones((B,), jnp.int32),
+      rounds=jnp.zeros((B,), jnp.int32),
       accepted=jnp.zeros((B, max_steps), jnp.int32),
-      bad=bad,
+      bad=front.bad,
     ),
   )
-  return (s.out[:, :max_steps], s.counts, s.rounds, s.accepted, s.round, s.bad, s.cache, s.hcache)
+  return Generated(
+    tokens=s.out[:, :max_steps],
+    counts=s.counts,
+    rounds=s.rounds,
+    accepted=s.accepted,
+    n_rounds=s.round,
+    bad=s.bad,
+    front=s.front,
+  )
+
+
+def _advance(s: LoopState, r: Round, is_stop, n_steps) -> LoopState:
+  """The loop's state after round r: each live row emits the round's tokens up to and
+  including its first stop token, at most up to n_steps in all."""
+  B, D1 = r.emit.shape
+  width = s.out.shape[1]  # max_steps + D1: a column past every row's tokens
+  live = ~s.done
+  j = jnp.arange(D1)[None]
+  stops = is_stop(r.emit) & (j <= r.m[:, None])
+  first = jnp.where(stops.any(1), jnp.argmax(stops, 1), D1)
+  n_emit = jnp.minimum(jnp.minimum(r.m + 1, first + 1), n_steps - s.counts)
+  n_emit = jnp.where(live, n_emit, 0)
+  cols = jnp.where(j < n_emit[:, None], s.counts[:, None] + j, width)
+  return LoopState(
+    round=s.round + 1,
+    front=r.front,
+    out=s.out.at[jnp.arange(B)[:, None], cols].set(r.emit, mode="drop"),
+    done=s.done | (live & (first < n_emit)) | (s.counts + n_emit >= n_steps),
+    counts=s.counts + n_emit,
+    rounds=s.rounds + live,
+    accepted=s.accepted.at[:, s.round].set(jnp.where(live, r.m + 1, 0), mode="drop"),
+    bad=s.bad | r.front.bad,
+  )

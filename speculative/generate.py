@@ -20,10 +20,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.lm import steps
-from kvjax.lm.engine import Prompt, check_context, check_finite, new_cache, outputs, pad, request
+from kvjax.lm.engine import (
+  Prompt,
+  Request,
+  check_context,
+  check_finite,
+  new_cache,
+  outputs,
+  pad,
+  request,
+)
 from kvjax.lm.generate import Generation
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
+from kvjax.lm.stats import decode_stats
 from kvjax.speculative import decoding
 from kvjax.speculative import head as heads
 from kvjax.speculative.tree import TreeSpec
@@ -60,16 +70,7 @@ def generate(
   included, over every row's rounds), target_forwards (verify forwards after the prefill),
   rounds_per_row, and accept_lens (per row, the tokens each of its rounds produced, in order:
   what mean_accept_len averages)."""
-  tree = tree or TreeSpec()
-  if not isinstance(tree, TreeSpec):
-    raise TypeError(f"tree must be a kvjax.speculative.TreeSpec; got {type(tree).__name__}")
-  if not isinstance(head, heads.LoadedHead):
-    raise TypeError(
-      f"head must be a loaded head (kvjax.speculative.load_head); got {type(head).__name__}"
-    )
-  heads.check(head.hc, model.cfg)
-  if tree.top_k > model.cfg.vocab_size:
-    raise ValueError(f"tree top_k={tree.top_k} exceeds the vocabulary ({model.cfg.vocab_size})")
+  tree = _checked_tree(model, head, tree)
   req = request(
     model,
     prompts,
@@ -80,68 +81,92 @@ def generate(
     stop_tokens=stop_tokens,
     chat=chat,
   )
-  rows, sampling, key, stop, stops = req.rows, req.sampling, req.key, req.stop, req.stop_ids
-  check_context(model, rows, max_new_tokens)
+  check_context(model, req.rows, max_new_tokens)
+  front, prefill_s, compile_p = _prefill(model, head, req, max_new_tokens, tree)
+  t0 = time.perf_counter()
+  res, compile_d = steps.call(
+    model,
+    decoding.loop,
+    model.state,
+    head.state,
+    front,
+    req.key,
+    jnp.int32(max_new_tokens),
+    jnp.asarray(req.stop_ids, jnp.int32),
+    head_graphdef=head.graphdef,
+    sampling=req.sampling,
+    spec=tree,
+    max_steps=steps.bucket(max_new_tokens),
+  )
+  out, counts = np.asarray(res.tokens), np.asarray(res.counts)
+  decode_s = time.perf_counter() - t0 - compile_d
+  check_finite(model, res.bad, "speculative generate")
+  texts, toks, finish = outputs(model, out, counts, req.stop, req.stop_ids)
+  stats = decode_stats(
+    prefill_s=prefill_s,
+    decode_s=decode_s,
+    compile_s=compile_p + compile_d,
+    prompt_tokens=sum(map(len, req.rows)),
+    new_tokens=int(counts.sum()),
+    **_accept_stats(res),
+  )
+  return Generation(texts, toks, req.rows, finish, stats)
+
+
+def _checked_tree(model: Model, head: heads.LoadedHead, tree: TreeSpec | None) -> TreeSpec:
+  """The draft tree to use (default TreeSpec()), after checking the head and the tree fit
+  the model."""
+  tree = tree or TreeSpec()
+  if not isinstance(tree, TreeSpec):
+    raise TypeError(f"tree must be a kvjax.speculative.TreeSpec; got {type(tree).__name__}")
+  if not isinstance(head, heads.LoadedHead):
+    raise TypeError(
+      f"head must be a loaded head (kvjax.speculative.load_head); got {type(head).__name__}"
+    )
+  heads.check(head.hc, model.cfg)
+  if tree.top_k > model.cfg.vocab_size:
+    raise ValueError(f"tree top_k={tree.top_k} exceeds the vocabulary ({model.cfg.vocab_size})")
+  return tree
+
+
+def _prefill(
+  model: Model, head: heads.LoadedHead, req: Request, max_new_tokens: int, tree: TreeSpec
+) -> tuple[decoding.Frontier, float, float]:
+  """Prefills the target's and the head's new caches, sized for max_new_tokens and the tree
+  -> (the first `decoding.Frontier`, seconds, compile seconds)."""
+  rows = req.rows
   P, S, S_head = sizes(max(map(len, rows)), max_new_tokens, tree)
-  tokens = pad(rows, P)
-  lengths = np.array([len(r) for r in rows], np.int32)
   cache = new_cache(model, len(rows), S)
   hcache = heads.new_cache(head.hc, len(rows), S_head, model.dtype)
-  static = dict(head_graphdef=head.graphdef, sampling=sampling)
-
+  tokens, lengths = jnp.asarray(pad(rows, P)), jnp.asarray([len(r) for r in rows], jnp.int32)
   t0 = time.perf_counter()
-  (root, h, logits, cache, hcache, bad), compile_p = steps.call(
+  front, compile_s = steps.call(
     model,
     decoding.prefill,
     model.state,
     head.state,
     cache,
     hcache,
-    jnp.asarray(tokens),
-    jnp.asarray(lengths),
-    key,
-    **static,
+    tokens,
+    lengths,
+    req.key,
+    head_graphdef=head.graphdef,
+    sampling=req.sampling,
   )
-  root.block_until_ready()
-  prefill_s = time.perf_counter() - t0 - compile_p
-  t0 = time.perf_counter()
-  (out, counts, rounds, accepted, n_rounds, bad, _, _), compile_d = steps.call(
-    model,
-    decoding.loop,
-    model.state,
-    head.state,
-    cache,
-    hcache,
-    root,
-    h,
-    logits,
-    bad,
-    key,
-    jnp.int32(max_new_tokens),
-    jnp.asarray(stops, jnp.int32),
-    spec=tree,
-    max_steps=steps.bucket(max_new_tokens),
-    **static,
-  )
-  out, counts = np.asarray(out), np.asarray(counts)
-  decode_s = time.perf_counter() - t0 - compile_d
-  check_finite(model, bad, "speculative generate")
-  rounds, accepted = np.asarray(rounds), np.asarray(accepted)
-  texts, toks, finish = outputs(model, out, counts, stop, stops)
-  new = int(counts.sum())
-  stats = dict(
-    prefill_s=prefill_s,
-    decode_s=decode_s,
-    compile_s=compile_p + compile_d,
-    prompt_tokens=int(lengths.sum()),
-    new_tokens=new,
-    decode_tokens_per_s=new / decode_s if decode_s > 0 else float("nan"),
+  front.root.block_until_ready()
+  return front, time.perf_counter() - t0 - compile_s, compile_s
+
+
+def _accept_stats(res: decoding.Generated) -> dict:
+  """speculative.generate's own stats: mean_accept_len, target_forwards, rounds_per_row,
+  accept_lens."""
+  rounds, accepted = np.asarray(res.rounds), np.asarray(res.accepted)
+  return dict(
     mean_accept_len=float(accepted.sum() / max(rounds.sum(), 1)),
-    target_forwards=int(n_rounds),
+    target_forwards=int(res.n_rounds),
     rounds_per_row=rounds.tolist(),
     accept_lens=[a[:r].tolist() for a, r in zip(accepted, rounds)],
   )
-  return Generation(texts, toks, rows, finish, stats)
 
 
 def auto_tree(

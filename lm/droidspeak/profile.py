@@ -72,7 +72,7 @@ def continue_from(model: Model, cache, tail: list[int], max_new_tokens: int) -> 
   (nll, logits, cache), _ = steps.call(model, _tail, model.state, cache, t, t[:, 1:])
   out = []
   if max_new_tokens:
-    (toks, counts, bad, _), _ = steps.call(
+    dec, _ = steps.call(
       model,
       steps.decode_loop,
       model.state,
@@ -84,8 +84,8 @@ def continue_from(model: Model, cache, tail: list[int], max_new_tokens: int) -> 
       sampling=Sampling(),
       max_steps=steps.bucket(max_new_tokens),
     )
-    check_finite(model, bad, "the profile's continuation")
-    out = np.asarray(toks)[0, : int(counts[0])].tolist()
+    check_finite(model, dec.bad, "the profile's continuation")
+    out = np.asarray(dec.tokens)[0, : int(dec.counts[0])].tolist()
   loss = float(np.mean(np.asarray(nll))) if len(tail) > 1 else None
   return {"loss": loss, "tokens": out}
 

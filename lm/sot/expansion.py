@@ -23,6 +23,7 @@ from kvjax.lm import steps
 from kvjax.lm.detokenize import Detokenizer
 from kvjax.lm.engine import (
   Prompt,
+  Request,
   check_context,
   check_finite,
   nbytes,
@@ -35,6 +36,7 @@ from kvjax.lm.engine import (
 from kvjax.lm.generate import Generation
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
+from kvjax.lm.stats import decode_stats
 
 
 @dataclasses.dataclass
@@ -130,82 +132,117 @@ def expand_stream(
     stop_tokens=stop_tokens,
     chat=chat,
   )  # the budgets are checked per row below
-  rows, sampling, key, stop, stops = req.rows, req.sampling, req.key, req.stop, req.stop_ids
+  rows, stop, stops = req.rows, req.stop, req.stop_ids
   B = len(rows)
   budgets = _budgets(max_new_tokens, B)
   if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
     raise ValueError(f"chunk must be an int >= 1 or None; got {chunk!r}")
-  n = common_prefix(rows) if share and B > 1 else 0
-  n = min(n, min(map(len, rows)) - 1)  # every row keeps a token of its own to prefill
-  if n > 0:
-    logits, cache, prefill_s, compile_s = _shared_prefill(model, rows, n, int(budgets.max()))
-  else:
-    logits, cache, prefill_s, compile_s = prefill(model, rows, int(budgets.max()))
+  n, logits, cache, prefill_s, compile_s = _prefill(model, rows, int(budgets.max()), share)
   cache_bytes = nbytes(cache)
-  per_call = steps.bucket(int(budgets.max())) if chunk is None else chunk
-
-  stop_arr, budget_arr = jnp.asarray(stops, jnp.int32), jnp.asarray(budgets)
-  done, counts = jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32)
-  pieces, decode_s, n_steps, emitted = [], 0.0, 0, 0
+  run = _Decoding(
+    model,
+    req,
+    budgets=jnp.asarray(budgets),
+    per_call=steps.bucket(int(budgets.max())) if chunk is None else chunk,
+    logits=logits,
+    cache=cache,
+  )
+  pieces, emitted, outs = [], 0, []
   before = np.zeros(B, np.int32)  # tokens each row had emitted before this call
   watch = [_StopWatch(model.tokenizer, stop) for _ in range(B)] if stop else []
-  outs: list = [None] * B
   while emitted < B:
-    t0 = time.perf_counter()
-    (out, done, counts, bad, logits, cache), c = steps.call(
-      model,
-      steps.decode_more,
-      model.state,
-      cache,
-      logits,
-      key,
-      jnp.int32(n_steps),
-      done,
-      counts,
-      budget_arr,
-      stop_arr,
-      sampling=sampling,
-      max_steps=per_call,
-    )
-    out, done_np, counts_np = np.asarray(out), np.asarray(done), np.asarray(counts)
-    check_finite(model, bad, "point expansion")
-    decode_s += time.perf_counter() - t0 - c
-    compile_s += c
+    out, done, counts = run.step()
     pieces.append(out)
-    n_steps += per_call
-    if stop:  # a row whose text reached a stop string is done
-      hit = [
-        b
-        for b in range(B)
-        if before[b] < counts_np[b]
-        and watch[b].feed(out[b, : counts_np[b] - before[b]])
-        and not done_np[b]
-      ]
-      if hit:
-        done_np = done_np.copy()
-        done_np[hit] = True
-        done = jnp.asarray(done_np)
-    before = counts_np
-    if emitted < B and done_np[emitted]:
+    if stop and (hit := _stop_hits(watch, out, before, counts, done)):
+      done = run.stop(hit)
+    before = counts
+    if done[emitted]:
       so_far = np.concatenate(pieces, axis=1)
-    while emitted < B and done_np[emitted]:
+    while emitted < B and done[emitted]:
       b = emitted
-      texts, tokens, finish = outputs(model, so_far[b : b + 1], counts_np[b : b + 1], stop, stops)
-      outs[b] = Row(b, texts[0], tokens[0], finish[0], rows[b])
+      texts, tokens, finish = outputs(model, so_far[b : b + 1], counts[b : b + 1], stop, stops)
+      outs.append(Row(b, texts[0], tokens[0], finish[0], rows[b]))
       emitted += 1
       yield outs[b]
   if stats is not None:
-    new = sum(len(r.tokens) for r in outs)
     stats.update(
-      prefill_s=prefill_s,
-      decode_s=decode_s,
-      compile_s=compile_s,
-      prompt_tokens=sum(map(len, rows)),
-      new_tokens=new,
-      decode_tokens_per_s=new / decode_s if decode_s > 0 else float("nan"),
-      prefix_tokens_shared=n,
-      cache_bytes=cache_bytes,
+      decode_stats(
+        prefill_s=prefill_s,
+        decode_s=run.decode_s,
+        compile_s=compile_s + run.compile_s,
+        prompt_tokens=sum(map(len, rows)),
+        new_tokens=sum(len(r.tokens) for r in outs),
+        prefix_tokens_shared=n,
+        cache_bytes=cache_bytes,
+      )
     )
+
+
+class _Decoding:
+  """The batch's decode, `per_call` steps per `steps.decode_more` call: the device state
+  between calls (logits [B, V], the donated cache, done [B], counts [B]), the PRNG stream's
+  position and the seconds spent."""
+
+  def __init__(self, model: Model, req: Request, *, budgets, per_call: int, logits, cache):
+    self.model, self.req, self.budgets, self.per_call = model, req, budgets, per_call
+    self.stop_ids = jnp.asarray(req.stop_ids, jnp.int32)
+    self.logits, self.cache = logits, cache
+    B = logits.shape[0]
+    self.done, self.counts = jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32)
+    self.n_steps, self.decode_s, self.compile_s = 0, 0.0, 0.0
+
+  def step(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One call -> (tokens [B, per_call] of its steps, done [B], counts [B]) on the host."""
+    t0 = time.perf_counter()
+    dec, c = steps.call(
+      self.model,
+      steps.decode_more,
+      self.model.state,
+      self.cache,
+      self.logits,
+      self.req.key,
+      jnp.int32(self.n_steps),
+      self.done,
+      self.counts,
+      self.budgets,
+      self.stop_ids,
+      sampling=self.req.sampling,
+      max_steps=self.per_call,
+    )
+    self.logits, self.cache, self.done, self.counts = dec.logits, dec.cache, dec.done, dec.counts
+    out, done, counts = np.asarray(dec.tokens), np.asarray(dec.done), np.asarray(dec.counts)
+    check_finite(self.model, dec.bad, "point expansion")
+    self.decode_s += time.perf_counter() - t0 - c
+    self.compile_s += c
+    self.n_steps += self.per_call
+    return out, done, counts
+
+  def stop(self, rows: Sequence[int]) -> np.ndarray:
+    """Ends these rows (their text reached a stop string) -> done [B] on the host."""
+    done = np.asarray(self.done).copy()
+    done[list(rows)] = True
+    self.done = jnp.asarray(done)
+    return done
+
+
+def _prefill(model: Model, rows: list[list[int]], budget: int, share: bool):
+  """Prefills every row, their common prefix once when `share` (and it is not a whole row)
+  -> (prefix tokens shared, logits [B, V], cache, seconds, compile seconds)."""
+  n = common_prefix(rows) if share and len(rows) > 1 else 0
+  n = min(n, min(map(len, rows)) - 1)  # every row keeps a token of its own to prefill
+  if n > 0:
+    return n, *_shared_prefill(model, rows, n, budget)
+  return 0, *prefill(model, rows, budget)
+
+
+def _stop_hits(watch, out: np.ndarray, before: np.ndarray, counts: np.ndarray, done) -> list[int]:
+  """The live rows whose text reached a stop string in this call's tokens out [B, C] (row b
+  emitted counts[b] - before[b] of them); each row's watch is fed its new tokens."""
+  return [
+    b
+    for b in range(len(watch))
+    if before[b] < counts[b] and watch[b].feed(out[b, : counts[b] - before[b]]) and not done[b]
+  ]
 
 
 def _budgets(max_new_tokens, B: int) -> np.ndarray:

@@ -73,113 +73,183 @@ def run(
   asked); else the model writes one in at most skeleton_tokens. max_points: more points is an
   error, never a cut. point_tokens: each point's budget (or one per point). answer_tokens: the
   normal answer's budget. router: one of `kvjax.lm.sot.router.ROUTERS`. stop: strings that end
-  a point (and the skeleton). share: prefill question + skeleton once (False: every row repeats it, as
-  the reference implementation batches). on_point(i, text): called for points 1..P in order as
-  soon as each and every point before it is written. With on_point or stop strings, decoding
-  runs in `chunk`-step calls, between which finished rows are checked (a row whose text reached
-  a stop string stops there); else in one call."""
+  a point (and the skeleton). share: prefill question + skeleton once (False: every row repeats
+  it, as the reference implementation batches). on_point(i, text): called for points 1..P in
+  order as soon as each and every point before it is written. With on_point or stop strings,
+  decoding runs in `chunk`-step calls, between which finished rows are checked (a row whose text
+  reached a stop string stops there); else in one call."""
   if not isinstance(question, str) or not question.strip():
     raise ValueError(f"the question is empty: pass the text to answer; got {question!r}")
   check_request(model, 1, sampling, key)  # a bad key or sampling fails before any work
   prompts = prompts or Prompts()
   kw = dict(sampling=sampling, key=key, stop=stop)
-  t_route, compile_s = 0.0, 0.0
   if skeleton is None:
-
-    def ask(text: str) -> str:
-      nonlocal compile_s
-      g = generate(model, [prompts.render(model, text)], max_new_tokens=8)
-      compile_s += g.stats["compile_s"]
-      return g.texts[0]
-
-    t0 = time.perf_counter()
-    decision = route(question, router, ask=ask)
-    t_route = time.perf_counter() - t0 - compile_s
+    decision, route_s, compile_s = _route(model, question, router, prompts)
   else:
     points = parse_points(skeleton, max_points=max_points)  # errors before any work
-    decision = Route(True, "supplied", "a skeleton was supplied")
+    decision, route_s, compile_s = Route(True, "supplied", "a skeleton was supplied"), 0.0, 0.0
   if not decision.suitable:
-    g = generate(model, [prompts.answer_ids(model, question)], max_new_tokens=answer_tokens, **kw)
-    s = g.stats
-    return Answer(
-      question,
-      decision,
-      None,
-      [],
-      [],
-      g.texts[0],
-      dict(
-        mode="normal",
-        latency_s=t_route + s["prefill_s"] + s["decode_s"],
-        route_s=t_route,
-        skeleton_s=0.0,
-        expand_s=0.0,
-        compile_s=compile_s + s["compile_s"],
-        skeleton_tokens=0,
-        answer_tokens=s["new_tokens"],
-        generated_tokens=s["new_tokens"],
-        prefix_tokens_shared=0,
-        cache_bytes=s["cache_bytes"],
-      ),
-    )
+    return _normal(model, question, decision, prompts, answer_tokens, route_s, compile_s, kw)
 
   skeleton_s, skeleton_n = 0.0, 0
   if skeleton is None:
-    g = generate(
-      model,
-      [prompts.skeleton_ids(model, question, max_points)],
-      max_new_tokens=skeleton_tokens,
-      **kw,
+    skeleton, skeleton_s, skeleton_n, c = _skeleton(
+      model, question, prompts, max_points, skeleton_tokens, kw
     )
-    skeleton = prompts.skeleton_prefill + g.texts[0]
-    skeleton_s = g.stats["prefill_s"] + g.stats["decode_s"]
-    skeleton_n, compile_s = g.stats["new_tokens"], compile_s + g.stats["compile_s"]
+    compile_s += c
     points = parse_points(skeleton, max_points=max_points)
+  if key is not None:  # the expansions sample apart from the skeleton
+    kw["key"] = jax.random.fold_in(key, 1)
+  expansions, s = _expand(
+    model,
+    question,
+    points,
+    prompts,
+    point_tokens=point_tokens,
+    share=share,
+    on_point=on_point,
+    chunk=chunk if on_point or stop else None,
+    **kw,
+  )
+  answer = "\n".join(
+    prompts.prefill(i, p) + e.rstrip() for i, (p, e) in enumerate(zip(points, expansions), 1)
+  )
+  stats = _stats(
+    "sot",
+    route_s=route_s,
+    skeleton_s=skeleton_s,
+    expand_s=s["prefill_s"] + s["decode_s"],
+    compile_s=compile_s + s["compile_s"],
+    skeleton_tokens=skeleton_n,
+    answer_tokens=s["new_tokens"],
+    prefix_tokens_shared=s["prefix_tokens_shared"],
+    cache_bytes=s["cache_bytes"],
+  )
+  return Answer(question, decision, skeleton, points, expansions, answer, stats)
+
+
+def _normal(
+  model: Model,
+  question: str,
+  decision: Route,
+  prompts: Prompts,
+  answer_tokens: int,
+  route_s: float,
+  compile_s: float,
+  kw: dict,
+) -> Answer:
+  """The question answered in one normal pass (the router sent it away from SoT)."""
+  g = generate(model, [prompts.answer_ids(model, question)], max_new_tokens=answer_tokens, **kw)
+  s = g.stats
+  stats = _stats(
+    "normal",
+    route_s=route_s,
+    answer_s=s["prefill_s"] + s["decode_s"],
+    compile_s=compile_s + s["compile_s"],
+    answer_tokens=s["new_tokens"],
+    cache_bytes=s["cache_bytes"],
+  )
+  return Answer(question, decision, None, [], [], g.texts[0], stats)
+
+
+def _skeleton(
+  model: Model, question: str, prompts: Prompts, max_points: int, skeleton_tokens: int, kw: dict
+) -> tuple[str, float, int, float]:
+  """The model's skeleton, its prefill included -> (text, seconds, tokens generated, compile
+  seconds)."""
+  g = generate(
+    model,
+    [prompts.skeleton_ids(model, question, max_points)],
+    max_new_tokens=skeleton_tokens,
+    **kw,
+  )
+  s = g.stats
+  return (
+    prompts.skeleton_prefill + g.texts[0],
+    s["prefill_s"] + s["decode_s"],
+    s["new_tokens"],
+    s["compile_s"],
+  )
+
+
+def _route(
+  model: Model, question: str, router: str, prompts: Prompts
+) -> tuple[Route, float, float]:
+  """Asks `router` whether the question suits SoT -> (its Route, seconds, compile seconds of
+  the model's verdict, when the router asks the model)."""
+  compile_s = 0.0
+
+  def ask(text: str) -> str:
+    nonlocal compile_s
+    g = generate(model, [prompts.render(model, text)], max_new_tokens=8)
+    compile_s += g.stats["compile_s"]
+    return g.texts[0]
+
+  t0 = time.perf_counter()
+  decision = route(question, router, ask=ask)
+  return decision, time.perf_counter() - t0 - compile_s, compile_s
+
+
+def _expand(
+  model: Model,
+  question: str,
+  points: list[str],
+  prompts: Prompts,
+  *,
+  point_tokens,
+  on_point: Callable[[int, str], None] | None,
+  **kw,
+) -> tuple[list[str], dict]:
+  """Expands every point in one batch (`expand_stream`; kw: its other arguments), each in at
+  most point_tokens tokens (or its own of a sequence, one per point), calling
+  on_point(i, text) as each point and every one before it is done -> (each point's text
+  after its prefill, `expand`'s stats)."""
   if not isinstance(point_tokens, int):
     point_tokens = list(point_tokens)
     if len(point_tokens) != len(points):
       raise ValueError(f"point_tokens gives {len(point_tokens)} budgets for {len(points)} points")
-
   stats: dict = {}
   expansions: list[str] = [""] * len(points)
-  if key is not None:  # the expansions sample apart from the skeleton
-    kw["key"] = jax.random.fold_in(key, 1)
   for row in expand_stream(
     model,
     prompts.expand_ids(model, question, points),
     max_new_tokens=point_tokens,
-    share=share,
-    chunk=chunk if on_point or stop else None,
     stats=stats,
     **kw,
   ):
     expansions[row.index] = row.text
     if on_point is not None:
       on_point(row.index + 1, prompts.prefill(row.index + 1, points[row.index]) + row.text)
-  expand_s = stats["prefill_s"] + stats["decode_s"]
-  answer = "\n".join(
-    prompts.prefill(i, p) + e.rstrip() for i, (p, e) in enumerate(zip(points, expansions), 1)
-  )
-  return Answer(
-    question,
-    decision,
-    skeleton,
-    points,
-    expansions,
-    answer,
-    dict(
-      mode="sot",
-      latency_s=t_route + skeleton_s + expand_s,
-      route_s=t_route,
-      skeleton_s=skeleton_s,
-      expand_s=expand_s,
-      compile_s=compile_s + stats["compile_s"],
-      skeleton_tokens=skeleton_n,
-      answer_tokens=stats["new_tokens"],
-      generated_tokens=skeleton_n + stats["new_tokens"],
-      prefix_tokens_shared=stats["prefix_tokens_shared"],
-      cache_bytes=stats["cache_bytes"],
-    ),
+  return expansions, stats
+
+
+def _stats(
+  mode: str,
+  *,
+  route_s: float,
+  skeleton_s: float = 0.0,
+  expand_s: float = 0.0,
+  answer_s: float = 0.0,
+  compile_s: float,
+  skeleton_tokens: int = 0,
+  answer_tokens: int,
+  prefix_tokens_shared: int = 0,
+  cache_bytes: int,
+) -> dict:
+  """`Answer.stats`. answer_s: the normal answer's seconds (mode "normal"); latency_s sums
+  the stages' seconds, generated_tokens the skeleton's and the answer's tokens."""
+  return dict(
+    mode=mode,
+    latency_s=route_s + skeleton_s + expand_s + answer_s,
+    route_s=route_s,
+    skeleton_s=skeleton_s,
+    expand_s=expand_s,
+    compile_s=compile_s,
+    skeleton_tokens=skeleton_tokens,
+    answer_tokens=answer_tokens,
+    generated_tokens=skeleton_tokens + answer_tokens,
+    prefix_tokens_shared=prefix_tokens_shared,
+    cache_bytes=cache_bytes,
   )
 
 

@@ -15,6 +15,7 @@ from kvjax.lm import engine, steps
 from kvjax.lm.engine import check_request, detokenize, stop_ids
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
+from kvjax.lm.stats import tokens_per_s
 
 
 class Session:
@@ -165,9 +166,7 @@ class Session:
     finally:
       self._held()
       s = self.stats
-      s["tokens_per_s"] = (
-        s["tokens_generated"] / s["decode_s"] if s["decode_s"] > 0 else float("nan")
-      )
+      s["tokens_per_s"] = tokens_per_s(s["tokens_generated"], s["decode_s"])
 
   def _tokens(self, limit: int | None) -> Iterator[int]:
     """Samples tokens, each fed into the cache in the same dispatch (steps.sample_decode)."""

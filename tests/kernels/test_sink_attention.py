@@ -11,9 +11,9 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kvjax.cache.sink import SinkCache
 from kvjax.lm import steps, tiny
-from kvjax.lm.attention import NEG
 from kvjax.pallas_kernels import sink_attention as kernel
 from kvjax.pallas_kernels.sink_attention import reference, sink_attention
+from kvjax.pallas_kernels.splits import NEG
 
 MODES = {"interpret": True, "tpu-interpret": pltpu.InterpretParams()}
 

@@ -10,8 +10,9 @@ from jax import export
 from jax.experimental.pallas import tpu as pltpu
 
 from kvjax.cache.view import CACHE, Keys
-from kvjax.lm.attention import NEG, KeyBlock, attend
+from kvjax.lm.attention import KeyBlock, attend
 from kvjax.pallas_kernels import tree_attention as kernel
+from kvjax.pallas_kernels.splits import NEG
 from kvjax.pallas_kernels.tree_attention import reference, tree_attention
 
 MODES = {"interpret": True, "tpu-interpret": pltpu.InterpretParams()}
@@ -148,7 +149,7 @@ def test_partial_merges_through_attend():
   """(o, lse) is a partial softmax for `attend(partial=...)`: the tree's own keys from the
   kernel (every row empty) merged with the cache as an explicit block give the whole."""
   args = inputs(3, 5, 4, 2, 16, 16, "tree", jnp.float32, seed=3, lengths=(16, 3, 9))
-  q, k, v, length, k_new, v_new, q_pos, pos, tree_mask = args
+  q, k, v, length, _, _, q_pos, pos, _ = args
 
   @jax.jit
   def both(args):
@@ -194,7 +195,7 @@ def test_kernel_lowers_for_the_device(platform, shape):
 
 def test_errors():
   args = inputs(2, 3, 4, 2, 16, 8, "chain", jnp.float32)
-  q, k, v, length, k_new, v_new, q_pos, pos, tree_mask = args
+  q, k, v, length, k_new, _, q_pos, _, tree_mask = args
   with pytest.raises(ValueError, match=r"tree_mask must be a bool array of shape \(2, 3, 3\)"):
     tree_attention(*args[:8], tree_mask[:, :2, :2], scale=0.25)
   with pytest.raises(ValueError, match="multiple of K"):

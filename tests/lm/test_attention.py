@@ -10,7 +10,8 @@ from kvjax import lm
 from kvjax.cache import KVCache
 from kvjax.cache.view import CACHE, NEW, SHARED, Keys, new_keys
 from kvjax.lm import attention, tiny
-from kvjax.lm.attention import NEG, KeyBlock, attend, reference
+from kvjax.lm.attention import KeyBlock, attend, reference
+from kvjax.pallas_kernels.splits import NEG
 
 B, N, K, H = 2, 4, 2, 8
 
@@ -40,7 +41,7 @@ def test_cache_block_with_free_slots(T, window):
   rng = np.random.default_rng(T)
   S = 23
   q, k, v = _arrays(rng, T, S, layers=3)
-  qn, kn, vn = _arrays(rng, T, T)
+  _, kn, vn = _arrays(rng, T, T)
   length = jnp.asarray([9, 17])
   pos = jnp.broadcast_to(jnp.arange(S), (B, S))
   positions = length[:, None] + jnp.arange(T)[None]

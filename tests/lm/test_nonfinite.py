@@ -85,7 +85,7 @@ def test_streaming_session_and_perplexity_raise(late, early):
     "".join(s.turn(PROMPT, max_new_tokens=16))
   ids = early.tokenizer.encode(PROMPT * 3)
   for cache in ("sink", "dense", "window", "recompute"):
-    raises(lambda: streaming.perplexity(early, ids, cache=cache, window=8), "perplexity")
+    raises(lambda c=cache: streaming.perplexity(early, ids, cache=c, window=8), "perplexity")
 
 
 def test_method_loops_raise(clean, late, early):
@@ -102,8 +102,8 @@ def test_method_loops_raise(clean, late, early):
   cop = coprocessor.init(clean, 2, init="lora")
   for delay in (0, 3):  # latents before the last prompt token, or 3 tokens late
     raises(
-      lambda: coprocessor.generate(
-        early, cop, PROMPT, max_new_tokens=16, delay=delay, stop_tokens=()
+      lambda d=delay: coprocessor.generate(
+        early, cop, PROMPT, max_new_tokens=16, delay=d, stop_tokens=()
       )
     )
 

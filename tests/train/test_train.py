@@ -467,35 +467,41 @@ def test_packed_documents_do_not_attend_across_boundaries():
   assert np.abs(unmasked[12:] - packed[12:]).max() > 1e-3
 
 
-def test_cli_data_dir_trains_its_own_tokenizer(tmp_path, monkeypatch):
-  """--data without --tokenizer: a BPE on the corpus' train split, kept in OUT/tokenizer."""
-  monkeypatch.setenv("KVJAX_DATA_DIR", str(tmp_path / "tfds"))
-  words = [
-    "to",
-    "be",
-    "or",
-    "not",
-    "that",
-    "is",
-    "the",
-    "question",
-    "whether",
-    "tis",
-    "nobler",
-    "in",
-    "mind",
-  ]
+POEM_WORDS = [
+  "to",
+  "be",
+  "or",
+  "not",
+  "that",
+  "is",
+  "the",
+  "question",
+  "whether",
+  "tis",
+  "nobler",
+  "in",
+  "mind",
+]
+
+
+def _poems(root):
+  """root/poems/: a corpus of one genre, 3 texts of 800 random words of POEM_WORDS -> root."""
   rng = np.random.default_rng(1)
-  corpus = tmp_path / "corpus" / "poems"
-  corpus.mkdir(parents=True)
+  (root / "poems").mkdir(parents=True)
   for i in range(3):
-    (corpus / f"poem{i}.txt").write_text(" ".join(rng.choice(words, 800)), encoding="utf-8")
-  out = tmp_path / "run"
-  argv = (
+    text = " ".join(rng.choice(POEM_WORDS, 800))
+    (root / "poems" / f"poem{i}.txt").write_text(text, encoding="utf-8")
+  return root
+
+
+def _train_with_bpe(data, out) -> tuple[dict, str]:
+  """`kvjax train lm --data data --vocab-size 320` for 12 steps -> (its --json summary, its
+  stderr)."""
+  code, stdout, err = run_cli(
     "train",
     "lm",
     "--data",
-    tmp_path / "corpus",
+    data,
     "--vocab-size",
     320,
     "--out",
@@ -510,27 +516,24 @@ def test_cli_data_dir_trains_its_own_tokenizer(tmp_path, monkeypatch):
     "--no-progress",
     "--json",
   )
-  code, stdout, err = run_cli(*argv)
   assert code == 0, err
+  return json.loads(stdout), err  # stdout holds the one JSON object only
+
+
+def test_cli_data_dir_trains_its_own_tokenizer(tmp_path, monkeypatch):
+  """--data without --tokenizer: a BPE on the corpus' train split, kept in OUT/tokenizer."""
+  monkeypatch.setenv("KVJAX_DATA_DIR", str(tmp_path / "tfds"))
+  data, out = _poems(tmp_path / "corpus"), tmp_path / "run"
+  summary, err = _train_with_bpe(data, out)
   assert "BPE" in err and (out / "tokenizer" / "tokenizer.json").is_file()
-  summary = json.loads(stdout)  # stdout holds the one JSON object only
   model = lm.load(summary["export"])
   tok = lm.Tokenizer.load(str(out / "tokenizer"))
   assert model.cfg.vocab_size == tok.vocab_size > 258  # merges were learned
   assert model.tokenizer.encode("to be or not") == tok.encode("to be or not")
   # `train eval` on the export reproduces the run's last validation figures
+  evaluate = ("eval", "--model", summary["export"], "--data", data)
   code, stdout, err = run_cli(
-    "eval",
-    "--model",
-    summary["export"],
-    "--data",
-    tmp_path / "corpus",
-    "--batch-size",
-    B,
-    "--seq-len",
-    T,
-    "--json",
-    main=train_cli.main,
+    *evaluate, "--batch-size", B, "--seq-len", T, "--json", main=train_cli.main
   )
   assert code == 0, err
   got = json.loads(stdout)
@@ -538,16 +541,7 @@ def test_cli_data_dir_trains_its_own_tokenizer(tmp_path, monkeypatch):
   np.testing.assert_allclose(
     [got["loss"], got["bpc"]], [summary["eval_loss"], summary["eval_bpc"]], rtol=1e-5
   )
-  code, _, err = run_cli(
-    "eval",
-    "--model",
-    summary["export"],
-    "--data",
-    tmp_path / "corpus",
-    "--genre",
-    "plays",
-    main=train_cli.main,
-  )
+  code, _, err = run_cli(*evaluate, "--genre", "plays", main=train_cli.main)
   assert code == 1 and "plays" in err and "poems" in err  # unknown genre: the known ones named
   (tmp_path / "x.txt").write_text("some text", encoding="utf-8")
   code, _, err = run_cli(

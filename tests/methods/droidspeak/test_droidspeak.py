@@ -394,33 +394,36 @@ def test_cli_run_json(pair_dirs, pair):
   assert got["tokens"] == want and got["prefill_speedup"] > 0
 
 
-def test_cli_send_and_receive_in_two_processes(pair_dirs, pair, tmp_path):
-  """receive listens in a process of its own (port 0: it prints the port), send runs here; the
-  file route gives the same continuation, and with a full plan it is the receiver's own."""
-  import json
-  import os
-  import subprocess
+def _receive_args(receiver: str, sender: str) -> list:
+  """`python -m kvjax droidspeak receive` of TEXT's 6-token continuation, --json."""
   import sys
 
-  from helpers import cli
-
-  s, r = pair_dirs
-  recv = [
+  return [
     sys.executable,
     "-m",
     "kvjax",
     "droidspeak",
     "receive",
     "--receiver",
-    r,
+    receiver,
     "--sender",
-    s,
+    sender,
     "--prompt",
     TEXT,
     "--max-new-tokens",
     6,
     "--json",
   ]
+
+
+def _receive_over_tcp(recv: list, sender: str) -> dict:
+  """Runs `recv` listening in a process of its own (port 0: it prints the port) and `send
+  --plan 1-3` here -> the receiver's --json output."""
+  import json
+  import subprocess
+
+  from helpers import cli
+
   proc = subprocess.Popen(
     [str(a) for a in recv + ["--port", 0, "--timeout", 120]],
     stdout=subprocess.PIPE,
@@ -433,49 +436,41 @@ def test_cli_send_and_receive_in_two_processes(pair_dirs, pair, tmp_path):
     assert "listening on 127.0.0.1:" in line, line + proc.stderr.read()
     port = int(line.rsplit(":", 1)[1])
     code, _, err = cli(
-      "droidspeak", "send", "--sender", s, "--plan", "1-3", "--prompt", TEXT, "--port", port
+      "droidspeak", "send", "--sender", sender, "--plan", "1-3", "--prompt", TEXT, "--port", port
     )
     assert code == 0, err
     out, err = proc.communicate(timeout=300)
   finally:
     proc.kill()
   assert proc.returncode == 0, err
-  tcp = json.loads(out)
-  assert tcp["plan"] == "1-3" and tcp["recomputed_layers"] == [1, 2] and len(tcp["tokens"]) == 6
+  return json.loads(out)
+
+
+def _receive_from_file(recv: list, sender: str, plan: str, path) -> dict:
+  """`send --plan plan --out path` then `recv --in path` -> the receiver's --json output."""
+  import json
+
+  from helpers import cli
+
   code, _, err = cli(
-    "droidspeak",
-    "send",
-    "--sender",
-    s,
-    "--plan",
-    "1-3",
-    "--prompt",
-    TEXT,
-    "--out",
-    tmp_path / "p.bin",
+    "droidspeak", "send", "--sender", sender, "--plan", plan, "--prompt", TEXT, "--out", path
   )
   assert code == 0, err
-  code, out, err = cli(*recv[3:], "--in", tmp_path / "p.bin")
+  code, out, err = cli(*recv[3:], "--in", path)
   assert code == 0, err
-  assert json.loads(out)["tokens"] == tcp["tokens"]
-  cli(
-    "droidspeak",
-    "send",
-    "--sender",
-    s,
-    "--plan",
-    "full",
-    "--prompt",
-    TEXT,
-    "--out",
-    tmp_path / "full.bin",
-  )
-  code, out, err = cli(*recv[3:], "--in", tmp_path / "full.bin")
-  assert code == 0, err
-  assert (
-    json.loads(out)["tokens"]
-    == lm.generate(pair[1], TEXT, max_new_tokens=6, stop_tokens=[]).tokens[0]
-  )
+  return json.loads(out)
+
+
+def test_cli_send_and_receive_in_two_processes(pair_dirs, pair, tmp_path):
+  """receive listens in a process of its own (port 0: it prints the port), send runs here; the
+  file route gives the same continuation, and with a full plan it is the receiver's own."""
+  s, r = pair_dirs
+  recv = _receive_args(r, s)
+  tcp = _receive_over_tcp(recv, s)
+  assert tcp["plan"] == "1-3" and tcp["recomputed_layers"] == [1, 2] and len(tcp["tokens"]) == 6
+  assert _receive_from_file(recv, s, "1-3", tmp_path / "p.bin")["tokens"] == tcp["tokens"]
+  full = _receive_from_file(recv, s, "full", tmp_path / "full.bin")
+  assert full["tokens"] == lm.generate(pair[1], TEXT, max_new_tokens=6, stop_tokens=[]).tokens[0]
 
 
 def test_cli_errors(pair_dirs, tmp_path):

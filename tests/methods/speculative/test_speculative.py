@@ -104,7 +104,7 @@ def test_sampling_acceptance_is_lossless():
   """Over a hand tree with arbitrary target distributions, the first emitted token follows p
   at the root and the second follows p at the first token's node; a scheme that forgets to
   zero rejected siblings fails the same bound."""
-  spec, t = hand_tree()
+  _, t = hand_tree()
   V = 40
   rng = np.random.default_rng(0)
   probs = rng.dirichlet(np.full(V, 0.3), size=(1, 7)).astype(np.float32)
@@ -239,36 +239,24 @@ def test_compaction(model, head, monkeypatch):
     )
 
   @functools.partial(jax.jit, static_argnames=("graphdef", "head_graphdef"))
-  def one_round(graphdef, state, head_graphdef, head_state, cache, hcache, root, h, logits):
+  def one_round(graphdef, state, head_graphdef, head_state, front):
     dec, hm = nnx.merge(graphdef, state), nnx.merge(head_graphdef, head_state)
     return decoding.draft_verify(
-      dec,
-      hm,
-      cache,
-      hcache,
-      root,
-      h,
-      logits,
-      jax.random.key(0),
-      jnp.ones((1,), bool),
-      spec=spec,
-      sampling=Sampling(),
+      dec, hm, front, jax.random.key(0), jnp.ones((1,), bool), spec=spec, sampling=Sampling()
     )
 
-  root, h, logits, cache, hcache, _ = prefilled(seq[:n0])
-  emit, m, cache, hcache, root, h, logits, _ = one_round(
-    model.graphdef, model.state, head.graphdef, head.state, cache, hcache, root, h, logits
-  )
-  assert int(m[0]) == 3 and emit[0, :4].tolist() == seq[n0 + 1 : n0 + 5]
+  r = one_round(model.graphdef, model.state, head.graphdef, head.state, prefilled(seq[:n0]))
+  assert int(r.m[0]) == 3 and r.emit[0, :4].tolist() == seq[n0 + 1 : n0 + 5]
   n = n0 + 4
-  _, h2, logits2, cache2, hcache2, _ = prefilled(seq[:n])
-  assert int(cache.length[0]) == int(hcache.length[0]) == n
-  for a, b in ((cache, cache2), (hcache, hcache2)):
+  want = prefilled(seq[:n])
+  got = r.front
+  assert int(got.cache.length[0]) == int(got.hcache.length[0]) == n
+  for a, b in ((got.cache, want.cache), (got.hcache, want.hcache)):
     np.testing.assert_array_equal(a.pos[0, :n], b.pos[0, :n])
     np.testing.assert_allclose(a.k[:, 0, :, :n], b.k[:, 0, :, :n], atol=2e-5)
     np.testing.assert_allclose(a.v[:, 0, :, :n], b.v[:, 0, :, :n], atol=2e-5)
-  assert int(root[0]) == seq[n]
-  np.testing.assert_allclose(h, h2, atol=2e-5)
+  assert int(got.root[0]) == seq[n]
+  np.testing.assert_allclose(got.h, want.h, atol=2e-5)
 
 
 def test_sampled_tokens_follow_the_target(monkeypatch):
@@ -319,7 +307,7 @@ def test_head_roundtrip_and_mismatch(model, head, tmp_path):
     speculative.load_head(str(tmp_path / "nope"), model)
   (tmp_path / "bad").mkdir()
   (tmp_path / "bad" / "head.json").write_text('{"kind": 3')
-  with pytest.raises(speculative.HeadError, match="head.json: invalid JSON"):
+  with pytest.raises(speculative.HeadError, match=r"head\.json: invalid JSON"):
     speculative.load_head(str(tmp_path / "bad"), model)
   with pytest.raises(speculative.HeadError, match="kind must be one of"):
     hd.HeadConfig(kind="medusa", target=model.cfg)
