@@ -21,7 +21,7 @@ coprocessor.
 
 A coprocessor directory holds `coprocessor.json` (CoprocessorConfig, with the base's
 architecture) and `params/` (orbax, the trainable params: "soft" [N, D] and, for a
-coprocessor, "final_norm" and "blocks" or "lora").
+coprocessor, "final_norm" and "blocks" or "lora"; their logical axes in `declared_axes`).
 """
 
 from __future__ import annotations
@@ -41,14 +41,16 @@ import numpy as np
 from flax import nnx
 
 from kvjax.cache.dense import KVCache
-from kvjax.lm import config, steps
+from kvjax.lm import config, sharding, steps
 from kvjax.lm.attention import Training
 from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config
+from kvjax.lm.decoder import Decoder
 from kvjax.lm.engine import check_finite, new_cache, pad
 from kvjax.lm.model import Model, check_fingerprint, params_fingerprint
 from kvjax.lm.model import init as init_model
 from kvjax.lm.sampling import Sampling, sample
+from kvjax.lm.sharding import declare
 
 KINDS = ("coprocessor", "pause")
 # Where the frozen base sees the latents by default: every one 33 positions before the next
@@ -170,6 +172,38 @@ class Coprocessor:
 
   def with_params(self, params: dict[str, Any]) -> Coprocessor:
     return dataclasses.replace(self, params=params)
+
+  @property
+  def state(self) -> nnx.State:
+    """The params as an nnx.State of params that declare their logical axes
+    (`declared_axes`): what `kvjax.lm.sharding` places them by."""
+    return nnx.State(jax.tree.map(declare, self.params, declared_axes(self.cc)))
+
+
+def declared_axes(cc: CoprocessorConfig) -> dict[str, Any]:
+  """The logical axes of each of a coprocessor's params, a nested dict shaped like them: soft
+  [N, D] ("latents", "embed"); the copied blocks and final_norm as the base's Decoder
+  declares its own; the LoRA deltas of a block weight W [L, *in, *out], a [L, in, r] and
+  b [L, r, out], by W's layer axis, "lora_rank" and the outermost name of W's flattened
+  input (output) axes."""
+  axes: dict[str, Any] = {"soft": ("latents", "embed")}
+  if cc.kind == "pause":
+    return axes
+  base = nnx.eval_shape(lambda: Decoder(cc.base, rngs=nnx.Rngs(0)))
+  base = sharding.param_axes(nnx.state(base))
+  if cc.init == "lora":
+    axes["lora"] = {}
+    for (group, name), n_in in LORA_TARGETS.items():
+      if group in base["blocks"]:
+        layers, *w = base["blocks"][group][name]  # (layers, *in, *out)
+        axes["lora"].setdefault(group, {})[name] = {
+          "a": (layers, w[0], "lora_rank"),
+          "b": (layers, "lora_rank", w[n_in]),
+        }
+  else:
+    axes["blocks"] = base["blocks"]
+  axes["final_norm"] = base["final_norm"]
+  return axes
 
 
 def check(cc: CoprocessorConfig, base: Config) -> None:

@@ -42,8 +42,9 @@ from kvjax.lm import config
 from kvjax.lm.attention import Training
 from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config
-from kvjax.lm.decoder import Block, RMSNorm, init_param, run_layers
+from kvjax.lm.decoder import Block, RMSNorm, init_param, run_layers, stack_layers
 from kvjax.lm.model import check_fingerprint, params_fingerprint
+from kvjax.lm.sharding import declare
 from kvjax.pallas_kernels.splits import NEG
 
 KINDS = ("eagle1", "eagle3")
@@ -139,31 +140,32 @@ class HeadConfig:
 
 
 class Head(nnx.Module):
-  """The head's params: fc (+ eagle3 fuse and norms) and one stacked decoder layer."""
+  """The head's params: fc (+ eagle3 fuse and norms) and one stacked decoder layer, each
+  declaring its logical axes where it is made ("features" for a concatenation of D-wide
+  inputs: fuse's 3D, fc's and a published eagle3 q/k/v's 2D)."""
 
   def __init__(self, hc: HeadConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-    D = hc.target.d_model
+    t = hc.target
+    D, N, K, H = t.d_model, t.n_heads, t.n_kv_heads, t.head_dim
     self.hc = hc
     if hc.kind == "eagle3":
-      self.fuse = init_param(rngs, (len(hc.fuse_layers) * D, D), dtype)
-      self.embed_norm = RMSNorm(hc.target, dtype)
-      self.feature_norm = RMSNorm(hc.target, dtype)
-      self.final_norm = RMSNorm(hc.target, dtype)
+      self.fuse = init_param(rngs, (len(hc.fuse_layers) * D, D), ("features", "embed"), dtype)
+      self.embed_norm = RMSNorm(t, dtype)
+      self.feature_norm = RMSNorm(t, dtype)
+      self.final_norm = RMSNorm(t, dtype)
     if hc.draft_vocab:
-      self.draft_head = init_param(rngs, (D, len(hc.draft_vocab)), dtype)
+      self.draft_head = init_param(rngs, (D, len(hc.draft_vocab)), ("embed", "vocab"), dtype)
     if not (hc.published and hc.kind == "eagle3"):
-      self.fc = init_param(rngs, (2 * D, D), dtype)
-      self.fc_bias = nnx.Param(jnp.zeros((D,), dtype))
+      self.fc = init_param(rngs, (2 * D, D), ("features", "embed"), dtype)
+      self.fc_bias = declare(jnp.zeros((D,), dtype), ("embed",))
     block = Block(hc.layer, rngs=rngs, dtype=dtype)
     if hc.published:  # no input norm; eagle3's attention reads the 2D concat
       del block.attn_norm
       if hc.kind == "eagle3":
-        t = hc.target
-        block.attn.q = init_param(rngs, (2 * D, t.n_heads, t.head_dim), dtype)
-        block.attn.k = init_param(rngs, (2 * D, t.n_kv_heads, t.head_dim), dtype)
-        block.attn.v = init_param(rngs, (2 * D, t.n_kv_heads, t.head_dim), dtype)
-    graphdef, state = nnx.split(block)
-    self.blocks = nnx.merge(graphdef, jax.tree.map(lambda a: a[None], state))
+        block.attn.q = init_param(rngs, (2 * D, N, H), ("features", "heads", "head_dim"), dtype)
+        block.attn.k = init_param(rngs, (2 * D, K, H), ("features", "kv_heads", "head_dim"), dtype)
+        block.attn.v = init_param(rngs, (2 * D, K, H), ("features", "kv_heads", "head_dim"), dtype)
+    self.blocks = stack_layers([block])
 
   def feature(self, hidden: jax.Array, layer_inputs: jax.Array | None) -> jax.Array:
     """The target's features [B, T, D] from its forward: hidden [B, T, D] (final-normed top
