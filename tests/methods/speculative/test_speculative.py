@@ -104,7 +104,7 @@ def test_sampling_acceptance_is_lossless():
   """Over a hand tree with arbitrary target distributions, the first emitted token follows p
   at the root and the second follows p at the first token's node; a scheme that forgets to
   zero rejected siblings fails the same bound."""
-  spec, t = hand_tree()
+  _, t = hand_tree()
   V = 40
   rng = np.random.default_rng(0)
   probs = rng.dirichlet(np.full(V, 0.3), size=(1, 7)).astype(np.float32)
@@ -261,7 +261,7 @@ def test_compaction(model, head, monkeypatch):
   )
   assert int(m[0]) == 3 and emit[0, :4].tolist() == seq[n0 + 1 : n0 + 5]
   n = n0 + 4
-  _, h2, logits2, cache2, hcache2, _ = prefilled(seq[:n])
+  _, h2, _, cache2, hcache2, _ = prefilled(seq[:n])
   assert int(cache.length[0]) == int(hcache.length[0]) == n
   for a, b in ((cache, cache2), (hcache, hcache2)):
     np.testing.assert_array_equal(a.pos[0, :n], b.pos[0, :n])
@@ -306,7 +306,7 @@ def test_sampled_tokens_follow_the_target(monkeypatch):
 
 
 def test_head_roundtrip_and_mismatch(model, head, tmp_path):
-  hd.save(head, str(tmp_path / "h"))
+  speculative.save_head(head, str(tmp_path / "h"))
   back = speculative.load_head(str(tmp_path / "h"), model)
   for a, b in zip(jax.tree.leaves(head.params()), jax.tree.leaves(back.params())):
     np.testing.assert_array_equal(a, b)
@@ -319,7 +319,7 @@ def test_head_roundtrip_and_mismatch(model, head, tmp_path):
     speculative.load_head(str(tmp_path / "nope"), model)
   (tmp_path / "bad").mkdir()
   (tmp_path / "bad" / "head.json").write_text('{"kind": 3')
-  with pytest.raises(speculative.HeadError, match="head.json: invalid JSON"):
+  with pytest.raises(speculative.HeadError, match=r"head\.json: invalid JSON"):
     speculative.load_head(str(tmp_path / "bad"), model)
   with pytest.raises(speculative.HeadError, match="kind must be one of"):
     hd.HeadConfig(kind="medusa", target=model.cfg)
@@ -355,7 +355,7 @@ def test_cli_batch1(model, head, tmp_path):
   from helpers import cli
 
   lm.save(model, str(tmp_path / "m"))
-  hd.save(head, str(tmp_path / "h"))
+  speculative.save_head(head, str(tmp_path / "h"))
   args = (
     "generate",
     "--model",
