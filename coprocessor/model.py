@@ -21,14 +21,14 @@ coprocessor.
 
 A coprocessor directory holds `coprocessor.json` (CoprocessorConfig, with the base's
 architecture) and `params/` (orbax, the trainable params: "soft" [N, D] and, for a
-coprocessor, "final_norm" and "blocks" or "lora").
+coprocessor, "final_norm" and "blocks" or "lora"; their logical axes in `declared_axes`);
+the shipped ones (coprocessor/shipped/) load by name (`COPROCESSORS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -41,14 +41,16 @@ import numpy as np
 from flax import nnx
 
 from kvjax.cache.dense import KVCache
-from kvjax.lm import config, steps
+from kvjax.lm import artifact, config, sharding, steps
+from kvjax.lm.artifact import params_fingerprint
 from kvjax.lm.attention import Training
-from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config
+from kvjax.lm.decoder import Decoder
 from kvjax.lm.engine import check_finite, new_cache, pad
-from kvjax.lm.model import Model, check_fingerprint, params_fingerprint
+from kvjax.lm.model import Model
 from kvjax.lm.model import init as init_model
 from kvjax.lm.sampling import Sampling, sample
+from kvjax.lm.sharding import declare
 
 KINDS = ("coprocessor", "pause")
 # Where the frozen base sees the latents by default: every one 33 positions before the next
@@ -62,7 +64,6 @@ KINDS = ("coprocessor", "pause")
 # CoprocessorConfig.latent_offset chooses another offset (<= -1).
 LATENT_POSITION = -33
 INITS = ("copy", "scratch", "lora")
-CONFIG_FILE = "coprocessor.json"
 # The block projections LoRA adapts, with how many leading axes (after L) are the input (those
 # a base has: a mixture-of-experts base has no dense MLP, so its LoRA adapts attention only).
 LORA_TARGETS = {
@@ -74,11 +75,19 @@ LORA_TARGETS = {
   ("mlp", "up"): 1,
   ("mlp", "down"): 1,
 }
-BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped")
 
 
 class CoprocessorError(ValueError):
   """A coprocessor that does not fit its base model, bad settings, or an unreadable directory."""
+
+
+# Shipped coprocessors (see MODELS.md), loadable by name.
+COPROCESSORS = artifact.Kind(
+  noun="coprocessor",
+  config="coprocessor.json",
+  shipped_in=os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped"),
+  error=CoprocessorError,
+)
 
 
 def _is_int(n) -> bool:
@@ -170,6 +179,38 @@ class Coprocessor:
 
   def with_params(self, params: dict[str, Any]) -> Coprocessor:
     return dataclasses.replace(self, params=params)
+
+  @property
+  def state(self) -> nnx.State:
+    """The params as an nnx.State of params that declare their logical axes
+    (`declared_axes`): what `kvjax.lm.sharding` places them by."""
+    return nnx.State(jax.tree.map(declare, self.params, declared_axes(self.cc)))
+
+
+def declared_axes(cc: CoprocessorConfig) -> dict[str, Any]:
+  """The logical axes of each of a coprocessor's params, a nested dict shaped like them: soft
+  [N, D] ("latents", "embed"); the copied blocks and final_norm as the base's Decoder
+  declares its own; the LoRA deltas of a block weight W [L, *in, *out], a [L, in, r] and
+  b [L, r, out], by W's layer axis, "lora_rank" and the outermost name of W's flattened
+  input (output) axes."""
+  axes: dict[str, Any] = {"soft": ("latents", "embed")}
+  if cc.kind == "pause":
+    return axes
+  base = nnx.eval_shape(lambda: Decoder(cc.base, rngs=nnx.Rngs(0)))
+  base = sharding.param_axes(nnx.state(base))
+  if cc.init == "lora":
+    axes["lora"] = {}
+    for (group, name), n_in in LORA_TARGETS.items():
+      if group in base["blocks"]:
+        layers, *w = base["blocks"][group][name]  # (layers, *in, *out)
+        axes["lora"].setdefault(group, {})[name] = {
+          "a": (layers, w[0], "lora_rank"),
+          "b": (layers, "lora_rank", w[n_in]),
+        }
+  else:
+    axes["blocks"] = base["blocks"]
+  axes["final_norm"] = base["final_norm"]
+  return axes
 
 
 def check(cc: CoprocessorConfig, base: Config) -> None:
@@ -292,8 +333,9 @@ def latents_of(
   """soft [N, D] read through `cop_dec` (a Decoder; None = pause tokens) over the base's cache
   -> latents [B, copies * N, D]. By default the soft tokens sit at positions
   cache.next_position() + arange(N), attend to the cache's filled slots (layer i to layer i)
-  and causally to each other; `positions` [B, copies * N] and `mask` [B, copies * N, S + copies * N] say otherwise
-  (several traces in one pass). The cache is not changed. Pause tokens: soft, broadcast.
+  and causally to each other; `positions` [B, copies * N] and `mask` [B, copies * N,
+  S + copies * N] say otherwise (several traces in one pass). The cache is not changed.
+  Pause tokens: soft, broadcast.
   training: the training forward (`kvjax.lm.attention.Training`)."""
   B = cache.batch
   x = jnp.broadcast_to(
@@ -405,36 +447,17 @@ def _like(cc: CoprocessorConfig, base: Model) -> dict[str, Any]:
 def save(cop: Coprocessor, path: str, *, dtype=None) -> None:
   """Writes coprocessor.json and params/ (orbax; cast to `dtype` when given, e.g. bfloat16
   to ship) into a new directory `path`."""
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, CONFIG_FILE), "w") as f:
-    json.dump(cop.cc.to_json(), f, indent=2)
-  save_params(os.path.join(path, "params"), cop.params, dtype=dtype)
+  COPROCESSORS.save(path, cop.cc.to_json(), cop.params, dtype=dtype)
 
 
 def shipped() -> tuple[str, ...]:
   """Names of the coprocessors shipped with kvjax (`load(name, base)` loads one)."""
-  if not os.path.isdir(BUNDLED_DIR):
-    return ()
-  return tuple(
-    sorted(
-      n
-      for n in os.listdir(BUNDLED_DIR)
-      if os.path.isfile(os.path.join(BUNDLED_DIR, n, CONFIG_FILE))
-    )
-  )
+  return COPROCESSORS.shipped()
 
 
 def resolve(path: str) -> str:
   """The directory of a coprocessor directory or shipped name (a directory wins)."""
-  if os.path.isdir(path):
-    return path
-  if path in shipped():
-    return os.path.join(BUNDLED_DIR, path)
-  raise FileNotFoundError(
-    f"{path!r} is not a coprocessor directory ({CONFIG_FILE} + params/) "
-    f"or a shipped coprocessor name (shipped: "
-    f"{', '.join(shipped()) or 'none'})"
-  )
+  return COPROCESSORS.locate(path)[0]
 
 
 def load(path: str, base: Model, *, allow_other_params: bool = False) -> Coprocessor:
@@ -442,30 +465,32 @@ def load(path: str, base: Model, *, allow_other_params: bool = False) -> Coproce
   made for another architecture raises CoprocessorError naming each mismatched field, and so
   does one trained with other params of the same architecture (its `base_fingerprint`),
   unless allow_other_params, which warns instead."""
-  path = resolve(os.fspath(path))
-  file = os.path.join(path, CONFIG_FILE)
-  d = config.read_json(file, required=True, error=CoprocessorError)
-  try:
-    cc = CoprocessorConfig.from_json(d)
-  except (KeyError, TypeError) as err:
-    raise CoprocessorError(
-      f"{file}: not a coprocessor config ({type(err).__name__}: {err})"
-    ) from None
+  path = resolve(path)
+  cc = COPROCESSORS.read_config(path, CoprocessorConfig.from_json)
   check(cc, base.cfg)
-  check_fingerprint(
-    cc.base_fingerprint,
-    base,
-    what=f"the coprocessor {path}",
-    allow=allow_other_params,
-    error=CoprocessorError,
-    flag="allow_other_params=True (--allow-other-params)",
-  )
+  COPROCESSORS.check_fingerprint(cc.base_fingerprint, base, path=path, allow=allow_other_params)
   cc = dataclasses.replace(cc, base=base.cfg)
-  try:
-    params = restore_params(os.path.join(path, "params"), _like(cc, base))
-  except CheckpointError as err:
-    raise CoprocessorError(str(err)) from None
-  return Coprocessor(cc, params, path)
+  return Coprocessor(cc, COPROCESSORS.restore(path, _like(cc, base)), path)
+
+
+def _check_prefill(model: Model, rows, max_new_tokens: int, cop: Coprocessor, delay) -> None:
+  """Raises unless `augmented_prefill` can run: cop made for model, delay an int in
+  [0, max_new_tokens), the longest row + N latents + max_new_tokens within the context."""
+  check(cop.cc, model.cfg)
+  if not isinstance(delay, (int, np.integer)) or isinstance(delay, bool) or delay < 0:
+    raise ValueError(f"delay must be an int >= 0; got {delay!r}")
+  if delay >= max_new_tokens:
+    raise ValueError(
+      f"delay {delay} >= max_new_tokens {max_new_tokens}: the latents would "
+      "arrive after the last new token"
+    )
+  longest = max(map(len, rows))
+  if longest + cop.n_latents + max_new_tokens > model.cfg.max_position:
+    raise ValueError(
+      f"prompt ({longest} tokens) + {cop.n_latents} latents + max_new_tokens "
+      f"({max_new_tokens}) exceeds the model's context of "
+      f"{model.cfg.max_position} positions"
+    )
 
 
 def augmented_prefill(
@@ -488,22 +513,9 @@ def augmented_prefill(
   logits give the first new token. With delay k (the asynchronous setting) the latents read
   from x_<p arrive k tokens late: x_p and the first k - 1 new tokens are fed before them, and
   the k-th new token, sampled from unaugmented logits, is fed right after them."""
-  check(cop.cc, model.cfg)
-  if not isinstance(delay, (int, np.integer)) or isinstance(delay, bool) or delay < 0:
-    raise ValueError(f"delay must be an int >= 0; got {delay!r}")
-  if delay >= max_new_tokens:
-    raise ValueError(
-      f"delay {delay} >= max_new_tokens {max_new_tokens}: the latents would "
-      "arrive after the last new token"
-    )
+  _check_prefill(model, rows, max_new_tokens, cop, delay)
   N = cop.n_latents
   longest = max(map(len, rows))
-  if longest + N + max_new_tokens > model.cfg.max_position:
-    raise ValueError(
-      f"prompt ({longest} tokens) + {N} latents + max_new_tokens "
-      f"({max_new_tokens}) exceeds the model's context of "
-      f"{model.cfg.max_position} positions"
-    )
   B = len(rows)
   P = steps.bucket(longest)
   tokens = pad([ids[:-1] for ids in rows], P)

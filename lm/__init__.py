@@ -9,11 +9,12 @@
 StreamingLLM (attention sinks) is `kvjax.lm.streaming` and `kvjax stream`.
 """
 
+from kvjax.lm.artifact import params_fingerprint
 from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config, ConfigError
 from kvjax.lm.decoder import Decoder, Output
 from kvjax.lm.generate import Generation, NonFiniteError, generate, generate_iter, score
-from kvjax.lm.model import Model, VocabPaddingWarning, bundled, init, load, params_fingerprint, save
+from kvjax.lm.model import Model, VocabPaddingWarning, bundled, init, load, save
 from kvjax.lm.sampling import Sampling
 from kvjax.lm.tokenizer import Tokenizer, TokenizerError
 

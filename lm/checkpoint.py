@@ -37,149 +37,162 @@ Entry = tuple[Path | list[Path], str, tuple[int, ...], Callable, Callable]
 FUSED_EXPERTS = "model.layers.0.mlp.experts.gate_up_proj"
 
 
-def _entries(cfg: Config, *, fused: bool = False) -> list[Entry]:
-  """fused: read the experts from FUSED_EXPERTS' layout (load only; saving writes per-expert
-  tensors)."""
-  D, N, K, H, F, V = (
-    cfg.d_model,
-    cfg.n_heads,
-    cfg.n_kv_heads,
-    cfg.head_dim,
-    cfg.ffn_dim,
-    cfg.vocab_size,
+LAYER = "model.layers.{i}."
+
+
+def _same(w):
+  return w
+
+
+def _proj_in(D: int, a: int, b: int) -> tuple[Callable, Callable]:
+  """torch Linear [a*b, D] <-> [D, a, b]."""
+  return (lambda w: w.T.reshape(D, a, b)), (lambda w: w.reshape(D, a * b).T)
+
+
+def _dense() -> tuple[Callable, Callable]:
+  """torch Linear [out, in] <-> [in, out]."""
+  return (lambda w: w.T), (lambda w: w.T)
+
+
+def _heads(a: int, b: int) -> tuple[Callable, Callable]:
+  """a bias [a*b] <-> [a, b]."""
+  return (lambda w: w.reshape(a, b)), (lambda w: w.reshape(a * b))
+
+
+def _rows(D: int, *shapes) -> tuple[Callable, Callable]:
+  """torch Linears' rows stacked [sum(prod(shape)), D] <-> one [D, *shape] per shape."""
+  bounds = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
+  return (
+    (
+      lambda w: tuple(
+        w[lo:hi].T.reshape(D, *s) for lo, hi, s in zip(bounds[:-1], bounds[1:], shapes)
+      )
+    ),
+    (lambda *ws: jnp.concatenate([w.reshape(D, -1).T for w in ws])),
   )
-  E = cfg.n_experts
-  same = lambda w: w
 
-  def proj_in(a, b):  # torch Linear [a*b, D] -> [D, a, b]
-    return (lambda w: w.T.reshape(D, a, b)), (lambda w: w.reshape(D, a * b).T)
 
-  def dense():  # torch Linear [out, in] -> [in, out]
-    return (lambda w: w.T), (lambda w: w.T)
+def _entries(cfg: Config, *, fused: bool = False) -> list[Entry]:
+  """Every tensor of a checkpoint for cfg, in a fixed order. fused: read the experts from
+  FUSED_EXPERTS' layout (load only; saving writes per-expert tensors)."""
+  D, V = cfg.d_model, cfg.vocab_size
+  e: list[Entry] = [(("embed",), "model.embed_tokens.weight", (V, D), _same, _same)]
+  e += _attention_entries(cfg)
+  e += _mlp_entries(cfg, fused=fused)
+  e += _optional_entries(cfg)
+  e += [(("final_norm", "scale"), "model.norm.weight", (D,), _same, _same)]
+  if not cfg.tie_embeddings:
+    e += [(("head",), "lm_head.weight", (V, D), *_dense())]
+  return e
 
-  def heads(a, b):
-    return (lambda w: w.reshape(a, b)), (lambda w: w.reshape(a * b))
 
-  def rows(*shapes):  # torch Linears' rows stacked [sum(prod(shape)), D] -> [D, *shape] each
-    bounds = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
-    return (
-      (
-        lambda w: tuple(
-          w[lo:hi].T.reshape(D, *s) for lo, hi, s in zip(bounds[:-1], bounds[1:], shapes)
-        )
-      ),
-      (lambda *ws: jnp.concatenate([w.reshape(D, -1).T for w in ws])),
-    )
-
-  layer = "model.layers.{i}."
-  phi3 = cfg.family == "phi3"  # fused: q, k, v rows in one tensor; gate rows, then up rows
-  e: list[Entry] = [(("embed",), "model.embed_tokens.weight", (V, D), same, same)]
+def _attention_entries(cfg: Config) -> list[Entry]:
+  """The layers' two pre-norms and attention projections (Phi-3: q, k, v rows in one
+  tensor)."""
+  D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   mlp_norm = "pre_feedforward_layernorm" if cfg.post_norms else "post_attention_layernorm"
-  e += [
-    (("blocks", "attn_norm", "scale"), layer + "input_layernorm.weight", (D,), same, same),
-    (("blocks", "mlp_norm", "scale"), layer + mlp_norm + ".weight", (D,), same, same),
+  e: list[Entry] = [
+    (("blocks", "attn_norm", "scale"), LAYER + "input_layernorm.weight", (D,), _same, _same),
+    (("blocks", "mlp_norm", "scale"), LAYER + mlp_norm + ".weight", (D,), _same, _same),
     (
       ("blocks", "attn", "o"),
-      layer + "self_attn.o_proj.weight",
+      LAYER + "self_attn.o_proj.weight",
       (D, N * H),
       lambda w: w.T.reshape(N, H, D),
       lambda w: w.reshape(N * H, D).T,
     ),
   ]
-  if phi3:
-    e += [
+  if cfg.family == "phi3":
+    return e + [
       (
         [("blocks", "attn", n) for n in "qkv"],
-        layer + "self_attn.qkv_proj.weight",
+        LAYER + "self_attn.qkv_proj.weight",
         ((N + 2 * K) * H, D),
-        *rows((N, H), (K, H), (K, H)),
+        *_rows(D, (N, H), (K, H), (K, H)),
       )
     ]
-  else:
-    e += [
-      (("blocks", "attn", n), layer + f"self_attn.{n}_proj.weight", (h * H, D), *proj_in(h, H))
-      for n, h in (("q", N), ("k", K), ("v", K))
-    ]
-  if phi3:
-    e += [
+  return e + [
+    (("blocks", "attn", n), LAYER + f"self_attn.{n}_proj.weight", (h * H, D), *_proj_in(D, h, H))
+    for n, h in (("q", N), ("k", K), ("v", K))
+  ]
+
+
+def _mlp_entries(cfg: Config, *, fused: bool) -> list[Entry]:
+  """The layers' MLP (Phi-3: gate rows, then up rows in one tensor) or mixture of experts
+  (per-expert tensors, or with `fused` transformers 5's fused layout)."""
+  D, F, E = cfg.d_model, cfg.ffn_dim, cfg.n_experts
+  mlp = LAYER + "mlp."
+  if cfg.family == "phi3":
+    return [
       (
         [("blocks", "mlp", "gate"), ("blocks", "mlp", "up")],
-        layer + "mlp.gate_up_proj.weight",
+        mlp + "gate_up_proj.weight",
         (2 * F, D),
-        *rows((F,), (F,)),
+        *_rows(D, (F,), (F,)),
       ),
-      (("blocks", "mlp", "down"), layer + "mlp.down_proj.weight", (D, F), *dense()),
+      (("blocks", "mlp", "down"), mlp + "down_proj.weight", (D, F), *_dense()),
     ]
-  elif not E:
-    e += [
-      (("blocks", "mlp", "gate"), layer + "mlp.gate_proj.weight", (F, D), *dense()),
-      (("blocks", "mlp", "up"), layer + "mlp.up_proj.weight", (F, D), *dense()),
-      (("blocks", "mlp", "down"), layer + "mlp.down_proj.weight", (D, F), *dense()),
+  if not E:
+    return [
+      (("blocks", "mlp", "gate"), mlp + "gate_proj.weight", (F, D), *_dense()),
+      (("blocks", "mlp", "up"), mlp + "up_proj.weight", (F, D), *_dense()),
+      (("blocks", "mlp", "down"), mlp + "down_proj.weight", (D, F), *_dense()),
     ]
-  elif fused:  # gate_up [E, 2F, D] (gate rows first), down [E, D, F]
+  if fused:  # gate_up [E, 2F, D] (gate rows first), down [E, D, F]
     swap = lambda w: w.transpose(0, 2, 1)
-    e += [
-      (("blocks", "moe", "router"), layer + "mlp.gate.weight", (E, D), *dense()),
+    return [
+      (("blocks", "moe", "router"), mlp + "gate.weight", (E, D), *_dense()),
       (
         [("blocks", "moe", "gate"), ("blocks", "moe", "up")],
-        layer + "mlp.experts.gate_up_proj",
+        mlp + "experts.gate_up_proj",
         (E, 2 * F, D),
         lambda w: (swap(w[:, :F]), swap(w[:, F:])),
         None,
       ),
-      (("blocks", "moe", "down"), layer + "mlp.experts.down_proj", (E, D, F), swap, None),
+      (("blocks", "moe", "down"), mlp + "experts.down_proj", (E, D, F), swap, None),
     ]
-  else:  # per expert: w1 gate, w3 up [F, D], w2 down [D, F]
-    moe = layer + "block_sparse_moe."
-    e += [
-      (("blocks", "moe", "router"), moe + "gate.weight", (E, D), *dense()),
-      (("blocks", "moe", "gate"), moe + "experts.{e}.w1.weight", (F, D), *dense()),
-      (("blocks", "moe", "up"), moe + "experts.{e}.w3.weight", (F, D), *dense()),
-      (("blocks", "moe", "down"), moe + "experts.{e}.w2.weight", (D, F), *dense()),
-    ]
+  moe = LAYER + "block_sparse_moe."  # per expert: w1 gate, w3 up [F, D], w2 down [D, F]
+  return [
+    (("blocks", "moe", "router"), moe + "gate.weight", (E, D), *_dense()),
+    (("blocks", "moe", "gate"), moe + "experts.{e}.w1.weight", (F, D), *_dense()),
+    (("blocks", "moe", "up"), moe + "experts.{e}.w3.weight", (F, D), *_dense()),
+    (("blocks", "moe", "down"), moe + "experts.{e}.w2.weight", (D, F), *_dense()),
+  ]
+
+
+def _optional_entries(cfg: Config) -> list[Entry]:
+  """The layer tensors only some families have: Gemma-2's post-norms, q/k/v biases, q/k
+  norms, the output projection's bias and MLP biases."""
+  D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+  e: list[Entry] = []
   if cfg.post_norms:
     e += [
-      (
-        ("blocks", "post_attn_norm", "scale"),
-        layer + "post_attention_layernorm.weight",
-        (D,),
-        same,
-        same,
-      ),
-      (
-        ("blocks", "post_mlp_norm", "scale"),
-        layer + "post_feedforward_layernorm.weight",
-        (D,),
-        same,
-        same,
-      ),
+      (("blocks", f"post_{n}_norm", "scale"), LAYER + f"{name}.weight", (D,), _same, _same)
+      for n, name in (("attn", "post_attention_layernorm"), ("mlp", "post_feedforward_layernorm"))
     ]
   if cfg.qkv_bias:
     e += [
-      (("blocks", "attn", f"{n}_bias"), layer + f"self_attn.{n}_proj.bias", (h * H,), *heads(h, H))
+      (("blocks", "attn", f"{n}_bias"), LAYER + f"self_attn.{n}_proj.bias", (h * H,), *_heads(h, H))
       for n, h in (("q", N), ("k", K), ("v", K))
     ]
   if cfg.qk_norm:
     e += [
       (
         ("blocks", "attn", f"{n}_norm", "scale"),
-        layer + f"self_attn.{n}_norm.weight",
+        LAYER + f"self_attn.{n}_norm.weight",
         (H,),
-        same,
-        same,
+        _same,
+        _same,
       )
       for n in ("q", "k")
     ]
   if cfg.o_bias:
-    e += [(("blocks", "attn", "o_bias"), layer + "self_attn.o_proj.bias", (D,), same, same)]
+    e += [(("blocks", "attn", "o_bias"), LAYER + "self_attn.o_proj.bias", (D,), _same, _same)]
   if cfg.mlp_bias:
     e += [
-      (("blocks", "mlp", f"{n}_bias"), layer + f"mlp.{n}_proj.bias", (d,), same, same)
+      (("blocks", "mlp", f"{n}_bias"), LAYER + f"mlp.{n}_proj.bias", (d,), _same, _same)
       for n, d in (("gate", F), ("up", F), ("down", D))
     ]
-  e += [(("final_norm", "scale"), "model.norm.weight", (D,), same, same)]
-  if not cfg.tie_embeddings:
-    e += [(("head",), "lm_head.weight", (V, D), *dense())]
   return e
 
 

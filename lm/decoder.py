@@ -21,26 +21,36 @@ from kvjax.lm import rope
 from kvjax.lm.attention import KeyBlock, Training, attend
 from kvjax.lm.attention import causal as causal_attention
 from kvjax.lm.config import Config
-from kvjax.lm.sharding import constrain
+from kvjax.lm.sharding import constrain, declare
 
 ACTIVATION = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, D]
 LOGITS = ("batch", "seq", "vocab")
+LAYERS = "layers"  # the logical axis of stacked layers, leading every Block param of a Decoder
 
 
-def init_param(rngs: nnx.Rngs, shape, dtype, std=0.02):
-  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
+def init_param(rngs: nnx.Rngs, shape, axes, dtype, std=0.02) -> nnx.Param:
+  """A Param [*shape] drawn from N(0, std^2), declaring its logical axes (one per dimension)."""
+  return declare(std * jax.random.normal(rngs.params(), shape, dtype), axes)
+
+
+def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
+  """One module of the layers' common structure, every param theirs stacked on a new leading
+  axis declared LAYERS (the axis `run_layers` scans over)."""
+  state = jax.tree.map(lambda *a: jnp.stack(a), *(nnx.state(m) for m in layers))
+  state = nnx.spmd.add_axis(state, 0, {nnx.PARTITION_NAME: LAYERS})
+  return nnx.merge(nnx.graphdef(layers[0]), state)
 
 
 class RMSNorm(nnx.Module):
-  """RMSNorm over the last axis, of size dim (default d_model; head_dim for q/k norms)."""
+  """RMSNorm over the last axis, of size dim (default d_model) with logical name `axis`
+  (head_dim, "head_dim" for the q/k norms)."""
 
-  def __init__(self, cfg: Config, dtype, dim: int | None = None):
+  def __init__(self, cfg: Config, dtype, dim: int | None = None, axis: str = "embed"):
     dim = dim or cfg.d_model
     self.eps = cfg.norm_eps
     self.plus_one = cfg.norm_plus_one
-    self.scale = nnx.Param(
-      jnp.zeros((dim,), dtype) if cfg.norm_plus_one else jnp.ones((dim,), dtype)
-    )
+    init = jnp.zeros if cfg.norm_plus_one else jnp.ones
+    self.scale = declare(init((dim,), dtype), (axis,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
@@ -54,19 +64,19 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype):
     D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    self.q = init_param(rngs, (D, N, H), dtype)
-    self.k = init_param(rngs, (D, K, H), dtype)
-    self.v = init_param(rngs, (D, K, H), dtype)
-    self.o = init_param(rngs, (N, H, D), dtype)
+    self.q = init_param(rngs, (D, N, H), ("embed", "heads", "head_dim"), dtype)
+    self.k = init_param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype)
+    self.v = init_param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype)
+    self.o = init_param(rngs, (N, H, D), ("heads", "head_dim", "embed"), dtype)
     if cfg.qkv_bias:
-      self.q_bias = nnx.Param(jnp.zeros((N, H), dtype))
-      self.k_bias = nnx.Param(jnp.zeros((K, H), dtype))
-      self.v_bias = nnx.Param(jnp.zeros((K, H), dtype))
+      self.q_bias = declare(jnp.zeros((N, H), dtype), ("heads", "head_dim"))
+      self.k_bias = declare(jnp.zeros((K, H), dtype), ("kv_heads", "head_dim"))
+      self.v_bias = declare(jnp.zeros((K, H), dtype), ("kv_heads", "head_dim"))
     if cfg.o_bias:
-      self.o_bias = nnx.Param(jnp.zeros((D,), dtype))
+      self.o_bias = declare(jnp.zeros((D,), dtype), ("embed",))
     if cfg.qk_norm:
-      self.q_norm = RMSNorm(cfg, dtype, dim=H)
-      self.k_norm = RMSNorm(cfg, dtype, dim=H)
+      self.q_norm = RMSNorm(cfg, dtype, dim=H, axis="head_dim")
+      self.k_norm = RMSNorm(cfg, dtype, dim=H, axis="head_dim")
 
   def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H] (before RoPE; after the biases and,
@@ -97,13 +107,13 @@ class MLP(nnx.Module):
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype):
     D, F = cfg.d_model, cfg.ffn_dim
     self.act = cfg.act
-    self.gate = init_param(rngs, (D, F), dtype)
-    self.up = init_param(rngs, (D, F), dtype)
-    self.down = init_param(rngs, (F, D), dtype)
+    self.gate = init_param(rngs, (D, F), ("embed", "ffn"), dtype)
+    self.up = init_param(rngs, (D, F), ("embed", "ffn"), dtype)
+    self.down = init_param(rngs, (F, D), ("ffn", "embed"), dtype)
     if cfg.mlp_bias:
-      self.gate_bias = nnx.Param(jnp.zeros((F,), dtype))
-      self.up_bias = nnx.Param(jnp.zeros((F,), dtype))
-      self.down_bias = nnx.Param(jnp.zeros((D,), dtype))
+      self.gate_bias = declare(jnp.zeros((F,), dtype), ("ffn",))
+      self.up_bias = declare(jnp.zeros((F,), dtype), ("ffn",))
+      self.down_bias = declare(jnp.zeros((D,), dtype), ("embed",))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     g = jnp.einsum("btd,df->btf", x, self.gate[...])
@@ -147,10 +157,10 @@ class MoE(nnx.Module):
     self.act = cfg.act
     self.k = cfg.n_experts_per_tok
     self.renormalize = cfg.moe_renormalize
-    self.router = init_param(rngs, (D, E), dtype)
-    self.gate = init_param(rngs, (E, D, F), dtype)
-    self.up = init_param(rngs, (E, D, F), dtype)
-    self.down = init_param(rngs, (E, F, D), dtype)
+    self.router = init_param(rngs, (D, E), ("embed", "experts"), dtype)
+    self.gate = init_param(rngs, (E, D, F), ("experts", "embed", "ffn"), dtype)
+    self.up = init_param(rngs, (E, D, F), ("experts", "embed", "ffn"), dtype)
+    self.down = init_param(rngs, (E, F, D), ("experts", "ffn", "embed"), dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x [B, T, D] -> [B, T, D]. The router's logits are computed in x's dtype and then
@@ -321,20 +331,21 @@ class Output:
 
 
 class Decoder(nnx.Module):
-  """Embedding, L stacked Blocks (every Param has a leading L axis), final norm, LM head."""
+  """Embedding, L stacked Blocks (every Param has a leading L axis), final norm, LM head.
+  Every param declares its logical axes where it is made (`sharding.declare`)."""
 
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    V, D = cfg.vocab_size, cfg.d_model
     self.cfg = cfg
     self.layout = None  # (mesh, rules) once `sharding.shard` places the model
-    self.embed = init_param(rngs, (cfg.vocab_size, cfg.d_model), dtype)
-    layers = [nnx.state(Block(cfg, rngs=rngs, dtype=dtype)) for _ in range(cfg.n_layers)]
-    self.blocks = nnx.merge(
-      nnx.graphdef(Block(cfg, rngs=rngs, dtype=dtype)),
-      jax.tree.map(lambda *a: jnp.stack(a), *layers),
-    )
+    self.embed = init_param(rngs, (V, D), ("vocab", "embed"), dtype)
+    # L Blocks, then the draws of one more that earlier versions spent on a template: every
+    # seed keeps the random params it always had (the LM head's among them).
+    layers = [Block(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.n_layers + 1)]
+    self.blocks = stack_layers(layers[:-1])
     self.final_norm = RMSNorm(cfg, dtype)
     if not cfg.tie_embeddings:
-      self.head = init_param(rngs, (cfg.d_model, cfg.vocab_size), dtype)
+      self.head = init_param(rngs, (D, V), ("embed", "vocab"), dtype)
 
   @property
   def dtype(self):
@@ -398,35 +409,10 @@ class Decoder(nnx.Module):
     x = constrain(_input(self, tokens, embeds, hidden, start), ACTIVATION, self.layout)
     B, T, _ = x.shape
     cached = None if cache is None else cache.slots()
-    if cache is not None:
-      want = (cfg.n_layers, B, cfg.n_kv_heads, cache.size, cfg.head_dim)
-      if tuple(cached.k.shape) != want:
-        raise ValueError(
-          f"the cache's slots have shape {tuple(cached.k.shape)}; this model and "
-          f"a batch of {B} need [L, B, K, S, H] = {want[:3]} + (S,) + {want[4:]}"
-        )
+    view = _view(cfg, B, T, cache, cached, positions, mask, view)
     if n_new is None:
       n_new = jnp.full((B,), T, jnp.int32)
     _check_shape("n_new", n_new, (B,), jnp.integer)
-    S = cache.size if cache is not None else 0
-    if positions is not None:
-      _check_shape("positions", positions, (B, T), jnp.integer)
-    if mask is not None:
-      _check_shape("mask", mask, (B, T, S + T), jnp.bool_)
-    if view is not None:
-      if cache is None or positions is not None or mask is not None:
-        raise ValueError(
-          "view= needs the cache it was built over, and excludes positions= "
-          "and mask= (they are the view's)"
-        )
-      _check_shape("view.new_pos", view.new_pos, (B, T), jnp.integer)
-    elif cache is None:
-      if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-      view = causal(positions, mask)
-    else:
-      view = cache.view(T, positions=positions, mask=mask)
-
     x, layer_inputs, ks, vs = run_layers(
       self.blocks,
       cfg,
@@ -454,6 +440,38 @@ class Decoder(nnx.Module):
       k=ks if return_kv else None,
       v=vs if return_kv else None,
     ), cache
+
+
+def _view(cfg: Config, B: int, T: int, cache, cached, positions, mask, view) -> View:
+  """What T new tokens of B rows attend to: the caller's view (checked against the cache), or
+  the cache's default view, or causal among themselves without a cache. cached: the cache's
+  slots; positions, mask and view as `Decoder.__call__` takes them, checked for shape."""
+  if cache is not None:
+    got = tuple(cached.k.shape)
+    want = (cfg.n_layers, B, cfg.n_kv_heads, cache.size, cfg.head_dim)
+    if got != want:
+      raise ValueError(
+        f"the cache's slots have shape {got}; this model and "
+        f"a batch of {B} need [L, B, K, S, H] = {want[:3]} + (S,) + {want[4:]}"
+      )
+  S = cache.size if cache is not None else 0
+  if positions is not None:
+    _check_shape("positions", positions, (B, T), jnp.integer)
+  if mask is not None:
+    _check_shape("mask", mask, (B, T, S + T), jnp.bool_)
+  if view is not None:
+    if cache is None or positions is not None or mask is not None:
+      raise ValueError(
+        "view= needs the cache it was built over, and excludes positions= "
+        "and mask= (they are the view's)"
+      )
+    _check_shape("view.new_pos", view.new_pos, (B, T), jnp.integer)
+    return view
+  if cache is not None:
+    return cache.view(T, positions=positions, mask=mask)
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  return causal(positions, mask)
 
 
 def mask_padding(logits: jax.Array, cfg: Config) -> jax.Array:

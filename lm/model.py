@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import warnings
@@ -12,10 +11,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from kvjax.lm import checkpoint
+from kvjax.lm import artifact, checkpoint
 from kvjax.lm.config import Config, ConfigError, from_hf, read_json, to_hf
 from kvjax.lm.decoder import Decoder
 from kvjax.lm.tokenizer import Tokenizer, TokenizerError
@@ -105,73 +103,25 @@ def _eos_ids(
 
 # Reference models shipped inside the package (see MODELS.md), loadable by name. They are
 # stored in bfloat16 to keep the package small and load as float32 unless a dtype is given.
-BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
-
-
-def params_fingerprint(model: Model, *, sample: int = 4096) -> str:
-  """A short digest of model's params that artifacts trained against them record (EAGLE heads,
-  coprocessors): every leaf's path and shape and up to `sample` evenly strided values rounded
-  to bfloat16, so the same weights loaded in float32 or bfloat16 give the same digest and a
-  fine-tune of the same architecture another. Reads sample x leaves values, not the params."""
-  h = hashlib.sha256()
-  for path, leaf in sorted(
-    jax.tree_util.tree_leaves_with_path(model.params()), key=lambda pl: jax.tree_util.keystr(pl[0])
-  ):
-    flat = jnp.ravel(leaf)
-    step = max(1, flat.size // sample)
-    picked = np.asarray(flat[::step][:sample].astype(jnp.bfloat16).astype(jnp.float32))
-    h.update(f"{jax.tree_util.keystr(path)}{tuple(leaf.shape)}".encode())
-    h.update(picked.tobytes())
-  return h.hexdigest()[:32]
-
-
-def check_fingerprint(
-  recorded: str, model: Model, *, what: str, allow: bool, error: type[Exception], flag: str
-) -> None:
-  """An artifact trained against params with fingerprint `recorded` ("": not recorded, nothing
-  to check) is used with `model`: `error` when model's params differ, or with allow a warning."""
-  if not recorded:
-    return
-  got = params_fingerprint(model)
-  if got == recorded:
-    return
-  name = f" {model.path}" if model.path else ""
-  msg = (
-    f"{what} was trained against other params (fingerprint {recorded[:12]}...) than this "
-    f"model's{name} ({got[:12]}...): the same architecture with other weights, e.g. a "
-    "fine-tune"
-  )
-  if not allow:
-    raise error(f"{msg}; pass {flag} to use it anyway")
-  warnings.warn(f"{msg}; using it anyway", stacklevel=3)
+MODELS = artifact.Kind(
+  noun="model",
+  config="config.json",
+  shipped_in=os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"),
+  error=ConfigError,
+  holds="expected config.json, model.safetensors and tokenizer.json in it",
+  shipped_as="bundled",
+)
 
 
 def bundled() -> tuple[str, ...]:
   """Names of the models shipped with kvjax (`load(name)` loads one)."""
-  if not os.path.isdir(BUNDLED_DIR):
-    return ()
-  return tuple(
-    sorted(
-      n
-      for n in os.listdir(BUNDLED_DIR)
-      if os.path.isfile(os.path.join(BUNDLED_DIR, n, "config.json"))
-    )
-  )
+  return MODELS.shipped()
 
 
 def resolve(path: str) -> tuple[str, bool]:
   """(directory, is_bundled) of a model directory or bundled model name. A directory that
   exists wins over a bundled name."""
-  if os.path.isdir(path):
-    return path, False
-  if path in bundled():
-    return os.path.join(BUNDLED_DIR, path), True
-  names = ", ".join(repr(n) for n in bundled()) or "none installed"
-  raise FileNotFoundError(
-    f"{path!r} is not a model directory (expected config.json, "
-    f"model.safetensors and tokenizer.json in it) or a bundled model "
-    f"name (bundled: {names})"
-  )
+  return MODELS.locate(path)
 
 
 def load(path: str, *, dtype=None, weights: bool = True, check_finite: bool = True) -> Model:

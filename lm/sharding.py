@@ -1,15 +1,17 @@
 """Data- and tensor-parallel layout with JAX SPMD: logical axes -> mesh axes, no hand-written
 communication.
 
-Every param and cache array has a tuple of logical axis names (one per dimension, from a small
-table keyed by its path); `rules` map logical names onto the axes of a 2-D ("data", "model")
-mesh. Arrays are placed with `NamedSharding`s and the jitted steps of `steps` run unchanged:
-XLA's SPMD partitioner inserts the collectives. A dimension whose size the mesh axis does not
-divide (e.g. 2 kv heads on a 4-way "model" axis, or a batch of 3 on 2-way "data") is replicated
-along that axis rather than rejected, so every model runs on every mesh; only the speed-up for
-that dimension is lost. Results equal the single-device ones up to float summation order.
-A mixture of experts' expert axis ("experts") takes the model axis ahead of its ffn axis
-(expert parallelism); when the experts do not divide it, their ffn dimension takes it instead.
+Every param and cache array has a tuple of logical axis names, one per dimension, declared
+once where it is made: a param by `declare` (its nnx.Param's metadata, which Flax's
+`nnx.get_partition_spec` also reads), a cache field in its class's `AXES`. `rules` map logical
+names onto the axes of a 2-D ("data", "model") mesh. Arrays are placed with `NamedSharding`s
+and the jitted steps of `steps` run unchanged: XLA's SPMD partitioner inserts the collectives.
+A dimension whose size the mesh axis does not divide (e.g. 2 kv heads on a 4-way "model" axis,
+or a batch of 3 on 2-way "data") is replicated along that axis rather than rejected, so every
+model runs on every mesh; only the speed-up for that dimension is lost. Results equal the
+single-device ones up to float summation order. A mixture of experts' expert axis ("experts")
+takes the model axis ahead of its ffn axis (expert parallelism); when the experts do not divide
+it, their ffn dimension takes it instead.
 
     mesh = sharding.make_mesh(data=2, model=4)
     out = lm.generate(sharding.shard(model, mesh), prompts)
@@ -41,37 +43,6 @@ DEFAULT_RULES: Rules = (
   ("vocab", "model"),
   ("experts", "model"),  # expert parallelism: ahead of ffn in each expert array, so it wins
 )
-
-_NORMS = ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm")
-
-# Param path ("/"-joined keys of `model.params()`) -> logical axes, one per dimension.
-# Block params carry the stacked leading "layers" axis.
-PARAM_AXES: dict[str, tuple[str, ...]] = {
-  "embed": ("vocab", "embed"),
-  "head": ("embed", "vocab"),
-  "final_norm/scale": ("embed",),
-  "blocks/attn/q": ("layers", "embed", "heads", "head_dim"),
-  "blocks/attn/k": ("layers", "embed", "kv_heads", "head_dim"),
-  "blocks/attn/v": ("layers", "embed", "kv_heads", "head_dim"),
-  "blocks/attn/o": ("layers", "heads", "head_dim", "embed"),
-  "blocks/attn/q_bias": ("layers", "heads", "head_dim"),
-  "blocks/attn/k_bias": ("layers", "kv_heads", "head_dim"),
-  "blocks/attn/v_bias": ("layers", "kv_heads", "head_dim"),
-  "blocks/attn/o_bias": ("layers", "embed"),
-  "blocks/attn/q_norm/scale": ("layers", "head_dim"),
-  "blocks/attn/k_norm/scale": ("layers", "head_dim"),
-  "blocks/mlp/gate": ("layers", "embed", "ffn"),
-  "blocks/mlp/up": ("layers", "embed", "ffn"),
-  "blocks/mlp/down": ("layers", "ffn", "embed"),
-  "blocks/mlp/gate_bias": ("layers", "ffn"),
-  "blocks/mlp/up_bias": ("layers", "ffn"),
-  "blocks/mlp/down_bias": ("layers", "embed"),
-  "blocks/moe/router": ("layers", "embed", "experts"),
-  "blocks/moe/gate": ("layers", "experts", "embed", "ffn"),
-  "blocks/moe/up": ("layers", "experts", "embed", "ffn"),
-  "blocks/moe/down": ("layers", "experts", "ffn", "embed"),
-  **{f"blocks/{n}/scale": ("layers", "embed") for n in _NORMS},
-}
 
 
 def _normalize(rules: Rules | None) -> Rules:
@@ -132,30 +103,66 @@ def logical_spec(
   return PartitionSpec(*spec)
 
 
-def param_axes(params: dict[str, Any]) -> dict[str, Any]:
-  """The logical axes of each param, as a nested dict shaped like `model.params()`."""
+def declare(value: Any, axes: Sequence[str]) -> nnx.Param:
+  """value [*shape] as an nnx.Param that declares its logical axes, one name per dimension:
+  the only record of how the param shards (`param_shardings`). Placing it on a mesh is left to
+  `shard_params` (no eager sharding at creation)."""
+  axes = tuple(axes)
+  if len(axes) != len(value.shape):
+    raise ValueError(f"logical axes {axes} do not match the param's shape {tuple(value.shape)}")
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
-  def axes(path, leaf):
-    key = "/".join(str(getattr(p, "key", p)) for p in path)
-    if key not in PARAM_AXES:
-      raise ValueError(f"sharding: no logical axes for param {key!r}; add it to PARAM_AXES")
-    if len(PARAM_AXES[key]) != np.ndim(leaf):
+
+def param_axes(state: nnx.State) -> dict[str, Any]:
+  """The logical axes each param of `state` declares, as a nested dict shaped like its pure
+  dict (`nnx.to_pure_dict`). A param made without them is a ValueError naming it: nothing is
+  replicated by omission."""
+  out: dict[str, Any] = {}
+  for path, var in nnx.to_flat_state(state):
+    name = "/".join(str(k) for k in path)
+    axes = var.get_metadata().get("out_sharding")
+    shape = np.shape(var.get_value())
+    if axes is None:
       raise ValueError(
-        f"sharding: param {key!r} has shape {np.shape(leaf)}, but PARAM_AXES "
-        f"names {len(PARAM_AXES[key])} axes {PARAM_AXES[key]}"
+        f"sharding: param {name!r} {list(shape)} was made without logical axes; declare them "
+        "where it is made (sharding.declare(value, axes))"
       )
-    return PARAM_AXES[key]
+    if len(axes) != len(shape):
+      raise ValueError(
+        f"sharding: param {name!r} has shape {list(shape)}, but declares "
+        f"{len(axes)} logical axes {tuple(axes)}"
+      )
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = tuple(axes)
+  return out
 
-  return jax.tree_util.tree_map_with_path(axes, params)
 
-
-def param_shardings(model: Model, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, Any]:
-  """NamedSharding per param, as a nested dict shaped like `model.params()`."""
-  params = model.params()
-  axes = param_axes(params)
+def param_shardings(params: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, Any]:
+  """NamedSharding per param from the logical axes it declared, as a nested dict shaped like
+  the params' pure dict. params: an nnx.State of declared params, or anything whose `state` is
+  one (a Model, an EAGLE head's LoadedHead, a Coprocessor)."""
+  state = params if isinstance(params, nnx.State) else params.state
   return jax.tree.map(
-    lambda a, ax: NamedSharding(mesh, logical_spec(ax, a.shape, mesh, rules)), params, axes
+    lambda a, ax: NamedSharding(mesh, logical_spec(ax, np.shape(a), mesh, rules)),
+    nnx.to_pure_dict(state),
+    param_axes(state),
   )
+
+
+def shard_params(x: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+  """x (a Model, an EAGLE head's LoadedHead, a Coprocessor: anything with a `state` of declared
+  params and `with_params`) with every param placed on `mesh` by its logical axes and `rules`.
+  A model is placed by `shard`, which also lays out its caches and activations."""
+  # Through host memory one param at a time: a device-to-device reshard compiles a small
+  # program per (shape, layout), which costs more than the copy for a one-off placement.
+  params = jax.tree.map(
+    lambda a, s: jax.device_put(np.asarray(a), s),
+    nnx.to_pure_dict(x.state),
+    param_shardings(x, mesh, rules),
+  )
+  return x.with_params(params)
 
 
 def shard(model: Model, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Model:
@@ -163,14 +170,7 @@ def shard(model: Model, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Model:
   tuple of (logical, mesh axis) pairs). The result carries mesh and rules (so `new_cache`
   lays caches out to match) and an empty compile cache."""
   rules = _normalize(rules)
-  # Through host memory one param at a time: a device-to-device reshard compiles a small
-  # program per (shape, layout), which costs more than the copy for a one-off placement.
-  params = jax.tree.map(
-    lambda a, s: jax.device_put(np.asarray(a), s),
-    model.params(),
-    param_shardings(model, mesh, rules),
-  )
-  dec = model.with_params(params).decoder
+  dec = shard_params(model, mesh, rules).decoder
   dec.layout = (mesh, rules)  # static: the forward constrains its activations to match
   graphdef, state = nnx.split(dec)
   return dataclasses.replace(

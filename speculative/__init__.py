@@ -6,18 +6,20 @@
     out = speculative.generate(model, head, "ROMEO:", max_new_tokens=64,
                                tree=speculative.TreeSpec(top_k=8, depth=5, total_tokens=32))
 
-load_head also reads published heads (SafeAILab EAGLE-1/2 and EAGLE-3 / SpecForge layouts:
-config.json + model.safetensors or pytorch_model.bin); export_head writes a published-
-architecture head (init_head(..., published=True), `kvjax train eagle --published`) in those
-layouts for vLLM and SGLang (`kvjax.speculative.formats`).
+Every way a head is read and written is in `kvjax.speculative.formats`: save_head writes
+kvjax's own directory (head.json + params/); load_head reads it or a shipped head by name,
+and also published heads (SafeAILab EAGLE-1/2 and EAGLE-3 / SpecForge layouts: config.json +
+model.safetensors or pytorch_model.bin); export_head writes a published-architecture head
+(init_head(..., published=True), `kvjax train eagle --published`) in those layouts for vLLM
+and SGLang.
 """
 
 from kvjax.speculative.formats import export as export_head
 from kvjax.speculative.formats import load as load_head
+from kvjax.speculative.formats import save as save_head
 from kvjax.speculative.generate import auto_tree, generate
 from kvjax.speculative.head import HeadConfig, HeadError, LoadedHead, draft_vocabulary
 from kvjax.speculative.head import init as init_head
-from kvjax.speculative.head import save as save_head
 from kvjax.speculative.tree import Tree, TreeSpec
 
 __all__ = [

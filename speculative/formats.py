@@ -1,4 +1,8 @@
-"""Published EAGLE head files in (and kvjax's own format): `load` detects which.
+"""Every way an EAGLE head is read and written: kvjax's own directory and the published
+EAGLE layouts; `load` detects which.
+
+kvjax's own: `head.json` (the HeadConfig, with the target's architecture) and `params/`
+(orbax), written by `save`; the heads shipped in speculative/heads/ load by name (`HEADS`).
 
 A published head is a directory with `config.json` (LlamaConfig-like: hidden_size,
 num_attention_heads, num_key_value_heads, intermediate_size, vocab_size, ...) and
@@ -27,6 +31,7 @@ Both run as HeadConfig(published=True) heads (`kvjax.speculative.head`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -35,19 +40,59 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kvjax.lm import config
-from kvjax.speculative.head import Head, HeadConfig, HeadError, LoadedHead, check, resolve
-from kvjax.speculative.head import load as load_kvjax
+from kvjax.lm import artifact, config
+from kvjax.speculative.head import Head, HeadConfig, HeadError, LoadedHead, check
 
+# Shipped heads (see MODELS.md), loadable by name.
+HEADS = artifact.Kind(
+  noun="head",
+  config="head.json",
+  shipped_in=os.path.join(os.path.dirname(os.path.abspath(__file__)), "heads"),
+  error=HeadError,
+)
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 def detect(path: str) -> str:
   """ "kvjax" (head.json), "eagle1" or "eagle3" (config.json + weights) for a head directory."""
-  if os.path.isfile(os.path.join(path, "head.json")):
+  if os.path.isfile(os.path.join(path, HEADS.config)):
     return "kvjax"
   file, w = read_tensors(published_dir(path))
   return published_kind(file, w)
+
+
+def save(head: LoadedHead, path: str, *, dtype=None) -> None:
+  """Writes head.json and params/ (orbax; cast to `dtype` when given, e.g. bfloat16 to ship)
+  into a new directory `path`. `load` casts the params to the target's dtype."""
+  HEADS.save(path, head.hc.to_json(), head.params(), dtype=dtype)
+
+
+def load(path: str, target, *, allow_other_params: bool = False) -> LoadedHead:
+  """A head directory or shipped name, in kvjax's format or a published one (see the module
+  docstring), for `target` (a kvjax.lm.Model). Mismatches raise HeadError naming the file and
+  the field or tensor; a head in kvjax's format trained against other params of the target's
+  architecture (its recorded `target_fingerprint`) too, unless allow_other_params, which
+  warns instead."""
+  path, _ = HEADS.locate(path)
+  if os.path.isfile(os.path.join(path, HEADS.config)):
+    return load_kvjax(path, target, allow_other_params=allow_other_params)
+  return load_published(published_dir(path), target)
+
+
+def load_kvjax(path: str, target, *, allow_other_params: bool = False) -> LoadedHead:
+  """A head directory in kvjax's format (head.json + params/) for `target`; a head trained
+  for another architecture raises HeadError, and so does one trained against other params
+  of the same architecture, unless allow_other_params."""
+  hc = HEADS.read_config(path, HeadConfig.from_json)
+  check(hc, target.cfg)
+  HEADS.check_fingerprint(hc.target_fingerprint, target, path=path, allow=allow_other_params)
+  hc = dataclasses.replace(hc, target=target.cfg)  # the target's own rope/eps settings
+  graphdef, state = nnx.split(
+    nnx.eval_shape(lambda: Head(hc, rngs=nnx.Rngs(0), dtype=target.dtype))
+  )
+  like = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, HEADS.restore(path, like))
+  return LoadedHead(hc, graphdef, state, path)
 
 
 def published_dir(path: str) -> str:
@@ -104,20 +149,6 @@ def _np(t) -> np.ndarray:
   return (t.float() if t.is_floating_point() else t).numpy()
 
 
-def load(path: str, target, *, allow_other_params: bool = False) -> LoadedHead:
-  """A head directory or shipped name, in kvjax's format or a published one (see the module
-  docstring), for `target` (a kvjax.lm.Model). Mismatches raise HeadError naming the file and
-  the field or tensor."""
-  path = (
-    resolve(os.fspath(path))
-    if not os.path.isfile(os.path.join(os.fspath(path), "config.json"))
-    else os.fspath(path)
-  )
-  if os.path.isfile(os.path.join(path, "head.json")):
-    return load_kvjax(path, target, allow_other_params=allow_other_params)
-  return load_published(published_dir(path), target)
-
-
 def _config(path: str, target, kind: str) -> tuple[dict, tuple[int, ...]]:
   """(config.json's dict, the fused target layers (inputs; () for eagle1)), checked against
   the target."""
@@ -163,9 +194,12 @@ def _config(path: str, target, kind: str) -> tuple[dict, tuple[int, ...]]:
     raise HeadError(
       f"{file}: num_hidden_layers is {d['num_hidden_layers']}; an EAGLE head has one decoder layer"
     )
-  if kind == "eagle1":
-    return d, ()
-  L = t.n_layers
+  return d, () if kind == "eagle1" else _fused_layers(file, d, t.n_layers)
+
+
+def _fused_layers(file: str, d: dict, L: int) -> tuple[int, ...]:
+  """The target layers (inputs) an EAGLE-3 config fuses: its layer-output ids (SGLang,
+  SpecForge) plus one, or vLLM's layer-input ids, or EAGLE-3's default for L layers."""
   ids = (d.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
   inputs = d.get("eagle_aux_hidden_state_layer_ids")  # vLLM's: layer inputs
   for name, v, lo in (
@@ -196,30 +230,16 @@ def _config(path: str, target, kind: str) -> tuple[dict, tuple[int, ...]]:
       f"{file}: the fused hidden states {fuse} (inputs of target layers) must be "
       f"3 distinct layers of the target's {L}"
     )
-  return d, fuse
+  return fuse
 
 
 def load_published(path: str, target) -> LoadedHead:
   """A published EAGLE-1/2 or EAGLE-3 head (the kind from its tensors) for `target`."""
   t = target.cfg
-  D, N, K, H, F = t.d_model, t.n_heads, t.n_kv_heads, t.head_dim, t.ffn_dim
   file, w = read_tensors(path)
   kind = published_kind(file, w)
   d, fuse = _config(path, target, kind)
-  pre = "layers.0." if kind == "eagle1" else "midlayer."
-  vocab = ()
-  if kind == "eagle3":
-    Nd = d.get("draft_vocab_size", t.vocab_size)
-    d2t = _take(w, file, "d2t", (Nd,), dtype=np.int64)
-    t2d = _take(w, file, "t2d", (t.vocab_size,), dtype=bool)
-    vocab = np.arange(Nd) + d2t
-    if (vocab < 0).any() or (vocab >= t.vocab_size).any() or len(set(vocab.tolist())) != Nd:
-      raise HeadError(
-        f"{file}: d2t maps the {Nd} draft ids to {len(set(vocab.tolist()))} "
-        f"distinct ids, not all in [0, {t.vocab_size})"
-      )
-    if t2d.sum() != Nd or not t2d[vocab].all():
-      raise HeadError(f"{file}: t2d marks {int(t2d.sum())} target ids; d2t maps to {Nd} others")
+  vocab = _draft_vocab(w, file, d, t) if kind == "eagle3" else ()
   hc = HeadConfig(
     kind=kind,
     target=t,
@@ -229,37 +249,9 @@ def load_published(path: str, target) -> LoadedHead:
     target_name=str(d.get("_name_or_path", "")),
   )
   check(hc, t)
-  C = 2 * D if kind == "eagle3" else D
-  lin = lambda name, o, i: _take(w, file, name, (o, i)).T  # [in, out]
-  blocks = {
-    "attn": {
-      "q": lin(pre + "self_attn.q_proj.weight", N * H, C).reshape(C, N, H),
-      "k": lin(pre + "self_attn.k_proj.weight", K * H, C).reshape(C, K, H),
-      "v": lin(pre + "self_attn.v_proj.weight", K * H, C).reshape(C, K, H),
-      "o": lin(pre + "self_attn.o_proj.weight", D, N * H).reshape(N, H, D),
-    },
-    "mlp": {
-      "gate": lin(pre + "mlp.gate_proj.weight", F, D),
-      "up": lin(pre + "mlp.up_proj.weight", F, D),
-      "down": lin(pre + "mlp.down_proj.weight", D, F),
-    },
-    "mlp_norm": {"scale": _take(w, file, pre + "post_attention_layernorm.weight", (D,))},
-  }
-  params = {"blocks": jax.tree.map(lambda a: a[None], blocks)}
-  if kind == "eagle1":
-    params["fc"] = lin("fc.weight", D, 2 * D)
-    bias = d.get("bias", True)
-    params["fc_bias"] = (
-      _take(w, file, "fc.bias", (D,)) if bias or "fc.bias" in w else np.zeros((D,), np.float32)
-    )
-  else:
-    params["fuse"] = lin("fc.weight", D, 3 * D)
-    params["embed_norm"] = {"scale": _take(w, file, pre + "input_layernorm.weight", (D,))}
-    params["feature_norm"] = {"scale": _take(w, file, pre + "hidden_norm.weight", (D,))}
-    params["final_norm"] = {"scale": _take(w, file, "norm.weight", (D,))}
-    params["draft_head"] = lin("lm_head.weight", len(hc.draft_vocab), D)
+  params = _published_params(w, file, hc, bias=d.get("bias", True))
   if "embed_tokens.weight" in w:
-    e = _take(w, file, "embed_tokens.weight", (t.vocab_size, D))
+    e = _take(w, file, "embed_tokens.weight", (t.vocab_size, t.d_model))
     ref = np.asarray(target.params()["embed"], np.float32)
     if not np.allclose(e, ref, rtol=1e-2, atol=1e-2 * float(np.abs(ref).max())):
       raise HeadError(
@@ -284,6 +276,60 @@ def load_published(path: str, target) -> LoadedHead:
   return LoadedHead(hc, graphdef, state, path)
 
 
+def _draft_vocab(w: dict, file: str, d: dict, t: config.Config) -> np.ndarray:
+  """An EAGLE-3 head's draft vocabulary [Nd]: the target ids of its draft ids (d2t's offsets
+  added), checked against t2d; pops both tensors from w."""
+  Nd = d.get("draft_vocab_size", t.vocab_size)
+  d2t = _take(w, file, "d2t", (Nd,), dtype=np.int64)
+  t2d = _take(w, file, "t2d", (t.vocab_size,), dtype=bool)
+  vocab = np.arange(Nd) + d2t
+  if (vocab < 0).any() or (vocab >= t.vocab_size).any() or len(set(vocab.tolist())) != Nd:
+    raise HeadError(
+      f"{file}: d2t maps the {Nd} draft ids to {len(set(vocab.tolist()))} "
+      f"distinct ids, not all in [0, {t.vocab_size})"
+    )
+  if t2d.sum() != Nd or not t2d[vocab].all():
+    raise HeadError(f"{file}: t2d marks {int(t2d.sum())} target ids; d2t maps to {Nd} others")
+  return vocab
+
+
+def _published_params(w: dict, file: str, hc: HeadConfig, *, bias: bool) -> dict:
+  """The params pure dict of a published head `hc` from its tensors w (popped; float32 numpy,
+  Linear weights transposed to [in, out]); bias: config.json's `bias` (EAGLE-1's fc.bias)."""
+  t = hc.target
+  D, N, K, H, F = t.d_model, t.n_heads, t.n_kv_heads, t.head_dim, t.ffn_dim
+  pre = "layers.0." if hc.kind == "eagle1" else "midlayer."
+  C = 2 * D if hc.kind == "eagle3" else D
+  lin = lambda name, o, i: _take(w, file, name, (o, i)).T  # [in, out]
+  blocks = {
+    "attn": {
+      "q": lin(pre + "self_attn.q_proj.weight", N * H, C).reshape(C, N, H),
+      "k": lin(pre + "self_attn.k_proj.weight", K * H, C).reshape(C, K, H),
+      "v": lin(pre + "self_attn.v_proj.weight", K * H, C).reshape(C, K, H),
+      "o": lin(pre + "self_attn.o_proj.weight", D, N * H).reshape(N, H, D),
+    },
+    "mlp": {
+      "gate": lin(pre + "mlp.gate_proj.weight", F, D),
+      "up": lin(pre + "mlp.up_proj.weight", F, D),
+      "down": lin(pre + "mlp.down_proj.weight", D, F),
+    },
+    "mlp_norm": {"scale": _take(w, file, pre + "post_attention_layernorm.weight", (D,))},
+  }
+  params = {"blocks": jax.tree.map(lambda a: a[None], blocks)}
+  if hc.kind == "eagle1":
+    params["fc"] = lin("fc.weight", D, 2 * D)
+    params["fc_bias"] = (
+      _take(w, file, "fc.bias", (D,)) if bias or "fc.bias" in w else np.zeros((D,), np.float32)
+    )
+    return params
+  params["fuse"] = lin("fc.weight", D, 3 * D)
+  params["embed_norm"] = {"scale": _take(w, file, pre + "input_layernorm.weight", (D,))}
+  params["feature_norm"] = {"scale": _take(w, file, pre + "hidden_norm.weight", (D,))}
+  params["final_norm"] = {"scale": _take(w, file, "norm.weight", (D,))}
+  params["draft_head"] = lin("lm_head.weight", len(hc.draft_vocab), D)
+  return params
+
+
 def _take(w: dict, file: str, name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
   """Pops tensor `name` of `shape` from w (HeadError naming it otherwise)."""
   if name not in w:
@@ -304,7 +350,20 @@ def export(head: LoadedHead, path: str, *, format: str | None = None) -> str:
   export: kvjax's own eagle1/eagle3 compute something else. Returns path."""
   from safetensors.numpy import save_file
 
-  hc = head.hc
+  _check_exportable(head.hc, format)
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(_published_config(head.hc), f, indent=2)
+  w = _published_tensors(head)
+  save_file(
+    {k: np.ascontiguousarray(v) for k, v in w.items()}, os.path.join(path, "model.safetensors")
+  )
+  return path
+
+
+def _check_exportable(hc: HeadConfig, format: str | None) -> None:
+  """HeadError unless a head `hc` can be written in the published layout `format` (None: its
+  kind's)."""
   fmt = format or hc.kind
   if fmt not in ("eagle1", "eagle3"):
     raise HeadError(f"export format must be 'eagle1' or 'eagle3'; got {format!r}")
@@ -329,24 +388,24 @@ def export(head: LoadedHead, path: str, *, format: str | None = None) -> str:
     raise HeadError(
       f"the published EAGLE layouts are Llama layers; this head's target is {t.family!r}"
     )
-  p = jax.tree.map(lambda a: np.asarray(a, np.float32), head.params())
-  b = jax.tree.map(lambda a: a[0], p["blocks"])
-  D, C = t.d_model, b["attn"]["q"].shape[0]
-  pre = "layers.0." if fmt == "eagle1" else "midlayer."
-  w = {
-    pre + "self_attn.q_proj.weight": b["attn"]["q"].reshape(C, -1).T,
-    pre + "self_attn.k_proj.weight": b["attn"]["k"].reshape(C, -1).T,
-    pre + "self_attn.v_proj.weight": b["attn"]["v"].reshape(C, -1).T,
-    pre + "self_attn.o_proj.weight": b["attn"]["o"].reshape(-1, D).T,
-    pre + "mlp.gate_proj.weight": b["mlp"]["gate"].T,
-    pre + "mlp.up_proj.weight": b["mlp"]["up"].T,
-    pre + "mlp.down_proj.weight": b["mlp"]["down"].T,
-    pre + "post_attention_layernorm.weight": b["mlp_norm"]["scale"],
-  }
+  if fmt == "eagle3" and len(hc.fuse_layers) != 3:
+    raise HeadError(
+      f"fuse_layers {hc.fuse_layers}: the EAGLE-3 layout fuses exactly 3 target hidden states"
+    )
+  if fmt == "eagle3" and min(hc.fuse_layers) < 1:
+    raise HeadError(
+      f"fuse_layers {hc.fuse_layers}: the embeddings (layer 0's input) are no "
+      "target layer's output; the EAGLE-3 config cannot name them"
+    )
+
+
+def _published_config(hc: HeadConfig) -> dict:
+  """The config.json of a published-architecture head in its kind's layout."""
+  t = hc.target
   cfg = {
-    "architectures": ["LlamaForCausalLM" if fmt == "eagle1" else "LlamaForCausalLMEagle3"],
+    "architectures": ["LlamaForCausalLM" if hc.kind == "eagle1" else "LlamaForCausalLMEagle3"],
     "model_type": "llama",
-    "hidden_size": D,
+    "hidden_size": t.d_model,
     "intermediate_size": t.ffn_dim,
     "num_attention_heads": t.n_heads,
     "num_key_value_heads": t.n_kv_heads,
@@ -360,46 +419,50 @@ def export(head: LoadedHead, path: str, *, format: str | None = None) -> str:
     "torch_dtype": "float32",
     **{k: v for k, v in config.to_hf(t).items() if k in ("rope_theta", "rope_scaling")},
   }
-  if fmt == "eagle1":
-    w["fc.weight"], w["fc.bias"] = p["fc"].T, p["fc_bias"]
-    cfg["bias"] = True
-  else:
-    if len(hc.fuse_layers) != 3:
-      raise HeadError(
-        f"fuse_layers {hc.fuse_layers}: the EAGLE-3 layout fuses exactly 3 target hidden states"
-      )
-    if min(hc.fuse_layers) < 1:
-      raise HeadError(
-        f"fuse_layers {hc.fuse_layers}: the embeddings (layer 0's input) are no "
-        "target layer's output; the EAGLE-3 config cannot name them"
-      )
-    vocab = np.asarray(hc.draft_vocab, np.int64)
-    t2d = np.zeros((t.vocab_size,), bool)
-    t2d[vocab] = True
-    w.update(
-      {
-        "fc.weight": p["fuse"].T,
-        pre + "input_layernorm.weight": p["embed_norm"]["scale"],
-        pre + "hidden_norm.weight": p["feature_norm"]["scale"],
-        "norm.weight": p["final_norm"]["scale"],
-        "lm_head.weight": p["draft_head"].T,
-        "d2t": vocab - np.arange(len(vocab)),
-        "t2d": t2d,
-      }
-    )
-    cfg.update(
-      draft_vocab_size=len(vocab),
-      target_hidden_size=D,
-      eagle_config={
-        "eagle_aux_hidden_state_layer_ids": [i - 1 for i in hc.fuse_layers],
-        "use_aux_hidden_state": True,
-      },
-      eagle_aux_hidden_state_layer_ids=list(hc.fuse_layers),
-    )
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(cfg, f, indent=2)
-  save_file(
-    {k: np.ascontiguousarray(v) for k, v in w.items()}, os.path.join(path, "model.safetensors")
-  )
-  return path
+  if hc.kind == "eagle1":
+    return {**cfg, "bias": True}
+  return {
+    **cfg,
+    "draft_vocab_size": len(hc.draft_vocab),
+    "target_hidden_size": t.d_model,
+    "eagle_config": {
+      "eagle_aux_hidden_state_layer_ids": [i - 1 for i in hc.fuse_layers],
+      "use_aux_hidden_state": True,
+    },
+    "eagle_aux_hidden_state_layer_ids": list(hc.fuse_layers),
+  }
+
+
+def _published_tensors(head: LoadedHead) -> dict[str, np.ndarray]:
+  """A published-architecture head's tensors by their published names (float32, torch Linear
+  weights [out, in]; eagle3's d2t offsets and t2d mask)."""
+  hc = head.hc
+  p = jax.tree.map(lambda a: np.asarray(a, np.float32), head.params())
+  b = jax.tree.map(lambda a: a[0], p["blocks"])
+  D, C = hc.target.d_model, b["attn"]["q"].shape[0]
+  pre = "layers.0." if hc.kind == "eagle1" else "midlayer."
+  w = {
+    pre + "self_attn.q_proj.weight": b["attn"]["q"].reshape(C, -1).T,
+    pre + "self_attn.k_proj.weight": b["attn"]["k"].reshape(C, -1).T,
+    pre + "self_attn.v_proj.weight": b["attn"]["v"].reshape(C, -1).T,
+    pre + "self_attn.o_proj.weight": b["attn"]["o"].reshape(-1, D).T,
+    pre + "mlp.gate_proj.weight": b["mlp"]["gate"].T,
+    pre + "mlp.up_proj.weight": b["mlp"]["up"].T,
+    pre + "mlp.down_proj.weight": b["mlp"]["down"].T,
+    pre + "post_attention_layernorm.weight": b["mlp_norm"]["scale"],
+  }
+  if hc.kind == "eagle1":
+    return {**w, "fc.weight": p["fc"].T, "fc.bias": p["fc_bias"]}
+  vocab = np.asarray(hc.draft_vocab, np.int64)
+  t2d = np.zeros((hc.target.vocab_size,), bool)
+  t2d[vocab] = True
+  return {
+    **w,
+    "fc.weight": p["fuse"].T,
+    pre + "input_layernorm.weight": p["embed_norm"]["scale"],
+    pre + "hidden_norm.weight": p["feature_norm"]["scale"],
+    "norm.weight": p["final_norm"]["scale"],
+    "lm_head.weight": p["draft_head"].T,
+    "d2t": vocab - np.arange(len(vocab)),
+    "t2d": t2d,
+  }

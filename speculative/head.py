@@ -20,14 +20,14 @@ published=True: the reference (SafeAILab/EAGLE) architectures, as published head
     vocabulary (always present; the whole vocabulary when draft_vocab_size = vocab_size).
 
 Embedding and LM head (eagle1, kvjax eagle3) are the target's (frozen, never stored with the
-head). A head directory holds `head.json` (HeadConfig, including the target's architecture) and
-`params/` (orbax).
+head). Heads are read and written by `kvjax.speculative.formats`: kvjax's own directory
+(`head.json`, the HeadConfig with the target's architecture, and `params/`, orbax) and the
+published layouts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -39,16 +39,14 @@ from flax import nnx
 from kvjax.cache.dense import KVCache
 from kvjax.cache.view import causal
 from kvjax.lm import config
+from kvjax.lm.artifact import params_fingerprint
 from kvjax.lm.attention import Training
-from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config
-from kvjax.lm.decoder import Block, RMSNorm, init_param, run_layers
-from kvjax.lm.model import check_fingerprint, params_fingerprint
+from kvjax.lm.decoder import Block, RMSNorm, init_param, run_layers, stack_layers
+from kvjax.lm.sharding import declare
 from kvjax.pallas_kernels.splits import NEG
 
 KINDS = ("eagle1", "eagle3")
-# Shipped heads (see MODELS.md), loadable by name.
-BUNDLED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "heads")
 
 
 class HeadError(ValueError):
@@ -139,31 +137,32 @@ class HeadConfig:
 
 
 class Head(nnx.Module):
-  """The head's params: fc (+ eagle3 fuse and norms) and one stacked decoder layer."""
+  """The head's params: fc (+ eagle3 fuse and norms) and one stacked decoder layer, each
+  declaring its logical axes where it is made ("features" for a concatenation of D-wide
+  inputs: fuse's 3D, fc's and a published eagle3 q/k/v's 2D)."""
 
   def __init__(self, hc: HeadConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
-    D = hc.target.d_model
+    t = hc.target
+    D, N, K, H = t.d_model, t.n_heads, t.n_kv_heads, t.head_dim
     self.hc = hc
     if hc.kind == "eagle3":
-      self.fuse = init_param(rngs, (len(hc.fuse_layers) * D, D), dtype)
-      self.embed_norm = RMSNorm(hc.target, dtype)
-      self.feature_norm = RMSNorm(hc.target, dtype)
-      self.final_norm = RMSNorm(hc.target, dtype)
+      self.fuse = init_param(rngs, (len(hc.fuse_layers) * D, D), ("features", "embed"), dtype)
+      self.embed_norm = RMSNorm(t, dtype)
+      self.feature_norm = RMSNorm(t, dtype)
+      self.final_norm = RMSNorm(t, dtype)
     if hc.draft_vocab:
-      self.draft_head = init_param(rngs, (D, len(hc.draft_vocab)), dtype)
+      self.draft_head = init_param(rngs, (D, len(hc.draft_vocab)), ("embed", "vocab"), dtype)
     if not (hc.published and hc.kind == "eagle3"):
-      self.fc = init_param(rngs, (2 * D, D), dtype)
-      self.fc_bias = nnx.Param(jnp.zeros((D,), dtype))
+      self.fc = init_param(rngs, (2 * D, D), ("features", "embed"), dtype)
+      self.fc_bias = declare(jnp.zeros((D,), dtype), ("embed",))
     block = Block(hc.layer, rngs=rngs, dtype=dtype)
     if hc.published:  # no input norm; eagle3's attention reads the 2D concat
       del block.attn_norm
       if hc.kind == "eagle3":
-        t = hc.target
-        block.attn.q = init_param(rngs, (2 * D, t.n_heads, t.head_dim), dtype)
-        block.attn.k = init_param(rngs, (2 * D, t.n_kv_heads, t.head_dim), dtype)
-        block.attn.v = init_param(rngs, (2 * D, t.n_kv_heads, t.head_dim), dtype)
-    graphdef, state = nnx.split(block)
-    self.blocks = nnx.merge(graphdef, jax.tree.map(lambda a: a[None], state))
+        block.attn.q = init_param(rngs, (2 * D, N, H), ("features", "heads", "head_dim"), dtype)
+        block.attn.k = init_param(rngs, (2 * D, K, H), ("features", "kv_heads", "head_dim"), dtype)
+        block.attn.v = init_param(rngs, (2 * D, K, H), ("features", "kv_heads", "head_dim"), dtype)
+    self.blocks = stack_layers([block])
 
   def feature(self, hidden: jax.Array, layer_inputs: jax.Array | None) -> jax.Array:
     """The target's features [B, T, D] from its forward: hidden [B, T, D] (final-normed top
@@ -352,63 +351,3 @@ def draft_vocabulary(token_ids, n: int, vocab_size: int) -> tuple[int, ...]:
   counts = np.bincount(ids[(ids >= 0) & (ids < vocab_size)], minlength=vocab_size)
   order = np.lexsort((np.arange(vocab_size), -counts))
   return tuple(int(i) for i in order[:n])
-
-
-def save(head: LoadedHead, path: str, *, dtype=None) -> None:
-  """Writes head.json and params/ (orbax; cast to `dtype` when given, e.g. bfloat16 to ship)
-  into a new directory `path`. `load` casts the params to the target's dtype."""
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, "head.json"), "w") as f:
-    json.dump(head.hc.to_json(), f, indent=2)
-  save_params(os.path.join(path, "params"), head.params(), dtype=dtype)
-
-
-def resolve(path: str) -> str:
-  """The directory of a head directory or shipped head name."""
-  if os.path.isdir(path):
-    return path
-  if os.path.isfile(os.path.join(BUNDLED_DIR, path, "head.json")):
-    return os.path.join(BUNDLED_DIR, path)
-  names = sorted(
-    n
-    for n in (os.listdir(BUNDLED_DIR) if os.path.isdir(BUNDLED_DIR) else ())
-    if os.path.isfile(os.path.join(BUNDLED_DIR, n, "head.json"))
-  )
-  raise FileNotFoundError(
-    f"{path!r} is not a head directory (head.json + params/) or a "
-    f"shipped head name (shipped: {', '.join(names) or 'none'})"
-  )
-
-
-def load(path: str, target, *, allow_other_params: bool = False) -> LoadedHead:
-  """Loads a head directory (or shipped name) for `target` (a kvjax.lm.Model); a head trained
-  for another architecture raises HeadError, and so does one trained against other params of
-  the same architecture (its recorded `target_fingerprint`), unless allow_other_params, which
-  warns instead."""
-  path = resolve(os.fspath(path))
-  file = os.path.join(path, "head.json")
-  d = config.read_json(file, required=True, error=HeadError)
-  try:
-    hc = HeadConfig.from_json(d)
-  except (KeyError, TypeError) as err:
-    raise HeadError(f"{file}: not a head config ({type(err).__name__}: {err})") from None
-  check(hc, target.cfg)
-  check_fingerprint(
-    hc.target_fingerprint,
-    target,
-    what=f"the head {path}",
-    allow=allow_other_params,
-    error=HeadError,
-    flag="allow_other_params=True (--allow-other-params)",
-  )
-  hc = dataclasses.replace(hc, target=target.cfg)  # the target's own rope/eps settings
-  graphdef, state = nnx.split(
-    nnx.eval_shape(lambda: Head(hc, rngs=nnx.Rngs(0), dtype=target.dtype))
-  )
-  like = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), nnx.to_pure_dict(state))
-  try:
-    params = restore_params(os.path.join(path, "params"), like)
-  except CheckpointError as err:
-    raise HeadError(str(err)) from None
-  nnx.replace_by_pure_dict(state, params)
-  return LoadedHead(hc, graphdef, state, path)

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.lm import config, engine
+from kvjax.lm.artifact import params_fingerprint
 from kvjax.lm.droidspeak.reuse import Capture, DroidSpeakError, Plan
-from kvjax.lm.model import params_fingerprint
 
 MAGIC = b"KVJXDS01"
 FORMAT = 2

@@ -11,7 +11,7 @@ from helpers import cli
 
 from kvjax import lm
 from kvjax.lm import tiny
-from kvjax.lm.model import BUNDLED_DIR
+from kvjax.lm.model import MODELS
 from kvjax.train import corpus
 
 NAMES = ("shakespeare", "shakespeare-comedy")
@@ -31,18 +31,19 @@ def _size(path: str) -> int:
 
 def test_bundled_names_and_shipped_weights_size():
   """Everything kvjax ships (models, EAGLE heads, coprocessors) fits in 80 MB."""
-  from kvjax.coprocessor.model import BUNDLED_DIR as COPROCESSORS
-  from kvjax.speculative.head import BUNDLED_DIR as HEADS
+  from kvjax.coprocessor.model import COPROCESSORS
+  from kvjax.speculative.formats import HEADS
 
   assert set(NAMES) <= set(lm.bundled())
-  assert _size(BUNDLED_DIR) + _size(HEADS) + _size(COPROCESSORS) <= 80e6
+  shipped = (MODELS.shipped_in, HEADS.shipped_in, COPROCESSORS.shipped_in)
+  assert sum(_size(d) for d in shipped) <= 80e6
 
 
 def test_load_by_name(models):
   base, comedy = models["shakespeare"], models["shakespeare-comedy"]
   assert base.cfg == comedy.cfg and base.cfg.family == "llama"
   assert base.dtype == jnp.float32  # stored in bfloat16, loaded as float32
-  assert base.path == os.path.join(BUNDLED_DIR, "shakespeare")
+  assert base.path == os.path.join(MODELS.shipped_in, "shakespeare")
   assert base.tokenizer.tok.to_str() == comedy.tokenizer.tok.to_str()
   assert base.eos_ids == comedy.eos_ids == (base.tokenizer.eos_id,)
   assert lm.load("shakespeare", dtype=jnp.bfloat16).dtype == jnp.bfloat16

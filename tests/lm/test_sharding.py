@@ -234,3 +234,56 @@ def test_every_cache_type_shards_from_its_declared_axes(load):
   assert shared.prefix.k.sharding.spec == P(None, None, "model", None, None)
   assert shared.rows.k.sharding.spec == P(None, "data", "model", None, None)
   assert shared.rows.pos.sharding.spec == P("data", None)
+
+
+def test_params_declare_their_axes_where_they_are_made(load):
+  """Each param's logical axes are its nnx.Param's metadata, set where the Decoder makes it
+  (the stacked blocks gain a leading "layers"); Flax's own partition specs read the same."""
+  state = load("qwen2").state
+  axes = sharding.param_axes(state)
+  assert axes["embed"] == ("vocab", "embed")
+  assert axes["blocks"]["attn"]["q_bias"] == ("layers", "heads", "head_dim")
+  assert axes["blocks"]["mlp_norm"]["scale"] == ("layers", "embed")
+  specs = nnx.get_partition_spec(state)
+  assert specs["blocks"]["attn"]["k"].get_value() == P("layers", "embed", "kv_heads", "head_dim")
+
+
+def test_a_param_made_without_axes_is_an_error():
+  state = nnx.State({"fc": {"w": nnx.Param(jnp.ones((4, 8)))}})
+  with pytest.raises(ValueError, match=r"param 'fc/w' \[4, 8\] was made without logical axes"):
+    sharding.param_shardings(state, sharding.make_mesh(2, 4))
+  with pytest.raises(ValueError, match=r"logical axes \('embed',\) do not match .* \(4, 8\)"):
+    sharding.declare(jnp.ones((4, 8)), ("embed",))
+
+
+def test_heads_and_coprocessors_shard_by_their_own_declarations(load):
+  """An EAGLE head's and a coprocessor's params take their shardings from the axes declared
+  where they are made: the head's one stacked layer (a published eagle3's 2D-wide q/k/v) and
+  its draft LM head; a coprocessor's copied blocks as the base's, its LoRA deltas by the
+  adapted weight's axes. A sharded head drafts exactly as unsharded."""
+  from kvjax import coprocessor, speculative
+
+  model = load("llama")  # 4 heads, 2 kv heads, ffn 128, vocab 320, 3 layers
+  m = sharding.make_mesh(2, 4)
+  head = speculative.init_head(model, "eagle3", published=True)  # drafts over the whole vocab
+  s = sharding.param_shardings(head, m)
+  assert s["blocks"]["attn"]["q"].spec == P(None, None, "model", None)  # [1, 2D, N, H]
+  assert s["blocks"]["attn"]["k"].spec == P(None, None, None, None)  # 2 kv heads: replicated
+  assert s["blocks"]["mlp"]["down"].spec == P(None, "model", None)
+  assert s["draft_head"].spec == P(None, "model") and s["fuse"].spec == P(None, None)
+  placed = sharding.shard_params(head, m)
+  assert spec(placed.state["blocks"]["mlp"]["gate"]) == P(None, None, "model")
+  lora = sharding.param_shardings(coprocessor.init(model, 4, init="lora"), m)
+  assert lora["soft"].spec == P(None, None) and lora["final_norm"]["scale"].spec == P(None)
+  assert lora["lora"]["mlp"]["gate"]["b"].spec == P(None, None, "model")  # [L, r, F]
+  assert lora["lora"]["attn"]["o"]["a"].spec == P(None, "model", None)  # [L, N * H, r]
+  assert lora["lora"]["mlp"]["down"]["a"].spec == P(None, "model", None)  # [L, F, r]
+  copy = sharding.shard_params(coprocessor.init(model, 4), m)
+  assert spec(copy.state["blocks"]["attn"]["q"]) == P(None, None, "model", None)
+  tree = speculative.TreeSpec(top_k=2, depth=3, total_tokens=6)
+  want = speculative.generate(model, head, ROWS[:2], max_new_tokens=8, tree=tree, stop_tokens=[])
+  got = speculative.generate(
+    sharding.shard(model, m), placed, ROWS[:2], max_new_tokens=8, tree=tree, stop_tokens=[]
+  )
+  assert got.tokens == want.tokens
+  assert got.stats["mean_accept_len"] == want.stats["mean_accept_len"]

@@ -303,7 +303,7 @@ def run_eagle(args: argparse.Namespace) -> int:
   result = train(model, head, ec, batches, eval_batches, prompts, progress=not args.no_progress)
   export = args.export or os.path.join(args.out, "head")
   if args.export_format == "kvjax":
-    heads.save(result.head, export)
+    formats.save(result.head, export)
   else:
     formats.export(result.head, export, format=args.export_format)
   last = result.records[-1] if result.records else {}

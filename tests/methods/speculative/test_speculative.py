@@ -294,7 +294,7 @@ def test_sampled_tokens_follow_the_target(monkeypatch):
 
 
 def test_head_roundtrip_and_mismatch(model, head, tmp_path):
-  hd.save(head, str(tmp_path / "h"))
+  speculative.save_head(head, str(tmp_path / "h"))
   back = speculative.load_head(str(tmp_path / "h"), model)
   for a, b in zip(jax.tree.leaves(head.params()), jax.tree.leaves(back.params())):
     np.testing.assert_array_equal(a, b)
@@ -343,7 +343,7 @@ def test_cli_batch1(model, head, tmp_path):
   from helpers import cli
 
   lm.save(model, str(tmp_path / "m"))
-  hd.save(head, str(tmp_path / "h"))
+  speculative.save_head(head, str(tmp_path / "h"))
   args = (
     "generate",
     "--model",
