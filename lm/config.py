@@ -496,6 +496,8 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
   gemma_post = family in ("gemma2", "gemma3_text")  # post norms, query scalar, soft-caps
   moe = family == "mixtral"
   attention_bias = flag("attention_bias") and not phi3  # Phi-3's Linears have no bias
+  mlp_bias = flag("mlp_bias") and not phi3
+  tie_embeddings = flag("tie_word_embeddings", gemma)
   try:
     return Config(
       family=family,
@@ -526,10 +528,10 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
       ),
       qkv_bias=family == "qwen2" or attention_bias,
       o_bias=attention_bias and family != "qwen2",
-      mlp_bias=flag("mlp_bias") and not phi3,
+      mlp_bias=mlp_bias,
       norm_plus_one=gemma,
       scale_embeddings=gemma,
-      tie_embeddings=flag("tie_word_embeddings", gemma),
+      tie_embeddings=tie_embeddings,
       post_norms=gemma_post,
       qk_norm=family in ("qwen3", "gemma3_text"),
       query_pre_attn_scalar=(

@@ -136,6 +136,14 @@ def test_config_value_outside_its_domain(broken, key, value, expected):
   )
 
 
+@pytest.mark.parametrize("key", ["attention_bias", "mlp_bias", "tie_word_embeddings"])
+def test_flag_not_a_bool(broken, key):
+  edit_json(broken, "config.json", lambda c: c.update({key: 1}))
+  file = os.path.join(broken, "config.json")
+  msg = raises(lm.ConfigError, lambda: lm.load(broken), file, f"{key} must be true or false")
+  assert msg.count(file) == 1, msg
+
+
 def test_config_rope_scaling_factor_checked(broken):
   edit_json(
     broken, "config.json", lambda c: c["rope_parameters"].update(rope_type="linear", factor=0.0)
