@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from kvjax.cache.dense import KVCache
-from kvjax.lm import config, steps
+from kvjax.lm import config, hf_config, steps
 from kvjax.lm.attention import Training
 from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config
@@ -444,7 +444,7 @@ def load(path: str, base: Model, *, allow_other_params: bool = False) -> Coproce
   unless allow_other_params, which warns instead."""
   path = resolve(os.fspath(path))
   file = os.path.join(path, CONFIG_FILE)
-  d = config.read_json(file, required=True, error=CoprocessorError)
+  d = hf_config.read_json(file, required=True, error=CoprocessorError)
   try:
     cc = CoprocessorConfig.from_json(d)
   except (KeyError, TypeError) as err:

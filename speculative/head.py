@@ -38,7 +38,7 @@ from flax import nnx
 
 from kvjax.cache.dense import KVCache
 from kvjax.cache.view import causal
-from kvjax.lm import config
+from kvjax.lm import config, hf_config
 from kvjax.lm.attention import Training
 from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
 from kvjax.lm.config import Config
@@ -387,7 +387,7 @@ def load(path: str, target, *, allow_other_params: bool = False) -> LoadedHead:
   warns instead."""
   path = resolve(os.fspath(path))
   file = os.path.join(path, "head.json")
-  d = config.read_json(file, required=True, error=HeadError)
+  d = hf_config.read_json(file, required=True, error=HeadError)
   try:
     hc = HeadConfig.from_json(d)
   except (KeyError, TypeError) as err:

@@ -35,7 +35,7 @@ import optax
 
 from kvjax.lm import distributed, sharding, steps
 from kvjax.lm.attention import Training
-from kvjax.lm.config import to_hf
+from kvjax.lm.hf_config import to_hf
 from kvjax.lm.model import Model, load, save
 from kvjax.train.loop import (
   INT_NONNEG,
