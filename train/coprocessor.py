@@ -46,8 +46,9 @@ from kvjax.coprocessor.traces import (
 )
 from kvjax.lm.attention import Training
 from kvjax.lm.model import Model
-from kvjax.train import loop
-from kvjax.train.loop import RunConfig, TrainError, compiled
+from kvjax.train import checkpoints, loop
+from kvjax.train.errors import TrainError
+from kvjax.train.loop import RunConfig, compiled
 
 Batch = dict[str, np.ndarray]
 PLOT_LABEL = "ahead-token loss (nats)"
@@ -240,7 +241,7 @@ def train(
   cc = cop.cc.to_json()
   cc.pop("base_name")
   cc.pop("base_fingerprint")
-  loop.check_resume(ac.out_dir, _json({"model": cc, "train": ac.resume_key()}))
+  checkpoints.check_resume(ac.out_dir, _json({"model": cc, "train": ac.resume_key()}))
   dtype = cop.soft.dtype
   f32 = lambda t: jax.tree.map(lambda a: jnp.array(a, jnp.float32), t)  # copies
   work = dataclasses.replace(base, state=f32(base.state), compiled={})

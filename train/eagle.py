@@ -56,8 +56,9 @@ from kvjax.lm.sampling import Sampling
 from kvjax.speculative import head as heads
 from kvjax.speculative.generate import generate as speculative_generate
 from kvjax.speculative.tree import TreeSpec
-from kvjax.train import loop
-from kvjax.train.loop import RunConfig, TrainError, compiled
+from kvjax.train import checkpoints, loop
+from kvjax.train.errors import TrainError
+from kvjax.train.loop import RunConfig, compiled
 
 Batch = dict[str, np.ndarray]
 DISTILL_FILE = "selfdistill.npy"
@@ -495,7 +496,7 @@ def train(
   hc = head.hc.to_json()
   hc.pop("target_name")
   hc.pop("target_fingerprint")
-  loop.check_resume(ec.out_dir, _json({"model": hc, "train": ec.resume_key()}))
+  checkpoints.check_resume(ec.out_dir, _json({"model": hc, "train": ec.resume_key()}))
   dtype = jax.tree.leaves(head.state)[0].dtype
   work = head.with_params(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), head.params()))
   opt_init, train_step, eval_step = cached_steps(model, work, ec)

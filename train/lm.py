@@ -37,20 +37,18 @@ from kvjax.lm import distributed, sharding, steps
 from kvjax.lm.attention import Training
 from kvjax.lm.hf_config import to_hf
 from kvjax.lm.model import Model, load, save
+from kvjax.train.checkpoints import RUN_FILE, check_resume, restore_step
+from kvjax.train.errors import TrainError
 from kvjax.train.loop import (
   INT_NONNEG,
   INT_POSITIVE,
-  RUN_FILE,
   UNIT_OPEN,
   Batch,
   RunConfig,
-  TrainError,
   check_batch,
-  check_resume,
   compiled,
   optimizer,
   optimizer_lr,
-  restore_step,
   run_loop,
   to_device,
 )
@@ -294,7 +292,7 @@ def export(run_dir: str, step: int | str, out: str) -> Model:
     "opt_state": optimizer(tc).init(params),
     "step": jnp.zeros((), jnp.int32),
   }
-  state, _ = restore_step(tc, state, step)
+  state, _ = restore_step(tc.out_dir, state, step)
   trained = model.with_params(jax.tree.map(np.asarray, jax.device_get(state["params"])))
   save(trained, out)
   return trained

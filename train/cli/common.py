@@ -54,7 +54,7 @@ def check_run_flags(
     parser.error(f"--out DIR is required ({goes_to_out} go there)")
   check_output(parser, "--out", args.out, directory=True)
   check_output(parser, "--export", getattr(args, "export", None), directory=True)
-  from kvjax.train.loop import CHECKPOINTS, check_checkpoints
+  from kvjax.train.checkpoints import CHECKPOINTS, check_checkpoints
 
   check_checkpoints(os.path.join(args.out, CHECKPOINTS))  # a resume's, before the model loads
   if args.warmup >= args.steps:
