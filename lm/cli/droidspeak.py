@@ -20,17 +20,9 @@ import os
 import sys
 import time
 
-from kvjax.lm.cli.flags import (
-  check_input_file,
-  check_output,
-  checked,
-  nonneg,
-  output_error,
-  port_type,
-  positive,
-  read_text,
-  text_type,
-)
+from kvjax.lm.cli.flags import checked, nonneg, port_type, positive
+from kvjax.lm.cli.paths import check_input_file, check_output, output_error
+from kvjax.lm.cli.text import read_text, text_type
 
 DEFAULT_SENDER, DEFAULT_RECEIVER = "shakespeare", "shakespeare-comedy"
 _fraction = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")

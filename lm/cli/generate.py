@@ -19,11 +19,10 @@ from kvjax.lm.cli.flags import (
   load_model,
   nonneg,
   positive,
-  read_prompts,
   sampling_kwargs,
   start_distributed,
-  text_type,
 )
+from kvjax.lm.cli.text import read_prompts, text_type
 from kvjax.lm.model import bundled
 
 

@@ -25,7 +25,8 @@ import argparse
 import sys
 
 from kvjax.lm.cli import bench, droidspeak, generate, ppl, sinks, sot, stream
-from kvjax.lm.cli.flags import PROG, Parser, run
+from kvjax.lm.cli.errors import Parser, run
+from kvjax.lm.cli.flags import PROG
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,15 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvjax.lm.cli.flags import (
-  DTYPES,
-  add_model_flag,
-  check_input_file,
-  checked,
-  model_and_text,
-  nonneg,
-  positive,
-)
+from kvjax.lm.cli.flags import DTYPES, add_model_flag, checked, model_and_text, nonneg, positive
+from kvjax.lm.cli.paths import check_input_file
 
 
 def add(subparsers) -> None:

@@ -17,15 +17,13 @@ from kvjax.lm.cli.flags import (
   PROG,
   add_model_flag,
   add_sampling_flags,
-  check_input_file,
   check_sampling_flags,
   load_model,
   positive,
-  read_prompts,
-  read_text,
   sampling_from_flags,
-  text_type,
 )
+from kvjax.lm.cli.paths import check_input_file
+from kvjax.lm.cli.text import read_prompts, read_text, text_type
 
 
 def add(subparsers) -> None:

@@ -711,7 +711,7 @@ def test_cli_prints_the_interrupt_message(capsys):
   """The CLIs' runner prints an interrupt's message as one line (a bare Ctrl-C: a newline)."""
   import argparse
 
-  from kvjax.lm.cli import flags
+  from kvjax.lm.cli import errors
   from kvjax.train.errors import TrainInterrupted
 
   p = argparse.ArgumentParser()
@@ -720,8 +720,8 @@ def test_cli_prints_the_interrupt_message(capsys):
     task="lm",
     run=lambda a: (_ for _ in ()).throw(TrainInterrupted("interrupted after step 3")),
   )
-  assert flags.run(p, [], lambda a: f"kvjax train {a.task}") == 130
+  assert errors.run(p, [], lambda a: f"kvjax train {a.task}") == 130
   assert capsys.readouterr().err.strip() == "kvjax train lm: interrupted after step 3"
   p.set_defaults(run=lambda a: (_ for _ in ()).throw(KeyboardInterrupt()))
-  assert flags.run(p, [], lambda a: "x") == 130
+  assert errors.run(p, [], lambda a: "x") == 130
   assert capsys.readouterr().err == "\n"

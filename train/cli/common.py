@@ -7,15 +7,9 @@ import argparse
 import json
 import os
 
-from kvjax.lm.cli.flags import (
-  check_input_file,
-  check_output,
-  checked,
-  nonneg,
-  positive,
-  seed_type,
-  utf8_error,
-)
+from kvjax.lm.cli.flags import checked, nonneg, positive, seed_type
+from kvjax.lm.cli.paths import check_input_file, check_output
+from kvjax.lm.cli.text import utf8_error
 
 PROG = "python -m kvjax.train"
 

@@ -11,13 +11,13 @@ import time
 from kvjax.lm import distributed
 from kvjax.lm.cli.flags import (
   add_distributed_flags,
-  check_output,
   checked,
   nonneg,
   positive,
   seed_type,
   start_distributed,
 )
+from kvjax.lm.cli.paths import check_output
 from kvjax.train.cli.common import (
   add_output_flags,
   check_run_flags,
