@@ -20,14 +20,13 @@ import numpy as np
 
 from kvjax.cache.prefix import PrefixCache
 from kvjax.lm import steps
-from kvjax.lm.detokenize import Detokenizer
+from kvjax.lm.detokenize import Detokenizer, outputs
 from kvjax.lm.engine import (
   Prompt,
   check_context,
   check_finite,
   nbytes,
   new_cache,
-  outputs,
   pad,
   prefill,
   request,
