@@ -225,7 +225,7 @@ def _eagle_config(args):
 
 def _eagle_data(args, model, ec):
   """(train batches, eval batches, validation prompts) for `run_eagle`."""
-  from kvjax.train import eagle
+  from kvjax.train import eagle_data
   from kvjax.train.lm import TrainError
 
   tok = model.tokenizer
@@ -235,7 +235,7 @@ def _eagle_data(args, model, ec):
     td = text_data(args, tok)
     batches = td.train_batches
     eval_batches = td.eval_batches if args.eval_fraction > 0 else None
-    train_stream, held_stream = eagle.text_streams(td)
+    train_stream, held_stream = eagle_data.text_streams(td)
   else:
     from kvjax.train import data
 
@@ -254,26 +254,28 @@ def _eagle_data(args, model, ec):
     train_stream = stream("train") if ec.self_distill else None
   prompts = []
   if ec.eval_prompts and held_stream is not None and len(held_stream[0]):
-    prompts = eagle.prompts_from_stream(*held_stream, ec.eval_prompts, ec.prompt_len)
+    prompts = eagle_data.prompts_from_stream(*held_stream, ec.eval_prompts, ec.prompt_len)
   if ec.self_distill:
     import numpy as np
 
     length = min(args.seq_len + 1, model.cfg.max_position)
-    starts = eagle.prompts_from_stream(
+    starts = eagle_data.prompts_from_stream(
       *train_stream, ec.self_distill, min(32, length // 4), rng=np.random.default_rng(args.seed)
     )
-    seqs = eagle.self_distill(
+    seqs = eagle_data.self_distill(
       model,
       starts,
       length,
       temperature=args.distill_temperature,
       seed=args.seed,
-      path=os.path.join(args.out, eagle.DISTILL_FILE),
+      path=os.path.join(args.out, eagle_data.DISTILL_FILE),
       progress=not args.no_progress,
     )
     if length < args.seq_len + 1:
       seqs = np.pad(seqs, ((0, 0), (0, args.seq_len + 1 - length)), constant_values=-1)
-    batches = eagle.SequenceData(seqs, batch_size=args.batch_size, seed=args.seed).train_batches
+    batches = eagle_data.SequenceData(
+      seqs, batch_size=args.batch_size, seed=args.seed
+    ).train_batches
   return batches, eval_batches, prompts
 
 
