@@ -28,7 +28,7 @@ import itertools
 import math
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +72,7 @@ class AugmentConfig(RunConfig):
   delay: int = 0
   eval_batches: int = 8
 
-  DOMAINS = {
+  DOMAINS: ClassVar[dict[str, loop.Domain]] = {
     **RunConfig.DOMAINS,
     **dict.fromkeys(("ahead", "points", "eval_batches"), loop.INT_POSITIVE),
     "delay": loop.INT_NONNEG,
