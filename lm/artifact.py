@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
-from kvjax.lm.config import read_json
+from kvjax.lm.hf_config import read_json
 
 PARAMS = "params"  # the orbax params' folder inside an artifact directory
 ALLOW_FLAG = "allow_other_params=True (--allow-other-params)"

@@ -1,6 +1,6 @@
 """The request engine every generation path shares: prompts to token rows, the request's checks,
-stop ids, padding to a length bucket, the cache of a request and its prefill, and turning
-generated ids back into text (whole rows, or incrementally for streaming).
+stop ids, padding to a length bucket, the cache of a request and its prefill. Turning generated
+ids back into text is `kvjax.lm.detokenize`'s.
 
 `kvjax.lm.generate`, token streaming, StreamingLLM, Skeleton-of-Thought expansion, EAGLE, the
 coprocessor and DroidSpeak all set requests up through these functions.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,6 @@ import numpy as np
 
 from kvjax.cache.dense import KVCache
 from kvjax.lm import sharding, steps
-from kvjax.lm.detokenize import Detokenizer
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
 
@@ -233,109 +232,3 @@ def padded_stop_ids(model: Model, stop_tokens: Sequence[int] | None) -> list[int
   request's stop list."""
   ids = stop_ids(model, stop_tokens)
   return ids + [-1] * (steps.bucket(len(ids), minimum=4) - len(ids))
-
-
-def _cut_at_stop(model: Model, ids: list[int], stop: Sequence[str]) -> tuple[str, list[int], bool]:
-  """Text before the first stop string, and the shortest token prefix that produces it."""
-  text = model.tokenizer.decode(ids)
-  hits = [text.find(s) for s in stop if s and s in text]
-  if not hits:
-    return text, ids, False
-  cut = min(hits)
-  lo, hi = 1, len(ids)  # smallest n whose decode reaches past the cut point with a stop string
-  while lo < hi:
-    mid = (lo + hi) // 2
-    t = model.tokenizer.decode(ids[:mid])
-    if any(s in t[cut:] for s in stop if s):
-      hi = mid
-    else:
-      lo = mid + 1
-  return text[:cut], ids[:lo], True
-
-
-def outputs(
-  model: Model, out: np.ndarray, counts: np.ndarray, stop: Sequence[str], stop_ids: Sequence[int]
-) -> tuple[list[str], list[list[int]], list[str]]:
-  """(texts, tokens, finish) of generated rows out [B, >= counts] cut at counts [B], as
-  `Generation` reports them."""
-  texts, tokens, finish = [], [], []
-  for b in range(len(counts)):
-    ids = out[b, : counts[b]].tolist()
-    hit_stop = bool(ids) and ids[-1] in stop_ids
-    reason = "stop_token" if hit_stop else "length"
-    text = ""
-    if model.tokenizer is not None:
-      text, ids_cut, cut = _cut_at_stop(model, ids[:-1] if hit_stop else ids, stop)
-      if cut:
-        ids, reason = ids_cut, "stop_string"
-    texts.append(text)
-    tokens.append(ids)
-    finish.append(reason)
-  return texts, tokens, finish
-
-
-def timed(pieces: Iterator[str], stats: dict) -> Iterator[str]:
-  """Yields pieces, adding to stats["decode_s"] the seconds spent producing each (decode steps,
-  detokenisation, stop checks), less the compile seconds the producer added to
-  stats["compile_s"] meanwhile. The consumer's time between pieces is not counted."""
-  pieces = iter(pieces)
-  while True:
-    t0, c0 = time.perf_counter(), stats["compile_s"]
-    piece = next(pieces, None)
-    stats["decode_s"] += time.perf_counter() - t0 - (stats["compile_s"] - c0)
-    if piece is None:
-      return
-    yield piece
-
-
-def detokenize(
-  model: Model,
-  tokens: Iterator[int],
-  stop: Sequence[str],
-  stop_ids: set[int],
-  done: dict,
-  *,
-  keep_ids: bool = True,
-) -> Iterator[str]:
-  """Yields the text of `tokens` as it becomes final, pulling one token per piece: it ends at a
-  stop token or a stop string (neither yielded) or when `tokens` runs out ("length"). Text that
-  may start a stop string or an unfinished UTF-8 character is held back until it is decided.
-  Fills `done` with n (tokens pulled, a stop token included), finish and, with keep_ids, ids
-  (those tokens; an endless stream that needs none keeps constant memory without them).
-
-  Work per token is bounded (`Detokenizer` decodes a short window of recent ids; stop strings
-  are searched in the text not yet yielded, at most the longest stop string plus one piece),
-  so an endless stream costs the same per token at its millionth token as at its first."""
-  ids: list[int] = []
-  done.update(n=0, finish="length", **({"ids": ids} if keep_ids else {}))
-  text = Detokenizer(require_tokenizer(model, "detokenisation"))
-  hold = max((len(s) for s in stop), default=1) - 1  # chars that may start a stop string
-  pending = ""  # decoded, not yet yielded: every stop string that starts here is still unseen
-
-  def cut(pending: str) -> int:
-    return min((pending.find(s) for s in stop if s and s in pending), default=-1)
-
-  for tok in tokens:
-    done["n"] += 1
-    if keep_ids:
-      ids.append(tok)
-    if tok in stop_ids:
-      done["finish"] = "stop_token"
-      break
-    pending += text.push(tok)
-    at = cut(pending)
-    if at >= 0:
-      done["finish"] = "stop_string"
-      if at:
-        yield pending[:at]
-      return
-    if len(pending) > hold:
-      yield pending[: len(pending) - hold]
-      pending = pending[len(pending) - hold :]
-  pending += text.flush()
-  at = cut(pending)
-  if at >= 0:
-    done["finish"] = "stop_string"
-    pending = pending[:at]
-  if pending:
-    yield pending

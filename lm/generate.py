@@ -15,14 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.lm import distributed, engine, steps
+from kvjax.lm.detokenize import detokenize, outputs, timed
 from kvjax.lm.engine import (
   NonFiniteError,
   Prompt,
   check_context,
-  detokenize,
   nbytes,
   new_cache,
-  outputs,
   pad,
   tokenize,
 )
@@ -234,7 +233,7 @@ def generate_iter(
       yield int(tok[0])
 
   done: dict = {}
-  yield from engine.timed(detokenize(model, tokens(), stop, stop_ids, done), acc)
+  yield from timed(detokenize(model, tokens(), stop, stop_ids, done), acc)
   if stats is not None:
     stats.update(
       decode_stats(

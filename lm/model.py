@@ -14,8 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kvjax.lm import artifact, checkpoint
-from kvjax.lm.config import Config, ConfigError, from_hf, read_json, to_hf
+from kvjax.lm.config import Config, ConfigError
 from kvjax.lm.decoder import Decoder
+from kvjax.lm.hf_config import from_hf, read_json, to_hf
 from kvjax.lm.tokenizer import Tokenizer, TokenizerError
 
 

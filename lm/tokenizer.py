@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from kvjax.lm.config import read_json
+from kvjax.lm.hf_config import read_json
 
 
 class TokenizerError(ValueError):

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kvjax.lm import artifact, config
+from kvjax.lm import artifact, config, hf_config
 from kvjax.speculative.head import Head, HeadConfig, HeadError, LoadedHead, check
 
 # Shipped heads (see MODELS.md), loadable by name.
@@ -153,7 +153,7 @@ def _config(path: str, target, kind: str) -> tuple[dict, tuple[int, ...]]:
   """(config.json's dict, the fused target layers (inputs; () for eagle1)), checked against
   the target."""
   file = os.path.join(path, "config.json")
-  d = config.read_json(file, required=True, error=HeadError)
+  d = hf_config.read_json(file, required=True, error=HeadError)
   t = target.cfg
   want = {
     "hidden_size": t.d_model,
@@ -417,7 +417,7 @@ def _published_config(hc: HeadConfig) -> dict:
     "tie_word_embeddings": False,
     "max_position_embeddings": t.max_position,
     "torch_dtype": "float32",
-    **{k: v for k, v in config.to_hf(t).items() if k in ("rope_theta", "rope_scaling")},
+    **{k: v for k, v in hf_config.to_hf(t).items() if k in ("rope_theta", "rope_scaling")},
   }
   if hc.kind == "eagle1":
     return {**cfg, "bias": True}

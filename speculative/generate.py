@@ -20,16 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.lm import steps
-from kvjax.lm.engine import (
-  Prompt,
-  Request,
-  check_context,
-  check_finite,
-  new_cache,
-  outputs,
-  pad,
-  request,
-)
+from kvjax.lm.detokenize import outputs
+from kvjax.lm.engine import Prompt, Request, check_context, check_finite, new_cache, pad, request
 from kvjax.lm.generate import Generation
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling

@@ -28,7 +28,7 @@ import itertools
 import math
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +46,9 @@ from kvjax.coprocessor.traces import (
 )
 from kvjax.lm.attention import Training
 from kvjax.lm.model import Model
-from kvjax.train import loop
-from kvjax.train.loop import RunConfig, TrainError, compiled
+from kvjax.train import checkpoints, loop
+from kvjax.train.errors import TrainError
+from kvjax.train.loop import RunConfig, compiled
 
 Batch = dict[str, np.ndarray]
 PLOT_LABEL = "ahead-token loss (nats)"
@@ -71,7 +72,7 @@ class AugmentConfig(RunConfig):
   delay: int = 0
   eval_batches: int = 8
 
-  DOMAINS = {
+  DOMAINS: ClassVar[dict[str, loop.Domain]] = {
     **RunConfig.DOMAINS,
     **dict.fromkeys(("ahead", "points", "eval_batches"), loop.INT_POSITIVE),
     "delay": loop.INT_NONNEG,
@@ -240,7 +241,7 @@ def train(
   cc = cop.cc.to_json()
   cc.pop("base_name")
   cc.pop("base_fingerprint")
-  loop.check_resume(ac.out_dir, _json({"model": cc, "train": ac.resume_key()}))
+  checkpoints.check_resume(ac.out_dir, _json({"model": cc, "train": ac.resume_key()}))
   dtype = cop.soft.dtype
   f32 = lambda t: jax.tree.map(lambda a: jnp.array(a, jnp.float32), t)  # copies
   work = dataclasses.replace(base, state=f32(base.state), compiled={})

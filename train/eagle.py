@@ -38,7 +38,6 @@ per target forward of greedy `kvjax.speculative.generate` on held-out prompts.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -50,17 +49,15 @@ import numpy as np
 import optax
 
 from kvjax.lm.attention import Training
-from kvjax.lm.generate import generate
 from kvjax.lm.model import Model
-from kvjax.lm.sampling import Sampling
 from kvjax.speculative import head as heads
 from kvjax.speculative.generate import generate as speculative_generate
 from kvjax.speculative.tree import TreeSpec
-from kvjax.train import loop
-from kvjax.train.loop import RunConfig, TrainError, compiled
+from kvjax.train import checkpoints, loop
+from kvjax.train.errors import TrainError
+from kvjax.train.loop import RunConfig, compiled
 
 Batch = dict[str, np.ndarray]
-DISTILL_FILE = "selfdistill.npy"
 PLOT_LABEL = "head loss"  # eagle1: SmoothL1 + 0.1 CE; eagle3: step-weighted CE
 
 
@@ -70,12 +67,13 @@ class EagleConfig(RunConfig):
   no weight decay by default, and:). Hashable.
 
   kind: "eagle1" or "eagle3" (must match the head). ttt_steps: eagle3's unrolled steps K
-  (clipped to seq_len - 1). feature_noise: half-width of the uniform noise on step-0 input features (default 0.1 for
-  eagle1, 0 for eagle3). ce_weight: eagle1's weight of the token loss. step_decay: eagle3's
-  weight ratio between consecutive steps. self_distill, distill_temperature: recorded so a
-  resume uses the same data (the sequences are made by `self_distill`). eval_batches: held-out
-  batches per evaluation. eval_prompts, prompt_len, new_tokens, tree_*: val_accept_len's greedy
-  generation (prompts of prompt_len tokens, new_tokens each, TreeSpec(top_k, depth, tokens)).
+  (clipped to seq_len - 1). feature_noise: half-width of the uniform noise on step-0 input
+  features (default 0.1 for eagle1, 0 for eagle3). ce_weight: eagle1's weight of the token
+  loss. step_decay: eagle3's weight ratio between consecutive steps. self_distill,
+  distill_temperature: recorded so a resume uses the same data (the sequences are made by
+  `kvjax.train.eagle_data.self_distill`). eval_batches: held-out batches per evaluation.
+  eval_prompts, prompt_len, new_tokens, tree_*: val_accept_len's greedy generation (prompts of
+  prompt_len tokens, new_tokens each, TreeSpec(top_k, depth, tokens)).
   """
 
   kind: str = "eagle1"
@@ -95,7 +93,7 @@ class EagleConfig(RunConfig):
   tree_depth: int = 5
   tree_tokens: int = 32
 
-  DOMAINS = {
+  DOMAINS: ClassVar[dict[str, loop.Domain]] = {
     **RunConfig.DOMAINS,
     **dict.fromkeys(("ttt_steps", "prompt_len", "new_tokens", "eval_batches"), loop.INT_POSITIVE),
     **dict.fromkeys(("self_distill", "eval_prompts"), loop.INT_NONNEG),
@@ -495,7 +493,7 @@ def train(
   hc = head.hc.to_json()
   hc.pop("target_name")
   hc.pop("target_fingerprint")
-  loop.check_resume(ec.out_dir, _json({"model": hc, "train": ec.resume_key()}))
+  checkpoints.check_resume(ec.out_dir, _json({"model": hc, "train": ec.resume_key()}))
   dtype = jax.tree.leaves(head.state)[0].dtype
   work = head.with_params(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), head.params()))
   opt_init, train_step, eval_step = cached_steps(model, work, ec)
@@ -540,131 +538,3 @@ def train(
   )
   host = jax.tree.map(lambda a: np.asarray(a).astype(dtype), jax.device_get(state["params"]))
   return Result(head=head.with_params(host), records=records, resumed_from=start)
-
-
-# --- data -------------------------------------------------------------------------------------
-
-
-def prompts_from_stream(
-  tokens: np.ndarray,
-  doc: np.ndarray,
-  n: int,
-  length: int,
-  *,
-  rng: np.random.Generator | None = None,
-) -> list[list[int]]:
-  """n prompts of `length` tokens, each inside one document of a token stream (tokens, doc
-  [N]): evenly spaced over the stream, or drawn at random with `rng`."""
-  tokens, doc = np.asarray(tokens), np.asarray(doc)
-  if n == 0:
-    return []
-  ok = (
-    np.flatnonzero(doc[: len(doc) - length + 1] == doc[length - 1 :])
-    if len(doc) >= length
-    else np.zeros(0, np.int64)
-  )
-  if not len(ok):
-    raise TrainError(f"no document of the held-out / prompt text has {length} tokens for a prompt")
-  if rng is None:
-    starts = ok[np.linspace(0, len(ok) - 1, n).round().astype(np.int64)]
-  else:
-    starts = rng.choice(ok, n, replace=len(ok) < n)
-  return [tokens[s : s + length].tolist() for s in starts]
-
-
-def text_streams(td) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-  """The (tokens, doc) streams of a `kvjax.train.text.TextData`'s train and held-out parts."""
-  train = td.windows[: td.n_train, :-1].ravel()
-  held = td.windows[td.n_train :, :-1].ravel()
-  return (train, np.zeros(len(train), np.int32)), (held, np.zeros(len(held), np.int32))
-
-
-def self_distill(
-  model: Model,
-  prompts: Sequence[Sequence[int]],
-  length: int,
-  *,
-  temperature: float = 1.0,
-  seed: int = 0,
-  path: str | None = None,
-  chunk: int = 32,
-  progress: bool = True,
-) -> np.ndarray:
-  """The target's own continuations of `prompts` as training sequences: [N, length] int32,
-  each row a prompt and what `kvjax.lm.generate` (greedy at temperature 0, else sampled) made
-  after it up to `length` tokens, -1 after a stop token. With `path` (a .npy file) the result
-  is made once and read back afterwards."""
-  n = len(prompts)
-  if path is not None and os.path.exists(path):
-    seqs = np.load(path)
-    if seqs.shape != (n, length):
-      raise TrainError(
-        f"{path} holds {seqs.shape[0]} sequences of {seqs.shape[1]} tokens, not "
-        f"{n} of {length}: it belongs to another run; pass a new out dir"
-      )
-    return seqs
-  longest = max(map(len, prompts))
-  if longest >= length or length > model.cfg.max_position:
-    raise TrainError(
-      f"self-distillation needs prompts ({longest} tokens) shorter than the "
-      f"sequences ({length}), which must fit max_position "
-      f"{model.cfg.max_position}"
-    )
-  sampling = Sampling(temperature=float(temperature))
-  seqs = np.full((n, length), -1, np.int32)
-  from tqdm import tqdm
-
-  bar = tqdm(total=n, desc="self-distill", unit="seq", dynamic_ncols=True, disable=not progress)
-  for s in range(0, n, chunk):
-    rows = [list(map(int, p)) for p in prompts[s : s + chunk]]
-    rows += [rows[0]] * (chunk - len(rows))  # one batch shape for every chunk
-    out = generate(
-      model,
-      rows,
-      max_new_tokens=length - min(map(len, rows)),
-      sampling=sampling,
-      key=jax.random.fold_in(jax.random.key(seed), s),
-    )
-    for r in range(min(chunk, n - s)):
-      ids = (rows[r] + out.tokens[r])[:length]
-      seqs[s + r, : len(ids)] = ids
-    bar.update(min(chunk, n - s))
-  bar.close()
-  if path is not None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npy"
-    np.save(tmp, seqs)
-    os.replace(tmp, path)
-  return seqs
-
-
-class SequenceData:
-  """Batches of fixed sequences [N, T + 1] (-1 = no token), T = seq_len: batch i is a pure
-  function of (seed, i), rows in epoch-wise permutations."""
-
-  def __init__(self, seqs: np.ndarray, *, batch_size: int, seed: int = 0):
-    seqs = np.asarray(seqs)
-    if seqs.ndim != 2 or seqs.shape[1] < 2 or not len(seqs):
-      raise TrainError(f"sequences must be [N, T + 1] with T >= 1; got {list(seqs.shape)}")
-    self.seqs, self.batch_size, self.seed = seqs, batch_size, seed
-
-  @functools.lru_cache(maxsize=4)
-  def _perm(self, epoch: int) -> np.ndarray:
-    return np.random.default_rng((self.seed, epoch)).permutation(len(self.seqs))
-
-  def batch(self, i: int) -> Batch:
-    n, B = len(self.seqs), self.batch_size
-    rows = [self._perm(k // n)[k % n] for k in range(i * B, (i + 1) * B)]
-    w = self.seqs[np.asarray(rows)]
-    real = (w[:, :-1] >= 0) & (w[:, 1:] >= 0)
-    return {
-      "inputs": np.maximum(w[:, :-1], 0).astype(np.int32),
-      "targets": np.maximum(w[:, 1:], 0).astype(np.int32),
-      "mask": real.astype(np.float32),
-    }
-
-  def train_batches(self, start: int = 0):
-    i = start
-    while True:
-      yield self.batch(i)
-      i += 1

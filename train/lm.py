@@ -7,12 +7,12 @@
 
 Batches are dicts of numpy arrays: inputs, targets [B, T] int32; mask, chars [B, T] float32
 (mask 1 = a real target; chars = characters of text each target covers); optionally
-segment_ids, positions [B, T] int32 (packed documents: attention stays inside each one). `batches` is either
-a callable start_step -> iterator of the batches for steps start_step, start_step + 1, ...
-(preferred: a resume asks for its own position), or an iterable, of which a resumed run skips
-the batches already consumed. Either way batch i must depend only on i (and the seed), which
-is what makes resume exact: an interrupted and resumed run ends with the bit-identical params
-of an uninterrupted one.
+segment_ids, positions [B, T] int32 (packed documents: attention stays inside each one).
+`batches` is either a callable start_step -> iterator of the batches for steps start_step,
+start_step + 1, ... (preferred: a resume asks for its own position), or an iterable, of which
+a resumed run skips the batches already consumed. Either way batch i must depend only on i
+(and the seed), which is what makes resume exact: an interrupted and resumed run ends with the
+bit-identical params of an uninterrupted one.
 
 The train state is a pure pytree {"params": dict, "opt_state": optax state, "step": int32 []};
 params stay float32 (`bf16` casts a copy for the forward and backward only); the loss is the
@@ -26,7 +26,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -35,22 +35,21 @@ import optax
 
 from kvjax.lm import distributed, sharding, steps
 from kvjax.lm.attention import Training
-from kvjax.lm.config import to_hf
+from kvjax.lm.hf_config import to_hf
 from kvjax.lm.model import Model, load, save
+from kvjax.train.checkpoints import RUN_FILE, check_resume, restore_step
+from kvjax.train.errors import TrainError
 from kvjax.train.loop import (
   INT_NONNEG,
   INT_POSITIVE,
-  RUN_FILE,
   UNIT_OPEN,
   Batch,
+  Domain,
   RunConfig,
-  TrainError,
   check_batch,
-  check_resume,
   compiled,
   optimizer,
   optimizer_lr,
-  restore_step,
   run_loop,
   to_device,
 )
@@ -75,7 +74,7 @@ class TrainConfig(RunConfig):
   data_parallel: int = 0
   model_parallel: int = 1
 
-  DOMAINS = {
+  DOMAINS: ClassVar[dict[str, Domain]] = {
     **RunConfig.DOMAINS,
     "model_parallel": INT_POSITIVE,
     "data_parallel": INT_NONNEG,
@@ -130,8 +129,9 @@ def cached_steps(model: Model, tc: TrainConfig):
 def make_steps(model: Model, tc: TrainConfig, opt: optax.GradientTransformation):
   """(train_step(state, batch, key) -> (state, stats), eval_step(params, batch) -> sums).
 
-  train_step donates `state`; key: the run's PRNG key (dropout, folded with the step); stats: loss, grad_norm (before clipping), lr (of this step).
-  eval_step returns (sum of masked nll, mask sum, sum of masked chars)."""
+  train_step donates `state`; key: the run's PRNG key (dropout, folded with the step); stats:
+  loss, grad_norm (before clipping), lr (of this step). eval_step returns (sum of masked nll,
+  mask sum, sum of masked chars)."""
   schedule_lr = optimizer_lr(tc)
 
   def loss_fn(params, batch, training):
@@ -294,7 +294,7 @@ def export(run_dir: str, step: int | str, out: str) -> Model:
     "opt_state": optimizer(tc).init(params),
     "step": jnp.zeros((), jnp.int32),
   }
-  state, _ = restore_step(tc, state, step)
+  state, _ = restore_step(tc.out_dir, state, step)
   trained = model.with_params(jax.tree.map(np.asarray, jax.device_get(state["params"])))
   save(trained, out)
   return trained

@@ -1,6 +1,7 @@
 """The trainer core every task shares (lm, eagle, coprocessor): the run config, AdamW under
-warmup + cosine decay, the cache of compiled steps, batch checks and transfer, the run loop
-(resume from orbax checkpoints, metrics, evaluation, progress), the run record.
+warmup + cosine decay, the cache of compiled steps, batch checks and transfer, and the run loop
+(resume from the latest checkpoint, metrics, evaluation, early stopping, progress). The run's
+files (run.json, the orbax checkpoints, the best state) are `kvjax.train.checkpoints`'.
 
 A task supplies its loss (compiled into train / eval steps by `compiled`), its batches and its
 validation; `run_loop` does the rest:
@@ -12,14 +13,9 @@ validation; `run_loop` does the rest:
 from __future__ import annotations
 
 import dataclasses
-import gc
-import json
-import logging
 import math
 import os
-import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
@@ -27,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from kvjax.lm import distributed
-from kvjax.train import metrics
+from kvjax.train import checkpoints, metrics
+from kvjax.train.errors import TrainError, TrainInterrupted
 
 Batch = dict[str, np.ndarray]
 
@@ -44,17 +40,6 @@ BATCH_KEYS = {
 # Optional int [B, T] arrays of packed batches: document index of each input inside its row
 # and its position inside that document. When given, attention stays within a document.
 OPTIONAL_KEYS = ("segment_ids", "positions")
-CHECKPOINTS = "checkpoints"
-BEST = "best"  # OUT/best: the state of the best evaluation, and best.json
-RUN_FILE = "run.json"
-
-
-class TrainError(ValueError):
-  """A training setup that cannot run (bad hyperparameters, mismatched resume, bad batch)."""
-
-
-class TrainInterrupted(KeyboardInterrupt):
-  """Ctrl-C during training; its message says where the run stopped and how to resume."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,176 +224,49 @@ def batch_iter(batches, start: int) -> Iterator[Batch]:
   return it
 
 
-def check_resume(out_dir: str, run: dict[str, Any]) -> None:
-  """Writes out_dir/run.json, or checks that a run already there is the same run (every
-  process checks; process 0 writes)."""
-  path = os.path.join(out_dir, RUN_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    for part in ("model", "train"):
-      if old.get(part) != run[part]:
-        diff = sorted(
-          k
-          for k in set(old.get(part, {})) | set(run[part])
-          if old.get(part, {}).get(k) != run[part].get(k)
-        )
-        raise TrainError(
-          f"{out_dir} holds checkpoints of a different run ({part} settings "
-          f"differ: {', '.join(diff)}); resume with the same settings or pass a "
-          "new out dir"
-        )
-  distributed.barrier("kvjax check_resume")  # every process has read run.json before it is written
-  if distributed.is_main():
-    with open(path, "w") as f:
-      json.dump(run, f, indent=2)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Task:
+  """What a task hands the loop (see `run_loop`), and what follows from it for the run."""
+
+  step: Callable
+  evaluate: Callable[[Any], dict[str, float]] | None
+  amount: Callable[[Batch], float]
+  rate_name: str
+  postfix: Callable[[dict[str, Any]], dict[str, str]]
+  flops: Callable[[Batch], float] | None
+  best_metric: str | None
+  tracking: bool  # keep_best or patience, over evaluations of best_metric
+  peak: float | None  # the device's measured matmul FLOP/s, when flops is given
+  main: bool  # the one process that writes files and shows progress
 
 
-def _manager(
-  tc: RunConfig, where: str = CHECKPOINTS, keep: int | None = -1, check: int | str | None = None
-):
-  """The orbax manager of OUT/where, keeping tc.keep checkpoints (keep=-1), `keep`, or all
-  (None), after `check_checkpoints(OUT/where, check)` (before orbax opens it and logs about
-  what it finds)."""
-  path = os.path.join(tc.out_dir, where)
-  check_checkpoints(path, check)
-  options = ocp.CheckpointManagerOptions(
-    max_to_keep=tc.keep if keep == -1 else keep, create=True, enable_async_checkpointing=False
-  )
-  return ocp.CheckpointManager(os.path.abspath(path), options=options)
+@dataclasses.dataclass
+class _Rates:
+  """What the steps since the last log record or checkpoint write did; the rates exclude
+  evaluation and checkpoint writes, so each of those restarts it."""
+
+  t0: float = dataclasses.field(default_factory=time.perf_counter)
+  amount: float = 0.0  # the batches' `amount` (e.g. characters)
+  flops: float = 0.0
+
+  def restart(self) -> None:
+    self.t0, self.amount, self.flops = time.perf_counter(), 0.0, 0.0
+
+  def per_second(self) -> tuple[float, float]:
+    """(amount, FLOPs) per second since the restart."""
+    elapsed = max(time.perf_counter() - self.t0, 1e-9)
+    return self.amount / elapsed, self.flops / elapsed
 
 
-def check_checkpoints(path: str, step: int | str | None = "latest") -> None:
-  """TrainError when the checkpoint directory path (e.g. OUT/checkpoints) is there but no
-  directory, or when its step dir `step` ("latest": the highest) is visibly damaged (see
-  `_damage`): found before any training starts, not at the first save or the restore."""
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise TrainError(
-      f"{path} is not a directory: it is where the run keeps its checkpoints; "
-      "remove it or pass a new out dir"
-    )
-  steps = _step_dirs(path)
-  if step == "latest":
-    step = max(steps, default=None)
-  if step in steps:
-    why = _damage(os.path.join(path, str(step)))
-    if why:
-      raise _damaged(path, step, steps, why)
+@dataclasses.dataclass(kw_only=True)
+class _LoopState:
+  """The run loop's state between steps."""
 
-
-def _step_dirs(path: str) -> list[int]:
-  """The steps of the checkpoint directories under path (orbax names them by step)."""
-  if not os.path.isdir(path):
-    return []
-  return sorted(
-    int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n))
-  )
-
-
-def _damage(where: str) -> str | None:
-  """What makes the checkpoint dir `where` unreadable on sight (empty, no default/ item, an
-  empty file in it: a write cut short or a truncated copy), or None."""
-  if not os.listdir(where):
-    return "it is empty"
-  item = os.path.join(where, "default")
-  if not os.path.isdir(item):
-    return "it has no default/ item"
-  empty = [
-    os.path.relpath(os.path.join(d, f), where)
-    for d, _, files in os.walk(item)
-    for f in files
-    if os.path.getsize(os.path.join(d, f)) == 0
-  ]
-  if empty:
-    return f"empty file {empty[0]}" + (f" and {len(empty) - 1} more" if len(empty) > 1 else "")
-  return None
-
-
-def _damaged(path: str, step: int, steps: list[int], why: str) -> TrainError:
-  """The error for checkpoint `step` under path that cannot be read: which directory, why,
-  and which checkpoint removing it falls back to."""
-  where = os.path.join(path, str(step))
-  earlier = [s for s in steps if s < step]
-  then = f"resume from step {max(earlier)}" if earlier else "start afresh"
-  return TrainError(
-    f"{where}: the checkpoint of step {step} cannot be read ({why}); it is "
-    f"damaged (e.g. a write that was cut short): remove {where} to {then}"
-  )
-
-
-def _restore(manager, state, step: int | None = None):
-  """Checkpoint `step` (default the latest) restored with state's structure, shapes, dtypes
-  and shardings; TrainError naming its directory when it cannot be read (and what orbax's
-  abandoned reads of it would print later is dropped: see `_drop_leftovers`)."""
-  step = manager.latest_step() if step is None else step
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  _drop_leftovers(None)  # hooked before the restore: leftovers may come before it fails
-  try:
-    with warnings.catch_warnings(record=True) as seen:
-      warnings.simplefilter("always")
-      restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    for w in seen:  # the restore worked: its warnings are real, shown as they would have been
-      warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return restored
-  except Exception as err:  # orbax and tensorstore raise many kinds for damaged files
-    path = str(manager.directory)
-    where = os.path.join(path, str(step))
-    failure = _damaged(path, step, list(manager.all_steps()), _damage(where) or _first_line(err))
-  _drop_leftovers(where)
-  gc.collect()  # collect what is collectable now, while the hooks are surely in place
-  raise failure
-
-
-def _first_line(err: Exception) -> str:
-  """`Type: the first line of err's message`, tensorstore's spec dump cut off, at most ~160
-  characters."""
-  text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-  text = text.split(" See full TensorStore")[0].split(" [tensorstore_spec=")[0]
-  text = text if len(text) <= 160 else text[:157] + "..."
-  return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-_DAMAGED: set[str] = set()  # checkpoint dirs already reported as unreadable
-
-
-def _drop_leftovers(where: str | None) -> None:
-  """Once a restore of checkpoint dir `where` failed (and was reported), drops what orbax's
-  abandoned reads of it make Python print later, often at exit, as tracebacks and error logs:
-  unraisable exceptions (coroutines garbage-collected with an error about `where`, callbacks
-  into orbax's event loop after it closed) and asyncio's "exception was never retrieved" logs
-  about `where`, and the RuntimeWarnings of coroutines it abandoned ("never awaited"). Anything
-  else passes. The hooks go in once (again when a test runner swaps
-  sys.unraisablehook)."""
-  if where is not None:
-    _DAMAGED.add(os.path.abspath(where))
-    # an abandoned read's coroutine, collected later, warns that it was never awaited
-    warnings.filterwarnings(
-      "ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning
-    )
-
-  def about_damaged(err) -> bool:
-    return err is not None and any(d in str(err) for d in _DAMAGED)
-
-  previous = sys.unraisablehook
-  if not getattr(previous, "kvjax_leftovers", False):
-
-    def hook(unraisable):
-      err = unraisable.exc_value
-      closed = isinstance(err, RuntimeError) and str(err) == "Event loop is closed"
-      if not (closed or about_damaged(err)):
-        previous(unraisable)
-
-    hook.kvjax_leftovers = True
-    sys.unraisablehook = hook
-  log = logging.getLogger("asyncio")
-  if not any(getattr(f, "kvjax_leftovers", False) for f in log.filters):
-
-    def keep(record) -> bool:
-      err = record.exc_info[1] if record.exc_info else None
-      return not ("exception was never retrieved" in record.getMessage() and about_damaged(err))
-
-    keep.kvjax_leftovers = True
-    log.addFilter(keep)
+  state: Any  # the train state pytree: {"params", "opt_state", "step"}
+  records: list[dict[str, Any]]  # this run's log records
+  best: dict[str, Any] | None  # best.json: {step, metric, value, evals_since}
+  rates: _Rates
+  stop: bool = False  # the last evaluation ran out of patience: stop early
 
 
 def run_loop(
@@ -438,110 +296,148 @@ def run_loop(
   best (the last state is checkpointed; its record has stopped_early). Returns (state,
   records, start step)."""
   label = {} if plot_label is None else {"ylabel": plot_label}
-  records: list[dict[str, Any]] = []
-  has_eval = evaluate is not None
-  tracking = best_metric is not None and has_eval and (rc.keep_best or rc.patience)
-  if (rc.keep_best or rc.patience) and not tracking:
-    raise TrainError(
-      "keep_best and patience need held-out evaluation batches (a validation metric to compare)"
-    )
-  peak = matmul_peak() if flops is not None else None
-  with _manager(rc, check="latest") as manager, _manager(rc, BEST, 1) as best_manager:
-    start = 0
-    if manager.latest_step() is not None:
-      state = _restore(manager, state)
-      start = int(state["step"])
-    main = distributed.is_main()  # the one process that writes files and shows progress
-    if main:
-      metrics.truncate(rc.out_dir, start)
-    best = read_best(rc.out_dir)
-    end = rc.steps
-    if tracking and rc.patience and best and best["evals_since"] >= rc.patience:
-      end = start  # this run already stopped early: nothing more to train
+  task = _Task(
+    step=step,
+    evaluate=evaluate,
+    amount=amount,
+    rate_name=rate_name,
+    postfix=postfix,
+    flops=flops,
+    best_metric=best_metric,
+    tracking=_tracking(rc, evaluate, best_metric),
+    peak=matmul_peak() if flops is not None else None,
+    main=distributed.is_main(),
+  )
+  with (
+    checkpoints.open_manager(rc.out_dir, rc.keep, check="latest") as manager,
+    checkpoints.open_manager(rc.out_dir, 1, checkpoints.BEST) as best_manager,
+  ):
+    loop, start = _resume(rc, task, manager, state)
+    end = start if _stopped_early(rc, task, loop.best) else rc.steps
     it = batch_iter(batches, start)
-    bar = _progress(progress and main, start, rc.steps)
-    t0, done, work = time.perf_counter(), 0.0, 0.0
+    bar = _progress(progress and task.main, start, rc.steps)
+    loop.rates.restart()
     try:
       for i in range(start + 1, end + 1):
-        batch = next(it, None)
-        if batch is None:
-          raise TrainError(f"the batch iterator ended before step {i} of {rc.steps}")
-        state, stats = step(state, batch, i - 1)  # checks the batch first
-        done += amount(batch)
-        work += flops(batch) if flops is not None else 0.0
-        stop = False
-        if _is_log_step(rc, i, has_eval):
-          stats = distributed.fetch(stats)
-          stats.pop("n", None)
-          record = {"step": i, **{k: float(v) for k, v in stats.items()}}
-          elapsed = max(time.perf_counter() - t0, 1e-9)
-          record[rate_name] = done / elapsed
-          if peak:
-            record["mfu"] = work / elapsed / peak
-          if _is_eval_step(rc, i, has_eval):
-            record.update(evaluate(state))
-            if tracking:
-              value = record[best_metric]
-              if best is None or value < best["value"]:
-                best = {"step": i, "metric": best_metric, "value": value, "evals_since": 0}
-                if rc.keep_best:
-                  best_manager.save(i, args=ocp.args.StandardSave(state), force=True)
-              else:
-                best["evals_since"] += 1
-              if main:
-                _write_best(rc.out_dir, best)
-              stop = bool(rc.patience) and best["evals_since"] >= rc.patience
-              record["best_" + best_metric] = best["value"]
-              if stop:
-                record["stopped_early"] = 1.0
-          records.append(record)
-          if main:
-            metrics.append(rc.out_dir, record)
-          bar.set_postfix(postfix(record) | ({"mfu": f"{record['mfu']:.0%}"} if peak else {}))
-          t0, done, work = time.perf_counter(), 0.0, 0.0  # the rates exclude evaluation
+        stats = _train_step(rc, task, loop, next(it, None), i)
+        if _is_log_step(rc, i, evaluate is not None):
+          _log(rc, task, loop, i, stats, best_manager, bar)
         bar.update(1)
-        if (rc.save_every and i % rc.save_every == 0) or i == rc.steps or stop:
-          manager.save(i, args=ocp.args.StandardSave(state), force=True)
-          if main:
+        if (rc.save_every and i % rc.save_every == 0) or i == rc.steps or loop.stop:
+          checkpoints.save(manager, i, loop.state)
+          if task.main:
             metrics.plot(rc.out_dir, **label)
-          t0, done, work = time.perf_counter(), 0.0, 0.0  # and checkpoint writes
-        if stop:
+          loop.rates.restart()
+        if loop.stop:
           break
     except KeyboardInterrupt:
       bar.close()
-      manager.wait_until_finished()
-      kept = manager.latest_step()
-      where = (
-        f"the latest checkpoint is step {kept} in {os.path.join(rc.out_dir, CHECKPOINTS)}"
-        if kept is not None
-        else "no checkpoint was written yet"
-      )
-      done_steps = int(state["step"])  # the last step whose update completed
-      raise TrainInterrupted(
-        f"interrupted after step {done_steps} of {rc.steps}; {where}; run "
-        "the same command to resume from it"
-      ) from None
+      raise _interrupted(rc, manager, loop.state) from None
     bar.close()
     manager.wait_until_finished()
     best_manager.wait_until_finished()
   if distributed.is_main():
     metrics.plot(rc.out_dir, **label)
-  return state, records, start
+  return loop.state, loop.records, start
 
 
-def read_best(out_dir: str) -> dict[str, Any] | None:
-  """OUT/best/best.json: {step, metric, value, evals_since} of the best evaluation, or None."""
-  path = os.path.join(out_dir, BEST, "best.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+def _tracking(rc: RunConfig, evaluate, best_metric: str | None) -> bool:
+  """Whether the run follows its best evaluation (keep_best, patience); TrainError when it
+  should but has nothing to evaluate."""
+  tracking = best_metric is not None and evaluate is not None and (rc.keep_best or rc.patience)
+  if (rc.keep_best or rc.patience) and not tracking:
+    raise TrainError(
+      "keep_best and patience need held-out evaluation batches (a validation metric to compare)"
+    )
+  return bool(tracking)
 
 
-def _write_best(out_dir: str, best: dict[str, Any]) -> None:
-  os.makedirs(os.path.join(out_dir, BEST), exist_ok=True)
-  with open(os.path.join(out_dir, BEST, "best.json"), "w") as f:
-    json.dump(best, f)
+def _resume(rc: RunConfig, task: _Task, manager, state) -> tuple[_LoopState, int]:
+  """The loop state at the latest checkpoint (or `state` at step 0) and its step; metrics.jsonl
+  cut back to that step."""
+  start = 0
+  if manager.latest_step() is not None:
+    state = checkpoints.restore(manager, state)
+    start = int(state["step"])
+  if task.main:
+    metrics.truncate(rc.out_dir, start)
+  best = checkpoints.read_best(rc.out_dir)
+  return _LoopState(state=state, records=[], best=best, rates=_Rates()), start
+
+
+def _stopped_early(rc: RunConfig, task: _Task, best: dict[str, Any] | None) -> bool:
+  """Whether the run being resumed already stopped early: nothing more to train."""
+  return bool(task.tracking and rc.patience and best and best["evals_since"] >= rc.patience)
+
+
+def _train_step(rc: RunConfig, task: _Task, loop: _LoopState, batch: Batch | None, i: int):
+  """Step i on its batch (the task's step checks it first): updates loop.state and the rates;
+  returns the step's stats."""
+  if batch is None:
+    raise TrainError(f"the batch iterator ended before step {i} of {rc.steps}")
+  loop.state, stats = task.step(loop.state, batch, i - 1)
+  loop.rates.amount += task.amount(batch)
+  loop.rates.flops += task.flops(batch) if task.flops is not None else 0.0
+  loop.stop = False
+  return stats
+
+
+def _log(rc: RunConfig, task: _Task, loop: _LoopState, i: int, stats, best_manager, bar) -> None:
+  """Log step i's record: the stats (without "n"), the rate, mfu and, on eval steps, the
+  evaluation and the best so far; into loop.records, metrics.jsonl and the progress bar."""
+  stats = distributed.fetch(stats)
+  stats.pop("n", None)
+  record = {"step": i, **{k: float(v) for k, v in stats.items()}}
+  rate, flops_rate = loop.rates.per_second()
+  record[task.rate_name] = rate
+  if task.peak:
+    record["mfu"] = flops_rate / task.peak
+  if _is_eval_step(rc, i, task.evaluate is not None):
+    record.update(task.evaluate(loop.state))
+    if task.tracking:
+      _track_best(rc, task, loop, record, best_manager)
+  loop.records.append(record)
+  if task.main:
+    metrics.append(rc.out_dir, record)
+  bar.set_postfix(task.postfix(record) | ({"mfu": f"{record['mfu']:.0%}"} if task.peak else {}))
+  loop.rates.restart()  # the rates exclude evaluation
+
+
+def _track_best(
+  rc: RunConfig, task: _Task, loop: _LoopState, record: dict[str, Any], best_manager
+) -> None:
+  """Compares the evaluation in `record` with the best so far: a new best is kept (keep_best)
+  and resets the patience count; best.json is rewritten; the record gets best_<metric> (and
+  stopped_early when patience ran out, which sets loop.stop)."""
+  i, value = record["step"], record[task.best_metric]
+  if loop.best is None or value < loop.best["value"]:
+    loop.best = {"step": i, "metric": task.best_metric, "value": value, "evals_since": 0}
+    if rc.keep_best:
+      checkpoints.save(best_manager, i, loop.state)
+  else:
+    loop.best["evals_since"] += 1
+  if task.main:
+    checkpoints.write_best(rc.out_dir, loop.best)
+  loop.stop = bool(rc.patience) and loop.best["evals_since"] >= rc.patience
+  record["best_" + task.best_metric] = loop.best["value"]
+  if loop.stop:
+    record["stopped_early"] = 1.0
+
+
+def _interrupted(rc: RunConfig, manager, state) -> TrainInterrupted:
+  """The error for Ctrl-C: the last step whose update completed, the latest checkpoint."""
+  manager.wait_until_finished()
+  kept = manager.latest_step()
+  where = (
+    f"the latest checkpoint is step {kept} in {os.path.join(rc.out_dir, checkpoints.CHECKPOINTS)}"
+    if kept is not None
+    else "no checkpoint was written yet"
+  )
+  done_steps = int(state["step"])  # the last step whose update completed
+  return TrainInterrupted(
+    f"interrupted after step {done_steps} of {rc.steps}; {where}; run "
+    "the same command to resume from it"
+  )
 
 
 _PEAK: list[float] = []
@@ -561,19 +457,6 @@ def matmul_peak(n: int = 1024, repeats: int = 5) -> float:
       best = min(best, time.perf_counter() - t0)
     _PEAK.append(2 * n**3 / best)
   return _PEAK[0]
-
-
-def restore_step(rc: RunConfig, state, step: int | str):
-  """The state of checkpoint `step` (an int kept in OUT/checkpoints, or "best": OUT/best) of
-  run rc, restored with state's structure; TrainError naming what is there otherwise."""
-  where = BEST if step == "best" else CHECKPOINTS
-  with _manager(rc, where, None, check="latest" if step == "best" else step) as manager:
-    steps = sorted(manager.all_steps())
-    want = steps[-1] if step == "best" and steps else step
-    if want not in steps:
-      kept = f"kept steps: {steps}" if steps else "none kept"
-      raise TrainError(f"{os.path.join(rc.out_dir, where)} has no checkpoint {step} ({kept})")
-    return _restore(manager, state, want), want
 
 
 def _is_eval_step(tc: RunConfig, step: int, has_eval: bool) -> bool:

@@ -20,17 +20,9 @@ import os
 import sys
 import time
 
-from kvjax.lm.cli.flags import (
-  check_input_file,
-  check_output,
-  checked,
-  nonneg,
-  output_error,
-  port_type,
-  positive,
-  read_text,
-  text_type,
-)
+from kvjax.lm.cli.flags import checked, nonneg, port_type, positive
+from kvjax.lm.cli.paths import check_input_file, check_output, output_error
+from kvjax.lm.cli.text import read_text, text_type
 
 DEFAULT_SENDER, DEFAULT_RECEIVER = "shakespeare", "shakespeare-comedy"
 _fraction = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
@@ -44,6 +36,14 @@ def add(subparsers) -> None:
     description=__doc__.split("\n")[0],
   )
   sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+  _add_run(sub)
+  _add_profile(sub)
+  _add_send(sub)
+  _add_receive(sub)
+
+
+def _add_run(sub) -> None:
+  """`kvjax droidspeak run`: full prefill vs reuse under a plan, on one prompt."""
   r = sub.add_parser("run", help="full prefill vs reuse under a plan, on one prompt")
   _models(r, sender=True, receiver=True)
   _plan(r, auto=True)
@@ -59,6 +59,11 @@ def add(subparsers) -> None:
   r.add_argument("--repeats", type=positive, default=5, help="timed prefills (median)")
   r.add_argument("--json", action="store_true", help="print one JSON object")
   r.set_defaults(run=_run, check=lambda args: _check(r, args))
+
+
+def _add_profile(sub) -> None:
+  """`kvjax droidspeak profile`: every single-group plan (and the best unions of two) on a
+  text; the Pareto front."""
   f = sub.add_parser(
     "profile",
     help="measure every single-group plan (and the best unions of "
@@ -97,6 +102,10 @@ def add(subparsers) -> None:
   f.add_argument("--no-progress", action="store_true")
   f.add_argument("--json", action="store_true")
   f.set_defaults(run=_profile, check=lambda args: _check_profile(f, args))
+
+
+def _add_send(sub) -> None:
+  """`kvjax droidspeak send`: capture a prompt's prefix with the sender and ship it."""
   s = sub.add_parser("send", help="capture a prompt's prefix with the sender and ship it")
   _models(s, sender=True)
   _plan(s)
@@ -104,6 +113,10 @@ def add(subparsers) -> None:
   _where(s, "write the payload to FILE", "--out")
   s.add_argument("--json", action="store_true")
   s.set_defaults(run=_send, check=lambda args: _check(s, args))
+
+
+def _add_receive(sub) -> None:
+  """`kvjax droidspeak receive`: take a payload, prefill from it and continue."""
   v = sub.add_parser("receive", help="take a payload, prefill from it and continue")
   _models(v, receiver=True)
   v.add_argument(

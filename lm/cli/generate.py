@@ -19,11 +19,10 @@ from kvjax.lm.cli.flags import (
   load_model,
   nonneg,
   positive,
-  read_prompts,
   sampling_kwargs,
   start_distributed,
-  text_type,
 )
+from kvjax.lm.cli.text import read_prompts, text_type
 from kvjax.lm.model import bundled
 
 
@@ -59,6 +58,26 @@ def add(subparsers) -> None:
     help="tokens to generate per prompt at most (default 64)",
   )
   add_sampling_flags(p)
+  _add_speculative_flags(p)
+  _add_coprocessor_flags(p)
+  p.add_argument(
+    "--allow-other-params",
+    action="store_true",
+    help="use a head or coprocessor trained against other weights of the same "
+    "architecture (it records their fingerprint; a warning is printed)",
+  )
+  p.add_argument(
+    "--json",
+    action="store_true",
+    help="print one JSON object (texts, token ids, timings) instead of text",
+  )
+  _add_sharding_flags(p)
+  add_distributed_flags(p)
+  p.set_defaults(run=_generate, check=lambda args: _check_generate(p, args))
+
+
+def _add_speculative_flags(p: argparse.ArgumentParser) -> None:
+  """--speculative eagle, --head and the shape of the draft tree."""
   g = p.add_argument_group("speculative decoding (EAGLE; output as without it)")
   g.add_argument(
     "--speculative",
@@ -93,6 +112,10 @@ def add(subparsers) -> None:
     help="tree size verified per target forward, root included (default 32); "
     "'auto' times sizes 8..64 on this machine first and takes the fastest",
   )
+
+
+def _add_coprocessor_flags(p: argparse.ArgumentParser) -> None:
+  """--coprocessor and its --delay."""
   g = p.add_argument_group(
     "cache augmentation (a trained coprocessor writes latents into the "
     "cache before the prompt's last token)"
@@ -110,17 +133,10 @@ def add(subparsers) -> None:
     metavar="K",
     help="the latents arrive K tokens late (asynchronous augmentation; default 0)",
   )
-  p.add_argument(
-    "--allow-other-params",
-    action="store_true",
-    help="use a head or coprocessor trained against other weights of the same "
-    "architecture (it records their fingerprint; a warning is printed)",
-  )
-  p.add_argument(
-    "--json",
-    action="store_true",
-    help="print one JSON object (texts, token ids, timings) instead of text",
-  )
+
+
+def _add_sharding_flags(p: argparse.ArgumentParser) -> None:
+  """--data-parallel, --model-parallel: the mesh of plain generation."""
   g = p.add_argument_group("sharding (plain generation: not with --speculative, --coprocessor)")
   g.add_argument(
     "--data-parallel",
@@ -137,8 +153,6 @@ def add(subparsers) -> None:
     metavar="N",
     help="mesh 'model' axis size (heads, ffn, vocab split across it; default 1)",
   )
-  add_distributed_flags(p)
-  p.set_defaults(run=_generate, check=lambda args: _check_generate(p, args))
 
 
 def tree_tokens_type(text: str):

@@ -12,11 +12,11 @@
 
 Each subcommand is a module of this package whose `add(subparsers)` sets `run` (does the work,
 returns the exit code) and `check` (cross-flag validation, reports through the subcommand's
-parser); `flags` holds what they share. Every error is one line on stderr, no traceback: bad
-flags (a value out of range, command-line text that is not UTF-8, an input file that is missing
-or a directory, an output path that cannot be written) exit 2 with `kvjax COMMAND: error:
-<message>`; a model, file, port, text or chat template that fails once the work runs exits 1
-with `kvjax: error: <message>` naming it (see flags.run).
+parser); `flags`, `text`, `paths` and `errors` hold what they share. Every error is one line on
+stderr, no traceback: bad flags (a value out of range, command-line text that is not UTF-8, an
+input file that is missing or a directory, an output path that cannot be written) exit 2 with
+`kvjax COMMAND: error: <message>`; a model, file, port, text or chat template that fails once
+the work runs exits 1 with `kvjax: error: <message>` naming it (see errors.run).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import argparse
 import sys
 
 from kvjax.lm.cli import bench, droidspeak, generate, ppl, sinks, sot, stream
-from kvjax.lm.cli.flags import PROG, Parser, run
+from kvjax.lm.cli.errors import Parser, run
+from kvjax.lm.cli.flags import PROG
 
 
 def build_parser() -> argparse.ArgumentParser:

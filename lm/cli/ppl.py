@@ -6,15 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvjax.lm.cli.flags import (
-  DTYPES,
-  add_model_flag,
-  check_input_file,
-  checked,
-  model_and_text,
-  nonneg,
-  positive,
-)
+from kvjax.lm.cli.flags import DTYPES, add_model_flag, checked, model_and_text, nonneg, positive
+from kvjax.lm.cli.paths import check_input_file
 
 
 def add(subparsers) -> None:
@@ -52,6 +45,26 @@ def add(subparsers) -> None:
     help="cast the params to this dtype (default: as stored; float32 for the bundled "
     "models, which are stored in bfloat16)",
   )
+  _add_coprocessor_flags(p)
+  p.add_argument(
+    "--allow-other-params",
+    action="store_true",
+    help="use a coprocessor trained against other weights of the same "
+    "architecture (it records their fingerprint; a warning is printed)",
+  )
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument(
+    "--json",
+    action="store_true",
+    help="print one JSON object: ppl, tokens, peak_cache_tokens, ms_per_token "
+    "(with --coprocessor: ppl_base_by_position, ppl_aug_by_position, "
+    "relative_reduction_by_position, ...)",
+  )
+  p.set_defaults(run=_ppl, check=lambda args: _check_ppl(p, args))
+
+
+def _add_coprocessor_flags(p: argparse.ArgumentParser) -> None:
+  """--coprocessor and the augmentation points it is scored at (instead of a streaming run)."""
   g = p.add_argument_group(
     "cache augmentation: perplexity of the 1st .. A-th token after augmentation points, with "
     "and without the coprocessor's latents (instead of a streaming run)"
@@ -94,21 +107,6 @@ def add(subparsers) -> None:
   g.add_argument(
     "--batch-size", type=positive, default=8, metavar="B", help="windows per forward (default 8)"
   )
-  p.add_argument(
-    "--allow-other-params",
-    action="store_true",
-    help="use a coprocessor trained against other weights of the same "
-    "architecture (it records their fingerprint; a warning is printed)",
-  )
-  p.add_argument("--no-progress", action="store_true", help="no progress bar")
-  p.add_argument(
-    "--json",
-    action="store_true",
-    help="print one JSON object: ppl, tokens, peak_cache_tokens, ms_per_token "
-    "(with --coprocessor: ppl_base_by_position, ppl_aug_by_position, "
-    "relative_reduction_by_position, ...)",
-  )
-  p.set_defaults(run=_ppl, check=lambda args: _check_ppl(p, args))
 
 
 def _check_ppl(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -7,14 +7,8 @@ import argparse
 import json
 import sys
 
-from kvjax.lm.cli.flags import (
-  DTYPES,
-  add_model_flag,
-  check_input_file,
-  check_output,
-  model_and_text,
-  positive,
-)
+from kvjax.lm.cli.flags import DTYPES, add_model_flag, model_and_text, positive
+from kvjax.lm.cli.paths import check_input_file, check_output
 
 
 def add(subparsers) -> None:

@@ -17,15 +17,13 @@ from kvjax.lm.cli.flags import (
   PROG,
   add_model_flag,
   add_sampling_flags,
-  check_input_file,
   check_sampling_flags,
   load_model,
   positive,
-  read_prompts,
-  read_text,
   sampling_from_flags,
-  text_type,
 )
+from kvjax.lm.cli.paths import check_input_file
+from kvjax.lm.cli.text import read_prompts, read_text, text_type
 
 
 def add(subparsers) -> None:
@@ -50,34 +48,7 @@ def add(subparsers) -> None:
     "'-': stdin); skips the skeleton stage and the router. Needed for models that "
     "cannot follow instructions, such as the bundled Shakespeare models",
   )
-  p.add_argument(
-    "--max-points",
-    type=positive,
-    default=10,
-    metavar="P",
-    help="a skeleton with more points is an error (default 10)",
-  )
-  p.add_argument(
-    "--point-tokens",
-    type=positive,
-    default=64,
-    metavar="N",
-    help="new tokens per point at most (default 64)",
-  )
-  p.add_argument(
-    "--skeleton-tokens",
-    type=positive,
-    default=128,
-    metavar="N",
-    help="new tokens for the skeleton at most (default 128)",
-  )
-  p.add_argument(
-    "--answer-tokens",
-    type=positive,
-    default=256,
-    metavar="N",
-    help="new tokens for a normal answer when the router declines SoT (default 256)",
-  )
+  _add_budget_flags(p)
   p.add_argument(
     "--router",
     choices=("prompt", "rules", "always", "never"),
@@ -114,6 +85,39 @@ def add(subparsers) -> None:
   p.set_defaults(run=_sot, check=lambda args: _check(p, args))
 
 
+def _add_budget_flags(p) -> None:
+  """The most points, and the most new tokens of each generation."""
+  g = p.add_argument_group("token budgets")
+  g.add_argument(
+    "--max-points",
+    type=positive,
+    default=10,
+    metavar="P",
+    help="a skeleton with more points is an error (default 10)",
+  )
+  g.add_argument(
+    "--point-tokens",
+    type=positive,
+    default=64,
+    metavar="N",
+    help="new tokens per point at most (default 64)",
+  )
+  g.add_argument(
+    "--skeleton-tokens",
+    type=positive,
+    default=128,
+    metavar="N",
+    help="new tokens for the skeleton at most (default 128)",
+  )
+  g.add_argument(
+    "--answer-tokens",
+    type=positive,
+    default=256,
+    metavar="N",
+    help="new tokens for a normal answer when the router declines SoT (default 256)",
+  )
+
+
 def _check(parser, args) -> None:
   check_sampling_flags(parser, args)
   if args.skeleton is not None and args.router not in (None, "always"):
@@ -135,29 +139,10 @@ def _check(parser, args) -> None:
 
 def _sot(args) -> int:
   from kvjax.lm import sot
-  from kvjax.lm.sot.prompts import Prompts
 
-  question = read_prompts([args.question], "--question")[0]
-  skeleton = None
-  if args.skeleton is not None:
-    skeleton = read_prompts([args.skeleton], "--skeleton")[0].replace("\\n", "\n")
-  prompts = Prompts.load(args.prompts) if args.prompts else Prompts()
-  if args.chat:
-    import dataclasses
-
-    prompts = dataclasses.replace(prompts, chat=True)
+  question, skeleton, prompts = _inputs(args)
   model = load_model(args)
   sampling, key = sampling_from_flags(args)
-  shown = 0
-
-  def show(i: int, text: str) -> None:
-    nonlocal shown
-    if shown:
-      sys.stdout.write("\n")
-    sys.stdout.write(text.rstrip())
-    sys.stdout.flush()
-    shown += 1
-
   kw = dict(
     skeleton=skeleton,
     max_points=args.max_points,
@@ -171,54 +156,98 @@ def _sot(args) -> int:
     stop=tuple(args.stop),
     share=not args.repeat_prefix,
   )
-  ans = sot.run(model, question, on_point=None if args.json else show, **kw)
+  ans = sot.run(model, question, on_point=None if args.json else _point_printer(), **kw)
   if not args.json:
     sys.stdout.write((ans.answer if ans.stats["mode"] == "normal" else "") + "\n")
     sys.stdout.flush()
-  # timed warm: SoT in one decode call (a streamed run uses other executables: warm those
-  # first), then the normal answer
+  stats, seq, speedup = _timed(args, model, question, kw)
+  if args.json:
+    print(json.dumps(_json_result(args, question, ans, stats, seq, speedup)))
+  else:
+    print(_summary(ans, stats, seq, speedup), file=sys.stderr)
+  return 0
+
+
+def _inputs(args) -> tuple:
+  """(question, skeleton or None, Prompts) from the flags, '-' read from stdin."""
+  from kvjax.lm.sot.prompts import Prompts
+
+  question = read_prompts([args.question], "--question")[0]
+  skeleton = None
+  if args.skeleton is not None:
+    skeleton = read_prompts([args.skeleton], "--skeleton")[0].replace("\\n", "\n")
+  prompts = Prompts.load(args.prompts) if args.prompts else Prompts()
+  if args.chat:
+    import dataclasses
+
+    prompts = dataclasses.replace(prompts, chat=True)
+  return question, skeleton, prompts
+
+
+def _point_printer():
+  """on_point for text output: each point's text on its own line, as it is final."""
+  shown = 0
+
+  def show(i: int, text: str) -> None:
+    nonlocal shown
+    if shown:
+      sys.stdout.write("\n")
+    sys.stdout.write(text.rstrip())
+    sys.stdout.flush()
+    shown += 1
+
+  return show
+
+
+def _timed(args, model, question: str, kw: dict) -> tuple[dict, float | None, float | None]:
+  """(stats of a warm SoT run, a warm normal answer's latency, the speedup): SoT in one decode
+  call (a streamed run uses other executables: warm those first), then the normal answer of
+  as many tokens (None without a baseline or when the router declined SoT)."""
+  from kvjax.lm import sot
+
   if not args.json:
     sot.run(model, question, **kw)
   s = sot.run(model, question, **kw).stats
   seq = speedup = None
   if not args.no_baseline and s["mode"] == "sot":
     n = max(s["generated_tokens"], 1)
-    sot.normal_latency(model, question, n, prompts=prompts)  # compiles and warms
-    seq = sot.normal_latency(model, question, n, prompts=prompts)["latency_s"]
+    sot.normal_latency(model, question, n, prompts=kw["prompts"])  # compiles and warms
+    seq = sot.normal_latency(model, question, n, prompts=kw["prompts"])["latency_s"]
     speedup = seq / s["latency_s"] if s["latency_s"] > 0 else None
-  if args.json:
-    print(
-      json.dumps(
-        {
-          "question": question,
-          "skeleton": ans.skeleton,
-          "points": ans.points,
-          "expansions": ans.expansions,
-          "answer": ans.answer,
-          "latency_s": s["latency_s"],
-          "sequential_latency_s": seq,
-          "speedup": speedup,
-          "prefix_tokens_shared": s["prefix_tokens_shared"],
-          "route": {
-            "suitable": ans.route.suitable,
-            "router": ans.route.router,
-            "reason": ans.route.reason,
-          },
-          "stats": {**s, "compile_s": ans.stats["compile_s"]},
-          "model": args.model,
-        }
-      )
-    )
-    return 0
+  return s, seq, speedup
+
+
+def _json_result(args, question: str, ans, s: dict, seq, speedup) -> dict:
+  """The --json object."""
+  return {
+    "question": question,
+    "skeleton": ans.skeleton,
+    "points": ans.points,
+    "expansions": ans.expansions,
+    "answer": ans.answer,
+    "latency_s": s["latency_s"],
+    "sequential_latency_s": seq,
+    "speedup": speedup,
+    "prefix_tokens_shared": s["prefix_tokens_shared"],
+    "route": {
+      "suitable": ans.route.suitable,
+      "router": ans.route.router,
+      "reason": ans.route.reason,
+    },
+    "stats": {**s, "compile_s": ans.stats["compile_s"]},
+    "model": args.model,
+  }
+
+
+def _summary(ans, s: dict, seq, speedup) -> str:
+  """The line on stderr after the text: the route, the timings, the speedup."""
   route = (
     "" if ans.route.router == "supplied" else f"router {ans.route.router}: {ans.route.reason}; "
   )
   if s["mode"] == "normal":
-    print(
-      f"{PROG}: {route}answered normally: {s['generated_tokens']} tokens in {s['latency_s']:.3f} s",
-      file=sys.stderr,
+    return (
+      f"{PROG}: {route}answered normally: {s['generated_tokens']} tokens in {s['latency_s']:.3f} s"
     )
-    return 0
   line = (
     f"{PROG}: {route}{len(ans.points)} points, {s['generated_tokens']} tokens in "
     f"{s['latency_s']:.3f} s (skeleton {s['skeleton_s']:.3f} s, expansion "
@@ -226,5 +255,4 @@ def _sot(args) -> int:
   )
   if seq is not None:
     line += f"; a normal answer of as many tokens {seq:.3f} s: {speedup:.2f}x"
-  print(line, file=sys.stderr)
-  return 0
+  return line

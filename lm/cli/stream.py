@@ -18,11 +18,9 @@ from kvjax.lm.cli.flags import (
   load_model,
   nonneg,
   positive,
-  read_prompts,
   sampling_from_flags,
-  stdin_lines,
-  text_type,
 )
+from kvjax.lm.cli.text import read_prompts, stdin_lines, text_type
 
 
 def add(subparsers) -> None:
@@ -108,10 +106,8 @@ def _check_stream(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 def _stream(args: argparse.Namespace) -> int:
   from kvjax.lm.streaming import Session
 
-  if args.prompt is not None:  # read (and checked) before the model loads
-    turns = iter(read_prompts([args.prompt]))
-  else:
-    turns = stdin_lines()
+  # a --prompt is read (and checked) before the model loads
+  turns = iter(read_prompts([args.prompt])) if args.prompt is not None else stdin_lines()
   model = load_model(args)
   sampling, key = sampling_from_flags(args)
   session = Session(

@@ -20,7 +20,7 @@ import numpy as np
 
 from kvjax.cache.prefix import PrefixCache
 from kvjax.lm import steps
-from kvjax.lm.detokenize import Detokenizer
+from kvjax.lm.detokenize import Detokenizer, outputs
 from kvjax.lm.engine import (
   Prompt,
   Request,
@@ -28,7 +28,6 @@ from kvjax.lm.engine import (
   check_finite,
   nbytes,
   new_cache,
-  outputs,
   pad,
   prefill,
   request,

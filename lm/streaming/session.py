@@ -12,7 +12,8 @@ import numpy as np
 
 from kvjax.cache.sink import SinkCache
 from kvjax.lm import engine, steps
-from kvjax.lm.engine import check_request, detokenize, stop_ids
+from kvjax.lm.detokenize import detokenize, timed
+from kvjax.lm.engine import check_request, stop_ids
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
 from kvjax.lm.stats import tokens_per_s
@@ -157,7 +158,7 @@ class Session:
     self._feed(ids)
     done = {} if done is None else done
     try:
-      yield from engine.timed(
+      yield from timed(
         detokenize(
           self.model, self._tokens(max_new_tokens), stop, self.stop_ids, done, keep_ids=keep_ids
         ),

@@ -27,7 +27,7 @@ from helpers import cli
 
 from kvjax import coprocessor, lm, speculative
 from kvjax.lm import engine, sot, tiny
-from kvjax.lm.cli import build_parser, flags
+from kvjax.lm.cli import build_parser, errors
 from kvjax.lm.droidspeak import wire
 from kvjax.lm.streaming import Session
 from kvjax.speculative import head as heads
@@ -579,7 +579,9 @@ def test_export_of_a_truncated_checkpoint(export_run, tmp_path, caplog, monkeypa
   restore = ocp.CheckpointManager.restore
 
   def abandoning(self, *args, **kwargs):  # the warning at its worst time: inside the restore
-    warnings.warn("coroutine 'Store._get_array_metadatas' was never awaited", RuntimeWarning)
+    warnings.warn(
+      "coroutine 'Store._get_array_metadatas' was never awaited", RuntimeWarning, stacklevel=1
+    )
     return restore(self, *args, **kwargs)
 
   monkeypatch.setattr(ocp.CheckpointManager, "restore", abandoning)
@@ -619,23 +621,23 @@ def test_os_errors_name_the_flag(tmp_path, capsys):
   parser = build_parser()
   out, png = tmp_path / "run", tmp_path / "heat.png"
   args = parser.parse_args(["sinks", "--text", "-", "--png", str(png)])
-  assert flags.describe(PermissionError(13, "Permission denied", str(png)), args, parser) == (
+  assert errors.describe(PermissionError(13, "Permission denied", str(png)), args, parser) == (
     f"--png {png}: Permission denied"
   )
   args = parser.parse_args(["droidspeak", "profile", "--out", str(out)])
   assert (
-    flags.describe(IsADirectoryError(21, "Is a directory", str(out / "a" / "b")), args, parser)
+    errors.describe(IsADirectoryError(21, "Is a directory", str(out / "a" / "b")), args, parser)
     == f"--out {out}: {out / 'a' / 'b'}: Is a directory"
   )
   assert (
-    flags.describe(
+    errors.describe(
       ConnectionRefusedError(111, "cannot send to h:1: nothing is listening"), args, parser
     )
     == "cannot send to h:1: nothing is listening"
   )
   p = argparse.ArgumentParser()
   p.set_defaults(check=lambda a: None, run=lambda a: (_ for _ in ()).throw(BrokenPipeError()))
-  assert flags.run(p, [], lambda a: "kvjax") == 141
+  assert errors.run(p, [], lambda a: "kvjax") == 141
   assert capsys.readouterr().err == ""
 
 

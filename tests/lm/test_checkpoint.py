@@ -113,7 +113,7 @@ def test_gemma3_config_layouts_read_like_transformers(tmp_path):
 
   import transformers
 
-  from kvjax.lm import config
+  from kvjax.lm import hf_config
 
   legacy = dict(
     vocab_size=258,
@@ -128,7 +128,7 @@ def test_gemma3_config_layouts_read_like_transformers(tmp_path):
     rope_local_base_freq=2e4,
     rope_scaling={"rope_type": "linear", "factor": 8.0},
   )
-  cfg = config.from_hf({"model_type": "gemma3_text", **legacy})
+  cfg = hf_config.from_hf({"model_type": "gemma3_text", **legacy})
   assert cfg.windows == (12, 12, 12, 12, 12, 0, 12)
   assert (cfg.rope_theta, cfg.rope_local_theta, cfg.rope_type, cfg.rope_factor) == (
     1e6,
@@ -141,12 +141,12 @@ def test_gemma3_config_layouts_read_like_transformers(tmp_path):
   with open(tmp_path / "config.json") as f:
     saved = json.load(f)
   assert set(saved["rope_parameters"]) == {"full_attention", "sliding_attention"}
-  assert config.from_hf(saved) == cfg
+  assert hf_config.from_hf(saved) == cfg
   for family in ("gemma3_text", "qwen3"):
     cfg = tiny.config(family, windows=(8, 0, 8) if family == "gemma3_text" else (0, 8))
-    hf = config.to_hf(cfg)
+    hf = hf_config.to_hf(cfg)
     hf_cls = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
-    assert config.from_hf(hf_cls.to_dict()) == cfg, family
+    assert hf_config.from_hf(hf_cls.to_dict()) == cfg, family
 
 
 def test_phi3_fused_tensors_written_back(hf_dir, tmp_path):

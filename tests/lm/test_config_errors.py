@@ -1,6 +1,7 @@
 """A config.json (and a Config built directly) that is wrong gets a ConfigError naming the key,
 what it holds and what was expected; a present value is never replaced by a default."""
 
+import functools
 import json
 import os
 import shutil
@@ -136,6 +137,14 @@ def test_config_value_outside_its_domain(broken, key, value, expected):
   )
 
 
+@pytest.mark.parametrize("key", ["attention_bias", "mlp_bias", "tie_word_embeddings"])
+def test_flag_not_a_bool(broken, key):
+  edit_json(broken, "config.json", lambda c: c.update({key: 1}))
+  file = os.path.join(broken, "config.json")
+  msg = raises(lm.ConfigError, lambda: lm.load(broken), file, f"{key} must be true or false")
+  assert msg.count(file) == 1, msg
+
+
 def test_config_rope_scaling_factor_checked(broken):
   edit_json(
     broken, "config.json", lambda c: c["rope_parameters"].update(rope_type="linear", factor=0.0)
@@ -150,11 +159,11 @@ def test_config_rope_scaling_factor_checked(broken):
 
 def test_config_null_means_default(broken):
   """transformers reads a null num_key_value_heads / head_dim as "absent": so does kvjax."""
-  from kvjax.lm import config
+  from kvjax.lm import hf_config
 
   with open(os.path.join(broken, "config.json")) as f:
     hf = json.load(f)
-  cfg = config.from_hf({**hf, "num_key_value_heads": None, "head_dim": None})
+  cfg = hf_config.from_hf({**hf, "num_key_value_heads": None, "head_dim": None})
   assert (cfg.n_kv_heads, cfg.head_dim) == (
     hf["num_attention_heads"],
     hf["hidden_size"] // hf["num_attention_heads"],
@@ -215,9 +224,9 @@ def test_new_family_fields_checked_directly(field, value, expected):
 
 def gemma3_hf(**changes):
   """The tiny gemma3_text config as config.json says it (to_hf), with `changes`."""
-  from kvjax.lm import config
+  from kvjax.lm import hf_config
 
-  return {**config.to_hf(tiny.config("gemma3_text")), **changes}
+  return {**hf_config.to_hf(tiny.config("gemma3_text")), **changes}
 
 
 G3 = "m/config.json"
@@ -268,9 +277,9 @@ G3 = "m/config.json"
   ],
 )
 def test_gemma3_config_errors(changes, parts):
-  from kvjax.lm import config
+  from kvjax.lm import hf_config
 
-  raises(lm.ConfigError, lambda: config.from_hf(gemma3_hf(**changes), G3), G3, *parts)
+  raises(lm.ConfigError, lambda: hf_config.from_hf(gemma3_hf(**changes), G3), G3, *parts)
 
 
 def test_per_layer_type_rope_only_for_gemma3(broken):
@@ -294,17 +303,17 @@ def test_per_layer_type_rope_only_for_gemma3(broken):
 
 
 def test_qwen_window_layers_domain():
-  from kvjax.lm import config
+  from kvjax.lm import hf_config
 
   hf = {
-    **config.to_hf(tiny.config("qwen3")),
+    **hf_config.to_hf(tiny.config("qwen3")),
     "use_sliding_window": True,
     "sliding_window": 8,
     "max_window_layers": -1,
   }
   raises(
     lm.ConfigError,
-    lambda: config.from_hf(hf, G3),
+    lambda: hf_config.from_hf(hf, G3),
     G3,
     "max_window_layers must be an int >= 0",
     "got -1",
@@ -329,10 +338,10 @@ def test_qwen_window_layers_domain():
   ],
 )
 def test_to_hf_refuses_what_config_json_cannot_say(family, changes, parts):
-  from kvjax.lm import config
+  from kvjax.lm import hf_config
 
   cfg = tiny.config(family, **changes)
-  raises(lm.ConfigError, lambda: config.to_hf(cfg), *parts)
+  raises(lm.ConfigError, lambda: hf_config.to_hf(cfg), *parts)
 
 
 def test_config_llama3_rope_factors_ordered():
@@ -367,14 +376,17 @@ def test_config_experts_need_a_moe_family():
     lambda: tiny.config(n_experts_per_tok=2),
     "n_experts_per_tok must be 0 without experts (n_experts=0: a dense MLP); got 2",
   )
-  from kvjax.lm import config
+  from kvjax.lm import hf_config
 
   for cfg in (
     tiny.config(n_experts=4, n_experts_per_tok=2),  # a llama with experts
     tiny.config("mixtral", moe_renormalize=False),
   ):
     raises(
-      lm.ConfigError, lambda: config.to_hf(cfg), "no config.json form for family", f"{cfg.family!r}"
+      lm.ConfigError,
+      functools.partial(hf_config.to_hf, cfg),
+      "no config.json form for family",
+      f"{cfg.family!r}",
     )
 
 

@@ -1,4 +1,4 @@
-"""Incremental detokenisation (`kvjax.lm.detokenize.Detokenizer`, `engine.detokenize`): the text
+"""Incremental detokenisation (`kvjax.lm.detokenize.Detokenizer`, `detokenize.detokenize`): the text
 of a stream equals the decode of its ids, stop strings and stop tokens end it where `generate`
 would, and the work per token is bounded however long the stream runs."""
 
@@ -11,14 +11,14 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
 from kvjax import lm
-from kvjax.lm import engine, tiny
-from kvjax.lm.detokenize import Detokenizer
+from kvjax.lm import tiny
+from kvjax.lm.detokenize import Detokenizer, detokenize
 from kvjax.lm.model import resolve
 from kvjax.lm.tokenizer import Tokenizer
 
 SETTINGS = hypothesis.settings(max_examples=150, derandomize=True, database=None, deadline=None)
 BYTE = tiny.byte_tokenizer()
-TEXT_ONLY = types.SimpleNamespace(tokenizer=BYTE, path=None)  # all engine.detokenize reads
+TEXT_ONLY = types.SimpleNamespace(tokenizer=BYTE, path=None)  # all detokenize reads
 EURO = [8, 9, 10]  # the SentencePiece tokenizer's byte tokens of "€" (E2 82 AC)
 
 
@@ -131,7 +131,7 @@ def test_work_per_token_is_bounded():
   ):
     counting = Counting(tok)
     streams = types.SimpleNamespace(tokenizer=counting, path=None)
-    text = "".join(engine.detokenize(streams, iter(ids), ["\n\n\n"], {-1}, {}))
+    text = "".join(detokenize(streams, iter(ids), ["\n\n\n"], {-1}, {}))
     assert text == tok.decode(ids)
     assert max(counting.lengths) <= 16 and len(counting.lengths) <= 3 * len(ids) + 1
 
@@ -141,7 +141,7 @@ def test_stop_token_keeps_the_held_text():
   ends the stream (it used to be dropped)."""
   ids = BYTE.encode("abcdef", add_special_tokens=False) + [1]
   done = {}
-  text = "".join(engine.detokenize(TEXT_ONLY, iter(ids), ["xyz"], {1}, done))
+  text = "".join(detokenize(TEXT_ONLY, iter(ids), ["xyz"], {1}, done))
   assert text == "abcdef" and done["finish"] == "stop_token" and done["ids"] == ids
 
 
@@ -157,7 +157,7 @@ def test_stop_token_keeps_the_held_text():
 def test_stop_strings_across_pieces(stop, want, finish):
   ids = BYTE.encode("ab€cd", add_special_tokens=False)
   done = {}
-  pieces = list(engine.detokenize(TEXT_ONLY, iter(ids), stop, set(), done))
+  pieces = list(detokenize(TEXT_ONLY, iter(ids), stop, set(), done))
   assert "".join(pieces) == want and done["finish"] == finish
   assert all(pieces)
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvjax import lm
-from kvjax.lm import config, tiny
+from kvjax.lm import config, hf_config, tiny
 from kvjax.lm import droidspeak as ds
 from kvjax.lm.droidspeak import payload
 from kvjax.lm.sot.points import SkeletonError, parse_points
@@ -77,7 +77,7 @@ def in_domain(cfg: config.Config) -> None:
 def read_or_named(hf: dict) -> config.Config | None:
   """from_hf(hf) checked to be in its domain, or None when it refused hf naming the file."""
   try:
-    cfg = config.from_hf(hf, "fuzz/config.json")
+    cfg = hf_config.from_hf(hf, "fuzz/config.json")
   except config.ConfigError as err:
     assert str(err).startswith("fuzz/config.json: "), err
     return None
@@ -173,7 +173,7 @@ def test_each_numeric_field_checked(value):
     "max_position_embeddings",
   ):
     try:
-      cfg = config.from_hf({**HF, key: value})
+      cfg = hf_config.from_hf({**HF, key: value})
     except config.ConfigError as err:
       assert key in str(err) or "num_attention_heads" in str(err), err
       continue

@@ -64,7 +64,7 @@ def test_thirty_steps_lower_the_loss(run30):
 
 
 def test_metrics_jsonl_and_png(run30):
-  out, result = run30
+  out, _ = run30
   records = metrics.read(str(out))
   assert [r["step"] for r in records] == list(range(1, 31))
   assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(records[0])
@@ -117,7 +117,7 @@ def test_resume_is_bit_identical(tmp_path, run30):
 
 def test_resume_with_other_settings_is_refused(run30):
   out, _ = run30
-  with pytest.raises(TrainError, match="different run.*lr"):
+  with pytest.raises(TrainError, match=r"different run.*lr"):
     train(tiny_model(), config(out, lr=5e-3), synthetic, progress=False)
 
 
@@ -204,7 +204,7 @@ def test_text_windows(tmp_path):
   tok = tiny.byte_tokenizer()
   words = ["Thé", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog."]
   text = " ".join(np.random.default_rng(3).choice(words, 150))
-  tokens, chars = encode(text, tok)
+  _, chars = encode(text, tok)
   assert chars.sum() == len(text) and chars[0] == 0  # BOS covers no text
   path = tmp_path / "t.txt"
   path.write_text(text, encoding="utf-8")
@@ -352,7 +352,7 @@ def test_cli_end_to_end_on_text(text_setup):
 
 
 def test_init_from_other_architecture_is_a_clear_error(text_setup, run30, tmp_path):
-  root, tok_dir = text_setup
+  root, _ = text_setup
   _, result = run30
   lm.save(result.model, str(tmp_path / "base"))
   code, _, err = run_cli(
@@ -593,14 +593,14 @@ def test_keep_best_patience_and_export(tmp_path):
   eval stops improving (a checkpoint at the stop, stopped_early in the record, a rerun trains
   nothing more); `train export --step best|N` writes that state as an HF directory equal to
   the params at that step; bad steps and runs are one-line errors."""
-  from kvjax.train import loop
+  from kvjax.train import checkpoints
   from kvjax.train.lm import export
 
   out = tmp_path / "run"
   tc = config(out, steps=60, eval_every=5, keep_best=True, patience=2, save_every=5, keep=20)
   result = train(tiny_model(), tc, plateau, eval_batches, progress=False)
   evals = [r for r in result.records if "eval_bpc" in r]
-  best = loop.read_best(str(out))
+  best = checkpoints.read_best(str(out))
   assert best["value"] == min(r["eval_bpc"] for r in evals)
   assert best["step"] == min(evals, key=lambda r: r["eval_bpc"])["step"]
   last = result.records[-1]
@@ -629,7 +629,7 @@ def test_keep_best_patience_and_export(tmp_path):
   assert code == 1 and "is not an LM training run" in err
   code, _, err = run_cli("train", "export", "--run", out, "--step", "latest")
   assert code == 2 and "a step >= 1 or 'best'" in err
-  with pytest.raises(TrainError, match="patience .* needs eval_every"):
+  with pytest.raises(TrainError, match=r"patience .* needs eval_every"):
     config(tmp_path, patience=2, eval_every=0)
 
 
@@ -676,7 +676,7 @@ def test_ctrl_c_says_where_to_resume(tmp_path):
   """Ctrl-C during training raises TrainInterrupted (a KeyboardInterrupt) naming the last
   step done and the latest checkpoint; the same run resumes from that checkpoint. The CLI
   prints it as one line and exits 130."""
-  from kvjax.train.loop import TrainInterrupted
+  from kvjax.train.errors import TrainInterrupted
 
   out = tmp_path / "run"
   tc = config(out, steps=10, save_every=2, eval_every=0)
@@ -705,8 +705,8 @@ def test_cli_prints_the_interrupt_message(capsys):
   """The CLIs' runner prints an interrupt's message as one line (a bare Ctrl-C: a newline)."""
   import argparse
 
-  from kvjax.lm.cli import flags
-  from kvjax.train.loop import TrainInterrupted
+  from kvjax.lm.cli import errors
+  from kvjax.train.errors import TrainInterrupted
 
   p = argparse.ArgumentParser()
   p.set_defaults(
@@ -714,8 +714,8 @@ def test_cli_prints_the_interrupt_message(capsys):
     task="lm",
     run=lambda a: (_ for _ in ()).throw(TrainInterrupted("interrupted after step 3")),
   )
-  assert flags.run(p, [], lambda a: f"kvjax train {a.task}") == 130
+  assert errors.run(p, [], lambda a: f"kvjax train {a.task}") == 130
   assert capsys.readouterr().err.strip() == "kvjax train lm: interrupted after step 3"
   p.set_defaults(run=lambda a: (_ for _ in ()).throw(KeyboardInterrupt()))
-  assert flags.run(p, [], lambda a: "x") == 130
+  assert errors.run(p, [], lambda a: "x") == 130
   assert capsys.readouterr().err == "\n"

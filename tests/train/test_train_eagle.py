@@ -22,7 +22,7 @@ from kvjax import lm, speculative
 from kvjax.lm import tiny
 from kvjax.speculative import head as hd
 from kvjax.train import cli as train_cli
-from kvjax.train import eagle, metrics
+from kvjax.train import eagle, eagle_data, metrics
 from kvjax.train.text import TextData
 
 B, T, STEPS = 4, 32, 30
@@ -288,7 +288,7 @@ class Interrupt(Exception):
 
 def test_resume_is_bit_identical(setup, cli_run, tmp_path):
   _, _, _, target = setup
-  out, summary = cli_run
+  _, summary = cli_run
   data = text_data(setup)
 
   def crashing(start):
@@ -310,7 +310,7 @@ def test_resume_is_bit_identical(setup, cli_run, tmp_path):
     jax.tree_util.tree_leaves_with_path(full), jax.tree.leaves(resumed.head.params())
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
-  with pytest.raises(eagle.TrainError, match="different run.*lr"):
+  with pytest.raises(eagle.TrainError, match=r"different run.*lr"):
     eagle.train(target, head, config(tmp_path, lr=1e-2), data.train_batches, progress=False)
 
 
@@ -334,18 +334,18 @@ def test_export_loads_and_drafts(setup, cli_run):
 def test_self_distill_sequences(setup, tmp_path, monkeypatch):
   _, _, _, target = setup
   data = text_data(setup)
-  (train_tokens, doc), _ = eagle.text_streams(data)
-  prompts = eagle.prompts_from_stream(train_tokens, doc, 3, 8, rng=np.random.default_rng(0))
-  path = str(tmp_path / eagle.DISTILL_FILE)
-  seqs = eagle.self_distill(target, prompts, 20, seed=0, path=path, chunk=4, progress=False)
+  (train_tokens, doc), _ = eagle_data.text_streams(data)
+  prompts = eagle_data.prompts_from_stream(train_tokens, doc, 3, 8, rng=np.random.default_rng(0))
+  path = str(tmp_path / eagle_data.DISTILL_FILE)
+  seqs = eagle_data.self_distill(target, prompts, 20, seed=0, path=path, chunk=4, progress=False)
   assert seqs.shape == (3, 20) and seqs.dtype == np.int32
   np.testing.assert_array_equal(seqs[:, :8], prompts)
   assert (seqs[:, 8:] != -1).any()
   monkeypatch.setattr(sys.modules["kvjax.lm.generate"], "generate", None)  # read back, not made
-  np.testing.assert_array_equal(eagle.self_distill(target, prompts, 20, path=path), seqs)
+  np.testing.assert_array_equal(eagle_data.self_distill(target, prompts, 20, path=path), seqs)
   with pytest.raises(eagle.TrainError, match="another run"):
-    eagle.self_distill(target, prompts, 24, path=path)
-  batch = eagle.SequenceData(seqs, batch_size=2, seed=0).batch(0)
+    eagle_data.self_distill(target, prompts, 24, path=path)
+  batch = eagle_data.SequenceData(seqs, batch_size=2, seed=0).batch(0)
   assert batch["inputs"].shape == (2, 19)
   np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
 
@@ -388,11 +388,11 @@ def test_eagle3_reduced_draft_vocabulary(setup, tmp_path):
   started from the target's columns, drafts only those tokens, trains (loss over the draft
   vocabulary at positions whose target argmax is in it), saves and loads with its map, and
   speculative generation stays lossless."""
-  root, target_dir, corpus, target = setup
+  _, target_dir, corpus, target = setup
   out = tmp_path / "e3v"
-  flags = [f for f in CLI_FLAGS]
+  flags = list(CLI_FLAGS)
   flags[flags.index("eagle1")] = "eagle3"
-  code, stdout, err = run_cli(
+  code, _, err = run_cli(
     "eagle", "--target", target_dir, "--text", corpus, "--out", out, "--draft-vocab", 24, *flags
   )
   assert code == 0, err
@@ -438,7 +438,7 @@ def test_eagle3_reduced_draft_vocabulary(setup, tmp_path):
 def test_published_eagle1_trains_and_exports(setup, tmp_path):
   """kvjax train eagle --published --export-format eagle1: the reference architecture,
   written in the published layout, loads back (load_head detects it) and stays lossless."""
-  root, target_dir, corpus, target = setup
+  _, target_dir, corpus, target = setup
   out = tmp_path / "pub"
   code, _, err = run_cli(
     "eagle",

@@ -7,15 +7,9 @@ import argparse
 import json
 import os
 
-from kvjax.lm.cli.flags import (
-  check_input_file,
-  check_output,
-  checked,
-  nonneg,
-  positive,
-  seed_type,
-  utf8_error,
-)
+from kvjax.lm.cli.flags import checked, nonneg, positive, seed_type
+from kvjax.lm.cli.paths import check_input_file, check_output
+from kvjax.lm.cli.text import utf8_error
 
 PROG = "python -m kvjax.train"
 
@@ -54,7 +48,7 @@ def check_run_flags(
     parser.error(f"--out DIR is required ({goes_to_out} go there)")
   check_output(parser, "--out", args.out, directory=True)
   check_output(parser, "--export", getattr(args, "export", None), directory=True)
-  from kvjax.train.loop import CHECKPOINTS, check_checkpoints
+  from kvjax.train.checkpoints import CHECKPOINTS, check_checkpoints
 
   check_checkpoints(os.path.join(args.out, CHECKPOINTS))  # a resume's, before the model loads
   if args.warmup >= args.steps:

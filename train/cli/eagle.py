@@ -74,8 +74,6 @@ data/target/run, 2 bad flags."""
 
 def add_eagle(sub) -> argparse.ArgumentParser:
   """The `eagle` subcommand; every default is None so --config and EAGLE_DEFAULTS fill in."""
-  from kvjax.speculative.head import KINDS
-
   p = sub.add_parser(
     "eagle",
     help="train an EAGLE draft head for a frozen target model",
@@ -88,6 +86,18 @@ def add_eagle(sub) -> argparse.ArgumentParser:
     metavar="DIR_OR_NAME",
     help="the frozen target: a model directory or bundled name (e.g. shakespeare)",
   )
+  _add_head_flags(p)
+  _add_data_flags(p)
+  _add_optimisation_flags(p)
+  _add_run_flags(p)
+  p.set_defaults(run=run_eagle, check=lambda args: check_eagle(p, args))
+  return p
+
+
+def _add_head_flags(p: argparse.ArgumentParser) -> None:
+  """The head's kind, draft vocabulary, architecture and export format."""
+  from kvjax.speculative.head import KINDS
+
   p.add_argument("--kind", choices=KINDS, help="head kind (default eagle1)")
   p.add_argument(
     "--draft-vocab",
@@ -111,6 +121,10 @@ def add_eagle(sub) -> argparse.ArgumentParser:
     "published layout (config.json + model.safetensors; needs --published and the "
     "format of --kind)",
   )
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+  """The shared data flags (the target's tokenizer), and self-distillation."""
   g = add_data_flags(p, "target")
   g.add_argument(
     "--self-distill",
@@ -125,6 +139,10 @@ def add_eagle(sub) -> argparse.ArgumentParser:
     metavar="TEMP",
     help="--self-distill: sampling temperature (0 = greedy; default 1)",
   )
+
+
+def _add_optimisation_flags(p: argparse.ArgumentParser) -> None:
+  """Batches, the schedule, and the eagle3 / eagle1 training options."""
   g = p.add_argument_group("optimisation")
   g.add_argument("--batch-size", type=positive, metavar="B")
   g.add_argument("--seq-len", type=checked(int, lambda v: v >= 3, "an integer >= 3"), metavar="T")
@@ -141,6 +159,10 @@ def add_eagle(sub) -> argparse.ArgumentParser:
     metavar="A",
     help="uniform noise U(-A, A) on the input features (default 0.1 for eagle1, 0 for eagle3)",
   )
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+  """Where the run goes, how often it saves, evaluates and logs, and validation's draft tree."""
   g = p.add_argument_group("run")
   g.add_argument("--out", metavar="DIR", help="run directory (checkpoints, metrics, head)")
   add_period_flags(g)
@@ -158,8 +180,6 @@ def add_eagle(sub) -> argparse.ArgumentParser:
   g.add_argument("--log-every", type=nonneg, metavar="N", help="metrics period (default 10)")
   g.add_argument("--export", metavar="DIR", help="head directory (default OUT/head)")
   add_output_flags(g)
-  p.set_defaults(run=run_eagle, check=lambda args: check_eagle(p, args))
-  return p
 
 
 def check_eagle(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -225,7 +245,7 @@ def _eagle_config(args):
 
 def _eagle_data(args, model, ec):
   """(train batches, eval batches, validation prompts) for `run_eagle`."""
-  from kvjax.train import eagle
+  from kvjax.train import eagle_data
   from kvjax.train.lm import TrainError
 
   tok = model.tokenizer
@@ -235,7 +255,7 @@ def _eagle_data(args, model, ec):
     td = text_data(args, tok)
     batches = td.train_batches
     eval_batches = td.eval_batches if args.eval_fraction > 0 else None
-    train_stream, held_stream = eagle.text_streams(td)
+    train_stream, held_stream = eagle_data.text_streams(td)
   else:
     from kvjax.train import data
 
@@ -254,26 +274,28 @@ def _eagle_data(args, model, ec):
     train_stream = stream("train") if ec.self_distill else None
   prompts = []
   if ec.eval_prompts and held_stream is not None and len(held_stream[0]):
-    prompts = eagle.prompts_from_stream(*held_stream, ec.eval_prompts, ec.prompt_len)
+    prompts = eagle_data.prompts_from_stream(*held_stream, ec.eval_prompts, ec.prompt_len)
   if ec.self_distill:
     import numpy as np
 
     length = min(args.seq_len + 1, model.cfg.max_position)
-    starts = eagle.prompts_from_stream(
+    starts = eagle_data.prompts_from_stream(
       *train_stream, ec.self_distill, min(32, length // 4), rng=np.random.default_rng(args.seed)
     )
-    seqs = eagle.self_distill(
+    seqs = eagle_data.self_distill(
       model,
       starts,
       length,
       temperature=args.distill_temperature,
       seed=args.seed,
-      path=os.path.join(args.out, eagle.DISTILL_FILE),
+      path=os.path.join(args.out, eagle_data.DISTILL_FILE),
       progress=not args.no_progress,
     )
     if length < args.seq_len + 1:
       seqs = np.pad(seqs, ((0, 0), (0, args.seq_len + 1 - length)), constant_values=-1)
-    batches = eagle.SequenceData(seqs, batch_size=args.batch_size, seed=args.seed).train_batches
+    batches = eagle_data.SequenceData(
+      seqs, batch_size=args.batch_size, seed=args.seed
+    ).train_batches
   return batches, eval_batches, prompts
 
 

@@ -11,13 +11,13 @@ import time
 from kvjax.lm import distributed
 from kvjax.lm.cli.flags import (
   add_distributed_flags,
-  check_output,
   checked,
   nonneg,
   positive,
   seed_type,
   start_distributed,
 )
+from kvjax.lm.cli.paths import check_output
 from kvjax.train.cli.common import (
   add_output_flags,
   check_run_flags,
@@ -76,6 +76,17 @@ def add_lm(sub) -> argparse.ArgumentParser:
     "lm", help="train or fine-tune a language model", description=DESCRIPTION, argument_default=None
   )
   p.add_argument("--config", metavar="FILE", help="JSON object of settings (flags win)")
+  _add_data_flags(p)
+  _add_model_flags(p)
+  _add_optimisation_flags(p)
+  _add_run_flags(p)
+  add_distributed_flags(p)
+  p.set_defaults(run=run_lm, check=lambda args: check_lm(p, args))
+  return p
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+  """The training text or corpus, its tokenizer and the held-out part."""
   g = p.add_argument_group("data")
   g.add_argument("--text", metavar="FILE", help="train on one plain-text file")
   g.add_argument(
@@ -121,6 +132,10 @@ def add_lm(sub) -> argparse.ArgumentParser:
     metavar="F",
     help="--text: fraction of the text held out for eval (default 0.1)",
   )
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+  """The architecture of a new model, or the model to fine-tune."""
   g = p.add_argument_group("model (vocab_size comes from the tokenizer)")
   for name, kind in (
     ("d_model", positive),
@@ -138,6 +153,10 @@ def add_lm(sub) -> argparse.ArgumentParser:
     metavar="MODEL_DIR",
     help="fine-tune this HF-format model (its architecture must match the flags)",
   )
+
+
+def _add_optimisation_flags(p: argparse.ArgumentParser) -> None:
+  """Batches, AdamW and its schedule, precision, dropout and the seed."""
   g = p.add_argument_group("optimisation")
   g.add_argument("--batch-size", type=positive, metavar="B")
   g.add_argument("--seq-len", type=positive, metavar="T")
@@ -168,6 +187,10 @@ def add_lm(sub) -> argparse.ArgumentParser:
     help="dropout of the attention probabilities while training (default 0)",
   )
   g.add_argument("--seed", type=seed_type, metavar="S", help="in [0, 2**32) (default 0)")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+  """Where the run goes, how often it saves, evaluates and logs, early stopping, the mesh."""
   g = p.add_argument_group("run")
   g.add_argument("--out", metavar="DIR", help="run directory (checkpoints, metrics, model)")
   g.add_argument("--save-every", type=nonneg, metavar="N", help="checkpoint period (0 = end only)")
@@ -197,9 +220,6 @@ def add_lm(sub) -> argparse.ArgumentParser:
   )
   g.add_argument("--model-parallel", type=positive, metavar="N", help="mesh 'model' axis size")
   add_output_flags(g)
-  add_distributed_flags(p)
-  p.set_defaults(run=run_lm, check=lambda args: check_lm(p, args))
-  return p
 
 
 def check_lm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -1,5 +1,5 @@
-"""`python -m kvjax.train TASK` (also `kvjax train TASK`): train or fine-tune a model (lm), score one
-(eval), train an EAGLE head (eagle) or a cache coprocessor (coprocessor).
+"""`python -m kvjax.train TASK` (also `kvjax train TASK`): train or fine-tune a model (lm), score
+one (eval), train an EAGLE head (eagle) or a cache coprocessor (coprocessor).
 
     python -m kvjax.train lm --text corpus.txt --tokenizer TOK_DIR --out run \\
         --d-model 128 --n-layers 4 --n-heads 4 --steps 2000 --batch-size 16 --seq-len 256
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvjax.lm.cli.flags import Parser, run
+from kvjax.lm.cli.errors import Parser, run
 from kvjax.train.cli.common import PROG
 from kvjax.train.cli.coprocessor import add_coprocessor
 from kvjax.train.cli.eagle import add_eagle
