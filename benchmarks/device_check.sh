@@ -2,7 +2,7 @@
 # One run on a GPU or TPU machine (under 10 minutes): kvjax over the machine's own JAX, the
 # kernel tests on the device, then benchmarks/device_check.py (kernels vs their XLA references,
 # timed; the prefill dispatch; the decode grid against the measured bandwidth). Results land in
-# benchmarks/results/device_<backend>.{json,md}, which the README quotes.
+# benchmarks/results/device_<backend>.{json,md}, which docs/benchmarks.md quotes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pip install -q --no-deps -e . || pip install -q --no-deps --no-build-isolation -e .

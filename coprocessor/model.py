@@ -81,7 +81,7 @@ class CoprocessorError(ValueError):
   """A coprocessor that does not fit its base model, bad settings, or an unreadable directory."""
 
 
-# Shipped coprocessors (see MODELS.md), loadable by name.
+# Shipped coprocessors (see docs/shipped-models.md), loadable by name.
 COPROCESSORS = artifact.Kind(
   noun="coprocessor",
   config="coprocessor.json",

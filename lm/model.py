@@ -102,8 +102,9 @@ def _eos_ids(
   return (tok.eos_id,) if tok is not None and tok.eos_id is not None else ()
 
 
-# Reference models shipped inside the package (see MODELS.md), loadable by name. They are
-# stored in bfloat16 to keep the package small and load as float32 unless a dtype is given.
+# Reference models shipped inside the package (see docs/shipped-models.md), loadable by name.
+# They are stored in bfloat16 to keep the package small and load as float32 unless a dtype is
+# given.
 MODELS = artifact.Kind(
   noun="model",
   config="config.json",

@@ -43,7 +43,7 @@ from flax import nnx
 from kvjax.lm import artifact, config, hf_config
 from kvjax.speculative.head import Head, HeadConfig, HeadError, LoadedHead, check
 
-# Shipped heads (see MODELS.md), loadable by name.
+# Shipped heads (see docs/shipped-models.md), loadable by name.
 HEADS = artifact.Kind(
   noun="head",
   config="head.json",

@@ -158,9 +158,9 @@ class Result:
 
 
 def target_forward(dec, batch: dict[str, jax.Array], layer_inputs: bool) -> dict[str, jax.Array]:
-  """The frozen target over batch["inputs"] [B, T] (packed documents kept apart) -> hidden [B,
-  T, D] (final-normed), logits [B, T, V] float32 and, on request, layer_inputs [L, B, T, D];
-  all behind stop_gradient."""
+  """The frozen target over the batch's inputs, [B, T] (packed documents kept apart) -> hidden
+  [B, T, D] (final-normed), logits [B, T, V] float32 and, on request, layer_inputs
+  [L, B, T, D]; all behind stop_gradient."""
   mask = None
   if "segment_ids" in batch:
     mask = _causal_segments(batch["segment_ids"])

@@ -55,7 +55,14 @@ def _add_run(sub) -> None:
     metavar="E",
     help="score the receiver on the prompt's last E tokens (default 64)",
   )
-  r.add_argument("--max-new-tokens", type=nonneg, default=32, metavar="N")
+  r.add_argument(
+    "--max-new-tokens",
+    type=nonneg,
+    default=32,
+    metavar="N",
+    help="greedy tokens generated from the reused cache and compared with the full "
+    "prefill's (default 32)",
+  )
   r.add_argument("--repeats", type=positive, default=5, help="timed prefills (median)")
   r.add_argument("--json", action="store_true", help="print one JSON object")
   r.set_defaults(run=_run, check=lambda args: _check(r, args))
@@ -99,8 +106,8 @@ def _add_profile(sub) -> None:
     help="also write the profile here (default: the "
     "pair's stored profile, which --plan auto reads)",
   )
-  f.add_argument("--no-progress", action="store_true")
-  f.add_argument("--json", action="store_true")
+  f.add_argument("--no-progress", action="store_true", help="no progress bar")
+  f.add_argument("--json", action="store_true", help="print the profile as one JSON object")
   f.set_defaults(run=_profile, check=lambda args: _check_profile(f, args))
 
 
@@ -111,7 +118,7 @@ def _add_send(sub) -> None:
   _plan(s)
   _prompt(s)
   _where(s, "write the payload to FILE", "--out")
-  s.add_argument("--json", action="store_true")
+  s.add_argument("--json", action="store_true", help="print one JSON object")
   s.set_defaults(run=_send, check=lambda args: _check(s, args))
 
 
@@ -128,8 +135,14 @@ def _add_receive(sub) -> None:
   _prompt(v)
   _where(v, "read the payload from FILE", "--in")
   v.add_argument("--timeout", type=positive, default=120, help="seconds to wait for a sender")
-  v.add_argument("--max-new-tokens", type=nonneg, default=32, metavar="N")
-  v.add_argument("--json", action="store_true")
+  v.add_argument(
+    "--max-new-tokens",
+    type=nonneg,
+    default=32,
+    metavar="N",
+    help="greedy tokens generated after the prompt (default 32)",
+  )
+  v.add_argument("--json", action="store_true", help="print one JSON object")
   v.set_defaults(run=_receive, check=lambda args: _check(v, args))
 
 
@@ -178,7 +191,7 @@ def _plan(p, auto=False):
 
 def _prompt(p):
   g = p.add_mutually_exclusive_group(required=True)
-  g.add_argument("--prompt", type=text_type, metavar="TEXT")
+  g.add_argument("--prompt", type=text_type, metavar="TEXT", help="the prompt text")
   g.add_argument("--prompt-file", metavar="FILE", help="UTF-8 text file")
 
 

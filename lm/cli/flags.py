@@ -15,7 +15,7 @@ from kvjax.lm.cli.text import read_text, text_type
 
 PROG = "kvjax"
 DTYPES = ("float32", "bfloat16")
-DEFAULT_MODEL = "shakespeare"  # bundled (see MODELS.md)
+DEFAULT_MODEL = "shakespeare"  # bundled (see docs/shipped-models.md)
 INT_LIMIT = 2**31 - 1  # integer flags above it overflow the int32 arrays they size
 
 

@@ -59,8 +59,7 @@ def add(subparsers) -> None:
     ),
     default=252,
     metavar="W",
-    help="recent tokens kept (default 252: with 4 sinks, "
-    "the 256-token context the bundled models were trained on)",
+    help="recent tokens kept (default 252: with 4 sinks, 256 slots)",
   )
   p.add_argument(
     "--chunk",

@@ -1,5 +1,6 @@
-"""The reference models shipped in the package (MODELS.md): loading by name, the CLI default,
-and what they were trained for (the comedy fine-tune beats the base on a held-out comedy)."""
+"""The reference models shipped in the package (docs/shipped-models.md): loading by name, the CLI
+default, and what they were trained for (the comedy fine-tune beats the base on a held-out
+comedy)."""
 
 import json
 import os

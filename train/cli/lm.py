@@ -137,17 +137,17 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
   """The architecture of a new model, or the model to fine-tune."""
   g = p.add_argument_group("model (vocab_size comes from the tokenizer)")
-  for name, kind in (
-    ("d_model", positive),
-    ("n_layers", positive),
-    ("n_heads", positive),
-    ("n_kv_heads", positive),
-    ("head_dim", positive),
-    ("ffn_dim", positive),
-    ("max_position", positive),
+  for name, help_ in (
+    ("d_model", "model width (default 128; without --init-from)"),
+    ("n_layers", "layers (default 4)"),
+    ("n_heads", "query heads (default 4)"),
+    ("n_kv_heads", "kv heads (default: --n-heads)"),
+    ("head_dim", "head dimension (default: --d-model / --n-heads)"),
+    ("ffn_dim", "MLP width (default 4 x --d-model)"),
+    ("max_position", "the model's context (default and minimum: --seq-len)"),
   ):
-    g.add_argument("--" + name.replace("_", "-"), type=kind, metavar="N")
-  g.add_argument("--rope-theta", type=pos_float, metavar="X")
+    g.add_argument("--" + name.replace("_", "-"), type=positive, metavar="N", help=help_)
+  g.add_argument("--rope-theta", type=pos_float, metavar="X", help="RoPE base (default 10000)")
   g.add_argument(
     "--init-from",
     metavar="MODEL_DIR",
@@ -158,16 +158,25 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 def _add_optimisation_flags(p: argparse.ArgumentParser) -> None:
   """Batches, AdamW and its schedule, precision, dropout and the seed."""
   g = p.add_argument_group("optimisation")
-  g.add_argument("--batch-size", type=positive, metavar="B")
-  g.add_argument("--seq-len", type=positive, metavar="T")
-  g.add_argument("--steps", type=positive, metavar="N")
-  g.add_argument("--lr", type=pos_float, metavar="LR", help="peak learning rate")
-  g.add_argument("--warmup", type=nonneg, metavar="N", help="linear warmup steps")
+  g.add_argument("--batch-size", type=positive, metavar="B", help="rows per step (default 16)")
+  g.add_argument("--seq-len", type=positive, metavar="T", help="tokens per row (default 256)")
+  g.add_argument(
+    "--steps",
+    type=positive,
+    metavar="N",
+    help="optimizer steps in all; a resumed run continues up to it (default 1000)",
+  )
+  g.add_argument("--lr", type=pos_float, metavar="LR", help="peak learning rate (default 3e-3)")
+  g.add_argument("--warmup", type=nonneg, metavar="N", help="linear warmup steps (default 100)")
   g.add_argument(
     "--final-lr-ratio", type=unit, metavar="R", help="cosine decay ends at lr * R (default 0.1)"
   )
-  g.add_argument("--weight-decay", type=nonneg_float, metavar="WD")
-  g.add_argument("--clip-norm", type=pos_float, metavar="C", help="global gradient norm clip")
+  g.add_argument(
+    "--weight-decay", type=nonneg_float, metavar="WD", help="AdamW weight decay (default 0.1)"
+  )
+  g.add_argument(
+    "--clip-norm", type=pos_float, metavar="C", help="global gradient norm clip (default 1)"
+  )
   g.add_argument(
     "--bf16",
     action="store_true",

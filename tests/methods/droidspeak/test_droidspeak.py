@@ -4,6 +4,7 @@ The pair is a tiny 4-layer llama and a "fine-tune" of it: the same params plus n
 two models agree in architecture but not in any layer's output.
 """
 
+import itertools
 import os
 
 import jax
@@ -529,7 +530,7 @@ def test_profile_pareto_and_pick(pair):
   front = [next(r for r in prof["rows"] if r["plan"] == p) for p in prof["pareto"]]
   assert all(
     a["prefill_s_reuse"] <= b["prefill_s_reuse"] and a["loss_reuse"] > b["loss_reuse"]
-    for a, b in zip(front, front[1:])
+    for a, b in itertools.pairwise(front)
   )
   assert run.pareto(
     [
