@@ -15,12 +15,13 @@ of the prompt, prefills from it, feeds the last token and continues greedily.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import time
 
-from kvjax.lm.cli.flags import checked, nonneg, port_type, positive
+from kvjax.lm.cli.flags import add_value_flags, checked, dest, nonneg, port_type, positive
 from kvjax.lm.cli.paths import check_input_file, check_output, output_error
 from kvjax.lm.cli.text import read_text, text_type
 
@@ -29,12 +30,49 @@ _fraction = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 _pos_float = checked(float, lambda v: v > 0, "a number > 0")
 
 
-def add(subparsers) -> None:
-  p = subparsers.add_parser(
-    "droidspeak",
-    help="reuse a sender model's KV/E cache in a fine-tuned receiver (DroidSpeak)",
-    description=__doc__.split("\n")[0],
-  )
+NAME = "droidspeak"
+HELP = "reuse a sender model's KV/E cache in a fine-tuned receiver (DroidSpeak)"
+DESCRIPTION = __doc__.split("\n")[0]
+# (flag, type, default, metavar, help) of each action's measurement
+RUN_FLAGS = (
+  (
+    "--eval-tokens",
+    positive,
+    64,
+    "E",
+    "score the receiver on the prompt's last E tokens (default 64)",
+  ),
+  (
+    "--max-new-tokens",
+    nonneg,
+    32,
+    "N",
+    "greedy tokens generated from the reused cache and compared with the full "
+    "prefill's (default 32)",
+  ),
+  ("--repeats", positive, 5, None, "timed prefills (median)"),
+)
+PROFILE_FLAGS = (
+  ("--prompts", positive, 4, None, "windows of the text (default 4)"),
+  ("--prefix-tokens", positive, 512, "P", "reused prefix per window (default 512)"),
+  ("--eval-tokens", positive, 64, "E", None),
+  (
+    "--max-new-tokens",
+    nonneg,
+    16,
+    "N",
+    "greedy tokens compared with the full prefill's (default 16)",
+  ),
+  ("--repeats", positive, 3, None, None),
+  ("--unions", nonneg, 4, None, "pair up this many best single groups (default 4)"),
+)
+RECEIVE_FLAGS = (
+  ("--timeout", positive, 120, None, "seconds to wait for a sender"),
+  ("--max-new-tokens", nonneg, 32, "N", "greedy tokens generated after the prompt (default 32)"),
+)
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
   sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
   _add_run(sub)
   _add_profile(sub)
@@ -48,22 +86,7 @@ def _add_run(sub) -> None:
   _models(r, sender=True, receiver=True)
   _plan(r, auto=True)
   _prompt(r)
-  r.add_argument(
-    "--eval-tokens",
-    type=positive,
-    default=64,
-    metavar="E",
-    help="score the receiver on the prompt's last E tokens (default 64)",
-  )
-  r.add_argument(
-    "--max-new-tokens",
-    type=nonneg,
-    default=32,
-    metavar="N",
-    help="greedy tokens generated from the reused cache and compared with the full "
-    "prefill's (default 32)",
-  )
-  r.add_argument("--repeats", type=positive, default=5, help="timed prefills (median)")
+  add_value_flags(r, RUN_FLAGS)
   r.add_argument("--json", action="store_true", help="print one JSON object")
   r.set_defaults(run=_run, check=lambda args: _check(r, args))
 
@@ -80,26 +103,7 @@ def _add_profile(sub) -> None:
   f.add_argument(
     "--text", metavar="FILE", help="profiling text (default: the bundled corpus' validation plays)"
   )
-  f.add_argument("--prompts", type=positive, default=4, help="windows of the text (default 4)")
-  f.add_argument(
-    "--prefix-tokens",
-    type=positive,
-    default=512,
-    metavar="P",
-    help="reused prefix per window (default 512)",
-  )
-  f.add_argument("--eval-tokens", type=positive, default=64, metavar="E")
-  f.add_argument(
-    "--max-new-tokens",
-    type=nonneg,
-    default=16,
-    metavar="N",
-    help="greedy tokens compared with the full prefill's (default 16)",
-  )
-  f.add_argument("--repeats", type=positive, default=3)
-  f.add_argument(
-    "--unions", type=nonneg, default=4, help="pair up this many best single groups (default 4)"
-  )
+  add_value_flags(f, PROFILE_FLAGS)
   f.add_argument(
     "--out",
     metavar="FILE",
@@ -134,14 +138,7 @@ def _add_receive(sub) -> None:
   )
   _prompt(v)
   _where(v, "read the payload from FILE", "--in")
-  v.add_argument("--timeout", type=positive, default=120, help="seconds to wait for a sender")
-  v.add_argument(
-    "--max-new-tokens",
-    type=nonneg,
-    default=32,
-    metavar="N",
-    help="greedy tokens generated after the prompt (default 32)",
-  )
+  add_value_flags(v, RECEIVE_FLAGS)
   v.add_argument("--json", action="store_true", help="print one JSON object")
   v.set_defaults(run=_receive, check=lambda args: _check(v, args))
 
@@ -248,6 +245,19 @@ def _plan_for(model, text: str):
   return Plan.parse(text, model.cfg.n_layers)
 
 
+def _report(args, obj: dict, text: str | None = None, summary: str | None = None) -> int:
+  """What an action prints: `obj` as one JSON object with --json, else its `text` on stdout and
+  its `summary` line on stderr. Returns the exit code, 0."""
+  if args.json:
+    print(json.dumps(obj))
+    return 0
+  if text is not None:
+    print(text)
+  if summary is not None:
+    print(summary, file=sys.stderr)
+  return 0
+
+
 def _run(args) -> int:
   from kvjax.lm.droidspeak import profile
   from kvjax.lm.model import load
@@ -259,61 +269,61 @@ def _run(args) -> int:
       "sender and receiver tokenize the prompt differently: DroidSpeak needs one tokenizer"
     )
   if args.plan == "auto":
-    prof = _stored_profile(sender, receiver, args)
+    prof = _stored_profile(sender, receiver)
     args.plan = profile.pick(prof, min_kept=args.min_kept, min_speedup=args.min_speedup)
     print(f"kvjax droidspeak: auto plan {args.plan}", file=sys.stderr)
-  r = profile.compare(
-    sender,
-    receiver,
-    _plan_for(receiver, args.plan),
-    ids,
-    eval_tokens=args.eval_tokens,
-    max_new_tokens=args.max_new_tokens,
-    repeats=args.repeats,
-  )
+  settings = {dest(flag): getattr(args, dest(flag)) for flag, *_ in RUN_FLAGS}
+  r = profile.compare(sender, receiver, _plan_for(receiver, args.plan), ids, **settings)
   r["text"] = receiver.tokenizer.decode(r["tokens"])
-  if args.json:
-    print(json.dumps({"sender": args.sender, "receiver": args.receiver, **r}))
-  else:
-    print(r["text"])
-    print(
-      f"kvjax droidspeak: plan {r['plan']} (recompute layers {r['recomputed_layers']}) over "
-      f"a {r['prefix_tokens']}-token prefix: prefill {r['prefill_s_full'] * 1e3:.2f} ms full "
-      f"vs {r['prefill_s_reuse'] * 1e3:.2f} ms reuse ({r['prefill_speedup']:.2f}x); loss "
-      f"over the last {r['eval_tokens']} tokens {r['loss_full']:.4f} full vs "
-      f"{r['loss_reuse']:.4f} reuse; greedy agreement {r['agreement']:.2f}",
-      file=sys.stderr,
-    )
-  return 0
+  return _report(
+    args,
+    {"sender": args.sender, "receiver": args.receiver, **r},
+    r["text"],
+    f"kvjax droidspeak: plan {r['plan']} (recompute layers {r['recomputed_layers']}) over "
+    f"a {r['prefix_tokens']}-token prefix: prefill {r['prefill_s_full'] * 1e3:.2f} ms full "
+    f"vs {r['prefill_s_reuse'] * 1e3:.2f} ms reuse ({r['prefill_speedup']:.2f}x); loss "
+    f"over the last {r['eval_tokens']} tokens {r['loss_full']:.4f} full vs "
+    f"{r['loss_reuse']:.4f} reuse; greedy agreement {r['agreement']:.2f}",
+  )
 
 
-def _profile_prompts(
-  model, text: str, n: int, prefix_tokens: int, eval_tokens: int
-) -> list[list[int]]:
+def _measure(sender, receiver, text: str, settings: dict, progress: bool) -> dict:
+  """The pair's profile on `text` under `settings`, the values of the profile action's
+  PROFILE_FLAGS by name."""
   from kvjax.lm.droidspeak import profile
 
-  return profile.windows(_ids(model, text), n, prefix_tokens + eval_tokens + 1)
+  s = dict(settings)
+  n, prefix_tokens = s.pop("prompts"), s.pop("prefix_tokens")
+  ids = _ids(receiver, text)
+  prompts = profile.windows(ids, n, prefix_tokens + s["eval_tokens"] + 1)
+  return profile.profile(sender, receiver, prompts, progress=progress, **s)
 
 
-def _stored_profile(sender, receiver, args) -> dict:
-  """The pair's stored profile, made once on the bundled validation text when missing."""
+def _check_writable(path: str, what: str) -> None:
+  """ValueError naming `what` unless the profile file `path` can be written: found before the
+  profiling, not after."""
+  unwritable = output_error(path, directory=False)
+  if unwritable:
+    raise ValueError(f"{what} {path}: {unwritable}")
+
+
+def _stored_profile(sender, receiver) -> dict:
+  """The pair's stored profile, made once (as the profile action makes it with its default
+  flags) on the bundled validation text when missing."""
   from kvjax.lm.droidspeak import profile
 
   path = profile.profile_path(sender, receiver)
   if os.path.isfile(path):
     with open(path) as f:
       return json.load(f)
-  unwritable = output_error(path, directory=False)  # found before the profiling, not after
-  if unwritable:
-    raise ValueError(f"--plan auto: the pair's stored profile {path}: {unwritable}")
+  _check_writable(path, "--plan auto: the pair's stored profile")
   print(
     f"kvjax droidspeak: no stored profile for this pair; profiling once on the bundled "
     f"validation text into {path}",
     file=sys.stderr,
   )
-  prof = profile.profile(
-    sender, receiver, _profile_prompts(receiver, validation_text(), 4, 512, 64)
-  )
+  defaults = {dest(flag): default for flag, _, default, *_ in PROFILE_FLAGS}
+  prof = _measure(sender, receiver, validation_text(), defaults, progress=True)
   _write_json(path, prof)
   return prof
 
@@ -334,42 +344,37 @@ def _profile(args) -> int:
   sender, receiver = load(args.sender), load(args.receiver)
   droidspeak.check_pair(sender, receiver)
   stored = profile.profile_path(sender, receiver)
-  unwritable = output_error(stored, directory=False)  # found before the profiling, not after
-  if unwritable:
-    raise ValueError(f"the pair's stored profile {stored}: {unwritable}")
+  _check_writable(stored, "the pair's stored profile")
   text = validation_text() if args.text is None else read_text(args.text)
-  prompts = _profile_prompts(receiver, text, args.prompts, args.prefix_tokens, args.eval_tokens)
-  prof = profile.profile(
-    sender,
-    receiver,
-    prompts,
-    eval_tokens=args.eval_tokens,
-    max_new_tokens=args.max_new_tokens,
-    repeats=args.repeats,
-    unions=args.unions,
-    progress=not args.no_progress,
-  )
+  settings = {dest(flag): getattr(args, dest(flag)) for flag, *_ in PROFILE_FLAGS}
+  prof = _measure(sender, receiver, text, settings, progress=not args.no_progress)
   prof.update(sender=args.sender, receiver=args.receiver, text=args.text or "bundled validation")
   for path in {stored, args.out or stored}:
     _write_json(path, prof)
-  if args.json:
-    print(json.dumps(prof))
-  else:
-    print("| plan | recomputed | prefill ms | speedup | loss | advantage kept | agreement |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in prof["rows"]:
-      mark = " *" if r["plan"] in prof["pareto"] else ""
-      print(
-        f"| {r['plan']}{mark} | {r['recomputed_fraction']:.2f} | "
-        f"{r['prefill_s_reuse'] * 1e3:.2f} | {r['prefill_speedup']:.2f}x | "
-        f"{r['loss_reuse']:.4f} | {r['advantage_kept']:.2f} | {r['agreement']:.2f} |"
-      )
-    print(
-      f"* Pareto front; full prefill {prof['rows'][0]['prefill_s_full'] * 1e3:.2f} ms, "
-      f"sender loss {prof['rows'][0]['loss_sender']:.4f}; stored in {stored}",
-      file=sys.stderr,
+  first = prof["rows"][0]
+  return _report(
+    args,
+    prof,
+    _table(prof),
+    f"* Pareto front; full prefill {first['prefill_s_full'] * 1e3:.2f} ms, "
+    f"sender loss {first['loss_sender']:.4f}; stored in {stored}",
+  )
+
+
+def _table(prof: dict) -> str:
+  """A profile's rows as a markdown table, the Pareto front marked *."""
+  lines = [
+    "| plan | recomputed | prefill ms | speedup | loss | advantage kept | agreement |",
+    "|---|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in prof["rows"]:
+    mark = " *" if r["plan"] in prof["pareto"] else ""
+    lines.append(
+      f"| {r['plan']}{mark} | {r['recomputed_fraction']:.2f} | "
+      f"{r['prefill_s_reuse'] * 1e3:.2f} | {r['prefill_speedup']:.2f}x | "
+      f"{r['loss_reuse']:.4f} | {r['advantage_kept']:.2f} | {r['agreement']:.2f} |"
     )
-  return 0
+  return "\n".join(lines)
 
 
 def _send(args) -> int:
@@ -400,15 +405,12 @@ def _send(args) -> int:
     "to": where,
     "capture_s": capture_s,
   }
-  if args.json:
-    print(json.dumps(summary))
-  else:
-    print(
-      f"kvjax droidspeak send: {len(data):,} bytes (plan {sent.plan}, "
-      f"{len(ids) - 1}-token prefix) to {where}",
-      file=sys.stderr,
-    )
-  return 0
+  return _report(
+    args,
+    summary,
+    summary=f"kvjax droidspeak send: {len(data):,} bytes (plan {sent.plan}, "
+    f"{len(ids) - 1}-token prefix) to {where}",
+  )
 
 
 def _receive(args) -> int:
@@ -433,22 +435,15 @@ def _receive(args) -> int:
   cache = droidspeak.receive(receiver, sent, size=steps.bucket(len(ids) + args.max_new_tokens))
   out = profile.continue_from(receiver, cache, ids[-1:], args.max_new_tokens)
   text = receiver.tokenizer.decode(out["tokens"])
-  if args.json:
-    print(
-      json.dumps(
-        {
-          "plan": str(sent.plan),
-          "prefix_tokens": len(ids) - 1,
-          "bytes": len(data),
-          "recomputed_layers": list(sent.plan.recomputed),
-          "tokens": out["tokens"],
-          "text": text,
-        }
-      )
-    )
-  else:
-    print(text)
-  return 0
+  received = {
+    "plan": str(sent.plan),
+    "prefix_tokens": len(ids) - 1,
+    "bytes": len(data),
+    "recomputed_layers": list(sent.plan.recomputed),
+    "tokens": out["tokens"],
+    "text": text,
+  }
+  return _report(args, received, text)
 
 
 def validation_text() -> str:

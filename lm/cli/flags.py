@@ -9,7 +9,7 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from kvjax.lm.cli.text import read_text, text_type
 
@@ -54,15 +54,64 @@ seed_type = checked(int, lambda s: 0 <= s < 2**32, "an integer in [0, 2**32)", l
 port_type = checked(int, lambda v: 0 <= v <= 65535, "a TCP port in [0, 65535]")
 
 
-def add_model_flag(p: argparse.ArgumentParser) -> None:
-  """--model DIR_OR_NAME, default the bundled DEFAULT_MODEL (every subcommand that loads one)."""
-  p.add_argument(
-    "--model",
-    default=DEFAULT_MODEL,
-    metavar="DIR_OR_NAME",
-    help=f"model directory or bundled model name (default {DEFAULT_MODEL})",
-  )
+def add_model_flag(
+  p: argparse.ArgumentParser,
+  help: str = f"model directory or bundled model name (default {DEFAULT_MODEL})",
+) -> None:
+  """--model DIR_OR_NAME, default the bundled DEFAULT_MODEL (every subcommand that loads one),
+  and --no-check-finite."""
+  p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR_OR_NAME", help=help)
   add_finite_flag(p)
+
+
+def add_dtype_flag(
+  p: argparse.ArgumentParser,
+  help: str = "cast the params to this dtype (default: as stored; float32 for the bundled "
+  "models, which are stored in bfloat16)",
+) -> None:
+  """--dtype float32|bfloat16 (default None: as stored), read by `load_model`."""
+  p.add_argument("--dtype", choices=DTYPES, default=None, help=help)
+
+
+def add_value_flags(p, rows: Iterable[tuple]) -> None:
+  """One `--flag VALUE` option per (flag, type, default, metavar, help) row, in order, on `p` (a
+  parser or an argument group); a None leaves that setting argparse's default."""
+  for flag, kind, default, metavar, text in rows:
+    p.add_argument(flag, type=kind, default=default, metavar=metavar, help=text)
+
+
+def dest(flag: str) -> str:
+  """The attribute argparse stores `flag` under: --seq-len -> seq_len."""
+  return flag.removeprefix("--").replace("-", "_")
+
+
+def add_other_params_flag(p: argparse.ArgumentParser, what: str) -> None:
+  """--allow-other-params for commands that load `what` (a head, a coprocessor) trained for a
+  model."""
+  p.add_argument(
+    "--allow-other-params",
+    action="store_true",
+    help=f"use {what} trained against other weights of the same architecture (it records "
+    "their fingerprint; a warning is printed)",
+  )
+
+
+def add_coprocessor_group(p: argparse.ArgumentParser, title: str, help: str):
+  """The argument group titled `title` that starts with --coprocessor DIR_OR_NAME (default
+  None); returns it for the command's other augmentation flags."""
+  g = p.add_argument_group(title)
+  g.add_argument("--coprocessor", metavar="DIR_OR_NAME", default=None, help=help)
+  return g
+
+
+def check_coprocessor(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """parser.error unless --coprocessor names a coprocessor directory or a shipped one."""
+  from kvjax.coprocessor.model import resolve
+
+  try:
+    resolve(args.coprocessor)
+  except FileNotFoundError as err:
+    parser.error(f"--coprocessor: {err}")
 
 
 def add_finite_flag(p: argparse.ArgumentParser) -> None:
@@ -130,13 +179,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     action="store_true",
     help="wrap each prompt as a user message with the model's chat template",
   )
-  p.add_argument(
-    "--dtype",
-    choices=DTYPES,
-    default=None,
-    help="cast the params to this dtype (default: as stored; float32 for the bundled "
-    "models, which are stored in bfloat16)",
-  )
+  add_dtype_flag(p)
 
 
 def check_sampling_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

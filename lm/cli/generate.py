@@ -10,9 +10,12 @@ import sys
 from kvjax.lm.cli.flags import (
   DEFAULT_MODEL,
   PROG,
+  add_coprocessor_group,
   add_distributed_flags,
-  add_finite_flag,
+  add_model_flag,
+  add_other_params_flag,
   add_sampling_flags,
+  check_coprocessor,
   check_sampling_flags,
   checked,
   finite,
@@ -25,23 +28,21 @@ from kvjax.lm.cli.flags import (
 from kvjax.lm.cli.text import read_prompts, text_type
 from kvjax.lm.model import bundled
 
+NAME = "generate"
+HELP = "continue one or more prompts"
+DESCRIPTION = (
+  "Generates a continuation of each prompt (several --prompt flags run as one "
+  "batch). Greedy unless --temperature > 0. One prompt streams its text as it is produced."
+)
 
-def add(subparsers) -> None:
-  p = subparsers.add_parser(
-    "generate",
-    help="continue one or more prompts",
-    description="Generates a continuation of each prompt (several --prompt flags run as one "
-    "batch). Greedy unless --temperature > 0. One prompt streams its text as it is produced.",
-  )
-  p.add_argument(
-    "--model",
-    default=DEFAULT_MODEL,
-    metavar="DIR_OR_NAME",
-    help="Hugging Face format model directory (config.json, model.safetensors, "
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+  add_model_flag(
+    p,
+    "Hugging Face format model directory (config.json, model.safetensors, "
     "tokenizer.json) or a bundled model name: "
     f"{', '.join(bundled()) or 'none installed'} (default {DEFAULT_MODEL})",
   )
-  add_finite_flag(p)
   p.add_argument(
     "--prompt",
     action="append",
@@ -60,12 +61,7 @@ def add(subparsers) -> None:
   add_sampling_flags(p)
   _add_speculative_flags(p)
   _add_coprocessor_flags(p)
-  p.add_argument(
-    "--allow-other-params",
-    action="store_true",
-    help="use a head or coprocessor trained against other weights of the same "
-    "architecture (it records their fingerprint; a warning is printed)",
-  )
+  add_other_params_flag(p, "a head or coprocessor")
   p.add_argument(
     "--json",
     action="store_true",
@@ -116,15 +112,11 @@ def _add_speculative_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_coprocessor_flags(p: argparse.ArgumentParser) -> None:
   """--coprocessor and its --delay."""
-  g = p.add_argument_group(
+  g = add_coprocessor_group(
+    p,
     "cache augmentation (a trained coprocessor writes latents into the "
-    "cache before the prompt's last token)"
-  )
-  g.add_argument(
-    "--coprocessor",
-    metavar="DIR_OR_NAME",
-    default=None,
-    help="coprocessor directory (coprocessor.json + params/) or shipped name (e.g. shakespeare-16)",
+    "cache before the prompt's last token)",
+    "coprocessor directory (coprocessor.json + params/) or shipped name (e.g. shakespeare-16)",
   )
   g.add_argument(
     "--delay",
@@ -181,12 +173,7 @@ def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -
       "an unaugmented cache)"
     )
   if args.coprocessor is not None:
-    from kvjax.coprocessor.model import resolve as resolve_cop
-
-    try:
-      resolve_cop(args.coprocessor)
-    except FileNotFoundError as err:
-      parser.error(f"--coprocessor: {err}")
+    check_coprocessor(parser, args)
     if (args.delay or 0) >= args.max_new_tokens:
       parser.error(
         f"--delay {args.delay} must be smaller than --max-new-tokens {args.max_new_tokens}"

@@ -10,19 +10,21 @@
     kvjax bench [--model DIR_OR_NAME] [--batches 1,8] [--contexts 256,4096] [--json]
     python -m kvjax generate ...
 
-Each subcommand is a module of this package whose `add(subparsers)` sets `run` (does the work,
-returns the exit code) and `check` (cross-flag validation, reports through the subcommand's
-parser); `flags`, `text`, `paths` and `errors` hold what they share. Every error is one line on
-stderr, no traceback: bad flags (a value out of range, command-line text that is not UTF-8, an
-input file that is missing or a directory, an output path that cannot be written) exit 2 with
-`kvjax COMMAND: error: <message>`; a model, file, port, text or chat template that fails once
-the work runs exits 1 with `kvjax: error: <message>` naming it (see errors.run).
+Each subcommand is a module of this package: its NAME, HELP (its line in `kvjax --help`) and
+DESCRIPTION make its parser, and its `add_flags(parser)` adds the flags and sets `run` (does the
+work, returns the exit code) and `check` (cross-flag validation, reports through the
+subcommand's parser); `flags`, `text`, `paths` and `errors` hold what they share. Every error is
+one line on stderr, no traceback: bad flags (a value out of range, command-line text that is not
+UTF-8, an input file that is missing or a directory, an output path that cannot be written) exit
+2 with `kvjax COMMAND: error: <message>`; a model, file, port, text or chat template that fails
+once the work runs exits 1 with `kvjax: error: <message>` naming it (see errors.run).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import types
 
 from kvjax.lm.cli import bench, droidspeak, generate, ppl, sinks, sot, stream
 from kvjax.lm.cli.errors import Parser, run
@@ -36,11 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
   )
   subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
   for command in (generate, stream, ppl):
-    command.add(subparsers)
+    _add(subparsers, command)
   _add_train(subparsers)
   for command in (bench, droidspeak, sot, sinks):
-    command.add(subparsers)
+    _add(subparsers, command)
   return parser
+
+
+def _add(subparsers, command: types.ModuleType) -> None:
+  """The subcommand that `command`, a module of this package, defines."""
+  p = subparsers.add_parser(command.NAME, help=command.HELP, description=command.DESCRIPTION)
+  command.add_flags(p)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,52 +6,66 @@ from __future__ import annotations
 import argparse
 import json
 
-from kvjax.lm.cli.flags import DTYPES, add_model_flag, checked, model_and_text, nonneg, positive
+from kvjax.lm.cli.flags import (
+  add_coprocessor_group,
+  add_dtype_flag,
+  add_model_flag,
+  add_other_params_flag,
+  add_value_flags,
+  check_coprocessor,
+  checked,
+  dest,
+  model_and_text,
+  nonneg,
+  positive,
+)
 from kvjax.lm.cli.paths import check_input_file
 
+NAME = "ppl"
+HELP = "streaming perplexity of a long text (StreamingLLM)"
+DESCRIPTION = (
+  "Feeds a text token by token and reports its perplexity under a cache "
+  "policy: dense (everything kept), window (rolling window, no sinks), sink (attention "
+  "sinks + rolling window), recompute (the last W tokens recomputed for every token)."
+)
+# (flag, type, default, metavar, help) of the streaming run; None: set by the --cache policy
+CACHE_FLAGS = (
+  ("--sinks", nonneg, None, "N", "attention sinks (--cache sink; default 4)"),
+  (
+    "--window",
+    positive,
+    None,
+    "W",
+    "recent tokens kept (window, sink) or recomputed (recompute), the token "
+    "being scored included: the streaming-llm reference's recent_size is W - 1",
+  ),
+)
+# ... and of the run by position after augmentation points (--coprocessor)
+AUGMENTATION_FLAGS = (
+  ("--ahead", positive, 32, "A", "positions after each point to score (default 32)"),
+  ("--points", positive, 16, "M", "augmentation points per window, spread evenly (default 16)"),
+  (
+    "--seq-len",
+    checked(int, lambda v: v >= 2, "an integer >= 2"),
+    256,
+    "T",
+    "the text is cut into windows of T tokens (default 256); points read only their own window",
+  ),
+  ("--delay", nonneg, 0, "K", "insert the latents K tokens after their point (default 0)"),
+  ("--batch-size", positive, 8, "B", "windows per forward (default 8)"),
+)
 
-def add(subparsers) -> None:
+
+def add_flags(p: argparse.ArgumentParser) -> None:
   from kvjax.lm.streaming import MODES
 
-  p = subparsers.add_parser(
-    "ppl",
-    help="streaming perplexity of a long text (StreamingLLM)",
-    description="Feeds a text token by token and reports its perplexity under a cache "
-    "policy: dense (everything kept), window (rolling window, no sinks), sink (attention "
-    "sinks + rolling window), recompute (the last W tokens recomputed for every token).",
-  )
   add_model_flag(p)
   p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file ('-' = stdin)")
   p.add_argument("--cache", choices=MODES, default=None, help="cache policy (default sink)")
-  p.add_argument(
-    "--sinks",
-    type=nonneg,
-    default=None,
-    metavar="N",
-    help="attention sinks (--cache sink; default 4)",
-  )
-  p.add_argument(
-    "--window",
-    type=positive,
-    default=None,
-    metavar="W",
-    help="recent tokens kept (window, sink) or recomputed (recompute), the token "
-    "being scored included: the streaming-llm reference's recent_size is W - 1",
-  )
-  p.add_argument(
-    "--dtype",
-    choices=DTYPES,
-    default=None,
-    help="cast the params to this dtype (default: as stored; float32 for the bundled "
-    "models, which are stored in bfloat16)",
-  )
+  add_value_flags(p, CACHE_FLAGS)
+  add_dtype_flag(p)
   _add_coprocessor_flags(p)
-  p.add_argument(
-    "--allow-other-params",
-    action="store_true",
-    help="use a coprocessor trained against other weights of the same "
-    "architecture (it records their fingerprint; a warning is printed)",
-  )
+  add_other_params_flag(p, "a coprocessor")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument(
     "--json",
@@ -65,48 +79,13 @@ def add(subparsers) -> None:
 
 def _add_coprocessor_flags(p: argparse.ArgumentParser) -> None:
   """--coprocessor and the augmentation points it is scored at (instead of a streaming run)."""
-  g = p.add_argument_group(
+  g = add_coprocessor_group(
+    p,
     "cache augmentation: perplexity of the 1st .. A-th token after augmentation points, with "
-    "and without the coprocessor's latents (instead of a streaming run)"
+    "and without the coprocessor's latents (instead of a streaming run)",
+    "coprocessor directory or shipped name (e.g. shakespeare-16)",
   )
-  g.add_argument(
-    "--coprocessor",
-    metavar="DIR_OR_NAME",
-    default=None,
-    help="coprocessor directory or shipped name (e.g. shakespeare-16)",
-  )
-  g.add_argument(
-    "--ahead",
-    type=positive,
-    default=32,
-    metavar="A",
-    help="positions after each point to score (default 32)",
-  )
-  g.add_argument(
-    "--points",
-    type=positive,
-    default=16,
-    metavar="M",
-    help="augmentation points per window, spread evenly (default 16)",
-  )
-  g.add_argument(
-    "--seq-len",
-    type=checked(int, lambda v: v >= 2, "an integer >= 2"),
-    default=256,
-    metavar="T",
-    help="the text is cut into windows of T tokens "
-    "(default 256); points read only their own window",
-  )
-  g.add_argument(
-    "--delay",
-    type=nonneg,
-    default=0,
-    metavar="K",
-    help="insert the latents K tokens after their point (default 0)",
-  )
-  g.add_argument(
-    "--batch-size", type=positive, default=8, metavar="B", help="windows per forward (default 8)"
-  )
+  add_value_flags(g, AUGMENTATION_FLAGS)
 
 
 def _check_ppl(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -115,12 +94,7 @@ def _check_ppl(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     given = [f"--{f}" for f in ("cache", "sinks", "window") if getattr(args, f) is not None]
     if given:
       parser.error(f"{', '.join(given)}: streaming-cache flags do not apply with --coprocessor")
-    from kvjax.coprocessor.model import resolve as resolve_cop
-
-    try:
-      resolve_cop(args.coprocessor)
-    except FileNotFoundError as err:
-      parser.error(f"--coprocessor: {err}")
+    check_coprocessor(parser, args)
     from kvjax.coprocessor.traces import room_error
 
     error = room_error(args.seq_len, args.ahead, args.points, args.delay, flags=True)
@@ -128,9 +102,7 @@ def _check_ppl(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
       parser.error(error)
     return
   changed = [
-    f"--{f.replace('_', '-')}"
-    for f, d in (("ahead", 32), ("points", 16), ("seq_len", 256), ("delay", 0), ("batch_size", 8))
-    if getattr(args, f) != d
+    flag for flag, _, default, *_ in AUGMENTATION_FLAGS if getattr(args, dest(flag)) != default
   ]
   if changed:
     parser.error(f"{', '.join(changed)} apply only with --coprocessor")

@@ -7,37 +7,42 @@ import argparse
 import json
 import sys
 
-from kvjax.lm.cli.flags import DTYPES, add_model_flag, model_and_text, positive
+from kvjax.lm.cli.flags import (
+  add_dtype_flag,
+  add_model_flag,
+  add_value_flags,
+  model_and_text,
+  positive,
+)
 from kvjax.lm.cli.paths import check_input_file, check_output
 
-
-def add(subparsers) -> None:
-  p = subparsers.add_parser(
-    "sinks",
-    help="attention mass on a text's first tokens, per layer and head",
-    description="Runs the model's causal attention over a text and reports, for every layer "
-    "and head, the attention probability that queries put on the first --sink-tokens "
-    "positions (averaged over the queries after them), next to what evenly spread attention "
-    "would give. A model that forms attention sinks (StreamingLLM) puts far more than that "
-    "share there.",
-  )
-  add_model_flag(p)
-  p.add_argument("--dtype", choices=DTYPES, help="cast the params (default: as stored)")
-  p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file ('-' = stdin)")
-  p.add_argument(
+NAME = "sinks"
+HELP = "attention mass on a text's first tokens, per layer and head"
+DESCRIPTION = (
+  "Runs the model's causal attention over a text and reports, for every layer "
+  "and head, the attention probability that queries put on the first --sink-tokens "
+  "positions (averaged over the queries after them), next to what evenly spread attention "
+  "would give. A model that forms attention sinks (StreamingLLM) puts far more than that "
+  "share there."
+)
+# (flag, type, default, metavar, help)
+FLAGS = (
+  (
     "--tokens",
-    type=positive,
-    default=None,
-    metavar="T",
-    help="use the first T tokens of the text (default: all, within the context)",
-  )
-  p.add_argument(
-    "--sink-tokens",
-    type=positive,
-    default=4,
-    metavar="K",
-    help="how many first positions count as sinks (default 4)",
-  )
+    positive,
+    None,
+    "T",
+    "use the first T tokens of the text (default: all, within the context)",
+  ),
+  ("--sink-tokens", positive, 4, "K", "how many first positions count as sinks (default 4)"),
+)
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+  add_model_flag(p)
+  add_dtype_flag(p, "cast the params (default: as stored)")
+  p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file ('-' = stdin)")
+  add_value_flags(p, FLAGS)
   p.add_argument("--png", metavar="FILE", help="also write the heatmap as a PNG")
   p.add_argument("--json", action="store_true", help="print the report as JSON")
   p.set_defaults(run=_sinks, check=lambda args: _check(p, args))

@@ -10,6 +10,7 @@ the same number of generated tokens, also warm, in the same run (compilation exc
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -17,6 +18,7 @@ from kvjax.lm.cli.flags import (
   PROG,
   add_model_flag,
   add_sampling_flags,
+  add_value_flags,
   check_sampling_flags,
   load_model,
   positive,
@@ -25,16 +27,31 @@ from kvjax.lm.cli.flags import (
 from kvjax.lm.cli.paths import check_input_file
 from kvjax.lm.cli.text import read_prompts, read_text, text_type
 
+NAME = "sot"
+HELP = "answer as a skeleton of points, expanded in parallel (Skeleton-of-Thought)"
+DESCRIPTION = (
+  "Skeleton-of-Thought: the model writes a skeleton of points (or --skeleton "
+  "gives it), then every point is expanded in one batched decode that prefills the "
+  "question and skeleton once. Reports the latency against a normal answer of the same "
+  "number of generated tokens, timed in the same run (compilation excluded)."
+)
+# (flag, type, default, metavar, help): the most points, and the most new tokens of each
+# generation
+BUDGET_FLAGS = (
+  ("--max-points", positive, 10, "P", "a skeleton with more points is an error (default 10)"),
+  ("--point-tokens", positive, 64, "N", "new tokens per point at most (default 64)"),
+  ("--skeleton-tokens", positive, 128, "N", "new tokens for the skeleton at most (default 128)"),
+  (
+    "--answer-tokens",
+    positive,
+    256,
+    "N",
+    "new tokens for a normal answer when the router declines SoT (default 256)",
+  ),
+)
 
-def add(subparsers) -> None:
-  p = subparsers.add_parser(
-    "sot",
-    help="answer as a skeleton of points, expanded in parallel (Skeleton-of-Thought)",
-    description="Skeleton-of-Thought: the model writes a skeleton of points (or --skeleton "
-    "gives it), then every point is expanded in one batched decode that prefills the "
-    "question and skeleton once. Reports the latency against a normal answer of the same "
-    "number of generated tokens, timed in the same run (compilation excluded).",
-  )
+
+def add_flags(p: argparse.ArgumentParser) -> None:
   add_model_flag(p)
   p.add_argument(
     "--question", required=True, type=text_type, metavar="TEXT", help="the question ('-': stdin)"
@@ -48,7 +65,7 @@ def add(subparsers) -> None:
     "'-': stdin); skips the skeleton stage and the router. Needed for models that "
     "cannot follow instructions, such as the bundled Shakespeare models",
   )
-  _add_budget_flags(p)
+  add_value_flags(p.add_argument_group("token budgets"), BUDGET_FLAGS)
   p.add_argument(
     "--router",
     choices=("prompt", "rules", "always", "never"),

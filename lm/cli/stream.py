@@ -22,18 +22,19 @@ from kvjax.lm.cli.flags import (
 )
 from kvjax.lm.cli.text import read_prompts, stdin_lines, text_type
 
+NAME = "stream"
+HELP = "endless generation or a multi-turn chat in constant memory (StreamingLLM)"
+DESCRIPTION = (
+  "Generates with a fixed memory budget: --sinks attention sinks plus a rolling "
+  "window of --window tokens, positions assigned inside the cache. With --prompt: one "
+  "endless continuation (until a stop token, --max-new-tokens or Ctrl-C; tokens are evicted "
+  "one by one). Without: a chat, one turn per stdin line, each reply at most "
+  "--max-new-tokens (default 64); each turn first evicts enough old tokens for its prompt "
+  "and reply. Text is printed as it comes."
+)
 
-def add(subparsers) -> None:
-  p = subparsers.add_parser(
-    "stream",
-    help="endless generation or a multi-turn chat in constant memory (StreamingLLM)",
-    description="Generates with a fixed memory budget: --sinks attention sinks plus a rolling "
-    "window of --window tokens, positions assigned inside the cache. With --prompt: one "
-    "endless continuation (until a stop token, --max-new-tokens or Ctrl-C; tokens are evicted "
-    "one by one). Without: a chat, one turn per stdin line, each reply at most "
-    "--max-new-tokens (default 64); each turn first evicts enough old tokens for its prompt "
-    "and reply. Text is printed as it comes.",
-  )
+
+def add_flags(p: argparse.ArgumentParser) -> None:
   add_model_flag(p)
   p.add_argument(
     "--prompt",
