@@ -13,7 +13,6 @@ from helpers import cli
 
 from kvjax import lm
 from kvjax.lm import cli as cli_module
-from kvjax.lm import tiny
 
 PROMPT = "Once upon a time"
 MAX = 12
@@ -32,13 +31,6 @@ FIELDS = {
   "seed",
   "max_new_tokens",
 }
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tiny"))
-  lm.save(tiny.model(), path)
-  return path
 
 
 @pytest.fixture(scope="module")
@@ -277,22 +269,8 @@ def test_bench_peers_interleaved(model):
 def test_bench(model_dir):
   """kvjax bench: one decode cell and one prefill cell, with the bound from the bandwidth it
   measured; text and JSON; a grid past the context and bad lists are one-line errors."""
-  code, out, err = cli(
-    "bench",
-    "--model",
-    model_dir,
-    "--batches",
-    "1,2",
-    "--contexts",
-    "8",
-    "--prefill",
-    "8",
-    "--new-tokens",
-    "2",
-    "--repeats",
-    "1",
-    "--json",
-  )
+  small = ("--contexts", "8", "--prefill", "8", "--new-tokens", "2", "--repeats", "1")
+  code, out, err = cli("bench", "--model", model_dir, "--batches", "1,2", *small, "--json")
   assert code == 0, err
   report = json.loads(out)
   assert report["bandwidth_gbs"]["copy"] > 0 and report["bandwidth_gbs"]["read"] > 0
@@ -304,21 +282,7 @@ def test_bench(model_dir):
       c["bytes_per_step"]["total"] / (report["bandwidth_gbs"]["copy"] * 1e9)
     )
   assert decode[1]["bytes_per_step"]["kv"] == 2 * decode[0]["bytes_per_step"]["kv"]
-  code, out, err = cli(
-    "bench",
-    "--model",
-    model_dir,
-    "--batches",
-    "1",
-    "--contexts",
-    "8",
-    "--prefill",
-    "8",
-    "--new-tokens",
-    "2",
-    "--repeats",
-    "1",
-  )
+  code, out, err = cli("bench", "--model", model_dir, "--batches", "1", *small)
   assert code == 0 and "kvjax share of bound" in out and "prefill tokens" in out
   code, _, err = cli("bench", "--model", model_dir, "--contexts", "1020", "--new-tokens", "8")
   assert code == 1 and "the grid needs 1028 positions" in err and "model's 1024 positions" in err

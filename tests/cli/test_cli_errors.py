@@ -81,6 +81,7 @@ def paths(tmp_path_factory):
 
 
 M, T = "{model}", "{file}"
+DROIDSPEAK_RUN = ["droidspeak", "run", "--sender", M, "--receiver", M, "--plan", "full"]
 TRAIN = (
   "--d-model",
   "16",
@@ -261,43 +262,21 @@ CASES = [
   ),
   (
     "droidspeak-run-prompt-file-not-utf8",
-    [
-      "droidspeak",
-      "run",
-      "--sender",
-      M,
-      "--receiver",
-      M,
-      "--plan",
-      "full",
-      "--prompt-file",
-      "{bad}",
-    ],
+    [*DROIDSPEAK_RUN, "--prompt-file", "{bad}"],
     None,
     2,
     ["--prompt-file {bad}", "not UTF-8"],
   ),
   (
     "droidspeak-run-prompt-file-is-a-directory",
-    [
-      "droidspeak",
-      "run",
-      "--sender",
-      M,
-      "--receiver",
-      M,
-      "--plan",
-      "full",
-      "--prompt-file",
-      "{dir}",
-    ],
+    [*DROIDSPEAK_RUN, "--prompt-file", "{dir}"],
     None,
     2,
     ["--prompt-file {dir}", "is a directory"],
   ),
   (
     "droidspeak-run-prompt-not-utf8",
-    ["droidspeak", "run", "--sender", M, "--receiver", M, "--plan", "full", "--prompt", ESC],
+    [*DROIDSPEAK_RUN, "--prompt", ESC],
     None,
     2,
     ["argument --prompt", "not UTF-8"],

@@ -53,22 +53,9 @@ def test_generate_matches_the_library(dirs):
 
 
 def test_ppl_by_position_matches_the_library(dirs):
-  code, out, err = cli(
-    "ppl",
-    "--model",
-    dirs["model"],
-    "--coprocessor",
-    dirs["cop"],
-    "--text",
-    dirs["text.txt"],
-    "--ahead",
-    4,
-    "--points",
-    3,
-    "--seq-len",
-    32,
-    "--json",
-  )
+  files = ("--model", dirs["model"], "--coprocessor", dirs["cop"], "--text", dirs["text.txt"])
+  argv = ("ppl", *files, "--ahead", 4, "--points", 3, "--seq-len", 32)
+  code, out, err = cli(*argv, "--json")
   assert code == 0, err
   got = json.loads(out)
   for key in ("ppl_base_by_position", "ppl_aug_by_position", "relative_reduction_by_position"):
@@ -83,21 +70,7 @@ def test_ppl_by_position_matches_the_library(dirs):
   want = traces.by_position(base, cp.load(dirs["cop"], base), windows, ahead=4, points=3)
   np.testing.assert_allclose(got["ppl_aug_by_position"], want.ppl_aug, rtol=1e-5)
   np.testing.assert_allclose(got["ppl_base_by_position"], want.ppl_base, rtol=1e-5)
-  code, out, err = cli(
-    "ppl",
-    "--model",
-    dirs["model"],
-    "--coprocessor",
-    dirs["cop"],
-    "--text",
-    dirs["text.txt"],
-    "--ahead",
-    4,
-    "--points",
-    3,
-    "--seq-len",
-    32,
-  )
+  code, out, err = cli(*argv)
   assert code == 0 and "reduction" in out, err
 
 

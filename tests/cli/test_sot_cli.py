@@ -6,37 +6,26 @@ import pytest
 from helpers import cli
 
 from kvjax import lm
-from kvjax.lm import sot, tiny
+from kvjax.lm import sot
 
 QUESTION = "How can I sleep better?"
 SKELETON = r"1. Dark room\n2. Cool air\n3. No coffee late"
+# the question with a supplied skeleton, 6 tokens per point: as `ref` runs it
+SUPPLIED = ("--question", QUESTION, "--skeleton", SKELETON, "--point-tokens", 6)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tiny"))
-  lm.save(tiny.model(), path)
-  return path
-
-
-def test_json_matches_the_library(model_dir):
-  code, out, err = cli(
-    "sot",
-    "--model",
-    model_dir,
-    "--question",
-    QUESTION,
-    "--skeleton",
-    SKELETON,
-    "--point-tokens",
-    6,
-    "--json",
-  )
-  assert code == 0, err
-  got = json.loads(out)
-  ref = sot.run(
+def ref(model_dir):
+  """The library's answer to SUPPLIED."""
+  return sot.run(
     lm.load(model_dir), QUESTION, skeleton=SKELETON.replace(r"\n", "\n"), point_tokens=6
   )
+
+
+def test_json_matches_the_library(model_dir, ref):
+  code, out, err = cli("sot", "--model", model_dir, *SUPPLIED, "--json")
+  assert code == 0, err
+  got = json.loads(out)
   assert got["points"] == ref.points == ["Dark room", "Cool air", "No coffee late"]
   assert got["answer"] == ref.answer and got["expansions"] == ref.expansions
   assert got["skeleton"] == "1. Dark room\n2. Cool air\n3. No coffee late"
@@ -46,24 +35,9 @@ def test_json_matches_the_library(model_dir):
   assert got["route"]["router"] == "supplied" and got["stats"]["mode"] == "sot"
 
 
-def test_text_streams_the_points_in_order(model_dir):
-  code, out, err = cli(
-    "sot",
-    "--model",
-    model_dir,
-    "--question",
-    QUESTION,
-    "--skeleton",
-    SKELETON,
-    "--point-tokens",
-    6,
-    "--repeat-prefix",
-    "--no-baseline",
-  )
+def test_text_streams_the_points_in_order(model_dir, ref):
+  code, out, err = cli("sot", "--model", model_dir, *SUPPLIED, "--repeat-prefix", "--no-baseline")
   assert code == 0, err
-  ref = sot.run(
-    lm.load(model_dir), QUESTION, skeleton=SKELETON.replace(r"\n", "\n"), point_tokens=6
-  )
   assert (
     out
     == "\n".join(
@@ -75,18 +49,8 @@ def test_text_streams_the_points_in_order(model_dir):
 
 
 def test_router_never_answers_normally(model_dir):
-  code, out, err = cli(
-    "sot",
-    "--model",
-    model_dir,
-    "--question",
-    QUESTION,
-    "--router",
-    "never",
-    "--answer-tokens",
-    5,
-    "--json",
-  )
+  argv = ("--question", QUESTION, "--router", "never", "--answer-tokens", 5, "--json")
+  code, out, err = cli("sot", "--model", model_dir, *argv)
   assert code == 0, err
   got = json.loads(out)
   assert got["stats"]["mode"] == "normal" and got["points"] == [] and got["speedup"] is None
