@@ -33,7 +33,7 @@ _pos_float = checked(float, lambda v: v > 0, "a number > 0")
 NAME = "droidspeak"
 HELP = "reuse a sender model's KV/E cache in a fine-tuned receiver (DroidSpeak)"
 DESCRIPTION = __doc__.split("\n")[0]
-# (flag, type, default, metavar, help) of each action's measurement
+# (flag, type, default, metavar, help) of each action's settings
 RUN_FLAGS = (
   (
     "--eval-tokens",
