@@ -22,7 +22,7 @@ from kvjax import lm, speculative
 from kvjax.lm import tiny
 from kvjax.speculative import head as hd
 from kvjax.train import cli as train_cli
-from kvjax.train import eagle, eagle_data, metrics
+from kvjax.train import eagle, eagle_data, loop, metrics
 from kvjax.train.text import TextData
 
 B, T, STEPS = 4, 32, 30
@@ -174,7 +174,7 @@ def test_eagle1_loss_matches_a_hand_computation(setup, cli_run):
   batch["mask"][1, 20:] = 0.0
   ec = config("unused")
   got = eagle.cached_steps(target, head, ec)[2](
-    head.params(), target.params(), eagle.to_device(batch)
+    head.params(), target.params(), loop.to_device(batch, keys=loop.TOKEN_KEYS)
   )
   dec = target.decoder
   out, _ = dec(jnp.asarray(batch["inputs"]))
