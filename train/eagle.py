@@ -72,7 +72,7 @@ class EagleConfig(AddOnConfig):
   distill_temperature: recorded so a resume uses the same data (the sequences are made by
   `kvjax.train.eagle_data.self_distill`). eval_prompts, prompt_len, new_tokens, tree_*:
   val_accept_len's greedy generation (prompts of prompt_len tokens, new_tokens each,
-  TreeSpec(top_k, depth, tokens)).
+  TreeSpec(top_k, depth, tokens), by default TreeSpec's).
   """
 
   kind: str = "eagle1"
@@ -85,9 +85,9 @@ class EagleConfig(AddOnConfig):
   eval_prompts: int = 4
   prompt_len: int = 64
   new_tokens: int = 48
-  tree_top_k: int = 8
-  tree_depth: int = 5
-  tree_tokens: int = 32
+  tree_top_k: int = TreeSpec.top_k
+  tree_depth: int = TreeSpec.depth
+  tree_tokens: int = TreeSpec.total_tokens
 
   DOMAINS: ClassVar[dict[str, loop.Domain]] = {
     **AddOnConfig.DOMAINS,
