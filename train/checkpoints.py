@@ -28,9 +28,21 @@ BEST = "best"  # OUT/best: the state of the best evaluation, and best.json
 RUN_FILE = "run.json"
 
 
+def start_run(rc, model: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
+  """Creates the run directory of rc (a `kvjax.train.loop.RunConfig`) and checks that a run
+  already there is this run, or writes its run.json (`check_resume`): `model`, the config of
+  the model or module it trains, less its `ignore` keys (where a frozen model came from, which
+  makes no other run), and rc.resume_key()."""
+  os.makedirs(rc.out_dir, exist_ok=True)
+  model = {k: v for k, v in model.items() if k not in ignore}
+  check_resume(rc.out_dir, {"model": model, "train": rc.resume_key()})
+
+
 def check_resume(out_dir: str, run: dict[str, Any]) -> None:
   """Writes out_dir/run.json, or checks that a run already there is the same run (every
-  process checks; process 0 writes)."""
+  process checks; process 0 writes). `run` is compared as it reads back from JSON (tuples
+  become lists)."""
+  run = json.loads(json.dumps(run))
   path = os.path.join(out_dir, RUN_FILE)
   if os.path.exists(path):
     with open(path) as f:

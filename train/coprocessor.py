@@ -23,10 +23,8 @@ uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import math
-import os
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -43,38 +41,34 @@ from kvjax.coprocessor.traces import (
   multi_trace,
   room_error,
   trace_stats,
+  trace_step,
 )
 from kvjax.lm.attention import Training
 from kvjax.lm.model import Model
 from kvjax.train import checkpoints, loop
 from kvjax.train.errors import TrainError
-from kvjax.train.loop import RunConfig, compiled
+from kvjax.train.loop import AddOnConfig, compiled
 
 Batch = dict[str, np.ndarray]
 PLOT_LABEL = "ahead-token loss (nats)"
-BATCH_KEYS = {k: v for k, v in loop.BATCH_KEYS.items() if k != "chars"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class AugmentConfig(RunConfig):
-  """Hyperparameters and bookkeeping of one coprocessor-training run (RunConfig's fields, lr
-  1e-3 and no weight decay by default, and:). Hashable.
+class AugmentConfig(AddOnConfig):
+  """Hyperparameters and bookkeeping of one coprocessor-training run (AddOnConfig's fields,
+  and:). Hashable.
 
   ahead: A teacher-forced tokens scored after each augmentation point. points: M
   augmentation points per sequence, drawn without replacement from [1, seq_len - ahead -
-  delay] (all in one pass). delay: latents inserted this many tokens after their point.
-  eval_batches: held-out batches per evaluation."""
+  delay] (all in one pass). delay: latents inserted this many tokens after their point."""
 
-  lr: float = 1e-3
-  weight_decay: float = 0.0
   ahead: int = 16
   points: int = 16
   delay: int = 0
-  eval_batches: int = 8
 
   DOMAINS: ClassVar[dict[str, loop.Domain]] = {
-    **RunConfig.DOMAINS,
-    **dict.fromkeys(("ahead", "points", "eval_batches"), loop.INT_POSITIVE),
+    **AddOnConfig.DOMAINS,
+    **dict.fromkeys(("ahead", "points"), loop.INT_POSITIVE),
     "delay": loop.INT_NONNEG,
   }
 
@@ -83,9 +77,6 @@ class AugmentConfig(RunConfig):
     error = room_error(self.seq_len, self.ahead, self.points, self.delay)
     if error:
       raise TrainError(error)
-
-  BOOKKEEPING = RunConfig.BOOKKEEPING | {"eval_batches"}
-  NOT_RESUMED = RunConfig.NOT_RESUMED | {"eval_batches"}
 
 
 @dataclasses.dataclass
@@ -125,8 +116,9 @@ def make_steps(
   base: Model, cc: cop_model.CoprocessorConfig, ac: AugmentConfig, opt: optax.GradientTransformation
 ):
   """train_step(state, base_params, batch, points) -> (state, stats), donating state; stats:
-  loss, base_loss, n, grad_norm (before clipping), lr. eval_step(params, base_params, batch,
-  points) -> `trace_stats`. The base's params are an argument, never differentiated."""
+  loss, base_loss, n, grad_norm (before clipping), lr. eval_step: `traces.trace_step`'s
+  (params, base_params, batch, points, *, ahead, delay) -> `trace_stats`. The base's params
+  are an argument, never differentiated."""
   schedule_lr = loop.optimizer_lr(ac)
 
   def loss_fn(params, base_params, batch, points):
@@ -149,29 +141,10 @@ def make_steps(
     (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state["params"], base_params, batch, points
     )
-    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
     stats = {k: stats[k] for k in ("loss", "base_loss", "n")}
-    stats |= {"grad_norm": optax.tree.norm(grads), "lr": schedule_lr(state["step"])}
-    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, stats
+    return loop.apply_update(opt, schedule_lr, state, grads, stats)
 
-  @functools.partial(jax.jit, static_argnames=("ahead", "delay"))
-  def eval_step(params, base_params, batch, points, *, ahead=ac.ahead, delay=ac.delay):
-    base_dec, cop_dec = decoders(base, base_params, cc, params)
-    return trace_stats(
-      multi_trace(
-        base_dec,
-        cop_dec,
-        params["soft"],
-        batch,
-        points,
-        ahead=ahead,
-        delay=delay,
-        latent_offset=cc.latent_offset,
-      )
-    )
-
-  return jax.jit(train_step, donate_argnums=0), eval_step
+  return jax.jit(train_step, donate_argnums=0), trace_step(base, cc)
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -187,7 +160,8 @@ def evaluate(
   def stats():
     for batch in itertools.islice(eval_batches, n_batches):
       pts = even_points(ac.batch_size, ac.seq_len, ac.points, ac.ahead, ac.delay)
-      yield eval_step(params, base_params, to_device(batch), jnp.asarray(pts))
+      batch = loop.to_device(batch, keys=loop.TOKEN_KEYS)
+      yield eval_step(params, base_params, batch, jnp.asarray(pts), ahead=ac.ahead, delay=ac.delay)
 
   got = accumulate(stats())
   return {
@@ -199,22 +173,6 @@ def evaluate(
 
 
 # --- training ---------------------------------------------------------------------------------
-
-
-def check_batch(batch: Batch, ac: AugmentConfig, vocab_size: int, step: int) -> None:
-  """Raises TrainError unless batch holds inputs, targets, mask [B, T] in the vocabulary."""
-  loop.check_batch(batch, ac, vocab_size, step, keys=BATCH_KEYS)
-
-
-def to_device(batch: Batch) -> dict[str, jax.Array]:
-  """The batch's inputs, targets, mask (and packing arrays) on the device."""
-  return loop.to_device(batch, keys=BATCH_KEYS)
-
-
-def _json(x):
-  import json
-
-  return json.loads(json.dumps(x))
 
 
 def train(
@@ -237,23 +195,20 @@ def train(
       f"seq_len {ac.seq_len} + {cop.n_latents} latents + ahead {ac.ahead} "
       f"exceeds the base's max_position {base.cfg.max_position}"
     )
-  os.makedirs(ac.out_dir, exist_ok=True)
-  cc = cop.cc.to_json()
-  cc.pop("base_name")
-  cc.pop("base_fingerprint")
-  checkpoints.check_resume(ac.out_dir, _json({"model": cc, "train": ac.resume_key()}))
+  checkpoints.start_run(ac, cop.cc.to_json(), ignore=("base_name", "base_fingerprint"))
   dtype = cop.soft.dtype
   f32 = lambda t: jax.tree.map(lambda a: jnp.array(a, jnp.float32), t)  # copies
   work = dataclasses.replace(base, state=f32(base.state), compiled={})
   opt_init, train_step, eval_step = cached_steps(work, cop.cc, ac)
   base_params = work.params()
-  params = f32(cop.params)
-  state = {"params": params, "opt_state": opt_init(params), "step": jnp.zeros((), jnp.int32)}
+  state = loop.train_state(f32(cop.params), opt_init)
 
   def step(state, batch, i):
-    check_batch(batch, ac, base.cfg.vocab_size, i)
+    loop.check_batch(batch, ac, base.cfg.vocab_size, i, keys=loop.TOKEN_KEYS)
     pts = sample_points(ac.seed, i, ac.batch_size, ac.seq_len, ac.points, ac.ahead, ac.delay)
-    return train_step(state, base_params, to_device(batch), jnp.asarray(pts))
+    return train_step(
+      state, base_params, loop.to_device(batch, keys=loop.TOKEN_KEYS), jnp.asarray(pts)
+    )
 
   def evaluate_(state):
     return evaluate(eval_step, state["params"], base_params, eval_batches(), ac.eval_batches, ac)
@@ -277,5 +232,5 @@ def train(
     progress=progress,
     best_metric="eval_loss",
   )
-  host = jax.tree.map(lambda a: np.asarray(a).astype(dtype), jax.device_get(state["params"]))
+  host = loop.host_params(state["params"], dtype)
   return Result(coprocessor=cop.with_params(host), records=records, resumed_from=start)

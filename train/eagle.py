@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -55,47 +54,44 @@ from kvjax.speculative.generate import generate as speculative_generate
 from kvjax.speculative.tree import TreeSpec
 from kvjax.train import checkpoints, loop
 from kvjax.train.errors import TrainError
-from kvjax.train.loop import RunConfig, compiled
+from kvjax.train.loop import AddOnConfig, compiled
 
 Batch = dict[str, np.ndarray]
 PLOT_LABEL = "head loss"  # eagle1: SmoothL1 + 0.1 CE; eagle3: step-weighted CE
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EagleConfig(RunConfig):
-  """Hyperparameters and bookkeeping of one head-training run (RunConfig's fields, lr 1e-3 and
-  no weight decay by default, and:). Hashable.
+class EagleConfig(AddOnConfig):
+  """Hyperparameters and bookkeeping of one head-training run (AddOnConfig's fields, and:).
+  Hashable.
 
   kind: "eagle1" or "eagle3" (must match the head). ttt_steps: eagle3's unrolled steps K
   (clipped to seq_len - 1). feature_noise: half-width of the uniform noise on step-0 input
   features (default 0.1 for eagle1, 0 for eagle3). ce_weight: eagle1's weight of the token
   loss. step_decay: eagle3's weight ratio between consecutive steps. self_distill,
   distill_temperature: recorded so a resume uses the same data (the sequences are made by
-  `kvjax.train.eagle_data.self_distill`). eval_batches: held-out batches per evaluation.
-  eval_prompts, prompt_len, new_tokens, tree_*: val_accept_len's greedy generation (prompts of
-  prompt_len tokens, new_tokens each, TreeSpec(top_k, depth, tokens)).
+  `kvjax.train.eagle_data.self_distill`). eval_prompts, prompt_len, new_tokens, tree_*:
+  val_accept_len's greedy generation (prompts of prompt_len tokens, new_tokens each,
+  TreeSpec(top_k, depth, tokens), by default TreeSpec's).
   """
 
   kind: str = "eagle1"
-  lr: float = 1e-3
-  weight_decay: float = 0.0
   ttt_steps: int = 7
   feature_noise: float | None = None
   ce_weight: float = 0.1
   step_decay: float = 0.8
   self_distill: int = 0
   distill_temperature: float = 1.0
-  eval_batches: int = 8
   eval_prompts: int = 4
   prompt_len: int = 64
   new_tokens: int = 48
-  tree_top_k: int = 8
-  tree_depth: int = 5
-  tree_tokens: int = 32
+  tree_top_k: int = TreeSpec.top_k
+  tree_depth: int = TreeSpec.depth
+  tree_tokens: int = TreeSpec.total_tokens
 
   DOMAINS: ClassVar[dict[str, loop.Domain]] = {
-    **RunConfig.DOMAINS,
-    **dict.fromkeys(("ttt_steps", "prompt_len", "new_tokens", "eval_batches"), loop.INT_POSITIVE),
+    **AddOnConfig.DOMAINS,
+    **dict.fromkeys(("ttt_steps", "prompt_len", "new_tokens"), loop.INT_POSITIVE),
     **dict.fromkeys(("self_distill", "eval_prompts"), loop.INT_NONNEG),
     **dict.fromkeys(("ce_weight", "distill_temperature", "feature_noise"), loop.NONNEG),
     "step_decay": loop.UNIT,
@@ -136,8 +132,8 @@ class EagleConfig(RunConfig):
     }
   )
   # self_distill and distill_temperature make the data (outside the steps) and must resume
-  BOOKKEEPING = RunConfig.BOOKKEEPING | VALIDATION | {"self_distill", "distill_temperature"}
-  NOT_RESUMED = RunConfig.NOT_RESUMED | VALIDATION
+  BOOKKEEPING = AddOnConfig.BOOKKEEPING | VALIDATION | {"self_distill", "distill_temperature"}
+  NOT_RESUMED = AddOnConfig.NOT_RESUMED | VALIDATION
 
   def resume_key(self) -> dict[str, Any]:
     """The fields a resumed run must share with the run it continues (ttt_steps as clipped)."""
@@ -395,10 +391,7 @@ def make_steps(
     key = jax.random.fold_in(key, state["step"])
     grad_fn = jax.value_and_grad(lambda p: loss_fn(head, p, dec, tgt, batch, key, ec), has_aux=True)
     (_, stats), grads = grad_fn(state["params"])
-    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    stats = {**stats, "grad_norm": optax.tree.norm(grads), "lr": schedule_lr(state["step"])}
-    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, stats
+    return loop.apply_update(opt, schedule_lr, state, grads, stats)
 
   @jax.jit
   def eval_step(params, target_params, batch):
@@ -410,18 +403,6 @@ def make_steps(
 
 # --- training ---------------------------------------------------------------------------------
 
-BATCH_KEYS = {k: v for k, v in loop.BATCH_KEYS.items() if k != "chars"}
-
-
-def check_batch(batch: Batch, ec: EagleConfig, vocab_size: int, step: int) -> None:
-  """Raises TrainError unless batch holds inputs, targets, mask [B, T] in the vocabulary."""
-  loop.check_batch(batch, ec, vocab_size, step, keys=BATCH_KEYS)
-
-
-def to_device(batch: Batch) -> dict[str, jax.Array]:
-  """The batch's inputs, targets, mask (and packing arrays) on the device."""
-  return loop.to_device(batch, keys=BATCH_KEYS)
-
 
 def evaluate(
   eval_step, params, target_params, eval_batches: Iterable[Batch], n_batches: int
@@ -431,7 +412,9 @@ def evaluate(
   sums: dict[str, float] = {}
   total = 0.0
   for batch in itertools.islice(eval_batches, n_batches):
-    stats = jax.device_get(eval_step(params, target_params, to_device(batch)))
+    stats = jax.device_get(
+      eval_step(params, target_params, loop.to_device(batch, keys=loop.TOKEN_KEYS))
+    )
     n = float(stats.pop("n"))
     total += n
     for k, v in stats.items():
@@ -450,13 +433,6 @@ def validate(
     model, head, [list(map(int, p)) for p in prompts], max_new_tokens=ec.new_tokens, tree=ec.tree
   )
   return float(out.stats["mean_accept_len"])
-
-
-def _json(x):
-  """x as it reads back from JSON (tuples become lists), for comparing with run.json."""
-  import json
-
-  return json.loads(json.dumps(x))
 
 
 def train(
@@ -489,23 +465,18 @@ def train(
         f"validation prompts of {longest} tokens + {ec.new_tokens} new tokens "
         f"exceed the target's max_position {model.cfg.max_position}"
       )
-  os.makedirs(ec.out_dir, exist_ok=True)
-  hc = head.hc.to_json()
-  hc.pop("target_name")
-  hc.pop("target_fingerprint")
-  checkpoints.check_resume(ec.out_dir, _json({"model": hc, "train": ec.resume_key()}))
+  checkpoints.start_run(ec, head.hc.to_json(), ignore=("target_name", "target_fingerprint"))
   dtype = jax.tree.leaves(head.state)[0].dtype
   work = head.with_params(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), head.params()))
   opt_init, train_step, eval_step = cached_steps(model, work, ec)
   target_params = model.params()
   base_key = jax.random.key(ec.seed)
   has_eval = eval_batches is not None or bool(prompts)
-  params = work.params()
-  state = {"params": params, "opt_state": opt_init(params), "step": jnp.zeros((), jnp.int32)}
+  state = loop.train_state(work.params(), opt_init)
 
   def step(state, batch, i):
-    check_batch(batch, ec, model.cfg.vocab_size, i)
-    return train_step(state, target_params, to_device(batch), base_key)
+    loop.check_batch(batch, ec, model.cfg.vocab_size, i, keys=loop.TOKEN_KEYS)
+    return train_step(state, target_params, loop.to_device(batch, keys=loop.TOKEN_KEYS), base_key)
 
   def evaluate_(state):
     record = {}
@@ -536,5 +507,5 @@ def train(
     progress=progress,
     best_metric="eval_loss" if eval_batches is not None else None,
   )
-  host = jax.tree.map(lambda a: np.asarray(a).astype(dtype), jax.device_get(state["params"]))
+  host = loop.host_params(state["params"], dtype)
   return Result(head=head.with_params(host), records=records, resumed_from=start)

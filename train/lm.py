@@ -37,7 +37,7 @@ from kvjax.lm import distributed, sharding, steps
 from kvjax.lm.attention import Training
 from kvjax.lm.hf_config import to_hf
 from kvjax.lm.model import Model, load, save
-from kvjax.train.checkpoints import RUN_FILE, check_resume, restore_step
+from kvjax.train.checkpoints import RUN_FILE, restore_step, start_run
 from kvjax.train.errors import TrainError
 from kvjax.train.loop import (
   INT_NONNEG,
@@ -46,12 +46,14 @@ from kvjax.train.loop import (
   Batch,
   Domain,
   RunConfig,
+  apply_update,
   check_batch,
   compiled,
   optimizer,
   optimizer_lr,
   run_loop,
   to_device,
+  train_state,
 )
 
 SPEC = "spec"  # OUT/spec: the run's config.json and tokenizer, without weights
@@ -141,10 +143,7 @@ def make_steps(model: Model, tc: TrainConfig, opt: optax.GradientTransformation)
   def train_step(state, batch, key):
     training = Training(tc.dropout, tc.attn_dropout, jax.random.fold_in(key, state["step"]))
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, training)
-    updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    stats = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule_lr(state["step"])}
-    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, stats
+    return apply_update(opt, schedule_lr, state, grads, {"loss": loss})
 
   return jax.jit(train_step, donate_argnums=0), make_eval_step(model, tc.bf16)
 
@@ -220,8 +219,7 @@ def train(
     raise TrainError(
       f"seq_len {tc.seq_len} exceeds the model's max_position {model.cfg.max_position}"
     )
-  os.makedirs(tc.out_dir, exist_ok=True)
-  check_resume(tc.out_dir, {"model": to_hf(model.cfg), "train": tc.resume_key()})
+  start_run(tc, to_hf(model.cfg))
   base = dataclasses.replace(
     model, state=jax.tree.map(lambda a: a.astype(jnp.float32), model.state), compiled={}
   )
@@ -231,8 +229,7 @@ def train(
   work = sharding.shard(base, mesh) if mesh is not None else base
   batch_sharding = _batch_sharding(mesh, tc.batch_size) if mesh is not None else None
   opt_init, train_step, eval_step = cached_steps(work, tc)
-  params = work.params()
-  state = {"params": params, "opt_state": opt_init(params), "step": jnp.zeros((), jnp.int32)}
+  state = train_state(work.params(), opt_init)
   key = jax.random.key(tc.seed)
 
   def step(state, batch, i):
@@ -289,11 +286,7 @@ def export(run_dir: str, step: int | str, out: str) -> Model:
   tc = TrainConfig(**{k: v for k, v in run["train"].items() if k in fields}, out_dir=run_dir)
   model = load(spec, weights=False)
   params = jax.tree.map(lambda a: np.asarray(a, np.float32), model.params())
-  state = {
-    "params": params,
-    "opt_state": optimizer(tc).init(params),
-    "step": jnp.zeros((), jnp.int32),
-  }
+  state = train_state(params, optimizer(tc).init)
   state, _ = restore_step(tc.out_dir, state, step)
   trained = model.with_params(jax.tree.map(np.asarray, jax.device_get(state["params"])))
   save(trained, out)

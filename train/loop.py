@@ -40,6 +40,8 @@ BATCH_KEYS = {
 # Optional int [B, T] arrays of packed batches: document index of each input inside its row
 # and its position inside that document. When given, attention stays within a document.
 OPTIONAL_KEYS = ("segment_ids", "positions")
+# The arrays of a task that counts tokens, not characters (EAGLE heads, coprocessors).
+TOKEN_KEYS = {k: v for k, v in BATCH_KEYS.items() if k != "chars"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +149,21 @@ class RunConfig:
     return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.NOT_RESUMED}
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AddOnConfig(RunConfig):
+  """A run that trains a small module (an EAGLE head, a cache coprocessor) against a frozen
+  model: RunConfig's fields with lr 1e-3 and no weight decay by default, and eval_batches,
+  the held-out batches per evaluation (bookkeeping: no compiled step reads it)."""
+
+  lr: float = 1e-3
+  weight_decay: float = 0.0
+  eval_batches: int = 8
+
+  DOMAINS: ClassVar[dict[str, Domain]] = {**RunConfig.DOMAINS, "eval_batches": INT_POSITIVE}
+  BOOKKEEPING = RunConfig.BOOKKEEPING | {"eval_batches"}
+  NOT_RESUMED = RunConfig.NOT_RESUMED | {"eval_batches"}
+
+
 def require(name, value, ok, expected, kind):
   """TrainError unless value is a number of `kind` (an int for int; no bool) for which ok(value)."""
   numeric = (int,) if kind is int else (int, float)
@@ -171,6 +188,31 @@ def optimizer_lr(tc: RunConfig) -> Callable[[jax.Array], jax.Array]:
     decay_steps=tc.steps,
     end_value=tc.lr * tc.final_lr_ratio,
   )
+
+
+def train_state(params, opt_init: Callable) -> dict[str, Any]:
+  """The train state at step 0: {"params", "opt_state": opt_init(params), "step": int32 []}."""
+  return {"params": params, "opt_state": opt_init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def apply_update(
+  opt: optax.GradientTransformation,
+  schedule_lr: Callable[[jax.Array], jax.Array],
+  state: dict[str, Any],
+  grads,
+  stats: dict[str, jax.Array],
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+  """One optimizer step of the train state on `grads` -> (the next state, stats with grad_norm
+  (before clipping) and lr (this step's, from `optimizer_lr`) added)."""
+  updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  stats = {**stats, "grad_norm": optax.tree.norm(grads), "lr": schedule_lr(state["step"])}
+  return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, stats
+
+
+def host_params(params, dtype) -> Any:
+  """Trained params (on device, float32) as numpy arrays of `dtype` on the host."""
+  return jax.tree.map(lambda a: np.asarray(a).astype(dtype), jax.device_get(params))
 
 
 def check_batch(

@@ -186,14 +186,17 @@ def _documents_from_targets(targets, mask, tok):
   return [tok.decode(ids) for ids in texts + [cur]]
 
 
+# The documents the packing tests pack: ASCII, non-ASCII, one character, many lines.
+TEXTS = [
+  "To be, or not to be: that is the question.",
+  "é日本 — x",
+  "a",
+  "Line one\nline two\n" * 9,
+]
+
+
 def test_packing_mask_shift_chars_and_reconstruction(tok):
-  texts = [
-    "To be, or not to be: that is the question.",
-    "é日本 — x",
-    "a",
-    "Line one\nline two\n" * 9,
-  ]
-  stream = data.tokenize(texts, tok)
+  stream = data.tokenize(TEXTS, tok)
   T = 16
   rows = _rows(stream, T)
   n_targets = len(stream.tokens) - 1
@@ -210,12 +213,12 @@ def test_packing_mask_shift_chars_and_reconstruction(tok):
   assert np.array_equal(inputs, stream.tokens[:-1]) and np.array_equal(targets, stream.tokens[1:])
   # mask is 0 exactly at the 3 document crossings (</s> -> <s>) and on padding
   crossing = (inputs == tok.eos_id) & (targets == tok.bos_id)
-  assert crossing.sum() == len(texts) - 1
+  assert crossing.sum() == len(TEXTS) - 1
   assert np.array_equal(mask[:n_targets] == 0, crossing) and not mask[n_targets:].any()
   assert (mask[:n_targets][targets == tok.eos_id] == 1).all()  # </s> prediction counts
   assert not chars[n_targets:].any() and not chars[:n_targets][targets <= 1].any()
-  assert (chars * mask).sum() == sum(len(t) for t in texts)
-  assert _documents_from_targets(targets, mask[:n_targets], tok) == texts
+  assert (chars * mask).sum() == sum(len(t) for t in TEXTS)
+  assert _documents_from_targets(targets, mask[:n_targets], tok) == TEXTS
   # segments and positions restart at each document inside a row
   r = next(r for r in rows if (r["mask"] == 0).any() and r["segment_ids"][-1] > 0)
   k = int(np.argmax(r["inputs"] == tok.bos_id))
@@ -227,13 +230,7 @@ def test_bos_rows_start_with_bos_and_count_every_target_once(tok):
   """bos=True: every row's first input is <s> (position 0, in the segment of the token after
   it), its target masked; the other targets are the stream's, each counted exactly once with
   the same mask and chars as plain packing, so loss and bits per character mean the same."""
-  texts = [
-    "To be, or not to be: that is the question.",
-    "é日本 — x",
-    "a",
-    "Line one\nline two\n" * 9,
-  ]
-  stream = data.tokenize(texts, tok)
+  stream = data.tokenize(TEXTS, tok)
   T = 16
   rows = [data.row(stream, r, T, tok.bos_id) for r in range(stream.n_rows(T, bos=True))]
   plain = _rows(stream, T)

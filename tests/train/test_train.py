@@ -22,21 +22,14 @@ from kvjax.train import metrics
 from kvjax.train.lm import TrainConfig, TrainError, train
 from kvjax.train.text import DataError, TextData, encode
 
+# The compute settings of `config()` and of the CLI runs (FLAGS), which therefore share compiled
+# steps.
+RUN = dict(batch_size=B, seq_len=T, lr=1e-2, warmup=3, steps=30, eval_every=10, data_parallel=1)
+
 
 def config(out_dir, **kw):
-  base = dict(
-    steps=30,
-    batch_size=B,
-    seq_len=T,
-    lr=1e-2,
-    warmup=3,
-    out_dir=str(out_dir),
-    log_every=1,
-    eval_every=10,
-    data_parallel=1,
-  )
-  base.update(kw)
-  return TrainConfig(**base)
+  """RUN as a TrainConfig writing to out_dir, logging every step; kw override."""
+  return TrainConfig(**{**RUN, "out_dir": str(out_dir), "log_every": 1, **kw})
 
 
 def tiny_model():
@@ -240,8 +233,14 @@ def run_cli(*argv, main=lm_cli.main):
   return code, out.getvalue(), err.getvalue()
 
 
+def train_text(root, *flags):
+  """`kvjax train lm --text ROOT/corpus.txt *flags` (text_setup's corpus) -> (exit code,
+  stdout, stderr)."""
+  return run_cli("train", "lm", "--text", root / "corpus.txt", *flags)
+
+
 @pytest.fixture(scope="module")
-def text_setup(tmp_path_factory):
+def text_setup(tmp_path_factory, random_words):
   root = tmp_path_factory.mktemp("cli")
   tok = tiny.byte_tokenizer()
   tok_dir = root / "tok"
@@ -250,23 +249,8 @@ def text_setup(tmp_path_factory):
   (tok_dir / "tokenizer_config.json").write_text(
     json.dumps({"bos_token": "<s>", "eos_token": "</s>"})
   )
-  words = [
-    "to",
-    "be",
-    "or",
-    "not",
-    "that",
-    "is",
-    "the",
-    "question",
-    "whether",
-    "tis",
-    "nobler",
-    "in",
-    "mind",
-  ]
-  rng = np.random.default_rng(0)
-  (root / "corpus.txt").write_text(" ".join(rng.choice(words, 1500)), encoding="utf-8")
+  text = random_words(np.random.default_rng(0), 1500)
+  (root / "corpus.txt").write_text(text, encoding="utf-8")
   return root, tok_dir
 
 
@@ -285,20 +269,7 @@ FLAGS = (
   64,
   "--max-position",
   1024,
-  "--batch-size",
-  B,
-  "--seq-len",
-  T,
-  "--lr",
-  1e-2,
-  "--warmup",
-  3,
-  "--steps",
-  30,
-  "--eval-every",
-  10,
-  "--data-parallel",
-  1,
+  *(x for k, v in RUN.items() for x in ("--" + k.replace("_", "-"), v)),
   "--no-progress",
   "--json",
 )
@@ -307,9 +278,7 @@ FLAGS = (
 def test_cli_end_to_end_on_text(text_setup):
   root, tok_dir = text_setup
   out = root / "run"
-  code, stdout, err = run_cli(
-    "train", "lm", "--text", root / "corpus.txt", "--tokenizer", tok_dir, "--out", out, *FLAGS
-  )
+  code, stdout, err = train_text(root, "--tokenizer", tok_dir, "--out", out, *FLAGS)
   assert code == 0, err
   summary = json.loads(stdout)
   assert summary["resumed_from"] == 0 and summary["eval_bpc"] < 5.0
@@ -355,11 +324,8 @@ def test_init_from_other_architecture_is_a_clear_error(text_setup, run30, tmp_pa
   root, _ = text_setup
   _, result = run30
   lm.save(result.model, str(tmp_path / "base"))
-  code, _, err = run_cli(
-    "train",
-    "lm",
-    "--text",
-    root / "corpus.txt",
+  code, _, err = train_text(
+    root,
     "--init-from",
     tmp_path / "base",
     "--out",
@@ -391,20 +357,8 @@ def test_init_from_other_architecture_is_a_clear_error(text_setup, run30, tmp_pa
 )
 def test_bad_flags(text_setup, tmp_path, argv, message):
   root, tok_dir = text_setup
-  code, _, err = run_cli(
-    "train",
-    "lm",
-    "--text",
-    root / "corpus.txt",
-    "--tokenizer",
-    tok_dir,
-    "--out",
-    tmp_path,
-    "--d-model",
-    32,
-    "--seq-len",
-    T,
-    *argv,
+  code, _, err = train_text(
+    root, "--tokenizer", tok_dir, "--out", tmp_path, "--d-model", 32, "--seq-len", T, *argv
   )
   assert code == 2 and message in err, err
 
@@ -418,22 +372,14 @@ def test_bad_config_file_and_missing_flags(text_setup, tmp_path):
   conf.write_text(json.dumps({"steps": "many"}))
   code, _, err = run_cli("train", "lm", "--config", conf)
   assert code == 2 and "steps: expected an integer >= 1" in err
-  code, _, err = run_cli("train", "lm", "--text", root / "corpus.txt", "--out", tmp_path)
+  code, _, err = train_text(root, "--out", tmp_path)
   assert code == 2 and "--tokenizer DIR is required with --text" in err
   code, _, err = run_cli(
     "train", "lm", "--text", tmp_path / "none.txt", "--tokenizer", tok_dir, "--out", tmp_path / "r"
   )
   assert code == 2 and "none.txt: no such file" in err
-  code, _, err = run_cli(
-    "train",
-    "lm",
-    "--text",
-    root / "corpus.txt",
-    "--tokenizer",
-    tmp_path / "no_tok",
-    "--out",
-    tmp_path / "r",
-    *FLAGS,
+  code, _, err = train_text(
+    root, "--tokenizer", tmp_path / "no_tok", "--out", tmp_path / "r", *FLAGS
   )
   assert code == 1 and "no tokenizer.json" in err
   code, _, err = run_cli("train", "eagle")
@@ -467,30 +413,12 @@ def test_packed_documents_do_not_attend_across_boundaries():
   assert np.abs(unmasked[12:] - packed[12:]).max() > 1e-3
 
 
-POEM_WORDS = [
-  "to",
-  "be",
-  "or",
-  "not",
-  "that",
-  "is",
-  "the",
-  "question",
-  "whether",
-  "tis",
-  "nobler",
-  "in",
-  "mind",
-]
-
-
-def _poems(root):
-  """root/poems/: a corpus of one genre, 3 texts of 800 random words of POEM_WORDS -> root."""
+def _poems(root, random_words):
+  """root/poems/: a corpus of one genre, 3 texts of 800 `random_words` -> root."""
   rng = np.random.default_rng(1)
   (root / "poems").mkdir(parents=True)
   for i in range(3):
-    text = " ".join(rng.choice(POEM_WORDS, 800))
-    (root / "poems" / f"poem{i}.txt").write_text(text, encoding="utf-8")
+    (root / "poems" / f"poem{i}.txt").write_text(random_words(rng, 800), encoding="utf-8")
   return root
 
 
@@ -520,10 +448,10 @@ def _train_with_bpe(data, out) -> tuple[dict, str]:
   return json.loads(stdout), err  # stdout holds the one JSON object only
 
 
-def test_cli_data_dir_trains_its_own_tokenizer(tmp_path, monkeypatch):
+def test_cli_data_dir_trains_its_own_tokenizer(tmp_path, monkeypatch, random_words):
   """--data without --tokenizer: a BPE on the corpus' train split, kept in OUT/tokenizer."""
   monkeypatch.setenv("KVJAX_DATA_DIR", str(tmp_path / "tfds"))
-  data, out = _poems(tmp_path / "corpus"), tmp_path / "run"
+  data, out = _poems(tmp_path / "corpus", random_words), tmp_path / "run"
   summary, err = _train_with_bpe(data, out)
   assert "BPE" in err and (out / "tokenizer" / "tokenizer.json").is_file()
   model = lm.load(summary["export"])

@@ -22,7 +22,7 @@ from kvjax import lm, speculative
 from kvjax.lm import tiny
 from kvjax.speculative import head as hd
 from kvjax.train import cli as train_cli
-from kvjax.train import eagle, eagle_data, metrics
+from kvjax.train import eagle, eagle_data, loop, metrics
 from kvjax.train.text import TextData
 
 B, T, STEPS = 4, 32, 30
@@ -36,31 +36,31 @@ def run_cli(*argv):
   return code, out.getvalue(), err.getvalue()
 
 
+def train_eagle(setup, out, *flags):
+  """`train eagle --target TARGET --text CORPUS --out out *flags` (setup's target and
+  corpus) -> (exit code, stdout, stderr)."""
+  _, target_dir, corpus, _ = setup
+  return run_cli("eagle", "--target", target_dir, "--text", corpus, "--out", out, *flags)
+
+
+def assert_lossless(target, head):
+  """Greedy speculative generation with `head` gives the target's own greedy tokens."""
+  prompt = target.tokenizer.encode("to be or not")
+  want = lm.generate(target, [prompt], max_new_tokens=16, stop_tokens=[])
+  got = speculative.generate(target, head, [prompt], max_new_tokens=16, stop_tokens=[], tree=TREE)
+  assert got.tokens == want.tokens
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, random_words):
   """(root, target dir, corpus path, target Model loaded from the dir)."""
   root = tmp_path_factory.mktemp("eagle")
   model = tiny.model("llama", n_layers=2)
   params = model.params()
   params["head"] = params["head"] * 40.0  # peaked next-token distributions
   lm.save(model.with_params(params), str(root / "target"))
-  words = [
-    "to",
-    "be",
-    "or",
-    "not",
-    "that",
-    "is",
-    "the",
-    "question",
-    "whether",
-    "tis",
-    "nobler",
-    "in",
-    "mind",
-  ]
-  rng = np.random.default_rng(0)
-  (root / "corpus.txt").write_text(" ".join(rng.choice(words, 1500)), encoding="utf-8")
+  text = random_words(np.random.default_rng(0), 1500)
+  (root / "corpus.txt").write_text(text, encoding="utf-8")
   return root, root / "target", root / "corpus.txt", lm.load(str(root / "target"))
 
 
@@ -69,37 +69,17 @@ def text_data(setup):
   return TextData(str(corpus), target.tokenizer, seq_len=T, batch_size=B, seed=0, eval_fraction=0.1)
 
 
+# The settings of `config()` and of the CLI runs (CLI_FLAGS).
+RUN = dict(kind="eagle1", steps=STEPS, batch_size=B, seq_len=T, lr=3e-3, warmup=3, log_every=1)
+
+
 def config(out_dir, kind="eagle1", **kw):
-  """The settings of the CLI run below (same compiled steps)."""
-  base = dict(
-    kind=kind,
-    steps=STEPS,
-    batch_size=B,
-    seq_len=T,
-    lr=3e-3,
-    warmup=3,
-    out_dir=str(out_dir),
-    log_every=1,
-    ttt_steps=3,
-  )
-  return eagle.EagleConfig(**{**base, **kw})
+  """RUN as an EagleConfig of `kind` writing to out_dir, 3 ttt steps; kw override."""
+  return eagle.EagleConfig(**{**RUN, "kind": kind, "out_dir": str(out_dir), "ttt_steps": 3, **kw})
 
 
 CLI_FLAGS = (
-  "--kind",
-  "eagle1",
-  "--steps",
-  STEPS,
-  "--batch-size",
-  B,
-  "--seq-len",
-  T,
-  "--lr",
-  3e-3,
-  "--warmup",
-  3,
-  "--log-every",
-  1,
+  *(x for k, v in RUN.items() for x in ("--" + k.replace("_", "-"), v)),
   "--eval-batches",
   2,
   "--eval-prompts",
@@ -112,11 +92,8 @@ CLI_FLAGS = (
 @pytest.fixture(scope="module")
 def cli_run(setup):
   """An uninterrupted 30-step eagle1 run through the CLI -> (out dir, summary)."""
-  root, target_dir, corpus, _ = setup
-  out = root / "e1"
-  code, stdout, err = run_cli(
-    "eagle", "--target", target_dir, "--text", corpus, "--out", out, *CLI_FLAGS
-  )
+  out = setup[0] / "e1"
+  code, stdout, err = train_eagle(setup, out, *CLI_FLAGS)
   assert code == 0, err
   return out, json.loads(stdout)
 
@@ -174,7 +151,7 @@ def test_eagle1_loss_matches_a_hand_computation(setup, cli_run):
   batch["mask"][1, 20:] = 0.0
   ec = config("unused")
   got = eagle.cached_steps(target, head, ec)[2](
-    head.params(), target.params(), eagle.to_device(batch)
+    head.params(), target.params(), loop.to_device(batch, keys=loop.TOKEN_KEYS)
   )
   dec = target.decoder
   out, _ = dec(jnp.asarray(batch["inputs"]))
@@ -365,9 +342,7 @@ def test_self_distill_sequences(setup, tmp_path, monkeypatch):
   ],
 )
 def test_bad_flags_exit_2(setup, tmp_path, argv, message):
-  _, target_dir, corpus, _ = setup
-  base = ["eagle", "--target", target_dir, "--text", corpus, "--out", tmp_path]
-  code, _, err = run_cli(*base, *argv)
+  code, _, err = train_eagle(setup, tmp_path, *argv)
   assert code == 2 and message in err, err
   assert "Traceback" not in err
 
@@ -388,13 +363,11 @@ def test_eagle3_reduced_draft_vocabulary(setup, tmp_path):
   started from the target's columns, drafts only those tokens, trains (loss over the draft
   vocabulary at positions whose target argmax is in it), saves and loads with its map, and
   speculative generation stays lossless."""
-  _, target_dir, corpus, target = setup
+  target = setup[3]
   out = tmp_path / "e3v"
   flags = list(CLI_FLAGS)
   flags[flags.index("eagle1")] = "eagle3"
-  code, _, err = run_cli(
-    "eagle", "--target", target_dir, "--text", corpus, "--out", out, "--draft-vocab", 24, *flags
-  )
+  code, _, err = train_eagle(setup, out, "--draft-vocab", 24, *flags)
   assert code == 0, err
   head = speculative.load_head(str(out / "head"), target)
   d2t = head.hc.draft_vocab
@@ -412,22 +385,8 @@ def test_eagle3_reduced_draft_vocabulary(setup, tmp_path):
   logits = np.asarray(nnx.merge(head.graphdef, head.state).logits(h, target.decoder))
   outside = np.setdiff1d(np.arange(target.cfg.vocab_size), d2t)
   assert (logits[:, outside] < -1e30).all() and set(np.argmax(logits, -1)) <= set(d2t)
-  prompt = target.tokenizer.encode("to be or not")
-  want = lm.generate(target, [prompt], max_new_tokens=16, stop_tokens=[])
-  got = speculative.generate(target, head, [prompt], max_new_tokens=16, stop_tokens=[], tree=TREE)
-  assert got.tokens == want.tokens
-  code, _, err = run_cli(
-    "eagle",
-    "--target",
-    target_dir,
-    "--text",
-    corpus,
-    "--out",
-    tmp_path / "x",
-    "--draft-vocab",
-    8,
-    *CLI_FLAGS,
-  )
+  assert_lossless(target, head)
+  code, _, err = train_eagle(setup, tmp_path / "x", "--draft-vocab", 8, *CLI_FLAGS)
   assert code == 2 and "--draft-vocab applies to --kind eagle3" in err
   with pytest.raises(speculative.HeadError, match="distinct token ids"):
     speculative.init_head(target, "eagle3", draft_vocab=(3, 3))
@@ -438,34 +397,17 @@ def test_eagle3_reduced_draft_vocabulary(setup, tmp_path):
 def test_published_eagle1_trains_and_exports(setup, tmp_path):
   """kvjax train eagle --published --export-format eagle1: the reference architecture,
   written in the published layout, loads back (load_head detects it) and stays lossless."""
-  _, target_dir, corpus, target = setup
+  target = setup[3]
   out = tmp_path / "pub"
-  code, _, err = run_cli(
-    "eagle",
-    "--target",
-    target_dir,
-    "--text",
-    corpus,
-    "--out",
-    out,
-    "--published",
-    "--export-format",
-    "eagle1",
-    *CLI_FLAGS,
-  )
+  code, _, err = train_eagle(setup, out, "--published", "--export-format", "eagle1", *CLI_FLAGS)
   assert code == 0, err
   assert sorted(os.listdir(out / "head")) == ["config.json", "model.safetensors"]
   head = speculative.load_head(str(out / "head"), target)
   assert head.hc.published and head.hc.kind == "eagle1"
-  prompt = target.tokenizer.encode("to be or not")
-  want = lm.generate(target, [prompt], max_new_tokens=16, stop_tokens=[])
-  got = speculative.generate(target, head, [prompt], max_new_tokens=16, stop_tokens=[], tree=TREE)
-  assert got.tokens == want.tokens
+  assert_lossless(target, head)
   for extra, msg in (
     (("--export-format", "eagle1"), "needs --published"),
     (("--published", "--export-format", "eagle3"), "--kind is eagle1"),
   ):
-    code, _, err = run_cli(
-      "eagle", "--target", target_dir, "--text", corpus, "--out", tmp_path / "x", *extra, *CLI_FLAGS
-    )
+    code, _, err = train_eagle(setup, tmp_path / "x", *extra, *CLI_FLAGS)
     assert code == 2 and msg in err, err

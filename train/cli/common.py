@@ -1,11 +1,17 @@
-"""What the training subcommands share: the argparse types, --config merging, the data,
-schedule, period and output flag groups."""
+"""What the training subcommands share: the argparse types, the flag tables and the flag groups
+built from them, the task parser with --config, settling the defaults, the run config and
+summary, and the data."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from kvjax.lm.cli.flags import checked, nonneg, positive, seed_type
 from kvjax.lm.cli.paths import check_input_file, check_output
@@ -26,13 +32,152 @@ fraction = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 unit = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
-def settle(parser: argparse.ArgumentParser, args: argparse.Namespace, defaults: dict) -> None:
-  """Fills args left None from --config, then from `defaults`."""
+# A flag table row: (flag, type, metavar, help). The type is an argparse type (None: a string),
+# SWITCH (a store_true flag) or REPEATED (a string flag that may be given several times: a list).
+Flag = tuple[str, Any, str | None, str | None]
+SWITCH = "switch"
+REPEATED = "repeated"
+
+
+def add_flags(g, rows: Iterable[Flag]) -> None:
+  """Adds a flag per row to the parser or group g, each with default None (so that --config and
+  the task's defaults can fill in: `settle`)."""
+  for flag, type_, metavar, help_ in rows:
+    if type_ is SWITCH:
+      g.add_argument(flag, action="store_true", default=None, help=help_)
+    elif type_ is REPEATED:
+      g.add_argument(flag, action="append", metavar=metavar, help=help_)
+    else:
+      g.add_argument(flag, type=type_, metavar=metavar, help=help_)
+
+
+SOURCE_FLAGS: tuple[Flag, ...] = (
+  ("--text", None, "FILE", "train on one plain-text file"),
+  (
+    "--data",
+    None,
+    "DIR_OR_NAME",
+    "a corpus read by kvjax.train.data (a directory of .txt/.md or a name)",
+  ),
+)
+GENRE_FLAGS: tuple[Flag, ...] = (
+  ("--genre", REPEATED, "G", "--data: train and eval on these genres only (repeatable)"),
+  ("--exclude-genre", REPEATED, "G", "--data: leave these genres out (repeatable)"),
+)
+FINAL_LR_FLAG: Flag = ("--final-lr-ratio", unit, "R", "cosine decay ends at lr * R (default 0.1)")
+SEED_FLAG: Flag = ("--seed", seed_type, "S", "in [0, 2**32) (default 0)")
+SAVE_FLAGS: tuple[Flag, ...] = (
+  ("--save-every", nonneg, "N", "checkpoint period (0 = end only)"),
+  ("--keep", positive, "N", "checkpoints kept (default 3)"),
+)
+LOG_EVERY_FLAG: Flag = ("--log-every", nonneg, "N", "metrics period (default 10)")
+OUTPUT_FLAGS: tuple[Flag, ...] = (
+  ("--no-progress", SWITCH, None, "no progress bar"),
+  ("--json", SWITCH, None, "print one JSON summary object on stdout"),
+)
+# The defaults of flags several tasks share that no run config holds (a task's own win):
+# the batches and schedule, and the data and output.
+SCHEDULE_DEFAULTS = dict(batch_size=16, seq_len=256, steps=1000, warmup=100)
+DATA_DEFAULTS = dict(eval_fraction=0.1, eval_split="validation", no_progress=False, json=False)
+
+
+def add_task(
+  sub,
+  name: str,
+  help_: str,
+  description: str,
+  run: Callable[[argparse.Namespace], int],
+  check: Callable[[argparse.ArgumentParser, argparse.Namespace], None] | None = None,
+  *,
+  config: bool = True,
+) -> argparse.ArgumentParser:
+  """The parser of task `name`: its args run `check(parser, args)` (when given), then
+  `run(args)`. config: a training task's, with --config FILE (`check` settles the args: every
+  flag's default is None so that --config and the defaults fill in)."""
+  p = sub.add_parser(name, help=help_, description=description, argument_default=None)
+  if config:
+    p.add_argument("--config", metavar="FILE", help="JSON object of settings (flags win)")
+  p.set_defaults(run=run, check=lambda args: None if check is None else check(p, args))
+  return p
+
+
+def frozen_flag(dest: str) -> Flag:
+  """--<dest> DIR_OR_NAME: the frozen model a task trains against (see `check_frozen`)."""
+  help_ = f"the frozen {dest}: a model directory or bundled name (e.g. shakespeare)"
+  return (f"--{dest}", None, "DIR_OR_NAME", help_)
+
+
+def add_data_flags(p: argparse.ArgumentParser, frozen: str):
+  """--text / --data and the held-out flags of a task training against a frozen model."""
+  g = p.add_argument_group(f"data (tokenized with the {frozen}'s tokenizer)")
+  add_flags(
+    g,
+    (
+      *SOURCE_FLAGS,
+      *GENRE_FLAGS,
+      ("--eval-split", None, "SPLIT", "--data: held-out split (default validation)"),
+      ("--eval-fraction", fraction, "F", "--text: fraction of the text held out (default 0.1)"),
+    ),
+  )
+  return g
+
+
+def batch_flags(min_seq_len: int) -> tuple[Flag, ...]:
+  """--batch-size and --seq-len (at least min_seq_len) of a task training against a frozen
+  model."""
+  at_least = checked(int, lambda v: v >= min_seq_len, f"an integer >= {min_seq_len}")
+  return (("--batch-size", positive, "B", None), ("--seq-len", at_least, "T", None))
+
+
+def schedule_flags(warmup: int) -> tuple[Flag, ...]:
+  """Steps, AdamW, warmup + cosine and seed flags (lr default 1e-3, no weight decay)."""
+  return (
+    ("--steps", positive, "N", None),
+    ("--lr", pos_float, "LR", "peak learning rate (default 1e-3)"),
+    ("--warmup", nonneg, "N", f"linear warmup steps (default {warmup})"),
+    FINAL_LR_FLAG,
+    ("--weight-decay", nonneg_float, "WD", "default 0"),
+    ("--clip-norm", pos_float, "C", "global gradient norm clip"),
+    SEED_FLAG,
+  )
+
+
+def run_flags(made: str, validation: tuple[Flag, ...] = ()) -> tuple[Flag, ...]:
+  """The "run" group of a task that trains a `made` (head, coprocessor) against a frozen
+  model: --out, the checkpoint and validation periods, `validation`, --log-every, --export and
+  the output switches."""
+  return (
+    ("--out", None, "DIR", f"run directory (checkpoints, metrics, {made})"),
+    *SAVE_FLAGS,
+    ("--eval-every", nonneg, "N", "validation period (0 = end only)"),
+    ("--eval-batches", positive, "N", "held-out batches per validation (default 8)"),
+    *validation,
+    LOG_EVERY_FLAG,
+    ("--export", None, "DIR", f"{made} directory (default OUT/{made})"),
+    *OUTPUT_FLAGS,
+  )
+
+
+def field_defaults(cls) -> dict[str, Any]:
+  """The defaults of the dataclass cls's fields that have one."""
+  return {
+    f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+  }
+
+
+def settle(
+  parser: argparse.ArgumentParser, args: argparse.Namespace, defaults: dict[str, Any], *configs
+) -> None:
+  """Fills args left None from --config, then from the first that holds the setting of:
+  `defaults` (the task's own), SCHEDULE_DEFAULTS, DATA_DEFAULTS, the field defaults of the
+  dataclasses `configs` (those the flags make; a field that no flag sets is passed over)."""
   if args.config is not None:
     merge_config(parser, args)
-  for key, value in defaults.items():
-    if getattr(args, key) is None:
-      setattr(args, key, value)
+  dests = {a.dest for a in parser._actions}
+  for values in (defaults, SCHEDULE_DEFAULTS, DATA_DEFAULTS, *map(field_defaults, configs)):
+    for key, value in values.items():
+      if key in dests and getattr(args, key) is None:
+        setattr(args, key, value)
 
 
 def check_run_flags(
@@ -107,71 +252,6 @@ def merge_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     setattr(args, key, value)
 
 
-def add_data_flags(p: argparse.ArgumentParser, frozen: str):
-  """--text / --data and the held-out flags of a task training against a frozen model."""
-  g = p.add_argument_group(f"data (tokenized with the {frozen}'s tokenizer)")
-  g.add_argument("--text", metavar="FILE", help="train on one plain-text file")
-  g.add_argument(
-    "--data",
-    metavar="DIR_OR_NAME",
-    help="a corpus read by kvjax.train.data (a directory of .txt/.md or a name)",
-  )
-  g.add_argument(
-    "--genre",
-    action="append",
-    metavar="G",
-    help="--data: train and eval on these genres only (repeatable)",
-  )
-  g.add_argument(
-    "--exclude-genre",
-    action="append",
-    metavar="G",
-    help="--data: leave these genres out (repeatable)",
-  )
-  g.add_argument(
-    "--eval-split", metavar="SPLIT", help="--data: held-out split (default validation)"
-  )
-  g.add_argument(
-    "--eval-fraction",
-    type=fraction,
-    metavar="F",
-    help="--text: fraction of the text held out (default 0.1)",
-  )
-  return g
-
-
-def add_schedule_flags(g, *, warmup: int) -> None:
-  """Steps, AdamW, warmup + cosine and seed flags (lr default 1e-3, no weight decay)."""
-  g.add_argument("--steps", type=positive, metavar="N")
-  g.add_argument("--lr", type=pos_float, metavar="LR", help="peak learning rate (default 1e-3)")
-  g.add_argument(
-    "--warmup", type=nonneg, metavar="N", help=f"linear warmup steps (default {warmup})"
-  )
-  g.add_argument(
-    "--final-lr-ratio", type=unit, metavar="R", help="cosine decay ends at lr * R (default 0.1)"
-  )
-  g.add_argument("--weight-decay", type=nonneg_float, metavar="WD", help="default 0")
-  g.add_argument("--clip-norm", type=pos_float, metavar="C", help="global gradient norm clip")
-  g.add_argument("--seed", type=seed_type, metavar="S", help="in [0, 2**32) (default 0)")
-
-
-def add_period_flags(g) -> None:
-  """Checkpoint and validation periods."""
-  g.add_argument("--save-every", type=nonneg, metavar="N", help="checkpoint period (0 = end only)")
-  g.add_argument("--keep", type=positive, metavar="N", help="checkpoints kept (default 3)")
-  g.add_argument("--eval-every", type=nonneg, metavar="N", help="validation period (0 = end only)")
-  g.add_argument(
-    "--eval-batches", type=positive, metavar="N", help="held-out batches per validation (default 8)"
-  )
-
-
-def add_output_flags(g) -> None:
-  g.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
-  g.add_argument(
-    "--json", action="store_true", default=None, help="print one JSON summary object on stdout"
-  )
-
-
 def text_data(args, tok):
   """The --text file as kvjax.train.text.TextData; DataError naming it when it is not UTF-8."""
   from kvjax.train.text import DataError, TextData
@@ -220,3 +300,43 @@ def data_batches(args, tok):
     return held[0]
 
   return (lambda start: iter(train_ds[start:] if start else train_ds)), eval_batches
+
+
+def run_config(cls, args: argparse.Namespace):
+  """The run config cls (a `kvjax.train.loop.RunConfig`) of the settled args: every field that
+  has a flag from it, out_dir from --out, the others at their defaults."""
+  given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+  return cls(**given, out_dir=args.out)
+
+
+def run_summary(
+  args: argparse.Namespace, t0: float, result, export: str, n_params: int, keys, **task
+) -> dict[str, Any]:
+  """The JSON summary of a run: out, export, the `task` fields, steps, resumed_from,
+  n_params, the last log record's `keys` (None where it has none) and wall_s since t0."""
+  last = result.records[-1] if result.records else {}
+  return {
+    "out": args.out,
+    "export": export,
+    **task,
+    "steps": args.steps,
+    "resumed_from": result.resumed_from,
+    "n_params": n_params,
+    **{k: last.get(k) for k in keys},
+    "wall_s": time.perf_counter() - t0,
+  }
+
+
+def metrics_text(summary: dict[str, Any], keys) -> str:
+  """The summary's `keys` that have a value, as "key value, ..." (4 decimals)."""
+  return ", ".join(f"{k} {summary[k]:.4f}" for k in keys if summary[k] is not None)
+
+
+def finish(args: argparse.Namespace, summary: dict[str, Any], line: str) -> int:
+  """Prints summary as one JSON object on stdout with --json, else `line` on stderr; returns 0
+  (the exit code)."""
+  if args.json:
+    print(json.dumps(summary))
+  else:
+    print(line, file=sys.stderr)
+  return 0

@@ -3,52 +3,33 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 
 from kvjax.lm.cli.flags import checked, nonneg, positive
-from kvjax.train.cli.common import (
-  add_data_flags,
-  add_output_flags,
-  add_period_flags,
-  add_schedule_flags,
-  check_frozen,
-  check_run_flags,
-  data_batches,
-  settle,
-)
+from kvjax.train.cli import common
 
-COP_DEFAULTS = dict(
-  kind="coprocessor",
-  init="copy",
-  lora_rank=16,
-  latent_offset=-33,
-  ahead=16,
-  points=16,
-  delay=0,
-  batch_size=8,
-  seq_len=256,
-  steps=1000,
-  lr=1e-3,
-  warmup=50,
-  weight_decay=0.0,
-  clip_norm=1.0,
-  final_lr_ratio=0.1,
-  seed=0,
-  save_every=0,
-  keep=3,
-  eval_every=0,
-  log_every=10,
-  eval_batches=8,
-  eval_fraction=0.1,
-  eval_split="validation",
-  no_progress=False,
-  json=False,
+# The coprocessor task's own defaults (the others: common's, then AugmentConfig's and
+# CoprocessorConfig's field defaults).
+COP_DEFAULTS = dict(batch_size=8, warmup=50)
+LATENT_FLAGS: tuple[common.Flag, ...] = (
+  ("--lora-rank", positive, "R", "--init lora: rank (default 16)"),
+  (
+    "--latent-offset",
+    checked(int, lambda v: v <= -1, "an integer <= -1"),
+    "O",
+    "the base sees the latents at the next token's position + O "
+    "(default -33: 32 behind the prefix's last token)",
+  ),
+)
+AUGMENT_FLAGS: tuple[common.Flag, ...] = (
+  ("--ahead", positive, "A", "teacher-forced tokens scored after each point (default 16)"),
+  ("--points", positive, "M", "augmentation points per sequence, all in one pass (default 16)"),
+  ("--delay", nonneg, "K", "insert the latents K tokens after their point (default 0)"),
 )
 
 
+COP_HELP = "train a cache coprocessor for a frozen base model"
 COP_DESCRIPTION = """\
 Trains a cache coprocessor (kvjax.coprocessor) for a frozen base model: at --points random
 augmentation points per sequence the coprocessor reads the base's cache of the prefix with
@@ -64,22 +45,16 @@ bad data/base/run, 2 bad flags."""
 
 
 def add_coprocessor(sub) -> argparse.ArgumentParser:
-  """The `coprocessor` subcommand; every default is None so --config and COP_DEFAULTS fill in."""
+  """The `coprocessor` subcommand; every default is None so --config and the defaults fill in
+  (`check_coprocessor`)."""
   from kvjax.coprocessor.model import INITS, KINDS
 
-  p = sub.add_parser(
-    "coprocessor",
-    help="train a cache coprocessor for a frozen base model",
-    description=COP_DESCRIPTION,
-    argument_default=None,
+  p = common.add_task(
+    sub, "coprocessor", COP_HELP, COP_DESCRIPTION, run_coprocessor, check_coprocessor
   )
-  p.add_argument("--config", metavar="FILE", help="JSON object of settings (flags win)")
-  p.add_argument(
-    "--base",
-    metavar="DIR_OR_NAME",
-    help="the frozen base: a model directory or bundled name (e.g. shakespeare)",
+  common.add_flags(
+    p, (common.frozen_flag("base"), ("--latents", positive, "N", "latents per augmentation"))
   )
-  p.add_argument("--latents", type=positive, metavar="N", help="latents per augmentation")
   p.add_argument("--kind", choices=KINDS, help="coprocessor (default) or the pause-token baseline")
   p.add_argument(
     "--init",
@@ -87,102 +62,52 @@ def add_coprocessor(sub) -> argparse.ArgumentParser:
     help="coprocessor start: a copy of the base trained "
     "in full (default), from scratch, or LoRA deltas on the frozen copy",
   )
-  p.add_argument("--lora-rank", type=positive, metavar="R", help="--init lora: rank (default 16)")
-  p.add_argument(
-    "--latent-offset",
-    type=checked(int, lambda v: v <= -1, "an integer <= -1"),
-    metavar="O",
-    help="the base sees the latents at the next token's position + O "
-    "(default -33: 32 behind the prefix's last token)",
+  common.add_flags(p, LATENT_FLAGS)
+  common.add_data_flags(p, "base")
+  common.add_flags(
+    p.add_argument_group("optimisation"),
+    (*AUGMENT_FLAGS, *common.batch_flags(2), *common.schedule_flags(COP_DEFAULTS["warmup"])),
   )
-  add_data_flags(p, "base")
-  g = p.add_argument_group("optimisation")
-  g.add_argument(
-    "--ahead",
-    type=positive,
-    metavar="A",
-    help="teacher-forced tokens scored after each point (default 16)",
-  )
-  g.add_argument(
-    "--points",
-    type=positive,
-    metavar="M",
-    help="augmentation points per sequence, all in one pass (default 16)",
-  )
-  g.add_argument(
-    "--delay",
-    type=nonneg,
-    metavar="K",
-    help="insert the latents K tokens after their point (default 0)",
-  )
-  g.add_argument("--batch-size", type=positive, metavar="B")
-  g.add_argument("--seq-len", type=checked(int, lambda v: v >= 2, "an integer >= 2"), metavar="T")
-  add_schedule_flags(g, warmup=50)
-  g = p.add_argument_group("run")
-  g.add_argument("--out", metavar="DIR", help="run directory (checkpoints, metrics, coprocessor)")
-  add_period_flags(g)
-  g.add_argument("--log-every", type=nonneg, metavar="N", help="metrics period (default 10)")
-  g.add_argument("--export", metavar="DIR", help="coprocessor directory (default OUT/coprocessor)")
-  add_output_flags(g)
-  p.set_defaults(run=run_coprocessor, check=lambda args: check_coprocessor(p, args))
+  common.add_flags(p.add_argument_group("run"), common.run_flags("coprocessor"))
   return p
 
 
 def check_coprocessor(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   """Merges --config and the defaults into args; cross-flag rules (errors exit 2)."""
-  settle(parser, args, COP_DEFAULTS)
-  check_frozen(parser, args, "base", "the frozen model the coprocessor serves")
+  from kvjax.coprocessor.model import CoprocessorConfig
+  from kvjax.train.coprocessor import AugmentConfig
+
+  cop = common.field_defaults(CoprocessorConfig)
+  common.settle(parser, args, COP_DEFAULTS, AugmentConfig, CoprocessorConfig)
+  common.check_frozen(parser, args, "base", "the frozen model the coprocessor serves")
   if args.latents is None:
     parser.error("--latents N is required (latents per augmentation, e.g. 16)")
-  check_run_flags(parser, args, "checkpoints, metrics and the coprocessor")
+  common.check_run_flags(parser, args, "checkpoints, metrics and the coprocessor")
   from kvjax.coprocessor.traces import room_error
 
   error = room_error(args.seq_len, args.ahead, args.points, args.delay, flags=True)
   if error:
     parser.error(error)
-  if args.kind == "pause" and (args.init != "copy" or args.lora_rank != 16):
+  if args.kind == "pause" and (args.init, args.lora_rank) != (cop["init"], cop["lora_rank"]):
     parser.error("--init and --lora-rank apply to --kind coprocessor, not to pause tokens")
-
-
-def _cop_config(args):
-  from kvjax.train.coprocessor import AugmentConfig
-
-  return AugmentConfig(
-    steps=args.steps,
-    batch_size=args.batch_size,
-    seq_len=args.seq_len,
-    lr=args.lr,
-    warmup=args.warmup,
-    final_lr_ratio=args.final_lr_ratio,
-    weight_decay=args.weight_decay,
-    clip_norm=args.clip_norm,
-    seed=args.seed,
-    ahead=args.ahead,
-    points=args.points,
-    delay=args.delay,
-    out_dir=args.out,
-    save_every=args.save_every,
-    keep=args.keep,
-    eval_every=args.eval_every,
-    log_every=args.log_every,
-    eval_batches=args.eval_batches,
-  )
 
 
 def run_coprocessor(args: argparse.Namespace) -> int:
   """Trains the coprocessor, saves it, prints a summary; returns 0."""
+  import jax
+
   from kvjax import coprocessor
   from kvjax.lm.model import load
-  from kvjax.train.coprocessor import train
+  from kvjax.train.coprocessor import AugmentConfig, train
   from kvjax.train.lm import TrainError
 
   t0 = time.perf_counter()
-  ac = _cop_config(args)
+  ac = common.run_config(AugmentConfig, args)
   base = load(args.base)
   if base.tokenizer is None:
     raise TrainError(f"--base {args.base} has no tokenizer.json")
   os.makedirs(args.out, exist_ok=True)
-  batches, eval_batches = data_batches(args, base.tokenizer)
+  batches, eval_batches = common.data_batches(args, base.tokenizer)
   cop = coprocessor.init(
     base,
     args.latents,
@@ -195,30 +120,23 @@ def run_coprocessor(args: argparse.Namespace) -> int:
   result = train(base, cop, ac, batches, eval_batches, progress=not args.no_progress)
   export = args.export or os.path.join(args.out, "coprocessor")
   coprocessor.save(result.coprocessor, export)
-  last = result.records[-1] if result.records else {}
   keys = ("loss", "base_loss", "eval_loss", "eval_base_loss", "eval_reduction_1", "eval_reduction")
-  import jax
-
-  summary = {
-    "out": args.out,
-    "export": export,
-    "kind": args.kind,
-    "init": cop.cc.init,
-    "latents": args.latents,
-    "base": args.base,
-    "steps": ac.steps,
-    "resumed_from": result.resumed_from,
-    "n_params": sum(a.size for a in jax.tree.leaves(result.coprocessor.params)),
-    **{k: last.get(k) for k in keys},
-    "wall_s": time.perf_counter() - t0,
-  }
-  if args.json:
-    print(json.dumps(summary))
-  else:
-    got = ", ".join(f"{k} {last[k]:.4f}" for k in keys if last.get(k) is not None)
-    print(
-      f"trained a {args.latents}-latent {args.kind} ({summary['n_params']:,} params) for "
-      f"{ac.steps} steps ({got}; {summary['wall_s']:.1f} s); saved to {export}",
-      file=sys.stderr,
-    )
-  return 0
+  n_params = sum(a.size for a in jax.tree.leaves(result.coprocessor.params))
+  summary = common.run_summary(
+    args,
+    t0,
+    result,
+    export,
+    n_params,
+    keys,
+    kind=args.kind,
+    init=cop.cc.init,
+    latents=args.latents,
+    base=args.base,
+  )
+  return common.finish(
+    args,
+    summary,
+    f"trained a {args.latents}-latent {args.kind} ({n_params:,} params) for {ac.steps} steps "
+    f"({common.metrics_text(summary, keys)}; {summary['wall_s']:.1f} s); saved to {export}",
+  )

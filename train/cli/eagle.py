@@ -4,60 +4,71 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import sys
 import time
 
 import numpy as np
 
-from kvjax.lm.cli.flags import checked, nonneg, positive
-from kvjax.train.cli.common import (
-  add_data_flags,
-  add_output_flags,
-  add_period_flags,
-  add_schedule_flags,
-  check_frozen,
-  check_run_flags,
-  data_batches,
-  nonneg_float,
-  settle,
-  text_data,
+from kvjax.lm.cli.flags import nonneg, positive
+from kvjax.train.cli import common
+
+# The eagle task's own defaults (the others: common's, then EagleConfig's field defaults).
+EAGLE_DEFAULTS = dict(draft_vocab=0, published=False, export_format="kvjax")
+EXPORT_FORMATS = ("kvjax", "eagle1", "eagle3")
+HEAD_FLAGS: tuple[common.Flag, ...] = (
+  (
+    "--draft-vocab",
+    nonneg,
+    "N",
+    "eagle3: a reduced draft vocabulary of the N most frequent target tokens "
+    "of the first 64 training batches, with its own LM head (0 = the target's LM "
+    "head over the whole vocabulary, the default)",
+  ),
+  (
+    "--published",
+    common.SWITCH,
+    None,
+    "train the reference (SafeAILab EAGLE) architecture of --kind, which "
+    "--export-format eagle1/eagle3 writes for vLLM and SGLang (default: kvjax's own)",
+  ),
+)
+DISTILL_FLAGS: tuple[common.Flag, ...] = (
+  (
+    "--self-distill",
+    nonneg,
+    "N",
+    "train on N sequences the target generates after corpus prompts instead (0 = off, the default)",
+  ),
+  (
+    "--distill-temperature",
+    common.nonneg_float,
+    "TEMP",
+    "--self-distill: sampling temperature (0 = greedy; default 1)",
+  ),
+)
+TRAINING_FLAGS: tuple[common.Flag, ...] = (
+  (
+    "--ttt-steps",
+    positive,
+    "K",
+    "eagle3: unrolled training-time-test steps (default 7; clipped to --seq-len - 1)",
+  ),
+  (
+    "--feature-noise",
+    common.nonneg_float,
+    "A",
+    "uniform noise U(-A, A) on the input features (default 0.1 for eagle1, 0 for eagle3)",
+  ),
+)
+VALIDATION_FLAGS: tuple[common.Flag, ...] = (
+  ("--eval-prompts", nonneg, "N", "held-out prompts for val_accept_len (default 4; 0 = off)"),
+  ("--tree-top-k", positive, "K", "validation draft tree (default 8)"),
+  ("--tree-depth", positive, "D", "default 5"),
+  ("--tree-tokens", positive, "N", "default 32"),
 )
 
-EAGLE_DEFAULTS = dict(
-  kind="eagle1",
-  batch_size=16,
-  seq_len=256,
-  steps=1000,
-  lr=1e-3,
-  warmup=100,
-  weight_decay=0.0,
-  clip_norm=1.0,
-  final_lr_ratio=0.1,
-  seed=0,
-  ttt_steps=7,
-  self_distill=0,
-  distill_temperature=1.0,
-  save_every=0,
-  keep=3,
-  eval_every=0,
-  log_every=10,
-  eval_batches=8,
-  eval_prompts=4,
-  tree_top_k=8,
-  tree_depth=5,
-  tree_tokens=32,
-  eval_fraction=0.1,
-  eval_split="validation",
-  draft_vocab=0,
-  no_progress=False,
-  json=False,
-  published=False,
-  export_format="kvjax",
-)
 
-
+EAGLE_HELP = "train an EAGLE draft head for a frozen target model"
 EAGLE_DESCRIPTION = """\
 Trains an EAGLE draft head (kvjax.speculative) for a frozen target model: eagle1 regresses the
 target's next top feature and matches its next-token distribution; eagle3 fuses three layers'
@@ -73,126 +84,46 @@ data/target/run, 2 bad flags."""
 
 
 def add_eagle(sub) -> argparse.ArgumentParser:
-  """The `eagle` subcommand; every default is None so --config and EAGLE_DEFAULTS fill in."""
-  p = sub.add_parser(
-    "eagle",
-    help="train an EAGLE draft head for a frozen target model",
-    description=EAGLE_DESCRIPTION,
-    argument_default=None,
-  )
-  p.add_argument("--config", metavar="FILE", help="JSON object of settings (flags win)")
-  p.add_argument(
-    "--target",
-    metavar="DIR_OR_NAME",
-    help="the frozen target: a model directory or bundled name (e.g. shakespeare)",
-  )
-  _add_head_flags(p)
-  _add_data_flags(p)
-  _add_optimisation_flags(p)
-  _add_run_flags(p)
-  p.set_defaults(run=run_eagle, check=lambda args: check_eagle(p, args))
-  return p
-
-
-def _add_head_flags(p: argparse.ArgumentParser) -> None:
-  """The head's kind, draft vocabulary, architecture and export format."""
+  """The `eagle` subcommand; every default is None so --config and the defaults fill in
+  (`check_eagle`)."""
   from kvjax.speculative.head import KINDS
 
+  p = common.add_task(sub, "eagle", EAGLE_HELP, EAGLE_DESCRIPTION, run_eagle, check_eagle)
+  common.add_flags(p, (common.frozen_flag("target"),))
   p.add_argument("--kind", choices=KINDS, help="head kind (default eagle1)")
-  p.add_argument(
-    "--draft-vocab",
-    type=nonneg,
-    metavar="N",
-    help="eagle3: a reduced draft vocabulary of the N most frequent target tokens "
-    "of the first 64 training batches, with its own LM head (0 = the target's LM "
-    "head over the whole vocabulary, the default)",
-  )
-  p.add_argument(
-    "--published",
-    action="store_true",
-    default=None,
-    help="train the reference (SafeAILab EAGLE) architecture of --kind, which "
-    "--export-format eagle1/eagle3 writes for vLLM and SGLang (default: kvjax's own)",
-  )
+  common.add_flags(p, HEAD_FLAGS)
   p.add_argument(
     "--export-format",
-    choices=("kvjax", "eagle1", "eagle3"),
+    choices=EXPORT_FORMATS,
     help="the saved head's format: kvjax (head.json + params/, the default) or a "
     "published layout (config.json + model.safetensors; needs --published and the "
     "format of --kind)",
   )
-
-
-def _add_data_flags(p: argparse.ArgumentParser) -> None:
-  """The shared data flags (the target's tokenizer), and self-distillation."""
-  g = add_data_flags(p, "target")
-  g.add_argument(
-    "--self-distill",
-    type=nonneg,
-    metavar="N",
-    help="train on N sequences the target generates after corpus prompts instead "
-    "(0 = off, the default)",
+  common.add_flags(common.add_data_flags(p, "target"), DISTILL_FLAGS)
+  common.add_flags(
+    p.add_argument_group("optimisation"),
+    (
+      *common.batch_flags(3),
+      *common.schedule_flags(common.SCHEDULE_DEFAULTS["warmup"]),
+      *TRAINING_FLAGS,
+    ),
   )
-  g.add_argument(
-    "--distill-temperature",
-    type=nonneg_float,
-    metavar="TEMP",
-    help="--self-distill: sampling temperature (0 = greedy; default 1)",
-  )
-
-
-def _add_optimisation_flags(p: argparse.ArgumentParser) -> None:
-  """Batches, the schedule, and the eagle3 / eagle1 training options."""
-  g = p.add_argument_group("optimisation")
-  g.add_argument("--batch-size", type=positive, metavar="B")
-  g.add_argument("--seq-len", type=checked(int, lambda v: v >= 3, "an integer >= 3"), metavar="T")
-  add_schedule_flags(g, warmup=100)
-  g.add_argument(
-    "--ttt-steps",
-    type=positive,
-    metavar="K",
-    help="eagle3: unrolled training-time-test steps (default 7; clipped to --seq-len - 1)",
-  )
-  g.add_argument(
-    "--feature-noise",
-    type=nonneg_float,
-    metavar="A",
-    help="uniform noise U(-A, A) on the input features (default 0.1 for eagle1, 0 for eagle3)",
-  )
-
-
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
-  """Where the run goes, how often it saves, evaluates and logs, and validation's draft tree."""
-  g = p.add_argument_group("run")
-  g.add_argument("--out", metavar="DIR", help="run directory (checkpoints, metrics, head)")
-  add_period_flags(g)
-  g.add_argument(
-    "--eval-prompts",
-    type=nonneg,
-    metavar="N",
-    help="held-out prompts for val_accept_len (default 4; 0 = off)",
-  )
-  g.add_argument(
-    "--tree-top-k", type=positive, metavar="K", help="validation draft tree (default 8)"
-  )
-  g.add_argument("--tree-depth", type=positive, metavar="D", help="default 5")
-  g.add_argument("--tree-tokens", type=positive, metavar="N", help="default 32")
-  g.add_argument("--log-every", type=nonneg, metavar="N", help="metrics period (default 10)")
-  g.add_argument("--export", metavar="DIR", help="head directory (default OUT/head)")
-  add_output_flags(g)
+  common.add_flags(p.add_argument_group("run"), common.run_flags("head", VALIDATION_FLAGS))
+  return p
 
 
 def check_eagle(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   """Merges --config and the defaults into args; cross-flag rules (errors exit 2)."""
   from kvjax.speculative.head import KINDS
   from kvjax.speculative.tree import TreeSpec
+  from kvjax.train.eagle import EagleConfig
 
-  settle(parser, args, EAGLE_DEFAULTS)
+  common.settle(parser, args, EAGLE_DEFAULTS, EagleConfig)
   if args.kind not in KINDS:
     parser.error(f"--kind must be one of {', '.join(KINDS)}; got {args.kind!r}")
   if args.draft_vocab and args.kind != "eagle3":
     parser.error("--draft-vocab applies to --kind eagle3")
-  if args.export_format not in ("kvjax", "eagle1", "eagle3"):
+  if args.export_format not in EXPORT_FORMATS:
     parser.error(f"--export-format must be kvjax, eagle1 or eagle3; got {args.export_format!r}")
   if args.export_format != "kvjax" and not args.published:
     parser.error(
@@ -204,43 +135,12 @@ def check_eagle(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
       f"--export-format {args.export_format} writes {args.export_format} heads; "
       f"--kind is {args.kind}"
     )
-  check_frozen(parser, args, "target", "the model the head drafts for")
-  check_run_flags(parser, args, "checkpoints, metrics and the head")
+  common.check_frozen(parser, args, "target", "the model the head drafts for")
+  common.check_run_flags(parser, args, "checkpoints, metrics and the head")
   try:
     TreeSpec(top_k=args.tree_top_k, depth=args.tree_depth, total_tokens=args.tree_tokens)
   except ValueError as err:
     parser.error(f"--tree-top-k/--tree-depth/--tree-tokens: {err}")
-
-
-def _eagle_config(args):
-  from kvjax.train.eagle import EagleConfig
-
-  return EagleConfig(
-    kind=args.kind,
-    steps=args.steps,
-    batch_size=args.batch_size,
-    seq_len=args.seq_len,
-    lr=args.lr,
-    warmup=args.warmup,
-    final_lr_ratio=args.final_lr_ratio,
-    weight_decay=args.weight_decay,
-    clip_norm=args.clip_norm,
-    seed=args.seed,
-    ttt_steps=args.ttt_steps,
-    feature_noise=args.feature_noise,
-    self_distill=args.self_distill,
-    distill_temperature=args.distill_temperature,
-    out_dir=args.out,
-    save_every=args.save_every,
-    keep=args.keep,
-    eval_every=args.eval_every,
-    log_every=args.log_every,
-    eval_batches=args.eval_batches,
-    eval_prompts=args.eval_prompts,
-    tree_top_k=args.tree_top_k,
-    tree_depth=args.tree_depth,
-    tree_tokens=args.tree_tokens,
-  )
 
 
 def _eagle_data(args, model, ec):
@@ -252,14 +152,14 @@ def _eagle_data(args, model, ec):
   if tok is None:
     raise TrainError(f"--target {args.target} has no tokenizer.json")
   if args.text is not None:
-    td = text_data(args, tok)
+    td = common.text_data(args, tok)
     batches = td.train_batches
     eval_batches = td.eval_batches if args.eval_fraction > 0 else None
     train_stream, held_stream = eagle_data.text_streams(td)
   else:
     from kvjax.train import data
 
-    batches, eval_batches = data_batches(args, tok)
+    batches, eval_batches = common.data_batches(args, tok)
     streams = {}
 
     def stream(split):
@@ -276,8 +176,6 @@ def _eagle_data(args, model, ec):
   if ec.eval_prompts and held_stream is not None and len(held_stream[0]):
     prompts = eagle_data.prompts_from_stream(*held_stream, ec.eval_prompts, ec.prompt_len)
   if ec.self_distill:
-    import numpy as np
-
     length = min(args.seq_len + 1, model.cfg.max_position)
     starts = eagle_data.prompts_from_stream(
       *train_stream, ec.self_distill, min(32, length // 4), rng=np.random.default_rng(args.seed)
@@ -306,10 +204,10 @@ def run_eagle(args: argparse.Namespace) -> int:
   from kvjax.lm.model import load
   from kvjax.speculative import formats
   from kvjax.speculative import head as heads
-  from kvjax.train.eagle import train
+  from kvjax.train.eagle import EagleConfig, train
 
   t0 = time.perf_counter()
-  ec = _eagle_config(args)
+  ec = common.run_config(EagleConfig, args)
   model = load(args.target)
   os.makedirs(args.out, exist_ok=True)
   batches, eval_batches, prompts = _eagle_data(args, model, ec)
@@ -328,26 +226,14 @@ def run_eagle(args: argparse.Namespace) -> int:
     formats.save(result.head, export)
   else:
     formats.export(result.head, export, format=args.export_format)
-  last = result.records[-1] if result.records else {}
   keys = ("loss", "feature_loss", "ce", "top1", "eval_loss", "eval_top1", "val_accept_len")
-  summary = {
-    "out": args.out,
-    "export": export,
-    "kind": ec.kind,
-    "target": args.target,
-    "steps": ec.steps,
-    "resumed_from": result.resumed_from,
-    "n_params": sum(a.size for a in jax.tree.leaves(result.head.params())),
-    **{k: last.get(k) for k in keys},
-    "wall_s": time.perf_counter() - t0,
-  }
-  if args.json:
-    print(json.dumps(summary))
-  else:
-    got = ", ".join(f"{k} {last[k]:.4f}" for k in keys if last.get(k) is not None)
-    print(
-      f"trained a {ec.kind} head ({summary['n_params']:,} params) for {ec.steps} steps "
-      f"({got}; {summary['wall_s']:.1f} s); head saved to {export}",
-      file=sys.stderr,
-    )
-  return 0
+  n_params = sum(a.size for a in jax.tree.leaves(result.head.params()))
+  summary = common.run_summary(
+    args, t0, result, export, n_params, keys, kind=ec.kind, target=args.target
+  )
+  return common.finish(
+    args,
+    summary,
+    f"trained a {ec.kind} head ({n_params:,} params) for {ec.steps} steps "
+    f"({common.metrics_text(summary, keys)}; {summary['wall_s']:.1f} s); head saved to {export}",
+  )

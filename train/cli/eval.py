@@ -7,17 +7,26 @@ import json
 import time
 
 from kvjax.lm.cli.flags import positive
+from kvjax.train.cli import common
+
+HELP = "a model's loss and bits per character on a corpus split"
+DESCRIPTION = (
+  "Scores every token of a corpus split once, in windows of --seq-len tokens (no context "
+  "carried between windows), and reports nats per token and bits per character "
+  "(tokenizer-independent)."
+)
+SPLITS = ("train", "validation", "test")
+FLAGS: tuple[common.Flag, ...] = (
+  ("--genre", common.REPEATED, "G", "only these genres (repeatable)"),
+  ("--exclude-genre", common.REPEATED, "G", "all genres but these (repeatable)"),
+  ("--batch-size", positive, "B", None),
+  ("--seq-len", positive, "T", "window length in tokens (default 256)"),
+)
 
 
 def add_eval(sub) -> argparse.ArgumentParser:
   """The `eval` subcommand: a model's loss and bits per character on a corpus split."""
-  p = sub.add_parser(
-    "eval",
-    help="a model's loss and bits per character on a corpus split",
-    description="Scores every token of a corpus split once, in windows of --seq-len tokens "
-    "(no context carried between windows), and reports nats per token and bits per "
-    "character (tokenizer-independent).",
-  )
+  p = common.add_task(sub, "eval", HELP, DESCRIPTION, run_eval, config=False)
   p.add_argument(
     "--model",
     required=True,
@@ -30,26 +39,10 @@ def add_eval(sub) -> argparse.ArgumentParser:
     metavar="DIR_OR_NAME",
     help="'shakespeare' (the bundled plays) or a directory of .txt/.md files",
   )
-  p.add_argument(
-    "--split",
-    default="validation",
-    choices=("train", "validation", "test"),
-    help="corpus split (default validation)",
-  )
-  p.add_argument("--genre", action="append", metavar="G", help="only these genres (repeatable)")
-  p.add_argument(
-    "--exclude-genre", action="append", metavar="G", help="all genres but these (repeatable)"
-  )
-  p.add_argument("--batch-size", type=positive, default=16, metavar="B")
-  p.add_argument(
-    "--seq-len",
-    type=positive,
-    default=256,
-    metavar="T",
-    help="window length in tokens (default 256)",
-  )
+  p.add_argument("--split", choices=SPLITS, help="corpus split (default validation)")
+  common.add_flags(p, FLAGS)
   p.add_argument("--json", action="store_true", help="print one JSON object")
-  p.set_defaults(run=run_eval, check=lambda args: None)
+  p.set_defaults(split="validation", batch_size=16, seq_len=256)
   return p
 
 
