@@ -527,7 +527,7 @@ def augmented_prefill(
 
   def call(fn, *args, **static):
     nonlocal compile_s
-    out, c = steps.call(model, fn, model.state, *args, **static)
+    out, c = steps.call(model, fn, *args, **static)
     compile_s += c
     return out
 

@@ -6,7 +6,6 @@ Python orchestration lives here; everything per token runs in the jitted steps o
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -142,11 +141,9 @@ def _decode(
   """Decodes up to n tokens per row from the prefill's logits [B, V] and cache (donated) in
   one `steps.decode_loop` call -> (tokens [B, M], counts [B] (every process's rows), decode
   seconds, compile seconds); raises NonFiniteError for a row that sampled from NaN logits."""
-  t0 = time.perf_counter()
-  dec, compile_s = steps.call(
+  dec, decode_s, compile_s = steps.timed(
     model,
     steps.decode_loop,
-    model.state,
     cache,
     logits,
     key,
@@ -156,7 +153,6 @@ def _decode(
     max_steps=steps.bucket(n),
   )
   out, counts, bad = distributed.fetch((dec.tokens, dec.counts, dec.bad))
-  decode_s = time.perf_counter() - t0 - compile_s
   del dec  # the decode cache
   engine.check_finite(model, bad, "generate")
   return out, counts, decode_s, compile_s
@@ -220,7 +216,6 @@ def generate_iter(
       (tok, bad, logits, cache), c = steps.call(
         model,
         steps.sample_decode,
-        model.state,
         cache,
         logits,
         key,
@@ -272,7 +267,7 @@ def score(model: Model, token_ids) -> np.ndarray | list[np.ndarray]:
       f"a row of {longest} tokens exceeds the model's context of {model.cfg.max_position} positions"
     )
   tokens = pad(rows, steps.bucket(longest, minimum=8))
-  logits, _ = steps.call(model, steps.score, model.state, jnp.asarray(tokens))
+  logits, _ = steps.call(model, steps.score, jnp.asarray(tokens))
   logits = distributed.fetch(logits)
   engine.check_finite(
     model, [not np.isfinite(logits[b, : len(r)]).all() for b, r in enumerate(rows)], "score"

@@ -11,7 +11,6 @@ prompt alone; `share=False` batches the full prompts instead (every row stores t
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -192,11 +191,9 @@ class _Decoding:
 
   def step(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One call -> (tokens [B, per_call] of its steps, done [B], counts [B]) on the host."""
-    t0 = time.perf_counter()
-    dec, c = steps.call(
+    dec, seconds, c = steps.timed(
       self.model,
       steps.decode_more,
-      self.model.state,
       self.cache,
       self.logits,
       self.req.key,
@@ -211,7 +208,7 @@ class _Decoding:
     self.logits, self.cache, self.done, self.counts = dec.logits, dec.cache, dec.done, dec.counts
     out, done, counts = np.asarray(dec.tokens), np.asarray(dec.done), np.asarray(dec.counts)
     check_finite(self.model, dec.bad, "point expansion")
-    self.decode_s += time.perf_counter() - t0 - c
+    self.decode_s += seconds
     self.compile_s += c
     self.n_steps += self.per_call
     return out, done, counts
@@ -282,14 +279,11 @@ def _shared_prefill(model: Model, rows: list[list[int]], n: int, budget: int):
   tokens = pad(suffixes, steps.bucket(longest, minimum=8))
   own = new_cache(model, len(rows), steps.bucket(longest + budget))
   cache = PrefixCache(prefix=prefix, rows=own)
-  t0 = time.perf_counter()
-  (logits, cache), c = steps.call(
+  (logits, cache), seconds, c = steps.timed(
     model,
     steps.extend,
-    model.state,
     cache,
     jnp.asarray(tokens),
     jnp.asarray([len(s) for s in suffixes], jnp.int32),
   )
-  logits.block_until_ready()
-  return logits, cache, prefill_s + time.perf_counter() - t0 - c, compile_s + c
+  return logits, cache, prefill_s + seconds, compile_s + c
