@@ -72,7 +72,6 @@ class Request:
 def request(
   model: Model,
   prompts: Prompt | Sequence[Prompt],
-  *,
   max_new_tokens: int,
   sampling: Sampling | None,
   key,
@@ -81,7 +80,8 @@ def request(
   chat: bool,
 ) -> Request:
   """Every request's setup: the prompts tokenized and checked, the sampling and key checked,
-  the stop strings and ids. Arguments as for `kvjax.lm.generate`."""
+  the stop strings and ids. Arguments as for `kvjax.lm.generate`, in its order (the entry
+  points pass them on by position)."""
   sampling = check_request(model, max_new_tokens, sampling, key)
   rows = tokenize(model, prompts, chat)
   stop = [stop] if isinstance(stop, str) else list(stop)

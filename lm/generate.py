@@ -98,16 +98,7 @@ def generate(
   (a `Prefill`, e.g. `kvjax.coprocessor.Coprocessor.prefiller(delay)`: latents augment the
   cache); default `engine.prefill` (`kvjax.coprocessor.generate` is the coprocessor's entry).
   """
-  req = engine.request(
-    model,
-    prompts,
-    max_new_tokens=max_new_tokens,
-    sampling=sampling,
-    key=key,
-    stop=stop,
-    stop_tokens=stop_tokens,
-    chat=chat,
-  )
+  req = engine.request(model, prompts, max_new_tokens, sampling, key, stop, stop_tokens, chat)
   rows, sampling, key = req.rows, req.sampling, req.key
   early = np.zeros((len(rows), 0), np.int32)
   if prefill is None:
@@ -196,16 +187,7 @@ def generate_iter(
     raise ValueError(
       "generate_iter takes one prompt (a string or token ids); use generate for a batch"
     )
-  req = engine.request(
-    model,
-    prompt,
-    max_new_tokens=max_new_tokens,
-    sampling=sampling,
-    key=key,
-    stop=stop,
-    stop_tokens=stop_tokens,
-    chat=chat,
-  )
+  req = engine.request(model, prompt, max_new_tokens, sampling, key, stop, stop_tokens, chat)
   rows, sampling, key, stop, stop_ids = req.rows, req.sampling, req.key, req.stop, set(req.stop_ids)
   logits, cache, prefill_s, compile_s = engine.prefill(model, rows, max_new_tokens)
   acc = dict(decode_s=0.0, compile_s=compile_s)

@@ -62,16 +62,7 @@ def generate(
   rounds_per_row, and accept_lens (per row, the tokens each of its rounds produced, in order:
   what mean_accept_len averages)."""
   tree = _checked_tree(model, head, tree)
-  req = request(
-    model,
-    prompts,
-    max_new_tokens=max_new_tokens,
-    sampling=sampling,
-    key=key,
-    stop=stop,
-    stop_tokens=stop_tokens,
-    chat=chat,
-  )
+  req = request(model, prompts, max_new_tokens, sampling, key, stop, stop_tokens, chat)
   check_context(model, req.rows, max_new_tokens)
   front, prefill_s, compile_p = _prefill(model, head, req, max_new_tokens, tree)
   res, decode_s, compile_d = steps.timed(

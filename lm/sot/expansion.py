@@ -77,21 +77,8 @@ def expand(
   stats add prefix_tokens_shared (0 without sharing) and cache_bytes (the decode cache's
   arrays)."""
   stats: dict = {}
-  rows = list(
-    expand_stream(
-      model,
-      prompts,
-      max_new_tokens=max_new_tokens,
-      sampling=sampling,
-      key=key,
-      stop=stop,
-      stop_tokens=stop_tokens,
-      chat=chat,
-      share=share,
-      chunk=None,
-      stats=stats,
-    )
-  )
+  req = request(model, prompts, 1, sampling, key, stop, stop_tokens, chat)  # budgets: per row
+  rows = list(_rows(model, req, max_new_tokens, share=share, chunk=None, stats=stats))
   return Generation(
     [r.text for r in rows],
     [r.tokens for r in rows],
@@ -120,16 +107,20 @@ def expand_stream(
   chunk: decode steps per jitted call between checks (None: one call for the whole budget; rows
   then arrive together). Sampling continues one PRNG stream across calls, so the rows are the
   same for any chunk. stats: a dict filled as `expand` reports it once the stream ends."""
-  req = request(
-    model,
-    prompts,
-    max_new_tokens=1,
-    sampling=sampling,
-    key=key,
-    stop=stop,
-    stop_tokens=stop_tokens,
-    chat=chat,
-  )  # the budgets are checked per row below
+  req = request(model, prompts, 1, sampling, key, stop, stop_tokens, chat)  # budgets: per row
+  yield from _rows(model, req, max_new_tokens, share=share, chunk=chunk, stats=stats)
+
+
+def _rows(
+  model: Model,
+  req: Request,
+  max_new_tokens: int | Sequence[int],
+  *,
+  share: bool,
+  chunk: int | None,
+  stats: dict | None,
+) -> Iterator[Row]:
+  """`expand_stream` of a checked request (its max_new_tokens checked here, per row)."""
   rows, stop, stops = req.rows, req.stop, req.stop_ids
   B = len(rows)
   budgets = _budgets(max_new_tokens, B)
