@@ -38,7 +38,7 @@ from flax import nnx
 
 from kvjax.cache.dense import KVCache
 from kvjax.cache.view import causal
-from kvjax.lm import config
+from kvjax.lm import artifact, config
 from kvjax.lm.artifact import params_fingerprint
 from kvjax.lm.attention import Training
 from kvjax.lm.config import Config
@@ -113,27 +113,11 @@ class HeadConfig:
     return dataclasses.replace(self.target, n_layers=1, windows=(0,))
 
   def to_json(self) -> dict[str, Any]:
-    return {
-      "kind": self.kind,
-      "fuse_layers": list(self.fuse_layers),
-      "draft_vocab": list(self.draft_vocab),
-      "target_name": self.target_name,
-      "target_fingerprint": self.target_fingerprint,
-      "published": self.published,
-      "target": config.to_dict(self.target),
-    }
+    return artifact.config_to_json(self)
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> HeadConfig:
-    return cls(
-      kind=d["kind"],
-      target=config.from_dict(d["target"]),
-      fuse_layers=tuple(d.get("fuse_layers", ())),
-      draft_vocab=tuple(d.get("draft_vocab", ())),
-      target_name=d.get("target_name", ""),
-      target_fingerprint=d.get("target_fingerprint", ""),
-      published=bool(d.get("published", False)),
-    )
+    return artifact.config_from_json(cls, d)
 
 
 class Head(nnx.Module):
