@@ -145,9 +145,7 @@ def main(argv=None) -> int:
           **cost(base, cop, held[: args.window_len], args.repeats),
         }
       )
-  table = markdown(res)
-  report.write(args.out, "coprocessor", res, table)
-  print(table)
+  report.publish(args.out, "coprocessor", res, markdown(res))
   return 0
 
 

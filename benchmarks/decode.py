@@ -56,44 +56,36 @@ from report import cpu_name, write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+
+def llama(
+  *, V: int, D: int, F: int, L: int, N: int, K: int, H: int, max_position: int = 8192, **extra
+) -> dict:
+  """The HF LlamaConfig fields of a model of these sizes (kvjax's axis letters: V vocab, D model,
+  F ffn, L layers, N heads, K kv heads, H head dim) and `extra` fields."""
+  return dict(
+    vocab_size=V,
+    hidden_size=D,
+    intermediate_size=F,
+    num_hidden_layers=L,
+    num_attention_heads=N,
+    num_key_value_heads=K,
+    head_dim=H,
+    max_position_embeddings=max_position,
+    **extra,
+  )
+
+
 # HF LlamaConfig fields of each benchmark model.
 CONFIGS = {
   # 10.5M parameters: 6.3M in the layers, 4.2M in the untied embedding and head.
-  "10m": dict(
-    vocab_size=8192,
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=32,
-    max_position_embeddings=8192,
-  ),
+  "10m": llama(V=8192, D=256, F=768, L=8, N=8, K=4, H=32),
   # 1.24B parameters: the shape of Llama-3.2-1B (tied embeddings), random weights.
-  "1b": dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-    tie_word_embeddings=True,
+  "1b": llama(
+    V=128256, D=2048, F=8192, L=16, N=32, K=8, H=64, rope_theta=500000.0, tie_word_embeddings=True
   ),
   # 0.14M parameters: a smoke run of this script (tests/project/test_benchmarks.py), not a
   # benchmark.
-  "tiny": dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=512,
-  ),
+  "tiny": llama(V=512, D=64, F=128, L=2, N=4, K=2, H=16, max_position=512),
 }
 DEFAULT_DTYPE = {"10m": "float32", "1b": "bfloat16", "tiny": "float32"}
 # The Gemma-2 features that the `gemma` peer's table adds to a config's shape (HF Gemma2Config).

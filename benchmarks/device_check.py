@@ -28,39 +28,15 @@ import numpy as np
 
 from kvjax.lm import attention, bench
 from kvjax.lm import model as lm_model
-from kvjax.lm.config import Config
+from kvjax.lm.hf_config import from_hf
 from kvjax.pallas_kernels import sink_attention as sink
 from kvjax.pallas_kernels import tree_attention as tree
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode import CONFIGS
 from report import describe, write
 
-CONFIGS = {  # kvjax configs of random models for the decode grid
-  "10m": dict(
-    family="llama",
-    vocab_size=8192,
-    d_model=256,
-    n_layers=8,
-    n_heads=8,
-    n_kv_heads=4,
-    head_dim=32,
-    ffn_dim=768,
-    max_position=8192,
-  ),
-  "1b": dict(
-    family="llama",
-    vocab_size=128256,
-    d_model=2048,
-    n_layers=16,
-    n_heads=32,
-    n_kv_heads=8,
-    head_dim=64,
-    ffn_dim=8192,
-    max_position=8192,
-    rope_theta=500000.0,
-    tie_embeddings=True,
-  ),
-}
+MODELS = ("10m", "1b")  # the random models of the decode grid: decode.py's CONFIGS
 
 
 def timed(fn, repeats: int) -> float:
@@ -128,7 +104,8 @@ def kernel_rows(quick: bool, repeats: int, on_device: bool) -> list[dict]:
 
 def causal_rows(quick: bool, repeats: int) -> list[dict]:
   rng = np.random.default_rng(1)
-  B, T, N, K, H = (1, 256, 8, 2, 64) if quick else (1, 4096, 32, 8, 128)
+  shape = dict(B=1, T=256, N=8, K=2, H=64) if quick else dict(B=1, T=4096, N=32, K=8, H=128)
+  B, T, N, K, H = shape.values()
   dtype = jnp.bfloat16
   q = jnp.asarray(rng.standard_normal((B, T, N, H)), dtype)
   k = jnp.asarray(rng.standard_normal((B, K, T, H)), dtype)
@@ -138,11 +115,7 @@ def causal_rows(quick: bool, repeats: int) -> list[dict]:
   err = float(jnp.max(jnp.abs(best().astype(jnp.float32) - xla().astype(jnp.float32))))
   row = dict(
     kernel="causal prefill",
-    B=B,
-    T=T,
-    N=N,
-    K=K,
-    H=H,
+    **shape,
     dtype="bfloat16",
     impl={"gpu": "cudnn", "tpu": "tpu_flash"}.get(jax.default_backend(), "xla"),
     max_abs_err=err,
@@ -191,7 +164,7 @@ def main(argv=None) -> int:
   )
   ap.add_argument(
     "--config",
-    choices=sorted(CONFIGS),
+    choices=MODELS,
     default=None,
     help="random model of the decode grid (default 1b on a device, 10m on CPU)",
   )
@@ -212,7 +185,8 @@ def main(argv=None) -> int:
   causal = causal_rows(args.quick, args.repeats)
   for r in kernels + causal:
     print(r, file=sys.stderr)
-  model = lm_model.init(Config(**CONFIGS[config]), dtype=getattr(jnp, args.dtype))
+  cfg = from_hf({"model_type": "llama", **CONFIGS[config]})
+  model = lm_model.init(cfg, dtype=getattr(jnp, args.dtype))
   grid = bench.Grid(
     batches=bench.parse_ints(args.batches),
     contexts=bench.parse_ints(args.contexts),

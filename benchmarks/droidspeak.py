@@ -116,9 +116,7 @@ def main(argv=None) -> int:
     res["rows"] += rows_at(
       sender, receiver, plans, run.windows(ids, args.prompts, P + args.eval_tokens + 1), P, args
     )
-  table = markdown(res)
-  report.write(args.out, "droidspeak", res, table)
-  print(table)
+  report.publish(args.out, "droidspeak", res, markdown(res))
   return 0
 
 

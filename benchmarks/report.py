@@ -39,3 +39,10 @@ def write(out_dir: str, name: str, results: dict, table: str) -> str:
   with open(stem + ".md", "w") as f:
     f.write(table.rstrip("\n") + "\n")
   return stem
+
+
+def publish(out_dir: str, name: str, results: dict, table: str) -> str:
+  """Writes the results and their table (`write`), then prints the table; returns the stem."""
+  stem = write(out_dir, name, results, table)
+  print(table)
+  return stem

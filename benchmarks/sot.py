@@ -145,9 +145,7 @@ def main(argv=None) -> int:
       file=sys.stderr,
     )
     res["rows"].append(row)
-  table = markdown(res)
-  report.write(args.out, "sot", res, table)
-  print(table)
+  report.publish(args.out, "sot", res, markdown(res))
   return 0
 
 

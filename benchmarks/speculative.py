@@ -265,9 +265,7 @@ def main(argv=None) -> int:
       if hf and batch == 1:
         res["rows"].append(hf_row(hf, prompts, sampling, args))
         print(f"  T={temp:g} B=1 HF assisted: {res['rows'][-1]}", file=sys.stderr)
-  table = markdown(res)
-  report.write(args.out, "speculative", res, table)
-  print(table)
+  report.publish(args.out, "speculative", res, markdown(res))
   return 0
 
 

@@ -134,7 +134,7 @@ def cost_at(model, S: int, rng, repeats: int) -> tuple[list[float], list[float]]
   )
   fill = jnp.asarray(rng.integers(2, cfg.vocab_size, (1, S + 7)), jnp.int32)
   (_, cache), _ = steps.call(
-    model, steps.extend, model.state, cache, fill, jnp.asarray([S + 7], jnp.int32)
+    model, steps.extend, cache, fill, jnp.asarray([S + 7], jnp.int32)
   )  # full, wrapped around
   tok = jnp.asarray([5], jnp.int32)
   window = jnp.asarray(rng.integers(2, cfg.vocab_size, (1, S)), jnp.int32)
@@ -142,13 +142,11 @@ def cost_at(model, S: int, rng, repeats: int) -> tuple[list[float], list[float]]
   state = {"cache": cache}
 
   def sink_step():
-    (logits, state["cache"]), _ = steps.call(
-      model, steps.decode_step, model.state, state["cache"], tok
-    )
+    (logits, state["cache"]), _ = steps.call(model, steps.decode_step, state["cache"], tok)
     return logits
 
   def recompute_step():
-    return steps.call(model, steps.nll, model.state, window, target, last=True)[0]
+    return steps.call(model, steps.nll, window, target, last=True)[0]
 
   sink_step(), recompute_step()  # compile, warm up
   sink, rec = [], []
@@ -210,7 +208,6 @@ def memory(model, args) -> dict:
     (part, cache), _ = steps.call(
       model,
       steps.nll_scan,
-      model.state,
       cache,
       jnp.asarray(ids[None, lo:done]),
       jnp.asarray(ids[None, lo + 1 : done + 1]),
@@ -510,9 +507,7 @@ def main(argv=None) -> int:
       "endless": lambda: endless(model, args),
       "kernel": lambda: kernel(args),
     }[part]()
-  table = markdown(res)
-  report.write(args.out, "streaming", res, table)
-  print(table)
+  report.publish(args.out, "streaming", res, markdown(res))
   return 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import ClassVar
 
 import jax
@@ -34,9 +33,7 @@ class StackedSlots:
     return Slots(self.k, self.v)
 
 
-@functools.partial(
-  jax.tree_util.register_dataclass, data_fields=["k", "v", "pos", "length"], meta_fields=[]
-)
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache(StackedSlots):
   """Keys after RoPE. Invariants: row b's slots [0, length[b]) hold its tokens in order,

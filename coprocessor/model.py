@@ -129,29 +129,11 @@ class CoprocessorConfig:
       raise CoprocessorError(f"latent_offset must be an int <= -1; got {self.latent_offset!r}")
 
   def to_json(self) -> dict[str, Any]:
-    return {
-      "n_latents": int(self.n_latents),
-      "kind": self.kind,
-      "init": self.init,
-      "lora_rank": int(self.lora_rank),
-      "latent_offset": int(self.latent_offset),
-      "base_name": self.base_name,
-      "base_fingerprint": self.base_fingerprint,
-      "base": config.to_dict(self.base),
-    }
+    return artifact.config_to_json(self)
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> CoprocessorConfig:
-    return cls(
-      n_latents=d["n_latents"],
-      kind=d.get("kind", "coprocessor"),
-      init=d.get("init", "copy"),
-      lora_rank=d.get("lora_rank", 16),
-      latent_offset=d.get("latent_offset", LATENT_POSITION),
-      base=config.from_dict(d["base"]),
-      base_name=d.get("base_name", ""),
-      base_fingerprint=d.get("base_fingerprint", ""),
-    )
+    return artifact.config_from_json(cls, d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -527,7 +509,7 @@ def augmented_prefill(
 
   def call(fn, *args, **static):
     nonlocal compile_s
-    out, c = steps.call(model, fn, model.state, *args, **static)
+    out, c = steps.call(model, fn, *args, **static)
     compile_s += c
     return out
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
+import typing
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -28,11 +30,47 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.lm import config
 from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
+from kvjax.lm.config import Config
 from kvjax.lm.hf_config import read_json
 
 PARAMS = "params"  # the orbax params' folder inside an artifact directory
 ALLOW_FLAG = "allow_other_params=True (--allow-other-params)"
+
+
+def config_to_json(cfg: Any) -> dict[str, Any]:
+  """An artifact's config (a frozen dataclass) as its JSON object: every field by name, the
+  architecture it was made for (a `Config` field) as `config.to_dict`, tuples as lists."""
+  out = {}
+  for f in dataclasses.fields(cfg):
+    v = getattr(cfg, f.name)
+    if isinstance(v, Config):
+      v = config.to_dict(v)
+    elif isinstance(v, tuple):
+      v = list(v)
+    elif isinstance(v, numbers.Integral) and not isinstance(v, bool):
+      v = int(v)
+    out[f.name] = v
+  return out
+
+
+def config_from_json(cls: type, d: dict[str, Any]) -> Any:
+  """The inverse of `config_to_json`: an artifact config of class `cls` from the fields d
+  holds, a `Config` field through `config.from_dict` and lists as tuples. A field d lacks
+  takes its default (KeyError for one without); keys that are not fields are ignored."""
+  types = typing.get_type_hints(cls)
+  kw = {}
+  for f in dataclasses.fields(cls):
+    if f.name not in d:
+      if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        raise KeyError(f.name)
+      continue
+    v = d[f.name]
+    kw[f.name] = (
+      config.from_dict(v) if types[f.name] is Config else (tuple(v) if isinstance(v, list) else v)
+    )
+  return cls(**kw)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

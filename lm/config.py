@@ -22,17 +22,9 @@ FAMILIES = (
   "mixtral",
 )
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
-SIZES = (
-  "vocab_size",
-  "d_model",
-  "n_layers",
-  "n_heads",
-  "n_kv_heads",
-  "head_dim",
-  "ffn_dim",
-  "max_position",
-  "rope_original_max_position",
-)
+# the sizes that fix the params' shapes (a head or coprocessor made for a model needs them)
+PARAM_SIZES = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
+SIZES = (*PARAM_SIZES, "max_position", "rope_original_max_position")  # every int >= 1 field
 POSITIVE = (
   "norm_eps",
   "rope_theta",
@@ -163,6 +155,12 @@ class Config:
   def query_scale(self) -> float:
     """Scores' scale, times the square of longrope's attention factor (see the class doc)."""
     return (self.query_pre_attn_scalar or self.head_dim) ** -0.5 * self.rope_attention_factor**2
+
+  @property
+  def cache_dims(self) -> dict[str, int]:
+    """The sizes of a cache that this config fixes, as keywords of the caches' `init`
+    (`KVCache.init(**cfg.cache_dims, batch=B, size=S)`)."""
+    return dict(n_layers=self.n_layers, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim)
 
   @property
   def n_params(self) -> int:

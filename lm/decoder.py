@@ -309,11 +309,7 @@ class Block(nnx.Module):
     return x + _drop(m, dropout, drop_keys, 2), k_rot if view.rotated else k, v
 
 
-@functools.partial(
-  jax.tree_util.register_dataclass,
-  data_fields=["logits", "hidden", "layer_inputs", "k", "v"],
-  meta_fields=[],
-)
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Output:
   """logits: [B, T, V] float32 (None when the range stops below the top or logits=False).

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from collections.abc import Sequence
 
 import jax
@@ -73,7 +72,6 @@ class Request:
 def request(
   model: Model,
   prompts: Prompt | Sequence[Prompt],
-  *,
   max_new_tokens: int,
   sampling: Sampling | None,
   key,
@@ -82,7 +80,8 @@ def request(
   chat: bool,
 ) -> Request:
   """Every request's setup: the prompts tokenized and checked, the sampling and key checked,
-  the stop strings and ids. Arguments as for `kvjax.lm.generate`."""
+  the stop strings and ids. Arguments as for `kvjax.lm.generate`, in its order (the entry
+  points pass them on by position)."""
   sampling = check_request(model, max_new_tokens, sampling, key)
   rows = tokenize(model, prompts, chat)
   stop = [stop] if isinstance(stop, str) else list(stop)
@@ -99,15 +98,7 @@ def request(
 
 def new_cache(model: Model, batch: int, size: int) -> KVCache:
   """An empty dense cache for `batch` rows of `size` slots, laid out like the params."""
-  cfg = model.cfg
-  cache = KVCache.init(
-    n_layers=cfg.n_layers,
-    batch=batch,
-    size=size,
-    n_kv_heads=cfg.n_kv_heads,
-    head_dim=cfg.head_dim,
-    dtype=model.dtype,
-  )
+  cache = KVCache.init(**model.cfg.cache_dims, batch=batch, size=size, dtype=model.dtype)
   if model.mesh is not None:
     cache = sharding.shard_cache(cache, model.mesh, model.rules)
   return cache
@@ -162,12 +153,10 @@ def prefill(model: Model, rows: list[list[int]], max_new_tokens: int):
   tokens = pad(rows, P)
   lengths = np.array([len(r) for r in rows], np.int32)
   cache = new_cache(model, len(rows), steps.bucket(max(P, longest + max_new_tokens)))
-  t0 = time.perf_counter()
-  (logits, cache), compile_s = steps.call(
-    model, steps.prefill, model.state, cache, jnp.asarray(tokens), jnp.asarray(lengths)
+  (logits, cache), seconds, compile_s = steps.timed(
+    model, steps.prefill, cache, jnp.asarray(tokens), jnp.asarray(lengths)
   )
-  logits.block_until_ready()
-  return logits, cache, time.perf_counter() - t0 - compile_s, compile_s
+  return logits, cache, seconds, compile_s
 
 
 def require_tokenizer(model: Model, what: str):

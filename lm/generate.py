@@ -6,7 +6,6 @@ Python orchestration lives here; everything per token runs in the jitted steps o
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -99,16 +98,7 @@ def generate(
   (a `Prefill`, e.g. `kvjax.coprocessor.Coprocessor.prefiller(delay)`: latents augment the
   cache); default `engine.prefill` (`kvjax.coprocessor.generate` is the coprocessor's entry).
   """
-  req = engine.request(
-    model,
-    prompts,
-    max_new_tokens=max_new_tokens,
-    sampling=sampling,
-    key=key,
-    stop=stop,
-    stop_tokens=stop_tokens,
-    chat=chat,
-  )
+  req = engine.request(model, prompts, max_new_tokens, sampling, key, stop, stop_tokens, chat)
   rows, sampling, key = req.rows, req.sampling, req.key
   early = np.zeros((len(rows), 0), np.int32)
   if prefill is None:
@@ -142,11 +132,9 @@ def _decode(
   """Decodes up to n tokens per row from the prefill's logits [B, V] and cache (donated) in
   one `steps.decode_loop` call -> (tokens [B, M], counts [B] (every process's rows), decode
   seconds, compile seconds); raises NonFiniteError for a row that sampled from NaN logits."""
-  t0 = time.perf_counter()
-  dec, compile_s = steps.call(
+  dec, decode_s, compile_s = steps.timed(
     model,
     steps.decode_loop,
-    model.state,
     cache,
     logits,
     key,
@@ -156,7 +144,6 @@ def _decode(
     max_steps=steps.bucket(n),
   )
   out, counts, bad = distributed.fetch((dec.tokens, dec.counts, dec.bad))
-  decode_s = time.perf_counter() - t0 - compile_s
   del dec  # the decode cache
   engine.check_finite(model, bad, "generate")
   return out, counts, decode_s, compile_s
@@ -200,16 +187,7 @@ def generate_iter(
     raise ValueError(
       "generate_iter takes one prompt (a string or token ids); use generate for a batch"
     )
-  req = engine.request(
-    model,
-    prompt,
-    max_new_tokens=max_new_tokens,
-    sampling=sampling,
-    key=key,
-    stop=stop,
-    stop_tokens=stop_tokens,
-    chat=chat,
-  )
+  req = engine.request(model, prompt, max_new_tokens, sampling, key, stop, stop_tokens, chat)
   rows, sampling, key, stop, stop_ids = req.rows, req.sampling, req.key, req.stop, set(req.stop_ids)
   logits, cache, prefill_s, compile_s = engine.prefill(model, rows, max_new_tokens)
   acc = dict(decode_s=0.0, compile_s=compile_s)
@@ -220,7 +198,6 @@ def generate_iter(
       (tok, bad, logits, cache), c = steps.call(
         model,
         steps.sample_decode,
-        model.state,
         cache,
         logits,
         key,
@@ -272,7 +249,7 @@ def score(model: Model, token_ids) -> np.ndarray | list[np.ndarray]:
       f"a row of {longest} tokens exceeds the model's context of {model.cfg.max_position} positions"
     )
   tokens = pad(rows, steps.bucket(longest, minimum=8))
-  logits, _ = steps.call(model, steps.score, model.state, jnp.asarray(tokens))
+  logits, _ = steps.call(model, steps.score, jnp.asarray(tokens))
   logits = distributed.fetch(logits)
   engine.check_finite(
     model, [not np.isfinite(logits[b, : len(r)]).all() for b, r in enumerate(rows)], "score"

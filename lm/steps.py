@@ -28,12 +28,13 @@ compilations = 0  # programs compiled by `call` in this process (tests count the
 
 
 def call(model, fn, *args, **static) -> tuple[Any, float]:
-  """Calls jitted step `fn(model.graphdef, *args, **static)` through an AOT-compiled executable
-  (kept in `model.compiled` and shared through `EXECUTABLES` with every model of the same
-  graphdef), so timings never include compilation.
+  """Calls jitted step `fn(model.graphdef, model.state, *args, **static)` through an
+  AOT-compiled executable (kept in `model.compiled` and shared through `EXECUTABLES` with every
+  model of the same graphdef), so timings never include compilation.
   Returns (result, seconds spent compiling in this call)."""
   global compilations
-  leaves, tree = jax.tree.flatten(args)
+  operands = (model.state, *args)
+  leaves, tree = jax.tree.flatten(operands)
   key = (
     fn,
     tuple(sorted(static.items())),
@@ -45,14 +46,23 @@ def call(model, fn, *args, **static) -> tuple[Any, float]:
     shared = (key, model.graphdef)
     if shared not in EXECUTABLES:
       t0 = time.perf_counter()
-      EXECUTABLES[shared] = fn.lower(model.graphdef, *args, **static).compile()
+      EXECUTABLES[shared] = fn.lower(model.graphdef, *operands, **static).compile()
       compile_s = time.perf_counter() - t0
       compilations += 1
       while len(EXECUTABLES) > EXECUTABLES_KEPT:
         EXECUTABLES.popitem(last=False)
     EXECUTABLES.move_to_end(shared)
     model.compiled[key] = EXECUTABLES[shared]
-  return model.compiled[key](*args), compile_s
+  return model.compiled[key](*operands), compile_s
+
+
+def timed(model, fn, *args, **static) -> tuple[Any, float, float]:
+  """`call`, waiting for its result: (result, seconds it ran, compilation excluded, seconds
+  spent compiling in this call)."""
+  t0 = time.perf_counter()
+  out, compile_s = call(model, fn, *args, **static)
+  jax.block_until_ready(out)
+  return out, time.perf_counter() - t0 - compile_s, compile_s
 
 
 def bucket(n: int, minimum: int = 16, step: int = 512) -> int:
@@ -128,11 +138,7 @@ def sample_decode(
   return tok, bad, logits, cache
 
 
-@functools.partial(
-  jax.tree_util.register_dataclass,
-  data_fields=["step", "logits", "cache", "out", "done", "counts", "bad"],
-  meta_fields=[],
-)
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
   """The carry of the decode `while_loop`. step: [] int32 steps taken in this call; logits
@@ -149,11 +155,7 @@ class DecodeState:
   bad: jax.Array
 
 
-@functools.partial(
-  jax.tree_util.register_dataclass,
-  data_fields=["tokens", "counts", "done", "bad", "logits", "cache"],
-  meta_fields=[],
-)
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Decoded:
   """What `decode_loop` and `decode_more` return.
@@ -197,17 +199,9 @@ def decode_loop(
   token included).
   """
   B = logits.shape[0]
-  start = DecodeState(
-    step=jnp.int32(0),
-    logits=logits,
-    cache=cache,
-    out=jnp.zeros((B, max_steps), jnp.int32),
-    done=jnp.zeros((B,), bool),
-    counts=jnp.zeros((B,), jnp.int32),
-    bad=jnp.zeros((B,), bool),
-  )
+  carry = _start(logits, cache, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32), max_steps)
   budget = jnp.broadcast_to(n_steps, (B,))
-  return _loop(nnx.merge(graphdef, state), start, key, jnp.int32(0), budget, stop_ids, sampling)
+  return _loop(nnx.merge(graphdef, state), carry, key, jnp.int32(0), budget, stop_ids, sampling)
 
 
 @functools.partial(
@@ -235,8 +229,17 @@ def decode_more(
   tokens a row may emit. A row finishes at a stop token or when counts reaches its budget.
   Returns `Decoded` of these steps (its logits and cache are what the next call takes).
   """
+  carry = _start(logits, cache, done, counts, max_steps)
+  return _loop(nnx.merge(graphdef, state), carry, key, start, budget, stop_ids, sampling)
+
+
+def _start(
+  logits: jax.Array, cache, done: jax.Array, counts: jax.Array, max_steps: int
+) -> DecodeState:
+  """The carry before a call's first step: logits [B, V], cache, done [B], counts [B] as
+  given; no step taken, no token out, no row bad yet."""
   B = logits.shape[0]
-  carry = DecodeState(
+  return DecodeState(
     step=jnp.int32(0),
     logits=logits,
     cache=cache,
@@ -245,7 +248,6 @@ def decode_more(
     counts=counts,
     bad=jnp.zeros((B,), bool),
   )
-  return _loop(nnx.merge(graphdef, state), carry, key, start, budget, stop_ids, sampling)
 
 
 def _loop(dec, s: DecodeState, key, start, budget, stop_ids, sampling) -> Decoded:

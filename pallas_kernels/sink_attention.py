@@ -29,12 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from kvjax.pallas_kernels import rope, splits
-from kvjax.pallas_kernels.splits import NEG
 
-IMPLS = ("pallas", "xla")
 STEPS = 4  # key blocks per program: a chunk of STEPS * block slots
 COUNT, START, WINDOW = range(3)  # the columns of the kernel's per-row scalar table (SMEM)
 
@@ -70,32 +67,12 @@ def sink_attention(
   query that sees none) and lse [B, T, N] float32 (their log-sum-exp, NEG when none).
   """
   _check(q, k, v, count, start, n_sink, freq)
-  if impl is None:
-    impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
-  if impl not in IMPLS:
-    raise ValueError(f"impl must be one of {IMPLS} or None; got {impl!r}")
+  launch = splits.launch(impl, interpret, block, steps)
   window = jnp.asarray(window, jnp.int32)
-  if impl == "xla":
-    return reference(
-      q, k, v, count, start, n_sink=n_sink, freq=freq, scale=scale, window=window, softcap=softcap
-    )
-  tpu = jax.default_backend() == "tpu" or isinstance(interpret, pltpu.InterpretParams)
-  return _pallas(
-    q,
-    k,
-    v,
-    count,
-    start,
-    n_sink=n_sink,
-    freq=freq,
-    scale=scale,
-    window=window,
-    softcap=softcap,
-    interpret=interpret,
-    block=block,
-    tpu=tpu,
-    steps=steps,
-  )
+  geometry = dict(n_sink=n_sink, freq=freq, scale=scale, window=window, softcap=softcap)
+  if launch is None:
+    return reference(q, k, v, count, start, **geometry)
+  return _pallas(q, k, v, count, start, **geometry, launch=launch)
 
 
 def _check(q, k, v, count, start, n_sink, freq):
@@ -185,9 +162,6 @@ def reference(
   s = scores(q_win, k[:, :, n_sink:])
   if n_sink:
     s = jnp.concatenate([scores(p, k[:, :, :n_sink]), s], axis=-1)
-  s = s * scale
-  if softcap is not None:
-    s = jnp.tanh(s / softcap) * softcap
   vis = _visible(
     slot[:, None],
     idx[:, None],
@@ -198,36 +172,15 @@ def reference(
     n_sink,
     window,
   )[:, None, None]  # [B, 1, 1, T, S]
-  s = jnp.where(vis, s, NEG)
-  m = s.max(-1, keepdims=True)
-  e = jnp.where(vis, jnp.exp(s - m), 0.0)
-  l = e.sum(-1, keepdims=True)
-  probs = (e / jnp.where(l > 0, l, 1.0)).astype(v.dtype)
-  o = jnp.einsum("bkgts,bksh->btkgh", probs.astype(f32), v.astype(f32))
-  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG)[..., 0]  # [B, K, G, T]
-  return o.reshape(B, T, N, H), lse.transpose(0, 3, 1, 2).reshape(B, T, N)
+  probs, lse = splits.softmax(s, vis, scale=scale, softcap=softcap)
+  o = jnp.einsum("bkgts,bksh->btkgh", probs.astype(v.dtype).astype(f32), v.astype(f32))
+  return o.reshape(B, T, N, H), lse
 
 
 # ---- Pallas ----
 
 
-def _pallas(
-  q,
-  k,
-  v,
-  count,
-  start,
-  *,
-  n_sink,
-  freq,
-  scale,
-  window,
-  softcap,
-  interpret,
-  block,
-  tpu: bool,
-  steps: int = STEPS,
-):
+def _pallas(q, k, v, count, start, *, n_sink, freq, scale, window, softcap, launch: splits.Launch):
   """Flash decoding over a grid (row, kv head, key split): each program reads one chunk of
   `steps` key blocks of `bs` slots of one (row, kv head) in place from the cache's
   [B, K, S, H] layout, carries an online softmax across its blocks (stopping at the row's
@@ -237,11 +190,10 @@ def _pallas(
   Query rows are laid out (G, Tp) per kv head, Tp a power of two >= 16 (a row's query offset
   is row & (Tp - 1); Triton's dot needs >= 16 rows, TPU tiles 8). Blocks are (R, H) queries
   and (chunk, H) keys: H is the whole last dim and chunk a multiple of 8 (TPU tiling); a last
-  chunk past S is masked (its slots >= S are never seen, their values zeroed). tpu: lower for
-  Mosaic TPU (scalars in SMEM), else for Triton (Pallas' Mosaic GPU backend is not
-  targeted)."""
-  B, T, _, H, K, S, G, Tp, R, bs, chunk, n_split = splits.sizes(q, k, block, steps)
-  qr = splits.pack_queries(q, K, Tp)  # [B, K, R, H]
+  chunk past S is masked (its slots >= S are never seen, their values zeroed). launch: the
+  lowering (Mosaic TPU with scalars in SMEM, or Triton) and the block sizes."""
+  layout = splits.sizes(q, k, launch.block, launch.steps)
+  B, _, _, H, K, S, _, Tp, R, bs, chunk, _ = layout
   meta = jnp.stack(
     [
       count.astype(jnp.int32),
@@ -251,10 +203,7 @@ def _pallas(
     axis=1,
   )  # [B, 3]: COUNT, START, WINDOW
   freq2 = jnp.concatenate([freq, freq]).astype(jnp.float32)[None]  # [1, H]
-  meta_spec = (
-    pl.BlockSpec(memory_space=pltpu.SMEM) if tpu else pl.BlockSpec((B, 3), lambda b, h, c: (0, 0))
-  )
-  kv_spec = pl.BlockSpec((None, None, chunk, H), lambda b, h, c: (b, h, c, 0))
+  operands = (meta, splits.pack_queries(q, K, Tp), k, v, jnp.asarray(_rotate_half(H)), freq2)
   kernel = functools.partial(
     _kernel,
     n_sink=n_sink,
@@ -270,26 +219,13 @@ def _pallas(
     q, k, v, count, start, n_sink=n_sink, freq=freq, scale=scale, window=window, softcap=softcap
   )
   in_specs = [
-    meta_spec,
-    pl.BlockSpec((None, None, R, H), lambda b, h, c: (b, h, 0, 0)),
-    kv_spec,
-    kv_spec,
+    pl.BlockSpec((None, None, R, H), lambda b, h, c: (b, h, 0, 0)),  # query rows [B, K, R, H]
+    splits.kv_spec(layout),
+    splits.kv_spec(layout),
     pl.BlockSpec((H, H), lambda b, h, c: (0, 0)),
     pl.BlockSpec((1, H), lambda b, h, c: (0, 0)),
   ]
-  o, lse = splits.call(
-    kernel,
-    (meta, qr, k, v, jnp.asarray(_rotate_half(H)), freq2),
-    in_specs=in_specs,
-    grid=(B, K, n_split),
-    rows=R,
-    head_dim=H,
-    tpu=tpu,
-    interpret=interpret,
-    cost=cost,
-    name="sink_attention",
-  )  # [B, K, R, H], [B, K, R, 1]
-  return splits.unpack(o, lse, G, T)
+  return splits.call(kernel, operands, in_specs, layout, launch, cost=cost, name="sink_attention")
 
 
 def _rotate_half(H: int) -> np.ndarray:
@@ -340,9 +276,6 @@ def _kernel(
   t = jax.lax.broadcasted_iota(jnp.int32, (R, 1), 0) & (Tp - 1)
   i, first, p, q_win, base = query_positions(t, count, start, n_sink, W)  # [R, 1]
   freq, rot = freq_ref[...], rot_ref[...]
-  dot_nt = functools.partial(
-    jax.lax.dot_general, dimension_numbers=(((1,), (1,)), ((), ())), preferred_element_type=f32
-  )
 
   def tables(pos):  # pos [n, 1] -> RoPE (cos, sin) [n, H]
     angle = pos.astype(f32) * freq
@@ -366,9 +299,9 @@ def _kernel(
     idx, kept, _ = _slots(row, count, start, base, n_sink, W)
     vis = _visible(row, idx, kept, i, first, p, n_sink, window) & (row < S)  # [R, bs]
     keys = rotary(k_ref[pl.ds(lo, bs), :].astype(f32), tables(key_pos)).astype(dtype)
-    s = dot_nt(q_w, keys)  # [R, bs]
+    s = splits.dot_nt(q_w, keys)  # [R, bs]
     if dual:
-      s = jnp.where(row < n_sink, dot_nt(q_s, keys), s)
+      s = jnp.where(row < n_sink, splits.dot_nt(q_s, keys), s)
     vals = v_ref[pl.ds(lo, bs), :]
     live = jnp.broadcast_to(kept_col & (col < S), vals.shape)  # past S: any bits
     vals = jnp.where(live, vals, jnp.zeros_like(vals))

@@ -1,13 +1,16 @@
 """Flash decoding's pieces shared by the kernels and by `kvjax.lm.attention`: the
 online-softmax step a program runs per key block, its finish, and the merge of the key splits'
-partial softmaxes.
+partial softmaxes; and what the kernels' dispatches share: the choice of path (`launch`), the
+grid call with its layout, and the references' one softmax.
 
 A kernel whose grid splits a row's keys into C chunks (so one long cache feeds many programs)
 leaves per chunk a normalized output and its log-sum-exp; the merge is a few XLA ops over
 [..., C, R] values, nothing of the size of the cache.
 """
 
+import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,51 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked query gives no NaN
+IMPLS = ("pallas", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """How a split kernel runs. tpu: lower for Mosaic TPU (scalars in SMEM), else for Triton
+  (Pallas' Mosaic GPU backend is not targeted). interpret: False on a device; off-device True
+  (generic interpreter) or `pltpu.InterpretParams()` (TPU semantics). block: key slots per
+  block (rounded down to a power of two <= S); steps: key blocks per program."""
+
+  tpu: bool
+  interpret: Any
+  block: int
+  steps: int
+
+
+def launch(impl: str | None, interpret, block: int, steps: int) -> Launch | None:
+  """A kernel dispatch's path: None for the plain-XLA reference, else how the Pallas kernel
+  runs. impl: "pallas" or "xla"; None picks Pallas on GPU/TPU, else XLA."""
+  if impl is None:
+    impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS} or None; got {impl!r}")
+  if impl == "xla":
+    return None
+  tpu = jax.default_backend() == "tpu" or isinstance(interpret, pltpu.InterpretParams)
+  return Launch(tpu=tpu, interpret=interpret, block=block, steps=steps)
+
+
+def softmax(
+  s: jax.Array, vis: jax.Array, *, scale: float, softcap: float | None
+) -> tuple[jax.Array, jax.Array]:
+  """A reference's whole softmax over the last axis: s [B, K, G, T, n] raw scores (scaled and
+  soft-capped here), vis bool broadcastable to s -> (probabilities [B, K, G, T, n] float32, 0
+  where not visible; lse [B, T, K G] float32, NEG for a query that sees no key)."""
+  s = s * scale
+  if softcap is not None:
+    s = jnp.tanh(s / softcap) * softcap
+  s = jnp.where(vis, s, NEG)
+  m = s.max(-1, keepdims=True)
+  e = jnp.where(vis, jnp.exp(s - m), 0.0)
+  l = e.sum(-1, keepdims=True)
+  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG)[..., 0]  # [B, K, G, T]
+  B, K, G, T = lse.shape
+  return e / jnp.where(l > 0, l, 1.0), lse.transpose(0, 3, 1, 2).reshape(B, T, K * G)
 
 
 def online_step(
@@ -98,17 +146,33 @@ def carry_of(o: jax.Array, lse: jax.Array):
   return lse, seen, o * seen
 
 
-def sizes(q: jax.Array, k: jax.Array, block: int, steps: int) -> tuple[int, ...]:
-  """The layout of a split kernel for q [B, T, N, H] over k [B, K, S, H]: (B, T, N, H, K, S,
-  G, Tp, R, bs, chunk, n_split). Each kv head's G = N / K query heads x T queries make R = G Tp
-  query rows, Tp a power of two >= 16 (Triton's dot needs >= 16 rows, TPU tiles 8); keys come
-  in blocks of bs slots, chunks of `steps` blocks per program, n_split programs per (row, kv
-  head) (`split_sizes`)."""
+class Layout(NamedTuple):
+  """The layout of a split kernel for q [B, T, N, H] over k [B, K, S, H]. Each kv head's G =
+  N / K query heads x T queries make R = G Tp query rows, Tp a power of two >= 16 (Triton's
+  dot needs >= 16 rows, TPU tiles 8); keys come in blocks of bs slots, chunks of `steps`
+  blocks per program, n_split programs per (row, kv head) (`split_sizes`)."""
+
+  B: int
+  T: int
+  N: int
+  H: int
+  K: int
+  S: int
+  G: int
+  Tp: int
+  R: int
+  bs: int
+  chunk: int
+  n_split: int
+
+
+def sizes(q: jax.Array, k: jax.Array, block: int, steps: int) -> Layout:
+  """The `Layout` of a split kernel for q over k, key blocks of at most `block` slots."""
   B, T, N, H = q.shape
   K, S = k.shape[1], k.shape[2]
   G = N // K
   Tp = max(16, pl.next_power_of_2(T))
-  return (B, T, N, H, K, S, G, Tp, G * Tp, *split_sizes(S, block, steps))
+  return Layout(B, T, N, H, K, S, G, Tp, G * Tp, *split_sizes(S, block, steps))
 
 
 def pack_queries(q: jax.Array, K: int, Tp: int) -> jax.Array:
@@ -132,47 +196,64 @@ def cdiv_pow2(x, d: int):
   return (x + d - 1) >> (d.bit_length() - 1)
 
 
+def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a [m, H] . b [n, H] -> [m, n] float32 (a kernel's scores: b not transposed in memory)."""
+  return jax.lax.dot_general(
+    a, b, dimension_numbers=(((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+  )
+
+
+def kv_spec(layout: Layout) -> pl.BlockSpec:
+  """The block of a [B, K, S, H] cache operand that program (b, h, c) reads: its chunk of
+  `layout.chunk` slots of row b, kv head h, in place."""
+  return pl.BlockSpec((None, None, layout.chunk, layout.H), lambda b, h, c: (b, h, c, 0))
+
+
 def call(
   kernel: Callable,
-  args: Sequence[jax.Array],
-  *,
+  operands: Sequence[jax.Array],
   in_specs: list,
-  grid: tuple[int, int, int],
-  rows: int,
-  head_dim: int,
-  tpu: bool,
-  interpret,
+  layout: Layout,
+  launch: Launch,
+  *,
   cost,
   name: str,
-):
-  """Runs a split kernel over grid (B, K, C) (row, kv head, key split; all parallel) and merges
-  its splits: each program writes the normalized o [R, H] and lse [R, 1] of its chunk ->
-  (o [B, K, R, H], lse [B, K, R, 1]) float32 over every key."""
-  B, K, C = grid
-  R, H = rows, head_dim
+) -> tuple[jax.Array, jax.Array]:
+  """Runs a split kernel over the grid (B, K, n_split) (row, kv head, key split; all parallel)
+  and merges its splits. operands[0] is the per-row scalar table [B, C] int32 (in SMEM on TPU;
+  its spec is added here), in_specs are the other operands'. Each program writes the
+  normalized o [R, H] and lse [R, 1] of its chunk. Returns o [B, T, N, H], lse [B, T, N]
+  float32 over every key (`unpack`)."""
+  B, K, C, R, H = layout.B, layout.K, layout.n_split, layout.R, layout.H
+  meta = operands[0]
+  meta_spec = (
+    pl.BlockSpec(memory_space=pltpu.SMEM)
+    if launch.tpu
+    else pl.BlockSpec(meta.shape, lambda b, h, c: (0, 0))
+  )
 
   def out_spec(n):
     return pl.BlockSpec((None, None, None, R, n), lambda b, h, c: (b, h, c, 0, 0))
 
   o, lse = pl.pallas_call(
     kernel,
-    grid=grid,
-    in_specs=in_specs,
+    grid=(B, K, C),
+    in_specs=[meta_spec, *in_specs],
     out_specs=[out_spec(H), out_spec(1)],
     out_shape=[
       jax.ShapeDtypeStruct((B, K, C, R, H), jnp.float32),
       jax.ShapeDtypeStruct((B, K, C, R, 1), jnp.float32),
     ],
-    interpret=interpret,
+    interpret=launch.interpret,
     compiler_params=(
       pltpu.CompilerParams(dimension_semantics=("parallel",) * 3)
-      if tpu
+      if launch.tpu
       else pltriton.CompilerParams(num_warps=4, num_stages=2)
     ),
     cost_estimate=cost,
     name=name,
-  )(*args)
-  return merge(o, lse)
+  )(*operands)
+  return unpack(*merge(o, lse), layout.G, layout.T)
 
 
 def unpack(o: jax.Array, lse: jax.Array, G: int, T: int) -> tuple[jax.Array, jax.Array]:

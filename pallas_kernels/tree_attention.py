@@ -25,12 +25,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
 from kvjax.pallas_kernels import splits
-from kvjax.pallas_kernels.splits import NEG
 
-IMPLS = ("pallas", "xla")
 STEPS = 4  # key blocks per program: a chunk of STEPS * block slots
 LENGTH, WINDOW = range(2)  # the columns of the kernel's per-row scalar table (SMEM)
 
@@ -73,25 +70,12 @@ def tree_attention(
   that sees none) and lse [B, T, N] float32 (their log-sum-exp, NEG when none).
   """
   _check(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask)
-  if impl is None:
-    impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
-  if impl not in IMPLS:
-    raise ValueError(f"impl must be one of {IMPLS} or None; got {impl!r}")
+  launch = splits.launch(impl, interpret, block, steps)
   window = jnp.asarray(window, jnp.int32)
   args = (q, k, v, length, k_new, v_new, q_pos, pos, tree_mask)
-  if impl == "xla":
+  if launch is None:
     return reference(*args, scale=scale, window=window, softcap=softcap)
-  tpu = jax.default_backend() == "tpu" or isinstance(interpret, pltpu.InterpretParams)
-  return _pallas(
-    *args,
-    scale=scale,
-    window=window,
-    softcap=softcap,
-    interpret=interpret,
-    block=block,
-    tpu=tpu,
-    steps=steps,
-  )
+  return _pallas(*args, scale=scale, window=window, softcap=softcap, launch=launch)
 
 
 def _check(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask):
@@ -174,51 +158,23 @@ def reference(
   v = jnp.where((slot[0] < length[:, None])[:, None, :, None], v, 0)  # free slots: any bits
   f32 = jnp.float32  # operands in their dtype, products in float32 (see sink_attention)
   qg = q.astype(k.dtype).astype(f32).reshape(B, T, K, G, H)
-  s = (
-    jnp.concatenate(
-      [
-        jnp.einsum("btkgh,bksh->bkgts", qg, keys.astype(k.dtype).astype(f32)) for keys in (k, k_new)
-      ],
-      axis=-1,
-    )
-    * scale
+  s = jnp.concatenate(
+    [jnp.einsum("btkgh,bksh->bkgts", qg, keys.astype(k.dtype).astype(f32)) for keys in (k, k_new)],
+    axis=-1,
   )  # [B, K, G, T, S+T]
-  if softcap is not None:
-    s = jnp.tanh(s / softcap) * softcap
-  s = jnp.where(vis, s, NEG)
-  m = s.max(-1, keepdims=True)
-  e = jnp.where(vis, jnp.exp(s - m), 0.0)
-  l = e.sum(-1, keepdims=True)
-  probs = e / jnp.where(l > 0, l, 1.0)
+  probs, lse = splits.softmax(s, vis, scale=scale, softcap=softcap)
   o = sum(
     jnp.einsum("bkgts,bksh->btkgh", p.astype(v.dtype).astype(f32), vals.astype(v.dtype).astype(f32))
     for p, vals in ((probs[..., :S], v), (probs[..., S:], v_new))
   )
-  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), NEG)[..., 0]  # [B, K, G, T]
-  return o.reshape(B, T, N, H), lse.transpose(0, 3, 1, 2).reshape(B, T, N)
+  return o.reshape(B, T, N, H), lse
 
 
 # ---- Pallas ----
 
 
 def _pallas(
-  q,
-  k,
-  v,
-  length,
-  k_new,
-  v_new,
-  q_pos,
-  pos,
-  tree_mask,
-  *,
-  scale,
-  window,
-  softcap,
-  interpret,
-  block,
-  tpu: bool,
-  steps: int = STEPS,
+  q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, *, scale, window, softcap, launch
 ):
   """Flash decoding over a grid (row, kv head, key split): each program reads one chunk of
   `steps` key blocks of `bs` cache slots of one (row, kv head) in place from the cache's
@@ -233,18 +189,15 @@ def _pallas(
   chunk a multiple of 8 (TPU tiling); a last chunk past S is masked and its values zeroed.
   The slots' positions come pre-cut into the same blocks ([n_split, n_sub, bs]) and the tree
   mask (narrowed to the window) pre-tiled to the query rows ([R, Tp]), so the kernel only
-  slices along sublanes. tpu: lower for Mosaic TPU (scalars in SMEM), else for Triton
-  (Pallas' Mosaic GPU backend is not targeted)."""
-  B, T, _, H, K, S, G, Tp, R, bs, chunk, n_split = splits.sizes(q, k, block, steps)
+  slices along sublanes. launch (a `splits.Launch`): the lowering (Mosaic TPU with scalars in
+  SMEM, or Triton) and the block sizes."""
+  layout = splits.sizes(q, k, launch.block, launch.steps)
+  _, _, _, H, _, S, _, Tp, R, bs, chunk, _ = layout
   n_sub = chunk // bs
   operands = _operands(
     q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, window, Tp=Tp, chunk=chunk, bs=bs
   )
-  meta_spec = (
-    pl.BlockSpec(memory_space=pltpu.SMEM) if tpu else pl.BlockSpec((B, 2), lambda b, h, c: (0, 0))
-  )
   head = lambda n: pl.BlockSpec((None, None, n, H), lambda b, h, c: (b, h, 0, 0))
-  kv_spec = pl.BlockSpec((None, None, chunk, H), lambda b, h, c: (b, h, c, 0))
   row = lambda *shape: pl.BlockSpec((None, *shape), lambda b, h, c: (b,) + (0,) * len(shape))
   kernel = functools.partial(_kernel, bs=bs, n_sub=n_sub, S=S, scale=scale, softcap=softcap)
   args = (q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, window)
@@ -253,29 +206,16 @@ def _pallas(
     *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args),
   )
   in_specs = [
-    meta_spec,
     head(R),
-    kv_spec,
-    kv_spec,
+    splits.kv_spec(layout),
+    splits.kv_spec(layout),
     head(Tp),
     head(Tp),
     row(R, 1),
     pl.BlockSpec((None, None, n_sub, bs), lambda b, h, c: (b, c, 0, 0)),
     row(R, Tp),
   ]
-  o, lse = splits.call(
-    kernel,
-    operands,
-    in_specs=in_specs,
-    grid=(B, K, n_split),
-    rows=R,
-    head_dim=H,
-    tpu=tpu,
-    interpret=interpret,
-    cost=cost,
-    name="tree_attention",
-  )
-  return splits.unpack(o, lse, G, T)
+  return splits.call(kernel, operands, in_specs, layout, launch, cost=cost, name="tree_attention")
 
 
 def _operands(q, k, v, length, k_new, v_new, q_pos, pos, tree_mask, window, *, Tp, chunk, bs):
@@ -329,14 +269,9 @@ def _kernel(
   b, c = pl.program_id(0), pl.program_id(2)
   length, window = meta_ref[b, LENGTH], meta_ref[b, WINDOW]
   R, H = q_ref.shape
-  f32 = jnp.float32
   c0 = c * (bs * n_sub)
   q_pos = qp_ref[...]  # [R, 1]
   q = q_ref[...]  # [R, H]
-  dot_nt = functools.partial(
-    jax.lax.dot_general, dimension_numbers=(((1,), (1,)), ((), ())), preferred_element_type=f32
-  )
-
   update = functools.partial(splits.online_step, scale=scale, softcap=softcap)
 
   def body(j, carry):
@@ -348,11 +283,11 @@ def _kernel(
     vals = v_ref[pl.ds(lo, bs), :]  # [bs, H]
     live = c0 + lo + jax.lax.broadcasted_iota(jnp.int32, (bs, H), 0) < length
     vals = jnp.where(live, vals, jnp.zeros_like(vals))  # free slots: any bits
-    return update(carry, dot_nt(q, k_ref[pl.ds(lo, bs), :]), vis, vals)
+    return update(carry, splits.dot_nt(q, k_ref[pl.ds(lo, bs), :]), vis, vals)
 
   n_live = jnp.clip(splits.cdiv_pow2(jnp.minimum(length, S) - c0, bs), 0, n_sub)
   carry = jax.lax.fori_loop(0, n_live, body, splits.start(R, H))
   tree_vis = (seen_ref[...] != 0) & (c == 0)  # [R, Tp]: chunk 0 only
   o_ref[...], lse_ref[...] = splits.finish(
-    update(carry, dot_nt(q, kn_ref[...]), tree_vis, vn_ref[...])
+    update(carry, splits.dot_nt(q, kn_ref[...]), tree_vis, vn_ref[...])
   )

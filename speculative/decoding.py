@@ -32,11 +32,7 @@ def _forward_features(dec, head, tokens, **kw):
   return out, head.feature(out.hidden, out.layer_inputs), cache
 
 
-@functools.partial(
-  jax.tree_util.register_dataclass,
-  data_fields=["cache", "hcache", "root", "h", "logits", "bad"],
-  meta_fields=[],
-)
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Frontier:
   """Where each row stands between rounds (the module docstring's state, n tokens in both
@@ -57,9 +53,7 @@ class Frontier:
   bad: jax.Array
 
 
-@functools.partial(
-  jax.tree_util.register_dataclass, data_fields=["front", "emit", "m"], meta_fields=[]
-)
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Round:
   """One draft-verify-accept round. front: the rows after it (a row that was not live keeps
@@ -162,11 +156,7 @@ def draft_verify(dec, head, front: Frontier, key, live, *, spec, sampling) -> Ro
   return Round(Frontier(cache, hcache, bonus, h, head.logits(h, dec), bad), emit, m)
 
 
-@functools.partial(
-  jax.tree_util.register_dataclass,
-  data_fields=["round", "front", "out", "done", "counts", "rounds", "accepted", "bad"],
-  meta_fields=[],
-)
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoopState:
   """The carry of the speculative `while_loop`. round: [] int32 rounds run (target verify
@@ -185,11 +175,7 @@ class LoopState:
   bad: jax.Array
 
 
-@functools.partial(
-  jax.tree_util.register_dataclass,
-  data_fields=["tokens", "counts", "rounds", "accepted", "n_rounds", "bad", "front"],
-  meta_fields=[],
-)
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Generated:
   """What `loop` returns.

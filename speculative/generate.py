@@ -12,7 +12,6 @@ distribution exactly (`kvjax.speculative.accept`).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import jax
@@ -63,23 +62,12 @@ def generate(
   rounds_per_row, and accept_lens (per row, the tokens each of its rounds produced, in order:
   what mean_accept_len averages)."""
   tree = _checked_tree(model, head, tree)
-  req = request(
-    model,
-    prompts,
-    max_new_tokens=max_new_tokens,
-    sampling=sampling,
-    key=key,
-    stop=stop,
-    stop_tokens=stop_tokens,
-    chat=chat,
-  )
+  req = request(model, prompts, max_new_tokens, sampling, key, stop, stop_tokens, chat)
   check_context(model, req.rows, max_new_tokens)
   front, prefill_s, compile_p = _prefill(model, head, req, max_new_tokens, tree)
-  t0 = time.perf_counter()
-  res, compile_d = steps.call(
+  res, decode_s, compile_d = steps.timed(
     model,
     decoding.loop,
-    model.state,
     head.state,
     front,
     req.key,
@@ -91,7 +79,6 @@ def generate(
     max_steps=steps.bucket(max_new_tokens),
   )
   out, counts = np.asarray(res.tokens), np.asarray(res.counts)
-  decode_s = time.perf_counter() - t0 - compile_d
   check_finite(model, res.bad, "speculative generate")
   texts, toks, finish = outputs(model, out, counts, req.stop, req.stop_ids)
   stats = decode_stats(
@@ -131,11 +118,9 @@ def _prefill(
   cache = new_cache(model, len(rows), S)
   hcache = heads.new_cache(head.hc, len(rows), S_head, model.dtype)
   tokens, lengths = jnp.asarray(pad(rows, P)), jnp.asarray([len(r) for r in rows], jnp.int32)
-  t0 = time.perf_counter()
-  front, compile_s = steps.call(
+  front, seconds, compile_s = steps.timed(
     model,
     decoding.prefill,
-    model.state,
     head.state,
     cache,
     hcache,
@@ -145,8 +130,7 @@ def _prefill(
     head_graphdef=head.graphdef,
     sampling=req.sampling,
   )
-  front.root.block_until_ready()
-  return front, time.perf_counter() - t0 - compile_s, compile_s
+  return front, seconds, compile_s
 
 
 def _accept_stats(res: decoding.Generated) -> dict:

@@ -38,7 +38,7 @@ from flax import nnx
 
 from kvjax.cache.dense import KVCache
 from kvjax.cache.view import causal
-from kvjax.lm import config
+from kvjax.lm import artifact, config
 from kvjax.lm.artifact import params_fingerprint
 from kvjax.lm.attention import Training
 from kvjax.lm.config import Config
@@ -113,27 +113,11 @@ class HeadConfig:
     return dataclasses.replace(self.target, n_layers=1, windows=(0,))
 
   def to_json(self) -> dict[str, Any]:
-    return {
-      "kind": self.kind,
-      "fuse_layers": list(self.fuse_layers),
-      "draft_vocab": list(self.draft_vocab),
-      "target_name": self.target_name,
-      "target_fingerprint": self.target_fingerprint,
-      "published": self.published,
-      "target": config.to_dict(self.target),
-    }
+    return artifact.config_to_json(self)
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> HeadConfig:
-    return cls(
-      kind=d["kind"],
-      target=config.from_dict(d["target"]),
-      fuse_layers=tuple(d.get("fuse_layers", ())),
-      draft_vocab=tuple(d.get("draft_vocab", ())),
-      target_name=d.get("target_name", ""),
-      target_fingerprint=d.get("target_fingerprint", ""),
-      published=bool(d.get("published", False)),
-    )
+    return artifact.config_from_json(cls, d)
 
 
 class Head(nnx.Module):
@@ -257,17 +241,7 @@ def new_cache(hc: HeadConfig, batch: int, size: int, dtype) -> KVCache:
 
 def check(hc: HeadConfig, target: Config) -> None:
   """Raises HeadError unless the head fits the target's architecture."""
-  names = (
-    "family",
-    "vocab_size",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "n_kv_heads",
-    "head_dim",
-    "ffn_dim",
-  )
-  diff = config.diff(hc.target, target, names=names)
+  diff = config.diff(hc.target, target, names=("family", *config.PARAM_SIZES))
   if diff:
     name = f" {hc.target_name!r}" if hc.target_name else ""
     raise HeadError(f"this {hc.kind} head was trained for another target{name}: " + ", ".join(diff))

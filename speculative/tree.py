@@ -12,7 +12,6 @@ token, which the target has not seen yet.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -56,11 +55,7 @@ class TreeSpec:
     return (self.depth - 1) * self.top_k
 
 
-@functools.partial(
-  jax.tree_util.register_dataclass,
-  data_fields=["tokens", "parent", "depth", "mask", "paths", "children"],
-  meta_fields=[],
-)
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Tree:
   """A batch of draft trees of T = total_tokens nodes (node 0 the root; a parent precedes its

@@ -37,7 +37,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
-from hf_models import FAMILIES, build  # noqa: E402
+from hf_models import build  # noqa: E402
+
+from kvjax.lm.config import FAMILIES  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -69,13 +69,12 @@ def continue_from(model: Model, cache, tail: list[int], max_new_tokens: int) -> 
   """Feeds the tail after a prefix cache -> {loss: mean nll of tail[1:] (None for a 1-token
   tail), tokens: the greedy continuation of max_new_tokens tokens}."""
   t = jnp.asarray([tail], jnp.int32)
-  (nll, logits, cache), _ = steps.call(model, _tail, model.state, cache, t, t[:, 1:])
+  (nll, logits, cache), _ = steps.call(model, _tail, cache, t, t[:, 1:])
   out = []
   if max_new_tokens:
     dec, _ = steps.call(
       model,
       steps.decode_loop,
-      model.state,
       cache,
       logits,
       jax.random.key(0),
@@ -141,9 +140,7 @@ def baseline(
   size = steps.bucket(len(ids) + max_new_tokens)
 
   def full(model):
-    return steps.call(
-      model, steps.prefill, model.state, new_cache(model, 1, size), tokens, lengths
-    )[0][1]
+    return steps.call(model, steps.prefill, new_cache(model, 1, size), tokens, lengths)[0][1]
 
   full_s, cache = _median_s(lambda: full(receiver), repeats)
   a = continue_from(receiver, cache, tail, max_new_tokens)

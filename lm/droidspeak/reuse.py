@@ -218,14 +218,7 @@ def _receive(graphdef, state, sent: Capture, *, size: int) -> KVCache:
     inputs = dict(tokens=sent.tokens) if s == 0 else dict(hidden=sent.e[plan.e_layers.index(s)])
     out, _ = dec(**inputs, positions=positions, layers=(s, e), logits=False, return_kv=True)
     k, v = k.at[s:e].set(out.k.astype(k.dtype)), v.at[s:e].set(out.v.astype(v.dtype))
-  cache = KVCache.init(
-    n_layers=cfg.n_layers,
-    batch=B,
-    size=size,
-    n_kv_heads=cfg.n_kv_heads,
-    head_dim=cfg.head_dim,
-    dtype=dec.dtype,
-  )
+  cache = KVCache.init(**cfg.cache_dims, batch=B, size=size, dtype=dec.dtype)
   return cache.write(k, v, positions, sent.lengths)
 
 

@@ -11,7 +11,6 @@ prompt alone; `share=False` batches the full prompts instead (every row stores t
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -78,21 +77,8 @@ def expand(
   stats add prefix_tokens_shared (0 without sharing) and cache_bytes (the decode cache's
   arrays)."""
   stats: dict = {}
-  rows = list(
-    expand_stream(
-      model,
-      prompts,
-      max_new_tokens=max_new_tokens,
-      sampling=sampling,
-      key=key,
-      stop=stop,
-      stop_tokens=stop_tokens,
-      chat=chat,
-      share=share,
-      chunk=None,
-      stats=stats,
-    )
-  )
+  req = request(model, prompts, 1, sampling, key, stop, stop_tokens, chat)  # budgets: per row
+  rows = list(_rows(model, req, max_new_tokens, share=share, chunk=None, stats=stats))
   return Generation(
     [r.text for r in rows],
     [r.tokens for r in rows],
@@ -121,16 +107,20 @@ def expand_stream(
   chunk: decode steps per jitted call between checks (None: one call for the whole budget; rows
   then arrive together). Sampling continues one PRNG stream across calls, so the rows are the
   same for any chunk. stats: a dict filled as `expand` reports it once the stream ends."""
-  req = request(
-    model,
-    prompts,
-    max_new_tokens=1,
-    sampling=sampling,
-    key=key,
-    stop=stop,
-    stop_tokens=stop_tokens,
-    chat=chat,
-  )  # the budgets are checked per row below
+  req = request(model, prompts, 1, sampling, key, stop, stop_tokens, chat)  # budgets: per row
+  yield from _rows(model, req, max_new_tokens, share=share, chunk=chunk, stats=stats)
+
+
+def _rows(
+  model: Model,
+  req: Request,
+  max_new_tokens: int | Sequence[int],
+  *,
+  share: bool,
+  chunk: int | None,
+  stats: dict | None,
+) -> Iterator[Row]:
+  """`expand_stream` of a checked request (its max_new_tokens checked here, per row)."""
   rows, stop, stops = req.rows, req.stop, req.stop_ids
   B = len(rows)
   budgets = _budgets(max_new_tokens, B)
@@ -192,11 +182,9 @@ class _Decoding:
 
   def step(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One call -> (tokens [B, per_call] of its steps, done [B], counts [B]) on the host."""
-    t0 = time.perf_counter()
-    dec, c = steps.call(
+    dec, seconds, c = steps.timed(
       self.model,
       steps.decode_more,
-      self.model.state,
       self.cache,
       self.logits,
       self.req.key,
@@ -211,7 +199,7 @@ class _Decoding:
     self.logits, self.cache, self.done, self.counts = dec.logits, dec.cache, dec.done, dec.counts
     out, done, counts = np.asarray(dec.tokens), np.asarray(dec.done), np.asarray(dec.counts)
     check_finite(self.model, dec.bad, "point expansion")
-    self.decode_s += time.perf_counter() - t0 - c
+    self.decode_s += seconds
     self.compile_s += c
     self.n_steps += self.per_call
     return out, done, counts
@@ -282,14 +270,11 @@ def _shared_prefill(model: Model, rows: list[list[int]], n: int, budget: int):
   tokens = pad(suffixes, steps.bucket(longest, minimum=8))
   own = new_cache(model, len(rows), steps.bucket(longest + budget))
   cache = PrefixCache(prefix=prefix, rows=own)
-  t0 = time.perf_counter()
-  (logits, cache), c = steps.call(
+  (logits, cache), seconds, c = steps.timed(
     model,
     steps.extend,
-    model.state,
     cache,
     jnp.asarray(tokens),
     jnp.asarray([len(s) for s in suffixes], jnp.int32),
   )
-  logits.block_until_ready()
-  return logits, cache, prefill_s + time.perf_counter() - t0 - c, compile_s + c
+  return logits, cache, prefill_s + seconds, compile_s + c

@@ -14,7 +14,6 @@ Cache modes (the paper's Table 2 baselines):
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -92,24 +91,9 @@ def perplexity(
     return _recompute(model, ids, window, progress)
   cfg = model.cfg
   if cache == "dense":
-    kv = KVCache.init(
-      n_layers=cfg.n_layers,
-      batch=1,
-      size=steps.bucket(len(ids)),
-      n_kv_heads=cfg.n_kv_heads,
-      head_dim=cfg.head_dim,
-      dtype=model.dtype,
-    )
+    kv = KVCache.init(**cfg.cache_dims, batch=1, size=steps.bucket(len(ids)), dtype=model.dtype)
   else:
-    kv = SinkCache.init(
-      n_layers=cfg.n_layers,
-      batch=1,
-      n_sink=n_sink,
-      window=window,
-      n_kv_heads=cfg.n_kv_heads,
-      head_dim=cfg.head_dim,
-      dtype=model.dtype,
-    )
+    kv = SinkCache.init(**cfg.cache_dims, batch=1, n_sink=n_sink, window=window, dtype=model.dtype)
   inputs, targets = ids[:-1], ids[1:]
   n = len(inputs)
   pad = -n % chunk
@@ -117,18 +101,15 @@ def perplexity(
   nll, seconds = [], 0.0
   bar = _bar(progress, n, cache)
   for lo in range(0, n + pad, chunk):
-    t0 = time.perf_counter()
-    (part, kv), compile_s = steps.call(
+    (part, kv), part_s, _ = steps.timed(
       model,
       steps.nll_scan,
-      model.state,
       kv,
       jnp.asarray(inputs[None, lo : lo + chunk]),
       jnp.asarray(targets[None, lo : lo + chunk]),
     )
-    part = np.asarray(part[0])
-    seconds += time.perf_counter() - t0 - compile_s
-    nll.append(part)
+    seconds += part_s
+    nll.append(np.asarray(part[0]))
     bar.update(min(chunk, n - lo))
   bar.close()
   nll = np.concatenate(nll)[:n]
@@ -149,12 +130,10 @@ def _recompute(
   """Token i is predicted from ids[max(0, i - window): i] recomputed at positions from 0."""
   n = len(ids) - 1
   W = min(window, n)
-  t0 = time.perf_counter()
-  head, compile_s = steps.call(
-    model, steps.nll, model.state, jnp.asarray(ids[None, :W]), jnp.asarray(ids[None, 1 : W + 1])
+  head, seconds, _ = steps.timed(
+    model, steps.nll, jnp.asarray(ids[None, :W]), jnp.asarray(ids[None, 1 : W + 1])
   )
   nll = [np.asarray(head[0])]  # tokens 1..W from one causal pass
-  seconds = time.perf_counter() - t0 - compile_s
   starts = np.arange(1, n - W + 1)  # window [s, s + W) predicts token s + W
   bar = _bar(progress, n, "recompute")
   bar.update(W)
@@ -163,12 +142,11 @@ def _recompute(
     pad = batch - len(s)
     rows = np.stack([ids[a : a + W] for a in s] + [ids[:W]] * pad)
     targets = np.concatenate([ids[s + W], np.zeros(pad, np.int32)])
-    t0 = time.perf_counter()
-    part, compile_s = steps.call(
-      model, steps.nll, model.state, jnp.asarray(rows), jnp.asarray(targets), last=True
+    part, part_s, _ = steps.timed(
+      model, steps.nll, jnp.asarray(rows), jnp.asarray(targets), last=True
     )
     nll.append(np.asarray(part)[: len(s)])
-    seconds += time.perf_counter() - t0 - compile_s
+    seconds += part_s
     bar.update(len(s))
   bar.close()
   nll = np.concatenate(nll)

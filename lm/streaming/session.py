@@ -3,7 +3,6 @@ SinkCache of n_sink + window slots is all it ever holds)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -72,15 +71,8 @@ class Session:
     self.sampling = check_request(model, 1, sampling, key)
     self.key = jax.random.key(0) if key is None else key
     self.stop_ids = set(stop_ids(model, stop_tokens))
-    cfg = model.cfg
     self.cache = SinkCache.init(
-      n_layers=cfg.n_layers,
-      batch=1,
-      n_sink=n_sink,
-      window=window,
-      n_kv_heads=cfg.n_kv_heads,
-      head_dim=cfg.head_dim,
-      dtype=model.dtype,
+      **model.cfg.cache_dims, batch=1, n_sink=n_sink, window=window, dtype=model.dtype
     )
     self.logits: jax.Array | None = None  # [1, V] for the next token, once anything is fed
     self.steps = 0  # sampling steps so far (folded into the key)
@@ -106,17 +98,14 @@ class Session:
       part = ids[lo : lo + C]
       tokens = np.zeros((1, C), np.int32)
       tokens[0, : len(part)] = part
-      t0 = time.perf_counter()
-      (self.logits, self.cache), c = steps.call(
+      (self.logits, self.cache), seconds, c = steps.timed(
         self.model,
         steps.extend,
-        self.model.state,
         self.cache,
         jnp.asarray(tokens),
         jnp.asarray([len(part)], jnp.int32),
       )
-      self.logits.block_until_ready()
-      self.stats["prefill_s"] += time.perf_counter() - t0 - c
+      self.stats["prefill_s"] += seconds
       self.stats["compile_s"] += c
 
   def turn(
@@ -176,7 +165,6 @@ class Session:
       (tok, bad, self.logits, self.cache), c = steps.call(
         self.model,
         steps.sample_decode,
-        self.model.state,
         self.cache,
         self.logits,
         self.key,

@@ -12,6 +12,7 @@ from jax.experimental.pallas import tpu as pltpu
 from kvjax.cache.sink import SinkCache
 from kvjax.lm import steps, tiny
 from kvjax.pallas_kernels import sink_attention as kernel
+from kvjax.pallas_kernels import splits
 from kvjax.pallas_kernels.sink_attention import reference, sink_attention
 from kvjax.pallas_kernels.splits import NEG
 
@@ -178,9 +179,7 @@ def test_kernel_lowers_for_the_device(platform, shape):
     scale=0.1,
     window=jnp.int32(0),
     softcap=None,
-    interpret=False,
-    block=128,
-    tpu=platform == "tpu",
+    launch=splits.Launch(tpu=platform == "tpu", interpret=False, block=128, steps=kernel.STEPS),
   )
   triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
   exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=[triton])(

@@ -11,6 +11,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kvjax.cache.view import CACHE, Keys
 from kvjax.lm.attention import KeyBlock, attend
+from kvjax.pallas_kernels import splits
 from kvjax.pallas_kernels import tree_attention as kernel
 from kvjax.pallas_kernels.splits import NEG
 from kvjax.pallas_kernels.tree_attention import reference, tree_attention
@@ -174,9 +175,8 @@ def test_kernel_lowers_for_the_device(platform, shape):
   k = jax.ShapeDtypeStruct((B, K, S, H), jnp.bfloat16)
   new = jax.ShapeDtypeStruct((B, K, T, H), jnp.bfloat16)
   ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-  fn = functools.partial(
-    kernel._pallas, scale=0.1, softcap=None, interpret=False, block=128, tpu=platform == "tpu"
-  )
+  launch = splits.Launch(tpu=platform == "tpu", interpret=False, block=128, steps=kernel.STEPS)
+  fn = functools.partial(kernel._pallas, scale=0.1, softcap=None, launch=launch)
   triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
   exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=[triton])(
     q,

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import cli, edit_json, edit_tensors, raises, write
+from helpers import cli, edit_json, edit_tensors, load_fails, raises, write
 
 from kvjax import lm
 from kvjax.lm import tiny
@@ -21,21 +21,17 @@ IDS = [[0, 5, 17, 300, 42, 9, 2, 77, 123, 250, 3, 8]]
 
 def test_missing_tensor(broken):
   edit_tensors(broken, lambda t: t.pop(UP1))
-  raises(
-    lm.CheckpointError,
-    lambda: lm.load(broken),
-    broken,
-    f"missing tensor {UP1!r}",
-    "expected shape [128, 64]",
+  load_fails(
+    lm.CheckpointError, broken, None, broken, f"missing tensor {UP1!r}", "expected shape [128, 64]"
   )
 
 
 def test_tensor_with_wrong_shape(broken):
   edit_tensors(broken, lambda t: t.update({UP1: t[UP1][:100]}))
-  raises(
+  load_fails(
     lm.CheckpointError,
-    lambda: lm.load(broken),
-    os.path.join(broken, "model.safetensors"),
+    broken,
+    "model.safetensors",
     repr(UP1),
     "shape [100, 64]",
     "config.json implies [128, 64]",
@@ -44,9 +40,10 @@ def test_tensor_with_wrong_shape(broken):
 
 def test_unexpected_extra_tensor(broken):
   edit_tensors(broken, lambda t: t.update({"model.layers.3.mlp.up_proj.weight": t[UP1]}))
-  raises(
+  load_fails(
     lm.CheckpointError,
-    lambda: lm.load(broken),
+    broken,
+    None,
     broken,
     "1 tensor(s)",
     "'model.layers.3.mlp.up_proj.weight'",
@@ -56,10 +53,10 @@ def test_unexpected_extra_tensor(broken):
 
 def test_integer_tensor(broken):
   edit_tensors(broken, lambda t: t.update({"model.norm.weight": np.ones(64, np.int32)}))
-  raises(
+  load_fails(
     lm.CheckpointError,
-    lambda: lm.load(broken),
-    os.path.join(broken, "model.safetensors"),
+    broken,
+    "model.safetensors",
     "'model.norm.weight'",
     "dtype int32",
     "floating-point",
@@ -77,10 +74,10 @@ def test_non_finite_weights_are_named(broken, bad):
     t["model.layers.1.input_layernorm.weight"] = w
 
   edit_tensors(broken, poison)
-  raises(
+  load_fails(
     lm.CheckpointError,
-    lambda: lm.load(broken),
-    os.path.join(broken, "model.safetensors"),
+    broken,
+    "model.safetensors",
     "'model.layers.1.input_layernorm.weight'",
     "1 non-finite value(s)",
     "of 64",
@@ -100,17 +97,13 @@ def test_corrupt_safetensors(broken, how):
     data = f.read()
   bad = {"truncated": data[: len(data) // 2], "garbage": b"not a safetensors file", "empty": b""}
   write(broken, "model.safetensors", bad[how])
-  raises(lm.CheckpointError, lambda: lm.load(broken), file, "not a readable safetensors file")
+  load_fails(lm.CheckpointError, broken, None, file, "not a readable safetensors file")
 
 
 def test_no_weights(broken):
   os.remove(os.path.join(broken, "model.safetensors"))
-  raises(
-    lm.CheckpointError,
-    lambda: lm.load(broken),
-    broken,
-    "no model.safetensors",
-    "model.safetensors.index.json",
+  load_fails(
+    lm.CheckpointError, broken, None, broken, "no model.safetensors", "model.safetensors.index.json"
   )
 
 
@@ -133,16 +126,14 @@ def phi3(hf_dir, tmp_path):
 def test_fused_tensor_checks_name_the_fused_tensor(phi3):
   file = os.path.join(phi3, "model.safetensors")
   edit_tensors(phi3, lambda t: t.pop(GATE_UP0))
-  raises(
-    lm.CheckpointError,
-    lambda: lm.load(phi3),
-    f"missing tensor {GATE_UP0!r}",
-    "expected shape [256, 64]",
+  load_fails(
+    lm.CheckpointError, phi3, None, f"missing tensor {GATE_UP0!r}", "expected shape [256, 64]"
   )
   edit_tensors(phi3, lambda t: t.update({QKV1: t[QKV1][:96]}))  # read before any gate_up
-  raises(
+  load_fails(
     lm.CheckpointError,
-    lambda: lm.load(phi3),
+    phi3,
+    None,
     file,
     repr(QKV1),
     "shape [96, 64]",
@@ -157,7 +148,7 @@ def test_fused_tensor_non_finite_is_named(phi3):
     t[GATE_UP0] = w
 
   edit_tensors(phi3, poison)
-  raises(lm.CheckpointError, lambda: lm.load(phi3), repr(GATE_UP0), "1 non-finite value(s)")
+  load_fails(lm.CheckpointError, phi3, None, repr(GATE_UP0), "1 non-finite value(s)")
 
 
 @pytest.mark.parametrize(
@@ -183,7 +174,7 @@ def test_fused_tensor_non_finite_is_named(phi3):
 )
 def test_longrope_fields_named(phi3, key, value, parts):
   edit_json(phi3, "config.json", lambda c: c["rope_parameters"].update({key: value}))
-  raises(lm.ConfigError, lambda: lm.load(phi3), os.path.join(phi3, "config.json"), *parts)
+  load_fails(lm.ConfigError, phi3, "config.json", *parts)
 
 
 def test_longrope_serves_the_short_regime_only(phi3):
@@ -214,10 +205,8 @@ def test_longrope_serves_the_short_regime_only(phi3):
   edit_json(phi3, "config.json", lambda c: c.update(attention_bias=True, mlp_bias=True))
   assert lm.load(phi3, weights=False).cfg == model.cfg  # Phi-3's Linears ignore both
   edit_json(phi3, "config.json", lambda c: c.update(model_type="llama"))
-  raises(
-    lm.ConfigError,
-    lambda: lm.load(phi3),
-    "rope type 'longrope' is not supported for model_type 'llama'",
+  load_fails(
+    lm.ConfigError, phi3, None, "rope type 'longrope' is not supported for model_type 'llama'"
   )
 
 
@@ -249,36 +238,22 @@ def test_sharded_index_names_absent_shard(sharded, tmp_path):
   d = shutil.copytree(sharded, str(tmp_path / "model"))
   gone = shards(d)[1]
   os.remove(os.path.join(d, gone))
-  raises(
-    lm.CheckpointError,
-    lambda: lm.load(d),
-    os.path.join(d, "model.safetensors.index.json"),
-    f"names shard {gone!r}",
-    "not in",
+  load_fails(
+    lm.CheckpointError, d, "model.safetensors.index.json", f"names shard {gone!r}", "not in"
   )
 
 
 def test_sharded_index_invalid_json(sharded, tmp_path):
   d = shutil.copytree(sharded, str(tmp_path / "model"))
   write(d, "model.safetensors.index.json", '{"weight_map": {"model.norm.weight": ')
-  raises(
-    lm.CheckpointError,
-    lambda: lm.load(d),
-    os.path.join(d, "model.safetensors.index.json"),
-    "not a valid safetensors index",
-  )
+  load_fails(lm.CheckpointError, d, "model.safetensors.index.json", "not a valid safetensors index")
 
 
 @pytest.mark.parametrize("text", ['{"metadata": {}}', '{"weight_map": ["a.safetensors"]}'])
 def test_sharded_index_without_weight_map(sharded, tmp_path, text):
   d = shutil.copytree(sharded, str(tmp_path / "model"))
   write(d, "model.safetensors.index.json", text)
-  raises(
-    lm.CheckpointError,
-    lambda: lm.load(d),
-    os.path.join(d, "model.safetensors.index.json"),
-    "weight_map",
-  )
+  load_fails(lm.CheckpointError, d, "model.safetensors.index.json", "weight_map")
 
 
 def test_sharded_index_points_at_wrong_shard(sharded, tmp_path):
@@ -288,21 +263,14 @@ def test_sharded_index_points_at_wrong_shard(sharded, tmp_path):
     weight_map = json.load(f)["weight_map"]
   wrong = next(f for f in shards(d) if f != weight_map["model.norm.weight"])
   edit_json(d, index, lambda c: c["weight_map"].update({"model.norm.weight": wrong}))
-  raises(
-    lm.CheckpointError,
-    lambda: lm.load(d),
-    os.path.join(d, wrong),
-    "cannot read tensor 'model.norm.weight'",
-  )
+  load_fails(lm.CheckpointError, d, wrong, "cannot read tensor 'model.norm.weight'")
 
 
 def test_corrupt_shard(sharded, tmp_path):
   d = shutil.copytree(sharded, str(tmp_path / "model"))
   bad = shards(d)[0]
   write(d, bad, b"\x00" * 16)
-  raises(
-    lm.CheckpointError, lambda: lm.load(d), os.path.join(d, bad), "not a readable safetensors file"
-  )
+  load_fails(lm.CheckpointError, d, bad, "not a readable safetensors file")
 
 
 def test_bf16_checkpoint_dtype(src, model, tmp_path):

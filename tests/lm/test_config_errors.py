@@ -7,7 +7,7 @@ import os
 import shutil
 
 import pytest
-from helpers import edit_json, edit_tensors, raises, write
+from helpers import edit_json, edit_tensors, load_fails, raises, write
 
 from kvjax import lm
 from kvjax.lm import tiny
@@ -15,60 +15,41 @@ from kvjax.lm import tiny
 
 def test_missing_directory(tmp_path):
   path = str(tmp_path / "nope")
-  raises(FileNotFoundError, lambda: lm.load(path), path, "not a model directory", "config.json")
+  load_fails(FileNotFoundError, path, None, path, "not a model directory", "config.json")
 
 
 def test_config_missing(broken):
   os.remove(os.path.join(broken, "config.json"))
-  raises(lm.ConfigError, lambda: lm.load(broken), broken, "no config.json")
+  load_fails(lm.ConfigError, broken, None, broken, "no config.json")
 
 
 def test_config_invalid_json(broken):
   write(broken, "config.json", '{"model_type": "llama",')
-  raises(
-    lm.ConfigError, lambda: lm.load(broken), os.path.join(broken, "config.json"), "invalid JSON"
-  )
+  load_fails(lm.ConfigError, broken, "config.json", "invalid JSON")
 
 
 def test_config_not_an_object(broken):
   write(broken, "config.json", "[1, 2]")
-  raises(
-    lm.ConfigError,
-    lambda: lm.load(broken),
-    os.path.join(broken, "config.json"),
-    "expected a JSON object",
-    "list",
-  )
+  load_fails(lm.ConfigError, broken, "config.json", "expected a JSON object", "list")
 
 
 def test_unknown_model_type(broken):
   edit_json(broken, "config.json", lambda c: c.update(model_type="gpt2"))
-  raises(
-    lm.ConfigError,
-    lambda: lm.load(broken),
-    os.path.join(broken, "config.json"),
-    "model_type 'gpt2' is not supported",
-    "llama",
-    "gemma2",
+  load_fails(
+    lm.ConfigError, broken, "config.json", "model_type 'gpt2' is not supported", "llama", "gemma2"
   )
 
 
 def test_unsupported_rope_type(broken):
   edit_json(broken, "config.json", lambda c: c["rope_parameters"].update(rope_type="yarn"))
-  raises(
-    lm.ConfigError,
-    lambda: lm.load(broken),
-    os.path.join(broken, "config.json"),
-    "rope type 'yarn' is not supported",
-    "llama3",
-  )
+  load_fails(lm.ConfigError, broken, "config.json", "rope type 'yarn' is not supported", "llama3")
 
 
 @pytest.mark.parametrize("key", ["hidden_size", "vocab_size", "intermediate_size"])
 def test_missing_required_field(broken, key):
   edit_json(broken, "config.json", lambda c: c.pop(key))
   file = os.path.join(broken, "config.json")
-  msg = raises(lm.ConfigError, lambda: lm.load(broken), file, f"missing required field {key!r}")
+  msg = load_fails(lm.ConfigError, broken, None, file, f"missing required field {key!r}")
   assert msg.count(file) == 1, msg
 
 
@@ -77,21 +58,15 @@ def test_missing_required_field(broken, key):
 )
 def test_size_field_not_a_positive_int(broken, key, value):
   edit_json(broken, "config.json", lambda c: c.update({key: value}))
-  raises(
-    lm.ConfigError,
-    lambda: lm.load(broken),
-    os.path.join(broken, "config.json"),
-    f"{key} must be an int >= 1",
-    f"got {value!r}",
-  )
+  load_fails(lm.ConfigError, broken, "config.json", f"{key} must be an int >= 1", f"got {value!r}")
 
 
 def test_kv_heads_not_dividing_heads(broken):
   edit_json(broken, "config.json", lambda c: c.update(num_key_value_heads=3))
-  raises(
+  load_fails(
     lm.ConfigError,
-    lambda: lm.load(broken),
-    os.path.join(broken, "config.json"),
+    broken,
+    "config.json",
     "num_attention_heads=4 is not a multiple of num_key_value_heads=3",
   )
 
@@ -128,20 +103,14 @@ def test_config_value_outside_its_domain(broken, key, value, expected):
 
   edit_json(broken, "config.json", put)
   name = key.rpartition(".")[2]
-  raises(
-    lm.ConfigError,
-    lambda: lm.load(broken),
-    os.path.join(broken, "config.json"),
-    f"{name} must be {expected}",
-    f"got {value!r}",
-  )
+  load_fails(lm.ConfigError, broken, "config.json", f"{name} must be {expected}", f"got {value!r}")
 
 
 @pytest.mark.parametrize("key", ["attention_bias", "mlp_bias", "tie_word_embeddings"])
 def test_flag_not_a_bool(broken, key):
   edit_json(broken, "config.json", lambda c: c.update({key: 1}))
   file = os.path.join(broken, "config.json")
-  msg = raises(lm.ConfigError, lambda: lm.load(broken), file, f"{key} must be true or false")
+  msg = load_fails(lm.ConfigError, broken, None, file, f"{key} must be true or false")
   assert msg.count(file) == 1, msg
 
 
@@ -149,11 +118,8 @@ def test_config_rope_scaling_factor_checked(broken):
   edit_json(
     broken, "config.json", lambda c: c["rope_parameters"].update(rope_type="linear", factor=0.0)
   )
-  raises(
-    lm.ConfigError,
-    lambda: lm.load(broken),
-    "rope_scaling.factor must be a finite number > 0",
-    "got 0.0",
+  load_fails(
+    lm.ConfigError, broken, None, "rope_scaling.factor must be a finite number > 0", "got 0.0"
   )
 
 
@@ -174,9 +140,10 @@ def test_config_head_dim_not_derivable(broken):
   edit_json(
     broken, "config.json", lambda c: (c.pop("head_dim", None), c.update(num_attention_heads=3))
   )
-  raises(
+  load_fails(
     lm.ConfigError,
-    lambda: lm.load(broken),
+    broken,
+    None,
     "hidden_size 64 is not a multiple of num_attention_heads 3",
     "no head_dim",
   )
@@ -293,10 +260,10 @@ def test_per_layer_type_rope_only_for_gemma3(broken):
       }
     ),
   )
-  raises(
+  load_fails(
     lm.ConfigError,
-    lambda: lm.load(broken),
-    os.path.join(broken, "config.json"),
+    broken,
+    "config.json",
     "per-layer-type rope_parameters are only read for gemma3_text",
     "'llama'",
   )
@@ -398,10 +365,10 @@ def broken_moe(hf_dir, tmp_path):
 
 def test_config_experts_per_token_named_by_its_key(broken_moe):
   edit_json(broken_moe, "config.json", lambda c: c.update(num_experts_per_tok=5))
-  raises(
+  load_fails(
     lm.ConfigError,
-    lambda: lm.load(broken_moe),
-    os.path.join(broken_moe, "config.json"),
+    broken_moe,
+    "config.json",
     "num_experts_per_tok must be an int in [1, num_local_experts=4]; got 5",
   )
 
@@ -409,11 +376,8 @@ def test_config_experts_per_token_named_by_its_key(broken_moe):
 def test_missing_expert_tensor(broken_moe):
   name = "model.layers.2.block_sparse_moe.experts.3.w2.weight"
   edit_tensors(broken_moe, lambda t: t.pop(name))
-  raises(
-    lm.CheckpointError,
-    lambda: lm.load(broken_moe),
-    f"missing tensor {name!r}",
-    "expected shape [64, 128]",
+  load_fails(
+    lm.CheckpointError, broken_moe, None, f"missing tensor {name!r}", "expected shape [64, 128]"
   )
 
 
@@ -422,6 +386,4 @@ def test_extra_expert_tensor(broken_moe):
   w1 = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
   extra = "model.layers.0.block_sparse_moe.experts.4.w1.weight"
   edit_tensors(broken_moe, lambda t: t.update({extra: t[w1]}))
-  raises(
-    lm.CheckpointError, lambda: lm.load(broken_moe), "1 tensor(s) that a mixtral model", repr(extra)
-  )
+  load_fails(lm.CheckpointError, broken_moe, None, "1 tensor(s) that a mixtral model", repr(extra))

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from by_hand import assert_rows_close, droidspeak_kv, greedy_after
 
 from kvjax import coprocessor, lm, speculative
 from kvjax.lm import droidspeak as ds
@@ -87,22 +88,7 @@ def test_droidspeak_mixed_plan_equals_the_layers_by_hand(fam):
   tokens = jnp.asarray(tokens)
   plan = ds.Plan.parse("0-1,2-4", L)  # two groups from different E layers, layers 1 reused
   got = ds.receive(receiver, ds.capture(sender, tokens, lengths, plan), size=16)
-  out, _ = sender.decoder(tokens, return_kv=True, return_layer_inputs=True)
-  k, v = np.array(out.k), np.array(out.v)
-  for s, e in plan.groups:
-    x = receiver.decoder.embed_tokens(tokens) if s == 0 else out.layer_inputs[s]
-    for i in range(s, e):
-      step, _ = receiver.decoder(
-        **({"embeds": x} if i == 0 else {"hidden": x}),
-        layers=(i, i + 1),
-        return_kv=True,
-        logits=False,
-      )
-      k[i], v[i] = step.k[0], step.v[0]
-      x = step.hidden
-  for b, n in enumerate(np.asarray(lengths)):
-    np.testing.assert_allclose(np.asarray(got.k)[:, b, :, :n], k[:, b, :, :n], atol=2e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(got.v)[:, b, :, :n], v[:, b, :, :n], atol=2e-5, rtol=0)
+  assert_rows_close(got, *droidspeak_kv(sender, receiver, tokens, plan), lengths)
 
 
 def test_coprocessor_generation_is_the_augmented_greedy_path(fam):
@@ -120,16 +106,7 @@ def test_coprocessor_generation_is_the_augmented_greedy_path(fam):
       jnp.asarray([len(r) - 1], jnp.int32),
     )
     cache = coprocessor.augment(base, cop, cache)
-    logits, cache = steps.extend(
-      base.graphdef, base.state, cache, jnp.asarray([[r[-1]]]), jnp.asarray([1], jnp.int32)
-    )
-    want = []
-    for _ in range(6):
-      want.append(int(np.argmax(logits[0])))
-      logits, cache = steps.decode_step(
-        base.graphdef, base.state, cache, jnp.asarray([want[-1]], jnp.int32)
-      )
-    assert got.tokens[b] == want
+    assert got.tokens[b] == greedy_after(base, cache, r[-1], 6)
 
 
 def test_sot_shared_prefix_expansion_equals_each_row_alone(fam):

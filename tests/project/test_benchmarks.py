@@ -49,6 +49,11 @@ def script(name: str):
 report, peer_protocol = script("report"), script("peer_protocol")
 
 
+def run(bench, out, *flags: str):
+  """A benchmark's main on `flags`, writing its results to `out`."""
+  return bench.main([*flags, "--out", str(out)])
+
+
 def written(out, name: str) -> dict:
   """The results <out>/<name>_<backend>.json (its .md beside it, not empty)."""
   stem = os.path.join(str(out), f"{name}_{jax.default_backend()}")
@@ -115,31 +120,29 @@ def fake_python(tmp_path):
 def test_decode(tmp_path, fake_python, torch_threads):
   """HF, llama.cpp (faked) and gemma (faked) peers, one decode and one prefill cell."""
   torch.set_num_threads(1)  # a tiny model's forward is 10x slower on two shared cores
-  got = script("decode").main(
-    [
-      "--config",
-      "tiny",
-      "--batches",
-      "1",
-      "--contexts",
-      "8",
-      "--prefill",
-      "8",
-      "--new-tokens",
-      "2",
-      "--repeats",
-      "1",
-      "--out",
-      str(tmp_path),
-      "--peers",
-      "hf,llamacpp,gemma",
-      "--llamacpp-python",
-      fake_python,
-      "--llamacpp-converter",
-      fake_python,
-      "--gemma-python",
-      fake_python,
-    ]
+  got = run(
+    script("decode"),
+    tmp_path,
+    "--config",
+    "tiny",
+    "--batches",
+    "1",
+    "--contexts",
+    "8",
+    "--prefill",
+    "8",
+    "--new-tokens",
+    "2",
+    "--repeats",
+    "1",
+    "--peers",
+    "hf,llamacpp,gemma",
+    "--llamacpp-python",
+    fake_python,
+    "--llamacpp-converter",
+    fake_python,
+    "--gemma-python",
+    fake_python,
   )
   assert written(tmp_path, "decode") == json.loads(json.dumps(got, default=str))
   assert got["peers"] == ["HF", "llama.cpp"] and got["config"]["name"] == "tiny"
@@ -160,37 +163,35 @@ def test_decode(tmp_path, fake_python, torch_threads):
 def test_speculative(tmp_path, dirs, torch_threads):
   """Every method row, and the HF assisted-generation peer (the "fine-tune" as its draft)."""
   assert (
-    script("speculative").main(
-      [
-        "--model",
-        dirs["lm"],
-        "--head1",
-        dirs["head1"],
-        "--head3",
-        dirs["head3"],
-        "--draft",
-        dirs["comedy"],
-        "--prompts",
-        "1",
-        "--prompt-len",
-        "8",
-        "--new-tokens",
-        "4",
-        "--batches",
-        "1",
-        "--temperatures",
-        "0",
-        "--top-k",
-        "2",
-        "--depth",
-        "2",
-        "--tree-tokens",
-        "4",
-        "--small-tree",
-        "2,2,3",
-        "--out",
-        str(tmp_path),
-      ]
+    run(
+      script("speculative"),
+      tmp_path,
+      "--model",
+      dirs["lm"],
+      "--head1",
+      dirs["head1"],
+      "--head3",
+      dirs["head3"],
+      "--draft",
+      dirs["comedy"],
+      "--prompts",
+      "1",
+      "--prompt-len",
+      "8",
+      "--new-tokens",
+      "4",
+      "--batches",
+      "1",
+      "--temperatures",
+      "0",
+      "--top-k",
+      "2",
+      "--depth",
+      "2",
+      "--tree-tokens",
+      "4",
+      "--small-tree",
+      "2,2,3",
     )
     == 0
   )
@@ -210,24 +211,22 @@ def test_streaming(tmp_path, dirs, monkeypatch):
   bench = script("streaming")
   monkeypatch.setattr(bench, "MODEL", dirs["lm"])
   assert (
-    bench.main(
-      [
-        "--tokens",
-        "24",
-        "--cache-size",
-        "10",
-        "--cost-sizes",
-        "8",
-        "--memory-tokens",
-        "4100",
-        "--endless-tokens",
-        "1024",
-        "--repeats",
-        "1",
-        "--quiet",
-        "--out",
-        str(tmp_path),
-      ]
+    run(
+      bench,
+      tmp_path,
+      "--tokens",
+      "24",
+      "--cache-size",
+      "10",
+      "--cost-sizes",
+      "8",
+      "--memory-tokens",
+      "4100",
+      "--endless-tokens",
+      "1024",
+      "--repeats",
+      "1",
+      "--quiet",
     )
     == 0
   )
@@ -244,29 +243,27 @@ def test_streaming(tmp_path, dirs, monkeypatch):
 
 
 def test_droidspeak(tmp_path, dirs):
-  got = script("droidspeak").main(
-    [
-      "--sender",
-      dirs["lm"],
-      "--receiver",
-      dirs["comedy"],
-      "--profile-windows",
-      "1",
-      "--profile-prefix",
-      "8",
-      "--prefix-lens",
-      "8",
-      "--prompts",
-      "1",
-      "--eval-tokens",
-      "4",
-      "--new-tokens",
-      "2",
-      "--repeats",
-      "1",
-      "--out",
-      str(tmp_path),
-    ]
+  got = run(
+    script("droidspeak"),
+    tmp_path,
+    "--sender",
+    dirs["lm"],
+    "--receiver",
+    dirs["comedy"],
+    "--profile-windows",
+    "1",
+    "--profile-prefix",
+    "8",
+    "--prefix-lens",
+    "8",
+    "--prompts",
+    "1",
+    "--eval-tokens",
+    "4",
+    "--new-tokens",
+    "2",
+    "--repeats",
+    "1",
   )
   assert got == 0
   res = written(tmp_path, "droidspeak")
@@ -281,25 +278,23 @@ def test_droidspeak(tmp_path, dirs):
 def test_coprocessor(tmp_path, dirs):
   """The coprocessor on time, 1-3 tokens late and on seen text, and its cost."""
   assert (
-    script("coprocessor").main(
-      [
-        "--model",
-        dirs["lm"],
-        "--coprocessors",
-        dirs["cop"],
-        "--delay-of",
-        "4",
-        "--windows",
-        "1",
-        "--window-len",
-        "40",
-        "--points",
-        "1",
-        "--repeats",
-        "1",
-        "--out",
-        str(tmp_path),
-      ]
+    run(
+      script("coprocessor"),
+      tmp_path,
+      "--model",
+      dirs["lm"],
+      "--coprocessors",
+      dirs["cop"],
+      "--delay-of",
+      "4",
+      "--windows",
+      "1",
+      "--window-len",
+      "40",
+      "--points",
+      "1",
+      "--repeats",
+      "1",
     )
     == 0
   )
@@ -318,12 +313,7 @@ def test_coprocessor(tmp_path, dirs):
 
 
 def test_sot(tmp_path, dirs):
-  assert (
-    script("sot").main(
-      ["--model", dirs["lm"], "--runs", "3x2", "--repeats", "1", "--out", str(tmp_path)]
-    )
-    == 0
-  )
+  assert run(script("sot"), tmp_path, "--model", dirs["lm"], "--runs", "3x2", "--repeats", "1") == 0
   (row,) = written(tmp_path, "sot")["rows"]
   assert row["points"] == 3 and row["tokens"] == 6 and row["same_tokens"]
   assert set(row["seconds"]) == set(row["cache_bytes"]) == {"normal", "repeated", "shared"}

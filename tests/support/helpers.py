@@ -10,6 +10,7 @@ import sys
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from kvjax import lm
 from kvjax.lm.cli import main
 
 
@@ -35,6 +36,13 @@ def raises(exc, fn, *parts):
   missing = [p for p in parts if str(p) not in msg]
   assert not missing, f"{missing} not in message: {msg}"
   return msg
+
+
+def load_fails(exc, d, file: str | None, *parts) -> str:
+  """`lm.load(d)` raises exactly `exc` whose message names the path of `file` in d (unless
+  None) and holds every part; returns the message."""
+  named = () if file is None else (os.path.join(d, file),)
+  return raises(exc, lambda: lm.load(d), *named, *parts)
 
 
 def edit_json(d, name, fn):

@@ -12,17 +12,6 @@ import math
 
 import numpy as np
 
-FAMILIES = (
-  "llama",
-  "mistral",
-  "qwen2",
-  "qwen3",
-  "gemma",
-  "gemma2",
-  "gemma3_text",
-  "phi3",
-  "mixtral",
-)
 VOCAB = 320
 
 GAIN, BIAS = 1.0, 1.0

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from by_hand import greedy_after
 from flax import nnx
 
 from kvjax import coprocessor as cp
@@ -176,16 +177,7 @@ def test_generate_with_a_coprocessor_is_the_augmented_greedy_path(base):
   for b, r in enumerate(ROWS):
     cache = prefilled(base, [r[:-1]] if len(r) > 1 else [[0]], size=64)
     cache = cp.augment(base, cop, cache)
-    want = []
-    logits, cache = steps.extend(
-      base.graphdef, base.state, cache, jnp.asarray([[r[-1]]]), jnp.asarray([1], jnp.int32)
-    )
-    for _ in range(6):
-      want.append(int(np.argmax(logits[0])))
-      logits, cache = steps.decode_step(
-        base.graphdef, base.state, cache, jnp.asarray([want[-1]], jnp.int32)
-      )
-    assert got.tokens[b] == want
+    assert got.tokens[b] == greedy_after(base, cache, r[-1], 6)
 
 
 def test_generate_with_delayed_latents(base):

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from by_hand import assert_rows_close, droidspeak_kv
+from helpers import cli
 
 from kvjax import lm
 from kvjax.lm import droidspeak as ds
@@ -115,23 +117,7 @@ def test_mixed_plan_equals_a_layer_by_layer_computation(pair, text):
   sent = ds.capture(sender, tokens, lengths, plan)
   got = ds.receive(receiver, sent, size=24)
   assert got.size == 24
-  out, _ = sender.decoder(tokens, return_kv=True, return_layer_inputs=True)
-  k, v = np.array(out.k), np.array(out.v)
-  dec = receiver.decoder
-  for s, e in plan.groups:
-    x = dec.embed_tokens(tokens) if s == 0 else out.layer_inputs[s]
-    for i in range(s, e):
-      step, _ = dec(
-        **({"embeds": x} if i == 0 else {"hidden": x}),
-        layers=(i, i + 1),
-        return_kv=True,
-        logits=False,
-      )
-      k[i], v[i] = step.k[0], step.v[0]
-      x = step.hidden
-  for b, n in enumerate(np.asarray(lengths)):
-    np.testing.assert_allclose(np.asarray(got.k)[:, b, :, :n], k[:, b, :, :n], atol=2e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(got.v)[:, b, :, :n], v[:, b, :, :n], atol=2e-5, rtol=0)
+  assert_rows_close(got, *droidspeak_kv(sender, receiver, tokens, plan), lengths)
   np.testing.assert_array_equal(got.length, lengths)
   for j, i in enumerate(plan.reused):  # reused layers hold the sender's K/V bit for bit
     np.testing.assert_array_equal(np.asarray(got.k)[i, :, :, :16], np.asarray(sent.k)[j])
@@ -145,26 +131,16 @@ def test_the_receiver_continues_from_the_spliced_cache(pair):
   prefix, suffix = PREFIXES[0], [61, 62, 63]
   tokens, lengths = padded([prefix])
   want = lm.score(receiver, prefix + suffix)[-1]
-  cache = ds.receive(receiver, ds.capture(sender, tokens, lengths, ds.Plan.full(L)), size=32)
-  logits, cache = steps.extend(
-    receiver.graphdef,
-    receiver.state,
-    cache,
-    jnp.asarray([suffix], jnp.int32),
-    jnp.asarray([3], jnp.int32),
-  )
+
+  def continued(plan: ds.Plan):  # the receiver fed the suffix over the plan's spliced cache
+    cache = ds.receive(receiver, ds.capture(sender, tokens, lengths, plan), size=32)
+    suffix_ids, n_new = jnp.asarray([suffix], jnp.int32), jnp.asarray([3], jnp.int32)
+    return steps.extend(receiver.graphdef, receiver.state, cache, suffix_ids, n_new)
+
+  logits, cache = continued(ds.Plan.full(L))
   np.testing.assert_allclose(logits[0], want, atol=1e-4)
   assert int(cache.length[0]) == len(prefix) + 3
-  mixed = ds.receive(
-    receiver, ds.capture(sender, tokens, lengths, ds.Plan.parse("2-4", L)), size=32
-  )
-  logits2, _ = steps.extend(
-    receiver.graphdef,
-    receiver.state,
-    mixed,
-    jnp.asarray([suffix], jnp.int32),
-    jnp.asarray([3], jnp.int32),
-  )
+  logits2, _ = continued(ds.Plan.parse("2-4", L))
   assert np.isfinite(np.asarray(logits2)).all()
   assert not np.allclose(logits2[0], want, atol=1e-4)  # layers 0-1 are the sender's
 
@@ -352,23 +328,31 @@ def pair_dirs(pair, tmp_path_factory):
   return str(root / "sender"), str(root / "receiver")
 
 
-def test_cli_run_json(pair_dirs, pair):
-  import json
-
-  from helpers import cli
-
-  s, r = pair_dirs
-  code, out, err = cli(
+def droidspeak_run(sender: str, receiver: str, plan: str, *flags):
+  """`kvjax droidspeak run` of the saved pair on TEXT with --plan plan -> (code, out, err)."""
+  return cli(
     "droidspeak",
     "run",
     "--sender",
-    s,
+    sender,
     "--receiver",
-    r,
+    receiver,
     "--plan",
-    "full",
+    plan,
     "--prompt",
     TEXT,
+    *flags,
+  )
+
+
+def test_cli_run_json(pair_dirs, pair):
+  import json
+
+  s, r = pair_dirs
+  code, out, err = droidspeak_run(
+    s,
+    r,
+    "full",
     "--eval-tokens",
     16,
     "--max-new-tokens",
@@ -423,8 +407,6 @@ def _receive_over_tcp(recv: list, sender: str) -> dict:
   import json
   import subprocess
 
-  from helpers import cli
-
   proc = subprocess.Popen(
     [str(a) for a in recv + ["--port", 0, "--timeout", 120]],
     stdout=subprocess.PIPE,
@@ -451,8 +433,6 @@ def _receive_from_file(recv: list, sender: str, plan: str, path) -> dict:
   """`send --plan plan --out path` then `recv --in path` -> the receiver's --json output."""
   import json
 
-  from helpers import cli
-
   code, _, err = cli(
     "droidspeak", "send", "--sender", sender, "--plan", plan, "--prompt", TEXT, "--out", path
   )
@@ -475,14 +455,10 @@ def test_cli_send_and_receive_in_two_processes(pair_dirs, pair, tmp_path):
 
 
 def test_cli_errors(pair_dirs, tmp_path):
-  from helpers import cli
-
   s, r = pair_dirs
   code, _, err = cli("droidspeak", "run", "--sender", s, "--receiver", r, "--prompt", TEXT)
   assert code == 2 and "--plan" in err
-  code, _, err = cli(
-    "droidspeak", "run", "--sender", s, "--receiver", r, "--plan", "0-9", "--prompt", TEXT
-  )
+  code, _, err = droidspeak_run(s, r, "0-9")
   assert code == 1 and "group [0, 9) is not a non-empty layer range" in err
   code, _, err = cli(
     "droidspeak",
@@ -555,8 +531,6 @@ def test_profile_pareto_and_pick(pair):
 def test_cli_profile_then_auto_plan(pair_dirs, tmp_path, monkeypatch):
   import json
 
-  from helpers import cli
-
   s, r = pair_dirs
   monkeypatch.setenv("KVJAX_DROIDSPEAK_DIR", str(tmp_path / "profiles"))
   (tmp_path / "t.txt").write_text(TEXT * 3, encoding="utf-8")
@@ -589,19 +563,12 @@ def test_cli_profile_then_auto_plan(pair_dirs, tmp_path, monkeypatch):
   assert prof["pareto"] and {"none", "0-4"} <= {row["plan"] for row in prof["rows"]}
   assert len(os.listdir(tmp_path / "profiles")) == 1  # stored for --plan auto
   want = json.loads(json.dumps(prof))
-  code, out, err = cli(
-    "droidspeak",
-    "run",
-    "--sender",
+  code, out, err = droidspeak_run(
     s,
-    "--receiver",
     r,
-    "--plan",
     "auto",
     "--min-speedup",
     0.01,
-    "--prompt",
-    TEXT,
     "--eval-tokens",
     8,
     "--max-new-tokens",
@@ -614,18 +581,5 @@ def test_cli_profile_then_auto_plan(pair_dirs, tmp_path, monkeypatch):
   from kvjax.lm.droidspeak import profile as run
 
   assert json.loads(out)["plan"] == run.pick(want, min_speedup=0.01)  # lowest loss of all
-  code, _, err = cli(
-    "droidspeak",
-    "run",
-    "--sender",
-    s,
-    "--receiver",
-    r,
-    "--plan",
-    "0-1",
-    "--min-kept",
-    0.5,
-    "--prompt",
-    TEXT,
-  )
+  code, _, err = droidspeak_run(s, r, "0-1", "--min-kept", 0.5)
   assert code == 2 and "only apply with --plan auto" in err

@@ -7,21 +7,14 @@ import pytest
 from helpers import cli
 
 from kvjax import lm
-from kvjax.lm import streaming, tiny
+from kvjax.lm import streaming
 
 PROMPT = "to be or not to be, that is the question"
 
 
-@pytest.fixture(scope="module")
-def one_layer():
-  return tiny.model(n_layers=1)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, one_layer):
-  path = tmp_path_factory.mktemp("stream") / "model"
-  lm.save(one_layer, str(path))
-  return str(path)
+def stream(model_dir, *flags, stdin=None):
+  """`kvjax stream --model model_dir FLAGS` -> (code, out, err)."""
+  return cli("stream", "--model", model_dir, *flags, stdin=stdin)
 
 
 def reply(session, prompt, **kw):
@@ -104,9 +97,7 @@ def test_bad_turns(one_layer):
 
 
 def test_cli_chat_json(model_dir, one_layer):
-  code, out, err = cli(
-    "stream",
-    "--model",
+  code, out, err = stream(
     model_dir,
     "--sinks",
     2,
@@ -129,9 +120,7 @@ def test_cli_chat_json(model_dir, one_layer):
 
 
 def test_cli_endless_prompt_prints_text(model_dir, one_layer):
-  code, out, err = cli(
-    "stream",
-    "--model",
+  code, out, err = stream(
     model_dir,
     "--prompt",
     PROMPT,
@@ -159,7 +148,7 @@ def test_cli_endless_prompt_prints_text(model_dir, one_layer):
   ],
 )
 def test_cli_flag_errors(model_dir, argv, words):
-  code, out, err = cli("stream", "--model", model_dir, *argv, stdin="hi\n")
+  code, out, err = stream(model_dir, *argv, stdin="hi\n")
   assert code == 2 and words in err and out == "", err
 
 

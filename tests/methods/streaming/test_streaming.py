@@ -11,11 +11,6 @@ from kvjax.lm import streaming, tiny
 
 
 @pytest.fixture(scope="module")
-def one_layer():
-  return tiny.model(n_layers=1)
-
-
-@pytest.fixture(scope="module")
 def deep():
   return tiny.model(n_layers=2)
 
@@ -81,15 +76,13 @@ def test_bad_arguments(kwargs, message):
     streaming.perplexity(model, ids_of(40), **kwargs)
 
 
-def test_cli(tmp_path, one_layer):
-  path = tmp_path / "model"
-  lm.save(one_layer, str(path))
+def test_cli(tmp_path, one_layer, model_dir):
   text = tmp_path / "t.txt"
   text.write_text("to be or not to be, that is the question " * 4, encoding="utf-8")
   code, out, err = cli(
     "ppl",
     "--model",
-    path,
+    model_dir,
     "--text",
     text,
     "--cache",
@@ -113,5 +106,5 @@ def test_cli(tmp_path, one_layer):
     (["--cache", "dense", "--window", 8], "do not apply"),
     (["--cache", "sink", "--window", 0], "--window"),
   ]:
-    code, out, err = cli("ppl", "--model", path, "--text", text, *argv)
+    code, out, err = cli("ppl", "--model", model_dir, "--text", text, *argv)
     assert code == 2 and words in err and out == ""
