@@ -20,6 +20,7 @@ FAMILIES = (
   "gemma3_text",
   "phi3",
   "mixtral",
+  "qwen3_moe",
 )
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 # the sizes that fix the params' shapes (a head or coprocessor made for a model needs them)
@@ -88,11 +89,14 @@ class Config:
   at, so it serves only the short regime: max_position <= rope_original_max_position
   (`hf_config.from_hf` caps it there). rope_long_factor is kept for `hf_config.to_hf`.
 
-  Mixture of experts (`n_experts` > 0, Mixtral): every layer's MLP is `n_experts` experts of
-  width `ffn_dim` and a router; each token takes the softmax (float32) over the router's
-  logits, keeps its `n_experts_per_tok` largest probabilities and, with `moe_renormalize`,
-  rescales those to sum to 1 (Mixtral; Qwen3-MoE's `norm_topk_prob`), and sums the chosen
-  experts' outputs weighted by them. No capacity: no token is ever dropped.
+  Mixture of experts (`n_experts` > 0: Mixtral, Qwen3-MoE): each layer's MLP is `n_experts`
+  experts of width `expert_ffn_dim` (`moe_ffn_dim`, Qwen3-MoE's moe_intermediate_size; None:
+  `ffn_dim`, as in Mixtral) and a router, except the layers in `dense_layers`, whose MLP is
+  dense of width `ffn_dim` (Qwen3-MoE's mlp_only_layers and decoder_sparse_step, resolved to
+  layer indices by `hf_config.from_hf`). Each token takes the softmax (float32) over the
+  router's logits, keeps its `n_experts_per_tok` largest probabilities and, with
+  `moe_renormalize`, rescales those to sum to 1 (Mixtral; Qwen3-MoE's `norm_topk_prob`), and
+  sums the chosen experts' outputs weighted by them. No capacity: no token is ever dropped.
   """
 
   family: str = "llama"
@@ -134,17 +138,22 @@ class Config:
   n_experts: int = 0
   n_experts_per_tok: int = 0
   moe_renormalize: bool = True
+  moe_ffn_dim: int | None = None  # the experts' width; None: ffn_dim
+  dense_layers: tuple[int, ...] = ()  # with experts: the layers whose MLP is dense, ascending
   # ids the tokenizer has, when fewer than vocab_size (a padded embedding): the logits of ids
   # >= tokenizer_size are masked, so they are never sampled. Set by `lm.load`; not in config.json
   tokenizer_size: int | None = None
 
   def __post_init__(self):
     """Checks every field for its domain; ConfigError (with `.field`) names the first bad one.
-    An empty `windows` becomes global attention in every layer."""
+    An empty `windows` becomes global attention in every layer; a moe_ffn_dim equal to ffn_dim
+    becomes None."""
     _check_domains(self)
     _check_rope(self)
     _check_tokenizer_size(self)
     _check_experts(self)
+    if self.moe_ffn_dim == self.ffn_dim:  # one form per architecture
+      object.__setattr__(self, "moe_ffn_dim", None)
     _check_choices(self)
     if not self.windows:
       object.__setattr__(self, "windows", (0,) * self.n_layers)
@@ -155,6 +164,17 @@ class Config:
   def query_scale(self) -> float:
     """Scores' scale, times the square of longrope's attention factor (see the class doc)."""
     return (self.query_pre_attn_scalar or self.head_dim) ** -0.5 * self.rope_attention_factor**2
+
+  @property
+  def expert_ffn_dim(self) -> int:
+    """The width of each expert's MLP (`moe_ffn_dim`, else `ffn_dim`)."""
+    return self.ffn_dim if self.moe_ffn_dim is None else self.moe_ffn_dim
+
+  @property
+  def moe_layers(self) -> tuple[bool, ...]:
+    """[L]: whether layer l's MLP is the mixture of experts (else dense, of width ffn_dim)."""
+    dense = set(self.dense_layers)
+    return tuple(bool(self.n_experts) and l not in dense for l in range(self.n_layers))
 
   @property
   def cache_dims(self) -> dict[str, int]:
@@ -172,17 +192,19 @@ class Config:
       self.head_dim,
       self.vocab_size,
     )
-    mlp = 3 * D * F if not self.n_experts else self.n_experts * (3 * D * F + D)  # + router
-    per_layer = D * (N + 2 * K) * H + N * H * D + mlp + (4 if self.post_norms else 2) * D
-    per_layer += (N + 2 * K) * H * self.qkv_bias + D * self.o_bias + (2 * F + D) * self.mlp_bias
-    per_layer += 2 * H * self.qk_norm
-    return V * D * (1 if self.tie_embeddings else 2) + self.n_layers * per_layer + D
+    dense = 3 * D * F + (2 * F + D) * self.mlp_bias
+    moe = self.n_experts * (3 * D * self.expert_ffn_dim + D)  # + the router's row per expert
+    mlps = sum(moe if m else dense for m in self.moe_layers)
+    per_layer = D * (N + 2 * K) * H + N * H * D + (4 if self.post_norms else 2) * D
+    per_layer += (N + 2 * K) * H * self.qkv_bias + D * self.o_bias + 2 * H * self.qk_norm
+    return V * D * (1 if self.tie_embeddings else 2) + self.n_layers * per_layer + mlps + D
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
   """The config as a JSON-ready dict (kvjax's own field names; `from_dict` reads it back)."""
   d = dataclasses.asdict(cfg)
   d["windows"] = list(cfg.windows)
+  d["dense_layers"] = list(cfg.dense_layers)
   d["rope_short_factor"], d["rope_long_factor"] = (
     list(cfg.rope_short_factor),
     list(cfg.rope_long_factor),
@@ -193,10 +215,18 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 def from_dict(d: dict[str, Any]) -> Config:
   """The inverse of `to_dict` (lists back to tuples)."""
   d = dict(d)
-  d["windows"] = tuple(d.get("windows", ()))
-  for name in ("rope_short_factor", "rope_long_factor"):
+  for name in ("windows", "dense_layers", "rope_short_factor", "rope_long_factor"):
     d[name] = tuple(d.get(name, ()))
   return Config(**d)
+
+
+def one_layer(cfg: Config, layer: int, **changes) -> Config:
+  """The config of a one-layer model made of cfg's layer `layer` (its window and MLP kind),
+  then `changes` applied (e.g. an EAGLE head's layer: the target's top one, windows=(0,))."""
+  dense = (0,) if cfg.n_experts and not cfg.moe_layers[layer] else ()
+  return dataclasses.replace(
+    cfg, **{"n_layers": 1, "windows": (cfg.windows[layer],), "dense_layers": dense, **changes}
+  )
 
 
 def diff(
@@ -269,18 +299,34 @@ def _check_tokenizer_size(cfg: Config) -> None:
 
 
 def _check_experts(cfg: Config) -> None:
-  """0 experts is a dense MLP; otherwise 1 <= n_experts_per_tok <= n_experts, no MLP bias."""
+  """0 experts is a dense MLP (no expert fields set); otherwise 1 <= n_experts_per_tok <=
+  n_experts, no MLP bias, moe_ffn_dim None or >= 1, dense_layers ascending layer indices."""
   for name in ("n_experts", "n_experts_per_tok"):
     if not is_int(getattr(cfg, name)) or getattr(cfg, name) < 0:
       _bad(cfg, name, "an int >= 0")
+  if cfg.family in ("mixtral", "qwen3_moe") and not cfg.n_experts:
+    _bad(cfg, "n_experts", f"an int >= 1 for family {cfg.family!r}")
   if cfg.n_experts and not 1 <= cfg.n_experts_per_tok <= cfg.n_experts:
     _bad(cfg, "n_experts_per_tok", f"an int in [1, n_experts={cfg.n_experts}]")
-  if not cfg.n_experts and cfg.n_experts_per_tok:
-    _bad(cfg, "n_experts_per_tok", "0 without experts (n_experts=0: a dense MLP)")
+  if cfg.moe_ffn_dim is not None and not (is_int(cfg.moe_ffn_dim) and cfg.moe_ffn_dim >= 1):
+    _bad(cfg, "moe_ffn_dim", "null (ffn_dim) or an int >= 1")
+  d = cfg.dense_layers
+  if not (
+    isinstance(d, tuple)
+    and all(is_int(l) and 0 <= l < cfg.n_layers for l in d)
+    and list(d) == sorted(set(d))
+  ):
+    _bad(cfg, "dense_layers", f"a tuple of distinct ascending layer indices in [0, {cfg.n_layers})")
+  if not cfg.n_experts:
+    for name, none in (("n_experts_per_tok", 0), ("moe_ffn_dim", None), ("dense_layers", ())):
+      if getattr(cfg, name) != none:
+        _bad(
+          cfg,
+          name,
+          f"{none if none is not None else 'null'} without experts (n_experts=0: a dense MLP)",
+        )
   if cfg.n_experts and cfg.mlp_bias:
     raise ConfigError("mlp_bias is not supported with experts (n_experts > 0)", field="mlp_bias")
-  if cfg.family == "mixtral" and not cfg.n_experts:
-    _bad(cfg, "n_experts", "an int >= 1 for family 'mixtral'")
 
 
 def _check_choices(cfg: Config) -> None:

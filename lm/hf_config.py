@@ -28,8 +28,10 @@ ARCHITECTURES = {
   "gemma3_text": "Gemma3ForCausalLM",
   "phi3": "Phi3ForCausalLM",
   "mixtral": "MixtralForCausalLM",
+  "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 LAYER_TYPES = ("sliding_attention", "full_attention")
+QK_NORM_FAMILIES = ("qwen3", "gemma3_text", "qwen3_moe")  # every layer has q/k norms
 # transformers' defaults where a config.json omits the key
 MAX_POSITION = {
   "llama": 2048,
@@ -41,6 +43,7 @@ MAX_POSITION = {
   "gemma3_text": 131072,
   "phi3": 4096,
   "mixtral": 131072,
+  "qwen3_moe": 32768,
 }
 ACTIVATIONS = {
   "silu": "silu",
@@ -75,6 +78,8 @@ HF_KEYS = {
   "windows": "sliding_window",
   "n_experts": "num_local_experts",
   "n_experts_per_tok": "num_experts_per_tok",
+  "moe_ffn_dim": "moe_intermediate_size",
+  "dense_layers": "mlp_only_layers",
 }
 
 
@@ -117,11 +122,14 @@ def from_hf(hf: dict[str, Any], source: str = "config.json") -> Config:
       **rope,
       **family,
       windows=windows,
-      **_experts(j),
+      **_experts(j, sizes["n_layers"]),
     )
   except ConfigError as err:  # a value outside its domain: name the config.json key
-    names = "|".join(sorted(HF_KEYS, key=len, reverse=True))
-    msg = re.sub(rf"\b({names})\b", lambda m: HF_KEYS[m.group(1)], str(err))
+    keys = dict(HF_KEYS)
+    if "num_local_experts" not in j.hf and "num_experts" in j.hf:  # Qwen3-MoE's own name
+      keys["n_experts"] = "num_experts"
+    names = "|".join(sorted(keys, key=len, reverse=True))
+    msg = re.sub(rf"\b({names})\b", lambda m: keys[m.group(1)], str(err))
     raise ConfigError(f"{source}: {msg}", field=err.field) from None
 
 
@@ -364,7 +372,7 @@ def _windows(j: _ConfigJson, n_layers: int) -> tuple[int, ...]:
       f"sliding_window must be an int >= 0 (0 or null: none); got {window!r}", field="windows"
     )
   layer_types = j.typed("layer_types", list, "a list of layer types or null")
-  if j.family in ("qwen2", "qwen3") and not j.flag("use_sliding_window"):
+  if j.family in ("qwen2", "qwen3", "qwen3_moe") and not j.flag("use_sliding_window"):
     window = 0
   sliding = _sliding_layers(j, layer_types, n_layers)
   if j.family == "gemma3_text" and window == 0 and any(sliding):
@@ -377,9 +385,10 @@ def _windows(j: _ConfigJson, n_layers: int) -> tuple[int, ...]:
 
 
 def _sliding_layers(j: _ConfigJson, layer_types: list | None, n_layers: int) -> list[bool]:
-  """Which layers slide: layer_types when given, else transformers' pattern for the family."""
+  """Which layers slide: layer_types when given, else transformers' pattern for the family
+  (Qwen3-MoE: every layer, whatever layer_types says)."""
   L = n_layers
-  if layer_types is not None:
+  if layer_types is not None and j.family != "qwen3_moe":
     if len(layer_types) != L:
       raise j.error(f"layer_types has {len(layer_types)} entries for {L} layers")
     odd = [t for t in layer_types if t not in LAYER_TYPES]
@@ -431,7 +440,7 @@ def _family_fields(j: _ConfigJson) -> dict[str, Any]:
     scale_embeddings=gemma,
     tie_embeddings=tie_embeddings,
     post_norms=gemma_post,
-    qk_norm=family in ("qwen3", "gemma3_text"),
+    qk_norm=family in QK_NORM_FAMILIES,
     query_pre_attn_scalar=(
       _num(j.opt("query_pre_attn_scalar", query_scalar)) if gemma_post else None
     ),
@@ -440,13 +449,41 @@ def _family_fields(j: _ConfigJson) -> dict[str, Any]:
   )
 
 
-def _experts(j: _ConfigJson) -> dict[str, Any]:
-  """Mixtral's expert counts (transformers' defaults 8 and 2); 0 for a dense MLP."""
-  moe = j.family == "mixtral"
+def _experts(j: _ConfigJson, n_layers) -> dict[str, Any]:
+  """The expert fields (transformers' defaults where a key is absent); 0 experts for a dense
+  family. Mixtral: num_local_experts (8), num_experts_per_tok (2), always renormalised.
+  Qwen3-MoE: num_experts or num_local_experts (128), num_experts_per_tok (8),
+  moe_intermediate_size (768), norm_topk_prob (false), and the dense layers as transformers'
+  Qwen3MoeDecoderLayer picks them: those in mlp_only_layers and those where (l + 1) is not a
+  multiple of decoder_sparse_step (1)."""
+  if j.family == "mixtral":
+    return dict(
+      n_experts=j.opt("num_local_experts", 8), n_experts_per_tok=j.opt("num_experts_per_tok", 2)
+    )
+  if j.family != "qwen3_moe":
+    return dict(n_experts=0, n_experts_per_tok=0)
   return dict(
-    n_experts=j.opt("num_local_experts", 8) if moe else 0,
-    n_experts_per_tok=j.opt("num_experts_per_tok", 2) if moe else 0,
+    n_experts=j.opt("num_local_experts", j.opt("num_experts", 128)),
+    n_experts_per_tok=j.opt("num_experts_per_tok", 8),
+    moe_ffn_dim=j.opt("moe_intermediate_size", 768),
+    moe_renormalize=j.flag("norm_topk_prob"),
+    dense_layers=_dense_layers(j, n_layers),
   )
+
+
+def _dense_layers(j: _ConfigJson, n_layers: int) -> tuple[int, ...]:
+  """Qwen3-MoE's dense layers from mlp_only_layers and decoder_sparse_step (see `_experts`)."""
+  step = j.opt("decoder_sparse_step", 1)
+  if not is_int(step) or step < 1:
+    raise j.error(f"decoder_sparse_step must be an int >= 1; got {step!r}")
+  only = j.typed("mlp_only_layers", list, "a list of layer indices or null", [])
+  odd = [l for l in only if not (is_int(l) and 0 <= l < n_layers)]
+  if odd:
+    raise j.error(
+      f"mlp_only_layers entries must be layer indices in [0, {n_layers}); got {odd[0]!r}",
+      field="dense_layers",
+    )
+  return tuple(l for l in range(n_layers) if l in only or (l + 1) % step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,13 +519,13 @@ def to_hf(cfg: Config) -> dict[str, Any]:
 
 
 def _check_writable(cfg: Config) -> None:
-  """Refuses what the family's config.json cannot say: q/k norms outside qwen3 and gemma3_text
-  (or their absence there), a local RoPE base, experts."""
+  """Refuses what the family's config.json cannot say: q/k norms outside QK_NORM_FAMILIES (or
+  their absence there), a local RoPE base, experts (`_check_writable_experts`)."""
   gemma3 = cfg.family == "gemma3_text"
-  if cfg.qk_norm != (cfg.family in ("qwen3", "gemma3_text")):
+  if cfg.qk_norm != (cfg.family in QK_NORM_FAMILIES):
     raise ConfigError(
       f"qk_norm={cfg.qk_norm} cannot be written for family {cfg.family!r} "
-      "(transformers' qwen3 and gemma3_text always have q/k norms, the others "
+      "(transformers' qwen3, gemma3_text and qwen3_moe always have q/k norms, the others "
       "never)",
       field="qk_norm",
     )
@@ -504,12 +541,29 @@ def _check_writable(cfg: Config) -> None:
       f"with the global {cfg.rope_type} scaling); set rope_local_theta",
       field="rope_local_theta",
     )
-  if cfg.n_experts and (cfg.family != "mixtral" or not cfg.moe_renormalize):
+  _check_writable_experts(cfg)
+
+
+def _check_writable_experts(cfg: Config) -> None:
+  """Experts are written for mixtral (renormalised, of width ffn_dim, in every layer) and
+  qwen3_moe (one sliding window for every layer or none: its config.json has no layer
+  types)."""
+  mixtral = cfg.family == "mixtral" and (
+    cfg.moe_renormalize and cfg.moe_ffn_dim is None and not cfg.dense_layers
+  )
+  if cfg.n_experts and not (mixtral or cfg.family == "qwen3_moe"):
     raise ConfigError(
-      f"experts (n_experts={cfg.n_experts}, moe_renormalize="
-      f"{cfg.moe_renormalize}) have no config.json form for family "
-      f"{cfg.family!r}: only 'mixtral', which renormalises",
+      f"experts (n_experts={cfg.n_experts}, moe_renormalize={cfg.moe_renormalize}, "
+      f"moe_ffn_dim={cfg.moe_ffn_dim}, dense_layers={cfg.dense_layers}) have no config.json "
+      f"form for family {cfg.family!r}: only 'mixtral' (renormalised, width ffn_dim, in "
+      "every layer) and 'qwen3_moe'",
       field="n_experts",
+    )
+  if cfg.family == "qwen3_moe" and len(set(cfg.windows)) > 1:
+    raise ConfigError(
+      f"windows={cfg.windows} cannot be written for family 'qwen3_moe': its config.json has "
+      "one sliding_window for every layer",
+      field="windows",
     )
 
 
@@ -546,7 +600,7 @@ def _family_keys(cfg: Config, *, hidden_act: str) -> dict[str, Any]:
     hf["pad_token_id"] = None
   if cfg.family == "llama":
     hf["mlp_bias"] = cfg.mlp_bias
-  if cfg.family in ("llama", "qwen3", "gemma3_text"):
+  if cfg.family in ("llama", "qwen3", "gemma3_text", "qwen3_moe"):
     hf["attention_bias"] = cfg.o_bias
   if cfg.family == "gemma3_text":
     hf["rope_local_base_freq"] = cfg.rope_local_theta or cfg.rope_theta
@@ -555,6 +609,15 @@ def _family_keys(cfg: Config, *, hidden_act: str) -> dict[str, Any]:
     hf["layer_types"] = _layer_types(cfg)
   if cfg.family == "mixtral":
     hf.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.n_experts_per_tok)
+  if cfg.family == "qwen3_moe":  # the dense layers by index: decoder_sparse_step 1
+    hf.update(
+      num_experts=cfg.n_experts,
+      num_experts_per_tok=cfg.n_experts_per_tok,
+      moe_intermediate_size=cfg.expert_ffn_dim,
+      norm_topk_prob=cfg.moe_renormalize,
+      decoder_sparse_step=1,
+      mlp_only_layers=list(cfg.dense_layers),
+    )
   if cfg.family in ("gemma2", "gemma3_text"):
     hf["hidden_activation"] = hidden_act
     q = cfg.query_pre_attn_scalar
@@ -573,6 +636,7 @@ def _window_keys(cfg: Config) -> dict[str, Any]:
   hf: dict[str, Any] = {"sliding_window": max(cfg.windows)}
   if cfg.family in ("gemma2", "qwen2", "qwen3"):
     hf["layer_types"] = _layer_types(cfg)
+  if cfg.family in ("gemma2", "qwen2", "qwen3", "qwen3_moe"):
     hf["use_sliding_window"] = True
   return hf
 
