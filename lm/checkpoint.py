@@ -1,7 +1,8 @@
 """Params <-> Hugging Face safetensors (single or sharded), and orbax save/restore.
 
 kvjax params are the pure dict of a `Decoder`'s nnx.State: per-layer tensors stacked on a
-leading L axis, projections stored as einsum operands ([D, N, H], [N, H, D], [D, F], ...).
+leading layer axis (an MLP's over the layers with that kind of MLP: `decoder.stack_blocks`),
+projections stored as einsum operands ([D, N, H], [N, H, D], [D, F], ...).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ class CheckpointError(ValueError):
 # in order, and to_hf takes them in that order.
 Path = tuple[str, ...]
 Entry = tuple[Path | list[Path], str, tuple[int, ...], Callable, Callable]
-# A Mixtral checkpoint in transformers 5's in-memory layout (experts fused per layer) has this
-# tensor; save_pretrained and published checkpoints write one tensor per expert instead.
-FUSED_EXPERTS = "model.layers.0.mlp.experts.gate_up_proj"
+# A Mixtral or Qwen3-MoE checkpoint in transformers 5's in-memory layout (experts fused per
+# layer) has this tensor in its first mixture-of-experts layer; save_pretrained and published
+# checkpoints write one tensor per expert instead.
+FUSED_EXPERTS = "model.layers.{i}.mlp.experts.gate_up_proj"
 
 
 LAYER = "model.layers.{i}."
@@ -118,9 +120,9 @@ def _attention_entries(cfg: Config) -> list[Entry]:
 
 
 def _mlp_entries(cfg: Config, *, fused: bool) -> list[Entry]:
-  """The layers' MLP (Phi-3: gate rows, then up rows in one tensor) or mixture of experts
-  (per-expert tensors, or with `fused` transformers 5's fused layout)."""
-  D, F, E = cfg.d_model, cfg.ffn_dim, cfg.n_experts
+  """The layers' MLPs (Phi-3: gate rows, then up rows in one tensor): dense in the layers that
+  have a dense MLP, the mixture of experts in the others (`_expert_entries`)."""
+  D, F = cfg.d_model, cfg.ffn_dim
   mlp = LAYER + "mlp."
   if cfg.family == "phi3":
     return [
@@ -132,13 +134,26 @@ def _mlp_entries(cfg: Config, *, fused: bool) -> list[Entry]:
       ),
       (("blocks", "mlp", "down"), mlp + "down_proj.weight", (D, F), *_dense()),
     ]
-  if not E:
-    return [
+  e: list[Entry] = []
+  if not all(cfg.moe_layers):
+    e += [
       (("blocks", "mlp", "gate"), mlp + "gate_proj.weight", (F, D), *_dense()),
       (("blocks", "mlp", "up"), mlp + "up_proj.weight", (F, D), *_dense()),
       (("blocks", "mlp", "down"), mlp + "down_proj.weight", (D, F), *_dense()),
     ]
-  if fused:  # gate_up [E, 2F, D] (gate rows first), down [E, D, F]
+  if any(cfg.moe_layers):
+    e += _expert_entries(cfg, fused=fused)
+  return e
+
+
+def _expert_entries(cfg: Config, *, fused: bool) -> list[Entry]:
+  """The mixture-of-experts layers' router and experts: per-expert tensors (Mixtral's
+  block_sparse_moe.experts.{e}.w1/w3/w2, Qwen3-MoE's mlp.experts.{e}.gate/up/down_proj), or
+  with `fused` transformers 5's fused layout (gate_up_proj [E, 2F, D], gate rows first;
+  down_proj [E, D, F])."""
+  D, F, E = cfg.d_model, cfg.expert_ffn_dim, cfg.n_experts
+  mlp = LAYER + "mlp."
+  if fused:
     swap = lambda w: w.transpose(0, 2, 1)
     return [
       (("blocks", "moe", "router"), mlp + "gate.weight", (E, D), *_dense()),
@@ -151,12 +166,16 @@ def _mlp_entries(cfg: Config, *, fused: bool) -> list[Entry]:
       ),
       (("blocks", "moe", "down"), mlp + "experts.down_proj", (E, D, F), swap, None),
     ]
-  moe = LAYER + "block_sparse_moe."  # per expert: w1 gate, w3 up [F, D], w2 down [D, F]
+  if cfg.family == "qwen3_moe":
+    router, expert, names = mlp, mlp + "experts.{e}.", ("gate_proj", "up_proj", "down_proj")
+  else:  # Mixtral: w1 gate, w3 up, w2 down
+    router = LAYER + "block_sparse_moe."
+    expert, names = router + "experts.{e}.", ("w1", "w3", "w2")
   return [
-    (("blocks", "moe", "router"), moe + "gate.weight", (E, D), *_dense()),
-    (("blocks", "moe", "gate"), moe + "experts.{e}.w1.weight", (F, D), *_dense()),
-    (("blocks", "moe", "up"), moe + "experts.{e}.w3.weight", (F, D), *_dense()),
-    (("blocks", "moe", "down"), moe + "experts.{e}.w2.weight", (D, F), *_dense()),
+    (("blocks", "moe", "router"), router + "gate.weight", (E, D), *_dense()),
+    (("blocks", "moe", "gate"), expert + f"{names[0]}.weight", (F, D), *_dense()),
+    (("blocks", "moe", "up"), expert + f"{names[1]}.weight", (F, D), *_dense()),
+    (("blocks", "moe", "down"), expert + f"{names[2]}.weight", (D, F), *_dense()),
   ]
 
 
@@ -197,10 +216,16 @@ def _optional_entries(cfg: Config) -> list[Entry]:
 
 
 def _names(entry: Entry, cfg: Config) -> list[str]:
-  """The entry's names, one per layer for a per-layer tensor (a per-expert one keeps `{e}`)."""
+  """The entry's names, one per layer for a per-layer tensor (a per-expert one keeps `{e}`):
+  an MLP tensor's over the layers with that kind of MLP (`Config.moe_layers`), whose params
+  stack in that order."""
   if "{i}" not in entry[1]:
     return [entry[1]]
-  return [entry[1].format(i=i, e="{e}") for i in range(cfg.n_layers)]
+  path = entry[0][0] if isinstance(entry[0], list) else entry[0]
+  layers = range(cfg.n_layers)
+  if path[:2] in (("blocks", "mlp"), ("blocks", "moe")):
+    layers = [l for l in layers if cfg.moe_layers[l] == (path[1] == "moe")]
+  return [entry[1].format(i=i, e="{e}") for i in layers]
 
 
 def _experts(name: str, cfg: Config) -> list[str]:
@@ -275,7 +300,8 @@ def load_hf(path: str, cfg: Config, dtype=None, *, check_finite: bool = True) ->
 
   params: dict[str, Any] = {}
   used = set()
-  fused = bool(cfg.n_experts) and FUSED_EXPERTS in weight_map
+  moe = [l for l in range(cfg.n_layers) if cfg.moe_layers[l]]
+  fused = bool(moe) and FUSED_EXPERTS.format(i=moe[0]) in weight_map
   for entry in _entries(cfg, fused=fused):
     ours, _, shape, to_ours, _ = entry
     names = _names(entry, cfg)

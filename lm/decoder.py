@@ -41,6 +41,68 @@ def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
   return nnx.merge(nnx.graphdef(layers[0]), state)
 
 
+def stack_blocks(blocks: list[Block]) -> Block:
+  """The L Blocks of a Decoder as one Block with every param stacked on a leading LAYERS axis:
+  the norms and attention over all L layers, and each MLP kind (`MLP_KINDS`) over the layers
+  that have it, in layer order (`Config.moe_layers`). With one kind in every layer that is
+  `stack_layers(blocks)`; with both, `mlp` holds the dense layers' params [L_dense, ...] and
+  `moe` the mixture layers' [L_moe, ...] (`layer_slice` takes a run of layers back out)."""
+  mlps = {kind: [getattr(b, kind) for b in blocks if hasattr(b, kind)] for kind in MLP_KINDS}
+  if sum(bool(m) for m in mlps.values()) == 1:
+    return stack_layers(blocks)
+  for b in blocks:
+    for kind in MLP_KINDS:
+      if hasattr(b, kind):
+        delattr(b, kind)
+  stacked = stack_layers(blocks)
+  for kind, modules in mlps.items():
+    setattr(stacked, kind, stack_layers(modules))
+  return stacked
+
+
+def layer_runs(cfg: Config, start: int, stop: int) -> list[tuple[int, int]]:
+  """[start, stop) cut into the maximal runs [a, b) of consecutive layers with one MLP kind
+  (one run for every family but a Qwen3-MoE with dense layers)."""
+  kinds = cfg.moe_layers
+  runs, a = [], start
+  for l in range(start + 1, stop + 1):
+    if l == stop or kinds[l] != kinds[a]:
+      runs.append((a, l))
+      a = l
+  return runs
+
+
+def layer_slice(blocks: Block, cfg: Config, start: int, stop: int) -> Block:
+  """Layers [start, stop) of a Decoder's stacked `blocks` (`stack_blocks`), all of one MLP
+  kind, as a stacked Block of that kind: norm and attention params [start, stop) of theirs,
+  MLP params [i, i + stop - start) of that kind's stack, i counting the layers of that kind
+  below start. A new module over the same arrays."""
+  moe = cfg.moe_layers[start]
+  if any(m != moe for m in cfg.moe_layers[start:stop]):
+    raise ValueError(f"layers [{start}, {stop}) mix dense and mixture-of-experts MLPs")
+  kind, other = MLP_KINDS[::-1] if moe else MLP_KINDS
+  first = cfg.moe_layers[:start].count(moe)
+  graphdef, state = nnx.split(blocks)
+  if hasattr(blocks, other):  # both kinds stacked: drop the other one
+    sub = nnx.merge(graphdef, state)
+    delattr(sub, other)
+    graphdef, state = nnx.split(sub)
+  n = stop - start
+  state = nnx.State(
+    {
+      name: jax.tree.map(lambda a, lo=first if name == kind else start: a[lo : lo + n], value)
+      for name, value in state.items()
+    }
+  )
+  return nnx.merge(graphdef, state)
+
+
+def layer_block(blocks: Block, cfg: Config, layer: int) -> Block:
+  """Layer `layer` of a Decoder's stacked `blocks` as one Block (no layer axis)."""
+  graphdef, state = nnx.split(layer_slice(blocks, cfg, layer, layer + 1))
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
+
+
 class RMSNorm(nnx.Module):
   """RMSNorm over the last axis, of size dim (default d_model) with logical name `axis`
   (head_dim, "head_dim" for the q/k norms)."""
@@ -136,9 +198,9 @@ def route(logits: jax.Array, k: int, renormalize: bool) -> tuple[jax.Array, jax.
 
 
 class MoE(nnx.Module):
-  """Mixture-of-experts MLP (Mixtral): router [D, E]; experts gate, up [E, D, F], down
-  [E, F, D]; `route` picks k of E experts per token; exact and capacity-free (no token is
-  dropped, each token's output depends on that token alone).
+  """Mixture-of-experts MLP (Mixtral, Qwen3-MoE): router [D, E]; experts gate, up [E, D, F],
+  down [E, F, D] (F: `cfg.expert_ffn_dim`); `route` picks k of E experts per token; exact and
+  capacity-free (no token is dropped, each token's output depends on that token alone).
 
   Cost per token (N = B * T tokens): router 2·D·E FLOPs, experts 6·k·D·F FLOPs (k/E of a
   dense evaluation of every expert), in one of two exact forms chosen by shape:
@@ -153,7 +215,7 @@ class MoE(nnx.Module):
   """
 
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype):
-    D, F, E = cfg.d_model, cfg.ffn_dim, cfg.n_experts
+    D, F, E = cfg.d_model, cfg.expert_ffn_dim, cfg.n_experts
     self.act = cfg.act
     self.k = cfg.n_experts_per_tok
     self.renormalize = cfg.moe_renormalize
@@ -199,15 +261,19 @@ class MoE(nnx.Module):
     return jnp.einsum("nkf,nkfd->nkd", self._ffn(g, u), self.down[...][experts])
 
 
-class Block(nnx.Module):
-  """One pre-norm decoder layer (Gemma-2 adds post-norms)."""
+MLP_KINDS = ("mlp", "moe")  # a Block's MLP: dense, or the mixture of experts
 
-  def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype):
+
+class Block(nnx.Module):
+  """One pre-norm decoder layer (Gemma-2 adds post-norms): cfg's layer `layer`, whose MLP is
+  the mixture of experts (`moe`) or dense (`mlp`) as `cfg.moe_layers[layer]` says."""
+
+  def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype, layer: int = 0):
     self.cfg = cfg
     self.attn_norm = RMSNorm(cfg, dtype)
     self.attn = Attention(cfg, rngs=rngs, dtype=dtype)
     self.mlp_norm = RMSNorm(cfg, dtype)
-    if cfg.n_experts:
+    if cfg.moe_layers[layer]:
       self.moe = MoE(cfg, rngs=rngs, dtype=dtype)
     else:
       self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
@@ -303,7 +369,7 @@ class Block(nnx.Module):
     if self.cfg.post_norms:
       a = self.post_attn_norm(a)
     x = x + _drop(a, dropout, drop_keys, 1)
-    m = (self.moe if self.cfg.n_experts else self.mlp)(self.mlp_norm(x))
+    m = (self.moe if hasattr(self, "moe") else self.mlp)(self.mlp_norm(x))
     if self.cfg.post_norms:
       m = self.post_mlp_norm(m)
     return x + _drop(m, dropout, drop_keys, 2), k_rot if view.rotated else k, v
@@ -327,8 +393,8 @@ class Output:
 
 
 class Decoder(nnx.Module):
-  """Embedding, L stacked Blocks (every Param has a leading L axis), final norm, LM head.
-  Every param declares its logical axes where it is made (`sharding.declare`)."""
+  """Embedding, L stacked Blocks (`stack_blocks`: every Param has a leading layer axis), final
+  norm, LM head. Every param declares its logical axes where it is made (`sharding.declare`)."""
 
   def __init__(self, cfg: Config, *, rngs: nnx.Rngs, dtype=jnp.float32):
     V, D = cfg.vocab_size, cfg.d_model
@@ -337,8 +403,9 @@ class Decoder(nnx.Module):
     self.embed = init_param(rngs, (V, D), ("vocab", "embed"), dtype)
     # L Blocks, then the draws of one more that earlier versions spent on a template: every
     # seed keeps the random params it always had (the LM head's among them).
-    layers = [Block(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.n_layers + 1)]
-    self.blocks = stack_layers(layers[:-1])
+    layers = [Block(cfg, rngs=rngs, dtype=dtype, layer=l) for l in range(cfg.n_layers)]
+    Block(cfg, rngs=rngs, dtype=dtype, layer=cfg.n_layers - 1)  # the one more, unused
+    self.blocks = stack_blocks(layers)
     self.final_norm = RMSNorm(cfg, dtype)
     if not cfg.tie_embeddings:
       self.head = init_param(rngs, (D, V), ("embed", "vocab"), dtype)
@@ -493,19 +560,57 @@ def run_layers(
   training: Training | None = None,
   attn_in: jax.Array | None = None,
 ):
-  """Runs the stacked `blocks` (every Param with a leading layer axis; entries [start, stop)
-  of `layers`) over x [B, T, D] under `lax.scan`, all attending through `view`.
+  """Runs layers [start, stop) = `layers` of the stacked `blocks` (`stack_blocks`) over
+  x [B, T, D], all attending through `view`: one `lax.scan` per run of layers with one MLP kind
+  (`layer_runs`), so one for every family but a Qwen3-MoE with dense layers.
 
   cached: the cache's `Slots` (arrays with a leading L axis: all layers, read in place at
   each layer's own index), or None. Returns
   (x [B, T, D], layer_inputs [L', B, T, D] or None, k, v [L', B, K, T, H]), k in the form the
   cache stores (see `Block`). attn_in: every layer's attention input (`Block`; one-layer
   stacks, the EAGLE heads)."""
+  outs = []
+  for run in layer_runs(cfg, *layers):
+    x, *out = _scan(
+      layer_slice(blocks, cfg, *run),
+      cfg,
+      x,
+      view=view,
+      cached=cached,
+      layers=run,
+      layout=layout,
+      return_layer_inputs=return_layer_inputs,
+      training=training,
+      attn_in=attn_in,
+    )
+    outs.append(out)
+  if len(outs) == 1:
+    return x, *outs[0]
+  layer_inputs, ks, vs = (
+    None if parts[0] is None else jnp.concatenate(parts) for parts in zip(*outs)
+  )
+  return x, layer_inputs, ks, vs
+
+
+def _scan(
+  blocks: Block,
+  cfg: Config,
+  x: jax.Array,
+  *,
+  view: View,
+  cached,
+  layers,
+  layout,
+  return_layer_inputs: bool,
+  training: Training | None,
+  attn_in: jax.Array | None,
+):
+  """`run_layers` over one run [start, stop) = `layers` whose params `blocks` holds stacked
+  (entry i: layer start + i)."""
   start, stop = layers
   freqs = jnp.asarray(rope.layer_freqs(cfg)[start:stop])  # [L', H/2]
   windows = jnp.asarray(np.array(cfg.windows[start:stop], np.int32))
   graphdef, stacked = nnx.split(blocks)
-  stacked = jax.tree.map(lambda a: a[start:stop], stacked)
 
   def body(x, xs):
     params, freq, window, layer = xs

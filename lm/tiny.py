@@ -88,6 +88,16 @@ def config(family: str = "llama", **overrides) -> Config:
     )
   if family == "mixtral":
     base.update(n_experts=4, n_experts_per_tok=2, ffn_dim=64, windows=(32, 32))
+  if family == "qwen3_moe":  # experts narrower than the dense MLP of every second layer
+    L = overrides.get("n_layers", 2)
+    base.update(
+      qk_norm=True,
+      n_experts=4,
+      n_experts_per_tok=2,
+      moe_ffn_dim=32,
+      moe_renormalize=False,
+      dense_layers=tuple(range(1, L, 2)),
+    )
   base.update(overrides)
   return Config(**base)
 

@@ -42,7 +42,7 @@ from kvjax.lm import artifact, config
 from kvjax.lm.artifact import params_fingerprint
 from kvjax.lm.attention import Training
 from kvjax.lm.config import Config
-from kvjax.lm.decoder import Block, RMSNorm, init_param, run_layers, stack_layers
+from kvjax.lm.decoder import Block, RMSNorm, init_param, layer_slice, run_layers, stack_layers
 from kvjax.lm.sharding import declare
 from kvjax.pallas_kernels.splits import NEG
 
@@ -109,8 +109,9 @@ class HeadConfig:
 
   @property
   def layer(self) -> Config:
-    """The config of the head's one decoder layer: the target's, global attention."""
-    return dataclasses.replace(self.target, n_layers=1, windows=(0,))
+    """The config of the head's one decoder layer: the target's top layer (its MLP kind),
+    global attention."""
+    return config.one_layer(self.target, self.target.n_layers - 1, windows=(0,))
 
   def to_json(self) -> dict[str, Any]:
     return artifact.config_to_json(self)
@@ -300,7 +301,8 @@ def init(
   graphdef, state = nnx.split(head)
   if copy_top_layer:
     params = nnx.to_pure_dict(state)
-    top = jax.tree.map(lambda a: a[-1:], target.params()["blocks"])
+    L = target.cfg.n_layers
+    top = nnx.to_pure_dict(nnx.state(layer_slice(target.decoder.blocks, target.cfg, L - 1, L)))
     if published:
       del top["attn_norm"]
       if kind == "eagle3":

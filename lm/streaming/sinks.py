@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from kvjax.lm import rope
+from kvjax.lm.decoder import layer_block
 from kvjax.lm.model import Model
 
 QUERY_CHUNK = 512  # queries scored at once: scores [N, QUERY_CHUNK, T] per layer
@@ -90,12 +91,11 @@ def _mass(graphdef, state, tokens, *, sink_tokens: int):
   T = tokens.shape[1]
   positions = jnp.arange(T, dtype=jnp.int32)[None]
   freqs = jnp.asarray(rope.layer_freqs(cfg))  # [L, H/2]
-  graph, stacked = nnx.split(dec.blocks)
   G = cfg.n_heads // cfg.n_kv_heads
   t_all = jnp.arange(T)
 
   def layer(l):
-    blk = nnx.merge(graph, jax.tree.map(lambda a: a[l], stacked))
+    blk = layer_block(dec.blocks, cfg, l)
     q, k, _ = blk.attn.qkv(blk.attn_norm(out.layer_inputs[l]))
     q = rope.apply(q, positions, freqs[l])[0].astype(jnp.float32)  # [T, N, H]
     k = jnp.repeat(rope.apply(k, positions, freqs[l])[0].astype(jnp.float32), G, axis=1)
