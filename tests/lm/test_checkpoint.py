@@ -84,7 +84,9 @@ def test_orbax_bad_paths(models, tmp_path):
 # --- Hugging Face format -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3", "gemma3_text", "phi3", "mixtral"])
+@pytest.mark.parametrize(
+  "family", ["llama", "gemma2", "qwen3", "gemma3_text", "phi3", "mixtral", "qwen3_moe"]
+)
 def test_save_load_and_transformers(models, family, tmp_path):
   import transformers
 

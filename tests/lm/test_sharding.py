@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from kvjax import lm
 from kvjax.lm import sharding
+from kvjax.lm.decoder import layer_runs
 from kvjax.lm.generate import new_cache
 
 MESHES = {"data4": (4, 1), "model4": (1, 4), "data2_model4": (2, 4)}
@@ -23,7 +24,8 @@ CASES = [
   ("gemma3_text", "data2_model4"),
   ("phi3", "data2_model4"),
   ("mixtral", "data2_model4"),
-]  # mixtral: 4 experts on 4 shards
+  ("qwen3_moe", "data2_model4"),
+]  # mixtral, qwen3_moe: 4 experts on 4 shards
 ROWS = prompts(lengths=(7, 3, 18, 11))  # 18 > gemma2's sliding window of 12
 
 
@@ -89,7 +91,9 @@ def test_sharded_equals_unsharded(models, family, mesh_name):
     .lower(sharded.state)
     .as_text()
   )
-  assert hlo.count("sharding_constraint") == 3  # embeddings, each layer (one scan body), logits
+  # embeddings, each layer (one scan body per run of layers with one MLP kind), logits
+  runs = layer_runs(model.cfg, 0, model.cfg.n_layers)
+  assert hlo.count("sharding_constraint") == 2 + len(runs)
   # a second call reuses the executables: shardings are stable from call to call
   again = lm.generate(sharded, ROWS, max_new_tokens=16, stop_tokens=[])
   assert again.tokens == ref.tokens and again.stats["compile_s"] == 0
@@ -128,6 +132,18 @@ def test_expert_specs(load):
   assert spec(moe8["gate"]) == P(None, None, None, "model")
   assert spec(moe8["down"]) == P(None, None, "model", None)
   assert spec(moe8["router"]) == P(None, None, None)
+
+
+def test_mixed_layer_specs(load):
+  """Qwen3-MoE's dense and mixture layers stack apart ([L_dense, ...], [L_moe, ...]), each
+  sharding by its own declared axes: the experts on the model axis, the dense MLP by ffn."""
+  state = sharding.shard(load("qwen3_moe"), mesh("data2_model4")).state  # layers M M d M
+  moe, mlp = state["blocks"]["moe"], state["blocks"]["mlp"]
+  assert spec(moe["gate"]) == spec(moe["down"]) == P(None, "model", None, None)
+  assert moe["gate"][...].shape == (3, 4, 64, 48)
+  assert spec(mlp["gate"]) == P(None, None, "model") and mlp["gate"][...].shape == (1, 64, 128)
+  assert spec(state["blocks"]["attn"]["q"]) == P(None, None, "model", None)
+  assert state["blocks"]["attn"]["q"][...].shape == (4, 64, 4, 24)
 
 
 def test_experts_sharded_decode_one_row(load):

@@ -22,7 +22,7 @@ from kvjax.lm import sot, steps, tiny
 from kvjax.lm.generate import new_cache
 from kvjax.lm.streaming import perplexity
 
-FAMILIES = ("qwen3", "gemma3_text", "phi3", "mixtral")
+FAMILIES = ("qwen3", "gemma3_text", "phi3", "mixtral", "qwen3_moe")
 ROWS = [[5, 9, 12, 40, 7, 7, 100, 3, 18, 22, 31, 4, 60], [44, 2, 90, 16, 8]]
 
 
@@ -33,10 +33,12 @@ def fam(request):
 
 def windows(family, n_layers):
   """Sliding windows shorter than the test texts where the family has them: Gemma 3's local
-  layers (own RoPE base) with a global top layer, a window on every Phi-3 and Mixtral layer."""
+  layers (own RoPE base) with a global top layer, a window on every Phi-3, Mixtral and
+  Qwen3-MoE layer (tiny.config's Qwen3-MoE: experts in the even layers, a dense MLP in the
+  odd ones)."""
   if family == "gemma3_text":
     return {"windows": (6,) * max(n_layers - 1, 1) + (0,) * (n_layers > 1)}
-  return {"windows": (6,) * n_layers} if family in ("phi3", "mixtral") else {}
+  return {"windows": (6,) * n_layers} if family in ("phi3", "mixtral", "qwen3_moe") else {}
 
 
 def test_sink_stream_equals_rescoring_what_the_cache_holds(fam):

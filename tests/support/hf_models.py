@@ -32,81 +32,101 @@ COMMON = dict(
 )
 
 
-def _classes(family):
-  import transformers as t
+# family -> (transformers config class, model class, the config's values besides COMMON)
+HF_CLASSES = {
+  "llama": (
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    dict(
+      rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+      },
+      rope_theta=500000.0,
+    ),
+  ),
+  "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=12)),
+  "qwen2": (
+    "Qwen2Config",
+    "Qwen2ForCausalLM",
+    dict(num_key_value_heads=1, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+  ),
+  "qwen3": (
+    "Qwen3Config",
+    "Qwen3ForCausalLM",
+    dict(head_dim=24, use_sliding_window=True, sliding_window=12, max_window_layers=1),
+  ),
+  "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16)),
+  "gemma2": (
+    "Gemma2Config",
+    "Gemma2ForCausalLM",
+    dict(
+      head_dim=16,
+      sliding_window=12,
+      query_pre_attn_scalar=24,
+      attn_logit_softcapping=ATTN_SOFTCAP,
+      final_logit_softcapping=FINAL_SOFTCAP,
+      tie_word_embeddings=False,
+    ),
+  ),  # gemma ties; a tied head makes greedy repeat a token
+  "gemma3_text": (
+    "Gemma3TextConfig",
+    "Gemma3ForCausalLM",
+    dict(
+      head_dim=16,
+      sliding_window=12,
+      sliding_window_pattern=2,
+      query_pre_attn_scalar=24,
+      rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+      },
+      tie_word_embeddings=False,
+    ),
+  ),  # no soft-caps, as released; layers: local, global, local
+  "phi3": (
+    "Phi3Config",
+    "Phi3ForCausalLM",
+    dict(
+      sliding_window=12,
+      original_max_position_embeddings=128,
+      rope_scaling={"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG},
+      bos_token_id=0,
+      eos_token_id=1,
+      pad_token_id=None,
+    ),
+  ),  # its defaults: ids >= 32000
+  "mixtral": (
+    "MixtralConfig",
+    "MixtralForCausalLM",
+    dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=12),
+  ),
+  "qwen3_moe": (
+    "Qwen3MoeConfig",
+    "Qwen3MoeForCausalLM",
+    dict(
+      num_hidden_layers=4,
+      head_dim=24,
+      num_experts=4,
+      num_experts_per_tok=2,
+      moe_intermediate_size=48,
+      mlp_only_layers=[2],
+      use_sliding_window=True,
+      sliding_window=12,
+    ),
+  ),  # layers: experts, experts, dense, experts; norm_topk_prob false (its default)
+}
 
-  return {
-    "llama": (
-      t.LlamaConfig,
-      t.LlamaForCausalLM,
-      dict(
-        rope_scaling={
-          "rope_type": "llama3",
-          "factor": 8.0,
-          "low_freq_factor": 1.0,
-          "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64,
-        },
-        rope_theta=500000.0,
-      ),
-    ),
-    "mistral": (t.MistralConfig, t.MistralForCausalLM, dict(sliding_window=12)),
-    "qwen2": (
-      t.Qwen2Config,
-      t.Qwen2ForCausalLM,
-      dict(num_key_value_heads=1, rope_scaling={"rope_type": "linear", "factor": 4.0}),
-    ),
-    "qwen3": (
-      t.Qwen3Config,
-      t.Qwen3ForCausalLM,
-      dict(head_dim=24, use_sliding_window=True, sliding_window=12, max_window_layers=1),
-    ),
-    "gemma": (t.GemmaConfig, t.GemmaForCausalLM, dict(head_dim=16)),
-    "gemma2": (
-      t.Gemma2Config,
-      t.Gemma2ForCausalLM,
-      dict(
-        head_dim=16,
-        sliding_window=12,
-        query_pre_attn_scalar=24,
-        attn_logit_softcapping=ATTN_SOFTCAP,
-        final_logit_softcapping=FINAL_SOFTCAP,
-        tie_word_embeddings=False,
-      ),
-    ),  # gemma ties; a tied head makes greedy repeat a token
-    "gemma3_text": (
-      t.Gemma3TextConfig,
-      t.Gemma3ForCausalLM,
-      dict(
-        head_dim=16,
-        sliding_window=12,
-        sliding_window_pattern=2,
-        query_pre_attn_scalar=24,
-        rope_parameters={
-          "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
-        },
-        tie_word_embeddings=False,
-      ),
-    ),  # no soft-caps, as released; layers: local, global, local
-    "phi3": (
-      t.Phi3Config,
-      t.Phi3ForCausalLM,
-      dict(
-        sliding_window=12,
-        original_max_position_embeddings=128,
-        rope_scaling={"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG},
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=None,
-      ),
-    ),  # its defaults: ids >= 32000
-    "mixtral": (
-      t.MixtralConfig,
-      t.MixtralForCausalLM,
-      dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=12),
-    ),
-  }[family]
+
+def _classes(family):
+  """(config class, model class, extra values) of a family."""
+  import transformers
+
+  config_cls, model_cls, extra = HF_CLASSES[family]
+  return getattr(transformers, config_cls), getattr(transformers, model_cls), extra
 
 
 def hf_model(family: str, seed: int = 0, **overrides):
