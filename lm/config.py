@@ -26,6 +26,7 @@ ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 # the sizes that fix the params' shapes (a head or coprocessor made for a model needs them)
 PARAM_SIZES = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")
 SIZES = (*PARAM_SIZES, "max_position", "rope_original_max_position")  # every int >= 1 field
+EXPERT_SIZES = ("n_experts", "moe_ffn_dim", "dense_layers")  # with PARAM_SIZES: every shape
 POSITIVE = (
   "norm_eps",
   "rope_theta",

@@ -242,7 +242,7 @@ def new_cache(hc: HeadConfig, batch: int, size: int, dtype) -> KVCache:
 
 def check(hc: HeadConfig, target: Config) -> None:
   """Raises HeadError unless the head fits the target's architecture."""
-  diff = config.diff(hc.target, target, names=("family", *config.PARAM_SIZES))
+  diff = config.diff(hc.target, target, names=("family", *config.PARAM_SIZES, *config.EXPERT_SIZES))
   if diff:
     name = f" {hc.target_name!r}" if hc.target_name else ""
     raise HeadError(f"this {hc.kind} head was trained for another target{name}: " + ", ".join(diff))
