@@ -41,68 +41,6 @@ def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
   return nnx.merge(nnx.graphdef(layers[0]), state)
 
 
-def stack_blocks(blocks: list[Block]) -> Block:
-  """The L Blocks of a Decoder as one Block with every param stacked on a leading LAYERS axis:
-  the norms and attention over all L layers, and each MLP kind (`MLP_KINDS`) over the layers
-  that have it, in layer order (`Config.moe_layers`). With one kind in every layer that is
-  `stack_layers(blocks)`; with both, `mlp` holds the dense layers' params [L_dense, ...] and
-  `moe` the mixture layers' [L_moe, ...] (`layer_slice` takes a run of layers back out)."""
-  mlps = {kind: [getattr(b, kind) for b in blocks if hasattr(b, kind)] for kind in MLP_KINDS}
-  if sum(bool(m) for m in mlps.values()) == 1:
-    return stack_layers(blocks)
-  for b in blocks:
-    for kind in MLP_KINDS:
-      if hasattr(b, kind):
-        delattr(b, kind)
-  stacked = stack_layers(blocks)
-  for kind, modules in mlps.items():
-    setattr(stacked, kind, stack_layers(modules))
-  return stacked
-
-
-def layer_runs(cfg: Config, start: int, stop: int) -> list[tuple[int, int]]:
-  """[start, stop) cut into the maximal runs [a, b) of consecutive layers with one MLP kind
-  (one run for every family but a Qwen3-MoE with dense layers)."""
-  kinds = cfg.moe_layers
-  runs, a = [], start
-  for l in range(start + 1, stop + 1):
-    if l == stop or kinds[l] != kinds[a]:
-      runs.append((a, l))
-      a = l
-  return runs
-
-
-def layer_slice(blocks: Block, cfg: Config, start: int, stop: int) -> Block:
-  """Layers [start, stop) of a Decoder's stacked `blocks` (`stack_blocks`), all of one MLP
-  kind, as a stacked Block of that kind: norm and attention params [start, stop) of theirs,
-  MLP params [i, i + stop - start) of that kind's stack, i counting the layers of that kind
-  below start. A new module over the same arrays."""
-  moe = cfg.moe_layers[start]
-  if any(m != moe for m in cfg.moe_layers[start:stop]):
-    raise ValueError(f"layers [{start}, {stop}) mix dense and mixture-of-experts MLPs")
-  kind, other = MLP_KINDS[::-1] if moe else MLP_KINDS
-  first = cfg.moe_layers[:start].count(moe)
-  graphdef, state = nnx.split(blocks)
-  if hasattr(blocks, other):  # both kinds stacked: drop the other one
-    sub = nnx.merge(graphdef, state)
-    delattr(sub, other)
-    graphdef, state = nnx.split(sub)
-  n = stop - start
-  state = nnx.State(
-    {
-      name: jax.tree.map(lambda a, lo=first if name == kind else start: a[lo : lo + n], value)
-      for name, value in state.items()
-    }
-  )
-  return nnx.merge(graphdef, state)
-
-
-def layer_block(blocks: Block, cfg: Config, layer: int) -> Block:
-  """Layer `layer` of a Decoder's stacked `blocks` as one Block (no layer axis)."""
-  graphdef, state = nnx.split(layer_slice(blocks, cfg, layer, layer + 1))
-  return nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
-
-
 class RMSNorm(nnx.Module):
   """RMSNorm over the last axis, of size dim (default d_model) with logical name `axis`
   (head_dim, "head_dim" for the q/k norms)."""
@@ -373,6 +311,68 @@ class Block(nnx.Module):
     if self.cfg.post_norms:
       m = self.post_mlp_norm(m)
     return x + _drop(m, dropout, drop_keys, 2), k_rot if view.rotated else k, v
+
+
+def stack_blocks(blocks: list[Block]) -> Block:
+  """The L Blocks of a Decoder as one Block with every param stacked on a leading LAYERS axis:
+  the norms and attention over all L layers, and each MLP kind (`MLP_KINDS`) over the layers
+  that have it, in layer order (`Config.moe_layers`). With one kind in every layer that is
+  `stack_layers(blocks)`; with both, `mlp` holds the dense layers' params [L_dense, ...] and
+  `moe` the mixture layers' [L_moe, ...] (`layer_slice` takes a run of layers back out)."""
+  mlps = {kind: [getattr(b, kind) for b in blocks if hasattr(b, kind)] for kind in MLP_KINDS}
+  if sum(bool(m) for m in mlps.values()) == 1:
+    return stack_layers(blocks)
+  for b in blocks:
+    for kind in MLP_KINDS:
+      if hasattr(b, kind):
+        delattr(b, kind)
+  stacked = stack_layers(blocks)
+  for kind, modules in mlps.items():
+    setattr(stacked, kind, stack_layers(modules))
+  return stacked
+
+
+def layer_runs(cfg: Config, start: int, stop: int) -> list[tuple[int, int]]:
+  """[start, stop) cut into the maximal runs [a, b) of consecutive layers with one MLP kind
+  (one run for every family but a Qwen3-MoE with dense layers)."""
+  kinds = cfg.moe_layers
+  runs, a = [], start
+  for l in range(start + 1, stop + 1):
+    if l == stop or kinds[l] != kinds[a]:
+      runs.append((a, l))
+      a = l
+  return runs
+
+
+def layer_slice(blocks: Block, cfg: Config, start: int, stop: int) -> Block:
+  """Layers [start, stop) of a Decoder's stacked `blocks` (`stack_blocks`), all of one MLP
+  kind, as a stacked Block of that kind: norm and attention params [start, stop) of theirs,
+  MLP params [i, i + stop - start) of that kind's stack, i counting the layers of that kind
+  below start. A new module over the same arrays."""
+  moe = cfg.moe_layers[start]
+  if any(m != moe for m in cfg.moe_layers[start:stop]):
+    raise ValueError(f"layers [{start}, {stop}) mix dense and mixture-of-experts MLPs")
+  kind, other = MLP_KINDS[::-1] if moe else MLP_KINDS
+  first = cfg.moe_layers[:start].count(moe)
+  graphdef, state = nnx.split(blocks)
+  if hasattr(blocks, other):  # both kinds stacked: drop the other one
+    sub = nnx.merge(graphdef, state)
+    delattr(sub, other)
+    graphdef, state = nnx.split(sub)
+  n = stop - start
+  state = nnx.State(
+    {
+      name: jax.tree.map(lambda a, lo=first if name == kind else start: a[lo : lo + n], value)
+      for name, value in state.items()
+    }
+  )
+  return nnx.merge(graphdef, state)
+
+
+def layer_block(blocks: Block, cfg: Config, layer: int) -> Block:
+  """Layer `layer` of a Decoder's stacked `blocks` as one Block (no layer axis)."""
+  graphdef, state = nnx.split(layer_slice(blocks, cfg, layer, layer + 1))
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
 
 
 @jax.tree_util.register_dataclass
