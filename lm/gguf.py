@@ -147,9 +147,10 @@ def _undo_conversion(w: np.ndarray, name: str, arch: str, cfg: Config) -> np.nda
 
 def _llama3_rope(freqs: np.ndarray, cfg: Config, metadata: dict, path: str) -> dict | None:
   """The llama3 rope_scaling whose per-frequency divisors are `freqs` [H/2] (what llama.cpp's
-  converter writes to rope_freqs.weight): factor = the largest divisor; the divisors between 1
-  and factor fix the band's two ends, from which low_freq_factor 1 gives high_freq_factor and
-  original_max_position; refused unless these reproduce every divisor (float32)."""
+  converter writes to rope_freqs.weight), refused unless it reproduces every divisor (float32).
+  factor is the largest divisor; between 1 and factor the divisors run through a band where
+  smooth = (original / wavelen - low) / (high - low) is a line in 1 / wavelen: two or more band
+  divisors fix it (with low = 1), one fixes original given Llama 3's low = 1, high = 4."""
   H = cfg.head_dim
   if freqs.shape != (H // 2,):
     raise CheckpointError(
@@ -160,18 +161,20 @@ def _llama3_rope(freqs: np.ndarray, cfg: Config, metadata: dict, path: str) -> d
     raise CheckpointError(f"{path}: both {ROPE_FREQS!r} and a rope.scaling.type; expected one")
   if (freqs == 1).all():
     return None
-  inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, H, 2) / H)
+  wavelen = 2 * math.pi * cfg.rope_theta ** (np.arange(0, H, 2) / H)
   factor = float(freqs.max())
   band = (freqs > 1) & (freqs < factor)
-  guesses = [(1.0, 4.0, 8192)]  # Llama 3.1 / 3.2's
-  if band.sum() >= 2 and factor > 1:  # smooth = (L / wavelen - 1) / (high - 1), a line in 1/wavelen
-    smooth = (1 / freqs[band] - 1 / factor) / (1 - 1 / factor)
-    slope, intercept = np.polyfit(inv_freq[band] / (2 * math.pi), smooth, 1)
+  smooth = (1 / freqs[band] - 1 / factor) / (1 - 1 / factor)
+  guesses = [(1.0, 4.0, 8192)]  # Llama 3.1's and 3.2's
+  if band.sum() == 1:
+    guesses.insert(0, (1.0, 4.0, round(float((3 * smooth[0] + 1) * wavelen[band][0]))))
+  elif band.sum() >= 2:
+    slope, intercept = np.polyfit(1 / wavelen[band], smooth, 1)  # low 1: intercept -1/(high-1)
     if intercept < 0:
-      high = 1 - 1 / intercept
-      guesses.insert(0, (1.0, high, round(slope * (high - 1))))
+      high = float(1 - 1 / intercept)
+      guesses.insert(0, (1.0, high, round(float(slope * (high - 1)))))
   for low, high, original in guesses:
-    if np.allclose(_llama3_divisors(inv_freq, factor, low, high, original), freqs, rtol=1e-6):
+    if np.allclose(_llama3_divisors(wavelen, factor, low, high, original), freqs, rtol=1e-6):
       return {
         "rope_type": "llama3",
         "factor": factor,
@@ -185,9 +188,8 @@ def _llama3_rope(freqs: np.ndarray, cfg: Config, metadata: dict, path: str) -> d
   )
 
 
-def _llama3_divisors(inv_freq, factor: float, low: float, high: float, original: int):
+def _llama3_divisors(wavelen, factor: float, low: float, high: float, original: int):
   """llama3 RoPE's per-frequency divisors, as llama.cpp's converter computes them."""
-  wavelen = 2 * math.pi / inv_freq
   smooth = (original / wavelen - low) / (high - low)
   band = 1 / ((1 - smooth) / factor + smooth)
   out = np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, band))

@@ -196,7 +196,7 @@ def _metadata(cfg, arch: str) -> dict:
   if arch == "llama":
     out[f"{arch}.rope.dimension_count"] = head_dim
     out[f"{arch}.vocab_size"] = cfg.vocab_size
-  if arch in ("qwen3", "gemma3"):
+  if getattr(cfg, "head_dim", None):  # the converter writes a config.json's head_dim
     out[f"{arch}.attention.key_length"] = head_dim
     out[f"{arch}.attention.value_length"] = head_dim
   if arch == "gemma3":
