@@ -233,6 +233,7 @@ def llama3_divisors(
 # ---------------------------------------------------------------------------------------------
 # tokenizers
 
+# byte-level merges; as in SmolLM2's vocabulary, none joins a digit to anything
 MERGES = [
   ("Ġ", "t"),
   ("h", "e"),
@@ -264,7 +265,7 @@ MERGES = [
   ("a", "l"),
   ("Ġ", "d"),
   ("l", "e"),
-  ("Ġ", "1"),
+  ("Ġ", "Â"),
   ("Ġ", "Ġ"),
   ("ĠĠ", "ĠĠ"),
   ("Ċ", "Ċ"),
@@ -275,7 +276,6 @@ MERGES = [
   ("Ġ", "("),
   ("(", "x"),
   ("Ã", "©"),
-  ("1", "2"),
   ("Ġ", "ä"),
   ("e", "x"),
   ("Ġw", "or"),
@@ -366,16 +366,20 @@ PIECES = [  # (piece, score): SentencePiece pieces, merged best score first
 
 
 def _spm(vocab: int, pre: str, arch: str) -> dict:
-  """SentencePiece BPE: <unk>, <s>, </s>, the 256 byte tokens, PIECES, then control padding
-  (Gemma files: scores in file order, no space prefix; others: by score, with the prefix)."""
-  tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-  scores = [0.0, 0.0, 0.0] + [0.0] * 256
-  types = [2, 3, 3] + [6] * 256
-  pieces = sorted(PIECES, key=lambda p: -p[1]) if arch == "gemma3" else PIECES
-  for piece, score in pieces:
-    tokens.append(piece)
-    scores.append(score)
-    types.append(1)
+  """SentencePiece BPE: the special tokens, the 256 byte tokens, PIECES, then control padding.
+  Llama files: <unk> <s> </s>, merges by score, a space prefix. Gemma files as llama.cpp writes
+  Gemma's: <pad> <eos> <bos> <unk> <mask>, merges by file position (every score 0 here), no
+  space prefix, runs of spaces stored with real spaces as user-defined tokens."""
+  gemma = arch == "gemma3"
+  specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] if gemma else ["<unk>", "<s>", "</s>"]
+  tokens = specials + [f"<0x{b:02X}>" for b in range(256)]
+  types = [2 if t == "<unk>" else 3 for t in specials] + [6] * 256
+  scores = [0.0] * len(tokens)
+  for piece, score in PIECES:
+    spaces = gemma and piece == SPACE * len(piece) and len(piece) > 1
+    tokens.append(" " * len(piece) if spaces else piece)
+    scores.append(0.0 if gemma else score)
+    types.append(4 if spaces else 1)
   tokens += ["<start_of_turn>", "<end_of_turn>"]
   scores += [-1000.0, -1000.0]
   types += [3, 3]
@@ -383,15 +387,20 @@ def _spm(vocab: int, pre: str, arch: str) -> dict:
     tokens.append(f"<unused{len(tokens)}>")
     scores.append(-1000.0)
     types.append(3)
-  return {
+  ids = {t: i for i, t in enumerate(tokens)}
+  bos, eos = ("<bos>", "<eos>") if gemma else ("<s>", "</s>")
+  out = {
     "tokenizer.ggml.model": "llama",
     "tokenizer.ggml.pre": "default",
     "tokenizer.ggml.tokens": tokens,
     "tokenizer.ggml.scores": scores,
     "tokenizer.ggml.token_type": types,
-    "tokenizer.ggml.bos_token_id": 1,
-    "tokenizer.ggml.eos_token_id": 2,
-    "tokenizer.ggml.unknown_token_id": 0,
+    "tokenizer.ggml.bos_token_id": ids[bos],
+    "tokenizer.ggml.eos_token_id": ids[eos],
+    "tokenizer.ggml.unknown_token_id": ids["<unk>"],
     "tokenizer.ggml.add_bos_token": True,
-    "tokenizer.ggml.add_space_prefix": arch != "gemma3",
+    "tokenizer.ggml.add_space_prefix": not gemma,
   }
+  if gemma:
+    out["tokenizer.ggml.padding_token_id"] = ids["<pad>"]
+  return out
