@@ -82,6 +82,12 @@ def read(path: str, *, dtype=None, weights: bool = True, check_finite: bool = Tr
   weights its params (dequantized, cast to dtype, default float32). check_finite: a tensor
   holding NaN or Inf is a CheckpointError naming it."""
   f = gguf_file.read(path)
+  parts = f.metadata.get("split.count", 1)
+  if parts != 1:
+    raise CheckpointError(
+      f"{path}: part {f.metadata.get('split.no', 0) + 1} of a GGUF file split in {parts}; "
+      "merge the parts first (llama.cpp's llama-gguf-split --merge)"
+    )
   tokenizer = gguf_tokenizer.build(f.metadata, source=path)
   cfg = gguf_config.config(f.metadata, set(f.tensors), source=path)
   if ROPE_FREQS in f.tensors:

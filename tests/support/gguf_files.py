@@ -139,10 +139,9 @@ def write(
       keys.pop(key, None)
     else:
       keys[key] = value
-  w = gguf.GGUFWriter(path, arch)
+  w = gguf.GGUFWriter(path, keys.pop("general.architecture", arch))
   for key, value in keys.items():
-    if key != "general.architecture":
-      _add(w, key, value)
+    _add(w, key, value)
   out = dict(tensors(model, arch))
   if llama3_rope:
     out["rope_freqs.weight"] = llama3_divisors(cfg, **llama3_rope)
