@@ -127,7 +127,7 @@ def _params(f: gguf_file.GGUFFile, cfg: Config, dtype, check_finite: bool) -> di
         "(--no-check-finite) to skip this check"
       )
     read_names.add(name)
-    return _undo_conversion(w, name, arch, cfg).astype(dtype)
+    return _undo_conversion(w, name, arch, cfg).astype(dtype, copy=False)
 
   params, _ = checkpoint.from_tensors(cfg, tensor)
   extra = sorted(set(f.tensors) - read_names - {ROPE_FREQS})

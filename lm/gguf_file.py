@@ -114,7 +114,8 @@ class GGUFFile:
     raw = self.data[info.offset : info.offset + info.nbytes].reshape(
       *rows, info.shape[-1] // block * type_size
     )
-    return np.array(dequantize(raw, info.type), dtype=np.float32)
+    w = dequantize(raw, info.type)  # a new array, but for F32 a view of the file
+    return w.copy() if info.type == T.F32 else w
 
 
 def read(path: str) -> GGUFFile:

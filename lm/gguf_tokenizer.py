@@ -209,18 +209,23 @@ def _sentencepiece_bpe(meta: _Metadata, architecture: str | None):
 
 def _merges(tokens: list[str], vocab: dict[str, int], rank: np.ndarray) -> list[tuple[str, str]]:
   """Every split of a token into two tokens, best token first (rank descending); the splits of
-  one token by longer left part, then longer right part, then vocabulary order."""
-  merges = []
+  one token by longer left part, then longer right part, then vocabulary order of the parts."""
+  get = vocab.get
+  found = []  # (token index, split point), each token's splits in vocabulary order
   for i, t in enumerate(tokens):
-    local = []
-    for k in range(1, len(t)):
-      left, right = vocab.get(t[:k]), vocab.get(t[k:])
-      if left is not None and right is not None:
-        local.append((left, right, k))
+    local = [
+      (left, right, k)
+      for k in range(1, len(t))
+      if (left := get(t[:k])) is not None and (right := get(t[k:])) is not None
+    ]
     local.sort()
-    merges += [(rank[i], k, len(t) - k, t[:k], t[k:]) for _, _, k in local]
-  merges.sort(key=lambda m: m[:3], reverse=True)  # stable: ties keep the order above
-  return [(m[3], m[4]) for m in merges]
+    found += [(i, k) for _, _, k in local]
+  if not found:
+    return []
+  index, split = np.array(found).T
+  lengths = np.array([len(tokens[i]) for i in index])
+  order = np.lexsort((split - lengths, -split, -rank[index]))  # stable: ties keep `found` order
+  return [(tokens[index[j]][: split[j]], tokens[index[j]][split[j] :]) for j in order]
 
 
 def _sentencepiece_pipeline(tok, meta: _Metadata) -> None:
