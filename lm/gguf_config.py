@@ -75,6 +75,12 @@ def config(
   arch = architecture(metadata, source)
   family = ARCHITECTURES[arch]
   keys = {**KEYS, **FAMILY_KEYS.get(family, {})}
+  experts = metadata.get(f"{arch}.expert_count", 0)
+  if experts:
+    raise CheckpointError(
+      f"{source}: {arch}.expert_count is {experts}: mixture-of-experts {arch} files (e.g. "
+      "Mixtral as llama) are not supported"
+    )
   missing = [k for k in REQUIRED if f"{arch}.{k}" not in metadata]
   if missing:
     raise CheckpointError(

@@ -164,6 +164,7 @@ def test_non_finite_weight(write, source, bad):
     ({"llama.rope.dimension_count": 8}, r"llama.rope.dimension_count is 8, but the heads have 16"),
     ({"llama.rope.scaling.type": "yarn"}, r"llama.rope.scaling.type 'yarn' is not supported"),
     ({"split.count": 3}, r"part 1 of a GGUF file split in 3"),
+    ({"llama.expert_count": 8}, r"llama.expert_count is 8: mixture-of-experts llama files"),
   ],
 )
 def test_metadata_kvjax_cannot_run(write, metadata, message):
