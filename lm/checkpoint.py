@@ -298,10 +298,34 @@ def load_hf(path: str, cfg: Config, dtype=None, *, check_finite: bool = True) ->
       )
     return w if dtype is None else w.astype(dtype)
 
-  params: dict[str, Any] = {}
-  used = set()
   moe = [l for l in range(cfg.n_layers) if cfg.moe_layers[l]]
   fused = bool(moe) and FUSED_EXPERTS.format(i=moe[0]) in weight_map
+  params, used = from_tensors(cfg, tensor, fused=fused)
+  extra = sorted(
+    n
+    for n in weight_map
+    if n not in used
+    and not n.endswith(IGNORED_SUFFIXES)
+    and not (cfg.tie_embeddings and n == "lm_head.weight")
+  )
+  if extra:
+    shown = ", ".join(repr(n) for n in extra[:5]) + (" ..." if len(extra) > 5 else "")
+    raise CheckpointError(
+      f"{path}: {len(extra)} tensor(s) that a {cfg.family} model with this "
+      f"config.json does not have: {shown}"
+    )
+  return params
+
+
+def from_tensors(
+  cfg: Config, tensor: Callable[[str, tuple[int, ...]], Any], *, fused: bool = False
+) -> tuple[dict[str, Any], set[str]]:
+  """kvjax params from a checkpoint's tensors by Hugging Face name: `tensor(name, shape)` returns
+  tensor `name` in its Hugging Face layout, checked to have `shape` (it raises for a missing or
+  misshapen one). fused: the experts in FUSED_EXPERTS' layout. Returns the params pure dict and
+  the names read, so that the caller can refuse the tensors left over."""
+  params: dict[str, Any] = {}
+  used = set()
   for entry in _entries(cfg, fused=fused):
     ours, _, shape, to_ours, _ = entry
     names = _names(entry, cfg)
@@ -322,20 +346,7 @@ def load_hf(path: str, cfg: Config, dtype=None, *, check_finite: bool = True) ->
       for key in path_[:-1]:
         node = node.setdefault(key, {})
       node[path_[-1]] = value
-  extra = sorted(
-    n
-    for n in weight_map
-    if n not in used
-    and not n.endswith(IGNORED_SUFFIXES)
-    and not (cfg.tie_embeddings and n == "lm_head.weight")
-  )
-  if extra:
-    shown = ", ".join(repr(n) for n in extra[:5]) + (" ..." if len(extra) > 5 else "")
-    raise CheckpointError(
-      f"{path}: {len(extra)} tensor(s) that a {cfg.family} model with this "
-      f"config.json does not have: {shown}"
-    )
-  return params
+  return params, used
 
 
 def hf_tensors(params: dict[str, Any], cfg: Config) -> Iterator[tuple[str, np.ndarray]]:

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kvjax.lm import artifact, checkpoint
+from kvjax.lm import artifact, checkpoint, gguf
+from kvjax.lm.checkpoint import CheckpointError
 from kvjax.lm.config import Config, ConfigError
 from kvjax.lm.decoder import Decoder
 from kvjax.lm.hf_config import from_hf, read_json, to_hf
@@ -130,49 +131,99 @@ def load(path: str, *, dtype=None, weights: bool = True, check_finite: bool = Tr
   """Loads a Hugging Face format directory: config.json, model.safetensors (or sharded with
   model.safetensors.index.json), tokenizer.json (+ tokenizer_config.json) and, when present,
   generation_config.json. `path` may also name a bundled model (`bundled()`, e.g.
-  "shakespeare"). dtype: cast params to it (default: as stored; float32 for bundled models).
-  weights=False: the directory's config and tokenizer with freshly initialised params (seed 0;
-  the directory may hold no weights, as `save(weights=False)` writes it). check_finite: a
-  tensor holding NaN or Inf is a CheckpointError naming it (False skips the check, for huge
-  checkpoints)."""
-  path, is_bundled = resolve(os.fspath(path))
-  if is_bundled and dtype is None:
-    dtype = jnp.float32
+  "shakespeare"), a GGUF file (llama.cpp's format: see `kvjax.lm.gguf`), or a directory with
+  no config.json that holds exactly one .gguf file (a config.json wins: the directory is read
+  as a Hugging Face one). dtype: cast params to it (default: as stored; float32 for bundled
+  models and GGUF files, whose dequantized weights float32 holds exactly). weights=False: the
+  model's config and tokenizer with freshly initialised params (seed 0; the directory may hold
+  no weights, as `save(weights=False)` writes it). check_finite: a tensor holding NaN or Inf
+  is a CheckpointError naming it (False skips the check, for huge checkpoints)."""
+  path = os.fspath(path)
   if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
       f"dtype must be a floating-point dtype (e.g. jnp.bfloat16) or None; got {dtype}"
     )
+  gguf_path = _gguf_file(path)
+  if gguf_path is not None:
+    return _load_gguf(gguf_path, dtype=dtype, weights=weights, check_finite=check_finite)
+  path, is_bundled = resolve(path)
+  if is_bundled and dtype is None:
+    dtype = jnp.float32
   hf = read_json(os.path.join(path, "config.json"), required=True)
   cfg = from_hf(hf, source=os.path.join(path, "config.json"))
   tok = None
   if os.path.exists(os.path.join(path, "tokenizer.json")):
     tok = Tokenizer.load(path)
-    if tok.vocab_size > cfg.vocab_size:
-      raise TokenizerError(
-        f"{tok.source}: {tok.vocab_size} tokens, but config.json's "
-        f"vocab_size is {cfg.vocab_size}: the tokenizer belongs to another model"
-      )
-    if tok.vocab_size < cfg.vocab_size:
-      warnings.warn(
-        f"{path}: config.json's vocab_size {cfg.vocab_size} pads the tokenizer's "
-        f"{tok.vocab_size} tokens; ids {tok.vocab_size}..{cfg.vocab_size - 1} are "
-        "masked in the logits (never sampled)",
-        VocabPaddingWarning,
-        stacklevel=2,
-      )
-      cfg = dataclasses.replace(cfg, tokenizer_size=tok.vocab_size)
-  if weights:
-    params = checkpoint.load_hf(path, cfg, dtype=dtype, check_finite=check_finite)
-    graphdef, state = _abstract(cfg, params["embed"].dtype)
-    nnx.replace_by_pure_dict(state, params)
-  else:
-    dtype = jnp.dtype(dtype or jnp.float32)
-    graphdef, _ = _abstract(cfg, dtype)
-    state = _random_state(cfg, dtype, jnp.int32(0))
+    cfg = _fit_tokenizer(cfg, tok, path, "config.json's vocab_size")
+  graphdef, state = _state(
+    cfg,
+    lambda: checkpoint.load_hf(path, cfg, dtype=dtype, check_finite=check_finite),
+    dtype,
+    weights=weights,
+  )
   gen = read_json(os.path.join(path, "generation_config.json"), required=False)
   eos = _eos_ids(gen, hf, tok, cfg.vocab_size, path)
   defaults = {k: gen[k] for k in ("do_sample", "temperature", "top_k", "top_p") if gen and k in gen}
   return Model(cfg, graphdef, state, tok, eos, defaults, path)
+
+
+def _gguf_file(path: str) -> str | None:
+  """The GGUF file that `path` names: a file starting with GGUF's magic, or the one .gguf file
+  of a directory with no config.json. None: not a GGUF model."""
+  if os.path.isfile(path):
+    with open(path, "rb") as f:
+      is_gguf = f.read(4) == b"GGUF"
+    return path if is_gguf or path.lower().endswith(".gguf") else None
+  if not os.path.isdir(path) or os.path.exists(os.path.join(path, "config.json")):
+    return None
+  found = sorted(n for n in os.listdir(path) if n.lower().endswith(".gguf"))
+  if len(found) > 1:
+    raise CheckpointError(
+      f"{path}: holds {len(found)} GGUF files ({', '.join(found)}) and no config.json; "
+      "pass the one to load"
+    )
+  return os.path.join(path, found[0]) if found else None
+
+
+def _load_gguf(path: str, *, dtype, weights: bool, check_finite: bool) -> Model:
+  """A GGUF file as a Model (float32 unless dtype is given); no generation defaults."""
+  ck = gguf.read(path, dtype=dtype, weights=weights, check_finite=check_finite)
+  cfg = _fit_tokenizer(ck.cfg, ck.tokenizer, path, "the metadata's vocabulary size")
+  graphdef, state = _state(cfg, lambda: ck.params, dtype or jnp.float32, weights=weights)
+  return Model(cfg, graphdef, state, ck.tokenizer, ck.eos_ids, {}, path)
+
+
+def _fit_tokenizer(cfg: Config, tok: Tokenizer, path: str, vocab_size: str) -> Config:
+  """cfg, with tokenizer_size set when the embedding pads the tokenizer's vocabulary (warned);
+  a tokenizer larger than the embedding is refused. vocab_size: what states it, for messages."""
+  if tok.vocab_size > cfg.vocab_size:
+    raise TokenizerError(
+      f"{tok.source}: {tok.vocab_size} tokens, but {vocab_size} is {cfg.vocab_size}: the "
+      "tokenizer belongs to another model"
+    )
+  if tok.vocab_size < cfg.vocab_size:
+    warnings.warn(
+      f"{path}: {vocab_size} {cfg.vocab_size} pads the tokenizer's "
+      f"{tok.vocab_size} tokens; ids {tok.vocab_size}..{cfg.vocab_size - 1} are "
+      "masked in the logits (never sampled)",
+      VocabPaddingWarning,
+      stacklevel=3,
+    )
+    cfg = dataclasses.replace(cfg, tokenizer_size=tok.vocab_size)
+  return cfg
+
+
+def _state(cfg: Config, params, dtype, *, weights: bool) -> tuple[Any, Any]:
+  """(graphdef, state) of the params that `params()` returns (weights) or of freshly
+  initialised ones (seed 0, in dtype, default float32)."""
+  if weights:
+    values = params()
+    graphdef, state = _abstract(cfg, values["embed"].dtype)
+    nnx.replace_by_pure_dict(state, values)
+    return graphdef, state
+  dtype = jnp.dtype(dtype or jnp.float32)
+  graphdef, _ = _abstract(cfg, dtype)
+  return graphdef, _random_state(cfg, dtype, jnp.int32(0))
 
 
 def save(model: Model, path: str, *, weights: bool = True) -> None:
@@ -187,14 +238,5 @@ def save(model: Model, path: str, *, weights: bool = True) -> None:
     json.dump(hf, f, indent=2)
   if weights:
     checkpoint.save_hf(path, model.params(), model.cfg)
-  tok = model.tokenizer
-  if tok is not None:
-    tok.tok.save(os.path.join(path, "tokenizer.json"))
-    conf = {
-      "bos_token": tok.bos,
-      "eos_token": tok.eos,
-      "chat_template": tok.chat_template,
-      "tokenizer_class": "PreTrainedTokenizerFast",
-    }
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-      json.dump({k: v for k, v in conf.items() if v is not None}, f, indent=2)
+  if model.tokenizer is not None:
+    model.tokenizer.save(path)

@@ -29,16 +29,19 @@ class Tokenizer:
     *,
     bos: str | None = None,
     eos: str | None = None,
+    unk: str | None = None,
+    pad: str | None = None,
     chat_template: str | None = None,
     source: str = "tokenizer.json",
   ):
     self.tok = tok
     self.source = source
-    self.bos = bos
-    self.eos = eos
+    self.bos, self.eos, self.unk, self.pad = bos, eos, unk, pad
     self.chat_template = chat_template
     self.bos_id = self._id(bos)
     self.eos_id = self._id(eos)
+    for token in (unk, pad):
+      self._id(token)  # in the vocabulary
 
   def _id(self, token: str | None) -> int | None:
     if token is None:
@@ -65,6 +68,8 @@ class Tokenizer:
       token = _token_str(conf.get(what))
       if token is not None and tok.token_to_id(token) is None:
         raise TokenizerError(f"{conf_file}: {what} {token!r} is not in the vocabulary of {file}")
+    # an unk or pad token the vocabulary lacks (transformers would add it) is left out
+    unk, pad = (_token_str(conf.get(w)) for w in ("unk_token", "pad_token"))
     template = conf.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
       named = {t.get("name"): t.get("template") for t in template}
@@ -77,9 +82,26 @@ class Tokenizer:
       tok,
       bos=_token_str(conf.get("bos_token")),
       eos=_token_str(conf.get("eos_token")),
+      unk=unk if unk is not None and tok.token_to_id(unk) is not None else None,
+      pad=pad if pad is not None and tok.token_to_id(pad) is not None else None,
       chat_template=template,
       source=file,
     )
+
+  def save(self, path: str) -> None:
+    """Writes tokenizer.json and tokenizer_config.json (special tokens, chat template) into
+    directory `path`, as `load` and transformers read them."""
+    self.tok.save(os.path.join(path, "tokenizer.json"))
+    conf = {
+      "bos_token": self.bos,
+      "eos_token": self.eos,
+      "unk_token": self.unk,
+      "pad_token": self.pad,
+      "chat_template": self.chat_template,
+      "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+      json.dump({k: v for k, v in conf.items() if v is not None}, f, indent=2)
 
   @property
   def vocab_size(self) -> int:
