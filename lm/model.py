@@ -162,7 +162,7 @@ def load(path: str, *, dtype=None, weights: bool = True, check_finite: bool = Tr
       )
       cfg = dataclasses.replace(cfg, tokenizer_size=tok.vocab_size)
   if weights:
-    params = checkpoint.load_hf(path, cfg, dtype=dtype, check_finite=check_finite)
+    cfg, params = checkpoint.load_hf(path, cfg, dtype=dtype, check_finite=check_finite)
     graphdef, state = _abstract(cfg, params["embed"].dtype)
     nnx.replace_by_pure_dict(state, params)
   else:
