@@ -13,6 +13,7 @@ position, given the same prefix (the float32 greedy token itself when the margin
                            the batch
   score                    logits within TOL of float32
   sinks (perplexity)       SinkCache nll within TOL of float32's
+  sinks (session)          a StreamingLLM turn's tokens near-greedy under float32 scoring
   sinks (attention mass)   within TOL of float32's
   SoT                      shared-prefix expansion (the bfloat16 x bfloat16 -> float32 dot XLA's
                            CPU backend cannot run): every row near-greedy under float32
@@ -97,6 +98,18 @@ def test_sink_perplexity(pair):
   )
   assert got.peak_cache_tokens == want.peak_cache_tokens == 9
   np.testing.assert_allclose(got.nll, want.nll, atol=TOL, rtol=0)
+
+
+def test_streaming_session(pair):
+  """A StreamingLLM turn (the sink attention's XLA reference on CPU): near-greedy under
+  float32 while the window still holds every token."""
+  m16, m32 = pair
+  done = {}
+  pieces = list(
+    streaming.Session(m16, n_sink=2, window=30).turn(ROWS[0], max_new_tokens=10, done=done)
+  )
+  assert pieces and len(done["ids"]) == 10
+  assert_near_greedy(m32, ROWS[0], done["ids"])
 
 
 def test_attention_mass(pair):
