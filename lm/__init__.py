@@ -10,7 +10,13 @@ StreamingLLM (attention sinks) is `kvjax.lm.streaming` and `kvjax stream`.
 """
 
 from kvjax.lm.artifact import params_fingerprint
-from kvjax.lm.checkpoint import CheckpointError, restore_params, save_params
+from kvjax.lm.checkpoint import (
+  CheckpointError,
+  MixedDtypeWarning,
+  TiedHeadWarning,
+  restore_params,
+  save_params,
+)
 from kvjax.lm.config import Config, ConfigError
 from kvjax.lm.decoder import Decoder, Output
 from kvjax.lm.generate import Generation, NonFiniteError, generate, generate_iter, score
@@ -24,10 +30,12 @@ __all__ = [
   "ConfigError",
   "Decoder",
   "Generation",
+  "MixedDtypeWarning",
   "Model",
   "NonFiniteError",
   "Output",
   "Sampling",
+  "TiedHeadWarning",
   "Tokenizer",
   "TokenizerError",
   "VocabPaddingWarning",

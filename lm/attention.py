@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from kvjax.cache.view import Keys, new_keys
 from kvjax.pallas_kernels import splits
+from kvjax.pallas_kernels.precision import einsum_f32
 
 BLOCK_K = 256  # key slots per block of the online softmax
 BLOCK_Q = 256  # queries per block when T is long
@@ -155,7 +156,7 @@ def _scores_step(carry, qg, k, v, sees, scale, softcap, drop=None):
   G, tq, 1], acc [B, K, G, tq, H]) float32; drop: (rate, key) of this step's probabilities, or
   None."""
   kk = "bknh" if k.ndim == 4 else "knh"
-  s = jnp.einsum(f"bkgth,{kk}->bkgtn", qg, k, preferred_element_type=jnp.float32)
+  s = einsum_f32(f"bkgth,{kk}->bkgtn", qg, k)
   vis = None if sees is None else sees[:, None, None]  # [B, 1, 1, tq, n]
   return splits.online_step(
     carry,

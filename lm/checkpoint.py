@@ -7,8 +7,10 @@ projections stored as einsum operands ([D, N, H], [N, H, D], [D, F], ...).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -263,22 +265,64 @@ def _open(file: str):
     raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
 
 
-def load_hf(path: str, cfg: Config, dtype=None, *, check_finite: bool = True) -> dict[str, Any]:
-  """Reads a HF checkpoint directory into a kvjax params pure dict (dtype: cast, else kept).
-  check_finite: refuse a tensor holding NaN or Inf, naming it (one reduction per tensor)."""
-  weight_map = _shards(path)
-  handles: dict[str, Any] = {}
+# safetensors' dtype names of the floating-point dtypes a checkpoint may store
+STORED_FLOATS = {
+  "F64": jnp.float64,
+  "F32": jnp.float32,
+  "F16": jnp.float16,
+  "BF16": jnp.bfloat16,
+  "F8_E4M3": jnp.float8_e4m3fn,
+  "F8_E5M2": jnp.float8_e5m2,
+}
 
-  def tensor(name: str, shape: tuple[int, ...]) -> jax.Array:
-    if name not in weight_map:
+
+class MixedDtypeWarning(UserWarning):
+  """A checkpoint whose floating-point tensors are stored in several dtypes was loaded in one."""
+
+
+class TiedHeadWarning(UserWarning):
+  """config.json ties the embeddings, but the checkpoint holds a different lm_head.weight,
+  which was loaded as an untied output head."""
+
+
+class _Reader:
+  """The tensors of a checkpoint directory by HF name, read one at a time from its files.
+
+  file(name): the file holding it; get(name, shape, dtype): the tensor, its shape, dtype and
+  (with check_finite) values checked, cast to dtype unless None; stored(name): (dtype, shape)
+  from the file's header, without reading the data (dtype None for a non-floating one)."""
+
+  def __init__(self, path: str, check_finite: bool):
+    self.path = path
+    self.check_finite = check_finite
+    self.weight_map = _shards(path)
+    self.handles: dict[str, Any] = {}
+
+  def file(self, name: str, shape: tuple[int, ...]) -> tuple[str, Any]:
+    """(path, open handle) of the file holding tensor `name` (shape: for the message when
+    the checkpoint lacks it)."""
+    if name not in self.weight_map:
       raise CheckpointError(
-        f"{path}: missing tensor {name!r} (expected shape {list(shape)} from config.json)"
+        f"{self.path}: missing tensor {name!r} (expected shape {list(shape)} from config.json)"
       )
-    file = os.path.join(path, weight_map[name])
-    if file not in handles:
-      handles[file] = _open(file)
+    file = os.path.join(self.path, self.weight_map[name])
+    if file not in self.handles:
+      self.handles[file] = _open(file)
+    return file, self.handles[file]
+
+  def stored(self, name: str, shape: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+    file, handle = self.file(name, shape)
     try:
-      w = handles[file].get_tensor(name)
+      part = handle.get_slice(name)
+      kind, stored_shape = part.get_dtype(), tuple(part.get_shape())
+    except Exception as err:
+      raise CheckpointError(f"{file}: cannot read tensor {name!r} ({err})") from None
+    return STORED_FLOATS.get(kind), stored_shape
+
+  def get(self, name: str, shape: tuple[int, ...], dtype=None) -> jax.Array:
+    file, handle = self.file(name, shape)
+    try:
+      w = handle.get_tensor(name)
     except Exception as err:
       raise CheckpointError(f"{file}: cannot read tensor {name!r} ({err})") from None
     if tuple(w.shape) != shape:
@@ -289,7 +333,7 @@ def load_hf(path: str, cfg: Config, dtype=None, *, check_finite: bool = True) ->
       raise CheckpointError(
         f"{file}: tensor {name!r} has dtype {w.dtype}; expected a floating-point dtype"
       )
-    if check_finite and not bool(jnp.isfinite(w).all()):
+    if self.check_finite and not bool(jnp.isfinite(w).all()):
       bad = int(w.size - jnp.isfinite(w).sum())
       raise CheckpointError(
         f"{file}: tensor {name!r} holds {bad} non-finite value(s) (NaN or "
@@ -298,23 +342,34 @@ def load_hf(path: str, cfg: Config, dtype=None, *, check_finite: bool = True) ->
       )
     return w if dtype is None else w.astype(dtype)
 
+
+def load_hf(
+  path: str, cfg: Config, dtype=None, *, check_finite: bool = True
+) -> tuple[Config, dict[str, Any]]:
+  """Reads a HF checkpoint directory -> (cfg, kvjax params pure dict).
+
+  dtype: cast every tensor to it; None keeps the stored dtype or, when the floating tensors
+  mix dtypes, loads them all in the dtype that holds most of the params (a MixedDtypeWarning
+  names the others; transformers casts to config.json's `dtype`, which in the checkpoints it
+  writes is that one). The returned cfg is untied (with a TiedHeadWarning) when it ties the
+  embeddings but the files hold an lm_head.weight with other values than the embedding
+  table: that head is loaded, as transformers does, never dropped. check_finite: refuse a
+  tensor holding NaN or Inf, naming it (one reduction per tensor)."""
+  reader = _Reader(path, check_finite)
+  cfg = _untie_if_distinct(reader, cfg)
   moe = [l for l in range(cfg.n_layers) if cfg.moe_layers[l]]
-  fused = bool(moe) and FUSED_EXPERTS.format(i=moe[0]) in weight_map
-  params, used = from_tensors(cfg, tensor, fused=fused)
-  extra = sorted(
-    n
-    for n in weight_map
-    if n not in used
-    and not n.endswith(IGNORED_SUFFIXES)
-    and not (cfg.tie_embeddings and n == "lm_head.weight")
-  )
-  if extra:
-    shown = ", ".join(repr(n) for n in extra[:5]) + (" ..." if len(extra) > 5 else "")
-    raise CheckpointError(
-      f"{path}: {len(extra)} tensor(s) that a {cfg.family} model with this "
-      f"config.json does not have: {shown}"
-    )
-  return params
+  fused = bool(moe) and FUSED_EXPERTS.format(i=moe[0]) in reader.weight_map
+  if dtype is None:
+    named = [
+      (n, entry[2])
+      for entry in _entries(cfg, fused=fused)
+      for group in (_experts(name, cfg) for name in _names(entry, cfg))
+      for n in group
+    ]
+    dtype = _one_dtype(reader, named)
+  params, used = from_tensors(cfg, lambda n, shape: reader.get(n, shape, dtype), fused=fused)
+  _check_no_extra(reader, cfg, used)
+  return cfg, params
 
 
 def from_tensors(
@@ -327,7 +382,7 @@ def from_tensors(
   params: dict[str, Any] = {}
   used = set()
   for entry in _entries(cfg, fused=fused):
-    ours, _, shape, to_ours, _ = entry
+    ours, name, shape, to_ours, _ = entry
     names = _names(entry, cfg)
     paths = ours if isinstance(ours, list) else [ours]
     ws = []  # per layer: one array per path (per-expert tensors stacked on the expert axis)
@@ -337,16 +392,85 @@ def from_tensors(
       got = got if isinstance(ours, list) else [(w,) for w in got]
       ws.append(
         tuple(jnp.stack([g[j] for g in got]) for j in range(len(paths)))
-        if "{e}" in entry[1]
+        if "{e}" in name
         else got[0]
       )
     for j, path_ in enumerate(paths):
-      value = jnp.stack([w[j] for w in ws]) if "{i}" in entry[1] else ws[0][j]
+      value = jnp.stack([w[j] for w in ws]) if "{i}" in name else ws[0][j]
       node = params
       for key in path_[:-1]:
         node = node.setdefault(key, {})
       node[path_[-1]] = value
   return params, used
+
+
+def _check_no_extra(reader: _Reader, cfg: Config, used: set[str]) -> None:
+  """CheckpointError naming the tensors of the files that the config has no place for (a tied
+  lm_head.weight equal to the embedding table is the table itself)."""
+  extra = sorted(
+    n
+    for n in reader.weight_map
+    if n not in used
+    and not n.endswith(IGNORED_SUFFIXES)
+    and not (cfg.tie_embeddings and n == "lm_head.weight")
+  )
+  if extra:
+    shown = ", ".join(repr(n) for n in extra[:5]) + (" ..." if len(extra) > 5 else "")
+    raise CheckpointError(
+      f"{reader.path}: {len(extra)} tensor(s) that a {cfg.family} model with this "
+      f"config.json does not have: {shown}"
+    )
+
+
+def _untie_if_distinct(reader: _Reader, cfg: Config) -> Config:
+  """cfg, untied when it ties the embeddings but the files also hold an lm_head.weight whose
+  values differ from model.embed_tokens.weight (a TiedHeadWarning says so)."""
+  head, embed = "lm_head.weight", "model.embed_tokens.weight"
+  if not cfg.tie_embeddings or head not in reader.weight_map:
+    return cfg
+  shape = (cfg.vocab_size, cfg.d_model)
+  file, _ = reader.file(head, shape)
+  # (a head of another shape is reported by its entry once untied)
+  if reader.stored(head, shape)[1] == shape and bool(
+    jnp.array_equal(reader.get(head, shape), reader.get(embed, shape))
+  ):
+    return cfg  # the same table written twice: nothing is lost by tying
+  warnings.warn(
+    f"{file}: config.json ties the embeddings (tie_word_embeddings true), but the file's "
+    f"{head!r} differs from {embed!r}: loaded it as an untied output head, as transformers "
+    "does (set tie_word_embeddings to false in config.json to say so)",
+    TiedHeadWarning,
+    stacklevel=4,
+  )
+  return dataclasses.replace(cfg, tie_embeddings=False)
+
+
+def _one_dtype(reader: _Reader, tensors: list[tuple[str, tuple[int, ...]]]):
+  """The dtype to load the (name, shape) tensors in when none was asked for: None (each as
+  stored) when their floating dtypes agree, else the one holding the most elements (the first
+  in the checkpoint's order on a tie), with a MixedDtypeWarning naming the tensors cast."""
+  # a missing tensor is reported by the reads, in the checkpoint's order
+  stored = {n: reader.stored(n, shape) for n, shape in tensors if n in reader.weight_map}
+  # as JAX holds them: float64 is float32 unless jax_enable_x64
+  kinds = {n: jax.dtypes.canonicalize_dtype(k) for n, (k, _) in stored.items() if k is not None}
+  sizes: dict[Any, int] = {}
+  for n, kind in kinds.items():
+    sizes[kind] = sizes.get(kind, 0) + int(np.prod(stored[n][1]))
+  if len(sizes) < 2:
+    return None
+  chosen = max(sizes, key=lambda k: sizes[k])  # max keeps the first of equals
+  odd = [n for n, kind in kinds.items() if kind != chosen]
+  shown = ", ".join(f"{n!r} from {jnp.dtype(stored[n][0]).name}" for n in odd[:3])
+  more = f" and {len(odd) - 3} more" if len(odd) > 3 else ""
+  warnings.warn(
+    f"{reader.path}: the checkpoint's tensors mix floating dtypes "
+    f"({', '.join(dict.fromkeys(jnp.dtype(k).name for k, _ in stored.values() if k))}): "
+    f"loaded all in {chosen.name}, "
+    f"the dtype of most params, casting {shown}{more} (choose another with dtype=..., --dtype)",
+    MixedDtypeWarning,
+    stacklevel=4,
+  )
+  return chosen
 
 
 def hf_tensors(params: dict[str, Any], cfg: Config) -> Iterator[tuple[str, np.ndarray]]:

@@ -22,6 +22,7 @@ from kvjax.lm.attention import KeyBlock, Training, attend
 from kvjax.lm.attention import causal as causal_attention
 from kvjax.lm.config import Config
 from kvjax.lm.sharding import constrain, declare
+from kvjax.pallas_kernels.precision import einsum_f32
 
 ACTIVATION = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, D]
 LOGITS = ("batch", "seq", "vocab")
@@ -424,7 +425,7 @@ class Decoder(nnx.Module):
   def logits(self, hidden: jax.Array) -> jax.Array:
     """hidden [..., D] (final-normed) -> [..., V] float32 (padding ids masked)."""
     w = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
-    logits = jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+    logits = einsum_f32("...d,dv->...v", hidden, w)
     if self.cfg.final_softcap is not None:
       logits = jnp.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
     return mask_padding(logits, self.cfg)

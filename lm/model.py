@@ -155,12 +155,10 @@ def load(path: str, *, dtype=None, weights: bool = True, check_finite: bool = Tr
   if os.path.exists(os.path.join(path, "tokenizer.json")):
     tok = Tokenizer.load(path)
     cfg = _fit_tokenizer(cfg, tok, path, "config.json's vocab_size")
-  graphdef, state = _state(
-    cfg,
-    lambda: checkpoint.load_hf(path, cfg, dtype=dtype, check_finite=check_finite),
-    dtype,
-    weights=weights,
-  )
+  params = None
+  if weights:  # the config the params fit (untied when the files hold a distinct head)
+    cfg, params = checkpoint.load_hf(path, cfg, dtype=dtype, check_finite=check_finite)
+  graphdef, state = _state(cfg, params, dtype)
   gen = read_json(os.path.join(path, "generation_config.json"), required=False)
   eos = _eos_ids(gen, hf, tok, cfg.vocab_size, path)
   defaults = {k: gen[k] for k in ("do_sample", "temperature", "top_k", "top_p") if gen and k in gen}
@@ -189,7 +187,7 @@ def _load_gguf(path: str, *, dtype, weights: bool, check_finite: bool) -> Model:
   """A GGUF file as a Model (float32 unless dtype is given); no generation defaults."""
   ck = gguf.read(path, dtype=dtype, weights=weights, check_finite=check_finite)
   cfg = _fit_tokenizer(ck.cfg, ck.tokenizer, path, "the metadata's vocabulary size")
-  graphdef, state = _state(cfg, lambda: ck.params, dtype or jnp.float32, weights=weights)
+  graphdef, state = _state(cfg, ck.params if weights else None, dtype or jnp.float32)
   return Model(cfg, graphdef, state, ck.tokenizer, ck.eos_ids, {}, path)
 
 
@@ -213,13 +211,12 @@ def _fit_tokenizer(cfg: Config, tok: Tokenizer, path: str, vocab_size: str) -> C
   return cfg
 
 
-def _state(cfg: Config, params, dtype, *, weights: bool) -> tuple[Any, Any]:
-  """(graphdef, state) of the params that `params()` returns (weights) or of freshly
-  initialised ones (seed 0, in dtype, default float32)."""
-  if weights:
-    values = params()
-    graphdef, state = _abstract(cfg, values["embed"].dtype)
-    nnx.replace_by_pure_dict(state, values)
+def _state(cfg: Config, params: dict[str, Any] | None, dtype) -> tuple[Any, Any]:
+  """(graphdef, state) of the params pure dict, or (None) of freshly initialised ones (seed 0,
+  in dtype, default float32)."""
+  if params is not None:
+    graphdef, state = _abstract(cfg, params["embed"].dtype)
+    nnx.replace_by_pure_dict(state, params)
     return graphdef, state
   dtype = jnp.dtype(dtype or jnp.float32)
   graphdef, _ = _abstract(cfg, dtype)

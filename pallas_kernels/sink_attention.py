@@ -31,6 +31,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from kvjax.pallas_kernels import rope, splits
+from kvjax.pallas_kernels.precision import einsum_f32
 
 STEPS = 4  # key blocks per program: a chunk of STEPS * block slots
 COUNT, START, WINDOW = range(3)  # the columns of the kernel's per-row scalar table (SMEM)
@@ -152,12 +153,9 @@ def reference(
   idx, kept, k_pos = _slots(slot, c, st, base, n_sink, W)  # [B, S]
   k = rope.apply(k, k_pos, freq, heads_first=True)
 
-  f32 = jnp.float32  # operands rounded to the inputs' dtype, products in float32 (as a
-  # bfloat16 x bfloat16 -> float32 dot, which XLA CPU cannot always run natively)
-
-  def scores(q_pos, keys):
+  def scores(q_pos, keys):  # operands in their dtype, products in float32
     qg = rope.apply(q, q_pos, freq).reshape(B, T, K, G, H)
-    return jnp.einsum("btkgh,bksh->bkgts", qg.astype(f32), keys.astype(f32))
+    return einsum_f32("btkgh,bksh->bkgts", qg, keys)
 
   s = scores(q_win, k[:, :, n_sink:])
   if n_sink:
@@ -173,7 +171,7 @@ def reference(
     window,
   )[:, None, None]  # [B, 1, 1, T, S]
   probs, lse = splits.softmax(s, vis, scale=scale, softcap=softcap)
-  o = jnp.einsum("bkgts,bksh->btkgh", probs.astype(v.dtype).astype(f32), v.astype(f32))
+  o = einsum_f32("bkgts,bksh->btkgh", probs.astype(v.dtype), v)
   return o.reshape(B, T, N, H), lse
 
 

@@ -18,6 +18,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from kvjax.pallas_kernels.precision import einsum_f32
+
 NEG = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked query gives no NaN
 IMPLS = ("pallas", "xla")
 
@@ -105,7 +107,7 @@ def online_step(
   if values is None:
     acc = acc + jnp.dot(p.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
   else:
-    acc = acc + jnp.einsum(values, p.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
+    acc = acc + einsum_f32(values, p.astype(vals.dtype), vals)
   return m_new, alpha * l + e.sum(axis=-1, keepdims=True), acc
 
 

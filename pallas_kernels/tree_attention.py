@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kvjax.pallas_kernels import splits
+from kvjax.pallas_kernels.precision import einsum_f32
 
 STEPS = 4  # key blocks per program: a chunk of STEPS * block slots
 LENGTH, WINDOW = range(2)  # the columns of the kernel's per-row scalar table (SMEM)
@@ -156,15 +157,14 @@ def reference(
     axis=-1,
   )[:, None, None]  # [B, 1, 1, T, S+T]
   v = jnp.where((slot[0] < length[:, None])[:, None, :, None], v, 0)  # free slots: any bits
-  f32 = jnp.float32  # operands in their dtype, products in float32 (see sink_attention)
-  qg = q.astype(k.dtype).astype(f32).reshape(B, T, K, G, H)
+  # operands in the cache's dtype (as the kernel reads them), products in float32
+  qg = q.astype(k.dtype).reshape(B, T, K, G, H)
   s = jnp.concatenate(
-    [jnp.einsum("btkgh,bksh->bkgts", qg, keys.astype(k.dtype).astype(f32)) for keys in (k, k_new)],
-    axis=-1,
+    [einsum_f32("btkgh,bksh->bkgts", qg, keys.astype(k.dtype)) for keys in (k, k_new)], axis=-1
   )  # [B, K, G, T, S+T]
   probs, lse = splits.softmax(s, vis, scale=scale, softcap=softcap)
   o = sum(
-    jnp.einsum("bkgts,bksh->btkgh", p.astype(v.dtype).astype(f32), vals.astype(v.dtype).astype(f32))
+    einsum_f32("bkgts,bksh->btkgh", p.astype(v.dtype), vals.astype(v.dtype))
     for p, vals in ((probs[..., :S], v), (probs[..., S:], v_new))
   )
   return o.reshape(B, T, N, H), lse

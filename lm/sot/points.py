@@ -50,8 +50,9 @@ def _clean(parts: list[str]) -> str:
 def parse_points(text: str, *, max_points: int = 10) -> list[str]:
   """The skeleton's points in order of appearance. Within numbered lists the first point with
   a number wins (a later one with that number is dropped with its lines, unless the first is
-  still empty); skipped numbers are fine. Raises SkeletonError for no points or more than
-  `max_points` (never truncates)."""
+  still empty: "1." then "1. text" is one point); skipped numbers are fine. Raises
+  SkeletonError for no points, a point with no text (never dropped: the points after it would
+  be renumbered) or more than `max_points` (never truncates)."""
   if not isinstance(text, str):
     raise TypeError(f"the skeleton must be a str; got {type(text).__name__}")
   if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 1:
@@ -59,7 +60,9 @@ def parse_points(text: str, *, max_points: int = 10) -> list[str]:
   lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
   numbered = any(_marker(line) for line in lines)
   points: list[list[str]] = []  # each point's lines
+  numbers: list[int | None] = []  # each point's number (None: a bullet)
   seen: dict[int, int] = {}  # number -> index in points
+  replaced: set[int] = set()  # empty points that a later one with their number replaced
   current: list[str] | None = None  # the point continued by plain lines; None before any
   dropped = blank = False  # inside a duplicate point / a blank line since the last text
   last, indent = 0, None  # the last number seen; the first bullet's indent (bullet lists)
@@ -70,9 +73,10 @@ def parse_points(text: str, *, max_points: int = 10) -> list[str]:
       current, dropped = None, True
       return
     if n is not None and n in seen:
-      points[seen[n]].clear()
+      replaced.add(seen[n])
     current, dropped = [], False
     points.append(current)
+    numbers.append(n)
     if n is not None:
       seen[n] = len(points) - 1
 
@@ -112,14 +116,25 @@ def parse_points(text: str, *, max_points: int = 10) -> list[str]:
       else:
         current.append(rest)
     blank = False
-  found = [p for p in (_clean(parts) for parts in points) if p]
+  texts = [(n, _clean(p)) for i, (n, p) in enumerate(zip(numbers, points)) if i not in replaced]
+  return _checked(texts, max_points, text)
+
+
+def _checked(points: list[tuple[int | None, str]], max_points: int, source: str) -> list[str]:
+  """The texts of points [(number as written, None for a bullet; text)], or SkeletonError for
+  no points, a point with no text or more than max_points; source: the skeleton's text."""
+  found = [text for _, text in points if text]
   if not found:
-    snippet = text.strip()
+    snippet = source.strip()
     snippet = snippet if len(snippet) <= 80 else snippet[:77] + "..."
     raise SkeletonError(
       "the skeleton has no points: expected numbered lines such as '1. ...' "
       f"or bullets such as '- ...'; got {snippet!r}"
     )
+  if len(found) < len(points):
+    i, number = next((i, n) for i, (n, text) in enumerate(points, 1) if not text)
+    which = f"point {number}" if number is not None else f"bullet {i}"
+    raise SkeletonError(f"skeleton {which} has no text: write the point or remove its line")
   if len(found) > max_points:
     raise SkeletonError(
       f"the skeleton has {len(found)} points, more than max_points={max_points} (--max-points)"

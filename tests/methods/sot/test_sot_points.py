@@ -45,7 +45,7 @@ TEN = "\n".join(f"{i}. point {i}" for i in range(1, 11))
     ("1. Sleep\r\n2. Diet\r\n", ["Sleep", "Diet"]),
     ("1.\n1. Sleep\n2. Diet", ["Sleep", "Diet"]),  # the prefill "1." then the model's own "1."
     ("1. 1. Sleep\n2. Diet", ["Sleep", "Diet"]),
-    ("1. Sleep\n2.\n3. Diet", ["Sleep", "Diet"]),  # an empty point is dropped
+    ("1. Sleep\n2.\n2. Diet", ["Sleep", "Diet"]),  # an empty point filled by a later 2.
     ("- intro\n1. Sleep\n2. Diet", ["Sleep", "Diet"]),  # numbers exist: bullets are not points
     (TEN, [f"point {i}" for i in range(1, 11)]),  # exactly max_points
   ],
@@ -57,6 +57,21 @@ def test_parse_points(text, points):
 @pytest.mark.parametrize("text", ["blah", "", "  \n\n", "1.\n2.", "Here you go:\n\n"])
 def test_no_points(text):
   with pytest.raises(SkeletonError, match="no points: expected numbered lines"):
+    parse_points(text)
+
+
+@pytest.mark.parametrize(
+  "text, which",
+  [
+    ("1. Sleep\n2.\n3. Diet", "point 2"),  # not dropped with Diet renumbered 2
+    ("1. Sleep\n2. Diet\n3.", "point 3"),  # a trailing number (a skeleton cut short)
+    ("1. Sleep\n4. **\n5. Diet", "point 4"),  # only emphasis markers: no text
+    ("1. Sleep\n2. :\n3. Diet", "point 2"),
+    ("- Sleep\n- \n- Diet", "bullet 2"),
+  ],
+)
+def test_a_point_with_no_text_is_an_error(text, which):
+  with pytest.raises(SkeletonError, match=rf"^skeleton {which} has no text: write the point or"):
     parse_points(text)
 
 
