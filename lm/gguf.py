@@ -3,8 +3,10 @@
 The metadata becomes the Config (`gguf_config`), the tokenizer metadata the Tokenizer
 (`gguf_tokenizer`), and each tensor, dequantized to float32 (`gguf_file`), is renamed to its
 Hugging Face name (NAMES, LAYER_NAMES) and placed in kvjax's params by the same mapping that
-reads a safetensors checkpoint (`checkpoint.from_tensors`). llama.cpp's converter changes three
-things on the way in, which reading undoes:
+reads a safetensors checkpoint (`checkpoint.from_tensors`). A mixture-of-experts layer
+(Qwen3-MoE) holds each projection of all E experts in one tensor, read into transformers 5's
+fused layout (`checkpoint.FUSED_EXPERTS`). llama.cpp's converter changes three things on the way
+in, which reading undoes:
 
 - the "llama" architecture's Q and K projections have each head's rows permuted (llama.cpp
   rotates interleaved pairs, transformers and kvjax the two halves of the head);
@@ -53,6 +55,13 @@ LAYER_NAMES = {
   "ffn_gate.weight": "mlp.gate_proj.weight",
   "ffn_up.weight": "mlp.up_proj.weight",
   "ffn_down.weight": "mlp.down_proj.weight",
+  # a mixture-of-experts layer: the router [E, D], then each projection of every expert in one
+  # tensor (ggml dims [D, F, E] for gate and up, [F, D, E] for down); gate_up_proj [E, 2F, D]
+  # is the gate tensor's rows, then the up tensor's (the order of the names here)
+  "ffn_gate_inp.weight": "mlp.gate.weight",
+  "ffn_gate_exps.weight": "mlp.experts.gate_up_proj",
+  "ffn_up_exps.weight": "mlp.experts.gate_up_proj",
+  "ffn_down_exps.weight": "mlp.experts.down_proj",
 }
 # Gemma's four norms per layer: ffn_norm is the one before the MLP
 POST_NORM_LAYER_NAMES = {
@@ -102,34 +111,28 @@ def _params(f: gguf_file.GGUFFile, cfg: Config, dtype, check_finite: bool) -> di
   non-finite or extra tensor, named as the file names it)."""
   arch = f.metadata["general.architecture"]
   layer_names = POST_NORM_LAYER_NAMES if cfg.post_norms else LAYER_NAMES
-  to_gguf = {hf: g for g, hf in NAMES.items()}
-  to_gguf_layer = {hf: g for g, hf in layer_names.items()}
+  to_gguf = {hf: [g] for g, hf in NAMES.items()}
+  to_gguf_layer: dict[str, list[str]] = {}
+  for g, hf in layer_names.items():
+    to_gguf_layer.setdefault(hf, []).append(g)
   read_names = set()
 
   def tensor(hf_name: str, shape: tuple[int, ...]) -> np.ndarray:
     m = LAYER.fullmatch(hf_name)
-    name = f"blk.{m[1]}.{to_gguf_layer[m[2]]}" if m else to_gguf[hf_name]
-    if name not in f.tensors:
-      raise CheckpointError(
-        f"{f.path}: missing tensor {name!r} (expected shape {list(shape)} from the metadata)"
-      )
-    info = f.tensors[name]
-    if info.shape != shape:
-      raise CheckpointError(
-        f"{f.path}: tensor {name!r} has shape {list(info.shape)} (ggml dims "
-        f"{list(reversed(info.shape))}); the metadata implies {list(shape)}"
-      )
-    w = f.array(name)
-    if check_finite and not np.isfinite(w).all():
-      raise CheckpointError(
-        f"{f.path}: tensor {name!r} holds {int(w.size - np.isfinite(w).sum())} non-finite "
-        f"value(s) (NaN or Inf) of {w.size}; load with check_finite=False "
-        "(--no-check-finite) to skip this check"
-      )
-    read_names.add(name)
-    return _undo_conversion(w, name, arch, cfg).astype(dtype, copy=False)
+    names = [f"blk.{m[1]}.{g}" for g in to_gguf_layer[m[2]]] if m else to_gguf[hf_name]
+    if len(names) == 1:
+      parts = [_tensor(f, names[0], shape, check_finite)]
+    else:  # the Hugging Face tensor's rows (axis 1) are the GGUF tensors', in order
+      part = (shape[0], shape[1] // len(names), *shape[2:])
+      parts = [_tensor(f, name, part, check_finite) for name in names]
+    read_names.update(names)
+    ws = [
+      _undo_conversion(w, name, arch, cfg).astype(dtype, copy=False)
+      for w, name in zip(parts, names)
+    ]
+    return ws[0] if len(ws) == 1 else np.concatenate(ws, axis=1)
 
-  params, _ = checkpoint.from_tensors(cfg, tensor)
+  params, _ = checkpoint.from_tensors(cfg, tensor, fused=any(cfg.moe_layers))
   extra = sorted(set(f.tensors) - read_names - {ROPE_FREQS})
   if extra:
     shown = ", ".join(repr(n) for n in extra[:5]) + (" ..." if len(extra) > 5 else "")
@@ -138,6 +141,29 @@ def _params(f: gguf_file.GGUFFile, cfg: Config, dtype, check_finite: bool) -> di
       f"have: {shown}"
     )
   return jax.tree.map(jnp.asarray, params)
+
+
+def _tensor(f: gguf_file.GGUFFile, name: str, shape: tuple[int, ...], check_finite: bool):
+  """Tensor `name` of the file, dequantized (float32), checked to have `shape` (numpy order)
+  and, with check_finite, no NaN or Inf."""
+  if name not in f.tensors:
+    raise CheckpointError(
+      f"{f.path}: missing tensor {name!r} (expected shape {list(shape)} from the metadata)"
+    )
+  info = f.tensors[name]
+  if info.shape != shape:
+    raise CheckpointError(
+      f"{f.path}: tensor {name!r} has shape {list(info.shape)} (ggml dims "
+      f"{list(reversed(info.shape))}); the metadata implies {list(shape)}"
+    )
+  w = f.array(name)
+  if check_finite and not np.isfinite(w).all():
+    raise CheckpointError(
+      f"{f.path}: tensor {name!r} holds {int(w.size - np.isfinite(w).sum())} non-finite "
+      f"value(s) (NaN or Inf) of {w.size}; load with check_finite=False "
+      "(--no-check-finite) to skip this check"
+    )
+  return w
 
 
 def _undo_conversion(w: np.ndarray, name: str, arch: str, cfg: Config) -> np.ndarray:

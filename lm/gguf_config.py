@@ -6,7 +6,16 @@ config.json is; its errors are reworded to name the GGUF key (`llama.embedding_l
 `hidden_size`) and raised as CheckpointError naming the file. What a GGUF file does not state,
 kvjax assumes as llama.cpp does (`_assumed`): Gemma 3's sliding-window pattern (every sixth layer
 global) and local RoPE base (10000), its query scale (1/sqrt(head_dim); 1/sqrt(D/N) for the 62-layer
-27B), and tied embeddings when the file has no `output.weight`.
+27B), Qwen3-MoE's renormalised top-k weights (`norm_topk_prob`) and expert width
+(feed_forward_length / expert_used_count where expert_feed_forward_length is absent or 0), and tied
+embeddings when the file has no `output.weight`.
+
+A Qwen3-MoE file has no key for the layers with a dense MLP (config.json's mlp_only_layers,
+decoder_sparse_step): llama.cpp's converter and loader give every qwen3moe layer experts. kvjax
+reads the layers from the tensors present (`_dense_layers`): a layer with blk.{i}.ffn_gate/up/down
+and none of the expert tensors (ffn_gate_inp, ffn_{gate,up,down}_exps) is dense, of width
+feed_forward_length; every other layer has experts, and its missing or surplus tensors are
+refused by name when the tensors are read.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from kvjax.lm.checkpoint import CheckpointError
-from kvjax.lm.config import Config, ConfigError
+from kvjax.lm.config import Config, ConfigError, is_int
 from kvjax.lm.hf_config import from_hf
 
 # general.architecture -> the model_type of its config.json (kvjax's family)
@@ -26,13 +35,9 @@ ARCHITECTURES = {
   "qwen2": "qwen2",
   "qwen3": "qwen3",
   "gemma3": "gemma3_text",
+  "qwen3moe": "qwen3_moe",
 }
-# Qwen3-MoE files ("qwen3moe") map to model_type "qwen3_moe" when the decoder has that family:
-# add it to ARCHITECTURES, its expert keys to FAMILY_KEYS (num_experts: expert_count,
-# num_experts_per_tok: expert_used_count, moe_intermediate_size: expert_feed_forward_length;
-# llama.cpp always renormalises the top-k weights: norm_topk_prob true), and the expert tensors
-# (blk.{i}.ffn_{gate,up,down}_exps [E, ...], blk.{i}.ffn_gate_inp router) to gguf.LAYER_NAMES.
-NOT_YET = {"qwen3moe": "Qwen3-MoE"}
+MOE_ARCHITECTURES = ("qwen3moe",)  # the architectures with experts (`{arch}.expert_count`)
 
 # config.json key -> its GGUF key, after the "{architecture}." prefix (every architecture)
 KEYS = {
@@ -54,7 +59,30 @@ FAMILY_KEYS = {
     "attn_logit_softcapping": "attn_logit_softcapping",
     "final_logit_softcapping": "final_logit_softcapping",
   },
+  "qwen3_moe": {
+    "num_experts": "expert_count",
+    "num_experts_per_tok": "expert_used_count",
+    "moe_intermediate_size": "expert_feed_forward_length",
+    # not written by llama.cpp's converter for qwen3moe (its loader always renormalises), but
+    # the key other MoE architectures use for norm_topk_prob: a file that states it is followed
+    "norm_topk_prob": "expert_weights_norm",
+  },
 }
+# the keys of a MoE architecture that change the routing where kvjax has one way: key ->
+# (the value kvjax runs, what it means); a file stating another value is refused
+ROUTING = {
+  "expert_gating_func": (1, "softmax over the router's logits"),
+  "expert_weights_scale": (1.0, "the chosen experts' weights unscaled"),
+  "expert_shared_count": (0, "no shared experts"),
+}
+# per-layer tensors of a layer with experts, after "blk.{i}." (`_dense_layers`)
+EXPERT_TENSORS = (
+  "ffn_gate_inp.weight",
+  "ffn_gate_exps.weight",
+  "ffn_up_exps.weight",
+  "ffn_down_exps.weight",
+)
+DENSE_TENSORS = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
 REQUIRED = (
   "embedding_length",
   "block_count",
@@ -63,6 +91,7 @@ REQUIRED = (
   "attention.layer_norm_rms_epsilon",
   "context_length",
 )
+MOE_REQUIRED = ("expert_count", "expert_used_count")  # llama.cpp refuses a file without them
 ROPE_SCALING = ("none", "linear")  # {arch}.rope.scaling.type values kvjax reads
 
 
@@ -76,12 +105,13 @@ def config(
   family = ARCHITECTURES[arch]
   keys = {**KEYS, **FAMILY_KEYS.get(family, {})}
   experts = metadata.get(f"{arch}.expert_count", 0)
-  if experts:
+  if experts and arch not in MOE_ARCHITECTURES:
     raise CheckpointError(
       f"{source}: {arch}.expert_count is {experts}: mixture-of-experts {arch} files (e.g. "
       "Mixtral as llama) are not supported"
     )
-  missing = [k for k in REQUIRED if f"{arch}.{k}" not in metadata]
+  required = REQUIRED + (MOE_REQUIRED if arch in MOE_ARCHITECTURES else ())
+  missing = [k for k in required if f"{arch}.{k}" not in metadata]
   if missing:
     raise CheckpointError(
       f"{source}: no {arch}.{missing[0]} in the metadata (required for architecture {arch!r})"
@@ -94,6 +124,9 @@ def config(
   hf["tie_word_embeddings"] = "output.weight" not in tensor_names
   hf["rope_scaling"] = rope or _rope_scaling(metadata, arch, source)
   hf.update(_assumed(hf, metadata, arch, source))
+  if arch in MOE_ARCHITECTURES:
+    _check_routing(metadata, arch, source)
+    hf.update(_dense_layers(hf, tensor_names))
   _check_head_dims(hf, metadata, arch, source)
   names = {k: f"{arch}.{v}" for k, v in keys.items()}
   names["rope_scaling.factor"] = f"{arch}.rope.scaling.factor"
@@ -110,11 +143,6 @@ def architecture(metadata: dict[str, Any], source: str) -> str:
   arch = metadata.get("general.architecture")
   if arch is None:
     raise CheckpointError(f"{source}: no general.architecture in the metadata")
-  if arch in NOT_YET:
-    raise CheckpointError(
-      f"{source}: general.architecture {arch!r} ({NOT_YET[arch]}) is not supported yet; "
-      f"kvjax reads {sorted(ARCHITECTURES)}"
-    )
   if arch not in ARCHITECTURES:
     raise CheckpointError(
       f"{source}: general.architecture {arch!r} is not supported; kvjax reads "
@@ -167,6 +195,8 @@ def _rope_scaling(metadata: dict[str, Any], arch: str, source: str) -> dict | No
 
 def _assumed(hf: dict[str, Any], metadata: dict[str, Any], arch: str, source: str) -> dict:
   """What llama.cpp assumes for the architecture where the file says nothing (module doc)."""
+  if arch == "qwen3moe":
+    return _assumed_experts(hf, arch, source)
   if arch != "gemma3":
     return {}
   L = hf.get("num_hidden_layers")
@@ -183,6 +213,47 @@ def _assumed(hf: dict[str, Any], metadata: dict[str, Any], arch: str, source: st
   elif H is not None:
     out["query_pre_attn_scalar"] = H
   return out
+
+
+def _assumed_experts(hf: dict[str, Any], arch: str, source: str) -> dict:
+  """Qwen3-MoE as llama.cpp runs it: the top-k weights renormalised, and where
+  expert_feed_forward_length is absent or 0, experts of width feed_forward_length //
+  expert_used_count."""
+  out: dict[str, Any] = {"norm_topk_prob": hf.get("norm_topk_prob", True)}
+  width = hf.get("moe_intermediate_size", 0)
+  F, k = hf.get("intermediate_size"), hf.get("num_experts_per_tok")
+  if width == 0 and is_int(F) and is_int(k) and k >= 1:
+    out["moe_intermediate_size"] = F // k
+  elif not (is_int(width) and width >= 0):
+    raise CheckpointError(
+      f"{source}: {arch}.expert_feed_forward_length must be an int >= 1 (absent or 0: "
+      f"{arch}.feed_forward_length / {arch}.expert_used_count); got {width!r}"
+    )
+  return out
+
+
+def _check_routing(metadata: dict[str, Any], arch: str, source: str) -> None:
+  """CheckpointError for a ROUTING key whose value kvjax cannot run."""
+  for key, (value, meaning) in ROUTING.items():
+    got = metadata.get(f"{arch}.{key}", value)
+    if got != value:
+      raise CheckpointError(
+        f"{source}: {arch}.{key} is {got!r}; kvjax runs {value!r} only ({meaning})"
+      )
+
+
+def _dense_layers(hf: dict[str, Any], tensor_names: set[str]) -> dict:
+  """config.json's mlp_only_layers (decoder_sparse_step 1) from the tensors present: the layers
+  with a dense MLP's tensors and none of a mixture of experts' (module doc)."""
+  L = hf.get("num_hidden_layers")
+  if not isinstance(L, int):
+    return {}  # from_hf reports it
+
+  def has(i: int, names: tuple[str, ...]) -> bool:
+    return any(f"blk.{i}.{n}" in tensor_names for n in names)
+
+  dense = [i for i in range(L) if has(i, DENSE_TENSORS) and not has(i, EXPERT_TENSORS)]
+  return {"mlp_only_layers": dense, "decoder_sparse_step": 1}
 
 
 def _layer_types(pattern, L: int, key: str, source: str) -> list[str]:

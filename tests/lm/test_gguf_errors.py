@@ -81,7 +81,6 @@ def test_unsupported_version(good, tmp_path):
   ("arch", "message"),
   [
     ("mamba", r"general.architecture 'mamba' is not supported; kvjax reads \['gemma3', "),
-    ("qwen3moe", r"general.architecture 'qwen3moe' \(Qwen3-MoE\) is not supported yet"),
   ],
 )
 def test_unknown_architecture(write, arch, message):

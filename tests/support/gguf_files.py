@@ -3,10 +3,13 @@
 `write(hf_model, path, ...)` converts a tiny random transformers model (hf_models) the way
 convert_hf_to_gguf.py does: llama.cpp's tensor names and metadata keys, the "llama"
 architecture's Q/K rows permuted, Gemma's norm weights stored as 1 + w, tied embeddings as a
-missing output.weight, llama3 RoPE scaling as rope_freqs.weight. `types` picks each 2-D tensor's
-ggml type by name suffix; float and legacy quantized types quantize the model's weights with
-gguf.quants, the K-quants (which gguf cannot quantize) replace them with random blocks of the same
-scale, so that transformers and kvjax dequantize the same bits either way.
+missing output.weight, llama3 RoPE scaling as rope_freqs.weight, Qwen3-MoE's experts stacked
+per projection (ffn_{gate,up,down}_exps, [E, ...] in numpy order) with the router as
+ffn_gate_inp (a layer in mlp_only_layers keeps ffn_gate/up/down, which llama.cpp's converter
+would refuse). `types` picks each 2-D or 3-D tensor's ggml type by name suffix; float and legacy
+quantized types quantize the model's weights with gguf.quants, the K-quants (which gguf cannot
+quantize) replace them with random blocks of the same scale, so that transformers and kvjax
+dequantize the same bits either way.
 
 Tokenizers (TOKENIZERS): "gpt2" writes a byte-level BPE vocabulary of the model's size with real
 merges; "spm" a SentencePiece one (bytes, pieces with scores).
@@ -32,6 +35,7 @@ LAYER = {
   "mlp.gate_proj": "ffn_gate",
   "mlp.up_proj": "ffn_up",
   "mlp.down_proj": "ffn_down",
+  "mlp.gate": "ffn_gate_inp",
 }
 GEMMA_LAYER = {
   **LAYER,
@@ -39,7 +43,13 @@ GEMMA_LAYER = {
   "post_attention_layernorm": "post_attention_norm",
   "post_feedforward_layernorm": "post_ffw_norm",
 }
-ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
+ARCH = {
+  "llama": "llama",
+  "qwen2": "qwen2",
+  "qwen3": "qwen3",
+  "gemma3_text": "gemma3",
+  "qwen3_moe": "qwen3moe",
+}
 # K-quant block layouts: byte offsets of the f16 super-block scale d and min scale dmin (or None)
 K_SCALES = {
   T.Q2_K: (80, 82),
@@ -59,6 +69,9 @@ def tensors(model, arch: str):
     w = p.detach().float().numpy()
     if name == "lm_head.weight" and cfg.tie_word_embeddings:
       continue
+    if ".mlp.experts." in name:
+      yield from experts(name, w)
+      continue
     if name.startswith("model.layers."):
       i, rest = name[len("model.layers.") :].split(".", 1)
       module, kind = rest.rsplit(".", 1)
@@ -75,6 +88,18 @@ def tensors(model, arch: str):
     if arch == "gemma3" and out.endswith("norm.weight"):
       w = w + 1
     yield out, w
+
+
+def experts(name: str, w: np.ndarray):
+  """transformers 5's fused experts of one layer as llama.cpp stores them: gate_up_proj
+  [E, 2F, D] -> ffn_gate_exps and ffn_up_exps [E, F, D]; down_proj [E, D, F] -> ffn_down_exps."""
+  i = name.split(".")[2]
+  if name.endswith("gate_up_proj"):
+    F = w.shape[1] // 2
+    yield f"blk.{i}.ffn_gate_exps.weight", w[:, :F]
+    yield f"blk.{i}.ffn_up_exps.weight", w[:, F:]
+  else:
+    yield f"blk.{i}.ffn_down_exps.weight", w
 
 
 def permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -126,10 +151,10 @@ def write(
   seed: int = 0,
 ) -> str:
   """Writes `model` (a transformers model of hf_models) as a GGUF file at path; returns path.
-  types: GGUF name suffix -> ggml type for 2-D tensors (default F32). metadata: keys to add or
-  (value None) remove. drop: tensors left out. extra: tensors added (float32). llama3_rope:
-  Llama 3 scaling (factor, low/high_freq_factor, original_max_position_embeddings) written as
-  rope_freqs.weight."""
+  types: GGUF name suffix -> ggml type for 2-D and 3-D tensors (default F32). metadata: keys to
+  add or (value None) remove. drop: tensors left out. extra: tensors added (float32).
+  llama3_rope: Llama 3 scaling (factor, low/high_freq_factor, original_max_position_embeddings)
+  written as rope_freqs.weight."""
   cfg = model.config
   arch = ARCH[cfg.model_type]
   rng = np.random.default_rng(seed)
@@ -150,7 +175,7 @@ def write(
     if name in drop:
       continue
     qtype = next((t for s, t in (types or {}).items() if name.endswith(s)), T.F32)
-    qtype = qtype if value.ndim == 2 else T.F32
+    qtype = qtype if value.ndim >= 2 else T.F32
     data = encode(value, qtype, rng)
     w.add_tensor(name, data, raw_dtype=qtype)
   w.write_header_to_file()
@@ -200,6 +225,10 @@ def _metadata(cfg, arch: str) -> dict:
     out[f"{arch}.attention.value_length"] = head_dim
   if arch == "gemma3":
     out[f"{arch}.attention.sliding_window"] = cfg.sliding_window
+  if arch == "qwen3moe":  # norm_topk_prob has no key: llama.cpp assumes true
+    out[f"{arch}.expert_count"] = cfg.num_experts
+    out[f"{arch}.expert_used_count"] = cfg.num_experts_per_tok
+    out[f"{arch}.expert_feed_forward_length"] = cfg.moe_intermediate_size
   return out
 
 
