@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.lm import user_warnings
 from kvjax.lm.config import Config
 
 SINGLE = "model.safetensors"
@@ -260,7 +260,7 @@ def _open(file: str):
   from safetensors import safe_open
 
   try:
-    return safe_open(file, framework="flax")
+    return safe_open(file, framework="np")  # numpy: checked and cast before one transfer
   except Exception as err:  # safetensors raises its own error types for bad headers
     raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
 
@@ -319,7 +319,7 @@ class _Reader:
       raise CheckpointError(f"{file}: cannot read tensor {name!r} ({err})") from None
     return STORED_FLOATS.get(kind), stored_shape
 
-  def get(self, name: str, shape: tuple[int, ...], dtype=None) -> jax.Array:
+  def get(self, name: str, shape: tuple[int, ...], dtype=None) -> np.ndarray:
     file, handle = self.file(name, shape)
     try:
       w = handle.get_tensor(name)
@@ -333,8 +333,9 @@ class _Reader:
       raise CheckpointError(
         f"{file}: tensor {name!r} has dtype {w.dtype}; expected a floating-point dtype"
       )
-    if self.check_finite and not bool(jnp.isfinite(w).all()):
-      bad = int(w.size - jnp.isfinite(w).sum())
+    finite = np.isfinite(w) if self.check_finite else None
+    if finite is not None and not finite.all():
+      bad = int(w.size - finite.sum())
       raise CheckpointError(
         f"{file}: tensor {name!r} holds {bad} non-finite value(s) (NaN or "
         f"Inf) of {w.size}; load with check_finite=False (--no-check-finite) "
@@ -369,7 +370,7 @@ def load_hf(
     dtype = _one_dtype(reader, named)
   params, used = from_tensors(cfg, lambda n, shape: reader.get(n, shape, dtype), fused=fused)
   _check_no_extra(reader, cfg, used)
-  return cfg, params
+  return cfg, jax.tree.map(jnp.asarray, params)
 
 
 def from_tensors(
@@ -377,8 +378,9 @@ def from_tensors(
 ) -> tuple[dict[str, Any], set[str]]:
   """kvjax params from a checkpoint's tensors by Hugging Face name: `tensor(name, shape)` returns
   tensor `name` in its Hugging Face layout, checked to have `shape` (it raises for a missing or
-  misshapen one). fused: the experts in FUSED_EXPERTS' layout. Returns the params pure dict and
-  the names read, so that the caller can refuse the tensors left over."""
+  misshapen one). fused: the experts in FUSED_EXPERTS' layout. Returns the params pure dict (of
+  numpy arrays when `tensor` gives numpy: the caller transfers them) and the names read, so that
+  the caller can refuse the tensors left over."""
   params: dict[str, Any] = {}
   used = set()
   for entry in _entries(cfg, fused=fused):
@@ -391,12 +393,10 @@ def from_tensors(
       got = [to_ours(tensor(n, shape)) for n in group]
       got = got if isinstance(ours, list) else [(w,) for w in got]
       ws.append(
-        tuple(jnp.stack([g[j] for g in got]) for j in range(len(paths)))
-        if "{e}" in name
-        else got[0]
+        tuple(np.stack([g[j] for g in got]) for j in range(len(paths))) if "{e}" in name else got[0]
       )
     for j, path_ in enumerate(paths):
-      value = jnp.stack([w[j] for w in ws]) if "{i}" in name else ws[0][j]
+      value = np.stack([w[j] for w in ws]) if "{i}" in name else ws[0][j]
       node = params
       for key in path_[:-1]:
         node = node.setdefault(key, {})
@@ -432,15 +432,14 @@ def _untie_if_distinct(reader: _Reader, cfg: Config) -> Config:
   file, _ = reader.file(head, shape)
   # (a head of another shape is reported by its entry once untied)
   if reader.stored(head, shape)[1] == shape and bool(
-    jnp.array_equal(reader.get(head, shape), reader.get(embed, shape))
+    np.array_equal(reader.get(head, shape), reader.get(embed, shape))
   ):
     return cfg  # the same table written twice: nothing is lost by tying
-  warnings.warn(
+  user_warnings.warn(
     f"{file}: config.json ties the embeddings (tie_word_embeddings true), but the file's "
     f"{head!r} differs from {embed!r}: loaded it as an untied output head, as transformers "
     "does (set tie_word_embeddings to false in config.json to say so)",
     TiedHeadWarning,
-    stacklevel=4,
   )
   return dataclasses.replace(cfg, tie_embeddings=False)
 
@@ -462,13 +461,12 @@ def _one_dtype(reader: _Reader, tensors: list[tuple[str, tuple[int, ...]]]):
   odd = [n for n, kind in kinds.items() if kind != chosen]
   shown = ", ".join(f"{n!r} from {jnp.dtype(stored[n][0]).name}" for n in odd[:3])
   more = f" and {len(odd) - 3} more" if len(odd) > 3 else ""
-  warnings.warn(
+  user_warnings.warn(
     f"{reader.path}: the checkpoint's tensors mix floating dtypes "
     f"({', '.join(dict.fromkeys(jnp.dtype(k).name for k, _ in stored.values() if k))}): "
     f"loaded all in {chosen.name}, "
     f"the dtype of most params, casting {shown}{more} (choose another with dtype=..., --dtype)",
     MixedDtypeWarning,
-    stacklevel=4,
   )
   return chosen
 

