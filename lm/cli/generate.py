@@ -8,7 +8,6 @@ import json
 import sys
 
 from kvjax.lm.cli.flags import (
-  DEFAULT_MODEL,
   PROG,
   add_coprocessor_group,
   add_distributed_flags,
@@ -26,7 +25,6 @@ from kvjax.lm.cli.flags import (
   start_distributed,
 )
 from kvjax.lm.cli.text import read_prompts, text_type
-from kvjax.lm.model import bundled
 
 NAME = "generate"
 HELP = "continue one or more prompts"
@@ -37,12 +35,7 @@ DESCRIPTION = (
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-  add_model_flag(
-    p,
-    "Hugging Face format model directory (config.json, model.safetensors, "
-    "tokenizer.json) or a bundled model name: "
-    f"{', '.join(bundled()) or 'none installed'} (default {DEFAULT_MODEL})",
-  )
+  add_model_flag(p, chat=True)
   p.add_argument(
     "--prompt",
     action="append",

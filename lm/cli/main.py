@@ -8,6 +8,7 @@
     kvjax droidspeak {run,send,receive} --plan 0-1 --prompt-file FILE   (lm/cli/droidspeak.py)
     kvjax sot --question "..." [--skeleton "1. ...\\n2. ..."] [--json]      (lm/cli/sot.py)
     kvjax bench [--model DIR_OR_NAME] [--batches 1,8] [--contexts 256,4096] [--json]
+    kvjax models                       (the names --model takes; how to install the others)
     python -m kvjax generate ...
 
 Each subcommand is a module of this package: its NAME, HELP (its line in `kvjax --help`) and
@@ -26,7 +27,7 @@ import argparse
 import sys
 import types
 
-from kvjax.lm.cli import bench, droidspeak, generate, ppl, sinks, sot, stream
+from kvjax.lm.cli import bench, droidspeak, generate, models, ppl, sinks, sot, stream
 from kvjax.lm.cli.errors import Parser, run
 from kvjax.lm.cli.flags import PROG
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
   for command in (generate, stream, ppl):
     _add(subparsers, command)
   _add_train(subparsers)
-  for command in (bench, droidspeak, sot, sinks):
+  for command in (bench, droidspeak, sot, sinks, models):
     _add(subparsers, command)
   return parser
 

@@ -52,7 +52,7 @@ BUDGET_FLAGS = (
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-  add_model_flag(p)
+  add_model_flag(p, chat=True)
   p.add_argument(
     "--question", required=True, type=text_type, metavar="TEXT", help="the question ('-': stdin)"
   )

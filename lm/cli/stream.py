@@ -35,7 +35,7 @@ DESCRIPTION = (
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
-  add_model_flag(p)
+  add_model_flag(p, chat=True)
   p.add_argument(
     "--prompt",
     default=None,

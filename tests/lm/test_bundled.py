@@ -89,7 +89,31 @@ def test_comedy_model_beats_base_on_a_held_out_comedy(models):
   assert base < 4.5 and comedy < 4.5
 
 
-def test_generate_defaults_to_shakespeare(models):
+def test_chat_commands_default_to_smollm2_else_shakespeare(models, monkeypatch):
+  """generate, stream and sot default to smollm2-135m-instruct once its package is installed,
+  else to the bundled shakespeare; the other commands to shakespeare."""
+  import argparse
+
+  from kvjax.lm import packaged
+  from kvjax.lm.cli import flags
+  from kvjax.lm.cli.main import build_parser
+
+  parser = build_parser()
+  for command in ("generate", "stream", "sot", "ppl", "sinks", "bench"):
+    extra = {"generate": ["--prompt", "x"], "sot": ["--question", "x"]}.get(command, [])
+    if command in ("ppl", "sinks"):
+      extra = ["--text", __file__]
+    args = parser.parse_args([command, *extra])
+    assert args.model == (None if command in ("generate", "stream", "sot") else "shakespeare")
+  loaded = []
+  monkeypatch.setattr(lm.model, "load", lambda name, **kw: loaded.append(name))
+  for installed, want in ((True, "smollm2-135m-instruct"), (False, "shakespeare")):
+    monkeypatch.setattr(packaged, "installed", lambda name, v=installed: v)
+    args = argparse.Namespace(model=None, dtype=None)
+    flags.load_model(args)
+    assert args.model == loaded[-1] == want
+  monkeypatch.undo()
+  monkeypatch.setattr(packaged, "installed", lambda name: False)
   code, out, err = cli("generate", "--prompt", "ROMEO:", "--max-new-tokens", 8, "--json")
   assert code == 0, err
   got = json.loads(out)
@@ -125,6 +149,8 @@ def test_shipped_heads_draft_for_shakespeare(models, name):
 def test_cli_speculative_with_the_shipped_head(models):
   code, out, err = cli(
     "generate",
+    "--model",
+    "shakespeare",
     "--prompt",
     "**HAMLET**",
     "--max-new-tokens",

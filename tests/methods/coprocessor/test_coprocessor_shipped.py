@@ -26,6 +26,8 @@ def test_names_and_configs():
 def test_cli_generate_with_a_shipped_coprocessor_equals_the_library():
   code, out, err = cli(
     "generate",
+    "--model",
+    "shakespeare",
     "--coprocessor",
     "shakespeare-16",
     "--prompt",
