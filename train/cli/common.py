@@ -204,12 +204,12 @@ def check_frozen(
   parser: argparse.ArgumentParser, args: argparse.Namespace, dest: str, role: str
 ) -> None:
   """--<dest> DIR_OR_NAME (the frozen model a task trains against) is given and resolves."""
-  from kvjax.lm.model import resolve
+  from kvjax.lm.model import find
 
   if getattr(args, dest) is None:
     parser.error(f"--{dest} DIR_OR_NAME is required ({role})")
   try:
-    resolve(getattr(args, dest))
+    find(getattr(args, dest))
   except FileNotFoundError as err:
     parser.error(f"--{dest}: {err}")
 
