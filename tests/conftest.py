@@ -17,9 +17,15 @@ are cached on the model; a persistent compilation cache shared by the session's 
 subprocesses (a fresh temporary directory, removed at the end) compiles each program once.
 GGUF files' converted copies (`kvjax.lm.gguf_cache`) go to another such directory, never to
 the user's ~/.cache/kvjax.
+
+pytest-xdist (`--dist loadfile --no-loadscope-reorder`, pyproject's addopts) hands each worker
+one module at a time, in collection order, so a module's fixtures are built once; the modules
+with the longest tests (`SLOW_FIRST`) are collected first, so a run ends on short modules
+rather than on one worker finishing a long one while the other idles.
 """
 
 import atexit
+import fnmatch
 import os
 import shutil
 import tempfile
@@ -45,6 +51,38 @@ import pytest  # noqa: E402
 from hf_models import build  # noqa: E402
 
 from kvjax.lm.config import FAMILIES  # noqa: E402
+
+# Modules (paths under tests/) that run first, slowest first (about 25 s or more of one worker's
+# time on 2 cores, or one test of 15 s or more); the rest keep their order.
+SLOW_FIRST = (
+  "lm/test_real_*.py",  # real checkpoints
+  "project/test_notebook.py",  # the quickstart notebook in a child process
+  "lm/test_multihost.py",  # two child processes under a deadline
+  "methods/test_family_methods.py",
+  "train/test_train_eagle.py",
+  "project/test_benchmarks.py",
+  "methods/speculative/test_speculative.py",
+  "train/test_train.py",
+  "lm/test_parity.py",
+  "lm/test_sharding.py",
+  "methods/droidspeak/test_droidspeak.py",
+  "methods/test_bfloat16.py",
+  "train/test_coprocessor_train.py",
+  "train/test_train_bfloat16.py",
+  "lm/test_bundled.py",
+  "cli/test_cli_bfloat16.py",
+)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rank(item) -> int:
+  """Where item's module stands in SLOW_FIRST (len(SLOW_FIRST) when it is not there)."""
+  path = os.path.relpath(str(item.path), TESTS).replace(os.sep, "/")
+  return next((i for i, p in enumerate(SLOW_FIRST) if fnmatch.fnmatch(path, p)), len(SLOW_FIRST))
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=_rank)  # stable: each module's own order, the other modules' order
 
 
 @pytest.fixture(scope="session")

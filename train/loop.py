@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from kvjax.lm import distributed
@@ -191,8 +192,20 @@ def optimizer_lr(tc: RunConfig) -> Callable[[jax.Array], jax.Array]:
 
 
 def train_state(params, opt_init: Callable) -> dict[str, Any]:
-  """The train state at step 0: {"params", "opt_state": opt_init(params), "step": int32 []}."""
-  return {"params": params, "opt_state": opt_init(params), "step": jnp.zeros((), jnp.int32)}
+  """The train state at step 0: {"params", "opt_state": opt_init(params), "step": int32 []}.
+  With params on a mesh, the leaves that are not (the step counters) are placed on it
+  replicated, as the train step returns them: its first call compiles the program that every
+  later call runs (not one for step 1 and another for the rest)."""
+  state = {"params": params, "opt_state": opt_init(params), "step": jnp.zeros((), jnp.int32)}
+  placed = lambda a: isinstance(getattr(a, "sharding", None), NamedSharding)
+  meshes = {a.sharding.mesh for a in jax.tree.leaves(params) if placed(a)}
+  if not meshes:
+    return state
+  (mesh,) = meshes
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(
+    lambda a: a if placed(a) else jax.device_put(np.asarray(a), replicated), state
+  )
 
 
 def apply_update(

@@ -58,37 +58,43 @@ CASES = [  # B, T, N, K, H, n_sink, W, window, softcap
 ]
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}N{}K{}H{}s{}W{}w{}c{}".format(*c))
-def test_kernel_equals_reference(case, mode):
+def run(q, k, v, count, start, **kw):
+  """sink_attention under jit (the interpreter then compiles once rather than op by op)."""
+  return jax.jit(functools.partial(sink_attention, **kw))(q, k, v, count, start)
+
+
+@functools.cache
+def case_data(case):
+  """The inputs, keyword arguments and reference result of a case (shared by both modes)."""
   B, T, N, K, H, n_sink, W, window, softcap = case
-  q, k, v, count, start = inputs(B, T, N, K, H, n_sink, W, jnp.float32)
+  args = inputs(B, T, N, K, H, n_sink, W, jnp.float32)
   kw = dict(
     n_sink=n_sink, freq=jnp.asarray(rope_freq(H)), scale=H**-0.5, window=window, softcap=softcap
   )
-  want_o, want_lse = sink_attention(q, k, v, count, start, impl="xla", **kw)
-  got_o, got_lse = sink_attention(
-    q, k, v, count, start, impl="pallas", interpret=MODES[mode], block=8, **kw
-  )
+  return args, kw, run(*args, impl="xla", **kw)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}N{}K{}H{}s{}W{}w{}c{}".format(*c))
+def test_kernel_equals_reference(case, mode):
+  args, kw, (want_o, want_lse) = case_data(case)
+  got_o, got_lse = run(*args, impl="pallas", interpret=MODES[mode], block=8, **kw)
   np.testing.assert_allclose(got_o, want_o, atol=2e-5)
   np.testing.assert_allclose(got_lse, want_lse, atol=2e-5, rtol=1e-6)
-  empty = np.asarray(count) == 0
+  empty = np.asarray(args[3]) == 0
   assert (np.asarray(want_lse)[empty] == np.float32(NEG)).all()  # an empty row sees nothing
   assert (np.asarray(want_lse)[~empty] > NEG).any()
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_long_cache(mode):
-  """A long, odd-sized cache (4 sinks + a ring of 8201: S = 8205 > 8192, K * H = 1024) with the
-  default blocks: 17 key splits per (row, kv head), the last one past S."""
-  B, T, N, K, H, n_sink, W = 2, 1, 16, 8, 128, 4, 8201
+  """A long, odd-sized cache (4 sinks + a ring of 8201: S = 8205 > 8192, H = 128, GQA 2:1)
+  with the default blocks: 17 key splits per (row, kv head), the last one past S."""
+  B, T, N, K, H, n_sink, W = 2, 1, 4, 2, 128, 4, 8201
   q, k, v, count, start = inputs(B, T, N, K, H, n_sink, W, jnp.float32, seed=4)
   kw = dict(n_sink=n_sink, freq=jnp.asarray(rope_freq(H)), scale=H**-0.5)
-  run = lambda **extra: jax.jit(functools.partial(sink_attention, **kw, **extra))(
-    q, k, v, count, start
-  )
-  want_o, want_lse = run(impl="xla")
-  got_o, got_lse = run(impl="pallas", interpret=MODES[mode])
+  want_o, want_lse = run(q, k, v, count, start, impl="xla", **kw)
+  got_o, got_lse = run(q, k, v, count, start, impl="pallas", interpret=MODES[mode], **kw)
   np.testing.assert_allclose(got_o, want_o, atol=2e-5)
   np.testing.assert_allclose(got_lse, want_lse, atol=2e-5, rtol=1e-6)
 
@@ -97,10 +103,8 @@ def test_long_cache(mode):
 def test_bfloat16(mode):
   q, k, v, count, start = inputs(6, 1, 8, 2, 32, 4, 20, jnp.bfloat16, seed=1)
   kw = dict(n_sink=4, freq=jnp.asarray(rope_freq(32)), scale=32**-0.5)
-  want_o, want_lse = reference(q, k, v, count, start, **kw)
-  got_o, got_lse = sink_attention(
-    q, k, v, count, start, impl="pallas", interpret=MODES[mode], block=8, **kw
-  )
+  want_o, want_lse = jax.jit(functools.partial(reference, **kw))(q, k, v, count, start)
+  got_o, got_lse = run(q, k, v, count, start, impl="pallas", interpret=MODES[mode], block=8, **kw)
   assert got_o.dtype == jnp.float32
   np.testing.assert_allclose(got_o, want_o, atol=3e-2)
   np.testing.assert_allclose(got_lse, want_lse, atol=3e-2)
@@ -112,7 +116,9 @@ def test_reference_equals_attention_over_the_repositioned_cache():
   n_sink, W, H = 3, 7, 16
   q, k, v, count, start = inputs(4, 1, 2, 1, H, n_sink, W, jnp.float32, seed=2)
   freq = jnp.asarray(rope_freq(H))
-  o, lse = reference(q, k, v, count, start, n_sink=n_sink, freq=freq, scale=0.25)
+  o, lse = jax.jit(functools.partial(reference, n_sink=n_sink, scale=0.25))(
+    q, k, v, count, start, freq=freq
+  )
   q, k, v, freq = (np.asarray(x, np.float64) for x in (q, k, v, freq))
   for b in range(1, 4):
     c, s = int(count[b]), int(start[b])

@@ -96,10 +96,10 @@ def test_kernel_equals_reference(case, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_long_cache(mode):
-  """A long, odd-sized cache (S = 8203 > 8192, K * H = 1024, rows filled to 8203 and 5000)
+  """A long, odd-sized cache (S = 8203 > 8192, H = 128, GQA 2:1, rows filled to 8203 and 5000)
   with the default blocks: 17 key splits per (row, kv head), the last one past S, and chunks
   past a row's length skipped."""
-  args = inputs(2, 5, 16, 8, 128, 8203, "tree", jnp.float32, seed=5, lengths=(8203, 5000))
+  args = inputs(2, 5, 4, 2, 128, 8203, "tree", jnp.float32, seed=5, lengths=(8203, 5000))
   want_o, want_lse = run(args, scale=128**-0.5, impl="xla")
   got_o, got_lse = run(args, scale=128**-0.5, impl="pallas", interpret=MODES[mode])
   np.testing.assert_allclose(got_o, want_o, atol=2e-5)

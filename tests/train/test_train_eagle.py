@@ -367,7 +367,7 @@ def test_eagle3_reduced_draft_vocabulary(setup, tmp_path):
   out = tmp_path / "e3v"
   flags = list(CLI_FLAGS)
   flags[flags.index("eagle1")] = "eagle3"
-  code, _, err = train_eagle(setup, out, "--draft-vocab", 24, *flags)
+  code, _, err = train_eagle(setup, out, "--draft-vocab", 24, "--ttt-steps", 3, *flags)
   assert code == 0, err
   head = speculative.load_head(str(out / "head"), target)
   d2t = head.hc.draft_vocab
