@@ -7,10 +7,12 @@ q/k norms, Gemma 3's local RoPE base, its post norms and query scalar) moves its
 soft-cap, which is monotone and cannot change an argmax).
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from hf_models import prompts
 
 from kvjax import lm
@@ -48,17 +50,22 @@ def hf_logits(hf, tokens):
     return hf(torch.tensor(tokens)).logits.numpy()
 
 
+TOKENS = np.array(prompts(lengths=(24, 24)))  # longer than the sliding windows (12)
+
+
 def test_full_sequence_logits(pair, family):
   model, hf = pair(family)
-  tokens = np.array(prompts(lengths=(24, 24)))  # longer than the sliding windows (12)
-  err = np.abs(lm.score(model, tokens) - hf_logits(hf, tokens)).max()
+  err = np.abs(lm.score(model, TOKENS) - hf_logits(hf, TOKENS)).max()
   assert err <= 1e-4, f"max |logit error| {err:.3g}"
 
 
 def test_prefill_then_decode_equals_score(pair, family):
+  """Prefill 10 tokens, then decode the rest one at a time (past the sliding windows): each
+  step's logits are `lm.score`'s of the whole row (the full-sequence test's rows, scored by
+  the same program)."""
   model, _ = pair(family)
-  ids = prompts(lengths=(30,))[0]
-  ref = lm.score(model, ids)
+  ids = TOKENS[0].tolist()
+  ref = lm.score(model, TOKENS)[0]
   cache = KVCache.init(
     n_layers=model.cfg.n_layers,
     batch=1,
@@ -113,7 +120,8 @@ def test_hidden_states_match_hf(pair, family):
   """layer_inputs[l] is HF's hidden_states[l]; `hidden` is HF's last (final-normed) state."""
   model, hf = pair(family)
   tokens = np.array(prompts(lengths=(16,)))  # longer than the sliding windows (12)
-  out, _ = model.decoder(jnp.asarray(tokens), return_layer_inputs=True)
+  forward = jax.jit(lambda state, t: nnx.merge(model.graphdef, state)(t, return_layer_inputs=True))
+  out, _ = forward(model.state, jnp.asarray(tokens))  # one program, not one per operation
   with torch.inference_mode():
     ref = hf(torch.tensor(tokens), output_hidden_states=True).hidden_states
   for l in range(model.cfg.n_layers):

@@ -88,16 +88,21 @@ def perturbed(cop, scale=0.05, seed=7):
   scale * N(0, 1) noise from a fixed key: no factor stays zero or constant, so the latents
   genuinely depend on the prefix they read (LoRA's b = 0, or one constant added to every
   weight, makes its latents all but independent of the cache)."""
-  leaves, tree = jax.tree.flatten(cop.params)
+  return cop.with_params(_noised(cop.params, scale, seed))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _noised(params, scale: float, seed: int):
+  """params + scale * N(0, 1) noise, leaf i's drawn from fold_in(key(seed), i) (one program,
+  not one per leaf and operation)."""
+  leaves, tree = jax.tree.flatten(params)
   key = jax.random.key(seed)
-  return cop.with_params(
-    jax.tree.unflatten(
-      tree,
-      [
-        a + scale * jax.random.normal(jax.random.fold_in(key, i), a.shape, a.dtype)
-        for i, a in enumerate(leaves)
-      ],
-    )
+  return jax.tree.unflatten(
+    tree,
+    [
+      a + scale * jax.random.normal(jax.random.fold_in(key, i), a.shape, a.dtype)
+      for i, a in enumerate(leaves)
+    ],
   )
 
 

@@ -546,11 +546,11 @@ def test_cli_profile_then_auto_plan(pair_dirs, tmp_path, monkeypatch):
     "--prompts",
     2,
     "--prefix-tokens",
-    20,
+    21,  # windows, caches and plans of test_profile_pareto_and_pick: its compiled programs
     "--eval-tokens",
     8,
     "--max-new-tokens",
-    2,
+    4,
     "--repeats",
     1,
     "--unions",
