@@ -2,12 +2,18 @@
 
     python peer_llamacpp.py convert --hf DIR --converter LLAMA_CPP/convert_hf_to_gguf.py \
         --out model.gguf --outtype f32
+    python peer_llamacpp.py quantize --gguf model.Q4_1.gguf --out model.F32.gguf --ftype f32
     python peer_llamacpp.py serve --gguf model.gguf --threads 2 --kv-type f32
 
 `convert` runs llama.cpp's own converter on the HF checkpoint. A checkpoint whose tokenizer
 llama.cpp does not know by hash (the benchmark's is kvjax's Shakespeare BPE) gets the plain
 byte-level "gpt-2" pre-tokenizer: the benchmark feeds token ids, never text, so the choice does
 not change what is timed.
+
+`quantize` rewrites a GGUF file in another file type with llama.cpp's own quantizer
+(`llama_model_quantize`, its default parameters but the file type, with allow_requantize so
+that a quantized file may be dequantized): `--ftype f32` makes the F32 copy of a shipped
+quantized file that benchmarks/decode.py --model times beside the file itself.
 
 `serve` answers peer_protocol requests with llama.cpp's C API through llama-cpp-python
 (`llama_decode` on a `llama_batch`, as llama.cpp's batched-bench does):
@@ -16,8 +22,8 @@ not change what is timed.
   decode (B prompts of C tokens, N steps): each row prefilled into its own sequence (not
       timed), then N steps of one `llama_decode` of B tokens (one per sequence) + a greedy
       argmax per row, timed together, over N.
-A context (KV cells for B x (C + N) tokens, K/V of --kv-type) is made once per shape and its
-memory cleared before each request.
+A context (KV cells for B x (C + N) tokens, K/V of --kv-type) is made for each request whose
+shape differs from the last one's (untimed), else the last one's memory is cleared.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ import sys
 import time
 
 KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type
+# ctypes callbacks handed to llama.cpp, kept alive here
+CALLBACKS = []
+FTYPES = {"f32": 0, "f16": 1, "bf16": 32}  # llama_ftype: LLAMA_FTYPE_ALL_F32, _MOSTLY_F16, _BF16
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -54,16 +63,39 @@ def convert(args: argparse.Namespace) -> None:
   runpy.run_path(args.converter, run_name="__main__")
 
 
+def quantize(args: argparse.Namespace) -> None:
+  import llama_cpp
+
+  logs_off(llama_cpp)
+  llama_cpp.llama_backend_init()
+  params = llama_cpp.llama_model_quantize_default_params()
+  params.ftype, params.allow_requantize, params.nthread = FTYPES[args.ftype], True, args.threads
+  status = llama_cpp.llama_model_quantize(
+    args.gguf.encode(), args.out.encode(), ctypes.byref(params)
+  )
+  if status != 0:
+    raise SystemExit(
+      f"llama_model_quantize({args.gguf} -> {args.out}, {args.ftype}) returned {status}"
+    )
+  print(f"peer_llamacpp: wrote {args.out} ({args.ftype})", file=sys.stderr)
+
+
+def logs_off(llama_cpp) -> None:
+  """Turns llama.cpp's logs (model load, graphs, per-tensor quantization) off."""
+  callback = llama_cpp.llama_log_callback(lambda level, text, data: None)
+  llama_cpp.llama_log_set(callback, ctypes.c_void_p())
+  CALLBACKS.append(callback)  # llama.cpp calls it for the rest of the process
+
+
 class Runner:
-  """One loaded GGUF model; contexts made per (sequences, cells) and kept."""
+  """One loaded GGUF model and the context of its last request's shape."""
 
   def __init__(self, gguf: str, threads: int, kv_type: str, n_batch: int):
     import llama_cpp
     import numpy as np
 
     self.c, self.np = llama_cpp, np
-    self._quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)
-    llama_cpp.llama_log_set(self._quiet, ctypes.c_void_p())  # llama.cpp's load/graph logs off
+    logs_off(llama_cpp)
     llama_cpp.llama_backend_init()
     mparams = llama_cpp.llama_model_default_params()
     self.model = llama_cpp.llama_model_load_from_file(gguf.encode(), mparams)
@@ -71,26 +103,37 @@ class Runner:
       raise RuntimeError(f"llama.cpp could not load {gguf}")
     self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
     self.threads, self.kv_type, self.n_batch = threads, KV_TYPES[kv_type], n_batch
-    self.contexts = {}
+    self.current = None  # ((sequences, cells), context, batch) of the last request
 
   def context(self, seqs: int, cells: int):
-    cells = -(-cells // 256) * 256
-    key = (seqs, cells)
-    if key not in self.contexts:
+    """A context of `seqs` sequences and at least `cells` KV cells, its memory cleared. Only the
+    last one made is kept: the benchmark's interleaved cells change shape at every request,
+    and keeping one context per shape held 5 GB of f32 K/V per peer on SmolLM2's grid (batch
+    32 x 2,080 cells alone is 3.2 GB). Making one (untimed) takes up to 2 s at that size."""
+    key = (seqs, -(-cells // 256) * 256)
+    if self.current is None or self.current[0] != key:
+      self.close()
       p = self.c.llama_context_default_params()
-      p.n_ctx, p.n_seq_max = cells, seqs
+      p.n_ctx, p.n_seq_max = key[1], seqs
       p.n_batch, p.n_ubatch = self.n_batch, min(512, self.n_batch)
       p.n_threads = p.n_threads_batch = self.threads
       p.type_k = p.type_v = self.kv_type
       p.no_perf = True
       ctx = self.c.llama_init_from_model(self.model, p)
       if not ctx:
-        raise RuntimeError(f"llama.cpp could not make a context of {cells} cells, {seqs} seqs")
-      batch = self.c.llama_batch_init(max(self.n_batch, seqs), 0, seqs)
-      self.contexts[key] = (ctx, batch)
-    ctx, batch = self.contexts[key]
+        raise RuntimeError(f"llama.cpp could not make a context of {key[1]} cells, {seqs} seqs")
+      self.current = (key, ctx, self.c.llama_batch_init(max(self.n_batch, seqs), 0, seqs))
+    _, ctx, batch = self.current
     self.c.llama_memory_clear(self.c.llama_get_memory(ctx), True)
     return ctx, batch
+
+  def close(self) -> None:
+    """Frees the context kept (if any)."""
+    if self.current is not None:
+      _, ctx, batch = self.current
+      self.c.llama_batch_free(batch)
+      self.c.llama_free(ctx)
+      self.current = None
 
   def _decode(self, ctx, batch, entries) -> None:
     """entries: (token, pos, seq, logits?) for one llama_decode."""
@@ -145,15 +188,23 @@ def serve(args: argparse.Namespace) -> None:
   from peer_protocol import serve as loop
 
   runner = Runner(args.gguf, args.threads, args.kv_type, args.n_batch)
+  desc = ctypes.create_string_buffer(256)
+  llama_cpp.llama_model_desc(runner.model, desc, len(desc))
   info = dict(
     llama_cpp_python=llama_cpp.__version__,
     gguf=os.path.basename(args.gguf),
+    model=desc.value.decode(errors="replace"),
+    n_params=llama_cpp.llama_model_n_params(runner.model),
+    model_bytes=llama_cpp.llama_model_size(runner.model),
     threads=args.threads,
     kv_type=args.kv_type,
     n_batch=args.n_batch,
     system_info=llama_cpp.llama_print_system_info().decode(errors="replace"),
   )
-  loop(info, runner.decode, runner.prefill)
+  try:
+    loop(info, runner.decode, runner.prefill)
+  finally:
+    runner.close()
 
 
 def main(argv=None) -> None:
@@ -166,13 +217,18 @@ def main(argv=None) -> None:
   c.add_argument("--converter", required=True, help="llama.cpp's convert_hf_to_gguf.py")
   c.add_argument("--out", required=True)
   c.add_argument("--outtype", default="f32", choices=("f32", "f16", "bf16"))
+  q = sub.add_parser("quantize", help="GGUF -> GGUF of another file type, llama.cpp's quantizer")
+  q.add_argument("--gguf", required=True, help="the GGUF file to rewrite")
+  q.add_argument("--out", required=True)
+  q.add_argument("--ftype", default="f32", choices=sorted(FTYPES))
+  q.add_argument("--threads", type=int, default=os.cpu_count())
   s = sub.add_parser("serve", help="answer timing requests on stdin/stdout")
   s.add_argument("--gguf", required=True)
   s.add_argument("--threads", type=int, default=os.cpu_count())
   s.add_argument("--kv-type", default="f32", choices=sorted(KV_TYPES))
   s.add_argument("--n-batch", type=int, default=4096, help="tokens per llama_decode")
   args = ap.parse_args(argv)
-  convert(args) if args.cmd == "convert" else serve(args)
+  {"convert": convert, "quantize": quantize, "serve": serve}[args.cmd](args)
 
 
 if __name__ == "__main__":
