@@ -7,6 +7,7 @@ them, so that one compile of each program suffices and nothing waits on a 12-lay
 What needs software CI lacks is replaced by stand-ins speaking the same protocol: llama.cpp's
 converter and worker and the gemma library's worker are a fake peer process
 (`peer_protocol.serve` with constant timings), so decode.py's whole peer orchestration runs;
+decode.py --model runs on a tiny GGUF file written offline (tests/support/gguf_files.py);
 peer_llamacpp.py and peer_gemma.py themselves (which import llama_cpp / gemma) are only
 checked to parse their command lines.
 """
@@ -17,10 +18,13 @@ import os
 import stat
 import sys
 
+import gguf_files
+import hf_models
 import jax
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as T
 
 from kvjax import coprocessor, lm, speculative
 from kvjax.lm import tiny
@@ -35,9 +39,11 @@ BENCH = os.path.join(
 def script(name: str):
   """benchmarks/<name>.py imported as a module named bench_<name> (no clash with kvjax's
   names), with benchmarks/ on sys.path while it imports its siblings (report,
-  peer_protocol), as running the script puts it there."""
+  peer_protocol), as running the script puts it there. The module is in sys.modules, as an
+  imported one is (dataclasses look their module up there)."""
   spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
   sys.path.insert(0, BENCH)
   try:
     spec.loader.exec_module(module)
@@ -98,7 +104,7 @@ def torch_threads():
 FAKE_PEER = """import os, sys
 sys.path.insert(0, {bench!r})
 from peer_protocol import serve
-if sys.argv[2] == "convert":  # peer_llamacpp.py convert ... --out FILE
+if sys.argv[2] in ("convert", "quantize"):  # peer_llamacpp.py convert|quantize ... --out FILE
   open(sys.argv[sys.argv.index("--out") + 1], "w").close()
 else:  # serve: constant timings
   serve({{"fake": os.path.basename(sys.argv[1])}}, lambda ids, n: 1e-3, lambda ids: 2e-3)
@@ -108,7 +114,7 @@ else:  # serve: constant timings
 @pytest.fixture
 def fake_python(tmp_path):
   """An executable standing in for a peer's virtualenv python: it runs FAKE_PEER, which
-  answers peer_llamacpp.py's convert and serve and peer_gemma.py's serve."""
+  answers peer_llamacpp.py's convert, quantize and serve and peer_gemma.py's serve."""
   worker = tmp_path / "fake_peer.py"
   worker.write_text(FAKE_PEER.format(bench=BENCH))
   exe = tmp_path / "python"
@@ -158,6 +164,93 @@ def test_decode(tmp_path, fake_python, torch_threads):
   gemma = got["gemma2"]
   assert gemma["peers"] == ["gemma"] and gemma["hf"]["final_logit_softcapping"] == 30.0
   assert [c["peers"]["gemma"]["s"] for c in gemma["cells"]] == [1e-3, 2e-3]
+
+
+def test_decode_real_model(tmp_path, fake_python, torch_threads, capfd):
+  """--model of a GGUF file: kvjax and HF (on the file's converted copy), llama.cpp (faked) on
+  the file, named by its type, and on its F32 copy; each side's step over its batch-1 step."""
+  torch.set_num_threads(1)
+  path = gguf_files.write(
+    hf_models.hf_model("llama", num_hidden_layers=2),
+    str(tmp_path / "tiny model.gguf"),
+    types={"weight": T.Q8_0},
+    metadata={"general.file_type": 7},  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
+  )
+  flags = ["--batches", "1,2", "--contexts", "8", "--prefill", "8", "--new-tokens", "2"]
+  got = run(
+    script("decode"),
+    tmp_path,
+    "--model",
+    path,
+    *flags,
+    "--repeats",
+    "1",
+    "--peers",
+    "hf,llamacpp",
+    "--llamacpp-python",
+    fake_python,
+  )
+  assert written(tmp_path, "decode_tiny-model_float32") == json.loads(json.dumps(got, default=str))
+  assert "no converted copy" not in capfd.readouterr().err  # HF read lm.load's float32 copy
+  assert got["peers"] == ["HF", "llama.cpp Q8_0", "llama.cpp F32"]
+  assert got["config"]["file_type"] == "Q8_0" and got["config"]["n_params"] > 0
+  decode = [c for c in got["cells"] if c["kind"] == "decode"]
+  assert [(c["batch"], c["length"]) for c in decode] == [(1, 8), (2, 8)]
+  assert decode[0]["step_over_batch1"] == 1.0
+  assert decode[1]["step_over_batch1"] == decode[1]["kvjax_s"] / decode[0]["kvjax_s"]
+  hf = decode[1]["peers"]["HF"]
+  assert hf["step_over_batch1"] == hf["s"] / decode[0]["peers"]["HF"]["s"]
+  assert decode[1]["peers"]["llama.cpp F32"]["step_over_batch1"] == 1.0  # constant timings
+  with open(os.path.join(tmp_path, f"decode_tiny-model_float32_{jax.default_backend()}.md")) as f:
+    table = f.read()
+  assert "| kvjax step / batch 1 |" in table and "| llama.cpp Q8_0 step / batch 1 |" in table
+
+
+def test_decode_names_a_gguf_file_by_its_type(tmp_path):
+  """general.file_type when the file states it, else the type of most tensors (llama.cpp's
+  guess)."""
+  hf, decode = hf_models.hf_model("llama", num_hidden_layers=1), script("decode")
+  path = gguf_files.write(hf, str(tmp_path / "a.gguf"), types={"weight": T.Q8_0})
+  assert decode.file_type(path) == "Q8_0"
+  stated = {"general.file_type": 3}  # LLAMA_FTYPE_MOSTLY_Q4_1
+  path = gguf_files.write(hf, str(tmp_path / "b.gguf"), types={"weight": T.Q8_0}, metadata=stated)
+  assert decode.file_type(path) == "Q4_1"
+
+
+@pytest.mark.parametrize(
+  "flags, expected",
+  [
+    (["--config", "tiny"], "argument --config: not allowed with argument --model"),
+    (["--peers", "gemma"], "--peers gemma goes with --config"),
+    (["--peers", "llamacpp", "--llamacpp-converter", "PY"], "--llamacpp-converter: not used"),
+    (["--peers", "llamacpp"], "--peers llamacpp needs --llamacpp-python (an existing file)"),
+    (["--allow-cpu-1b"], "--allow-cpu-1b goes with --config 1b"),
+  ],
+)
+def test_decode_model_flags(tmp_path, fake_python, capsys, flags, expected):
+  """--model's bad combinations: one argparse error line saying what was expected."""
+  gguf_path = tmp_path / "m.gguf"
+  gguf_path.write_bytes(b"GGUF")
+  flags = [fake_python if f == "PY" else f for f in flags]
+  if "gemma" in flags:
+    flags += ["--gemma-python", fake_python]
+  if "--llamacpp-converter" in flags:
+    flags += ["--llamacpp-python", fake_python]
+  with pytest.raises(SystemExit) as exit_:
+    script("decode").parse_args(["--model", str(gguf_path), *flags])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert exit_.value.code == 2 and err[-1].startswith("python benchmarks/decode.py: error: ")
+  assert expected in err[-1]
+
+
+def test_decode_model_of_a_directory_needs_the_converter(tmp_path, fake_python, capsys):
+  """llama.cpp on a Hugging Face directory runs llama.cpp's converter, so it needs it."""
+  (tmp_path / "config.json").write_text("{}")
+  with pytest.raises(SystemExit):
+    script("decode").parse_args(
+      ["--model", str(tmp_path), "--peers", "llamacpp", "--llamacpp-python", fake_python]
+    )
+  assert "--peers llamacpp needs --llamacpp-converter" in capsys.readouterr().err
 
 
 def test_speculative(tmp_path, dirs, torch_threads):
