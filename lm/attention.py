@@ -33,8 +33,14 @@ from kvjax.pallas_kernels.precision import einsum_f32
 
 BLOCK_K = 256  # key slots per block of the online softmax
 BLOCK_Q = 256  # queries per block when T is long
-BLOCK_K_FEW = 512  # key slots per block when T <= FEW queries (decode): fewer, longer steps
 FEW = 16
+# For up to FEW queries (decode), key blocks hold about this many bytes of keys across the
+# batch (B x K x slots x H), between 32 and 512 slots: a block's copy out of the stacked cache
+# and its product stay in the core's cache. SmolLM2-135M, decode after 512 tokens, CPU (ms per
+# step with blocks of 512 -> sized): batch 1 44.7 -> 41.5, batch 8 114.6 -> 96.2, batch 32
+# 382.8 -> 226.8 (benchmarks/profile_decode.py; docs/benchmarks.md).
+FEW_BLOCK_BYTES = 512 * 1024
+FEW_BLOCK_SLOTS = (32, 512)
 # the training forward scores a block of up to this many (query, key) pairs in one step: its
 # backward keeps the [T, S] probabilities anyway, and one matmul beats a loop of small ones
 # on the CPU (a 12-layer d 256 model at T = 1,024: 554 against 387 tokens/s)
@@ -92,7 +98,7 @@ def attend(
   partial: the softmax over further keys computed elsewhere (a kernel), as (o [B, T, N, H]
   float32 its normalized output, lse [B, T, N] its log-sum-exp, NEG when empty), merged into
   the same softmax. block_k, block_q: key slots and queries per block (default the module's
-  BLOCK_K, BLOCK_Q, read at trace time; BLOCK_K_FEW keys for up to FEW queries). differentiable:
+  BLOCK_K, BLOCK_Q, read at trace time; `few_block` keys for up to FEW queries). differentiable:
   loops of static length (reverse-mode differentiable; every key block is visited, those no
   query sees masked), for training; else the trip counts skip them. dropout:
   (rate, key) drops each attention probability with that rate (the rest scaled by 1 / (1 -
@@ -102,7 +108,9 @@ def attend(
   """
   q0 = blocks[0].q
   B, T, N, H = q0.shape
-  block_k = block_k or (BLOCK_K_FEW if T <= FEW else BLOCK_K)
+  if block_k is None:
+    k0 = blocks[0].k
+    block_k = few_block(B, k0.shape[-3], H, k0.dtype.itemsize) if T <= FEW else BLOCK_K
   block_q = block_q or BLOCK_Q
   window = jnp.asarray(window, jnp.int32)
   parts = [
@@ -128,6 +136,15 @@ def attend(
     carry = splits.combine(tuple(jnp.stack(x, axis=-3) for x in zip(*parts)))
   out, _ = splits.finish(carry)  # [B, K, G, T, H]
   return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q0.dtype)
+
+
+def few_block(B: int, K: int, H: int, itemsize: int) -> int:
+  """Key slots per block when few queries attend (decode): the largest power of two whose keys
+  across the batch, B x K x slots x H x itemsize bytes, fit in FEW_BLOCK_BYTES, within
+  FEW_BLOCK_SLOTS."""
+  lo, hi = FEW_BLOCK_SLOTS
+  slots = FEW_BLOCK_BYTES // (B * K * H * itemsize)
+  return max(lo, min(hi, 1 << max(slots, 1).bit_length() - 1))
 
 
 def _heads_first(x: jax.Array, K: int) -> jax.Array:
@@ -215,7 +232,7 @@ def _block(
     return _scores_step(
       splits.start(qg.shape[:4], H), qg, k, v, sees, scale, softcap, _drop_at(dropout, 0, 0)
     )
-  scan = _Scan.of(blk, qg, window, min(block_k, S), min(block_q, T), scale, softcap)
+  scan = _Scan.of(blk, qg, window, even_blocks(S, block_k), min(block_q, T), scale, softcap)
   q_block = functools.partial(scan.q_block, differentiable=differentiable, dropout=dropout)
   n_qb = -(-T // scan.bq)
   if n_qb == 1:
@@ -227,6 +244,18 @@ def _block(
     return tuple(jax.lax.dynamic_update_slice_in_dim(o, p, t0, axis=3) for o, p in zip(out, part))
 
   return jax.lax.fori_loop(0, n_qb, q_body, splits.start(qg.shape[:4], H))
+
+
+def even_blocks(S: int, block: int) -> int:
+  """The key-block size for S slots read at most `block` at a time: the same number of blocks
+  (ceil(S / block)) made as even as possible (rounded up to a multiple of 8), so the last
+  block, clamped to end at S, re-reads as few slots as possible (S = 1,088 read 512 at a time:
+  three blocks of 368, not of 512 with the last re-reading 448 slots)."""
+  if block >= S:
+    return S
+  n = -(-S // block)  # blocks
+  size = -(-S // n)  # ceil(S / n)
+  return min(S, block, -(-size // 8) * 8)
 
 
 @dataclasses.dataclass(frozen=True)

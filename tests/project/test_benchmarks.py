@@ -442,3 +442,32 @@ def test_peer_workers_parse_their_flags(name, capsys):
   with pytest.raises(SystemExit) as exit_:
     script(name).main(["--help"])
   assert exit_.value.code == 0 and "serve" in capsys.readouterr().out
+
+
+def test_profile_decode(tmp_path, capsys):
+  """profile_decode.py on a tiny GGUF model: every op of the traced decode loop is attributed
+  to a part of the step, the projections, attention and LM head among them."""
+  path = gguf_files.write(
+    hf_models.hf_model("llama", num_hidden_layers=2), str(tmp_path / "tiny.gguf")
+  )
+  got = run(
+    script("profile_decode"),
+    tmp_path,
+    "--model",
+    path,
+    "--batches",
+    "1,2",
+    "--contexts",
+    "8",
+    "--steps",
+    "2",
+    "--hlo",
+    str(tmp_path / "hlo"),
+  )
+  assert written(tmp_path, "profile_decode_tiny_float32") == json.loads(json.dumps(got))
+  assert [(c["batch"], c["context"]) for c in got["cells"]] == [(1, 8), (2, 8)]
+  for cell in got["cells"]:
+    assert {"attention", "projections", "LM head"} <= set(cell["parts"])
+    assert all(ms >= 0 for ms in cell["parts"].values()) and cell["ops_per_step"] > 0
+    assert cell["wall_ms"] > 0 and cell["bound_ms"] > 0 and cell["top"]
+  assert sorted(os.listdir(tmp_path / "hlo")) == ["decode_b1_c8.hlo.txt", "decode_b2_c8.hlo.txt"]
