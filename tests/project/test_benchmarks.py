@@ -471,3 +471,80 @@ def test_profile_decode(tmp_path, capsys):
     assert all(ms >= 0 for ms in cell["parts"].values()) and cell["ops_per_step"] > 0
     assert cell["wall_ms"] > 0 and cell["bound_ms"] > 0 and cell["top"]
   assert sorted(os.listdir(tmp_path / "hlo")) == ["decode_b1_c8.hlo.txt", "decode_b2_c8.hlo.txt"]
+
+
+def test_method_steps(tmp_path, dirs):
+  """method_steps.py on the tiny model: SoT's shared-prefix loop against one row and repeated
+  prefixes, EAGLE's verify pass over trees of two sizes, the coprocessor's augmentation and the
+  decode steps around it; every time positive, every ratio the quotient of its times."""
+  got = run(
+    script("method_steps"),
+    tmp_path,
+    "--model",
+    dirs["lm"],
+    "--contexts",
+    "8",
+    "--points",
+    "2",
+    "--suffix",
+    "3",
+    "--batches",
+    "2",
+    "--tree-tokens",
+    "4,32",
+    "--latents",
+    "4",
+    "--steps",
+    "2",
+    "--repeats",
+    "1",
+  )
+  assert written(tmp_path, "method_steps_lm_float32") == json.loads(json.dumps(got))
+  (sot,) = got["sot"]
+  assert (sot["points"], sot["context"]) == (2, 8)
+  ms = sot["ms_per_step"]
+  assert min(ms.values()) > 0 and sot["speedup"] == pytest.approx(2 * ms["single"] / ms["shared"])
+  assert [(r["batch"], r["tree_tokens"]) for r in got["eagle"]] == [(2, 4), (2, 32)]
+  for r in got["eagle"]:
+    assert r["verify_ms"] > 0 and r["decode_step_ms"] > 0 and r["loop_step_ms"] > 0
+    assert r["verify_over_step"] == pytest.approx(r["verify_ms"] / r["decode_step_ms"])
+    assert 1 <= r["tree_depth"] <= 5 and r["cache_slots"] >= 8 + 2 + 5 + 1  # sizes()
+  assert [(r["batch"], r["latents"]) for r in got["coprocessor"]] == [(2, 4)]
+  for r in got["coprocessor"]:
+    assert min(r["augment_ms"], r["decode_step_before_ms"], r["decode_step_after_ms"]) > 0
+    assert r["augment_over_step"] == pytest.approx(r["augment_ms"] / r["decode_step_before_ms"])
+
+
+@pytest.mark.parametrize(
+  "flags, expected",
+  [
+    (["--parts", "sot,medusa"], "--parts takes some of sot,eagle,coprocessor"),
+    (["--contexts", "512,x"], "--contexts: expected comma-separated integers"),
+    (["--tree-tokens", "1"], "--tree-tokens: tree total_tokens must be >= 2"),
+  ],
+)
+def test_method_steps_flags(flags, expected, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    script("method_steps").main(flags)
+  assert exit_.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_method_steps_verify_is_the_target_over_each_path(dirs):
+  """The verify pass method_steps.py times is the target's: at every node of its synthetic tree
+  (EAGLE-2's shape), the logits of the prompt followed by the root-to-node path, scored whole."""
+  bench = script("method_steps")
+  model = lm.load(dirs["lm"])
+  prompt = list(range(5, 17))
+  spec = speculative.TreeSpec()
+  tree = bench.synthetic_tree(1, model.cfg.vocab_size, spec)
+  assert tree.tokens.shape == (1, spec.total_tokens) and int(tree.depth.max()) == spec.depth
+  steps = bench.steps
+  cache = bench.engine.new_cache(model, 1, 64)
+  (_, cache), _ = steps.call(model, steps.prefill, cache, np.int32([prompt]), np.int32([12]))
+  (logits, *_), _ = steps.call(
+    model, bench.verify_forward, cache, tree.tokens, tree.depth, tree.mask
+  )
+  tokens, paths, depth = (np.asarray(a)[0] for a in (tree.tokens, tree.paths, tree.depth))
+  rows = [prompt + tokens[paths[i, : depth[i] + 1]].tolist() for i in range(spec.total_tokens)]
+  want = np.stack([s[-1] for s in lm.score(model, rows)])
+  np.testing.assert_allclose(logits[0], want, atol=1e-4)
