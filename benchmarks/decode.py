@@ -29,15 +29,17 @@ prompts:
 Every decode cell also gets its memory-bandwidth bound: the bytes a step reads (weights + K/V
 at the mean context) over the bandwidth of a large array copy measured in the same run, and
 the fraction of it each side reaches, and each side's step time over its batch-1 step at the
-same context. Medians of --repeats rounds after a warm-up round.
+same context. Medians of --repeats rounds after a warm-up round (kvjax on every cell, as it
+compiles a program per shape; each peer on the first cell).
 
 Optional peers, each in its own virtual environment (never part of CI; README of benchmarks/
 says how to make them), answering over a pipe (peer_protocol.py) so that they too interleave:
   llamacpp: llama.cpp through llama-cpp-python (peer_llamacpp.py). --config: the checkpoint
          converted to GGUF by llama.cpp's own converter, weights and K/V in the benchmark
          dtype. --model of a GGUF file: the file itself ("llama.cpp Q4_1", by its file type)
-         and, unless it is F32, an F32 copy made by llama.cpp's own quantizer ("llama.cpp
-         F32"); --model of a Hugging Face directory: converted as for --config.
+         and, unless it is of --dtype already, a copy in --dtype made by llama.cpp's own
+         quantizer ("llama.cpp F32", "llama.cpp BF16"); --model of a Hugging Face directory:
+         converted as for --config.
   gemma (--config only): the gemma library's sampler (peer_gemma.py) on a random Gemma-2 of
          the same shape; kvjax runs a random HF Gemma-2 checkpoint of that shape for this
          table (the `gemma2` report).
@@ -421,22 +423,23 @@ def llamacpp_files(
   args: argparse.Namespace, path: str, ftype: str | None, work: str
 ) -> dict[str, str]:
   """{peer name: GGUF file} of a real model's llama.cpp peers: a GGUF file (of type ftype)
-  itself, named by its type ("llama.cpp Q4_1"), and unless it is F32 its F32 copy by llama.cpp's
-  quantizer ("llama.cpp F32"); a Hugging Face directory (ftype None) converted by llama.cpp's
-  converter to --dtype."""
+  itself, named by its type ("llama.cpp Q4_1"), and unless it is of --dtype already its copy in
+  --dtype by llama.cpp's quantizer ("llama.cpp F32", "llama.cpp BF16"); a Hugging Face
+  directory (ftype None) converted by llama.cpp's converter to --dtype."""
   if ftype is None:
     return {f"llama.cpp {OUTTYPE[args.dtype].upper()}": convert(args, path, work)}
   files = {f"llama.cpp {ftype}": path}
-  if ftype != "F32":
-    files["llama.cpp F32"] = worker_run(
+  out = OUTTYPE[args.dtype]  # f32 or bf16: the weights kvjax and HF run
+  if ftype != out.upper():
+    files[f"llama.cpp {out.upper()}"] = worker_run(
       args,
       "quantize",
       "--gguf",
       path,
       "--out",
-      os.path.join(work, "model-F32.gguf"),
+      os.path.join(work, f"model-{out.upper()}.gguf"),
       "--ftype",
-      "f32",
+      out,
       "--threads",
       str(args.threads),
     )

