@@ -13,8 +13,10 @@ checked to parse their command lines.
 """
 
 import dataclasses
+import functools
 import json
 import os
+import re
 import stat
 import sys
 
@@ -613,3 +615,96 @@ def test_device_check_grid_beyond_the_model(tmp_path, capsys):
   assert run(script("device_check"), tmp_path, "--config", "tiny", "--contexts", "2048") == 2
   assert "more than the model's 512 positions" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / f"device_{jax.default_backend()}.json")
+
+
+def test_weight_formats(tmp_path, monkeypatch):
+  """weight_formats.py on decode.py's tiny config (2 layers, D 64): a row per layout x format,
+  each timed, its weight bytes those of the format, its dots read from the compiled program;
+  float32 exact against itself in both layouts, bfloat16 and int8 close to it, int8 weights
+  dequantized into float32 dots and int8 activations multiplied as integers."""
+  wf = script("weight_formats")
+  small = functools.partial(wf.bench.bandwidth, nbytes=1 << 22)
+  monkeypatch.setattr(wf.bench, "bandwidth", small)
+  got = run(wf, tmp_path, "--config", "tiny", "--batches", "2", "--repeats", "2")
+  assert written(tmp_path, "weight_formats_tiny") == json.loads(json.dumps(got))
+  assert got["model"] == dict(name="tiny", weights="random", L=2, D=64, N=4, K=2, H=16, F=128)
+  assert set(got["cpu_flags"] or wf.CPU_FLAGS) == set(wf.CPU_FLAGS)
+  rows = {(r["layout"], r["format"]): r for r in got["rows"]}
+  assert list(rows) == [(lay, f) for lay in ("scan", "loop") for f in wf.FORMATS]
+  n = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)  # parameters of the 7 projections
+  scales = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)  # int8: one per layer and output channel
+  size = {"float32": 4 * n, "bfloat16": 2 * n, "int8": n + 4 * scales}
+  for (layout, fmt), r in rows.items():
+    assert r["batch"] == 2 and len(r["runs_ms"]) == 2 and r["ms"] > 0
+    assert r["weight_bytes"] == size[wf.STORED[fmt]]
+    assert r["gbs"] == pytest.approx(r["weight_bytes"] / (r["ms"] * 1e6))
+    assert r["speedup_vs_f32"] == pytest.approx(rows[layout, "float32"]["ms"] / r["ms"])
+    assert r["dots"] and all(re.fullmatch(r"\w+ x \w+ -> \w+ in \w+", d) for d in r["dots"])
+  assert rows["scan", "float32"]["rel_err"] == 0 and rows["loop", "float32"]["rel_err"] < 1e-6
+  for layout in ("scan", "loop"):
+    assert rows[layout, "float32"]["product_err"] == 0
+    for fmt, most in (("bfloat16", 1e-2), ("bfloat16-upcast", 1e-2), ("int8", 3e-2)):
+      assert 0 < rows[layout, fmt]["product_err"] < most and rows[layout, fmt]["rel_err"] < most
+    assert 0 < rows[layout, "int8-act"]["product_err"] < 6e-2
+    for fmt in ("float32", "bfloat16-upcast", "int8"):
+      assert all(d.startswith("f32 x f32 -> f32") for d in rows[layout, fmt]["dots"])
+    assert any(d.startswith("s") for d in rows[layout, "int8-act"]["dots"])
+
+
+def test_weight_formats_reads_the_dots_of_optimized_hlo():
+  """Each dot's operand types are looked up in its own computation, and its fusion's kind
+  (a custom fusion's fusion_config kind) named; a dot outside any fusion is `unfused`."""
+  hlo = """%fused_computation (param_0: bf16[8,256], param_1: bf16[256,512]) -> f32[8,512] {
+  %param_0 = bf16[8,256]{1,0} parameter(0)
+  %param_1 = bf16[256,512]{1,0} parameter(1)
+  ROOT %dot.0 = f32[8,512]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}
+}
+
+ENTRY %main.1 (x.1: bf16[8,256], w.1: bf16[256,512], param_0: s32[256,4]) -> f32[8,4] {
+  %x.1 = bf16[8,256]{1,0} parameter(0)
+  %w.1 = bf16[256,512]{1,0} parameter(1)
+  %param_0 = s32[256,4]{1,0} parameter(2)
+  %ynn = f32[8,512]{1,0} fusion(%x.1, %w.1), kind=kCustom, calls=%fused_computation, \
+backend_config={"fusion_config":{"kind":"__ynn_fusion"}}
+  %c = s32[8,256]{1,0} convert(%x.1)
+  ROOT %dot.1 = s32[8,4]{1,0} dot(%c, %param_0), lhs_contracting_dims={1}
+}
+"""
+  assert script("weight_formats").dot_kinds(hlo) == [
+    "bf16 x bf16 -> f32 in __ynn_fusion",
+    "s32 x s32 -> s32 in unfused",
+  ]
+
+
+def test_weight_formats_of_a_model(dirs):
+  """--model: the loaded model's own projections, stacked [L, ...] as its params hold them; a
+  mixture-of-experts model, whose MLP is no dense product, is refused by name."""
+  wf = script("weight_formats")
+  model = lm.load(dirs["lm"])
+  got = wf.model_weights(model, "lm")
+  blocks = model.params()["blocks"]
+  assert list(got) == list(wf.PROJECTIONS)
+  for name, w in got.items():
+    part = blocks["attn"] if name in ("q", "k", "v", "o") else blocks["mlp"]
+    np.testing.assert_array_equal(w, np.asarray(part[name]))
+  moe = lm.init(tiny.config(n_experts=4, n_experts_per_tok=2))
+  with pytest.raises(ValueError, match="moe is a mixture-of-experts model"):
+    wf.model_weights(moe, "moe")
+
+
+@pytest.mark.parametrize(
+  ("flags", "expected"),
+  [
+    (["--formats", "bfloat16,int8"], "--formats takes float32 (the reference)"),
+    (["--formats", "float32,int4"], "got 'float32,int4'"),
+    (["--batches", "0"], "--batches: expected comma-separated integers >= 1"),
+    (["--config", "tiny", "--model", "x"], "not allowed with argument"),
+    (["--model", "no-such-model"], "--model: "),
+  ],
+)
+def test_weight_formats_flags(flags, expected, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    script("weight_formats").parse_args(flags)
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert exit_.value.code == 2 and err.startswith("python benchmarks/weight_formats.py: error: ")
+  assert expected in err
