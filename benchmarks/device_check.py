@@ -46,6 +46,7 @@ import numpy as np
 from kvjax import lm
 from kvjax.lm import attention, bench, packaged
 from kvjax.lm import model as lm_model
+from kvjax.lm.cli.flags import ints_type
 from kvjax.lm.hf_config import from_hf
 from kvjax.pallas_kernels import sink_attention as sink
 from kvjax.pallas_kernels import tree_attention as tree
@@ -246,7 +247,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
   for name in ("batches", "contexts", "prefill"):
-    ap.add_argument(f"--{name}", default=GRID[name], help=f"default: {GRID[name]}")
+    ap.add_argument(f"--{name}", type=ints_type, default=GRID[name], help=f"default: {GRID[name]}")
   ap.add_argument("--repeats", type=int, default=5, help="timed runs (median)")
   ap.add_argument(
     "--quick",
@@ -257,11 +258,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
   )
   args = ap.parse_args(argv)
-  for name in ("batches", "contexts", "prefill"):
-    try:
-      setattr(args, name, bench.parse_ints(getattr(args, name)))
-    except ValueError as err:
-      ap.error(f"--{name}: {err}")
   if args.repeats < 1:
     ap.error(f"--repeats must be >= 1; got {args.repeats}")
   if args.model is not None:

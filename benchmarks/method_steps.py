@@ -54,8 +54,9 @@ from report import describe, write
 from kvjax import coprocessor, lm
 from kvjax.cache.prefix import PrefixCache
 from kvjax.lm import engine, steps
-from kvjax.lm.bench import parse_ints, prompts
+from kvjax.lm.bench import prompts
 from kvjax.lm.cli import positive
+from kvjax.lm.cli.flags import ints_type
 from kvjax.lm.sampling import Sampling
 from kvjax.speculative import tree as trees
 from kvjax.speculative import verify
@@ -74,23 +75,18 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   ap.add_argument("--parts", default=",".join(PARTS), help=f"some of {','.join(PARTS)}")
-  ap.add_argument("--contexts", default="512,2048", help="cache lengths C")
-  ap.add_argument("--points", default="4,8", help="sot: points P expanded in one batch")
+  ap.add_argument("--contexts", type=ints_type, default="512,2048", help="cache lengths C")
+  ap.add_argument("--points", type=ints_type, default="4,8", help="sot: points P in one batch")
   ap.add_argument("--suffix", type=positive, default=16, help="sot: each point's own tokens")
-  ap.add_argument("--batches", default="1,4", help="eagle and coprocessor: batch sizes B")
-  ap.add_argument("--tree-tokens", default="32", help="eagle: tree sizes T (TreeSpec total_tokens)")
-  ap.add_argument("--latents", default="16", help="coprocessor: latents N per augmentation")
+  ap.add_argument("--batches", type=ints_type, default="1,4", help="eagle, coprocessor: batch B")
+  ap.add_argument("--tree-tokens", type=ints_type, default="32", help="eagle: tree sizes T")
+  ap.add_argument("--latents", type=ints_type, default="16", help="coprocessor: latents N")
   ap.add_argument("--steps", type=positive, default=16, help="decode steps per loop call")
   ap.add_argument("--repeats", type=positive, default=10)
   ap.add_argument(
     "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
   )
   args = ap.parse_args(argv)
-  for name in ("contexts", "points", "batches", "tree_tokens", "latents"):
-    try:
-      setattr(args, name, parse_ints(getattr(args, name)))
-    except ValueError as e:
-      ap.error(f"--{name.replace('_', '-')}: {e}")
   args.parts = tuple(p for p in args.parts.split(",") if p)
   if not args.parts or set(args.parts) - set(PARTS):
     ap.error(f"--parts takes some of {','.join(PARTS)}; got {','.join(args.parts)!r}")

@@ -55,22 +55,21 @@ OTHER = "other"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  from kvjax.lm.bench import parse_ints
+  from kvjax.lm.cli.flags import ints_type
 
   ap = argparse.ArgumentParser(
     prog="python benchmarks/profile_decode.py", description=__doc__.split("\n")[0]
   )
   ap.add_argument("--model", required=True, help="a name, GGUF file or directory lm.load takes")
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  ap.add_argument("--batches", default="1,8,32")
-  ap.add_argument("--contexts", default="512,2048")
+  ap.add_argument("--batches", type=ints_type, default="1,8,32")
+  ap.add_argument("--contexts", type=ints_type, default="512,2048")
   ap.add_argument("--steps", type=int, default=16, help="decode steps traced per cell")
   ap.add_argument("--hlo", help="directory to write each cell's optimized HLO into")
   ap.add_argument(
     "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
   )
   args = ap.parse_args(argv)
-  args.batches, args.contexts = parse_ints(args.batches), parse_ints(args.contexts)
   if args.steps < 1:
     ap.error(f"--steps must be >= 1; got {args.steps}")
   return args

@@ -85,6 +85,7 @@ from kvjax import lm
 from kvjax.lm import bench
 from kvjax.lm import model as lm_model
 from kvjax.lm.cli import positive
+from kvjax.lm.cli.flags import ints_type
 from kvjax.lm.config import Config
 from kvjax.lm.hf_config import from_hf
 
@@ -413,7 +414,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="random weights in the shapes of decode.py's config (smollm2-135m: SmolLM2-135M-"
     "Instruct's)",
   )
-  ap.add_argument("--batches", default="1,8,32", help="batch sizes B of x [B, D]")
+  ap.add_argument("--batches", type=ints_type, default="1,8,32", help="batch sizes B of x [B, D]")
   ap.add_argument("--formats", default=",".join(FORMATS), help=f"some of {','.join(FORMATS)}")
   ap.add_argument("--repeats", type=positive, default=10, help="timed rounds (median)")
   ap.add_argument("--seed", type=int, default=0, help="seed of x and of random weights")
@@ -421,10 +422,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
   )
   args = ap.parse_args(argv)
-  try:
-    args.batches = bench.parse_ints(args.batches)
-  except ValueError as err:
-    ap.error(f"--batches: {err}")
   args.formats = tuple(dict.fromkeys(f for f in args.formats.split(",") if f))
   if set(args.formats) - set(FORMATS) or "float32" not in args.formats:
     ap.error(
