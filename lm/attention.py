@@ -36,9 +36,9 @@ BLOCK_Q = 256  # queries per block when T is long
 FEW = 16
 # For up to FEW queries (decode), key blocks hold about this many bytes of keys across the
 # batch (B x K x slots x H), between 32 and 512 slots: a block's copy out of the stacked cache
-# and its product stay in the core's cache. SmolLM2-135M, decode after 512 tokens, CPU (ms per
-# step with blocks of 512 -> sized): batch 1 44.7 -> 41.5, batch 8 114.6 -> 96.2, batch 32
-# 382.8 -> 226.8 (benchmarks/profile_decode.py; docs/benchmarks.md).
+# and its product stay in the core's cache. SmolLM2-135M, decode after 512 tokens, 2-core AMD
+# EPYC (ms per step with blocks of 512 -> sized): batch 8 195.5 -> 85.6, batch 32 347.5 -> 241.2
+# (benchmarks/profile_decode.py; docs/benchmarks.md).
 FEW_BLOCK_BYTES = 512 * 1024
 FEW_BLOCK_SLOTS = (32, 512)
 # the training forward scores a block of up to this many (query, key) pairs in one step: its
