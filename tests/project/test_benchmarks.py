@@ -708,3 +708,59 @@ def test_weight_formats_flags(flags, expected, capsys):
   err = capsys.readouterr().err.strip().splitlines()[-1]
   assert exit_.value.code == 2 and err.startswith("python benchmarks/weight_formats.py: error: ")
   assert expected in err
+
+
+@pytest.mark.parametrize(
+  ("family", "context"),
+  [("llama", 20), ("gemma2", 40), ("gemma3_text", 40)],  # 40: past the local layers' 32
+)
+def test_layer_layout_ways_decode_what_kvjax_decodes(family, context):
+  """layer_layout.py's stacked and per-layer steps (the decoder's modules, whole-cache
+  attention) emit kvjax's greedy tokens, row by row: post-norms, soft-caps, sliding windows and
+  per-layer RoPE bases included."""
+  ll = script("layer_layout")
+  model = lm.init(tiny.config(family))
+  got = ll.cell(ll.Layouts(model), batch=2, context=context, n=6, repeats=1, seed=1)
+  assert (got["batch"], got["context"], got["steps"]) == (2, context, 6)
+  for way in ll.WAYS:
+    assert got[way]["agree"] == 1.0 and len(got[way]["runs_ms"]) == 1 and got[way]["ms"] > 0
+    assert got[way]["speedup"] == pytest.approx(got["kvjax"]["ms"] / got[way]["ms"])
+
+
+def test_layer_layout(dirs, tmp_path, monkeypatch):
+  """The script's report: a row per cell with each way's time, share of the bound and
+  agreement; a model mixing dense and mixture-of-experts layers refused by name."""
+  ll = script("layer_layout")
+  monkeypatch.setattr(ll.bench, "bandwidth", functools.partial(ll.bench.bandwidth, nbytes=1 << 22))
+  got = run(
+    ll, tmp_path, "--model", dirs["lm"], "--cells", "1/16,3/24", "--steps", "4", "--repeats", "1"
+  )
+  assert written(tmp_path, f"layer_layout_{os.path.basename(dirs['lm'])}") == json.loads(
+    json.dumps(got)
+  )
+  assert [(c["batch"], c["context"]) for c in got["cells"]] == [(1, 16), (3, 24)]
+  for c in got["cells"]:
+    assert c["bound_ms"] > 0
+    for way in ll.WAYS:
+      assert c[way]["agree"] == 1.0
+      assert c[way]["share"] == pytest.approx(c["bound_ms"] / c[way]["ms"])
+  mixed = lm.init(tiny.config(n_experts=4, n_experts_per_tok=2, dense_layers=(0,)))
+  with pytest.raises(ValueError, match="mix dense and mixture-of-experts"):
+    ll.Layouts(mixed)
+
+
+@pytest.mark.parametrize(
+  ("flags", "expected"),
+  [
+    (["--cells", "8"], "--cells: expected comma-separated BATCH/CONTEXT pairs"),
+    (["--cells", "0/512"], "got '0/512'"),
+    (["--steps", "0"], "--steps"),
+    (["--model", "no-such-model"], "--model: "),
+  ],
+)
+def test_layer_layout_flags(flags, expected, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    script("layer_layout").parse_args(flags)
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert exit_.value.code == 2 and err.startswith("python benchmarks/layer_layout.py: error: ")
+  assert expected in err
