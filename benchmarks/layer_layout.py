@@ -10,7 +10,7 @@ weight slices at batch 1, the key-block copies at batch 8-32). The remedy is str
 this script measures it before any library change: the same greedy decode step, from the same
 prefilled cache, run three ways in one process, rounds interleaved:
 
-  kvjax      `lm.generate`'s decode loop (`kvjax.lm.bench.decode`), the library as it is.
+  kvjax      `lm.generate`'s decode loop, timed as `kvjax.lm.bench.decode` times it; the library.
   stacked    the step below under `lax.scan` over the stacked params, each layer's whole cache
              read at the traced layer index, the new K/V written after the scan.
   per-layer  the same step in a Python loop over L per-layer param trees and L separate
@@ -178,67 +178,68 @@ class Layouts:
         "stacked run of layers"
       )
     self.model = model
-    dec = model.decoder
-    blocks = [layer_block(dec.blocks, cfg, l) for l in range(cfg.n_layers)]
-    split = [nnx.split(b) for b in blocks]
-    self.block_def = split[0][0]
-    self.layers = tuple(jax.tree.map(jnp.array, s) for _, s in split)
-    self.freqs = jnp.asarray(rope.layer_freqs(cfg))
+    blocks = [layer_block(model.decoder.blocks, cfg, l) for l in range(cfg.n_layers)]
+    self.block_def = nnx.graphdef(blocks[0])
+    self.layers = tuple(nnx.state(b) for b in blocks)  # layer_block's slices: arrays of their own
+    freqs = rope.layer_freqs(cfg)  # [L, H/2]
+    self.freqs = jnp.asarray(freqs)
+    self.layer_freqs = tuple(jnp.asarray(f) for f in freqs)
     self.windows = tuple(int(w) for w in cfg.windows)
+    self.window_array = jnp.asarray(self.windows, jnp.int32)
 
 
 def cell(layouts: Layouts, batch: int, context: int, n: int, repeats: int, seed: int) -> dict:
-  """One cell's timings and token agreement (see the module docstring)."""
+  """One cell's timings and token agreement (see the module docstring). kvjax's rounds are
+  `lm.generate` calls timed as `bench.decode` times them (decode seconds / n); their tokens are
+  what the other ways' first n must equal."""
   model = layouts.model
-  ids = bench.prompts(batch, context, model.cfg.vocab_size, seed)
-  rows = ids.tolist()
+  rows = bench.prompts(batch, context, model.cfg.vocab_size, seed).tolist()
   logits, cache, _, _ = engine.prefill(model, rows, n)
-  ref = generate(model, rows, max_new_tokens=n + 1, stop_tokens=[])
-  want = np.asarray([r[: n + 1] for r in ref.tokens])
   runs = {way: [] for way in WAYS}
   agree = {"kvjax": 1.0}
   for r in range(repeats + 1):  # round 0 compiles and warms up (untimed)
-    for way in WAYS:
-      if way == "kvjax":
-        t = bench.decode(model, ids, n)
-      else:
-        tokens, t = timed_way(layouts, way, logits, cache, n)
-        agree[way] = float(np.mean(np.asarray(tokens) == want))
-      if r:
-        runs[way].append(t)
-  out = dict(batch=batch, context=context, steps=n)
+    out = generate(model, rows, max_new_tokens=n, stop_tokens=[])
+    want = np.asarray(out.tokens)  # [B, n]
+    times = {"kvjax": out.stats["decode_s"] / n}
+    for way in WAYS[1:]:
+      tokens, times[way] = timed_way(layouts, way, logits, cache, n)
+      agree[way] = float(np.mean(np.asarray(tokens)[:, :n] == want))
+    if r:
+      for way in WAYS:
+        runs[way].append(times[way])
+  res = dict(batch=batch, context=context, steps=n)
   base = statistics.median(runs["kvjax"])
   for way in WAYS:
     ms = statistics.median(runs[way]) * 1e3
-    out[way] = dict(ms=ms, runs_ms=[t * 1e3 for t in runs[way]], speedup=base * 1e3 / ms)
-    out[way]["agree"] = agree[way]
-  return out
+    res[way] = dict(ms=ms, runs_ms=[t * 1e3 for t in runs[way]], speedup=base * 1e3 / ms)
+    res[way]["agree"] = agree[way]
+  return res
 
 
 def timed_way(layouts: Layouts, way: str, logits, cache, n: int):
-  """(tokens [B, n + 1], seconds per step) of one way's n greedy steps from the prefill."""
+  """(tokens [B, n + 1], seconds per step) of one way's n greedy steps from the prefill (its
+  cache copied: each way donates and writes its own)."""
   m, L = layouts.model, layouts.model.cfg.n_layers
   tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  slot = cache.length
   if way == "stacked":
-    args = (jnp.array(cache.k), jnp.array(cache.v))
-    call = lambda k, v: stacked_decode(
+    k, v = jnp.array(cache.k), jnp.array(cache.v)
+    call = functools.partial(
+      stacked_decode,
       m.graphdef,
       m.state,
       k,
       v,
       tok,
-      slot,
+      cache.length,
       layouts.freqs,
-      jnp.asarray(layouts.windows, jnp.int32),
+      layouts.window_array,
       n=n,
     )
   else:
-    args = (
-      tuple(jnp.array(cache.k[l]) for l in range(L)),
-      tuple(jnp.array(cache.v[l]) for l in range(L)),
-    )
-    call = lambda k, v: per_layer_decode(
+    k = tuple(jnp.array(cache.k[l]) for l in range(L))
+    v = tuple(jnp.array(cache.v[l]) for l in range(L))
+    call = functools.partial(
+      per_layer_decode,
       m.graphdef,
       m.state,
       layouts.block_def,
@@ -246,14 +247,14 @@ def timed_way(layouts: Layouts, way: str, logits, cache, n: int):
       k,
       v,
       tok,
-      slot,
-      tuple(layouts.freqs[l] for l in range(L)),
+      cache.length,
+      layouts.layer_freqs,
       windows=layouts.windows,
       n=n,
     )
-  jax.block_until_ready(args)
+  jax.block_until_ready((k, v))
   t0 = time.perf_counter()
-  tokens, _ = jax.block_until_ready(call(*args))
+  tokens, _ = jax.block_until_ready(call())
   return tokens, (time.perf_counter() - t0) / n
 
 
