@@ -4,22 +4,24 @@
     python benchmarks/streaming.py --parts cost,kernel  # on a GPU: the cost and kernel rows
 
 Parts (--parts, comma-separated):
-  quality  Perplexity of the bundled `shakespeare` model on the first --tokens tokens of a
-           held-out play (test split, not a comedy), fed token by token
-           (`kvjax.lm.streaming.perplexity`) with a cache of --cache-size slots:
-           `window` (no sinks), `recompute` (the last --cache-size tokens recomputed from
-           scratch for every token, the quality baseline) and `sink` with 0/1/2/4/8 sinks
-           (window = cache size - sinks), the shape of the StreamingLLM paper's Table 2.
-  cost     Per-token latency at cache sizes --cost-sizes of a random-weight model with the
-           bundled model's shape and a 8192-position context: `sink` = one jitted decode
+  quality  Perplexity of --model (default the bundled `shakespeare`) on the first --tokens
+           tokens of a held-out play (test split, not a comedy) through each cache policy
+           (`kvjax.lm.streaming.perplexity`: per-token eviction, chunks of 256 per forward):
+           `dense` once (on as many tokens as the model's context holds), then per cache
+           size in --cache-sizes `window` (no sinks), `recompute` (the last C tokens
+           recomputed from scratch, for every --recompute-every-th token, the quality
+           baseline) and `sink` with 1/2/4/8 sinks (window = C - sinks), the shape of the
+           StreamingLLM paper's Table 2; with a PNG of perplexity over position.
+  cost     Per-token latency at cache sizes --cost-sizes of a random-weight model with
+           --model's shape and room for twice the largest size: `sink` = one jitted decode
            step over a full sink cache (4 sinks); `recompute` = one jitted forward over the
            last S tokens (what the recompute baseline pays per token). Medians of --repeats
            timed steps after a warm-up, alternating the two; ratio recompute / sink.
-  memory   Streams --memory-tokens tokens (the held-out play, cycled) through a 4 + 252 sink
-           cache with the bundled model, in chunks of 4096 tokens (one `lax.scan` each):
-           cache bytes, the process's resident memory and the segment's perplexity at each
-           checkpoint (powers of two), with the perplexity of the last 4096 tokens.
-  endless  One sampled stream of --endless-tokens tokens through a 4 + 252 sink cache
+  memory   Streams --memory-tokens tokens (the held-out plays one after another, cycled
+           when too few) through a 4 + --stream-window sink cache, 512 per forward:
+           cache bytes, the process's resident memory and the perplexity of the latest
+           4,096 tokens at each power of two.
+  endless  One sampled stream of --endless-tokens tokens through a 4 + --stream-window sink cache
            (`streaming.Session`, as `kvjax stream` runs it): wall time per token between
            the pieces the caller receives over each doubling of the stream, and what the
            text bookkeeping costs per token (incremental detokenisation vs a decode of the
@@ -29,8 +31,13 @@ Parts (--parts, comma-separated):
            head dim 128, bf16, at each cost size. Only on GPU/TPU: on CPU Pallas runs only
            interpreted, so the part is reported as not run.
 
-Writes <out>/streaming_<backend>.json (machine, settings, every measurement) and
-<out>/streaming_<backend>.md (the tables, also printed).
+Writes <out>/streaming_<backend>.json (machine, settings, every measurement),
+<out>/streaming_<backend>.md (the tables, also printed) and, with the quality part,
+<out>/streaming_<backend>_ppl.png; a --model other than the default adds its name and a
+subset of --parts adds theirs (streaming_<name>_<part>-<part>_<backend>.*).
+
+    python benchmarks/streaming.py --model smollm2-135m-instruct --parts quality \
+        --tokens 20480 --cache-sizes 256,1024 --recompute-every 128
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import report
+from tqdm import tqdm
 
 from kvjax import lm
 from kvjax.cache.sink import SinkCache
@@ -56,7 +64,8 @@ from kvjax.lm.detokenize import Detokenizer
 
 MODEL = "shakespeare"
 PARTS = ("quality", "cost", "memory", "endless", "kernel")
-SINKS = (0, 1, 2, 4, 8)
+SINKS = (1, 2, 4, 8)  # sink 0 is the window row
+BLOCK = 512  # tokens per point of the perplexity-over-position curve
 
 
 def held_out_tokens(model, n: int) -> tuple[np.ndarray, str]:
@@ -71,41 +80,114 @@ def held_out_tokens(model, n: int) -> tuple[np.ndarray, str]:
   raise SystemExit(f"no held-out play has {n} tokens")
 
 
+def _ppl(nll: np.ndarray) -> float | None:
+  """exp(mean) over the scored (non-NaN) tokens; None when none was scored."""
+  nll = nll[~np.isnan(nll)]
+  return float(np.exp(nll.mean())) if len(nll) else None
+
+
+def _ratio(a: np.ndarray, b: np.ndarray, after: int) -> float | None:
+  """ppl of a / ppl of b over the positions both scored past `after` (by nll [N] by position,
+  NaN where unscored); None when there are none."""
+  both = ~np.isnan(a) & ~np.isnan(b) & (np.arange(len(a)) > after)
+  return _ppl(a[both]) / _ppl(b[both]) if both.any() else None
+
+
 def quality(model, args) -> dict:
+  """The paper's Table 2 on one held-out text: dense once (on as many tokens as the model's
+  context holds), then per cache size C window (no sinks), recompute (every
+  --recompute-every-th token after the first window) and sink with SINKS sinks + C - s.
+  Each row's ppl is over the tokens it scored; `vs_recompute` and `vs_dense` compare it with
+  recompute's and dense's on the tokens both scored after the cache first evicted (positions
+  > C: the first C tokens see the same context under every policy)."""
   ids, title = held_out_tokens(model, args.tokens)
-  C = args.cache_size
-  runs = [
-    ("window", dict(cache="window", window=C), f"0 + {C}"),
-    ("recompute", dict(cache="recompute", window=C), f"0 + {C}"),
-  ]
-  runs += [
-    (f"sink {s}", dict(cache="sink", n_sink=s, window=C - s), f"{s} + {C - s}") for s in SINKS
-  ]
-  rows = []
-  for name, kw, layout in runs:
+  n_dense = min(len(ids), model.cfg.max_position)
+  runs = [("dense", None, dict(cache="dense"), "all", ids[:n_dense])]
+  for C in args.cache_sizes:
+    runs += [
+      ("window", C, dict(cache="window", window=C), f"0 + {C}", ids),
+      (
+        "recompute",
+        C,
+        dict(cache="recompute", window=C, every=args.recompute_every),
+        f"0 + {C}",
+        ids,
+      ),
+    ]
+    runs += [
+      (f"sink {k}", C, dict(cache="sink", n_sink=k, window=C - k), f"{k} + {C - k}", ids)
+      for k in SINKS
+    ]
+  got, wall_s = {}, {}
+  for name, C, kw, layout, text in runs:
     t0 = time.perf_counter()
-    got = streaming.perplexity(model, ids, progress=not args.quiet, **kw)
+    got[name, C] = streaming.perplexity(model, text, progress=not args.quiet, **kw), layout
+    print(f"  {name:10s} {layout:>11s}  ppl {got[name, C][0].ppl:8.3f}", file=sys.stderr)
+    wall_s[name, C] = time.perf_counter() - t0
+  by_pos = {}  # nll by position (the index in ids of the predicted token), NaN where unscored
+  for key, (r, _) in got.items():
+    by_pos[key] = np.full(len(ids), np.nan)
+    by_pos[key][r.positions] = r.nll
+  rows = []
+  for (name, C), (r, layout) in got.items():
+    nll = by_pos[name, C]
     rows.append(
       dict(
         name=name,
+        cache_size=C,
         layout=layout,
-        ppl=got.ppl,
-        tokens=got.tokens,
-        peak_cache_tokens=got.peak_cache_tokens,
-        ms_per_token=got.ms_per_token,
-        wall_s=time.perf_counter() - t0,
+        ppl=r.ppl,
+        tokens=r.tokens,
+        peak_cache_tokens=r.peak_cache_tokens,
+        ms_per_token=r.ms_per_token,
+        wall_s=wall_s[name, C],
+        vs_recompute=_ratio(nll, by_pos["recompute", C], after=C) if C else None,
+        vs_dense=_ratio(nll, by_pos["dense", None], after=C or 0),
+        block_ppl=[_ppl(nll[lo : lo + BLOCK]) for lo in range(1, len(ids), BLOCK)],
       )
     )
-    print(f"  {name:10s} {layout:>10s}  ppl {got.ppl:8.3f}", file=sys.stderr)
-  rec = next(r["ppl"] for r in rows if r["name"] == "recompute")
-  for r in rows:
-    r["vs_recompute"] = r["ppl"] / rec
-  return dict(text=title, tokens=len(ids), cache_size=C, rows=rows)
+  return dict(
+    model=args.model,
+    text=title,
+    tokens=len(ids),
+    dense_tokens=n_dense,
+    cache_sizes=args.cache_sizes,
+    recompute_every=args.recompute_every,
+    block=BLOCK,
+    rows=rows,
+  )
 
 
-def cost_model(max_size: int):
-  """A random model with the bundled model's shape and room for 2 * max_size positions."""
-  cfg = lm.load(MODEL).cfg
+def plot_quality(q: dict, path: str) -> None:
+  """Perplexity over position (per BLOCK tokens): window vs sink 4 (and dense), per cache."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  sizes = q["cache_sizes"]
+  fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
+  for ax, C in zip(axes[0], sizes):
+    for r in q["rows"]:
+      if r["cache_size"] in (C, None) and r["name"] in ("dense", "window", "sink 4"):
+        x = [min(lo + q["block"], q["tokens"]) for lo in range(1, q["tokens"], q["block"])]
+        y = [np.nan if v is None else v for v in r["block_ppl"]]
+        label = f"{r['name']} ({r['layout']})" if r["cache_size"] else "dense"
+        ax.plot(x, y, label=label, lw=1.2)
+    ax.axvline(C, color="grey", lw=0.6, ls=":")
+    ax.set_yscale("log")
+    ax.set_xlabel("token position")
+    ax.set_ylabel(f"perplexity per {q['block']} tokens")
+    ax.set_title(f"{q['model']}, cache {C} slots")
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def cost_model(name: str, max_size: int):
+  """A random model with the shape of model `name` and room for 2 * max_size positions."""
+  cfg = lm.load(name).cfg
   cfg = dataclasses.replace(cfg, max_position=max(cfg.max_position, 2 * max_size))
   return lm.init(cfg, seed=0)
 
@@ -157,7 +239,7 @@ def cost_at(model, S: int, rng, repeats: int) -> tuple[list[float], list[float]]
 
 
 def cost(args) -> dict:
-  model = cost_model(max(args.cost_sizes))
+  model = cost_model(args.model, max(args.cost_sizes))
   rng = np.random.default_rng(0)
   rows = []
   for S in args.cost_sizes:
@@ -176,7 +258,7 @@ def cost(args) -> dict:
       f"ms, {row['ratio']:.1f}x",
       file=sys.stderr,
     )
-  return dict(model=f"random, shape of {MODEL}", dtype=str(model.dtype), rows=rows)
+  return dict(model=f"random, shape of {args.model}", dtype=str(model.dtype), rows=rows)
 
 
 def _rss_mib() -> float:
@@ -187,49 +269,57 @@ def _rss_mib() -> float:
   return float("nan")
 
 
+def held_out_stream(model, n: int) -> tuple[np.ndarray, str]:
+  """n tokens of the held-out plays (test split, every genre) one after another, cycled when
+  they hold fewer, and what they are."""
+  from kvjax.train import corpus
+
+  docs = corpus.load_documents(corpus.builder(), "test")
+  plays = [np.asarray(model.tokenizer.encode(d.text), np.int32) for d in docs]
+  text = np.concatenate(plays)
+  what = f"the {len(plays)} held-out plays one after another ({len(text):,} tokens"
+  what += f", cycled {-(-n // len(text))}x)" if n > len(text) else ")"
+  return np.tile(text, -(-n // len(text)))[:n], what
+
+
 def memory(model, args) -> dict:
-  play, title = held_out_tokens(model, 4097)
-  n = args.memory_tokens
-  reps = -(-(n + 1) // len(play))
-  ids = np.tile(play, reps)[: n + 1]
-  cache = SinkCache.init(
-    n_layers=model.cfg.n_layers,
-    batch=1,
-    n_sink=4,
-    window=252,
-    n_kv_heads=model.cfg.n_kv_heads,
-    head_dim=model.cfg.head_dim,
-    dtype=model.dtype,
-  )
+  """--memory-tokens of held-out text through one n_sink + --stream-window sink cache, fed
+  in chunks of 512 (per-token eviction): at each power of two of the stream, the cache's
+  bytes and tokens, the process's resident memory and the perplexity of the latest 4,096."""
+  n, W = args.memory_tokens, args.stream_window
+  ids, text = held_out_stream(model, n + 1)
+  cache = SinkCache.init(**model.cfg.cache_dims, batch=1, n_sink=4, window=W, dtype=model.dtype)
   cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
-  C, rows, nll, t0 = 4096, [], [], time.perf_counter()
+  C, rows, nll, t0 = 512, [], np.zeros(n, np.float32), time.perf_counter()
+  bar = tqdm(total=n, desc="memory", unit="tok", disable=args.quiet, dynamic_ncols=True)
   for lo in range(0, n, C):
-    done = min(lo + C, n)  # the last chunk may be shorter (one more compile)
+    done = min(lo + C, n)
     (part, cache), _ = steps.call(
       model,
-      steps.nll_scan,
+      steps.nll_chunk,
       cache,
-      jnp.asarray(ids[None, lo:done]),
-      jnp.asarray(ids[None, lo + 1 : done + 1]),
+      jnp.asarray(np.pad(ids[lo:done], (0, C - (done - lo)))[None]),
+      jnp.asarray(np.pad(ids[lo + 1 : done + 1], (0, C - (done - lo)))[None]),
+      jnp.asarray([done - lo], jnp.int32),
     )
-    nll.append(np.asarray(part[0]))
-    if done & (done - 1) == 0 or done >= n:  # powers of two, and the end
+    nll[lo:done] = np.asarray(part[0])[: done - lo]
+    bar.update(done - lo)
+    marks = [m for m in (2**i for i in range(12, 40)) if lo < m <= done] + (
+      [n] if done == n else []
+    )
+    for m in marks:
       rows.append(
         dict(
-          tokens=done,
+          tokens=m,
           cache_tokens=int(cache.length[0]),
           cache_bytes=sum(x.nbytes for x in jax.tree.leaves(cache)),
           rss_mib=_rss_mib(),
-          segment_ppl=float(np.exp(nll[-1].mean())),
+          segment_ppl=float(np.exp(nll[max(0, m - 4096) : m].mean())),
           elapsed_s=time.perf_counter() - t0,
         )
       )
-      print(
-        f"  {done:7d} tokens: cache {rows[-1]['cache_tokens']} tokens, rss "
-        f"{rows[-1]['rss_mib']:.0f} MiB",
-        file=sys.stderr,
-      )
-  return dict(text=f"{title} (first 4097 tokens, cycled)", cache_bytes=cache_bytes, rows=rows)
+  bar.close()
+  return dict(model=args.model, window=W, text=text, cache_bytes=cache_bytes, rows=rows)
 
 
 def endless(model, args) -> dict:
@@ -242,7 +332,7 @@ def endless(model, args) -> dict:
   session = streaming.Session(
     model,
     n_sink=4,
-    window=252,
+    window=args.stream_window,
     sampling=lm.Sampling(temperature=1.0),
     key=jax.random.key(0),
     stop_tokens=(),
@@ -290,6 +380,8 @@ def endless(model, args) -> dict:
     lo, t_lo = m, t
   s = session.stats
   return dict(
+    model=args.model,
+    window=args.stream_window,
     tokens=done["n"],
     wall_s=wall_s,
     decode_s=s["decode_s"],
@@ -369,16 +461,30 @@ def markdown(res: dict) -> str:
 
 
 def quality_table(q: dict) -> list[str]:
+  def num(v, fmt):
+    return "-" if v is None else format(v, fmt)
+
+  every = q.get("recompute_every", 1)
+  title = (
+    f"**Quality**: `{q['model']}`, {q['tokens']:,} tokens of *{q['text']}* (held out), "
+    f"fed through each cache (chunks evict per token, as if fed one at a time); dense "
+    f"on the first {q['dense_tokens']:,} tokens"
+    + (f"; recompute scores every {every}th token after its first window" if every > 1 else "")
+    + ". vs recompute / vs dense: perplexity ratio on the tokens both scored past the first "
+    "C (where eviction starts)."
+  )
   return _table(
-    f"**Quality**: bundled `shakespeare`, {q['tokens']:,} tokens of *{q['text']}* "
-    f"(held out), cache {q['cache_size']} slots, fed token by token.",
-    ["cache", "sinks + window", "ppl", "vs recompute", "ms/token"],
+    title,
+    ["cache", "slots", "sinks + window", "tokens", "ppl", "vs recompute", "vs dense", "ms/token"],
     [
       [
         r["name"],
+        num(r["cache_size"], ","),
         r["layout"],
+        f"{r['tokens']:,}",
         f"{r['ppl']:.2f}",
-        f"{r['vs_recompute']:.3f}",
+        num(r["vs_recompute"], ".3f"),
+        num(r["vs_dense"], ".3f"),
         f"{r['ms_per_token']:.2f}",
       ]
       for r in q["rows"]
@@ -399,7 +505,8 @@ def cost_table(c: dict) -> list[str]:
 
 def memory_table(m: dict) -> list[str]:
   return _table(
-    f"**Memory** (4 + 252 sink cache, {m['cache_bytes']:,} bytes; {m['text']}):",
+    f"**Memory** (`{m.get('model', MODEL)}`, 4 + {m.get('window', 252)} sink cache, "
+    f"{m['cache_bytes']:,} bytes; {m['text']}):",
     ["tokens streamed", "cache tokens", "process RSS MiB", "ppl of the last 4096"],
     [
       [
@@ -415,7 +522,8 @@ def memory_table(m: dict) -> list[str]:
 
 def endless_table(e: dict) -> list[str]:
   return _table(
-    f"**Endless stream, per-token wall time** (bundled `{MODEL}`, 4 + 252 sink "
+    f"**Endless stream, per-token wall time** (`{e.get('model', MODEL)}`, "
+    f"4 + {e.get('window', 252)} sink "
     f"cache, temperature 1; {e['tokens']:,} tokens in {e['wall_s']:.0f} s, "
     f"{e['tokens_per_s']:.0f} tok/s as reported):",
     [
@@ -469,13 +577,29 @@ def main(argv=None) -> int:
     help="held-out tokens for the quality part (default 6144)",
   )
   p.add_argument(
-    "--cache-size",
-    type=checked(int, lambda v: v >= 9, "an integer >= 9"),
-    default=256,
-    help="cache slots (sinks + window) for the quality part",
+    "--model",
+    default=MODEL,
+    help=f"model name or directory for quality, cost, memory, endless (default {MODEL})",
+  )
+  p.add_argument(
+    "--cache-sizes",
+    default="256",
+    help="comma-separated cache slots (sinks + window) for the quality part, each >= 9",
+  )
+  p.add_argument(
+    "--recompute-every",
+    type=positive,
+    default=1,
+    help="recompute scores every K-th token after its first window (default 1: all)",
   )
   p.add_argument("--cost-sizes", default="256,512,1024,2048,4096")
   p.add_argument("--memory-tokens", type=positive, default=131072)
+  p.add_argument(
+    "--stream-window",
+    type=positive,
+    default=252,
+    help="window slots beside 4 sinks for the memory and endless parts (default 252)",
+  )
   p.add_argument(
     "--endless-tokens",
     type=checked(int, lambda v: v >= 1024, "an integer >= 1024"),
@@ -490,14 +614,16 @@ def main(argv=None) -> int:
   bad = [x for x in parts if x not in PARTS]
   if bad:
     p.error(f"--parts: unknown {bad}; choose from {', '.join(PARTS)}")
-  try:
-    args.cost_sizes = [int(x) for x in args.cost_sizes.split(",")]
-  except ValueError:
-    p.error(f"--cost-sizes: expected comma-separated integers; got {args.cost_sizes!r}")
-  if min(args.cost_sizes) < 8:
-    p.error("--cost-sizes: each cache size must be >= 8")
+  for flag, least in (("cost_sizes", 8), ("cache_sizes", 9)):
+    text = getattr(args, flag)
+    try:
+      setattr(args, flag, [int(x) for x in text.split(",")])
+    except ValueError:
+      p.error(f"--{flag.replace('_', '-')}: expected comma-separated integers; got {text!r}")
+    if min(getattr(args, flag)) < least:
+      p.error(f"--{flag.replace('_', '-')}: each cache size must be >= {least}")
   res = dict(machine=report.describe(), backend=jax.default_backend(), settings=vars(args))
-  model = lm.load(MODEL) if {"quality", "memory", "endless"} & set(parts) else None
+  model = lm.load(args.model) if {"quality", "memory", "endless"} & set(parts) else None
   for part in parts:
     print(f"{part}:", file=sys.stderr)
     res[part] = {
@@ -507,7 +633,12 @@ def main(argv=None) -> int:
       "endless": lambda: endless(model, args),
       "kernel": lambda: kernel(args),
     }[part]()
-  report.publish(args.out, "streaming", res, markdown(res))
+  name = "streaming" if args.model == MODEL else f"streaming_{os.path.basename(args.model)}"
+  if set(parts) != set(PARTS):
+    name += "_" + "-".join(parts)
+  stem = report.publish(args.out, name, res, markdown(res))
+  if "quality" in res:
+    plot_quality(res["quality"], stem + "_ppl.png")
   return 0
 
 

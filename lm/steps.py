@@ -298,6 +298,17 @@ def nll(graphdef, state, tokens: jax.Array, targets: jax.Array, *, last: bool = 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def nll_chunk(graphdef, state, cache, tokens: jax.Array, targets: jax.Array, n_new: jax.Array):
+  """Feeds a chunk into any cache in one forward: tokens [B, C] right-padded, n_new [B] real
+  tokens per row -> (nll [B, C] float32 of targets [B, C] (padding scored, to be dropped),
+  cache n_new longer per row). Every cache evicts per token inside a chunk, so this equals
+  `nll_scan` over the same tokens (one decode step each)."""
+  dec = nnx.merge(graphdef, state)
+  out, cache = dec(tokens, cache=cache, n_new=n_new)
+  return token_nll(out.logits, targets), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def nll_scan(graphdef, state, cache, tokens: jax.Array, targets: jax.Array):
   """Feeds tokens [B, C] one at a time (C decode steps in one `lax.scan`) into any cache
   (KVCache or SinkCache) -> (nll [B, C] float32 of targets [B, C], cache)."""

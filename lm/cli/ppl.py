@@ -24,7 +24,8 @@ from kvjax.lm.cli.paths import check_input_file
 NAME = "ppl"
 HELP = "streaming perplexity of a long text (StreamingLLM)"
 DESCRIPTION = (
-  "Feeds a text token by token and reports its perplexity under a cache "
+  "Feeds a text through a cache that evicts token by token (chunks per forward, equal to "
+  "one token at a time) and reports its perplexity under a cache "
   "policy: dense (everything kept), window (rolling window, no sinks), sink (attention "
   "sinks + rolling window), recompute (the last W tokens recomputed for every token)."
 )
@@ -38,6 +39,14 @@ CACHE_FLAGS = (
     "W",
     "recent tokens kept (window, sink) or recomputed (recompute), the token "
     "being scored included: the streaming-llm reference's recent_size is W - 1",
+  ),
+  (
+    "--every",
+    positive,
+    None,
+    "K",
+    "--cache recompute: score every K-th token after the first window (default 1: all; "
+    "each costs a forward over W tokens)",
   ),
 )
 # ... and of the run by position after augmentation points (--coprocessor)
@@ -91,7 +100,9 @@ def _add_coprocessor_flags(p: argparse.ArgumentParser) -> None:
 def _check_ppl(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   check_input_file(parser, "--text", args.text)
   if args.coprocessor is not None:
-    given = [f"--{f}" for f in ("cache", "sinks", "window") if getattr(args, f) is not None]
+    given = [
+      f"--{f}" for f in ("cache", "sinks", "window", "every") if getattr(args, f) is not None
+    ]
     if given:
       parser.error(f"{', '.join(given)}: streaming-cache flags do not apply with --coprocessor")
     check_coprocessor(parser, args)
@@ -113,6 +124,8 @@ def _check_ppl(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     parser.error(f"--cache {args.cache} keeps no sinks; --sinks applies to --cache sink")
   if args.cache != "dense" and args.window is None:
     parser.error(f"--cache {args.cache} needs --window W")
+  if args.every is not None and args.cache != "recompute":
+    parser.error(f"--every applies to --cache recompute; --cache {args.cache} scores every token")
 
 
 def _ppl(args: argparse.Namespace) -> int:
@@ -127,6 +140,7 @@ def _ppl(args: argparse.Namespace) -> int:
     cache=args.cache,
     n_sink=args.sinks,
     window=args.window,
+    every=args.every or 1,
     progress=not args.no_progress and not args.json,
   )
   n_sink = (4 if args.sinks is None else args.sinks) if args.cache == "sink" else 0
@@ -135,6 +149,7 @@ def _ppl(args: argparse.Namespace) -> int:
     "cache": args.cache,
     "sinks": n_sink,
     "window": args.window,
+    "every": args.every or 1,
     "ppl": got.ppl,
     "tokens": got.tokens,
     "peak_cache_tokens": got.peak_cache_tokens,

@@ -30,15 +30,17 @@ MODES = ("dense", "window", "sink", "recompute")
 
 @dataclasses.dataclass
 class Perplexity:
-  """ppl = exp(mean nll) over `tokens` predicted tokens (every token but the first);
-  nll [tokens] float32 per predicted token; peak_cache_tokens: most tokens held at once;
-  ms_per_token: wall time per predicted token, compilation excluded."""
+  """ppl = exp(mean nll) over `tokens` predicted tokens (every token but the first, unless a
+  recompute run scored every k-th); nll [tokens] float32 per predicted token; positions
+  [tokens] int: the index in ids of each predicted token; peak_cache_tokens: most tokens held
+  at once; ms_per_token: wall time per predicted token, compilation excluded."""
 
   ppl: float
   tokens: int
   peak_cache_tokens: int
   ms_per_token: float
   nll: np.ndarray
+  positions: np.ndarray
 
 
 def _check(model: Model, ids: Sequence[int], cache: str, n_sink: int, window: int | None):
@@ -79,16 +81,31 @@ def perplexity(
   n_sink: int | None = None,
   window: int | None = None,
   chunk: int = 256,
+  every: int = 1,
   progress: bool = False,
 ) -> Perplexity:
   """Perplexity of ids [N] under `cache` (see the module docstring); n_sink defaults to 4 for
-  cache="sink" (other modes keep none). Tokens are fed one at a time through the jitted decode
-  step, `chunk` per dispatch (a `lax.scan`)."""
+  cache="sink" (other modes keep none).
+
+  dense, window and sink feed `chunk` tokens per forward: their caches evict per token inside
+  a chunk, so the result equals feeding one token at a time (chunk=1, one decode step each).
+  recompute scores the first min(window, N - 1) tokens in one causal pass and after that every
+  `every`-th token (each needs its own forward over its window); `Perplexity.positions` says
+  which tokens were scored."""
   if n_sink is None:
     n_sink = 4 if cache == "sink" else 0
   ids = _check(model, ids, cache, n_sink, window)
+  if not isinstance(chunk, int) or chunk < 1:
+    raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
+  if not isinstance(every, int) or every < 1:
+    raise ValueError(f"every must be an int >= 1; got {every!r}")
+  if every > 1 and cache != "recompute":
+    raise ValueError(
+      f"every={every} applies to cache='recompute' only: {cache!r} scores every token at no "
+      "extra cost"
+    )
   if cache == "recompute":
-    return _recompute(model, ids, window, progress)
+    return _recompute(model, ids, window, every, progress)
   cfg = model.cfg
   if cache == "dense":
     kv = KVCache.init(**cfg.cache_dims, batch=1, size=steps.bucket(len(ids)), dtype=model.dtype)
@@ -96,6 +113,7 @@ def perplexity(
     kv = SinkCache.init(**cfg.cache_dims, batch=1, n_sink=n_sink, window=window, dtype=model.dtype)
   inputs, targets = ids[:-1], ids[1:]
   n = len(inputs)
+  chunk = min(chunk, n)
   pad = -n % chunk
   inputs, targets = np.pad(inputs, (0, pad)), np.pad(targets, (0, pad))
   nll, seconds = [], 0.0
@@ -103,10 +121,11 @@ def perplexity(
   for lo in range(0, n + pad, chunk):
     (part, kv), part_s, _ = steps.timed(
       model,
-      steps.nll_scan,
+      steps.nll_chunk,
       kv,
       jnp.asarray(inputs[None, lo : lo + chunk]),
       jnp.asarray(targets[None, lo : lo + chunk]),
+      jnp.asarray([min(chunk, n - lo)], jnp.int32),
     )
     seconds += part_s
     nll.append(np.asarray(part[0]))
@@ -121,11 +140,12 @@ def perplexity(
     peak_cache_tokens=int(peak),
     ms_per_token=1e3 * seconds / n,
     nll=nll,
+    positions=np.arange(1, n + 1),
   )
 
 
 def _recompute(
-  model: Model, ids: np.ndarray, window: int, progress: bool, batch: int = 16
+  model: Model, ids: np.ndarray, window: int, every: int, progress: bool, batch: int = 16
 ) -> Perplexity:
   """Token i is predicted from ids[max(0, i - window): i] recomputed at positions from 0."""
   n = len(ids) - 1
@@ -134,8 +154,8 @@ def _recompute(
     model, steps.nll, jnp.asarray(ids[None, :W]), jnp.asarray(ids[None, 1 : W + 1])
   )
   nll = [np.asarray(head[0])]  # tokens 1..W from one causal pass
-  starts = np.arange(1, n - W + 1)  # window [s, s + W) predicts token s + W
-  bar = _bar(progress, n, "recompute")
+  starts = np.arange(1, n - W + 1, every)  # window [s, s + W) predicts token s + W
+  bar = _bar(progress, W + len(starts), "recompute")
   bar.update(W)
   for lo in range(0, len(starts), batch):
     s = starts[lo : lo + batch]
@@ -153,10 +173,11 @@ def _recompute(
   check_finite(model, [not np.isfinite(nll).all()], "perplexity with recompute")
   return Perplexity(
     ppl=float(np.exp(nll.mean())),
-    tokens=n,
+    tokens=len(nll),
     peak_cache_tokens=W,
-    ms_per_token=1e3 * seconds / n,
+    ms_per_token=1e3 * seconds / len(nll),
     nll=nll,
+    positions=np.concatenate([np.arange(1, W + 1), starts + W]),
   )
 
 

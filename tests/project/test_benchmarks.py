@@ -292,8 +292,10 @@ def test_streaming(tmp_path, dirs, monkeypatch):
       tmp_path,
       "--tokens",
       "24",
-      "--cache-size",
-      "10",
+      "--cache-sizes",
+      "10,12",
+      "--recompute-every",
+      "3",
       "--cost-sizes",
       "8",
       "--memory-tokens",
@@ -309,10 +311,17 @@ def test_streaming(tmp_path, dirs, monkeypatch):
   got = written(tmp_path, "streaming")
   assert set(bench.PARTS) <= set(got)
   q = got["quality"]
-  assert [r["name"] for r in q["rows"]] == ["window", "recompute"] + [
-    f"sink {s}" for s in bench.SINKS
-  ]
-  assert all(r["tokens"] == 23 and r["ppl"] > 0 for r in q["rows"])
+  per_size = ["window", "recompute"] + [f"sink {s}" for s in bench.SINKS]
+  assert [r["name"] for r in q["rows"]] == ["dense"] + per_size * 2
+  assert [r["cache_size"] for r in q["rows"]] == [None] + [10] * 6 + [12] * 6
+  for r in q["rows"]:
+    # recompute: tokens 1..C from one pass, then every 3rd of the 23 - C after it
+    want = (
+      r["cache_size"] + len(range(1, 24 - r["cache_size"], 3)) if r["name"] == "recompute" else 23
+    )
+    assert r["tokens"] == want and r["ppl"] > 0 and r["vs_dense"] > 0
+    assert (r["vs_recompute"] is None) == (r["name"] == "dense")
+  assert os.path.getsize(tmp_path / f"streaming_{jax.default_backend()}_ppl.png") > 0
   assert [r["cache"] for r in got["cost"]["rows"]] == [8]
   assert [r["tokens"] for r in got["memory"]["rows"]] == [4096, 4100]  # a short last chunk
   assert got["endless"]["rows"] and got["kernel"]["run"] is (jax.default_backend() != "cpu")

@@ -2,12 +2,14 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import cli
 
 from kvjax import lm
-from kvjax.lm import streaming, tiny
+from kvjax.cache import SinkCache
+from kvjax.lm import steps, streaming, tiny
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +54,34 @@ def test_window_equals_recompute_for_one_layer(one_layer):
     assert abs(recompute.nll[i] - nll_of_score(one_layer, ctx)[-1]) < 2e-4
 
 
-def test_sink_chunks_do_not_change_the_result(deep):
+@pytest.mark.parametrize("cache, n_sink", [("sink", 2), ("window", 0)])
+def test_chunks_equal_one_token_at_a_time(deep, cache, n_sink):
+  """A chunk evicts per token inside one forward: chunks of 7 and 32 (longer than the 12
+  slots) give the nll of one decode step per token (chunk=1) and of `steps.nll_scan`."""
   ids = ids_of(80, seed=3)
-  a = streaming.perplexity(deep, ids, cache="sink", n_sink=2, window=10, chunk=7)
-  b = streaming.perplexity(deep, ids, cache="sink", n_sink=2, window=10, chunk=32)
-  np.testing.assert_allclose(a.nll, b.nll, atol=2e-5)
-  assert a.peak_cache_tokens == 12
+  kw = dict(cache=cache, n_sink=n_sink, window=12 - n_sink)
+  one = streaming.perplexity(deep, ids, chunk=1, **kw)
+  for chunk in (7, 32):
+    got = streaming.perplexity(deep, ids, chunk=chunk, **kw)
+    np.testing.assert_allclose(got.nll, one.nll, atol=2e-5)
+  kv = SinkCache.init(**deep.cfg.cache_dims, batch=1, n_sink=n_sink, window=12 - n_sink)
+  (scan, _), _ = steps.call(
+    deep, steps.nll_scan, kv, jnp.asarray(ids[None, :-1]), jnp.asarray(ids[None, 1:])
+  )
+  np.testing.assert_allclose(np.asarray(scan[0]), one.nll, atol=2e-5)
+  assert one.peak_cache_tokens == 12 and one.tokens == 79
+  np.testing.assert_array_equal(one.positions, np.arange(1, 80))
+
+
+def test_recompute_every_kth_token(deep):
+  ids = ids_of(60, seed=4)
+  full = streaming.perplexity(deep, ids, cache="recompute", window=10)
+  some = streaming.perplexity(deep, ids, cache="recompute", window=10, every=7)
+  # tokens 1..10 from the first window, then 11, 18, ..., 53 (every 7th)
+  want = np.concatenate([np.arange(1, 11), np.arange(11, 60, 7)])
+  np.testing.assert_array_equal(some.positions, want)
+  np.testing.assert_allclose(some.nll, full.nll[want - 1], atol=2e-5)
+  assert some.tokens == len(want)
 
 
 @pytest.mark.parametrize(
@@ -68,6 +92,9 @@ def test_sink_chunks_do_not_change_the_result(deep):
     (dict(cache="recompute", window=4, n_sink=2), "keeps no sinks"),
     (dict(cache="sink", n_sink=-1, window=4), "n_sink must be an int >= 0"),
     (dict(cache="lru", window=4), "cache must be one of"),
+    (dict(cache="sink", window=4, every=2), "applies to cache='recompute' only"),
+    (dict(cache="recompute", window=4, every=0), "every must be an int >= 1"),
+    (dict(cache="sink", window=4, chunk=0), "chunk must be an int >= 1"),
   ],
 )
 def test_bad_arguments(kwargs, message):
@@ -100,11 +127,22 @@ def test_cli(tmp_path, one_layer, model_dir):
   assert got["ppl"] == pytest.approx(want.ppl, rel=1e-5)
   assert got["tokens"] == len(ids) - 1 and got["peak_cache_tokens"] == 18
   assert set(got) >= {"ppl", "tokens", "peak_cache_tokens", "ms_per_token"}
+  code, out, err = cli(
+    "ppl", "--model", model_dir, "--text", text, "--cache", "recompute", "--window", 8,
+    "--every", 5, "--json",
+  )  # fmt: skip
+  assert code == 0, err
+  want = streaming.perplexity(one_layer, ids, cache="recompute", window=8, every=5)
+  got = json.loads(out)
+  assert got["tokens"] == want.tokens == 8 + len(range(1, len(ids) - 1 - 8 + 1, 5))
+  assert got["ppl"] == pytest.approx(want.ppl, rel=1e-5) and got["every"] == 5
   for argv, words in [
     (["--cache", "sink"], "needs --window"),
     (["--cache", "window", "--window", 8, "--sinks", 4], "keeps no sinks"),
     (["--cache", "dense", "--window", 8], "do not apply"),
     (["--cache", "sink", "--window", 0], "--window"),
+    (["--cache", "sink", "--window", 8, "--every", 2], "--every applies to --cache recompute"),
+    (["--cache", "recompute", "--window", 8, "--every", 0], "--every"),
   ]:
     code, out, err = cli("ppl", "--model", model_dir, "--text", text, *argv)
     assert code == 2 and words in err and out == ""
