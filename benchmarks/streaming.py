@@ -304,9 +304,8 @@ def memory(model, args) -> dict:
     )
     nll[lo:done] = np.asarray(part[0])[: done - lo]
     bar.update(done - lo)
-    marks = [m for m in (2**i for i in range(12, 40)) if lo < m <= done] + (
-      [n] if done == n else []
-    )
+    marks = [m for m in (2**i for i in range(12, 40)) if lo < m <= done]
+    marks += [n] if done == n and n not in marks else []
     for m in marks:
       rows.append(
         dict(
