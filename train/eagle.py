@@ -57,6 +57,7 @@ from kvjax.train.errors import TrainError
 from kvjax.train.loop import AddOnConfig, compiled
 
 Batch = dict[str, np.ndarray]
+DISTILL_PROMPTS = ("corpus", "instructions")  # where self-distillation's prompts come from
 PLOT_LABEL = "head loss"  # eagle1: SmoothL1 + 0.1 CE; eagle3: step-weighted CE
 
 
@@ -69,8 +70,10 @@ class EagleConfig(AddOnConfig):
   (clipped to seq_len - 1). feature_noise: half-width of the uniform noise on step-0 input
   features (default 0.1 for eagle1, 0 for eagle3). ce_weight: eagle1's weight of the token
   loss. step_decay: eagle3's weight ratio between consecutive steps. self_distill,
-  distill_temperature: recorded so a resume uses the same data (the sequences are made by
-  `kvjax.train.eagle_data.self_distill`). eval_prompts, prompt_len, new_tokens, tree_*:
+  distill_temperature, distill_prompts: recorded so a resume uses the same data (the
+  sequences are made by `kvjax.train.eagle_data.self_distill` after prompts cut from the
+  corpus, "corpus", or after `kvjax.train.instructions` in the target's chat template,
+  "instructions"). eval_prompts, prompt_len, new_tokens, tree_*:
   val_accept_len's greedy generation (prompts of prompt_len tokens, new_tokens each,
   TreeSpec(top_k, depth, tokens), by default TreeSpec's).
   """
@@ -82,6 +85,7 @@ class EagleConfig(AddOnConfig):
   step_decay: float = 0.8
   self_distill: int = 0
   distill_temperature: float = 1.0
+  distill_prompts: str = "corpus"
   eval_prompts: int = 4
   prompt_len: int = 64
   new_tokens: int = 48
@@ -100,6 +104,10 @@ class EagleConfig(AddOnConfig):
   def __post_init__(self):
     if self.kind not in heads.KINDS:
       raise TrainError(f"kind must be one of {heads.KINDS}; got {self.kind!r}")
+    if self.distill_prompts not in DISTILL_PROMPTS:
+      raise TrainError(
+        f"distill_prompts must be one of {', '.join(DISTILL_PROMPTS)}; got {self.distill_prompts!r}"
+      )
     if self.feature_noise is None:
       object.__setattr__(self, "feature_noise", 0.1 if self.kind == "eagle1" else 0.0)
     super().__post_init__()
@@ -131,8 +139,12 @@ class EagleConfig(AddOnConfig):
       "tree_tokens",
     }
   )
-  # self_distill and distill_temperature make the data (outside the steps) and must resume
-  BOOKKEEPING = AddOnConfig.BOOKKEEPING | VALIDATION | {"self_distill", "distill_temperature"}
+  # the self-distillation settings make the data (outside the steps) and must resume
+  BOOKKEEPING = (
+    AddOnConfig.BOOKKEEPING
+    | VALIDATION
+    | {"self_distill", "distill_temperature", "distill_prompts"}
+  )
   NOT_RESUMED = AddOnConfig.NOT_RESUMED | VALIDATION
 
   def resume_key(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from kvjax.lm.generate import generate
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling
+from kvjax.train import instructions
 from kvjax.train.errors import TrainError
 from kvjax.train.loop import Batch
 
@@ -49,6 +50,18 @@ def prompts_from_stream(
   return [tokens[s : s + length].tolist() for s in starts]
 
 
+def chat_prompts(model: Model, n: int, *, seed: int = 0) -> list[list[int]]:
+  """n of `kvjax.train.instructions`' prompts, each a user turn in the model's chat template
+  (the assistant's turn opened), as token ids."""
+  tok = model.tokenizer
+  if tok is None or not tok.chat_template:
+    raise TrainError("--distill-prompts instructions needs a target with a chat template")
+  return [
+    tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]), add_special_tokens=False)
+    for p in instructions.prompts(n, seed=seed)
+  ]
+
+
 def text_streams(td) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
   """The (tokens, doc) streams of a `kvjax.train.text.TextData`'s train and held-out parts."""
   train = td.windows[: td.n_train, :-1].ravel()
@@ -70,7 +83,9 @@ def self_distill(
   """The target's own continuations of `prompts` as training sequences: [N, length] int32,
   each row a prompt and what `kvjax.lm.generate` (greedy at temperature 0, else sampled) made
   after it up to `length` tokens, -1 after a stop token. With `path` (a .npy file) the result
-  is made once and read back afterwards."""
+  is made once and read back afterwards, and the work so far is kept after every `chunk`
+  prompts in `path` + ".partial.npz", from which an interrupted run resumes (chunk i is
+  sampled with key fold_in(seed, i * chunk), so a resumed run makes the same sequences)."""
   n = len(prompts)
   if path is not None and os.path.exists(path):
     seqs = np.load(path)
@@ -88,9 +103,12 @@ def self_distill(
       f"{model.cfg.max_position}"
     )
   sampling = Sampling(temperature=float(temperature))
-  seqs = np.full((n, length), -1, np.int32)
+  partial = None if path is None else path + ".partial.npz"
+  run = dict(temperature=float(temperature), seed=int(seed), chunk=int(chunk))
+  seqs, start = _resume(partial, prompts, length, run)
   bar = tqdm(total=n, desc="self-distill", unit="seq", dynamic_ncols=True, disable=not progress)
-  for s in range(0, n, chunk):
+  bar.update(start)
+  for s in range(start, n, chunk):
     rows = [list(map(int, p)) for p in prompts[s : s + chunk]]
     rows += [rows[0]] * (chunk - len(rows))  # one batch shape for every chunk
     out = generate(
@@ -104,13 +122,43 @@ def self_distill(
       ids = (rows[r] + out.tokens[r])[:length]
       seqs[s + r, : len(ids)] = ids
     bar.update(min(chunk, n - s))
+    if partial is not None and s + chunk < n:
+      _save(partial, np.savez, seqs=seqs, done=s + chunk, **run)
   bar.close()
   if path is not None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.npy"
-    np.save(tmp, seqs)
-    os.replace(tmp, path)
+    _save(path, np.save, seqs)
+    if os.path.exists(partial):
+      os.remove(partial)
   return seqs
+
+
+def _save(path: str, save, *args, **arrays) -> None:
+  """Writes with `save` (np.save / np.savez) to a temporary file and renames it over path."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp" + os.path.splitext(path)[1]
+  save(tmp, *args, **arrays)
+  os.replace(tmp, path)
+
+
+def _resume(
+  partial: str | None, prompts: Sequence[Sequence[int]], length: int, run: dict
+) -> tuple[np.ndarray, int]:
+  """(sequences [N, length] so far, prompts done) from an interrupted run's partial file, or
+  an empty start; a partial file of other prompts or settings is refused."""
+  n = len(prompts)
+  if partial is None or not os.path.exists(partial):
+    return np.full((n, length), -1, np.int32), 0
+  with np.load(partial) as f:
+    seqs, done = f["seqs"], int(f["done"])
+    saved = {k: f[k].item() for k in run}
+  same = seqs.shape == (n, length) and saved == run and 0 < done <= n
+  same = same and all(list(seqs[i, : len(p)]) == list(p) for i, p in enumerate(prompts[:done]))
+  if not same:
+    raise TrainError(
+      f"{partial} holds an interrupted self-distillation of other prompts or settings "
+      f"({saved}); remove it or pass a new out dir"
+    )
+  return seqs.astype(np.int32), done
 
 
 class SequenceData:

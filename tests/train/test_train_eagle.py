@@ -327,6 +327,65 @@ def test_self_distill_sequences(setup, tmp_path, monkeypatch):
   np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
 
 
+def test_self_distill_resumes_where_it_was_interrupted(setup, tmp_path, monkeypatch):
+  """A run stopped after two of three chunks keeps them in the partial file; the rerun makes
+  only the last chunk and gives the sequences of an uninterrupted run."""
+  _, _, _, target = setup
+  (train_tokens, doc), _ = eagle_data.text_streams(text_data(setup))
+  prompts = eagle_data.prompts_from_stream(train_tokens, doc, 5, 6, rng=np.random.default_rng(1))
+  kw = dict(seed=3, temperature=1.0, chunk=2, progress=False)
+  want = eagle_data.self_distill(target, prompts, 14, path=str(tmp_path / "a.npy"), **kw)
+  real, calls = eagle_data.generate, []
+
+  def stops_at_the_third_chunk(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(eagle_data, "generate", stops_at_the_third_chunk)
+  path = str(tmp_path / "b.npy")
+  with pytest.raises(KeyboardInterrupt):
+    eagle_data.self_distill(target, prompts, 14, path=path, **kw)
+  assert not os.path.exists(path) and os.path.exists(path + ".partial.npz")
+  calls.clear()
+  calls.append(1)  # the rerun's one call (the last chunk) is the second: no interruption
+  np.testing.assert_array_equal(eagle_data.self_distill(target, prompts, 14, path=path, **kw), want)
+  assert len(calls) == 2 and not os.path.exists(path + ".partial.npz")
+  with pytest.raises(KeyboardInterrupt):  # interrupted again, then resumed with other settings
+    calls.clear()
+    os.remove(path)
+    eagle_data.self_distill(target, prompts, 14, path=path, **kw)
+  with pytest.raises(eagle.TrainError, match="other prompts or settings"):
+    eagle_data.self_distill(target, prompts, 14, path=path, **{**kw, "seed": 4})
+
+
+def test_self_distill_on_instruction_prompts(setup, tmp_path):
+  """--distill-prompts instructions: the sequences start with kvjax's instruction prompts as
+  chat turns (the same for the same seed), and the target's own continuations follow."""
+  _, _, _, target = setup
+  flags = ("--steps", 2, "--warmup", 1, "--batch-size", 2, "--seq-len", 120, "--eval-prompts", 0)
+  code, _, err = train_eagle(
+    setup,
+    tmp_path,
+    *flags,
+    "--self-distill",
+    3,
+    "--distill-prompts",
+    "instructions",
+    "--no-progress",
+  )
+  assert code == 0, err
+  seqs = np.load(tmp_path / eagle_data.DISTILL_FILE)
+  starts = eagle_data.chat_prompts(target, 3, seed=0)
+  assert seqs.shape == (3, 121)
+  for row, p in zip(seqs, starts):
+    np.testing.assert_array_equal(row[: len(p)], p)
+    assert "<|assistant|>" in target.tokenizer.decode(p) and (row[len(p) :] != -1).any()
+  code, _, err = train_eagle(setup, tmp_path / "x", *flags, "--distill-prompts", "web")
+  assert code == 2 and "--distill-prompts: expected corpus or instructions; got web" in err
+
+
 @pytest.mark.parametrize(
   "argv, message",
   [

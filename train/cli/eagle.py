@@ -9,8 +9,9 @@ import time
 
 import numpy as np
 
-from kvjax.lm.cli.flags import nonneg, positive
+from kvjax.lm.cli.flags import checked, nonneg, positive
 from kvjax.train.cli import common
+from kvjax.train.eagle import DISTILL_PROMPTS
 
 # The eagle task's own defaults (the others: common's, then EagleConfig's field defaults).
 EAGLE_DEFAULTS = dict(draft_vocab=0, published=False, export_format="kvjax")
@@ -44,6 +45,13 @@ DISTILL_FLAGS: tuple[common.Flag, ...] = (
     common.nonneg_float,
     "TEMP",
     "--self-distill: sampling temperature (0 = greedy; default 1)",
+  ),
+  (
+    "--distill-prompts",
+    checked(str, lambda v: v in DISTILL_PROMPTS, " or ".join(DISTILL_PROMPTS)),
+    "SOURCE",
+    "--self-distill: prompts cut from the corpus (default), or 'instructions': kvjax's "
+    "instruction set (kvjax.train.instructions) as user turns in the target's chat template",
   ),
 )
 TRAINING_FLAGS: tuple[common.Flag, ...] = (
@@ -171,15 +179,19 @@ def _eagle_data(args, model, ec):
       return streams[split]
 
     held_stream = stream(args.eval_split) if ec.eval_prompts else None
-    train_stream = stream("train") if ec.self_distill else None
+    corpus_prompts = ec.self_distill and ec.distill_prompts == "corpus"
+    train_stream = stream("train") if corpus_prompts else None
   prompts = []
   if ec.eval_prompts and held_stream is not None and len(held_stream[0]):
     prompts = eagle_data.prompts_from_stream(*held_stream, ec.eval_prompts, ec.prompt_len)
   if ec.self_distill:
     length = min(args.seq_len + 1, model.cfg.max_position)
-    starts = eagle_data.prompts_from_stream(
-      *train_stream, ec.self_distill, min(32, length // 4), rng=np.random.default_rng(args.seed)
-    )
+    if ec.distill_prompts == "instructions":
+      starts = eagle_data.chat_prompts(model, ec.self_distill, seed=args.seed)
+    else:
+      starts = eagle_data.prompts_from_stream(
+        *train_stream, ec.self_distill, min(32, length // 4), rng=np.random.default_rng(args.seed)
+      )
     seqs = eagle_data.self_distill(
       model,
       starts,
