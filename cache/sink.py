@@ -133,7 +133,12 @@ class SinkCache(StackedSlots):
       blocks.append(Keys(NEW, SINK_FRAME, i < n_s, p, i, causal=True))
     read = functools.partial(kernel.sink_attention, count=self.count, start=self.start, n_sink=n_s)
     return View(
-      q_pos=(win_pos, p), new_pos=win_pos, blocks=tuple(blocks), rotated=False, cache_read=read
+      q_pos=(win_pos, p),
+      new_pos=win_pos,
+      blocks=tuple(blocks),
+      rotated=False,
+      cache_read=read,
+      key_pos=kernel.key_positions(self.count, self.start, n_s, self.size),
     )
 
   def write(

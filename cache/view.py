@@ -80,7 +80,9 @@ class View:
   k, v [B, K, S, H] the layer's slots, *, freq, window, scale, softcap) -> (o, lse), a partial
   softmax for `attend(partial=...)`; freq [H/2] is the layer's own RoPE (layers may differ).
   reads_new: cache_read also reads the step's own keys, given as `new=(k [B, K, T, H] rotated
-  at new_pos, v)`, and `blocks` is empty."""
+  at new_pos, v)`, and `blocks` is empty. key_pos: [B, S] the RoPE positions cache_read
+  rotates the slots' keys to, when it rotates them itself: the decoder then computes their
+  tables once per forward and hands each layer `rotation=(cos, sin)` [B, S, H/2]."""
 
   q_pos: tuple[jax.Array, ...]
   new_pos: jax.Array
@@ -88,6 +90,7 @@ class View:
   rotated: bool = True
   cache_read: Callable[..., tuple[jax.Array, jax.Array]] | None = None
   reads_new: bool = False
+  key_pos: jax.Array | None = None
 
 
 def new_keys(positions: jax.Array, mask: jax.Array | None = None, frame: int = 0) -> Keys:

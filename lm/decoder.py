@@ -247,6 +247,7 @@ class Block(nnx.Module):
     window,
     training: Training | None = None,
     attn_in: jax.Array | None = None,
+    rotation: tuple[jax.Array, jax.Array] | None = None,
   ):
     """x [B, T, D]; view: what the T tokens attend to (`kvjax.cache.view`); cached: the
     cache's `Slots` (every layer stacked) or None, read at `layer` (an int32 scalar) in place;
@@ -256,7 +257,8 @@ class Block(nnx.Module):
     before). training: the training forward's settings (`attention.Training`: differentiable
     attention, dropout keys folded by layer). attn_in [B, T, C]: the attention's input in place
     of attn_norm(x) (published EAGLE heads: no input norm, or a 2D-wide input over q/k/v
-    [C, N, H]); the residual stays x."""
+    [C, N, H]); the residual stays x. rotation: the RoPE tables of view.key_pos for this
+    layer's freq, handed to view.cache_read (computed once for every layer that shares them)."""
     dropout = training if training is not None and (training.rate or training.attn_rate) else None
     drop_keys = (
       None if dropout is None else jax.random.split(jax.random.fold_in(dropout.key, layer), 3)
@@ -276,7 +278,9 @@ class Block(nnx.Module):
     scale, softcap = self.cfg.query_scale, self.cfg.attn_softcap
     partial = None
     if view.cache_read is not None:
-      new = dict(new=(k_rot, v)) if view.reads_new else {}
+      extra = dict(new=(k_rot, v)) if view.reads_new else {}
+      if rotation is not None:
+        extra["rotation"] = rotation
       partial = view.cache_read(
         q,
         cached.k[layer],
@@ -285,7 +289,7 @@ class Block(nnx.Module):
         window=window,
         scale=scale,
         softcap=softcap,
-        **new,
+        **extra,
       )
     attn_drop = (
       None if dropout is None or not dropout.attn_rate else (dropout.attn_rate, drop_keys[0])
@@ -609,12 +613,18 @@ def _scan(
   """`run_layers` over one run [start, stop) = `layers` whose params `blocks` holds stacked
   (entry i: layer start + i)."""
   start, stop = layers
-  freqs = jnp.asarray(rope.layer_freqs(cfg)[start:stop])  # [L', H/2]
+  freqs_np = rope.layer_freqs(cfg)[start:stop]  # [L', H/2]
   windows = jnp.asarray(np.array(cfg.windows[start:stop], np.int32))
   graphdef, stacked = nnx.split(blocks)
+  # keys the cache rotates when read: their tables once per distinct freq, not once per layer
+  unique, which = np.unique(freqs_np, axis=0, return_inverse=True)
+  tables = None
+  if view.key_pos is not None and view.cache_read is not None:
+    cos, sin = zip(*(rope.tables(view.key_pos, jnp.asarray(f)) for f in unique))
+    tables = jnp.stack(cos), jnp.stack(sin)  # [U, B, S, H/2] each
 
   def body(x, xs):
-    params, freq, window, layer = xs
+    params, freq, window, layer, u = xs
     y, k, v = nnx.merge(graphdef, params)(
       x,
       view=view,
@@ -624,11 +634,13 @@ def _scan(
       window=window,
       training=training,
       attn_in=attn_in,
+      rotation=None if tables is None else (tables[0][u], tables[1][u]),
     )
     return constrain(y, ACTIVATION, layout), (x if return_layer_inputs else None, k, v)
 
   index = jnp.arange(start, stop, dtype=jnp.int32)
-  x, (layer_inputs, ks, vs) = jax.lax.scan(body, x, (stacked, freqs, windows, index))
+  xs = (stacked, jnp.asarray(freqs_np), windows, index, jnp.asarray(which.reshape(-1), jnp.int32))
+  x, (layer_inputs, ks, vs) = jax.lax.scan(body, x, xs)
   return x, layer_inputs, ks, vs
 
 

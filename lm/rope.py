@@ -1,15 +1,15 @@
 """Rotary position embeddings (the rotate-half layout of Hugging Face checkpoints): a config's
-inverse frequencies, per layer (Gemma 3's local layers have their own base); `apply` rotates
-(it lives with the kernels, `kvjax.pallas_kernels.rope`)."""
+inverse frequencies, per layer (Gemma 3's local layers have their own base); `apply` rotates,
+`tables` and `rotate` split it in two (they live with the kernels, `kvjax.pallas_kernels.rope`)."""
 
 import math
 
 import numpy as np
 
 from kvjax.lm.config import Config
-from kvjax.pallas_kernels.rope import apply
+from kvjax.pallas_kernels.rope import apply, rotate, tables
 
-__all__ = ["apply", "inv_freq", "layer_freqs"]
+__all__ = ["apply", "inv_freq", "layer_freqs", "rotate", "tables"]
 
 
 def layer_freqs(cfg: Config) -> np.ndarray:

@@ -53,6 +53,7 @@ def sink_attention(
   interpret=False,
   block: int = 128,
   steps: int = STEPS,
+  rotation: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The cache part of a step's attention, as a partial softmax.
 
@@ -72,7 +73,7 @@ def sink_attention(
   window = jnp.asarray(window, jnp.int32)
   geometry = dict(n_sink=n_sink, freq=freq, scale=scale, window=window, softcap=softcap)
   if launch is None:
-    return reference(q, k, v, count, start, **geometry)
+    return reference(q, k, v, count, start, **geometry, rotation=rotation)
   return _pallas(q, k, v, count, start, **geometry, launch=launch)
 
 
@@ -117,6 +118,15 @@ def query_positions(t, count, start, n_sink: int, W: int):
   return i, first, p, i - base, base
 
 
+def key_positions(count: jax.Array, start: jax.Array, n_sink: int, S: int) -> jax.Array:
+  """[B, S] int32: the RoPE position each slot's key is rotated to, in its frame (sinks at
+  their slot, window keys in the window frame), for caches at count, start [B]."""
+  c, st = count[:, None].astype(jnp.int32), start[:, None].astype(jnp.int32)
+  _, _, _, _, base = query_positions(jnp.zeros((1, 1), jnp.int32), c, st, n_sink, S - n_sink)
+  slot = jnp.arange(S, dtype=jnp.int32)[None]
+  return _slots(slot, c, st, base, n_sink, S - n_sink)[2]
+
+
 def _slots(slot, count, start, base, n_sink: int, W: int):
   """slot: cache slot indices. Returns (idx: the stream token a slot holds, kept: whether it is
   held, rope position of its key in its frame)."""
@@ -140,7 +150,18 @@ def _visible(slot, idx, kept, i, first, p, n_sink: int, window):
 
 
 def reference(
-  q, k, v, count, start, *, n_sink: int, freq, scale: float, window=0, softcap: float | None = None
+  q,
+  k,
+  v,
+  count,
+  start,
+  *,
+  n_sink: int,
+  freq,
+  scale: float,
+  window=0,
+  softcap: float | None = None,
+  rotation: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """`sink_attention` in plain XLA (same arguments and results)."""
   B, T, N, H = q.shape
@@ -151,7 +172,7 @@ def reference(
   i, first, p, q_win, base = query_positions(t, c, st, n_sink, W)  # [B, T]; base [B, 1]
   slot = jnp.arange(S, dtype=jnp.int32)[None]
   idx, kept, k_pos = _slots(slot, c, st, base, n_sink, W)  # [B, S]
-  k = rope.apply(k, k_pos, freq, heads_first=True)
+  k = rope.rotate(k, *(rotation or rope.tables(k_pos, freq)), heads_first=True)
 
   def scores(q_pos, keys):  # operands in their dtype, products in float32
     qg = rope.apply(q, q_pos, freq).reshape(B, T, K, G, H)

@@ -11,8 +11,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kvjax.cache.sink import SinkCache
 from kvjax.lm import steps, tiny
+from kvjax.pallas_kernels import rope, splits
 from kvjax.pallas_kernels import sink_attention as kernel
-from kvjax.pallas_kernels import splits
 from kvjax.pallas_kernels.sink_attention import reference, sink_attention
 from kvjax.pallas_kernels.splits import NEG
 
@@ -211,3 +211,17 @@ def test_errors():
 
 def rope_freq(H):
   return 1.0 / (10000.0 ** (np.arange(0, H, 2, dtype=np.float32) / H))
+
+
+@pytest.mark.parametrize("case", CASES[:3] + CASES[4:])
+def test_reference_with_precomputed_tables(case):
+  """The decoder computes the keys' RoPE tables once per forward at `key_positions` and
+  hands them to every layer: the reference with them equals the reference computing its own."""
+  B, T, N, K, H, n_sink, W, window, softcap = case
+  q, k, v, count, start = inputs(B, T, N, K, H, n_sink, W, jnp.float32, seed=5)
+  kw = dict(n_sink=n_sink, freq=rope_freq(H), scale=H**-0.5, window=window, softcap=softcap)
+  rotation = rope.tables(kernel.key_positions(count, start, n_sink, n_sink + W), rope_freq(H))
+  want = reference(q, k, v, count, start, **kw)
+  got = sink_attention(q, k, v, count, start, **kw, rotation=rotation)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-6)
