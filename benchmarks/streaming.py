@@ -68,15 +68,19 @@ SINKS = (1, 2, 4, 8)  # sink 0 is the window row
 BLOCK = 512  # tokens per point of the perplexity-over-position curve
 
 
-def held_out_tokens(model, n: int) -> tuple[np.ndarray, str]:
-  """The first n tokens of the first held-out non-comedy play (test split), and its title."""
+def _held_out_plays(model, **filters) -> list[tuple[str, np.ndarray]]:
+  """(title, token ids) of each held-out play (the corpus's test split, `filters` applied)."""
   from kvjax.train import corpus
 
-  docs = corpus.load_documents(corpus.builder(), "test", exclude_genres=["comedy"])
-  for d in docs:
-    ids = np.asarray(model.tokenizer.encode(d.text), np.int32)
+  docs = corpus.load_documents(corpus.builder(), "test", **filters)
+  return [(d.title, np.asarray(model.tokenizer.encode(d.text), np.int32)) for d in docs]
+
+
+def held_out_tokens(model, n: int) -> tuple[np.ndarray, str]:
+  """The first n tokens of the first held-out non-comedy play (test split), and its title."""
+  for title, ids in _held_out_plays(model, exclude_genres=["comedy"]):
     if len(ids) >= n:
-      return ids[:n], d.title
+      return ids[:n], title
   raise SystemExit(f"no held-out play has {n} tokens")
 
 
@@ -102,35 +106,23 @@ def quality(model, args) -> dict:
   > C: the first C tokens see the same context under every policy)."""
   ids, title = held_out_tokens(model, args.tokens)
   n_dense = min(len(ids), model.cfg.max_position)
-  runs = [("dense", None, dict(cache="dense"), "all", ids[:n_dense])]
+  runs = [("dense", None, dict(cache="dense"))]  # (name, cache size, perplexity's kwargs)
   for C in args.cache_sizes:
     runs += [
-      ("window", C, dict(cache="window", window=C), f"0 + {C}", ids),
-      (
-        "recompute",
-        C,
-        dict(cache="recompute", window=C, every=args.recompute_every),
-        f"0 + {C}",
-        ids,
-      ),
+      ("window", C, dict(cache="window", window=C)),
+      ("recompute", C, dict(cache="recompute", window=C, every=args.recompute_every)),
     ]
-    runs += [
-      (f"sink {k}", C, dict(cache="sink", n_sink=k, window=C - k), f"{k} + {C - k}", ids)
-      for k in SINKS
-    ]
-  got, wall_s = {}, {}
-  for name, C, kw, layout, text in runs:
+    runs += [(f"sink {k}", C, dict(cache="sink", n_sink=k, window=C - k)) for k in SINKS]
+  rows, by_pos = [], {}  # by_pos: nll by position (index in ids), NaN where unscored
+  for name, C, kw in runs:
     t0 = time.perf_counter()
-    got[name, C] = streaming.perplexity(model, text, progress=not args.quiet, **kw), layout
-    print(f"  {name:10s} {layout:>11s}  ppl {got[name, C][0].ppl:8.3f}", file=sys.stderr)
-    wall_s[name, C] = time.perf_counter() - t0
-  by_pos = {}  # nll by position (the index in ids of the predicted token), NaN where unscored
-  for key, (r, _) in got.items():
-    by_pos[key] = np.full(len(ids), np.nan)
-    by_pos[key][r.positions] = r.nll
-  rows = []
-  for (name, C), (r, layout) in got.items():
-    nll = by_pos[name, C]
+    r = streaming.perplexity(
+      model, ids[:n_dense] if C is None else ids, progress=not args.quiet, **kw
+    )
+    layout = "all" if C is None else f"{kw.get('n_sink', 0)} + {kw['window']}"
+    print(f"  {name:10s} {layout:>11s}  ppl {r.ppl:8.3f}", file=sys.stderr)
+    by_pos[name, C] = np.full(len(ids), np.nan)
+    by_pos[name, C][r.positions] = r.nll
     rows.append(
       dict(
         name=name,
@@ -140,12 +132,14 @@ def quality(model, args) -> dict:
         tokens=r.tokens,
         peak_cache_tokens=r.peak_cache_tokens,
         ms_per_token=r.ms_per_token,
-        wall_s=wall_s[name, C],
-        vs_recompute=_ratio(nll, by_pos["recompute", C], after=C) if C else None,
-        vs_dense=_ratio(nll, by_pos["dense", None], after=C or 0),
-        block_ppl=[_ppl(nll[lo : lo + BLOCK]) for lo in range(1, len(ids), BLOCK)],
+        wall_s=time.perf_counter() - t0,
       )
     )
+  for row in rows:  # recompute and dense come before the rows they are compared with
+    C, nll = row["cache_size"], by_pos[row["name"], row["cache_size"]]
+    row["vs_recompute"] = _ratio(nll, by_pos["recompute", C], after=C) if C else None
+    row["vs_dense"] = _ratio(nll, by_pos["dense", None], after=C or 0)
+    row["block_ppl"] = [_ppl(nll[lo : lo + BLOCK]) for lo in range(1, len(ids), BLOCK)]
   return dict(
     model=args.model,
     text=title,
@@ -167,10 +161,10 @@ def plot_quality(q: dict, path: str) -> None:
 
   sizes = q["cache_sizes"]
   fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
+  x = [min(lo + q["block"], q["tokens"]) for lo in range(1, q["tokens"], q["block"])]
   for ax, C in zip(axes[0], sizes):
     for r in q["rows"]:
       if r["cache_size"] in (C, None) and r["name"] in ("dense", "window", "sink 4"):
-        x = [min(lo + q["block"], q["tokens"]) for lo in range(1, q["tokens"], q["block"])]
         y = [np.nan if v is None else v for v in r["block_ppl"]]
         label = f"{r['name']} ({r['layout']})" if r["cache_size"] else "dense"
         ax.plot(x, y, label=label, lw=1.2)
@@ -272,10 +266,7 @@ def _rss_mib() -> float:
 def held_out_stream(model, n: int) -> tuple[np.ndarray, str]:
   """n tokens of the held-out plays (test split, every genre) one after another, cycled when
   they hold fewer, and what they are."""
-  from kvjax.train import corpus
-
-  docs = corpus.load_documents(corpus.builder(), "test")
-  plays = [np.asarray(model.tokenizer.encode(d.text), np.int32) for d in docs]
+  plays = [ids for _, ids in _held_out_plays(model)]
   text = np.concatenate(plays)
   what = f"the {len(plays)} held-out plays one after another ({len(text):,} tokens"
   what += f", cycled {-(-n // len(text))}x)" if n > len(text) else ")"

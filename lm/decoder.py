@@ -617,9 +617,9 @@ def _scan(
   windows = jnp.asarray(np.array(cfg.windows[start:stop], np.int32))
   graphdef, stacked = nnx.split(blocks)
   # keys the cache rotates when read: their tables once per distinct freq, not once per layer
-  unique, which = np.unique(freqs_np, axis=0, return_inverse=True)
-  tables = None
+  tables, which = None, np.zeros(stop - start, np.int32)
   if view.key_pos is not None and view.cache_read is not None:
+    unique, which = np.unique(freqs_np, axis=0, return_inverse=True)
     cos, sin = zip(*(rope.tables(view.key_pos, jnp.asarray(f)) for f in unique))
     tables = jnp.stack(cos), jnp.stack(sin)  # [U, B, S, H/2] each
 
