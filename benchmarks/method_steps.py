@@ -195,7 +195,7 @@ def verify_forward(graphdef, state, cache, tokens, depth, mask):
   tokens per row, each node at position n + its depth -> (logits [B, T, V], k, v [L, B, K, T,
   H] of the nodes, the cache: its length unchanged)."""
   dec = nnx.merge(graphdef, state)
-  view = verify.tree_view(cache, cache.length[:, None] + depth, mask)
+  view = verify.tree_view(cache, depth, mask)
   out, cache = dec(
     tokens, cache=cache, view=view, n_new=jnp.zeros((tokens.shape[0],), jnp.int32), return_kv=True
   )

@@ -110,14 +110,35 @@ class SinkCache(StackedSlots):
       raise ValueError(
         "a SinkCache assigns positions inside the cache itself; call without `positions` and `mask`"
       )
+    j = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (self.batch, T))
+    return self._view(j, None)
+
+  def tree_view(self, offsets: jax.Array, tree: jax.Array) -> View:
+    """How the T nodes of a draft tree attend (EAGLE verification over a sink cache): node t
+    of row b is stream token count + offsets[b, t] (its depth under a root at offset 0) and
+    reads the cache as that token would under the per-token policy (the same sinks and
+    window, at the same in-cache position), and among the nodes only those tree[b, t]
+    marks (its ancestors and itself). offsets: [B, T] int32; tree: [B, T, T] bool. Nothing
+    is written: the accepted path is stored afterwards with `write`, in stream order."""
+    B, T = offsets.shape
+    if tree.shape != (B, T, T) or tree.dtype != jnp.bool_:
+      raise ValueError(
+        f"tree must be bool [B, T, T] = {(B, T, T)} for offsets {(B, T)}; got "
+        f"{tree.dtype} {tuple(tree.shape)}"
+      )
+    return self._view(jnp.asarray(offsets, jnp.int32), tree)
+
+  def _view(self, j: jax.Array, tree: jax.Array | None) -> View:
+    """The view of new tokens at stream offsets j [B, T] from count, seeing each other
+    causally (tree None) or as tree [B, T, T] says."""
     n_s, W = self.n_sink, self.window
-    j = jnp.arange(T, dtype=jnp.int32)[None, :]
     # [B, T] stream index, oldest window token seen, in-cache position, window-frame position
     i, first, p, win_pos, _ = kernel.query_positions(
       j, self.count[:, None], self.start[:, None], n_s, W
     )
     key_i = i[:, None, :]  # [B, 1, T] stream index of each key
-    ones = jnp.ones((1, T), bool)
+    ones = jnp.ones((1, j.shape[1]), bool)
+    seen = (key_i >= n_s) & (key_i >= first[:, :, None])
     blocks = [
       Keys(
         NEW,
@@ -125,13 +146,15 @@ class SinkCache(StackedSlots):
         ones,
         i,
         i,
-        causal=True,
-        mask=(key_i >= n_s) & (key_i >= first[:, :, None]),
+        causal=tree is None,
+        mask=seen if tree is None else seen & tree,
       )
     ]
     if n_s:  # new tokens that become sinks; only while count < n_sink, when base == 0
-      blocks.append(Keys(NEW, SINK_FRAME, i < n_s, p, i, causal=True))
-    read = functools.partial(kernel.sink_attention, count=self.count, start=self.start, n_sink=n_s)
+      blocks.append(Keys(NEW, SINK_FRAME, i < n_s, p, i, causal=tree is None, mask=tree))
+    read = functools.partial(
+      kernel.sink_attention, count=self.count, start=self.start, n_sink=n_s, offsets=j
+    )
     return View(
       q_pos=(win_pos, p),
       new_pos=win_pos,

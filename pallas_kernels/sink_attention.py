@@ -7,7 +7,8 @@ chronological order), rotates the keys by those positions and attends, all in on
 cache. It covers the cache part of a step's read only and returns the partial softmax (o, lse),
 which the caller merges with the step's own tokens (`kvjax.lm.attention.attend(partial=...)`).
 
-Per query j (stream index i = count + j), the per-token policy of the cache:
+Per query j (stream index i = count + t_j; t_j = j unless the queries are a draft tree, where
+t_j is node j's depth), the per-token policy of the cache:
   sees sink slot s < min(count, n_sink), scored at distance p - s, where p is its in-cache
     position (i for i < n_sink, else n_sink + i - first);
   sees the kept window tokens idx in [first, i), first = max(start, i - W + 1), at distance
@@ -54,10 +55,12 @@ def sink_attention(
   block: int = 128,
   steps: int = STEPS,
   rotation: tuple[jax.Array, jax.Array] | None = None,
+  offsets: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """The cache part of a step's attention, as a partial softmax.
 
-  q: [B, T, N, H] queries before RoPE of stream tokens count..count+T-1.
+  q: [B, T, N, H] queries before RoPE of stream tokens count + offsets (default
+    count..count+T-1).
   k, v: [B, K, n_sink + W, H] one layer of a SinkCache (keys before RoPE); N % K == 0.
   count, start: [B] int, the cache's fill levels (`SinkCache.count`, `.start`).
   freq: [H/2] RoPE inverse frequencies. window: sliding window of the layer (0 = none).
@@ -65,19 +68,31 @@ def sink_attention(
     off-device: True (generic interpreter) or `pltpu.InterpretParams()` (TPU semantics).
   block: slots per key block (rounded down to a power of two <= S); steps: key blocks per
     program (the grid splits each row's keys into chunks of steps * block slots).
+  offsets: [B, T] int >= 0, each query's stream offset from count (default arange(T); a
+    draft tree's nodes give their depths: the nodes of one depth read the same cache keys).
+  rotation: the RoPE tables (cos, sin) [B, S, H/2] of `key_positions`, when the caller has
+    them (the XLA path uses them; the kernels compute their own).
   Returns o [B, T, N, H] float32 (softmax-weighted values over the visible cache keys, 0 for a
   query that sees none) and lse [B, T, N] float32 (their log-sum-exp, NEG when none).
   """
-  _check(q, k, v, count, start, n_sink, freq)
+  B, T = _check(q, k, v, count, start, n_sink, freq, offsets)[:2]
   launch = splits.launch(impl, interpret, block, steps)
   window = jnp.asarray(window, jnp.int32)
+  offsets = _offsets(offsets, B, T)
   geometry = dict(n_sink=n_sink, freq=freq, scale=scale, window=window, softcap=softcap)
   if launch is None:
-    return reference(q, k, v, count, start, **geometry, rotation=rotation)
-  return _pallas(q, k, v, count, start, **geometry, launch=launch)
+    return reference(q, k, v, count, start, **geometry, rotation=rotation, offsets=offsets)
+  return _pallas(q, k, v, count, start, offsets, **geometry, launch=launch)
 
 
-def _check(q, k, v, count, start, n_sink, freq):
+def _offsets(offsets: jax.Array | None, B: int, T: int) -> jax.Array:
+  """[B, T] int32 stream offsets of the queries (default 0..T-1 in every row)."""
+  if offsets is None:
+    return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  return jnp.asarray(offsets, jnp.int32)
+
+
+def _check(q, k, v, count, start, n_sink, freq, offsets=None):
   if q.ndim != 4 or k.ndim != 4:
     raise ValueError(
       f"q must be [B, T, N, H] and k, v [B, K, S, H]; got q{list(q.shape)}, k{list(k.shape)}"
@@ -101,6 +116,13 @@ def _check(q, k, v, count, start, n_sink, freq):
       )
   if jnp.shape(freq) != (H // 2,) or H % 2:
     raise ValueError(f"freq must be [H/2] = [{H // 2}] (even H); got {list(jnp.shape(freq))}")
+  if offsets is not None and (
+    jnp.shape(offsets) != (B, T) or not jnp.issubdtype(jnp.asarray(offsets).dtype, jnp.integer)
+  ):
+    raise ValueError(
+      f"offsets must be an int array of shape ({B}, {T}) (each query's stream offset); got "
+      f"{jnp.asarray(offsets).dtype}{list(jnp.shape(offsets))}"
+    )
   return B, T, N, H
 
 
@@ -162,13 +184,14 @@ def reference(
   window=0,
   softcap: float | None = None,
   rotation: tuple[jax.Array, jax.Array] | None = None,
+  offsets: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """`sink_attention` in plain XLA (same arguments and results)."""
   B, T, N, H = q.shape
   K, S = k.shape[1], k.shape[2]
   G, W = N // K, S - n_sink
   c, st = count[:, None].astype(jnp.int32), start[:, None].astype(jnp.int32)
-  t = jnp.arange(T, dtype=jnp.int32)[None]
+  t = _offsets(offsets, B, T)
   i, first, p, q_win, base = query_positions(t, c, st, n_sink, W)  # [B, T]; base [B, 1]
   slot = jnp.arange(S, dtype=jnp.int32)[None]
   idx, kept, k_pos = _slots(slot, c, st, base, n_sink, W)  # [B, S]
@@ -199,20 +222,22 @@ def reference(
 # ---- Pallas ----
 
 
-def _pallas(q, k, v, count, start, *, n_sink, freq, scale, window, softcap, launch: splits.Launch):
+def _pallas(
+  q, k, v, count, start, offsets, *, n_sink, freq, scale, window, softcap, launch: splits.Launch
+):
   """Flash decoding over a grid (row, kv head, key split): each program reads one chunk of
   `steps` key blocks of `bs` slots of one (row, kv head) in place from the cache's
   [B, K, S, H] layout, carries an online softmax across its blocks (stopping at the row's
   filled slots), and leaves a partial softmax; `splits.merge` joins the chunks. Every grid
   axis is parallel: no program waits for another, so a long cache feeds many cores.
 
-  Query rows are laid out (G, Tp) per kv head, Tp a power of two >= 16 (a row's query offset
-  is row & (Tp - 1); Triton's dot needs >= 16 rows, TPU tiles 8). Blocks are (R, H) queries
+  Query rows are laid out (G, Tp) per kv head, Tp a power of two >= 16 (Triton's dot needs
+  >= 16 rows, TPU tiles 8), each row's stream offset beside it in an [R, 1] block. Blocks are (R, H) queries
   and (chunk, H) keys: H is the whole last dim and chunk a multiple of 8 (TPU tiling); a last
   chunk past S is masked (its slots >= S are never seen, their values zeroed). launch: the
   lowering (Mosaic TPU with scalars in SMEM, or Triton) and the block sizes."""
   layout = splits.sizes(q, k, launch.block, launch.steps)
-  B, _, _, H, K, S, _, Tp, R, bs, chunk, _ = layout
+  B, T, _, H, K, S, G, Tp, R, bs, chunk, _ = layout
   meta = jnp.stack(
     [
       count.astype(jnp.int32),
@@ -222,13 +247,14 @@ def _pallas(q, k, v, count, start, *, n_sink, freq, scale, window, softcap, laun
     axis=1,
   )  # [B, 3]: COUNT, START, WINDOW
   freq2 = jnp.concatenate([freq, freq]).astype(jnp.float32)[None]  # [1, H]
-  operands = (meta, splits.pack_queries(q, K, Tp), k, v, jnp.asarray(_rotate_half(H)), freq2)
+  # [B, G Tp, 1] each query row's stream offset, in the rows' (G, Tp) order
+  offs = jnp.tile(jnp.pad(offsets, ((0, 0), (0, Tp - T))), (1, G))[..., None]
+  operands = (meta, splits.pack_queries(q, K, Tp), offs, k, v, jnp.asarray(_rotate_half(H)), freq2)
   kernel = functools.partial(
     _kernel,
     n_sink=n_sink,
     W=S - n_sink,
     S=S,
-    Tp=Tp,
     bs=bs,
     n_sub=chunk // bs,
     scale=scale,
@@ -239,6 +265,7 @@ def _pallas(q, k, v, count, start, *, n_sink, freq, scale, window, softcap, laun
   )
   in_specs = [
     pl.BlockSpec((None, None, R, H), lambda b, h, c: (b, h, 0, 0)),  # query rows [B, K, R, H]
+    pl.BlockSpec((None, R, 1), lambda b, h, c: (b, 0, 0)),  # their stream offsets [B, R, 1]
     splits.kv_spec(layout),
     splits.kv_spec(layout),
     pl.BlockSpec((H, H), lambda b, h, c: (0, 0)),
@@ -269,6 +296,7 @@ def _cost(q, k, v, count, start, *, n_sink, freq, scale, window, softcap) -> pl.
 def _kernel(
   meta_ref,
   q_ref,
+  offs_ref,
   k_ref,
   v_ref,
   rot_ref,
@@ -279,20 +307,20 @@ def _kernel(
   n_sink,
   W,
   S,
-  Tp,
   bs,
   n_sub,
   scale,
   softcap,
 ):
-  """One (row b, kv head, chunk c): q_ref [R, H]; k_ref, v_ref [chunk, H] slots
+  """One (row b, kv head, chunk c): q_ref [R, H]; offs_ref [R, 1] the query rows' stream
+  offsets; k_ref, v_ref [chunk, H] slots
   [c * chunk, (c + 1) * chunk); o_ref [R, H]; lse_ref [R, 1]."""
   b, c = pl.program_id(0), pl.program_id(2)
   count, start, window = meta_ref[b, COUNT], meta_ref[b, START], meta_ref[b, WINDOW]
   R, H = q_ref.shape
   f32 = jnp.float32
   c0 = c * (bs * n_sub)  # the chunk's first slot
-  t = jax.lax.broadcasted_iota(jnp.int32, (R, 1), 0) & (Tp - 1)
+  t = offs_ref[...]
   i, first, p, q_win, base = query_positions(t, count, start, n_sink, W)  # [R, 1]
   freq, rot = freq_ref[...], rot_ref[...]
 

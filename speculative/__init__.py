@@ -20,12 +20,14 @@ from kvjax.speculative.formats import save as save_head
 from kvjax.speculative.generate import auto_tree, generate
 from kvjax.speculative.head import HeadConfig, HeadError, LoadedHead, draft_vocabulary
 from kvjax.speculative.head import init as init_head
+from kvjax.speculative.session import StreamingSession
 from kvjax.speculative.tree import Tree, TreeSpec
 
 __all__ = [
   "HeadConfig",
   "HeadError",
   "LoadedHead",
+  "StreamingSession",
   "Tree",
   "TreeSpec",
   "auto_tree",

@@ -21,13 +21,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kvjax.cache.dense import KVCache
+from kvjax.cache.sink import SinkCache
 from kvjax.lm.sampling import Sampling, sample
 from kvjax.lm.steps import nonfinite
 from kvjax.speculative import accept, verify
 from kvjax.speculative import tree as trees
 
 
-def _forward_features(dec, head, tokens, **kw):
+def forward_features(dec, head, tokens, **kw):
+  """The decoder over tokens and the head's features of them -> (out, feats [B, T, F], cache)."""
   out, cache = dec(tokens, return_kv=True, return_layer_inputs=head.hc.kind == "eagle3", **kw)
   return out, head.feature(out.hidden, out.layer_inputs), cache
 
@@ -38,14 +40,15 @@ class Frontier:
   """Where each row stands between rounds (the module docstring's state, n tokens in both
   caches).
 
-  cache, hcache: the target's and the head's caches, n entries per row.
+  cache, hcache: the target's and the head's caches, n entries per row (the target's may be a
+    SinkCache, which holds its sinks and window of them; the head's then holds its own).
   root: [B] int32 the last emitted token t_n (in neither cache yet).
   h: [B, D] the head's output at pair n - 1; logits: [B, V] its draft logits for t_{n+1}.
   bad: [B] bool the target logits the newest tokens came from were not finite (after a round,
     for the rows that took part in it).
   """
 
-  cache: KVCache
+  cache: KVCache | SinkCache
   hcache: KVCache
   root: jax.Array
   h: jax.Array
@@ -89,7 +92,7 @@ def prefill(
   dec, head = nnx.merge(graphdef, state), nnx.merge(head_graphdef, head_state)
   B, P = tokens.shape
   rows = jnp.arange(B)
-  out, feats, _ = _forward_features(dec, head, tokens, logits=False)
+  out, feats, _ = forward_features(dec, head, tokens, logits=False)
   positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
   cache = cache.write(out.k, out.v, positions, lengths)
   last = out.hidden[rows, lengths - 1]
@@ -126,34 +129,74 @@ def _draft(dec, head, hcache: KVCache, h, logits, root, spec: trees.TreeSpec):
   return tree, dataclasses.replace(hcache, length=n)
 
 
-def draft_verify(dec, head, front: Frontier, key, live, *, spec, sampling) -> Round:
-  """One draft-verify-accept round from `front`. live: [B] rows still generating."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Verified:
+  """A drafted and verified tree, not yet stored: the caches take any prefix of its path
+  (`commit`). hcache: the head's cache after drafting (its length as before); k, v: [L, B, K,
+  D1, H] the target's keys and values of the accepted path (root first, in the form the
+  target's cache stores them); feats: [B, D1, F] the target's features there; emit: [B, D1]
+  int32 the accepted draft tokens then the bonus (the first m + 1 meaningful); m: [B] int32
+  draft tokens accepted; bad: [B] the target's logits over the tree were not finite."""
+
+  hcache: KVCache
+  k: jax.Array
+  v: jax.Array
+  feats: jax.Array
+  emit: jax.Array
+  m: jax.Array
+  bad: jax.Array
+
+
+def draft_and_verify(dec, head, front: Frontier, key, *, spec, sampling) -> Verified:
+  """Drafts a tree under each row's root and verifies it in one target forward over the
+  target's cache (a KVCache, or a SinkCache read as the stream tokens at the nodes' depths)."""
   B = front.root.shape[0]
   rows = jnp.arange(B)[:, None]
   cache = front.cache
-  n = cache.length
   tree, hcache = _draft(dec, head, front.hcache, front.h, front.logits, front.root, spec)
-  positions = n[:, None] + tree.depth
-  view = verify.tree_view(cache, positions, tree.mask)
-  out, feats, cache = _forward_features(
+  view = verify.tree_view(cache, tree.depth, tree.mask)
+  out, feats, _ = forward_features(
     dec, head, tree.tokens, cache=cache, view=view, n_new=jnp.zeros((B,), jnp.int32)
   )
   probs = accept.target_probs(out.logits, sampling)
   path, m, bonus = accept.accept(tree, probs, key, sampling.greedy)
-  D1 = spec.depth + 1
-  j = jnp.arange(D1)[None]
+  j = jnp.arange(spec.depth + 1)[None]
   path_tokens = jnp.take_along_axis(tree.tokens, path, axis=1)  # [B, D1] root first
   emit = jnp.where(j < m[:, None], jnp.roll(path_tokens, -1, axis=1), bonus[:, None])
-  n_new = jnp.where(live, m + 1, 0)
   kv_path = lambda a: jnp.take_along_axis(a, path[None, :, None, :, None], axis=3)  # [L,B,K,D1,H]
-  new_pos = n[:, None] + j
-  cache = cache.write(kv_path(out.k), kv_path(out.v), new_pos, n_new)
-  hs, hcache = head(
-    feats[rows, path], dec.embed_tokens(emit), cache=hcache, positions=new_pos, n_new=n_new
+  return Verified(
+    hcache, kv_path(out.k), kv_path(out.v), feats[rows, path], emit, m, nonfinite(out.logits)
   )
-  h = hs[rows[:, 0], m]
-  bad = live & nonfinite(out.logits)
-  return Round(Frontier(cache, hcache, bonus, h, head.logits(h, dec), bad), emit, m)
+
+
+def commit(dec, head, cache, r: Verified, keep: jax.Array) -> Frontier:
+  """Stores the first keep[b] tokens of row b's verified path (the root, then keep - 1
+  accepted draft tokens) in the target's cache and their pairs in the head's; emit[keep - 1]
+  becomes the root. keep: [B] int in [0, m + 1] (0: the row stands still). A SinkCache
+  evicts as the tokens arrive."""
+  B, D1 = r.emit.shape
+  rows = jnp.arange(B)
+  j = jnp.arange(D1)[None]
+  cache = cache.write(r.k, r.v, cache.length[:, None] + j, keep)
+  hs, hcache = head(
+    r.feats,
+    dec.embed_tokens(r.emit),
+    cache=r.hcache,
+    positions=r.hcache.length[:, None] + j,
+    n_new=keep,
+  )
+  last = jnp.maximum(keep, 1) - 1
+  h = hs[rows, last]
+  return Frontier(cache, hcache, r.emit[rows, last], h, head.logits(h, dec), r.bad)
+
+
+def draft_verify(dec, head, front: Frontier, key, live, *, spec, sampling) -> Round:
+  """One draft-verify-accept round from `front`, every live row ([B] bool) taking all it
+  accepted and the bonus token."""
+  r = draft_and_verify(dec, head, front, key, spec=spec, sampling=sampling)
+  nxt = commit(dec, head, front.cache, r, jnp.where(live, r.m + 1, 0))
+  return Round(dataclasses.replace(nxt, bad=live & r.bad), r.emit, r.m)
 
 
 @jax.tree_util.register_dataclass

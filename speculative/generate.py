@@ -61,7 +61,7 @@ def generate(
   included, over every row's rounds), target_forwards (verify forwards after the prefill),
   rounds_per_row, and accept_lens (per row, the tokens each of its rounds produced, in order:
   what mean_accept_len averages)."""
-  tree = _checked_tree(model, head, tree)
+  tree = check_tree(model, head, tree)
   req = request(model, prompts, max_new_tokens, sampling, key, stop, stop_tokens, chat)
   check_context(model, req.rows, max_new_tokens)
   front, prefill_s, compile_p = _prefill(model, head, req, max_new_tokens, tree)
@@ -92,7 +92,7 @@ def generate(
   return Generation(texts, toks, req.rows, finish, stats)
 
 
-def _checked_tree(model: Model, head: heads.LoadedHead, tree: TreeSpec | None) -> TreeSpec:
+def check_tree(model: Model, head: heads.LoadedHead, tree: TreeSpec | None) -> TreeSpec:
   """The draft tree to use (default TreeSpec()), after checking the head and the tree fit
   the model."""
   tree = tree or TreeSpec()

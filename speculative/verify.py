@@ -1,9 +1,12 @@
 """How a draft tree attends when the target verifies it (EAGLE): a `View` for the decoder.
 
-The T tree tokens of a row see every filled slot of its KVCache and, among themselves, only
-their ancestors and themselves, all in one pass of the tree-attention kernel
-(`kvjax.pallas_kernels.tree_attention`: the cache's slots and the tree's own keys under one
-softmax). The decoder takes it as `Decoder(..., view=tree_view(cache, positions, tree))`.
+The T tree tokens of a row see its cache and, among themselves, only their ancestors and
+themselves. Over a KVCache they see every filled slot, all in one pass of the tree-attention
+kernel (`kvjax.pallas_kernels.tree_attention`: the cache's slots and the tree's own keys
+under one softmax); over a StreamingLLM SinkCache each node reads the sinks and the window as
+the stream token at its depth would (`SinkCache.tree_view`, the sink-attention kernel with
+per-query stream offsets). The decoder takes it as
+`Decoder(..., view=tree_view(cache, depth, tree))`.
 """
 
 from __future__ import annotations
@@ -14,16 +17,23 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache.dense import KVCache
+from kvjax.cache.sink import SinkCache
 from kvjax.cache.view import View
 from kvjax.lm import rope
 from kvjax.pallas_kernels import tree_attention as kernel
 
 
-def tree_view(cache: KVCache, positions: jax.Array, tree: jax.Array) -> View:
-  """positions: [B, T] (length + the node's depth); tree: [B, T, T] bool, tree[b, i, j] = node
-  j is node i or one of its ancestors."""
+def tree_view(cache: KVCache | SinkCache, depth: jax.Array, tree: jax.Array) -> View:
+  """depth: [B, T] int32 each node's depth under the root (0), the root being the token after
+  the cache's last; tree: [B, T, T] bool, tree[b, i, j] = node j is node i or one of its
+  ancestors."""
+  if isinstance(cache, SinkCache):
+    return cache.tree_view(depth, tree)
   if not isinstance(cache, KVCache):
-    raise TypeError(f"a tree is verified against a KVCache; got {type(cache).__name__}")
+    raise TypeError(
+      f"a tree is verified against a KVCache or a SinkCache; got {type(cache).__name__}"
+    )
+  positions = cache.length[:, None] + depth
   B, T = positions.shape
   if tree.shape != (B, T, T) or tree.dtype != jnp.bool_:
     raise ValueError(

@@ -204,6 +204,89 @@ def check_sampling_flags(parser: argparse.ArgumentParser, args: argparse.Namespa
     parser.error("--stop expects a non-empty string")
 
 
+def add_speculative_flags(p: argparse.ArgumentParser, *, auto: bool = True) -> None:
+  """--speculative eagle, --head and the shape of the draft tree (`check_speculative_flags`
+  turns them into args.tree). auto: --tree-tokens also takes 'auto' (timed sizes)."""
+  g = p.add_argument_group("speculative decoding (EAGLE; output as without it)")
+  g.add_argument(
+    "--speculative",
+    choices=("eagle",),
+    default=None,
+    help="draft with an EAGLE head and verify a draft tree per target forward",
+  )
+  g.add_argument(
+    "--head",
+    metavar="DIR_OR_NAME",
+    help="EAGLE head directory (head.json + params/) or shipped head name (e.g. shakespeare)",
+  )
+  g.add_argument(
+    "--tree-top-k",
+    type=positive,
+    default=None,
+    metavar="K",
+    help="children per expanded node, nodes expanded per level (default 8; 1 = chain drafting)",
+  )
+  g.add_argument(
+    "--tree-depth",
+    type=positive,
+    default=None,
+    metavar="D",
+    help="draft levels, the longest accepted run per forward minus one (default 5)",
+  )
+  g.add_argument(
+    "--tree-tokens",
+    type=tree_tokens_type if auto else checked(int, lambda v: v >= 2, "an integer >= 2"),
+    default=None,
+    metavar="N",
+    help="tree size verified per target forward, root included (default 32)"
+    + ("; 'auto' times sizes 8..64 on this machine first and takes the fastest" if auto else ""),
+  )
+
+
+def tree_tokens_type(text: str):
+  """--tree-tokens: an int >= 2 or 'auto'."""
+  if text == "auto":
+    return text
+  return checked(int, lambda v: v >= 2, "an integer >= 2 or 'auto'")(text)
+
+
+def check_speculative_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """The rules of `add_speculative_flags`: --head and the tree flags only with --speculative,
+  which needs --head; sets args.tree (a TreeSpec; with --tree-tokens auto its total_tokens is
+  a placeholder 2 until `kvjax.speculative.auto_tree` picks one), or None without it."""
+  tree_flags = [
+    f for f in ("tree_top_k", "tree_depth", "tree_tokens") if getattr(args, f) is not None
+  ]
+  args.tree = None
+  if args.speculative is None:
+    if args.head or tree_flags:
+      given = ["--head"] * bool(args.head) + ["--" + f.replace("_", "-") for f in tree_flags]
+      parser.error(f"{', '.join(given)} only apply with --speculative eagle")
+    return
+  if not args.head:
+    parser.error(
+      "--speculative eagle needs --head DIR_OR_NAME (an EAGLE head trained for the model)"
+    )
+  from kvjax.speculative.tree import TreeSpec
+
+  given = {
+    f[5:] if f != "tree_tokens" else "total_tokens": getattr(args, f)
+    for f in tree_flags
+    if getattr(args, f) != "auto"
+  }
+  if args.tree_tokens == "auto":  # auto_tree picks the size; check the shape alone
+    given["total_tokens"] = 2
+  try:
+    args.tree = TreeSpec(**given)
+  except ValueError as err:
+    parser.error(
+      str(err)
+      .replace("tree top_k", "--tree-top-k")
+      .replace("tree depth", "--tree-depth")
+      .replace("tree total_tokens", "--tree-tokens")
+    )
+
+
 def add_distributed_flags(p: argparse.ArgumentParser) -> None:
   """--coordinator, --num-processes, --process-id: one process per host on one mesh
   (`kvjax.lm.distributed.initialize`; unset flags read JAX_COORDINATOR_ADDRESS,

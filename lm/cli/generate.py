@@ -14,9 +14,10 @@ from kvjax.lm.cli.flags import (
   add_model_flag,
   add_other_params_flag,
   add_sampling_flags,
+  add_speculative_flags,
   check_coprocessor,
   check_sampling_flags,
-  checked,
+  check_speculative_flags,
   finite,
   load_model,
   nonneg,
@@ -52,7 +53,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     help="tokens to generate per prompt at most (default 64)",
   )
   add_sampling_flags(p)
-  _add_speculative_flags(p)
+  add_speculative_flags(p)
   _add_coprocessor_flags(p)
   add_other_params_flag(p, "a head or coprocessor")
   p.add_argument(
@@ -63,44 +64,6 @@ def add_flags(p: argparse.ArgumentParser) -> None:
   _add_sharding_flags(p)
   add_distributed_flags(p)
   p.set_defaults(run=_generate, check=lambda args: _check_generate(p, args))
-
-
-def _add_speculative_flags(p: argparse.ArgumentParser) -> None:
-  """--speculative eagle, --head and the shape of the draft tree."""
-  g = p.add_argument_group("speculative decoding (EAGLE; output as without it)")
-  g.add_argument(
-    "--speculative",
-    choices=("eagle",),
-    default=None,
-    help="draft with an EAGLE head and verify a draft tree per target forward",
-  )
-  g.add_argument(
-    "--head",
-    metavar="DIR_OR_NAME",
-    help="EAGLE head directory (head.json + params/) or shipped head name (e.g. shakespeare)",
-  )
-  g.add_argument(
-    "--tree-top-k",
-    type=positive,
-    default=None,
-    metavar="K",
-    help="children per expanded node, nodes expanded per level (default 8; 1 = chain drafting)",
-  )
-  g.add_argument(
-    "--tree-depth",
-    type=positive,
-    default=None,
-    metavar="D",
-    help="draft levels, the longest accepted run per forward minus one (default 5)",
-  )
-  g.add_argument(
-    "--tree-tokens",
-    type=tree_tokens_type,
-    default=None,
-    metavar="N",
-    help="tree size verified per target forward, root included (default 32); "
-    "'auto' times sizes 8..64 on this machine first and takes the fastest",
-  )
 
 
 def _add_coprocessor_flags(p: argparse.ArgumentParser) -> None:
@@ -140,24 +103,12 @@ def _add_sharding_flags(p: argparse.ArgumentParser) -> None:
   )
 
 
-def tree_tokens_type(text: str):
-  """--tree-tokens: an int >= 2 or 'auto'."""
-  if text == "auto":
-    return text
-  return checked(int, lambda v: v >= 2, "an integer >= 2 or 'auto'")(text)
-
-
 def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   """Cross-flag rules that argparse types cannot express."""
   check_sampling_flags(parser, args)
   if args.prompt.count("-") > 1:
     parser.error("--prompt - (read stdin) can be given only once")
-  tree_flags = [
-    f for f in ("tree_top_k", "tree_depth", "tree_tokens") if getattr(args, f) is not None
-  ]
-  if args.speculative is None and (args.head or tree_flags):
-    given = ["--head"] * bool(args.head) + ["--" + f.replace("_", "-") for f in tree_flags]
-    parser.error(f"{', '.join(given)} only apply with --speculative eagle")
+  check_speculative_flags(parser, args)
   if args.delay is not None and args.coprocessor is None:
     parser.error("--delay applies only with --coprocessor")
   if args.coprocessor is not None and args.speculative:
@@ -188,29 +139,6 @@ def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -
       f"--{sharded[0].replace('_', '-')} applies only to plain generation (not "
       "--speculative or --coprocessor)"
     )
-  if args.speculative and not args.head:
-    parser.error(
-      "--speculative eagle needs --head DIR_OR_NAME (an EAGLE head trained for the model)"
-    )
-  if args.speculative:
-    from kvjax.speculative.tree import TreeSpec
-
-    given = {
-      f[5:] if f != "tree_tokens" else "total_tokens": getattr(args, f)
-      for f in tree_flags
-      if getattr(args, f) != "auto"
-    }
-    if args.tree_tokens == "auto":  # auto_tree picks the size; check the shape alone
-      given["total_tokens"] = 2
-    try:
-      args.tree = TreeSpec(**given)
-    except ValueError as err:
-      parser.error(
-        str(err)
-        .replace("tree top_k", "--tree-top-k")
-        .replace("tree depth", "--tree-depth")
-        .replace("tree total_tokens", "--tree-tokens")
-      )
 
 
 def _generate(args: argparse.Namespace) -> int:

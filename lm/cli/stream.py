@@ -11,8 +11,11 @@ import time
 from kvjax.lm.cli.flags import (
   PROG,
   add_model_flag,
+  add_other_params_flag,
   add_sampling_flags,
+  add_speculative_flags,
   check_sampling_flags,
+  check_speculative_flags,
   checked,
   finite,
   load_model,
@@ -30,7 +33,8 @@ DESCRIPTION = (
   "endless continuation (until a stop token, --max-new-tokens or Ctrl-C; tokens are evicted "
   "one by one). Without: a chat, one turn per stdin line, each reply at most "
   "--max-new-tokens (default 64); each turn first evicts enough old tokens for its prompt "
-  "and reply. Text is printed as it comes."
+  "and reply. Text is printed as it comes. With --speculative eagle --head H an EAGLE head "
+  "drafts a tree per step, verified against the same cache (greedy output as without it)."
 )
 
 
@@ -78,6 +82,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     "--prompt: default unlimited)",
   )
   add_sampling_flags(p)
+  add_speculative_flags(p, auto=False)
+  add_other_params_flag(p, "a head")
   p.add_argument(
     "--json",
     action="store_true",
@@ -89,6 +95,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
 
 def _check_stream(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   check_sampling_flags(parser, args)
+  check_speculative_flags(parser, args)
   if args.chunk is not None and args.chunk > args.window:
     parser.error(
       f"--chunk {args.chunk} exceeds --window {args.window}: a prompt chunk must fit the window"
@@ -104,15 +111,9 @@ def _check_stream(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def _stream(args: argparse.Namespace) -> int:
-  from kvjax.lm.streaming import Session
-
   # a --prompt is read (and checked) before the model loads
   turns = iter(read_prompts([args.prompt])) if args.prompt is not None else stdin_lines()
-  model = load_model(args)
-  sampling, key = sampling_from_flags(args)
-  session = Session(
-    model, n_sink=args.sinks, window=args.window, chunk=args.chunk, sampling=sampling, key=key
-  )
+  session = _session(args)
   record, code = [], 0
   t0 = time.perf_counter()
   try:
@@ -144,7 +145,40 @@ def _stream(args: argparse.Namespace) -> int:
   wall_s = time.perf_counter() - t0  # prefill, decode, detokenisation, printing, compile
   for turn in record:
     turn["text"] = "".join(turn["text"])
-  s = session.stats
+  _report(args, session.stats, record, wall_s)
+  return code
+
+
+def _session(args: argparse.Namespace):
+  """The model loaded and its session: plain, or speculating with --head."""
+  model = load_model(args)
+  sampling, key = sampling_from_flags(args)
+  cache = dict(n_sink=args.sinks, window=args.window, chunk=args.chunk)
+  if not args.speculative:
+    from kvjax.lm.streaming import Session
+
+    return Session(model, **cache, sampling=sampling, key=key)
+  from kvjax import speculative
+
+  head = speculative.load_head(args.head, model, allow_other_params=args.allow_other_params)
+  return speculative.StreamingSession(
+    model, head, **cache, tree=args.tree, sampling=sampling, key=key
+  )
+
+
+def _report(args: argparse.Namespace, s: dict, record: list[dict], wall_s: float) -> None:
+  """The run's JSON object (--json, on stdout), else its summary line on stderr."""
+  spec = (
+    dict(
+      speculative=args.speculative,
+      head=args.head,
+      tree=dict(top_k=args.tree.top_k, depth=args.tree.depth, total_tokens=args.tree.total_tokens),
+      rounds=s["rounds"],
+      mean_accept_len=finite(s["mean_accept_len"]),
+    )
+    if args.speculative
+    else {}
+  )
   if args.json:
     print(
       json.dumps(
@@ -161,16 +195,21 @@ def _stream(args: argparse.Namespace) -> int:
           "decode_s": s["decode_s"],
           "compile_s": s["compile_s"],
           "wall_s": wall_s,
+          **spec,
         }
       )
     )
-  else:
-    print(
-      f"{PROG}: {s['tokens_generated']} tokens generated in {s['decode_s']:.2f} s "
-      f"({s['tokens_per_s']:.1f} tok/s, decoding and detokenising) over {len(record)} "
-      f"turn(s); {wall_s:.2f} s in all with prefill {s['prefill_s']:.2f} s and compile "
-      f"{s['compile_s']:.2f} s; peak cache {s['peak_cache_tokens']} tokens of "
-      f"{args.sinks} sinks + {args.window} window",
-      file=sys.stderr,
-    )
-  return code
+    return
+  print(
+    f"{PROG}: {s['tokens_generated']} tokens generated in {s['decode_s']:.2f} s "
+    f"({s['tokens_per_s']:.1f} tok/s, decoding and detokenising) over {len(record)} "
+    f"turn(s); {wall_s:.2f} s in all with prefill {s['prefill_s']:.2f} s and compile "
+    f"{s['compile_s']:.2f} s; peak cache {s['peak_cache_tokens']} tokens of "
+    f"{args.sinks} sinks + {args.window} window"
+    + (
+      f"; {s['mean_accept_len']:.2f} tokens per target forward ({s['rounds']} forwards)"
+      if args.speculative
+      else ""
+    ),
+    file=sys.stderr,
+  )

@@ -91,8 +91,10 @@ class Session:
       self.stats["peak_cache_tokens"], int(self.cache.length[0])
     )
 
-  def _feed(self, ids: list[int]) -> None:
-    """Prefills ids in chunks (evicting per token if they overflow the window)."""
+  def feed(self, ids: list[int]) -> None:
+    """Feeds token ids into the cache in chunks without replying (evicting per token if they
+    overflow the window); a turn feeds its prompt through it. Subclasses that keep more
+    state per token (a speculating session's draft head) extend it."""
     C = self.chunk
     for lo in range(0, len(ids), C):
       part = ids[lo : lo + C]
@@ -144,12 +146,12 @@ class Session:
       self._held()
       self.cache = self.cache.make_room(len(ids) + max_new_tokens)
     self.stats["prompt_tokens"] += len(ids)
-    self._feed(ids)
+    self.feed(ids)
     done = {} if done is None else done
     try:
       yield from timed(
         detokenize(
-          self.model, self._tokens(max_new_tokens), stop, self.stop_ids, done, keep_ids=keep_ids
+          self.model, self.stream_ids(max_new_tokens), stop, self.stop_ids, done, keep_ids=keep_ids
         ),
         self.stats,
       )
@@ -158,8 +160,10 @@ class Session:
       s = self.stats
       s["tokens_per_s"] = tokens_per_s(s["tokens_generated"], s["decode_s"])
 
-  def _tokens(self, limit: int | None) -> Iterator[int]:
-    """Samples tokens, each fed into the cache in the same dispatch (steps.sample_decode)."""
+  def stream_ids(self, limit: int | None) -> Iterator[int]:
+    """The reply's token ids as they are sampled (at most `limit`; None: no limit), each in
+    the cache by the time it is yielded (steps.sample_decode: sampled and fed in one
+    dispatch), so a consumer may stop after any of them. A turn detokenizes it."""
     n = 0
     while True:
       (tok, bad, self.logits, self.cache), c = steps.call(

@@ -188,8 +188,9 @@ def test_kernel_lowers_for_the_device(platform, shape):
     launch=splits.Launch(tpu=platform == "tpu", interpret=False, block=128, steps=kernel.STEPS),
   )
   triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+  offsets = jax.ShapeDtypeStruct((B, T), jnp.int32)
   exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=[triton])(
-    q, k, k, rows, rows
+    q, k, k, rows, rows, offsets
   )
   assert ("tpu_custom_call" if platform == "tpu" else "xla.gpu.triton") in exported.mlir_module()
 
@@ -207,6 +208,8 @@ def test_errors():
     sink_attention(q, k, v, count, start, impl="triton", **kw)
   with pytest.raises(ValueError, match=r"freq must be \[H/2\]"):
     sink_attention(q, k, v, count, start, **{**kw, "freq": jnp.ones(16)})
+  with pytest.raises(ValueError, match=r"offsets must be an int array of shape \(2, 1\)"):
+    sink_attention(q, k, v, count, start, **kw, offsets=jnp.zeros((2, 2), jnp.int32))
 
 
 def rope_freq(H):
@@ -225,3 +228,44 @@ def test_reference_with_precomputed_tables(case):
   got = sink_attention(q, k, v, count, start, **kw, rotation=rotation)
   for a, b in zip(got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-6)
+
+
+TREE = [0, 1, 1, 2, 2, 2, 3]  # a draft tree's node depths: several queries share a stream offset
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4], CASES[5]])
+def test_query_offsets_read_as_the_queries_at_those_stream_indices(case):
+  """Queries at stream offsets t (a draft tree's depths) read the cache exactly as the query
+  at offset t of a plain chunk does: the reference with offsets, column by column, equals the
+  reference over a chunk of max(t) + 1 queries at the matching columns."""
+  B, _, N, K, H, n_sink, W, window, softcap = case
+  offsets = jnp.asarray([TREE[::-1] if b % 2 else TREE for b in range(B)], jnp.int32)
+  T = offsets.shape[1]
+  q, k, v, count, start = inputs(B, T, N, K, H, n_sink, W, jnp.float32, seed=6)
+  kw = dict(n_sink=n_sink, freq=rope_freq(H), scale=H**-0.5, window=window, softcap=softcap)
+  got_o, got_lse = reference(q, k, v, count, start, **kw, offsets=offsets)
+  rows = jnp.arange(B)[:, None]
+  for t in range(T):
+    # a chunk whose query at offset offsets[b, t] is q[b, t]
+    chunk = jnp.zeros((B, max(TREE) + 1, N, H)).at[rows[:, 0], offsets[:, t]].set(q[:, t])
+    o, lse = reference(chunk, k, v, count, start, **kw)
+    np.testing.assert_allclose(got_o[:, t], o[rows[:, 0], offsets[:, t]], atol=1e-6)
+    np.testing.assert_allclose(got_lse[:, t], lse[rows[:, 0], offsets[:, t]], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[5]])
+def test_kernel_with_offsets_equals_reference(case, mode):
+  B, _, N, K, H, n_sink, W, window, softcap = case
+  offsets = jnp.asarray([TREE[::-1] if b % 2 else TREE for b in range(B)], jnp.int32)
+  q, k, v, count, start = inputs(B, offsets.shape[1], N, K, H, n_sink, W, jnp.float32, seed=7)
+  kw = dict(
+    n_sink=n_sink, freq=jnp.asarray(rope_freq(H)), scale=H**-0.5, window=window, softcap=softcap
+  )
+  want_o, want_lse = reference(q, k, v, count, start, **kw, offsets=offsets)
+  f = jax.jit(
+    functools.partial(sink_attention, impl="pallas", interpret=MODES[mode], block=8, **kw)
+  )
+  got_o, got_lse = f(q, k, v, count, start, offsets=offsets)
+  np.testing.assert_allclose(got_o, want_o, atol=2e-5)
+  np.testing.assert_allclose(got_lse, want_lse, atol=2e-5, rtol=1e-6)

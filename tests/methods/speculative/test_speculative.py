@@ -419,7 +419,7 @@ def test_tree_forward_kernel_equals_mask_path(family, monkeypatch):
   monkeypatch.setattr(
     kernel, "tree_attention", functools.partial(orig, impl="pallas", interpret=True, block=16)
   )
-  got, _ = dec(tree.tokens, cache=cache, view=verify.tree_view(cache, positions, tree.mask))
+  got, _ = dec(tree.tokens, cache=cache, view=verify.tree_view(cache, tree.depth, tree.mask))
   np.testing.assert_allclose(got.logits, want.logits, atol=2e-4)
 
 
