@@ -234,9 +234,9 @@ def _pallas(
   Query rows are laid out (G, Tp) per kv head, Tp a power of two >= 16 (Triton's dot needs
   >= 16 rows, TPU tiles 8), each row's stream offset beside it in an [R, 1] block. Blocks are
   (R, H) queries and (chunk, H) keys: H is the whole last dim and chunk a multiple of 8 (TPU
-  tiling); a last
-  chunk past S is masked (its slots >= S are never seen, their values zeroed). launch: the
-  lowering (Mosaic TPU with scalars in SMEM, or Triton) and the block sizes."""
+  tiling); a last chunk past S is masked (its slots >= S are never seen, their values
+  zeroed). launch: the lowering (Mosaic TPU with scalars in SMEM, or Triton) and the block
+  sizes."""
   layout = splits.sizes(q, k, launch.block, launch.steps)
   B, T, _, H, K, S, G, Tp, R, bs, chunk, _ = layout
   meta = jnp.stack(
