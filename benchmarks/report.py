@@ -30,6 +30,18 @@ def describe() -> str:
   )
 
 
+def rss_mib() -> float:
+  """The process's resident memory in MiB (Linux /proc; NaN elsewhere)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return float("nan")
+
+
 def write(out_dir: str, name: str, results: dict, table: str) -> str:
   """Writes <out_dir>/<name>_<backend>.json (results) and .md (table); returns that stem."""
   os.makedirs(out_dir, exist_ok=True)

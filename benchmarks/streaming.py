@@ -255,14 +255,6 @@ def cost(args) -> dict:
   return dict(model=f"random, shape of {args.model}", dtype=str(model.dtype), rows=rows)
 
 
-def _rss_mib() -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) / 1024
-  return float("nan")
-
-
 def held_out_stream(model, n: int) -> tuple[np.ndarray, str]:
   """n tokens of the held-out plays (test split, every genre) one after another, cycled when
   they hold fewer, and what they are."""
@@ -303,7 +295,7 @@ def memory(model, args) -> dict:
           tokens=m,
           cache_tokens=int(cache.length[0]),
           cache_bytes=sum(x.nbytes for x in jax.tree.leaves(cache)),
-          rss_mib=_rss_mib(),
+          rss_mib=report.rss_mib(),
           segment_ppl=float(np.exp(nll[max(0, m - 4096) : m].mean())),
           elapsed_s=time.perf_counter() - t0,
         )
@@ -336,7 +328,7 @@ def endless(model, args) -> dict:
       first = (session.stats["tokens_generated"], time.perf_counter())
     while at < len(marks) and session.stats["tokens_generated"] >= marks[at]:
       seen.append(time.perf_counter())
-      rss.append(_rss_mib())
+      rss.append(report.rss_mib())
       at += 1
   wall_s = time.perf_counter() - t0
   play, title = held_out_tokens(model, 4097)

@@ -14,6 +14,7 @@ model.safetensors or pytorch_model.bin); export_head writes a published-architec
 and SGLang.
 """
 
+from kvjax.speculative.autotune import default_tree
 from kvjax.speculative.formats import export as export_head
 from kvjax.speculative.formats import load as load_head
 from kvjax.speculative.formats import save as save_head
@@ -31,6 +32,7 @@ __all__ = [
   "Tree",
   "TreeSpec",
   "auto_tree",
+  "default_tree",
   "draft_vocabulary",
   "export_head",
   "generate",

@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from kvjax.cache.dense import KVCache
+from kvjax.cache.sink import SinkCache
 from kvjax.lm import engine, rope, steps
 from kvjax.lm.model import Model
 from kvjax.lm.sampling import Sampling, sample
@@ -128,7 +129,7 @@ def start(
 @functools.partial(
   jax.jit,
   static_argnames=("graphdef", "head_graphdef", "spec", "sampling"),
-  donate_argnames=("front", "cache", "hcache"),
+  donate_argnames=("cache", "hcache"),
 )
 def round_(
   graphdef,
@@ -145,20 +146,22 @@ def round_(
   head_graphdef,
   spec,
   sampling,
-) -> tuple[decoding.Frontier, decoding.Verified]:
+) -> tuple[SinkCache, decoding.Verified]:
   """One round: writes the first keep [B] tokens of the previous round's path (`path`, a
-  Verified without its head cache, over `cache` and `hcache`) into both caches, or starts from
-  `front` (then the other three are None), evicts the head's oldest pairs, then drafts and
-  verifies a tree (PRNG fold_in(key, step)) -> (where the rows stand, the verified tree, not
-  yet written)."""
+  Verified without its head cache) into both caches (`cache`, `hcache`: donated), or starts
+  from `front` (its caches those two; then path is None), evicts the head's oldest pairs,
+  then drafts and verifies a tree (PRNG fold_in(key, step)) -> (the target's cache, the
+  verified tree, not yet written: its head cache is the head's)."""
   dec, head = nnx.merge(graphdef, state), nnx.merge(head_graphdef, head_state)
-  if path is not None:
+  if path is None:
+    front = dataclasses.replace(front, cache=cache, hcache=hcache)
+  else:
     front = decoding.commit(dec, head, cache, dataclasses.replace(path, hcache=hcache), keep)
   front = dataclasses.replace(front, hcache=_evicted(head, front.cache, front.hcache))
   r = decoding.draft_and_verify(
     dec, head, front, jax.random.fold_in(key, step), spec=spec, sampling=sampling
   )
-  return front, r
+  return front.cache, r
 
 
 @functools.partial(
@@ -210,6 +213,10 @@ class StreamingSession(Session):
       key=key,
       stop_tokens=stop_tokens,
     )
+    if isinstance(keep_accept_lens, bool) or not isinstance(keep_accept_lens, int):
+      raise ValueError(f"keep_accept_lens must be an int >= 1; got {keep_accept_lens!r}")
+    if keep_accept_lens < 1:
+      raise ValueError(f"keep_accept_lens must be an int >= 1; got {keep_accept_lens!r}")
     self.tree = tree = check_tree(model, head, tree)
     self.head = head
     slack = max(self.chunk, tree.depth + 1 + tree.draft_slots)
@@ -298,9 +305,13 @@ class StreamingSession(Session):
         yield tok
         if limit is not None and n >= limit:
           return
-      args = (self.front, None, None, None) if self.pending is None else (None, *self._split())
+      if self.pending is None:
+        f = self.front
+        args = (dataclasses.replace(f, cache=None, hcache=None), f.cache, f.hcache, None)
+      else:
+        args = (None, *self._split())
       self.front = self.pending = None
-      front, r = self._call(
+      self.cache, r = self._call(
         round_,
         *args,
         jnp.asarray([self.taken], jnp.int32),
@@ -309,12 +320,15 @@ class StreamingSession(Session):
         spec=self.tree,
         sampling=self.sampling,
       )
-      self.cache, self.pending, self.taken = front.cache, r, 0
+      self.pending, self.taken = r, 0
       emit, m, bad = jax.device_get((r.emit, r.m, r.bad))
       engine.check_finite(self.model, bad, f"speculative streaming session (token {self.steps})")
       k = int(m[0]) + 1
       self.stats["rounds"] += 1
-      self.stats["accept_lens"].append(k)
+      lens = self.stats["accept_lens"]
+      lens.append(k)
+      if len(lens) >= 2 * self.keep_accept_lens:  # an endless turn holds constant memory
+        del lens[: len(lens) - self.keep_accept_lens]
       self.accepted += k
       emitted = [int(t) for t in emit[0, :k]]
 

@@ -238,7 +238,9 @@ def add_speculative_flags(p: argparse.ArgumentParser, *, auto: bool = True) -> N
     type=tree_tokens_type if auto else checked(int, lambda v: v >= 2, "an integer >= 2"),
     default=None,
     metavar="N",
-    help="tree size verified per target forward, root included (default 32)"
+    help="tree size verified per target forward, root included (default 32 beside another tree "
+    "flag; with none, the tree is the fastest measured for this device, model and head, timed "
+    "once and cached)"
     + ("; 'auto' times sizes 8..64 on this machine first and takes the fastest" if auto else ""),
   )
 
@@ -253,11 +255,12 @@ def tree_tokens_type(text: str):
 def check_speculative_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
   """The rules of `add_speculative_flags`: --head and the tree flags only with --speculative,
   which needs --head; sets args.tree (a TreeSpec; with --tree-tokens auto its total_tokens is
-  a placeholder 2 until `kvjax.speculative.auto_tree` picks one), or None without it."""
+  a placeholder 2 until `kvjax.speculative.auto_tree` picks one), or None without it, and
+  args.tree_default (no tree flag given: `speculative_tree` picks the measured default)."""
   tree_flags = [
     f for f in ("tree_top_k", "tree_depth", "tree_tokens") if getattr(args, f) is not None
   ]
-  args.tree = None
+  args.tree, args.tree_default = None, not tree_flags
   if args.speculative is None:
     if args.head or tree_flags:
       given = ["--head"] * bool(args.head) + ["--" + f.replace("_", "-") for f in tree_flags]
@@ -285,6 +288,25 @@ def check_speculative_flags(parser: argparse.ArgumentParser, args: argparse.Name
       .replace("tree depth", "--tree-depth")
       .replace("tree total_tokens", "--tree-tokens")
     )
+
+
+def speculative_tree(args: argparse.Namespace, model, head, prompts=None, chat: bool = False):
+  """The tree the speculative flags ask for: theirs; with --tree-tokens auto the fastest size
+  timed on `prompts`; with no tree flag the device's measured default for this model and head
+  (`kvjax.speculative.default_tree`, timed once and cached), None when plain decoding is the
+  fastest. Progress goes to stderr."""
+  from kvjax import speculative
+
+  log = lambda msg: print(f"{PROG}: {msg}", file=sys.stderr)
+  if args.tree_default:
+    return speculative.default_tree(model, head, prompts, chat=chat if prompts else None, log=log)
+  if args.tree_tokens == "auto":
+    tree, _ = speculative.auto_tree(
+      model, head, prompts, top_k=args.tree.top_k, depth=args.tree.depth, log=log
+    )
+    log(f"auto: --tree-tokens {tree.total_tokens}")
+    return tree
+  return args.tree
 
 
 def add_distributed_flags(p: argparse.ArgumentParser) -> None:

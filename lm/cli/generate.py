@@ -23,6 +23,7 @@ from kvjax.lm.cli.flags import (
   nonneg,
   positive,
   sampling_kwargs,
+  speculative_tree,
   start_distributed,
 )
 from kvjax.lm.cli.text import read_prompts, text_type
@@ -164,19 +165,15 @@ def _generate(args: argparse.Namespace) -> int:
     from kvjax import speculative
 
     head = speculative.load_head(args.head, model, allow_other_params=args.allow_other_params)
-    if args.tree_tokens == "auto":
-      log = lambda msg: print(f"{PROG}: {msg}", file=sys.stderr)
-      args.tree, _ = speculative.auto_tree(
-        model, head, prompts, top_k=args.tree.top_k, depth=args.tree.depth, log=log
-      )
-      log(f"auto: --tree-tokens {args.tree.total_tokens}")
+    args.tree = speculative_tree(args, model, head, prompts, chat=args.chat)
+  if args.tree is not None:
     out = speculative.generate(model, head, prompts, tree=args.tree, **kwargs)
   elif args.coprocessor is not None:
     from kvjax import coprocessor
 
     cop = coprocessor.load(args.coprocessor, model, allow_other_params=args.allow_other_params)
     out = coprocessor.generate(model, cop, prompts, delay=args.delay or 0, **kwargs)
-  elif len(prompts) == 1 and not args.json and not multi:
+  elif len(prompts) == 1 and not args.json and not multi and not args.speculative:
     return _stream_one(model, prompts[0], kwargs)
   else:
     from kvjax.lm.generate import generate
@@ -197,6 +194,8 @@ def _generate(args: argparse.Namespace) -> int:
     f"({s['decode_tokens_per_s']:.1f} tok/s); compile {s['compile_s']:.2f} s"
     + (
       f"; {s['mean_accept_len']:.2f} tokens per target forward ({s['target_forwards']} forwards)"
+      if args.tree is not None
+      else "; plain decoding (the measured default: no tree is faster here)"
       if args.speculative
       else ""
     ),
@@ -261,13 +260,15 @@ def _generation_json(args: argparse.Namespace, model, out, sampling) -> dict:
       else {
         "speculative": args.speculative,
         "head": args.head,
-        "tree": {
+        "tree": None
+        if args.tree is None
+        else {
           "top_k": args.tree.top_k,
           "depth": args.tree.depth,
           "total_tokens": args.tree.total_tokens,
         },
-        "mean_accept_len": finite(s["mean_accept_len"]),
-        "target_forwards": int(s["target_forwards"]),
+        "mean_accept_len": None if args.tree is None else finite(s["mean_accept_len"]),
+        "target_forwards": None if args.tree is None else int(s["target_forwards"]),
       }
     )
     | (

@@ -22,6 +22,7 @@ from kvjax.lm.cli.flags import (
   nonneg,
   positive,
   sampling_from_flags,
+  speculative_tree,
 )
 from kvjax.lm.cli.text import read_prompts, stdin_lines, text_type
 
@@ -161,6 +162,12 @@ def _session(args: argparse.Namespace):
   from kvjax import speculative
 
   head = speculative.load_head(args.head, model, allow_other_params=args.allow_other_params)
+  prompts = None if args.prompt is None else [args.prompt]
+  args.tree = speculative_tree(args, model, head, prompts, chat=args.chat)
+  if args.tree is None:
+    from kvjax.lm.streaming import Session
+
+    return Session(model, **cache, sampling=sampling, key=key)
   return speculative.StreamingSession(
     model, head, **cache, tree=args.tree, sampling=sampling, key=key
   )
@@ -176,6 +183,8 @@ def _report(args: argparse.Namespace, s: dict, record: list[dict], wall_s: float
       rounds=s["rounds"],
       mean_accept_len=finite(s["mean_accept_len"]),
     )
+    if args.tree is not None
+    else dict(speculative=args.speculative, head=args.head, tree=None)
     if args.speculative
     else {}
   )
@@ -208,6 +217,8 @@ def _report(args: argparse.Namespace, s: dict, record: list[dict], wall_s: float
     f"{args.sinks} sinks + {args.window} window"
     + (
       f"; {s['mean_accept_len']:.2f} tokens per target forward ({s['rounds']} forwards)"
+      if args.tree is not None
+      else "; plain decoding (the measured default: no tree is faster here)"
       if args.speculative
       else ""
     ),

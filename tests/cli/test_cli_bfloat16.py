@@ -82,11 +82,21 @@ def test_generate_stored_and_cast(dirs, f32):
 def test_generate_with_a_draft_head_and_with_a_coprocessor(dirs):
   m16 = lm.load(dirs["bf16"])
   common = ("--prompt", PROMPT, "--max-new-tokens", 8)
+  tree = ("--tree-top-k", 2, "--tree-depth", 2, "--tree-tokens", 4)
   spec = run_json(
-    "generate", "--model", dirs["bf16"], "--speculative", "eagle", "--head", dirs["head"], *common
+    "generate",
+    "--model",
+    dirs["bf16"],
+    "--speculative",
+    "eagle",
+    "--head",
+    dirs["head"],
+    *tree,
+    *common,
   )
   head = speculative.load_head(dirs["head"], m16)
-  want = speculative.generate(m16, head, PROMPT, max_new_tokens=8)
+  spec_tree = speculative.TreeSpec(top_k=2, depth=2, total_tokens=4)
+  want = speculative.generate(m16, head, PROMPT, max_new_tokens=8, tree=spec_tree)
   assert spec["tokens"] == want.tokens
   aug = run_json("generate", "--model", dirs["bf16"], "--coprocessor", dirs["cop"], *common)
   cop = coprocessor.load(dirs["cop"], m16)

@@ -236,8 +236,16 @@ def test_decode_model_of_a_directory_needs_the_converter(tmp_path, fake_python, 
   assert "--peers llamacpp needs --llamacpp-converter" in capsys.readouterr().err
 
 
-def test_speculative(tmp_path, dirs, torch_threads):
-  """Every method row, and the HF assisted-generation peer (the "fine-tune" as its draft)."""
+def test_speculative(tmp_path, dirs, torch_threads, monkeypatch):
+  """Every method row, and the HF assisted-generation peer (the "fine-tune" as its draft); the
+  default-flags row measures two candidate trees."""
+  from kvjax.speculative import autotune
+
+  two = (
+    speculative.TreeSpec(top_k=1, depth=2, total_tokens=3),
+    speculative.TreeSpec(top_k=2, depth=2, total_tokens=4),
+  )
+  monkeypatch.setattr(autotune, "CANDIDATES", two)
   assert (
     run(
       script("speculative"),
@@ -274,11 +282,13 @@ def test_speculative(tmp_path, dirs, torch_threads):
   got = written(tmp_path, "speculative")
   assert got["tree"] == {"top_k": 2, "depth": 2, "total_tokens": 4}
   rows = got["rows"]
-  assert len(rows) == 6 and rows[-1]["method"] == "HF assisted generation (peer)"
+  assert len(rows) == 7 and rows[-1]["method"] == "HF assisted generation (peer)"
+  assert rows[5]["method"].startswith("default flags (measured")
   assert rows[0]["method"] == "kvjax vanilla decode" and rows[0]["speedup"] == 1.0
   for r in rows:
     assert r["tokens_per_s"] > 0 and r["speedup"] > 0
   assert all(r["new_tokens"] == 4 and r["mean_accept_len"] >= 1 for r in rows[1:5])
+  assert rows[5]["new_tokens"] == 4 and rows[5]["speedup"] > 0
 
 
 def test_streaming(tmp_path, dirs, monkeypatch):
@@ -325,6 +335,23 @@ def test_streaming(tmp_path, dirs, monkeypatch):
   assert [r["cache"] for r in got["cost"]["rows"]] == [8]
   assert [r["tokens"] for r in got["memory"]["rows"]] == [4096, 4100]  # a short last chunk
   assert got["endless"]["rows"] and got["kernel"]["run"] is (jax.default_backend() != "cpu")
+
+
+def test_speculative_streaming(tmp_path, dirs):
+  """Both parts on the tiny model and its head: the greedy streams agree, the endless stream's
+  rows cover its doublings."""
+  bench = script("speculative_streaming")
+  flags = ["--model", dirs["lm"], "--head", dirs["head1"], "--window", "12", "--quiet"]
+  flags += ["--tree-top-k", "2", "--tree-depth", "2", "--tree-tokens", "4"]
+  assert run(bench, tmp_path, *flags, "--greedy-tokens", "40", "--tokens", "2048") == 0
+  got = written(tmp_path, "speculative_streaming_lm")
+  g, e = got["greedy"], got["endless"]
+  assert g["tokens"] == 40 and g["first_difference"] is None and g["rounds"] <= 40
+  assert [(r["from_tokens"], r["tokens"]) for r in e["rows"]] == [(512, 1024), (1024, 2048)]
+  assert e["tokens"] == 2048 and e["rows"][0]["vs_first"] == 1.0
+  assert all(r["mean_accept_len"] >= 1 and r["ms_per_token"] > 0 for r in e["rows"])
+  with pytest.raises(SystemExit):
+    bench.main(["--parts", "greedy,fast"])
 
 
 def test_droidspeak(tmp_path, dirs):

@@ -138,6 +138,10 @@ def test_bad_heads_and_trees(model, head):
     speculative.StreamingSession(other, head, window=16)
   with pytest.raises(TypeError, match="TreeSpec"):
     speculative.StreamingSession(model, head, window=16, tree=(4, 4, 12))
+  with pytest.raises(ValueError, match="keep_accept_lens must be an int >= 1; got 0"):
+    speculative.StreamingSession(model, head, window=16, keep_accept_lens=0)
+  with pytest.raises(ValueError, match="window must be an int >= 1"):
+    speculative.StreamingSession(model, head, window=0)
 
 
 def test_cli_equals_plain_stream(model):

@@ -1,0 +1,202 @@
+"""The default draft tree: the fastest measured for this device, model and head, measured once.
+
+A tree that pays on a GPU (EAGLE's 32 or 64 tokens) can cost more than it saves where a verify
+forward over T tokens costs several decode steps (a CPU): the bundled head is 0.49x plain
+decoding with a 32-token tree and 2.2x with a chain. `default_tree` times plain decoding and
+each of `CANDIDATES` on a few prompts (greedy, compile and a warm-up run excluded) and keeps
+the fastest; when none beats plain decoding it answers None (decode without speculation), so
+the default never slows a user down. The choice is stored in `<cache root>/trees.json`
+(`$KVJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/kvjax`, else `~/.cache/kvjax`) under the device,
+the model's and the head's params fingerprints and the dtype, so it is paid once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from kvjax.lm.artifact import params_fingerprint
+from kvjax.lm.engine import Prompt
+from kvjax.lm.generate import generate as plain_generate
+from kvjax.lm.gguf_cache import default_root
+from kvjax.lm.model import Model
+from kvjax.speculative import head as heads
+from kvjax.speculative.generate import generate
+from kvjax.speculative.tree import TreeSpec
+
+# chains (cheap verify forwards) and trees (more tokens accepted per forward), small to large
+CANDIDATES = (
+  TreeSpec(top_k=1, depth=3, total_tokens=4),
+  TreeSpec(top_k=1, depth=5, total_tokens=6),
+  TreeSpec(top_k=1, depth=7, total_tokens=8),
+  TreeSpec(top_k=4, depth=4, total_tokens=12),
+  TreeSpec(top_k=8, depth=5, total_tokens=16),
+  TreeSpec(top_k=8, depth=5, total_tokens=32),
+  TreeSpec(top_k=8, depth=6, total_tokens=64),
+)
+# what the timing runs continue when the caller gives no prompts: plain prose and a request
+PROMPTS = (
+  "The old lighthouse keeper climbed the stairs one last time and",
+  "Explain, step by step, how a bill becomes a law.",
+)
+FILE = "trees.json"
+
+
+def device_key() -> str:
+  """The device the timing holds for: platform, kind and count (on a CPU its core count and
+  processor)."""
+  d = jax.devices()[0]
+  key = f"{d.platform}:{d.device_kind}x{len(jax.devices())}"
+  if d.platform == "cpu":
+    key += f":{os.cpu_count()}cores:{platform.machine()}:{platform.processor() or '-'}"
+  return key
+
+
+def head_fingerprint(head: heads.LoadedHead) -> str:
+  """A digest of the head's config and params (the same sampling as `params_fingerprint`)."""
+  h = hashlib.sha256(json.dumps(head.hc.to_json(), sort_keys=True).encode())
+  for leaf in jax.tree.leaves(head.params()):
+    flat = np.asarray(leaf).reshape(-1)
+    h.update(str(leaf.shape).encode())
+    h.update(flat[:: max(1, flat.size // 4096)][:4096].astype(np.float32).tobytes())
+  return h.hexdigest()[:32]
+
+
+def key_of(model: Model, head: heads.LoadedHead) -> str:
+  return "|".join(
+    (device_key(), params_fingerprint(model), head_fingerprint(head), str(model.dtype))
+  )
+
+
+def cached(model: Model, head: heads.LoadedHead, root: str | None = None) -> dict | None:
+  """The stored measurement for this device, model and head, or None."""
+  return _read(root).get(key_of(model, head))
+
+
+def default_tree(
+  model: Model,
+  head: heads.LoadedHead,
+  prompts: Prompt | Sequence[Prompt] | None = None,
+  *,
+  candidates: Sequence[TreeSpec] | None = None,
+  max_new_tokens: int = 48,
+  chat: bool | None = None,
+  root: str | None = None,
+  remeasure: bool = False,
+  log: Callable[[str], None] | None = None,
+) -> TreeSpec | None:
+  """The fastest tree for this device, model and head (None: plain decoding is faster than
+  every candidate of `candidates`, default `CANDIDATES`), from the cache or, the first time
+  (or with remeasure), timed on `prompts`
+  (default `PROMPTS`) and stored. chat: wrap the prompts with the chat template (default:
+  `PROMPTS` are wrapped when the model has one). root: the cache directory (default the
+  kvjax cache root). log: print-like progress callback."""
+  key = key_of(model, head)
+  entry = None if remeasure else _read(root).get(key)
+  if entry is None:
+    entry = measure(
+      model,
+      head,
+      prompts,
+      candidates=candidates,
+      max_new_tokens=max_new_tokens,
+      chat=chat,
+      log=log,
+    )
+    _write(root, key, entry)
+  elif log:
+    log(f"default tree from {os.path.join(root or default_root(), FILE)}: {_name(entry['tree'])}")
+  t = entry["tree"]
+  return None if t is None else TreeSpec(**t)
+
+
+def measure(
+  model: Model,
+  head: heads.LoadedHead,
+  prompts: Prompt | Sequence[Prompt] | None = None,
+  *,
+  candidates: Sequence[TreeSpec] | None = None,
+  max_new_tokens: int = 48,
+  chat: bool | None = None,
+  log: Callable[[str], None] | None = None,
+) -> dict:
+  """Times plain decoding and each candidate tree (greedy decode tok/s of the second of two
+  runs, both batch-1 per prompt) -> {tree: the fastest's fields or None for plain, table:
+  per-row dicts, measured: when}."""
+  heads.check(head.hc, model.cfg)
+  if chat is None:
+    tok = model.tokenizer
+    chat = prompts is None and tok is not None and tok.chat_template is not None
+  rows = list(PROMPTS if prompts is None else [prompts] if isinstance(prompts, str) else prompts)
+  kw = dict(max_new_tokens=max_new_tokens, chat=chat, stop_tokens=())
+
+  def speed(run) -> float:
+    run(rows[0])  # compile and warm up
+    decode_s = tokens = 0.0
+    for p in rows:
+      s = run(p).stats
+      decode_s, tokens = decode_s + s["decode_s"], tokens + s["new_tokens"]
+    return tokens / decode_s
+
+  base = speed(lambda p: plain_generate(model, p, **kw))
+  table = [dict(tree=None, tokens_per_s=base, vs_plain=1.0)]
+  if log:
+    log(f"timing the default tree: plain decoding {base:.1f} tok/s")
+  for spec in CANDIDATES if candidates is None else candidates:
+    if spec.top_k > model.cfg.vocab_size:
+      continue
+    v = speed(lambda p, spec=spec: generate(model, head, p, tree=spec, **kw))
+    table.append(dict(tree=_fields(spec), tokens_per_s=v, vs_plain=v / base))
+    if log:
+      log(f"  {_name(_fields(spec))}: {v:.1f} tok/s ({v / base:.2f}x plain)")
+  best = max(table, key=lambda r: r["tokens_per_s"])
+  if log:
+    log(f"default tree: {_name(best['tree'])} ({best['vs_plain']:.2f}x plain decoding)")
+  return dict(tree=best["tree"], table=table, measured=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def _fields(spec: TreeSpec) -> dict:
+  return dict(top_k=spec.top_k, depth=spec.depth, total_tokens=spec.total_tokens)
+
+
+def _name(t: dict | None) -> str:
+  if t is None:
+    return "none (plain decoding)"
+  return f"top_k {t['top_k']}, depth {t['depth']}, {t['total_tokens']} tokens"
+
+
+def _read(root: str | None) -> dict:
+  path = os.path.join(root or default_root(), FILE)
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except FileNotFoundError:
+    return {}
+  except (OSError, ValueError):
+    return {}  # unreadable or corrupt: measured again and rewritten
+  return data if isinstance(data, dict) else {}
+
+
+def _write(root: str | None, key: str, entry: dict) -> None:
+  """Adds the entry to the cache file (under a lock; written atomically). A cache that cannot
+  be written is skipped: the measurement is repeated next time."""
+  root = root or default_root()
+  with contextlib.suppress(OSError):
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, FILE + ".lock"), "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      data = _read(root)
+      data[key] = entry
+      tmp = os.path.join(root, f"{FILE}.{os.getpid()}.tmp")
+      with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+      os.replace(tmp, os.path.join(root, FILE))

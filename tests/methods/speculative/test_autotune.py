@@ -1,0 +1,89 @@
+"""The default draft tree (`speculative.default_tree`): measured once per device, model and
+head, cached, and used by `kvjax generate` / `kvjax stream` when no tree flag is given (plain
+decoding when no tree was faster)."""
+
+import json
+import os
+
+import pytest
+from helpers import cli
+
+from kvjax import lm, speculative
+from kvjax.lm import tiny
+from kvjax.speculative import autotune
+from kvjax.speculative.tree import TreeSpec
+
+CANDIDATES = (
+  TreeSpec(top_k=1, depth=2, total_tokens=3),
+  TreeSpec(top_k=2, depth=2, total_tokens=4),
+)
+PROMPTS = ["Hello there, friend", "The quick brown fox"]
+
+
+@pytest.fixture(scope="module")
+def model():
+  return tiny.model("llama", n_layers=2)
+
+
+@pytest.fixture(scope="module")
+def head(model):
+  return speculative.init_head(model, "eagle1", seed=1)
+
+
+def test_measured_once_then_read_from_the_cache(model, head, tmp_path, monkeypatch):
+  logged = []
+  kw = dict(candidates=CANDIDATES, max_new_tokens=6, root=str(tmp_path), log=logged.append)
+  tree = speculative.default_tree(model, head, PROMPTS, **kw)
+  entry = json.loads((tmp_path / autotune.FILE).read_text())[autotune.key_of(model, head)]
+  table = entry["table"]
+  assert [r["tree"] for r in table] == [None] + [autotune._fields(c) for c in CANDIDATES]
+  best = max(table, key=lambda r: r["tokens_per_s"])["tree"]
+  assert tree == (None if best is None else TreeSpec(**best))
+  assert all(r["tokens_per_s"] > 0 for r in table) and table[0]["vs_plain"] == 1.0
+  assert logged[0].startswith("timing the default tree: plain decoding")
+  assert logged[-1].startswith("default tree: ")
+
+  def never(*a, **k):
+    raise AssertionError("measured again")
+
+  monkeypatch.setattr(autotune, "measure", never)
+  assert speculative.default_tree(model, head, PROMPTS, **kw) == tree
+  assert "default tree from" in logged[-1]
+  other = speculative.init_head(model, "eagle1", seed=2)  # another head: another entry
+  with pytest.raises(AssertionError, match="measured again"):
+    speculative.default_tree(model, other, PROMPTS, **kw)
+
+
+def test_a_corrupt_cache_is_measured_again(model, head, tmp_path, monkeypatch):
+  (tmp_path / autotune.FILE).write_text("{not json")
+  entry = dict(tree=autotune._fields(CANDIDATES[0]), table=[], measured="now")
+  monkeypatch.setattr(autotune, "measure", lambda *a, **k: entry)
+  assert speculative.default_tree(model, head, root=str(tmp_path)) == CANDIDATES[0]
+  assert json.loads((tmp_path / autotune.FILE).read_text()) == {autotune.key_of(model, head): entry}
+
+
+@pytest.mark.parametrize("choice", [None, CANDIDATES[1]])
+def test_cli_without_tree_flags_uses_the_measured_default(model, head, tmp_path, choice):
+  """The cached choice decides: a tree, or plain decoding (JSON tree null); the text is plain
+  greedy decoding's either way."""
+  lm.save(model, str(tmp_path / "m"))
+  speculative.save_head(head, str(tmp_path / "h"))
+  root = os.environ["KVJAX_CACHE_DIR"]
+  loaded = lm.load(str(tmp_path / "m"))
+  entry = dict(tree=None if choice is None else autotune._fields(choice), table=[], measured="x")
+  autotune._write(
+    root, autotune.key_of(loaded, speculative.load_head(str(tmp_path / "h"), loaded)), entry
+  )
+  args = ("generate", "--model", tmp_path / "m", "--prompt", PROMPTS[0], "--max-new-tokens", 10)
+  code, out, err = cli(*args, "--speculative", "eagle", "--head", tmp_path / "h", "--json")
+  assert code == 0, err
+  got = json.loads(out)
+  assert got["tree"] == entry["tree"] and "default tree from" in err
+  assert got["tokens"] == lm.generate(model, PROMPTS[0], max_new_tokens=10).tokens
+  assert (got["mean_accept_len"] is None) == (choice is None)
+  code, out, err = cli(
+    "stream", "--model", tmp_path / "m", "--prompt", PROMPTS[0], "--max-new-tokens", 10,
+    "--speculative", "eagle", "--head", tmp_path / "h", "--json",
+  )  # fmt: skip
+  assert code == 0, err
+  assert json.loads(out)["tree"] == entry["tree"]
