@@ -14,8 +14,8 @@ measured run after one warm-up run (compilation excluded):
   small    EAGLE-1 head with a small tree (--small-tree top_k,depth,tokens; default 4,3,8),
            the size that suits a CPU, where verifying 32 tokens costs several decode steps
   default  what `kvjax generate --speculative eagle --head H` runs with no tree flag: the
-           tree `speculative.default_tree` measures on this machine (on two other held-out
-           prompts), or plain decoding when no candidate tree beat it
+           tree `speculative.default_tree` measures on this machine at that temperature (on
+           two other held-out prompts), or plain decoding when no candidate tree beat it
   hf       the peer: Hugging Face transformers assisted generation, the same target (float32,
            PyTorch eager) with `assistant_model` = a small draft LM trained with `kvjax train
            lm` on the same tokenizer (--draft); batch 1 only (transformers' assisted
@@ -202,27 +202,25 @@ def methods(model, args, tree: speculative.TreeSpec) -> list[tuple]:
   small = speculative.TreeSpec(top_k=k, depth=d, total_tokens=n)
   eagle1 = speculative.load_head(args.head1, model)
   eagle3 = speculative.load_head(args.head3, model)
-  default = default_row(model, eagle1, args)
   return [
     ("kvjax vanilla decode", None, None),
     ("chain drafting, EAGLE-1 head", eagle1, chain),
     ("EAGLE-2 tree, EAGLE-1 head", eagle1, tree),
     ("EAGLE-2 tree, EAGLE-3 head", eagle3, tree),
     (f"EAGLE-2 small tree ({k}/{d}/{n}), EAGLE-1 head", eagle1, small),
-    default,
   ]
 
 
-def default_row(model, head, args) -> tuple:
-  """The row `kvjax generate --speculative eagle --head H` gives with no tree flag: the tree
-  `speculative.default_tree` measures for this machine (timed here afresh, in a temporary
-  cache, on two held-out prompts other than the measured ones), or plain decoding when no
-  tree was faster."""
+def default_row(model, head, args, sampling: Sampling) -> tuple:
+  """The row `kvjax generate --speculative eagle --head H` gives with no tree flag at this
+  sampling: the tree `speculative.default_tree` measures for this machine (timed here afresh,
+  in a temporary cache, on two held-out prompts other than the measured ones), or plain
+  decoding when no tree was faster."""
   import tempfile
 
   timing = held_out_prompts(model, args.prompts + 2, args.prompt_len)[args.prompts :]
   with tempfile.TemporaryDirectory() as root:
-    tree = speculative.default_tree(model, head, timing, root=root)
+    tree = speculative.default_tree(model, head, timing, sampling=sampling, root=root)
   if tree is None:
     return ("default flags (measured: plain decoding), EAGLE-1 head", None, None)
   name = f"{tree.top_k}/{tree.depth}/{tree.total_tokens}"
@@ -271,9 +269,10 @@ def main(argv=None) -> int:
     hf = (load(model.path), load(args.draft))
   for temp in [float(t) for t in args.temperatures.split(",")]:
     sampling = Sampling(temperature=temp)
+    default = default_row(model, rows[1][1], args, sampling)
     for batch in [int(b) for b in args.batches.split(",")]:
       base = None
-      for method, head, spec in rows:
+      for method, head, spec in [*rows, default]:
         r = run_kvjax(model, head, prompts, batch, sampling, args, spec)
         base = base or r["decode_s"]
         r.update(method=method, batch=batch, temperature=temp, speedup=base / r["decode_s"])

@@ -3,11 +3,13 @@
 A tree that pays on a GPU (EAGLE's 32 or 64 tokens) can cost more than it saves where a verify
 forward over T tokens costs several decode steps (a CPU): the bundled head is 0.49x plain
 decoding with a 32-token tree and 2.2x with a chain. `default_tree` times plain decoding and
-each of `CANDIDATES` on a few prompts (greedy, compile and a warm-up run excluded) and keeps
+each of `CANDIDATES` on a few prompts (compile and a warm-up run excluded) and keeps
 the fastest; when none beats plain decoding it answers None (decode without speculation), so
 the default never slows a user down. The choice is stored in `<cache root>/trees.json`
 (`$KVJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/kvjax`, else `~/.cache/kvjax`) under the device,
-the model's and the head's params fingerprints and the dtype, so it is paid once.
+the model's and the head's params fingerprints, the dtype and the sampling settings (greedy
+decoding accepts more draft tokens than sampling: each is timed as it runs), so it is paid
+once.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from kvjax.lm.engine import Prompt
 from kvjax.lm.generate import generate as plain_generate
 from kvjax.lm.gguf_cache import default_root
 from kvjax.lm.model import Model
+from kvjax.lm.sampling import Sampling
 from kvjax.speculative import head as heads
 from kvjax.speculative.generate import generate
 from kvjax.speculative.tree import TreeSpec
@@ -71,15 +74,21 @@ def head_fingerprint(head: heads.LoadedHead) -> str:
   return h.hexdigest()[:32]
 
 
-def key_of(model: Model, head: heads.LoadedHead) -> str:
+def key_of(model: Model, head: heads.LoadedHead, sampling: Sampling | None = None) -> str:
+  """The cache key: device, both params fingerprints, dtype and the sampling settings (a
+  sampled stream accepts fewer draft tokens than a greedy one: its best tree differs)."""
+  s = sampling or Sampling()
+  regime = "greedy" if s.greedy else f"T{s.temperature:g}/k{s.top_k}/p{s.top_p:g}"
   return "|".join(
-    (device_key(), params_fingerprint(model), head_fingerprint(head), str(model.dtype))
+    (device_key(), params_fingerprint(model), head_fingerprint(head), str(model.dtype), regime)
   )
 
 
-def cached(model: Model, head: heads.LoadedHead, root: str | None = None) -> dict | None:
-  """The stored measurement for this device, model and head, or None."""
-  return _read(root).get(key_of(model, head))
+def cached(
+  model: Model, head: heads.LoadedHead, sampling: Sampling | None = None, root: str | None = None
+) -> dict | None:
+  """The stored measurement for this device, model, head and sampling, or None."""
+  return _read(root).get(key_of(model, head, sampling))
 
 
 def default_tree(
@@ -90,17 +99,19 @@ def default_tree(
   candidates: Sequence[TreeSpec] | None = None,
   max_new_tokens: int = 48,
   chat: bool | None = None,
+  sampling: Sampling | None = None,
   root: str | None = None,
   remeasure: bool = False,
   log: Callable[[str], None] | None = None,
 ) -> TreeSpec | None:
   """The fastest tree for this device, model and head (None: plain decoding is faster than
-  every candidate of `candidates`, default `CANDIDATES`), from the cache or, the first time
-  (or with remeasure), timed on `prompts`
+  every candidate of `candidates`, default `CANDIDATES`) decoding with `sampling` (default
+  greedy; each setting is timed and cached apart), from the cache or, the first time (or
+  with remeasure), timed on `prompts`
   (default `PROMPTS`) and stored. chat: wrap the prompts with the chat template (default:
   `PROMPTS` are wrapped when the model has one). root: the cache directory (default the
   kvjax cache root). log: print-like progress callback."""
-  key = key_of(model, head)
+  key = key_of(model, head, sampling)
   entry = None if remeasure else _read(root).get(key)
   if entry is None:
     entry = measure(
@@ -110,6 +121,7 @@ def default_tree(
       candidates=candidates,
       max_new_tokens=max_new_tokens,
       chat=chat,
+      sampling=sampling,
       log=log,
     )
     _write(root, key, entry)
@@ -127,17 +139,20 @@ def measure(
   candidates: Sequence[TreeSpec] | None = None,
   max_new_tokens: int = 48,
   chat: bool | None = None,
+  sampling: Sampling | None = None,
   log: Callable[[str], None] | None = None,
 ) -> dict:
-  """Times plain decoding and each candidate tree (greedy decode tok/s of the second of two
-  runs, both batch-1 per prompt) -> {tree: the fastest's fields or None for plain, table:
-  per-row dicts, measured: when}."""
+  """Times plain decoding and each candidate tree (decode tok/s over the prompts one at a time,
+  after a warm-up run; greedy, or `sampling` with fixed keys) -> {tree: the fastest's fields
+  or None for plain, table: per-row dicts, measured: when}."""
   heads.check(head.hc, model.cfg)
   if chat is None:
     tok = model.tokenizer
     chat = prompts is None and tok is not None and tok.chat_template is not None
   rows = list(PROMPTS if prompts is None else [prompts] if isinstance(prompts, str) else prompts)
   kw = dict(max_new_tokens=max_new_tokens, chat=chat, stop_tokens=())
+  if sampling is not None and not sampling.greedy:
+    kw.update(sampling=sampling, key=jax.random.key(0))
 
   def speed(run) -> float:
     run(rows[0])  # compile and warm up

@@ -165,7 +165,9 @@ def _generate(args: argparse.Namespace) -> int:
     from kvjax import speculative
 
     head = speculative.load_head(args.head, model, allow_other_params=args.allow_other_params)
-    args.tree = speculative_tree(args, model, head, prompts, chat=args.chat)
+    args.tree = speculative_tree(
+      args, model, head, prompts, chat=args.chat, sampling=kwargs["sampling"]
+    )
   if args.tree is not None:
     out = speculative.generate(model, head, prompts, tree=args.tree, **kwargs)
   elif args.coprocessor is not None:

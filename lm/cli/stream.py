@@ -163,7 +163,7 @@ def _session(args: argparse.Namespace):
 
   head = speculative.load_head(args.head, model, allow_other_params=args.allow_other_params)
   prompts = None if args.prompt is None else [args.prompt]
-  args.tree = speculative_tree(args, model, head, prompts, chat=args.chat)
+  args.tree = speculative_tree(args, model, head, prompts, chat=args.chat, sampling=sampling)
   if args.tree is None:
     from kvjax.lm.streaming import Session
 

@@ -52,6 +52,19 @@ def test_measured_once_then_read_from_the_cache(model, head, tmp_path, monkeypat
   other = speculative.init_head(model, "eagle1", seed=2)  # another head: another entry
   with pytest.raises(AssertionError, match="measured again"):
     speculative.default_tree(model, other, PROMPTS, **kw)
+  with pytest.raises(AssertionError, match="measured again"):  # sampling: another entry
+    speculative.default_tree(model, head, PROMPTS, sampling=lm.Sampling(temperature=1.0), **kw)
+
+
+def test_sampled_timing_samples(model, head, tmp_path):
+  """A sampled setting is timed sampling (the rows' token counts are the limit either way)."""
+  t = lm.Sampling(temperature=0.9, top_k=20)
+  e = autotune.measure(
+    model, head, PROMPTS[:1], candidates=CANDIDATES[:1], max_new_tokens=5, sampling=t
+  )
+  assert [r["tree"] for r in e["table"]] == [None, autotune._fields(CANDIDATES[0])]
+  assert autotune.key_of(model, head, t).endswith("T0.9/k20/p1")
+  assert autotune.key_of(model, head).endswith("greedy")
 
 
 def test_a_corrupt_cache_is_measured_again(model, head, tmp_path, monkeypatch):
