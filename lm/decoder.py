@@ -247,7 +247,7 @@ class Block(nnx.Module):
     window,
     training: Training | None = None,
     attn_in: jax.Array | None = None,
-    rotation: tuple[jax.Array, jax.Array] | None = None,
+    rotation: Rotation | None = None,
   ):
     """x [B, T, D]; view: what the T tokens attend to (`kvjax.cache.view`); cached: the
     cache's `Slots` (every layer stacked) or None, read at `layer` (an int32 scalar) in place;
@@ -257,16 +257,19 @@ class Block(nnx.Module):
     before). training: the training forward's settings (`attention.Training`: differentiable
     attention, dropout keys folded by layer). attn_in [B, T, C]: the attention's input in place
     of attn_norm(x) (published EAGLE heads: no input norm, or a 2D-wide input over q/k/v
-    [C, N, H]); the residual stays x. rotation: the RoPE tables of view.key_pos for this
-    layer's freq, handed to view.cache_read (computed once for every layer that shares them)."""
+    [C, N, H]); the residual stays x. rotation: the RoPE tables of this layer's freq for the
+    view's positions (`Rotation`, computed once for every layer that shares them; None: the
+    layer computes its own)."""
     dropout = training if training is not None and (training.rate or training.attn_rate) else None
     drop_keys = (
       None if dropout is None else jax.random.split(jax.random.fold_in(dropout.key, layer), 3)
     )
     q, k, v = self.attn.qkv(self.attn_norm(x) if attn_in is None else attn_in)
-    qs = [rope.apply(q, p, freq) for p in view.q_pos]
+    if rotation is None:
+      rotation = Rotation.of(view, freq[None], np.zeros(1, np.int32), keys=False).at(0)
+    qs = [rope.rotate(q, *t) for t in rotation.q]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]: the new tokens only
-    k_rot = rope.apply(k, view.new_pos, freq, heads_first=True)
+    k_rot = rope.rotate(k, *rotation.new, heads_first=True)
     blocks = []
     for keys in view.blocks:
       if keys.source == NEW:
@@ -279,8 +282,8 @@ class Block(nnx.Module):
     partial = None
     if view.cache_read is not None:
       extra = dict(new=(k_rot, v)) if view.reads_new else {}
-      if rotation is not None:
-        extra["rotation"] = rotation
+      if rotation.key is not None:
+        extra["rotation"] = rotation.key
       partial = view.cache_read(
         q,
         cached.k[layer],
@@ -597,6 +600,38 @@ def run_layers(
   return x, layer_inputs, ks, vs
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Rotation:
+  """RoPE tables (cos, sin) for a view's positions: q, one per query frame ([B, T, H/2] each,
+  or [U, B, T, H/2] stacked over U distinct freq vectors before `at`); new, the new tokens'
+  keys; key, the cache's keys that view.cache_read rotates (None when it rotates none)."""
+
+  q: tuple[tuple[jax.Array, jax.Array], ...]
+  new: tuple[jax.Array, jax.Array]
+  key: tuple[jax.Array, jax.Array] | None
+
+  @classmethod
+  def of(cls, view: View, freqs: np.ndarray, which: np.ndarray, *, keys: bool) -> Rotation:
+    """The tables of every distinct freq in freqs [U, H/2] (np or traced), stacked on a
+    leading U axis; keys: also the cache's keys' (when the view reads them rotated)."""
+
+    def tables(pos):
+      cos, sin = zip(*(rope.tables(pos, f) for f in freqs))
+      return jnp.stack(cos), jnp.stack(sin)
+
+    q = tuple(tables(p) for p in view.q_pos)
+    new = next((t for p, t in zip(view.q_pos, q) if p is view.new_pos), None)
+    key = None
+    if keys and view.key_pos is not None and view.cache_read is not None:
+      key = tables(view.key_pos)
+    return cls(q, tables(view.new_pos) if new is None else new, key)
+
+  def at(self, u) -> Rotation:
+    """The tables of distinct freq u (an int or int32 scalar)."""
+    return jax.tree.map(lambda a: a[u], self)
+
+
 def _scan(
   blocks: Block,
   cfg: Config,
@@ -616,12 +651,10 @@ def _scan(
   freqs_np = rope.layer_freqs(cfg)[start:stop]  # [L', H/2]
   windows = jnp.asarray(np.array(cfg.windows[start:stop], np.int32))
   graphdef, stacked = nnx.split(blocks)
-  # keys the cache rotates when read: their tables once per distinct freq, not once per layer
-  tables, which = None, np.zeros(stop - start, np.int32)
-  if view.key_pos is not None and view.cache_read is not None:
-    unique, which = np.unique(freqs_np, axis=0, return_inverse=True)
-    cos, sin = zip(*(rope.tables(view.key_pos, jnp.asarray(f)) for f in unique))
-    tables = jnp.stack(cos), jnp.stack(sin)  # [U, B, S, H/2] each
+  # the RoPE tables once per distinct freq, not once per layer (XLA:CPU would evaluate each
+  # angle's sine and cosine inside every layer's rotation, once per head and half)
+  unique, which = np.unique(freqs_np, axis=0, return_inverse=True)
+  tables = Rotation.of(view, unique, which, keys=True)
 
   def body(x, xs):
     params, freq, window, layer, u = xs
@@ -634,7 +667,7 @@ def _scan(
       window=window,
       training=training,
       attn_in=attn_in,
-      rotation=None if tables is None else (tables[0][u], tables[1][u]),
+      rotation=tables.at(u),
     )
     return constrain(y, ACTIVATION, layout), (x if return_layer_inputs else None, k, v)
 
