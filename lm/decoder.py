@@ -247,7 +247,7 @@ class Block(nnx.Module):
     window,
     training: Training | None = None,
     attn_in: jax.Array | None = None,
-    rotation: Rotation | None = None,
+    rotation: Rotation,
   ):
     """x [B, T, D]; view: what the T tokens attend to (`kvjax.cache.view`); cached: the
     cache's `Slots` (every layer stacked) or None, read at `layer` (an int32 scalar) in place;
@@ -258,15 +258,12 @@ class Block(nnx.Module):
     attention, dropout keys folded by layer). attn_in [B, T, C]: the attention's input in place
     of attn_norm(x) (published EAGLE heads: no input norm, or a 2D-wide input over q/k/v
     [C, N, H]); the residual stays x. rotation: the RoPE tables of this layer's freq for the
-    view's positions (`Rotation`, computed once for every layer that shares them; None: the
-    layer computes its own)."""
+    view's positions (`Rotation`, computed once for every layer that shares them)."""
     dropout = training if training is not None and (training.rate or training.attn_rate) else None
     drop_keys = (
       None if dropout is None else jax.random.split(jax.random.fold_in(dropout.key, layer), 3)
     )
     q, k, v = self.attn.qkv(self.attn_norm(x) if attn_in is None else attn_in)
-    if rotation is None:
-      rotation = Rotation.of(view, freq[None], np.zeros(1, np.int32), keys=False).at(0)
     qs = [rope.rotate(q, *t) for t in rotation.q]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]: the new tokens only
     k_rot = rope.rotate(k, *rotation.new, heads_first=True)
@@ -612,9 +609,9 @@ class Rotation:
   key: tuple[jax.Array, jax.Array] | None
 
   @classmethod
-  def of(cls, view: View, freqs: np.ndarray, which: np.ndarray, *, keys: bool) -> Rotation:
-    """The tables of every distinct freq in freqs [U, H/2] (np or traced), stacked on a
-    leading U axis; keys: also the cache's keys' (when the view reads them rotated)."""
+  def of(cls, view: View, freqs: np.ndarray) -> Rotation:
+    """The tables of every distinct freq in freqs [U, H/2], stacked on a leading U axis (the
+    cache's keys' only when the view's cache_read rotates them)."""
 
     def tables(pos):
       cos, sin = zip(*(rope.tables(pos, f) for f in freqs))
@@ -623,7 +620,7 @@ class Rotation:
     q = tuple(tables(p) for p in view.q_pos)
     new = next((t for p, t in zip(view.q_pos, q) if p is view.new_pos), None)
     key = None
-    if keys and view.key_pos is not None and view.cache_read is not None:
+    if view.key_pos is not None and view.cache_read is not None:
       key = tables(view.key_pos)
     return cls(q, tables(view.new_pos) if new is None else new, key)
 
@@ -654,7 +651,7 @@ def _scan(
   # the RoPE tables once per distinct freq, not once per layer (XLA:CPU would evaluate each
   # angle's sine and cosine inside every layer's rotation, once per head and half)
   unique, which = np.unique(freqs_np, axis=0, return_inverse=True)
-  tables = Rotation.of(view, unique, which, keys=True)
+  tables = Rotation.of(view, unique)
 
   def body(x, xs):
     params, freq, window, layer, u = xs
