@@ -96,34 +96,21 @@ def default_tree(
   head: heads.LoadedHead,
   prompts: Prompt | Sequence[Prompt] | None = None,
   *,
-  candidates: Sequence[TreeSpec] | None = None,
-  max_new_tokens: int = 48,
-  chat: bool | None = None,
-  sampling: Sampling | None = None,
   root: str | None = None,
   remeasure: bool = False,
   log: Callable[[str], None] | None = None,
+  **options,
 ) -> TreeSpec | None:
   """The fastest tree for this device, model and head (None: plain decoding is faster than
-  every candidate of `candidates`, default `CANDIDATES`) decoding with `sampling` (default
-  greedy; each setting is timed and cached apart), from the cache or, the first time (or
-  with remeasure), timed on `prompts`
-  (default `PROMPTS`) and stored. chat: wrap the prompts with the chat template (default:
-  `PROMPTS` are wrapped when the model has one). root: the cache directory (default the
+  every candidate) decoding with options["sampling"] (default greedy; each setting is timed
+  and cached apart), from the cache or, the first time (or with remeasure), timed on `prompts`
+  (default `PROMPTS`) by `measure` with `options` (candidates, max_new_tokens, chat,
+  sampling) and stored. root: the cache directory (default the
   kvjax cache root). log: print-like progress callback."""
-  key = key_of(model, head, sampling)
+  key = key_of(model, head, options.get("sampling"))
   entry = None if remeasure else _read(root).get(key)
   if entry is None:
-    entry = measure(
-      model,
-      head,
-      prompts,
-      candidates=candidates,
-      max_new_tokens=max_new_tokens,
-      chat=chat,
-      sampling=sampling,
-      log=log,
-    )
+    entry = measure(model, head, prompts, log=log, **options)
     _write(root, key, entry)
   elif log:
     log(f"default tree from {os.path.join(root or default_root(), FILE)}: {_name(entry['tree'])}")
@@ -144,7 +131,8 @@ def measure(
 ) -> dict:
   """Times plain decoding and each candidate tree (decode tok/s over the prompts one at a time,
   after a warm-up run; greedy, or `sampling` with fixed keys) -> {tree: the fastest's fields
-  or None for plain, table: per-row dicts, measured: when}."""
+  or None for plain, table: per-row dicts, measured: when}. chat: wrap the prompts with the
+  chat template (default: only `PROMPTS`, when the model has one)."""
   heads.check(head.hc, model.cfg)
   if chat is None:
     tok = model.tokenizer
@@ -194,10 +182,8 @@ def _read(root: str | None) -> dict:
   try:
     with open(path) as f:
       data = json.load(f)
-  except FileNotFoundError:
-    return {}
   except (OSError, ValueError):
-    return {}  # unreadable or corrupt: measured again and rewritten
+    return {}  # absent, unreadable or corrupt: measured (again) and rewritten
   return data if isinstance(data, dict) else {}
 
 
