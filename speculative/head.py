@@ -149,13 +149,23 @@ class Head(nnx.Module):
         block.attn.v = init_param(rngs, (2 * D, K, H), ("features", "kv_heads", "head_dim"), dtype)
     self.blocks = stack_layers([block])
 
-  def feature(self, hidden: jax.Array, layer_inputs: jax.Array | None) -> jax.Array:
-    """The target's features [B, T, D] from its forward: hidden [B, T, D] (final-normed top
-    state) for eagle1; the fused layer inputs ([L, B, T, D] -> [B, T, D]) for eagle3."""
+  def feature_inputs(self, hidden: jax.Array, layer_inputs: jax.Array | None) -> jax.Array:
+    """What the head's features are made of, from the target's forward: hidden [B, T, D]
+    (final-normed top state) for eagle1; the concatenated inputs of `fuse_layers` ([L, B, T,
+    D] -> [B, T, len(fuse_layers) D]) for eagle3."""
     if self.hc.kind == "eagle1":
       return hidden
-    x = jnp.concatenate([layer_inputs[i] for i in self.hc.fuse_layers], axis=-1)
-    return jnp.einsum("btc,cd->btd", x.astype(self.fuse[...].dtype), self.fuse[...])
+    return jnp.concatenate([layer_inputs[i] for i in self.hc.fuse_layers], axis=-1)
+
+  def project(self, inputs: jax.Array) -> jax.Array:
+    """`feature_inputs`' output -> the features [B, T, D] (eagle3: through `fuse`)."""
+    if self.hc.kind == "eagle1":
+      return inputs
+    return jnp.einsum("btc,cd->btd", inputs.astype(self.fuse[...].dtype), self.fuse[...])
+
+  def feature(self, hidden: jax.Array, layer_inputs: jax.Array | None) -> jax.Array:
+    """The target's features [B, T, D] from its forward: `project(feature_inputs(...))`."""
+    return self.project(self.feature_inputs(hidden, layer_inputs))
 
   def __call__(
     self,

@@ -73,7 +73,9 @@ class EagleConfig(AddOnConfig):
   distill_temperature, distill_prompts: recorded so a resume uses the same data (the
   sequences are made by `kvjax.train.eagle_data.self_distill` after prompts cut from the
   corpus, "corpus", or after `kvjax.train.instructions` in the target's chat template,
-  "instructions"). eval_prompts, prompt_len, new_tokens, tree_*:
+  "instructions"). cache_features: the run trains on the self-distilled sequences' target
+  view computed once (`kvjax.train.eagle_features`: bfloat16 features, top-32 labels)
+  instead of a target forward per step. eval_prompts, prompt_len, new_tokens, tree_*:
   val_accept_len's greedy generation (prompts of prompt_len tokens, new_tokens each,
   TreeSpec(top_k, depth, tokens), by default TreeSpec's).
   """
@@ -86,6 +88,7 @@ class EagleConfig(AddOnConfig):
   self_distill: int = 0
   distill_temperature: float = 1.0
   distill_prompts: str = "corpus"
+  cache_features: bool = False
   eval_prompts: int = 4
   prompt_len: int = 64
   new_tokens: int = 48
@@ -108,6 +111,10 @@ class EagleConfig(AddOnConfig):
       raise TrainError(
         f"distill_prompts must be one of {', '.join(DISTILL_PROMPTS)}; got {self.distill_prompts!r}"
       )
+    if not isinstance(self.cache_features, bool):
+      raise TrainError(f"cache_features must be a bool; got {self.cache_features!r}")
+    if self.cache_features and not self.self_distill:
+      raise TrainError("cache_features needs self_distill (fixed sequences to compute once)")
     if self.feature_noise is None:
       object.__setattr__(self, "feature_noise", 0.1 if self.kind == "eagle1" else 0.0)
     super().__post_init__()
@@ -181,6 +188,31 @@ def target_forward(dec, batch: dict[str, jax.Array], layer_inputs: bool) -> dict
   return jax.lax.stop_gradient(got)
 
 
+CACHED_KEYS = {  # a batch's cached target view (`kvjax.train.eagle_features`): trailing shape
+  "features": "[B, T, F]",
+  "label_ids": "[B, T, k]",
+  "label_logits": "[B, T, k]",
+  "best": "[B, T]",
+}
+
+
+def target_view(head: heads.Head, dec, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """What the losses read of the frozen target at the batch's positions: "inputs" [B, T, F]
+  (`head.feature_inputs`), and its next-token distribution, either "logits" [B, T, V] of a
+  live forward or, when the batch carries CACHED_KEYS (precomputed, no forward here), the top
+  k "label_ids" / "label_logits" [B, T, k] and the argmax "best" [B, T]."""
+  if "features" in batch:
+    return {
+      "inputs": batch["features"].astype(dec.dtype),
+      **{k: batch[k] for k in ("label_ids", "label_logits", "best")},
+    }
+  out = target_forward(dec, batch, head.hc.kind == "eagle3")
+  return {
+    "inputs": head.feature_inputs(out["hidden"], out.get("layer_inputs")),
+    "logits": out["logits"],
+  }
+
+
 def _causal_segments(segments: jax.Array) -> jax.Array:
   """segments [B, T] -> [B, T, T] bool: causal within one document."""
   T = segments.shape[1]
@@ -203,6 +235,48 @@ def soft_ce(target_logits: jax.Array, logits: jax.Array) -> jax.Array:
   """[..., V], [..., V] -> [...]: cross-entropy of softmax(target_logits) against logits."""
   p = jax.nn.softmax(target_logits.astype(jnp.float32), -1)
   return -jnp.sum(p * jax.nn.log_softmax(logits.astype(jnp.float32), -1), -1)
+
+
+def _next(a: jax.Array, fill=0) -> jax.Array:
+  """a [B, T, ...] -> a[:, i + 1] at position i, `fill` at T - 1."""
+  pad = [(0, 0), (0, 1)] + [(0, 0)] * (a.ndim - 2)
+  return jnp.pad(a[:, 1:], pad, constant_values=fill)
+
+
+def next_label(tgt: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The label of head position i: the target's distribution at position i + 1 (of t_{i+2};
+  nothing at T - 1). From a live forward (tgt["logits"] [B, T, V]): {"logits" [B, T, V],
+  "best" [B, T]}; from cached features (`kvjax.train.eagle_features`, the top k of each
+  position): {"ids" [B, T, k] (-1 = none), "logits" [B, T, k], "best" [B, T]}; best is the
+  target's argmax."""
+  if "label_ids" in tgt:
+    return {
+      "ids": _next(tgt["label_ids"], -1),
+      "logits": _next(tgt["label_logits"].astype(jnp.float32)),
+      "best": _next(tgt["best"], -1),
+    }
+  logits = _next(tgt["logits"])
+  return {"logits": logits, "best": jnp.argmax(logits, -1)}
+
+
+def label_ce(
+  label: dict[str, jax.Array], q: jax.Array, classes: jax.Array | None, vocab: int
+) -> jax.Array:
+  """[B, T]: cross-entropy of the label's distribution, renormalised over the M classes of q
+  [B, T, M] (`classes` [M]: their ids in the target's vocabulary of `vocab` tokens; None: the
+  whole vocabulary), against q. A top-k label keeps its entries among the classes (the rest
+  of its mass is unknown)."""
+  if "ids" not in label:
+    target = label["logits"] if classes is None else label["logits"][..., classes]
+    return soft_ce(target, q)
+  ids = label["ids"]
+  if classes is not None:
+    to_class = jnp.full((vocab,), -1, jnp.int32).at[classes].set(jnp.arange(len(classes)))
+    ids = jnp.where((ids >= 0) & (ids < vocab), to_class[jnp.clip(ids, 0, vocab - 1)], -1)
+  keep = ids >= 0
+  p = jax.nn.softmax(jnp.where(keep, label["logits"], -1e30), -1) * keep
+  logq = jax.nn.log_softmax(q.astype(jnp.float32), -1)
+  return -jnp.sum(p * jnp.take_along_axis(logq, jnp.maximum(ids, 0), -1), -1)
 
 
 def _mean(x: jax.Array, m: jax.Array) -> jax.Array:
@@ -259,8 +333,8 @@ def ttt_masks(K: int, T: int, segments: jax.Array | None = None) -> jax.Array:
 
 
 def eagle1_loss(head: heads.Head, dec, tgt, batch, key, ec: EagleConfig):
-  """(loss, stats) of an eagle1 head on one batch; `tgt` from `target_forward`."""
-  f, logits = tgt["hidden"], tgt["logits"]
+  """(loss, stats) of an eagle1 head on one batch; `tgt` from `target_view`."""
+  f = tgt["inputs"]
   x = f
   if ec.feature_noise > 0:
     x = f + jax.random.uniform(key, f.shape, f.dtype, -ec.feature_noise, ec.feature_noise)
@@ -273,11 +347,12 @@ def eagle1_loss(head: heads.Head, dec, tgt, batch, key, ec: EagleConfig):
     training=Training(),
     mask=mask,
   )
-  valid = valid_masks(batch["mask"], 1)[0][:, :-1]  # [B, T - 1]
-  feature_loss = _mean(jnp.mean(smooth_l1(h[:, :-1] - f[:, 1:]), -1), valid)
-  q = head.logits(h[:, :-1], dec)
-  ce = _mean(soft_ce(logits[:, 1:], q), valid)
-  top1 = _mean(jnp.argmax(q, -1) == jnp.argmax(logits[:, 1:], -1), valid)
+  valid = valid_masks(batch["mask"], 1)[0]  # [B, T]: 0 at T - 1
+  feature_loss = _mean(jnp.mean(smooth_l1(h[:, :-1] - f[:, 1:]), -1), valid[:, :-1])
+  label = next_label(tgt)
+  q = head.logits(h, dec)
+  ce = _mean(label_ce(label, q, None, head.hc.target.vocab_size), valid)
+  top1 = _mean(jnp.argmax(q, -1) == label["best"], valid)
   loss = feature_loss + ec.ce_weight * ce
   return loss, {
     "loss": loss,
@@ -322,28 +397,30 @@ def ttt_forward(
 
 
 def eagle3_loss(head: heads.Head, dec, tgt, batch, key, ec: EagleConfig):
-  """(loss, stats) of an eagle3 head on one batch with ec.ttt unrolled steps."""
+  """(loss, stats) of an eagle3 head on one batch with ec.ttt unrolled steps; `tgt` from
+  `target_view`."""
   K = ec.ttt
-  f = head.feature(tgt["hidden"], tgt["layer_inputs"])
+  f = head.project(tgt["inputs"])
   if ec.feature_noise > 0:
     f = f + jax.random.uniform(key, f.shape, f.dtype, -ec.feature_noise, ec.feature_noise)
   hs = ttt_forward(
     head, f, dec.embed_tokens(batch["targets"]), _positions(batch), K, batch.get("segment_ids")
   )
-  label = jnp.pad(tgt["logits"][:, 1:], ((0, 0), (0, 1), (0, 0)))  # L_{i+1}; 0 at T - 1
-  best = jnp.argmax(label, -1)
+  label = next_label(tgt)
+  best = label["best"]
   valid = valid_masks(batch["mask"], K)  # [K, B, T]
   d2t = jnp.asarray(head.hc.draft_vocab, jnp.int32)
+  classes = None
   if head.hc.draft_vocab:
     # a reduced draft vocabulary (EAGLE-3): the target's distribution renormalised over the N
     # draft tokens is the label, at positions whose target argmax is one of them
-    label = label[..., d2t]
+    classes = d2t
     valid = valid * jnp.isin(best, d2t)[None]
   weights = [ec.step_decay**j for j in range(K)]
   total, stats = 0.0, {}
   for j, h in enumerate(hs):
     q = head.draft_logits(h, dec) if head.hc.draft_vocab else head.logits(h, dec)
-    ce = _mean(soft_ce(label, q), valid[j])
+    ce = _mean(label_ce(label, q, classes, head.hc.target.vocab_size), valid[j])
     total = total + weights[j] * ce
     drafted = d2t[jnp.argmax(q, -1)] if head.hc.draft_vocab else jnp.argmax(q, -1)
     if j == 0:
@@ -392,11 +469,10 @@ def make_steps(
   noise. The target's params are an argument, never differentiated (stop_gradient)."""
   schedule_lr = loop.optimizer_lr(ec)
   clean = dataclasses.replace(ec, feature_noise=0.0)
-  wants_layers = ec.kind == "eagle3"
 
   def target(target_params, batch):
     dec = model.with_params(jax.lax.stop_gradient(target_params)).decoder
-    return dec, target_forward(dec, batch, wants_layers)
+    return dec, target_view(head.module, dec, batch)
 
   def train_step(state, target_params, batch, key):
     dec, tgt = target(target_params, batch)
@@ -414,6 +490,30 @@ def make_steps(
 
 
 # --- training ---------------------------------------------------------------------------------
+
+
+def _checked_view(batch: Batch, head: heads.LoadedHead, model: Model, i: int) -> Batch:
+  """The batch's CACHED_KEYS, checked against the run's shapes (TrainError otherwise)."""
+  B, T = batch["inputs"].shape
+  D = model.cfg.d_model
+  F = D if head.hc.kind == "eagle1" else len(head.hc.fuse_layers) * D
+  missing = sorted(set(CACHED_KEYS) - set(batch))
+  if missing:
+    raise TrainError(f"batch {i}: cached target features lack {', '.join(missing)}")
+  k = np.shape(batch["label_ids"])[-1:]
+  want = {
+    "features": (B, T, F),
+    "label_ids": (B, T, *k),
+    "label_logits": (B, T, *k),
+    "best": (B, T),
+  }
+  for key, shape in want.items():
+    if tuple(np.shape(batch[key])) != shape:
+      raise TrainError(
+        f"batch {i}: {key} must be {CACHED_KEYS[key]} = {list(shape)} for this head and "
+        f"batch; got {list(np.shape(batch[key]))}"
+      )
+  return {key: batch[key] for key in CACHED_KEYS}
 
 
 def evaluate(
@@ -488,7 +588,10 @@ def train(
 
   def step(state, batch, i):
     loop.check_batch(batch, ec, model.cfg.vocab_size, i, keys=loop.TOKEN_KEYS)
-    return train_step(state, target_params, loop.to_device(batch, keys=loop.TOKEN_KEYS), base_key)
+    device_batch = loop.to_device(batch, keys=loop.TOKEN_KEYS)
+    if "features" in batch:
+      device_batch.update(jax.device_put(_checked_view(batch, head, model, i)))
+    return train_step(state, target_params, device_batch, base_key)
 
   def evaluate_(state):
     record = {}

@@ -171,10 +171,15 @@ class SequenceData:
       raise TrainError(f"sequences must be [N, T + 1] with T >= 1; got {list(seqs.shape)}")
     self.seqs, self.batch_size, self.seed = seqs, batch_size, seed
 
-  def batch(self, i: int) -> Batch:
+  def rows(self, i: int) -> np.ndarray:
+    """[B] int64: the sequences of batch i."""
     n, B = len(self.seqs), self.batch_size
-    rows = [_permutation(self.seed, k // n, n)[k % n] for k in range(i * B, (i + 1) * B)]
-    w = self.seqs[np.asarray(rows)]
+    return np.asarray(
+      [_permutation(self.seed, k // n, n)[k % n] for k in range(i * B, (i + 1) * B)]
+    )
+
+  def batch(self, i: int) -> Batch:
+    w = self.seqs[self.rows(i)]
     real = (w[:, :-1] >= 0) & (w[:, 1:] >= 0)
     return {
       "inputs": np.maximum(w[:, :-1], 0).astype(np.int32),

@@ -470,3 +470,127 @@ def test_published_eagle1_trains_and_exports(setup, tmp_path):
   ):
     code, _, err = train_eagle(setup, tmp_path / "x", *extra, *CLI_FLAGS)
     assert code == 2 and msg in err, err
+
+
+def _sequences(setup, n=10):
+  """n rows of T + 1 tokens of the corpus, the last two rows ending early (-1)."""
+  data = text_data(setup)
+  seqs = data.windows[:n].astype(np.int32).copy()
+  seqs[-1, T - 5 :] = -1
+  seqs[-2, 7:] = -1
+  return seqs
+
+
+@pytest.mark.parametrize("kind", ["eagle1", "eagle3"])
+def test_cached_features_give_the_live_loss(setup, tmp_path, kind):
+  """kvjax.train.eagle_features: a batch of stored target features and top-k labels (k = the
+  whole vocabulary) scores as the live target forward does, up to bfloat16 rounding (eagle3
+  with a reduced draft vocabulary); with k = 3 the label keeps 3 tokens and the loss moves."""
+  from kvjax.train import eagle_features
+
+  target = setup[3]
+  seqs = _sequences(setup)
+  vocab = (4, 9, 2, 11, 5, 30, 7, 1, 8, 3) if kind == "eagle3" else ()
+  head = speculative.init_head(target, kind, seed=1, draft_vocab=vocab)
+  V = target.cfg.vocab_size
+  store = eagle_features.compute(target, head, seqs, str(tmp_path / "f"), batch_size=B, top_k=V)
+  feats = eagle_features.FeatureData(eagle_data.SequenceData(seqs, batch_size=B, seed=0), store)
+  batch = feats.batch(2)  # rows across an epoch boundary
+  ec = config("unused", kind)
+  evaluate = eagle.cached_steps(target, head, ec)[2]
+  live = evaluate(head.params(), target.params(), loop.to_device(batch, keys=loop.TOKEN_KEYS))
+  cached_batch = {
+    **loop.to_device(batch, keys=loop.TOKEN_KEYS),
+    **jax.device_put({k: batch[k] for k in eagle.CACHED_KEYS}),
+  }
+  cached = evaluate(head.params(), target.params(), cached_batch)
+  assert float(live["n"]) == float(cached["n"]) > 0
+  for k in live:
+    np.testing.assert_allclose(float(cached[k]), float(live[k]), rtol=0.02, atol=1e-3)
+  store3 = eagle_features.compute(target, head, seqs, str(tmp_path / "k3"), batch_size=B, top_k=3)
+  b3 = eagle_features.FeatureData(feats.data, store3).batch(2)
+  assert b3["label_ids"].shape == (B, T, 3)
+  np.testing.assert_array_equal(b3["label_ids"], batch["label_ids"][..., :3])
+  cached3 = evaluate(
+    head.params(),
+    target.params(),
+    {
+      **loop.to_device(b3, keys=loop.TOKEN_KEYS),
+      **jax.device_put({k: b3[k] for k in eagle.CACHED_KEYS}),
+    },
+  )
+  assert np.isfinite(float(cached3["loss"])) and float(cached3["ce"]) != float(cached["ce"])
+
+
+def test_feature_store_resumes_and_refuses_other_runs(setup, tmp_path, monkeypatch):
+  """A store interrupted after its first batch resumes to the arrays of an uninterrupted
+  one; a store of other sequences, another head kind or k is refused by name."""
+  from kvjax.train import eagle_features
+
+  target = setup[3]
+  seqs = _sequences(setup)
+  head = speculative.init_head(target, "eagle3", seed=1)
+  whole = eagle_features.compute(target, head, seqs, str(tmp_path / "a"), batch_size=4)
+  real = eagle_features._forward
+  calls = []
+
+  def failing(*args):
+    step = real(*args)
+
+    def once(params, inputs):
+      if calls:
+        raise KeyboardInterrupt
+      calls.append(1)
+      return step(params, inputs)
+
+    return once
+
+  monkeypatch.setattr(eagle_features, "_forward", failing)
+  with pytest.raises(KeyboardInterrupt):
+    eagle_features.compute(target, head, seqs, str(tmp_path / "b"), batch_size=4)
+  assert json.loads((tmp_path / "b" / "store.json").read_text())["done"] == 4
+  monkeypatch.setattr(eagle_features, "_forward", real)
+  resumed = eagle_features.compute(target, head, seqs, str(tmp_path / "b"), batch_size=4)
+  for k in eagle.CACHED_KEYS:
+    np.testing.assert_array_equal(resumed.arrays[k], whole.arrays[k])
+  with pytest.raises(eagle.TrainError, match="differs in sequences"):
+    eagle_features.compute(target, head, seqs[::-1], str(tmp_path / "a"))
+  e1 = speculative.init_head(target, "eagle1")
+  with pytest.raises(eagle.TrainError, match="differs in fuse_layers, kind"):
+    eagle_features.compute(target, e1, seqs, str(tmp_path / "a"))
+  with pytest.raises(eagle.TrainError, match="differs in top_k"):
+    eagle_features.compute(target, head, seqs, str(tmp_path / "a"), top_k=5)
+  with pytest.raises(eagle.TrainError, match="other sequences"):
+    eagle_features.FeatureData(eagle_data.SequenceData(seqs[::-1], batch_size=B), whole)
+
+
+def test_cli_trains_from_cached_features(setup, tmp_path):
+  """train eagle --self-distill N --cache-features: the store is made in OUT/features, the
+  loss falls; a batch whose stored features have the wrong width is refused by name; the
+  flag without --self-distill exits 2."""
+  out = tmp_path / "cf"
+  flags = list(CLI_FLAGS)
+  flags[flags.index("eagle1")] = "eagle3"
+  code, _, err = train_eagle(
+    setup, out, "--self-distill", 12, "--cache-features", "--ttt-steps", 3, *flags
+  )
+  assert code == 0, err
+  meta = json.loads((out / "features" / "store.json").read_text())
+  assert meta["done"] == meta["rows"] == 12 and meta["kind"] == "eagle3"
+  records = metrics.read(str(out))
+  assert np.mean(losses(records)[-5:]) < losses(records)[0]
+  code, _, err = train_eagle(setup, tmp_path / "x", "--cache-features", *CLI_FLAGS)
+  assert code == 2 and "--cache-features needs --self-distill N" in err
+  target = setup[3]
+  head = speculative.init_head(target, "eagle3")
+  batch = text_data(setup).batch(0)
+  D = target.cfg.d_model
+  F = len(head.hc.fuse_layers) * D
+  batch |= {
+    "features": np.zeros((B, T, D), np.float32),
+    "label_ids": np.zeros((B, T, 2), np.int32),
+    "label_logits": np.zeros((B, T, 2), np.float32),
+    "best": np.zeros((B, T), np.int32),
+  }
+  with pytest.raises(eagle.TrainError, match=rf"features must be \[B, T, F\] = \[{B}, {T}, {F}\]"):
+    eagle.train(target, head, config(tmp_path / "bad", "eagle3"), [batch], progress=False)

@@ -53,6 +53,14 @@ DISTILL_FLAGS: tuple[common.Flag, ...] = (
     "--self-distill: prompts cut from the corpus (default), or 'instructions': kvjax's "
     "instruction set (kvjax.train.instructions) as user turns in the target's chat template",
   ),
+  (
+    "--cache-features",
+    common.SWITCH,
+    None,
+    "--self-distill: run the target once over the sequences, keep its features and top-32 "
+    "next-token labels in OUT/features (bfloat16, memory-mapped, resumable) and train from "
+    "them, with no target forward per step",
+  ),
 )
 TRAINING_FLAGS: tuple[common.Flag, ...] = (
   (
@@ -129,6 +137,8 @@ def check_eagle(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
   common.settle(parser, args, EAGLE_DEFAULTS, EagleConfig)
   if args.kind not in KINDS:
     parser.error(f"--kind must be one of {', '.join(KINDS)}; got {args.kind!r}")
+  if args.cache_features and not args.self_distill:
+    parser.error("--cache-features needs --self-distill N (fixed sequences to compute once)")
   if args.draft_vocab and args.kind != "eagle3":
     parser.error("--draft-vocab applies to --kind eagle3")
   if args.export_format not in EXPORT_FORMATS:
@@ -203,9 +213,7 @@ def _eagle_data(args, model, ec):
     )
     if length < args.seq_len + 1:
       seqs = np.pad(seqs, ((0, 0), (0, args.seq_len + 1 - length)), constant_values=-1)
-    batches = eagle_data.SequenceData(
-      seqs, batch_size=args.batch_size, seed=args.seed
-    ).train_batches
+    batches = eagle_data.SequenceData(seqs, batch_size=args.batch_size, seed=args.seed)
   return batches, eval_batches, prompts
 
 
@@ -216,6 +224,7 @@ def run_eagle(args: argparse.Namespace) -> int:
   from kvjax.lm.model import load
   from kvjax.speculative import formats
   from kvjax.speculative import head as heads
+  from kvjax.train import eagle_data, eagle_features
   from kvjax.train.eagle import EagleConfig, train
 
   t0 = time.perf_counter()
@@ -223,6 +232,9 @@ def run_eagle(args: argparse.Namespace) -> int:
   model = load(args.target)
   os.makedirs(args.out, exist_ok=True)
   batches, eval_batches, prompts = _eagle_data(args, model, ec)
+  sequences = batches if isinstance(batches, eagle_data.SequenceData) else None
+  if sequences is not None:
+    batches = sequences.train_batches
   draft_vocab = ()
   if args.draft_vocab:  # the most frequent targets of the first batches: the same on resume
     first = [b["targets"][b["mask"] > 0] for b in itertools.islice(batches(0), 64)]
@@ -232,6 +244,16 @@ def run_eagle(args: argparse.Namespace) -> int:
   head = heads.init(
     model, ec.kind, seed=args.seed, draft_vocab=draft_vocab, published=bool(args.published)
   )
+  if ec.cache_features:
+    store = eagle_features.compute(
+      model,
+      head,
+      sequences.seqs,
+      os.path.join(args.out, "features"),
+      batch_size=args.batch_size,
+      progress=not args.no_progress,
+    )
+    batches = eagle_features.FeatureData(sequences, store).train_batches
   result = train(model, head, ec, batches, eval_batches, prompts, progress=not args.no_progress)
   export = args.export or os.path.join(args.out, "head")
   if args.export_format == "kvjax":
