@@ -5,7 +5,7 @@
 Held-out prompts: --prompts windows of --prompt-len tokens from the test split's non-comedy
 plays. Each configuration generates --new-tokens tokens per prompt at batch 1 (every prompt
 in turn) and batch 4 (--prompts rows at once, 4 by default), temperature 0 and 1, one
-measured run after one warm-up run (compilation excluded):
+warm-up run (compilation excluded) and --repeats measured runs (3; the median run is kept):
 
   vanilla  kvjax `lm.generate` (jitted prefill + one lax.while_loop of decode steps)
   chain    EAGLE-1 head, top_k 1 (chain drafting), depth --depth
@@ -14,8 +14,8 @@ measured run after one warm-up run (compilation excluded):
   small    EAGLE-1 head with a small tree (--small-tree top_k,depth,tokens; default 4,3,8),
            the size that suits a CPU, where verifying 32 tokens costs several decode steps
   default  what `kvjax generate --speculative eagle --head H` runs with no tree flag: the
-           tree `speculative.default_tree` measures on this machine at that temperature (on
-           two other held-out prompts), or plain decoding when no candidate tree beat it
+           tree `speculative.default_tree` measures on this machine at that temperature and
+           batch (on two other held-out prompts), or plain decoding when no tree beat it
   hf       the peer: Hugging Face transformers assisted generation, the same target (float32,
            PyTorch eager) with `assistant_model` = a small draft LM trained with `kvjax train
            lm` on the same tokenizer (--draft); batch 1 only (transformers' assisted
@@ -102,7 +102,8 @@ def run_kvjax(model, head, prompts, batch, sampling, args, tree):
     )
 
   once(0)
-  return once(1)
+  runs = sorted((once(1 + r) for r in range(args.repeats)), key=lambda r: r["decode_s"])
+  return runs[len(runs) // 2]
 
 
 def run_hf(target, draft, prompts, sampling, args):
@@ -185,6 +186,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--prompt-len", type=positive, default=64)
   p.add_argument("--new-tokens", type=positive, default=96)
   p.add_argument("--batches", default="1,4")
+  p.add_argument(
+    "--repeats", type=positive, default=3, help="measured runs per row (the median is kept)"
+  )
   p.add_argument("--temperatures", default="0,1")
   p.add_argument("--top-k", type=positive, default=8)
   p.add_argument("--depth", type=positive, default=5)
@@ -211,16 +215,16 @@ def methods(model, args, tree: speculative.TreeSpec) -> list[tuple]:
   ]
 
 
-def default_row(model, head, args, sampling: Sampling) -> tuple:
+def default_row(model, head, args, sampling: Sampling, batch: int) -> tuple:
   """The row `kvjax generate --speculative eagle --head H` gives with no tree flag at this
-  sampling: the tree `speculative.default_tree` measures for this machine (timed here afresh,
-  in a temporary cache, on two held-out prompts other than the measured ones), or plain
-  decoding when no tree was faster."""
+  sampling and batch: the tree `speculative.default_tree` measures for this machine (timed
+  here afresh, in a temporary cache, on two held-out prompts other than the measured ones,
+  in rows of `batch`), or plain decoding when no tree was faster."""
   import tempfile
 
   timing = held_out_prompts(model, args.prompts + 2, args.prompt_len)[args.prompts :]
   with tempfile.TemporaryDirectory() as root:
-    tree = speculative.default_tree(model, head, timing, sampling=sampling, root=root)
+    tree = speculative.default_tree(model, head, timing, sampling=sampling, batch=batch, root=root)
   if tree is None:
     return ("default flags (measured: plain decoding), EAGLE-1 head", None, None)
   name = f"{tree.top_k}/{tree.depth}/{tree.total_tokens}"
@@ -269,9 +273,9 @@ def main(argv=None) -> int:
     hf = (load(model.path), load(args.draft))
   for temp in [float(t) for t in args.temperatures.split(",")]:
     sampling = Sampling(temperature=temp)
-    default = default_row(model, rows[1][1], args, sampling)
     for batch in [int(b) for b in args.batches.split(",")]:
       base = None
+      default = default_row(model, rows[1][1], args, sampling, batch)
       for method, head, spec in [*rows, default]:
         r = run_kvjax(model, head, prompts, batch, sampling, args, spec)
         base = base or r["decode_s"]

@@ -7,9 +7,9 @@ each of `CANDIDATES` on a few prompts (compile and a warm-up run excluded) and k
 the fastest; when none beats plain decoding it answers None (decode without speculation), so
 the default never slows a user down. The choice is stored in `<cache root>/trees.json`
 (`$KVJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/kvjax`, else `~/.cache/kvjax`) under the device,
-the model's and the head's params fingerprints, the dtype and the sampling settings (greedy
-decoding accepts more draft tokens than sampling: each is timed as it runs), so it is paid
-once.
+the model's and the head's params fingerprints, the dtype, the sampling settings (greedy
+decoding accepts more draft tokens than sampling: each is timed as it runs) and the batch
+size (a chain that pays for one row can lose for four), so it is paid once.
 """
 
 from __future__ import annotations
@@ -74,21 +74,28 @@ def head_fingerprint(head: heads.LoadedHead) -> str:
   return h.hexdigest()[:32]
 
 
-def key_of(model: Model, head: heads.LoadedHead, sampling: Sampling | None = None) -> str:
-  """The cache key: device, both params fingerprints, dtype and the sampling settings (a
-  sampled stream accepts fewer draft tokens than a greedy one: its best tree differs)."""
+def key_of(
+  model: Model, head: heads.LoadedHead, sampling: Sampling | None = None, batch: int = 1
+) -> str:
+  """The cache key: device, both params fingerprints, dtype, the sampling settings (a sampled
+  stream accepts fewer draft tokens than a greedy one: its best tree differs) and the batch
+  (a batch's plain decode step does more work per weight read: the chain that pays for one
+  row can lose for four)."""
   s = sampling or Sampling()
   regime = "greedy" if s.greedy else f"T{s.temperature:g}/k{s.top_k}/p{s.top_p:g}"
-  return "|".join(
-    (device_key(), params_fingerprint(model), head_fingerprint(head), str(model.dtype), regime)
-  )
+  parts = (device_key(), params_fingerprint(model), head_fingerprint(head), str(model.dtype))
+  return "|".join((*parts, regime, f"B{int(batch)}"))
 
 
 def cached(
-  model: Model, head: heads.LoadedHead, sampling: Sampling | None = None, root: str | None = None
+  model: Model,
+  head: heads.LoadedHead,
+  sampling: Sampling | None = None,
+  root: str | None = None,
+  batch: int = 1,
 ) -> dict | None:
-  """The stored measurement for this device, model, head and sampling, or None."""
-  return _read(root).get(key_of(model, head, sampling))
+  """The stored measurement for this device, model, head, sampling and batch, or None."""
+  return _read(root).get(key_of(model, head, sampling, batch))
 
 
 def default_tree(
@@ -102,12 +109,12 @@ def default_tree(
   **options,
 ) -> TreeSpec | None:
   """The fastest tree for this device, model and head (None: plain decoding is faster than
-  every candidate) decoding with options["sampling"] (default greedy; each setting is timed
-  and cached apart), from the cache or, the first time (or with remeasure), timed on `prompts`
-  (default `PROMPTS`) by `measure` with `options` (candidates, max_new_tokens, chat,
-  sampling) and stored. root: the cache directory (default the
-  kvjax cache root). log: print-like progress callback."""
-  key = key_of(model, head, options.get("sampling"))
+  every candidate) decoding with options["sampling"] (default greedy) at options["batch"] rows
+  (default 1; each setting and batch is timed and cached apart), from the cache or, the first
+  time (or with remeasure), timed on `prompts` (default `PROMPTS`) by `measure` with `options`
+  (candidates, max_new_tokens, chat, sampling, batch) and stored. root: the cache directory
+  (default the kvjax cache root). log: print-like progress callback."""
+  key = key_of(model, head, options.get("sampling"), options.get("batch", 1))
   entry = None if remeasure else _read(root).get(key)
   if entry is None:
     entry = measure(model, head, prompts, log=log, **options)
@@ -127,12 +134,14 @@ def measure(
   max_new_tokens: int = 48,
   chat: bool | None = None,
   sampling: Sampling | None = None,
+  batch: int = 1,
   log: Callable[[str], None] | None = None,
 ) -> dict:
-  """Times plain decoding and each candidate tree (decode tok/s over the prompts one at a time,
-  after a warm-up run; greedy, or `sampling` with fixed keys) -> {tree: the fastest's fields
-  or None for plain, table: per-row dicts, measured: when}. chat: wrap the prompts with the
-  chat template (default: only `PROMPTS`, when the model has one)."""
+  """Times plain decoding and each candidate tree (decode tok/s over runs of `batch` rows that
+  take every prompt once, the last run's rows filled from the first prompts; after a warm-up
+  run; greedy, or `sampling` with fixed keys) -> {tree: the fastest's fields or None for
+  plain, table: per-row dicts, measured: when}. chat: wrap the prompts with the chat template (default:
+  only `PROMPTS`, when the model has one)."""
   heads.check(head.hc, model.cfg)
   if chat is None:
     tok = model.tokenizer
@@ -142,10 +151,15 @@ def measure(
   if sampling is not None and not sampling.greedy:
     kw.update(sampling=sampling, key=jax.random.key(0))
 
+  if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    raise ValueError(f"batch must be an int >= 1; got {batch!r}")
+  n_groups = -(-len(rows) // batch)  # every prompt once, the last group filled cyclically
+  groups = [[rows[(i * batch + j) % len(rows)] for j in range(batch)] for i in range(n_groups)]
+
   def speed(run) -> float:
-    run(rows[0])  # compile and warm up
+    run(groups[0])  # compile and warm up
     decode_s = tokens = 0.0
-    for p in rows:
+    for p in groups:
       s = run(p).stats
       decode_s, tokens = decode_s + s["decode_s"], tokens + s["new_tokens"]
     return tokens / decode_s

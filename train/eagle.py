@@ -15,6 +15,9 @@ its params are never in the optimizer) and gives features f_i and logits L_i (th
 distribution of t_{i+1}). Head position i holds the pair (f_i, t_{i+1}); its output h_i
 predicts t_{i+2}, whose target distribution is softmax(L_{i+1}), and (eagle1) regresses f_{i+1}.
 A position counts when t_i .. t_{i+2} are real tokens of one document.
+A batch may instead carry that view precomputed (CACHED_KEYS, `kvjax.train.eagle_features`:
+the feature inputs and the top k of L_i), and the target does not run; the losses read either
+label through `label_ce`.
 
   eagle1: loss = SmoothL1(h_i, f_{i+1}) (mean over D) + ce_weight * CE(softmax(L_{i+1}),
     head logits_i), masked means; the input features get uniform noise U(-a, a).

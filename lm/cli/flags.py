@@ -294,15 +294,22 @@ def speculative_tree(
   args: argparse.Namespace, model, head, prompts=None, chat: bool = False, sampling=None
 ):
   """The tree the speculative flags ask for: theirs; with --tree-tokens auto the fastest size
-  timed on `prompts`; with no tree flag the device's measured default for this model, head
-  and sampling (`kvjax.speculative.default_tree`, timed once and cached), None when plain
+  timed on `prompts`; with no tree flag the device's measured default for this model, head,
+  sampling and batch of len(prompts) rows (`kvjax.speculative.default_tree`, timed once and
+  cached), None when plain
   decoding is the fastest. Progress goes to stderr."""
   from kvjax import speculative
 
   log = lambda msg: print(f"{PROG}: {msg}", file=sys.stderr)
   if args.tree_default:
     return speculative.default_tree(
-      model, head, prompts, chat=chat if prompts else None, sampling=sampling, log=log
+      model,
+      head,
+      prompts,
+      chat=chat if prompts else None,
+      sampling=sampling,
+      batch=len(prompts) if prompts else 1,
+      log=log,
     )
   if args.tree_tokens == "auto":
     tree, _ = speculative.auto_tree(

@@ -63,8 +63,30 @@ def test_sampled_timing_samples(model, head, tmp_path):
     model, head, PROMPTS[:1], candidates=CANDIDATES[:1], max_new_tokens=5, sampling=t
   )
   assert [r["tree"] for r in e["table"]] == [None, autotune._fields(CANDIDATES[0])]
-  assert autotune.key_of(model, head, t).endswith("T0.9/k20/p1")
-  assert autotune.key_of(model, head).endswith("greedy")
+  assert autotune.key_of(model, head, t).endswith("T0.9/k20/p1|B1")
+  assert autotune.key_of(model, head).endswith("greedy|B1")
+
+
+def test_timed_at_the_callers_batch(model, head, tmp_path, monkeypatch):
+  """batch=B times runs of B rows that take every prompt once (the last filled from the
+  first) and is stored apart from batch 1; a batch that is not an int >= 1 is refused."""
+  rows = []
+  real = autotune.plain_generate
+
+  def counted(m, prompts, **kw):
+    rows.append(list(prompts))
+    return real(m, prompts, **kw)
+
+  monkeypatch.setattr(autotune, "plain_generate", counted)
+  three = PROMPTS + ["A third one"]
+  kw = dict(candidates=CANDIDATES[:1], max_new_tokens=4, root=str(tmp_path))
+  speculative.default_tree(model, head, three, batch=2, **kw)
+  assert rows == [three[:2], three[:2], [three[2], three[0]]]  # warm-up, then the two runs
+  stored = json.loads((tmp_path / autotune.FILE).read_text())
+  assert list(stored) == [autotune.key_of(model, head, None, 2)]
+  assert autotune.key_of(model, head, None, 2).endswith("greedy|B2")
+  with pytest.raises(ValueError, match="batch must be an int >= 1; got 0"):
+    autotune.measure(model, head, PROMPTS, batch=0)
 
 
 def test_a_corrupt_cache_is_measured_again(model, head, tmp_path, monkeypatch):
