@@ -15,8 +15,8 @@ median kept):
   eagle2   the EAGLE-2 dynamic tree (--top-k, --depth, --tree-tokens)
   best     the fastest shape `speculative.default_tree` measures on this machine at that
            temperature and batch (`kvjax generate --speculative eagle` without tree flags;
-           chains and trees, timed here afresh on --timing-prompts other held-out prompts),
-           or plain decoding when none beats it
+           chains and trees, timed here afresh on max(--timing-prompts, batch) other held-out
+           prompts), or plain decoding when none beats it by 5%
 
 Speedup = plain decode time / the row's (`stats["decode_s"]`, decode loops only, prefill
 excluded). Mean accepted length = tokens per target forward, the bonus token included.
@@ -93,9 +93,13 @@ def best_tree(model, head, args, sampling, batch: int) -> speculative.TreeSpec |
   """`speculative.default_tree` measured afresh (a temporary cache) on the timing prompts in
   rows of `batch`."""
   texts = read_prompts(args.prompt_file)
-  timing = [encode(model, t) for t in texts[args.prompts : args.prompts + args.timing_prompts]]
-  if not timing:
-    raise SystemExit(f"--prompts {args.prompts} leaves no prompt of {args.prompt_file} to time")
+  n = max(args.timing_prompts, batch)  # distinct rows: copies accept alike, flattering trees
+  timing = [encode(model, t) for t in texts[args.prompts : args.prompts + n]]
+  if len(timing) < n:
+    raise SystemExit(
+      f"--prompts {args.prompts} leaves {len(timing)} prompts of {args.prompt_file} to time "
+      f"batch {batch}; {n} needed"
+    )
   with tempfile.TemporaryDirectory() as root:
     return speculative.default_tree(
       model, head, timing, root=root, batch=batch, sampling=None if sampling.greedy else sampling
@@ -128,7 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--head", default="smollm2-135m-instruct-eagle3", help="head (dir or name)")
   p.add_argument("--prompt-file", default=PROMPTS, help="one user turn per line")
   p.add_argument("--prompts", type=positive, default=40, help="measured prompts (the first N)")
-  p.add_argument("--timing-prompts", type=positive, default=2, help="the best tree's, after them")
+  p.add_argument(
+    "--timing-prompts", type=positive, default=2, help="the best tree's (at least the batch)"
+  )
   p.add_argument("--new-tokens", type=positive, default=128)
   p.add_argument("--batches", default="1,4,8")
   p.add_argument("--repeats", type=positive, default=3, help="measured runs (the median is kept)")

@@ -15,7 +15,8 @@ warm-up run (compilation excluded) and --repeats measured runs (3; the median ru
            the size that suits a CPU, where verifying 32 tokens costs several decode steps
   default  what `kvjax generate --speculative eagle --head H` runs with no tree flag: the
            tree `speculative.default_tree` measures on this machine at that temperature and
-           batch (on two other held-out prompts), or plain decoding when no tree beat it
+           batch (on max(2, batch) other held-out prompts), or plain decoding when no tree
+           beat it by 5%
   hf       the peer: Hugging Face transformers assisted generation, the same target (float32,
            PyTorch eager) with `assistant_model` = a small draft LM trained with `kvjax train
            lm` on the same tokenizer (--draft); batch 1 only (transformers' assisted
@@ -23,8 +24,10 @@ warm-up run (compilation excluded) and --repeats measured runs (3; the median ru
            `generate` of the same prompts, timed in the same run.
 
 Speedup = decode time of vanilla / decode time of the row (kvjax: `stats["decode_s"]`, the
-decode loop only; HF: whole `generate` calls, both sides). Mean acceptance length = tokens per
-target forward, the bonus token included (HF: new tokens / calls of the target's forward).
+decode loop only; vanilla is measured first and again after the other rows, and the faster
+of the two is the base, which guards against drift within a run; HF: whole `generate`
+calls, both sides). Mean acceptance length = tokens per target forward, the bonus token
+included (HF: new tokens / calls of the target's forward).
 The draft model for the peer:
 
     kvjax train lm --data shakespeare --exclude-genre comedy --tokenizer lm/models/shakespeare \\
@@ -218,11 +221,13 @@ def methods(model, args, tree: speculative.TreeSpec) -> list[tuple]:
 def default_row(model, head, args, sampling: Sampling, batch: int) -> tuple:
   """The row `kvjax generate --speculative eagle --head H` gives with no tree flag at this
   sampling and batch: the tree `speculative.default_tree` measures for this machine (timed
-  here afresh, in a temporary cache, on two held-out prompts other than the measured ones,
-  in rows of `batch`), or plain decoding when no tree was faster."""
+  here afresh, in a temporary cache, on max(2, batch) held-out prompts other than the
+  measured ones, in rows of `batch`), or plain decoding when no tree was faster."""
   import tempfile
 
-  timing = held_out_prompts(model, args.prompts + 2, args.prompt_len)[args.prompts :]
+  # distinct rows: a batch of copies accepts alike and flatters the tree
+  n = max(2, batch)
+  timing = held_out_prompts(model, args.prompts + n, args.prompt_len)[args.prompts :]
   with tempfile.TemporaryDirectory() as root:
     tree = speculative.default_tree(model, head, timing, sampling=sampling, batch=batch, root=root)
   if tree is None:
@@ -274,12 +279,15 @@ def main(argv=None) -> int:
   for temp in [float(t) for t in args.temperatures.split(",")]:
     sampling = Sampling(temperature=temp)
     for batch in [int(b) for b in args.batches.split(",")]:
-      base = None
       default = default_row(model, rows[1][1], args, sampling, batch)
-      for method, head, spec in [*rows, default]:
-        r = run_kvjax(model, head, prompts, batch, sampling, args, spec)
-        base = base or r["decode_s"]
-        r.update(method=method, batch=batch, temperature=temp, speedup=base / r["decode_s"])
+      got = [run_kvjax(model, h, prompts, batch, sampling, args, spec) for _, h, spec in rows]
+      got.append(run_kvjax(model, default[1], prompts, batch, sampling, args, default[2]))
+      # plain decoding again, last: the faster of its two runs is the base (drift guard)
+      again = run_kvjax(model, None, prompts, batch, sampling, args, None)
+      got[0] = min(got[0], again, key=lambda r: r["decode_s"])
+      for (method, _, _), r in zip([*rows, default], got, strict=True):
+        r.update(method=method, batch=batch, temperature=temp)
+        r["speedup"] = got[0]["decode_s"] / r["decode_s"]
         res["rows"].append(r)
         print(
           f"  T={temp:g} B={batch} {method:40s} accept {r['mean_accept_len'] or 0:.2f} "

@@ -300,7 +300,7 @@ def test_eagle_chat(tmp_path, dirs, monkeypatch):
     autotune, "CANDIDATES", (speculative.TreeSpec(top_k=2, depth=2, total_tokens=4),)
   )
   prompts = tmp_path / "prompts.txt"
-  prompts.write_text("to be or not\nthe king is\n\nwherefore art thou\n")
+  prompts.write_text("to be or not\nthe king is\n\nwherefore art thou\nmy lord\n")
   flags = ["--model", dirs["lm"], "--head", dirs["head3"], "--prompt-file", str(prompts)]
   flags += ["--prompts", "2", "--timing-prompts", "1", "--new-tokens", "5", "--batches", "1,2"]
   flags += ["--temperatures", "0", "--top-k", "2", "--depth", "2", "--tree-tokens", "4"]
@@ -311,8 +311,10 @@ def test_eagle_chat(tmp_path, dirs, monkeypatch):
   assert rows[0]["method"] == "plain decoding" and rows[0]["speedup"] == 1.0
   assert all(r["identical"] is True and r["tokens_per_s"] > 0 for r in rows)
   assert rows[1]["mean_accept_len"] >= 1.0
-  with pytest.raises(SystemExit, match="holds 3 prompts"):
-    run(script("eagle_chat"), tmp_path, *flags[:6], "--prompts", "4")
+  with pytest.raises(SystemExit, match="holds 4 prompts"):
+    run(script("eagle_chat"), tmp_path, *flags[:6], "--prompts", "5")
+  with pytest.raises(SystemExit, match="leaves 1 prompts .* to time batch 2; 2 needed"):
+    run(script("eagle_chat"), tmp_path, *flags[:6], "--prompts", "3", "--batches", "2")
 
 
 def test_eagle_chat_prompts_are_held_out():
