@@ -4,9 +4,10 @@ A tree that pays on a GPU (EAGLE's 32 or 64 tokens) can cost more than it saves 
 forward over T tokens costs several decode steps (a CPU): the bundled head is 0.49x plain
 decoding with a 32-token tree and 2.2x with a chain. `default_tree` times plain decoding and
 each of `CANDIDATES` on a few prompts (compile and a warm-up run excluded; the median of
-`REPEATS` passes) and keeps the fastest; when none beats plain decoding by `MARGIN` (5%, more
-than this machine's run-to-run noise of a median) it answers None (decode without
-speculation), so the default never slows a user down. The choice is stored in `<cache root>/trees.json`
+`REPEATS` passes) and keeps the fastest; when none beats plain decoding by `MARGIN` (5%: a
+shape that wins by less may lose on the next run, as timings on a shared machine drift) it
+answers None (decode without speculation), so the default never slows a user down. The
+choice is stored in `<cache root>/trees.json`
 (`$KVJAX_CACHE_DIR`, else `$XDG_CACHE_HOME/kvjax`, else `~/.cache/kvjax`) under the device,
 the model's and the head's params fingerprints, the dtype, the sampling settings (greedy
 decoding accepts more draft tokens than sampling: each is timed as it runs) and the batch

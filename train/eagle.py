@@ -248,7 +248,7 @@ def _next(a: jax.Array, fill=0) -> jax.Array:
 
 def next_label(tgt: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """The label of head position i: the target's distribution at position i + 1 (of t_{i+2};
-  nothing at T - 1). From a live forward (tgt["logits"] [B, T, V]): {"logits" [B, T, V],
+  nothing at T - 1). From a live forward (its logits, [B, T, V]): {"logits" [B, T, V],
   "best" [B, T]}; from cached features (`kvjax.train.eagle_features`, the top k of each
   position): {"ids" [B, T, k] (-1 = none), "logits" [B, T, k], "best" [B, T]}; best is the
   target's argmax."""

@@ -276,6 +276,8 @@ def test_speculative(tmp_path, dirs, torch_threads, monkeypatch):
       "4",
       "--small-tree",
       "2,2,3",
+      "--repeats",
+      "1",
     )
     == 0
   )
@@ -304,6 +306,7 @@ def test_eagle_chat(tmp_path, dirs, monkeypatch):
   flags = ["--model", dirs["lm"], "--head", dirs["head3"], "--prompt-file", str(prompts)]
   flags += ["--prompts", "2", "--timing-prompts", "1", "--new-tokens", "5", "--batches", "1,2"]
   flags += ["--temperatures", "0", "--top-k", "2", "--depth", "2", "--tree-tokens", "4"]
+  flags += ["--repeats", "1"]
   assert run(script("eagle_chat"), tmp_path, *flags) == 0
   got = written(tmp_path, "eagle_chat_lm")
   rows = got["rows"]
@@ -313,7 +316,7 @@ def test_eagle_chat(tmp_path, dirs, monkeypatch):
   assert rows[1]["mean_accept_len"] >= 1.0
   with pytest.raises(SystemExit, match="holds 4 prompts"):
     run(script("eagle_chat"), tmp_path, *flags[:6], "--prompts", "5")
-  with pytest.raises(SystemExit, match="leaves 1 prompts .* to time batch 2; 2 needed"):
+  with pytest.raises(SystemExit, match=r"leaves 1 prompts .* to time batch 2; 2 needed"):
     run(script("eagle_chat"), tmp_path, *flags[:6], "--prompts", "3", "--batches", "2")
 
 
