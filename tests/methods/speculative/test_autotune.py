@@ -37,7 +37,7 @@ def test_measured_once_then_read_from_the_cache(model, head, tmp_path, monkeypat
   entry = json.loads((tmp_path / autotune.FILE).read_text())[autotune.key_of(model, head)]
   table = entry["table"]
   assert [r["tree"] for r in table] == [None] + [autotune._fields(c) for c in CANDIDATES]
-  best = max(table, key=lambda r: r["tokens_per_s"])
+  best = max(table, key=lambda r: r["vs_plain"])  # the median ratio of alternating passes
   best = best["tree"] if best["vs_plain"] >= autotune.MARGIN else None
   assert tree == (None if best is None else TreeSpec(**best))
   assert all(r["tokens_per_s"] > 0 for r in table) and table[0]["vs_plain"] == 1.0
