@@ -32,12 +32,12 @@ import os
 import sys
 import tempfile
 
-import jax
 import report
 
 from kvjax import lm, speculative
 from kvjax.lm.cli import positive
 from kvjax.lm.sampling import Sampling
+from speculative import run_kvjax  # benchmarks/speculative.py: one row's timed runs
 
 PROMPTS = os.path.join(
   os.path.dirname(os.path.abspath(__file__)), "prompts", "eagle_chat_heldout.txt"
@@ -56,37 +56,6 @@ def encode(model, text: str) -> list[int]:
     text = tok.apply_chat_template([{"role": "user", "content": text}])
     return tok.encode(text, add_special_tokens=False)
   return tok.encode(text)
-
-
-def run(model, head, prompts, batch, sampling, args, tree):
-  """One warm-up and one measured pass over the prompts in rows of `batch` -> the row's
-  figures and every prompt's tokens."""
-
-  def once(seed):
-    decode_s, new, accepted, rounds, tokens = 0.0, 0, 0.0, 0, []
-    for i in range(0, len(prompts), batch):
-      rows = prompts[i : i + batch]
-      kw = dict(max_new_tokens=args.new_tokens, sampling=sampling, key=jax.random.key(seed + i))
-      if head is None:
-        out = lm.generate(model, rows, **kw)
-      else:
-        out = speculative.generate(model, head, rows, tree=tree, **kw)
-        r = sum(out.stats["rounds_per_row"])
-        accepted += out.stats["mean_accept_len"] * r
-        rounds += r
-      decode_s += out.stats["decode_s"]
-      new += out.stats["new_tokens"]
-      tokens += out.tokens
-    return dict(
-      decode_s=decode_s,
-      new_tokens=new,
-      tokens_per_s=new / decode_s,
-      mean_accept_len=accepted / rounds if rounds else None,
-    ), tokens
-
-  once(0)
-  runs = sorted((once(1 + r) for r in range(args.repeats)), key=lambda r: r[0]["decode_s"])
-  return runs[len(runs) // 2]
 
 
 def best_tree(model, head, args, sampling, batch: int) -> speculative.TreeSpec | None:
@@ -177,7 +146,7 @@ def main(argv=None) -> int:
       ]
       base = plain = None
       for method, h, tree in methods:
-        r, tokens = run(model, h, prompts, batch, sampling, args, tree)
+        r, tokens = run_kvjax(model, h, prompts, batch, sampling, args, tree, stop_tokens=None)
         base, plain = base or r["decode_s"], plain or tokens
         r.update(
           method=method,

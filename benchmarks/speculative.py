@@ -71,22 +71,25 @@ def held_out_prompts(model, n: int, length: int) -> list[list[int]]:
   return out
 
 
-def run_kvjax(model, head, prompts, batch, sampling, args, tree):
-  """Generates every prompt (in rows of `batch`) once to warm up, once measured."""
+def run_kvjax(model, head, prompts, batch, sampling, args, tree, *, stop_tokens=()):
+  """Generates every prompt (in rows of `batch`) once to warm up and args.repeats times
+  measured -> (the median run's figures, its tokens: one list per prompt). stop_tokens: ()
+  makes every row args.new_tokens long; None ends rows at the model's own stop tokens."""
 
   def once(seed):
-    decode_s, new, proposed, rounds, forwards = 0.0, 0, 0.0, 0, 0
+    decode_s, new, proposed, rounds, forwards, tokens = 0.0, 0, 0.0, 0, 0, []
     for i in range(0, len(prompts), batch):
       rows = prompts[i : i + batch]
       kw = dict(
         max_new_tokens=args.new_tokens,
         sampling=sampling,
-        stop_tokens=[],
+        stop_tokens=stop_tokens,
         key=jax.random.key(seed + i),
       )
       if head is None:
         out = lm.generate(model, rows, **kw)
-        forwards += args.new_tokens  # one decode step per token (the prefill's is not timed)
+        # one decode step per token of the longest row (the prefill's is not timed)
+        forwards += max(map(len, out.tokens))
       else:
         out = speculative.generate(model, head, rows, tree=tree, **kw)
         r = sum(out.stats["rounds_per_row"])
@@ -95,7 +98,8 @@ def run_kvjax(model, head, prompts, batch, sampling, args, tree):
         forwards += out.stats["target_forwards"]
       decode_s += out.stats["decode_s"]
       new += out.stats["new_tokens"]
-    return dict(
+      tokens += out.tokens
+    figures = dict(
       decode_s=decode_s,
       new_tokens=new,
       tokens_per_s=new / decode_s,
@@ -103,9 +107,10 @@ def run_kvjax(model, head, prompts, batch, sampling, args, tree):
       target_forwards=forwards,
       ms_per_forward=1e3 * decode_s / forwards,
     )
+    return figures, tokens
 
   once(0)
-  runs = sorted((once(1 + r) for r in range(args.repeats)), key=lambda r: r["decode_s"])
+  runs = sorted((once(1 + r) for r in range(args.repeats)), key=lambda r: r[0]["decode_s"])
   return runs[len(runs) // 2]
 
 
@@ -280,12 +285,12 @@ def main(argv=None) -> int:
     sampling = Sampling(temperature=temp)
     for batch in [int(b) for b in args.batches.split(",")]:
       default = default_row(model, rows[1][1], args, sampling, batch)
-      got = [run_kvjax(model, h, prompts, batch, sampling, args, spec) for _, h, spec in rows]
-      got.append(run_kvjax(model, default[1], prompts, batch, sampling, args, default[2]))
+      runs = [*rows, default]
+      got = [run_kvjax(model, h, prompts, batch, sampling, args, spec)[0] for _, h, spec in runs]
       # plain decoding again, last: the faster of its two runs is the base (drift guard)
-      again = run_kvjax(model, None, prompts, batch, sampling, args, None)
+      again = run_kvjax(model, None, prompts, batch, sampling, args, None)[0]
       got[0] = min(got[0], again, key=lambda r: r["decode_s"])
-      for (method, _, _), r in zip([*rows, default], got, strict=True):
+      for (method, _, _), r in zip(runs, got, strict=True):
         r.update(method=method, batch=batch, temperature=temp)
         r["speedup"] = got[0]["decode_s"] / r["decode_s"]
         res["rows"].append(r)

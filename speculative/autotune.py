@@ -91,17 +91,6 @@ def key_of(
   return "|".join((*parts, regime, f"B{int(batch)}"))
 
 
-def cached(
-  model: Model,
-  head: heads.LoadedHead,
-  sampling: Sampling | None = None,
-  root: str | None = None,
-  batch: int = 1,
-) -> dict | None:
-  """The stored measurement for this device, model, head, sampling and batch, or None."""
-  return _read(root).get(key_of(model, head, sampling, batch))
-
-
 def default_tree(
   model: Model,
   head: heads.LoadedHead,

@@ -108,6 +108,12 @@ class HeadConfig:
       )
 
   @property
+  def feature_width(self) -> int:
+    """F, the last axis of `Head.feature_inputs`: D (eagle1), len(fuse_layers) D (eagle3)."""
+    D = self.target.d_model
+    return D if self.kind == "eagle1" else len(self.fuse_layers) * D
+
+  @property
   def layer(self) -> Config:
     """The config of the head's one decoder layer: the target's top layer (its MLP kind),
     global attention."""

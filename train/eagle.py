@@ -17,7 +17,7 @@ predicts t_{i+2}, whose target distribution is softmax(L_{i+1}), and (eagle1) re
 A position counts when t_i .. t_{i+2} are real tokens of one document.
 A batch may instead carry that view precomputed (CACHED_KEYS, `kvjax.train.eagle_features`:
 the feature inputs and the top k of L_i), and the target does not run; the losses read either
-label through `label_ce`.
+label through `next_label` and `label_ce`.
 
   eagle1: loss = SmoothL1(h_i, f_{i+1}) (mean over D) + ce_weight * CE(softmax(L_{i+1}),
     head logits_i), masked means; the input features get uniform noise U(-a, a).
@@ -234,52 +234,45 @@ def smooth_l1(x: jax.Array) -> jax.Array:
   return jnp.where(a < 1.0, 0.5 * x * x, a - 0.5)
 
 
-def soft_ce(target_logits: jax.Array, logits: jax.Array) -> jax.Array:
-  """[..., V], [..., V] -> [...]: cross-entropy of softmax(target_logits) against logits."""
-  p = jax.nn.softmax(target_logits.astype(jnp.float32), -1)
-  return -jnp.sum(p * jax.nn.log_softmax(logits.astype(jnp.float32), -1), -1)
-
-
 def _next(a: jax.Array, fill=0) -> jax.Array:
   """a [B, T, ...] -> a[:, i + 1] at position i, `fill` at T - 1."""
   pad = [(0, 0), (0, 1)] + [(0, 0)] * (a.ndim - 2)
   return jnp.pad(a[:, 1:], pad, constant_values=fill)
 
 
-def next_label(tgt: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def next_label(
+  tgt: dict[str, jax.Array], classes: jax.Array | None, vocab: int
+) -> dict[str, jax.Array]:
   """The label of head position i: the target's distribution at position i + 1 (of t_{i+2};
-  nothing at T - 1). From a live forward (its logits, [B, T, V]): {"logits" [B, T, V],
-  "best" [B, T]}; from cached features (`kvjax.train.eagle_features`, the top k of each
-  position): {"ids" [B, T, k] (-1 = none), "logits" [B, T, k], "best" [B, T]}; best is the
-  target's argmax."""
-  if "label_ids" in tgt:
-    return {
-      "ids": _next(tgt["label_ids"], -1),
-      "logits": _next(tgt["label_logits"].astype(jnp.float32)),
-      "best": _next(tgt["best"], -1),
-    }
-  logits = _next(tgt["logits"])
-  return {"logits": logits, "best": jnp.argmax(logits, -1)}
-
-
-def label_ce(
-  label: dict[str, jax.Array], q: jax.Array, classes: jax.Array | None, vocab: int
-) -> jax.Array:
-  """[B, T]: cross-entropy of the label's distribution, renormalised over the M classes of q
-  [B, T, M] (`classes` [M]: their ids in the target's vocabulary of `vocab` tokens; None: the
-  whole vocabulary), against q. A top-k label keeps its entries among the classes (the rest
-  of its mass is unknown)."""
-  if "ids" not in label:
-    target = label["logits"] if classes is None else label["logits"][..., classes]
-    return soft_ce(target, q)
-  ids = label["ids"]
+  nothing at T - 1), renormalised over the M classes of the head's logits (`classes` [M]:
+  their ids in the target's vocabulary of `vocab` tokens; None: the whole vocabulary), made
+  once per batch for every unrolled step. From a live forward (its logits, [B, T, V]): {"p"
+  [B, T, M]}; from cached features (`kvjax.train.eagle_features`, the top k of each
+  position): {"p" [B, T, k], "ids" [B, T, k] class indices}, entries outside the classes at
+  p 0 (the rest of the mass is unknown). Both add "best" [B, T], the target's argmax."""
+  if "label_ids" not in tgt:
+    logits = _next(tgt["logits"]).astype(jnp.float32)
+    kept = logits if classes is None else logits[..., classes]
+    return {"p": jax.nn.softmax(kept, -1), "best": jnp.argmax(logits, -1)}
+  ids = _next(tgt["label_ids"], -1)
   if classes is not None:
     to_class = jnp.full((vocab,), -1, jnp.int32).at[classes].set(jnp.arange(len(classes)))
     ids = jnp.where((ids >= 0) & (ids < vocab), to_class[jnp.clip(ids, 0, vocab - 1)], -1)
   keep = ids >= 0
-  p = jax.nn.softmax(jnp.where(keep, label["logits"], -1e30), -1) * keep
+  logits = jnp.where(keep, _next(tgt["label_logits"]).astype(jnp.float32), -1e30)
+  return {
+    "p": jax.nn.softmax(logits, -1) * keep,
+    "ids": jnp.maximum(ids, 0),
+    "best": _next(tgt["best"], -1),
+  }
+
+
+def label_ce(label: dict[str, jax.Array], q: jax.Array) -> jax.Array:
+  """[B, T]: cross-entropy of a `next_label` label against logits q [B, T, M]."""
   logq = jax.nn.log_softmax(q.astype(jnp.float32), -1)
-  return -jnp.sum(p * jnp.take_along_axis(logq, jnp.maximum(ids, 0), -1), -1)
+  if "ids" in label:
+    logq = jnp.take_along_axis(logq, label["ids"], -1)
+  return -jnp.sum(label["p"] * logq, -1)
 
 
 def _mean(x: jax.Array, m: jax.Array) -> jax.Array:
@@ -352,9 +345,9 @@ def eagle1_loss(head: heads.Head, dec, tgt, batch, key, ec: EagleConfig):
   )
   valid = valid_masks(batch["mask"], 1)[0]  # [B, T]: 0 at T - 1
   feature_loss = _mean(jnp.mean(smooth_l1(h[:, :-1] - f[:, 1:]), -1), valid[:, :-1])
-  label = next_label(tgt)
+  label = next_label(tgt, None, head.hc.target.vocab_size)
   q = head.logits(h, dec)
-  ce = _mean(label_ce(label, q, None, head.hc.target.vocab_size), valid)
+  ce = _mean(label_ce(label, q), valid)
   top1 = _mean(jnp.argmax(q, -1) == label["best"], valid)
   loss = feature_loss + ec.ce_weight * ce
   return loss, {
@@ -409,21 +402,19 @@ def eagle3_loss(head: heads.Head, dec, tgt, batch, key, ec: EagleConfig):
   hs = ttt_forward(
     head, f, dec.embed_tokens(batch["targets"]), _positions(batch), K, batch.get("segment_ids")
   )
-  label = next_label(tgt)
+  d2t = jnp.asarray(head.hc.draft_vocab, jnp.int32)
+  # a reduced draft vocabulary (EAGLE-3): the target's distribution renormalised over the N
+  # draft tokens is the label, at positions whose target argmax is one of them
+  label = next_label(tgt, d2t if head.hc.draft_vocab else None, head.hc.target.vocab_size)
   best = label["best"]
   valid = valid_masks(batch["mask"], K)  # [K, B, T]
-  d2t = jnp.asarray(head.hc.draft_vocab, jnp.int32)
-  classes = None
   if head.hc.draft_vocab:
-    # a reduced draft vocabulary (EAGLE-3): the target's distribution renormalised over the N
-    # draft tokens is the label, at positions whose target argmax is one of them
-    classes = d2t
     valid = valid * jnp.isin(best, d2t)[None]
   weights = [ec.step_decay**j for j in range(K)]
   total, stats = 0.0, {}
   for j, h in enumerate(hs):
     q = head.draft_logits(h, dec) if head.hc.draft_vocab else head.logits(h, dec)
-    ce = _mean(label_ce(label, q, classes, head.hc.target.vocab_size), valid[j])
+    ce = _mean(label_ce(label, q), valid[j])
     total = total + weights[j] * ce
     drafted = d2t[jnp.argmax(q, -1)] if head.hc.draft_vocab else jnp.argmax(q, -1)
     if j == 0:
@@ -495,11 +486,10 @@ def make_steps(
 # --- training ---------------------------------------------------------------------------------
 
 
-def _checked_view(batch: Batch, head: heads.LoadedHead, model: Model, i: int) -> Batch:
+def _checked_view(batch: Batch, head: heads.LoadedHead, i: int) -> Batch:
   """The batch's CACHED_KEYS, checked against the run's shapes (TrainError otherwise)."""
   B, T = batch["inputs"].shape
-  D = model.cfg.d_model
-  F = D if head.hc.kind == "eagle1" else len(head.hc.fuse_layers) * D
+  F = head.hc.feature_width
   missing = sorted(set(CACHED_KEYS) - set(batch))
   if missing:
     raise TrainError(f"batch {i}: cached target features lack {', '.join(missing)}")
@@ -593,7 +583,7 @@ def train(
     loop.check_batch(batch, ec, model.cfg.vocab_size, i, keys=loop.TOKEN_KEYS)
     device_batch = loop.to_device(batch, keys=loop.TOKEN_KEYS)
     if "features" in batch:
-      device_batch.update(jax.device_put(_checked_view(batch, head, model, i)))
+      device_batch.update(jax.device_put(_checked_view(batch, head, i)))
     return train_step(state, target_params, device_batch, base_key)
 
   def evaluate_(state):

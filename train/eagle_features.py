@@ -84,11 +84,6 @@ def _record(model: Model, head: heads.LoadedHead, seqs: np.ndarray, top_k: int) 
   }
 
 
-def _width(model: Model, head: heads.LoadedHead) -> int:
-  D = model.cfg.d_model
-  return D if head.hc.kind == "eagle1" else len(head.hc.fuse_layers) * D
-
-
 def compute(
   model: Model,
   head: heads.LoadedHead,
@@ -110,7 +105,7 @@ def compute(
   want = _record(model, head, seqs, top_k)
   N, T = want["rows"], want["seq_len"]
   shapes = {
-    "features": ((N, T, _width(model, head)), np.uint16),
+    "features": ((N, T, head.hc.feature_width), np.uint16),
     "label_ids": ((N, T, top_k), np.int32),
     "label_logits": ((N, T, top_k), np.uint16),
     "best": ((N, T), np.int32),

@@ -162,7 +162,8 @@ def check_eagle(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 def _eagle_data(args, model, ec):
-  """(train batches, eval batches, validation prompts) for `run_eagle`."""
+  """(train batches, eval batches, validation prompts, the self-distilled SequenceData or
+  None) for `run_eagle`."""
   from kvjax.train import eagle_data
   from kvjax.train.lm import TrainError
 
@@ -191,7 +192,7 @@ def _eagle_data(args, model, ec):
     held_stream = stream(args.eval_split) if ec.eval_prompts else None
     corpus_prompts = ec.self_distill and ec.distill_prompts == "corpus"
     train_stream = stream("train") if corpus_prompts else None
-  prompts = []
+  prompts, sequences = [], None
   if ec.eval_prompts and held_stream is not None and len(held_stream[0]):
     prompts = eagle_data.prompts_from_stream(*held_stream, ec.eval_prompts, ec.prompt_len)
   if ec.self_distill:
@@ -213,8 +214,9 @@ def _eagle_data(args, model, ec):
     )
     if length < args.seq_len + 1:
       seqs = np.pad(seqs, ((0, 0), (0, args.seq_len + 1 - length)), constant_values=-1)
-    batches = eagle_data.SequenceData(seqs, batch_size=args.batch_size, seed=args.seed)
-  return batches, eval_batches, prompts
+    sequences = eagle_data.SequenceData(seqs, batch_size=args.batch_size, seed=args.seed)
+    batches = sequences.train_batches
+  return batches, eval_batches, prompts, sequences
 
 
 def run_eagle(args: argparse.Namespace) -> int:
@@ -224,17 +226,14 @@ def run_eagle(args: argparse.Namespace) -> int:
   from kvjax.lm.model import load
   from kvjax.speculative import formats
   from kvjax.speculative import head as heads
-  from kvjax.train import eagle_data, eagle_features
+  from kvjax.train import eagle_features
   from kvjax.train.eagle import EagleConfig, train
 
   t0 = time.perf_counter()
   ec = common.run_config(EagleConfig, args)
   model = load(args.target)
   os.makedirs(args.out, exist_ok=True)
-  batches, eval_batches, prompts = _eagle_data(args, model, ec)
-  sequences = batches if isinstance(batches, eagle_data.SequenceData) else None
-  if sequences is not None:
-    batches = sequences.train_batches
+  batches, eval_batches, prompts, sequences = _eagle_data(args, model, ec)
   draft_vocab = ()
   if args.draft_vocab:  # the most frequent targets of the first batches: the same on resume
     first = [b["targets"][b["mask"] > 0] for b in itertools.islice(batches(0), 64)]
