@@ -8,8 +8,8 @@ written for this benchmark; tests/project/test_benchmarks.py checks that none re
 training prompt of `kvjax.train.instructions`), each a user turn in the model's chat template
 (plain text for a model without one). Every prompt generates up to --new-tokens tokens, ending at
 the model's stop tokens as a user's chat does, at each batch (--batches, rows of consecutive
-prompts) and temperature (--temperatures), one warm-up run and --repeats measured runs (the
-median kept):
+prompts) and temperature (--temperatures), a warm-up run of the first batch (decode times
+exclude compilation) and --repeats measured runs (the median kept):
 
   plain    kvjax `lm.generate` (jitted prefill + one lax.while_loop of decode steps)
   eagle2   the EAGLE-2 dynamic tree (--top-k, --depth, --tree-tokens)
@@ -18,8 +18,9 @@ median kept):
            chains and trees, timed here afresh on max(--timing-prompts, batch) other held-out
            prompts), or plain decoding when none beats it by 5%
 
-Speedup = plain decode time / the row's (`stats["decode_s"]`, decode loops only, prefill
-excluded). Mean accepted length = tokens per target forward, the bonus token included.
+--methods picks the rows beside plain decoding (default both). Speedup = plain decode time /
+the row's (`stats["decode_s"]`, decode loops only, prefill and compilation excluded). Mean
+accepted length = tokens per target forward, the bonus token included.
 `identical` (temperature 0): every row's tokens equal plain greedy decoding's.
 
 Writes <out>/eagle_chat_<model>_<backend>.json and .md (the table, also printed).
@@ -111,8 +112,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--top-k", type=positive, default=8)
   p.add_argument("--depth", type=positive, default=5)
   p.add_argument("--tree-tokens", type=positive, default=32)
+  p.add_argument(
+    "--methods",
+    default="eagle2,best",
+    help="comma-separated rows beside plain decoding (always run: the base): eagle2,best",
+  )
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  args.methods = [m for m in args.methods.split(",") if m]
+  if not args.methods or not set(args.methods) <= {"eagle2", "best"}:
+    p.error(f"--methods takes eagle2 and/or best, comma-separated; got {','.join(args.methods)!r}")
+  return args
 
 
 def main(argv=None) -> int:
@@ -137,16 +147,20 @@ def main(argv=None) -> int:
   for temp in [float(t) for t in args.temperatures.split(",")]:
     sampling = Sampling(temperature=temp)
     for batch in [int(b) for b in args.batches.split(",")]:
-      best = best_tree(model, head, args, sampling, batch)
-      shape = "plain decoding" if best is None else f"{best.top_k}/{best.depth}/{best.total_tokens}"
-      methods = [
-        ("plain decoding", None, None),
-        ("EAGLE-2 tree", head, eagle2),
-        (f"best measured shape ({shape})", None if best is None else head, best),
-      ]
+      methods = [("plain decoding", None, None)]
+      if "eagle2" in args.methods:
+        methods.append(("EAGLE-2 tree", head, eagle2))
+      if "best" in args.methods:
+        best = best_tree(model, head, args, sampling, batch)
+        shape = (
+          "plain decoding" if best is None else f"{best.top_k}/{best.depth}/{best.total_tokens}"
+        )
+        methods.append((f"best measured shape ({shape})", None if best is None else head, best))
       base = plain = None
       for method, h, tree in methods:
-        r, tokens = run_kvjax(model, h, prompts, batch, sampling, args, tree, stop_tokens=None)
+        r, tokens = run_kvjax(
+          model, h, prompts, batch, sampling, args, tree, stop_tokens=None, warmup=batch
+        )
         base, plain = base or r["decode_s"], plain or tokens
         r.update(
           method=method,

@@ -318,6 +318,11 @@ def test_eagle_chat(tmp_path, dirs, monkeypatch):
     run(script("eagle_chat"), tmp_path, *flags[:6], "--prompts", "5")
   with pytest.raises(SystemExit, match=r"leaves 1 prompts .* to time batch 2; 2 needed"):
     run(script("eagle_chat"), tmp_path, *flags[:6], "--prompts", "3", "--batches", "2")
+  with pytest.raises(SystemExit):
+    run(script("eagle_chat"), tmp_path, *flags, "--methods", "eagle3")
+  assert run(script("eagle_chat"), tmp_path, *flags, "--methods", "best", "--batches", "1") == 0
+  rows = written(tmp_path, "eagle_chat_lm")["rows"]
+  assert [r["method"][:4] for r in rows] == ["plai", "best"] and rows[1]["identical"] is True
 
 
 def test_eagle_chat_prompts_are_held_out():

@@ -14,10 +14,10 @@ import math
 
 import hf_models
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from eagle_reference import hf_aux_features, installed, kvjax_draft, specforge_draft
 from safetensors.torch import save_file
 
 from kvjax import lm, speculative
@@ -156,18 +156,6 @@ def reference(kind, w, hf, tokens):
     return h, full
 
 
-def kvjax_draft(head, model, tokens):
-  dec = model.decoder
-  x = jnp.asarray([tokens])
-  out, _ = dec(x, return_layer_inputs=head.hc.kind == "eagle3")
-  feats = head.module.feature(out.hidden, out.layer_inputs)
-  nxt = jnp.asarray([tokens[1:] + [tokens[-1]]])
-  h, _ = head.module(
-    feats, dec.embed_tokens(nxt), cache=None, positions=jnp.arange(len(tokens))[None]
-  )
-  return np.asarray(head.module.logits(h, dec))
-
-
 TOKENS = [5, 17, 99, 3, 250, 41, 8, 77, 123, 9, 64, 200]
 
 
@@ -234,28 +222,6 @@ def test_mismatched_published_heads(target, tmp_path, kind, edit, msg):
     f.write_bytes(f.read_bytes()[:100])
   with pytest.raises(speculative.HeadError, match=msg):
     speculative.load_head(path, model)
-
-
-def installed(dist: str, module: str):
-  """`module` of the installed PyPI distribution `dist`, imported from where it is installed:
-  under pytest's importlib mode a checkout directory named like its top-level package (eagle-
-  llm's `eagle`, specforge's `specforge`) is that package."""
-  import importlib
-  import importlib.metadata
-  import sys
-
-  root = str(importlib.metadata.distribution(dist).locate_file(""))
-  top = module.split(".")[0]
-  ours = lambda k: k == top or k.startswith(top + ".")
-  saved = {k: sys.modules.pop(k) for k in list(sys.modules) if ours(k)}
-  sys.path.insert(0, root)
-  try:
-    return importlib.import_module(module)
-  finally:
-    sys.path.remove(root)
-    for k in [k for k in sys.modules if ours(k)]:
-      del sys.modules[k]
-    sys.modules.update(saved)
 
 
 def test_eagle1_reference_is_eagle_llms(target):
@@ -337,28 +303,6 @@ def test_export_loads_back_and_into_the_reference(target, tmp_path, kind):
     assert cfg["draft_vocab_size"] == len(head.hc.draft_vocab)
 
 
-def specforge_draft(m, hf, tokens):
-  """SpecForge draft model m's logits over its draft vocabulary [T, N] for pairs (feature_i,
-  token_{i+1}) through the calls its trainer makes for the first TTT step (sdpa backend), and
-  (checked equal) through its forward; the features are the target hidden states its
-  eagle_config ids name (SGLang's capture, which SpecForge trains from: id i = the output of
-  layer i = HF hidden_states[i + 1]). Its torch.compile'd norms and RoPE run eager."""
-  T = len(tokens)
-  with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-    out = hf(torch.tensor(tokens)[None], output_hidden_states=True)
-    feats = torch.cat(
-      [out.hidden_states[i + 1] for i in m.config.eagle_config["eagle_aux_hidden_state_layer_ids"]],
-      -1,
-    )
-    emb = m.embed_input_ids(torch.tensor(tokens[1:] + [tokens[-1]])[None])
-    f = m.project_hidden_states(feats)
-    mask = m.prepare_decoder_attention_mask(torch.ones(1, T, dtype=torch.bool), f, 1, T, 0)
-    h = m.backbone(emb, f, [[], []], mask, torch.arange(T)[None])
-    z = m.compute_logits(h)[0].numpy()
-    np.testing.assert_allclose(m.lm_head(m(feats, emb))[0].numpy(), z, atol=1e-5, rtol=1e-5)
-  return z
-
-
 @pytest.mark.filterwarnings("ignore:flash_attn is not found")  # its CUDA backend; sdpa runs
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch's mkldnn
 def test_eagle3_reference_is_specforges(target, tmp_path):
@@ -386,7 +330,7 @@ def test_eagle3_reference_is_specforges(target, tmp_path):
   )
   ids = (torch.arange(m.config.draft_vocab_size) + m.d2t).numpy()
   assert ids.tolist() == list(head.hc.draft_vocab) == m.t2d.nonzero()[:, 0].tolist()
-  z = specforge_draft(m, hf, TOKENS)
+  z = specforge_draft(m, hf_aux_features(m, hf, TOKENS), TOKENS)
   assert np.abs(z).max() > 1
   np.testing.assert_allclose(kvjax_draft(head, model, TOKENS)[0][:, ids], z, atol=1e-4, rtol=1e-4)
 
@@ -399,7 +343,7 @@ def test_eagle3_reference_is_specforges(target, tmp_path):
   m.save_pretrained(out, state_dict={k: v for k, v in m.state_dict().items() if "embed" not in k})
   installed("specforge", "specforge.export.checkpoint_io").apply_legacy_rope_scaling(out)
   back = speculative.load_head(out, model)
-  z2 = specforge_draft(m, hf, TOKENS)
+  z2 = specforge_draft(m, hf_aux_features(m, hf, TOKENS), TOKENS)
   assert np.abs(z2 - z).max() > 0.1
   np.testing.assert_allclose(kvjax_draft(back, model, TOKENS)[0][:, ids], z2, atol=1e-4, rtol=1e-4)
 
