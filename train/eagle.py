@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -617,3 +619,42 @@ def train(
   )
   host = loop.host_params(state["params"], dtype)
   return Result(head=head.with_params(host), records=records, resumed_from=start)
+
+
+def export(run_dir: str, step: int | str, target: Model) -> heads.LoadedHead:
+  """The head at checkpoint `step` (an int among the kept ones, or "best") of the EAGLE run
+  in run_dir, for `target`: the model it trains against, whose config must be the run's
+  (run.json records the head's config, the target's included). A run cut short is exported
+  as it stood; the head's params take the target's dtype, as `train` returns them."""
+  path = os.path.join(run_dir, checkpoints.RUN_FILE)
+  if not os.path.isfile(path):
+    raise TrainError(f"{run_dir} is not a training run (no {checkpoints.RUN_FILE} there)")
+  with open(path) as f:
+    run = json.load(f)
+  saved = run.get("model", {})
+  if saved.get("kind") not in ("eagle1", "eagle3") or "train" not in run:
+    raise TrainError(f"{run_dir} is not an EAGLE head's training run ({path})")
+  head = heads.init(
+    target,
+    saved["kind"],
+    fuse_layers=tuple(saved.get("fuse_layers", ())),
+    draft_vocab=tuple(saved.get("draft_vocab", ())),
+    published=bool(saved.get("published", False)),
+  )
+  made = json.loads(json.dumps(head.hc.to_json()))
+  for key in ("target_name", "target_fingerprint"):
+    made.pop(key, None)
+  if made != saved:
+    differ = sorted(k for k in made.keys() | saved.keys() if made.get(k) != saved.get(k))
+    raise TrainError(
+      f"{run_dir} trained a head whose {', '.join(differ)} differ from one for this target: "
+      "export it against the model it was trained for"
+    )
+  fields = {f.name for f in dataclasses.fields(EagleConfig)}
+  ec = EagleConfig(**{k: v for k, v in run["train"].items() if k in fields}, out_dir=run_dir)
+  dtype = jax.tree.leaves(head.state)[0].dtype
+  params = jax.tree.map(lambda a: np.asarray(a, np.float32), head.params())
+  state, _ = checkpoints.restore_step(
+    run_dir, loop.train_state(params, loop.optimizer(ec).init), step
+  )
+  return head.with_params(loop.host_params(state["params"], dtype))

@@ -557,6 +557,8 @@ def test_keep_best_patience_and_export(tmp_path):
   assert code == 1 and "is not an LM training run" in err
   code, _, err = run_cli("train", "export", "--run", out, "--step", "latest")
   assert code == 2 and "a step >= 1 or 'best'" in err
+  code, _, err = run_cli("train", "export", "--run", out, "--step", 5, "--format", "eagle1")
+  assert code == 2 and "--format only apply to an eagle run" in err
   with pytest.raises(TrainError, match=r"patience .* needs eval_every"):
     config(tmp_path, patience=2, eval_every=0)
 

@@ -594,3 +594,29 @@ def test_cli_trains_from_cached_features(setup, tmp_path):
   }
   with pytest.raises(eagle.TrainError, match=rf"features must be \[B, T, F\] = \[{B}, {T}, {F}\]"):
     eagle.train(target, head, config(tmp_path / "bad", "eagle3"), [batch], progress=False)
+
+
+def test_train_export_writes_a_kept_checkpoints_head(setup, cli_run, tmp_path):
+  """`train export` of an eagle run's last checkpoint writes the head the run itself wrote
+  at its end; it needs --target, and refuses a target of another config or a published
+  layout for a kvjax-architecture head."""
+  _, target_dir, _, target = setup
+  out, summary = cli_run
+  flags = ("export", "--run", out, "--step", STEPS, "--target", target_dir)
+  code, stdout, err = run_cli(*flags, "--out", tmp_path / "h", "--json")
+  assert code == 0, err
+  got = json.loads(stdout)
+  assert (got["kind"], got["format"], got["step"]) == ("eagle1", "kvjax", STEPS)
+  a = speculative.load_head(str(tmp_path / "h"), target)
+  b = speculative.load_head(summary["export"], target)
+  assert a.hc == b.hc
+  for x, y in zip(jax.tree.leaves(a.params()), jax.tree.leaves(b.params()), strict=True):
+    np.testing.assert_array_equal(x, y)
+  code, _, err = run_cli("export", "--run", out, "--step", STEPS)
+  assert code == 2 and "--target names its model" in err
+  code, _, err = run_cli(*flags, "--format", "eagle1", "--out", tmp_path / "p")
+  assert code == 1 and "kvjax's own" in err
+  other = tmp_path / "other"
+  lm.save(tiny.model("llama", n_layers=3), str(other))
+  code, _, err = run_cli("export", "--run", out, "--step", STEPS, "--target", other)
+  assert code == 1 and "differ from one for this target" in err, err

@@ -10,12 +10,10 @@ import time
 from kvjax.lm import distributed
 from kvjax.lm.cli.flags import (
   add_distributed_flags,
-  checked,
   nonneg,
   positive,
   start_distributed,
 )
-from kvjax.lm.cli.paths import check_output
 from kvjax.train.cli import common
 
 HELP = "train or fine-tune a language model"
@@ -274,54 +272,4 @@ def run_lm(args: argparse.Namespace) -> int:
     summary,
     f"trained {n_params:,} params for {tc.steps} steps ({loss}"
     f"{summary['wall_s']:.1f} s); model exported to {export}",
-  )
-
-
-EXPORT_HELP = "write a kept checkpoint of an lm run as an HF directory"
-EXPORT_DESCRIPTION = (
-  "Writes checkpoint --step of the lm run in --run (a step kept in RUN/checkpoints, or 'best': "
-  "the best validation checkpoint a --keep-best run kept) as a Hugging Face directory that "
-  "kvjax and transformers load."
-)
-
-
-def add_export(sub) -> argparse.ArgumentParser:
-  """`export`: a kept checkpoint of an LM run as a Hugging Face directory."""
-  p = common.add_task(
-    sub, "export", EXPORT_HELP, EXPORT_DESCRIPTION, run_export, check_export, config=False
-  )
-  p.add_argument(
-    "--run", required=True, dest="run_dir", metavar="DIR", help="the lm run's --out directory"
-  )
-  p.add_argument(
-    "--step", required=True, type=step_type, metavar="{N,best}", help="a kept step, or best"
-  )
-  p.add_argument("--out", metavar="DIR", help="where to write it (default RUN/model-STEP)")
-  p.add_argument("--json", action="store_true", help="print a JSON summary")
-  return p
-
-
-def check_export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-  """--run is a directory and --out can be written."""
-  if not os.path.isdir(args.run_dir):
-    why = "not a directory" if os.path.exists(args.run_dir) else "no such directory"
-    parser.error(f"--run {args.run_dir}: {why}")
-  check_output(parser, "--out", args.out, directory=True)
-
-
-def step_type(text: str):
-  if text == "best":
-    return text
-  return checked(int, lambda v: v >= 1, "a step >= 1 or 'best'")(text)
-
-
-def run_export(args: argparse.Namespace) -> int:
-  from kvjax.train.lm import export
-
-  out = args.out or os.path.join(args.run_dir, f"model-{args.step}")
-  model = export(args.run_dir, args.step, out)
-  n_params = model.cfg.n_params
-  summary = {"run": args.run_dir, "step": args.step, "out": out, "n_params": n_params}
-  return common.finish(
-    args, summary, f"wrote step {args.step} of {args.run_dir} ({n_params:,} params) to {out}"
   )

@@ -15,7 +15,7 @@ latest checkpoint in --out. At the end the model is exported as a Hugging Face d
 included), 2 bad flags (an unwritable --out or --export included, found before training
 starts); every error is one line on stderr.
 
-One module per task (lm, eval, eagle, coprocessor); `common` holds what they share.
+One module per task (lm, eval, eagle, coprocessor, export); `common` holds what they share.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from kvjax.train.cli.common import PROG
 from kvjax.train.cli.coprocessor import add_coprocessor
 from kvjax.train.cli.eagle import add_eagle
 from kvjax.train.cli.eval import add_eval
-from kvjax.train.cli.lm import add_export, add_lm
+from kvjax.train.cli.export import add_export
+from kvjax.train.cli.lm import add_lm
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
