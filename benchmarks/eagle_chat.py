@@ -61,7 +61,7 @@ def encode(model, text: str) -> list[int]:
 
 def best_tree(model, head, args, sampling, batch: int) -> speculative.TreeSpec | None:
   """`speculative.default_tree` measured afresh (a temporary cache) on the timing prompts in
-  rows of `batch`."""
+  rows of `batch`; each shape's measured speed goes to stderr."""
   texts = read_prompts(args.prompt_file)
   n = max(args.timing_prompts, batch)  # distinct rows: copies accept alike, flattering trees
   timing = [encode(model, t) for t in texts[args.prompts : args.prompts + n]]
@@ -72,7 +72,13 @@ def best_tree(model, head, args, sampling, batch: int) -> speculative.TreeSpec |
     )
   with tempfile.TemporaryDirectory() as root:
     return speculative.default_tree(
-      model, head, timing, root=root, batch=batch, sampling=None if sampling.greedy else sampling
+      model,
+      head,
+      timing,
+      root=root,
+      batch=batch,
+      sampling=None if sampling.greedy else sampling,
+      log=lambda line: print(f"  {line}", file=sys.stderr),
     )
 
 

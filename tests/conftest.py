@@ -56,6 +56,7 @@ from kvjax.lm.config import FAMILIES  # noqa: E402
 # time on 2 cores, or one test of 15 s or more); the rest keep their order.
 SLOW_FIRST = (
   "lm/test_real_*.py",  # real checkpoints
+  "methods/speculative/test_real_eagle.py",  # the real checkpoint's shipped head
   "project/test_notebook.py",  # the quickstart notebook in a child process
   "lm/test_multihost.py",  # two child processes under a deadline
   "methods/test_family_methods.py",

