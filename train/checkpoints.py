@@ -38,6 +38,20 @@ def start_run(rc, model: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
   check_resume(rc.out_dir, {"model": model, "train": rc.resume_key()})
 
 
+def read_run(run_dir: str) -> dict[str, Any] | None:
+  """run_dir/run.json ({"model": ..., "train": ...}), or None where there is none."""
+  try:
+    with open(os.path.join(run_dir, RUN_FILE)) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+
+
+def differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+  """The keys, sorted, whose values differ between a and b (absent counts as None)."""
+  return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
 def check_resume(out_dir: str, run: dict[str, Any]) -> None:
   """Writes out_dir/run.json, or checks that a run already there is the same run (every
   process checks; process 0 writes). `run` is compared as it reads back from JSON (tuples
@@ -49,11 +63,7 @@ def check_resume(out_dir: str, run: dict[str, Any]) -> None:
       old = json.load(f)
     for part in ("model", "train"):
       if old.get(part) != run[part]:
-        diff = sorted(
-          k
-          for k in set(old.get(part, {})) | set(run[part])
-          if old.get(part, {}).get(k) != run[part].get(k)
-        )
+        diff = differing(old.get(part, {}), run[part])
         raise TrainError(
           f"{out_dir} holds checkpoints of a different run ({part} settings "
           f"differ: {', '.join(diff)}); resume with the same settings or pass a "

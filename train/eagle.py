@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -162,6 +161,10 @@ class EagleConfig(AddOnConfig):
   def resume_key(self) -> dict[str, Any]:
     """The fields a resumed run must share with the run it continues (ttt_steps as clipped)."""
     return {**super().resume_key(), "ttt_steps": self.ttt}
+
+
+# the head config's fields run.json leaves out: where the target came from, not what it is
+RUN_IGNORES = ("target_name", "target_fingerprint")
 
 
 @dataclasses.dataclass
@@ -572,7 +575,7 @@ def train(
         f"validation prompts of {longest} tokens + {ec.new_tokens} new tokens "
         f"exceed the target's max_position {model.cfg.max_position}"
       )
-  checkpoints.start_run(ec, head.hc.to_json(), ignore=("target_name", "target_fingerprint"))
+  checkpoints.start_run(ec, head.hc.to_json(), ignore=RUN_IGNORES)
   dtype = jax.tree.leaves(head.state)[0].dtype
   work = head.with_params(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), head.params()))
   opt_init, train_step, eval_step = cached_steps(model, work, ec)
@@ -626,14 +629,12 @@ def export(run_dir: str, step: int | str, target: Model) -> heads.LoadedHead:
   in run_dir, for `target`: the model it trains against, whose config must be the run's
   (run.json records the head's config, the target's included). A run cut short is exported
   as it stood; the head's params take the target's dtype, as `train` returns them."""
-  path = os.path.join(run_dir, checkpoints.RUN_FILE)
-  if not os.path.isfile(path):
+  run = checkpoints.read_run(run_dir)
+  if run is None:
     raise TrainError(f"{run_dir} is not a training run (no {checkpoints.RUN_FILE} there)")
-  with open(path) as f:
-    run = json.load(f)
   saved = run.get("model", {})
   if saved.get("kind") not in ("eagle1", "eagle3") or "train" not in run:
-    raise TrainError(f"{run_dir} is not an EAGLE head's training run ({path})")
+    raise TrainError(f"{run_dir} is not an EAGLE head's training run")
   head = heads.init(
     target,
     saved["kind"],
@@ -642,19 +643,12 @@ def export(run_dir: str, step: int | str, target: Model) -> heads.LoadedHead:
     published=bool(saved.get("published", False)),
   )
   made = json.loads(json.dumps(head.hc.to_json()))
-  for key in ("target_name", "target_fingerprint"):
-    made.pop(key, None)
-  if made != saved:
-    differ = sorted(k for k in made.keys() | saved.keys() if made.get(k) != saved.get(k))
+  differ = [k for k in checkpoints.differing(made, saved) if k not in RUN_IGNORES]
+  if differ:
     raise TrainError(
       f"{run_dir} trained a head whose {', '.join(differ)} differ from one for this target: "
       "export it against the model it was trained for"
     )
-  fields = {f.name for f in dataclasses.fields(EagleConfig)}
-  ec = EagleConfig(**{k: v for k, v in run["train"].items() if k in fields}, out_dir=run_dir)
+  params = loop.restore_params(run_dir, EagleConfig, run["train"], head.params(), step)
   dtype = jax.tree.leaves(head.state)[0].dtype
-  params = jax.tree.map(lambda a: np.asarray(a, np.float32), head.params())
-  state, _ = checkpoints.restore_step(
-    run_dir, loop.train_state(params, loop.optimizer(ec).init), step
-  )
-  return head.with_params(loop.host_params(state["params"], dtype))
+  return head.with_params(jax.tree.map(lambda a: a.astype(dtype), params))

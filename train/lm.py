@@ -22,7 +22,6 @@ masked mean cross-entropy in float32.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -37,7 +36,7 @@ from kvjax.lm import distributed, sharding, steps
 from kvjax.lm.attention import Training
 from kvjax.lm.hf_config import to_hf
 from kvjax.lm.model import Model, load, save
-from kvjax.train.checkpoints import RUN_FILE, restore_step, start_run
+from kvjax.train.checkpoints import RUN_FILE, read_run, start_run
 from kvjax.train.errors import TrainError
 from kvjax.train.loop import (
   INT_NONNEG,
@@ -49,8 +48,8 @@ from kvjax.train.loop import (
   apply_update,
   check_batch,
   compiled,
-  optimizer,
   optimizer_lr,
+  restore_params,
   run_loop,
   to_device,
   train_state,
@@ -278,16 +277,12 @@ def export(run_dir: str, step: int | str, out: str) -> Model:
   """Writes checkpoint `step` (an int among the kept ones, or "best") of the LM run in run_dir
   as a Hugging Face directory at out (float32, with the run's tokenizer); returns the model."""
   spec = os.path.join(run_dir, SPEC)
-  if not os.path.exists(os.path.join(run_dir, RUN_FILE)) or not os.path.isdir(spec):
+  run = read_run(run_dir)
+  if run is None or not os.path.isdir(spec):
     raise TrainError(f"{run_dir} is not an LM training run (no {RUN_FILE} and {SPEC}/ there)")
-  with open(os.path.join(run_dir, RUN_FILE)) as f:
-    run = json.load(f)
-  fields = {f.name for f in dataclasses.fields(TrainConfig)}
-  tc = TrainConfig(**{k: v for k, v in run["train"].items() if k in fields}, out_dir=run_dir)
   model = load(spec, weights=False)
-  params = jax.tree.map(lambda a: np.asarray(a, np.float32), model.params())
-  state = train_state(params, optimizer(tc).init)
-  state, _ = restore_step(tc.out_dir, state, step)
-  trained = model.with_params(jax.tree.map(np.asarray, jax.device_get(state["params"])))
+  trained = model.with_params(
+    restore_params(run_dir, TrainConfig, run["train"], model.params(), step)
+  )
   save(trained, out)
   return trained

@@ -223,6 +223,17 @@ def apply_update(
   return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, stats
 
 
+def restore_params(run_dir: str, config: type[RunConfig], settings: dict[str, Any], params, step):
+  """The trained params of checkpoint `step` (a kept int, or "best") of the run in run_dir,
+  in `params`' structure, float32 on the host: the run's optimizer (`config` built from its
+  recorded `settings`) gives the train state's structure to restore into."""
+  fields = {f.name for f in dataclasses.fields(config)}
+  rc = config(**{k: v for k, v in settings.items() if k in fields}, out_dir=run_dir)
+  params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+  state, _ = checkpoints.restore_step(run_dir, train_state(params, optimizer(rc).init), step)
+  return jax.tree.map(np.asarray, jax.device_get(state["params"]))
+
+
 def host_params(params, dtype) -> Any:
   """Trained params (on device, float32) as numpy arrays of `dtype` on the host."""
   return jax.tree.map(lambda a: np.asarray(a).astype(dtype), jax.device_get(params))

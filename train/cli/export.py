@@ -5,12 +5,11 @@ eagle run's head (kvjax's own format, or a published layout with --format)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from kvjax.lm.cli.flags import checked
 from kvjax.lm.cli.paths import check_output
-from kvjax.train.checkpoints import RUN_FILE
+from kvjax.train import checkpoints
 from kvjax.train.cli import common
 from kvjax.train.cli.eagle import EXPORT_FORMATS
 
@@ -59,8 +58,7 @@ def run_kind(run_dir: str) -> str:
   """'eagle' for an EAGLE head's run (run.json's model has an eagle kind), else 'lm' (whose
   export says what is missing when it is no run at all)."""
   try:
-    with open(os.path.join(run_dir, RUN_FILE)) as f:
-      model = json.load(f).get("model", {})
+    model = (checkpoints.read_run(run_dir) or {}).get("model", {})
   except (OSError, ValueError, AttributeError):
     return "lm"
   return "eagle" if isinstance(model, dict) and model.get("kind") in ("eagle1", "eagle3") else "lm"
