@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -233,6 +233,33 @@ def _names(entry: Entry, cfg: Config) -> list[str]:
 def _experts(name: str, cfg: Config) -> list[str]:
   """name's per-expert names (`{e}` filled), or [name] when it is not per expert."""
   return [name.format(e=e) for e in range(cfg.n_experts)] if "{e}" in name else [name]
+
+
+class Located(NamedTuple):
+  """Where one Hugging Face weight lives in kvjax params: `paths` (one, or several for a fused
+  tensor such as Phi-3's qkv_proj), the index on the stacked layer axis (None: not per layer),
+  the tensor's Hugging Face shape and `to_ours`, its layout map (a fused tensor's returns one
+  array per path)."""
+
+  paths: list[Path]
+  index: int | None
+  shape: tuple[int, ...]
+  to_ours: Callable
+
+
+def locate(cfg: Config, name: str) -> Located | None:
+  """The kvjax place of Hugging Face tensor `name` (e.g. "model.layers.3.self_attn.q_proj.weight")
+  in a model of cfg, or None when the model has no such tensor (a per-expert tensor is None
+  too: its place has an expert axis)."""
+  for entry in _entries(cfg):
+    if "{e}" in entry[1]:
+      continue
+    names = _names(entry, cfg)
+    if name in names:
+      paths = entry[0] if isinstance(entry[0], list) else [entry[0]]
+      index = names.index(name) if "{i}" in entry[1] else None
+      return Located(paths, index, entry[2], entry[3])
+  return None
 
 
 def _shards(path: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kvjax.lm import artifact, checkpoint, gguf, gguf_cache, packaged, user_warnings
+from kvjax.lm import artifact, checkpoint, gguf, gguf_cache, lora, packaged, user_warnings
 from kvjax.lm.checkpoint import CheckpointError
 from kvjax.lm.config import Config, ConfigError
 from kvjax.lm.decoder import Decoder
@@ -133,6 +133,7 @@ def load(
   weights: bool = True,
   check_finite: bool = True,
   cache: bool | str | os.PathLike = True,
+  adapter: str | os.PathLike | None = None,
 ) -> Model:
   """Loads a Hugging Face format directory: config.json, model.safetensors (or sharded with
   model.safetensors.index.json), tokenizer.json (+ tokenizer_config.json) and, when present,
@@ -149,8 +150,16 @@ def load(
   `save(weights=False)` writes it). check_finite: a tensor holding NaN or Inf is a
   CheckpointError naming it (False skips the check, for huge checkpoints). cache: where a GGUF
   file's converted copy is kept, so that only its first load dequantizes it (`gguf_cache`):
-  True for `$KVJAX_CACHE_DIR` or `~/.cache/kvjax`, a directory, or False for none."""
+  True for `$KVJAX_CACHE_DIR` or `~/.cache/kvjax`, a directory, or False for none. adapter: a
+  PEFT LoRA adapter directory merged into the params (`kvjax.lm.lora`; weights=False refuses
+  one)."""
   path = os.fspath(path)
+  if adapter is not None:
+    if not weights:
+      raise ValueError("adapter= merges into the model's weights; it needs weights=True")
+    lora_adapter = lora.read(adapter)  # a bad adapter fails before the model loads
+    base = load(path, dtype=dtype, check_finite=check_finite, cache=cache)
+    return lora.merge(base, lora_adapter)
   if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
       f"dtype must be a floating-point dtype (e.g. jnp.bfloat16) or None; got {dtype}"
