@@ -35,12 +35,16 @@ import optax
 from kvjax.lm import distributed, sharding, steps
 from kvjax.lm.attention import Training
 from kvjax.lm.hf_config import to_hf
+from kvjax.lm.lora import Adapter
+from kvjax.lm.lora import write as write_adapter
 from kvjax.lm.model import Model, load, save
+from kvjax.train import lora
 from kvjax.train.checkpoints import RUN_FILE, read_run, start_run
 from kvjax.train.errors import TrainError
 from kvjax.train.loop import (
   INT_NONNEG,
   INT_POSITIVE,
+  POSITIVE,
   UNIT_OPEN,
   Batch,
   Domain,
@@ -67,6 +71,9 @@ class TrainConfig(RunConfig):
     forward (evaluation and every inference path run without them).
   data_parallel, model_parallel: mesh shape; data_parallel 0 = every device / model_parallel.
     A 1 x 1 mesh means no mesh (plain single-device arrays).
+  lora_rank: 0 trains every param; R > 0 trains rank-R LoRA factors of the Linears named in
+    lora_targets (`kvjax.train.lora`) over the frozen model, scaled by lora_alpha / R.
+  base: the name or path of the model fine-tuned (recorded in a LoRA adapter's config).
   """
 
   bf16: bool = False
@@ -74,6 +81,10 @@ class TrainConfig(RunConfig):
   attn_dropout: float = 0.0
   data_parallel: int = 0
   model_parallel: int = 1
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = lora.TARGETS
+  base: str = ""
 
   DOMAINS: ClassVar[dict[str, Domain]] = {
     **RunConfig.DOMAINS,
@@ -81,20 +92,33 @@ class TrainConfig(RunConfig):
     "data_parallel": INT_NONNEG,
     "dropout": UNIT_OPEN,
     "attn_dropout": UNIT_OPEN,
+    "lora_rank": INT_NONNEG,
+    "lora_alpha": POSITIVE,
   }
   # the mesh shape is in the model's graphdef, which keys the steps too
-  BOOKKEEPING = RunConfig.BOOKKEEPING | {"data_parallel", "model_parallel"}
+  BOOKKEEPING = RunConfig.BOOKKEEPING | {"data_parallel", "model_parallel", "base"}
   NOT_RESUMED = RunConfig.NOT_RESUMED | {"data_parallel", "model_parallel"}
+
+  def __post_init__(self):
+    super().__post_init__()
+    targets = self.lora_targets
+    if isinstance(targets, str) or not all(isinstance(t, str) and t for t in targets):
+      raise TrainError(
+        f"lora_targets must be Linear names like ('q_proj', 'v_proj'); got {targets!r}"
+      )
+    object.__setattr__(self, "lora_targets", tuple(targets))  # a list read back from run.json
 
 
 @dataclasses.dataclass
 class Result:
-  """model: the trained model (params on the host, float32, unsharded); records: the metrics
-  logged by this call; resumed_from: the checkpoint step it started at (0 = fresh)."""
+  """model: the trained model (params on the host, float32, unsharded; a LoRA run's merged);
+  records: the metrics logged by this call; resumed_from: the checkpoint step it started at
+  (0 = fresh); adapter: a LoRA run's trained adapter (None otherwise)."""
 
   model: Model
   records: list[dict[str, Any]]
   resumed_from: int
+  adapter: Adapter | None = None
 
 
 def forward_nll(
@@ -145,6 +169,35 @@ def make_steps(model: Model, tc: TrainConfig, opt: optax.GradientTransformation)
     return apply_update(opt, schedule_lr, state, grads, {"loss": loss})
 
   return jax.jit(train_step, donate_argnums=0), make_eval_step(model, tc.bf16)
+
+
+def cached_lora_steps(model: Model, tc: TrainConfig, places: list[lora.Place]):
+  """(opt_init, train_step(state, base, batch, key), eval_step(factors, base, batch)) of a LoRA
+  run: the state's params are the factors; `base` (the frozen params) is an argument, never
+  a constant of the program."""
+  scale = tc.lora_alpha / tc.lora_rank
+
+  def build(opt):
+    schedule_lr = optimizer_lr(tc)
+
+    def loss_fn(factors, base, batch, training):
+      params = lora.merged(base, places, factors, scale)
+      return masked_loss(forward_nll(model, params, batch, tc.bf16, training), batch["mask"])
+
+    def train_step(state, base, batch, key):
+      training = Training(tc.dropout, tc.attn_dropout, jax.random.fold_in(key, state["step"]))
+      loss, grads = jax.value_and_grad(loss_fn)(state["params"], base, batch, training)
+      return apply_update(opt, schedule_lr, state, grads, {"loss": loss})
+
+    full_eval = make_eval_step(model, tc.bf16)
+
+    @jax.jit
+    def eval_step(factors, base, batch):
+      return full_eval(lora.merged(base, places, factors, scale), batch)
+
+    return jax.jit(train_step, donate_argnums=0), eval_step
+
+  return compiled((model.graphdef, model.cfg, "lora"), tc, build)
 
 
 def make_eval_step(model: Model, bf16: bool = False):
@@ -227,8 +280,16 @@ def train(
   mesh = make_mesh(tc)
   work = sharding.shard(base, mesh) if mesh is not None else base
   batch_sharding = _batch_sharding(mesh, tc.batch_size) if mesh is not None else None
-  opt_init, train_step, eval_step = cached_steps(work, tc)
-  state = train_state(work.params(), opt_init)
+  places = lora.targets(model.cfg, tc.lora_targets) if tc.lora_rank else []
+  if tc.lora_rank:  # train the factors; the model's params are an argument of every step
+    base_params = work.params()
+    opt_init, lora_step, lora_eval = cached_lora_steps(work, tc, places)
+    state = train_state(lora.init(places, tc.lora_rank, tc.seed), opt_init)
+    train_step = lambda state, batch, key: lora_step(state, base_params, batch, key)
+    eval_step = lambda factors, batch: lora_eval(factors, base_params, batch)
+  else:
+    opt_init, train_step, eval_step = cached_steps(work, tc)
+    state = train_state(work.params(), opt_init)
   key = jax.random.key(tc.seed)
 
   def step(state, batch, i):
@@ -252,7 +313,15 @@ def train(
     best_metric="eval_bpc",
   )
   host = distributed.fetch(state["params"])  # gathered from every process
-  return Result(model=base.with_params(host), records=records, resumed_from=start)
+  if not tc.lora_rank:
+    return Result(model=base.with_params(host), records=records, resumed_from=start)
+  adapter = lora.to_adapter(
+    places, host, rank=tc.lora_rank, alpha=tc.lora_alpha, base=tc.base or None
+  )
+  merged = base.with_params(
+    jax.tree.map(np.asarray, lora.merged(base.params(), places, host, tc.lora_alpha / tc.lora_rank))
+  )
+  return Result(model=merged, records=records, resumed_from=start, adapter=adapter)
 
 
 def step_flops(cfg, batch: int, seq_len: int) -> float:
@@ -273,16 +342,26 @@ def step_flops(cfg, batch: int, seq_len: int) -> float:
   return 3.0 * per_token * batch * seq_len
 
 
-def export(run_dir: str, step: int | str, out: str) -> Model:
+def export(run_dir: str, step: int | str, out: str) -> Model | Adapter:
   """Writes checkpoint `step` (an int among the kept ones, or "best") of the LM run in run_dir
-  as a Hugging Face directory at out (float32, with the run's tokenizer); returns the model."""
+  at out: a Hugging Face directory (float32, with the run's tokenizer), or for a LoRA run its
+  PEFT adapter (`lm.load(base, adapter=out)` loads it); returns the model, or the adapter."""
   spec = os.path.join(run_dir, SPEC)
   run = read_run(run_dir)
   if run is None or not os.path.isdir(spec):
     raise TrainError(f"{run_dir} is not an LM training run (no {RUN_FILE} and {SPEC}/ there)")
   model = load(spec, weights=False)
-  trained = model.with_params(
-    restore_params(run_dir, TrainConfig, run["train"], model.params(), step)
-  )
+  settings = run["train"]
+  if settings.get("lora_rank"):
+    tc = TrainConfig(**{k: v for k, v in settings.items() if k != "out_dir"}, out_dir=run_dir)
+    places = lora.targets(model.cfg, tc.lora_targets)
+    like = lora.init(places, tc.lora_rank)
+    factors = restore_params(run_dir, TrainConfig, settings, like, step)
+    adapter = lora.to_adapter(
+      places, factors, rank=tc.lora_rank, alpha=tc.lora_alpha, base=tc.base or None
+    )
+    write_adapter(out, adapter)
+    return adapter
+  trained = model.with_params(restore_params(run_dir, TrainConfig, settings, model.params(), step))
   save(trained, out)
   return trained

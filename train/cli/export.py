@@ -1,6 +1,7 @@
 """`python -m kvjax.train export` (also `kvjax train export`): a kept checkpoint of a run,
-written as what the run writes at its end: an lm run's model as a Hugging Face directory, an
-eagle run's head (kvjax's own format, or a published layout with --format)."""
+written as what the run writes at its end: an lm run's model as a Hugging Face directory (a
+LoRA run's PEFT adapter), an eagle run's head (kvjax's own format, or a published layout with
+--format)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ HELP = "write a kept checkpoint of an lm or eagle run (a model or a head)"
 DESCRIPTION = (
   "Writes checkpoint --step of the run in --run (a step kept in RUN/checkpoints, or 'best': "
   "the best validation checkpoint a --keep-best run kept): an lm run's model as a Hugging Face "
-  "directory that kvjax and transformers load; an eagle run's head, for --target (the model "
-  "it was trained against), in --format (kvjax's head.json + params/, or a published layout "
-  "for a --published head). A run cut short is exported as it stood."
+  "directory that kvjax and transformers load (a LoRA run's PEFT adapter); an eagle run's "
+  "head, for --target (the model it was trained against), in --format (kvjax's head.json + "
+  "params/, or a published layout for a --published head). A run cut short is exported as it stood."
 )
 
 
@@ -82,14 +83,21 @@ def check_export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 def run_export(args: argparse.Namespace) -> int:
   if args.kind == "eagle":
     return _export_head(args)
+  from kvjax.lm.lora import Adapter
   from kvjax.train.lm import export
 
-  out = args.out or os.path.join(args.run_dir, f"model-{args.step}")
-  model = export(args.run_dir, args.step, out)
-  n_params = model.cfg.n_params
+  lora = bool(((checkpoints.read_run(args.run_dir) or {}).get("train") or {}).get("lora_rank"))
+  out = args.out or os.path.join(args.run_dir, f"{'adapter' if lora else 'model'}-{args.step}")
+  got = export(args.run_dir, args.step, out)
+  if isinstance(got, Adapter):
+    n_params = sum(a.size + b.size for a, b in got.weights.values())
+    what = f"the rank-{got.config.r} LoRA adapter ({n_params:,} params)"
+  else:
+    n_params = got.cfg.n_params
+    what = f"the model ({n_params:,} params)"
   summary = {"run": args.run_dir, "step": args.step, "out": out, "n_params": n_params}
   return common.finish(
-    args, summary, f"wrote step {args.step} of {args.run_dir} ({n_params:,} params) to {out}"
+    args, summary, f"wrote {what} of step {args.step} of {args.run_dir} to {out}"
   )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -77,6 +78,35 @@ MODEL_FLAGS: tuple[common.Flag, ...] = (
     "fine-tune this HF-format model (its architecture must match the flags)",
   ),
 )
+
+
+def lora_targets(text: str) -> tuple[str, ...]:
+  """--lora-targets: comma-separated Linear names, e.g. q_proj,v_proj."""
+  names = tuple(n.strip() for n in text.split(","))
+  if not all(names):
+    raise argparse.ArgumentTypeError(
+      f"expected comma-separated names like q_proj,v_proj; got {text!r}"
+    )
+  return names
+
+
+LORA_FLAGS: tuple[common.Flag, ...] = (
+  (
+    "--lora-rank",
+    nonneg,
+    "R",
+    "with --init-from: train rank-R LoRA factors over its frozen weights and export a PEFT "
+    "adapter (default 0: train every param)",
+  ),
+  ("--lora-alpha", common.pos_float, "A", "LoRA scale alpha / R (default 16)"),
+  (
+    "--lora-targets",
+    lora_targets,
+    "NAMES",
+    "comma-separated Linear names to adapt (default q_proj,k_proj,v_proj,o_proj,gate_proj,"
+    "up_proj,down_proj)",
+  ),
+)
 OPTIMISATION_FLAGS: tuple[common.Flag, ...] = (
   ("--batch-size", positive, "B", "rows per step (default 16)"),
   ("--seq-len", positive, "T", "tokens per row (default 256)"),
@@ -125,7 +155,12 @@ RUN_FLAGS: tuple[common.Flag, ...] = (
     "character (0 = never; needs --eval-every)",
   ),
   common.LOG_EVERY_FLAG,
-  ("--export", None, "DIR", "HF-format export directory (default OUT/model)"),
+  (
+    "--export",
+    None,
+    "DIR",
+    "HF-format export directory (default OUT/model; a LoRA run's PEFT adapter: OUT/adapter)",
+  ),
   ("--data-parallel", nonneg, "N", "mesh 'data' axis size (0 = all devices / --model-parallel)"),
   ("--model-parallel", positive, "N", "mesh 'model' axis size"),
   *common.OUTPUT_FLAGS,
@@ -138,6 +173,7 @@ def add_lm(sub) -> argparse.ArgumentParser:
   p = common.add_task(sub, "lm", HELP, DESCRIPTION, run_lm, check_lm)
   common.add_flags(p.add_argument_group("data"), DATA_FLAGS)
   common.add_flags(p.add_argument_group("model (vocab_size comes from the tokenizer)"), MODEL_FLAGS)
+  common.add_flags(p.add_argument_group("LoRA fine-tuning"), LORA_FLAGS)
   common.add_flags(p.add_argument_group("optimisation"), OPTIMISATION_FLAGS)
   common.add_flags(p.add_argument_group("run"), RUN_FLAGS)
   add_distributed_flags(p)
@@ -168,6 +204,8 @@ def check_lm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
       parser.error(
         f"--d-model {args.d_model} is not divisible by --n-heads {heads}; pass --head-dim"
       )
+  if args.lora_rank and args.init_from is None:
+    parser.error("--lora-rank R fine-tunes a pretrained model: pass --init-from MODEL")
   if args.bos_rows and args.data is None:
     parser.error(
       "--bos-rows applies to --data (a --text file is one document that already starts with BOS)"
@@ -225,8 +263,6 @@ def _model(args):
         f"smaller than --seq-len {args.seq_len}"
       )
     if tok is not None:
-      import dataclasses
-
       model = dataclasses.replace(model, tokenizer=tok)
     if model.tokenizer is None:
       raise TrainError(f"--init-from {args.init_from} has no tokenizer.json; pass --tokenizer")
@@ -249,19 +285,25 @@ def _model(args):
 
 def run_lm(args: argparse.Namespace) -> int:
   """Trains, exports, prints a summary; returns 0."""
+  from kvjax.lm.lora import write as write_adapter
   from kvjax.lm.model import save
   from kvjax.train.lm import TrainConfig, train
 
   t0 = time.perf_counter()
   start_distributed(args)
-  tc = common.run_config(TrainConfig, args)
+  tc = dataclasses.replace(common.run_config(TrainConfig, args), base=args.init_from or "")
   model = _model(args)
   batches, eval_batches = common.data_batches(args, model.tokenizer)
   result = train(model, tc, batches, eval_batches, progress=not args.no_progress)
-  export = args.export or os.path.join(args.out, "model")
+  export = args.export or os.path.join(args.out, "adapter" if tc.lora_rank else "model")
   if distributed.is_main():
-    save(result.model, export)
+    if result.adapter is not None:
+      write_adapter(export, result.adapter)
+    else:
+      save(result.model, export)
   n_params = model.cfg.n_params
+  if result.adapter is not None:
+    n_params = sum(a.size + b.size for a, b in result.adapter.weights.values())
   summary = common.run_summary(
     args, t0, result, export, n_params, ("loss", "eval_loss", "eval_bpc")
   )
@@ -271,5 +313,5 @@ def run_lm(args: argparse.Namespace) -> int:
     args,
     summary,
     f"trained {n_params:,} params for {tc.steps} steps ({loss}"
-    f"{summary['wall_s']:.1f} s); model exported to {export}",
+    f"{summary['wall_s']:.1f} s); {'adapter' if result.adapter else 'model'} exported to {export}",
   )
