@@ -57,10 +57,10 @@ port_type = checked(int, lambda v: 0 <= v <= 65535, "a TCP port in [0, 65535]")
 
 
 def add_model_flag(p: argparse.ArgumentParser, *, chat: bool = False) -> None:
-  """--model DIR_FILE_OR_NAME (every subcommand that loads one) and --no-check-finite. Its
-  default is the bundled DEFAULT_MODEL; with chat (the commands that answer a user: generate,
-  stream, sot), CHAT_MODEL when its package is installed (`load_model` decides, so that --help
-  imports nothing)."""
+  """--model DIR_FILE_OR_NAME (every subcommand that loads one), --adapter and
+  --no-check-finite. Its default is the bundled DEFAULT_MODEL; with chat (the commands that
+  answer a user: generate, stream, sot), CHAT_MODEL when its package is installed
+  (`load_model` decides, so that --help imports nothing)."""
   default = f"{CHAT_MODEL} when installed ({CHAT_INSTALL}), else {DEFAULT_MODEL}"
   p.add_argument(
     "--model",
@@ -69,6 +69,12 @@ def add_model_flag(p: argparse.ArgumentParser, *, chat: bool = False) -> None:
     help="a Hugging Face format directory, a .gguf file, a bundled model name "
     "(shakespeare, shakespeare-comedy) or an installable model's name "
     f"(smollm2-135m-instruct, gemma-3-270m) (default: {default if chat else DEFAULT_MODEL})",
+  )
+  p.add_argument(
+    "--adapter",
+    metavar="DIR",
+    help="a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) "
+    "merged into --model's weights",
   )
   add_finite_flag(p)
 
@@ -374,8 +380,8 @@ def start_distributed(args: argparse.Namespace) -> bool:
 
 
 def load_model(args: argparse.Namespace):
-  """The model named by --model, cast to --dtype (its weights checked finite unless
-  --no-check-finite)."""
+  """The model named by --model with --adapter merged in, cast to --dtype (its weights checked
+  finite unless --no-check-finite)."""
   import jax.numpy as jnp
 
   from kvjax.lm import packaged
@@ -387,6 +393,7 @@ def load_model(args: argparse.Namespace):
     args.model,
     dtype=None if args.dtype is None else getattr(jnp, args.dtype),
     check_finite=getattr(args, "check_finite", True),
+    adapter=getattr(args, "adapter", None),
   )
 
 

@@ -193,3 +193,23 @@ def test_missing_or_corrupt_files(adapter_dir, tmp_path):
     lora.read(str(d))
   with pytest.raises(ValueError, match="needs weights=True"):
     lm.load("unused", adapter=adapter_dir, weights=False)
+
+
+def test_cli_adapter_flag(tmp_path):
+  """`kvjax generate --adapter DIR` decodes the merged model; a bad adapter is one line."""
+  from helpers import cli
+
+  from kvjax.lm import tiny
+
+  base = str(tmp_path / "base")
+  lm.save(tiny.model("llama", n_layers=2), base)
+  peft_adapter(base, str(tmp_path / "a"), r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"])
+  args = ("generate", "--model", base, "--prompt", "Hello", "--max-new-tokens", 6, "--json")
+  code, out, err = cli(*args, "--adapter", tmp_path / "a")
+  assert code == 0, err
+  merged = lm.load(base, adapter=str(tmp_path / "a"))
+  want = lm.generate(merged, "Hello", max_new_tokens=6).tokens
+  assert json.loads(out)["tokens"] == want
+  assert want != lm.generate(lm.load(base), "Hello", max_new_tokens=6).tokens  # it can fail
+  code, _, err = cli(*args, "--adapter", tmp_path / "absent")
+  assert code == 1 and "no such adapter directory" in err and "Traceback" not in err
