@@ -34,6 +34,9 @@ def add_eval(sub) -> argparse.ArgumentParser:
     help="model directory or bundled model name (e.g. shakespeare)",
   )
   p.add_argument(
+    "--adapter", metavar="DIR", help="a PEFT LoRA adapter merged into --model's weights"
+  )
+  p.add_argument(
     "--data",
     required=True,
     metavar="DIR_OR_NAME",
@@ -52,7 +55,7 @@ def run_eval(args: argparse.Namespace) -> int:
   from kvjax.train import data
   from kvjax.train.lm import TrainError, evaluate_model
 
-  model = load(args.model)
+  model = load(args.model, adapter=args.adapter)
   if model.tokenizer is None:
     raise TrainError(f"--model {args.model} has no tokenizer.json")
   if model.cfg.max_position < args.seq_len:
@@ -72,6 +75,7 @@ def run_eval(args: argparse.Namespace) -> int:
   got = evaluate_model(model, batches)
   out = {
     "model": args.model,
+    "adapter": args.adapter,
     "data": args.data,
     "split": args.split,
     "genre": args.genre,
@@ -86,7 +90,8 @@ def run_eval(args: argparse.Namespace) -> int:
     print(json.dumps(out))
   else:
     print(
-      f"{args.model} on {args.data} {args.split}: {out['loss']:.4f} nats/token, "
+      f"{args.model}{' + ' + args.adapter if args.adapter else ''} on {args.data} "
+      f"{args.split}: {out['loss']:.4f} nats/token, "
       f"{out['bpc']:.4f} bits/char over {out['tokens']:,} tokens"
     )
   return 0
