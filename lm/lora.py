@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvjax.lm import checkpoint
+from kvjax.lm import artifact, checkpoint
 from kvjax.lm.hf_config import read_json
 
 if TYPE_CHECKING:
@@ -55,6 +55,31 @@ REFUSED = {
 
 class LoraError(ValueError):
   """An adapter that cannot be read or does not fit the model it is merged into."""
+
+
+# Fine-tunes shipped inside the package as adapters over a model `lm.load` takes by name (their
+# adapter_config.json's base_model_name_or_path): `lm.load(name)` loads the base and merges.
+ADAPTERS = artifact.Kind(
+  noun="adapter",
+  config=CONFIG,
+  shipped_in=os.path.join(os.path.dirname(os.path.abspath(__file__)), "adapters"),
+  error=LoraError,
+  holds=f"{CONFIG} + {WEIGHTS}",
+)
+
+
+def shipped() -> tuple[str, ...]:
+  """Names of the fine-tunes shipped as adapters (`lm.load(name)` loads one merged)."""
+  return ADAPTERS.shipped()
+
+
+def shipped_base(name: str) -> tuple[str, str]:
+  """(adapter directory, base model name) of shipped fine-tune `name`."""
+  path, _ = ADAPTERS.locate(name)
+  base = read_json(os.path.join(path, CONFIG), required=True).get("base_model_name_or_path")
+  if not isinstance(base, str) or not base:
+    raise LoraError(f"{path}/{CONFIG}: a shipped adapter must name its base model")
+  return path, base
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

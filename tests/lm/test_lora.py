@@ -213,3 +213,32 @@ def test_cli_adapter_flag(tmp_path):
   assert want != lm.generate(lm.load(base), "Hello", max_new_tokens=6).tokens  # it can fail
   code, _, err = cli(*args, "--adapter", tmp_path / "absent")
   assert code == 1 and "no such adapter directory" in err and "Traceback" not in err
+
+
+def test_a_shipped_fine_tune_loads_by_name(tmp_path, monkeypatch):
+  """A folder under lm/adapters/ is a model name: its base (adapter_config.json's
+  base_model_name_or_path) with the adapter merged; `kvjax models` lists it."""
+  import dataclasses
+
+  from helpers import cli
+
+  from kvjax.lm import tiny
+
+  base = str(tmp_path / "base")
+  lm.save(tiny.model("llama", n_layers=2), base)
+  shipped = tmp_path / "adapters"
+  peft_adapter(base, str(shipped / "tiny-tuned"), r=2, lora_alpha=4, target_modules=["v_proj"])
+  cfg = json.loads((shipped / "tiny-tuned" / lora.CONFIG).read_text())
+  assert cfg["base_model_name_or_path"] == base  # PEFT records the path it loaded
+  monkeypatch.setattr(lora, "ADAPTERS", dataclasses.replace(lora.ADAPTERS, shipped_in=str(shipped)))
+  assert lora.shipped() == ("tiny-tuned",)
+  by_name = lm.load("tiny-tuned")
+  want = lm.load(base, adapter=str(shipped / "tiny-tuned"))
+  ids = [[5, 9, 13, 40, 41, 100, 101]]
+  np.testing.assert_array_equal(lm.score(by_name, ids), lm.score(want, ids))
+  code, out, err = cli("models", "--json")
+  assert code == 0, err
+  assert json.loads(out)["fine_tunes"] == [{"name": "tiny-tuned", "base": base, "installed": True}]
+  lm.model.find("tiny-tuned")  # --model's early check accepts it
+  with pytest.raises(FileNotFoundError, match=r"a shipped fine-tune's \(tiny-tuned\)"):
+    lm.load("no-such-model")
