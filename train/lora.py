@@ -23,9 +23,20 @@ from kvjax.lm import checkpoint, lora
 from kvjax.lm.config import Config
 from kvjax.train.errors import TrainError
 
-# the Linear layers of a decoder layer that LoRA adapts by default (PEFT's names; Phi-3 fuses
-# q/k/v into qkv_proj and gate/up into gate_up_proj)
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# the Linear layers of a decoder layer that LoRA adapts by default: every attention and MLP
+# projection, by PEFT's names (Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj;
+# the names a family lacks are passed over)
+TARGETS = (
+  "q_proj",
+  "k_proj",
+  "v_proj",
+  "qkv_proj",
+  "o_proj",
+  "gate_proj",
+  "up_proj",
+  "gate_up_proj",
+  "down_proj",
+)
 PARENTS = ("self_attn", "mlp")  # where a layer's Linears sit in Hugging Face module names
 
 
@@ -46,8 +57,8 @@ class Place:
 
 def targets(cfg: Config, names: Sequence[str] = TARGETS) -> list[Place]:
   """The places of the Linears `names` (e.g. "q_proj") in every layer of a cfg model. A name no
-  layer has is a TrainError listing the ones it has (names of another family, e.g. Phi-3's
-  fused ones, are skipped when the default TARGETS are asked for)."""
+  layer has is a TrainError listing the ones it has (with the default TARGETS, the names of
+  other families, e.g. Phi-3's fused ones, are passed over)."""
   found = {}
   for name in dict.fromkeys(names):
     for parent in PARENTS:
@@ -70,7 +81,7 @@ def targets(cfg: Config, names: Sequence[str] = TARGETS) -> list[Place]:
         )
   missing = [n for n in names if n not in found]
   if missing and tuple(names) != TARGETS:
-    have = [n for n in (*TARGETS, "qkv_proj", "gate_up_proj") if targets_has(cfg, n)]
+    have = [n for n in TARGETS if targets_has(cfg, n)]
     raise TrainError(
       f"LoRA targets {missing} are not Linear layers of this {cfg.family} model; it has "
       f"{', '.join(have)}"

@@ -60,8 +60,9 @@ def test_factors_learn_and_the_base_stays_frozen(base, tuned):
   adapter = result.adapter
   assert adapter.config.r == 4 and adapter.config.alpha == 16.0
   assert adapter.config.base_model == base[0]
-  # every Linear of both layers, A [4, in] and B [out, 4]; B moved off its zero start
-  assert len(adapter.weights) == 2 * len(lora_train.TARGETS)
+  # every Linear of both layers (the fused names of Phi-3 passed over), A [4, in] and B
+  # [out, 4]; B moved off its zero start
+  assert len(adapter.weights) == 2 * 7  # q, k, v, o, gate, up, down in each layer
   a, b = adapter.weights["model.layers.1.mlp.down_proj"]
   assert a.shape == (4, ARCH["ffn_dim"]) and b.shape == (ARCH["d_model"], 4)
   assert np.abs(b).max() > 1e-3
@@ -177,3 +178,15 @@ def test_resumed_lora_run_is_bit_identical(base, tuned, tmp_path):
     np.testing.assert_array_equal(resumed.adapter.weights[module][0], a)
     np.testing.assert_array_equal(resumed.adapter.weights[module][1], b)
   assert os.path.isdir(out)
+
+
+def test_default_targets_follow_the_family():
+  """The default targets are every attention and MLP projection under the family's own names
+  (Phi-3's fused qkv_proj and gate_up_proj), stacked over the layers that have them."""
+  llama = [p.name for p in lora_train.targets(tiny.config("llama"))]
+  assert llama == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+  places = lora_train.targets(tiny.config("phi3"))
+  assert [p.name for p in places] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+  qkv = places[0]
+  assert qkv.shape == (4 * 16 + 2 * 2 * 16, 64) and len(qkv.paths) == 3
+  assert qkv.layers == (0, 1) and qkv.indices == (0, 1)

@@ -103,8 +103,9 @@ LORA_FLAGS: tuple[common.Flag, ...] = (
     "--lora-targets",
     lora_targets,
     "NAMES",
-    "comma-separated Linear names to adapt (default q_proj,k_proj,v_proj,o_proj,gate_proj,"
-    "up_proj,down_proj)",
+    "comma-separated Linear names to adapt (default: every attention and MLP projection: "
+    "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; Phi-3's qkv_proj,o_proj,"
+    "gate_up_proj,down_proj)",
   ),
 )
 OPTIMISATION_FLAGS: tuple[common.Flag, ...] = (
