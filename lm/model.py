@@ -156,7 +156,8 @@ def load(
   one)."""
   path = os.fspath(path)
   if adapter is None and not os.path.exists(path) and path in lora.shipped():
-    adapter, path = lora.shipped_base(path)  # a shipped fine-tune: its base, merged
+    shipped, path = lora.shipped_base(path)  # a shipped fine-tune: its base, merged
+    adapter = shipped if weights else None  # (without weights: the base's config)
   if adapter is not None:
     if not weights:
       raise ValueError("adapter= merges into the model's weights; it needs weights=True")

@@ -240,5 +240,6 @@ def test_a_shipped_fine_tune_loads_by_name(tmp_path, monkeypatch):
   assert code == 0, err
   assert json.loads(out)["fine_tunes"] == [{"name": "tiny-tuned", "base": base, "installed": True}]
   lm.model.find("tiny-tuned")  # --model's early check accepts it
+  assert lm.load("tiny-tuned", weights=False).cfg == want.cfg  # the config alone
   with pytest.raises(FileNotFoundError, match=r"a shipped fine-tune's \(tiny-tuned\)"):
     lm.load("no-such-model")
