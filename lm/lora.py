@@ -129,6 +129,11 @@ class Adapter:
   bases: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   path: str = "<adapter>"
 
+  @property
+  def n_params(self) -> int:
+    """The adapter's parameter count (every A and B)."""
+    return sum(a.size + b.size for a, b in self.weights.values())
+
   def scale(self, module: str) -> float:
     """alpha / r of `module`: alpha from the first alpha_pattern key matching the name (PEFT's
     rule: the key, after a dot or at the start, ends the name), r the tensors' rank."""

@@ -162,7 +162,7 @@ def test_resumed_lora_run_is_bit_identical(base, tuned, tmp_path):
                    save_every=10, base=base[0])  # fmt: skip
 
   class Interrupt(Exception):
-    pass
+    """Raised by the crashing batch iterator to stop the run mid-way."""
 
   def crashing(start):
     for i, batch in enumerate(steady(start), start):

@@ -90,7 +90,7 @@ def run_export(args: argparse.Namespace) -> int:
   out = args.out or os.path.join(args.run_dir, f"{'adapter' if lora else 'model'}-{args.step}")
   got = export(args.run_dir, args.step, out)
   if isinstance(got, Adapter):
-    n_params = sum(a.size + b.size for a, b in got.weights.values())
+    n_params = got.n_params
     what = f"the rank-{got.config.r} LoRA adapter ({n_params:,} params)"
   else:
     n_params = got.cfg.n_params

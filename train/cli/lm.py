@@ -304,7 +304,7 @@ def run_lm(args: argparse.Namespace) -> int:
       save(result.model, export)
   n_params = model.cfg.n_params
   if result.adapter is not None:
-    n_params = sum(a.size + b.size for a, b in result.adapter.weights.values())
+    n_params = result.adapter.n_params
   summary = common.run_summary(
     args, t0, result, export, n_params, ("loss", "eval_loss", "eval_bpc")
   )
